@@ -1,0 +1,27 @@
+"""coscale: DeepSeek-V3's hardware-aware training and inference system, usable on one GPU or a cluster.
+
+Table of contents:
+- ``coscale.config``       ModelConfig (HF config.json keys), presets, validation
+- ``coscale.param_count``  total / activated parameter counts by arithmetic
+- ``coscale.model``        MLA, DeepSeekMoE, MTP in plain PyTorch
+- ``coscale.checkpoint``   HF-layout safetensors load/save (``from_pretrained``)
+- ``coscale.kernels``      Triton kernels beside their PyTorch references
+- ``coscale.fp8``          FP8 training recipe (1x128 / 128x128 scaling)
+- ``coscale.parallel``     expert parallelism on torch.distributed
+- ``coscale.train``        the training loop behind ``coscale train``
+- ``coscale.analysis``     co-design analysis (pure Python)
+"""
+
+from coscale.config import ModelConfig, get_preset, load_config
+
+__version__ = "0.1.0"
+
+
+def from_pretrained(path, dtype=None, device=None):
+    """Load an HF-format DeepSeek checkpoint directory as a coscale model (see coscale.checkpoint)."""
+    from coscale.checkpoint import from_pretrained as _from_pretrained
+
+    return _from_pretrained(path, dtype=dtype, device=device)
+
+
+__all__ = ["ModelConfig", "get_preset", "load_config", "from_pretrained", "__version__"]

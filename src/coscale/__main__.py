@@ -1,0 +1,3 @@
+from coscale.cli import main
+
+raise SystemExit(main())
