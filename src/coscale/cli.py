@@ -1,0 +1,62 @@
+"""The ``coscale`` command line: a thin front end over the Python API.
+
+Each command group lives beside the library code it drives and registers itself here through a
+``register(subparsers)`` function that adds its parser and sets ``func`` (a callable taking the parsed
+arguments and returning an exit code). Errors a user can fix (:class:`coscale.errors.CoscaleError`)
+print as one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from coscale.errors import CoscaleError
+
+# Modules with a register(subparsers) function, in the order their commands are listed.
+COMMAND_MODULES = (
+    "coscale.train.commands",  # train, info
+    "coscale.infer.commands",  # generate
+    "coscale.analysis.commands",  # analyze, report
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from coscale import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="coscale",
+        description="Train, serve and analyse DeepSeek-V3-style models (MLA, DeepSeekMoE, MTP, FP8).",
+    )
+    parser.add_argument("--version", action="version", version=f"coscale {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that command group is not part of this build
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except CoscaleError as e:
+        print(f"coscale {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"coscale {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
