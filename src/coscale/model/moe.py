@@ -1,0 +1,212 @@
+"""DeepSeekMoE: fine-grained routed experts + shared experts (DeepSeek-V3 report section 2.1.2).
+
+Shape legend: T tokens, H hidden, E routed experts, K experts per token, G groups, I intermediate.
+
+Gate (for token u_t, centroid e_i = row i of the gate weight):
+    s_i   = sigmoid(u_t . e_i)   (V3)   or   softmax_i(u_t . e_i)   (V2)
+    choice scores  s_i + b_i     (b = e_score_correction_bias; used only to *select* experts)
+    group-limited: experts split into G groups; keep the `topk_group` best groups, ranked by the sum of
+    each group's top-2 choice scores (V3, `noaux_tc`) or its maximum score (V2,
+    `group_limited_greedy`); `greedy` ignores groups.
+    pick the top-K experts by choice score among the kept groups
+    weights  g_i = s_i (without the bias), normalised over the K picks when norm_topk_prob,
+             then multiplied by routed_scaling_factor.
+Output: h = sum_shared FFN(u) + sum_{i in topK} g_i FFN_i(u). Dropless: every token reaches all K picks.
+
+Balancing: auxiliary-loss-free bias updates after each optimizer step
+(b_i += gamma * sign(mean load - load_i), `update_router_biases`) plus the optional sequence-wise
+balance loss  L_bal = alpha * sum_i f_i P_i  with  f_i = E / (K S) * #{t : i in topK(t)},
+P_i = mean_t s'_{i,t},  s' = s / sum_j s_j, per sequence and averaged over the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coscale.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """The router. Kept in float32 (DeepSeek-V3 keeps gating in high precision)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group = cfg.n_group or 1
+        self.topk_group = cfg.topk_group or 1
+        self.topk_method = cfg.topk_method
+        self.scoring_func = cfg.scoring_func
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        if self.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
+        else:
+            self.e_score_correction_bias = None
+        # Tokens routed to each expert since the last bias update (not saved in checkpoints).
+        self.register_buffer("expert_load", torch.zeros(self.n_experts), persistent=False)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Affinity scores s [T, E] in float32."""
+        logits = F.linear(x.float(), self.weight.float())
+        if self.scoring_func == "sigmoid":
+            return logits.sigmoid()
+        return logits.softmax(dim=-1)
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Indices [T, K] of the chosen experts (the bias and the group limit act here only)."""
+        choice = scores.detach()
+        if self.e_score_correction_bias is not None:
+            choice = choice + self.e_score_correction_bias.float()
+        if self.topk_method != "greedy" and self.n_group > 1:
+            T = choice.shape[0]
+            grouped = choice.view(T, self.n_group, -1)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices  # (T, topk_group)
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        return choice.topk(self.top_k, dim=-1).indices
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (topk_idx [T, K] int64, topk_weight [T, K] float32, scores [T, E])."""
+        scores = self.scores(x)
+        topk_idx = self.select(scores)
+        weights = scores.gather(1, topk_idx)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.routed_scaling_factor
+        if self.training:
+            with torch.no_grad():
+                self.expert_load += torch.bincount(topk_idx.flatten(), minlength=self.n_experts).float()
+        return topk_idx, weights, scores
+
+
+def experts_forward_loop(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tensor:
+    """Reference routed-expert computation, one expert at a time (the test oracle).
+
+    x [T, H], topk_idx [T, K], topk_weight [T, K]; w_gate, w_up [E, I, H]; w_down [E, H, I].
+    Returns sum_k topk_weight[t, k] * FFN_{topk_idx[t, k]}(x_t) as [T, H] in x's dtype.
+    """
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(w_gate.shape[0]):
+        token, slot = (topk_idx == e).nonzero(as_tuple=True)
+        if token.numel() == 0:
+            continue
+        h = x[token]
+        y = (F.silu(h @ w_gate[e].t()) * (h @ w_up[e].t())) @ w_down[e].t()
+        out = out.index_add(0, token, y.float() * topk_weight[token, slot].unsqueeze(-1).float())
+    return out.to(x.dtype)
+
+
+class GroupedExperts(nn.Module):
+    """All routed experts of one layer as stacked weights (one tensor per projection).
+
+    `impl`: "loop" (the reference above), "grouped" (permutation + grouped GEMMs from
+    coscale.kernels.moe) or "auto" (grouped on CUDA, loop elsewhere). `precision`: "bf16" or "fp8"
+    (FP8 always takes the grouped path). This is the model's single dispatch point into kernels.
+    """
+
+    def __init__(self, n_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.n_experts, self.hidden, self.intermediate = n_experts, hidden, intermediate
+        self.w_gate = nn.Parameter(torch.empty(n_experts, intermediate, hidden))
+        self.w_up = nn.Parameter(torch.empty(n_experts, intermediate, hidden))
+        self.w_down = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
+        self.impl = "auto"
+        self.precision = "bf16"
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        use_grouped = self.precision == "fp8" or self.impl == "grouped" or (
+            self.impl == "auto" and x.is_cuda
+        )
+        if not use_grouped:
+            return experts_forward_loop(x, topk_idx, topk_weight, self.w_gate, self.w_up, self.w_down)
+        from coscale.kernels.moe import grouped_experts_forward
+
+        return grouped_experts_forward(
+            x, topk_idx, topk_weight, self.w_gate, self.w_up, self.w_down, precision=self.precision
+        )
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, hidden={self.hidden}, intermediate={self.intermediate}"
+
+
+def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, batch: int, top_k: int) -> torch.Tensor:
+    """Sequence-wise balance loss sum_i f_i P_i (without alpha), averaged over the batch's sequences.
+
+    scores [B*S, E] (unnormalised affinities), topk_idx [B*S, K].
+    """
+    E = scores.shape[-1]
+    s = scores.view(batch, -1, E)
+    S = s.shape[1]
+    s_norm = s / s.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    P = s_norm.mean(dim=1)  # (B, E)
+    counts = torch.zeros(batch, E, device=scores.device, dtype=torch.float32)
+    counts.scatter_add_(1, topk_idx.view(batch, -1), torch.ones(batch, S * top_k, device=scores.device))
+    f = counts * E / (top_k * S)
+    return (f * P).sum(dim=-1).mean()
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.aux_loss_alpha = cfg.aux_loss_alpha if cfg.seq_aux else 0.0
+        self.gate = Gate(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        n_shared = cfg.n_shared_experts or 0
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
+        )
+        self.aux_loss: torch.Tensor | None = None  # set by forward in training mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, H = x.shape
+        x_flat = x.reshape(B * S, H)
+        topk_idx, topk_weight, scores = self.gate(x_flat)
+        y = self.experts(x_flat, topk_idx, topk_weight)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x_flat)
+        self.aux_loss = None
+        if self.training and self.aux_loss_alpha > 0:
+            self.aux_loss = self.aux_loss_alpha * sequence_balance_loss(scores, topk_idx, B, self.top_k)
+        return y.view(B, S, H)
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module, gamma: float, process_group=None) -> None:
+    """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i) for every router.
+
+    Loads are the tokens counted since the last call (summed over `process_group` when given, so that
+    data-parallel replicas apply the same update); they are reset afterwards.
+    """
+    for module in model.modules():
+        if not isinstance(module, Gate):
+            continue
+        load = module.expert_load
+        if process_group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(load, group=process_group)
+        if module.e_score_correction_bias is not None and gamma > 0 and load.sum() > 0:
+            module.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+        load.zero_()

@@ -1,0 +1,115 @@
+"""AdamW with FP32 master weights and moments stored in FP32 or BF16.
+
+DeepSeek-V3 (report section 3.3.2) keeps the optimizer's first and second moments in BF16 while the
+master weights and their gradients' accumulation stay in FP32: the moments only steer the step size,
+and BF16's 8-bit exponent covers the squared-gradient range, so halving their memory costs no
+measurable accuracy. Here the parameters themselves are the FP32 master weights (the model is built
+in FP32 and runs its matmuls under BF16 autocast or FP8), the update is computed in FP32, and only
+the stored moments are rounded to ``moments_dtype``.
+
+With FP32 moments :func:`build_optimizer` returns ``torch.optim.AdamW``; :class:`AdamW` below computes
+the same update (tests check that) and exists for the BF16 case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from coscale.errors import ConfigError
+
+MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class AdamW(torch.optim.Optimizer):
+    """Decoupled-weight-decay Adam whose moment buffers are kept in ``moments_dtype``."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        moments_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        if lr < 0 or eps <= 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ConfigError(f"invalid AdamW settings: lr={lr}, betas={betas}, eps={eps}, "
+                              f"weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.moments_dtype = moments_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer's contract
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        if p.dtype != torch.float32:
+            raise ConfigError(f"AdamW keeps FP32 master weights; got a {p.dtype} parameter")
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
+        state["step"] += 1
+        t = state["step"]
+        grad = p.grad.float()
+        # FP32 arithmetic; only the stored moments are rounded.
+        exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if self.moments_dtype != torch.float32:
+            state["exp_avg"].copy_(exp_avg)
+            state["exp_avg_sq"].copy_(exp_avg_sq)
+        bias1, bias2 = 1 - beta1**t, 1 - beta2**t
+        denom = (exp_avg_sq / bias2).sqrt_().add_(group["eps"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(exp_avg, denom, value=-group["lr"] / bias1)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # Optimizer.load_state_dict casts floating state to the parameter's dtype (FP32); BF16 -> FP32
+        # -> BF16 is exact, so casting back restores the saved moments bit for bit.
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.moments_dtype)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linear layers, embeddings, stacked experts); none on norms and biases."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    weight_decay: float = 0.1,
+    moments_dtype: str = "fp32",
+) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s parameters with moments in ``moments_dtype`` ('fp32' or 'bf16')."""
+    if moments_dtype not in MOMENT_DTYPES:
+        raise ConfigError(f"adam moments dtype must be one of {', '.join(MOMENT_DTYPES)}, got {moments_dtype!r}")
+    groups = param_groups(model, weight_decay)
+    if moments_dtype == "fp32":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return AdamW(groups, lr=lr, betas=betas, eps=eps, moments_dtype=MOMENT_DTYPES[moments_dtype])
