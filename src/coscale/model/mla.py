@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coscale.config import ModelConfig
-from coscale.model.norm import RMSNorm
+from coscale.model.norm import RMSNorm, upcast
 from coscale.model.rope import apply_rope
 
 
@@ -121,15 +121,15 @@ class MLA(nn.Module):
         """Attention over the latent cache: c_kv (B, T, c), k_pe (B, T, dr); returns (B, S, n, dv)."""
         w_uk, w_uv = self.absorbed_weights()
         S, T = q_nope.shape[1], c_kv.shape[1]
-        q_lat = torch.einsum("bshd,hdc->bshc", q_nope.float(), w_uk.float())  # W_UK absorbed
-        scores = torch.einsum("bshc,btc->bsht", q_lat, c_kv.float())
-        scores = scores + torch.einsum("bshr,btr->bsht", q_pe.float(), k_pe.float())
+        q_lat = torch.einsum("bshd,hdc->bshc", upcast(q_nope), upcast(w_uk))  # W_UK absorbed
+        scores = torch.einsum("bshc,btc->bsht", q_lat, upcast(c_kv))
+        scores = scores + torch.einsum("bshr,btr->bsht", upcast(q_pe), upcast(k_pe))
         scores = scores * self.softmax_scale
         q_pos = torch.arange(start_pos, start_pos + S, device=scores.device)
         k_pos = torch.arange(T, device=scores.device)
         mask = k_pos[None, :] > q_pos[:, None]  # (S, T): future keys
         scores = scores.masked_fill(mask[None, :, None, :], float("-inf"))
         probs = scores.softmax(dim=-1)
-        o_lat = torch.einsum("bsht,btc->bshc", probs, c_kv.float())
-        o = torch.einsum("bshc,hdc->bshd", o_lat, w_uv.float())  # W_UV absorbed
+        o_lat = torch.einsum("bsht,btc->bshc", probs, upcast(c_kv))
+        o = torch.einsum("bshc,hdc->bshd", o_lat, upcast(w_uv))  # W_UV absorbed
         return o.to(q_nope.dtype)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coscale.config import ModelConfig
+from coscale.model.norm import upcast
 
 
 class MLP(nn.Module):
@@ -64,7 +65,8 @@ class Gate(nn.Module):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Affinity scores s [T, E] in float32."""
-        logits = F.linear(x.float(), self.weight.float())
+        x = upcast(x)
+        logits = F.linear(x, self.weight.to(x.dtype))
         if self.scoring_func == "sigmoid":
             return logits.sigmoid()
         return logits.softmax(dim=-1)
@@ -73,7 +75,7 @@ class Gate(nn.Module):
         """Indices [T, K] of the chosen experts (the bias and the group limit act here only)."""
         choice = scores.detach()
         if self.e_score_correction_bias is not None:
-            choice = choice + self.e_score_correction_bias.float()
+            choice = choice + self.e_score_correction_bias.to(choice.dtype)
         if self.topk_method != "greedy" and self.n_group > 1:
             T = choice.shape[0]
             grouped = choice.view(T, self.n_group, -1)
@@ -106,14 +108,15 @@ def experts_forward_loop(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torc
     x [T, H], topk_idx [T, K], topk_weight [T, K]; w_gate, w_up [E, I, H]; w_down [E, H, I].
     Returns sum_k topk_weight[t, k] * FFN_{topk_idx[t, k]}(x_t) as [T, H] in x's dtype.
     """
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)  # never accumulate in half precision
+    out = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)
     for e in range(w_gate.shape[0]):
         token, slot = (topk_idx == e).nonzero(as_tuple=True)
         if token.numel() == 0:
             continue
         h = x[token]
         y = (F.silu(h @ w_gate[e].t()) * (h @ w_up[e].t())) @ w_down[e].t()
-        out = out.index_add(0, token, y.float() * topk_weight[token, slot].unsqueeze(-1).float())
+        out = out.index_add(0, token, y.to(acc_dtype) * topk_weight[token, slot].unsqueeze(-1).to(acc_dtype))
     return out.to(x.dtype)
 
 

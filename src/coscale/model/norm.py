@@ -4,6 +4,11 @@ import torch
 from torch import nn
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision inputs; float32/float64 inputs keep their precision."""
+    return x.float() if x.element_size() < 4 else x
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -12,9 +17,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = upcast(x)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x).to(dtype)
+        return (self.weight.to(x.dtype) * x).to(dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from coscale.config import ModelConfig, yarn_get_mscale
+from coscale.model.norm import upcast
 
 
 def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
@@ -65,17 +66,17 @@ class RotaryEmbedding(nn.Module):
             self.inv_freq.copy_(yarn_inv_freq(self.dim, self.base, self.rope_scaling))
 
     def forward(self, start_pos: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [seq_len, dim/2] (float32) for positions start_pos .. start_pos+seq_len-1."""
-        pos = torch.arange(start_pos, start_pos + seq_len, device=self.inv_freq.device, dtype=torch.float32)
-        angles = torch.outer(pos, self.inv_freq)
+        """cos, sin of shape [seq_len, dim/2] (float64) for positions start_pos .. start_pos+seq_len-1."""
+        pos = torch.arange(start_pos, start_pos + seq_len, device=self.inv_freq.device, dtype=torch.float64)
+        angles = torch.outer(pos, self.inv_freq.double())  # float64: exact angles at 128K positions
         return angles.cos() * self.mscale, angles.sin() * self.mscale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x [B, S, n, d] by cos/sin [S, d/2]; float32 math, x's dtype out."""
     dtype = x.dtype
-    x = x.float().unflatten(-1, (-1, 2))  # (B, S, n, d/2, 2)
+    x = upcast(x).unflatten(-1, (-1, 2))  # (B, S, n, d/2, 2)
     x_even, x_odd = x[..., 0], x[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
     out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
     return out.flatten(-2).to(dtype)

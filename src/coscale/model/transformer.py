@@ -20,7 +20,7 @@ from torch import nn
 from coscale.config import ModelConfig
 from coscale.model.mla import MLA, LatentKVCache
 from coscale.model.moe import MLP, MoE
-from coscale.model.norm import RMSNorm
+from coscale.model.norm import RMSNorm, upcast
 from coscale.model.rope import RotaryEmbedding
 
 IGNORE_INDEX = -100
@@ -93,7 +93,7 @@ class DeepseekForCausalLM(nn.Module):
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Normal(0, initializer_range) for matrices, ones for norms, zeros for router biases."""
         std = self.config.initializer_range
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if p.device.type == "meta":
                 continue
             if p.ndim == 1:  # norms
@@ -125,7 +125,7 @@ class DeepseekForCausalLM(nn.Module):
                 cache: LatentKVCache | None = None) -> torch.Tensor:
         """Main-model logits [B, S, V] (float32). With a cache, decodes at start_pos (absorbed MLA)."""
         h = self.hidden_states(input_ids, start_pos, cache)
-        return self.lm_head(self.model.norm(h)).float()
+        return upcast(self.lm_head(self.model.norm(h)))
 
     def mtp_logits(self, h_main: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every MTP depth k: position i predicts token i + k + 1 (last k positions invalid)."""
@@ -135,14 +135,14 @@ class DeepseekForCausalLM(nn.Module):
         for k, module in enumerate(self.mtp, start=1):
             emb_next = torch.roll(emb, shifts=-k, dims=1)  # position i sees token i + k
             h = module(h, emb_next, cos, sin)
-            out.append(self.lm_head(module.norm(h)).float())
+            out.append(upcast(self.lm_head(module.norm(h))))
         return out
 
     def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         """Next-token cross-entropy (labels[i] is the target of position i; -100 ignored), plus the
         MTP loss (weight mtp_loss_weight / D) and the sequence-wise balance loss of every MoE layer."""
         h = self.hidden_states(input_ids)
-        logits = self.lm_head(self.model.norm(h)).float()
+        logits = upcast(self.lm_head(self.model.norm(h)))
         main = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         loss, mtp_loss = main, None
         if len(self.mtp) and self.training:

@@ -1,0 +1,334 @@
+"""Fine-grained FP8 (E4M3) quantization: 1x128 activation tiles, 128x128 weight blocks.
+
+Shape legend: M rows (tokens), K columns (the contraction dimension of the GEMM that consumes the
+tensor), Mp / Kp = M / K rounded up to a multiple of 128 (zero padding).
+
+Recipe (DeepSeek-V3 report section 3.3; the published ``act_quant``/``weight_quant`` kernels):
+  amax  = max |x| over the tile, clamped below at ``AMAX_FLOOR``
+  scale = amax / 448            (448 = torch.finfo(float8_e4m3fn).max)
+  scale = 2 ** ceil(log2 scale) when ``round_scale`` (UE8M0, a power of two; computed on the bits)
+  y     = saturate(x / scale)   cast to float8_e4m3fn (round to nearest even)
+``scale`` is the *dequantization multiplier*: x ~= y * scale.
+
+Layouts (all outputs contiguous):
+- ``act_quant_1x128(x [M, K])`` -> y [M, Kp] e4m3, scale [M, Kp/128] fp32: one scale per row and per
+  128 consecutive columns. Columns K..Kp-1 are zeros (a zero column adds nothing to a dot product).
+- ``act_quant_128x1(x [M, K])`` -> yt [K, Mp] e4m3, scale_t [K, Mp/128] fp32: the *transpose* of x,
+  quantized in 1x128 tiles along M (tokens). This is the layout the weight gradient dW = dY^T X needs,
+  where the tokens are the contraction dimension. Token columns M..Mp-1 are zeros.
+- ``act_quant_1x128_dual(x)`` -> both of the above from one read of x (one fused Triton pass).
+- ``weight_quant_128x128(w [N, K])`` -> y [Np, Kp] e4m3, scale [Np/128, Kp/128] fp32, one scale per
+  128x128 block; padding rows/columns are zeros.
+
+Special values: a tile containing NaN gets amax = NaN, so scale = NaN and every element of the tile
+quantizes to NaN. A tile containing +-inf gets scale = inf; the inf element becomes inf/inf = NaN and the
+finite ones 0, and dequantization (0 * inf) makes the whole tile NaN. Either way non-finite inputs stay
+non-finite through any GEMM that consumes the tile; they never turn into finite numbers.
+
+AMAX_FLOOR = 1e-12 (DeepGEMM's helpers use 1e-4). A floor is needed so an all-zero tile gets a finite,
+non-zero scale and exact zeros; we keep it tiny because gradient tiles routinely have amax far below
+1e-4 and a 1e-4 floor would push them into E4M3's subnormals (or to zero). For amax >= 1e-4 both
+choices give identical bits. 1e-12 / 448 is a normal FP32 number, so x / scale stays exact in range.
+
+Backends: "torch" (the references ``*_ref``, the specification), "triton" (the kernels below; on CPU
+they run under TRITON_INTERPRET=1) and "auto" (triton for CUDA tensors when Triton imports, else torch).
+The Triton kernels are compiled lazily on first use, so importing this module never needs Triton and
+the interpreter setting is read when a kernel is first launched.
+
+Interpreter note: Triton's CPU interpreter mis-rounds FP32 -> E4M3 casts (lost exponent carry, ties away
+from zero). When interpreting, the kernels first round onto the E4M3 grid in FP32 with the magic-number
+trick r = (y + c) - c, c = 1.5 * 2^(E + 20) (E = the unbiased exponent of y, at least -6 = E4M3's
+smallest normal exponent), so the cast that follows is exact. On a GPU the plain cast (round to nearest
+even, saturating) is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from coscale.errors import CoscaleError
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+BLOCK = 128
+AMAX_FLOOR = 1e-12
+
+__all__ = [
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "BLOCK",
+    "AMAX_FLOOR",
+    "act_quant_1x128",
+    "act_quant_128x1",
+    "act_quant_1x128_dual",
+    "weight_quant_128x128",
+    "act_quant_1x128_ref",
+    "act_quant_128x1_ref",
+    "weight_quant_128x128_ref",
+    "dequant_1x128",
+    "dequant_128x128",
+    "round_scale_ue8m0",
+    "triton_available",
+]
+
+
+def _ceil_to(n: int, multiple: int = BLOCK) -> int:
+    return -(-n // multiple) * multiple
+
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch references
+# ----------------------------------------------------------------------------------------------------
+
+
+def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
+    """2 ** ceil(log2(scale)) for positive FP32 scales, exactly (on the bits); NaN/inf unchanged."""
+    bits = scale.view(torch.int32)
+    exponent = (bits >> 23) & 0xFF
+    exponent = exponent + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    rounded = (exponent << 23).view(torch.float32)
+    return torch.where(torch.isfinite(scale), rounded, scale)
+
+
+def _scale_from_amax(amax: torch.Tensor, round_scale: bool) -> torch.Tensor:
+    amax = torch.where(amax < AMAX_FLOOR, torch.full_like(amax, AMAX_FLOOR), amax)  # keeps NaN
+    scale = amax / FP8_MAX
+    return round_scale_ue8m0(scale) if round_scale else scale
+
+
+def _to_fp8(y: torch.Tensor) -> torch.Tensor:
+    return y.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # clamp propagates NaN; saturates +-inf inputs
+
+
+def _check_2d(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 2:
+        raise CoscaleError(f"{name} must be 2-D [rows, cols], got shape {tuple(x.shape)}")
+    if not x.is_floating_point() or x.dtype == FP8_DTYPE:
+        raise CoscaleError(f"{name} must be fp32/bf16/fp16, got {x.dtype}")
+
+
+def act_quant_1x128_ref(x: torch.Tensor, round_scale: bool = False):
+    """x [M, K] -> (y [M, Kp] e4m3, scale [M, Kp/128] fp32), one scale per 1x128 tile along K."""
+    _check_2d(x, "x")
+    m, k = x.shape
+    kp = _ceil_to(k)
+    xf = torch.nn.functional.pad(x.float(), (0, kp - k)).view(m, kp // BLOCK, BLOCK)
+    scale = _scale_from_amax(xf.abs().amax(dim=-1), round_scale)  # [M, Kp/128]
+    y = _to_fp8(xf / scale.unsqueeze(-1)).view(m, kp)
+    return y, scale
+
+
+def act_quant_128x1_ref(x: torch.Tensor, round_scale: bool = False):
+    """x [M, K] -> (yt [K, Mp] e4m3, scale_t [K, Mp/128]): x^T quantized in 1x128 tiles along M."""
+    _check_2d(x, "x")
+    return act_quant_1x128_ref(x.t(), round_scale)
+
+
+def weight_quant_128x128_ref(w: torch.Tensor, round_scale: bool = False):
+    """w [N, K] -> (y [Np, Kp] e4m3, scale [Np/128, Kp/128] fp32), one scale per 128x128 block."""
+    _check_2d(w, "w")
+    n, k = w.shape
+    np_, kp = _ceil_to(n), _ceil_to(k)
+    wf = torch.nn.functional.pad(w.float(), (0, kp - k, 0, np_ - n))
+    blocks = wf.view(np_ // BLOCK, BLOCK, kp // BLOCK, BLOCK)
+    scale = _scale_from_amax(blocks.abs().amax(dim=(1, 3)), round_scale)  # [Np/128, Kp/128]
+    y = _to_fp8(blocks / scale[:, None, :, None]).view(np_, kp)
+    return y, scale
+
+
+def dequant_1x128(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of the 1x128 layout: y [R, C] e4m3, scale [R, C/128] -> fp32 [R, C]."""
+    r, c = y.shape
+    return (y.float().view(r, c // BLOCK, BLOCK) * scale.float().unsqueeze(-1)).view(r, c)
+
+
+def dequant_128x128(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of the 128x128 layout: y [R, C] e4m3, scale [R/128, C/128] -> fp32 [R, C]."""
+    r, c = y.shape
+    blocks = y.float().view(r // BLOCK, BLOCK, c // BLOCK, BLOCK) * scale.float()[:, None, :, None]
+    return blocks.view(r, c)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels (built lazily; see the module docstring)
+# ----------------------------------------------------------------------------------------------------
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@functools.cache
+def _build_kernels(interpret: bool):
+    """JIT-decorate the quantization kernels (cached per interpreter mode).
+
+    The kernels are defined here rather than at import time because ``triton.jit`` decides between the
+    compiler and the CPU interpreter when it decorates. The tile-scale and cast code is written out in
+    each branch on purpose: the interpreter cannot call helper functions captured in a closure.
+    """
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def act_quant_kernel(
+        x_ptr, y_ptr, s_ptr, yt_ptr, st_ptr,
+        M, K, Y_ROWS, stride_xm, stride_xk, stride_ym, stride_sm, stride_ytk, stride_stk,
+        amax_floor, fp8_max,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+        WHOLE_TILE: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
+    ):  # fmt: skip
+        # ROWS: 1x128 tiles along K -> y [M, Kp], s [M, Kp/128]  (WHOLE_TILE: one 128x128 scale).
+        # COLS: x^T in 1x128 tiles along M -> yt [K, Mp], st [K, Mp/128]; needs BLOCK_M == 128.
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        in_m = offs_m < M
+        in_k = offs_k < K
+        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+        x = tl.load(x_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)
+        x_nan = (x != x).to(tl.int32)
+        if ROWS:
+            amax = tl.max(tl.abs(x), 1)
+            has_nan = tl.max(x_nan, 1) > 0
+            if WHOLE_TILE:
+                amax = tl.zeros_like(amax) + tl.max(amax, 0)
+                has_nan = tl.zeros_like(has_nan) | (tl.max(x_nan) > 0)
+            amax = tl.where(has_nan, float("nan"), amax)  # tl.max may drop NaN (fmax on the GPU)
+            amax = tl.where(amax < amax_floor, amax_floor, amax)  # NaN < floor is false: NaN kept
+            s = tl.math.div_rn(amax, fp8_max)
+            if ROUND_SCALE:  # UE8M0: 2^ceil(log2 s) on the bits, finite scales only
+                bits = s.to(tl.int32, bitcast=True)
+                expo = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+                s = tl.where(s - s == 0, (expo << 23).to(tl.float32, bitcast=True), s)
+            y = tl.math.div_rn(x, s[:, None])
+            y = tl.where(y > fp8_max, fp8_max, y)  # saturate; tl.minimum could turn NaN into 448
+            y = tl.where(y < -fp8_max, -fp8_max, y)
+            if GRID_ROUND:  # interpreter only: round onto the E4M3 grid so its cast is exact
+                expo = (y.to(tl.int32, bitcast=True) >> 23) & 0xFF
+                expo = tl.where(expo < 121, 121, expo)
+                magic = (((expo + 20) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
+                r = (y + magic) - magic
+                y = tl.where(r == 0, y * 0.0, r)  # keep the sign of values rounding to zero
+            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
+            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_m < Y_ROWS)[:, None])
+            if WHOLE_TILE:  # all entries of s are equal (NaN included), so any reduction returns it
+                tl.store(s_ptr + pid_m * stride_sm + pid_k, tl.max(s, 0))
+            else:
+                tl.store(s_ptr + offs_m.to(tl.int64) * stride_sm + pid_k, s, mask=in_m)
+        if COLS:
+            amax_t = tl.max(tl.abs(x), 0)
+            amax_t = tl.where(tl.max(x_nan, 0) > 0, float("nan"), amax_t)
+            amax_t = tl.where(amax_t < amax_floor, amax_floor, amax_t)
+            st = tl.math.div_rn(amax_t, fp8_max)
+            if ROUND_SCALE:
+                bits_t = st.to(tl.int32, bitcast=True)
+                expo_t = ((bits_t >> 23) & 0xFF) + ((bits_t & 0x7FFFFF) != 0).to(tl.int32)
+                st = tl.where(st - st == 0, (expo_t << 23).to(tl.float32, bitcast=True), st)
+            yt = tl.math.div_rn(x, st[None, :])
+            yt = tl.where(yt > fp8_max, fp8_max, yt)
+            yt = tl.where(yt < -fp8_max, -fp8_max, yt)
+            if GRID_ROUND:
+                expo_t = (yt.to(tl.int32, bitcast=True) >> 23) & 0xFF
+                expo_t = tl.where(expo_t < 121, 121, expo_t)
+                magic_t = (((expo_t + 20) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
+                r_t = (yt + magic_t) - magic_t
+                yt = tl.where(r_t == 0, yt * 0.0, r_t)
+            yt_ptrs = yt_ptr + offs_k[None, :].to(tl.int64) * stride_ytk + offs_m[:, None]
+            tl.store(yt_ptrs, yt.to(yt_ptr.dtype.element_ty), mask=in_k[None, :])
+            tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m, st, mask=in_k)
+
+    return act_quant_kernel
+
+
+def _use_triton(x: torch.Tensor, backend: str) -> bool:
+    if backend not in ("auto", "triton", "torch"):
+        raise CoscaleError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not triton_available():
+            raise CoscaleError("backend='triton' needs the triton package (pip install triton)")
+        if not x.is_cuda and not interpreting():
+            raise CoscaleError("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+        return True
+    return x.is_cuda and triton_available()
+
+
+def _act_quant_triton(x: torch.Tensor, rows: bool, cols: bool, round_scale: bool):
+    kernel = _build_kernels(interpreting())
+    m, k = x.shape
+    mp, kp = _ceil_to(m), _ceil_to(k)
+    dev = x.device
+    y = torch.empty(m if rows else 0, kp, dtype=FP8_DTYPE, device=dev)
+    s = torch.empty(m if rows else 0, kp // BLOCK, dtype=torch.float32, device=dev)
+    yt = torch.empty(k if cols else 0, mp, dtype=FP8_DTYPE, device=dev)
+    st = torch.empty(k if cols else 0, mp // BLOCK, dtype=torch.float32, device=dev)
+    block_m = BLOCK if cols else 32
+    if m > 0 and k > 0:
+        grid = (_ceil_to(m, block_m) // block_m, kp // BLOCK)
+        kernel[grid](
+            x, y, s, yt, st, m, k, m, x.stride(0), x.stride(1), kp, kp // BLOCK, mp, mp // BLOCK,
+            AMAX_FLOOR, FP8_MAX, BLOCK_M=block_m, BLOCK_K=BLOCK, ROWS=rows, COLS=cols,
+            WHOLE_TILE=False, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(),
+            num_warps=8 if cols else 4,
+        )  # fmt: skip
+    return y, s, yt, st
+
+
+def act_quant_1x128(x: torch.Tensor, round_scale: bool = False, backend: str = "auto"):
+    """x [M, K] -> (y [M, Kp] e4m3, scale [M, Kp/128] fp32); see the module docstring."""
+    _check_2d(x, "x")
+    if not _use_triton(x, backend):
+        return act_quant_1x128_ref(x, round_scale)
+    y, s, _, _ = _act_quant_triton(x, True, False, round_scale)
+    return y, s
+
+
+def act_quant_128x1(x: torch.Tensor, round_scale: bool = False, backend: str = "auto"):
+    """x [M, K] -> (yt [K, Mp] e4m3, scale_t [K, Mp/128] fp32): x^T in 1x128 tiles along M."""
+    _check_2d(x, "x")
+    if not _use_triton(x, backend):
+        return act_quant_128x1_ref(x, round_scale)
+    _, _, yt, st = _act_quant_triton(x, False, True, round_scale)
+    return yt, st
+
+
+def act_quant_1x128_dual(x: torch.Tensor, round_scale: bool = False, backend: str = "auto"):
+    """Both layouts from one pass: (y [M, Kp], scale [M, Kp/128], yt [K, Mp], scale_t [K, Mp/128])."""
+    _check_2d(x, "x")
+    if not _use_triton(x, backend):
+        return (*act_quant_1x128_ref(x, round_scale), *act_quant_128x1_ref(x, round_scale))
+    return _act_quant_triton(x, True, True, round_scale)
+
+
+def weight_quant_128x128(w: torch.Tensor, round_scale: bool = False, backend: str = "auto"):
+    """w [N, K] -> (y [Np, Kp] e4m3, scale [Np/128, Kp/128] fp32), one scale per 128x128 block."""
+    _check_2d(w, "w")
+    if not _use_triton(w, backend):
+        return weight_quant_128x128_ref(w, round_scale)
+    kernel = _build_kernels(interpreting())
+    n, k = w.shape
+    np_, kp = _ceil_to(n), _ceil_to(k)
+    y = torch.empty(np_, kp, dtype=FP8_DTYPE, device=w.device)
+    s = torch.empty(np_ // BLOCK, kp // BLOCK, dtype=torch.float32, device=w.device)
+    if y.numel():
+        kernel[(np_ // BLOCK, kp // BLOCK)](
+            w, y, s, y, s, n, k, np_, w.stride(0), w.stride(1), kp, kp // BLOCK, 0, 0,
+            AMAX_FLOOR, FP8_MAX, BLOCK_M=BLOCK, BLOCK_K=BLOCK, ROWS=True, COLS=False,
+            WHOLE_TILE=True, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(), num_warps=8,
+        )  # fmt: skip
+    return y, s

@@ -1,0 +1,142 @@
+"""Wire formats for expert-parallel token transfers.
+
+A codec turns rows of activations into rows of bytes that travel through ``all_to_all_single`` and back.
+Every row is encoded on its own, so the rows of an encoded tensor can be selected, duplicated and sent
+without decoding them: the two-hop path forwards the received bytes inside a node unchanged.
+
+Formats (row of hidden size H):
+
+- ``fp32``: the 4*H bytes of float32 values (exact; used by tests and for router weights).
+- ``bf16``: the 2*H bytes of bfloat16 values (DeepSeek-V3's combine format).
+- ``fp8``: DeepSeek-V3's dispatch format. Per row and per 128-channel tile, scale = amax / 448 and the
+  values are cast to float8 e4m3; the row is H bytes of e4m3 codes followed by ceil(H/128) float32
+  scales (4 bytes each, little-endian as in memory), H + 4*ceil(H/128) bytes in all. For H = 7168 that
+  is 7,392 bytes against 14,336 for BF16 (1.94x fewer).
+
+A LogFMT codec (the paper section 3.2) only needs ``encode``/``decode``/``bytes_per_row``: pass any
+object that satisfies :class:`Codec` wherever a codec name is accepted.
+
+Shapes: ``encode(x [N, H] float) -> [N, B] uint8``; ``decode(p [N, B] uint8, hidden=H, dtype) -> [N, H]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from coscale.errors import ConfigError
+
+TILE = 128  # channels per FP8 scale (the 1x128 activation tile of the FP8 recipe)
+
+
+@runtime_checkable
+class Codec(Protocol):
+    name: str
+
+    def bytes_per_row(self, hidden: int) -> int: ...
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor: ...
+
+
+class RawCodec:
+    """Values sent as they are in a fixed dtype (fp32 or bf16), viewed as bytes."""
+
+    def __init__(self, dtype: torch.dtype, name: str):
+        self.dtype = dtype
+        self.name = name
+        self._size = torch.empty((), dtype=dtype).element_size()
+
+    def bytes_per_row(self, hidden: int) -> int:
+        return hidden * self._size
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(x.shape[0], -1).to(self.dtype).contiguous()
+        return rows.view(torch.uint8).reshape(x.shape[0], -1)
+
+    def decode(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+        values = payload.contiguous().view(self.dtype).reshape(payload.shape[0], hidden)
+        return values.to(dtype)
+
+    def __repr__(self) -> str:
+        return f"RawCodec({self.name})"
+
+
+def _quantize_1x128_local(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, H] -> (e4m3 codes [N, H], fp32 scales [N, ceil(H/128)]); the last tile may be partial."""
+    n, h = x.shape
+    tiles = math.ceil(h / TILE)
+    padded = torch.nn.functional.pad(x.float(), (0, tiles * TILE - h)).view(n, tiles, TILE)
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    amax = padded.abs().amax(dim=-1).clamp(min=1e-12)  # an all-zero tile keeps a finite scale
+    scale = amax / fp8_max
+    codes = (padded / scale.unsqueeze(-1)).clamp(-fp8_max, fp8_max).to(torch.float8_e4m3fn)
+    return codes.view(n, tiles * TILE)[:, :h].contiguous(), scale.contiguous()
+
+
+def _quantize_1x128(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels package's reference when it exists and has the expected layout, else the local one."""
+    if x.shape[1] % TILE == 0:
+        try:
+            from coscale.kernels.quant import act_quant_1x128_ref  # type: ignore[attr-defined]
+        except ImportError:
+            act_quant_1x128_ref = None
+        if act_quant_1x128_ref is not None:
+            try:
+                codes, scale = act_quant_1x128_ref(x)
+            except Exception:  # a different contract than expected: fall back to ours
+                codes = scale = None
+            if (
+                isinstance(codes, torch.Tensor)
+                and codes.dtype == torch.float8_e4m3fn
+                and codes.shape == x.shape
+                and isinstance(scale, torch.Tensor)
+                and scale.shape == (x.shape[0], x.shape[1] // TILE)
+            ):
+                return codes.contiguous(), scale.float().contiguous()
+    return _quantize_1x128_local(x)
+
+
+class FP8Codec:
+    """E4M3 codes with a float32 scale per 1x128 tile; the scales travel in the same row."""
+
+    name = "fp8"
+
+    def bytes_per_row(self, hidden: int) -> int:
+        return hidden + 4 * math.ceil(hidden / TILE)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        codes, scale = _quantize_1x128(x.reshape(n, -1))
+        return torch.cat([codes.view(torch.uint8), scale.view(torch.uint8).reshape(n, -1)], dim=1)
+
+    def decode(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+        n = payload.shape[0]
+        tiles = math.ceil(hidden / TILE)
+        codes = payload[:, :hidden].contiguous().view(torch.float8_e4m3fn).float()
+        scale = payload[:, hidden:].contiguous().view(torch.float32).reshape(n, tiles)
+        codes = torch.nn.functional.pad(codes, (0, tiles * TILE - hidden)).view(n, tiles, TILE)
+        return (codes * scale.unsqueeze(-1)).view(n, tiles * TILE)[:, :hidden].to(dtype)
+
+    def __repr__(self) -> str:
+        return "FP8Codec(e4m3, 1x128)"
+
+
+def get_codec(codec: str | Codec | None, default: str = "bf16") -> Codec:
+    """A codec by name ('fp32', 'bf16', 'fp8'), or any object implementing :class:`Codec`."""
+    if codec is None:
+        codec = default
+    if isinstance(codec, str):
+        if codec == "fp32":
+            return RawCodec(torch.float32, "fp32")
+        if codec == "bf16":
+            return RawCodec(torch.bfloat16, "bf16")
+        if codec == "fp8":
+            return FP8Codec()
+        raise ConfigError(f"unknown EP codec {codec!r}; choose 'fp32', 'bf16', 'fp8' or pass a Codec object")
+    if not isinstance(codec, Codec):
+        raise ConfigError(f"{codec!r} is not a codec: it needs name, bytes_per_row, encode and decode")
+    return codec

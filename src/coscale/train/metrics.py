@@ -1,0 +1,124 @@
+"""Run metrics: a JSONL log, TensorBoard scalars when TensorBoard is installed, a loss-curve PNG.
+
+``metrics.jsonl`` holds one JSON object per line: ``{"type": "train", "step": ..., "loss": ...}``
+for training steps, ``{"type": "eval", ...}`` for held-out evaluations, and one ``{"type": "run", ...}``
+header per (re)start. Steps are 1-based counts of optimizer steps taken. On resume the lines beyond
+the checkpoint's step are dropped, so the file describes the run that the checkpoint continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss_curve.png"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricsLogger:
+    """Appends records to ``<run_dir>/metrics.jsonl`` and mirrors scalars to TensorBoard if available."""
+
+    def __init__(self, run_dir: str, resume_step: int | None = None, tensorboard: bool = True) -> None:
+        self.path = os.path.join(run_dir, METRICS_FILE)
+        if resume_step is not None:
+            truncate_after(self.path, resume_step)
+        elif os.path.exists(self.path):
+            os.remove(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self.tensorboard_dir = None
+        self._writer = None
+        if tensorboard:
+            self._writer = _summary_writer(os.path.join(run_dir, TENSORBOARD_DIR))
+            if self._writer is not None:
+                self.tensorboard_dir = os.path.join(run_dir, TENSORBOARD_DIR)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        if self._writer is not None and "step" in record:
+            kind = record.get("type", "train")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self._writer.add_scalar(f"{kind}/{key}", value, record["step"])
+
+    def flush(self) -> None:
+        self._file.flush()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _summary_writer(log_dir: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=log_dir)
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """All complete records of a metrics file (a line cut short by a crash is skipped)."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def truncate_after(path: str, step: int) -> None:
+    """Drop records of steps after ``step`` (written after the checkpoint a run resumes from)."""
+    records = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_loss_curve(metrics_path: str, png_path: str, unigram_entropy: float | None = None) -> str:
+    """Training and validation loss against step, with the unigram-entropy baseline; returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "eval"]
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, lw=0.8, alpha=0.5, color="tab:blue", label="train loss")
+        ax.plot(steps, _moving_average(losses, 25), lw=1.6, color="tab:blue", label="train (smoothed)")
+    if val:
+        steps, losses = zip(*val)
+        ax.plot(steps, losses, "o-", ms=3, color="tab:orange", label="validation loss")
+    if unigram_entropy is not None:
+        ax.axhline(unigram_entropy, ls="--", color="gray", label=f"unigram entropy ({unigram_entropy:.2f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("next-token loss (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    return png_path
+
+
+def _moving_average(values: tuple[float, ...], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
