@@ -143,18 +143,20 @@ if triton is not None:
         token = safe_pair // TOPK
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + safe_pair)
+        read_end = tl.where(valid, H, 0)  # padding rows read nothing and store zeros
         dot = tl.zeros([BLOCK_H], dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
             cols = h0 + tl.arange(0, BLOCK_H)
             mask = cols < H
-            vals = tl.load(src_ptr + token * stride_src + cols, mask=mask & valid, other=0.0)
+            read = cols < read_end
+            vals = tl.load(src_ptr + token * stride_src + cols, mask=read, other=0.0)
             if HAS_WEIGHT:
                 out = (vals.to(tl.float32) * w).to(dst_ptr.dtype.element_ty)
             else:
                 out = vals
             tl.store(dst_ptr + row * stride_dst + cols, out, mask=mask)
             if COMPUTE_DOT:
-                y = tl.load(y_ptr + row * stride_y + cols, mask=mask & valid, other=0.0)
+                y = tl.load(y_ptr + row * stride_y + cols, mask=read, other=0.0)
                 dot += y.to(tl.float32) * vals.to(tl.float32)
         if COMPUTE_DOT:
             tl.store(grad_weight_ptr + safe_pair, tl.sum(dot, axis=0), mask=valid)

@@ -10,7 +10,9 @@ Recipe (DeepSeek-V3 report section 3.3; the published ``act_quant``/``weight_qua
   y     = saturate(x / scale)   cast to float8_e4m3fn (round to nearest even)
 ``scale`` is the *dequantization multiplier*: x ~= y * scale.
 
-Layouts (all outputs contiguous):
+Layouts (FP8 tensors row-major and contiguous; 1x128 scale tensors stored *outer-dim-major*, i.e.
+column-major: element (r, j) at r + j * rows. That is the layout cuBLAS' block-scaled GEMM reads
+(torch._scaled_mm), so no copy is needed before the GEMM; 128x128 scales are row-major):
 - ``act_quant_1x128(x [M, K])`` -> y [M, Kp] e4m3, scale [M, Kp/128] fp32: one scale per row and per
   128 consecutive columns. Columns K..Kp-1 are zeros (a zero column adds nothing to a dot product).
 - ``act_quant_128x1(x [M, K])`` -> yt [K, Mp] e4m3, scale_t [K, Mp/128] fp32: the *transpose* of x,
@@ -71,6 +73,7 @@ __all__ = [
     "dequant_1x128",
     "dequant_128x128",
     "round_scale_ue8m0",
+    "outer_major",
     "triton_available",
 ]
 
@@ -118,7 +121,7 @@ def act_quant_1x128_ref(x: torch.Tensor, round_scale: bool = False):
     xf = torch.nn.functional.pad(x.float(), (0, kp - k)).view(m, kp // BLOCK, BLOCK)
     scale = _scale_from_amax(xf.abs().amax(dim=-1), round_scale)  # [M, Kp/128]
     y = _to_fp8(xf / scale.unsqueeze(-1)).view(m, kp)
-    return y, scale
+    return y, outer_major(scale)
 
 
 def act_quant_128x1_ref(x: torch.Tensor, round_scale: bool = False):
@@ -185,7 +188,8 @@ def _build_kernels(interpret: bool):
     @triton.jit
     def act_quant_kernel(
         x_ptr, y_ptr, s_ptr, yt_ptr, st_ptr,
-        M, K, Y_ROWS, stride_xm, stride_xk, stride_ym, stride_sm, stride_ytk, stride_stk,
+        M, K, Y_ROWS, stride_xm, stride_xk, stride_ym, stride_sm, stride_sk,
+        stride_ytk, stride_stk, stride_stm,
         amax_floor, fp8_max,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
         WHOLE_TILE: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
@@ -226,9 +230,9 @@ def _build_kernels(interpret: bool):
             y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
             tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_m < Y_ROWS)[:, None])
             if WHOLE_TILE:  # all entries of s are equal (NaN included), so any reduction returns it
-                tl.store(s_ptr + pid_m * stride_sm + pid_k, tl.max(s, 0))
+                tl.store(s_ptr + pid_m * stride_sm + pid_k * stride_sk, tl.max(s, 0))
             else:
-                tl.store(s_ptr + offs_m.to(tl.int64) * stride_sm + pid_k, s, mask=in_m)
+                tl.store(s_ptr + offs_m.to(tl.int64) * stride_sm + pid_k * stride_sk, s, mask=in_m)
         if COLS:
             amax_t = tl.max(tl.abs(x), 0)
             amax_t = tl.where(tl.max(x_nan, 0) > 0, float("nan"), amax_t)
@@ -249,7 +253,7 @@ def _build_kernels(interpret: bool):
                 yt = tl.where(r_t == 0, yt * 0.0, r_t)
             yt_ptrs = yt_ptr + offs_k[None, :].to(tl.int64) * stride_ytk + offs_m[:, None]
             tl.store(yt_ptrs, yt.to(yt_ptr.dtype.element_ty), mask=in_k[None, :])
-            tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m, st, mask=in_k)
+            tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_k)
 
     return act_quant_kernel
 
@@ -268,20 +272,31 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
     return x.is_cuda and triton_available()
 
 
+def _outer_major_empty(rows: int, cols: int, device) -> torch.Tensor:
+    """An fp32 [rows, cols] tensor stored column-major (the scale layout cuBLAS wants for 1x128)."""
+    return torch.empty(cols, rows, dtype=torch.float32, device=device).t()
+
+
+def outer_major(scale: torch.Tensor) -> torch.Tensor:
+    """The same values stored outer-dim-major (column-major); free if already so."""
+    return scale.t().contiguous().t()
+
+
 def _act_quant_triton(x: torch.Tensor, rows: bool, cols: bool, round_scale: bool):
     kernel = _build_kernels(interpreting())
     m, k = x.shape
     mp, kp = _ceil_to(m), _ceil_to(k)
     dev = x.device
     y = torch.empty(m if rows else 0, kp, dtype=FP8_DTYPE, device=dev)
-    s = torch.empty(m if rows else 0, kp // BLOCK, dtype=torch.float32, device=dev)
+    s = _outer_major_empty(m if rows else 0, kp // BLOCK, dev)
     yt = torch.empty(k if cols else 0, mp, dtype=FP8_DTYPE, device=dev)
-    st = torch.empty(k if cols else 0, mp // BLOCK, dtype=torch.float32, device=dev)
+    st = _outer_major_empty(k if cols else 0, mp // BLOCK, dev)
     block_m = BLOCK if cols else 32
     if m > 0 and k > 0:
         grid = (_ceil_to(m, block_m) // block_m, kp // BLOCK)
         kernel[grid](
-            x, y, s, yt, st, m, k, m, x.stride(0), x.stride(1), kp, kp // BLOCK, mp, mp // BLOCK,
+            x, y, s, yt, st, m, k, m, x.stride(0), x.stride(1), kp, s.stride(0), s.stride(1),
+            mp, st.stride(0), st.stride(1),
             AMAX_FLOOR, FP8_MAX, BLOCK_M=block_m, BLOCK_K=BLOCK, ROWS=rows, COLS=cols,
             WHOLE_TILE=False, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(),
             num_warps=8 if cols else 4,
@@ -327,7 +342,7 @@ def weight_quant_128x128(w: torch.Tensor, round_scale: bool = False, backend: st
     s = torch.empty(np_ // BLOCK, kp // BLOCK, dtype=torch.float32, device=w.device)
     if y.numel():
         kernel[(np_ // BLOCK, kp // BLOCK)](
-            w, y, s, y, s, n, k, np_, w.stride(0), w.stride(1), kp, kp // BLOCK, 0, 0,
+            w, y, s, y, s, n, k, np_, w.stride(0), w.stride(1), kp, s.stride(0), s.stride(1), 0, 0, 0,
             AMAX_FLOOR, FP8_MAX, BLOCK_M=BLOCK, BLOCK_K=BLOCK, ROWS=True, COLS=False,
             WHOLE_TILE=True, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(), num_warps=8,
         )  # fmt: skip

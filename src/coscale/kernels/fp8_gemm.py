@@ -1,0 +1,267 @@
+"""Block-scaled FP8 GEMM: C [M, N] = (A * sA) @ (B * sB)^T with FP32 accumulation.
+
+Shape legend: A [M, K] and B [N, K] are float8_e4m3fn, row-major (the "NT" layout: both operands
+K-major), K a multiple of 128. Scales are FP32 dequantization multipliers, one per 128 elements of K:
+- 1x128 ("row") scales:  sA [M, K/128]  (sB [N, K/128]); any strides, ideally outer-dim-major.
+- 128x128 ("block") scales: sA [ceil(M/128), K/128]  (sB [ceil(N/128), K/128]).
+The granularity is inferred from the scale's shape. Forward (X 1x128, W 128x128), dgrad (dY 1x128,
+W^T 128x128) and wgrad (dY^T 1x128, X^T 1x128, both along tokens) are all this one operation.
+
+Backends and where they promote (the DeepSeek-V3 report, section 3.3: Hopper's FP8 tensor cores keep
+about 14 bits while accumulating, so partial sums must move to FP32 at least every 128 elements of K):
+- "cublas": torch._scaled_mm / torch.nn.functional.scaled_mm with BlockWise1x128 / BlockWise128x128
+  scales. cuBLAS applies each 128-wide K block's scales to that block's partial product and adds it
+  into an FP32 accumulator (the same per-128 promotion). Which call form and scale layout the installed
+  torch accepts is found by a small probe on first use (checked against the torch backend) and cached.
+- "triton": ``_fp8_gemm_kernel`` below. Each K step is one 128-wide tl.dot started from zero, scaled by
+  sA[:, k] * sB[:, k] and added to an FP32 register accumulator: promotion every 128 elements of K.
+- "torch": dequantize both operands to FP32 and matmul in FP32 (the CPU fallback and test oracle).
+- "auto": cublas on CUDA when the probe accepted the granularities and M, N are multiples of 128,
+  else triton on CUDA, else torch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from coscale.errors import CoscaleError
+from coscale.kernels.quant import BLOCK, FP8_DTYPE, interpreting, outer_major, triton_available
+
+__all__ = ["fp8_gemm", "fp8_gemm_ref", "scale_granularity", "cublas_blockwise_supported"]
+
+
+def scale_granularity(rows: int, k: int, scale: torch.Tensor, name: str) -> int:
+    """1 for 1x128 scales, 128 for 128x128 scales; raises a clear error for anything else."""
+    kb = k // BLOCK
+    if scale.dtype != torch.float32 or scale.dim() != 2:
+        raise CoscaleError(f"{name} must be a 2-D float32 tensor, got {scale.dtype} {tuple(scale.shape)}")
+    if tuple(scale.shape) == (rows, kb):
+        return 1
+    if tuple(scale.shape) == (-(-rows // BLOCK), kb):
+        return BLOCK
+    raise CoscaleError(
+        f"{name} has shape {tuple(scale.shape)}; expected ({rows}, {kb}) for 1x128 scales or "
+        f"({-(-rows // BLOCK)}, {kb}) for 128x128 scales"
+    )
+
+
+def _check(a, a_scale, b, b_scale):
+    if a.dtype != FP8_DTYPE or b.dtype != FP8_DTYPE:
+        raise CoscaleError(f"fp8_gemm operands must be float8_e4m3fn, got {a.dtype} and {b.dtype}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise CoscaleError(f"fp8_gemm computes A [M,K] @ B[N,K]^T; got {tuple(a.shape)}, {tuple(b.shape)}")
+    k = a.shape[1]
+    if k % BLOCK:
+        raise CoscaleError(f"fp8_gemm needs K to be a multiple of {BLOCK} (zero-pad it), got K={k}")
+    return scale_granularity(a.shape[0], k, a_scale, "a_scale"), scale_granularity(
+        b.shape[0], k, b_scale, "b_scale"
+    )
+
+
+def _expand(scale: torch.Tensor, group: int, rows: int) -> torch.Tensor:
+    """Per-row, per-K-block scales [rows, K/128] from either granularity."""
+    return scale if group == 1 else scale.repeat_interleave(group, dim=0)[:rows]
+
+
+def fp8_gemm_ref(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """The "torch" backend: dequantize to FP32, matmul in FP32, cast to out_dtype."""
+    ga, gb = _check(a, a_scale, b, b_scale)
+    m, k = a.shape
+    n = b.shape[0]
+    sa = _expand(a_scale.float(), ga, m).repeat_interleave(BLOCK, dim=1)
+    sb = _expand(b_scale.float(), gb, n).repeat_interleave(BLOCK, dim=1)
+    return ((a.float() * sa) @ (b.float() * sb).t()).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# cuBLAS through torch: probe which call form and scale layout this torch accepts
+# ----------------------------------------------------------------------------------------------------
+
+
+def _pad_cols4(s: torch.Tensor) -> torch.Tensor:
+    cols = -(-s.shape[1] // 4) * 4
+    if cols == s.shape[1] and s.is_contiguous():
+        return s
+    out = torch.zeros(s.shape[0], cols, dtype=s.dtype, device=s.device)
+    out[:, : s.shape[1]] = s
+    return out[:, : s.shape[1]]
+
+
+_LAYOUTS = {
+    "outer_major": outer_major,
+    "contiguous": lambda s: s.contiguous(),
+    "padded4": _pad_cols4,
+}
+
+
+def _call_private(a, b, sa, sb, out_dtype, ga, gb):
+    return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+
+
+def _call_functional(a, b, sa, sb, out_dtype, ga, gb):
+    from torch.nn.functional import ScalingType, scaled_mm
+
+    recipe = {1: ScalingType.BlockWise1x128, BLOCK: ScalingType.BlockWise128x128}
+    return scaled_mm(a, b.t(), sa, recipe[ga], sb, recipe[gb], output_dtype=out_dtype)
+
+
+_CALLS = {"_scaled_mm": _call_private, "F.scaled_mm": _call_functional}
+
+
+@functools.cache
+def _probe(device_index: int, ga: int, gb: int):
+    """Find (call, layout_a, layout_b) that cuBLAS accepts and that computes the right product."""
+    device = torch.device("cuda", device_index)
+    gen = torch.Generator(device=device).manual_seed(0)
+    m, n, k = 256, 384, 384  # K/128 = 3 and N/128 = 3: padding-sensitive layouts show up
+    a = torch.randn(m, k, device=device, generator=gen).to(FP8_DTYPE)
+    b = torch.randn(n, k, device=device, generator=gen).to(FP8_DTYPE)
+    shape_a = (m, k // BLOCK) if ga == 1 else (m // BLOCK, k // BLOCK)
+    shape_b = (n, k // BLOCK) if gb == 1 else (n // BLOCK, k // BLOCK)
+    sa = torch.rand(shape_a, device=device, generator=gen) + 0.5
+    sb = torch.rand(shape_b, device=device, generator=gen) + 0.5
+    ref = fp8_gemm_ref(a, sa, b, sb, torch.float32)
+    for call_name, call in _CALLS.items():
+        for la_name, la in _LAYOUTS.items():
+            for lb_name, lb in _LAYOUTS.items():
+                try:
+                    out = call(a, b, la(sa), lb(sb), torch.bfloat16, ga, gb).float()
+                    torch.cuda.synchronize(device)
+                except Exception:
+                    continue
+                err = (out - ref).norm() / ref.norm()
+                if out.shape == ref.shape and bool(err < 1e-2):
+                    return call_name, la_name, lb_name
+    return None
+
+
+def cublas_blockwise_supported(device: torch.device, ga: int, gb: int):
+    """The accepted (call, layout_a, layout_b) for these granularities on this device, or None."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _probe(index, ga, gb)
+
+
+def _fp8_gemm_cublas(a, a_scale, b, b_scale, out_dtype, ga, gb, form):
+    call_name, la, lb = form
+    sa, sb = _LAYOUTS[la](a_scale), _LAYOUTS[lb](b_scale)
+    return _CALLS[call_name](a, b, sa, sb, out_dtype, ga, gb)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton block-scaled GEMM
+# ----------------------------------------------------------------------------------------------------
+
+
+def _configs(triton, interpret: bool):
+    if interpret or not torch.cuda.is_available():  # autotune with >= 2 configs fails without a GPU
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
+    shapes = [(128, 128, 4, 8), (128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 3, 4), (64, 128, 4, 4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, s, w in shapes
+    ]
+
+
+@functools.cache
+def _build_gemm_kernel(interpret: bool):
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(configs=_configs(triton, interpret), key=["M", "N", "K", "A_GROUP", "B_GROUP"])
+    @triton.jit
+    def fp8_gemm_kernel(
+        a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
+        stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+        stride_sam, stride_sak, stride_sbn, stride_sbk,
+        A_GROUP: tl.constexpr, B_GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group_size = GROUP_M * num_n  # grouped ordering keeps a band of A tiles hot in L2
+        first_m = (pid // group_size) * GROUP_M
+        rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group_size) % rows_in_group
+        pid_n = (pid % group_size) // rows_in_group
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # wrapped rows are loaded, never stored
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
+        sa_ptrs = sa_ptr + (offs_m // A_GROUP).to(tl.int64) * stride_sam
+        sb_ptrs = sb_ptr + (offs_n // B_GROUP).to(tl.int64) * stride_sbn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+            sa = tl.load(sa_ptrs + kb * stride_sak)
+            sb = tl.load(sb_ptrs + kb * stride_sbk)
+            # one 128-deep dot from zero, then promoted into the FP32 accumulator with its scales
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+    return fp8_gemm_kernel
+
+
+def _fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, ga, gb):
+    m, k = a.shape
+    n = b.shape[0]
+    c = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if c.numel() == 0:
+        return c
+    if k == 0:
+        return c.zero_()
+    kernel = _build_gemm_kernel(interpreting())
+
+    def grid(meta):
+        return (-(-m // meta["BLOCK_M"]) * -(-n // meta["BLOCK_N"]),)
+
+    kernel[grid](
+        a, b, c, a_scale, b_scale, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        c.stride(0), c.stride(1), a_scale.stride(0), a_scale.stride(1), b_scale.stride(0),
+        b_scale.stride(1), A_GROUP=ga, B_GROUP=gb, BLOCK_K=BLOCK,
+    )  # fmt: skip
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------
+
+
+def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, backend: str = "auto") -> torch.Tensor:
+    """C [M, N] = (A * sA) @ (B * sB)^T in FP32, returned as out_dtype. See the module docstring."""
+    ga, gb = _check(a, a_scale, b, b_scale)
+    if backend not in ("auto", "cublas", "triton", "torch"):
+        raise CoscaleError(f"backend must be auto, cublas, triton or torch; got {backend!r}")
+    m, n = a.shape[0], b.shape[0]
+    if backend == "auto":
+        form = cublas_blockwise_supported(a.device, ga, gb) if a.is_cuda else None
+        if form is not None and m % BLOCK == 0 and n % BLOCK == 0 and m and n:
+            return _fp8_gemm_cublas(a, a_scale, b, b_scale, out_dtype, ga, gb, form)
+        backend = "triton" if a.is_cuda and triton_available() else "torch"
+    if backend == "cublas":
+        form = cublas_blockwise_supported(a.device, ga, gb)
+        if form is None:
+            raise CoscaleError(
+                f"this torch/cuBLAS does not accept block-scaled FP8 GEMMs ({ga}x128 by {gb}x128) "
+                "on this device; use backend='triton' or 'torch'"
+            )
+        return _fp8_gemm_cublas(a, a_scale, b, b_scale, out_dtype, ga, gb, form)
+    if backend == "triton":
+        if not triton_available():
+            raise CoscaleError("backend='triton' needs the triton package")
+        if not a.is_cuda and not interpreting():
+            raise CoscaleError("the Triton FP8 GEMM on CPU tensors needs TRITON_INTERPRET=1")
+        return _fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, ga, gb)
+    return fp8_gemm_ref(a, a_scale, b, b_scale, out_dtype)
