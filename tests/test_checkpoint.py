@@ -4,7 +4,6 @@ loads (FP8 included), streaming, expert ranges and every user-facing error."""
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import math
 import os
@@ -250,7 +249,7 @@ def test_dequant_matches_blockwise_loop(shape):
     assert dequant_fp8_block(w, s, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("shape", [(128, 128), (2112, 7168), (300, 200), (1, 257)])
+@pytest.mark.parametrize("shape", [(128, 128), (576, 7168), (300, 200), (1, 257)])
 def test_quantize_dequantize_error_is_fp8_rounding(shape):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     w[: min(shape[0], 5)] *= 50  # blocks with very different ranges
@@ -310,9 +309,10 @@ def test_round_trip_gives_identical_logits_and_tensors(micro):
     loaded = coscale.from_pretrained(path)
     x = tokens(model.config)
     assert torch.equal(loaded(x), model(x))
-    for k, (name, t) in enumerate(model.state_dict().items()):
-        assert torch.equal(loaded.state_dict()[name], t), name
-    assert k + 1 == len(loaded.state_dict())
+    state = loaded.state_dict()
+    assert state.keys() == model.state_dict().keys()
+    for name, t in model.state_dict().items():
+        assert torch.equal(state[name], t), name
     assert not loaded.training
     assert torch.equal(loaded.rotary.inv_freq, model.rotary.inv_freq)  # recomputed by init_buffers
     mtp_in = torch.randn(2, 7, model.config.hidden_size)
@@ -405,7 +405,7 @@ def test_published_bf16_layout_loads_exactly(make_cfg, tmp_path):
 def test_published_fp8_layout_gives_the_dequantized_models_logits(make_cfg, tmp_path):
     model = make_model(make_cfg())
     write_published(quantize_published(published_tensors(model)), tmp_path / "fp8", model.config)
-    loaded = coscale.from_pretrained(tmp_path / "fp8", dtype=torch.float32)
+    loaded = coscale.from_pretrained(str(tmp_path / "fp8"), dtype="float32")
     reference = dequantized_reference(model)
     x = tokens(model.config)
     assert torch.equal(loaded(x), reference(x))
@@ -486,7 +486,6 @@ def test_loader_builds_on_meta_and_holds_one_checkpoint_tensor_at_a_time(micro, 
     original_read = ckpt._TensorReader.read
 
     def tracking_read(self, name):
-        gc.collect()
         reads.append(sum(r() is not None for r in alive))
         t = original_read(self, name)
         alive.append(weakref.ref(t))
@@ -638,7 +637,7 @@ def test_error_unexpected_tensor(micro_copy):
 def test_error_expert_beyond_config(micro_copy):
     _, path = micro_copy
     name = "model.layers.1.mlp.experts.2.gate_proj.weight"
-    rewrite_shard_of(path, name, lambda t: t.update({"model.layers.1.mlp.experts.4.gate_proj.weight": t[name]}))
+    rewrite_shard_of(path, name, lambda t: t.update({"model.layers.1.mlp.experts.4.gate_proj.weight": t[name].clone()}))
     expect_error(path, "model.layers.1.mlp.experts.4.gate_proj.weight")
 
 

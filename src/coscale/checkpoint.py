@@ -476,6 +476,15 @@ def _init_leftover_buffers(model: nn.Module, device: torch.device) -> None:
         raise RuntimeError(f"tensors still on the meta device after loading: {_first(left)}")
 
 
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise CheckpointError(f"dtype {dtype!r} is not a floating-point torch dtype (e.g. 'bfloat16')")
+    return resolved
+
+
 def _as_range(expert_range) -> range | None:
     if expert_range is None or isinstance(expert_range, range):
         return expert_range
@@ -483,7 +492,7 @@ def _as_range(expert_range) -> range | None:
     return range(start, stop)
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None, expert_range=None,
                     cfg: ModelConfig | None = None) -> nn.Module:
     """Stream checkpoint `path` into `model` tensor by tensor and return it.
@@ -496,6 +505,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, dtype: torch.d
     """
     cfg = cfg or getattr(model, "config", None) or load_checkpoint_config(path)
     device = torch.device(device or "cpu")
+    dtype = _as_dtype(dtype)
     expert_range = _as_range(expert_range)
     infos = read_tensor_infos(checkpoint_weight_map(path))
     plan = plan_load(infos, model, cfg, expert_range)
@@ -511,7 +521,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, dtype: torch.d
     return model
 
 
-def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None) -> nn.Module:
     """Build a DeepseekForCausalLM from an HF-layout checkpoint directory (see `load_checkpoint`)."""
     from coscale.model.transformer import DeepseekForCausalLM
@@ -581,8 +591,9 @@ def _shard_tensors(shard, block: int) -> dict[str, torch.Tensor]:
     out = {}
     for name, t, quantize in shard:
         t = t.detach()
-        if quantize:
-            out[name], out[name + SCALE_SUFFIX] = quantize_fp8_block(t.to("cpu"), block)
+        if quantize:  # on the tensor's own device, which may be a GPU
+            q, scale_inv = quantize_fp8_block(t, block)
+            out[name], out[name + SCALE_SUFFIX] = q.cpu(), scale_inv.cpu()
         else:
             out[name] = t.to("cpu", copy=True).contiguous()
     return out

@@ -45,6 +45,15 @@ class Table:
             out += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(out)
 
+    def to_html(self) -> str:
+        from html import escape
+
+        head = "".join(f"<th>{escape(c)}</th>" for c in self.columns)
+        body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in self._cells())
+        notes = "".join(f"<li>{escape(n)}</li>" for n in self.notes)
+        return (f"<h3>{escape(self.title)}</h3>\n<table><thead><tr>{head}</tr></thead><tbody>{body}"
+                f"</tbody></table>\n" + (f"<ul>{notes}</ul>\n" if notes else ""))
+
     def to_dict(self) -> dict[str, Any]:
         return {"title": self.title, "columns": self.columns,
                 "rows": [dict(zip(self.columns, r)) for r in self.rows], "notes": self.notes}

@@ -247,7 +247,7 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, backend: str = "a
     m, n = a.shape[0], b.shape[0]
     if backend == "auto":
         form = cublas_blockwise_supported(a.device, ga, gb) if a.is_cuda else None
-        if form is not None and m % BLOCK == 0 and n % BLOCK == 0 and m and n:
+        if form is not None and m % BLOCK == 0 and n % BLOCK == 0 and m and n and a.shape[1]:
             return _fp8_gemm_cublas(a, a_scale, b, b_scale, out_dtype, ga, gb, form)
         backend = "triton" if a.is_cuda and triton_available() else "torch"
     if backend == "cublas":

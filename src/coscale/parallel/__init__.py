@@ -1,0 +1,61 @@
+"""Expert parallelism on torch.distributed (torchrun, process groups, NCCL on GPUs, gloo on CPU).
+
+Table of contents (docs/parallel.md has the design):
+
+- groups.py          ``init_parallel`` -> ParallelContext (world / EP / DP groups, rank -> node map,
+                     virtual nodes via gpus_per_node, timeouts), ``check_same_config``, CommunicationError
+- codec.py           wire formats: ``fp32``, ``bf16``, ``fp8`` (e4m3 + 1x128 scales); the Codec protocol
+- dispatch.py        ``dispatch`` / ``combine`` (autograd-aware all_to_all_single routes), async halves
+- node_limited.py    ``node_limited_topk`` (at most M nodes per token), two-hop route, byte counts
+- expert_parallel.py ``ExpertParallelExperts``, ``apply_expert_parallel``; checkpoints across EP sizes
+- overlap.py         ``overlapped_experts_forward``: two micro-batches, communication behind compute
+- training.py        ``setup_for_training``, ``sync_gradients``, ``shard_batch`` for EP x DP training
+- launch.py          ``spawn``: N local processes with torchrun's environment (tests, one host)
+"""
+
+from coscale.parallel.codec import Codec, FP8Codec, RawCodec, get_codec
+from coscale.parallel.dispatch import (
+    DispatchMeta,
+    Topology,
+    Traffic,
+    combine,
+    combine_start,
+    combine_wait,
+    dispatch,
+    dispatch_start,
+    dispatch_wait,
+)
+from coscale.parallel.expert_parallel import (
+    ExpertParallelExperts,
+    apply_expert_parallel,
+    local_experts_forward,
+    total_traffic,
+)
+from coscale.parallel.groups import (
+    CommunicationError,
+    ParallelContext,
+    ParallelDims,
+    check_same_config,
+    config_fingerprint,
+    init_parallel,
+)
+from coscale.parallel.node_limited import (
+    analytic_inter_node_bytes,
+    check_gate_is_node_limited,
+    node_limited_topk,
+    nodes_per_token,
+)
+from coscale.parallel.overlap import overlapped_experts_forward
+from coscale.parallel.training import broadcast_parameters, setup_for_training, shard_batch, sync_gradients
+
+__all__ = [
+    "Codec", "FP8Codec", "RawCodec", "get_codec",
+    "DispatchMeta", "Topology", "Traffic", "combine", "combine_start", "combine_wait", "dispatch",
+    "dispatch_start", "dispatch_wait",
+    "ExpertParallelExperts", "apply_expert_parallel", "local_experts_forward", "total_traffic",
+    "CommunicationError", "ParallelContext", "ParallelDims", "check_same_config", "config_fingerprint",
+    "init_parallel",
+    "analytic_inter_node_bytes", "check_gate_is_node_limited", "node_limited_topk", "nodes_per_token",
+    "overlapped_experts_forward",
+    "broadcast_parameters", "setup_for_training", "shard_batch", "sync_gradients",
+]

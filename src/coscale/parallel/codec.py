@@ -54,8 +54,8 @@ class RawCodec:
         return hidden * self._size
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(x.shape[0], -1).to(self.dtype).contiguous()
-        return rows.view(torch.uint8).reshape(x.shape[0], -1)
+        rows = x.flatten(1).to(self.dtype).contiguous()
+        return rows.view(torch.uint8).reshape(rows.shape[0], rows.shape[1] * self._size)
 
     def decode(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
         values = payload.contiguous().view(self.dtype).reshape(payload.shape[0], hidden)
@@ -109,9 +109,10 @@ class FP8Codec:
         return hidden + 4 * math.ceil(hidden / TILE)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        codes, scale = _quantize_1x128(x.reshape(n, -1))
-        return torch.cat([codes.view(torch.uint8), scale.view(torch.uint8).reshape(n, -1)], dim=1)
+        x = x.flatten(1)
+        codes, scale = _quantize_1x128(x)
+        scale_bytes = scale.view(torch.uint8).reshape(x.shape[0], 4 * scale.shape[1])
+        return torch.cat([codes.view(torch.uint8), scale_bytes], dim=1)
 
     def decode(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
         n = payload.shape[0]

@@ -57,7 +57,7 @@ class ExpertParallelExperts(nn.Module):
 
     def __init__(self, n_experts: int, hidden: int, intermediate: int, ep: Any, *,
                  dispatch_codec: Any = "bf16", combine_codec: Any = "bf16", two_hop: bool = False,
-                 impl: str = "auto", precision: str = "bf16", dtype: torch.dtype | None = None,
+                 impl: str = "auto", precision: str = "bf16", micro_batches: int = 1, dtype: torch.dtype | None = None,
                  device: torch.device | None = None):
         super().__init__()
         self.topology: Topology = topology(ep)
@@ -71,6 +71,7 @@ class ExpertParallelExperts(nn.Module):
         self.first_expert = self.topology.rank * self.n_local
         self.dispatch_codec, self.combine_codec = dispatch_codec, combine_codec
         self.two_hop, self.impl, self.precision = two_hop, impl, precision
+        self.micro_batches = micro_batches  # > 1: overlap one micro-batch's all-to-all with another's compute
         self.traffic = Traffic()  # payload bytes sent by the dispatches of this module
         kw = {"dtype": dtype, "device": device}
         self.w_gate = nn.Parameter(torch.empty(self.n_local, intermediate, hidden, **kw))
@@ -89,6 +90,10 @@ class ExpertParallelExperts(nn.Module):
                                      self.impl, self.precision)
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        if self.micro_batches > 1:
+            from coscale.parallel.overlap import overlapped_experts_forward
+
+            return overlapped_experts_forward(self, x, topk_idx, topk_weight, self.micro_batches)
         recv, meta = dispatch(x, topk_idx, topk_weight, self.topology, self.n_experts,
                               self.dispatch_codec, self.combine_codec, self.two_hop, self.traffic)
         return combine(self.compute(recv, meta.tokens_per_expert), meta)

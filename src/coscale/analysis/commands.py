@@ -1,0 +1,199 @@
+"""``coscale analyze {kv-cache,flops,memory,inference-limit,network}`` and ``coscale report``.
+
+Thin: parse, call the library, print one rendering (a readable table, ``--markdown`` or ``--json``).
+"""
+
+from __future__ import annotations
+
+from coscale.analysis import ep_limit, flops, kv_cache, memory, network
+from coscale.analysis.table import Table, render
+from coscale.errors import ConfigError
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+
+def register(subparsers) -> None:
+    analyze = subparsers.add_parser("analyze", help="co-design analysis: the paper's tables for any model/GPU")
+    sub = analyze.add_subparsers(dest="analysis", metavar="SUBCOMMAND", required=True)
+
+    p = _add(sub, "kv-cache", "KV-cache bytes per token and tokens that fit (Table 1)", _kv_cache, multi=True)
+    p.add_argument("--dtype", choices=DTYPE_BYTES, default="bf16", help="KV-cache precision (default bf16)")
+    p.add_argument("--weight-dtype", choices=DTYPE_BYTES, default="fp8", help="weights for 'tokens fit'")
+    p.add_argument("--gpus", type=int, default=16, help="GPUs holding weights and cache (default 16)")
+
+    p = _add(sub, "flops", "training FLOPs per token and parameters (Table 2)", _flops, multi=True)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--attention", choices=flops.ATTENTION_MODES, default="causal")
+    p.add_argument("--include-embedding", action="store_true", help="count 6 x the embedding table too")
+    p.add_argument("--include-mtp", action="store_true", help="count the MTP modules")
+
+    p = _add(sub, "memory", "per-GPU memory for training or inference", _memory)
+    for name in ("dp", "tp", "pp", "ep"):
+        p.add_argument(f"--{name}", type=int, default=1, help=f"{name.upper()} size (default 1)")
+    p.add_argument("--zero", type=int, default=1, help="ZeRO stage 0-3 (3 = FSDP; default 1)")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--weights", choices=DTYPE_BYTES, default="bf16", help="compute weights (fp8: FP8 weights)")
+    p.add_argument("--master", choices=[*DTYPE_BYTES, "none"], default="fp32")
+    p.add_argument("--grads", choices=DTYPE_BYTES, default="fp32")
+    p.add_argument("--moments", choices=DTYPE_BYTES, default="bf16", help="AdamW moments (default bf16)")
+    p.add_argument("--activation-coeff", type=float, default=34.0,
+                   help="activation bytes per token, layer and hidden unit (34; 2 = full recompute)")
+    p.add_argument("--inference", action="store_true", help="weights + KV cache instead of training")
+    p.add_argument("--batch", type=int, default=1, help="inference: sequences in flight")
+    p.add_argument("--context", type=int, default=4096, help="inference: tokens per sequence")
+    p.add_argument("--weight-dtype", choices=DTYPE_BYTES, default="fp8", help="inference weights")
+    p.add_argument("--kv-dtype", choices=DTYPE_BYTES, default="bf16")
+
+    p = _add(sub, "inference-limit", "EP decoding speed limit (section 4.4.2)", _inference_limit)
+    p.add_argument("--bandwidth", type=float, help="EP link bandwidth in GB/s (overrides the hardware)")
+    p.add_argument("--link", choices=ep_limit.LINKS, default="auto")
+    p.add_argument("--tokens-per-device", type=int, default=32)
+    p.add_argument("--experts-per-token", type=int, help="default: routed + shared (9 for DeepSeek-V3)")
+    p.add_argument("--hidden", type=int, help="hidden size for the communication term")
+    p.add_argument("--paper-rounding", action="store_true", help="hidden = 7000, as the paper's '7K'")
+    p.add_argument("--micro-batches", type=int, default=2)
+    p.add_argument("--context", type=int, default=4096, help="tokens per sequence (memory/compute bounds)")
+    p.add_argument("--sweep", help="comma-separated bandwidths in GB/s, e.g. 25,50,100,200,400,900")
+    p.add_argument("--plot", help="with --sweep (or alone): write a TPOT-vs-bandwidth PNG here")
+
+    p = _add(sub, "network", "network size and cost by topology (Table 3)", _network, model=False)
+    p.add_argument("--radix", type=int, default=64, help="switch ports (default 64)")
+    p.add_argument("--planes", type=int, default=8, help="MPFT planes / MRFT rails (default 8)")
+    p.add_argument("--target", type=int, help="list the topologies reaching this many GPUs, cheapest first")
+    p.add_argument("--cost", action="append", default=[], metavar="KEY=USD",
+                   help="override a unit price: switch_port, copper_link, optical_link, long_optical_link")
+
+    p = subparsers.add_parser("report", help="one Markdown/HTML report with all analysis tables and charts")
+    p.add_argument("--model", default="deepseek-v3", help="model preset, config.json or checkpoint directory")
+    p.add_argument("--hardware", default="h800", help="hardware preset or YAML/JSON file")
+    p.add_argument("--output", default="coscale-report", help="output directory (default coscale-report)")
+    p.add_argument("--html", action="store_true", help="write report.html instead of report.md")
+    p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
+    p.set_defaults(func=_report)
+
+
+def _add(sub, name: str, help_text: str, func, multi: bool = False, model: bool = True):
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    if multi:
+        p.add_argument("--model", action="append", help="model preset, config.json or checkpoint directory "
+                       "(repeatable; default: the paper's table)")
+    elif model:
+        p.add_argument("--model", default="deepseek-v3", help="model preset, config.json or checkpoint directory")
+    if model:
+        p.add_argument("--hardware", default=None, help="hardware preset or YAML/JSON file (default h800)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", dest="format", action="store_const", const="json", default="text")
+    fmt.add_argument("--markdown", dest="format", action="store_const", const="markdown")
+    p.set_defaults(func=func)
+    return p
+
+
+def _print(tables: list[Table], args) -> int:
+    print(render(tables, args.format))
+    return 0
+
+
+def _kv_cache(args) -> int:
+    table = kv_cache.kv_cache_table(args.model, DTYPE_BYTES[args.dtype], args.hardware or "h800",
+                                    args.gpus, DTYPE_BYTES[args.weight_dtype])
+    return _print([table], args)
+
+
+def _flops(args) -> int:
+    return _print([flops.flops_table(args.model, args.seq_len, args.attention, args.include_embedding,
+                                     args.include_mtp)], args)
+
+
+def _memory(args) -> int:
+    layout = memory.ParallelLayout(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep,
+                                   zero=0 if args.inference else args.zero)
+    where = f"dp={args.dp} tp={args.tp} pp={args.pp} ep={args.ep}"
+    if args.inference:
+        m = memory.inference_memory_per_gpu(args.model, layout, args.batch, args.context,
+                                            args.weight_dtype, args.kv_dtype)
+        title = f"Inference memory per GPU ({args.model}, {where})"
+        notes = [f"{args.weight_dtype} weights; {args.kv_dtype} KV cache for {args.batch} sequences x "
+                 f"{args.context} tokens split over dp."]
+    else:
+        master = None if args.master == "none" else args.master
+        m = memory.memory_per_gpu(args.model, layout, args.seq_len, args.micro_batch, args.weights, master,
+                                  args.grads, args.moments, args.activation_coeff)
+        title = f"Training memory per GPU ({args.model}, {where}, ZeRO-{args.zero})"
+        notes = [f"{args.weights} weights, {args.master} master, {args.grads} gradients, {args.moments} AdamW "
+                 f"moments; activations ~{args.activation_coeff:g} x seq x micro-batch x hidden bytes per layer."]
+    table = memory.memory_table(m, title, notes)
+    if args.hardware:
+        from coscale.hardware import load_hardware
+
+        hw = load_hardware(args.hardware)
+        verdict = "fits" if m.total <= hw.hbm_bytes else "does NOT fit"
+        table.notes.append(f"{hw.name} ({hw.hbm_gb:g} GB): {verdict}.")
+    return _print([table], args)
+
+
+def _inference_limit(args) -> int:
+    hidden = ep_limit.PAPER_HIDDEN if args.paper_rounding else args.hidden
+    common = dict(model=args.model, link=args.link, tokens_per_device=args.tokens_per_device,
+                  experts_per_token=args.experts_per_token, hidden=hidden,
+                  micro_batches=args.micro_batches, context=args.context)
+    if args.sweep:
+        bandwidths = _floats(args.sweep, "--sweep")
+        results = ep_limit.tpot_sweep(bandwidths, hardware=args.hardware or "h800", **common)
+        cases = [(f"{r.bandwidth_gbps:g} GB/s", r) for r in results]
+    elif args.hardware is None and args.bandwidth is None and args.model == "deepseek-v3" \
+            and not any(getattr(args, k) is not None for k in ("hidden", "experts_per_token")) \
+            and not args.paper_rounding:
+        cases = ep_limit.paper_cases(args.model)
+    else:
+        r = ep_limit.inference_limit(hardware=args.hardware or "h800", bandwidth_gbps=args.bandwidth,
+                                            **common)
+        cases = [(f"{r.hardware}, {r.bandwidth_gbps:g} GB/s", r)]
+    tables = [ep_limit.inference_limit_table(cases)]
+    if args.plot:
+        from coscale.analysis.plots import tpot_chart
+
+        path = tpot_chart(args.plot, _floats(args.sweep, "--sweep") if args.sweep else None,
+                          hardware=args.hardware or "h800", **common)
+        tables[0].notes.append(f"plot written to {path}")
+    return _print(tables, args)
+
+
+def _network(args) -> int:
+    prices = network.CostModel().with_overrides(_costs(args.cost)) if args.cost else None
+    tables = [network.network_table(args.radix, prices, args.planes)]
+    if args.target is not None:
+        tables.append(network.target_table(args.target, args.radix, prices, args.planes))
+    return _print(tables, args)
+
+
+def _report(args) -> int:
+    from coscale.analysis.report import write_report
+
+    path = write_report(args.output, args.model, args.hardware, html=args.html, charts=not args.no_charts)
+    print(f"report written to {path}")
+    return 0
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{flag} needs at least one number")
+    return values
+
+
+def _costs(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConfigError(f"--cost takes KEY=USD, got {item!r}")
+    return out
+

@@ -1,0 +1,86 @@
+"""``coscale report``: every analysis table and three charts for one model and one GPU, in one file.
+
+The defaults (DeepSeek-V3 on H800) reproduce the paper's analysis end to end: Table 1, Table 2, the EP
+decoding limit for 400G InfiniBand and GB200 NVL72, training memory under DeepSeek-V3's layout and
+Table 3.
+"""
+
+from __future__ import annotations
+
+import os
+from html import escape
+
+from coscale.analysis import ep_limit, flops, kv_cache, memory, network
+from coscale.analysis.models import Model, as_view
+from coscale.analysis.table import Table
+from coscale.hardware import HardwareSpec, load_hardware
+
+# DeepSeek-V3's training layout (2,048 GPUs: 16-way PP, 64-way EP, ZeRO-1 DP) and a dense counterpart.
+MOE_LAYOUT = memory.ParallelLayout(dp=128, tp=1, pp=16, ep=64, zero=1)
+DENSE_LAYOUT = memory.ParallelLayout(dp=16, tp=8, pp=16, ep=1, zero=1)
+
+
+def _with_reference(model_name: str, reference: tuple[str, ...]) -> list[str]:
+    return [model_name] + [m for m in reference if m != model_name]
+
+
+def report_tables(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "h800") -> list[Table]:
+    """The report's tables, in order."""
+    v = as_view(model)
+    hw = load_hardware(hardware)
+    names = [v] + [m for m in kv_cache.TABLE1_MODELS if m != v.name]
+    tables = [kv_cache.kv_cache_table(names, hardware=hw),
+              flops.flops_table([v] + [m for m in flops.TABLE2_MODELS if m != v.name])]
+    if v.is_moe:
+        cases = [(f"{hw.name}, hidden {v.hidden_size}", ep_limit.inference_limit(v, hw))]
+        if v.name == "deepseek-v3":
+            cases = ep_limit.paper_cases(v) + cases
+        tables.append(ep_limit.inference_limit_table(cases))
+    layout = MOE_LAYOUT if v.is_moe and v.n_routed_experts % MOE_LAYOUT.ep == 0 else DENSE_LAYOUT
+    if v.heads % layout.tp or layout.pp > v.layers:
+        layout = memory.ParallelLayout(dp=layout.world, zero=3)
+    tables.append(memory.memory_table(
+        memory.memory_per_gpu(v, layout),
+        f"Training memory per GPU ({v.name}, dp={layout.dp} tp={layout.tp} pp={layout.pp} "
+        f"ep={layout.ep}, ZeRO-{layout.zero})",
+        ["BF16 weights, FP32 master weights and gradients, BF16 AdamW moments; sequence 4096, micro-batch 1."],
+    ))
+    tables.append(network.network_table())
+    tables.append(network.target_table(16384))
+    return tables
+
+
+def write_report(output_dir: str | os.PathLike = "coscale-report", model: Model = "deepseek-v3",
+                 hardware: str | HardwareSpec = "h800", html: bool = False, charts: bool = True) -> str:
+    """Write ``report.md`` (or ``report.html``) and the PNG charts into ``output_dir``; return its path."""
+    from coscale.analysis import plots
+
+    out = os.fspath(output_dir)
+    os.makedirs(out, exist_ok=True)
+    v = as_view(model)
+    hw = load_hardware(hardware)
+    tables = report_tables(v, hw)
+    images: list[tuple[str, str]] = []
+    if charts:
+        names = [v] + [m for m in kv_cache.TABLE1_MODELS if m != v.name]
+        images.append(("KV cache per token by model", plots.kv_cache_chart(names, os.path.join(out, "kv_cache.png"))))
+        if v.is_moe:
+            images.append(("TPOT against interconnect bandwidth",
+                           plots.tpot_chart(os.path.join(out, "tpot_vs_bandwidth.png"), model=v, hardware=hw)))
+        images.append(("Cost per endpoint against cluster size", plots.cost_chart(os.path.join(out, "network_cost.png"))))
+    title = f"coscale co-design report: {v.name} on {hw.name}"
+    if html:
+        body = "\n".join(t.to_html() for t in tables) + "".join(
+            f'<h3>{escape(c)}</h3>\n<img src="{escape(os.path.basename(p))}" alt="{escape(c)}">\n'
+            for c, p in images)
+        text = f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{escape(title)}</title></head>" \
+               f"<body>\n<h1>{escape(title)}</h1>\n{body}</body></html>\n"
+        path = os.path.join(out, "report.html")
+    else:
+        parts = [f"# {title}", ""] + [t.to_markdown() + "\n" for t in tables]
+        parts += [f"### {c}\n\n![{c}]({os.path.basename(p)})\n" for c, p in images]
+        text = "\n".join(parts)
+        path = os.path.join(out, "report.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path

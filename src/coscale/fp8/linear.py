@@ -1,0 +1,133 @@
+"""FP8Linear: a drop-in nn.Linear whose three GEMMs run in FP8 with fine-grained scaling.
+
+Shape legend: M tokens (all leading dims flattened), K in_features, N out_features.
+
+Forward   Y  [M, N] = X [M, K] @ W^T          X 1x128 tiles along K, W 128x128 blocks
+Dgrad     dX [M, K] = dY [M, N] @ W           dY 1x128 tiles along N, W^T blocks (W's, transposed)
+Wgrad     dW [N, K] = dY^T [N, M] @ X [M, K]  dY^T and X^T both in 1x128 tiles along M (tokens)
+
+One fused pass (kernels.quant.act_quant_1x128_dual) quantizes X into both layouts in the forward and
+dY into both in the backward. Saved for backward: the FP8 X^T (1 byte per element plus one FP32 scale
+per 128) and the FP8 weight, never the BF16 activation. The GEMMs accumulate in FP32 with promotion
+every 128 elements of K (kernels.fp8_gemm). The output and dX come back in X's dtype; dW is computed in
+FP32 and returned in the master weight's dtype (FP32 master weights get FP32 gradients); the bias and
+its gradient stay in high precision.
+
+in_features / out_features that are not multiples of 128 are zero-padded inside the quantization
+kernels (the padding columns are zeros in both operands, so they add nothing to any dot product) and
+the outputs are sliced back; the parameters keep their nn.Linear shapes and names, so a state_dict
+moves freely between plain and converted models.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from coscale.kernels.fp8_gemm import fp8_gemm
+from coscale.kernels.quant import act_quant_1x128, act_quant_1x128_dual, weight_quant_128x128
+
+__all__ = ["FP8LinearFunction", "FP8Linear", "fp8_linear"]
+
+
+class FP8LinearFunction(torch.autograd.Function):
+    """y = x @ weight^T (+ bias) with the forward, dgrad and wgrad GEMMs in FP8 (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, backend="auto", round_scale=False):
+        k = x.shape[-1]
+        n = weight.shape[0]
+        x2 = x.reshape(-1, k)
+        need_wgrad = ctx.needs_input_grad[1]  # False under no_grad: skip the transposed layout
+        if need_wgrad:
+            xq, xs, xt, xts = act_quant_1x128_dual(x2, round_scale, backend)
+        else:
+            (xq, xs), xt, xts = act_quant_1x128(x2, round_scale, backend), None, None
+        wq, ws = weight_quant_128x128(weight.detach(), round_scale, backend)
+        out = fp8_gemm(xq, xs, wq, ws, x.dtype, backend)  # [M, Np]
+        if out.shape[1] != n:
+            out = out[:, :n]
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        ctx.save_for_backward(xt, xts, wq, ws)
+        ctx.config = (backend, round_scale, x.shape, x.dtype, weight.dtype, k, n)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out.reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xt, xts, wq, ws = ctx.saved_tensors
+        backend, round_scale, x_shape, x_dtype, w_dtype, k, n = ctx.config
+        dy2 = dy.reshape(-1, n).contiguous()
+        need_dgrad, need_wgrad, need_bias = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if need_wgrad:
+            dyq, dys, dyt, dyts = act_quant_1x128_dual(dy2, round_scale, backend)
+        elif need_dgrad:
+            dyq, dys = act_quant_1x128(dy2, round_scale, backend)
+        if need_dgrad:
+            # W^T's 128x128 blocks are W's blocks transposed: transpose the FP8 data and the scales
+            dx = fp8_gemm(dyq, dys, wq.t().contiguous(), ws.t(), x_dtype, backend)  # [M, Kp]
+            dx = (dx[:, :k] if dx.shape[1] != k else dx).reshape(x_shape)
+        if need_wgrad:
+            dw = fp8_gemm(dyt, dyts, xt, xts, torch.float32, backend).to(w_dtype)  # [N, K]
+        if need_bias:
+            db = dy2.float().sum(0).to(ctx.bias_dtype)
+        return dx, dw, db, None, None
+
+
+def fp8_linear(x, weight, bias=None, backend: str = "auto", round_scale: bool = False):
+    """Functional form of FP8Linear."""
+    return FP8LinearFunction.apply(x, weight, bias, backend, round_scale)
+
+
+class FP8Linear(nn.Module):
+    """nn.Linear with FP8 GEMMs; same parameters (``weight`` [N, K] master copy, optional ``bias``)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+        round_scale: bool = False,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.backend = backend
+        self.round_scale = round_scale
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:  # nn.Linear's initialisation
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, backend: str = "auto", round_scale: bool = False):
+        """Wrap an existing nn.Linear, sharing its Parameter objects (ties and optimizer state hold)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.in_features, module.out_features = linear.in_features, linear.out_features
+        module.backend, module.round_scale = backend, round_scale
+        module.weight = linear.weight
+        module.bias = linear.bias
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FP8LinearFunction.apply(x, self.weight, self.bias, self.backend, self.round_scale)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, backend={self.backend!r}, round_scale={self.round_scale}"
+        )

@@ -1,0 +1,77 @@
+"""`coscale generate`: decode from an HF-format checkpoint directory (plain or MTP speculative)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from coscale.errors import CoscaleError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="generate text from a checkpoint (latent KV cache; optional MTP speculation)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="HF-format checkpoint directory (config.json + safetensors)")
+    p.add_argument("--prompt", default="The ", help="prompt text (byte-level models, vocab_size 256)")
+    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--speculative", action="store_true", help="draft with the MTP module (greedy only)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_generate)
+
+
+def _prompt_ids(args, vocab_size: int) -> list[int]:
+    if args.prompt_ids:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise CoscaleError("--prompt-ids must be comma-separated integers") from None
+    elif vocab_size == 256:
+        ids = list(args.prompt.encode("utf-8"))
+    else:
+        raise CoscaleError(
+            f"this model's vocabulary has {vocab_size} tokens and coscale ships no tokenizer for it; "
+            "pass token ids with --prompt-ids"
+        )
+    if not ids or any(not 0 <= i < vocab_size for i in ids):
+        raise CoscaleError(f"prompt token ids must be non-empty and in [0, {vocab_size})")
+    return ids
+
+
+def run_generate(args) -> int:
+    import torch
+
+    from coscale.checkpoint import from_pretrained
+    from coscale.infer.generate import generate, generate_speculative
+
+    if args.max_new_tokens < 0:
+        raise CoscaleError("--max-new-tokens must be >= 0")
+    if args.speculative and args.temperature > 0:
+        raise CoscaleError("--speculative decodes greedily; drop --temperature")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
+    ids = _prompt_ids(args, model.config.vocab_size)
+    prompt = torch.tensor([ids], device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    start = time.perf_counter()
+    if args.speculative:
+        if not len(model.mtp):
+            raise CoscaleError("this checkpoint has no MTP module; run without --speculative")
+        out, stats = generate_speculative(model, prompt, args.max_new_tokens)
+        extra = (f", {stats.main_calls} main-model calls, draft acceptance "
+                 f"{stats.acceptance_rate:.0%}")
+    else:
+        out, extra = generate(model, prompt, args.max_new_tokens, args.temperature, gen), ""
+    seconds = time.perf_counter() - start
+    new = out[0, len(ids):].tolist()
+    if model.config.vocab_size == 256 and not args.prompt_ids:
+        print(bytes(ids + new).decode("utf-8", errors="replace"))
+    else:
+        print(",".join(map(str, ids + new)))
+    print(f"[{len(new)} tokens in {seconds:.2f} s, {len(new) / max(seconds, 1e-9):.1f} tokens/s{extra}]")
+    return 0

@@ -1,0 +1,363 @@
+"""Grouped block-scaled FP8 GEMMs for the routed experts, and their autograd wrapper.
+
+Shape legend: M routed token rows sorted by expert, E experts, K input features, N output features,
+``group_end_offsets`` [E] int32: rows [off[e-1], off[e]) belong to expert e (off[-1] = 0). Rows at or
+after off[E-1] belong to no expert and produce zeros.
+
+- ``fp8_grouped_mm(a [M, K] e4m3, a_scale [M, K/128], b [E, N, K] e4m3, b_scale [E, N/128, K/128],
+  group_end_offsets) -> [M, N]``: row i uses expert e(i)'s weights (forward and dgrad).
+  Contract: every segment boundary is a multiple of 128, so a 128-row tile never straddles two
+  experts. The caller pads segments (``fp8_grouped_linear`` does it for you).
+- ``fp8_grouped_wgrad(dyt [N, Mp], dyt_scale [N, Mp/128], xt [K, Mp], xt_scale [K, Mp/128],
+  group_end_offsets) -> [E, N, K] fp32``: dW_e = dY_e^T X_e, both operands quantized in 1x128 tiles
+  along the tokens (the transposed layout of kernels.quant.act_quant_128x1); the tokens of one expert
+  are the contraction dimension, looped over from off[e-1] to off[e] in steps of 128 (a "K-grouped" GEMM).
+- ``fp8_grouped_linear(x [M, K], w [E, N, K], group_end_offsets) -> [M, N]``: autograd wrapper with
+  forward, dgrad and wgrad all in FP8 (the recipe of coscale.fp8; master weights fp32 or bf16, weight
+  gradient accumulated in FP32 and returned in w's dtype). Segments that are not multiples of 128 are
+  padded here with zero rows (one host sync to size the padded buffer); N and K that are not multiples
+  of 128 are zero-padded, which does not change any product.
+
+Both Triton kernels promote every 128 elements of K: one 128-deep tl.dot from zero, scaled by its two
+block scales and added into an FP32 register accumulator. The ``*_ref`` functions (per-expert loops
+over coscale.kernels.fp8_gemm.fp8_gemm_ref, dequantized FP32) are the specification and CPU fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from coscale.errors import CoscaleError
+from coscale.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+from coscale.kernels.quant import (
+    BLOCK,
+    FP8_DTYPE,
+    act_quant_1x128_dual,
+    interpreting,
+    triton_available,
+    weight_quant_128x128,
+)
+
+__all__ = [
+    "fp8_grouped_mm",
+    "fp8_grouped_mm_ref",
+    "fp8_grouped_wgrad",
+    "fp8_grouped_wgrad_ref",
+    "fp8_grouped_linear",
+    "quantize_expert_weights",
+]
+
+
+def _starts_ends(group_end_offsets: torch.Tensor):
+    ends = [int(v) for v in group_end_offsets.tolist()]
+    return [0, *ends[:-1]], ends
+
+
+def _check_offsets(group_end_offsets: torch.Tensor, experts: int) -> None:
+    if group_end_offsets.dim() != 1 or group_end_offsets.numel() != experts:
+        raise CoscaleError(
+            f"group_end_offsets must have shape [{experts}] (one end offset per expert), "
+            f"got {tuple(group_end_offsets.shape)}"
+        )
+    if group_end_offsets.dtype not in (torch.int32, torch.int64):
+        raise CoscaleError(f"group_end_offsets must be int32 or int64, got {group_end_offsets.dtype}")
+
+
+def _use_triton(device: torch.device, backend: str) -> bool:
+    if backend not in ("auto", "triton", "torch"):
+        raise CoscaleError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "triton":
+        if not triton_available():
+            raise CoscaleError("backend='triton' needs the triton package")
+        if device.type != "cuda" and not interpreting():
+            raise CoscaleError("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+        return True
+    return backend == "auto" and device.type == "cuda" and triton_available()
+
+
+# ----------------------------------------------------------------------------------------------------
+# References
+# ----------------------------------------------------------------------------------------------------
+
+
+def fp8_grouped_mm_ref(a, a_scale, b, b_scale, group_end_offsets, out_dtype=torch.bfloat16):
+    """Per-expert loop of the dequantized FP32 GEMM; rows after the last offset are zeros."""
+    _check_offsets(group_end_offsets, b.shape[0])
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
+    for e, (start, end) in enumerate(zip(*_starts_ends(group_end_offsets))):
+        if end > start:
+            out[start:end] = fp8_gemm_ref(a[start:end], a_scale[start:end], b[e], b_scale[e], out_dtype)
+    return out
+
+
+def fp8_grouped_wgrad_ref(dyt, dyt_scale, xt, xt_scale, group_end_offsets):
+    """dW_e = dY_e^T X_e from the transposed (token-contiguous) layouts, dequantized FP32."""
+    experts = group_end_offsets.numel()
+    out = torch.zeros(experts, dyt.shape[0], xt.shape[0], dtype=torch.float32, device=dyt.device)
+    for e, (start, end) in enumerate(zip(*_starts_ends(group_end_offsets))):
+        if end > start:
+            if start % BLOCK or end % BLOCK:
+                raise CoscaleError(f"expert {e}'s segment [{start}, {end}) is not 128-aligned")
+            tiles = slice(start // BLOCK, end // BLOCK)
+            out[e] = fp8_gemm_ref(
+                dyt[:, start:end], dyt_scale[:, tiles], xt[:, start:end], xt_scale[:, tiles], torch.float32
+            )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------
+
+
+def _configs(triton, interpret: bool):
+    if interpret or not torch.cuda.is_available():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    shapes = [(128, 128, 4, 8), (128, 256, 3, 8), (128, 128, 3, 4), (64, 128, 4, 4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, s, w in shapes
+    ]
+
+
+@functools.cache
+def _build_kernels(interpret: bool):
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(configs=_configs(triton, interpret), key=["N", "K", "E"])
+    @triton.jit
+    def grouped_mm_kernel(
+        a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, off_ptr, M, N, K, E,
+        stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+        stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
+        E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BLOCK_N)
+        pid_m = pid // num_n  # neighbouring programs share the A tile and the expert's weights
+        pid_n = pid % num_n
+        row0 = pid_m * BLOCK_M
+        offs_e = tl.arange(0, E_POW2)
+        ends = tl.load(off_ptr + offs_e, mask=offs_e < E, other=2147483647)
+        expert = tl.sum((ends <= row0).to(tl.int32), 0)  # segments are 128-aligned: one per tile
+        valid = expert < E
+        expert = tl.minimum(expert, E - 1)
+        offs_m = (row0 + tl.arange(0, BLOCK_M)) % M
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        offs_k = tl.arange(0, BLOCK_K)
+        b_base = b_ptr + expert.to(tl.int64) * stride_be
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_base + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
+        sa_ptrs = sa_ptr + offs_m.to(tl.int64) * stride_sam
+        sb_ptrs = sb_ptr + expert.to(tl.int64) * stride_sbe + (offs_n // BLOCK_K) * stride_sbn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        num_k = tl.where(valid, tl.cdiv(K, BLOCK_K), 0)  # rows after the last expert: zeros
+        for kb in range(0, num_k):
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+            sa = tl.load(sa_ptrs + kb * stride_sak)
+            sb = tl.load(sb_ptrs + kb * stride_sbk)
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        rows = row0 + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+    @triton.autotune(configs=_configs(triton, interpret), key=["N", "K", "E"])
+    @triton.jit
+    def grouped_wgrad_kernel(
+        a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, off_ptr, N, K, E,
+        stride_an, stride_at, stride_bk, stride_bt, stride_ce, stride_cn, stride_ck,
+        stride_san, stride_sat, stride_sbk, stride_sbt,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):  # fmt: skip
+        # C[e] [N, K] = A[:, seg e] @ B[:, seg e]^T; A = dY^T [N, Mp], B = X^T [K, Mp]; BLOCK_M tiles N.
+        expert = tl.program_id(1)
+        pid = tl.program_id(0)
+        num_k = tl.cdiv(K, BLOCK_N)
+        pid_n = pid // num_k
+        pid_k = pid % num_k
+        start = tl.load(off_ptr + expert - 1, mask=expert > 0, other=0)
+        end = tl.load(off_ptr + expert)
+        offs_n = (pid_n * BLOCK_M + tl.arange(0, BLOCK_M)) % N
+        offs_k = (pid_k * BLOCK_N + tl.arange(0, BLOCK_N)) % K
+        offs_t = tl.arange(0, BLOCK_T)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for t0 in range(start, end, BLOCK_T):
+            a = tl.load(a_ptr + offs_n[:, None].to(tl.int64) * stride_an + (t0 + offs_t)[None, :] * stride_at)
+            b = tl.load(b_ptr + offs_k[None, :].to(tl.int64) * stride_bk + (t0 + offs_t)[:, None] * stride_bt)
+            tile = t0 // BLOCK_T
+            sa = tl.load(sa_ptr + offs_n.to(tl.int64) * stride_san + tile * stride_sat)
+            sb = tl.load(sb_ptr + offs_k.to(tl.int64) * stride_sbk + tile * stride_sbt)
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        rows = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + rows[:, None] * stride_cn + cols[None, :] * stride_ck
+        tl.store(c_ptrs, acc, mask=(rows < N)[:, None] & (cols < K)[None, :])
+
+    return grouped_mm_kernel, grouped_wgrad_kernel
+
+
+# ----------------------------------------------------------------------------------------------------
+# Wrappers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_grouped(a, a_scale, b, b_scale):
+    if a.dtype != FP8_DTYPE or b.dtype != FP8_DTYPE:
+        raise CoscaleError(f"grouped FP8 GEMM operands must be float8_e4m3fn, got {a.dtype}, {b.dtype}")
+    if a.dim() != 2 or b.dim() != 3 or a.shape[1] != b.shape[2]:
+        raise CoscaleError(f"expected a [M, K] and b [E, N, K]; got {tuple(a.shape)}, {tuple(b.shape)}")
+    m, k = a.shape
+    e, n, _ = b.shape
+    if k % BLOCK or n % BLOCK:
+        raise CoscaleError(f"grouped FP8 GEMM needs N and K to be multiples of {BLOCK}; got N={n}, K={k}")
+    if tuple(a_scale.shape) != (m, k // BLOCK):
+        raise CoscaleError(f"a_scale must be [{m}, {k // BLOCK}] (1x128), got {tuple(a_scale.shape)}")
+    if tuple(b_scale.shape) != (e, n // BLOCK, k // BLOCK):
+        raise CoscaleError(
+            f"b_scale must be [{e}, {n // BLOCK}, {k // BLOCK}] (128x128), got {tuple(b_scale.shape)}"
+        )
+
+
+def fp8_grouped_mm(
+    a, a_scale, b, b_scale, group_end_offsets, out_dtype=torch.bfloat16, backend: str = "auto"
+) -> torch.Tensor:
+    """[M, N]: rows of expert e times b[e]^T, block-scaled FP8 with FP32 accumulation (see module doc)."""
+    _check_grouped(a, a_scale, b, b_scale)
+    _check_offsets(group_end_offsets, b.shape[0])
+    if not _use_triton(a.device, backend):
+        return fp8_grouped_mm_ref(a, a_scale, b, b_scale, group_end_offsets, out_dtype)
+    m, k = a.shape
+    e, n, _ = b.shape
+    c = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0:
+        return c
+    kernel, _ = _build_kernels(interpreting())
+    offsets = group_end_offsets.to(device=a.device, dtype=torch.int32)
+
+    def grid(meta):
+        return (-(-m // meta["BLOCK_M"]) * -(-n // meta["BLOCK_N"]),)
+
+    kernel[grid](
+        a, b, c, a_scale, b_scale, offsets, m, n, k, e,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
+        E_POW2=max(16, 1 << (e - 1).bit_length()), BLOCK_K=BLOCK,
+    )  # fmt: skip
+    return c
+
+
+def fp8_grouped_wgrad(dyt, dyt_scale, xt, xt_scale, group_end_offsets, backend: str = "auto"):
+    """[E, N, K] fp32: dW_e = dY_e^T X_e from token-contiguous 1x128 layouts (see module doc)."""
+    n, mp = dyt.shape
+    k = xt.shape[0]
+    if xt.shape[1] != mp or mp % BLOCK:
+        raise CoscaleError(f"dyt [N, Mp] and xt [K, Mp] need one Mp, a multiple of 128: {dyt.shape}, {xt.shape}")
+    experts = group_end_offsets.numel()
+    if not _use_triton(dyt.device, backend):
+        return fp8_grouped_wgrad_ref(dyt, dyt_scale, xt, xt_scale, group_end_offsets)
+    out = torch.empty(experts, n, k, dtype=torch.float32, device=dyt.device)
+    if out.numel() == 0:
+        return out
+    _, kernel = _build_kernels(interpreting())
+    offsets = group_end_offsets.to(device=dyt.device, dtype=torch.int32)
+
+    def grid(meta):
+        return (-(-n // meta["BLOCK_M"]) * -(-k // meta["BLOCK_N"]), experts)
+
+    kernel[grid](
+        dyt, xt, out, dyt_scale, xt_scale, offsets, n, k, experts,
+        dyt.stride(0), dyt.stride(1), xt.stride(0), xt.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1), BLOCK_T=BLOCK,
+    )  # fmt: skip
+    return out
+
+
+def quantize_expert_weights(w: torch.Tensor, backend: str = "auto"):
+    """w [E, N, K] (N, K multiples of 128) -> (wq [E, N, K] e4m3, scale [E, N/128, K/128])."""
+    e, n, k = w.shape
+    wq, ws = weight_quant_128x128(w.reshape(e * n, k), backend=backend)
+    return wq.view(e, n, k), ws.view(e, n // BLOCK, k // BLOCK)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------
+
+
+class _FP8GroupedLinearFunction(torch.autograd.Function):
+    """x [M, K] (K % 128 == 0), w [E, N, K] (N % 128 == 0), 128-aligned segments."""
+
+    @staticmethod
+    def forward(ctx, x, w, group_end_offsets, backend):
+        xq, xs, xt, xts = act_quant_1x128_dual(x, backend=backend)
+        wq, ws = quantize_expert_weights(w, backend=backend)
+        out = fp8_grouped_mm(xq, xs, wq, ws, group_end_offsets, x.dtype, backend)
+        ctx.save_for_backward(xt, xts, wq, ws, group_end_offsets)
+        ctx.backend = backend
+        ctx.w_dtype = w.dtype
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        xt, xts, wq, ws, offsets = ctx.saved_tensors
+        dyq, dys, dyt, dyts = act_quant_1x128_dual(dy.contiguous(), backend=ctx.backend)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:  # dX = dY W_e: the 128x128 blocks of W_e^T are W_e's, transposed
+            wq_t = wq.transpose(1, 2).contiguous()
+            dx = fp8_grouped_mm(dyq, dys, wq_t, ws.transpose(1, 2), offsets, ctx.x_dtype, ctx.backend)
+        if ctx.needs_input_grad[1]:
+            dw = fp8_grouped_wgrad(dyt, dyts, xt, xts, offsets, ctx.backend).to(ctx.w_dtype)
+        return dx, dw, None, None
+
+
+def _pad_last(t: torch.Tensor, dim: int) -> torch.Tensor:
+    size = t.shape[dim]
+    pad = -(-size // BLOCK) * BLOCK - size
+    if pad == 0:
+        return t
+    spec = [0, 0] * (t.dim() - 1 - dim) + [0, pad]
+    return torch.nn.functional.pad(t, spec)
+
+
+def fp8_grouped_linear(
+    x: torch.Tensor, w: torch.Tensor, group_end_offsets: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """y [M, N] = x_i @ w[e(i)]^T with forward, dgrad and wgrad in FP8 (see the module docstring).
+
+    x [M, K] bf16/fp32 rows sorted by expert; w [E, N, K] master weights (fp32/bf16);
+    group_end_offsets [E] int32/int64 (rows [off[e-1], off[e]) use expert e). Returns x's dtype.
+    """
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[2]:
+        raise CoscaleError(f"expected x [M, K] and w [E, N, K]; got {tuple(x.shape)}, {tuple(w.shape)}")
+    _check_offsets(group_end_offsets, w.shape[0])
+    m, k = x.shape
+    n = w.shape[1]
+    x_p, w_p = _pad_last(x, 1), _pad_last(_pad_last(w, 2), 1)  # zero features change no product
+    offsets = group_end_offsets.to(device=x.device, dtype=torch.int64)
+    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]])
+    counts = offsets - starts
+    padded_counts = (counts + BLOCK - 1) // BLOCK * BLOCK
+    aligned_total = int(offsets[-1]) if offsets.numel() else 0  # one host sync
+    if torch.equal(counts, padded_counts) and aligned_total == m:
+        out = _FP8GroupedLinearFunction.apply(x_p, w_p, offsets.to(torch.int32), backend)
+        return out[:, :n] if out.shape[1] != n else out
+    # Pad each expert's segment to a multiple of 128 rows: scatter rows into a zeroed buffer.
+    padded_ends = torch.cumsum(padded_counts, 0)
+    padded_starts = padded_ends - padded_counts
+    rows = torch.arange(aligned_total, device=x.device)
+    expert_of_row = torch.searchsorted(offsets, rows, right=True)
+    dest = rows - starts[expert_of_row] + padded_starts[expert_of_row]
+    total = int(padded_ends[-1])
+    x_buf = x_p.new_zeros(total, x_p.shape[1]).index_copy(0, dest, x_p[:aligned_total])
+    out_buf = _FP8GroupedLinearFunction.apply(x_buf, w_p, padded_ends.to(torch.int32), backend)
+    out = out_buf.index_select(0, dest)[:, :n]
+    if aligned_total < m:  # rows after the last expert belong to none: zeros
+        out = torch.cat([out, out.new_zeros(m - aligned_total, n)])
+    return out

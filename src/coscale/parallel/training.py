@@ -1,0 +1,129 @@
+"""EP x DP training on torch.distributed: what a training loop calls.
+
+    model = DeepseekForCausalLM(cfg)                          # same seed on every rank
+    model, ctx = setup_for_training(model, args)              # groups, config check, EP swap, sync
+    for step ...:
+        ids, labels = shard_batch(global_ids, ctx), shard_batch(global_labels, ctx)
+        loss = model.compute_loss(ids, labels).loss
+        loss.backward()
+        sync_gradients(model, ctx)                            # before clipping and optimizer.step()
+        optimizer.step(); optimizer.zero_grad()
+        log(ctx.all_reduce_mean(loss))                        # the global mean loss
+
+Gradient rule. Each of the W ranks holds 1/W of the global batch and backpropagates its local mean loss
+L_r; the global loss is (1/W) sum_r L_r. A replicated (non-expert) parameter gets the mean of its W
+local gradients: an all-reduce over the world, as DDP does. An expert parameter already receives,
+through the combine's backward, the gradients of every token of its EP group; its replicas live on the
+DP group, so its gradient is the DP-group sum divided by W. :func:`sync_gradients` does both with one
+flattened all-reduce per kind (one bucket per dtype) after the backward pass, which also gives gradient
+accumulation for free (call it once per optimizer step). FSDP2 or DDP wrappers need the trainer to
+call the wrapper's ``forward``; coscale's trainer calls ``compute_loss``, so the explicit all-reduce is
+the portable choice here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from coscale.parallel.expert_parallel import apply_expert_parallel
+from coscale.parallel.groups import DEFAULT_TIMEOUT_S, ParallelContext, check_same_config, guarded, init_parallel
+
+
+def is_expert_param(p: torch.Tensor) -> bool:
+    return bool(getattr(p, "_coscale_expert", False))
+
+
+def _bucketed(op: str, tensors: list[torch.Tensor], ctx: ParallelContext, fn) -> None:
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = _flatten_dense_tensors(group)
+        guarded(op, lambda flat=flat: fn(flat), ctx.timeout_s)
+        for t, new in zip(group, _unflatten_dense_tensors(flat, group)):
+            t.copy_(new)
+
+
+@torch.no_grad()
+def broadcast_parameters(model: nn.Module, ctx: ParallelContext) -> None:
+    """Make replicas identical: non-expert state from world rank 0, expert state from DP rank 0."""
+    if ctx.world_size == 1:
+        return
+    shared = [t for t in list(model.parameters()) + list(model.buffers()) if not is_expert_param(t)]
+    experts = [p for p in model.parameters() if is_expert_param(p)]
+    _bucketed("broadcast(parameters)", shared, ctx,
+              lambda f: dist.broadcast(f, src=0, group=ctx.world_group))
+    if ctx.dp_size > 1 and experts:
+        src = dist.get_global_rank(ctx.dp_group, 0)
+        _bucketed("broadcast(expert parameters)", experts, ctx,
+                  lambda f: dist.broadcast(f, src=src, group=ctx.dp_group))
+
+
+@torch.no_grad()
+def sync_gradients(model: nn.Module, ctx: ParallelContext) -> None:
+    """Average gradients: non-expert over the world, expert params as DP-sum / world size."""
+    if ctx.world_size == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:  # a parameter unused this step still takes part in the all-reduce
+            p.grad = torch.zeros_like(p)
+    shared = [p.grad for p in params if not is_expert_param(p)]
+    experts = [p.grad for p in params if is_expert_param(p)]
+    for g in shared + experts:
+        g.div_(ctx.world_size)
+    _bucketed("all_reduce(gradients)", shared, ctx, lambda f: dist.all_reduce(f, group=ctx.world_group))
+    if ctx.dp_size > 1 and experts:
+        _bucketed("all_reduce(expert gradients)", experts, ctx,
+                  lambda f: dist.all_reduce(f, group=ctx.dp_group))
+
+
+def shard_batch(batch: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Rank r's rows of a global batch [B, ...] (B divisible by the world size)."""
+    if batch.shape[0] % ctx.world_size:
+        from coscale.errors import ConfigError
+
+        raise ConfigError(f"global batch {batch.shape[0]} is not divisible by the world size {ctx.world_size}")
+    n = batch.shape[0] // ctx.world_size
+    return batch[ctx.rank * n:(ctx.rank + 1) * n]
+
+
+def setup_for_training(model: nn.Module, args: Any = None) -> tuple[nn.Module, ParallelContext]:
+    """Process groups from torchrun's environment, config check, EP swap, replica sync.
+
+    ``args`` (an argparse namespace, a dict or None) may carry: ``ep_size`` (default: world size),
+    ``gpus_per_node`` (virtual nodes; default: real hosts), ``dispatch_codec`` ("bf16"/"fp8"),
+    ``combine_codec``, ``two_hop`` (node-limited two-hop route), ``dist_timeout`` (seconds), ``backend``.
+    """
+    get = (args.get if isinstance(args, dict) else lambda k, d=None: getattr(args, k, d)) if args else (
+        lambda k, d=None: d)
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ctx = init_parallel(
+        ep_size=get("ep_size") or world,
+        gpus_per_node=get("gpus_per_node"),
+        backend=get("backend"),
+        timeout_s=float(get("dist_timeout") or DEFAULT_TIMEOUT_S),
+    )
+    config = getattr(model, "config", None)
+    if config is not None:
+        check_same_config(config, timeout_s=ctx.timeout_s)
+        n_experts = getattr(config, "n_routed_experts", None)
+        if n_experts:
+            ctx.dims.check_divides_experts(n_experts)
+    model.to(ctx.device)
+    if ctx.ep_size > 1:
+        apply_expert_parallel(
+            model, ctx,
+            dispatch_codec=get("dispatch_codec") or "bf16",
+            combine_codec=get("combine_codec") or "bf16",
+            two_hop=bool(get("two_hop", False)),
+        )
+    broadcast_parameters(model, ctx)
+    return model, ctx

@@ -1,0 +1,609 @@
+"""The training loop behind ``coscale train``: :class:`TrainConfig` in, a summary dict out.
+
+One step: draw a batch of random windows, ``compute_loss`` (next-token + MTP + sequence-wise balance
+loss) under BF16 autocast on CUDA (FP32 on CPU, or FP8 through ``coscale.fp8.convert_to_fp8``),
+backward, clip, AdamW (FP32 master weights, FP32 or BF16 moments), then the auxiliary-loss-free router
+bias update ``update_router_biases(model, gamma)`` from the expert loads the step recorded.
+
+Order of work in :func:`train`, chosen so that bad input changes nothing on disk: validate the
+config, read the data, read and verify the checkpoint to resume from (config compatibility, file
+hashes), build the model and load the state; only then create or touch the run directory.
+
+Determinism: the model is initialised from ``seed``, batches come from a generator seeded with
+``seed`` whose state is checkpointed with the global RNG state, and the learning rate is a function
+of the step. On CPU, ``N`` steps equal ``k`` steps + save + resume + ``N - k`` steps bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from coscale.config import ModelConfig, load_config
+from coscale.errors import CheckpointError, ConfigError
+from coscale.train import checkpointing as ckpt
+from coscale.train.data import (
+    BatchSampler,
+    data_fingerprint,
+    eval_batches,
+    load_tokens,
+    nats_to_bits,
+    split_tokens,
+    unigram_entropy,
+)
+from coscale.train.metrics import PLOT_FILE, TENSORBOARD_DIR, MetricsLogger, plot_loss_curve
+from coscale.train.optim import MOMENT_DTYPES, build_optimizer
+from coscale.train.schedule import lr_at
+
+PRECISIONS = ("bf16", "fp32", "fp8")
+RUN_CONFIG = "train_config.json"
+# Entries a run directory owns; --overwrite removes exactly these.
+_RUN_ENTRIES = (ckpt.CHECKPOINTS, "metrics.jsonl", PLOT_FILE, TENSORBOARD_DIR, RUN_CONFIG, "summary.json")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``coscale train`` takes; the defaults train ``tiny`` on the embedded corpus."""
+
+    # Model: a preset name, a config.json path, a full config dict, or a ModelConfig; then overrides.
+    model: str | dict | ModelConfig = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    # Data: text files (read as bytes) or pre-tokenised .bin files; empty means the embedded corpus.
+    data: list[str] = field(default_factory=list)
+    bin_dtype: str = "uint16"
+    val_fraction: float = 0.05
+    # Batches and length of the run.
+    batch_size: int = 16
+    seq_len: int = 128
+    steps: int = 300
+    # Optimiser and schedule (linear warm-up, cosine to min_lr; min_lr None means lr / 10).
+    lr: float = 3e-3
+    min_lr: float | None = None
+    warmup_steps: int | None = None  # None: a tenth of the steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    adam_moments_dtype: str = "fp32"
+    # Precision: None picks bf16 (autocast) on CUDA and fp32 on CPU.
+    precision: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    # gamma of auxiliary-loss-free balancing; None takes the model config's bias_update_speed.
+    bias_update_speed: float | None = None
+    # Output.
+    out_dir: str | None = None
+    overwrite: bool = False
+    resume: str | None = None
+    eval_interval: int = 50
+    eval_batches: int = 8
+    log_interval: int = 10
+    save_interval: int = 100
+    keep_checkpoints: int = 2
+    threads: int | None = None
+    progress: bool | None = None  # None: a progress bar when stderr is a terminal
+    tensorboard: bool = True
+
+    # ---- construction and checks ------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        if not isinstance(d, dict):
+            raise ConfigError("a training config must be a JSON/YAML object (a mapping)")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"unknown training config field {unknown[0]!r}; valid fields: {', '.join(names)}"
+            )
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str) -> TrainConfig:
+        """A JSON (or YAML, by extension) file of TrainConfig fields."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        try:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                d = yaml.safe_load(text)
+            else:
+                d = json.loads(text)
+        except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"{path} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}: "
+                              f"{first}") from None
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def validate(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        for name in ("batch_size", "seq_len", "steps", "eval_batches", "log_interval"):
+            value = getattr(self, name)
+            check(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        for name in ("eval_interval", "save_interval", "keep_checkpoints", "seed"):
+            value = getattr(self, name)
+            check(_is_int(value) and value >= 0, f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("lr", "eps"):
+            value = getattr(self, name)
+            check(_is_number(value) and value > 0, f"{name} must be a positive number, got {value!r}")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            check(_is_number(value) and value >= 0, f"{name} must be a number >= 0, got {value!r}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            check(_is_number(value) and 0 <= value < 1, f"{name} must be in [0, 1), got {value!r}")
+        check(_is_number(self.val_fraction) and 0 < self.val_fraction < 1,
+              f"val_fraction must be between 0 and 1, got {self.val_fraction!r}")
+        check(self.min_lr is None or (_is_number(self.min_lr) and 0 <= self.min_lr <= self.lr),
+              f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr!r}")
+        check(self.warmup_steps is None or (_is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.steps),
+              f"warmup_steps must be an integer between 0 and steps ({self.steps}), got {self.warmup_steps!r}")
+        check(self.adam_moments_dtype in MOMENT_DTYPES,
+              f"adam_moments_dtype must be one of {', '.join(MOMENT_DTYPES)}, got {self.adam_moments_dtype!r}")
+        check(self.precision is None or self.precision in PRECISIONS,
+              f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check(self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"),
+              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check(self.bias_update_speed is None or (_is_number(self.bias_update_speed) and self.bias_update_speed >= 0),
+              f"bias_update_speed must be a number >= 0, got {self.bias_update_speed!r}")
+        check(self.threads is None or (_is_int(self.threads) and self.threads > 0),
+              f"threads must be a positive integer, got {self.threads!r}")
+        check(isinstance(self.data, list) and all(isinstance(p, str) for p in self.data),
+              f"data must be a list of file paths, got {self.data!r}")
+        check(isinstance(self.model, (str, dict, ModelConfig)),
+              f"model must be a preset name, a config path or a config mapping, got {self.model!r}")
+        check(isinstance(self.model_overrides, dict),
+              f"model_overrides must be a mapping of ModelConfig fields, got {self.model_overrides!r}")
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else self.steps // 10
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(self.model, ModelConfig):
+            d["model"] = self.model.to_dict()
+        return d
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
+    if isinstance(cfg.model, ModelConfig):
+        model_cfg = cfg.model
+    elif isinstance(cfg.model, dict):
+        model_cfg = ModelConfig.from_dict(cfg.model)
+    else:
+        model_cfg = load_config(cfg.model)
+    if cfg.model_overrides:
+        names = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(cfg.model_overrides) - names)
+        if unknown:
+            raise ConfigError(f"unknown model config field {unknown[0]!r} in model_overrides")
+        try:
+            model_cfg = model_cfg.replace(**cfg.model_overrides)
+        except TypeError as e:
+            raise ConfigError(f"invalid model_overrides: {e}") from None
+    return model_cfg
+
+
+def config_from_checkpoint(path: str) -> TrainConfig:
+    """The training config a run was started with, read from its newest checkpoint (for --resume)."""
+    meta = ckpt.read_meta(ckpt.resolve_checkpoint(path))
+    saved = meta.get("train_config")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {path} records no training config")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig.from_dict({k: v for k, v in saved.items() if k in known})
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Setup:
+    """Everything validated and built before the first write to disk."""
+
+    model_cfg: ModelConfig
+    device: torch.device
+    precision: str
+    out_dir: str
+    split: Any
+    data_info: dict
+    entropy: float
+    resume_dir: str | None
+    resume_meta: dict | None
+    resolved_config: dict  # the config with defaults filled in, as run directory and checkpoints record it
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) a training run; returns a summary (losses, entropy, throughput, paths)."""
+    setup = _prepare(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, optimizer, sampler, start_step = _build(cfg, setup)
+    _prepare_out_dir(cfg, setup)
+    metrics = MetricsLogger(setup.out_dir, resume_step=start_step if setup.resume_dir else None,
+                            tensorboard=cfg.tensorboard)
+    try:
+        summary = _run(cfg, setup, model, optimizer, sampler, start_step, metrics, log)
+    finally:
+        metrics.close()
+    return summary
+
+
+def _prepare(cfg: TrainConfig) -> _Setup:
+    cfg.validate()
+    resume_dir = resume_meta = None
+    if cfg.resume:
+        resume_dir = ckpt.resolve_checkpoint(cfg.resume)
+        resume_meta = ckpt.read_meta(resume_dir)
+    model_cfg = resolve_model_config(cfg)
+    if cfg.seq_len > model_cfg.max_position_embeddings:
+        raise ConfigError(
+            f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
+            f"{model_cfg.max_position_embeddings}"
+        )
+    device = _resolve_device(cfg.device)
+    precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
+    tokens = load_tokens(cfg.data, model_cfg.vocab_size, cfg.bin_dtype)
+    split = split_tokens(tokens, cfg.val_fraction, cfg.seq_len)
+    data_info = data_fingerprint(cfg.data, tokens)
+    out_dir = cfg.out_dir or (ckpt.run_dir_of(resume_dir) if resume_dir else _default_out_dir())
+    if resume_meta is not None:
+        ckpt.check_compatible(resume_dir, resume_meta, _compat_fields(cfg, model_cfg, precision, data_info))
+        if resume_meta["step"] >= cfg.steps:
+            raise ConfigError(
+                f"the checkpoint is at step {resume_meta['step']}, which already reaches steps={cfg.steps}; "
+                "pass a larger --steps to train further"
+            )
+    if not _same_dir(out_dir, ckpt.run_dir_of(resume_dir) if resume_dir else None):
+        _check_out_dir_free(out_dir, cfg.overwrite)
+    entropy = unigram_entropy(split.train, model_cfg.vocab_size)
+    resolved = cfg.to_dict() | {
+        "model": model_cfg.to_dict(), "model_overrides": {}, "precision": precision, "resume": None,
+        "overwrite": False, "data": [os.path.abspath(p) for p in cfg.data],
+    }
+    return _Setup(model_cfg, device, precision, out_dir, split, data_info, entropy, resume_dir,
+                  resume_meta, resolved)
+
+
+def _compat_fields(cfg: TrainConfig, model_cfg: ModelConfig, precision: str, data_info: dict) -> dict:
+    """What a resumed run must share with its checkpoint (steps, lr, intervals may change)."""
+    return {
+        "model_config": model_cfg.to_dict(),
+        "precision": precision,
+        "adam_moments_dtype": cfg.adam_moments_dtype,
+        "data": data_info,
+        "val_fraction": cfg.val_fraction,
+    }
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def _default_out_dir() -> str:
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+def _same_dir(a: str, b: str | None) -> bool:
+    return b is not None and os.path.abspath(a) == os.path.abspath(b)
+
+
+def _check_out_dir_free(out_dir: str, overwrite: bool) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"output path {out_dir} exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ConfigError(
+            f"run directory {out_dir} exists and is not empty; pass --resume {out_dir} to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
+
+
+def _build(cfg: TrainConfig, setup: _Setup):
+    from coscale.model import DeepseekForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    model = DeepseekForCausalLM(setup.model_cfg).to(setup.device)
+    if setup.precision == "fp8":
+        model = _convert_to_fp8(model)
+    model.train()
+    optimizer = build_optimizer(
+        model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        weight_decay=cfg.weight_decay, moments_dtype=cfg.adam_moments_dtype,
+    )
+    sampler = BatchSampler(setup.split.train, cfg.batch_size, cfg.seq_len, cfg.seed)
+    start_step = 0
+    if setup.resume_dir:
+        start_step = _restore(setup, model, optimizer, sampler)
+    return model, optimizer, sampler, start_step
+
+
+def _convert_to_fp8(model):
+    try:
+        from coscale.fp8 import convert_to_fp8
+    except ImportError as e:
+        raise ConfigError(f"--precision fp8 needs coscale.fp8.convert_to_fp8, which is unavailable ({e})") from None
+    converted = convert_to_fp8(model)
+    return converted if converted is not None else model
+
+
+def _restore(setup: _Setup, model, optimizer, sampler) -> int:
+    state = ckpt.load_checkpoint(setup.resume_dir, setup.resume_meta)
+    try:
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        sampler.load_state_dict(state.trainer["sampler"])
+        torch.set_rng_state(state.trainer["cpu_rng"])
+        if setup.device.type == "cuda" and state.trainer.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state.trainer["cuda_rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"cannot restore {setup.resume_dir}: {first}") from None
+    return int(setup.resume_meta["step"])
+
+
+def _prepare_out_dir(cfg: TrainConfig, setup: _Setup) -> None:
+    os.makedirs(setup.out_dir, exist_ok=True)
+    if cfg.overwrite and not setup.resume_dir:
+        for name in _RUN_ENTRIES:
+            path = os.path.join(setup.out_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    with open(os.path.join(setup.out_dir, RUN_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(setup.resolved_config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _run(cfg, setup: _Setup, model, optimizer, sampler, start_step, metrics: MetricsLogger, log) -> dict:
+    autocast = _autocast(setup)
+    gamma = cfg.bias_update_speed if cfg.bias_update_speed is not None else setup.model_cfg.bias_update_speed
+    min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
+    val_batches = eval_batches(setup.split.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    metrics.log({"type": "run", "step": start_step, "resumed_from": setup.resume_dir,
+                 "unigram_entropy": setup.entropy, "device": str(setup.device), "precision": setup.precision})
+    log(_header(cfg, setup, start_step))
+    bar = _progress_bar(cfg, start_step)
+    recent: list[float] = []
+    train_time, val_loss, last_saved = 0.0, None, None
+    window_tokens, window_time = 0, 0.0
+    for step in range(start_step, cfg.steps):
+        lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, min_lr)
+        t0 = time.perf_counter()
+        record = _train_step(cfg, setup, model, optimizer, sampler, lr, gamma, autocast)
+        dt = time.perf_counter() - t0
+        train_time, window_time, window_tokens = train_time + dt, window_time + dt, window_tokens + tokens_per_step
+        done = step + 1
+        recent = (recent + [record["loss"]])[-50:]
+        record |= {"type": "train", "step": done, "lr": lr, "tokens_per_s": tokens_per_step / dt}
+        metrics.log(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}",
+                            tok_s=f"{window_tokens / window_time:.0f}", refresh=False)
+        if done % cfg.log_interval == 0 or done == cfg.steps:
+            if bar is None:
+                window_loss = recent[-cfg.log_interval:]
+                log(f"step {done:>6}/{cfg.steps} | loss {sum(window_loss) / len(window_loss):.4f}"
+                    f" | lr {lr:.2e} | {window_tokens / window_time:,.0f} tok/s")
+            window_tokens, window_time = 0, 0.0
+            metrics.flush()
+        if (cfg.eval_interval and done % cfg.eval_interval == 0) or done == cfg.steps:
+            val_loss = evaluate(model, val_batches, setup.device, autocast)
+            metrics.log({"type": "eval", "step": done, "val_loss": val_loss,
+                         "unigram_entropy": setup.entropy})
+            _write(bar, log, f"step {done:>6} | val loss {val_loss:.4f} nats "
+                             f"(unigram entropy {setup.entropy:.4f})")
+        if (cfg.save_interval and done % cfg.save_interval == 0) or done == cfg.steps:
+            last_saved = _save(cfg, setup, model, optimizer, sampler, done)
+    if bar is not None:
+        bar.close()
+    metrics.flush()
+    plot = plot_loss_curve(metrics.path, os.path.join(setup.out_dir, PLOT_FILE), setup.entropy)
+    steps_run = cfg.steps - start_step
+    summary = {
+        "steps": cfg.steps,
+        "steps_this_run": steps_run,
+        "final_train_loss": sum(recent) / len(recent) if recent else None,
+        "final_val_loss": val_loss,
+        "unigram_entropy_nats": setup.entropy,
+        "unigram_entropy_bits": nats_to_bits(setup.entropy),
+        "tokens_per_s": steps_run * tokens_per_step / train_time if train_time else None,
+        "train_seconds": train_time,
+        "device": str(setup.device),
+        "precision": setup.precision,
+        "out_dir": setup.out_dir,
+        "metrics": metrics.path,
+        "plot": plot,
+        "checkpoint": last_saved,
+        "tensorboard": metrics.tensorboard_dir,
+    }
+    with open(os.path.join(setup.out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+    log(_footer(summary))
+    return summary
+
+
+def _autocast(setup: _Setup):
+    if setup.device.type == "cuda" and setup.precision in ("bf16", "fp8"):
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _train_step(cfg, setup, model, optimizer, sampler, lr, gamma, autocast) -> dict:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    input_ids, labels = sampler.next_batch()
+    input_ids = input_ids.to(setup.device, non_blocking=True)
+    labels = labels.to(setup.device, non_blocking=True)
+    with autocast():
+        out = model.compute_loss(input_ids, labels)
+    out.loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    load = moe_load_stats(model)
+    from coscale.model.moe import update_router_biases
+
+    update_router_biases(model, gamma=gamma)
+    values = torch.stack([
+        out.main_loss.detach().float(),
+        out.loss.detach().float(),
+        out.mtp_loss.detach().float() if out.mtp_loss is not None else torch.tensor(float("nan"), device=setup.device),
+        out.aux_loss.detach().float() if out.aux_loss is not None else torch.tensor(float("nan"), device=setup.device),
+        grad_norm.float() if grad_norm is not None else torch.tensor(float("nan"), device=setup.device),
+    ]).tolist()  # one device sync per step
+    record = dict(zip(("loss", "total_loss", "mtp_loss", "aux_loss", "grad_norm"), values))
+    record = {k: (None if math.isnan(v) else v) for k, v in record.items()}
+    return record | load
+
+
+def moe_load_stats(model) -> dict[str, float | None]:
+    """Expert-load balance of the last step: max/mean and max/min of tokens per expert, worst layer.
+
+    Reads the routers' ``expert_load`` counters (tokens routed since the last bias update), so it must
+    run before ``update_router_biases`` resets them. Empty for a dense model.
+    """
+    loads = [m.expert_load for m in model.modules() if hasattr(m, "expert_load") and m.expert_load.numel()]
+    if not loads:
+        return {}
+    stacked = torch.stack([load.float() for load in loads])  # (layers, E)
+    if stacked.sum() <= 0:
+        return {}
+    max_mean = (stacked.amax(1) / stacked.mean(1).clamp_min(1e-9)).amax()
+    mins = stacked.amin(1)
+    max_min = (stacked.amax(1) / mins.clamp_min(1e-9)).amax()
+    ratio_max_min = max_min.item() if bool((mins > 0).all()) else None
+    return {"moe_load_max_over_mean": max_mean.item(), "moe_load_max_over_min": ratio_max_min}
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, autocast=contextlib.nullcontext) -> float:
+    """Mean next-token loss (nats) of the main model over fixed held-out batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for input_ids, labels in batches:
+        with autocast():
+            logits = model(input_ids.to(device))
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), reduction="sum")
+        total += loss.item()
+        count += labels.numel()
+    model.train(was_training)
+    return total / count
+
+
+def _save(cfg, setup, model, optimizer, sampler, step: int) -> str:
+    trainer = {"sampler": sampler.state_dict(), "cpu_rng": torch.get_rng_state()}
+    if setup.device.type == "cuda":
+        trainer["cuda_rng"] = torch.cuda.get_rng_state_all()
+    meta = {
+        "model_config": setup.model_cfg.to_dict(),
+        "train_config": setup.resolved_config,
+        "precision": setup.precision,
+        "adam_moments_dtype": cfg.adam_moments_dtype,
+        "data": setup.data_info,
+        "val_fraction": cfg.val_fraction,
+    }
+    return ckpt.save_checkpoint(setup.out_dir, step, model.state_dict(), optimizer.state_dict(),
+                                trainer, meta, keep=cfg.keep_checkpoints)
+
+
+# ---- printing ------------------------------------------------------------------------------------
+
+
+def _progress_bar(cfg: TrainConfig, start_step: int):
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _write(bar, log, message: str) -> None:
+    if bar is not None:
+        bar.write(message)
+    else:
+        log(message)
+
+
+def _header(cfg: TrainConfig, setup: _Setup, start_step: int) -> str:
+    from coscale.param_count import count_params
+
+    counts = count_params(setup.model_cfg)
+    n_train, n_val = setup.split.train.size, setup.split.val.size
+    data = ", ".join(cfg.data) if cfg.data else "embedded corpus (Python's pydoc topics)"
+    lines = [
+        f"model: {_model_name(cfg)} ({counts.total / 1e6:.2f}M params, {counts.activated / 1e6:.2f}M activated"
+        f", +{counts.mtp_unique / 1e6:.2f}M MTP) on {setup.device}, precision {setup.precision}",
+        f"data: {data}: {n_train:,} train / {n_val:,} val tokens; unigram entropy "
+        f"{setup.entropy:.4f} nats = {nats_to_bits(setup.entropy):.3f} bits per token",
+        f"run: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr:g} "
+        f"(warm-up {cfg.warmup}, cosine), AdamW moments {cfg.adam_moments_dtype}; output {setup.out_dir}",
+    ]
+    if start_step:
+        lines.append(f"resuming from {setup.resume_dir} at step {start_step}")
+    return "\n".join(lines)
+
+
+def _model_name(cfg: TrainConfig) -> str:
+    return cfg.model if isinstance(cfg.model, str) else "custom config"
+
+
+def _footer(s: dict) -> str:
+    val = f"{s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else "n/a"
+    train_loss = f"{s['final_train_loss']:.4f}" if s["final_train_loss"] is not None else "n/a"
+    lines = [
+        f"done: {s['steps']} steps; train loss {train_loss} (mean of last 50 steps), val loss {val} nats "
+        f"vs unigram entropy {s['unigram_entropy_nats']:.4f} nats",
+        f"throughput: {s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of training"
+        if s["tokens_per_s"] else "throughput: n/a",
+        f"metrics: {s['metrics']}",
+        f"loss curve: {s['plot']}",
+        f"checkpoint: {s['checkpoint']}",
+    ]
+    if s["tensorboard"]:
+        lines.append(f"tensorboard: {s['tensorboard']}")
+    return "\n".join(lines)

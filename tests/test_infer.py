@@ -1,0 +1,85 @@
+"""Generation over the latent cache and MTP speculative decoding."""
+
+import pytest
+import torch
+
+from coscale.config import get_preset
+from coscale.infer import generate, generate_speculative
+from coscale.infer.generate import _MTPDrafter
+from coscale.model import DeepseekForCausalLM, LatentKVCache
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = get_preset("tiny", num_hidden_layers=2, vocab_size=50)
+    return DeepseekForCausalLM(cfg).double().eval()
+
+
+def greedy_without_cache(model, prompt, n):
+    seq = prompt
+    for _ in range(n):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+def test_cached_generation_equals_full_recompute(model):
+    prompt = torch.randint(0, 50, (2, 5))
+    assert torch.equal(generate(model, prompt, 12), greedy_without_cache(model, prompt, 12))
+
+
+def test_speculative_equals_greedy_with_real_mtp(model):
+    prompt = torch.randint(0, 50, (1, 6))
+    out, stats = generate_speculative(model, prompt, 15)
+    assert torch.equal(out, generate(model, prompt, 15))
+    assert stats.tokens == 15 and stats.main_calls == len(stats.per_step_tokens)
+
+
+def test_incremental_mtp_draft_equals_full_mtp_forward(model):
+    ids = torch.randint(0, 50, (1, 9))
+    with torch.no_grad():
+        h = model.hidden_states(ids)
+        full = model.mtp_logits(h, ids)[0]  # position i predicts token i + 2
+        cache = LatentKVCache(model.config, 1, 16, n_layers=model.config.num_hidden_layers + 1,
+                              dtype=torch.float64)
+        drafter = _MTPDrafter(model, cache)
+        first = drafter.draft(h[:, :5], ids[:, 1:6], 0)
+        second = drafter.draft(h[:, 5:7], ids[:, 6:8], 5)
+    torch.testing.assert_close(first, full[:, 4])
+    torch.testing.assert_close(second, full[:, 6])
+
+
+@pytest.mark.parametrize("oracle_every", [1, 2])
+def test_accepted_drafts_commit_two_tokens(model, monkeypatch, oracle_every):
+    """With a drafter that is right every `oracle_every`-th time, the output is still greedy."""
+    prompt = torch.randint(0, 50, (1, 4))
+    reference = generate(model, prompt, 16)
+    calls = {"n": 0}
+    real_draft = _MTPDrafter.draft
+
+    def oracle(self, h, next_tokens, start_pos):
+        logits = real_draft(self, h, next_tokens, start_pos)
+        calls["n"] += 1
+        # The draft is for the token at position start_pos + S + 1 (0-based index in the sequence).
+        target_index = start_pos + h.shape[1] + 1
+        if calls["n"] % oracle_every == 0 and target_index < reference.shape[1]:
+            logits = torch.full_like(logits, -1e9)
+            logits[0, reference[0, target_index]] = 0.0
+        return logits
+
+    monkeypatch.setattr(_MTPDrafter, "draft", oracle)
+    out, stats = generate_speculative(model, prompt, 16)
+    assert torch.equal(out, reference)
+    assert stats.accepted > 0
+    if oracle_every == 1:
+        assert stats.main_calls <= 9  # 16 tokens in about 8 calls
+
+
+def test_bad_arguments(model):
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="one sequence"):
+        generate_speculative(model, torch.zeros(2, 3, dtype=torch.long), 3)
+    no_mtp = DeepseekForCausalLM(get_preset("tiny", num_hidden_layers=1, num_nextn_predict_layers=0))
+    with pytest.raises(ValueError, match="no MTP module"):
+        generate_speculative(no_mtp, torch.zeros(1, 3, dtype=torch.long), 3)

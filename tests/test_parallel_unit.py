@@ -1,0 +1,178 @@
+"""Single-process tests of coscale.parallel: codecs, the reference dispatch path, node-limited routing."""
+
+import pytest
+import torch
+
+from coscale.errors import ConfigError
+from coscale.model.moe import experts_forward_loop
+from coscale.parallel import (
+    ExpertParallelExperts,
+    ParallelDims,
+    analytic_inter_node_bytes,
+    check_gate_is_node_limited,
+    combine,
+    dispatch,
+    get_codec,
+    local_experts_forward,
+    node_limited_topk,
+    nodes_per_token,
+)
+from coscale.parallel.codec import FP8Codec, _quantize_1x128_local
+
+
+def _routing(t, e, k, seed=0, skew=True):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    if skew:  # a hot expert and an expert that gets nothing
+        idx[: t // 2, 0] = 0
+        idx = torch.where(idx == e - 1, torch.full_like(idx, 0), idx)
+        idx = torch.stack([torch.unique(r, sorted=False) if len(torch.unique(r)) == k else r for r in idx])
+        for r in range(t):  # keep experts distinct per token after the skew
+            used = set()
+            for c in range(k):
+                v = int(idx[r, c])
+                while v in used or v == e - 1:
+                    v = (v + 1) % (e - 1)
+                used.add(v)
+                idx[r, c] = v
+    w = torch.rand(t, k, generator=g)
+    return idx, w
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp8"])
+@pytest.mark.parametrize("hidden", [256, 200, 7168])
+def test_codec_roundtrip(name, hidden):
+    codec = get_codec(name)
+    x = torch.randn(9, hidden) * torch.logspace(-3, 3, 9).unsqueeze(1)
+    payload = codec.encode(x)
+    assert payload.dtype == torch.uint8 and payload.shape == (9, codec.bytes_per_row(hidden))
+    y = codec.decode(payload, hidden, torch.float32)
+    err = ((y - x).norm(dim=1) / x.norm(dim=1)).max().item()
+    assert err <= {"fp32": 0.0, "bf16": 4e-3, "fp8": 4e-2}[name]
+    # Rows are independent: selecting encoded rows equals encoding the selected rows (bit-exact).
+    sel = torch.tensor([3, 3, 0, 8])
+    assert torch.equal(codec.encode(x[sel]), payload[sel])
+
+
+def test_fp8_codec_layout_and_kernels_reference():
+    x = torch.randn(5, 7168)
+    codec = FP8Codec()
+    assert codec.bytes_per_row(7168) == 7168 + 4 * 56  # e4m3 codes + one fp32 scale per 128 channels
+    codes, scale = _quantize_1x128_local(x)
+    payload = codec.encode(x)
+    assert torch.equal(payload[:, :7168], codes.view(torch.uint8))
+    assert torch.equal(payload[:, 7168:].contiguous().view(torch.float32), scale)
+    try:
+        from coscale.kernels.quant import act_quant_1x128_ref
+    except ImportError:
+        pytest.skip("coscale.kernels.quant not available")
+    ref_codes, ref_scale = act_quant_1x128_ref(x)
+    torch.testing.assert_close(ref_scale.float(), scale, rtol=0, atol=0)
+    assert torch.equal(ref_codes.view(torch.uint8), codes.view(torch.uint8))
+
+
+def test_zero_rows_encode():
+    for name in ("bf16", "fp8"):
+        codec = get_codec(name)
+        x = torch.zeros(3, 256)
+        assert torch.equal(codec.decode(codec.encode(x), 256, torch.float32), x)
+        assert codec.encode(torch.zeros(0, 256)).shape == (0, codec.bytes_per_row(256))
+
+
+def test_unknown_codec_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown EP codec"):
+        get_codec("fp4")
+    with pytest.raises(ConfigError, match="not a codec"):
+        get_codec(object())
+
+
+def _weights(e, h, i, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g, dtype=dtype) * 0.1 for s in ((e, i, h), (e, i, h), (e, h, i))]
+
+
+@pytest.mark.parametrize("two_hop", [False, True])
+def test_single_process_dispatch_is_the_reference(two_hop):
+    t, h, e, k, i = 13, 64, 8, 3, 16
+    x = torch.randn(t, h, dtype=torch.float64, requires_grad=True)
+    idx, w = _routing(t, e, k)
+    w.requires_grad_(True)
+    weights = [p.requires_grad_(True) for p in _weights(e, h, i)]
+    recv, meta = dispatch(x, idx, w, None, e, codec="fp32", combine_codec="fp32", two_hop=two_hop)
+    assert meta.tokens_per_expert.tolist() == torch.bincount(idx.flatten(), minlength=e).tolist()
+    assert torch.equal(meta.local_expert, meta.local_expert.sort().values)
+    out = combine(local_experts_forward(recv, meta.tokens_per_expert, *weights), meta)
+    ref = experts_forward_loop(x, idx, w, *weights)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad((out * out).sum(), [x, w, *weights])
+    ref_grads = torch.autograd.grad((ref * ref).sum(), [x, w, *weights])
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_shapes_and_divisibility_are_config_errors():
+    x = torch.randn(4, 8)
+    idx = torch.zeros(4, 2, dtype=torch.long)
+    with pytest.raises(ConfigError, match=r"\[T, K\]"):
+        dispatch(x, idx, torch.ones(4, 3), None, 4)
+    with pytest.raises(ConfigError, match="does not divide"):
+        ParallelDims(4, 4, 4).check_divides_experts(6)
+    with pytest.raises(ConfigError, match="must divide the world size"):
+        ParallelDims(4, 3, 4)
+    with pytest.raises(ConfigError, match="whole nodes"):
+        ParallelDims(12, 6, 4)
+
+
+def test_ep_module_without_distributed_equals_grouped_experts():
+    from coscale.model.moe import GroupedExperts
+    from coscale.parallel import apply_expert_parallel
+
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.experts = GroupedExperts(8, 32, 16)
+    for p in holder.experts.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    plain_sd = {k: v.clone() for k, v in holder.state_dict().items()}
+    x = torch.randn(10, 32)
+    idx, w = _routing(10, 8, 2)
+    ref = holder.experts(x, idx, w)
+    apply_expert_parallel(holder, None, dispatch_codec="fp32", combine_codec="fp32")
+    assert isinstance(holder.experts, ExpertParallelExperts)
+    torch.testing.assert_close(holder.experts(x, idx, w), ref, rtol=1e-5, atol=1e-6)
+    sd = holder.state_dict()
+    assert sd.keys() == plain_sd.keys() and all(torch.equal(sd[k], plain_sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("n_nodes,max_nodes,top_k", [(8, 4, 8), (4, 2, 4), (4, 1, 3)])
+def test_node_limited_topk_never_exceeds_m_nodes(n_nodes, max_nodes, top_k):
+    torch.manual_seed(0)
+    e = 8 * n_nodes
+    scores = torch.rand(500, e).sigmoid()
+    bias = torch.randn(e) * 0.1
+    idx, s = node_limited_topk(scores, top_k, n_nodes, max_nodes, bias)
+    assert idx.shape == (500, top_k) and torch.equal(s, scores.gather(1, idx))
+    assert int(nodes_per_token(idx, e // n_nodes).max()) <= max_nodes
+    assert len(set(idx[0].tolist())) == top_k
+    # Without the restriction the same scores reach more nodes.
+    free = (scores + bias).topk(top_k, dim=-1).indices
+    assert int(nodes_per_token(free, e // n_nodes).max()) >= max_nodes
+
+
+def test_model_gate_is_node_limited_when_groups_are_nodes():
+    from coscale.config import get_preset
+    from coscale.model.moe import Gate
+
+    cfg = get_preset("tiny")  # 16 experts in 4 groups, top-2 groups
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    m = check_gate_is_node_limited(cfg.n_routed_experts, cfg.n_group, cfg.topk_group, n_nodes=4)
+    idx, _, _ = gate(torch.randn(300, cfg.hidden_size))
+    assert int(nodes_per_token(idx, cfg.n_routed_experts // 4).max()) <= m == 2
+    with pytest.raises(ConfigError, match="straddling"):
+        check_gate_is_node_limited(16, 4, 2, n_nodes=8)
+
+
+def test_analytic_bytes_drop_to_at_most_m_copies_per_token():
+    idx = torch.tensor([[0, 1, 2, 3], [4, 5, 12, 13], [8, 9, 10, 11]])  # 4 experts per node, 4 nodes
+    counts = analytic_inter_node_bytes(idx, source_node=0, experts_per_node=4, bytes_per_row=10)
+    assert counts == {"flat": (0 + 4 + 4) * 10, "two_hop": (0 + 2 + 1) * 10}

@@ -1,0 +1,203 @@
+"""Quantization: PyTorch references vs the published semantics, Triton kernels (interpreted) vs references."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton.jit'd kernels
+
+import pytest
+import torch
+
+from coscale.errors import CoscaleError
+from coscale.kernels import quant as q
+
+FP8 = q.FP8_DTYPE
+needs_triton = pytest.mark.skipif(
+    not (q.triton_available() and q.interpreting() or torch.cuda.is_available()),
+    reason="needs triton (interpreter on CPU)",
+)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+def published_act_quant(x: torch.Tensor):
+    """DeepSeek-V3's act_quant written out literally: s = amax / 448, y = x / s (K % 128 == 0)."""
+    m, k = x.shape
+    tiles = x.float().view(m, k // 128, 128)
+    amax = tiles.abs().amax(-1, keepdim=True)
+    s = amax / 448.0
+    return (tiles / s).to(FP8).view(m, k), s.squeeze(-1)
+
+
+def published_weight_quant(w: torch.Tensor):
+    n, k = w.shape
+    blocks = w.float().view(n // 128, 128, k // 128, 128)
+    s = blocks.abs().amax(dim=(1, 3), keepdim=True) / 448.0
+    return (blocks / s).to(FP8).view(n, k), s.view(n // 128, k // 128)
+
+
+def test_reference_matches_published_semantics_bitwise():
+    torch.manual_seed(0)
+    x = torch.randn(256, 512) * torch.logspace(-3, 3, 512)
+    y, s = q.act_quant_1x128_ref(x)
+    y_pub, s_pub = published_act_quant(x)
+    assert torch.equal(bits(y), bits(y_pub)) and torch.equal(s, s_pub)
+    w = torch.randn(256, 384) * 0.02
+    yw, sw = q.weight_quant_128x128_ref(w)
+    yw_pub, sw_pub = published_weight_quant(w)
+    assert torch.equal(bits(yw), bits(yw_pub)) and torch.equal(sw, sw_pub)
+
+
+def test_reference_layouts_and_padding():
+    x = torch.randn(300, 200)
+    y, s = q.act_quant_1x128_ref(x)
+    assert y.shape == (300, 256) and s.shape == (300, 2) and s.stride() == (1, 300)  # outer-dim-major
+    assert torch.equal(bits(y[:, 200:]), torch.zeros(300, 56, dtype=torch.uint8))
+    yt, st = q.act_quant_128x1_ref(x)
+    assert yt.shape == (200, 384) and st.shape == (200, 3)
+    assert torch.equal(bits(yt), bits(q.act_quant_1x128_ref(x.t().contiguous())[0]))
+    w, sw = q.weight_quant_128x128_ref(x)
+    assert w.shape == (384, 256) and sw.shape == (3, 2)
+
+
+def test_roundtrip_error_within_half_ulp():
+    torch.manual_seed(1)
+    x = torch.randn(128, 1024) * 3
+    y, s = q.act_quant_1x128_ref(x)
+    deq = q.dequant_1x128(y, s)
+    # RNE to 3 mantissa bits: |error| <= 2^-4 |x| for normal values, plus a subnormal floor
+    bound = 2.0**-4 * x.abs() + s.repeat_interleave(128, 1) * 2.0**-10
+    assert bool(((deq - x).abs() <= bound).all())
+
+
+def test_round_scale_ue8m0_is_power_of_two_and_not_smaller():
+    s = torch.tensor([1.0, 0.75, 1e-9, 3.0e30, 2.0**-20, float("inf"), float("nan")])
+    r = q.round_scale_ue8m0(s)
+    finite = torch.isfinite(s)
+    mant, _ = torch.frexp(r[finite])
+    assert torch.all(mant == 0.5) and torch.all(r[finite] >= s[finite]) and torch.all(r[finite] < 2 * s[finite])
+    assert torch.isinf(r[5]) and torch.isnan(r[6])
+    x = torch.randn(64, 256)
+    y, scale = q.act_quant_1x128_ref(x, round_scale=True)
+    assert torch.all(torch.frexp(scale)[0] == 0.5)
+    assert q.dequant_1x128(y, scale).sub(x).abs().max() < 0.1 * x.abs().max()
+
+
+def test_zeros_saturation_and_mixed_tiles():
+    x = torch.zeros(128, 384)
+    x[:, 128:256] = torch.randn(128, 128) * 1e4  # a zero tile next to large tiles
+    x[:, 256:] = torch.randn(128, 128) * 1e-9
+    y, s = q.act_quant_1x128_ref(x)
+    deq = q.dequant_1x128(y, s)
+    assert torch.equal(deq[:, :128], torch.zeros(128, 128))  # zeros stay exact zeros
+    assert torch.all(torch.isfinite(s)) and torch.all(s > 0)
+    assert y.float().abs().max() == 448.0  # the amax element maps onto the top of the range
+    rel = (deq[:, 256:] - x[:, 256:]).norm() / x[:, 256:].norm()
+    assert rel < 0.05  # tiny tiles keep their relative precision (tiny amax floor)
+
+
+def test_nan_and_inf_never_become_finite():
+    x = torch.randn(128, 256)
+    x[3, 5] = float("nan")
+    x[7, 130] = float("inf")
+    y, s = q.act_quant_1x128_ref(x)
+    deq = q.dequant_1x128(y, s)
+    assert torch.isnan(s[3, 0]) and torch.isinf(s[7, 1])
+    assert torch.all(~torch.isfinite(deq[3, :128])) and torch.all(~torch.isfinite(deq[7, 128:]))
+    assert torch.all(torch.isfinite(deq[3, 128:]))  # other tiles unaffected
+    w, ws = q.weight_quant_128x128_ref(x)
+    assert torch.isnan(ws[0, 0]) and torch.all(~torch.isfinite(q.dequant_128x128(w, ws)[:128, :128]))
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(CoscaleError, match="2-D"):
+        q.act_quant_1x128(torch.randn(2, 3, 128))
+    with pytest.raises(CoscaleError, match="backend"):
+        q.act_quant_1x128(torch.randn(2, 128), backend="cuda")
+
+
+# ---------------------------------------------------------------- Triton kernels (interpreted on CPU)
+
+SHAPES = [(128, 128), (256, 384), (300, 200), (64, 1000)]
+
+
+def _assert_same_fp8(got, ref, got_scale=None, ref_scale=None, rows_1x128=True):
+    """Bit-exact where the reference is not NaN; NaN positions must dequantize non-finite."""
+    not_nan = ~torch.isnan(ref.float())
+    assert torch.equal(bits(got)[not_nan], bits(ref)[not_nan])
+    if got_scale is not None:
+        assert torch.equal(got_scale, ref_scale) or torch.allclose(got_scale, ref_scale, equal_nan=True, rtol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("round_scale", [False, True])
+def test_triton_dual_matches_reference_bitwise(shape, dtype, round_scale):
+    torch.manual_seed(hash((shape, round_scale)) % 1000)
+    x = (torch.randn(shape) * torch.logspace(-4, 4, shape[1])).to(dtype)
+    y, s, yt, st = q.act_quant_1x128_dual(x, round_scale, backend="triton")
+    ry, rs, ryt, rst = q.act_quant_1x128_dual(x, round_scale, backend="torch")
+    assert y.shape == ry.shape and yt.shape == ryt.shape and s.shape == rs.shape
+    _assert_same_fp8(y, ry, s, rs)
+    _assert_same_fp8(yt, ryt, st, rst)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_triton_single_layouts_and_weight_quant(shape):
+    torch.manual_seed(3)
+    x = torch.randn(shape) * 0.05
+    y, s = q.act_quant_1x128(x, backend="triton")
+    _assert_same_fp8(y, q.act_quant_1x128_ref(x)[0], s, q.act_quant_1x128_ref(x)[1])
+    yt, st = q.act_quant_128x1(x, backend="triton")
+    _assert_same_fp8(yt, q.act_quant_128x1_ref(x)[0], st, q.act_quant_128x1_ref(x)[1])
+    w, sw = q.weight_quant_128x128(x, backend="triton")
+    rw, rsw = q.weight_quant_128x128_ref(x)
+    _assert_same_fp8(w, rw, sw, rsw)
+
+
+@needs_triton
+def test_triton_transposed_input_strides():
+    x = torch.randn(256, 384).t()  # non-contiguous [384, 256]
+    y, s = q.act_quant_1x128(x, backend="triton")
+    _assert_same_fp8(y, q.act_quant_1x128_ref(x)[0], s, q.act_quant_1x128_ref(x)[1])
+
+
+@needs_triton
+def test_triton_special_values():
+    x = torch.randn(256, 256)
+    x[:, :128] = 0.0
+    x[130, 140] = float("nan")
+    x[5, 200] = float("-inf")
+    x[10, 150] = 1e6
+    y, s, yt, st = q.act_quant_1x128_dual(x, backend="triton")
+    ry, rs, ryt, rst = q.act_quant_1x128_dual(x, backend="torch")
+    _assert_same_fp8(y, ry, s, rs)
+    _assert_same_fp8(yt, ryt, st, rst)
+    deq = q.dequant_1x128(y, s)
+    assert torch.equal(deq[:, :128], torch.zeros(256, 128))
+    assert torch.all(~torch.isfinite(deq[130, 128:])) and torch.all(~torch.isfinite(deq[5, 128:]))
+    deqt = q.dequant_1x128(yt, st)
+    assert torch.all(~torch.isfinite(deqt[140, 128:])) and torch.all(~torch.isfinite(deqt[200, :128]))
+    assert torch.isfinite(deq[10, 128:]).all() and deq[10, 150] == 1e6
+    w, sw = q.weight_quant_128x128(x, backend="triton")
+    assert torch.isnan(sw[1, 1]) and torch.isinf(sw[0, 1]) and sw[0, 0] == q.AMAX_FLOOR / q.FP8_MAX
+
+
+@needs_triton
+def test_interpreter_grid_rounding_covers_every_e4m3_value():
+    # every e4m3 code's value, midpoints between neighbours (ties) and just-beside values
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    grid = torch.sort(codes[torch.isfinite(codes)].unique()).values
+    mids = (grid[1:] + grid[:-1]) / 2
+    vals = torch.cat([grid, mids, mids * (1 + 2**-20), mids * (1 - 2**-20), torch.tensor([500.0, -1e9])])
+    vals = torch.cat([vals, -vals])
+    vals = torch.cat([vals, torch.zeros(-vals.numel() % 127)]).view(-1, 127)
+    x = torch.cat([torch.full((vals.shape[0], 1), 448.0), vals], 1).t().contiguous()  # [128, cols]
+    # every column holds 448 once, so every 128x1 tile (one column of x) has scale exactly 1
+    yt, st = q.act_quant_128x1(x, backend="triton")
+    ryt, rst = q.act_quant_128x1_ref(x)
+    assert torch.all(rst == 1.0)
+    _assert_same_fp8(yt, ryt, st, rst)
