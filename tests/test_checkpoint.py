@@ -664,3 +664,16 @@ def test_error_scale_of_wrong_shape(tmp_path):
     tensors[name + "_scale_inv"] = torch.ones(2, 2)
     write_published(tensors, tmp_path / "fp8", model.config)
     expect_error(tmp_path / "fp8", name + "_scale_inv", "(2, 2)")
+
+
+def test_checkpoints_move_between_plain_and_fp8_converted_models(micro, tmp_path):
+    from coscale.fp8 import convert_to_fp8
+
+    model, path = micro
+    converted = ckpt.load_checkpoint(convert_to_fp8(make_model(micro_config(), seed=7)), path)
+    for name, t in model.state_dict().items():
+        assert torch.equal(converted.state_dict()[name], t), name
+    converted.save_pretrained(tmp_path / "from_converted")
+    plain = coscale.from_pretrained(tmp_path / "from_converted")
+    x = tokens(model.config)
+    assert torch.equal(plain(x), model(x))

@@ -5,7 +5,7 @@ import torch
 
 from coscale.config import get_preset
 from coscale.infer import generate, generate_speculative
-from coscale.infer.generate import _MTPDrafter
+from coscale.infer.decode import _MTPDrafter
 from coscale.model import DeepseekForCausalLM, LatentKVCache
 
 

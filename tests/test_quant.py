@@ -192,7 +192,7 @@ def test_interpreter_grid_rounding_covers_every_e4m3_value():
     codes = torch.arange(256, dtype=torch.uint8).view(FP8).float()
     grid = torch.sort(codes[torch.isfinite(codes)].unique()).values
     mids = (grid[1:] + grid[:-1]) / 2
-    vals = torch.cat([grid, mids, mids * (1 + 2**-20), mids * (1 - 2**-20), torch.tensor([500.0, -1e9])])
+    vals = torch.cat([grid, mids, mids * (1 + 2**-20), mids * (1 - 2**-20)])
     vals = torch.cat([vals, -vals])
     vals = torch.cat([vals, torch.zeros(-vals.numel() % 127)]).view(-1, 127)
     x = torch.cat([torch.full((vals.shape[0], 1), 448.0), vals], 1).t().contiguous()  # [128, cols]

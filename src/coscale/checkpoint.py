@@ -464,13 +464,17 @@ def _load_item(item: LoadItem, reader: _TensorReader, dest: torch.Tensor, block:
 
 def _init_leftover_buffers(model: nn.Module, device: torch.device) -> None:
     """Buffers outside the checkpoint (RoPE tables, load counters): allocate, then let the model
-    recompute them with `init_buffers()`."""
-    for module in model.modules():
+    recompute them with `init_buffers()` (the contract with coscale.model)."""
+    allocated = []
+    for module_name, module in model.named_modules():
         for attr, b in module._buffers.items():
             if b is not None and b.device.type == "meta":
                 module._buffers[attr] = torch.empty(b.shape, dtype=b.dtype, device=device)
+                allocated.append(f"{module_name}.{attr}")
     if hasattr(model, "init_buffers"):
         model.init_buffers()
+    elif allocated:
+        raise RuntimeError(f"{type(model).__name__} has no init_buffers() to compute {_first(allocated)}")
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
         raise RuntimeError(f"tensors still on the meta device after loading: {_first(left)}")

@@ -13,8 +13,8 @@ Table of contents:
 Hardware presets live in :mod:`coscale.hardware`.
 """
 
-from coscale.analysis.flops import attention_flops_per_token, training_flops_breakdown, training_flops_per_token
 from coscale.analysis.ep_limit import InferenceLimit, ep_comm_time, inference_limit, tpot_sweep
+from coscale.analysis.flops import attention_flops_per_token, training_flops_breakdown, training_flops_per_token
 from coscale.analysis.kv_cache import kv_cache_bytes_per_token, tokens_that_fit
 from coscale.analysis.memory import ParallelLayout, inference_memory_per_gpu, memory_per_gpu
 from coscale.analysis.models import DenseModelSpec, ModelView, as_view, load_model

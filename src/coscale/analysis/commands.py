@@ -54,6 +54,8 @@ def register(subparsers) -> None:
     p.add_argument("--paper-rounding", action="store_true", help="hidden = 7000, as the paper's '7K'")
     p.add_argument("--micro-batches", type=int, default=2)
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence (memory/compute bounds)")
+    p.add_argument("--mtp-acceptance", type=float, default=0.0,
+                   help="MTP draft acceptance rate 0-1 (paper: 0.8-0.9, ~1.8x tokens/s)")
     p.add_argument("--sweep", help="comma-separated bandwidths in GB/s, e.g. 25,50,100,200,400,900")
     p.add_argument("--plot", help="with --sweep (or alone): write a TPOT-vs-bandwidth PNG here")
 
@@ -101,8 +103,17 @@ def _kv_cache(args) -> int:
 
 
 def _flops(args) -> int:
-    return _print([flops.flops_table(args.model, args.seq_len, args.attention, args.include_embedding,
-                                     args.include_mtp)], args)
+    table = flops.flops_table(args.model, args.seq_len, args.attention, args.include_embedding,
+                              args.include_mtp)
+    if args.hardware:
+        from coscale.hardware import load_hardware
+
+        hw = load_hardware(args.hardware)
+        model, per_token = table.rows[0][0], table.rows[0][7] * 1e9
+        table.notes.append(f"{model} on one {hw.name}: {hw.peak_flops('bf16') / per_token:,.0f} training "
+                           "tokens/s at 100% of the dense BF16 peak (MFU 40%: "
+                           f"{0.4 * hw.peak_flops('bf16') / per_token:,.0f}).")
+    return _print([table], args)
 
 
 def _memory(args) -> int:
@@ -136,14 +147,14 @@ def _inference_limit(args) -> int:
     hidden = ep_limit.PAPER_HIDDEN if args.paper_rounding else args.hidden
     common = dict(model=args.model, link=args.link, tokens_per_device=args.tokens_per_device,
                   experts_per_token=args.experts_per_token, hidden=hidden,
-                  micro_batches=args.micro_batches, context=args.context)
+                  micro_batches=args.micro_batches, context=args.context, mtp_acceptance=args.mtp_acceptance)
     if args.sweep:
         bandwidths = _floats(args.sweep, "--sweep")
         results = ep_limit.tpot_sweep(bandwidths, hardware=args.hardware or "h800", **common)
         cases = [(f"{r.bandwidth_gbps:g} GB/s", r) for r in results]
     elif args.hardware is None and args.bandwidth is None and args.model == "deepseek-v3" \
             and not any(getattr(args, k) is not None for k in ("hidden", "experts_per_token")) \
-            and not args.paper_rounding:
+            and not args.paper_rounding and not args.mtp_acceptance:
         cases = ep_limit.paper_cases(args.model)
     else:
         r = ep_limit.inference_limit(hardware=args.hardware or "h800", bandwidth_gbps=args.bandwidth,

@@ -70,10 +70,16 @@ class InferenceLimit:
     tpot_s: float  # communication bound: the paper's TPOT
     compute_tpot_s: float
     memory_tpot_s: float
+    mtp_acceptance: float = 0.0  # probability that the MTP draft token is accepted (paper: 0.8-0.9)
 
     @property
     def tokens_per_s(self) -> float:
         return 1.0 / self.tpot_s
+
+    @property
+    def tokens_per_s_with_mtp(self) -> float:
+        """Tokens/s at the communication bound when each step also emits an accepted MTP draft."""
+        return (1.0 + self.mtp_acceptance) / self.tpot_s
 
     @property
     def bounds(self) -> dict[str, float]:
@@ -90,7 +96,7 @@ class InferenceLimit:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tokens_per_s": self.tokens_per_s, "binding": self.binding,
-                "achievable_tpot_s": self.achievable_tpot_s}
+                "achievable_tpot_s": self.achievable_tpot_s, "tokens_per_s_with_mtp": self.tokens_per_s_with_mtp}
 
 
 def link_bandwidth(hardware: HardwareSpec, link: str = "auto") -> float:
@@ -107,16 +113,20 @@ def inference_limit(model: Model = "deepseek-v3", hardware: str | HardwareSpec =
                     bandwidth_gbps: float | None = None, link: str = "auto", tokens_per_device: int = 32,
                     experts_per_token: int | None = None, hidden: int | None = None,
                     micro_batches: int = 2, context: int = 4096, weight_bytes: float = 1,
-                    kv_bytes: float = 2, compute_dtype: str = "fp8") -> InferenceLimit:
+                    kv_bytes: float = 2, compute_dtype: str = "fp8",
+                    mtp_acceptance: float = 0.0) -> InferenceLimit:
     """EP decoding limits for ``model`` on ``hardware``; see the module docstring for the formulas.
 
     ``bandwidth_gbps`` (GB/s, 10^9 bytes/s) overrides the hardware's link; ``experts_per_token``
     defaults to routed + shared experts (9 for DeepSeek-V3); ``hidden`` overrides the hidden size for
-    the communication term only (7000 reproduces the paper's rounding).
+    the communication term only (7000 reproduces the paper's rounding). ``mtp_acceptance`` (0-1) adds
+    the MTP draft token's expected yield to ``tokens_per_s_with_mtp`` (0.8-0.9 gives the paper's ~1.8x).
     """
     v = as_view(model)
     if not v.is_moe:
         raise ConfigError(f"inference-limit models expert-parallel decoding; {v.name} has no routed experts")
+    if not 0 <= mtp_acceptance <= 1:
+        raise ConfigError(f"MTP acceptance must be between 0 and 1, got {mtp_acceptance}")
     if micro_batches < 1 or context < 0:
         raise ConfigError(f"micro-batches must be >= 1 and context >= 0, got {micro_batches}, {context}")
     hw = load_hardware(hardware)
@@ -131,7 +141,7 @@ def inference_limit(model: Model = "deepseek-v3", hardware: str | HardwareSpec =
         tokens_per_device=tokens_per_device, experts_per_token=k, layers=v.layers,
         micro_batches=micro_batches, comm_time_s=comm, layer_time_s=micro_batches * comm,
         tpot_s=v.layers * micro_batches * comm, compute_tpot_s=v.layers * micro_batches * compute,
-        memory_tpot_s=v.layers * micro_batches * memory,
+        memory_tpot_s=v.layers * micro_batches * memory, mtp_acceptance=mtp_acceptance,
     )
 
 
@@ -168,6 +178,9 @@ def inference_limit_table(cases: list[tuple[str, InferenceLimit]]) -> Table:
              r.tpot_s * 1e3, r.tokens_per_s, r.compute_tpot_s * 1e3, r.memory_tpot_s * 1e3, r.binding]
             for label, r in cases]
     first = cases[0][1]
+    if any(r.mtp_acceptance for _, r in cases):
+        for row, (_, r) in zip(rows, cases):
+            row.insert(8, r.tokens_per_s_with_mtp)
     notes = [
         f"communication: (1 B FP8 dispatch + 2 B BF16 combine) x {first.tokens_per_device} tokens x "
         f"{first.experts_per_token} experts x hidden / bandwidth per layer and micro-batch; "
@@ -176,9 +189,10 @@ def inference_limit_table(cases: list[tuple[str, InferenceLimit]]) -> Table:
         "docs/analysis.md. The paper quotes 14.76 ms / ~67 tok/s and 0.82 ms / ~1,200 tok/s at hidden 7000, "
         "and 15.11 ms at hidden 7168.",
     ]
-    return Table(
-        title="EP decoding speed limit",
-        columns=["case", "hardware", "GB/s", "hidden", "comm [us]", "layer [us]", "TPOT [ms]",
-                 "tokens/s", "compute TPOT [ms]", "memory TPOT [ms]", "binding"],
-        rows=rows, formats=["", "", ".0f", "", ".2f", ".2f", ".2f", ".1f", ".3f", ".3f", ""], notes=notes,
-    )
+    columns = ["case", "hardware", "GB/s", "hidden", "comm [us]", "layer [us]", "TPOT [ms]", "tokens/s",
+               "compute TPOT [ms]", "memory TPOT [ms]", "binding"]
+    formats = ["", "", ".0f", "", ".2f", ".2f", ".2f", ".1f", ".3f", ".3f", ""]
+    if any(r.mtp_acceptance for _, r in cases):
+        columns.insert(8, f"tokens/s with MTP ({first.mtp_acceptance:.0%} accepted)")
+        formats.insert(8, ".1f")
+    return Table(title="EP decoding speed limit", columns=columns, rows=rows, formats=formats, notes=notes)

@@ -63,11 +63,13 @@ def write_report(output_dir: str | os.PathLike = "coscale-report", model: Model 
     images: list[tuple[str, str]] = []
     if charts:
         names = [v] + [m for m in kv_cache.TABLE1_MODELS if m != v.name]
-        images.append(("KV cache per token by model", plots.kv_cache_chart(names, os.path.join(out, "kv_cache.png"))))
+        images.append(("KV cache per token by model",
+                       plots.kv_cache_chart(names, os.path.join(out, "kv_cache.png"))))
         if v.is_moe:
             images.append(("TPOT against interconnect bandwidth",
                            plots.tpot_chart(os.path.join(out, "tpot_vs_bandwidth.png"), model=v, hardware=hw)))
-        images.append(("Cost per endpoint against cluster size", plots.cost_chart(os.path.join(out, "network_cost.png"))))
+        images.append(("Cost per endpoint against cluster size",
+                       plots.cost_chart(os.path.join(out, "network_cost.png"))))
     title = f"coscale co-design report: {v.name} on {hw.name}"
     if html:
         body = "\n".join(t.to_html() for t in tables) + "".join(

@@ -46,7 +46,7 @@ def run_generate(args) -> int:
     import torch
 
     from coscale.checkpoint import from_pretrained
-    from coscale.infer.generate import generate, generate_speculative
+    from coscale.infer.decode import generate, generate_speculative
 
     if args.max_new_tokens < 0:
         raise CoscaleError("--max-new-tokens must be >= 0")

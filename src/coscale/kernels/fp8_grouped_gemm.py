@@ -30,7 +30,7 @@ import functools
 import torch
 
 from coscale.errors import CoscaleError
-from coscale.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+from coscale.kernels.fp8_gemm import fp8_gemm_ref
 from coscale.kernels.quant import (
     BLOCK,
     FP8_DTYPE,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coscale.config import ModelConfig
-from coscale.model.norm import upcast
+from coscale.model.norm import apply_keeping_float32, upcast
 
 
 class MLP(nn.Module):
@@ -62,6 +62,10 @@ class Gate(nn.Module):
             self.e_score_correction_bias = None
         # Tokens routed to each expert since the last bias update (not saved in checkpoints).
         self.register_buffer("expert_load", torch.zeros(self.n_experts), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        apply_keeping_float32(self, fn, ("e_score_correction_bias", "expert_load"))
+        return self
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Affinity scores s [T, E] in float32."""
@@ -110,12 +114,14 @@ def experts_forward_loop(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torc
     """
     acc_dtype = torch.promote_types(x.dtype, torch.float32)  # never accumulate in half precision
     out = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)
+    # unbind once: indexing w[e] per expert would make autograd build a full-size zero gradient per expert
+    gates, ups, downs = w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0)
     for e in range(w_gate.shape[0]):
         token, slot = (topk_idx == e).nonzero(as_tuple=True)
         if token.numel() == 0:
             continue
         h = x[token]
-        y = (F.silu(h @ w_gate[e].t()) * (h @ w_up[e].t())) @ w_down[e].t()
+        y = (F.silu(h @ gates[e].t()) * (h @ ups[e].t())) @ downs[e].t()
         out = out.index_add(0, token, y.to(acc_dtype) * topk_weight[token, slot].unsqueeze(-1).to(acc_dtype))
     return out.to(x.dtype)
 

@@ -23,3 +23,19 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
+
+
+def apply_keeping_float32(module: nn.Module, fn, names: tuple[str, ...]) -> None:
+    """After `module._apply(fn)` (e.g. `.to(torch.bfloat16)`), restore float32 for the named buffers,
+    moved to their new device. Used for the RoPE frequencies and the router's correction bias, which
+    DeepSeek keeps in float32 whatever the weights' dtype."""
+    saved = {n: getattr(module, n) for n in names}
+    nn.Module._apply(module, fn)
+    for n, old in saved.items():
+        new = getattr(module, n)
+        if new is None or old is None:
+            continue
+        if old.device.type == "meta" or new.device.type == "meta":
+            setattr(module, n, new.float())
+        else:
+            setattr(module, n, old.to(device=new.device, dtype=torch.float32))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from coscale.config import ModelConfig, yarn_get_mscale
-from coscale.model.norm import upcast
+from coscale.model.norm import apply_keeping_float32, upcast
 
 
 def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
@@ -64,6 +64,10 @@ class RotaryEmbedding(nn.Module):
         model built on the meta device)."""
         with torch.no_grad():
             self.inv_freq.copy_(yarn_inv_freq(self.dim, self.base, self.rope_scaling))
+
+    def _apply(self, fn, recurse=True):
+        apply_keeping_float32(self, fn, ("inv_freq",))
+        return self
 
     def forward(self, start_pos: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [seq_len, dim/2] (float64) for positions start_pos .. start_pos+seq_len-1."""

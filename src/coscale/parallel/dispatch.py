@@ -187,9 +187,9 @@ def _wait(work: Any, timeout_s: float) -> None:
 
 def exchange_counts(counts: torch.Tensor, group: Any, ranks: tuple, timeout_s: float) -> torch.Tensor:
     """counts [n_ranks, C] int64 (row i goes to group rank i) -> [n_ranks, C] received (row i from i)."""
-    out, _ = _exchange(counts.contiguous(), (counts.shape[1],) * len(ranks),
-                       (counts.shape[1],) * len(ranks), group, ranks, timeout_s)
-    return out.reshape(counts.shape)
+    ones = (1,) * len(ranks)
+    out, _ = _exchange(counts.contiguous(), ones, ones, group, ranks, timeout_s)
+    return out
 
 
 def exchange_rows(x: torch.Tensor, stage: Stage, timeout_s: float) -> torch.Tensor:

@@ -52,8 +52,8 @@ def guarded(what: str, fn: Callable[[], T], timeout_s: float | None = None) -> T
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         limit = f" (timeout {timeout_s:g} s)" if timeout_s else ""
         raise CommunicationError(
-            f"rank {rank}: collective '{what}' failed{limit}: a peer rank has probably exited or hung; "
-            f"{first}"
+            f"rank {rank}: collective '{what}' failed{limit}: {first} (a peer rank that exited, hung "
+            "or disagrees on the protocol shows up here)"
         ) from e
 
 

@@ -48,6 +48,7 @@ from coscale.train.optim import MOMENT_DTYPES, build_optimizer
 from coscale.train.schedule import lr_at
 
 PRECISIONS = ("bf16", "fp32", "fp8")
+_FINAL_LOSS_WINDOW = 20  # steps averaged into the reported final training loss
 RUN_CONFIG = "train_config.json"
 # Entries a run directory owns; --overwrite removes exactly these.
 _RUN_ENTRIES = (ckpt.CHECKPOINTS, "metrics.jsonl", PLOT_FILE, TENSORBOARD_DIR, RUN_CONFIG, "summary.json")
@@ -414,7 +415,7 @@ def _run(cfg, setup: _Setup, model, optimizer, sampler, start_step, metrics: Met
         dt = time.perf_counter() - t0
         train_time, window_time, window_tokens = train_time + dt, window_time + dt, window_tokens + tokens_per_step
         done = step + 1
-        recent = (recent + [record["loss"]])[-50:]
+        recent = (recent + [record["loss"]])[-_FINAL_LOSS_WINDOW:]
         record |= {"type": "train", "step": done, "lr": lr, "tokens_per_s": tokens_per_step / dt}
         metrics.log(record)
         if bar is not None:
@@ -445,6 +446,7 @@ def _run(cfg, setup: _Setup, model, optimizer, sampler, start_step, metrics: Met
         "steps": cfg.steps,
         "steps_this_run": steps_run,
         "final_train_loss": sum(recent) / len(recent) if recent else None,
+        "final_train_loss_steps": len(recent),
         "final_val_loss": val_loss,
         "unigram_entropy_nats": setup.entropy,
         "unigram_entropy_bits": nats_to_bits(setup.entropy),
@@ -596,8 +598,8 @@ def _footer(s: dict) -> str:
     val = f"{s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else "n/a"
     train_loss = f"{s['final_train_loss']:.4f}" if s["final_train_loss"] is not None else "n/a"
     lines = [
-        f"done: {s['steps']} steps; train loss {train_loss} (mean of last 50 steps), val loss {val} nats "
-        f"vs unigram entropy {s['unigram_entropy_nats']:.4f} nats",
+        f"done: {s['steps']} steps; train loss {train_loss} (mean of the last {s['final_train_loss_steps']} "
+        f"steps), val loss {val} nats vs unigram entropy {s['unigram_entropy_nats']:.4f} nats",
         f"throughput: {s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of training"
         if s["tokens_per_s"] else "throughput: n/a",
         f"metrics: {s['metrics']}",

@@ -1,0 +1,120 @@
+"""Grouped FP8 GEMMs for the routed experts: kernels vs references, autograd vs float64."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from coscale.errors import CoscaleError
+from coscale.kernels import quant as q
+from coscale.kernels.fp8_grouped_gemm import (
+    fp8_grouped_linear,
+    fp8_grouped_mm,
+    fp8_grouped_mm_ref,
+    fp8_grouped_wgrad,
+    fp8_grouped_wgrad_ref,
+    quantize_expert_weights,
+)
+
+BOUND = 0.07  # see tests/test_fp8_gemm.py
+needs_triton = pytest.mark.skipif(
+    not (q.triton_available() and (q.interpreting() or torch.cuda.is_available())), reason="needs triton"
+)
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def offsets_of(counts):
+    return torch.tensor(counts).cumsum(0).to(torch.int32)
+
+
+def reference_linear(x, w, offsets):
+    m = x.shape[0]
+    expert = torch.searchsorted(offsets.long(), torch.arange(m), right=True)
+    valid = expert < w.shape[0]
+    out = torch.zeros(m, w.shape[1], dtype=torch.float64)
+    out[valid] = torch.einsum("mk,mnk->mn", x[valid], w[expert[valid]])
+    return out
+
+
+@needs_triton
+@pytest.mark.parametrize("counts,extra", [([128, 0, 256], 128), ([256, 128], 0)])
+def test_triton_grouped_mm_and_wgrad_match_reference(counts, extra):
+    torch.manual_seed(0)
+    e, n, k = len(counts), 128, 256
+    off = offsets_of(counts)
+    m = int(off[-1]) + extra  # rows after the last expert produce zeros
+    x, w, dy = torch.randn(m, k), torch.randn(e, n, k), torch.randn(m, n)
+    xq, xs, xt, xts = q.act_quant_1x128_dual(x, backend="torch")
+    wq, ws = quantize_expert_weights(w, backend="torch")
+    out = fp8_grouped_mm(xq, xs, wq, ws, off, torch.float32, backend="triton")
+    oracle = fp8_grouped_mm_ref(xq, xs, wq, ws, off, torch.float32)
+    assert torch.allclose(out, oracle, rtol=1e-4, atol=1e-4 * float(oracle.abs().max()))
+    assert torch.equal(out[int(off[-1]) :], torch.zeros(extra, n))
+    assert rel(out, reference_linear(x.double(), w.double(), off)) < BOUND
+    _, _, dyt, dyts = q.act_quant_1x128_dual(dy, backend="torch")
+    dw = fp8_grouped_wgrad(dyt, dyts, xt, xts, off, backend="triton")
+    dw_oracle = fp8_grouped_wgrad_ref(dyt, dyts, xt, xts, off)
+    assert torch.allclose(dw, dw_oracle, rtol=1e-4, atol=1e-4 * float(dw_oracle.abs().max()))
+    for e, c in enumerate(counts):
+        if c == 0:  # an expert with no tokens gets an exactly zero gradient
+            assert torch.equal(dw[e], torch.zeros(n, k))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize(
+    "counts,n,k",
+    [([128, 256], 128, 256), ([50, 0, 120], 100, 200), ([0, 0, 64], 128, 128)],
+)
+def test_grouped_linear_forward_backward(backend, counts, n, k):
+    torch.manual_seed(1)
+    off = torch.tensor(counts).cumsum(0)
+    m = int(off[-1])
+    x = torch.randn(m, k, requires_grad=True)
+    w = (torch.randn(len(counts), n, k) * 0.05).requires_grad_()
+    y = fp8_grouped_linear(x, w, off, backend=backend)
+    dy = torch.randn(m, n)
+    y.backward(dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y64 = reference_linear(x64, w64, off)
+    y64.backward(dy.double())
+    assert y.shape == (m, n) and w.grad.shape == w.shape
+    assert rel(y, y64) < BOUND and rel(x.grad, x64.grad) < BOUND
+    used = [e for e, c in enumerate(counts) if c > 0]
+    assert rel(w.grad[used], w64.grad[used]) < BOUND
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert torch.equal(w.grad[e], torch.zeros(n, k))
+
+
+def test_grouped_linear_bf16_and_trailing_rows():
+    off = torch.tensor([128, 256])
+    x = torch.randn(300, 128, dtype=torch.bfloat16)
+    w = torch.randn(2, 128, 128, dtype=torch.bfloat16, requires_grad=True)
+    y = fp8_grouped_linear(x, w, off)
+    assert y.dtype == torch.bfloat16 and torch.equal(y[256:].float(), torch.zeros(44, 128))
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.bfloat16
+
+
+def test_grouped_nan_propagates():
+    off = torch.tensor([128, 256])
+    x = torch.randn(256, 128)
+    x[200, 3] = float("nan")
+    y = fp8_grouped_linear(x, torch.randn(2, 128, 128), off)
+    assert torch.all(torch.isnan(y[200])) and torch.isfinite(y[:128]).all()
+
+
+def test_grouped_contract_errors():
+    a = torch.zeros(128, 128).to(q.FP8_DTYPE)
+    b = torch.zeros(2, 128, 128).to(q.FP8_DTYPE)
+    with pytest.raises(CoscaleError, match="group_end_offsets"):
+        fp8_grouped_mm(a, torch.ones(128, 1), b, torch.ones(2, 1, 1), torch.tensor([128]))
+    with pytest.raises(CoscaleError, match="b_scale"):
+        fp8_grouped_mm(a, torch.ones(128, 1), b, torch.ones(2, 2, 1), torch.tensor([64, 128]))
+    with pytest.raises(CoscaleError, match="w"):
+        fp8_grouped_linear(torch.randn(4, 64), torch.randn(2, 32, 48), torch.tensor([2, 4]))

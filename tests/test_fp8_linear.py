@@ -1,0 +1,144 @@
+"""FP8Linear and convert_to_fp8: gradients against an FP32/FP64 nn.Linear, state_dict unchanged."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+from torch import nn
+
+from coscale.fp8 import FP8Linear, convert_to_fp8, fp8_linear, is_skipped
+from coscale.kernels import quant as q
+
+BOUND = 0.07  # see tests/test_fp8_gemm.py for the derivation
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def run_both(fp8: FP8Linear, x: torch.Tensor, seed: int = 0):
+    ref = nn.Linear(fp8.in_features, fp8.out_features, bias=fp8.bias is not None).double()
+    ref.load_state_dict({k: v.double() for k, v in fp8.state_dict().items()})
+    x8 = x.clone().requires_grad_()
+    x64 = x.double().requires_grad_()
+    y8, y64 = fp8(x8), ref(x64)
+    dy = torch.randn(y64.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    y8.backward(dy.to(y8.dtype))
+    y64.backward(dy)
+    return (y8, x8.grad, fp8.weight.grad, fp8.bias), (y64, x64.grad, ref.weight.grad, ref.bias)
+
+
+@pytest.mark.parametrize(
+    "in_f,out_f,lead", [(256, 128, (2, 64)), (300, 200, (150,)), (7 * 64, 576 // 2, (3, 100)), (128, 384, (512,))]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_forward_backward(in_f, out_f, lead, dtype):
+    torch.manual_seed(0)
+    layer = FP8Linear(in_f, out_f, bias=True)  # FP32 master weights
+    x = torch.randn(*lead, in_f).to(dtype)
+    (y8, dx8, dw8, b8), (y64, dx64, dw64, b64) = run_both(layer, x)
+    assert y8.dtype == dtype and dx8.dtype == dtype and dw8.dtype == torch.float32
+    assert y8.shape == y64.shape and dx8.shape == x.shape and dw8.shape == layer.weight.shape
+    for name, got, ref in [("y", y8, y64), ("dx", dx8, dx64), ("dw", dw8, dw64)]:
+        err = rel(got, ref)
+        assert err < BOUND + (0.01 if dtype == torch.bfloat16 else 0), (name, err)
+    assert rel(b8.grad, b64.grad) < (1e-6 if dtype == torch.float32 else 1e-2)  # bias stays high precision
+
+
+def test_bias_grad_exact_and_no_grad_path():
+    layer = FP8Linear(128, 128)
+    x = torch.randn(4, 128)
+    dy = torch.randn(4, 128)
+    layer(x).backward(dy)
+    assert torch.allclose(layer.bias.grad, dy.sum(0), atol=1e-5)
+    with torch.no_grad():
+        assert layer(x).shape == (4, 128)
+    frozen = FP8Linear(128, 256, bias=False)
+    frozen.weight.requires_grad_(False)
+    xr = torch.randn(8, 128, requires_grad=True)
+    frozen(xr).sum().backward()
+    assert xr.grad is not None and frozen.weight.grad is None
+
+
+def test_bf16_master_weights_get_bf16_grads():
+    layer = FP8Linear(256, 128, bias=False, dtype=torch.bfloat16)
+    x = torch.randn(64, 256, dtype=torch.bfloat16)
+    layer(x).float().sum().backward()
+    assert layer.weight.grad.dtype == torch.bfloat16
+
+
+def test_nan_in_input_propagates():
+    layer = FP8Linear(256, 128)
+    x = torch.randn(4, 256)
+    x[1, 7] = float("nan")
+    y = layer(x)
+    assert torch.all(torch.isnan(y[1])) and torch.all(torch.isfinite(y[[0, 2, 3]]))
+
+
+@pytest.mark.skipif(not (q.triton_available() and q.interpreting()), reason="needs the Triton interpreter")
+def test_triton_backend_matches_torch_backend():
+    torch.manual_seed(1)
+    x = torch.randn(256, 256)
+    outs = []
+    for backend in ("torch", "triton"):
+        layer = FP8Linear(256, 128, backend=backend)
+        layer.load_state_dict(FP8Linear(256, 128).state_dict() if not outs else outs[0][0])
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(torch.ones_like(y))
+        outs.append((layer.state_dict(), y, xi.grad, layer.weight.grad))
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
+def test_convert_to_fp8_keeps_state_dict_and_skips_head_embedding_router():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(64, 8, bias=False)  # a router named like DeepSeek's mlp.gate
+            self.gate_proj = nn.Linear(64, 128, bias=False)
+            self.down_proj = nn.Linear(128, 64, bias=False)
+            self.experts = nn.Module()
+            self.experts.precision = "bf16"
+
+    model = nn.Module()
+    model.embed_tokens = nn.Embedding(100, 64)
+    model.mlp = Block()
+    model.lm_head = nn.Linear(64, 100, bias=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weight_obj = model.mlp.gate_proj.weight
+    convert_to_fp8(model)
+    assert isinstance(model.mlp.gate_proj, FP8Linear) and isinstance(model.mlp.down_proj, FP8Linear)
+    assert type(model.mlp.gate) is nn.Linear and type(model.lm_head) is nn.Linear
+    assert model.mlp.experts.precision == "fp8"
+    assert model.mlp.gate_proj.weight is weight_obj  # the same Parameter: optimizer state survives
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert is_skipped("model.layers.3.mlp.gate") and not is_skipped("model.layers.3.mlp.gate_proj")
+
+
+def test_convert_sequential_trains():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128))
+    keys = list(model.state_dict())
+    convert_to_fp8(model)
+    assert list(model.state_dict()) == keys
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = torch.randn(256, 128)
+    target = torch.tanh(x)
+    losses = []
+    for _ in range(30):
+        loss = (model(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_functional_form():
+    w = torch.randn(128, 256, requires_grad=True)
+    y = fp8_linear(torch.randn(3, 256), w)
+    assert y.shape == (3, 128)

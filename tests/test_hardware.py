@@ -1,0 +1,88 @@
+"""Hardware presets and user YAML/JSON files."""
+
+import json
+
+import pytest
+
+from coscale.errors import ConfigError
+from coscale.hardware import HardwareSpec, get_hardware, hardware_names, load_hardware
+
+FIELDS = dict(hbm_gb=96, hbm_bandwidth_tbps=4.0, bf16_tflops=1000, fp8_tflops=2000,
+              scale_up_bandwidth_gbps=450, scale_up_domain=8, nics_per_gpu=1, nic_gbps=400)
+
+
+def test_presets_required_by_the_issue_exist():
+    assert {"h800", "h100", "h200", "b200", "gb200-nvl72"} <= set(hardware_names())
+    for name in hardware_names():
+        hw = get_hardware(name)
+        assert hw.name == name and hw.source
+
+
+def test_datasheet_values():
+    h800, h100, h200 = get_hardware("h800"), get_hardware("h100"), get_hardware("h200")
+    assert (h800.hbm_gb, h800.hbm_bandwidth_tbps, h800.bf16_tflops, h800.fp8_tflops) == (80, 3.35, 989, 1979)
+    # NVLink: H800 400 GB/s and H100 900 GB/s summed over both directions (the paper's figures).
+    assert 2 * h800.scale_up_bandwidth_gbps == 400 and 2 * h100.scale_up_bandwidth_gbps == 900
+    assert (h200.hbm_gb, h200.hbm_bandwidth_tbps) == (141, 4.8)
+    b200, nvl72 = get_hardware("b200"), get_hardware("gb200-nvl72")
+    assert (b200.bf16_tflops, b200.fp8_tflops, b200.hbm_bandwidth_tbps) == (2250, 4500, 8.0)
+    assert nvl72.scale_up_bandwidth_gbps == 900 and nvl72.scale_up_domain == 72
+
+
+def test_scale_out_bandwidth_is_the_papers_50_gbps():
+    assert get_hardware("h800").scale_out_bandwidth_gbps == 50.0
+
+
+def test_peak_flops_by_dtype():
+    hw = get_hardware("h800")
+    assert hw.peak_flops("bf16") == 989e12 and hw.peak_flops("fp8") == 1979e12
+    with pytest.raises(ConfigError):
+        hw.peak_flops("int4")
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_user_file_round_trip(tmp_path, suffix):
+    path = tmp_path / f"mygpu{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(FIELDS))
+    else:
+        path.write_text("\n".join(f"{k}: {v}" for k, v in FIELDS.items()))
+    hw = load_hardware(str(path))
+    assert hw.name == "mygpu" and hw.hbm_gb == 96 and hw.scale_out_bandwidth_gbps == 50
+
+
+def test_spec_passes_through():
+    hw = get_hardware("h100")
+    assert load_hardware(hw) is hw
+
+
+@pytest.mark.parametrize("text, message", [
+    ("hbm_gb: [1, 2\n", "not valid YAML"),
+    ("- just\n- a list\n", "must be a mapping"),
+    ("\n".join(f"{k}: {v}" for k, v in {**FIELDS, "hbm_gb": -1}.items()), "hbm_gb must be a positive"),
+    ("\n".join(f"{k}: {v}" for k, v in {**FIELDS, "colour": "green"}.items()), "unknown key"),
+    ("hbm_gb: 80\n", "missing key"),
+])
+def test_bad_user_files(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_hardware(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_bad_json(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{nope")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_hardware(str(path))
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="neither a hardware preset"):
+        load_hardware("tpu-v9")
+
+
+def test_zero_bandwidth_rejected():
+    with pytest.raises(ConfigError, match="scale_up_bandwidth_gbps"):
+        HardwareSpec(name="x", **{**FIELDS, "scale_up_bandwidth_gbps": 0})
