@@ -169,3 +169,45 @@ def test_analytic_bytes_drop_to_at_most_m_copies_per_token():
     idx = torch.tensor([[0, 1, 2, 3], [4, 5, 12, 13], [8, 9, 10, 11]])  # 4 experts per node, 4 nodes
     counts = analytic_inter_node_bytes(idx, source_node=0, experts_per_node=4, bytes_per_row=10)
     assert counts == {"flat": (0 + 4 + 4) * 10, "two_hop": (0 + 2 + 1) * 10}
+
+
+def test_overlap_schedule_issues_the_next_dispatch_before_computing(monkeypatch):
+    import coscale.parallel.overlap as overlap
+
+    log = []
+
+    def traced(name, fn):
+        def wrapper(*args, **kwargs):
+            log.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in ("dispatch_plan", "dispatch_start", "dispatch_wait", "combine_start", "combine_wait"):
+        monkeypatch.setattr(overlap, name, traced(name, getattr(overlap, name)))
+    experts = ExpertParallelExperts(8, 32, 16, None, dispatch_codec="fp32", combine_codec="fp32")
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    monkeypatch.setattr(experts, "compute", traced("compute", experts.compute))
+    x = torch.randn(10, 32, requires_grad=True)
+    idx, w = _routing(10, 8, 2)
+    out = overlap.overlapped_experts_forward(experts, x, idx, w, micro_batches=2)
+    assert log == ["dispatch_plan", "dispatch_plan", "dispatch_start", "dispatch_start",
+                   "dispatch_wait", "compute", "combine_start", "dispatch_wait", "compute", "combine_start",
+                   "combine_wait", "combine_wait"]
+    ref = experts_forward_loop(x, idx, w, experts.w_gate, experts.w_up, experts.w_down)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(ref.sum(), x)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_local_experts_grouped_path_equals_loop():
+    g = torch.Generator().manual_seed(3)
+    e, h, i = 4, 128, 64
+    weights = [torch.randn(*s, generator=g) * 0.1 for s in ((e, i, h), (e, i, h), (e, h, i))]
+    x = torch.randn(20, h, generator=g)
+    per_expert = torch.tensor([5, 0, 10, 5])  # an expert without rows
+    loop = local_experts_forward(x, per_expert, *weights, impl="loop")
+    grouped = local_experts_forward(x, per_expert, *weights, impl="grouped")
+    torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
+    empty = local_experts_forward(x[:0], torch.zeros(4, dtype=torch.long), *weights, impl="loop")
+    assert empty.shape == (0, h)

@@ -22,6 +22,7 @@ from coscale.parallel.dispatch import (
     combine_start,
     combine_wait,
     dispatch,
+    dispatch_plan,
     dispatch_start,
     dispatch_wait,
 )
@@ -51,7 +52,7 @@ from coscale.parallel.training import broadcast_parameters, setup_for_training, 
 __all__ = [
     "Codec", "FP8Codec", "RawCodec", "get_codec",
     "DispatchMeta", "Topology", "Traffic", "combine", "combine_start", "combine_wait", "dispatch",
-    "dispatch_start", "dispatch_wait",
+    "dispatch_plan", "dispatch_start", "dispatch_wait",
     "ExpertParallelExperts", "apply_expert_parallel", "local_experts_forward", "total_traffic",
     "CommunicationError", "ParallelContext", "ParallelDims", "check_same_config", "config_fingerprint",
     "init_parallel",

@@ -29,8 +29,9 @@ Wire formats: the dispatch codec (``"fp8"`` 1x128 e4m3 + scales, ``"bf16"``, ``"
 the encoded bytes. Combine and both backward transfers use the combine codec (``"bf16"`` by default).
 Quantisation is straight-through for gradients.
 
-Asynchrony: :func:`dispatch_start` / :func:`dispatch_wait` and :func:`combine_start` /
-:func:`combine_wait` split one transfer into "issue the all-to-all" and "wait for it", in the forward
+Asynchrony: :func:`dispatch_plan` exchanges split sizes and gate weights (small, synchronous);
+:func:`dispatch_start` / :func:`dispatch_wait` and :func:`combine_start` / :func:`combine_wait` split one
+transfer into "issue the all-to-all" and "wait for it", in the forward
 and the backward pass alike, so two micro-batches can overlap (coscale.parallel.overlap). On a
 multi-stage route the last exchange of a dispatch (the first of a combine) is the asynchronous one.
 """
@@ -424,11 +425,11 @@ def plan_flat(topk_idx: torch.Tensor, n_experts: int, topo: Topology) -> _Plan:
                  torch.bincount(ids, minlength=e_local))
 
 
-def dispatch_start(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, ep: Any,
-                   n_experts: int, codec: str | Codec | None = "bf16",
-                   combine_codec: str | Codec | None = "bf16", two_hop: bool = False,
-                   counter: Traffic | None = None) -> tuple[torch.Tensor, _Pending, DispatchMeta]:
-    """Plan the routes (split sizes exchanged first), move the weights, and issue the token exchange."""
+def dispatch_plan(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, ep: Any,
+                  n_experts: int, codec: str | Codec | None = "bf16",
+                  combine_codec: str | Codec | None = "bf16", two_hop: bool = False,
+                  counter: Traffic | None = None) -> DispatchMeta:
+    """Exchange split sizes, plan the routes and move the gate weights; no token moves yet."""
     topo = topology(ep)
     _check_routing(x, topk_idx, topk_weight, n_experts, topo)
     codec, combine_codec = get_codec(codec), get_codec(combine_codec)
@@ -446,11 +447,14 @@ def dispatch_start(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.T
     traffic = route_traffic(plan.token_route, topo, me, codec.bytes_per_row(x.shape[1]))
     if counter is not None:
         counter.add(traffic)
-    meta = DispatchMeta(plan.token_route, x.shape[0], x.shape[1], x.dtype, plan.local_expert,
+    return DispatchMeta(plan.token_route, x.shape[0], x.shape[1], x.dtype, plan.local_expert,
                         plan.tokens_per_expert, weights, codec, combine_codec, topo.timeout_s, traffic)
-    anchor, pending = transfer_start(x, plan.token_route, True, codec, combine_codec, x.dtype,
-                                     topo.timeout_s)
-    return anchor, pending, meta
+
+
+def dispatch_start(x: torch.Tensor, meta: DispatchMeta) -> tuple[torch.Tensor, _Pending]:
+    """Issue the token exchange of a planned dispatch (asynchronous); finish with dispatch_wait."""
+    return transfer_start(x, meta.token_route, True, meta.dispatch_codec, meta.combine_codec, x.dtype,
+                          meta.timeout_s)
 
 
 def dispatch_wait(anchor: torch.Tensor, pending: _Pending) -> torch.Tensor:
@@ -464,9 +468,8 @@ def dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
 
     ``ep``: a ParallelContext, a process group, or None for a single process (the reference path).
     """
-    anchor, pending, meta = dispatch_start(x, topk_idx, topk_weight, ep, n_experts, codec, combine_codec,
-                                           two_hop, counter)
-    return dispatch_wait(anchor, pending), meta
+    meta = dispatch_plan(x, topk_idx, topk_weight, ep, n_experts, codec, combine_codec, two_hop, counter)
+    return dispatch_wait(*dispatch_start(x, meta)), meta
 
 
 def combine_start(y: torch.Tensor, meta: DispatchMeta) -> tuple[torch.Tensor, _Pending]:

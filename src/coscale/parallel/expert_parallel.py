@@ -33,10 +33,11 @@ def local_experts_forward(x: torch.Tensor, tokens_per_expert: torch.Tensor, w_ga
                           precision: str = "bf16") -> torch.Tensor:
     """x [R, H] grouped by local expert (``tokens_per_expert`` rows each) -> down(silu(gate x) * up x).
 
-    ``impl`` "grouped" (or "auto" on CUDA) calls coscale.kernels.moe.grouped_experts_forward with one
-    unit-weight expert per row; otherwise a loop over the contiguous per-expert segments.
+    As in GroupedExperts: ``impl`` "grouped" (or "auto" on CUDA) or ``precision`` "fp8" calls
+    coscale.kernels.moe.grouped_experts_forward with one unit-weight expert per row; otherwise a loop
+    over the contiguous per-expert segments.
     """
-    use_grouped = impl == "grouped" or (impl == "auto" and x.is_cuda)
+    use_grouped = precision == "fp8" or impl == "grouped" or (impl == "auto" and x.is_cuda)
     if use_grouped:
         from coscale.kernels.moe import grouped_experts_forward
 

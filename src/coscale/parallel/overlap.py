@@ -9,6 +9,7 @@ streams are needed.
 
 Forward schedule for micro-batches a and b (time flows down; | = in flight)::
 
+    dispatch_plan(a); dispatch_plan(b)     split sizes and gate weights (small, synchronous)
     dispatch_start(a)
     dispatch_start(b)                      | a's tokens
     side(a); wait(a); experts(a)           | b's tokens
@@ -18,9 +19,13 @@ Forward schedule for micro-batches a and b (time flows down; | = in flight)::
     wait(combine a); wait(combine b)       | b's results
 
 ``side`` is work that needs no communication (e.g. the shared experts) and runs while the micro-batch's
-own tokens travel. The backward pass overlaps the same way on its own: the start/wait autograd nodes
-issue the reverse all-to-all in the wait node's backward and wait for it in the start node's backward,
-and autograd runs the interleaved graph in reverse order.
+own tokens travel. Both micro-batches are planned before any token moves, so no synchronous exchange
+queues behind a payload. Within one expert layer the first dispatch and the last combine have nothing
+to hide behind except ``side``; with n micro-batches about (n-1)/n of the payload traffic can hide.
+
+The backward pass overlaps the same way on its own: the start/wait autograd nodes issue the reverse
+all-to-all in the wait node's backward and wait for it in the start node's backward, and autograd runs
+the interleaved graph in reverse order.
 
 All ranks must split into the same number of micro-batches (collectives are matched by order).
 """
@@ -31,7 +36,7 @@ from collections.abc import Callable
 
 import torch
 
-from coscale.parallel.dispatch import combine_start, combine_wait, dispatch_start, dispatch_wait
+from coscale.parallel.dispatch import combine_start, combine_wait, dispatch_plan, dispatch_start, dispatch_wait
 
 
 def overlapped_experts_forward(experts, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
@@ -46,19 +51,19 @@ def overlapped_experts_forward(experts, x: torch.Tensor, topk_idx: torch.Tensor,
     weights = torch.tensor_split(topk_weight, micro_batches)
     kw = dict(ep=experts.topology, n_experts=experts.n_experts, codec=experts.dispatch_codec,
               combine_codec=experts.combine_codec, two_hop=experts.two_hop, counter=experts.traffic)
-    in_flight = [dispatch_start(xs[i], idx[i], weights[i], **kw) for i in range(min(2, micro_batches))]
-    combines, outs = [], []
+    metas = [dispatch_plan(xs[i], idx[i], weights[i], **kw) for i in range(micro_batches)]
+    in_flight = [dispatch_start(xs[i], metas[i]) for i in range(min(2, micro_batches))]
+    combines, sides = [], []
     for i in range(micro_batches):
-        anchor, pending, meta = in_flight[i]
         side_out = side(xs[i]) if side is not None else None
-        recv = dispatch_wait(anchor, pending)
-        y = experts.compute(recv, meta.tokens_per_expert)
-        combines.append(combine_start(y, meta))
+        recv = dispatch_wait(*in_flight[i])
+        y = experts.compute(recv, metas[i].tokens_per_expert)
+        combines.append(combine_start(y, metas[i]))
         if i + 2 < micro_batches:
-            in_flight.append(dispatch_start(xs[i + 2], idx[i + 2], weights[i + 2], **kw))
-        outs.append(side_out)
+            in_flight.append(dispatch_start(xs[i + 2], metas[i + 2]))
+        sides.append(side_out)
     results = []
-    for (anchor, pending), side_out in zip(combines, outs):
+    for (anchor, pending), side_out in zip(combines, sides):
         out = combine_wait(anchor, pending)
         results.append(out if side_out is None else out + side_out)
     return torch.cat(results)

@@ -252,17 +252,20 @@ class _Setup:
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) a training run; returns a summary (losses, entropy, throughput, paths)."""
     setup = _prepare(cfg)
+    threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, optimizer, sampler, start_step = _build(cfg, setup)
-    _prepare_out_dir(cfg, setup)
-    metrics = MetricsLogger(setup.out_dir, resume_step=start_step if setup.resume_dir else None,
-                            tensorboard=cfg.tensorboard)
     try:
-        summary = _run(cfg, setup, model, optimizer, sampler, start_step, metrics, log)
+        model, optimizer, sampler, start_step = _build(cfg, setup)
+        _prepare_out_dir(cfg, setup)
+        metrics = MetricsLogger(setup.out_dir, resume_step=start_step if setup.resume_dir else None,
+                                tensorboard=cfg.tensorboard)
+        try:
+            return _run(cfg, setup, model, optimizer, sampler, start_step, metrics, log)
+        finally:
+            metrics.close()
     finally:
-        metrics.close()
-    return summary
+        torch.set_num_threads(threads_before)
 
 
 def _prepare(cfg: TrainConfig) -> _Setup:

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One GPU session: every benchmark in turn, each bounded in time, logs under $OUT.
+# Usage on the device machine: bash benchmarks/run_gpu.sh [quick|full]
+set -u
+MODE=${1:-quick}
+export PYTHONPATH=src PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+Q=""; [ "$MODE" = quick ] && Q="--quick"
+run() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?"; tail -n 40 "$OUT/$name.log"; }
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+for job in ${JOBS:-quant fp8 moe study}; do
+  case $job in
+    quant) run bench_quant "${T_QUANT:-120}" python3 benchmarks/bench_quant.py $Q ;;
+    fp8)   run bench_fp8 "${T_FP8:-240}" python3 benchmarks/bench_fp8.py $Q ;;
+    moe)   run bench_moe "${T_MOE:-240}" python3 benchmarks/bench_moe.py $Q ;;
+    study) run fp8_accuracy "${T_STUDY:-300}" python3 benchmarks/fp8_accuracy.py --steps "${STUDY_STEPS:-100}" ;;
+  esac
+done

@@ -1,0 +1,110 @@
+"""Learning-rate schedule and AdamW with FP32 / BF16 moments."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from coscale.errors import ConfigError
+from coscale.train.optim import AdamW, build_optimizer
+from coscale.train.schedule import lr_at
+
+
+def test_schedule_warmup_then_cosine():
+    lr, warm, total, floor = 1.0, 10, 110, 0.1
+    assert lr_at(0, lr, warm, total, floor) == pytest.approx(0.1)
+    assert lr_at(4, lr, warm, total, floor) == pytest.approx(0.5)
+    assert lr_at(9, lr, warm, total, floor) == pytest.approx(1.0)
+    assert lr_at(10, lr, warm, total, floor) == pytest.approx(1.0)
+    mid = 10 + (100 - 1) / 2
+    assert lr_at(int(mid), lr, warm, total, floor) == pytest.approx(
+        floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * int(mid - 10) / 99)))
+    assert lr_at(109, lr, warm, total, floor) == pytest.approx(floor)
+    assert lr_at(500, lr, warm, total, floor) == pytest.approx(floor)  # past the end: the floor
+    values = [lr_at(s, lr, warm, total, floor) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
+
+
+def test_schedule_edge_cases():
+    assert lr_at(0, 2.0, 0, 1, 0.0) == 2.0  # no warm-up, one step
+    assert lr_at(0, 2.0, 0, 5, 0.5) == 2.0
+    with pytest.raises(ConfigError):
+        lr_at(0, 1.0, 0, 0, 0.0)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+
+
+def _train(model, opt, steps=5):
+    torch.manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(32, 8)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_adamw_fp32_moments_matches_torch():
+    a, b = _model(), _model()
+    ours = AdamW(a.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, moments_dtype=torch.float32)
+    ref = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    _train(a, ours)
+    _train(b, ref)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw_bf16_moments_close_and_stored_in_bf16():
+    a, b = _model(), _model()
+    ours = AdamW(a.parameters(), lr=1e-2, weight_decay=0.1, moments_dtype=torch.bfloat16)
+    ref = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    _train(a, ours, steps=10)
+    _train(b, ref, steps=10)
+    for p in a.parameters():
+        state = ours.state[p]
+        assert p.dtype == torch.float32  # master weights
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    diff = max((pa - pb).abs().max().item() for pa, pb in zip(a.parameters(), b.parameters()))
+    assert diff < 5e-3  # same trajectory up to BF16 rounding of the moments
+
+
+def test_adamw_bf16_state_round_trip_is_exact():
+    a = _model()
+    opt = AdamW(a.parameters(), lr=1e-2, moments_dtype=torch.bfloat16)
+    _train(a, opt, steps=3)
+    saved_params = [p.detach().clone() for p in a.parameters()]
+    state = opt.state_dict()
+    b = _model(seed=5)
+    with torch.no_grad():
+        for pb, saved in zip(b.parameters(), saved_params):
+            pb.copy_(saved)
+    opt_b = AdamW(b.parameters(), lr=1e-2, moments_dtype=torch.bfloat16)
+    opt_b.load_state_dict(state)
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in opt_b.state.values())
+    _train(a, opt, steps=2)
+    _train(b, opt_b, steps=2)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_build_optimizer_groups_and_kinds():
+    model = _model()
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, moments_dtype="fp32")
+    assert isinstance(opt, torch.optim.AdamW)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.ndim >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.ndim == 1 for p in no_decay["params"])
+    assert isinstance(build_optimizer(model, lr=1e-3, moments_dtype="bf16"), AdamW)
+    with pytest.raises(ConfigError, match="moments dtype"):
+        build_optimizer(model, lr=1e-3, moments_dtype="fp16")
+
+
+def test_adamw_rejects_low_precision_master_weights():
+    p = nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ConfigError, match="FP32 master weights"):
+        AdamW([p]).step()
