@@ -134,5 +134,5 @@ def test_eval_batches_fixed():
     b = eval_batches(tokens, batch_size=4, seq_len=16, max_batches=3)
     assert len(a) == 3
     for (xa, ya), (xb, yb) in zip(a, b):
-        assert torch.equal(xa, xb) and torch.equal(ya, xa + 1)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ya, xa + 1)
     assert int(a[-1][1].max()) == 999  # covers the end of the split

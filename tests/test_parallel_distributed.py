@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from coscale.checkpoint import load_checkpoint, save_pretrained
 from coscale.config import get_preset
 from coscale.errors import ConfigError
 from coscale.model import DeepseekForCausalLM, experts_forward_loop, update_router_biases
@@ -18,10 +19,14 @@ from coscale.parallel import (
     CommunicationError,
     ExpertParallelExperts,
     analytic_inter_node_bytes,
+    apply_expert_parallel,
     check_same_config,
+    clip_grad_norm_,
     dispatch,
+    gathered_experts,
     get_codec,
     init_parallel,
+    local_expert_range,
     node_limited_topk,
     nodes_per_token,
     setup_for_training,
@@ -190,6 +195,7 @@ def test_mismatched_config_is_reported_on_every_rank(suite2):
 # ---- training: EP (x DP) reproduces the single-process loss curve ------------------------------------
 
 STEPS, BATCH, SEQ = 4, 4, 16
+CLIP = 0.5  # small enough that clipping acts in every step
 
 
 def _tiny():
@@ -206,16 +212,17 @@ def _reference_losses():
     torch.manual_seed(0)
     model = DeepseekForCausalLM(_tiny())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
+    losses, norms = [], []
     for step in range(STEPS):
         ids, labels = _data(step)
         loss = model.compute_loss(ids, labels).loss
         loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
         opt.step()
         opt.zero_grad()
         update_router_biases(model, 0.01)
         losses.append(loss.item())
-    return losses, model
+    return losses, norms, model
 
 
 def _train_worker(rank, ep_size, gpus_per_node, codec, path, reload_ep):
@@ -225,12 +232,13 @@ def _train_worker(rank, ep_size, gpus_per_node, codec, path, reload_ep):
                                             "dispatch_codec": codec, "combine_codec": codec,
                                             "dist_timeout": 30})
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
+    losses, norms = [], []
     for step in range(STEPS):
         ids, labels = (shard_batch(t, ctx) for t in _data(step))
         loss = model.compute_loss(ids, labels).loss
         loss.backward()
         sync_gradients(model, ctx)
+        norms.append(float(clip_grad_norm_(model, CLIP, ctx)))
         opt.step()
         opt.zero_grad()
         update_router_biases(model, 0.01, process_group=ctx.world_group)
@@ -238,21 +246,27 @@ def _train_worker(rank, ep_size, gpus_per_node, codec, path, reload_ep):
     state = model.state_dict()  # collective: full expert tensors on every rank
     if rank == 0:
         torch.save(state, path)
-    result = {"losses": losses, "traffic": total_traffic(model).intra_node_bytes
+    with gathered_experts(model):  # every rank gathers; rank 0 alone writes the HF layout
+        if rank == 0:
+            save_pretrained(model, path + ".hf")
+    torch.distributed.barrier()
+    result = {"losses": losses, "norms": norms, "traffic": total_traffic(model).intra_node_bytes
               + total_traffic(model).inter_node_bytes}
     if reload_ep:
-        # Load the checkpoint just written into a model sharded differently.
-        torch.distributed.barrier()
+        # Load both checkpoints into a model sharded differently.
         ctx2 = init_parallel(ep_size=reload_ep, gpus_per_node=gpus_per_node, timeout_s=30)
-        from coscale.parallel import apply_expert_parallel
-
-        fresh = apply_expert_parallel(DeepseekForCausalLM(_tiny()), ctx2, dispatch_codec="fp32",
-                                      combine_codec="fp32")
-        fresh.load_state_dict(torch.load(path))
-        fresh.eval()
         ids, labels = (shard_batch(t, ctx2) for t in _data(STEPS))
-        with torch.no_grad():
-            result["reload_loss"] = float(ctx2.all_reduce_mean(fresh.compute_loss(ids, labels).loss))
+        for how in ("state_dict", "hf"):
+            fresh = apply_expert_parallel(DeepseekForCausalLM(_tiny()), ctx2, dispatch_codec="fp32",
+                                          combine_codec="fp32")
+            if how == "state_dict":
+                fresh.load_state_dict(torch.load(path))
+            else:
+                load_checkpoint(fresh, path + ".hf", expert_range=local_expert_range(fresh))
+            fresh.eval()
+            with torch.no_grad():
+                loss = fresh.compute_loss(ids, labels).loss
+            result[f"reload_loss_{how}"] = float(ctx2.all_reduce_mean(loss))
     return result
 
 
@@ -268,32 +282,39 @@ def _eval_loss(model):
 
 
 def test_ep2_training_matches_single_process_and_checkpoint_loads_plain(reference, tmp_path):
-    ref_losses, ref_model = reference
+    ref_losses, ref_norms, ref_model = reference
     path = tmp_path / "ep2.pt"
     outcomes = spawn(_train_worker, 2, args=(2, None, "bf16", str(path), None), timeout_s=90)
     for o in outcomes:
         assert o.result["traffic"] > 0
         for step, (a, b) in enumerate(zip(o.result["losses"], ref_losses)):
             assert math.isclose(a, b, rel_tol=2e-2), f"rank {o.rank} step {step}: {a} vs {b}"
-    # The EP=2 checkpoint has the plain model's names and shapes and loads into it.
+    # The EP=2 checkpoints (state_dict and HF layout) have the plain model's names and shapes.
     plain = DeepseekForCausalLM(_tiny())
     plain.load_state_dict(torch.load(path))
     assert math.isclose(_eval_loss(plain), _eval_loss(ref_model), rel_tol=3e-2)
+    from_hf = load_checkpoint(DeepseekForCausalLM(_tiny()), str(path) + ".hf")
+    for name, t in from_hf.state_dict().items():
+        assert torch.equal(t, plain.state_dict()[name]), name
 
 
 def test_ep2_dp2_training_and_reload_at_ep4(reference, tmp_path):
-    ref_losses, ref_model = reference
+    ref_losses, ref_norms, ref_model = reference
+    assert min(ref_norms) > CLIP
     path = tmp_path / "ep2dp2.pt"
     outcomes = spawn(_train_worker, 4, args=(2, 2, "fp32", str(path), 4), timeout_s=150)
     for o in outcomes:
         for step, (a, b) in enumerate(zip(o.result["losses"], ref_losses)):
             assert math.isclose(a, b, rel_tol=1e-4), f"rank {o.rank} step {step}: {a} vs {b}"
+        for step, (a, b) in enumerate(zip(o.result["norms"], ref_norms)):
+            assert math.isclose(a, b, rel_tol=1e-4), f"rank {o.rank} step {step}: grad norm {a} vs {b}"
     plain = DeepseekForCausalLM(_tiny())
     plain.load_state_dict(torch.load(path))
     expected = _eval_loss(plain)
     assert math.isclose(_eval_loss(ref_model), expected, rel_tol=1e-4)
     for o in outcomes:
-        assert math.isclose(o.result["reload_loss"], expected, rel_tol=1e-5)
+        assert math.isclose(o.result["reload_loss_state_dict"], expected, rel_tol=1e-5)
+        assert math.isclose(o.result["reload_loss_hf"], expected, rel_tol=1e-5)
 
 
 # ---- faults ----------------------------------------------------------------------------------------
@@ -327,7 +348,31 @@ def test_a_dead_rank_makes_the_others_fail_fast_with_a_clear_error():
     assert survivor.ok, survivor.error
     assert survivor.result["error"] is not None, "the survivor did not notice the dead rank"
     assert "a peer rank that exited" in survivor.result["error"]
-    assert survivor.result["seconds"] < 15
+    assert survivor.result["seconds"] < 25
+
+
+def _hangs_worker(rank):
+    ctx = init_parallel(ep_size=2, timeout_s=4)
+    x = torch.randn(8, 64)
+    idx = torch.randint(0, 4, (8, 1))
+    dispatch(x, idx, torch.ones(8, 1), ctx, 4)
+    if rank == 1:
+        time.sleep(9)  # alive but stuck: never joins the next collective in time
+        return {"error": None, "seconds": 0.0}
+    start = time.monotonic()
+    try:
+        dispatch(x, idx, torch.ones(8, 1), ctx, 4)
+    except CommunicationError as e:
+        return {"error": str(e), "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
+def test_a_hung_rank_makes_the_others_fail_within_the_timeout():
+    outcomes = spawn(_hangs_worker, 2, timeout_s=50, raise_on_error=False)
+    waiting = outcomes[0]
+    assert waiting.ok, waiting.error
+    assert waiting.result["error"] is not None and "timeout 4 s" in waiting.result["error"]
+    assert waiting.result["seconds"] < 12
 
 
 def test_ep_size_not_dividing_experts_is_a_config_error():

@@ -211,3 +211,18 @@ def test_local_experts_grouped_path_equals_loop():
     torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
     empty = local_experts_forward(x[:0], torch.zeros(4, dtype=torch.long), *weights, impl="loop")
     assert empty.shape == (0, h)
+
+
+def test_node_map_from_hosts_and_dims():
+    from coscale.parallel.groups import node_map_from_hosts
+
+    assert node_map_from_hosts(["a", "a", "b", "b"]) == (0, 0, 1, 1)
+    with pytest.raises(ConfigError, match="consecutive"):
+        node_map_from_hosts(["a", "b", "a", "b"])
+    with pytest.raises(ConfigError, match="consecutive"):
+        node_map_from_hosts(["a", "a", "a", "b"])
+    dims = ParallelDims(world_size=16, ep_size=8, gpus_per_node=4)
+    assert (dims.dp_size, dims.ep_nodes, dims.ep_ranks_per_node) == (2, 2, 4)
+    assert dims.ep_group_ranks(1) == list(range(8, 16)) and dims.dp_group_ranks(3) == [3, 11]
+    small = ParallelDims(world_size=8, ep_size=2, gpus_per_node=4)  # EP inside a node
+    assert (small.ep_nodes, small.ep_ranks_per_node) == (1, 2)

@@ -144,3 +144,10 @@ def test_fp8_precision(tmp_path):
     except (RuntimeError, NotImplementedError) as e:  # no FP8 path for this CPU build
         pytest.skip(f"FP8 training unavailable here: {e}")
     assert summary["precision"] == "fp8" and summary["final_train_loss"] is not None
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    summary = train(small_config(tmp_path / "run", steps=2, save_interval=0, precision="bf16"), log=quiet)
+    assert summary["precision"] == "bf16" and summary["final_val_loss"] is not None
+    state = ckpt.load_checkpoint(summary["checkpoint"])
+    assert all(t.dtype == torch.float32 for t in state.model.values())  # master weights stay FP32

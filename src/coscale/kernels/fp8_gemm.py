@@ -93,6 +93,10 @@ _LAYOUTS = {
     "outer_major": outer_major,
     "contiguous": lambda s: s.contiguous(),
     "padded4": _pad_cols4,
+    # torch 2.11 on H100 (benchmarks/results/probe_torch_api_h100_2026-11-23.log): the scale of mat2 = b.t()
+    # is read in mat2's orientation, [K/128, N/128] (128x128) or [K/128, N] (1x128 along K).
+    "transposed": lambda s: s.t(),
+    "transposed_contiguous": lambda s: s.t().contiguous(),
 }
 
 
@@ -115,7 +119,9 @@ def _probe(device_index: int, ga: int, gb: int):
     """Find (call, layout_a, layout_b) that cuBLAS accepts and that computes the right product."""
     device = torch.device("cuda", device_index)
     gen = torch.Generator(device=device).manual_seed(0)
-    m, n, k = 256, 384, 384  # K/128 = 3 and N/128 = 3: padding-sensitive layouts show up
+    # N/128 = 3 and K/128 = 4 differ, so a transposed scale layout cannot pass by symmetry; K/128 = 4 is
+    # also what cuBLAS accepted in benchmarks/results/probe_torch_api_h100_2026-11-23.log
+    m, n, k = 256, 384, 512
     a = torch.randn(m, k, device=device, generator=gen).to(FP8_DTYPE)
     b = torch.randn(n, k, device=device, generator=gen).to(FP8_DTYPE)
     shape_a = (m, k // BLOCK) if ga == 1 else (m // BLOCK, k // BLOCK)
@@ -148,7 +154,10 @@ def cublas_blockwise_supported(device: torch.device, ga: int, gb: int):
 def _fp8_gemm_cublas(a, a_scale, b, b_scale, out_dtype, ga, gb, form):
     call_name, la, lb = form
     sa, sb = _LAYOUTS[la](a_scale), _LAYOUTS[lb](b_scale)
-    return _CALLS[call_name](a, b, sa, sb, out_dtype, ga, gb)
+    # cuBLAS's block-scaled kernels write only BF16 (torch 2.11 rejects an FP32 output); accumulation
+    # inside is FP32 either way, so an FP32 request gets the BF16 result widened.
+    cublas_dtype = torch.bfloat16 if out_dtype == torch.float32 else out_dtype
+    return _CALLS[call_name](a, b, sa, sb, cublas_dtype, ga, gb).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ from coscale.parallel.dispatch import (
 from coscale.parallel.expert_parallel import (
     ExpertParallelExperts,
     apply_expert_parallel,
+    gathered_experts,
+    local_expert_range,
     local_experts_forward,
     total_traffic,
 )
@@ -47,16 +49,23 @@ from coscale.parallel.node_limited import (
     nodes_per_token,
 )
 from coscale.parallel.overlap import overlapped_experts_forward
-from coscale.parallel.training import broadcast_parameters, setup_for_training, shard_batch, sync_gradients
+from coscale.parallel.training import (
+    broadcast_parameters,
+    clip_grad_norm_,
+    setup_for_training,
+    shard_batch,
+    sync_gradients,
+)
 
 __all__ = [
     "Codec", "FP8Codec", "RawCodec", "get_codec",
     "DispatchMeta", "Topology", "Traffic", "combine", "combine_start", "combine_wait", "dispatch",
     "dispatch_plan", "dispatch_start", "dispatch_wait",
-    "ExpertParallelExperts", "apply_expert_parallel", "local_experts_forward", "total_traffic",
+    "ExpertParallelExperts", "apply_expert_parallel", "gathered_experts", "local_expert_range",
+    "local_experts_forward", "total_traffic",
     "CommunicationError", "ParallelContext", "ParallelDims", "check_same_config", "config_fingerprint",
     "init_parallel",
     "analytic_inter_node_bytes", "check_gate_is_node_limited", "node_limited_topk", "nodes_per_token",
     "overlapped_experts_forward",
-    "broadcast_parameters", "setup_for_training", "shard_batch", "sync_gradients",
+    "broadcast_parameters", "clip_grad_norm_", "setup_for_training", "shard_batch", "sync_gradients",
 ]

@@ -7,14 +7,24 @@ module shaped like ``coscale.model.moe.GroupedExperts`` (parameters ``w_gate [E,
 :class:`ExpertParallelExperts` with rows ``[ep_rank * E_l, (ep_rank + 1) * E_l)`` of those tensors, and
 puts it in its place. The gate, shared experts and everything else are untouched.
 
-Checkpoints keep the plain model's names and shapes: ``state_dict()`` all-gathers the expert tensors
-over the EP group (so every EP rank must call it; rank 0 writes), and ``load_state_dict`` accepts the
-full ``[E, ...]`` tensors and keeps its slice, so a checkpoint saved at one EP size loads at any other,
-and into the plain model. A shard of exactly ``[E_l, ...]`` rows is loaded as it is.
+Checkpoints keep the plain model's names and shapes:
+
+- ``state_dict()`` all-gathers the expert tensors over the EP group (every EP rank must call it; rank 0
+  writes) and ``load_state_dict`` accepts the full ``[E, ...]`` tensors and keeps its slice, so a
+  checkpoint saved at one EP size loads at any other, and into the plain model. A shard of exactly
+  ``[E_l, ...]`` rows is loaded as it is.
+- ``state_dict(keep_vars=True)`` returns the live local parameters ``[E_l, ...]`` (no communication):
+  in-place loaders such as ``coscale.checkpoint.load_checkpoint(model, path,
+  expert_range=local_expert_range(model))`` fill them directly.
+- ``with gathered_experts(model):`` (entered on every EP rank) gathers once and makes every
+  ``state_dict`` call return the full tensors without communicating, so rank 0 alone can run
+  ``coscale.checkpoint.save_pretrained(model, path)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -80,6 +90,7 @@ class ExpertParallelExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(self.n_local, hidden, intermediate, **kw))
         for p in (self.w_gate, self.w_up, self.w_down):
             p._coscale_expert = True  # gradient sync: replicated over DP only
+        self._full: dict[str, torch.Tensor] | None = None  # set inside gathered_experts()
 
     def extra_repr(self) -> str:
         return (f"experts {self.first_expert}..{self.first_expert + self.n_local - 1} of {self.n_experts}, "
@@ -112,7 +123,12 @@ class ExpertParallelExperts(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         for name in EXPERT_PARAMS:
             t = getattr(self, name)
-            destination[prefix + name] = self._gather_full(t if keep_vars else t.detach())
+            if self._full is not None:
+                destination[prefix + name] = self._full[name]
+            elif keep_vars:
+                destination[prefix + name] = t
+            else:
+                destination[prefix + name] = self._gather_full(t.detach())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -166,6 +182,30 @@ def apply_expert_parallel(model: nn.Module, ep: Any, **options: Any) -> nn.Modul
 
 def expert_parallel_modules(model: nn.Module) -> list[ExpertParallelExperts]:
     return [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
+
+
+def local_expert_range(model: nn.Module) -> range | None:
+    """The global indices of this rank's experts (the same in every layer); None without EP."""
+    modules = expert_parallel_modules(model)
+    if not modules:
+        return None
+    m = modules[0]
+    return range(m.first_expert, m.first_expert + m.n_local)
+
+
+@contextmanager
+def gathered_experts(model: nn.Module) -> Iterator[nn.Module]:
+    """Enter on every EP rank: full expert tensors are gathered once, and inside the block every
+    ``state_dict`` call (any ``keep_vars``) returns them without communicating."""
+    modules = expert_parallel_modules(model)
+    try:
+        for m in modules:
+            with torch.no_grad():
+                m._full = {name: m._gather_full(getattr(m, name).detach()) for name in EXPERT_PARAMS}
+        yield model
+    finally:
+        for m in modules:
+            m._full = None
 
 
 def total_traffic(model: nn.Module) -> Traffic:

@@ -217,7 +217,10 @@ def init_parallel(
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:  # a lone process (no torchrun): any free local port
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     rank, world_size = dist.get_rank(), dist.get_world_size()
 

@@ -7,6 +7,7 @@
         loss = model.compute_loss(ids, labels).loss
         loss.backward()
         sync_gradients(model, ctx)                            # before clipping and optimizer.step()
+        clip_grad_norm_(model, max_norm, ctx)                 # the norm of the whole model
         optimizer.step(); optimizer.zero_grad()
         log(ctx.all_reduce_mean(loss))                        # the global mean loss
 
@@ -23,6 +24,7 @@ the portable choice here.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -30,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from coscale.errors import ConfigError
 from coscale.parallel.expert_parallel import apply_expert_parallel
 from coscale.parallel.groups import DEFAULT_TIMEOUT_S, ParallelContext, check_same_config, guarded, init_parallel
 
@@ -83,11 +86,32 @@ def sync_gradients(model: nn.Module, ctx: ParallelContext) -> None:
                   lambda f: dist.all_reduce(f, group=ctx.dp_group))
 
 
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: ParallelContext) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over the whole (unsharded) model; call after sync_gradients.
+
+    The squared norm is the replicated parameters' (identical on every rank) plus the EP-group sum of
+    the local experts'; every rank gets the same total and the same clipping factor.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    device = params[0].grad.device if params else ctx.device
+    shared = sum((p.grad.float().pow(2).sum() for p in params if not is_expert_param(p)),
+                 torch.zeros((), device=device))
+    experts = sum((p.grad.float().pow(2).sum() for p in params if is_expert_param(p)),
+                  torch.zeros((), device=device))
+    if ctx.ep_size > 1:
+        guarded("all_reduce(expert grad norm)", lambda: dist.all_reduce(experts, group=ctx.ep_group),
+                ctx.timeout_s)
+    total = (shared + experts).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.dtype))
+    return total
+
+
 def shard_batch(batch: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """Rank r's rows of a global batch [B, ...] (B divisible by the world size)."""
     if batch.shape[0] % ctx.world_size:
-        from coscale.errors import ConfigError
-
         raise ConfigError(f"global batch {batch.shape[0]} is not divisible by the world size {ctx.world_size}")
     n = batch.shape[0] // ctx.world_size
     return batch[ctx.rank * n:(ctx.rank + 1) * n]
@@ -100,16 +124,17 @@ def setup_for_training(model: nn.Module, args: Any = None) -> tuple[nn.Module, P
     ``gpus_per_node`` (virtual nodes; default: real hosts), ``dispatch_codec`` ("bf16"/"fp8"),
     ``combine_codec``, ``two_hop`` (node-limited two-hop route), ``dist_timeout`` (seconds), ``backend``.
     """
-    get = (args.get if isinstance(args, dict) else lambda k, d=None: getattr(args, k, d)) if args else (
-        lambda k, d=None: d)
-    import os
+    def get(key: str, default: Any = None) -> Any:
+        if args is None:
+            return default
+        value = args.get(key, default) if isinstance(args, dict) else getattr(args, key, default)
+        return default if value is None else value
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     ctx = init_parallel(
-        ep_size=get("ep_size") or world,
+        ep_size=get("ep_size") or int(os.environ.get("WORLD_SIZE", "1")),
         gpus_per_node=get("gpus_per_node"),
         backend=get("backend"),
-        timeout_s=float(get("dist_timeout") or DEFAULT_TIMEOUT_S),
+        timeout_s=float(get("dist_timeout", DEFAULT_TIMEOUT_S)),
     )
     config = getattr(model, "config", None)
     if config is not None:
@@ -117,13 +142,13 @@ def setup_for_training(model: nn.Module, args: Any = None) -> tuple[nn.Module, P
         n_experts = getattr(config, "n_routed_experts", None)
         if n_experts:
             ctx.dims.check_divides_experts(n_experts)
-    model.to(ctx.device)
-    if ctx.ep_size > 1:
+    if ctx.ep_size > 1:  # slice first, so only this rank's experts reach the device
         apply_expert_parallel(
             model, ctx,
-            dispatch_codec=get("dispatch_codec") or "bf16",
-            combine_codec=get("combine_codec") or "bf16",
+            dispatch_codec=get("dispatch_codec", "bf16"),
+            combine_codec=get("combine_codec", "bf16"),
             two_hop=bool(get("two_hop", False)),
         )
+    model.to(ctx.device)
     broadcast_parameters(model, ctx)
     return model, ctx

@@ -222,7 +222,7 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
 
 def config_from_checkpoint(path: str) -> TrainConfig:
     """The training config a run was started with, read from its newest checkpoint (for --resume)."""
-    meta = ckpt.read_meta(ckpt.resolve_checkpoint(path))
+    meta = ckpt.read_meta(ckpt.resolve_checkpoint(path), verify=False)  # train() verifies the files
     saved = meta.get("train_config")
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint {path} records no training config")
@@ -399,6 +399,7 @@ def _prepare_out_dir(cfg: TrainConfig, setup: _Setup) -> None:
 
 
 def _run(cfg, setup: _Setup, model, optimizer, sampler, start_step, metrics: MetricsLogger, log) -> dict:
+    wall_start = time.perf_counter()
     autocast = _autocast(setup)
     gamma = cfg.bias_update_speed if cfg.bias_update_speed is not None else setup.model_cfg.bias_update_speed
     min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
@@ -443,9 +444,20 @@ def _run(cfg, setup: _Setup, model, optimizer, sampler, start_step, metrics: Met
     if bar is not None:
         bar.close()
     metrics.flush()
+    summary = _summarise(cfg, setup, metrics, start_step, recent, val_loss, train_time, last_saved)
+    summary["wall_seconds"] = time.perf_counter() - wall_start
+    with open(os.path.join(setup.out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+    log(_footer(summary))
+    return summary
+
+
+def _summarise(cfg, setup, metrics, start_step, recent, val_loss, train_time, last_saved) -> dict:
     plot = plot_loss_curve(metrics.path, os.path.join(setup.out_dir, PLOT_FILE), setup.entropy)
     steps_run = cfg.steps - start_step
-    summary = {
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    return {
         "steps": cfg.steps,
         "steps_this_run": steps_run,
         "final_train_loss": sum(recent) / len(recent) if recent else None,
@@ -463,16 +475,12 @@ def _run(cfg, setup: _Setup, model, optimizer, sampler, start_step, metrics: Met
         "checkpoint": last_saved,
         "tensorboard": metrics.tensorboard_dir,
     }
-    with open(os.path.join(setup.out_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
-    log(_footer(summary))
-    return summary
 
 
 def _autocast(setup: _Setup):
-    if setup.device.type == "cuda" and setup.precision in ("bf16", "fp8"):
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    """BF16 autocast for bf16 (any device) and fp8 (CUDA: the layers FP8 leaves out run in BF16)."""
+    if setup.precision == "bf16" or (setup.precision == "fp8" and setup.device.type == "cuda"):
+        return lambda: torch.autocast(setup.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
@@ -603,7 +611,8 @@ def _footer(s: dict) -> str:
     lines = [
         f"done: {s['steps']} steps; train loss {train_loss} (mean of the last {s['final_train_loss_steps']} "
         f"steps), val loss {val} nats vs unigram entropy {s['unigram_entropy_nats']:.4f} nats",
-        f"throughput: {s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of training"
+        f"throughput: {s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of training steps "
+        f"({s['wall_seconds']:.1f} s with evaluation and checkpoints)"
         if s["tokens_per_s"] else "throughput: n/a",
         f"metrics: {s['metrics']}",
         f"loss curve: {s['plot']}",

@@ -1,0 +1,136 @@
+"""`coscale train` / `coscale info` through coscale.cli.main: bad input exits 2 with one line, changes nothing."""
+
+import json
+import os
+
+import pytest
+
+from coscale.cli import main
+
+SMALL_OVERRIDES = dict(
+    num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=2,
+    q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2, topk_group=1,
+)
+
+
+def _config_file(tmp_path, name="train.json", **changes):
+    cfg = dict(model="tiny", model_overrides=SMALL_OVERRIDES, steps=2, batch_size=2, seq_len=16,
+               eval_interval=0, eval_batches=1, save_interval=1, threads=1, tensorboard=False, progress=False)
+    path = tmp_path / name
+    path.write_text(json.dumps(cfg | changes))
+    return str(path)
+
+
+def _snapshot(root):
+    """Every file under root with its bytes and mtime: 'nothing overwritten' means this is unchanged."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[p] = (open(p, "rb").read(), os.stat(p).st_mtime_ns)
+    return out
+
+
+def _fails(capsys, argv, match):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("coscale train: error: ") and match in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def finished_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", _config_file(tmp_path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "unigram entropy" in printed and "checkpoint:" in printed
+    return out
+
+
+def test_missing_data_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    _fails(capsys, ["train", "--data", str(tmp_path / "missing.txt"), "--out", str(out)], "data file not found")
+    assert not out.exists()
+
+
+def test_unknown_preset(tmp_path, capsys):
+    _fails(capsys, ["train", "--model", "tiny-x", "--out", str(tmp_path / "run")], "neither a model preset")
+    assert not (tmp_path / "run").exists()
+
+
+def test_invalid_fields_in_config_files(tmp_path, capsys):
+    _fails(capsys, ["train", "--config", _config_file(tmp_path, batch_sise=3)],
+           "unknown training config field 'batch_sise'")
+    _fails(capsys, ["train", "--config", _config_file(tmp_path, steps=-1)], "steps must be a positive integer")
+    model_json = tmp_path / "model.json"
+    model_json.write_text(json.dumps({"model_type": "deepseek_v3", "hidden_size": -5}))
+    _fails(capsys, ["train", "--model", str(model_json), "--out", str(tmp_path / "run")],
+           "hidden_size must be a positive integer")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{steps: 3")
+    _fails(capsys, ["train", "--config", str(bad_json)], "is not valid JSON")
+    _fails(capsys, ["train", "--config", str(tmp_path / "none.json")], "config file not found")
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_edge_cases_via_cli(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    _fails(capsys, ["train", "--config", _config_file(tmp_path), "--data", str(short), "--out",
+                    str(tmp_path / "run")], "too short for seq_len 16")
+    tokens = tmp_path / "t.bin"
+    tokens.write_bytes(b"\x00\x01" * 100)  # uint16 id 256: out of range for the byte vocabulary
+    _fails(capsys, ["train", "--config", _config_file(tmp_path), "--data", str(tokens), "--out",
+                    str(tmp_path / "run")], "out of range for vocab_size 256")
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_dir_not_overwritten(tmp_path, capsys, finished_run):
+    before = _snapshot(finished_run)
+    _fails(capsys, ["train", "--config", _config_file(tmp_path), "--out", str(finished_run)], "not empty")
+    assert _snapshot(finished_run) == before
+
+
+def test_corrupt_checkpoint(tmp_path, capsys, finished_run):
+    latest = os.path.join(finished_run, "checkpoints", "step_00000002", "model.pt")
+    with open(latest, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00garbage\x00")
+    before = _snapshot(finished_run)
+    _fails(capsys, ["train", "--resume", str(finished_run), "--steps", "4"], "corrupt checkpoint")
+    assert _snapshot(finished_run) == before
+
+
+def test_resume_with_incompatible_config(tmp_path, capsys, finished_run):
+    before = _snapshot(finished_run)
+    _fails(capsys, ["train", "--resume", str(finished_run), "--steps", "4", "--model", "tiny"],
+           "cannot resume from")
+    _fails(capsys, ["train", "--resume", str(finished_run), "--steps", "4", "--adam-moments-dtype", "bf16"],
+           "adam_moments_dtype is 'fp32' in the checkpoint, 'bf16' now")
+    _fails(capsys, ["train", "--resume", str(finished_run)], "already reaches steps=2")
+    _fails(capsys, ["train", "--resume", str(tmp_path / "nowhere")], "checkpoint not found")
+    assert _snapshot(finished_run) == before
+
+
+def test_resume_continues_a_run(finished_run, capsys):
+    assert main(["train", "--resume", str(finished_run), "--steps", "3"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in open(finished_run / "metrics.jsonl")
+             if json.loads(line)["type"] == "train"]
+    assert steps == [1, 2, 3]
+    assert (finished_run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    table = capsys.readouterr().out
+    assert "deepseek-v3" in table and "671B" in table and "tiny" in table
+    assert main(["info", "--model", "deepseek-v3"]) == 0
+    text = capsys.readouterr().out
+    assert "activated per token 36.6B" in text and "256 routed" in text
+    assert main(["info", "--model", "nope"]) == 2
+    assert "neither a model preset" in capsys.readouterr().err
