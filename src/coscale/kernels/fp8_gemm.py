@@ -95,7 +95,8 @@ _LAYOUTS = {
     "padded4": _pad_cols4,
     # torch 2.11 on H100 (benchmarks/results/probe_torch_api_h100_2026-11-23.log): the scale of mat2 = b.t()
     # is read in mat2's orientation, [K/128, N/128] (128x128) or [K/128, N] (1x128 along K).
-    "transposed": lambda s: s.t(),
+    # 128x128: [K/128, N/128] "near-inner-dim-major", i.e. strides (1, K/128), whatever the input's strides.
+    "transposed": lambda s: s.contiguous().t(),
     "transposed_contiguous": lambda s: s.t().contiguous(),
 }
 
