@@ -291,3 +291,17 @@ def test_moe_layer_shapes_and_shared_expert():
         torch.nn.init.normal_(p, std=0.1)
     y = moe(torch.randn(2, 5, cfg.hidden_size))
     assert y.shape == (2, 5, cfg.hidden_size) and torch.isfinite(y).all()
+
+
+def test_experts_follow_autocast_dtype():
+    """Under autocast the experts run in the autocast dtype, not in the FP32 of the residual stream."""
+    torch.manual_seed(7)
+    experts = GroupedExperts(4, 8, 6)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p)
+    x, idx, w = torch.randn(5, 8), torch.randint(0, 4, (5, 2)), torch.rand(5, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts(x, idx, w)
+    assert y.dtype == torch.bfloat16
+    ref = experts_forward_loop(x, idx, w, experts.w_gate, experts.w_up, experts.w_down)
+    assert ((y.float() - ref).norm() / ref.norm()) < 3e-2  # bf16 operands

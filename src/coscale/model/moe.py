@@ -144,6 +144,10 @@ class GroupedExperts(nn.Module):
         self.precision = "bf16"
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        # Autocast does not reach the grouped GEMMs (custom ops), so apply its dtype here: without this a
+        # BF16-autocast run would compute every expert in FP32 (its residual stream is FP32).
+        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         use_grouped = self.precision == "fp8" or self.impl == "grouped" or (
             self.impl == "auto" and x.is_cuda
         )
