@@ -83,3 +83,25 @@ def test_bad_arguments(model):
     no_mtp = DeepseekForCausalLM(get_preset("tiny", num_hidden_layers=1, num_nextn_predict_layers=0))
     with pytest.raises(ValueError, match="no MTP module"):
         generate_speculative(no_mtp, torch.zeros(1, 3, dtype=torch.long), 3)
+
+
+def test_generate_cli_from_hf_checkpoint_and_training_run(tmp_path, capsys):
+    from coscale.cli import main
+    from coscale.train.loop import TrainConfig, train
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny", num_hidden_layers=2)
+    DeepseekForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    assert main(["generate", str(tmp_path / "hf"), "--prompt", "ab", "--max-new-tokens", "4"]) == 0
+    assert main(["generate", str(tmp_path / "hf"), "--prompt-ids", "1,2", "--max-new-tokens", "3",
+                 "--speculative"]) == 0
+    train(TrainConfig(model="tiny", model_overrides={"num_hidden_layers": 1}, steps=2, batch_size=2,
+                      seq_len=16, out_dir=str(tmp_path / "run"), progress=False, tensorboard=False,
+                      eval_interval=0), log=lambda s: None)
+    assert main(["generate", str(tmp_path / "run"), "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "missing")]) == 2
+    assert main(["generate", str(tmp_path / "hf"), "--prompt-ids", "1,x"]) == 2
+    assert main(["generate", str(tmp_path / "hf"), "--prompt-ids", "999"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("coscale generate: error:") for line in err)

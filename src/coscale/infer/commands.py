@@ -13,7 +13,8 @@ def register(subparsers) -> None:
         "generate", help="generate text from a checkpoint (latent KV cache; optional MTP speculation)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("checkpoint", help="HF-format checkpoint directory (config.json + safetensors)")
+    p.add_argument("checkpoint", help="HF-format checkpoint directory (config.json + safetensors), or a "
+                   "`coscale train` run directory (its latest checkpoint)")
     p.add_argument("--prompt", default="The ", help="prompt text (byte-level models, vocab_size 256)")
     p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -42,10 +43,30 @@ def _prompt_ids(args, vocab_size: int) -> list[int]:
     return ids
 
 
-def run_generate(args) -> int:
+def load_model(path: str, dtype, device):
+    """An HF-format checkpoint directory, or a training run / training checkpoint directory."""
+    import os
+
     import torch
 
     from coscale.checkpoint import from_pretrained
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return from_pretrained(path, dtype=dtype, device=device)
+    from coscale.config import ModelConfig
+    from coscale.model import DeepseekForCausalLM
+    from coscale.train import checkpointing
+
+    state = checkpointing.load_checkpoint(checkpointing.resolve_checkpoint(path))
+    model = DeepseekForCausalLM(ModelConfig.from_dict(state.meta["model_config"]))
+    # FP8 training keeps the same parameter names, so its state loads into the plain model.
+    model.load_state_dict(state.model)
+    return model.to(device=device, dtype=dtype) if dtype != torch.float32 else model.to(device)
+
+
+def run_generate(args) -> int:
+    import torch
+
     from coscale.infer.decode import generate, generate_speculative
 
     if args.max_new_tokens < 0:
@@ -54,7 +75,7 @@ def run_generate(args) -> int:
         raise CoscaleError("--speculative decodes greedily; drop --temperature")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = from_pretrained(args.checkpoint, dtype=dtype, device=device).eval()
+    model = load_model(args.checkpoint, dtype, device).eval()
     ids = _prompt_ids(args, model.config.vocab_size)
     prompt = torch.tensor([ids], device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
