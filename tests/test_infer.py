@@ -105,3 +105,17 @@ def test_generate_cli_from_hf_checkpoint_and_training_run(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "hf"), "--prompt-ids", "999"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("coscale generate: error:") for line in err)
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--temperature", "nan"], "temperature"), (["--device", "foo"], "device"),
+    (["--max-new-tokens", "5000"], "context length"),
+])
+def test_generate_cli_rejects_bad_options(tmp_path, capsys, extra, msg):
+    from coscale.cli import main
+
+    DeepseekForCausalLM(get_preset("tiny", num_hidden_layers=1)).save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "hf"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and msg in err

@@ -305,3 +305,91 @@ def test_experts_follow_autocast_dtype():
     assert y.dtype == torch.bfloat16
     ref = experts_forward_loop(x, idx, w, experts.w_gate, experts.w_up, experts.w_down)
     assert ((y.float() - ref).norm() / ref.norm()) < 3e-2  # bf16 operands
+
+
+@pytest.mark.parametrize("start_pos", [0, 5, 40])
+def test_causal_at_any_start_position(start_pos):
+    """Changing the last token never changes earlier positions' logits, with or without an offset."""
+    torch.manual_seed(8)
+    cfg = small_cfg()
+    model = DeepseekForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % cfg.vocab_size
+    with torch.no_grad():
+        a, b = model(ids, start_pos), model(changed, start_pos)
+    torch.testing.assert_close(a[:, :-1], b[:, :-1], rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(a[:, -1], b[:, -1])
+
+
+def test_chunk_at_offset_equals_rope_shifted_positions():
+    """A chunk decoded at start_pos without a cache sees only itself, at positions start_pos.."""
+    torch.manual_seed(9)
+    cfg = small_cfg()
+    model = DeepseekForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    with torch.no_grad():
+        cache = LatentKVCache(cfg, 2, 16, dtype=torch.float64)
+        model(torch.zeros(2, 4, dtype=torch.long), 0, cache)  # something else at positions 0..3
+        with_cache = model(ids, 4, cache)
+        alone = model(ids, 4)
+    assert not torch.allclose(with_cache, alone)  # the cache adds context
+    # RoPE is relative: the same chunk at offset 0 and offset 4 scores the same
+    torch.testing.assert_close(alone, model(ids, 0), rtol=1e-8, atol=1e-8)
+
+
+def test_empty_inputs_are_a_clear_error():
+    model = DeepseekForCausalLM(small_cfg()).eval()
+    for shape in [(0, 4), (2, 0)]:
+        with pytest.raises(ValueError, match="non-empty"):
+            model(torch.zeros(shape, dtype=torch.long))
+
+
+def test_init_zeroes_biases_and_sets_norms_to_one():
+    model = DeepseekForCausalLM(small_cfg(attention_bias=True))
+    attn = model.model.layers[0].self_attn
+    assert torch.equal(attn.o_proj.bias, torch.zeros_like(attn.o_proj.bias))
+    assert torch.equal(attn.kv_a_layernorm.weight, torch.ones_like(attn.kv_a_layernorm.weight))
+    assert attn.o_proj.weight.std() > 0
+
+
+def test_mtp_against_independent_reference():
+    """MTP depth 1 written out from the report: h'_i = W [RMSNorm(Emb(t_{i+1})); RMSNorm(h_i)]."""
+    torch.manual_seed(10)
+    cfg = small_cfg(num_nextn_predict_layers=1, aux_loss_alpha=0.0)
+    model = DeepseekForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    mtp = model.mtp[0]
+    with torch.no_grad():
+        h = model.hidden_states(ids)
+        got = model.mtp_logits(h, ids)[0]
+        for i in range(ids.shape[1] - 1):  # the last position has no next token
+            # module k=1 at position i sees h_i and the embedding of token i+1, over positions 0..i only
+            emb = model.model.embed_tokens(ids[:, 1 : i + 2])
+
+            def rms(x, w):
+                return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * w
+
+            x = torch.cat([rms(emb, mtp.enorm.weight), rms(h[:, : i + 1], mtp.hnorm.weight)], dim=-1)
+            x = x @ mtp.eh_proj.weight.T
+            cos, sin = model.rotary(0, i + 1)
+            x = mtp.block(x, cos, sin)
+            ref = rms(x[:, -1], mtp.norm.weight) @ model.lm_head.weight.T
+            torch.testing.assert_close(got[:, i], ref)
+
+
+def test_mtp_loss_skips_depths_without_targets():
+    cfg = small_cfg(num_nextn_predict_layers=2)
+    model = DeepseekForCausalLM(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 2))
+    labels = torch.randint(0, cfg.vocab_size, (2, 2))
+    out = model.compute_loss(ids, labels)
+    assert torch.isfinite(out.loss)  # depth 2 has no target in a 2-token sequence
+
+
+def test_experts_reject_unknown_impl_and_precision():
+    experts = GroupedExperts(2, 4, 4)
+    with pytest.raises(ValueError, match="impl"):
+        experts.impl = "fast"
+    with pytest.raises(ValueError, match="precision"):
+        experts.precision = "fp16"

@@ -6,10 +6,9 @@ Thin: parse, call the library, print one rendering (a readable table, ``--markdo
 from __future__ import annotations
 
 from coscale.analysis import ep_limit, flops, kv_cache, memory, network
+from coscale.analysis.memory import DTYPE_BYTES
 from coscale.analysis.table import Table, render
 from coscale.errors import ConfigError
-
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 
 
 def register(subparsers) -> None:

@@ -7,8 +7,9 @@ Dgrad     dX [M, K] = dY [M, N] @ W           dY 1x128 tiles along N, W^T blocks
 Wgrad     dW [N, K] = dY^T [N, M] @ X [M, K]  dY^T and X^T both in 1x128 tiles along M (tokens)
 
 One fused pass (kernels.quant.act_quant_1x128_dual) quantizes X into both layouts in the forward and
-dY into both in the backward. Saved for backward: the FP8 X^T (1 byte per element plus one FP32 scale
-per 128) and the FP8 weight, never the BF16 activation. The GEMMs accumulate in FP32 with promotion
+dY into both in the backward; one fused pass (weight_quant_128x128_dual) writes W and W^T in FP8.
+Saved for backward: the FP8 X^T (1 byte per element plus one FP32 scale per 128) and the FP8 W^T,
+never the BF16 activation. The GEMMs accumulate in FP32 with promotion
 every 128 elements of K (kernels.fp8_gemm). The output and dX come back in X's dtype; dW is computed in
 FP32 and returned in the master weight's dtype (FP32 master weights get FP32 gradients); the bias and
 its gradient stay in high precision.
@@ -27,52 +28,80 @@ import torch
 from torch import nn
 
 from coscale.kernels.fp8_gemm import fp8_gemm
-from coscale.kernels.quant import act_quant_1x128, act_quant_1x128_dual, weight_quant_128x128
+from coscale.kernels.quant import (
+    act_quant_1x128,
+    act_quant_1x128_dual,
+    weight_quant_128x128,
+    weight_quant_128x128_dual,
+)
 
 __all__ = ["FP8LinearFunction", "FP8Linear", "fp8_linear"]
 
 
 class FP8LinearFunction(torch.autograd.Function):
-    """y = x @ weight^T (+ bias) with the forward, dgrad and wgrad GEMMs in FP8 (module docstring)."""
+    """y = x @ weight^T (+ bias) with the forward, dgrad and wgrad GEMMs in FP8 (module docstring).
+
+    Full passes over memory, per direction (M tokens, K in, N out; Kp/Np rounded up to 128):
+      forward   1. x        -> xq [M, Kp] (+ xt [Kp, Mp] when W needs a gradient)   one read of x
+                2. weight   -> wq [Np, Kp] (+ wq_t [Kp, Np] when x needs a gradient) one read of W
+                3. GEMM     Y = X W^T
+                (+ the bias add and, when N % 128 != 0, a slice copy of Y)
+      backward  1. dY       -> dyq [M, Np] (+ dyt [Np, Mp] when W needs a gradient) one read of dY
+                2. GEMM     dX = dY W      (wq_t saved from the forward: no transposing copy)
+                3. GEMM     dW = dY^T X    (written in the weight's dtype when it is bf16/fp16)
+                (+ the bias-gradient reduction; slice copies when K or N % 128 != 0)
+    Under no_grad (or frozen inputs) only the single layouts are produced: act_quant_1x128 and
+    weight_quant_128x128. Saved for backward: xt/xts (FP8 X^T) and wq_t/ws_t (FP8 W^T).
+    The transposed layouts are padded to Kp / Np rows, so every GEMM has 128-multiple M and N and can
+    take cuBLAS under backend="auto" (kernels.fp8_gemm decides, including its K % 512 rule).
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, backend="auto", round_scale=False):
         k = x.shape[-1]
         n = weight.shape[0]
         x2 = x.reshape(-1, k)
-        need_wgrad = ctx.needs_input_grad[1]  # False under no_grad: skip the transposed layout
+        need_dgrad, need_wgrad = ctx.needs_input_grad[:2]  # both False under no_grad
         if need_wgrad:
-            xq, xs, xt, xts = act_quant_1x128_dual(x2, round_scale, backend)
+            xq, xs, xt, xts = act_quant_1x128_dual(x2, round_scale, backend, pad_t=True)
         else:
             (xq, xs), xt, xts = act_quant_1x128(x2, round_scale, backend), None, None
-        wq, ws = weight_quant_128x128(weight.detach(), round_scale, backend)
+        if need_dgrad:
+            wq, ws, wq_t, ws_t = weight_quant_128x128_dual(weight.detach(), round_scale, backend)
+        else:
+            (wq, ws), wq_t, ws_t = weight_quant_128x128(weight.detach(), round_scale, backend), None, None
         out = fp8_gemm(xq, xs, wq, ws, x.dtype, backend)  # [M, Np]
         if out.shape[1] != n:
             out = out[:, :n]
         if bias is not None:
             out = out + bias.to(out.dtype)
-        ctx.save_for_backward(xt, xts, wq, ws)
+        ctx.save_for_backward(xt, xts, wq_t, ws_t)
         ctx.config = (backend, round_scale, x.shape, x.dtype, weight.dtype, k, n)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out.reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dy):
-        xt, xts, wq, ws = ctx.saved_tensors
+        xt, xts, wq_t, ws_t = ctx.saved_tensors
         backend, round_scale, x_shape, x_dtype, w_dtype, k, n = ctx.config
-        dy2 = dy.reshape(-1, n).contiguous()
+        dy2 = dy.reshape(-1, n).contiguous()  # free for the usual contiguous gradient
         need_dgrad, need_wgrad, need_bias = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if need_wgrad:
-            dyq, dys, dyt, dyts = act_quant_1x128_dual(dy2, round_scale, backend)
+            dyq, dys, dyt, dyts = act_quant_1x128_dual(dy2, round_scale, backend, pad_t=True)
         elif need_dgrad:
             dyq, dys = act_quant_1x128(dy2, round_scale, backend)
-        if need_dgrad:
-            # W^T's 128x128 blocks are W's blocks transposed: transpose the FP8 data and the scales
-            dx = fp8_gemm(dyq, dys, wq.t().contiguous(), ws.t(), x_dtype, backend)  # [M, Kp]
+        if need_dgrad:  # W^T's 128x128 blocks are W's blocks transposed, written by the forward
+            dx = fp8_gemm(dyq, dys, wq_t, ws_t, x_dtype, backend)  # [M, Kp]
             dx = (dx[:, :k] if dx.shape[1] != k else dx).reshape(x_shape)
         if need_wgrad:
-            dw = fp8_gemm(dyt, dyts, xt, xts, torch.float32, backend).to(w_dtype)  # [N, K]
+            # FP32 accumulation inside the GEMM; written directly in a 16-bit master dtype (one pass
+            # instead of an FP32 buffer plus a conversion)
+            gemm_dtype = w_dtype if w_dtype in (torch.bfloat16, torch.float16) else torch.float32
+            dw = fp8_gemm(dyt, dyts, xt, xts, gemm_dtype, backend)  # [Np, Kp]
+            if dw.shape != (n, k):
+                dw = dw[:n, :k]
+            dw = dw.to(w_dtype)
         if need_bias:
             db = dy2.float().sum(0).to(ctx.bias_dtype)
         return dx, dw, db, None, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 from coscale.errors import CoscaleError
@@ -71,12 +72,24 @@ def run_generate(args) -> int:
 
     if args.max_new_tokens < 0:
         raise CoscaleError("--max-new-tokens must be >= 0")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise CoscaleError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.speculative and args.temperature > 0:
         raise CoscaleError("--speculative decodes greedily; drop --temperature")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise CoscaleError(f"--device must be cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CoscaleError("--device cuda requested but CUDA is not available")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = load_model(args.checkpoint, dtype, device).eval()
     ids = _prompt_ids(args, model.config.vocab_size)
+    limit = model.config.max_position_embeddings
+    if len(ids) + args.max_new_tokens > limit:
+        raise CoscaleError(
+            f"prompt ({len(ids)}) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's context "
+            f"length ({limit} positions)"
+        )
     prompt = torch.tensor([ids], device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()

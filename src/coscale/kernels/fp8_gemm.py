@@ -16,8 +16,9 @@ about 14 bits while accumulating, so partial sums must move to FP32 at least eve
 - "triton": ``_fp8_gemm_kernel`` below. Each K step is one 128-wide tl.dot started from zero, scaled by
   sA[:, k] * sB[:, k] and added to an FP32 register accumulator: promotion every 128 elements of K.
 - "torch": dequantize both operands to FP32 and matmul in FP32 (the CPU fallback and test oracle).
-- "auto": cublas on CUDA when the probe accepted the granularities and M, N are multiples of 128,
-  else triton on CUDA, else torch.
+- "auto": cublas on CUDA when the probe accepted the granularities, M, N are multiples of 128 and
+  ``cublas_shape_problem`` finds nothing (with 128x128 scales K % 512 == 0), else triton on CUDA, else
+  torch. ``backend="cublas"`` raises a CoscaleError for a shape cuBLAS would get wrong.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from coscale.errors import CoscaleError
 from coscale.kernels.quant import BLOCK, FP8_DTYPE, interpreting, outer_major, triton_available
 
-__all__ = ["fp8_gemm", "fp8_gemm_ref", "scale_granularity", "cublas_blockwise_supported"]
+__all__ = ["fp8_gemm", "fp8_gemm_ref", "scale_granularity", "cublas_blockwise_supported", "cublas_shape_problem"]
 
 
 def scale_granularity(rows: int, k: int, scale: torch.Tensor, name: str) -> int:
@@ -152,6 +153,26 @@ def cublas_blockwise_supported(device: torch.device, ga: int, gb: int):
     return _probe(index, ga, gb)
 
 
+def cublas_shape_problem(m: int, n: int, k: int, ga: int, gb: int):
+    """Why cuBLAS' block-scaled GEMM cannot take this shape (a sentence), or None when it can.
+
+    torch checks a 128x128 scale's row stride to be exactly K/128 (it reads the scale of ``mat2 = b.t()``
+    as [K/128, N/128] with strides (1, K/128)), and cuBLAS reads scale rows at 16-byte aligned strides:
+    K/128 must be a multiple of 4 (K % 512 == 0). Otherwise cuBLAS silently reads misplaced scales
+    (bench_fp8, H100: the kv_a_proj dgrad, K = 640, gave a relative error of 50). A 1x128 scale is
+    outer-dim-major with stride = rows, so the rows of a 1x128-scaled operand must be a multiple of 4.
+    """
+    if BLOCK in (ga, gb) and (k // BLOCK) % 4:
+        return (
+            f"K = {k}: with 128x128 scales cuBLAS needs K/128 to be a multiple of 4 (K % 512 == 0); "
+            "a padded scale stride is rejected by torch and an unaligned one is misread by cuBLAS"
+        )
+    for rows, g, name in ((m, ga, "M"), (n, gb, "N")):
+        if g == 1 and rows % 4:
+            return f"{name} = {rows}: 1x128 scales are outer-dim-major, cuBLAS needs {name} % 4 == 0"
+    return None
+
+
 def _fp8_gemm_cublas(a, a_scale, b, b_scale, out_dtype, ga, gb, form):
     call_name, la, lb = form
     sa, sb = _LAYOUTS[la](a_scale), _LAYOUTS[lb](b_scale)
@@ -254,13 +275,24 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, backend: str = "a
     ga, gb = _check(a, a_scale, b, b_scale)
     if backend not in ("auto", "cublas", "triton", "torch"):
         raise CoscaleError(f"backend must be auto, cublas, triton or torch; got {backend!r}")
-    m, n = a.shape[0], b.shape[0]
+    m, n, k = a.shape[0], b.shape[0], a.shape[1]
     if backend == "auto":
         form = cublas_blockwise_supported(a.device, ga, gb) if a.is_cuda else None
-        if form is not None and m % BLOCK == 0 and n % BLOCK == 0 and m and n and a.shape[1]:
+        if (
+            form is not None
+            and m % BLOCK == 0
+            and n % BLOCK == 0
+            and m
+            and n
+            and k
+            and cublas_shape_problem(m, n, k, ga, gb) is None
+        ):
             return _fp8_gemm_cublas(a, a_scale, b, b_scale, out_dtype, ga, gb, form)
         backend = "triton" if a.is_cuda and triton_available() else "torch"
     if backend == "cublas":
+        problem = cublas_shape_problem(m, n, k, ga, gb)
+        if problem is not None:
+            raise CoscaleError(f"backend='cublas' cannot compute this GEMM correctly: {problem}; use 'triton' or 'auto'")
         form = cublas_blockwise_supported(a.device, ga, gb)
         if form is None:
             raise CoscaleError(

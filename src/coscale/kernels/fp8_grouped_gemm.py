@@ -34,10 +34,12 @@ from coscale.kernels.fp8_gemm import fp8_gemm_ref
 from coscale.kernels.quant import (
     BLOCK,
     FP8_DTYPE,
+    act_quant_1x128,
     act_quant_1x128_dual,
     interpreting,
     triton_available,
     weight_quant_128x128,
+    weight_quant_128x128_dual,
 )
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
     "fp8_grouped_wgrad",
     "fp8_grouped_wgrad_ref",
     "fp8_grouped_linear",
+    "fp8_grouped_gate_up",
+    "expert_tile_map",
     "quantize_expert_weights",
 ]
 
@@ -113,9 +117,11 @@ def fp8_grouped_wgrad_ref(dyt, dyt_scale, xt, xt_scale, group_end_offsets):
 
 
 def _configs(triton, interpret: bool):
+    """Exactly one config when interpreting (autotune with >= 2 configs needs a GPU driver), a short
+    list on CUDA: 128-row tiles (one expert per tile), BLOCK_K = 128 (one promotion per K step)."""
     if interpret or not torch.cuda.is_available():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    shapes = [(128, 128, 4, 8), (128, 256, 3, 8), (128, 128, 3, 4), (64, 128, 4, 4)]
+    shapes = [(128, 128, 4, 8), (128, 256, 3, 8), (128, 128, 3, 8), (128, 128, 4, 4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, s, w in shapes
     ]
@@ -126,32 +132,31 @@ def _build_kernels(interpret: bool):
     import triton
     import triton.language as tl
 
-    @triton.autotune(configs=_configs(triton, interpret), key=["N", "K", "E"])
+    @triton.autotune(configs=_configs(triton, interpret), key=["N", "K"])
     @triton.jit
     def grouped_mm_kernel(
-        a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, off_ptr, M, N, K, E,
+        a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, tile_ptr, M, N, K, E,
         stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
         stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
-        E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
         pid_m = pid // num_n  # neighbouring programs share the A tile and the expert's weights
         pid_n = pid % num_n
         row0 = pid_m * BLOCK_M
-        offs_e = tl.arange(0, E_POW2)
-        ends = tl.load(off_ptr + offs_e, mask=offs_e < E, other=2147483647)
-        expert = tl.sum((ends <= row0).to(tl.int32), 0)  # segments are 128-aligned: one per tile
+        # the expert of this 128-row tile, precomputed on the device (segments are 128-aligned)
+        expert = tl.load(tile_ptr + row0 // BLOCK_K)
         valid = expert < E
-        expert = tl.minimum(expert, E - 1)
+        expert = tl.minimum(expert, E - 1).to(tl.int64)
         offs_m = (row0 + tl.arange(0, BLOCK_M)) % M
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
         offs_k = tl.arange(0, BLOCK_K)
-        b_base = b_ptr + expert.to(tl.int64) * stride_be
         a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-        b_ptrs = b_base + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] * stride_bk
+        # B tile [BLOCK_N, BLOCK_K] loaded K-contiguous (the layout FP8 WGMMA wants), used transposed
+        b_ptrs = b_ptr + expert * stride_be + offs_n[:, None].to(tl.int64) * stride_bn + offs_k[None, :] * stride_bk
         sa_ptrs = sa_ptr + offs_m.to(tl.int64) * stride_sam
-        sb_ptrs = sb_ptr + expert.to(tl.int64) * stride_sbe + (offs_n // BLOCK_K) * stride_sbn
+        sb_ptrs = sb_ptr + expert * stride_sbe + (offs_n // BLOCK_K) * stride_sbn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         num_k = tl.where(valid, tl.cdiv(K, BLOCK_K), 0)  # rows after the last expert: zeros
         for kb in range(0, num_k):
@@ -159,7 +164,8 @@ def _build_kernels(interpret: bool):
             b = tl.load(b_ptrs)
             sa = tl.load(sa_ptrs + kb * stride_sak)
             sb = tl.load(sb_ptrs + kb * stride_sbk)
-            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+            # one 128-deep dot from zero, promoted into the FP32 accumulator with its block scales
+            acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
         rows = row0 + tl.arange(0, BLOCK_M)
@@ -167,7 +173,7 @@ def _build_kernels(interpret: bool):
         c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
 
-    @triton.autotune(configs=_configs(triton, interpret), key=["N", "K", "E"])
+    @triton.autotune(configs=_configs(triton, interpret), key=["N", "K"])
     @triton.jit
     def grouped_wgrad_kernel(
         a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, off_ptr, N, K, E,
@@ -176,6 +182,8 @@ def _build_kernels(interpret: bool):
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     ):  # fmt: skip
         # C[e] [N, K] = A[:, seg e] @ B[:, seg e]^T; A = dY^T [N, Mp], B = X^T [K, Mp]; BLOCK_M tiles N.
+        # Both operands are token-contiguous (K-major for this GEMM); the output is written in C's
+        # dtype straight from the FP32 accumulator (no FP32 buffer plus conversion pass).
         expert = tl.program_id(1)
         pid = tl.program_id(0)
         num_k = tl.cdiv(K, BLOCK_N)
@@ -189,15 +197,15 @@ def _build_kernels(interpret: bool):
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for t0 in range(start, end, BLOCK_T):
             a = tl.load(a_ptr + offs_n[:, None].to(tl.int64) * stride_an + (t0 + offs_t)[None, :] * stride_at)
-            b = tl.load(b_ptr + offs_k[None, :].to(tl.int64) * stride_bk + (t0 + offs_t)[:, None] * stride_bt)
+            b = tl.load(b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + (t0 + offs_t)[None, :] * stride_bt)
             tile = t0 // BLOCK_T
             sa = tl.load(sa_ptr + offs_n.to(tl.int64) * stride_san + tile * stride_sat)
             sb = tl.load(sb_ptr + offs_k.to(tl.int64) * stride_sbk + tile * stride_sbt)
-            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+            acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
         rows = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-        c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + rows[:, None] * stride_cn + cols[None, :] * stride_ck
-        tl.store(c_ptrs, acc, mask=(rows < N)[:, None] & (cols < K)[None, :])
+        c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + rows[:, None].to(tl.int64) * stride_cn + cols[None, :] * stride_ck
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows < N)[:, None] & (cols < K)[None, :])
 
     return grouped_mm_kernel, grouped_wgrad_kernel
 
@@ -224,10 +232,24 @@ def _check_grouped(a, a_scale, b, b_scale):
         )
 
 
+def expert_tile_map(group_end_offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """[ceil(rows/128)] int32: the expert owning each 128-row tile (E for tiles after the last segment).
+
+    Two small device ops (arange + searchsorted), no host sync; computed once per layer call and
+    shared by every grouped GEMM of that call, so the kernel looks its expert up in O(1)."""
+    offsets = group_end_offsets.to(torch.int64)
+    starts = torch.arange(0, max(rows, 1), BLOCK, device=offsets.device, dtype=torch.int64)
+    return torch.searchsorted(offsets, starts, right=True).to(torch.int32)
+
+
 def fp8_grouped_mm(
-    a, a_scale, b, b_scale, group_end_offsets, out_dtype=torch.bfloat16, backend: str = "auto"
+    a, a_scale, b, b_scale, group_end_offsets, out_dtype=torch.bfloat16, backend: str = "auto", *, tile_expert=None
 ) -> torch.Tensor:
-    """[M, N]: rows of expert e times b[e]^T, block-scaled FP8 with FP32 accumulation (see module doc)."""
+    """[M, N]: rows of expert e times b[e]^T, block-scaled FP8 with FP32 accumulation (see module doc).
+
+    ``b`` may be any strided [E, N, K] view with K contiguous (e.g. the transposed weights written by
+    quant.weight_quant_128x128_dual). ``tile_expert``: expert_tile_map(group_end_offsets, M) if the
+    caller already has it."""
     _check_grouped(a, a_scale, b, b_scale)
     _check_offsets(group_end_offsets, b.shape[0])
     if not _use_triton(a.device, backend):
@@ -237,31 +259,35 @@ def fp8_grouped_mm(
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0:
         return c
+    if b.stride(2) != 1:
+        raise CoscaleError("fp8_grouped_mm needs b's last (K) dimension contiguous")
     kernel, _ = _build_kernels(interpreting())
-    offsets = group_end_offsets.to(device=a.device, dtype=torch.int32)
+    if tile_expert is None:
+        tile_expert = expert_tile_map(group_end_offsets.to(a.device), m)
 
     def grid(meta):
         return (-(-m // meta["BLOCK_M"]) * -(-n // meta["BLOCK_N"]),)
 
     kernel[grid](
-        a, b, c, a_scale, b_scale, offsets, m, n, k, e,
+        a, b, c, a_scale, b_scale, tile_expert, m, n, k, e,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
-        E_POW2=max(16, 1 << (e - 1).bit_length()), BLOCK_K=BLOCK,
+        BLOCK_K=BLOCK,
     )  # fmt: skip
     return c
 
 
-def fp8_grouped_wgrad(dyt, dyt_scale, xt, xt_scale, group_end_offsets, backend: str = "auto"):
-    """[E, N, K] fp32: dW_e = dY_e^T X_e from token-contiguous 1x128 layouts (see module doc)."""
+def fp8_grouped_wgrad(dyt, dyt_scale, xt, xt_scale, group_end_offsets, backend: str = "auto", *, out_dtype=torch.float32):
+    """[E, N, K]: dW_e = dY_e^T X_e from token-contiguous 1x128 layouts (see module doc); accumulated
+    in FP32 and written in ``out_dtype`` (FP32 by default; the autograd wrappers ask for w's dtype)."""
     n, mp = dyt.shape
     k = xt.shape[0]
     if xt.shape[1] != mp or mp % BLOCK:
         raise CoscaleError(f"dyt [N, Mp] and xt [K, Mp] need one Mp, a multiple of 128: {dyt.shape}, {xt.shape}")
     experts = group_end_offsets.numel()
     if not _use_triton(dyt.device, backend):
-        return fp8_grouped_wgrad_ref(dyt, dyt_scale, xt, xt_scale, group_end_offsets)
-    out = torch.empty(experts, n, k, dtype=torch.float32, device=dyt.device)
+        return fp8_grouped_wgrad_ref(dyt, dyt_scale, xt, xt_scale, group_end_offsets).to(out_dtype)
+    out = torch.empty(experts, n, k, dtype=out_dtype, device=dyt.device)
     if out.numel() == 0:
         return out
     _, kernel = _build_kernels(interpreting())
@@ -285,36 +311,100 @@ def quantize_expert_weights(w: torch.Tensor, backend: str = "auto"):
     return wq.view(e, n, k), ws.view(e, n // BLOCK, k // BLOCK)
 
 
+def _quantize_weights(ws, need_t: bool, backend: str):
+    """Quantize expert weights [E, N_i, K] (one or several, e.g. w_gate and w_up) into one stacked
+    buffer [E, sum Np_i, Kp] (each part padded to 128 rows) and, when ``need_t``, its transpose
+    [E, Kp, sum Np_i] written by the same pass (no transposing copy later)."""
+    e, _, k = ws[0].shape
+    kp = _ceil128(k)
+    nps = [_ceil128(w.shape[1]) for w in ws]
+    total = sum(nps)
+    dev = ws[0].device
+    wq = torch.empty(e, total, kp, dtype=FP8_DTYPE, device=dev)
+    sq = torch.empty(e, total // BLOCK, kp // BLOCK, dtype=torch.float32, device=dev)
+    if not need_t:
+        if len(ws) == 1 and ws[0].shape[1] % BLOCK == 0 and k % BLOCK == 0:
+            wq, sq = quantize_expert_weights(ws[0], backend)
+            return wq, sq, None, None
+    wt = torch.empty(e, kp, total if need_t else 0, dtype=FP8_DTYPE, device=dev)
+    st = torch.empty(e, kp // BLOCK, total // BLOCK if need_t else 0, dtype=torch.float32, device=dev)
+    row = 0
+    for w, np_ in zip(ws, nps):
+        rb = slice(row // BLOCK, (row + np_) // BLOCK)
+        out = (wq[:, row : row + np_], sq[:, rb], *((wt[:, :, row : row + np_], st[:, :, rb]) if need_t else (None, None)))
+        weight_quant_128x128_dual(w.detach(), backend=backend, out=out)
+        row += np_
+    return wq, sq, (wt if need_t else None), (st if need_t else None)
+
+
+def _ceil128(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
 # ----------------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------------
 
 
-class _FP8GroupedLinearFunction(torch.autograd.Function):
-    """x [M, K] (K % 128 == 0), w [E, N, K] (N % 128 == 0), 128-aligned segments."""
+class _FP8GroupedFunction(torch.autograd.Function):
+    """out [M, sum Np_i] = x [M, K] @ [w_0; w_1; ...]_e^T for 128-aligned segments, all in FP8.
+
+    Several weights (w_gate and w_up) share one quantization of x, one GEMM (their FP8 copies are
+    stacked by the quantization pass itself, so the stacking costs nothing) and one dgrad GEMM
+    dX = [dG | dU] [W_gate; W_up]. Full passes per direction:
+      forward   x -> xq (+ xt when any weight needs a gradient), each weight -> wq (+ wq_t when x
+                needs one), one grouped GEMM
+      backward  dY -> dyq (+ dyt), one dgrad grouped GEMM against the saved wq_t (no transposing
+                copy), one wgrad grouped GEMM per weight written in the weight's dtype
+    No host synchronisation: the tile -> expert map comes from the caller.
+    """
 
     @staticmethod
-    def forward(ctx, x, w, group_end_offsets, backend):
-        xq, xs, xt, xts = act_quant_1x128_dual(x, backend=backend)
-        wq, ws = quantize_expert_weights(w, backend=backend)
-        out = fp8_grouped_mm(xq, xs, wq, ws, group_end_offsets, x.dtype, backend)
-        ctx.save_for_backward(xt, xts, wq, ws, group_end_offsets)
+    def forward(ctx, x, offsets, tile_expert, backend, *ws):
+        need_dx = ctx.needs_input_grad[0]
+        need_dw = any(ctx.needs_input_grad[4:])
+        if need_dw:
+            xq, xs, xt, xts = act_quant_1x128_dual(x, backend=backend)
+        else:
+            (xq, xs), xt, xts = act_quant_1x128(x, backend=backend), None, None
+        wq, sq, wt, st = _quantize_weights(ws, need_dx, backend)
+        out = fp8_grouped_mm(xq, xs, wq, sq, offsets, x.dtype, backend, tile_expert=tile_expert)
+        ctx.save_for_backward(xt, xts, wt, st, offsets, tile_expert)
         ctx.backend = backend
-        ctx.w_dtype = w.dtype
-        ctx.x_dtype = x.dtype
+        ctx.x_shape = x.shape
+        ctx.w_meta = [(w.shape[1], w.dtype) for w in ws]
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        xt, xts, wq, ws, offsets = ctx.saved_tensors
-        dyq, dys, dyt, dyts = act_quant_1x128_dual(dy.contiguous(), backend=ctx.backend)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:  # dX = dY W_e: the 128x128 blocks of W_e^T are W_e's, transposed
-            wq_t = wq.transpose(1, 2).contiguous()
-            dx = fp8_grouped_mm(dyq, dys, wq_t, ws.transpose(1, 2), offsets, ctx.x_dtype, ctx.backend)
-        if ctx.needs_input_grad[1]:
-            dw = fp8_grouped_wgrad(dyt, dyts, xt, xts, offsets, ctx.backend).to(ctx.w_dtype)
-        return dx, dw, None, None
+        xt, xts, wt, st, offsets, tile_expert = ctx.saved_tensors
+        m, k = ctx.x_shape
+        need_dx = ctx.needs_input_grad[0]
+        need_dw = ctx.needs_input_grad[4:]
+        dy = dy.contiguous()
+        if any(need_dw):
+            dyq, dys, dyt, dyts = act_quant_1x128_dual(dy, backend=ctx.backend)
+        else:
+            dyq, dys = act_quant_1x128(dy, backend=ctx.backend)
+        dx = None
+        if need_dx:  # one GEMM over all stacked weights: contraction sum Np_i
+            dx = fp8_grouped_mm(dyq, dys, wt, st, offsets, dy.dtype, ctx.backend, tile_expert=tile_expert)
+            if dx.shape[1] != k:
+                dx = dx[:, :k]
+        dws = []
+        row = 0
+        for (n, w_dtype), need in zip(ctx.w_meta, need_dw):
+            np_ = _ceil128(n)
+            if need:  # rows of dY^T belonging to this weight (a view, no copy)
+                dt = w_dtype if w_dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+                dw = fp8_grouped_wgrad(
+                    dyt[row : row + n], dyts[row : row + n], xt[:k], xts[:k], offsets, ctx.backend, out_dtype=dt
+                )
+                dws.append(dw.to(w_dtype))
+            else:
+                dws.append(None)
+            row += np_
+        return (dx, None, None, None, *dws)
 
 
 def _pad_last(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -326,38 +416,88 @@ def _pad_last(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, spec)
 
 
+def _check_linear_args(x, w, group_end_offsets):
+    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[2]:
+        raise CoscaleError(f"expected x [M, K] and w [E, N, K]; got {tuple(x.shape)}, {tuple(w.shape)}")
+    _check_offsets(group_end_offsets, w.shape[0])
+
+
+def _aligned_call(x, ws, offsets, backend):
+    """x [M, K] with 128-aligned segments (no check, no host sync) -> [M, sum Np_i]."""
+    offsets = offsets.to(device=x.device, dtype=torch.int32)
+    tile_expert = expert_tile_map(offsets, x.shape[0])
+    return _FP8GroupedFunction.apply(x, offsets, tile_expert, backend, *ws)
+
+
 def fp8_grouped_linear(
-    x: torch.Tensor, w: torch.Tensor, group_end_offsets: torch.Tensor, backend: str = "auto"
+    x: torch.Tensor,
+    w: torch.Tensor,
+    group_end_offsets: torch.Tensor,
+    backend: str = "auto",
+    *,
+    aligned: bool = False,
 ) -> torch.Tensor:
     """y [M, N] = x_i @ w[e(i)]^T with forward, dgrad and wgrad in FP8 (see the module docstring).
 
     x [M, K] bf16/fp32 rows sorted by expert; w [E, N, K] master weights (fp32/bf16);
     group_end_offsets [E] int32/int64 (rows [off[e-1], off[e]) use expert e). Returns x's dtype.
+    ``aligned=True`` promises that every segment end is a multiple of 128 (what permute_tokens gives
+    with align=128): no check, no padding, no host sync. Otherwise one host sync checks the offsets
+    and unaligned segments are padded with zero rows.
     """
-    if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[2]:
-        raise CoscaleError(f"expected x [M, K] and w [E, N, K]; got {tuple(x.shape)}, {tuple(w.shape)}")
-    _check_offsets(group_end_offsets, w.shape[0])
-    m, k = x.shape
+    _check_linear_args(x, w, group_end_offsets)
+    m = x.shape[0]
     n = w.shape[1]
-    x_p, w_p = _pad_last(x, 1), _pad_last(_pad_last(w, 2), 1)  # zero features change no product
+    if aligned:
+        out = _aligned_call(x, (w,), group_end_offsets, backend)
+        return out[:, :n] if out.shape[1] != n else out
     offsets = group_end_offsets.to(device=x.device, dtype=torch.int64)
     starts = torch.cat([offsets.new_zeros(1), offsets[:-1]])
     counts = offsets - starts
     padded_counts = (counts + BLOCK - 1) // BLOCK * BLOCK
-    aligned_total = int(offsets[-1]) if offsets.numel() else 0  # one host sync
-    if torch.equal(counts, padded_counts) and aligned_total == m:
-        out = _FP8GroupedLinearFunction.apply(x_p, w_p, offsets.to(torch.int32), backend)
+    padded_ends = torch.cumsum(padded_counts, 0)
+    if offsets.numel():  # one host sync for all three numbers
+        end, total, unaligned = torch.stack(
+            [offsets[-1], padded_ends[-1], (counts != padded_counts).any().to(torch.int64)]
+        ).tolist()
+    else:
+        end, total, unaligned = 0, 0, 0
+    if not unaligned and end == m:
+        out = _aligned_call(x, (w,), offsets, backend)
         return out[:, :n] if out.shape[1] != n else out
     # Pad each expert's segment to a multiple of 128 rows: scatter rows into a zeroed buffer.
-    padded_ends = torch.cumsum(padded_counts, 0)
     padded_starts = padded_ends - padded_counts
-    rows = torch.arange(aligned_total, device=x.device)
+    rows = torch.arange(end, device=x.device)
     expert_of_row = torch.searchsorted(offsets, rows, right=True)
     dest = rows - starts[expert_of_row] + padded_starts[expert_of_row]
-    total = int(padded_ends[-1])
-    x_buf = x_p.new_zeros(total, x_p.shape[1]).index_copy(0, dest, x_p[:aligned_total])
-    out_buf = _FP8GroupedLinearFunction.apply(x_buf, w_p, padded_ends.to(torch.int32), backend)
+    x_buf = x.new_zeros(total, x.shape[1]).index_copy(0, dest, x[:end])
+    out_buf = _aligned_call(x_buf, (w,), padded_ends, backend)
     out = out_buf.index_select(0, dest)[:, :n]
-    if aligned_total < m:  # rows after the last expert belong to none: zeros
-        out = torch.cat([out, out.new_zeros(m - aligned_total, n)])
+    if end < m:  # rows after the last expert belong to none: zeros
+        out = torch.cat([out, out.new_zeros(m - end, n)])
+    return out
+
+
+def fp8_grouped_gate_up(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    group_end_offsets: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """gate_up [M, 2I] = [x_i w_gate[e]^T | x_i w_up[e]^T], everything in FP8, for 128-aligned
+    segments (the caller's contract, as permute_tokens gives with align=128; not checked, no host sync).
+
+    x is quantized once for both (and its transposed layout once for both weight gradients); w_gate
+    and w_up are quantized into one stacked [E, 2I, K] FP8 buffer and its transpose in the same pass,
+    so the forward is one grouped GEMM and the dgrad is one grouped GEMM with contraction 2I.
+    Feed the result to kernels.swiglu.swiglu (gate first, then up)."""
+    _check_linear_args(x, w_gate, group_end_offsets)
+    if w_up.shape != w_gate.shape:
+        raise CoscaleError(f"w_gate and w_up must have one shape, got {tuple(w_gate.shape)}, {tuple(w_up.shape)}")
+    i = w_gate.shape[1]
+    ip = _ceil128(i)
+    out = _aligned_call(x, (w_gate, w_up), group_end_offsets, backend)  # [M, 2 Ip]
+    if ip != i:
+        out = torch.cat([out[:, :i], out[:, ip : ip + i]], dim=1)
     return out

@@ -111,16 +111,26 @@ def grouped_experts_forward(
     )
     offs = info.group_end_offsets
     if precision == "fp8":
-        linear = load_fp8_grouped_linear()
+        # Segments are 128-aligned by the permutation (ALIGN["fp8"]): no re-padding, no host sync.
+        # x_perm is quantized once for gate and up; [w_gate; w_up] are quantized into one stacked FP8
+        # buffer (and its transpose, for dgrad) in one pass, so gate+up is one grouped GEMM.
+        fp8_linear = load_fp8_grouped_linear()
+        from coscale.kernels.fp8_grouped_gemm import fp8_grouped_gate_up
+        from coscale.kernels.swiglu import swiglu
+
+        fp8_backend = "auto" if gemm_backend == "loop" else gemm_backend
+        gate_up = fp8_grouped_gate_up(x_perm, w_gate, w_up, offs, backend=fp8_backend)  # [M_pad, 2I]
+        a = swiglu(gate_up, backend=swiglu_backend)  # [M_pad, I]
+        y = fp8_linear(a, w_down, offs, backend=fp8_backend, aligned=True)  # [M_pad, H]
     else:
 
         def linear(inp, w, offsets):
             return grouped_mm(inp, w, offsets, backend=gemm_backend)
 
-    g = linear(x_perm, w_gate, offs)  # [M_pad, I]
-    u = linear(x_perm, w_up, offs)  # [M_pad, I]
-    a = swiglu_pair(g, u, backend=swiglu_backend)  # [M_pad, I]
-    y = linear(a, w_down, offs)  # [M_pad, H]
+        g = linear(x_perm, w_gate, offs)  # [M_pad, I]
+        u = linear(x_perm, w_up, offs)  # [M_pad, I]
+        a = swiglu_pair(g, u, backend=swiglu_backend)  # [M_pad, I]
+        y = linear(a, w_down, offs)  # [M_pad, H]
     out = unpermute_combine(
         y, info, topk_weight.float(), backend=data_backend, deterministic=deterministic
     )

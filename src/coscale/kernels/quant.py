@@ -18,9 +18,11 @@ column-major: element (r, j) at r + j * rows. That is the layout cuBLAS' block-s
 - ``act_quant_128x1(x [M, K])`` -> yt [K, Mp] e4m3, scale_t [K, Mp/128] fp32: the *transpose* of x,
   quantized in 1x128 tiles along M (tokens). This is the layout the weight gradient dW = dY^T X needs,
   where the tokens are the contraction dimension. Token columns M..Mp-1 are zeros.
-- ``act_quant_1x128_dual(x)`` -> both of the above from one read of x (one fused Triton pass).
+- ``act_quant_1x128_dual(x)`` -> both of the above from one read of x (one fused Triton pass: each
+  program loads a [128 tokens x 128 channels] tile once and writes y, s, yt (via tl.trans) and st).
 - ``weight_quant_128x128(w [N, K])`` -> y [Np, Kp] e4m3, scale [Np/128, Kp/128] fp32, one scale per
-  128x128 block; padding rows/columns are zeros.
+  128x128 block; padding rows/columns are zeros. ``weight_quant_128x128_dual(w)`` also writes W^T's FP8
+  bytes [Kp, Np] and scales (the same numbers, transposed) in the same pass, for the dgrad GEMM.
 
 Special values: a tile containing NaN gets amax = NaN, so scale = NaN and every element of the tile
 quantizes to NaN. A tile containing +-inf gets scale = inf; the inf element becomes inf/inf = NaN and the
@@ -67,6 +69,7 @@ __all__ = [
     "act_quant_128x1",
     "act_quant_1x128_dual",
     "weight_quant_128x128",
+    "weight_quant_128x128_dual",
     "act_quant_1x128_ref",
     "act_quant_128x1_ref",
     "weight_quant_128x128_ref",
@@ -98,7 +101,12 @@ def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
 
 def _scale_from_amax(amax: torch.Tensor, round_scale: bool) -> torch.Tensor:
     amax = torch.where(amax < AMAX_FLOOR, torch.full_like(amax, AMAX_FLOOR), amax)  # keeps NaN
-    scale = amax / FP8_MAX
+    # Divide by a tensor, not by the Python number: on CUDA, `tensor / python_scalar` is computed as
+    # tensor * fl(1 / 448) (ATen's div_true_kernel_cuda reciprocal shortcut), which differs from the
+    # IEEE quotient in about half of the tiles and then flips near-tie FP8 roundings (the ~0.5%
+    # "mismatches" of bench_quant on the H100). A tensor divisor gives the IEEE quotient on every
+    # device, the same as the CPU and as the kernels' tl.math.div_rn.
+    scale = amax / torch.full_like(amax, FP8_MAX)
     return round_scale_ue8m0(scale) if round_scale else scale
 
 
@@ -176,42 +184,53 @@ def triton_available() -> bool:
 
 @functools.cache
 def _build_kernels(interpret: bool):
-    """JIT-decorate the quantization kernels (cached per interpreter mode).
+    """JIT-decorate the quantization kernel (cached per interpreter mode).
 
-    The kernels are defined here rather than at import time because ``triton.jit`` decides between the
+    The kernel is defined here rather than at import time because ``triton.jit`` decides between the
     compiler and the CPU interpreter when it decorates. The tile-scale and cast code is written out in
     each branch on purpose: the interpreter cannot call helper functions captured in a closure.
+
+    Division: ``tl.math.div_rn`` (IEEE round-to-nearest; present in triton 3.0 through 3.9 and in the
+    interpreter) everywhere the reference divides. Triton compiles a plain fp32 ``/`` to the approximate
+    ``div.full.f32``, which would not be bit-exact.
     """
     import triton
     import triton.language as tl
 
     @triton.jit
-    def act_quant_kernel(
+    def quant_kernel(
         x_ptr, y_ptr, s_ptr, yt_ptr, st_ptr,
-        M, K, Y_ROWS, stride_xm, stride_xk, stride_ym, stride_sm, stride_sk,
-        stride_ytk, stride_stk, stride_stm,
+        M, K, Y_ROWS, YT_ROWS,
+        stride_xb, stride_xm, stride_xk,
+        stride_yb, stride_ym, stride_sb, stride_sm, stride_sk,
+        stride_ytb, stride_ytk, stride_stb, stride_stk, stride_stm,
         amax_floor, fp8_max,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
         WHOLE_TILE: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
     ):  # fmt: skip
-        # ROWS: 1x128 tiles along K -> y [M, Kp], s [M, Kp/128]  (WHOLE_TILE: one 128x128 scale).
-        # COLS: x^T in 1x128 tiles along M -> yt [K, Mp], st [K, Mp/128]; needs BLOCK_M == 128.
+        # One program = one [BLOCK_M, BLOCK_K] tile of x (batch index program_id(2)), loaded once with
+        # coalesced loads (K contiguous), every output computed from the same registers:
+        # ROWS and not WHOLE_TILE: 1x128 tiles along K -> y [M, Kp] (rows < Y_ROWS), s [M, Kp/128].
+        # COLS and not WHOLE_TILE: x^T in 1x128 tiles along M (needs BLOCK_M == 128) -> yt [YT_ROWS, Mp],
+        #   st [YT_ROWS, Mp/128]; the FP8 tile is transposed in registers (tl.trans) so the store is
+        #   contiguous along the tokens.
+        # WHOLE_TILE: one scale per 128x128 block -> y [Np, Kp], s [Np/128, Kp/128]; with COLS also the
+        #   transposed block (same FP8 bytes, same scale) -> yt [Kp, Np], st [Kp/128, Np/128].
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
+        pid_b = tl.program_id(2).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         in_m = offs_m < M
         in_k = offs_k < K
-        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-        x = tl.load(x_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)
+        x_ptrs = x_ptr + pid_b * stride_xb + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+        x = tl.load(x_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)  # exact
         x_nan = (x != x).to(tl.int32)
-        if ROWS:
-            amax = tl.max(tl.abs(x), 1)
-            has_nan = tl.max(x_nan, 1) > 0
-            if WHOLE_TILE:
-                amax = tl.zeros_like(amax) + tl.max(amax, 0)
-                has_nan = tl.zeros_like(has_nan) | (tl.max(x_nan) > 0)
-            amax = tl.where(has_nan, float("nan"), amax)  # tl.max may drop NaN (fmax on the GPU)
+        if WHOLE_TILE:
+            # amax of the block (tl.max may drop NaN, so NaN is detected explicitly)
+            amax = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.max(tl.max(tl.abs(x), 1), 0)
+            has_nan = (tl.zeros([BLOCK_M], dtype=tl.int32) + tl.max(tl.max(x_nan, 1), 0)) > 0
+            amax = tl.where(has_nan, float("nan"), amax)
             amax = tl.where(amax < amax_floor, amax_floor, amax)  # NaN < floor is false: NaN kept
             s = tl.math.div_rn(amax, fp8_max)
             if ROUND_SCALE:  # UE8M0: 2^ceil(log2 s) on the bits, finite scales only
@@ -227,35 +246,65 @@ def _build_kernels(interpret: bool):
                 magic = (((expo + 20) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
                 r = (y + magic) - magic
                 y = tl.where(r == 0, y * 0.0, r)  # keep the sign of values rounding to zero
-            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
-            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_m < Y_ROWS)[:, None])
-            if WHOLE_TILE:  # all entries of s are equal (NaN included), so any reduction returns it
-                tl.store(s_ptr + pid_m * stride_sm + pid_k * stride_sk, tl.max(s, 0))
-            else:
-                tl.store(s_ptr + offs_m.to(tl.int64) * stride_sm + pid_k * stride_sk, s, mask=in_m)
-        if COLS:
-            amax_t = tl.max(tl.abs(x), 0)
-            amax_t = tl.where(tl.max(x_nan, 0) > 0, float("nan"), amax_t)
-            amax_t = tl.where(amax_t < amax_floor, amax_floor, amax_t)
-            st = tl.math.div_rn(amax_t, fp8_max)
-            if ROUND_SCALE:
-                bits_t = st.to(tl.int32, bitcast=True)
-                expo_t = ((bits_t >> 23) & 0xFF) + ((bits_t & 0x7FFFFF) != 0).to(tl.int32)
-                st = tl.where(st - st == 0, (expo_t << 23).to(tl.float32, bitcast=True), st)
-            yt = tl.math.div_rn(x, st[None, :])
-            yt = tl.where(yt > fp8_max, fp8_max, yt)
-            yt = tl.where(yt < -fp8_max, -fp8_max, yt)
-            if GRID_ROUND:
-                expo_t = (yt.to(tl.int32, bitcast=True) >> 23) & 0xFF
-                expo_t = tl.where(expo_t < 121, 121, expo_t)
-                magic_t = (((expo_t + 20) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
-                r_t = (yt + magic_t) - magic_t
-                yt = tl.where(r_t == 0, yt * 0.0, r_t)
-            yt_ptrs = yt_ptr + offs_k[None, :].to(tl.int64) * stride_ytk + offs_m[:, None]
-            tl.store(yt_ptrs, yt.to(yt_ptr.dtype.element_ty), mask=in_k[None, :])
-            tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_k)
+            y8 = y.to(y_ptr.dtype.element_ty)
+            y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
+            tl.store(y_ptrs, y8, mask=(offs_m < Y_ROWS)[:, None])
+            s_one = tl.max(s, 0)  # all entries equal (NaN included), so any reduction returns it
+            tl.store(s_ptr + pid_b * stride_sb + pid_m * stride_sm + pid_k * stride_sk, s_one)
+            if COLS:  # W^T's block is W's block transposed: same bytes, same scale
+                yt_ptrs = yt_ptr + pid_b * stride_ytb + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :]
+                tl.store(yt_ptrs, tl.trans(y8), mask=(offs_k < YT_ROWS)[:, None])
+                tl.store(st_ptr + pid_b * stride_stb + pid_k * stride_stk + pid_m * stride_stm, s_one)
+        else:
+            if ROWS:
+                amax = tl.max(tl.abs(x), 1)
+                has_nan = tl.max(x_nan, 1) > 0
+                amax = tl.where(has_nan, float("nan"), amax)
+                amax = tl.where(amax < amax_floor, amax_floor, amax)
+                s = tl.math.div_rn(amax, fp8_max)
+                if ROUND_SCALE:
+                    bits = s.to(tl.int32, bitcast=True)
+                    expo = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+                    s = tl.where(s - s == 0, (expo << 23).to(tl.float32, bitcast=True), s)
+                y = tl.math.div_rn(x, s[:, None])
+                y = tl.where(y > fp8_max, fp8_max, y)
+                y = tl.where(y < -fp8_max, -fp8_max, y)
+                if GRID_ROUND:
+                    expo = (y.to(tl.int32, bitcast=True) >> 23) & 0xFF
+                    expo = tl.where(expo < 121, 121, expo)
+                    magic = (((expo + 20) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
+                    r = (y + magic) - magic
+                    y = tl.where(r == 0, y * 0.0, r)
+                y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
+                tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_m < Y_ROWS)[:, None])
+                s_ptrs = s_ptr + pid_b * stride_sb + offs_m.to(tl.int64) * stride_sm + pid_k * stride_sk
+                tl.store(s_ptrs, s, mask=in_m)
+            if COLS:
+                amax_t = tl.max(tl.abs(x), 0)
+                amax_t = tl.where(tl.max(x_nan, 0) > 0, float("nan"), amax_t)
+                amax_t = tl.where(amax_t < amax_floor, amax_floor, amax_t)
+                st = tl.math.div_rn(amax_t, fp8_max)
+                if ROUND_SCALE:
+                    bits_t = st.to(tl.int32, bitcast=True)
+                    expo_t = ((bits_t >> 23) & 0xFF) + ((bits_t & 0x7FFFFF) != 0).to(tl.int32)
+                    st = tl.where(st - st == 0, (expo_t << 23).to(tl.float32, bitcast=True), st)
+                yt = tl.math.div_rn(x, st[None, :])
+                yt = tl.where(yt > fp8_max, fp8_max, yt)
+                yt = tl.where(yt < -fp8_max, -fp8_max, yt)
+                if GRID_ROUND:
+                    expo_t = (yt.to(tl.int32, bitcast=True) >> 23) & 0xFF
+                    expo_t = tl.where(expo_t < 121, 121, expo_t)
+                    magic_t = (((expo_t + 20) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
+                    r_t = (yt + magic_t) - magic_t
+                    yt = tl.where(r_t == 0, yt * 0.0, r_t)
+                # cast first, then transpose the 1-byte tile (16 KB through shared memory, not 64 KB)
+                yt8 = tl.trans(yt.to(yt_ptr.dtype.element_ty))  # [BLOCK_K, BLOCK_M]
+                yt_ptrs = yt_ptr + pid_b * stride_ytb + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :]
+                tl.store(yt_ptrs, yt8, mask=(offs_k < YT_ROWS)[:, None])
+                st_ptrs = st_ptr + pid_b * stride_stb + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm
+                tl.store(st_ptrs, st, mask=offs_k < YT_ROWS)
 
-    return act_quant_kernel
+    return quant_kernel
 
 
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
@@ -282,26 +331,43 @@ def outer_major(scale: torch.Tensor) -> torch.Tensor:
     return scale.t().contiguous().t()
 
 
-def _act_quant_triton(x: torch.Tensor, rows: bool, cols: bool, round_scale: bool):
+def _launch(x3, y3, s3, yt3, st3, m, k, y_rows, yt_rows, rows, cols, whole, round_scale, block_m):
+    """Launch the kernel on batched 3-D views ([B, rows, cols]; a 2-D call passes B = 1)."""
     kernel = _build_kernels(interpreting())
+    grid = (_ceil_to(m, block_m) // block_m, _ceil_to(k) // BLOCK, x3.shape[0])
+    kernel[grid](
+        x3, y3, s3, yt3, st3, m, k, y_rows, yt_rows,
+        x3.stride(0), x3.stride(1), x3.stride(2),
+        y3.stride(0), y3.stride(1), s3.stride(0), s3.stride(1), s3.stride(2),
+        yt3.stride(0), yt3.stride(1), st3.stride(0), st3.stride(1), st3.stride(2),
+        AMAX_FLOOR, FP8_MAX, BLOCK_M=block_m, BLOCK_K=BLOCK, ROWS=rows, COLS=cols,
+        WHOLE_TILE=whole, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(),
+        num_warps=8 if block_m == BLOCK else 4,
+    )  # fmt: skip
+
+
+def _act_quant_triton(x: torch.Tensor, rows: bool, cols: bool, round_scale: bool, pad_t: bool = False):
     m, k = x.shape
     mp, kp = _ceil_to(m), _ceil_to(k)
     dev = x.device
+    kt = kp if pad_t else k
     y = torch.empty(m if rows else 0, kp, dtype=FP8_DTYPE, device=dev)
     s = _outer_major_empty(m if rows else 0, kp // BLOCK, dev)
-    yt = torch.empty(k if cols else 0, mp, dtype=FP8_DTYPE, device=dev)
-    st = _outer_major_empty(k if cols else 0, mp // BLOCK, dev)
-    block_m = BLOCK if cols else 32
+    yt = torch.empty(kt if cols else 0, mp, dtype=FP8_DTYPE, device=dev)
+    st = _outer_major_empty(kt if cols else 0, mp // BLOCK, dev)
     if m > 0 and k > 0:
-        grid = (_ceil_to(m, block_m) // block_m, kp // BLOCK)
-        kernel[grid](
-            x, y, s, yt, st, m, k, m, x.stride(0), x.stride(1), kp, s.stride(0), s.stride(1),
-            mp, st.stride(0), st.stride(1),
-            AMAX_FLOOR, FP8_MAX, BLOCK_M=block_m, BLOCK_K=BLOCK, ROWS=rows, COLS=cols,
-            WHOLE_TILE=False, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(),
-            num_warps=8 if cols else 4,
+        # rows only: [32 x 128] tiles, 4 warps (2.5 TB/s on the H100). Any transposed output: one
+        # [128 tokens x 128 channels] tile per program, 8 warps, both amaxes from the same registers.
+        _launch(
+            x.unsqueeze(0), y.unsqueeze(0), s.unsqueeze(0), yt.unsqueeze(0), st.unsqueeze(0),
+            m, k, m, kt, rows, cols, False, round_scale, BLOCK if cols else 32,
         )  # fmt: skip
     return y, s, yt, st
+
+
+def _pad_cols_to_block(x: torch.Tensor) -> torch.Tensor:
+    k = x.shape[1]
+    return x if k % BLOCK == 0 else torch.nn.functional.pad(x, (0, _ceil_to(k) - k))
 
 
 def act_quant_1x128(x: torch.Tensor, round_scale: bool = False, backend: str = "auto"):
@@ -313,21 +379,27 @@ def act_quant_1x128(x: torch.Tensor, round_scale: bool = False, backend: str = "
     return y, s
 
 
-def act_quant_128x1(x: torch.Tensor, round_scale: bool = False, backend: str = "auto"):
-    """x [M, K] -> (yt [K, Mp] e4m3, scale_t [K, Mp/128] fp32): x^T in 1x128 tiles along M."""
+def act_quant_128x1(x: torch.Tensor, round_scale: bool = False, backend: str = "auto", *, pad_t: bool = False):
+    """x [M, K] -> (yt [K, Mp] e4m3, scale_t [K, Mp/128] fp32): x^T in 1x128 tiles along M.
+
+    ``pad_t=True``: yt [Kp, Mp] and scale_t [Kp, Mp/128], the rows K..Kp-1 zeros (what a GEMM that
+    needs 128-multiple row counts, e.g. cuBLAS for the weight gradient, wants)."""
     _check_2d(x, "x")
     if not _use_triton(x, backend):
-        return act_quant_128x1_ref(x, round_scale)
-    _, _, yt, st = _act_quant_triton(x, False, True, round_scale)
+        return act_quant_128x1_ref(_pad_cols_to_block(x) if pad_t else x, round_scale)
+    _, _, yt, st = _act_quant_triton(x, False, True, round_scale, pad_t)
     return yt, st
 
 
-def act_quant_1x128_dual(x: torch.Tensor, round_scale: bool = False, backend: str = "auto"):
-    """Both layouts from one pass: (y [M, Kp], scale [M, Kp/128], yt [K, Mp], scale_t [K, Mp/128])."""
+def act_quant_1x128_dual(x: torch.Tensor, round_scale: bool = False, backend: str = "auto", *, pad_t: bool = False):
+    """Both layouts from one pass: (y [M, Kp], scale [M, Kp/128], yt [K, Mp], scale_t [K, Mp/128]).
+
+    ``pad_t=True`` pads the transposed layout's rows to Kp (zeros), as in ``act_quant_128x1``."""
     _check_2d(x, "x")
     if not _use_triton(x, backend):
-        return (*act_quant_1x128_ref(x, round_scale), *act_quant_128x1_ref(x, round_scale))
-    return _act_quant_triton(x, True, True, round_scale)
+        xt_src = _pad_cols_to_block(x) if pad_t else x
+        return (*act_quant_1x128_ref(x, round_scale), *act_quant_128x1_ref(xt_src, round_scale))
+    return _act_quant_triton(x, True, True, round_scale, pad_t)
 
 
 def weight_quant_128x128(w: torch.Tensor, round_scale: bool = False, backend: str = "auto"):
@@ -335,15 +407,65 @@ def weight_quant_128x128(w: torch.Tensor, round_scale: bool = False, backend: st
     _check_2d(w, "w")
     if not _use_triton(w, backend):
         return weight_quant_128x128_ref(w, round_scale)
-    kernel = _build_kernels(interpreting())
     n, k = w.shape
     np_, kp = _ceil_to(n), _ceil_to(k)
     y = torch.empty(np_, kp, dtype=FP8_DTYPE, device=w.device)
     s = torch.empty(np_ // BLOCK, kp // BLOCK, dtype=torch.float32, device=w.device)
     if y.numel():
-        kernel[(np_ // BLOCK, kp // BLOCK)](
-            w, y, s, y, s, n, k, np_, w.stride(0), w.stride(1), kp, s.stride(0), s.stride(1), 0, 0, 0,
-            AMAX_FLOOR, FP8_MAX, BLOCK_M=BLOCK, BLOCK_K=BLOCK, ROWS=True, COLS=False,
-            WHOLE_TILE=True, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(), num_warps=8,
-        )  # fmt: skip
+        y3, s3 = y.unsqueeze(0), s.unsqueeze(0)
+        _launch(w.unsqueeze(0), y3, s3, y3, s3, n, k, np_, 0, True, False, True, round_scale, BLOCK)
     return y, s
+
+
+def _weight_dual_shapes(w: torch.Tensor):
+    *lead, n, k = w.shape
+    np_, kp = _ceil_to(n), _ceil_to(k)
+    return (
+        (*lead, np_, kp),
+        (*lead, np_ // BLOCK, kp // BLOCK),
+        (*lead, kp, np_),
+        (*lead, kp // BLOCK, np_ // BLOCK),
+    )
+
+
+def weight_quant_128x128_dual(w: torch.Tensor, round_scale: bool = False, backend: str = "auto", out=None):
+    """W and W^T from one pass: w [N, K] or [E, N, K] -> (y [.., Np, Kp], s [.., Np/128, Kp/128],
+    yt [.., Kp, Np], st [.., Kp/128, Np/128]).
+
+    A 128x128 block of W^T is a block of W transposed, with the same scale, so yt holds W's FP8 bytes
+    transposed (written by the same program from the same registers) and st = s^T: the dgrad GEMM
+    dX = dY W gets its K-major operand without a transposing copy. ``out``: four tensors (any strides
+    with contiguous last dimension, e.g. slices of a concatenated [w_gate; w_up] buffer) to write into.
+    """
+    if w.dim() not in (2, 3):
+        raise CoscaleError(f"w must be [N, K] or [E, N, K], got shape {tuple(w.shape)}")
+    if not w.is_floating_point() or w.dtype == FP8_DTYPE:
+        raise CoscaleError(f"w must be fp32/bf16/fp16, got {w.dtype}")
+    shapes = _weight_dual_shapes(w)
+    if out is None:
+        dtypes = (FP8_DTYPE, torch.float32, FP8_DTYPE, torch.float32)
+        out = tuple(torch.empty(sh, dtype=dt, device=w.device) for sh, dt in zip(shapes, dtypes))
+    transpose = out[2] is not None  # out = (y, s, None, None): W only, into the given views
+    given = [t for t in out if t is not None]
+    if [tuple(t.shape) for t in given] != [shapes[i] for i, t in enumerate(out) if t is not None] or any(
+        t.stride(-1) != 1 for t in (out[0], out[2]) if t is not None
+    ):
+        raise CoscaleError(f"out must have shapes {shapes} (FP8 tensors with contiguous rows)")
+    y, s, yt, st = out
+    batched = w.dim() == 3
+    if not _use_triton(w, backend):
+        w3 = w if batched else w.unsqueeze(0)
+        for e in range(w3.shape[0]):
+            ry, rs = weight_quant_128x128_ref(w3[e], round_scale)
+            (y[e] if batched else y).copy_(ry)
+            (s[e] if batched else s).copy_(rs)
+            if transpose:
+                (yt[e] if batched else yt).copy_(ry.t())
+                (st[e] if batched else st).copy_(rs.t())
+        return y, s, yt, st
+    if y.numel():
+        yt_, st_ = (yt, st) if transpose else (y, s)
+        views = [t if batched else t.unsqueeze(0) for t in (w, y, s, yt_, st_)]
+        n, k = w.shape[-2:]
+        _launch(*views, n, k, shapes[0][-2], shapes[2][-2], True, transpose, True, round_scale, BLOCK)
+    return y, s, yt, st

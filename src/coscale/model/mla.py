@@ -126,7 +126,8 @@ class MLA(nn.Module):
         scores = scores + torch.einsum("bshr,btr->bsht", upcast(q_pe), upcast(k_pe))
         scores = scores * self.softmax_scale
         q_pos = torch.arange(start_pos, start_pos + S, device=scores.device)
-        k_pos = torch.arange(T, device=scores.device)
+        # Keys cover positions [start_pos + S - T, start_pos + S): the whole cache, or (no cache) this chunk.
+        k_pos = torch.arange(T, device=scores.device) + (start_pos + S - T)
         mask = k_pos[None, :] > q_pos[:, None]  # (S, T): future keys
         scores = scores.masked_fill(mask[None, :, None, :], float("-inf"))
         probs = scores.softmax(dim=-1)

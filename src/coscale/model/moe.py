@@ -29,6 +29,27 @@ from coscale.config import ModelConfig
 from coscale.model.norm import apply_keeping_float32, upcast
 
 
+def group_limited_topk(choice: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+                       rank_by: str = "top2_sum") -> torch.Tensor:
+    """Top-k of choice [T, E] among the `topk_group` best of `n_group` equal groups of experts.
+
+    Groups are ranked by the sum of their two best scores (DeepSeek-V3, "top2_sum") or by their best
+    score (DeepSeek-V2, "max"). With groups placed one per node this is node-limited routing: each token
+    reaches at most `topk_group` nodes. Returns int64 indices [T, top_k].
+    """
+    if n_group > 1:
+        T = choice.shape[0]
+        grouped = choice.view(T, n_group, -1)
+        if rank_by == "top2_sum":
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        keep = group_scores.topk(topk_group, dim=-1).indices  # (T, topk_group)
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+        choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+    return choice.topk(top_k, dim=-1).indices
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
 
@@ -80,17 +101,9 @@ class Gate(nn.Module):
         choice = scores.detach()
         if self.e_score_correction_bias is not None:
             choice = choice + self.e_score_correction_bias.to(choice.dtype)
-        if self.topk_method != "greedy" and self.n_group > 1:
-            T = choice.shape[0]
-            grouped = choice.view(T, self.n_group, -1)
-            if self.topk_method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-            else:
-                group_scores = grouped.amax(dim=-1)
-            keep = group_scores.topk(self.topk_group, dim=-1).indices  # (T, topk_group)
-            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-        return choice.topk(self.top_k, dim=-1).indices
+        n_group = 1 if self.topk_method == "greedy" else self.n_group
+        rank_by = "top2_sum" if self.topk_method == "noaux_tc" else "max"
+        return group_limited_topk(choice, self.top_k, n_group, self.topk_group, rank_by)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_idx [T, K] int64, topk_weight [T, K] float32, scores [T, E])."""
@@ -142,6 +155,16 @@ class GroupedExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
         self.impl = "auto"
         self.precision = "bf16"
+
+    IMPLS = ("auto", "loop", "grouped")
+    PRECISIONS = ("bf16", "fp8")
+
+    def __setattr__(self, name, value):
+        if name == "impl" and value not in self.IMPLS:
+            raise ValueError(f"GroupedExperts.impl must be one of {self.IMPLS}, got {value!r}")
+        if name == "precision" and value not in self.PRECISIONS:
+            raise ValueError(f"GroupedExperts.precision must be one of {self.PRECISIONS}, got {value!r}")
+        super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         # Autocast does not reach the grouped GEMMs (custom ops), so apply its dtype here: without this a

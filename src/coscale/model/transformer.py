@@ -91,15 +91,18 @@ class DeepseekForCausalLM(nn.Module):
     # ---- initialisation -----------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Normal(0, initializer_range) for matrices, ones for norms, zeros for router biases."""
+        """Normal(0, initializer_range) for weights, ones for norms, zeros for biases and router biases."""
         std = self.config.initializer_range
-        for p in self.parameters():
-            if p.device.type == "meta":
-                continue
-            if p.ndim == 1:  # norms
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std, generator=generator)
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if p.device.type == "meta":
+                    continue
+                if isinstance(module, RMSNorm):
+                    p.fill_(1.0)
+                elif name == "bias":
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std, generator=generator)
         self.init_buffers()
 
     def init_buffers(self) -> None:
@@ -113,8 +116,8 @@ class DeepseekForCausalLM(nn.Module):
     # ---- forward ---------------------------------------------------------------------
     def hidden_states(self, input_ids, start_pos: int = 0, cache: LatentKVCache | None = None):
         """Last hidden state before the final norm, (B, S, H)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, seq], got shape {tuple(input_ids.shape)}")
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(start_pos, input_ids.shape[1])
         for layer in self.model.layers:
@@ -150,11 +153,14 @@ class DeepseekForCausalLM(nn.Module):
             for k, mtp_logit in enumerate(self.mtp_logits(h, input_ids), start=1):
                 shifted = torch.full_like(labels, IGNORE_INDEX)
                 shifted[:, :-k] = labels[:, k:]
+                if not (shifted != IGNORE_INDEX).any():
+                    continue  # sequence too short for this depth: no targets (0/0 would be NaN)
                 losses.append(
                     F.cross_entropy(mtp_logit.flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX)
                 )
-            mtp_loss = torch.stack(losses).mean()
-            loss = loss + self.config.mtp_loss_weight * mtp_loss
+            if losses:
+                mtp_loss = torch.stack(losses).mean()
+                loss = loss + self.config.mtp_loss_weight * mtp_loss
         aux = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
         aux_loss = torch.stack(aux).sum() if aux else None
         if aux_loss is not None:

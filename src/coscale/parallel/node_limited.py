@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from coscale.errors import ConfigError
+from coscale.model.moe import group_limited_topk
 from coscale.parallel.dispatch import (
     Route,
     Stage,
@@ -61,12 +62,7 @@ def node_limited_topk(scores: torch.Tensor, top_k: int, n_nodes: int, max_nodes:
     if top_k > per_node * max_nodes:
         raise ConfigError(f"top_k {top_k} exceeds the {per_node * max_nodes} experts of {max_nodes} nodes")
     choice = scores if bias is None else scores + bias
-    grouped = choice.view(t, n_nodes, per_node)
-    node_score = grouped.topk(min(2, per_node), dim=-1).values.sum(-1)  # [T, N]
-    nodes = node_score.topk(max_nodes, dim=-1).indices  # [T, M]
-    mask = torch.zeros(t, n_nodes, dtype=torch.bool, device=scores.device).scatter_(1, nodes, True)
-    masked = choice.masked_fill(~mask.repeat_interleave(per_node, dim=1), float("-inf"))
-    idx = masked.topk(top_k, dim=-1).indices
+    idx = group_limited_topk(choice, top_k, n_nodes, max_nodes, rank_by="top2_sum")  # the gate's own rule
     return idx, scores.gather(1, idx)
 
 

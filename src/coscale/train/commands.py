@@ -29,7 +29,7 @@ _TRAIN_OPTIONS = [
     ("--val-fraction", "val_fraction", dict(type=float, help="held-out fraction of the tokens (default: 0.05)")),
     ("--batch-size", "batch_size", dict(type=int, help="sequences per step (default: 16)")),
     ("--seq-len", "seq_len", dict(type=int, help="tokens per sequence (default: 128)")),
-    ("--steps", "steps", dict(type=int, help="optimizer steps (default: 300)")),
+    ("--steps", "steps", dict(type=int, help="optimizer steps (default: 200)")),
     ("--lr", "lr", dict(type=float, help="peak learning rate (default: 3e-3)")),
     ("--min-lr", "min_lr", dict(type=float, help="final learning rate of the cosine (default: lr/10)")),
     ("--warmup-steps", "warmup_steps", dict(type=int, help="linear warm-up steps (default: steps/10)")),
@@ -57,7 +57,7 @@ _TRAIN_OPTIONS = [
     ("--save-interval", "save_interval", dict(type=int, help="steps between checkpoints, 0: only at the end "
                                                              "(default: 100)")),
     ("--keep-checkpoints", "keep_checkpoints", dict(type=int, help="checkpoints kept, 0 keeps all (default: 2)")),
-    ("--threads", "threads", dict(type=int, help="CPU threads for torch (default: torch's choice)")),
+    ("--threads", "threads", dict(type=int, help="CPU threads for torch (default: 1 on CPU, see docs/training.md)")),
 ]
 
 

@@ -68,7 +68,7 @@ class TrainConfig:
     # Batches and length of the run.
     batch_size: int = 16
     seq_len: int = 128
-    steps: int = 300
+    steps: int = 200
     # Optimiser and schedule (linear warm-up, cosine to min_lr; min_lr None means lr / 10).
     lr: float = 3e-3
     min_lr: float | None = None
@@ -94,7 +94,7 @@ class TrainConfig:
     log_interval: int = 10
     save_interval: int = 100
     keep_checkpoints: int = 2
-    threads: int | None = None
+    threads: int | None = None  # None: 1 on CPU (see docs/training.md), torch's default otherwise
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     tensorboard: bool = True
 
@@ -253,8 +253,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     """Run (or resume) a training run; returns a summary (losses, entropy, throughput, paths)."""
     setup = _prepare(cfg)
     threads_before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = cfg.threads or (1 if setup.device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         model, optimizer, sampler, start_step = _build(cfg, setup)
         _prepare_out_dir(cfg, setup)
@@ -594,7 +595,8 @@ def _header(cfg: TrainConfig, setup: _Setup, start_step: int) -> str:
         f"data: {data}: {n_train:,} train / {n_val:,} val tokens; unigram entropy "
         f"{setup.entropy:.4f} nats = {nats_to_bits(setup.entropy):.3f} bits per token",
         f"run: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr:g} "
-        f"(warm-up {cfg.warmup}, cosine), AdamW moments {cfg.adam_moments_dtype}; output {setup.out_dir}",
+        f"(warm-up {cfg.warmup}, cosine), AdamW moments {cfg.adam_moments_dtype}, "
+        f"{torch.get_num_threads()} CPU thread(s); output {setup.out_dir}",
     ]
     if start_step:
         lines.append(f"resuming from {setup.resume_dir} at step {start_step}")
