@@ -5,7 +5,8 @@ Run: python benchmarks/bench_fp8.py [--quick] [--tokens 4096 8192 16384]   ($OUT
 Per (tokens T, in K, out N) and GEMM direction (fwd Y = X W^T, dgrad dX = dY W, wgrad dW = dY^T X):
   bf16          torch.matmul on BF16 operands (the baseline)
   fp8_tensor    torch._scaled_mm with one scale per tensor (cuBLAS ceiling, ~1300 TFLOP/s on H100)
-  fp8_cublas    coscale fp8_gemm backend="cublas" (block-scaled 1x128 / 128x128), GEMM only
+  fp8_cublas    coscale fp8_gemm backend="cublas" (block-scaled 1x128 / 128x128), GEMM only; shapes cuBLAS
+                would get wrong (128x128 scales with K % 512 != 0, e.g. kv_a_proj dgrad) raise and show ERR
   fp8_triton    coscale fp8_gemm backend="triton" (block-scaled, FP32 promotion every 128), GEMM only
 and end to end, forward + backward including every quantization:
   linear_bf16   nn.Linear in BF16            linear_fp8 / linear_fp8_triton   FP8Linear (auto / triton)
@@ -60,12 +61,11 @@ def gemm_cases(t, k, n, dev):
     w = (torch.randn(n, k, device=dev) * k**-0.5).to(torch.bfloat16)
     dy = (torch.randn(t, n, device=dev) * 1e-3).to(torch.bfloat16)
     xq, xs, xt, xts = q.act_quant_1x128_dual(x)
-    wq, ws = q.weight_quant_128x128(w)
+    wq, ws, wq_t, ws_t = q.weight_quant_128x128_dual(w)  # W^T's FP8 bytes from the same pass
     dyq, dys, dyt, dyts = q.act_quant_1x128_dual(dy)
-    np_, kp = wq.shape
     return {
         "fwd": ((x, w), (xq, xs, wq, ws), (t, n)),
-        "dgrad": ((dy, w.t()), (dyq, dys, wq.t().contiguous(), ws.t()), (t, k)),
+        "dgrad": ((dy, w.t()), (dyq, dys, wq_t, ws_t), (t, k)),
         "wgrad": ((dy.t(), x.t()), (dyt, dyts, xt, xts), (n, k)),
     }
 

@@ -2,7 +2,8 @@
 
 Run: python benchmarks/bench_quant.py [--quick]      (writes $OUT/bench_quant.json when OUT is set)
 For each shape (bf16 input) and kernel: mismatching FP8 bytes and scales versus coscale's reference
-(must be 0; the GPU cast is round-to-nearest-even with saturation), median time, effective bandwidth
+(must be 0; the GPU cast is round-to-nearest-even with saturation; `ref_vs_cpu_mismatches`: the GPU
+reference against the CPU reference on 256 rows, must be 0 too), median time, effective bandwidth
 (input read once + FP8 outputs and FP32 scales written once) and its fraction of a device-to-device
 copy measured in the same process (goal: >= 80%; H100 copy ~3.0 TB/s). The eager PyTorch reference
 is timed alongside as the baseline.
@@ -61,6 +62,7 @@ def main() -> None:
     t_copy, copy_bw = copy_bandwidth(dev)
     cases = [("act_1x128", s) for s in shapes] + [("act_dual", s) for s in shapes]
     cases += [("act_128x1", s) for s in shapes[:2]] + [("weight_128x128", s) for s in weights]
+    cases += [("weight_dual", s) for s in weights]
     for kind, (m, k) in cases:
         rec = {"kernel": kind, "M": m, "K": k}
         try:
@@ -71,10 +73,17 @@ def main() -> None:
                 "act_dual": q.act_quant_1x128_dual,
                 "act_128x1": q.act_quant_128x1,
                 "weight_128x128": q.weight_quant_128x128,
+                "weight_dual": q.weight_quant_128x128_dual,
             }[kind]
             got = fn(x, backend="triton")
             ref = fn(x, backend="torch")
             rec["mismatches"] = mismatches(got, ref)
+            # the reference itself must not depend on the device (CUDA's `tensor / number` is a
+            # reciprocal multiply; the reference divides by a tensor): 256 rows on the CPU
+            rows = x[:256]
+            rec["ref_vs_cpu_mismatches"] = mismatches(
+                [t.cpu() for t in fn(rows, backend="torch")], fn(rows.cpu(), backend="torch")
+            )
             rec["ms"] = bench(lambda: fn(x, backend="triton"))  # noqa: B023
             rec["ref_ms"] = bench(lambda: fn(x, backend="torch"))  # noqa: B023
             out_bytes = sum(t.numel() * t.element_size() for t in got)
@@ -101,7 +110,8 @@ def main() -> None:
         if "error" in r:
             print(f"{r['kernel']:>15} {r['M']:>6} {r['K']:>6} ERROR {r['error'][:80]}")
             continue
-        print(f"{r['kernel']:>15} {r['M']:>6} {r['K']:>6} {r['mismatches']:>5} {r['ms']:>8.3f} "
+        bad = r["mismatches"] + r["ref_vs_cpu_mismatches"]
+        print(f"{r['kernel']:>15} {r['M']:>6} {r['K']:>6} {bad:>5} {r['ms']:>8.3f} "
               f"{r['TB/s']:>6.2f} {r['pct_copy']:>6.1f} {r['ref_ms']:>9.3f} {r['ref_ms'] / r['ms']:>7.1f}")  # fmt: skip
 
 

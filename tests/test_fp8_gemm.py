@@ -124,3 +124,17 @@ def test_contract_errors():
         fp8_gemm(a, torch.ones(128, 3), a, torch.ones(1, 2))
     with pytest.raises(CoscaleError, match="float8"):
         fp8_gemm(a.float(), torch.ones(128, 2), a, torch.ones(1, 2))
+
+
+def test_cublas_rejects_shapes_it_would_get_wrong():
+    from coscale.kernels.fp8_gemm import cublas_shape_problem
+
+    # kv_a_proj dgrad: contraction N = 576 padded to 640, K/128 = 5 (H100: relative error 50)
+    assert "512" in cublas_shape_problem(8192, 7168, 640, 1, 128)
+    assert cublas_shape_problem(8192, 7168, 7168, 1, 128) is None
+    assert cublas_shape_problem(576, 7168, 640, 1, 1) is None  # 1x128 by 1x128: no K/128 rule
+    assert cublas_shape_problem(130, 128, 512, 1, 1) is not None  # outer-dim-major stride 130
+    a = torch.zeros(128, 640).to(q.FP8_DTYPE)
+    b = torch.zeros(256, 640).to(q.FP8_DTYPE)
+    with pytest.raises(CoscaleError, match="K/128"):
+        fp8_gemm(a, torch.ones(128, 5), b, torch.ones(2, 5), backend="cublas")

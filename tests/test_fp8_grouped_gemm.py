@@ -118,3 +118,34 @@ def test_grouped_contract_errors():
         fp8_grouped_mm(a, torch.ones(128, 1), b, torch.ones(2, 2, 1), torch.tensor([64, 128]))
     with pytest.raises(CoscaleError, match="w"):
         fp8_grouped_linear(torch.randn(4, 64), torch.randn(2, 32, 48), torch.tensor([2, 4]))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("i,k", [(128, 256), (100, 200)])
+def test_gate_up_equals_two_linears(backend, i, k):
+    from coscale.kernels.fp8_grouped_gemm import fp8_grouped_gate_up
+
+    torch.manual_seed(4)
+    off = torch.tensor([128, 128, 384])
+    x = torch.randn(384, k, requires_grad=True)
+    wg = (torch.randn(3, i, k) * 0.05).requires_grad_()
+    wu = (torch.randn(3, i, k) * 0.05).requires_grad_()
+    gu = fp8_grouped_gate_up(x, wg, wu, off, backend=backend)
+    assert gu.shape == (384, 2 * i)
+    dy = torch.randn(384, 2 * i)
+    gu.backward(dy)
+    grads = [t.grad.clone() for t in (x, wg, wu)]
+    for t in (x, wg, wu):
+        t.grad = None
+    g = fp8_grouped_linear(x, wg, off, backend=backend, aligned=True)
+    u = fp8_grouped_linear(x, wu, off, backend=backend)
+    torch.cat([g, u], 1).backward(dy)
+    # same quantized operands: forward and weight gradients agree to FP32 summation order; dX sums
+    # two GEMMs in one accumulator instead of two rounded outputs
+    tol = dict(rtol=1e-4, atol=1e-4)
+    assert torch.allclose(gu, torch.cat([g, u], 1), **tol)
+    assert torch.allclose(grads[1], wg.grad, **tol) and torch.allclose(grads[2], wu.grad, **tol)
+    assert rel(grads[0], x.grad) < 1e-5
+    assert torch.equal(wg.grad[1], torch.zeros(i, k))  # expert 1 has no rows
+    x64, wg64 = x.detach().double(), wg.detach().double()
+    assert rel(gu[:, :i], reference_linear(x64, wg64, off)) < BOUND

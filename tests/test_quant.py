@@ -201,3 +201,67 @@ def test_interpreter_grid_rounding_covers_every_e4m3_value():
     ryt, rst = q.act_quant_128x1_ref(x)
     assert torch.all(rst == 1.0)
     _assert_same_fp8(yt, ryt, st, rst)
+
+
+def test_reference_scale_is_the_ieee_quotient():
+    # the scale must be fl(amax / 448) on every device (a reciprocal multiply, what CUDA does for
+    # `tensor / python_number`, differs in about half of the tiles); float64 division rounded to fp32
+    # is the correctly rounded fp32 quotient
+    torch.manual_seed(5)
+    x = (torch.randn(512, 1024) * torch.logspace(-3, 2, 1024)).to(torch.bfloat16)
+    _, s = q.act_quant_1x128_ref(x)
+    amax = x.float().view(512, 8, 128).abs().amax(-1)
+    assert torch.equal(s, (amax.double() / 448.0).float())
+    recip = amax * torch.tensor(1 / 448.0)
+    assert not torch.equal(s, recip)  # the check can tell the two apart
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(256, 384), (200, 130), (3, 128, 256)])
+def test_triton_weight_dual_matches_reference(shape):
+    torch.manual_seed(7)
+    w = torch.randn(shape) * 0.02
+    w[..., 0, 5] = 3.0
+    y, s, yt, st = q.weight_quant_128x128_dual(w, backend="triton")
+    ry, rs, ryt, rst = q.weight_quant_128x128_dual(w, backend="torch")
+    for got, ref in ((y, ry), (yt, ryt)):
+        assert got.shape == ref.shape
+        _assert_same_fp8(got, ref)
+    assert torch.equal(s, rs) and torch.equal(st, rst)
+    w2 = w if w.dim() == 2 else w[1]
+    y2, s2 = q.weight_quant_128x128_ref(w2)
+    yy, ss, yyt, sst = (t if w.dim() == 2 else t[1] for t in (ry, rs, ryt, rst))
+    assert torch.equal(bits(yy), bits(y2)) and torch.equal(ss, s2)
+    assert torch.equal(bits(yyt), bits(y2.t().contiguous())) and torch.equal(sst, s2.t())
+
+
+@needs_triton
+def test_triton_weight_dual_into_stacked_buffers():
+    torch.manual_seed(8)
+    wg, wu = torch.randn(2, 128, 256), torch.randn(2, 128, 256)
+    buf = torch.empty(2, 256, 256, dtype=FP8), torch.empty(2, 2, 2), torch.empty(2, 256, 256, dtype=FP8)
+    sbt = torch.empty(2, 2, 2)
+    for i, w in enumerate((wg, wu)):
+        rows, blk = slice(128 * i, 128 * (i + 1)), slice(i, i + 1)
+        out = (buf[0][:, rows], buf[1][:, blk], buf[2][:, :, rows], sbt[:, :, blk])
+        q.weight_quant_128x128_dual(w, backend="triton", out=out)
+    ref = torch.cat([wg, wu], 1)
+    ry, rs, ryt, rst = q.weight_quant_128x128_dual(ref, backend="torch")
+    _assert_same_fp8(buf[0], ry)
+    _assert_same_fp8(buf[2], ryt)
+    assert torch.equal(buf[1], rs) and torch.equal(sbt, rst)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(300, 200), (128, 256)])
+def test_triton_padded_transposed_layout(shape):
+    x = torch.randn(shape)
+    y, s, yt, st = q.act_quant_1x128_dual(x, backend="triton", pad_t=True)
+    ry, rs, ryt, rst = q.act_quant_1x128_dual(x, backend="torch", pad_t=True)
+    kp = -(-shape[1] // 128) * 128
+    assert yt.shape == ryt.shape == (kp, -(-shape[0] // 128) * 128) and st.shape == rst.shape
+    _assert_same_fp8(y, ry, s, rs)
+    _assert_same_fp8(yt, ryt, st, rst)
+    assert torch.equal(bits(yt[shape[1] :]), torch.zeros_like(bits(yt[shape[1] :])))
+    yt1, st1 = q.act_quant_128x1(x, backend="triton", pad_t=True)
+    assert torch.equal(bits(yt1), bits(yt)) and torch.equal(st1, st)

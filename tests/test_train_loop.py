@@ -151,3 +151,9 @@ def test_bf16_autocast_on_cpu(tmp_path):
     assert summary["precision"] == "bf16" and summary["final_val_loss"] is not None
     state = ckpt.load_checkpoint(summary["checkpoint"])
     assert all(t.dtype == torch.float32 for t in state.model.values())  # master weights stay FP32
+
+
+def test_progress_bar_path(tmp_path, capsys):
+    summary = train(small_config(tmp_path / "run", steps=2, save_interval=0, progress=True), log=quiet)
+    assert summary["steps_this_run"] == 2
+    assert "loss=" in capsys.readouterr().err  # tqdm postfix: loss, lr, tokens/s

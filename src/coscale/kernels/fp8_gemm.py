@@ -292,7 +292,9 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, backend: str = "a
     if backend == "cublas":
         problem = cublas_shape_problem(m, n, k, ga, gb)
         if problem is not None:
-            raise CoscaleError(f"backend='cublas' cannot compute this GEMM correctly: {problem}; use 'triton' or 'auto'")
+            raise CoscaleError(
+                f"backend='cublas' cannot compute this GEMM correctly: {problem}; use 'triton' or 'auto'"
+            )
         form = cublas_blockwise_supported(a.device, ga, gb)
         if form is None:
             raise CoscaleError(

@@ -14,9 +14,16 @@ after off[E-1] belong to no expert and produce zeros.
   are the contraction dimension, looped over from off[e-1] to off[e] in steps of 128 (a "K-grouped" GEMM).
 - ``fp8_grouped_linear(x [M, K], w [E, N, K], group_end_offsets) -> [M, N]``: autograd wrapper with
   forward, dgrad and wgrad all in FP8 (the recipe of coscale.fp8; master weights fp32 or bf16, weight
-  gradient accumulated in FP32 and returned in w's dtype). Segments that are not multiples of 128 are
-  padded here with zero rows (one host sync to size the padded buffer); N and K that are not multiples
-  of 128 are zero-padded, which does not change any product.
+  gradient accumulated in FP32 and written in w's dtype). Segments that are not multiples of 128 are
+  padded here with zero rows (one host sync to check and size the padded buffer; ``aligned=True``, what
+  the MoE layer passes, skips both); N and K that are not multiples of 128 are zero-padded by the
+  quantization kernels, which does not change any product.
+- ``fp8_grouped_gate_up(x, w_gate, w_up, offsets) -> [M, 2I]``: gate and up sharing one quantization of
+  x, one stacked FP8 weight buffer, one forward GEMM and one dgrad GEMM (contraction 2I).
+
+The weights are quantized with quant.weight_quant_128x128_dual, which writes W_e^T's FP8 bytes in the
+same pass, so dgrad needs no transposing copy. The grouped GEMM finds each 128-row tile's expert in a
+tile -> expert map built on the device once per call (``expert_tile_map``), never by scanning E ends.
 
 Both Triton kernels promote every 128 elements of K: one 128-deep tl.dot from zero, scaled by its two
 block scales and added into an FP32 register accumulator. The ``*_ref`` functions (per-expert loops
@@ -204,7 +211,8 @@ def _build_kernels(interpret: bool):
             acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
         rows = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-        c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + rows[:, None].to(tl.int64) * stride_cn + cols[None, :] * stride_ck
+        c_base = c_ptr + expert.to(tl.int64) * stride_ce
+        c_ptrs = c_base + rows[:, None].to(tl.int64) * stride_cn + cols[None, :] * stride_ck
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows < N)[:, None] & (cols < K)[None, :])
 
     return grouped_mm_kernel, grouped_wgrad_kernel
@@ -277,7 +285,9 @@ def fp8_grouped_mm(
     return c
 
 
-def fp8_grouped_wgrad(dyt, dyt_scale, xt, xt_scale, group_end_offsets, backend: str = "auto", *, out_dtype=torch.float32):
+def fp8_grouped_wgrad(
+    dyt, dyt_scale, xt, xt_scale, group_end_offsets, backend: str = "auto", *, out_dtype=torch.float32
+):
     """[E, N, K]: dW_e = dY_e^T X_e from token-contiguous 1x128 layouts (see module doc); accumulated
     in FP32 and written in ``out_dtype`` (FP32 by default; the autograd wrappers ask for w's dtype)."""
     n, mp = dyt.shape
@@ -331,7 +341,8 @@ def _quantize_weights(ws, need_t: bool, backend: str):
     row = 0
     for w, np_ in zip(ws, nps):
         rb = slice(row // BLOCK, (row + np_) // BLOCK)
-        out = (wq[:, row : row + np_], sq[:, rb], *((wt[:, :, row : row + np_], st[:, :, rb]) if need_t else (None, None)))
+        t_views = (wt[:, :, row : row + np_], st[:, :, rb]) if need_t else (None, None)
+        out = (wq[:, row : row + np_], sq[:, rb], *t_views)
         weight_quant_128x128_dual(w.detach(), backend=backend, out=out)
         row += np_
     return wq, sq, (wt if need_t else None), (st if need_t else None)
@@ -405,15 +416,6 @@ class _FP8GroupedFunction(torch.autograd.Function):
                 dws.append(None)
             row += np_
         return (dx, None, None, None, *dws)
-
-
-def _pad_last(t: torch.Tensor, dim: int) -> torch.Tensor:
-    size = t.shape[dim]
-    pad = -(-size // BLOCK) * BLOCK - size
-    if pad == 0:
-        return t
-    spec = [0, 0] * (t.dim() - 1 - dim) + [0, pad]
-    return torch.nn.functional.pad(t, spec)
 
 
 def _check_linear_args(x, w, group_end_offsets):

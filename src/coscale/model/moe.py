@@ -10,7 +10,7 @@ Gate (for token u_t, centroid e_i = row i of the gate weight):
     `group_limited_greedy`); `greedy` ignores groups.
     pick the top-K experts by choice score among the kept groups
     weights  g_i = s_i (without the bias), normalised over the K picks when norm_topk_prob,
-             then multiplied by routed_scaling_factor.
+             then multiplied by routed_scaling_factor (V2 files: only when not normalised).
 Output: h = sum_shared FFN(u) + sum_{i in topK} g_i FFN_i(u). Dropless: every token reaches all K picks.
 
 Balancing: auxiliary-loss-free bias updates after each optimizer step
@@ -76,6 +76,9 @@ class Gate(nn.Module):
         self.scoring_func = cfg.scoring_func
         self.norm_topk_prob = cfg.norm_topk_prob
         self.routed_scaling_factor = cfg.routed_scaling_factor
+        # DeepSeek-V2's published code scales only un-normalised weights; V3's scales always. The two
+        # agree on every published config (V2 and V2-Lite do not normalise).
+        self.scale_normalised = cfg.model_type != "deepseek_v2"
         self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
         if self.topk_method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
@@ -110,9 +113,11 @@ class Gate(nn.Module):
         scores = self.scores(x)
         topk_idx = self.select(scores)
         weights = scores.gather(1, topk_idx)
-        if self.norm_topk_prob and self.top_k > 1:
+        normalised = self.norm_topk_prob and self.top_k > 1
+        if normalised:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        weights = weights * self.routed_scaling_factor
+        if self.scale_normalised or not normalised:
+            weights = weights * self.routed_scaling_factor
         if self.training:
             with torch.no_grad():
                 self.expert_load += torch.bincount(topk_idx.flatten(), minlength=self.n_experts).float()
