@@ -58,7 +58,7 @@ def main() -> None:
         (4096, 7168), (8192, 7168), (16384, 7168), (8192, 2048), (8192, 18432), (16384, 1536)
     ]  # fmt: skip
     weights = [(7168, 18432)] if args.quick else [(7168, 18432), (24576, 1536), (7168, 2048)]
-    rows, results = [], []
+    table_rows, results = [], []
     t_copy, copy_bw = copy_bandwidth(dev)
     cases = [("act_1x128", s) for s in shapes] + [("act_dual", s) for s in shapes]
     cases += [("act_128x1", s) for s in shapes[:2]] + [("weight_128x128", s) for s in weights]
@@ -80,9 +80,9 @@ def main() -> None:
             rec["mismatches"] = mismatches(got, ref)
             # the reference itself must not depend on the device (CUDA's `tensor / number` is a
             # reciprocal multiply; the reference divides by a tensor): 256 rows on the CPU
-            rows = x[:256]
+            head = x[:256]
             rec["ref_vs_cpu_mismatches"] = mismatches(
-                [t.cpu() for t in fn(rows, backend="torch")], fn(rows.cpu(), backend="torch")
+                [t.cpu() for t in fn(head, backend="torch")], fn(head.cpu(), backend="torch")
             )
             rec["ms"] = bench(lambda: fn(x, backend="triton"))  # noqa: B023
             rec["ref_ms"] = bench(lambda: fn(x, backend="torch"))  # noqa: B023
@@ -94,7 +94,7 @@ def main() -> None:
             rec["error"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
         results.append(rec)
-        rows.append(rec)
+        table_rows.append(rec)
         torch.cuda.empty_cache()
     meta = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -106,7 +106,7 @@ def main() -> None:
     print(json.dumps(meta))
     print(f"{'kernel':>15} {'M':>6} {'K':>6} {'bad':>5} {'ms':>8} {'TB/s':>6} {'%copy':>6} "
           f"{'torch ms':>9} {'speedup':>7}")  # fmt: skip
-    for r in rows:
+    for r in table_rows:
         if "error" in r:
             print(f"{r['kernel']:>15} {r['M']:>6} {r['K']:>6} ERROR {r['error'][:80]}")
             continue

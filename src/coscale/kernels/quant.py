@@ -464,8 +464,15 @@ def weight_quant_128x128_dual(w: torch.Tensor, round_scale: bool = False, backen
                 (st[e] if batched else st).copy_(rs.t())
         return y, s, yt, st
     if y.numel():
-        yt_, st_ = (yt, st) if transpose else (y, s)
+        # On the H100 (triton 3.6) the one-pass transposed store is wrong for float32 weights
+        # (benchmarks/debug_fp8_nan.py; bf16 is exact), which made FP8 training's dgrad non-finite.
+        # For float32, write W alone and transpose its FP8 bytes: bit-identical, one extra 1-byte pass.
+        one_pass = transpose and w.dtype != torch.float32
+        yt_, st_ = (yt, st) if one_pass else (y, s)
         views = [t if batched else t.unsqueeze(0) for t in (w, y, s, yt_, st_)]
         n, k = w.shape[-2:]
-        _launch(*views, n, k, shapes[0][-2], shapes[2][-2], True, transpose, True, round_scale, BLOCK)
+        _launch(*views, n, k, shapes[0][-2], shapes[2][-2], True, one_pass, True, round_scale, BLOCK)
+        if transpose and not one_pass:
+            yt.view(torch.uint8).copy_(y.view(torch.uint8).transpose(-2, -1))
+            st.copy_(s.transpose(-2, -1))
     return y, s, yt, st

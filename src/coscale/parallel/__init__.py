@@ -9,7 +9,8 @@ Table of contents (docs/parallel.md has the design):
 - node_limited.py    ``node_limited_topk`` (at most M nodes per token), two-hop route, byte counts
 - expert_parallel.py ``ExpertParallelExperts``, ``apply_expert_parallel``; checkpoints across EP sizes
 - overlap.py         ``overlapped_experts_forward``: two micro-batches, communication behind compute
-- training.py        ``setup_for_training``, ``sync_gradients``, ``shard_batch`` for EP x DP training
+- training.py        ``setup_for_training``, ``sync_gradients``, ``shard_batch``, optimizer state across EP
+                     sizes, ``all_reduce_router_loads`` for EP x DP training
 - launch.py          ``spawn``: N local processes with torchrun's environment (tests, one host)
 """
 
@@ -41,6 +42,7 @@ from coscale.parallel.groups import (
     check_same_config,
     config_fingerprint,
     init_parallel,
+    init_process_group_from_env,
 )
 from coscale.parallel.node_limited import (
     analytic_inter_node_bytes,
@@ -50,8 +52,11 @@ from coscale.parallel.node_limited import (
 )
 from coscale.parallel.overlap import overlapped_experts_forward
 from coscale.parallel.training import (
+    all_reduce_router_loads,
     broadcast_parameters,
     clip_grad_norm_,
+    full_optimizer_state_dict,
+    load_optimizer_state_dict,
     setup_for_training,
     shard_batch,
     sync_gradients,
@@ -64,8 +69,9 @@ __all__ = [
     "ExpertParallelExperts", "apply_expert_parallel", "gathered_experts", "local_expert_range",
     "local_experts_forward", "total_traffic",
     "CommunicationError", "ParallelContext", "ParallelDims", "check_same_config", "config_fingerprint",
-    "init_parallel",
+    "init_parallel", "init_process_group_from_env",
     "analytic_inter_node_bytes", "check_gate_is_node_limited", "node_limited_topk", "nodes_per_token",
     "overlapped_experts_forward",
-    "broadcast_parameters", "clip_grad_norm_", "setup_for_training", "shard_batch", "sync_gradients",
+    "all_reduce_router_loads", "broadcast_parameters", "clip_grad_norm_", "full_optimizer_state_dict",
+    "load_optimizer_state_dict", "setup_for_training", "shard_batch", "sync_gradients",
 ]

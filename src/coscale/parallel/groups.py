@@ -196,6 +196,33 @@ def node_map_from_hosts(hosts: list[str]) -> tuple[int, ...]:
     return nodes
 
 
+def init_process_group_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
+    """The default process group from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT); a no-op when it exists. Returns this rank's device: ``cuda:LOCAL_RANK`` for NCCL
+    (made current), else the CPU. ``backend`` None: NCCL with CUDA, else gloo. A rendezvous that does
+    not complete within ``timeout_s`` is a :class:`CommunicationError`.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:  # a lone process (no torchrun): any free local port
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        timeout = datetime.timedelta(seconds=timeout_s)
+        guarded("init_process_group",
+                lambda: dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout),
+                timeout_s)
+    return device
+
+
 def init_parallel(
     ep_size: int,
     gpus_per_node: int | None = None,
@@ -206,22 +233,8 @@ def init_parallel(
 
     ``gpus_per_node`` None: nodes are the real hosts. ``backend`` None: NCCL with CUDA, else gloo.
     """
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = init_process_group_from_env(backend, timeout_s)
     timeout = datetime.timedelta(seconds=timeout_s)
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:  # a lone process (no torchrun): any free local port
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     rank, world_size = dist.get_rank(), dist.get_world_size()
 
     if gpus_per_node is None:

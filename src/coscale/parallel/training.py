@@ -9,7 +9,12 @@
         sync_gradients(model, ctx)                            # before clipping and optimizer.step()
         clip_grad_norm_(model, max_norm, ctx)                 # the norm of the whole model
         optimizer.step(); optimizer.zero_grad()
+        all_reduce_router_loads(model, ctx)                   # global expert loads: same bias update
+        update_router_biases(model, gamma)                    #   on every rank
         log(ctx.all_reduce_mean(loss))                        # the global mean loss
+    with gathered_experts(model):                             # checkpoints in the plain model's format
+        model_state = model.state_dict()
+    optim_state = full_optimizer_state_dict(optimizer, model) # expert moments gathered over EP
 
 Gradient rule. Each of the W ranks holds 1/W of the global batch and backpropagates its local mean loss
 L_r; the global loss is (1/W) sum_r L_r. A replicated (non-expert) parameter gets the mean of its W
@@ -20,6 +25,12 @@ flattened all-reduce per kind (one bucket per dtype) after the backward pass, wh
 accumulation for free (call it once per optimizer step). FSDP2 or DDP wrappers need the trainer to
 call the wrapper's ``forward``; coscale's trainer calls ``compute_loss``, so the explicit all-reduce is
 the portable choice here.
+
+Optimizer state across EP sizes. :func:`full_optimizer_state_dict` all-gathers, over the EP group, every
+state tensor of an expert parameter that has the parameter's local shape (AdamW's two moments), so the
+saved optimizer state has the plain model's shapes; :func:`load_optimizer_state_dict` keeps this rank's
+rows of such full tensors. A training checkpoint written at one EP size (or by one process) therefore
+resumes at any other, moments included.
 """
 
 from __future__ import annotations
@@ -32,8 +43,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from coscale.errors import ConfigError
-from coscale.parallel.expert_parallel import apply_expert_parallel
+from coscale.errors import CheckpointError, ConfigError
+from coscale.parallel.expert_parallel import EXPERT_PARAMS, apply_expert_parallel, expert_parallel_modules
 from coscale.parallel.groups import DEFAULT_TIMEOUT_S, ParallelContext, check_same_config, guarded, init_parallel
 
 
@@ -107,6 +118,77 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: ParallelContext) -> 
     for p in params:
         p.grad.mul_(coef.to(p.grad.dtype))
     return total
+
+
+@torch.no_grad()
+def all_reduce_router_loads(model: nn.Module, ctx: ParallelContext) -> None:
+    """Sum every router's ``expert_load`` counter over the world (one flattened all-reduce).
+
+    Call after the optimizer step and before ``update_router_biases(model, gamma)`` (without a
+    process group: the loads are already global), so that every rank applies the same bias update and
+    load statistics read in between are those of the global batch.
+    """
+    if ctx.world_size == 1:
+        return
+    loads = [b for name, b in model.named_buffers() if name.endswith("expert_load") and b.numel()]
+    if loads:
+        _bucketed("all_reduce(router loads)", loads, ctx, lambda f: dist.all_reduce(f, group=ctx.world_group))
+
+
+def _expert_param_owners(model: nn.Module) -> dict[int, Any]:
+    return {id(getattr(m, name)): m for m in expert_parallel_modules(model) for name in EXPERT_PARAMS}
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Parameters in the order of the integer keys of ``optimizer.state_dict()["state"]``."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+@torch.no_grad()
+def full_optimizer_state_dict(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every expert parameter's per-element state gathered over the EP
+    group (collective: every rank calls it). Without EP this is ``optimizer.state_dict()``."""
+    state = optimizer.state_dict()
+    owners = _expert_param_owners(model)
+    if not owners:
+        return state
+    params = _optimizer_params(optimizer)
+    out = {}
+    for index in sorted(state["state"]):  # the same order on every rank
+        entry = state["state"][index]
+        p = params[index]
+        owner = owners.get(id(p))
+        if owner is not None:
+            entry = {k: owner._gather_full(v.detach()) if torch.is_tensor(v) and v.shape == p.shape and v.dim()
+                     else v for k, v in entry.items()}
+        out[index] = entry
+    return {"state": out, "param_groups": state["param_groups"]}
+
+
+def load_optimizer_state_dict(optimizer: torch.optim.Optimizer, model: nn.Module, state: dict[str, Any]) -> None:
+    """Load a (full, plain-model) optimizer state: expert state tensors keep this rank's rows."""
+    owners = _expert_param_owners(model)
+    if owners:
+        params = _optimizer_params(optimizer)
+        local = {}
+        for index, entry in state["state"].items():
+            p = params[index] if isinstance(index, int) and 0 <= index < len(params) else None
+            owner = owners.get(id(p)) if p is not None else None
+            if owner is not None:
+                entry = dict(entry)
+                for k, v in entry.items():
+                    if not (torch.is_tensor(v) and v.dim() == p.dim() and v.shape[1:] == p.shape[1:]):
+                        continue
+                    if v.shape[0] == owner.n_experts:
+                        entry[k] = v[owner.first_expert:owner.first_expert + owner.n_local]
+                    elif v.shape[0] != owner.n_local:
+                        raise CheckpointError(
+                            f"optimizer state {k!r} of an expert parameter has {v.shape[0]} rows; expected "
+                            f"{owner.n_experts} (full) or {owner.n_local} (this rank's slice)"
+                        )
+            local[index] = entry
+        state = {"state": local, "param_groups": state["param_groups"]}
+    optimizer.load_state_dict(state)
 
 
 def shard_batch(batch: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 Precedence for ``train``: the defaults of :class:`TrainConfig`, then ``--config FILE`` (or, with
 ``--resume`` and no ``--config``, the config the run was started with), then the options given on the
-command line. Options default to ``None`` here so that only those actually given override.
+command line. Options default to ``None`` here so that only those actually given override. The
+parallel layout (``--ep-size``, ``--gpus-per-node``, ``--two-hop``, ``--dist-timeout``) belongs to a
+launch, not to a run: ``--resume`` does not take it from the checkpoint.
 """
 
 from __future__ import annotations
@@ -58,6 +60,21 @@ _TRAIN_OPTIONS = [
                                                              "(default: 100)")),
     ("--keep-checkpoints", "keep_checkpoints", dict(type=int, help="checkpoints kept, 0 keeps all (default: 2)")),
     ("--threads", "threads", dict(type=int, help="CPU threads for torch (default: 1 on CPU, see docs/training.md)")),
+    # Several processes (launch with torchrun; see docs/training.md).
+    ("--ep-size", "ep_size", dict(type=int, metavar="N", help="expert-parallel size under torchrun: each rank "
+                                                               "holds 1/N of the routed experts; the world size "
+                                                               "/ N replicas form data parallelism (default: 1)")),
+    ("--gpus-per-node", "gpus_per_node", dict(type=int, metavar="G", help="treat ranks [n*G, (n+1)*G) as node n "
+                                                                           "(virtual nodes; default: real hosts)")),
+    ("--dispatch-codec", "dispatch_codec", dict(choices=["bf16", "fp8", "fp32"],
+                                                help="wire format of tokens sent to other ranks' experts "
+                                                     "(default: bf16)")),
+    ("--combine-codec", "combine_codec", dict(choices=["bf16", "fp32"],
+                                              help="wire format of expert outputs and gradients coming back "
+                                                   "(default: fp32 with --dispatch-codec fp32, else bf16)")),
+    ("--dist-timeout", "dist_timeout", dict(type=float, metavar="SECONDS",
+                                            help="timeout of every collective; a dead or stuck rank ends the "
+                                                 "others with an error after it (default: 120)")),
 ]
 
 
@@ -78,6 +95,8 @@ def _register_train(subparsers) -> None:
                    help="print log lines instead of a progress bar")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
                    help="do not write TensorBoard logs even when tensorboard is installed")
+    p.add_argument("--two-hop", dest="two_hop", action="store_true", default=None,
+                   help="node-limited two-hop dispatch: one inter-node copy per (token, node), then NVLink")
     p.set_defaults(func=run_train)
 
 

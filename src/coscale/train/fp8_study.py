@@ -15,17 +15,7 @@ import os
 from typing import Any
 
 from coscale.train.loop import TrainConfig, train
-from coscale.train.metrics import read_metrics
-
-
-def _moving_average(values: list[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
+from coscale.train.metrics import _moving_average, read_metrics
 
 
 def compare_curves(reference: list[float], candidate: list[float], skip: int, smooth: int) -> dict[str, float]:

@@ -12,6 +12,17 @@ hashes), build the model and load the state; only then create or touch the run d
 Determinism: the model is initialised from ``seed``, batches come from a generator seeded with
 ``seed`` whose state is checkpointed with the global RNG state, and the learning rate is a function
 of the step. On CPU, ``N`` steps equal ``k`` steps + save + resume + ``N - k`` steps bit for bit.
+
+Several processes (torchrun sets ``WORLD_SIZE`` > 1, or ``ep_size`` > 1): expert parallelism (EP) x
+data parallelism (DP) through :mod:`coscale.parallel`. Every rank builds the plain model from ``seed``
+and loads the checkpoint to resume (plain format), then ``setup_for_training`` keeps its experts and
+moves it to ``cuda:LOCAL_RANK`` (NCCL) or the CPU (gloo). Each step every rank draws the same global
+batch and trains on its ``1 / world_size`` rows; gradients are all-reduced (``sync_gradients``), the
+clip uses the whole model's norm, router loads are summed over the world before the bias update, and
+logged losses are world means. Rank 0 alone prints and writes; checkpoints gather the experts and
+their AdamW moments, so they have the single-process format and resume at any EP size. Every step
+before the first write (validation, data, checkpoint reading) ends on every rank with the same
+one-line error if it fails on any rank.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from coscale.config import ModelConfig, load_config
-from coscale.errors import CheckpointError, ConfigError
+from coscale.errors import CheckpointError, ConfigError, CoscaleError
 from coscale.train import checkpointing as ckpt
 from coscale.train.data import (
     BatchSampler,
@@ -48,6 +59,11 @@ from coscale.train.optim import MOMENT_DTYPES, build_optimizer
 from coscale.train.schedule import lr_at
 
 PRECISIONS = ("bf16", "fp32", "fp8")
+DISPATCH_CODECS = ("bf16", "fp8", "fp32")  # wire format of tokens sent to experts on other ranks
+COMBINE_CODECS = ("bf16", "fp32")  # wire format of expert outputs coming back (and of gradients)
+# Fields that describe how a run is launched rather than what it computes: --resume does not take them
+# from the checkpoint (a run saved at one EP size resumes at another, or in one process).
+LAYOUT_FIELDS = ("ep_size", "gpus_per_node", "two_hop", "dist_timeout")
 _FINAL_LOSS_WINDOW = 20  # steps averaged into the reported final training loss
 RUN_CONFIG = "train_config.json"
 # Entries a run directory owns; --overwrite removes exactly these.
@@ -97,6 +113,15 @@ class TrainConfig:
     threads: int | None = None  # None: 1 on CPU (see docs/training.md), torch's default otherwise
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     tensorboard: bool = True
+    # Several processes (torchrun): expert-parallel size (1: experts replicated, pure data parallelism),
+    # virtual nodes of gpus_per_node ranks (None: the real hosts), EP wire formats, the two-hop route,
+    # and the timeout of every collective (seconds).
+    ep_size: int = 1
+    gpus_per_node: int | None = None
+    dispatch_codec: str = "bf16"
+    combine_codec: str | None = None  # None: fp32 when dispatch_codec is fp32, else bf16
+    two_hop: bool = False
+    dist_timeout: float = 120.0
 
     # ---- construction and checks ------------------------------------------------------
     @classmethod
@@ -144,9 +169,10 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
 
-        for name in ("batch_size", "seq_len", "steps", "eval_batches", "log_interval"):
+        for name in ("batch_size", "seq_len", "steps", "eval_batches", "log_interval", "ep_size"):
             value = getattr(self, name)
             check(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        check(self.seq_len >= 2, f"seq_len must be at least 2 (inputs and next-token labels), got {self.seq_len}")
         for name in ("eval_interval", "save_interval", "keep_checkpoints", "seed"):
             value = getattr(self, name)
             check(_is_int(value) and value >= 0, f"{name} must be a non-negative integer, got {value!r}")
@@ -181,10 +207,25 @@ class TrainConfig:
               f"model must be a preset name, a config path or a config mapping, got {self.model!r}")
         check(isinstance(self.model_overrides, dict),
               f"model_overrides must be a mapping of ModelConfig fields, got {self.model_overrides!r}")
+        check(self.gpus_per_node is None or (_is_int(self.gpus_per_node) and self.gpus_per_node > 0),
+              f"gpus_per_node must be a positive integer, got {self.gpus_per_node!r}")
+        check(self.dispatch_codec in DISPATCH_CODECS,
+              f"dispatch_codec must be one of {', '.join(DISPATCH_CODECS)}, got {self.dispatch_codec!r}")
+        check(self.combine_codec is None or self.combine_codec in COMBINE_CODECS,
+              f"combine_codec must be one of {', '.join(COMBINE_CODECS)}, got {self.combine_codec!r}")
+        check(isinstance(self.two_hop, bool), f"two_hop must be true or false, got {self.two_hop!r}")
+        check(_is_number(self.dist_timeout) and self.dist_timeout > 0,
+              f"dist_timeout must be a positive number of seconds, got {self.dist_timeout!r}")
 
     @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else self.steps // 10
+
+    @property
+    def resolved_combine_codec(self) -> str:
+        if self.combine_codec is not None:
+            return self.combine_codec
+        return "fp32" if self.dispatch_codec == "fp32" else "bf16"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -226,11 +267,15 @@ def config_from_checkpoint(path: str) -> TrainConfig:
     saved = meta.get("train_config")
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint {path} records no training config")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - set(LAYOUT_FIELDS)
     return TrainConfig.from_dict({k: v for k, v in saved.items() if k in known})
 
 
 # ---- the run ---------------------------------------------------------------------------------------
+
+
+class TrainingDiverged(CoscaleError, RuntimeError):
+    """The training loss became NaN or infinite (the run stops; earlier checkpoints are intact)."""
 
 
 @dataclass
@@ -247,29 +292,154 @@ class _Setup:
     resume_dir: str | None
     resume_meta: dict | None
     resolved_config: dict  # the config with defaults filled in, as run directory and checkpoints record it
+    world_size: int = 1
+    ctx: Any = None  # coscale.parallel.ParallelContext when several processes train together
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx is None or self.ctx.rank == 0
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) a training run; returns a summary (losses, entropy, throughput, paths)."""
+    """Run (or resume) a training run; returns a summary (losses, entropy, throughput, paths).
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank calls this with the same ``cfg``; each returns the
+    same summary, and rank 0 alone logs and writes.
+    """
+    world_size = _env_world_size()
+    if world_size > 1 or (_is_int(cfg.ep_size) and cfg.ep_size > 1):
+        if world_size == 1:
+            cfg.validate()
+            raise ConfigError(
+                f"ep_size {cfg.ep_size} needs {cfg.ep_size} processes (or a multiple), but this is a single "
+                f"process: launch with torchrun --nproc-per-node {cfg.ep_size} -m coscale train ..., or pass "
+                "--ep-size 1"
+            )
+        return _train_distributed(cfg, log, world_size)
     setup = _prepare(cfg)
+    return _train_prepared(cfg, setup, log)
+
+
+def _train_prepared(cfg: TrainConfig, setup: _Setup, log) -> dict[str, Any]:
     threads_before = torch.get_num_threads()
     threads = cfg.threads or (1 if setup.device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
     try:
         model, optimizer, sampler, start_step = _build(cfg, setup)
-        _prepare_out_dir(cfg, setup)
-        metrics = MetricsLogger(setup.out_dir, resume_step=start_step if setup.resume_dir else None,
-                                tensorboard=cfg.tensorboard)
+        if setup.ctx is None:
+            _prepare_out_dir(cfg, setup)
+        else:  # rank 0 writes; every rank learns of a failure
+            _agreed(setup.ctx, lambda: _prepare_out_dir(cfg, setup) if setup.is_main else None)
+        metrics: Any = _NullMetrics()
+        if setup.is_main:
+            metrics = MetricsLogger(setup.out_dir, resume_step=start_step if setup.resume_dir else None,
+                                    tensorboard=cfg.tensorboard)
         try:
-            return _run(cfg, setup, model, optimizer, sampler, start_step, metrics, log)
+            return _run(cfg, setup, model, optimizer, sampler, start_step, metrics,
+                        log if setup.is_main else _silent)
         finally:
             metrics.close()
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _prepare(cfg: TrainConfig) -> _Setup:
+def _silent(_message: str) -> None:
+    pass
+
+
+class _NullMetrics:
+    """What ranks other than 0 log to."""
+
+    path = None
+    tensorboard_dir = None
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _env_world_size() -> int:
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable WORLD_SIZE={value!r} is not an integer") from None
+
+
+def _train_distributed(cfg: TrainConfig, log, world_size: int) -> dict[str, Any]:
+    """The run on one of ``world_size`` ranks (torchrun's environment)."""
+    import torch.distributed as dist
+
+    from coscale.parallel.groups import DEFAULT_TIMEOUT_S, check_same_config, init_process_group_from_env
+
+    # Nothing before the process group may fail on one rank only (the others would wait for it), so
+    # the backend comes from the environment alone and every check runs after the rendezvous.
+    timeout = float(cfg.dist_timeout) if _is_number(cfg.dist_timeout) and cfg.dist_timeout > 0 \
+        else DEFAULT_TIMEOUT_S
+    backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
+    owns_group = not dist.is_initialized()
+    device = init_process_group_from_env(backend, timeout)
+    try:
+        bootstrap = _Bootstrap(dist.get_rank(), dist.get_world_size(), timeout)
+        if cfg.out_dir is None and not cfg.resume:  # one timestamped directory: rank 0's
+            cfg = dataclasses.replace(cfg, out_dir=_broadcast_object(bootstrap, _default_out_dir()))
+        setup = _agreed(bootstrap, lambda: _prepare(cfg, world_size=bootstrap.world_size, device=device))
+        check_same_config(setup.resolved_config, what="training config (options given to coscale train)",
+                          timeout_s=timeout)
+        return _train_prepared(cfg, setup, log)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@dataclass
+class _Bootstrap:
+    """The part of a ParallelContext that :func:`_agreed` needs, before the EP/DP groups exist."""
+
+    rank: int
+    world_size: int
+    timeout_s: float
+
+
+def _agreed(ctx, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on every rank, then agree: if it failed anywhere, every rank raises (one line).
+
+    The failing rank re-raises its own error; the others raise the same class of user error naming
+    it, so a bad option, a missing file or an incompatible checkpoint ends every rank with exit
+    status 2 instead of leaving some waiting in a collective.
+    """
+    import torch.distributed as dist
+
+    from coscale.parallel.groups import guarded
+
+    error: BaseException | None = None
+    result = None
+    try:
+        result = fn()
+    except Exception as e:  # reported to the other ranks, then re-raised here
+        error = e
+    mine = None if error is None else (isinstance(error, CheckpointError), isinstance(error, CoscaleError),
+                                       str(error).splitlines()[0] if str(error) else type(error).__name__)
+    outcomes: list[Any] = [None] * ctx.world_size
+    guarded("all_gather_object(outcome)", lambda: dist.all_gather_object(outcomes, mine), ctx.timeout_s)
+    if error is not None:
+        raise error
+    failed = [(rank, o) for rank, o in enumerate(outcomes) if o is not None]
+    if failed:
+        rank, (is_checkpoint, is_user, message) = failed[0]
+        kind = CheckpointError if is_checkpoint else ConfigError if is_user else CoscaleError
+        raise kind(f"rank {rank} failed: {message}" if is_user else f"rank {rank} failed with an internal "
+                   f"error ({message}); see its traceback")
+    return result
+
+
+def _prepare(cfg: TrainConfig, world_size: int = 1, device: torch.device | None = None) -> _Setup:
     cfg.validate()
     resume_dir = resume_meta = None
     if cfg.resume:
@@ -281,7 +451,8 @@ def _prepare(cfg: TrainConfig) -> _Setup:
             f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
             f"{model_cfg.max_position_embeddings}"
         )
-    device = _resolve_device(cfg.device)
+    _check_layout(cfg, model_cfg, world_size)
+    device = _resolve_device(cfg.device, distributed=world_size > 1, rank_device=device)
     precision = cfg.precision or ("bf16" if device.type == "cuda" else "fp32")
     tokens = load_tokens(cfg.data, model_cfg.vocab_size, cfg.bin_dtype)
     split = split_tokens(tokens, cfg.val_fraction, cfg.seq_len)
@@ -302,7 +473,27 @@ def _prepare(cfg: TrainConfig) -> _Setup:
         "overwrite": False, "data": [os.path.abspath(p) for p in cfg.data],
     }
     return _Setup(model_cfg, device, precision, out_dir, split, data_info, entropy, resume_dir,
-                  resume_meta, resolved)
+                  resume_meta, resolved, world_size=world_size)
+
+
+def _check_layout(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> None:
+    """EP x DP sizes against the model, the batch and the number of processes."""
+    ep = cfg.ep_size
+    if ep > 1:
+        if not model_cfg.is_moe:
+            raise ConfigError(f"ep_size {ep} needs a model with routed experts; this model is dense")
+        if model_cfg.n_routed_experts % ep:
+            raise ConfigError(
+                f"ep_size {ep} does not divide the model's {model_cfg.n_routed_experts} routed experts; "
+                "choose an EP size that divides n_routed_experts"
+            )
+    if world_size % ep:
+        raise ConfigError(f"ep_size {ep} must divide the number of processes ({world_size})")
+    if cfg.batch_size % world_size:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} (the global batch) must be divisible by the number of processes "
+            f"({world_size}): every rank trains on batch_size / {world_size} sequences"
+        )
 
 
 def _compat_fields(cfg: TrainConfig, model_cfg: ModelConfig, precision: str, data_info: dict) -> dict:
@@ -316,11 +507,16 @@ def _compat_fields(cfg: TrainConfig, model_cfg: ModelConfig, precision: str, dat
     }
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _resolve_device(name: str, distributed: bool = False, rank_device: torch.device | None = None) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    if distributed:
+        if name.startswith("cuda:"):
+            raise ConfigError(f"device {name!r}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device "
+                              "cuda (or auto)")
+        return rank_device if rank_device is not None else torch.device("cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
@@ -346,19 +542,77 @@ def _build(cfg: TrainConfig, setup: _Setup):
     from coscale.model import DeepseekForCausalLM
 
     torch.manual_seed(cfg.seed)
+    if setup.world_size > 1:
+        return _build_distributed(cfg, setup, DeepseekForCausalLM(setup.model_cfg))
     model = DeepseekForCausalLM(setup.model_cfg).to(setup.device)
     if setup.precision == "fp8":
         model = _convert_to_fp8(model)
     model.train()
-    optimizer = build_optimizer(
-        model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-        weight_decay=cfg.weight_decay, moments_dtype=cfg.adam_moments_dtype,
-    )
+    optimizer = _optimizer(cfg, model)
     sampler = BatchSampler(setup.split.train, cfg.batch_size, cfg.seq_len, cfg.seed)
     start_step = 0
     if setup.resume_dir:
         start_step = _restore(setup, model, optimizer, sampler)
     return model, optimizer, sampler, start_step
+
+
+def _optimizer(cfg: TrainConfig, model):
+    return build_optimizer(
+        model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        weight_decay=cfg.weight_decay, moments_dtype=cfg.adam_moments_dtype,
+    )
+
+
+def _build_distributed(cfg: TrainConfig, setup: _Setup, model):
+    """The plain model (same seed everywhere) with the checkpoint loaded, then EP swap and replica sync."""
+    from coscale.parallel import load_optimizer_state_dict, setup_for_training
+
+    ctx_holder = _Bootstrap(*_rank_world(), cfg.dist_timeout)
+    if setup.precision == "fp8":
+        model = _convert_to_fp8(model)
+    state = None
+    if setup.resume_dir:  # full (plain-model) tensors: loaded before the EP swap keeps this rank's experts
+        def load():
+            loaded = ckpt.load_checkpoint(setup.resume_dir, setup.resume_meta)
+            _load_model_state(setup, model, loaded.model)
+            return loaded
+        state = _agreed(ctx_holder, load)
+    model, ctx = setup_for_training(model, {
+        "ep_size": cfg.ep_size, "gpus_per_node": cfg.gpus_per_node, "dispatch_codec": cfg.dispatch_codec,
+        "combine_codec": cfg.resolved_combine_codec, "two_hop": cfg.two_hop, "dist_timeout": cfg.dist_timeout,
+        "backend": "nccl" if setup.device.type == "cuda" else "gloo",
+    })
+    setup.ctx = ctx
+    model.train()
+    optimizer = _optimizer(cfg, model)
+    sampler = BatchSampler(setup.split.train, cfg.batch_size, cfg.seq_len, cfg.seed)
+    start_step = 0
+    if state is not None:
+        def restore():
+            try:
+                load_optimizer_state_dict(optimizer, model, state.optimizer)
+                sampler.load_state_dict(state.trainer["sampler"])
+                torch.set_rng_state(state.trainer["cpu_rng"])
+            except (RuntimeError, KeyError, ValueError, TypeError) as e:
+                first = str(e).splitlines()[0]
+                raise CheckpointError(f"cannot restore {setup.resume_dir}: {first}") from None
+        _agreed(ctx, restore)
+        start_step = int(setup.resume_meta["step"])
+    return model, optimizer, sampler, start_step
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _load_model_state(setup: _Setup, model, state: dict) -> None:
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"cannot restore {setup.resume_dir}: {first}") from None
 
 
 def _convert_to_fp8(model):
@@ -399,17 +653,32 @@ def _prepare_out_dir(cfg: TrainConfig, setup: _Setup) -> None:
         f.write("\n")
 
 
-def _run(cfg, setup: _Setup, model, optimizer, sampler, start_step, metrics: MetricsLogger, log) -> dict:
+def _parallel_info(setup: _Setup) -> dict | None:
+    ctx = setup.ctx
+    if ctx is None:
+        return None
+    return {"world_size": ctx.world_size, "ep_size": ctx.ep_size, "dp_size": ctx.dp_size,
+            "gpus_per_node": ctx.dims.gpus_per_node, "backend": "nccl" if setup.device.type == "cuda" else "gloo",
+            "dispatch_codec": setup.resolved_config["dispatch_codec"],
+            "combine_codec": setup.resolved_config["combine_codec"] or (
+                "fp32" if setup.resolved_config["dispatch_codec"] == "fp32" else "bf16"),
+            "two_hop": setup.resolved_config["two_hop"]}
+
+
+def _run(cfg, setup: _Setup, model, optimizer, sampler, start_step, metrics, log) -> dict:
     wall_start = time.perf_counter()
     autocast = _autocast(setup)
     gamma = cfg.bias_update_speed if cfg.bias_update_speed is not None else setup.model_cfg.bias_update_speed
     min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10
     val_batches = eval_batches(setup.split.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    metrics.log({"type": "run", "step": start_step, "resumed_from": setup.resume_dir,
-                 "unigram_entropy": setup.entropy, "device": str(setup.device), "precision": setup.precision})
+    run_record = {"type": "run", "step": start_step, "resumed_from": setup.resume_dir,
+                  "unigram_entropy": setup.entropy, "device": str(setup.device), "precision": setup.precision}
+    if setup.ctx is not None:
+        run_record["parallel"] = _parallel_info(setup)
+    metrics.log(run_record)
     log(_header(cfg, setup, start_step))
-    bar = _progress_bar(cfg, start_step)
+    bar = _progress_bar(cfg, start_step) if setup.is_main else None
     recent: list[float] = []
     train_time, val_loss, last_saved = 0.0, None, None
     window_tokens, window_time = 0, 0.0
@@ -418,8 +687,9 @@ def _run(cfg, setup: _Setup, model, optimizer, sampler, start_step, metrics: Met
         t0 = time.perf_counter()
         record = _train_step(cfg, setup, model, optimizer, sampler, lr, gamma, autocast)
         dt = time.perf_counter() - t0
-        train_time, window_time, window_tokens = train_time + dt, window_time + dt, window_tokens + tokens_per_step
         done = step + 1
+        _check_finite(record, done, last_saved or setup.resume_dir)
+        train_time, window_time, window_tokens = train_time + dt, window_time + dt, window_tokens + tokens_per_step
         recent = (recent + [record["loss"]])[-_FINAL_LOSS_WINDOW:]
         record |= {"type": "train", "step": done, "lr": lr, "tokens_per_s": tokens_per_step / dt}
         metrics.log(record)
@@ -435,7 +705,7 @@ def _run(cfg, setup: _Setup, model, optimizer, sampler, start_step, metrics: Met
             window_tokens, window_time = 0, 0.0
             metrics.flush()
         if (cfg.eval_interval and done % cfg.eval_interval == 0) or done == cfg.steps:
-            val_loss = evaluate(model, val_batches, setup.device, autocast)
+            val_loss = evaluate(model, val_batches, setup.device, autocast, ctx=setup.ctx)
             metrics.log({"type": "eval", "step": done, "val_loss": val_loss,
                          "unigram_entropy": setup.entropy})
             _write(bar, log, f"step {done:>6} | val loss {val_loss:.4f} nats "
@@ -445,20 +715,46 @@ def _run(cfg, setup: _Setup, model, optimizer, sampler, start_step, metrics: Met
     if bar is not None:
         bar.close()
     metrics.flush()
-    summary = _summarise(cfg, setup, metrics, start_step, recent, val_loss, train_time, last_saved)
-    summary["wall_seconds"] = time.perf_counter() - wall_start
-    with open(os.path.join(setup.out_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
-    log(_footer(summary))
+    summary = None
+    if setup.is_main:
+        summary = _summarise(cfg, setup, metrics, start_step, recent, val_loss, train_time, last_saved)
+        summary["wall_seconds"] = time.perf_counter() - wall_start
+        with open(os.path.join(setup.out_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
+        log(_footer(summary))
+    if setup.ctx is not None:  # every rank returns rank 0's summary
+        summary = _broadcast_object(setup.ctx, summary)
     return summary
+
+
+def _broadcast_object(ctx, obj: Any) -> Any:
+    import torch.distributed as dist
+
+    from coscale.parallel.groups import guarded
+
+    box = [obj]
+    guarded("broadcast_object_list(summary)", lambda: dist.broadcast_object_list(box, src=0), ctx.timeout_s)
+    return box[0]
+
+
+def _check_finite(record: dict, step: int, last_checkpoint: str | None) -> None:
+    """Stop at the first NaN/inf main or total loss (every rank sees the same world-mean values)."""
+    for name, label in (("loss", "training loss"), ("total_loss", "total loss (main + MTP + balance)")):
+        value = record.get(name)
+        if value is None or not math.isfinite(value):
+            where = f"; the last checkpoint is {last_checkpoint}" if last_checkpoint else ""
+            raise TrainingDiverged(
+                f"the {label} is {'nan' if value is None else value} at step {step}; stopping (lower --lr, "
+                f"raise --warmup-steps or --grad-clip, or check the data){where}"
+            )
 
 
 def _summarise(cfg, setup, metrics, start_step, recent, val_loss, train_time, last_saved) -> dict:
     plot = plot_loss_curve(metrics.path, os.path.join(setup.out_dir, PLOT_FILE), setup.entropy)
     steps_run = cfg.steps - start_step
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    return {
+    summary = {
         "steps": cfg.steps,
         "steps_this_run": steps_run,
         "final_train_loss": sum(recent) / len(recent) if recent else None,
@@ -476,6 +772,9 @@ def _summarise(cfg, setup, metrics, start_step, recent, val_loss, train_time, la
         "checkpoint": last_saved,
         "tensorboard": metrics.tensorboard_dir,
     }
+    if setup.ctx is not None:
+        summary["parallel"] = _parallel_info(setup)
+    return summary
 
 
 def _autocast(setup: _Setup):
@@ -486,28 +785,45 @@ def _autocast(setup: _Setup):
 
 
 def _train_step(cfg, setup, model, optimizer, sampler, lr, gamma, autocast) -> dict:
+    from coscale.model.moe import update_router_biases
+
+    ctx = setup.ctx
     for group in optimizer.param_groups:
         group["lr"] = lr
-    input_ids, labels = sampler.next_batch()
+    input_ids, labels = sampler.next_batch()  # the global batch: the same on every rank
+    if ctx is not None:
+        from coscale.parallel import shard_batch
+
+        input_ids, labels = shard_batch(input_ids, ctx), shard_batch(labels, ctx)
     input_ids = input_ids.to(setup.device, non_blocking=True)
     labels = labels.to(setup.device, non_blocking=True)
     with autocast():
         out = model.compute_loss(input_ids, labels)
     out.loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+    if ctx is None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+    else:
+        from coscale.parallel import all_reduce_router_loads, clip_grad_norm_, sync_gradients
+
+        sync_gradients(model, ctx)
+        grad_norm = clip_grad_norm_(model, cfg.grad_clip, ctx) if cfg.grad_clip else None
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if ctx is not None:  # global loads: the logged balance statistics and every rank's bias update
+        all_reduce_router_loads(model, ctx)
     load = moe_load_stats(model)
-    from coscale.model.moe import update_router_biases
-
     update_router_biases(model, gamma=gamma)
+    nan = torch.tensor(float("nan"), device=setup.device)
     values = torch.stack([
         out.main_loss.detach().float(),
         out.loss.detach().float(),
-        out.mtp_loss.detach().float() if out.mtp_loss is not None else torch.tensor(float("nan"), device=setup.device),
-        out.aux_loss.detach().float() if out.aux_loss is not None else torch.tensor(float("nan"), device=setup.device),
-        grad_norm.float() if grad_norm is not None else torch.tensor(float("nan"), device=setup.device),
-    ]).tolist()  # one device sync per step
+        out.mtp_loss.detach().float() if out.mtp_loss is not None else nan,
+        out.aux_loss.detach().float() if out.aux_loss is not None else nan,
+        grad_norm.float() if grad_norm is not None else nan,
+    ])
+    if ctx is not None:  # world means (the grad norm is already global: its mean is itself)
+        values = ctx.all_reduce_mean(values)
+    values = values.tolist()  # one device sync per step
     record = dict(zip(("loss", "total_loss", "mtp_loss", "aux_loss", "grad_norm"), values))
     record = {k: (None if math.isnan(v) else v) for k, v in record.items()}
     return record | load
@@ -517,7 +833,8 @@ def moe_load_stats(model) -> dict[str, float | None]:
     """Expert-load balance of the last step: max/mean and max/min of tokens per expert, worst layer.
 
     Reads the routers' ``expert_load`` counters (tokens routed since the last bias update), so it must
-    run before ``update_router_biases`` resets them. Empty for a dense model.
+    run before ``update_router_biases`` resets them. Empty for a dense model. With several processes
+    the trainer sums the counters over the world first, so these are the global batch's statistics.
     """
     loads = [m.expert_load for m in model.modules() if hasattr(m, "expert_load") and m.expert_load.numel()]
     if not loads:
@@ -533,24 +850,40 @@ def moe_load_stats(model) -> dict[str, float | None]:
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, autocast=contextlib.nullcontext) -> float:
-    """Mean next-token loss (nats) of the main model over fixed held-out batches."""
+def evaluate(model, batches, device, autocast=contextlib.nullcontext, ctx=None) -> float:
+    """Mean next-token loss (nats) of the main model over fixed held-out batches.
+
+    With ``ctx`` (several processes; every rank must call it) each rank takes its rows of a batch whose
+    size the world size divides, and the whole batch otherwise (weighted 1 / world size); the sums are
+    all-reduced, so every rank returns the same value.
+    """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     for input_ids, labels in batches:
+        weight = 1.0
+        if ctx is not None:
+            if input_ids.shape[0] % ctx.world_size == 0:
+                from coscale.parallel import shard_batch
+
+                input_ids, labels = shard_batch(input_ids, ctx), shard_batch(labels, ctx)
+            else:
+                weight = 1.0 / ctx.world_size
         with autocast():
             logits = model(input_ids.to(device))
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), reduction="sum")
-        total += loss.item()
-        count += labels.numel()
+        total += weight * loss.item()
+        count += weight * labels.numel()
     model.train(was_training)
+    if ctx is not None:
+        sums = ctx.all_reduce_mean(torch.tensor([total, count], dtype=torch.float64))
+        total, count = float(sums[0]), float(sums[1])
     return total / count
 
 
 def _save(cfg, setup, model, optimizer, sampler, step: int) -> str:
     trainer = {"sampler": sampler.state_dict(), "cpu_rng": torch.get_rng_state()}
-    if setup.device.type == "cuda":
+    if setup.device.type == "cuda" and setup.ctx is None:
         trainer["cuda_rng"] = torch.cuda.get_rng_state_all()
     meta = {
         "model_config": setup.model_cfg.to_dict(),
@@ -560,8 +893,25 @@ def _save(cfg, setup, model, optimizer, sampler, step: int) -> str:
         "data": setup.data_info,
         "val_fraction": cfg.val_fraction,
     }
-    return ckpt.save_checkpoint(setup.out_dir, step, model.state_dict(), optimizer.state_dict(),
-                                trainer, meta, keep=cfg.keep_checkpoints)
+    if setup.ctx is None:
+        return ckpt.save_checkpoint(setup.out_dir, step, model.state_dict(), optimizer.state_dict(),
+                                    trainer, meta, keep=cfg.keep_checkpoints)
+    from coscale.parallel import full_optimizer_state_dict, gathered_experts
+
+    # Collective: every rank gathers the experts and their moments; rank 0 writes the plain format.
+    meta["parallel"] = _parallel_info(setup)
+    with gathered_experts(model):
+        model_state = model.state_dict()
+    optimizer_state = full_optimizer_state_dict(optimizer, model)
+
+    def write():
+        if not setup.is_main:
+            return None
+        return ckpt.save_checkpoint(setup.out_dir, step, model_state, optimizer_state, trainer, meta,
+                                    keep=cfg.keep_checkpoints)
+
+    path = _agreed(setup.ctx, write)
+    return _broadcast_object(setup.ctx, path)
 
 
 # ---- printing ------------------------------------------------------------------------------------
@@ -598,6 +948,14 @@ def _header(cfg: TrainConfig, setup: _Setup, start_step: int) -> str:
         f"(warm-up {cfg.warmup}, cosine), AdamW moments {cfg.adam_moments_dtype}, "
         f"{torch.get_num_threads()} CPU thread(s); output {setup.out_dir}",
     ]
+    if setup.ctx is not None:
+        p = _parallel_info(setup)
+        lines.append(
+            f"parallel: {p['world_size']} ranks = EP {p['ep_size']} x DP {p['dp_size']} ({p['backend']}, "
+            f"{p['gpus_per_node']} rank(s) per node), dispatch {p['dispatch_codec']}, combine "
+            f"{p['combine_codec']}{', two-hop' if p['two_hop'] else ''}; {cfg.batch_size // p['world_size']} "
+            "sequences per rank per step"
+        )
     if start_step:
         lines.append(f"resuming from {setup.resume_dir} at step {start_step}")
     return "\n".join(lines)
