@@ -56,11 +56,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
 from coscale.errors import CoscaleError
+from coscale.kernels.quant import interpreting, triton_available
 
 TILE = 128
 RANGE_CLAMP = 2.0**-32  # min |x| >= max |x| * 2^-32, i.e. lmin >= lmax - log(2^32)
@@ -184,20 +184,6 @@ def logfmt_decode_ref(codes: torch.Tensor, tile_min: torch.Tensor, tile_step: to
 # ----------------------------------------------------------------------------------------------------
 # Triton kernels (built lazily, as in coscale.kernels.quant)
 # ----------------------------------------------------------------------------------------------------
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 @functools.cache
