@@ -110,7 +110,7 @@ class TrainConfig:
     log_interval: int = 10
     save_interval: int = 100
     keep_checkpoints: int = 2
-    threads: int | None = None  # None: 1 on CPU (see docs/training.md), torch's default otherwise
+    threads: int | None = None  # None: torch's default (all cores); see docs/training.md
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     tensorboard: bool = True
     # Several processes (torchrun): expert-parallel size (1: experts replicated, pure data parallelism),
@@ -322,7 +322,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
 
 def _train_prepared(cfg: TrainConfig, setup: _Setup, log) -> dict[str, Any]:
     threads_before = torch.get_num_threads()
-    threads = cfg.threads or (1 if setup.device.type == "cpu" else None)
+    threads = cfg.threads
     if threads:
         torch.set_num_threads(threads)
     try:
