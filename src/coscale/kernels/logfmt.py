@@ -60,7 +60,7 @@ import math
 import torch
 
 from coscale.errors import CoscaleError
-from coscale.kernels.quant import interpreting, triton_available
+from coscale.kernels.quant import _use_triton, interpreting, triton_available
 
 TILE = 128
 RANGE_CLAMP = 2.0**-32  # min |x| >= max |x| * 2^-32, i.e. lmin >= lmax - log(2^32)
@@ -278,20 +278,6 @@ def _build_kernels(interpret: bool):
         tl.store(o_ptrs, val.to(out_ptr.dtype.element_ty), mask=mask)
 
     return encode_kernel, decode_kernel
-
-
-def _use_triton(t: torch.Tensor, backend: str) -> bool:
-    if backend not in ("auto", "triton", "torch"):
-        raise CoscaleError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        if not triton_available():
-            raise CoscaleError("backend='triton' needs the triton package (pip install triton)")
-        if not t.is_cuda and not interpreting():
-            raise CoscaleError("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
-        return True
-    return t.is_cuda and triton_available()
 
 
 def logfmt_encode(x: torch.Tensor, n_bits: int = 8, rounding: str = "nearest", seed: int | None = None,

@@ -308,6 +308,7 @@ def _build_kernels(interpret: bool):
 
 
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
+    """Whether `backend` ("auto", "triton", "torch") runs the Triton kernel for x; shared by the kernel modules."""
     if backend not in ("auto", "triton", "torch"):
         raise CoscaleError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "torch":
