@@ -18,6 +18,7 @@ from coscale.model import DeepseekForCausalLM, experts_forward_loop, update_rout
 from coscale.parallel import (
     CommunicationError,
     ExpertParallelExperts,
+    all_reduce_router_loads,
     analytic_inter_node_bytes,
     apply_expert_parallel,
     check_same_config,
@@ -241,7 +242,8 @@ def _train_worker(rank, ep_size, gpus_per_node, codec, path, reload_ep):
         norms.append(float(clip_grad_norm_(model, CLIP, ctx)))
         opt.step()
         opt.zero_grad()
-        update_router_biases(model, 0.01, process_group=ctx.world_group)
+        all_reduce_router_loads(model, ctx)
+        update_router_biases(model, 0.01)
         losses.append(float(ctx.all_reduce_mean(loss.detach())))
     state = model.state_dict()  # collective: full expert tensors on every rank
     if rank == 0:

@@ -221,15 +221,23 @@ def load_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{config_path}: {e}") from None
 
 
-def checkpoint_weight_map(path: str | os.PathLike) -> dict[str, str]:
-    """{tensor name: shard path} from model.safetensors.index.json, or from a single model.safetensors."""
+def _open_shard(file: str):
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+        raise CheckpointError(f"{file} is not a valid safetensors file ({e})") from None
+
+
+def checkpoint_weight_map(path: str | os.PathLike, open_shard=_open_shard) -> dict[str, str]:
+    """{tensor name: shard path} from model.safetensors.index.json, or from a single model.safetensors
+    (whose header, opened with `open_shard`, lists the names)."""
     path = os.fspath(path)
     index_path = os.path.join(path, INDEX_FILE)
     if not os.path.isfile(index_path):
         single = os.path.join(path, SINGLE_FILE)
         if not os.path.isfile(single):
             raise CheckpointError(f"{path} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
-        return dict.fromkeys(_open_shard(single).keys(), single)
+        return dict.fromkeys(open_shard(single).keys(), single)
     try:
         with open(index_path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
@@ -246,21 +254,15 @@ def checkpoint_weight_map(path: str | os.PathLike) -> dict[str, str]:
     return result
 
 
-def _open_shard(file: str):
-    try:
-        return safe_open(file, framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
-        raise CheckpointError(f"{file} is not a valid safetensors file ({e})") from None
-
-
-def read_tensor_infos(weight_map: dict[str, str]) -> dict[str, TensorInfo]:
-    """Shapes and dtypes of every tensor, from the shard headers (no tensor data is read)."""
+def read_tensor_infos(weight_map: dict[str, str], open_shard=_open_shard) -> dict[str, TensorInfo]:
+    """Shapes and dtypes of every tensor, from the shard headers opened with `open_shard` (no tensor
+    data is read)."""
     infos: dict[str, TensorInfo] = {}
     by_file: dict[str, list[str]] = {}
     for name, file in weight_map.items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        shard = _open_shard(file)
+        shard = open_shard(file)
         present = set(shard.keys())
         for name in names:
             if name not in present:
@@ -274,19 +276,23 @@ def read_tensor_infos(weight_map: dict[str, str]) -> dict[str, TensorInfo]:
 
 
 class _TensorReader:
-    """Reads checkpoint tensors one at a time, keeping each shard open once (header parsed once).
-    `read` is the single point where checkpoint data enters memory."""
+    """The tensors of checkpoint `path`, each shard opened once: the handle that lists its names and
+    shapes (``infos``) also reads its data. `read` is the single point where checkpoint data enters
+    memory, one tensor at a time."""
 
-    def __init__(self, infos: dict[str, TensorInfo]):
-        self.infos = infos
+    def __init__(self, path: str | os.PathLike):
         self._handles: dict[str, object] = {}
+        self.infos = read_tensor_infos(checkpoint_weight_map(path, self._shard), self._shard)
+
+    def _shard(self, file: str):
+        if file not in self._handles:
+            self._handles[file] = _open_shard(file)
+        return self._handles[file]
 
     def read(self, name: str) -> torch.Tensor:
         file = self.infos[name].file
         try:
-            if file not in self._handles:
-                self._handles[file] = safe_open(file, framework="pt", device="cpu")
-            return self._handles[file].get_tensor(name)
+            return self._shard(file).get_tensor(name)
         except Exception as e:  # a shard truncated or rewritten after its header was read
             raise CheckpointError(f"cannot read {name} from {file} ({e})") from None
 
@@ -511,12 +517,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, dtype: torch.d
     device = torch.device(device or "cpu")
     dtype = _as_dtype(dtype)
     expert_range = _as_range(expert_range)
-    infos = read_tensor_infos(checkpoint_weight_map(path))
-    plan = plan_load(infos, model, cfg, expert_range)
-    targets = _prepare_targets(model, plan, infos, dtype, device)
-    block = _block_size(cfg)
-    reader = _TensorReader(infos)
+    reader = _TensorReader(path)
     try:
+        infos = reader.infos
+        plan = plan_load(infos, model, cfg, expert_range)
+        targets = _prepare_targets(model, plan, infos, dtype, device)
+        block = _block_size(cfg)
         for item in sorted(plan, key=lambda i: (infos[i.hf_name].file, i.hf_name)):
             _load_item(item, reader, targets[item.target], block)
     finally:

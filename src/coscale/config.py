@@ -24,6 +24,7 @@ from coscale.errors import ConfigError
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "coscale")  # config.json model_types read here
 
 
 @dataclass
@@ -217,7 +218,7 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError("a model config must be a JSON object")
         model_type = d.get("model_type", "deepseek_v3")
-        if model_type not in ("deepseek_v2", "deepseek_v3", "kimi_k2", "coscale"):
+        if model_type not in MODEL_TYPES:
             raise ConfigError(
                 f"model_type {model_type!r} is not a DeepSeek-V2/V3 architecture; coscale models "
                 "deepseek_v2 and deepseek_v3 checkpoints"

@@ -74,9 +74,6 @@ class HardwareSpec:
             raise ConfigError(f"compute dtype must be 'bf16' or 'fp8', got {dtype!r}")
         return (self.bf16_tflops if dtype == "bf16" else self.fp8_tflops) * 1e12
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 _HOPPER = dict(bf16_tflops=989.0, fp8_tflops=1979.0, scale_up_domain=8, nics_per_gpu=1, nic_gbps=400)
 _BLACKWELL = dict(hbm_bandwidth_tbps=8.0, bf16_tflops=2250.0, fp8_tflops=4500.0,
@@ -135,10 +132,7 @@ def hardware_from_dict(d: Any, default_name: str = "custom") -> HardwareSpec:
     missing = sorted(required - set(d))
     if missing:
         raise ConfigError(f"hardware {default_name!r}: missing key(s) {', '.join(missing)}")
-    kwargs = dict(d)
-    kwargs.setdefault("name", default_name)
-    kwargs["name"] = str(kwargs["name"])
-    kwargs["source"] = str(kwargs.get("source", ""))
+    kwargs = {**d, "name": str(d.get("name", default_name)), "source": str(d.get("source", ""))}
     return HardwareSpec(**kwargs)
 
 

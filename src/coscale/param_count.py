@@ -25,13 +25,10 @@ class ParamCounts:
     activated: int  # per token, main model
     mtp: int  # MTP modules as stored (embedding and head copies included)
     mtp_unique: int  # MTP modules without the shared embedding and head
+    mtp_activated: int  # MTP modules per token: k routed experts, the output head again, no embedding
     embedding: int
     attention_per_layer: int
     routed_experts: int  # all routed-expert weights in the main model
-
-    @property
-    def total_with_mtp(self) -> int:
-        return self.total + self.mtp_unique
 
 
 def attention_params(cfg: ModelConfig) -> int:
@@ -77,14 +74,13 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     for i in range(cfg.num_hidden_layers):
         t, a, r = _layer_params(cfg, i)
         total, activated, routed_all = total + t, activated + a, routed_all + r
-    mtp_unique = 0
     # MTP blocks use the layout of the last decoder layer (MoE in DeepSeek-V3).
-    for _ in range(cfg.num_nextn_predict_layers):
-        t, _a, _r = _layer_params(cfg, cfg.num_hidden_layers - 1)
-        h = cfg.hidden_size
-        mtp_unique += t + 2 * h + 2 * h * h + h  # enorm, hnorm, eh_proj, shared_head.norm
-    mtp = mtp_unique + cfg.num_nextn_predict_layers * (emb + emb)
+    depth, h = cfg.num_nextn_predict_layers, cfg.hidden_size
+    block, block_activated, _ = _layer_params(cfg, cfg.num_hidden_layers - 1)
+    own = 2 * h + 2 * h * h + h  # enorm, hnorm, eh_proj, shared_head.norm
+    mtp_unique = depth * (block + own)
     return ParamCounts(
-        total=total, activated=activated, mtp=mtp, mtp_unique=mtp_unique, embedding=emb,
+        total=total, activated=activated, mtp=mtp_unique + depth * (emb + emb), mtp_unique=mtp_unique,
+        mtp_activated=depth * (block_activated + own + emb), embedding=emb,
         attention_per_layer=attention_params(cfg), routed_experts=routed_all,
     )

@@ -9,6 +9,7 @@ from coscale.analysis import ep_limit, flops, kv_cache, memory, network
 from coscale.analysis.memory import DTYPE_BYTES
 from coscale.analysis.table import Table, render
 from coscale.errors import ConfigError
+from coscale.hardware import load_hardware
 
 
 def register(subparsers) -> None:
@@ -105,8 +106,6 @@ def _flops(args) -> int:
     table = flops.flops_table(args.model, args.seq_len, args.attention, args.include_embedding,
                               args.include_mtp)
     if args.hardware:
-        from coscale.hardware import load_hardware
-
         hw = load_hardware(args.hardware)
         model, per_token = table.rows[0][0], table.rows[0][7] * 1e9
         table.notes.append(f"{model} on one {hw.name}: {hw.peak_flops('bf16') / per_token:,.0f} training "
@@ -134,8 +133,6 @@ def _memory(args) -> int:
                  f"moments; activations ~{args.activation_coeff:g} x seq x micro-batch x hidden bytes per layer."]
     table = memory.memory_table(m, title, notes)
     if args.hardware:
-        from coscale.hardware import load_hardware
-
         hw = load_hardware(args.hardware)
         verdict = "fits" if m.total <= hw.hbm_bytes else "does NOT fit"
         table.notes.append(f"{hw.name} ({hw.hbm_gb:g} GB): {verdict}.")
@@ -156,8 +153,7 @@ def _inference_limit(args) -> int:
             and not args.paper_rounding and not args.mtp_acceptance:
         cases = ep_limit.paper_cases(args.model)
     else:
-        r = ep_limit.inference_limit(hardware=args.hardware or "h800", bandwidth_gbps=args.bandwidth,
-                                            **common)
+        r = ep_limit.inference_limit(hardware=args.hardware or "h800", bandwidth_gbps=args.bandwidth, **common)
         cases = [(f"{r.hardware}, {r.bandwidth_gbps:g} GB/s", r)]
     tables = [ep_limit.inference_limit_table(cases)]
     if args.plot:

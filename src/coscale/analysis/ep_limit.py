@@ -149,7 +149,7 @@ def _gpu_layer_times(v: ModelView, hw: HardwareSpec, tokens: int, k: int, contex
                      weight_bytes: float, kv_bytes: float, compute_dtype: str) -> tuple[float, float]:
     """(compute, memory) seconds of one layer and micro-batch on one device."""
     if v.attention == "MLA":  # absorbed form: scores over latent + rope, values over the latent
-        core = 2 * v.heads * (v.latent_dim + v.kv_lora_rank) * context
+        core = 2 * v.heads * (v.kv_cache_elements_per_layer + v.kv_lora_rank) * context
     else:
         core = 2 * v.heads * (v.qk_head_dim + v.v_head_dim) * context
     flops = tokens * (2 * v.attention_params_per_layer + 2 * k * v.expert_params + core)
@@ -178,9 +178,6 @@ def inference_limit_table(cases: list[tuple[str, InferenceLimit]]) -> Table:
              r.tpot_s * 1e3, r.tokens_per_s, r.compute_tpot_s * 1e3, r.memory_tpot_s * 1e3, r.binding]
             for label, r in cases]
     first = cases[0][1]
-    if any(r.mtp_acceptance for _, r in cases):
-        for row, (_, r) in zip(rows, cases):
-            row.insert(8, r.tokens_per_s_with_mtp)
     notes = [
         f"communication: (1 B FP8 dispatch + 2 B BF16 combine) x {first.tokens_per_device} tokens x "
         f"{first.experts_per_token} experts x hidden / bandwidth per layer and micro-batch; "
@@ -195,4 +192,6 @@ def inference_limit_table(cases: list[tuple[str, InferenceLimit]]) -> Table:
     if any(r.mtp_acceptance for _, r in cases):
         columns.insert(8, f"tokens/s with MTP ({first.mtp_acceptance:.0%} accepted)")
         formats.insert(8, ".1f")
+        for row, (_, r) in zip(rows, cases):
+            row.insert(8, r.tokens_per_s_with_mtp)
     return Table(title="EP decoding speed limit", columns=columns, rows=rows, formats=formats, notes=notes)

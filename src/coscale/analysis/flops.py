@@ -75,12 +75,12 @@ def training_flops_breakdown(model: Model, seq_len: int = 4096, attention: str =
     """FLOPs per training token (forward + backward), by term; see the module docstring."""
     v = as_view(model)
     counted = v.activated_params + (v.embedding_params if include_embedding else 0)
+    attention_flops = attention_flops_per_token(v, seq_len, attention)
     mtp = 0.0
     if include_mtp and v.mtp_depth:
-        per_block = attention_flops_per_token(v, seq_len, attention) / v.layers
-        mtp = 6 * v.mtp_activated_params + v.mtp_depth * per_block
+        mtp = 6 * v.mtp_activated_params + v.mtp_depth * (attention_flops / v.layers)
     return TrainingFlops(
-        weights=6.0 * counted, attention=attention_flops_per_token(v, seq_len, attention), mtp=mtp,
+        weights=6.0 * counted, attention=attention_flops, mtp=mtp,
         total_params=v.total_params, activated_params=v.activated_params, counted_params=counted,
     )
 

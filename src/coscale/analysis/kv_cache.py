@@ -74,14 +74,13 @@ def kv_cache_table(models: list[Model] | None = None, dtype_bytes: float = 2,
     models = list(models or TABLE1_MODELS)
     hw = load_hardware(hardware)
     views = [as_view(m) for m in models]
-    base = kv_cache_bytes_per_token(views[0], dtype_bytes)
+    caps = [tokens_that_fit(v, hw, gpus, dtype_bytes, weight_dtype_bytes) for v in views]
+    base = caps[0].bytes_per_token
     rows = []
-    for v in views:
-        per_token = kv_cache_bytes_per_token(v, dtype_bytes)
-        cap = tokens_that_fit(v, hw, gpus, dtype_bytes, weight_dtype_bytes)
+    for v, cap in zip(views, caps):
         published = PUBLISHED.get(v.name) if dtype_bytes == 2 else None
         rows.append([
-            v.name, v.attention, _per_layer_formula(v), per_token / 1000, per_token / base,
+            v.name, v.attention, _per_layer_formula(v), cap.bytes_per_token / 1000, cap.bytes_per_token / base,
             published[0] if published else None, published[1] if published else None, cap.tokens,
         ])
     notes = [
@@ -102,5 +101,5 @@ def kv_cache_table(models: list[Model] | None = None, dtype_bytes: float = 2,
 
 def _per_layer_formula(v) -> str:
     if v.attention == "MLA":
-        return f"{v.latent_dim} latent+rope"
+        return f"{v.kv_cache_elements_per_layer} latent+rope"
     return f"2x{v.kv_heads}x{v.qk_head_dim}"

@@ -11,12 +11,12 @@ multiplies with, the output head included and the embedding table (a look-up) ex
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
 from typing import Any, Union
 
+from coscale.config import MODEL_TYPES as DEEPSEEK_MODEL_TYPES
 from coscale.config import PRESETS as DEEPSEEK_PRESETS
 from coscale.config import ModelConfig, get_preset
 from coscale.errors import ConfigError
@@ -78,7 +78,6 @@ DENSE_PRESETS: dict[str, dict[str, Any]] = {
                          num_key_value_heads=8, head_dim=128, intermediate_size=28672, vocab_size=128256),
 }
 
-DEEPSEEK_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "coscale")
 DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen")
 
 Model = Union[str, os.PathLike, ModelConfig, DenseModelSpec, "ModelView"]
@@ -162,7 +161,7 @@ class ModelView:
     kv_heads: int  # MLA: heads (each has its own decompressed K and V)
     qk_head_dim: int
     v_head_dim: int
-    kv_cache_elements_per_layer: int  # cached numbers per token and layer
+    kv_cache_elements_per_layer: int  # cached numbers per token and layer (MLA: kv_lora_rank + rope)
     vocab_size: int
     total_params: int  # main model, embedding and head included
     activated_params: int  # per token: head included, embedding excluded
@@ -175,7 +174,6 @@ class ModelView:
     expert_params: int = 0  # one routed expert
     mtp_depth: int = 0
     mtp_activated_params: int = 0  # MTP modules per token, output head included, embedding excluded
-    latent_dim: int = 0  # MLA: kv_lora_rank + qk_rope_head_dim
     kv_lora_rank: int = 0
 
     @property
@@ -185,15 +183,6 @@ class ModelView:
     @property
     def non_expert_params(self) -> int:
         return self.total_params - self.routed_expert_params
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def model_name(model: Model, fallback: str = "model") -> str:
-    if isinstance(model, (str, os.PathLike)):
-        return os.fspath(model)
-    return getattr(model, "name", fallback)
 
 
 def as_view(model: Model, name: str | None = None) -> ModelView:
@@ -231,22 +220,15 @@ def _dense_view(m: DenseModelSpec, name: str) -> ModelView:
 
 def _deepseek_view(cfg: ModelConfig, name: str) -> ModelView:
     counts = count_params(cfg)
-    one = expert_params(cfg, cfg.moe_intermediate_size) if cfg.is_moe else 0
-    n_exp = cfg.n_routed_experts or 0
-    k = cfg.num_experts_per_tok or 0
-    # One MTP module per depth: its block (as the last layer, with k of the routed experts active), the
-    # projections and norms, and the shared output head applied once more.
-    per_depth = counts.mtp_unique // max(cfg.num_nextn_predict_layers, 1)
-    inactive = (n_exp - k) * one if cfg.is_moe_layer(cfg.num_hidden_layers - 1) else 0
-    mtp_activated = cfg.num_nextn_predict_layers * (per_depth - inactive + counts.embedding)
     return ModelView(
         name=name, attention="MLA", layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
         heads=cfg.num_attention_heads, kv_heads=cfg.num_attention_heads, qk_head_dim=cfg.qk_head_dim,
         v_head_dim=cfg.v_head_dim, kv_cache_elements_per_layer=cfg.kv_lora_rank + cfg.qk_rope_head_dim,
         vocab_size=cfg.vocab_size, total_params=counts.total, activated_params=counts.activated,
         embedding_params=counts.embedding, attention_params_per_layer=counts.attention_per_layer,
-        routed_expert_params=counts.routed_experts, n_routed_experts=n_exp, experts_per_token=k,
-        shared_experts=cfg.n_shared_experts or 0, expert_params=one,
-        mtp_depth=cfg.num_nextn_predict_layers, mtp_activated_params=mtp_activated,
-        latent_dim=cfg.kv_lora_rank + cfg.qk_rope_head_dim, kv_lora_rank=cfg.kv_lora_rank,
+        routed_expert_params=counts.routed_experts, n_routed_experts=cfg.n_routed_experts or 0,
+        experts_per_token=cfg.num_experts_per_tok or 0, shared_experts=cfg.n_shared_experts or 0,
+        expert_params=expert_params(cfg, cfg.moe_intermediate_size) if cfg.is_moe else 0,
+        mtp_depth=cfg.num_nextn_predict_layers, mtp_activated_params=counts.mtp_activated,
+        kv_lora_rank=cfg.kv_lora_rank,
     )

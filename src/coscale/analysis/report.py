@@ -11,7 +11,7 @@ import os
 from html import escape
 
 from coscale.analysis import ep_limit, flops, kv_cache, memory, network
-from coscale.analysis.models import Model, as_view
+from coscale.analysis.models import Model, ModelView, as_view
 from coscale.analysis.table import Table
 from coscale.hardware import HardwareSpec, load_hardware
 
@@ -20,17 +20,17 @@ MOE_LAYOUT = memory.ParallelLayout(dp=128, tp=1, pp=16, ep=64, zero=1)
 DENSE_LAYOUT = memory.ParallelLayout(dp=16, tp=8, pp=16, ep=1, zero=1)
 
 
-def _with_reference(model_name: str, reference: tuple[str, ...]) -> list[str]:
-    return [model_name] + [m for m in reference if m != model_name]
+def _with_reference(v: ModelView, reference: tuple[str, ...]) -> list[Model]:
+    """``v`` first, then the paper's models of a table other than ``v`` itself."""
+    return [v] + [m for m in reference if m != v.name]
 
 
 def report_tables(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "h800") -> list[Table]:
     """The report's tables, in order."""
     v = as_view(model)
     hw = load_hardware(hardware)
-    names = [v] + [m for m in kv_cache.TABLE1_MODELS if m != v.name]
-    tables = [kv_cache.kv_cache_table(names, hardware=hw),
-              flops.flops_table([v] + [m for m in flops.TABLE2_MODELS if m != v.name])]
+    tables = [kv_cache.kv_cache_table(_with_reference(v, kv_cache.TABLE1_MODELS), hardware=hw),
+              flops.flops_table(_with_reference(v, flops.TABLE2_MODELS))]
     if v.is_moe:
         cases = [(f"{hw.name}, hidden {v.hidden_size}", ep_limit.inference_limit(v, hw))]
         if v.name == "deepseek-v3":
@@ -62,9 +62,9 @@ def write_report(output_dir: str | os.PathLike = "coscale-report", model: Model 
     tables = report_tables(v, hw)
     images: list[tuple[str, str]] = []
     if charts:
-        names = [v] + [m for m in kv_cache.TABLE1_MODELS if m != v.name]
         images.append(("KV cache per token by model",
-                       plots.kv_cache_chart(names, os.path.join(out, "kv_cache.png"))))
+                       plots.kv_cache_chart(_with_reference(v, kv_cache.TABLE1_MODELS),
+                                            os.path.join(out, "kv_cache.png"))))
         if v.is_moe:
             images.append(("TPOT against interconnect bandwidth",
                            plots.tpot_chart(os.path.join(out, "tpot_vs_bandwidth.png"), model=v, hardware=hw)))

@@ -48,11 +48,9 @@ def load_model(path: str, dtype, device):
     """An HF-format checkpoint directory, or a training run / training checkpoint directory."""
     import os
 
-    import torch
+    from coscale.checkpoint import CONFIG_FILE, from_pretrained
 
-    from coscale.checkpoint import from_pretrained
-
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
         return from_pretrained(path, dtype=dtype, device=device)
     from coscale.config import ModelConfig
     from coscale.model import DeepseekForCausalLM
@@ -62,7 +60,7 @@ def load_model(path: str, dtype, device):
     model = DeepseekForCausalLM(ModelConfig.from_dict(state.meta["model_config"]))
     # FP8 training keeps the same parameter names, so its state loads into the plain model.
     model.load_state_dict(state.model)
-    return model.to(device=device, dtype=dtype) if dtype != torch.float32 else model.to(device)
+    return model.to(device=device, dtype=dtype)
 
 
 def run_generate(args) -> int:

@@ -17,17 +17,31 @@ from dataclasses import dataclass, field
 import torch
 
 from coscale.model.mla import LatentKVCache
-from coscale.model.norm import upcast
 from coscale.model.transformer import DeepseekForCausalLM
 
 
 @dataclass
 class GenerationStats:
-    tokens: int = 0
-    main_calls: int = 0  # main-model forward calls after prefill
-    drafts: int = 0
-    accepted: int = 0
+    """Tokens committed by each main-model call after prefill: 2 when it accepted the MTP draft, 1 when
+    it rejected it. Every call verifies one draft; the counts below follow from the list."""
+
     per_step_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.per_step_tokens)
+
+    @property
+    def main_calls(self) -> int:
+        return len(self.per_step_tokens)
+
+    @property
+    def drafts(self) -> int:
+        return self.main_calls
+
+    @property
+    def accepted(self) -> int:
+        return self.per_step_tokens.count(2)
 
     @property
     def acceptance_rate(self) -> float:
@@ -42,7 +56,7 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator |
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check(model: DeepseekForCausalLM, prompt: torch.Tensor, max_new_tokens: int) -> int:
+def _check(prompt: torch.Tensor, max_new_tokens: int) -> int:
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError("prompt must be a non-empty [batch, seq] tensor of token ids")
     if max_new_tokens < 0:
@@ -55,7 +69,7 @@ def generate(model: DeepseekForCausalLM, prompt: torch.Tensor, max_new_tokens: i
              temperature: float = 0.0, generator: torch.Generator | None = None,
              cache_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Autoregressive decoding with the latent cache. Returns [B, prompt + new] token ids."""
-    max_len = _check(model, prompt, max_new_tokens)
+    max_len = _check(prompt, max_new_tokens)
     dtype = cache_dtype or next(model.parameters()).dtype
     cache = LatentKVCache(model.config, prompt.shape[0], max_len, device=prompt.device, dtype=dtype)
     logits = model(prompt, 0, cache)[:, -1]
@@ -80,12 +94,12 @@ class _MTPDrafter:
         emb = self.model.model.embed_tokens(next_tokens)
         cos, sin = self.model.rotary(start_pos, h.shape[1])
         h_mtp = self.module(h, emb, cos, sin, start_pos, self.cache)
-        return upcast(self.model.lm_head(self.module.norm(h_mtp[:, -1])))
+        return self.model.logits(h_mtp[:, -1], self.module.norm)
 
 
 def _main_step(model, tokens, pos, cache):
     h = model.hidden_states(tokens, pos, cache)
-    return upcast(model.lm_head(model.model.norm(h))), h
+    return model.logits(h), h
 
 
 @torch.no_grad()
@@ -96,35 +110,31 @@ def generate_speculative(model: DeepseekForCausalLM, prompt: torch.Tensor, max_n
         raise ValueError("this model has no MTP module (num_nextn_predict_layers = 0)")
     if prompt.shape[0] != 1:
         raise ValueError("speculative decoding takes one sequence at a time")
-    max_len = _check(model, prompt, max_new_tokens) + 2
+    max_len = _check(prompt, max_new_tokens) + 2
     cfg, dtype = model.config, cache_dtype or next(model.parameters()).dtype
     cache = LatentKVCache(cfg, 1, max_len, n_layers=cfg.num_hidden_layers + 1, device=prompt.device, dtype=dtype)
     drafter, stats = _MTPDrafter(model, cache), GenerationStats()
 
-    n = prompt.shape[1]
+    n = prompt.shape[1]  # position of `pending`; n - prompt length tokens are committed
     logits, h = _main_step(model, prompt, 0, cache)
     pending = logits[:, -1].argmax(-1)  # token n, not yet run through the main model
     mtp_inputs = torch.cat([prompt[:, 1:], pending[:, None]], dim=1)
     draft = drafter.draft(h, mtp_inputs, 0).argmax(-1)
     out = [prompt]
-    while stats.tokens < max_new_tokens:
+    end = n + max_new_tokens
+    while n < end:
         logits, h = _main_step(model, torch.stack([pending, draft], dim=1), n, cache)
-        stats.main_calls += 1
-        stats.drafts += 1
         verified = logits[:, 0].argmax(-1)
-        if bool((verified == draft).all()) and stats.tokens + 2 <= max_new_tokens:
-            stats.accepted += 1
+        if bool((verified == draft).all()) and n + 2 <= end:
             bonus = logits[:, 1].argmax(-1)
             out.append(torch.stack([pending, draft], dim=1))
             next_after = torch.stack([draft, bonus], dim=1)
             draft = drafter.draft(h, next_after, n).argmax(-1)
             pending, n = bonus, n + 2
-            stats.tokens += 2
             stats.per_step_tokens.append(2)
         else:
             out.append(pending[:, None])
             draft = drafter.draft(h[:, :1], verified[:, None], n).argmax(-1)
             pending, n = verified, n + 1
-            stats.tokens += 1
             stats.per_step_tokens.append(1)
     return torch.cat(out, dim=1)[:, : prompt.shape[1] + max_new_tokens], stats

@@ -34,10 +34,10 @@ non-zero scale and exact zeros; we keep it tiny because gradient tiles routinely
 1e-4 and a 1e-4 floor would push them into E4M3's subnormals (or to zero). For amax >= 1e-4 both
 choices give identical bits. 1e-12 / 448 is a normal FP32 number, so x / scale stays exact in range.
 
-Backends: "torch" (the references ``*_ref``, the specification), "triton" (the kernels below; on CPU
-they run under TRITON_INTERPRET=1) and "auto" (triton for CUDA tensors when Triton imports, else torch).
-The Triton kernels are compiled lazily on first use, so importing this module never needs Triton and
-the interpreter setting is read when a kernel is first launched.
+Backends: "torch" (the references ``*_ref``, the specification), "triton" (the kernel in
+``coscale.kernels._quant_triton``; on CPU it runs under TRITON_INTERPRET=1) and "auto" (triton for CUDA
+tensors when Triton imports, else torch). That module is imported on the first launch, so importing this
+one never needs Triton and the interpreter setting is read when the kernel is first launched.
 
 Interpreter note: Triton's CPU interpreter mis-rounds FP32 -> E4M3 casts (lost exponent carry, ties away
 from zero). When interpreting, the kernels first round onto the E4M3 grid in FP32 with the magic-number
@@ -164,7 +164,7 @@ def dequant_128x128(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Triton kernels (built lazily; see the module docstring)
+# Triton kernel launch (the kernel is imported lazily; see the module docstring)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -182,127 +182,9 @@ def triton_available() -> bool:
     return True
 
 
-@functools.cache
-def _build_kernels(interpret: bool):
-    """JIT-decorate the quantization kernel (cached per interpreter mode).
-
-    The kernel is defined here rather than at import time because ``triton.jit`` decides between the
-    compiler and the CPU interpreter when it decorates. The tile-scale and cast code is written out in
-    each branch on purpose: the interpreter cannot call helper functions captured in a closure.
-
-    Division: ``tl.math.div_rn`` (IEEE round-to-nearest; present in triton 3.0 through 3.9 and in the
-    interpreter) everywhere the reference divides. Triton compiles a plain fp32 ``/`` to the approximate
-    ``div.full.f32``, which would not be bit-exact.
-    """
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def quant_kernel(
-        x_ptr, y_ptr, s_ptr, yt_ptr, st_ptr,
-        M, K, Y_ROWS, YT_ROWS,
-        stride_xb, stride_xm, stride_xk,
-        stride_yb, stride_ym, stride_sb, stride_sm, stride_sk,
-        stride_ytb, stride_ytk, stride_stb, stride_stk, stride_stm,
-        amax_floor, fp8_max,
-        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-        WHOLE_TILE: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
-    ):  # fmt: skip
-        # One program = one [BLOCK_M, BLOCK_K] tile of x (batch index program_id(2)), loaded once with
-        # coalesced loads (K contiguous), every output computed from the same registers:
-        # ROWS and not WHOLE_TILE: 1x128 tiles along K -> y [M, Kp] (rows < Y_ROWS), s [M, Kp/128].
-        # COLS and not WHOLE_TILE: x^T in 1x128 tiles along M (needs BLOCK_M == 128) -> yt [YT_ROWS, Mp],
-        #   st [YT_ROWS, Mp/128]; the FP8 tile is transposed in registers (tl.trans) so the store is
-        #   contiguous along the tokens.
-        # WHOLE_TILE: one scale per 128x128 block -> y [Np, Kp], s [Np/128, Kp/128]; with COLS also the
-        #   transposed block (same FP8 bytes, same scale) -> yt [Kp, Np], st [Kp/128, Np/128].
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        pid_b = tl.program_id(2).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        in_m = offs_m < M
-        in_k = offs_k < K
-        x_ptrs = x_ptr + pid_b * stride_xb + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-        x = tl.load(x_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)  # exact
-        x_nan = (x != x).to(tl.int32)
-        if WHOLE_TILE:
-            # amax of the block (tl.max may drop NaN, so NaN is detected explicitly)
-            amax = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.max(tl.max(tl.abs(x), 1), 0)
-            has_nan = (tl.zeros([BLOCK_M], dtype=tl.int32) + tl.max(tl.max(x_nan, 1), 0)) > 0
-            amax = tl.where(has_nan, float("nan"), amax)
-            amax = tl.where(amax < amax_floor, amax_floor, amax)  # NaN < floor is false: NaN kept
-            s = tl.math.div_rn(amax, fp8_max)
-            if ROUND_SCALE:  # UE8M0: 2^ceil(log2 s) on the bits, finite scales only
-                bits = s.to(tl.int32, bitcast=True)
-                expo = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-                s = tl.where(s - s == 0, (expo << 23).to(tl.float32, bitcast=True), s)
-            y = tl.math.div_rn(x, s[:, None])
-            y = tl.where(y > fp8_max, fp8_max, y)  # saturate; tl.minimum could turn NaN into 448
-            y = tl.where(y < -fp8_max, -fp8_max, y)
-            if GRID_ROUND:  # interpreter only: round onto the E4M3 grid so its cast is exact
-                expo = (y.to(tl.int32, bitcast=True) >> 23) & 0xFF
-                expo = tl.where(expo < 121, 121, expo)
-                magic = (((expo + 20) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
-                r = (y + magic) - magic
-                y = tl.where(r == 0, y * 0.0, r)  # keep the sign of values rounding to zero
-            y8 = y.to(y_ptr.dtype.element_ty)
-            y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
-            tl.store(y_ptrs, y8, mask=(offs_m < Y_ROWS)[:, None])
-            s_one = tl.max(s, 0)  # all entries equal (NaN included), so any reduction returns it
-            tl.store(s_ptr + pid_b * stride_sb + pid_m * stride_sm + pid_k * stride_sk, s_one)
-            if COLS:  # W^T's block is W's block transposed: same bytes, same scale
-                yt_ptrs = yt_ptr + pid_b * stride_ytb + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :]
-                tl.store(yt_ptrs, tl.trans(y8), mask=(offs_k < YT_ROWS)[:, None])
-                tl.store(st_ptr + pid_b * stride_stb + pid_k * stride_stk + pid_m * stride_stm, s_one)
-        else:
-            if ROWS:
-                amax = tl.max(tl.abs(x), 1)
-                has_nan = tl.max(x_nan, 1) > 0
-                amax = tl.where(has_nan, float("nan"), amax)
-                amax = tl.where(amax < amax_floor, amax_floor, amax)
-                s = tl.math.div_rn(amax, fp8_max)
-                if ROUND_SCALE:
-                    bits = s.to(tl.int32, bitcast=True)
-                    expo = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-                    s = tl.where(s - s == 0, (expo << 23).to(tl.float32, bitcast=True), s)
-                y = tl.math.div_rn(x, s[:, None])
-                y = tl.where(y > fp8_max, fp8_max, y)
-                y = tl.where(y < -fp8_max, -fp8_max, y)
-                if GRID_ROUND:
-                    expo = (y.to(tl.int32, bitcast=True) >> 23) & 0xFF
-                    expo = tl.where(expo < 121, 121, expo)
-                    magic = (((expo + 20) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
-                    r = (y + magic) - magic
-                    y = tl.where(r == 0, y * 0.0, r)
-                y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
-                tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_m < Y_ROWS)[:, None])
-                s_ptrs = s_ptr + pid_b * stride_sb + offs_m.to(tl.int64) * stride_sm + pid_k * stride_sk
-                tl.store(s_ptrs, s, mask=in_m)
-            if COLS:
-                amax_t = tl.max(tl.abs(x), 0)
-                amax_t = tl.where(tl.max(x_nan, 0) > 0, float("nan"), amax_t)
-                amax_t = tl.where(amax_t < amax_floor, amax_floor, amax_t)
-                st = tl.math.div_rn(amax_t, fp8_max)
-                if ROUND_SCALE:
-                    bits_t = st.to(tl.int32, bitcast=True)
-                    expo_t = ((bits_t >> 23) & 0xFF) + ((bits_t & 0x7FFFFF) != 0).to(tl.int32)
-                    st = tl.where(st - st == 0, (expo_t << 23).to(tl.float32, bitcast=True), st)
-                yt = tl.math.div_rn(x, st[None, :])
-                yt = tl.where(yt > fp8_max, fp8_max, yt)
-                yt = tl.where(yt < -fp8_max, -fp8_max, yt)
-                if GRID_ROUND:
-                    expo_t = (yt.to(tl.int32, bitcast=True) >> 23) & 0xFF
-                    expo_t = tl.where(expo_t < 121, 121, expo_t)
-                    magic_t = (((expo_t + 20) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
-                    r_t = (yt + magic_t) - magic_t
-                    yt = tl.where(r_t == 0, yt * 0.0, r_t)
-                # cast first, then transpose the 1-byte tile (16 KB through shared memory, not 64 KB)
-                yt8 = tl.trans(yt.to(yt_ptr.dtype.element_ty))  # [BLOCK_K, BLOCK_M]
-                yt_ptrs = yt_ptr + pid_b * stride_ytb + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :]
-                tl.store(yt_ptrs, yt8, mask=(offs_k < YT_ROWS)[:, None])
-                st_ptrs = st_ptr + pid_b * stride_stb + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm
-                tl.store(st_ptrs, st, mask=offs_k < YT_ROWS)
+def _quant_kernel():
+    """The Triton kernel (coscale.kernels._quant_triton), imported, and so JIT-decorated, on first use."""
+    from coscale.kernels._quant_triton import quant_kernel
 
     return quant_kernel
 
@@ -334,7 +216,7 @@ def outer_major(scale: torch.Tensor) -> torch.Tensor:
 
 def _launch(x3, y3, s3, yt3, st3, m, k, y_rows, yt_rows, rows, cols, whole, round_scale, block_m):
     """Launch the kernel on batched 3-D views ([B, rows, cols]; a 2-D call passes B = 1)."""
-    kernel = _build_kernels(interpreting())
+    kernel = _quant_kernel()
     grid = (_ceil_to(m, block_m) // block_m, _ceil_to(k) // BLOCK, x3.shape[0])
     kernel[grid](
         x3, y3, s3, yt3, st3, m, k, y_rows, yt_rows,

@@ -234,20 +234,17 @@ class MoE(nn.Module):
 
 
 @torch.no_grad()
-def update_router_biases(model: nn.Module, gamma: float, process_group=None) -> None:
+def update_router_biases(model: nn.Module, gamma: float) -> None:
     """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i) for every router.
 
-    Loads are the tokens counted since the last call (summed over `process_group` when given, so that
-    data-parallel replicas apply the same update); they are reset afterwards.
+    Loads are the tokens counted since the last call; they are reset afterwards. With several
+    data-parallel ranks, sum them first (coscale.parallel.all_reduce_router_loads) so that every rank
+    applies the same update. No tokens counted means mean = load = 0 and no change, without a host sync.
     """
     for module in model.modules():
         if not isinstance(module, Gate):
             continue
         load = module.expert_load
-        if process_group is not None:
-            import torch.distributed as dist
-
-            dist.all_reduce(load, group=process_group)
-        if module.e_score_correction_bias is not None and gamma > 0 and load.sum() > 0:
+        if module.e_score_correction_bias is not None and gamma > 0:
             module.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
         load.zero_()

@@ -124,11 +124,15 @@ class DeepseekForCausalLM(nn.Module):
             x = layer(x, cos, sin, start_pos, cache)
         return x
 
+    def logits(self, h: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """Output head over hidden states: lm_head(norm(h)), with the main model's final norm by default
+        (MTP modules pass their own); at least float32."""
+        return upcast(self.lm_head((norm or self.model.norm)(h)))
+
     def forward(self, input_ids: torch.Tensor, start_pos: int = 0,
                 cache: LatentKVCache | None = None) -> torch.Tensor:
         """Main-model logits [B, S, V] (float32). With a cache, decodes at start_pos (absorbed MLA)."""
-        h = self.hidden_states(input_ids, start_pos, cache)
-        return upcast(self.lm_head(self.model.norm(h)))
+        return self.logits(self.hidden_states(input_ids, start_pos, cache))
 
     def mtp_logits(self, h_main: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every MTP depth k: position i predicts token i + k + 1 (last k positions invalid)."""
@@ -138,14 +142,14 @@ class DeepseekForCausalLM(nn.Module):
         for k, module in enumerate(self.mtp, start=1):
             emb_next = torch.roll(emb, shifts=-k, dims=1)  # position i sees token i + k
             h = module(h, emb_next, cos, sin)
-            out.append(upcast(self.lm_head(module.norm(h))))
+            out.append(self.logits(h, module.norm))
         return out
 
     def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         """Next-token cross-entropy (labels[i] is the target of position i; -100 ignored), plus the
         MTP loss (weight mtp_loss_weight / D) and the sequence-wise balance loss of every MoE layer."""
         h = self.hidden_states(input_ids)
-        logits = upcast(self.lm_head(self.model.norm(h)))
+        logits = self.logits(h)
         main = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         loss, mtp_loss = main, None
         if len(self.mtp) and self.training:

@@ -202,10 +202,15 @@ def exchange_rows(x: torch.Tensor, stage: Stage, timeout_s: float) -> torch.Tens
     return out
 
 
+def _last_exchange_index(route: Route) -> int:
+    """Index of the route's last exchanging stage; -1 when no stage exchanges."""
+    return max((i for i, s in enumerate(route.stages) if s.exchanges), default=-1)
+
+
 def _scatter_head(payload: torch.Tensor, route: Route, timeout_s: float) -> torch.Tensor:
     """Run all stages but the last exchange; return the rows the last exchange sends."""
     rows = payload
-    last = max((i for i, s in enumerate(route.stages) if s.exchanges), default=-1)
+    last = _last_exchange_index(route)
     for i, stage in enumerate(route.stages):
         rows = rows.index_select(0, stage.index)
         if i == last:
@@ -218,7 +223,7 @@ def _scatter_head(payload: torch.Tensor, route: Route, timeout_s: float) -> torc
 
 def _scatter_tail(rows: torch.Tensor, route: Route) -> torch.Tensor:
     """Local stages after the last exchange."""
-    last = max((i for i, s in enumerate(route.stages) if s.exchanges), default=-1)
+    last = _last_exchange_index(route)
     if last < 0:  # _scatter_head already ran every (local) stage
         return rows
     for stage in route.stages[last + 1:]:
@@ -226,13 +231,9 @@ def _scatter_tail(rows: torch.Tensor, route: Route) -> torch.Tensor:
     return rows
 
 
-def _last_exchange(route: Route) -> Stage | None:
-    return next((s for s in reversed(route.stages) if s.exchanges), None)
-
-
 def _gather_head(rows: torch.Tensor, route: Route) -> torch.Tensor:
     """Undo the local stages after the last exchange (their indices are permutations)."""
-    last = max((i for i, s in enumerate(route.stages) if s.exchanges), default=-1)
+    last = _last_exchange_index(route)
     for i in range(len(route.stages) - 1, last, -1):
         stage = route.stages[i]
         out = rows.new_zeros((route.n_before(i),) + tuple(rows.shape[1:]))
@@ -243,7 +244,7 @@ def _gather_head(rows: torch.Tensor, route: Route) -> torch.Tensor:
 def _gather_tail(payload: torch.Tensor, route: Route, codec: Codec, hidden: int, timeout_s: float
                  ) -> torch.Tensor:
     """Rows received by the reverse of the last exchange -> summed rows at the route's source (fp32)."""
-    last = max((i for i, s in enumerate(route.stages) if s.exchanges), default=-1)
+    last = _last_exchange_index(route)
     rows = codec.decode(payload, hidden, torch.float32)
     for i in range(last, -1, -1):
         stage = route.stages[i]
@@ -275,13 +276,18 @@ class _Pending:
     grad_work: Any = None
 
 
-def _issue_scatter(x: torch.Tensor, p: _Pending, codec: Codec) -> tuple[torch.Tensor, Any]:
-    rows = _scatter_head(codec.encode(x), p.route, p.timeout_s)
-    stage = _last_exchange(p.route)
-    if stage is None:
+def _issue_last_exchange(rows: torch.Tensor, p: _Pending, reverse: bool) -> tuple[torch.Tensor, Any]:
+    """Start the route's last exchange asynchronously (``reverse``: the combine direction)."""
+    last = _last_exchange_index(p.route)
+    if last < 0:
         return rows, None
-    return _exchange(rows, stage.send_splits, stage.recv_splits, stage.group, stage.ranks, p.timeout_s,
-                     async_op=True)
+    stage = p.route.stages[last]
+    send, recv = (stage.recv_splits, stage.send_splits) if reverse else (stage.send_splits, stage.recv_splits)
+    return _exchange(rows, send, recv, stage.group, stage.ranks, p.timeout_s, async_op=True)
+
+
+def _issue_scatter(x: torch.Tensor, p: _Pending, codec: Codec) -> tuple[torch.Tensor, Any]:
+    return _issue_last_exchange(_scatter_head(codec.encode(x), p.route, p.timeout_s), p, reverse=False)
 
 
 def _finish_scatter(buffer: torch.Tensor, work: Any, p: _Pending, codec: Codec, dtype) -> torch.Tensor:
@@ -290,13 +296,7 @@ def _finish_scatter(buffer: torch.Tensor, work: Any, p: _Pending, codec: Codec, 
 
 
 def _issue_gather(y: torch.Tensor, p: _Pending, codec: Codec) -> tuple[torch.Tensor, Any]:
-    rows = _gather_head(y.float(), p.route)
-    enc = codec.encode(rows)
-    stage = _last_exchange(p.route)
-    if stage is None:
-        return enc, None
-    return _exchange(enc, stage.recv_splits, stage.send_splits, stage.group, stage.ranks, p.timeout_s,
-                     async_op=True)
+    return _issue_last_exchange(codec.encode(_gather_head(y.float(), p.route)), p, reverse=True)
 
 
 def _finish_gather(buffer: torch.Tensor, work: Any, p: _Pending, codec: Codec, dtype) -> torch.Tensor:

@@ -89,12 +89,15 @@ def sync_gradients(model: nn.Module, ctx: ParallelContext) -> None:
             p.grad = torch.zeros_like(p)
     shared = [p.grad for p in params if not is_expert_param(p)]
     experts = [p.grad for p in params if is_expert_param(p)]
-    for g in shared + experts:
-        g.div_(ctx.world_size)
-    _bucketed("all_reduce(gradients)", shared, ctx, lambda f: dist.all_reduce(f, group=ctx.world_group))
+
+    def mean_over(group):  # divide the flattened bucket once, not every gradient on its own
+        return lambda flat: dist.all_reduce(flat.div_(ctx.world_size), group=group)
+
+    _bucketed("all_reduce(gradients)", shared, ctx, mean_over(ctx.world_group))
     if ctx.dp_size > 1 and experts:
-        _bucketed("all_reduce(expert gradients)", experts, ctx,
-                  lambda f: dist.all_reduce(f, group=ctx.dp_group))
+        _bucketed("all_reduce(expert gradients)", experts, ctx, mean_over(ctx.dp_group))
+    elif experts:  # no replicas to sum over: only the 1 / world size
+        torch._foreach_div_(experts, ctx.world_size)
 
 
 @torch.no_grad()

@@ -59,7 +59,8 @@ _TRAIN_OPTIONS = [
     ("--save-interval", "save_interval", dict(type=int, help="steps between checkpoints, 0: only at the end "
                                                              "(default: 100)")),
     ("--keep-checkpoints", "keep_checkpoints", dict(type=int, help="checkpoints kept, 0 keeps all (default: 2)")),
-    ("--threads", "threads", dict(type=int, help="CPU threads for torch (default: torch's, all cores; use 1 on a shared machine)")),
+    ("--threads", "threads", dict(type=int, help="CPU threads for torch (default: torch's, all cores; "
+                                                 "use 1 on a shared machine)")),
     # Several processes (launch with torchrun; see docs/training.md).
     ("--ep-size", "ep_size", dict(type=int, metavar="N", help="expert-parallel size under torchrun: each rank "
                                                                "holds 1/N of the routed experts; the world size "

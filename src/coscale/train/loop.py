@@ -327,10 +327,8 @@ def _train_prepared(cfg: TrainConfig, setup: _Setup, log) -> dict[str, Any]:
         torch.set_num_threads(threads)
     try:
         model, optimizer, sampler, start_step = _build(cfg, setup)
-        if setup.ctx is None:
-            _prepare_out_dir(cfg, setup)
-        else:  # rank 0 writes; every rank learns of a failure
-            _agreed(setup.ctx, lambda: _prepare_out_dir(cfg, setup) if setup.is_main else None)
+        # rank 0 writes; every rank learns of a failure
+        _agreed(setup.ctx, lambda: _prepare_out_dir(cfg, setup) if setup.is_main else None)
         metrics: Any = _NullMetrics()
         if setup.is_main:
             metrics = MetricsLogger(setup.out_dir, resume_step=start_step if setup.resume_dir else None,
@@ -412,8 +410,11 @@ def _agreed(ctx, fn: Callable[[], Any]) -> Any:
 
     The failing rank re-raises its own error; the others raise the same class of user error naming
     it, so a bad option, a missing file or an incompatible checkpoint ends every rank with exit
-    status 2 instead of leaving some waiting in a collective.
+    status 2 instead of leaving some waiting in a collective. Without a process group (``ctx`` None)
+    this is ``fn()``.
     """
+    if ctx is None:
+        return fn()
     import torch.distributed as dist
 
     from coscale.parallel.groups import guarded
@@ -539,80 +540,84 @@ def _check_out_dir_free(out_dir: str, overwrite: bool) -> None:
 
 
 def _build(cfg: TrainConfig, setup: _Setup):
+    """Model (with the checkpoint's weights), optimizer, sampler and the step to start from."""
     from coscale.model import DeepseekForCausalLM
 
     torch.manual_seed(cfg.seed)
+    model = DeepseekForCausalLM(setup.model_cfg)
     if setup.world_size > 1:
-        return _build_distributed(cfg, setup, DeepseekForCausalLM(setup.model_cfg))
-    model = DeepseekForCausalLM(setup.model_cfg).to(setup.device)
-    if setup.precision == "fp8":
-        model = _convert_to_fp8(model)
+        model, state = _build_distributed(cfg, setup, model)
+    else:
+        model = model.to(setup.device)
+        if setup.precision == "fp8":
+            model = _convert_to_fp8(model)
+        state = ckpt.load_checkpoint(setup.resume_dir, setup.resume_meta) if setup.resume_dir else None
+        if state is not None:
+            with _restoring(setup):
+                model.load_state_dict(state.model)
     model.train()
-    optimizer = _optimizer(cfg, model)
-    sampler = BatchSampler(setup.split.train, cfg.batch_size, cfg.seq_len, cfg.seed)
-    start_step = 0
-    if setup.resume_dir:
-        start_step = _restore(setup, model, optimizer, sampler)
-    return model, optimizer, sampler, start_step
-
-
-def _optimizer(cfg: TrainConfig, model):
-    return build_optimizer(
+    optimizer = build_optimizer(
         model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         weight_decay=cfg.weight_decay, moments_dtype=cfg.adam_moments_dtype,
     )
+    sampler = BatchSampler(setup.split.train, cfg.batch_size, cfg.seq_len, cfg.seed)
+    if state is None:
+        return model, optimizer, sampler, 0
+    _agreed(setup.ctx, lambda: _restore_trainer(setup, model, optimizer, sampler, state))
+    return model, optimizer, sampler, int(setup.resume_meta["step"])
 
 
 def _build_distributed(cfg: TrainConfig, setup: _Setup, model):
     """The plain model (same seed everywhere) with the checkpoint loaded, then EP swap and replica sync."""
-    from coscale.parallel import load_optimizer_state_dict, setup_for_training
+    import torch.distributed as dist
 
-    ctx_holder = _Bootstrap(*_rank_world(), cfg.dist_timeout)
+    from coscale.parallel import setup_for_training
+
     if setup.precision == "fp8":
         model = _convert_to_fp8(model)
     state = None
     if setup.resume_dir:  # full (plain-model) tensors: loaded before the EP swap keeps this rank's experts
         def load():
             loaded = ckpt.load_checkpoint(setup.resume_dir, setup.resume_meta)
-            _load_model_state(setup, model, loaded.model)
+            with _restoring(setup):
+                model.load_state_dict(loaded.model)
             return loaded
-        state = _agreed(ctx_holder, load)
-    model, ctx = setup_for_training(model, {
+        state = _agreed(_Bootstrap(dist.get_rank(), dist.get_world_size(), cfg.dist_timeout), load)
+    model, setup.ctx = setup_for_training(model, {
         "ep_size": cfg.ep_size, "gpus_per_node": cfg.gpus_per_node, "dispatch_codec": cfg.dispatch_codec,
         "combine_codec": cfg.resolved_combine_codec, "two_hop": cfg.two_hop, "dist_timeout": cfg.dist_timeout,
-        "backend": "nccl" if setup.device.type == "cuda" else "gloo",
+        "backend": _backend(setup),
     })
-    setup.ctx = ctx
-    model.train()
-    optimizer = _optimizer(cfg, model)
-    sampler = BatchSampler(setup.split.train, cfg.batch_size, cfg.seq_len, cfg.seed)
-    start_step = 0
-    if state is not None:
-        def restore():
-            try:
-                load_optimizer_state_dict(optimizer, model, state.optimizer)
-                sampler.load_state_dict(state.trainer["sampler"])
-                torch.set_rng_state(state.trainer["cpu_rng"])
-            except (RuntimeError, KeyError, ValueError, TypeError) as e:
-                first = str(e).splitlines()[0]
-                raise CheckpointError(f"cannot restore {setup.resume_dir}: {first}") from None
-        _agreed(ctx, restore)
-        start_step = int(setup.resume_meta["step"])
-    return model, optimizer, sampler, start_step
+    return model, state
 
 
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
+def _restore_trainer(setup: _Setup, model, optimizer, sampler, state: ckpt.TrainingState) -> None:
+    """Optimizer state, data position and RNG states of the checkpoint (weights are already loaded)."""
+    with _restoring(setup):
+        if setup.ctx is None:
+            optimizer.load_state_dict(state.optimizer)
+        else:  # full (plain-model) moments: this rank keeps its experts' rows
+            from coscale.parallel import load_optimizer_state_dict
 
-    return dist.get_rank(), dist.get_world_size()
+            load_optimizer_state_dict(optimizer, model, state.optimizer)
+        sampler.load_state_dict(state.trainer["sampler"])
+        torch.set_rng_state(state.trainer["cpu_rng"])
+        if setup.ctx is None and setup.device.type == "cuda" and state.trainer.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state.trainer["cuda_rng"])
 
 
-def _load_model_state(setup: _Setup, model, state: dict) -> None:
+@contextlib.contextmanager
+def _restoring(setup: _Setup):
+    """Turn the errors of loading a state that does not fit into a one-line CheckpointError."""
     try:
-        model.load_state_dict(state)
+        yield
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         first = str(e).splitlines()[0]
         raise CheckpointError(f"cannot restore {setup.resume_dir}: {first}") from None
+
+
+def _backend(setup: _Setup) -> str:
+    return "nccl" if setup.device.type == "cuda" else "gloo"
 
 
 def _convert_to_fp8(model):
@@ -622,21 +627,6 @@ def _convert_to_fp8(model):
         raise ConfigError(f"--precision fp8 needs coscale.fp8.convert_to_fp8, which is unavailable ({e})") from None
     converted = convert_to_fp8(model)
     return converted if converted is not None else model
-
-
-def _restore(setup: _Setup, model, optimizer, sampler) -> int:
-    state = ckpt.load_checkpoint(setup.resume_dir, setup.resume_meta)
-    try:
-        model.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
-        sampler.load_state_dict(state.trainer["sampler"])
-        torch.set_rng_state(state.trainer["cpu_rng"])
-        if setup.device.type == "cuda" and state.trainer.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(state.trainer["cuda_rng"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"cannot restore {setup.resume_dir}: {first}") from None
-    return int(setup.resume_meta["step"])
 
 
 def _prepare_out_dir(cfg: TrainConfig, setup: _Setup) -> None:
@@ -653,16 +643,12 @@ def _prepare_out_dir(cfg: TrainConfig, setup: _Setup) -> None:
         f.write("\n")
 
 
-def _parallel_info(setup: _Setup) -> dict | None:
+def _parallel_info(cfg: TrainConfig, setup: _Setup) -> dict:
     ctx = setup.ctx
-    if ctx is None:
-        return None
     return {"world_size": ctx.world_size, "ep_size": ctx.ep_size, "dp_size": ctx.dp_size,
-            "gpus_per_node": ctx.dims.gpus_per_node, "backend": "nccl" if setup.device.type == "cuda" else "gloo",
-            "dispatch_codec": setup.resolved_config["dispatch_codec"],
-            "combine_codec": setup.resolved_config["combine_codec"] or (
-                "fp32" if setup.resolved_config["dispatch_codec"] == "fp32" else "bf16"),
-            "two_hop": setup.resolved_config["two_hop"]}
+            "gpus_per_node": ctx.dims.gpus_per_node, "backend": _backend(setup),
+            "dispatch_codec": cfg.dispatch_codec, "combine_codec": cfg.resolved_combine_codec,
+            "two_hop": cfg.two_hop}
 
 
 def _run(cfg, setup: _Setup, model, optimizer, sampler, start_step, metrics, log) -> dict:
@@ -675,7 +661,7 @@ def _run(cfg, setup: _Setup, model, optimizer, sampler, start_step, metrics, log
     run_record = {"type": "run", "step": start_step, "resumed_from": setup.resume_dir,
                   "unigram_entropy": setup.entropy, "device": str(setup.device), "precision": setup.precision}
     if setup.ctx is not None:
-        run_record["parallel"] = _parallel_info(setup)
+        run_record["parallel"] = _parallel_info(cfg, setup)
     metrics.log(run_record)
     log(_header(cfg, setup, start_step))
     bar = _progress_bar(cfg, start_step) if setup.is_main else None
@@ -773,7 +759,7 @@ def _summarise(cfg, setup, metrics, start_step, recent, val_loss, train_time, la
         "tensorboard": metrics.tensorboard_dir,
     }
     if setup.ctx is not None:
-        summary["parallel"] = _parallel_info(setup)
+        summary["parallel"] = _parallel_info(cfg, setup)
     return summary
 
 
@@ -811,7 +797,7 @@ def _train_step(cfg, setup, model, optimizer, sampler, lr, gamma, autocast) -> d
     optimizer.zero_grad(set_to_none=True)
     if ctx is not None:  # global loads: the logged balance statistics and every rank's bias update
         all_reduce_router_loads(model, ctx)
-    load = moe_load_stats(model)
+    balance = _load_balance(model)  # read before update_router_biases resets the counters
     update_router_biases(model, gamma=gamma)
     nan = torch.tensor(float("nan"), device=setup.device)
     values = torch.stack([
@@ -823,30 +809,38 @@ def _train_step(cfg, setup, model, optimizer, sampler, lr, gamma, autocast) -> d
     ])
     if ctx is not None:  # world means (the grad norm is already global: its mean is itself)
         values = ctx.all_reduce_mean(values)
+    if balance is not None:
+        values = torch.cat([values, balance.to(values.dtype)])
     values = values.tolist()  # one device sync per step
-    record = dict(zip(("loss", "total_loss", "mtp_loss", "aux_loss", "grad_norm"), values))
+    record = dict(zip(("loss", "total_loss", "mtp_loss", "aux_loss", "grad_norm"), values[:5]))
     record = {k: (None if math.isnan(v) else v) for k, v in record.items()}
-    return record | load
+    return record | _load_record(values[5:])
 
 
-def moe_load_stats(model) -> dict[str, float | None]:
-    """Expert-load balance of the last step: max/mean and max/min of tokens per expert, worst layer.
+def _load_balance(model) -> torch.Tensor | None:
+    """Expert-load balance of the last step, worst layer, on the device (no host sync).
 
     Reads the routers' ``expert_load`` counters (tokens routed since the last bias update), so it must
-    run before ``update_router_biases`` resets them. Empty for a dense model. With several processes
-    the trainer sums the counters over the world first, so these are the global batch's statistics.
+    run before ``update_router_biases`` resets them; None for a dense model. With several processes the
+    trainer sums the counters over the world first, so these are the global batch's statistics. Returns
+    [max/mean, max/min, 1 if every expert got a token else 0, 1 if any token was routed else 0].
     """
     loads = [m.expert_load for m in model.modules() if hasattr(m, "expert_load") and m.expert_load.numel()]
     if not loads:
-        return {}
+        return None
     stacked = torch.stack([load.float() for load in loads])  # (layers, E)
-    if stacked.sum() <= 0:
-        return {}
     max_mean = (stacked.amax(1) / stacked.mean(1).clamp_min(1e-9)).amax()
     mins = stacked.amin(1)
     max_min = (stacked.amax(1) / mins.clamp_min(1e-9)).amax()
-    ratio_max_min = max_min.item() if bool((mins > 0).all()) else None
-    return {"moe_load_max_over_mean": max_mean.item(), "moe_load_max_over_min": ratio_max_min}
+    return torch.stack([max_mean, max_min, (mins > 0).all().float(), (stacked.sum() > 0).float()])
+
+
+def _load_record(balance: list[float]) -> dict[str, float | None]:
+    """The metrics of :func:`_load_balance`'s values: empty for a dense model or no routed token."""
+    if not balance or not balance[3]:
+        return {}
+    max_mean, max_min, all_loaded, _ = balance
+    return {"moe_load_max_over_mean": max_mean, "moe_load_max_over_min": max_min if all_loaded else None}
 
 
 @torch.no_grad()
@@ -885,21 +879,16 @@ def _save(cfg, setup, model, optimizer, sampler, step: int) -> str:
     trainer = {"sampler": sampler.state_dict(), "cpu_rng": torch.get_rng_state()}
     if setup.device.type == "cuda" and setup.ctx is None:
         trainer["cuda_rng"] = torch.cuda.get_rng_state_all()
-    meta = {
-        "model_config": setup.model_cfg.to_dict(),
-        "train_config": setup.resolved_config,
-        "precision": setup.precision,
-        "adam_moments_dtype": cfg.adam_moments_dtype,
-        "data": setup.data_info,
-        "val_fraction": cfg.val_fraction,
-    }
+    # what a resume checks (_compat_fields), and the config to resume with
+    meta = _compat_fields(cfg, setup.model_cfg, setup.precision, setup.data_info)
+    meta["train_config"] = setup.resolved_config
     if setup.ctx is None:
         return ckpt.save_checkpoint(setup.out_dir, step, model.state_dict(), optimizer.state_dict(),
                                     trainer, meta, keep=cfg.keep_checkpoints)
     from coscale.parallel import full_optimizer_state_dict, gathered_experts
 
     # Collective: every rank gathers the experts and their moments; rank 0 writes the plain format.
-    meta["parallel"] = _parallel_info(setup)
+    meta["parallel"] = _parallel_info(cfg, setup)
     with gathered_experts(model):
         model_state = model.state_dict()
     optimizer_state = full_optimizer_state_dict(optimizer, model)
@@ -949,7 +938,7 @@ def _header(cfg: TrainConfig, setup: _Setup, start_step: int) -> str:
         f"{torch.get_num_threads()} CPU thread(s); output {setup.out_dir}",
     ]
     if setup.ctx is not None:
-        p = _parallel_info(setup)
+        p = _parallel_info(cfg, setup)
         lines.append(
             f"parallel: {p['world_size']} ranks = EP {p['ep_size']} x DP {p['dp_size']} ({p['backend']}, "
             f"{p['gpus_per_node']} rank(s) per node), dispatch {p['dispatch_codec']}, combine "
