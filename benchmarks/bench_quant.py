@@ -60,14 +60,22 @@ def main() -> None:
     weights = [(7168, 18432)] if args.quick else [(7168, 18432), (24576, 1536), (7168, 2048)]
     table_rows, results = [], []
     t_copy, copy_bw = copy_bandwidth(dev)
-    cases = [("act_1x128", s) for s in shapes] + [("act_dual", s) for s in shapes]
-    cases += [("act_128x1", s) for s in shapes[:2]] + [("weight_128x128", s) for s in weights]
-    cases += [("weight_dual", s) for s in weights]
-    for kind, (m, k) in cases:
-        rec = {"kernel": kind, "M": m, "K": k}
+    # (kernel, shape, how transposed outputs cross shared memory, input dtype)
+    cases = [("act_1x128", s, 8, "bf16") for s in shapes]
+    cases += [("act_dual", s, b, "bf16") for s in shapes for b in (32, 8)]
+    cases += [("act_128x1", s, b, "bf16") for s in shapes[:2] for b in (32, 8)]
+    cases += [("weight_128x128", s, 8, "bf16") for s in weights]
+    cases += [("weight_dual", s, b, "bf16") for s in weights for b in (32, 8)]
+    cases += [("weight_dual", weights[0], b, "fp32") for b in (32, 8)]
+    for kind, (m, k), bits, dtype in cases:
+        rec = {"kernel": kind, "M": m, "K": k, "transpose_bits": bits, "dtype": dtype}
+        q.TRANSPOSE_BITS = bits
+        # float32 weights: one pass when the packed transpose is used (checked bit for bit here)
+        q.FP32_ONE_PASS = bits == 32
         try:
             torch.manual_seed(0)
-            x = (torch.randn(m, k, device=dev) * torch.logspace(-3, 2, k, device=dev)).to(torch.bfloat16)
+            x = torch.randn(m, k, device=dev) * torch.logspace(-3, 2, k, device=dev)
+            x = x if dtype == "fp32" else x.to(torch.bfloat16)
             fn = {
                 "act_1x128": q.act_quant_1x128,
                 "act_dual": q.act_quant_1x128_dual,
@@ -87,7 +95,7 @@ def main() -> None:
             rec["ms"] = bench(lambda: fn(x, backend="triton"))  # noqa: B023
             rec["ref_ms"] = bench(lambda: fn(x, backend="torch"))  # noqa: B023
             out_bytes = sum(t.numel() * t.element_size() for t in got)
-            rec["bytes"] = x.numel() * 2 + out_bytes
+            rec["bytes"] = x.numel() * x.element_size() + out_bytes
             rec["TB/s"] = rec["bytes"] / rec["ms"] / 1e9
             rec["pct_copy"] = 100 * rec["TB/s"] / copy_bw
         except Exception as exc:  # record and carry on
@@ -104,14 +112,16 @@ def main() -> None:
         with open(os.path.join(os.environ["OUT"], "bench_quant.json"), "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
     print(json.dumps(meta))
-    print(f"{'kernel':>15} {'M':>6} {'K':>6} {'bad':>5} {'ms':>8} {'TB/s':>6} {'%copy':>6} "
+    print(f"{'kernel':>15} {'bits':>4} {'in':>4} {'M':>6} {'K':>6} {'bad':>5} {'ms':>8} {'TB/s':>6} {'%copy':>6} "
           f"{'torch ms':>9} {'speedup':>7}")  # fmt: skip
     for r in table_rows:
         if "error" in r:
-            print(f"{r['kernel']:>15} {r['M']:>6} {r['K']:>6} ERROR {r['error'][:80]}")
+            head = f"{r['kernel']:>15} {r['transpose_bits']:>4} {r['dtype']:>4} {r['M']:>6} {r['K']:>6}"
+            print(f"{head} ERROR {r['error'][:80]}")
             continue
         bad = r["mismatches"] + r["ref_vs_cpu_mismatches"]
-        print(f"{r['kernel']:>15} {r['M']:>6} {r['K']:>6} {bad:>5} {r['ms']:>8.3f} "
+        head = f"{r['kernel']:>15} {r['transpose_bits']:>4} {r['dtype']:>4} {r['M']:>6} {r['K']:>6}"
+        print(f"{head} {bad:>5} {r['ms']:>8.3f} "
               f"{r['TB/s']:>6.2f} {r['pct_copy']:>6.1f} {r['ref_ms']:>9.3f} {r['ref_ms'] / r['ms']:>7.1f}")  # fmt: skip
 
 

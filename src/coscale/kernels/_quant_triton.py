@@ -44,6 +44,30 @@ def _quantize(x, s, fp8_max, GRID_ROUND: tl.constexpr):
 
 
 @triton.jit
+def _store_transposed(yt_ptr, y8, offs_k, col0, stride_ytk, mask_k, BITS: tl.constexpr):
+    """Store tl.trans(y8) (y8 [BLOCK_M tokens, BLOCK_K]) at rows offs_k, columns col0.. of yt (the
+    tokens contiguous).
+
+    BITS == 8 transposes the FP8 tile itself: shared memory is then moved one byte at a time.
+    BITS == 32 first packs four consecutive tokens' bytes into one int32 word (a register
+    reduction), transposes [BLOCK_M/4, BLOCK_K] words and stores them through an int32 view; it
+    needs yt_ptr, col0 and stride_ytk to be multiples of 4 (bytes)."""
+    bm: tl.constexpr = y8.shape[0]
+    if BITS == 32:
+        words = tl.reshape(y8.to(tl.uint8, bitcast=True).to(tl.int32), [bm // 4, 4, y8.shape[1]])
+        shift = (tl.arange(0, 4) * 8)[None, :, None]
+        packed = tl.sum(words << shift, axis=1)  # disjoint bytes: the sum is a bitwise or
+        yt32 = yt_ptr.to(tl.pointer_type(tl.int32))
+        cols = col0 // 4 + tl.arange(0, bm // 4)
+        ptrs = yt32 + offs_k[:, None].to(tl.int64) * (stride_ytk // 4) + cols[None, :]
+        tl.store(ptrs, tl.trans(packed), mask=mask_k[:, None])
+    else:
+        cols = col0 + tl.arange(0, bm)
+        ptrs = yt_ptr + offs_k[:, None].to(tl.int64) * stride_ytk + cols[None, :]
+        tl.store(ptrs, tl.trans(y8), mask=mask_k[:, None])
+
+
+@triton.jit
 def quant_kernel(
     x_ptr, y_ptr, s_ptr, yt_ptr, st_ptr,
     M, K, Y_ROWS, YT_ROWS,
@@ -53,6 +77,7 @@ def quant_kernel(
     amax_floor, fp8_max,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
     WHOLE_TILE: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
+    TRANSPOSE_BITS: tl.constexpr = 8,
 ):  # fmt: skip
     # One program = one [BLOCK_M, BLOCK_K] tile of x (batch index program_id(2)), loaded once with
     # coalesced loads (K contiguous), every output computed from the same registers:
@@ -83,8 +108,8 @@ def quant_kernel(
         s_one = tl.max(s, 0)  # all entries equal (NaN included), so any reduction returns it
         tl.store(s_ptr + pid_b * stride_sb + pid_m * stride_sm + pid_k * stride_sk, s_one)
         if COLS:  # W^T's block is W's block transposed: same bytes, same scale
-            yt_ptrs = yt_ptr + pid_b * stride_ytb + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :]
-            tl.store(yt_ptrs, tl.trans(y8), mask=(offs_k < YT_ROWS)[:, None])
+            _store_transposed(yt_ptr + pid_b * stride_ytb, y8, offs_k, pid_m * BLOCK_M, stride_ytk,
+                              offs_k < YT_ROWS, TRANSPOSE_BITS)
             tl.store(st_ptr + pid_b * stride_stb + pid_k * stride_stk + pid_m * stride_stm, s_one)
     else:
         if ROWS:
@@ -99,9 +124,7 @@ def quant_kernel(
             amax_t = tl.max(tl.abs(x), 0)
             st = _tile_scale(amax_t, tl.max(x_nan, 0) > 0, amax_floor, fp8_max, ROUND_SCALE)
             yt = _quantize(x, st[None, :], fp8_max, GRID_ROUND)
-            # cast first, then transpose the 1-byte tile (16 KB through shared memory, not 64 KB)
-            yt8 = tl.trans(yt.to(yt_ptr.dtype.element_ty))  # [BLOCK_K, BLOCK_M]
-            yt_ptrs = yt_ptr + pid_b * stride_ytb + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :]
-            tl.store(yt_ptrs, yt8, mask=(offs_k < YT_ROWS)[:, None])
+            _store_transposed(yt_ptr + pid_b * stride_ytb, yt.to(yt_ptr.dtype.element_ty), offs_k,
+                              pid_m * BLOCK_M, stride_ytk, offs_k < YT_ROWS, TRANSPOSE_BITS)
             st_ptrs = st_ptr + pid_b * stride_stb + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm
             tl.store(st_ptrs, st, mask=offs_k < YT_ROWS)

@@ -218,6 +218,140 @@ def _build_kernels(interpret: bool):
     return grouped_mm_kernel, grouped_wgrad_kernel
 
 
+@functools.cache
+def _build_tma_kernels():
+    """Tensor-memory-accelerator (TMA) versions: operands fetched through host-built tensor
+    descriptors (bulk asynchronous copies on Hopper), a persistent tile loop for the forward/dgrad
+    kernel. Raw jitted kernels; configurations are chosen by the caller (_tma_configs / tuning)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def grouped_mm_tma_kernel(
+        a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, tile_ptr, M, N, K, E,
+        stride_cm, stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
+    ):  # fmt: skip
+        # a_desc: A [M, K]; b_desc: B flattened to [E*N, K] (expert e's rows start at e*N).
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        num_tiles = num_m * num_n
+        num_k = tl.cdiv(K, BLOCK_K)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            # GROUP_M row tiles sweep the N tiles together, so B tiles are reused from L2
+            in_group = GROUP_M * num_n
+            first_m = (tile // in_group) * GROUP_M
+            group_rows = tl.minimum(num_m - first_m, GROUP_M)
+            pid_m = first_m + (tile % in_group) % group_rows
+            pid_n = (tile % in_group) // group_rows
+            row0 = pid_m * BLOCK_M
+            n0 = pid_n * BLOCK_N
+            expert = tl.load(tile_ptr + row0 // BLOCK_K)  # segments are 128-aligned
+            valid = expert < E
+            expert = tl.minimum(expert, E - 1)
+            offs_m = row0 + tl.arange(0, BLOCK_M)
+            sa_ptrs = sa_ptr + offs_m.to(tl.int64) * stride_sam
+            sb_base = sb_ptr + expert.to(tl.int64) * stride_sbe
+            sb_cols = ((n0 + tl.arange(0, BLOCK_N)) // BLOCK_K) * stride_sbn
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            k_iters = tl.where(valid, num_k, 0)  # rows after the last expert: zeros
+            for kb in tl.range(0, k_iters, num_stages=STAGES, warp_specialize=WARP_SPEC):
+                a = a_desc.load([row0, kb * BLOCK_K])
+                b = b_desc.load([expert * N + n0, kb * BLOCK_K])
+                sa = tl.load(sa_ptrs + kb * stride_sak, mask=offs_m < M, other=0.0)
+                sb = tl.load(sb_base + sb_cols + kb * stride_sbk)
+                # one 128-deep dot from zero, promoted into FP32 with its two block scales
+                acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
+            cols = n0 + tl.arange(0, BLOCK_N)
+            c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + cols[None, :]
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (cols < N)[None, :])
+
+    @triton.jit
+    def grouped_wgrad_tma_kernel(
+        a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, off_ptr, N, K, E,
+        stride_ce, stride_cn, stride_san, stride_sat, stride_sbk, stride_sbt,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr,
+        STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
+    ):  # fmt: skip
+        # C[e] [N, K] = A[:, seg e] @ B[:, seg e]^T, A = dY^T [N, Mp] and B = X^T [K, Mp] (descriptors)
+        expert = tl.program_id(1)
+        pid = tl.program_id(0)
+        num_k = tl.cdiv(K, BLOCK_N)
+        pid_n = pid // num_k
+        pid_k = pid % num_k
+        start = tl.load(off_ptr + expert - 1, mask=expert > 0, other=0)
+        end = tl.load(off_ptr + expert)
+        offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for t0 in tl.range(start, end, BLOCK_T, num_stages=STAGES, warp_specialize=WARP_SPEC):
+            a = a_desc.load([pid_n * BLOCK_M, t0])
+            b = b_desc.load([pid_k * BLOCK_N, t0])
+            tile = t0 // BLOCK_T
+            sa = tl.load(sa_ptr + offs_n.to(tl.int64) * stride_san + tile * stride_sat, mask=offs_n < N, other=0.0)
+            sb = tl.load(sb_ptr + offs_k.to(tl.int64) * stride_sbk + tile * stride_sbt, mask=offs_k < K, other=0.0)
+            acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
+        c_base = c_ptr + expert.to(tl.int64) * stride_ce
+        c_ptrs = c_base + offs_n[:, None].to(tl.int64) * stride_cn + offs_k[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+
+    return grouped_mm_tma_kernel, grouped_wgrad_tma_kernel
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
+    """One launch of the TMA forward/dgrad kernel with an explicit configuration ``cfg``:
+    BLOCK_M (64 or 128), BLOCK_N (dividing N), GROUP_M, STAGES, WARP_SPEC, num_warps and
+    PROGRAMS_PER_SM (0: one program per tile, else a persistent grid of that many per SM)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = a.shape
+    e, n, _ = b.shape
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    b2 = b.reshape(e * n, k)  # a view for the buffers this module writes (contiguous)
+    a_desc = TensorDescriptor.from_tensor(a, [bm, BLOCK])
+    b_desc = TensorDescriptor.from_tensor(b2, [bn, BLOCK])
+    tiles = -(-m // bm) * (n // bn)
+    per_sm = cfg.get("PROGRAMS_PER_SM", 1)
+    programs = tiles if per_sm == 0 else max(1, min(tiles, per_sm * _num_sms(a.device)))
+    kernel, _ = _build_tma_kernels()
+    kernel[(programs,)](
+        a_desc, b_desc, c, a_scale, b_scale, tile_expert, m, n, k, e,
+        c.stride(0), a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=cfg.get("GROUP_M", 8), STAGES=cfg.get("STAGES", 3),
+        WARP_SPEC=cfg.get("WARP_SPEC", False), num_warps=cfg.get("num_warps", 8),
+    )  # fmt: skip
+    return c
+
+
+def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: dict):
+    """One launch of the TMA wgrad kernel with an explicit configuration (BLOCK_M tiles N, BLOCK_N
+    tiles K, STAGES, WARP_SPEC, num_warps)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, _ = dyt.shape
+    k = xt.shape[0]
+    experts = offsets.numel()
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    a_desc = TensorDescriptor.from_tensor(dyt, [bm, BLOCK])
+    b_desc = TensorDescriptor.from_tensor(xt, [bn, BLOCK])
+    _, kernel = _build_tma_kernels()
+    grid = (-(-n // bm) * -(-k // bn), experts)
+    kernel[grid](
+        a_desc, b_desc, out, dyt_scale, xt_scale, offsets, n, k, experts,
+        out.stride(0), out.stride(1), dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=BLOCK, GROUP_M=1, STAGES=cfg.get("STAGES", 3),
+        WARP_SPEC=cfg.get("WARP_SPEC", False), num_warps=cfg.get("num_warps", 8),
+    )  # fmt: skip
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # Wrappers
 # ----------------------------------------------------------------------------------------------------

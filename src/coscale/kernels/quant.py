@@ -214,6 +214,23 @@ def outer_major(scale: torch.Tensor) -> torch.Tensor:
     return scale.t().contiguous().t()
 
 
+# How the transposed FP8 outputs cross shared memory: 32 = packed into int32 words (the default; the
+# byte-wise transpose ran at 23% of copy bandwidth on the H100), 8 = byte by byte (used when the
+# transposed buffer is not 4-byte aligned). benchmarks/bench_quant.py times both.
+TRANSPOSE_BITS = 32
+# The byte-wise one-pass W/W^T store was wrong for float32 weights on the H100 (triton 3.6;
+# benchmarks/debug_fp8_nan.py), so float32 weights then took W alone plus a byte transpose. Whether
+# the packed path is exact for float32 there is what bench_quant.py checks; until then: off.
+FP32_ONE_PASS = False
+
+
+def _transpose_bits(yt3: torch.Tensor) -> int:
+    aligned = yt3.numel() == 0 or (
+        yt3.data_ptr() % 4 == 0 and yt3.stride(0) % 4 == 0 and (yt3.shape[1] <= 1 or yt3.stride(1) % 4 == 0)
+    )
+    return TRANSPOSE_BITS if aligned else 8
+
+
 def _launch(x3, y3, s3, yt3, st3, m, k, y_rows, yt_rows, rows, cols, whole, round_scale, block_m):
     """Launch the kernel on batched 3-D views ([B, rows, cols]; a 2-D call passes B = 1)."""
     kernel = _quant_kernel()
@@ -225,7 +242,7 @@ def _launch(x3, y3, s3, yt3, st3, m, k, y_rows, yt_rows, rows, cols, whole, roun
         yt3.stride(0), yt3.stride(1), st3.stride(0), st3.stride(1), st3.stride(2),
         AMAX_FLOOR, FP8_MAX, BLOCK_M=block_m, BLOCK_K=BLOCK, ROWS=rows, COLS=cols,
         WHOLE_TILE=whole, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(),
-        num_warps=8 if block_m == BLOCK else 4,
+        TRANSPOSE_BITS=_transpose_bits(yt3) if cols else 8, num_warps=8 if block_m == BLOCK else 4,
     )  # fmt: skip
 
 
@@ -350,7 +367,7 @@ def weight_quant_128x128_dual(w: torch.Tensor, round_scale: bool = False, backen
         # On the H100 (triton 3.6) the one-pass transposed store is wrong for float32 weights
         # (benchmarks/debug_fp8_nan.py; bf16 is exact), which made FP8 training's dgrad non-finite.
         # For float32, write W alone and transpose its FP8 bytes: bit-identical, one extra 1-byte pass.
-        one_pass = transpose and w.dtype != torch.float32
+        one_pass = transpose and (w.dtype != torch.float32 or FP32_ONE_PASS)
         yt_, st_ = (yt, st) if one_pass else (y, s)
         views = [t if batched else t.unsqueeze(0) for t in (w, y, s, yt_, st_)]
         n, k = w.shape[-2:]

@@ -1,0 +1,210 @@
+"""Block-scaled FP8 grouped GEMM: every kernel configuration side by side with cuBLAS baselines.
+
+Run: `PYTHONPATH=src python3 benchmarks/tune_fp8_grouped.py [--tokens 8192]`; writes
+tune_fp8_grouped.json under $OUT when OUT is set. DeepSeek-V3's routed experts (256 experts, top-8,
+balanced: tokens*8/256 rows per expert), the four forward/dgrad products and the two wgrad products of
+one MoE layer:
+
+  fwd gate+up  [M, 7168] x [E, 4096, 7168]^T     dgrad gate+up [M, 4096] x [E, 7168, 4096]^T
+  fwd down     [M, 2048] x [E, 7168, 2048]^T     dgrad down    [M, 7168] x [E, 2048, 7168]^T
+  wgrad gate+up dW [E, 4096, 7168]               wgrad down    dW [E, 7168, 2048]
+
+Variants: coscale's pointer-based kernel (autotuned, the shipped one before this script), the TMA
+kernel at each configuration listed below, torch._grouped_mm in BF16, and torch._scaled_grouped_mm
+with rowwise scales (cuBLAS; a coarser recipe, the speed of light for a grouped FP8 GEMM here).
+Each TMA configuration is checked against the dequantized FP32 product on three experts first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import traceback
+
+import torch
+
+from coscale.kernels import fp8_grouped_gemm as G
+from coscale.kernels.quant import act_quant_1x128, act_quant_1x128_dual, dequant_1x128
+
+E, TOPK = 256, 8
+MM_CONFIGS = [
+    # BLOCK_M, BLOCK_N, STAGES, num_warps, PROGRAMS_PER_SM (0 = one program per tile), WARP_SPEC
+    (128, 128, 3, 8, 0, False), (128, 128, 3, 8, 1, False), (128, 128, 3, 8, 2, False),
+    (128, 128, 4, 8, 1, False), (128, 128, 4, 8, 0, False), (128, 256, 3, 8, 0, False),
+    (128, 256, 3, 8, 1, False), (128, 256, 4, 8, 1, False), (128, 128, 3, 4, 0, False),
+    (128, 128, 4, 4, 2, False), (64, 128, 4, 4, 0, False), (64, 256, 4, 4, 2, False),
+    (128, 128, 3, 8, 1, True), (128, 256, 3, 8, 1, True), (128, 128, 4, 4, 1, True),
+    (128, 128, 3, 8, 0, True),
+]
+WG_CONFIGS = [
+    (128, 128, 3, 8, 0, False), (128, 128, 4, 8, 0, False), (128, 256, 3, 8, 0, False),
+    (128, 128, 4, 4, 0, False), (64, 128, 4, 4, 0, False), (128, 128, 3, 8, 0, True),
+    (128, 256, 3, 8, 0, True),
+]
+
+
+def cfg_dict(c):
+    bm, bn, st, w, per_sm, ws = c
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": st, "num_warps": w, "PROGRAMS_PER_SM": per_sm,
+            "WARP_SPEC": ws, "GROUP_M": 8}
+
+
+def name_of(c):
+    bm, bn, st, w, per_sm, ws = c
+    return f"tma {bm}x{bn} s{st} w{w} p{per_sm}{' ws' if ws else ''}"
+
+
+def timeit(fn):
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def show(label, variant, entry):
+    if "ms" in entry:
+        err = entry.get("err", float("nan"))
+        tf = entry["tflops"]
+        print(f"{label:14s} {variant:32s} {entry['ms']:8.3f} ms {tf:7.1f} TFLOP/s err {err:.2e}", flush=True)
+    else:
+        print(f"{label:14s} {variant:32s} ERROR {entry['error'][:150]}", flush=True)
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def mm_case(label, m_per_e, k, n, results):
+    dev = "cuda"
+    m = m_per_e * E
+    flops = 2.0 * m * k * n
+    offs = (torch.arange(1, E + 1, device=dev) * m_per_e).to(torch.int32)
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    xq, xs = act_quant_1x128(x)
+    w = torch.randn(E, n, k, device=dev, dtype=torch.bfloat16) * k**-0.5
+    wq, ws = G.quantize_expert_weights(w)
+    te = G.expert_tile_map(offs, m)
+    check = [0, E // 2, E - 1]
+    refs = {}
+    for e in check:
+        rows = slice(e * m_per_e, (e + 1) * m_per_e)
+        xd = dequant_1x128(xq[rows], xs[rows])
+        wd = (wq[e].float().view(n // 128, 128, k // 128, 128) * ws[e][:, None, :, None]).view(n, k)
+        refs[e] = xd @ wd.t()
+
+    def record(variant, fn, check_out=None):
+        entry = {"case": label, "variant": variant, "M": m, "K": k, "N": n}
+        try:
+            if check_out is not None:
+                out = check_out()
+                entry["err"] = max(rel(out[e * m_per_e:(e + 1) * m_per_e], refs[e]) for e in check)
+            ms = timeit(fn)
+            entry.update(ms=ms, tflops=flops / ms / 1e9)
+        except Exception as exc:  # noqa: BLE001
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            entry["traceback"] = traceback.format_exc()[-1500:]
+        results.append(entry)
+        show(label, variant, entry)
+
+    wb = w  # bf16 weights
+    record("bf16 torch._grouped_mm", lambda: torch._grouped_mm(x, wb.transpose(-2, -1), offs=offs))
+    try:  # rowwise FP8: one scale per row of x and per output column of each expert
+        sa = (x.float().abs().amax(1) / 448).clamp_min(1e-12)
+        sb = (w.abs().amax(2).float() / 448).clamp_min(1e-12)
+        xr = (x.float() / sa[:, None]).to(torch.float8_e4m3fn)
+        wr = torch.empty(w.shape, device=dev, dtype=torch.float8_e4m3fn)
+        for e in range(E):  # one expert at a time: an FP32 copy of all weights would not fit
+            wr[e] = (w[e].float() / sb[e, :, None]).to(torch.float8_e4m3fn)
+        record("fp8 rowwise _scaled_grouped_mm", lambda: torch._scaled_grouped_mm(
+            xr, wr.transpose(-2, -1), sa, sb, offs=offs, out_dtype=torch.bfloat16, use_fast_accum=True))
+    except Exception as exc:  # noqa: BLE001
+        print("rowwise setup failed:", exc)
+    c = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+    record("pointer kernel (autotuned)", lambda: G.fp8_grouped_mm(xq, xs, wq, ws, offs, tile_expert=te),
+           lambda: G.fp8_grouped_mm(xq, xs, wq, ws, offs, torch.float32, tile_expert=te))
+    for cfg in MM_CONFIGS:
+        if n % cfg[1]:
+            continue
+        d = cfg_dict(cfg)
+        record(name_of(cfg), lambda d=d: G.launch_grouped_mm_tma(xq, xs, wq, ws, te, c, d),
+               lambda d=d: G.launch_grouped_mm_tma(xq, xs, wq, ws, te, torch.empty(m, n, device=dev), d))
+
+
+def wgrad_case(label, m_per_e, n, k, results):
+    """dW [E, n, k] = dY^T X per expert: dY [M, n], X [M, k]."""
+    dev = "cuda"
+    m = m_per_e * E
+    flops = 2.0 * m * k * n
+    offs = (torch.arange(1, E + 1, device=dev) * m_per_e).to(torch.int32)
+    dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    _, _, dyt, dyts = act_quant_1x128_dual(dy, pad_t=True)
+    _, _, xt, xts = act_quant_1x128_dual(x, pad_t=True)
+    check = [0, E - 1]
+    refs = {}
+    for e in check:
+        cols = slice(e * m_per_e, (e + 1) * m_per_e)
+        tiles = slice(e * m_per_e // 128, (e + 1) * m_per_e // 128)
+        refs[e] = dequant_1x128(dyt[:, cols], dyts[:, tiles]) @ dequant_1x128(xt[:, cols], xts[:, tiles]).t()
+    out = torch.empty(E, n, k, device=dev, dtype=torch.bfloat16)
+
+    def record(variant, fn):
+        entry = {"case": label, "variant": variant, "M": m, "K": k, "N": n}
+        try:
+            fn()
+            entry["err"] = max(rel(out[e], refs[e]) for e in check)
+            ms = timeit(fn)
+            entry.update(ms=ms, tflops=flops / ms / 1e9)
+        except Exception as exc:  # noqa: BLE001
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            entry["traceback"] = traceback.format_exc()[-1500:]
+        results.append(entry)
+        show(label, variant, entry)
+
+    record("bf16 torch._grouped_mm", lambda: out.copy_(torch._grouped_mm(dy.t(), x, offs=offs)))
+    record("pointer kernel (autotuned)", lambda: out.copy_(
+        G.fp8_grouped_wgrad(dyt, dyts, xt, xts, offs, out_dtype=torch.bfloat16)))
+    for cfg in WG_CONFIGS:
+        d = cfg_dict(cfg)
+        record(name_of(cfg), lambda d=d: G.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, offs, out, d))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--only", choices=("mm", "wgrad"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_fp8_grouped.py needs a CUDA GPU")
+    import triton
+
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    m_per_e = args.tokens * TOPK // E
+    results: list[dict] = []
+    if args.only in (None, "mm"):
+        for label, k, n in [("fwd gate+up", 7168, 4096), ("fwd down", 2048, 7168),
+                            ("dgrad gate+up", 4096, 7168), ("dgrad down", 7168, 2048)]:
+            mm_case(label, m_per_e, k, n, results)
+            torch.cuda.empty_cache()
+    if args.only in (None, "wgrad"):
+        for label, n, k in [("wgrad gate+up", 4096, 7168), ("wgrad down", 7168, 2048)]:
+            wgrad_case(label, m_per_e, n, k, results)
+            torch.cuda.empty_cache()
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "tune_fp8_grouped.json"), "w") as fh:
+            json.dump(results, fh, indent=1)
+    print("\nbest per case:")
+    for label in dict.fromkeys(r["case"] for r in results):
+        rows = [r for r in results if r["case"] == label and "tflops" in r]
+        ours = [r for r in rows if r["variant"].startswith(("tma", "pointer")) and r.get("err", 1) < 0.05]
+        base = {r["variant"]: r["tflops"] for r in rows if not r["variant"].startswith(("tma", "pointer"))}
+        if ours:
+            best = max(ours, key=lambda r: r["tflops"])
+            print(f"{label:14s} best {best['variant']:32s} {best['tflops']:7.1f} TFLOP/s; baselines {base}")
+
+
+if __name__ == "__main__":
+    main()
