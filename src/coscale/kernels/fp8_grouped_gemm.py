@@ -274,27 +274,31 @@ def _build_tma_kernels():
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr,
         STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
     ):  # fmt: skip
-        # C[e] [N, K] = A[:, seg e] @ B[:, seg e]^T, A = dY^T [N, Mp] and B = X^T [K, Mp] (descriptors)
-        expert = tl.program_id(1)
-        pid = tl.program_id(0)
+        # C[e] [N, K] = A[:, seg e] @ B[:, seg e]^T, A = dY^T [N, Mp] and B = X^T [K, Mp] (descriptors).
+        # Tiles expert-major (one expert's operands stay in L2 while its tiles run); a grid smaller
+        # than the tile count makes the kernel persistent.
+        num_n = tl.cdiv(N, BLOCK_M)
         num_k = tl.cdiv(K, BLOCK_N)
-        pid_n = pid // num_k
-        pid_k = pid % num_k
-        start = tl.load(off_ptr + expert - 1, mask=expert > 0, other=0)
-        end = tl.load(off_ptr + expert)
-        offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for t0 in tl.range(start, end, BLOCK_T, num_stages=STAGES, warp_specialize=WARP_SPEC):
-            a = a_desc.load([pid_n * BLOCK_M, t0])
-            b = b_desc.load([pid_k * BLOCK_N, t0])
-            tile = t0 // BLOCK_T
-            sa = tl.load(sa_ptr + offs_n.to(tl.int64) * stride_san + tile * stride_sat, mask=offs_n < N, other=0.0)
-            sb = tl.load(sb_ptr + offs_k.to(tl.int64) * stride_sbk + tile * stride_sbt, mask=offs_k < K, other=0.0)
-            acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
-        c_base = c_ptr + expert.to(tl.int64) * stride_ce
-        c_ptrs = c_base + offs_n[:, None].to(tl.int64) * stride_cn + offs_k[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+        per_expert = num_n * num_k
+        for tile in tl.range(tl.program_id(0), E * per_expert, tl.num_programs(0)):
+            expert = tile // per_expert
+            pid_n = (tile % per_expert) // num_k
+            pid_k = tile % num_k
+            start = tl.load(off_ptr + expert - 1, mask=expert > 0, other=0)
+            end = tl.load(off_ptr + expert)
+            offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for t0 in tl.range(start, end, BLOCK_T, num_stages=STAGES, warp_specialize=WARP_SPEC):
+                a = a_desc.load([pid_n * BLOCK_M, t0])
+                b = b_desc.load([pid_k * BLOCK_N, t0])
+                tile_t = t0 // BLOCK_T
+                sa = tl.load(sa_ptr + offs_n.to(tl.int64) * stride_san + tile_t * stride_sat, mask=offs_n < N, other=0.0)
+                sb = tl.load(sb_ptr + offs_k.to(tl.int64) * stride_sbk + tile_t * stride_sbt, mask=offs_k < K, other=0.0)
+                acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
+            c_base = c_ptr + expert.to(tl.int64) * stride_ce
+            c_ptrs = c_base + offs_n[:, None].to(tl.int64) * stride_cn + offs_k[None, :]
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
 
     return grouped_mm_tma_kernel, grouped_wgrad_tma_kernel
 
@@ -332,7 +336,7 @@ def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
 
 def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: dict):
     """One launch of the TMA wgrad kernel with an explicit configuration (BLOCK_M tiles N, BLOCK_N
-    tiles K, STAGES, WARP_SPEC, num_warps)."""
+    tiles K, STAGES, WARP_SPEC, num_warps, PROGRAMS_PER_SM as for the forward)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     n, _ = dyt.shape
@@ -342,8 +346,10 @@ def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: di
     a_desc = TensorDescriptor.from_tensor(dyt, [bm, BLOCK])
     b_desc = TensorDescriptor.from_tensor(xt, [bn, BLOCK])
     _, kernel = _build_tma_kernels()
-    grid = (-(-n // bm) * -(-k // bn), experts)
-    kernel[grid](
+    tiles = -(-n // bm) * -(-k // bn) * experts
+    per_sm = cfg.get("PROGRAMS_PER_SM", 0)
+    programs = tiles if per_sm == 0 else max(1, min(tiles, per_sm * _num_sms(dyt.device)))
+    kernel[(programs,)](
         a_desc, b_desc, out, dyt_scale, xt_scale, offsets, n, k, experts,
         out.stride(0), out.stride(1), dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=BLOCK, GROUP_M=1, STAGES=cfg.get("STAGES", 3),
