@@ -48,6 +48,7 @@ def copy_bandwidth(dev, nbytes=1 << 30):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--variants", action="store_true", help="also time other chunk sizes / warps")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_quant.py needs a CUDA GPU")
@@ -60,18 +61,20 @@ def main() -> None:
     weights = [(7168, 18432)] if args.quick else [(7168, 18432), (24576, 1536), (7168, 2048)]
     table_rows, results = [], []
     t_copy, copy_bw = copy_bandwidth(dev)
-    # (kernel, shape, how transposed outputs cross shared memory, input dtype)
-    cases = [("act_1x128", s, 8, "bf16") for s in shapes]
-    cases += [("act_dual", s, b, "bf16") for s in shapes for b in (32, 8)]
-    cases += [("act_128x1", s, b, "bf16") for s in shapes[:2] for b in (32, 8)]
-    cases += [("weight_128x128", s, 8, "bf16") for s in weights]
-    cases += [("weight_dual", s, b, "bf16") for s in weights for b in (32, 8)]
-    cases += [("weight_dual", weights[0], b, "fp32") for b in (32, 8)]
-    for kind, (m, k), bits, dtype in cases:
-        rec = {"kernel": kind, "M": m, "K": k, "transpose_bits": bits, "dtype": dtype}
-        q.TRANSPOSE_BITS = bits
-        # float32 weights: one pass when the packed transpose is used (checked bit for bit here)
-        q.FP32_ONE_PASS = bits == 32
+    # (kernel, shape, input dtype, float32 weights in one pass (W and W^T from one kernel))
+    cases = [("act_1x128", s, "bf16", False) for s in shapes] + [("act_dual", s, "bf16", False) for s in shapes]
+    cases += [("act_128x1", s, "bf16", False) for s in shapes[:2]]
+    cases += [("weight_128x128", s, "bf16", False) for s in weights]
+    cases += [("weight_dual", s, "bf16", False) for s in weights]
+    cases += [("weight_dual", weights[0], "fp32", one_pass) for one_pass in (True, False)]
+    cases = [(*c, (q.SUB_M, q.QUANT_WARPS)) for c in cases]
+    if args.variants:  # chunk rows and warps of the two-pass kernels, on two shapes
+        cases += [(kind, sh, "bf16", False, v) for v in ((16, 4), (64, 4), (32, 8), (64, 8))
+                  for kind, sh in (("act_dual", shapes[1]), ("weight_dual", weights[0]))]
+    for kind, (m, k), dtype, one_pass, (sub_m, warps) in cases:
+        rec = {"kernel": kind, "M": m, "K": k, "dtype": dtype, "fp32_one_pass": one_pass,
+               "sub_m": sub_m, "warps": warps}
+        q.FP32_ONE_PASS, q.SUB_M, q.QUANT_WARPS = one_pass, sub_m, warps
         try:
             torch.manual_seed(0)
             x = torch.randn(m, k, device=dev) * torch.logspace(-3, 2, k, device=dev)
@@ -112,17 +115,17 @@ def main() -> None:
         with open(os.path.join(os.environ["OUT"], "bench_quant.json"), "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
     print(json.dumps(meta))
-    print(f"{'kernel':>15} {'bits':>4} {'in':>4} {'M':>6} {'K':>6} {'bad':>5} {'ms':>8} {'TB/s':>6} {'%copy':>6} "
-          f"{'torch ms':>9} {'speedup':>7}")  # fmt: skip
+    print(f"{'kernel':>15} {'1pass':>5} {'sub':>3} {'w':>2} {'in':>4} {'M':>6} {'K':>6} {'bad':>5} {'ms':>8} "
+          f"{'TB/s':>6} {'%copy':>6} {'torch ms':>9} {'speedup':>7}")  # fmt: skip
     for r in table_rows:
+        head = (f"{r['kernel']:>15} {str(r['fp32_one_pass']):>5} {r['sub_m']:>3} {r['warps']:>2} "
+                f"{r['dtype']:>4} {r['M']:>6} {r['K']:>6}")  # fmt: skip
         if "error" in r:
-            head = f"{r['kernel']:>15} {r['transpose_bits']:>4} {r['dtype']:>4} {r['M']:>6} {r['K']:>6}"
             print(f"{head} ERROR {r['error'][:80]}")
             continue
         bad = r["mismatches"] + r["ref_vs_cpu_mismatches"]
-        head = f"{r['kernel']:>15} {r['transpose_bits']:>4} {r['dtype']:>4} {r['M']:>6} {r['K']:>6}"
-        print(f"{head} {bad:>5} {r['ms']:>8.3f} "
-              f"{r['TB/s']:>6.2f} {r['pct_copy']:>6.1f} {r['ref_ms']:>9.3f} {r['ref_ms'] / r['ms']:>7.1f}")  # fmt: skip
+        print(f"{head} {bad:>5} {r['ms']:>8.3f} {r['TB/s']:>6.2f} {r['pct_copy']:>6.1f} {r['ref_ms']:>9.3f} "
+              f"{r['ref_ms'] / r['ms']:>7.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

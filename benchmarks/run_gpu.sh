@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,no
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 for job in ${JOBS:-quant fp8 moe study}; do
   case $job in
-    quant) run bench_quant "${T_QUANT:-120}" python3 benchmarks/bench_quant.py $Q ;;
+    quant) run bench_quant "${T_QUANT:-120}" python3 benchmarks/bench_quant.py $Q ${QUANT_ARGS:-} ;;
     fp8)   run bench_fp8 "${T_FP8:-240}" python3 benchmarks/bench_fp8.py $Q ;;
     moe)   run bench_moe "${T_MOE:-240}" python3 benchmarks/bench_moe.py $Q ;;
     tune)  run tune_fp8_grouped "${T_TUNE:-300}" python3 benchmarks/tune_fp8_grouped.py ;;

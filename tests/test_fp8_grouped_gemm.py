@@ -42,7 +42,7 @@ def reference_linear(x, w, offsets):
 
 
 @needs_triton
-@pytest.mark.parametrize("counts,extra", [([128, 0, 256], 128), ([256, 128], 0)])
+@pytest.mark.parametrize("counts,extra", [([128, 0, 256], 128), ([256, 128], 0), ([128, 0, 256], 37)])
 def test_triton_grouped_mm_and_wgrad_match_reference(counts, extra):
     torch.manual_seed(0)
     e, n, k = len(counts), 128, 256
@@ -149,3 +149,31 @@ def test_gate_up_equals_two_linears(backend, i, k):
     assert torch.equal(wg.grad[1], torch.zeros(i, k))  # expert 1 has no rows
     x64, wg64 = x.detach().double(), wg.detach().double()
     assert rel(gu[:, :i], reference_linear(x64, wg64, off)) < BOUND
+
+
+def test_config_picker_times_each_candidate_once_and_skips_failures(monkeypatch):
+    import triton.testing
+
+    from coscale.kernels import fp8_grouped_gemm as g
+
+    monkeypatch.setattr(g, "interpreting", lambda: False)
+    monkeypatch.setattr(g, "_PICKED", {})
+    times = {"a": 3.0, "b": 1.0, "c": 2.0}
+    calls = []
+
+    def fake_bench(fn, **kw):
+        return fn()
+
+    def launch(cfg):
+        calls.append(cfg["name"])
+        if cfg["name"] == "b2":
+            raise RuntimeError("out of resources")
+        return times[cfg["name"]]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    cands = ({"name": "a"}, {"name": "b2"}, {"name": "b"}, {"name": "c"})
+    assert g._pick_config("k", cands, launch) == {"name": "b"}
+    assert g._pick_config("k", cands, launch) == {"name": "b"}  # remembered, not timed again
+    assert calls == ["a", "b2", "b", "c"]
+    with pytest.raises(CoscaleError, match="no grouped FP8 GEMM configuration"):
+        g._pick_config("k2", ({"name": "b2"},), launch)

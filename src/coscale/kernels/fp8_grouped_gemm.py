@@ -25,8 +25,10 @@ The weights are quantized with quant.weight_quant_128x128_dual, which writes W_e
 same pass, so dgrad needs no transposing copy. The grouped GEMM finds each 128-row tile's expert in a
 tile -> expert map built on the device once per call (``expert_tile_map``), never by scanning E ends.
 
-Both Triton kernels promote every 128 elements of K: one 128-deep tl.dot from zero, scaled by its two
-block scales and added into an FP32 register accumulator. The ``*_ref`` functions (per-expert loops
+Both Triton kernels read A and B through TMA tensor descriptors, may run persistent (a grid smaller
+than the tile count), pick their tile configuration per call shape by timing a few candidates once
+(``MM_CANDIDATES``, ``WGRAD_CANDIDATES``), and promote every 128 elements of K: one 128-deep tl.dot
+from zero, scaled by its block scales and added into an FP32 register accumulator. The ``*_ref`` functions (per-expert loops
 over coscale.kernels.fp8_gemm.fp8_gemm_ref, dequantized FP32) are the specification and CPU fallback.
 """
 
@@ -123,106 +125,59 @@ def fp8_grouped_wgrad_ref(dyt, dyt_scale, xt, xt_scale, group_end_offsets):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _configs(triton, interpret: bool):
-    """Exactly one config when interpreting (autotune with >= 2 configs needs a GPU driver), a short
-    list on CUDA: 128-row tiles (one expert per tile), BLOCK_K = 128 (one promotion per K step)."""
-    if interpret or not torch.cuda.is_available():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    shapes = [(128, 128, 4, 8), (128, 256, 3, 8), (128, 128, 3, 8), (128, 128, 4, 4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, s, w in shapes
-    ]
+# Kernel configurations. BLOCK_M rows x BLOCK_N columns per tile (BLOCK_M and BLOCK_N divide 128: a
+# row tile never straddles two experts' 128-aligned segments and a column tile lies in one 128x128
+# weight block), software-pipeline STAGES, warps, PROGRAMS_PER_SM (0: one program per tile; k: a
+# persistent grid of k programs per SM). On CUDA each call shape times its candidates once per process
+# and keeps the fastest; benchmarks/tune_fp8_grouped.py sweeps more. On the H100 (DeepSeek-V3 experts,
+# 256 rows each) 64x128 with 4 warps led the forward/dgrad products, and a persistent 64x128 the
+# weight gradients; 128-row tiles with 8 warps, 256-column tiles and warp specialisation were slower.
+MM_CANDIDATES = (
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 0},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 0},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 0},
+)
+WGRAD_CANDIDATES = (
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 0},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 0},
+)
+# The CPU interpreter: small tiles (quick) and a persistent grid (the tile loop is exercised).
+INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "STAGES": 1, "num_warps": 4, "PROGRAMS_PER_SM": 1}
+_PICKED: dict = {}
 
 
-@functools.cache
-def _build_kernels(interpret: bool):
-    import triton
-    import triton.language as tl
+def _pick_config(key, candidates, launch) -> dict:
+    """The fastest candidate for ``key`` (timed on the first call, then remembered), or the
+    interpreter's configuration on CPU tensors."""
+    if interpreting():
+        return INTERPRETER_CONFIG
+    cfg = _PICKED.get(key)
+    if cfg is None:
+        import triton.testing
 
-    @triton.autotune(configs=_configs(triton, interpret), key=["N", "K"])
-    @triton.jit
-    def grouped_mm_kernel(
-        a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, tile_ptr, M, N, K, E,
-        stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
-        stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
-        pid = tl.program_id(0)
-        num_n = tl.cdiv(N, BLOCK_N)
-        pid_m = pid // num_n  # neighbouring programs share the A tile and the expert's weights
-        pid_n = pid % num_n
-        row0 = pid_m * BLOCK_M
-        # the expert of this 128-row tile, precomputed on the device (segments are 128-aligned)
-        expert = tl.load(tile_ptr + row0 // BLOCK_K)
-        valid = expert < E
-        expert = tl.minimum(expert, E - 1).to(tl.int64)
-        offs_m = (row0 + tl.arange(0, BLOCK_M)) % M
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-        # B tile [BLOCK_N, BLOCK_K] loaded K-contiguous (the layout FP8 WGMMA wants), used transposed
-        b_ptrs = b_ptr + expert * stride_be + offs_n[:, None].to(tl.int64) * stride_bn + offs_k[None, :] * stride_bk
-        sa_ptrs = sa_ptr + offs_m.to(tl.int64) * stride_sam
-        sb_ptrs = sb_ptr + expert * stride_sbe + (offs_n // BLOCK_K) * stride_sbn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        num_k = tl.where(valid, tl.cdiv(K, BLOCK_K), 0)  # rows after the last expert: zeros
-        for kb in range(0, num_k):
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-            sa = tl.load(sa_ptrs + kb * stride_sak)
-            sb = tl.load(sb_ptrs + kb * stride_sbk)
-            # one 128-deep dot from zero, promoted into the FP32 accumulator with its block scales
-            acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
-        rows = row0 + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+        timed = []
+        for i, cand in enumerate(candidates):
+            try:
+                timed.append((triton.testing.do_bench(lambda c=cand: launch(c), warmup=3, rep=15), i))
+            except Exception:  # noqa: BLE001 - e.g. out of shared memory on a smaller GPU: skip it
+                continue
+        if not timed:
+            raise CoscaleError(f"no grouped FP8 GEMM configuration runs on this GPU for {key}")
+        cfg = _PICKED[key] = candidates[min(timed)[1]]
+    return cfg
 
-    @triton.autotune(configs=_configs(triton, interpret), key=["N", "K"])
-    @triton.jit
-    def grouped_wgrad_kernel(
-        a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, off_ptr, N, K, E,
-        stride_an, stride_at, stride_bk, stride_bt, stride_ce, stride_cn, stride_ck,
-        stride_san, stride_sat, stride_sbk, stride_sbt,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-    ):  # fmt: skip
-        # C[e] [N, K] = A[:, seg e] @ B[:, seg e]^T; A = dY^T [N, Mp], B = X^T [K, Mp]; BLOCK_M tiles N.
-        # Both operands are token-contiguous (K-major for this GEMM); the output is written in C's
-        # dtype straight from the FP32 accumulator (no FP32 buffer plus conversion pass).
-        expert = tl.program_id(1)
-        pid = tl.program_id(0)
-        num_k = tl.cdiv(K, BLOCK_N)
-        pid_n = pid // num_k
-        pid_k = pid % num_k
-        start = tl.load(off_ptr + expert - 1, mask=expert > 0, other=0)
-        end = tl.load(off_ptr + expert)
-        offs_n = (pid_n * BLOCK_M + tl.arange(0, BLOCK_M)) % N
-        offs_k = (pid_k * BLOCK_N + tl.arange(0, BLOCK_N)) % K
-        offs_t = tl.arange(0, BLOCK_T)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for t0 in range(start, end, BLOCK_T):
-            a = tl.load(a_ptr + offs_n[:, None].to(tl.int64) * stride_an + (t0 + offs_t)[None, :] * stride_at)
-            b = tl.load(b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + (t0 + offs_t)[None, :] * stride_bt)
-            tile = t0 // BLOCK_T
-            sa = tl.load(sa_ptr + offs_n.to(tl.int64) * stride_san + tile * stride_sat)
-            sb = tl.load(sb_ptr + offs_k.to(tl.int64) * stride_sbk + tile * stride_sbt)
-            acc += tl.dot(a, tl.trans(b)) * sa[:, None] * sb[None, :]
-        rows = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-        c_base = c_ptr + expert.to(tl.int64) * stride_ce
-        c_ptrs = c_base + rows[:, None].to(tl.int64) * stride_cn + cols[None, :] * stride_ck
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows < N)[:, None] & (cols < K)[None, :])
 
-    return grouped_mm_kernel, grouped_wgrad_kernel
+def _rows_bucket(rows: int) -> int:
+    return 1 << max(rows - 1, 0).bit_length()
 
 
 @functools.cache
 def _build_tma_kernels():
-    """Tensor-memory-accelerator (TMA) versions: operands fetched through host-built tensor
-    descriptors (bulk asynchronous copies on Hopper), a persistent tile loop for the forward/dgrad
-    kernel. Raw jitted kernels; configurations are chosen by the caller (_tma_configs / tuning)."""
+    """The two Triton kernels. Operands A and B come through host-built tensor descriptors (TMA bulk
+    copies on Hopper); scales and outputs through
+    pointers. Both kernels loop over their tiles with a stride of the grid size, so a grid smaller
+    than the tile count makes them persistent."""
     import triton
     import triton.language as tl
 
@@ -252,17 +207,17 @@ def _build_tma_kernels():
             expert = tl.minimum(expert, E - 1)
             offs_m = row0 + tl.arange(0, BLOCK_M)
             sa_ptrs = sa_ptr + offs_m.to(tl.int64) * stride_sam
-            sb_base = sb_ptr + expert.to(tl.int64) * stride_sbe
-            sb_cols = ((n0 + tl.arange(0, BLOCK_N)) // BLOCK_K) * stride_sbn
+            sb_base = sb_ptr + expert.to(tl.int64) * stride_sbe + (n0 // BLOCK_K) * stride_sbn
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             k_iters = tl.where(valid, num_k, 0)  # rows after the last expert: zeros
             for kb in tl.range(0, k_iters, num_stages=STAGES, warp_specialize=WARP_SPEC):
                 a = a_desc.load([row0, kb * BLOCK_K])
                 b = b_desc.load([expert * N + n0, kb * BLOCK_K])
                 sa = tl.load(sa_ptrs + kb * stride_sak, mask=offs_m < M, other=0.0)
-                sb = tl.load(sb_base + sb_cols + kb * stride_sbk)
-                # one 128-deep dot from zero, promoted into FP32 with its two block scales
-                acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
+                # one 128-deep dot from zero, promoted into FP32 with its two block scales (BLOCK_N
+                # divides 128: the tile lies in one 128x128 weight block, whose scale is one number)
+                sb = tl.load(sb_base + kb * stride_sbk)
+                acc += tl.dot(a, b.T) * (sa * sb)[:, None]
             cols = n0 + tl.arange(0, BLOCK_N)
             c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + cols[None, :]
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (cols < N)[None, :])
@@ -288,13 +243,15 @@ def _build_tma_kernels():
             end = tl.load(off_ptr + expert)
             offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+            sa_ptrs = sa_ptr + offs_n.to(tl.int64) * stride_san
+            sb_ptrs = sb_ptr + offs_k.to(tl.int64) * stride_sbk
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for t0 in tl.range(start, end, BLOCK_T, num_stages=STAGES, warp_specialize=WARP_SPEC):
                 a = a_desc.load([pid_n * BLOCK_M, t0])
                 b = b_desc.load([pid_k * BLOCK_N, t0])
                 tile_t = t0 // BLOCK_T
-                sa = tl.load(sa_ptr + offs_n.to(tl.int64) * stride_san + tile_t * stride_sat, mask=offs_n < N, other=0.0)
-                sb = tl.load(sb_ptr + offs_k.to(tl.int64) * stride_sbk + tile_t * stride_sbt, mask=offs_k < K, other=0.0)
+                sa = tl.load(sa_ptrs + tile_t * stride_sat, mask=offs_n < N, other=0.0)
+                sb = tl.load(sb_ptrs + tile_t * stride_sbt, mask=offs_k < K, other=0.0)
                 acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
             c_base = c_ptr + expert.to(tl.int64) * stride_ce
             c_ptrs = c_base + offs_n[:, None].to(tl.int64) * stride_cn + offs_k[None, :]
@@ -318,7 +275,7 @@ def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     m, k = a.shape
     e, n, _ = b.shape
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    b2 = b.reshape(e * n, k)  # a view for the buffers this module writes (contiguous)
+    b2 = b.reshape(e * n, k)  # a view for the buffers this module writes (contiguous), else a copy
     a_desc = TensorDescriptor.from_tensor(a, [bm, BLOCK])
     b_desc = TensorDescriptor.from_tensor(b2, [bn, BLOCK])
     tiles = -(-m // bm) * (n // bn)
@@ -395,9 +352,9 @@ def fp8_grouped_mm(
 ) -> torch.Tensor:
     """[M, N]: rows of expert e times b[e]^T, block-scaled FP8 with FP32 accumulation (see module doc).
 
-    ``b`` may be any strided [E, N, K] view with K contiguous (e.g. the transposed weights written by
-    quant.weight_quant_128x128_dual). ``tile_expert``: expert_tile_map(group_end_offsets, M) if the
-    caller already has it."""
+    ``b`` [E, N, K] with K contiguous; it is read as [E*N, K] (a free view of the buffers this module
+    writes; another layout is copied once). ``tile_expert``: expert_tile_map(group_end_offsets, M) if
+    the caller already has it."""
     _check_grouped(a, a_scale, b, b_scale)
     _check_offsets(group_end_offsets, b.shape[0])
     if not _use_triton(a.device, backend):
@@ -409,20 +366,15 @@ def fp8_grouped_mm(
         return c
     if b.stride(2) != 1:
         raise CoscaleError("fp8_grouped_mm needs b's last (K) dimension contiguous")
-    kernel, _ = _build_kernels(interpreting())
+    a = a if a.stride(1) == 1 else a.contiguous()
     if tile_expert is None:
         tile_expert = expert_tile_map(group_end_offsets.to(a.device), m)
 
-    def grid(meta):
-        return (-(-m // meta["BLOCK_M"]) * -(-n // meta["BLOCK_N"]),)
+    def launch(cfg):
+        return launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg)
 
-    kernel[grid](
-        a, b, c, a_scale, b_scale, tile_expert, m, n, k, e,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-        a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
-        BLOCK_K=BLOCK,
-    )  # fmt: skip
-    return c
+    cfg = _pick_config(("mm", _rows_bucket(m), n, k, e, out_dtype), MM_CANDIDATES, launch)
+    return launch(cfg)
 
 
 def fp8_grouped_wgrad(
@@ -440,18 +392,15 @@ def fp8_grouped_wgrad(
     out = torch.empty(experts, n, k, dtype=out_dtype, device=dyt.device)
     if out.numel() == 0:
         return out
-    _, kernel = _build_kernels(interpreting())
+    dyt = dyt if dyt.stride(1) == 1 else dyt.contiguous()
+    xt = xt if xt.stride(1) == 1 else xt.contiguous()
     offsets = group_end_offsets.to(device=dyt.device, dtype=torch.int32)
 
-    def grid(meta):
-        return (-(-n // meta["BLOCK_M"]) * -(-k // meta["BLOCK_N"]), experts)
+    def launch(cfg):
+        return launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg)
 
-    kernel[grid](
-        dyt, xt, out, dyt_scale, xt_scale, offsets, n, k, experts,
-        dyt.stride(0), dyt.stride(1), xt.stride(0), xt.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1), BLOCK_T=BLOCK,
-    )  # fmt: skip
-    return out
+    cfg = _pick_config(("wgrad", _rows_bucket(mp), n, k, experts, out_dtype), WGRAD_CANDIDATES, launch)
+    return launch(cfg)
 
 
 def quantize_expert_weights(w: torch.Tensor, backend: str = "auto"):

@@ -18,8 +18,9 @@ column-major: element (r, j) at r + j * rows. That is the layout cuBLAS' block-s
 - ``act_quant_128x1(x [M, K])`` -> yt [K, Mp] e4m3, scale_t [K, Mp/128] fp32: the *transpose* of x,
   quantized in 1x128 tiles along M (tokens). This is the layout the weight gradient dW = dY^T X needs,
   where the tokens are the contraction dimension. Token columns M..Mp-1 are zeros.
-- ``act_quant_1x128_dual(x)`` -> both of the above from one read of x (one fused Triton pass: each
-  program loads a [128 tokens x 128 channels] tile once and writes y, s, yt (via tl.trans) and st).
+- ``act_quant_1x128_dual(x)`` -> both of the above from one fused Triton pass: each program owns a
+  [128 tokens x 128 channels] tile, writes y and s while finding the column amax, then reads the tile
+  again (from L2) to write yt (via tl.trans) and st. DRAM reads x about once.
 - ``weight_quant_128x128(w [N, K])`` -> y [Np, Kp] e4m3, scale [Np/128, Kp/128] fp32, one scale per
   128x128 block; padding rows/columns are zeros. ``weight_quant_128x128_dual(w)`` also writes W^T's FP8
   bytes [Kp, Np] and scales (the same numbers, transposed) in the same pass, for the dgrad GEMM.
@@ -214,21 +215,12 @@ def outer_major(scale: torch.Tensor) -> torch.Tensor:
     return scale.t().contiguous().t()
 
 
-# How the transposed FP8 outputs cross shared memory: 32 = packed into int32 words (the default; the
-# byte-wise transpose ran at 23% of copy bandwidth on the H100), 8 = byte by byte (used when the
-# transposed buffer is not 4-byte aligned). benchmarks/bench_quant.py times both.
-TRANSPOSE_BITS = 32
-# The byte-wise one-pass W/W^T store was wrong for float32 weights on the H100 (triton 3.6;
-# benchmarks/debug_fp8_nan.py), so float32 weights then took W alone plus a byte transpose. Whether
-# the packed path is exact for float32 there is what bench_quant.py checks; until then: off.
+# The byte-wise one-pass W/W^T store was wrong for float32 weights on the H100 with the earlier
+# whole-tile kernel (triton 3.6; benchmarks/debug_fp8_nan.py), so float32 weights take W alone plus a
+# byte transpose unless FP32_ONE_PASS is set; benchmarks/bench_quant.py checks both bit for bit.
 FP32_ONE_PASS = False
-
-
-def _transpose_bits(yt3: torch.Tensor) -> int:
-    aligned = yt3.numel() == 0 or (
-        yt3.data_ptr() % 4 == 0 and yt3.stride(0) % 4 == 0 and (yt3.shape[1] <= 1 or yt3.stride(1) % 4 == 0)
-    )
-    return TRANSPOSE_BITS if aligned else 8
+SUB_M = 32  # rows per chunk inside a program (see coscale.kernels._quant_triton)
+QUANT_WARPS = 4  # warps per program of the two-pass (transposing / whole-block) kernels
 
 
 def _launch(x3, y3, s3, yt3, st3, m, k, y_rows, yt_rows, rows, cols, whole, round_scale, block_m):
@@ -241,8 +233,8 @@ def _launch(x3, y3, s3, yt3, st3, m, k, y_rows, yt_rows, rows, cols, whole, roun
         y3.stride(0), y3.stride(1), s3.stride(0), s3.stride(1), s3.stride(2),
         yt3.stride(0), yt3.stride(1), st3.stride(0), st3.stride(1), st3.stride(2),
         AMAX_FLOOR, FP8_MAX, BLOCK_M=block_m, BLOCK_K=BLOCK, ROWS=rows, COLS=cols,
-        WHOLE_TILE=whole, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(),
-        TRANSPOSE_BITS=_transpose_bits(yt3) if cols else 8, num_warps=8 if block_m == BLOCK else 4,
+        SUB_M=min(SUB_M, block_m), WHOLE_TILE=whole, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(),
+        num_warps=QUANT_WARPS if block_m == BLOCK else 4,
     )  # fmt: skip
 
 
@@ -256,8 +248,8 @@ def _act_quant_triton(x: torch.Tensor, rows: bool, cols: bool, round_scale: bool
     yt = torch.empty(kt if cols else 0, mp, dtype=FP8_DTYPE, device=dev)
     st = _outer_major_empty(kt if cols else 0, mp // BLOCK, dev)
     if m > 0 and k > 0:
-        # rows only: [32 x 128] tiles, 4 warps (2.5 TB/s on the H100). Any transposed output: one
-        # [128 tokens x 128 channels] tile per program, 8 warps, both amaxes from the same registers.
+        # rows only: [32 x 128] tiles (2.5 TB/s on the H100). Any transposed output: one
+        # [128 tokens x 128 channels] tile per program, walked in 32-row chunks (two passes).
         _launch(
             x.unsqueeze(0), y.unsqueeze(0), s.unsqueeze(0), yt.unsqueeze(0), st.unsqueeze(0),
             m, k, m, kt, rows, cols, False, round_scale, BLOCK if cols else 32,
