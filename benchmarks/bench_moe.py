@@ -11,7 +11,10 @@ Variants (each in try/except: a failure is recorded and the run carries on):
              per-expert weight tensors, as a ModuleList of experts would have.
 - grouped:   coscale.kernels.moe.grouped_experts_forward, BF16 (torch._grouped_mm + Triton data movement).
 - grouped_triton: the same with the Triton grouped GEMM (subset of cases: autotuning costs time).
-- grouped_fp8: precision="fp8" (block-scaled 1x128/128x128 Triton grouped GEMM).
+- grouped_fp8: precision="fp8" (block-scaled 1x128/128x128 Triton grouped GEMM), expert weights
+             quantized in every call (what one micro-batch per optimizer step pays).
+- grouped_fp8_cached: the same with cache_fp8_weights=True and unchanged weights (inference, and
+             the micro-batches after the first of an optimizer step).
 - dense:     a dense SwiGLU MLP over T*K rows with one expert's shape: the same FLOPs in plain GEMMs.
 All variants include the shared expert (a dense SwiGLU MLP over the T tokens).
 
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from coscale.config import get_preset
+from coscale.kernels.fp8_grouped_gemm import clear_weight_cache
 from coscale.kernels.moe import grouped_experts_forward
 
 BF16_PEAK_TFLOPS = 800.0  # H100 dense bf16 matmul ceiling measured at 8192^3 (shared/reference)
@@ -78,9 +82,9 @@ def loop_layer(x, idx, weight, experts, shared):
     return out.to(x.dtype) + shared_mlp(x, *shared)
 
 
-def grouped_layer(x, idx, weight, w_gate, w_up, w_down, shared, precision="bf16", backend="auto"):
+def grouped_layer(x, idx, weight, w_gate, w_up, w_down, shared, precision="bf16", backend="auto", cache=False):
     routed = grouped_experts_forward(
-        x, idx, weight, w_gate, w_up, w_down, precision=precision, backend=backend
+        x, idx, weight, w_gate, w_up, w_down, precision=precision, backend=backend, cache_fp8_weights=cache
     )
     return routed + shared_mlp(x, *shared)
 
@@ -155,6 +159,9 @@ def run_case(shape, T, routing, args, results):
     if args.triton_variant(name, T, routing):
         variants["grouped_triton"] = ("bf16", "triton")
     variants["grouped_fp8"] = ("fp8", "auto")
+    # FP8 copies of the weights kept from the previous call (weights unchanged): what inference and
+    # every micro-batch after the first in an optimizer step pay
+    variants["grouped_fp8_cached"] = ("fp8", "auto", True)
     variants["dense"] = None
 
     # reference values from the loop layer (bf16)
@@ -190,10 +197,10 @@ def run_case(shape, T, routing, args, results):
                     with torch.no_grad():
                         dense_layer(rows, *dense_w, x, shared)
             else:
-                precision, backend = spec
+                precision, backend, cache = (*spec, False)[:3]
 
-                def layer(precision=precision, backend=backend):
-                    return grouped_layer(x, idx, topw, w_gate, w_up, w_down, shared, precision, backend)
+                def layer(precision=precision, backend=backend, cache=cache):
+                    return grouped_layer(x, idx, topw, w_gate, w_up, w_down, shared, precision, backend, cache)
 
                 def step(layer=layer):
                     torch.autograd.grad(layer(), [x, topw, w_gate, w_up, w_down, *shared], grad_out)
@@ -234,6 +241,7 @@ def run_case(shape, T, routing, args, results):
             entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
             entry["traceback"] = traceback.format_exc()[-2000:]
         finally:
+            clear_weight_cache()  # the cached variant's FP8 weights (up to 2 bytes per parameter)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         results.append(entry)

@@ -9,8 +9,8 @@ one MoE layer:
   fwd down     [M, 2048] x [E, 7168, 2048]^T     dgrad down    [M, 7168] x [E, 2048, 7168]^T
   wgrad gate+up dW [E, 4096, 7168]               wgrad down    dW [E, 7168, 2048]
 
-Variants: coscale's pointer-based kernel (autotuned, the shipped one before this script), the TMA
-kernel at each configuration listed below, torch._grouped_mm in BF16, and torch._scaled_grouped_mm
+Variants: coscale's shipped path (the configuration it picks among MM_CANDIDATES / WGRAD_CANDIDATES),
+the TMA kernel at each configuration listed below, torch._grouped_mm in BF16, and torch._scaled_grouped_mm
 with rowwise scales (cuBLAS; a coarser recipe, the speed of light for a grouped FP8 GEMM here).
 Each TMA configuration is checked against the dequantized FP32 product on three experts first.
 """
@@ -121,7 +121,7 @@ def mm_case(label, m_per_e, k, n, results):
     except Exception as exc:  # noqa: BLE001
         print("rowwise setup failed:", exc)
     c = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
-    record("pointer kernel (autotuned)", lambda: G.fp8_grouped_mm(xq, xs, wq, ws, offs, tile_expert=te),
+    record("coscale auto (picked config)", lambda: G.fp8_grouped_mm(xq, xs, wq, ws, offs, tile_expert=te),
            lambda: G.fp8_grouped_mm(xq, xs, wq, ws, offs, torch.float32, tile_expert=te))
     for cfg in MM_CONFIGS:
         if n % cfg[1]:
@@ -163,7 +163,7 @@ def wgrad_case(label, m_per_e, n, k, results):
         show(label, variant, entry)
 
     record("bf16 torch._grouped_mm", lambda: out.copy_(torch._grouped_mm(dy.t(), x, offs=offs)))
-    record("pointer kernel (autotuned)", lambda: out.copy_(
+    record("coscale auto (picked config)", lambda: out.copy_(
         G.fp8_grouped_wgrad(dyt, dyts, xt, xts, offs, out_dtype=torch.bfloat16)))
     for cfg in WG_CONFIGS:
         d = cfg_dict(cfg)
@@ -198,8 +198,8 @@ def main():
     print("\nbest per case:")
     for label in dict.fromkeys(r["case"] for r in results):
         rows = [r for r in results if r["case"] == label and "tflops" in r]
-        ours = [r for r in rows if r["variant"].startswith(("tma", "pointer")) and r.get("err", 1) < 0.05]
-        base = {r["variant"]: r["tflops"] for r in rows if not r["variant"].startswith(("tma", "pointer"))}
+        ours = [r for r in rows if r["variant"].startswith(("tma", "coscale")) and r.get("err", 1) < 0.05]
+        base = {r["variant"]: r["tflops"] for r in rows if not r["variant"].startswith(("tma", "coscale"))}
         if ours:
             best = max(ours, key=lambda r: r["tflops"])
             print(f"{label:14s} best {best['variant']:32s} {best['tflops']:7.1f} TFLOP/s; baselines {base}")

@@ -177,3 +177,36 @@ def test_config_picker_times_each_candidate_once_and_skips_failures(monkeypatch)
     assert calls == ["a", "b2", "b", "c"]
     with pytest.raises(CoscaleError, match="no grouped FP8 GEMM configuration"):
         g._pick_config("k2", ({"name": "b2"},), launch)
+
+
+def test_weight_cache_reuses_until_the_weights_change(monkeypatch):
+    from coscale.kernels import fp8_grouped_gemm as g
+
+    calls = []
+    real = g._quantize_weights
+    monkeypatch.setattr(
+        g, "_quantize_weights", lambda ws, need_t, backend: calls.append(need_t) or real(ws, need_t, backend)
+    )
+    torch.manual_seed(3)
+    off = offsets_of([128, 128])
+    x = torch.randn(256, 128)
+    w = (torch.randn(2, 128, 128) * 0.1).requires_grad_()
+
+    def run(**kw):
+        return fp8_grouped_linear(x, w, off, backend="torch", aligned=True, **kw)
+
+    with torch.no_grad():
+        first = run(cache_weights=True)
+        assert torch.equal(run(cache_weights=True), first) and calls == [False]  # W only, reused
+    xg = x.clone().requires_grad_()
+    y = fp8_grouped_linear(xg, w, off, backend="torch", aligned=True, cache_weights=True)
+    assert calls == [False, True]  # a gradient of x needs W^T: quantized again, with it
+    y.sum().backward()
+    with torch.no_grad():
+        run(cache_weights=True)
+        assert calls == [False, True]  # the entry with W^T serves the no-grad call too
+        w.add_(1.0)  # an optimizer step: the version counter moves
+        changed = run(cache_weights=True)
+        assert calls == [False, True, False]
+        assert torch.equal(changed, run(cache_weights=False))
+    g.clear_weight_cache()

@@ -28,8 +28,9 @@ tile -> expert map built on the device once per call (``expert_tile_map``), neve
 Both Triton kernels read A and B through TMA tensor descriptors, may run persistent (a grid smaller
 than the tile count), pick their tile configuration per call shape by timing a few candidates once
 (``MM_CANDIDATES``, ``WGRAD_CANDIDATES``), and promote every 128 elements of K: one 128-deep tl.dot
-from zero, scaled by its block scales and added into an FP32 register accumulator. The ``*_ref`` functions (per-expert loops
-over coscale.kernels.fp8_gemm.fp8_gemm_ref, dequantized FP32) are the specification and CPU fallback.
+from zero, scaled by its block scales and added into an FP32 register accumulator. The ``*_ref``
+functions (per-expert loops over coscale.kernels.fp8_gemm.fp8_gemm_ref, dequantized FP32) are the
+specification and CPU fallback.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ __all__ = [
     "fp8_grouped_gate_up",
     "expert_tile_map",
     "quantize_expert_weights",
+    "clear_weight_cache",
 ]
 
 
@@ -437,6 +439,28 @@ def _quantize_weights(ws, need_t: bool, backend: str):
     return wq, sq, (wt if need_t else None), (st if need_t else None)
 
 
+# Quantized expert weights kept between calls (cache_weights=True): keyed weakly by the first weight
+# tensor, valid while every weight keeps its storage and version counter (an optimizer step, copy_ or
+# any in-place update bumps the version; assigning to ``.data`` does not, so do not combine the cache
+# with ``.data`` writes). Costs the FP8 copies' memory (1 byte per parameter, 2 with W^T).
+_WEIGHT_CACHE = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _cached_quantize_weights(ws, need_t: bool, backend: str):
+    stamp = (tuple((w.data_ptr(), w._version, tuple(w.shape), w.dtype) for w in ws), backend)
+    hit = _WEIGHT_CACHE.get(ws[0])
+    if hit is not None and hit[0] == stamp and (hit[1][2] is not None or not need_t):
+        return hit[1]
+    result = _quantize_weights(ws, need_t, backend)
+    _WEIGHT_CACHE[ws[0]] = (stamp, result)
+    return result
+
+
+def clear_weight_cache() -> None:
+    """Drop every cached FP8 expert weight (see ``cache_weights`` of fp8_grouped_linear)."""
+    _WEIGHT_CACHE.clear()
+
+
 def _ceil128(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
 
@@ -460,14 +484,15 @@ class _FP8GroupedFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, offsets, tile_expert, backend, *ws):
+    def forward(ctx, x, offsets, tile_expert, backend, cache_weights, *ws):
         need_dx = ctx.needs_input_grad[0]
-        need_dw = any(ctx.needs_input_grad[4:])
+        need_dw = any(ctx.needs_input_grad[5:])
         if need_dw:
             xq, xs, xt, xts = act_quant_1x128_dual(x, backend=backend)
         else:
             (xq, xs), xt, xts = act_quant_1x128(x, backend=backend), None, None
-        wq, sq, wt, st = _quantize_weights(ws, need_dx, backend)
+        quantize = _cached_quantize_weights if cache_weights else _quantize_weights
+        wq, sq, wt, st = quantize(ws, need_dx, backend)
         out = fp8_grouped_mm(xq, xs, wq, sq, offsets, x.dtype, backend, tile_expert=tile_expert)
         ctx.save_for_backward(xt, xts, wt, st, offsets, tile_expert)
         ctx.backend = backend
@@ -480,7 +505,7 @@ class _FP8GroupedFunction(torch.autograd.Function):
         xt, xts, wt, st, offsets, tile_expert = ctx.saved_tensors
         m, k = ctx.x_shape
         need_dx = ctx.needs_input_grad[0]
-        need_dw = ctx.needs_input_grad[4:]
+        need_dw = ctx.needs_input_grad[5:]
         dy = dy.contiguous()
         if any(need_dw):
             dyq, dys, dyt, dyts = act_quant_1x128_dual(dy, backend=ctx.backend)
@@ -504,7 +529,7 @@ class _FP8GroupedFunction(torch.autograd.Function):
             else:
                 dws.append(None)
             row += np_
-        return (dx, None, None, None, *dws)
+        return (dx, None, None, None, None, *dws)
 
 
 def _check_linear_args(x, w, group_end_offsets):
@@ -513,11 +538,11 @@ def _check_linear_args(x, w, group_end_offsets):
     _check_offsets(group_end_offsets, w.shape[0])
 
 
-def _aligned_call(x, ws, offsets, backend):
+def _aligned_call(x, ws, offsets, backend, cache_weights=False):
     """x [M, K] with 128-aligned segments (no check, no host sync) -> [M, sum Np_i]."""
     offsets = offsets.to(device=x.device, dtype=torch.int32)
     tile_expert = expert_tile_map(offsets, x.shape[0])
-    return _FP8GroupedFunction.apply(x, offsets, tile_expert, backend, *ws)
+    return _FP8GroupedFunction.apply(x, offsets, tile_expert, backend, cache_weights, *ws)
 
 
 def fp8_grouped_linear(
@@ -527,6 +552,7 @@ def fp8_grouped_linear(
     backend: str = "auto",
     *,
     aligned: bool = False,
+    cache_weights: bool = False,
 ) -> torch.Tensor:
     """y [M, N] = x_i @ w[e(i)]^T with forward, dgrad and wgrad in FP8 (see the module docstring).
 
@@ -534,13 +560,15 @@ def fp8_grouped_linear(
     group_end_offsets [E] int32/int64 (rows [off[e-1], off[e]) use expert e). Returns x's dtype.
     ``aligned=True`` promises that every segment end is a multiple of 128 (what permute_tokens gives
     with align=128): no check, no padding, no host sync. Otherwise one host sync checks the offsets
-    and unaligned segments are padded with zero rows.
+    and unaligned segments are padded with zero rows. ``cache_weights=True`` keeps w's FP8 copies
+    (W, and W^T when a gradient of x is needed) until w changes: for inference and for the
+    micro-batches of one optimizer step (see ``_WEIGHT_CACHE`` for the rule and the memory cost).
     """
     _check_linear_args(x, w, group_end_offsets)
     m = x.shape[0]
     n = w.shape[1]
     if aligned:
-        out = _aligned_call(x, (w,), group_end_offsets, backend)
+        out = _aligned_call(x, (w,), group_end_offsets, backend, cache_weights)
         return out[:, :n] if out.shape[1] != n else out
     offsets = group_end_offsets.to(device=x.device, dtype=torch.int64)
     starts = torch.cat([offsets.new_zeros(1), offsets[:-1]])
@@ -554,7 +582,7 @@ def fp8_grouped_linear(
     else:
         end, total, unaligned = 0, 0, 0
     if not unaligned and end == m:
-        out = _aligned_call(x, (w,), offsets, backend)
+        out = _aligned_call(x, (w,), offsets, backend, cache_weights)
         return out[:, :n] if out.shape[1] != n else out
     # Pad each expert's segment to a multiple of 128 rows: scatter rows into a zeroed buffer.
     padded_starts = padded_ends - padded_counts
@@ -562,7 +590,7 @@ def fp8_grouped_linear(
     expert_of_row = torch.searchsorted(offsets, rows, right=True)
     dest = rows - starts[expert_of_row] + padded_starts[expert_of_row]
     x_buf = x.new_zeros(total, x.shape[1]).index_copy(0, dest, x[:end])
-    out_buf = _aligned_call(x_buf, (w,), padded_ends, backend)
+    out_buf = _aligned_call(x_buf, (w,), padded_ends, backend, cache_weights)
     out = out_buf.index_select(0, dest)[:, :n]
     if end < m:  # rows after the last expert belong to none: zeros
         out = torch.cat([out, out.new_zeros(m - end, n)])
@@ -575,6 +603,8 @@ def fp8_grouped_gate_up(
     w_up: torch.Tensor,
     group_end_offsets: torch.Tensor,
     backend: str = "auto",
+    *,
+    cache_weights: bool = False,
 ) -> torch.Tensor:
     """gate_up [M, 2I] = [x_i w_gate[e]^T | x_i w_up[e]^T], everything in FP8, for 128-aligned
     segments (the caller's contract, as permute_tokens gives with align=128; not checked, no host sync).
@@ -582,13 +612,14 @@ def fp8_grouped_gate_up(
     x is quantized once for both (and its transposed layout once for both weight gradients); w_gate
     and w_up are quantized into one stacked [E, 2I, K] FP8 buffer and its transpose in the same pass,
     so the forward is one grouped GEMM and the dgrad is one grouped GEMM with contraction 2I.
-    Feed the result to kernels.swiglu.swiglu (gate first, then up)."""
+    Feed the result to kernels.swiglu.swiglu (gate first, then up). ``cache_weights``: as for
+    fp8_grouped_linear."""
     _check_linear_args(x, w_gate, group_end_offsets)
     if w_up.shape != w_gate.shape:
         raise CoscaleError(f"w_gate and w_up must have one shape, got {tuple(w_gate.shape)}, {tuple(w_up.shape)}")
     i = w_gate.shape[1]
     ip = _ceil128(i)
-    out = _aligned_call(x, (w_gate, w_up), group_end_offsets, backend)  # [M, 2 Ip]
+    out = _aligned_call(x, (w_gate, w_up), group_end_offsets, backend, cache_weights)  # [M, 2 Ip]
     if ip != i:
         out = torch.cat([out[:, :i], out[:, ip : ip + i]], dim=1)
     return out

@@ -92,20 +92,23 @@ def grouped_experts_forward(
     precision: str = "bf16",
     deterministic: bool = False,
     backend: str = "auto",
+    cache_fp8_weights: bool = False,
 ) -> torch.Tensor:
     """sum_k topk_weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_idx[t, k].
 
     x [T, H]; topk_idx [T, K] int64; topk_weight [T, K] float32; w_gate, w_up [E, I, H];
     w_down [E, H, I]. Returns [T, H] in x's dtype, differentiable w.r.t. x, topk_weight and the
     weights. `backend`: "auto" (Triton + torch._grouped_mm on CUDA, PyTorch reference on CPU),
-    "triton", "torch", or "reference" (per-expert matmul loop).
+    "triton", "torch", or "reference" (per-expert matmul loop). `cache_fp8_weights`: keep the FP8
+    copies of the weights until they change (precision="fp8"; see fp8_grouped_linear).
     """
     _check_inputs(x, topk_idx, topk_weight, w_gate, w_up, w_down, precision, backend)
     data_backend, gemm_backend, swiglu_backend = BACKENDS[backend]
     if x.shape[0] == 0:
         return x * 0
     E = w_gate.shape[0]
-    w_gate, w_up, w_down = (w if w.dtype == x.dtype else w.to(x.dtype) for w in (w_gate, w_up, w_down))
+    if precision == "bf16":  # FP8 quantizes the master weights directly (no cast pass)
+        w_gate, w_up, w_down = (w if w.dtype == x.dtype else w.to(x.dtype) for w in (w_gate, w_up, w_down))
     x_perm, info = permute_tokens(
         x, topk_idx, E, ALIGN[precision], backend=data_backend, deterministic=deterministic
     )
@@ -119,9 +122,10 @@ def grouped_experts_forward(
         from coscale.kernels.swiglu import swiglu
 
         fp8_backend = "auto" if gemm_backend == "loop" else gemm_backend
-        gate_up = fp8_grouped_gate_up(x_perm, w_gate, w_up, offs, backend=fp8_backend)  # [M_pad, 2I]
+        cache = cache_fp8_weights
+        gate_up = fp8_grouped_gate_up(x_perm, w_gate, w_up, offs, backend=fp8_backend, cache_weights=cache)
         a = swiglu(gate_up, backend=swiglu_backend)  # [M_pad, I]
-        y = fp8_linear(a, w_down, offs, backend=fp8_backend, aligned=True)  # [M_pad, H]
+        y = fp8_linear(a, w_down, offs, backend=fp8_backend, aligned=True, cache_weights=cache)  # [M_pad, H]
     else:
 
         def linear(inp, w, offsets):

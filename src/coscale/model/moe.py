@@ -149,7 +149,9 @@ class GroupedExperts(nn.Module):
 
     `impl`: "loop" (the reference above), "grouped" (permutation + grouped GEMMs from
     coscale.kernels.moe) or "auto" (grouped on CUDA, loop elsewhere). `precision`: "bf16" or "fp8"
-    (FP8 always takes the grouped path). This is the model's single dispatch point into kernels.
+    (FP8 always takes the grouped path). `fp8_weight_cache`: keep the FP8 copies of the expert
+    weights between calls until the weights change (inference, gradient-accumulation micro-batches;
+    costs 1-2 bytes per expert parameter). This is the model's single dispatch point into kernels.
     """
 
     def __init__(self, n_experts: int, hidden: int, intermediate: int):
@@ -160,6 +162,7 @@ class GroupedExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
         self.impl = "auto"
         self.precision = "bf16"
+        self.fp8_weight_cache = False
 
     IMPLS = ("auto", "loop", "grouped")
     PRECISIONS = ("bf16", "fp8")
@@ -184,7 +187,8 @@ class GroupedExperts(nn.Module):
         from coscale.kernels.moe import grouped_experts_forward
 
         return grouped_experts_forward(
-            x, topk_idx, topk_weight, self.w_gate, self.w_up, self.w_down, precision=self.precision
+            x, topk_idx, topk_weight, self.w_gate, self.w_up, self.w_down, precision=self.precision,
+            cache_fp8_weights=self.fp8_weight_cache,
         )
 
     def extra_repr(self) -> str:
