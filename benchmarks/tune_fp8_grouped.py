@@ -32,9 +32,9 @@ MM_CONFIGS = [
     # BLOCK_M, BLOCK_N, STAGES, num_warps, PROGRAMS_PER_SM (0 = one program per tile), WARP_SPEC
     # (a first sweep of 16 configurations on the H100 left 64x128 / 4 warps ahead; 128x256 and
     # warp specialisation were 2-3x slower)
-    (64, 128, 4, 4, 0, False), (64, 128, 5, 4, 0, False), (64, 128, 3, 4, 0, False),
-    (64, 128, 4, 4, 2, False), (64, 128, 4, 4, 3, False), (128, 128, 4, 8, 0, False),
-    (128, 128, 5, 8, 0, False), (128, 64, 4, 4, 0, False),
+    (64, 128, 4, 4, 2, False), (64, 128, 5, 4, 2, False), (64, 128, 4, 4, 1, False),
+    (64, 128, 4, 4, 0, False), (128, 128, 5, 8, 0, False), (128, 128, 5, 8, 1, False),
+    (128, 128, 4, 8, 0, False), (128, 128, 6, 8, 0, False),
 ]
 WG_CONFIGS = [
     (128, 128, 3, 8, 0, False), (64, 128, 3, 4, 0, False), (64, 128, 2, 4, 0, False),

@@ -44,13 +44,6 @@ def _quantize(x, s, fp8_max, GRID_ROUND: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk):
-    """[rows, BLOCK_K] of x in FP32 (exact), zeros outside [M, K]."""
-    ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    return tl.load(ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
 def quant_kernel(
     x_ptr, y_ptr, s_ptr, yt_ptr, st_ptr,
     M, K, Y_ROWS, YT_ROWS,
@@ -58,64 +51,57 @@ def quant_kernel(
     stride_yb, stride_ym, stride_sb, stride_sm, stride_sk,
     stride_ytb, stride_ytk, stride_stb, stride_stk, stride_stm,
     amax_floor, fp8_max,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SUB_M: tl.constexpr, ROWS: tl.constexpr,
-    COLS: tl.constexpr, WHOLE_TILE: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+    WHOLE_TILE: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
 ):  # fmt: skip
-    # One program = one [BLOCK_M, BLOCK_K] tile of x (batch index program_id(2)), walked in
-    # [SUB_M, BLOCK_K] chunks with coalesced loads (K contiguous). Small chunks keep the register
-    # footprint low (a whole 128x128 FP32 tile in registers took 254 registers per thread on
-    # sm_90, one program per SM, and ran at 23% of copy bandwidth):
+    # One program = one [BLOCK_M, BLOCK_K] tile of x (batch index program_id(2)), loaded once with
+    # coalesced loads (K contiguous), every output computed from the same registers:
     # ROWS and not WHOLE_TILE: 1x128 tiles along K -> y [M, Kp] (rows < Y_ROWS), s [M, Kp/128].
-    # COLS and not WHOLE_TILE: x^T in 1x128 tiles along M (BLOCK_M == 128) -> yt [YT_ROWS, Mp],
-    #   st [YT_ROWS, Mp/128]. Pass 1 over the chunks finds the column amax (and writes the row
-    #   outputs); pass 2 reloads the chunks (from L2) and writes each FP8 chunk transposed.
+    # COLS and not WHOLE_TILE: x^T in 1x128 tiles along M (needs BLOCK_M == 128) -> yt [YT_ROWS, Mp],
+    #   st [YT_ROWS, Mp/128]; the FP8 tile is transposed in registers (tl.trans) so the store is
+    #   contiguous along the tokens.
     # WHOLE_TILE: one scale per 128x128 block -> y [Np, Kp], s [Np/128, Kp/128]; with COLS also the
     #   transposed block (same FP8 bytes, same scale) -> yt [Kp, Np], st [Kp/128, Np/128].
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    x_base = x_ptr + pid_b * stride_xb
-    y_base = y_ptr + pid_b * stride_yb
-    yt_base = yt_ptr + pid_b * stride_ytb
-    amax_col = tl.zeros([BLOCK_K], dtype=tl.float32)
-    nan_col = tl.zeros([BLOCK_K], dtype=tl.int32)
-    # pass 1: row outputs and the column amax
-    for c in range(BLOCK_M // SUB_M):
-        offs_m = pid_m * BLOCK_M + c * SUB_M + tl.arange(0, SUB_M)
-        x = _load_rows(x_base, offs_m, offs_k, M, K, stride_xm, stride_xk)
-        x_nan = (x != x).to(tl.int32)
-        if COLS or WHOLE_TILE:
-            amax_col = tl.maximum(amax_col, tl.max(tl.abs(x), 0))
-            nan_col = tl.maximum(nan_col, tl.max(x_nan, 0))
-        if ROWS and not WHOLE_TILE:
-            s = _tile_scale(tl.max(tl.abs(x), 1), tl.max(x_nan, 1) > 0, amax_floor, fp8_max, ROUND_SCALE)
+    in_m = offs_m < M
+    in_k = offs_k < K
+    x_ptrs = x_ptr + pid_b * stride_xb + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+    x = tl.load(x_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)  # exact
+    x_nan = (x != x).to(tl.int32)
+    if WHOLE_TILE:
+        # amax of the block (tl.max may drop NaN, so NaN is detected explicitly)
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.max(tl.max(tl.abs(x), 1), 0)
+        has_nan = (tl.zeros([BLOCK_M], dtype=tl.int32) + tl.max(tl.max(x_nan, 1), 0)) > 0
+        s = _tile_scale(amax, has_nan, amax_floor, fp8_max, ROUND_SCALE)
+        y8 = _quantize(x, s[:, None], fp8_max, GRID_ROUND).to(y_ptr.dtype.element_ty)
+        y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
+        tl.store(y_ptrs, y8, mask=(offs_m < Y_ROWS)[:, None])
+        s_one = tl.max(s, 0)  # all entries equal (NaN included), so any reduction returns it
+        tl.store(s_ptr + pid_b * stride_sb + pid_m * stride_sm + pid_k * stride_sk, s_one)
+        if COLS:  # W^T's block is W's block transposed: same bytes, same scale
+            yt_ptrs = yt_ptr + pid_b * stride_ytb + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :]
+            tl.store(yt_ptrs, tl.trans(y8), mask=(offs_k < YT_ROWS)[:, None])
+            tl.store(st_ptr + pid_b * stride_stb + pid_k * stride_stk + pid_m * stride_stm, s_one)
+    else:
+        if ROWS:
+            amax = tl.max(tl.abs(x), 1)
+            s = _tile_scale(amax, tl.max(x_nan, 1) > 0, amax_floor, fp8_max, ROUND_SCALE)
             y = _quantize(x, s[:, None], fp8_max, GRID_ROUND)
-            y_ptrs = y_base + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
+            y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
             tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_m < Y_ROWS)[:, None])
             s_ptrs = s_ptr + pid_b * stride_sb + offs_m.to(tl.int64) * stride_sm + pid_k * stride_sk
-            tl.store(s_ptrs, s, mask=offs_m < M)
-    if COLS or WHOLE_TILE:
-        if WHOLE_TILE:  # one scale for the block (tl.max may drop NaN: NaN is tracked apart)
-            amax = tl.zeros([BLOCK_K], dtype=tl.float32) + tl.max(amax_col, 0)
-            has_nan = (tl.zeros([BLOCK_K], dtype=tl.int32) + tl.max(nan_col, 0)) > 0
-            scale = _tile_scale(amax, has_nan, amax_floor, fp8_max, ROUND_SCALE)
-            s_one = tl.max(scale, 0)  # all entries equal (NaN included), so any reduction returns it
-            tl.store(s_ptr + pid_b * stride_sb + pid_m * stride_sm + pid_k * stride_sk, s_one)
-            if COLS:
-                tl.store(st_ptr + pid_b * stride_stb + pid_k * stride_stk + pid_m * stride_stm, s_one)
-        else:
-            scale = _tile_scale(amax_col, nan_col > 0, amax_floor, fp8_max, ROUND_SCALE)
+            tl.store(s_ptrs, s, mask=in_m)
+        if COLS:
+            amax_t = tl.max(tl.abs(x), 0)
+            st = _tile_scale(amax_t, tl.max(x_nan, 0) > 0, amax_floor, fp8_max, ROUND_SCALE)
+            yt = _quantize(x, st[None, :], fp8_max, GRID_ROUND)
+            # cast first, then transpose the 1-byte tile (16 KB through shared memory, not 64 KB)
+            yt8 = tl.trans(yt.to(yt_ptr.dtype.element_ty))  # [BLOCK_K, BLOCK_M]
+            yt_ptrs = yt_ptr + pid_b * stride_ytb + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :]
+            tl.store(yt_ptrs, yt8, mask=(offs_k < YT_ROWS)[:, None])
             st_ptrs = st_ptr + pid_b * stride_stb + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm
-            tl.store(st_ptrs, scale, mask=offs_k < YT_ROWS)
-        # pass 2: FP8 chunks with the column / block scale; W^T's block is W's block transposed
-        for c in range(BLOCK_M // SUB_M):
-            offs_m = pid_m * BLOCK_M + c * SUB_M + tl.arange(0, SUB_M)
-            x = _load_rows(x_base, offs_m, offs_k, M, K, stride_xm, stride_xk)
-            y8 = _quantize(x, scale[None, :], fp8_max, GRID_ROUND).to(y_ptr.dtype.element_ty)
-            if WHOLE_TILE:
-                y_ptrs = y_base + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
-                tl.store(y_ptrs, y8, mask=(offs_m < Y_ROWS)[:, None])
-            if COLS:
-                yt_ptrs = yt_base + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :]
-                tl.store(yt_ptrs, tl.trans(y8), mask=(offs_k < YT_ROWS)[:, None])
+            tl.store(st_ptrs, st, mask=offs_k < YT_ROWS)

@@ -18,9 +18,8 @@ column-major: element (r, j) at r + j * rows. That is the layout cuBLAS' block-s
 - ``act_quant_128x1(x [M, K])`` -> yt [K, Mp] e4m3, scale_t [K, Mp/128] fp32: the *transpose* of x,
   quantized in 1x128 tiles along M (tokens). This is the layout the weight gradient dW = dY^T X needs,
   where the tokens are the contraction dimension. Token columns M..Mp-1 are zeros.
-- ``act_quant_1x128_dual(x)`` -> both of the above from one fused Triton pass: each program owns a
-  [128 tokens x 128 channels] tile, writes y and s while finding the column amax, then reads the tile
-  again (from L2) to write yt (via tl.trans) and st. DRAM reads x about once.
+- ``act_quant_1x128_dual(x)`` -> both of the above (two launches of the Triton kernel with tiles
+  shaped for each layout; see ``COLS_BLOCK_K`` for why not one).
 - ``weight_quant_128x128(w [N, K])`` -> y [Np, Kp] e4m3, scale [Np/128, Kp/128] fp32, one scale per
   128x128 block; padding rows/columns are zeros. ``weight_quant_128x128_dual(w)`` also writes W^T's FP8
   bytes [Kp, Np] and scales (the same numbers, transposed) in the same pass, for the dgrad GEMM.
@@ -215,26 +214,33 @@ def outer_major(scale: torch.Tensor) -> torch.Tensor:
     return scale.t().contiguous().t()
 
 
-# The byte-wise one-pass W/W^T store was wrong for float32 weights on the H100 with the earlier
-# whole-tile kernel (triton 3.6; benchmarks/debug_fp8_nan.py), so float32 weights take W alone plus a
-# byte transpose unless FP32_ONE_PASS is set; benchmarks/bench_quant.py checks both bit for bit.
+# Launch shapes (one program per tile; measured on the H100 with benchmarks/bench_quant.py).
+# Rows (1x128 along K): [32 x 128] tiles, 4 warps, 56 registers (83-89% of copy bandwidth at K >= 7168).
+# Transposed (1x128 along M): [128 x COLS_BLOCK_K] tiles. A program must hold 128 tokens, and a
+# [128 x 128] tile needed 127-254 registers per thread (one or two programs per SM, 23-37% of copy
+# bandwidth: too little memory parallelism), so the transposed layout is written by its own launch with
+# narrow tiles, also when both layouts are wanted (x is then read twice, the second time mostly from L2).
+# 128x128 weight blocks: whole tiles, WEIGHT_WARPS warps.
+COLS_BLOCK_K = 32
+COLS_WARPS = 4
+WEIGHT_WARPS = 8
+# The one-pass W/W^T store is wrong for float32 weights on the H100 (triton 3.6; bf16 is exact;
+# benchmarks/bench_quant.py checks it bit for bit): float32 weights take W alone plus a byte transpose.
 FP32_ONE_PASS = False
-SUB_M = 32  # rows per chunk inside a program (see coscale.kernels._quant_triton)
-QUANT_WARPS = 4  # warps per program of the two-pass (transposing / whole-block) kernels
 
 
-def _launch(x3, y3, s3, yt3, st3, m, k, y_rows, yt_rows, rows, cols, whole, round_scale, block_m):
-    """Launch the kernel on batched 3-D views ([B, rows, cols]; a 2-D call passes B = 1)."""
+def _launch(x3, y3, s3, yt3, st3, m, k, y_rows, yt_rows, rows, cols, whole, round_scale, block_m, block_k, warps):
+    """Launch the kernel on batched 3-D views ([B, rows, cols]; a 2-D call passes B = 1). The grid's
+    second axis covers max(K, yt_rows) columns in steps of block_k."""
     kernel = _quant_kernel()
-    grid = (_ceil_to(m, block_m) // block_m, _ceil_to(k) // BLOCK, x3.shape[0])
+    grid = (_ceil_to(m, block_m) // block_m, -(-max(k, yt_rows) // block_k), x3.shape[0])
     kernel[grid](
         x3, y3, s3, yt3, st3, m, k, y_rows, yt_rows,
         x3.stride(0), x3.stride(1), x3.stride(2),
         y3.stride(0), y3.stride(1), s3.stride(0), s3.stride(1), s3.stride(2),
         yt3.stride(0), yt3.stride(1), st3.stride(0), st3.stride(1), st3.stride(2),
-        AMAX_FLOOR, FP8_MAX, BLOCK_M=block_m, BLOCK_K=BLOCK, ROWS=rows, COLS=cols,
-        SUB_M=min(SUB_M, block_m), WHOLE_TILE=whole, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(),
-        num_warps=QUANT_WARPS if block_m == BLOCK else 4,
+        AMAX_FLOOR, FP8_MAX, BLOCK_M=block_m, BLOCK_K=block_k, ROWS=rows, COLS=cols,
+        WHOLE_TILE=whole, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(), num_warps=warps,
     )  # fmt: skip
 
 
@@ -248,12 +254,12 @@ def _act_quant_triton(x: torch.Tensor, rows: bool, cols: bool, round_scale: bool
     yt = torch.empty(kt if cols else 0, mp, dtype=FP8_DTYPE, device=dev)
     st = _outer_major_empty(kt if cols else 0, mp // BLOCK, dev)
     if m > 0 and k > 0:
-        # rows only: [32 x 128] tiles (2.5 TB/s on the H100). Any transposed output: one
-        # [128 tokens x 128 channels] tile per program, walked in 32-row chunks (two passes).
-        _launch(
-            x.unsqueeze(0), y.unsqueeze(0), s.unsqueeze(0), yt.unsqueeze(0), st.unsqueeze(0),
-            m, k, m, kt, rows, cols, False, round_scale, BLOCK if cols else 32,
-        )  # fmt: skip
+        x3, y3, s3, yt3, st3 = (t.unsqueeze(0) for t in (x, y, s, yt, st))
+        if rows:
+            _launch(x3, y3, s3, y3, s3, m, k, m, 0, True, False, False, round_scale, 32, BLOCK, 4)
+        if cols:
+            _launch(x3, yt3, st3, yt3, st3, m, k, 0, kt, False, True, False, round_scale, BLOCK, COLS_BLOCK_K,
+                    COLS_WARPS)  # fmt: skip
     return y, s, yt, st
 
 
@@ -305,7 +311,8 @@ def weight_quant_128x128(w: torch.Tensor, round_scale: bool = False, backend: st
     s = torch.empty(np_ // BLOCK, kp // BLOCK, dtype=torch.float32, device=w.device)
     if y.numel():
         y3, s3 = y.unsqueeze(0), s.unsqueeze(0)
-        _launch(w.unsqueeze(0), y3, s3, y3, s3, n, k, np_, 0, True, False, True, round_scale, BLOCK)
+        _launch(w.unsqueeze(0), y3, s3, y3, s3, n, k, np_, 0, True, False, True, round_scale, BLOCK, BLOCK,
+                WEIGHT_WARPS)  # fmt: skip
     return y, s
 
 
@@ -363,7 +370,8 @@ def weight_quant_128x128_dual(w: torch.Tensor, round_scale: bool = False, backen
         yt_, st_ = (yt, st) if one_pass else (y, s)
         views = [t if batched else t.unsqueeze(0) for t in (w, y, s, yt_, st_)]
         n, k = w.shape[-2:]
-        _launch(*views, n, k, shapes[0][-2], shapes[2][-2], True, one_pass, True, round_scale, BLOCK)
+        _launch(*views, n, k, shapes[0][-2], shapes[2][-2], True, one_pass, True, round_scale, BLOCK, BLOCK,
+                WEIGHT_WARPS)  # fmt: skip
         if transpose and not one_pass:
             yt.view(torch.uint8).copy_(y.view(torch.uint8).transpose(-2, -1))
             st.copy_(s.transpose(-2, -1))
