@@ -61,23 +61,22 @@ def main() -> None:
     weights = [(7168, 18432)] if args.quick else [(7168, 18432), (24576, 1536), (7168, 2048)]
     table_rows, results = [], []
     t_copy, copy_bw = copy_bandwidth(dev)
-    # (kernel, shape, input dtype, float32 weights in one pass (W and W^T from one kernel))
-    cases = [("act_1x128", s, "bf16", False) for s in shapes] + [("act_dual", s, "bf16", False) for s in shapes]
-    cases += [("act_128x1", s, "bf16", False) for s in shapes[:2]]
-    cases += [("weight_128x128", s, "bf16", False) for s in weights]
-    cases += [("weight_dual", s, "bf16", False) for s in weights]
-    cases += [("weight_dual", weights[0], "fp32", one_pass) for one_pass in (True, False)]
+    # (kernel, shape, input dtype)
+    cases = [("act_1x128", s, "bf16") for s in shapes] + [("act_dual", s, "bf16") for s in shapes]
+    cases += [("act_128x1", s, "bf16") for s in shapes[:2]]
+    cases += [("weight_128x128", s, "bf16") for s in weights] + [("weight_dual", s, "bf16") for s in weights]
+    cases += [("weight_dual", weights[0], "fp32")]  # FP32 master weights, as in FP8 training
     default = (q.COLS_BLOCK_K, q.COLS_WARPS, q.WEIGHT_WARPS)
     cases = [(*c, default) for c in cases]
     if args.variants:  # launch shapes of the transposing and weight kernels, on two shapes each
-        cases += [(kind, sh, "bf16", False, (bk, w, q.WEIGHT_WARPS)) for bk, w in ((16, 4), (64, 4), (64, 8))
+        cases += [(kind, sh, "bf16", (bk, w, q.WEIGHT_WARPS)) for bk, w in ((16, 4), (64, 4), (64, 8))
                   for kind, sh in (("act_128x1", shapes[0]), ("act_dual", shapes[0]))]
-        cases += [(kind, weights[0], "bf16", False, (q.COLS_BLOCK_K, q.COLS_WARPS, w)) for w in (4, 16)
+        cases += [(kind, weights[0], "bf16", (q.COLS_BLOCK_K, q.COLS_WARPS, w)) for w in (8, 32)
                   for kind in ("weight_128x128", "weight_dual")]
-    for kind, (m, k), dtype, one_pass, (cols_bk, cols_w, weight_w) in cases:
-        rec = {"kernel": kind, "M": m, "K": k, "dtype": dtype, "fp32_one_pass": one_pass,
+    for kind, (m, k), dtype, (cols_bk, cols_w, weight_w) in cases:
+        rec = {"kernel": kind, "M": m, "K": k, "dtype": dtype,
                "cols_block_k": cols_bk, "cols_warps": cols_w, "weight_warps": weight_w}
-        q.FP32_ONE_PASS, q.COLS_BLOCK_K, q.COLS_WARPS, q.WEIGHT_WARPS = one_pass, cols_bk, cols_w, weight_w
+        q.COLS_BLOCK_K, q.COLS_WARPS, q.WEIGHT_WARPS = cols_bk, cols_w, weight_w
         try:
             torch.manual_seed(0)
             x = torch.randn(m, k, device=dev) * torch.logspace(-3, 2, k, device=dev)
@@ -118,11 +117,11 @@ def main() -> None:
         with open(os.path.join(os.environ["OUT"], "bench_quant.json"), "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
     print(json.dumps(meta))
-    print(f"{'kernel':>15} {'1pass':>5} {'launch':>8} {'in':>4} {'M':>6} {'K':>6} {'bad':>5} {'ms':>8} "
+    print(f"{'kernel':>15} {'launch':>8} {'in':>4} {'M':>6} {'K':>6} {'bad':>5} {'ms':>8} "
           f"{'TB/s':>6} {'%copy':>6} {'torch ms':>9} {'speedup':>7}")  # fmt: skip
     for r in table_rows:
         launch = f"{r['cols_block_k']}/{r['cols_warps']}/{r['weight_warps']}"
-        head = (f"{r['kernel']:>15} {str(r['fp32_one_pass']):>5} {launch:>8} "
+        head = (f"{r['kernel']:>15} {launch:>8} "
                 f"{r['dtype']:>4} {r['M']:>6} {r['K']:>6}")  # fmt: skip
         if "error" in r:
             print(f"{head} ERROR {r['error'][:80]}")

@@ -265,3 +265,25 @@ def test_triton_padded_transposed_layout(shape):
     assert torch.equal(bits(yt[shape[1] :]), torch.zeros_like(bits(yt[shape[1] :])))
     yt1, st1 = q.act_quant_128x1(x, backend="triton", pad_t=True)
     assert torch.equal(bits(yt1), bits(yt)) and torch.equal(st1, st)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(128, 64), (200, 130), (3, 70, 300), (1, 1)])
+def test_transpose_fp8_is_an_exact_byte_transpose(shape):
+    torch.manual_seed(5)
+    y = torch.randint(0, 256, shape, dtype=torch.uint8).view(FP8)
+    got = q.transpose_fp8(y)
+    assert got.shape == (*shape[:-2], shape[-1], shape[-2]) and got.is_contiguous()
+    assert torch.equal(bits(got), bits(y).transpose(-2, -1))
+    # into a strided view (a column block of a wider buffer), leaving the rest untouched
+    wide = torch.zeros(*shape[:-2], shape[-1], shape[-2] + 128, dtype=torch.uint8).view(FP8)
+    q.transpose_fp8(y, out=wide[..., 64 : 64 + shape[-2]])
+    assert torch.equal(bits(wide[..., 64 : 64 + shape[-2]]), bits(y).transpose(-2, -1))
+    assert int(bits(wide[..., :64]).sum()) == 0 and int(bits(wide[..., 64 + shape[-2] :]).sum()) == 0
+
+
+def test_transpose_fp8_rejects_bad_inputs():
+    with pytest.raises(CoscaleError, match="1-byte"):
+        q.transpose_fp8(torch.zeros(4, 4))
+    with pytest.raises(CoscaleError, match="out must be"):
+        q.transpose_fp8(torch.zeros(4, 8, dtype=FP8), out=torch.zeros(4, 8, dtype=FP8))

@@ -60,8 +60,8 @@ def quant_kernel(
     # COLS and not WHOLE_TILE: x^T in 1x128 tiles along M (needs BLOCK_M == 128) -> yt [YT_ROWS, Mp],
     #   st [YT_ROWS, Mp/128]; the FP8 tile is transposed in registers (tl.trans) so the store is
     #   contiguous along the tokens.
-    # WHOLE_TILE: one scale per 128x128 block -> y [Np, Kp], s [Np/128, Kp/128]; with COLS also the
-    #   transposed block (same FP8 bytes, same scale) -> yt [Kp, Np], st [Kp/128, Np/128].
+    # WHOLE_TILE: one scale per 128x128 block -> y [Np, Kp], s [Np/128, Kp/128] (W^T's bytes come from
+    #   transpose_bytes_kernel below).
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -82,10 +82,6 @@ def quant_kernel(
         tl.store(y_ptrs, y8, mask=(offs_m < Y_ROWS)[:, None])
         s_one = tl.max(s, 0)  # all entries equal (NaN included), so any reduction returns it
         tl.store(s_ptr + pid_b * stride_sb + pid_m * stride_sm + pid_k * stride_sk, s_one)
-        if COLS:  # W^T's block is W's block transposed: same bytes, same scale
-            yt_ptrs = yt_ptr + pid_b * stride_ytb + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :]
-            tl.store(yt_ptrs, tl.trans(y8), mask=(offs_k < YT_ROWS)[:, None])
-            tl.store(st_ptr + pid_b * stride_stb + pid_k * stride_stk + pid_m * stride_stm, s_one)
     else:
         if ROWS:
             amax = tl.max(tl.abs(x), 1)
@@ -105,3 +101,21 @@ def quant_kernel(
             tl.store(yt_ptrs, yt8, mask=(offs_k < YT_ROWS)[:, None])
             st_ptrs = st_ptr + pid_b * stride_stb + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm
             tl.store(st_ptrs, st, mask=offs_k < YT_ROWS)
+
+
+@triton.jit
+def transpose_bytes_kernel(
+    x_ptr, y_ptr, R, C, stride_xb, stride_xr, stride_yb, stride_yc,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # y[b, c, r] = x[b, r, c] for 1-byte elements (FP8 bits moved as uint8: exact). One program per
+    # [BLOCK_R, BLOCK_C] tile, loaded along C and stored along R.
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_r < R)[:, None] & (offs_c < C)[None, :]
+    x = tl.load(x_ptr + pid_b * stride_xb + offs_r[:, None].to(tl.int64) * stride_xr + offs_c[None, :], mask=mask)
+    y_ptrs = y_ptr + pid_b * stride_yb + offs_c[:, None].to(tl.int64) * stride_yc + offs_r[None, :]
+    tl.store(y_ptrs, tl.trans(x), mask=tl.trans(mask))

@@ -61,6 +61,7 @@ BLOCK = 128
 AMAX_FLOOR = 1e-12
 
 __all__ = [
+    "transpose_fp8",
     "FP8_DTYPE",
     "FP8_MAX",
     "BLOCK",
@@ -223,10 +224,11 @@ def outer_major(scale: torch.Tensor) -> torch.Tensor:
 # 128x128 weight blocks: whole tiles, WEIGHT_WARPS warps.
 COLS_BLOCK_K = 32
 COLS_WARPS = 4
-WEIGHT_WARPS = 8
-# The one-pass W/W^T store is wrong for float32 weights on the H100 (triton 3.6; bf16 is exact;
-# benchmarks/bench_quant.py checks it bit for bit): float32 weights take W alone plus a byte transpose.
-FP32_ONE_PASS = False
+WEIGHT_WARPS = 16  # 72% of copy bandwidth at 7168 x 18432 on the H100 (8 warps: 64%)
+# W^T (weight_quant_128x128_dual): W's FP8 bytes transposed by transpose_fp8 ([128 x 64] byte tiles).
+# A one-pass W/W^T kernel was slower (38% of copy bandwidth) and, for float32 weights, wrong on the H100
+# (triton 3.6), which made FP8 training's gradients non-finite (benchmarks/debug_fp8_nan.py).
+TRANSPOSE_TILE = (128, 64)
 
 
 def _launch(x3, y3, s3, yt3, st3, m, k, y_rows, yt_rows, rows, cols, whole, round_scale, block_m, block_k, warps):
@@ -327,13 +329,44 @@ def _weight_dual_shapes(w: torch.Tensor):
     )
 
 
+def transpose_fp8(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y [.., R, C] (1-byte elements, e.g. FP8) -> its transpose [.., C, R] with contiguous rows, exact.
+
+    A Triton kernel on CUDA / under the interpreter (PyTorch's strided copy moves one byte per
+    thread without tiling), ``copy_`` of the transposed view elsewhere. ``out``: any [.., C, R] view
+    with contiguous rows."""
+    if y.element_size() != 1 or y.dim() not in (2, 3):
+        raise CoscaleError(
+            f"transpose_fp8 takes a 2-D or 3-D tensor of 1-byte elements, got {y.dtype} {tuple(y.shape)}"
+        )
+    shape = (*y.shape[:-2], y.shape[-1], y.shape[-2])
+    if out is None:
+        out = torch.empty(shape, dtype=y.dtype, device=y.device)
+    if tuple(out.shape) != shape or out.dtype != y.dtype or (out.numel() and out.stride(-1) != 1):
+        raise CoscaleError(f"out must be a {shape} {y.dtype} tensor with contiguous rows")
+    if out.numel() == 0:
+        return out
+    if not _use_triton(y, "auto") or y.stride(-1) != 1:
+        return out.view(torch.uint8).copy_(y.view(torch.uint8).transpose(-2, -1)).view(y.dtype)
+    from coscale.kernels._quant_triton import transpose_bytes_kernel
+
+    x3, o3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (y.view(torch.uint8), out.view(torch.uint8)))
+    r, c = x3.shape[-2:]
+    br, bc = TRANSPOSE_TILE
+    grid = (-(-r // br), -(-c // bc), x3.shape[0])
+    transpose_bytes_kernel[grid](
+        x3, o3, r, c, x3.stride(0), x3.stride(1), o3.stride(0), o3.stride(1), BLOCK_R=br, BLOCK_C=bc, num_warps=4
+    )
+    return out
+
+
 def weight_quant_128x128_dual(w: torch.Tensor, round_scale: bool = False, backend: str = "auto", out=None):
     """W and W^T from one pass: w [N, K] or [E, N, K] -> (y [.., Np, Kp], s [.., Np/128, Kp/128],
     yt [.., Kp, Np], st [.., Kp/128, Np/128]).
 
     A 128x128 block of W^T is a block of W transposed, with the same scale, so yt holds W's FP8 bytes
-    transposed (written by the same program from the same registers) and st = s^T: the dgrad GEMM
-    dX = dY W gets its K-major operand without a transposing copy. ``out``: four tensors (any strides
+    transposed (transpose_fp8, one 1-byte pass) and st = s^T: the dgrad GEMM dX = dY W gets its
+    K-major operand. ``out``: four tensors (any strides
     with contiguous last dimension, e.g. slices of a concatenated [w_gate; w_up] buffer) to write into.
     """
     if w.dim() not in (2, 3):
@@ -363,16 +396,10 @@ def weight_quant_128x128_dual(w: torch.Tensor, round_scale: bool = False, backen
                 (st[e] if batched else st).copy_(rs.t())
         return y, s, yt, st
     if y.numel():
-        # On the H100 (triton 3.6) the one-pass transposed store is wrong for float32 weights
-        # (benchmarks/debug_fp8_nan.py; bf16 is exact), which made FP8 training's dgrad non-finite.
-        # For float32, write W alone and transpose its FP8 bytes: bit-identical, one extra 1-byte pass.
-        one_pass = transpose and (w.dtype != torch.float32 or FP32_ONE_PASS)
-        yt_, st_ = (yt, st) if one_pass else (y, s)
-        views = [t if batched else t.unsqueeze(0) for t in (w, y, s, yt_, st_)]
+        views = [t if batched else t.unsqueeze(0) for t in (w, y, s, y, s)]
         n, k = w.shape[-2:]
-        _launch(*views, n, k, shapes[0][-2], shapes[2][-2], True, one_pass, True, round_scale, BLOCK, BLOCK,
-                WEIGHT_WARPS)  # fmt: skip
-        if transpose and not one_pass:
-            yt.view(torch.uint8).copy_(y.view(torch.uint8).transpose(-2, -1))
+        _launch(*views, n, k, shapes[0][-2], 0, True, False, True, round_scale, BLOCK, BLOCK, WEIGHT_WARPS)
+        if transpose:  # W^T's 128x128 blocks are W's blocks transposed: same bytes, same scales
+            transpose_fp8(y, out=yt)
             st.copy_(s.transpose(-2, -1))
     return y, s, yt, st
