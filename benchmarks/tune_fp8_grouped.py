@@ -30,16 +30,17 @@ from coscale.kernels.quant import act_quant_1x128, act_quant_1x128_dual, dequant
 E, TOPK = 256, 8
 MM_CONFIGS = [
     # BLOCK_M, BLOCK_N, STAGES, num_warps, PROGRAMS_PER_SM (0 = one program per tile), WARP_SPEC
-    # (a first sweep of 16 configurations on the H100 left 64x128 / 4 warps ahead; 128x256 and
-    # warp specialisation were 2-3x slower)
-    (64, 128, 4, 4, 2, False), (64, 128, 5, 4, 2, False), (64, 128, 4, 4, 1, False),
-    (64, 128, 4, 4, 0, False), (128, 128, 5, 8, 0, False), (128, 128, 5, 8, 1, False),
-    (128, 128, 4, 8, 0, False), (128, 128, 6, 8, 0, False),
+    # (earlier sweeps on the H100: 128x256 tiles and warp specialisation 2-3x slower; one program per
+    # tile and 3 programs per SM behind 2 per SM)
+    (64, 128, 4, 4, 2, False), (64, 128, 3, 4, 2, False), (128, 128, 5, 8, 1, False),
+    (128, 128, 5, 8, 0, False), (128, 128, 4, 8, 1, False),
 ]
 WG_CONFIGS = [
-    (128, 128, 3, 8, 0, False), (64, 128, 3, 4, 0, False), (64, 128, 2, 4, 0, False),
-    (128, 128, 3, 4, 0, False), (64, 128, 3, 4, 2, False), (128, 64, 3, 4, 0, False),
-    (128, 128, 2, 8, 1, False),
+    # a weight-gradient tile has only tokens/128 K steps per expert (2 at 256 rows): few stages are
+    # enough, and fewer stages leave shared memory for more programs per SM
+    (64, 128, 3, 4, 2, False), (64, 128, 2, 4, 3, False), (64, 128, 2, 4, 4, False),
+    (64, 128, 3, 4, 3, False), (128, 128, 2, 8, 2, False), (128, 64, 2, 4, 4, False),
+    (64, 64, 2, 4, 6, False),
 ]
 
 
