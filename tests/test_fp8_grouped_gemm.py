@@ -210,3 +210,64 @@ def test_weight_cache_reuses_until_the_weights_change(monkeypatch):
         assert calls == [False, True, False]
         assert torch.equal(changed, run(cache_weights=False))
     g.clear_weight_cache()
+
+
+@pytest.fixture
+def fresh_weight_cache():
+    from coscale.kernels import fp8_grouped_gemm as g
+
+    g.clear_weight_cache()
+    yield g
+    g.clear_weight_cache()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_weight_cache_dropped_by_any_optimizer_step(fresh_weight_cache, fused):
+    # fused AdamW updates the weights without bumping their version counter: the post-step hook must
+    # still drop the cached FP8 copies
+    torch.manual_seed(4)
+    off = offsets_of([128, 128])
+    x = torch.randn(256, 128)
+    w = torch.nn.Parameter(torch.randn(2, 128, 128) * 0.1)
+    opt = torch.optim.AdamW([w], lr=0.1, fused=fused)
+    fp8_grouped_linear(x, w, off, backend="torch", aligned=True, cache_weights=True).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        after = fp8_grouped_linear(x, w, off, backend="torch", aligned=True, cache_weights=True)
+        assert torch.equal(after, fp8_grouped_linear(x, w, off, backend="torch", aligned=True))
+
+
+def test_weight_cache_takes_inference_tensors(fresh_weight_cache):
+    off = offsets_of([128])
+    with torch.inference_mode():
+        w = torch.randn(1, 128, 128)
+        x = torch.randn(128, 128)
+        a = fp8_grouped_linear(x, w, off, backend="torch", aligned=True, cache_weights=True)
+        b = fp8_grouped_linear(x, w, off, backend="torch", aligned=True, cache_weights=True)
+    assert torch.equal(a, b)
+
+
+@needs_triton
+def test_empty_and_misaligned_inputs_on_the_triton_path():
+    torch.manual_seed(6)
+    w = (torch.randn(2, 128, 128) * 0.1).requires_grad_()
+    x = torch.zeros(0, 128, requires_grad=True)
+    fp8_grouped_linear(x, w, torch.tensor([0, 0]), backend="triton").sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+    # an operand view whose base is not 16-byte aligned is copied for the tensor descriptor
+    off = offsets_of([128])
+    big = torch.randn(128, 128 + 8)
+    xq, xs = q.act_quant_1x128(big, backend="torch")
+    wq, ws = quantize_expert_weights(torch.randn(1, 128, 128), backend="torch")
+    xv = torch.cat([torch.zeros(128, 8, dtype=q.FP8_DTYPE), torch.zeros(128, 128, dtype=q.FP8_DTYPE)], 1)
+    xv[:, 8:] = xq[:, :128]
+    got = fp8_grouped_mm(xv[:, 8:], xs[:, :1], wq, ws, off, torch.float32, backend="triton")
+    oracle = fp8_grouped_mm_ref(xq[:, :128], xs[:, :1], wq, ws, off, torch.float32)
+    assert torch.allclose(got, oracle, rtol=1e-4, atol=1e-4 * float(oracle.abs().max()))
+
+
+def test_tile_shapes_must_divide_the_scale_block():
+    from coscale.kernels import fp8_grouped_gemm as g
+
+    with pytest.raises(CoscaleError, match="BLOCK_N must divide 128"):
+        g._check_tiles({"BLOCK_M": 64, "BLOCK_N": 256})

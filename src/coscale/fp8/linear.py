@@ -6,8 +6,8 @@ Forward   Y  [M, N] = X [M, K] @ W^T          X 1x128 tiles along K, W 128x128 b
 Dgrad     dX [M, K] = dY [M, N] @ W           dY 1x128 tiles along N, W^T blocks (W's, transposed)
 Wgrad     dW [N, K] = dY^T [N, M] @ X [M, K]  dY^T and X^T both in 1x128 tiles along M (tokens)
 
-One fused pass (kernels.quant.act_quant_1x128_dual) quantizes X into both layouts in the forward and
-dY into both in the backward; one fused pass (weight_quant_128x128_dual) writes W and W^T in FP8.
+kernels.quant.act_quant_1x128_dual quantizes X into both layouts in the forward and dY into both in
+the backward; weight_quant_128x128_dual writes W in FP8 and W^T as a byte transpose of it.
 Saved for backward: the FP8 X^T (1 byte per element plus one FP32 scale per 128) and the FP8 W^T,
 never the BF16 activation. The GEMMs accumulate in FP32 with promotion
 every 128 elements of K (kernels.fp8_gemm). The output and dX come back in X's dtype; dW is computed in
@@ -42,11 +42,11 @@ class FP8LinearFunction(torch.autograd.Function):
     """y = x @ weight^T (+ bias) with the forward, dgrad and wgrad GEMMs in FP8 (module docstring).
 
     Full passes over memory, per direction (M tokens, K in, N out; Kp/Np rounded up to 128):
-      forward   1. x        -> xq [M, Kp] (+ xt [Kp, Mp] when W needs a gradient)   one read of x
-                2. weight   -> wq [Np, Kp] (+ wq_t [Kp, Np] when x needs a gradient) one read of W
+      forward   1. x        -> xq [M, Kp] (+ xt [Kp, Mp] when W needs a gradient: a second launch)
+                2. weight   -> wq [Np, Kp] (+ wq_t [Kp, Np] when x needs a gradient: a byte transpose)
                 3. GEMM     Y = X W^T
                 (+ the bias add and, when N % 128 != 0, a slice copy of Y)
-      backward  1. dY       -> dyq [M, Np] (+ dyt [Np, Mp] when W needs a gradient) one read of dY
+      backward  1. dY       -> dyq [M, Np] (+ dyt [Np, Mp] when W needs a gradient)
                 2. GEMM     dX = dY W      (wq_t saved from the forward: no transposing copy)
                 3. GEMM     dW = dY^T X    (written in the weight's dtype when it is bf16/fp16)
                 (+ the bias-gradient reduction; slice copies when K or N % 128 != 0)

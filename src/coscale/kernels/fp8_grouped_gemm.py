@@ -21,9 +21,10 @@ after off[E-1] belong to no expert and produce zeros.
 - ``fp8_grouped_gate_up(x, w_gate, w_up, offsets) -> [M, 2I]``: gate and up sharing one quantization of
   x, one stacked FP8 weight buffer, one forward GEMM and one dgrad GEMM (contraction 2I).
 
-The weights are quantized with quant.weight_quant_128x128_dual, which writes W_e^T's FP8 bytes in the
-same pass, so dgrad needs no transposing copy. The grouped GEMM finds each 128-row tile's expert in a
-tile -> expert map built on the device once per call (``expert_tile_map``), never by scanning E ends.
+The weights are quantized with quant.weight_quant_128x128_dual, which also writes W_e^T's FP8 bytes (a
+1-byte transpose), so dgrad needs no transposing copy of a 16- or 32-bit tensor. The grouped GEMM finds
+each row tile's expert in a tile -> expert map built on the device once per call (``expert_tile_map``),
+never by scanning E ends.
 
 Both Triton kernels read A and B through TMA tensor descriptors, may run persistent (a grid smaller
 than the tile count), pick their tile configuration per call shape by timing a few candidates once
@@ -159,14 +160,16 @@ def _pick_config(key, candidates, launch) -> dict:
     if cfg is None:
         import triton.testing
 
-        timed = []
+        timed, error = [], None
         for i, cand in enumerate(candidates):
             try:
                 timed.append((triton.testing.do_bench(lambda c=cand: launch(c), warmup=3, rep=15), i))
-            except Exception:  # noqa: BLE001 - e.g. out of shared memory on a smaller GPU: skip it
-                continue
+            except CoscaleError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory on a smaller GPU: skip it
+                error = exc
         if not timed:
-            raise CoscaleError(f"no grouped FP8 GEMM configuration runs on this GPU for {key}")
+            raise CoscaleError(f"no grouped FP8 GEMM configuration runs on this GPU for {key}: {error}") from error
         cfg = _PICKED[key] = candidates[min(timed)[1]]
     return cfg
 
@@ -176,7 +179,7 @@ def _rows_bucket(rows: int) -> int:
 
 
 @functools.cache
-def _build_tma_kernels():
+def _build_tma_kernels(interpret: bool):
     """The two Triton kernels. Operands A and B come through host-built tensor descriptors (TMA bulk
     copies on Hopper); scales and outputs through
     pointers. Both kernels loop over their tiles with a stride of the grid size, so a grid smaller
@@ -269,22 +272,47 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _tensor_descriptor():
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError as exc:  # triton < 3.4
+        raise CoscaleError(f"the grouped FP8 GEMMs need triton >= 3.4 (tensor descriptors): {exc}") from exc
+    return TensorDescriptor
+
+
+def _tma_operand(t: torch.Tensor) -> torch.Tensor:
+    """t itself when a tensor descriptor can read it (last dimension contiguous, 16-byte aligned base
+    and row stride), else a contiguous copy."""
+    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0:
+        return t
+    return t.contiguous()
+
+
+def _check_tiles(cfg: dict) -> None:
+    # a row tile must not straddle two experts' 128-aligned segments, and a column tile must lie in
+    # one 128x128 weight block (the forward kernel loads one weight scale per tile and K step)
+    for key in ("BLOCK_M", "BLOCK_N"):
+        if BLOCK % cfg[key]:
+            raise CoscaleError(f"{key} must divide {BLOCK}, got {cfg[key]}")
+
+
 def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     """One launch of the TMA forward/dgrad kernel with an explicit configuration ``cfg``:
-    BLOCK_M (64 or 128), BLOCK_N (dividing N), GROUP_M, STAGES, WARP_SPEC, num_warps and
+    BLOCK_M and BLOCK_N (each dividing 128), GROUP_M, STAGES, WARP_SPEC, num_warps and
     PROGRAMS_PER_SM (0: one program per tile, else a persistent grid of that many per SM)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
+    _check_tiles(cfg)
+    TensorDescriptor = _tensor_descriptor()
     m, k = a.shape
     e, n, _ = b.shape
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    b2 = b.reshape(e * n, k)  # a view for the buffers this module writes (contiguous), else a copy
-    a_desc = TensorDescriptor.from_tensor(a, [bm, BLOCK])
+    a2 = _tma_operand(a)
+    b2 = _tma_operand(b.reshape(e * n, k))  # a view for the buffers this module writes
+    a_desc = TensorDescriptor.from_tensor(a2, [bm, BLOCK])
     b_desc = TensorDescriptor.from_tensor(b2, [bn, BLOCK])
     tiles = -(-m // bm) * (n // bn)
     per_sm = cfg.get("PROGRAMS_PER_SM", 1)
     programs = tiles if per_sm == 0 else max(1, min(tiles, per_sm * _num_sms(a.device)))
-    kernel, _ = _build_tma_kernels()
+    kernel, _ = _build_tma_kernels(interpreting())
     kernel[(programs,)](
         a_desc, b_desc, c, a_scale, b_scale, tile_expert, m, n, k, e,
         c.stride(0), a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
@@ -297,15 +325,14 @@ def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
 def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: dict):
     """One launch of the TMA wgrad kernel with an explicit configuration (BLOCK_M tiles N, BLOCK_N
     tiles K, STAGES, WARP_SPEC, num_warps, PROGRAMS_PER_SM as for the forward)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
+    TensorDescriptor = _tensor_descriptor()
     n, _ = dyt.shape
     k = xt.shape[0]
     experts = offsets.numel()
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    a_desc = TensorDescriptor.from_tensor(dyt, [bm, BLOCK])
-    b_desc = TensorDescriptor.from_tensor(xt, [bn, BLOCK])
-    _, kernel = _build_tma_kernels()
+    a_desc = TensorDescriptor.from_tensor(_tma_operand(dyt), [bm, BLOCK])
+    b_desc = TensorDescriptor.from_tensor(_tma_operand(xt), [bn, BLOCK])
+    _, kernel = _build_tma_kernels(interpreting())
     tiles = -(-n // bm) * -(-k // bn) * experts
     per_sm = cfg.get("PROGRAMS_PER_SM", 0)
     programs = tiles if per_sm == 0 else max(1, min(tiles, per_sm * _num_sms(dyt.device)))
@@ -356,8 +383,8 @@ def fp8_grouped_mm(
     """[M, N]: rows of expert e times b[e]^T, block-scaled FP8 with FP32 accumulation (see module doc).
 
     ``b`` [E, N, K] with K contiguous; it is read as [E*N, K] (a free view of the buffers this module
-    writes; another layout is copied once). ``tile_expert``: expert_tile_map(group_end_offsets, M) if
-    the caller already has it."""
+    writes; another layout, or an operand a tensor descriptor cannot read, is copied in every call).
+    ``tile_expert``: expert_tile_map(group_end_offsets, M) if the caller already has it."""
     _check_grouped(a, a_scale, b, b_scale)
     _check_offsets(group_end_offsets, b.shape[0])
     if not _use_triton(a.device, backend):
@@ -365,11 +392,10 @@ def fp8_grouped_mm(
     m, k = a.shape
     e, n, _ = b.shape
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    if m == 0:
-        return c
+    if c.numel() == 0 or k == 0:  # nothing to compute, or an empty sum
+        return c.zero_()
     if b.stride(2) != 1:
         raise CoscaleError("fp8_grouped_mm needs b's last (K) dimension contiguous")
-    a = a if a.stride(1) == 1 else a.contiguous()
     if tile_expert is None:
         tile_expert = expert_tile_map(group_end_offsets.to(a.device), m)
 
@@ -393,10 +419,8 @@ def fp8_grouped_wgrad(
     if not _use_triton(dyt.device, backend):
         return fp8_grouped_wgrad_ref(dyt, dyt_scale, xt, xt_scale, group_end_offsets).to(out_dtype)
     out = torch.empty(experts, n, k, dtype=out_dtype, device=dyt.device)
-    if out.numel() == 0:
-        return out
-    dyt = dyt if dyt.stride(1) == 1 else dyt.contiguous()
-    xt = xt if xt.stride(1) == 1 else xt.contiguous()
+    if out.numel() == 0 or mp == 0:  # no tokens: every expert's gradient is zero
+        return out.zero_()
     offsets = group_end_offsets.to(device=dyt.device, dtype=torch.int32)
 
     def launch(cfg):
@@ -416,7 +440,7 @@ def quantize_expert_weights(w: torch.Tensor, backend: str = "auto"):
 def _quantize_weights(ws, need_t: bool, backend: str):
     """Quantize expert weights [E, N_i, K] (one or several, e.g. w_gate and w_up) into one stacked
     buffer [E, sum Np_i, Kp] (each part padded to 128 rows) and, when ``need_t``, its transpose
-    [E, Kp, sum Np_i] written by the same pass (no transposing copy later)."""
+    [E, Kp, sum Np_i] (W's FP8 bytes transposed into the stacked buffer)."""
     e, _, k = ws[0].shape
     kp = _ceil128(k)
     nps = [_ceil128(w.shape[1]) for w in ws]
@@ -440,18 +464,31 @@ def _quantize_weights(ws, need_t: bool, backend: str):
     return wq, sq, (wt if need_t else None), (st if need_t else None)
 
 
-# Quantized expert weights kept between calls (cache_weights=True): keyed weakly by the first weight
-# tensor, valid while every weight keeps its storage and version counter (an optimizer step, copy_ or
-# any in-place update bumps the version; assigning to ``.data`` does not, so do not combine the cache
-# with ``.data`` writes). Costs the FP8 copies' memory (1 byte per parameter, 2 with W^T).
+# Quantized expert weights kept between calls (cache_weights=True), keyed weakly by the first weight
+# tensor. An entry is dropped when a weight's storage or version counter changes (in-place updates bump
+# it) and after every torch.optim optimizer step (a global post-step hook, registered with the first
+# entry: fused optimizers update without bumping the version counter). Writes through ``.data`` outside
+# an optimizer are not seen: call clear_weight_cache() after them. Costs the FP8 copies' memory (1 byte
+# per parameter, 2 with W^T).
 _WEIGHT_CACHE = torch.utils.weak.WeakIdKeyDictionary()
+_STEP_HOOK = []
+
+
+def _version(w: torch.Tensor) -> int:
+    return -1 if w.is_inference() else w._version  # inference tensors keep no version counter
 
 
 def _cached_quantize_weights(ws, need_t: bool, backend: str):
-    stamp = (tuple((w.data_ptr(), w._version, tuple(w.shape), w.dtype) for w in ws), backend)
+    if not _STEP_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _STEP_HOOK.append(register_optimizer_step_post_hook(lambda *_: clear_weight_cache()))
+    stamp = (tuple((w.data_ptr(), _version(w), tuple(w.shape), w.dtype) for w in ws), backend)
     hit = _WEIGHT_CACHE.get(ws[0])
     if hit is not None and hit[0] == stamp and (hit[1][2] is not None or not need_t):
         return hit[1]
+    _WEIGHT_CACHE.pop(ws[0], None)
+    hit = None  # no reference to the stale copies is left while the new ones are allocated
     result = _quantize_weights(ws, need_t, backend)
     _WEIGHT_CACHE[ws[0]] = (stamp, result)
     return result
@@ -611,7 +648,7 @@ def fp8_grouped_gate_up(
     segments (the caller's contract, as permute_tokens gives with align=128; not checked, no host sync).
 
     x is quantized once for both (and its transposed layout once for both weight gradients); w_gate
-    and w_up are quantized into one stacked [E, 2I, K] FP8 buffer and its transpose in the same pass,
+    and w_up are quantized into one stacked [E, 2I, K] FP8 buffer and its transpose,
     so the forward is one grouped GEMM and the dgrad is one grouped GEMM with contraction 2I.
     Feed the result to kernels.swiglu.swiglu (gate first, then up). ``cache_weights``: as for
     fp8_grouped_linear."""

@@ -116,7 +116,7 @@ def grouped_experts_forward(
     if precision == "fp8":
         # Segments are 128-aligned by the permutation (ALIGN["fp8"]): no re-padding, no host sync.
         # x_perm is quantized once for gate and up; [w_gate; w_up] are quantized into one stacked FP8
-        # buffer (and its transpose, for dgrad) in one pass, so gate+up is one grouped GEMM.
+        # buffer (and its transpose, for dgrad), so gate+up is one grouped GEMM.
         fp8_linear = load_fp8_grouped_linear()
         from coscale.kernels.fp8_grouped_gemm import fp8_grouped_gate_up
         from coscale.kernels.swiglu import swiglu

@@ -21,8 +21,9 @@ column-major: element (r, j) at r + j * rows. That is the layout cuBLAS' block-s
 - ``act_quant_1x128_dual(x)`` -> both of the above (two launches of the Triton kernel with tiles
   shaped for each layout; see ``COLS_BLOCK_K`` for why not one).
 - ``weight_quant_128x128(w [N, K])`` -> y [Np, Kp] e4m3, scale [Np/128, Kp/128] fp32, one scale per
-  128x128 block; padding rows/columns are zeros. ``weight_quant_128x128_dual(w)`` also writes W^T's FP8
-  bytes [Kp, Np] and scales (the same numbers, transposed) in the same pass, for the dgrad GEMM.
+  128x128 block; padding rows/columns are zeros. ``weight_quant_128x128_dual(w)`` also returns W^T's FP8
+  bytes [Kp, Np] and scales (the same numbers, transposed; a byte transpose of W's FP8 copy), for the
+  dgrad GEMM.
 
 Special values: a tile containing NaN gets amax = NaN, so scale = NaN and every element of the tile
 quantizes to NaN. A tile containing +-inf gets scale = inf; the inf element becomes inf/inf = NaN and the
@@ -292,7 +293,7 @@ def act_quant_128x1(x: torch.Tensor, round_scale: bool = False, backend: str = "
 
 
 def act_quant_1x128_dual(x: torch.Tensor, round_scale: bool = False, backend: str = "auto", *, pad_t: bool = False):
-    """Both layouts from one pass: (y [M, Kp], scale [M, Kp/128], yt [K, Mp], scale_t [K, Mp/128]).
+    """Both layouts (two launches): (y [M, Kp], scale [M, Kp/128], yt [K, Mp], scale_t [K, Mp/128]).
 
     ``pad_t=True`` pads the transposed layout's rows to Kp (zeros), as in ``act_quant_128x1``."""
     _check_2d(x, "x")
@@ -329,12 +330,12 @@ def _weight_dual_shapes(w: torch.Tensor):
     )
 
 
-def transpose_fp8(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def transpose_fp8(y: torch.Tensor, out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """y [.., R, C] (1-byte elements, e.g. FP8) -> its transpose [.., C, R] with contiguous rows, exact.
 
-    A Triton kernel on CUDA / under the interpreter (PyTorch's strided copy moves one byte per
-    thread without tiling), ``copy_`` of the transposed view elsewhere. ``out``: any [.., C, R] view
-    with contiguous rows."""
+    ``backend`` as for the quantization kernels: the Triton kernel for CUDA tensors under "auto" (PyTorch's
+    strided copy moves one byte per thread without tiling), ``copy_`` of the transposed view under
+    "torch" or on CPU. ``out``: any [.., C, R] view with contiguous rows."""
     if y.element_size() != 1 or y.dim() not in (2, 3):
         raise CoscaleError(
             f"transpose_fp8 takes a 2-D or 3-D tensor of 1-byte elements, got {y.dtype} {tuple(y.shape)}"
@@ -346,7 +347,7 @@ def transpose_fp8(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Ten
         raise CoscaleError(f"out must be a {shape} {y.dtype} tensor with contiguous rows")
     if out.numel() == 0:
         return out
-    if not _use_triton(y, "auto") or y.stride(-1) != 1:
+    if not _use_triton(y, backend) or y.stride(-1) != 1:
         return out.view(torch.uint8).copy_(y.view(torch.uint8).transpose(-2, -1)).view(y.dtype)
     from coscale.kernels._quant_triton import transpose_bytes_kernel
 
@@ -361,7 +362,7 @@ def transpose_fp8(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Ten
 
 
 def weight_quant_128x128_dual(w: torch.Tensor, round_scale: bool = False, backend: str = "auto", out=None):
-    """W and W^T from one pass: w [N, K] or [E, N, K] -> (y [.., Np, Kp], s [.., Np/128, Kp/128],
+    """W and W^T: w [N, K] or [E, N, K] -> (y [.., Np, Kp], s [.., Np/128, Kp/128],
     yt [.., Kp, Np], st [.., Kp/128, Np/128]).
 
     A 128x128 block of W^T is a block of W transposed, with the same scale, so yt holds W's FP8 bytes
@@ -400,6 +401,6 @@ def weight_quant_128x128_dual(w: torch.Tensor, round_scale: bool = False, backen
         n, k = w.shape[-2:]
         _launch(*views, n, k, shapes[0][-2], 0, True, False, True, round_scale, BLOCK, BLOCK, WEIGHT_WARPS)
         if transpose:  # W^T's 128x128 blocks are W's blocks transposed: same bytes, same scales
-            transpose_fp8(y, out=yt)
+            transpose_fp8(y, out=yt, backend=backend)
             st.copy_(s.transpose(-2, -1))
     return y, s, yt, st

@@ -150,8 +150,9 @@ class GroupedExperts(nn.Module):
     `impl`: "loop" (the reference above), "grouped" (permutation + grouped GEMMs from
     coscale.kernels.moe) or "auto" (grouped on CUDA, loop elsewhere). `precision`: "bf16" or "fp8"
     (FP8 always takes the grouped path). `fp8_weight_cache`: keep the FP8 copies of the expert
-    weights between calls until the weights change (inference, gradient-accumulation micro-batches;
-    costs 1-2 bytes per expert parameter). This is the model's single dispatch point into kernels.
+    weights between calls until the weights change or an optimizer steps (inference, gradient-
+    accumulation micro-batches; costs 1-2 bytes per expert parameter; docs/fp8.md). This is the
+    model's single dispatch point into kernels.
     """
 
     def __init__(self, n_experts: int, hidden: int, intermediate: int):

@@ -40,7 +40,7 @@ EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
 
 def local_experts_forward(x: torch.Tensor, tokens_per_expert: torch.Tensor, w_gate: torch.Tensor,
                           w_up: torch.Tensor, w_down: torch.Tensor, impl: str = "auto",
-                          precision: str = "bf16") -> torch.Tensor:
+                          precision: str = "bf16", cache_fp8_weights: bool = False) -> torch.Tensor:
     """x [R, H] grouped by local expert (``tokens_per_expert`` rows each) -> down(silu(gate x) * up x).
 
     As in GroupedExperts: ``impl`` "grouped" (or "auto" on CUDA) or ``precision`` "fp8" calls
@@ -55,7 +55,7 @@ def local_experts_forward(x: torch.Tensor, tokens_per_expert: torch.Tensor, w_ga
         local_idx = torch.repeat_interleave(torch.arange(e_local, device=x.device), tokens_per_expert)
         ones = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
         return grouped_experts_forward(x, local_idx.unsqueeze(1), ones, w_gate, w_up, w_down,
-                                       precision=precision)
+                                       precision=precision, cache_fp8_weights=cache_fp8_weights)
     outs = []
     for e, xe in enumerate(torch.split(x, tokens_per_expert.tolist())):
         h = nn.functional.silu(xe @ w_gate[e].to(x.dtype).T) * (xe @ w_up[e].to(x.dtype).T)
@@ -83,6 +83,7 @@ class ExpertParallelExperts(nn.Module):
         self.dispatch_codec, self.combine_codec = dispatch_codec, combine_codec
         self.two_hop, self.impl, self.precision = two_hop, impl, precision
         self.micro_batches = micro_batches  # > 1: overlap one micro-batch's all-to-all with another's compute
+        self.fp8_weight_cache = False  # as GroupedExperts.fp8_weight_cache
         self.traffic = Traffic()  # payload bytes sent by the dispatches of this module
         kw = {"dtype": dtype, "device": device}
         self.w_gate = nn.Parameter(torch.empty(self.n_local, intermediate, hidden, **kw))
@@ -99,7 +100,7 @@ class ExpertParallelExperts(nn.Module):
 
     def compute(self, recv: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         return local_experts_forward(recv, tokens_per_expert, self.w_gate, self.w_up, self.w_down,
-                                     self.impl, self.precision)
+                                     self.impl, self.precision, self.fp8_weight_cache)
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         if self.micro_batches > 1:
@@ -172,6 +173,7 @@ def apply_expert_parallel(model: nn.Module, ep: Any, **options: Any) -> nn.Modul
         sharded = ExpertParallelExperts(n_experts, hidden, intermediate, topo, dtype=module.w_gate.dtype,
                                         device=module.w_gate.device, **opts)
         sharded.load_state_dict(module.state_dict())
+        sharded.fp8_weight_cache = getattr(module, "fp8_weight_cache", False)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if not child:
