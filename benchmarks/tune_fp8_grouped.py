@@ -29,30 +29,27 @@ from coscale.kernels.quant import act_quant_1x128, act_quant_1x128_dual, dequant
 
 E, TOPK = 256, 8
 MM_CONFIGS = [
-    # BLOCK_M, BLOCK_N, STAGES, num_warps, PROGRAMS_PER_SM (0 = one program per tile), WARP_SPEC
-    # (earlier sweeps on the H100: 128x256 tiles and warp specialisation 2-3x slower; one program per
-    # tile and 3 programs per SM behind 2 per SM)
-    (64, 128, 4, 4, 2, False), (64, 128, 3, 4, 2, False), (128, 128, 5, 8, 1, False),
-    (128, 128, 5, 8, 0, False), (128, 128, 4, 8, 1, False),
+    # BLOCK_M, BLOCK_N, STAGES, num_warps, PROGRAMS_PER_SM (0 = one program per tile)
+    # (earlier sweeps on the H100: 128x256 tiles and Triton's warp specialisation 2-3x slower, so the
+    # kernels no longer take either; one program per tile and 3 programs per SM behind 2 per SM)
+    (64, 128, 4, 4, 2), (64, 128, 3, 4, 2), (128, 128, 5, 8, 1), (128, 128, 5, 8, 0), (128, 128, 4, 8, 1),
 ]
 WG_CONFIGS = [
     # a weight-gradient tile has only tokens/128 K steps per expert (2 at 256 rows): few stages are
     # enough, and fewer stages leave shared memory for more programs per SM
-    (64, 128, 3, 4, 2, False), (64, 128, 2, 4, 3, False), (64, 128, 2, 4, 4, False),
-    (64, 128, 3, 4, 3, False), (128, 128, 2, 8, 2, False), (128, 64, 2, 4, 4, False),
-    (64, 64, 2, 4, 6, False),
+    (64, 128, 3, 4, 2), (64, 128, 2, 4, 3), (64, 128, 2, 4, 4), (64, 128, 3, 4, 3), (128, 128, 2, 8, 2),
+    (128, 64, 2, 4, 4), (64, 64, 2, 4, 6),
 ]
 
 
 def cfg_dict(c):
-    bm, bn, st, w, per_sm, ws = c
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": st, "num_warps": w, "PROGRAMS_PER_SM": per_sm,
-            "WARP_SPEC": ws, "GROUP_M": 8}
+    bm, bn, st, w, per_sm = c
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": st, "num_warps": w, "PROGRAMS_PER_SM": per_sm, "GROUP_M": 8}
 
 
 def name_of(c):
-    bm, bn, st, w, per_sm, ws = c
-    return f"tma {bm}x{bn} s{st} w{w} p{per_sm}{' ws' if ws else ''}"
+    bm, bn, st, w, per_sm = c
+    return f"tma {bm}x{bn} s{st} w{w} p{per_sm}"
 
 
 def timeit(fn):
@@ -76,6 +73,22 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
+def record(results, case, variant, fn, flops, error=None):
+    """Check (``error()`` -> relative error, when given), time ``fn``, append and print one row; a
+    failure is recorded and the sweep goes on."""
+    entry = {**case, "variant": variant}
+    try:
+        if error is not None:
+            entry["err"] = error()
+        ms = timeit(fn)
+        entry.update(ms=ms, tflops=flops / ms / 1e9)
+    except Exception as exc:  # noqa: BLE001
+        entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        entry["traceback"] = traceback.format_exc()[-1500:]
+    results.append(entry)
+    show(case["case"], variant, entry)
+
+
 def mm_case(label, m_per_e, k, n, results):
     dev = "cuda"
     m = m_per_e * E
@@ -94,22 +107,14 @@ def mm_case(label, m_per_e, k, n, results):
         wd = (wq[e].float().view(n // 128, 128, k // 128, 128) * ws[e][:, None, :, None]).view(n, k)
         refs[e] = xd @ wd.t()
 
-    def record(variant, fn, check_out=None):
-        entry = {"case": label, "variant": variant, "M": m, "K": k, "N": n}
-        try:
-            if check_out is not None:
-                out = check_out()
-                entry["err"] = max(rel(out[e * m_per_e:(e + 1) * m_per_e], refs[e]) for e in check)
-            ms = timeit(fn)
-            entry.update(ms=ms, tflops=flops / ms / 1e9)
-        except Exception as exc:  # noqa: BLE001
-            entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
-            entry["traceback"] = traceback.format_exc()[-1500:]
-        results.append(entry)
-        show(label, variant, entry)
+    case = {"case": label, "M": m, "K": k, "N": n}
 
-    wb = w  # bf16 weights
-    record("bf16 torch._grouped_mm", lambda: torch._grouped_mm(x, wb.transpose(-2, -1), offs=offs))
+    def error(run):  # run() -> [M, N] output in FP32
+        out = run()
+        return max(rel(out[e * m_per_e:(e + 1) * m_per_e], refs[e]) for e in check)
+
+    record(results, case, "bf16 torch._grouped_mm", lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs),
+           flops)
     try:  # rowwise FP8: one scale per row of x and per output column of each expert
         sa = (x.float().abs().amax(1) / 448).clamp_min(1e-12)
         sb = (w.abs().amax(2).float() / 448).clamp_min(1e-12)
@@ -117,19 +122,20 @@ def mm_case(label, m_per_e, k, n, results):
         wr = torch.empty(w.shape, device=dev, dtype=torch.float8_e4m3fn)
         for e in range(E):  # one expert at a time: an FP32 copy of all weights would not fit
             wr[e] = (w[e].float() / sb[e, :, None]).to(torch.float8_e4m3fn)
-        record("fp8 rowwise _scaled_grouped_mm", lambda: torch._scaled_grouped_mm(
-            xr, wr.transpose(-2, -1), sa, sb, offs=offs, out_dtype=torch.bfloat16, use_fast_accum=True))
+        record(results, case, "fp8 rowwise _scaled_grouped_mm", lambda: torch._scaled_grouped_mm(
+            xr, wr.transpose(-2, -1), sa, sb, offs=offs, out_dtype=torch.bfloat16, use_fast_accum=True), flops)
     except Exception as exc:  # noqa: BLE001
         print("rowwise setup failed:", exc)
     c = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
-    record("coscale auto (picked config)", lambda: G.fp8_grouped_mm(xq, xs, wq, ws, offs, tile_expert=te),
-           lambda: G.fp8_grouped_mm(xq, xs, wq, ws, offs, torch.float32, tile_expert=te))
+    record(results, case, "coscale auto (picked config)",
+           lambda: G.fp8_grouped_mm(xq, xs, wq, ws, offs, tile_expert=te), flops,
+           lambda: error(lambda: G.fp8_grouped_mm(xq, xs, wq, ws, offs, torch.float32, tile_expert=te)))
     for cfg in MM_CONFIGS:
         if n % cfg[1]:
             continue
         d = cfg_dict(cfg)
-        record(name_of(cfg), lambda d=d: G.launch_grouped_mm_tma(xq, xs, wq, ws, te, c, d),
-               lambda d=d: G.launch_grouped_mm_tma(xq, xs, wq, ws, te, torch.empty(m, n, device=dev), d))
+        record(results, case, name_of(cfg), lambda d=d: G.launch_grouped_mm_tma(xq, xs, wq, ws, te, c, d), flops,
+               lambda d=d: error(lambda: G.launch_grouped_mm_tma(xq, xs, wq, ws, te, torch.empty(m, n, device=dev), d)))
 
 
 def wgrad_case(label, m_per_e, n, k, results):
@@ -150,25 +156,26 @@ def wgrad_case(label, m_per_e, n, k, results):
         refs[e] = dequant_1x128(dyt[:, cols], dyts[:, tiles]) @ dequant_1x128(xt[:, cols], xts[:, tiles]).t()
     out = torch.empty(E, n, k, device=dev, dtype=torch.bfloat16)
 
-    def record(variant, fn):
-        entry = {"case": label, "variant": variant, "M": m, "K": k, "N": n}
-        try:
-            fn()
-            entry["err"] = max(rel(out[e], refs[e]) for e in check)
-            ms = timeit(fn)
-            entry.update(ms=ms, tflops=flops / ms / 1e9)
-        except Exception as exc:  # noqa: BLE001
-            entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
-            entry["traceback"] = traceback.format_exc()[-1500:]
-        results.append(entry)
-        show(label, variant, entry)
+    case = {"case": label, "M": m, "K": k, "N": n}
 
-    record("bf16 torch._grouped_mm", lambda: out.copy_(torch._grouped_mm(dy.t(), x, offs=offs)))
-    record("coscale auto (picked config)", lambda: out.copy_(
-        G.fp8_grouped_wgrad(dyt, dyts, xt, xts, offs, out_dtype=torch.bfloat16)))
+    def error(dw):  # dw [E, n, k]
+        return max(rel(dw[e], refs[e]) for e in check)
+
+    def bf16():
+        return torch._grouped_mm(dy.t(), x, offs=offs)
+
+    def auto():  # allocates its own output, as in training
+        return G.fp8_grouped_wgrad(dyt, dyts, xt, xts, offs, out_dtype=torch.bfloat16)
+
+    record(results, case, "bf16 torch._grouped_mm", bf16, flops, lambda: error(bf16()))
+    record(results, case, "coscale auto (picked config)", auto, flops, lambda: error(auto()))
     for cfg in WG_CONFIGS:
         d = cfg_dict(cfg)
-        record(name_of(cfg), lambda d=d: G.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, offs, out, d))
+
+        def tuned(d=d):
+            return G.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, offs, out, d)
+
+        record(results, case, name_of(cfg), tuned, flops, lambda f=tuned: error(f()))
 
 
 def main():

@@ -192,7 +192,7 @@ def _build_tma_kernels(interpret: bool):
         a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, tile_ptr, M, N, K, E,
         stride_cm, stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
+        STAGES: tl.constexpr,
     ):  # fmt: skip
         # a_desc: A [M, K]; b_desc: B flattened to [E*N, K] (expert e's rows start at e*N).
         num_m = tl.cdiv(M, BLOCK_M)
@@ -216,7 +216,7 @@ def _build_tma_kernels(interpret: bool):
             sb_base = sb_ptr + expert.to(tl.int64) * stride_sbe + (n0 // BLOCK_K) * stride_sbn
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             k_iters = tl.where(valid, num_k, 0)  # rows after the last expert: zeros
-            for kb in tl.range(0, k_iters, num_stages=STAGES, warp_specialize=WARP_SPEC):
+            for kb in tl.range(0, k_iters, num_stages=STAGES):
                 a = a_desc.load([row0, kb * BLOCK_K])
                 b = b_desc.load([expert * N + n0, kb * BLOCK_K])
                 sa = tl.load(sa_ptrs + kb * stride_sak, mask=offs_m < M, other=0.0)
@@ -232,8 +232,7 @@ def _build_tma_kernels(interpret: bool):
     def grouped_wgrad_tma_kernel(
         a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, off_ptr, N, K, E,
         stride_ce, stride_cn, stride_san, stride_sat, stride_sbk, stride_sbt,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr,
-        STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         # C[e] [N, K] = A[:, seg e] @ B[:, seg e]^T, A = dY^T [N, Mp] and B = X^T [K, Mp] (descriptors).
         # Tiles expert-major (one expert's operands stay in L2 while its tiles run); a grid smaller
@@ -252,7 +251,7 @@ def _build_tma_kernels(interpret: bool):
             sa_ptrs = sa_ptr + offs_n.to(tl.int64) * stride_san
             sb_ptrs = sb_ptr + offs_k.to(tl.int64) * stride_sbk
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for t0 in tl.range(start, end, BLOCK_T, num_stages=STAGES, warp_specialize=WARP_SPEC):
+            for t0 in tl.range(start, end, BLOCK_T, num_stages=STAGES):
                 a = a_desc.load([pid_n * BLOCK_M, t0])
                 b = b_desc.load([pid_k * BLOCK_N, t0])
                 tile_t = t0 // BLOCK_T
@@ -266,10 +265,16 @@ def _build_tma_kernels(interpret: bool):
     return grouped_mm_tma_kernel, grouped_wgrad_tma_kernel
 
 
+@functools.cache
+def _sms_of_cuda_device(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sms(device) -> int:
+    """SMs of ``device`` (4 stand-ins for the CPU interpreter), looked up once per device."""
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _sms_of_cuda_device(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _tensor_descriptor():
@@ -298,7 +303,7 @@ def _check_tiles(cfg: dict) -> None:
 
 def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     """One launch of the TMA forward/dgrad kernel with an explicit configuration ``cfg``:
-    BLOCK_M and BLOCK_N (each dividing 128), GROUP_M, STAGES, WARP_SPEC, num_warps and
+    BLOCK_M and BLOCK_N (each dividing 128), GROUP_M, STAGES, num_warps and
     PROGRAMS_PER_SM (0: one program per tile, else a persistent grid of that many per SM)."""
     _check_tiles(cfg)
     TensorDescriptor = _tensor_descriptor()
@@ -317,14 +322,14 @@ def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
         a_desc, b_desc, c, a_scale, b_scale, tile_expert, m, n, k, e,
         c.stride(0), a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=cfg.get("GROUP_M", 8), STAGES=cfg.get("STAGES", 3),
-        WARP_SPEC=cfg.get("WARP_SPEC", False), num_warps=cfg.get("num_warps", 8),
+        num_warps=cfg.get("num_warps", 8),
     )  # fmt: skip
     return c
 
 
 def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: dict):
     """One launch of the TMA wgrad kernel with an explicit configuration (BLOCK_M tiles N, BLOCK_N
-    tiles K, STAGES, WARP_SPEC, num_warps, PROGRAMS_PER_SM as for the forward)."""
+    tiles K, STAGES, num_warps, PROGRAMS_PER_SM as for the forward)."""
     TensorDescriptor = _tensor_descriptor()
     n, _ = dyt.shape
     k = xt.shape[0]
@@ -339,8 +344,7 @@ def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: di
     kernel[(programs,)](
         a_desc, b_desc, out, dyt_scale, xt_scale, offsets, n, k, experts,
         out.stride(0), out.stride(1), dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=BLOCK, GROUP_M=1, STAGES=cfg.get("STAGES", 3),
-        WARP_SPEC=cfg.get("WARP_SPEC", False), num_warps=cfg.get("num_warps", 8),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=BLOCK, STAGES=cfg.get("STAGES", 3), num_warps=cfg.get("num_warps", 8),
     )  # fmt: skip
     return out
 

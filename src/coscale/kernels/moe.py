@@ -122,10 +122,11 @@ def grouped_experts_forward(
         from coscale.kernels.swiglu import swiglu
 
         fp8_backend = "auto" if gemm_backend == "loop" else gemm_backend
-        cache = cache_fp8_weights
-        gate_up = fp8_grouped_gate_up(x_perm, w_gate, w_up, offs, backend=fp8_backend, cache_weights=cache)
+        gate_up = fp8_grouped_gate_up(
+            x_perm, w_gate, w_up, offs, backend=fp8_backend, cache_weights=cache_fp8_weights
+        )  # [M_pad, 2I]
         a = swiglu(gate_up, backend=swiglu_backend)  # [M_pad, I]
-        y = fp8_linear(a, w_down, offs, backend=fp8_backend, aligned=True, cache_weights=cache)  # [M_pad, H]
+        y = fp8_linear(a, w_down, offs, backend=fp8_backend, aligned=True, cache_weights=cache_fp8_weights)
     else:
 
         def linear(inp, w, offsets):
