@@ -8,6 +8,7 @@ Per (tokens T, in K, out N) and GEMM direction (fwd Y = X W^T, dgrad dX = dY W, 
   fp8_cublas    coscale fp8_gemm backend="cublas" (block-scaled 1x128 / 128x128), GEMM only; shapes cuBLAS
                 would get wrong (128x128 scales with K % 512 != 0, e.g. kv_a_proj dgrad) raise and show ERR
   fp8_triton    coscale fp8_gemm backend="triton" (block-scaled, FP32 promotion every 128), GEMM only
+  fp8_triton_tma the grouped TMA kernels of coscale.kernels.fp8_grouped_gemm with one expert, GEMM only
 and end to end, forward + backward including every quantization:
   linear_bf16   nn.Linear in BF16            linear_fp8 / linear_fp8_triton   FP8Linear (auto / triton)
 Every variant is checked first: relative Frobenius error against an FP32 matmul of the unquantized
@@ -70,6 +71,16 @@ def gemm_cases(t, k, n, dev):
     }
 
 
+def one_expert_tma(direction, a, a_scale, b, b_scale):
+    from coscale.kernels import fp8_grouped_gemm as G
+
+    if direction == "wgrad":  # a = dY^T [N, T], b = X^T [K, T]: one expert owning all T tokens
+        ends = torch.tensor([a.shape[1]], dtype=torch.int32, device=a.device)
+        return G.fp8_grouped_wgrad(a, a_scale, b, b_scale, ends, out_dtype=torch.bfloat16)[0]
+    ends = torch.tensor([a.shape[0]], dtype=torch.int32, device=a.device)
+    return G.fp8_grouped_mm(a, a_scale, b[None], b_scale[None], ends)
+
+
 def run_gemms(t, k, n, name, dev, results):
     from coscale.kernels.fp8_gemm import fp8_gemm
 
@@ -85,6 +96,8 @@ def run_gemms(t, k, n, name, dev, results):
             "fp8_tensor": (lambda a8=a8, b8=b8: tensorwise(a8, b8, ones), None),
             "fp8_cublas": (lambda ops=fp8_ops: fp8_gemm(*ops, backend="cublas"), 0.07),
             "fp8_triton": (lambda ops=fp8_ops: fp8_gemm(*ops, backend="triton"), 0.07),
+            # the grouped TMA kernels with one expert (the wgrad is the K-grouped one over all tokens)
+            "fp8_triton_tma": (lambda d=direction, ops=fp8_ops: one_expert_tma(d, *ops), 0.07),
         }
         for variant, (fn, bound) in variants.items():
             rec = {"shape": name, "T": t, "K": k, "N": n, "direction": direction, "variant": variant}
@@ -147,7 +160,8 @@ def summary(results):
     for r in results:
         keyed.setdefault((r["shape"], r["T"], r["direction"]), {})[r["variant"]] = r
     lines = []
-    cols = ["bf16", "fp8_tensor", "fp8_cublas", "fp8_triton", "linear_bf16", "linear_fp8", "linear_fp8_triton"]
+    cols = ["bf16", "fp8_tensor", "fp8_cublas", "fp8_triton", "fp8_triton_tma",
+            "linear_bf16", "linear_fp8", "linear_fp8_triton"]
     header = f"{'shape':>12} {'T':>6} {'dir':>7} " + " ".join(f"{c[:11]:>11}" for c in cols) + "  speedup  ok"
     lines.append(header)
     for (shape, t, direction), variants in keyed.items():
@@ -163,7 +177,7 @@ def summary(results):
                 oks.append(r.get("ok", True))
                 if c in ("bf16", "linear_bf16"):
                     base = r["ms"]
-                elif c in ("fp8_cublas", "fp8_triton", "linear_fp8", "linear_fp8_triton"):
+                elif c in ("fp8_cublas", "fp8_triton", "fp8_triton_tma", "linear_fp8", "linear_fp8_triton"):
                     best = r["ms"] if best is None else min(best, r["ms"])
         speed = f"{base / best:7.2f}x" if base and best else f"{'-':>8}"
         lines.append(f"{shape:>12} {t:>6} {direction:>7} " + " ".join(cells) + f" {speed} {all(oks)!s:>4}")

@@ -288,7 +288,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few cases only (about a minute)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokens", type=int, nargs="+", metavar="T",
+                        help="DeepSeek-V3-shape cases at these token counts only (both routings unless --routing)")
+    parser.add_argument("--routing", choices=("balanced", "skewed"), help="with --tokens: one routing only")
     args = parser.parse_args()
+    if args.tokens is not None and any(t < 1 for t in args.tokens):
+        parser.error("--tokens takes positive token counts")
+    if args.routing is not None and args.tokens is None:
+        parser.error("--routing applies to --tokens cases")
     args.device = "cuda"
     if not torch.cuda.is_available():
         raise SystemExit("bench_moe.py needs a CUDA GPU")
@@ -296,7 +303,10 @@ def main():
     v3 = ("dsv3", 7168, 2048, 256, 8, 1)
     sm = ("small", small.hidden_size, small.moe_intermediate_size, small.n_routed_experts,
           small.num_experts_per_tok, small.n_shared_experts or 0)
-    if args.quick:
+    if args.tokens is not None:
+        plan = [(v3, T, r) for T in args.tokens for r in ((args.routing,) if args.routing else ("balanced", "skewed"))]
+        triton_cases = set()
+    elif args.quick:
         plan = [(v3, 8192, "balanced"), (v3, 8192, "skewed"), (v3, 128, "balanced"), (sm, 8192, "balanced")]
         triton_cases = {("dsv3", 8192, "balanced")}
     else:

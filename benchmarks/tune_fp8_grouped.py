@@ -29,27 +29,32 @@ from coscale.kernels.quant import act_quant_1x128, act_quant_1x128_dual, dequant
 
 E, TOPK = 256, 8
 MM_CONFIGS = [
-    # BLOCK_M, BLOCK_N, STAGES, num_warps, PROGRAMS_PER_SM (0 = one program per tile)
-    # (earlier sweeps on the H100: 128x256 tiles and Triton's warp specialisation 2-3x slower, so the
-    # kernels no longer take either; one program per tile and 3 programs per SM behind 2 per SM)
-    (64, 128, 4, 4, 2), (64, 128, 3, 4, 2), (128, 128, 5, 8, 1), (128, 128, 5, 8, 0), (128, 128, 4, 8, 1),
+    # BLOCK_M, BLOCK_N, STAGES, num_warps, PROGRAMS_PER_SM (0 = one program per tile), flags:
+    # "f" flattens the persistent tile loop (the next tile's loads overlap this tile's epilogue),
+    # "t" stores C with a TMA bulk store. (Earlier sweeps on the H100: 128x256 tiles and Triton's warp
+    # specialisation 2-3x slower, so the kernels no longer take either; one program per tile and 3
+    # programs per SM behind 2 per SM.)
+    (64, 128, 4, 4, 2, ""), (64, 128, 4, 4, 2, "t"), (64, 128, 4, 4, 2, "ft"), (64, 128, 3, 4, 2, "t"),
+    (128, 128, 4, 8, 1, "f"), (128, 128, 4, 8, 1, "ft"), (128, 128, 5, 8, 0, ""),
 ]
 WG_CONFIGS = [
-    # a weight-gradient tile has only tokens/128 K steps per expert (2 at 256 rows): few stages are
-    # enough, and fewer stages leave shared memory for more programs per SM
-    (64, 128, 3, 4, 2), (64, 128, 2, 4, 3), (64, 128, 2, 4, 4), (64, 128, 3, 4, 3), (128, 128, 2, 8, 2),
-    (128, 64, 2, 4, 4), (64, 64, 2, 4, 6),
+    # a weight-gradient tile has only tokens/128 K steps per expert (2 at 256 rows): its loads cannot
+    # be hidden inside one tile, hence the flattened loop ("f") and asynchronous stores ("t")
+    (64, 128, 3, 4, 2, ""), (64, 128, 3, 4, 2, "t"), (64, 128, 3, 4, 2, "ft"), (128, 64, 3, 4, 2, "t"),
+    (128, 64, 3, 4, 2, "ft"), (128, 64, 2, 4, 3, "ft"), (128, 64, 4, 4, 2, "ft"), (64, 64, 3, 4, 4, "t"),
+    (128, 128, 3, 8, 1, "ft"),
 ]
 
 
 def cfg_dict(c):
-    bm, bn, st, w, per_sm = c
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": st, "num_warps": w, "PROGRAMS_PER_SM": per_sm, "GROUP_M": 8}
+    bm, bn, st, w, per_sm, flags = c
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": st, "num_warps": w, "PROGRAMS_PER_SM": per_sm, "GROUP_M": 8,
+            "FLATTEN": "f" in flags, "TMA_STORE": "t" in flags}
 
 
 def name_of(c):
-    bm, bn, st, w, per_sm = c
-    return f"tma {bm}x{bn} s{st} w{w} p{per_sm}"
+    bm, bn, st, w, per_sm, flags = c
+    return f"tma {bm}x{bn} s{st} w{w} p{per_sm} {flags}".rstrip()
 
 
 def timeit(fn):

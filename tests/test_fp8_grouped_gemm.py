@@ -271,3 +271,32 @@ def test_tile_shapes_must_divide_the_scale_block():
 
     with pytest.raises(CoscaleError, match="BLOCK_N must divide 128"):
         g._check_tiles({"BLOCK_M": 64, "BLOCK_N": 256})
+
+
+@needs_triton
+@pytest.mark.parametrize("which", ["mm", "wgrad"])
+def test_every_gpu_candidate_configuration_matches_the_reference(which):
+    """The configurations the GPU picks among (flattened tile loop, TMA bulk stores, persistent grids)
+    on ragged segments, rows after the last expert, and an N that is not a multiple of the tile rows
+    (the bulk store must fall back to pointer stores there)."""
+    from coscale.kernels import fp8_grouped_gemm as g
+
+    torch.manual_seed(7)
+    off = offsets_of([128, 0, 256])
+    m = int(off[-1]) + 37
+    x = torch.randn(m, 256)
+    xq, xs, xt, xts = q.act_quant_1x128_dual(x, backend="torch")
+    if which == "mm":
+        wq, ws = quantize_expert_weights(torch.randn(3, 256, 256), backend="torch")
+        oracle = fp8_grouped_mm_ref(xq, xs, wq, ws, off, torch.float32)
+        tile_expert = g.expert_tile_map(off, m)
+        for cfg in g.MM_CANDIDATES:
+            got = g.launch_grouped_mm_tma(xq, xs, wq, ws, tile_expert, torch.full((m, 256), 7.0), cfg)
+            assert torch.allclose(got, oracle, rtol=1e-4, atol=1e-4 * float(oracle.abs().max())), cfg
+        return
+    for n in (256, 192):  # 192: not a multiple of BLOCK_M = 128
+        _, _, dyt, dyts = q.act_quant_1x128_dual(torch.randn(m, n), backend="torch")
+        oracle = fp8_grouped_wgrad_ref(dyt, dyts, xt, xts, off)
+        for cfg in g.WGRAD_CANDIDATES:
+            got = g.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, off, torch.full((3, n, 256), 7.0), cfg)
+            assert torch.allclose(got, oracle, rtol=1e-4, atol=1e-4 * float(oracle.abs().max())), (n, cfg)

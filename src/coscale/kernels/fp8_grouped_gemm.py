@@ -131,20 +131,25 @@ def fp8_grouped_wgrad_ref(dyt, dyt_scale, xt, xt_scale, group_end_offsets):
 # Kernel configurations. BLOCK_M rows x BLOCK_N columns per tile (BLOCK_M and BLOCK_N divide 128: a
 # row tile never straddles two experts' 128-aligned segments and a column tile lies in one 128x128
 # weight block), software-pipeline STAGES, warps, PROGRAMS_PER_SM (0: one program per tile; k: a
-# persistent grid of k programs per SM). On CUDA each call shape times its candidates once per process
-# and keeps the fastest; benchmarks/tune_fp8_grouped.py sweeps more. On the H100 (DeepSeek-V3 experts,
-# 256 rows each) a persistent 64x128 grid (2 programs per SM) and 128x128 tiles with 5 stages led the
-# forward/dgrad products (763-857 TFLOP/s), a persistent 64x128 grid the weight gradients (324-383);
-# 256-column tiles and warp specialisation were 2-3x slower.
+# persistent grid of k programs per SM), FLATTEN (pipeline the persistent tile loop as one loop, so the
+# next tile's loads are issued during this tile's epilogue) and TMA_STORE (write C with an asynchronous
+# TMA bulk store instead of pointer stores). On CUDA each call shape times its candidates once per
+# process and keeps the fastest; benchmarks/tune_fp8_grouped.py sweeps more. On the H100 (DeepSeek-V3
+# experts, 256 rows each; results/tune_fp8_grouped_run8_h100_2026-11-23.log) the best forward/dgrad
+# products ran at 804-862 TFLOP/s with these three, the weight gradients at 361-433 (a TMA store:
+# +8-10%); 256-column tiles and warp specialisation were 2-3x slower.
 MM_CANDIDATES = (
-    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 2},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 5, "num_warps": 8, "PROGRAMS_PER_SM": 0},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 0},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
+     "FLATTEN": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "PROGRAMS_PER_SM": 1, "FLATTEN": True},
 )
 WGRAD_CANDIDATES = (
-    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 0},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 0},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
+     "FLATTEN": True},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
+     "FLATTEN": True},
 )
 # The CPU interpreter: small tiles (quick) and a persistent grid (the tile loop is exercised).
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "STAGES": 1, "num_warps": 4, "PROGRAMS_PER_SM": 1}
@@ -163,7 +168,7 @@ def _pick_config(key, candidates, launch) -> dict:
         timed, error = [], None
         for i, cand in enumerate(candidates):
             try:
-                timed.append((triton.testing.do_bench(lambda c=cand: launch(c), warmup=3, rep=15), i))
+                timed.append((triton.testing.do_bench(lambda c=cand: launch(c), warmup=5, rep=40), i))
             except CoscaleError:
                 raise
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory on a smaller GPU: skip it
@@ -189,17 +194,17 @@ def _build_tma_kernels(interpret: bool):
 
     @triton.jit
     def grouped_mm_tma_kernel(
-        a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, tile_ptr, M, N, K, E,
+        a_desc, b_desc, c_ptr, c_desc, sa_ptr, sb_ptr, tile_ptr, M, N, K, E,
         stride_cm, stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        STAGES: tl.constexpr,
+        STAGES: tl.constexpr, FLATTEN: tl.constexpr, TMA_STORE: tl.constexpr,
     ):  # fmt: skip
         # a_desc: A [M, K]; b_desc: B flattened to [E*N, K] (expert e's rows start at e*N).
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         num_tiles = num_m * num_n
         num_k = tl.cdiv(K, BLOCK_K)
-        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
             # GROUP_M row tiles sweep the N tiles together, so B tiles are reused from L2
             in_group = GROUP_M * num_n
             first_m = (tile // in_group) * GROUP_M
@@ -224,15 +229,19 @@ def _build_tma_kernels(interpret: bool):
                 # divides 128: the tile lies in one 128x128 weight block, whose scale is one number)
                 sb = tl.load(sb_base + kb * stride_sbk)
                 acc += tl.dot(a, b.T) * (sa * sb)[:, None]
-            cols = n0 + tl.arange(0, BLOCK_N)
-            c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + cols[None, :]
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (cols < N)[None, :])
+            if TMA_STORE:  # an asynchronous bulk store; rows past M are clipped by the descriptor
+                c_desc.store([row0, n0], acc.to(c_desc.dtype))
+            else:
+                cols = n0 + tl.arange(0, BLOCK_N)
+                c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + cols[None, :]
+                tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (cols < N)[None, :])
 
     @triton.jit
     def grouped_wgrad_tma_kernel(
-        a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, off_ptr, N, K, E,
+        a_desc, b_desc, c_ptr, c_desc, sa_ptr, sb_ptr, off_ptr, N, K, E,
         stride_ce, stride_cn, stride_san, stride_sat, stride_sbk, stride_sbt,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, STAGES: tl.constexpr,
+        FLATTEN: tl.constexpr, TMA_STORE: tl.constexpr,
     ):  # fmt: skip
         # C[e] [N, K] = A[:, seg e] @ B[:, seg e]^T, A = dY^T [N, Mp] and B = X^T [K, Mp] (descriptors).
         # Tiles expert-major (one expert's operands stay in L2 while its tiles run); a grid smaller
@@ -240,7 +249,7 @@ def _build_tma_kernels(interpret: bool):
         num_n = tl.cdiv(N, BLOCK_M)
         num_k = tl.cdiv(K, BLOCK_N)
         per_expert = num_n * num_k
-        for tile in tl.range(tl.program_id(0), E * per_expert, tl.num_programs(0)):
+        for tile in tl.range(tl.program_id(0), E * per_expert, tl.num_programs(0), flatten=FLATTEN):
             expert = tile // per_expert
             pid_n = (tile % per_expert) // num_k
             pid_k = tile % num_k
@@ -258,9 +267,12 @@ def _build_tma_kernels(interpret: bool):
                 sa = tl.load(sa_ptrs + tile_t * stride_sat, mask=offs_n < N, other=0.0)
                 sb = tl.load(sb_ptrs + tile_t * stride_sbt, mask=offs_k < K, other=0.0)
                 acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
-            c_base = c_ptr + expert.to(tl.int64) * stride_ce
-            c_ptrs = c_base + offs_n[:, None].to(tl.int64) * stride_cn + offs_k[None, :]
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+            if TMA_STORE:  # C as [E*N, K] (N a multiple of BLOCK_M: a tile stays in its expert)
+                c_desc.store([expert * N + pid_n * BLOCK_M, pid_k * BLOCK_N], acc.to(c_desc.dtype))
+            else:
+                c_base = c_ptr + expert.to(tl.int64) * stride_ce
+                c_ptrs = c_base + offs_n[:, None].to(tl.int64) * stride_cn + offs_k[None, :]
+                tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
 
     return grouped_mm_tma_kernel, grouped_wgrad_tma_kernel
 
@@ -301,6 +313,11 @@ def _check_tiles(cfg: dict) -> None:
             raise CoscaleError(f"{key} must divide {BLOCK}, got {cfg[key]}")
 
 
+def _flatten_stages(cfg: dict) -> dict:
+    # a flattened tile loop is pipelined by the kernel-level num_stages (the inner loop's is merged away)
+    return {"num_stages": cfg.get("STAGES", 3)} if cfg.get("FLATTEN", False) else {}
+
+
 def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     """One launch of the TMA forward/dgrad kernel with an explicit configuration ``cfg``:
     BLOCK_M and BLOCK_N (each dividing 128), GROUP_M, STAGES, num_warps and
@@ -317,12 +334,15 @@ def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     tiles = -(-m // bm) * (n // bn)
     per_sm = cfg.get("PROGRAMS_PER_SM", 1)
     programs = tiles if per_sm == 0 else max(1, min(tiles, per_sm * _num_sms(a.device)))
+    tma_store = cfg.get("TMA_STORE", False)
+    c_desc = TensorDescriptor.from_tensor(c, [bm, bn]) if tma_store else c
     kernel, _ = _build_tma_kernels(interpreting())
     kernel[(programs,)](
-        a_desc, b_desc, c, a_scale, b_scale, tile_expert, m, n, k, e,
+        a_desc, b_desc, c, c_desc, a_scale, b_scale, tile_expert, m, n, k, e,
         c.stride(0), a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=cfg.get("GROUP_M", 8), STAGES=cfg.get("STAGES", 3),
-        num_warps=cfg.get("num_warps", 8),
+        FLATTEN=cfg.get("FLATTEN", False), TMA_STORE=tma_store,
+        num_warps=cfg.get("num_warps", 8), **_flatten_stages(cfg),
     )  # fmt: skip
     return c
 
@@ -341,10 +361,15 @@ def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: di
     tiles = -(-n // bm) * -(-k // bn) * experts
     per_sm = cfg.get("PROGRAMS_PER_SM", 0)
     programs = tiles if per_sm == 0 else max(1, min(tiles, per_sm * _num_sms(dyt.device)))
+    # a bulk store writes C as [E*N, K]: only when a BLOCK_M row tile cannot cross into the next expert
+    tma_store = cfg.get("TMA_STORE", False) and n % bm == 0 and out.is_contiguous()
+    c_desc = TensorDescriptor.from_tensor(out.view(experts * n, k), [bm, bn]) if tma_store else out
     kernel[(programs,)](
-        a_desc, b_desc, out, dyt_scale, xt_scale, offsets, n, k, experts,
+        a_desc, b_desc, out, c_desc, dyt_scale, xt_scale, offsets, n, k, experts,
         out.stride(0), out.stride(1), dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=BLOCK, STAGES=cfg.get("STAGES", 3), num_warps=cfg.get("num_warps", 8),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=BLOCK, STAGES=cfg.get("STAGES", 3),
+        FLATTEN=cfg.get("FLATTEN", False), TMA_STORE=tma_store,
+        num_warps=cfg.get("num_warps", 8), **_flatten_stages(cfg),
     )  # fmt: skip
     return out
 
