@@ -1,9 +1,14 @@
 """Where the time goes: per-kernel GPU time of FP8Linear and the MoE layer, forward + backward.
 
-Run: `PYTHONPATH=src python3 benchmarks/profile_layers.py [--only linear|moe]`. For each case, three
+Run: `PYTHONPATH=src python3 benchmarks/profile_layers.py [--only linear|moe|host]`. For each case, three
 forward+backward iterations run under torch.profiler after a warm-up; the table lists the kernels by
 total GPU time per iteration (ms), with their launch count per iteration, and the sum. This explains the
 bench_fp8 / bench_moe figures; it is not itself a performance claim.
+
+``--only host`` asks whether the host keeps up: for FP8Linear / nn.Linear at small and medium shapes and
+for one training step (forward + backward) of the `small` preset in BF16 and FP8, it prints the wall
+time per iteration (the host issues every launch; the GPU drains behind it), the GPU kernel time per
+iteration and the top host-side (CPU) operators. Wall >> kernels means the case is bound by the host.
 """
 
 from __future__ import annotations
@@ -78,9 +83,114 @@ def moe_cases():
         kernel_table(step, f"MoE routed experts {precision}, V3 shape, {T} tokens balanced", top=20)
 
 
+def host_table(fn, title: str, iters: int = 20, top: int = 12) -> None:
+    import time
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / iters * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(ITERS):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu = sum(getattr(ev, "self_device_time_total", 0) for ev in events) / ITERS / 1e3
+    print(f"\n## {title}: wall {wall:.3f} ms per iteration, GPU kernels {gpu:.3f} ms "
+          f"({'host-bound' if wall > 1.3 * gpu else 'GPU-bound'})", flush=True)
+    rows = sorted(((ev.self_cpu_time_total / ITERS / 1e3, ev.count / ITERS, ev.key) for ev in events), reverse=True)
+    for ms, count, name in rows[:top]:
+        print(f"  host {ms:8.3f} ms x{count:6.1f}  {name[:100]}")
+
+
+def launch_costs(calls: int = 300) -> None:
+    """Host microseconds per call of each building block on tiny tensors (the GPU work is negligible,
+    so the wall time per call is what the host spends issuing it)."""
+    import time
+
+    import triton
+    import triton.language as tl
+
+    from coscale.kernels import quant as q
+    from coscale.kernels.fp8_gemm import fp8_gemm
+
+    @triton.jit
+    def copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+    dev = "cuda"
+    x = torch.randn(128, 128, device=dev, dtype=torch.bfloat16)
+    flat, flat_out = x.view(-1), torch.empty(128 * 128, device=dev, dtype=torch.bfloat16)
+    xq, xs, xt, xts = q.act_quant_1x128_dual(x)
+    wq, ws, wqt, wst = q.weight_quant_128x128_dual(x)
+    cases = {
+        "torch.empty": lambda: torch.empty(128, 128, device=dev),
+        "bf16 torch.mm 128^3": lambda: x @ x.t(),
+        "minimal Triton kernel (4 args)": lambda: copy_kernel[(16,)](flat, flat_out, flat.numel(), BLOCK=1024),
+        "act_quant_1x128 (1 launch)": lambda: q.act_quant_1x128(x),
+        "act_quant_1x128_dual (2 launches)": lambda: q.act_quant_1x128_dual(x, pad_t=True),
+        "act_quant_1x128_dual one_pass (1 launch)": lambda: q.act_quant_1x128_dual(x, pad_t=True, one_pass=True),
+        "weight_quant_128x128_dual (2 launches)": lambda: q.weight_quant_128x128_dual(x),
+        "transpose_fp8 (1 launch)": lambda: q.transpose_fp8(wq),
+        "fp8_gemm cuBLAS block-scaled 128^3": lambda: fp8_gemm(xq, xs, wq, ws),
+    }
+    print("\n## host cost per call (tiny tensors)", flush=True)
+    for name, fn in cases.items():
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        print(f"  {(time.perf_counter() - t0) / calls * 1e6:8.1f} us  {name}", flush=True)
+
+
+def host_cases():
+    dev, dt = "cuda", torch.bfloat16
+    launch_costs()
+    for m, k, n in [(1024, 1024, 1024), (4096, 2048, 7168), (4096, 7168, 4096)]:
+        x = torch.randn(m, k, device=dev, dtype=dt, requires_grad=True)
+        dy = torch.randn(m, n, device=dev, dtype=dt)
+        for name, layer in [
+            ("bf16 nn.Linear", torch.nn.Linear(k, n, bias=False, device=dev, dtype=dt)),
+            ("FP8Linear", FP8Linear(k, n, bias=False, device=dev, dtype=dt)),
+        ]:
+            def step(layer=layer, x=x, dy=dy):
+                torch.autograd.grad(layer(x), [x, layer.weight], dy)
+
+            host_table(step, f"{name} {m}x{k}->{n} fwd+bwd")
+    from coscale.config import get_preset
+    from coscale.fp8 import convert_to_fp8
+    from coscale.model import DeepseekForCausalLM
+
+    cfg = get_preset("small")
+    ids = torch.randint(0, cfg.vocab_size, (16, 513), device=dev)
+    for precision in ("bf16", "fp8"):
+        torch.manual_seed(0)
+        model = DeepseekForCausalLM(cfg).to(dev)
+        if precision == "fp8":
+            model = convert_to_fp8(model)
+
+        def train_step(model=model):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model.compute_loss(ids[:, :-1], ids[:, 1:]).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        host_table(train_step, f"small preset, 16 x 512 tokens, {precision} forward+backward", iters=5, top=20)
+        del model
+        torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("linear", "moe"))
+    parser.add_argument("--only", choices=("linear", "moe", "host"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_layers.py needs a CUDA GPU")
@@ -89,6 +199,8 @@ def main():
         linear_cases()
     if args.only in (None, "moe"):
         moe_cases()
+    if args.only in (None, "host"):
+        host_cases()
 
 
 if __name__ == "__main__":
