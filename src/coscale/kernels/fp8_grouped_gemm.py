@@ -135,14 +135,17 @@ def fp8_grouped_wgrad_ref(dyt, dyt_scale, xt, xt_scale, group_end_offsets):
 # next tile's loads are issued during this tile's epilogue) and TMA_STORE (write C with an asynchronous
 # TMA bulk store instead of pointer stores). On CUDA each call shape times its candidates once per
 # process and keeps the fastest; benchmarks/tune_fp8_grouped.py sweeps more. On the H100 (DeepSeek-V3
-# experts, 256 rows each; results/tune_fp8_grouped_run8_h100_2026-11-23.log) the best forward/dgrad
-# products ran at 804-862 TFLOP/s with these three, the weight gradients at 361-433 (a TMA store:
-# +8-10%); 256-column tiles and warp specialisation were 2-3x slower.
+# experts; results/tune_fp8_grouped_run8/run9/16384tok_run13_h100_2026-11-23.log) each of these led
+# at least one product at 256 or 512 rows per expert: forward/dgrad 830-895 TFLOP/s, weight gradients
+# 361-439 at 256 rows and 521-570 at 512 (a TMA store: +8-10%); 256-column tiles and warp
+# specialisation were 2-3x slower.
 MM_CANDIDATES = (
     {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
     {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
      "FLATTEN": True},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "PROGRAMS_PER_SM": 1, "FLATTEN": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "PROGRAMS_PER_SM": 1, "TMA_STORE": True,
+     "FLATTEN": True},
 )
 WGRAD_CANDIDATES = (
     {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
