@@ -159,26 +159,37 @@ INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "STAGES": 1, "num_warps": 4,
 _PICKED: dict = {}
 
 
+PICK_ROUNDS = 2  # timing rounds over all candidates; each candidate keeps its fastest round
+
+
 def _pick_config(key, candidates, launch) -> dict:
     """The fastest candidate for ``key`` (timed on the first call, then remembered), or the
-    interpreter's configuration on CPU tensors."""
+    interpreter's configuration on CPU tensors. Every candidate is compiled and run once before any is
+    timed, and the candidates are timed in interleaved rounds, so neither compilation nor the GPU's
+    clock ramp favours the ones timed last (a single pass picked 8% below the best on the H100)."""
     if interpreting():
         return INTERPRETER_CONFIG
     cfg = _PICKED.get(key)
     if cfg is None:
         import triton.testing
 
-        timed, error = [], None
+        runnable, error = [], None
         for i, cand in enumerate(candidates):
             try:
-                timed.append((triton.testing.do_bench(lambda c=cand: launch(c), warmup=5, rep=40), i))
+                launch(cand)
+                runnable.append(i)
             except CoscaleError:
                 raise
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory on a smaller GPU: skip it
                 error = exc
-        if not timed:
+        if not runnable:
             raise CoscaleError(f"no grouped FP8 GEMM configuration runs on this GPU for {key}: {error}") from error
-        cfg = _PICKED[key] = candidates[min(timed)[1]]
+        best = {}
+        for _ in range(PICK_ROUNDS):
+            for i in runnable:
+                ms = triton.testing.do_bench(lambda c=candidates[i]: launch(c), warmup=5, rep=40)
+                best[i] = min(ms, best.get(i, ms))
+        cfg = _PICKED[key] = candidates[min(runnable, key=best.__getitem__)]
     return cfg
 
 
