@@ -296,6 +296,8 @@ def main():
         parser.error("--tokens takes positive token counts")
     if args.routing is not None and args.tokens is None:
         parser.error("--routing applies to --tokens cases")
+    if args.tokens is not None and args.quick:
+        parser.error("--tokens and --quick choose the cases in two ways; give one")
     args.device = "cuda"
     if not torch.cuda.is_available():
         raise SystemExit("bench_moe.py needs a CUDA GPU")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from coscale.fp8 import FP8Linear
@@ -99,10 +100,12 @@ def host_table(fn, title: str, iters: int = 20, top: int = 12) -> None:
             fn()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    gpu = sum(getattr(ev, "self_device_time_total", 0) for ev in events) / ITERS / 1e3
+    # kernels only: a CPU operator's self device time repeats the time of the kernels it launched
+    gpu = sum(ev.self_device_time_total for ev in events if ev.device_type == DeviceType.CUDA) / ITERS / 1e3
     print(f"\n## {title}: wall {wall:.3f} ms per iteration, GPU kernels {gpu:.3f} ms "
           f"({'host-bound' if wall > 1.3 * gpu else 'GPU-bound'})", flush=True)
-    rows = sorted(((ev.self_cpu_time_total / ITERS / 1e3, ev.count / ITERS, ev.key) for ev in events), reverse=True)
+    rows = sorted(((ev.self_cpu_time_total / ITERS / 1e3, ev.count / ITERS, ev.key) for ev in events
+                   if ev.device_type == DeviceType.CPU), reverse=True)
     for ms, count, name in rows[:top]:
         print(f"  host {ms:8.3f} ms x{count:6.1f}  {name[:100]}")
 

@@ -278,28 +278,52 @@ def test_tile_shapes_must_divide_the_scale_block():
 
 @needs_triton
 @pytest.mark.parametrize("which", ["mm", "wgrad"])
-def test_every_gpu_candidate_configuration_matches_the_reference(which):
-    """The configurations the GPU picks among (flattened tile loop, TMA bulk stores, persistent grids)
-    on ragged segments, rows after the last expert, and an N that is not a multiple of the tile rows
-    (the bulk store must fall back to pointer stores there)."""
+def test_every_gpu_candidate_configuration_matches_the_reference(which, monkeypatch):
+    """The configurations the GPU picks among (TMA bulk stores, persistent grids; FLATTEN only changes
+    the GPU pipeliner, the interpreter ignores it) on ragged segments, rows after the last expert, an
+    N that is not a multiple of the tile rows and a bf16 output whose rows are not 16-byte aligned
+    (the bulk store must fall back to pointer stores for both), in fp32 and bf16."""
     from coscale.kernels import fp8_grouped_gemm as g
 
+    real = g._tensor_descriptor()
+    made = []
+
+    class SpyDescriptor:  # counts descriptors: A, B, and C when the bulk store is used
+        @staticmethod
+        def from_tensor(t, block):
+            made.append(tuple(block))
+            return real.from_tensor(t, block)
+
+    monkeypatch.setattr(g, "_tensor_descriptor", lambda: SpyDescriptor)
     torch.manual_seed(7)
     off = offsets_of([128, 0, 256])
     m = int(off[-1]) + 37
-    x = torch.randn(m, 256)
-    xq, xs, xt, xts = q.act_quant_1x128_dual(x, backend="torch")
+
+    def check(launch, oracle, out, cfg, storable):
+        made.clear()
+        got = launch(out, cfg)
+        assert len(made) == (3 if cfg.get("TMA_STORE") and storable else 2), cfg
+        scale = float(oracle.abs().max())
+        rtol = 1e-2 if out.dtype == torch.bfloat16 else 1e-4
+        assert torch.allclose(got.float(), oracle, rtol=rtol, atol=rtol * scale), cfg
+
     if which == "mm":
+        x = torch.randn(m, 256)
+        xq, xs = q.act_quant_1x128(x, backend="torch")
         wq, ws = quantize_expert_weights(torch.randn(3, 256, 256), backend="torch")
         oracle = fp8_grouped_mm_ref(xq, xs, wq, ws, off, torch.float32)
         tile_expert = g.expert_tile_map(off, m)
         for cfg in g.MM_CANDIDATES:
-            got = g.launch_grouped_mm_tma(xq, xs, wq, ws, tile_expert, torch.full((m, 256), 7.0), cfg)
-            assert torch.allclose(got, oracle, rtol=1e-4, atol=1e-4 * float(oracle.abs().max())), cfg
+            for dtype in (torch.float32, torch.bfloat16):
+                out = torch.full((m, 256), 7.0, dtype=dtype)
+                check(lambda c, cf: g.launch_grouped_mm_tma(xq, xs, wq, ws, tile_expert, c, cf), oracle, out, cfg, True)
         return
-    for n in (256, 192):  # 192: not a multiple of BLOCK_M = 128
+    for n, k, dtype in ((256, 256, torch.float32), (192, 256, torch.float32), (256, 100, torch.bfloat16)):
+        _, _, xt, xts = q.act_quant_1x128_dual(torch.randn(m, k), backend="torch")
         _, _, dyt, dyts = q.act_quant_1x128_dual(torch.randn(m, n), backend="torch")
         oracle = fp8_grouped_wgrad_ref(dyt, dyts, xt, xts, off)
+        storable = (k * torch.empty(0, dtype=dtype).element_size()) % 16 == 0
         for cfg in g.WGRAD_CANDIDATES:
-            got = g.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, off, torch.full((3, n, 256), 7.0), cfg)
-            assert torch.allclose(got, oracle, rtol=1e-4, atol=1e-4 * float(oracle.abs().max())), (n, cfg)
+            out = torch.full((3, n, k), 7.0, dtype=dtype)
+            check(lambda c, cf: g.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, off, c, cf), oracle, out, cfg,
+                  storable and n % cfg["BLOCK_M"] == 0)

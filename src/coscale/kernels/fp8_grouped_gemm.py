@@ -135,11 +135,13 @@ def fp8_grouped_wgrad_ref(dyt, dyt_scale, xt, xt_scale, group_end_offsets):
 # next tile's loads are issued during this tile's epilogue) and TMA_STORE (write C with an asynchronous
 # TMA bulk store instead of pointer stores). On CUDA each call shape times its candidates once per
 # process and keeps the fastest; benchmarks/tune_fp8_grouped.py sweeps more. On the H100 (DeepSeek-V3
-# experts; results/tune_fp8_grouped_run8/run9/16384tok_run13_h100_2026-11-23.log) each of these led
-# at least one product at 256 or 512 rows per expert: forward/dgrad 830-895 TFLOP/s, weight gradients
-# 361-439 at 256 rows and 521-570 at 512 (a TMA store: +8-10%); 256-column tiles and warp
-# specialisation were 2-3x slower.
+# experts; results/tune_fp8_grouped_run{8,9,14,15}_h100_2026-11-23.log at 256 rows per expert,
+# ..._16384tok_run13_... at 512) the forward/dgrad candidates each led some product in some run
+# (824-904 TFLOP/s), the first wgrad candidate led most weight-gradient products (361-445 at 256 rows;
+# 64x128 led at 512, 521-570). No option wins everywhere and run-to-run noise is 5-10%, hence several
+# candidates; 256-column tiles and warp specialisation were 2-3x slower.
 MM_CANDIDATES = (
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 2},
     {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
     {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
     {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
@@ -200,9 +202,9 @@ def _rows_bucket(rows: int) -> int:
 @functools.cache
 def _build_tma_kernels(interpret: bool):
     """The two Triton kernels. Operands A and B come through host-built tensor descriptors (TMA bulk
-    copies on Hopper); scales and outputs through
-    pointers. Both kernels loop over their tiles with a stride of the grid size, so a grid smaller
-    than the tile count makes them persistent."""
+    copies on Hopper), scales through pointers, C through a descriptor (TMA_STORE) or pointers. Both
+    kernels loop over their tiles with a stride of the grid size, so a grid smaller than the tile count
+    makes them persistent; FLATTEN lets the pipeliner treat that loop and the K loop as one."""
     import triton
     import triton.language as tl
 
@@ -319,6 +321,14 @@ def _tma_operand(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def _tma_storable(c: torch.Tensor) -> bool:
+    """Whether a tensor descriptor can write the 2-D output c: contiguous rows, 16-byte aligned base
+    and row stride (e.g. not a bf16 output with K = 100 columns: pointer stores are used there)."""
+    return (
+        c.stride(-1) == 1 and c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0
+    )
+
+
 def _check_tiles(cfg: dict) -> None:
     # a row tile must not straddle two experts' 128-aligned segments, and a column tile must lie in
     # one 128x128 weight block (the forward kernel loads one weight scale per tile and K step)
@@ -334,8 +344,9 @@ def _flatten_stages(cfg: dict) -> dict:
 
 def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     """One launch of the TMA forward/dgrad kernel with an explicit configuration ``cfg``:
-    BLOCK_M and BLOCK_N (each dividing 128), GROUP_M, STAGES, num_warps and
-    PROGRAMS_PER_SM (0: one program per tile, else a persistent grid of that many per SM)."""
+    BLOCK_M and BLOCK_N (each dividing 128), GROUP_M, STAGES, num_warps,
+    PROGRAMS_PER_SM (0: one program per tile, else a persistent grid of that many per SM), FLATTEN and
+    TMA_STORE (see MM_CANDIDATES; the bulk store is skipped where c's layout does not allow it)."""
     _check_tiles(cfg)
     TensorDescriptor = _tensor_descriptor()
     m, k = a.shape
@@ -348,7 +359,7 @@ def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     tiles = -(-m // bm) * (n // bn)
     per_sm = cfg.get("PROGRAMS_PER_SM", 1)
     programs = tiles if per_sm == 0 else max(1, min(tiles, per_sm * _num_sms(a.device)))
-    tma_store = cfg.get("TMA_STORE", False)
+    tma_store = cfg.get("TMA_STORE", False) and _tma_storable(c)
     c_desc = TensorDescriptor.from_tensor(c, [bm, bn]) if tma_store else c
     kernel, _ = _build_tma_kernels(interpreting())
     kernel[(programs,)](
@@ -363,7 +374,7 @@ def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
 
 def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: dict):
     """One launch of the TMA wgrad kernel with an explicit configuration (BLOCK_M tiles N, BLOCK_N
-    tiles K, STAGES, num_warps, PROGRAMS_PER_SM as for the forward)."""
+    tiles K, STAGES, num_warps, PROGRAMS_PER_SM, FLATTEN and TMA_STORE as for the forward)."""
     TensorDescriptor = _tensor_descriptor()
     n, _ = dyt.shape
     k = xt.shape[0]
@@ -376,7 +387,10 @@ def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: di
     per_sm = cfg.get("PROGRAMS_PER_SM", 0)
     programs = tiles if per_sm == 0 else max(1, min(tiles, per_sm * _num_sms(dyt.device)))
     # a bulk store writes C as [E*N, K]: only when a BLOCK_M row tile cannot cross into the next expert
-    tma_store = cfg.get("TMA_STORE", False) and n % bm == 0 and out.is_contiguous()
+    # and the rows are 16-byte aligned
+    tma_store = (
+        cfg.get("TMA_STORE", False) and n % bm == 0 and out.is_contiguous() and _tma_storable(out.view(-1, k))
+    )
     c_desc = TensorDescriptor.from_tensor(out.view(experts * n, k), [bm, bn]) if tma_store else out
     kernel[(programs,)](
         a_desc, b_desc, out, c_desc, dyt_scale, xt_scale, offsets, n, k, experts,
