@@ -111,8 +111,9 @@ def host_table(fn, title: str, iters: int = 20, top: int = 12) -> None:
 
 
 def launch_costs(calls: int = 300) -> None:
-    """Host microseconds per call of each building block on tiny tensors (the GPU work is negligible,
-    so the wall time per call is what the host spends issuing it)."""
+    """Host microseconds per call of each building block on tiny tensors (the GPU work is small, so
+    the wall time per call is mostly what the host spends issuing it). On the lent H100 the same
+    entries varied 2-5x between runs (runs 11 and 16): orders of magnitude, not figures to compare."""
     import time
 
     import triton
