@@ -146,6 +146,23 @@ def test_fp8_precision(tmp_path):
     assert summary["precision"] == "fp8" and summary["final_train_loss"] is not None
 
 
+def test_fp8_header_says_what_speed_to_expect():
+    from types import SimpleNamespace
+
+    from coscale.config import get_preset
+    from coscale.train.loop import _fp8_speed_note
+
+    def note(precision, device, hidden):
+        setup = SimpleNamespace(precision=precision, device=torch.device(device),
+                                model_cfg=get_preset("tiny", hidden_size=hidden))
+        return _fp8_speed_note(setup)
+
+    assert "PyTorch reference" in note("fp8", "cpu", 256)
+    assert "more slowly than bf16" in note("fp8", "cuda", 1024)
+    assert note("fp8", "cuda", 7168) is None
+    assert note("bf16", "cuda", 1024) is None and note("bf16", "cpu", 256) is None
+
+
 def test_bf16_autocast_on_cpu(tmp_path):
     summary = train(small_config(tmp_path / "run", steps=2, save_interval=0, precision="bf16"), log=quiet)
     assert summary["precision"] == "bf16" and summary["final_val_loss"] is not None

@@ -937,6 +937,9 @@ def _header(cfg: TrainConfig, setup: _Setup, start_step: int) -> str:
         f"(warm-up {cfg.warmup}, cosine), AdamW moments {cfg.adam_moments_dtype}, "
         f"{torch.get_num_threads()} CPU thread(s); output {setup.out_dir}",
     ]
+    note = _fp8_speed_note(setup)
+    if note:
+        lines.append(note)
     if setup.ctx is not None:
         p = _parallel_info(cfg, setup)
         lines.append(
@@ -948,6 +951,26 @@ def _header(cfg: TrainConfig, setup: _Setup, start_step: int) -> str:
     if start_step:
         lines.append(f"resuming from {setup.resume_dir} at step {start_step}")
     return "\n".join(lines)
+
+
+# FP8Linear beats BF16 from about this width on (BENCHMARKS.md, H100): below it a layer is too small
+# for FP8's GEMMs to repay its quantization passes and launches
+FP8_PAYS_FROM_HIDDEN = 4096
+
+
+def _fp8_speed_note(setup: _Setup) -> str | None:
+    """What a user choosing fp8 should expect of its speed, when it is not a speed-up."""
+    if setup.precision != "fp8":
+        return None
+    if setup.device.type != "cuda":
+        return ("note: fp8 on CPU runs the recipe's PyTorch reference (quantize, dequantize, matmul): it "
+                "checks the numerics and is slower than fp32")
+    hidden = setup.model_cfg.hidden_size
+    if hidden < FP8_PAYS_FROM_HIDDEN:
+        return (f"note: at hidden size {hidden} fp8 is expected to train more slowly than bf16 (about 0.5x "
+                f"for the small preset on an H100: launch-bound); it speeds up linear layers from about "
+                f"{FP8_PAYS_FROM_HIDDEN} wide (docs/fp8.md, 'When FP8 pays')")
+    return None
 
 
 def _model_name(cfg: TrainConfig) -> str:
