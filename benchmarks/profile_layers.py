@@ -47,9 +47,10 @@ def kernel_table(fn, title: str, top: int = 14) -> None:
         print(f"{ms:9.3f} ms {100 * ms / total:5.1f}% x{count:5.1f}  {name[:110]}")
 
 
-def linear_cases():
+def linear_steps(shapes):
+    """(title, step) per shape and layer: nn.Linear in BF16 and FP8Linear, forward + backward."""
     dev, dt = "cuda", torch.bfloat16
-    for m, k, n in [(8192, 16384, 7168), (8192, 7168, 4096), (8192, 7168, 18432)]:
+    for m, k, n in shapes:
         x = torch.randn(m, k, device=dev, dtype=dt, requires_grad=True)
         dy = torch.randn(m, n, device=dev, dtype=dt)
         for name, layer in [
@@ -59,9 +60,14 @@ def linear_cases():
             def step(layer=layer, x=x, dy=dy):
                 torch.autograd.grad(layer(x), [x, layer.weight], dy)
 
-            kernel_table(step, f"{name} {m}x{k}->{n} fwd+bwd")
+            yield f"{name} {m}x{k}->{n} fwd+bwd", step
         del x, dy
         torch.cuda.empty_cache()
+
+
+def linear_cases():
+    for title, step in linear_steps([(8192, 16384, 7168), (8192, 7168, 4096), (8192, 7168, 18432)]):
+        kernel_table(step, title)
 
 
 def moe_cases():
@@ -156,19 +162,10 @@ def launch_costs(calls: int = 300) -> None:
 
 
 def host_cases():
-    dev, dt = "cuda", torch.bfloat16
+    dev = "cuda"
     launch_costs()
-    for m, k, n in [(1024, 1024, 1024), (4096, 2048, 7168), (4096, 7168, 4096)]:
-        x = torch.randn(m, k, device=dev, dtype=dt, requires_grad=True)
-        dy = torch.randn(m, n, device=dev, dtype=dt)
-        for name, layer in [
-            ("bf16 nn.Linear", torch.nn.Linear(k, n, bias=False, device=dev, dtype=dt)),
-            ("FP8Linear", FP8Linear(k, n, bias=False, device=dev, dtype=dt)),
-        ]:
-            def step(layer=layer, x=x, dy=dy):
-                torch.autograd.grad(layer(x), [x, layer.weight], dy)
-
-            host_table(step, f"{name} {m}x{k}->{n} fwd+bwd")
+    for title, step in linear_steps([(1024, 1024, 1024), (4096, 2048, 7168), (4096, 7168, 4096)]):
+        host_table(step, title)
     from coscale.config import get_preset
     from coscale.fp8 import convert_to_fp8
     from coscale.model import DeepseekForCausalLM

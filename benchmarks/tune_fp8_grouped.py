@@ -82,13 +82,14 @@ ROUNDS = 2  # timing rounds over all variants of a product; each keeps its faste
 
 
 def record(pending, case, variant, fn, flops, error=None):
-    """Check one variant (``error()`` -> relative error, when given; the first call also compiles) and
-    queue it for timing; a failure is recorded and the sweep goes on."""
+    """Check one variant (``error()`` -> relative error, when given) or run it once, and queue it for
+    timing; a failure is recorded and the sweep goes on."""
     entry = {**case, "variant": variant}
     try:
-        if error is not None:
+        if error is not None:  # runs the variant, so it is compiled before the timing rounds
             entry["err"] = error()
-        fn()
+        else:
+            fn()
     except Exception as exc:  # noqa: BLE001
         entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
         entry["traceback"] = traceback.format_exc()[-1500:]

@@ -313,20 +313,15 @@ def _tensor_descriptor():
     return TensorDescriptor
 
 
+def _descriptor_ok(t: torch.Tensor) -> bool:
+    """Whether a tensor descriptor can read or write the 2-D tensor t: contiguous rows, 16-byte aligned
+    base and row stride (not, e.g., a bf16 output with K = 100 columns)."""
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
 def _tma_operand(t: torch.Tensor) -> torch.Tensor:
-    """t itself when a tensor descriptor can read it (last dimension contiguous, 16-byte aligned base
-    and row stride), else a contiguous copy."""
-    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0:
-        return t
-    return t.contiguous()
-
-
-def _tma_storable(c: torch.Tensor) -> bool:
-    """Whether a tensor descriptor can write the 2-D output c: contiguous rows, 16-byte aligned base
-    and row stride (e.g. not a bf16 output with K = 100 columns: pointer stores are used there)."""
-    return (
-        c.stride(-1) == 1 and c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0
-    )
+    """t itself when a tensor descriptor can read it, else a contiguous copy."""
+    return t if _descriptor_ok(t) else t.contiguous()
 
 
 def _check_tiles(cfg: dict) -> None:
@@ -359,7 +354,7 @@ def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     tiles = -(-m // bm) * (n // bn)
     per_sm = cfg.get("PROGRAMS_PER_SM", 1)
     programs = tiles if per_sm == 0 else max(1, min(tiles, per_sm * _num_sms(a.device)))
-    tma_store = cfg.get("TMA_STORE", False) and _tma_storable(c)
+    tma_store = cfg.get("TMA_STORE", False) and _descriptor_ok(c)  # else pointer stores
     c_desc = TensorDescriptor.from_tensor(c, [bm, bn]) if tma_store else c
     kernel, _ = _build_tma_kernels(interpreting())
     kernel[(programs,)](
@@ -387,11 +382,10 @@ def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: di
     per_sm = cfg.get("PROGRAMS_PER_SM", 0)
     programs = tiles if per_sm == 0 else max(1, min(tiles, per_sm * _num_sms(dyt.device)))
     # a bulk store writes C as [E*N, K]: only when a BLOCK_M row tile cannot cross into the next expert
-    # and the rows are 16-byte aligned
-    tma_store = (
-        cfg.get("TMA_STORE", False) and n % bm == 0 and out.is_contiguous() and _tma_storable(out.view(-1, k))
-    )
-    c_desc = TensorDescriptor.from_tensor(out.view(experts * n, k), [bm, bn]) if tma_store else out
+    # and a descriptor can write that view; else pointer stores
+    c2d = out.view(experts * n, k) if out.is_contiguous() else None
+    tma_store = cfg.get("TMA_STORE", False) and n % bm == 0 and c2d is not None and _descriptor_ok(c2d)
+    c_desc = TensorDescriptor.from_tensor(c2d, [bm, bn]) if tma_store else out
     kernel[(programs,)](
         a_desc, b_desc, out, c_desc, dyt_scale, xt_scale, offsets, n, k, experts,
         out.stride(0), out.stride(1), dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
