@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "coscale.train.commands",  # train, info
     "coscale.infer.commands",  # generate
     "coscale.analysis.commands",  # analyze, report
+    "coscale.calibrate",  # calibrate
 )
 
 

@@ -162,7 +162,9 @@ def _counts(cfg):
 
 
 def describe_model(cfg, name: str) -> str:
-    """A few lines: architecture and total / activated parameter counts."""
+    """A few lines: architecture and total / activated parameter counts (with their convention)."""
+    from coscale.param_count import ACTIVATED_CONVENTION
+
     c = _counts(cfg)
     q = f"q_lora_rank {cfg.q_lora_rank}" if cfg.q_lora_rank else "queries unprojected"
     lines = [
@@ -186,6 +188,8 @@ def describe_model(cfg, name: str) -> str:
         f"  MTP: depth {cfg.num_nextn_predict_layers}, loss weight {cfg.mtp_loss_weight}",
         f"  parameters: total {_human(c.total)} ({c.total:,}), activated per token {_human(c.activated)} "
         f"({c.activated:,})",
+        f"    activated: {ACTIVATED_CONVENTION}; with the embedding table {_human(c.activated_with_embedding)} "
+        f"({c.activated_with_embedding:,})",
         f"  MTP modules: {_human(c.mtp)} as stored ({_human(c.mtp_unique)} without shared embedding/head); "
         f"routed experts {_human(c.routed_experts)}",
     ]
