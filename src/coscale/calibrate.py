@@ -260,7 +260,8 @@ def _all_to_all(tag):
     world, dev = dist.get_world_size(), torch.device("cuda", torch.cuda.current_device())
 
     def seconds(numel):
-        x, y = torch.empty(numel, device=dev, dtype=torch.bfloat16), torch.empty(numel, device=dev, dtype=torch.bfloat16)
+        x = torch.empty(numel, device=dev, dtype=torch.bfloat16)
+        y = torch.empty_like(x)
         for _ in range(3):
             dist.all_to_all_single(y, x)
         torch.cuda.synchronize()
@@ -364,9 +365,9 @@ def register(subparsers) -> None:
 
 
 def run_calibrate(args) -> int:
-    from coscale.analysis.output import write_hardware
-
     import torch
+
+    from coscale.analysis.output import write_hardware
 
     if not args.cpu_smoke and not torch.cuda.is_available():
         raise CalibrationError("coscale calibrate measures a GPU and found none (CUDA unavailable); "

@@ -91,7 +91,8 @@ EFFICIENCY_FIELDS = tuple(f.name for f in dataclasses.fields(Efficiency) if f.na
 
 # How each rate follows the datasheet when a figure measured on one GPU is carried to another.
 _SCALES_WITH = {
-    "gemm_fp8_tflops": "fp8", "gemm_grouped_fp8_tflops": "fp8", "gemm_masked_fp8_tflops": "fp8", "gemm_wgrad_fp8_tflops": "fp8",
+    "gemm_fp8_tflops": "fp8", "gemm_grouped_fp8_tflops": "fp8", "gemm_masked_fp8_tflops": "fp8",
+    "gemm_wgrad_fp8_tflops": "fp8",
     "gemm_bf16_tflops": "bf16", "attention_decode_tflops": "bf16", "attention_prefill_tflops": "bf16",
     "attention_backward_tflops": "bf16", "gemm_memory_tbps": "hbm", "attention_decode_tbps": "hbm",
     "memory_tbps": "hbm", "a2a_scale_out_gbps": "scale_out", "a2a_low_latency_gbps": "scale_out",

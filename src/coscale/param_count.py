@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 from coscale.config import ModelConfig
 
-
 # The convention "activated" follows everywhere in coscale (info, analyze flops, the analysis models).
 ACTIVATED_CONVENTION = "embedding table excluded (a look-up, no multiply), output head included"
 

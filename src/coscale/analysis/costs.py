@@ -107,7 +107,8 @@ def all_to_all(eff: Efficiency, name: str, scale_out_bytes: float, scale_up_byte
                low_latency: bool = False) -> OpTime:
     """One dispatch or combine: bytes this GPU sends over its NICs and over NVLink (forwarding)."""
     out_rate = eff.a2a_low_latency_gbps if low_latency else eff.a2a_scale_out_gbps
-    times = {"scale-out": scale_out_bytes / (out_rate * 1e9), "scale-up": scale_up_bytes / (eff.a2a_scale_up_gbps * 1e9)}
+    times = {"scale-out": scale_out_bytes / (out_rate * 1e9),
+             "scale-up": scale_up_bytes / (eff.a2a_scale_up_gbps * 1e9)}
     bound = max(times, key=times.get)
     latency = eff.collective_latency_us * 1e-6
     if latency > times[bound]:

@@ -65,7 +65,7 @@ class ServingLayout:
         if v.heads % self.tp or self.tp > hw.scale_up_domain:
             raise ConfigError(f"tp ({self.tp}) must divide the heads ({v.heads}) and fit in one scale-up "
                               f"domain ({hw.scale_up_domain} GPUs)")
-        if self.ep % self.tp:
+        if v.is_moe and self.ep % self.tp:
             raise ConfigError(f"tp ({self.tp}) must divide ep ({self.ep}): attention groups are carved "
                               "out of the EP group")
 
@@ -233,11 +233,12 @@ def _check_common(v: ModelView, hw: HardwareSpec, layout: ServingLayout, counts:
 
 def _assumptions(v: ModelView, hw: HardwareSpec, layout: ServingLayout, par: L.Parallel, decode: bool) -> list[str]:
     eff = hw.achieved
+    dp = max(layout.ep // layout.tp, 1)
     out = [f"{v.name} on {hw.name}: ep {layout.ep} ({par.local_experts(v) if v.is_moe else 0} routed experts per "
-           f"GPU with {layout.redundant_experts} redundant), attention tp {layout.tp} x dp {layout.ep // layout.tp}; "
+           f"GPU with {layout.redundant_experts} redundant), attention tp {layout.tp} x dp {dp}; "
            "shared expert, router and dense layers replicated; balanced routing",
-           f"{par.gemm_dtype.upper()} GEMMs, dispatch {par.dispatch_bytes:g} B/number (+ scales if FP8), combine {par.combine_bytes:g} B/number, "
-           f"KV cache {par.kv_bytes:g} B/number, output head BF16"]
+           f"{par.gemm_dtype.upper()} GEMMs, dispatch {par.dispatch_bytes:g} B/number (+ scales if FP8), combine "
+           f"{par.combine_bytes:g} B/number, KV cache {par.kv_bytes:g} B/number, output head BF16"]
     if v.is_moe and layout.ep > hw.scale_up_domain:
         out.append("all-to-all: every routed copy over the NICs (low-latency kernels)" if decode else
                    f"all-to-all: node-limited routing ({v.topk_group} of {v.n_group} groups), one InfiniBand "

@@ -98,39 +98,40 @@ def _pass_ops(v: ModelView, hw: HardwareSpec, tokens: int, micro_batch: int, seq
         elif not op.flops and op.bound in ("memory", "launch"):  # elementwise: twice the bytes backward
             backward.append(elementwise(eff, op.name + " (backward)", 2 * op.bytes))
         # GEMMs are rebuilt from their shapes below; the TP all-reduce repeats in backward as is
-    for name, m, n, k, groups, kind in _gemm_shapes(v, tokens, tp, ep, moe):
-        backward.append(gemm(eff, name + " dgrad", m, k, n, groups=groups, kind="grouped" if groups > 1 else "dense",
+    for name, m, n, k, groups in _gemm_shapes(v, tokens, tp, ep, moe):
+        experts = name.startswith("experts")  # the routed experts run grouped GEMMs
+        backward.append(gemm(eff, name + " dgrad", m, k, n, groups=groups, kind="grouped" if experts else "dense",
                              dtype=dtype))
-        wgrad.append(gemm(eff, name + " wgrad", n, k, m, kind="wgrad" if groups > 1 else "dense", dtype=dtype))
+        wgrad.append(gemm(eff, name + " wgrad", n, k, m, kind="wgrad" if experts else "dense", dtype=dtype))
         if name in ("q_b", "kv_b"):
             recompute.append(gemm(eff, name + " recomputed", m, n, k, dtype=dtype))
     return forward, backward, wgrad, recompute
 
 
 def _gemm_shapes(v: ModelView, tokens: int, tp: int, ep: int, moe: bool) -> list[tuple]:
-    """(name, M, N, K, groups, kind) of the layer's FP8 GEMMs for ``tokens`` tokens on one GPU."""
+    """(name, M, N, K, groups) of the layer's GEMMs for ``tokens`` tokens on one GPU."""
     h, T = v.heads / tp, tokens
     out = []
     if v.attention == "MLA":
         latent = v.kv_lora_rank + v.qk_rope_head_dim
         nope = v.qk_head_dim - v.qk_rope_head_dim
-        out.append(("q_a + kv_a", T, (v.q_lora_rank or 0) + latent, v.hidden_size, 1, "dense"))
-        out.append(("q_b", T, int(h * v.qk_head_dim), v.q_lora_rank or v.hidden_size, 1, "dense"))
-        out.append(("kv_b", T, int(h * (nope + v.v_head_dim)), v.kv_lora_rank, 1, "dense"))
+        out.append(("q_a + kv_a", T, (v.q_lora_rank or 0) + latent, v.hidden_size, 1))
+        out.append(("q_b", T, int(h * v.qk_head_dim), v.q_lora_rank or v.hidden_size, 1))
+        out.append(("kv_b", T, int(h * (nope + v.v_head_dim)), v.kv_lora_rank, 1))
     else:
-        out.append(("qkv", T, int((h + 2 * max(v.kv_heads / tp, 1)) * v.qk_head_dim), v.hidden_size, 1, "dense"))
-    out.append(("o_proj", T, v.hidden_size, int(h * v.v_head_dim), 1, "dense"))
+        out.append(("qkv", T, int((h + 2 * max(v.kv_heads / tp, 1)) * v.qk_head_dim), v.hidden_size, 1))
+    out.append(("o_proj", T, v.hidden_size, int(h * v.v_head_dim), 1))
     t = T / tp
     if moe:
         rows, local = t * v.experts_per_token, -(-v.n_routed_experts // ep)
-        out += [("experts gate+up", rows, 2 * v.moe_intermediate, v.hidden_size, local, "dense"),
-                ("experts down", rows, v.hidden_size, v.moe_intermediate, local, "dense")]
+        out += [("experts gate+up", rows, 2 * v.moe_intermediate, v.hidden_size, local),
+                ("experts down", rows, v.hidden_size, v.moe_intermediate, local)]
         if v.shared_experts:
-            out += [("shared gate+up", t, 2 * v.shared_intermediate, v.hidden_size, 1, "dense"),
-                    ("shared down", t, v.hidden_size, v.shared_intermediate, 1, "dense")]
+            out += [("shared gate+up", t, 2 * v.shared_intermediate, v.hidden_size, 1),
+                    ("shared down", t, v.hidden_size, v.shared_intermediate, 1)]
     else:
-        out += [("dense gate+up", t, 2 * v.dense_intermediate, v.hidden_size, 1, "dense"),
-                ("dense down", t, v.hidden_size, v.dense_intermediate, 1, "dense")]
+        out += [("dense gate+up", t, 2 * v.dense_intermediate, v.hidden_size, 1),
+                ("dense down", t, v.hidden_size, v.dense_intermediate, 1)]
     return out
 
 
@@ -176,7 +177,6 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
             a2a += count / layout.pp * 2 * (dispatch.seconds + combine.seconds)  # forward and backward
     head = sum(op.seconds for op in L.head_ops(v, hw, tokens, layout.tp)) * (1 + mtp) / layout.pp
     f, b, w = f + head, b + head, w + head
-    compute = micro_batches * (f + b + w)
     if layout.pp == 1:
         bubble = 0.0
     elif schedule == "1f1b":
@@ -199,7 +199,8 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
     notes = [f"{v.name} on {layout.world} x {hw.name}: dp {dp} tp {layout.tp} pp {layout.pp} ep {layout.ep}; "
              f"{micro_batches} micro-batches of {micro_batch} x {seq_len} tokens per pipeline; {schedule} schedule; "
              f"recompute {recompute}; MTP modules {'trained' if mtp else 'excluded'}; {precision.upper()} GEMMs"
-             + (f"; eager: {kernels:.0f} ops per micro-batch and stage at {eff.host_launch_us:g} us each" if eager else ""),
+             + (f"; eager: {kernels:.0f} ops per micro-batch and stage at {eff.host_launch_us:g} us each"
+                if eager else ""),
              f"MoE computation on {eff.sms - eff.comm_sms} of {eff.sms} SMs (the all-to-all kernels hold the rest)"
              if slowdown > 1 else "no SMs held by communication kernels",
              "achieved rates: " + "; ".join(f"{k} {getattr(eff, k):g}" for k in (
