@@ -10,7 +10,8 @@ inference), the output head in BF16.
 Elementwise kernels are counted by the bytes they move per token (reads + writes):
 input RMSNorm with the residual add and the FP8 quantization of its output (7 x hidden); the q/kv latent
 norms (4 x (q_lora + kv_lora)); RoPE on the queries (4 x heads x rope); the FP8 quantization before the
-output projection (3 x heads x v_dim); the post-attention norm (7 x hidden); router top-k; SwiGLU with the
+output projection (3 x heads x v_dim); in prefill the assembly of per-head keys from the decompressed
+and the shared RoPE parts (4 x heads x qk_dim); the post-attention norm (7 x hidden); router top-k; SwiGLU with the
 FP8 quantization of its output (5 x k x intermediate per routed copy); and in prefill the permutation of
 dispatched FP8 rows into the grouped layout (2 x k x hidden). Each kernel takes at least the kernel floor.
 
