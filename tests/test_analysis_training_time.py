@@ -10,7 +10,7 @@ from coscale.errors import ConfigError
 def test_deepseek_v3_check_is_printed_not_fitted():
     r = T.training_time(**T.DEEPSEEK_V3_TRAINING)
     per_trillion = r.gpu_hours(1e12)
-    # The report: 180.4K H800 GPU-hours per trillion tokens. The model predicts fewer (124K today): it has no
+    # The report: 180K H800 GPU-hours per trillion tokens. The model predicts fewer (127K today): it has no
     # expert-load imbalance and takes kernel rates from standalone benchmarks (docs/analysis.md). The check
     # guards the direction and size of that gap.
     assert per_trillion < T.PUBLISHED_GPU_HOURS_PER_TRILLION

@@ -218,7 +218,8 @@ def _training(args) -> int:
         published = training_time.PUBLISHED_GPU_HOURS_PER_TRILLION
         summary += [["published GPU-hours per 1e12 tokens (the report)", published],
                     ["predicted vs published [%]", (r.gpu_hours(1e12) / published - 1) * 100]]
-        notes.append("the report: 2.788M H800 GPU-hours for 14.8T tokens; Table 4: 19.926 s per step, 385 TFLOP/s "
+        notes.append("the report: 180K H800 GPU-hours per trillion tokens (2.664M for 14.8T of pre-training); "
+                     "Table 4: 19.926 s per step, 385 TFLOP/s "
                      "causal per GPU. Not modelled: expert-load imbalance, contention between DualPipe's overlapped "
                      "chunks, kernels slower inside the full step than in their own benchmarks.")
     return _print([Table(title=f"Training step of {r.model} on {r.world} x {r.hardware}",

@@ -19,7 +19,7 @@ on the rest. The MTP modules train with the model. Routing is balanced; the outp
 more work than the others (its imbalance is ignored).
 
 GPU-hours for ``N`` tokens = N / tokens per step x step time x GPUs; cost at a price per GPU-hour (the
-report's $2 for the H800). The report's 2.788M H800 GPU-hours for 14.8T tokens (180K per trillion) is
+report's $2 for the H800). The report's 180K H800 GPU-hours per trillion tokens (2.664M for 14.8T) is
 the check for DeepSeek-V3's layout (:data:`DEEPSEEK_V3_TRAINING`), never an input.
 """
 
@@ -42,7 +42,7 @@ RECOMPUTE = ("deepseek", "none", "full")
 # 15,360 sequences of 4,096 tokens per step; 180K GPU-hours per trillion tokens; $2 per GPU-hour.
 DEEPSEEK_V3_TRAINING = dict(model="deepseek-v3", hardware="h800", layout=ParallelLayout(dp=128, pp=16, ep=64),
                             seq_len=4096, global_batch=15360, micro_batch=1, schedule="dualpipe")
-PUBLISHED_GPU_HOURS_PER_TRILLION = 2.788e6 / 14.8  # 180.4K (the report: 2.788M H800 hours, 14.8T tokens)
+PUBLISHED_GPU_HOURS_PER_TRILLION = 180e3  # the report: "180K H800 GPU hours" per trillion tokens (2.664M / 14.8T)
 PRICE_PER_GPU_HOUR = 2.0  # US$, the report's H800 rental assumption
 
 

@@ -37,14 +37,7 @@ BEGIN, END = "<!-- validation:begin -->", "<!-- validation:end -->"
 
 def load_measurements(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e.msg} (line {e.lineno})") from None
-    records = data.get("measurements") if isinstance(data, dict) else None
+    records = _read_json(path).get("measurements")
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise ConfigError(f"{path} must hold {{\"measurements\": [{{...}}, ...]}}")
     return records
@@ -156,7 +149,7 @@ def _read_json(path: str) -> dict:
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e.msg}") from None
+        raise ConfigError(f"{path} is not valid JSON: {e.msg} (line {e.lineno})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object")
     return data
