@@ -201,7 +201,7 @@ def test_help_texts(capsys):
     for name, p in analyze.items():
         text = " ".join(p.format_help().split())
         assert "--json" in text and "print JSON" in text and "print Markdown tables" in text, name
-        if name != "network" and name != "validate":
+        if name != "network":
             assert "gb200-nvl72" in text, name
 
 

@@ -44,7 +44,9 @@ def test_record_from_a_run_directory(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     record = validation.record_from_run(tmp_path, "h200")
     assert record["seconds"] == pytest.approx(4 * 256 / 1012.0)  # median of the last half: 1000, 1024
-    assert validation.predict(record) > 0
+    assert record["precision"] == "bf16" and validation.predict(record) > 0
+    (tmp_path / "summary.json").write_text(json.dumps({"precision": "fp8"}))
+    assert validation.record_from_run(tmp_path, "h200")["precision"] == "fp8"
 
 
 @pytest.mark.parametrize("content, match", [

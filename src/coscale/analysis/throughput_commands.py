@@ -11,6 +11,7 @@ from coscale.analysis import search, serving, training_time, validation
 from coscale.analysis.memory import ParallelLayout
 from coscale.analysis.table import Table, render
 from coscale.errors import ConfigError
+from coscale.hardware import hardware_names
 
 PROFILE = "DeepSeek's published profile"
 
@@ -64,7 +65,8 @@ def register(sub, add) -> None:
     p.add_argument("--measurements", help="JSON file {\"measurements\": [...]} (see docs/analysis.md)")
     p.add_argument("--from-run", action="append", default=[], metavar="RUN_DIR",
                    help="a 'coscale train' run directory to add as a measurement (repeatable)")
-    p.add_argument("--hardware", default="h200", help="hardware for --from-run records (preset or file)")
+    p.add_argument("--hardware", default="h200", help="hardware for --from-run records: a preset "
+                   f"({', '.join(hardware_names())}) or a file from 'coscale calibrate' (default h200)")
     p.add_argument("--update-doc", metavar="MARKDOWN",
                    help="write the table between the validation markers of this page (docs/analysis.md)")
 

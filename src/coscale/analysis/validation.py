@@ -137,8 +137,11 @@ def record_from_run(run_dir: str | os.PathLike, hardware: str) -> dict[str, Any]
     if len(rates) < 2:
         raise ConfigError(f"{run_dir}: metrics.jsonl holds fewer than 2 timed training steps")
     steady = statistics.median(rates[len(rates) // 2:])
+    summary_path = os.path.join(run_dir, "summary.json")
+    summary = _read_json(summary_path) if os.path.exists(summary_path) else {}
+    precision = summary.get("precision") or config.get("precision") or "bf16"  # None: the run's default
     return {"kind": "train_step", "model": model, "hardware": hardware, "batch": batch, "seq_len": seq_len,
-            "precision": config.get("precision", "bf16"), "eager": True,
+            "precision": "fp8" if "fp8" in str(precision) else "bf16", "eager": True,
             "seconds": batch * seq_len / steady, "source": f"coscale train, {run_dir} (median of the last half)"}
 
 
