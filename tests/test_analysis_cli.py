@@ -241,6 +241,7 @@ def test_serve_profile_prints_the_published_figures(capsys):
 @pytest.mark.parametrize("argv", [
     ["serve", "--ep", "0"], ["serve", "--batch", "0"], ["serve", "--mtp-acceptance", "2", "--mtp-drafts", "1"],
     ["search", "--gpus", "8", "--ep", "8"], ["training-time", "--deepseek-v3", "--model", "small"],
+    ["serve", "--phase", "decode", "--tokens", "4096"], ["serve", "--phase", "prefill", "--batch", "8"],
     ["training-time", "--seq-len", "0"], ["validate"],
 ])
 def test_throughput_commands_refuse_bad_input(capsys, argv):

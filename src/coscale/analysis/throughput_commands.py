@@ -92,8 +92,15 @@ def _layout(args, ep_default: int) -> serving.ServingLayout:
                                  redundant_experts=pick("redundant_experts", 0), micro_batches=pick("micro_batches", 2))
 
 
+_PHASE_OPTIONS = {"decode": ("batch", "context", "mtp_drafts", "mtp_acceptance"), "prefill": ("tokens", "prompt_len")}
+
+
 def _serve(args) -> int:
     phases = ("decode", "prefill") if args.phase == "both" else (args.phase,)
+    for phase, names in _PHASE_OPTIONS.items():
+        given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
+        if given and phase not in phases:
+            raise ConfigError(f"{', '.join(given)} describe(s) the {phase} phase: add --phase {phase} or both")
     results, published = [], {}
     for phase in phases:
         profile = serving.DEEPSEEK_PROFILE[phase] if args.deepseek_profile else {}
