@@ -26,11 +26,11 @@ def from_pretrained(path, dtype=None, device=None):
     return _from_pretrained(path, dtype=dtype, device=device)
 
 
-def save_pretrained(model, path, **kwargs):
+def save_pretrained(model, path, *, max_shard_size="2GB", fp8=False, overwrite=False):
     """Write `model` as an HF-format checkpoint directory (see coscale.checkpoint.save_pretrained)."""
     from coscale.checkpoint import save_pretrained as _save_pretrained
 
-    _save_pretrained(model, path, **kwargs)
+    _save_pretrained(model, path, max_shard_size=max_shard_size, fp8=fp8, overwrite=overwrite)
 
 
 __all__ = ["ModelConfig", "get_preset", "load_config", "from_pretrained", "save_pretrained", "__version__"]

@@ -326,8 +326,7 @@ def _missing(adapter: StateDictAdapter, filled: dict[str, set], expert_range: ra
             missing += [] if got else adapter.hf_names(name)
             continue
         offset = expert_range.start if expert_range is not None else 0
-        absent = [j + offset for j in range(t.shape[0]) if j not in got]
-        missing += adapter.hf_names(name, absent) if absent else []
+        missing += adapter.hf_names(name, [j + offset for j in range(t.shape[0]) if j not in got])
     return missing
 
 

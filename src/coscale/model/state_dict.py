@@ -138,7 +138,7 @@ class StateDictAdapter:
         name, expert = hf_to_coscale_name(hf_name, self.cfg)
         return self._canonical.get(name, name), expert
 
-    def hf_names(self, name: str, experts: range | None = None) -> list[str]:
+    def hf_names(self, name: str, experts=None) -> list[str]:
         """HF names of canonical tensor `name`: one per expert of `experts` for stacked weights
         (default: all of the tensor's experts)."""
         if not is_stacked_expert(name):
