@@ -171,12 +171,5 @@ class DeepseekForCausalLM(nn.Module):
             loss = loss + aux_loss
         return LossOutput(loss=loss, main_loss=main.detach(), mtp_loss=mtp_loss, aux_loss=aux_loss)
 
-    # ---- checkpoints -------------------------------------------------------------------
-    def save_pretrained(self, path, **kwargs) -> None:
-        """Write an HF-layout checkpoint (config.json + sharded safetensors); see coscale.checkpoint."""
-        from coscale.checkpoint import save_pretrained
-
-        save_pretrained(self, path, **kwargs)
-
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
