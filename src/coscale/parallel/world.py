@@ -20,8 +20,10 @@ method                      :class:`SingleProcess`           :class:`Distributed
 ``optimizer_state``                                          single-process format)
 ==========================  ===============================  =============================================
 
-Collective methods must be called by every rank in the same order; none of them synchronises the
-host with the device (the all-reduces are enqueued on the device's stream under NCCL). Every method
+Collective methods must be called by every rank in the same order. The methods a training step calls
+(``shard`` to ``mean``) do not synchronise the host with the device (under NCCL the all-reduces are
+queued on the device's stream); ``agree``, ``broadcast`` and ``check_same`` exchange Python objects
+and do. Every method
 but :meth:`World.agree`, :meth:`World.broadcast` and :meth:`World.check_same` needs the model placed
 first: the EP and DP groups are built by :meth:`World.place_model`, so that a bad layout is reported by
 the trainer's own checks (which run under :meth:`World.agree`) before the groups exist.
@@ -217,8 +219,9 @@ class ExpertParallelLayout:
 class Distributed(World):
     """One of ``world_size`` ranks started by torchrun: EP x DP through :mod:`coscale.parallel`.
 
-    :meth:`start` joins the default process group (the rendezvous); the EP and DP groups follow in
-    :meth:`place_model`. The CUDA RNG state is not checkpointed (each rank has its own device).
+    Creating it joins the default process group (the rendezvous; a no-op when one exists, which it then
+    leaves in place on :meth:`close`); the EP and DP groups follow in :meth:`place_model`. The CUDA RNG
+    state is not checkpointed (each rank has its own device).
     """
 
     def __init__(self, backend: str, timeout_s: float, layout: ExpertParallelLayout) -> None:

@@ -69,7 +69,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     same summary, and rank 0 alone logs and writes.
     """
     with open_world(cfg) as world:
-        if cfg.out_dir is None and not cfg.resume:  # one timestamped directory: rank 0's
+        if not cfg.out_dir and not cfg.resume:  # one timestamped directory: rank 0's
             cfg = dataclasses.replace(cfg, out_dir=world.broadcast(default_out_dir()))
         plan = world.agree(lambda: plan_run(cfg, world))
         world.check_same(plan.resolved_config, "training config (options given to coscale train)")
@@ -128,7 +128,7 @@ class _Run:
         wall_start = time.perf_counter()
         cfg, plan, layout = self.cfg, self.plan, self.world.layout()
         self.metrics.log({"type": "run", "step": plan.start_step, "resumed_from": plan.resume_dir,
-                          "model_name": plan.model_name, "init_from": cfg.init_from,
+                          "model_name": plan.model_name, "init_from": plan.init_from,
                           "unigram_entropy": plan.entropy, "device": str(self.world.device),
                           "precision": plan.precision, **({"parallel": layout} if layout else {})})
         self.log(header(cfg, plan, self.world.device, layout))

@@ -43,7 +43,7 @@ def header(cfg: TrainConfig, plan: RunPlan, device: torch.device, layout: dict |
         f"(warm-up {cfg.warmup}, cosine), AdamW moments {cfg.adam_moments_dtype}, "
         f"{torch.get_num_threads()} CPU thread(s); output {plan.out_dir}",
     ]
-    lines += [note for note in (_weights_note(cfg, plan), fp8_speed_note(plan.precision, device,
+    lines += [note for note in (_weights_note(plan), fp8_speed_note(plan.precision, device,
                                                                           plan.model_cfg.hidden_size)) if note]
     if layout is not None:
         lines.append(
@@ -57,11 +57,9 @@ def header(cfg: TrainConfig, plan: RunPlan, device: torch.device, layout: dict |
     return "\n".join(lines)
 
 
-def _weights_note(cfg: TrainConfig, plan: RunPlan) -> str | None:
-    if plan.resume_dir:
-        return None
-    if cfg.init_from:
-        return f"init: weights from {cfg.init_from} (fine-tuning)"
+def _weights_note(plan: RunPlan) -> str | None:
+    if plan.init_from:
+        return f"init: weights from {plan.init_from} (fine-tuning)"
     if plan.ignored_weights:
         return (f"note: training starts from scratch (random weights): only the config.json of "
                 f"{plan.ignored_weights} is used; pass --init-from {plan.ignored_weights} to fine-tune its weights")

@@ -87,6 +87,7 @@ class RunPlan:
     resume_dir: str | None
     resume_meta: dict | None
     resolved_config: dict  # the config with defaults filled in, as run directory and checkpoints record it
+    init_from: str | None = None  # the HF checkpoint whose weights a new run starts from (None on resume)
     ignored_weights: str | None = None  # a --model directory whose weights this run does not load
 
     @property
@@ -96,12 +97,11 @@ class RunPlan:
 
 def plan_run(cfg: TrainConfig, world: World) -> RunPlan:
     cfg.validate()
-    resume_dir = resume_meta = None
-    if cfg.resume:
-        resume_dir = ckpt.resolve_checkpoint(cfg.resume)
-        resume_meta = ckpt.read_meta(resume_dir)
-    if cfg.init_from and not resume_dir and not os.path.isdir(cfg.init_from):
-        raise CheckpointError(f"--init-from {cfg.init_from}: no such checkpoint directory")
+    resume_dir = ckpt.resolve_checkpoint(cfg.resume) if cfg.resume else None
+    resume_meta = ckpt.read_meta(resume_dir) if resume_dir else None
+    init_from = None if resume_dir else cfg.init_from  # a resumed run has its own weights
+    if init_from and not os.path.isdir(init_from):
+        raise CheckpointError(f"--init-from {init_from}: no such checkpoint directory")
     model_cfg = resolve_model_config(cfg)
     if cfg.seq_len > model_cfg.max_position_embeddings:
         raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
@@ -112,29 +112,48 @@ def plan_run(cfg: TrainConfig, world: World) -> RunPlan:
     tokens = load_tokens(cfg.data, model_cfg.vocab_size, cfg.bin_dtype)
     split = split_tokens(tokens, cfg.val_fraction, cfg.seq_len)
     data_info = data_fingerprint(cfg.data, tokens)
-    resumed_run = ckpt.run_dir_of(resume_dir) if resume_dir else None
-    out_dir = cfg.out_dir or resumed_run
     if resume_meta is not None:
-        ckpt.check_compatible(resume_dir, resume_meta, compat_fields(cfg, model_cfg, precision, data_info))
-        if resume_meta["step"] >= cfg.steps:
-            raise ConfigError(f"the checkpoint is at step {resume_meta['step']}, which already reaches "
-                              f"steps={cfg.steps}; pass a larger --steps to train further")
+        _check_resumable(cfg, resume_dir, resume_meta, compat_fields(cfg, model_cfg, precision, data_info))
+    out_dir = cfg.out_dir or (ckpt.run_dir_of(resume_dir) if resume_dir else default_out_dir())
     if world.is_main:  # the one rank that writes
-        if _same_dir(out_dir, resumed_run):
-            run_dir.check_writable(out_dir, f"run directory {out_dir}")
-        else:
-            run_dir.check_out_dir(out_dir, cfg.overwrite)
-    resolved = cfg.to_dict() | {
+        _check_output(out_dir, cfg.overwrite, resume_dir)
+    return RunPlan(
+        model_cfg=model_cfg, model_name=_model_name(cfg, resume_meta), precision=precision, out_dir=out_dir,
+        split=split, data_info=data_info, entropy=unigram_entropy(split.train, model_cfg.vocab_size),
+        resume_dir=resume_dir, resume_meta=resume_meta,
+        resolved_config=_resolved_config(cfg, model_cfg, precision), init_from=init_from,
+        ignored_weights=None if (cfg.init_from or resume_dir) else _weights_beside(cfg.model),
+    )
+
+
+def _check_resumable(cfg: TrainConfig, resume_dir: str, resume_meta: dict, expected: dict) -> None:
+    ckpt.check_compatible(resume_dir, resume_meta, expected)
+    if resume_meta["step"] >= cfg.steps:
+        raise ConfigError(f"the checkpoint is at step {resume_meta['step']}, which already reaches "
+                          f"steps={cfg.steps}; pass a larger --steps to train further")
+
+
+def _check_output(out_dir: str, overwrite: bool, resume_dir: str | None) -> None:
+    """Continuing in the checkpoint's own run directory needs it writable; any other must be free."""
+    if resume_dir and os.path.abspath(out_dir) == os.path.abspath(ckpt.run_dir_of(resume_dir)):
+        run_dir.check_writable(out_dir, f"run directory {out_dir}")
+    else:
+        run_dir.check_out_dir(out_dir, overwrite)
+
+
+def _resolved_config(cfg: TrainConfig, model_cfg: ModelConfig, precision: str) -> dict[str, Any]:
+    """The config with every default filled in: what train_config.json and the checkpoints record."""
+    return cfg.to_dict() | {
         "model": model_cfg.to_dict(), "model_overrides": {}, "precision": precision, "resume": None,
         "overwrite": False, "data": [os.path.abspath(p) for p in cfg.data],
         "init_from": os.path.abspath(cfg.init_from) if cfg.init_from else None,
     }
-    model_name = cfg.model_name
+
+
+def _model_name(cfg: TrainConfig, resume_meta: dict | None) -> str:
     if resume_meta and not isinstance(cfg.model, str):  # resumed from the full config: the name it had
-        model_name = resume_meta.get("model_name", model_name)
-    ignored = None if (cfg.init_from or resume_dir) else _weights_beside(cfg.model)
-    return RunPlan(model_cfg, model_name, precision, out_dir, split, data_info,
-                   unigram_entropy(split.train, model_cfg.vocab_size), resume_dir, resume_meta, resolved, ignored)
+        return resume_meta.get("model_name", cfg.model_name)
+    return cfg.model_name
 
 
 def _check_layout(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> None:
@@ -167,10 +186,6 @@ def compat_fields(cfg: TrainConfig, model_cfg: ModelConfig, precision: str, data
             "adam_moments_dtype": cfg.adam_moments_dtype, "data": data_info, "val_fraction": cfg.val_fraction}
 
 
-def _same_dir(a: str, b: str | None) -> bool:
-    return b is not None and os.path.abspath(a) == os.path.abspath(b)
-
-
 def _weights_beside(model: Any) -> str | None:
     """The directory of a ``--model`` config path when it also holds safetensors weights."""
     if not isinstance(model, str) or not os.path.exists(model):
@@ -197,8 +212,8 @@ def build(cfg: TrainConfig, plan: RunPlan, world: World) -> Trainee:
     tensors), then :meth:`World.place_model` keeps its experts and moves it to its device."""
     torch.manual_seed(cfg.seed)
     model = DeepseekForCausalLM(plan.model_cfg)
-    if cfg.init_from and plan.resume_dir is None:
-        world.agree(lambda: _load_initial_weights(model, cfg.init_from))
+    if plan.init_from:
+        world.agree(lambda: _load_initial_weights(model, plan.init_from))
     if plan.precision == "fp8":
         model = convert_to_fp8(model) or model
     state = world.agree(lambda: _load_resumed_weights(model, plan)) if plan.resume_dir else None
