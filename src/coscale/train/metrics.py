@@ -137,7 +137,8 @@ def plot_loss_curve(metrics_path: str, png_path: str, unigram_entropy: float | N
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path)
+    with writing(png_path):
+        fig.savefig(png_path)
     return png_path
 
 
