@@ -232,6 +232,23 @@ def test_readout_is_a_step_late_and_drains_everything():
     assert readout.drain() == []
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned, non-blocking copy path needs CUDA")
+def test_readout_from_the_gpu_matches_the_values():
+    from coscale.train.readout import StepReadout
+    from coscale.train.step import LOSS_NAMES
+
+    readout = StepReadout(lag=1)
+    values = {step: torch.rand(len(LOSS_NAMES), dtype=torch.float64).tolist() for step in (1, 2, 3)}
+    for step, row in values.items():
+        big = torch.randn(4096, 4096, device="cuda")  # keep the device busy while the copies are queued
+        metrics = {name: torch.tensor(v, device="cuda") + 0 * big.sum() for name, v in zip(LOSS_NAMES, row)}
+        readout.push(step, metrics)
+    records = readout.ready() + readout.drain()
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert [r[name] for name in LOSS_NAMES] == pytest.approx(values[r["step"]], rel=1e-6)
+
+
 def test_check_finite_names_the_step_and_the_last_checkpoint():
     from coscale.train.readout import TrainingDiverged, check_finite
 
