@@ -119,8 +119,9 @@ class Gate(nn.Module):
         if self.scale_normalised or not normalised:
             weights = weights * self.routed_scaling_factor
         if self.training:
-            with torch.no_grad():
-                self.expert_load += torch.bincount(topk_idx.flatten(), minlength=self.n_experts).float()
+            with torch.no_grad():  # a scatter-add, not bincount: bincount sizes its output on the host
+                flat = topk_idx.flatten()
+                self.expert_load.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.expert_load.dtype))
         return topk_idx, weights, scores
 
 

@@ -42,6 +42,7 @@ def header(cfg: TrainConfig, plan: RunPlan, device: torch.device, layout: dict |
         f"run: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr:g} "
         f"(warm-up {cfg.warmup}, cosine), AdamW moments {cfg.adam_moments_dtype}, "
         f"{torch.get_num_threads()} CPU thread(s); output {plan.out_dir}",
+        f"step: {plan.step_mode.describe()} (--compile/--no-compile, --cuda-graphs/--no-cuda-graphs)",
     ]
     lines += [note for note in (_weights_note(plan), fp8_speed_note(plan.precision, device,
                                                                           plan.model_cfg.hidden_size)) if note]
