@@ -295,12 +295,13 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, backend: str = "a
             problem = cublas_shape_problem(m, n, k, ga, gb)
             if problem is not None:
                 raise CoscaleError(
-                    f"backend='cublas' cannot compute this GEMM correctly: {problem}; use 'triton' or 'auto'"
+                    f"fp8_gemm: backend 'cublas' cannot compute this GEMM correctly: {problem}; use 'triton' or "
+                    "'auto'"
                 )
             if form is None:
                 raise CoscaleError(
-                    f"this torch/cuBLAS does not accept block-scaled FP8 GEMMs ({ga}x128 by {gb}x128) "
-                    "on this device; use backend='triton' or 'torch'"
+                    f"fp8_gemm: backend 'cublas': this torch/cuBLAS does not accept block-scaled FP8 GEMMs "
+                    f"({ga}x128 by {gb}x128) on this device; use 'triton' or 'torch'"
                 )
         return _fp8_gemm_cublas(a, a_scale, b, b_scale, out_dtype, ga, gb, form)
     if chosen == "triton":

@@ -60,7 +60,9 @@ def _check_inputs(x, topk_idx, topk_weight, w_gate, w_up, w_down, precision, bac
     if precision not in PRECISIONS:
         raise CoscaleError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if backend not in BACKENDS:
-        raise CoscaleError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
+        raise CoscaleError(
+            f"grouped_experts_forward: backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}"
+        )
     if x.dim() != 2:
         raise CoscaleError(f"x must be [T, H], got {tuple(x.shape)}")
     T, H = x.shape
