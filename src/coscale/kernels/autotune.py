@@ -10,10 +10,10 @@ Two mechanisms, chosen per kernel by what its configuration is:
   launch: the grouped FP8 GEMMs (``fp8_grouped_kernels``) build TMA tensor descriptors whose block
   shape is the tile, size a persistent grid from the SM count, and fall back from a TMA bulk store to
   pointer stores where the output's rows are not 16-byte aligned. ``@triton.autotune`` reaches
-  host-built descriptors only through a ``pre_hook``, which torch.compile does not honour
-  (pytorch#139059), and it times configurations one after another, which on the H100 picked up to 8%
-  below the best; the picker compiles every candidate before timing any and times them in
-  interleaved rounds. Each picker is an explicit object beside its kernel's candidates, its choices in
+  host-built descriptors only through a ``pre_hook``, which has misbehaved under torch.compile
+  (pytorch#139059), and it times one configuration after another, as coscale's first picker did,
+  which on the H100 kept a candidate up to 8% below the best (BENCHMARKS.md); the picker compiles
+  every candidate before timing any and times them in interleaved rounds. Each picker is an explicit object beside its kernel's candidates, its choices in
   ``picker.picked`` (``clear()`` forgets them); tests build their own.
 
 Under ``TRITON_INTERPRET=1`` both give one configuration: the interpreter cannot time, and Triton's
