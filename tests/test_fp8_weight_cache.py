@@ -180,3 +180,16 @@ def _tokens():
     idx = torch.stack([torch.randperm(2, generator=gen) for _ in range(48)])
     weight = torch.rand(48, 2, generator=gen)
     return x, idx, weight
+
+
+def test_copying_or_pickling_the_owner_copies_no_fp8_data():
+    import copy
+    import pickle
+
+    layer = FP8Linear(128, 128, backend="torch")
+    layer.fp8_weight_cache = True
+    layer(torch.randn(4, 128))
+    assert layer.fp8_weight_cache.num_entries == 1
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert isinstance(clone.fp8_weight_cache, FP8WeightCache) and clone.fp8_weight_cache.num_entries == 0
+        assert torch.equal(clone(torch.ones(2, 128)), layer(torch.ones(2, 128)))

@@ -13,8 +13,9 @@ Two mechanisms, chosen per kernel by what its configuration is:
   host-built descriptors only through a ``pre_hook``, which has misbehaved under torch.compile
   (pytorch#139059), and it times one configuration after another, as coscale's first picker did,
   which on the H100 kept a candidate up to 8% below the best (BENCHMARKS.md); the picker compiles
-  every candidate before timing any and times them in interleaved rounds. Each picker is an explicit object beside its kernel's candidates, its choices in
-  ``picker.picked`` (``clear()`` forgets them); tests build their own.
+  every candidate before timing any and times them in interleaved rounds. Each picker is an explicit
+  object beside its kernel's candidates, its choices in ``picker.picked`` (``clear()`` forgets
+  them); tests build their own.
 
 Under ``TRITON_INTERPRET=1`` both give one configuration: the interpreter cannot time, and Triton's
 autotuner fails without a GPU driver when it has two or more configurations.

@@ -70,6 +70,9 @@ class FP8WeightCache:
     def __repr__(self) -> str:
         return f"FP8WeightCache(entries={len(self._entries)})"
 
+    def __getstate__(self) -> dict:  # pickling or deep-copying the owner copies no FP8 data
+        return {"_entries": {}}
+
     @property
     def num_entries(self) -> int:
         """How many weight groups have FP8 copies now (e.g. 2 for GroupedExperts: gate+up, down)."""
