@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from coscale.errors import CoscaleError
+from coscale.kernels.backend import select_backend
 
 try:  # Triton is optional: the PyTorch reference runs everywhere.
     import triton
@@ -45,8 +46,6 @@ try:  # Triton is optional: the PyTorch reference runs everywhere.
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
     tl = None
-
-BACKENDS = ("auto", "triton", "torch")
 
 
 @dataclass(frozen=True)
@@ -274,28 +273,19 @@ def _tokens_from_rows_torch(src, info, weight=None, out_dtype=None, deterministi
 
 
 # ---- dispatch and autograd ---------------------------------------------------------------------
-def _use_triton(backend: str, tensor: torch.Tensor) -> bool:
-    if backend not in BACKENDS:
-        raise CoscaleError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        if triton is None:
-            raise CoscaleError("backend='triton' needs the triton package (pip install triton)")
-        return True
-    return backend == "auto" and triton is not None and tensor.is_cuda
-
-
 def rows_from_tokens(src, info, weight=None, y=None, out_dtype=None, backend="auto"):
     """[T, H] -> [M_pad, H]: row r = weight[pair] * src[token] (zeros on padding rows); no autograd.
 
     With y [M_pad, H] also returns <y[r], src[token]> per pair as float32 [T*K], else None.
     """
-    fn = _rows_from_tokens_triton if _use_triton(backend, src) else _rows_from_tokens_torch
-    return fn(src, info, weight, y, out_dtype)
+    if select_backend(backend, src, op="rows_from_tokens") == "triton":
+        return _rows_from_tokens_triton(src, info, weight, y, out_dtype)
+    return _rows_from_tokens_torch(src, info, weight, y, out_dtype)
 
 
 def tokens_from_rows(src, info, weight=None, out_dtype=None, backend="auto", deterministic=True):
     """[M_pad, H] -> [T, H]: out[t] = sum_k weight[t, k] * src[pair_row[t, k]]; no autograd."""
-    if _use_triton(backend, src):
+    if select_backend(backend, src, op="tokens_from_rows") == "triton":
         return _tokens_from_rows_triton(src, info, weight, out_dtype)
     return _tokens_from_rows_torch(src, info, weight, out_dtype, deterministic)
 
