@@ -266,7 +266,8 @@ class HFTokenizer(Tokenizer):
         table = self._byte_level
         if table is not None and all(c in table for c in token):
             return bytes(table[c] for c in token)
-        return self._tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        # sentencepiece-style vocabularies write a space as "▁"; decoding the token alone would strip it
+        return token.replace("\u2581", " ").encode("utf-8")
 
     def stream(self) -> HFStream:
         return HFStream(self._tokenizer)

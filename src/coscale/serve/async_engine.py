@@ -138,13 +138,17 @@ class AsyncEngine:
         deadline = loop.time() + max(grace, 0.0)
         while self._streams and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        for request_id in list(self._streams):
-            log.info("cancelling request %s at shutdown", request_id)
-            self.abort(request_id, "the server is shutting down; the request was cancelled")
+        self.cancel_all()
         if self._thread is not None:
             self._commands.put(("stop",))
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+
+    def cancel_all(self, reason: str = "the server is shutting down; the request was cancelled") -> None:
+        """Abort every running request now (their streams raise RequestAborted(reason))."""
+        for request_id in list(self._streams):
+            log.info("cancelling request %s", request_id)
+            self.abort(request_id, reason)
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)

@@ -7,7 +7,7 @@ import os
 
 from coscale.errors import CoscaleError
 
-SERVE_PACKAGES = ("starlette", "uvicorn", "prometheus_client", "httpx")
+SERVE_PACKAGES = ("starlette", "uvicorn", "prometheus_client", "httpx", "pydantic")
 
 
 def register(subparsers) -> None:
@@ -76,11 +76,10 @@ def _require_serving_packages() -> None:
 
 
 def _check_tokenizer(tokenizer, checkpoint: str) -> None:
-    from coscale.checkpoint import CONFIG_FILE
     from coscale.config import ModelConfig
 
-    path = os.path.join(checkpoint, CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = os.path.join(checkpoint, "config.json")
+    if not os.path.isfile(path):  # a training run directory: the engine reads its config itself
         return
     vocab = ModelConfig.from_json(path).vocab_size
     if tokenizer.vocab_size > vocab:

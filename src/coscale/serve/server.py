@@ -8,6 +8,7 @@ the rest are cancelled (a stream gets an in-band error event and ``data: [DONE]`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import uvicorn
@@ -28,7 +29,12 @@ class _DrainingServer(uvicorn.Server):
         if self.engine.running_requests:
             log.info("shutting down: %d request(s) running, %.0f s to finish", self.engine.running_requests,
                      self.shutdown_grace)
-        await self.engine.shutdown(self.shutdown_grace)
+        drain = asyncio.ensure_future(self.engine.shutdown(self.shutdown_grace))
+        while not drain.done():
+            if self.force_exit:  # a second Ctrl-C: cancel now instead of waiting out the grace period
+                self.engine.cancel_all()
+            await asyncio.wait({drain}, timeout=0.1)
+        drain.result()
         await super().shutdown(sockets)
 
 
