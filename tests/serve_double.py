@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -244,3 +247,32 @@ def wait_for(condition, timeout: float = 10.0) -> bool:
             return bool(condition())
         time.sleep(0.01)
     return True
+
+
+def healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextlib.contextmanager
+def server_process(argv, python_path: list[str], start_timeout: float = 60.0):
+    """A server in a child process on a free loopback port: ``argv(port)`` is its command line.
+    Yields (url, process); the process is killed afterwards if it still runs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(python_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv(port), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_for(lambda: proc.poll() is not None or healthy(url), start_timeout) or proc.poll() is not None:
+            raise RuntimeError(f"the server did not start:\n{proc.stdout.read1().decode()}")
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

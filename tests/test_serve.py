@@ -326,6 +326,7 @@ def test_chat_logprobs():
     ({"prompt": "x", "top_p": 0}, "top_p"),
     ({"prompt": "x", "top_k": -5}, "top_k"),
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "seed": 2**64}, "seed"),
     ({"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": []}, "prompt"),

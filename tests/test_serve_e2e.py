@@ -12,8 +12,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 
 import httpx
@@ -26,12 +24,13 @@ from coscale.infer import generate
 from coscale.model import DeepseekForCausalLM
 from coscale.serve.bench import BenchConfig, run_bench
 from coscale.tokenizer import ByteTokenizer
-from serve_double import wait_for
+from serve_double import server_process, wait_for
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("coscale.infer.engine") is None,
                                 reason="the serving engine (coscale.infer.engine) is not in this tree yet")
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(TESTS), "src")
 MAX_MODEL_LEN = 128
 PROMPTS = ["The ", "def main():\n", "Hello, wörld", "x", "Serving MLA: "]
 
@@ -48,30 +47,14 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint):
     path, _ = checkpoint
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "coscale", "serve", str(path), "--port", str(port),
-                             "--device", "cpu", "--block-size", "16", "--num-blocks", "64", "--max-num-seqs", "8",
-                             "--shutdown-grace", "1", "--log-level", "warning"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        if not wait_for(lambda: proc.poll() is not None or _healthy(url), timeout=180) or proc.poll() is not None:
-            pytest.fail(f"coscale serve did not start:\n{proc.stdout.read1().decode()}")
+
+    def argv(port):
+        return [sys.executable, "-m", "coscale", "serve", str(path), "--port", str(port), "--device", "cpu",
+                "--block-size", "16", "--num-blocks", "64", "--max-num-seqs", "8", "--shutdown-grace", "1",
+                "--log-level", "warning"]
+
+    with server_process(argv, [SRC, TESTS], start_timeout=180) as (url, proc):
         yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def reference(model, prompt: str, n: int) -> str:

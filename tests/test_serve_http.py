@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import textwrap
 import time
@@ -19,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from serve_double import FakeEngine, script_text, threaded_server, wait_for
+from serve_double import FakeEngine, script_text, server_process, threaded_server, wait_for
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(TESTS), "src")
@@ -93,24 +91,13 @@ SERVER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sigterm_mid_stream(tmp_path, grace: float, max_tokens: int) -> tuple[list[str], int, float]:
     """Start a server process, stream one request, SIGTERM it after the first chunk; returns the
     stream's data payloads, the process' exit status and the seconds it took to exit."""
     script = tmp_path / "server.py"
     script.write_text(SERVER_SCRIPT)
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, TESTS])}
-    proc = subprocess.Popen([sys.executable, str(script), str(port), str(grace)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        assert wait_for(lambda: _healthy(url), timeout=30), proc.stdout.read1().decode()
+    with server_process(lambda port: [sys.executable, str(script), str(port), str(grace)], [SRC, TESTS]) \
+            as (url, proc):
         events = []
         with httpx.stream("POST", f"{url}/v1/completions", timeout=30,
                           json={"prompt": "x", "max_tokens": max_tokens, "stream": True}) as r:
@@ -122,17 +109,6 @@ def _sigterm_mid_stream(tmp_path, grace: float, max_tokens: int) -> tuple[list[s
                         sent = time.monotonic()
         rc = proc.wait(timeout=30)
         return events, rc, time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_sigterm_cancels_a_long_stream_cleanly(tmp_path):

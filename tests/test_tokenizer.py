@@ -291,6 +291,10 @@ def test_tokenize_errors(tmp_path, capsys):
     bad.write_text('{"text": "ok"}\n{"body": "x"}\n')
     assert main(["tokenize", str(bad), "--out", str(tmp_path / "o2"), "--jsonl-key", "text", "--no-progress"]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("ok\ncafé".encode("latin-1"))
+    assert main(["tokenize", str(latin1), "--out", str(tmp_path / "o4"), "--no-progress"]) == 2
+    assert "not UTF-8 text (byte 6)" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert main(["tokenize", str(empty), "--out", str(tmp_path / "o3"), "--no-progress"]) == 2

@@ -358,10 +358,19 @@ def iter_documents(path: str, jsonl_key: str | None = None,
                 if line.strip():
                     yield _jsonl_text(path, number, line, jsonl_key), len(line), True
             return
+        offset = 0
         while piece := f.read(chunk_bytes):
             piece += f.readline()  # finish the line so that pieces split at line breaks
-            yield piece.decode("utf-8", errors="replace"), len(piece), False
+            yield _utf8(path, piece, offset), len(piece), False
+            offset += len(piece)
     yield "", 0, True
+
+
+def _utf8(path: str, raw: bytes, offset: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CoscaleError(f"{path}: not UTF-8 text (byte {offset + e.start}); convert it first") from None
 
 
 def _jsonl_text(path: str, number: int, line: bytes, key: str) -> str:

@@ -219,6 +219,8 @@ def sampling_kwargs(req: _SamplingRequest, *, prompt_tokens: int, max_model_len:
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}",
                        param="top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs")
+    if req.seed is not None and not -(1 << 63) <= req.seed < 1 << 64:
+        raise APIError(400, "seed must fit in 64 bits", param="seed")
     stop_ids = list(req.stop_token_ids or [])
     if not req.ignore_eos:
         stop_ids += eos_token_ids
