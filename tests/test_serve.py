@@ -15,10 +15,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from coscale.errors import ConfigError
 from coscale.serve.app import build_app
+from coscale.serve.async_engine import AsyncEngine, EngineUnavailable, RequestAborted
 from coscale.serve.metrics import TokenRates
 from coscale.tokenizer import ByteTokenizer
-from serve_double import SCRIPT, SCRIPT_TEXT, FakeEngine, script_text
+from serve_double import SCRIPT, SCRIPT_TEXT, FakeEngine, SamplingParams, script_text
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -348,6 +350,8 @@ def test_malformed_completion_requests_get_400_in_openai_shape(payload, param):
     ({"messages": []}, "messages"),
     ({"messages": "hi"}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    ({"messages": [{"content": "hi"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 30}, "top_logprobs"),
@@ -360,6 +364,19 @@ def test_malformed_chat_requests_get_400(payload, param):
         async with serving() as (client, engine, _):
             assert_error(await client.post("/v1/chat/completions", json=payload), 400, param)
             assert not engine.added
+    run(body())
+
+
+def test_error_messages_name_the_field():
+    async def body():
+        async with serving() as (client, _, _):
+            cases = [({"messages": [{"content": "hi"}]}, "'messages.0.role' is a required property"),
+                     ({"messages": [{"role": "user", "content": 5}]}, "'messages.0.content' must be a string or"),
+                     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}, "'max_tokens': "),
+                     ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": 1}},
+                      "'stream_options.include_usage': ")]
+            for payload, expected in cases:
+                assert expected in assert_error(await client.post("/v1/chat/completions", json=payload), 400)
     run(body())
 
 
@@ -470,6 +487,35 @@ def test_token_rates_over_a_window():
 
 
 # ---- concurrency and shutdown -----------------------------------------------------------------
+
+
+def test_async_engine_bridge():
+    async def body():
+        engine = FakeEngine(step_delay=0.002, max_model_len=4096)
+        bridge = AsyncEngine(engine)
+        stream = await bridge.generate("a", [1, 2], SamplingParams(max_tokens=5))
+        outputs = [o async for o in stream]
+        assert [t for o in outputs for t in o.new_token_ids] == SCRIPT[:5]
+        assert outputs[-1].finished and outputs[-1].finish_reason == "length"
+        assert all(not o.finished for o in outputs[:-1])
+        with pytest.raises(ConfigError, match="empty prompt"):
+            await bridge.generate("b", [], SamplingParams())
+        # the reader of a request aborted elsewhere (a disconnect watcher) is told so
+        stream = await bridge.generate("c", [1], SamplingParams(max_tokens=4000))
+        await stream.__anext__()
+        reader = asyncio.create_task(stream.__anext__())
+        await asyncio.sleep(0)
+        bridge.abort("c")
+        with pytest.raises(RequestAborted):
+            await reader
+        assert await eventually(lambda: engine.aborted == ["c"] and bridge.stats().running == 0)
+        await bridge.shutdown()
+        await bridge.shutdown()  # idempotent
+        with pytest.raises(EngineUnavailable):
+            await bridge.generate("d", [1], SamplingParams())
+        assert len(engine.caller_threads) == 1
+
+    run(body())
 
 
 def test_concurrent_requests_are_batched_and_all_correct():

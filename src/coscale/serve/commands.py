@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 
 from coscale.errors import CoscaleError
@@ -11,59 +10,65 @@ SERVE_PACKAGES = ("starlette", "uvicorn", "prometheus_client", "httpx", "pydanti
 
 
 def register(subparsers) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = subparsers.add_parser("serve", formatter_class=fmt,
-                              help="serve a checkpoint over an OpenAI-compatible HTTP API")
+    p = subparsers.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
     p.add_argument("checkpoint", help="HF-format checkpoint directory (config.json + safetensors)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the "
-                   "checkpoint directory's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: the checkpoint directory's name)")
     p.add_argument("--tokenizer", default=None, help="a directory or tokenizer.json, or 'bytes' (default: the "
                    "checkpoint's tokenizer.json, else byte-level)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
-    p.add_argument("--block-size", type=int, default=64, help="tokens per KV-cache block")
-    p.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: from free memory)")
-    p.add_argument("--gpu-memory-fraction", type=float, default=0.9)
-    p.add_argument("--max-num-seqs", type=int, default=128, help="running requests at most")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
+    p.add_argument("--block-size", type=int, default=64, help="tokens per KV-cache block (default: %(default)s)")
+    p.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16", help="(default: %(default)s)")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: from free memory "
+                   "on CUDA, a small cache on CPU)")
+    p.add_argument("--gpu-memory-fraction", type=float, default=0.9, help="(default: %(default)s)")
+    p.add_argument("--max-num-seqs", type=int, default=128, help="running requests at most (default: %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget per engine step (default: %(default)s)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
-    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false")
-    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running requests get to "
-                   "finish on SIGTERM before they are cancelled")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run decode steps eagerly on CUDA")
+    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running requests get to finish "
+                   "on SIGTERM before they are cancelled (default: %(default)s)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="(default: %(default)s)")
     p.set_defaults(func=run_serve)
 
-    b = subparsers.add_parser("bench-serve", formatter_class=fmt,
+    b = subparsers.add_parser("bench-serve",
                               help="load a running server with concurrent streaming clients; TTFT, TPOT")
-    b.add_argument("--url", default="http://127.0.0.1:8000")
+    b.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
     b.add_argument("--model", default=None, help="model id (default: the server's first)")
-    b.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
-    b.add_argument("--num-requests", type=int, default=64)
-    b.add_argument("--concurrency", type=int, default=8, help="clients at once")
+    b.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
+                   help="(default: %(default)s)")
+    b.add_argument("--num-requests", type=int, default=64, help="requests in all (default: %(default)s)")
+    b.add_argument("--concurrency", type=int, default=8, help="clients at once (default: %(default)s)")
     b.add_argument("--prompt", default=None, help="prompt text (default: a fixed English sentence)")
-    b.add_argument("--prompt-tokens", type=int, default=None, help="random prompts of this many token ids")
-    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--prompt-tokens", type=int, default=None,
+                   help="random prompts of this many token ids instead (completions only)")
+    b.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (default: %(default)s)")
     b.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
-                   help="let requests stop at EOS (default: exactly --max-tokens each)")
-    b.add_argument("--temperature", type=float, default=0.0)
-    b.add_argument("--max-duration", type=float, default=600.0, help="seconds for the whole run")
-    b.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--out", default=None, help="write the results as JSON here")
+                   help="let replies stop at EOS (default: exactly --max-tokens each)")
+    b.add_argument("--temperature", type=float, default=0.0, help="(default: %(default)s, greedy)")
+    b.add_argument("--max-duration", type=float, default=600.0,
+                   help="seconds for the whole run; requests still running then are cancelled (default: %(default)s)")
+    b.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
+    b.add_argument("--seed", type=int, default=0, help="for --prompt-tokens (default: %(default)s)")
+    b.add_argument("--out", default=None, help="write the results as JSON to this file")
     b.set_defaults(func=run_bench_serve)
 
-    t = subparsers.add_parser("tokenize", formatter_class=fmt,
-                              help="tokenize text or JSONL files into .bin shards for `coscale train`")
-    t.add_argument("inputs", nargs="+", metavar="FILE")
+    t = subparsers.add_parser("tokenize", help="tokenize text or JSONL files into .bin shards for `coscale train`")
+    t.add_argument("inputs", nargs="+", metavar="FILE", help="UTF-8 text files, or JSONL with --jsonl-key")
     t.add_argument("--out", required=True, help="output directory for tokens-00000.bin, ...")
-    t.add_argument("--tokenizer", default="bytes", help="a directory or tokenizer.json, or 'bytes'")
-    t.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard at most")
+    t.add_argument("--tokenizer", default="bytes",
+                   help="a directory or tokenizer.json, or 'bytes' (default: %(default)s)")
+    t.add_argument("--shard-tokens", type=int, default=100_000_000,
+                   help="tokens per shard at most (default: %(default)s)")
     t.add_argument("--jsonl-key", default=None, help="read JSONL files, one document per line, text in this key")
     t.add_argument("--no-eos", dest="eos", action="store_false", help="no EOS token between documents")
-    t.add_argument("--no-progress", dest="progress", action="store_false")
+    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     t.set_defaults(func=run_tokenize)
 
 

@@ -108,6 +108,9 @@ _TYPE_HINTS = {
 }
 
 
+_UNION_TAGS = {"str", "int", "float", "bool"}
+
+
 def parse_request(body: bytes, schema: type[_Strict]) -> Any:
     """The request body as ``schema``; any malformed or mistyped input is an APIError(400)."""
     if not body.strip():
@@ -125,11 +128,15 @@ def _validation_error(error: ValidationError) -> APIError:
     if not first["loc"]:
         return APIError(400, "the request body must be a JSON object")
     param = str(first["loc"][0])
+    # pydantic names the member of a union it tried ("str", "list[int]") in the location: leave those out
+    where = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p)))
     if first["type"] == "missing":
-        return APIError(400, f"'{param}' is a required property", param=param)
-    if param in _TYPE_HINTS:
+        return APIError(400, f"'{where}' is a required property", param=param)
+    if param in _TYPE_HINTS and (param != "messages" or len(first["loc"]) == 1):
         return APIError(400, f"'{param}' must be {_TYPE_HINTS[param]}", param=param)
-    where = ".".join(str(p) for p in first["loc"])
+    if param == "messages" and len(first["loc"]) > 2 and first["loc"][2] == "content":
+        return APIError(400, f"'{'.'.join(map(str, first['loc'][:3]))}' must be a string or a list of "
+                        '{"type": "text", "text": ...} parts', param=param)
     return APIError(400, f"'{where}': {first['msg']}", param=param)
 
 
