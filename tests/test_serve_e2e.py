@@ -19,6 +19,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from coscale.checkpoint import save_pretrained
 from coscale.config import get_preset
 from coscale.infer import generate
 from coscale.model import DeepseekForCausalLM
@@ -40,7 +41,7 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = DeepseekForCausalLM(get_preset("tiny", num_hidden_layers=2, max_position_embeddings=MAX_MODEL_LEN))
     path = tmp_path_factory.mktemp("ckpt") / "tiny-random"
-    model.save_pretrained(path)
+    save_pretrained(model, path)
     return path, model.eval()
 
 
