@@ -107,8 +107,8 @@ def test_fp8_linear_cache_is_used_between_invalidations(monkeypatch):
     from coscale.fp8 import linear
 
     calls = []
-    real = linear.weight_quant_128x128_dual
-    monkeypatch.setattr(linear, "weight_quant_128x128_dual", lambda *a: calls.append(1) or real(*a))
+    real = linear.weight_quant_op
+    monkeypatch.setattr(linear, "weight_quant_op", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(5)
     layer = FP8Linear(256, 128, backend="torch")
     layer.fp8_weight_cache = True

@@ -85,6 +85,9 @@ def test_step_mode_defaults_and_refusals():
     assert resolve_step_mode(None, None, cpu) == StepMode(compile=False, cuda_graphs=False)
     assert resolve_step_mode(True, None, cpu) == StepMode(compile=True, cuda_graphs=False)
     assert resolve_step_mode(None, False, cpu, "fp8") == StepMode(compile=False, cuda_graphs=False)
+    cuda = SingleProcess(torch.device("cuda"))  # (no device is touched)
+    assert resolve_step_mode(None, None, cuda, "fp8") == StepMode(compile=True, cuda_graphs=True)
+    assert resolve_step_mode(None, None, cuda, "bf16") == StepMode(compile=True, cuda_graphs=True)
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         resolve_step_mode(None, True, cpu)
     assert "eager" in StepMode(False, False).describe()

@@ -36,13 +36,9 @@ import torch
 from torch import nn
 
 from coscale.kernels.fp8_gemm import fp8_gemm
-from coscale.kernels.fp8_weight_cache import FP8WeightCache, as_weight_cache
-from coscale.kernels.quant import (
-    act_quant_1x128,
-    act_quant_1x128_dual,
-    weight_quant_128x128,
-    weight_quant_128x128_dual,
-)
+from coscale.kernels.fp8_weight_cache import FP8WeightCache, as_weight_cache, usable_now
+from coscale.kernels.quant import act_quant_1x128, act_quant_1x128_dual, check_backend
+from coscale.kernels.quant_ops import weight_quant_op
 
 __all__ = ["FP8LinearFunction", "FP8Linear", "fp8_linear"]
 
@@ -118,9 +114,8 @@ def _quantize_weight(weight, need_t: bool, backend: str, round_scale: bool, weig
     """(wq, ws, wq_t, ws_t): W in 128x128 blocks, and W^T's bytes and scales when ``need_t``."""
 
     def quantize():
-        if need_t:
-            return weight_quant_128x128_dual(weight.detach(), round_scale, backend)
-        return (*weight_quant_128x128(weight.detach(), round_scale, backend), None, None)
+        wq, ws, wq_t, ws_t = weight_quant_op([weight.detach()], round_scale, need_t, backend)
+        return (wq, ws, wq_t, ws_t) if need_t else (wq, ws, None, None)
 
     if weight_cache is None:
         return quantize()
@@ -131,7 +126,8 @@ def fp8_linear(
     x, weight, bias=None, backend: str = "auto", round_scale: bool = False, weight_cache: FP8WeightCache | None = None
 ):
     """Functional form of FP8Linear (``weight_cache``: the FP8WeightCache of the weight's owner, or None)."""
-    return FP8LinearFunction.apply(x, weight, bias, backend, round_scale, weight_cache)
+    check_backend(backend, x, op="fp8_linear")
+    return FP8LinearFunction.apply(x, weight, bias, backend, round_scale, usable_now(weight_cache))
 
 
 class FP8Linear(nn.Module):
@@ -183,9 +179,7 @@ class FP8Linear(nn.Module):
         super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return FP8LinearFunction.apply(
-            x, self.weight, self.bias, self.backend, self.round_scale, self.fp8_weight_cache
-        )
+        return fp8_linear(x, self.weight, self.bias, self.backend, self.round_scale, self.fp8_weight_cache)
 
     def extra_repr(self) -> str:
         return (

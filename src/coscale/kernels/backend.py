@@ -13,6 +13,10 @@ about to touch. The rules, the same for every kernel:
 A name outside ``allowed`` and an impossible Triton request are a CoscaleError saying what to pass
 instead; nothing falls back silently from an explicit request.
 
+The kernels run as torch operators (coscale.kernels.library), which select inside, on the device of
+their inputs. The Python wrappers call :func:`check_backend` first, so that a bad request fails with
+the wrapper's name before any operator runs.
+
 ``interpreting()`` reads ``TRITON_INTERPRET`` on every call (as Triton does when it decorates a
 kernel), so tests can set it before the first launch.
 """
@@ -27,7 +31,7 @@ import torch
 
 from coscale.errors import CoscaleError
 
-__all__ = ["TRITON_OR_TORCH", "interpreting", "select_backend", "triton_available"]
+__all__ = ["TRITON_OR_TORCH", "check_backend", "interpreting", "select_backend", "triton_available"]
 
 TRITON_OR_TORCH = ("auto", "triton", "torch")
 
@@ -78,3 +82,19 @@ def select_backend(
                 f"{reference!r}"
             )
     return requested
+
+
+def check_backend(
+    requested: str,
+    *tensors: torch.Tensor,
+    op: str,
+    allowed: tuple[str, ...] = TRITON_OR_TORCH,
+    reference: str = "torch",
+) -> None:
+    """Raise :func:`select_backend`'s CoscaleError now for a request that cannot run on ``tensors``
+    (a wrapper calls it before its operator). Under torch.compile tracing only the name is checked: the
+    operator selects again when it runs."""
+    if requested not in allowed:
+        raise CoscaleError(f"{op}: backend must be one of {', '.join(map(repr, allowed))}; got {requested!r}")
+    if not torch.compiler.is_compiling():
+        select_backend(requested, *tensors, allowed=allowed, reference=reference, op=op)

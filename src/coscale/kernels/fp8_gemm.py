@@ -29,12 +29,20 @@ import torch
 
 from coscale.errors import CoscaleError
 from coscale.kernels.autotune import triton_autotune
-from coscale.kernels.backend import interpreting, select_backend
-from coscale.kernels.quant import BLOCK, FP8_DTYPE, outer_major
+from coscale.kernels.backend import check_backend, interpreting, select_backend
+from coscale.kernels.fp8_recipe import BLOCK, FP8_DTYPE, outer_major
+from coscale.kernels.library import operator
 
 BACKENDS = ("auto", "cublas", "triton", "torch")
 
-__all__ = ["fp8_gemm", "fp8_gemm_ref", "scale_granularity", "cublas_blockwise_supported", "cublas_shape_problem"]
+__all__ = [
+    "fp8_gemm",
+    "fp8_gemm_op",
+    "fp8_gemm_ref",
+    "scale_granularity",
+    "cublas_blockwise_supported",
+    "cublas_shape_problem",
+]
 
 
 def scale_granularity(rows: int, k: int, scale: torch.Tensor, name: str) -> int:
@@ -282,8 +290,17 @@ def _cublas_if_it_takes(a, m: int, n: int, k: int, ga: int, gb: int) -> str | No
     return "cublas" if cublas_blockwise_supported(a.device, ga, gb) is not None else None
 
 
-def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, backend: str = "auto") -> torch.Tensor:
-    """C [M, N] = (A * sA) @ (B * sB)^T in FP32, returned as out_dtype. See the module docstring."""
+def _fake_fp8_gemm(a, a_scale, b, b_scale, out_dtype, backend):
+    return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
+
+
+@operator("fp8_gemm", opaque=True, fake=_fake_fp8_gemm)
+def fp8_gemm_op(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:  # fmt: skip
+    """The block-scaled GEMM as an opaque operator (cuBLAS through torch, probed on first use, or the
+    autotuned Triton kernel): torch.compile calls it as it is."""
     ga, gb = _check(a, a_scale, b, b_scale)
     m, n, k = a.shape[0], b.shape[0], a.shape[1]
     chosen = select_backend(
@@ -303,7 +320,14 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, backend: str = "a
                     f"fp8_gemm: backend 'cublas': this torch/cuBLAS does not accept block-scaled FP8 GEMMs "
                     f"({ga}x128 by {gb}x128) on this device; use 'triton' or 'torch'"
                 )
-        return _fp8_gemm_cublas(a, a_scale, b, b_scale, out_dtype, ga, gb, form)
+        return _fp8_gemm_cublas(a, a_scale, b, b_scale, out_dtype, ga, gb, form).contiguous()
     if chosen == "triton":
         return _fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, ga, gb)
     return fp8_gemm_ref(a, a_scale, b, b_scale, out_dtype)
+
+
+def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, backend: str = "auto") -> torch.Tensor:
+    """C [M, N] = (A * sA) @ (B * sB)^T in FP32, returned as out_dtype. See the module docstring."""
+    _check(a, a_scale, b, b_scale)
+    check_backend(backend, a, op="fp8_gemm", allowed=BACKENDS)
+    return fp8_gemm_op(a, a_scale, b, b_scale, out_dtype, backend)

@@ -29,7 +29,7 @@ import torch
 
 from coscale.errors import CoscaleError
 from coscale.kernels.autotune import power_of_two_bucket
-from coscale.kernels.backend import select_backend
+from coscale.kernels.backend import check_backend, select_backend
 from coscale.kernels.fp8_gemm import fp8_gemm_ref
 from coscale.kernels.fp8_grouped_kernels import (
     MM_PICKER,
@@ -37,10 +37,14 @@ from coscale.kernels.fp8_grouped_kernels import (
     launch_grouped_mm_tma,
     launch_grouped_wgrad_tma,
 )
-from coscale.kernels.quant import BLOCK, FP8_DTYPE, weight_quant_128x128
+from coscale.kernels.fp8_recipe import BLOCK, FP8_DTYPE
+from coscale.kernels.library import operator
+from coscale.kernels.quant import weight_quant_128x128
 
 __all__ = [
     "fp8_grouped_mm",
+    "fp8_grouped_mm_op",
+    "fp8_grouped_wgrad_op",
     "fp8_grouped_mm_ref",
     "fp8_grouped_wgrad",
     "fp8_grouped_wgrad_ref",
@@ -128,6 +132,33 @@ def expert_tile_map(group_end_offsets: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.searchsorted(offsets, starts, right=True).to(torch.int32)
 
 
+def _fake_grouped_mm(a, a_scale, b, b_scale, group_end_offsets, tile_expert, out_dtype, backend):
+    return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
+
+
+@operator("fp8_grouped_mm", opaque=True, fake=_fake_grouped_mm)
+def fp8_grouped_mm_op(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, group_end_offsets: torch.Tensor,
+    tile_expert: torch.Tensor, out_dtype: torch.dtype, backend: str,
+) -> torch.Tensor:  # fmt: skip
+    """``fp8_grouped_mm`` as an opaque operator: its launcher builds TMA descriptors from data_ptr(),
+    checks the output's 16-byte alignment for the TMA store and times configurations on first use."""
+    if select_backend(backend, a, op="fp8_grouped_mm") == "torch":
+        return fp8_grouped_mm_ref(a, a_scale, b, b_scale, group_end_offsets, out_dtype)
+    m, k = a.shape
+    e, n, _ = b.shape
+    c = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if c.numel() == 0 or k == 0:  # nothing to compute, or an empty sum
+        return c.zero_()
+    if b.stride(2) != 1:
+        raise CoscaleError("fp8_grouped_mm needs b's last (K) dimension contiguous")
+
+    def launch(cfg):
+        return launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg)
+
+    return launch(MM_PICKER.config((power_of_two_bucket(m), n, k, e, out_dtype), launch))
+
+
 def fp8_grouped_mm(
     a, a_scale, b, b_scale, group_end_offsets, out_dtype=torch.bfloat16, backend: str = "auto", *, tile_expert=None
 ) -> torch.Tensor:
@@ -139,33 +170,24 @@ def fp8_grouped_mm(
     ``tile_expert``: expert_tile_map(group_end_offsets, M) if the caller already has it."""
     _check_grouped(a, a_scale, b, b_scale)
     check_offsets(group_end_offsets, b.shape[0])
-    if select_backend(backend, a, op="fp8_grouped_mm") == "torch":
-        return fp8_grouped_mm_ref(a, a_scale, b, b_scale, group_end_offsets, out_dtype)
-    m, k = a.shape
-    e, n, _ = b.shape
-    c = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    if c.numel() == 0 or k == 0:  # nothing to compute, or an empty sum
-        return c.zero_()
-    if b.stride(2) != 1:
-        raise CoscaleError("fp8_grouped_mm needs b's last (K) dimension contiguous")
+    check_backend(backend, a, op="fp8_grouped_mm")
     if tile_expert is None:
-        tile_expert = expert_tile_map(group_end_offsets.to(a.device), m)
-
-    def launch(cfg):
-        return launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg)
-
-    return launch(MM_PICKER.config((power_of_two_bucket(m), n, k, e, out_dtype), launch))
+        tile_expert = expert_tile_map(group_end_offsets.to(a.device), a.shape[0])
+    return fp8_grouped_mm_op(a, a_scale, b, b_scale, group_end_offsets, tile_expert, out_dtype, backend)
 
 
-def fp8_grouped_wgrad(
-    dyt, dyt_scale, xt, xt_scale, group_end_offsets, backend: str = "auto", *, out_dtype=torch.float32
-):
-    """[E, N, K]: dW_e = dY_e^T X_e from token-contiguous 1x128 layouts (see module doc); accumulated
-    in FP32 and written in ``out_dtype`` (FP32 by default; the autograd wrappers ask for w's dtype)."""
+def _fake_wgrad(dyt, dyt_scale, xt, xt_scale, group_end_offsets, out_dtype, backend):
+    return dyt.new_empty(group_end_offsets.shape[0], dyt.shape[0], xt.shape[0], dtype=out_dtype)
+
+
+@operator("fp8_grouped_wgrad", opaque=True, fake=_fake_wgrad)
+def fp8_grouped_wgrad_op(
+    dyt: torch.Tensor, dyt_scale: torch.Tensor, xt: torch.Tensor, xt_scale: torch.Tensor,
+    group_end_offsets: torch.Tensor, out_dtype: torch.dtype, backend: str,
+) -> torch.Tensor:  # fmt: skip
+    """``fp8_grouped_wgrad`` as an opaque operator (TMA descriptors, timed configurations)."""
     n, mp = dyt.shape
     k = xt.shape[0]
-    if xt.shape[1] != mp or mp % BLOCK:
-        raise CoscaleError(f"dyt [N, Mp] and xt [K, Mp] need one Mp, a multiple of 128: {dyt.shape}, {xt.shape}")
     experts = group_end_offsets.numel()
     if select_backend(backend, dyt, op="fp8_grouped_wgrad") == "torch":
         return fp8_grouped_wgrad_ref(dyt, dyt_scale, xt, xt_scale, group_end_offsets).to(out_dtype)
@@ -178,6 +200,18 @@ def fp8_grouped_wgrad(
         return launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg)
 
     return launch(WGRAD_PICKER.config((power_of_two_bucket(mp), n, k, experts, out_dtype), launch))
+
+
+def fp8_grouped_wgrad(
+    dyt, dyt_scale, xt, xt_scale, group_end_offsets, backend: str = "auto", *, out_dtype=torch.float32
+):
+    """[E, N, K]: dW_e = dY_e^T X_e from token-contiguous 1x128 layouts (see module doc); accumulated
+    in FP32 and written in ``out_dtype`` (FP32 by default; the autograd wrappers ask for w's dtype)."""
+    mp = dyt.shape[1]
+    if xt.shape[1] != mp or mp % BLOCK:
+        raise CoscaleError(f"dyt [N, Mp] and xt [K, Mp] need one Mp, a multiple of 128: {dyt.shape}, {xt.shape}")
+    check_backend(backend, dyt, op="fp8_grouped_wgrad")
+    return fp8_grouped_wgrad_op(dyt, dyt_scale, xt, xt_scale, group_end_offsets, out_dtype, backend)
 
 
 def quantize_expert_weights(w: torch.Tensor, backend: str = "auto"):

@@ -24,7 +24,7 @@ import torch
 from coscale.errors import CoscaleError
 from coscale.kernels.autotune import ConfigPicker
 from coscale.kernels.backend import interpreting
-from coscale.kernels.quant import BLOCK
+from coscale.kernels.fp8_recipe import BLOCK
 
 __all__ = [
     "MM_CANDIDATES",

@@ -12,7 +12,7 @@ Shape legend: M routed token rows sorted by expert, E experts, K input features,
 - ``fp8_grouped_gate_up(x, w_gate, w_up, offsets) -> [M, 2I]``: gate and up sharing one quantization of
   x, one stacked FP8 weight buffer, one forward GEMM and one dgrad GEMM (contraction 2I).
 
-The weights are quantized with quant.weight_quant_128x128_dual, which also writes W_e^T's FP8 bytes (a
+The weights are quantized with quant_ops.weight_quant_op, which also writes W_e^T's FP8 bytes (a
 1-byte transpose), so dgrad needs no transposing copy of a 16- or 32-bit tensor. ``weight_cache``: an
 FP8WeightCache (coscale.kernels.fp8_weight_cache) owned by the module that holds the weights keeps
 these FP8 copies between calls until its owner invalidates it. The GEMMs are
@@ -24,21 +24,10 @@ from __future__ import annotations
 import torch
 
 from coscale.errors import CoscaleError
-from coscale.kernels.fp8_grouped_gemm import (
-    check_offsets,
-    expert_tile_map,
-    fp8_grouped_mm,
-    fp8_grouped_wgrad,
-    quantize_expert_weights,
-)
+from coscale.kernels.fp8_grouped_gemm import check_offsets, expert_tile_map, fp8_grouped_mm, fp8_grouped_wgrad
 from coscale.kernels.fp8_weight_cache import FP8WeightCache
-from coscale.kernels.quant import (
-    BLOCK,
-    FP8_DTYPE,
-    act_quant_1x128,
-    act_quant_1x128_dual,
-    weight_quant_128x128_dual,
-)
+from coscale.kernels.quant import BLOCK, act_quant_1x128, act_quant_1x128_dual
+from coscale.kernels.quant_ops import weight_quant_op
 
 __all__ = ["fp8_grouped_linear", "fp8_grouped_gate_up", "quantize_stacked_weights"]
 
@@ -50,28 +39,10 @@ def _ceil128(n: int) -> int:
 def quantize_stacked_weights(ws, need_t: bool, backend: str = "auto"):
     """Quantize expert weights [E, N_i, K] (one or several, e.g. w_gate and w_up) into one stacked
     buffer [E, sum Np_i, Kp] (each part padded to 128 rows) and, when ``need_t``, its transpose
-    [E, Kp, sum Np_i] (W's FP8 bytes transposed into the stacked buffer).
+    [E, Kp, sum Np_i] (the stack's FP8 bytes transposed in one pass).
     Returns (wq, w_scale, wq_t, wt_scale); the last two are None without ``need_t``."""
-    e, _, k = ws[0].shape
-    if not need_t and len(ws) == 1 and ws[0].shape[1] % BLOCK == 0 and k % BLOCK == 0:
-        wq, sq = quantize_expert_weights(ws[0], backend)
-        return wq, sq, None, None
-    kp = _ceil128(k)
-    nps = [_ceil128(w.shape[1]) for w in ws]
-    total = sum(nps)
-    dev = ws[0].device
-    wq = torch.empty(e, total, kp, dtype=FP8_DTYPE, device=dev)
-    sq = torch.empty(e, total // BLOCK, kp // BLOCK, dtype=torch.float32, device=dev)
-    wt = torch.empty(e, kp, total if need_t else 0, dtype=FP8_DTYPE, device=dev)
-    st = torch.empty(e, kp // BLOCK, total // BLOCK if need_t else 0, dtype=torch.float32, device=dev)
-    row = 0
-    for w, np_ in zip(ws, nps):
-        rb = slice(row // BLOCK, (row + np_) // BLOCK)
-        t_views = (wt[:, :, row : row + np_], st[:, :, rb]) if need_t else (None, None)
-        out = (wq[:, row : row + np_], sq[:, rb], *t_views)
-        weight_quant_128x128_dual(w.detach(), backend=backend, out=out)
-        row += np_
-    return wq, sq, (wt if need_t else None), (st if need_t else None)
+    wq, sq, wt, st = weight_quant_op([w.detach() for w in ws], False, need_t, backend)
+    return (wq, sq, wt, st) if need_t else (wq, sq, None, None)
 
 
 def _quantize(ws, need_t: bool, backend: str, weight_cache: FP8WeightCache | None):

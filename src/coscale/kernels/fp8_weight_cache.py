@@ -19,6 +19,14 @@ fused optimizers (``fused=True``) and ``.data`` writes do not bump it, and only 
 protects against them. Inference tensors have no version counter: the address, shape and object
 identity are checked.
 
+Inside a compiled or CUDA-graph-captured step the cache stands aside (``usable_now`` returns None):
+its bookkeeping is host-side Python that neither a compiled graph nor a graph replay runs again, so a
+copy made outside them would be read stale forever, and one made inside them is remade by every
+replay anyway. There the quantization of the weights is part of the captured step: once per forward
+(with one micro-batch per optimizer step, as coscale's trainer runs, that is once per step, which is
+all a cache could save; with gradient accumulation inside one captured step each micro-batch would
+quantize again). Between steps, eager code (evaluation, the eager warm-up steps, inference) uses it.
+
 Cost: the FP8 copies, 1 byte per parameter (2 once W^T was needed, i.e. once the input needed a
 gradient) plus one FP32 scale per 128x128 block. No host synchronisation (the checks read tensor
 metadata only).
@@ -35,7 +43,13 @@ from torch import nn
 
 from coscale.errors import CoscaleError
 
-__all__ = ["FP8WeightCache", "as_weight_cache", "invalidate_fp8_weight_caches", "weight_cache_of"]
+__all__ = [
+    "FP8WeightCache",
+    "as_weight_cache",
+    "invalidate_fp8_weight_caches",
+    "usable_now",
+    "weight_cache_of",
+]
 
 def _version(w: torch.Tensor) -> int:
     return -1 if w.is_inference() else w._version  # inference tensors keep no version counter
@@ -101,6 +115,15 @@ class FP8WeightCache:
         value = quantize()
         self._entries[key] = _Entry(tuple(weakref.ref(w) for w in weights), _stamp(weights), settings, value)
         return value
+
+
+def usable_now(cache: FP8WeightCache | None) -> FP8WeightCache | None:
+    """``cache``, or None while torch.compile traces or a CUDA graph is being captured (module docstring)."""
+    if cache is None or torch.compiler.is_compiling():
+        return None
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return None
+    return cache
 
 
 def as_weight_cache(value) -> FP8WeightCache | None:

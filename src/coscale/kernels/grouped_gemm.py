@@ -32,7 +32,8 @@ import torch
 
 from coscale.errors import CoscaleError
 from coscale.kernels.autotune import power_of_two_bucket, triton_autotune
-from coscale.kernels.backend import select_backend
+from coscale.kernels.backend import check_backend, select_backend
+from coscale.kernels.library import operator
 
 try:
     import triton
@@ -208,14 +209,14 @@ def _triton_wgrad(grad, a, offs, out_dtype):
 # ---- torch._grouped_mm -------------------------------------------------------------------------
 def torch_grouped_mm_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether torch._grouped_mm takes these operands (BF16 on CUDA, 16-byte aligned strides)."""
+    return _grouped_mm_takes(a, b.dtype, n=b.shape[1], k=a.shape[1])
+
+
+def _grouped_mm_takes(t: torch.Tensor, b_dtype: torch.dtype, n: int, k: int) -> bool:
     return (
-        hasattr(torch, "_grouped_mm")
-        and a.is_cuda
-        and a.dtype == torch.bfloat16
-        and b.dtype == torch.bfloat16
-        and a.shape[1] % 8 == 0
-        and b.shape[1] % 8 == 0
-    )
+        hasattr(torch, "_grouped_mm") and t.is_cuda and t.dtype == torch.bfloat16 and b_dtype == torch.bfloat16
+        and k % 8 == 0 and n % 8 == 0
+    )  # fmt: skip
 
 
 def _torch_forward(a, b, offs):
@@ -267,21 +268,68 @@ _IMPLS = {
 }
 
 
-class _GroupedMM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, offs, backend):
-        ctx.backend = backend
-        ctx.save_for_backward(a, b, offs)
-        return _IMPLS[backend][0](a, b, offs)
+def _chosen(backend: str, t: torch.Tensor, b_dtype: torch.dtype, n: int, k: int) -> str:
+    """The backend of the forward problem [M, K] x [E, N, K] (its dgrad and wgrad choose the same)."""
+    chosen = select_backend(
+        backend, t, allowed=BACKENDS, reference="loop", op="grouped_mm",
+        preferred=lambda: "torch" if _grouped_mm_takes(t, b_dtype, n, k) else None,
+    )  # fmt: skip
+    if chosen == "torch" and not hasattr(torch, "_grouped_mm"):
+        raise CoscaleError(f"grouped_mm: torch {torch.__version__} has no torch._grouped_mm; use backend 'triton'")
+    return chosen
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        a, b, offs = ctx.saved_tensors
-        _, dgrad, wgrad = _IMPLS[ctx.backend]
-        grad_out = grad_out.contiguous()
-        grad_a = dgrad(grad_out, b, offs) if ctx.needs_input_grad[0] else None
-        grad_b = wgrad(grad_out, a, offs, b.dtype) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b, None, None
+
+# Opaque operators (coscale.kernels.library): torch._grouped_mm, autotuned Triton kernels or, on the CPU, a
+# loop over experts that reads the offsets back; torch.compile calls them as they are.
+def _fake_forward(a, b, offs, backend):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+def _fake_dgrad(grad, b, offs, backend):
+    return grad.new_empty(grad.shape[0], b.shape[2])
+
+
+def _fake_wgrad(grad, a, offs, out_dtype, backend):
+    return a.new_empty(offs.shape[0], grad.shape[1], a.shape[1], dtype=out_dtype)
+
+
+@operator("grouped_mm", opaque=True, fake=_fake_forward)
+def grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, backend: str) -> torch.Tensor:
+    """a [M, K] @ b[e]^T per expert segment -> [M, N] (rows past offs[-1]: unspecified)."""
+    chosen = _chosen(backend, a, b.dtype, b.shape[1], b.shape[2])
+    return _IMPLS[chosen][0](a.contiguous() if chosen == "triton" else a, b, offs).contiguous()
+
+
+@operator("grouped_mm_dgrad", opaque=True, fake=_fake_dgrad)
+def grouped_mm_dgrad_op(grad: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, backend: str) -> torch.Tensor:
+    """grad [M, N] @ b[e] per expert segment -> [M, K]."""
+    return _IMPLS[_chosen(backend, grad, b.dtype, b.shape[1], b.shape[2])][1](grad.contiguous(), b, offs).contiguous()
+
+
+@operator("grouped_mm_wgrad", opaque=True, fake=_fake_wgrad)
+def grouped_mm_wgrad_op(
+    grad: torch.Tensor, a: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, backend: str
+) -> torch.Tensor:
+    """[E, N, K]: grad[rows of e]^T @ a[rows of e] (zeros for an expert without rows)."""
+    chosen = _chosen(backend, a, grad.dtype, grad.shape[1], a.shape[1])
+    a = a.contiguous() if chosen == "triton" else a
+    return _IMPLS[chosen][2](grad.contiguous(), a, offs, out_dtype).contiguous()
+
+
+def _setup(ctx, inputs, output):
+    a, b, offs, backend = inputs
+    ctx.save_for_backward(a, b, offs)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out):
+    a, b, offs = ctx.saved_tensors
+    grad_a = grouped_mm_dgrad_op(grad_out, b, offs, ctx.backend) if ctx.needs_input_grad[0] else None
+    grad_b = grouped_mm_wgrad_op(grad_out, a, offs, b.dtype, ctx.backend) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None, None
+
+
+grouped_mm_op.register_autograd(_backward, setup_context=_setup)
 
 
 def grouped_mm(
@@ -299,12 +347,5 @@ def grouped_mm(
         )
     if a.dtype != b.dtype:
         raise CoscaleError(f"grouped_mm operands must share a dtype, got {a.dtype} and {b.dtype}")
-    backend = select_backend(
-        backend, a, allowed=BACKENDS, reference="loop", op="grouped_mm",
-        preferred=lambda: "torch" if torch_grouped_mm_applies(a, b) else None,
-    )
-    if backend == "torch" and not hasattr(torch, "_grouped_mm"):
-        raise CoscaleError(f"grouped_mm: torch {torch.__version__} has no torch._grouped_mm; use backend 'triton'")
-    if backend == "triton":
-        a = a.contiguous()
-    return _GroupedMM.apply(a, b, group_end_offsets, backend)
+    check_backend(backend, a, op="grouped_mm", allowed=BACKENDS, reference="loop")
+    return grouped_mm_op(a, b, group_end_offsets, backend)

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from coscale.errors import CoscaleError
-from coscale.kernels.backend import select_backend
+from coscale.kernels.backend import check_backend
+from coscale.kernels.library import launcher, operator, runs_triton
 
 try:  # Triton is optional: the PyTorch reference runs everywhere.
     import triton
@@ -197,132 +198,170 @@ def _block_h(H: int) -> int:
     return min(1024, triton.next_power_of_2(max(H, 16)))
 
 
-def _rows_from_tokens_triton(src, info, weight=None, y=None, out_dtype=None):
-    """Triton: [T, H] token rows -> [M_pad, H] permuted rows (optionally weighted, with <y, src>)."""
+# Both directions take the layout as tensors: row_pair [M_pad] (flat pair index per row, -1 padding)
+# and pair_row [T, K] (row of each pair); T, K and M_pad are their shapes.
+
+
+def _gather_rows_triton(src, row_pair, topk, weight, dot, out_dtype):
+    """Triton: [T, H] token rows -> [M_pad, H] permuted rows (optionally weighted, with <dot, src>)."""
     H = src.shape[1]
     src = src.contiguous()
-    dst = torch.empty(info.num_rows, H, dtype=out_dtype or src.dtype, device=src.device)
-    grad_weight = None
-    if y is not None:
-        y = y.contiguous()
-        grad_weight = torch.zeros(info.num_tokens * info.topk, dtype=torch.float32, device=src.device)
-    if info.num_rows == 0:
-        return dst, grad_weight
+    dst = torch.empty(row_pair.shape[0], H, dtype=out_dtype, device=src.device)
+    pairs = src.shape[0] * topk
+    dot_out = torch.zeros(pairs if dot is not None else 0, dtype=torch.float32, device=src.device)
+    if dst.shape[0] == 0:
+        return dst, dot_out
     w = weight.reshape(-1).contiguous().float() if weight is not None else src
-    _rows_from_tokens_kernel[(info.num_rows,)](
-        src, info.row_pair, w, dst, y if y is not None else src,
-        grad_weight if grad_weight is not None else dst,
-        H, src.stride(0), dst.stride(0), y.stride(0) if y is not None else 0,
-        TOPK=info.topk, HAS_WEIGHT=weight is not None, COMPUTE_DOT=y is not None,
-        BLOCK_H=_block_h(H),
-    )
-    return dst, grad_weight
+    d = dot.contiguous() if dot is not None else src
+    launcher(_rows_from_tokens_kernel)[(dst.shape[0],)](
+        src, row_pair, w, dst, d, dot_out if dot is not None else dst,
+        H, src.stride(0), dst.stride(0), d.stride(0) if dot is not None else 0,
+        TOPK=topk, HAS_WEIGHT=weight is not None, COMPUTE_DOT=dot is not None, BLOCK_H=_block_h(H),
+    )  # fmt: skip
+    return dst, dot_out
 
 
-def _tokens_from_rows_triton(src, info, weight=None, out_dtype=None):
+def _sum_rows_triton(src, pair_row, weight, out_dtype):
     """Triton: [M_pad, H] rows -> [T, H], each token summing its K rows in k order."""
     H = src.shape[1]
+    T, K = pair_row.shape
     src = src.contiguous()
-    out = torch.empty(info.num_tokens, H, dtype=out_dtype or src.dtype, device=src.device)
-    if info.num_tokens == 0:
+    out = torch.empty(T, H, dtype=out_dtype, device=src.device)
+    if T == 0:
         return out
     w = weight.contiguous().float() if weight is not None else src
     block = _block_h(H)
-    _tokens_from_rows_kernel[(info.num_tokens, triton.cdiv(H, block))](
-        src, info.pair_row, w, out, H, src.stride(0), out.stride(0),
-        TOPK=info.topk, HAS_WEIGHT=weight is not None, BLOCK_H=block,
-    )
+    launcher(_tokens_from_rows_kernel)[(T, triton.cdiv(H, block))](
+        src, pair_row, w, out, H, src.stride(0), out.stride(0), TOPK=K, HAS_WEIGHT=weight is not None, BLOCK_H=block,
+    )  # fmt: skip
     return out
 
 
 # ---- PyTorch references ------------------------------------------------------------------------
-def _rows_from_tokens_torch(src, info, weight=None, y=None, out_dtype=None):
-    H = src.shape[1]
-    dst = torch.zeros(info.num_rows, H, dtype=out_dtype or src.dtype, device=src.device)
-    grad_weight = None
-    real = info.row_pair >= 0
-    pairs = info.row_pair[real]
-    token_rows = src[pairs // info.topk]
-    if weight is not None:
-        dst[real] = (token_rows.float() * weight.reshape(-1).float()[pairs, None]).to(dst.dtype)
-    else:
-        dst[real] = token_rows.to(dst.dtype)
-    if y is not None:
-        grad_weight = torch.zeros(info.num_tokens * info.topk, dtype=torch.float32, device=src.device)
-        grad_weight[pairs] = (y[real].float() * token_rows.float()).sum(-1)
-    return dst, grad_weight
+def gather_rows_ref(src, row_pair, topk, weight=None, dot=None, out_dtype=None):
+    """The reference of ``gather_rows``: row r = weight[p] * src[p // topk] for p = row_pair[r] (zeros
+    where p < 0), and with ``dot`` [M_pad, H] also <dot[r], src[p // topk]> per pair (float32). Static
+    shapes throughout (no boolean indexing), so torch.compile traces it on the CPU."""
+    pairs = src.shape[0] * topk
+    valid = row_pair >= 0
+    safe = row_pair.clamp(min=0)
+    token_rows = src[safe // topk]  # [M_pad, H]; padding rows read token 0 and are zeroed below
+    rows = token_rows.float() * weight.reshape(-1).float()[safe, None] if weight is not None else token_rows
+    dst = torch.where(valid[:, None], rows.to(out_dtype or src.dtype), 0)
+    dot_out = torch.zeros(pairs if dot is not None else 0, dtype=torch.float32, device=src.device)
+    if dot is not None:  # padding rows scatter into a spare slot that is dropped
+        dots = (dot.float() * token_rows.float()).sum(-1)
+        slot = torch.where(valid, row_pair, pairs)
+        dot_out = torch.zeros(pairs + 1, dtype=torch.float32, device=src.device).scatter(0, slot, dots)[:pairs]
+    return dst, dot_out
 
 
-def _tokens_from_rows_torch(src, info, weight=None, out_dtype=None, deterministic=True):
-    T, K = info.pair_row.shape
+def sum_rows_ref(src, pair_row, row_pair, weight=None, out_dtype=None, deterministic=True):
+    """The reference of ``sum_rows``: out[t] = sum_k weight[t, k] * src[pair_row[t, k]] in float32."""
+    T, K = pair_row.shape
     H = src.shape[1]
     if deterministic:  # gather the K rows of every token and add them in k order
         acc = torch.zeros(T, H, dtype=torch.float32, device=src.device)
         for k in range(K):
-            rows = src[info.pair_row[:, k]].float()
+            rows = src[pair_row[:, k]].float()
             acc += rows * weight[:, k, None].float() if weight is not None else rows
-    else:  # scatter-add every row into its token (atomics on CUDA)
-        acc = torch.zeros(T, H, dtype=torch.float32, device=src.device)
-        real = info.row_pair >= 0
-        pairs = info.row_pair[real]
-        rows = src[real].float()
+    else:  # scatter-add every row into its token (atomics on CUDA); padding rows into a spare row
+        valid = row_pair >= 0
+        rows = src.float()
         if weight is not None:
-            rows = rows * weight.reshape(-1).float()[pairs, None]
-        acc.index_add_(0, pairs // K, rows)
+            rows = rows * weight.reshape(-1).float()[row_pair.clamp(min=0), None]
+        token = torch.where(valid, row_pair // K, T)
+        acc = torch.zeros(T + 1, H, dtype=torch.float32, device=src.device).index_add_(0, token, rows)[:T]
     return acc.to(out_dtype or src.dtype)
 
 
-# ---- dispatch and autograd ---------------------------------------------------------------------
+# ---- operators ---------------------------------------------------------------------------------
+@operator("gather_rows")
+def gather_rows_op(
+    src: torch.Tensor, row_pair: torch.Tensor, topk: int, weight: torch.Tensor | None, dot: torch.Tensor | None,
+    out_dtype: torch.dtype, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """[T, H] -> ([M_pad, H] rows, the per-pair dots [T*K] float32, or [0] without ``dot``)."""
+    if runs_triton(backend, src, "rows_from_tokens"):
+        return _gather_rows_triton(src, row_pair, topk, weight, dot, out_dtype)
+    return gather_rows_ref(src, row_pair, topk, weight, dot, out_dtype)
+
+
+@operator("sum_rows")
+def sum_rows_op(
+    src: torch.Tensor, pair_row: torch.Tensor, row_pair: torch.Tensor, weight: torch.Tensor | None,
+    out_dtype: torch.dtype, deterministic: bool, backend: str,
+) -> torch.Tensor:  # fmt: skip
+    """[M_pad, H] -> [T, H]: every token's K rows (weighted) summed in float32."""
+    if runs_triton(backend, src, "tokens_from_rows"):
+        return _sum_rows_triton(src, pair_row, weight, out_dtype)
+    return sum_rows_ref(src, pair_row, row_pair, weight, out_dtype, deterministic)
+
+
 def rows_from_tokens(src, info, weight=None, y=None, out_dtype=None, backend="auto"):
     """[T, H] -> [M_pad, H]: row r = weight[pair] * src[token] (zeros on padding rows); no autograd.
 
     With y [M_pad, H] also returns <y[r], src[token]> per pair as float32 [T*K], else None.
     """
-    if select_backend(backend, src, op="rows_from_tokens") == "triton":
-        return _rows_from_tokens_triton(src, info, weight, y, out_dtype)
-    return _rows_from_tokens_torch(src, info, weight, y, out_dtype)
+    check_backend(backend, src, op="rows_from_tokens")
+    dst, dots = gather_rows_op(src, info.row_pair, info.topk, weight, y, out_dtype or src.dtype, backend)
+    return dst, (dots if y is not None else None)
 
 
 def tokens_from_rows(src, info, weight=None, out_dtype=None, backend="auto", deterministic=True):
     """[M_pad, H] -> [T, H]: out[t] = sum_k weight[t, k] * src[pair_row[t, k]]; no autograd."""
-    if select_backend(backend, src, op="tokens_from_rows") == "triton":
-        return _tokens_from_rows_triton(src, info, weight, out_dtype)
-    return _tokens_from_rows_torch(src, info, weight, out_dtype, deterministic)
+    check_backend(backend, src, op="tokens_from_rows")
+    return sum_rows_op(src, info.pair_row, info.row_pair, weight, out_dtype or src.dtype, deterministic, backend)
 
 
-class _Permute(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, info, backend, deterministic):
-        ctx.info, ctx.backend, ctx.deterministic = info, backend, deterministic
-        x_perm, _ = rows_from_tokens(x, info, backend=backend)
-        return x_perm
-
-    @staticmethod
-    def backward(ctx, grad_x_perm):
-        grad_x = tokens_from_rows(
-            grad_x_perm, ctx.info, backend=ctx.backend, deterministic=ctx.deterministic
-        )
-        return grad_x, None, None, None
+# ---- differentiable operators ------------------------------------------------------------------
+@operator("permute")
+def permute_op(x: torch.Tensor, row_pair: torch.Tensor, pair_row: torch.Tensor, deterministic: bool,
+               backend: str) -> torch.Tensor:  # fmt: skip
+    """x [T, H] -> x_perm [M_pad, H] (row r = x[row_pair[r] // K], zeros on padding rows)."""
+    return gather_rows_op(x, row_pair, pair_row.shape[1], None, None, x.dtype, backend)[0]
 
 
-class _UnpermuteCombine(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y_perm, topk_weight, info, backend, deterministic):
-        ctx.info, ctx.backend = info, backend
-        ctx.save_for_backward(y_perm, topk_weight)
-        return tokens_from_rows(y_perm, info, topk_weight, backend=backend, deterministic=deterministic)
+def _permute_setup(ctx, inputs, output):
+    _, row_pair, pair_row, deterministic, backend = inputs
+    ctx.save_for_backward(row_pair, pair_row)
+    ctx.deterministic, ctx.backend = deterministic, backend
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        y_perm, topk_weight = ctx.saved_tensors
-        need_weight_grad = ctx.needs_input_grad[1]
-        grad_y, grad_w = rows_from_tokens(
-            grad_out, ctx.info, weight=topk_weight, y=y_perm if need_weight_grad else None,
-            out_dtype=y_perm.dtype, backend=ctx.backend,
-        )
-        if grad_w is not None:
-            grad_w = grad_w.view(topk_weight.shape).to(topk_weight.dtype)
-        return grad_y, grad_w, None, None, None
+
+def _permute_backward(ctx, grad):
+    row_pair, pair_row = ctx.saved_tensors
+    grad_x = sum_rows_op(grad.contiguous(), pair_row, row_pair, None, grad.dtype, ctx.deterministic, ctx.backend)
+    return grad_x, None, None, None, None
+
+
+permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
+@operator("combine")
+def combine_op(y: torch.Tensor, topk_weight: torch.Tensor, pair_row: torch.Tensor, row_pair: torch.Tensor,
+               deterministic: bool, backend: str) -> torch.Tensor:  # fmt: skip
+    """y [M_pad, H], topk_weight [T, K] -> [T, H] = sum_k topk_weight[t, k] * y[pair_row[t, k]]."""
+    return sum_rows_op(y, pair_row, row_pair, topk_weight, y.dtype, deterministic, backend)
+
+
+def _combine_setup(ctx, inputs, output):
+    y, topk_weight, _, row_pair, _, backend = inputs
+    ctx.save_for_backward(y, topk_weight, row_pair)
+    ctx.backend = backend
+
+
+def _combine_backward(ctx, grad_out):
+    y, topk_weight, row_pair = ctx.saved_tensors
+    need_weight_grad = ctx.needs_input_grad[1]
+    grad_y, grad_w = gather_rows_op(
+        grad_out.contiguous(), row_pair, topk_weight.shape[1], topk_weight, y if need_weight_grad else None,
+        y.dtype, ctx.backend,
+    )  # fmt: skip
+    grad_w = grad_w.view(topk_weight.shape).to(topk_weight.dtype) if need_weight_grad else None
+    return grad_y, grad_w, None, None, None, None
+
+
+combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
 
 
 def permute_tokens(
@@ -345,9 +384,10 @@ def permute_tokens(
             f"x must be [T, H] and topk_idx [T, K] with the same T, got {tuple(x.shape)} and "
             f"{tuple(topk_idx.shape)}"
         )
+    check_backend(backend, x, op="rows_from_tokens")
     if info is None:
         info = build_permute_info(topk_idx, n_experts, align)
-    return _Permute.apply(x, info, backend, deterministic), info
+    return permute_op(x, info.row_pair, info.pair_row, deterministic, backend), info
 
 
 def unpermute_combine(
@@ -369,4 +409,5 @@ def unpermute_combine(
         raise CoscaleError(
             f"topk_weight must be {tuple(info.pair_row.shape)}, got {tuple(topk_weight.shape)}"
         )
-    return _UnpermuteCombine.apply(y_perm, topk_weight, info, backend, deterministic)
+    check_backend(backend, y_perm, op="tokens_from_rows")
+    return combine_op(y_perm, topk_weight, info.pair_row, info.row_pair, deterministic, backend)

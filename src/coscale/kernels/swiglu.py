@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from coscale.errors import CoscaleError
-from coscale.kernels.backend import select_backend
+from coscale.kernels.backend import check_backend
+from coscale.kernels.library import launcher, operator, runs_triton
 
 try:
     import triton
@@ -78,14 +79,14 @@ def swiglu_forward_triton(g, u):
     a = torch.empty(M, I, dtype=g.dtype, device=g.device)
     if M and I:
         block = _block(I)
-        _swiglu_fwd_kernel[(M, triton.cdiv(I, block))](
+        launcher(_swiglu_fwd_kernel)[(M, triton.cdiv(I, block))](
             g, u, a, I, g.stride(0), u.stride(0), a.stride(0), BLOCK=block
         )
     return a
 
 
 def swiglu_backward_triton(g, u, da):
-    """Returns (dg, du) as the two halves of one [M, 2I] buffer."""
+    """Returns [dg | du] as one [M, 2I] buffer."""
     da = da.contiguous()
     _check_rows(g, u, da)
     M, I = g.shape
@@ -93,11 +94,11 @@ def swiglu_backward_triton(g, u, da):
     dg, du = grad[:, :I], grad[:, I:]
     if M and I:
         block = _block(I)
-        _swiglu_bwd_kernel[(M, triton.cdiv(I, block))](
+        launcher(_swiglu_bwd_kernel)[(M, triton.cdiv(I, block))](
             g, u, da, dg, du, I, g.stride(0), u.stride(0), da.stride(0), dg.stride(0), du.stride(0),
             BLOCK=block,
         )
-    return dg, du
+    return grad
 
 
 def swiglu_forward_torch(g, u):
@@ -109,68 +110,74 @@ def swiglu_backward_torch(g, u, da):
     s = torch.sigmoid(g32)
     dg = da32 * u32 * s * (1.0 + g32 * (1.0 - s))
     du = da32 * g32 * s
-    return dg.to(g.dtype), du.to(u.dtype)
+    return torch.cat([dg.to(g.dtype), du.to(u.dtype)], dim=1)
 
 
-def _forward(g, u, backend):
-    if select_backend(backend, g, op="swiglu") == "triton":
-        return swiglu_forward_triton(g, u)
-    return swiglu_forward_torch(g, u)
-
-
-def _backward(g, u, da, backend):
-    if select_backend(backend, g, op="swiglu") == "triton":
+@operator("swiglu_backward")
+def swiglu_backward_op(g: torch.Tensor, u: torch.Tensor, da: torch.Tensor, backend: str) -> torch.Tensor:
+    """[dg | du] [M, 2I] of a = silu(g) * u for the gradient da [M, I] (float32 math)."""
+    if runs_triton(backend, g, "swiglu"):
         return swiglu_backward_triton(g, u, da)
     return swiglu_backward_torch(g, u, da)
 
 
-class _SwiGLUPair(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, g, u, backend):
-        ctx.backend = backend
-        ctx.save_for_backward(g, u)
-        return _forward(g, u, backend)
-
-    @staticmethod
-    def backward(ctx, da):
-        g, u = ctx.saved_tensors
-        dg, du = _backward(g, u, da, ctx.backend)
-        return dg, du, None
+@operator("swiglu")
+def swiglu_op(gate_up: torch.Tensor, backend: str) -> torch.Tensor:
+    """gate_up [M, 2I] (gate first, then up) -> silu(gate) * up [M, I]."""
+    I = gate_up.shape[1] // 2
+    g, u = gate_up[:, :I], gate_up[:, I:]
+    if runs_triton(backend, gate_up, "swiglu"):
+        return swiglu_forward_triton(g, u)
+    return swiglu_forward_torch(g, u)
 
 
-class _SwiGLUConcat(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate_up, backend):
-        ctx.backend = backend
-        ctx.save_for_backward(gate_up)
-        I = gate_up.shape[1] // 2
-        return _forward(gate_up[:, :I], gate_up[:, I:], backend)
+@operator("swiglu_pair")
+def swiglu_pair_op(g: torch.Tensor, u: torch.Tensor, backend: str) -> torch.Tensor:
+    """silu(g) * u for two [M, I] tensors."""
+    if runs_triton(backend, g, "swiglu"):
+        return swiglu_forward_triton(g, u)
+    return swiglu_forward_torch(g, u)
 
-    @staticmethod
-    def backward(ctx, da):
-        (gate_up,) = ctx.saved_tensors
-        I = gate_up.shape[1] // 2
-        dg, du = _backward(gate_up[:, :I], gate_up[:, I:], da, ctx.backend)
-        if dg.data_ptr() + I * dg.element_size() == du.data_ptr() and dg.stride() == du.stride():
-            return dg.as_strided((dg.shape[0], 2 * I), dg.stride()), None  # halves of one buffer
-        return torch.cat([dg, du], dim=1), None
+
+def _setup(ctx, inputs, output):
+    *tensors, backend = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.backend = backend
+
+
+def _swiglu_backward(ctx, da):
+    (gate_up,) = ctx.saved_tensors
+    I = gate_up.shape[1] // 2
+    return swiglu_backward_op(gate_up[:, :I], gate_up[:, I:], da, ctx.backend), None
+
+
+def _swiglu_pair_backward(ctx, da):
+    g, u = ctx.saved_tensors
+    grad = swiglu_backward_op(g, u, da, ctx.backend)  # [dg | du]: two views of one buffer
+    return grad[:, : g.shape[1]], grad[:, g.shape[1] :], None
+
+
+swiglu_op.register_autograd(_swiglu_backward, setup_context=_setup)
+swiglu_pair_op.register_autograd(_swiglu_pair_backward, setup_context=_setup)
 
 
 def swiglu(gate_up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """gate_up [M, 2I] (gate first, then up) -> silu(gate) * up [M, I]; differentiable."""
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
         raise CoscaleError(f"swiglu needs [M, 2I], got {tuple(gate_up.shape)}")
+    check_backend(backend, gate_up, op="swiglu")
     if gate_up.stride(1) != 1:
         gate_up = gate_up.contiguous()
-    return _SwiGLUConcat.apply(gate_up, backend)
+    return swiglu_op(gate_up, backend)
 
 
 def swiglu_pair(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """silu(gate) * up for two [M, I] tensors; differentiable in both."""
     if gate.shape != up.shape or gate.dim() != 2:
         raise CoscaleError(f"swiglu_pair needs two [M, I] tensors, got {tuple(gate.shape)}, {tuple(up.shape)}")
+    check_backend(backend, gate, op="swiglu")
     if gate.stride(1) != 1:
         gate = gate.contiguous()
     if up.stride(1) != 1:
         up = up.contiguous()
-    return _SwiGLUPair.apply(gate, up, backend)
+    return swiglu_pair_op(gate, up, backend)

@@ -192,11 +192,12 @@ class GroupedExperts(nn.Module):
         )
         if not use_grouped:
             return experts_forward_loop(x, topk_idx, topk_weight, self.w_gate, self.w_up, self.w_down)
+        from coscale.kernels.fp8_weight_cache import usable_now
         from coscale.kernels.moe import grouped_experts_forward
 
         return grouped_experts_forward(
             x, topk_idx, topk_weight, self.w_gate, self.w_up, self.w_down, precision=self.precision,
-            fp8_weight_cache=self.fp8_weight_cache,
+            fp8_weight_cache=usable_now(self.fp8_weight_cache),
         )
 
     def extra_repr(self) -> str:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coscale.fp8 import invalidate_fp8_weight_caches
 from coscale.model.moe import update_router_biases
 from coscale.parallel.world import World
 
@@ -54,6 +55,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
     world.sync_gradients(model)
     grad_norm = world.clip_grad_norm_(model, grad_clip) if grad_clip else None
     optimizer.step()
+    invalidate_fp8_weight_caches(model)  # FP8 weight copies kept by modules are stale now (docs/fp8.md)
     optimizer.zero_grad(set_to_none=True)
     world.sum_router_loads(model)  # global loads: the logged statistics and every rank's bias update
     balance = load_balance(model)  # read before update_router_biases resets the counters

@@ -60,10 +60,12 @@ class StepMode:
 
 def resolve_step_mode(compile: bool | None, cuda_graphs: bool | None, world: World,
                       precision: str = "bf16") -> StepMode:
-    """The mode a run uses: what was asked for, else the fastest correct one for this world."""
+    """The mode a run uses: what was asked for, else the fastest correct one for this world (the same for
+    every ``precision``; the argument stays for callers that name it)."""
     one_cuda_process = world.device.type == "cuda" and world.world_size == 1
-    # FP8's Triton kernels are not yet traceable by torch.compile: eager FP8 kernels in a CUDA graph.
-    use_compile = (one_cuda_process and precision != "fp8") if compile is None else compile
+    # Every precision compiles: coscale's kernels are torch operators (coscale.kernels.library) that
+    # torch.compile traces without a graph break, FP8's included.
+    use_compile = one_cuda_process if compile is None else compile
     use_graphs = one_cuda_process if cuda_graphs is None else cuda_graphs
     if use_graphs and world.device.type != "cuda":
         raise ConfigError(f"--cuda-graphs needs a CUDA device; this run is on {world.device}")

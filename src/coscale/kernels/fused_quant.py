@@ -1,0 +1,113 @@
+"""FP8 quantization fused into the kernel that produces its input: SwiGLU, SwiGLU's backward, the MoE
+permutation and the combine's backward.
+
+Each operator writes what quantizing the producer's output would write, without the producer's
+output ever reaching memory in 16 bits: the 1x128 layout (``rows``) and/or the transposed 128x1
+layout (``cols``, the weight gradient's operand, "produced where the gradient is produced"), with the
+same bits as coscale.kernels.quant applied to the unfused producer's stored output on the same backend
+(the kernels round each value to the producer's dtype before quantizing, as the producer stores it):
+
+- ``swiglu_quant(gate_up [M, 2I])``: a = silu(gate) * up, quantized (the down projection's input).
+- ``swiglu_backward_quant(gate_up, da [M, I])``: [dg | du] [M, 2I], quantized (the gate/up
+  projection's output gradient).
+- ``gather_quant(src [T, H], row_pair [M], ...)``: the permuted rows src[row_pair // K] (zeros on
+  padding rows), optionally scaled by the router weight of each pair, quantized; with ``dot`` also
+  <dot[r], src[token(r)]> per pair (the router weight's gradient, from the combine's backward).
+
+Kernels: coscale.kernels._quant_triton (``rows_quant_kernel``, ``cols_quant_kernel``,
+``dual_quant_kernel`` with a SOURCE per producer), launched by coscale.kernels.quant_ops.launch_producer;
+references: the unfused PyTorch producers followed by coscale.kernels.quant_ops.act_quant_reference.
+All three are transparent operators (coscale.kernels.library).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from coscale.errors import CoscaleError
+from coscale.kernels.library import operator, runs_triton
+from coscale.kernels.permute import gather_rows_ref
+from coscale.kernels.quant_ops import act_quant_reference, launch_producer, quant_outputs
+from coscale.kernels.swiglu import swiglu_backward_torch, swiglu_forward_torch
+
+__all__ = ["gather_quant_op", "swiglu_backward_quant_op", "swiglu_quant_op"]
+
+SWIGLU, SWIGLU_BACKWARD, GATHER = 1, 2, 3  # the SOURCE codes of coscale.kernels._quant_triton
+
+
+def _launch(outs, x, round_scale, rows, cols, one_pass, *, m, k, **producer):
+    if m == 0 or k == 0:
+        return
+    if rows and cols and one_pass and "dot" not in producer:
+        launch_producer("dual", outs, x, round_scale, m=m, k=k, **producer)
+        return
+    if rows:
+        launch_producer("rows", outs, x, round_scale, m=m, k=k, **producer)
+    if cols:
+        producer.pop("dot", None)
+        producer.pop("dot_out", None)
+        launch_producer("cols", outs, x, round_scale, m=m, k=k, **producer)
+
+
+def _halves(gate_up: torch.Tensor) -> int:
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
+        raise CoscaleError(f"gate_up must be [M, 2I] with contiguous rows, got {tuple(gate_up.shape)}")
+    return gate_up.shape[1] // 2
+
+
+@operator("swiglu_quant")
+def swiglu_quant_op(
+    gate_up: torch.Tensor, rows: bool, cols: bool, pad_t: bool, one_pass: bool, round_scale: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """silu(gate) * up of gate_up [M, 2I] (gate first), quantized: (y [M, Ip], s, yt [I or Ip, Mp], st)
+    as coscale.kernels.quant_ops.act_quant_op lays them out."""
+    i = _halves(gate_up)
+    m = gate_up.shape[0]
+    if not runs_triton(backend, gate_up, "swiglu_quant"):
+        a = swiglu_forward_torch(gate_up[:, :i], gate_up[:, i:])
+        return act_quant_reference(a, round_scale, rows, cols, pad_t)
+    outs = quant_outputs(m, i, gate_up.device, rows, cols, pad_t)
+    _launch(outs, gate_up, round_scale, rows, cols, one_pass, m=m, k=i, source=SWIGLU, up_offset=i)
+    return outs
+
+
+@operator("swiglu_backward_quant")
+def swiglu_backward_quant_op(
+    gate_up: torch.Tensor, da: torch.Tensor, rows: bool, cols: bool, pad_t: bool, one_pass: bool, round_scale: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """[dg | du] [M, 2I] of a = silu(gate) * up for the gradient da [M, I], quantized (as act_quant_op)."""
+    i = _halves(gate_up)
+    m = gate_up.shape[0]
+    if tuple(da.shape) != (m, i):
+        raise CoscaleError(f"da must be [{m}, {i}], got {tuple(da.shape)}")
+    if not runs_triton(backend, gate_up, "swiglu_backward_quant"):
+        grad = swiglu_backward_torch(gate_up[:, :i], gate_up[:, i:], da)
+        return act_quant_reference(grad, round_scale, rows, cols, pad_t)
+    outs = quant_outputs(m, 2 * i, gate_up.device, rows, cols, pad_t)
+    _launch(outs, gate_up, round_scale, rows, cols, one_pass, m=m, k=2 * i, source=SWIGLU_BACKWARD,
+            b=da.contiguous(), up_offset=i)  # fmt: skip
+    return outs
+
+
+@operator("gather_quant")
+def gather_quant_op(
+    src: torch.Tensor, row_pair: torch.Tensor, topk: int, weight: torch.Tensor | None, dot: torch.Tensor | None,
+    rows: bool, cols: bool, pad_t: bool, one_pass: bool, round_scale: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The permuted rows of src [T, H] (row r = weight[p] * src[p // topk] for p = row_pair[r], zeros
+    where p < 0; unweighted without ``weight``) quantized as act_quant_op lays them out, and the
+    per-pair dots <dot[r], src[p // topk]> [T*topk] float32 ([0] without ``dot``, which needs ``rows``)."""
+    if dot is not None and not rows:
+        raise CoscaleError("gather_quant computes the dots in its rows pass: pass rows=True with dot")
+    if not runs_triton(backend, src, "gather_quant"):
+        permuted, dots = gather_rows_ref(src, row_pair, topk, weight, dot)
+        return (*act_quant_reference(permuted, round_scale, rows, cols, pad_t), dots)
+    m, k = row_pair.shape[0], src.shape[1]
+    outs = quant_outputs(m, k, src.device, rows, cols, pad_t)
+    dot_out = torch.zeros(src.shape[0] * topk if dot is not None else 0, dtype=torch.float32, device=src.device)
+    producer = dict(source=GATHER, idx=row_pair, topk=topk, w=None if weight is None else weight.reshape(-1).float())
+    if dot is not None:
+        producer |= dict(dot=dot.contiguous(), dot_out=dot_out)
+    _launch(outs, src.contiguous(), round_scale, rows, cols, one_pass, m=m, k=k, **producer)
+    return (*outs, dot_out)

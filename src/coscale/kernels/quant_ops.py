@@ -1,0 +1,334 @@
+"""The quantization operators: ``coscale::act_quant`` and ``coscale::weight_quant`` (recipe and layouts:
+coscale.kernels.fp8_recipe; the public functions: coscale.kernels.quant).
+
+Both are transparent operators (coscale.kernels.library): torch.compile sees their Triton kernels. On
+CPU tensors, and for ``backend="torch"``, they run the PyTorch references; ``"triton"`` on CPU runs the
+kernels in Triton's interpreter (``TRITON_INTERPRET=1``).
+
+Launch shapes (one program per tile), each tuned per call shape by Triton's autotuner among a few
+candidates (the first call of a shape times them: warm up before capturing a CUDA graph):
+- rows (1x128 along K): [BLOCK_M x 128] tiles; on the H100 [32 x 128] with 4 warps reached 83-89% of
+  copy bandwidth at K >= 7168.
+- transposed (1x128 along M): [128 x BLOCK_K] tiles stored through a transposed FP8 tile. A program
+  must hold 128 tokens; a [128 x 128] tile needed 127-254 registers per thread (one or two programs per
+  SM, 23-37% of copy bandwidth), so the transposed layout gets its own launch with narrow tiles.
+- both layouts (``act_quant(..., one_pass=True)``): ``dual_quant_kernel`` walks a [128 x 128] block in
+  column chunks (coscale.kernels._quant_triton says why); otherwise two launches, x read twice (the
+  second time largely from L2). benchmarks/bench_quant.py measures both.
+- 128x128 weight blocks: whole tiles (8 or 16 warps; 16 reached 72% on the H100), the transposed scales
+  written by the same program; W^T's bytes by a [128 x 64] byte-transpose kernel (one launch for every
+  weight of a stacked buffer). A one-pass W/W^T kernel was slower (38%) and, for float32 weights,
+  wrong on the H100 (triton 3.6; benchmarks/debug_fp8_nan.py).
+
+Interpreter note: Triton's CPU interpreter mis-rounds FP32 -> E4M3 casts (lost exponent carry, ties away
+from zero). When interpreting, the kernels first round onto the E4M3 grid in FP32 with the magic-number
+trick r = (y + c) - c, c = 1.5 * 2^(E + 20) (E = the unbiased exponent of y, at least -6 = E4M3's
+smallest normal exponent), so the cast that follows is exact. On a GPU the plain cast (round to nearest
+even, saturating) is used.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from coscale.errors import CoscaleError
+from coscale.kernels.autotune import power_of_two_bucket, triton_autotune
+from coscale.kernels.backend import interpreting
+from coscale.kernels.fp8_recipe import (
+    AMAX_FLOOR,
+    BLOCK,
+    FP8_DTYPE,
+    FP8_MAX,
+    act_quant_1x128_ref,
+    act_quant_128x1_ref,
+    ceil_to,
+    outer_major_empty,
+    weight_quant_128x128_ref,
+)
+from coscale.kernels.library import launcher, operator, runs_triton
+
+__all__ = [
+    "act_quant_op",
+    "act_quant_reference",
+    "launch_producer",
+    "quant_outputs",
+    "transpose_bytes",
+    "weight_quant_op",
+    "TRANSPOSE_TILE",
+]
+
+TRANSPOSE_TILE = (128, 64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autotuned forms of the kernels (built on first use: triton.jit decides between compiler and interpreter
+# when it decorates, in coscale.kernels._quant_triton)
+# ----------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def tuned_kernels(interpret: bool) -> dict:
+    """{"rows", "cols", "weight"}: quant_kernel under three autotuners (one per layout, each keyed by
+    the columns and a power-of-two bucket of the rows)."""
+    import triton
+
+    from coscale.kernels._quant_triton import quant_kernel
+
+    def tuned(configs, interpreter_config):
+        return triton_autotune(configs, interpreter_config, key=["K", "M_BUCKET"])(quant_kernel)
+
+    cfg = triton.Config
+    return {
+        "rows": tuned([cfg({"BLOCK_M": bm}, num_warps=w) for bm, w in ((32, 4), (16, 4), (64, 8), (32, 8))],
+                      cfg({"BLOCK_M": 32}, num_warps=4)),
+        "cols": tuned([cfg({"BLOCK_K": bk}, num_warps=w) for bk, w in ((32, 4), (16, 4), (64, 8), (32, 8))],
+                      cfg({"BLOCK_K": 32}, num_warps=4)),
+        "weight": tuned([cfg({}, num_warps=w) for w in (16, 8)], cfg({}, num_warps=4)),
+    }
+
+
+@functools.cache
+def tuned_producers(interpret: bool) -> dict:
+    """{"rows", "cols", "dual"}: the producer-fused kernels of coscale.kernels._quant_triton under
+    autotuners keyed by the columns, a bucket of the rows and the producer (SOURCE)."""
+    import triton
+
+    from coscale.kernels._quant_triton import cols_quant_kernel, dual_quant_kernel, rows_quant_kernel
+
+    def tuned(kernel, configs, interpreter_config):
+        return triton_autotune(configs, interpreter_config, key=["K", "M_BUCKET", "SOURCE"])(kernel)
+
+    cfg = triton.Config
+    return {
+        "rows": tuned(rows_quant_kernel, [cfg({"BLOCK_M": bm}, num_warps=w) for bm, w in ((8, 4), (4, 4), (16, 8))],
+                      cfg({"BLOCK_M": 8}, num_warps=4)),
+        "cols": tuned(cols_quant_kernel, [cfg({"BLOCK_K": bk}, num_warps=w) for bk, w in ((32, 4), (16, 4), (64, 8))],
+                      cfg({"BLOCK_K": 32}, num_warps=4)),
+        "dual": tuned(dual_quant_kernel, [cfg({"CHUNK": c}, num_warps=w) for c, w in ((32, 4), (16, 4), (32, 8))],
+                      cfg({"CHUNK": 32}, num_warps=4)),
+    }
+
+
+def launch_producer(form, outs, x, round_scale, *, m, k, source=0, b=None, idx=None, w=None, dot=None,
+                    dot_out=None, topk=1, up_offset=0):  # fmt: skip
+    """Quantize the [m, k] matrix that ``source`` (the SOURCE table of coscale.kernels._quant_triton)
+    produces from x (and b, idx, w) into ``outs`` = (y, s, yt, st) (coscale.kernels.quant_ops
+    .quant_outputs): ``form`` "rows" (y, s; with ``dot`` also dot_out), "cols" (yt, st) or "dual" (all
+    four in one launch)."""
+    y, s, yt, st = outs
+    kernel = tuned_producers(interpreting())[form]
+    has_weight = w is not None
+    b = x if b is None else b
+    idx = x if idx is None else idx
+    w = x if w is None else w
+    common = dict(SOURCE=source, TOPK=topk, HAS_WEIGHT=has_weight, ROUND_SCALE=round_scale,
+                  GRID_ROUND=interpreting())  # fmt: skip
+    bucket = rows_bucket(m)
+    if form == "rows":
+        d, d_out = (dot, dot_out) if dot is not None else (x, x)
+        launcher(kernel)[lambda meta: (-(-m // meta["BLOCK_M"]),)](
+            x, b, idx, w, d, d_out, y, s, m, k, y.shape[1], bucket, x.stride(0), b.stride(0), up_offset,
+            d.stride(0), y.stride(0), s.stride(0), s.stride(1), AMAX_FLOOR, FP8_MAX, DOT=dot is not None,
+            **common,
+        )  # fmt: skip
+    elif form == "cols":
+        launcher(kernel)[lambda meta: (-(-m // BLOCK), -(-yt.shape[0] // meta["BLOCK_K"]))](
+            x, b, idx, w, yt, st, m, k, yt.shape[0], bucket, x.stride(0), b.stride(0), up_offset,
+            yt.stride(0), st.stride(0), st.stride(1), AMAX_FLOOR, FP8_MAX, **common,
+        )  # fmt: skip
+    else:
+        launcher(kernel)[(-(-m // BLOCK), y.shape[1] // BLOCK)](
+            x, b, idx, w, y, s, yt, st, m, k, yt.shape[0], bucket, x.stride(0), b.stride(0), up_offset,
+            y.stride(0), s.stride(0), s.stride(1), yt.stride(0), st.stride(0), st.stride(1),
+            AMAX_FLOOR, FP8_MAX, **common,
+        )  # fmt: skip
+
+
+def rows_bucket(m) -> int:
+    """The autotuning key for m rows: a power-of-two bucket (0 for a symbolic row count, which only
+    torch.compile's dynamic shapes give; Inductor tunes user kernels itself)."""
+    return power_of_two_bucket(m) if isinstance(m, int) else 0
+
+
+def _launch_quant(kind, x3, y3, s3, yt3, st3, m, k, y_rows, yt_rows, round_scale, **fixed):
+    """Launch quant_kernel's ``kind`` form on batched 3-D views ([B, rows, cols]; a 2-D call passes
+    B = 1). ``fixed``: the constexprs this form does not tune (ROWS, COLS, WHOLE_TILE, block sizes)."""
+    kernel = tuned_kernels(interpreting())[kind]
+
+    def grid(meta):
+        bm, bk = meta["BLOCK_M"], meta["BLOCK_K"]
+        return (-(-m // bm), -(-max(k, yt_rows) // bk), x3.shape[0])
+
+    launcher(kernel)[grid](
+        x3, y3, s3, yt3, st3, m, k, y_rows, yt_rows, rows_bucket(m),
+        x3.stride(0), x3.stride(1), x3.stride(2),
+        y3.stride(0), y3.stride(1), s3.stride(0), s3.stride(1), s3.stride(2),
+        yt3.stride(0), yt3.stride(1), st3.stride(0), st3.stride(1), st3.stride(2),
+        AMAX_FLOOR, FP8_MAX, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(), **fixed,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# coscale::act_quant
+# ----------------------------------------------------------------------------------------------------
+
+
+def quant_outputs(m: int, k: int, device, rows: bool, cols: bool, pad_t: bool):
+    """The four outputs of quantizing an [m, k] matrix: (y [m, Kp], s [m, Kp/128] outer-major) when
+    ``rows`` and (yt [k or Kp, Mp], st [.., Mp/128] outer-major) when ``cols``, zero rows otherwise."""
+    kp, mp = ceil_to(k), ceil_to(m)
+    kt = kp if pad_t else k
+    dev = device
+    return (
+        torch.empty(m if rows else 0, kp, dtype=FP8_DTYPE, device=dev),
+        outer_major_empty(m if rows else 0, kp // BLOCK, dev),
+        torch.empty(kt if cols else 0, mp, dtype=FP8_DTYPE, device=dev),
+        outer_major_empty(kt if cols else 0, mp // BLOCK, dev),
+    )
+
+
+def act_quant_reference(x, round_scale, rows, cols, pad_t):
+    """The PyTorch reference of ``act_quant_op`` (the same four outputs)."""
+    y, s, yt, st = quant_outputs(*x.shape, x.device, rows, cols, pad_t)
+    if rows:
+        y, s = act_quant_1x128_ref(x, round_scale)
+    if cols:
+        k = x.shape[1]
+        xt_src = torch.nn.functional.pad(x, (0, ceil_to(k) - k)) if pad_t and k % BLOCK else x
+        yt, st = act_quant_128x1_ref(xt_src, round_scale)
+    return y, s, yt, st
+
+
+def _act_quant_triton(x, round_scale, rows, cols, pad_t, one_pass):
+    y, s, yt, st = outs = quant_outputs(*x.shape, x.device, rows, cols, pad_t)
+    m, k = x.shape
+    if m == 0 or k == 0:
+        return outs
+    if rows and cols and one_pass:
+        launch_producer("dual", outs, x, round_scale, m=m, k=k)
+        return outs
+    x3, y3, s3, yt3, st3 = (t.unsqueeze(0) for t in (x, y, s, yt, st))
+    if rows:
+        _launch_quant("rows", x3, y3, s3, y3, s3, m, k, m, 0, round_scale, BLOCK_K=BLOCK, ROWS=True,
+                      COLS=False, WHOLE_TILE=False)  # fmt: skip
+    if cols:
+        _launch_quant("cols", x3, yt3, st3, yt3, st3, m, k, 0, yt.shape[0], round_scale, BLOCK_M=BLOCK,
+                      ROWS=False, COLS=True, WHOLE_TILE=False)  # fmt: skip
+    return outs
+
+
+@operator("act_quant")
+def act_quant_op(
+    x: torch.Tensor, round_scale: bool, rows: bool, cols: bool, pad_t: bool, one_pass: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (y [M, Kp], s [M, Kp/128], yt [K or Kp, Mp], st [K or Kp, Mp/128]): the 1x128 layout
+    when ``rows``, the transposed (128x1) layout when ``cols`` (padded to Kp rows with ``pad_t``);
+    a layout not asked for comes back with zero rows."""
+    if runs_triton(backend, x, "act_quant"):
+        return _act_quant_triton(x, round_scale, rows, cols, pad_t, one_pass)
+    return act_quant_reference(x, round_scale, rows, cols, pad_t)
+
+
+# ----------------------------------------------------------------------------------------------------
+# coscale::weight_quant (one or several weights stacked into one buffer)
+# ----------------------------------------------------------------------------------------------------
+
+
+def transpose_bytes(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[.., c, r] = y[.., r, c] for 1-byte tensors with contiguous rows (the Triton kernel)."""
+    from coscale.kernels._quant_triton import transpose_bytes_kernel
+
+    x3, o3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (y.view(torch.uint8), out.view(torch.uint8)))
+    r, c = x3.shape[-2:]
+    br, bc = TRANSPOSE_TILE
+    grid = (-(-r // br), -(-c // bc), x3.shape[0])
+    launcher(transpose_bytes_kernel)[grid](
+        x3, o3, r, c, x3.stride(0), x3.stride(1), o3.stride(0), o3.stride(1), BLOCK_R=br, BLOCK_C=bc, num_warps=4
+    )
+    return out
+
+
+def _weight_outputs(ws, transpose: bool):
+    """Stacked buffers for weights [.., N_i, K]: each part padded to 128 rows, W^T's when ``transpose``."""
+    *lead, _, k = ws[0].shape
+    kp = ceil_to(k)
+    total = sum(ceil_to(w.shape[-2]) for w in ws)
+    tt = total if transpose else 0
+    dev = ws[0].device
+    return (
+        torch.empty(*lead, total, kp, dtype=FP8_DTYPE, device=dev),
+        torch.empty(*lead, total // BLOCK, kp // BLOCK, dtype=torch.float32, device=dev),
+        torch.empty(*lead, kp, tt, dtype=FP8_DTYPE, device=dev),
+        torch.empty(*lead, kp // BLOCK, tt // BLOCK, dtype=torch.float32, device=dev),
+    )
+
+
+def _parts(ws, outs, transpose):
+    """(w, y part, s part, st part) per weight: views of the stacked buffers (st part None without W^T)."""
+    y, s, _, st = outs
+    row = 0
+    for w in ws:
+        np_ = ceil_to(w.shape[-2])
+        rb = slice(row // BLOCK, (row + np_) // BLOCK)
+        yield w, y[..., row : row + np_, :], s[..., rb, :], (st[..., :, rb] if transpose else None)
+        row += np_
+
+
+def _weight_quant_torch(ws, round_scale, transpose):
+    outs = _weight_outputs(ws, transpose)
+    for w, y, s, _ in _parts(ws, outs, transpose):
+        w3, y3, s3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (w, y, s))
+        for e in range(w3.shape[0]):
+            ry, rs = weight_quant_128x128_ref(w3[e], round_scale)
+            y3[e].copy_(ry)
+            s3[e].copy_(rs)
+    if transpose:  # W^T's blocks are W's transposed, with the same scales
+        outs[2].copy_(outs[0].transpose(-2, -1))
+        outs[3].copy_(outs[1].transpose(-2, -1))
+    return outs
+
+
+def _weight_quant_triton(ws, round_scale, transpose):
+    outs = _weight_outputs(ws, transpose)
+    if outs[0].numel() == 0:
+        return outs
+    for w, y, s, st in _parts(ws, outs, transpose):
+        if w.numel() == 0:
+            continue
+        w3, y3, s3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (w, y, s))
+        st3 = (st if st.dim() == 3 else st.unsqueeze(0)) if transpose else s3
+        n, k = w.shape[-2:]
+        _launch_quant("weight", w3, y3, s3, y3, st3, n, k, y3.shape[1], 0, round_scale, BLOCK_M=BLOCK,
+                      BLOCK_K=BLOCK, ROWS=True, COLS=transpose, WHOLE_TILE=True)  # fmt: skip
+    if transpose:  # W^T's 128x128 blocks are W's blocks transposed: the same bytes, one launch for all
+        transpose_bytes(outs[0], outs[2])
+    return outs
+
+
+def _check_weights(ws) -> None:
+    if not ws:
+        raise CoscaleError("weight_quant needs at least one weight")
+    dims = {w.dim() for w in ws}
+    if dims - {2, 3} or len(dims) != 1:
+        raise CoscaleError(f"weights must all be [N, K] or all [E, N, K], got {[tuple(w.shape) for w in ws]}")
+    if any(w.shape[:-2] != ws[0].shape[:-2] or w.shape[-1] != ws[0].shape[-1] for w in ws):
+        raise CoscaleError(f"stacked weights need one E and one K, got {[tuple(w.shape) for w in ws]}")
+    for w in ws:
+        if not w.is_floating_point() or w.dtype == FP8_DTYPE:
+            raise CoscaleError(f"w must be fp32/bf16/fp16, got {w.dtype}")
+
+
+@operator("weight_quant")
+def weight_quant_op(
+    ws: list[torch.Tensor], round_scale: bool, transpose: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weights w_i [N_i, K] (or all [E, N_i, K]) in 128x128 blocks, stacked along N, each part padded to
+    128 rows: (y [.., sum Np_i, Kp], s [.., sum Np_i/128, Kp/128]) and, with ``transpose``, the stack's
+    transpose (yt [.., Kp, sum Np_i], st [.., Kp/128, sum Np_i/128]): W^T's blocks are W's transposed,
+    with the same scales. Without ``transpose`` yt and st have zero columns."""
+    _check_weights(ws)
+    if runs_triton(backend, ws[0], "weight_quant_128x128"):
+        return _weight_quant_triton(ws, round_scale, transpose)
+    return _weight_quant_torch(ws, round_scale, transpose)

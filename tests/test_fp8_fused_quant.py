@@ -1,0 +1,133 @@
+"""Quantization fused into its producer (coscale.kernels.fused_quant): the same bytes as the producer's
+stored output quantized by coscale.kernels.quant, on each backend; the kernels' producers agree with
+the PyTorch references; special values stay non-finite."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module decorates its kernels
+
+import pytest
+import torch
+
+from coscale.errors import CoscaleError
+from coscale.kernels import quant as q
+from coscale.kernels.fused_quant import gather_quant_op, swiglu_backward_quant_op, swiglu_quant_op
+from coscale.kernels.permute import build_permute_info, rows_from_tokens
+from coscale.kernels.swiglu import swiglu_backward_op, swiglu_op
+
+needs_triton = pytest.mark.skipif(not q.triton_available(), reason="needs triton")
+FP8 = q.FP8_DTYPE
+
+
+def bits(t):
+    return t.view(torch.uint8)
+
+
+def assert_same(got, want):
+    """Four quantization outputs (FP8 bytes and scales, both layouts) equal bit for bit."""
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.stride() == w.stride()
+        if g.dtype == FP8:
+            assert torch.equal(bits(g), bits(w))
+        else:
+            assert torch.equal(g, w)
+
+
+LAYOUTS = [(True, True, False), (True, True, True), (True, False, False), (False, True, False)]  # rows, cols, 1 pass
+
+
+def _gate_up(m, i, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, 2 * i, generator=gen) * torch.logspace(-2, 1, 2 * i)).to(dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("m,i", [(200, 150), (128, 256), (7, 33)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,cols,one_pass", LAYOUTS)
+def test_swiglu_quant_equals_quantized_swiglu(m, i, dtype, rows, cols, one_pass):
+    gate_up = _gate_up(m, i, dtype, m + i)
+    for backend in ("triton", "torch"):
+        a = swiglu_op(gate_up, backend)
+        want = q.act_quant_1x128_dual(a, backend=backend, pad_t=True)
+        got = swiglu_quant_op(gate_up, rows, cols, True, one_pass, False, backend)
+        assert_same([t for t, keep in zip(got, (rows, rows, cols, cols)) if keep],
+                    [t for t, keep in zip(want, (rows, rows, cols, cols)) if keep])
+    # the kernel's producer is SwiGLU: its dequantized output matches the float64 formula
+    y, s, _, _ = swiglu_quant_op(gate_up, True, False, False, False, False, "triton")
+    g, u = gate_up[:, :i].double(), gate_up[:, i:].double()
+    ref = torch.nn.functional.silu(g) * u
+    deq = q.dequant_1x128(y, s)[:, :i].double()
+    assert float((deq - ref).norm() / ref.norm()) < 0.04
+
+
+@needs_triton
+@pytest.mark.parametrize("m,i", [(200, 150), (128, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,cols,one_pass", LAYOUTS)
+def test_swiglu_backward_quant_equals_quantized_gradient(m, i, dtype, rows, cols, one_pass):
+    gate_up = _gate_up(m, i, dtype, 3)
+    da = torch.randn(m, i, generator=torch.Generator().manual_seed(4)).to(dtype)
+    keep = (rows, rows, cols, cols)
+    for backend in ("triton", "torch"):
+        grad = swiglu_backward_op(gate_up[:, :i], gate_up[:, i:], da, backend)
+        want = q.act_quant_1x128_dual(grad, backend=backend, pad_t=False)
+        got = swiglu_backward_quant_op(gate_up, da, rows, cols, False, one_pass, False, backend)
+        assert_same([t for t, k in zip(got, keep) if k], [t for t, k in zip(want, keep) if k])
+
+
+def _routing(t, k, e, seed):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
+    return build_permute_info(idx, e, align=128), torch.rand(t, k, generator=gen)
+
+
+@needs_triton
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("rows,cols,one_pass", LAYOUTS)
+def test_gather_quant_equals_quantized_permutation(weighted, rows, cols, one_pass):
+    t, k, h = 37, 3, 200
+    info, topk_weight = _routing(t, k, 4, 5)
+    src = (torch.randn(t, h) * 4).to(torch.bfloat16)
+    weight = topk_weight if weighted else None
+    keep = (rows, rows, cols, cols)
+    for backend in ("triton", "torch"):
+        permuted, _ = rows_from_tokens(src, info, weight=weight, backend=backend)
+        want = q.act_quant_1x128_dual(permuted, backend=backend, pad_t=True)
+        got = gather_quant_op(src, info.row_pair, k, weight, None, rows, cols, True, one_pass, False, backend)
+        assert_same([x for x, c in zip(got[:4], keep) if c], [x for x, c in zip(want, keep) if c])
+        assert got[4].numel() == 0
+
+
+@needs_triton
+def test_gather_quant_computes_the_router_weight_gradient():
+    t, k, h = 29, 2, 300
+    info, topk_weight = _routing(t, k, 3, 6)
+    grad_out = torch.randn(t, h)
+    y_perm = torch.randn(info.num_rows, h)
+    _, want = rows_from_tokens(grad_out, info, weight=topk_weight, y=y_perm, backend="torch")
+    for backend in ("triton", "torch"):
+        got = gather_quant_op(grad_out, info.row_pair, k, topk_weight, y_perm, True, True, False, False, False,
+                              backend)[4]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)  # float32 sums in another order
+    with pytest.raises(CoscaleError, match="rows=True"):
+        gather_quant_op(grad_out, info.row_pair, k, topk_weight, y_perm, False, True, False, False, False, "torch")
+
+
+@needs_triton
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_producer_value_makes_its_tiles_non_finite(value):
+    gate_up = _gate_up(128, 128, torch.float32, 7)
+    gate_up[3, 5] = value  # a gate value: a[3, 5] is non-finite (silu(inf) * u = +-inf, or NaN)
+    y, s, yt, st = swiglu_quant_op(gate_up, True, True, False, True, False, "triton")
+    row_tile = q.dequant_1x128(y, s)[3, :128]
+    col_tile = q.dequant_1x128(yt, st)[5, :128]
+    assert not torch.isfinite(row_tile).any() and not torch.isfinite(col_tile).any()
+    assert torch.isfinite(q.dequant_1x128(y, s)[4]).all()  # other rows untouched
+
+
+def test_fused_operators_check_their_inputs():
+    with pytest.raises(CoscaleError, match=r"\[M, 2I\]"):
+        swiglu_quant_op(torch.randn(4, 7), True, True, False, False, False, "torch")
+    with pytest.raises(CoscaleError, match="da must be"):
+        swiglu_backward_quant_op(torch.randn(4, 8), torch.randn(4, 3), True, True, False, False, False, "torch")
