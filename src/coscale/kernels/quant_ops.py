@@ -206,7 +206,7 @@ def _act_quant_triton(x, round_scale, rows, cols, pad_t, one_pass):
     m, k = x.shape
     if m == 0 or k == 0:
         return outs
-    if rows and cols and one_pass:
+    if rows and cols and one_pass and x.stride(1) == 1:  # (the one-pass kernel reads contiguous rows)
         launch_producer("dual", outs, x, round_scale, m=m, k=k)
         return outs
     x3, y3, s3, yt3, st3 = (t.unsqueeze(0) for t in (x, y, s, yt, st))
