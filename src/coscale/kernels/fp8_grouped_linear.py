@@ -29,7 +29,7 @@ from coscale.kernels.fp8_weight_cache import FP8WeightCache
 from coscale.kernels.quant import BLOCK, act_quant_1x128, act_quant_1x128_dual
 from coscale.kernels.quant_ops import weight_quant_op
 
-__all__ = ["fp8_grouped_linear", "fp8_grouped_gate_up", "quantize_stacked_weights"]
+__all__ = ["fp8_grouped_linear", "fp8_grouped_gate_up", "quantize_stacked_weights", "quantize_weights"]
 
 
 def _ceil128(n: int) -> int:
@@ -45,7 +45,8 @@ def quantize_stacked_weights(ws, need_t: bool, backend: str = "auto"):
     return (wq, sq, wt, st) if need_t else (wq, sq, None, None)
 
 
-def _quantize(ws, need_t: bool, backend: str, weight_cache: FP8WeightCache | None):
+def quantize_weights(ws, need_t: bool, backend: str, weight_cache: FP8WeightCache | None):
+    """quantize_stacked_weights(ws, need_t, backend), or the copies ``weight_cache`` keeps of them."""
     if weight_cache is None:
         return quantize_stacked_weights(ws, need_t, backend)
     return weight_cache.get(ws, backend, need_t, lambda: quantize_stacked_weights(ws, need_t, backend))
@@ -77,7 +78,7 @@ class _FP8GroupedFunction(torch.autograd.Function):
             xq, xs, xt, xts = act_quant_1x128_dual(x, backend=backend)
         else:
             (xq, xs), xt, xts = act_quant_1x128(x, backend=backend), None, None
-        wq, sq, wt, st = _quantize(ws, need_dx, backend, weight_cache)
+        wq, sq, wt, st = quantize_weights(ws, need_dx, backend, weight_cache)
         out = fp8_grouped_mm(xq, xs, wq, sq, offsets, x.dtype, backend, tile_expert=tile_expert)
         ctx.save_for_backward(xt, xts, wt, st, offsets, tile_expert)
         ctx.backend = backend

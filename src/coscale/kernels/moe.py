@@ -33,9 +33,10 @@ import torch
 
 from coscale.errors import CoscaleError
 from coscale.kernels.fp8_grouped_linear import fp8_grouped_gate_up, fp8_grouped_linear
+from coscale.kernels.fp8_moe import fp8_routed_experts
 from coscale.kernels.fp8_weight_cache import FP8WeightCache
 from coscale.kernels.grouped_gemm import grouped_mm
-from coscale.kernels.permute import permute_tokens, unpermute_combine
+from coscale.kernels.permute import build_permute_info, permute_tokens, unpermute_combine
 from coscale.kernels.swiglu import swiglu, swiglu_pair
 
 PRECISIONS = ("bf16", "fp8")
@@ -92,6 +93,7 @@ def grouped_experts_forward(
     deterministic: bool = False,
     backend: str = "auto",
     fp8_weight_cache: FP8WeightCache | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """sum_k topk_weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_idx[t, k].
 
@@ -101,6 +103,9 @@ def grouped_experts_forward(
     "triton", "torch", or "reference" (per-expert matmul loop). `fp8_weight_cache`: the FP8WeightCache
     of the module that owns the weights (precision="fp8"), which keeps their FP8 copies until its owner
     invalidates it (coscale.kernels.fp8_weight_cache); None (or False) quantizes them in every call.
+    ``fused`` (FP8 only): the whole routed computation as one autograd node with every quantization
+    fused into its producer (coscale.kernels.fp8_moe); False composes the separate FP8 operations below
+    (the same bits on the same backend).
     """
     _check_inputs(x, topk_idx, topk_weight, w_gate, w_up, w_down, precision, backend, fp8_weight_cache)
     weight_cache = fp8_weight_cache if isinstance(fp8_weight_cache, FP8WeightCache) else None
@@ -110,6 +115,13 @@ def grouped_experts_forward(
     E = w_gate.shape[0]
     if precision == "bf16":  # FP8 quantizes the master weights directly (no cast pass)
         w_gate, w_up, w_down = (w if w.dtype == x.dtype else w.to(x.dtype) for w in (w_gate, w_up, w_down))
+    fp8_backend = "auto" if gemm_backend == "loop" else gemm_backend
+    if precision == "fp8" and fused:  # one autograd node, every quantization fused into its producer
+        info = build_permute_info(topk_idx, E, ALIGN["fp8"])
+        return fp8_routed_experts(
+            x, topk_weight, info, w_gate, w_up, w_down, backend=fp8_backend, deterministic=deterministic,
+            weight_cache=weight_cache,
+        )
     x_perm, info = permute_tokens(
         x, topk_idx, E, ALIGN[precision], backend=data_backend, deterministic=deterministic
     )
@@ -118,7 +130,6 @@ def grouped_experts_forward(
         # Segments are 128-aligned by the permutation (ALIGN["fp8"]): no re-padding, no host sync.
         # x_perm is quantized once for gate and up; [w_gate; w_up] are quantized into one stacked FP8
         # buffer (and its transpose, for dgrad), so gate+up is one grouped GEMM.
-        fp8_backend = "auto" if gemm_backend == "loop" else gemm_backend
         gate_up = fp8_grouped_gate_up(
             x_perm, w_gate, w_up, offs, backend=fp8_backend, weight_cache=weight_cache
         )  # [M_pad, 2I]

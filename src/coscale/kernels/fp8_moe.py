@@ -1,0 +1,138 @@
+"""The routed experts of one MoE layer in FP8 as one autograd node, every quantization fused into the
+kernel that produces its input.
+
+Shape legend: T tokens, K experts per token, E experts, H hidden, I expert intermediate (Hp, Ip rounded
+up to 128), M permuted rows (the static worst case of coscale.kernels.permute, 128-aligned groups).
+
+Forward (x [T, H] -> out [T, H]):
+  1. gather_quant      x's rows in expert order, quantized as they are gathered: x_perm in 1x128 tiles
+                       [M, Hp] (and its transpose in 128x1 tiles [H, Mp] for the weight gradients)
+  2. weight_quant      [w_gate; w_up] into one stacked FP8 buffer (+ its transpose), w_down (+ its
+                       transpose); or the module's FP8WeightCache
+  3. fp8_grouped_mm    gate_up [M, 2Ip] = x_perm [w_gate; w_up]_e^T
+  4. swiglu_quant      a = silu(gate) * up, quantized as computed ([M, Ip] and [Ip, Mp])
+  5. fp8_grouped_mm    y [M, Hp] = a w_down_e^T
+  6. sum_rows          out[t] = sum_k topk_weight[t, k] y[row(t, k)]
+Backward (d out [T, H]):
+  1. gather_quant      dY = topk_weight * d out[token], quantized as gathered ([M, Hp], [H, Mp]); in the
+                       same pass d topk_weight = <y[row], d out[token]>
+  2. fp8_grouped_mm    dA [M, Ip] = dY w_down_e      (w_down^T's FP8 copy from the forward)
+  3. fp8_grouped_wgrad dW_down = dY^T a
+  4. swiglu_backward_quant  [dG | dU] quantized as computed ([M, 2Ip], [2Ip, Mp])
+  5. fp8_grouped_mm    dX_perm [M, Hp] = [dG | dU] [w_gate; w_up]_e
+  6. fp8_grouped_wgrad dW_gate, dW_up = [dG | dU]^T x_perm
+  7. sum_rows          dx[t] = sum_k dX_perm[row(t, k)]
+No 16-bit copy of x_perm, a, dY or [dG | dU] ever reaches memory: each is quantized by the kernel that
+computes it (coscale.kernels.fused_quant). The unfused composition (permute_tokens,
+fp8_grouped_gate_up, swiglu, fp8_grouped_linear, unpermute_combine) computes the same bits on the same
+backend (tests/test_fp8_moe.py holds the two to each other). No host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from coscale.kernels.fp8_grouped_gemm import expert_tile_map, fp8_grouped_mm, fp8_grouped_wgrad
+from coscale.kernels.fp8_grouped_linear import quantize_weights
+from coscale.kernels.fp8_recipe import ceil_to
+from coscale.kernels.fp8_weight_cache import FP8WeightCache
+from coscale.kernels.fused_quant import gather_quant_op, swiglu_backward_quant_op, swiglu_quant_op
+from coscale.kernels.permute import PermuteInfo, sum_rows_op
+
+__all__ = ["fp8_routed_experts"]
+
+# One launch for both layouts of each fused quantization (dual_quant_kernel) or two (rows, then the
+# transposed layout); the bytes are the same. benchmarks/bench_moe.py times both (--one-pass).
+ONE_PASS = False
+
+
+def _wgrad_dtype(w: torch.Tensor) -> torch.dtype:
+    return w.dtype if w.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+
+
+class _FP8RoutedExperts(torch.autograd.Function):
+    """See the module docstring; inputs after ``ctx``: x, topk_weight, row_pair, pair_row, offsets,
+    tile_expert, deterministic, backend, weight_cache, one_pass, w_gate, w_up, w_down."""
+
+    @staticmethod
+    def forward(ctx, x, topk_weight, row_pair, pair_row, offsets, tile_expert, deterministic, backend,
+                weight_cache, one_pass, w_gate, w_up, w_down):  # fmt: skip
+        need_dx = ctx.needs_input_grad[0]
+        need_dgu = ctx.needs_input_grad[10] or ctx.needs_input_grad[11]
+        need_da = need_dx or need_dgu  # the gradient reaches a = silu(gate) * up
+        h, i = x.shape[1], w_gate.shape[1]
+        topk = pair_row.shape[1]
+        xq, xs, xt, xts, _ = gather_quant_op(x, row_pair, topk, None, None, True, need_dgu, False, one_pass, False,
+                                             backend)  # fmt: skip
+        wgu, sgu, wgu_t, sgu_t = quantize_weights((w_gate, w_up), need_dx, backend, weight_cache)
+        gate_up = fp8_grouped_mm(xq, xs, wgu, sgu, offsets, x.dtype, backend, tile_expert=tile_expert)
+        aq, as_, at, ats = swiglu_quant_op(gate_up, True, ctx.needs_input_grad[12], False, one_pass, False, backend)
+        wd, sd, wd_t, sd_t = quantize_weights((w_down,), need_da, backend, weight_cache)
+        y = fp8_grouped_mm(aq, as_, wd, sd, offsets, x.dtype, backend, tile_expert=tile_expert)
+        y = y[:, :h] if y.shape[1] != h else y
+        out = sum_rows_op(y, pair_row, row_pair, topk_weight, x.dtype, deterministic, backend)
+        ctx.save_for_backward(xt, xts, gate_up if need_da else None, at, ats, y, wgu_t, sgu_t, wd_t, sd_t, row_pair,
+                              pair_row, offsets, tile_expert, topk_weight)  # fmt: skip
+        ctx.config = (deterministic, backend, one_pass, h, i, [_wgrad_dtype(w) for w in (w_gate, w_up, w_down)])
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        (xt, xts, gate_up, at, ats, y, wgu_t, sgu_t, wd_t, sd_t, row_pair, pair_row, offsets, tile_expert,
+         topk_weight) = ctx.saved_tensors  # fmt: skip
+        deterministic, backend, one_pass, h, i, w_dtypes = ctx.config
+        need_dx, need_dtw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dgate, need_dup, need_ddown = ctx.needs_input_grad[10:]
+        need_dgu = need_dgate or need_dup
+        ip = ceil_to(i)
+        dout = dout.contiguous()
+        topk = pair_row.shape[1]
+        dyq, dys, dyt, dyts, dtw = gather_quant_op(
+            dout, row_pair, topk, topk_weight, y if need_dtw else None, True, need_ddown, False, one_pass, False,
+            backend,
+        )  # fmt: skip
+        dx = dw_gate = dw_up = dw_down = None
+        if need_ddown:
+            dw_down = fp8_grouped_wgrad(dyt, dyts, at, ats, offsets, backend, out_dtype=w_dtypes[2])
+            dw_down = dw_down[:, :, :i] if ip != i else dw_down
+        if need_dx or need_dgu:
+            da = fp8_grouped_mm(dyq, dys, wd_t, sd_t, offsets, dout.dtype, backend, tile_expert=tile_expert)
+            dgq, dgs, dgt, dgts = swiglu_backward_quant_op(gate_up, da, need_dx, need_dgu, False, one_pass, False,
+                                                           backend)  # fmt: skip
+            if need_dgate:
+                dw_gate = fp8_grouped_wgrad(dgt[:i], dgts[:i], xt, xts, offsets, backend, out_dtype=w_dtypes[0])
+            if need_dup:
+                dw_up = fp8_grouped_wgrad(dgt[ip : ip + i], dgts[ip : ip + i], xt, xts, offsets, backend,
+                                          out_dtype=w_dtypes[1])  # fmt: skip
+            if need_dx:
+                dx_perm = fp8_grouped_mm(dgq, dgs, wgu_t, sgu_t, offsets, dout.dtype, backend, tile_expert=tile_expert)
+                dx_perm = dx_perm[:, :h] if dx_perm.shape[1] != h else dx_perm
+                dx = sum_rows_op(dx_perm, pair_row, row_pair, None, dout.dtype, deterministic, backend)
+        dtw = dtw.view(topk_weight.shape).to(topk_weight.dtype) if need_dtw else None
+        return dx, dtw, None, None, None, None, None, None, None, None, dw_gate, dw_up, dw_down
+
+
+def fp8_routed_experts(
+    x: torch.Tensor,
+    topk_weight: torch.Tensor,
+    info: PermuteInfo,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    backend: str = "auto",
+    deterministic: bool = False,
+    weight_cache: FP8WeightCache | None = None,
+    one_pass: bool | None = None,
+) -> torch.Tensor:
+    """sum_k topk_weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with every GEMM in FP8 (module
+    docstring). x [T, H] bf16/fp32; topk_weight [T, K] float32; ``info`` from build_permute_info with
+    align=128; w_gate, w_up [E, I, H], w_down [E, H, I] master weights. Returns [T, H] in x's dtype;
+    differentiable in x, topk_weight and the weights. ``one_pass``: both layouts of each fused
+    quantization from one launch (default ``ONE_PASS``)."""
+    offsets = info.group_end_offsets.to(device=x.device, dtype=torch.int32)
+    tile_expert = expert_tile_map(offsets, info.num_rows)
+    return _FP8RoutedExperts.apply(
+        x, topk_weight.float(), info.row_pair, info.pair_row, offsets, tile_expert, deterministic, backend,
+        weight_cache, ONE_PASS if one_pass is None else one_pass, w_gate, w_up, w_down,
+    )  # fmt: skip
