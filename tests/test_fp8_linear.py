@@ -142,3 +142,36 @@ def test_functional_form():
     w = torch.randn(128, 256, requires_grad=True)
     y = fp8_linear(torch.randn(3, 256), w)
     assert y.shape == (3, 128)
+
+
+def test_auto_policy_converts_only_the_layers_large_enough_for_fp8():
+    from coscale.fp8 import AUTO, describe_fp8_layers
+    from coscale.model.moe import GroupedExperts
+
+    with torch.device("meta"):  # V3-wide shapes without the memory
+        model = nn.Module()
+        model.o_proj = nn.Linear(16384, 7168, bias=False)  # K, N >= 4096: FP8
+        model.q_a_proj = nn.Linear(7168, 1536, bias=False)  # N = 1536: BF16
+        model.q_b_proj = nn.Linear(1536, 24576, bias=False)  # K = 1536: BF16
+        model.lm_head = nn.Linear(7168, 129280, bias=False)  # skipped by name whatever its size
+        model.experts = GroupedExperts(4, 7168, 2048)  # V3's expert shape: FP8
+        model.small_experts = GroupedExperts(4, 1024, 256)  # the small preset's: BF16
+    convert_to_fp8(model, policy="auto")
+    assert isinstance(model.o_proj, FP8Linear)
+    assert type(model.q_a_proj) is nn.Linear and type(model.q_b_proj) is nn.Linear and type(model.lm_head) is nn.Linear
+    assert model.experts.precision == "fp8" and model.small_experts.precision == "bf16"
+    line = describe_fp8_layers(model, AUTO)
+    assert "1 of 3 linear layers (o_proj 16384->7168)" in line and "routed experts of 1 of 2 MoE layers" in line
+    assert "q_a_proj 7168->1536, q_b_proj 1536->24576" in line and "routed experts 1024/256" in line
+    assert "in and out features >= 4096" in line
+    assert AUTO.linear(4096, 4096) and not AUTO.linear(4095, 1 << 20) and AUTO.experts(4096, 1024)
+
+
+def test_all_policy_converts_everything_and_bad_policies_are_refused():
+    from coscale.errors import CoscaleError
+
+    model = nn.Sequential(nn.Linear(16, 16))
+    convert_to_fp8(model, policy="all")
+    assert isinstance(model[0], FP8Linear)
+    with pytest.raises(CoscaleError, match="policy must be one of auto, all"):
+        convert_to_fp8(nn.Sequential(nn.Linear(4, 4)), policy="some")

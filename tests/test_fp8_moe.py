@@ -8,14 +8,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module decor
 
 import pytest
 import torch
-from test_fp8_grouped_gemm import host_reads_in_coscale
-from test_moe_kernels import _routing
 
 from coscale.kernels import quant as q
 from coscale.kernels.fp8_moe import fp8_routed_experts
 from coscale.kernels.moe import grouped_experts_forward
 from coscale.kernels.permute import build_permute_info
 from coscale.model.moe import experts_forward_loop
+from test_fp8_grouped_gemm import host_reads_in_coscale
+from test_moe_kernels import _routing
 
 BACKENDS = ["torch", "triton"] if q.triton_available() else ["torch"]
 NAMES = ["x", "topk_weight", "w_gate", "w_up", "w_down"]

@@ -6,16 +6,23 @@ the MoE router (``mlp.gate``, not an nn.Linear in coscale anyway), norms, and th
 other nn.Linear becomes an FP8Linear sharing the same Parameter objects, so parameter names, the
 state_dict and any optimizer state are unchanged. Modules with a ``precision`` attribute (the routed
 experts, coscale.model.moe.GroupedExperts) get ``precision = "fp8"``, which routes their GEMMs through
-coscale.kernels.fp8_grouped_linear.fp8_grouped_linear.
+coscale.kernels.fp8_moe.
+
+``policy`` (coscale.fp8.policy) decides by size which of those layers run in FP8: "all" (the default
+here: every one) or "auto" (only where FP8 is measured to pay; what ``coscale train`` uses).
+``describe_fp8_layers`` says which layers run in FP8 and why (the run header prints it).
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 from torch import nn
 
 from coscale.fp8.linear import FP8Linear
+from coscale.fp8.policy import FP8Policy, as_policy
 
-__all__ = ["DEFAULT_SKIP", "convert_to_fp8", "is_skipped"]
+__all__ = ["DEFAULT_SKIP", "convert_to_fp8", "describe_fp8_layers", "is_skipped"]
 
 # A pattern starting with "." must equal one dotted component of the qualified name (".gate" skips
 # "mlp.gate" but not "mlp.gate_proj"); any other pattern matches as a substring.
@@ -33,19 +40,62 @@ def is_skipped(name: str, skip=DEFAULT_SKIP) -> bool:
     return False
 
 
-def convert_to_fp8(model: nn.Module, skip=DEFAULT_SKIP, backend: str = "auto", round_scale: bool = False):
-    """Swap nn.Linear -> FP8Linear (except names matching ``skip``); set ``precision="fp8"`` where
-    a module has that attribute. Converts in place and returns the model."""
+def _experts_size(module: nn.Module) -> tuple[int, int] | None:
+    """(hidden, intermediate) of a routed-experts module, None when it does not say."""
+    hidden, intermediate = getattr(module, "hidden", None), getattr(module, "intermediate", None)
+    return (hidden, intermediate) if isinstance(hidden, int) and isinstance(intermediate, int) else None
+
+
+def convert_to_fp8(model: nn.Module, skip=DEFAULT_SKIP, backend: str = "auto", round_scale: bool = False,
+                   policy: FP8Policy | str = "all"):  # fmt: skip
+    """Swap nn.Linear -> FP8Linear (except names matching ``skip`` and layers ``policy`` keeps in BF16);
+    set ``precision="fp8"`` where a module has that attribute (the routed experts, by their size).
+    Converts in place and returns the model."""
+    policy = as_policy(policy)
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and not is_skipped(name, skip)
-    ]
+        if type(module) is nn.Linear and not is_skipped(name, skip) and policy.linear(module.in_features,
+                                                                                      module.out_features)
+    ]  # fmt: skip
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, FP8Linear.from_linear(linear, backend, round_scale))
     for name, module in model.named_modules():
         if hasattr(module, "precision") and not isinstance(module, FP8Linear) and not is_skipped(name, skip):
-            module.precision = "fp8"
+            size = _experts_size(module)
+            if size is None or policy.experts(*size):
+                module.precision = "fp8"
     return model
+
+
+def _kinds(names: list[tuple[str, str]]) -> str:
+    """'q_a_proj 7168->1536 x3, ...': layers grouped by their last name and shape."""
+    counts = Counter(f"{name.rpartition('.')[2]} {shape}" for name, shape in names)
+    return ", ".join(f"{kind}{f' x{n}' if n > 1 else ''}" for kind, n in counts.items())
+
+
+def describe_fp8_layers(model: nn.Module, policy: FP8Policy | str, skip=DEFAULT_SKIP) -> str:
+    """Which layers of a converted model run in FP8 and which stay in BF16, and why (one line)."""
+    policy = as_policy(policy)
+    fp8, small = [], []
+    experts_fp8, experts_bf16 = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, FP8Linear):
+            fp8.append((name, f"{module.in_features}->{module.out_features}"))
+        elif type(module) is nn.Linear and not is_skipped(name, skip):
+            small.append((name, f"{module.in_features}->{module.out_features}"))
+        elif hasattr(module, "precision") and _experts_size(module) is not None and not is_skipped(name, skip):
+            hidden, width = _experts_size(module)
+            (experts_fp8 if module.precision == "fp8" else experts_bf16).append(f"{hidden}/{width}")
+    parts = [f"fp8 layers ({policy.name}: {policy.rule()}): {len(fp8)} of {len(fp8) + len(small)} linear layers"
+             + (f" ({_kinds(fp8)})" if fp8 else "")]
+    if experts_fp8 or experts_bf16:
+        parts.append(f"routed experts of {len(experts_fp8)} of {len(experts_fp8) + len(experts_bf16)} MoE layers"
+                     + (f" (hidden/width {', '.join(sorted(set(experts_fp8)))})" if experts_fp8 else ""))
+    line = "; ".join(parts)
+    kept = [f"{_kinds(small)}" if small else "", f"routed experts {', '.join(sorted(set(experts_bf16)))}"
+            if experts_bf16 else ""]  # fmt: skip
+    kept = [k for k in kept if k]
+    return line + (f"; bf16, too small for fp8 to pay: {'; '.join(kept)}" if kept else "")

@@ -55,6 +55,9 @@ _TRAIN_OPTIONS = [
                                                               "weights stay FP32")),
     ("--precision", "precision", dict(choices=["bf16", "fp32", "fp8"],
                                       help="compute precision (default: bf16 autocast on CUDA, fp32 on CPU)")),
+    ("--fp8-layers", "fp8_layers", dict(choices=["auto", "all"],
+                                        help="with --precision fp8: the layers large enough for FP8 to pay "
+                                             "(auto) or every linear layer and the routed experts (all)")),
     ("--device", "device", dict(metavar="DEVICE", help="auto, cpu, cuda or cuda:N")),
     ("--seed", "seed", dict(type=int, metavar="N", help="seed of initialisation and batch sampling")),
     ("--bias-update-speed", "bias_update_speed",

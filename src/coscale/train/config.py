@@ -18,6 +18,7 @@ from coscale.train import run_dir
 
 DEFAULT_MODEL = "tiny"
 PRECISIONS = ("bf16", "fp32", "fp8")
+FP8_LAYERS = ("auto", "all")  # which layers --precision fp8 converts (coscale.fp8.policy)
 ADAM_MOMENTS_DTYPES = ("fp32", "bf16")
 DISPATCH_CODECS = ("bf16", "fp8", "fp32")  # wire format of tokens sent to experts on other ranks
 COMBINE_CODECS = ("bf16", "fp32")  # wire format of expert outputs coming back (and of gradients)
@@ -56,8 +57,10 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     adam_moments_dtype: str = "fp32"
-    # Precision: None picks bf16 (autocast) on CUDA and fp32 on CPU.
+    # Precision: None picks bf16 (autocast) on CUDA and fp32 on CPU. fp8_layers: which layers fp8
+    # converts, "auto" (those large enough for FP8 to pay, coscale.fp8.policy) or "all".
     precision: str | None = None
+    fp8_layers: str = "auto"
     device: str = "auto"
     # How the step runs (coscale.train.step_runner): torch.compile of the loss, and the whole step
     # (forward, backward, clip, AdamW, bias update) replayed from a CUDA graph. None: both on for one
@@ -222,6 +225,7 @@ def _problems(cfg: TrainConfig):
 def _choice_problems(cfg: TrainConfig):
     choices = (("adam_moments_dtype", cfg.adam_moments_dtype, ADAM_MOMENTS_DTYPES, False),
                ("precision", cfg.precision, PRECISIONS, True),
+               ("fp8_layers", cfg.fp8_layers, FP8_LAYERS, False),
                ("dispatch_codec", cfg.dispatch_codec, DISPATCH_CODECS, False),
                ("combine_codec", cfg.combine_codec, COMBINE_CODECS, True))
     for name, value, allowed, none_ok in choices:

@@ -43,8 +43,9 @@ def run_fp8_study(base: TrainConfig, out_dir: str, reference: str = "bf16", smoo
     """Train `base` in `reference` precision and in fp8 under out_dir/<precision>; compare and plot."""
     runs: dict[str, dict[str, Any]] = {}
     for precision in (reference, "fp8"):
+        # every layer in FP8 (fp8_layers="all"): the study is about FP8's numerics, not its speed
         cfg = dataclasses.replace(base, precision=precision, out_dir=os.path.join(out_dir, precision),
-                                  overwrite=True, resume=None)
+                                  overwrite=True, resume=None, fp8_layers="all")
         log(f"== {precision} run -> {cfg.out_dir}")
         summary = train(cfg, log=log)
         records = read_metrics(summary["metrics"])

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from coscale.errors import writing
+from coscale.fp8 import describe_fp8_layers
 from coscale.parallel.world import World
 from coscale.train import checkpointing as ckpt
 from coscale.train import run_dir
@@ -137,6 +138,8 @@ class _Run:
                           "unigram_entropy": plan.entropy, "device": str(self.world.device),
                           "precision": plan.precision, **({"parallel": layout} if layout else {})})
         self.log(header(cfg, plan, self.world.device, layout))
+        if plan.precision == "fp8":
+            self.log(describe_fp8_layers(self.trainee.model, cfg.fp8_layers))
         try:
             for step in range(self.trainee.start_step, cfg.steps):
                 self._step(step)

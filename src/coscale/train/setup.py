@@ -218,7 +218,7 @@ def build(cfg: TrainConfig, plan: RunPlan, world: World) -> Trainee:
     if plan.init_from:
         world.agree(lambda: _load_initial_weights(model, plan.init_from))
     if plan.precision == "fp8":
-        model = convert_to_fp8(model) or model
+        model = convert_to_fp8(model, policy=cfg.fp8_layers) or model
     state = world.agree(lambda: _load_resumed_weights(model, plan)) if plan.resume_dir else None
     model = world.place_model(model)
     model.train()

@@ -1,0 +1,70 @@
+"""Which layers run in FP8: the per-layer policy of ``convert_to_fp8`` (torchao's ``auto_filter_small_kn``
+idea, with thresholds from coscale's own measurements).
+
+An FP8 GEMM is faster than BF16 only when it is large enough to repay its quantization passes (one read
+and an FP8 write of each operand, in each direction) and, when launches are issued from Python, their
+host time. On the H100 (BENCHMARKS.md, 8192 tokens, forward+backward of one layer):
+
+| layer (K -> N) | FP8Linear / nn.Linear |
+|---|---|
+| o_proj 16384 -> 7168, dense MLP 7168 <-> 18432, 7168 -> 4096 | 1.25-1.46x |
+| q_b_proj 1536 -> 24576 | 1.13x |
+| expert_down 2048 -> 7168 | 0.57-0.93x (1.14x at 16384 tokens) |
+| q_a_proj 7168 -> 1536 | 0.65x (1.05x at 16384 tokens) |
+| kv_a_proj 7168 -> 576 | 0.20-0.36x |
+| hidden 1024 (the ``small`` preset) | 0.5x for the whole model |
+
+``AUTO`` therefore runs a linear layer in FP8 when both its in- and out-features are at least 4096 (every
+layer measured there paid, none below it paid reliably), and the routed experts when the hidden size is
+at least 4096 and the expert width at least 1024 (DeepSeek-V3's 7168 / 2048: forward and dgrad grouped
+FP8 GEMMs 1.3-1.5x BF16 on the H100; their weight gradients 0.9-1.1x at 256 rows per expert, more with
+more rows per expert). Everything else stays in BF16, so a model too small for FP8 anywhere (``small``:
+hidden 1024, experts 256 wide) trains at BF16's speed with ``--precision fp8``. ``ALL`` converts every
+eligible layer (what the FP8 accuracy study and the tests want: FP8's numerics everywhere).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from coscale.errors import CoscaleError
+
+__all__ = ["FP8Policy", "AUTO", "ALL", "POLICIES", "as_policy"]
+
+
+@dataclass(frozen=True)
+class FP8Policy:
+    """Minimum sizes for FP8: a linear layer needs ``min_features`` in and out; the routed experts need
+    a hidden size of ``min_expert_hidden`` and an expert width of ``min_expert_intermediate``."""
+
+    name: str
+    min_features: int = 0
+    min_expert_hidden: int = 0
+    min_expert_intermediate: int = 0
+
+    def linear(self, in_features: int, out_features: int) -> bool:
+        return min(in_features, out_features) >= self.min_features
+
+    def experts(self, hidden: int, intermediate: int) -> bool:
+        return hidden >= self.min_expert_hidden and intermediate >= self.min_expert_intermediate
+
+    def rule(self) -> str:
+        """The policy in words, for the run header."""
+        if self.name == "all":
+            return "every linear layer and the routed experts, whatever their size"
+        return (f"linear layers with in and out features >= {self.min_features}; routed experts with hidden "
+                f">= {self.min_expert_hidden} and width >= {self.min_expert_intermediate} (docs/fp8.md)")
+
+
+AUTO = FP8Policy("auto", min_features=4096, min_expert_hidden=4096, min_expert_intermediate=1024)
+ALL = FP8Policy("all")
+POLICIES = {"auto": AUTO, "all": ALL}
+
+
+def as_policy(policy: FP8Policy | str) -> FP8Policy:
+    """A policy object from a policy or its name ("auto", "all")."""
+    if isinstance(policy, FP8Policy):
+        return policy
+    if policy not in POLICIES:
+        raise CoscaleError(f"FP8 layer policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+    return POLICIES[policy]
