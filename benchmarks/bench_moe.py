@@ -1,22 +1,32 @@
 """MoE layer forward+backward on one GPU: grouped (permute + grouped GEMMs) vs per-expert loop vs dense.
 
 Run: `PYTHONPATH=src python benchmarks/bench_moe.py [--quick]`; writes bench_moe.json under $OUT
-when OUT is set. Shapes: DeepSeek-V3's experts (H 7168, I 2048, 256 experts, top-8, 1 shared expert)
-at 4096-16384 tokens and the decode regime (128-512 tokens), and the `small` preset's experts;
-balanced routing (every expert exactly T*K/E rows) and skewed routing (Zipf s=1.2, some experts
-empty). The router itself is not timed (routing is fixed so both layouts see the same loads).
+when OUT is set (`--smoke`: tiny shapes on the CPU interpreter, a check of the script). Shapes:
+DeepSeek-V3's experts (H 7168, I 2048, 256 experts, top-8, 1 shared expert) at 4096-16384 tokens and the
+decode regime (128-512 tokens); the `proxy-v3` preset's (V3's expert shape, 16 experts, top-4: 2048 rows
+per expert at 8192 tokens, the regime of a GPU holding few experts); the `small` preset's. Balanced
+routing (every expert exactly T*K/E rows) and skewed routing (Zipf s=1.2, some experts empty). The
+router itself is not timed (routing is fixed so every layout sees the same loads).
 
 Variants (each in try/except: a failure is recorded and the run carries on):
 - loop:      per-expert loop layer (argsort once, then gather / SwiGLU / index_add per expert) with
              per-expert weight tensors, as a ModuleList of experts would have.
 - grouped:   coscale.kernels.moe.grouped_experts_forward, BF16 (torch._grouped_mm + Triton data movement).
 - grouped_triton: the same with the Triton grouped GEMM (subset of cases: autotuning costs time).
-- grouped_fp8: precision="fp8" (block-scaled 1x128/128x128 Triton grouped GEMM), expert weights
-             quantized in every call (what one micro-batch per optimizer step pays).
+- grouped_fp8: precision="fp8" (block-scaled 1x128/128x128 Triton grouped GEMMs), the routed experts
+             as one autograd node with every quantization fused into its producer
+             (coscale.kernels.fp8_moe), expert weights quantized in every call (what one micro-batch
+             per optimizer step pays).
 - grouped_fp8_cached: the same with an FP8WeightCache and unchanged weights (inference, and
              the micro-batches after the first of an optimizer step).
+- grouped_fp8_unfused: the separate FP8 operations (permute, quantize, grouped GEMMs, SwiGLU, ...),
+             what coscale ran before the fused path; the same bits.
+- grouped_fp8_one_pass: the fused path with both layouts of each quantization from one launch.
 - dense:     a dense SwiGLU MLP over T*K rows with one expert's shape: the same FLOPs in plain GEMMs.
-All variants include the shared expert (a dense SwiGLU MLP over the T tokens).
+All variants include the shared expert (a dense SwiGLU MLP over the T tokens, in BF16). Every variant
+but the loop (which reads expert counts back to the host) is also timed replayed from a CUDA graph
+(`graph_ms`: the kernels alone, as the graphed training step runs them); the FP8 / BF16 ratios use
+those times.
 
 FLOPs (fwd+bwd) = 3 GEMMs x 2*rows*H*I x 3 (forward, dgrad, wgrad), rows = T*K routed + T shared.
 Correctness: every grouped variant's output, grad x, grad topk_weight and grad w_down of a few
@@ -36,8 +46,14 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+# isort: off
+# first: --smoke sets TRITON_INTERPRET before coscale's kernels decorate
+from gpu_timing import SMOKE, device, graph_ms
+# isort: on
+
 from coscale.config import get_preset
 from coscale.fp8 import FP8WeightCache
+from coscale.kernels import fp8_moe
 from coscale.kernels.moe import grouped_experts_forward
 
 BF16_PEAK_TFLOPS = 800.0  # H100 dense bf16 matmul ceiling measured at 8192^3 (shared/reference)
@@ -82,9 +98,11 @@ def loop_layer(x, idx, weight, experts, shared):
     return out.to(x.dtype) + shared_mlp(x, *shared)
 
 
-def grouped_layer(x, idx, weight, w_gate, w_up, w_down, shared, precision="bf16", backend="auto", cache=None):
+def grouped_layer(x, idx, weight, w_gate, w_up, w_down, shared, precision="bf16", backend="auto", cache=None,
+                  fused=True):  # fmt: skip
     routed = grouped_experts_forward(
-        x, idx, weight, w_gate, w_up, w_down, precision=precision, backend=backend, fp8_weight_cache=cache
+        x, idx, weight, w_gate, w_up, w_down, precision=precision, backend=backend, fp8_weight_cache=cache,
+        fused=fused,
     )
     return routed + shared_mlp(x, *shared)
 
@@ -95,7 +113,7 @@ def dense_layer(x_rows, wg, wu, wd, x, shared):
 
 # ---- measuring -------------------------------------------------------------------------------
 def bench(fn, quick: bool) -> dict:
-    if not torch.cuda.is_available():  # CPU smoke test of the script's logic only
+    if SMOKE:  # CPU check of the script's logic only
         fn()
         t0 = time.perf_counter()
         fn()
@@ -162,6 +180,8 @@ def run_case(shape, T, routing, args, results):
     # FP8 copies of the weights kept from the previous call (weights unchanged): what inference and
     # every micro-batch after the first in an optimizer step pay
     variants["grouped_fp8_cached"] = ("fp8", "auto", True)
+    variants["grouped_fp8_unfused"] = ("fp8", "auto", False, False)
+    variants["grouped_fp8_one_pass"] = ("fp8", "auto", False, True, True)
     variants["dense"] = None
 
     # reference values from the loop layer (bf16)
@@ -198,11 +218,13 @@ def run_case(shape, T, routing, args, results):
                     with torch.no_grad():
                         dense_layer(rows, *dense_w, x, shared)
             else:
-                precision, backend, cached = (*spec, False)[:3]
+                precision, backend, cached, fused, one_pass = (*spec, False, True, False)[:5]
                 cache = FP8WeightCache() if cached else None
+                fp8_moe.ONE_PASS = one_pass
 
-                def layer(precision=precision, backend=backend, cache=cache):
-                    return grouped_layer(x, idx, topw, w_gate, w_up, w_down, shared, precision, backend, cache)
+                def layer(precision=precision, backend=backend, cache=cache, fused=fused):
+                    return grouped_layer(x, idx, topw, w_gate, w_up, w_down, shared, precision, backend, cache,
+                                         fused)
 
                 def step(layer=layer):
                     torch.autograd.grad(layer(), [x, topw, w_gate, w_up, w_down, *shared], grad_out)
@@ -235,6 +257,9 @@ def run_case(shape, T, routing, args, results):
             entry["fwd_bwd_spread_ms"] = [timing["min_ms"], timing["max_ms"]]
             entry["tflops"] = flops / (timing["median_ms"] * 1e-3) / 1e12
             entry["pct_of_800"] = 100 * entry["tflops"] / BF16_PEAK_TFLOPS
+            if variant != "loop":  # the loop reads its expert counts back: not capturable
+                entry["graph_ms"] = graph_ms(step, rep=100 if args.quick else 250)
+                entry["graph_tflops"] = flops / (entry["graph_ms"] * 1e-3) / 1e12
             if T <= 1024:  # decode: forward alone is what serving pays
                 ft = bench(fwd, args.quick)
                 entry["fwd_ms"] = ft["median_ms"]
@@ -243,13 +268,15 @@ def run_case(shape, T, routing, args, results):
             entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
             entry["traceback"] = traceback.format_exc()[-2000:]
         finally:
+            fp8_moe.ONE_PASS = False
             if cache is not None:
                 cache.invalidate()  # the cached variant's FP8 weights (up to 2 bytes per parameter)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         results.append(entry)
-        status = entry.get("error", f"{entry.get('fwd_bwd_ms', float('nan')):.3f} ms")
-        print(f"  {name:8s} T={T:6d} {routing:8s} {variant:15s} {status}", flush=True)
+        status = entry.get("error", f"{entry.get('fwd_bwd_ms', float('nan')):.3f} ms, graphed "
+                                    f"{entry.get('graph_ms', float('nan')):.3f} ms")
+        print(f"  {name:8s} T={T:6d} {routing:8s} {variant:20s} {status}", flush=True)
     # ratios within the case
     by = {r["variant"]: r for r in results if r.get("shape") == name and r["tokens"] == T and r["routing"] == routing}
     for r in by.values():
@@ -263,28 +290,31 @@ def run_case(shape, T, routing, args, results):
             r["frac_of_dense"] = r["tflops"] / by["dense"]["tflops"]
         if "fwd_bwd_ms" in by.get("grouped", {}):
             r["speedup_vs_bf16_grouped"] = by["grouped"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        if "graph_ms" in by.get("grouped", {}) and "graph_ms" in r:
+            r["graph_speedup_vs_bf16_grouped"] = by["grouped"]["graph_ms"] / r["graph_ms"]
     ref = None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 def print_table(results):
-    header = (f"{'shape':8s} {'T':>6s} {'routing':8s} {'variant':15s} {'ms':>9s} {'TFLOP/s':>8s} "
-              f"{'%800':>5s} {'xloop':>6s} {'/dense':>6s} {'fwd ms':>8s} {'fwd xloop':>9s} {'ok':>3s}")
+    header = (f"{'shape':8s} {'T':>6s} {'routing':8s} {'variant':20s} {'ms':>9s} {'graph ms':>9s} {'TFLOP/s':>8s} "
+              f"{'%800':>5s} {'xloop':>6s} {'/dense':>6s} {'xbf16':>6s} {'fwd ms':>8s} {'fwd xloop':>9s} {'ok':>3s}")
     print("\n" + header)
     print("-" * len(header))
     for r in results:
         if "error" in r:
-            print(f"{r['shape']:8s} {r['tokens']:6d} {r['routing']:8s} {r['variant']:15s} ERROR {r['error'][:60]}")
+            print(f"{r['shape']:8s} {r['tokens']:6d} {r['routing']:8s} {r['variant']:20s} ERROR {r['error'][:60]}")
             continue
 
         def f(key, fmt, r=r):
             return format(r[key], fmt) if key in r else "-"
 
         ok = {True: "yes", False: "NO"}.get(r.get("correct"), "-")
-        print(f"{r['shape']:8s} {r['tokens']:6d} {r['routing']:8s} {r['variant']:15s} {f('fwd_bwd_ms', '9.3f')} "
-              f"{f('tflops', '8.1f')} {f('pct_of_800', '5.1f')} {f('speedup_vs_loop', '6.2f')} "
-              f"{f('frac_of_dense', '6.2f')} {f('fwd_ms', '8.3f')} {f('fwd_speedup_vs_loop', '9.2f')} {ok:>3s}")
+        print(f"{r['shape']:8s} {r['tokens']:6d} {r['routing']:8s} {r['variant']:20s} {f('fwd_bwd_ms', '9.3f')} "
+              f"{f('graph_ms', '9.3f')} {f('tflops', '8.1f')} {f('pct_of_800', '5.1f')} {f('speedup_vs_loop', '6.2f')} "
+              f"{f('frac_of_dense', '6.2f')} {f('graph_speedup_vs_bf16_grouped', '6.2f')} {f('fwd_ms', '8.3f')} "
+              f"{f('fwd_speedup_vs_loop', '9.2f')} {ok:>3s}")
 
 
 def main():
@@ -294,6 +324,7 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", metavar="T",
                         help="DeepSeek-V3-shape cases at these token counts only (both routings unless --routing)")
     parser.add_argument("--routing", choices=("balanced", "skewed"), help="with --tokens: one routing only")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks the script")
     args = parser.parse_args()
     if args.tokens is not None and any(t < 1 for t in args.tokens):
         parser.error("--tokens takes positive token counts")
@@ -301,21 +332,24 @@ def main():
         parser.error("--routing applies to --tokens cases")
     if args.tokens is not None and args.quick:
         parser.error("--tokens and --quick choose the cases in two ways; give one")
-    args.device = "cuda"
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_moe.py needs a CUDA GPU")
+    args.device = device()
     small = get_preset("small")
     v3 = ("dsv3", 7168, 2048, 256, 8, 1)
+    proxy = ("proxy-v3", 7168, 2048, 16, 4, 1)  # V3's expert shape, 16 experts top-4 (the proxy-v3 preset)
     sm = ("small", small.hidden_size, small.moe_intermediate_size, small.n_routed_experts,
           small.num_experts_per_tok, small.n_shared_experts or 0)
-    if args.tokens is not None:
+    if SMOKE:
+        plan = [(("smoke", 128, 128, 4, 2, 1), 64, "balanced"), (("smoke", 128, 128, 4, 2, 1), 64, "skewed")]
+        triton_cases = set()
+    elif args.tokens is not None:
         plan = [(v3, T, r) for T in args.tokens for r in ((args.routing,) if args.routing else ("balanced", "skewed"))]
         triton_cases = set()
     elif args.quick:
-        plan = [(v3, 8192, "balanced"), (v3, 8192, "skewed"), (v3, 128, "balanced"), (sm, 8192, "balanced")]
-        triton_cases = {("dsv3", 8192, "balanced")}
+        plan = [(v3, 8192, "balanced"), (proxy, 8192, "balanced"), (v3, 128, "balanced"), (sm, 8192, "balanced")]
+        triton_cases = set()
     else:
         plan = [(v3, T, r) for T in (4096, 8192, 16384, 128, 512) for r in ("balanced", "skewed")]
+        plan += [(proxy, T, r) for T in (8192, 16384) for r in ("balanced", "skewed")]
         plan += [(sm, T, r) for T in (8192, 256) for r in ("balanced", "skewed")]
         triton_cases = {("dsv3", 8192, "balanced"), ("dsv3", 128, "balanced"), ("small", 8192, "balanced")}
     args.triton_variant = lambda name, T, r: (name, T, r) in triton_cases
@@ -323,7 +357,8 @@ def main():
     import triton
 
     meta = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "device": torch.cuda.get_device_name() if args.device.type == "cuda" else "cpu (smoke)",
+        "torch": torch.__version__, "triton": triton.__version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
         "bf16_peak_tflops": BF16_PEAK_TFLOPS,
     }

@@ -1,12 +1,21 @@
-"""FP8 quantization kernels on one GPU: bit-exactness against the PyTorch reference and bandwidth.
+"""FP8 quantization kernels on one GPU: bit-exactness first, then bandwidth (eager and CUDA-graphed).
 
 Run: python benchmarks/bench_quant.py [--quick]      (writes $OUT/bench_quant.json when OUT is set)
-For each shape (bf16 input) and kernel: mismatching FP8 bytes and scales versus coscale's reference
-(must be 0; the GPU cast is round-to-nearest-even with saturation; `ref_vs_cpu_mismatches`: the GPU
-reference against the CPU reference on 256 rows, must be 0 too), median time, effective bandwidth
-(input read once + FP8 outputs and FP32 scales written once) and its fraction of a device-to-device
-copy measured in the same process (goal: >= 80%; H100 copy ~3.0 TB/s). The eager PyTorch reference
-is timed alongside as the baseline.
+
+Standalone kernels (coscale.kernels.quant / quant_ops), bf16 input unless marked: mismatching FP8
+bytes and scales against coscale's PyTorch reference on the GPU (must be 0: the GPU cast is
+round-to-nearest-even with saturation) and of that reference against the CPU reference on 256 rows
+(must be 0 too).
+Fused kernels (coscale.kernels.fused_quant: SwiGLU, its backward, the MoE permutation, each with the
+quantization of its output): mismatches against the unfused pipeline on the GPU (the producer's
+Triton kernel, then the quantization kernels; must be 0), and, for SwiGLU, the dequantized output's
+relative error against the float32 producer (E4M3's quantization error, about 0.03).
+Timing: ``eager`` (do_bench, Python launches included) and ``graph`` (replayed from a CUDA graph:
+the kernels alone, what a graphed training step pays); bandwidth = bytes read once + FP8 outputs and
+FP32 scales written once, over the graphed time, and its fraction of a device-to-device copy
+measured in the same process (goal: >= 80%; H200 copy about 4.25 TB/s). Fused kernels also show
+the unfused pipeline's graphed time and the speedup. Every autotuned kernel tunes on its first call,
+before the timing.
 """
 
 from __future__ import annotations
@@ -19,116 +28,202 @@ import traceback
 
 import torch
 
+# isort: off
+# first: --smoke sets TRITON_INTERPRET before coscale's kernels decorate
+from gpu_timing import SMOKE, copy_bandwidth, device, eager_ms, graph_ms
+# isort: on
+
 from coscale.kernels import quant as q
+from coscale.kernels.fused_quant import gather_quant_op, swiglu_backward_quant_op, swiglu_quant_op
+from coscale.kernels.permute import build_permute_info, rows_from_tokens
+from coscale.kernels.quant_ops import weight_quant_op
+from coscale.kernels.swiglu import swiglu_backward_op, swiglu_op
+
+FP8 = q.FP8_DTYPE
 
 
-def bench(fn, rep_ms=200):
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
-
-
-def mismatches(got, ref):
+def mismatches(got, ref) -> int:
     count = 0
     for g, r in zip(got, ref):
-        if g.dtype == q.FP8_DTYPE:
+        if g.dtype == FP8:
             count += int((g.view(torch.uint8) != r.view(torch.uint8)).sum())
         else:
             count += int((~((g == r) | (torch.isnan(g) & torch.isnan(r)))).sum())
     return count
 
 
-def copy_bandwidth(dev, nbytes=1 << 30):
-    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    return ms, 2 * nbytes / ms / 1e9  # TB/s, read + write
+def nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def dequant_error(outs, want: torch.Tensor) -> float:
+    """Relative error of the 1x128 layout (outs[0], outs[1]) dequantized against ``want`` (float)."""
+    deq = q.dequant_1x128(outs[0], outs[1])[:, : want.shape[1]]
+    return float((deq - want).norm() / want.norm())
+
+
+# ---- cases: (name, setup) where setup() returns (fused_fn, reference_fn, unfused_fn or None, inputs)
+def standalone_cases(quick: bool, dev):
+    acts = [(8192, 7168), (8192, 2048)] if quick else [(4096, 7168), (8192, 7168), (16384, 7168), (8192, 2048),
+                                                       (8192, 18432), (16384, 1536)]  # fmt: skip
+    weights = [(7168, 18432)] if quick else [(7168, 18432), (24576, 1536), (7168, 2048)]
+    experts = (16, 2048, 7168)  # proxy-v3's routed experts
+    if SMOKE:
+        acts, weights, experts = [(200, 300)], [(136, 200)], (2, 128, 256)
+
+    def act(m, k, dtype=torch.bfloat16):
+        torch.manual_seed(0)
+        return (torch.randn(m, k, device=dev) * torch.logspace(-3, 2, k, device=dev)).to(dtype)
+
+    cases = []
+    for m, k in acts:
+        cases.append((f"act_1x128 {m}x{k}", lambda m=m, k=k: act(m, k), lambda x, b: q.act_quant_1x128(x, backend=b)))
+        cases.append((f"act_dual {m}x{k}", lambda m=m, k=k: act(m, k),
+                      lambda x, b: q.act_quant_1x128_dual(x, backend=b)))
+        cases.append((f"act_dual_one_pass {m}x{k}", lambda m=m, k=k: act(m, k),
+                      lambda x, b: q.act_quant_1x128_dual(x, backend=b, one_pass=True)))
+    m, k = acts[0]
+    cases.append((f"act_128x1 {m}x{k}", lambda: act(m, k), lambda x, b: q.act_quant_128x1(x, backend=b)))
+    for n, k in weights:
+        cases.append((f"weight_128x128 {n}x{k}", lambda n=n, k=k: act(n, k),
+                      lambda w, b: q.weight_quant_128x128(w, backend=b)))
+        cases.append((f"weight_dual {n}x{k}", lambda n=n, k=k: act(n, k),
+                      lambda w, b: q.weight_quant_128x128_dual(w, backend=b)))
+    n, k = weights[0]
+    cases.append((f"weight_dual fp32 {n}x{k}", lambda: act(n, k, torch.float32),
+                  lambda w, b: q.weight_quant_128x128_dual(w, backend=b)))
+    # routed experts: [w_gate; w_up] (FP32 master weights) stacked in one buffer, with its transpose
+    e, i, h = experts
+    cases.append((f"experts gate+up fp32 {e}x2x{i}x{h}", lambda: act(e * i, h, torch.float32).view(e, i, h),
+                  lambda w, b: weight_quant_op([w, w], False, True, b)))  # fmt: skip
+    return cases
+
+
+def run_standalone(name, make, fn, copy_bw, results):
+    rec = {"kernel": name}
+    try:
+        x = make()
+        got = fn(x, "triton")
+        rec["mismatches"] = mismatches(got, fn(x, "torch"))
+        head = x[:256] if x.dim() == 2 else x[:1]  # the reference does not depend on the device
+        rec["ref_vs_cpu_mismatches"] = mismatches([t.cpu() for t in fn(head, "torch")], fn(head.cpu(), "torch"))
+        rec["eager_ms"] = eager_ms(lambda: fn(x, "triton"))
+        rec["graph_ms"] = graph_ms(lambda: fn(x, "triton"))
+        rec["torch_ms"] = eager_ms(lambda: fn(x, "torch"), rep=50)
+        rec["bytes"] = nbytes(x, *got)
+        rec["TB/s"] = rec["bytes"] / rec["graph_ms"] / 1e9
+        rec["pct_copy"] = 100 * rec["TB/s"] / copy_bw
+    except Exception as exc:  # record and carry on
+        rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        traceback.print_exc()
+    results.append(rec)
+
+
+def fused_cases(quick: bool, dev):
+    """(name, inputs, fused(backend), unfused(backend), reference float output or None, bytes read)"""
+    t, h, i, e, k = (8192, 7168, 2048, 16, 4)  # proxy-v3's MoE layer: 8192 tokens, top-4 of 16 experts
+    if SMOKE:
+        t, h, i, e, k = (64, 256, 128, 4, 2)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    repeat = max(1, t // 8)
+    rows = t * k
+    gate_up = torch.randn(rows, 2 * i, device=dev, generator=gen).to(torch.bfloat16)
+    da = torch.randn(rows, i, device=dev, generator=gen).to(torch.bfloat16)
+    x = torch.randn(t, h, device=dev, generator=gen).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(e, device=dev, generator=gen)[:k] for _ in range(8)]).repeat(repeat, 1)
+    info = build_permute_info(idx, e, align=128)
+    weight = torch.rand(t, k, device=dev, generator=gen)
+    y_perm = torch.randn(info.num_rows, h, device=dev, generator=gen).to(torch.bfloat16)
+    g32, u32 = gate_up[:, :i].float(), gate_up[:, i:].float()
+    cases = []
+    for one_pass in (False, True):
+        cases.append((
+            f"swiglu_quant {rows}x{i}{' one-pass' if one_pass else ''}", (gate_up,),
+            lambda b, o=one_pass: swiglu_quant_op(gate_up, True, True, False, o, False, b),
+            lambda b: q.act_quant_1x128_dual(swiglu_op(gate_up, b), backend=b),
+            lambda: torch.nn.functional.silu(g32) * u32,
+        ))  # fmt: skip
+    cases.append((
+        f"swiglu_backward_quant {rows}x{2 * i}", (gate_up, da),
+        lambda b: swiglu_backward_quant_op(gate_up, da, True, True, False, False, False, b),
+        lambda b: q.act_quant_1x128_dual(swiglu_backward_op(gate_up[:, :i], gate_up[:, i:], da, b), backend=b),
+        None,
+    ))  # fmt: skip
+    cases.append((
+        f"gather_quant (permutation) {info.num_rows}x{h}", (x,),
+        lambda b: gather_quant_op(x, info.row_pair, k, None, None, True, True, False, False, False, b)[:4],
+        lambda b: q.act_quant_1x128_dual(rows_from_tokens(x, info, backend=b)[0], backend=b),
+        None,
+    ))  # fmt: skip
+    cases.append((
+        f"gather_quant (combine backward, with dots) {info.num_rows}x{h}", (x, y_perm),
+        lambda b: gather_quant_op(x, info.row_pair, k, weight, y_perm, True, True, False, False, False, b)[:4],
+        lambda b: q.act_quant_1x128_dual(rows_from_tokens(x, info, weight=weight, y=y_perm, backend=b)[0], backend=b),
+        None,
+    ))  # fmt: skip
+    return cases
+
+
+def run_fused(name, inputs, fused, unfused, reference, copy_bw, results):
+    rec = {"kernel": name}
+    try:
+        got = fused("triton")
+        rec["mismatches_vs_unfused"] = mismatches(got, unfused("triton"))
+        if reference is not None:
+            rec["rel_err_vs_float_producer"] = dequant_error(got, reference())
+        rec["graph_ms"] = graph_ms(lambda: fused("triton"))
+        rec["eager_ms"] = eager_ms(lambda: fused("triton"))
+        rec["unfused_graph_ms"] = graph_ms(lambda: unfused("triton"))
+        rec["speedup_vs_unfused"] = rec["unfused_graph_ms"] / rec["graph_ms"]
+        rec["bytes"] = nbytes(*inputs, *got)
+        rec["TB/s"] = rec["bytes"] / rec["graph_ms"] / 1e9
+        rec["pct_copy"] = 100 * rec["TB/s"] / copy_bw
+    except Exception as exc:
+        rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        traceback.print_exc()
+    results.append(rec)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--variants", action="store_true", help="also time other chunk sizes / warps")
+    parser.add_argument("--quick", action="store_true", help="the V3-sized shapes only (under two minutes)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks the script")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_quant.py needs a CUDA GPU")
+    dev = device()
     import triton
 
-    dev = torch.device("cuda")
-    shapes = [(8192, 7168), (8192, 2048)] if args.quick else [
-        (4096, 7168), (8192, 7168), (16384, 7168), (8192, 2048), (8192, 18432), (16384, 1536)
-    ]  # fmt: skip
-    weights = [(7168, 18432)] if args.quick else [(7168, 18432), (24576, 1536), (7168, 2048)]
-    table_rows, results = [], []
-    t_copy, copy_bw = copy_bandwidth(dev)
-    # (kernel, shape, input dtype)
-    cases = [("act_1x128", s, "bf16") for s in shapes] + [("act_dual", s, "bf16") for s in shapes]
-    cases += [("act_128x1", s, "bf16") for s in shapes[:2]]
-    cases += [("weight_128x128", s, "bf16") for s in weights] + [("weight_dual", s, "bf16") for s in weights]
-    cases += [("weight_dual", weights[0], "fp32")]  # FP32 master weights, as in FP8 training
-    default = (q.COLS_BLOCK_K, q.COLS_WARPS, q.WEIGHT_WARPS)
-    cases = [(*c, default) for c in cases]
-    if args.variants:  # launch shapes of the transposing and weight kernels, on two shapes each
-        cases += [(kind, sh, "bf16", (bk, w, q.WEIGHT_WARPS)) for bk, w in ((16, 4), (64, 4), (64, 8))
-                  for kind, sh in (("act_128x1", shapes[0]), ("act_dual", shapes[0]))]
-        cases += [(kind, weights[0], "bf16", (q.COLS_BLOCK_K, q.COLS_WARPS, w)) for w in (8, 32)
-                  for kind in ("weight_128x128", "weight_dual")]
-    for kind, (m, k), dtype, (cols_bk, cols_w, weight_w) in cases:
-        rec = {"kernel": kind, "M": m, "K": k, "dtype": dtype,
-               "cols_block_k": cols_bk, "cols_warps": cols_w, "weight_warps": weight_w}
-        q.COLS_BLOCK_K, q.COLS_WARPS, q.WEIGHT_WARPS = cols_bk, cols_w, weight_w
-        try:
-            torch.manual_seed(0)
-            x = torch.randn(m, k, device=dev) * torch.logspace(-3, 2, k, device=dev)
-            x = x if dtype == "fp32" else x.to(torch.bfloat16)
-            fn = {
-                "act_1x128": q.act_quant_1x128,
-                "act_dual": q.act_quant_1x128_dual,
-                "act_128x1": q.act_quant_128x1,
-                "weight_128x128": q.weight_quant_128x128,
-                "weight_dual": q.weight_quant_128x128_dual,
-            }[kind]
-            got = fn(x, backend="triton")
-            ref = fn(x, backend="torch")
-            rec["mismatches"] = mismatches(got, ref)
-            # the reference itself must not depend on the device (CUDA's `tensor / number` is a
-            # reciprocal multiply; the reference divides by a tensor): 256 rows on the CPU
-            head = x[:256]
-            rec["ref_vs_cpu_mismatches"] = mismatches(
-                [t.cpu() for t in fn(head, backend="torch")], fn(head.cpu(), backend="torch")
-            )
-            rec["ms"] = bench(lambda: fn(x, backend="triton"))  # noqa: B023
-            rec["ref_ms"] = bench(lambda: fn(x, backend="torch"))  # noqa: B023
-            out_bytes = sum(t.numel() * t.element_size() for t in got)
-            rec["bytes"] = x.numel() * x.element_size() + out_bytes
-            rec["TB/s"] = rec["bytes"] / rec["ms"] / 1e9
-            rec["pct_copy"] = 100 * rec["TB/s"] / copy_bw
-        except Exception as exc:  # record and carry on
-            rec["error"] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-        results.append(rec)
-        table_rows.append(rec)
+    copy_bw = copy_bandwidth(dev)
+    meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke)",
+            "torch": torch.__version__, "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "copy_TB/s": copy_bw}  # fmt: skip
+    print(json.dumps(meta), flush=True)
+    results: list[dict] = []
+    for name, make, fn in standalone_cases(args.quick, dev):
+        run_standalone(name, make, fn, copy_bw, results)
         torch.cuda.empty_cache()
-    meta = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M"), "copy_TB/s": copy_bw, "copy_ms_1GiB": t_copy,
-    }  # fmt: skip
+        print(" ", results[-1], flush=True)
+    for case in fused_cases(args.quick, dev):
+        run_fused(*case, copy_bw, results)
+        torch.cuda.empty_cache()
+        print(" ", results[-1], flush=True)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "bench_quant.json"), "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=1)
-    print(json.dumps(meta))
-    print(f"{'kernel':>15} {'launch':>8} {'in':>4} {'M':>6} {'K':>6} {'bad':>5} {'ms':>8} "
-          f"{'TB/s':>6} {'%copy':>6} {'torch ms':>9} {'speedup':>7}")  # fmt: skip
-    for r in table_rows:
-        launch = f"{r['cols_block_k']}/{r['cols_warps']}/{r['weight_warps']}"
-        head = (f"{r['kernel']:>15} {launch:>8} "
-                f"{r['dtype']:>4} {r['M']:>6} {r['K']:>6}")  # fmt: skip
+    print(f"\n{'kernel':>48} {'bad':>5} {'graph ms':>9} {'eager ms':>9} {'TB/s':>6} {'%copy':>6} {'vs torch':>9} "
+          f"{'unfused':>8} {'speedup':>7}")  # fmt: skip
+    for r in results:
         if "error" in r:
-            print(f"{head} ERROR {r['error'][:80]}")
+            print(f"{r['kernel']:>48} ERROR {r['error'][:80]}")
             continue
-        bad = r["mismatches"] + r["ref_vs_cpu_mismatches"]
-        print(f"{head} {bad:>5} {r['ms']:>8.3f} {r['TB/s']:>6.2f} {r['pct_copy']:>6.1f} {r['ref_ms']:>9.3f} "
-              f"{r['ref_ms'] / r['ms']:>7.1f}")  # fmt: skip
+        bad = r.get("mismatches", 0) + r.get("ref_vs_cpu_mismatches", 0) + r.get("mismatches_vs_unfused", 0)
+        vs_torch = f"{r['torch_ms'] / r['graph_ms']:>8.1f}x" if "torch_ms" in r else f"{'':>9}"
+        unfused = f"{r['unfused_graph_ms']:>8.3f} {r['speedup_vs_unfused']:>6.2f}x" if "unfused_graph_ms" in r else ""
+        print(f"{r['kernel']:>48} {bad:>5} {r['graph_ms']:>9.3f} {r['eager_ms']:>9.3f} {r['TB/s']:>6.2f} "
+              f"{r['pct_copy']:>6.1f} {vs_torch} {unfused}")  # fmt: skip
+    errors = [r for r in results if "error" in r]
+    bad = [r for r in results if r.get("mismatches", 0) or r.get("ref_vs_cpu_mismatches", 0)
+           or r.get("mismatches_vs_unfused", 0)]  # fmt: skip
+    print(f"\nerrors: {len(errors)}  inexact kernels: {len(bad)} (both must be 0)")
 
 
 if __name__ == "__main__":

@@ -16,5 +16,7 @@ for job in ${JOBS:-quant fp8 moe study}; do
     tune)  run tune_fp8_grouped "${T_TUNE:-300}" python3 benchmarks/tune_fp8_grouped.py ;;
     profile) run profile_layers "${T_PROFILE:-180}" python3 benchmarks/profile_layers.py ;;
     study) run fp8_accuracy "${T_STUDY:-300}" python3 benchmarks/fp8_accuracy.py --steps "${STUDY_STEPS:-100}" ;;
+    gputests) run gpu_tests "${T_TESTS:-300}" python3 -m pytest -q -x -p no:cacheprovider tests/test_custom_ops.py \
+                tests/test_train_step_runner.py tests/test_fp8_weight_cache.py ;;
   esac
 done

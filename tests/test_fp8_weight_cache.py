@@ -193,3 +193,26 @@ def test_copying_or_pickling_the_owner_copies_no_fp8_data():
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert isinstance(clone.fp8_weight_cache, FP8WeightCache) and clone.fp8_weight_cache.num_entries == 0
         assert torch.equal(clone(torch.ones(2, 128)), layer(torch.ones(2, 128)))
+
+
+def test_during_graph_capture_old_copies_serve_and_none_is_kept(monkeypatch):
+    """A captured step reads copies made before the capture (inference with frozen weights) and makes
+    its own in the graph without keeping them (a replay rewrites them)."""
+    from coscale.kernels import fp8_weight_cache as module
+
+    cache = FP8WeightCache()
+    made = []
+
+    def quantize(tag):
+        made.append(tag)
+        return (tag, None, None, None)
+
+    w, fresh = torch.randn(4, 4), torch.randn(4, 4)
+    assert cache.get((w,), "s", False, lambda: quantize("before")) == ("before", None, None, None)
+    monkeypatch.setattr(module, "_capturing", lambda: True)
+    assert cache.get((w,), "s", False, lambda: quantize("again"))[0] == "before"  # served, not remade
+    assert cache.get((fresh,), "s", False, lambda: quantize("captured"))[0] == "captured"
+    assert cache.num_entries == 1 and made == ["before", "captured"]
+    monkeypatch.setattr(module, "_capturing", lambda: False)
+    assert cache.get((fresh,), "s", False, lambda: quantize("eager"))[0] == "eager"  # made now, kept
+    assert cache.num_entries == 2

@@ -19,13 +19,16 @@ fused optimizers (``fused=True``) and ``.data`` writes do not bump it, and only 
 protects against them. Inference tensors have no version counter: the address, shape and object
 identity are checked.
 
-Inside a compiled or CUDA-graph-captured step the cache stands aside (``usable_now`` returns None):
-its bookkeeping is host-side Python that neither a compiled graph nor a graph replay runs again, so a
-copy made outside them would be read stale forever, and one made inside them is remade by every
-replay anyway. There the quantization of the weights is part of the captured step: once per forward
-(with one micro-batch per optimizer step, as coscale's trainer runs, that is once per step, which is
-all a cache could save; with gradient accumulation inside one captured step each micro-batch would
-quantize again). Between steps, eager code (evaluation, the eager warm-up steps, inference) uses it.
+Compiled and CUDA-graph-captured steps: under torch.compile tracing the cache stands aside
+(``usable_now`` returns None): its bookkeeping is host-side Python that a compiled graph does not run
+again, so the compiled forward quantizes the weights itself, once per forward. During CUDA-graph
+capture the cache serves copies made before the capture (their buffers are read by every replay:
+what inference with frozen weights wants) but keeps none made during it: a copy made by a captured
+kernel is rewritten by every replay, and whether it is still current is not something a replay asks.
+So a captured training step quantizes its weights inside the graph (the trainer invalidates the cache
+after every optimizer step, so none is left from the eager warm-up steps), once per forward: with one
+micro-batch per optimizer step, as coscale's trainer runs, that is once per step, all a cache could
+save; with gradient accumulation inside one captured step each micro-batch would quantize again.
 
 Cost: the FP8 copies, 1 byte per parameter (2 once W^T was needed, i.e. once the input needed a
 gradient) plus one FP32 scale per 128x128 block. No host synchronisation (the checks read tensor
@@ -110,6 +113,8 @@ class FP8WeightCache:
         entry = self._entries.get(key)
         if entry is not None and entry.serves(weights, settings, need_t):
             return entry.value
+        if _capturing():  # copies made by captured kernels are not kept (module docstring)
+            return quantize()
         self._entries.pop(key, None)
         entry = None  # no reference to the stale copies is left while the new ones are allocated
         value = quantize()
@@ -117,13 +122,13 @@ class FP8WeightCache:
         return value
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def usable_now(cache: FP8WeightCache | None) -> FP8WeightCache | None:
-    """``cache``, or None while torch.compile traces or a CUDA graph is being captured (module docstring)."""
-    if cache is None or torch.compiler.is_compiling():
-        return None
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return None
-    return cache
+    """``cache``, or None while torch.compile traces (module docstring)."""
+    return None if torch.compiler.is_compiling() else cache
 
 
 def as_weight_cache(value) -> FP8WeightCache | None:
