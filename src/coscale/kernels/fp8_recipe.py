@@ -144,8 +144,10 @@ def dequant_128x128(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def outer_major_empty(rows: int, cols: int, device) -> torch.Tensor:
-    """An fp32 [rows, cols] tensor stored column-major (the scale layout cuBLAS wants for 1x128)."""
-    return torch.empty(cols, rows, dtype=torch.float32, device=device).t()
+    """An fp32 [rows, cols] tensor stored column-major (the scale layout cuBLAS wants for 1x128). Not a
+    view of a transposed tensor: a kernel writing it under torch.compile writes a tensor, not a view
+    (functionalization would otherwise copy its base)."""
+    return torch.empty_strided((rows, cols), (1, max(rows, 1)), dtype=torch.float32, device=device)
 
 
 def outer_major(scale: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,11 @@
 """The quantization operators: ``coscale::act_quant`` and ``coscale::weight_quant`` (recipe and layouts:
 coscale.kernels.fp8_recipe; the public functions: coscale.kernels.quant).
 
-Both are transparent operators (coscale.kernels.library): torch.compile sees their Triton kernels. On
-CPU tensors, and for ``backend="torch"``, they run the PyTorch references; ``"triton"`` on CPU runs the
+``act_quant`` is a transparent operator (coscale.kernels.library): torch.compile sees its Triton
+kernels, which write whole output tensors (no views: functionalization would copy a view's base).
+``weight_quant`` is opaque: it writes several weights into slices of one stacked buffer and transposes
+its bytes through a uint8 view, once per weight per step, where Inductor has nothing to gain. On CPU
+tensors, and for ``backend="torch"``, both run the PyTorch references; ``"triton"`` on CPU runs the
 kernels in Triton's interpreter (``TRITON_INTERPRET=1``).
 
 Launch shapes (one program per tile), each tuned per call shape by Triton's autotuner among a few
@@ -152,20 +155,25 @@ def rows_bucket(m) -> int:
     return power_of_two_bucket(m) if isinstance(m, int) else 0
 
 
-def _launch_quant(kind, x3, y3, s3, yt3, st3, m, k, y_rows, yt_rows, round_scale, **fixed):
-    """Launch quant_kernel's ``kind`` form on batched 3-D views ([B, rows, cols]; a 2-D call passes
-    B = 1). ``fixed``: the constexprs this form does not tune (ROWS, COLS, WHOLE_TILE, block sizes)."""
+def _batched_strides(t: torch.Tensor) -> tuple:
+    """(batch, row, column) strides of a 2-D [rows, cols] or 3-D [B, rows, cols] tensor (batch stride 0
+    for 2-D: the tensors reach the kernel as they are, not as views)."""
+    return tuple(t.stride()) if t.dim() == 3 else (0, *t.stride())
+
+
+def _launch_quant(kind, x, y, s, yt, st, m, k, y_rows, yt_rows, round_scale, **fixed):
+    """Launch quant_kernel's ``kind`` form on 2-D tensors or batches of them ([B, rows, cols]).
+    ``fixed``: the constexprs this form does not tune (ROWS, COLS, WHOLE_TILE, block sizes)."""
     kernel = tuned_kernels(interpreting())[kind]
+    batch = x.shape[0] if x.dim() == 3 else 1
 
     def grid(meta):
         bm, bk = meta["BLOCK_M"], meta["BLOCK_K"]
-        return (-(-m // bm), -(-max(k, yt_rows) // bk), x3.shape[0])
+        return (-(-m // bm), -(-max(k, yt_rows) // bk), batch)
 
     launcher(kernel)[grid](
-        x3, y3, s3, yt3, st3, m, k, y_rows, yt_rows, rows_bucket(m),
-        x3.stride(0), x3.stride(1), x3.stride(2),
-        y3.stride(0), y3.stride(1), s3.stride(0), s3.stride(1), s3.stride(2),
-        yt3.stride(0), yt3.stride(1), st3.stride(0), st3.stride(1), st3.stride(2),
+        x, y, s, yt, st, m, k, y_rows, yt_rows, rows_bucket(m), *_batched_strides(x),
+        *_batched_strides(y)[:2], *_batched_strides(s), *_batched_strides(yt)[:2], *_batched_strides(st),
         AMAX_FLOOR, FP8_MAX, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(), **fixed,
     )  # fmt: skip
 
@@ -209,13 +217,12 @@ def _act_quant_triton(x, round_scale, rows, cols, pad_t, one_pass):
     if rows and cols and one_pass and x.stride(1) == 1:  # (the one-pass kernel reads contiguous rows)
         launch_producer("dual", outs, x, round_scale, m=m, k=k)
         return outs
-    x3, y3, s3, yt3, st3 = (t.unsqueeze(0) for t in (x, y, s, yt, st))
     if rows:
-        _launch_quant("rows", x3, y3, s3, y3, s3, m, k, m, 0, round_scale, BLOCK_K=BLOCK, ROWS=True,
-                      COLS=False, WHOLE_TILE=False)  # fmt: skip
+        _launch_quant("rows", x, y, s, y, s, m, k, m, 0, round_scale, BLOCK_K=BLOCK, ROWS=True, COLS=False,
+                      WHOLE_TILE=False)  # fmt: skip
     if cols:
-        _launch_quant("cols", x3, yt3, st3, yt3, st3, m, k, 0, yt.shape[0], round_scale, BLOCK_M=BLOCK,
-                      ROWS=False, COLS=True, WHOLE_TILE=False)  # fmt: skip
+        _launch_quant("cols", x, yt, st, yt, st, m, k, 0, yt.shape[0], round_scale, BLOCK_M=BLOCK, ROWS=False,
+                      COLS=True, WHOLE_TILE=False)  # fmt: skip
     return outs
 
 
@@ -297,11 +304,9 @@ def _weight_quant_triton(ws, round_scale, transpose):
     for w, y, s, st in _parts(ws, outs, transpose):
         if w.numel() == 0:
             continue
-        w3, y3, s3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (w, y, s))
-        st3 = (st if st.dim() == 3 else st.unsqueeze(0)) if transpose else s3
         n, k = w.shape[-2:]
-        _launch_quant("weight", w3, y3, s3, y3, st3, n, k, y3.shape[1], 0, round_scale, BLOCK_M=BLOCK,
-                      BLOCK_K=BLOCK, ROWS=True, COLS=transpose, WHOLE_TILE=True)  # fmt: skip
+        _launch_quant("weight", w, y, s, y, st if transpose else s, n, k, y.shape[-2], 0, round_scale,
+                      BLOCK_M=BLOCK, BLOCK_K=BLOCK, ROWS=True, COLS=transpose, WHOLE_TILE=True)  # fmt: skip
     if transpose:  # W^T's 128x128 blocks are W's blocks transposed: the same bytes, one launch for all
         transpose_bytes(outs[0], outs[2])
     return outs
@@ -320,7 +325,12 @@ def _check_weights(ws) -> None:
             raise CoscaleError(f"w must be fp32/bf16/fp16, got {w.dtype}")
 
 
-@operator("weight_quant")
+def _fake_weight_quant(ws, round_scale, transpose, backend):
+    _check_weights(ws)
+    return _weight_outputs(ws, transpose)
+
+
+@operator("weight_quant", opaque=True, fake=_fake_weight_quant)
 def weight_quant_op(
     ws: list[torch.Tensor], round_scale: bool, transpose: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

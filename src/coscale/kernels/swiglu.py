@@ -47,9 +47,10 @@ if triton is not None:
 
     @triton.jit
     def _swiglu_bwd_kernel(
-        g_ptr, u_ptr, da_ptr, dg_ptr, du_ptr, I,
-        stride_g, stride_u, stride_da, stride_dg, stride_du, BLOCK: tl.constexpr,
+        g_ptr, u_ptr, da_ptr, grad_ptr, I,
+        stride_g, stride_u, stride_da, stride_grad, BLOCK: tl.constexpr,
     ):
+        """grad [M, 2I] = [dg | du] (one output tensor: no views of it reach the kernel)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < I
@@ -59,8 +60,8 @@ if triton is not None:
         s = tl.sigmoid(g)
         dg = da * u * s * (1.0 + g * (1.0 - s))
         du = da * g * s
-        tl.store(dg_ptr + row * stride_dg + cols, dg.to(dg_ptr.dtype.element_ty), mask=mask)
-        tl.store(du_ptr + row * stride_du + cols, du.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + row * stride_grad + cols, dg.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + row * stride_grad + I + cols, du.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def _block(I: int) -> int:
@@ -91,12 +92,10 @@ def swiglu_backward_triton(g, u, da):
     _check_rows(g, u, da)
     M, I = g.shape
     grad = torch.empty(M, 2 * I, dtype=g.dtype, device=g.device)
-    dg, du = grad[:, :I], grad[:, I:]
     if M and I:
         block = _block(I)
         launcher(_swiglu_bwd_kernel)[(M, triton.cdiv(I, block))](
-            g, u, da, dg, du, I, g.stride(0), u.stride(0), da.stride(0), dg.stride(0), du.stride(0),
-            BLOCK=block,
+            g, u, da, grad, I, g.stride(0), u.stride(0), da.stride(0), grad.stride(0), BLOCK=block,
         )
     return grad
 
