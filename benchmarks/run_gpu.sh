@@ -16,7 +16,12 @@ for job in ${JOBS:-quant fp8 moe study}; do
     tune)  run tune_fp8_grouped "${T_TUNE:-300}" python3 benchmarks/tune_fp8_grouped.py ;;
     profile) run profile_layers "${T_PROFILE:-180}" python3 benchmarks/profile_layers.py ;;
     study) run fp8_accuracy "${T_STUDY:-300}" python3 benchmarks/fp8_accuracy.py --steps "${STUDY_STEPS:-100}" ;;
-    gputests) run gpu_tests "${T_TESTS:-300}" python3 -m pytest -q -x -p no:cacheprovider tests/test_custom_ops.py \
-                tests/test_train_step_runner.py tests/test_fp8_weight_cache.py ;;
+    # the tests that need the GPU, alone in one process with the compiler (other test modules force the
+    # CPU interpreter at import)
+    gputests) run gpu_tests "${T_TESTS:-300}" env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider \
+                "tests/test_custom_ops.py::test_an_fp8_training_step_compiled_and_graphed_on_cuda_matches_eager" \
+                "tests/test_custom_ops.py::test_a_cuda_graph_captures_fp8_forward_and_backward" \
+                "tests/test_custom_ops.py::test_inductor_analyses_every_transparent_kernel" \
+                "tests/test_train_step_runner.py::test_graphed_step_replays_what_it_captured_on_cuda" ;;
   esac
 done

@@ -22,6 +22,10 @@ fake tensors on the CPU (``torch.library.opcheck``, torch.compile on the CPU) th
 which gives the shapes and strides the kernels give. Differentiable operators carry their backward
 through ``register_autograd``; tests/test_custom_ops.py runs ``torch.library.opcheck`` on each.
 
+Registering a transparent operator imports Triton (torch inspects the launcher for its kernels), and
+Triton decides between its compiler and its CPU interpreter when triton.language is first imported:
+set ``TRITON_INTERPRET=1`` before importing coscale's kernels, not after.
+
 ``COSCALE_OPAQUE_OPS=1`` (read at import) registers the transparent operators as opaque ones too:
 the escape hatch for a torch whose Inductor cannot analyse a user-defined Triton kernel.
 """

@@ -214,7 +214,7 @@ def _gather_rows_triton(src, row_pair, topk, weight, dot, out_dtype):
     w = weight.reshape(-1).contiguous().float() if weight is not None else src
     d = dot.contiguous() if dot is not None else src
     launcher(_rows_from_tokens_kernel)[(dst.shape[0],)](
-        src, row_pair, w, dst, d, dot_out if dot is not None else dst,
+        src, row_pair, w, dst, d, dot_out if dot is not None else src,  # (not the output twice)
         H, src.stride(0), dst.stride(0), d.stride(0) if dot is not None else 0,
         TOPK=topk, HAS_WEIGHT=weight is not None, COMPUTE_DOT=dot is not None, BLOCK_H=_block_h(H),
     )  # fmt: skip

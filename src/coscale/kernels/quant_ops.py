@@ -217,11 +217,13 @@ def _act_quant_triton(x, round_scale, rows, cols, pad_t, one_pass):
     if rows and cols and one_pass and x.stride(1) == 1:  # (the one-pass kernel reads contiguous rows)
         launch_producer("dual", outs, x, round_scale, m=m, k=k)
         return outs
+    # (a slot the launch does not write gets x: an output passed twice would keep Inductor from writing it
+    # in place)
     if rows:
-        _launch_quant("rows", x, y, s, y, s, m, k, m, 0, round_scale, BLOCK_K=BLOCK, ROWS=True, COLS=False,
+        _launch_quant("rows", x, y, s, x, x, m, k, m, 0, round_scale, BLOCK_K=BLOCK, ROWS=True, COLS=False,
                       WHOLE_TILE=False)  # fmt: skip
     if cols:
-        _launch_quant("cols", x, yt, st, yt, st, m, k, 0, yt.shape[0], round_scale, BLOCK_M=BLOCK, ROWS=False,
+        _launch_quant("cols", x, x, x, yt, st, m, k, 0, yt.shape[0], round_scale, BLOCK_M=BLOCK, ROWS=False,
                       COLS=True, WHOLE_TILE=False)  # fmt: skip
     return outs
 
@@ -305,7 +307,7 @@ def _weight_quant_triton(ws, round_scale, transpose):
         if w.numel() == 0:
             continue
         n, k = w.shape[-2:]
-        _launch_quant("weight", w, y, s, y, st if transpose else s, n, k, y.shape[-2], 0, round_scale,
+        _launch_quant("weight", w, y, s, w, st if transpose else w, n, k, y.shape[-2], 0, round_scale,
                       BLOCK_M=BLOCK, BLOCK_K=BLOCK, ROWS=True, COLS=transpose, WHOLE_TILE=True)  # fmt: skip
     if transpose:  # W^T's 128x128 blocks are W's blocks transposed: the same bytes, one launch for all
         transpose_bytes(outs[0], outs[2])
