@@ -214,7 +214,8 @@ class Engine:
         return EngineStats(
             waiting=len(self.scheduler.waiting), running=len(self.scheduler.running),
             num_blocks=self.allocator.num_blocks, used_blocks=self.allocator.num_used,
-            cache_tokens=self.cache.num_tokens, prompt_tokens_total=c["prompt"], generation_tokens_total=c["generation"],
+            cache_tokens=self.cache.num_tokens, prompt_tokens_total=c["prompt"],
+            generation_tokens_total=c["generation"],
             preemptions_total=self.scheduler.preemptions_total, draft_tokens_total=c["drafts"],
             accepted_tokens_total=c["accepted"],
         )

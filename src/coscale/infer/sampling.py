@@ -133,10 +133,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     return sample_from_probs(sampling_probs(logits, params), generators, default)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):
     """The raw-distribution logprob of tokens[b] in row b, and each row's k best (id, logprob), best
-    first; python lists, one entry per row."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    first: (list[float], list[list[tuple[int, float]]]), one entry per row."""
+    logp = torch.log_softmax(logits if logits.element_size() >= 4 else logits.float(), dim=-1)
     chosen = logp.gather(1, tokens[:, None].long())[:, 0].tolist()
     if k == 0:
         return chosen, [[] for _ in chosen]

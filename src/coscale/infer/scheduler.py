@@ -138,7 +138,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            decode = request.is_decoding
+            # With speculation a decode carries its drafts; a prompt whose last token was left over by a
+            # chunk has none yet and runs that token as a one-token prefill chunk (which drafts).
+            decode = request.is_decoding and len(request.drafts) == self.config.num_lookahead
             n = self._decode_tokens(request) if decode else min(request.num_tokens - request.num_computed, budget)
             if n > budget:
                 i += 1

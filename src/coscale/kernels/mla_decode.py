@@ -325,7 +325,8 @@ def _check(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens):
                            f"{tuple(q_pe.shape)}")
     c, dr = cache.latent.shape[-1], cache.rope.shape[-1]
     if q_lat.shape[-1] != c or q_pe.shape[-1] != dr:
-        raise CoscaleError(f"queries (c={q_lat.shape[-1]}, dr={q_pe.shape[-1]}) do not match the cache (c={c}, dr={dr})")
+        raise CoscaleError(f"queries (c={q_lat.shape[-1]}, dr={q_pe.shape[-1]}) do not match the cache "
+                           f"(c={c}, dr={dr})")
     if block_table.dim() != 2 or block_table.shape[0] != q_lat.shape[0] or seq_lens.shape != (q_lat.shape[0],):
         raise CoscaleError(f"block_table must be [B, W] and seq_lens [B] for B={q_lat.shape[0]}")
     if (cache.scale is None) != (cache.latent.dtype != torch.float8_e4m3fn):
