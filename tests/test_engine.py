@@ -240,3 +240,31 @@ def test_fp8_cache_stays_close_to_the_exact_cache(model):
     exact, fp8 = logits["bf16"], logits["fp8"]
     assert (fp8 - exact).norm() / exact.norm() < 0.05
     assert not torch.equal(fp8, exact)  # the FP8 cache is really quantized
+
+
+def test_decode_graph_buffers_pad_into_the_padding_block(model):
+    """The static buffers a CUDA graph replays (checked eagerly on CPU): a batch of 2 decodes padded
+    to 4 gives the same hidden states for the real rows, and the padding rows touch only block 0."""
+    from coscale.infer.batch import build_batch
+    from coscale.infer.graphs import DecodeGraphs, capture_sizes
+
+    assert capture_sizes(4) == [1, 2, 4] and capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    engine = small_engine(model, num_blocks=20)
+    engine.add_request("a", [1, 2, 3, 4, 5], SamplingParams(8, 0.0))
+    engine.add_request("b", [6, 7], SamplingParams(8, 0.0))
+    engine.step()
+    engine.step()
+    scheduled = engine.scheduler.schedule()
+    assert all(s.is_decode for s in scheduled) and len(scheduled) == 2
+    batch = build_batch(scheduled, engine.cache, engine.device, engine.table_width)
+    graphs = DecodeGraphs.__new__(DecodeGraphs)  # no CUDA pool on this machine: only the buffers
+    graphs.engine, graphs.sizes = engine, capture_sizes(4)
+    g = graphs._buffers(graphs._padded(3), 1)
+    graphs._load(g, batch)
+    before = engine.cache.latent.clone()
+    with torch.no_grad():
+        padded = model.hidden_states_paged(g.input_ids, g.positions, g.meta)
+        changed = (engine.cache.latent != before).any(dim=-1).any(dim=0).flatten().nonzero().flatten()  # slots
+        plain = model.hidden_states_paged(batch.input_ids, batch.positions, batch.meta)
+    torch.testing.assert_close(padded[:2], plain, rtol=1e-12, atol=1e-12)
+    assert set(changed.tolist()) == set(batch.meta.slots.tolist()) | {0}  # the new tokens', and padding slot 0

@@ -21,6 +21,7 @@ from coscale.errors import ConfigError
 from coscale.infer import speculative
 from coscale.infer.batch import Batch, build_batch
 from coscale.infer.cache import KV_CACHE_DTYPES, BlockAllocator, PagedLatentCache, blocks_for, bytes_per_token
+from coscale.infer.layers import ServingExperts, prepare_for_serving
 from coscale.infer.sampling import SamplingParams, sample, sampling_probs, token_logprobs
 from coscale.infer.scheduler import Request, ScheduledRequest, Scheduler, SchedulerConfig, Status
 
@@ -92,6 +93,11 @@ class EngineStats:
     accepted_tokens_total: int
 
 
+def _has_fp8_experts(model) -> bool:
+    """FP8 routed experts permute through coscale.kernels.permute, which syncs with the host."""
+    return any(isinstance(m, ServingExperts) and m.fp8 for m in model.modules())
+
+
 def model_dtype(model) -> torch.dtype:
     """The compute dtype: the embedding's (FP8 checkpoints keep their linear weights in float8)."""
     return model.model.embed_tokens.weight.dtype
@@ -117,6 +123,8 @@ class Engine:
             raise ConfigError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must fit one decode "
                               f"of {1 + self.depth} tokens")
         self.dtype = model_dtype(model)
+        if config.cuda_graphs and self.device.type == "cuda":
+            prepare_for_serving(self.model)  # graph-capturable routed experts (in place)
         num_blocks = config.num_blocks or self._default_num_blocks()
         self.cache = PagedLatentCache(cfg.num_hidden_layers + self.depth, num_blocks, config.block_size,
                                       cfg.kv_lora_rank, cfg.qk_rope_head_dim, config.kv_cache_dtype, self.dtype,
@@ -136,7 +144,7 @@ class Engine:
         self.kernel_backend = "auto"
         self._counters = dict(prompt=0, generation=0, drafts=0, accepted=0)
         self.graphs = None
-        if config.cuda_graphs and self.device.type == "cuda":
+        if config.cuda_graphs and self.device.type == "cuda" and not _has_fp8_experts(model):
             from coscale.infer.graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)

@@ -1,11 +1,111 @@
-"""Loading a checkpoint for inference (FP8 weights kept in FP8)."""
+"""Loading a checkpoint for inference, with FP8 weights kept in FP8.
+
+A checkpoint in DeepSeek-V3's FP8 layout stores Linear weights as float8_e4m3fn with one float32
+`weight_scale_inv` per 128x128 block (coscale.checkpoint). coscale.checkpoint.from_pretrained
+dequantizes them on load (what training wants); serving keeps them: every such Linear becomes an
+FP8InferenceLinear and every layer of FP8 routed experts a ServingExperts holding the stacked FP8
+bytes and scales (coscale.infer.layers), so the GEMMs run in FP8 on the checkpoint's own numbers. The
+rest (embeddings, norms, the router, the head, eh_proj) loads in `dtype` as usual.
+
+The checkpoint is validated against the plain model first (coscale.checkpoint.plan_load: missing,
+unexpected and mis-shaped tensors are reported before any data is read), then the model is built on
+the meta device, its FP8 modules swapped, and everything is filled tensor by tensor.
+"""
 
 from __future__ import annotations
 
+import os
+
 import torch
+from safetensors import safe_open
+from torch import nn
+
+from coscale.errors import CheckpointError
+from coscale.infer.layers import BLOCK, FP8InferenceLinear, ServingExperts
+from coscale.model.moe import GroupedExperts
 
 
 def load_for_inference(path: str, dtype: torch.dtype, device: torch.device):
+    """An HF-format checkpoint directory (FP8 weights kept in FP8) or a `coscale train` run directory,
+    as an eval-mode DeepseekForCausalLM on `device`."""
+    from coscale.checkpoint import CONFIG_FILE, SCALE_SUFFIX, checkpoint_weight_map
+
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)) and any(
+            n.endswith(SCALE_SUFFIX) for n in checkpoint_weight_map(path)):
+        return load_fp8(path, dtype, device)
     from coscale.infer.commands import load_model
 
     return load_model(path, dtype, device).eval()
+
+
+def _swap(model: nn.Module, module_name: str, device, dtype) -> nn.Module:
+    """Replace the module that holds an FP8 weight by its FP8 serving version (once)."""
+    module = model.get_submodule(module_name)
+    if isinstance(module, (FP8InferenceLinear, ServingExperts)):
+        return module
+    if isinstance(module, nn.Linear):
+        new = FP8InferenceLinear(module.in_features, module.out_features, module.bias is not None, device, dtype)
+    elif isinstance(module, GroupedExperts):
+        if module.hidden % BLOCK or module.intermediate % BLOCK:
+            raise CheckpointError(f"{module_name}: FP8 experts need hidden and intermediate sizes that are multiples "
+                                  f"of {BLOCK}, got {module.hidden} and {module.intermediate}")
+        new = ServingExperts.fp8_empty(module.n_experts, module.hidden, module.intermediate, device)
+    else:
+        raise CheckpointError(f"{module_name} ({type(module).__name__}) has an FP8 weight coscale cannot serve")
+    parent, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+    return new
+
+
+def _materialize(model: nn.Module, dtype, device) -> None:
+    """Allocate what is still on the meta device (everything but the FP8 modules)."""
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is None or t.device.type != "meta":
+                    continue
+                d = torch.float32 if name in ("e_score_correction_bias", "expert_load", "inv_freq") else dtype
+                new = torch.empty(t.shape, dtype=d if t.is_floating_point() else t.dtype, device=device)
+                store[name] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
+
+
+@torch.no_grad()
+def load_fp8(path: str, dtype: torch.dtype, device: torch.device):
+    from coscale.checkpoint import checkpoint_weight_map, load_checkpoint_config, plan_load, read_tensor_infos
+    from coscale.model.transformer import DeepseekForCausalLM
+
+    cfg = load_checkpoint_config(path)
+    weight_map = checkpoint_weight_map(path)
+    infos = read_tensor_infos(weight_map)
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(cfg)
+    plan = plan_load(infos, model, cfg)
+    for item in plan:
+        if item.scale_name is not None:
+            _swap(model, item.target.rpartition(".")[0], device, dtype)
+    _materialize(model, dtype, device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    handles = {}
+
+    def read(name: str) -> torch.Tensor:
+        file = weight_map[name]
+        if file not in handles:
+            handles[file] = safe_open(file, framework="pt", device="cpu")
+        return handles[file].get_tensor(name)
+
+    for item in plan:
+        module_name, _, attr = item.target.rpartition(".")
+        module = model.get_submodule(module_name)
+        t = read(item.hf_name)
+        if isinstance(module, FP8InferenceLinear) and item.scale_name is not None:
+            module.load(t, read(item.scale_name))
+        elif isinstance(module, ServingExperts) and item.scale_name is not None:
+            getattr(module, attr)[item.expert].copy_(t)
+            getattr(module, attr + "_scale_inv")[item.expert].copy_(read(item.scale_name))
+        else:
+            dest = getattr(module, attr)
+            (dest if item.expert is None else dest[item.expert]).copy_(t)
+    handles.clear()
+    model.init_buffers()
+    return model.eval()

@@ -153,8 +153,12 @@ class MLA(nn.Module):
         return o.transpose(1, 2)
 
     def absorbed_weights(self):
-        """W_UK (n, dn, c) and W_UV (n, dv, c) as views of kv_b_proj's weight."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)
+        """W_UK (n, dn, c) and W_UV (n, dv, c) as views of kv_b_proj's weight (of its dequantized copy
+        when serving an FP8 checkpoint: coscale.infer.layers.FP8InferenceLinear)."""
+        w = self.kv_b_proj.weight
+        if hasattr(self.kv_b_proj, "dequantized_weight"):
+            w = self.kv_b_proj.dequantized_weight()
+        w = w.view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)
         return w[:, : self.dn], w[:, self.dn :]
 
     def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos: int):
