@@ -120,7 +120,8 @@ def _time_generate(model, ids: torch.Tensor, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def hf_decode(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, gen) -> dict:
+def hf_decode(cfg: ModelConfig, results: list[dict], prompt_len: int, new_tokens: int, gen) -> None:
+    """Add HF generate's decode tokens/s to each result (one HF model for all batches)."""
     from transformers import AutoModelForCausalLM, DeepseekV2Config
 
     d = cfg.to_dict()
@@ -129,14 +130,24 @@ def hf_decode(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, ge
     hf_cfg._attn_implementation = "sdpa"
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
-    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen).cuda()
-    try:
-        _time_generate(model, ids, 2)  # warm-up
-        one, full = _time_generate(model, ids, 1), _time_generate(model, ids, new_tokens)
-    finally:
-        del model
-        torch.cuda.empty_cache()
-    return dict(hf_tokens_per_s=batch * (new_tokens - 1) / max(full - one, 1e-9), hf_new_tokens=new_tokens)
+    for entry in results:
+        if "error" in entry:
+            continue
+        try:
+            ids = torch.randint(0, cfg.vocab_size, (entry["batch"], prompt_len), generator=gen).cuda()
+            _time_generate(model, ids, 2)  # warm-up
+            one, full = _time_generate(model, ids, 1), _time_generate(model, ids, new_tokens)
+            entry["hf_tokens_per_s"] = entry["batch"] * (new_tokens - 1) / max(full - one, 1e-9)
+            entry["speedup_vs_hf"] = entry["tokens_per_s"] / entry["hf_tokens_per_s"]
+        except torch.OutOfMemoryError:
+            entry["hf_tokens_per_s"] = "OOM"
+            torch.cuda.empty_cache()
+        except Exception as exc:
+            entry["hf_error"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        print({k: entry.get(k) for k in ("batch", "tokens_per_s", "hf_tokens_per_s")}, flush=True)
+    del model
+    torch.cuda.empty_cache()
 
 
 def main():
@@ -206,18 +217,7 @@ def main():
     if not args.no_hf and not args.checkpoint:
         del model
         torch.cuda.empty_cache()
-        for entry in results:
-            if "error" in entry:
-                continue
-            try:
-                entry.update(hf_decode(cfg, entry["batch"], prompt_len, hf_tokens, gen))
-                entry["speedup_vs_hf"] = entry["tokens_per_s"] / entry["hf_tokens_per_s"]
-            except torch.OutOfMemoryError:
-                entry["hf_tokens_per_s"] = "OOM"
-                torch.cuda.empty_cache()
-            except Exception as exc:
-                entry["hf_error"] = f"{type(exc).__name__}: {exc}"
-                traceback.print_exc()
+        hf_decode(cfg, results, prompt_len, hf_tokens, gen)
     meta["wall_s"] = time.time() - start
     print_table(results)
     out_dir = os.environ.get("OUT")
