@@ -69,6 +69,16 @@ def test_kernel_with_two_head_groups_and_other_page_sizes(block_size):
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
+def test_kernel_fp8_with_several_scale_tiles_and_a_ragged_last_one():
+    """c = 320: three 128-wide scale tiles, the last one 64 wide (the kernel pads c to 512)."""
+    q_lat, q_pe, cache, table, lens = make_inputs([7, 40], 2, H=2, c=320, dr=16, block_size=16, fp8=True, seed=4)
+    cache.scale.mul_(torch.rand(cache.scale.shape, generator=torch.Generator().manual_seed(5)) + 0.5)
+    out, lse = mla_decode(q_lat, q_pe, cache, table, lens, 0.05, num_splits=2, backend="triton")
+    ref, ref_lse = mla_decode_ref(q_lat, q_pe, cache, table, lens, 0.05)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_bf16_inputs():
     q_lat, q_pe, cache, table, lens = make_inputs([9, 33], 2, H=4, c=64, dr=16, block_size=16, seed=2,
                                                   dtype=torch.bfloat16)

@@ -110,8 +110,9 @@ class DecodeGraphs:
 
 def free_cache_bytes(engine) -> int:
     """Bytes the KV cache may take on the engine's GPU: gpu_memory_fraction of the device, less what is
-    in use (the weights, other processes), less the peak activations of a forward over a full token
-    budget (measured with a throw-away cache), less the logits and sampling buffers of a full batch."""
+    in use (the weights, other processes), less the peak activations of the largest step (measured with
+    a throw-away cache: a prefill chunk of the full token budget at the end of a max_model_len context,
+    whose whole context prefill decompresses), less the logits and sampling buffers of a full batch."""
     from coscale.infer.batch import build_batch
     from coscale.infer.cache import BlockAllocator, PagedLatentCache, blocks_for
     from coscale.infer.sampling import SamplingParams
@@ -119,11 +120,12 @@ def free_cache_bytes(engine) -> int:
 
     dev, cfg, ec = engine.device, engine.model.config, engine.config
     tokens = min(ec.max_num_batched_tokens, engine.max_model_len)
-    blocks = blocks_for(tokens, ec.block_size)
+    blocks = blocks_for(engine.max_model_len, ec.block_size)
     scratch = PagedLatentCache(cfg.num_hidden_layers + engine.depth, blocks, ec.block_size, cfg.kv_lora_rank,
                                cfg.qk_rope_head_dim, ec.kv_cache_dtype, engine.dtype, dev)
-    request = Request("profile", [0] * tokens, SamplingParams(1))
+    request = Request("profile", [0] * engine.max_model_len, SamplingParams(1))
     request.blocks = BlockAllocator(blocks).allocate(blocks)
+    request.num_computed = engine.max_model_len - tokens
     batch = build_batch([ScheduledRequest(request, tokens, False)], scratch, dev, blocks)
     torch.cuda.synchronize(dev)
     torch.cuda.empty_cache()

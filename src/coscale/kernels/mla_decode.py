@@ -199,7 +199,7 @@ def _build_kernels(interpret: bool):
         H, sm_scale_log2,
         C: tl.constexpr, DR: tl.constexpr, S_Q: tl.constexpr, HEADS_TILE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        PAGE: tl.constexpr, FP8: tl.constexpr, TILE: tl.constexpr, DOT_FP32: tl.constexpr,
+        PAGE: tl.constexpr, FP8: tl.constexpr, TILE: tl.constexpr, NUM_TILES: tl.constexpr, DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         group, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -234,16 +234,19 @@ def _build_kernels(interpret: bool):
             in_block = pos % PAGE
             lat_rows = latent_ptr + block * stride_lblk + in_block * stride_ltok
             k = tl.load(lat_rows[:, None] + offs_c[None, :], mask=key_ok[:, None] & (offs_c[None, :] < C),
-                        other=0.0)
-            if FP8:
+                        other=0.0, eviction_policy="evict_first")
+            if FP8:  # one scale per TILE columns: load [BLOCK_N, NT] scales, broadcast over each tile
+                offs_t = tl.arange(0, BLOCK_C // TILE)
                 s_rows = scale_ptr + block * stride_sblk + in_block * stride_stok
-                k_scale = tl.load(s_rows[:, None] + (offs_c // TILE)[None, :],
-                                  mask=key_ok[:, None] & (offs_c[None, :] < C), other=0.0)
-                k = (k.to(tl.float32) * k_scale).to(dot_dtype)
+                k_scale = tl.load(s_rows[:, None] + offs_t[None, :],
+                                  mask=key_ok[:, None] & (offs_t[None, :] < NUM_TILES), other=0.0)
+                k = tl.reshape(k.to(tl.float32), (BLOCK_N, BLOCK_C // TILE, TILE)) * k_scale[:, :, None]
+                k = tl.reshape(k, (BLOCK_N, BLOCK_C)).to(dot_dtype)
             else:
                 k = k.to(dot_dtype)
             kr = tl.load(rope_ptr + block[:, None] * stride_rblk + in_block[:, None] * stride_rtok + offs_r[None, :],
-                         mask=key_ok[:, None] & (offs_r[None, :] < DR), other=0.0).to(dot_dtype)
+                         mask=key_ok[:, None] & (offs_r[None, :] < DR), other=0.0,
+                         eviction_policy="evict_first").to(dot_dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             s += tl.dot(qpe, tl.trans(kr), input_precision=PRECISION)
             visible = key_ok[None, :] & (pos[None, :] <= last_key[:, None])
@@ -372,7 +375,8 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
         o.stride(0), o.stride(1), o.stride(2), o.stride(3), o_lse.stride(0), o_lse.stride(1), o_lse.stride(2),
         H, softmax_scale * math.log2(math.e),
         C=c, DR=dr, S_Q=S, HEADS_TILE=tile, BLOCK_M=max(16, _next_pow2(S * tile)), BLOCK_C=max(16, _next_pow2(c)),
-        BLOCK_R=max(16, _next_pow2(dr)), NUM_SPLITS=splits, PAGE=page, FP8=fp8, TILE=FP8_TILE,
+        BLOCK_R=max(16, _next_pow2(dr)), NUM_SPLITS=splits, PAGE=page, FP8=fp8,
+        TILE=min(FP8_TILE, max(16, _next_pow2(c))), NUM_TILES=math.ceil(c / FP8_TILE),
         DOT_FP32=dot_fp32, PRECISION="ieee" if dot_fp32 else "tf32",
     )  # fmt: skip
     if splits > 1:
