@@ -268,3 +268,23 @@ def test_decode_graph_buffers_pad_into_the_padding_block(model):
         plain = model.hidden_states_paged(batch.input_ids, batch.positions, batch.meta)
     torch.testing.assert_close(padded[:2], plain, rtol=1e-12, atol=1e-12)
     assert set(changed.tolist()) == set(batch.meta.slots.tolist()) | {0}  # the new tokens', and padding slot 0
+
+
+def test_cache_size_from_free_memory_and_the_cpu_default(model):
+    """CUDA: gpu_memory_fraction of the device less what is used, the profiled activations and the
+    sampling buffers (the CUDA calls mocked: this checks the arithmetic and the profiling forward)."""
+    from unittest import mock
+
+    from coscale.infer import graphs
+
+    engine = small_engine(model, max_model_len=40, max_num_batched_tokens=16)
+    cuda = mock.MagicMock()
+    cuda.mem_get_info.return_value = (10**9, 2 * 10**9)  # free, total
+    cuda.memory_allocated.return_value = 10**6
+    cuda.max_memory_allocated.return_value = 5 * 10**6
+    with mock.patch.object(graphs.torch, "cuda", cuda):
+        budget = graphs.free_cache_bytes(engine)
+    assert budget == 10**9 - 0.1 * 2 * 10**9 - 4 * 10**6 - 6 * 4 * VOCAB * 4
+    default = Engine(model, EngineConfig(block_size=64))  # CPU: 1 GiB worth of tokens, at most 65,536
+    per_token = default.cache.bytes_per_token()
+    assert default.cache.num_tokens == 64 * -(-min(65536, (1 << 30) // per_token) // 64)
