@@ -104,6 +104,10 @@ def model_dtype(model) -> torch.dtype:
 
 
 class Engine:
+    """Continuous batching over a DeepseekForCausalLM (module docstring, docs/serving.md). The model is
+    moved to `device` and put in eval mode; on CUDA with cuda_graphs its routed experts are swapped in
+    place for graph-capturable ones sharing the same weights (coscale.infer.layers)."""
+
     def __init__(self, model, config: EngineConfig | None = None, *, device=None) -> None:
         config = config or EngineConfig()
         config.validate()
@@ -129,6 +133,8 @@ class Engine:
         self.cache = PagedLatentCache(cfg.num_hidden_layers + self.depth, num_blocks, config.block_size,
                                       cfg.kv_lora_rank, cfg.qk_rope_head_dim, config.kv_cache_dtype, self.dtype,
                                       self.device)
+        if self.cache.num_tokens - self.depth < 2:
+            raise ConfigError(f"a KV cache of {self.cache.num_tokens} tokens cannot hold a request; raise num_blocks")
         if self.cache.num_tokens - self.depth < self.max_model_len:
             logger.warning("the KV cache holds %d tokens: max_model_len lowered from %d", self.cache.num_tokens,
                            self.max_model_len)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from coscale.errors import CoscaleError
-from coscale.kernels.mla_decode import interpreting, use_triton
+from coscale.kernels.quant import _use_triton, interpreting
 
 
 def _check(q, k, v, cu_seqlens_q, cu_seqlens_k):
@@ -181,7 +181,7 @@ def flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, soft
     max_seqlen_q: the longest query run (host int). Returns o [Nq, H, Dv] in q's dtype.
     `backend`: "auto" (Triton on CUDA, else SDPA), "triton", or "torch" (SDPA)."""
     _check(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    if not use_triton(q, backend) or q.dtype == torch.float64:
+    if not _use_triton(q, backend) or q.dtype == torch.float64:
         return attention_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
 from coscale.errors import CoscaleError
+from coscale.kernels.quant import _use_triton, interpreting
 
 FP8_TILE = 128
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
@@ -143,35 +143,6 @@ def mla_decode_ref(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, 
 # ---------------------------------------------------------------------------------------------------
 # Triton
 # ---------------------------------------------------------------------------------------------------
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-@functools.cache
-def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def use_triton(t: torch.Tensor, backend: str) -> bool:
-    """Whether `backend` ("auto", "triton", "torch") runs the Triton kernel for tensors like t."""
-    if backend not in ("auto", "triton", "torch"):
-        raise CoscaleError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        if not triton_importable():
-            raise CoscaleError("backend='triton' needs the triton package (pip install triton)")
-        if not t.is_cuda and not interpreting():
-            raise CoscaleError("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
-        return True
-    return t.is_cuda and triton_importable()
 
 
 def _configs(triton, interpret: bool):
@@ -346,7 +317,7 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     max_seq_len: a bound on seq_lens (host int; default: the block table's width x BS) that sizes the
     context split; num_splits / heads_tile override the heuristics (benchmarks)."""
     _check(q_lat, q_pe, cache, block_table, seq_lens)
-    if not use_triton(q_lat, backend):
+    if not _use_triton(q_lat, backend):
         return mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, softmax_scale)
     B, S, H, c = q_lat.shape
     dr, page = q_pe.shape[-1], cache.block_size
