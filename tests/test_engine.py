@@ -117,6 +117,35 @@ def test_speculative_batch_with_accepted_drafts_is_exact(model, monkeypatch):
     assert engine.stats().accepted_tokens_total > 0
 
 
+def test_two_mtp_modules_draft_two_tokens_per_step(monkeypatch):
+    """Depth 2 (two chained MTP modules): with correct drafts a step commits three tokens; with the
+    random modules' own drafts the tokens are still exactly greedy."""
+    torch.manual_seed(1)
+    deep = DeepseekForCausalLM(get_preset("tiny", num_hidden_layers=2, vocab_size=VOCAB,
+                                          num_nextn_predict_layers=2)).double().eval()
+    prompt = [2, 7, 1, 8, 2, 8]
+    reference = prompt + naive_greedy(deep, prompt, 11)
+    plain = drive(small_engine(deep, speculative=True, num_blocks=16), {0: [("a", prompt, SamplingParams(11, 0.0))]})
+    assert plain["a"][0] == reference[len(prompt):]
+    real = speculative.draft_logits
+
+    def oracle(model_, depth, h, positions):
+        logits = real(model_, depth, h, positions)
+        for row, pos in enumerate(positions.tolist()):
+            if pos + depth + 2 < len(reference):
+                logits[row] = -1e9
+                logits[row, reference[pos + depth + 2]] = 0.0
+        return logits
+
+    monkeypatch.setattr(speculative, "draft_logits", oracle)
+    tokens, _, outs = drive(small_engine(deep, speculative=True, num_blocks=16),
+                            {0: [("a", prompt, SamplingParams(11, 0.0))]})["a"]
+    assert tokens == reference[len(prompt):]
+    assert [len(o.new_token_ids) for o in outs] == [1, 3, 3, 3, 1]  # the last step cut at max_tokens
+    # 4 steps x 2 drafts; the last step's second draft is past the reference, so the oracle leaves it
+    assert outs[-1].draft_tokens == 8 and outs[-1].accepted_tokens == 7
+
+
 def test_triton_kernels_through_the_engine(model):
     """The interpreted decode and prefill kernels (float32 model) give the naive model's greedy tokens."""
     model32 = DeepseekForCausalLM(model.config)

@@ -31,22 +31,19 @@ class Batch:
         return self.input_ids.shape[0]
 
 
-def _slots(blocks: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
-    pos = torch.arange(start, end)
-    return torch.tensor(blocks, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
+def _slots(blocks: list[int], start: int, end: int, block_size: int) -> list[int]:
+    return [blocks[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
 def block_table(requests, width: int) -> torch.Tensor:
     """[B, width] int32 (block 0 pads: the padding block)."""
-    table = torch.zeros(len(requests), width, dtype=torch.int32)
-    for b, r in enumerate(requests):
-        table[b, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
-    return table
+    return torch.tensor([r.blocks + [0] * (width - len(r.blocks)) for r in requests], dtype=torch.int32)
 
 
 def build_batch(scheduled: list[ScheduledRequest], cache: PagedLatentCache, device, table_width: int,
                 kernel_backend: str = "auto") -> Batch:
-    """The flat batch for `scheduled` (decodes first, as the scheduler orders them)."""
+    """The flat batch for `scheduled` (decodes first, as the scheduler orders them). Built in Python
+    lists and turned into a handful of tensors: a decode step's host work stays small at batch 128."""
     bs = cache.block_size
     ids, positions, slots, rows = [], [], [], []
     decodes = [s for s in scheduled if s.is_decode]
@@ -57,11 +54,11 @@ def build_batch(scheduled: list[ScheduledRequest], cache: PagedLatentCache, devi
         rows.append(range(len(ids), len(ids) + len(tokens)))
         ids += tokens
         positions += range(start, start + len(tokens))
-        slots.append(_slots(r.blocks, start, start + len(tokens), bs))
+        slots += _slots(r.blocks, start, start + len(tokens), bs)
     decode_len = rows[0].stop - rows[0].start if decodes else 1
     to = dict(device=device, non_blocking=True)
     meta = PagedAttentionMetadata(
-        cache=cache, slots=torch.cat(slots).to(**to), num_decode_tokens=len(decodes) * decode_len,
+        cache=cache, slots=torch.tensor(slots, dtype=torch.long).to(**to), num_decode_tokens=len(decodes) * decode_len,
         decode_len=decode_len, kernel_backend=kernel_backend,
     )
     if decodes:
@@ -74,10 +71,17 @@ def build_batch(scheduled: list[ScheduledRequest], cache: PagedLatentCache, devi
         k_lens = [s.start + s.num_tokens for s in prefills]
         meta.cu_seqlens_q = _offsets(q_lens).to(**to)
         meta.cu_seqlens_k = _offsets(k_lens).to(**to)
-        meta.context_slots = torch.cat([_slots(s.request.blocks, 0, k, bs) for s, k in zip(prefills, k_lens)]).to(**to)
+        meta.context_slots = torch.cat([_context_slots(s.request.blocks, k, bs) for s, k in zip(prefills, k_lens)])
+        meta.context_slots = meta.context_slots.to(**to)
         meta.max_prefill_len = max(q_lens)
     return Batch(decodes + prefills, torch.tensor(ids, dtype=torch.long).to(**to),
                  torch.tensor(positions, dtype=torch.long).to(**to), meta, rows, len(decodes))
+
+
+def _context_slots(blocks: list[int], length: int, block_size: int) -> torch.Tensor:
+    """Slots of positions [0, length) (vectorized: contexts run to tens of thousands of tokens)."""
+    pos = torch.arange(length)
+    return torch.tensor(blocks, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
 
 
 def _offsets(lengths: list[int]) -> torch.Tensor:

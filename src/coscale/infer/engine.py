@@ -354,7 +354,9 @@ class Engine:
         return tokens[:keep], (logprobs[:keep] if logprobs is not None else None), reason
 
     def _draft(self, batch: Batch, h: torch.Tensor, draft_rows: list[int | None]) -> None:
-        extended = [s.request.prompt_ids + s.request.output_ids for s in batch.scheduled]
+        # What the MTP rows read: positions start + 1 .. start + rows + depth - 1 (up to the last token)
+        extended = [s.request.tokens(s.start + 1, min(s.request.num_tokens, s.start + len(rows) + self.depth))
+                    for s, rows in zip(batch.scheduled, batch.rows)]
         reqs = [s.request for s in batch.scheduled]
         results = speculative.draft(self.model, batch, h, extended, draft_rows, [r.params for r in reqs],
                                     [r.generator for r in reqs], self.generator)

@@ -59,7 +59,13 @@ class Request:
         return self.prompt_ids[i] if i < p else self.output_ids[i - p]
 
     def tokens(self, start: int, end: int) -> list[int]:
-        return (self.prompt_ids + self.output_ids)[start:end]
+        """Tokens start .. end - 1 of prompt + output (without joining the two lists)."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p: end - p]
+        return self.prompt_ids[start:] + self.output_ids[: end - p]
 
     @property
     def is_decoding(self) -> bool:

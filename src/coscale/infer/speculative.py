@@ -59,12 +59,12 @@ def one_hot_drafts(drafts: torch.Tensor, vocab: int) -> torch.Tensor:
 
 def mtp_next_ids(batch: Batch, extended: list[list[int]], depth: int) -> torch.Tensor:
     """Inputs of MTP module `depth` (0-based) for every row of the batch: the row at position i takes
-    token i + depth + 1 of its request's extended sequence (tokens, then the drafts made so far); 0
-    where that is not known yet (rows past the last real position: their outputs are never used)."""
+    token i + depth + 1 of its request's extended sequence (tokens, then the drafts made so far), of
+    which `extended` holds the part from position start + 1 of the step on; 0 where that is not known
+    yet (rows past the last real position: their outputs are never used)."""
     ids = []
-    for s, rows, ext in zip(batch.scheduled, batch.rows, extended):
-        for pos in range(s.start, s.start + len(rows)):
-            j = pos + depth + 1
+    for rows, ext in zip(batch.rows, extended):
+        for j in range(depth, depth + len(rows)):
             ids.append(ext[j] if j < len(ext) else 0)
     return torch.tensor(ids, dtype=torch.long).to(batch.input_ids.device, non_blocking=True)
 
@@ -81,8 +81,9 @@ def draft(model, batch: Batch, h: torch.Tensor, extended: list[list[int]], draft
     """Run the D MTP modules over the whole batch (filling their cache layers) and draw D drafts for
     every request with a draft row (the row of its last real position).
 
-    h (N, H): the main model's hidden states; extended: per scheduled request, its tokens so far
-    (drafts are appended in place). Returns, per scheduled request, (drafts, draft_probs [D, V] or
+    h (N, H): the main model's hidden states; extended: per scheduled request, its tokens from position
+    start + 1 of this step on, ending with its last token where it drafts (drafts are appended in
+    place). Returns, per scheduled request, (drafts, draft_probs [D, V] or
     None for greedy) or None where draft_rows is None."""
     picks = [i for i, r in enumerate(draft_rows) if r is not None]
     sel = [draft_rows[i] for i in picks]

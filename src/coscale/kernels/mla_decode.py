@@ -236,7 +236,10 @@ def _build_kernels(interpret: bool):
                        float("-inf"))
         o_ptrs = (out_ptr + b * stride_ob + token[:, None] * stride_os + head[:, None] * stride_oh
                   + split * stride_osplit + offs_c[None, :])
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_c[None, :] < C))
+        # A split past the end of a short sequence stores only its lse (-inf): the combine skips it, so
+        # graphs sized for long contexts do not pay for empty partial outputs.
+        keep = row_ok & ((NUM_SPLITS == 1) | (hi > lo))
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=keep[:, None] & (offs_c[None, :] < C))
         tl.store(lse_ptr + b * stride_lb + token * stride_ls + head * stride_lh + split, lse, mask=row_ok)
 
     @triton.jit
