@@ -18,7 +18,9 @@ from coscale.errors import CoscaleError
 COMMAND_MODULES = (
     "coscale.train.commands",  # train, info
     "coscale.infer.commands",  # generate
+    "coscale.serve.commands",  # serve, bench-serve, tokenize
     "coscale.analysis.commands",  # analyze, report
+    "coscale.calibrate",  # calibrate
 )
 
 

@@ -75,7 +75,6 @@ def _engine(model, prompt: torch.Tensor, max_new_tokens: int, cache_dtype, specu
         max_model_len=max(2, S + max_new_tokens), block_size=BLOCK_SIZE,
         kv_cache_dtype=_cache_format(model, cache_dtype), num_blocks=B * per_seq, max_num_seqs=B,
         max_num_batched_tokens=max(B * S, B * (1 + depth), 1), speculative=speculative,
-        cuda_graphs=False,  # graphs swap the experts for capturable ones: leave the caller's model as it is
     )
     return Engine(model, config, device=prompt.device)
 

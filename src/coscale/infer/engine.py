@@ -21,7 +21,6 @@ from coscale.errors import ConfigError
 from coscale.infer import speculative
 from coscale.infer.batch import Batch, build_batch
 from coscale.infer.cache import KV_CACHE_DTYPES, BlockAllocator, PagedLatentCache, blocks_for, bytes_per_token
-from coscale.infer.layers import ServingExperts, prepare_for_serving
 from coscale.infer.sampling import SamplingParams, sample, sampling_probs, token_logprobs
 from coscale.infer.scheduler import Request, ScheduledRequest, Scheduler, SchedulerConfig, Status
 
@@ -93,11 +92,6 @@ class EngineStats:
     accepted_tokens_total: int
 
 
-def _has_fp8_experts(model) -> bool:
-    """FP8 routed experts permute through coscale.kernels.permute, which syncs with the host."""
-    return any(isinstance(m, ServingExperts) and m.fp8 for m in model.modules())
-
-
 def model_dtype(model) -> torch.dtype:
     """The compute dtype: the embedding's (FP8 checkpoints keep their linear weights in float8)."""
     return model.model.embed_tokens.weight.dtype
@@ -105,8 +99,7 @@ def model_dtype(model) -> torch.dtype:
 
 class Engine:
     """Continuous batching over a DeepseekForCausalLM (module docstring, docs/serving.md). The model is
-    moved to `device` and put in eval mode; on CUDA with cuda_graphs its routed experts are swapped in
-    place for graph-capturable ones sharing the same weights (coscale.infer.layers)."""
+    moved to `device` and put in eval mode."""
 
     def __init__(self, model, config: EngineConfig | None = None, *, device=None) -> None:
         config = config or EngineConfig()
@@ -127,8 +120,6 @@ class Engine:
             raise ConfigError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must fit one decode "
                               f"of {1 + self.depth} tokens")
         self.dtype = model_dtype(model)
-        if config.cuda_graphs and self.device.type == "cuda":
-            prepare_for_serving(self.model)  # graph-capturable routed experts (in place)
         num_blocks = config.num_blocks or self._default_num_blocks()
         self.cache = PagedLatentCache(cfg.num_hidden_layers + self.depth, num_blocks, config.block_size,
                                       cfg.kv_lora_rank, cfg.qk_rope_head_dim, config.kv_cache_dtype, self.dtype,
@@ -150,7 +141,7 @@ class Engine:
         self.kernel_backend = "auto"
         self._counters = dict(prompt=0, generation=0, drafts=0, accepted=0)
         self.graphs = None
-        if config.cuda_graphs and self.device.type == "cuda" and not _has_fp8_experts(model):
+        if config.cuda_graphs and self.device.type == "cuda":
             from coscale.infer.graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)

@@ -3,7 +3,7 @@
 A checkpoint in DeepSeek-V3's FP8 layout stores Linear weights as float8_e4m3fn with one float32
 `weight_scale_inv` per 128x128 block (coscale.checkpoint). coscale.checkpoint.from_pretrained
 dequantizes them on load (what training wants); serving keeps them: every such Linear becomes an
-FP8InferenceLinear and every layer of FP8 routed experts a ServingExperts holding the stacked FP8
+FP8InferenceLinear and every layer of FP8 routed experts an FP8InferenceExperts holding the stacked FP8
 bytes and scales (coscale.infer.layers), so the GEMMs run in FP8 on the checkpoint's own numbers. The
 rest (embeddings, norms, the router, the head, eh_proj) loads in `dtype` as usual.
 
@@ -21,7 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from coscale.errors import CheckpointError
-from coscale.infer.layers import BLOCK, FP8InferenceLinear, ServingExperts
+from coscale.infer.layers import BLOCK, FP8InferenceExperts, FP8InferenceLinear
 from coscale.model.moe import GroupedExperts
 
 
@@ -41,7 +41,7 @@ def load_for_inference(path: str, dtype: torch.dtype, device: torch.device):
 def _swap(model: nn.Module, module_name: str, device, dtype) -> nn.Module:
     """Replace the module that holds an FP8 weight by its FP8 serving version (once)."""
     module = model.get_submodule(module_name)
-    if isinstance(module, (FP8InferenceLinear, ServingExperts)):
+    if isinstance(module, (FP8InferenceLinear, FP8InferenceExperts)):
         return module
     if isinstance(module, nn.Linear):
         new = FP8InferenceLinear(module.in_features, module.out_features, module.bias is not None, device, dtype)
@@ -49,7 +49,7 @@ def _swap(model: nn.Module, module_name: str, device, dtype) -> nn.Module:
         if module.hidden % BLOCK or module.intermediate % BLOCK:
             raise CheckpointError(f"{module_name}: FP8 experts need hidden and intermediate sizes that are multiples "
                                   f"of {BLOCK}, got {module.hidden} and {module.intermediate}")
-        new = ServingExperts.fp8_empty(module.n_experts, module.hidden, module.intermediate, device)
+        new = FP8InferenceExperts(module.n_experts, module.hidden, module.intermediate, device)
     else:
         raise CheckpointError(f"{module_name} ({type(module).__name__}) has an FP8 weight coscale cannot serve")
     parent, _, child = module_name.rpartition(".")
@@ -57,21 +57,10 @@ def _swap(model: nn.Module, module_name: str, device, dtype) -> nn.Module:
     return new
 
 
-def _materialize(model: nn.Module, dtype, device) -> None:
-    """Allocate what is still on the meta device (everything but the FP8 modules)."""
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for name, t in store.items():
-                if t is None or t.device.type != "meta":
-                    continue
-                d = torch.float32 if name in ("e_score_correction_bias", "expert_load", "inv_freq") else dtype
-                new = torch.empty(t.shape, dtype=d if t.is_floating_point() else t.dtype, device=device)
-                store[name] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
-
-
 @torch.no_grad()
 def load_fp8(path: str, dtype: torch.dtype, device: torch.device):
     from coscale.checkpoint import checkpoint_weight_map, load_checkpoint_config, plan_load, read_tensor_infos
+    from coscale.model.state_dict import StateDictAdapter, is_mtp_layer
     from coscale.model.transformer import DeepseekForCausalLM
 
     cfg = load_checkpoint_config(path)
@@ -79,13 +68,17 @@ def load_fp8(path: str, dtype: torch.dtype, device: torch.device):
     infos = read_tensor_infos(weight_map)
     with torch.device("meta"):
         model = DeepseekForCausalLM(cfg)
-    plan = plan_load(infos, model, cfg)
+    adapter = StateDictAdapter(model, cfg)
+    if len(model.mtp) and not any(is_mtp_layer(name, cfg) for name in infos):
+        adapter.drop_mtp()  # no MTP weights in the checkpoint: serve the main model (as from_pretrained does)
+    plan = plan_load(infos, adapter)
     for item in plan:
         if item.scale_name is not None:
             _swap(model, item.target.rpartition(".")[0], device, dtype)
-    _materialize(model, dtype, device)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    adapter = StateDictAdapter(model, adapter.cfg)  # the swapped modules' tensors are real already
+    for name, t in adapter.tensors.items():
+        if t.device.type == "meta":
+            adapter.materialize(name, torch.float32 if name.endswith("e_score_correction_bias") else dtype, device)
     handles = {}
 
     def read(name: str) -> torch.Tensor:
@@ -100,12 +93,12 @@ def load_fp8(path: str, dtype: torch.dtype, device: torch.device):
         t = read(item.hf_name)
         if isinstance(module, FP8InferenceLinear) and item.scale_name is not None:
             module.load(t, read(item.scale_name))
-        elif isinstance(module, ServingExperts) and item.scale_name is not None:
+        elif isinstance(module, FP8InferenceExperts) and item.scale_name is not None:
             getattr(module, attr)[item.expert].copy_(t)
             getattr(module, attr + "_scale_inv")[item.expert].copy_(read(item.scale_name))
         else:
             dest = getattr(module, attr)
             (dest if item.expert is None else dest[item.expert]).copy_(t)
     handles.clear()
-    model.init_buffers()
+    adapter.init_buffers(device)
     return model.eval()

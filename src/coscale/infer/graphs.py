@@ -13,8 +13,9 @@ and addresses, so:
   sequence divides its own blocks among the splits, so the lengths may change between replays;
 - each graph is captured the first time its size is needed, after one eager run at that size (Triton
   autotuning and cuBLAS set-up must not happen inside a capture). All graphs share one memory pool.
-Only decode-only steps replay graphs; steps with prefill chunks run eagerly. The routed experts run
-through coscale.infer.layers.ServingExperts, whose permutation needs no host synchronisation.
+Only decode-only steps replay graphs; steps with prefill chunks run eagerly. Nothing in the decode
+forward reads a value back to the host (the MoE permutation sizes its buffer statically:
+coscale.kernels.permute), which is what makes it capturable.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from coscale.errors import CoscaleError
-from coscale.kernels.quant import _use_triton, interpreting
+from coscale.kernels.autotune import triton_autotune
+from coscale.kernels.backend import interpreting, select_backend
 
 
 def _check(q, k, v, cu_seqlens_q, cu_seqlens_k):
@@ -87,13 +88,11 @@ def attention_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float, ca
     return out
 
 
-def _configs(triton, interpret: bool):
-    if interpret:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3)]
-    ]
+def _configs(triton):
+    """(the GPU's configurations, the interpreter's one) for coscale.kernels.autotune.triton_autotune."""
+    gpu = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+           for m, n, w, s in [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3)]]
+    return gpu, triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)
 
 
 @functools.cache
@@ -101,7 +100,7 @@ def _build_kernel(interpret: bool):
     import triton
     import triton.language as tl
 
-    @triton.autotune(configs=_configs(triton, interpret), key=["D1", "D2", "DV", "CAUSAL"])
+    @triton_autotune(*_configs(triton), key=["D1", "D2", "DV", "CAUSAL"])
     @triton.jit
     def attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, cu_q_ptr, cu_k_ptr,
@@ -181,7 +180,7 @@ def flash_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, soft
     max_seqlen_q: the longest query run (host int). Returns o [Nq, H, Dv] in q's dtype.
     `backend`: "auto" (Triton on CUDA, else SDPA), "triton", or "torch" (SDPA)."""
     _check(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    if not _use_triton(q, backend) or q.dtype == torch.float64:
+    if select_backend(backend, q, op="flash_attention") == "torch" or q.dtype == torch.float64:
         return attention_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import torch
 
 from coscale.errors import CoscaleError
-from coscale.kernels.quant import _use_triton, interpreting
+from coscale.kernels.autotune import triton_autotune
+from coscale.kernels.backend import interpreting, select_backend
 
 FP8_TILE = 128
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
@@ -145,13 +146,12 @@ def mla_decode_ref(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, 
 # ---------------------------------------------------------------------------------------------------
 
 
-def _configs(triton, interpret: bool):
-    if interpret:  # autotune with two or more configs fails without a GPU
-        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-        for n, w, s in [(64, 4, 2), (64, 8, 2), (32, 4, 3), (32, 4, 4), (32, 8, 3), (16, 4, 4), (64, 4, 3)]
-    ]
+def _configs(triton):
+    """(the GPU's configurations, the interpreter's one) for coscale.kernels.autotune.triton_autotune:
+    key blocks of 16-64 tokens, 2-4 pipeline stages (the loads are what the kernel waits for)."""
+    gpu = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+           for n, w, s in [(64, 4, 2), (64, 8, 2), (32, 4, 3), (32, 4, 4), (32, 8, 3), (16, 4, 4), (64, 4, 3)]]
+    return gpu, triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
 
 
 @functools.cache
@@ -159,8 +159,7 @@ def _build_kernels(interpret: bool):
     import triton
     import triton.language as tl
 
-    @triton.autotune(configs=_configs(triton, interpret),
-                     key=["C", "DR", "S_Q", "HEADS_TILE", "NUM_SPLITS", "FP8", "PAGE"])
+    @triton_autotune(*_configs(triton), key=["C", "DR", "S_Q", "HEADS_TILE", "NUM_SPLITS", "FP8", "PAGE"])
     @triton.jit
     def mla_decode_split_kernel(
         q_ptr, qpe_ptr, latent_ptr, rope_ptr, scale_ptr, table_ptr, seq_lens_ptr, out_ptr, lse_ptr,
@@ -320,7 +319,7 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     max_seq_len: a bound on seq_lens (host int; default: the block table's width x BS) that sizes the
     context split; num_splits / heads_tile override the heuristics (benchmarks)."""
     _check(q_lat, q_pe, cache, block_table, seq_lens)
-    if not _use_triton(q_lat, backend):
+    if select_backend(backend, q_lat, op="mla_decode") == "torch":
         return mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, softmax_scale)
     B, S, H, c = q_lat.shape
     dr, page = q_pe.shape[-1], cache.block_size
