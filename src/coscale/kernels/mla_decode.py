@@ -237,7 +237,10 @@ def _build_kernels(interpret: bool):
                   + split * stride_osplit + offs_c[None, :])
         # A split past the end of a short sequence stores only its lse (-inf): the combine skips it, so
         # graphs sized for long contexts do not pay for empty partial outputs.
-        keep = row_ok & ((NUM_SPLITS == 1) | (hi > lo))
+        if NUM_SPLITS == 1:
+            keep = row_ok
+        else:
+            keep = row_ok & (lo + tl.zeros([BLOCK_M], tl.int32) < hi)
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=keep[:, None] & (offs_c[None, :] < C))
         tl.store(lse_ptr + b * stride_lb + token * stride_ls + head * stride_lh + split, lse, mask=row_ok)
 
