@@ -42,8 +42,8 @@ from coscale.parallel import (
     get_codec,
     init_parallel,
 )
-from coscale.parallel.dispatch import plan_flat, topology, transfer_start, transfer_wait
-from coscale.parallel.node_limited import plan_two_hop
+from coscale.parallel.routes import plan_routes, topology
+from coscale.parallel.transfer import scatter
 
 
 def parse_args(argv=None):
@@ -114,8 +114,7 @@ def make_routing(tokens, args, device, seed):
 
 
 def make_plan(route, idx, args, ctx):
-    topo = topology(ctx)
-    return plan_two_hop(idx, args.experts, topo) if route == "rank" else plan_flat(idx, args.experts, topo)
+    return plan_routes(idx, args.experts, topology(ctx), two_hop=route == "rank")
 
 
 def sent_bytes(route_obj, bytes_per_row, me):
@@ -155,8 +154,7 @@ def bench_transfers(tokens, kind, route, args, ctx, timer, rows_out):
         nbytes = nbytes_t.item()
 
         def payload(codec=codec, bf16=bf16):
-            a, p = transfer_start(x, plan.token_route, True, codec, bf16, x.dtype, ctx.timeout_s)
-            return transfer_wait(a, p, True)
+            return scatter(x, plan.token_route, codec, bf16, x.dtype, ctx.timeout_s)
 
         def full_dispatch(codec=codec):
             return dispatch(x, idx, w, ctx, args.experts, codec=codec, combine_codec="bf16",

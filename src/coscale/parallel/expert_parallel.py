@@ -32,8 +32,9 @@ import torch.distributed as dist
 from torch import nn
 
 from coscale.errors import CheckpointError, ConfigError
-from coscale.parallel.dispatch import Topology, Traffic, combine, dispatch, topology
+from coscale.parallel.dispatch import combine, dispatch
 from coscale.parallel.groups import guarded
+from coscale.parallel.routes import Topology, Traffic, topology
 
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
 
