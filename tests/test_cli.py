@@ -58,3 +58,42 @@ def test_a_user_error_is_still_one_line_and_status_2():
                           capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "no-such-preset" in proc.stderr
+
+
+def _subcommand_parser(name):
+    from coscale.cli import build_parser
+
+    subparsers = build_parser()._subparsers._group_actions[0]
+    return subparsers.choices[name]
+
+
+def test_generate_help_gives_every_option_a_help_and_each_default_once():
+    generate = _subcommand_parser("generate")
+    assert generate.description
+    assert all(action.help for action in generate._actions)
+    text = generate.format_help()
+    assert "(default: None)" not in text
+    assert text.count("(default: cuda when available)") == 1
+
+
+def test_generate_checks_threads_before_importing_torch():
+    code = ("import sys; from coscale.cli import main; "
+            "rc = main(['generate', 'no-such-dir', '--threads', '0']); print(rc, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.stdout.split() == ["2", "False"]
+    assert proc.stderr.strip() == "coscale generate: error: --threads must be a positive integer, got 0"
+
+
+def test_generate_threads_sets_torch_threads(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from coscale.cli import main
+    from coscale.config import get_preset
+    from coscale.model import DeepseekForCausalLM
+
+    DeepseekForCausalLM(get_preset("tiny", num_hidden_layers=1)).save_pretrained(tmp_path / "hf")
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert main(["generate", str(tmp_path / "hf"), "--max-new-tokens", "2", "--threads", "1"]) == 0
+    assert calls == [1]
+    assert "2 tokens in" in capsys.readouterr().out
