@@ -78,5 +78,6 @@ def run(argv: list[str] | None = None) -> int:
         print(f"coscale {args.command}: interrupted", file=sys.stderr)
         return 130
 
+
 if __name__ == "__main__":
     raise SystemExit(main())
