@@ -13,7 +13,7 @@ Variants (each in try/except: a failure is recorded and the run carries on):
 - grouped_triton: the same with the Triton grouped GEMM (subset of cases: autotuning costs time).
 - grouped_fp8: precision="fp8" (block-scaled 1x128/128x128 Triton grouped GEMM), expert weights
              quantized in every call (what one micro-batch per optimizer step pays).
-- grouped_fp8_cached: the same with cache_fp8_weights=True and unchanged weights (inference, and
+- grouped_fp8_cached: the same with an FP8WeightCache and unchanged weights (inference, and
              the micro-batches after the first of an optimizer step).
 - dense:     a dense SwiGLU MLP over T*K rows with one expert's shape: the same FLOPs in plain GEMMs.
 All variants include the shared expert (a dense SwiGLU MLP over the T tokens).
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from coscale.config import get_preset
-from coscale.kernels.fp8_grouped_gemm import clear_weight_cache
+from coscale.fp8 import FP8WeightCache
 from coscale.kernels.moe import grouped_experts_forward
 from results_log import ResultsLog
 
@@ -82,9 +82,9 @@ def loop_layer(x, idx, weight, experts, shared):
     return out.to(x.dtype) + shared_mlp(x, *shared)
 
 
-def grouped_layer(x, idx, weight, w_gate, w_up, w_down, shared, precision="bf16", backend="auto", cache=False):
+def grouped_layer(x, idx, weight, w_gate, w_up, w_down, shared, precision="bf16", backend="auto", cache=None):
     routed = grouped_experts_forward(
-        x, idx, weight, w_gate, w_up, w_down, precision=precision, backend=backend, cache_fp8_weights=cache
+        x, idx, weight, w_gate, w_up, w_down, precision=precision, backend=backend, fp8_weight_cache=cache
     )
     return routed + shared_mlp(x, *shared)
 
@@ -176,6 +176,7 @@ def run_case(shape, T, routing, args, results):
 
     for variant, spec in variants.items():
         entry = dict(case, variant=variant)
+        cache = None  # the cached variant's FP8WeightCache
         try:
             if variant == "loop":
                 def step():
@@ -197,7 +198,8 @@ def run_case(shape, T, routing, args, results):
                     with torch.no_grad():
                         dense_layer(rows, *dense_w, x, shared)
             else:
-                precision, backend, cache = (*spec, False)[:3]
+                precision, backend, cached = (*spec, False)[:3]
+                cache = FP8WeightCache() if cached else None
 
                 def layer(precision=precision, backend=backend, cache=cache):
                     return grouped_layer(x, idx, topw, w_gate, w_up, w_down, shared, precision, backend, cache)
@@ -241,7 +243,8 @@ def run_case(shape, T, routing, args, results):
             entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
             entry["traceback"] = traceback.format_exc()[-2000:]
         finally:
-            clear_weight_cache()  # the cached variant's FP8 weights (up to 2 bytes per parameter)
+            if cache is not None:
+                cache.invalidate()  # the cached variant's FP8 weights (up to 2 bytes per parameter)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         results.append(entry)

@@ -23,6 +23,7 @@ import traceback
 import torch
 
 from coscale.kernels import fp8_grouped_gemm as G
+from coscale.kernels.fp8_grouped_kernels import launch_grouped_mm_tma, launch_grouped_wgrad_tma
 from coscale.kernels.quant import act_quant_1x128, act_quant_1x128_dual, dequant_1x128
 from results_log import ResultsLog
 
@@ -162,8 +163,8 @@ def mm_case(label, m_per_e, k, n, results):
         if n % cfg[1]:
             continue
         d = cfg_dict(cfg)
-        record(pending, case, name_of(cfg), lambda d=d: G.launch_grouped_mm_tma(xq, xs, wq, ws, te, c, d), flops,
-               lambda d=d: error(lambda: G.launch_grouped_mm_tma(xq, xs, wq, ws, te, torch.empty(m, n, device=dev), d)))
+        record(pending, case, name_of(cfg), lambda d=d: launch_grouped_mm_tma(xq, xs, wq, ws, te, c, d), flops,
+               lambda d=d: error(lambda: launch_grouped_mm_tma(xq, xs, wq, ws, te, torch.empty(m, n, device=dev), d)))
     time_pending(pending, results)
 
 
@@ -202,7 +203,7 @@ def wgrad_case(label, m_per_e, n, k, results):
         d = cfg_dict(cfg)
 
         def tuned(d=d):
-            return G.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, offs, out, d)
+            return launch_grouped_wgrad_tma(dyt, dyts, xt, xts, offs, out, d)
 
         record(pending, case, name_of(cfg), tuned, flops, lambda f=tuned: error(f()))
     time_pending(pending, results)

@@ -62,7 +62,8 @@ def test_fits_nowhere():
 
 @pytest.mark.parametrize("layout", [
     ParallelLayout(ep=64),  # ep does not divide dp x tp
-    ParallelLayout(dp=6, ep=6),  # 6 does not divide 256 experts
+    ParallelLayout(dp=512, ep=512),  # more EP ranks than routed experts: some GPU would hold none
+    ParallelLayout(dp=8, ep=8, redundant_experts=-1),
     ParallelLayout(pp=100),  # more stages than layers
     ParallelLayout(tp=3),  # does not divide 128 heads
     ParallelLayout(dp=0),
@@ -81,3 +82,20 @@ def test_ep_on_dense_model_rejected():
 def test_bad_precision():
     with pytest.raises(ConfigError, match="precision"):
         memory_per_gpu("tiny", weights="int3")
+
+
+def test_any_ep_size_with_redundant_experts():
+    # The EP sizes: 72, 144, 320 GPUs; (routed + redundant) / ep experts per GPU, rounded up.
+    v = as_view("deepseek-v3")
+    moe_layers = v.layers - 3
+    for ep, redundant, per_gpu in ((72, 32, 4), (144, 32, 2), (320, 64, 1), (6, 0, 43)):
+        layout = ParallelLayout(dp=ep, ep=ep, zero=0, redundant_experts=redundant)
+        assert layout.experts_per_gpu(v) == per_gpu == -(-(256 + redundant) // ep)
+        m = inference_memory_per_gpu(v, layout, batch=ep, context=16)
+        expected = v.non_expert_params + per_gpu * v.expert_params * moe_layers  # FP8: 1 byte per weight
+        assert m.weights == pytest.approx(expected)
+
+
+def test_redundant_experts_need_an_moe_model():
+    with pytest.raises(ConfigError, match="dense"):
+        memory_per_gpu("llama3.1-70b", ParallelLayout(dp=2, redundant_experts=4))

@@ -86,3 +86,16 @@ def test_malformed_json(tmp_path):
 def test_unknown_model():
     with pytest.raises(ConfigError, match="neither a model preset"):
         as_view("gpt-5")
+
+
+def test_info_names_the_activated_convention_and_gives_both_numbers(capsys):
+    from coscale.cli import main
+    from coscale.config import get_preset
+    from coscale.param_count import ACTIVATED_CONVENTION
+
+    counts = count_params(get_preset("deepseek-v3"))
+    assert counts.activated_with_embedding == counts.activated + 129280 * 7168
+    assert main(["info", "--model", "deepseek-v3"]) == 0
+    out = capsys.readouterr().out
+    assert ACTIVATED_CONVENTION in out and f"{counts.activated:,}" in out
+    assert f"{counts.activated_with_embedding:,}" in out

@@ -3,30 +3,36 @@ loads (FP8 included), streaming, expert ranges and every user-facing error."""
 
 from __future__ import annotations
 
+import ast
 import copy
+import errno
 import json
+import logging
 import math
 import os
+import pathlib
 import shutil
 import weakref
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import coscale
 from coscale import checkpoint as ckpt
-from coscale.checkpoint import (
-    coscale_to_hf_name,
-    dequant_fp8_block,
-    hf_to_coscale_name,
-    is_fp8_weight_name,
-    is_mtp_shared_copy,
-    quantize_fp8_block,
-)
+from coscale import save_pretrained
+from coscale.checkpoint import dequant_fp8_block, is_fp8_weight_name, quantize_fp8_block
 from coscale.config import get_preset
 from coscale.errors import CheckpointError
+from coscale.kernels.quant import AMAX_FLOOR, FP8_MAX, weight_quant_128x128_ref
+from coscale.model.state_dict import (
+    coscale_to_hf_name,
+    hf_to_coscale_name,
+    is_mtp_shared_copy,
+    is_stacked_expert,
+    local_expert_index,
+)
 
 V3 = get_preset("deepseek-v3")  # 61 layers: MTP module 0 is HF layer 61
 
@@ -137,7 +143,7 @@ def dequantized_reference(model):
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for name, t in ref.state_dict().items():
-            hf = coscale_to_hf_name(name, ref.config, 0) if ckpt.is_stacked_expert(name) else (
+            hf = coscale_to_hf_name(name, ref.config, 0) if is_stacked_expert(name) else (
                 coscale_to_hf_name(name, ref.config))
             if not is_fp8_weight_name(hf):
                 continue
@@ -203,9 +209,9 @@ def test_expert_index_needed_exactly_for_stacked_weights():
 
 
 def test_local_expert_index():
-    assert ckpt.local_expert_index(5, None) == 5
-    assert ckpt.local_expert_index(5, range(4, 8)) == 1
-    assert ckpt.local_expert_index(8, range(4, 8)) is None
+    assert local_expert_index(5, None) == 5
+    assert local_expert_index(5, range(4, 8)) == 1
+    assert local_expert_index(8, range(4, 8)) is None
 
 
 @pytest.mark.parametrize("name, fp8", [
@@ -268,7 +274,9 @@ def test_quantize_zero_block_and_bad_scale_shape():
     w = torch.zeros(130, 10)
     w[129, 0] = 1.0
     q, s = quantize_fp8_block(w)
-    assert s[0, 0] == 1.0 and torch.equal(dequant_fp8_block(q, s), w)
+    # kernels.quant's rule: an all-zero block gets the smallest scale, AMAX_FLOOR / 448 (was 1 before
+    # checkpoint.py used that quantizer); its values stay exactly zero either way
+    assert s[0, 0] == torch.tensor(AMAX_FLOOR) / FP8_MAX and torch.equal(dequant_fp8_block(q, s), w)
     with pytest.raises(ValueError, match="expected"):
         dequant_fp8_block(q, torch.ones(1, 1))
 
@@ -292,7 +300,7 @@ def micro(tmp_path_factory):
     """A saved micro checkpoint (several shards) and the model it came from."""
     model = make_model(micro_config())
     path = tmp_path_factory.mktemp("micro") / "ckpt"
-    model.save_pretrained(path, max_shard_size="100KB")
+    save_pretrained(model, path, max_shard_size="100KB")
     return model, path
 
 
@@ -352,7 +360,7 @@ def test_bf16_round_trip_keeps_dtypes(tmp_path):
     with torch.no_grad():  # parameters only: RoPE tables and router biases stay float32
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16)
-    model.save_pretrained(tmp_path / "bf16")
+    save_pretrained(model, tmp_path / "bf16")
     loaded = coscale.from_pretrained(tmp_path / "bf16")
     assert loaded.model.layers[1].mlp.experts.w_gate.dtype == torch.bfloat16
     assert loaded.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
@@ -368,13 +376,13 @@ def test_save_refuses_non_empty_directory_unless_overwrite(micro, tmp_path):
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
     with pytest.raises(CheckpointError, match="not empty"):
-        model.save_pretrained(target)
+        save_pretrained(model, target)
     assert os.listdir(target) == ["notes.txt"]
-    model.save_pretrained(target, overwrite=True)
+    save_pretrained(model, target, overwrite=True)
     assert "notes.txt" not in os.listdir(target) and "config.json" in os.listdir(target)
     empty = tmp_path / "empty"
     empty.mkdir()
-    model.save_pretrained(empty)  # an empty directory is fine
+    save_pretrained(model, empty)  # an empty directory is fine
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary leftovers
 
 
@@ -385,9 +393,75 @@ def test_failed_save_leaves_nothing_behind(micro, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt, "save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
-        model.save_pretrained(tmp_path / "out")
+    with pytest.raises(CheckpointError, match="disk full"):
+        save_pretrained(model, tmp_path / "out")
     assert os.listdir(tmp_path) == []
+
+
+def test_saved_files_honour_the_umask(micro, tmp_path):
+    model, _ = micro
+    for umask, dir_mode, file_mode in [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640), (0o077, 0o700, 0o600)]:
+        old = os.umask(umask)
+        try:
+            save_pretrained(model, tmp_path / f"ckpt{umask:o}")
+        finally:
+            os.umask(old)
+        path = tmp_path / f"ckpt{umask:o}"
+        assert stat_mode(path) == dir_mode
+        assert {stat_mode(path / f) for f in os.listdir(path)} == {file_mode}, sorted(os.listdir(path))
+
+
+def stat_mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+FULL_DISK_ERRORS = {  # what each writer raises when the disk fills up (safetensors: its own error type)
+    "save_file": SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    "json.dump": ENOSPC,
+}
+
+
+@pytest.mark.parametrize("writer", list(FULL_DISK_ERRORS))
+def test_full_disk_is_one_line_naming_the_path_and_nothing_is_left(micro, tmp_path, monkeypatch, writer):
+    model, _ = micro
+
+    def full(*args, **kwargs):
+        raise FULL_DISK_ERRORS[writer]
+
+    monkeypatch.setattr(*((ckpt, "save_file") if writer == "save_file" else (ckpt.json, "dump")), full)
+    target = tmp_path / "out"
+    with pytest.raises(CheckpointError) as info:
+        save_pretrained(model, target)
+    message = str(info.value)
+    assert message.startswith(f"cannot write checkpoint {target}: No space left on device") and "\n" not in message
+    assert os.listdir(tmp_path) == []
+
+
+def test_unwritable_targets_are_one_line_errors(micro, tmp_path):
+    model, _ = micro
+    (tmp_path / "file").write_text("not a directory")
+    targets = {tmp_path / "file" / "ckpt": "is not a directory"}
+    if os.path.isdir("/proc/self"):  # Linux: nothing can be created in /proc
+        targets["/proc/coscale-ckpt"] = "cannot write checkpoint /proc/coscale-ckpt: "
+    for target, fragment in targets.items():
+        with pytest.raises(CheckpointError) as info:
+            save_pretrained(model, target)
+        message = str(info.value)
+        assert str(target) in message and fragment in message and "\n" not in message
+    assert os.listdir(tmp_path) == ["file"]
+
+
+def test_fp8_save_uses_the_kernels_quantizer(micro, tmp_path):
+    model, _ = micro
+    save_pretrained(model, tmp_path / "fp8", fp8=True)
+    w = model.model.layers[1].mlp.experts.w_down[3].detach()
+    q_ref, s_ref = weight_quant_128x128_ref(w)
+    name = "model.layers.1.mlp.experts.3.down_proj.weight"
+    saved = load_file(tmp_path / "fp8" / "model-00001-of-00001.safetensors")
+    n, k = w.shape
+    assert torch.equal(saved[name].view(torch.uint8), q_ref[:n, :k].view(torch.uint8))
+    assert torch.equal(saved[name + "_scale_inv"], s_ref)
 
 
 # ---- loading the published layout (FP8 included) ------------------------------------------------
@@ -428,7 +502,7 @@ def test_fp8_weights_dequantize_to_bf16_by_default(tmp_path):
 
 def test_save_pretrained_fp8_round_trip(micro, tmp_path):
     model, _ = micro
-    model.save_pretrained(tmp_path / "fp8", fp8=True)
+    save_pretrained(model, tmp_path / "fp8", fp8=True)
     with open(tmp_path / "fp8" / "config.json") as f:
         assert json.load(f)["quantization_config"]["weight_block_size"] == [128, 128]
     with safe_open(tmp_path / "fp8" / "model-00001-of-00001.safetensors", "pt") as f:
@@ -439,7 +513,7 @@ def test_save_pretrained_fp8_round_trip(micro, tmp_path):
     x = tokens(model.config)
     assert torch.equal(loaded(x), dequantized_reference(model)(x))
     # saving the dequantised model without fp8 drops quantization_config
-    loaded.save_pretrained(tmp_path / "plain")
+    save_pretrained(loaded, tmp_path / "plain")
     with open(tmp_path / "plain" / "config.json") as f:
         assert "quantization_config" not in json.load(f)
 
@@ -476,6 +550,52 @@ def test_mtp_copies_are_ignored_when_the_main_copy_exists(tmp_path):
     write_published(tensors, tmp_path / "no_head", model.config)
     loaded = coscale.from_pretrained(tmp_path / "no_head")
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def without_mtp_layers(tensors, cfg):
+    L = cfg.num_hidden_layers
+    return {n: t for n, t in tensors.items() if not n.startswith(f"model.layers.{L}.")}
+
+
+def test_checkpoint_without_mtp_weights_loads_the_main_model(tmp_path, caplog):
+    model = make_model(micro_config())
+    assert model.config.num_nextn_predict_layers == 1
+    write_published(without_mtp_layers(published_tensors(model), model.config), tmp_path / "hf", model.config)
+    with caplog.at_level(logging.WARNING, logger="coscale"):
+        loaded = coscale.from_pretrained(tmp_path / "hf")
+    (warning,) = [r.getMessage() for r in caplog.records if r.name.startswith("coscale")]
+    assert "no MTP weights" in warning and str(tmp_path / "hf") in warning and "\n" not in warning
+    assert len(loaded.mtp) == 0 and loaded.config.num_nextn_predict_layers == 0
+    assert not any(n.startswith("mtp.") for n in loaded.state_dict())
+    x = tokens(model.config)
+    assert torch.equal(loaded(x), model(x))
+    # into a model built with its MTP module: the module goes, the main model is filled
+    target = make_model(micro_config(), seed=3)
+    ckpt.load_checkpoint(target, tmp_path / "hf")
+    assert len(target.mtp) == 0 and target.config.num_nextn_predict_layers == 0
+    assert torch.equal(target(x), model(x))
+
+
+def test_checkpoint_with_part_of_an_mtp_layer_is_an_error(tmp_path):
+    model = make_model(micro_config())
+    tensors = published_tensors(model)
+    L = model.config.num_hidden_layers
+    del tensors[f"model.layers.{L}.eh_proj.weight"]
+    write_published(tensors, tmp_path / "hf", model.config)
+    expect_error(tmp_path / "hf", "lacks 1 tensors", f"model.layers.{L}.eh_proj.weight")
+
+
+def test_generate_speculative_says_why_without_mtp_weights(tmp_path, capsys):
+    from coscale.cli import main
+
+    model = make_model(micro_config())
+    write_published(without_mtp_layers(published_tensors(model), model.config), tmp_path / "hf", model.config)
+    args = ["generate", str(tmp_path / "hf"), "--prompt-ids", "1,2", "--max-new-tokens", "2", "--device", "cpu"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--speculative"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--speculative" in err[0] and "MTP" in err[0]
 
 
 # ---- streaming --------------------------------------------------------------------------------
@@ -673,7 +793,29 @@ def test_checkpoints_move_between_plain_and_fp8_converted_models(micro, tmp_path
     converted = ckpt.load_checkpoint(convert_to_fp8(make_model(micro_config(), seed=7)), path)
     for name, t in model.state_dict().items():
         assert torch.equal(converted.state_dict()[name], t), name
-    converted.save_pretrained(tmp_path / "from_converted")
+    save_pretrained(converted, tmp_path / "from_converted")
     plain = coscale.from_pretrained(tmp_path / "from_converted")
     x = tokens(model.config)
     assert torch.equal(plain(x), model(x))
+
+
+def imported_modules(path):
+    """Every module a source file imports, at any depth (function-local imports included)."""
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_model_package_never_imports_checkpoint():
+    model_dir = pathlib.Path(coscale.__file__).parent / "model"
+    for source in sorted(model_dir.glob("*.py")):
+        bad = {m for m in imported_modules(source) if m.startswith(("coscale.checkpoint", "coscale.train",
+                                                                    "coscale.infer"))}
+        assert not bad, f"{source.name} imports {sorted(bad)}"
+

@@ -86,3 +86,54 @@ def test_unknown_preset():
 def test_zero_bandwidth_rejected():
     with pytest.raises(ConfigError, match="scale_up_bandwidth_gbps"):
         HardwareSpec(name="x", **{**FIELDS, "scale_up_bandwidth_gbps": 0})
+
+
+def test_every_preset_has_achieved_rates_with_sources():
+    from coscale.hardware import EFFICIENCY_FIELDS
+
+    for name in hardware_names():
+        eff = get_hardware(name).achieved
+        for field in EFFICIENCY_FIELDS:
+            assert getattr(eff, field) >= 0 and eff.source(field), (name, field)
+
+
+def test_rates_carried_over_by_peak_ratios():
+    h800, h200, b200 = (get_hardware(n).achieved for n in ("h800", "h200", "b200"))
+    assert h200.memory_tbps == pytest.approx(h800.memory_tbps * 4.8 / 3.35)
+    assert h200.gemm_fp8_tflops == h800.gemm_fp8_tflops  # same tensor cores
+    assert b200.gemm_fp8_tflops == pytest.approx(h800.gemm_fp8_tflops * 4500 / 1979)
+    assert b200.a2a_scale_up_gbps == pytest.approx(h800.a2a_scale_up_gbps * 900 / 200)
+    assert b200.sms == 148 and "not measured on b200" in b200.source("gemm_fp8_tflops")
+    assert h800.gemm_k_overhead == get_hardware("b200").achieved.gemm_k_overhead
+
+
+def test_user_file_with_efficiencies(tmp_path):
+    from coscale.analysis.output import write_hardware
+    from coscale.hardware import hardware_to_dict
+
+    path = tmp_path / "gpu.yaml"
+    path.write_text("\n".join(f"{k}: {v}" for k, v in FIELDS.items()) + "\nefficiency:\n"
+                    "  memory_tbps: 3.5\n  gemm_fp8_tflops: {value: 1200, source: my bench}\n")
+    hw = load_hardware(str(path))
+    assert hw.achieved.memory_tbps == 3.5 and hw.achieved.source("memory_tbps") == "given in the hardware file"
+    assert hw.achieved.gemm_fp8_tflops == 1200 and hw.achieved.source("gemm_fp8_tflops") == "my bench"
+    assert "H800" in hw.achieved.source("attention_decode_tflops")  # the rest carried over
+    for suffix in (".yaml", ".json"):  # written and read back unchanged
+        again = load_hardware(write_hardware(hw, tmp_path / f"copy{suffix}"))
+        assert hardware_to_dict(again) == {**hardware_to_dict(hw), "name": again.name}
+        assert again.achieved == hw.achieved
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("efficiency: 3\n", "efficiency must be a mapping"),
+    ("efficiency:\n  warp_speed: 9\n", "unknown efficiency key"),
+    ("efficiency:\n  memory_tbps: -1\n", "memory_tbps must be a positive"),
+    ("efficiency:\n  memory_tbps: {source: x}\n", "must be a number"),
+    ("efficiency:\n  comm_sms: 500\n", "comm_sms"),
+    ("gpus_per_node: 0\n", "gpus_per_node"),
+])
+def test_bad_efficiency_entries(tmp_path, extra, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text("\n".join(f"{k}: {v}" for k, v in FIELDS.items()) + "\n" + extra)
+    with pytest.raises(ConfigError, match=message):
+        load_hardware(str(path))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from coscale import save_pretrained
 from coscale.config import get_preset
 from coscale.infer import generate, generate_speculative
 from coscale.infer.decode import _MTPDrafter
@@ -91,7 +92,7 @@ def test_generate_cli_from_hf_checkpoint_and_training_run(tmp_path, capsys):
 
     torch.manual_seed(0)
     cfg = get_preset("tiny", num_hidden_layers=2)
-    DeepseekForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    save_pretrained(DeepseekForCausalLM(cfg), tmp_path / "hf")
     assert main(["generate", str(tmp_path / "hf"), "--prompt", "ab", "--max-new-tokens", "4"]) == 0
     assert main(["generate", str(tmp_path / "hf"), "--prompt-ids", "1,2", "--max-new-tokens", "3",
                  "--speculative"]) == 0
@@ -114,7 +115,7 @@ def test_generate_cli_from_hf_checkpoint_and_training_run(tmp_path, capsys):
 def test_generate_cli_rejects_bad_options(tmp_path, capsys, extra, msg):
     from coscale.cli import main
 
-    DeepseekForCausalLM(get_preset("tiny", num_hidden_layers=1)).save_pretrained(tmp_path / "hf")
+    save_pretrained(DeepseekForCausalLM(get_preset("tiny", num_hidden_layers=1)), tmp_path / "hf")
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "hf"), *extra]) == 2
     err = capsys.readouterr().err.strip()

@@ -27,7 +27,7 @@ import torch
 from coscale.cli import main
 from coscale.parallel.launch import free_port, spawn
 from coscale.train import checkpointing as ckpt
-from coscale.train.loop import TrainConfig
+from coscale.train.config import TrainConfig
 from coscale.train.metrics import read_metrics
 
 REL = 1e-4
@@ -220,7 +220,7 @@ def test_ep_size_without_torchrun_is_a_one_line_error(tmp_path):
 def test_layout_is_not_taken_from_a_checkpoint():
     cfg = TrainConfig.from_dict({"ep_size": 4, "gpus_per_node": 2, "two_hop": True, "dispatch_codec": "fp8"})
     assert cfg.resolved_combine_codec == "bf16"
-    from coscale.train.loop import LAYOUT_FIELDS
+    from coscale.train.config import LAYOUT_FIELDS
 
     assert set(LAYOUT_FIELDS) == {"ep_size", "gpus_per_node", "two_hop", "dist_timeout"}
     with pytest.raises(Exception, match="dispatch_codec must be one of"):

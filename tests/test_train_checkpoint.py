@@ -44,14 +44,14 @@ def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     real_save = torch.save
     calls = []
 
-    def crashing_save(obj, path, *args, **kwargs):
-        calls.append(path)
+    def crashing_save(obj, f, *args, **kwargs):  # checkpointing saves through an open file
+        calls.append(f)
         if len(calls) == 2:  # the optimizer file: write half of it, then die
-            real_save(obj, path, *args, **kwargs)
-            with open(path, "r+b") as f:
-                f.truncate(os.path.getsize(path) // 2)
+            real_save(obj, f, *args, **kwargs)
+            f.flush()
+            f.truncate(f.tell() // 2)
             raise OSError("disk full")
-        return real_save(obj, path, *args, **kwargs)
+        return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(OSError, match="disk full"):

@@ -134,3 +134,61 @@ def test_info(capsys):
     assert "activated per token 36.6B" in text and "256 routed" in text
     assert main(["info", "--model", "nope"]) == 2
     assert "neither a model preset" in capsys.readouterr().err
+
+
+def test_resume_header_names_the_preset(finished_run, capsys):
+    assert main(["train", "--resume", str(finished_run), "--steps", "3"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("model: tiny (") and "custom config" not in header
+
+
+def test_invalid_numbers_are_reported_before_torch_is_imported(tmp_path, finished_run):
+    """`coscale train --steps -1` answers at once: torch (seconds to import) is never loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from coscale.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, 'torch' in sys.modules)")
+    for argv in (["train", "--steps", "-1"], ["train", "--resume", str(finished_run), "--lr", "-2"],
+                 ["train", "--config", _config_file(tmp_path, batch_size=0)]):
+        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60,
+                              env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+        assert proc.stdout.split() == ["2", "False"], (argv, proc.stdout, proc.stderr)
+        assert "must be a positive" in proc.stderr
+
+
+def test_train_help_documents_every_option_once():
+    import argparse
+
+    from coscale.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    train_parser = subparsers.choices["train"]
+    flags = [a for a in train_parser._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) >= 30
+    for action in flags:
+        assert action.help and action.help.strip(), action.option_strings
+        assert action.help.count("(default:") <= 1 and action.help.count("default:") <= 1, action.help
+    text = train_parser.format_help()
+    assert "--init-from DIR" in text and "(default: 200)" in text  # defaults come from TrainConfig
+
+
+def test_init_from_errors_are_one_line(tmp_path, capsys, finished_run):
+    _fails(capsys, ["train", "--init-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "new")],
+           "no such checkpoint directory")
+    _fails(capsys, ["train", "--resume", str(finished_run), "--init-from", str(tmp_path)],
+           "pass one of them")
+    from coscale.checkpoint import save_pretrained
+    from coscale.config import get_preset
+    from coscale.model import DeepseekForCausalLM
+
+    hf_dir = tmp_path / "hf"
+    save_pretrained(DeepseekForCausalLM(get_preset("tiny", **SMALL_OVERRIDES)), hf_dir)
+    # the run's model (the config file's) is not the checkpoint's: refused before anything is written
+    _fails(capsys, ["train", "--config", _config_file(tmp_path, model_overrides=SMALL_OVERRIDES | {
+        "hidden_size": 32}), "--init-from", str(hf_dir), "--out", str(tmp_path / "new")], str(hf_dir))
+    assert not (tmp_path / "new").exists()
+    assert main(["train", "--config", _config_file(tmp_path), "--init-from", str(hf_dir), "--out",
+                 str(tmp_path / "ok")]) == 0
+    assert f"init: weights from {hf_dir}" in capsys.readouterr().out

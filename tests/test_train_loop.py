@@ -1,5 +1,6 @@
 """coscale.train.loop: a short run learns, writes its outputs, and resumes bit for bit."""
 
+import contextlib
 import json
 import os
 
@@ -9,7 +10,8 @@ import torch
 from coscale.config import get_preset
 from coscale.errors import ConfigError
 from coscale.train import checkpointing as ckpt
-from coscale.train.loop import TrainConfig, resolve_model_config, train
+from coscale.train.config import TrainConfig, resolve_model_config
+from coscale.train.loop import train
 from coscale.train.metrics import read_metrics
 
 
@@ -147,15 +149,10 @@ def test_fp8_precision(tmp_path):
 
 
 def test_fp8_header_says_what_speed_to_expect():
-    from types import SimpleNamespace
-
-    from coscale.config import get_preset
-    from coscale.train.loop import _fp8_speed_note
+    from coscale.train.report import fp8_speed_note
 
     def note(precision, device, hidden):
-        setup = SimpleNamespace(precision=precision, device=torch.device(device),
-                                model_cfg=get_preset("tiny", hidden_size=hidden))
-        return _fp8_speed_note(setup)
+        return fp8_speed_note(precision, torch.device(device), hidden)
 
     assert "PyTorch reference" in note("fp8", "cpu", 256)
     assert "more slowly than bf16" in note("fp8", "cuda", 1024)
@@ -174,3 +171,125 @@ def test_progress_bar_path(tmp_path, capsys):
     summary = train(small_config(tmp_path / "run", steps=2, save_interval=0, progress=True), log=quiet)
     assert summary["steps_this_run"] == 2
     assert "loss=" in capsys.readouterr().err  # tqdm postfix: loss, lr, tokens/s
+
+
+# ---- the step: device tensors, read a step late ---------------------------------------------------------
+
+
+def test_step_returns_device_tensors_without_a_host_sync(monkeypatch):
+    """The trainer's own code in a step (coscale.train, the World) never reads a tensor on the host, so
+    the step can run ahead of the device and be captured later. (On the CPU every tensor is a host
+    tensor, so the check is on who asks: torch's own CPU bookkeeping and the model are not the trainer.)"""
+    import sys
+
+    from coscale.model import DeepseekForCausalLM
+    from coscale.parallel.world import SingleProcess
+    from coscale.train.optim import build_optimizer
+    from coscale.train.step import LOSS_NAMES, train_step
+
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(small_model())
+    optimizer = build_optimizer(model, lr=1e-3)
+    batch = (torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16)))
+    trainer_modules = ("coscale.train.", "coscale.parallel.world", "coscale.parallel.training")
+
+    def forbidden(name, real):
+        def call(self, *args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith(trainer_modules):
+                raise AssertionError(f"host sync in the training step: Tensor.{name} called from {caller}")
+            return real(self, *args, **kwargs)
+        return call
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+            patch.setattr(torch.Tensor, name, forbidden(name, getattr(torch.Tensor, name)))
+        metrics = train_step(model, optimizer, SingleProcess(torch.device("cpu")), batch, gamma=0.01,
+                             grad_clip=1.0, autocast=contextlib.nullcontext)
+    assert set(LOSS_NAMES) <= set(metrics) and "moe_load_max_over_mean" in metrics
+    assert all(torch.is_tensor(v) and v.dim() == 0 for v in metrics.values())
+    assert metrics["loss"] > 0 and metrics["grad_norm"] > 0
+
+
+def test_readout_is_a_step_late_and_drains_everything():
+    from coscale.train.readout import StepReadout
+
+    readout = StepReadout(lag=1)
+    readout.push(1, {"loss": torch.tensor(2.0), "total_loss": torch.tensor(2.5), "mtp_loss": torch.tensor(float("nan")),
+                     "aux_loss": torch.tensor(0.1), "grad_norm": torch.tensor(3.0)})
+    readout.note(1, lr=0.1, seconds=0.5)
+    assert readout.ready() == []  # step 1 is the newest: not read yet
+    readout.push(2, {"loss": torch.tensor(1.0), "total_loss": torch.tensor(1.5), "mtp_loss": torch.tensor(0.2),
+                     "aux_loss": torch.tensor(0.0), "grad_norm": torch.tensor(float("nan")),
+                     "moe_load_max_over_mean": torch.tensor(1.5), "moe_load_max_over_min": torch.tensor(4.0),
+                     "moe_all_experts_loaded": torch.tensor(0.0), "moe_any_routed": torch.tensor(1.0)})
+    (first,) = readout.ready()
+    assert first == {"type": "train", "step": 1, "loss": 2.0, "total_loss": 2.5, "mtp_loss": None,
+                     "aux_loss": pytest.approx(0.1), "grad_norm": 3.0, "lr": 0.1, "seconds": 0.5}
+    (second,) = readout.drain()
+    assert second["grad_norm"] is None and second["moe_load_max_over_mean"] == 1.5
+    assert second["moe_load_max_over_min"] is None  # some expert got no token: max/min is undefined
+    assert readout.drain() == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned, non-blocking copy path needs CUDA")
+def test_readout_from_the_gpu_matches_the_values():
+    from coscale.train.readout import StepReadout
+    from coscale.train.step import LOSS_NAMES
+
+    readout = StepReadout(lag=1)
+    values = {step: torch.rand(len(LOSS_NAMES), dtype=torch.float64).tolist() for step in (1, 2, 3)}
+    for step, row in values.items():
+        big = torch.randn(4096, 4096, device="cuda")  # keep the device busy while the copies are queued
+        metrics = {name: torch.tensor(v, device="cuda") + 0 * big.sum() for name, v in zip(LOSS_NAMES, row)}
+        readout.push(step, metrics)
+    records = readout.ready() + readout.drain()
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert [r[name] for name in LOSS_NAMES] == pytest.approx(values[r["step"]], rel=1e-6)
+
+
+def test_check_finite_names_the_step_and_the_last_checkpoint():
+    from coscale.train.readout import TrainingDiverged, check_finite
+
+    check_finite({"step": 3, "loss": 1.0, "total_loss": 1.2}, None)
+    with pytest.raises(TrainingDiverged, match="training loss is inf at step 4; .*last checkpoint is ck"):
+        check_finite({"step": 4, "loss": float("inf"), "total_loss": 1.0}, "ck")
+    with pytest.raises(TrainingDiverged, match="total loss .* is nan at step 5"):
+        check_finite({"step": 5, "loss": 1.0, "total_loss": None}, None)
+
+
+# ---- --init-from: fine-tuning from HF-format weights ----------------------------------------------------
+
+
+def test_init_from_starts_from_the_checkpoint_weights(tmp_path):
+    from coscale.checkpoint import save_pretrained
+    from coscale.model import DeepseekForCausalLM
+
+    torch.manual_seed(123)  # not the run's seed: a random init would differ everywhere
+    source = DeepseekForCausalLM(small_model())
+    hf_dir = tmp_path / "hf"
+    save_pretrained(source, hf_dir)
+    lines = []
+    cfg = small_config(tmp_path / "run", model=None, init_from=str(hf_dir), steps=1, save_interval=0, lr=1e-12,
+                       min_lr=0.0, weight_decay=0.0)
+    summary = train(cfg, log=lines.append)
+    assert any(line.startswith(f"init: weights from {hf_dir}") for line in "\n".join(lines).splitlines())
+    trained = ckpt.load_checkpoint(summary["checkpoint"]).model
+    expected = source.state_dict()
+    for name, tensor in trained.items():
+        if name.endswith("e_score_correction_bias"):
+            continue  # moved by the bias update (gamma * sign), not by the optimizer
+        assert torch.allclose(tensor, expected[name], rtol=0, atol=1e-9), name
+
+
+def test_model_directory_with_weights_says_it_trains_from_scratch(tmp_path):
+    from coscale.checkpoint import save_pretrained
+    from coscale.model import DeepseekForCausalLM
+
+    hf_dir = tmp_path / "hf"
+    save_pretrained(DeepseekForCausalLM(small_model()), hf_dir)
+    lines = []
+    train(small_config(tmp_path / "run", model=str(hf_dir), steps=1, save_interval=0), log=lines.append)
+    notes = [line for line in "\n".join(lines).splitlines() if line.startswith("note: training starts from scratch")]
+    assert len(notes) == 1 and f"--init-from {hf_dir}" in notes[0]

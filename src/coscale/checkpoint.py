@@ -1,6 +1,6 @@
 """HF-layout DeepSeek checkpoints: streaming load, sharded save, FP8 block dequantisation.
 
-Layout (the published DeepSeek-V2 / V2-Lite / V3 repositories)::
+Layout (the published DeepSeek-V2 / V2-Lite / V3 repositories, and what HF transformers writes)::
 
     config.json                          ModelConfig.to_dict() (+ quantization_config when FP8)
     model-00001-of-0000N.safetensors     tensors, HF names
@@ -8,46 +8,63 @@ Layout (the published DeepSeek-V2 / V2-Lite / V3 repositories)::
 
 A single ``model.safetensors`` without an index loads too.
 
-Name mapping (pure functions, reusable by expert parallelism): coscale stacks the routed experts of a
-layer into ``mlp.experts.w_gate [E, I, H]`` (``w_up``, ``w_down [E, H, I]``) where HF stores
-``mlp.experts.{j}.gate_proj.weight`` per expert; MTP module k is ``mtp.{k}.*`` in coscale and
-``model.layers.{L+k}.*`` in HF (L = num_hidden_layers), with ``mtp.{k}.block.X`` <-> ``layers.{L+k}.X``,
-``mtp.{k}.norm`` <-> ``layers.{L+k}.shared_head.norm`` and enorm/hnorm/eh_proj unchanged. HF also stores
-per MTP layer copies of the shared ``embed_tokens.weight`` and ``shared_head.head.weight``: they are
-written on save and ignored on load (used only when the main copy is absent).
+Names: HF names are mapped to the model's by its state-dict adapter (coscale.model.state_dict: stacked
+routed experts, MTP layers at index num_hidden_layers, the MTP layers' copies of the shared embedding
+and head). This module reads and writes safetensors through that adapter and never touches module
+internals.
+
+MTP: HF transformers never saves the MTP layers, and many fine-tuned checkpoints ship without them
+while their config still declares num_nextn_predict_layers. A checkpoint with no tensor of any MTP
+layer loads as the main model: one warning line, and the model's MTP depth becomes 0. A checkpoint
+that lacks any other tensor (part of an MTP layer included) is an error.
 
 FP8 (DeepSeek-V3's published format): a weight W [N, K] is stored as float8_e4m3fn together with
 ``<name>_scale_inv`` [ceil(N/128), ceil(K/128)] float32, one scale per 128x128 block (edge blocks may be
 ragged), and W = W_fp8 * scale_inv broadcast over its block. Every tensor with a ``_scale_inv`` partner
-is dequantised on load (to ``dtype`` or bfloat16). ``save_pretrained(fp8=True)`` quantises the 2D
-``*proj*.weight`` tensors inside ``self_attn`` and ``mlp`` (experts and shared experts included; not the
-router ``mlp.gate``, embeddings, the head, norms or ``eh_proj``), as the published V3 files do.
+is dequantised on load (to ``dtype`` or bfloat16), with the block size of the config's
+quantization_config. ``save_pretrained(fp8=True)`` quantises with coscale.kernels.quant's 128x128
+reference quantizer (the one the FP8 recipe uses) the 2D ``*proj*.weight`` tensors inside
+``self_attn`` and ``mlp`` (experts and shared experts included; not the router ``mlp.gate``,
+embeddings, the head, norms or ``eh_proj``), as the published V3 files do.
 
 Streaming: the model is built on the meta device, the headers of all shards are read and checked
 against it (missing, unexpected and mis-shaped tensors are reported before any data is read), every
 parameter is then allocated once on the target device and filled tensor by tensor (an expert into its
 slice), so at most the model plus one checkpoint tensor are in memory. Buffers that checkpoints do not
 hold (RoPE tables, expert-load counters) are recomputed by the model's ``init_buffers()``.
+
+Saving writes into a temporary directory beside the target and renames it into place: a failed save
+(a full disk, an unwritable target) leaves nothing behind and raises a one-line CheckpointError that
+names the path and the cause. Files and directories get the modes the process umask gives.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from coscale.config import ModelConfig
 from coscale.errors import CheckpointError, CoscaleError
+from coscale.kernels.quant import weight_quant_128x128_ref
+from coscale.model.state_dict import (
+    StateDictAdapter,
+    is_mtp_layer,
+    is_mtp_shared_copy,
+    is_stacked_expert,
+    local_expert_index,
+)
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -59,83 +76,13 @@ FP8_QUANTIZATION_CONFIG = {
     "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
     "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
 }
-
-# ---- name mapping (pure) --------------------------------------------------------------------------
-
-_EXPERT_PROJ_TO_STACK = {"gate_proj": "w_gate", "up_proj": "w_up", "down_proj": "w_down"}
-_STACK_TO_EXPERT_PROJ = {v: k for k, v in _EXPERT_PROJ_TO_STACK.items()}
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_HF_EXPERT_RE = re.compile(r"^(.+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_STACKED_RE = re.compile(r"^(.+\.mlp\.experts)\.(w_gate|w_up|w_down)$")
-_MTP_RE = re.compile(r"^mtp\.(\d+)\.(.+)$")
-_MTP_OWN = ("enorm.weight", "hnorm.weight", "eh_proj.weight")
-_MTP_SHARED_COPIES = {"embed_tokens.weight": "model.embed_tokens.weight",
-                      "shared_head.head.weight": "lm_head.weight"}
 _FP8_WEIGHT_RE = re.compile(r"\.(self_attn|mlp)\.(.+\.)?[a-z_]*proj[a-z_]*\.weight$")
-
-
-def hf_to_coscale_name(name: str, cfg: ModelConfig) -> tuple[str, int | None]:
-    """HF tensor name -> (coscale state_dict name, global expert index or None).
-
-    An MTP layer's copy of the shared embedding / head maps to the main model's name; see
-    `is_mtp_shared_copy`. Names are mapped without checking that the model has them.
-    """
-    m = _LAYER_RE.match(name)
-    if m and int(m[1]) >= cfg.num_hidden_layers:
-        k, rest = int(m[1]) - cfg.num_hidden_layers, m[2]
-        if rest in _MTP_SHARED_COPIES:
-            return _MTP_SHARED_COPIES[rest], None
-        if rest in _MTP_OWN:
-            name = f"mtp.{k}.{rest}"
-        elif rest == "shared_head.norm.weight":
-            name = f"mtp.{k}.norm.weight"
-        else:
-            name = f"mtp.{k}.block.{rest}"
-    e = _HF_EXPERT_RE.match(name)
-    if e:
-        return f"{e[1]}.{_EXPERT_PROJ_TO_STACK[e[3]]}", int(e[2])
-    return name, None
-
-
-def coscale_to_hf_name(name: str, cfg: ModelConfig, expert: int | None = None) -> str:
-    """coscale state_dict name (plus the expert index for stacked experts) -> HF tensor name."""
-    s = _STACKED_RE.match(name)
-    if (s is None) != (expert is None):
-        raise ValueError(f"{name}: an expert index is needed exactly for stacked expert weights")
-    if s:
-        name = f"{s[1]}.{expert}.{_STACK_TO_EXPERT_PROJ[s[2]]}.weight"
-    m = _MTP_RE.match(name)
-    if m:
-        layer, rest = cfg.num_hidden_layers + int(m[1]), m[2]
-        if rest == "norm.weight":
-            rest = "shared_head.norm.weight"
-        elif rest.startswith("block."):
-            rest = rest[len("block."):]
-        name = f"model.layers.{layer}.{rest}"
-    return name
-
-
-def is_mtp_shared_copy(name: str, cfg: ModelConfig) -> bool:
-    """True for an MTP layer's copy of the shared embedding or output head (HF name)."""
-    m = _LAYER_RE.match(name)
-    return bool(m) and int(m[1]) >= cfg.num_hidden_layers and m[2] in _MTP_SHARED_COPIES
-
-
-def is_stacked_expert(name: str) -> bool:
-    """True for a coscale stacked routed-expert weight (`...mlp.experts.w_gate` etc.)."""
-    return _STACKED_RE.match(name) is not None
+_log = logging.getLogger(__name__)
 
 
 def is_fp8_weight_name(name: str) -> bool:
     """HF names that the published DeepSeek-V3 files store in FP8 (Linear weights of attention / FFN)."""
     return _FP8_WEIGHT_RE.search(name) is not None
-
-
-def local_expert_index(expert: int, expert_range: range | None) -> int | None:
-    """Index of a global expert inside the local range (None when the range excludes it)."""
-    if expert_range is None:
-        return expert
-    return expert - expert_range.start if expert in expert_range else None
 
 
 # ---- FP8 block scaling ----------------------------------------------------------------------------
@@ -161,32 +108,23 @@ def dequant_fp8_block(w: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8
     return (w.float() * scale).to(dtype)
 
 
-def quantize_fp8_block(w: torch.Tensor, block: int = FP8_BLOCK,
-                       fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [N, K] -> (W_fp8 [N, K], scale_inv [ceil(N/block), ceil(K/block)] float32).
+def quantize_fp8_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] -> (W_fp8 [N, K] e4m3, scale_inv [ceil(N/128), ceil(K/128)] float32).
 
-    Each block's absolute maximum maps to the FP8 format's largest finite value; an all-zero block
-    gets scale_inv 1 (its values stay zero).
+    coscale.kernels.quant's reference 128x128 quantizer (each block's absolute maximum maps to 448),
+    cut from its padded layout to the checkpoint's ragged one.
     """
     if w.ndim != 2:
         raise ValueError(f"quantize_fp8_block expects a 2D weight, got shape {tuple(w.shape)}")
     n, k = w.shape
-    nb, kb = math.ceil(n / block), math.ceil(k / block)
-    padded = w.new_zeros(nb * block, kb * block, dtype=torch.float32)
-    padded[:n, :k] = w.float()
-    blocks = padded.view(nb, block, kb, block)  # (row block, row, col block, col)
-    amax = blocks.abs().amax(dim=(1, 3))
-    scale_inv = torch.where(amax > 0, amax / torch.finfo(fp8_dtype).max, torch.ones_like(amax))
-    q = (blocks / scale_inv[:, None, :, None]).view(nb * block, kb * block)[:n, :k]
-    return q.to(fp8_dtype).contiguous(), scale_inv.contiguous()
+    q, scale_inv = weight_quant_128x128_ref(w)
+    return q[:n, :k].contiguous(), scale_inv
 
 
 def _block_size(cfg: ModelConfig) -> int:
+    """The FP8 block edge of a checkpoint (ModelConfig has checked that the block is square)."""
     qc = cfg.quantization_config or {}
-    size = qc.get("weight_block_size", [FP8_BLOCK, FP8_BLOCK])
-    if len(size) != 2 or size[0] != size[1]:
-        raise CheckpointError(f"quantization_config weight_block_size {size} is not a square block")
-    return int(size[0])
+    return int(qc.get("weight_block_size", [FP8_BLOCK])[0])
 
 
 # ---- reading a checkpoint ------------------------------------------------------------------------
@@ -313,30 +251,16 @@ class LoadItem:
     scale_name: str | None
 
 
-def _expected_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's state_dict tensors by canonical name, and {alias: canonical} for tied tensors."""
-    tensors: dict[str, torch.Tensor] = {}
-    alias: dict[str, str] = {}
-    seen: dict[int, str] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in seen:
-            alias[name] = seen[id(t)]
-            continue
-        seen[id(t)] = name
-        tensors[name] = t
-    return tensors, alias
-
-
 def _first(names, n: int = 5) -> str:
     names = sorted(names)
     more = f" (and {len(names) - n} more)" if len(names) > n else ""
     return ", ".join(names[:n]) + more
 
 
-def plan_load(infos: dict[str, TensorInfo], model: nn.Module, cfg: ModelConfig,
+def plan_load(infos: dict[str, TensorInfo], adapter: StateDictAdapter,
               expert_range: range | None = None) -> list[LoadItem]:
-    """Match checkpoint tensors to the model's state_dict; raise CheckpointError for any mismatch."""
-    expected, alias = _expected_tensors(model)
+    """Match checkpoint tensors to the adapter's model; raise CheckpointError for any mismatch."""
+    cfg, expected = adapter.cfg, adapter.tensors
     block = _block_size(cfg)
     scales = {n[: -len(SCALE_SUFFIX)]: n for n in infos if n.endswith(SCALE_SUFFIX)}
     plan, unexpected, filled = [], [], {}
@@ -345,9 +269,8 @@ def plan_load(infos: dict[str, TensorInfo], model: nn.Module, cfg: ModelConfig,
             if name[: -len(SCALE_SUFFIX)] not in infos:
                 unexpected.append(name)
             continue
-        target, expert = hf_to_coscale_name(name, cfg)
-        target = alias.get(target, target)
-        if is_mtp_shared_copy(name, cfg) and coscale_to_hf_name(target, cfg) in infos:
+        target, expert = adapter.target(name)
+        if is_mtp_shared_copy(name, cfg) and adapter.hf_names(target)[0] in infos:
             continue  # the main model's copy is loaded instead
         if expert is not None:
             expert = local_expert_index(expert, expert_range)
@@ -364,7 +287,7 @@ def plan_load(infos: dict[str, TensorInfo], model: nn.Module, cfg: ModelConfig,
     if unexpected:
         raise CheckpointError(f"checkpoint has {len(unexpected)} tensors the model does not have: "
                               f"{_first(unexpected)}")
-    missing = _missing(expected, filled, cfg, expert_range)
+    missing = _missing(adapter, filled, expert_range)
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the model needs: {_first(missing)}")
     return plan
@@ -394,19 +317,27 @@ def _check_scale(name: str, info: TensorInfo, scale: TensorInfo | None, block: i
         raise CheckpointError(f"{name}{SCALE_SUFFIX}: {e}") from None
 
 
-def _missing(expected: dict[str, torch.Tensor], filled: dict[str, set], cfg: ModelConfig,
-             expert_range: range | None) -> list[str]:
+def _missing(adapter: StateDictAdapter, filled: dict[str, set], expert_range: range | None) -> list[str]:
     """HF names of the tensors no checkpoint entry fills."""
     missing = []
-    for name, t in expected.items():
+    for name, t in adapter.tensors.items():
         got = filled.get(name, set())
         if not is_stacked_expert(name):
-            if not got:
-                missing.append(coscale_to_hf_name(name, cfg))
+            missing += [] if got else adapter.hf_names(name)
             continue
         offset = expert_range.start if expert_range is not None else 0
-        missing += [coscale_to_hf_name(name, cfg, j + offset) for j in range(t.shape[0]) if j not in got]
+        missing += adapter.hf_names(name, [j + offset for j in range(t.shape[0]) if j not in got])
     return missing
+
+
+def _drop_mtp_if_absent(adapter: StateDictAdapter, infos: dict[str, TensorInfo], path: str) -> None:
+    """No tensor of any MTP layer (HF transformers saves none): load the main model, MTP depth 0."""
+    depth = len(getattr(adapter.model, "mtp", ()))
+    if depth == 0 or any(is_mtp_layer(name, adapter.cfg) for name in infos):
+        return
+    _log.warning("%s holds no MTP weights (HF transformers saves none) though the config declares "
+                 "num_nextn_predict_layers %d: loading the main model only, MTP depth set to 0", path, depth)
+    adapter.drop_mtp()
 
 
 # ---- filling the model ------------------------------------------------------------------------
@@ -421,41 +352,21 @@ def _target_dtype(name: str, ckpt_dtype: torch.dtype, scaled: bool, dtype: torch
     return torch.bfloat16 if scaled or ckpt_dtype in FP8_DTYPES else ckpt_dtype
 
 
-def _materialize(model: nn.Module, names: list[str], like: torch.Tensor, dtype: torch.dtype,
-                 device: torch.device) -> torch.Tensor:
-    """Allocate a meta tensor once on `device` and install it under all its (tied) names."""
-    new = torch.empty(like.shape, dtype=dtype, device=device)
-    if isinstance(like, nn.Parameter):
-        new = nn.Parameter(new, requires_grad=like.requires_grad)
-    for name in names:
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        if attr in module._parameters:
-            module._parameters[attr] = new
-        else:
-            module._buffers[attr] = new
-    return new
-
-
-def _prepare_targets(model: nn.Module, plan: list[LoadItem], infos: dict[str, TensorInfo],
+def _prepare_targets(adapter: StateDictAdapter, plan: list[LoadItem], infos: dict[str, TensorInfo],
                      dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
     """Real tensors to fill, by canonical name: meta tensors are allocated now (dtype from the
     checkpoint, see `_target_dtype`), real ones are filled in place in their own dtype."""
-    expected, alias = _expected_tensors(model)
-    names: dict[str, list[str]] = {n: [n] for n in expected}
-    for a, canonical in alias.items():
-        names[canonical].append(a)
     first = {}
     for item in plan:
         first.setdefault(item.target, item)
     targets = {}
-    for name, t in expected.items():
+    for name, t in list(adapter.tensors.items()):
         if t.device.type != "meta":
             targets[name] = t
             continue
         item = first[name]
         d = _target_dtype(name, infos[item.hf_name].dtype, item.scale_name is not None, dtype)
-        targets[name] = _materialize(model, names[name], t, d, device)
+        targets[name] = adapter.materialize(name, d, device)
     return targets
 
 
@@ -466,24 +377,6 @@ def _load_item(item: LoadItem, reader: _TensorReader, dest: torch.Tensor, block:
         t = dequant_fp8_block(t, scale, block, dtype=dest.dtype)
     with torch.no_grad():
         (dest if item.expert is None else dest[item.expert]).copy_(t)
-
-
-def _init_leftover_buffers(model: nn.Module, device: torch.device) -> None:
-    """Buffers outside the checkpoint (RoPE tables, load counters): allocate, then let the model
-    recompute them with `init_buffers()` (the contract with coscale.model)."""
-    allocated = []
-    for module_name, module in model.named_modules():
-        for attr, b in module._buffers.items():
-            if b is not None and b.device.type == "meta":
-                module._buffers[attr] = torch.empty(b.shape, dtype=b.dtype, device=device)
-                allocated.append(f"{module_name}.{attr}")
-    if hasattr(model, "init_buffers"):
-        model.init_buffers()
-    elif allocated:
-        raise RuntimeError(f"{type(model).__name__} has no init_buffers() to compute {_first(allocated)}")
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if left:
-        raise RuntimeError(f"tensors still on the meta device after loading: {_first(left)}")
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -511,23 +404,26 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, dtype: torch.d
     `dtype` when given (FP8 weights: `dtype` or bfloat16; `e_score_correction_bias`: float32);
     tensors already materialised are filled in place. `expert_range` (a range or (start, stop)) loads
     only those routed experts, renumbered from 0, into a model built with that many experts per layer
-    (expert parallelism). Everything is checked before any tensor data is read.
+    (expert parallelism). A checkpoint without MTP weights loads into the main model and removes the
+    model's MTP modules (one warning). Everything is checked before any tensor data is read.
     """
     cfg = cfg or getattr(model, "config", None) or load_checkpoint_config(path)
     device = torch.device(device or "cpu")
     dtype = _as_dtype(dtype)
     expert_range = _as_range(expert_range)
+    adapter = StateDictAdapter(model, cfg)
     reader = _TensorReader(path)
     try:
         infos = reader.infos
-        plan = plan_load(infos, model, cfg, expert_range)
-        targets = _prepare_targets(model, plan, infos, dtype, device)
-        block = _block_size(cfg)
+        _drop_mtp_if_absent(adapter, infos, os.fspath(path))
+        plan = plan_load(infos, adapter, expert_range)
+        targets = _prepare_targets(adapter, plan, infos, dtype, device)
+        block = _block_size(adapter.cfg)
         for item in sorted(plan, key=lambda i: (infos[i.hf_name].file, i.hf_name)):
             _load_item(item, reader, targets[item.target], block)
     finally:
         reader.close()
-    _init_leftover_buffers(model, device)
+    adapter.init_buffers(device)
     return model
 
 
@@ -545,21 +441,6 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
 
 # ---- saving --------------------------------------------------------------------------------------
 
-def iter_hf_tensors(model: nn.Module, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor or expert slice) for everything a published checkpoint holds, in order."""
-    expected, _ = _expected_tensors(model)
-    for name, t in expected.items():
-        if is_stacked_expert(name):
-            for j in range(t.shape[0]):
-                yield coscale_to_hf_name(name, cfg, j), t[j]
-        else:
-            yield coscale_to_hf_name(name, cfg), t
-    for k in range(len(getattr(model, "mtp", ()))):
-        for rest, main in _MTP_SHARED_COPIES.items():
-            if main in expected:
-                yield f"model.layers.{cfg.num_hidden_layers + k}.{rest}", expected[main]
-
-
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -575,17 +456,17 @@ def parse_size(size: int | str) -> int:
     return int(float(m[1]) * _SIZE_UNITS[(m[2] or "B").upper()])
 
 
-def _saved_nbytes(t: torch.Tensor, quantize: bool, block: int) -> int:
+def _saved_nbytes(t: torch.Tensor, quantize: bool) -> int:
     if not quantize:
         return t.numel() * t.element_size()
-    return t.numel() + 4 * math.ceil(t.shape[0] / block) * math.ceil(t.shape[1] / block)
+    return t.numel() + 4 * math.ceil(t.shape[0] / FP8_BLOCK) * math.ceil(t.shape[1] / FP8_BLOCK)
 
 
-def _plan_shards(entries, limit: int, fp8: bool, block: int) -> list[list[tuple[str, torch.Tensor, bool]]]:
+def _plan_shards(entries, limit: int, fp8: bool) -> list[list[tuple[str, torch.Tensor, bool]]]:
     shards, current, size = [], [], 0
     for name, t in entries:
         quantize = fp8 and t.ndim == 2 and t.is_floating_point() and is_fp8_weight_name(name)
-        nbytes = _saved_nbytes(t, quantize, block)
+        nbytes = _saved_nbytes(t, quantize)
         if current and size + nbytes > limit:
             shards.append(current)
             current, size = [], 0
@@ -596,13 +477,13 @@ def _plan_shards(entries, limit: int, fp8: bool, block: int) -> list[list[tuple[
     return shards
 
 
-def _shard_tensors(shard, block: int) -> dict[str, torch.Tensor]:
+def _shard_tensors(shard) -> dict[str, torch.Tensor]:
     """CPU copies of one shard's tensors (quantised where marked); own storage, as safetensors needs."""
     out = {}
     for name, t, quantize in shard:
         t = t.detach()
         if quantize:  # on the tensor's own device, which may be a GPU
-            q, scale_inv = quantize_fp8_block(t, block)
+            q, scale_inv = quantize_fp8_block(t)
             out[name], out[name + SCALE_SUFFIX] = q.cpu(), scale_inv.cpu()
         else:
             out[name] = t.to("cpu", copy=True).contiguous()
@@ -636,45 +517,79 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, max_shard_size
                     fp8: bool = False, overwrite: bool = False) -> None:
     """Write `model` as an HF-layout checkpoint: config.json, model-0000i-of-0000N.safetensors and
     model.safetensors.index.json. `fp8=True` writes the published FP8 layout (128x128 block scales).
-    The directory appears atomically; a non-empty one is replaced only with overwrite=True."""
+    The directory appears atomically; a non-empty one is replaced only with overwrite=True. A disk
+    that fills up or a target that cannot be written raises CheckpointError and leaves nothing."""
     cfg: ModelConfig = model.config
     path = os.path.abspath(os.fspath(path))
     _check_target(path, overwrite)
     limit = parse_size(max_shard_size)
-    block = _block_size(cfg) if fp8 else FP8_BLOCK
-    shards = _plan_shards(iter_hf_tensors(model, cfg), limit, fp8, block)
+    shards = _plan_shards(StateDictAdapter(model, cfg).hf_tensors(), limit, fp8)
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
-        os.chmod(tmp, 0o755)
-        _write_files(tmp, shards, cfg, fp8, block)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+    try:
+        dir_mode, file_mode = _umask_modes(tmp)
+        _write_files(tmp, shards, cfg, fp8, file_mode)
+        os.chmod(tmp, dir_mode)
         _publish(tmp, path, overwrite)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):
+            raise _cannot_write(path, e) from None
         raise
 
 
-def _write_files(directory: str, shards, cfg: ModelConfig, fp8: bool, block: int) -> None:
+def _cannot_write(path: str, e: Exception) -> CheckpointError:
+    """One line naming the checkpoint and the cause (a full disk, a read-only or missing target)."""
+    if isinstance(e, (FileExistsError, NotADirectoryError)) and e.filename:
+        cause = f"{e.filename} is not a directory"
+    elif isinstance(e, OSError):
+        cause = e.strerror or str(e)
+        where = os.fspath(e.filename) if e.filename else path
+        if os.path.dirname(where) != os.path.dirname(path):  # not the target or a temporary beside it
+            cause += f" ({where})"
+    else:  # safetensors reports "Error while serializing: I/O error: No space left on device (os error 28)"
+        cause = re.sub(r"^Error while serializing: (I/O error: )?", "", str(e))
+    return CheckpointError(" ".join(f"cannot write checkpoint {path}: {cause}".split()))
+
+
+def _umask_modes(directory: str) -> tuple[int, int]:
+    """(directory mode, file mode) the process umask gives: tempfile and safetensors create theirs
+    owner-only, so they are set explicitly. Read from a probe directory (os.umask would have to change
+    the process-wide mask to read it)."""
+    probe = os.path.join(directory, ".umask-probe")
+    os.mkdir(probe, 0o777)
+    try:
+        mode = stat.S_IMODE(os.stat(probe).st_mode)
+    finally:
+        os.rmdir(probe)
+    return mode, mode & 0o666
+
+
+def _write_json(file: str, obj) -> None:
+    with open(file, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _write_files(directory: str, shards, cfg: ModelConfig, fp8: bool, file_mode: int) -> None:
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = _shard_tensors(shard, block)
+        tensors = _shard_tensors(shard)
         save_file(tensors, os.path.join(directory, file), metadata={"format": "pt"})
+        os.chmod(os.path.join(directory, file), file_mode)
         for name, t in tensors.items():
             weight_map[name] = file
             total += t.numel() * t.element_size()
         del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    with open(os.path.join(directory, INDEX_FILE), "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2, sort_keys=True)
-        f.write("\n")
-    qc = dict(FP8_QUANTIZATION_CONFIG, weight_block_size=[block, block]) if fp8 else None
-    config = cfg.replace(quantization_config=qc).to_dict()
+    _write_json(os.path.join(directory, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    config = cfg.replace(quantization_config=dict(FP8_QUANTIZATION_CONFIG) if fp8 else None).to_dict()
     config["torch_dtype"] = _dominant_dtype(shards)
-    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
+    _write_json(os.path.join(directory, CONFIG_FILE), config)  # open() honours the umask itself
 
 
 def _dominant_dtype(shards) -> str:

@@ -24,7 +24,9 @@ BROKEN_PIPE_STATUS = 141
 COMMAND_MODULES = (
     "coscale.train.commands",  # train, info
     "coscale.infer.commands",  # generate
+    "coscale.serve.commands",  # serve, bench-serve, tokenize
     "coscale.analysis.commands",  # analyze, report
+    "coscale.calibrate",  # calibrate
 )
 
 

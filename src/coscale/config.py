@@ -4,6 +4,16 @@ Field names are the keys of the published HF ``config.json`` files, so a config 
 to that format without a translation table. A few coscale-only fields (training hyper-parameters of
 the DeepSeek-V3 recipe that the HF file does not carry) are written too; HF loaders ignore them.
 
+Reading a config.json (``ModelConfig.from_dict``) never ignores a key silently:
+- RoPE settings come from either layout: the published one (top-level ``rope_theta`` and
+  ``rope_scaling``, which coscale also writes) or transformers >= 5's ``rope_parameters``; where a file
+  holds both they must agree.
+- A key that would change the model's outputs and that coscale does not model (``rope_interleave``
+  false, ``mlp_bias`` true, ``tie_word_embeddings`` true, a ``hidden_act`` other than silu, an unknown
+  rope type, a ``quantization_config`` coscale cannot read, ...) is a one-line ConfigError naming it.
+- Keys HF transformers derives or that carry no math (``transformers_version``, ``torch_dtype``,
+  ``architectures``, ``use_cache``, ...) are read past; any other key is named in one logged warning.
+
 Presets: ``deepseek-v3`` (671B), ``deepseek-v2`` (236B), ``deepseek-v2-lite`` (16B) with the published
 values, and two trainable members of the same family: ``tiny`` (a few million parameters, CPU) and
 ``small`` (about 0.7B total, ~0.2B activated, one GPU).
@@ -15,16 +25,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from coscale.errors import ConfigError
+from coscale.hf_config import (
+    FP8_KEYS,
+    FP8_NEUTRAL,
+    YARN_KEYS,
+    YARN_NEUTRAL,
+    check_derived_keys,
+    first_names,
+    kwargs_from_hf,
+)
 
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "coscale")  # config.json model_types read here
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -137,16 +159,26 @@ class ModelConfig:
             raise ConfigError(
                 f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}"
             )
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not (
+                self.rope_theta > 1):
+            raise ConfigError(f"rope_theta must be a number > 1, got {self.rope_theta!r}")
         if self.rms_norm_eps <= 0:
             raise ConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.tie_word_embeddings:
+            raise ConfigError("tie_word_embeddings = true is not supported: coscale keeps a separate output "
+                              "head (lm_head), as DeepSeek's models do")
+        if self.num_key_value_heads not in (None, self.num_attention_heads):
+            raise ConfigError(f"num_key_value_heads ({self.num_key_value_heads}) must equal num_attention_heads "
+                              f"({self.num_attention_heads}): MLA decompresses a key and a value per head")
         if self.first_k_dense_replace > 0 or not self.is_moe:
             if self.intermediate_size <= 0:
                 raise ConfigError(f"intermediate_size must be positive, got {self.intermediate_size}")
         if self.is_moe:
             self._validate_moe()
         self._validate_rope_scaling()
+        self._validate_quantization()
 
     def _validate_moe(self) -> None:
         n_exp = self.n_routed_experts
@@ -197,12 +229,51 @@ class ModelConfig:
             raise ConfigError(f"rope_scaling must be a JSON object or null, got {rs!r}")
         kind = rs.get("type", rs.get("rope_type"))
         if kind != "yarn":
-            raise ConfigError(f"rope_scaling type {kind!r} is not supported (only 'yarn')")
+            raise ConfigError(f"RoPE type {kind!r} (rope_scaling / rope_parameters) is not supported: coscale "
+                              "models plain RoPE and 'yarn'")
         for key in ("factor", "original_max_position_embeddings"):
             if key not in rs:
                 raise ConfigError(f"rope_scaling of type 'yarn' needs {key!r}")
+        for key, value in rs.items():
+            if key in YARN_KEYS:
+                continue
+            if key not in YARN_NEUTRAL:
+                raise ConfigError(f"rope_scaling key {key!r} is not modelled by coscale's YaRN")
+            if value != YARN_NEUTRAL[key][0] and value is not None:
+                raise ConfigError(f"rope_scaling {key} = {json.dumps(value)} is not supported: "
+                                  f"{YARN_NEUTRAL[key][1]}")
         if float(rs["factor"]) < 1:
             raise ConfigError(f"rope_scaling factor must be >= 1, got {rs['factor']}")
+        for key in ("beta_fast", "beta_slow"):
+            if key in rs and not float(rs[key]) > 0:
+                raise ConfigError(f"rope_scaling {key} must be positive, got {rs[key]}")
+        ours, hf = yarn_attention_factors(rs)
+        if not math.isclose(ours, hf, rel_tol=1e-12):
+            raise ConfigError(
+                f"rope_scaling mscale {rs.get('mscale')} with mscale_all_dim {rs.get('mscale_all_dim')}: "
+                f"DeepSeek's code scales cos/sin by {ours:.6g} and HF transformers by {hf:.6g}; set both "
+                "mscale and mscale_all_dim"
+            )
+
+    def _validate_quantization(self) -> None:
+        """Only the format of DeepSeek-V3's published weights: e4m3 with square block scales."""
+        qc = self.quantization_config
+        if qc is None:
+            return
+        if not isinstance(qc, dict):
+            raise ConfigError(f"quantization_config must be a JSON object, got {qc!r}")
+        method = qc.get("quant_method")
+        if method != "fp8":
+            raise ConfigError(f"quantization_config quant_method {method!r} is not a format coscale reads "
+                              "(only DeepSeek's block-scaled 'fp8')")
+        for key, (neutral, why) in FP8_NEUTRAL.items():
+            if qc.get(key, neutral) != neutral:
+                raise ConfigError(f"quantization_config {key} {qc[key]!r} is not supported: {why}")
+        size = qc.get("weight_block_size", [128, 128])
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]
+                and isinstance(size[0], int) and size[0] > 0):
+            raise ConfigError(f"quantization_config weight_block_size {size} is not a square block "
+                              "(e.g. [128, 128])")
 
     # ---- HF config.json ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -213,8 +284,9 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from an HF config dict; keys this model does not use are ignored."""
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> ModelConfig:
+        """Build from an HF config dict (either RoPE layout; see the module docstring). `source` names
+        the file in the one-line warning that lists keys coscale does not know."""
         if not isinstance(d, dict):
             raise ConfigError("a model config must be a JSON object")
         model_type = d.get("model_type", "deepseek_v3")
@@ -223,8 +295,7 @@ class ModelConfig:
                 f"model_type {model_type!r} is not a DeepSeek-V2/V3 architecture; coscale models "
                 "deepseek_v2 and deepseek_v3 checkpoints"
             )
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs, unknown = kwargs_from_hf(d, {f.name for f in dataclasses.fields(cls)})
         # Older files have no topk_method / scoring_func: V2 defaults.
         if model_type == "deepseek_v2":
             kwargs.setdefault("topk_method", "greedy")
@@ -232,9 +303,15 @@ class ModelConfig:
             kwargs.setdefault("num_nextn_predict_layers", 0)
             kwargs.setdefault("architectures", ["DeepseekV2ForCausalLM"])
         try:
-            return cls(**kwargs)
+            cfg = cls(**kwargs)
         except TypeError as e:  # a wrongly typed field
             raise ConfigError(f"invalid config: {e}") from None
+        check_derived_keys(d, cfg)
+        unknown += [f"quantization_config.{k}" for k in cfg.quantization_config or {} if k not in FP8_KEYS]
+        if unknown:
+            _log.warning("%s: ignoring %d keys coscale does not model: %s", source, len(unknown),
+                         first_names(unknown, 10))
+        return cfg
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> ModelConfig:
@@ -249,7 +326,7 @@ class ModelConfig:
             raise ConfigError(f"config file not found: {path}") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(d, source=path)
 
     def save_json(self, path: str | os.PathLike) -> None:
         path = os.fspath(path)
@@ -268,6 +345,24 @@ def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
     if scale <= 1:
         return 1.0
     return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_attention_factors(rs: dict[str, Any]) -> tuple[float, float]:
+    """YaRN's cos/sin scale for rope_scaling `rs`, as (DeepSeek's code, HF transformers) compute it.
+
+    DeepSeek: mscale(factor, mscale) / mscale(factor, mscale_all_dim), defaults 1 and 0 (coscale's
+    rope.py). HF: that ratio only when both are set and non-zero, else mscale(factor). They agree on
+    every published config (both keys set, or mscale 1 alone).
+    """
+    factor = float(rs["factor"])
+    mscale, all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+    deepseek = yarn_get_mscale(factor, float(1 if mscale is None else mscale)) / yarn_get_mscale(
+        factor, float(all_dim or 0))
+    if mscale and all_dim:
+        hf = yarn_get_mscale(factor, float(mscale)) / yarn_get_mscale(factor, float(all_dim))
+    else:
+        hf = yarn_get_mscale(factor)
+    return deepseek, hf
 
 
 # ---- presets -------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 from coscale.config import ModelConfig
 
+# The convention "activated" follows everywhere in coscale (info, analyze flops, the analysis models).
+ACTIVATED_CONVENTION = "embedding table excluded (a look-up, no multiply), output head included"
+
 
 @dataclass(frozen=True)
 class ParamCounts:
@@ -29,6 +32,11 @@ class ParamCounts:
     embedding: int
     attention_per_layer: int
     routed_experts: int  # all routed-expert weights in the main model
+
+    @property
+    def activated_with_embedding(self) -> int:
+        """``activated`` under the other convention: the embedding table counted too."""
+        return self.activated + self.embedding
 
 
 def attention_params(cfg: ModelConfig) -> int:

@@ -5,11 +5,13 @@ Thin: parse, call the library, print one rendering (a readable table, ``--markdo
 
 from __future__ import annotations
 
-from coscale.analysis import ep_limit, flops, kv_cache, memory, network
+from coscale.analysis import ep_limit, flops, kv_cache, memory, network, throughput_commands
 from coscale.analysis.memory import DTYPE_BYTES
 from coscale.analysis.table import Table, render
 from coscale.errors import ConfigError
-from coscale.hardware import load_hardware
+from coscale.hardware import hardware_names, load_hardware
+
+HARDWARE_CHOICES = ", ".join(hardware_names())
 
 
 def register(subparsers) -> None:
@@ -31,6 +33,8 @@ def register(subparsers) -> None:
     for name in ("dp", "tp", "pp", "ep"):
         p.add_argument(f"--{name}", type=int, default=1, help=f"{name.upper()} size (default 1)")
     p.add_argument("--zero", type=int, default=1, help="ZeRO stage 0-3 (3 = FSDP; default 1)")
+    p.add_argument("--redundant-experts", type=int, default=0,
+                   help="extra expert replicas over the EP group; any --ep then works (experts per GPU rounded up)")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--weights", choices=DTYPE_BYTES, default="bf16", help="compute weights (fp8: FP8 weights)")
@@ -45,19 +49,23 @@ def register(subparsers) -> None:
     p.add_argument("--weight-dtype", choices=DTYPE_BYTES, default="fp8", help="inference weights")
     p.add_argument("--kv-dtype", choices=DTYPE_BYTES, default="bf16")
 
-    p = _add(sub, "inference-limit", "EP decoding speed limit (section 4.4.2)", _inference_limit)
+    p = _add(sub, "inference-limit", "EP decoding speed limit (section 4.4.2); with no option: the paper's cases",
+             _inference_limit)
     p.add_argument("--bandwidth", type=float, help="EP link bandwidth in GB/s (overrides the hardware)")
-    p.add_argument("--link", choices=ep_limit.LINKS, default="auto")
-    p.add_argument("--tokens-per-device", type=int, default=32)
+    p.add_argument("--link", choices=ep_limit.LINKS, help="which link carries EP traffic (default auto: the "
+                   "scale-up fabric when it spans more than 8 GPUs, else the NICs)")
+    p.add_argument("--tokens-per-device", type=int, help="tokens per device and micro-batch (default 32)")
     p.add_argument("--experts-per-token", type=int, help="default: routed + shared (9 for DeepSeek-V3)")
     p.add_argument("--hidden", type=int, help="hidden size for the communication term")
     p.add_argument("--paper-rounding", action="store_true", help="hidden = 7000, as the paper's '7K'")
-    p.add_argument("--micro-batches", type=int, default=2)
-    p.add_argument("--context", type=int, default=4096, help="tokens per sequence (memory/compute bounds)")
+    p.add_argument("--micro-batches", type=int, help="overlapped micro-batches (default 2)")
+    p.add_argument("--context", type=int, help="tokens per sequence for the memory/compute bounds (default 4096)")
     p.add_argument("--mtp-acceptance", type=float, default=0.0,
                    help="MTP draft acceptance rate 0-1 (paper: 0.8-0.9, ~1.8x tokens/s)")
     p.add_argument("--sweep", help="comma-separated bandwidths in GB/s, e.g. 25,50,100,200,400,900")
-    p.add_argument("--plot", help="with --sweep (or alone): write a TPOT-vs-bandwidth PNG here")
+    p.add_argument("--plot", help="with --sweep (or alone): write a TPOT-vs-bandwidth PNG here (needs matplotlib)")
+
+    throughput_commands.register(sub, _add)
 
     p = _add(sub, "network", "network size and cost by topology (Table 3)", _network, model=False)
     p.add_argument("--radix", type=int, default=64, help="switch ports (default 64)")
@@ -66,12 +74,16 @@ def register(subparsers) -> None:
     p.add_argument("--cost", action="append", default=[], metavar="KEY=USD",
                    help="override a unit price: switch_port, copper_link, optical_link, long_optical_link")
 
-    p = subparsers.add_parser("report", help="one Markdown/HTML report with all analysis tables and charts")
+    text = "one Markdown/HTML report with all analysis tables and charts"
+    p = subparsers.add_parser("report", help=text, description=(
+        "Write every analysis table (KV cache, training FLOPs, the EP decoding limit, training memory, "
+        "network size and cost) and three PNG charts for one model and one GPU into a directory. The "
+        "defaults (DeepSeek-V3 on H800) reproduce the paper's analysis."))
     p.add_argument("--model", default="deepseek-v3", help="model preset, config.json or checkpoint directory")
-    p.add_argument("--hardware", default="h800", help="hardware preset or YAML/JSON file")
+    p.add_argument("--hardware", default="h800", help=f"hardware preset ({HARDWARE_CHOICES}) or YAML/JSON file")
     p.add_argument("--output", default="coscale-report", help="output directory (default coscale-report)")
     p.add_argument("--html", action="store_true", help="write report.html instead of report.md")
-    p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
+    p.add_argument("--no-charts", action="store_true", help="skip the PNG charts (no matplotlib needed)")
     p.set_defaults(func=_report)
 
 
@@ -83,10 +95,14 @@ def _add(sub, name: str, help_text: str, func, multi: bool = False, model: bool 
     elif model:
         p.add_argument("--model", default="deepseek-v3", help="model preset, config.json or checkpoint directory")
     if model:
-        p.add_argument("--hardware", default=None, help="hardware preset or YAML/JSON file (default h800)")
+        p.add_argument("--hardware", default=None,
+                       help=f"hardware preset ({HARDWARE_CHOICES}) or YAML/JSON file, e.g. from "
+                            "'coscale calibrate' (default h800)")
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", dest="format", action="store_const", const="json", default="text")
-    fmt.add_argument("--markdown", dest="format", action="store_const", const="markdown")
+    fmt.add_argument("--json", dest="format", action="store_const", const="json", default="text",
+                     help="print JSON: {\"tables\": [{title, columns, rows, notes}]}, numbers as numbers")
+    fmt.add_argument("--markdown", dest="format", action="store_const", const="markdown",
+                     help="print Markdown tables")
     p.set_defaults(func=func)
     return p
 
@@ -109,15 +125,16 @@ def _flops(args) -> int:
         hw = load_hardware(args.hardware)
         model, per_token = table.rows[0][0], table.rows[0][7] * 1e9
         table.notes.append(f"{model} on one {hw.name}: {hw.peak_flops('bf16') / per_token:,.0f} training "
-                           "tokens/s at 100% of the dense BF16 peak (MFU 40%: "
-                           f"{0.4 * hw.peak_flops('bf16') / per_token:,.0f}).")
+                           "tokens/s at 100% of the dense BF16 peak; 'coscale analyze training-time' predicts "
+                           "the achieved rate for a parallel layout.")
     return _print([table], args)
 
 
 def _memory(args) -> int:
     layout = memory.ParallelLayout(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep,
-                                   zero=0 if args.inference else args.zero)
-    where = f"dp={args.dp} tp={args.tp} pp={args.pp} ep={args.ep}"
+                                   zero=0 if args.inference else args.zero, redundant_experts=args.redundant_experts)
+    where = f"dp={args.dp} tp={args.tp} pp={args.pp} ep={args.ep}" + (
+        f" +{args.redundant_experts} redundant experts" if args.redundant_experts else "")
     if args.inference:
         m = memory.inference_memory_per_gpu(args.model, layout, args.batch, args.context,
                                             args.weight_dtype, args.kv_dtype)
@@ -141,21 +158,26 @@ def _memory(args) -> int:
 
 def _inference_limit(args) -> int:
     hidden = ep_limit.PAPER_HIDDEN if args.paper_rounding else args.hidden
-    common = dict(model=args.model, link=args.link, tokens_per_device=args.tokens_per_device,
-                  experts_per_token=args.experts_per_token, hidden=hidden,
-                  micro_batches=args.micro_batches, context=args.context, mtp_acceptance=args.mtp_acceptance)
+    given = {k: getattr(args, k) for k in ("tokens_per_device", "micro_batches", "context", "link")
+             if getattr(args, k) is not None}
+    common = dict(model=args.model, link=given.get("link", "auto"),
+                  tokens_per_device=given.get("tokens_per_device", 32), experts_per_token=args.experts_per_token,
+                  hidden=hidden, micro_batches=given.get("micro_batches", 2), context=given.get("context", 4096),
+                  mtp_acceptance=args.mtp_acceptance)
+    title = "EP decoding speed limit"
     if args.sweep:
         bandwidths = _floats(args.sweep, "--sweep")
         results = ep_limit.tpot_sweep(bandwidths, hardware=args.hardware or "h800", **common)
         cases = [(f"{r.bandwidth_gbps:g} GB/s", r) for r in results]
-    elif args.hardware is None and args.bandwidth is None and args.model == "deepseek-v3" \
-            and not any(getattr(args, k) is not None for k in ("hidden", "experts_per_token")) \
-            and not args.paper_rounding and not args.mtp_acceptance:
+    elif args.hardware is None and args.bandwidth is None and args.model == "deepseek-v3" and not given \
+            and args.hidden is None and args.experts_per_token is None and not args.paper_rounding \
+            and not args.mtp_acceptance:
         cases = ep_limit.paper_cases(args.model)
+        title += " (the paper's cases: 32 tokens per device, 2 micro-batches)"
     else:
         r = ep_limit.inference_limit(hardware=args.hardware or "h800", bandwidth_gbps=args.bandwidth, **common)
-        cases = [(f"{r.hardware}, {r.bandwidth_gbps:g} GB/s", r)]
-    tables = [ep_limit.inference_limit_table(cases)]
+        cases = [(f"{r.hardware}, {r.bandwidth_gbps:g} GB/s, {r.tokens_per_device} tokens", r)]
+    tables = [ep_limit.inference_limit_table(cases, title)]
     if args.plot:
         from coscale.analysis.plots import tpot_chart
 

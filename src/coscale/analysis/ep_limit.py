@@ -127,8 +127,10 @@ def inference_limit(model: Model = "deepseek-v3", hardware: str | HardwareSpec =
         raise ConfigError(f"inference-limit models expert-parallel decoding; {v.name} has no routed experts")
     if not 0 <= mtp_acceptance <= 1:
         raise ConfigError(f"MTP acceptance must be between 0 and 1, got {mtp_acceptance}")
-    if micro_batches < 1 or context < 0:
-        raise ConfigError(f"micro-batches must be >= 1 and context >= 0, got {micro_batches}, {context}")
+    for name, value in (("micro-batches", micro_batches), ("context", context),
+                        ("tokens per device", tokens_per_device)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     hw = load_hardware(hardware)
     bandwidth = link_bandwidth(hw, link) if bandwidth_gbps is None else bandwidth_gbps
     k = v.experts_per_token + v.shared_experts if experts_per_token is None else experts_per_token
@@ -173,25 +175,33 @@ def paper_cases(model: Model = "deepseek-v3") -> list[tuple[str, InferenceLimit]
     ]
 
 
-def inference_limit_table(cases: list[tuple[str, InferenceLimit]]) -> Table:
-    rows = [[label, r.hardware, r.bandwidth_gbps, r.hidden, r.comm_time_s * 1e6, r.layer_time_s * 1e6,
-             r.tpot_s * 1e3, r.tokens_per_s, r.compute_tpot_s * 1e3, r.memory_tpot_s * 1e3, r.binding]
-            for label, r in cases]
+def inference_limit_table(cases: list[tuple[str, InferenceLimit]], title: str = "EP decoding speed limit") -> Table:
+    """One row per case: the paper's communication bound ("comm TPOT", "comm tokens/s"), our compute and
+    HBM bounds, and the binding (largest) bound with its TPOT and tokens/s."""
+    mtp = any(r.mtp_acceptance for _, r in cases)
+    rows = []
+    for label, r in cases:
+        row = [label, r.hardware, r.bandwidth_gbps, r.hidden, r.tokens_per_device, r.comm_time_s * 1e6,
+               r.layer_time_s * 1e6, r.tpot_s * 1e3, r.tokens_per_s, r.compute_tpot_s * 1e3, r.memory_tpot_s * 1e3,
+               r.binding, r.achievable_tpot_s * 1e3, 1 / r.achievable_tpot_s]
+        if mtp:
+            row.append((1 + r.mtp_acceptance) / r.achievable_tpot_s)
+        rows.append(row)
     first = cases[0][1]
     notes = [
-        f"communication: (1 B FP8 dispatch + 2 B BF16 combine) x {first.tokens_per_device} tokens x "
-        f"{first.experts_per_token} experts x hidden / bandwidth per layer and micro-batch; "
-        f"{first.micro_batches} micro-batches overlapped; x {first.layers} layers; GB = 10^9 bytes.",
+        f"communication: (1 B FP8 dispatch + 2 B BF16 combine) x tokens x {first.experts_per_token} experts x "
+        f"hidden / bandwidth per layer and micro-batch; {first.micro_batches} micro-batches overlapped; x "
+        f"{first.layers} layers; GB = 10^9 bytes. 'comm TPOT' and 'comm tokens/s' are this bound alone (the "
+        "paper's figures); 'TPOT' and 'tokens/s' are the binding (largest) of the three bounds.",
         "compute and memory bounds (ours): FP8 weights, BF16 KV cache, one expert per device; see "
         "docs/analysis.md. The paper quotes 14.76 ms / ~67 tok/s and 0.82 ms / ~1,200 tok/s at hidden 7000, "
-        "and 15.11 ms at hidden 7168.",
+        "and 15.11 ms at hidden 7168. For deployment throughput (efficiencies, latencies, prefill) use "
+        "'coscale analyze serve'.",
     ]
-    columns = ["case", "hardware", "GB/s", "hidden", "comm [us]", "layer [us]", "TPOT [ms]", "tokens/s",
-               "compute TPOT [ms]", "memory TPOT [ms]", "binding"]
-    formats = ["", "", ".0f", "", ".2f", ".2f", ".2f", ".1f", ".3f", ".3f", ""]
-    if any(r.mtp_acceptance for _, r in cases):
-        columns.insert(8, f"tokens/s with MTP ({first.mtp_acceptance:.0%} accepted)")
-        formats.insert(8, ".1f")
-        for row, (_, r) in zip(rows, cases):
-            row.insert(8, r.tokens_per_s_with_mtp)
-    return Table(title="EP decoding speed limit", columns=columns, rows=rows, formats=formats, notes=notes)
+    columns = ["case", "hardware", "GB/s", "hidden", "tokens", "comm [us]", "layer [us]", "comm TPOT [ms]",
+               "comm tokens/s", "compute TPOT [ms]", "memory TPOT [ms]", "binding", "TPOT [ms]", "tokens/s"]
+    formats = ["", "", ".0f", "", "", ".2f", ".2f", ".2f", ".1f", ".3f", ".3f", "", ".2f", ".1f"]
+    if mtp:
+        columns.append(f"tokens/s with MTP ({first.mtp_acceptance:.0%} accepted)")
+        formats.append(".1f")
+    return Table(title=title, columns=columns, rows=rows, formats=formats, notes=notes)

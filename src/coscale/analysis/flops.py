@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from coscale.analysis.models import Model, as_view
 from coscale.analysis.table import Table
 from coscale.errors import ConfigError
+from coscale.param_count import ACTIVATED_CONVENTION
 
 ATTENTION_MODES = ("causal", "full", "causal-qk", "none")
 
@@ -103,12 +104,14 @@ def flops_table(models: list[Model] | None = None, seq_len: int = 4096, attentio
         delta = (f.total / 1e9 / published - 1) * 100 if published else None
         rows.append([v.name, "MoE" if v.is_moe else "dense", v.total_params / 1e9,
                      v.activated_params / 1e9, f.weights / 1e9, f.attention / 1e9, f.mtp / 1e9,
-                     f.total / 1e9, published, delta])
+                     f.total / 1e9, published, delta, (v.activated_params + v.embedding_params) / 1e9])
     terms = [f"6 x activated parameters ({'with' if include_embedding else 'without'} the embedding; "
              "output head included)",
              f"attention at S = {seq_len}: " + _ATTENTION_TERMS[attention],
              "MTP modules " + ("included" if include_mtp else "excluded")]
-    notes = ["counted: " + "; ".join(terms) + "."]
+    notes = ["counted: " + "; ".join(terms) + ".",
+             f"activated params [B]: {ACTIVATED_CONVENTION}; the last column counts the embedding table too "
+             "(the other convention in use)."]
     if any(r[8] is not None for r in rows):
         notes.append("DeepSeek-V2 and V3 reproduce the paper; LLaMA-3.1-405B is 1.0% above 2448 (2448 needs "
                      "--attention causal-qk, which breaks V3) and Qwen-72B 12% above 394: 6 x its "
@@ -116,6 +119,7 @@ def flops_table(models: list[Model] | None = None, seq_len: int = 4096, attentio
     return Table(
         title=f"Training compute per token (sequence length {seq_len})",
         columns=["model", "kind", "total params [B]", "activated params [B]", "6N [GFLOP]",
-                 "attention [GFLOP]", "MTP [GFLOP]", "GFLOPs/token", "paper", "vs paper [%]"],
-        rows=rows, formats=["", "", ".1f", ".2f", ".1f", ".1f", ".1f", ".0f", "", "+.1f"], notes=notes,
+                 "attention [GFLOP]", "MTP [GFLOP]", "GFLOPs/token", "paper", "vs paper [%]",
+                 "activated incl. embedding [B]"],
+        rows=rows, formats=["", "", ".1f", ".2f", ".1f", ".1f", ".1f", ".0f", "", "+.1f", ".2f"], notes=notes,
     )

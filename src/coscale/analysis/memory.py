@@ -2,8 +2,9 @@
 
 Layout: ``dp x tp x pp`` GPUs. Non-expert weights are split over TP and PP; routed experts over EP and
 PP (not TP). EP groups are carved out of the ``dp x tp`` ranks of a pipeline stage, so ``ep`` divides
-``dp x tp`` and the routed experts; experts are replicated over ``dp x tp / ep`` ranks ("expert data
-parallel", EDP). ZeRO stage 1 shards the optimizer states (FP32 master and the AdamW moments) over the
+``dp x tp``; experts are replicated over ``dp x tp / ep`` ranks ("expert data parallel", EDP). Any EP
+size works: with ``redundant_experts`` extra replicas (EPLB) a GPU holds ``ceil((routed + redundant) /
+ep)`` experts per MoE layer. ZeRO stage 1 shards the optimizer states (FP32 master and the AdamW moments) over the
 data-parallel ranks (DP for non-expert, EDP for expert weights), stage 2 also the gradients, stage 3
 (FSDP) also the weights.
 
@@ -50,6 +51,7 @@ class ParallelLayout:
     pp: int = 1
     ep: int = 1
     zero: int = 1  # 0: none, 1: optimizer states, 2: + gradients, 3: + weights (FSDP)
+    redundant_experts: int = 0  # extra expert replicas spread over the EP group (load balancing)
 
     @property
     def world(self) -> int:
@@ -61,7 +63,8 @@ class ParallelLayout:
 
     def check(self, v: ModelView) -> None:
         for name, value in asdict(self).items():
-            if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and name != "zero"):
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or (value < 1 and name not in ("zero", "redundant_experts")) or value < 0:
                 raise ConfigError(f"parallel size {name} must be a positive integer, got {value!r}")
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"ZeRO stage must be 0, 1, 2 or 3, got {self.zero}")
@@ -73,8 +76,15 @@ class ParallelLayout:
             raise ConfigError(f"ep ({self.ep}) > 1 needs an MoE model; {v.name} is dense")
         if (self.dp * self.tp) % self.ep:
             raise ConfigError(f"ep ({self.ep}) must divide dp x tp ({self.dp * self.tp})")
-        if v.is_moe and v.n_routed_experts % self.ep:
-            raise ConfigError(f"ep ({self.ep}) must divide the routed experts ({v.n_routed_experts})")
+        if self.redundant_experts and not v.is_moe:
+            raise ConfigError(f"redundant experts need an MoE model; {v.name} is dense")
+        if v.is_moe and self.ep > v.n_routed_experts + self.redundant_experts:
+            raise ConfigError(f"ep ({self.ep}) exceeds the routed + redundant experts "
+                              f"({v.n_routed_experts + self.redundant_experts}): some GPU would hold none")
+
+    def experts_per_gpu(self, v: ModelView) -> int:
+        """Routed experts one GPU holds per MoE layer: (routed + redundant) / ep, rounded up."""
+        return -(-(v.n_routed_experts + self.redundant_experts) // self.ep) if v.is_moe else 0
 
 
 @dataclass(frozen=True)
@@ -99,8 +109,9 @@ class MemoryBreakdown:
 
 def _local_params(v: ModelView, layout: ParallelLayout) -> tuple[float, float]:
     """(non-expert, expert) parameters held by one GPU before ZeRO sharding."""
+    moe_layers = v.routed_expert_params / (v.n_routed_experts * v.expert_params) if v.is_moe else 0
     return (v.non_expert_params / (layout.tp * layout.pp),
-            v.routed_expert_params / (layout.ep * layout.pp))
+            layout.experts_per_gpu(v) * v.expert_params * moe_layers / layout.pp)
 
 
 def memory_per_gpu(model: Model, layout: ParallelLayout | None = None, seq_len: int = 4096,

@@ -175,6 +175,14 @@ class ModelView:
     mtp_depth: int = 0
     mtp_activated_params: int = 0  # MTP modules per token, output head included, embedding excluded
     kv_lora_rank: int = 0
+    # Layer shapes for the time models (serving, training_time).
+    q_lora_rank: int = 0  # MLA query compression (0: queries projected from the hidden state directly)
+    qk_rope_head_dim: int = 0  # MLA decoupled RoPE dimension
+    dense_layers: int = 0  # layers with a dense FFN (all of a dense model; the first k of DeepSeek-V3)
+    dense_intermediate: int = 0  # their FFN width (per SwiGLU branch)
+    moe_intermediate: int = 0  # one routed expert's width
+    n_group: int = 1  # expert groups for node-limited routing
+    topk_group: int = 1  # groups a token may use
 
     @property
     def is_moe(self) -> bool:
@@ -183,6 +191,14 @@ class ModelView:
     @property
     def non_expert_params(self) -> int:
         return self.total_params - self.routed_expert_params
+
+    @property
+    def moe_layers(self) -> int:
+        return self.layers - self.dense_layers
+
+    @property
+    def shared_intermediate(self) -> int:
+        return self.moe_intermediate * self.shared_experts
 
 
 def as_view(model: Model, name: str | None = None) -> ModelView:
@@ -215,6 +231,7 @@ def _dense_view(m: DenseModelSpec, name: str) -> ModelView:
         vocab_size=m.vocab_size, total_params=emb + head + body,
         activated_params=body + (head if head else emb), embedding_params=emb,
         attention_params_per_layer=m.attention_params_per_layer, routed_expert_params=0,
+        dense_layers=m.num_hidden_layers, dense_intermediate=m.intermediate_size,
     )
 
 
@@ -230,5 +247,8 @@ def _deepseek_view(cfg: ModelConfig, name: str) -> ModelView:
         experts_per_token=cfg.num_experts_per_tok or 0, shared_experts=cfg.n_shared_experts or 0,
         expert_params=expert_params(cfg, cfg.moe_intermediate_size) if cfg.is_moe else 0,
         mtp_depth=cfg.num_nextn_predict_layers, mtp_activated_params=counts.mtp_activated,
-        kv_lora_rank=cfg.kv_lora_rank,
+        kv_lora_rank=cfg.kv_lora_rank, q_lora_rank=cfg.q_lora_rank or 0, qk_rope_head_dim=cfg.qk_rope_head_dim,
+        dense_layers=sum(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)),
+        dense_intermediate=cfg.intermediate_size, moe_intermediate=cfg.moe_intermediate_size if cfg.is_moe else 0,
+        n_group=cfg.n_group or 1, topk_group=cfg.topk_group or 1,
     )

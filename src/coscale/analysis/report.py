@@ -12,6 +12,7 @@ from html import escape
 
 from coscale.analysis import ep_limit, flops, kv_cache, memory, network
 from coscale.analysis.models import Model, ModelView, as_view
+from coscale.analysis.output import staged_directory
 from coscale.analysis.table import Table
 from coscale.hardware import HardwareSpec, load_hardware
 
@@ -52,37 +53,37 @@ def report_tables(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
 
 def write_report(output_dir: str | os.PathLike = "coscale-report", model: Model = "deepseek-v3",
                  hardware: str | HardwareSpec = "h800", html: bool = False, charts: bool = True) -> str:
-    """Write ``report.md`` (or ``report.html``) and the PNG charts into ``output_dir``; return its path."""
-    from coscale.analysis import plots
+    """Write ``report.md`` (or ``report.html``) and the PNG charts into ``output_dir``; return its path.
 
-    out = os.fspath(output_dir)
-    os.makedirs(out, exist_ok=True)
+    All files are written to a staging directory first: on any error nothing is left half-written."""
     v = as_view(model)
     hw = load_hardware(hardware)
     tables = report_tables(v, hw)
-    images: list[tuple[str, str]] = []
     if charts:
-        images.append(("KV cache per token by model",
-                       plots.kv_cache_chart(_with_reference(v, kv_cache.TABLE1_MODELS),
-                                            os.path.join(out, "kv_cache.png"))))
-        if v.is_moe:
-            images.append(("TPOT against interconnect bandwidth",
-                           plots.tpot_chart(os.path.join(out, "tpot_vs_bandwidth.png"), model=v, hardware=hw)))
-        images.append(("Cost per endpoint against cluster size",
-                       plots.cost_chart(os.path.join(out, "network_cost.png"))))
-    title = f"coscale co-design report: {v.name} on {hw.name}"
-    if html:
-        body = "\n".join(t.to_html() for t in tables) + "".join(
-            f'<h3>{escape(c)}</h3>\n<img src="{escape(os.path.basename(p))}" alt="{escape(c)}">\n'
-            for c, p in images)
-        text = f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{escape(title)}</title></head>" \
-               f"<body>\n<h1>{escape(title)}</h1>\n{body}</body></html>\n"
-        path = os.path.join(out, "report.html")
-    else:
-        parts = [f"# {title}", ""] + [t.to_markdown() + "\n" for t in tables]
-        parts += [f"### {c}\n\n![{c}]({os.path.basename(p)})\n" for c, p in images]
-        text = "\n".join(parts)
-        path = os.path.join(out, "report.md")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    return path
+        from coscale.analysis import plots
+
+        plots.require_matplotlib()
+    name = "report.html" if html else "report.md"
+    with staged_directory(output_dir) as stage:
+        images: list[tuple[str, str]] = []
+        if charts:
+            images.append(("KV cache per token by model",
+                           plots.kv_cache_chart(_with_reference(v, kv_cache.TABLE1_MODELS), stage("kv_cache.png"))))
+            if v.is_moe:
+                images.append(("TPOT against interconnect bandwidth",
+                               plots.tpot_chart(stage("tpot_vs_bandwidth.png"), model=v, hardware=hw)))
+            images.append(("Cost per endpoint against cluster size", plots.cost_chart(stage("network_cost.png"))))
+        title = f"coscale co-design report: {v.name} on {hw.name}"
+        if html:
+            body = "\n".join(t.to_html() for t in tables) + "".join(
+                f'<h3>{escape(c)}</h3>\n<img src="{escape(os.path.basename(p))}" alt="{escape(c)}">\n'
+                for c, p in images)
+            text = f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{escape(title)}</title></head>" \
+                   f"<body>\n<h1>{escape(title)}</h1>\n{body}</body></html>\n"
+        else:
+            parts = [f"# {title}", ""] + [t.to_markdown() + "\n" for t in tables]
+            parts += [f"### {c}\n\n![{c}]({os.path.basename(p)})\n" for c, p in images]
+            text = "\n".join(parts)
+        with open(stage(name), "w", encoding="utf-8") as f:
+            f.write(text)
+    return os.path.join(os.fspath(output_dir), name)

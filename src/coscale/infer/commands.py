@@ -105,7 +105,9 @@ def run_generate(args) -> int:
     start = time.perf_counter()
     if args.speculative:
         if not len(model.mtp):
-            raise CoscaleError("this checkpoint has no MTP module; run without --speculative")
+            raise CoscaleError("--speculative needs the MTP module and this model has none (num_nextn_predict_"
+                               "layers 0, or a checkpoint without MTP weights, as HF transformers saves them); "
+                               "run without --speculative")
         out, stats = generate_speculative(model, prompt, args.max_new_tokens)
         extra = (f", {stats.main_calls} main-model calls, draft acceptance "
                  f"{stats.acceptance_rate:.0%}")

@@ -26,6 +26,13 @@ from coscale.model.rope import RotaryEmbedding
 IGNORE_INDEX = -100
 
 
+def _mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the labels that are not ignored; 0 when all are (F.cross_entropy's
+    mean would be 0/0 = NaN there, and testing for that case first would wait for the device)."""
+    total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp_min(1)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, moe: bool):
         super().__init__()
@@ -155,13 +162,11 @@ class DeepseekForCausalLM(nn.Module):
         if len(self.mtp) and self.training:
             losses = []
             for k, mtp_logit in enumerate(self.mtp_logits(h, input_ids), start=1):
+                if k >= labels.shape[1]:
+                    break  # sequence too short for this depth: no position has a target
                 shifted = torch.full_like(labels, IGNORE_INDEX)
                 shifted[:, :-k] = labels[:, k:]
-                if not (shifted != IGNORE_INDEX).any():
-                    continue  # sequence too short for this depth: no targets (0/0 would be NaN)
-                losses.append(
-                    F.cross_entropy(mtp_logit.flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX)
-                )
+                losses.append(_mean_cross_entropy(mtp_logit, shifted))
             if losses:
                 mtp_loss = torch.stack(losses).mean()
                 loss = loss + self.config.mtp_loss_weight * mtp_loss
@@ -170,13 +175,6 @@ class DeepseekForCausalLM(nn.Module):
         if aux_loss is not None:
             loss = loss + aux_loss
         return LossOutput(loss=loss, main_loss=main.detach(), mtp_loss=mtp_loss, aux_loss=aux_loss)
-
-    # ---- checkpoints -------------------------------------------------------------------
-    def save_pretrained(self, path, **kwargs) -> None:
-        """Write an HF-layout checkpoint (config.json + sharded safetensors); see coscale.checkpoint."""
-        from coscale.checkpoint import save_pretrained
-
-        save_pretrained(self, path, **kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -13,6 +13,8 @@ Table of contents (docs/parallel.md has the design):
 - overlap.py         ``overlapped_experts_forward``: two micro-batches, communication behind compute
 - training.py        ``setup_for_training``, ``sync_gradients``, ``shard_batch``, optimizer state across EP
                      sizes, ``all_reduce_router_loads`` for EP x DP training
+- world.py           ``World``: ``SingleProcess`` or ``Distributed`` (EP x DP), the one object a training
+                     loop asks about the processes it runs with
 - launch.py          ``spawn``: N local processes with torchrun's environment (tests, one host)
 """
 

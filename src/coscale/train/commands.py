@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from coscale.errors import ConfigError
+from coscale.train.config import TrainConfig, config_from_checkpoint  # torch-free: errors come at once
+
 
 def register(subparsers) -> None:
     _register_train(subparsers)
@@ -20,63 +23,78 @@ def register(subparsers) -> None:
 
 # ---- train ---------------------------------------------------------------------------------------
 
-# (flag, TrainConfig field, argparse kwargs)
+# (flag, TrainConfig field, argparse kwargs). "(default: ...)" is added from TrainConfig's defaults where
+# the help text does not say it.
 _TRAIN_OPTIONS = [
-    ("--model", "model", dict(metavar="PRESET|CONFIG", help="model preset or HF config.json (default: tiny)")),
+    ("--model", "model", dict(metavar="PRESET|CONFIG",
+                              help="model preset, or an HF config.json or checkpoint directory (its config "
+                                   "only: see --init-from) (default: tiny, or the config of --init-from)")),
+    ("--init-from", "init_from", dict(metavar="DIR", help="start from the weights of an HF-format checkpoint "
+                                                          "directory (fine-tuning) instead of a random "
+                                                          "initialisation")),
     ("--data", "data", dict(nargs="+", metavar="FILE",
-                            help="text file(s) (tokenised as bytes) or pre-tokenised .bin file(s); "
-                                 "default: the embedded corpus (Python's pydoc topics)")),
-    ("--bin-dtype", "bin_dtype", dict(choices=["uint16", "uint32"], help="token dtype of .bin files "
-                                                                         "(default: uint16)")),
-    ("--val-fraction", "val_fraction", dict(type=float, help="held-out fraction of the tokens (default: 0.05)")),
-    ("--batch-size", "batch_size", dict(type=int, help="sequences per step (default: 16)")),
-    ("--seq-len", "seq_len", dict(type=int, help="tokens per sequence (default: 128)")),
-    ("--steps", "steps", dict(type=int, help="optimizer steps (default: 200)")),
-    ("--lr", "lr", dict(type=float, help="peak learning rate (default: 3e-3)")),
-    ("--min-lr", "min_lr", dict(type=float, help="final learning rate of the cosine (default: lr/10)")),
-    ("--warmup-steps", "warmup_steps", dict(type=int, help="linear warm-up steps (default: steps/10)")),
-    ("--weight-decay", "weight_decay", dict(type=float, help="AdamW weight decay (default: 0.1)")),
-    ("--beta1", "beta1", dict(type=float, help="AdamW beta1 (default: 0.9)")),
-    ("--beta2", "beta2", dict(type=float, help="AdamW beta2 (default: 0.95)")),
-    ("--eps", "eps", dict(type=float, help="AdamW epsilon (default: 1e-8)")),
-    ("--grad-clip", "grad_clip", dict(type=float, help="gradient-norm clip, 0 disables (default: 1.0)")),
+                            help="text file(s) (tokenised as bytes) or pre-tokenised .bin file(s) "
+                                 "(default: the embedded corpus, Python's pydoc topics)")),
+    ("--bin-dtype", "bin_dtype", dict(choices=["uint16", "uint32"], help="token dtype of .bin files")),
+    ("--val-fraction", "val_fraction", dict(type=float, metavar="F", help="held-out fraction of the tokens")),
+    ("--batch-size", "batch_size", dict(type=int, metavar="N", help="sequences per step (the global batch)")),
+    ("--seq-len", "seq_len", dict(type=int, metavar="N", help="tokens per sequence")),
+    ("--steps", "steps", dict(type=int, metavar="N", help="optimizer steps")),
+    ("--lr", "lr", dict(type=float, help="peak learning rate")),
+    ("--min-lr", "min_lr", dict(type=float, metavar="LR", help="final learning rate of the cosine "
+                                                               "(default: lr/10)")),
+    ("--warmup-steps", "warmup_steps", dict(type=int, metavar="N", help="linear warm-up steps "
+                                                                         "(default: steps/10)")),
+    ("--weight-decay", "weight_decay", dict(type=float, metavar="X", help="AdamW weight decay")),
+    ("--beta1", "beta1", dict(type=float, metavar="X", help="AdamW beta1")),
+    ("--beta2", "beta2", dict(type=float, metavar="X", help="AdamW beta2")),
+    ("--eps", "eps", dict(type=float, metavar="X", help="AdamW epsilon")),
+    ("--grad-clip", "grad_clip", dict(type=float, metavar="X", help="gradient-norm clip, 0 disables")),
     ("--adam-moments-dtype", "adam_moments_dtype", dict(choices=["fp32", "bf16"],
                                                          help="storage dtype of AdamW's moments; master "
-                                                              "weights stay FP32 (default: fp32)")),
+                                                              "weights stay FP32")),
     ("--precision", "precision", dict(choices=["bf16", "fp32", "fp8"],
                                       help="compute precision (default: bf16 autocast on CUDA, fp32 on CPU)")),
-    ("--device", "device", dict(help="auto, cpu, cuda or cuda:N (default: auto)")),
-    ("--seed", "seed", dict(type=int, help="seed of initialisation and batch sampling (default: 0)")),
+    ("--device", "device", dict(metavar="DEVICE", help="auto, cpu, cuda or cuda:N")),
+    ("--seed", "seed", dict(type=int, metavar="N", help="seed of initialisation and batch sampling")),
     ("--bias-update-speed", "bias_update_speed",
      dict(type=float, metavar="GAMMA", help="router-bias update speed of aux-loss-free balancing "
                                              "(default: the model config's bias_update_speed)")),
     ("--out", "out_dir", dict(metavar="DIR", help="run directory (default: runs/<timestamp>)")),
     ("--resume", "resume", dict(metavar="PATH", help="continue from a run directory (its latest "
                                                      "checkpoint) or a checkpoint directory")),
-    ("--eval-interval", "eval_interval", dict(type=int, help="steps between held-out evaluations (default: 50)")),
-    ("--eval-batches", "eval_batches", dict(type=int, help="batches per evaluation (default: 8)")),
-    ("--log-interval", "log_interval", dict(type=int, help="steps between log lines (default: 10)")),
-    ("--save-interval", "save_interval", dict(type=int, help="steps between checkpoints, 0: only at the end "
-                                                             "(default: 100)")),
-    ("--keep-checkpoints", "keep_checkpoints", dict(type=int, help="checkpoints kept, 0 keeps all (default: 2)")),
-    ("--threads", "threads", dict(type=int, help="CPU threads for torch (default: torch's, all cores; "
-                                                 "use 1 on a shared machine)")),
+    ("--eval-interval", "eval_interval", dict(type=int, metavar="N", help="steps between held-out "
+                                                                           "evaluations, 0: only at the end")),
+    ("--eval-batches", "eval_batches", dict(type=int, metavar="N", help="batches per evaluation")),
+    ("--log-interval", "log_interval", dict(type=int, metavar="N", help="steps between log lines")),
+    ("--save-interval", "save_interval", dict(type=int, metavar="N", help="steps between checkpoints, 0: only "
+                                                                           "at the end")),
+    ("--keep-checkpoints", "keep_checkpoints", dict(type=int, metavar="N", help="checkpoints kept, 0 keeps all")),
+    ("--threads", "threads", dict(type=int, metavar="N", help="CPU threads for torch (default: torch's, all "
+                                                              "cores; use 1 on a shared machine)")),
     # Several processes (launch with torchrun; see docs/training.md).
     ("--ep-size", "ep_size", dict(type=int, metavar="N", help="expert-parallel size under torchrun: each rank "
                                                                "holds 1/N of the routed experts; the world size "
-                                                               "/ N replicas form data parallelism (default: 1)")),
+                                                               "/ N replicas form data parallelism")),
     ("--gpus-per-node", "gpus_per_node", dict(type=int, metavar="G", help="treat ranks [n*G, (n+1)*G) as node n "
                                                                            "(virtual nodes; default: real hosts)")),
     ("--dispatch-codec", "dispatch_codec", dict(choices=["bf16", "fp8", "fp32"],
-                                                help="wire format of tokens sent to other ranks' experts "
-                                                     "(default: bf16)")),
+                                                help="wire format of tokens sent to other ranks' experts")),
     ("--combine-codec", "combine_codec", dict(choices=["bf16", "fp32"],
                                               help="wire format of expert outputs and gradients coming back "
                                                    "(default: fp32 with --dispatch-codec fp32, else bf16)")),
     ("--dist-timeout", "dist_timeout", dict(type=float, metavar="SECONDS",
                                             help="timeout of every collective; a dead or stuck rank ends the "
-                                                 "others with an error after it (default: 120)")),
+                                                 "others with an error after it")),
 ]
+
+
+def _with_default(field: str, text: str) -> str:
+    """``text`` plus "(default: X)" from TrainConfig, unless the text already names its default."""
+    default = getattr(TrainConfig, field, None)
+    if "default:" in text or default is None:
+        return text
+    return f"{text} (default: {default:g})" if isinstance(default, float) else f"{text} (default: {default})"
 
 
 def _register_train(subparsers) -> None:
@@ -89,21 +107,30 @@ def _register_train(subparsers) -> None:
     p.add_argument("--config", metavar="FILE", help="JSON or YAML file of training settings "
                                                      "(TrainConfig fields); options given here override it")
     for flag, dest, kwargs in _TRAIN_OPTIONS:
+        kwargs = kwargs | {"help": _with_default(dest, kwargs["help"])}
         p.add_argument(flag, dest=dest, default=None, **kwargs)
     p.add_argument("--overwrite", action="store_true", default=None,
-                   help="replace the outputs of an existing run directory")
+                   help="replace the outputs of an existing run directory (only the files a run writes)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="print log lines instead of a progress bar")
+                   help="print log lines instead of a progress bar (the default when stderr is not a terminal)")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
                    help="do not write TensorBoard logs even when tensorboard is installed")
+    p.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the forward and backward pass (default: on for one CUDA process; the "
+                        "first step then takes about a minute to compile)")
+    p.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the whole step (forward, backward, clip, AdamW, bias update) from a CUDA graph, "
+                        "so the host issues one launch per step (default: on for one CUDA process)")
     p.add_argument("--two-hop", dest="two_hop", action="store_true", default=None,
                    help="node-limited two-hop dispatch: one inter-node copy per (token, node), then NVLink")
     p.set_defaults(func=run_train)
 
 
 def train_config_from_args(args: argparse.Namespace):
-    from coscale.train.loop import TrainConfig, config_from_checkpoint
-
+    """The TrainConfig of a command line, validated (torch is not imported: errors come at once)."""
+    if args.resume and args.init_from:
+        raise ConfigError("--init-from starts a new run from a checkpoint's weights; --resume continues a run "
+                          "from its own checkpoint: pass one of them")
     if args.config:
         cfg = TrainConfig.from_file(args.config)
     elif args.resume:
@@ -121,9 +148,9 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from coscale.train.loop import train
-
     cfg = train_config_from_args(args)
+    from coscale.train.loop import train  # imports torch: only once the command line is known to be valid
+
     train(cfg)
     return 0
 
@@ -162,7 +189,9 @@ def _counts(cfg):
 
 
 def describe_model(cfg, name: str) -> str:
-    """A few lines: architecture and total / activated parameter counts."""
+    """A few lines: architecture and total / activated parameter counts (with their convention)."""
+    from coscale.param_count import ACTIVATED_CONVENTION
+
     c = _counts(cfg)
     q = f"q_lora_rank {cfg.q_lora_rank}" if cfg.q_lora_rank else "queries unprojected"
     lines = [
@@ -186,6 +215,8 @@ def describe_model(cfg, name: str) -> str:
         f"  MTP: depth {cfg.num_nextn_predict_layers}, loss weight {cfg.mtp_loss_weight}",
         f"  parameters: total {_human(c.total)} ({c.total:,}), activated per token {_human(c.activated)} "
         f"({c.activated:,})",
+        f"    activated: {ACTIVATED_CONVENTION}; with the embedding table {_human(c.activated_with_embedding)} "
+        f"({c.activated_with_embedding:,})",
         f"  MTP modules: {_human(c.mtp)} as stored ({_human(c.mtp_unique)} without shared embedding/head); "
         f"routed experts {_human(c.routed_experts)}",
     ]

@@ -14,7 +14,8 @@ import json
 import os
 from typing import Any
 
-from coscale.train.loop import TrainConfig, train
+from coscale.train.config import TrainConfig
+from coscale.train.loop import train
 from coscale.train.metrics import _moving_average, read_metrics
 
 

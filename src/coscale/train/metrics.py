@@ -4,6 +4,11 @@
 for training steps, ``{"type": "eval", ...}`` for held-out evaluations, and one ``{"type": "run", ...}``
 header per (re)start. Steps are 1-based counts of optimizer steps taken. On resume the lines beyond
 the checkpoint's step are dropped, so the file describes the run that the checkpoint continues.
+
+Durability: the trainer calls :meth:`MetricsLogger.sync` (flush and fsync) before it publishes a
+checkpoint, so every record up to a checkpoint's step is on disk whenever that checkpoint is; a
+process killed later loses at most records that the resume from that checkpoint would drop anyway.
+A write that fails (a full disk) is a one-line :class:`coscale.errors.OutputError` naming the file.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
+
+from coscale.errors import writing
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curve.png"
@@ -22,11 +29,12 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str, resume_step: int | None = None, tensorboard: bool = True) -> None:
         self.path = os.path.join(run_dir, METRICS_FILE)
-        if resume_step is not None:
-            truncate_after(self.path, resume_step)
-        elif os.path.exists(self.path):
-            os.remove(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")
+        with writing(self.path):
+            if resume_step is not None:
+                truncate_after(self.path, resume_step)
+            elif os.path.exists(self.path):
+                os.remove(self.path)
+            self._file = open(self.path, "a", encoding="utf-8")
         self.tensorboard_dir = None
         self._writer = None
         if tensorboard:
@@ -35,7 +43,8 @@ class MetricsLogger:
                 self.tensorboard_dir = os.path.join(run_dir, TENSORBOARD_DIR)
 
     def log(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        with writing(self.path):
+            self._file.write(json.dumps(record, sort_keys=True) + "\n")
         if self._writer is not None and "step" in record:
             kind = record.get("type", "train")
             for key, value in record.items():
@@ -43,12 +52,20 @@ class MetricsLogger:
                     self._writer.add_scalar(f"{kind}/{key}", value, record["step"])
 
     def flush(self) -> None:
-        self._file.flush()
+        with writing(self.path):
+            self._file.flush()
         if self._writer is not None:
             self._writer.flush()
 
+    def sync(self) -> None:
+        """Flush and fsync: every record logged so far is on disk (call before publishing a checkpoint)."""
+        self.flush()
+        with writing(self.path):
+            os.fsync(self._file.fileno())
+
     def close(self) -> None:
-        self._file.close()
+        with writing(self.path):
+            self._file.close()
         if self._writer is not None:
             self._writer.close()
 
@@ -82,7 +99,17 @@ def truncate_after(path: str, step: int) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def final_train_loss(path: str, window: int) -> tuple[float | None, int]:
+    """Mean training loss of the last ``window`` steps in a metrics file, and how many steps it covers:
+    the same figure whichever process (before or after a resume) trained those steps."""
+    losses = [r["loss"] for r in read_metrics(path) if r.get("type") == "train" and r.get("loss") is not None]
+    recent = losses[-window:]
+    return (sum(recent) / len(recent) if recent else None), len(recent)
 
 
 def plot_loss_curve(metrics_path: str, png_path: str, unigram_entropy: float | None = None) -> str:
@@ -110,7 +137,8 @@ def plot_loss_curve(metrics_path: str, png_path: str, unigram_entropy: float | N
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path)
+    with writing(png_path):
+        fig.savefig(png_path)
     return png_path
 
 

@@ -59,11 +59,15 @@ class AdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         state = self.state[p]
         if not state:
-            state["step"] = 0
+            # The step count is a device tensor, like torch's capturable AdamW: a step captured in a CUDA
+            # graph must read it from memory, not bake in a Python number.
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
+        if not torch.is_tensor(state["step"]):  # a checkpoint written when the count was a Python int
+            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=p.device)
         state["step"] += 1
-        t = state["step"]
+        t, lr = state["step"], group["lr"]
         grad = p.grad.float()
         # FP32 arithmetic; only the stored moments are rounded.
         exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
@@ -73,17 +77,19 @@ class AdamW(torch.optim.Optimizer):
             state["exp_avg_sq"].copy_(exp_avg_sq)
         bias1, bias2 = 1 - beta1**t, 1 - beta2**t
         denom = (exp_avg_sq / bias2).sqrt_().add_(group["eps"])
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.addcdiv_(exp_avg, denom, value=-group["lr"] / bias1)
+        p.mul_(1 - lr * group["weight_decay"])
+        p.sub_(exp_avg / denom * (lr / bias1))
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         # Optimizer.load_state_dict casts floating state to the parameter's dtype (FP32); BF16 -> FP32
         # -> BF16 is exact, so casting back restores the saved moments bit for bit.
-        for state in self.state.values():
+        for param, state in self.state.items():
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
                     state[key] = state[key].to(self.moments_dtype)
+            if torch.is_tensor(state.get("step")):  # on the parameter's device; never the saved tensor itself
+                state["step"] = state["step"].to(param.device, torch.float32, copy=True)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -111,5 +117,7 @@ def build_optimizer(
         raise ConfigError(f"adam moments dtype must be one of {', '.join(MOMENT_DTYPES)}, got {moments_dtype!r}")
     groups = param_groups(model, weight_decay)
     if moments_dtype == "fp32":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        # One fused kernel per step on CUDA (torch's default there is several foreach kernels).
+        fused = all(p.is_cuda for group in groups for p in group["params"])
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
     return AdamW(groups, lr=lr, betas=betas, eps=eps, moments_dtype=MOMENT_DTYPES[moments_dtype])

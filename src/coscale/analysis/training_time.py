@@ -1,0 +1,210 @@
+"""Training step time, GPU-hours and cost from FLOPs, achieved kernel rates and communication.
+
+Per micro-batch and pipeline stage (``layers / pp`` layers, ``seq_len x micro_batch`` tokens per GPU):
+
+- ``F`` forward: the serving model's prefill kernels (``layers``), FP8 GEMMs, BF16 attention;
+- ``B`` input gradients: every GEMM again with the roles of N and K swapped (dgrad), attention backward
+  (2.5 x the forward FLOPs at the backward rate), elementwise kernels twice the forward bytes, and the
+  recomputation (DeepSeek: RMSNorm and the MLA up-projections ``q_b``, ``kv_b``; ``full``: all of F);
+- ``W`` weight gradients: ``N x K`` outputs contracted over the tokens (grouped expert wgrad at its own,
+  lower, rate).
+
+A step is ``micro_batches x (F + B + W)`` plus the pipeline bubble, plus the data-parallel gradient
+reduce-scatter and parameter all-gather (ZeRO-1, over the NICs, not overlapped), plus the AdamW update
+(22 bytes per local parameter: FP32 master, BF16 moments, FP32 gradient, BF16 weight). Bubbles: 1F1B
+``(pp - 1)(F + B + W)``; DualPipe ``(pp/2 - 1)(F&B + B - 3W)`` (the DeepSeek-V3 report's Table 2, F&B taken
+as F + B). The expert all-to-all is hidden under computation with DualPipe (the report: near-zero
+overhead), exposed with 1F1B; either way, while it runs it holds ``comm_sms`` SMs, so MoE computation runs
+on the rest. The MTP modules train with the model. Routing is balanced; the output head's stage does no
+more work than the others (its imbalance is ignored).
+
+GPU-hours for ``N`` tokens = N / tokens per step x step time x GPUs; cost at a price per GPU-hour (the
+report's $2 for the H800). The report's 180K H800 GPU-hours per trillion tokens (2.664M for 14.8T) is
+the check for DeepSeek-V3's layout (:data:`DEEPSEEK_V3_TRAINING`), never an input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from coscale.analysis import layers as L
+from coscale.analysis.costs import OpTime, attention_prefill, elementwise, gemm
+from coscale.analysis.flops import training_flops_per_token
+from coscale.analysis.memory import ParallelLayout
+from coscale.analysis.models import Model, ModelView, as_view
+from coscale.errors import ConfigError
+from coscale.hardware import HardwareSpec, load_hardware
+
+SCHEDULES = ("dualpipe", "1f1b")
+RECOMPUTE = ("deepseek", "none", "full")
+
+# DeepSeek-V3 pre-training (the report, the paper's Table 4): 2,048 H800, PP16 DualPipe, EP64, ZeRO-1 DP,
+# 15,360 sequences of 4,096 tokens per step; 180K GPU-hours per trillion tokens; $2 per GPU-hour.
+DEEPSEEK_V3_TRAINING = dict(model="deepseek-v3", hardware="h800", layout=ParallelLayout(dp=128, pp=16, ep=64),
+                            seq_len=4096, global_batch=15360, micro_batch=1, schedule="dualpipe")
+PUBLISHED_GPU_HOURS_PER_TRILLION = 180e3  # the report: "180K H800 GPU hours" per trillion tokens (2.664M / 14.8T)
+PRICE_PER_GPU_HOUR = 2.0  # US$, the report's H800 rental assumption
+
+
+@dataclass
+class TrainingTime:
+    model: str
+    hardware: str
+    layout: ParallelLayout
+    tokens_per_step: int
+    step_s: float
+    parts_s: dict[str, float]  # forward, backward, weight gradients, bubble, dp sync, optimizer, exposed a2a
+    model_flops_per_token: float  # the Table 2 convention (causal attention, no MTP)
+    peak_bf16_flops: float
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def world(self) -> int:
+        return self.layout.world
+
+    @property
+    def tokens_per_s_per_gpu(self) -> float:
+        return self.tokens_per_step / self.step_s / self.world
+
+    @property
+    def model_tflops_per_gpu(self) -> float:
+        return self.model_flops_per_token * self.tokens_per_s_per_gpu / 1e12
+
+    @property
+    def mfu(self) -> float:
+        return self.model_tflops_per_gpu * 1e12 / self.peak_bf16_flops
+
+    def gpu_hours(self, tokens: float) -> float:
+        return tokens / self.tokens_per_step * self.step_s * self.world / 3600
+
+    def cost(self, tokens: float, price_per_gpu_hour: float = PRICE_PER_GPU_HOUR) -> float:
+        return self.gpu_hours(tokens) * price_per_gpu_hour
+
+
+def _pass_ops(v: ModelView, hw: HardwareSpec, tokens: int, micro_batch: int, seq_len: int, tp: int, ep: int,
+              moe: bool, dtype: str) -> tuple[list[OpTime], list[OpTime], list[OpTime], list[OpTime]]:
+    """(forward, input-gradient, weight-gradient, recomputed-in-DeepSeek's-scheme) ops of one layer."""
+    eff = hw.achieved
+    b = L.Batch(tokens=tokens, requests=micro_batch, queries=seq_len, context=seq_len, decode=False)
+    par = L.Parallel(ep=ep, tp=tp, redundant_experts=0, gemm_dtype=dtype)
+    stages = L.layer_stages(v, hw, b, par, moe=moe)
+    forward = [op for stage in stages for op in stage.compute]
+    backward, wgrad, recompute = [], [], []
+    for op in forward:
+        if op.name == "attention":
+            h = v.heads / tp
+            backward.append(attention_prefill(eff, "attention backward", micro_batch, seq_len, h,
+                                              v.qk_head_dim, v.v_head_dim, backward=True))
+        elif not op.flops and op.bound in ("memory", "launch"):  # elementwise: twice the bytes backward
+            backward.append(elementwise(eff, op.name + " (backward)", 2 * op.bytes))
+        # GEMMs are rebuilt from their shapes below; the TP all-reduce repeats in backward as is
+    for name, m, n, k, groups in _gemm_shapes(v, tokens, tp, ep, moe):
+        experts = name.startswith("experts")  # the routed experts run grouped GEMMs
+        backward.append(gemm(eff, name + " dgrad", m, k, n, groups=groups, kind="grouped" if experts else "dense",
+                             dtype=dtype))
+        wgrad.append(gemm(eff, name + " wgrad", n, k, m, kind="wgrad" if experts else "dense", dtype=dtype))
+        if name in ("q_b", "kv_b"):
+            recompute.append(gemm(eff, name + " recomputed", m, n, k, dtype=dtype))
+    return forward, backward, wgrad, recompute
+
+
+def _gemm_shapes(v: ModelView, tokens: int, tp: int, ep: int, moe: bool) -> list[tuple]:
+    """(name, M, N, K, groups) of the layer's GEMMs for ``tokens`` tokens on one GPU."""
+    h, T = v.heads / tp, tokens
+    out = []
+    if v.attention == "MLA":
+        latent = v.kv_lora_rank + v.qk_rope_head_dim
+        nope = v.qk_head_dim - v.qk_rope_head_dim
+        out.append(("q_a + kv_a", T, (v.q_lora_rank or 0) + latent, v.hidden_size, 1))
+        out.append(("q_b", T, int(h * v.qk_head_dim), v.q_lora_rank or v.hidden_size, 1))
+        out.append(("kv_b", T, int(h * (nope + v.v_head_dim)), v.kv_lora_rank, 1))
+    else:
+        out.append(("qkv", T, int((h + 2 * max(v.kv_heads / tp, 1)) * v.qk_head_dim), v.hidden_size, 1))
+    out.append(("o_proj", T, v.hidden_size, int(h * v.v_head_dim), 1))
+    t = T / tp
+    if moe:
+        rows, local = t * v.experts_per_token, -(-v.n_routed_experts // ep)
+        out += [("experts gate+up", rows, 2 * v.moe_intermediate, v.hidden_size, local),
+                ("experts down", rows, v.hidden_size, v.moe_intermediate, local)]
+        if v.shared_experts:
+            out += [("shared gate+up", t, 2 * v.shared_intermediate, v.hidden_size, 1),
+                    ("shared down", t, v.hidden_size, v.shared_intermediate, 1)]
+    else:
+        out += [("dense gate+up", t, 2 * v.dense_intermediate, v.hidden_size, 1),
+                ("dense down", t, v.hidden_size, v.dense_intermediate, 1)]
+    return out
+
+
+def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "h800",
+                  layout: ParallelLayout | None = None, seq_len: int = 4096, global_batch: int = 15360,
+                  micro_batch: int = 1, schedule: str = "dualpipe", recompute: str = "deepseek",
+                  include_mtp: bool = True, precision: str = "fp8", eager: bool = False) -> TrainingTime:
+    """Step time of one training step; see the module docstring. ``precision``: the GEMMs' (``fp8`` or
+    ``bf16``); ``eager``: every op is launched from Python (no CUDA graphs), so a step takes at least
+    ``ops x host_launch_us`` of host time."""
+    v, hw = as_view(model), load_hardware(hardware)
+    layout = layout or ParallelLayout()
+    layout.check(v)
+    if schedule not in SCHEDULES or recompute not in RECOMPUTE or precision not in ("fp8", "bf16"):
+        raise ConfigError(f"schedule must be one of {SCHEDULES}, recompute one of {RECOMPUTE} and precision "
+                          "fp8 or bf16")
+    for name, value in (("sequence length", seq_len), ("global batch", global_batch), ("micro-batch", micro_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    dp = layout.dp
+    if global_batch % (dp * micro_batch):
+        raise ConfigError(f"global batch ({global_batch}) must be a multiple of dp x micro-batch ({dp * micro_batch})")
+    micro_batches = global_batch // (dp * micro_batch)
+    eff, tokens = hw.achieved, seq_len * micro_batch
+    mtp = v.mtp_depth if include_mtp else 0
+    f = b = w = 0.0
+    layer_counts = [(False, v.dense_layers), (v.is_moe, v.moe_layers + mtp)]
+    slowdown = eff.sms / (eff.sms - eff.comm_sms) if v.is_moe and layout.ep > 1 else 1.0
+    a2a = kernels = 0.0
+    for moe, count in layer_counts:
+        if not count:
+            continue
+        fwd, bwd, wg, rec = _pass_ops(v, hw, tokens, micro_batch, seq_len, layout.tp, layout.ep, moe, precision)
+        scale = count / layout.pp * (slowdown if moe else 1.0)
+        extra = fwd if recompute == "full" else (rec if recompute == "deepseek" else [])
+        f += scale * sum(op.seconds for op in fwd)
+        b += scale * sum(op.seconds for op in bwd + extra)
+        w += scale * sum(op.seconds for op in wg)
+        kernels += count / layout.pp * len(fwd + bwd + extra + wg)
+        if moe and layout.ep > 1:
+            par = L.Parallel(ep=layout.ep, tp=layout.tp, redundant_experts=0)
+            dispatch, combine = L.collectives(v, hw, tokens / layout.tp, par, decode=False)
+            a2a += count / layout.pp * 2 * (dispatch.seconds + combine.seconds)  # forward and backward
+    head = sum(op.seconds for op in L.head_ops(v, hw, tokens, layout.tp)) * (1 + mtp) / layout.pp
+    f, b, w = f + head, b + head, w + head
+    if layout.pp == 1:
+        bubble = 0.0
+    elif schedule == "1f1b":
+        bubble = (layout.pp - 1) * (f + b + w)
+    else:
+        bubble = (layout.pp / 2 - 1) * max(f + b + b - 3 * w, 0.0)
+    exposed_a2a = micro_batches * a2a if schedule == "1f1b" else 0.0
+    local_params = v.non_expert_params / (layout.tp * layout.pp) + v.routed_expert_params / (layout.ep * layout.pp)
+    dp_bytes = (v.non_expert_params / (layout.tp * layout.pp) * (dp - 1) / dp
+                + v.routed_expert_params / (layout.ep * layout.pp) * (layout.edp - 1) / max(layout.edp, 1)) * (4 + 2)
+    dp_sync = dp_bytes / (eff.a2a_scale_out_gbps * 1e9) if dp > 1 else 0.0
+    optimizer = local_params * 22 / (eff.memory_tbps * 1e12)
+    parts = {"forward": micro_batches * f, "input gradients": micro_batches * b, "weight gradients": micro_batches * w,
+             "pipeline bubble": bubble, "exposed all-to-all": exposed_a2a, "data-parallel sync": dp_sync,
+             "optimizer": optimizer}
+    if eager:  # the host launches every op; the GPU cannot run ahead of it
+        host = micro_batches * kernels * eff.host_launch_us * 1e-6
+        parts["host launch (beyond GPU time)"] = max(host - sum(parts.values()), 0.0)
+    step = sum(parts.values())
+    notes = [f"{v.name} on {layout.world} x {hw.name}: dp {dp} tp {layout.tp} pp {layout.pp} ep {layout.ep}; "
+             f"{micro_batches} micro-batches of {micro_batch} x {seq_len} tokens per pipeline; {schedule} schedule; "
+             f"recompute {recompute}; MTP modules {'trained' if mtp else 'excluded'}; {precision.upper()} GEMMs"
+             + (f"; eager: {kernels:.0f} ops per micro-batch and stage at {eff.host_launch_us:g} us each"
+                if eager else ""),
+             f"MoE computation on {eff.sms - eff.comm_sms} of {eff.sms} SMs (the all-to-all kernels hold the rest)"
+             if slowdown > 1 else "no SMs held by communication kernels",
+             "achieved rates: " + "; ".join(f"{k} {getattr(eff, k):g}" for k in (
+                 "gemm_fp8_tflops", "gemm_wgrad_fp8_tflops", "gemm_k_overhead", "attention_prefill_tflops",
+                 "attention_backward_tflops", "memory_tbps", "a2a_scale_out_gbps"))]
+    return TrainingTime(v.name, hw.name, layout, global_batch * seq_len, step, parts,
+                        training_flops_per_token(v, seq_len), hw.peak_flops("bf16"), notes)

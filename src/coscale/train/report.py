@@ -1,0 +1,181 @@
+"""What a run prints and reports: the header, the progress (a bar or log lines), the summary and its footer.
+
+The final training loss in the summary is the mean of the last ``FINAL_LOSS_WINDOW`` steps recorded in
+``metrics.jsonl``, so it is the same number whether those steps ran in this process or before a resume.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from coscale.param_count import count_params
+from coscale.train.config import TrainConfig
+from coscale.train.data import nats_to_bits
+from coscale.train.metrics import final_train_loss, plot_loss_curve
+from coscale.train.run_dir import PLOT_FILE
+from coscale.train.setup import RunPlan
+
+FINAL_LOSS_WINDOW = 20  # steps averaged into the reported final training loss
+# FP8Linear beats BF16 from about this width on (BENCHMARKS.md, H100): below it a layer is too small
+# for FP8's GEMMs to repay its quantization passes and launches
+FP8_PAYS_FROM_HIDDEN = 4096
+
+
+# ---- the header --------------------------------------------------------------------------------
+
+
+def header(cfg: TrainConfig, plan: RunPlan, device: torch.device, layout: dict | None) -> str:
+    counts = count_params(plan.model_cfg)
+    n_train, n_val = plan.split.train.size, plan.split.val.size
+    data = ", ".join(cfg.data) if cfg.data else "embedded corpus (Python's pydoc topics)"
+    lines = [
+        f"model: {plan.model_name} ({counts.total / 1e6:.2f}M params, {counts.activated / 1e6:.2f}M activated"
+        f", +{counts.mtp_unique / 1e6:.2f}M MTP) on {device}, precision {plan.precision}",
+        f"data: {data}: {n_train:,} train / {n_val:,} val tokens; unigram entropy "
+        f"{plan.entropy:.4f} nats = {nats_to_bits(plan.entropy):.3f} bits per token",
+        f"run: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr:g} "
+        f"(warm-up {cfg.warmup}, cosine), AdamW moments {cfg.adam_moments_dtype}, "
+        f"{torch.get_num_threads()} CPU thread(s); output {plan.out_dir}",
+        f"step: {plan.step_mode.describe()} (--compile/--no-compile, --cuda-graphs/--no-cuda-graphs)",
+    ]
+    lines += [note for note in (_weights_note(plan), fp8_speed_note(plan.precision, device,
+                                                                          plan.model_cfg.hidden_size)) if note]
+    if layout is not None:
+        lines.append(
+            f"parallel: {layout['world_size']} ranks = EP {layout['ep_size']} x DP {layout['dp_size']} "
+            f"({layout['backend']}, {layout['gpus_per_node']} rank(s) per node), dispatch {layout['dispatch_codec']}"
+            f", combine {layout['combine_codec']}{', two-hop' if layout['two_hop'] else ''}; "
+            f"{cfg.batch_size // layout['world_size']} sequences per rank per step"
+        )
+    if plan.resume_dir:
+        lines.append(f"resuming from {plan.resume_dir} at step {plan.start_step}")
+    return "\n".join(lines)
+
+
+def _weights_note(plan: RunPlan) -> str | None:
+    if plan.init_from:
+        return f"init: weights from {plan.init_from} (fine-tuning)"
+    if plan.ignored_weights:
+        return (f"note: training starts from scratch (random weights): only the config.json of "
+                f"{plan.ignored_weights} is used; pass --init-from {plan.ignored_weights} to fine-tune its weights")
+    return None
+
+
+def fp8_speed_note(precision: str, device: torch.device, hidden_size: int) -> str | None:
+    """What a user choosing fp8 should expect of its speed, when it is not a speed-up."""
+    if precision != "fp8":
+        return None
+    if device.type != "cuda":
+        return ("note: fp8 on CPU runs the recipe's PyTorch reference (quantize, dequantize, matmul): it "
+                "checks the numerics and is slower than fp32")
+    if hidden_size < FP8_PAYS_FROM_HIDDEN:
+        return (f"note: at hidden size {hidden_size} fp8 is expected to train more slowly than bf16 (about 0.5x "
+                f"for the small preset on an H100: launch-bound); it speeds up linear layers from about "
+                f"{FP8_PAYS_FROM_HIDDEN} wide (docs/fp8.md, 'When FP8 pays')")
+    return None
+
+
+# ---- progress ----------------------------------------------------------------------------------
+
+
+class Progress:
+    """A tqdm bar when ``cfg.progress`` (default: stderr is a terminal), else a log line every
+    ``log_interval`` steps with the mean loss and the tokens/s since the previous line."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int, log: Callable[[str], None], main: bool) -> None:
+        self.cfg, self.log = cfg, log
+        self.bar = _progress_bar(cfg, start_step) if main else None
+        self.losses: list[float] = []
+        self.tokens, self.seconds = 0, 0.0
+
+    def step(self, record: dict[str, Any], tokens: int, seconds: float) -> bool:
+        """Show one training record; True when a log interval ends (a good moment to flush files)."""
+        self.losses.append(record["loss"])
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+        tokens_per_s = self.tokens / self.seconds if self.seconds else 0.0
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{tokens_per_s:.0f}", refresh=False)
+        step = record["step"]
+        if step % self.cfg.log_interval and step != self.cfg.steps:
+            return False
+        if self.bar is None:
+            window = self.losses[-self.cfg.log_interval:]
+            self.log(f"step {step:>6}/{self.cfg.steps} | loss {sum(window) / len(window):.4f}"
+                     f" | lr {record['lr']:.2e} | {tokens_per_s:,.0f} tok/s")
+        self.losses, self.tokens, self.seconds = [], 0, 0.0
+        return True
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            self.log(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress_bar(cfg: TrainConfig, start_step: int) -> tqdm | None:
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    if not show:
+        return None
+    return tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+
+# ---- the end -----------------------------------------------------------------------------------
+
+
+def summarise(cfg: TrainConfig, plan: RunPlan, metrics_path: str, tensorboard_dir: str | None, *, device: str,
+              layout: dict | None, val_loss: float | None, train_seconds: float, checkpoint: str | None) -> dict:
+    """The summary ``summary.json`` holds and the footer prints (rank 0: it reads ``metrics.jsonl``)."""
+    plot = plot_loss_curve(metrics_path, os.path.join(plan.out_dir, PLOT_FILE), plan.entropy)
+    final_loss, final_steps = final_train_loss(metrics_path, FINAL_LOSS_WINDOW)
+    steps_run = cfg.steps - plan.start_step
+    summary = {
+        "steps": cfg.steps,
+        "steps_this_run": steps_run,
+        "final_train_loss": final_loss,
+        "final_train_loss_steps": final_steps,
+        "final_val_loss": val_loss,
+        "unigram_entropy_nats": plan.entropy,
+        "unigram_entropy_bits": nats_to_bits(plan.entropy),
+        "tokens_per_s": steps_run * cfg.batch_size * cfg.seq_len / train_seconds if train_seconds else None,
+        "train_seconds": train_seconds,
+        "device": device,
+        "precision": plan.precision,
+        "out_dir": plan.out_dir,
+        "metrics": metrics_path,
+        "plot": plot,
+        "checkpoint": checkpoint,
+        "tensorboard": tensorboard_dir,
+    }
+    if layout is not None:
+        summary["parallel"] = layout
+    return summary
+
+
+def footer(s: dict) -> str:
+    val = f"{s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else "n/a"
+    train_loss = f"{s['final_train_loss']:.4f}" if s["final_train_loss"] is not None else "n/a"
+    lines = [
+        f"done: {s['steps']} steps; train loss {train_loss} (mean of the last {s['final_train_loss_steps']} "
+        f"steps), val loss {val} nats vs unigram entropy {s['unigram_entropy_nats']:.4f} nats",
+        f"throughput: {s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of training steps "
+        f"({s['wall_seconds']:.1f} s with evaluation and checkpoints)"
+        if s["tokens_per_s"] else "throughput: n/a",
+        f"metrics: {s['metrics']}",
+        f"loss curve: {s['plot']}",
+        f"checkpoint: {s['checkpoint']}",
+    ]
+    if s["tensorboard"]:
+        lines.append(f"tensorboard: {s['tensorboard']}")
+    return "\n".join(lines)
