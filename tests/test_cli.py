@@ -87,11 +87,12 @@ def test_generate_checks_threads_before_importing_torch():
 def test_generate_threads_sets_torch_threads(tmp_path, monkeypatch, capsys):
     import torch
 
+    from coscale import save_pretrained
     from coscale.cli import main
     from coscale.config import get_preset
     from coscale.model import DeepseekForCausalLM
 
-    DeepseekForCausalLM(get_preset("tiny", num_hidden_layers=1)).save_pretrained(tmp_path / "hf")
+    save_pretrained(DeepseekForCausalLM(get_preset("tiny", num_hidden_layers=1)), tmp_path / "hf")
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     assert main(["generate", str(tmp_path / "hf"), "--max-new-tokens", "2", "--threads", "1"]) == 0
