@@ -72,8 +72,10 @@ class AdamW(torch.optim.Optimizer):
         if not torch.is_tensor(lr):
             lr = torch.tensor(lr, dtype=torch.float32, device=p.device)
         beta1, beta2 = group["betas"]
-        self.update_fn(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr, beta1, beta2,
-                       group["eps"], group["weight_decay"])
+        tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+        if all(t.is_contiguous() for t in tensors):  # one shape for every parameter: a compiled update_fn
+            tensors = tuple(t.view(-1) for t in tensors)  # compiles once, not once per parameter shape
+        self.update_fn(*tensors, state["step"], lr, beta1, beta2, group["eps"], group["weight_decay"])
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -98,7 +98,8 @@ class StepRunner:
         if mode.compile:
             self.loss_fn = torch.compile(model.compute_loss, backend=compile_backend)
             if isinstance(optimizer, AdamW):  # BF16 moments: fuse each parameter's update into one kernel
-                optimizer.update_fn = torch.compile(adamw_update_, backend=compile_backend, fullgraph=True)
+                optimizer.update_fn = torch.compile(adamw_update_, backend=compile_backend, fullgraph=True,
+                                                    dynamic=True)
         if mode.cuda_graphs:
             capturable(optimizer)
         self.steps_run = 0
