@@ -111,7 +111,7 @@ def plan_run(cfg: TrainConfig, world: World) -> RunPlan:
     _check_layout(cfg, model_cfg, world.world_size)
     _check_device(cfg.device, world.world_size)
     precision = cfg.precision or ("bf16" if world.device.type == "cuda" else "fp32")
-    step_mode = resolve_step_mode(cfg.compile, cfg.cuda_graphs, world)
+    step_mode = resolve_step_mode(cfg.compile, cfg.cuda_graphs, world, precision)
     tokens = load_tokens(cfg.data, model_cfg.vocab_size, cfg.bin_dtype)
     split = split_tokens(tokens, cfg.val_fraction, cfg.seq_len)
     data_info = data_fingerprint(cfg.data, tokens)
