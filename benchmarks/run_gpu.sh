@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One GPU session: every benchmark in turn, each bounded in time, logs under $OUT.
 # Usage on the device machine: bash benchmarks/run_gpu.sh [quick|full]
+# Each script appends its run's line to $OUT/<script>.jsonl (results_log.py); append those lines to
+# benchmarks/results/<script>.jsonl in the repository.
 set -u
 MODE=${1:-quick}
 export PYTHONPATH=src PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+export BENCH_RESULTS_DIR=${BENCH_RESULTS_DIR:-$OUT}
 Q=""; [ "$MODE" = quick ] && Q="--quick"
 run() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?"; tail -n 40 "$OUT/$name.log"; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader

@@ -199,7 +199,7 @@ COLS_WARPS = 4
 WEIGHT_WARPS = 16  # 72% of copy bandwidth at 7168 x 18432 on the H100 (8 warps: 64%)
 # W^T (weight_quant_128x128_dual): W's FP8 bytes transposed by transpose_fp8 ([128 x 64] byte tiles).
 # A one-pass W/W^T kernel was slower (38% of copy bandwidth) and, for float32 weights, wrong on the H100
-# (triton 3.6), which made FP8 training's gradients non-finite (benchmarks/debug_fp8_nan.py).
+# (triton 3.6), which made FP8 training's gradients non-finite (tools/debug_fp8_nan.py).
 TRANSPOSE_TILE = (128, 64)
 
 

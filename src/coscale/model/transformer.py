@@ -200,7 +200,11 @@ class DeepseekForCausalLM(nn.Module):
             if losses:
                 mtp_loss = torch.stack(losses).mean()
                 loss = loss + self.config.mtp_loss_weight * mtp_loss
-        aux = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+        aux = []
+        for m in self.modules():
+            if isinstance(m, MoE) and m.aux_loss is not None:
+                aux.append(m.aux_loss)
+                m.aux_loss = None  # held past this call it would keep the step's autograd graph alive
         aux_loss = torch.stack(aux).sum() if aux else None
         if aux_loss is not None:
             loss = loss + aux_loss

@@ -115,6 +115,9 @@ def _register_train(subparsers) -> None:
                    help="print log lines instead of a progress bar (the default when stderr is not a terminal)")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
                    help="do not write TensorBoard logs even when tensorboard is installed")
+    p.add_argument("--no-checkpoints", dest="checkpoints", action="store_false", default=None,
+                   help="write no checkpoint, not even at the end (throughput benchmarks; the run cannot be "
+                        "resumed)")
     p.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the forward and backward pass (default: on for one CUDA process; the "
                         "first step then takes about a minute to compile)")

@@ -76,6 +76,7 @@ class TrainConfig:
     log_interval: int = 10
     save_interval: int = 100
     keep_checkpoints: int = 2
+    checkpoints: bool = True  # False: write none (throughput benchmarks); the run cannot be resumed
     threads: int | None = None  # None: torch's default (all cores); see docs/training.md
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     tensorboard: bool = True
@@ -210,7 +211,7 @@ def _problems(cfg: TrainConfig):
         yield f"init_from must be the path of an HF-format checkpoint directory, got {cfg.init_from!r}"
     if not (cfg.gpus_per_node is None or (_is_int(cfg.gpus_per_node) and cfg.gpus_per_node > 0)):
         yield f"gpus_per_node must be a positive integer, got {cfg.gpus_per_node!r}"
-    for name in ("two_hop", "compile", "cuda_graphs"):
+    for name in ("two_hop", "checkpoints", "compile", "cuda_graphs"):
         value = getattr(cfg, name)
         if not (isinstance(value, bool) or (value is None and name != "two_hop")):
             yield f"{name} must be true or false, got {value!r}"

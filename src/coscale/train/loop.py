@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from coscale.errors import writing
 from coscale.parallel.world import World
 from coscale.train import checkpointing as ckpt
@@ -141,7 +143,7 @@ class _Run:
                 done = step + 1
                 if (cfg.eval_interval and done % cfg.eval_interval == 0) or done == cfg.steps:
                     self._evaluate(done)
-                if (cfg.save_interval and done % cfg.save_interval == 0) or done == cfg.steps:
+                if cfg.checkpoints and ((cfg.save_interval and done % cfg.save_interval == 0) or done == cfg.steps):
                     self._save(done)
             self._record(self.readout.drain())
         finally:
@@ -202,6 +204,9 @@ class _Run:
             meta["parallel"] = layout
         model_state = world.model_state(trainee.model)
         optimizer_state = world.optimizer_state(trainee.optimizer, trainee.model)
+        for group in optimizer_state["param_groups"]:  # a CUDA-graphed run's device-tensor learning rate
+            if torch.is_tensor(group.get("lr")):
+                group["lr"] = float(group["lr"])
         trainer = trainer_state(world, trainee.sampler)
 
         def write() -> str | None:

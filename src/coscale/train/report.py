@@ -174,7 +174,7 @@ def footer(s: dict) -> str:
         if s["tokens_per_s"] else "throughput: n/a",
         f"metrics: {s['metrics']}",
         f"loss curve: {s['plot']}",
-        f"checkpoint: {s['checkpoint']}",
+        f"checkpoint: {s['checkpoint'] or 'none written (--no-checkpoints)'}",
     ]
     if s["tensorboard"]:
         lines.append(f"tensorboard: {s['tensorboard']}")

@@ -111,7 +111,7 @@ def plan_run(cfg: TrainConfig, world: World) -> RunPlan:
     _check_layout(cfg, model_cfg, world.world_size)
     _check_device(cfg.device, world.world_size)
     precision = cfg.precision or ("bf16" if world.device.type == "cuda" else "fp32")
-    step_mode = resolve_step_mode(cfg.compile, cfg.cuda_graphs, world)
+    step_mode = resolve_step_mode(cfg.compile, cfg.cuda_graphs, world, precision)
     tokens = load_tokens(cfg.data, model_cfg.vocab_size, cfg.bin_dtype)
     split = split_tokens(tokens, cfg.val_fraction, cfg.seq_len)
     data_info = data_fingerprint(cfg.data, tokens)
@@ -248,8 +248,14 @@ def _load_resumed_weights(model: nn.Module, plan: RunPlan) -> ckpt.TrainingState
 def _restore_trainer(resume_dir: str, world: World, model: nn.Module, optimizer: torch.optim.Optimizer,
                      sampler: BatchSampler, state: ckpt.TrainingState) -> None:
     """Optimizer state, data position and RNG states of the checkpoint (weights are already loaded)."""
+    # How this run's optimizer executes (fused, capturable, a float or device-tensor learning rate) is this
+    # launch's choice, not the checkpoint's: keep it over what load_state_dict brings back.
+    execution = [{k: g[k] for k in ("lr", "fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
     with _restoring(resume_dir):
         world.load_optimizer_state(optimizer, model, state.optimizer)
+    for group, keys in zip(optimizer.param_groups, execution):
+        group.update(keys)
+    with _restoring(resume_dir):
         sampler.load_state_dict(state.trainer["sampler"])
         world.set_rng_state(state.trainer)
 
