@@ -1,6 +1,7 @@
 """End-to-end decode throughput of the serving engine against the memory roofline and HF transformers.
 
-Run: `PYTHONPATH=src python benchmarks/bench_decode.py [--quick]`; writes bench_decode.json under $OUT.
+Run: `PYTHONPATH=src python benchmarks/bench_decode.py [--quick]`; appends a line to
+benchmarks/results/bench_decode.jsonl (results_log.py).
 `--quick` (about 3 minutes on one H200): prompts of 512 tokens, 32 timed decode steps, HF with 8 new
 tokens. `--checkpoint DIR --speculative` measures a trained checkpoint with and without MTP drafts
 (acceptance rate and speed-up; batch 1 and 32 by default) instead of the random model.
@@ -28,7 +29,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import time
 import traceback
 
@@ -41,6 +41,7 @@ from coscale.infer.cache import blocks_for
 from coscale.infer.engine import Engine, EngineConfig
 from coscale.infer.sampling import SamplingParams
 from coscale.model import DeepseekForCausalLM
+from results_log import ResultsLog
 
 H200_COPY_TBPS = 4.25
 
@@ -175,7 +176,7 @@ def main():
 
     t_load = time.perf_counter()
     if args.checkpoint:
-        from coscale.infer.fp8 import load_for_inference
+        from coscale.infer.loading import load_for_inference
 
         model = load_for_inference(args.checkpoint, torch.bfloat16, torch.device("cuda"))
     else:
@@ -189,6 +190,7 @@ def main():
             "model": args.checkpoint or "deepseek-v2-lite (random)", "params": model.num_parameters(),
             "kv_cache_dtype": args.kv_cache_dtype, "copy_tbps": H200_COPY_TBPS, "load_s": load_s}
     print(json.dumps(meta), flush=True)
+    log = ResultsLog("bench_decode")
     results: list[dict] = []
     start = time.time()
     max_len = prompt_len + 3 * (steps + 16)  # room for up to 3 tokens per step (MTP drafts accepted)
@@ -211,6 +213,7 @@ def main():
                 entry.update(batch=batch, error=f"{type(exc).__name__}: {exc}")
                 traceback.print_exc()
             results.append(entry)
+            log.save(meta=meta, results=results)  # keep partial results if the lease ends mid-run
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in entry.items()}, flush=True)
         del engine
         torch.cuda.empty_cache()
@@ -219,12 +222,8 @@ def main():
         torch.cuda.empty_cache()
         hf_decode(cfg, results, prompt_len, hf_tokens, gen)
     meta["wall_s"] = time.time() - start
+    log.save(meta=meta, results=results)
     print_table(results)
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "bench_decode.json"), "w") as fh:
-            json.dump({"meta": meta, "results": results}, fh, indent=1)
     print(json.dumps({"meta": meta, "n_results": len(results), "errors": sum("error" in r for r in results)}))
 
 

@@ -1,7 +1,7 @@
 """MLA decode kernel over the paged latent cache: achieved HBM bandwidth against the H200's, vs PyTorch.
 
-Run: `PYTHONPATH=src python benchmarks/bench_mla_decode.py [--quick] [--splits N ...]`; writes
-bench_mla_decode.json under $OUT when OUT is set.
+Run: `PYTHONPATH=src python benchmarks/bench_mla_decode.py [--quick] [--splits N ...]`; appends a line
+to benchmarks/results/bench_mla_decode.jsonl (results_log.py).
 
 Cases: one layer's cache (c = 512 latent + 64 RoPE, 64-token blocks scattered over the cache in random
 order), batch 1/16/64/128 x context 4K/8K/16K/32K, BF16 and FP8 ("FP8 with scale": e4m3 latent, one
@@ -29,7 +29,6 @@ import datetime
 import functools
 import json
 import math
-import os
 import time
 import traceback
 
@@ -43,6 +42,7 @@ from coscale.kernels.mla_decode import (
     mla_decode_ref,
     quantize_latent_fp8,
 )
+from results_log import ResultsLog
 
 H200_COPY_TBPS = 4.25  # measured device-to-device copy bandwidth (shared/reference/measuring.md)
 C, DR, PAGE = 512, 64, 64
@@ -182,17 +182,15 @@ def main():
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
             "copy_tbps": H200_COPY_TBPS, "sms": torch.cuda.get_device_properties(0).multi_processor_count}
     print(json.dumps(meta))
+    log = ResultsLog("bench_mla_decode")
     results: list[dict] = []
     start = time.time()
     for B, T, H, S, fp8 in plan:
         run_case(B, T, H, S, fp8, args, gen, results)
+        log.save(meta=meta, results=results)  # keep partial results if the lease ends mid-run
     meta["wall_s"] = time.time() - start
+    log.save(meta=meta, results=results)
     print_table(results)
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "bench_mla_decode.json"), "w") as fh:
-            json.dump({"meta": meta, "results": results}, fh, indent=1)
     goal = [r for r in results if "error" not in r and r["batch"] >= 64 and r["s_q"] == 1]
     print(json.dumps({"meta": meta, "n_results": len(results), "errors": sum("error" in r for r in results),
                       "min_pct_at_batch_64_128": min((r["pct_of_copy"] for r in goal), default=None)}))

@@ -1,10 +1,6 @@
 """Prefill attention with unequal q/k and v dims: the Triton kernel (interpreted) and the SDPA fallback
 against the PyTorch reference, over packed sequences with cached context."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton.jit'd kernels
-
 import pytest
 import torch
 

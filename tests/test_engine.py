@@ -2,10 +2,6 @@
 exactly the naive model's greedy tokens; the contract's errors, stops, aborts, seeds, logprobs, stats;
 MTP speculation in the batch; the Triton kernels through the engine; the FP8 cache."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton.jit'd kernels
-
 import pytest
 import torch
 

@@ -1,9 +1,5 @@
 """Generation over the latent cache and MTP speculative decoding."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton.jit'd kernels
-
 import pytest
 import torch
 

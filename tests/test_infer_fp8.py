@@ -1,9 +1,5 @@
 """FP8 checkpoints served in FP8 (FP8InferenceLinear, FP8InferenceExperts)."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton.jit'd kernels
-
 import pytest
 import torch
 
@@ -11,8 +7,8 @@ from coscale.checkpoint import from_pretrained, save_pretrained
 from coscale.config import get_preset
 from coscale.fp8 import convert_to_fp8
 from coscale.infer.engine import Engine, EngineConfig
-from coscale.infer.fp8 import load_for_inference
 from coscale.infer.layers import FP8InferenceExperts, FP8InferenceLinear
+from coscale.infer.loading import load_for_inference
 from coscale.infer.sampling import SamplingParams
 from coscale.model import DeepseekForCausalLM
 

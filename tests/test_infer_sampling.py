@@ -1,10 +1,6 @@
 """Sampling (temperature, top-k, top-p, seeds, logprobs) and speculative sampling's accept/reject rule,
 checked against plain references and statistically."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton.jit'd kernels
-
 import math
 
 import pytest

@@ -1,10 +1,6 @@
 """MLA decode over the paged latent cache: the Triton kernel (interpreted) against the PyTorch reference,
 the reference against the model's naive attention, and the FP8 cache format."""
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton.jit'd kernels
-
 import math
 
 import pytest

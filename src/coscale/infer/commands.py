@@ -51,22 +51,11 @@ def _prompt_ids(args, vocab_size: int) -> list[int]:
 
 
 def load_model(path: str, dtype, device):
-    """An HF-format checkpoint directory, or a training run / training checkpoint directory."""
-    import os
+    """An HF-format checkpoint directory (FP8 weights kept in FP8), or a training run / training
+    checkpoint directory (coscale.infer.loading)."""
+    from coscale.infer.loading import load_for_inference
 
-    from coscale.checkpoint import CONFIG_FILE, from_pretrained
-
-    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        return from_pretrained(path, dtype=dtype, device=device)
-    from coscale.config import ModelConfig
-    from coscale.model import DeepseekForCausalLM
-    from coscale.train import checkpointing
-
-    state = checkpointing.load_checkpoint(checkpointing.resolve_checkpoint(path))
-    model = DeepseekForCausalLM(ModelConfig.from_dict(state.meta["model_config"]))
-    # FP8 training keeps the same parameter names, so its state loads into the plain model.
-    model.load_state_dict(state.model)
-    return model.to(device=device, dtype=dtype)
+    return load_for_inference(path, dtype, device)
 
 
 def run_generate(args) -> int:

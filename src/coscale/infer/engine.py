@@ -150,9 +150,9 @@ class Engine:
     # ---- construction --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, config: EngineConfig | None = None, *, device=None, dtype=None) -> Engine:
-        """Load an HF-format checkpoint directory (FP8 checkpoints keep their FP8 weights: infer/fp8.py)
+        """Load an HF-format checkpoint directory (FP8 checkpoints keep their FP8 weights: infer/loading.py)
         or a `coscale train` run directory, and start an engine on it."""
-        from coscale.infer.fp8 import load_for_inference
+        from coscale.infer.loading import load_for_inference
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

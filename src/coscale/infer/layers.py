@@ -1,4 +1,4 @@
-"""Layers that serve an FP8 checkpoint in FP8, swapped into a plain model by coscale.infer.fp8:
+"""Layers that serve an FP8 checkpoint in FP8, swapped into a plain model by coscale.infer.loading:
 
 - FP8InferenceLinear replaces nn.Linear for a weight stored in FP8 with 128x128 block scales (DeepSeek-V3's
   checkpoint format): activations are quantized in 1x128 tiles and the GEMM is the training recipe's
@@ -78,7 +78,7 @@ class FP8InferenceLinear(nn.Module):
 
 class FP8InferenceExperts(nn.Module):
     """The routed experts of one MoE layer in FP8: w_gate, w_up [E, I, H] and w_down [E, H, I]
-    float8_e4m3fn with *_scale_inv [E, N/128, K/128] float32 (filled by coscale.infer.fp8)."""
+    float8_e4m3fn with *_scale_inv [E, N/128, K/128] float32 (filled by coscale.infer.loading)."""
 
     def __init__(self, n_experts: int, hidden: int, intermediate: int, device=None):
         super().__init__()

@@ -1,15 +1,18 @@
-"""Loading a checkpoint for inference, with FP8 weights kept in FP8.
+"""Loading a model for inference: an HF-format checkpoint (FP8 weights kept in FP8) or a training run.
 
 A checkpoint in DeepSeek-V3's FP8 layout stores Linear weights as float8_e4m3fn with one float32
 `weight_scale_inv` per 128x128 block (coscale.checkpoint). coscale.checkpoint.from_pretrained
 dequantizes them on load (what training wants); serving keeps them: every such Linear becomes an
-FP8InferenceLinear and every layer of FP8 routed experts an FP8InferenceExperts holding the stacked FP8
-bytes and scales (coscale.infer.layers), so the GEMMs run in FP8 on the checkpoint's own numbers. The
-rest (embeddings, norms, the router, the head, eh_proj) loads in `dtype` as usual.
+FP8InferenceLinear and every layer of FP8 routed experts an FP8InferenceExperts holding the stacked
+FP8 bytes and scales (coscale.infer.layers), so the GEMMs run in FP8 on the checkpoint's own numbers.
+The rest (embeddings, norms, the router, the head, eh_proj) loads in `dtype` as usual.
 
 The checkpoint is validated against the plain model first (coscale.checkpoint.plan_load: missing,
 unexpected and mis-shaped tensors are reported before any data is read), then the model is built on
 the meta device, its FP8 modules swapped, and everything is filled tensor by tensor.
+
+A `coscale train` run directory (or one of its checkpoints) loads its latest training checkpoint into
+the plain model (FP8 training keeps the parameter names of the plain model).
 """
 
 from __future__ import annotations
@@ -25,17 +28,28 @@ from coscale.infer.layers import BLOCK, FP8InferenceExperts, FP8InferenceLinear
 from coscale.model.moe import GroupedExperts
 
 
-def load_for_inference(path: str, dtype: torch.dtype, device: torch.device):
+def load_for_inference(path: str, dtype: torch.dtype, device):
     """An HF-format checkpoint directory (FP8 weights kept in FP8) or a `coscale train` run directory,
-    as an eval-mode DeepseekForCausalLM on `device`."""
-    from coscale.checkpoint import CONFIG_FILE, SCALE_SUFFIX, checkpoint_weight_map
+    as an eval-mode DeepseekForCausalLM on `device` in `dtype`."""
+    from coscale.checkpoint import CONFIG_FILE, SCALE_SUFFIX, checkpoint_weight_map, from_pretrained
 
-    if os.path.isfile(os.path.join(path, CONFIG_FILE)) and any(
-            n.endswith(SCALE_SUFFIX) for n in checkpoint_weight_map(path)):
-        return load_fp8(path, dtype, device)
-    from coscale.infer.commands import load_model
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        if any(n.endswith(SCALE_SUFFIX) for n in checkpoint_weight_map(path)):
+            return load_fp8(path, dtype, torch.device(device))
+        return from_pretrained(path, dtype=dtype, device=device).eval()
+    return _load_training_run(path, dtype, device)
 
-    return load_model(path, dtype, device).eval()
+
+def _load_training_run(path: str, dtype: torch.dtype, device):
+    from coscale.config import ModelConfig
+    from coscale.model.transformer import DeepseekForCausalLM
+    from coscale.train import checkpointing
+
+    state = checkpointing.load_checkpoint(checkpointing.resolve_checkpoint(path))
+    model = DeepseekForCausalLM(ModelConfig.from_dict(state.meta["model_config"]))
+    # FP8 training keeps the same parameter names, so its state loads into the plain model.
+    model.load_state_dict(state.model)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _swap(model: nn.Module, module_name: str, device, dtype) -> nn.Module:
