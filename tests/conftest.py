@@ -1,4 +1,4 @@
-"""Test-session settings: one CPU thread per process, Triton kernels on the CPU interpreter.
+"""Test-session settings: one CPU thread per process, Triton kernels on the CPU interpreter (without a GPU).
 
 The suite runs on small, often shared CPU machines. torch's default (one OpenMP thread per core) makes
 every small operation wait for all its threads, and on busy cores they spin while they wait: on a 2-core
@@ -12,8 +12,9 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, and for subprocesses
 os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
-os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors only; set before triton is imported
+import torch  # noqa: E402  (after the environment above; torch does not import triton)
 
-import torch  # noqa: E402  (after the environment above)
+if not torch.cuda.is_available():  # CPU tensors only: Triton's interpreter; set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
