@@ -1,4 +1,4 @@
-"""Test-session settings: one CPU thread per process, Triton kernels on the CPU interpreter (without a GPU).
+"""Test-session settings: one CPU thread per process, Triton kernels on the CPU interpreter.
 
 The suite runs on small, often shared CPU machines. torch's default (one OpenMP thread per core) makes
 every small operation wait for all its threads, and on busy cores they spin while they wait: on a 2-core
@@ -12,9 +12,10 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, and for subprocesses
 os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
-import torch  # noqa: E402  (after the environment above; torch does not import triton)
+# The kernel tests run Triton on CPU tensors, through its interpreter; set before triton is imported. On a
+# GPU machine, TRITON_INTERPRET=0 runs the CUDA-only tests (skipped without a GPU) on the real kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-if not torch.cuda.is_available():  # CPU tensors only: Triton's interpreter; set before triton is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402  (after the environment above)
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
