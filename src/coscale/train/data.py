@@ -126,7 +126,8 @@ def _read_file(path: str, bin_dtype: str, tokenizer: Tokenizer) -> np.ndarray:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); the tokenizer {tokenizer.name} reads text") from None
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); the tokenizer {tokenizer.name} reads "
+                        "text") from None
     return _encode(tokenizer, text)
 
 

@@ -149,7 +149,8 @@ def _resolved_config(cfg: TrainConfig, model_cfg: ModelConfig, precision: str) -
     return cfg.to_dict() | {
         "model": model_cfg.to_dict(), "model_overrides": {}, "precision": precision, "resume": None,
         "overwrite": False, "data": [os.path.abspath(p) for p in cfg.data],
-        "tokenizer": os.path.abspath(cfg.tokenizer) if cfg.tokenizer and os.path.exists(cfg.tokenizer) else cfg.tokenizer,
+        "tokenizer": (os.path.abspath(cfg.tokenizer) if cfg.tokenizer and os.path.exists(cfg.tokenizer)
+                      else cfg.tokenizer),
         "init_from": os.path.abspath(cfg.init_from) if cfg.init_from else None,
     }
 
