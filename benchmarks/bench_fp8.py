@@ -1,6 +1,7 @@
 """FP8 GEMMs and FP8Linear on one GPU at DeepSeek-V3's linear shapes, side by side in one run.
 
-Run: python benchmarks/bench_fp8.py [--quick] [--tokens 4096 8192 16384]   ($OUT/bench_fp8.json if OUT set)
+Run: python benchmarks/bench_fp8.py [--quick] [--tokens 4096 8192 16384]
+(appends a line to benchmarks/results/bench_fp8.jsonl, see results_log.py)
      python benchmarks/bench_fp8.py --smoke     (tiny shapes on the CPU interpreter: checks the script)
 
 Per (tokens T, in K, out N) and GEMM direction (fwd Y = X W^T, dgrad dX = dY W, wgrad dW = dY^T X):
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import traceback
 
@@ -37,6 +37,8 @@ import torch
 # first: --smoke sets TRITON_INTERPRET before coscale's kernels decorate
 from gpu_timing import SMOKE, device, eager_ms, graph_ms
 # isort: on
+
+from results_log import ResultsLog
 
 SHAPES = [  # (K in, N out, name)
     (7168, 1536, "q_a_proj"),
@@ -208,6 +210,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks the script")
     args = parser.parse_args()
     dev = device()
+    log = None if SMOKE else ResultsLog("bench_fp8")
     import triton
 
     from coscale.kernels.fp8_gemm import cublas_blockwise_supported
@@ -237,9 +240,8 @@ def main() -> None:
                                     "variant": "setup", "error": f"{type(exc).__name__}: {exc}"})  # fmt: skip
                     traceback.print_exc()
                 torch.cuda.empty_cache()
-            if os.environ.get("OUT"):  # keep partial results if the lease ends mid-run
-                with open(os.path.join(os.environ["OUT"], "bench_fp8.json"), "w") as f:
-                    json.dump({"meta": meta, "results": results}, f, indent=1)
+            if log is not None:
+                log.save(meta=meta, results=results)  # keep partial results if the lease ends mid-run
     errors = [r for r in results if "error" in r]
     bad = [r for r in results if r.get("ok") is False]
     print(f"\nerrors: {len(errors)}  failed correctness: {len(bad)}")

@@ -1,7 +1,8 @@
 """MoE layer forward+backward on one GPU: grouped (permute + grouped GEMMs) vs per-expert loop vs dense.
 
-Run: `PYTHONPATH=src python benchmarks/bench_moe.py [--quick]`; writes bench_moe.json under $OUT
-when OUT is set (`--smoke`: tiny shapes on the CPU interpreter, a check of the script). Shapes:
+Run: `PYTHONPATH=src python benchmarks/bench_moe.py [--quick]`; appends a line to
+benchmarks/results/bench_moe.jsonl (results_log.py) (`--smoke`: tiny shapes on the CPU interpreter, a
+check of the script, records nothing). Shapes:
 DeepSeek-V3's experts (H 7168, I 2048, 256 experts, top-8, 1 shared expert) at 4096-16384 tokens and the
 decode regime (128-512 tokens); the `proxy-v3` preset's (V3's expert shape, 16 experts, top-4: 2048 rows
 per expert at 8192 tokens, the regime of a GPU holding few experts); the `small` preset's. Balanced
@@ -39,7 +40,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import time
 import traceback
 
@@ -55,6 +55,7 @@ from coscale.config import get_preset
 from coscale.fp8 import FP8WeightCache
 from coscale.kernels import fp8_moe
 from coscale.kernels.moe import grouped_experts_forward
+from results_log import ResultsLog
 
 BF16_PEAK_TFLOPS = 800.0  # H100 dense bf16 matmul ceiling measured at 8192^3 (shared/reference)
 
@@ -363,16 +364,16 @@ def main():
         "bf16_peak_tflops": BF16_PEAK_TFLOPS,
     }
     print(json.dumps(meta))
+    log = None if SMOKE else ResultsLog("bench_moe")
     results: list[dict] = []
     start = time.time()
     for shape, T, routing in plan:
         run_case(shape, T, routing, args, results)
+        if log is not None:
+            log.save(meta=meta, results=results)  # keep partial results if the lease ends mid-run
     meta["wall_s"] = time.time() - start
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "bench_moe.json"), "w") as fh:
-            json.dump({"meta": meta, "results": results}, fh, indent=1)
+    if log is not None:
+        log.save(meta=meta, results=results)
     print_table(results)
     print(json.dumps({"meta": meta, "n_results": len(results),
                       "errors": sum("error" in r for r in results)}))

@@ -1,6 +1,6 @@
 """FP8 quantization kernels on one GPU: bit-exactness first, then bandwidth (eager and CUDA-graphed).
 
-Run: python benchmarks/bench_quant.py [--quick]      (writes $OUT/bench_quant.json when OUT is set)
+Run: python benchmarks/bench_quant.py [--quick]   (appends a line to benchmarks/results/bench_quant.jsonl)
 
 Standalone kernels (coscale.kernels.quant / quant_ops), bf16 input unless marked: mismatching FP8
 bytes and scales against coscale's PyTorch reference on the GPU (must be 0: the GPU cast is
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import traceback
 
@@ -38,6 +37,7 @@ from coscale.kernels.fused_quant import gather_quant_op, swiglu_backward_quant_o
 from coscale.kernels.permute import build_permute_info, rows_from_tokens
 from coscale.kernels.quant_ops import weight_quant_op
 from coscale.kernels.swiglu import swiglu_backward_op, swiglu_op
+from results_log import ResultsLog
 
 FP8 = q.FP8_DTYPE
 
@@ -206,9 +206,8 @@ def main() -> None:
         run_fused(*case, copy_bw, results)
         torch.cuda.empty_cache()
         print(" ", results[-1], flush=True)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_quant.json"), "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
+    if not SMOKE:
+        ResultsLog("bench_quant").save(meta=meta, results=results)
     print(f"\n{'kernel':>48} {'bad':>5} {'graph ms':>9} {'eager ms':>9} {'TB/s':>6} {'%copy':>6} {'vs torch':>9} "
           f"{'unfused':>8} {'speedup':>7}")  # fmt: skip
     for r in results:

@@ -16,7 +16,8 @@ at the same shape, eager and compiled, before the coscale runs. MFU = model FLOP
 989 TFLOP/s, the dense BF16 peak, FLOPs counted as coscale.analysis.flops does: 6 x activated parameters
 (embedding out, output head in) + causal attention 3 x L x S x heads x (d_qk + d_v), MTP modules included.
 
-Prints one table last and writes every run's record as JSON lines (--json).
+Prints one table last; every run's record (losses left out) goes into this invocation's line of
+benchmarks/results/bench_train.jsonl as soon as the run ends (results_log.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 
 from coscale.analysis.flops import training_flops_per_token  # noqa: E402
 from coscale.config import get_preset, load_config  # noqa: E402
+from results_log import ResultsLog  # noqa: E402
 
 PEAK_BF16 = 989e12
 MODES = {"default": [], "eager": ["--no-compile", "--no-cuda-graphs"], "compile": ["--compile", "--no-cuda-graphs"],
@@ -152,7 +154,6 @@ def main(argv=None) -> int:
     p.add_argument("--titan", metavar="DIR", help="torchtitan peer folder (wheels/ and titan_bench.py)")
     p.add_argument("--titan-compile", action="store_true", help="also run torchtitan with --compile")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
-    p.add_argument("--json", metavar="FILE", help="write every run's record here (JSON lines)")
     p.add_argument("--work", metavar="DIR", help="scratch directory (default: a temporary one)")
     p.add_argument("train_args", nargs="*", help="extra `coscale train` options (after --)")
     args = p.parse_args(argv)
@@ -161,20 +162,22 @@ def main(argv=None) -> int:
     work = args.work or tempfile.mkdtemp(prefix="bench_train_")
     os.makedirs(work, exist_ok=True)
     records = []
+    log = ResultsLog("bench_train")
+
+    def keep(record):  # partial results survive a run that times out or a lease that ends
+        records.append(record)
+        log.save(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len,
+                 runs=[{k: v for k, v in r.items() if k != "losses"} for r in records])
+
     for variant in args.variants:
         cfg = model_config(args.model, variant)
         fpt = train_flops_per_token(cfg, args.seq_len)
         if args.titan and variant == "matched":
             for compiled in [False] + ([True] if args.titan_compile else []):
-                records.append(run_titan(args, cfg, variant, compiled, work) | {"flops_per_token": fpt})
+                keep(run_titan(args, cfg, variant, compiled, work) | {"flops_per_token": fpt})
         for precision in args.precisions:
             for mode in args.modes:
-                records.append(run_coscale(args, cfg, variant, precision, mode, work) | {"flops_per_token": fpt})
-    if args.json:
-        with open(args.json, "a") as f:
-            for r in records:
-                f.write(json.dumps({k: v for k, v in r.items() if k != "losses"} | {
-                    "model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len}) + "\n")
+                keep(run_coscale(args, cfg, variant, precision, mode, work) | {"flops_per_token": fpt})
     titan = max((r.get("tokens_per_s", 0) for r in records if r["framework"] == "torchtitan"), default=0)
     print(f"\n## Training throughput: {args.model}, batch {args.batch_size} x {args.seq_len}, steps "
           f"{args.warmup + 1}-{args.steps} timed")

@@ -6,8 +6,7 @@ blocks at once, stats), so the HTTP layer can be tested fast and deterministical
 "generates" the token ids of ``script`` in order, starting at ``seed`` (0 when unset), one per step
 (or ``tokens_per_step``, like MTP speculation).
 
-Until the real ``coscale.infer.sampling`` exists in this tree, a stand-in module with the contract's
-``SamplingParams`` is installed under that name; once the engine is merged the real one is used.
+The contract's types (SamplingParams, RequestOutput, TokenLogprob, EngineStats) are the real engine's.
 """
 
 from __future__ import annotations
@@ -17,43 +16,13 @@ import math
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
-import types
 from dataclasses import dataclass, field
 
 from coscale.errors import ConfigError
-
-try:
-    from coscale.infer.sampling import SamplingParams
-except ImportError:
-
-    @dataclass
-    class SamplingParams:  # the contract's fields, validated as the contract says
-        max_tokens: int = 16
-        temperature: float = 1.0
-        top_p: float = 1.0
-        top_k: int = 0
-        seed: int | None = None
-        stop_token_ids: tuple[int, ...] = ()
-        logprobs: int | None = None
-
-        def validate(self) -> None:
-            if self.max_tokens < 1:
-                raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
-            if not math.isfinite(self.temperature) or self.temperature < 0:
-                raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-            if not 0 < self.top_p <= 1:
-                raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-            if self.top_k < 0:
-                raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-            if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-                raise ConfigError(f"logprobs must be in 0..20, got {self.logprobs}")
-
-    _module = types.ModuleType("coscale.infer.sampling")
-    _module.SamplingParams = SamplingParams
-    sys.modules["coscale.infer.sampling"] = _module
+from coscale.infer.engine import EngineStats, RequestOutput, TokenLogprob  # the contract's types
+from coscale.infer.sampling import SamplingParams
 
 SCRIPT_TEXT = "Hello, wörld! ✓ 日本 END tail text.\n"
 SCRIPT = list(SCRIPT_TEXT.encode("utf-8"))
@@ -63,40 +32,6 @@ def script_text(n: int, start: int = 0) -> str:
     """The text of the double's first n tokens from ``start`` (the seed), decoded as the server must."""
     ids = [SCRIPT[(start + i) % len(SCRIPT)] for i in range(n)]
     return bytes(ids).decode("utf-8", errors="replace")
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_logprobs: list[TokenLogprob] | None
-    finished: bool
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-
-
-@dataclass
-class EngineStats:
-    waiting: int
-    running: int
-    num_blocks: int
-    used_blocks: int
-    cache_tokens: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    preemptions_total: int
-    draft_tokens_total: int
-    accepted_tokens_total: int
 
 
 @dataclass

@@ -44,14 +44,17 @@ def _losses(mode: StepMode, device: str = "cpu", steps: int = 4, moments: str = 
     return torch.tensor(losses, dtype=torch.float64), torch.cat(biases), [p.detach().cpu() for p in model.parameters()]
 
 
-def test_compiled_step_matches_eager_on_cpu():
-    eager_losses, eager_bias, eager_params = _losses(StepMode(compile=False, cuda_graphs=False))
-    losses, bias, params = _losses(StepMode(compile=True, cuda_graphs=False))
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])  # torch's AdamW; coscale's, its update compiled too
+def test_compiled_step_matches_eager_on_cpu(moments):
+    eager_losses, eager_bias, eager_params = _losses(StepMode(compile=False, cuda_graphs=False), moments=moments)
+    losses, bias, params = _losses(StepMode(compile=True, cuda_graphs=False), moments=moments)
     assert torch.isfinite(eager_losses).all()
     torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=1e-6)
     assert torch.equal(bias, eager_bias)  # sign updates: any difference would show as a multiple of gamma
-    for a, b in zip(params, eager_params):  # Adam amplifies last-bit gradient differences of tiny entries
-        assert float((a - b).norm() / b.norm()) < 1e-5
+    # Adam amplifies last-bit gradient differences of tiny entries; BF16 moments can round either way
+    tolerance = 1e-5 if moments == "fp32" else 2e-4
+    for a, b in zip(params, eager_params):
+        assert float((a - b).norm() / b.norm()) < tolerance
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

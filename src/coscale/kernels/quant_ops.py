@@ -21,7 +21,7 @@ candidates (the first call of a shape times them: warm up before capturing a CUD
 - 128x128 weight blocks: whole tiles (8 or 16 warps; 16 reached 72% on the H100), the transposed scales
   written by the same program; W^T's bytes by a [128 x 64] byte-transpose kernel (one launch for every
   weight of a stacked buffer). A one-pass W/W^T kernel was slower (38%) and, for float32 weights,
-  wrong on the H100 (triton 3.6; benchmarks/debug_fp8_nan.py).
+  wrong on the H100 (triton 3.6; tools/debug_fp8_nan.py).
 
 Interpreter note: Triton's CPU interpreter mis-rounds FP32 -> E4M3 casts (lost exponent carry, ties away
 from zero). When interpreting, the kernels first round onto the E4M3 grid in FP32 with the magic-number

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coscale.config import ModelConfig
-from coscale.model.mla import MLA, LatentKVCache
+from coscale.model.mla import MLA, LatentKVCache, PagedAttentionMetadata
 from coscale.model.moe import MLP, MoE
 from coscale.model.norm import RMSNorm, upcast
 from coscale.model.rope import RotaryEmbedding
@@ -45,6 +45,11 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_paged(self, x, cos, sin, meta: PagedAttentionMetadata):
+        """x (1, N, H): a flat batch of tokens over the paged cache (MLA.forward_paged)."""
+        x = x + self.self_attn.forward_paged(self.input_layernorm(x), cos, sin, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 class MTPModule(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -61,6 +66,11 @@ class MTPModule(nn.Module):
         """h_prev, emb_next: (B, S, H) -> h^k (B, S, H), before this module's output norm."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
         return self.block(h, cos, sin, start_pos, cache)
+
+    def forward_paged(self, h_prev, emb_next, cos, sin, meta: PagedAttentionMetadata):
+        """The same over a flat batch (1, N, H) with the paged cache (cache layer L + k)."""
+        h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
+        return self.block.forward_paged(h, cos, sin, meta)
 
 
 class DecoderStack(nn.Module):
@@ -130,6 +140,26 @@ class DeepseekForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, start_pos, cache)
         return x
+
+    def hidden_states_paged(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                            meta: PagedAttentionMetadata) -> torch.Tensor:
+        """Serving forward: input_ids [N] and positions [N] of a flat batch of many sequences (decode
+        tokens first, then prefill chunks; see PagedAttentionMetadata), reading and writing the paged
+        latent cache. Returns the last hidden states before the final norm, (N, H)."""
+        x = self.model.embed_tokens(input_ids).unsqueeze(0)
+        cos, sin = self.rotary.at(positions)
+        for layer in self.model.layers:
+            x = layer.forward_paged(x, cos, sin, meta)
+        return x[0]
+
+    def mtp_hidden_states_paged(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor,
+                                positions: torch.Tensor, meta: PagedAttentionMetadata) -> torch.Tensor:
+        """MTP module `depth` (0-based) over a flat batch: h_prev (N, H) the previous depth's hidden
+        states at `positions`, next_ids [N] the tokens `depth + 1` positions later; returns (N, H)
+        before the module's norm (its logits: self.logits(h, self.mtp[depth].norm))."""
+        emb = self.model.embed_tokens(next_ids).unsqueeze(0)
+        cos, sin = self.rotary.at(positions)
+        return self.mtp[depth].forward_paged(h_prev.unsqueeze(0), emb, cos, sin, meta)[0]
 
     def logits(self, h: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         """Output head over hidden states: lm_head(norm(h)), with the main model's final norm by default

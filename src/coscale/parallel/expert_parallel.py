@@ -33,8 +33,9 @@ from torch import nn
 
 from coscale.errors import CheckpointError, ConfigError
 from coscale.kernels.fp8_weight_cache import weight_cache_of
-from coscale.parallel.dispatch import Topology, Traffic, combine, dispatch, topology
+from coscale.parallel.dispatch import combine, dispatch
 from coscale.parallel.groups import guarded
+from coscale.parallel.routes import Topology, Traffic, topology
 
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from coscale.errors import ConfigError
 from coscale.parallel.world import World
+from coscale.train.optim import AdamW, adamw_update_
 from coscale.train.step import train_step
 
 # Ordinary steps before capture: the first compiles (and autotunes Triton kernels), the second runs the
@@ -98,6 +99,9 @@ class StepRunner:
         self.loss_fn = model.compute_loss
         if mode.compile:
             self.loss_fn = torch.compile(model.compute_loss, backend=compile_backend)
+            if isinstance(optimizer, AdamW):  # BF16 moments: fuse each parameter's update into one kernel
+                optimizer.update_fn = torch.compile(adamw_update_, backend=compile_backend, fullgraph=True,
+                                                    dynamic=True)
         if mode.cuda_graphs:
             capturable(optimizer)
         self.steps_run = 0

@@ -1,6 +1,6 @@
 """Probe which FP8 / grouped GEMM forms the installed torch accepts on this GPU (prints a report).
 
-Run on a GPU machine: `PYTHONPATH=src python benchmarks/probe_torch_api.py`. Each form is tried on
+Run on a GPU machine: `PYTHONPATH=src python tools/probe_torch_api.py`. Each form is tried on
 small random inputs and checked against a float32 reference, so the report says what works, not
 only what is documented.
 """
