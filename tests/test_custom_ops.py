@@ -158,16 +158,8 @@ def _model(fp8: bool):
     return model.train()
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16-grouped", "fp8"])
-def test_compute_loss_compiles_with_fullgraph_and_matches_eager(fp8, one_thread):
+def test_compute_loss_compiles_with_fullgraph_and_matches_eager(fp8):
     model = _model(fp8)
     ids = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
     x, y = ids[:, :-1], ids[:, 1:]
@@ -183,7 +175,7 @@ def test_compute_loss_compiles_with_fullgraph_and_matches_eager(fp8, one_thread)
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
 
 
-def test_weight_cache_stands_aside_under_compile(one_thread):
+def test_weight_cache_stands_aside_under_compile():
     layer = FP8Linear(128, 128, bias=False, backend="torch")
     layer.fp8_weight_cache = True
     x = torch.randn(4, 128)
