@@ -53,7 +53,7 @@ from gpu_timing import SMOKE, device, graph_ms
 
 from coscale.config import get_preset
 from coscale.fp8 import FP8WeightCache
-from coscale.kernels import fp8_moe
+from coscale.kernels import quant_ops
 from coscale.kernels.moe import grouped_experts_forward
 from results_log import ResultsLog
 
@@ -221,7 +221,7 @@ def run_case(shape, T, routing, args, results):
             else:
                 precision, backend, cached, fused, one_pass = (*spec, False, True, False)[:5]
                 cache = FP8WeightCache() if cached else None
-                fp8_moe.ONE_PASS = one_pass
+                quant_ops.DUAL_ONE_PASS = one_pass
 
                 def layer(precision=precision, backend=backend, cache=cache, fused=fused):
                     return grouped_layer(x, idx, topw, w_gate, w_up, w_down, shared, precision, backend, cache,
@@ -269,7 +269,7 @@ def run_case(shape, T, routing, args, results):
             entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
             entry["traceback"] = traceback.format_exc()[-2000:]
         finally:
-            fp8_moe.ONE_PASS = False
+            quant_ops.DUAL_ONE_PASS = False
             if cache is not None:
                 cache.invalidate()  # the cached variant's FP8 weights (up to 2 bytes per parameter)
             if torch.cuda.is_available():

@@ -35,6 +35,7 @@ import math
 import torch
 from torch import nn
 
+from coscale.kernels import quant_ops
 from coscale.kernels.fp8_gemm import fp8_gemm
 from coscale.kernels.fp8_weight_cache import FP8WeightCache, as_weight_cache, usable_now
 from coscale.kernels.quant import act_quant_1x128, act_quant_1x128_dual, check_backend
@@ -69,7 +70,8 @@ class FP8LinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, k)
         need_dgrad, need_wgrad = ctx.needs_input_grad[:2]  # both False under no_grad
         if need_wgrad:
-            xq, xs, xt, xts = act_quant_1x128_dual(x2, round_scale, backend, pad_t=True)
+            xq, xs, xt, xts = act_quant_1x128_dual(x2, round_scale, backend, pad_t=True,
+                                                   one_pass=quant_ops.DUAL_ONE_PASS)
         else:
             (xq, xs), xt, xts = act_quant_1x128(x2, round_scale, backend), None, None
         wq, ws, wq_t, ws_t = _quantize_weight(weight, need_dgrad, backend, round_scale, weight_cache)
@@ -91,7 +93,8 @@ class FP8LinearFunction(torch.autograd.Function):
         need_dgrad, need_wgrad, need_bias = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if need_wgrad:
-            dyq, dys, dyt, dyts = act_quant_1x128_dual(dy2, round_scale, backend, pad_t=True)
+            dyq, dys, dyt, dyts = act_quant_1x128_dual(dy2, round_scale, backend, pad_t=True,
+                                                       one_pass=quant_ops.DUAL_ONE_PASS)
         elif need_dgrad:
             dyq, dys = act_quant_1x128(dy2, round_scale, backend)
         if need_dgrad:  # W^T's 128x128 blocks are W's blocks transposed, written by the forward

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from coscale.kernels import quant_ops
 from coscale.kernels.fp8_grouped_gemm import expert_tile_map, fp8_grouped_mm, fp8_grouped_wgrad
 from coscale.kernels.fp8_grouped_linear import quantize_weights
 from coscale.kernels.fp8_recipe import ceil_to
@@ -40,11 +41,6 @@ from coscale.kernels.fused_quant import gather_quant_op, swiglu_backward_quant_o
 from coscale.kernels.permute import PermuteInfo, sum_rows_op
 
 __all__ = ["fp8_routed_experts"]
-
-# One launch for both layouts of each fused quantization (dual_quant_kernel) or two (rows, then the
-# transposed layout); the bytes are the same. benchmarks/bench_moe.py times both (--one-pass).
-ONE_PASS = False
-
 
 def _wgrad_dtype(w: torch.Tensor) -> torch.dtype:
     return w.dtype if w.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
@@ -129,10 +125,10 @@ def fp8_routed_experts(
     docstring). x [T, H] bf16/fp32; topk_weight [T, K] float32; ``info`` from build_permute_info with
     align=128; w_gate, w_up [E, I, H], w_down [E, H, I] master weights. Returns [T, H] in x's dtype;
     differentiable in x, topk_weight and the weights. ``one_pass``: both layouts of each fused
-    quantization from one launch (default ``ONE_PASS``)."""
+    quantization from one launch (default ``coscale.kernels.quant_ops.DUAL_ONE_PASS``)."""
     offsets = info.group_end_offsets.to(device=x.device, dtype=torch.int32)
     tile_expert = expert_tile_map(offsets, info.num_rows)
     return _FP8RoutedExperts.apply(
         x, topk_weight.float(), info.row_pair, info.pair_row, offsets, tile_expert, deterministic, backend,
-        weight_cache, ONE_PASS if one_pass is None else one_pass, w_gate, w_up, w_down,
+        weight_cache, quant_ops.DUAL_ONE_PASS if one_pass is None else one_pass, w_gate, w_up, w_down,
     )  # fmt: skip

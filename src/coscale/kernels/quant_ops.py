@@ -53,6 +53,7 @@ from coscale.kernels.fp8_recipe import (
 from coscale.kernels.library import launcher, operator, runs_triton
 
 __all__ = [
+    "DUAL_ONE_PASS",
     "act_quant_op",
     "act_quant_reference",
     "launch_producer",
@@ -63,6 +64,12 @@ __all__ = [
 ]
 
 TRANSPOSE_TILE = (128, 64)
+# Both layouts of an activation (FP8Linear's X and dY, the FP8 experts' fused quantizations) from one launch
+# (dual_quant_kernel) or from two (rows, then the transposed layout; x read twice, the second time largely
+# from L2). The bytes are the same. The old one-pass kernel (a whole [128 x 128] tile in registers) ran at
+# 24% of copy bandwidth on the H100 against 48% for two launches; the column-chunked one has not been
+# measured yet: benchmarks/bench_quant.py times act_dual against act_dual_one_pass. Set from its result.
+DUAL_ONE_PASS = False
 
 
 # ----------------------------------------------------------------------------------------------------
