@@ -13,9 +13,9 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,no
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 for job in ${JOBS:-quant fp8 moe study}; do
   case $job in
-    quant) run bench_quant "${T_QUANT:-120}" python3 benchmarks/bench_quant.py $Q ${QUANT_ARGS:-} ;;
+    quant) run bench_quant "${T_QUANT:-240}" python3 benchmarks/bench_quant.py $Q ${QUANT_ARGS:-} ;;
     fp8)   run bench_fp8 "${T_FP8:-240}" python3 benchmarks/bench_fp8.py $Q ;;
-    moe)   run bench_moe "${T_MOE:-240}" python3 benchmarks/bench_moe.py $Q ;;
+    moe)   run bench_moe "${T_MOE:-360}" python3 benchmarks/bench_moe.py $Q ;;
     tune)  run tune_fp8_grouped "${T_TUNE:-300}" python3 benchmarks/tune_fp8_grouped.py ;;
     profile) run profile_layers "${T_PROFILE:-180}" python3 benchmarks/profile_layers.py ;;
     study) run fp8_accuracy "${T_STUDY:-300}" python3 benchmarks/fp8_accuracy.py --steps "${STUDY_STEPS:-100}" ;;
