@@ -75,22 +75,25 @@ def linear_cases():
 
 def moe_cases():
     dev, dt = "cuda", torch.bfloat16
-    T, H, I, E, K = 8192, 7168, 2048, 256, 8
-    g = torch.Generator().manual_seed(0)
-    base = (torch.arange(T)[:, None] * K + torch.arange(K)[None, :]) % E
-    idx = torch.randperm(E, generator=g)[base].to(dev)
-    topw = (torch.rand(T, K, generator=g) + 0.1).to(dev).requires_grad_()
-    x = (torch.randn(T, H, device=dev) * 0.5).to(dt).requires_grad_()
-    w_gate = (torch.randn(E, I, H, device=dev, dtype=dt) * H**-0.5).requires_grad_()
-    w_up = (torch.randn(E, I, H, device=dev, dtype=dt) * H**-0.5).requires_grad_()
-    w_down = (torch.randn(E, H, I, device=dev, dtype=dt) * I**-0.5).requires_grad_()
-    dy = torch.randn(T, H, device=dev, dtype=dt)
-    for precision in ("bf16", "fp8"):
-        def step(precision=precision):
-            out = grouped_experts_forward(x, idx, topw, w_gate, w_up, w_down, precision=precision)
-            torch.autograd.grad(out, [x, topw, w_gate, w_up, w_down], dy)
+    # DeepSeek-V3's layer with all 256 experts on one GPU, and proxy-v3's (16 experts, top-4)
+    for name, T, H, I, E, K in (("V3", 8192, 7168, 2048, 256, 8), ("proxy-v3", 8192, 7168, 2048, 16, 4)):
+        g = torch.Generator().manual_seed(0)
+        base = (torch.arange(T)[:, None] * K + torch.arange(K)[None, :]) % E
+        idx = torch.randperm(E, generator=g)[base].to(dev)
+        topw = (torch.rand(T, K, generator=g) + 0.1).to(dev).requires_grad_()
+        x = (torch.randn(T, H, device=dev) * 0.5).to(dt).requires_grad_()
+        w_gate = (torch.randn(E, I, H, device=dev, dtype=dt) * H**-0.5).requires_grad_()
+        w_up = (torch.randn(E, I, H, device=dev, dtype=dt) * H**-0.5).requires_grad_()
+        w_down = (torch.randn(E, H, I, device=dev, dtype=dt) * I**-0.5).requires_grad_()
+        dy = torch.randn(T, H, device=dev, dtype=dt)
+        for precision in ("bf16", "fp8"):
+            def step(precision=precision, x=x, idx=idx, topw=topw, ws=(w_gate, w_up, w_down), dy=dy):
+                out = grouped_experts_forward(x, idx, topw, *ws, precision=precision)
+                torch.autograd.grad(out, [x, topw, *ws], dy)
 
-        kernel_table(step, f"MoE routed experts {precision}, V3 shape, {T} tokens balanced", top=20)
+            kernel_table(step, f"MoE routed experts {precision}, {name} shape, {T} tokens balanced", top=20)
+        del x, w_gate, w_up, w_down
+        torch.cuda.empty_cache()
 
 
 def host_table(fn, title: str, iters: int = 20, top: int = 12) -> None:
