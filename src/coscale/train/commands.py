@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from coscale.config import preset_names
 from coscale.errors import ConfigError
 from coscale.train.config import TrainConfig, config_from_checkpoint  # torch-free: errors come at once
 
@@ -27,8 +28,9 @@ def register(subparsers) -> None:
 # the help text does not say it.
 _TRAIN_OPTIONS = [
     ("--model", "model", dict(metavar="PRESET|CONFIG",
-                              help="model preset, or an HF config.json or checkpoint directory (its config "
-                                   "only: see --init-from) (default: tiny, or the config of --init-from)")),
+                              help=f"model preset ({', '.join(preset_names())}), or an HF config.json or "
+                                   "checkpoint directory (its config only: see --init-from) (default: tiny, or "
+                                   "the config of --init-from)")),
     ("--init-from", "init_from", dict(metavar="DIR", help="start from the weights of an HF-format checkpoint "
                                                           "directory (fine-tuning) instead of a random "
                                                           "initialisation")),
@@ -156,7 +158,8 @@ def _register_info(subparsers) -> None:
     p = subparsers.add_parser("info", help="model config summary and parameter counts",
                               description="Without --model: every preset's parameter counts. With --model: "
                                           "that config's architecture and counts.")
-    p.add_argument("--model", metavar="PRESET|CONFIG", help="a preset name or an HF config.json / directory")
+    p.add_argument("--model", metavar="PRESET|CONFIG",
+                   help=f"a preset name ({', '.join(preset_names())}) or an HF config.json / directory")
     p.set_defaults(func=run_info)
 
 
