@@ -60,8 +60,9 @@ _TRAIN_OPTIONS = [
     ("--device", "device", dict(metavar="DEVICE", help="auto, cpu, cuda or cuda:N")),
     ("--seed", "seed", dict(type=int, metavar="N", help="seed of initialisation and batch sampling")),
     ("--bias-update-speed", "bias_update_speed",
-     dict(type=float, metavar="GAMMA", help="router-bias update speed of aux-loss-free balancing "
-                                             "(default: the model config's bias_update_speed)")),
+     dict(type=float, metavar="GAMMA", help="router-bias update speed of aux-loss-free balancing; 0 freezes "
+                                             "the biases (default: scaled with the run, 0.2 / warm-up steps, "
+                                             "at least the model config's bias_update_speed)")),
     ("--out", "out_dir", dict(metavar="DIR", help="run directory (default: runs/<timestamp>)")),
     ("--resume", "resume", dict(metavar="PATH", help="continue from a run directory (its latest "
                                                      "checkpoint) or a checkpoint directory")),
