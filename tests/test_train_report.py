@@ -1,5 +1,5 @@
 """What a run reports beyond its losses: the expert-load balance (MaxVio) and the peak memory, in the
-header, the progress lines, metrics.jsonl, TensorBoard, the PNG, summary.json and the footer."""
+header, the progress lines, metrics.jsonl, the PNG, summary.json and the footer."""
 
 import json
 import os
@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-from coscale.config import get_preset
 from coscale.train import memory
 from coscale.train import metrics as m
 from coscale.train.config import TrainConfig
 from coscale.train.loop import train
 from coscale.train.report import Progress
+from test_train_loop import small_config
 
 
 def _vm_hwm_bytes() -> int | None:
@@ -66,26 +66,6 @@ def test_cuda_peaks_come_from_the_allocator(monkeypatch):
     assert "peak RSS" in memory.describe(memory.peak_memory("cpu"))
 
 
-def test_tensorboard_mirrors_per_layer_maxvio(tmp_path, monkeypatch):
-    scalars = []
-
-    class FakeWriter:
-        def add_scalar(self, tag, value, step):
-            scalars.append((tag, value, step))
-
-        def flush(self):
-            pass
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(m, "_summary_writer", lambda log_dir: FakeWriter())
-    logger = m.MetricsLogger(str(tmp_path), tensorboard=True)
-    logger.log({"type": "train", "step": 2, "maxvio": 0.5, "maxvio_layers": {"layer1": 0.5, "mtp1": None}})
-    logger.close()
-    assert scalars == [("train/maxvio", 0.5, 2), ("train/maxvio_layers/layer1", 0.5, 2)]
-
-
 def test_progress_shows_maxvio():
     cfg = TrainConfig(steps=4, log_interval=2, progress=False)
     lines = []
@@ -116,19 +96,8 @@ def test_plot_has_a_balance_panel_only_for_moe_runs(tmp_path):
     assert width == width_dense and height > 1.5 * height_dense
 
 
-def small_model():
-    return get_preset(
-        "tiny", num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2,
-        num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
-        v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2,
-        topk_group=1,
-    )
-
-
 def test_a_run_reports_balance_and_memory_everywhere(tmp_path):
-    cfg = TrainConfig(model=small_model(), batch_size=4, seq_len=32, steps=4, eval_interval=2, eval_batches=2,
-                      log_interval=2, save_interval=0, out_dir=str(tmp_path / "run"), progress=False,
-                      tensorboard=False, threads=1)
+    cfg = small_config(tmp_path / "run", steps=4, eval_interval=2, log_interval=2, save_interval=0)
     lines = []
     summary = train(cfg, log=lines.append)
     text = "\n".join(lines)
