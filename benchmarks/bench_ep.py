@@ -2,6 +2,7 @@
 
 Launch (two GPUs of one host; NCCL):
     torchrun --nproc-per-node 2 benchmarks/bench_ep.py --out $OUT
+Rank 0 appends a line to bench_ep.jsonl in --out (default benchmarks/results; results_log.py).
 CPU smoke run (gloo, small sizes, checks that everything runs):
     torchrun --nproc-per-node 2 benchmarks/bench_ep.py --backend gloo --quick
 
@@ -42,8 +43,9 @@ from coscale.parallel import (
     get_codec,
     init_parallel,
 )
-from coscale.parallel.dispatch import plan_flat, topology, transfer_start, transfer_wait
-from coscale.parallel.node_limited import plan_two_hop
+from coscale.parallel.routes import plan_routes, topology
+from coscale.parallel.transfer import scatter
+from results_log import ResultsLog
 
 
 def parse_args(argv=None):
@@ -59,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--backend", default=None, help="nccl (default with CUDA) or gloo")
-    p.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for bench_ep.json")
+    p.add_argument("--out", default=None, help="folder of bench_ep.jsonl (default: benchmarks/results)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
     p.add_argument("--timeout", type=float, default=300.0)
     args = p.parse_args(argv)
@@ -114,8 +116,7 @@ def make_routing(tokens, args, device, seed):
 
 
 def make_plan(route, idx, args, ctx):
-    topo = topology(ctx)
-    return plan_two_hop(idx, args.experts, topo) if route == "rank" else plan_flat(idx, args.experts, topo)
+    return plan_routes(idx, args.experts, topology(ctx), two_hop=route == "rank")
 
 
 def sent_bytes(route_obj, bytes_per_row, me):
@@ -155,8 +156,7 @@ def bench_transfers(tokens, kind, route, args, ctx, timer, rows_out):
         nbytes = nbytes_t.item()
 
         def payload(codec=codec, bf16=bf16):
-            a, p = transfer_start(x, plan.token_route, True, codec, bf16, x.dtype, ctx.timeout_s)
-            return transfer_wait(a, p, True)
+            return scatter(x, plan.token_route, codec, bf16, x.dtype, ctx.timeout_s)
 
         def full_dispatch(codec=codec):
             return dispatch(x, idx, w, ctx, args.experts, codec=codec, combine_codec="bf16",
@@ -283,11 +283,8 @@ def main(argv=None):
                 torch.cuda.empty_cache()
     if rank0:
         print_tables(result)
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "bench_ep.json")
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {path}")
+        path = ResultsLog("bench_ep", args.out).save(**result)
+        print(f"appended to {path}")
         print(json.dumps({"goals": goals(result)}))
     dist.destroy_process_group()
 

@@ -1,6 +1,7 @@
 """FP8 GEMMs and FP8Linear on one GPU at DeepSeek-V3's linear shapes, side by side in one run.
 
-Run: python benchmarks/bench_fp8.py [--quick] [--tokens 4096 8192 16384]   ($OUT/bench_fp8.json if OUT set)
+Run: python benchmarks/bench_fp8.py [--quick] [--tokens 4096 8192 16384]
+(appends a line to benchmarks/results/bench_fp8.jsonl, see results_log.py)
 
 Per (tokens T, in K, out N) and GEMM direction (fwd Y = X W^T, dgrad dX = dY W, wgrad dW = dY^T X):
   bf16          torch.matmul on BF16 operands (the baseline)
@@ -21,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import traceback
 
 import torch
+
+from results_log import ResultsLog
 
 SHAPES = [  # (K in, N out, name)
     (7168, 1536, "q_a_proj"),
@@ -195,6 +197,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_fp8.py needs a CUDA GPU")
+    log = ResultsLog("bench_fp8")
     import triton
 
     from coscale.kernels.fp8_gemm import cublas_blockwise_supported
@@ -221,9 +224,7 @@ def main() -> None:
                                     "variant": "setup", "error": f"{type(exc).__name__}: {exc}"})  # fmt: skip
                     traceback.print_exc()
                 torch.cuda.empty_cache()
-            if os.environ.get("OUT"):  # keep partial results if the lease ends mid-run
-                with open(os.path.join(os.environ["OUT"], "bench_fp8.json"), "w") as f:
-                    json.dump({"meta": meta, "results": results}, f, indent=1)
+            log.save(meta=meta, results=results)  # keep partial results if the lease ends mid-run
     errors = [r for r in results if "error" in r]
     bad = [r for r in results if r.get("ok") is False]
     print(f"\nerrors: {len(errors)}  failed correctness: {len(bad)}")

@@ -1,6 +1,6 @@
 """LogFMT-n encode/decode on one GPU against the FP8 1x128 quantization kernel: speed, bandwidth, accuracy.
 
-Run: python benchmarks/bench_logfmt.py [--quick]      (writes $OUT/bench_logfmt.json when OUT is set)
+Run: python benchmarks/bench_logfmt.py [--quick]      (appends a line to benchmarks/results/bench_logfmt.jsonl)
 
 For each shape (bf16 activations, 4096-16384 tokens x 7168) and variant -- LogFMT-8 and LogFMT-10 encode
 (nearest and stochastic), LogFMT decode to bf16, and the baseline coscale.kernels.quant.act_quant_1x128
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import traceback
 
@@ -26,6 +25,7 @@ import torch
 
 from coscale.kernels import logfmt as lf
 from coscale.kernels import quant as q
+from results_log import ResultsLog
 
 
 def bench(fns, rep_ms=200):
@@ -161,9 +161,7 @@ def main() -> None:
         traceback.print_exc()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M"), "copy_TB/s": copy_bw}
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_logfmt.json"), "w") as f:
-            json.dump({"meta": meta, "checks": checks, "results": results, "accuracy": acc}, f, indent=1)
+    ResultsLog("bench_logfmt").save(meta=meta, checks=checks, results=results, accuracy=acc)
     print(json.dumps(meta))
     print("GPU vs float64 reference:", json.dumps(checks))
     print(f"{'format':>20} {'data':>13} {'L2 err':>8} {'mean rel':>9}")

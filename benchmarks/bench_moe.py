@@ -1,10 +1,10 @@
 """MoE layer forward+backward on one GPU: grouped (permute + grouped GEMMs) vs per-expert loop vs dense.
 
-Run: `PYTHONPATH=src python benchmarks/bench_moe.py [--quick]`; writes bench_moe.json under $OUT
-when OUT is set. Shapes: DeepSeek-V3's experts (H 7168, I 2048, 256 experts, top-8, 1 shared expert)
-at 4096-16384 tokens and the decode regime (128-512 tokens), and the `small` preset's experts;
-balanced routing (every expert exactly T*K/E rows) and skewed routing (Zipf s=1.2, some experts
-empty). The router itself is not timed (routing is fixed so both layouts see the same loads).
+Run: `PYTHONPATH=src python benchmarks/bench_moe.py [--quick]`; appends a line to
+benchmarks/results/bench_moe.jsonl (results_log.py). Shapes: DeepSeek-V3's experts (H 7168, I 2048,
+256 experts, top-8, 1 shared expert) at 4096-16384 tokens and the decode regime (128-512 tokens), and
+the `small` preset's experts; balanced routing (every expert exactly T*K/E rows) and skewed routing
+(Zipf s=1.2, some experts empty). The router itself is not timed (routing is fixed so both layouts see the same loads).
 
 Variants (each in try/except: a failure is recorded and the run carries on):
 - loop:      per-expert loop layer (argsort once, then gather / SwiGLU / index_add per expert) with
@@ -13,7 +13,7 @@ Variants (each in try/except: a failure is recorded and the run carries on):
 - grouped_triton: the same with the Triton grouped GEMM (subset of cases: autotuning costs time).
 - grouped_fp8: precision="fp8" (block-scaled 1x128/128x128 Triton grouped GEMM), expert weights
              quantized in every call (what one micro-batch per optimizer step pays).
-- grouped_fp8_cached: the same with cache_fp8_weights=True and unchanged weights (inference, and
+- grouped_fp8_cached: the same with an FP8WeightCache and unchanged weights (inference, and
              the micro-batches after the first of an optimizer step).
 - dense:     a dense SwiGLU MLP over T*K rows with one expert's shape: the same FLOPs in plain GEMMs.
 All variants include the shared expert (a dense SwiGLU MLP over the T tokens).
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import time
 import traceback
 
@@ -37,8 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from coscale.config import get_preset
-from coscale.kernels.fp8_grouped_gemm import clear_weight_cache
+from coscale.fp8 import FP8WeightCache
 from coscale.kernels.moe import grouped_experts_forward
+from results_log import ResultsLog
 
 BF16_PEAK_TFLOPS = 800.0  # H100 dense bf16 matmul ceiling measured at 8192^3 (shared/reference)
 
@@ -82,9 +82,9 @@ def loop_layer(x, idx, weight, experts, shared):
     return out.to(x.dtype) + shared_mlp(x, *shared)
 
 
-def grouped_layer(x, idx, weight, w_gate, w_up, w_down, shared, precision="bf16", backend="auto", cache=False):
+def grouped_layer(x, idx, weight, w_gate, w_up, w_down, shared, precision="bf16", backend="auto", cache=None):
     routed = grouped_experts_forward(
-        x, idx, weight, w_gate, w_up, w_down, precision=precision, backend=backend, cache_fp8_weights=cache
+        x, idx, weight, w_gate, w_up, w_down, precision=precision, backend=backend, fp8_weight_cache=cache
     )
     return routed + shared_mlp(x, *shared)
 
@@ -176,6 +176,7 @@ def run_case(shape, T, routing, args, results):
 
     for variant, spec in variants.items():
         entry = dict(case, variant=variant)
+        cache = None  # the cached variant's FP8WeightCache
         try:
             if variant == "loop":
                 def step():
@@ -197,7 +198,8 @@ def run_case(shape, T, routing, args, results):
                     with torch.no_grad():
                         dense_layer(rows, *dense_w, x, shared)
             else:
-                precision, backend, cache = (*spec, False)[:3]
+                precision, backend, cached = (*spec, False)[:3]
+                cache = FP8WeightCache() if cached else None
 
                 def layer(precision=precision, backend=backend, cache=cache):
                     return grouped_layer(x, idx, topw, w_gate, w_up, w_down, shared, precision, backend, cache)
@@ -241,7 +243,8 @@ def run_case(shape, T, routing, args, results):
             entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
             entry["traceback"] = traceback.format_exc()[-2000:]
         finally:
-            clear_weight_cache()  # the cached variant's FP8 weights (up to 2 bytes per parameter)
+            if cache is not None:
+                cache.invalidate()  # the cached variant's FP8 weights (up to 2 bytes per parameter)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         results.append(entry)
@@ -325,16 +328,14 @@ def main():
         "bf16_peak_tflops": BF16_PEAK_TFLOPS,
     }
     print(json.dumps(meta))
+    log = ResultsLog("bench_moe")
     results: list[dict] = []
     start = time.time()
     for shape, T, routing in plan:
         run_case(shape, T, routing, args, results)
+        log.save(meta=meta, results=results)  # keep partial results if the lease ends mid-run
     meta["wall_s"] = time.time() - start
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "bench_moe.json"), "w") as fh:
-            json.dump({"meta": meta, "results": results}, fh, indent=1)
+    log.save(meta=meta, results=results)
     print_table(results)
     print(json.dumps({"meta": meta, "n_results": len(results),
                       "errors": sum("error" in r for r in results)}))

@@ -1,6 +1,6 @@
 """FP8 quantization kernels on one GPU: bit-exactness against the PyTorch reference and bandwidth.
 
-Run: python benchmarks/bench_quant.py [--quick]      (writes $OUT/bench_quant.json when OUT is set)
+Run: python benchmarks/bench_quant.py [--quick]      (appends a line to benchmarks/results/bench_quant.jsonl)
 For each shape (bf16 input) and kernel: mismatching FP8 bytes and scales versus coscale's reference
 (must be 0; the GPU cast is round-to-nearest-even with saturation; `ref_vs_cpu_mismatches`: the GPU
 reference against the CPU reference on 256 rows, must be 0 too), median time, effective bandwidth
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import traceback
 
 import torch
 
 from coscale.kernels import quant as q
+from results_log import ResultsLog
 
 
 def bench(fn, rep_ms=200):
@@ -113,9 +113,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"), "copy_TB/s": copy_bw, "copy_ms_1GiB": t_copy,
     }  # fmt: skip
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_quant.json"), "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
+    ResultsLog("bench_quant").save(meta=meta, results=results)
     print(json.dumps(meta))
     print(f"{'kernel':>15} {'launch':>8} {'in':>4} {'M':>6} {'K':>6} {'bad':>5} {'ms':>8} "
           f"{'TB/s':>6} {'%copy':>6} {'torch ms':>9} {'speedup':>7}")  # fmt: skip

@@ -1,5 +1,8 @@
 """Run-to-run spread of BF16 training: the same config and seed trained twice (the noise floor that any
-FP8-vs-BF16 comparison must beat). Prints the same statistics as fp8_accuracy.py."""
+FP8-vs-BF16 comparison must beat). Prints the same statistics as fp8_accuracy.py and appends them as a
+line to benchmarks/results/bf16_repeat.jsonl (results_log.py).
+
+Run: PYTHONPATH=src python3 benchmarks/bf16_repeat.py [steps, default 150]"""
 
 import dataclasses
 import json
@@ -9,6 +12,7 @@ import sys
 from coscale.train.fp8_study import compare_curves
 from coscale.train.loop import TrainConfig, train
 from coscale.train.metrics import read_metrics
+from results_log import ResultsLog
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 150
 out = os.path.join(os.environ.get("OUT", "runs"), "bf16_repeat")
@@ -20,4 +24,6 @@ for i in range(2):
     curves.append([r["loss"] for r in read_metrics(s["metrics"]) if r.get("type") == "train"])
     vals.append(s["final_val_loss"])
 stats = compare_curves(curves[0], curves[1], skip=steps // 10, smooth=20)
-print(json.dumps({"bf16_vs_bf16": stats, "val": vals, "first_losses": [c[:3] for c in curves]}, indent=2))
+summary = {"bf16_vs_bf16": stats, "val": vals, "first_losses": [c[:3] for c in curves]}
+ResultsLog("bf16_repeat").save(steps=steps, **summary)
+print(json.dumps(summary, indent=2))

@@ -11,17 +11,18 @@ aligning every addend to the largest exponent among them and dropping the bits b
 Errors are relative Frobenius norms against float64 A @ B^T of the unquantized inputs. Two input
 distributions: zero-mean normal, and positive-mean (|N(0,1)|, like post-activation values) where the
 growing sum makes the alignment loss systematic.
-Run: python benchmarks/fp8_accumulation.py [--rows 16] [--seed 0]; writes $OUT/fp8_accumulation.json.
+Run: python benchmarks/fp8_accumulation.py [--rows 16] [--seed 0]; appends a line to
+benchmarks/results/fp8_accumulation.jsonl (results_log.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import torch
+
+from results_log import ResultsLog
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
@@ -102,10 +103,7 @@ def main() -> None:
     for r in results:
         print(f"{r['distribution']:>9} {r['K']:>6} {r['no_promotion']:>13.2e} {r['promote_128']:>12.2e} "
               f"{r['exact_sum']:>10.2e}")  # fmt: skip
-    if os.environ.get("OUT"):
-        path = os.path.join(os.environ["OUT"], "fp8_accumulation.json")
-        with open(path, "w") as f:
-            json.dump({"fraction_bits": FRACTION_BITS, "rows": args.rows, "results": results}, f, indent=1)
+    ResultsLog("fp8_accumulation").save(fraction_bits=FRACTION_BITS, rows=args.rows, results=results)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ GPU:  PYTHONPATH=src python benchmarks/fp8_accuracy.py --model small --steps 300
 CPU:  PYTHONPATH=src python benchmarks/fp8_accuracy.py --model tiny --steps 60 --reference fp32
 Trains the same model, seed and batches in the reference precision and in FP8, prints the relative
 difference of the loss curves after warm-up, and saves a plot of both curves and fp8_study.json under
---out (default $OUT/fp8_study or runs/fp8_study).
+--out (default $OUT/fp8_study or runs/fp8_study); the study's summary is appended as a line to
+benchmarks/results/fp8_accuracy.jsonl (results_log.py).
 """
 
 import argparse
@@ -13,6 +14,7 @@ import os
 
 from coscale.train.fp8_study import run_fp8_study
 from coscale.train.loop import TrainConfig
+from results_log import ResultsLog
 
 
 def main():
@@ -31,6 +33,7 @@ def main():
                        seed=a.seed, eval_interval=0, save_interval=0, progress=False, tensorboard=False,
                        log_interval=max(1, a.steps // 10))
     r = run_fp8_study(base, a.out, reference=a.reference, smooth=a.smooth)
+    ResultsLog("fp8_accuracy").save(study=r)
     print(json.dumps(r, indent=2))
     print(f"\n{a.model}, {a.steps} steps: FP8 vs {a.reference} loss, relative difference after warm-up "
           f"(moving average {a.smooth}): mean {100 * r['mean_rel_diff_smoothed']:.3f}%, "

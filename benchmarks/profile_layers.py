@@ -9,6 +9,8 @@ bench_fp8 / bench_moe figures; it is not itself a performance claim.
 for one training step (forward + backward) of the `small` preset in BF16 and FP8, it prints the wall
 time per iteration (the host issues every launch; the GPU drains behind it), the GPU kernel time per
 iteration and the top host-side (CPU) operators. Wall >> kernels means the case is bound by the host.
+
+The printed report is also appended, as text, to benchmarks/results/profile_layers.jsonl (results_log.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from coscale.fp8 import FP8Linear
 from coscale.kernels.moe import grouped_experts_forward
+from results_log import ResultsLog, teed_stdout
 
 ITERS = 3
 
@@ -195,13 +198,18 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_layers.py needs a CUDA GPU")
-    print(torch.cuda.get_device_name(), torch.__version__)
-    if args.only in (None, "linear"):
-        linear_cases()
-    if args.only in (None, "moe"):
-        moe_cases()
-    if args.only in (None, "host"):
-        host_cases()
+    log = ResultsLog("profile_layers")
+    with teed_stdout() as report:
+        try:
+            print(torch.cuda.get_device_name(), torch.__version__)
+            if args.only in (None, "linear"):
+                linear_cases()
+            if args.only in (None, "moe"):
+                moe_cases()
+            if args.only in (None, "host"):
+                host_cases()
+        finally:  # keep the report printed so far, even when a case fails
+            log.save(only=args.only, report=report.getvalue())
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Block-scaled FP8 grouped GEMM: every kernel configuration side by side with cuBLAS baselines.
 
-Run: `PYTHONPATH=src python3 benchmarks/tune_fp8_grouped.py [--tokens 8192]`; writes
-tune_fp8_grouped.json under $OUT when OUT is set. DeepSeek-V3's routed experts (256 experts, top-8,
+Run: `PYTHONPATH=src python3 benchmarks/tune_fp8_grouped.py [--tokens 8192]`; appends a line to
+benchmarks/results/tune_fp8_grouped.jsonl (results_log.py). DeepSeek-V3's routed experts (256 experts, top-8,
 balanced: tokens*8/256 rows per expert), the four forward/dgrad products and the two wgrad products of
 one MoE layer:
 
@@ -18,14 +18,14 @@ Each TMA configuration is checked against the dequantized FP32 product on three 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import traceback
 
 import torch
 
 from coscale.kernels import fp8_grouped_gemm as G
+from coscale.kernels.fp8_grouped_kernels import launch_grouped_mm_tma, launch_grouped_wgrad_tma
 from coscale.kernels.quant import act_quant_1x128, act_quant_1x128_dual, dequant_1x128
+from results_log import ResultsLog
 
 E, TOPK = 256, 8
 MM_CONFIGS = [
@@ -163,8 +163,8 @@ def mm_case(label, m_per_e, k, n, results):
         if n % cfg[1]:
             continue
         d = cfg_dict(cfg)
-        record(pending, case, name_of(cfg), lambda d=d: G.launch_grouped_mm_tma(xq, xs, wq, ws, te, c, d), flops,
-               lambda d=d: error(lambda: G.launch_grouped_mm_tma(xq, xs, wq, ws, te, torch.empty(m, n, device=dev), d)))
+        record(pending, case, name_of(cfg), lambda d=d: launch_grouped_mm_tma(xq, xs, wq, ws, te, c, d), flops,
+               lambda d=d: error(lambda: launch_grouped_mm_tma(xq, xs, wq, ws, te, torch.empty(m, n, device=dev), d)))
     time_pending(pending, results)
 
 
@@ -203,7 +203,7 @@ def wgrad_case(label, m_per_e, n, k, results):
         d = cfg_dict(cfg)
 
         def tuned(d=d):
-            return G.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, offs, out, d)
+            return launch_grouped_wgrad_tma(dyt, dyts, xt, xts, offs, out, d)
 
         record(pending, case, name_of(cfg), tuned, flops, lambda f=tuned: error(f()))
     time_pending(pending, results)
@@ -230,10 +230,7 @@ def main():
         for label, n, k in [("wgrad gate+up", 4096, 7168), ("wgrad down", 7168, 2048)]:
             wgrad_case(label, m_per_e, n, k, results)
             torch.cuda.empty_cache()
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        with open(os.path.join(out_dir, "tune_fp8_grouped.json"), "w") as fh:
-            json.dump(results, fh, indent=1)
+    ResultsLog("tune_fp8_grouped").save(tokens=args.tokens, results=results)
     print("\nbest per case:")
     for label in dict.fromkeys(r["case"] for r in results):
         rows = [r for r in results if r["case"] == label and "tflops" in r]

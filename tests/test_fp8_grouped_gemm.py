@@ -1,23 +1,28 @@
 """Grouped FP8 GEMMs for the routed experts: kernels vs references, autograd vs float64."""
 
+import contextlib
 import functools
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
 
+import coscale
 from coscale.errors import CoscaleError
+from coscale.kernels import fp8_grouped_kernels as kernels
 from coscale.kernels import quant as q
 from coscale.kernels.fp8_grouped_gemm import (
-    fp8_grouped_linear,
+    expert_tile_map,
     fp8_grouped_mm,
     fp8_grouped_mm_ref,
     fp8_grouped_wgrad,
     fp8_grouped_wgrad_ref,
     quantize_expert_weights,
 )
+from coscale.kernels.fp8_grouped_linear import fp8_grouped_gate_up, fp8_grouped_linear
 
 BOUND = 0.07  # see tests/test_fp8_gemm.py
 needs_triton = pytest.mark.skipif(
@@ -124,8 +129,6 @@ def test_grouped_contract_errors():
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("i,k", [(128, 256), (100, 200)])
 def test_gate_up_equals_two_linears(backend, i, k):
-    from coscale.kernels.fp8_grouped_gemm import fp8_grouped_gate_up
-
     torch.manual_seed(4)
     off = torch.tensor([128, 128, 384])
     x = torch.randn(384, k, requires_grad=True)
@@ -152,105 +155,6 @@ def test_gate_up_equals_two_linears(backend, i, k):
     assert rel(gu[:, :i], reference_linear(x64, wg64, off)) < BOUND
 
 
-def test_config_picker_warms_every_candidate_then_keeps_each_ones_fastest_round(monkeypatch):
-    import triton.testing
-
-    from coscale.kernels import fp8_grouped_gemm as g
-
-    monkeypatch.setattr(g, "interpreting", lambda: False)
-    monkeypatch.setattr(g, "_PICKED", {})
-    # per candidate, the time of each timing round: "c" is slow in round 1 (a cold clock) only
-    rounds = {"a": [3.0, 3.0], "b": [2.0, 2.5], "c": [4.0, 1.5]}
-    calls = []
-
-    def fake_bench(fn, **kw):
-        return fn()
-
-    def launch(cfg):
-        name = cfg["name"]
-        calls.append(name)
-        if name == "b2":
-            raise RuntimeError("out of resources")
-        timed = [c for c in calls if c == name]
-        return rounds[name][len(timed) - 2] if len(timed) > 1 else 0.0  # the first call only warms
-
-    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
-    cands = ({"name": "a"}, {"name": "b2"}, {"name": "b"}, {"name": "c"})
-    assert g._pick_config("k", cands, launch) == {"name": "c"}
-    assert g._pick_config("k", cands, launch) == {"name": "c"}  # remembered, not timed again
-    assert calls == ["a", "b2", "b", "c"] + ["a", "b", "c"] * g.PICK_ROUNDS
-    with pytest.raises(CoscaleError, match="no grouped FP8 GEMM configuration"):
-        g._pick_config("k2", ({"name": "b2"},), launch)
-
-
-def test_weight_cache_reuses_until_the_weights_change(monkeypatch):
-    from coscale.kernels import fp8_grouped_gemm as g
-
-    calls = []
-    real = g._quantize_weights
-    monkeypatch.setattr(
-        g, "_quantize_weights", lambda ws, need_t, backend: calls.append(need_t) or real(ws, need_t, backend)
-    )
-    torch.manual_seed(3)
-    off = offsets_of([128, 128])
-    x = torch.randn(256, 128)
-    w = (torch.randn(2, 128, 128) * 0.1).requires_grad_()
-
-    def run(**kw):
-        return fp8_grouped_linear(x, w, off, backend="torch", aligned=True, **kw)
-
-    with torch.no_grad():
-        first = run(cache_weights=True)
-        assert torch.equal(run(cache_weights=True), first) and calls == [False]  # W only, reused
-    xg = x.clone().requires_grad_()
-    y = fp8_grouped_linear(xg, w, off, backend="torch", aligned=True, cache_weights=True)
-    assert calls == [False, True]  # a gradient of x needs W^T: quantized again, with it
-    y.sum().backward()
-    with torch.no_grad():
-        run(cache_weights=True)
-        assert calls == [False, True]  # the entry with W^T serves the no-grad call too
-        w.add_(1.0)  # an optimizer step: the version counter moves
-        changed = run(cache_weights=True)
-        assert calls == [False, True, False]
-        assert torch.equal(changed, run(cache_weights=False))
-    g.clear_weight_cache()
-
-
-@pytest.fixture
-def fresh_weight_cache():
-    from coscale.kernels import fp8_grouped_gemm as g
-
-    g.clear_weight_cache()
-    yield g
-    g.clear_weight_cache()
-
-
-@pytest.mark.parametrize("fused", [False, True])
-def test_weight_cache_dropped_by_any_optimizer_step(fresh_weight_cache, fused):
-    # fused AdamW updates the weights without bumping their version counter: the post-step hook must
-    # still drop the cached FP8 copies
-    torch.manual_seed(4)
-    off = offsets_of([128, 128])
-    x = torch.randn(256, 128)
-    w = torch.nn.Parameter(torch.randn(2, 128, 128) * 0.1)
-    opt = torch.optim.AdamW([w], lr=0.1, fused=fused)
-    fp8_grouped_linear(x, w, off, backend="torch", aligned=True, cache_weights=True).square().sum().backward()
-    opt.step()
-    with torch.no_grad():
-        after = fp8_grouped_linear(x, w, off, backend="torch", aligned=True, cache_weights=True)
-        assert torch.equal(after, fp8_grouped_linear(x, w, off, backend="torch", aligned=True))
-
-
-def test_weight_cache_takes_inference_tensors(fresh_weight_cache):
-    off = offsets_of([128])
-    with torch.inference_mode():
-        w = torch.randn(1, 128, 128)
-        x = torch.randn(128, 128)
-        a = fp8_grouped_linear(x, w, off, backend="torch", aligned=True, cache_weights=True)
-        b = fp8_grouped_linear(x, w, off, backend="torch", aligned=True, cache_weights=True)
-    assert torch.equal(a, b)
-
-
 @needs_triton
 def test_empty_and_misaligned_inputs_on_the_triton_path():
     torch.manual_seed(6)
@@ -271,10 +175,8 @@ def test_empty_and_misaligned_inputs_on_the_triton_path():
 
 
 def test_tile_shapes_must_divide_the_scale_block():
-    from coscale.kernels import fp8_grouped_gemm as g
-
     with pytest.raises(CoscaleError, match="BLOCK_N must divide 128"):
-        g._check_tiles({"BLOCK_M": 64, "BLOCK_N": 256})
+        kernels._check_tiles({"BLOCK_M": 64, "BLOCK_N": 256})
 
 
 @needs_triton
@@ -284,9 +186,7 @@ def test_every_gpu_candidate_configuration_matches_the_reference(which, monkeypa
     the GPU pipeliner, the interpreter ignores it) on ragged segments, rows after the last expert, an
     N that is not a multiple of the tile rows and a bf16 output whose rows are not 16-byte aligned
     (the bulk store must fall back to pointer stores for both), in fp32 and bf16."""
-    from coscale.kernels import fp8_grouped_gemm as g
-
-    real = g._tensor_descriptor()
+    real = kernels._tensor_descriptor()
     made = []
 
     class SpyDescriptor:  # counts descriptors: A, B, and C when the bulk store is used
@@ -295,7 +195,7 @@ def test_every_gpu_candidate_configuration_matches_the_reference(which, monkeypa
             made.append(tuple(block))
             return real.from_tensor(t, block)
 
-    monkeypatch.setattr(g, "_tensor_descriptor", lambda: SpyDescriptor)
+    monkeypatch.setattr(kernels, "_tensor_descriptor", lambda: SpyDescriptor)
     torch.manual_seed(7)
     off = offsets_of([128, 0, 256])
     m = int(off[-1]) + 37
@@ -313,18 +213,68 @@ def test_every_gpu_candidate_configuration_matches_the_reference(which, monkeypa
         xq, xs = q.act_quant_1x128(x, backend="torch")
         wq, ws = quantize_expert_weights(torch.randn(3, 256, 256), backend="torch")
         oracle = fp8_grouped_mm_ref(xq, xs, wq, ws, off, torch.float32)
-        tile_expert = g.expert_tile_map(off, m)
-        for cfg in g.MM_CANDIDATES:
+        tile_expert = expert_tile_map(off, m)
+        for cfg in kernels.MM_CANDIDATES:
             for dtype in (torch.float32, torch.bfloat16):
                 out = torch.full((m, 256), 7.0, dtype=dtype)
-                check(functools.partial(g.launch_grouped_mm_tma, xq, xs, wq, ws, tile_expert), oracle, out, cfg, True)
+                launch = functools.partial(kernels.launch_grouped_mm_tma, xq, xs, wq, ws, tile_expert)
+                check(launch, oracle, out, cfg, True)
         return
     for n, k, dtype in ((256, 256, torch.float32), (192, 256, torch.float32), (256, 100, torch.bfloat16)):
         _, _, xt, xts = q.act_quant_1x128_dual(torch.randn(m, k), backend="torch")
         _, _, dyt, dyts = q.act_quant_1x128_dual(torch.randn(m, n), backend="torch")
         oracle = fp8_grouped_wgrad_ref(dyt, dyts, xt, xts, off)
         storable = (k * torch.empty(0, dtype=dtype).element_size()) % 16 == 0
-        for cfg in g.WGRAD_CANDIDATES:
+        for cfg in kernels.WGRAD_CANDIDATES:
             out = torch.full((3, n, k), 7.0, dtype=dtype)
-            launch = functools.partial(g.launch_grouped_wgrad_tma, dyt, dyts, xt, xts, off)
+            launch = functools.partial(kernels.launch_grouped_wgrad_tma, dyt, dyts, xt, xts, off)
             check(launch, oracle, out, cfg, storable and n % cfg["BLOCK_M"] == 0)
+
+
+@contextlib.contextmanager
+def host_reads_in_coscale():
+    """Every read of a tensor's value by the host (.item(), .tolist(), bool(), int(), ...) made from
+    coscale's own code: on CUDA each one is a device-to-host synchronisation."""
+    package = os.path.dirname(coscale.__file__) + os.sep
+    names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+    seen = []
+
+    def spy(name, original):
+        def read(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            if frame.f_code.co_filename.startswith(package):
+                seen.append(f"{name} at {frame.f_code.co_filename}:{frame.f_lineno}")
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, spy(name, original))
+    try:
+        yield seen
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+@needs_triton
+def test_aligned_fp8_paths_never_read_the_device_back():
+    """The MoE FP8 path (gate+up, down with aligned=True) and FP8Linear, forward and backward, on the
+    Triton path: no host read of a tensor value anywhere in coscale (the references may loop)."""
+    from coscale.fp8 import FP8Linear
+
+    torch.manual_seed(8)
+    off = offsets_of([128, 0, 128])
+    x = torch.randn(256, 128, requires_grad=True)
+    wg, wu = ((torch.randn(3, 128, 128) * 0.05).requires_grad_() for _ in range(2))
+    wd = (torch.randn(3, 128, 128) * 0.05).requires_grad_()
+    layer = FP8Linear(128, 128, bias=False, backend="triton")
+    with host_reads_in_coscale() as seen:
+        gate_up = fp8_grouped_gate_up(x, wg, wu, off, backend="triton")
+        y = fp8_grouped_linear(gate_up[:, :128] * gate_up[:, 128:], wd, off, backend="triton", aligned=True)
+        (y.square().sum() + layer(x).square().sum()).backward()
+    assert seen == []
+    with host_reads_in_coscale() as seen:  # the spy sees what it should: the unaligned path's one sync
+        fp8_grouped_linear(x[:200], wd, torch.tensor([100, 100, 200]), backend="triton")
+    assert any("tolist" in s for s in seen)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from coscale.train.fp8_study import compare_curves, run_fp8_study
 from coscale.train.loop import TrainConfig
@@ -18,7 +19,17 @@ def test_compare_curves_hand_case():
         compare_curves(ref, cand, skip=4, smooth=1)
 
 
-def test_fp8_training_tracks_fp32_on_tiny(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Two training runs on a busy 2-core machine: 17 s on one thread, past 600 s with the default
+    thread count when other processes hold the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_fp8_training_tracks_fp32_on_tiny(tmp_path, one_thread):
     base = TrainConfig(model="tiny", model_overrides={"num_hidden_layers": 2}, steps=40, batch_size=4,
                        seq_len=64, seed=0, eval_interval=0, save_interval=0, progress=False,
                        tensorboard=False, log_interval=100)

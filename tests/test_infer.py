@@ -5,9 +5,8 @@ import torch
 
 from coscale import save_pretrained
 from coscale.config import get_preset
-from coscale.infer import generate, generate_speculative
-from coscale.infer.decode import _MTPDrafter
-from coscale.model import DeepseekForCausalLM, LatentKVCache
+from coscale.infer import generate, generate_speculative, speculative
+from coscale.model import DeepseekForCausalLM
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +35,26 @@ def test_speculative_equals_greedy_with_real_mtp(model):
     assert stats.tokens == 15 and stats.main_calls == len(stats.per_step_tokens)
 
 
-def test_incremental_mtp_draft_equals_full_mtp_forward(model):
-    ids = torch.randint(0, 50, (1, 9))
+def test_incremental_mtp_draft_equals_full_mtp_forward(model, monkeypatch):
+    """The engine's MTP drafts (module 1 over the paged cache, fed a prompt chunk and then one step at a
+    time) equal a full MTP forward over the final sequence at the same positions."""
+    calls = []
+    real_draft = speculative.draft_logits
+
+    def record(model_, depth, h, positions):
+        logits = real_draft(model_, depth, h, positions)
+        calls.append((positions.tolist(), logits))
+        return logits
+
+    monkeypatch.setattr(speculative, "draft_logits", record)
+    prompt = torch.randint(0, 50, (1, 5))
+    out, _ = generate_speculative(model, prompt, 6)
     with torch.no_grad():
-        h = model.hidden_states(ids)
-        full = model.mtp_logits(h, ids)[0]  # position i predicts token i + 2
-        cache = LatentKVCache(model.config, 1, 16, n_layers=model.config.num_hidden_layers + 1,
-                              dtype=torch.float64)
-        drafter = _MTPDrafter(model, cache)
-        first = drafter.draft(h[:, :5], ids[:, 1:6], 0)
-        second = drafter.draft(h[:, 5:7], ids[:, 6:8], 5)
-    torch.testing.assert_close(first, full[:, 4])
-    torch.testing.assert_close(second, full[:, 6])
+        full = model.mtp_logits(model.hidden_states(out), out)[0]  # position i predicts token i + 2
+    assert len(calls) >= 3
+    for positions, logits in calls:
+        if positions[0] + 2 < out.shape[1]:
+            torch.testing.assert_close(logits[0], full[0, positions[0]])
 
 
 @pytest.mark.parametrize("oracle_every", [1, 2])
@@ -56,19 +63,19 @@ def test_accepted_drafts_commit_two_tokens(model, monkeypatch, oracle_every):
     prompt = torch.randint(0, 50, (1, 4))
     reference = generate(model, prompt, 16)
     calls = {"n": 0}
-    real_draft = _MTPDrafter.draft
+    real_draft = speculative.draft_logits
 
-    def oracle(self, h, next_tokens, start_pos):
-        logits = real_draft(self, h, next_tokens, start_pos)
+    def oracle(model_, depth, h, positions):
+        logits = real_draft(model_, depth, h, positions)
         calls["n"] += 1
-        # The draft is for the token at position start_pos + S + 1 (0-based index in the sequence).
-        target_index = start_pos + h.shape[1] + 1
+        # The draft is for the token at position positions + depth + 2 (0-based index in the sequence).
+        target_index = int(positions[0]) + depth + 2
         if calls["n"] % oracle_every == 0 and target_index < reference.shape[1]:
             logits = torch.full_like(logits, -1e9)
             logits[0, reference[0, target_index]] = 0.0
         return logits
 
-    monkeypatch.setattr(_MTPDrafter, "draft", oracle)
+    monkeypatch.setattr(speculative, "draft_logits", oracle)
     out, stats = generate_speculative(model, prompt, 16)
     assert torch.equal(out, reference)
     assert stats.accepted > 0

@@ -222,7 +222,7 @@ def test_layout_is_not_taken_from_a_checkpoint():
     assert cfg.resolved_combine_codec == "bf16"
     from coscale.train.config import LAYOUT_FIELDS
 
-    assert set(LAYOUT_FIELDS) == {"ep_size", "gpus_per_node", "two_hop", "dist_timeout"}
+    assert set(LAYOUT_FIELDS) == {"ep_size", "gpus_per_node", "two_hop", "dist_timeout", "compile", "cuda_graphs"}
     with pytest.raises(Exception, match="dispatch_codec must be one of"):
         TrainConfig.from_dict({"dispatch_codec": "int4"})
 

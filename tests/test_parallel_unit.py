@@ -103,6 +103,30 @@ def test_single_process_dispatch_is_the_reference(two_hop):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("two_hop", [False, True])
+def test_scatter_then_gather_sums_each_tokens_copies(two_hop):
+    """A route's gather is the adjoint of its scatter: scatter makes one row per (token, expert) pair,
+    sorted by expert; gather sums them back, so gather(scatter(x)) == K * x (exact in float64/fp32)."""
+    from coscale.parallel.routes import Topology, plan_routes, topology
+    from coscale.parallel.transfer import gather, gather_start, gather_wait, scatter
+
+    t, h, e, k = 11, 8, 8, 3
+    idx, _ = _routing(t, e, k)
+    x = torch.randn(t, h, dtype=torch.float64)
+    fp32 = get_codec("fp32")
+    plan = plan_routes(idx, e, topology(None), two_hop)
+    rows = scatter(x, plan.token_route, fp32, fp32, torch.float64, 60.0)
+    order = torch.argsort(idx.flatten(), stable=True)
+    assert torch.equal(rows, x.float().double()[order // k])  # the fp32 wire format rounds once
+    assert torch.equal(plan.local_expert, idx.flatten()[order])
+    back = gather(rows, plan.token_route, fp32, fp32, torch.float64, 60.0)
+    torch.testing.assert_close(back, k * x.float().double(), rtol=1e-6, atol=0)
+    anchor, pending = gather_start(rows, plan.token_route, fp32, fp32, torch.float64, 60.0)
+    assert torch.equal(gather_wait(anchor, pending), back)
+    with pytest.raises(ConfigError, match="does not divide the 5 routed experts"):
+        plan_routes(idx, 5, Topology(group=None, ranks=(0, 1), rank=0))
+
+
 def test_bad_shapes_and_divisibility_are_config_errors():
     x = torch.randn(4, 8)
     idx = torch.zeros(4, 2, dtype=torch.long)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from coscale.errors import CoscaleError
-from coscale.kernels.permute import build_permute_info, permute_tokens, unpermute_combine
+from coscale.kernels.permute import build_permute_info, max_permuted_rows, permute_tokens, unpermute_combine
 
 try:
     import triton  # noqa: F401
@@ -80,7 +80,11 @@ def test_permute_is_exact(backend, kind, T, K, E, align):
     assert torch.equal(info.group_end_offsets, ends)
     assert info.group_end_offsets.dtype == torch.int32
     assert torch.equal(info.tokens_per_expert, torch.bincount(idx.flatten(), minlength=E))
-    assert torch.equal(x_perm, expected)
+    # the buffer has the static size any routing fits in; rows after the last group are zero padding
+    assert x_perm.shape[0] == max_permuted_rows(T * K, E, align) == info.num_rows
+    assert torch.equal(x_perm[: expected.shape[0]], expected)
+    assert not x_perm[expected.shape[0]:].any()
+    assert (info.row_pair[expected.shape[0]:] == -1).all()
     # every pair's row holds its token; padding rows are marked -1
     assert torch.equal(x_perm[info.pair_row.flatten()], x.repeat_interleave(K, dim=0))
     assert int((info.row_pair >= 0).sum()) == T * K

@@ -6,7 +6,7 @@ the MoE router (``mlp.gate``, not an nn.Linear in coscale anyway), norms, and th
 other nn.Linear becomes an FP8Linear sharing the same Parameter objects, so parameter names, the
 state_dict and any optimizer state are unchanged. Modules with a ``precision`` attribute (the routed
 experts, coscale.model.moe.GroupedExperts) get ``precision = "fp8"``, which routes their GEMMs through
-coscale.kernels.fp8_grouped_gemm.fp8_grouped_linear.
+coscale.kernels.fp8_grouped_linear.fp8_grouped_linear.
 """
 
 from __future__ import annotations

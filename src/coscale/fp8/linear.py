@@ -18,6 +18,14 @@ in_features / out_features that are not multiples of 128 are zero-padded inside 
 kernels (the padding columns are zeros in both operands, so they add nothing to any dot product) and
 the outputs are sliced back; the parameters keep their nn.Linear shapes and names, so a state_dict
 moves freely between plain and converted models.
+
+Weight cache: ``FP8Linear.fp8_weight_cache = True`` (or an FP8WeightCache) keeps W's FP8 copies (and
+W^T's once an input gradient was needed) between calls, until whoever steps the optimizer calls
+``invalidate_fp8_weight_caches(model)`` (coscale.kernels.fp8_weight_cache: the rule, the safety net
+and the cost). Off by default.
+
+No host synchronisation on any path except the one-time probe of cuBLAS (kernels.fp8_gemm) and the
+first call of each shape of the Triton GEMM (Triton's autotuner): warm up before CUDA-graph capture.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import torch
 from torch import nn
 
 from coscale.kernels.fp8_gemm import fp8_gemm
+from coscale.kernels.fp8_weight_cache import FP8WeightCache, as_weight_cache
 from coscale.kernels.quant import (
     act_quant_1x128,
     act_quant_1x128_dual,
@@ -52,12 +61,13 @@ class FP8LinearFunction(torch.autograd.Function):
                 (+ the bias-gradient reduction; slice copies when K or N % 128 != 0)
     Under no_grad (or frozen inputs) only the single layouts are produced: act_quant_1x128 and
     weight_quant_128x128. Saved for backward: xt/xts (FP8 X^T) and wq_t/ws_t (FP8 W^T).
+    ``weight_cache`` (an FP8WeightCache or None): step 2 is skipped while it holds W's copies.
     The transposed layouts are padded to Kp / Np rows, so every GEMM has 128-multiple M and N and can
     take cuBLAS under backend="auto" (kernels.fp8_gemm decides, including its K % 512 rule).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, backend="auto", round_scale=False):
+    def forward(ctx, x, weight, bias, backend="auto", round_scale=False, weight_cache=None):
         k = x.shape[-1]
         n = weight.shape[0]
         x2 = x.reshape(-1, k)
@@ -66,10 +76,7 @@ class FP8LinearFunction(torch.autograd.Function):
             xq, xs, xt, xts = act_quant_1x128_dual(x2, round_scale, backend, pad_t=True)
         else:
             (xq, xs), xt, xts = act_quant_1x128(x2, round_scale, backend), None, None
-        if need_dgrad:
-            wq, ws, wq_t, ws_t = weight_quant_128x128_dual(weight.detach(), round_scale, backend)
-        else:
-            (wq, ws), wq_t, ws_t = weight_quant_128x128(weight.detach(), round_scale, backend), None, None
+        wq, ws, wq_t, ws_t = _quantize_weight(weight, need_dgrad, backend, round_scale, weight_cache)
         out = fp8_gemm(xq, xs, wq, ws, x.dtype, backend)  # [M, Np]
         if out.shape[1] != n:
             out = out[:, :n]
@@ -104,16 +111,32 @@ class FP8LinearFunction(torch.autograd.Function):
             dw = dw.to(w_dtype)
         if need_bias:
             db = dy2.float().sum(0).to(ctx.bias_dtype)
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
-def fp8_linear(x, weight, bias=None, backend: str = "auto", round_scale: bool = False):
-    """Functional form of FP8Linear."""
-    return FP8LinearFunction.apply(x, weight, bias, backend, round_scale)
+def _quantize_weight(weight, need_t: bool, backend: str, round_scale: bool, weight_cache: FP8WeightCache | None):
+    """(wq, ws, wq_t, ws_t): W in 128x128 blocks, and W^T's bytes and scales when ``need_t``."""
+
+    def quantize():
+        if need_t:
+            return weight_quant_128x128_dual(weight.detach(), round_scale, backend)
+        return (*weight_quant_128x128(weight.detach(), round_scale, backend), None, None)
+
+    if weight_cache is None:
+        return quantize()
+    return weight_cache.get((weight,), (backend, round_scale), need_t, quantize)
+
+
+def fp8_linear(
+    x, weight, bias=None, backend: str = "auto", round_scale: bool = False, weight_cache: FP8WeightCache | None = None
+):
+    """Functional form of FP8Linear (``weight_cache``: the FP8WeightCache of the weight's owner, or None)."""
+    return FP8LinearFunction.apply(x, weight, bias, backend, round_scale, weight_cache)
 
 
 class FP8Linear(nn.Module):
-    """nn.Linear with FP8 GEMMs; same parameters (``weight`` [N, K] master copy, optional ``bias``)."""
+    """nn.Linear with FP8 GEMMs; same parameters (``weight`` [N, K] master copy, optional ``bias``).
+    ``fp8_weight_cache``: None (off) or this module's FP8WeightCache (assign True to make one)."""
 
     def __init__(
         self,
@@ -130,6 +153,7 @@ class FP8Linear(nn.Module):
         self.out_features = out_features
         self.backend = backend
         self.round_scale = round_scale
+        self.fp8_weight_cache = None
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
@@ -148,12 +172,20 @@ class FP8Linear(nn.Module):
         nn.Module.__init__(module)
         module.in_features, module.out_features = linear.in_features, linear.out_features
         module.backend, module.round_scale = backend, round_scale
+        module.fp8_weight_cache = None
         module.weight = linear.weight
         module.bias = linear.bias
         return module
 
+    def __setattr__(self, name, value):
+        if name == "fp8_weight_cache":  # True -> an FP8WeightCache this module owns, False -> None
+            value = as_weight_cache(value)
+        super().__setattr__(name, value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return FP8LinearFunction.apply(x, self.weight, self.bias, self.backend, self.round_scale)
+        return FP8LinearFunction.apply(
+            x, self.weight, self.bias, self.backend, self.round_scale, self.fp8_weight_cache
+        )
 
     def extra_repr(self) -> str:
         return (

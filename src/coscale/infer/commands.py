@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
@@ -12,17 +11,24 @@ from coscale.errors import CoscaleError
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "generate", help="generate text from a checkpoint (latent KV cache; optional MTP speculation)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Generate text from a checkpoint with the latent KV cache, greedily, by sampling, or "
+                    "with MTP speculative decoding.",
     )
     p.add_argument("checkpoint", help="HF-format checkpoint directory (config.json + safetensors), or a "
                    "`coscale train` run directory (its latest checkpoint)")
-    p.add_argument("--prompt", default="The ", help="prompt text (byte-level models, vocab_size 256)")
-    p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--prompt", default="The ", help="prompt text, for byte-level models (vocab_size 256) "
+                   "(default: 'The ')")
+    p.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                   help="tokens to generate after the prompt (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default: 0)")
     p.add_argument("--speculative", action="store_true", help="draft with the MTP module (greedy only)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: torch's, all cores; use 1 on a shared machine, "
+                        "where decoding's many small operations wait on busy cores)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling with --temperature > 0 "
+                   "(default: 0)")
     p.set_defaults(func=run_generate)
 
 
@@ -45,35 +51,30 @@ def _prompt_ids(args, vocab_size: int) -> list[int]:
 
 
 def load_model(path: str, dtype, device):
-    """An HF-format checkpoint directory, or a training run / training checkpoint directory."""
-    import os
+    """An HF-format checkpoint directory (FP8 weights kept in FP8), or a training run / training
+    checkpoint directory (coscale.infer.loading)."""
+    from coscale.infer.loading import load_for_inference
 
-    from coscale.checkpoint import CONFIG_FILE, from_pretrained
-
-    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        return from_pretrained(path, dtype=dtype, device=device)
-    from coscale.config import ModelConfig
-    from coscale.model import DeepseekForCausalLM
-    from coscale.train import checkpointing
-
-    state = checkpointing.load_checkpoint(checkpointing.resolve_checkpoint(path))
-    model = DeepseekForCausalLM(ModelConfig.from_dict(state.meta["model_config"]))
-    # FP8 training keeps the same parameter names, so its state loads into the plain model.
-    model.load_state_dict(state.model)
-    return model.to(device=device, dtype=dtype)
+    return load_for_inference(path, dtype, device)
 
 
 def run_generate(args) -> int:
-    import torch
-
-    from coscale.infer.decode import generate, generate_speculative
-
+    # The checks that need no torch come first: importing it takes seconds.
     if args.max_new_tokens < 0:
         raise CoscaleError("--max-new-tokens must be >= 0")
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise CoscaleError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.speculative and args.temperature > 0:
         raise CoscaleError("--speculative decodes greedily; drop --temperature")
+    if args.threads is not None and args.threads < 1:
+        raise CoscaleError(f"--threads must be a positive integer, got {args.threads}")
+
+    import torch
+
+    from coscale.infer.decode import generate, generate_speculative
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.split(":")[0] not in ("cpu", "cuda"):
         raise CoscaleError(f"--device must be cpu or cuda, got {device!r}")

@@ -28,7 +28,11 @@ import functools
 import torch
 
 from coscale.errors import CoscaleError
-from coscale.kernels.quant import BLOCK, FP8_DTYPE, interpreting, outer_major, triton_available
+from coscale.kernels.autotune import triton_autotune
+from coscale.kernels.backend import interpreting, select_backend
+from coscale.kernels.quant import BLOCK, FP8_DTYPE, outer_major
+
+BACKENDS = ("auto", "cublas", "triton", "torch")
 
 __all__ = ["fp8_gemm", "fp8_gemm_ref", "scale_granularity", "cublas_blockwise_supported", "cublas_shape_problem"]
 
@@ -187,22 +191,23 @@ def _fp8_gemm_cublas(a, a_scale, b, b_scale, out_dtype, ga, gb, form):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _configs(triton, interpret: bool):
-    if interpret or not torch.cuda.is_available():  # autotune with >= 2 configs fails without a GPU
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
+def _configs(triton):
+    """(the GPU's configurations, the interpreter's one) for coscale.kernels.autotune.triton_autotune."""
     shapes = [(128, 128, 4, 8), (128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 3, 4), (64, 128, 4, 4)]
-    return [
+    gpu = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, s, w in shapes
     ]
+    return gpu, triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)
 
 
 @functools.cache
 def _build_gemm_kernel(interpret: bool):
+    """The autotuned kernel, built once per interpreter mode (``triton.jit`` decides at decoration)."""
     import triton
     import triton.language as tl
 
-    @triton.autotune(configs=_configs(triton, interpret), key=["M", "N", "K", "A_GROUP", "B_GROUP"])
+    @triton_autotune(*_configs(triton), key=["M", "N", "K", "A_GROUP", "B_GROUP"])
     @triton.jit
     def fp8_gemm_kernel(
         a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, M, N, K,
@@ -270,42 +275,35 @@ def _fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, ga, gb):
 # ----------------------------------------------------------------------------------------------------
 
 
+def _cublas_if_it_takes(a, m: int, n: int, k: int, ga: int, gb: int) -> str | None:
+    """"cublas" when cuBLAS computes this GEMM correctly on a's device (see the module docstring)."""
+    if not (m and n and k) or m % BLOCK or n % BLOCK or cublas_shape_problem(m, n, k, ga, gb) is not None:
+        return None
+    return "cublas" if cublas_blockwise_supported(a.device, ga, gb) is not None else None
+
+
 def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, backend: str = "auto") -> torch.Tensor:
     """C [M, N] = (A * sA) @ (B * sB)^T in FP32, returned as out_dtype. See the module docstring."""
     ga, gb = _check(a, a_scale, b, b_scale)
-    if backend not in ("auto", "cublas", "triton", "torch"):
-        raise CoscaleError(f"backend must be auto, cublas, triton or torch; got {backend!r}")
     m, n, k = a.shape[0], b.shape[0], a.shape[1]
-    if backend == "auto":
-        form = cublas_blockwise_supported(a.device, ga, gb) if a.is_cuda else None
-        if (
-            form is not None
-            and m % BLOCK == 0
-            and n % BLOCK == 0
-            and m
-            and n
-            and k
-            and cublas_shape_problem(m, n, k, ga, gb) is None
-        ):
-            return _fp8_gemm_cublas(a, a_scale, b, b_scale, out_dtype, ga, gb, form)
-        backend = "triton" if a.is_cuda and triton_available() else "torch"
-    if backend == "cublas":
-        problem = cublas_shape_problem(m, n, k, ga, gb)
-        if problem is not None:
-            raise CoscaleError(
-                f"backend='cublas' cannot compute this GEMM correctly: {problem}; use 'triton' or 'auto'"
-            )
+    chosen = select_backend(
+        backend, a, allowed=BACKENDS, preferred=lambda: _cublas_if_it_takes(a, m, n, k, ga, gb), op="fp8_gemm"
+    )
+    if chosen == "cublas":
         form = cublas_blockwise_supported(a.device, ga, gb)
-        if form is None:
-            raise CoscaleError(
-                f"this torch/cuBLAS does not accept block-scaled FP8 GEMMs ({ga}x128 by {gb}x128) "
-                "on this device; use backend='triton' or 'torch'"
-            )
+        if backend == "cublas":  # an explicit request: say why cuBLAS cannot take it
+            problem = cublas_shape_problem(m, n, k, ga, gb)
+            if problem is not None:
+                raise CoscaleError(
+                    f"fp8_gemm: backend 'cublas' cannot compute this GEMM correctly: {problem}; use 'triton' or "
+                    "'auto'"
+                )
+            if form is None:
+                raise CoscaleError(
+                    f"fp8_gemm: backend 'cublas': this torch/cuBLAS does not accept block-scaled FP8 GEMMs "
+                    f"({ga}x128 by {gb}x128) on this device; use 'triton' or 'torch'"
+                )
         return _fp8_gemm_cublas(a, a_scale, b, b_scale, out_dtype, ga, gb, form)
-    if backend == "triton":
-        if not triton_available():
-            raise CoscaleError("backend='triton' needs the triton package")
-        if not a.is_cuda and not interpreting():
-            raise CoscaleError("the Triton FP8 GEMM on CPU tensors needs TRITON_INTERPRET=1")
+    if chosen == "triton":
         return _fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype, ga, gb)
     return fp8_gemm_ref(a, a_scale, b, b_scale, out_dtype)

@@ -22,16 +22,17 @@ Backends:
 - "triton": the kernels below. The forward/dgrad kernel finds its expert from a prefix sum of
   per-expert tile counts computed inside the kernel, so nothing is read back to the host.
 - "loop": a Python loop over experts, the reference (and the CPU path).
-- "auto": torch on CUDA when it applies, else triton on CUDA, else loop.
+- "auto": torch on CUDA when it applies, else triton on CUDA, else loop
+  (coscale.kernels.backend.select_backend decides, as for every kernel).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from coscale.errors import CoscaleError
+from coscale.kernels.autotune import power_of_two_bucket, triton_autotune
+from coscale.kernels.backend import select_backend
 
 try:
     import triton
@@ -43,31 +44,23 @@ except ImportError:  # pragma: no cover
 BACKENDS = ("auto", "torch", "triton", "loop")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # ---- Triton kernels ----------------------------------------------------------------------------
 if triton is not None:
 
-    def _mm_configs():
-        if _interpreting():  # autotune needs a GPU driver to time configs: give it one
-            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
-        shapes = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (16, 128, 128, 4, 4),
-                  (32, 128, 128, 4, 4)]
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in shapes
-        ]
-
-    def _wgrad_configs():
-        if _interpreting():
-            return [triton.Config({"BLOCK_R": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
-        shapes = [(64, 128, 128, 3, 8), (32, 128, 128, 4, 4), (64, 128, 64, 4, 4)]
-        return [
-            triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
-            for br, bn, bk, s, w in shapes
-        ]
+    # (the GPU's configurations, the interpreter's one) for coscale.kernels.autotune.triton_autotune
+    _MM_SHAPES = ((128, 256, 64, 3, 8), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (16, 128, 128, 4, 4),
+                  (32, 128, 128, 4, 4))
+    _MM_CONFIGS = (
+        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
+         for bm, bn, bk, s, w in _MM_SHAPES],
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4),
+    )
+    _WGRAD_SHAPES = ((64, 128, 128, 3, 8), (32, 128, 128, 4, 4), (64, 128, 64, 4, 4))
+    _WGRAD_CONFIGS = (
+        [triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
+         for br, bn, bk, s, w in _WGRAD_SHAPES],
+        triton.Config({"BLOCK_R": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4),
+    )
 
     @triton.jit
     def _locate_tile(offs_ptr, E, pid_m, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -84,7 +77,7 @@ if triton is not None:
         row_end = tl.sum(tl.where(is_mine, ends, 0), axis=0)
         return expert, row_start, row_end
 
-    @triton.autotune(configs=_mm_configs(), key=["N", "K", "ROWS_PER_EXPERT"])
+    @triton_autotune(*_MM_CONFIGS, key=["N", "K", "ROWS_PER_EXPERT"])
     @triton.jit
     def _grouped_mm_kernel(
         a_ptr, b_ptr, c_ptr, offs_ptr,
@@ -120,7 +113,7 @@ if triton is not None:
         c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
-    @triton.autotune(configs=_wgrad_configs(), key=["N", "K", "ROWS_PER_EXPERT"])
+    @triton_autotune(*_WGRAD_CONFIGS, key=["N", "K", "ROWS_PER_EXPERT"])
     @triton.jit
     def _grouped_wgrad_kernel(
         g_ptr, a_ptr, c_ptr, offs_ptr,
@@ -162,7 +155,7 @@ if triton is not None:
 
 def _rows_hint(M: int, E: int) -> int:
     """Autotune key: rows per expert rounded to a power of two (decode vs. prefill tiles)."""
-    return triton.next_power_of_2(max(1, M // max(E, 1)))
+    return power_of_two_bucket(max(1, M // max(E, 1)))
 
 
 def _triton_mm(a, b_kn_strides, b, N, offs):
@@ -274,20 +267,6 @@ _IMPLS = {
 }
 
 
-def resolve_backend(backend: str, a: torch.Tensor, b: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise CoscaleError(f"grouped_mm backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if torch_grouped_mm_applies(a, b):
-            return "torch"
-        return "triton" if (a.is_cuda and triton is not None) else "loop"
-    if backend == "triton" and triton is None:
-        raise CoscaleError("grouped_mm backend 'triton' needs the triton package")
-    if backend == "torch" and not hasattr(torch, "_grouped_mm"):
-        raise CoscaleError(f"torch {torch.__version__} has no torch._grouped_mm; use backend='triton'")
-    return backend
-
-
 class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, offs, backend):
@@ -320,7 +299,12 @@ def grouped_mm(
         )
     if a.dtype != b.dtype:
         raise CoscaleError(f"grouped_mm operands must share a dtype, got {a.dtype} and {b.dtype}")
-    backend = resolve_backend(backend, a, b)
+    backend = select_backend(
+        backend, a, allowed=BACKENDS, reference="loop", op="grouped_mm",
+        preferred=lambda: "torch" if torch_grouped_mm_applies(a, b) else None,
+    )
+    if backend == "torch" and not hasattr(torch, "_grouped_mm"):
+        raise CoscaleError(f"grouped_mm: torch {torch.__version__} has no torch._grouped_mm; use backend 'triton'")
     if backend == "triton":
         a = a.contiguous()
     return _GroupedMM.apply(a, b, group_end_offsets, backend)

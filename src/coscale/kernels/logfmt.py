@@ -36,9 +36,10 @@ Special tiles:
     element of that tile (zeros included). Infinities are not kept; a non-finite tile never decodes
     to finite numbers.
 
-Backends (as in coscale.kernels.quant): "torch" = the references ``logfmt_encode_ref`` /
-``logfmt_decode_ref`` (float64 math, the specification), "triton" = the kernels below (CPU tensors under
-TRITON_INTERPRET=1), "auto" = triton for CUDA tensors when Triton imports, else torch.
+Backends (chosen by coscale.kernels.backend.select_backend, as for every kernel): "torch" = the
+references ``logfmt_encode_ref`` / ``logfmt_decode_ref`` (float64 math, the specification), "triton" =
+the kernels below (CPU tensors under TRITON_INTERPRET=1), "auto" = triton for CUDA tensors when Triton
+imports, else torch.
 
 The encode kernel does its logs in float64 (the tile statistics and one log per element): the per-tile
 numbers are then the reference's bits and a code differs from the reference only when |x| sits within
@@ -60,7 +61,7 @@ import math
 import torch
 
 from coscale.errors import CoscaleError
-from coscale.kernels.quant import _use_triton, interpreting, triton_available
+from coscale.kernels.backend import interpreting, select_backend, triton_available
 
 TILE = 128
 RANGE_CLAMP = 2.0**-32  # min |x| >= max |x| * 2^-32, i.e. lmin >= lmax - log(2^32)
@@ -290,7 +291,7 @@ def logfmt_encode(x: torch.Tensor, n_bits: int = 8, rounding: str = "nearest", s
     _check_x(x, n_bits, rounding)
     if rounding == "stochastic" and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    if not _use_triton(x, backend):
+    if select_backend(backend, x, op="logfmt_encode") == "torch":
         gen = None
         if seed is not None:
             gen = torch.Generator(device=x.device).manual_seed(seed)
@@ -316,7 +317,7 @@ def logfmt_decode(codes: torch.Tensor, tile_min: torch.Tensor, tile_step: torch.
                   dtype: torch.dtype = torch.float32, backend: str = "auto", block_rows: int = 8) -> torch.Tensor:
     """(codes [N, H], tile_min [N, T], tile_step [N, T]) -> x [N, H] in dtype."""
     _check_codes(codes, tile_min, tile_step, n_bits)
-    if not _use_triton(codes, backend):
+    if select_backend(backend, codes, op="logfmt_decode") == "torch":
         return logfmt_decode_ref(codes, tile_min, tile_step, n_bits, dtype)
     if codes.stride(-1) != 1:
         codes = codes.contiguous()

@@ -32,9 +32,11 @@ from __future__ import annotations
 import torch
 
 from coscale.errors import CoscaleError
+from coscale.kernels.fp8_grouped_linear import fp8_grouped_gate_up, fp8_grouped_linear
+from coscale.kernels.fp8_weight_cache import FP8WeightCache
 from coscale.kernels.grouped_gemm import grouped_mm
 from coscale.kernels.permute import permute_tokens, unpermute_combine
-from coscale.kernels.swiglu import swiglu_pair
+from coscale.kernels.swiglu import swiglu, swiglu_pair
 
 PRECISIONS = ("bf16", "fp8")
 ALIGN = {"bf16": 16, "fp8": 128}
@@ -47,23 +49,20 @@ BACKENDS = {
 }
 
 
-def load_fp8_grouped_linear():
-    """The FP8 block-scaled grouped linear (coscale.kernels.fp8_grouped_gemm), or a clear error."""
-    try:
-        from coscale.kernels.fp8_grouped_gemm import fp8_grouped_linear
-    except ImportError as exc:
+def _check_inputs(x, topk_idx, topk_weight, w_gate, w_up, w_down, precision, backend, fp8_weight_cache):
+    if fp8_weight_cache is not None and fp8_weight_cache is not False and not isinstance(
+        fp8_weight_cache, FP8WeightCache
+    ):
         raise CoscaleError(
-            "precision='fp8' needs coscale.kernels.fp8_grouped_gemm.fp8_grouped_linear, which is "
-            f"not available ({exc}); use precision='bf16'"
-        ) from exc
-    return fp8_grouped_linear
-
-
-def _check_inputs(x, topk_idx, topk_weight, w_gate, w_up, w_down, precision, backend):
+            f"fp8_weight_cache must be None or the FP8WeightCache of the module that owns the weights, got "
+            f"{fp8_weight_cache!r} (GroupedExperts.fp8_weight_cache = True makes one)"
+        )
     if precision not in PRECISIONS:
         raise CoscaleError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if backend not in BACKENDS:
-        raise CoscaleError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
+        raise CoscaleError(
+            f"grouped_experts_forward: backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}"
+        )
     if x.dim() != 2:
         raise CoscaleError(f"x must be [T, H], got {tuple(x.shape)}")
     T, H = x.shape
@@ -92,17 +91,19 @@ def grouped_experts_forward(
     precision: str = "bf16",
     deterministic: bool = False,
     backend: str = "auto",
-    cache_fp8_weights: bool = False,
+    fp8_weight_cache: FP8WeightCache | None = None,
 ) -> torch.Tensor:
     """sum_k topk_weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_idx[t, k].
 
     x [T, H]; topk_idx [T, K] int64; topk_weight [T, K] float32; w_gate, w_up [E, I, H];
     w_down [E, H, I]. Returns [T, H] in x's dtype, differentiable w.r.t. x, topk_weight and the
     weights. `backend`: "auto" (Triton + torch._grouped_mm on CUDA, PyTorch reference on CPU),
-    "triton", "torch", or "reference" (per-expert matmul loop). `cache_fp8_weights`: keep the FP8
-    copies of the weights until they change (precision="fp8"; see fp8_grouped_linear).
+    "triton", "torch", or "reference" (per-expert matmul loop). `fp8_weight_cache`: the FP8WeightCache
+    of the module that owns the weights (precision="fp8"), which keeps their FP8 copies until its owner
+    invalidates it (coscale.kernels.fp8_weight_cache); None (or False) quantizes them in every call.
     """
-    _check_inputs(x, topk_idx, topk_weight, w_gate, w_up, w_down, precision, backend)
+    _check_inputs(x, topk_idx, topk_weight, w_gate, w_up, w_down, precision, backend, fp8_weight_cache)
+    weight_cache = fp8_weight_cache if isinstance(fp8_weight_cache, FP8WeightCache) else None
     data_backend, gemm_backend, swiglu_backend = BACKENDS[backend]
     if x.shape[0] == 0:
         return x * 0
@@ -117,16 +118,12 @@ def grouped_experts_forward(
         # Segments are 128-aligned by the permutation (ALIGN["fp8"]): no re-padding, no host sync.
         # x_perm is quantized once for gate and up; [w_gate; w_up] are quantized into one stacked FP8
         # buffer (and its transpose, for dgrad), so gate+up is one grouped GEMM.
-        fp8_linear = load_fp8_grouped_linear()
-        from coscale.kernels.fp8_grouped_gemm import fp8_grouped_gate_up
-        from coscale.kernels.swiglu import swiglu
-
         fp8_backend = "auto" if gemm_backend == "loop" else gemm_backend
         gate_up = fp8_grouped_gate_up(
-            x_perm, w_gate, w_up, offs, backend=fp8_backend, cache_weights=cache_fp8_weights
+            x_perm, w_gate, w_up, offs, backend=fp8_backend, weight_cache=weight_cache
         )  # [M_pad, 2I]
         a = swiglu(gate_up, backend=swiglu_backend)  # [M_pad, I]
-        y = fp8_linear(a, w_down, offs, backend=fp8_backend, aligned=True, cache_weights=cache_fp8_weights)
+        y = fp8_grouped_linear(a, w_down, offs, backend=fp8_backend, aligned=True, weight_cache=weight_cache)
     else:
 
         def linear(inp, w, offsets):

@@ -24,9 +24,11 @@ order, so the Triton path is deterministic and needs no atomics. The PyTorch ref
 `index_add_` (a scatter-add; atomics on CUDA, hence run-to-run differences in the last bit) unless
 `deterministic=True`, in which case it gathers like the kernels.
 
-Index building (stable argsort, bincount, cumsum over T*K integers) stays in PyTorch: it touches
-no hidden-state bytes. Reading the padded row count back to size the buffer costs one device-to-
-host synchronisation per call.
+Index building (stable argsort, a scatter-add count, cumsum over T*K integers) stays in PyTorch: it
+touches no hidden-state bytes. Nothing waits for the device: the buffer has a static size, the most
+rows any routing can need, T*K + E*(align - 1) (every group one row short of a multiple of `align`);
+rows after the last group end are padding rows like the others (zeros, never combined), and the
+grouped GEMMs ignore them. A static size is what lets the training step be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from coscale.errors import CoscaleError
+from coscale.kernels.backend import select_backend
 
 try:  # Triton is optional: the PyTorch reference runs everywhere.
     import triton
@@ -43,8 +46,6 @@ try:  # Triton is optional: the PyTorch reference runs everywhere.
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
     tl = None
-
-BACKENDS = ("auto", "triton", "torch")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,12 @@ class PermuteInfo:
         return self.row_pair[self.row_pair >= 0]
 
 
+def max_permuted_rows(pairs: int, n_experts: int, align: int) -> int:
+    """Rows of the permuted buffer: enough for any routing of `pairs` (token, expert) pairs when each
+    of `n_experts` groups is padded up to a multiple of `align`."""
+    return pairs + n_experts * (align - 1) if pairs else 0
+
+
 def build_permute_info(topk_idx: torch.Tensor, n_experts: int, align: int = 16) -> PermuteInfo:
     """Compute the expert-sorted layout of topk_idx [T, K] (int64) with groups padded to `align`."""
     if topk_idx.dim() != 2:
@@ -95,9 +102,14 @@ def build_permute_info(topk_idx: torch.Tensor, n_experts: int, align: int = 16) 
     T, K = topk_idx.shape
     device = topk_idx.device
     flat = topk_idx.reshape(-1).long()
-    counts = torch.bincount(flat, minlength=n_experts) if flat.numel() else flat.new_zeros(n_experts)
-    if counts.shape[0] != n_experts:
-        raise CoscaleError(f"topk_idx holds expert ids >= n_experts={n_experts}")
+    if flat.device.type == "cpu" and flat.numel() and not torch.compiler.is_compiling():
+        # Checked where reading a value back is free; on CUDA an out-of-range id trips scatter_add_'s
+        # device-side assert instead (checking here would make the host wait for the router).
+        low, high = int(flat.min()), int(flat.max())
+        if low < 0 or high >= n_experts:
+            raise CoscaleError(f"topk_idx holds expert ids outside [0, n_experts={n_experts}): {low}..{high}")
+    # A scatter-add rather than bincount, which sizes its output from the largest id on the host.
+    counts = flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + align - 1) // align * align
     group_end = torch.cumsum(padded, 0)
     group_start = group_end - padded
@@ -108,7 +120,7 @@ def build_permute_info(topk_idx: torch.Tensor, n_experts: int, align: int = 16) 
     rows = group_start[sorted_expert] + rank
     pair_row = torch.empty_like(flat)
     pair_row[order] = rows
-    num_rows = int(group_end[-1]) if n_experts else 0  # the one host synchronisation
+    num_rows = max_permuted_rows(T * K, n_experts, align)
     row_pair = torch.full((num_rows,), -1, dtype=torch.int64, device=device)
     row_pair[rows] = order
     return PermuteInfo(
@@ -261,28 +273,19 @@ def _tokens_from_rows_torch(src, info, weight=None, out_dtype=None, deterministi
 
 
 # ---- dispatch and autograd ---------------------------------------------------------------------
-def _use_triton(backend: str, tensor: torch.Tensor) -> bool:
-    if backend not in BACKENDS:
-        raise CoscaleError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        if triton is None:
-            raise CoscaleError("backend='triton' needs the triton package (pip install triton)")
-        return True
-    return backend == "auto" and triton is not None and tensor.is_cuda
-
-
 def rows_from_tokens(src, info, weight=None, y=None, out_dtype=None, backend="auto"):
     """[T, H] -> [M_pad, H]: row r = weight[pair] * src[token] (zeros on padding rows); no autograd.
 
     With y [M_pad, H] also returns <y[r], src[token]> per pair as float32 [T*K], else None.
     """
-    fn = _rows_from_tokens_triton if _use_triton(backend, src) else _rows_from_tokens_torch
-    return fn(src, info, weight, y, out_dtype)
+    if select_backend(backend, src, op="rows_from_tokens") == "triton":
+        return _rows_from_tokens_triton(src, info, weight, y, out_dtype)
+    return _rows_from_tokens_torch(src, info, weight, y, out_dtype)
 
 
 def tokens_from_rows(src, info, weight=None, out_dtype=None, backend="auto", deterministic=True):
     """[M_pad, H] -> [T, H]: out[t] = sum_k weight[t, k] * src[pair_row[t, k]]; no autograd."""
-    if _use_triton(backend, src):
+    if select_backend(backend, src, op="tokens_from_rows") == "triton":
         return _tokens_from_rows_triton(src, info, weight, out_dtype)
     return _tokens_from_rows_torch(src, info, weight, out_dtype, deterministic)
 

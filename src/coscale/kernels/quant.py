@@ -37,7 +37,8 @@ choices give identical bits. 1e-12 / 448 is a normal FP32 number, so x / scale s
 
 Backends: "torch" (the references ``*_ref``, the specification), "triton" (the kernel in
 ``coscale.kernels._quant_triton``; on CPU it runs under TRITON_INTERPRET=1) and "auto" (triton for CUDA
-tensors when Triton imports, else torch). That module is imported on the first launch, so importing this
+tensors when Triton imports, else torch), as coscale.kernels.backend.select_backend decides for every
+kernel. That module is imported on the first launch, so importing this
 one never needs Triton and the interpreter setting is read when the kernel is first launched.
 
 Interpreter note: Triton's CPU interpreter mis-rounds FP32 -> E4M3 casts (lost exponent carry, ties away
@@ -49,12 +50,10 @@ even, saturating) is used.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
 from coscale.errors import CoscaleError
+from coscale.kernels.backend import interpreting, select_backend, triton_available
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
@@ -80,6 +79,7 @@ __all__ = [
     "round_scale_ue8m0",
     "outer_major",
     "triton_available",
+    "interpreting",
 ]
 
 
@@ -170,40 +170,11 @@ def dequant_128x128(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def _quant_kernel():
     """The Triton kernel (coscale.kernels._quant_triton), imported, and so JIT-decorated, on first use."""
     from coscale.kernels._quant_triton import quant_kernel
 
     return quant_kernel
-
-
-def _use_triton(x: torch.Tensor, backend: str) -> bool:
-    """Whether `backend` ("auto", "triton", "torch") runs the Triton kernel for x; shared by the kernel modules."""
-    if backend not in ("auto", "triton", "torch"):
-        raise CoscaleError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        if not triton_available():
-            raise CoscaleError("backend='triton' needs the triton package (pip install triton)")
-        if not x.is_cuda and not interpreting():
-            raise CoscaleError("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
-        return True
-    return x.is_cuda and triton_available()
 
 
 def _outer_major_empty(rows: int, cols: int, device) -> torch.Tensor:
@@ -228,7 +199,7 @@ COLS_WARPS = 4
 WEIGHT_WARPS = 16  # 72% of copy bandwidth at 7168 x 18432 on the H100 (8 warps: 64%)
 # W^T (weight_quant_128x128_dual): W's FP8 bytes transposed by transpose_fp8 ([128 x 64] byte tiles).
 # A one-pass W/W^T kernel was slower (38% of copy bandwidth) and, for float32 weights, wrong on the H100
-# (triton 3.6), which made FP8 training's gradients non-finite (benchmarks/debug_fp8_nan.py).
+# (triton 3.6), which made FP8 training's gradients non-finite (tools/debug_fp8_nan.py).
 TRANSPOSE_TILE = (128, 64)
 
 
@@ -279,7 +250,7 @@ def _pad_cols_to_block(x: torch.Tensor) -> torch.Tensor:
 def act_quant_1x128(x: torch.Tensor, round_scale: bool = False, backend: str = "auto"):
     """x [M, K] -> (y [M, Kp] e4m3, scale [M, Kp/128] fp32); see the module docstring."""
     _check_2d(x, "x")
-    if not _use_triton(x, backend):
+    if select_backend(backend, x, op="act_quant_1x128") == "torch":
         return act_quant_1x128_ref(x, round_scale)
     y, s, _, _ = _act_quant_triton(x, True, False, round_scale)
     return y, s
@@ -291,7 +262,7 @@ def act_quant_128x1(x: torch.Tensor, round_scale: bool = False, backend: str = "
     ``pad_t=True``: yt [Kp, Mp] and scale_t [Kp, Mp/128], the rows K..Kp-1 zeros (what a GEMM that
     needs 128-multiple row counts, e.g. cuBLAS for the weight gradient, wants)."""
     _check_2d(x, "x")
-    if not _use_triton(x, backend):
+    if select_backend(backend, x, op="act_quant_128x1") == "torch":
         return act_quant_128x1_ref(_pad_cols_to_block(x) if pad_t else x, round_scale)
     _, _, yt, st = _act_quant_triton(x, False, True, round_scale, pad_t)
     return yt, st
@@ -307,7 +278,7 @@ def act_quant_1x128_dual(
     reads x once ([128 x 128] tiles, both amaxes from the same registers); identical bytes, but on the
     H100 it ran at 24% of copy bandwidth against 48% for two launches (see ``COLS_BLOCK_K``)."""
     _check_2d(x, "x")
-    if not _use_triton(x, backend):
+    if select_backend(backend, x, op="act_quant_1x128_dual") == "torch":
         xt_src = _pad_cols_to_block(x) if pad_t else x
         return (*act_quant_1x128_ref(x, round_scale), *act_quant_128x1_ref(xt_src, round_scale))
     return _act_quant_triton(x, True, True, round_scale, pad_t, one_pass)
@@ -316,7 +287,7 @@ def act_quant_1x128_dual(
 def weight_quant_128x128(w: torch.Tensor, round_scale: bool = False, backend: str = "auto"):
     """w [N, K] -> (y [Np, Kp] e4m3, scale [Np/128, Kp/128] fp32), one scale per 128x128 block."""
     _check_2d(w, "w")
-    if not _use_triton(w, backend):
+    if select_backend(backend, w, op="weight_quant_128x128") == "torch":
         return weight_quant_128x128_ref(w, round_scale)
     n, k = w.shape
     np_, kp = _ceil_to(n), _ceil_to(k)
@@ -357,7 +328,7 @@ def transpose_fp8(y: torch.Tensor, out: torch.Tensor | None = None, backend: str
         raise CoscaleError(f"out must be a {shape} {y.dtype} tensor with contiguous rows")
     if out.numel() == 0:
         return out
-    if not _use_triton(y, backend) or y.stride(-1) != 1:
+    if select_backend(backend, y, op="transpose_fp8") == "torch" or y.stride(-1) != 1:
         return out.view(torch.uint8).copy_(y.view(torch.uint8).transpose(-2, -1)).view(y.dtype)
     from coscale.kernels._quant_triton import transpose_bytes_kernel
 
@@ -396,7 +367,7 @@ def weight_quant_128x128_dual(w: torch.Tensor, round_scale: bool = False, backen
         raise CoscaleError(f"out must have shapes {shapes} (FP8 tensors with contiguous rows)")
     y, s, yt, st = out
     batched = w.dim() == 3
-    if not _use_triton(w, backend):
+    if select_backend(backend, w, op="weight_quant_128x128_dual") == "torch":
         w3 = w if batched else w.unsqueeze(0)
         for e in range(w3.shape[0]):
             ry, rs = weight_quant_128x128_ref(w3[e], round_scale)

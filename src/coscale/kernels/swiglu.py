@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from coscale.errors import CoscaleError
+from coscale.kernels.backend import select_backend
 
 try:
     import triton
@@ -28,8 +29,6 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
-
-BACKENDS = ("auto", "triton", "torch")
 
 if triton is not None:
 
@@ -113,20 +112,14 @@ def swiglu_backward_torch(g, u, da):
     return dg.to(g.dtype), du.to(u.dtype)
 
 
-def _use_triton(backend: str, t: torch.Tensor) -> bool:
-    if backend not in BACKENDS:
-        raise CoscaleError(f"swiglu backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton" and triton is None:
-        raise CoscaleError("swiglu backend 'triton' needs the triton package")
-    return backend == "triton" or (backend == "auto" and triton is not None and t.is_cuda)
-
-
 def _forward(g, u, backend):
-    return swiglu_forward_triton(g, u) if _use_triton(backend, g) else swiglu_forward_torch(g, u)
+    if select_backend(backend, g, op="swiglu") == "triton":
+        return swiglu_forward_triton(g, u)
+    return swiglu_forward_torch(g, u)
 
 
 def _backward(g, u, da, backend):
-    if _use_triton(backend, g):
+    if select_backend(backend, g, op="swiglu") == "triton":
         return swiglu_backward_triton(g, u, da)
     return swiglu_backward_torch(g, u, da)
 

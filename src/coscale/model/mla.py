@@ -15,17 +15,57 @@ Two paths with the same outputs:
 - absorbed (decoding): W_UK is folded into the query (q_nope W_UK lives in the c-dim latent space) and
   W_UV into the output, so attention runs directly over the cache of c_kv and k_pe: per token and
   layer only c + dr numbers are stored (576 for DeepSeek-V3, vs 2 * 128 * 128 for MHA).
+
+Serving (`forward_paged`): a flat batch of N tokens from many sequences, each at its own position, with
+the cache in fixed-size blocks (coscale.infer.cache). The decode tokens come first and take the absorbed
+path through the MLA decode kernel; prefill chunks follow and take the naive path: their context is
+read back from the cache, decompressed with W_UKV and attended with a fused kernel for q/k dim
+dn + dr and v dim dv (coscale.kernels.attention), as vLLM and SGLang do.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from coscale.config import ModelConfig
+from coscale.kernels.attention import flash_attention
+from coscale.kernels.mla_decode import gather_latent, mla_decode, write_latent
 from coscale.model.norm import RMSNorm, upcast
 from coscale.model.rope import apply_rope
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """Where the tokens of a flat batch go in the paged latent cache and what each attends to; built by
+    the serving engine (coscale.infer.batch). Tokens are laid out [decode tokens | prefill tokens]:
+
+    - decode: `num_decode_tokens / decode_len` sequences of `decode_len` tokens each (1, or 1 + MTP
+      drafts), attending over block_table [B, W] int32 and seq_lens [B] int32 (keys, the new tokens
+      included); max_seq_len bounds seq_lens (a host int: it sizes the kernel's context split);
+    - prefill: G chunks packed; cu_seqlens_q [G + 1] int32 offsets into the prefill tokens,
+      cu_seqlens_k [G + 1] offsets into context_slots [sum k_len] int64, the cache slots of each chunk's
+      whole context (cached tokens and the chunk itself), max_prefill_len the longest chunk.
+    `cache.layer(i)` is layer i's coscale.kernels.mla_decode.LatentCacheLayer; slots [N] int64 is where
+    each token's c_kv and k_pe are written; kernel_backend is passed to the kernels ("auto", "triton",
+    "torch")."""
+
+    cache: Any
+    slots: torch.Tensor
+    num_decode_tokens: int = 0
+    decode_len: int = 1
+    block_table: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    max_seq_len: int = 0
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    context_slots: torch.Tensor | None = None
+    max_prefill_len: int = 0
+    kernel_backend: str = "auto"
 
 
 class LatentKVCache:
@@ -113,8 +153,12 @@ class MLA(nn.Module):
         return o.transpose(1, 2)
 
     def absorbed_weights(self):
-        """W_UK (n, dn, c) and W_UV (n, dv, c) as views of kv_b_proj's weight."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)
+        """W_UK (n, dn, c) and W_UV (n, dv, c) as views of kv_b_proj's weight (of its dequantized copy
+        when serving an FP8 checkpoint: coscale.infer.layers.FP8InferenceLinear)."""
+        w = self.kv_b_proj.weight
+        if hasattr(self.kv_b_proj, "dequantized_weight"):
+            w = self.kv_b_proj.dequantized_weight()
+        w = w.view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)
         return w[:, : self.dn], w[:, self.dn :]
 
     def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos: int):
@@ -134,3 +178,40 @@ class MLA(nn.Module):
         o_lat = torch.einsum("bsht,btc->bshc", probs, upcast(c_kv))
         o = torch.einsum("bshc,hdc->bshd", o_lat, upcast(w_uv))  # W_UV absorbed
         return o.to(q_nope.dtype)
+
+    # ---- serving: a flat batch over the paged cache ----------------------------------------------
+    def forward_paged(self, x, cos, sin, meta: PagedAttentionMetadata):
+        """x (1, N, H) tokens of many sequences, cos/sin (N, dr/2) at each token's position; writes the
+        tokens' c_kv and k_pe into cache layer `layer_idx`, then attends (module docstring)."""
+        q_nope, q_pe, c_kv, k_pe = (t[0] for t in self._project(x, cos, sin))  # (N, n, dn), ..., (N, dr)
+        layer = meta.cache.layer(self.layer_idx)
+        write_latent(layer, meta.slots, c_kv, k_pe)
+        D, N = meta.num_decode_tokens, x.shape[1]
+        parts = []
+        if D:
+            parts.append(self._decode_paged(q_nope[:D], q_pe[:D], layer, meta))
+        if N > D:
+            parts.append(self._prefill_paged(q_nope[D:], q_pe[D:], layer, meta))
+        o = parts[0] if len(parts) == 1 else torch.cat(parts)  # (N, n, dv)
+        return self.o_proj(o.flatten(1)).unsqueeze(0)
+
+    def _decode_paged(self, q_nope, q_pe, layer, meta: PagedAttentionMetadata):
+        """Absorbed attention of (B * decode_len, n, .) queries over the latent cache; (., n, dv)."""
+        w_uk, w_uv = self.absorbed_weights()
+        q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk.to(q_nope.dtype))  # W_UK absorbed
+        B, S = q_nope.shape[0] // meta.decode_len, meta.decode_len
+        o_lat, _ = mla_decode(
+            q_lat.view(B, S, self.n_heads, -1), q_pe.reshape(B, S, self.n_heads, -1), layer, meta.block_table,
+            meta.seq_lens, self.softmax_scale, max_seq_len=meta.max_seq_len, backend=meta.kernel_backend,
+        )
+        return torch.einsum("thc,hdc->thd", o_lat.flatten(0, 1), w_uv.to(o_lat.dtype))  # W_UV absorbed
+
+    def _prefill_paged(self, q_nope, q_pe, layer, meta: PagedAttentionMetadata):
+        """Naive attention of packed prefill chunks over their cached contexts; (P, n, dv)."""
+        c_kv, k_pe = gather_latent(layer, meta.context_slots, q_nope.dtype)  # (T, c), (T, dr)
+        T, n = c_kv.shape[0], self.n_heads
+        k_nope, v = self.kv_b_proj(c_kv).view(T, n, self.dn + self.dv).split([self.dn, self.dv], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(T, n, self.dr)], dim=-1)
+        return flash_attention(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_prefill_len,
+                               self.softmax_scale, causal=True, backend=meta.kernel_backend)

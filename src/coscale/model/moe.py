@@ -119,8 +119,9 @@ class Gate(nn.Module):
         if self.scale_normalised or not normalised:
             weights = weights * self.routed_scaling_factor
         if self.training:
-            with torch.no_grad():
-                self.expert_load += torch.bincount(topk_idx.flatten(), minlength=self.n_experts).float()
+            with torch.no_grad():  # a scatter-add, not bincount: bincount sizes its output on the host
+                flat = topk_idx.flatten()
+                self.expert_load.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.expert_load.dtype))
         return topk_idx, weights, scores
 
 
@@ -149,10 +150,12 @@ class GroupedExperts(nn.Module):
 
     `impl`: "loop" (the reference above), "grouped" (permutation + grouped GEMMs from
     coscale.kernels.moe) or "auto" (grouped on CUDA, loop elsewhere). `precision`: "bf16" or "fp8"
-    (FP8 always takes the grouped path). `fp8_weight_cache`: keep the FP8 copies of the expert
-    weights between calls until the weights change or an optimizer steps (inference, gradient-
-    accumulation micro-batches; costs 1-2 bytes per expert parameter; docs/fp8.md). This is the
-    model's single dispatch point into kernels.
+    (FP8 always takes the grouped path). `fp8_weight_cache`: None (off) or the module's own
+    coscale.kernels.fp8_weight_cache.FP8WeightCache (assign True to make one), which keeps the FP8
+    copies of the expert weights between calls (inference, gradient-accumulation micro-batches; 1-2
+    bytes per expert parameter) until whoever steps the optimizer calls
+    coscale.fp8.invalidate_fp8_weight_caches(model) (docs/fp8.md). This is the model's single
+    dispatch point into kernels.
     """
 
     def __init__(self, n_experts: int, hidden: int, intermediate: int):
@@ -173,6 +176,10 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"GroupedExperts.impl must be one of {self.IMPLS}, got {value!r}")
         if name == "precision" and value not in self.PRECISIONS:
             raise ValueError(f"GroupedExperts.precision must be one of {self.PRECISIONS}, got {value!r}")
+        if name == "fp8_weight_cache":  # True -> an FP8WeightCache this module owns, False -> None
+            from coscale.kernels.fp8_weight_cache import as_weight_cache
+
+            value = as_weight_cache(value)
         super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
@@ -189,7 +196,7 @@ class GroupedExperts(nn.Module):
 
         return grouped_experts_forward(
             x, topk_idx, topk_weight, self.w_gate, self.w_up, self.w_down, precision=self.precision,
-            cache_fp8_weights=self.fp8_weight_cache,
+            fp8_weight_cache=self.fp8_weight_cache,
         )
 
     def extra_repr(self) -> str:

@@ -71,8 +71,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, start_pos: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [seq_len, dim/2] (float64) for positions start_pos .. start_pos+seq_len-1."""
-        pos = torch.arange(start_pos, start_pos + seq_len, device=self.inv_freq.device, dtype=torch.float64)
-        angles = torch.outer(pos, self.inv_freq.double())  # float64: exact angles at 128K positions
+        return self.at(torch.arange(start_pos, start_pos + seq_len, device=self.inv_freq.device))
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [N, dim/2] (float64) for any positions [N] (a batch of sequences)."""
+        angles = torch.outer(positions.double(), self.inv_freq.double())  # float64: exact angles at 128K positions
         return angles.cos() * self.mscale, angles.sin() * self.mscale
 
 

@@ -18,12 +18,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from coscale.config import ModelConfig
-from coscale.model.mla import MLA, LatentKVCache
+from coscale.model.mla import MLA, LatentKVCache, PagedAttentionMetadata
 from coscale.model.moe import MLP, MoE
 from coscale.model.norm import RMSNorm, upcast
 from coscale.model.rope import RotaryEmbedding
 
 IGNORE_INDEX = -100
+
+
+def _mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the labels that are not ignored; 0 when all are (F.cross_entropy's
+    mean would be 0/0 = NaN there, and testing for that case first would wait for the device)."""
+    total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp_min(1)
 
 
 class Block(nn.Module):
@@ -36,6 +43,11 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, start_pos: int = 0, cache: LatentKVCache | None = None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_paged(self, x, cos, sin, meta: PagedAttentionMetadata):
+        """x (1, N, H): a flat batch of tokens over the paged cache (MLA.forward_paged)."""
+        x = x + self.self_attn.forward_paged(self.input_layernorm(x), cos, sin, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -54,6 +66,11 @@ class MTPModule(nn.Module):
         """h_prev, emb_next: (B, S, H) -> h^k (B, S, H), before this module's output norm."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
         return self.block(h, cos, sin, start_pos, cache)
+
+    def forward_paged(self, h_prev, emb_next, cos, sin, meta: PagedAttentionMetadata):
+        """The same over a flat batch (1, N, H) with the paged cache (cache layer L + k)."""
+        h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
+        return self.block.forward_paged(h, cos, sin, meta)
 
 
 class DecoderStack(nn.Module):
@@ -124,6 +141,26 @@ class DeepseekForCausalLM(nn.Module):
             x = layer(x, cos, sin, start_pos, cache)
         return x
 
+    def hidden_states_paged(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                            meta: PagedAttentionMetadata) -> torch.Tensor:
+        """Serving forward: input_ids [N] and positions [N] of a flat batch of many sequences (decode
+        tokens first, then prefill chunks; see PagedAttentionMetadata), reading and writing the paged
+        latent cache. Returns the last hidden states before the final norm, (N, H)."""
+        x = self.model.embed_tokens(input_ids).unsqueeze(0)
+        cos, sin = self.rotary.at(positions)
+        for layer in self.model.layers:
+            x = layer.forward_paged(x, cos, sin, meta)
+        return x[0]
+
+    def mtp_hidden_states_paged(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor,
+                                positions: torch.Tensor, meta: PagedAttentionMetadata) -> torch.Tensor:
+        """MTP module `depth` (0-based) over a flat batch: h_prev (N, H) the previous depth's hidden
+        states at `positions`, next_ids [N] the tokens `depth + 1` positions later; returns (N, H)
+        before the module's norm (its logits: self.logits(h, self.mtp[depth].norm))."""
+        emb = self.model.embed_tokens(next_ids).unsqueeze(0)
+        cos, sin = self.rotary.at(positions)
+        return self.mtp[depth].forward_paged(h_prev.unsqueeze(0), emb, cos, sin, meta)[0]
+
     def logits(self, h: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         """Output head over hidden states: lm_head(norm(h)), with the main model's final norm by default
         (MTP modules pass their own); at least float32."""
@@ -155,17 +192,19 @@ class DeepseekForCausalLM(nn.Module):
         if len(self.mtp) and self.training:
             losses = []
             for k, mtp_logit in enumerate(self.mtp_logits(h, input_ids), start=1):
+                if k >= labels.shape[1]:
+                    break  # sequence too short for this depth: no position has a target
                 shifted = torch.full_like(labels, IGNORE_INDEX)
                 shifted[:, :-k] = labels[:, k:]
-                if not (shifted != IGNORE_INDEX).any():
-                    continue  # sequence too short for this depth: no targets (0/0 would be NaN)
-                losses.append(
-                    F.cross_entropy(mtp_logit.flatten(0, 1), shifted.flatten(), ignore_index=IGNORE_INDEX)
-                )
+                losses.append(_mean_cross_entropy(mtp_logit, shifted))
             if losses:
                 mtp_loss = torch.stack(losses).mean()
                 loss = loss + self.config.mtp_loss_weight * mtp_loss
-        aux = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+        aux = []
+        for m in self.modules():
+            if isinstance(m, MoE) and m.aux_loss is not None:
+                aux.append(m.aux_loss)
+                m.aux_loss = None  # held past this call it would keep the step's autograd graph alive
         aux_loss = torch.stack(aux).sum() if aux else None
         if aux_loss is not None:
             loss = loss + aux_loss

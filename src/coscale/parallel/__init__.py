@@ -5,8 +5,10 @@ Table of contents (docs/parallel.md has the design):
 - groups.py          ``init_parallel`` -> ParallelContext (world / EP / DP groups, rank -> node map,
                      virtual nodes via gpus_per_node, timeouts), ``check_same_config``, CommunicationError
 - codec.py           wire formats: ``fp32``, ``bf16``, ``fp8`` (e4m3 + 1x128 scales); the Codec protocol
-- dispatch.py        ``dispatch`` / ``combine`` (autograd-aware all_to_all_single routes), async halves
-- node_limited.py    ``node_limited_topk`` (at most M nodes per token), two-hop route, byte counts
+- routes.py          route planning: ``Topology``, ``Route`` / ``Stage``, the flat and two-hop plans, ``Traffic``
+- transfer.py        moving rows along a route: ``scatter`` / ``gather`` (autograd, start / wait halves)
+- dispatch.py        ``dispatch`` / ``combine`` (a scatter of tokens, a gather of expert outputs), async halves
+- node_limited.py    ``node_limited_topk`` (at most M nodes per token), analytic byte counts
 - expert_parallel.py ``ExpertParallelExperts``, ``apply_expert_parallel``; checkpoints across EP sizes
 - overlap.py         ``overlapped_experts_forward``: two micro-batches, communication behind compute
 - training.py        ``setup_for_training``, ``sync_gradients``, ``shard_batch``, optimizer state across EP
@@ -19,8 +21,6 @@ Table of contents (docs/parallel.md has the design):
 from coscale.parallel.codec import Codec, FP8Codec, RawCodec, get_codec
 from coscale.parallel.dispatch import (
     DispatchMeta,
-    Topology,
-    Traffic,
     combine,
     combine_start,
     combine_wait,
@@ -53,6 +53,7 @@ from coscale.parallel.node_limited import (
     nodes_per_token,
 )
 from coscale.parallel.overlap import overlapped_experts_forward
+from coscale.parallel.routes import Route, RoutePlan, Stage, Topology, Traffic, plan_flat, plan_routes, plan_two_hop
 from coscale.parallel.training import (
     all_reduce_router_loads,
     broadcast_parameters,
@@ -74,6 +75,7 @@ __all__ = [
     "init_parallel", "init_process_group_from_env",
     "analytic_inter_node_bytes", "check_gate_is_node_limited", "node_limited_topk", "nodes_per_token",
     "overlapped_experts_forward",
+    "Route", "RoutePlan", "Stage", "plan_flat", "plan_routes", "plan_two_hop",
     "all_reduce_router_loads", "broadcast_parameters", "clip_grad_norm_", "full_optimizer_state_dict",
     "load_optimizer_state_dict", "setup_for_training", "shard_batch", "sync_gradients",
 ]

@@ -32,8 +32,10 @@ import torch.distributed as dist
 from torch import nn
 
 from coscale.errors import CheckpointError, ConfigError
-from coscale.parallel.dispatch import Topology, Traffic, combine, dispatch, topology
+from coscale.kernels.fp8_weight_cache import weight_cache_of
+from coscale.parallel.dispatch import combine, dispatch
 from coscale.parallel.groups import guarded
+from coscale.parallel.routes import Topology, Traffic, topology
 
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
 
@@ -55,7 +57,7 @@ def local_experts_forward(x: torch.Tensor, tokens_per_expert: torch.Tensor, w_ga
         local_idx = torch.repeat_interleave(torch.arange(e_local, device=x.device), tokens_per_expert)
         ones = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
         return grouped_experts_forward(x, local_idx.unsqueeze(1), ones, w_gate, w_up, w_down,
-                                       precision=precision, cache_fp8_weights=cache_fp8_weights)
+                                       precision=precision, fp8_weight_cache=cache_fp8_weights)
     outs = []
     for e, xe in enumerate(torch.split(x, tokens_per_expert.tolist())):
         h = nn.functional.silu(xe @ w_gate[e].to(x.dtype).T) * (xe @ w_up[e].to(x.dtype).T)
@@ -100,7 +102,7 @@ class ExpertParallelExperts(nn.Module):
 
     def compute(self, recv: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         return local_experts_forward(recv, tokens_per_expert, self.w_gate, self.w_up, self.w_down,
-                                     self.impl, self.precision, self.fp8_weight_cache)
+                                     self.impl, self.precision, weight_cache_of(self))
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         if self.micro_batches > 1:

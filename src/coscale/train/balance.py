@@ -115,8 +115,8 @@ def counting_expert_loads(model: nn.Module) -> Iterator[torch.Tensor | None]:
 
     def counter(row: int):
         def hook(_gate, _inputs, outputs):
-            topk_idx = outputs[0]
-            loads[row] += torch.bincount(topk_idx.flatten(), minlength=loads.shape[1]).float()
+            flat = outputs[0].flatten()  # topk_idx; a scatter-add, not bincount, which syncs on CUDA
+            loads[row].scatter_add_(0, flat, torch.ones_like(flat, dtype=loads.dtype))
         return hook
 
     handles = [gate.register_forward_hook(counter(row)) for row, (_, gate) in enumerate(gates)]

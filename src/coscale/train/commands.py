@@ -118,6 +118,15 @@ def _register_train(subparsers) -> None:
                    help="print log lines instead of a progress bar (the default when stderr is not a terminal)")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
                    help="do not write TensorBoard logs even when tensorboard is installed")
+    p.add_argument("--no-checkpoints", dest="checkpoints", action="store_false", default=None,
+                   help="write no checkpoint, not even at the end (throughput benchmarks; the run cannot be "
+                        "resumed)")
+    p.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the forward and backward pass (default: on for one CUDA process; the "
+                        "first step then takes about a minute to compile)")
+    p.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the whole step (forward, backward, clip, AdamW, bias update) from a CUDA graph, "
+                        "so the host issues one launch per step (default: on for one CUDA process)")
     p.add_argument("--two-hop", dest="two_hop", action="store_true", default=None,
                    help="node-limited two-hop dispatch: one inter-node copy per (token, node), then NVLink")
     p.set_defaults(func=run_train)

@@ -23,7 +23,9 @@ DISPATCH_CODECS = ("bf16", "fp8", "fp32")  # wire format of tokens sent to exper
 COMBINE_CODECS = ("bf16", "fp32")  # wire format of expert outputs coming back (and of gradients)
 # Fields that describe how a run is launched rather than what it computes: --resume does not take them
 # from the checkpoint (a run saved at one EP size resumes at another, or in one process).
-LAYOUT_FIELDS = ("ep_size", "gpus_per_node", "two_hop", "dist_timeout")
+# How the step executes (compiled, captured in a CUDA graph) does not change what it computes beyond
+# float rounding: these too are the launch's, not the run's.
+LAYOUT_FIELDS = ("ep_size", "gpus_per_node", "two_hop", "dist_timeout", "compile", "cuda_graphs")
 
 
 @dataclass
@@ -57,6 +59,11 @@ class TrainConfig:
     # Precision: None picks bf16 (autocast) on CUDA and fp32 on CPU.
     precision: str | None = None
     device: str = "auto"
+    # How the step runs (coscale.train.step_runner): torch.compile of the loss, and the whole step
+    # (forward, backward, clip, AdamW, bias update) replayed from a CUDA graph. None: both on for one
+    # CUDA process, off otherwise.
+    compile: bool | None = None
+    cuda_graphs: bool | None = None
     seed: int = 0
     # gamma of auxiliary-loss-free balancing; None takes the model config's bias_update_speed.
     bias_update_speed: float | None = None
@@ -69,6 +76,7 @@ class TrainConfig:
     log_interval: int = 10
     save_interval: int = 100
     keep_checkpoints: int = 2
+    checkpoints: bool = True  # False: write none (throughput benchmarks); the run cannot be resumed
     threads: int | None = None  # None: torch's default (all cores); see docs/training.md
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     tensorboard: bool = True
@@ -203,8 +211,10 @@ def _problems(cfg: TrainConfig):
         yield f"init_from must be the path of an HF-format checkpoint directory, got {cfg.init_from!r}"
     if not (cfg.gpus_per_node is None or (_is_int(cfg.gpus_per_node) and cfg.gpus_per_node > 0)):
         yield f"gpus_per_node must be a positive integer, got {cfg.gpus_per_node!r}"
-    if not isinstance(cfg.two_hop, bool):
-        yield f"two_hop must be true or false, got {cfg.two_hop!r}"
+    for name in ("two_hop", "checkpoints", "compile", "cuda_graphs"):
+        value = getattr(cfg, name)
+        if not (isinstance(value, bool) or (value is None and name != "two_hop")):
+            yield f"{name} must be true or false, got {value!r}"
     if not (_is_number(cfg.dist_timeout) and cfg.dist_timeout > 0):
         yield f"dist_timeout must be a positive number of seconds, got {cfg.dist_timeout!r}"
 

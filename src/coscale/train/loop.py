@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from coscale.errors import writing
 from coscale.parallel.world import World
 from coscale.train import checkpointing as ckpt
@@ -58,7 +60,8 @@ from coscale.train.setup import (
     torch_threads,
     trainer_state,
 )
-from coscale.train.step import autocast_for, evaluate, set_learning_rate, train_step
+from coscale.train.step import autocast_for, evaluate
+from coscale.train.step_runner import StepRunner
 
 __all__ = ["TrainConfig", "TrainingDiverged", "train"]
 
@@ -122,6 +125,8 @@ class _Run:
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
         self.val_batches = eval_batches(plan.split.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
         self.readout = StepReadout(lag=1)
+        self.runner = StepRunner(trainee.model, trainee.optimizer, world, plan.step_mode, gamma=self.gamma,
+                                 grad_clip=cfg.grad_clip, autocast=self.autocast)
         self.progress = Progress(cfg, trainee.start_step, log, main=world.is_main)
         self.train_seconds, self.val_loss, self.last_saved = 0.0, None, None
 
@@ -139,7 +144,7 @@ class _Run:
                 done = step + 1
                 if (cfg.eval_interval and done % cfg.eval_interval == 0) or done == cfg.steps:
                     self._evaluate(done)
-                if (cfg.save_interval and done % cfg.save_interval == 0) or done == cfg.steps:
+                if cfg.checkpoints and ((cfg.save_interval and done % cfg.save_interval == 0) or done == cfg.steps):
                     self._save(done)
             self._record(self.readout.drain())
         finally:
@@ -162,10 +167,7 @@ class _Run:
         """Launch step ``step + 1`` and log the steps whose metrics have arrived meanwhile."""
         t0 = time.perf_counter()
         lr = lr_at(step, self.cfg.lr, self.cfg.warmup, self.cfg.steps, self.cfg.final_lr)
-        model, optimizer = self.trainee.model, self.trainee.optimizer
-        set_learning_rate(optimizer, lr)
-        metrics = train_step(model, optimizer, self.world, self.trainee.sampler.next_batch(), gamma=self.gamma,
-                             grad_clip=self.cfg.grad_clip, autocast=self.autocast)
+        metrics = self.runner(self.trainee.sampler.next_batch(), lr)
         self.readout.push(step + 1, metrics)
         arrived = self.readout.ready()  # waits for the previous step, not this one
         seconds = time.perf_counter() - t0
@@ -203,6 +205,9 @@ class _Run:
             meta["parallel"] = layout
         model_state = world.model_state(trainee.model)
         optimizer_state = world.optimizer_state(trainee.optimizer, trainee.model)
+        for group in optimizer_state["param_groups"]:  # a CUDA-graphed run's device-tensor learning rate
+            if torch.is_tensor(group.get("lr")):
+                group["lr"] = float(group["lr"])
         trainer = trainer_state(world, trainee.sampler)
 
         def write() -> str | None:

@@ -40,6 +40,9 @@ class AdamW(torch.optim.Optimizer):
                               f"weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.moments_dtype = moments_dtype
+        # The update of one parameter, in place. The trainer's compiled step replaces it with a
+        # torch.compile'd copy: one fused kernel per parameter, each byte read and written once.
+        self.update_fn = adamw_update_
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer's contract
@@ -56,34 +59,52 @@ class AdamW(torch.optim.Optimizer):
     def _update(self, p: torch.Tensor, group: dict) -> None:
         if p.dtype != torch.float32:
             raise ConfigError(f"AdamW keeps FP32 master weights; got a {p.dtype} parameter")
-        beta1, beta2 = group["betas"]
         state = self.state[p]
         if not state:
-            state["step"] = 0
+            # The step count is a device tensor, like torch's capturable AdamW: a step captured in a CUDA
+            # graph must read it from memory, not bake in a Python number.
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=self.moments_dtype)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moments_dtype)
-        state["step"] += 1
-        t = state["step"]
-        grad = p.grad.float()
-        # FP32 arithmetic; only the stored moments are rounded.
-        exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
-        exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if self.moments_dtype != torch.float32:
-            state["exp_avg"].copy_(exp_avg)
-            state["exp_avg_sq"].copy_(exp_avg_sq)
-        bias1, bias2 = 1 - beta1**t, 1 - beta2**t
-        denom = (exp_avg_sq / bias2).sqrt_().add_(group["eps"])
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.addcdiv_(exp_avg, denom, value=-group["lr"] / bias1)
+        if not torch.is_tensor(state["step"]):  # a checkpoint written when the count was a Python int
+            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=p.device)
+        lr = group["lr"]
+        if not torch.is_tensor(lr):
+            lr = torch.tensor(lr, dtype=torch.float32, device=p.device)
+        beta1, beta2 = group["betas"]
+        tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+        if all(t.is_contiguous() for t in tensors):  # one shape for every parameter: a compiled update_fn
+            tensors = tuple(t.view(-1) for t in tensors)  # compiles once, not once per parameter shape
+        self.update_fn(*tensors, state["step"], lr, beta1, beta2, group["eps"], group["weight_decay"])
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         # Optimizer.load_state_dict casts floating state to the parameter's dtype (FP32); BF16 -> FP32
         # -> BF16 is exact, so casting back restores the saved moments bit for bit.
-        for state in self.state.values():
+        for param, state in self.state.items():
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
                     state[key] = state[key].to(self.moments_dtype)
+            if torch.is_tensor(state.get("step")):  # on the parameter's device; never the saved tensor itself
+                state["step"] = state["step"].to(param.device, torch.float32, copy=True)
+
+
+def adamw_update_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                  step: torch.Tensor, lr: torch.Tensor, beta1: float, beta2: float, eps: float,
+                  weight_decay: float) -> None:
+    """One AdamW step of parameter ``p`` (FP32) in place; the moments may be stored in BF16. ``step`` and
+    ``lr`` are 0-d tensors (``step`` is incremented here). FP32 arithmetic; only the stored moments are
+    rounded."""
+    step += 1
+    grad = grad.float()
+    m = exp_avg.float().lerp(grad, 1 - beta1)
+    v = exp_avg_sq.float() * beta2 + (1 - beta2) * grad * grad
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+    denom = (v / bias2).sqrt() + eps
+    p.mul_(1 - lr * weight_decay)
+    p.sub_(m / denom * (lr / bias1))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -111,5 +132,7 @@ def build_optimizer(
         raise ConfigError(f"adam moments dtype must be one of {', '.join(MOMENT_DTYPES)}, got {moments_dtype!r}")
     groups = param_groups(model, weight_decay)
     if moments_dtype == "fp32":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        # One fused kernel per step on CUDA (torch's default there is several foreach kernels).
+        fused = all(p.is_cuda for group in groups for p in group["params"])
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
     return AdamW(groups, lr=lr, betas=betas, eps=eps, moments_dtype=MOMENT_DTYPES[moments_dtype])

@@ -49,6 +49,7 @@ def header(cfg: TrainConfig, plan: RunPlan, device: torch.device, layout: dict |
         f"run: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr:g} "
         f"(warm-up {cfg.warmup}, cosine), AdamW moments {cfg.adam_moments_dtype}, "
         f"{torch.get_num_threads()} CPU thread(s); output {plan.out_dir}",
+        f"step: {plan.step_mode.describe()} (--compile/--no-compile, --cuda-graphs/--no-cuda-graphs)",
     ]
     balancing = balancing_note(cfg, plan.model_cfg)
     if balancing:
@@ -232,7 +233,7 @@ def footer(s: dict) -> str:
         f"memory: {describe(s)}",
         f"metrics: {s['metrics']}",
         f"loss curve: {s['plot']}",
-        f"checkpoint: {s['checkpoint']}",
+        f"checkpoint: {s['checkpoint'] or 'none written (--no-checkpoints)'}",
     ]
     if s["tensorboard"]:
         lines.append(f"tensorboard: {s['tensorboard']}")

@@ -33,6 +33,7 @@ from coscale.train import run_dir
 from coscale.train.config import TrainConfig, resolve_model_config
 from coscale.train.data import BatchSampler, Split, data_fingerprint, load_tokens, split_tokens, unigram_entropy
 from coscale.train.optim import build_optimizer
+from coscale.train.step_runner import StepMode, resolve_step_mode
 
 
 def open_world(cfg: TrainConfig) -> World:
@@ -87,6 +88,7 @@ class RunPlan:
     resume_dir: str | None
     resume_meta: dict | None
     resolved_config: dict  # the config with defaults filled in, as run directory and checkpoints record it
+    step_mode: StepMode  # eager, compiled, CUDA-graphed
     init_from: str | None = None  # the HF checkpoint whose weights a new run starts from (None on resume)
     ignored_weights: str | None = None  # a --model directory whose weights this run does not load
 
@@ -109,6 +111,7 @@ def plan_run(cfg: TrainConfig, world: World) -> RunPlan:
     _check_layout(cfg, model_cfg, world.world_size)
     _check_device(cfg.device, world.world_size)
     precision = cfg.precision or ("bf16" if world.device.type == "cuda" else "fp32")
+    step_mode = resolve_step_mode(cfg.compile, cfg.cuda_graphs, world, precision)
     tokens = load_tokens(cfg.data, model_cfg.vocab_size, cfg.bin_dtype)
     split = split_tokens(tokens, cfg.val_fraction, cfg.seq_len)
     data_info = data_fingerprint(cfg.data, tokens)
@@ -121,7 +124,7 @@ def plan_run(cfg: TrainConfig, world: World) -> RunPlan:
         model_cfg=model_cfg, model_name=_model_name(cfg, resume_meta), precision=precision, out_dir=out_dir,
         split=split, data_info=data_info, entropy=unigram_entropy(split.train, model_cfg.vocab_size),
         resume_dir=resume_dir, resume_meta=resume_meta,
-        resolved_config=_resolved_config(cfg, model_cfg, precision), init_from=init_from,
+        resolved_config=_resolved_config(cfg, model_cfg, precision), step_mode=step_mode, init_from=init_from,
         ignored_weights=None if (cfg.init_from or resume_dir) else _weights_beside(cfg.model),
     )
 
@@ -245,8 +248,14 @@ def _load_resumed_weights(model: nn.Module, plan: RunPlan) -> ckpt.TrainingState
 def _restore_trainer(resume_dir: str, world: World, model: nn.Module, optimizer: torch.optim.Optimizer,
                      sampler: BatchSampler, state: ckpt.TrainingState) -> None:
     """Optimizer state, data position and RNG states of the checkpoint (weights are already loaded)."""
+    # How this run's optimizer executes (fused, capturable, a float or device-tensor learning rate) is this
+    # launch's choice, not the checkpoint's: keep it over what load_state_dict brings back.
+    execution = [{k: g[k] for k in ("lr", "fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
     with _restoring(resume_dir):
         world.load_optimizer_state(optimizer, model, state.optimizer)
+    for group, keys in zip(optimizer.param_groups, execution):
+        group.update(keys)
+    with _restoring(resume_dir):
         sampler.load_state_dict(state.trainer["sampler"])
         world.set_rng_state(state.trainer)
 

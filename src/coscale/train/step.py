@@ -40,23 +40,20 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
     return contextlib.nullcontext
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
                batch: tuple[torch.Tensor, torch.Tensor], *, gamma: float | torch.Tensor, grad_clip: float,
-               autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, torch.Tensor]:
+               autocast: Callable[[], contextlib.AbstractContextManager],
+               loss_fn: Callable | None = None) -> dict[str, torch.Tensor]:
     """One optimizer step on the global ``batch`` (input ids, labels; the same on every rank).
 
-    Returns :data:`LOSS_NAMES` (world means; the grad norm is already global) and, for an MoE model,
-    the balance metrics of :func:`coscale.train.balance.load_balance` (of the global batch), all as 0-d
-    tensors on the device. ``gamma`` may be a float or a 0-d device tensor (updated in place per step).
+    ``loss_fn`` is ``model.compute_loss`` or a compiled form of it. Returns :data:`LOSS_NAMES` (world
+    means; the grad norm is already global) and, for an MoE model, the balance metrics of
+    :func:`coscale.train.balance.load_balance` (of the global batch), all as 0-d tensors on the device.
+    ``gamma`` may be a float or a 0-d device tensor (updated in place per step).
     """
     input_ids, labels = (world.shard(t).to(world.device, non_blocking=True) for t in batch)
     with autocast():
-        out = model.compute_loss(input_ids, labels)
+        out = (loss_fn or model.compute_loss)(input_ids, labels)
     out.loss.backward()
     world.sync_gradients(model)
     grad_norm = world.clip_grad_norm_(model, grad_clip) if grad_clip else None

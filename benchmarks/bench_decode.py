@@ -1,0 +1,249 @@
+"""End-to-end decode throughput of the serving engine against the memory roofline and HF transformers.
+
+Run: `PYTHONPATH=src python benchmarks/bench_decode.py [--quick]`; appends a line to
+benchmarks/results/bench_decode.jsonl (results_log.py).
+`--quick` (about 3 minutes on one H200): prompts of 512 tokens, 32 timed decode steps, HF with 8 new
+tokens. `--checkpoint DIR --speculative` measures a trained checkpoint with and without MTP drafts
+(acceptance rate and speed-up; batch 1 and 32 by default) instead of the random model.
+
+Model: DeepSeek-V2-Lite's shape (15.7B parameters, BF16), randomly initialised on the GPU (std 0.02):
+the speed does not depend on the values. For each batch (1, 16, 64, 128) the engine gets that many
+greedy requests with random prompts, runs them until all are decoding, then times `--steps` decode
+steps (CUDA graphs replayed, one token per request per step; the step's host work included).
+
+Memory roofline (tokens/s if a step only read HBM at 4.25 TB/s, the H200's measured copy bandwidth):
+bytes per step = 2 x (non-expert weights without the embedding + MoE layers x experts touched x one
+expert's weights) + batch x context x the KV cache per token (coscale.analysis.kv_cache), where a batch
+of B tokens touches E (1 - (1 - k/E)^B) of a layer's E experts under uniform routing and context is the
+mean over the timed steps. When coscale.analysis.serving is present, its decode estimate for the same
+setting (one GPU, BF16 weights and cache, no micro-batch overlap) is printed beside it.
+
+HF transformers: DeepseekV2ForCausalLM from the same config (random weights, BF16, SDPA attention),
+`generate` greedy with the same batch and prompt length; decode tokens/s = batch x (n - 1) / (time of
+n new tokens - time of 1). Skipped where it runs out of memory or with --no-hf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import time
+import traceback
+
+import torch
+
+from coscale.analysis.kv_cache import kv_cache_bytes_per_token
+from coscale.analysis.models import as_view
+from coscale.config import ModelConfig, get_preset
+from coscale.infer.cache import blocks_for
+from coscale.infer.engine import Engine, EngineConfig
+from coscale.infer.sampling import SamplingParams
+from coscale.model import DeepseekForCausalLM
+from results_log import ResultsLog
+
+H200_COPY_TBPS = 4.25
+
+
+def memory_roofline(cfg: ModelConfig, batch: int, context: float, tbps: float = H200_COPY_TBPS) -> dict:
+    v = as_view(cfg)
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    E, k = v.n_routed_experts, v.experts_per_token
+    touched = E * (1 - (1 - k / E) ** batch) if E else 0.0
+    weights = 2 * (v.non_expert_params - v.embedding_params + moe_layers * touched * v.expert_params)
+    kv = batch * context * kv_cache_bytes_per_token(v, 2)
+    step_s = (weights + kv) / (tbps * 1e12)
+    return dict(weight_gb=weights / 1e9, kv_gb=kv / 1e9, roofline_step_ms=step_s * 1e3,
+                roofline_tokens_per_s=batch / step_s)
+
+
+def analysis_estimate(cfg: ModelConfig, batch: int, context: int) -> float | None:
+    """coscale.analysis.serving's decode tokens/s for the setting, when that module exists."""
+    try:
+        from coscale.analysis.serving import ServingLayout, decode
+    except ImportError:
+        return None
+    try:
+        res = decode(model=cfg, hardware="h200", layout=ServingLayout(micro_batches=1), batch=batch,
+                     context=int(context), weight_dtype="bf16", kv_dtype="bf16")
+        return res.tokens_per_s_per_gpu
+    except Exception:  # an API that changed: report nothing rather than fail the run
+        traceback.print_exc()
+        return None
+
+
+def random_model(cfg: ModelConfig) -> DeepseekForCausalLM:
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(cfg)
+    model = model.to(torch.bfloat16).to_empty(device="cuda")
+    model.init_weights()
+    return model.eval()
+
+
+def run_engine_batch(engine: Engine, batch: int, prompt_len: int, steps: int, gen) -> dict:
+    vocab = engine.model.config.vocab_size
+    ids = [f"b{batch}-{i}" for i in range(batch)]
+    for rid in ids:
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=engine.max_model_len - prompt_len, temperature=0.0))
+    t0 = time.perf_counter()
+    started: set[str] = set()
+    while len(started) < batch:  # prefill (chunked under the token budget)
+        started.update(o.request_id for o in engine.step() if o.new_token_ids)
+    torch.cuda.synchronize()
+    prefill_s = time.perf_counter() - t0
+    for _ in range(2):  # graph capture for this batch size, then one replay
+        engine.step()
+    stats0 = engine.stats()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    tokens = engine.stats().generation_tokens_total - stats0.generation_tokens_total
+    accepted = engine.stats().accepted_tokens_total - stats0.accepted_tokens_total
+    drafts = engine.stats().draft_tokens_total - stats0.draft_tokens_total
+    for rid in ids:
+        engine.abort(rid)
+    engine.step()
+    return dict(batch=batch, prompt_len=prompt_len, steps=steps, tokens=tokens, decode_s=seconds,
+                tokens_per_s=tokens / seconds, step_ms=seconds / steps * 1e3, prefill_s=prefill_s,
+                acceptance=accepted / drafts if drafts else None)
+
+
+def _time_generate(model, ids: torch.Tensor, n: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def hf_decode(cfg: ModelConfig, results: list[dict], prompt_len: int, new_tokens: int, gen) -> None:
+    """Add HF generate's decode tokens/s to each result (one HF model for all batches)."""
+    from transformers import AutoModelForCausalLM, DeepseekV2Config
+
+    d = cfg.to_dict()
+    d.update(rope_scaling=None, eos_token_id=None, bos_token_id=None)
+    hf_cfg = DeepseekV2Config(**d)
+    hf_cfg._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    for entry in results:
+        if "error" in entry:
+            continue
+        try:
+            ids = torch.randint(0, cfg.vocab_size, (entry["batch"], prompt_len), generator=gen).cuda()
+            _time_generate(model, ids, 2)  # warm-up
+            one, full = _time_generate(model, ids, 1), _time_generate(model, ids, new_tokens)
+            entry["hf_tokens_per_s"] = entry["batch"] * (new_tokens - 1) / max(full - one, 1e-9)
+            entry["speedup_vs_hf"] = entry["tokens_per_s"] / entry["hf_tokens_per_s"]
+        except torch.OutOfMemoryError:
+            entry["hf_tokens_per_s"] = "OOM"
+            torch.cuda.empty_cache()
+        except Exception as exc:
+            entry["hf_error"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        print({k: entry.get(k) for k in ("batch", "tokens_per_s", "hf_tokens_per_s")}, flush=True)
+    del model
+    torch.cuda.empty_cache()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="about 3 minutes on one H200")
+    parser.add_argument("--batches", type=int, nargs="+", help="default 1 16 64 128 (1 32 with --speculative)")
+    parser.add_argument("--prompt-len", type=int, help="default 1024 (512 with --quick)")
+    parser.add_argument("--steps", type=int, help="timed decode steps (default 64, 32 with --quick)")
+    parser.add_argument("--hf-tokens", type=int, help="new tokens for HF generate (default 16, 8 with --quick)")
+    parser.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    parser.add_argument("--checkpoint", help="a trained checkpoint instead of the random V2-Lite-shape model")
+    parser.add_argument("--speculative", action="store_true", help="with --checkpoint: MTP drafts on and off")
+    parser.add_argument("--kv-cache-dtype", default="bf16", choices=("bf16", "fp8"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode.py needs a CUDA GPU")
+    if args.speculative and not args.checkpoint:
+        parser.error("--speculative measures a trained checkpoint's MTP modules: give --checkpoint")
+    batches = args.batches or ([1, 32] if args.speculative else [1, 16, 64, 128])
+    prompt_len = args.prompt_len or (512 if args.quick else 1024)
+    steps = args.steps or (32 if args.quick else 64)
+    hf_tokens = args.hf_tokens or (8 if args.quick else 16)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    t_load = time.perf_counter()
+    if args.checkpoint:
+        from coscale.infer.loading import load_for_inference
+
+        model = load_for_inference(args.checkpoint, torch.bfloat16, torch.device("cuda"))
+    else:
+        model = random_model(get_preset("deepseek-v2-lite"))
+    cfg = model.config
+    load_s = time.perf_counter() - t_load
+    import triton
+
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
+            "model": args.checkpoint or "deepseek-v2-lite (random)", "params": model.num_parameters(),
+            "kv_cache_dtype": args.kv_cache_dtype, "copy_tbps": H200_COPY_TBPS, "load_s": load_s}
+    print(json.dumps(meta), flush=True)
+    log = ResultsLog("bench_decode")
+    results: list[dict] = []
+    start = time.time()
+    max_len = prompt_len + 3 * (steps + 16)  # room for up to 3 tokens per step (MTP drafts accepted)
+    for speculative in ([False, True] if args.speculative else [False]):
+        depth = cfg.num_nextn_predict_layers if speculative else 0
+        config = EngineConfig(max_model_len=max_len, max_num_seqs=max(batches),
+                              num_blocks=max(batches) * blocks_for(max_len + depth, 64) + 8,
+                              max_num_batched_tokens=8192, speculative=speculative,
+                              kv_cache_dtype=args.kv_cache_dtype)
+        engine = Engine(model, config)
+        print(engine.describe(), flush=True)
+        for batch in batches:
+            entry = {"speculative": speculative}
+            try:
+                entry.update(run_engine_batch(engine, batch, prompt_len, steps, gen))
+                entry.update(memory_roofline(cfg, batch, prompt_len + steps / 2))
+                entry["pct_of_roofline"] = 100 * entry["tokens_per_s"] / entry["roofline_tokens_per_s"]
+                entry["analysis_tokens_per_s"] = analysis_estimate(cfg, batch, prompt_len + steps // 2)
+            except Exception as exc:
+                entry.update(batch=batch, error=f"{type(exc).__name__}: {exc}")
+                traceback.print_exc()
+            results.append(entry)
+            log.save(meta=meta, results=results)  # keep partial results if the lease ends mid-run
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in entry.items()}, flush=True)
+        del engine
+        torch.cuda.empty_cache()
+    if not args.no_hf and not args.checkpoint:
+        del model
+        torch.cuda.empty_cache()
+        hf_decode(cfg, results, prompt_len, hf_tokens, gen)
+    meta["wall_s"] = time.time() - start
+    log.save(meta=meta, results=results)
+    print_table(results)
+    print(json.dumps({"meta": meta, "n_results": len(results), "errors": sum("error" in r for r in results)}))
+
+
+def _fmt(x, spec: str) -> str:
+    return format(x, spec) if isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x)) else "-"
+
+
+def print_table(results):
+    print(f"\n{'spec':>4} {'batch':>5} {'tok/s':>9} {'step ms':>8} {'roofline':>9} {'%roof':>6} {'analysis':>9} "
+          f"{'HF tok/s':>9} {'x HF':>6} {'accept':>6}")
+    for r in results:
+        if "error" in r:
+            print(f"{'y' if r.get('speculative') else 'n':>4} {r['batch']:5d} ERROR {r['error']}")
+            continue
+        print(f"{'y' if r['speculative'] else 'n':>4} {r['batch']:5d} {_fmt(r['tokens_per_s'], '9.1f')} "
+              f"{_fmt(r['step_ms'], '8.2f')} {_fmt(r['roofline_tokens_per_s'], '9.1f')} "
+              f"{_fmt(r['pct_of_roofline'], '6.1f')} {_fmt(r.get('analysis_tokens_per_s'), '9.1f'):>9} "
+              f"{_fmt(r.get('hf_tokens_per_s'), '9.1f'):>9} {_fmt(r.get('speedup_vs_hf'), '6.1f'):>6} "
+              f"{_fmt(r.get('acceptance'), '6.2f'):>6}")
+
+
+if __name__ == "__main__":
+    main()

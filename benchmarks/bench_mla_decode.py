@@ -1,0 +1,200 @@
+"""MLA decode kernel over the paged latent cache: achieved HBM bandwidth against the H200's, vs PyTorch.
+
+Run: `PYTHONPATH=src python benchmarks/bench_mla_decode.py [--quick] [--splits N ...]`; appends a line
+to benchmarks/results/bench_mla_decode.jsonl (results_log.py).
+
+Cases: one layer's cache (c = 512 latent + 64 RoPE, 64-token blocks scattered over the cache in random
+order), batch 1/16/64/128 x context 4K/8K/16K/32K, BF16 and FP8 ("FP8 with scale": e4m3 latent, one
+float32 scale per 128, BF16 RoPE) caches, 16 heads (DeepSeek-V2-Lite) and 128 heads (DeepSeek-V3), one
+query token per sequence (and MTP's two at 16 heads in the full run).
+
+Bytes the kernel must read: every cached token of every sequence once (1152 bytes per token in BF16,
+656 in FP8) plus the queries; the bandwidth is those bytes over the median time (triton.testing.do_bench,
+which flushes L2 between runs), against the H200's measured device copy bandwidth of 4.25 TB/s
+(shared/reference/measuring.md); the goal is >= 85% at batch 64-128 and 4K-32K. The split-KV scratch
+(partial outputs) is extra traffic the kernel chooses to spend and is not counted as useful bytes.
+
+Baseline: PyTorch, the whole context of each sequence gathered through the block table into a dense
+[B, T, 576] tensor, then scores, softmax and the value product as batched matmuls (BF16 in, FP32
+softmax); FP8 caches are dequantized in the gather.
+
+Correctness: each case first checks the kernel against the float32 reference (coscale.kernels.mla_decode.
+mla_decode_ref) on fresh random data at a reduced batch, ragged lengths included, and records the error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import time
+import traceback
+
+import torch
+
+from coscale.kernels.mla_decode import (
+    LatentCacheLayer,
+    default_num_splits,
+    heads_per_tile,
+    mla_decode,
+    mla_decode_ref,
+    quantize_latent_fp8,
+)
+from results_log import ResultsLog
+
+H200_COPY_TBPS = 4.25  # measured device-to-device copy bandwidth (shared/reference/measuring.md)
+C, DR, PAGE = 512, 64, 64
+
+
+def make_case(B: int, T: int | list[int], H: int, S: int, fp8: bool, gen: torch.Generator, device="cuda"):
+    lens = T if isinstance(T, list) else [T] * B
+    width = max(-(-n // PAGE) for n in lens)
+    blocks = B * width + 1
+    latent = torch.randn(blocks, PAGE, C, generator=gen, device=device, dtype=torch.bfloat16)
+    rope = torch.randn(blocks, PAGE, DR, generator=gen, device=device, dtype=torch.bfloat16)
+    scale = None
+    if fp8:
+        q, s = quantize_latent_fp8(latent.view(-1, C))
+        latent, scale = q.view(blocks, PAGE, C), s.view(blocks, PAGE, -1)
+    cache = LatentCacheLayer(latent, rope, scale)
+    perm = torch.randperm(blocks - 1, generator=gen, device=device)[: B * width] + 1
+    table = perm.view(B, width).to(torch.int32)
+    q_lat = torch.randn(B, S, H, C, generator=gen, device=device, dtype=torch.bfloat16)
+    q_pe = torch.randn(B, S, H, DR, generator=gen, device=device, dtype=torch.bfloat16)
+    return q_lat, q_pe, cache, table, torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+def torch_baseline(q_lat, q_pe, cache: LatentCacheLayer, table, seq_lens, scale: float):
+    """Dense gather + batched matmuls (all sequences padded to the longest)."""
+    B, S, H, _ = q_lat.shape
+    T = table.shape[1] * PAGE
+    latent = cache.latent[table.long()].view(B, T, C)
+    if cache.scale is not None:
+        s = cache.scale[table.long()].view(B, T, -1).repeat_interleave(128, dim=-1)[..., :C]
+        latent = (latent.float() * s).to(torch.bfloat16)
+    rope = cache.rope[table.long()].view(B, T, DR)
+    scores = torch.matmul(q_lat.view(B, S * H, C), latent.transpose(1, 2)).float()
+    scores += torch.matmul(q_pe.view(B, S * H, DR), rope.transpose(1, 2)).float()
+    pos = torch.arange(T, device=q_lat.device)
+    last = (seq_lens[:, None] - S + torch.arange(S, device=q_lat.device)[None, :]).repeat_interleave(H, dim=1)
+    scores = scores.masked_fill(pos[None, None, :] > last[:, :, None], float("-inf")) * scale
+    probs = torch.softmax(scores, dim=-1).to(torch.bfloat16)
+    return torch.matmul(probs, latent).view(B, S, H, C)
+
+
+def timed(fn, quick: bool) -> float:
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 150, return_mode="median")
+
+
+def useful_bytes(B: int, T: int, H: int, S: int, fp8: bool) -> int:
+    per_token = (C + 4 * math.ceil(C / 128) + 2 * DR) if fp8 else 2 * (C + DR)
+    return B * T * per_token + B * S * H * (C + DR) * 2 * 2 + B * (4 + 4 * math.ceil(T / PAGE))  # + q, out, tables
+
+
+def check(H: int, S: int, fp8: bool, gen, splits) -> float:
+    """Max |kernel - reference| / max |reference| on fresh data with ragged lengths."""
+    lens = [S, 200, 4096 + 37, 1500]
+    q_lat, q_pe, cache, table, seq_lens = make_case(len(lens), lens, H, S, fp8, gen)
+    out, _ = mla_decode(q_lat, q_pe, cache, table, seq_lens, 0.1, num_splits=splits, backend="triton")
+    ref, _ = mla_decode_ref(q_lat.float(), q_pe.float(), cache, table, seq_lens, 0.1)
+    return ((out.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def run_case(B, T, H, S, fp8, args, gen, results):
+    entry = dict(batch=B, context=T, heads=H, s_q=S, cache="fp8" if fp8 else "bf16")
+    scale = 1 / math.sqrt(192)
+    try:
+        case = make_case(B, T, H, S, fp8, gen)
+        tile = heads_per_tile(H, S)
+        for splits in args.splits or [None]:
+            used = splits or default_num_splits(B, -(-H // tile), T, case[0].device)
+            r = dict(entry, splits=used, heads_tile=tile, max_rel_err=check(H, S, fp8, gen, used))
+            ms = timed(functools.partial(mla_decode, *case, scale, max_seq_len=T, num_splits=used, backend="triton"),
+                       args.quick)
+            nbytes = useful_bytes(B, T, H, S, fp8)
+            r.update(kernel_ms=ms, useful_gb=nbytes / 1e9, tbps=nbytes / ms / 1e9,
+                     pct_of_copy=100 * nbytes / ms / 1e9 / H200_COPY_TBPS)
+            if not args.no_baseline and splits in (None, args.splits[0] if args.splits else None):
+                try:
+                    base = timed(functools.partial(torch_baseline, *case, scale), args.quick)
+                    r.update(torch_ms=base, speedup=base / ms)
+                except torch.OutOfMemoryError:
+                    r["torch_ms"] = "OOM"
+                    torch.cuda.empty_cache()
+            results.append(r)
+            t = r.get("torch_ms")
+            base_s = f"{t * 1e3:.1f} us" if isinstance(t, float) else str(t)
+            print(f"  B={B:4d} T={T:6d} H={H:4d} S={S} {r['cache']:4s} splits={used:3d}: {ms * 1e3:8.1f} us "
+                  f"{r['tbps']:.2f} TB/s ({r['pct_of_copy']:.0f}%), torch {base_s}, err {r['max_rel_err']:.1e}",
+                  flush=True)
+        del case
+        torch.cuda.empty_cache()
+    except Exception as exc:  # record and carry on
+        entry["error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+        results.append(entry)
+
+
+def print_table(results):
+    print(f"\n{'batch':>5} {'ctx':>6} {'H':>4} {'S':>2} {'cache':>5} {'split':>5} {'us':>9} {'TB/s':>6} "
+          f"{'%4.25':>6} {'torch us':>9} {'x':>6} {'err':>8}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['batch']:5d} {r['context']:6d} {r['heads']:4d} {r['s_q']:2d} {r['cache']:>5} ERROR {r['error']}")
+            continue
+        t = r.get("torch_ms")
+        tus = f"{t * 1e3:9.1f}" if isinstance(t, float) else f"{str(t):>9}"
+        sp = f"{r['speedup']:6.1f}" if "speedup" in r else f"{'-':>6}"
+        print(f"{r['batch']:5d} {r['context']:6d} {r['heads']:4d} {r['s_q']:2d} {r['cache']:>5} {r['splits']:5d} "
+              f"{r['kernel_ms'] * 1e3:9.1f} {r['tbps']:6.2f} {r['pct_of_copy']:6.1f} {tus} {sp} "
+              f"{r['max_rel_err']:8.1e}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="16 heads, batches 1/64/128 x 4K/32K, one V3 case")
+    parser.add_argument("--splits", type=int, nargs="+", help="time these context-split counts instead of the "
+                        "heuristic's choice")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the PyTorch baseline")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_mla_decode.py needs a CUDA GPU")
+    if args.splits and any(s < 1 for s in args.splits):
+        parser.error("--splits takes positive counts")
+    gen = torch.Generator(device="cuda").manual_seed(args.seed)
+    if args.quick:
+        plan = [(B, T, 16, 1, fp8) for fp8 in (False, True) for B in (1, 64, 128) for T in (4096, 32768)]
+        plan += [(64, 8192, 128, 1, False), (64, 8192, 128, 1, True)]
+    else:
+        plan = [(B, T, H, 1, fp8) for H in (16, 128) for fp8 in (False, True) for B in (1, 16, 64, 128)
+                for T in (4096, 8192, 16384, 32768)]
+        plan += [(B, 8192, 16, 2, fp8) for fp8 in (False, True) for B in (16, 64, 128)]  # MTP verification
+    import triton
+
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
+            "copy_tbps": H200_COPY_TBPS, "sms": torch.cuda.get_device_properties(0).multi_processor_count}
+    print(json.dumps(meta))
+    log = ResultsLog("bench_mla_decode")
+    results: list[dict] = []
+    start = time.time()
+    for B, T, H, S, fp8 in plan:
+        run_case(B, T, H, S, fp8, args, gen, results)
+        log.save(meta=meta, results=results)  # keep partial results if the lease ends mid-run
+    meta["wall_s"] = time.time() - start
+    log.save(meta=meta, results=results)
+    print_table(results)
+    goal = [r for r in results if "error" not in r and r["batch"] >= 64 and r["s_q"] == 1]
+    print(json.dumps({"meta": meta, "n_results": len(results), "errors": sum("error" in r for r in results),
+                      "min_pct_at_batch_64_128": min((r["pct_of_copy"] for r in goal), default=None)}))
+
+
+if __name__ == "__main__":
+    main()

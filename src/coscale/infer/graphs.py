@@ -1,0 +1,145 @@
+"""CUDA graphs of the decode step, one per padded batch size, and the GPU memory budget of the cache.
+
+A decode step of a small model is a few hundred kernel launches of a few microseconds each, so the
+host, not the GPU, sets the pace at small batches. Capturing the model's forward over a decode batch in
+a CUDA graph replays all of them in one launch (vLLM and SGLang do the same). A graph fixes its shapes
+and addresses, so:
+- graphs are captured for batch sizes 1, 2, 4, 8 and then every 8 up to max_num_seqs (vLLM's rule), and a
+  batch of n decodes runs the graph of the next size up, the extra rows padded: token 0 at positions
+  0 .. S-1 of the padding block (block 0, never handed out), seq_len S, so they write and read only
+  that block;
+- the inputs (token ids, positions, cache slots, block tables, lengths) live in static buffers that
+  each step copies into; the MLA decode kernel's context split is fixed from max_model_len, and each
+  sequence divides its own blocks among the splits, so the lengths may change between replays;
+- each graph is captured the first time its size is needed, after one eager run at that size (Triton
+  autotuning and cuBLAS set-up must not happen inside a capture). All graphs share one memory pool.
+Only decode-only steps replay graphs; steps with prefill chunks run eagerly. Nothing in the decode
+forward reads a value back to the host (the MoE permutation sizes its buffer statically:
+coscale.kernels.permute), which is what makes it capturable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from coscale.infer.batch import Batch
+from coscale.model.mla import PagedAttentionMetadata
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4) if s < max_num_seqs] + list(range(8, max_num_seqs + 8, 8))
+    return sorted({min(s, max_num_seqs) for s in sizes})
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: PagedAttentionMetadata
+    hidden: torch.Tensor
+
+
+class DecodeGraphs:
+    def __init__(self, engine):
+        self.engine = engine
+        self.sizes = capture_sizes(engine.config.max_num_seqs)
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def can_run(self, batch: Batch) -> bool:
+        return batch.num_decodes == len(batch.scheduled) and batch.num_decodes <= self.sizes[-1]
+
+    def _padded(self, n: int) -> int:
+        return next(s for s in self.sizes if s >= n)
+
+    def _buffers(self, size: int, S: int) -> _Graph:
+        e, dev = self.engine, self.engine.device
+        n = size * S
+        meta = PagedAttentionMetadata(
+            cache=e.cache, slots=torch.arange(n, device=dev) % S, num_decode_tokens=n, decode_len=S,
+            block_table=torch.zeros(size, e.table_width, dtype=torch.int32, device=dev),
+            seq_lens=torch.full((size,), S, dtype=torch.int32, device=dev),
+            max_seq_len=e.max_model_len + e.depth, kernel_backend=e.kernel_backend,
+        )
+        positions = torch.arange(n, device=dev) % S
+        return _Graph(None, torch.zeros(n, dtype=torch.long, device=dev), positions, meta, None)
+
+    def _load(self, g: _Graph, batch: Batch) -> None:
+        """Copy the batch into the static buffers; the rows after it become padding."""
+        n, S = batch.num_tokens, batch.meta.decode_len
+        B = batch.num_decodes
+        m = g.meta
+        g.input_ids[:n].copy_(batch.input_ids)
+        g.input_ids[n:].zero_()
+        g.positions[:n].copy_(batch.positions)
+        m.slots[:n].copy_(batch.meta.slots)
+        pad = torch.arange(m.slots.shape[0] - n, device=m.slots.device) % S
+        g.positions[n:].copy_(pad)
+        m.slots[n:].copy_(pad)
+        m.block_table[:B].copy_(batch.meta.block_table)
+        m.block_table[B:].zero_()
+        m.seq_lens[:B].copy_(batch.meta.seq_lens)
+        m.seq_lens[B:].fill_(S)
+
+    def _capture(self, batch: Batch) -> _Graph:
+        size, S = self._padded(batch.num_decodes), batch.meta.decode_len
+        model = self.engine.model
+        g = self._buffers(size, S)
+        self._load(g, batch)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the capture: autotuning, workspaces
+            model.hidden_states_paged(g.input_ids, g.positions, g.meta)
+        torch.cuda.current_stream().wait_stream(stream)
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph, pool=self.pool):
+            g.hidden = model.hidden_states_paged(g.input_ids, g.positions, g.meta)
+        return g
+
+    def run(self, batch: Batch) -> torch.Tensor:
+        key = (self._padded(batch.num_decodes), batch.meta.decode_len)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self.graphs[key] = self._capture(batch)
+        self._load(g, batch)
+        g.graph.replay()
+        return g.hidden[: batch.num_tokens]
+
+
+def free_cache_bytes(engine) -> int:
+    """Bytes the KV cache may take on the engine's GPU: gpu_memory_fraction of the device, less what is
+    in use (the weights, other processes), less the peak activations of the largest step (measured with
+    a throw-away cache: a prefill chunk of the full token budget at the end of a max_model_len context,
+    whose whole context prefill decompresses), less the logits and sampling buffers of a full batch."""
+    from coscale.infer.batch import build_batch
+    from coscale.infer.cache import BlockAllocator, PagedLatentCache, blocks_for
+    from coscale.infer.sampling import SamplingParams
+    from coscale.infer.scheduler import Request, ScheduledRequest
+
+    dev, cfg, ec = engine.device, engine.model.config, engine.config
+    tokens = min(ec.max_num_batched_tokens, engine.max_model_len)
+    blocks = blocks_for(engine.max_model_len, ec.block_size)
+    scratch = PagedLatentCache(cfg.num_hidden_layers + engine.depth, blocks, ec.block_size, cfg.kv_lora_rank,
+                               cfg.qk_rope_head_dim, ec.kv_cache_dtype, engine.dtype, dev)
+    request = Request("profile", [0] * engine.max_model_len, SamplingParams(1))
+    request.blocks = BlockAllocator(blocks).allocate(blocks)
+    request.num_computed = engine.max_model_len - tokens
+    batch = build_batch([ScheduledRequest(request, tokens, False)], scratch, dev, blocks)
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    before = torch.cuda.memory_allocated(dev)
+    with torch.no_grad():
+        engine.model.hidden_states_paged(batch.input_ids, batch.positions, batch.meta)
+    torch.cuda.synchronize(dev)
+    activations = torch.cuda.max_memory_allocated(dev) - before
+    del scratch, batch
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(dev)
+    rows = ec.max_num_seqs * (1 + engine.depth)
+    sampling = 6 * rows * cfg.vocab_size * 4  # logits, probabilities, sort buffers (float32)
+    budget = free - (1 - ec.gpu_memory_fraction) * total - activations - sampling
+    return max(0, int(budget))

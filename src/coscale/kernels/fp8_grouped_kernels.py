@@ -1,0 +1,268 @@
+"""The Triton kernels of the grouped FP8 GEMMs, their launchers and their tile configurations.
+
+The operations, shapes and contracts are in coscale.kernels.fp8_grouped_gemm (``fp8_grouped_mm``,
+``fp8_grouped_wgrad``), which calls these launchers with the configuration its picker chose.
+
+Both kernels read A and B through TMA tensor descriptors built on the host, may run persistent (a
+grid smaller than the tile count), and promote every 128 elements of K: one 128-deep tl.dot from
+zero, scaled by its block scales and added into an FP32 register accumulator. The tile configuration
+changes only how the work is cut and scheduled, never an output element's arithmetic.
+
+Configurations: ``MM_CANDIDATES`` (forward and dgrad) and ``WGRAD_CANDIDATES``, chosen per call shape
+by ``MM_PICKER`` / ``WGRAD_PICKER`` (coscale.kernels.autotune.ConfigPicker: timed once per process
+and shape, on the first call; it says why these kernels use an explicit picker rather than
+``@triton.autotune``). ``launch_grouped_mm_tma`` / ``launch_grouped_wgrad_tma`` run one explicit
+configuration (the candidate tests and benchmarks/tune_fp8_grouped.py call them directly).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from coscale.errors import CoscaleError
+from coscale.kernels.autotune import ConfigPicker
+from coscale.kernels.backend import interpreting
+from coscale.kernels.quant import BLOCK
+
+__all__ = [
+    "MM_CANDIDATES",
+    "WGRAD_CANDIDATES",
+    "INTERPRETER_CONFIG",
+    "MM_PICKER",
+    "WGRAD_PICKER",
+    "launch_grouped_mm_tma",
+    "launch_grouped_wgrad_tma",
+]
+
+
+# Kernel configurations. BLOCK_M rows x BLOCK_N columns per tile (BLOCK_M and BLOCK_N divide 128: a
+# row tile never straddles two experts' 128-aligned segments and a column tile lies in one 128x128
+# weight block), software-pipeline STAGES, warps, PROGRAMS_PER_SM (0: one program per tile; k: a
+# persistent grid of k programs per SM), FLATTEN (pipeline the persistent tile loop as one loop, so the
+# next tile's loads are issued during this tile's epilogue) and TMA_STORE (write C with an asynchronous
+# TMA bulk store instead of pointer stores). On CUDA each call shape times its candidates once per
+# process and keeps the fastest; benchmarks/tune_fp8_grouped.py sweeps more. On the H100 (DeepSeek-V3
+# experts; results/tune_fp8_grouped_run{8,9,14,15}_h100_2026-11-23.log at 256 rows per expert,
+# ..._16384tok_run13_... at 512) the forward/dgrad candidates each led some product in some run
+# (824-904 TFLOP/s), the first wgrad candidate led most weight-gradient products (361-445 at 256 rows;
+# 64x128 led at 512, 521-570). No option wins everywhere and run-to-run noise is 5-10%, hence several
+# candidates; 256-column tiles and warp specialisation were 2-3x slower.
+MM_CANDIDATES = (
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 2},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
+     "FLATTEN": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "PROGRAMS_PER_SM": 1, "TMA_STORE": True,
+     "FLATTEN": True},
+)
+WGRAD_CANDIDATES = (
+    {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
+     "FLATTEN": True},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
+     "FLATTEN": True},
+)
+# The CPU interpreter: small tiles (quick) and a persistent grid (the tile loop is exercised).
+INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "STAGES": 1, "num_warps": 4, "PROGRAMS_PER_SM": 1}
+MM_PICKER = ConfigPicker("grouped FP8 GEMM", MM_CANDIDATES, INTERPRETER_CONFIG)
+WGRAD_PICKER = ConfigPicker("grouped FP8 weight-gradient GEMM", WGRAD_CANDIDATES, INTERPRETER_CONFIG)
+
+
+@functools.cache
+def _build_tma_kernels(interpret: bool):
+    """The two Triton kernels. Operands A and B come through host-built tensor descriptors (TMA bulk
+    copies on Hopper), scales through pointers, C through a descriptor (TMA_STORE) or pointers. Both
+    kernels loop over their tiles with a stride of the grid size, so a grid smaller than the tile count
+    makes them persistent; FLATTEN lets the pipeliner treat that loop and the K loop as one."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def grouped_mm_tma_kernel(
+        a_desc, b_desc, c_ptr, c_desc, sa_ptr, sb_ptr, tile_ptr, M, N, K, E,
+        stride_cm, stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        STAGES: tl.constexpr, FLATTEN: tl.constexpr, TMA_STORE: tl.constexpr,
+    ):  # fmt: skip
+        # a_desc: A [M, K]; b_desc: B flattened to [E*N, K] (expert e's rows start at e*N).
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        num_tiles = num_m * num_n
+        num_k = tl.cdiv(K, BLOCK_K)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+            # GROUP_M row tiles sweep the N tiles together, so B tiles are reused from L2
+            in_group = GROUP_M * num_n
+            first_m = (tile // in_group) * GROUP_M
+            group_rows = tl.minimum(num_m - first_m, GROUP_M)
+            pid_m = first_m + (tile % in_group) % group_rows
+            pid_n = (tile % in_group) // group_rows
+            row0 = pid_m * BLOCK_M
+            n0 = pid_n * BLOCK_N
+            expert = tl.load(tile_ptr + row0 // BLOCK_K)  # segments are 128-aligned
+            valid = expert < E
+            expert = tl.minimum(expert, E - 1)
+            offs_m = row0 + tl.arange(0, BLOCK_M)
+            sa_ptrs = sa_ptr + offs_m.to(tl.int64) * stride_sam
+            sb_base = sb_ptr + expert.to(tl.int64) * stride_sbe + (n0 // BLOCK_K) * stride_sbn
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            k_iters = tl.where(valid, num_k, 0)  # rows after the last expert: zeros
+            for kb in tl.range(0, k_iters, num_stages=STAGES):
+                a = a_desc.load([row0, kb * BLOCK_K])
+                b = b_desc.load([expert * N + n0, kb * BLOCK_K])
+                sa = tl.load(sa_ptrs + kb * stride_sak, mask=offs_m < M, other=0.0)
+                # one 128-deep dot from zero, promoted into FP32 with its two block scales (BLOCK_N
+                # divides 128: the tile lies in one 128x128 weight block, whose scale is one number)
+                sb = tl.load(sb_base + kb * stride_sbk)
+                acc += tl.dot(a, b.T) * (sa * sb)[:, None]
+            if TMA_STORE:  # an asynchronous bulk store; rows past M are clipped by the descriptor
+                c_desc.store([row0, n0], acc.to(c_desc.dtype))
+            else:
+                cols = n0 + tl.arange(0, BLOCK_N)
+                c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + cols[None, :]
+                tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (cols < N)[None, :])
+
+    @triton.jit
+    def grouped_wgrad_tma_kernel(
+        a_desc, b_desc, c_ptr, c_desc, sa_ptr, sb_ptr, off_ptr, N, K, E,
+        stride_ce, stride_cn, stride_san, stride_sat, stride_sbk, stride_sbt,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, STAGES: tl.constexpr,
+        FLATTEN: tl.constexpr, TMA_STORE: tl.constexpr,
+    ):  # fmt: skip
+        # C[e] [N, K] = A[:, seg e] @ B[:, seg e]^T, A = dY^T [N, Mp] and B = X^T [K, Mp] (descriptors).
+        # Tiles expert-major (one expert's operands stay in L2 while its tiles run); a grid smaller
+        # than the tile count makes the kernel persistent.
+        num_n = tl.cdiv(N, BLOCK_M)
+        num_k = tl.cdiv(K, BLOCK_N)
+        per_expert = num_n * num_k
+        for tile in tl.range(tl.program_id(0), E * per_expert, tl.num_programs(0), flatten=FLATTEN):
+            expert = tile // per_expert
+            pid_n = (tile % per_expert) // num_k
+            pid_k = tile % num_k
+            start = tl.load(off_ptr + expert - 1, mask=expert > 0, other=0)
+            end = tl.load(off_ptr + expert)
+            offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+            sa_ptrs = sa_ptr + offs_n.to(tl.int64) * stride_san
+            sb_ptrs = sb_ptr + offs_k.to(tl.int64) * stride_sbk
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for t0 in tl.range(start, end, BLOCK_T, num_stages=STAGES):
+                a = a_desc.load([pid_n * BLOCK_M, t0])
+                b = b_desc.load([pid_k * BLOCK_N, t0])
+                tile_t = t0 // BLOCK_T
+                sa = tl.load(sa_ptrs + tile_t * stride_sat, mask=offs_n < N, other=0.0)
+                sb = tl.load(sb_ptrs + tile_t * stride_sbt, mask=offs_k < K, other=0.0)
+                acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
+            if TMA_STORE:  # C as [E*N, K] (N a multiple of BLOCK_M: a tile stays in its expert)
+                c_desc.store([expert * N + pid_n * BLOCK_M, pid_k * BLOCK_N], acc.to(c_desc.dtype))
+            else:
+                c_base = c_ptr + expert.to(tl.int64) * stride_ce
+                c_ptrs = c_base + offs_n[:, None].to(tl.int64) * stride_cn + offs_k[None, :]
+                tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+
+    return grouped_mm_tma_kernel, grouped_wgrad_tma_kernel
+
+
+@functools.cache
+def _sms_of_cuda_device(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device) -> int:
+    """SMs of ``device`` (4 stand-ins for the CPU interpreter), looked up once per device."""
+    if device.type != "cuda":
+        return 4
+    return _sms_of_cuda_device(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _tensor_descriptor():
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError as exc:  # triton < 3.4
+        raise CoscaleError(f"the grouped FP8 GEMMs need triton >= 3.4 (tensor descriptors): {exc}") from exc
+    return TensorDescriptor
+
+
+def _descriptor_ok(t: torch.Tensor) -> bool:
+    """Whether a tensor descriptor can read or write the 2-D tensor t: contiguous rows, 16-byte aligned
+    base and row stride (not, e.g., a bf16 output with K = 100 columns)."""
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
+def _tma_operand(t: torch.Tensor) -> torch.Tensor:
+    """t itself when a tensor descriptor can read it, else a contiguous copy."""
+    return t if _descriptor_ok(t) else t.contiguous()
+
+
+def _check_tiles(cfg: dict) -> None:
+    # a row tile must not straddle two experts' 128-aligned segments, and a column tile must lie in
+    # one 128x128 weight block (the forward kernel loads one weight scale per tile and K step)
+    for key in ("BLOCK_M", "BLOCK_N"):
+        if BLOCK % cfg[key]:
+            raise CoscaleError(f"{key} must divide {BLOCK}, got {cfg[key]}")
+
+
+def _flatten_stages(cfg: dict) -> dict:
+    # a flattened tile loop is pipelined by the kernel-level num_stages (the inner loop's is merged away)
+    return {"num_stages": cfg.get("STAGES", 3)} if cfg.get("FLATTEN", False) else {}
+
+
+def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
+    """One launch of the TMA forward/dgrad kernel with an explicit configuration ``cfg``:
+    BLOCK_M and BLOCK_N (each dividing 128), GROUP_M, STAGES, num_warps,
+    PROGRAMS_PER_SM (0: one program per tile, else a persistent grid of that many per SM), FLATTEN and
+    TMA_STORE (see MM_CANDIDATES; the bulk store is skipped where c's layout does not allow it)."""
+    _check_tiles(cfg)
+    TensorDescriptor = _tensor_descriptor()
+    m, k = a.shape
+    e, n, _ = b.shape
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    a2 = _tma_operand(a)
+    b2 = _tma_operand(b.reshape(e * n, k))  # a view for the buffers this module writes
+    a_desc = TensorDescriptor.from_tensor(a2, [bm, BLOCK])
+    b_desc = TensorDescriptor.from_tensor(b2, [bn, BLOCK])
+    tiles = -(-m // bm) * (n // bn)
+    per_sm = cfg.get("PROGRAMS_PER_SM", 1)
+    programs = tiles if per_sm == 0 else max(1, min(tiles, per_sm * _num_sms(a.device)))
+    tma_store = cfg.get("TMA_STORE", False) and _descriptor_ok(c)  # else pointer stores
+    c_desc = TensorDescriptor.from_tensor(c, [bm, bn]) if tma_store else c
+    kernel, _ = _build_tma_kernels(interpreting())
+    kernel[(programs,)](
+        a_desc, b_desc, c, c_desc, a_scale, b_scale, tile_expert, m, n, k, e,
+        c.stride(0), a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=cfg.get("GROUP_M", 8), STAGES=cfg.get("STAGES", 3),
+        FLATTEN=cfg.get("FLATTEN", False), TMA_STORE=tma_store,
+        num_warps=cfg.get("num_warps", 8), **_flatten_stages(cfg),
+    )  # fmt: skip
+    return c
+
+
+def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: dict):
+    """One launch of the TMA wgrad kernel with an explicit configuration (BLOCK_M tiles N, BLOCK_N
+    tiles K, STAGES, num_warps, PROGRAMS_PER_SM, FLATTEN and TMA_STORE as for the forward)."""
+    TensorDescriptor = _tensor_descriptor()
+    n, _ = dyt.shape
+    k = xt.shape[0]
+    experts = offsets.numel()
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    a_desc = TensorDescriptor.from_tensor(_tma_operand(dyt), [bm, BLOCK])
+    b_desc = TensorDescriptor.from_tensor(_tma_operand(xt), [bn, BLOCK])
+    _, kernel = _build_tma_kernels(interpreting())
+    tiles = -(-n // bm) * -(-k // bn) * experts
+    per_sm = cfg.get("PROGRAMS_PER_SM", 0)
+    programs = tiles if per_sm == 0 else max(1, min(tiles, per_sm * _num_sms(dyt.device)))
+    # a bulk store writes C as [E*N, K]: only when a BLOCK_M row tile cannot cross into the next expert
+    # and a descriptor can write that view; else pointer stores
+    c2d = out.view(experts * n, k) if out.is_contiguous() else None
+    tma_store = cfg.get("TMA_STORE", False) and n % bm == 0 and c2d is not None and _descriptor_ok(c2d)
+    c_desc = TensorDescriptor.from_tensor(c2d, [bm, bn]) if tma_store else out
+    kernel[(programs,)](
+        a_desc, b_desc, out, c_desc, dyt_scale, xt_scale, offsets, n, k, experts,
+        out.stride(0), out.stride(1), dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=BLOCK, STAGES=cfg.get("STAGES", 3),
+        FLATTEN=cfg.get("FLATTEN", False), TMA_STORE=tma_store,
+        num_warps=cfg.get("num_warps", 8), **_flatten_stages(cfg),
+    )  # fmt: skip
+    return out

@@ -1,0 +1,161 @@
+"""MLA decode over the paged latent cache: the Triton kernel (interpreted) against the PyTorch reference,
+the reference against the model's naive attention, and the FP8 cache format."""
+
+import math
+
+import pytest
+import torch
+
+from coscale.config import get_preset
+from coscale.errors import CoscaleError
+from coscale.kernels.mla_decode import (
+    FP8_MAX,
+    LatentCacheLayer,
+    default_num_splits,
+    dequantize_latent_fp8,
+    heads_per_tile,
+    mla_decode,
+    mla_decode_ref,
+    quantize_latent_fp8,
+    sequence_slots,
+    write_latent,
+)
+from coscale.model.mla import MLA, PagedAttentionMetadata
+from coscale.model.rope import RotaryEmbedding
+
+
+def make_cache(num_blocks, block_size, c, dr, fp8=False, dtype=torch.float32, generator=None):
+    latent = torch.randn(num_blocks, block_size, c, generator=generator).to(dtype)
+    rope = torch.randn(num_blocks, block_size, dr, generator=generator).to(dtype)
+    if not fp8:
+        return LatentCacheLayer(latent, rope)
+    q, scale = quantize_latent_fp8(latent.view(-1, c))
+    return LatentCacheLayer(q.view(num_blocks, block_size, c), rope, scale.view(num_blocks, block_size, -1))
+
+
+def make_inputs(seq_lens, S, H, c, dr, block_size, fp8=False, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    width = max(-(-n // block_size) for n in seq_lens)
+    num_blocks = len(seq_lens) * width + 1
+    cache = make_cache(num_blocks, block_size, c, dr, fp8, dtype, g)
+    # blocks scattered over the cache in random order: the kernel must follow the table
+    table = (torch.randperm(num_blocks - 1, generator=g)[: len(seq_lens) * width] + 1).view(len(seq_lens), width)
+    q_lat = torch.randn(len(seq_lens), S, H, c, generator=g).to(dtype)
+    q_pe = torch.randn(len(seq_lens), S, H, dr, generator=g).to(dtype)
+    return q_lat, q_pe, cache, table.int(), torch.tensor(seq_lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("S,splits", [(1, 1), (1, 3), (3, 2), (2, None)])
+def test_kernel_matches_reference(fp8, S, splits):
+    q_lat, q_pe, cache, table, lens = make_inputs([S, 16, 37, 70], S, H=4, c=64, dr=16, block_size=16, fp8=fp8)
+    out, lse = mla_decode(q_lat, q_pe, cache, table, lens, 0.125, num_splits=splits, backend="triton")
+    ref, ref_lse = mla_decode_ref(q_lat, q_pe, cache, table, lens, 0.125)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_kernel_with_two_head_groups_and_other_page_sizes(block_size):
+    """20 heads in tiles of 8 (three groups, the last ragged); pages smaller than the key block."""
+    q_lat, q_pe, cache, table, lens = make_inputs([5, 41], 1, H=20, c=32, dr=8, block_size=block_size, seed=1)
+    out, lse = mla_decode(q_lat, q_pe, cache, table, lens, 0.3, num_splits=2, heads_tile=8, backend="triton")
+    ref, ref_lse = mla_decode_ref(q_lat, q_pe, cache, table, lens, 0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_fp8_with_several_scale_tiles_and_a_ragged_last_one():
+    """c = 320: three 128-wide scale tiles, the last one 64 wide (the kernel pads c to 512)."""
+    q_lat, q_pe, cache, table, lens = make_inputs([7, 40], 2, H=2, c=320, dr=16, block_size=16, fp8=True, seed=4)
+    cache.scale.mul_(torch.rand(cache.scale.shape, generator=torch.Generator().manual_seed(5)) + 0.5)
+    out, lse = mla_decode(q_lat, q_pe, cache, table, lens, 0.05, num_splits=2, backend="triton")
+    ref, ref_lse = mla_decode_ref(q_lat, q_pe, cache, table, lens, 0.05)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_bf16_inputs():
+    q_lat, q_pe, cache, table, lens = make_inputs([9, 33], 2, H=4, c=64, dr=16, block_size=16, seed=2,
+                                                  dtype=torch.bfloat16)
+    out, _ = mla_decode(q_lat, q_pe, cache, table, lens, 0.1, num_splits=2, backend="triton")
+    ref, _ = mla_decode_ref(q_lat, q_pe, cache, table, lens, 0.1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)  # bf16 output rounding
+
+
+@pytest.mark.parametrize("case", ["zeros", "huge"])
+def test_kernel_edge_values(case):
+    q_lat, q_pe, cache, table, lens = make_inputs([20, 50], 1, H=4, c=32, dr=16, block_size=16, seed=3)
+    if case == "zeros":  # uniform attention: the mean of the visible latents
+        q_lat.zero_()
+        q_pe.zero_()
+    else:  # saturated softmax: one key takes everything
+        q_lat.mul_(1e3)
+    out, lse = mla_decode(q_lat, q_pe, cache, table, lens, 0.125, num_splits=3, backend="triton")
+    ref, ref_lse = mla_decode_ref(q_lat, q_pe, cache, table, lens, 0.125)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-2 if case == "huge" else 1e-5)
+    if case == "zeros":
+        slots = sequence_slots(table[0], 20, 16)
+        mean = cache.latent.view(-1, 32)[slots].mean(0)
+        torch.testing.assert_close(out[0, 0, 0], mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse[0, 0], torch.full((4,), math.log(20)), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_equals_model_naive_attention():
+    """Absorbed attention over a paged cache (the decode path) equals MLA's naive causal attention for
+    the last S tokens of a sequence, through the kernel as the model calls it."""
+    torch.manual_seed(0)
+    cfg = get_preset("tiny", kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+                     num_attention_heads=4, hidden_size=64, q_lora_rank=None)
+    mla = MLA(cfg, 0).eval()
+    rotary = RotaryEmbedding(cfg)
+    T, S, bs = 29, 3, 8
+    x = torch.randn(1, T, cfg.hidden_size)
+    with torch.no_grad():
+        cos, sin = rotary(0, T)
+        naive = mla(x, cos, sin)[0, T - S:]
+        q_nope, q_pe, c_kv, k_pe = mla._project(x, cos, sin)
+        cache = make_cache(8, bs, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+        table = torch.tensor([[5, 2, 7, 1]], dtype=torch.int32)
+        write_latent(cache, sequence_slots(table[0], T, bs), c_kv[0], k_pe[0])
+        meta = PagedAttentionMetadata(cache=None, slots=torch.empty(0), num_decode_tokens=S, decode_len=S,
+                                      block_table=table, seq_lens=torch.tensor([T], dtype=torch.int32),
+                                      max_seq_len=T, kernel_backend="triton")
+        o = mla._decode_paged(q_nope[0, T - S:], q_pe[0, T - S:], cache, meta)
+        paged = mla.o_proj(o.flatten(1))
+    torch.testing.assert_close(paged, naive, rtol=1e-4, atol=1e-5)
+
+
+def test_fp8_format_round_trip_and_edge_values():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 320, generator=g) * torch.logspace(-3, 3, 6)[:, None]
+    x[2, 128:256] = 0  # an all-zero tile
+    q, scale = quantize_latent_fp8(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (6, 3)
+    assert (scale[2, 1] == 1).item()
+    back = dequantize_latent_fp8(q, scale)
+    tiles = torch.nn.functional.pad(x, (0, 64)).view(6, 3, 128).abs().amax(-1)
+    bound = tiles.repeat_interleave(128, dim=1)[:, :320] * 2**-4  # e4m3: 3 mantissa bits, half-ulp 2^-4
+    assert ((back - x).abs() <= bound + 1e-30).all()
+    bad = torch.tensor([[float("nan"), float("inf"), -float("inf"), 1.0]])
+    q, scale = quantize_latent_fp8(bad)
+    assert torch.isfinite(scale).all()
+    assert dequantize_latent_fp8(q, scale)[0, 1].item() == pytest.approx(FP8_MAX * scale[0, 0].item())
+
+
+def test_heuristics_and_errors():
+    assert heads_per_tile(16, 1) == 16 and heads_per_tile(128, 1) == 64 and heads_per_tile(128, 2) == 32
+    cpu = torch.device("cpu")
+    assert default_num_splits(128, 1, 32768, cpu) == 1
+    assert default_num_splits(1, 1, 32768, cpu) == 16
+    assert default_num_splits(1, 1, 100, cpu) == 1  # short contexts are not split
+    q_lat, q_pe, cache, table, lens = make_inputs([4], 1, H=2, c=32, dr=16, block_size=16)
+    with pytest.raises(CoscaleError, match="do not match the cache"):
+        mla_decode(q_lat[..., :16], q_pe, cache, table, lens, 1.0)
+    with pytest.raises(CoscaleError, match="block_table"):
+        mla_decode(q_lat, q_pe, cache, table[0], lens, 1.0)
+    with pytest.raises(CoscaleError, match="scales"):
+        mla_decode(q_lat, q_pe, LatentCacheLayer(cache.latent, cache.rope, cache.rope), table, lens, 1.0)
