@@ -1,7 +1,7 @@
 """Load-balancing study: auxiliary-loss-free balancing against the auxiliary-loss baseline (CPU).
 
-    PYTHONPATH=src python3 benchmarks/balance_study.py --quick     # a few minutes on 2 cores
-    PYTHONPATH=src python3 benchmarks/balance_study.py             # the full study (about an hour)
+    PYTHONPATH=src python3 benchmarks/balance_study.py --quick --jobs 2    # about 1.5 minutes on 2 cores
+    PYTHONPATH=src python3 benchmarks/balance_study.py --jobs 2            # the full study (about 1.5 hours)
 
 The DeepSeek-V3 report's ablation (section 4.5.2, after Wang et al. 2024) trains the same model with
 auxiliary-loss-free balancing and with an auxiliary balance loss and finds the former better balanced
@@ -22,21 +22,18 @@ runs carry no balance loss at all (``aux_loss_alpha`` 0), so they compare a bias
 Reported per method (mean over seeds, and the spread): validation loss over fixed held-out batches;
 MaxVio_batch (per-layer MaxVio of each training batch, averaged over layers, then over all steps and
 over the last fifth of the run); MaxVio_batch of the held-out batches; MaxVio_global over the whole
-held-out set (the paper's measure); the worst layer's MaxVio_global. Prints a table and writes the
-records as JSON (``--out``, default ``benchmarks/results/balance_study_<mode>_cpu_<date>.json``).
+held-out set (the paper's measure); the worst layer's MaxVio_global. Prints a table and appends one line
+(the conditions, the table, every run's per-step figures) to ``benchmarks/results/balance_study.jsonl``
+(results_log.py), saved after every finished run.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import contextlib
 import multiprocessing
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -49,8 +46,7 @@ from coscale.train.balance import counting_expert_loads, default_bias_update_spe
 from coscale.train.data import BatchSampler, eval_batches, load_tokens, split_tokens
 from coscale.train.optim import build_optimizer
 from coscale.train.schedule import lr_at
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from results_log import ResultsLog
 
 
 @dataclass(frozen=True)
@@ -251,18 +247,6 @@ def verdict(by_method: dict) -> str:
 # ---- the study -------------------------------------------------------------------------------------
 
 
-def conditions() -> dict:
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git("rev-parse", "HEAD"), "modified": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "device": f"CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s)",
-            "torch": torch.__version__, "python": platform.python_version(), "argv": sys.argv[1:]}
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="60 steps of 8 x 64 tokens, 1 seed, 5 methods")
@@ -272,13 +256,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (1 on a shared machine)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each")
-    p.add_argument("--out", help="JSON file to write")
+    p.add_argument("--out", help="folder of balance_study.jsonl (default: benchmarks/results)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
+    log = ResultsLog("balance_study", a.out)  # the run's conditions (commit, date, versions) are taken now
     run = Run(model=a.model, steps=60, batch_size=8, seq_len=64) if a.quick else Run(model=a.model)
     if a.steps:
         run = Run(**{**run.__dict__, "steps": a.steps})
@@ -286,28 +271,36 @@ def main(argv=None) -> dict:
     parsed = [parse_method(m) for m in methods]
     seeds = a.seeds or ([0] if a.quick else [0, 1, 2])
     tokens = load_tokens(None, get_preset(run.model).vocab_size)
-    print(f"{run}; seeds {seeds}; default gamma for this run "
-          f"{default_bias_update_speed(run.steps, run.warmup):g}")
+    say(f"{run}; seeds {seeds}; default gamma for this run {default_bias_update_speed(run.steps, run.warmup):g}")
+    meta = {"mode": "quick" if a.quick else "full", "device": f"CPU ({os.cpu_count()} cores), {a.threads} torch "
+            f"thread(s) per run, {a.jobs} run(s) at once", "shape": run.__dict__, "methods": methods, "seeds": seeds}
     jobs = [(run, method, seed, tokens) for method in parsed for seed in seeds]
-    if a.jobs > 1:  # one process per run, one torch thread each; spawn: no fork of a process with torch threads
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(a.jobs, initializer=torch.set_num_threads, initargs=(a.threads,)) as pool:
-            records = pool.starmap(train_one, jobs)
-    else:
-        records = [train_one(*job) for job in jobs]
+    records = []
+    with _runner(a.jobs, a.threads) as starmap:
+        for record in starmap(train_one, jobs):  # in job order, each saved as it arrives
+            records.append(record)
+            log.save(**meta, records=records)
     text, by_method = table(records, methods)
-    print(text)
-    print(verdict(by_method))
-    result = {**conditions(), "run": run.__dict__, "seeds": seeds, "summary": by_method, "verdict": verdict(by_method),
-              "table": text, "records": records}
-    mode = "quick" if a.quick else "full"
-    out = a.out or os.path.join(RESULTS, f"balance_study_{mode}_cpu_{datetime.date.today().isoformat()}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(result, f)
-        f.write("\n")
-    print(f"wrote {out}")
+    result = {**meta, "summary": by_method, "verdict": verdict(by_method), "table": text, "records": records}
+    say(f"{text}\n{result['verdict']}\nappended to {log.save(**result)}")
     return result
+
+
+@contextlib.contextmanager
+def _runner(jobs: int, threads: int):
+    """An ordered lazy starmap: in this process, or over ``jobs`` processes (spawned: no fork of a process
+    that holds torch's threads), each with ``threads`` torch threads."""
+    if jobs <= 1:
+        yield lambda fn, args: (fn(*a) for a in args)
+        return
+    with multiprocessing.get_context("spawn").Pool(jobs, initializer=torch.set_num_threads,
+                                                   initargs=(threads,)) as pool:
+        yield lambda fn, args: pool.imap(_call, [(fn, a) for a in args])
+
+
+def _call(fn_args):
+    fn, args = fn_args
+    return fn(*args)
 
 
 if __name__ == "__main__":
