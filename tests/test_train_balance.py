@@ -224,3 +224,22 @@ def test_step_with_a_tensor_gamma_equals_a_float_gamma():
     (ma, ba), (mb, bb) = results
     assert all(torch.equal(x, y) for x, y in zip(ba, bb))
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_the_run_uses_the_scaled_default_unless_told():
+    from coscale.train.balance import resolve_bias_update_speed
+    from coscale.train.config import TrainConfig
+    from coscale.train.report import balancing_note
+
+    tiny = get_preset("tiny")
+    assert resolve_bias_update_speed(TrainConfig(), tiny) == pytest.approx(0.01)  # 200 steps, 20 warm-up
+    assert resolve_bias_update_speed(TrainConfig(steps=100_000, warmup_steps=2000), tiny) == 0.001
+    assert resolve_bias_update_speed(TrainConfig(bias_update_speed=0.005), tiny) == 0.005  # the option wins
+    assert resolve_bias_update_speed(TrainConfig(bias_update_speed=0.0), tiny) == 0.0
+    assert resolve_bias_update_speed(TrainConfig(), tiny.replace(bias_update_speed=0.0)) == 0.0  # off stays off
+    assert "bias update speed 0.01 (scaled with the run: 0.2 over 20 steps)" in balancing_note(TrainConfig(), tiny)
+    assert "(--bias-update-speed)" in balancing_note(TrainConfig(bias_update_speed=0.005), tiny)
+    assert balancing_note(TrainConfig(), tiny.replace(n_routed_experts=None)) is None
+    v2 = get_preset("deepseek-v2-lite")
+    assert balancing_note(TrainConfig(), v2) == "balancing: no router bias (greedy routing); sequence-wise " \
+                                               "balance loss alpha 0.001"

@@ -76,6 +76,10 @@ def test_progress_shows_maxvio():
     dense = Progress(cfg, 0, lines.append, main=True)
     dense.step({"step": 2, "loss": 1.0, "lr": 1e-3}, tokens=10, seconds=1.0)
     assert "MaxVio" not in lines[-1]
+    bar = Progress(TrainConfig(steps=2, progress=True), 0, lines.append, main=True)
+    bar.step({"step": 1, "loss": 1.0, "lr": 1e-3, "maxvio": 0.25}, tokens=10, seconds=1.0)
+    assert "maxvio=0.25" in bar.bar.postfix  # the bar shows the latest step's worst layer
+    bar.close()
 
 
 def _png_size(path) -> tuple[int, int]:
