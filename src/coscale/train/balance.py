@@ -79,15 +79,9 @@ def balance_metrics(loads: torch.Tensor, labels: list[str]) -> dict[str, torch.T
     worst = torch.where(routed.any(), torch.where(routed, per_layer, float("-inf")).amax(), float("nan"))
     mins = loads.amin(1)
     max_min = (loads.amax(1) / mins.clamp_min(1e-9)).amax()
-    metrics = {
-        "maxvio": worst,
-        "maxvio_mean": per_layer.nanmean(),
-        "moe_load_max_over_mean": worst + 1,
-        "moe_load_max_over_min": max_min,
-        "moe_all_experts_loaded": (mins > 0).all().float(),
-        "moe_any_routed": (loads.sum() > 0).float(),
-    }
-    return metrics | {PER_LAYER_PREFIX + label: v for label, v in zip(labels, per_layer.unbind())}
+    values = (worst, per_layer.nanmean(), worst + 1, max_min, (mins > 0).all().float(), (loads.sum() > 0).float())
+    layers = {PER_LAYER_PREFIX + label: v for label, v in zip(labels, per_layer.unbind())}
+    return dict(zip(BALANCE_NAMES, values)) | layers
 
 
 def load_balance(model: nn.Module) -> dict[str, torch.Tensor] | None:
