@@ -126,7 +126,8 @@ def counting_expert_loads(model: nn.Module) -> Iterator[torch.Tensor | None]:
 
 # How far a router bias should be able to move within the warm-up. Measured on tiny's default run
 # (docs/training.md): the per-expert mean affinity scores spread by a standard deviation of 0.1-0.2
-# (sigmoid scores in (0, 1)), and balanced biases settle at a spread of about 0.2 (a range of 0.5-0.7).
+# (sigmoid scores in (0, 1)), and balanced biases settle at a standard deviation of 0.15-0.28 (a range
+# of 0.5-0.75), so a bias travels 0.2-0.35 from zero.
 BIAS_TRAVEL = 0.2
 MIN_HORIZON = 10  # steps: no run moves a bias by more than BIAS_TRAVEL / 10 per step
 
@@ -135,7 +136,7 @@ def default_bias_update_speed(steps: int, warmup: int, long_run_gamma: float = 0
     """gamma for a run of ``steps`` optimizer steps with ``warmup`` warm-up steps: fast enough that a bias
     can move by BIAS_TRAVEL within the warm-up (or the first tenth of a run without one), and never
     slower than ``long_run_gamma`` (the model config's ``bias_update_speed``: DeepSeek-V3's 0.001, which
-    a run of about 2,000 warm-up steps or more gets). 0 there keeps balancing off."""
+    a run of 200 warm-up steps or more gets). 0 there keeps balancing off."""
     if long_run_gamma == 0:
         return 0.0
     return max(long_run_gamma, BIAS_TRAVEL / bias_horizon(steps, warmup))
