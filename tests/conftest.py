@@ -12,7 +12,9 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, and for subprocesses
 os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
-os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors only; set before triton is imported
+# The kernel tests run Triton on CPU tensors, through its interpreter; set before triton is imported. On a
+# GPU machine, TRITON_INTERPRET=0 runs the CUDA-only tests (skipped without a GPU) on the real kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402  (after the environment above)
 

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from coscale.cli import main
-from coscale.errors import ConfigError
+from coscale.errors import ConfigError, DataError
 from coscale.tokenizer import (
     DEFAULT_CHAT_TEMPLATE,
     ByteTokenizer,
@@ -324,3 +324,34 @@ def test_shard_writer_splits_exactly(tmp_path):
     assert sizes == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]] and writer.total == 10
     with pytest.raises(ConfigError):
         ShardWriter(str(tmp_path), np.dtype(np.uint16), shard_tokens=0)
+
+
+# ---- coscale train --tokenizer -------------------------------------------------------------------
+
+
+def test_training_text_is_tokenized_with_the_given_tokenizer(hf_dir, tmp_path):
+    text = "hello world, hello tokens\n" * 20
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    tok = load_tokenizer(hf_dir)
+    tokens = load_tokens([str(tmp_path / "corpus.txt")], vocab_size=tok.vocab_size, tokenizer=str(hf_dir))
+    assert tokens.tolist() == tok.encode(text)
+    assert len(tokens) < len(text.encode())  # merges: fewer ids than bytes
+    with pytest.raises(DataError, match="model's vocabulary has 256"):
+        load_tokens([str(tmp_path / "corpus.txt")], vocab_size=256, tokenizer=str(hf_dir))
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_tokens([str(tmp_path / "latin1.txt")], vocab_size=tok.vocab_size, tokenizer=str(hf_dir))
+
+
+def test_train_cli_takes_a_tokenizer(hf_dir, tmp_path, capsys):
+    from coscale.config import get_preset
+
+    (tmp_path / "corpus.txt").write_text("hello world, hello tokens\n" * 400, encoding="utf-8")
+    args = ["train", "--data", str(tmp_path / "corpus.txt"), "--tokenizer", str(hf_dir), "--steps", "2",
+            "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--no-progress", "--no-tensorboard",
+            "--no-checkpoints"]
+    assert main(args + ["--model", "tiny", "--out", str(tmp_path / "a")]) == 2  # 256 ids cannot hold 400
+    assert "vocabulary has 256" in capsys.readouterr().err
+    get_preset("tiny", vocab_size=512).save_json(str(tmp_path / "tiny512.json"))
+    assert main(args + ["--model", str(tmp_path / "tiny512.json"), "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "metrics.jsonl").exists()

@@ -26,7 +26,8 @@ order, so the Triton path is deterministic and needs no atomics. The PyTorch ref
 
 Index building (stable argsort, a scatter-add count, cumsum over T*K integers) stays in PyTorch: it
 touches no hidden-state bytes. Nothing waits for the device: the buffer has a static size, the most
-rows any routing can need, T*K + E*(align - 1) (every group one row short of a multiple of `align`);
+rows any routing can need, T*K + min(E, T*K)*(align - 1) (every used group one row short of a multiple
+of `align`);
 rows after the last group end are padding rows like the others (zeros, never combined), and the
 grouped GEMMs ignore them. A static size is what lets the training step be captured in a CUDA graph.
 """
@@ -87,8 +88,9 @@ class PermuteInfo:
 
 def max_permuted_rows(pairs: int, n_experts: int, align: int) -> int:
     """Rows of the permuted buffer: enough for any routing of `pairs` (token, expert) pairs when each
-    of `n_experts` groups is padded up to a multiple of `align`."""
-    return pairs + n_experts * (align - 1) if pairs else 0
+    of `n_experts` groups is padded up to a multiple of `align`. At most min(n_experts, pairs) groups are
+    non-empty, and only those are padded (a decode step of a few tokens needs few padding rows)."""
+    return pairs + min(n_experts, pairs) * (align - 1)
 
 
 def build_permute_info(topk_idx: torch.Tensor, n_experts: int, align: int = 16) -> PermuteInfo:

@@ -37,6 +37,8 @@ _TRAIN_OPTIONS = [
     ("--data", "data", dict(nargs="+", metavar="FILE",
                             help="text file(s) (tokenised as bytes) or pre-tokenised .bin file(s) "
                                  "(default: the embedded corpus, Python's pydoc topics)")),
+    ("--tokenizer", "tokenizer", dict(metavar="PATH", help="tokenizer.json (or a directory holding one) for text "
+                                                            "data (default: UTF-8 bytes, 256 ids)")),
     ("--bin-dtype", "bin_dtype", dict(choices=["uint16", "uint32"], help="token dtype of .bin files")),
     ("--val-fraction", "val_fraction", dict(type=float, metavar="F", help="held-out fraction of the tokens")),
     ("--batch-size", "batch_size", dict(type=int, metavar="N", help="sequences per step (the global batch)")),

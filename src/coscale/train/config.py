@@ -41,6 +41,9 @@ class TrainConfig:
     # Data: text files (read as bytes) or pre-tokenised .bin files; empty means the embedded corpus.
     data: list[str] = field(default_factory=list)
     bin_dtype: str = "uint16"
+    # How text files (and the embedded corpus) become ids: a tokenizer.json or a directory holding one;
+    # None: UTF-8 bytes (256 ids). .bin files are already ids.
+    tokenizer: str | None = None
     val_fraction: float = 0.05
     # Batches and length of the run.
     batch_size: int = 16

@@ -27,23 +27,10 @@ import numpy as np
 import torch
 
 from coscale.errors import DataError
+from coscale.tokenizer import ByteTokenizer, Tokenizer, encode_text, load_tokenizer
 
 BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 EMBEDDED_CORPUS = "embedded"  # display name of the built-in corpus
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: 256 ids, no merges, no unknown token, nothing to download."""
-
-    vocab_size = 256
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
-
-    def decode(self, ids: Sequence[int] | np.ndarray | torch.Tensor) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
 # ---- sources -------------------------------------------------------------------------------------
@@ -86,20 +73,27 @@ def load_tokens(
     paths: Sequence[str | os.PathLike] | None,
     vocab_size: int,
     bin_dtype: str = "uint16",
+    tokenizer: str | None = None,
 ) -> np.ndarray:
     """All training tokens as one 1-D array (a memmap for a single ``.bin`` file).
 
-    ``paths`` None or empty means the embedded corpus. Text files are read as UTF-8 bytes; ``.bin``
-    files as header-free ``bin_dtype`` arrays. Every id must be below ``vocab_size``.
+    ``paths`` None or empty means the embedded corpus. Text files are tokenized with ``tokenizer``
+    (a tokenizer.json or a directory holding one, see :mod:`coscale.tokenizer`; None or "bytes": UTF-8
+    bytes); ``.bin`` files are read as header-free ``bin_dtype`` arrays (``coscale tokenize`` writes them).
+    Every id must be below ``vocab_size``.
     """
     if bin_dtype not in BIN_DTYPES:
         raise DataError(f"bin dtype must be one of {', '.join(BIN_DTYPES)}, got {bin_dtype!r}")
+    text_tokenizer = load_tokenizer(tokenizer)
+    if not isinstance(text_tokenizer, ByteTokenizer) and text_tokenizer.vocab_size > vocab_size:
+        raise DataError(f"the tokenizer {text_tokenizer.name} has {text_tokenizer.vocab_size} ids but the model's "
+                        f"vocabulary has {vocab_size}: pick a model config whose vocab_size fits it")
     if not paths:
-        arrays = [ByteTokenizer().encode(embedded_corpus_text())]
+        arrays = [_encode(text_tokenizer, embedded_corpus_text())]
         names = [EMBEDDED_CORPUS]
     else:
         names = [os.fspath(p) for p in paths]
-        arrays = [_read_file(p, bin_dtype) for p in names]
+        arrays = [_read_file(p, bin_dtype, text_tokenizer) for p in names]
     for name, arr in zip(names, arrays):
         _check_ids(name, arr, vocab_size)
     if len(arrays) == 1:
@@ -108,7 +102,7 @@ def load_tokens(
     return np.concatenate([np.asarray(a, dtype=dtype) for a in arrays])
 
 
-def _read_file(path: str, bin_dtype: str) -> np.ndarray:
+def _read_file(path: str, bin_dtype: str, tokenizer: Tokenizer) -> np.ndarray:
     if not os.path.exists(path):
         raise DataError(f"data file not found: {path}")
     if os.path.isdir(path):
@@ -127,7 +121,21 @@ def _read_file(path: str, bin_dtype: str) -> np.ndarray:
             raw = f.read()
     except OSError as e:
         raise DataError(f"cannot read data file {path}: {e.strerror}") from None
-    return np.frombuffer(raw, dtype=np.uint8).copy()
+    if isinstance(tokenizer, ByteTokenizer):
+        return np.frombuffer(raw, dtype=np.uint8).copy()  # any bytes, UTF-8 or not
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); the tokenizer {tokenizer.name} reads "
+                        "text") from None
+    return _encode(tokenizer, text)
+
+
+def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """Ids of ``text``; bytes stay uint8 (one byte per token, and the data fingerprints runs recorded)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
+    return encode_text(tokenizer, text)
 
 
 def _check_ids(name: str, tokens: np.ndarray, vocab_size: int) -> None:

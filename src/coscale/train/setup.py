@@ -112,7 +112,7 @@ def plan_run(cfg: TrainConfig, world: World) -> RunPlan:
     _check_device(cfg.device, world.world_size)
     precision = cfg.precision or ("bf16" if world.device.type == "cuda" else "fp32")
     step_mode = resolve_step_mode(cfg.compile, cfg.cuda_graphs, world, precision)
-    tokens = load_tokens(cfg.data, model_cfg.vocab_size, cfg.bin_dtype)
+    tokens = load_tokens(cfg.data, model_cfg.vocab_size, cfg.bin_dtype, cfg.tokenizer)
     split = split_tokens(tokens, cfg.val_fraction, cfg.seq_len)
     data_info = data_fingerprint(cfg.data, tokens)
     if resume_meta is not None:
@@ -149,6 +149,8 @@ def _resolved_config(cfg: TrainConfig, model_cfg: ModelConfig, precision: str) -
     return cfg.to_dict() | {
         "model": model_cfg.to_dict(), "model_overrides": {}, "precision": precision, "resume": None,
         "overwrite": False, "data": [os.path.abspath(p) for p in cfg.data],
+        "tokenizer": (os.path.abspath(cfg.tokenizer) if cfg.tokenizer and os.path.exists(cfg.tokenizer)
+                      else cfg.tokenizer),
         "init_from": os.path.abspath(cfg.init_from) if cfg.init_from else None,
     }
 
