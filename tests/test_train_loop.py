@@ -224,6 +224,7 @@ def test_readout_is_a_step_late_and_drains_everything():
                      "moe_load_max_over_mean": torch.tensor(1.5), "moe_load_max_over_min": torch.tensor(4.0),
                      "moe_all_experts_loaded": torch.tensor(0.0), "moe_any_routed": torch.tensor(1.0)})
     (first,) = readout.ready()
+    assert first.pop("peak_rss_gib") > 0  # every record carries the process's peak memory so far
     assert first == {"type": "train", "step": 1, "loss": 2.0, "total_loss": 2.5, "mtp_loss": None,
                      "aux_loss": pytest.approx(0.1), "grad_norm": 3.0, "lr": 0.1, "seconds": 0.5}
     (second,) = readout.drain()

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from coscale.train import metrics as m
 
 
@@ -31,7 +33,9 @@ def test_resume_keeps_earlier_records_and_fresh_run_clears_them(tmp_path):
     assert m.read_metrics(str(path)) == []
 
 
-def test_tensorboard_mirror_when_available(tmp_path, monkeypatch):
+@pytest.fixture
+def tensorboard_scalars(monkeypatch):
+    """The scalars a MetricsLogger sends to TensorBoard, as (tag, value, step), through a fake writer."""
     scalars = []
 
     class FakeWriter:
@@ -45,9 +49,21 @@ def test_tensorboard_mirror_when_available(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setattr(m, "_summary_writer", lambda log_dir: FakeWriter())
+    return scalars
+
+
+def test_tensorboard_mirror_when_available(tmp_path, tensorboard_scalars):
+    scalars = tensorboard_scalars
     logger = m.MetricsLogger(str(tmp_path), tensorboard=True)
     logger.log({"type": "train", "step": 1, "loss": 2.0, "moe_load_max_over_min": None, "flag": True})
     logger.log({"type": "eval", "step": 1, "val_loss": 1.5})
     logger.close()
     assert scalars == [("train/loss", 2.0, 1), ("eval/val_loss", 1.5, 1)]
     assert logger.tensorboard_dir == str(tmp_path / m.TENSORBOARD_DIR)
+
+
+def test_tensorboard_mirrors_per_layer_maxvio(tmp_path, tensorboard_scalars):
+    logger = m.MetricsLogger(str(tmp_path), tensorboard=True)
+    logger.log({"type": "train", "step": 2, "maxvio": 0.5, "maxvio_layers": {"layer1": 0.5, "mtp1": None}})
+    logger.close()
+    assert tensorboard_scalars == [("train/maxvio", 0.5, 2), ("train/maxvio_layers/layer1", 0.5, 2)]

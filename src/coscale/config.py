@@ -15,8 +15,9 @@ Reading a config.json (``ModelConfig.from_dict``) never ignores a key silently:
   ``architectures``, ``use_cache``, ...) are read past; any other key is named in one logged warning.
 
 Presets: ``deepseek-v3`` (671B), ``deepseek-v2`` (236B), ``deepseek-v2-lite`` (16B) with the published
-values, and two trainable members of the same family: ``tiny`` (a few million parameters, CPU) and
-``small`` (about 0.7B total, ~0.2B activated, one GPU).
+values, and three trainable members of the same family: ``tiny`` (a few million parameters, CPU),
+``small`` (about 0.7B total, ~0.2B activated, one GPU) and ``proxy-v3`` (DeepSeek-V3's widths with 4
+layers and 16 experts, about 5.2B + 1.0B MTP: V3's layer shapes on one GPU).
 
 This module imports no torch: the analysis package depends on it alone.
 """
@@ -422,6 +423,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_shared_experts=1, num_experts_per_tok=6, moe_intermediate_size=256,
         first_k_dense_replace=1, n_group=8, topk_group=4, max_position_embeddings=4096,
         rope_scaling=None, bos_token_id=None, eos_token_id=None, num_nextn_predict_layers=1,
+    ),
+    # DeepSeek-V3's widths with 4 layers and 16 experts (torchtitan's comparison model for V3 on one GPU):
+    # V3's hidden size, MLA, expert and dense FFN shapes and vocabulary, so every GEMM has V3's shape.
+    # About 5.2B parameters (+1.0B MTP without the shared embedding and head): BF16 or FP8 training
+    # with AdamW fits one H200 with bf16 moments (docs/training.md).
+    "proxy-v3": dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, num_hidden_layers=4,
+        num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=4, moe_intermediate_size=2048, first_k_dense_replace=1,
+        n_group=4, topk_group=2, topk_method="noaux_tc", scoring_func="sigmoid", routed_scaling_factor=2.5,
+        max_position_embeddings=4096, rope_scaling=None, num_nextn_predict_layers=1,
     ),
 }
 

@@ -247,17 +247,21 @@ class MoE(nn.Module):
 
 
 @torch.no_grad()
-def update_router_biases(model: nn.Module, gamma: float) -> None:
+def update_router_biases(model: nn.Module, gamma: float | torch.Tensor) -> None:
     """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i) for every router.
 
     Loads are the tokens counted since the last call; they are reset afterwards. With several
     data-parallel ranks, sum them first (coscale.parallel.all_reduce_router_loads) so that every rank
     applies the same update. No tokens counted means mean = load = 0 and no change, without a host sync.
+    ``gamma`` is a number or a 0-d tensor (a schedule kept on the device and updated in place between
+    steps, so that a captured step reads the current value; a tensor is never compared on the host).
     """
     for module in model.modules():
         if not isinstance(module, Gate):
             continue
         load = module.expert_load
-        if module.e_score_correction_bias is not None and gamma > 0:
-            module.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+        bias = module.e_score_correction_bias
+        if bias is not None and (torch.is_tensor(gamma) or gamma > 0):
+            step = torch.sign(load.mean() - load)
+            bias.add_(step * gamma.to(bias) if torch.is_tensor(gamma) else step * gamma)
         load.zero_()

@@ -10,7 +10,9 @@
 - ``optim``          AdamW with FP32 master weights and FP32 or BF16 moments
 - ``schedule``       linear warm-up + cosine learning rate
 - ``step``           one training step and the held-out evaluation: device tensors in and out, no host sync
+- ``balance``        expert-load balance: MaxVio (per batch, per layer, held-out) and the default gamma
 - ``readout``        the step's metrics read a step late; stop on a NaN/inf loss
+- ``memory``         peak memory (CUDA allocator peaks, or the process's peak RSS)
 - ``checkpointing``  atomic training-state checkpoints for ``--resume``
 - ``metrics``        JSONL / TensorBoard metrics and the loss-curve PNG
 - ``loop``           ``train(cfg) -> summary``: steps, evaluations, checkpoints

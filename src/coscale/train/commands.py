@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from coscale.config import preset_names
 from coscale.errors import ConfigError
 from coscale.train.config import TrainConfig, config_from_checkpoint  # torch-free: errors come at once
 
@@ -27,8 +28,9 @@ def register(subparsers) -> None:
 # the help text does not say it.
 _TRAIN_OPTIONS = [
     ("--model", "model", dict(metavar="PRESET|CONFIG",
-                              help="model preset, or an HF config.json or checkpoint directory (its config "
-                                   "only: see --init-from) (default: tiny, or the config of --init-from)")),
+                              help=f"model preset ({', '.join(preset_names())}), or an HF config.json or "
+                                   "checkpoint directory (its config only: see --init-from) (default: tiny, or "
+                                   "the config of --init-from)")),
     ("--init-from", "init_from", dict(metavar="DIR", help="start from the weights of an HF-format checkpoint "
                                                           "directory (fine-tuning) instead of a random "
                                                           "initialisation")),
@@ -63,8 +65,9 @@ _TRAIN_OPTIONS = [
     ("--device", "device", dict(metavar="DEVICE", help="auto, cpu, cuda or cuda:N")),
     ("--seed", "seed", dict(type=int, metavar="N", help="seed of initialisation and batch sampling")),
     ("--bias-update-speed", "bias_update_speed",
-     dict(type=float, metavar="GAMMA", help="router-bias update speed of aux-loss-free balancing "
-                                             "(default: the model config's bias_update_speed)")),
+     dict(type=float, metavar="GAMMA", help="router-bias update speed of aux-loss-free balancing; 0 freezes "
+                                             "the biases (default: scaled with the run, 0.2 / warm-up steps, "
+                                             "at least the model config's bias_update_speed)")),
     ("--out", "out_dir", dict(metavar="DIR", help="run directory (default: runs/<timestamp>)")),
     ("--resume", "resume", dict(metavar="PATH", help="continue from a run directory (its latest "
                                                      "checkpoint) or a checkpoint directory")),
@@ -170,7 +173,8 @@ def _register_info(subparsers) -> None:
     p = subparsers.add_parser("info", help="model config summary and parameter counts",
                               description="Without --model: every preset's parameter counts. With --model: "
                                           "that config's architecture and counts.")
-    p.add_argument("--model", metavar="PRESET|CONFIG", help="a preset name or an HF config.json / directory")
+    p.add_argument("--model", metavar="PRESET|CONFIG",
+                   help=f"a preset name ({', '.join(preset_names())}) or an HF config.json / directory")
     p.set_defaults(func=run_info)
 
 

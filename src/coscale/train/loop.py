@@ -43,11 +43,12 @@ from coscale.fp8 import describe_fp8_layers
 from coscale.parallel.world import World
 from coscale.train import checkpointing as ckpt
 from coscale.train import run_dir
+from coscale.train.balance import resolve_bias_update_speed
 from coscale.train.config import TrainConfig
 from coscale.train.data import eval_batches
 from coscale.train.metrics import MetricsLogger
 from coscale.train.readout import StepReadout, TrainingDiverged, check_finite
-from coscale.train.report import Progress, footer, header, summarise
+from coscale.train.report import Progress, describe_evaluation, footer, header, summarise
 from coscale.train.schedule import lr_at
 from coscale.train.setup import (
     RunPlan,
@@ -121,7 +122,7 @@ class _Run:
     def __init__(self, cfg: TrainConfig, plan: RunPlan, world: World, trainee: Trainee, metrics, log) -> None:
         self.cfg, self.plan, self.world, self.trainee, self.metrics, self.log = cfg, plan, world, trainee, metrics, log
         self.autocast = autocast_for(plan.precision, world.device)
-        self.gamma = cfg.bias_update_speed if cfg.bias_update_speed is not None else plan.model_cfg.bias_update_speed
+        self.gamma = resolve_bias_update_speed(cfg, plan.model_cfg)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
         self.val_batches = eval_batches(plan.split.val, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
         self.readout = StepReadout(lag=1)
@@ -188,11 +189,11 @@ class _Run:
 
     def _evaluate(self, step: int) -> None:
         self._record(self.readout.drain())  # the log shows step N's loss before its evaluation
-        self.val_loss = evaluate(self.trainee.model, self.val_batches, self.world, self.autocast)
-        self.metrics.log({"type": "eval", "step": step, "val_loss": self.val_loss,
-                          "unigram_entropy": self.plan.entropy})
+        evaluation = evaluate(self.trainee.model, self.val_batches, self.world, self.autocast)
+        self.val_loss = evaluation.loss
+        self.metrics.log({"type": "eval", "step": step, **evaluation.record(), "unigram_entropy": self.plan.entropy})
         self.progress.write(f"step {step:>6} | val loss {self.val_loss:.4f} nats "
-                            f"(unigram entropy {self.plan.entropy:.4f})")
+                            f"(unigram entropy {self.plan.entropy:.4f})" + describe_evaluation(evaluation))
 
     def _save(self, step: int) -> None:
         """Drain and check every pending step, make the metrics durable, then save (collective: every rank

@@ -1,4 +1,5 @@
-"""Run metrics: a JSONL log, TensorBoard scalars when TensorBoard is installed, a loss-curve PNG.
+"""Run metrics: a JSONL log, TensorBoard scalars when TensorBoard is installed, a loss-curve PNG (with
+a panel of the expert-load balance, MaxVio, for an MoE model).
 
 ``metrics.jsonl`` holds one JSON object per line: ``{"type": "train", "step": ..., "loss": ...}``
 for training steps, ``{"type": "eval", ...}`` for held-out evaluations, and one ``{"type": "run", ...}``
@@ -48,7 +49,13 @@ class MetricsLogger:
         if self._writer is not None and "step" in record:
             kind = record.get("type", "train")
             for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                if key == "step":
+                    continue
+                if isinstance(value, dict):  # one scalar per entry (per-layer MaxVio: train/maxvio_layers/layer1)
+                    for sub, v in value.items():
+                        if _is_scalar(v):
+                            self._writer.add_scalar(f"{kind}/{key}/{sub}", v, record["step"])
+                elif _is_scalar(value):
                     self._writer.add_scalar(f"{kind}/{key}", value, record["step"])
 
     def flush(self) -> None:
@@ -68,6 +75,10 @@ class MetricsLogger:
             self._file.close()
         if self._writer is not None:
             self._writer.close()
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _summary_writer(log_dir: str):
@@ -104,25 +115,44 @@ def truncate_after(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
-def final_train_loss(path: str, window: int) -> tuple[float | None, int]:
-    """Mean training loss of the last ``window`` steps in a metrics file, and how many steps it covers:
-    the same figure whichever process (before or after a resume) trained those steps."""
-    losses = [r["loss"] for r in read_metrics(path) if r.get("type") == "train" and r.get("loss") is not None]
-    recent = losses[-window:]
+def recent_mean(records: list[dict[str, Any]], key: str, window: int) -> tuple[float | None, int]:
+    """Mean of ``key`` over the last ``window`` training records that have it (not null), and their count."""
+    values = [r[key] for r in records if r.get("type") == "train" and r.get(key) is not None]
+    recent = values[-window:]
     return (sum(recent) / len(recent) if recent else None), len(recent)
 
 
+def last_eval(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The latest evaluation record ({} when there is none)."""
+    evals = [r for r in records if r.get("type") == "eval"]
+    return evals[-1] if evals else {}
+
+
 def plot_loss_curve(metrics_path: str, png_path: str, unigram_entropy: float | None = None) -> str:
-    """Training and validation loss against step, with the unigram-entropy baseline; returns the path."""
+    """Training and validation loss against step, with the unigram-entropy baseline, and below it, for an
+    MoE model, the expert-load balance (MaxVio) against step; returns the path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     records = read_metrics(metrics_path)
+    balance = any(r.get("maxvio") is not None for r in records if r.get("type") == "train")
+    fig = Figure(figsize=(7, 7.2 if balance else 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    if balance:
+        loss_ax, balance_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+        _plot_balance(balance_ax, records)
+    else:
+        loss_ax = fig.add_subplot(1, 1, 1)
+    _plot_losses(loss_ax, records, unigram_entropy)
+    fig.tight_layout()
+    with writing(png_path):
+        fig.savefig(png_path)
+    return png_path
+
+
+def _plot_losses(ax, records: list[dict[str, Any]], unigram_entropy: float | None) -> None:
     train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "eval"]
-    fig = Figure(figsize=(7, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, lw=0.8, alpha=0.5, color="tab:blue", label="train loss")
@@ -136,10 +166,29 @@ def plot_loss_curve(metrics_path: str, png_path: str, unigram_entropy: float | N
     ax.set_ylabel("next-token loss (nats)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with writing(png_path):
-        fig.savefig(png_path)
-    return png_path
+
+
+def _plot_balance(ax, records: list[dict[str, Any]]) -> None:
+    """MaxVio per training batch (worst MoE layer, raw and smoothed; mean over layers smoothed) and
+    MaxVio_global of each evaluation (all held-out tokens, worst layer); 0 is a perfectly even load."""
+    worst = [(r["step"], r["maxvio"]) for r in records if r.get("type") == "train" and r.get("maxvio") is not None]
+    mean = [(r["step"], r["maxvio_mean"]) for r in records
+            if r.get("type") == "train" and r.get("maxvio_mean") is not None]
+    val = [(r["step"], r["val_maxvio"]) for r in records if r.get("type") == "eval" and r.get("val_maxvio") is not None]
+    steps, values = zip(*worst)
+    ax.plot(steps, values, lw=0.8, alpha=0.4, color="tab:red", label="MaxVio_batch, worst layer")
+    ax.plot(steps, _moving_average(values, 25), lw=1.6, color="tab:red", label="worst layer (smoothed)")
+    if mean:
+        steps, values = zip(*mean)
+        ax.plot(steps, _moving_average(values, 25), lw=1.2, color="tab:purple", label="mean over layers (smoothed)")
+    if val:
+        steps, values = zip(*val)
+        ax.plot(steps, values, "o-", ms=3, color="tab:green", label="MaxVio_global, held-out, worst layer")
+    ax.axhline(0.0, ls="--", color="gray", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("MaxVio (max load / mean - 1)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 def _moving_average(values: tuple[float, ...], window: int) -> list[float]:

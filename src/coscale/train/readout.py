@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from coscale.errors import CoscaleError
+from coscale.train.memory import peak_memory
 from coscale.train.step import metrics_record
 
 
@@ -36,7 +37,7 @@ class _InFlight:
     names: tuple[str, ...]
     values: torch.Tensor  # float64 on the host, or being copied there
     copied: Any  # torch.cuda.Event recorded after the copy, or None on the CPU
-    host: dict[str, Any] = field(default_factory=dict)  # values the host knows (lr, seconds)
+    host: dict[str, Any] = field(default_factory=dict)  # values the host knows (peak memory, lr, seconds)
 
 
 class StepReadout:
@@ -47,7 +48,10 @@ class StepReadout:
         self._pending: deque[_InFlight] = deque()
 
     def push(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
+        """Start reading a launched step's metrics; its record also gets the process's peak memory so far,
+        read now (allocator counters on CUDA, which count the step's tensors once it is queued)."""
         vector = torch.stack([t.detach().to(torch.float64) for t in metrics.values()])
+        memory = peak_memory(vector.device)
         copied = None
         if vector.is_cuda:
             host = torch.empty(vector.shape, dtype=vector.dtype, pin_memory=True)
@@ -55,7 +59,7 @@ class StepReadout:
             copied = torch.cuda.Event()
             copied.record()
             vector = host
-        self._pending.append(_InFlight(step, tuple(metrics), vector, copied))
+        self._pending.append(_InFlight(step, tuple(metrics), vector, copied, memory))
 
     def note(self, step: int, **values: Any) -> None:
         """Host-side values of a pushed step (its learning rate, its seconds), merged into its record."""

@@ -1,7 +1,10 @@
 """What a run prints and reports: the header, the progress (a bar or log lines), the summary and its footer.
 
 The final training loss in the summary is the mean of the last ``FINAL_LOSS_WINDOW`` steps recorded in
-``metrics.jsonl``, so it is the same number whether those steps ran in this process or before a resume.
+``metrics.jsonl``, so it is the same number whether those steps ran in this process or before a resume;
+so is the final MaxVio_batch (the expert-load balance of a training batch, worst MoE layer). The final
+MaxVio_global is the last evaluation's (all held-out tokens). Peak memory is this process's (rank 0's):
+the header's after the model is built, the footer's over the whole run (:mod:`coscale.train.memory`).
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from coscale.config import ModelConfig
 from coscale.param_count import count_params
+from coscale.train.balance import BIAS_TRAVEL, bias_horizon, resolve_bias_update_speed
 from coscale.train.config import TrainConfig
 from coscale.train.data import nats_to_bits
-from coscale.train.metrics import final_train_loss, plot_loss_curve
+from coscale.train.memory import describe, peak_memory
+from coscale.train.metrics import last_eval, plot_loss_curve, read_metrics, recent_mean
 from coscale.train.run_dir import PLOT_FILE
 from coscale.train.setup import RunPlan
+from coscale.train.step import Evaluation
 
 FINAL_LOSS_WINDOW = 20  # steps averaged into the reported final training loss
 # FP8Linear beats BF16 from about this width on (BENCHMARKS.md, H100): below it a layer is too small
@@ -44,6 +51,11 @@ def header(cfg: TrainConfig, plan: RunPlan, device: torch.device, layout: dict |
         f"{torch.get_num_threads()} CPU thread(s); output {plan.out_dir}",
         f"step: {plan.step_mode.describe()} (--compile/--no-compile, --cuda-graphs/--no-cuda-graphs)",
     ]
+    balancing = balancing_note(cfg, plan.model_cfg)
+    if balancing:
+        lines.append(balancing)
+    lines.append(f"memory: {describe(peak_memory(device))} with the model built (AdamW's moments come at the "
+                 f"first step; the footer gives the run's peak)")
     lines += [note for note in (_weights_note(plan), fp8_speed_note(plan.precision, device,
                                                                           plan.model_cfg.hidden_size)) if note]
     if layout is not None:
@@ -56,6 +68,20 @@ def header(cfg: TrainConfig, plan: RunPlan, device: torch.device, layout: dict |
     if plan.resume_dir:
         lines.append(f"resuming from {plan.resume_dir} at step {plan.start_step}")
     return "\n".join(lines)
+
+
+def balancing_note(cfg: TrainConfig, model_cfg: ModelConfig) -> str | None:
+    """How the run balances its experts (None for a dense model)."""
+    if not model_cfg.is_moe:
+        return None
+    alpha = model_cfg.aux_loss_alpha if model_cfg.seq_aux else 0.0
+    loss = f"; sequence-wise balance loss alpha {alpha:g}" if alpha else ""
+    if model_cfg.topk_method != "noaux_tc":
+        return f"balancing: no router bias ({model_cfg.topk_method} routing){loss}"
+    gamma = resolve_bias_update_speed(cfg, model_cfg)
+    why = "--bias-update-speed" if cfg.bias_update_speed is not None else \
+        f"scaled with the run: {BIAS_TRAVEL:g} over {bias_horizon(cfg.steps, cfg.warmup)} steps"
+    return f"balancing: auxiliary-loss-free, bias update speed {gamma:g} ({why}){loss}"
 
 
 def _weights_note(plan: RunPlan) -> str | None:
@@ -86,31 +112,37 @@ def fp8_speed_note(precision: str, device: torch.device, hidden_size: int) -> st
 
 class Progress:
     """A tqdm bar when ``cfg.progress`` (default: stderr is a terminal), else a log line every
-    ``log_interval`` steps with the mean loss and the tokens/s since the previous line."""
+    ``log_interval`` steps with the mean loss, the mean MaxVio_batch of an MoE model (worst layer of each
+    step's batch) and the tokens/s since the previous line."""
 
     def __init__(self, cfg: TrainConfig, start_step: int, log: Callable[[str], None], main: bool) -> None:
         self.cfg, self.log = cfg, log
         self.bar = _progress_bar(cfg, start_step) if main else None
         self.losses: list[float] = []
+        self.maxvio: list[float] = []
         self.tokens, self.seconds = 0, 0.0
 
     def step(self, record: dict[str, Any], tokens: int, seconds: float) -> bool:
         """Show one training record; True when a log interval ends (a good moment to flush files)."""
         self.losses.append(record["loss"])
+        if record.get("maxvio") is not None:
+            self.maxvio.append(record["maxvio"])
         self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
         tokens_per_s = self.tokens / self.seconds if self.seconds else 0.0
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+            balance = {"maxvio": f"{record['maxvio']:.2f}"} if record.get("maxvio") is not None else {}
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", **balance, lr=f"{record['lr']:.2e}",
                                  tok_s=f"{tokens_per_s:.0f}", refresh=False)
         step = record["step"]
         if step % self.cfg.log_interval and step != self.cfg.steps:
             return False
         if self.bar is None:
             window = self.losses[-self.cfg.log_interval:]
-            self.log(f"step {step:>6}/{self.cfg.steps} | loss {sum(window) / len(window):.4f}"
+            balance = f" | MaxVio {sum(self.maxvio) / len(self.maxvio):.2f}" if self.maxvio else ""
+            self.log(f"step {step:>6}/{self.cfg.steps} | loss {sum(window) / len(window):.4f}{balance}"
                      f" | lr {record['lr']:.2e} | {tokens_per_s:,.0f} tok/s")
-        self.losses, self.tokens, self.seconds = [], 0, 0.0
+        self.losses, self.maxvio, self.tokens, self.seconds = [], [], 0, 0.0
         return True
 
     def write(self, message: str) -> None:
@@ -122,6 +154,13 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def describe_evaluation(evaluation: Evaluation) -> str:
+    """The balance part of an evaluation's progress line ('' for a dense model)."""
+    if evaluation.maxvio is None:
+        return ""
+    return f" | MaxVio_global {evaluation.maxvio:.2f} (worst layer; mean {evaluation.maxvio_mean:.2f})"
 
 
 def _progress_bar(cfg: TrainConfig, start_step: int) -> tqdm | None:
@@ -138,7 +177,8 @@ def summarise(cfg: TrainConfig, plan: RunPlan, metrics_path: str, tensorboard_di
               layout: dict | None, val_loss: float | None, train_seconds: float, checkpoint: str | None) -> dict:
     """The summary ``summary.json`` holds and the footer prints (rank 0: it reads ``metrics.jsonl``)."""
     plot = plot_loss_curve(metrics_path, os.path.join(plan.out_dir, PLOT_FILE), plan.entropy)
-    final_loss, final_steps = final_train_loss(metrics_path, FINAL_LOSS_WINDOW)
+    records = read_metrics(metrics_path)
+    final_loss, final_steps = recent_mean(records, "loss", FINAL_LOSS_WINDOW)
     steps_run = cfg.steps - plan.start_step
     summary = {
         "steps": cfg.steps,
@@ -157,10 +197,27 @@ def summarise(cfg: TrainConfig, plan: RunPlan, metrics_path: str, tensorboard_di
         "plot": plot,
         "checkpoint": checkpoint,
         "tensorboard": tensorboard_dir,
+        **({"bias_update_speed": resolve_bias_update_speed(cfg, plan.model_cfg)} if plan.model_cfg.is_moe else {}),
+        **balance_summary(records),
+        **peak_memory(device),
     }
     if layout is not None:
         summary["parallel"] = layout
     return summary
+
+
+def balance_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The expert-load balance at the end of a run ({} for a dense model): MaxVio_batch (worst layer, and
+    the mean over layers) averaged over the last FINAL_LOSS_WINDOW steps, and the last evaluation's
+    MaxVio_global (all held-out tokens; worst layer and mean over layers)."""
+    worst, steps = recent_mean(records, "maxvio", FINAL_LOSS_WINDOW)
+    if worst is None:
+        return {}
+    evaluation = last_eval(records)
+    return {"final_maxvio_batch": worst, "final_maxvio_batch_mean": recent_mean(records, "maxvio_mean",
+                                                                                 FINAL_LOSS_WINDOW)[0],
+            "final_maxvio_batch_steps": steps, "final_val_maxvio_global": evaluation.get("val_maxvio"),
+            "final_val_maxvio_global_mean": evaluation.get("val_maxvio_mean")}
 
 
 def footer(s: dict) -> str:
@@ -172,6 +229,8 @@ def footer(s: dict) -> str:
         f"throughput: {s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of training steps "
         f"({s['wall_seconds']:.1f} s with evaluation and checkpoints)"
         if s["tokens_per_s"] else "throughput: n/a",
+        *_balance_lines(s),
+        f"memory: {describe(s)}",
         f"metrics: {s['metrics']}",
         f"loss curve: {s['plot']}",
         f"checkpoint: {s['checkpoint'] or 'none written (--no-checkpoints)'}",
@@ -179,3 +238,13 @@ def footer(s: dict) -> str:
     if s["tensorboard"]:
         lines.append(f"tensorboard: {s['tensorboard']}")
     return "\n".join(lines)
+
+
+def _balance_lines(s: dict) -> list[str]:
+    if s.get("final_maxvio_batch") is None:
+        return []
+    val = s.get("final_val_maxvio_global")
+    held_out = f"; MaxVio_global {val:.3f} over the held-out tokens" if val is not None else ""
+    return [f"expert load: MaxVio_batch {s['final_maxvio_batch']:.3f} (worst MoE layer; mean over layers "
+            f"{s['final_maxvio_batch_mean']:.3f}; last {s['final_maxvio_batch_steps']} steps){held_out}; "
+            f"0 = every expert equally loaded"]

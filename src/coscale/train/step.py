@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +26,12 @@ from torch import nn
 from coscale.fp8 import invalidate_fp8_weight_caches
 from coscale.model.moe import update_router_biases
 from coscale.parallel.world import World
+from coscale.train.balance import PER_LAYER_PREFIX, balance_metrics, counting_expert_loads, load_balance, moe_gates
 
 # The metrics a step returns (0-d device tensors; NaN where a model has no such loss, e.g. no MTP).
 LOSS_NAMES = ("loss", "total_loss", "mtp_loss", "aux_loss", "grad_norm")
-# Expert-load balance of the step, worst MoE layer (see load_balance); absent for a dense model.
-BALANCE_NAMES = ("moe_load_max_over_mean", "moe_load_max_over_min", "moe_all_experts_loaded", "moe_any_routed")
+# An MoE model's step also returns its expert-load balance (coscale.train.balance.BALANCE_NAMES: MaxVio
+# of the batch, worst layer and mean over layers, and ``maxvio/<layer>`` per MoE layer).
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -39,14 +42,15 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
-               batch: tuple[torch.Tensor, torch.Tensor], *, gamma: float, grad_clip: float,
+               batch: tuple[torch.Tensor, torch.Tensor], *, gamma: float | torch.Tensor, grad_clip: float,
                autocast: Callable[[], contextlib.AbstractContextManager],
                loss_fn: Callable | None = None) -> dict[str, torch.Tensor]:
     """One optimizer step on the global ``batch`` (input ids, labels; the same on every rank).
 
     ``loss_fn`` is ``model.compute_loss`` or a compiled form of it. Returns :data:`LOSS_NAMES` (world
-    means; the grad norm is already global) and, for an MoE model, :data:`BALANCE_NAMES` (of the
-    global batch), all as 0-d tensors on the device.
+    means; the grad norm is already global) and, for an MoE model, the balance metrics of
+    :func:`coscale.train.balance.load_balance` (of the global batch), all as 0-d tensors on the device.
+    ``gamma`` may be a float or a 0-d device tensor (updated in place per step).
     """
     input_ids, labels = (world.shard(t).to(world.device, non_blocking=True) for t in batch)
     with autocast():
@@ -64,7 +68,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
     losses = torch.stack([_value(v, nan) for v in (out.main_loss, out.loss, out.mtp_loss, out.aux_loss, grad_norm)])
     metrics = dict(zip(LOSS_NAMES, world.mean(losses).unbind()))
     if balance is not None:
-        metrics |= dict(zip(BALANCE_NAMES, balance.unbind()))
+        metrics |= balance
     return metrics
 
 
@@ -72,53 +76,80 @@ def _value(t: torch.Tensor | None, missing: torch.Tensor) -> torch.Tensor:
     return missing if t is None else t.detach().float()
 
 
-def load_balance(model: nn.Module) -> torch.Tensor | None:
-    """Expert-load balance of the last step, worst layer, on the device (no host sync).
-
-    Reads the routers' ``expert_load`` counters (tokens routed since the last bias update), so it must
-    run before ``update_router_biases`` resets them; None for a dense model. With several processes the
-    counters are summed over the world first, so these are the global batch's statistics. Returns
-    [max/mean, max/min, 1 if every expert got a token else 0, 1 if any token was routed else 0].
-    """
-    loads = [m.expert_load for m in model.modules() if hasattr(m, "expert_load") and m.expert_load.numel()]
-    if not loads:
-        return None
-    stacked = torch.stack([load.float() for load in loads])  # (layers, E)
-    max_mean = (stacked.amax(1) / stacked.mean(1).clamp_min(1e-9)).amax()
-    mins = stacked.amin(1)
-    max_min = (stacked.amax(1) / mins.clamp_min(1e-9)).amax()
-    return torch.stack([max_mean, max_min, (mins > 0).all().float(), (stacked.sum() > 0).float()])
-
-
-def metrics_record(values: dict[str, float]) -> dict[str, float | None]:
-    """The logged form of :func:`coscale.train.step.train_step`'s values: NaN (no such loss) is None;
-    load-balance statistics only when a token was routed, max/min only when every expert got one."""
-    record: dict[str, float | None] = {}
+def metrics_record(values: dict[str, float]) -> dict[str, Any]:
+    """The logged form of :func:`train_step`'s values: NaN (no such loss) is None; balance statistics only
+    when a token was routed, max/min only when every expert got one; per-layer MaxVio as one mapping
+    ``maxvio_layers`` {layer label: MaxVio}."""
+    record: dict[str, Any] = {}
     for name in LOSS_NAMES:
-        value = values[name]
-        record[name] = None if math.isnan(value) else value
+        record[name] = _number(values[name])
     if values.get("moe_any_routed"):
-        record["moe_load_max_over_mean"] = values["moe_load_max_over_mean"]
+        for name in ("maxvio", "maxvio_mean", "moe_load_max_over_mean"):
+            if name in values:
+                record[name] = _number(values[name])
         record["moe_load_max_over_min"] = values["moe_load_max_over_min"] if values["moe_all_experts_loaded"] \
             else None
+        layers = per_layer_maxvio(values)
+        if layers:
+            record["maxvio_layers"] = layers
     return record
+
+
+def per_layer_maxvio(values: dict[str, float]) -> dict[str, float | None]:
+    """{layer label: MaxVio} from the ``maxvio/<layer>`` entries of a step's or an evaluation's values."""
+    return {name[len(PER_LAYER_PREFIX):]: _number(v) for name, v in values.items() if name.startswith(PER_LAYER_PREFIX)}
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+@dataclass
+class Evaluation:
+    """The held-out evaluation: next-token loss and, for an MoE model, MaxVio_global (the loads of every
+    held-out token, per MoE layer that the evaluation runs: the MTP modules do not run in evaluation)."""
+
+    loss: float  # mean next-token loss of the main model, nats
+    maxvio: float | None = None  # MaxVio_global of the worst layer
+    maxvio_mean: float | None = None  # mean over layers
+    maxvio_layers: dict[str, float] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The fields of the ``"type": "eval"`` record of metrics.jsonl."""
+        balance = {} if self.maxvio is None else {"val_maxvio": self.maxvio, "val_maxvio_mean": self.maxvio_mean,
+                                                  "val_maxvio_layers": self.maxvio_layers}
+        return {"val_loss": self.loss, **balance}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], world: World,
-             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
-    """Mean next-token loss (nats) of the main model over fixed held-out batches (every rank calls it
-    and gets the same value; one host sync at the end)."""
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Evaluation:
+    """Mean next-token loss (nats) of the main model over fixed held-out batches, and the MaxVio of the
+    expert loads over all of them (every rank calls it and gets the same values; one host sync at the end)."""
     was_training = model.training
     model.eval()
     loss_sum, count = torch.zeros((), dtype=torch.float64, device=world.device), 0.0
-    for batch in batches:
-        input_ids, labels, weight = world.eval_rows(*batch)
-        with autocast():
-            logits = model(input_ids.to(world.device))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(world.device).flatten(), reduction="sum")
-        loss_sum += weight * loss.double()
-        count += weight * labels.numel()
+    with counting_expert_loads(model) as loads:
+        for batch in batches:
+            input_ids, labels, weight = world.eval_rows(*batch)
+            before = loads.clone() if loads is not None and weight != 1 else None
+            with autocast():
+                logits = model(input_ids.to(world.device))
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(world.device).flatten(), reduction="sum")
+            loss_sum += weight * loss.double()
+            count += weight * labels.numel()
+            if before is not None:  # rows every rank evaluated: each counts 1 / world size of them
+                loads.copy_(before + weight * (loads - before))
     model.train(was_training)
-    total, count = world.mean(torch.stack([loss_sum, loss_sum.new_tensor(count)])).tolist()
-    return total / count
+    sums = torch.stack([loss_sum, loss_sum.new_tensor(count)])
+    if loads is None:
+        total, count = world.mean(sums).tolist()
+        return Evaluation(total / count)
+    means = world.mean(torch.cat([sums, loads.double().flatten()]))
+    balance = balance_metrics(means[2:].view(loads.shape), [label for label, _ in moe_gates(model)])
+    names = ("maxvio", "maxvio_mean", *(n for n in balance if n.startswith(PER_LAYER_PREFIX)))
+    read = torch.cat([means[:2], torch.stack([balance[n] for n in names]).double()]).tolist()  # the one sync
+    values = dict(zip(("total", "count", *names), read))
+    layers = {label: v for label, v in per_layer_maxvio(values).items() if v is not None}
+    return Evaluation(values["total"] / values["count"], _number(values["maxvio"]), _number(values["maxvio_mean"]),
+                      layers)
