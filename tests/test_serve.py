@@ -450,6 +450,11 @@ def test_metrics_parse_and_count():
             await asyncio.gather(*[client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 5 + i})
                                    for i in range(4)])
             await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 40, "stop": "END"})
+            # The reply ends at the stop string; the engine may still take a step before the abort lands.
+            for _ in range(200):
+                if not engine.has_unfinished():
+                    break
+                await asyncio.sleep(0.01)
             r = await client.get("/metrics")
             assert r.headers["content-type"].startswith("text/plain")
             samples = {}

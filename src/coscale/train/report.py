@@ -101,9 +101,9 @@ def fp8_speed_note(precision: str, device: torch.device, hidden_size: int) -> st
         return ("note: fp8 on CPU runs the recipe's PyTorch reference (quantize, dequantize, matmul): it "
                 "checks the numerics and is slower than fp32")
     if hidden_size < FP8_PAYS_FROM_HIDDEN:
-        return (f"note: at hidden size {hidden_size} fp8 is expected to train more slowly than bf16 (about 0.5x "
-                f"for the small preset on an H100: launch-bound); it speeds up linear layers from about "
-                f"{FP8_PAYS_FROM_HIDDEN} wide (docs/fp8.md, 'When FP8 pays')")
+        return (f"note: at hidden size {hidden_size} FP8 GEMMs do not beat BF16; with --fp8-layers auto only "
+                f"layers about {FP8_PAYS_FROM_HIDDEN} wide or more run in FP8 (the list follows), so this run "
+                "trains at about BF16's speed (docs/fp8.md, 'When FP8 pays')")
     return None
 
 
