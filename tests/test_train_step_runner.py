@@ -87,14 +87,32 @@ def test_step_mode_defaults_and_refusals():
     cpu = SingleProcess(torch.device("cpu"))
     assert resolve_step_mode(None, None, cpu) == StepMode(compile=False, cuda_graphs=False)
     assert resolve_step_mode(True, None, cpu) == StepMode(compile=True, cuda_graphs=False)
-    assert resolve_step_mode(None, False, cpu, "fp8") == StepMode(compile=False, cuda_graphs=False)
+    assert resolve_step_mode(None, False, cpu, fp8_layers=True) == StepMode(compile=False, cuda_graphs=False)
     cuda = SingleProcess(torch.device("cuda"))  # (no device is touched)
-    assert resolve_step_mode(None, None, cuda, "fp8") == StepMode(compile=True, cuda_graphs=True)
-    assert resolve_step_mode(None, None, cuda, "bf16") == StepMode(compile=True, cuda_graphs=True)
+    assert resolve_step_mode(None, None, cuda) == StepMode(compile=True, cuda_graphs=True)
+    # FP8 layers run eagerly unless asked: compiling them failed on the H200 (BENCHMARKS.md, run 4)
+    assert resolve_step_mode(None, None, cuda, fp8_layers=True) == StepMode(compile=False, cuda_graphs=False)
+    assert resolve_step_mode(True, True, cuda, fp8_layers=True) == StepMode(compile=True, cuda_graphs=True)
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         resolve_step_mode(None, True, cpu)
     assert "eager" in StepMode(False, False).describe()
     assert "CUDA graph" in StepMode(True, True).describe()
+
+
+@pytest.mark.parametrize("preset,policy,expected", [("small", "auto", False), ("small", "all", True),
+                                                     ("proxy-v3", "auto", True), ("tiny", "auto", False)])
+def test_which_models_fp8_converts_is_known_before_building_them(preset, policy, expected):
+    from coscale.fp8 import FP8Linear, convert_to_fp8
+    from coscale.fp8.policy import converts_any_layer
+
+    cfg = get_preset(preset)
+    assert converts_any_layer(cfg, policy) is expected
+    if preset != "proxy-v3":  # build and convert the small ones to check the prediction
+        model = convert_to_fp8(DeepseekForCausalLM(cfg.replace(num_hidden_layers=2)), policy=policy) \
+            or DeepseekForCausalLM(cfg)
+        converted = any(isinstance(m, FP8Linear) or getattr(m, "precision", "bf16") == "fp8"
+                        for m in model.modules())
+        assert converted is expected
 
 
 def test_moe_routing_and_index_building_trace_without_a_graph_break():

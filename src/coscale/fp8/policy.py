@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from coscale.errors import CoscaleError
 
-__all__ = ["FP8Policy", "AUTO", "ALL", "POLICIES", "as_policy"]
+__all__ = ["FP8Policy", "AUTO", "ALL", "POLICIES", "as_policy", "converts_any_layer"]
 
 
 @dataclass(frozen=True)
@@ -68,3 +68,23 @@ def as_policy(policy: FP8Policy | str) -> FP8Policy:
     if policy not in POLICIES:
         raise CoscaleError(f"FP8 layer policy must be one of {', '.join(POLICIES)}; got {policy!r}")
     return POLICIES[policy]
+
+
+def converts_any_layer(model_cfg, policy: FP8Policy | str) -> bool:
+    """Whether ``convert_to_fp8(model, policy)`` turns any layer of a model with config ``model_cfg``
+    (a ModelConfig) to FP8, from the layer shapes alone (no model is built)."""
+    policy = as_policy(policy)
+    c = model_cfg
+    h, n = c.hidden_size, c.num_attention_heads
+    q_out = n * (c.qk_nope_head_dim + c.qk_rope_head_dim)
+    shapes = [(h, c.kv_lora_rank + c.qk_rope_head_dim), (c.kv_lora_rank, n * (c.qk_nope_head_dim + c.v_head_dim)),
+              (n * c.v_head_dim, h)]
+    shapes += [(h, c.q_lora_rank), (c.q_lora_rank, q_out)] if c.q_lora_rank else [(h, q_out)]
+    if c.first_k_dense_replace > 0 or not c.is_moe:
+        shapes.append((h, c.intermediate_size))
+    if c.is_moe and c.n_shared_experts:
+        shapes.append((h, c.moe_intermediate_size * c.n_shared_experts))
+    if c.num_nextn_predict_layers:
+        shapes.append((2 * h, h))
+    experts = c.is_moe and policy.experts(h, c.moe_intermediate_size)
+    return experts or any(policy.linear(k, m) for k, m in shapes)

@@ -27,6 +27,7 @@ from coscale.train.metrics import last_eval, plot_loss_curve, read_metrics, rece
 from coscale.train.run_dir import PLOT_FILE
 from coscale.train.setup import RunPlan
 from coscale.train.step import Evaluation
+from coscale.train.step_runner import WARMUP_STEPS
 
 FINAL_LOSS_WINDOW = 20  # steps averaged into the reported final training loss
 # FP8Linear beats BF16 from about this width on (BENCHMARKS.md, H100): below it a layer is too small
@@ -190,6 +191,8 @@ def summarise(cfg: TrainConfig, plan: RunPlan, metrics_path: str, tensorboard_di
         "unigram_entropy_bits": nats_to_bits(plan.entropy),
         "tokens_per_s": steps_run * cfg.batch_size * cfg.seq_len / train_seconds if train_seconds else None,
         "train_seconds": train_seconds,
+        **steady_throughput(records, plan.start_step, WARMUP_STEPS + 1 if plan.step_mode.compile or
+                            plan.step_mode.cuda_graphs else 1),
         "device": device,
         "precision": plan.precision,
         "out_dir": plan.out_dir,
@@ -206,6 +209,17 @@ def summarise(cfg: TrainConfig, plan: RunPlan, metrics_path: str, tensorboard_di
     return summary
 
 
+def steady_throughput(records: list[dict[str, Any]], start_step: int, skip: int) -> dict[str, Any]:
+    """tokens/s of this run's steps after its first ``skip`` (which compile, capture a CUDA graph or warm
+    the caches): what the run sustains. {} when too few steps ran."""
+    steps = [r for r in records if r.get("type") == "train" and r["step"] > start_step + skip
+             and r.get("tokens_per_s")]
+    if not steps:
+        return {}
+    seconds = sum(1 / r["tokens_per_s"] for r in steps)  # seconds per token, summed: steps share a size
+    return {"steady_tokens_per_s": len(steps) / seconds, "steady_from_step": steps[0]["step"]}
+
+
 def balance_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The expert-load balance at the end of a run ({} for a dense model): MaxVio_batch (worst layer, and
     the mean over layers) averaged over the last FINAL_LOSS_WINDOW steps, and the last evaluation's
@@ -220,15 +234,24 @@ def balance_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
             "final_val_maxvio_global_mean": evaluation.get("val_maxvio_mean")}
 
 
+def _throughput_line(s: dict) -> str:
+    if not s["tokens_per_s"]:
+        return "throughput: n/a"
+    overall = (f"{s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of training steps "
+               f"({s['wall_seconds']:.1f} s with evaluation and checkpoints)")
+    if "steady_tokens_per_s" not in s:
+        return f"throughput: {overall}"
+    return (f"throughput: {s['steady_tokens_per_s']:,.0f} tokens/s from step {s['steady_from_step']} on; "
+            f"{overall}, the first steps included")
+
+
 def footer(s: dict) -> str:
     val = f"{s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else "n/a"
     train_loss = f"{s['final_train_loss']:.4f}" if s["final_train_loss"] is not None else "n/a"
     lines = [
         f"done: {s['steps']} steps; train loss {train_loss} (mean of the last {s['final_train_loss_steps']} "
         f"steps), val loss {val} nats vs unigram entropy {s['unigram_entropy_nats']:.4f} nats",
-        f"throughput: {s['tokens_per_s']:,.0f} tokens/s over {s['train_seconds']:.1f} s of training steps "
-        f"({s['wall_seconds']:.1f} s with evaluation and checkpoints)"
-        if s["tokens_per_s"] else "throughput: n/a",
+        _throughput_line(s),
         *_balance_lines(s),
         f"memory: {describe(s)}",
         f"metrics: {s['metrics']}",

@@ -60,14 +60,18 @@ class StepMode:
 
 
 def resolve_step_mode(compile: bool | None, cuda_graphs: bool | None, world: World,
-                      precision: str = "bf16") -> StepMode:
-    """The mode a run uses: what was asked for, else the fastest correct one for this world (the same for
-    every ``precision``; the argument stays for callers that name it)."""
+                      fp8_layers: bool = False) -> StepMode:
+    """The mode a run uses: what was asked for, else the fastest correct one for this world.
+
+    ``fp8_layers``: the model runs some layers in FP8. Those run eagerly unless asked otherwise: on the
+    H200 (torch 2.11, triton 3.6; BENCHMARKS.md, run 4) torch.compile failed inside the FP8 quantization
+    kernels, and neither compiling nor graphing FP8 layers has been shown to work on a GPU yet. A model
+    that ``--precision fp8`` leaves without FP8 layers (``--fp8-layers auto`` on a small model) is a BF16
+    model and gets the BF16 default."""
     one_cuda_process = world.device.type == "cuda" and world.world_size == 1
-    # Every precision compiles: coscale's kernels are torch operators (coscale.kernels.library) that
-    # torch.compile traces without a graph break, FP8's included.
-    use_compile = one_cuda_process if compile is None else compile
-    use_graphs = one_cuda_process if cuda_graphs is None else cuda_graphs
+    auto = one_cuda_process and not fp8_layers
+    use_compile = auto if compile is None else compile
+    use_graphs = auto if cuda_graphs is None else cuda_graphs
     if use_graphs and world.device.type != "cuda":
         raise ConfigError(f"--cuda-graphs needs a CUDA device; this run is on {world.device}")
     if use_graphs and world.world_size > 1:
