@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 
@@ -141,7 +142,7 @@ class HFStream:
 # ---- tokenizers ---------------------------------------------------------------------------------
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """What the server, ``coscale tokenize`` and training need from a tokenizer."""
 
     name: str
@@ -151,18 +152,21 @@ class Tokenizer:
     eos_token_ids: tuple[int, ...] = ()  # generation stops at any of these
     chat_template: ChatTemplate
 
+    @abstractmethod
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        raise NotImplementedError
+        """Ids of ``text``."""
 
+    @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+        """Text of ``ids``."""
 
+    @abstractmethod
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (a token may hold part of a UTF-8 character)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def stream(self) -> ByteStream | HFStream:
-        raise NotImplementedError
+        """An incremental detokenizer for one reply."""
 
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         return self.chat_template.render(messages, add_generation_prompt)
