@@ -9,7 +9,8 @@ recomputed from metrics.jsonl over the steps after `--warmup` (compilation and C
 happen in the first steps), and peak device memory comes from the run's summary. Variants:
 `as-is` = the preset; `matched` = without MTP and without the sequence-wise balance loss, the model
 torchtitan 0.2.2 can build. Modes: `default` (what `coscale train` picks: compiled + CUDA graph on one
-GPU), `eager`, `compile` (no graph), `graph` (eager kernels in a graph).
+GPU), `eager`, `compile` (no graph), `graph` (eager kernels in a graph), `compile-graph` (both, asked for
+explicitly: a model with FP8 layers runs eagerly by default).
 
 With `--titan DIR` (a copy of ../shared/peers/torchtitan: its wheels and titan_bench.py), torchtitan runs
 at the same shape, eager and compiled, before the coscale runs. MFU = model FLOPs per token x tokens/s over
@@ -42,7 +43,7 @@ from results_log import ResultsLog  # noqa: E402
 
 PEAK_BF16 = 989e12
 MODES = {"default": [], "eager": ["--no-compile", "--no-cuda-graphs"], "compile": ["--compile", "--no-cuda-graphs"],
-         "graph": ["--no-compile", "--cuda-graphs"]}
+         "graph": ["--no-compile", "--cuda-graphs"], "compile-graph": ["--compile", "--cuda-graphs"]}
 
 
 def model_config(name: str, variant: str):
@@ -81,11 +82,21 @@ def run_coscale(args, cfg, variant: str, precision: str, mode: str, work: str) -
                PYTHONUNBUFFERED="1")
     print(f"=== coscale {name}: {' '.join(cmd[3:])}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        output, status = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:  # keep what it printed and the steps it logged
+        output = "".join(b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+                         for b in (e.stdout, e.stderr))
+        status = "timeout"
     wall = time.perf_counter() - t0
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
+        with open(os.path.join(args.log_dir, f"bench_train_{args.model}_{name}.log"), "w") as f:
+            f.write(output)
+    tail = output.strip().splitlines()[-12:]
     print("\n".join("   " + line for line in tail), flush=True)
-    record = {"framework": "coscale", "run": name, "exit_status": proc.returncode, "wall_s": wall}
+    record = {"framework": "coscale", "run": name, "exit_status": status, "wall_s": wall}
     metrics = os.path.join(out, "metrics.jsonl")
     if not os.path.exists(metrics):
         return record
@@ -154,6 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--titan", metavar="DIR", help="torchtitan peer folder (wheels/ and titan_bench.py)")
     p.add_argument("--titan-compile", action="store_true", help="also run torchtitan with --compile")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    p.add_argument("--log-dir", metavar="DIR", help="write each coscale run's whole output there")
     p.add_argument("--work", metavar="DIR", help="scratch directory (default: a temporary one)")
     p.add_argument("train_args", nargs="*", help="extra `coscale train` options (after --)")
     args = p.parse_args(argv)

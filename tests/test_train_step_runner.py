@@ -10,12 +10,20 @@ import torch
 
 from coscale.config import get_preset
 from coscale.errors import ConfigError
+from coscale.fp8 import convert_to_fp8
 from coscale.kernels.permute import build_permute_info
 from coscale.model import DeepseekForCausalLM
 from coscale.model.moe import Gate
 from coscale.parallel.world import SingleProcess
 from coscale.train.optim import build_optimizer
-from coscale.train.step_runner import StepMode, StepRunner, resolve_step_mode, set_learning_rate
+from coscale.train.step_runner import (
+    StepMode,
+    StepRunner,
+    keep_fp8_layers_eager,
+    resolve_step_mode,
+    runs_fp8,
+    set_learning_rate,
+)
 
 # Two layers (one dense, one MoE with MTP on top): every kind of block, small enough to trace in seconds.
 SMALL = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
@@ -24,10 +32,13 @@ SMALL = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, moe_int
              num_key_value_heads=2)
 
 
-def _losses(mode: StepMode, device: str = "cpu", steps: int = 4, moments: str = "fp32", **overrides):
+def _losses(mode: StepMode, device: str = "cpu", steps: int = 4, moments: str = "fp32", fp8: bool = False,
+            **overrides):
     cfg = get_preset("tiny", **(SMALL | overrides))
     torch.manual_seed(0)
     model = DeepseekForCausalLM(cfg).to(device)
+    if fp8:
+        model = convert_to_fp8(model, policy="all") or model
     model.train()
     optimizer = build_optimizer(model, lr=1e-3, moments_dtype=moments)
     runner = StepRunner(model, optimizer, SingleProcess(torch.device(device)), mode, gamma=1e-2, grad_clip=1.0,
@@ -58,6 +69,26 @@ def test_compiled_step_matches_eager_on_cpu(moments):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_fp8_layers_run_eagerly_inside_the_compiled_step_and_match_eager():
+    eager_losses, eager_bias, eager_params = _losses(StepMode(compile=False, cuda_graphs=False), fp8=True)
+    losses, bias, params = _losses(StepMode(compile=True, cuda_graphs=False), fp8=True)
+    assert torch.isfinite(eager_losses).all()
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bias, eager_bias, rtol=1e-4, atol=1e-5)
+    for p, q in zip(params, eager_params):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_keep_fp8_layers_eager_marks_each_fp8_layer_once():
+    cfg = get_preset("tiny", **SMALL)
+    model = convert_to_fp8(DeepseekForCausalLM(cfg), policy="all")
+    fp8_layers = [m for m in model.modules() if runs_fp8(m)]
+    assert fp8_layers and any(getattr(m, "precision", None) == "fp8" for m in fp8_layers)
+    assert keep_fp8_layers_eager(model) == len(fp8_layers)
+    assert keep_fp8_layers_eager(model) == 0  # idempotent
+    assert keep_fp8_layers_eager(DeepseekForCausalLM(cfg)) == 0  # a BF16 model has none
+
+
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("moments", ["fp32", "bf16"])
 def test_graphed_step_replays_what_it_captured_on_cuda(compile, moments):

@@ -20,6 +20,12 @@ requires), the capture records a step without running it, and the replay that fo
 graph is replayed until the run ends; evaluation and checkpoints happen between replays and see the
 live parameters, which the replays update in place.
 
+FP8 layers (``FP8Linear``, experts in FP8) stay out of the compiled graph: each is a graph break that
+runs its own kernels eagerly (its quantization and GEMM operators and its backward), while everything
+between them is compiled as usual. Compiling through them failed on the H200 (torch 2.11, triton 3.6:
+Inductor's analysis of the Triton quantization kernels; BENCHMARKS.md, run 4) and bought nothing: they
+are already a few large kernels each. The CUDA graph still captures them with the rest of the step.
+
 Default (``None``): both on for one CUDA process, both off otherwise. Expert parallelism over several
 processes sizes its all-to-all on the host, so it cannot be captured; compile can still be asked for.
 """
@@ -34,6 +40,7 @@ import torch
 from torch import nn
 
 from coscale.errors import ConfigError
+from coscale.fp8.linear import FP8Linear
 from coscale.parallel.world import World
 from coscale.train.optim import AdamW, adamw_update_
 from coscale.train.step import train_step
@@ -102,6 +109,7 @@ class StepRunner:
         self.gamma, self.grad_clip, self.autocast = gamma, grad_clip, autocast
         self.loss_fn = model.compute_loss
         if mode.compile:
+            keep_fp8_layers_eager(model)
             self.loss_fn = torch.compile(model.compute_loss, backend=compile_backend)
             if isinstance(optimizer, AdamW):  # BF16 moments: fuse each parameter's update into one kernel
                 optimizer.update_fn = torch.compile(adamw_update_, backend=compile_backend, fullgraph=True,
@@ -151,6 +159,23 @@ class StepRunner:
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self._static_metrics = self._eager(self._static_batch)
+
+
+def runs_fp8(module: nn.Module) -> bool:
+    """Whether ``module`` is one of the FP8 layers: an FP8Linear or experts whose precision is FP8."""
+    return isinstance(module, FP8Linear) or getattr(module, "precision", None) == "fp8"
+
+
+def keep_fp8_layers_eager(model: nn.Module) -> int:
+    """Make every FP8 layer of ``model`` a region that torch.compile leaves to eager execution (see the
+    module docstring); returns how many. Idempotent."""
+    count = 0
+    for module in model.modules():
+        if runs_fp8(module) and not getattr(module, "_eager_under_compile", False):
+            module.forward = torch.compiler.disable(module.forward)
+            module._eager_under_compile = True
+            count += 1
+    return count
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
