@@ -72,10 +72,16 @@ def test_fp8_layers_run_eagerly_inside_the_compiled_step_and_match_eager():
     eager_losses, eager_bias, eager_params = _losses(StepMode(compile=False, cuda_graphs=False), fp8=True)
     losses, bias, params = _losses(StepMode(compile=True, cuda_graphs=False), fp8=True)
     assert torch.isfinite(eager_losses).all()
-    torch.testing.assert_close(losses, eager_losses, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(bias, eager_bias, rtol=1e-4, atol=1e-5)
+    # The compiled regions between the FP8 layers round their last bits differently from eager; where
+    # that moves a value across an E4M3 rounding boundary one element changes by a whole FP8 step
+    # (6-12%), a few 1e-4 of a loss or a gradient norm at this size. Anything structural (a layer
+    # skipped, stale FP8 weights) changes losses by far more than 2e-3.
+    torch.testing.assert_close(losses, eager_losses, rtol=2e-3, atol=1e-5)
+    torch.testing.assert_close(bias, eager_bias)  # sign updates of the same loads
+    # Adam turns such tiny gradient differences of near-zero entries into whole steps of size lr: a few
+    # elements move differently (0.6% of the norm here), where a skipped update would move them all.
     for p, q in zip(params, eager_params):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+        assert float((p - q).norm() / q.norm()) < 2e-2
 
 
 def test_keep_fp8_layers_eager_marks_each_fp8_layer_once():
@@ -88,6 +94,7 @@ def test_keep_fp8_layers_eager_marks_each_fp8_layer_once():
     assert keep_fp8_layers_eager(DeepseekForCausalLM(cfg)) == 0  # a BF16 model has none
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("moments", ["fp32", "bf16"])
 def test_graphed_step_replays_what_it_captured_on_cuda(compile, moments):
