@@ -17,7 +17,13 @@ DECODE = {"kind": "decode_step", "model": "deepseek-v2-lite", "hardware": "h200"
 def test_predictions_match_the_models():
     assert validation.predict(TRAIN) == training_time.training_time(
         "small", "h200", ParallelLayout(), seq_len=256, global_batch=4, micro_batch=4, schedule="1f1b",
-        precision="bf16", eager=True).step_s
+        recompute="none", precision="bf16", eager=True, optimizer="fp32").step_s
+    # the record's recipe is used: MTP excluded, BF16 moments (DeepSeek's recipe)
+    assert validation.predict({**TRAIN, "include_mtp": False, "moments": "bf16"}) == training_time.training_time(
+        "small", "h200", ParallelLayout(), seq_len=256, global_batch=4, micro_batch=4, schedule="1f1b",
+        recompute="none", include_mtp=False, precision="bf16", eager=True, optimizer="deepseek").step_s
+    with pytest.raises(ConfigError, match="moments"):
+        validation.predict({**TRAIN, "moments": "fp16"})
     assert validation.predict(DECODE) == serving.decode(
         "deepseek-v2-lite", "h200", serving.ServingLayout(micro_batches=1), batch=8, context=512,
         weight_dtype="bf16").step_s

@@ -55,7 +55,8 @@ class Efficiency:
     gemm_masked_fp8_tflops: float  # decode-style masked grouped GEMM plateau
     gemm_wgrad_fp8_tflops: float  # grouped (MoE) weight-gradient GEMM, training
     gemm_k_overhead: float  # per-output-tile prologue/epilogue cost, in elements of K
-    gemm_memory_tbps: float  # weight-streaming bandwidth of small-M GEMMs
+    gemm_memory_tbps: float  # weight-streaming bandwidth of small-M GEMMs (FP8)
+    gemm_bf16_memory_tbps: float  # weight-streaming bandwidth of small-M BF16 (grouped) GEMMs
     attention_decode_tflops: float  # absorbed-MLA decode, compute-bound
     attention_decode_tbps: float  # absorbed-MLA decode, memory-bound (KV-cache reads)
     attention_prefill_tflops: float  # causal prefill / training forward attention, BF16
@@ -69,6 +70,7 @@ class Efficiency:
     collective_latency_us: float  # fixed cost of one collective (dispatch or combine)
     sms: int  # streaming multiprocessors
     comm_sms: int  # SMs the bulk all-to-all kernels occupy while they run
+    sustained_clock_ratio: float  # tensor-core clock in a sustained full-model run / in the rate benchmarks
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +81,8 @@ class Efficiency:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
                     or (value == 0 and f.name not in _MAY_BE_ZERO):
                 raise ConfigError(f"efficiency {f.name} must be a positive number, got {value!r}")
+        if not 0 < self.sustained_clock_ratio <= 1:
+            raise ConfigError(f"efficiency sustained_clock_ratio must be in (0, 1], got {self.sustained_clock_ratio!r}")
         if self.comm_sms >= self.sms:
             raise ConfigError(f"efficiency comm_sms ({self.comm_sms}) must be below sms ({self.sms})")
 
@@ -94,7 +98,8 @@ _SCALES_WITH = {
     "gemm_fp8_tflops": "fp8", "gemm_grouped_fp8_tflops": "fp8", "gemm_masked_fp8_tflops": "fp8",
     "gemm_wgrad_fp8_tflops": "fp8",
     "gemm_bf16_tflops": "bf16", "attention_decode_tflops": "bf16", "attention_prefill_tflops": "bf16",
-    "attention_backward_tflops": "bf16", "gemm_memory_tbps": "hbm", "attention_decode_tbps": "hbm",
+    "attention_backward_tflops": "bf16", "gemm_memory_tbps": "hbm", "gemm_bf16_memory_tbps": "hbm",
+    "attention_decode_tbps": "hbm",
     "memory_tbps": "hbm", "a2a_scale_out_gbps": "scale_out", "a2a_low_latency_gbps": "scale_out",
     "a2a_scale_up_gbps": "scale_up",
 }
@@ -115,6 +120,8 @@ H800_EFFICIENCY = {
                                    "shapes, 457 TFLOP/s (H100, same SMs as H800)"),
     "gemm_k_overhead": (512, f"{_DG}: the K=512..16384 rows at M=4096 (see gemm_fp8_tflops)"),
     "gemm_memory_tbps": (2.6, f"{_DG}: M=64/128 rows with K >= 1536 stream weights at 2.2-2.67 TB/s"),
+    "gemm_bf16_memory_tbps": (2.6, "no published H800 figure for BF16 small-M GEMMs: taken as DeepGEMM's FP8 "
+                                   "weight-streaming rate (both stream weights from HBM)"),
     "attention_decode_tflops": (580, "FlashMLA README (2025-02-24): 580 TFLOP/s compute-bound, H800 SXM5"),
     "attention_decode_tbps": (3.0, "FlashMLA README (2025-02-24): 3000 GB/s memory-bound, H800 SXM5"),
     "attention_prefill_tflops": (579, "FlashAttention-3 paper (arXiv 2407.08608): BF16 causal forward at 4K, head "
@@ -134,6 +141,10 @@ H800_EFFICIENCY = {
     "collective_latency_us": (3.7, "the paper's Table 5: 3.7 us cross-leaf InfiniBand latency"),
     "sms": (132, "H800 SXM5: 132 SMs"),
     "comm_sms": (24, "DeepEP README: Buffer.set_num_sms(24) for the normal (prefill/training) kernels"),
+    "sustained_clock_ratio": (1600 / 1830, "FlashMLA deep dive (2025-04-22): under heavy load the H800 throttles "
+                                          "to ~1600 MHz (~865 of 989 TFLOP/s BF16); the datasheet peaks and the "
+                                          "short kernel benchmarks above run at >= 1830 MHz (DeepGEMM's later "
+                                          "1550 TFLOP/s would be 90% of the 1600-MHz FP8 peak): 1600/1830"),
 }
 
 

@@ -66,8 +66,10 @@ def gemm(eff: Efficiency, name: str, m: float, n: int, k: int, *, groups: int = 
     element = DTYPE_BYTES[dtype]
     flops = 2.0 * m * n * k
     nbytes = groups * n * k * element + m * k * element + m * n * 2
-    return _bound(name, {"compute": flops / (plateau * 1e12) * (1 + eff.gemm_k_overhead / k),
-                         "memory": nbytes / (eff.gemm_memory_tbps * 1e12),
+    rate = plateau * 1e12 * eff.sustained_clock_ratio  # benchmarked plateau at the sustained clock
+    streaming = eff.gemm_memory_tbps if dtype == "fp8" else eff.gemm_bf16_memory_tbps
+    return _bound(name, {"compute": flops / rate * (1 + eff.gemm_k_overhead / k),
+                         "memory": nbytes / (streaming * 1e12),
                          "launch": eff.kernel_floor_us * 1e-6}, flops, nbytes)
 
 
@@ -77,7 +79,7 @@ def attention_decode(eff: Efficiency, name: str, requests: float, queries: float
     ``context`` cached tokens of ``cache_bytes_per_token`` bytes (this layer)."""
     flops = 2.0 * requests * queries * heads * (qk_dim + v_dim) * context
     nbytes = requests * context * cache_bytes_per_token
-    return _bound(name, {"compute": flops / (eff.attention_decode_tflops * 1e12),
+    return _bound(name, {"compute": flops / (eff.attention_decode_tflops * 1e12 * eff.sustained_clock_ratio),
                          "memory": nbytes / (eff.attention_decode_tbps * 1e12),
                          "launch": eff.kernel_floor_us * 1e-6}, flops, nbytes)
 
@@ -93,7 +95,7 @@ def attention_prefill(eff: Efficiency, name: str, sequences: float, seq_len: int
     rate = eff.attention_prefill_tflops
     if backward:  # dQ, dK, dV and the recomputed scores: 2.5 x the forward products
         flops, rate = 2.5 * flops, eff.attention_backward_tflops
-    seconds = max(flops / (rate * 1e12), eff.kernel_floor_us * 1e-6)
+    seconds = max(flops / (rate * 1e12 * eff.sustained_clock_ratio), eff.kernel_floor_us * 1e-6)
     return OpTime(name, seconds, "compute", flops, 0.0)
 
 

@@ -108,6 +108,15 @@ def ffn_ops(v: ModelView, hw: HardwareSpec, tokens: float, width: int, name: str
             gemm(eff, f"{name} down", rows, v.hidden_size, width, groups=groups, kind=kind, dtype=dtype)]
 
 
+def experts_touched(v: ModelView, par: Parallel, tokens: float) -> float:
+    """Expected local experts that receive at least one row (only their weights are read): each of the
+    ``tokens x ep`` tokens of the EP group picks ``k`` of the ``E`` experts uniformly (balanced routing),
+    so a given expert is missed with probability ``(1 - k/E)^(tokens x ep)``. A decode step of one request
+    on one GPU reads k experts' weights, not all of them."""
+    e, k = v.n_routed_experts, v.experts_per_token
+    return par.local_experts(v) * (1 - (1 - k / e) ** (tokens * par.ep))
+
+
 def collectives(v: ModelView, hw: HardwareSpec, tokens: float, par: Parallel, decode: bool) -> tuple[OpTime, OpTime]:
     """(dispatch, combine) of ``tokens`` on one GPU."""
     eff, k, domain = hw.achieved, v.experts_per_token, hw.scale_up_domain
@@ -150,7 +159,7 @@ def layer_stages(v: ModelView, hw: HardwareSpec, b: Batch, par: Parallel, moe: b
     if not b.decode:
         experts.append(elementwise(eff, "permute to grouped layout", tokens * k * v.hidden_size * 2))
     experts += ffn_ops(v, hw, tokens, v.moe_intermediate, "experts", "masked" if b.decode else "grouped",
-                       rows_per_token=k, groups=par.local_experts(v), dtype=par.gemm_dtype)
+                       rows_per_token=k, groups=experts_touched(v, par, tokens), dtype=par.gemm_dtype)
     shared = ffn_ops(v, hw, tokens, v.shared_intermediate, "shared expert", dtype=par.gemm_dtype) \
         if v.shared_experts else []
     dispatch, combine = collectives(v, hw, tokens, par, b.decode)

@@ -246,10 +246,14 @@ def _assumptions(v: ModelView, hw: HardwareSpec, layout: ServingLayout, par: L.P
     elif v.is_moe and layout.ep > 1:
         out.append(f"all-to-all inside one scale-up domain ({hw.scale_up_domain} GPUs) over NVLink")
     out.append("achieved rates: " + "; ".join(f"{k} {getattr(eff, k):g}" for k in _RATES_SHOWN))
+    out.append(f"compute-bound kernels at {eff.sustained_clock_ratio:.3g} x their benchmarked rates (sustained clock: "
+               f"{eff.source('sustained_clock_ratio')})")
+    out.append("weights read: only the local experts that receive a row (expected count under balanced routing)")
     return out
 
 
 _RATES_SHOWN = ("gemm_fp8_tflops", "gemm_masked_fp8_tflops", "gemm_k_overhead", "gemm_memory_tbps",
+                "gemm_bf16_tflops", "gemm_bf16_memory_tbps",
                 "attention_decode_tflops", "attention_decode_tbps", "attention_prefill_tflops", "memory_tbps",
                 "kernel_floor_us", "a2a_scale_out_gbps", "a2a_low_latency_gbps", "a2a_scale_up_gbps",
                 "collective_latency_us")

@@ -45,6 +45,20 @@ DEEPSEEK_V3_TRAINING = dict(model="deepseek-v3", hardware="h800", layout=Paralle
 PUBLISHED_GPU_HOURS_PER_TRILLION = 180e3  # the report: "180K H800 GPU hours" per trillion tokens (2.664M / 14.8T)
 PRICE_PER_GPU_HOUR = 2.0  # US$, the report's H800 rental assumption
 
+# Optimizer recipes: bytes per parameter of the master copy, the gradient, each AdamW moment and the
+# separate low-precision weight copy the update writes (0: none; autocast casts in the forward instead).
+OPTIMIZERS = {
+    "deepseek": dict(master=4, grad=4, moment=2, weight_copy=2),  # the V3 report: FP32 master/grads, BF16 moments
+    "fp32": dict(master=4, grad=4, moment=4, weight_copy=0),  # torch AdamW over FP32 params (coscale train)
+}
+
+
+def optimizer_bytes_per_param(recipe: str) -> int:
+    """HBM traffic of one fused AdamW update per parameter: read master, gradient and both moments; write
+    master, both moments and the weight copy (DeepSeek's recipe: 12 + 10 = 22 bytes; FP32 moments: 28)."""
+    o = OPTIMIZERS[recipe]
+    return o["master"] + o["grad"] + 2 * o["moment"] + o["master"] + 2 * o["moment"] + o["weight_copy"]
+
 
 @dataclass
 class TrainingTime:
@@ -138,16 +152,19 @@ def _gemm_shapes(v: ModelView, tokens: int, tp: int, ep: int, moe: bool) -> list
 def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "h800",
                   layout: ParallelLayout | None = None, seq_len: int = 4096, global_batch: int = 15360,
                   micro_batch: int = 1, schedule: str = "dualpipe", recompute: str = "deepseek",
-                  include_mtp: bool = True, precision: str = "fp8", eager: bool = False) -> TrainingTime:
+                  include_mtp: bool = True, precision: str = "fp8", eager: bool = False,
+                  optimizer: str = "deepseek") -> TrainingTime:
     """Step time of one training step; see the module docstring. ``precision``: the GEMMs' (``fp8`` or
     ``bf16``); ``eager``: every op is launched from Python (no CUDA graphs), so a step takes at least
-    ``ops x host_launch_us`` of host time."""
+    ``ops x host_launch_us`` of host time; ``optimizer``: a recipe of :data:`OPTIMIZERS` (``fp32``: FP32
+    moments, and the BF16 weights cast from the FP32 masters by autocast in every forward)."""
     v, hw = as_view(model), load_hardware(hardware)
     layout = layout or ParallelLayout()
     layout.check(v)
-    if schedule not in SCHEDULES or recompute not in RECOMPUTE or precision not in ("fp8", "bf16"):
-        raise ConfigError(f"schedule must be one of {SCHEDULES}, recompute one of {RECOMPUTE} and precision "
-                          "fp8 or bf16")
+    if schedule not in SCHEDULES or recompute not in RECOMPUTE or precision not in ("fp8", "bf16") \
+            or optimizer not in OPTIMIZERS:
+        raise ConfigError(f"schedule must be one of {SCHEDULES}, recompute one of {RECOMPUTE}, precision "
+                          f"fp8 or bf16 and optimizer one of {tuple(OPTIMIZERS)}")
     for name, value in (("sequence length", seq_len), ("global batch", global_batch), ("micro-batch", micro_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -188,23 +205,34 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
     dp_bytes = (v.non_expert_params / (layout.tp * layout.pp) * (dp - 1) / dp
                 + v.routed_expert_params / (layout.ep * layout.pp) * (layout.edp - 1) / max(layout.edp, 1)) * (4 + 2)
     dp_sync = dp_bytes / (eff.a2a_scale_out_gbps * 1e9) if dp > 1 else 0.0
-    optimizer = local_params * 22 / (eff.memory_tbps * 1e12)
+    opt_bytes = optimizer_bytes_per_param(optimizer)
+    update_s = local_params * opt_bytes / (eff.memory_tbps * 1e12)
+    # no separate weight copy: autocast casts each FP32 master to BF16 in every micro-batch's forward
+    # (read 4 + write 2 bytes per parameter)
+    casts = micro_batches * local_params * 6 / (eff.memory_tbps * 1e12) if not OPTIMIZERS[optimizer]["weight_copy"] \
+        else 0.0
     parts = {"forward": micro_batches * f, "input gradients": micro_batches * b, "weight gradients": micro_batches * w,
              "pipeline bubble": bubble, "exposed all-to-all": exposed_a2a, "data-parallel sync": dp_sync,
-             "optimizer": optimizer}
+             "optimizer": update_s}
+    if casts:
+        parts["weight casts (autocast)"] = casts
     if eager:  # the host launches every op; the GPU cannot run ahead of it
         host = micro_batches * kernels * eff.host_launch_us * 1e-6
         parts["host launch (beyond GPU time)"] = max(host - sum(parts.values()), 0.0)
     step = sum(parts.values())
     notes = [f"{v.name} on {layout.world} x {hw.name}: dp {dp} tp {layout.tp} pp {layout.pp} ep {layout.ep}; "
              f"{micro_batches} micro-batches of {micro_batch} x {seq_len} tokens per pipeline; {schedule} schedule; "
-             f"recompute {recompute}; MTP modules {'trained' if mtp else 'excluded'}; {precision.upper()} GEMMs"
+             f"recompute {recompute}; MTP modules {'trained' if mtp else 'excluded'}; {precision.upper()} GEMMs; "
+             f"AdamW '{optimizer}' ({opt_bytes} B per parameter at copy bandwidth)"
+             + ("; autocast casts every FP32 master to BF16 per micro-batch (6 B per parameter)" if casts else "")
              + (f"; eager: {kernels:.0f} ops per micro-batch and stage at {eff.host_launch_us:g} us each"
                 if eager else ""),
              f"MoE computation on {eff.sms - eff.comm_sms} of {eff.sms} SMs (the all-to-all kernels hold the rest)"
              if slowdown > 1 else "no SMs held by communication kernels",
              "achieved rates: " + "; ".join(f"{k} {getattr(eff, k):g}" for k in (
                  "gemm_fp8_tflops", "gemm_wgrad_fp8_tflops", "gemm_k_overhead", "attention_prefill_tflops",
-                 "attention_backward_tflops", "memory_tbps", "a2a_scale_out_gbps"))]
+                 "attention_backward_tflops", "memory_tbps", "a2a_scale_out_gbps", "kernel_floor_us",
+                 "sustained_clock_ratio")),
+             f"compute-bound kernels at {eff.sustained_clock_ratio:.3g} x their benchmarked rates (sustained clock)"]
     return TrainingTime(v.name, hw.name, layout, global_batch * seq_len, step, parts,
                         training_flops_per_token(v, seq_len), hw.peak_flops("bf16"), notes)

@@ -69,9 +69,11 @@ def predict(record: dict[str, Any]) -> float:
     if kind == "train_step":
         batch, seq_len = _need(record, "batch"), _need(record, "seq_len")
         return training_time.training_time(model, hardware, ParallelLayout(), seq_len=seq_len, global_batch=batch,
-                                           micro_batch=batch, schedule="1f1b",
+                                           micro_batch=batch, schedule="1f1b", recompute="none",
+                                           include_mtp=bool(record.get("include_mtp", True)),
                                            precision=record.get("precision", "bf16"),
-                                           eager=bool(record.get("eager", True))).step_s
+                                           eager=bool(record.get("eager", True)),
+                                           optimizer=_optimizer(record)).step_s
     layout = serving.ServingLayout(micro_batches=int(record.get("micro_batches", 1)))
     if kind == "decode_step":
         return serving.decode(model, hardware, layout, batch=_need(record, "batch"), context=_need(record, "context"),
@@ -79,6 +81,14 @@ def predict(record: dict[str, Any]) -> float:
                               weight_dtype=record.get("precision", "bf16")).step_s
     return serving.prefill(model, hardware, layout, tokens=_need(record, "tokens"),
                            prompt_len=_need(record, "prompt_len"), weight_dtype=record.get("precision", "bf16")).step_s
+
+
+def _optimizer(record: dict) -> str:
+    """``moments`` fp32 (coscale train's AdamW over FP32 params) or bf16 (DeepSeek's recipe)."""
+    moments = record.get("moments", "fp32")
+    if moments not in ("fp32", "bf16"):
+        raise ConfigError(f"measurement {record.get('kind', '?')!r}: 'moments' must be fp32 or bf16, got {moments!r}")
+    return "fp32" if moments == "fp32" else "deepseek"
 
 
 def validation_table(records: list[dict[str, Any]]) -> Table:
