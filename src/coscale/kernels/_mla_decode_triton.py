@@ -20,7 +20,13 @@ through ``ptxas -v``, registers and spills):
   the latent read from shared memory.
 - FP8. e4m3 values are exact in bf16, so the cache tile is only cast; the per-token, per-128-column
   scale multiplies the tile's scores and, for P @ V, P itself (one accumulator per 128-column tile).
-  The first version multiplied every element in FP32 through a 3-D reshape.
+  The first version multiplied every element in FP32 through a 3-D reshape. Open: with 16 rows (MMAv2)
+  the pipeliner still leaves the FP8 latent loads synchronous (plain tt.load in the loop, only the RoPE
+  and the scales go through cp.async); with 64 rows (wgmma) they are double-buffered. Carrying the next
+  tile's FP8 chunks in registers one iteration ahead is the next thing to try.
+- Candidates: (64, SWAP=0, 4 warps) spills and is left out; 64-row tiles (128 heads) keep the 8-warp
+  candidates (_prune); a candidate over the shared-memory limit fails to compile and the autotuner
+  skips it.
 """
 
 import triton
@@ -38,7 +44,7 @@ def _configs():
     consumes from shared memory), checked on sm_90 compiles: 64 keys x (512 + 64) x 2 bytes is 72 KB
     a buffer, so the largest tiles get the fewest stages."""
     gpu = [triton.Config({"BLOCK_N": n, "SWAP": sw}, num_warps=w, num_stages=st)
-           for n, sw, w, st in [(32, 0, 4, 3), (32, 0, 4, 4), (64, 0, 4, 3), (16, 0, 4, 5), (64, 0, 8, 3),
+           for n, sw, w, st in [(32, 0, 4, 3), (32, 0, 4, 4), (16, 0, 4, 5), (64, 0, 8, 3), (32, 0, 8, 4),
                                 (64, 1, 4, 2), (64, 1, 8, 2), (32, 1, 4, 3), (32, 1, 8, 4)]]
     return gpu, triton.Config({"BLOCK_N": 16, "SWAP": 0}, num_warps=4, num_stages=1)
 
