@@ -21,9 +21,13 @@ The kernel (two launches, flash-decoding):
    (up to 64 rows; DeepSeek-V3's 128 heads take two tiles), so each latent block is read from memory
    once for all heads, as in FlashMLA; the context is cut into `num_splits` contiguous ranges so that
    small batches and long contexts still fill every SM. Each program walks its range BLOCK_N tokens at
-   a time through the block table, computes [M, BLOCK_N] scores with two tl.dots (latent, rope), runs
-   the online softmax in base 2 and accumulates P @ latent into an [M, c] FP32 accumulator. FP8 tiles
-   are dequantized in registers (fp8 -> fp32 * scale -> bf16) before the dots.
+   a time through the block table (the next tile's block ids loaded one iteration ahead), computes
+   [M, BLOCK_N] scores with tl.dots (latent, rope; each latent tile loaded once for both products), runs
+   the online softmax in base 2 and accumulates P @ latent into FP32 accumulators. FP8 tiles are cast
+   to bf16 (exact for e4m3) and each 128-column tile's per-token scale is folded into its scores and
+   into P, one accumulator per tile. The configuration (BLOCK_N, orientation: heads or keys on the
+   MMA's M, warps, stages) is autotuned per shape; the kernels and their design notes are in
+   coscale.kernels._mla_decode_triton.
 2. Combine (only when num_splits > 1): per (b, t, h), the partial outputs are merged with weights
    exp(lse_i - lse_max) (the log-sum-exp combine of flash-decoding).
 The split count is fixed per launch from the batch size and the longest context (not from the lengths
