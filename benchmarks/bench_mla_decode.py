@@ -147,6 +147,25 @@ def run_case(B, T, H, S, fp8, args, gen, results):
         results.append(entry)
 
 
+def check_all_candidates(gen) -> dict:
+    """Every GPU candidate of the split kernel, fixed, against the reference: relative error, or the
+    failure (a candidate over the shared-memory limit fails here and the autotuner skips it)."""
+    from coscale.kernels._mla_decode_triton import _configs
+
+    errors = {}
+    for cfg in _configs()[0]:
+        config = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        for H in (16, 128):
+            for fp8 in (False, True):
+                name = f"{config_name(config)} H={H} {'fp8' if fp8 else 'bf16'}"
+                try:
+                    errors[name] = check(H, 1, fp8, gen, 3, config)
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    errors[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                print(f"  check {name}: {errors[name]}", flush=True)
+    return errors
+
+
 def config_name(cfg: dict | None) -> str:
     """The autotuner's pick: key block, orientation (rows = heads on M, keys = keys on M), warps, stages."""
     if cfg is None:
@@ -175,6 +194,8 @@ def main():
     parser.add_argument("--splits", type=int, nargs="+", help="time these context-split counts instead of the "
                         "heuristic's choice")
     parser.add_argument("--no-baseline", action="store_true", help="skip the PyTorch baseline")
+    parser.add_argument("--check-all", action="store_true", help="first check every autotuning candidate against "
+                        "the reference (BF16/FP8, 16/128 heads), not only the picked one")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -197,6 +218,8 @@ def main():
     print(json.dumps(meta))
     log = ResultsLog("bench_mla_decode")
     results: list[dict] = []
+    if args.check_all:
+        meta["candidate_errors"] = check_all_candidates(gen)
     start = time.time()
     for B, T, H, S, fp8 in plan:
         run_case(B, T, H, S, fp8, args, gen, results)
