@@ -41,6 +41,7 @@ from coscale.kernels.mla_decode import (
     mla_decode,
     mla_decode_ref,
     quantize_latent_fp8,
+    tuned_config,
 )
 from results_log import ResultsLog
 
@@ -97,11 +98,13 @@ def useful_bytes(B: int, T: int, H: int, S: int, fp8: bool) -> int:
     return B * T * per_token + B * S * H * (C + DR) * 2 * 2 + B * (4 + 4 * math.ceil(T / PAGE))  # + q, out, tables
 
 
-def check(H: int, S: int, fp8: bool, gen, splits) -> float:
-    """Max |kernel - reference| / max |reference| on fresh data with ragged lengths."""
+def check(H: int, S: int, fp8: bool, gen, splits, config) -> float:
+    """Max |kernel - reference| / max |reference| on fresh data with ragged lengths, with the configuration
+    the timed run picked (so the check neither tunes again nor tests another candidate)."""
     lens = [S, 200, 4096 + 37, 1500]
     q_lat, q_pe, cache, table, seq_lens = make_case(len(lens), lens, H, S, fp8, gen)
-    out, _ = mla_decode(q_lat, q_pe, cache, table, seq_lens, 0.1, num_splits=splits, backend="triton")
+    out, _ = mla_decode(q_lat, q_pe, cache, table, seq_lens, 0.1, num_splits=splits, kernel_config=config,
+                        backend="triton")
     ref, _ = mla_decode_ref(q_lat.float(), q_pe.float(), cache, table, seq_lens, 0.1)
     return ((out.float() - ref).abs().max() / ref.abs().max()).item()
 
@@ -114,9 +117,11 @@ def run_case(B, T, H, S, fp8, args, gen, results):
         tile = heads_per_tile(H, S)
         for splits in args.splits or [None]:
             used = splits or default_num_splits(B, -(-H // tile), T, case[0].device)
-            r = dict(entry, splits=used, heads_tile=tile, max_rel_err=check(H, S, fp8, gen, used))
             ms = timed(functools.partial(mla_decode, *case, scale, max_seq_len=T, num_splits=used, backend="triton"),
-                       args.quick)
+                       args.quick)  # the first call autotunes this shape
+            config = tuned_config()
+            r = dict(entry, splits=used, heads_tile=tile, config=config_name(config),
+                     max_rel_err=check(H, S, fp8, gen, used, config))
             nbytes = useful_bytes(B, T, H, S, fp8)
             r.update(kernel_ms=ms, useful_gb=nbytes / 1e9, tbps=nbytes / ms / 1e9,
                      pct_of_copy=100 * nbytes / ms / 1e9 / H200_COPY_TBPS)
@@ -130,7 +135,8 @@ def run_case(B, T, H, S, fp8, args, gen, results):
             results.append(r)
             t = r.get("torch_ms")
             base_s = f"{t * 1e3:.1f} us" if isinstance(t, float) else str(t)
-            print(f"  B={B:4d} T={T:6d} H={H:4d} S={S} {r['cache']:4s} splits={used:3d}: {ms * 1e3:8.1f} us "
+            print(f"  B={B:4d} T={T:6d} H={H:4d} S={S} {r['cache']:4s} splits={used:3d} {r['config']}: "
+                  f"{ms * 1e3:8.1f} us "
                   f"{r['tbps']:.2f} TB/s ({r['pct_of_copy']:.0f}%), torch {base_s}, err {r['max_rel_err']:.1e}",
                   flush=True)
         del case
@@ -141,8 +147,34 @@ def run_case(B, T, H, S, fp8, args, gen, results):
         results.append(entry)
 
 
+def check_all_candidates(gen) -> dict:
+    """Every GPU candidate of the split kernel, fixed, against the reference: relative error, or the
+    failure (a candidate over the shared-memory limit fails here and the autotuner skips it)."""
+    from coscale.kernels._mla_decode_triton import _configs
+
+    errors = {}
+    for cfg in _configs()[0]:
+        config = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        for H in (16, 128):
+            for fp8 in (False, True):
+                name = f"{config_name(config)} H={H} {'fp8' if fp8 else 'bf16'}"
+                try:
+                    errors[name] = check(H, 1, fp8, gen, 3, config)
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    errors[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                print(f"  check {name}: {errors[name]}", flush=True)
+    return errors
+
+
+def config_name(cfg: dict | None) -> str:
+    """The autotuner's pick: key block, orientation (rows = heads on M, keys = keys on M), warps, stages."""
+    if cfg is None:
+        return "-"
+    return f"n{cfg['BLOCK_N']}-{'keys' if cfg['SWAP'] else 'rows'}-w{cfg['num_warps']}-s{cfg['num_stages']}"
+
+
 def print_table(results):
-    print(f"\n{'batch':>5} {'ctx':>6} {'H':>4} {'S':>2} {'cache':>5} {'split':>5} {'us':>9} {'TB/s':>6} "
+    print(f"\n{'batch':>5} {'ctx':>6} {'H':>4} {'S':>2} {'cache':>5} {'split':>5} {'config':>18} {'us':>9} {'TB/s':>6} "
           f"{'%4.25':>6} {'torch us':>9} {'x':>6} {'err':>8}")
     for r in results:
         if "error" in r:
@@ -152,7 +184,7 @@ def print_table(results):
         tus = f"{t * 1e3:9.1f}" if isinstance(t, float) else f"{str(t):>9}"
         sp = f"{r['speedup']:6.1f}" if "speedup" in r else f"{'-':>6}"
         print(f"{r['batch']:5d} {r['context']:6d} {r['heads']:4d} {r['s_q']:2d} {r['cache']:>5} {r['splits']:5d} "
-              f"{r['kernel_ms'] * 1e3:9.1f} {r['tbps']:6.2f} {r['pct_of_copy']:6.1f} {tus} {sp} "
+              f"{r['config']:>18} {r['kernel_ms'] * 1e3:9.1f} {r['tbps']:6.2f} {r['pct_of_copy']:6.1f} {tus} {sp} "
               f"{r['max_rel_err']:8.1e}")
 
 
@@ -162,6 +194,8 @@ def main():
     parser.add_argument("--splits", type=int, nargs="+", help="time these context-split counts instead of the "
                         "heuristic's choice")
     parser.add_argument("--no-baseline", action="store_true", help="skip the PyTorch baseline")
+    parser.add_argument("--check-all", action="store_true", help="first check every autotuning candidate against "
+                        "the reference (BF16/FP8, 16/128 heads), not only the picked one")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -184,6 +218,8 @@ def main():
     print(json.dumps(meta))
     log = ResultsLog("bench_mla_decode")
     results: list[dict] = []
+    if args.check_all:
+        meta["candidate_errors"] = check_all_candidates(gen)
     start = time.time()
     for B, T, H, S, fp8 in plan:
         run_case(B, T, H, S, fp8, args, gen, results)

@@ -159,3 +159,70 @@ def test_heuristics_and_errors():
         mla_decode(q_lat, q_pe, cache, table[0], lens, 1.0)
     with pytest.raises(CoscaleError, match="scales"):
         mla_decode(q_lat, q_pe, LatentCacheLayer(cache.latent, cache.rope, cache.rope), table, lens, 1.0)
+
+
+# Every orientation and key-block size the GPU autotuner may pick, run here with a fixed configuration.
+CONFIGS = [dict(BLOCK_N=n, SWAP=sw, num_warps=4, num_stages=2) for n, sw in [(16, 0), (32, 1), (16, 1), (64, 0)]]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"n{c['BLOCK_N']}s{c['SWAP']}")
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("block_size", [8, 64])
+def test_kernel_configurations(cfg, fp8, block_size):
+    """Pages smaller than the key block (per-token block ids) and larger (one id per tile), lengths that
+    are not multiples of the page or the key block, MTP's 2 query tokens."""
+    q_lat, q_pe, cache, table, lens = make_inputs([2, 63, 65, 130], 2, H=4, c=64, dr=16, block_size=block_size,
+                                                  fp8=fp8, seed=6)
+    out, lse = mla_decode(q_lat, q_pe, cache, table, lens, 0.125, num_splits=2, kernel_config=cfg, backend="triton")
+    ref, ref_lse = mla_decode_ref(q_lat, q_pe, cache, table, lens, 0.125)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("swap", [0, 1])
+def test_kernel_fp8_scale_folding_four_tiles(swap):
+    """c = 512 (DeepSeek's): four 128-column scale tiles, each folded into its scores and its P, with
+    scales spread over three orders of magnitude so that a tile paired with the wrong scale shows."""
+    q_lat, q_pe, cache, table, lens = make_inputs([1, 37], 1, H=2, c=512, dr=16, block_size=16, fp8=True, seed=7)
+    g = torch.Generator().manual_seed(8)
+    cache.scale.mul_(torch.logspace(-1.5, 1.5, 4)[torch.randperm(4, generator=g)])
+    cfg = dict(BLOCK_N=16, SWAP=swap, num_warps=4, num_stages=2)
+    out, lse = mla_decode(q_lat, q_pe, cache, table, lens, 0.02, num_splits=2, kernel_config=cfg, backend="triton")
+    ref, ref_lse = mla_decode_ref(q_lat, q_pe, cache, table, lens, 0.02)
+    # values reach ~100 (scales up to 30): FP32 summation-order error is relative to the largest output
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 9])
+def test_kernel_batch_one_and_split_counts(splits):
+    """Batch 1; one split, and more splits than key blocks (empty splits store only their lse)."""
+    q_lat, q_pe, cache, table, lens = make_inputs([45], 1, H=4, c=32, dr=16, block_size=16, seed=9)
+    out, lse = mla_decode(q_lat, q_pe, cache, table, lens, 0.1, num_splits=splits, backend="triton")
+    ref, ref_lse = mla_decode_ref(q_lat, q_pe, cache, table, lens, 0.1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("swap", [0, 1])
+def test_kernel_128_heads(swap):
+    """DeepSeek-V3's 128 heads: two 64-row tiles per sequence, both orientations."""
+    q_lat, q_pe, cache, table, lens = make_inputs([3, 20], 1, H=128, c=16, dr=16, block_size=16, seed=10)
+    assert heads_per_tile(128, 1) == 64
+    cfg = dict(BLOCK_N=16, SWAP=swap, num_warps=8, num_stages=2)
+    out, lse = mla_decode(q_lat, q_pe, cache, table, lens, 0.2, num_splits=2, kernel_config=cfg, backend="triton")
+    ref, ref_lse = mla_decode_ref(q_lat, q_pe, cache, table, lens, 0.2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_config_and_fp8_width_errors():
+    q_lat, q_pe, cache, table, lens = make_inputs([4], 1, H=2, c=32, dr=16, block_size=16)
+    with pytest.raises(CoscaleError, match="exactly the keys"):
+        mla_decode(q_lat, q_pe, cache, table, lens, 1.0, kernel_config={"BLOCK_N": 16}, backend="triton")
+    bad = dict(BLOCK_N=24, SWAP=0, num_warps=4, num_stages=2)
+    with pytest.raises(CoscaleError, match="power of two"):
+        mla_decode(q_lat, q_pe, cache, table, lens, 1.0, kernel_config=bad, backend="triton")
+    q_lat, q_pe, cache, table, lens = make_inputs([4], 1, H=1, c=640, dr=16, block_size=16, fp8=True)
+    with pytest.raises(CoscaleError, match="at most 512"):
+        mla_decode(q_lat, q_pe, cache, table, lens, 1.0, backend="triton")

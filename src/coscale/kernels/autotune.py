@@ -52,12 +52,13 @@ def autotune_configs(gpu_configs: Sequence, interpreter_config) -> list:
     return list(gpu_configs)
 
 
-def triton_autotune(gpu_configs: Sequence, interpreter_config, key: list[str]):
+def triton_autotune(gpu_configs: Sequence, interpreter_config, key: list[str], **options):
     """``@triton.autotune`` over ``autotune_configs(gpu_configs, interpreter_config)``, keyed by the
-    kernel arguments named in ``key`` (Triton adds the tensors' dtypes to the key)."""
+    kernel arguments named in ``key`` (Triton adds the tensors' dtypes to the key); ``options`` go to
+    ``triton.autotune`` as they are (e.g. ``prune_configs_by``)."""
     import triton
 
-    return triton.autotune(configs=autotune_configs(gpu_configs, interpreter_config), key=key)
+    return triton.autotune(configs=autotune_configs(gpu_configs, interpreter_config), key=key, **options)
 
 
 def _cannot_time() -> bool:

@@ -21,9 +21,13 @@ The kernel (two launches, flash-decoding):
    (up to 64 rows; DeepSeek-V3's 128 heads take two tiles), so each latent block is read from memory
    once for all heads, as in FlashMLA; the context is cut into `num_splits` contiguous ranges so that
    small batches and long contexts still fill every SM. Each program walks its range BLOCK_N tokens at
-   a time through the block table, computes [M, BLOCK_N] scores with two tl.dots (latent, rope), runs
-   the online softmax in base 2 and accumulates P @ latent into an [M, c] FP32 accumulator. FP8 tiles
-   are dequantized in registers (fp8 -> fp32 * scale -> bf16) before the dots.
+   a time through the block table (the next tile's block ids loaded one iteration ahead), computes
+   [M, BLOCK_N] scores with tl.dots (latent, rope; each latent tile loaded once for both products), runs
+   the online softmax in base 2 and accumulates P @ latent into FP32 accumulators. FP8 tiles are cast
+   to bf16 (exact for e4m3) and each 128-column tile's per-token scale is folded into its scores and
+   into P, one accumulator per tile. The configuration (BLOCK_N, orientation: heads or keys on the
+   MMA's M, warps, stages) is autotuned per shape; the kernels and their design notes are in
+   coscale.kernels._mla_decode_triton.
 2. Combine (only when num_splits > 1): per (b, t, h), the partial outputs are merged with weights
    exp(lse_i - lse_max) (the log-sum-exp combine of flash-decoding).
 The split count is fixed per launch from the batch size and the longest context (not from the lengths
@@ -43,13 +47,13 @@ from dataclasses import dataclass
 import torch
 
 from coscale.errors import CoscaleError
-from coscale.kernels.autotune import triton_autotune
 from coscale.kernels.backend import interpreting, select_backend
 
 FP8_TILE = 128
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 MAX_ROWS_PER_TILE = 64  # S x heads rows in one tile: an [M, 512] FP32 accumulator is 128 KB of registers
 MAX_SPLITS = 64
+MAX_FP8_CHUNKS = 4  # the kernel keeps one accumulator per 128-column scale tile: c <= 512 (DeepSeek's)
 
 
 @dataclass
@@ -146,129 +150,11 @@ def mla_decode_ref(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, 
 # ---------------------------------------------------------------------------------------------------
 
 
-def _configs(triton):
-    """(the GPU's configurations, the interpreter's one) for coscale.kernels.autotune.triton_autotune:
-    key blocks of 16-64 tokens, 2-4 pipeline stages (the loads are what the kernel waits for)."""
-    gpu = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-           for n, w, s in [(64, 4, 2), (64, 8, 2), (32, 4, 3), (32, 4, 4), (32, 8, 3), (16, 4, 4), (64, 4, 3)]]
-    return gpu, triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)
-
-
 @functools.cache
 def _build_kernels(interpret: bool):
-    import triton
-    import triton.language as tl
-
-    @triton_autotune(*_configs(triton), key=["C", "DR", "S_Q", "HEADS_TILE", "NUM_SPLITS", "FP8", "PAGE"])
-    @triton.jit
-    def mla_decode_split_kernel(
-        q_ptr, qpe_ptr, latent_ptr, rope_ptr, scale_ptr, table_ptr, seq_lens_ptr, out_ptr, lse_ptr,
-        stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph,
-        stride_lblk, stride_ltok, stride_rblk, stride_rtok, stride_sblk, stride_stok, stride_table,
-        stride_ob, stride_os, stride_oh, stride_osplit, stride_lb, stride_ls, stride_lh,
-        H, sm_scale_log2,
-        C: tl.constexpr, DR: tl.constexpr, S_Q: tl.constexpr, HEADS_TILE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        PAGE: tl.constexpr, FP8: tl.constexpr, TILE: tl.constexpr, NUM_TILES: tl.constexpr, DOT_FP32: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):  # fmt: skip
-        group, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        seq_len = tl.load(seq_lens_ptr + b)
-        per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS) * BLOCK_N
-        lo = split * per_split
-        hi = tl.minimum(lo + per_split, seq_len)
-
-        rows = tl.arange(0, BLOCK_M)
-        token = rows // HEADS_TILE
-        head = group * HEADS_TILE + rows % HEADS_TILE
-        row_ok = (token < S_Q) & (head < H)
-        last_key = seq_len - S_Q + token  # causal among the S_Q query tokens
-        offs_c = tl.arange(0, BLOCK_C)
-        offs_r = tl.arange(0, BLOCK_R)
-        q = tl.load(q_ptr + b * stride_qb + token[:, None] * stride_qs + head[:, None] * stride_qh + offs_c[None, :],
-                    mask=row_ok[:, None] & (offs_c[None, :] < C), other=0.0)
-        qpe = tl.load(qpe_ptr + b * stride_pb + token[:, None] * stride_ps + head[:, None] * stride_ph
-                      + offs_r[None, :], mask=row_ok[:, None] & (offs_r[None, :] < DR), other=0.0)
-        dot_dtype = tl.float32 if DOT_FP32 else q.dtype
-        q = q.to(dot_dtype)
-        qpe = qpe.to(dot_dtype)
-
-        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-        table_row = table_ptr + b * stride_table
-        for start in range(lo, hi, BLOCK_N):
-            pos = start + tl.arange(0, BLOCK_N)
-            key_ok = pos < hi
-            block = tl.load(table_row + pos // PAGE, mask=key_ok, other=0).to(tl.int64)
-            in_block = pos % PAGE
-            lat_rows = latent_ptr + block * stride_lblk + in_block * stride_ltok
-            k = tl.load(lat_rows[:, None] + offs_c[None, :], mask=key_ok[:, None] & (offs_c[None, :] < C),
-                        other=0.0, eviction_policy="evict_first")
-            if FP8:  # one scale per TILE columns: load [BLOCK_N, NT] scales, broadcast over each tile
-                offs_t = tl.arange(0, BLOCK_C // TILE)
-                s_rows = scale_ptr + block * stride_sblk + in_block * stride_stok
-                k_scale = tl.load(s_rows[:, None] + offs_t[None, :],
-                                  mask=key_ok[:, None] & (offs_t[None, :] < NUM_TILES), other=0.0)
-                k = tl.reshape(k.to(tl.float32), (BLOCK_N, BLOCK_C // TILE, TILE)) * k_scale[:, :, None]
-                k = tl.reshape(k, (BLOCK_N, BLOCK_C)).to(dot_dtype)
-            else:
-                k = k.to(dot_dtype)
-            kr = tl.load(rope_ptr + block[:, None] * stride_rblk + in_block[:, None] * stride_rtok + offs_r[None, :],
-                         mask=key_ok[:, None] & (offs_r[None, :] < DR), other=0.0,
-                         eviction_policy="evict_first").to(dot_dtype)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            s += tl.dot(qpe, tl.trans(kr), input_precision=PRECISION)
-            visible = key_ok[None, :] & (pos[None, :] <= last_key[:, None])
-            s = tl.where(visible, s * sm_scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), k, input_precision=PRECISION)
-            m_i = m_new
-
-        has_keys = l_i > 0
-        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-        lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
-        o_ptrs = (out_ptr + b * stride_ob + token[:, None] * stride_os + head[:, None] * stride_oh
-                  + split * stride_osplit + offs_c[None, :])
-        # A split past the end of a short sequence stores only its lse (-inf): the combine skips it, so
-        # graphs sized for long contexts do not pay for empty partial outputs.
-        if NUM_SPLITS == 1:
-            keep = row_ok
-        else:
-            keep = row_ok & (lo + tl.zeros([BLOCK_M], tl.int32) < hi)
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=keep[:, None] & (offs_c[None, :] < C))
-        tl.store(lse_ptr + b * stride_lb + token * stride_ls + head * stride_lh + split, lse, mask=row_ok)
-
-    @triton.jit
-    def mla_decode_combine_kernel(
-        part_ptr, part_lse_ptr, out_ptr, lse_ptr, H,
-        stride_pb, stride_ps, stride_ph, stride_psplit, stride_lb, stride_ls, stride_lh,
-        stride_ob, stride_os, stride_oh, stride_fb, stride_fs, stride_fh,
-        C: tl.constexpr, BLOCK_C: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-    ):  # fmt: skip
-        b, row = tl.program_id(1), tl.program_id(0)
-        t, h = row // H, row % H
-        offs_s = tl.arange(0, SPLITS_P2)
-        lse = tl.load(part_lse_ptr + b * stride_lb + t * stride_ls + h * stride_lh + offs_s,
-                      mask=offs_s < NUM_SPLITS, other=float("-inf"))
-        lse_max = tl.max(lse, axis=0)
-        weights = tl.exp(lse - lse_max)
-        total = tl.sum(weights, axis=0)
-        offs_c = tl.arange(0, BLOCK_C)
-        acc = tl.zeros((BLOCK_C,), tl.float32)
-        base = part_ptr + b * stride_pb + t * stride_ps + h * stride_ph + offs_c
-        for i in range(NUM_SPLITS):
-            w = tl.sum(tl.where(offs_s == i, weights, 0.0), axis=0)
-            if w > 0:  # skip splits without keys (their partial output is never read)
-                acc += w * tl.load(base + i * stride_psplit, mask=offs_c < C, other=0.0)
-        tl.store(out_ptr + b * stride_ob + t * stride_os + h * stride_oh + offs_c,
-                 (acc / total).to(out_ptr.dtype.element_ty), mask=offs_c < C)
-        tl.store(lse_ptr + b * stride_fb + t * stride_fs + h * stride_fh, lse_max + tl.log(total))
+    """The split and combine kernels (imported on first use; ``interpret`` keys the cache, as
+    triton.jit picks the interpreter when the module is imported)."""
+    from coscale.kernels._mla_decode_triton import mla_decode_combine_kernel, mla_decode_split_kernel
 
     return mla_decode_split_kernel, mla_decode_combine_kernel
 
@@ -312,19 +198,44 @@ def _check(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens):
         raise CoscaleError("an FP8 latent cache needs its scales (and only an FP8 one has them)")
 
 
+CONFIG_KEYS = ("BLOCK_N", "SWAP", "num_warps", "num_stages")
+
+
+def _checked_config(cfg: dict) -> dict:
+    if set(cfg) != set(CONFIG_KEYS):
+        raise CoscaleError(f"kernel_config needs exactly the keys {CONFIG_KEYS}; got {sorted(cfg)}")
+    n = cfg["BLOCK_N"]
+    if n < 16 or n & (n - 1) or cfg["SWAP"] not in (0, 1):
+        raise CoscaleError(f"kernel_config: BLOCK_N must be a power of two >= 16 and SWAP 0 or 1; got {cfg}")
+    return dict(cfg)
+
+
+def tuned_config() -> dict | None:
+    """The split kernel's configuration of its last autotuned launch (None before one): for benchmarks."""
+    cfg = getattr(_build_kernels(interpreting())[0], "best_config", None)
+    if cfg is None:
+        return None
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
 def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, softmax_scale: float, *,
                max_seq_len: int | None = None, num_splits: int | None = None, heads_tile: int | None = None,
-               backend: str = "auto"):
+               kernel_config: dict | None = None, backend: str = "auto"):
     """MLA decode over the paged latent cache (module docstring). q_lat [B, S, H, c], q_pe [B, S, H, dr]
     (bf16 on a GPU; the kernel's dots run in q_lat's dtype), block_table [B, W] int32, seq_lens [B]
     int32 (each >= S). Returns (o_lat [B, S, H, c] in q_lat's dtype, lse [B, S, H] float32).
 
     max_seq_len: a bound on seq_lens (host int; default: the block table's width x BS) that sizes the
-    context split; num_splits / heads_tile override the heuristics (benchmarks)."""
+    context split; num_splits / heads_tile override the heuristics (benchmarks); kernel_config fixes the
+    split kernel's configuration instead of autotuning it (keys BLOCK_N, SWAP, num_warps, num_stages; see
+    CONFIG_KEYS), for tests and benchmarks."""
     _check(q_lat, q_pe, cache, block_table, seq_lens)
     if select_backend(backend, q_lat, op="mla_decode") == "torch":
         return mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, softmax_scale)
     B, S, H, c = q_lat.shape
+    if cache.scale is not None and c > MAX_FP8_CHUNKS * FP8_TILE:
+        raise CoscaleError(f"the Triton MLA decode kernel reads FP8 latents of at most "
+                           f"{MAX_FP8_CHUNKS * FP8_TILE} columns (got {c}); use backend='torch'")
     dr, page = q_pe.shape[-1], cache.block_size
     q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
     tile = heads_tile or heads_per_tile(H, S)
@@ -343,18 +254,25 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     o = part if splits > 1 else out.unsqueeze(3)  # [B, S, H, splits, c]
     o_lse = part_lse if splits > 1 else lse.unsqueeze(3)
     dot_fp32 = interpreting() or q_lat.dtype == torch.float32
-    split_kernel[(groups, splits, B)](
+    block_c = max(16, _next_pow2(c))
+    chunk = min(FP8_TILE, block_c) if fp8 else block_c
+    args = (
         q_lat, q_pe, cache.latent, cache.rope, scale, block_table, seq_lens, o, o_lse,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         cache.latent.stride(0), cache.latent.stride(1), cache.rope.stride(0), cache.rope.stride(1),
         scale.stride(0), scale.stride(1), block_table.stride(0),
         o.stride(0), o.stride(1), o.stride(2), o.stride(3), o_lse.stride(0), o_lse.stride(1), o_lse.stride(2),
-        H, softmax_scale * math.log2(math.e),
-        C=c, DR=dr, S_Q=S, HEADS_TILE=tile, BLOCK_M=max(16, _next_pow2(S * tile)), BLOCK_C=max(16, _next_pow2(c)),
-        BLOCK_R=max(16, _next_pow2(dr)), NUM_SPLITS=splits, PAGE=page, FP8=fp8,
-        TILE=min(FP8_TILE, max(16, _next_pow2(c))), NUM_TILES=math.ceil(c / FP8_TILE),
+        H, splits, _next_pow2(B), softmax_scale * math.log2(math.e),
+    )  # fmt: skip
+    consts = dict(
+        C=c, DR=dr, S_Q=S, HEADS_TILE=tile, BLOCK_M=max(16, _next_pow2(S * tile)), CHUNK=chunk,
+        NUM_CHUNKS=math.ceil(c / chunk), BLOCK_R=max(16, _next_pow2(dr)), PAGE=page, FP8=fp8,
         DOT_FP32=dot_fp32, PRECISION="ieee" if dot_fp32 else "tf32",
     )  # fmt: skip
+    if kernel_config is None:
+        split_kernel[(groups, splits, B)](*args, **consts)
+    else:  # a fixed configuration (tests, benchmarks): the autotuner's kernel without the tuning
+        split_kernel.fn[(groups, splits, B)](*args, **consts, **_checked_config(kernel_config))
     if splits > 1:
         combine_kernel[(S * H, B)](
             part, part_lse, out, lse, H,

@@ -1,0 +1,283 @@
+"""The Triton kernels of MLA decode (algorithm, layouts and launcher: coscale.kernels.mla_decode).
+
+A module of its own, imported on the first launch: ``triton.jit`` decides between the compiler and the
+CPU interpreter when it decorates, and the interpreter looks up the helpers a kernel calls among the
+module's globals (not in a closure), so helpers and kernels are defined here at module level.
+
+What the split kernel's shape is for (sm_90 compiles with Triton's own ptxas, no GPU needed:
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` gives the TTGIR, shared memory and,
+through ``ptxas -v``, registers and spills):
+
+- Pipelining. Triton's pipeliner gives each load (num_stages - 1) / (1 + indirection levels) stages of
+  latency, and a load whose address comes from a load in the same iteration (the block table) is one
+  level deeper. The first version loaded the block ids and the latent tile in the same iteration, so at
+  every num_stages it tried (2-4) the latent was single-buffered and each program waited for its tile
+  before every product. The block ids of the next tile are now carried one iteration ahead, and the
+  latent is double-buffered from num_stages 3 (2 with SWAP, whose wgmma reads shared memory).
+- Orientation. tl.dot with M = 16 (16 heads) runs on mma.sync (MMAv2), the query as the A operand held
+  in every warp's registers (about 144 registers a thread for 512 + 64 columns). SWAP=1 puts the keys on
+  M (scores^T = K Q^T, O^T += K^T P^T): at BLOCK_N = 64 both products compile to wgmma with the query and
+  the latent read from shared memory.
+- FP8. e4m3 values are exact in bf16, so the cache tile is only cast; the per-token, per-128-column
+  scale multiplies the tile's scores and, for P @ V, P itself (one accumulator per 128-column tile).
+  The first version multiplied every element in FP32 through a 3-D reshape. Open: with 16 rows (MMAv2)
+  the pipeliner still leaves the FP8 latent loads synchronous (plain tt.load in the loop, only the RoPE
+  and the scales go through cp.async); with 64 rows (wgmma) they are double-buffered. Carrying the next
+  tile's FP8 chunks in registers one iteration ahead is the next thing to try.
+- Candidates: (64, SWAP=0, 4 warps) spills and is left out; 64-row tiles (128 heads) keep the 8-warp
+  candidates (_prune); a candidate over the shared-memory limit fails to compile and the autotuner
+  skips it.
+"""
+
+import triton
+import triton.language as tl
+
+from coscale.kernels.autotune import triton_autotune
+
+
+def _configs():
+    """(the GPU's configurations, the interpreter's one) for coscale.kernels.autotune.triton_autotune.
+
+    SWAP=0 puts the query rows (heads) on the MMA's M dimension; SWAP=1 puts the keys there (S^T = K Q^T,
+    O^T += K^T P^T), which lets Hopper's wgmma (M a multiple of 64) run both products with 16 heads.
+    Stages: the latent tile is double-buffered from num_stages 3 (SWAP=0) or 2 (SWAP=1, whose wgmma
+    consumes from shared memory), checked on sm_90 compiles: 64 keys x (512 + 64) x 2 bytes is 72 KB
+    a buffer, so the largest tiles get the fewest stages."""
+    gpu = [triton.Config({"BLOCK_N": n, "SWAP": sw}, num_warps=w, num_stages=st)
+           for n, sw, w, st in [(32, 0, 4, 3), (32, 0, 4, 4), (16, 0, 4, 5), (64, 0, 8, 3), (32, 0, 8, 4),
+                                (64, 1, 4, 2), (64, 1, 8, 2), (32, 1, 4, 3), (32, 1, 8, 4)]]
+    return gpu, triton.Config({"BLOCK_N": 16, "SWAP": 0}, num_warps=4, num_stages=1)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop the candidates that cannot fit one tile of BLOCK_M rows: an [M, 512] FP32 accumulator over
+    4 warps is 256 registers a thread at 64 rows (it spills), so 64-row tiles take 8 warps."""
+    rows = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 16))
+    kept = [c for c in configs if rows < 64 or c.num_warps >= 8]
+    return kept or configs
+
+
+
+@triton.jit
+def _qk(q, k, SWAP: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of rows q [M, D] against keys k [N, D]: [M, N], or [N, M] when SWAP."""
+    if SWAP:
+        return tl.dot(k, tl.trans(q), input_precision=PRECISION)
+    else:
+        return tl.dot(q, tl.trans(k), input_precision=PRECISION)
+
+@triton.jit
+def _pv(p, v, SWAP: tl.constexpr, PRECISION: tl.constexpr):
+    """p [M, N] @ v [N, D] -> [M, D]; with SWAP p is [N, M] and the result [D, M]."""
+    if SWAP:
+        return tl.dot(tl.trans(v), p, input_precision=PRECISION)
+    else:
+        return tl.dot(p, v, input_precision=PRECISION)
+
+@triton.jit
+def _per_key(x, SWAP: tl.constexpr):
+    """A [N] vector over keys, broadcast against scores ([M, N], or [N, M] when SWAP)."""
+    if SWAP:
+        return x[:, None]
+    else:
+        return x[None, :]
+
+@triton.jit
+def _per_row(x, SWAP: tl.constexpr):
+    """A [M] vector over query rows, broadcast against scores or accumulators."""
+    if SWAP:
+        return x[None, :]
+    else:
+        return x[:, None]
+
+@triton.jit
+def _load_q(q_rows, row_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dtype: tl.constexpr):
+    offs = col0 + tl.arange(0, CHUNK)
+    q = tl.load(q_rows[:, None] + offs[None, :], mask=row_ok[:, None] & (offs[None, :] < C), other=0.0)
+    return q.to(dot_dtype)
+
+@triton.jit
+def _load_k(lat_rows, key_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dtype: tl.constexpr):
+    # FP8 e4m3 values are exact in bf16: the cast is the whole dequantization, the scale is folded
+    # into the products (scores and P), so no element is multiplied here.
+    offs = col0 + tl.arange(0, CHUNK)
+    k = tl.load(lat_rows[:, None] + offs[None, :], mask=key_ok[:, None] & (offs[None, :] < C), other=0.0,
+                eviction_policy="evict_first")
+    return k.to(dot_dtype)
+
+@triton.jit
+def _store_chunk(o_rows, acc, l_safe, keep, col0, C: tl.constexpr, CHUNK: tl.constexpr, SWAP: tl.constexpr):
+    if SWAP:
+        acc = tl.trans(acc)
+    out = acc / l_safe[:, None]
+    offs = col0 + tl.arange(0, CHUNK)
+    tl.store(o_rows[:, None] + offs[None, :], out.to(o_rows.dtype.element_ty),
+             mask=keep[:, None] & (offs[None, :] < C))
+
+@triton_autotune(*_configs(), key=["C", "DR", "S_Q", "HEADS_TILE", "num_splits", "batch_bucket", "FP8",
+                                         "PAGE"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=["num_splits", "batch_bucket"])
+def mla_decode_split_kernel(
+    q_ptr, qpe_ptr, latent_ptr, rope_ptr, scale_ptr, table_ptr, seq_lens_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph,
+    stride_lblk, stride_ltok, stride_rblk, stride_rtok, stride_sblk, stride_stok, stride_table,
+    stride_ob, stride_os, stride_oh, stride_osplit, stride_lb, stride_ls, stride_lh,
+    H, num_splits, batch_bucket, sm_scale_log2,
+    C: tl.constexpr, DR: tl.constexpr, S_Q: tl.constexpr, HEADS_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr,
+    PAGE: tl.constexpr, FP8: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, SWAP: tl.constexpr,
+):  # fmt: skip
+    group, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    rows = tl.arange(0, BLOCK_M)
+    token = rows // HEADS_TILE
+    head = group * HEADS_TILE + rows % HEADS_TILE
+    row_ok = (token < S_Q) & (head < H)
+    last_key = seq_len - S_Q + token  # causal among the S_Q query tokens
+    dot_dtype = tl.float32 if DOT_FP32 else q_ptr.dtype.element_ty
+    q_rows = q_ptr + b * stride_qb + token * stride_qs + head * stride_qh
+    qpe = _load_q(qpe_ptr + b * stride_pb + token * stride_ps + head * stride_ph, row_ok, 0, DR,
+                  BLOCK_R, dot_dtype)
+    # The latent's columns in NUM_CHUNKS chunks (one for a BF16 cache; one per 128-column scale tile for
+    # FP8, at most four): each chunk has its own accumulator so that its scale can be folded into P.
+    q0 = _load_q(q_rows, row_ok, 0, C, CHUNK, dot_dtype)
+    if SWAP:
+        acc0 = tl.zeros((CHUNK, BLOCK_M), tl.float32)
+    else:
+        acc0 = tl.zeros((BLOCK_M, CHUNK), tl.float32)
+    if NUM_CHUNKS > 1:
+        q1 = _load_q(q_rows, row_ok, CHUNK, C, CHUNK, dot_dtype)
+        acc1 = tl.zeros_like(acc0)
+    if NUM_CHUNKS > 2:
+        q2 = _load_q(q_rows, row_ok, 2 * CHUNK, C, CHUNK, dot_dtype)
+        acc2 = tl.zeros_like(acc0)
+    if NUM_CHUNKS > 3:
+        q3 = _load_q(q_rows, row_ok, 3 * CHUNK, C, CHUNK, dot_dtype)
+        acc3 = tl.zeros_like(acc0)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    table_row = table_ptr + b * stride_table
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    # The block ids of the next tile are loaded one iteration ahead (carried through the loop): a
+    # tile address that depends on a load in the same iteration makes Triton's pipeliner spend one
+    # of num_stages on that load, which left the latent single-buffered (sm_90 compiles of the
+    # first version: loads and dots serialised in every program).
+    if PAGE % BLOCK_N == 0:  # a tile never straddles a page: one block id per tile
+        nxt = tl.load(table_row + lo // PAGE, mask=lo < hi, other=0)
+    else:
+        nxt = tl.load(table_row + (lo + offs_n) // PAGE, mask=lo + offs_n < hi, other=0)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n
+        key_ok = pos < hi
+        block = nxt.to(tl.int64)
+        if PAGE % BLOCK_N == 0:
+            nxt = tl.load(table_row + (start + BLOCK_N) // PAGE, mask=start + BLOCK_N < hi, other=0)
+            lat_rows = latent_ptr + block * stride_lblk + (start % PAGE + offs_n) * stride_ltok
+            rope_rows = rope_ptr + block * stride_rblk + (start % PAGE + offs_n) * stride_rtok
+            s_rows = scale_ptr + block * stride_sblk + (start % PAGE + offs_n) * stride_stok
+        else:
+            nxt = tl.load(table_row + (pos + BLOCK_N) // PAGE, mask=pos + BLOCK_N < hi, other=0)
+            lat_rows = latent_ptr + block * stride_lblk + (pos % PAGE) * stride_ltok
+            rope_rows = rope_ptr + block * stride_rblk + (pos % PAGE) * stride_rtok
+            s_rows = scale_ptr + block * stride_sblk + (pos % PAGE) * stride_stok
+        kr = tl.load(rope_rows[:, None] + offs_r[None, :], mask=key_ok[:, None] & (offs_r[None, :] < DR),
+                     other=0.0, eviction_policy="evict_first").to(dot_dtype)
+        s = _qk(qpe, kr, SWAP, PRECISION)
+        # The latent tile is loaded once and feeds both products (scores and P @ V).
+        k0 = _load_k(lat_rows, key_ok, 0, C, CHUNK, dot_dtype)
+        if FP8:  # score = sum over tiles t of scale[t] * (q_t . q8_t)
+            sc0 = tl.load(s_rows, mask=key_ok, other=0.0)
+            s += _qk(q0, k0, SWAP, PRECISION) * _per_key(sc0, SWAP)
+        else:
+            s += _qk(q0, k0, SWAP, PRECISION)
+        if NUM_CHUNKS > 1:
+            k1 = _load_k(lat_rows, key_ok, CHUNK, C, CHUNK, dot_dtype)
+            sc1 = tl.load(s_rows + 1, mask=key_ok, other=0.0)
+            s += _qk(q1, k1, SWAP, PRECISION) * _per_key(sc1, SWAP)
+        if NUM_CHUNKS > 2:
+            k2 = _load_k(lat_rows, key_ok, 2 * CHUNK, C, CHUNK, dot_dtype)
+            sc2 = tl.load(s_rows + 2, mask=key_ok, other=0.0)
+            s += _qk(q2, k2, SWAP, PRECISION) * _per_key(sc2, SWAP)
+        if NUM_CHUNKS > 3:
+            k3 = _load_k(lat_rows, key_ok, 3 * CHUNK, C, CHUNK, dot_dtype)
+            sc3 = tl.load(s_rows + 3, mask=key_ok, other=0.0)
+            s += _qk(q3, k3, SWAP, PRECISION) * _per_key(sc3, SWAP)
+
+        if SWAP:
+            visible = key_ok[:, None] & (pos[:, None] <= last_key[None, :])
+            s = tl.where(visible, s * sm_scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        else:
+            visible = key_ok[None, :] & (pos[None, :] <= last_key[:, None])
+            s = tl.where(visible, s * sm_scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
+        p = tl.exp2(s - _per_row(m_safe, SWAP))
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=0 if SWAP else 1)
+        m_i = m_new
+        # value = scale[t] * q8 over tile t: the scale goes into P (one product per tile)
+        if FP8:
+            acc0 = acc0 * _per_row(alpha, SWAP) + _pv((p * _per_key(sc0, SWAP)).to(dot_dtype), k0, SWAP,
+                                                      PRECISION)
+        else:
+            acc0 = acc0 * _per_row(alpha, SWAP) + _pv(p.to(dot_dtype), k0, SWAP, PRECISION)
+        if NUM_CHUNKS > 1:
+            acc1 = acc1 * _per_row(alpha, SWAP) + _pv((p * _per_key(sc1, SWAP)).to(dot_dtype), k1, SWAP,
+                                                      PRECISION)
+        if NUM_CHUNKS > 2:
+            acc2 = acc2 * _per_row(alpha, SWAP) + _pv((p * _per_key(sc2, SWAP)).to(dot_dtype), k2, SWAP,
+                                                      PRECISION)
+        if NUM_CHUNKS > 3:
+            acc3 = acc3 * _per_row(alpha, SWAP) + _pv((p * _per_key(sc3, SWAP)).to(dot_dtype), k3, SWAP,
+                                                      PRECISION)
+
+    has_keys = l_i > 0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    o_rows = out_ptr + b * stride_ob + token * stride_os + head * stride_oh + split * stride_osplit
+    # A split past the end of a short sequence stores only its lse (-inf): the combine skips it, so
+    # graphs sized for long contexts do not pay for empty partial outputs.
+    keep = row_ok & ((lo < hi) | (num_splits == 1))
+    _store_chunk(o_rows, acc0, l_safe, keep, 0, C, CHUNK, SWAP)
+    if NUM_CHUNKS > 1:
+        _store_chunk(o_rows, acc1, l_safe, keep, CHUNK, C, CHUNK, SWAP)
+    if NUM_CHUNKS > 2:
+        _store_chunk(o_rows, acc2, l_safe, keep, 2 * CHUNK, C, CHUNK, SWAP)
+    if NUM_CHUNKS > 3:
+        _store_chunk(o_rows, acc3, l_safe, keep, 3 * CHUNK, C, CHUNK, SWAP)
+    tl.store(lse_ptr + b * stride_lb + token * stride_ls + head * stride_lh + split, lse, mask=row_ok)
+
+@triton.jit
+def mla_decode_combine_kernel(
+    part_ptr, part_lse_ptr, out_ptr, lse_ptr, H,
+    stride_pb, stride_ps, stride_ph, stride_psplit, stride_lb, stride_ls, stride_lh,
+    stride_ob, stride_os, stride_oh, stride_fb, stride_fs, stride_fh,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+):  # fmt: skip
+    b, row = tl.program_id(1), tl.program_id(0)
+    t, h = row // H, row % H
+    offs_s = tl.arange(0, SPLITS_P2)
+    lse = tl.load(part_lse_ptr + b * stride_lb + t * stride_ls + h * stride_lh + offs_s,
+                  mask=offs_s < NUM_SPLITS, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    weights = tl.exp(lse - lse_max)
+    total = tl.sum(weights, axis=0)
+    offs_c = tl.arange(0, BLOCK_C)
+    acc = tl.zeros((BLOCK_C,), tl.float32)
+    base = part_ptr + b * stride_pb + t * stride_ps + h * stride_ph + offs_c
+    for i in range(NUM_SPLITS):
+        w = tl.sum(tl.where(offs_s == i, weights, 0.0), axis=0)
+        if w > 0:  # skip splits without keys (their partial output is never read)
+            acc += w * tl.load(base + i * stride_psplit, mask=offs_c < C, other=0.0)
+    tl.store(out_ptr + b * stride_ob + t * stride_os + h * stride_oh + offs_c,
+             (acc / total).to(out_ptr.dtype.element_ty), mask=offs_c < C)
+    tl.store(lse_ptr + b * stride_fb + t * stride_fs + h * stride_fh, lse_max + tl.log(total))
+
