@@ -7,12 +7,19 @@ model and the synchronous engine."""
 import pytest
 import torch
 
+from coscale.config import get_preset
 from coscale.errors import ConfigError
 from coscale.infer.batch import build_batch
-from coscale.infer.engine import Engine, EngineConfig
 from coscale.infer.sampling import SamplingParams
 from coscale.infer.scheduler import PLACEHOLDER
-from test_engine import VOCAB, drive, model, naive_greedy, small_engine, workload  # noqa: F401
+from coscale.model import DeepseekForCausalLM
+from test_engine import VOCAB, drive, naive_greedy, small_engine, workload
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return DeepseekForCausalLM(get_preset("tiny", num_hidden_layers=2, vocab_size=VOCAB)).double().eval()
 
 
 def test_overlap_is_off_on_cpu_and_refused_with_speculation(model):
