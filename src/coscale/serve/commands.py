@@ -57,6 +57,9 @@ def register(subparsers) -> None:
     b.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
     b.add_argument("--seed", type=int, default=0, help="for --prompt-tokens (default: %(default)s)")
     b.add_argument("--out", default=None, help="write the results as JSON to this file")
+    b.add_argument("--check", action="store_true", help="after the load, check that no KV-cache block is left in "
+                   "use (/metrics) and that each request's text equals a single-request run of it (greedy); "
+                   "exit 1 when not")
     b.set_defaults(func=run_bench_serve)
 
     t = subparsers.add_parser("tokenize", help="tokenize text or JSONL files into .bin shards for `coscale train`")
@@ -145,7 +148,7 @@ def run_bench_serve(args) -> int:
                       concurrency=args.concurrency, prompt=args.prompt or DEFAULT_PROMPT,
                       prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
                       temperature=args.temperature, max_duration=args.max_duration, request_timeout=args.timeout,
-                      seed=args.seed)
+                      seed=args.seed, verify=args.check)
     with tqdm(total=cfg.num_requests, unit="req", desc="bench-serve") as bar:
         result = asyncio.run(run_bench(cfg, progress=lambda r: bar.update(1)))
     print(result.table())
@@ -153,7 +156,7 @@ def run_bench_serve(args) -> int:
         with open(args.out, "w") as f:
             f.write(result.to_json() + "\n")
         print(f"wrote {args.out}")
-    return 0 if result.completed else 1
+    return 0 if result.completed and (result.check is None or result.check["passed"]) else 1
 
 
 def run_tokenize(args) -> int:
