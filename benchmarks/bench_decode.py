@@ -18,6 +18,12 @@ of B tokens touches E (1 - (1 - k/E)^B) of a layer's E experts under uniform rou
 mean over the timed steps. When coscale.analysis.serving is present, its decode estimate for the same
 setting (one GPU, BF16 weights and cache, no micro-batch overlap) is printed beside it.
 
+`--breakdown`: where a step's time goes. Per batch: wall ms per step; GPU ms per step (CUDA events from
+the step's first kernel to its tokens copied back) and of its forward alone; host ms per phase of the
+engine's step (schedule, build, forward launch, sample launch, advance, wait for the GPU, land); and the
+top kernels by GPU time over three eager (not graph-replayed) decode steps from torch.profiler.
+`--overlap on|off|both`: the engine's overlapped schedule (default on; both: each batch twice).
+
 HF transformers: DeepseekV2ForCausalLM from the same config (random weights, BF16, SDPA attention),
 `generate` greedy with the same batch and prompt length; decode tokens/s = batch x (n - 1) / (time of
 n new tokens - time of 1). Skipped where it runs out of memory or with --no-hf.
@@ -81,7 +87,7 @@ def random_model(cfg: ModelConfig) -> DeepseekForCausalLM:
     return model.eval()
 
 
-def run_engine_batch(engine: Engine, batch: int, prompt_len: int, steps: int, gen) -> dict:
+def run_engine_batch(engine: Engine, batch: int, prompt_len: int, steps: int, gen, breakdown: bool = False) -> dict:
     vocab = engine.model.config.vocab_size
     ids = [f"b{batch}-{i}" for i in range(batch)]
     for rid in ids:
@@ -93,9 +99,10 @@ def run_engine_batch(engine: Engine, batch: int, prompt_len: int, steps: int, ge
         started.update(o.request_id for o in engine.step() if o.new_token_ids)
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - t0
-    for _ in range(2):  # graph capture for this batch size, then one replay
+    for _ in range(3):  # graph capture for this batch size, then replays (the overlapped pipeline full)
         engine.step()
     stats0 = engine.stats()
+    engine.step_timer.reset(enabled=breakdown)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -105,12 +112,50 @@ def run_engine_batch(engine: Engine, batch: int, prompt_len: int, steps: int, ge
     tokens = engine.stats().generation_tokens_total - stats0.generation_tokens_total
     accepted = engine.stats().accepted_tokens_total - stats0.accepted_tokens_total
     drafts = engine.stats().draft_tokens_total - stats0.draft_tokens_total
+    entry = dict(batch=batch, prompt_len=prompt_len, steps=steps, tokens=tokens, decode_s=seconds,
+                 tokens_per_s=tokens / seconds, step_ms=seconds / steps * 1e3, prefill_s=prefill_s,
+                 acceptance=accepted / drafts if drafts else None, overlap=engine.overlap)
+    if breakdown:
+        timer = engine.step_timer
+        gpu = timer.gpu_ms() or {}
+        entry.update(gpu_step_ms=gpu.get("step"), gpu_forward_ms=gpu.get("forward"),
+                     host_ms={k: v / steps * 1e3 for k, v in timer.host.items()})
+        timer.reset(enabled=False)
+        entry["top_kernels"] = top_kernels(engine, 3)
     for rid in ids:
         engine.abort(rid)
-    engine.step()
-    return dict(batch=batch, prompt_len=prompt_len, steps=steps, tokens=tokens, decode_s=seconds,
-                tokens_per_s=tokens / seconds, step_ms=seconds / steps * 1e3, prefill_s=prefill_s,
-                acceptance=accepted / drafts if drafts else None)
+    while engine.has_unfinished():
+        engine.step()
+    return entry
+
+
+def top_kernels(engine: Engine, steps: int, n: int = 12) -> list[dict]:
+    """The n kernels with the most GPU time over `steps` eager decode steps (CUDA graphs off for them);
+    on CPU (a smoke test) the operators with the most CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.device.type == "cuda"
+    graphs, engine.graphs = engine.graphs, None
+    try:
+        engine.step()  # warm
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+    finally:
+        engine.graphs = graphs
+    rows = []
+    for ev in prof.key_averages():
+        us = (getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)) if cuda else \
+            ev.self_cpu_time_total
+        if us:
+            rows.append(dict(name=ev.key[:90], us_per_step=us / steps, calls_per_step=ev.count / steps))
+    total = sum(r["us_per_step"] for r in rows) or 1.0
+    for r in rows:
+        r["pct"] = 100 * r["us_per_step"] / total
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return [dict(total_us_per_step=total, kernels_per_step=sum(r["calls_per_step"] for r in rows))] + rows[:n]
 
 
 def _time_generate(model, ids: torch.Tensor, n: int) -> float:
@@ -131,8 +176,13 @@ def hf_decode(cfg: ModelConfig, results: list[dict], prompt_len: int, new_tokens
     hf_cfg._attn_implementation = "sdpa"
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    measured: dict[int, float] = {}  # batch -> HF tokens/s (measured once when a batch runs twice)
     for entry in results:
         if "error" in entry:
+            continue
+        if entry["batch"] in measured:
+            entry["hf_tokens_per_s"] = measured[entry["batch"]]
+            entry["speedup_vs_hf"] = entry["tokens_per_s"] / entry["hf_tokens_per_s"]
             continue
         try:
             ids = torch.randint(0, cfg.vocab_size, (entry["batch"], prompt_len), generator=gen).cuda()
@@ -140,6 +190,7 @@ def hf_decode(cfg: ModelConfig, results: list[dict], prompt_len: int, new_tokens
             one, full = _time_generate(model, ids, 1), _time_generate(model, ids, new_tokens)
             entry["hf_tokens_per_s"] = entry["batch"] * (new_tokens - 1) / max(full - one, 1e-9)
             entry["speedup_vs_hf"] = entry["tokens_per_s"] / entry["hf_tokens_per_s"]
+            measured[entry["batch"]] = entry["hf_tokens_per_s"]
         except torch.OutOfMemoryError:
             entry["hf_tokens_per_s"] = "OOM"
             torch.cuda.empty_cache()
@@ -163,6 +214,9 @@ def main():
     parser.add_argument("--speculative", action="store_true", help="with --checkpoint: MTP drafts on and off")
     parser.add_argument("--kv-cache-dtype", default="bf16", choices=("bf16", "fp8"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--breakdown", action="store_true", help="host/GPU time per step and the top kernels")
+    parser.add_argument("--overlap", choices=("on", "off", "both"), default="on",
+                        help="the engine's overlapped schedule (off without speculation only)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode.py needs a CUDA GPU")
@@ -194,18 +248,20 @@ def main():
     results: list[dict] = []
     start = time.time()
     max_len = prompt_len + 3 * (steps + 16)  # room for up to 3 tokens per step (MTP drafts accepted)
-    for speculative in ([False, True] if args.speculative else [False]):
+    modes = [(True, False)] if args.speculative else []
+    modes = [(False, o) for o in {"on": [True], "off": [False], "both": [False, True]}[args.overlap]] + modes
+    for speculative, overlap in modes:
         depth = cfg.num_nextn_predict_layers if speculative else 0
         config = EngineConfig(max_model_len=max_len, max_num_seqs=max(batches),
                               num_blocks=max(batches) * blocks_for(max_len + depth, 64) + 8,
                               max_num_batched_tokens=8192, speculative=speculative,
-                              kv_cache_dtype=args.kv_cache_dtype)
+                              kv_cache_dtype=args.kv_cache_dtype, overlap=overlap)
         engine = Engine(model, config)
         print(engine.describe(), flush=True)
         for batch in batches:
             entry = {"speculative": speculative}
             try:
-                entry.update(run_engine_batch(engine, batch, prompt_len, steps, gen))
+                entry.update(run_engine_batch(engine, batch, prompt_len, steps, gen, args.breakdown))
                 entry.update(memory_roofline(cfg, batch, prompt_len + steps / 2))
                 entry["pct_of_roofline"] = 100 * entry["tokens_per_s"] / entry["roofline_tokens_per_s"]
                 entry["analysis_tokens_per_s"] = analysis_estimate(cfg, batch, prompt_len + steps // 2)
@@ -224,6 +280,8 @@ def main():
     meta["wall_s"] = time.time() - start
     log.save(meta=meta, results=results)
     print_table(results)
+    if args.breakdown:
+        print_breakdown(results)
     print(json.dumps({"meta": meta, "n_results": len(results), "errors": sum("error" in r for r in results)}))
 
 
@@ -232,17 +290,37 @@ def _fmt(x, spec: str) -> str:
 
 
 def print_table(results):
-    print(f"\n{'spec':>4} {'batch':>5} {'tok/s':>9} {'step ms':>8} {'roofline':>9} {'%roof':>6} {'analysis':>9} "
-          f"{'HF tok/s':>9} {'x HF':>6} {'accept':>6}")
+    print(f"\n{'spec':>4} {'ovl':>3} {'batch':>5} {'tok/s':>9} {'step ms':>8} {'roofline':>9} {'%roof':>6} "
+          f"{'analysis':>9} {'HF tok/s':>9} {'x HF':>6} {'accept':>6}")
     for r in results:
         if "error" in r:
-            print(f"{'y' if r.get('speculative') else 'n':>4} {r['batch']:5d} ERROR {r['error']}")
+            print(f"{'y' if r.get('speculative') else 'n':>4} {'':>3} {r['batch']:5d} ERROR {r['error']}")
             continue
-        print(f"{'y' if r['speculative'] else 'n':>4} {r['batch']:5d} {_fmt(r['tokens_per_s'], '9.1f')} "
+        print(f"{'y' if r['speculative'] else 'n':>4} {'y' if r.get('overlap') else 'n':>3} {r['batch']:5d} "
+              f"{_fmt(r['tokens_per_s'], '9.1f')} "
               f"{_fmt(r['step_ms'], '8.2f')} {_fmt(r['roofline_tokens_per_s'], '9.1f')} "
               f"{_fmt(r['pct_of_roofline'], '6.1f')} {_fmt(r.get('analysis_tokens_per_s'), '9.1f'):>9} "
               f"{_fmt(r.get('hf_tokens_per_s'), '9.1f'):>9} {_fmt(r.get('speedup_vs_hf'), '6.1f'):>6} "
               f"{_fmt(r.get('acceptance'), '6.2f'):>6}")
+
+
+def print_breakdown(results):
+    print(f"\n{'spec':>4} {'ovl':>3} {'batch':>5} {'wall ms':>8} {'GPU ms':>7} {'fwd ms':>7}  host ms / step by phase")
+    for r in results:
+        if "host_ms" not in r:
+            continue
+        phases = " ".join(f"{k} {v:.3f}" for k, v in r["host_ms"].items())
+        print(f"{'y' if r['speculative'] else 'n':>4} {'y' if r['overlap'] else 'n':>3} {r['batch']:5d} "
+              f"{r['step_ms']:8.3f} {_fmt(r['gpu_step_ms'], '7.3f')} {_fmt(r['gpu_forward_ms'], '7.3f')}  {phases}")
+    for r in results:
+        kernels = r.get("top_kernels")
+        if not kernels:
+            continue
+        head = kernels[0]
+        print(f"\nbatch {r['batch']} (overlap {r['overlap']}): eager decode step {head['total_us_per_step']:.0f} us "
+              f"of kernels, {head['kernels_per_step']:.0f} kernels / step")
+        for k in kernels[1:]:
+            print(f"  {k['us_per_step']:9.1f} us {k['pct']:5.1f}% x{k['calls_per_step']:6.1f}  {k['name']}")
 
 
 if __name__ == "__main__":

@@ -75,3 +75,41 @@ def test_summary_percentiles():
     s = _summary([float(v) for v in values])
     assert s["mean"] == pytest.approx(50.5) and s["p50"] == pytest.approx(50.5) and s["p99"] == pytest.approx(99.01)
     assert _summary([]) == {}
+
+
+class CrowdedEngine(FakeEngine):
+    """Wrong under load: a request admitted next to others starts its script elsewhere, and one cache
+    block stays in use forever (what --check must catch)."""
+
+    def step(self):
+        crowd = len(self.running) + len(self.waiting)
+        for r in self.waiting:
+            if crowd > 1 and not r.generated:
+                r.params.seed = (r.params.seed or 0) + 1
+        return super().step()
+
+    def used_blocks(self) -> int:
+        return super().used_blocks() + 1
+
+
+def test_check_passes_when_texts_match_and_nothing_leaks(capsys):
+    engine = FakeEngine(step_delay=0.001, max_model_len=512)
+    with threaded_server(engine) as (url, _):
+        code = main(["bench-serve", "--url", url, "--num-requests", "10", "--concurrency", "5", "--max-tokens", "6",
+                     "--prompt-tokens", "4", "--check"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "check: 10/10 texts identical" in printed and "PASSED" in printed
+    assert len(engine.added) == 20  # the load, then each request alone
+
+
+def test_check_catches_different_texts_and_a_leaked_block():
+    with threaded_server(CrowdedEngine(step_delay=0.002, max_model_len=512)) as (url, _):
+        result = asyncio.run(run_bench(BenchConfig(url=url, num_requests=6, concurrency=6, max_tokens=6,
+                                                   prompt_tokens=4, verify=True)))
+    c = result.check
+    assert c["checked"] == 6 and c["single_runs"] == 6 and c["identical"] < 6 and c["mismatches"]
+    assert c["blocks_in_use_after_load"] == 1 and c["blocks_in_use_after_singles"] == 1 and not c["passed"]
+    assert "FAILED" in result.table()
+    with pytest.raises(CoscaleError, match="temperature 0"):
+        BenchConfig(verify=True, temperature=0.7).check()

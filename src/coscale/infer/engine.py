@@ -22,7 +22,8 @@ from coscale.infer import speculative
 from coscale.infer.batch import Batch, build_batch
 from coscale.infer.cache import KV_CACHE_DTYPES, BlockAllocator, PagedLatentCache, blocks_for, bytes_per_token
 from coscale.infer.sampling import SamplingParams, sample, sampling_probs, token_logprobs
-from coscale.infer.scheduler import Request, ScheduledRequest, Scheduler, SchedulerConfig, Status
+from coscale.infer.scheduler import PLACEHOLDER, Request, ScheduledRequest, Scheduler, SchedulerConfig, Status
+from coscale.infer.transfer import HostCopy, StepTimer, to_device
 
 logger = logging.getLogger("coscale.infer")
 
@@ -41,6 +42,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget per step (prefill chunks + decodes)
     speculative: bool = False  # MTP drafts (depth from the checkpoint); exact for greedy
     cuda_graphs: bool = True  # decode steps captured per batch size (CUDA only)
+    # Overlapped schedule: launch step N + 1 before reading step N's tokens back (docs/serving.md).
+    # None: on for CUDA without speculation (drafts make the next step's shape depend on the last).
+    overlap: bool | None = None
 
     def validate(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -54,6 +58,11 @@ class EngineConfig:
             raise ConfigError(f"num_blocks must be a positive integer or None, got {self.num_blocks!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ConfigError(f"max_model_len must be an integer >= 2 or None, got {self.max_model_len!r}")
+        if self.overlap is not None and not isinstance(self.overlap, bool):
+            raise ConfigError(f"overlap must be True, False or None (automatic), got {self.overlap!r}")
+        if self.overlap and self.speculative:
+            raise ConfigError("the overlapped schedule does not combine with speculative decoding (how many drafts "
+                              "a step accepts decides the next step's positions); set overlap=False or None")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ConfigError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
 
@@ -140,6 +149,10 @@ class Engine:
         self.generator.seed()
         self.kernel_backend = "auto"
         self._counters = dict(prompt=0, generation=0, drafts=0, accepted=0)
+        self.overlap = config.overlap if config.overlap is not None else (
+            self.device.type == "cuda" and not self.depth)
+        self._in_flight: _Launched | None = None
+        self.step_timer = StepTimer()  # host seconds per phase, GPU time per step (benchmarks enable it)
         self.graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
             from coscale.infer.graphs import DecodeGraphs
@@ -208,11 +221,12 @@ class Engine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return
+        _drop_placeholders(request)  # a token in flight is dropped when it lands
         self.scheduler.finish(request, "abort")
         self._aborted.append(self._output(request, [], None))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted) or self._in_flight is not None
 
     def stats(self) -> EngineStats:
         c = self._counters
@@ -227,11 +241,22 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
+        """Run one step. With the overlapped schedule it launches the next step and then returns what
+        the step before it produced (so outputs come one call later; has_unfinished() stays true until
+        the last step in flight has landed)."""
         outputs, self._aborted = self._aborted, []
-        scheduled = self.scheduler.schedule()
-        if scheduled:
-            outputs += self._run(scheduled)
-        return outputs
+        timer = self.step_timer
+        with timer.phase("schedule"):
+            scheduled = self.scheduler.schedule()
+        if self.depth:
+            if scheduled:
+                outputs += self._run_speculative(scheduled)
+            return outputs
+        launched = self._launch(scheduled) if scheduled else None
+        if not self.overlap:
+            return outputs + (self._land(launched) if launched else [])
+        landing, self._in_flight = self._in_flight, launched
+        return outputs + (self._land(landing) if landing else [])
 
     # ---- one step ------------------------------------------------------------------------------
     def _forward(self, batch: Batch) -> torch.Tensor:
@@ -239,7 +264,97 @@ class Engine:
             return self.graphs.run(batch)
         return self.model.hidden_states_paged(batch.input_ids, batch.positions, batch.meta)
 
-    def _run(self, scheduled: list[ScheduledRequest]) -> list[RequestOutput]:
+    def _launch(self, scheduled: list[ScheduledRequest]) -> _Launched:
+        """Queue a step on the device (batch, forward, sampling, the copy of its tokens to the host)
+        without waiting for it, and advance the requests' host state with a placeholder per token."""
+        timer, prev = self.step_timer, self._in_flight
+        with timer.phase("build"):
+            pad_to = self.graphs.pad_size(scheduled) if self.graphs is not None else None
+            batch = build_batch(scheduled, self.cache, self.device, self.table_width, self.kernel_backend,
+                                pad_to=pad_to, pending=prev.row_of if prev else None,
+                                pending_tokens=prev.tokens if prev else None)
+        start = timer.event(self.device)
+        with timer.phase("forward"):
+            h = self._forward(batch)
+        after_forward = timer.event(self.device)
+        with timer.phase("sample"):
+            samplers = [s for s in batch.scheduled if s.samples]
+            reqs = [s.request for s in samplers]
+            params = [r.params for r in reqs]
+            h = h[: len(samplers)] if batch.sample_rows is None else h.index_select(0, batch.sample_rows)
+            logits = self.model.logits(h)  # (R, V) float32
+            tokens = sample(logits, params, [r.generator for r in reqs], self.generator) if reqs else None
+            copies = [tokens] if reqs else []
+            wants = [j for j, p in enumerate(params) if p.logprobs is not None]
+            k = max((params[j].logprobs for j in wants), default=0)
+            if wants:
+                lp_rows = to_device(wants, torch.long, self.device)
+                logp = torch.log_softmax(logits.index_select(0, lp_rows), dim=-1)
+                copies.append(logp.gather(1, tokens.index_select(0, lp_rows)[:, None])[:, 0])
+                if k:
+                    top = logp.topk(k, dim=-1)
+                    copies += [top.indices, top.values]
+            landed = HostCopy(copies)
+        end = timer.event(self.device)
+        if start is not None:
+            timer.gpu.append((start, after_forward, end))
+        with timer.phase("advance"):
+            row_of, slots = {}, []
+            for s in batch.scheduled:
+                r = s.request
+                if s.start == 0 and not r.preemptions:
+                    self._counters["prompt"] += len(r.prompt_ids)
+                r.num_computed += s.num_tokens
+                if s.samples:
+                    row_of[r] = len(slots)
+                    r.output_ids.append(PLACEHOLDER)
+                    slots.append((r, len(r.output_ids) - 1))
+                    done = len(r.output_ids)
+                    r.last_in_flight = done >= r.params.max_tokens or len(r.prompt_ids) + done >= self.max_model_len
+        return _Launched(slots, row_of, tokens, landed, wants, k)
+
+    def _land(self, launched: _Launched) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and turn them into outputs: stop tokens and length limits
+        finish requests here (a request that stopped may have a step in flight after this one; that
+        step's token for it is dropped when it lands)."""
+        timer = self.step_timer
+        with timer.phase("wait"):
+            host = launched.copy.wait()
+        with timer.phase("land"):
+            if not launched.slots:
+                return []
+            tokens = host[0].tolist()
+            logprobs = {}
+            if launched.wants:
+                chosen = host[1].tolist()
+                ids, values = (host[2].tolist(), host[3].tolist()) if launched.k else (None, None)
+                for n, j in enumerate(launched.wants):
+                    k = launched.slots[j][0].params.logprobs
+                    top = list(zip(ids[n][:k], values[n][:k])) if k else []
+                    logprobs[j] = [TokenLogprob(tokens[j], chosen[n], top)]
+            outputs = []
+            for j, (r, at) in enumerate(launched.slots):
+                if r.status is Status.FINISHED:  # aborted, or stopped by a token of an earlier step
+                    continue
+                t = tokens[j]
+                r.output_ids[at] = t
+                self._counters["generation"] += 1
+                done = at + 1
+                reason = None
+                if t in r.params.stop_token_ids:
+                    reason = "stop"
+                elif done >= r.params.max_tokens or len(r.prompt_ids) + done >= self.max_model_len:
+                    reason = "length"
+                if reason is not None:
+                    del r.output_ids[done:]  # placeholders of a step launched after this one
+                    self.requests.pop(r.request_id, None)
+                    self.scheduler.finish(r, reason)
+                outputs.append(self._output(r, [t], logprobs.get(j), completion_tokens=done))
+        return outputs
+
+    def _run_speculative(self, scheduled: list[ScheduledRequest]) -> list[RequestOutput]:
+        """A step with MTP drafts: verify, commit, draft again (synchronous: the accepted count decides
+        the next step's positions)."""
         batch = build_batch(scheduled, self.cache, self.device, self.table_width, self.kernel_backend)
         h = self._forward(batch)
         for s in batch.scheduled:
@@ -264,8 +379,7 @@ class Engine:
                 self.requests.pop(r.request_id, None)
                 self.scheduler.finish(r, reason)
             outputs.append(self._output(r, tokens, logprobs))
-        if self.depth:
-            self._draft(batch, h, draft_rows)
+        self._draft(batch, h, draft_rows)
         return outputs
 
     def _sample(self, batch: Batch, h: torch.Tensor, sampling: list[int]) -> dict:
@@ -355,9 +469,27 @@ class Engine:
             if res is not None and r.status is Status.RUNNING:
                 r.drafts, r.draft_probs = res
 
-    def _output(self, r: Request, tokens: list[int], logprobs) -> RequestOutput:
+    def _output(self, r: Request, tokens: list[int], logprobs, completion_tokens: int | None = None) -> RequestOutput:
         return RequestOutput(
             request_id=r.request_id, new_token_ids=tokens, new_logprobs=logprobs,
             finished=r.status is Status.FINISHED, finish_reason=r.finish_reason, prompt_tokens=len(r.prompt_ids),
-            completion_tokens=len(r.output_ids), draft_tokens=r.draft_tokens, accepted_tokens=r.accepted_tokens,
+            completion_tokens=len(r.output_ids) if completion_tokens is None else completion_tokens,
+            draft_tokens=r.draft_tokens, accepted_tokens=r.accepted_tokens,
         )
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device whose tokens the host has not read yet."""
+
+    slots: list[tuple[Request, int]]  # per sampled token: its request and index in output_ids
+    row_of: dict  # request -> its row in `tokens` (where the next step's batch takes the token from)
+    tokens: torch.Tensor | None  # [R] int64 on the device
+    copy: HostCopy  # tokens (then logprob tensors) on their way to the host
+    wants: list[int]  # rows with logprobs
+    k: int  # top logprobs computed for them (the most any of them asked for)
+
+
+def _drop_placeholders(r: Request) -> None:
+    while r.output_ids and r.output_ids[-1] == PLACEHOLDER:
+        r.output_ids.pop()

@@ -52,6 +52,12 @@ class DecodeGraphs:
     def can_run(self, batch: Batch) -> bool:
         return batch.num_decodes == len(batch.scheduled) and batch.num_decodes <= self.sizes[-1]
 
+    def pad_size(self, scheduled) -> int | None:
+        """The graph size a step of `scheduled` will replay (its batch is built padded to it), or None."""
+        if len(scheduled) > self.sizes[-1] or not all(s.is_decode for s in scheduled):
+            return None
+        return self._padded(len(scheduled))
+
     def _padded(self, n: int) -> int:
         return next(s for s in self.sizes if s >= n)
 
@@ -68,26 +74,30 @@ class DecodeGraphs:
         return _Graph(None, torch.zeros(n, dtype=torch.long, device=dev), positions, meta, None)
 
     def _load(self, g: _Graph, batch: Batch) -> None:
-        """Copy the batch into the static buffers; the rows after it become padding."""
-        n, S = batch.num_tokens, batch.meta.decode_len
-        B = batch.num_decodes
+        """Copy the batch into the static buffers; rows after it become padding (a batch built with
+        pad_to arrives padded: whole-tensor copies). Block-table columns past the batch's width keep
+        older entries, which no sequence reads (each reads only its own blocks, up to its length)."""
+        n, S = batch.input_ids.shape[0], batch.meta.decode_len
+        B, W = batch.meta.block_table.shape
         m = g.meta
         g.input_ids[:n].copy_(batch.input_ids)
-        g.input_ids[n:].zero_()
         g.positions[:n].copy_(batch.positions)
         m.slots[:n].copy_(batch.meta.slots)
-        pad = torch.arange(m.slots.shape[0] - n, device=m.slots.device) % S
-        g.positions[n:].copy_(pad)
-        m.slots[n:].copy_(pad)
-        m.block_table[:B].copy_(batch.meta.block_table)
-        m.block_table[B:].zero_()
+        m.block_table[:B, :W].copy_(batch.meta.block_table)
         m.seq_lens[:B].copy_(batch.meta.seq_lens)
-        m.seq_lens[B:].fill_(S)
+        if n < g.input_ids.shape[0]:
+            g.input_ids[n:].zero_()
+            pad = torch.arange(m.slots.shape[0] - n, device=m.slots.device) % S
+            g.positions[n:].copy_(pad)
+            m.slots[n:].copy_(pad)
+            m.block_table[B:].zero_()
+            m.seq_lens[B:].fill_(S)
 
     def _capture(self, batch: Batch) -> _Graph:
         size, S = self._padded(batch.num_decodes), batch.meta.decode_len
         model = self.engine.model
         g = self._buffers(size, S)
+        g.meta.block_table.zero_()
         self._load(g, batch)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from coscale.errors import ConfigError
+from coscale.infer.transfer import to_device
 
 MAX_LOGPROBS = 20
 
@@ -65,20 +66,21 @@ def _is_number(x) -> bool:
 
 
 def _column(values, device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+    return to_device(values, torch.float32, device)[:, None]
 
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """The distribution each row samples from: [B, V] float32 probabilities. Greedy rows get a one-hot
-    of their argmax (so that speculative verification treats them like any other row)."""
+    of their argmax (so that speculative verification treats them like any other row). Nothing here
+    waits for the device (the parameters are host values)."""
     logits = logits.float()
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     temperature = _column([p.temperature if not p.greedy else 1.0 for p in params], logits.device)
     scaled = logits / temperature
     if any(p.top_k > 0 or p.top_p < 1 for p in params):
         scaled = _top_k_top_p(scaled, params)
     probs = torch.softmax(scaled, dim=-1)
-    if bool(greedy.any()):
+    if any(p.greedy for p in params):
+        greedy = to_device([p.greedy for p in params], torch.bool, logits.device)
         one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
         probs = torch.where(greedy[:, None], one_hot, probs)
     return probs
@@ -89,7 +91,7 @@ def _top_k_top_p(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     V = scaled.shape[-1]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     rank = torch.arange(V, device=scaled.device)[None, :]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=scaled.device)[:, None]
+    top_k = to_device([p.top_k if p.top_k > 0 else V for p in params], torch.long, scaled.device)[:, None]
     sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     # Keep a token when the probability before it is below top_p: the smallest set reaching top_p.
@@ -111,7 +113,8 @@ def random_rows(shape, device, generators: list[torch.Generator | None], default
     if len(shared) == len(generators):
         return fill(noise, default)
     if shared:
-        noise[shared] = fill(torch.empty((len(shared), *shape[1:]), device=device), default)
+        noise[to_device(shared, torch.long, device)] = fill(torch.empty((len(shared), *shape[1:]), device=device),
+                                                             default)
     for b, g in enumerate(generators):
         if g is not None:
             fill(noise[b], g)

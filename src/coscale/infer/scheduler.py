@@ -26,6 +26,10 @@ import torch
 from coscale.infer.cache import BlockAllocator, blocks_for
 from coscale.infer.sampling import SamplingParams
 
+# An output token that the GPU has sampled but the host has not seen yet (the engine's overlapped
+# schedule): the next step's batch takes it from the device (batch.py).
+PLACEHOLDER = -1
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -49,6 +53,7 @@ class Request:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     preemptions: int = 0
+    last_in_flight: bool = False  # its final token (the length limit) is in flight: schedule nothing more
 
     @property
     def num_tokens(self) -> int:
@@ -144,6 +149,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.last_in_flight:
+                i += 1
+                continue
             # With speculation a decode carries its drafts; a prompt whose last token was left over by a
             # chunk has none yet and runs that token as a one-token prefill chunk (which drafts).
             decode = request.is_decoding and len(request.drafts) == self.config.num_lookahead

@@ -5,6 +5,11 @@ the server) one after another until ``num_requests`` have been sent; a request's
 its first chunk that carries text, its TPOT ``(last text chunk - first) / (completion tokens - 1)``.
 The run is bounded in count and in time: past ``max_duration`` no request starts and the ones in
 flight are cancelled (counted, not timed). Throughput is over the wall time of the whole run.
+
+``verify`` (``--check``): after the load, (1) wait for the server to go idle and read ``/metrics``:
+the KV-cache blocks still in use must be 0 (nothing leaked), (2) send every completed request again,
+alone, one at a time, and compare its text with what the loaded run streamed (greedy: it must be the
+same), (3) read the blocks in use once more. ``BenchResult.check`` holds the counts; ``passed`` says whether all held.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class BenchConfig:
     max_duration: float = 600.0  # seconds for the whole run
     request_timeout: float = 600.0
     seed: int = 0
+    verify: bool = False  # --check: compare each text with a single-request run; check no cache block is leaked
 
     def check(self) -> None:
         if self.endpoint not in ("completions", "chat"):
@@ -49,6 +55,8 @@ class BenchConfig:
             raise CoscaleError("--max-duration and --timeout must be > 0")
         if self.prompt_tokens is not None and (self.prompt_tokens < 1 or self.endpoint == "chat"):
             raise CoscaleError("--prompt-tokens takes a count >= 1 and the completions endpoint")
+        if self.verify and self.temperature != 0:
+            raise CoscaleError("--check compares texts with single-request runs: it needs --temperature 0")
 
 
 @dataclass
@@ -60,6 +68,8 @@ class RequestResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    index: int = -1  # the request number (its payload)
+    text: str = ""
 
 
 @dataclass
@@ -76,6 +86,7 @@ class BenchResult:
     tpot_s: dict = field(default_factory=dict)
     e2e_s: dict = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    check: dict | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -91,6 +102,12 @@ class BenchResult:
                 values = [stats["mean"], *(stats[f"p{p}"] for p in PERCENTILES)]
                 lines.append(f"{name:10}" + "".join(f"{1000 * v:>10.1f}" for v in values))
         lines += [f"error: {e}" for e in self.errors[:5]]
+        c = self.check
+        if c is not None:
+            lines.append(f"check: {c['identical']}/{c['checked']} texts identical to single-request runs; KV-cache "
+                         f"blocks in use after the load {c['blocks_in_use_after_load']}, after the single runs "
+                         f"{c['blocks_in_use_after_singles']}: {'PASSED' if c['passed'] else 'FAILED'}")
+            lines += [f"mismatch: {m}" for m in c["mismatches"][:3]]
         return "\n".join(lines)
 
 
@@ -118,6 +135,7 @@ async def _one_request(client, cfg: BenchConfig, path: str, body: dict) -> Reque
     start = time.perf_counter()
     first = last = None
     usage = None
+    pieces = []
     async with client.stream("POST", path, json=body) as response:
         if response.status_code != 200:
             text = (await response.aread()).decode("utf-8", errors="replace")
@@ -133,7 +151,9 @@ async def _one_request(client, cfg: BenchConfig, path: str, body: dict) -> Reque
                 return RequestResult(False, error=str(event["error"].get("message")))
             usage = event.get("usage") or usage
             for choice in event.get("choices", []):
-                if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                piece = choice.get("text") or (choice.get("delta") or {}).get("content")
+                if piece:
+                    pieces.append(piece)
                     last = time.perf_counter()
                     first = first or last
     if usage is None:
@@ -142,7 +162,7 @@ async def _one_request(client, cfg: BenchConfig, path: str, body: dict) -> Reque
     return RequestResult(True, latency=time.perf_counter() - start,
                          ttft=None if first is None else first - start,
                          tpot=(last - first) / (n - 1) if first is not None and n > 1 else None,
-                         prompt_tokens=usage["prompt_tokens"], completion_tokens=n)
+                         prompt_tokens=usage["prompt_tokens"], completion_tokens=n, text="".join(pieces))
 
 
 async def _served_model(client) -> str:
@@ -177,6 +197,7 @@ async def run_bench(cfg: BenchConfig, progress=None) -> BenchResult:
                     result = await _one_request(client, cfg, path, _payload(cfg, model, index))
                 except (httpx.HTTPError, ValueError, KeyError) as e:
                     result = RequestResult(False, error=f"{type(e).__name__}: {e}")
+                result.index = index
                 results.append(result)
                 if progress is not None:
                     progress(result)
@@ -187,6 +208,7 @@ async def run_bench(cfg: BenchConfig, progress=None) -> BenchResult:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         duration = time.perf_counter() - start
+        check = await _check(client, cfg, path, model, results) if cfg.verify else None
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.completion_tokens for r in ok)
     return BenchResult(
@@ -197,4 +219,41 @@ async def run_bench(cfg: BenchConfig, progress=None) -> BenchResult:
         ttft_s=_summary([r.ttft for r in ok if r.ttft is not None]),
         tpot_s=_summary([r.tpot for r in ok if r.tpot is not None]),
         e2e_s=_summary([r.latency for r in ok]),
-        errors=[r.error for r in results if r.error][:20])
+        errors=[r.error for r in results if r.error][:20], check=check)
+
+
+async def _blocks_in_use(client, idle_timeout: float = 60.0) -> int:
+    """KV-cache blocks in use once the server has no running or waiting request (from /metrics)."""
+    deadline = time.perf_counter() + idle_timeout
+    while True:
+        response = await client.get("/metrics")
+        values = {}
+        for line in response.text.splitlines():
+            if line.startswith("coscale:") and " " in line:
+                name, value = line.rsplit(" ", 1)
+                values[name.split("{")[0][len("coscale:"):]] = float(value)
+        idle = values.get("num_requests_running", 0) == 0 and values.get("num_requests_waiting", 0) == 0
+        if idle or time.perf_counter() > deadline:
+            return round(values.get("kv_cache_usage_perc", 0.0) * values.get("kv_cache_blocks", 0.0))
+        await asyncio.sleep(0.05)
+
+
+async def _check(client, cfg: BenchConfig, path: str, model: str, results: list[RequestResult]) -> dict:
+    """`verify` (module docstring)."""
+    after_load = await _blocks_in_use(client)
+    done = sorted((r for r in results if r.ok), key=lambda r: r.index)
+    alone: dict[str, str] = {}  # payload -> text of its single-request run (requests may share a prompt)
+    mismatches = []
+    for r in done:
+        body = _payload(cfg, model, r.index)
+        key = json.dumps(body, sort_keys=True)
+        if key not in alone:
+            single = await _one_request(client, cfg, path, body)
+            alone[key] = single.text if single.ok else f"<failed: {single.error}>"
+        if alone[key] != r.text:
+            mismatches.append(f"request {r.index}: loaded {r.text[:60]!r} vs alone {alone[key][:60]!r}")
+    after_singles = await _blocks_in_use(client)
+    identical = len(done) - len(mismatches)
+    return dict(checked=len(done), identical=identical, single_runs=len(alone), mismatches=mismatches[:20],
+                blocks_in_use_after_load=after_load, blocks_in_use_after_singles=after_singles,
+                passed=bool(done) and identical == len(done) and after_load == 0 and after_singles == 0)

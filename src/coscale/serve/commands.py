@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly on CUDA")
+    p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
+                   help="launch the next engine step while the last one's tokens come back (auto: on CUDA "
+                   "without --speculative) (default: %(default)s)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running requests get to finish "
                    "on SIGTERM before they are cancelled (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -57,6 +60,9 @@ def register(subparsers) -> None:
     b.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
     b.add_argument("--seed", type=int, default=0, help="for --prompt-tokens (default: %(default)s)")
     b.add_argument("--out", default=None, help="write the results as JSON to this file")
+    b.add_argument("--check", action="store_true", help="after the load, check that no KV-cache block is left in "
+                   "use (/metrics) and that each request's text equals a single-request run of it (greedy); "
+                   "exit 1 when not")
     b.set_defaults(func=run_bench_serve)
 
     t = subparsers.add_parser("tokenize", help="tokenize text or JSONL files into .bin shards for `coscale train`")
@@ -120,7 +126,7 @@ def run_serve(args) -> int:
                           kv_cache_dtype=args.kv_cache_dtype, num_blocks=args.num_blocks,
                           gpu_memory_fraction=args.gpu_memory_fraction, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, speculative=args.speculative,
-                          cuda_graphs=args.cuda_graphs)
+                          cuda_graphs=args.cuda_graphs, overlap={"auto": None, "on": True, "off": False}[args.overlap])
     engine = Engine.from_pretrained(args.checkpoint, config, device=device)
     name = args.served_model_name or os.path.basename(os.path.normpath(os.path.abspath(args.checkpoint)))
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -145,7 +151,7 @@ def run_bench_serve(args) -> int:
                       concurrency=args.concurrency, prompt=args.prompt or DEFAULT_PROMPT,
                       prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
                       temperature=args.temperature, max_duration=args.max_duration, request_timeout=args.timeout,
-                      seed=args.seed)
+                      seed=args.seed, verify=args.check)
     with tqdm(total=cfg.num_requests, unit="req", desc="bench-serve") as bar:
         result = asyncio.run(run_bench(cfg, progress=lambda r: bar.update(1)))
     print(result.table())
@@ -153,7 +159,7 @@ def run_bench_serve(args) -> int:
         with open(args.out, "w") as f:
             f.write(result.to_json() + "\n")
         print(f"wrote {args.out}")
-    return 0 if result.completed else 1
+    return 0 if result.completed and (result.check is None or result.check["passed"]) else 1
 
 
 def run_tokenize(args) -> int:
