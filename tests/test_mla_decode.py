@@ -226,3 +226,13 @@ def test_kernel_config_and_fp8_width_errors():
     q_lat, q_pe, cache, table, lens = make_inputs([4], 1, H=1, c=640, dr=16, block_size=16, fp8=True)
     with pytest.raises(CoscaleError, match="at most 512"):
         mla_decode(q_lat, q_pe, cache, table, lens, 1.0, backend="triton")
+
+
+def test_calibration_case_is_what_calibrate_times_with_the_triton_backend():
+    from coscale.calibrate import attention_backend
+    from coscale.kernels.mla_decode import calibration_case
+
+    assert attention_backend("triton") is calibration_case
+    o_lat, lse = calibration_case(2, 1, 4, 100, 32, 8, "cpu", block_size=16)()
+    assert o_lat.shape == (2, 1, 4, 32) and lse.shape == (2, 1, 4)
+    assert torch.isfinite(o_lat.float()).all() and torch.isfinite(lse).all()

@@ -282,3 +282,20 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
             C=c, BLOCK_C=max(16, _next_pow2(c)), NUM_SPLITS=splits, SPLITS_P2=max(2, _next_pow2(splits)),
         )  # fmt: skip
     return out, lse
+
+
+def calibration_case(batch: int, queries: int, heads: int, context: int, latent: int, rope: int,
+                     device, block_size: int = 64):
+    """The call ``coscale calibrate --attention triton`` times: this kernel over a BF16 paged cache of
+    ``batch`` sequences of ``context`` tokens, each sequence's blocks contiguous (the calibrate backend
+    contract: build the inputs, return the call)."""
+    blocks = -(-context // block_size)
+    dtype = torch.bfloat16
+    cache = LatentCacheLayer(torch.randn(batch * blocks, block_size, latent, device=device, dtype=dtype),
+                             torch.randn(batch * blocks, block_size, rope, device=device, dtype=dtype))
+    table = torch.arange(batch * blocks, device=device, dtype=torch.int32).view(batch, blocks)
+    lens = torch.full((batch,), context, device=device, dtype=torch.int32)
+    q_lat = torch.randn(batch, queries, heads, latent, device=device, dtype=dtype)
+    q_pe = torch.randn(batch, queries, heads, rope, device=device, dtype=dtype)
+    scale = (latent + rope) ** -0.5
+    return lambda: mla_decode(q_lat, q_pe, cache, table, lens, scale, max_seq_len=context)
