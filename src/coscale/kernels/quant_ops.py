@@ -116,7 +116,7 @@ def _tuned(kernel, candidates, key):
     import triton
 
     configs = [triton.Config(dict(c), num_warps=w) for c, w in candidates]
-    return triton_autotune(configs, configs[0], key=key)(kernel)
+    return triton_autotune(configs, configs[0], key=key, rep_ms=20)(kernel)
 
 
 @functools.cache
