@@ -319,7 +319,7 @@ def cols_quant_kernel(
 ):  # fmt: skip
     # One program = a [128 rows x BLOCK_K columns] tile: the transpose in 1x128 tiles along the rows,
     # yt [YT_ROWS, Mp] e4m3 and st [YT_ROWS, Mp/128] (rows K..YT_ROWS-1 zeros), stored contiguous along
-    # the rows through a transposed FP8 tile (as quant_kernel's COLS branch).
+    # the rows through a transposed FP8 tile (as cols_kernel).
     pid_m = tl.program_id(0)
     offs_m = pid_m * 128 + tl.arange(0, 128)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -8,26 +8,27 @@ its bytes through a uint8 view, once per weight per step, where Inductor has not
 tensors, and for ``backend="torch"``, both run the PyTorch references; ``"triton"`` on CPU runs the
 kernels in Triton's interpreter (``TRITON_INTERPRET=1``).
 
-Launch shapes (one program per tile), each tuned per call shape by Triton's autotuner among a few
-candidates (the first call of a shape times them: warm up before capturing a CUDA graph):
-- rows (1x128 along K): [BLOCK_M x 128] tiles; on the H100 [32 x 128] with 4 warps reached 83-89% of
-  copy bandwidth at K >= 7168.
-- transposed (1x128 along M): [128 x BLOCK_K] tiles stored through a transposed FP8 tile. A program
-  must hold 128 tokens; a [128 x 128] tile needed 127-254 registers per thread (one or two programs per
-  SM, 23-37% of copy bandwidth), so the transposed layout gets its own launch with narrow tiles.
-- both layouts (``act_quant(..., one_pass=True)``): ``dual_quant_kernel`` walks a [128 x 128] block in
-  column chunks (coscale.kernels._quant_triton says why); otherwise two launches, x read twice (the
-  second time largely from L2). benchmarks/bench_quant.py measures both.
-- 128x128 weight blocks: whole tiles (8 or 16 warps; 16 reached 72% on the H100), the transposed scales
-  written by the same program; W^T's bytes by a [128 x 64] byte-transpose kernel (one launch for every
-  weight of a stacked buffer). A one-pass W/W^T kernel was slower (38%) and, for float32 weights,
-  wrong on the H100 (triton 3.6; tools/debug_fp8_nan.py).
+Launch shapes, each tuned per call shape by Triton's autotuner among the candidates below
+(``ROWS_CONFIGS`` etc.; the first call of a shape times them: warm up before capturing a CUDA graph;
+``picked_config`` says which won). The kernels (coscale.kernels._quant_triton) spend about 6 instructions
+per element (the H200 at 4.25 TB/s allows about 23 per bf16 element; the first kernels needed about 20,
+which capped act_quant_1x128 at 71% of copy on the H200 against 83-89% on the H100).
+- rows (1x128 along K): ``rows_kernel``, [BLOCK_M rows x TILES tiles x 128] per program.
+- transposed (1x128 along M): ``cols_kernel``, [128 x BLOCK_K] tiles stored through a transposed FP8
+  tile (contiguous along the tokens).
+- both layouts: two launches (rows, then transposed: x read twice, the second time partly from L2) or,
+  with ``one_pass=True``, ``dual_quant_kernel`` (x read once): a [128 x 128] block held whole (CHUNK
+  128, 8 or 16 warps) or walked in column chunks. benchmarks/bench_quant.py measures both.
+- 128x128 weight blocks: ``weight_kernel``, a whole block per program (4, 8 or 16 warps), the
+  transposed scales written by the same program; W^T's bytes by ``transpose_bytes_kernel`` (one launch
+  for every weight of a stacked buffer). A one-pass W/W^T kernel was slower (38% on the H100) and, for
+  float32 weights, wrong there (triton 3.6; tools/debug_fp8_nan.py).
 
 Interpreter note: Triton's CPU interpreter mis-rounds FP32 -> E4M3 casts (lost exponent carry, ties away
 from zero). When interpreting, the kernels first round onto the E4M3 grid in FP32 with the magic-number
 trick r = (y + c) - c, c = 1.5 * 2^(E + 20) (E = the unbiased exponent of y, at least -6 = E4M3's
-smallest normal exponent), so the cast that follows is exact. On a GPU the plain cast (round to nearest
-even, saturating) is used.
+smallest normal exponent), so the cast that follows is exact, and its FMA (which rounds twice) is
+replaced by float64 arithmetic. On a GPU the plain cast (round to nearest even, saturating) is used.
 """
 
 from __future__ import annotations
