@@ -11,9 +11,14 @@ from coscale.errors import CoscaleError
 from coscale.kernels import quant as q
 
 FP8 = q.FP8_DTYPE
+# the tests marked so run the kernels on CPU tensors: Triton's interpreter only (under TRITON_INTERPRET=0
+# on a GPU machine they skip; the tests marked needs_kernels run there on the GPU)
 needs_triton = pytest.mark.skipif(
-    not (q.triton_available() and q.interpreting() or torch.cuda.is_available()),
-    reason="needs triton (interpreter on CPU)",
+    not (q.triton_available() and q.interpreting()), reason="needs triton's interpreter (TRITON_INTERPRET=1)"
+)
+needs_kernels = pytest.mark.skipif(
+    not (q.triton_available() and (q.interpreting() or torch.cuda.is_available())),
+    reason="needs triton (the interpreter on CPU, or a GPU)",
 )
 
 
@@ -333,12 +338,16 @@ def _hard_input(m, k, dtype, seed):
     return x.to(dtype)
 
 
+# the device of the kernels: the interpreter's CPU, or the GPU under TRITON_INTERPRET=0
+KERNEL_DEVICE = "cpu" if q.interpreting() or not torch.cuda.is_available() else "cuda"
+
+
 def _config(cfg):
     c, w = cfg
     return {**c, "num_warps": w}
 
 
-@needs_triton
+@needs_kernels
 @pytest.mark.parametrize("shape", [(300, 200), (64, 1000), (130, 384)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_candidate_configuration_writes_the_reference_bits(shape, dtype):
@@ -346,7 +355,7 @@ def test_every_candidate_configuration_writes_the_reference_bits(shape, dtype):
     # num_warps, but the tile shapes and masks are the ones the GPU runs), against the reference
     from coscale.kernels import quant_ops as qo
 
-    x = _hard_input(*shape, dtype, seed=shape[0])
+    x = _hard_input(*shape, dtype, seed=shape[0]).to(KERNEL_DEVICE)
     for round_scale in (False, True):
         ry, rs, ryt, rst = qo.act_quant_reference(x, round_scale, True, True, True)
         for cfg in qo.ROWS_CONFIGS:
@@ -371,14 +380,14 @@ def test_every_candidate_configuration_writes_the_reference_bits(shape, dtype):
         assert torch.equal(st, s.t()) or torch.allclose(st, s.t(), equal_nan=True, rtol=0)
         y8 = y
     for cfg in qo.TRANSPOSE_CONFIGS:
-        out = torch.empty(y8.shape[1], y8.shape[0], dtype=FP8)
+        out = torch.empty(y8.shape[1], y8.shape[0], dtype=FP8, device=x.device)
         qo.transpose_bytes(y8, out, config=_config(cfg))
         assert torch.equal(bits(out), bits(y8).t())
 
 
-@needs_triton
+@needs_kernels
 def test_signed_zeros_and_ties_are_exact():
-    x = _hard_input(256, 384, torch.float32, seed=11)
+    x = _hard_input(256, 384, torch.float32, seed=11).to(KERNEL_DEVICE)
     y, s, yt, st = q.act_quant_1x128_dual(x, backend="triton")
     ry, rs, ryt, rst = q.act_quant_1x128_dual(x, backend="torch")
     assert int((bits(ry[:, :7]) == 0x80).sum()) > 0  # the reference keeps -0 (so the check can fail)
