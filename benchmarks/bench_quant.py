@@ -13,9 +13,10 @@ relative error against the float32 producer (E4M3's quantization error, about 0.
 Timing: ``eager`` (do_bench, Python launches included) and ``graph`` (replayed from a CUDA graph:
 the kernels alone, what a graphed training step pays); bandwidth = bytes read once + FP8 outputs and
 FP32 scales written once, over the graphed time, and its fraction of a device-to-device copy
-measured in the same process (goal: >= 80%; H200 copy about 4.25 TB/s). Fused kernels also show
+measured in the same process and of the H200's 4.25 TB/s (goal: >= 80%). Fused kernels also show
 the unfused pipeline's graphed time and the speedup. Every autotuned kernel tunes on its first call,
-before the timing.
+before the timing; the table shows the configuration each kernel of a row picked
+(coscale.kernels.quant_ops.picked_config).
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ from gpu_timing import SMOKE, copy_bandwidth, device, eager_ms, graph_ms
 from coscale.kernels import quant as q
 from coscale.kernels.fused_quant import gather_quant_op, swiglu_backward_quant_op, swiglu_quant_op
 from coscale.kernels.permute import build_permute_info, rows_from_tokens
-from coscale.kernels.quant_ops import weight_quant_op
+from coscale.kernels.quant_ops import picked_config, weight_quant_op
 from coscale.kernels.swiglu import swiglu_backward_op, swiglu_op
 from results_log import ResultsLog
 
 FP8 = q.FP8_DTYPE
+H200_COPY_TBS = 4.25  # the H200's device-to-device copy bandwidth measured in BENCHMARKS.md (the goal's base)
 
 
 def mismatches(got, ref) -> int:
@@ -75,35 +77,43 @@ def standalone_cases(quick: bool, dev):
         torch.manual_seed(0)
         return (torch.randn(m, k, device=dev) * torch.logspace(-3, 2, k, device=dev)).to(dtype)
 
+    # (name, make input, run(x, backend), the autotuned kernels it launches: picked_config's names)
     cases = []
     for m, k in acts:
-        cases.append((f"act_1x128 {m}x{k}", lambda m=m, k=k: act(m, k), lambda x, b: q.act_quant_1x128(x, backend=b)))
+        cases.append((f"act_1x128 {m}x{k}", lambda m=m, k=k: act(m, k), lambda x, b: q.act_quant_1x128(x, backend=b),
+                      ("rows",)))  # fmt: skip
         cases.append((f"act_dual {m}x{k}", lambda m=m, k=k: act(m, k),
-                      lambda x, b: q.act_quant_1x128_dual(x, backend=b)))
+                      lambda x, b: q.act_quant_1x128_dual(x, backend=b), ("rows", "cols")))
         cases.append((f"act_dual_one_pass {m}x{k}", lambda m=m, k=k: act(m, k),
-                      lambda x, b: q.act_quant_1x128_dual(x, backend=b, one_pass=True)))
+                      lambda x, b: q.act_quant_1x128_dual(x, backend=b, one_pass=True), ("producer_dual",)))
     m, k = acts[0]
-    cases.append((f"act_128x1 {m}x{k}", lambda: act(m, k), lambda x, b: q.act_quant_128x1(x, backend=b)))
+    cases.append((f"act_128x1 {m}x{k}", lambda: act(m, k), lambda x, b: q.act_quant_128x1(x, backend=b), ("cols",)))
     for n, k in weights:
         cases.append((f"weight_128x128 {n}x{k}", lambda n=n, k=k: act(n, k),
-                      lambda w, b: q.weight_quant_128x128(w, backend=b)))
+                      lambda w, b: q.weight_quant_128x128(w, backend=b), ("weight",)))
         cases.append((f"weight_dual {n}x{k}", lambda n=n, k=k: act(n, k),
-                      lambda w, b: q.weight_quant_128x128_dual(w, backend=b)))
+                      lambda w, b: q.weight_quant_128x128_dual(w, backend=b), ("weight", "transpose")))
     n, k = weights[0]
     cases.append((f"weight_dual fp32 {n}x{k}", lambda: act(n, k, torch.float32),
-                  lambda w, b: q.weight_quant_128x128_dual(w, backend=b)))
+                  lambda w, b: q.weight_quant_128x128_dual(w, backend=b), ("weight", "transpose")))
     # routed experts: [w_gate; w_up] (FP32 master weights) stacked in one buffer, with its transpose
     e, i, h = experts
     cases.append((f"experts gate+up fp32 {e}x2x{i}x{h}", lambda: act(e * i, h, torch.float32).view(e, i, h),
-                  lambda w, b: weight_quant_op([w, w], False, True, b)))  # fmt: skip
+                  lambda w, b: weight_quant_op([w, w], False, True, b), ("weight", "transpose")))  # fmt: skip
     return cases
 
 
-def run_standalone(name, make, fn, copy_bw, results):
+def picked(kinds) -> str:
+    """The configurations the case's autotuned kernels used last (in its tuning call and all timed ones)."""
+    return "; ".join(f"{kind}: {picked_config(kind)}" for kind in kinds)
+
+
+def run_standalone(name, make, fn, kinds, copy_bw, results):
     rec = {"kernel": name}
     try:
         x = make()
         got = fn(x, "triton")
+        rec["config"] = picked(kinds)
         rec["mismatches"] = mismatches(got, fn(x, "torch"))
         head = x[:256] if x.dim() == 2 else x[:1]  # the reference does not depend on the device
         rec["ref_vs_cpu_mismatches"] = mismatches([t.cpu() for t in fn(head, "torch")], fn(head.cpu(), "torch"))
@@ -113,6 +123,7 @@ def run_standalone(name, make, fn, copy_bw, results):
         rec["bytes"] = nbytes(x, *got)
         rec["TB/s"] = rec["bytes"] / rec["graph_ms"] / 1e9
         rec["pct_copy"] = 100 * rec["TB/s"] / copy_bw
+        rec["pct_4.25"] = 100 * rec["TB/s"] / H200_COPY_TBS
     except Exception as exc:  # record and carry on
         rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
         traceback.print_exc()
@@ -168,6 +179,7 @@ def run_fused(name, inputs, fused, unfused, reference, copy_bw, results):
     rec = {"kernel": name}
     try:
         got = fused("triton")
+        rec["config"] = picked(("producer_dual",) if "one-pass" in name else ("producer_rows", "producer_cols"))
         rec["mismatches_vs_unfused"] = mismatches(got, unfused("triton"))
         if reference is not None:
             rec["rel_err_vs_float_producer"] = dequant_error(got, reference())
@@ -178,6 +190,7 @@ def run_fused(name, inputs, fused, unfused, reference, copy_bw, results):
         rec["bytes"] = nbytes(*inputs, *got)
         rec["TB/s"] = rec["bytes"] / rec["graph_ms"] / 1e9
         rec["pct_copy"] = 100 * rec["TB/s"] / copy_bw
+        rec["pct_4.25"] = 100 * rec["TB/s"] / H200_COPY_TBS
     except Exception as exc:
         rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
         traceback.print_exc()
@@ -198,8 +211,8 @@ def main() -> None:
             "copy_TB/s": copy_bw}  # fmt: skip
     print(json.dumps(meta), flush=True)
     results: list[dict] = []
-    for name, make, fn in standalone_cases(args.quick, dev):
-        run_standalone(name, make, fn, copy_bw, results)
+    for name, make, fn, kinds in standalone_cases(args.quick, dev):
+        run_standalone(name, make, fn, kinds, copy_bw, results)
         torch.cuda.empty_cache()
         print(" ", results[-1], flush=True)
     for case in fused_cases(args.quick, dev):
@@ -208,17 +221,18 @@ def main() -> None:
         print(" ", results[-1], flush=True)
     if not SMOKE:
         ResultsLog("bench_quant").save(meta=meta, results=results)
-    print(f"\n{'kernel':>48} {'bad':>5} {'graph ms':>9} {'eager ms':>9} {'TB/s':>6} {'%copy':>6} {'vs torch':>9} "
-          f"{'unfused':>8} {'speedup':>7}")  # fmt: skip
+    print(f"\n{'kernel':>48} {'bad':>5} {'graph ms':>9} {'eager ms':>9} {'TB/s':>6} {'%copy':>6} {'%4.25':>6} "
+          f"{'vs torch':>9} {'unfused':>8} {'speedup':>7}  config")  # fmt: skip
     for r in results:
         if "error" in r:
             print(f"{r['kernel']:>48} ERROR {r['error'][:80]}")
             continue
         bad = r.get("mismatches", 0) + r.get("ref_vs_cpu_mismatches", 0) + r.get("mismatches_vs_unfused", 0)
         vs_torch = f"{r['torch_ms'] / r['graph_ms']:>8.1f}x" if "torch_ms" in r else f"{'':>9}"
-        unfused = f"{r['unfused_graph_ms']:>8.3f} {r['speedup_vs_unfused']:>6.2f}x" if "unfused_graph_ms" in r else ""
+        unfused = (f"{r['unfused_graph_ms']:>8.3f} {r['speedup_vs_unfused']:>6.2f}x" if "unfused_graph_ms" in r
+                   else f"{'':>16}")  # fmt: skip
         print(f"{r['kernel']:>48} {bad:>5} {r['graph_ms']:>9.3f} {r['eager_ms']:>9.3f} {r['TB/s']:>6.2f} "
-              f"{r['pct_copy']:>6.1f} {vs_torch} {unfused}")  # fmt: skip
+              f"{r['pct_copy']:>6.1f} {r['pct_4.25']:>6.1f} {vs_torch} {unfused}  {r.get('config', '')}")  # fmt: skip
     errors = [r for r in results if "error" in r]
     bad = [r for r in results if r.get("mismatches", 0) or r.get("ref_vs_cpu_mismatches", 0)
            or r.get("mismatches_vs_unfused", 0)]  # fmt: skip

@@ -11,9 +11,14 @@ from coscale.errors import CoscaleError
 from coscale.kernels import quant as q
 
 FP8 = q.FP8_DTYPE
+# the tests marked so run the kernels on CPU tensors: Triton's interpreter only (under TRITON_INTERPRET=0
+# on a GPU machine they skip; the tests marked needs_kernels run there on the GPU)
 needs_triton = pytest.mark.skipif(
-    not (q.triton_available() and q.interpreting() or torch.cuda.is_available()),
-    reason="needs triton (interpreter on CPU)",
+    not (q.triton_available() and q.interpreting()), reason="needs triton's interpreter (TRITON_INTERPRET=1)"
+)
+needs_kernels = pytest.mark.skipif(
+    not (q.triton_available() and (q.interpreting() or torch.cuda.is_available())),
+    reason="needs triton (the interpreter on CPU, or a GPU)",
 )
 
 
@@ -302,3 +307,112 @@ def test_dual_one_pass_and_two_launches_write_the_same_bytes(pad_t):
             assert torch.equal(bits(a), bits(b)) and torch.equal(bits(a), bits(r))
         else:
             assert torch.equal(a, b) and torch.equal(a, r)
+
+
+# ---------------------------------------------------------------- every autotuning candidate, same bits
+
+
+def _hard_input(m, k, dtype, seed):
+    """Values over 8 decades, signed zeros, a zero tile, NaN and -inf, and quotients on E4M3 ties."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-4, 4, k)
+    x[:, :7] = -0.0
+    if k > 256:
+        x[: min(m, 128), 128:256] = 0.0
+    x[m // 2, k // 3] = float("nan")
+    x[m // 3, k - 1] = float("-inf")
+    # the last rows: tiles of amax 448 c (c in [1, 2), one per row, so s = c is no power of two) holding
+    # c times midpoints between E4M3 values, rounded to fp32: x / s lies within an ulp or two of a tie,
+    # where a quotient one ulp off rounds to the other E4M3 neighbour
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    grid = torch.sort(codes[torch.isfinite(codes) & (codes >= 0)].unique()).values
+    mids = (grid[1:] + grid[:-1]) / 2
+    ties = torch.cat([mids, -mids])
+    rows = min(m, 64)
+    c = 1 + torch.rand(rows, 1, generator=gen)
+    for t0 in range(0, k, 128):
+        w = min(128, k - t0)
+        pick = ties[torch.randint(0, ties.numel(), (rows, w), generator=gen)]
+        pick[:, 0] = 448.0
+        x[m - rows :, t0 : t0 + w] = pick * c
+    return x.to(dtype)
+
+
+# the device of the kernels: the interpreter's CPU, or the GPU under TRITON_INTERPRET=0
+KERNEL_DEVICE = "cpu" if q.interpreting() or not torch.cuda.is_available() else "cuda"
+
+
+def _config(cfg):
+    c, w = cfg
+    return {**c, "num_warps": w}
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(300, 200), (64, 1000), (130, 384)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_candidate_configuration_writes_the_reference_bits(shape, dtype):
+    # autotuning must not change results: each GPU candidate, launched directly (the interpreter ignores
+    # num_warps, but the tile shapes and masks are the ones the GPU runs), against the reference
+    from coscale.kernels import quant_ops as qo
+
+    x = _hard_input(*shape, dtype, seed=shape[0]).to(KERNEL_DEVICE)
+    for round_scale in (False, True):
+        ry, rs, ryt, rst = qo.act_quant_reference(x, round_scale, True, True, True)
+        for cfg in qo.ROWS_CONFIGS:
+            y, s, _, _ = qo.quant_outputs(*shape, x.device, True, False, True)
+            qo.launch_rows(x, y, s, round_scale, config=_config(cfg))
+            _assert_same_fp8(y, ry, s, rs)
+        for cfg in qo.COLS_CONFIGS:
+            _, _, yt, st = qo.quant_outputs(*shape, x.device, False, True, True)
+            qo.launch_cols(x, yt, st, round_scale, config=_config(cfg))
+            _assert_same_fp8(yt, ryt, st, rst)
+        for cfg in qo.DUAL_CONFIGS:
+            outs = qo.quant_outputs(*shape, x.device, True, True, True)
+            qo.launch_producer("dual", outs, x, round_scale, m=shape[0], k=shape[1], config=_config(cfg))
+            for got, ref in ((outs[:2], (ry, rs)), (outs[2:], (ryt, rst))):
+                _assert_same_fp8(got[0], ref[0], got[1], ref[1])
+    rw, rsw = q.weight_quant_128x128_ref(x)
+    y8 = None
+    for cfg in qo.WEIGHT_CONFIGS:
+        y, s, _, st = qo._weight_outputs([x], True)
+        qo.launch_weight(x, y, s, st, False, config=_config(cfg))
+        _assert_same_fp8(y, rw, s, rsw)
+        assert torch.equal(st, s.t()) or torch.allclose(st, s.t(), equal_nan=True, rtol=0)
+        y8 = y
+    for cfg in qo.TRANSPOSE_CONFIGS:
+        out = torch.empty(y8.shape[1], y8.shape[0], dtype=FP8, device=x.device)
+        qo.transpose_bytes(y8, out, config=_config(cfg))
+        assert torch.equal(bits(out), bits(y8).t())
+
+
+@needs_kernels
+def test_signed_zeros_and_ties_are_exact():
+    x = _hard_input(256, 384, torch.float32, seed=11).to(KERNEL_DEVICE)
+    y, s, yt, st = q.act_quant_1x128_dual(x, backend="triton")
+    ry, rs, ryt, rst = q.act_quant_1x128_dual(x, backend="torch")
+    assert int((bits(ry[:, :7]) == 0x80).sum()) > 0  # the reference keeps -0 (so the check can fail)
+    _assert_same_fp8(y, ry, s, rs)
+    _assert_same_fp8(yt, ryt, st, rst)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's own FMA and cast: needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_kernels_bit_exact_on_large_random_inputs(dtype):
+    # millions of quotients, ties included: the reciprocal-and-FMA division must give the IEEE quotient's
+    # E4M3 rounding every time (a one-ulp error shows up as a handful of flipped bytes here)
+    x = _hard_input(4096, 3000, dtype, seed=12).cuda()
+    for round_scale in (False, True):
+        got = q.act_quant_1x128_dual(x, round_scale, backend="triton", pad_t=True)
+        one = q.act_quant_1x128_dual(x, round_scale, backend="triton", pad_t=True, one_pass=True)
+        ref = q.act_quant_1x128_dual(x, round_scale, backend="torch", pad_t=True)
+        for g, o, r in zip(got, one, ref):
+            if g.dtype == FP8:
+                _assert_same_fp8(g, r)
+                _assert_same_fp8(o, r)
+            else:
+                assert torch.allclose(g, r, rtol=0, atol=0, equal_nan=True)
+                assert torch.allclose(o, r, rtol=0, atol=0, equal_nan=True)
+        wy, ws, wyt, wst = q.weight_quant_128x128_dual(x, round_scale, backend="triton")
+        ry, rs, ryt, rst = q.weight_quant_128x128_dual(x, round_scale, backend="torch")
+        _assert_same_fp8(wy, ry, ws, rs)
+        _assert_same_fp8(wyt, ryt, wst, rst)

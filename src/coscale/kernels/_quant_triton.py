@@ -8,9 +8,13 @@ module's globals (not in a closure), so helpers and kernel are defined here at m
 ``M_BUCKET`` (a power-of-two bucket of the row count, unused by the code) is an autotuning key: the
 launchers tune each kernel's tile shape once per bucket, not once per row count.
 
-Division: ``tl.math.div_rn`` (IEEE round-to-nearest; present in triton 3.0 through 3.9 and in the
-interpreter) everywhere the reference divides. Triton compiles a plain fp32 ``/`` to the approximate
-``div.full.f32``, which would not be bit-exact.
+Division: the reference's IEEE quotients, never Triton's plain fp32 ``/`` (the approximate
+``div.full.f32``, not bit-exact): ``tl.math.div_rn`` (present in triton 3.0 through 3.9 and in the
+interpreter) once per tile for the scale and its reciprocal, and per element the reciprocal with one
+FMA correction (``_quantize_tile``), which gives the same bits.
+
+``_tile_scale`` and ``_quantize`` are the per-element-heavier forms of the same recipe (div.rn per
+element, NaN found by a separate test), kept for kernels elsewhere that import them.
 """
 
 import triton
@@ -47,66 +51,154 @@ def _quantize(x, s, fp8_max, GRID_ROUND: tl.constexpr):
     return y
 
 
+# ----------------------------------------------------------------------------------------------------
+# The cheap per-element form of the recipe (every kernel below). On an H200 the quantization kernels
+# were bound by instructions, not bytes (the same code reached 83-89% of copy bandwidth on the H100 and
+# 71% on the H200, whose SMs are the same and whose memory is 1.4x faster): the budget at 4.25 TB/s is
+# about 23 thread-instructions per bf16 element. Per element these helpers cost an AND and an integer
+# max (amax, NaN kept), one multiply and two FMAs (the IEEE quotient), and the cast; the old ones a
+# float max, a NaN test and its select and max, ``div.rn`` (about ten instructions with its range
+# check) and two saturating selects.
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _abs_bits(x):
+    """|x| (fp32) as int32 bits: ordered as |x| for finite and infinite values, NaN above +inf, so an
+    integer max over them is the amax with NaN kept (tl.max on floats drops NaN)."""
+    return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _scale_from_bits(amax_bits, amax_floor, fp8_max, ROUND_SCALE: tl.constexpr):
+    """The dequantization scale of each tile from the max of ``_abs_bits`` over it (the reference's
+    ``_scale_from_amax``: NaN amax gives a NaN scale)."""
+    amax = amax_bits.to(tl.float32, bitcast=True)
+    amax = tl.where(amax < amax_floor, amax_floor, amax)  # NaN < floor is false: NaN kept
+    s = tl.math.div_rn(amax, fp8_max)
+    if ROUND_SCALE:  # UE8M0: 2^ceil(log2 s) on the bits, finite scales only
+        bits = s.to(tl.int32, bitcast=True)
+        expo = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        s = tl.where(s - s == 0, (expo << 23).to(tl.float32, bitcast=True), s)
+    return s
+
+
+@triton.jit
+def _divisor(s):
+    """(r, d) per tile for ``_quantize_tile``: r = RN(1 / s) (0 for s = inf) and the divisor d of the
+    residual (s, or 0 where s = inf, so that x * 0 + residual stays x / inf = +-0 and inf / inf NaN)."""
+    r = tl.math.div_rn(tl.zeros_like(s) + 1.0, s)
+    d = tl.where(s == float("inf"), 0.0, s)
+    return r, d
+
+
+@triton.jit
+def _quantize_tile(x, r, d, fp8_max, GRID_ROUND: tl.constexpr):
+    """RN(x / s) from the tile's (r, d) = ``_divisor(s)``, ready for the E4M3 cast (the caller broadcasts
+    r and d to x's shape). q0 = RN(x r) is within one ulp of x / s, the residual x - q0 s is exact in
+    an FMA, and one correction q0 + (x - q0 s) r rounds to RN(x / s) (Markstein's theorem: r is the
+    correctly rounded reciprocal). Quotients so small that the theorem's no-underflow condition fails
+    (|x / s| < 2^-100) are 0 in E4M3 either way, and the residual is formed as q0 s - x so that -0
+    stays -0. |x / s| <= 448 (1 + 2^-23) since |x| <= amax, so no saturation is needed: on the GPU the
+    cast (cvt.rn.satfinite) rounds to 448.
+    Interpreter (GRID_ROUND): its FMA rounds twice, so the two steps are computed in float64 (the
+    residual exactly), then rounded onto the E4M3 grid as in ``_quantize``."""
+    q0 = x * r
+    if GRID_ROUND:
+        q64 = q0.to(tl.float64)
+        nrem = (q64 * d.to(tl.float64) - x.to(tl.float64)).to(tl.float32)
+        y = (q64 - nrem.to(tl.float64) * r.to(tl.float64)).to(tl.float32)
+        y = tl.where(y > fp8_max, fp8_max, y)  # (never taken; the interpreter's cast does not saturate)
+        y = tl.where(y < -fp8_max, -fp8_max, y)
+        expo = (y.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        expo = tl.where(expo < 121, 121, expo)
+        magic = (((expo + 20) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
+        rr = (y + magic) - magic
+        y = tl.where(rr == 0, y * 0.0, rr)
+    else:
+        nrem = tl.fma(q0, d, -x)
+        y = tl.fma(nrem, -r, q0)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------
+# Standalone quantization (coscale.kernels.quant_ops): any strides along rows and columns
+# ----------------------------------------------------------------------------------------------------
+
+
 @triton.jit(do_not_specialize=["M_BUCKET"])
-def quant_kernel(
-    x_ptr, y_ptr, s_ptr, yt_ptr, st_ptr,
-    M, K, Y_ROWS, YT_ROWS, M_BUCKET,
-    stride_xb, stride_xm, stride_xk,
-    stride_yb, stride_ym, stride_sb, stride_sm, stride_sk,
-    stride_ytb, stride_ytk, stride_stb, stride_stk, stride_stm,
+def rows_kernel(
+    x_ptr, y_ptr, s_ptr, M, K, NT, M_BUCKET, stride_xm, stride_xk, stride_ym, stride_sm, stride_sk,
     amax_floor, fp8_max,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-    WHOLE_TILE: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILES: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
 ):  # fmt: skip
-    # One program = one [BLOCK_M, BLOCK_K] tile of x (batch index program_id(2)), loaded once with
-    # coalesced loads (K contiguous), every output computed from the same registers:
-    # ROWS and not WHOLE_TILE: 1x128 tiles along K -> y [M, Kp] (rows < Y_ROWS), s [M, Kp/128].
-    # COLS and not WHOLE_TILE: x^T in 1x128 tiles along M (needs BLOCK_M == 128) -> yt [YT_ROWS, Mp],
-    #   st [YT_ROWS, Mp/128]; the FP8 tile is transposed in registers (tl.trans) so the store is
-    #   contiguous along the tokens.
-    # WHOLE_TILE: one scale per 128x128 block -> y [Np, Kp], s [Np/128, Kp/128], and with COLS also the
-    #   transposed scales st [Kp/128, Np/128] (W^T's bytes come from transpose_bytes_kernel below).
+    # 1x128 tiles along K: y [M, NT*128] e4m3, s [M, NT]. One program = BLOCK_M rows x TILES tiles,
+    # loaded as one [BLOCK_M, TILES, 128] block (16-byte loads along K, every load issued before any
+    # reduction), one amax per (row, tile).
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tiles = tl.program_id(1) * TILES + tl.arange(0, TILES)
+    offs_k = tiles[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]  # [1, TILES, 128]
+    rows = offs_m[:, None, None].to(tl.int64)
+    in_m = offs_m < M
+    x = tl.load(x_ptr + rows * stride_xm + offs_k * stride_xk, mask=in_m[:, None, None] & (offs_k < K),
+                other=0.0).to(tl.float32)  # fmt: skip
+    s = _scale_from_bits(tl.max(_abs_bits(x), 2), amax_floor, fp8_max, ROUND_SCALE)  # [BLOCK_M, TILES]
+    r, d = _divisor(s)
+    y = _quantize_tile(x, r[:, :, None], d[:, :, None], fp8_max, GRID_ROUND)
+    in_t = tiles < NT
+    tl.store(y_ptr + rows * stride_ym + offs_k, y.to(y_ptr.dtype.element_ty),
+             mask=in_m[:, None, None] & in_t[None, :, None])  # fmt: skip
+    s_ptrs = s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + tiles[None, :] * stride_sk
+    tl.store(s_ptrs, s, mask=in_m[:, None] & in_t[None, :])
+
+
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def cols_kernel(
+    x_ptr, yt_ptr, st_ptr, M, K, YT_ROWS, M_BUCKET, stride_xm, stride_xk, stride_ytk, stride_stk, stride_stm,
+    amax_floor, fp8_max,
+    BLOCK_K: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
+):  # fmt: skip
+    # x^T in 1x128 tiles along M: yt [YT_ROWS, Mp] e4m3, st [YT_ROWS, Mp/128] (rows K..YT_ROWS-1 zeros).
+    # One program = [128 tokens x BLOCK_K columns], loaded along K; the FP8 tile (1 byte per element) is
+    # transposed in registers so that yt is stored along the tokens, 128 bytes per row.
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * 128 + tl.arange(0, 128)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+    x = tl.load(x_ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+    st = _scale_from_bits(tl.max(_abs_bits(x), 0), amax_floor, fp8_max, ROUND_SCALE)  # [BLOCK_K]
+    r, d = _divisor(st)
+    yt8 = tl.trans(_quantize_tile(x, r[None, :], d[None, :], fp8_max, GRID_ROUND).to(yt_ptr.dtype.element_ty))
+    in_rows = offs_k < YT_ROWS
+    tl.store(yt_ptr + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :], yt8, mask=in_rows[:, None])
+    tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows)
+
+
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def weight_kernel(
+    x_ptr, y_ptr, s_ptr, st_ptr, M, K, Y_ROWS, M_BUCKET,
+    stride_xb, stride_xm, stride_xk, stride_yb, stride_ym, stride_sb, stride_sm, stride_sk,
+    stride_stb, stride_stk, stride_stm, amax_floor, fp8_max,
+    TRANSPOSED_SCALES: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
+):  # fmt: skip
+    # One scale per 128x128 block: y [Np, Kp] (rows < Y_ROWS), s [Np/128, Kp/128] and, with
+    # TRANSPOSED_SCALES, W^T's scales st [Kp/128, Np/128] (the same numbers; W^T's bytes come from
+    # transpose_bytes_kernel). One program = one block (batch index program_id(2)).
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    in_m = offs_m < M
-    in_k = offs_k < K
+    offs_m = pid_m * 128 + tl.arange(0, 128)
+    offs_k = pid_k * 128 + tl.arange(0, 128)
     x_ptrs = x_ptr + pid_b * stride_xb + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    x = tl.load(x_ptrs, mask=in_m[:, None] & in_k[None, :], other=0.0).to(tl.float32)  # exact
-    x_nan = (x != x).to(tl.int32)
-    if WHOLE_TILE:
-        # amax of the block (tl.max may drop NaN, so NaN is detected explicitly)
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.max(tl.max(tl.abs(x), 1), 0)
-        has_nan = (tl.zeros([BLOCK_M], dtype=tl.int32) + tl.max(tl.max(x_nan, 1), 0)) > 0
-        s = _tile_scale(amax, has_nan, amax_floor, fp8_max, ROUND_SCALE)
-        y8 = _quantize(x, s[:, None], fp8_max, GRID_ROUND).to(y_ptr.dtype.element_ty)
-        y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
-        tl.store(y_ptrs, y8, mask=(offs_m < Y_ROWS)[:, None])
-        s_one = tl.max(s, 0)  # all entries equal (NaN included), so any reduction returns it
-        tl.store(s_ptr + pid_b * stride_sb + pid_m * stride_sm + pid_k * stride_sk, s_one)
-        if COLS:  # W^T's scales (W^T's bytes come from transpose_bytes_kernel): the same number, transposed
-            tl.store(st_ptr + pid_b * stride_stb + pid_k * stride_stk + pid_m * stride_stm, s_one)
-    else:
-        if ROWS:
-            amax = tl.max(tl.abs(x), 1)
-            s = _tile_scale(amax, tl.max(x_nan, 1) > 0, amax_floor, fp8_max, ROUND_SCALE)
-            y = _quantize(x, s[:, None], fp8_max, GRID_ROUND)
-            y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
-            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_m < Y_ROWS)[:, None])
-            s_ptrs = s_ptr + pid_b * stride_sb + offs_m.to(tl.int64) * stride_sm + pid_k * stride_sk
-            tl.store(s_ptrs, s, mask=in_m)
-        if COLS:
-            amax_t = tl.max(tl.abs(x), 0)
-            st = _tile_scale(amax_t, tl.max(x_nan, 0) > 0, amax_floor, fp8_max, ROUND_SCALE)
-            yt = _quantize(x, st[None, :], fp8_max, GRID_ROUND)
-            # cast first, then transpose the 1-byte tile (16 KB through shared memory, not 64 KB)
-            yt8 = tl.trans(yt.to(yt_ptr.dtype.element_ty))  # [BLOCK_K, BLOCK_M]
-            yt_ptrs = yt_ptr + pid_b * stride_ytb + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :]
-            tl.store(yt_ptrs, yt8, mask=(offs_k < YT_ROWS)[:, None])
-            st_ptrs = st_ptr + pid_b * stride_stb + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm
-            tl.store(st_ptrs, st, mask=offs_k < YT_ROWS)
+    x = tl.load(x_ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+    s = _scale_from_bits(tl.max(tl.max(_abs_bits(x), 1), 0), amax_floor, fp8_max, ROUND_SCALE)  # a scalar
+    r, d = _divisor(s)
+    y8 = _quantize_tile(x, r, d, fp8_max, GRID_ROUND).to(y_ptr.dtype.element_ty)
+    y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
+    tl.store(y_ptrs, y8, mask=(offs_m < Y_ROWS)[:, None])
+    tl.store(s_ptr + pid_b * stride_sb + pid_m * stride_sm + pid_k * stride_sk, s)
+    if TRANSPOSED_SCALES:
+        tl.store(st_ptr + pid_b * stride_stb + pid_k * stride_stk + pid_m * stride_stm, s)
 
 
 @triton.jit
@@ -202,9 +294,9 @@ def rows_quant_kernel(
         offs_k = k0 + tl.arange(0, 128)
         v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m, offs_k, M, K, stride_x, stride_b, up_offset,
                           SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
-        has_nan = tl.max((v != v).to(tl.int32), 1) > 0
-        s = _tile_scale(tl.max(tl.abs(v), 1), has_nan, amax_floor, fp8_max, ROUND_SCALE)
-        y = _quantize(v, s[:, None], fp8_max, GRID_ROUND)
+        s = _scale_from_bits(tl.max(_abs_bits(v), 1), amax_floor, fp8_max, ROUND_SCALE)
+        r, d = _divisor(s)
+        y = _quantize_tile(v, r[:, None], d[:, None], fp8_max, GRID_ROUND)
         y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=in_m[:, None])
         tl.store(s_ptr + offs_m.to(tl.int64) * stride_sm + (k0 // 128) * stride_sk, s, mask=in_m)
@@ -227,15 +319,15 @@ def cols_quant_kernel(
 ):  # fmt: skip
     # One program = a [128 rows x BLOCK_K columns] tile: the transpose in 1x128 tiles along the rows,
     # yt [YT_ROWS, Mp] e4m3 and st [YT_ROWS, Mp/128] (rows K..YT_ROWS-1 zeros), stored contiguous along
-    # the rows through a transposed FP8 tile (as quant_kernel's COLS branch).
+    # the rows through a transposed FP8 tile (as cols_kernel).
     pid_m = tl.program_id(0)
     offs_m = pid_m * 128 + tl.arange(0, 128)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m, offs_k, M, K, stride_x, stride_b, up_offset,
                       SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
-    has_nan = tl.max((v != v).to(tl.int32), 0) > 0
-    st = _tile_scale(tl.max(tl.abs(v), 0), has_nan, amax_floor, fp8_max, ROUND_SCALE)
-    yt8 = tl.trans(_quantize(v, st[None, :], fp8_max, GRID_ROUND).to(yt_ptr.dtype.element_ty))
+    st = _scale_from_bits(tl.max(_abs_bits(v), 0), amax_floor, fp8_max, ROUND_SCALE)
+    r, d = _divisor(st)
+    yt8 = tl.trans(_quantize_tile(v, r[None, :], d[None, :], fp8_max, GRID_ROUND).to(yt_ptr.dtype.element_ty))
     in_rows = offs_k < YT_ROWS
     tl.store(yt_ptr + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :], yt8, mask=in_rows[:, None])
     tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows)
@@ -249,36 +341,57 @@ def dual_quant_kernel(
     SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr, CHUNK: tl.constexpr,
     ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
 ):  # fmt: skip
-    # Both layouts from one launch. One program = a [128 x 128] block walked in [128 x CHUNK] column
-    # chunks: each chunk's column amaxes are complete (all 128 rows), so its transposed tiles are
-    # quantized and stored at once while the row amaxes accumulate; a second walk over the same
-    # chunks (from the cache: this program just read them) quantizes the rows. A chunk, not the whole
-    # block, lives in registers: a [128 x 128] FP32 tile needed 127-254 registers per thread on sm_90.
+    # Both layouts from one launch: x read once, y and yt written. One program = a [128 x 128] block.
+    # CHUNK == 128: the block is held whole (with 8-16 warps, 32-64 values per thread), its row and
+    # column amaxes reduced from the same registers. CHUNK < 128: the block is walked in [128 x CHUNK]
+    # column chunks: each chunk's column amaxes are complete (all 128 rows), so its transposed tiles
+    # are quantized and stored at once while the row amaxes accumulate; a second walk over the same
+    # chunks (from the cache: this program just read them) quantizes the rows.
     pid_m = tl.program_id(0)
     k0 = tl.program_id(1) * 128
     offs_m = pid_m * 128 + tl.arange(0, 128)
-    row_amax = tl.zeros([128], dtype=tl.float32)
-    row_nan = tl.zeros([128], dtype=tl.int32)
-    for c in tl.static_range(0, 128, CHUNK):
-        offs_k = k0 + c + tl.arange(0, CHUNK)
+    in_m = offs_m < M
+    s_ptrs = s_ptr + offs_m.to(tl.int64) * stride_sm + (k0 // 128) * stride_sk
+    if CHUNK == 128:
+        offs_k = k0 + tl.arange(0, 128)
         v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m, offs_k, M, K, stride_x, stride_b, up_offset,
                           SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
-        nan = (v != v).to(tl.int32)
-        absv = tl.abs(v)
-        st = _tile_scale(tl.max(absv, 0), tl.max(nan, 0) > 0, amax_floor, fp8_max, ROUND_SCALE)
-        yt8 = tl.trans(_quantize(v, st[None, :], fp8_max, GRID_ROUND).to(yt_ptr.dtype.element_ty))
+        bits = _abs_bits(v)
+        st = _scale_from_bits(tl.max(bits, 0), amax_floor, fp8_max, ROUND_SCALE)
+        s = _scale_from_bits(tl.max(bits, 1), amax_floor, fp8_max, ROUND_SCALE)
+        rt, dt = _divisor(st)
+        yt8 = tl.trans(_quantize_tile(v, rt[None, :], dt[None, :], fp8_max, GRID_ROUND).to(yt_ptr.dtype.element_ty))
         in_rows = offs_k < YT_ROWS
         tl.store(yt_ptr + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :], yt8, mask=in_rows[:, None])
         tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows)
-        row_amax = tl.maximum(row_amax, tl.max(absv, 1))  # NaN is tracked by row_nan
-        row_nan = tl.maximum(row_nan, tl.max(nan, 1))
-    s = _tile_scale(row_amax, row_nan > 0, amax_floor, fp8_max, ROUND_SCALE)
-    in_m = offs_m < M
-    tl.store(s_ptr + offs_m.to(tl.int64) * stride_sm + (k0 // 128) * stride_sk, s, mask=in_m)
-    for c in tl.static_range(0, 128, CHUNK):
-        offs_k = k0 + c + tl.arange(0, CHUNK)
-        v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m, offs_k, M, K, stride_x, stride_b, up_offset,
-                          SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
-        y = _quantize(v, s[:, None], fp8_max, GRID_ROUND)
-        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=in_m[:, None])
+        r, d = _divisor(s)
+        y = _quantize_tile(v, r[:, None], d[:, None], fp8_max, GRID_ROUND)
+        tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=in_m[:, None])  # fmt: skip
+        tl.store(s_ptrs, s, mask=in_m)
+    else:
+        row_bits = tl.zeros([128], dtype=tl.int32)
+        for c in tl.static_range(0, 128, CHUNK):
+            offs_k = k0 + c + tl.arange(0, CHUNK)
+            v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m, offs_k, M, K, stride_x, stride_b, up_offset,
+                              SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+            bits = _abs_bits(v)
+            st = _scale_from_bits(tl.max(bits, 0), amax_floor, fp8_max, ROUND_SCALE)
+            rt, dt = _divisor(st)
+            yt = _quantize_tile(v, rt[None, :], dt[None, :], fp8_max, GRID_ROUND)
+            yt8 = tl.trans(yt.to(yt_ptr.dtype.element_ty))
+            in_rows = offs_k < YT_ROWS
+            tl.store(yt_ptr + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :], yt8,
+                     mask=in_rows[:, None])  # fmt: skip
+            tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows)
+            row_bits = tl.maximum(row_bits, tl.max(bits, 1))  # integers: NaN's bits are the largest
+        s = _scale_from_bits(row_bits, amax_floor, fp8_max, ROUND_SCALE)
+        tl.store(s_ptrs, s, mask=in_m)
+        r, d = _divisor(s)
+        for c in tl.static_range(0, 128, CHUNK):
+            offs_k = k0 + c + tl.arange(0, CHUNK)
+            v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m, offs_k, M, K, stride_x, stride_b, up_offset,
+                              SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+            y = _quantize_tile(v, r[:, None], d[:, None], fp8_max, GRID_ROUND)
+            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
+            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=in_m[:, None])

@@ -52,13 +52,24 @@ def autotune_configs(gpu_configs: Sequence, interpreter_config) -> list:
     return list(gpu_configs)
 
 
-def triton_autotune(gpu_configs: Sequence, interpreter_config, key: list[str], **options):
+def triton_autotune(gpu_configs: Sequence, interpreter_config, key: list[str], rep_ms: int | None = None,
+                    **options):
     """``@triton.autotune`` over ``autotune_configs(gpu_configs, interpreter_config)``, keyed by the
-    kernel arguments named in ``key`` (Triton adds the tensors' dtypes to the key); ``options`` go to
-    ``triton.autotune`` as they are (e.g. ``prune_configs_by``)."""
+    kernel arguments named in ``key`` (Triton adds the tensors' dtypes to the key). ``rep_ms``: time
+    each candidate over this many milliseconds (after 5 of warm-up) instead of Triton's 25 + 100, for
+    kernels of tens of microseconds with many candidates and keys; ``options`` go to ``triton.autotune``
+    as they are (e.g. ``prune_configs_by``)."""
     import triton
 
-    return triton.autotune(configs=autotune_configs(gpu_configs, interpreter_config), key=key, **options)
+    configs = autotune_configs(gpu_configs, interpreter_config)
+    if rep_ms is not None:
+        def do_bench(fn, quantiles):
+            import triton.testing
+
+            return triton.testing.do_bench(fn, warmup=5, rep=rep_ms, quantiles=quantiles)
+
+        options["do_bench"] = do_bench
+    return triton.autotune(configs=configs, key=key, **options)
 
 
 def _cannot_time() -> bool:

@@ -8,26 +8,27 @@ its bytes through a uint8 view, once per weight per step, where Inductor has not
 tensors, and for ``backend="torch"``, both run the PyTorch references; ``"triton"`` on CPU runs the
 kernels in Triton's interpreter (``TRITON_INTERPRET=1``).
 
-Launch shapes (one program per tile), each tuned per call shape by Triton's autotuner among a few
-candidates (the first call of a shape times them: warm up before capturing a CUDA graph):
-- rows (1x128 along K): [BLOCK_M x 128] tiles; on the H100 [32 x 128] with 4 warps reached 83-89% of
-  copy bandwidth at K >= 7168.
-- transposed (1x128 along M): [128 x BLOCK_K] tiles stored through a transposed FP8 tile. A program
-  must hold 128 tokens; a [128 x 128] tile needed 127-254 registers per thread (one or two programs per
-  SM, 23-37% of copy bandwidth), so the transposed layout gets its own launch with narrow tiles.
-- both layouts (``act_quant(..., one_pass=True)``): ``dual_quant_kernel`` walks a [128 x 128] block in
-  column chunks (coscale.kernels._quant_triton says why); otherwise two launches, x read twice (the
-  second time largely from L2). benchmarks/bench_quant.py measures both.
-- 128x128 weight blocks: whole tiles (8 or 16 warps; 16 reached 72% on the H100), the transposed scales
-  written by the same program; W^T's bytes by a [128 x 64] byte-transpose kernel (one launch for every
-  weight of a stacked buffer). A one-pass W/W^T kernel was slower (38%) and, for float32 weights,
-  wrong on the H100 (triton 3.6; tools/debug_fp8_nan.py).
+Launch shapes, each tuned per call shape by Triton's autotuner among the candidates below
+(``ROWS_CONFIGS`` etc.; the first call of a shape times them: warm up before capturing a CUDA graph;
+``picked_config`` says which won). The kernels (coscale.kernels._quant_triton) spend about 6 instructions
+per element (the H200 at 4.25 TB/s allows about 23 per bf16 element; the first kernels needed about 20,
+which capped act_quant_1x128 at 71% of copy on the H200 against 83-89% on the H100).
+- rows (1x128 along K): ``rows_kernel``, [BLOCK_M rows x TILES tiles x 128] per program.
+- transposed (1x128 along M): ``cols_kernel``, [128 x BLOCK_K] tiles stored through a transposed FP8
+  tile (contiguous along the tokens).
+- both layouts: two launches (rows, then transposed: x read twice, the second time partly from L2) or,
+  with ``one_pass=True``, ``dual_quant_kernel`` (x read once): a [128 x 128] block held whole (CHUNK
+  128, 8 or 16 warps) or walked in column chunks. benchmarks/bench_quant.py measures both.
+- 128x128 weight blocks: ``weight_kernel``, a whole block per program (4, 8 or 16 warps), the
+  transposed scales written by the same program; W^T's bytes by ``transpose_bytes_kernel`` (one launch
+  for every weight of a stacked buffer). A one-pass W/W^T kernel was slower (38% on the H100) and, for
+  float32 weights, wrong there (triton 3.6; tools/debug_fp8_nan.py).
 
 Interpreter note: Triton's CPU interpreter mis-rounds FP32 -> E4M3 casts (lost exponent carry, ties away
 from zero). When interpreting, the kernels first round onto the E4M3 grid in FP32 with the magic-number
 trick r = (y + c) - c, c = 1.5 * 2^(E + 20) (E = the unbiased exponent of y, at least -6 = E4M3's
-smallest normal exponent), so the cast that follows is exact. On a GPU the plain cast (round to nearest
-even, saturating) is used.
+smallest normal exponent), so the cast that follows is exact, and its FMA (which rounds twice) is
+replaced by float64 arithmetic. On a GPU the plain cast (round to nearest even, saturating) is used.
 """
 
 from __future__ import annotations
@@ -53,22 +54,56 @@ from coscale.kernels.fp8_recipe import (
 from coscale.kernels.library import launcher, operator, runs_triton
 
 __all__ = [
+    "COLS_CONFIGS",
+    "DUAL_CONFIGS",
     "DUAL_ONE_PASS",
+    "ROWS_CONFIGS",
+    "TRANSPOSE_CONFIGS",
+    "WEIGHT_CONFIGS",
     "act_quant_op",
     "act_quant_reference",
+    "launch_cols",
     "launch_producer",
+    "launch_rows",
+    "launch_weight",
+    "picked_config",
     "quant_outputs",
     "transpose_bytes",
     "weight_quant_op",
     "TRANSPOSE_TILE",
 ]
 
-TRANSPOSE_TILE = (128, 64)
+# The GPU candidates of each autotuned kernel, (constexprs, num_warps); the autotuner times them on the
+# first call per key (the columns and a power-of-two bucket of the rows) and keeps the fastest. Every
+# candidate writes the same bits (tests/test_quant.py runs each under the interpreter); the first is the
+# interpreter's. Work per program: a few thousand elements (16-64 per thread), so that a program's loads
+# are all in flight at once and 8192x7168 gives several waves of the 132 SMs.
+ROWS_CONFIGS = (  # rows_kernel: BLOCK_M rows x TILES 1x128 tiles
+    ({"BLOCK_M": 16, "TILES": 2}, 4), ({"BLOCK_M": 32, "TILES": 1}, 4), ({"BLOCK_M": 8, "TILES": 4}, 4),
+    ({"BLOCK_M": 16, "TILES": 4}, 4), ({"BLOCK_M": 4, "TILES": 8}, 4), ({"BLOCK_M": 16, "TILES": 4}, 8),
+    ({"BLOCK_M": 8, "TILES": 8}, 8), ({"BLOCK_M": 32, "TILES": 2}, 8), ({"BLOCK_M": 64, "TILES": 1}, 8),
+)
+COLS_CONFIGS = (  # cols_kernel: 128 tokens x BLOCK_K columns
+    ({"BLOCK_K": 32}, 4), ({"BLOCK_K": 16}, 4), ({"BLOCK_K": 64}, 4), ({"BLOCK_K": 64}, 8),
+    ({"BLOCK_K": 128}, 8), ({"BLOCK_K": 128}, 16),
+)
+WEIGHT_CONFIGS = (({}, 4), ({}, 8), ({}, 16))  # weight_kernel: one 128x128 block
+TRANSPOSE_CONFIGS = (  # transpose_bytes_kernel: [BLOCK_R x BLOCK_C] bytes
+    ({"BLOCK_R": 128, "BLOCK_C": 64}, 4), ({"BLOCK_R": 64, "BLOCK_C": 128}, 4),
+    ({"BLOCK_R": 128, "BLOCK_C": 128}, 4), ({"BLOCK_R": 128, "BLOCK_C": 128}, 8),
+    ({"BLOCK_R": 64, "BLOCK_C": 64}, 2),
+)
+DUAL_CONFIGS = (  # dual_quant_kernel: a 128x128 block, whole (CHUNK 128) or in column chunks
+    ({"CHUNK": 32}, 4), ({"CHUNK": 128}, 16), ({"CHUNK": 128}, 8), ({"CHUNK": 32}, 8), ({"CHUNK": 64}, 8),
+    ({"CHUNK": 16}, 4),
+)
+PRODUCER_ROWS_CONFIGS = (({"BLOCK_M": 8}, 4), ({"BLOCK_M": 4}, 4), ({"BLOCK_M": 16}, 8))
+PRODUCER_COLS_CONFIGS = (({"BLOCK_K": 32}, 4), ({"BLOCK_K": 16}, 4), ({"BLOCK_K": 64}, 8))
+TRANSPOSE_TILE = (TRANSPOSE_CONFIGS[0][0]["BLOCK_R"], TRANSPOSE_CONFIGS[0][0]["BLOCK_C"])  # the interpreter's
 # Both layouts of an activation (FP8Linear's X and dY, the FP8 experts' fused quantizations) from one launch
-# (dual_quant_kernel) or from two (rows, then the transposed layout; x read twice, the second time largely
-# from L2). The bytes are the same. The old one-pass kernel (a whole [128 x 128] tile in registers) ran at
-# 24% of copy bandwidth on the H100 against 48% for two launches; the column-chunked one has not been
-# measured yet: benchmarks/bench_quant.py times act_dual against act_dual_one_pass. Set from its result.
+# (dual_quant_kernel: x read once) or from two (rows, then the transposed layout; x read twice, the second
+# time partly from L2). The bytes are the same; benchmarks/bench_quant.py times act_dual against
+# act_dual_one_pass. Set from its result.
 DUAL_ONE_PASS = False
 
 
@@ -78,24 +113,25 @@ DUAL_ONE_PASS = False
 # ----------------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def tuned_kernels(interpret: bool) -> dict:
-    """{"rows", "cols", "weight"}: quant_kernel under three autotuners (one per layout, each keyed by
-    the columns and a power-of-two bucket of the rows)."""
+def _tuned(kernel, candidates, key):
     import triton
 
-    from coscale.kernels._quant_triton import quant_kernel
+    configs = [triton.Config(dict(c), num_warps=w) for c, w in candidates]
+    return triton_autotune(configs, configs[0], key=key, rep_ms=20)(kernel)
 
-    def tuned(configs, interpreter_config):
-        return triton_autotune(configs, interpreter_config, key=["K", "M_BUCKET"])(quant_kernel)
 
-    cfg = triton.Config
+@functools.cache
+def tuned_kernels(interpret: bool) -> dict:
+    """{"rows", "cols", "weight", "transpose"}: the standalone kernels under autotuners (keyed by the
+    columns and a power-of-two bucket of the rows; the byte transpose by its shape)."""
+    from coscale.kernels import _quant_triton as kq
+
+    key = ["K", "M_BUCKET"]
     return {
-        "rows": tuned([cfg({"BLOCK_M": bm}, num_warps=w) for bm, w in ((32, 4), (16, 4), (64, 8), (32, 8))],
-                      cfg({"BLOCK_M": 32}, num_warps=4)),
-        "cols": tuned([cfg({"BLOCK_K": bk}, num_warps=w) for bk, w in ((32, 4), (16, 4), (64, 8), (32, 8))],
-                      cfg({"BLOCK_K": 32}, num_warps=4)),
-        "weight": tuned([cfg({}, num_warps=w) for w in (16, 8)], cfg({}, num_warps=4)),
+        "rows": _tuned(kq.rows_kernel, ROWS_CONFIGS, key),
+        "cols": _tuned(kq.cols_kernel, COLS_CONFIGS, key),
+        "weight": _tuned(kq.weight_kernel, WEIGHT_CONFIGS, key),
+        "transpose": _tuned(kq.transpose_bytes_kernel, TRANSPOSE_CONFIGS, ["R", "C"]),
     }
 
 
@@ -103,38 +139,48 @@ def tuned_kernels(interpret: bool) -> dict:
 def tuned_producers(interpret: bool) -> dict:
     """{"rows", "cols", "dual"}: the producer-fused kernels of coscale.kernels._quant_triton under
     autotuners keyed by the columns, a bucket of the rows and the producer (SOURCE)."""
-    import triton
+    from coscale.kernels import _quant_triton as kq
 
-    from coscale.kernels._quant_triton import cols_quant_kernel, dual_quant_kernel, rows_quant_kernel
-
-    def tuned(kernel, configs, interpreter_config):
-        return triton_autotune(configs, interpreter_config, key=["K", "M_BUCKET", "SOURCE"])(kernel)
-
-    cfg = triton.Config
+    key = ["K", "M_BUCKET", "SOURCE"]
     return {
-        "rows": tuned(rows_quant_kernel, [cfg({"BLOCK_M": bm}, num_warps=w) for bm, w in ((8, 4), (4, 4), (16, 8))],
-                      cfg({"BLOCK_M": 8}, num_warps=4)),
-        "cols": tuned(cols_quant_kernel, [cfg({"BLOCK_K": bk}, num_warps=w) for bk, w in ((32, 4), (16, 4), (64, 8))],
-                      cfg({"BLOCK_K": 32}, num_warps=4)),
-        "dual": tuned(dual_quant_kernel, [cfg({"CHUNK": c}, num_warps=w) for c, w in ((32, 4), (16, 4), (32, 8))],
-                      cfg({"CHUNK": 32}, num_warps=4)),
+        "rows": _tuned(kq.rows_quant_kernel, PRODUCER_ROWS_CONFIGS, key),
+        "cols": _tuned(kq.cols_quant_kernel, PRODUCER_COLS_CONFIGS, key),
+        "dual": _tuned(kq.dual_quant_kernel, DUAL_CONFIGS, key),
     }
 
 
+def _pick(tuned, config: dict | None):
+    """(kernel, launch kwargs): the autotuner, or with ``config`` ({constexprs..., "num_warps": w}) the
+    bare kernel launched with that configuration (tests run every candidate this way)."""
+    return (tuned, {}) if config is None else (tuned.fn, dict(config))
+
+
+def picked_config(kind: str) -> str:
+    """The configuration the autotuner of ``kind`` ("rows", "cols", "weight", "transpose", or
+    "producer_rows", "producer_cols", "producer_dual") used last, as "NAME=v ... wN" ("" before any)."""
+    import triton  # noqa: F401  (the autotuners exist only once Triton is imported)
+
+    table = tuned_producers(interpreting()) if kind.startswith("producer_") else tuned_kernels(interpreting())
+    cfg = getattr(table[kind.removeprefix("producer_")], "best_config", None)
+    if cfg is None:
+        return ""
+    return " ".join([f"{k}={v}" for k, v in cfg.kwargs.items()] + [f"w{cfg.num_warps}"])
+
+
 def launch_producer(form, outs, x, round_scale, *, m, k, source=0, b=None, idx=None, w=None, dot=None,
-                    dot_out=None, topk=1, up_offset=0):  # fmt: skip
+                    dot_out=None, topk=1, up_offset=0, config=None):  # fmt: skip
     """Quantize the [m, k] matrix that ``source`` (the SOURCE table of coscale.kernels._quant_triton)
     produces from x (and b, idx, w) into ``outs`` = (y, s, yt, st) (coscale.kernels.quant_ops
     .quant_outputs): ``form`` "rows" (y, s; with ``dot`` also dot_out), "cols" (yt, st) or "dual" (all
-    four in one launch)."""
+    four in one launch). ``config``: see ``_pick``."""
     y, s, yt, st = outs
-    kernel = tuned_producers(interpreting())[form]
+    kernel, cfg = _pick(tuned_producers(interpreting())[form], config)
     has_weight = w is not None
     b = x if b is None else b
     idx = x if idx is None else idx
     w = x if w is None else w
     common = dict(SOURCE=source, TOPK=topk, HAS_WEIGHT=has_weight, ROUND_SCALE=round_scale,
-                  GRID_ROUND=interpreting())  # fmt: skip
+                  GRID_ROUND=interpreting(), **cfg)  # fmt: skip
     bucket = rows_bucket(m)
     if form == "rows":
         d, d_out = (dot, dot_out) if dot is not None else (x, x)
@@ -168,20 +214,39 @@ def _batched_strides(t: torch.Tensor) -> tuple:
     return tuple(t.stride()) if t.dim() == 3 else (0, *t.stride())
 
 
-def _launch_quant(kind, x, y, s, yt, st, m, k, y_rows, yt_rows, round_scale, **fixed):
-    """Launch quant_kernel's ``kind`` form on 2-D tensors or batches of them ([B, rows, cols]).
-    ``fixed``: the constexprs this form does not tune (ROWS, COLS, WHOLE_TILE, block sizes)."""
-    kernel = tuned_kernels(interpreting())[kind]
-    batch = x.shape[0] if x.dim() == 3 else 1
+def launch_rows(x, y, s, round_scale, config=None):
+    """y [M, Kp], s [M, Kp/128] (outer-major) from x [M, K] (any strides): rows_kernel."""
+    kernel, cfg = _pick(tuned_kernels(interpreting())["rows"], config)
+    m, k = x.shape
+    nt = y.shape[1] // BLOCK
+    launcher(kernel)[lambda meta: (-(-m // meta["BLOCK_M"]), -(-nt // meta["TILES"]))](
+        x, y, s, m, k, nt, rows_bucket(m), x.stride(0), x.stride(1), y.stride(0), s.stride(0), s.stride(1),
+        AMAX_FLOOR, FP8_MAX, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(), **cfg,
+    )  # fmt: skip
 
-    def grid(meta):
-        bm, bk = meta["BLOCK_M"], meta["BLOCK_K"]
-        return (-(-m // bm), -(-max(k, yt_rows) // bk), batch)
 
-    launcher(kernel)[grid](
-        x, y, s, yt, st, m, k, y_rows, yt_rows, rows_bucket(m), *_batched_strides(x),
-        *_batched_strides(y)[:2], *_batched_strides(s), *_batched_strides(yt)[:2], *_batched_strides(st),
-        AMAX_FLOOR, FP8_MAX, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(), **fixed,
+def launch_cols(x, yt, st, round_scale, config=None):
+    """yt [K or Kp, Mp], st (outer-major) from x [M, K] (any strides): cols_kernel."""
+    kernel, cfg = _pick(tuned_kernels(interpreting())["cols"], config)
+    m, k = x.shape
+    rows = yt.shape[0]
+    launcher(kernel)[lambda meta: (-(-m // BLOCK), -(-rows // meta["BLOCK_K"]))](
+        x, yt, st, m, k, rows, rows_bucket(m), x.stride(0), x.stride(1), yt.stride(0), st.stride(0), st.stride(1),
+        AMAX_FLOOR, FP8_MAX, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(), **cfg,
+    )  # fmt: skip
+
+
+def launch_weight(w, y, s, st, round_scale, config=None):
+    """y [.., Np, Kp], s [.., Np/128, Kp/128] and, unless ``st`` is None, st = s^T from w [.., N, K]
+    (2-D or a batch [E, N, K]): weight_kernel."""
+    kernel, cfg = _pick(tuned_kernels(interpreting())["weight"], config)
+    n, k = w.shape[-2:]
+    batch = w.shape[0] if w.dim() == 3 else 1
+    st_ = s if st is None else st
+    launcher(kernel)[(-(-n // BLOCK), -(-k // BLOCK), batch)](
+        w, y, s, st_, n, k, y.shape[-2], rows_bucket(n), *_batched_strides(w), *_batched_strides(y)[:2],
+        *_batched_strides(s), *_batched_strides(st_), AMAX_FLOOR, FP8_MAX, TRANSPOSED_SCALES=st is not None,
+        ROUND_SCALE=round_scale, GRID_ROUND=interpreting(), **cfg,
     )  # fmt: skip
 
 
@@ -224,14 +289,10 @@ def _act_quant_triton(x, round_scale, rows, cols, pad_t, one_pass):
     if rows and cols and one_pass and x.stride(1) == 1:  # (the one-pass kernel reads contiguous rows)
         launch_producer("dual", outs, x, round_scale, m=m, k=k)
         return outs
-    # (a slot the launch does not write gets x: an output passed twice would keep Inductor from writing it
-    # in place)
     if rows:
-        _launch_quant("rows", x, y, s, x, x, m, k, m, 0, round_scale, BLOCK_K=BLOCK, ROWS=True, COLS=False,
-                      WHOLE_TILE=False)  # fmt: skip
+        launch_rows(x, y, s, round_scale)
     if cols:
-        _launch_quant("cols", x, x, x, yt, st, m, k, 0, yt.shape[0], round_scale, BLOCK_M=BLOCK, ROWS=False,
-                      COLS=True, WHOLE_TILE=False)  # fmt: skip
+        launch_cols(x, yt, st, round_scale)
     return outs
 
 
@@ -252,16 +313,13 @@ def act_quant_op(
 # ----------------------------------------------------------------------------------------------------
 
 
-def transpose_bytes(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def transpose_bytes(y: torch.Tensor, out: torch.Tensor, config=None) -> torch.Tensor:
     """out[.., c, r] = y[.., r, c] for 1-byte tensors with contiguous rows (the Triton kernel)."""
-    from coscale.kernels._quant_triton import transpose_bytes_kernel
-
+    kernel, cfg = _pick(tuned_kernels(interpreting())["transpose"], config)
     x3, o3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (y.view(torch.uint8), out.view(torch.uint8)))
     r, c = x3.shape[-2:]
-    br, bc = TRANSPOSE_TILE
-    grid = (-(-r // br), -(-c // bc), x3.shape[0])
-    launcher(transpose_bytes_kernel)[grid](
-        x3, o3, r, c, x3.stride(0), x3.stride(1), o3.stride(0), o3.stride(1), BLOCK_R=br, BLOCK_C=bc, num_warps=4
+    launcher(kernel)[lambda meta: (-(-r // meta["BLOCK_R"]), -(-c // meta["BLOCK_C"]), x3.shape[0])](
+        x3, o3, r, c, x3.stride(0), x3.stride(1), o3.stride(0), o3.stride(1), **cfg
     )
     return out
 
@@ -313,9 +371,7 @@ def _weight_quant_triton(ws, round_scale, transpose):
     for w, y, s, st in _parts(ws, outs, transpose):
         if w.numel() == 0:
             continue
-        n, k = w.shape[-2:]
-        _launch_quant("weight", w, y, s, w, st if transpose else w, n, k, y.shape[-2], 0, round_scale,
-                      BLOCK_M=BLOCK, BLOCK_K=BLOCK, ROWS=True, COLS=transpose, WHOLE_TILE=True)  # fmt: skip
+        launch_weight(w, y, s, st if transpose else None, round_scale)
     if transpose:  # W^T's 128x128 blocks are W's blocks transposed: the same bytes, one launch for all
         transpose_bytes(outs[0], outs[2])
     return outs
