@@ -13,8 +13,11 @@ Formats (row of hidden size H):
   scales (4 bytes each, little-endian as in memory), H + 4*ceil(H/128) bytes in all. For H = 7168 that
   is 7,392 bytes against 14,336 for BF16 (1.94x fewer).
 
-A LogFMT codec (the paper section 3.2) only needs ``encode``/``decode``/``bytes_per_row``: pass any
-object that satisfies :class:`Codec` wherever a codec name is accepted.
+A LogFMT codec (the paper section 3.2; :class:`LogFMTCodec`) only needs ``encode``/``decode``/``bytes_per_row``:
+pass any object that satisfies :class:`Codec` wherever a codec name is accepted. Two optional methods let
+coscale.parallel.transfer fuse the first and last steps of a transfer: ``encode_rows(x, index)`` (the
+encoded rows x[index], selection and encoding in one pass: FP8 and LogFMT) and ``decode_sum(payload,
+copies, hidden, dtype)`` (out[i] = sum_k decode(payload[copies[i, k]]): LogFMT).
 
 Shapes: ``encode(x [N, H] float) -> [N, B] uint8``; ``decode(p [N, B] uint8, hidden=H, dtype) -> [N, H]``.
 """
@@ -106,6 +109,20 @@ class FP8Codec:
         scale_bytes = scale.view(torch.uint8).reshape(x.shape[0], 4 * scale.shape[1])
         return torch.cat([codes.view(torch.uint8), scale_bytes], dim=1)
 
+    def encode_rows(self, x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """The rows x[index] encoded: encode(x).index_select(0, index)'s bytes. With H a multiple of 128,
+        one pass (coscale.kernels.fused_quant.gather_quant_rows: gather + quantize + pack)."""
+        x = x.flatten(1)
+        if index is not None and x.shape[1] % TILE == 0:
+            try:
+                from coscale.kernels.fused_quant import gather_quant_rows
+            except ImportError:
+                gather_quant_rows = None
+            if gather_quant_rows is not None:
+                return gather_quant_rows(x, index)
+        payload = self.encode(x)
+        return payload if index is None else payload.index_select(0, index)
+
     def decode(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
         n = payload.shape[0]
         tiles = math.ceil(hidden / TILE)
@@ -144,15 +161,20 @@ class LogFMTCodec:
     """LogFMT-n (the paper section 3.2; coscale.kernels.logfmt): n-bit sign + log-magnitude codes with
     tile_min and tile_step (fp32) per 1x128 tile, rounded to nearest in the linear domain by default.
 
-    Row layout: the H codes bit-packed little-endian (code i of a group of g = 8 / gcd(n, 8) codes at bit
-    n*i of a g*n/8-byte group; n = 8: one byte per code; n = 10: 4 codes in 5 bytes), zero codes padding
-    H up to a multiple of g; then ceil(H/128) fp32 tile_min and ceil(H/128) fp32 tile_step. For n whose
-    group would exceed 56 bits (9, 11, 13, 15) or with ``packed=False`` the codes are int16 (2 bytes).
-    H = 7168: LogFMT-8 7,616 bytes, LogFMT-10 (packed) 9,408, against 7,392 for FP8 and 14,336 for BF16.
+    Row layout (coscale.kernels.logfmt.code_packing / row_bytes): the H codes bit-packed little-endian
+    (code i of a group of g = 8 / gcd(n, 8) codes at bit n*i of a g*n/8-byte group; n = 8: one byte per
+    code; n = 10: 4 codes in 5 bytes), zero codes padding H up to a multiple of g; then ceil(H/128) fp32
+    tile_min and ceil(H/128) fp32 tile_step. For n whose group would exceed 56 bits (9, 11, 13, 15) or with
+    ``packed=False`` the codes are int16 (2 bytes). H = 7168: LogFMT-8 7,616 bytes, LogFMT-10 (packed)
+    9,408, against 7,392 for FP8 and 14,336 for BF16.
+
+    The kernels write and read these rows directly: ``encode_rows(x, index)`` selects, encodes and packs
+    in one pass (the dispatch's first stage), ``decode_sum(rows, copies, ...)`` unpacks, decodes and sums
+    each source row's copies in one pass (the combine's last stage).
     """
 
     def __init__(self, n_bits: int = 8, rounding: str = "nearest", packed: bool = True):
-        from coscale.kernels.logfmt import ROUNDINGS
+        from coscale.kernels.logfmt import ROUNDINGS, code_packing
 
         if not isinstance(n_bits, int) or not 3 <= n_bits <= 16:
             raise ConfigError(f"LogFMTCodec n_bits must be an integer in 3..16, got {n_bits!r}")
@@ -161,57 +183,31 @@ class LogFMTCodec:
         self.n_bits = n_bits
         self.rounding = rounding
         self.name = f"logfmt{n_bits}"
-        group = 8 // math.gcd(n_bits, 8)
-        self.packed = packed and group * n_bits <= 56
-        self._group, self._group_bytes = (group, group * n_bits // 8) if self.packed else (1, 2)
-
-    def _code_bytes(self, hidden: int) -> int:
-        return math.ceil(hidden / self._group) * self._group_bytes
+        self.packed = packed and code_packing(n_bits, True) != (1, 2)
 
     def bytes_per_row(self, hidden: int) -> int:
-        return self._code_bytes(hidden) + 8 * math.ceil(hidden / TILE)
+        from coscale.kernels.logfmt import row_bytes
 
-    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
-        n, h = codes.shape
-        if not self.packed:
-            return codes.to(torch.int16).contiguous().view(torch.uint8).reshape(n, 2 * h)
-        if self.n_bits == 8:
-            return codes.view(torch.uint8)
-        c = codes.to(torch.int64) & ((1 << self.n_bits) - 1)
-        c = torch.nn.functional.pad(c, (0, -h % self._group)).view(n, math.ceil(h / self._group), self._group)
-        word = (c << (self.n_bits * torch.arange(self._group, device=c.device))).sum(-1, keepdim=True)
-        shifts = 8 * torch.arange(self._group_bytes, device=c.device)
-        return ((word >> shifts) & 0xFF).to(torch.uint8).reshape(n, self._code_bytes(h))
-
-    def _unpack(self, raw: torch.Tensor, hidden: int) -> torch.Tensor:
-        from coscale.kernels.logfmt import code_dtype
-
-        n = raw.shape[0]
-        if not self.packed:
-            return raw.contiguous().view(torch.int16).reshape(n, hidden)
-        if self.n_bits == 8:
-            return raw
-        b = raw.to(torch.int64).reshape(n, raw.shape[1] // self._group_bytes, self._group_bytes)
-        word = (b << (8 * torch.arange(self._group_bytes, device=b.device))).sum(-1, keepdim=True)
-        c = (word >> (self.n_bits * torch.arange(self._group, device=b.device))) & ((1 << self.n_bits) - 1)
-        return c.reshape(n, c.shape[1] * self._group)[:, :hidden].to(torch.int32).to(code_dtype(self.n_bits))
+        return row_bytes(hidden, self.n_bits, self.packed)[1]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        from coscale.kernels.logfmt import logfmt_encode
+        return self.encode_rows(x, None)
 
-        x = x.flatten(1)
-        codes, tile_min, tile_step = logfmt_encode(x, self.n_bits, self.rounding)
-        n = x.shape[0]
-        stats = torch.cat([tile_min, tile_step], dim=1).contiguous().view(torch.uint8).reshape(n, 8 * tile_min.shape[1])
-        return torch.cat([self._pack(codes), stats], dim=1)
+    def encode_rows(self, x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """The rows x[index] encoded: the same bytes as encode(x).index_select(0, index), in one pass."""
+        from coscale.kernels.logfmt import logfmt_encode_to_rows
+
+        return logfmt_encode_to_rows(x.flatten(1), index, 1, self.n_bits, self.rounding, packed=self.packed)
 
     def decode(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
-        from coscale.kernels.logfmt import logfmt_decode
+        return self.decode_sum(payload, None, hidden, dtype)
 
-        n, tiles, code_bytes = payload.shape[0], math.ceil(hidden / TILE), self._code_bytes(hidden)
-        codes = self._unpack(payload[:, :code_bytes], hidden)
-        stats = payload[:, code_bytes:].contiguous().view(torch.float32).reshape(n, 2 * tiles)
-        return logfmt_decode(codes, stats[:, :tiles], stats[:, tiles:], self.n_bits, dtype)
+    def decode_sum(self, payload: torch.Tensor, copies: torch.Tensor | None, hidden: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """out[i] = sum_k decode(payload[copies[i, k]]) [N, hidden] in float32, then dtype, in one pass."""
+        from coscale.kernels.logfmt import logfmt_decode_rows
+
+        return logfmt_decode_rows(payload, hidden, copies, None, self.n_bits, dtype, self.packed)
 
     def __repr__(self) -> str:
         layout = "packed" if self.packed else "int16"

@@ -121,6 +121,8 @@ class Stage:
     recv_splits: tuple[int, ...] = ()
     group: Any = None
     ranks: tuple[int, ...] = ()  # global ranks of the group; () = no exchange (a local permutation)
+    copies: torch.Tensor | None = None  # [n_before, K]: where each earlier row's K copies went, when
+    #   every earlier row was selected exactly K times (lets a gather decode and sum them in one pass)
 
     @property
     def exchanges(self) -> bool:
@@ -239,7 +241,9 @@ def plan_flat(topk_idx: torch.Tensor, n_experts: int, topo: Topology) -> RoutePl
     recv_counts = exchange_counts(per_expert, topo.group, topo.ranks, topo.timeout_s)
     send = tuple(per_expert.sum(1).tolist())
     recv = tuple(recv_counts.sum(1).tolist())
-    return _sorted_plan((Stage(order // k, send, recv, topo.group, topo.ranks),),
+    copies = torch.empty_like(order)
+    copies[order] = torch.arange(order.numel(), device=order.device)  # pair t*k + j went to row copies[..]
+    return _sorted_plan((Stage(order // k, send, recv, topo.group, topo.ranks, copies.view(t, k)),),
                         (Stage(order, send, recv, topo.group, topo.ranks),), t, k, recv_counts)
 
 
