@@ -21,6 +21,7 @@ this rank receives. Moving rows along a route is coscale.parallel.transfer's job
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,8 +84,10 @@ def topology(ep: ParallelContext | Topology | Any) -> Topology:
 
 def all_to_all_rows(x: torch.Tensor, send_splits: tuple[int, ...], recv_splits: tuple[int, ...], group: Any,
                     ranks: tuple[int, ...], timeout_s: float, async_op: bool = False) -> tuple[torch.Tensor, Any]:
-    """``all_to_all_single`` of rows; returns (output, work or None). A group of one rank keeps x."""
-    if len(ranks) == 1:
+    """``all_to_all_single`` of rows; returns (output, work or None). A group of one rank keeps x, unless
+    ``COSCALE_EP_LOOPBACK=1`` and torch.distributed is up: then even one rank exchanges with itself through
+    the backend (how tools/ep_one_gpu.py runs NCCL's all-to-all, streams and overlap on one GPU)."""
+    if len(ranks) == 1 and not (dist.is_initialized() and os.environ.get("COSCALE_EP_LOOPBACK") == "1"):
         return x, None
     out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
     work = guarded(
