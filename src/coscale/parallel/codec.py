@@ -68,15 +68,16 @@ class RawCodec:
         return f"RawCodec({self.name})"
 
 
-def _quantize_1x128_local(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, H] -> (e4m3 codes [N, H], fp32 scales [N, ceil(H/128)]); the last tile may be partial."""
+def _quantize_1x128_local(x: torch.Tensor, fp8: torch.dtype = torch.float8_e4m3fn
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, H] -> (fp8 codes [N, H], fp32 scales [N, ceil(H/128)]); the last tile may be partial."""
     n, h = x.shape
     tiles = math.ceil(h / TILE)
     padded = torch.nn.functional.pad(x.float(), (0, tiles * TILE - h)).view(n, tiles, TILE)
-    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    fp8_max = torch.finfo(fp8).max
     amax = padded.abs().amax(dim=-1).clamp(min=1e-12)  # an all-zero tile keeps a finite scale
     scale = amax / fp8_max
-    codes = (padded / scale.unsqueeze(-1)).clamp(-fp8_max, fp8_max).to(torch.float8_e4m3fn)
+    codes = (padded / scale.unsqueeze(-1)).clamp(-fp8_max, fp8_max).to(fp8)
     return codes.view(n, tiles * TILE)[:, :h].contiguous(), scale.contiguous()
 
 
@@ -96,16 +97,22 @@ def _quantize_1x128(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class FP8Codec:
-    """E4M3 codes with a float32 scale per 1x128 tile; the scales travel in the same row."""
+    """E4M3 codes with a float32 scale per 1x128 tile; the scales travel in the same row.
+    ``fmt="e5m2"``: E5M2 codes (scale = amax / 57344; the PyTorch quantizer, for the codec study)."""
 
-    name = "fp8"
+    def __init__(self, fmt: str = "e4m3"):
+        if fmt not in ("e4m3", "e5m2"):
+            raise ConfigError(f"FP8Codec fmt must be 'e4m3' or 'e5m2', got {fmt!r}")
+        self.fmt = fmt
+        self.dtype = torch.float8_e4m3fn if fmt == "e4m3" else torch.float8_e5m2
+        self.name = "fp8" if fmt == "e4m3" else "fp8_e5m2"
 
     def bytes_per_row(self, hidden: int) -> int:
         return hidden + 4 * math.ceil(hidden / TILE)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
-        codes, scale = _quantize_1x128(x)
+        codes, scale = _quantize_1x128(x) if self.fmt == "e4m3" else _quantize_1x128_local(x, self.dtype)
         scale_bytes = scale.view(torch.uint8).reshape(x.shape[0], 4 * scale.shape[1])
         return torch.cat([codes.view(torch.uint8), scale_bytes], dim=1)
 
@@ -113,7 +120,7 @@ class FP8Codec:
         """The rows x[index] encoded: encode(x).index_select(0, index)'s bytes. With H a multiple of 128,
         one pass (coscale.kernels.fused_quant.gather_quant_rows: gather + quantize + pack)."""
         x = x.flatten(1)
-        if index is not None and x.shape[1] % TILE == 0:
+        if index is not None and x.shape[1] % TILE == 0 and self.fmt == "e4m3":
             try:
                 from coscale.kernels.fused_quant import gather_quant_rows
             except ImportError:
@@ -130,18 +137,18 @@ class FP8Codec:
         # Half-precision outputs are computed in that precision: e4m3 codes are exact in bf16/fp16, and
         # rounding the scale (2^-9 relative) is far below the e4m3 step (2^-4); it saves an fp32 copy.
         work = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
-        codes = payload[:, :hidden].view(torch.float8_e4m3fn).to(work)
+        codes = payload[:, :hidden].view(self.dtype).to(work)
         if hidden % TILE:
             codes = torch.nn.functional.pad(codes, (0, tiles * TILE - hidden))
         values = codes.view(n, tiles, TILE) * scale.to(work).unsqueeze(-1)
         return values.view(n, tiles * TILE)[:, :hidden].to(dtype)
 
     def __repr__(self) -> str:
-        return "FP8Codec(e4m3, 1x128)"
+        return f"FP8Codec({self.fmt}, 1x128)"
 
 
 def get_codec(codec: str | Codec | None, default: str = "bf16") -> Codec:
-    """A codec by name ('fp32', 'bf16', 'fp8'), or any object implementing :class:`Codec`."""
+    """A codec by name ('fp32', 'bf16', 'fp8', 'fp8_e5m2', 'logfmt8', 'logfmt10'), or any :class:`Codec`."""
     if codec is None:
         codec = default
     if isinstance(codec, str):
@@ -151,7 +158,12 @@ def get_codec(codec: str | Codec | None, default: str = "bf16") -> Codec:
             return RawCodec(torch.bfloat16, "bf16")
         if codec == "fp8":
             return FP8Codec()
-        raise ConfigError(f"unknown EP codec {codec!r}; choose 'fp32', 'bf16', 'fp8' or pass a Codec object")
+        if codec == "fp8_e5m2":
+            return FP8Codec("e5m2")
+        if codec in ("logfmt8", "logfmt10"):
+            return LogFMTCodec(int(codec[6:]))
+        raise ConfigError(f"unknown EP codec {codec!r}; choose 'fp32', 'bf16', 'fp8', 'fp8_e5m2', 'logfmt8', "
+                          "'logfmt10' or pass a Codec object")
     if not isinstance(codec, Codec):
         raise ConfigError(f"{codec!r} is not a codec: it needs name, bytes_per_row, encode and decode")
     return codec
