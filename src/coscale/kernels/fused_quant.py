@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 
 from coscale.errors import CoscaleError
+from coscale.kernels.fp8_recipe import FP8_DTYPE
 from coscale.kernels.library import operator, runs_triton
 from coscale.kernels.permute import gather_rows_ref
-from coscale.kernels.fp8_recipe import FP8_DTYPE
 from coscale.kernels.quant_ops import act_quant_reference, launch_producer, quant_outputs
 from coscale.kernels.swiglu import swiglu_backward_torch, swiglu_forward_torch
 

@@ -41,16 +41,30 @@ references ``logfmt_encode_ref`` / ``logfmt_decode_ref`` (float64 math, the spec
 the kernels below (CPU tensors under TRITON_INTERPRET=1), "auto" = triton for CUDA tensors when Triton
 imports, else torch.
 
-The encode kernel does its logs in float64 (the tile statistics and one log per element): the per-tile
-numbers are then the reference's bits and a code differs from the reference only when |x| sits within
-~1e-16 relative of a rounding threshold, so "nearest" codes are bitwise equal to the reference in
-practice (tested). It uses the equivalent log-domain threshold: 2|x| >= g_k + g_{k+1} iff
-log|x| >= m + s*k + c with c = log((1 + e^s) / 2), so q = floor((log|x| - m - c) / s) + 2 clamped to
-[1, Q], and q = 0 when 2|x| < exp(m). The cost of float64 log on the GPU is what benchmarks/bench_logfmt.py
-measures (the paper found LogFMT 50-100 % slower than FP8 casting for the same reason: log/exp
-throughput). Stochastic rounding in the kernel draws Philox numbers (``tl.rand(seed, row * Hp + col)``,
-offsets wrap past 2^31 elements) and is checked statistically; the reference uses a torch.Generator.
-The decode kernel computes in fp32 (tl.exp) and differs from the float64 reference by ~1e-6 relative.
+The encode kernel (coscale.kernels._logfmt_triton) works in float32 per element; float64 only per tile
+(the tile numbers, bit-identical to the reference's) and for the affine map below. Exactness argument
+for "nearest": the reference's code is the exact real-number rounding of |x| to the nearest grid magnitude
+(its float64 comparison can differ only within ~1e-15 relative of a threshold). The kernel computes the
+position t = (log2|x| - M - C) / S on the code grid (thresholds at the integers, M, S, C in log2 units)
+from the exact exponent of |x| and a float32 ln(mantissa) whose error is at most 1.3e-7 (log2 units), and
+every other step in float64, so |t_computed - t| <= DELTA / S with DELTA = 2.5e-7. An element farther
+than that from a threshold (or from the 0/1 threshold |x| = exp(m)/2) gets the reference's code. An
+element within the band marks its row, and that row is recomputed with the reference's own float64
+formulas (log, floor, the two exps and the linear comparison) before anything is stored: codes equal the
+reference bit for bit by construction, whatever the input. The band is narrow (about 2*DELTA/S of a step:
+~1e-5 of the elements of Gaussian tiles for LogFMT-8, ~4e-5 for LogFMT-10), so the float64 path runs for
+under 1 % of the rows. Tests: tests/test_logfmt.py, tests/test_logfmt_fused.py (elements straddling every
+threshold, and the fallback alone with the band widened to everything).
+
+Stochastic rounding draws Philox numbers (``tl.rand(seed, row * Hp + col)``, offsets wrap past 2^31
+elements) and is checked statistically; the reference uses a torch.Generator. The decode kernel computes
+in fp32 (tl.exp) and differs from the float64 reference by ~1e-6 relative.
+
+Fused forms (one pass over memory each; references = the unfused references composed):
+``logfmt_encode_rows`` / ``logfmt_encode_to_rows`` gather rows x[row_src // K] (the MoE permutation, or
+the dispatch's row selection) and encode them, the latter straight into wire rows (packed codes, then
+tile_min and tile_step: coscale.parallel.codec.LogFMTCodec's layout); ``logfmt_decode_sum`` /
+``logfmt_decode_rows`` decode and sum each token's K rows, optionally weighted (the combine).
 """
 
 from __future__ import annotations
