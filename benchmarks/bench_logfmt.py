@@ -12,6 +12,15 @@ tile numbers must equal the float64 PyTorch reference bit for bit (mismatch coun
 must match the reference within 1e-5 relative. Last, an accuracy table: normalized L2 error and mean
 relative error of LogFMT-8/10 and E4M3 (1x128) on Gaussian and heavy-tailed (Student-t, 2 dof) data.
 The table prints last; one variant failing is recorded and the others go on.
+
+The communication table (issue 16): the dispatch's packing and the combine's unpacking on T tokens x H
+routed to K of E experts (bf16): plain permutation (coscale.kernels.permute.rows_from_tokens), permutation
++ FP8 1x128 quantization fused into wire rows (fused_quant.gather_quant_rows) and separate (permute, then
+act_quant_1x128), permutation + LogFMT-8/10 fused into wire rows (logfmt.logfmt_encode_to_rows), LogFMT
+encode and decode alone on the permuted rows, and the combine: decode + weighted sum in one pass
+(logfmt_decode_sum) against decode then tokens_from_rows. Each with ms, TB/s (bytes read + written), %
+of the 4.25 TB/s copy goal and the ratio to the plain permutation. The float32 encoder's codes are
+checked against the float64 reference first (mismatch counts; the goal is 0).
 """
 
 from __future__ import annotations
@@ -87,6 +96,74 @@ def time_case(kind, n_bits, xs):
     return bench(fns), nbytes(*encoded[0], out)
 
 
+GOAL_TBS = 4.25  # an H200's device-to-device copy bandwidth (the issue's yardstick)
+
+
+def comm_rows(dev, tokens, hidden=7168, n_experts=256, topk=8):
+    """The communication table: (name, ms, bytes) per variant; see the module docstring."""
+    from coscale.kernels.fused_quant import gather_quant_rows
+    from coscale.kernels.permute import build_permute_info, rows_from_tokens, tokens_from_rows
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = make_input(tokens, hidden, dev, seed=1).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(n_experts, device=dev, generator=g)[:topk] for _ in range(tokens)])
+    w = torch.rand(tokens, topk, device=dev, generator=g)
+    info = build_permute_info(idx, n_experts, align=1)
+    perm, _ = rows_from_tokens(x, info)
+    rows_in = info.num_rows * hidden * 2  # the permuted rows read from the tokens
+    out = []
+
+    def add(name, fn, moved):
+        fn()
+        out.append((name, bench([fn]), moved))
+
+    add("permute (plain, bf16)", lambda: rows_from_tokens(x, info), rows_in + nbytes(perm))
+    fp8 = gather_quant_rows(x, info.row_pair, topk)
+    add("permute + FP8 fused", lambda: gather_quant_rows(x, info.row_pair, topk), rows_in + nbytes(fp8))
+    add("permute, then FP8", lambda: q.act_quant_1x128(rows_from_tokens(x, info)[0], backend="triton"),
+        rows_in + nbytes(perm) * 2 + nbytes(fp8))
+    for n_bits in (8, 10):
+        rows = lf.logfmt_encode_to_rows(x, info.row_pair, topk, n_bits)
+        add(f"permute + LogFMT-{n_bits} fused", lambda n=n_bits: lf.logfmt_encode_to_rows(x, info.row_pair, topk, n),
+            rows_in + nbytes(rows))
+        enc = lf.logfmt_encode(perm, n_bits, backend="triton")
+        add(f"LogFMT-{n_bits} encode alone", lambda n=n_bits: lf.logfmt_encode(perm, n, backend="triton"),
+            nbytes(perm, *enc))
+        dec = lf.logfmt_decode(*enc, n_bits, dtype=torch.bfloat16, backend="triton")
+        add(f"LogFMT-{n_bits} decode alone", lambda n=n_bits, e=enc: lf.logfmt_decode(*e, n, dtype=torch.bfloat16,
+                                                                                     backend="triton"),
+            nbytes(*enc, dec))
+        comb = lf.logfmt_decode_sum(*enc, info.pair_row, w, n_bits, torch.bfloat16, backend="triton")
+        add(f"LogFMT-{n_bits} decode + combine fused",
+            lambda n=n_bits, e=enc: lf.logfmt_decode_sum(*e, info.pair_row, w, n, torch.bfloat16, backend="triton"),
+            nbytes(*enc, comb))
+        add(f"LogFMT-{n_bits} decode, then combine",
+            lambda n=n_bits, e=enc: tokens_from_rows(lf.logfmt_decode(*e, n, dtype=torch.bfloat16, backend="triton"),
+                                                     info, w),
+            nbytes(*enc, dec) * 1 + nbytes(dec, comb))
+    plain = out[0][1]
+    return [{"kernel": name, "T": tokens, "K": topk, "H": hidden, "ms": ms, "bytes": moved,
+             "TB/s": moved / ms / 1e9, "pct_goal": 100 * moved / ms / 1e9 / GOAL_TBS, "vs_permute": ms / plain}
+            for name, ms, moved in out]
+
+
+def check_fused(dev):
+    """Mismatches of the fused wire rows against the references on the GPU (0 expected)."""
+    from coscale.kernels.fused_quant import gather_quant_rows
+    from coscale.kernels.permute import build_permute_info
+
+    x = make_input(256, 7168, dev, seed=9).to(torch.bfloat16)
+    idx = torch.randint(0, 64, (256, 4), device=dev)
+    info = build_permute_info(idx, 64, align=8)
+    rec = {"fp8_rows": int((gather_quant_rows(x, info.row_pair, 4) !=
+                            gather_quant_rows(x, info.row_pair, 4, backend="torch")).sum())}
+    for n_bits in (8, 10):
+        got = lf.logfmt_encode_to_rows(x, info.row_pair, 4, n_bits, backend="triton")
+        ref = lf.logfmt_encode_to_rows(x, info.row_pair, 4, n_bits, backend="torch")
+        rec[f"logfmt{n_bits}_rows"] = int((got != ref).sum())
+    return rec
+
+
 def accuracy_rows(dev):
     from coscale.kernels.quant import act_quant_1x128_ref, dequant_1x128
 
@@ -118,7 +195,7 @@ def main() -> None:
     import triton
 
     dev = torch.device("cuda")
-    shapes = [(8192, 7168)] if args.quick else [(4096, 7168), (8192, 7168), (16384, 7168)]
+    shapes = [(4096, 7168)] if args.quick else [(4096, 7168), (8192, 7168), (16384, 7168)]
     kinds = [("fp8_act_quant", 8)]
     for n_bits in (8, 10):
         kinds += [("encode_nearest", n_bits), ("encode_stochastic", n_bits), ("decode", n_bits)]
@@ -154,6 +231,18 @@ def main() -> None:
             results.append(rec)
         del xs
         torch.cuda.empty_cache()
+    comm = []
+    for tokens in ([4096] if args.quick else [4096, 8192]):
+        try:
+            comm += comm_rows(dev, tokens)
+        except Exception as exc:
+            comm.append({"kernel": "communication", "T": tokens, "error": f"{type(exc).__name__}: {exc}"})
+            traceback.print_exc()
+    try:
+        checks.append({"check": "fused rows", **check_fused(dev)})
+    except Exception as exc:
+        checks.append({"check": "fused rows", "error": f"{type(exc).__name__}: {exc}"})
+        traceback.print_exc()
     try:
         acc = accuracy_rows(dev)
     except Exception as exc:
@@ -161,7 +250,7 @@ def main() -> None:
         traceback.print_exc()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M"), "copy_TB/s": copy_bw}
-    ResultsLog("bench_logfmt").save(meta=meta, checks=checks, results=results, accuracy=acc)
+    ResultsLog("bench_logfmt").save(meta=meta, checks=checks, results=results, accuracy=acc, communication=comm)
     print(json.dumps(meta))
     print("GPU vs float64 reference:", json.dumps(checks))
     print(f"{'format':>20} {'data':>13} {'L2 err':>8} {'mean rel':>9}")
@@ -170,6 +259,7 @@ def main() -> None:
             print("accuracy ERROR", r["error"][:100])
         else:
             print(f"{r['format']:>20} {r['data']:>13} {r['l2']:>8.4f} {r['mean_rel']:>9.4f}")
+    print_comm(comm)
     print(f"{'kernel':>26} {'M':>6} {'K':>6} {'ms':>8} {'TB/s':>6} {'%copy':>6} {'x fp8':>6}")
     for r in results:
         if "error" in r:
@@ -178,6 +268,17 @@ def main() -> None:
         ratio = f"{r['vs_fp8']:>6.2f}" if r.get("vs_fp8") else f"{'-':>6}"
         print(f"{r['kernel']:>26} {r['M']:>6} {r['K']:>6} {r['ms']:>8.3f} {r['TB/s']:>6.2f} "
               f"{r['pct_copy']:>6.1f} {ratio}")
+
+
+def print_comm(comm):
+    print(f"{'communication kernel (bf16 tokens, H 7168, K 8)':>44} {'T':>5} {'ms':>8} {'TB/s':>6} "
+          f"{'%4.25':>6} {'x permute':>9}")
+    for r in comm:
+        if "error" in r:
+            print(f"{r['kernel']:>44} {r['T']:>5} ERROR {r['error'][:80]}")
+            continue
+        print(f"{r['kernel']:>44} {r['T']:>5} {r['ms']:>8.3f} {r['TB/s']:>6.2f} {r['pct_goal']:>6.1f} "
+              f"{r['vs_permute']:>9.2f}")
 
 
 if __name__ == "__main__":

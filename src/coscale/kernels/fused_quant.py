@@ -25,12 +25,13 @@ from __future__ import annotations
 import torch
 
 from coscale.errors import CoscaleError
+from coscale.kernels.fp8_recipe import FP8_DTYPE
 from coscale.kernels.library import operator, runs_triton
 from coscale.kernels.permute import gather_rows_ref
 from coscale.kernels.quant_ops import act_quant_reference, launch_producer, quant_outputs
 from coscale.kernels.swiglu import swiglu_backward_torch, swiglu_forward_torch
 
-__all__ = ["gather_quant_op", "swiglu_backward_quant_op", "swiglu_quant_op"]
+__all__ = ["gather_quant_op", "gather_quant_rows", "swiglu_backward_quant_op", "swiglu_quant_op"]
 
 SWIGLU, SWIGLU_BACKWARD, GATHER = 1, 2, 3  # the SOURCE codes of coscale.kernels._quant_triton
 
@@ -111,3 +112,23 @@ def gather_quant_op(
         producer |= dict(dot=dot.contiguous(), dot_out=dot_out)
     _launch(outs, src.contiguous(), round_scale, rows, cols, one_pass, m=m, k=k, **producer)
     return (*outs, dot_out)
+
+
+def gather_quant_rows(src: torch.Tensor, row_src: torch.Tensor, topk: int = 1, backend: str = "auto") -> torch.Tensor:
+    """The rows src[row_src[r] // topk] (zeros where row_src[r] < 0) quantized 1x128 (e4m3) and written as
+    rows of bytes [M, H + 4 * H/128]: H e4m3 codes, then the H/128 fp32 scales (little-endian), the wire
+    layout of coscale.parallel.codec.FP8Codec. One pass: the gather kernel stores codes and scales
+    straight into the rows (the dispatch's selection fused with its quantization). H must be a multiple
+    of 128 (the scales then start 4-byte aligned)."""
+    h = src.shape[1]
+    if src.dim() != 2 or h % 128:
+        raise CoscaleError(f"gather_quant_rows needs src [T, H] with H a multiple of 128, got {tuple(src.shape)}")
+    m, tiles = row_src.shape[0], h // 128
+    if not runs_triton(backend, src, "gather_quant"):
+        y, s = act_quant_reference(gather_rows_ref(src, row_src, topk)[0], False, True, False, False)[:2]
+        return torch.cat([y.view(torch.uint8), s.contiguous().view(torch.uint8).reshape(m, 4 * tiles)], dim=1)
+    rows = torch.empty(m, h + 4 * tiles, dtype=torch.uint8, device=src.device)
+    outs = (rows[:, :h].view(FP8_DTYPE), rows.view(torch.float32)[:, h // 4:], None, None)
+    _launch(outs, src.contiguous(), False, True, False, False, m=m, k=h, source=GATHER, idx=row_src.contiguous(),
+            topk=topk)
+    return rows

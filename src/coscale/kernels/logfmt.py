@@ -41,27 +41,40 @@ references ``logfmt_encode_ref`` / ``logfmt_decode_ref`` (float64 math, the spec
 the kernels below (CPU tensors under TRITON_INTERPRET=1), "auto" = triton for CUDA tensors when Triton
 imports, else torch.
 
-The encode kernel does its logs in float64 (the tile statistics and one log per element): the per-tile
-numbers are then the reference's bits and a code differs from the reference only when |x| sits within
-~1e-16 relative of a rounding threshold, so "nearest" codes are bitwise equal to the reference in
-practice (tested). It uses the equivalent log-domain threshold: 2|x| >= g_k + g_{k+1} iff
-log|x| >= m + s*k + c with c = log((1 + e^s) / 2), so q = floor((log|x| - m - c) / s) + 2 clamped to
-[1, Q], and q = 0 when 2|x| < exp(m). The cost of float64 log on the GPU is what benchmarks/bench_logfmt.py
-measures (the paper found LogFMT 50-100 % slower than FP8 casting for the same reason: log/exp
-throughput). Stochastic rounding in the kernel draws Philox numbers (``tl.rand(seed, row * Hp + col)``,
-offsets wrap past 2^31 elements) and is checked statistically; the reference uses a torch.Generator.
-The decode kernel computes in fp32 (tl.exp) and differs from the float64 reference by ~1e-6 relative.
+The encode kernel (coscale.kernels._logfmt_triton) works in float32 per element; float64 only per tile
+(the tile numbers, bit-identical to the reference's) and for the affine map below. Exactness argument
+for "nearest": the reference's code is the exact real-number rounding of |x| to the nearest grid magnitude
+(its float64 comparison can differ only within ~1e-15 relative of a threshold). The kernel computes the
+position t = (log2|x| - M - C) / S on the code grid (thresholds at the integers, M, S, C in log2 units)
+from the exact exponent of |x| and a float32 ln(mantissa) whose error is at most 1.3e-7 (log2 units), and
+every other step in float64, so |t_computed - t| <= DELTA / S with DELTA = 2.5e-7. An element farther
+than that from a threshold (or from the 0/1 threshold |x| = exp(m)/2) gets the reference's code. An
+element within the band marks its row, and that row is recomputed with the reference's own float64
+formulas (log, floor, the two exps and the linear comparison) before anything is stored: codes equal the
+reference bit for bit by construction, whatever the input. The band is narrow (about 2*DELTA/S of a step:
+~1e-5 of the elements of Gaussian tiles for LogFMT-8, ~4e-5 for LogFMT-10), so the float64 path runs for
+under 1 % of the rows. Tests: tests/test_logfmt.py, tests/test_logfmt_fused.py (elements straddling every
+threshold, and the fallback alone with the band widened to everything).
+
+Stochastic rounding draws Philox numbers (``tl.rand(seed, row * Hp + col)``, offsets wrap past 2^31
+elements) and is checked statistically; the reference uses a torch.Generator. The decode kernel computes
+in fp32 (tl.exp) and differs from the float64 reference by ~1e-6 relative.
+
+Fused forms (one pass over memory each; references = the unfused references composed):
+``logfmt_encode_rows`` / ``logfmt_encode_to_rows`` gather rows x[row_src // K] (the MoE permutation, or
+the dispatch's row selection) and encode them, the latter straight into wire rows (packed codes, then
+tile_min and tile_step: coscale.parallel.codec.LogFMTCodec's layout); ``logfmt_decode_sum`` /
+``logfmt_decode_rows`` decode and sum each token's K rows, optionally weighted (the combine).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 from coscale.errors import CoscaleError
-from coscale.kernels.backend import interpreting, select_backend, triton_available
+from coscale.kernels.backend import interpreting, select_backend, triton_available  # noqa: F401
 
 TILE = 128
 RANGE_CLAMP = 2.0**-32  # min |x| >= max |x| * 2^-32, i.e. lmin >= lmax - log(2^32)
@@ -71,7 +84,13 @@ __all__ = [
     "TILE",
     "code_dtype",
     "logfmt_encode",
+    "logfmt_encode_rows",
+    "logfmt_encode_to_rows",
     "logfmt_decode",
+    "logfmt_decode_sum",
+    "logfmt_decode_rows",
+    "code_packing",
+    "row_bytes",
     "logfmt_encode_ref",
     "logfmt_decode_ref",
     "nearest_error_bound",
@@ -182,103 +201,160 @@ def logfmt_decode_ref(codes: torch.Tensor, tile_min: torch.Tensor, tile_step: to
     return val.view(n, tiles * TILE)[:, :h].to(dtype)
 
 
+
 # ----------------------------------------------------------------------------------------------------
-# Triton kernels (built lazily, as in coscale.kernels.quant)
+# Rows of bytes (the wire layout of coscale.parallel.codec.LogFMTCodec) and the fused references
 # ----------------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _build_kernels(interpret: bool):
-    """JIT-decorate the two kernels (cached per interpreter mode; see coscale.kernels.quant).
+def code_packing(n_bits: int, packed: bool = True) -> tuple[int, int]:
+    """(codes per group, bytes per group) of a packed row: g = 8 / gcd(n, 8) codes in g*n/8 little-endian
+    bytes (n = 8: 1 in 1; n = 10: 4 in 5), or (1, 2) (int16 codes) unpacked or when g*n > 56 bits."""
+    _check_bits(n_bits)
+    group = 8 // math.gcd(n_bits, 8)
+    return (group, group * n_bits // 8) if packed and group * n_bits <= 56 else (1, 2)
 
-    Constants that meet float64 tensors are exact in fp32 (2^-32, 0.5, 1, 2): Triton types Python float
-    literals as fp32, so a constant like log(2) would lose its low bits before promotion.
-    """
-    import triton
-    import triton.language as tl
 
-    @triton.jit
-    def encode_kernel(
-        x_ptr, codes_ptr, min_ptr, step_ptr, N, H, T, stride_xn, stride_cn, seed, range_clamp,
-        N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr,
-    ):  # fmt: skip
-        # One program = BLOCK_R rows x one 128-column tile; each row of the block is its own LogFMT tile.
-        Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
-        pid_r = tl.program_id(0)
-        pid_t = tl.program_id(1)
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = pid_t * TILE_C + tl.arange(0, TILE_C)
-        in_r = rows < N
-        mask = in_r[:, None] & (cols < H)[None, :]
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xn + cols[None, :], mask=mask, other=0.0)
-        x = x.to(tl.float32)  # exact for bf16/fp16/fp32 inputs
-        ax = tl.abs(x)
-        bad = tl.max(((x != x) | (ax == float("inf"))).to(tl.int32), 1) > 0  # [BLOCK_R]
-        ax = tl.where(bad[:, None], 0.0, ax)
-        amax = tl.max(ax, 1)
-        amin = tl.min(tl.where(ax > 0, ax, float("inf")), 1)
-        live = (amax > 0) & (bad == 0)
-        amax64 = tl.where(live, amax, 1.0).to(tl.float64)
-        amin64 = tl.maximum(tl.where(live, amin, 1.0).to(tl.float64), amax64 * range_clamp)
-        lmax = tl.log(amax64)
-        lmin = tl.log(amin64)
-        m32 = tl.where(live, lmin.to(tl.float32), 0.0)
-        s32 = tl.where(live, ((lmax - lmin) / (Q - 1)).to(tl.float32), 0.0)
-        tile_ptr = rows.to(tl.int64) * T + pid_t
-        tl.store(min_ptr + tile_ptr, tl.where(bad, float("nan"), m32), mask=in_r)
-        tl.store(step_ptr + tile_ptr, tl.where(bad, float("nan"), s32), mask=in_r)
-        m = m32.to(tl.float64)[:, None]  # the grid is the stored fp32 numbers
-        s = s32.to(tl.float64)[:, None]
-        s_safe = tl.where(s > 0, s, 1.0)
-        log_ax = tl.log(tl.where(ax > 0, ax, 1.0).to(tl.float64))
-        if STOCHASTIC:
-            k = tl.floor((log_ax - m) / s_safe)
-            k = tl.minimum(tl.maximum(k, -1.0), Q - 2.0)
-            lower = tl.where(k < 0, 0.0, tl.exp((m + s * k).to(tl.float32)))
-            upper = tl.exp((m + s * (k + 1.0)).to(tl.float32))
-            u = tl.rand(seed, rows[:, None] * (T * TILE_C) + cols[None, :])
-            up = u * (upper - lower) < ax - lower
-            mag = k.to(tl.int32) + 1 + up.to(tl.int32)
-        else:
-            c = tl.log((1.0 + tl.exp(s)) * 0.5)  # log of the linear midpoint's offset, in steps of s
-            t = (log_ax - m - c) / s_safe
-            t = tl.minimum(tl.maximum(t, -2.0), Q * 1.0)
-            mag = tl.floor(t).to(tl.int32) + 2
-            mag = tl.minimum(tl.maximum(mag, 1), Q)
-            mag = tl.where(2.0 * ax.to(tl.float64) < tl.exp(m), 0, mag)  # below exp(m): 0 or q = 1
-        mag = tl.where(s > 0, mag, 1)
-        mag = tl.where((ax == 0) | bad[:, None], 0, mag)
-        code = tl.where((x < 0) & (mag > 0), mag + (1 << (N_BITS - 1)), mag)
-        c_ptrs = codes_ptr + rows[:, None].to(tl.int64) * stride_cn + cols[None, :]
-        tl.store(c_ptrs, code.to(codes_ptr.dtype.element_ty), mask=mask)
+def row_bytes(hidden: int, n_bits: int, packed: bool = True) -> tuple[int, int]:
+    """(code bytes, total bytes) of one row: the packed codes, then tile_min[T] and tile_step[T] fp32."""
+    group, group_bytes = code_packing(n_bits, packed)
+    code_bytes = math.ceil(hidden / group) * group_bytes
+    return code_bytes, code_bytes + 8 * math.ceil(hidden / TILE)
 
-    @triton.jit
-    def decode_kernel(
-        codes_ptr, min_ptr, step_ptr, out_ptr, N, H, T, stride_cn, stride_on,
-        N_BITS: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr,
-    ):  # fmt: skip
-        Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
-        pid_r = tl.program_id(0)
-        pid_t = tl.program_id(1)
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = pid_t * TILE_C + tl.arange(0, TILE_C)
-        in_r = rows < N
-        mask = in_r[:, None] & (cols < H)[None, :]
-        c_ptrs = codes_ptr + rows[:, None].to(tl.int64) * stride_cn + cols[None, :]
-        code = tl.load(c_ptrs, mask=mask, other=0).to(tl.int32) & ((1 << N_BITS) - 1)
-        mag = code & Q
-        negative = (code >> (N_BITS - 1)) & 1
-        tile_ptr = rows.to(tl.int64) * T + pid_t
-        m = tl.load(min_ptr + tile_ptr, mask=in_r, other=0.0)
-        s = tl.load(step_ptr + tile_ptr, mask=in_r, other=0.0)
-        val = tl.exp(m[:, None] + s[:, None] * (mag - 1).to(tl.float32))
-        val = tl.where(mag == 0, 0.0, val)
-        val = tl.where(negative != 0, -val, val)
-        val = tl.where((m != m)[:, None], float("nan"), val)
-        o_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_on + cols[None, :]
-        tl.store(o_ptrs, val.to(out_ptr.dtype.element_ty), mask=mask)
 
-    return encode_kernel, decode_kernel
+def pack_codes_ref(codes: torch.Tensor, n_bits: int, packed: bool = True) -> torch.Tensor:
+    """codes [N, H] -> their row bytes [N, code bytes] (see code_packing)."""
+    n, h = codes.shape
+    group, group_bytes = code_packing(n_bits, packed)
+    c = codes.to(torch.int64) & ((1 << n_bits) - 1)
+    c = torch.nn.functional.pad(c, (0, -h % group)).view(n, math.ceil(h / group), group)
+    word = (c << (n_bits * torch.arange(group, device=c.device))).sum(-1, keepdim=True)
+    shifts = 8 * torch.arange(group_bytes, device=c.device)
+    return ((word >> shifts) & 0xFF).to(torch.uint8).reshape(n, row_bytes(h, n_bits, packed)[0])
+
+
+def unpack_codes_ref(raw: torch.Tensor, hidden: int, n_bits: int, packed: bool = True) -> torch.Tensor:
+    """The inverse of pack_codes_ref: [N, code bytes] -> codes [N, hidden] code_dtype(n_bits)."""
+    n = raw.shape[0]
+    group, group_bytes = code_packing(n_bits, packed)
+    b = raw.to(torch.int64).reshape(n, raw.shape[1] // group_bytes, group_bytes)
+    word = (b << (8 * torch.arange(group_bytes, device=b.device))).sum(-1, keepdim=True)
+    c = (word >> (n_bits * torch.arange(group, device=b.device))) & ((1 << n_bits) - 1)
+    return c.reshape(n, c.shape[1] * group)[:, :hidden].to(torch.int32).to(code_dtype(n_bits))
+
+
+def to_rows_ref(codes, tile_min, tile_step, n_bits: int, packed: bool = True) -> torch.Tensor:
+    """(codes, tile_min, tile_step) -> rows [N, row bytes] uint8."""
+    n = codes.shape[0]
+    stats = torch.cat([tile_min, tile_step], dim=1).contiguous().view(torch.uint8).reshape(n, 8 * tile_min.shape[1])
+    return torch.cat([pack_codes_ref(codes, n_bits, packed), stats], dim=1)
+
+
+def from_rows_ref(rows: torch.Tensor, hidden: int, n_bits: int, packed: bool = True):
+    """rows [N, row bytes] uint8 -> (codes [N, hidden], tile_min [N, T], tile_step [N, T])."""
+    n, tiles = rows.shape[0], math.ceil(hidden / TILE)
+    code_bytes, total = row_bytes(hidden, n_bits, packed)
+    if rows.dim() != 2 or rows.shape[1] != total or rows.dtype != torch.uint8:
+        raise CoscaleError(f"LogFMT rows must be [N, {total}] uint8 for hidden {hidden}, got "
+                           f"{rows.dtype} {tuple(rows.shape)}")
+    stats = rows[:, code_bytes:].contiguous().view(torch.float32).reshape(n, 2 * tiles)
+    return unpack_codes_ref(rows[:, :code_bytes], hidden, n_bits, packed), stats[:, :tiles], stats[:, tiles:]
+
+
+def _gather_ref(x: torch.Tensor, row_src: torch.Tensor | None, topk: int) -> torch.Tensor:
+    """Rows x[row_src // topk], zeros where row_src < 0 (coscale.kernels.permute's gather semantics)."""
+    if row_src is None:
+        return x
+    from coscale.kernels.permute import gather_rows_ref
+
+    return gather_rows_ref(x, row_src, topk)[0]
+
+
+def _sum_ref(y: torch.Tensor, pair_row: torch.Tensor | None, weight: torch.Tensor | None, dtype):
+    """sum_k weight[t, k] * y[pair_row[t, k]] in float32 (the permutation's combine), or y."""
+    if pair_row is None:
+        return y.to(dtype)
+    from coscale.kernels.permute import sum_rows_ref
+
+    return sum_rows_ref(y.float(), pair_row, None, weight, torch.float32).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel launchers (coscale.kernels._logfmt_triton)
+# ----------------------------------------------------------------------------------------------------
+
+DELTA = 2.5e-7  # log2 units: above the float32 logarithm's error bound (1.3e-7), see _logfmt_triton
+
+
+def _check_index(idx: torch.Tensor | None, name: str) -> None:
+    if idx is not None and (idx.dtype not in (torch.int32, torch.int64) or idx.is_floating_point()):
+        raise CoscaleError(f"{name} must be an integer tensor, got {idx.dtype}")
+
+
+def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, block_rows):
+    from coscale.kernels import _logfmt_triton as k
+
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    h = x.shape[1]
+    n = x.shape[0] if row_src is None else row_src.shape[0]
+    tiles = math.ceil(h / TILE)
+    dev = x.device
+    group, group_bytes = code_packing(n_bits, packed)
+    code_bytes, total = row_bytes(h, n_bits, packed)
+    if rows_out:
+        payload = torch.empty(n, total, dtype=torch.uint8, device=dev)
+        codes = tile_min = tile_step = payload
+    else:
+        codes = torch.empty(n, h, dtype=code_dtype(n_bits), device=dev)
+        tile_min = torch.empty(n, tiles, dtype=torch.float32, device=dev)
+        tile_step = torch.empty(n, tiles, dtype=torch.float32, device=dev)
+        payload = codes
+    if n and h:
+        idx = row_src.contiguous() if row_src is not None else x
+        k.encode_kernel[(triton_cdiv(n, block_rows), tiles)](
+            x, idx, codes, tile_min, tile_step, payload, n, h, tiles, x.stride(0), codes.stride(0),
+            payload.stride(0), code_bytes, seed or 0, RANGE_CLAMP, DELTA,
+            N_BITS=n_bits, STOCHASTIC=rounding == "stochastic", GATHER=row_src is not None, TOPK=topk,
+            PACKED=rows_out, GROUP=group, GBYTES=group_bytes, BLOCK_R=block_rows, TILE_C=TILE, num_warps=4,
+        )  # fmt: skip
+    return payload if rows_out else (codes, tile_min, tile_step)
+
+
+def _decode_triton(src, hidden, pair_row, weight, n_bits, dtype, packed, rows_in, block_rows):
+    from coscale.kernels import _logfmt_triton as k
+
+    codes, tile_min, tile_step = src
+    tiles = math.ceil(hidden / TILE)
+    n_out, topk = (codes.shape[0], 1) if pair_row is None else tuple(pair_row.shape)
+    group, group_bytes = code_packing(n_bits, packed)
+    code_bytes, _ = row_bytes(hidden, n_bits, packed)
+    codes = codes.contiguous()
+    if not rows_in:
+        tile_min, tile_step = tile_min.float().contiguous(), tile_step.float().contiguous()
+    out = torch.empty(n_out, hidden, dtype=dtype, device=codes.device)
+    if n_out and hidden:
+        pr = pair_row.contiguous() if pair_row is not None else codes
+        w = weight.reshape(-1).float().contiguous() if weight is not None else out
+        k.decode_sum_kernel[(triton_cdiv(n_out, block_rows), tiles)](
+            codes, tile_min, tile_step, codes, pr, w, out, n_out, hidden, tiles, codes.stride(0),
+            codes.stride(0), code_bytes, out.stride(0),
+            N_BITS=n_bits, PACKED=rows_in, GROUP=group, GBYTES=group_bytes, TOPK=topk,
+            GATHER=pair_row is not None, HAS_WEIGHT=weight is not None, BLOCK_R=block_rows, TILE_C=TILE,
+            num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def _seed(rounding: str, seed: int | None) -> int | None:
+    if rounding == "stochastic" and seed is None:
+        return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return seed
+
+
+def _encode_ref(x, row_src, topk, n_bits, rounding, seed):
+    gen = torch.Generator(device=x.device).manual_seed(seed) if seed is not None else None
+    return logfmt_encode_ref(_gather_ref(x, row_src, topk), n_bits, rounding, gen)
 
 
 def logfmt_encode(x: torch.Tensor, n_bits: int = 8, rounding: str = "nearest", seed: int | None = None,
@@ -288,50 +364,79 @@ def logfmt_encode(x: torch.Tensor, n_bits: int = 8, rounding: str = "nearest", s
     ``seed`` (stochastic rounding): the Philox seed of the kernel, or the seed of the reference's
     torch.Generator; None draws one from torch's default generator (reproducible under manual_seed).
     """
+    return logfmt_encode_rows(x, None, 1, n_bits, rounding, seed, backend, block_rows)
+
+
+def logfmt_encode_rows(x: torch.Tensor, row_src: torch.Tensor | None, topk: int = 1, n_bits: int = 8,
+                       rounding: str = "nearest", seed: int | None = None, backend: str = "auto",
+                       block_rows: int = 8):
+    """The rows x[row_src[r] // topk] (zeros where row_src[r] < 0; x itself for row_src None) encoded in one
+    pass: the MoE permutation (row_src = PermuteInfo.row_pair, topk = K) fused with the encoder."""
     _check_x(x, n_bits, rounding)
-    if rounding == "stochastic" and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    _check_index(row_src, "row_src")
+    seed = _seed(rounding, seed)
     if select_backend(backend, x, op="logfmt_encode") == "torch":
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=x.device).manual_seed(seed)
-        return logfmt_encode_ref(x, n_bits, rounding, gen)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    n, h = x.shape
-    tiles = math.ceil(h / TILE)
-    codes = torch.empty(n, h, dtype=code_dtype(n_bits), device=x.device)
-    tile_min = torch.empty(n, tiles, dtype=torch.float32, device=x.device)
-    tile_step = torch.empty(n, tiles, dtype=torch.float32, device=x.device)
-    if n and h:
-        encode_kernel, _ = _build_kernels(interpreting())
-        grid = (triton_cdiv(n, block_rows), tiles)
-        encode_kernel[grid](
-            x, codes, tile_min, tile_step, n, h, tiles, x.stride(0), codes.stride(0), seed or 0, RANGE_CLAMP,
-            N_BITS=n_bits, STOCHASTIC=rounding == "stochastic", BLOCK_R=block_rows, TILE_C=TILE, num_warps=4,
-        )  # fmt: skip
-    return codes, tile_min, tile_step
+        return _encode_ref(x, row_src, topk, n_bits, rounding, seed)
+    return _encode_triton(x, row_src, topk, n_bits, rounding, seed, False, True, block_rows)
+
+
+def logfmt_encode_to_rows(x: torch.Tensor, row_src: torch.Tensor | None = None, topk: int = 1, n_bits: int = 8,
+                          rounding: str = "nearest", seed: int | None = None, packed: bool = True,
+                          backend: str = "auto", block_rows: int = 8) -> torch.Tensor:
+    """As logfmt_encode_rows, written as rows of bytes [N, row_bytes(H)[1]] (codes packed, then tile_min
+    and tile_step): the dispatch's row selection, encoding and packing in one pass."""
+    _check_x(x, n_bits, rounding)
+    _check_index(row_src, "row_src")
+    seed = _seed(rounding, seed)
+    if select_backend(backend, x, op="logfmt_encode") == "torch":
+        return to_rows_ref(*_encode_ref(x, row_src, topk, n_bits, rounding, seed), n_bits, packed)
+    return _encode_triton(x, row_src, topk, n_bits, rounding, seed, True, packed, block_rows)
 
 
 def logfmt_decode(codes: torch.Tensor, tile_min: torch.Tensor, tile_step: torch.Tensor, n_bits: int = 8,
                   dtype: torch.dtype = torch.float32, backend: str = "auto", block_rows: int = 8) -> torch.Tensor:
     """(codes [N, H], tile_min [N, T], tile_step [N, T]) -> x [N, H] in dtype."""
+    return logfmt_decode_sum(codes, tile_min, tile_step, None, None, n_bits, dtype, backend, block_rows)
+
+
+def _check_pairs(pair_row, weight, n_rows):
+    _check_index(pair_row, "pair_row")
+    if pair_row is None:
+        return
+    if pair_row.dim() != 2:
+        raise CoscaleError(f"pair_row must be [T, K], got shape {tuple(pair_row.shape)}")
+    if weight is not None and tuple(weight.shape) != tuple(pair_row.shape):
+        raise CoscaleError(f"weight must have pair_row's shape {tuple(pair_row.shape)}, got {tuple(weight.shape)}")
+
+
+def logfmt_decode_sum(codes, tile_min, tile_step, pair_row: torch.Tensor | None = None,
+                      weight: torch.Tensor | None = None, n_bits: int = 8, dtype: torch.dtype = torch.float32,
+                      backend: str = "auto", block_rows: int = 8) -> torch.Tensor:
+    """out[t] = sum_k weight[t, k] * decode(row pair_row[t, k]) [T, H] in one pass (float32 sums in k
+    order): the combine fused with the decoder. pair_row None: plain decoding."""
     _check_codes(codes, tile_min, tile_step, n_bits)
+    _check_pairs(pair_row, weight, codes.shape[0])
     if select_backend(backend, codes, op="logfmt_decode") == "torch":
-        return logfmt_decode_ref(codes, tile_min, tile_step, n_bits, dtype)
-    if codes.stride(-1) != 1:
-        codes = codes.contiguous()
-    tile_min, tile_step = tile_min.float().contiguous(), tile_step.float().contiguous()
-    n, h = codes.shape
-    out = torch.empty(n, h, dtype=dtype, device=codes.device)
-    if n and h:
-        _, decode_kernel = _build_kernels(interpreting())
-        grid = (triton_cdiv(n, block_rows), tile_min.shape[1])
-        decode_kernel[grid](
-            codes, tile_min, tile_step, out, n, h, tile_min.shape[1], codes.stride(0), out.stride(0),
-            N_BITS=n_bits, BLOCK_R=block_rows, TILE_C=TILE, num_warps=4,
-        )  # fmt: skip
-    return out
+        return _sum_ref(logfmt_decode_ref(codes, tile_min, tile_step, n_bits), pair_row, weight, dtype)
+    return _decode_triton((codes, tile_min, tile_step), codes.shape[1], pair_row, weight, n_bits, dtype, True,
+                          False, block_rows)
+
+
+def logfmt_decode_rows(rows: torch.Tensor, hidden: int, pair_row: torch.Tensor | None = None,
+                       weight: torch.Tensor | None = None, n_bits: int = 8, dtype: torch.dtype = torch.float32,
+                       packed: bool = True, backend: str = "auto", block_rows: int = 8) -> torch.Tensor:
+    """logfmt_decode_sum of rows of bytes (logfmt_encode_to_rows' layout), unpacked in the same pass."""
+    _check_bits(n_bits)
+    _check_pairs(pair_row, weight, rows.shape[0])
+    if select_backend(backend, rows, op="logfmt_decode") == "torch":
+        y = logfmt_decode_ref(*from_rows_ref(rows, hidden, n_bits, packed), n_bits)
+        return _sum_ref(y, pair_row, weight, dtype)
+    total = row_bytes(hidden, n_bits, packed)[1]
+    if rows.dim() != 2 or rows.shape[1] != total or rows.dtype != torch.uint8:
+        raise CoscaleError(f"LogFMT rows must be [N, {total}] uint8 for hidden {hidden}, got "
+                           f"{rows.dtype} {tuple(rows.shape)}")
+    rows = rows.contiguous()
+    return _decode_triton((rows, rows, rows), hidden, pair_row, weight, n_bits, dtype, packed, True, block_rows)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -13,8 +13,11 @@ Formats (row of hidden size H):
   scales (4 bytes each, little-endian as in memory), H + 4*ceil(H/128) bytes in all. For H = 7168 that
   is 7,392 bytes against 14,336 for BF16 (1.94x fewer).
 
-A LogFMT codec (the paper section 3.2) only needs ``encode``/``decode``/``bytes_per_row``: pass any
-object that satisfies :class:`Codec` wherever a codec name is accepted.
+A LogFMT codec (the paper section 3.2; :class:`LogFMTCodec`) only needs ``encode``/``decode``/``bytes_per_row``:
+pass any object that satisfies :class:`Codec` wherever a codec name is accepted. Two optional methods let
+coscale.parallel.transfer fuse the first and last steps of a transfer: ``encode_rows(x, index)`` (the
+encoded rows x[index], selection and encoding in one pass: FP8 and LogFMT) and ``decode_sum(payload,
+copies, hidden, dtype)`` (out[i] = sum_k decode(payload[copies[i, k]]): LogFMT).
 
 Shapes: ``encode(x [N, H] float) -> [N, B] uint8``; ``decode(p [N, B] uint8, hidden=H, dtype) -> [N, H]``.
 """
@@ -65,15 +68,16 @@ class RawCodec:
         return f"RawCodec({self.name})"
 
 
-def _quantize_1x128_local(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, H] -> (e4m3 codes [N, H], fp32 scales [N, ceil(H/128)]); the last tile may be partial."""
+def _quantize_1x128_local(x: torch.Tensor, fp8: torch.dtype = torch.float8_e4m3fn
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, H] -> (fp8 codes [N, H], fp32 scales [N, ceil(H/128)]); the last tile may be partial."""
     n, h = x.shape
     tiles = math.ceil(h / TILE)
     padded = torch.nn.functional.pad(x.float(), (0, tiles * TILE - h)).view(n, tiles, TILE)
-    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    fp8_max = torch.finfo(fp8).max
     amax = padded.abs().amax(dim=-1).clamp(min=1e-12)  # an all-zero tile keeps a finite scale
     scale = amax / fp8_max
-    codes = (padded / scale.unsqueeze(-1)).clamp(-fp8_max, fp8_max).to(torch.float8_e4m3fn)
+    codes = (padded / scale.unsqueeze(-1)).clamp(-fp8_max, fp8_max).to(fp8)
     return codes.view(n, tiles * TILE)[:, :h].contiguous(), scale.contiguous()
 
 
@@ -93,18 +97,38 @@ def _quantize_1x128(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class FP8Codec:
-    """E4M3 codes with a float32 scale per 1x128 tile; the scales travel in the same row."""
+    """E4M3 codes with a float32 scale per 1x128 tile; the scales travel in the same row.
+    ``fmt="e5m2"``: E5M2 codes (scale = amax / 57344; the PyTorch quantizer, for the codec study)."""
 
-    name = "fp8"
+    def __init__(self, fmt: str = "e4m3"):
+        if fmt not in ("e4m3", "e5m2"):
+            raise ConfigError(f"FP8Codec fmt must be 'e4m3' or 'e5m2', got {fmt!r}")
+        self.fmt = fmt
+        self.dtype = torch.float8_e4m3fn if fmt == "e4m3" else torch.float8_e5m2
+        self.name = "fp8" if fmt == "e4m3" else "fp8_e5m2"
 
     def bytes_per_row(self, hidden: int) -> int:
         return hidden + 4 * math.ceil(hidden / TILE)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
-        codes, scale = _quantize_1x128(x)
+        codes, scale = _quantize_1x128(x) if self.fmt == "e4m3" else _quantize_1x128_local(x, self.dtype)
         scale_bytes = scale.view(torch.uint8).reshape(x.shape[0], 4 * scale.shape[1])
         return torch.cat([codes.view(torch.uint8), scale_bytes], dim=1)
+
+    def encode_rows(self, x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """The rows x[index] encoded: encode(x).index_select(0, index)'s bytes. With H a multiple of 128,
+        one pass (coscale.kernels.fused_quant.gather_quant_rows: gather + quantize + pack)."""
+        x = x.flatten(1)
+        if index is not None and x.shape[1] % TILE == 0 and self.fmt == "e4m3":
+            try:
+                from coscale.kernels.fused_quant import gather_quant_rows
+            except ImportError:
+                gather_quant_rows = None
+            if gather_quant_rows is not None:
+                return gather_quant_rows(x, index)
+        payload = self.encode(x)
+        return payload if index is None else payload.index_select(0, index)
 
     def decode(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
         n = payload.shape[0]
@@ -113,18 +137,18 @@ class FP8Codec:
         # Half-precision outputs are computed in that precision: e4m3 codes are exact in bf16/fp16, and
         # rounding the scale (2^-9 relative) is far below the e4m3 step (2^-4); it saves an fp32 copy.
         work = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
-        codes = payload[:, :hidden].view(torch.float8_e4m3fn).to(work)
+        codes = payload[:, :hidden].view(self.dtype).to(work)
         if hidden % TILE:
             codes = torch.nn.functional.pad(codes, (0, tiles * TILE - hidden))
         values = codes.view(n, tiles, TILE) * scale.to(work).unsqueeze(-1)
         return values.view(n, tiles * TILE)[:, :hidden].to(dtype)
 
     def __repr__(self) -> str:
-        return "FP8Codec(e4m3, 1x128)"
+        return f"FP8Codec({self.fmt}, 1x128)"
 
 
 def get_codec(codec: str | Codec | None, default: str = "bf16") -> Codec:
-    """A codec by name ('fp32', 'bf16', 'fp8'), or any object implementing :class:`Codec`."""
+    """A codec by name ('fp32', 'bf16', 'fp8', 'fp8_e5m2', 'logfmt8', 'logfmt10'), or any :class:`Codec`."""
     if codec is None:
         codec = default
     if isinstance(codec, str):
@@ -134,7 +158,12 @@ def get_codec(codec: str | Codec | None, default: str = "bf16") -> Codec:
             return RawCodec(torch.bfloat16, "bf16")
         if codec == "fp8":
             return FP8Codec()
-        raise ConfigError(f"unknown EP codec {codec!r}; choose 'fp32', 'bf16', 'fp8' or pass a Codec object")
+        if codec == "fp8_e5m2":
+            return FP8Codec("e5m2")
+        if codec in ("logfmt8", "logfmt10"):
+            return LogFMTCodec(int(codec[6:]))
+        raise ConfigError(f"unknown EP codec {codec!r}; choose 'fp32', 'bf16', 'fp8', 'fp8_e5m2', 'logfmt8', "
+                          "'logfmt10' or pass a Codec object")
     if not isinstance(codec, Codec):
         raise ConfigError(f"{codec!r} is not a codec: it needs name, bytes_per_row, encode and decode")
     return codec
@@ -144,15 +173,20 @@ class LogFMTCodec:
     """LogFMT-n (the paper section 3.2; coscale.kernels.logfmt): n-bit sign + log-magnitude codes with
     tile_min and tile_step (fp32) per 1x128 tile, rounded to nearest in the linear domain by default.
 
-    Row layout: the H codes bit-packed little-endian (code i of a group of g = 8 / gcd(n, 8) codes at bit
-    n*i of a g*n/8-byte group; n = 8: one byte per code; n = 10: 4 codes in 5 bytes), zero codes padding
-    H up to a multiple of g; then ceil(H/128) fp32 tile_min and ceil(H/128) fp32 tile_step. For n whose
-    group would exceed 56 bits (9, 11, 13, 15) or with ``packed=False`` the codes are int16 (2 bytes).
-    H = 7168: LogFMT-8 7,616 bytes, LogFMT-10 (packed) 9,408, against 7,392 for FP8 and 14,336 for BF16.
+    Row layout (coscale.kernels.logfmt.code_packing / row_bytes): the H codes bit-packed little-endian
+    (code i of a group of g = 8 / gcd(n, 8) codes at bit n*i of a g*n/8-byte group; n = 8: one byte per
+    code; n = 10: 4 codes in 5 bytes), zero codes padding H up to a multiple of g; then ceil(H/128) fp32
+    tile_min and ceil(H/128) fp32 tile_step. For n whose group would exceed 56 bits (9, 11, 13, 15) or with
+    ``packed=False`` the codes are int16 (2 bytes). H = 7168: LogFMT-8 7,616 bytes, LogFMT-10 (packed)
+    9,408, against 7,392 for FP8 and 14,336 for BF16.
+
+    The kernels write and read these rows directly: ``encode_rows(x, index)`` selects, encodes and packs
+    in one pass (the dispatch's first stage), ``decode_sum(rows, copies, ...)`` unpacks, decodes and sums
+    each source row's copies in one pass (the combine's last stage).
     """
 
     def __init__(self, n_bits: int = 8, rounding: str = "nearest", packed: bool = True):
-        from coscale.kernels.logfmt import ROUNDINGS
+        from coscale.kernels.logfmt import ROUNDINGS, code_packing
 
         if not isinstance(n_bits, int) or not 3 <= n_bits <= 16:
             raise ConfigError(f"LogFMTCodec n_bits must be an integer in 3..16, got {n_bits!r}")
@@ -161,57 +195,31 @@ class LogFMTCodec:
         self.n_bits = n_bits
         self.rounding = rounding
         self.name = f"logfmt{n_bits}"
-        group = 8 // math.gcd(n_bits, 8)
-        self.packed = packed and group * n_bits <= 56
-        self._group, self._group_bytes = (group, group * n_bits // 8) if self.packed else (1, 2)
-
-    def _code_bytes(self, hidden: int) -> int:
-        return math.ceil(hidden / self._group) * self._group_bytes
+        self.packed = packed and code_packing(n_bits, True) != (1, 2)
 
     def bytes_per_row(self, hidden: int) -> int:
-        return self._code_bytes(hidden) + 8 * math.ceil(hidden / TILE)
+        from coscale.kernels.logfmt import row_bytes
 
-    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
-        n, h = codes.shape
-        if not self.packed:
-            return codes.to(torch.int16).contiguous().view(torch.uint8).reshape(n, 2 * h)
-        if self.n_bits == 8:
-            return codes.view(torch.uint8)
-        c = codes.to(torch.int64) & ((1 << self.n_bits) - 1)
-        c = torch.nn.functional.pad(c, (0, -h % self._group)).view(n, math.ceil(h / self._group), self._group)
-        word = (c << (self.n_bits * torch.arange(self._group, device=c.device))).sum(-1, keepdim=True)
-        shifts = 8 * torch.arange(self._group_bytes, device=c.device)
-        return ((word >> shifts) & 0xFF).to(torch.uint8).reshape(n, self._code_bytes(h))
-
-    def _unpack(self, raw: torch.Tensor, hidden: int) -> torch.Tensor:
-        from coscale.kernels.logfmt import code_dtype
-
-        n = raw.shape[0]
-        if not self.packed:
-            return raw.contiguous().view(torch.int16).reshape(n, hidden)
-        if self.n_bits == 8:
-            return raw
-        b = raw.to(torch.int64).reshape(n, raw.shape[1] // self._group_bytes, self._group_bytes)
-        word = (b << (8 * torch.arange(self._group_bytes, device=b.device))).sum(-1, keepdim=True)
-        c = (word >> (self.n_bits * torch.arange(self._group, device=b.device))) & ((1 << self.n_bits) - 1)
-        return c.reshape(n, c.shape[1] * self._group)[:, :hidden].to(torch.int32).to(code_dtype(self.n_bits))
+        return row_bytes(hidden, self.n_bits, self.packed)[1]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        from coscale.kernels.logfmt import logfmt_encode
+        return self.encode_rows(x, None)
 
-        x = x.flatten(1)
-        codes, tile_min, tile_step = logfmt_encode(x, self.n_bits, self.rounding)
-        n = x.shape[0]
-        stats = torch.cat([tile_min, tile_step], dim=1).contiguous().view(torch.uint8).reshape(n, 8 * tile_min.shape[1])
-        return torch.cat([self._pack(codes), stats], dim=1)
+    def encode_rows(self, x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """The rows x[index] encoded: the same bytes as encode(x).index_select(0, index), in one pass."""
+        from coscale.kernels.logfmt import logfmt_encode_to_rows
+
+        return logfmt_encode_to_rows(x.flatten(1), index, 1, self.n_bits, self.rounding, packed=self.packed)
 
     def decode(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
-        from coscale.kernels.logfmt import logfmt_decode
+        return self.decode_sum(payload, None, hidden, dtype)
 
-        n, tiles, code_bytes = payload.shape[0], math.ceil(hidden / TILE), self._code_bytes(hidden)
-        codes = self._unpack(payload[:, :code_bytes], hidden)
-        stats = payload[:, code_bytes:].contiguous().view(torch.float32).reshape(n, 2 * tiles)
-        return logfmt_decode(codes, stats[:, :tiles], stats[:, tiles:], self.n_bits, dtype)
+    def decode_sum(self, payload: torch.Tensor, copies: torch.Tensor | None, hidden: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """out[i] = sum_k decode(payload[copies[i, k]]) [N, hidden] in float32, then dtype, in one pass."""
+        from coscale.kernels.logfmt import logfmt_decode_rows
+
+        return logfmt_decode_rows(payload, hidden, copies, None, self.n_bits, dtype, self.packed)
 
     def __repr__(self) -> str:
         layout = "packed" if self.packed else "int16"

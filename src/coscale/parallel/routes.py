@@ -21,6 +21,7 @@ this rank receives. Moving rows along a route is coscale.parallel.transfer's job
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,8 +84,10 @@ def topology(ep: ParallelContext | Topology | Any) -> Topology:
 
 def all_to_all_rows(x: torch.Tensor, send_splits: tuple[int, ...], recv_splits: tuple[int, ...], group: Any,
                     ranks: tuple[int, ...], timeout_s: float, async_op: bool = False) -> tuple[torch.Tensor, Any]:
-    """``all_to_all_single`` of rows; returns (output, work or None). A group of one rank keeps x."""
-    if len(ranks) == 1:
+    """``all_to_all_single`` of rows; returns (output, work or None). A group of one rank keeps x, unless
+    ``COSCALE_EP_LOOPBACK=1`` and torch.distributed is up: then even one rank exchanges with itself through
+    the backend (how tools/ep_one_gpu.py runs NCCL's all-to-all, streams and overlap on one GPU)."""
+    if len(ranks) == 1 and not (dist.is_initialized() and os.environ.get("COSCALE_EP_LOOPBACK") == "1"):
         return x, None
     out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
     work = guarded(
@@ -121,6 +124,8 @@ class Stage:
     recv_splits: tuple[int, ...] = ()
     group: Any = None
     ranks: tuple[int, ...] = ()  # global ranks of the group; () = no exchange (a local permutation)
+    copies: torch.Tensor | None = None  # [n_before, K]: where each earlier row's K copies went, when
+    #   every earlier row was selected exactly K times (lets a gather decode and sum them in one pass)
 
     @property
     def exchanges(self) -> bool:
@@ -239,7 +244,9 @@ def plan_flat(topk_idx: torch.Tensor, n_experts: int, topo: Topology) -> RoutePl
     recv_counts = exchange_counts(per_expert, topo.group, topo.ranks, topo.timeout_s)
     send = tuple(per_expert.sum(1).tolist())
     recv = tuple(recv_counts.sum(1).tolist())
-    return _sorted_plan((Stage(order // k, send, recv, topo.group, topo.ranks),),
+    copies = torch.empty_like(order)
+    copies[order] = torch.arange(order.numel(), device=order.device)  # pair t*k + j went to row copies[..]
+    return _sorted_plan((Stage(order // k, send, recv, topo.group, topo.ranks, copies.view(t, k)),),
                         (Stage(order, send, recv, topo.group, topo.ranks),), t, k, recv_counts)
 
 

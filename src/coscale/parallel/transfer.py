@@ -76,10 +76,15 @@ class Pending:
 
 def _issue_scatter(x: torch.Tensor, p: Pending, codec: Codec) -> tuple[torch.Tensor, Any]:
     """Encode, run every stage before the last exchange, select its rows and issue it."""
-    rows = codec.encode(x)
+    stages = p.route.stages
+    if hasattr(codec, "encode_rows") and stages:
+        rows = codec.encode_rows(x, stages[0].index)  # select + encode in one pass
+    else:
+        rows = codec.encode(x)
     last = p.route.last_exchange
-    for i, stage in enumerate(p.route.stages):
-        rows = rows.index_select(0, stage.index)
+    for i, stage in enumerate(stages):
+        if i > 0 or not hasattr(codec, "encode_rows"):
+            rows = rows.index_select(0, stage.index)
         if i == last:
             return _send(rows, stage, p.timeout_s, async_op=True)
         if stage.exchanges:
@@ -115,8 +120,12 @@ def _finish_gather(buffer: torch.Tensor, work: Any, p: Pending, codec: Codec, dt
                    ) -> torch.Tensor:
     """Wait, then run the earlier stages backwards, summing copies in float32 -> [N, H] in ``dtype``."""
     wait_for(work, p.timeout_s)
-    rows = codec.decode(buffer, p.hidden, torch.float32)
     last = p.route.last_exchange
+    first = p.route.stages[0] if p.route.stages else None
+    if last == 0 and first.copies is not None and hasattr(codec, "decode_sum"):
+        # decode and sum every source row's copies in one pass (stage 0 is the only one left)
+        return codec.decode_sum(buffer, first.copies, p.hidden, torch.float32).to(dtype)
+    rows = codec.decode(buffer, p.hidden, torch.float32)
     for i in range(last, -1, -1):
         stage = p.route.stages[i]
         if stage.exchanges and i != last:
