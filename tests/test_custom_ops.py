@@ -284,7 +284,8 @@ def test_inductor_analyses_every_transparent_kernel():
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(
         ["_rows_from_tokens_kernel", "_swiglu_bwd_kernel", "_swiglu_fwd_kernel", "_tokens_from_rows_kernel",
-         "cols_quant_kernel", "dual_quant_kernel", "quant_kernel", "rows_quant_kernel", "transpose_bytes_kernel"]
+         "cols_kernel", "cols_quant_kernel", "dual_quant_kernel", "rows_kernel", "rows_quant_kernel",
+         "transpose_bytes_kernel", "weight_kernel"]
     )
 
 
