@@ -214,6 +214,8 @@ def main():
     parser.add_argument("--speculative", action="store_true", help="with --checkpoint: MTP drafts on and off")
     parser.add_argument("--kv-cache-dtype", default="bf16", choices=("bf16", "fp8"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the graphed decode step (default: the engine's, on with CUDA graphs)")
     parser.add_argument("--breakdown", action="store_true", help="host/GPU time per step and the top kernels")
     parser.add_argument("--overlap", choices=("on", "off", "both"), default="on",
                         help="the engine's overlapped schedule (off without speculation only)")
@@ -255,13 +257,14 @@ def main():
         config = EngineConfig(max_model_len=max_len, max_num_seqs=max(batches),
                               num_blocks=max(batches) * blocks_for(max_len + depth, 64) + 8,
                               max_num_batched_tokens=8192, speculative=speculative,
-                              kv_cache_dtype=args.kv_cache_dtype, overlap=overlap)
+                              kv_cache_dtype=args.kv_cache_dtype, overlap=overlap, compile=args.compile)
         engine = Engine(model, config)
         print(engine.describe(), flush=True)
         for batch in batches:
             entry = {"speculative": speculative}
             try:
                 entry.update(run_engine_batch(engine, batch, prompt_len, steps, gen, args.breakdown))
+                entry["decode_mode"] = engine.decode_mode()
                 entry.update(memory_roofline(cfg, batch, prompt_len + steps / 2))
                 entry["pct_of_roofline"] = 100 * entry["tokens_per_s"] / entry["roofline_tokens_per_s"]
                 entry["analysis_tokens_per_s"] = analysis_estimate(cfg, batch, prompt_len + steps // 2)

@@ -59,12 +59,14 @@ def held_out_prompts(n: int, length: int) -> list[list[int]]:
     return [held[i * stride: i * stride + length].astype(np.int64).tolist() for i in range(n)]
 
 
-def decode(model, prompts: list[list[int]], gen_tokens: int, speculative: bool, overlap, device) -> dict:
+def decode(model, prompts: list[list[int]], gen_tokens: int, speculative: bool, overlap, device,
+           compile: bool | None = None) -> dict:
     B, P = len(prompts), len(prompts[0])
     depth = model.config.num_nextn_predict_layers if speculative else 0
     config = EngineConfig(max_model_len=P + gen_tokens + 8, block_size=16, max_num_seqs=B,
                           max_num_batched_tokens=max(B * P, B * (1 + depth)), speculative=speculative,
-                          overlap=overlap, num_blocks=B * (-(-(P + gen_tokens + 8 + depth) // 16)) + 4)
+                          overlap=overlap, num_blocks=B * (-(-(P + gen_tokens + 8 + depth) // 16)) + 4,
+                          compile=compile)
     engine = Engine(model, config, device=device)
     out: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -101,6 +103,8 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+", help="default 1 32 (1 4 with --quick)")
     parser.add_argument("--prompt-len", type=int, help="default 64 (16 with --quick)")
     parser.add_argument("--gen-tokens", type=int, help="default 128 (12 with --quick)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the graphed decode step (default: the engine's, on with CUDA graphs)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.quick
     if not cuda and not args.quick:
@@ -114,6 +118,7 @@ def main():
     prompt_len = args.prompt_len or (16 if args.quick else 64)
     gen_tokens = args.gen_tokens or (12 if args.quick else 128)
     meta = {"preset": preset, "device": torch.cuda.get_device_name() if cuda else "cpu", "quick": args.quick,
+            "compile": args.compile,
             "train_steps": None if args.checkpoint else steps, "prompt_len": prompt_len, "gen_tokens": gen_tokens}
     log = ResultsLog("bench_mtp")
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,9 +137,9 @@ def main():
     results = []
     for batch in batches:
         prompts = held_out_prompts(batch, prompt_len)
-        plain = decode(model, prompts, gen_tokens, False, None, device)
-        sync = decode(model, prompts, gen_tokens, False, False, device) if cuda else plain
-        mtp = decode(model, prompts, gen_tokens, True, None, device)
+        plain = decode(model, prompts, gen_tokens, False, None, device, args.compile)
+        sync = decode(model, prompts, gen_tokens, False, False, device, args.compile) if cuda else plain
+        mtp = decode(model, prompts, gen_tokens, True, None, device, args.compile)
         same = sum(mtp["tokens"][k] == plain["tokens"][k] for k in plain["tokens"]) / batch
         entry = dict(batch=batch, acceptance=mtp["acceptance"], plain_tokens_per_s=plain["tokens_per_s"],
                      plain_overlap=plain["overlap"], sync_tokens_per_s=sync["tokens_per_s"],

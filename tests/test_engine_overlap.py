@@ -145,3 +145,48 @@ def test_a_batch_padded_for_a_graph_gives_the_same_hidden_states(model):
             ref = model.hidden_states_paged(plain.input_ids, plain.positions, plain.meta)
         torch.testing.assert_close(out[: len(scheduled)], ref, rtol=1e-12, atol=1e-12)
         assert set(changed.tolist()) <= set(plain.meta.slots.tolist()) | {0}
+
+
+def test_the_compiled_decode_forward_matches_the_eager_one_across_graph_sizes(model):
+    """What DecodeGraphs captures when compiling: torch.compile of hidden_states_paged (the MLA decode
+    launcher a graph break), at one static size and then a dynamic one, equal to the eager forward."""
+    from coscale.infer.graphs import DecodeGraphs, capture_sizes
+
+    engine = small_engine(model, num_blocks=30, max_num_batched_tokens=40)
+    for rid, prompt in (("a", list(range(1, 14))), ("b", [6, 7]), ("c", [3, 4, 5])):
+        engine.add_request(rid, prompt, SamplingParams(8, 0.0))
+    engine.step()
+    graphs = DecodeGraphs.__new__(DecodeGraphs)  # no CUDA pool on this machine: only the buffers
+    graphs.engine, graphs.sizes = engine, capture_sizes(8)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.hidden_states_paged, backend="aot_eager")
+    scheduled = list(engine.scheduler.schedule())
+    for size, keep in ((1, 1), (2, 2), (4, 3)):  # static, then dynamic; the last padded
+        g = graphs._buffers(size, 1)
+        batch = build_batch(scheduled[:keep], engine.cache, engine.device, engine.table_width, pad_to=size)
+        graphs._load(g, batch)
+        with torch.no_grad():
+            ref = model.hidden_states_paged(g.input_ids, g.positions, g.meta)
+            out = compiled(g.input_ids, g.positions, g.meta)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_decode_graphs_fall_back_to_the_eager_forward_when_compiling_fails(model, caplog):
+    from coscale.infer.graphs import DecodeGraphs
+
+    engine = small_engine(model, num_blocks=30, max_num_batched_tokens=40)
+    graphs = DecodeGraphs.__new__(DecodeGraphs)
+    graphs.engine, graphs.compiled = engine, True
+    calls = []
+
+    def failing(*args):
+        calls.append("compiled")
+        raise RuntimeError("Inductor could not lower this\nand more detail")
+
+    graphs.forward = failing
+    g = graphs._buffers(1, 1)
+    with torch.no_grad():
+        graphs._warm_up(g)
+    assert calls == ["compiled"] and graphs.compiled is False
+    assert graphs.forward == model.hidden_states_paged
+    assert "compiling the decode step failed (RuntimeError: Inductor could not lower this)" in caplog.text

@@ -42,6 +42,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget per step (prefill chunks + decodes)
     speculative: bool = False  # MTP drafts (depth from the checkpoint); exact for greedy
     cuda_graphs: bool = True  # decode steps captured per batch size (CUDA only)
+    # torch.compile of the graphed decode forward (CUDA graphs only): Inductor fuses the thousands of
+    # small kernels between the GEMMs (norms, RoPE, router, casts). None: on where graphs are.
+    compile: bool | None = None
     # Overlapped schedule: launch step N + 1 before reading step N's tokens back (docs/serving.md).
     # None: on for CUDA without speculation (drafts make the next step's shape depend on the last).
     overlap: bool | None = None
@@ -157,7 +160,7 @@ class Engine:
         if config.cuda_graphs and self.device.type == "cuda":
             from coscale.infer.graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self)
+            self.graphs = DecodeGraphs(self, compile=config.compile is not False)
         logger.info("%s", self.describe())
 
     # ---- construction --------------------------------------------------------------------------
@@ -193,7 +196,15 @@ class Engine:
         c = self.cache
         return (f"KV cache: {c.num_blocks} blocks x {c.block_size} tokens = {c.num_tokens} tokens "
                 f"({c.nbytes() / 2**30:.2f} GiB, {c.kv_cache_dtype}, {c.bytes_per_token()} bytes/token); "
-                f"max_model_len {self.max_model_len}; speculative depth {self.depth}")
+                f"max_model_len {self.max_model_len}; speculative depth {self.depth}; decode steps: "
+                f"{self.decode_mode()}")
+
+    def decode_mode(self) -> str:
+        """How decode-only steps run: eager, or replayed from CUDA graphs of the compiled or eager forward
+        (the compiled one until compiling fails: coscale.infer.graphs)."""
+        if self.graphs is None:
+            return "eager"
+        return "compiled, CUDA graphs" if self.graphs.compiled else "CUDA graphs"
 
     # ---- the contract ------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -13,6 +13,13 @@ and addresses, so:
   sequence divides its own blocks among the splits, so the lengths may change between replays;
 - each graph is captured the first time its size is needed, after one eager run at that size (Triton
   autotuning and cuBLAS set-up must not happen inside a capture). All graphs share one memory pool.
+The captured forward is compiled by torch.compile (``EngineConfig.compile``, on by default): without it
+a decode step of a V2-Lite-shaped model is about 3,100 kernels, most of them a few microseconds of
+elementwise work between the GEMMs, which cost more than the weights' reads at every batch size (H200,
+BENCHMARKS.md). The first size compiles a static graph, the second a dynamic one that then serves every
+size (torch.compile's automatic dynamic shapes); the MLA decode launcher and FP8 layers are graph breaks
+that run their own kernels. Should compiling fail (a torch whose Inductor cannot trace some part), the
+engine logs why and captures the eager forward instead.
 Only decode-only steps replay graphs; steps with prefill chunks run eagerly. Nothing in the decode
 forward reads a value back to the host (the MoE permutation sizes its buffer statically:
 coscale.kernels.permute), which is what makes it capturable.
@@ -20,12 +27,15 @@ coscale.kernels.permute), which is what makes it capturable.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from coscale.infer.batch import Batch
 from coscale.model.mla import PagedAttentionMetadata
+
+logger = logging.getLogger(__name__)
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -43,11 +53,28 @@ class _Graph:
 
 
 class DecodeGraphs:
-    def __init__(self, engine):
+    def __init__(self, engine, compile: bool = True):
         self.engine = engine
         self.sizes = capture_sizes(engine.config.max_num_seqs)
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        self.compiled = compile
+        self.forward = torch.compile(engine.model.hidden_states_paged) if compile else \
+            engine.model.hidden_states_paged
+
+    def _warm_up(self, g: _Graph) -> None:
+        """One run outside the capture (compilation, autotuning, workspaces); falls back to the eager
+        forward, once, if compiling fails."""
+        try:
+            self.forward(g.input_ids, g.positions, g.meta)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: serve uncompiled rather than not at all
+            if not self.compiled:
+                raise
+            logger.warning("compiling the decode step failed (%s: %s); capturing the eager forward instead",
+                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.compiled = False
+            self.forward = self.engine.model.hidden_states_paged
+            self.forward(g.input_ids, g.positions, g.meta)
 
     def can_run(self, batch: Batch) -> bool:
         return batch.num_decodes == len(batch.scheduled) and batch.num_decodes <= self.sizes[-1]
@@ -95,18 +122,17 @@ class DecodeGraphs:
 
     def _capture(self, batch: Batch) -> _Graph:
         size, S = self._padded(batch.num_decodes), batch.meta.decode_len
-        model = self.engine.model
         g = self._buffers(size, S)
         g.meta.block_table.zero_()
         self._load(g, batch)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the capture: autotuning, workspaces
-            model.hidden_states_paged(g.input_ids, g.positions, g.meta)
+        with torch.cuda.stream(stream):  # warm-up outside the capture: compilation, autotuning, workspaces
+            self._warm_up(g)
         torch.cuda.current_stream().wait_stream(stream)
         g.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g.graph, pool=self.pool):
-            g.hidden = model.hidden_states_paged(g.input_ids, g.positions, g.meta)
+            g.hidden = self.forward(g.input_ids, g.positions, g.meta)
         return g
 
     def run(self, batch: Batch) -> torch.Tensor:

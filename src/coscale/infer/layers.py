@@ -60,6 +60,7 @@ class FP8InferenceLinear(nn.Module):
         self.weight_scale_inv.copy_(scale_inv.float())
         self._dequantized = None
 
+    @torch.compiler.disable  # FP8 kernels run as they are inside a compiled decode step (graph break)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         xq, xs = act_quant_1x128(x2)
@@ -88,6 +89,7 @@ class FP8InferenceExperts(nn.Module):
             self.register_buffer(name, torch.zeros(n_experts, n, k, dtype=FP8, device=device))
             self.register_buffer(name + "_scale_inv", torch.ones(n_experts, n // BLOCK, k // BLOCK, device=device))
 
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         x_perm, info = permute_tokens(x, topk_idx, self.n_experts, BLOCK)  # segments 128-aligned
         offs = info.group_end_offsets

@@ -218,6 +218,10 @@ def tuned_config() -> dict | None:
     return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
+# Under torch.compile (the engine's compiled decode step) this launcher is a graph break: it sizes the
+# context split and autotunes on the host, which a trace cannot hold; a CUDA graph still captures its
+# launches.
+@torch.compiler.disable
 def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, softmax_scale: float, *,
                max_seq_len: int | None = None, num_splits: int | None = None, heads_tile: int | None = None,
                kernel_config: dict | None = None, backend: str = "auto"):
