@@ -148,10 +148,18 @@ def test_a_batch_padded_for_a_graph_gives_the_same_hidden_states(model):
 
 
 def test_the_compiled_decode_forward_matches_the_eager_one_across_graph_sizes(model):
-    """What DecodeGraphs captures when compiling: torch.compile of hidden_states_paged (the MLA decode
-    launcher a graph break), at one static size and then a dynamic one, equal to the eager forward."""
-    from coscale.infer.graphs import DecodeGraphs, capture_sizes
+    """What DecodeGraphs captures when compiling: torch.compile of hidden_states_paged as one graph (the
+    MLA decode launcher an opaque operator), at one static size and then a dynamic one, equal to the
+    eager forward."""
+    import copy
 
+    from coscale.infer.graphs import DecodeGraphs, capture_sizes
+    from coscale.model.moe import GroupedExperts
+
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, GroupedExperts):
+            module.impl = "grouped"  # the GPU's path: the CPU's per-expert loop sizes its work on the host
     engine = small_engine(model, num_blocks=30, max_num_batched_tokens=40)
     for rid, prompt in (("a", list(range(1, 14))), ("b", [6, 7]), ("c", [3, 4, 5])):
         engine.add_request(rid, prompt, SamplingParams(8, 0.0))
@@ -159,7 +167,7 @@ def test_the_compiled_decode_forward_matches_the_eager_one_across_graph_sizes(mo
     graphs = DecodeGraphs.__new__(DecodeGraphs)  # no CUDA pool on this machine: only the buffers
     graphs.engine, graphs.sizes = engine, capture_sizes(8)
     torch._dynamo.reset()
-    compiled = torch.compile(model.hidden_states_paged, backend="aot_eager")
+    compiled = torch.compile(model.hidden_states_paged, backend="aot_eager", fullgraph=True)
     scheduled = list(engine.scheduler.schedule())
     for size, keep in ((1, 1), (2, 2), (4, 3)):  # static, then dynamic; the last padded
         g = graphs._buffers(size, 1)

@@ -43,7 +43,8 @@ class EngineConfig:
     speculative: bool = False  # MTP drafts (depth from the checkpoint); exact for greedy
     cuda_graphs: bool = True  # decode steps captured per batch size (CUDA only)
     # torch.compile of the graphed decode forward (CUDA graphs only): Inductor fuses the thousands of
-    # small kernels between the GEMMs (norms, RoPE, router, casts). None: on where graphs are.
+    # small kernels between the GEMMs (norms, RoPE, router, casts). None: on where graphs are, unless
+    # the model has FP8 inference layers (graph breaks: coscale.infer.graphs).
     compile: bool | None = None
     # Overlapped schedule: launch step N + 1 before reading step N's tokens back (docs/serving.md).
     # None: on for CUDA without speculation (drafts make the next step's shape depend on the last).
@@ -159,8 +160,10 @@ class Engine:
         self.graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
             from coscale.infer.graphs import DecodeGraphs
+            from coscale.infer.layers import FP8InferenceExperts, FP8InferenceLinear
 
-            self.graphs = DecodeGraphs(self, compile=config.compile is not False)
+            fp8 = any(isinstance(m, (FP8InferenceLinear, FP8InferenceExperts)) for m in self.model.modules())
+            self.graphs = DecodeGraphs(self, compile=not fp8 if config.compile is None else config.compile)
         logger.info("%s", self.describe())
 
     # ---- construction --------------------------------------------------------------------------

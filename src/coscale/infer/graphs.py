@@ -17,9 +17,13 @@ The captured forward is compiled by torch.compile (``EngineConfig.compile``, on 
 a decode step of a V2-Lite-shaped model is about 3,100 kernels, most of them a few microseconds of
 elementwise work between the GEMMs, which cost more than the weights' reads at every batch size (H200,
 BENCHMARKS.md). The first size compiles a static graph, the second a dynamic one that then serves every
-size (torch.compile's automatic dynamic shapes); the MLA decode launcher and FP8 layers are graph breaks
-that run their own kernels. Should compiling fail (a torch whose Inductor cannot trace some part), the
-engine logs why and captures the eager forward instead.
+size (torch.compile's automatic dynamic shapes). The MLA decode launcher is an opaque operator
+(``coscale::mla_decode``), so the step stays one graph: a graph break inside a layer would make
+torch.compile recompile the rest of the layer once per layer (its index is a static attribute) and,
+past its recompile limit of 8, run the remaining layers eagerly, as the first GPU run of this did
+(BENCHMARKS.md). FP8 inference layers are graph breaks (so a model with them is not compiled unless
+asked: the engine's default). Should compiling fail (a torch whose Inductor cannot trace some part),
+the engine logs why and captures the eager forward instead.
 Only decode-only steps replay graphs; steps with prefill chunks run eagerly. Nothing in the decode
 forward reads a value back to the host (the MoE permutation sizes its buffer statically:
 coscale.kernels.permute), which is what makes it capturable.

@@ -48,6 +48,7 @@ import torch
 
 from coscale.errors import CoscaleError
 from coscale.kernels.backend import interpreting, select_backend
+from coscale.kernels.library import operator
 
 FP8_TILE = 128
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
@@ -218,10 +219,6 @@ def tuned_config() -> dict | None:
     return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
-# Under torch.compile (the engine's compiled decode step) this launcher is a graph break: it sizes the
-# context split and autotunes on the host, which a trace cannot hold; a CUDA graph still captures its
-# launches.
-@torch.compiler.disable
 def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, softmax_scale: float, *,
                max_seq_len: int | None = None, num_splits: int | None = None, heads_tile: int | None = None,
                kernel_config: dict | None = None, backend: str = "auto"):
@@ -286,6 +283,30 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
             C=c, BLOCK_C=max(16, _next_pow2(c)), NUM_SPLITS=splits, SPLITS_P2=max(2, _next_pow2(splits)),
         )  # fmt: skip
     return out, lse
+
+
+def _fake_mla_decode(q_lat, q_pe, latent, rope, scale, block_table, seq_lens, softmax_scale, max_seq_len, backend):
+    B, S, H, c = q_lat.shape
+    return q_lat.new_empty(B, S, H, c), q_lat.new_empty(B, S, H, dtype=torch.float32)
+
+
+@operator("mla_decode", opaque=True, fake=_fake_mla_decode)
+def mla_decode_op(
+    q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor, scale: torch.Tensor | None,
+    block_table: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float, max_seq_len: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`mla_decode` as the opaque operator ``coscale::mla_decode`` (cache layer unpacked): the launcher
+    sizes its context split and autotunes on the host, so torch.compile calls it as it is, and the
+    compiled decode step stays one graph (a graph break per layer would recompile per layer)."""
+    return mla_decode(q_lat, q_pe, LatentCacheLayer(latent, rope, scale), block_table, seq_lens, softmax_scale,
+                      max_seq_len=max_seq_len, backend=backend)
+
+
+def paged_mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, softmax_scale: float,
+                     max_seq_len: int, backend: str = "auto"):
+    """What the model's decode calls: :func:`mla_decode` through its operator (o_lat, lse)."""
+    return mla_decode_op(q_lat, q_pe, cache.latent, cache.rope, cache.scale, block_table, seq_lens,
+                         float(softmax_scale), int(max_seq_len), backend)
 
 
 def calibration_case(batch: int, queries: int, heads: int, context: int, latent: int, rope: int,

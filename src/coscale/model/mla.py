@@ -34,7 +34,7 @@ from torch import nn
 
 from coscale.config import ModelConfig
 from coscale.kernels.attention import flash_attention
-from coscale.kernels.mla_decode import gather_latent, mla_decode, write_latent
+from coscale.kernels.mla_decode import gather_latent, paged_mla_decode, write_latent
 from coscale.model.norm import RMSNorm, upcast
 from coscale.model.rope import apply_rope
 
@@ -200,9 +200,9 @@ class MLA(nn.Module):
         w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk.to(q_nope.dtype))  # W_UK absorbed
         B, S = q_nope.shape[0] // meta.decode_len, meta.decode_len
-        o_lat, _ = mla_decode(
+        o_lat, _ = paged_mla_decode(
             q_lat.view(B, S, self.n_heads, -1), q_pe.reshape(B, S, self.n_heads, -1), layer, meta.block_table,
-            meta.seq_lens, self.softmax_scale, max_seq_len=meta.max_seq_len, backend=meta.kernel_backend,
+            meta.seq_lens, self.softmax_scale, meta.max_seq_len, meta.kernel_backend,
         )
         return torch.einsum("thc,hdc->thd", o_lat.flatten(0, 1), w_uv.to(o_lat.dtype))  # W_UV absorbed
 
