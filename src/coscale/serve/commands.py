@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from coscale.errors import CoscaleError
@@ -31,6 +32,9 @@ def register(subparsers) -> None:
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly on CUDA")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the CUDA-graphed decode step (default: on, unless the checkpoint's layers "
+                   "are FP8; the first step of each new batch size compiles)")
     p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
                    help="launch the next engine step while the last one's tokens come back (auto: on CUDA "
                    "without --speculative) (default: %(default)s)")
@@ -126,7 +130,8 @@ def run_serve(args) -> int:
                           kv_cache_dtype=args.kv_cache_dtype, num_blocks=args.num_blocks,
                           gpu_memory_fraction=args.gpu_memory_fraction, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, speculative=args.speculative,
-                          cuda_graphs=args.cuda_graphs, overlap={"auto": None, "on": True, "off": False}[args.overlap])
+                          cuda_graphs=args.cuda_graphs, compile=args.compile,
+                          overlap={"auto": None, "on": True, "off": False}[args.overlap])
     engine = Engine.from_pretrained(args.checkpoint, config, device=device)
     name = args.served_model_name or os.path.basename(os.path.normpath(os.path.abspath(args.checkpoint)))
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
