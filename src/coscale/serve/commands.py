@@ -34,7 +34,7 @@ def register(subparsers) -> None:
                    help="run decode steps eagerly on CUDA")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the CUDA-graphed decode step (default: on, unless the checkpoint's layers "
-                   "are FP8; the first step of each new batch size compiles)")
+                   "are FP8; the first decode steps compile)")
     p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
                    help="launch the next engine step while the last one's tokens come back (auto: on CUDA "
                    "without --speculative) (default: %(default)s)")
