@@ -90,7 +90,7 @@ def test_measurements_file_has_sources_and_predicts_each_record():
     with open(MEASUREMENTS, encoding="utf-8") as f:
         data = json.load(f)
     records = validation.load_measurements(MEASUREMENTS)
-    assert records == data["measurements"] and len(records) == 8
+    assert records == data["measurements"] and len(records) >= 8
     cwd = os.getcwd()
     os.chdir(ROOT)  # hardware paths in the file are relative to the repository root
     try:
