@@ -120,8 +120,9 @@ class FP8Codec:
     def encode_rows(self, x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         """The rows x[index] encoded: each token quantized once, then its FP8 bytes selected (K copies of a
         routed token share one quantization). On the H200 this took 1.84x a plain BF16 permutation at
-        V3's width and top-8, against 2.95x for gathering BF16 rows and quantizing every copy in one pass
-        (coscale.kernels.fused_quant.gather_quant_rows; BENCHMARKS.md, LogFMT and dispatch packing)."""
+        V3's width and top-8, against 2.95x for the one-pass kernel that gathers BF16 rows and quantizes
+        each copy (coscale.kernels.fused_quant.gather_quant_rows, at 28% of copy bandwidth; BENCHMARKS.md,
+        second session, run 7)."""
         payload = self.encode(x.flatten(1))
         return payload if index is None else payload.index_select(0, index)
 
