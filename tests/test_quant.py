@@ -366,6 +366,10 @@ def test_every_candidate_configuration_writes_the_reference_bits(shape, dtype):
             _, _, yt, st = qo.quant_outputs(*shape, x.device, False, True, True)
             qo.launch_cols(x, yt, st, round_scale, config=_config(cfg))
             _assert_same_fp8(yt, ryt, st, rst)
+        for cfg in qo.PRODUCER_ROWS_CONFIGS:  # the producer kernel with the identity producer
+            outs = qo.quant_outputs(*shape, x.device, True, False, True)
+            qo.launch_producer("rows", outs, x, round_scale, m=shape[0], k=shape[1], config=_config(cfg))
+            _assert_same_fp8(outs[0], ry, outs[1], rs)
         for cfg in qo.DUAL_CONFIGS:
             outs = qo.quant_outputs(*shape, x.device, True, True, True)
             qo.launch_producer("dual", outs, x, round_scale, m=shape[0], k=shape[1], config=_config(cfg))
@@ -416,3 +420,34 @@ def test_gpu_kernels_bit_exact_on_large_random_inputs(dtype):
         ry, rs, ryt, rst = q.weight_quant_128x128_dual(x, round_scale, backend="torch")
         _assert_same_fp8(wy, ry, ws, rs)
         _assert_same_fp8(wyt, ryt, wst, rst)
+
+
+@needs_kernels
+@pytest.mark.parametrize("with_dot", [False, True])
+def test_every_gather_producer_configuration_writes_the_same_bytes(with_dot):
+    # the permutation's gather (SOURCE 3: rows x[row_pair // K], weighted, padding rows -1) under every
+    # tile grouping writes what the first layout (one program per row block) writes, and with a dot
+    # product (the combine's backward, always whole rows) the same sums
+    from coscale.kernels import quant_ops as qo
+
+    gen = torch.Generator().manual_seed(5)
+    tokens, k, hidden = 37, 3, 640
+    x = (torch.randn(tokens, hidden, generator=gen) * 3).to(torch.bfloat16).to(KERNEL_DEVICE)
+    pairs = torch.randperm(tokens * k, generator=gen)
+    row_pair = torch.cat([pairs, torch.full((9,), -1)]).to(torch.int32).to(KERNEL_DEVICE)  # 9 padding rows
+    w = torch.rand(tokens * k, generator=gen).to(KERNEL_DEVICE)
+    m = row_pair.shape[0]
+    dot = torch.randn(m, hidden, generator=gen).to(torch.bfloat16).to(KERNEL_DEVICE) if with_dot else None
+    results = []
+    for cfg in qo.PRODUCER_ROWS_CONFIGS:
+        outs = qo.quant_outputs(m, hidden, x.device, True, False, True)
+        dot_out = torch.zeros(tokens * k, device=x.device) if with_dot else None
+        qo.launch_producer("rows", outs, x, False, m=m, k=hidden, source=3, idx=row_pair, w=w, topk=k,
+                           dot=dot, dot_out=dot_out, config=_config(cfg))
+        results.append((outs[0].view(torch.uint8).cpu(), outs[1].cpu(), None if dot_out is None else dot_out.cpu()))
+    first = results[0]
+    assert (first[0] != 0).any() and (first[0][-9:] == 0).all()  # real rows quantized, padding rows zero
+    for got in results[1:]:
+        assert torch.equal(got[0], first[0]) and torch.equal(got[1], first[1])
+        if with_dot:
+            assert torch.equal(got[2], first[2]) and first[2].abs().sum() > 0

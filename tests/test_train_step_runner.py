@@ -184,3 +184,35 @@ def test_training_cli_takes_the_step_mode(tmp_path):
     else:
         assert rc == 2
         assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_fp8_graph_breaks_do_not_recompile_per_layer():
+    """Each FP8 layer is a graph break; the code resumed after it must not be specialised per layer (past
+    torch.compile's recompile limit of 8 the remaining layers would run uncompiled, as the engine's
+    decode did once): compiling 12 layers makes no more graphs than compiling 6."""
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    for layers in (6, 12):
+        torch._dynamo.reset()
+        counters.clear()
+        _losses(StepMode(compile=True, cuda_graphs=False), steps=1, fp8=True, num_hidden_layers=layers)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[0], graphs
+
+
+def test_a_deep_copy_of_a_model_with_eager_fp8_layers_uses_its_own_weights():
+    import copy
+
+    model = convert_to_fp8(DeepseekForCausalLM(get_preset("tiny", **SMALL)), policy="all")
+    keep_fp8_layers_eager(model)
+    from coscale.fp8.linear import FP8Linear
+
+    layer = next(m for m in model.modules() if isinstance(m, FP8Linear))
+    assert layer._eager_under_compile
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.weight.zero_()
+    x = torch.randn(3, layer.in_features)
+    assert torch.count_nonzero(twin(x) - (twin.bias if twin.bias is not None else 0)) == 0
+    assert torch.count_nonzero(layer(x)) > 0

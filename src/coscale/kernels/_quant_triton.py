@@ -282,15 +282,24 @@ def rows_quant_kernel(
     M, K, KP, M_BUCKET, stride_x, stride_b, up_offset, stride_dot, stride_ym, stride_sm, stride_sk,
     amax_floor, fp8_max,
     SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILES: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
 ):  # fmt: skip
-    # One program = BLOCK_M rows, walking all KP columns in 128-wide tiles: y [M, KP] e4m3 and
-    # s [M, KP/128] (1x128 tiles along the columns). DOT (the combine's backward): also
-    # dot_out[row_pair[r]] = <dot[r], unweighted source row>, summed over the whole row in this program.
+    # One program = BLOCK_M rows x TILES 128-wide column tiles (program_id(1) picks the group), walked
+    # tile by tile: y [M, KP] e4m3 and s [M, KP/128] (1x128 tiles along the columns). Groups of a few
+    # tiles put many programs in flight, which a bandwidth-bound pass needs (one program per BLOCK_M rows
+    # walking a whole 7168-wide row ran at 28% of copy bandwidth on the H200). DOT (the combine's
+    # backward): also dot_out[row_pair[r]] = <dot[r], unweighted source row>, summed over the whole row,
+    # so one program walks all KP columns (the launcher gives one group).
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_m = offs_m < M
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, KP, 128):
+    if DOT:
+        k_start = 0
+        k_end = KP
+    else:
+        k_start = tl.program_id(1) * (TILES * 128)
+        k_end = tl.minimum(KP, k_start + TILES * 128)
+    for k0 in range(k_start, k_end, 128):
         offs_k = k0 + tl.arange(0, 128)
         v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m, offs_k, M, K, stride_x, stride_b, up_offset,
                           SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip

@@ -97,7 +97,14 @@ DUAL_CONFIGS = (  # dual_quant_kernel: a 128x128 block, whole (CHUNK 128) or in 
     ({"CHUNK": 32}, 4), ({"CHUNK": 128}, 16), ({"CHUNK": 128}, 8), ({"CHUNK": 32}, 8), ({"CHUNK": 64}, 8),
     ({"CHUNK": 16}, 4),
 )
-PRODUCER_ROWS_CONFIGS = (({"BLOCK_M": 8}, 4), ({"BLOCK_M": 4}, 4), ({"BLOCK_M": 16}, 8))
+# rows_quant_kernel: BLOCK_M rows x TILES column tiles per program (WHOLE_ROW: one program per row block,
+# the first layout, kept as candidates; launches with a dot product always walk whole rows)
+WHOLE_ROW = 1 << 16
+PRODUCER_ROWS_CONFIGS = (
+    ({"BLOCK_M": 8, "TILES": WHOLE_ROW}, 4), ({"BLOCK_M": 4, "TILES": WHOLE_ROW}, 4),
+    ({"BLOCK_M": 16, "TILES": WHOLE_ROW}, 8), ({"BLOCK_M": 16, "TILES": 1}, 4), ({"BLOCK_M": 32, "TILES": 1}, 4),
+    ({"BLOCK_M": 16, "TILES": 2}, 4), ({"BLOCK_M": 8, "TILES": 4}, 4), ({"BLOCK_M": 32, "TILES": 2}, 8),
+)
 PRODUCER_COLS_CONFIGS = (({"BLOCK_K": 32}, 4), ({"BLOCK_K": 16}, 4), ({"BLOCK_K": 64}, 8))
 TRANSPOSE_TILE = (TRANSPOSE_CONFIGS[0][0]["BLOCK_R"], TRANSPOSE_CONFIGS[0][0]["BLOCK_C"])  # the interpreter's
 # Both layouts of an activation (FP8Linear's X and dY, the FP8 experts' fused quantizations) from one launch
@@ -184,7 +191,8 @@ def launch_producer(form, outs, x, round_scale, *, m, k, source=0, b=None, idx=N
     bucket = rows_bucket(m)
     if form == "rows":
         d, d_out = (dot, dot_out) if dot is not None else (x, x)
-        launcher(kernel)[lambda meta: (-(-m // meta["BLOCK_M"]),)](
+        tiles = y.shape[1] // BLOCK
+        launcher(kernel)[lambda meta: (-(-m // meta["BLOCK_M"]), 1 if dot is not None else -(-tiles // meta["TILES"]))](
             x, b, idx, w, d, d_out, y, s, m, k, y.shape[1], bucket, x.stride(0), b.stride(0), up_offset,
             d.stride(0), y.stride(0), s.stride(0), s.stride(1), AMAX_FLOOR, FP8_MAX, DOT=dot is not None,
             **common,

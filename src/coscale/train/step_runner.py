@@ -33,6 +33,7 @@ processes sizes its all-to-all on the host, so it cannot be captured; compile ca
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -170,7 +171,9 @@ def keep_fp8_layers_eager(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if runs_fp8(module) and not getattr(module, "_eager_under_compile", False):
-            module.forward = torch.compiler.disable(module.forward)
+            # bound through types.MethodType: a deep copy of the model rebinds it to the copy (a stored
+            # bound method would keep calling the original module, with the original's weights)
+            module.forward = types.MethodType(torch.compiler.disable(type(module).forward), module)
             module._eager_under_compile = True
             count += 1
     return count
