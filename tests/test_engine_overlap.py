@@ -189,7 +189,7 @@ def test_decode_graphs_fall_back_to_the_eager_forward_when_compiling_fails(model
 
     def failing(*args):
         calls.append("compiled")
-        raise RuntimeError("Inductor could not lower this\nand more detail")
+        raise torch._dynamo.exc.TorchDynamoException("Inductor could not lower this\nand more detail")
 
     graphs.forward = failing
     g = graphs._buffers(1, 1)
@@ -197,4 +197,17 @@ def test_decode_graphs_fall_back_to_the_eager_forward_when_compiling_fails(model
         graphs._warm_up(g)
     assert calls == ["compiled"] and graphs.compiled is False
     assert graphs.forward == model.hidden_states_paged
-    assert "compiling the decode step failed (RuntimeError: Inductor could not lower this)" in caplog.text
+    assert "compiling the decode step failed (TorchDynamoException: Inductor could not lower this)" in caplog.text
+
+    def out_of_memory(*args):  # an error of the computation, not of the compiler: no eager retry
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    graphs.forward, graphs.compiled = out_of_memory, True
+    with pytest.raises(torch.cuda.OutOfMemoryError), torch.no_grad():
+        graphs._warm_up(g)
+    assert graphs.compiled is True
+
+
+def test_engine_config_compile_is_validated(model):
+    with pytest.raises(ConfigError, match="compile"):
+        small_engine(model, compile="no")

@@ -64,6 +64,8 @@ class EngineConfig:
             raise ConfigError(f"max_model_len must be an integer >= 2 or None, got {self.max_model_len!r}")
         if self.overlap is not None and not isinstance(self.overlap, bool):
             raise ConfigError(f"overlap must be True, False or None (automatic), got {self.overlap!r}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be True, False or None (automatic), got {self.compile!r}")
         if self.overlap and self.speculative:
             raise ConfigError("the overlapped schedule does not combine with speculative decoding (how many drafts "
                               "a step accepts decides the next step's positions); set overlap=False or None")
@@ -164,6 +166,9 @@ class Engine:
 
             fp8 = any(isinstance(m, (FP8InferenceLinear, FP8InferenceExperts)) for m in self.model.modules())
             self.graphs = DecodeGraphs(self, compile=not fp8 if config.compile is None else config.compile)
+        elif config.compile:
+            logger.warning("compile=True applies to CUDA-graphed decode steps only (%s); decode runs eagerly",
+                           "cuda_graphs is off" if self.device.type == "cuda" else f"device {self.device}")
         logger.info("%s", self.describe())
 
     # ---- construction --------------------------------------------------------------------------

@@ -42,6 +42,19 @@ from coscale.model.mla import PagedAttentionMetadata
 logger = logging.getLogger(__name__)
 
 
+def compiler_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions torch.compile raises when it cannot compile (Dynamo's, Inductor's), as opposed to
+    errors of the computation itself (out of memory, a bad input), which must not be retried eagerly."""
+    errors: list[type[BaseException]] = [torch._dynamo.exc.TorchDynamoException]
+    try:
+        from torch._inductor.exc import InductorError
+
+        errors.append(InductorError)
+    except ImportError:  # older torch: Inductor's failures reach here as Dynamo's BackendCompilerFailed
+        pass
+    return tuple(errors)
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     sizes = [s for s in (1, 2, 4) if s < max_num_seqs] + list(range(8, max_num_seqs + 8, 8))
     return sorted({min(s, max_num_seqs) for s in sizes})
@@ -71,7 +84,7 @@ class DecodeGraphs:
         forward, once, if compiling fails."""
         try:
             self.forward(g.input_ids, g.positions, g.meta)
-        except Exception as e:  # noqa: BLE001 - any compiler failure: serve uncompiled rather than not at all
+        except compiler_errors() as e:  # serve uncompiled rather than not at all; other errors propagate
             if not self.compiled:
                 raise
             logger.warning("compiling the decode step failed (%s: %s); capturing the eager forward instead",

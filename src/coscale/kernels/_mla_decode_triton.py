@@ -115,7 +115,8 @@ def _store_chunk(o_rows, acc, l_safe, keep, col0, C: tl.constexpr, CHUNK: tl.con
              mask=keep[:, None] & (offs[None, :] < C))
 
 @triton_autotune(*_configs(), key=["C", "DR", "S_Q", "HEADS_TILE", "num_splits", "batch_bucket", "FP8",
-                                         "PAGE"], prune_configs_by={"early_config_prune": _prune})
+                                         "PAGE"], prune_configs_by={"early_config_prune": _prune},
+                 rep_ms=10)  # a new key while serving stalls one step: keep its tuning to ~0.1 s
 @triton.jit(do_not_specialize=["num_splits", "batch_bucket"])
 def mla_decode_split_kernel(
     q_ptr, qpe_ptr, latent_ptr, rope_ptr, scale_ptr, table_ptr, seq_lens_ptr, out_ptr, lse_ptr,

@@ -250,7 +250,9 @@ def launch_weight(w, y, s, st, round_scale, config=None):
     kernel, cfg = _pick(tuned_kernels(interpreting())["weight"], config)
     n, k = w.shape[-2:]
     batch = w.shape[0] if w.dim() == 3 else 1
-    st_ = s if st is None else st
+    # Without transposed scales the kernel never touches st_: pass the input, not the output s again (an
+    # output passed twice keeps Inductor, under wrap_triton's functionalization, from writing it in place)
+    st_ = w if st is None else st
     launcher(kernel)[(-(-n // BLOCK), -(-k // BLOCK), batch)](
         w, y, s, st_, n, k, y.shape[-2], rows_bucket(n), *_batched_strides(w), *_batched_strides(y)[:2],
         *_batched_strides(s), *_batched_strides(st_), AMAX_FLOOR, FP8_MAX, TRANSPOSED_SCALES=st is not None,
