@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton.jit'd kernels
 
+import numpy as np
 import pytest
 import torch
 
@@ -451,3 +452,49 @@ def test_every_gather_producer_configuration_writes_the_same_bytes(with_dot):
         assert torch.equal(got[0], first[0]) and torch.equal(got[1], first[1])
         if with_dot:
             assert torch.equal(got[2], first[2]) and first[2].abs().sum() > 0
+
+
+def _fma32(a, b, c):
+    """float32 fma(a, b, c) = RN32(a * b + c) emulated exactly in float64 (numpy arrays of float32): a * b
+    is exact in float64 (48 bits), TwoSum gives p + c = hi + lo exactly, and where hi sits on a float32
+    rounding midpoint, lo decides the direction (no double rounding)."""
+    a, b, c = (np.asarray(t, dtype=np.float64) for t in (a, b, c))
+    p = a * b
+    hi = p + c
+    bv = hi - p
+    lo = (p - (hi - bv)) + (c - bv)
+    r = hi.astype(np.float32)
+    # hi on a midpoint between two float32 neighbours: round toward lo's side
+    down = np.nextafter(r, np.float32(-np.inf)).astype(np.float64)
+    up = np.nextafter(r, np.float32(np.inf)).astype(np.float64)
+    rf = r.astype(np.float64)
+    mid_low, mid_high = (rf + down) / 2, (rf + up) / 2
+    fix_down = (hi == mid_low) & (lo < 0)
+    fix_up = (hi == mid_high) & (lo > 0)
+    r = np.where(fix_down, down.astype(np.float32), r)
+    return np.where(fix_up, up.astype(np.float32), r)
+
+
+def test_the_gpu_division_sequence_rounds_like_ieee_division():
+    """_quantize_tile's GPU arithmetic (r = RN(1/s), q0 = RN(x r), nrem = fma(q0, s, -x),
+    y = fma(nrem, -r, q0)) emulated exactly, against IEEE float32 division x / s: random quotients over
+    E4M3's range and quotients next to ties of the float32 grid, scales as the quantizer makes them."""
+    rng = np.random.default_rng(7)
+    n = 200_000
+    amax = np.exp(rng.uniform(-30, 30, n)).astype(np.float32)
+    s = (amax / np.float32(448.0)).astype(np.float32)
+    x = (rng.uniform(-1, 1, n) * amax).astype(np.float32)
+    # near-ties: x = s * (q + half ulp of q), nudged by an ulp either way
+    q = rng.uniform(-448, 448, n).astype(np.float32)
+    half = (np.spacing(np.abs(q)) / 2).astype(np.float64)
+    tie = (s.astype(np.float64) * (q.astype(np.float64) + half)).astype(np.float32)
+    x_ties = np.concatenate([tie, np.nextafter(tie, np.float32(np.inf)), np.nextafter(tie, np.float32(-np.inf))])
+    xs, ss = np.concatenate([x, x_ties]), np.concatenate([s, s, s, s])
+    with np.errstate(all="ignore"):
+        r = (np.float32(1.0) / ss).astype(np.float32)
+        q0 = (xs * r).astype(np.float32)
+        nrem = _fma32(q0, ss, -xs)
+        y = _fma32(nrem, -r, q0)
+        expected = (xs / ss).astype(np.float32)
+    ok = np.abs(expected) >= 2.0**-100  # below, E4M3 rounds to 0 either way (_quantize_tile's docstring)
+    assert np.array_equal(y[ok], expected[ok])

@@ -95,9 +95,13 @@ def _divisor(s):
 @triton.jit
 def _quantize_tile(x, r, d, fp8_max, GRID_ROUND: tl.constexpr):
     """RN(x / s) from the tile's (r, d) = ``_divisor(s)``, ready for the E4M3 cast (the caller broadcasts
-    r and d to x's shape). q0 = RN(x r) is within one ulp of x / s, the residual x - q0 s is exact in
-    an FMA, and one correction q0 + (x - q0 s) r rounds to RN(x / s) (Markstein's theorem: r is the
-    correctly rounded reciprocal). Quotients so small that the theorem's no-underflow condition fails
+    r and d to x's shape): q0 = RN(x r), the residual fma(q0, d, -x) and one correction
+    fma(residual, -r, q0), the reciprocal-based division of Markstein. With r the correctly rounded
+    reciprocal, q0 is within about 1.5 ulp of x / s; the residual is then not always exact (about 2% of
+    adversarial pairs), so the textbook proof does not cover every case, but the corrected quotient
+    equals RN(x / s): checked by tests/test_quant.py's exact emulation of the two FMAs against IEEE
+    division (random and near-tie pairs) and on the GPU bit for bit against the reference
+    (benchmarks/bench_quant.py, the GPU tests). Quotients so small that the theorem's no-underflow condition fails
     (|x / s| < 2^-100) are 0 in E4M3 either way, and the residual is formed as q0 s - x so that -0
     stays -0. |x / s| <= 448 (1 + 2^-23) since |x| <= amax, so no saturation is needed: on the GPU the
     cast (cvt.rn.satfinite) rounds to 448.
