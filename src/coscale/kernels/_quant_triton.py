@@ -12,54 +12,10 @@ Division: the reference's IEEE quotients, never Triton's plain fp32 ``/`` (the a
 ``div.full.f32``, not bit-exact): ``tl.math.div_rn`` (present in triton 3.0 through 3.9 and in the
 interpreter) once per tile for the scale and its reciprocal, and per element the reciprocal with one
 FMA correction (``_quantize_tile``), which gives the same bits.
-
-``_tile_scale`` and ``_quantize`` are the per-element-heavier forms of the same recipe (div.rn per
-element, NaN found by a separate test), kept for kernels elsewhere that import them.
 """
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _tile_scale(amax, has_nan, amax_floor, fp8_max, ROUND_SCALE: tl.constexpr):
-    """The dequantization scale of each tile from its amax, as the reference's ``_scale_from_amax``.
-
-    tl.max may drop NaN, so the caller detects NaN (``has_nan``) and the scale is made NaN here."""
-    amax = tl.where(has_nan, float("nan"), amax)
-    amax = tl.where(amax < amax_floor, amax_floor, amax)  # NaN < floor is false: NaN kept
-    s = tl.math.div_rn(amax, fp8_max)
-    if ROUND_SCALE:  # UE8M0: 2^ceil(log2 s) on the bits, finite scales only
-        bits = s.to(tl.int32, bitcast=True)
-        expo = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-        s = tl.where(s - s == 0, (expo << 23).to(tl.float32, bitcast=True), s)
-    return s
-
-
-@triton.jit
-def _quantize(x, s, fp8_max, GRID_ROUND: tl.constexpr):
-    """x / s saturated to +-fp8_max, ready for the E4M3 cast (the caller broadcasts s to x's shape)."""
-    y = tl.math.div_rn(x, s)
-    y = tl.where(y > fp8_max, fp8_max, y)  # saturate; tl.minimum could turn NaN into 448
-    y = tl.where(y < -fp8_max, -fp8_max, y)
-    if GRID_ROUND:  # interpreter only: round onto the E4M3 grid so its cast is exact
-        expo = (y.to(tl.int32, bitcast=True) >> 23) & 0xFF
-        expo = tl.where(expo < 121, 121, expo)
-        magic = (((expo + 20) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
-        r = (y + magic) - magic
-        y = tl.where(r == 0, y * 0.0, r)  # keep the sign of values rounding to zero
-    return y
-
-
-# ----------------------------------------------------------------------------------------------------
-# The cheap per-element form of the recipe (every kernel below). On an H200 the quantization kernels
-# were bound by instructions, not bytes (the same code reached 83-89% of copy bandwidth on the H100 and
-# 71% on the H200, whose SMs are the same and whose memory is 1.4x faster): the budget at 4.25 TB/s is
-# about 23 thread-instructions per bf16 element. Per element these helpers cost an AND and an integer
-# max (amax, NaN kept), one multiply and two FMAs (the IEEE quotient), and the cast; the old ones a
-# float max, a NaN test and its select and max, ``div.rn`` (about ten instructions with its range
-# check) and two saturating selects.
-# ----------------------------------------------------------------------------------------------------
 
 
 @triton.jit
