@@ -254,6 +254,7 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     scale = cache.scale if fp8 else cache.rope  # any tensor: never read without FP8
     o = part if splits > 1 else out.unsqueeze(3)  # [B, S, H, splits, c]
     o_lse = part_lse if splits > 1 else lse.unsqueeze(3)
+    assert o_lse.stride(3) == 1, "the split kernel stores the log-sum-exp of split j at offset j"
     dot_fp32 = interpreting() or q_lat.dtype == torch.float32
     block_c = max(16, _next_pow2(c))
     chunk = min(FP8_TILE, block_c) if fp8 else block_c
