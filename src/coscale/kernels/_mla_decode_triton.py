@@ -246,7 +246,11 @@ def mla_decode_split_kernel(
     o_rows = out_ptr + b * stride_ob + token * stride_os + head * stride_oh + split * stride_osplit
     # A split past the end of a short sequence stores only its lse (-inf): the combine skips it, so
     # graphs sized for long contexts do not pay for empty partial outputs.
-    keep = row_ok & ((lo < hi) | (num_splits == 1))
+    # (lo < hi) broadcast as a tensor first: a scalar comparison combined with a bool tensor makes an
+    # int32 mask in triton 3.9's interpreter, which its stores refuse
+    keep = row_ok & ((tl.zeros_like(row_ok.to(tl.int32)) + hi) > lo)
+    if num_splits == 1:
+        keep = row_ok
     _store_chunk(o_rows, acc0, l_safe, keep, 0, C, CHUNK, SWAP)
     if NUM_CHUNKS > 1:
         _store_chunk(o_rows, acc1, l_safe, keep, CHUNK, C, CHUNK, SWAP)
