@@ -5,7 +5,7 @@
 # benchmarks/results/<script>.jsonl in the repository.
 set -u
 MODE=${1:-quick}
-export PYTHONPATH=src PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+export PYTHONPATH=src PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 OUT=${OUT:-/tmp/out}
 export BENCH_RESULTS_DIR=${BENCH_RESULTS_DIR:-$OUT}
 Q=""; [ "$MODE" = quick ] && Q="--quick"
 run() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?"; tail -n 40 "$OUT/$name.log"; }
@@ -20,13 +20,23 @@ for job in ${JOBS:-quant fp8 moe study}; do
     profile) run profile_layers "${T_PROFILE:-180}" python3 benchmarks/profile_layers.py ;;
     study) run fp8_accuracy "${T_STUDY:-300}" python3 benchmarks/fp8_accuracy.py --steps "${STUDY_STEPS:-100}" ;;
     mla)   run bench_mla_decode "${T_MLA:-300}" python3 benchmarks/bench_mla_decode.py $Q ;;
-    decode) run bench_decode "${T_DECODE:-420}" python3 benchmarks/bench_decode.py $Q ;;
+    decode) run bench_decode "${T_DECODE:-420}" python3 benchmarks/bench_decode.py $Q ${DECODE_ARGS:---no-hf --breakdown} ;;
+    # FP8 against BF16 at V3's width (FP8 layers as graph breaks, compiled + graphed; ~4 min)
+    train) run bench_train "${T_TRAIN:-420}" python3 benchmarks/bench_train.py --model proxy-v3 --variants matched \
+             --precisions bf16 fp8 --modes default --steps 15 --warmup 5 --batch-size 4 --seq-len 2048 \
+             --timeout 150 --log-dir "$OUT" -- ${TRAIN_ARGS:-} ;;
+    logfmt) run bench_logfmt "${T_LOGFMT:-180}" python3 benchmarks/bench_logfmt.py $Q ;;
+    # expert parallelism over a NCCL group of one rank (the all-to-all exchanging with itself)
+    ep)    run ep_one_gpu "${T_EP:-90}" env COSCALE_EP_LOOPBACK=1 torchrun --nproc-per-node 1 tools/ep_one_gpu.py ;;
+    # MTP acceptance: training small takes ~2.5 min with compilation; decoding needs ~1-2 more
+    mtp)   run bench_mtp "${T_MTP:-420}" python3 benchmarks/bench_mtp.py --train-steps "${MTP_STEPS:-300}" --no-compile ;;
     # the tests that need the GPU, alone in one process with the compiler (other test modules force the
     # CPU interpreter at import)
     gputests) run gpu_tests "${T_TESTS:-300}" env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider \
                 "tests/test_custom_ops.py::test_an_fp8_training_step_compiled_and_graphed_on_cuda_matches_eager" \
                 "tests/test_custom_ops.py::test_a_cuda_graph_captures_fp8_forward_and_backward" \
                 "tests/test_custom_ops.py::test_inductor_analyses_every_transparent_kernel" \
-                "tests/test_train_step_runner.py::test_graphed_step_replays_what_it_captured_on_cuda" ;;
+                "tests/test_train_step_runner.py::test_graphed_step_replays_what_it_captured_on_cuda" \
+                tests/test_parallel_cuda.py ;;
   esac
 done
