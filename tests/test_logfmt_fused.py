@@ -162,6 +162,7 @@ def test_fp8_gather_quant_rows_equals_codec_bytes(hidden):
     got = gather_quant_rows(x, index, backend="triton")
     assert torch.equal(got, gather_quant_rows(x, index, backend="torch"))
     assert torch.equal(got, ref)
-    assert torch.equal(FP8Codec().encode_rows(x, index), ref)
+    # the dispatch packs FP8 rows as ref does (the transfer's generic path: encode, then select)
+    assert not hasattr(FP8Codec(), "encode_rows")
     with pytest.raises(CoscaleError, match="multiple of 128"):
         gather_quant_rows(x[:, :200], index)

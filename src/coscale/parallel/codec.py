@@ -16,8 +16,10 @@ Formats (row of hidden size H):
 A LogFMT codec (the paper section 3.2; :class:`LogFMTCodec`) only needs ``encode``/``decode``/``bytes_per_row``:
 pass any object that satisfies :class:`Codec` wherever a codec name is accepted. Two optional methods let
 coscale.parallel.transfer fuse the first and last steps of a transfer: ``encode_rows(x, index)`` (the
-encoded rows x[index]: LogFMT selects and encodes in one pass; FP8 quantizes each token once and selects
-its bytes, which measured faster than one pass that quantizes every copy) and ``decode_sum(payload,
+encoded rows x[index] in one pass: LogFMT). FP8 has none on purpose: the transfer's generic path, each
+token quantized once and its bytes then selected, took 1.84x a plain BF16 permutation on the H200 at
+V3's width and top-8, against 2.95x for a one-pass gather + quantize of every copy
+(coscale.kernels.fused_quant.gather_quant_rows; BENCHMARKS.md, second session, run 7) and ``decode_sum(payload,
 copies, hidden, dtype)`` (out[i] = sum_k decode(payload[copies[i, k]]): LogFMT).
 
 Shapes: ``encode(x [N, H] float) -> [N, B] uint8``; ``decode(p [N, B] uint8, hidden=H, dtype) -> [N, H]``.
@@ -116,15 +118,6 @@ class FP8Codec:
         codes, scale = _quantize_1x128(x) if self.fmt == "e4m3" else _quantize_1x128_local(x, self.dtype)
         scale_bytes = scale.view(torch.uint8).reshape(x.shape[0], 4 * scale.shape[1])
         return torch.cat([codes.view(torch.uint8), scale_bytes], dim=1)
-
-    def encode_rows(self, x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        """The rows x[index] encoded: each token quantized once, then its FP8 bytes selected (K copies of a
-        routed token share one quantization). On the H200 this took 1.84x a plain BF16 permutation at
-        V3's width and top-8, against 2.95x for the one-pass kernel that gathers BF16 rows and quantizes
-        each copy (coscale.kernels.fused_quant.gather_quant_rows, at 28% of copy bandwidth; BENCHMARKS.md,
-        second session, run 7)."""
-        payload = self.encode(x.flatten(1))
-        return payload if index is None else payload.index_select(0, index)
 
     def decode(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
         n = payload.shape[0]
