@@ -25,7 +25,6 @@ from coscale import checkpoint as hf_checkpoint
 from coscale.config import ModelConfig
 from coscale.errors import CheckpointError, ConfigError
 from coscale.fp8 import convert_to_fp8
-from coscale.fp8.policy import converts_any_layer
 from coscale.model import DeepseekForCausalLM
 from coscale.parallel.groups import DEFAULT_TIMEOUT_S
 from coscale.parallel.world import Distributed, ExpertParallelLayout, SingleProcess, World
@@ -112,8 +111,7 @@ def plan_run(cfg: TrainConfig, world: World) -> RunPlan:
     _check_layout(cfg, model_cfg, world.world_size)
     _check_device(cfg.device, world.world_size)
     precision = cfg.precision or ("bf16" if world.device.type == "cuda" else "fp32")
-    fp8_layers = precision == "fp8" and converts_any_layer(model_cfg, cfg.fp8_layers)
-    step_mode = resolve_step_mode(cfg.compile, cfg.cuda_graphs, world, fp8_layers)
+    step_mode = resolve_step_mode(cfg.compile, cfg.cuda_graphs, world)
     tokens = load_tokens(cfg.data, model_cfg.vocab_size, cfg.bin_dtype, cfg.tokenizer)
     split = split_tokens(tokens, cfg.val_fraction, cfg.seq_len)
     data_info = data_fingerprint(cfg.data, tokens)

@@ -67,15 +67,11 @@ class StepMode:
         return "eager"
 
 
-def resolve_step_mode(compile: bool | None, cuda_graphs: bool | None, world: World,
-                      fp8_layers: bool = False) -> StepMode:
-    """The mode a run uses: what was asked for, else the fastest correct one for this world.
-
-    ``fp8_layers``: the model runs some layers in FP8. It gets the same default: its FP8 layers are graph
-    breaks in the compiled step (module docstring), which ran on the H200 (torch 2.11, proxy-v3: 1.05x the
-    BF16 step; BENCHMARKS.md, run 6). Kept as a parameter so that a future exception has one place."""
-    one_cuda_process = world.device.type == "cuda" and world.world_size == 1
-    auto = one_cuda_process
+def resolve_step_mode(compile: bool | None, cuda_graphs: bool | None, world: World) -> StepMode:
+    """The mode a run uses: what was asked for, else the fastest correct one for this world. A model with
+    FP8 layers gets the same default: they are graph breaks in the compiled step (module docstring), which
+    ran on the H200 (torch 2.11, proxy-v3: 1.05x the BF16 step; BENCHMARKS.md, run 6)."""
+    auto = world.device.type == "cuda" and world.world_size == 1
     use_compile = auto if compile is None else compile
     use_graphs = auto if cuda_graphs is None else cuda_graphs
     if use_graphs and world.device.type != "cuda":
