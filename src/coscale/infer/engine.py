@@ -21,7 +21,7 @@ from coscale.errors import ConfigError
 from coscale.infer import speculative
 from coscale.infer.batch import Batch, build_batch
 from coscale.infer.cache import KV_CACHE_DTYPES, BlockAllocator, PagedLatentCache, blocks_for, bytes_per_token
-from coscale.infer.sampling import SamplingParams, sample, sampling_probs, token_logprobs
+from coscale.infer.sampling import SamplingParams, logprobs_on_device, sample, sampling_probs, token_logprobs
 from coscale.infer.scheduler import PLACEHOLDER, Request, ScheduledRequest, Scheduler, SchedulerConfig, Status
 from coscale.infer.transfer import HostCopy, StepTimer, to_device
 
@@ -308,11 +308,7 @@ class Engine:
             k = max((params[j].logprobs for j in wants), default=0)
             if wants:
                 lp_rows = to_device(wants, torch.long, self.device)
-                logp = torch.log_softmax(logits.index_select(0, lp_rows), dim=-1)
-                copies.append(logp.gather(1, tokens.index_select(0, lp_rows)[:, None])[:, 0])
-                if k:
-                    top = logp.topk(k, dim=-1)
-                    copies += [top.indices, top.values]
+                copies += logprobs_on_device(logits.index_select(0, lp_rows), tokens.index_select(0, lp_rows), k)
             landed = HostCopy(copies)
         end = timer.event(self.device)
         if start is not None:

@@ -136,13 +136,21 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     return sample_from_probs(sampling_probs(logits, params), generators, default)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):
-    """The raw-distribution logprob of tokens[b] in row b, and each row's k best (id, logprob), best
-    first: (list[float], list[list[tuple[int, float]]]), one entry per row."""
+def logprobs_on_device(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """[chosen [R]] or, with k > 0, [chosen, top ids [R, k], top logprobs [R, k]]: the raw-distribution
+    logprob of tokens[b] in row b and each row's k best, best first, as device tensors (no host sync)."""
     logp = torch.log_softmax(logits if logits.element_size() >= 4 else logits.float(), dim=-1)
-    chosen = logp.gather(1, tokens[:, None].long())[:, 0].tolist()
+    out = [logp.gather(1, tokens[:, None].long())[:, 0]]
+    if k:
+        top = logp.topk(k, dim=-1)
+        out += [top.indices, top.values]
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):
+    """:func:`logprobs_on_device` on the host: (list[float], list[list[tuple[int, float]]]), one entry
+    per row."""
+    found = [t.tolist() for t in logprobs_on_device(logits, tokens, k)]
     if k == 0:
-        return chosen, [[] for _ in chosen]
-    top = logp.topk(k, dim=-1)
-    ids, values = top.indices.tolist(), top.values.tolist()
-    return chosen, [list(zip(i, v)) for i, v in zip(ids, values)]
+        return found[0], [[] for _ in found[0]]
+    return found[0], [list(zip(i, v)) for i, v in zip(found[1], found[2])]
