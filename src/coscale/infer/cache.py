@@ -15,8 +15,9 @@ Formats (`kv_cache_dtype`):
 - "fp8": FlashMLA's "FP8 with scale": the latent in float8_e4m3fn, one float32 scale per 1x128 tile
   (scale [L, NB, BS, nt]), the RoPE part unquantized. 656 bytes per token and layer at c = 512, dr = 64
   (512 + 4 x 4 + 64 x 2) against 1152 for BF16. The quantization is
-  coscale.kernels.mla_decode.quantize_latent_fp8, which the decode kernel and its reference undo
-  (write_latent / gather_latent there store and read a layer's slots).
+  coscale.kernels.mla_decode.quantize_latent_fp8, which the decode kernel and its reference undo.
+  The model writes a step's tokens with ``PagedLatentCache.write`` (in place, also under torch.compile)
+  and reads a layer through ``layer(i)`` (gather_latent there reads its slots).
 
 Block 0 is never handed out: padded rows of a batch (CUDA-graph padding) write into it and read from it.
 """
@@ -28,7 +29,7 @@ import math
 import torch
 
 from coscale.errors import ConfigError
-from coscale.kernels.mla_decode import FP8_TILE, LatentCacheLayer
+from coscale.kernels.mla_decode import FP8_TILE, LatentCacheLayer, quantize_latent_fp8
 
 KV_CACHE_DTYPES = ("bf16", "fp8")
 NULL_BLOCK = 0
@@ -93,6 +94,20 @@ class PagedLatentCache:
 
     def layer(self, i: int) -> LatentCacheLayer:
         return LatentCacheLayer(self.latent[i], self.rope[i], None if self.scale is None else self.scale[i])
+
+    def write(self, i: int, slots: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+        """Store layer i's c_kv [N, c] and k_pe [N, dr] at slots [N] (block * BS + row), quantizing for
+        FP8. One index_put_ into each whole-cache tensor, not into a view of layer i: torch.compile turns
+        a write through a view of a graph input into copies of the whole input (the cache, gigabytes),
+        a write into the input itself into an in-place scatter."""
+        index = (torch.full_like(slots, i), slots // self.block_size, slots % self.block_size)
+        if self.scale is None:
+            self.latent.index_put_(index, c_kv.to(self.latent.dtype))
+        else:
+            q, scale = quantize_latent_fp8(c_kv)
+            self.latent.index_put_(index, q)
+            self.scale.index_put_(index, scale)
+        self.rope.index_put_(index, k_pe.to(self.rope.dtype))
 
     @property
     def num_tokens(self) -> int:

@@ -34,7 +34,7 @@ from torch import nn
 
 from coscale.config import ModelConfig
 from coscale.kernels.attention import flash_attention
-from coscale.kernels.mla_decode import gather_latent, paged_mla_decode, write_latent
+from coscale.kernels.mla_decode import gather_latent, paged_mla_decode
 from coscale.model.norm import RMSNorm, upcast
 from coscale.model.rope import apply_rope
 
@@ -184,8 +184,8 @@ class MLA(nn.Module):
         """x (1, N, H) tokens of many sequences, cos/sin (N, dr/2) at each token's position; writes the
         tokens' c_kv and k_pe into cache layer `layer_idx`, then attends (module docstring)."""
         q_nope, q_pe, c_kv, k_pe = (t[0] for t in self._project(x, cos, sin))  # (N, n, dn), ..., (N, dr)
+        meta.cache.write(self.layer_idx, meta.slots, c_kv, k_pe)
         layer = meta.cache.layer(self.layer_idx)
-        write_latent(layer, meta.slots, c_kv, k_pe)
         D, N = meta.num_decode_tokens, x.shape[1]
         parts = []
         if D:
