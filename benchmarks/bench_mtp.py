@@ -12,7 +12,8 @@ test with `tiny`, about a minute); appends a line to benchmarks/results/bench_mt
    For each batch the engine runs (a) without speculation, with its default schedule (overlapped on
    CUDA), (b) without speculation, synchronous (the schedule speculation uses), (c) with the MTP module
    drafting. Timed from the step after every request has its first token to the last token; tokens/s =
-   tokens generated in that window / its seconds. Acceptance = accepted drafts / drafts. Speed-up =
+   tokens generated in that window / its seconds (after a warm-up of the same batch: graph capture,
+   compilation and autotuning are not timed). Acceptance = accepted drafts / drafts. Speed-up =
    (c) / (b) and (c) / (a). "same" = the fraction of requests whose MTP tokens equal the plain greedy
    tokens (exact in float arithmetic; BF16 batches of different shapes can round differently).
 """
@@ -68,6 +69,14 @@ def decode(model, prompts: list[list[int]], gen_tokens: int, speculative: bool, 
                           overlap=overlap, num_blocks=B * (-(-(P + gen_tokens + 8 + depth) // 16)) + 4,
                           compile=compile)
     engine = Engine(model, config, device=device)
+    # warm-up: the same batch for a few steps first, so that CUDA-graph capture, compilation and kernel
+    # autotuning (the first verify step's shapes included) happen before the timed run, as a server's
+    # first requests would take them
+    for i, p in enumerate(prompts):
+        engine.add_request(f"warm{i}", p, SamplingParams(max_tokens=12, temperature=0.0))
+    while engine.has_unfinished():
+        engine.step()
+    warm = engine.stats()
     out: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, SamplingParams(max_tokens=gen_tokens, temperature=0.0))
@@ -89,8 +98,9 @@ def decode(model, prompts: list[list[int]], gen_tokens: int, speculative: bool, 
     seconds = time.perf_counter() - t0
     s = engine.stats()
     assert s.used_blocks == 0
+    drafts = s.draft_tokens_total - warm.draft_tokens_total
     return dict(tokens=out, tokens_per_s=(sum(len(v) for v in out.values()) - first) / seconds, seconds=seconds,
-                acceptance=s.accepted_tokens_total / s.draft_tokens_total if s.draft_tokens_total else None,
+                acceptance=(s.accepted_tokens_total - warm.accepted_tokens_total) / drafts if drafts else None,
                 overlap=engine.overlap)
 
 

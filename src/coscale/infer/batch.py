@@ -117,9 +117,10 @@ def build_batch(scheduled: list[ScheduledRequest], cache: PagedLatentCache, devi
     if decodes:
         meta.block_table = v_table.view(B, width).to(torch.int32)
         meta.seq_lens = v_lens.to(torch.int32)
-        # a bound, rounded up to a power of two: it sizes the MLA kernel's context split, which keys its
-        # autotuning, so an eager decode retunes at a few lengths only, not every 256 tokens
-        meta.max_seq_len = 1 << (max(seq_lens) - 1).bit_length()
+        # the engine's bound (what its CUDA graphs use): it sizes the MLA kernel's context split, which
+        # keys the kernel's autotuning, so one fixed bound means no retuning in the middle of a run
+        # (a bound that followed the lengths retuned, stalling a step, each time it grew)
+        meta.max_seq_len = table_width * bs
     if prefills:
         meta.cu_seqlens_q = v_cu_q.to(torch.int32)
         meta.cu_seqlens_k = v_cu_k.to(torch.int32)
