@@ -295,6 +295,69 @@ def test_decode_graph_buffers_pad_into_the_padding_block(model):
     assert set(changed.tolist()) == set(batch.meta.slots.tolist()) | {0}  # the new tokens', and padding slot 0
 
 
+class _ReplayedGraph:
+    """A CUDA graph's semantics on the CPU: replay() reruns what was captured on the same static buffers
+    and leaves the result in the captured output tensor."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out = fn, out
+
+    def replay(self):
+        with torch.no_grad():
+            self.out.copy_(self.fn())
+
+
+def _cpu_graphs(engine):
+    from coscale.infer.graphs import DecodeGraphs, capture_sizes
+
+    graphs = DecodeGraphs.__new__(DecodeGraphs)  # no CUDA on this machine: graphs that rerun their function
+    graphs.engine, graphs.graphs, graphs.pool = engine, {}, None
+    graphs.sizes = capture_sizes(engine.config.max_num_seqs)
+    graphs.compiled, graphs.forward = False, engine.model.hidden_states_paged
+
+    def graphed(warm_up, fn):
+        warm_up()
+        out = fn()
+        return _ReplayedGraph(fn, out), out
+
+    graphs._graphed = graphed
+    engine.graphs = graphs
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_speculative_steps_replay_the_main_and_mtp_graphs_exactly(depth, monkeypatch):
+    """The speculative step through DecodeGraphs: the main forward at S = 1 + depth and each MTP
+    module from graphs of their own (padded batches, static buffers), tokens exactly greedy with drafts
+    accepted and rejected."""
+    torch.manual_seed(2)
+    deep = DeepseekForCausalLM(get_preset("tiny", num_hidden_layers=2, vocab_size=VOCAB,
+                                          num_nextn_predict_layers=depth)).double().eval()
+    prompt = [3, 1, 4, 1, 5]
+    reference = prompt + naive_greedy(deep, prompt, 12)
+    real, calls_n = speculative.draft_logits, {"n": 0}
+
+    def oracle(model_, d, h, positions):  # right every other call, else the module's own draft
+        logits = real(model_, d, h, positions)
+        calls_n["n"] += 1
+        for row, pos in enumerate(positions.tolist()):
+            if calls_n["n"] % 2 and pos + d + 2 < len(reference):
+                logits[row] = -1e9
+                logits[row, reference[pos + d + 2]] = 0.0
+        return logits
+
+    monkeypatch.setattr(speculative, "draft_logits", oracle)
+    engine = small_engine(deep, speculative=True, num_blocks=24)
+    _cpu_graphs(engine)
+    arrivals = {0: [("a", prompt, SamplingParams(12, 0.0))], 2: [("b", prompt, SamplingParams(9, 0.0))],
+                3: [("c", prompt, SamplingParams(12, 0.0))]}
+    results = drive(engine, arrivals)
+    for rid, _, params in (a for step in arrivals.values() for a in step):
+        assert results[rid][0] == reference[len(prompt): len(prompt) + params.max_tokens]
+    assert engine.stats().accepted_tokens_total > 0
+    spec_graphs = [g for g in engine.graphs.graphs.values() if g.meta.decode_len == 1 + depth]
+    assert spec_graphs and all(len(g.drafts) == depth for g in spec_graphs)  # each MTP module replayed
+
+
 def test_cache_size_from_free_memory_and_the_cpu_default(model):
     """CUDA: gpu_memory_fraction of the device less what is used, the profiled activations and the
     sampling buffers (the CUDA calls mocked: this checks the arithmetic and the profiling forward)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -478,8 +479,10 @@ class Engine:
         extended = [s.request.tokens(s.start + 1, min(s.request.num_tokens, s.start + len(rows) + self.depth))
                     for s, rows in zip(batch.scheduled, batch.rows)]
         reqs = [s.request for s in batch.scheduled]
+        graphed = self.graphs is not None and self.graphs.can_run(batch)  # then the main forward was graphed
+        mtp_forward = partial(self.graphs.run_mtp, batch) if graphed else None
         results = speculative.draft(self.model, batch, h, extended, draft_rows, [r.params for r in reqs],
-                                    [r.generator for r in reqs], self.generator)
+                                    [r.generator for r in reqs], self.generator, mtp_forward)
         for r, res in zip(reqs, results):
             if res is not None and r.status is Status.RUNNING:
                 r.drafts, r.draft_probs = res

@@ -24,7 +24,9 @@ past its recompile limit of 8, run the remaining layers eagerly, as the first GP
 (BENCHMARKS.md). FP8 inference layers are graph breaks (so a model with them is not compiled unless
 asked: the engine's default). Should compiling fail (a torch whose Inductor cannot trace some part),
 the engine logs why and captures the eager forward instead.
-Only decode-only steps replay graphs; steps with prefill chunks run eagerly. Nothing in the decode
+Only decode-only steps replay graphs; steps with prefill chunks run eagerly. With MTP speculation
+the verify step (1 + D tokens a sequence) has graphs of its own, and so does each MTP module's forward
+over that batch (``run_mtp``: it reads the main graph's buffers, so drafting is graphed too). Nothing in the decode
 forward reads a value back to the host (the MoE permutation sizes its buffer statically:
 coscale.kernels.permute), which is what makes it capturable.
 """
@@ -32,7 +34,7 @@ coscale.kernels.permute), which is what makes it capturable.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,12 +63,23 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 @dataclass
+class _Draft:
+    """MTP module `depth`'s forward over the batch of a _Graph: hidden states and next tokens in, out."""
+
+    graph: torch.cuda.CUDAGraph
+    h_prev: torch.Tensor
+    next_ids: torch.Tensor
+    hidden: torch.Tensor
+
+
+@dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: PagedAttentionMetadata
     hidden: torch.Tensor
+    drafts: dict[int, _Draft] = field(default_factory=dict)
 
 
 class DecodeGraphs:
@@ -137,19 +150,26 @@ class DecodeGraphs:
             m.block_table[B:].zero_()
             m.seq_lens[B:].fill_(S)
 
+    def _graphed(self, warm_up, fn):
+        """(graph, output) of fn() captured in a CUDA graph (in the shared pool), after warm_up() on a side
+        stream: compilation, autotuning and workspaces must happen outside the capture."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            warm_up()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn()
+        return graph, out
+
     def _capture(self, batch: Batch) -> _Graph:
         size, S = self._padded(batch.num_decodes), batch.meta.decode_len
         g = self._buffers(size, S)
         g.meta.block_table.zero_()
         self._load(g, batch)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the capture: compilation, autotuning, workspaces
-            self._warm_up(g)
-        torch.cuda.current_stream().wait_stream(stream)
-        g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph, pool=self.pool):
-            g.hidden = self.forward(g.input_ids, g.positions, g.meta)
+        g.graph, g.hidden = self._graphed(lambda: self._warm_up(g),
+                                          lambda: self.forward(g.input_ids, g.positions, g.meta))
         return g
 
     def run(self, batch: Batch) -> torch.Tensor:
@@ -160,6 +180,31 @@ class DecodeGraphs:
         self._load(g, batch)
         g.graph.replay()
         return g.hidden[: batch.num_tokens]
+
+    def run_mtp(self, batch: Batch, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """MTP module `depth` over `batch`, replayed from a graph of its own: the batch's main forward ran
+        through ``run`` in this step, so that graph's buffers hold the batch (positions, slots, block
+        tables, lengths; the module writes its own cache layer at the same slots). Eager, as the main
+        forward without compile: one layer of a few hundred launches is host-bound like the rest."""
+        g = self.graphs[(self._padded(batch.num_decodes), batch.meta.decode_len)]
+        d = g.drafts.get(depth)
+        if d is None:
+            d = g.drafts[depth] = self._capture_mtp(g, depth, h_prev)
+        n = h_prev.shape[0]
+        d.h_prev[:n].copy_(h_prev)
+        d.next_ids[:n].copy_(next_ids)
+        d.next_ids[n:].zero_()  # padding rows: token 0 at the padding block, as in the main graph
+        d.graph.replay()
+        return d.hidden[:n]
+
+    def _capture_mtp(self, g: _Graph, depth: int, h_prev: torch.Tensor) -> _Draft:
+        d = _Draft(None, h_prev.new_zeros(g.input_ids.shape[0], h_prev.shape[1]), torch.zeros_like(g.input_ids), None)
+
+        def forward():
+            return self.engine.model.mtp_hidden_states_paged(depth, d.h_prev, d.next_ids, g.positions, g.meta)
+
+        d.graph, d.hidden = self._graphed(forward, forward)
+        return d
 
 
 def free_cache_bytes(engine) -> int:

@@ -77,14 +77,15 @@ def draft_logits(model, depth: int, h: torch.Tensor, positions: torch.Tensor) ->
 
 @torch.no_grad()
 def draft(model, batch: Batch, h: torch.Tensor, extended: list[list[int]], draft_rows: list[int | None],
-          params: list[SamplingParams], generators: list, default: torch.Generator | None):
+          params: list[SamplingParams], generators: list, default: torch.Generator | None, mtp_forward=None):
     """Run the D MTP modules over the whole batch (filling their cache layers) and draw D drafts for
     every request with a draft row (the row of its last real position).
 
     h (N, H): the main model's hidden states; extended: per scheduled request, its tokens from position
     start + 1 of this step on, ending with its last token where it drafts (drafts are appended in
     place). Returns, per scheduled request, (drafts, draft_probs [D, V] or
-    None for greedy) or None where draft_rows is None."""
+    None for greedy) or None where draft_rows is None. mtp_forward(depth, h_prev, next_ids): the MTP
+    module's forward over the batch (default: the model's, eager; the engine passes its CUDA graphs')."""
     picks = [i for i, r in enumerate(draft_rows) if r is not None]
     sel = [draft_rows[i] for i in picks]
     sel_params = [params[i] for i in picks]
@@ -94,7 +95,10 @@ def draft(model, batch: Batch, h: torch.Tensor, extended: list[list[int]], draft
     h_prev = h
     for depth in range(len(model.mtp)):
         next_ids = mtp_next_ids(batch, extended, depth)
-        h_prev = model.mtp_hidden_states_paged(depth, h_prev, next_ids, batch.positions, batch.meta)
+        if mtp_forward is None:
+            h_prev = model.mtp_hidden_states_paged(depth, h_prev, next_ids, batch.positions, batch.meta)
+        else:
+            h_prev = mtp_forward(depth, h_prev, next_ids)
         if not picks:
             continue
         logits = draft_logits(model, depth, h_prev[sel], batch.positions[sel])
