@@ -42,19 +42,24 @@ the kernels below (CPU tensors under TRITON_INTERPRET=1), "auto" = triton for CU
 imports, else torch.
 
 The encode kernel (coscale.kernels._logfmt_triton) works in float32 per element; float64 only per tile
-(the tile numbers, bit-identical to the reference's) and for the affine map below. Exactness argument
-for "nearest": the reference's code is the exact real-number rounding of |x| to the nearest grid magnitude
+row (the tile numbers, bit-identical to the reference's, and a few constants). Exactness argument for
+"nearest": the reference's code is the exact real-number rounding of |x| to the nearest grid magnitude
 (its float64 comparison can differ only within ~1e-15 relative of a threshold). The kernel computes the
-position t = (log2|x| - M - C) / S on the code grid (thresholds at the integers, M, S, C in log2 units)
-from the exact exponent of |x| and a float32 ln(mantissa) whose error is at most 1.3e-7 (log2 units), and
-every other step in float64, so |t_computed - t| <= DELTA / S with DELTA = 2.5e-7. An element farther
-than that from a threshold (or from the 0/1 threshold |x| = exp(m)/2) gets the reference's code. An
-element within the band marks its row, and that row is recomputed with the reference's own float64
+position t = (log2|x| - M - C) / S on the code grid (thresholds at the integers 0..Q-2 and at t0 for the
+0 / 1 threshold |x| = exp(m)/2; M, S, C in log2 units) from the exact exponent of |x| and a float32
+ln(mantissa) (error <= 1.6e-7 log2 units), split so that the large terms are exact float32 integers and
+products; floor(t) is exact and |t_computed - t| <= 2.9e-7 / S + 5e-7 (derived in _grid_position; a
+numpy mirror checks it: tests/test_logfmt_exact.py). An element within the band DELTA / S + 2^-20
+(DELTA = 4e-7) of a threshold marks its row, and that row is recomputed with the reference's own float64
 formulas (log, floor, the two exps and the linear comparison) before anything is stored: codes equal the
-reference bit for bit by construction, whatever the input. The band is narrow (about 2*DELTA/S of a step:
-~1e-5 of the elements of Gaussian tiles for LogFMT-8, ~4e-5 for LogFMT-10), so the float64 path runs for
-under 1 % of the rows. Tests: tests/test_logfmt.py, tests/test_logfmt_fused.py (elements straddling every
-threshold, and the fallback alone with the band widened to everything).
+reference bit for bit by construction, whatever the input. Rows where the bound does not apply go there
+whole: 1 / S >= 2^16 (nearly constant tiles), a band >= 1/4, or a subnormal |x| with max |x| >= 2^100
+(other rows holding subnormals are scaled by 2^24 first, exactly). The band is narrow: on Gaussian tiles
+0.2 % of the rows are redone for LogFMT-8, 0.6 % for LogFMT-10 (test_ambiguous_rows_are_rare). Tests:
+tests/test_logfmt.py, tests/test_logfmt_fused.py (elements straddling every threshold, and the fallback
+alone with the band widened to everything), tests/test_logfmt_exact.py (the bound, hard inputs).
+Tile shapes (rows per program, warps) are autotuned per (H, row bucket, format); ``block_rows`` fixes
+the rows (4 warps) for tests.
 
 Stochastic rounding draws Philox numbers (``tl.rand(seed, row * Hp + col)``, offsets wrap past 2^31
 elements) and is checked statistically; the reference uses a torch.Generator. The decode kernel computes
