@@ -319,6 +319,15 @@ def tuned_kernels(interpret: bool) -> dict:
             "decode": tune(k.decode_sum_kernel, DECODE_CONFIGS, common + ["TOPK", "HAS_WEIGHT"])}
 
 
+def picked_configs() -> dict:
+    """{"encode", "decode"}: the tile shape each autotuner used last, as "BLOCK_R=r wN" ("" before any)."""
+    out = {}
+    for kind, kernel in tuned_kernels(interpreting()).items():
+        cfg = getattr(kernel, "best_config", None)
+        out[kind] = "" if cfg is None else f"BLOCK_R={cfg.kwargs['BLOCK_R']} w{cfg.num_warps}"
+    return out
+
+
 def _launch(kind: str, block_rows: int | None):
     """(kernel, launch kwargs): the autotuner, or with ``block_rows`` that shape with 4 warps (tests)."""
     tuned = tuned_kernels(interpreting())[kind]
