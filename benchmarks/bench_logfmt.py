@@ -249,7 +249,8 @@ def main() -> None:
         acc = [{"error": f"{type(exc).__name__}: {exc}"}]
         traceback.print_exc()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M"), "copy_TB/s": copy_bw}
+            "date": time.strftime("%Y-%m-%d %H:%M"), "copy_TB/s": copy_bw,
+            "tile_shapes_last": lf.picked_configs()}  # the autotuners' last picks (encode, decode)
     ResultsLog("bench_logfmt").save(meta=meta, checks=checks, results=results, accuracy=acc, communication=comm)
     print(json.dumps(meta))
     print("GPU vs float64 reference:", json.dumps(checks))

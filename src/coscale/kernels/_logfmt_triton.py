@@ -12,17 +12,24 @@ Two kernels, each with a gather in front or a sum behind:
   TOPK = 1 without weights and pair_row = arange is plain decoding. Rows come from the three arrays or
   (PACKED) from codec rows.
 
-Encode, nearest rounding, fast path in float32 (the exactness argument is in coscale.kernels.logfmt):
-log2|x| = E + ln(mant) / ln 2 with E the exponent (exact, from the bits) and mant in [sqrt(1/2), sqrt(2));
-ln(mant) = 2 atanh(f / (2 + f)), f = mant - 1, by its odd series to u^11 in float32 (|error| <= 7e-8 in
-log2 units with correctly rounded division, measured over every fp32 mantissa; <= 1.3e-7 with the GPU's
-2-ulp division). The position on the code grid, t = (log2|x| - floor(M) - frac(M) - C) / S (M, S, C the
-tile's grid origin, step and midpoint offset in log2 units, float64 per tile), is formed in float64 from
-the integer E - floor(M) and the float32 logarithm, so its only error is the logarithm's. Elements within
-``DELTA`` (log2 units) of a rounding threshold are "ambiguous": their row is recomputed with the
-reference's float64 formulas (float64 log and exp, the linear-domain comparison) and the fast path does
-not store it. Every other element's code is the reference's: the reference decides exactly except within
-~1e-15 relative of a threshold, and the fast path's position error is below DELTA.
+Encode, nearest rounding: a float32 fast path with a proven error bound, and a float64 redo of rare rows
+(the exactness argument in brief; coscale.kernels.logfmt has it in full). Per row (float64, once per
+tile row): the tile numbers m, s (the reference's formulas: its two logs), and in log2 units the grid
+origin M = m / ln 2, the step S = s / ln 2 and the midpoint offset C = log2((1 + e^s) / 2) (a series in
+s / 2 for n >= 8, where s <= 32 ln 2 / 126; the exact formula below). Per element (float32 only): the
+position on the code grid t = (log2|x| - M - C) / S, whose integers are the rounding thresholds, as
+  t = (z - c + L) / S,  z = E - floor(M) (E the exponent, exact small integer), c = frac(M) + C,
+  L = ln(mant) / ln 2 with mant in [sqrt(1/2), sqrt(2)) (``_ln_mantissa``: |error| <= 1.6e-7 log2 units
+  with the GPU's 2-ulp division, every fp32 mantissa checked),
+split so that the large parts are exact: z * hi(1/S) (hi: 1/S cut to 15 significant bits, |z| < 2^8) and
+floor(c / S) are exact float32 integers or products, and only small terms (|.| <= 2 + 0.52 / S) round.
+``_grid_position`` returns floor(t) exactly and frac(t) with |error| <= 2.9e-7 / S + 5e-7 (derivation in
+``_grid_position``), below the band DELTA / S + BAND_ABS (DELTA = 4e-7, BAND_ABS = 2^-20). An element whose
+t lies within the band of a threshold (an integer in 0..Q-2, or t0, the 0 / 1 threshold |x| = exp(m) / 2)
+is ambiguous: its row is recomputed with the reference's float64 formulas and the fast path stores
+nothing for it. Rows where the bound is not usable go there whole: 1/S >= 2^16 (nearly constant tiles)
+or a subnormal non-zero |x| (its exponent is not in its bits). Every other code is the reference's
+(the reference decides exactly except within ~1e-15 relative of a threshold).
 """
 
 import triton
@@ -47,40 +54,101 @@ def _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER: tl.constexpr,
 
 @triton.jit
 def _tile_stats(x, range_clamp, Q: tl.constexpr):
-    """(|x| with non-finite tiles zeroed, bad [R], m32 [R], s32 [R]): the reference's _tile_stats in float64."""
-    ax = tl.abs(x)
-    bad = tl.max(((x != x) | (ax == float("inf"))).to(tl.int32), 1) > 0
-    ax = tl.where(bad[:, None], 0.0, ax)
-    amax = tl.max(ax, 1)
-    amin = tl.min(tl.where(ax > 0, ax, float("inf")), 1)
-    live = (amax > 0) & (bad == 0)
+    """(|x| bits int32, bad, m32, s32, amin, amax [R]): the reference's _tile_stats in float64.
+    Max and min on the bit patterns of |x| (same order as the values); NaN and inf have the largest."""
+    bits = tl.abs(x).to(tl.int32, bitcast=True)
+    top = tl.max(bits, 1)
+    bad = top >= 0x7F800000
+    amax = top.to(tl.float32, bitcast=True)
+    amin = tl.min(tl.where(bits > 0, bits, 0x7F800000), 1).to(tl.float32, bitcast=True)
+    live = (top > 0) & (top < 0x7F800000)
     amax64 = tl.where(live, amax, 1.0).to(tl.float64)
     amin64 = tl.maximum(tl.where(live, amin, 1.0).to(tl.float64), amax64 * range_clamp)
     lmax = tl.log(amax64)
     lmin = tl.log(amin64)
     m32 = tl.where(live, lmin.to(tl.float32), 0.0)
     s32 = tl.where(live, ((lmax - lmin) / (Q - 1)).to(tl.float32), 0.0)
-    return ax, bad, m32, s32
+    return bits, bad, m32, s32, amin, amax
 
 
 @triton.jit
-def _ln_mantissa(ax):
-    """(E int32, ln(mant) float32) with |x| = 2^E * mant, mant in [sqrt(1/2), sqrt(2)); ax > 0 finite."""
-    sub = ax < 1.1754943508222875e-38  # subnormal: scale by 2^24 (exact) first
-    axn = tl.where(sub, ax * 16777216.0, ax)
-    bits = axn.to(tl.int32, bitcast=True)
-    e = ((bits >> 23) & 0xFF) - 127 - tl.where(sub, 24, 0)
-    mbits = (bits & 0x7FFFFF) | 0x3F800000
-    big = mbits > 0x3FB504F3  # mant > sqrt(2): halve it
-    mant = mbits.to(tl.float32, bitcast=True)
-    mant = tl.where(big, mant * 0.5, mant)
-    e = e + big.to(tl.int32)
+def _f64(like, bits):
+    """The float64 with these bits, shaped like ``like`` (a float literal would be an fp32 constant)."""
+    return (tl.zeros_like(like).to(tl.int64) + bits).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _row_grid(m32, s32, scaled, delta, N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Per row, in float64 then rounded once: the constants of ``_grid_position`` and the band.
+
+    In log2 units M = m / ln 2, S = s / ln 2, C = log2((1 + e^s) / 2) (0 for stochastic rounding: the
+    grid itself), c = frac(M) + C. Returns float32 [R]: kz = 1.5 * 2^23 + floor(M) (z's offset; + 24 where
+    the row's |x| were scaled by 2^24), hi and lo
+    of 1/S (hi cut to 15 significant bits), 1/s, floor(c/S) and its fraction, floor(c/S) + floor(t0) and
+    frac(t0) (t0 = -(1 + C)/S, the 0 / 1 threshold), the band, and whether the row skips the fast path."""
+    inv_ln2 = _f64(m32, 0x3FF71547652B82FE)
+    m = m32.to(tl.float64)
+    s = tl.where(s32 > 0, s32, 1.0).to(tl.float64)
+    big_m = m * inv_ln2
+    m_int = tl.floor(big_m)
+    inv_step = 1.0 / (s * inv_ln2)  # 1/S: the one float64 division
+    if STOCHASTIC:
+        mid = tl.zeros_like(m)
+    elif N_BITS >= 8:  # s <= 32 ln 2 / 126 < 0.18: log((1 + e^s)/2) = y + log cosh y, y = s/2, by its series
+        y = 0.5 * s  # to y^10 (the next term < 1e-15)
+        y2 = y * y
+        lc = y2 * (0.5 - y2 * (_f64(m32, 0x3FB5555555555555) - y2 * (_f64(m32, 0x3F96C16C16C16C17) - y2 * (
+            _f64(m32, 0x3F7BA1BA1BA1BA1C) - y2 * _f64(m32, 0x3F61EA5D39BCDA62)))))  # 1/12 1/45 17/2520 31/14175
+        mid = (y + lc) * inv_ln2
+    else:  # s up to 11: the formula itself
+        mid = tl.log((1.0 + tl.exp(s)) * 0.5) * inv_ln2
+    k = ((big_m - m_int) + mid) * inv_step
+    k_int = tl.floor(k)
+    hi = (inv_step.to(tl.int64, bitcast=True) & -(1 << 38)).to(tl.float64, bitcast=True)  # 15 bits
+    t0 = -(1.0 + mid) * inv_step
+    t0_int = tl.floor(t0)
+    band = (delta * inv_step).to(tl.float32) + 9.5367431640625e-07  # + BAND_ABS = 2^-20
+    kz = 12582912.0 + m_int + tl.where(scaled, 24.0, 0.0)
+    return (kz.to(tl.float32), hi.to(tl.float32), (inv_step - hi).to(tl.float32),
+            (inv_step * inv_ln2).to(tl.float32), k_int.to(tl.float32), (k - k_int).to(tl.float32),
+            (k_int + t0_int).to(tl.float32), (t0 - t0_int).to(tl.float32), band,
+            (inv_step >= 65536.0) | (band >= 0.25))
+
+
+@triton.jit
+def _ln_mantissa(bits):
+    """(E + (mant > ...), ln(mant) float32) with |x| = 2^E * mant, mant in [sqrt(1/2), sqrt(2)): from the
+    bits of a normal |x| (0 gives E = -127, ln = 0). E as an int32."""
+    e = (bits - 0x3F3504F4) >> 23  # the exponent of |x| / sqrt(1/2), rounded down
+    mant = (bits - (e << 23)).to(tl.float32, bitcast=True)
     f = mant - 1.0  # exact (Sterbenz)
     u = f / (2.0 + f)
     u2 = u * u
     p = 0.6666666666666666 + u2 * (0.4 + u2 * (0.2857142857142857 + u2 * (0.2222222222222222
                                                                          + u2 * 0.18181818181818182)))
     return e, 2.0 * u + u * u2 * p
+
+
+@triton.jit
+def _grid_position(bits, kz, inv_hi, inv_lo, inv_s, k_int, k_frac):
+    """(floor(t), frac(t), p_int, w) float32 [R, C], t = (log2|x| - M - C) / S = p_int - k_int + w.
+
+    With z = E - floor(M) (an integer, |z| < 2^8) and K = c/S = k_int + k_frac:
+      t = z * inv_hi - k_int + (z * inv_lo - k_frac + ln(mant) / s).
+    z * inv_hi is exact (8 + 15 bits), so is its split p_int + (p - p_int); with 1/S < 2^16 every
+    integer here is below 2^24. Only w = (p - p_int) + inner rounds, |w| <= 2 + 0.52/S, then
+    floor(w) and w - floor(w) are exact. Errors of t in t units, u = 2^-24: ln(mant) 1.6e-7/S (log2
+    units / S), 1/s's rounding 0.5u/S, inner's products and sums (0.52 + 0.52 + 0.04) u/S + 2u, w's
+    rounding (2 + 0.52/S) u, the float64 constants ~1e-9: <= 2.55e-7/S + 3e-7. The 0 / 1 test adds
+    w - frac(t0) (<= (3 + 0.52/S) u) and its sum (u): <= 2.9e-7/S + 5e-7 < the band."""
+    e, ln = _ln_mantissa(bits)
+    z = (e + 0x4B400000).to(tl.float32, bitcast=True) - kz[:, None]  # 1.5 * 2^23 + e, exactly
+    p = z * inv_hi[:, None]
+    p_int = tl.floor(p)
+    inner = ln * inv_s[:, None] + (z * inv_lo[:, None] - k_frac[:, None])
+    w = (p - p_int) + inner
+    w_int = tl.floor(w)
+    return (p_int - k_int[:, None]) + w_int, w - w_int, p_int, w
 
 
 @triton.jit
@@ -100,42 +168,43 @@ def _exact_mag(ax, m32, s32, Q: tl.constexpr):
 
 
 @triton.jit
-def _fast_mag(ax, m32, s32, delta, Q: tl.constexpr, STOCHASTIC: tl.constexpr, seed, rand_off):
-    """(magnitude code [R, C] int32, ambiguous [R, C]): see the module docstring."""
-    m = m32.to(tl.float64)
-    s_safe = tl.where(s32 > 0, s32, 1.0).to(tl.float64)
-    ln2 = tl.log(tl.zeros_like(m) + 2.0)  # float64 ln 2 (a Python literal would be an fp32 constant)
-    big_m = m / ln2  # grid origin, step and midpoint offset in log2 units
-    step = s_safe / ln2
-    mid = tl.log((1.0 + tl.exp(s_safe)) * 0.5) / ln2
-    m_int = tl.floor(big_m)
-    origin = big_m - m_int
-    inv_step = 1.0 / step
-    e, ln = _ln_mantissa(tl.where(ax > 0, ax, 1.0))
-    z = (e - m_int.to(tl.int32)[:, None]).to(tl.float64)
-    pos = z + ln.to(tl.float64) * (1.0 / ln2)[:, None] - origin[:, None]  # log2|x| - M
-    if STOCHASTIC:
-        k = tl.floor(pos * inv_step[:, None])
-        k = tl.minimum(tl.maximum(k, -1.0), Q - 2.0)
-        mf = m[:, None]
-        sf = s_safe[:, None]
-        lower = tl.where(k < 0, 0.0, tl.exp((mf + sf * k).to(tl.float32)))
-        upper = tl.exp((mf + sf * (k + 1.0)).to(tl.float32))
+def _to_int(v):
+    """A float32 integer in [-2^22, 2^22] to int32 without a conversion instruction (1.5 * 2^23 + v)."""
+    return (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
+def _fast_mag(x, bits, m32, s32, scaled, delta, Q: tl.constexpr, N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr,
+              seed, rand_off):  # fmt: skip
+    """(magnitude code [R, C] int32, ambiguous [R, C], rows that skip the fast path [R])."""
+    kz, inv_hi, inv_lo, inv_s, k_int, k_frac, t0_int, t0_frac, band, skip = _row_grid(
+        m32, s32, scaled, delta, N_BITS, STOCHASTIC)
+    fl, fr, p_int, w = _grid_position(bits, kz, inv_hi, inv_lo, inv_s, k_int, k_frac)
+    if STOCHASTIC:  # fl = floor((log2|x| - M) / S): the bracket a = g_k <= |x| < b (the grid's k)
+        ax = tl.abs(x)
+        if tl.max(skip.to(tl.int32), 0) > 0:  # rare: 1/S >= 2^16, the grid index in float64 for those rows
+            s_safe = tl.where(s32 > 0, s32, 1.0).to(tl.float64)[:, None]
+            log_ax = tl.log(tl.where(ax > 0, ax, 1.0).to(tl.float64))
+            fl64 = tl.floor((log_ax - m32.to(tl.float64)[:, None]) / s_safe)
+            fl = tl.where(skip[:, None], fl64.to(tl.float32), fl)
+        k = tl.minimum(tl.maximum(fl, -1.0), Q - 2.0)
+        mf = m32[:, None]
+        sf = s32[:, None]
+        lower = tl.where(k < 0, 0.0, tl.exp(mf + sf * k))
+        upper = tl.exp(mf + sf * (k + 1.0))
         u = tl.rand(seed, rand_off)
         up = u * (upper - lower) < ax - lower
-        mag = k.to(tl.int32) + 1 + up.to(tl.int32)
+        mag = _to_int(k) + 1 + up.to(tl.int32)
         amb = mag < 0  # all false
-    else:
-        t = (pos - mid[:, None]) * inv_step[:, None]  # thresholds at the integers
-        t0 = ((-1.0 - mid) * inv_step)[:, None]  # the 0 / 1 threshold: |x| = exp(m) / 2
-        dt = (delta * inv_step)[:, None]
-        tc = tl.minimum(tl.maximum(t, -1.5), Q + 0.5)  # past the clamps a half: never ambiguous
-        fl = tl.floor(tc)
-        fr = tc - fl
-        amb = (fr < dt) | (fr > 1.0 - dt) | (tl.abs(t - t0) < dt)
-        mag = tl.minimum(tl.maximum(fl.to(tl.int32) + 2, 1), Q)
-        mag = tl.where(t < t0, 0, mag)
-    return mag, amb
+    else:  # thresholds at the integers 0..Q-2 of t, and t0 (< -0.5)
+        near = tl.minimum(fr, 1.0 - fr)
+        j = fl + tl.where(fr > 0.5, 1.0, 0.0)  # the nearest integer
+        amb = (near < band[:, None]) & (j >= 0.0) & (j <= Q - 2.0)
+        d0 = (p_int - t0_int[:, None]) + (w - t0_frac[:, None])  # t - t0
+        amb = amb | (tl.abs(d0) < band[:, None])
+        mag = _to_int(tl.minimum(tl.maximum(fl + 2.0, 1.0), Q * 1.0))
+        mag = tl.where(d0 < 0, 0, mag)
+    return mag, amb, skip
 
 
 @triton.jit
@@ -149,15 +218,17 @@ def _finish_code(mag, x, ax, bad, s32, N_BITS: tl.constexpr):
 @triton.jit
 def _store_codes(code, rows, tile, cols, mask, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes,
                  N_BITS: tl.constexpr, PACKED: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr,
-                 BLOCK_R: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
-    """Codes [R, C] to the codes array, or bit-packed (GROUP codes in GBYTES little-endian bytes) to rows."""
+                 GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
+    """Codes [R, C] to the codes array, or bit-packed (GROUP codes in GBYTES little-endian bytes, GB_P2
+    lanes: the next power of two) to rows; groups of up to 4 bytes in int32, wider ones in int64."""
     if PACKED:
         NG: tl.constexpr = TILE_C // GROUP
-        c3 = tl.reshape(code.to(tl.int64), (BLOCK_R, NG, GROUP))
-        shifts = (N_BITS * tl.arange(0, GROUP)).to(tl.int64)
+        WORD: tl.constexpr = tl.int64 if GBYTES > 4 else tl.int32
+        c3 = tl.reshape(code.to(WORD), (BLOCK_R, NG, GROUP))
+        shifts = (N_BITS * tl.arange(0, GROUP)).to(WORD)
         word = tl.sum(c3 << shifts[None, None, :], 2)  # disjoint bits: the sum is an or
-        b = tl.arange(0, 8)
-        byte = (word[:, :, None] >> (8 * b).to(tl.int64)[None, None, :]) & 0xFF
+        b = tl.arange(0, GB_P2)
+        byte = (word[:, :, None] >> (8 * b).to(WORD)[None, None, :]) & 0xFF
         g = tl.arange(0, NG)
         off = tile * (NG * GBYTES) + g[None, :, None] * GBYTES + b[None, None, :]
         ok = tl.max(mask.to(tl.int32), 1) > 0
@@ -185,15 +256,16 @@ def _store_stats(m, s, rows, in_r, tile, T, min_ptr, step_ptr, pay_ptr, stride_p
         tl.store(step_ptr + ptr, s, mask=in_r)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def encode_kernel(
-    x_ptr, idx_ptr, codes_ptr, min_ptr, step_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes,
-    seed, range_clamp, delta,
+    x_ptr, idx_ptr, codes_ptr, min_ptr, step_ptr, pay_ptr, N, H, T, M_BUCKET, stride_x, stride_c, stride_p,
+    code_bytes, seed, range_clamp, delta,
     N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
-    PACKED: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr, BLOCK_R: tl.constexpr,
-    TILE_C: tl.constexpr,
+    PACKED: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr, GB_P2: tl.constexpr,
+    BLOCK_R: tl.constexpr, TILE_C: tl.constexpr,
 ):  # fmt: skip
     # One program = BLOCK_R output rows x one 128-column tile; each row of the block is its own LogFMT tile.
+    # M_BUCKET (a power-of-two bucket of N, unused) is an autotuning key.
     Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
     pid_r = tl.program_id(0)
     tile = tl.program_id(1)
@@ -201,17 +273,29 @@ def encode_kernel(
     cols = tile * TILE_C + tl.arange(0, TILE_C)
     in_r = rows < N
     x, src, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
-    ax, bad, m32, s32 = _tile_stats(x, range_clamp, Q)
+    bits, bad, m32, s32, amin, amax = _tile_stats(x, range_clamp, Q)
     _store_stats(tl.where(bad, float("nan"), m32), tl.where(bad, float("nan"), s32), rows, in_r, tile, T,
                  min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED)  # fmt: skip
     rand_off = rows[:, None] * (T * TILE_C) + cols[None, :]
-    mag, amb = _fast_mag(ax, m32, s32, delta, Q, STOCHASTIC, seed, rand_off)
-    amb = amb & (ax > 0) & (s32 > 0)[:, None] & (bad == 0)[:, None]
-    redo = tl.max(amb.to(tl.int32), 1)  # [R]: rows with an element near a threshold
+    ax = tl.abs(x)
+    # A subnormal |x| (rare) has no exponent in its bits: its row is scaled by 2^24 (exact) for the
+    # position, unless that would overflow (max |x| >= 2^100; then they are far below the clamp).
+    tiny = amin < 1.1754943508222875e-38
+    scaled = tiny & (amax < 1.2676506002282294e30)
+    pbits = bits
+    if tl.max(scaled.to(tl.int32), 0) > 0:
+        pbits = (ax * tl.where(scaled, 16777216.0, 1.0)[:, None]).to(tl.int32, bitcast=True)
+    mag, amb, skip = _fast_mag(x, pbits, m32, s32, scaled, delta, Q, N_BITS, STOCHASTIC, seed, rand_off)
+    amb = amb & (bits > 0)
+    if STOCHASTIC:  # no redo: the fast path handles every row (stochastic codes are not bit-exact)
+        redo = tl.zeros([BLOCK_R], dtype=tl.int32)
+    else:  # rows with an element near a threshold, or where the bound does not hold
+        redo = ((tl.max(amb.to(tl.int32), 1) > 0) | skip | (tiny & ~scaled)) & (s32 > 0) & (bad == 0)
+        redo = redo.to(tl.int32)
     code = _finish_code(mag, x, ax, bad, s32, N_BITS)
     mask = (in_r & (redo == 0))[:, None] & (cols < H)[None, :]
     _store_codes(code, rows, tile, cols, mask, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes,
-                 N_BITS, PACKED, GROUP, GBYTES, BLOCK_R, TILE_C)  # fmt: skip
+                 N_BITS, PACKED, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C)  # fmt: skip
     if tl.max(redo, 0) > 0:  # rare: those rows again, in the reference's float64 formulas
         for r in range(BLOCK_R):
             pick = tl.arange(0, BLOCK_R) == r
@@ -225,25 +309,33 @@ def encode_kernel(
                 axr = tl.abs(xr)
                 code_r = _finish_code(_exact_mag(axr, m_r, s_r, Q), xr, axr, m_r != m_r, s_r, N_BITS)
                 _store_codes(code_r, row, tile, cols, (cols < H)[None, :], codes_ptr, stride_c, pay_ptr, stride_p,
-                             code_bytes, N_BITS, PACKED, GROUP, GBYTES, 1, TILE_C)  # fmt: skip
+                             code_bytes, N_BITS, PACKED, GROUP, GBYTES, GB_P2, 1, TILE_C)  # fmt: skip
 
 
 @triton.jit
 def _load_codes(rows, tile, cols, H, ok, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes,
                 N_BITS: tl.constexpr, PACKED: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr,
-                BLOCK_R: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
-    """The n-bit codes [R, C] int32 of rows (int64 [R]) at this tile's columns; 0 where not ok."""
+                GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
+    """The n-bit codes [R, C] int32 of rows (int64 [R]) at this tile's columns; 0 where not ok. Packed
+    groups of up to 4 bytes are assembled in int32 (one byte, n = 8: the byte is the code), wider in int64."""
     if PACKED:
         NG: tl.constexpr = TILE_C // GROUP
+        WORD: tl.constexpr = tl.int64 if GBYTES > 4 else tl.int32
         g = tl.arange(0, NG)
-        b = tl.arange(0, 8)
+        b = tl.arange(0, GB_P2)
         off = tile * (NG * GBYTES) + g[None, :, None] * GBYTES + b[None, None, :]
         m3 = ok[:, None, None] & (b < GBYTES)[None, None, :] & (off < code_bytes)
-        byte = tl.load(pay_ptr + rows[:, None, None] * stride_p + off, mask=m3, other=0).to(tl.int64)
-        word = tl.sum(byte << (8 * b).to(tl.int64)[None, None, :], 2)  # [R, NG]
-        shifts = (N_BITS * tl.arange(0, GROUP)).to(tl.int64)
-        c3 = (word[:, :, None] >> shifts[None, None, :]) & ((1 << N_BITS) - 1)
-        code = tl.reshape(c3, (BLOCK_R, TILE_C)).to(tl.int32)
+        byte = tl.load(pay_ptr + rows[:, None, None] * stride_p + off, mask=m3, other=0).to(WORD)
+        if GBYTES == 1:
+            word = tl.reshape(byte, (BLOCK_R, NG))
+        else:
+            word = tl.sum(byte << (8 * b).to(WORD)[None, None, :], 2)  # [R, NG]
+        if GROUP == 1:
+            code = tl.reshape(word, (BLOCK_R, TILE_C)).to(tl.int32) & ((1 << N_BITS) - 1)
+        else:
+            shifts = (N_BITS * tl.arange(0, GROUP)).to(WORD)
+            c3 = (word[:, :, None] >> shifts[None, None, :]) & ((1 << N_BITS) - 1)
+            code = tl.reshape(c3, (BLOCK_R, TILE_C)).to(tl.int32)
     else:
         mask = ok[:, None] & (cols < H)[None, :]
         code = tl.load(codes_ptr + rows[:, None] * stride_c + cols[None, :], mask=mask, other=0).to(tl.int32)
@@ -266,11 +358,11 @@ def _load_stats(rows, ok, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_by
     return m, s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def decode_sum_kernel(
-    codes_ptr, min_ptr, step_ptr, pay_ptr, pair_row_ptr, w_ptr, out_ptr, N_OUT, H, T,
+    codes_ptr, min_ptr, step_ptr, pay_ptr, pair_row_ptr, w_ptr, out_ptr, N_OUT, H, T, M_BUCKET,
     stride_c, stride_p, code_bytes, stride_o,
-    N_BITS: tl.constexpr, PACKED: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr,
+    N_BITS: tl.constexpr, PACKED: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr, GB_P2: tl.constexpr,
     TOPK: tl.constexpr, GATHER: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr,
     TILE_C: tl.constexpr,
 ):  # fmt: skip
@@ -288,10 +380,11 @@ def decode_sum_kernel(
         else:
             rows = outs.to(tl.int64)
         code = _load_codes(rows, tile, cols, H, in_o, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes,
-                           N_BITS, PACKED, GROUP, GBYTES, BLOCK_R, TILE_C)  # fmt: skip
+                           N_BITS, PACKED, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C)  # fmt: skip
         m, s = _load_stats(rows, in_o, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED)
         mag = code & Q
-        val = tl.exp(m[:, None] + s[:, None] * (mag - 1).to(tl.float32))
+        steps = (mag + (0x4B400000 - 1)).to(tl.float32, bitcast=True) - 12582912.0  # mag - 1, no I2F
+        val = tl.exp(m[:, None] + s[:, None] * steps)
         val = tl.where(mag == 0, 0.0, val)
         val = tl.where(((code >> (N_BITS - 1)) & 1) != 0, -val, val)
         val = tl.where((m != m)[:, None], float("nan"), val)

@@ -42,19 +42,24 @@ the kernels below (CPU tensors under TRITON_INTERPRET=1), "auto" = triton for CU
 imports, else torch.
 
 The encode kernel (coscale.kernels._logfmt_triton) works in float32 per element; float64 only per tile
-(the tile numbers, bit-identical to the reference's) and for the affine map below. Exactness argument
-for "nearest": the reference's code is the exact real-number rounding of |x| to the nearest grid magnitude
+row (the tile numbers, bit-identical to the reference's, and a few constants). Exactness argument for
+"nearest": the reference's code is the exact real-number rounding of |x| to the nearest grid magnitude
 (its float64 comparison can differ only within ~1e-15 relative of a threshold). The kernel computes the
-position t = (log2|x| - M - C) / S on the code grid (thresholds at the integers, M, S, C in log2 units)
-from the exact exponent of |x| and a float32 ln(mantissa) whose error is at most 1.3e-7 (log2 units), and
-every other step in float64, so |t_computed - t| <= DELTA / S with DELTA = 2.5e-7. An element farther
-than that from a threshold (or from the 0/1 threshold |x| = exp(m)/2) gets the reference's code. An
-element within the band marks its row, and that row is recomputed with the reference's own float64
+position t = (log2|x| - M - C) / S on the code grid (thresholds at the integers 0..Q-2 and at t0 for the
+0 / 1 threshold |x| = exp(m)/2; M, S, C in log2 units) from the exact exponent of |x| and a float32
+ln(mantissa) (error <= 1.6e-7 log2 units), split so that the large terms are exact float32 integers and
+products; floor(t) is exact and |t_computed - t| <= 2.9e-7 / S + 5e-7 (derived in _grid_position; a
+numpy mirror checks it: tests/test_logfmt_exact.py). An element within the band DELTA / S + 2^-20
+(DELTA = 4e-7) of a threshold marks its row, and that row is recomputed with the reference's own float64
 formulas (log, floor, the two exps and the linear comparison) before anything is stored: codes equal the
-reference bit for bit by construction, whatever the input. The band is narrow (about 2*DELTA/S of a step:
-~1e-5 of the elements of Gaussian tiles for LogFMT-8, ~4e-5 for LogFMT-10), so the float64 path runs for
-under 1 % of the rows. Tests: tests/test_logfmt.py, tests/test_logfmt_fused.py (elements straddling every
-threshold, and the fallback alone with the band widened to everything).
+reference bit for bit by construction, whatever the input. Rows where the bound does not apply go there
+whole: 1 / S >= 2^16 (nearly constant tiles), a band >= 1/4, or a subnormal |x| with max |x| >= 2^100
+(other rows holding subnormals are scaled by 2^24 first, exactly). The band is narrow: on Gaussian tiles
+0.2 % of the rows are redone for LogFMT-8, 0.6 % for LogFMT-10 (test_ambiguous_rows_are_rare). Tests:
+tests/test_logfmt.py, tests/test_logfmt_fused.py (elements straddling every threshold, and the fallback
+alone with the band widened to everything), tests/test_logfmt_exact.py (the bound, hard inputs).
+Tile shapes (rows per program, warps) are autotuned per (H, row bucket, format); ``block_rows`` fixes
+the rows (4 warps) for tests.
 
 Stochastic rounding draws Philox numbers (``tl.rand(seed, row * Hp + col)``, offsets wrap past 2^31
 elements) and is checked statistically; the reference uses a torch.Generator. The decode kernel computes
@@ -69,11 +74,13 @@ tile_min and tile_step: coscale.parallel.codec.LogFMTCodec's layout); ``logfmt_d
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from coscale.errors import CoscaleError
+from coscale.kernels.autotune import power_of_two_bucket as _pow2
 from coscale.kernels.backend import interpreting, select_backend, triton_available  # noqa: F401
 
 TILE = 128
@@ -283,7 +290,48 @@ def _sum_ref(y: torch.Tensor, pair_row: torch.Tensor | None, weight: torch.Tenso
 # Kernel launchers (coscale.kernels._logfmt_triton)
 # ----------------------------------------------------------------------------------------------------
 
-DELTA = 2.5e-7  # log2 units: above the float32 logarithm's error bound (1.3e-7), see _logfmt_triton
+DELTA = 4e-7  # log2 units: the band is DELTA / S + 2^-20 in t units (the bound: 2.9e-7 / S + 5e-7)
+
+# The GPU candidates of the two kernels' tile shapes, (BLOCK_R rows of one 128-column tile, num_warps);
+# Triton's autotuner times them on the first call per key and keeps the fastest. The first is the
+# interpreter's (and block_rows=None's shape before tuning). Every candidate writes the same bits: the
+# codes do not depend on the shape (stochastic draws use offsets row * Hp + col).
+ENCODE_CONFIGS = ((8, 4), (16, 4), (4, 2), (8, 2), (16, 8), (32, 8), (4, 1))
+DECODE_CONFIGS = ((8, 4), (16, 4), (4, 2), (8, 2), (16, 8), (32, 8), (32, 4))
+
+
+@functools.cache
+def tuned_kernels(interpret: bool) -> dict:
+    """{"encode", "decode"}: the kernels under autotuners keyed by the shape (H, a power-of-two bucket of
+    the rows) and the constexprs that change the work (``interpret`` keys the cache: triton.jit picks the
+    interpreter when coscale.kernels._logfmt_triton is imported)."""
+    import triton
+
+    from coscale.kernels import _logfmt_triton as k
+    from coscale.kernels.autotune import triton_autotune
+
+    def tune(kernel, candidates, key):
+        configs = [triton.Config({"BLOCK_R": r}, num_warps=w) for r, w in candidates]
+        return triton_autotune(configs, configs[0], key=key, rep_ms=20)(kernel)
+
+    common = ["H", "M_BUCKET", "N_BITS", "PACKED", "GATHER"]
+    return {"encode": tune(k.encode_kernel, ENCODE_CONFIGS, common + ["STOCHASTIC"]),
+            "decode": tune(k.decode_sum_kernel, DECODE_CONFIGS, common + ["TOPK", "HAS_WEIGHT"])}
+
+
+def picked_configs() -> dict:
+    """{"encode", "decode"}: the tile shape each autotuner used last, as "BLOCK_R=r wN" ("" before any)."""
+    out = {}
+    for kind, kernel in tuned_kernels(interpreting()).items():
+        cfg = getattr(kernel, "best_config", None)
+        out[kind] = "" if cfg is None else f"BLOCK_R={cfg.kwargs['BLOCK_R']} w{cfg.num_warps}"
+    return out
+
+
+def _launch(kind: str, block_rows: int | None):
+    """(kernel, launch kwargs): the autotuner, or with ``block_rows`` that shape with 4 warps (tests)."""
+    tuned = tuned_kernels(interpreting())[kind]
+    return (tuned, {}) if block_rows is None else (tuned.fn, {"BLOCK_R": block_rows, "num_warps": 4})
 
 
 def _check_index(idx: torch.Tensor | None, name: str) -> None:
@@ -292,8 +340,6 @@ def _check_index(idx: torch.Tensor | None, name: str) -> None:
 
 
 def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, block_rows):
-    from coscale.kernels import _logfmt_triton as k
-
     if x.stride(-1) != 1:
         x = x.contiguous()
     h = x.shape[1]
@@ -312,18 +358,17 @@ def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, b
         payload = codes
     if n and h:
         idx = row_src.contiguous() if row_src is not None else x
-        k.encode_kernel[(triton_cdiv(n, block_rows), tiles)](
-            x, idx, codes, tile_min, tile_step, payload, n, h, tiles, x.stride(0), codes.stride(0),
+        kernel, cfg = _launch("encode", block_rows)
+        kernel[lambda meta: (triton_cdiv(n, meta["BLOCK_R"]), tiles)](
+            x, idx, codes, tile_min, tile_step, payload, n, h, tiles, _pow2(n), x.stride(0), codes.stride(0),
             payload.stride(0), code_bytes, seed or 0, RANGE_CLAMP, DELTA,
             N_BITS=n_bits, STOCHASTIC=rounding == "stochastic", GATHER=row_src is not None, TOPK=topk,
-            PACKED=rows_out, GROUP=group, GBYTES=group_bytes, BLOCK_R=block_rows, TILE_C=TILE, num_warps=4,
+            PACKED=rows_out, GROUP=group, GBYTES=group_bytes, GB_P2=_pow2(group_bytes), TILE_C=TILE, **cfg,
         )  # fmt: skip
     return payload if rows_out else (codes, tile_min, tile_step)
 
 
 def _decode_triton(src, hidden, pair_row, weight, n_bits, dtype, packed, rows_in, block_rows):
-    from coscale.kernels import _logfmt_triton as k
-
     codes, tile_min, tile_step = src
     tiles = math.ceil(hidden / TILE)
     n_out, topk = (codes.shape[0], 1) if pair_row is None else tuple(pair_row.shape)
@@ -336,12 +381,12 @@ def _decode_triton(src, hidden, pair_row, weight, n_bits, dtype, packed, rows_in
     if n_out and hidden:
         pr = pair_row.contiguous() if pair_row is not None else codes
         w = weight.reshape(-1).float().contiguous() if weight is not None else out
-        k.decode_sum_kernel[(triton_cdiv(n_out, block_rows), tiles)](
-            codes, tile_min, tile_step, codes, pr, w, out, n_out, hidden, tiles, codes.stride(0),
+        kernel, cfg = _launch("decode", block_rows)
+        kernel[lambda meta: (triton_cdiv(n_out, meta["BLOCK_R"]), tiles)](
+            codes, tile_min, tile_step, codes, pr, w, out, n_out, hidden, tiles, _pow2(n_out), codes.stride(0),
             codes.stride(0), code_bytes, out.stride(0),
-            N_BITS=n_bits, PACKED=rows_in, GROUP=group, GBYTES=group_bytes, TOPK=topk,
-            GATHER=pair_row is not None, HAS_WEIGHT=weight is not None, BLOCK_R=block_rows, TILE_C=TILE,
-            num_warps=4,
+            N_BITS=n_bits, PACKED=rows_in, GROUP=group, GBYTES=group_bytes, GB_P2=_pow2(group_bytes), TOPK=topk,
+            GATHER=pair_row is not None, HAS_WEIGHT=weight is not None, TILE_C=TILE, **cfg,
         )  # fmt: skip
     return out
 
@@ -358,7 +403,7 @@ def _encode_ref(x, row_src, topk, n_bits, rounding, seed):
 
 
 def logfmt_encode(x: torch.Tensor, n_bits: int = 8, rounding: str = "nearest", seed: int | None = None,
-                  backend: str = "auto", block_rows: int = 8):
+                  backend: str = "auto", block_rows: int | None = None):
     """x [N, H] -> (codes [N, H] code_dtype(n_bits), tile_min [N, T] fp32, tile_step [N, T] fp32).
 
     ``seed`` (stochastic rounding): the Philox seed of the kernel, or the seed of the reference's
@@ -369,7 +414,7 @@ def logfmt_encode(x: torch.Tensor, n_bits: int = 8, rounding: str = "nearest", s
 
 def logfmt_encode_rows(x: torch.Tensor, row_src: torch.Tensor | None, topk: int = 1, n_bits: int = 8,
                        rounding: str = "nearest", seed: int | None = None, backend: str = "auto",
-                       block_rows: int = 8):
+                       block_rows: int | None = None):
     """The rows x[row_src[r] // topk] (zeros where row_src[r] < 0; x itself for row_src None) encoded in one
     pass: the MoE permutation (row_src = PermuteInfo.row_pair, topk = K) fused with the encoder."""
     _check_x(x, n_bits, rounding)
@@ -382,7 +427,7 @@ def logfmt_encode_rows(x: torch.Tensor, row_src: torch.Tensor | None, topk: int 
 
 def logfmt_encode_to_rows(x: torch.Tensor, row_src: torch.Tensor | None = None, topk: int = 1, n_bits: int = 8,
                           rounding: str = "nearest", seed: int | None = None, packed: bool = True,
-                          backend: str = "auto", block_rows: int = 8) -> torch.Tensor:
+                          backend: str = "auto", block_rows: int | None = None) -> torch.Tensor:
     """As logfmt_encode_rows, written as rows of bytes [N, row_bytes(H)[1]] (codes packed, then tile_min
     and tile_step): the dispatch's row selection, encoding and packing in one pass."""
     _check_x(x, n_bits, rounding)
@@ -394,7 +439,8 @@ def logfmt_encode_to_rows(x: torch.Tensor, row_src: torch.Tensor | None = None, 
 
 
 def logfmt_decode(codes: torch.Tensor, tile_min: torch.Tensor, tile_step: torch.Tensor, n_bits: int = 8,
-                  dtype: torch.dtype = torch.float32, backend: str = "auto", block_rows: int = 8) -> torch.Tensor:
+                  dtype: torch.dtype = torch.float32, backend: str = "auto",
+                  block_rows: int | None = None) -> torch.Tensor:
     """(codes [N, H], tile_min [N, T], tile_step [N, T]) -> x [N, H] in dtype."""
     return logfmt_decode_sum(codes, tile_min, tile_step, None, None, n_bits, dtype, backend, block_rows)
 
@@ -411,7 +457,7 @@ def _check_pairs(pair_row, weight, n_rows):
 
 def logfmt_decode_sum(codes, tile_min, tile_step, pair_row: torch.Tensor | None = None,
                       weight: torch.Tensor | None = None, n_bits: int = 8, dtype: torch.dtype = torch.float32,
-                      backend: str = "auto", block_rows: int = 8) -> torch.Tensor:
+                      backend: str = "auto", block_rows: int | None = None) -> torch.Tensor:
     """out[t] = sum_k weight[t, k] * decode(row pair_row[t, k]) [T, H] in one pass (float32 sums in k
     order): the combine fused with the decoder. pair_row None: plain decoding."""
     _check_codes(codes, tile_min, tile_step, n_bits)
@@ -424,7 +470,7 @@ def logfmt_decode_sum(codes, tile_min, tile_step, pair_row: torch.Tensor | None 
 
 def logfmt_decode_rows(rows: torch.Tensor, hidden: int, pair_row: torch.Tensor | None = None,
                        weight: torch.Tensor | None = None, n_bits: int = 8, dtype: torch.dtype = torch.float32,
-                       packed: bool = True, backend: str = "auto", block_rows: int = 8) -> torch.Tensor:
+                       packed: bool = True, backend: str = "auto", block_rows: int | None = None) -> torch.Tensor:
     """logfmt_decode_sum of rows of bytes (logfmt_encode_to_rows' layout), unpacked in the same pass."""
     _check_bits(n_bits)
     _check_pairs(pair_row, weight, rows.shape[0])
