@@ -209,6 +209,7 @@ def main() -> None:
             rec["error"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
         checks.append(rec)
+        print(json.dumps(rec), flush=True)  # progress: the tables print at the end
     for m, k in shapes:
         fp8_ms = None
         try:
@@ -229,6 +230,7 @@ def main() -> None:
                 rec["error"] = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
             results.append(rec)
+            print(json.dumps(rec), flush=True)
         del xs
         torch.cuda.empty_cache()
     comm = []
