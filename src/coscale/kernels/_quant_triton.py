@@ -195,42 +195,44 @@ def transpose_bytes_kernel(
 
 @triton.jit
 def _produce(
-    x_ptr, b_ptr, idx_ptr, w_ptr, offs_m, offs_k, M, K, stride_x, stride_b, up_offset,
+    x_ptr, b_ptr, idx_ptr, w_ptr, rows, cols, M, K, stride_x, stride_b, up_offset,
     SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
 ):  # fmt: skip
-    """(the tile in FP32, the unweighted source values): see the SOURCE table above."""
-    in_m = offs_m < M
-    mask = in_m[:, None] & (offs_k < K)[None, :]
-    rows = offs_m[:, None].to(tl.int64)
+    """(the block in FP32, the unweighted source values): see the SOURCE table above. ``rows`` and
+    ``cols`` are the block's row and column indices, broadcastable against each other ([R, 1] and
+    [1, C] for a 2-D block, [R, 1, 1] and [1, T, 128] for tiles): the block is their broadcast shape."""
+    in_m = rows < M
+    mask = in_m & (cols < K)
+    r64 = rows.to(tl.int64)
     if SOURCE == 0:
-        v = tl.load(x_ptr + rows * stride_x + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(x_ptr + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         raw = v
     elif SOURCE == 1:
-        g = tl.load(x_ptr + rows * stride_x + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + rows * stride_x + up_offset + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(x_ptr + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + r64 * stride_x + up_offset + cols, mask=mask, other=0.0).to(tl.float32)
         v = (g * tl.sigmoid(g) * u).to(x_ptr.dtype.element_ty).to(tl.float32)  # as kernels.swiglu stores a
         raw = v
     elif SOURCE == 2:
-        is_up = offs_k >= up_offset
-        j = tl.where(is_up, offs_k - up_offset, offs_k)[None, :]
-        g = tl.load(x_ptr + rows * stride_x + j, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + rows * stride_x + up_offset + j, mask=mask, other=0.0).to(tl.float32)
-        da = tl.load(b_ptr + rows * stride_b + j, mask=mask, other=0.0).to(tl.float32)
+        is_up = cols >= up_offset
+        j = tl.where(is_up, cols - up_offset, cols)
+        g = tl.load(x_ptr + r64 * stride_x + j, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + r64 * stride_x + up_offset + j, mask=mask, other=0.0).to(tl.float32)
+        da = tl.load(b_ptr + r64 * stride_b + j, mask=mask, other=0.0).to(tl.float32)
         s = tl.sigmoid(g)
         dg = da * u * s * (1.0 + g * (1.0 - s))  # the formulas of kernels.swiglu's backward kernel
         du = da * g * s
-        v = tl.where(is_up[None, :], du, dg).to(x_ptr.dtype.element_ty).to(tl.float32)
+        v = tl.where(is_up, du, dg).to(x_ptr.dtype.element_ty).to(tl.float32)
         raw = v
     else:
-        pair = tl.load(idx_ptr + offs_m, mask=in_m, other=-1)
+        pair = tl.load(idx_ptr + rows, mask=in_m, other=-1)  # per row (broadcast like rows)
         valid = pair >= 0
         safe = tl.where(valid, pair, 0)
         token = (safe // TOPK).to(tl.int64)
-        vals = tl.load(x_ptr + token[:, None] * stride_x + offs_k[None, :], mask=mask & valid[:, None], other=0.0)
+        vals = tl.load(x_ptr + token * stride_x + cols, mask=mask & valid, other=0.0)
         raw = vals.to(tl.float32)
         if HAS_WEIGHT:
             w = tl.load(w_ptr + safe, mask=valid, other=0.0)
-            v = (raw * w[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)  # as kernels.permute stores it
+            v = (raw * w).to(x_ptr.dtype.element_ty).to(tl.float32)  # as kernels.permute stores it
         else:
             v = raw
     return v, raw
@@ -244,38 +246,53 @@ def rows_quant_kernel(
     SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, TILES: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
 ):  # fmt: skip
-    # One program = BLOCK_M rows x TILES 128-wide column tiles (program_id(1) picks the group), walked
-    # tile by tile: y [M, KP] e4m3 and s [M, KP/128] (1x128 tiles along the columns). Groups of a few
-    # tiles put many programs in flight, which a bandwidth-bound pass needs (one program per BLOCK_M rows
-    # walking a whole 7168-wide row ran at 28% of copy bandwidth on the H200). DOT (the combine's
-    # backward): also dot_out[row_pair[r]] = <dot[r], unweighted source row>, summed over the whole row,
-    # so one program walks all KP columns (the launcher gives one group).
+    # One program = BLOCK_M rows x TILES 128-wide column tiles (program_id(1) picks the group): y [M, KP]
+    # e4m3 and s [M, KP/128] (1x128 tiles along the columns). TILES <= 8: the block is produced and
+    # quantized whole, [BLOCK_M, TILES, 128], as rows_kernel does (all loads issued before any reduction;
+    # a bandwidth-bound pass needs them in flight). Larger TILES (WHOLE_ROW) or DOT: the tiles are walked
+    # one by one. DOT (the combine's backward): also dot_out[row_pair[r]] = <dot[r], unweighted source
+    # row>, summed over the whole row, so one program walks all KP columns (the launcher gives one group).
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_m = offs_m < M
-    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if DOT:
-        k_start = 0
-        k_end = KP
-    else:
-        k_start = tl.program_id(1) * (TILES * 128)
-        k_end = tl.minimum(KP, k_start + TILES * 128)
-    for k0 in range(k_start, k_end, 128):
-        offs_k = k0 + tl.arange(0, 128)
-        v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m, offs_k, M, K, stride_x, stride_b, up_offset,
-                          SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
-        s = _scale_from_bits(tl.max(_abs_bits(v), 1), amax_floor, fp8_max, ROUND_SCALE)
-        r, d = _divisor(s)
-        y = _quantize_tile(v, r[:, None], d[:, None], fp8_max, GRID_ROUND)
-        y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=in_m[:, None])
-        tl.store(s_ptr + offs_m.to(tl.int64) * stride_sm + (k0 // 128) * stride_sk, s, mask=in_m)
+    if DOT or TILES > 8:
+        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
         if DOT:
-            d_mask = in_m[:, None] & (offs_k < K)[None, :]
-            d = tl.load(dot_ptr + offs_m[:, None].to(tl.int64) * stride_dot + offs_k[None, :], mask=d_mask, other=0.0)
-            acc += tl.sum(d.to(tl.float32) * raw, 1)
-    if DOT:
-        pair = tl.load(idx_ptr + offs_m, mask=in_m, other=-1)
-        tl.store(dot_out_ptr + tl.where(pair >= 0, pair, 0), acc, mask=pair >= 0)
+            k_start = 0
+            k_end = KP
+        else:
+            k_start = tl.program_id(1) * (TILES * 128)
+            k_end = tl.minimum(KP, k_start + TILES * 128)
+        for k0 in range(k_start, k_end, 128):
+            offs_k = k0 + tl.arange(0, 128)
+            v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
+                              stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+            s = _scale_from_bits(tl.max(_abs_bits(v), 1), amax_floor, fp8_max, ROUND_SCALE)
+            r, d = _divisor(s)
+            y = _quantize_tile(v, r[:, None], d[:, None], fp8_max, GRID_ROUND)
+            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
+            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=in_m[:, None])
+            tl.store(s_ptr + offs_m.to(tl.int64) * stride_sm + (k0 // 128) * stride_sk, s, mask=in_m)
+            if DOT:
+                d_mask = in_m[:, None] & (offs_k < K)[None, :]
+                d = tl.load(dot_ptr + offs_m[:, None].to(tl.int64) * stride_dot + offs_k[None, :], mask=d_mask,
+                            other=0.0)  # fmt: skip
+                acc += tl.sum(d.to(tl.float32) * raw, 1)
+        if DOT:
+            pair = tl.load(idx_ptr + offs_m, mask=in_m, other=-1)
+            tl.store(dot_out_ptr + tl.where(pair >= 0, pair, 0), acc, mask=pair >= 0)
+    else:  # the whole [BLOCK_M, TILES, 128] block loaded at once (as rows_kernel: every load in flight first)
+        tiles = tl.program_id(1) * TILES + tl.arange(0, TILES)
+        offs_k = tiles[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]  # [1, TILES, 128]
+        v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None, None], offs_k, M, K, stride_x, stride_b,
+                          up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+        s = _scale_from_bits(tl.max(_abs_bits(v), 2), amax_floor, fp8_max, ROUND_SCALE)  # [BLOCK_M, TILES]
+        r, d = _divisor(s)
+        y = _quantize_tile(v, r[:, :, None], d[:, :, None], fp8_max, GRID_ROUND)
+        in_t = tiles < KP // 128
+        y_ptrs = y_ptr + offs_m[:, None, None].to(tl.int64) * stride_ym + offs_k
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=in_m[:, None, None] & in_t[None, :, None])
+        s_ptrs = s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + tiles[None, :] * stride_sk
+        tl.store(s_ptrs, s, mask=in_m[:, None] & in_t[None, :])
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -292,8 +309,8 @@ def cols_quant_kernel(
     pid_m = tl.program_id(0)
     offs_m = pid_m * 128 + tl.arange(0, 128)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m, offs_k, M, K, stride_x, stride_b, up_offset,
-                      SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+    v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x, stride_b,
+                      up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
     st = _scale_from_bits(tl.max(_abs_bits(v), 0), amax_floor, fp8_max, ROUND_SCALE)
     r, d = _divisor(st)
     yt8 = tl.trans(_quantize_tile(v, r[None, :], d[None, :], fp8_max, GRID_ROUND).to(yt_ptr.dtype.element_ty))
@@ -323,8 +340,8 @@ def dual_quant_kernel(
     s_ptrs = s_ptr + offs_m.to(tl.int64) * stride_sm + (k0 // 128) * stride_sk
     if CHUNK == 128:
         offs_k = k0 + tl.arange(0, 128)
-        v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m, offs_k, M, K, stride_x, stride_b, up_offset,
-                          SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+        v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
+                          stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
         bits = _abs_bits(v)
         st = _scale_from_bits(tl.max(bits, 0), amax_floor, fp8_max, ROUND_SCALE)
         s = _scale_from_bits(tl.max(bits, 1), amax_floor, fp8_max, ROUND_SCALE)
@@ -342,8 +359,8 @@ def dual_quant_kernel(
         row_bits = tl.zeros([128], dtype=tl.int32)
         for c in tl.static_range(0, 128, CHUNK):
             offs_k = k0 + c + tl.arange(0, CHUNK)
-            v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m, offs_k, M, K, stride_x, stride_b, up_offset,
-                              SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+            v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
+                              stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
             bits = _abs_bits(v)
             st = _scale_from_bits(tl.max(bits, 0), amax_floor, fp8_max, ROUND_SCALE)
             rt, dt = _divisor(st)
@@ -359,8 +376,8 @@ def dual_quant_kernel(
         r, d = _divisor(s)
         for c in tl.static_range(0, 128, CHUNK):
             offs_k = k0 + c + tl.arange(0, CHUNK)
-            v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m, offs_k, M, K, stride_x, stride_b, up_offset,
-                              SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+            v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
+                              stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
             y = _quantize_tile(v, r[:, None], d[:, None], fp8_max, GRID_ROUND)
             y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
             tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=in_m[:, None])
