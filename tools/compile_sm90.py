@@ -1,0 +1,84 @@
+"""Compile coscale's newest Triton kernels for an H100/H200 (sm_90) on a machine without a GPU.
+
+Triton's wheel carries ptxas, so `triton.compile` can lower a kernel to a cubin for a named target with no
+driver: this catches what the CPU interpreter cannot (type errors in lowering, float64 constants,
+unsupported ops, register or shared-memory limits) before device time is spent. It does not run
+anything. Run: `PYTHONPATH=src python3 tools/compile_sm90.py` (prints one line per kernel variant and
+exits non-zero if any fails).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from coscale.kernels import _logfmt_triton as lk
+from coscale.kernels import _quant_triton as qk
+from coscale.kernels.logfmt import _pow2, code_packing
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def signature(fn, types: dict[str, str], constexprs: dict) -> dict:
+    """Every argument of fn: its type from `types`, "i32" for other plain arguments, "constexpr" for those in
+    `constexprs`."""
+    return {name: ("constexpr" if name in constexprs else types.get(name, "i32")) for name in fn.arg_names}
+
+
+def compile_one(label: str, fn, types: dict[str, str], constexprs: dict, num_warps: int) -> bool:
+    src = triton.compiler.ASTSource(fn=fn, signature=signature(fn, types, constexprs),
+                                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    t0 = time.perf_counter()
+    try:
+        kernel = triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+    except Exception as exc:  # noqa: BLE001 - report every variant
+        print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        return False
+    print(f"ok   {label}: {time.perf_counter() - t0:.1f} s, {len(kernel.asm['cubin'])} bytes of cubin")
+    return True
+
+
+def logfmt_cases():
+    fp = {"range_clamp": "fp32", "delta": "fp32"}
+    variants = ((8, True, True, False), (8, False, False, False), (10, True, True, False), (8, False, False, True),
+                (3, True, False, False))
+    for n_bits, packed, gather, stochastic in variants:
+        group, gbytes = code_packing(n_bits, packed)
+        gb_p2 = _pow2(gbytes)
+        types = {"x_ptr": "*bf16", "idx_ptr": "*i64", "codes_ptr": "*u8" if n_bits <= 8 else "*i16",
+                 "min_ptr": "*fp32", "step_ptr": "*fp32", "pay_ptr": "*u8", **fp}
+        for block_r, warps in ((8, 4), (16, 8)):
+            const = dict(N_BITS=n_bits, STOCHASTIC=stochastic, GATHER=gather, TOPK=8 if gather else 1, PACKED=packed,
+                         GROUP=group, GBYTES=gbytes, GB_P2=gb_p2, BLOCK_R=block_r, TILE_C=128)
+            label = (f"logfmt encode n{n_bits} packed={packed} gather={gather} stochastic={stochastic} "
+                     f"R{block_r} w{warps}")
+            yield label, lk.encode_kernel, types, const, warps
+        types = {"codes_ptr": "*u8" if n_bits <= 8 else "*i16", "min_ptr": "*fp32", "step_ptr": "*fp32",
+                 "pay_ptr": "*u8", "pair_row_ptr": "*i64", "w_ptr": "*fp32", "out_ptr": "*bf16"}
+        const = dict(N_BITS=n_bits, PACKED=packed, GROUP=group, GBYTES=gbytes, GB_P2=gb_p2, TOPK=8 if gather else 1,
+                     GATHER=gather, HAS_WEIGHT=gather, BLOCK_R=8, TILE_C=128)
+        yield f"logfmt decode n{n_bits} packed={packed} gather={gather}", lk.decode_sum_kernel, types, const, 4
+
+
+def quant_cases():
+    types = {"x_ptr": "*bf16", "b_ptr": "*bf16", "idx_ptr": "*i32", "w_ptr": "*fp32", "dot_ptr": "*bf16",
+             "dot_out_ptr": "*fp32", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32", "amax_floor": "fp32", "fp8_max": "fp32"}
+    for source, tiles, block_m, warps in ((3, 8, 8, 8), (3, 4, 16, 8), (0, 2, 16, 4), (1, 4, 8, 4), (2, 2, 32, 8),
+                                          (3, 1 << 16, 8, 4)):
+        const = dict(SOURCE=source, TOPK=8 if source == 3 else 1, HAS_WEIGHT=False, DOT=False, BLOCK_M=block_m,
+                     TILES=tiles, ROUND_SCALE=False, GRID_ROUND=False)
+        yield f"rows_quant source {source} TILES {tiles} M{block_m} w{warps}", qk.rows_quant_kernel, types, const, warps
+
+
+def main() -> int:
+    ok = True
+    for label, fn, types, const, warps in [*quant_cases(), *logfmt_cases()]:
+        ok &= compile_one(label, fn, types, const, warps)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
