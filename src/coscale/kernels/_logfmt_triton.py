@@ -28,7 +28,8 @@ floor(c / S) are exact float32 integers or products, and only small terms (|.| <
 t lies within the band of a threshold (an integer in 0..Q-2, or t0, the 0 / 1 threshold |x| = exp(m) / 2)
 is ambiguous: its row is recomputed with the reference's float64 formulas and the fast path stores
 nothing for it. Rows where the bound is not usable go there whole: 1/S >= 2^16 (nearly constant tiles)
-or a subnormal non-zero |x| (its exponent is not in its bits). Every other code is the reference's
+or a subnormal |x| beside max |x| >= 2^100 (other rows with subnormals are scaled by 2^24 first, exactly,
+so that every exponent is in the bits). Every other code is the reference's
 (the reference decides exactly except within ~1e-15 relative of a threshold).
 """
 
