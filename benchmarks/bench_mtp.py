@@ -69,11 +69,12 @@ def decode(model, prompts: list[list[int]], gen_tokens: int, speculative: bool, 
                           overlap=overlap, num_blocks=B * (-(-(P + gen_tokens + 8 + depth) // 16)) + 4,
                           compile=compile)
     engine = Engine(model, config, device=device)
-    # warm-up: the same batch for a few steps first, so that CUDA-graph capture, compilation and kernel
-    # autotuning (the first verify step's shapes included) happen before the timed run, as a server's
+    # warm-up: the same batch first, its requests ending one step apart so that the batch shrinks through
+    # every graph size (speculative requests finish at different steps in the timed run), so that
+    # CUDA-graph capture, compilation and kernel autotuning happen before the timed run, as a server's
     # first requests would take them
     for i, p in enumerate(prompts):
-        engine.add_request(f"warm{i}", p, SamplingParams(max_tokens=12, temperature=0.0))
+        engine.add_request(f"warm{i}", p, SamplingParams(max_tokens=min(gen_tokens, 4 + i), temperature=0.0))
     while engine.has_unfinished():
         engine.step()
     warm = engine.stats()

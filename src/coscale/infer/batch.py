@@ -117,7 +117,7 @@ def build_batch(scheduled: list[ScheduledRequest], cache: PagedLatentCache, devi
     if decodes:
         meta.block_table = v_table.view(B, width).to(torch.int32)
         meta.seq_lens = v_lens.to(torch.int32)
-        # the engine's bound (what its CUDA graphs use): it sizes the MLA kernel's context split, which
+        # the engine's bound (its CUDA graphs use the same): it sizes the MLA kernel's context split, which
         # keys the kernel's autotuning, so one fixed bound means no retuning in the middle of a run
         # (a bound that followed the lengths retuned, stalling a step, each time it grew)
         meta.max_seq_len = table_width * bs

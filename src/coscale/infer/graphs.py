@@ -125,7 +125,7 @@ class DecodeGraphs:
             cache=e.cache, slots=torch.arange(n, device=dev) % S, num_decode_tokens=n, decode_len=S,
             block_table=torch.zeros(size, e.table_width, dtype=torch.int32, device=dev),
             seq_lens=torch.full((size,), S, dtype=torch.int32, device=dev),
-            max_seq_len=e.max_model_len + e.depth, kernel_backend=e.kernel_backend,
+            max_seq_len=e.table_width * e.config.block_size, kernel_backend=e.kernel_backend,
         )
         positions = torch.arange(n, device=dev) % S
         return _Graph(None, torch.zeros(n, dtype=torch.long, device=dev), positions, meta, None)

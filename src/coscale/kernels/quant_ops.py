@@ -151,8 +151,8 @@ def tuned_producers(interpret: bool) -> dict:
     from coscale.kernels import _quant_triton as kq
 
     key = ["K", "M_BUCKET", "SOURCE"]
-    return {
-        "rows": _tuned(kq.rows_quant_kernel, PRODUCER_ROWS_CONFIGS, key),
+    return {  # rows: DOT launches walk whole rows, so they tune apart from the plain ones
+        "rows": _tuned(kq.rows_quant_kernel, PRODUCER_ROWS_CONFIGS, key + ["DOT"]),
         "cols": _tuned(kq.cols_quant_kernel, PRODUCER_COLS_CONFIGS, key),
         "dual": _tuned(kq.dual_quant_kernel, DUAL_CONFIGS, key),
     }
