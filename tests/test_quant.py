@@ -424,6 +424,29 @@ def test_gpu_kernels_bit_exact_on_large_random_inputs(dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("source", [1, 2])
+def test_every_swiglu_producer_configuration_writes_the_same_bytes(source):
+    # SwiGLU (1) and its backward (2) under every rows configuration (the [BLOCK_M, TILES, 128] blocks and
+    # the tile walk) write what the first one writes; ragged columns (a partial last tile)
+    from coscale.kernels import quant_ops as qo
+
+    gen = torch.Generator().manual_seed(source)
+    m, inter = 45, 200
+    gate_up = (torch.randn(m, 2 * inter, generator=gen) * 2).to(torch.bfloat16).to(KERNEL_DEVICE)
+    da = torch.randn(m, inter, generator=gen).to(torch.bfloat16).to(KERNEL_DEVICE) if source == 2 else None
+    k = inter if source == 1 else 2 * inter
+    results = []
+    for cfg in qo.PRODUCER_ROWS_CONFIGS:
+        outs = qo.quant_outputs(m, k, gate_up.device, True, False, True)
+        qo.launch_producer("rows", outs, gate_up, False, m=m, k=k, source=source, b=da, up_offset=inter,
+                           config=_config(cfg))
+        results.append((outs[0].view(torch.uint8).cpu(), outs[1].cpu()))
+    assert (results[0][0] != 0).any()
+    for got in results[1:]:
+        assert torch.equal(got[0], results[0][0]) and torch.equal(got[1], results[0][1])
+
+
+@needs_kernels
 @pytest.mark.parametrize("with_dot", [False, True])
 def test_every_gather_producer_configuration_writes_the_same_bytes(with_dot):
     # the permutation's gather (SOURCE 3: rows x[row_pair // K], weighted, padding rows -1) under every
