@@ -66,11 +66,13 @@ def logfmt_cases():
 def quant_cases():
     types = {"x_ptr": "*bf16", "b_ptr": "*bf16", "idx_ptr": "*i32", "w_ptr": "*fp32", "dot_ptr": "*bf16",
              "dot_out_ptr": "*fp32", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32", "amax_floor": "fp32", "fp8_max": "fp32"}
-    for source, tiles, block_m, warps in ((3, 8, 8, 8), (3, 4, 16, 8), (0, 2, 16, 4), (1, 4, 8, 4), (2, 2, 32, 8),
-                                          (3, 1 << 16, 8, 4)):
-        const = dict(SOURCE=source, TOPK=8 if source == 3 else 1, HAS_WEIGHT=False, DOT=False, BLOCK_M=block_m,
+    cases = ((3, 8, 8, 8, False, False), (3, 4, 16, 8, True, False), (0, 2, 16, 4, False, False),
+             (1, 4, 8, 4, False, False), (2, 2, 32, 8, False, False), (3, 1 << 16, 8, 4, True, True))
+    for source, tiles, block_m, warps, weight, dot in cases:
+        const = dict(SOURCE=source, TOPK=8 if source == 3 else 1, HAS_WEIGHT=weight, DOT=dot, BLOCK_M=block_m,
                      TILES=tiles, ROUND_SCALE=False, GRID_ROUND=False)
-        yield f"rows_quant source {source} TILES {tiles} M{block_m} w{warps}", qk.rows_quant_kernel, types, const, warps
+        label = f"rows_quant source {source} TILES {tiles} M{block_m} w{warps} weight={weight} dot={dot}"
+        yield label, qk.rows_quant_kernel, types, const, warps
 
 
 def main() -> int:
