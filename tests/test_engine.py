@@ -358,6 +358,26 @@ def test_speculative_steps_replay_the_main_and_mtp_graphs_exactly(depth, monkeyp
     assert spec_graphs and all(len(g.drafts) == depth for g in spec_graphs)  # each MTP module replayed
 
 
+def test_speculation_drafts_eagerly_when_capturing_the_mtp_module_fails(monkeypatch, caplog):
+    """A capture of the MTP module's forward that raises (a torch that cannot capture some part): the
+    engine logs it, drafts eagerly from then on, and the tokens are still exactly greedy."""
+    torch.manual_seed(3)
+    deep = DeepseekForCausalLM(get_preset("tiny", num_hidden_layers=2, vocab_size=VOCAB)).double().eval()
+    prompt = [2, 7, 1, 8]
+    reference = prompt + naive_greedy(deep, prompt, 8)
+    engine = small_engine(deep, speculative=True, num_blocks=16)
+    _cpu_graphs(engine)
+
+    def failing(g, depth, h_prev):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(engine.graphs, "_capture_mtp", failing)
+    tokens = drive(engine, {0: [("a", prompt, SamplingParams(8, 0.0))]})["a"][0]
+    assert tokens == reference[len(prompt):]
+    assert engine.graphs.mtp_graphs is False
+    assert "capturing the MTP module's forward failed (RuntimeError: operation not permitted" in caplog.text
+
+
 def test_cache_size_from_free_memory_and_the_cpu_default(model):
     """CUDA: gpu_memory_fraction of the device less what is used, the profiled activations and the
     sampling buffers (the CUDA calls mocked: this checks the arithmetic and the profiling forward)."""

@@ -89,6 +89,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.compiled = compile
+        self.mtp_graphs = True  # False once capturing an MTP module's forward has failed: eager drafting
         self.forward = torch.compile(engine.model.hidden_states_paged) if compile else \
             engine.model.hidden_states_paged
 
@@ -185,11 +186,19 @@ class DecodeGraphs:
         """MTP module `depth` over `batch`, replayed from a graph of its own: the batch's main forward ran
         through ``run`` in this step, so that graph's buffers hold the batch (positions, slots, block
         tables, lengths; the module writes its own cache layer at the same slots). Eager, as the main
-        forward without compile: one layer of a few hundred launches is host-bound like the rest."""
+        forward without compile: one layer of a few hundred launches is host-bound like the rest. Should
+        a capture fail, the engine logs why and drafts eagerly from then on."""
         g = self.graphs[(self._padded(batch.num_decodes), batch.meta.decode_len)]
         d = g.drafts.get(depth)
+        if d is None and getattr(self, "mtp_graphs", True):
+            try:
+                d = g.drafts[depth] = self._capture_mtp(g, depth, h_prev)
+            except RuntimeError as e:  # serve with eager drafting rather than not at all
+                logger.warning("capturing the MTP module's forward failed (%s: %s); drafting eagerly",
+                               type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self.mtp_graphs = False
         if d is None:
-            d = g.drafts[depth] = self._capture_mtp(g, depth, h_prev)
+            return self.engine.model.mtp_hidden_states_paged(depth, h_prev, next_ids, batch.positions, batch.meta)
         n = h_prev.shape[0]
         d.h_prev[:n].copy_(h_prev)
         d.next_ids[:n].copy_(next_ids)
