@@ -426,8 +426,8 @@ def test_gpu_kernels_bit_exact_on_large_random_inputs(dtype):
 @needs_kernels
 @pytest.mark.parametrize("source", [1, 2])
 def test_every_swiglu_producer_configuration_writes_the_same_bytes(source):
-    # SwiGLU (1) and its backward (2) under every rows configuration (the [BLOCK_M, TILES, 128] blocks and
-    # the tile walk) write what the first one writes; ragged columns (a partial last tile)
+    # SwiGLU (1) and its backward (2) under every rows configuration (block shapes) write what the first
+    # one writes (the interpreter's, checked against the reference elsewhere); ragged columns
     from coscale.kernels import quant_ops as qo
 
     gen = torch.Generator().manual_seed(source)
@@ -450,8 +450,8 @@ def test_every_swiglu_producer_configuration_writes_the_same_bytes(source):
 @pytest.mark.parametrize("with_dot", [False, True])
 def test_every_gather_producer_configuration_writes_the_same_bytes(with_dot):
     # the permutation's gather (SOURCE 3: rows x[row_pair // K], weighted, padding rows -1) under every
-    # tile grouping writes what the first layout (one program per row block) writes, and with a dot
-    # product (the combine's backward, always whole rows) the same sums
+    # every block shape writes what the first configuration writes, and with a dot product (the combine's
+    # backward, always whole rows) the same sums
     from coscale.kernels import quant_ops as qo
 
     gen = torch.Generator().manual_seed(5)

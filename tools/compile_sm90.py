@@ -67,7 +67,7 @@ def quant_cases():
     types = {"x_ptr": "*bf16", "b_ptr": "*bf16", "idx_ptr": "*i32", "w_ptr": "*fp32", "dot_ptr": "*bf16",
              "dot_out_ptr": "*fp32", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32", "amax_floor": "fp32", "fp8_max": "fp32"}
     cases = ((3, 8, 8, 8, False, False), (3, 4, 16, 8, True, False), (0, 2, 16, 4, False, False),
-             (1, 4, 8, 4, False, False), (2, 2, 32, 8, False, False), (3, 1 << 16, 8, 4, True, True))
+             (1, 4, 8, 4, False, False), (2, 2, 32, 8, False, False), (3, 8, 8, 4, True, True))
     for source, tiles, block_m, warps, weight, dot in cases:
         const = dict(SOURCE=source, TOPK=8 if source == 3 else 1, HAS_WEIGHT=weight, DOT=dot, BLOCK_M=block_m,
                      TILES=tiles, ROUND_SCALE=False, GRID_ROUND=False)

@@ -247,22 +247,17 @@ def rows_quant_kernel(
     BLOCK_M: tl.constexpr, TILES: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
 ):  # fmt: skip
     # One program = BLOCK_M rows x TILES 128-wide column tiles (program_id(1) picks the group): y [M, KP]
-    # e4m3 and s [M, KP/128] (1x128 tiles along the columns). TILES <= 8: the block is produced and
-    # quantized whole, [BLOCK_M, TILES, 128], as rows_kernel does (all loads issued before any reduction;
-    # a bandwidth-bound pass needs them in flight). Larger TILES (WHOLE_ROW) or DOT: the tiles are walked
-    # one by one. DOT (the combine's backward): also dot_out[row_pair[r]] = <dot[r], unweighted source
-    # row>, summed over the whole row, so one program walks all KP columns (the launcher gives one group).
+    # e4m3 and s [M, KP/128] (1x128 tiles along the columns), the block produced and quantized whole,
+    # [BLOCK_M, TILES, 128], as rows_kernel does (all loads issued before any reduction: a bandwidth-bound
+    # pass needs them in flight; walking the tiles one by one reached 28-32% of copy bandwidth on the
+    # H200). DOT (the combine's backward): also dot_out[row_pair[r]] = <dot[r], unweighted source row>,
+    # summed over the whole row, so one program walks all KP columns tile by tile (the launcher gives one
+    # group).
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_m = offs_m < M
-    if DOT or TILES > 8:
+    if DOT:
         acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if DOT:
-            k_start = 0
-            k_end = KP
-        else:
-            k_start = tl.program_id(1) * (TILES * 128)
-            k_end = tl.minimum(KP, k_start + TILES * 128)
-        for k0 in range(k_start, k_end, 128):
+        for k0 in range(0, KP, 128):
             offs_k = k0 + tl.arange(0, 128)
             v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
                               stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
@@ -272,15 +267,13 @@ def rows_quant_kernel(
             y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
             tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=in_m[:, None])
             tl.store(s_ptr + offs_m.to(tl.int64) * stride_sm + (k0 // 128) * stride_sk, s, mask=in_m)
-            if DOT:
-                d_mask = in_m[:, None] & (offs_k < K)[None, :]
-                d = tl.load(dot_ptr + offs_m[:, None].to(tl.int64) * stride_dot + offs_k[None, :], mask=d_mask,
-                            other=0.0)  # fmt: skip
-                acc += tl.sum(d.to(tl.float32) * raw, 1)
-        if DOT:
-            pair = tl.load(idx_ptr + offs_m, mask=in_m, other=-1)
-            tl.store(dot_out_ptr + tl.where(pair >= 0, pair, 0), acc, mask=pair >= 0)
-    else:  # the whole [BLOCK_M, TILES, 128] block loaded at once (as rows_kernel: every load in flight first)
+            d_mask = in_m[:, None] & (offs_k < K)[None, :]
+            d = tl.load(dot_ptr + offs_m[:, None].to(tl.int64) * stride_dot + offs_k[None, :], mask=d_mask,
+                        other=0.0)  # fmt: skip
+            acc += tl.sum(d.to(tl.float32) * raw, 1)
+        pair = tl.load(idx_ptr + offs_m, mask=in_m, other=-1)
+        tl.store(dot_out_ptr + tl.where(pair >= 0, pair, 0), acc, mask=pair >= 0)
+    else:
         tiles = tl.program_id(1) * TILES + tl.arange(0, TILES)
         offs_k = tiles[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]  # [1, TILES, 128]
         v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None, None], offs_k, M, K, stride_x, stride_b,

@@ -97,15 +97,11 @@ DUAL_CONFIGS = (  # dual_quant_kernel: a 128x128 block, whole (CHUNK 128) or in 
     ({"CHUNK": 32}, 4), ({"CHUNK": 128}, 16), ({"CHUNK": 128}, 8), ({"CHUNK": 32}, 8), ({"CHUNK": 64}, 8),
     ({"CHUNK": 16}, 4),
 )
-# rows_quant_kernel: BLOCK_M rows x TILES column tiles per program, loaded as one [BLOCK_M, TILES, 128]
-# block for TILES <= 8 (rows_kernel's form: every load in flight before any reduction; walking the tiles
-# one by one reached 28-32% of copy bandwidth on the H200); WHOLE_ROW: one program walks its rows' tiles
-# (the first layout; launches with a dot product always walk whole rows)
-WHOLE_ROW = 1 << 16
+# rows_quant_kernel: BLOCK_M rows x TILES 1x128 tiles per program, loaded as one [BLOCK_M, TILES, 128] block
+# (launches with a dot product walk whole rows whatever the configuration)
 PRODUCER_ROWS_CONFIGS = (
-    ({"BLOCK_M": 8, "TILES": WHOLE_ROW}, 4), ({"BLOCK_M": 8, "TILES": 8}, 8), ({"BLOCK_M": 16, "TILES": 4}, 8),
-    ({"BLOCK_M": 16, "TILES": 2}, 4), ({"BLOCK_M": 8, "TILES": 4}, 4), ({"BLOCK_M": 32, "TILES": 2}, 8),
-    ({"BLOCK_M": 32, "TILES": 1}, 4),
+    ({"BLOCK_M": 8, "TILES": 8}, 8), ({"BLOCK_M": 16, "TILES": 4}, 8), ({"BLOCK_M": 16, "TILES": 2}, 4),
+    ({"BLOCK_M": 8, "TILES": 4}, 4), ({"BLOCK_M": 32, "TILES": 2}, 8), ({"BLOCK_M": 32, "TILES": 1}, 4),
 )
 PRODUCER_COLS_CONFIGS = (({"BLOCK_K": 32}, 4), ({"BLOCK_K": 16}, 4), ({"BLOCK_K": 64}, 8))
 TRANSPOSE_TILE = (TRANSPOSE_CONFIGS[0][0]["BLOCK_R"], TRANSPOSE_CONFIGS[0][0]["BLOCK_C"])  # the interpreter's

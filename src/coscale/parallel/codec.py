@@ -16,11 +16,11 @@ Formats (row of hidden size H):
 A LogFMT codec (the paper section 3.2; :class:`LogFMTCodec`) only needs ``encode``/``decode``/``bytes_per_row``:
 pass any object that satisfies :class:`Codec` wherever a codec name is accepted. Two optional methods let
 coscale.parallel.transfer fuse the first and last steps of a transfer: ``encode_rows(x, index)`` (the
-encoded rows x[index] in one pass: LogFMT). FP8 has none on purpose: the transfer's generic path, each
-token quantized once and its bytes then selected, took 1.84x a plain BF16 permutation on the H200 at
-V3's width and top-8, against 2.95x for a one-pass gather + quantize of every copy
-(coscale.kernels.fused_quant.gather_quant_rows; BENCHMARKS.md, second session, run 7) and ``decode_sum(payload,
-copies, hidden, dtype)`` (out[i] = sum_k decode(payload[copies[i, k]]): LogFMT).
+encoded rows x[index] in one pass) and ``decode_sum(payload, copies, hidden, dtype)`` (out[i] = sum_k
+decode(payload[copies[i, k]])); LogFMT has both. FP8 has neither on purpose: the transfer's generic path,
+each token quantized once and its bytes then selected, took 1.84x a plain BF16 permutation on the H200
+at V3's width and top-8, against 2.95x for a one-pass gather + quantize of every copy
+(coscale.kernels.fused_quant.gather_quant_rows; BENCHMARKS.md, second session, run 7).
 
 Shapes: ``encode(x [N, H] float) -> [N, B] uint8``; ``decode(p [N, B] uint8, hidden=H, dtype) -> [N, H]``.
 """
