@@ -313,7 +313,7 @@ def _cpu_graphs(engine):
     graphs = DecodeGraphs.__new__(DecodeGraphs)  # no CUDA on this machine: graphs that rerun their function
     graphs.engine, graphs.graphs, graphs.pool = engine, {}, None
     graphs.sizes = capture_sizes(engine.config.max_num_seqs)
-    graphs.compiled, graphs.forward = False, engine.model.hidden_states_paged
+    graphs.compiled, graphs.forward, graphs.mtp_graphs = False, engine.model.hidden_states_paged, True
 
     def graphed(warm_up, fn):
         warm_up()

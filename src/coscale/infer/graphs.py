@@ -190,7 +190,7 @@ class DecodeGraphs:
         a capture fail, the engine logs why and drafts eagerly from then on."""
         g = self.graphs[(self._padded(batch.num_decodes), batch.meta.decode_len)]
         d = g.drafts.get(depth)
-        if d is None and getattr(self, "mtp_graphs", True):
+        if d is None and self.mtp_graphs:
             try:
                 d = g.drafts[depth] = self._capture_mtp(g, depth, h_prev)
             except RuntimeError as e:  # serve with eager drafting rather than not at all

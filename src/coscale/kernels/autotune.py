@@ -37,7 +37,8 @@ import torch
 from coscale.errors import CoscaleError
 from coscale.kernels.backend import interpreting
 
-__all__ = ["ConfigPicker", "autotune_configs", "power_of_two_bucket", "triton_autotune"]
+__all__ = ["ConfigPicker", "autotune_configs", "autotuned", "config_text", "launch_config", "power_of_two_bucket",
+           "triton_autotune"]
 
 
 def power_of_two_bucket(n: int) -> int:
@@ -70,6 +71,29 @@ def triton_autotune(gpu_configs: Sequence, interpreter_config, key: list[str], r
 
         options["do_bench"] = do_bench
     return triton.autotune(configs=configs, key=key, **options)
+
+
+def autotuned(kernel, candidates: Sequence, key: list[str], rep_ms: int = 20):
+    """``kernel`` under :func:`triton_autotune` over ``candidates`` = ((constexprs dict, num_warps), ...);
+    the first is the interpreter's."""
+    import triton
+
+    configs = [triton.Config(dict(c), num_warps=w) for c, w in candidates]
+    return triton_autotune(configs, configs[0], key=key, rep_ms=rep_ms)(kernel)
+
+
+def launch_config(tuned, config: dict | None):
+    """(kernel, launch kwargs): the autotuner, or with ``config`` ({constexprs..., "num_warps": w}) the
+    bare kernel launched with that configuration (tests run every candidate this way)."""
+    return (tuned, {}) if config is None else (tuned.fn, dict(config))
+
+
+def config_text(tuned) -> str:
+    """The configuration an autotuner used last, as "NAME=v ... wN" ("" before any)."""
+    cfg = getattr(tuned, "best_config", None)
+    if cfg is None:
+        return ""
+    return " ".join([f"{k}={v}" for k, v in cfg.kwargs.items()] + [f"w{cfg.num_warps}"])
 
 
 def _cannot_time() -> bool:

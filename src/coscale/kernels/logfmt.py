@@ -80,6 +80,7 @@ import math
 import torch
 
 from coscale.errors import CoscaleError
+from coscale.kernels.autotune import autotuned, config_text, launch_config
 from coscale.kernels.autotune import power_of_two_bucket as _pow2
 from coscale.kernels.backend import interpreting, select_backend, triton_available  # noqa: F401
 
@@ -306,33 +307,25 @@ def tuned_kernels(interpret: bool) -> dict:
     """{"encode", "decode"}: the kernels under autotuners keyed by the shape (H, a power-of-two bucket of
     the rows) and the constexprs that change the work (``interpret`` keys the cache: triton.jit picks the
     interpreter when coscale.kernels._logfmt_triton is imported)."""
-    import triton
-
     from coscale.kernels import _logfmt_triton as k
-    from coscale.kernels.autotune import triton_autotune
 
-    def tune(kernel, candidates, key):
-        configs = [triton.Config({"BLOCK_R": r}, num_warps=w) for r, w in candidates]
-        return triton_autotune(configs, configs[0], key=key, rep_ms=20)(kernel)
+    def candidates(shapes):
+        return [({"BLOCK_R": r}, w) for r, w in shapes]
 
     common = ["H", "M_BUCKET", "N_BITS", "PACKED", "GATHER"]
-    return {"encode": tune(k.encode_kernel, ENCODE_CONFIGS, common + ["STOCHASTIC"]),
-            "decode": tune(k.decode_sum_kernel, DECODE_CONFIGS, common + ["TOPK", "HAS_WEIGHT"])}
+    return {"encode": autotuned(k.encode_kernel, candidates(ENCODE_CONFIGS), common + ["STOCHASTIC"]),
+            "decode": autotuned(k.decode_sum_kernel, candidates(DECODE_CONFIGS), common + ["TOPK", "HAS_WEIGHT"])}
 
 
 def picked_configs() -> dict:
     """{"encode", "decode"}: the tile shape each autotuner used last, as "BLOCK_R=r wN" ("" before any)."""
-    out = {}
-    for kind, kernel in tuned_kernels(interpreting()).items():
-        cfg = getattr(kernel, "best_config", None)
-        out[kind] = "" if cfg is None else f"BLOCK_R={cfg.kwargs['BLOCK_R']} w{cfg.num_warps}"
-    return out
+    return {kind: config_text(kernel) for kind, kernel in tuned_kernels(interpreting()).items()}
 
 
 def _launch(kind: str, block_rows: int | None):
     """(kernel, launch kwargs): the autotuner, or with ``block_rows`` that shape with 4 warps (tests)."""
-    tuned = tuned_kernels(interpreting())[kind]
-    return (tuned, {}) if block_rows is None else (tuned.fn, {"BLOCK_R": block_rows, "num_warps": 4})
+    config = None if block_rows is None else {"BLOCK_R": block_rows, "num_warps": 4}
+    return launch_config(tuned_kernels(interpreting())[kind], config)
 
 
 def _check_index(idx: torch.Tensor | None, name: str) -> None:

@@ -38,7 +38,7 @@ import functools
 import torch
 
 from coscale.errors import CoscaleError
-from coscale.kernels.autotune import power_of_two_bucket, triton_autotune
+from coscale.kernels.autotune import autotuned, config_text, launch_config, power_of_two_bucket
 from coscale.kernels.backend import interpreting
 from coscale.kernels.fp8_recipe import (
     AMAX_FLOOR,
@@ -118,13 +118,6 @@ DUAL_ONE_PASS = False
 # ----------------------------------------------------------------------------------------------------
 
 
-def _tuned(kernel, candidates, key):
-    import triton
-
-    configs = [triton.Config(dict(c), num_warps=w) for c, w in candidates]
-    return triton_autotune(configs, configs[0], key=key, rep_ms=20)(kernel)
-
-
 @functools.cache
 def tuned_kernels(interpret: bool) -> dict:
     """{"rows", "cols", "weight", "transpose"}: the standalone kernels under autotuners (keyed by the
@@ -133,10 +126,10 @@ def tuned_kernels(interpret: bool) -> dict:
 
     key = ["K", "M_BUCKET"]
     return {
-        "rows": _tuned(kq.rows_kernel, ROWS_CONFIGS, key),
-        "cols": _tuned(kq.cols_kernel, COLS_CONFIGS, key),
-        "weight": _tuned(kq.weight_kernel, WEIGHT_CONFIGS, key),
-        "transpose": _tuned(kq.transpose_bytes_kernel, TRANSPOSE_CONFIGS, ["R", "C"]),
+        "rows": autotuned(kq.rows_kernel, ROWS_CONFIGS, key),
+        "cols": autotuned(kq.cols_kernel, COLS_CONFIGS, key),
+        "weight": autotuned(kq.weight_kernel, WEIGHT_CONFIGS, key),
+        "transpose": autotuned(kq.transpose_bytes_kernel, TRANSPOSE_CONFIGS, ["R", "C"]),
     }
 
 
@@ -148,16 +141,10 @@ def tuned_producers(interpret: bool) -> dict:
 
     key = ["K", "M_BUCKET", "SOURCE"]
     return {  # rows: DOT launches walk whole rows, so they tune apart from the plain ones
-        "rows": _tuned(kq.rows_quant_kernel, PRODUCER_ROWS_CONFIGS, key + ["DOT"]),
-        "cols": _tuned(kq.cols_quant_kernel, PRODUCER_COLS_CONFIGS, key),
-        "dual": _tuned(kq.dual_quant_kernel, DUAL_CONFIGS, key),
+        "rows": autotuned(kq.rows_quant_kernel, PRODUCER_ROWS_CONFIGS, key + ["DOT"]),
+        "cols": autotuned(kq.cols_quant_kernel, PRODUCER_COLS_CONFIGS, key),
+        "dual": autotuned(kq.dual_quant_kernel, DUAL_CONFIGS, key),
     }
-
-
-def _pick(tuned, config: dict | None):
-    """(kernel, launch kwargs): the autotuner, or with ``config`` ({constexprs..., "num_warps": w}) the
-    bare kernel launched with that configuration (tests run every candidate this way)."""
-    return (tuned, {}) if config is None else (tuned.fn, dict(config))
 
 
 def picked_config(kind: str) -> str:
@@ -166,10 +153,7 @@ def picked_config(kind: str) -> str:
     import triton  # noqa: F401  (the autotuners exist only once Triton is imported)
 
     table = tuned_producers(interpreting()) if kind.startswith("producer_") else tuned_kernels(interpreting())
-    cfg = getattr(table[kind.removeprefix("producer_")], "best_config", None)
-    if cfg is None:
-        return ""
-    return " ".join([f"{k}={v}" for k, v in cfg.kwargs.items()] + [f"w{cfg.num_warps}"])
+    return config_text(table[kind.removeprefix("producer_")])
 
 
 def launch_producer(form, outs, x, round_scale, *, m, k, source=0, b=None, idx=None, w=None, dot=None,
@@ -177,9 +161,9 @@ def launch_producer(form, outs, x, round_scale, *, m, k, source=0, b=None, idx=N
     """Quantize the [m, k] matrix that ``source`` (the SOURCE table of coscale.kernels._quant_triton)
     produces from x (and b, idx, w) into ``outs`` = (y, s, yt, st) (coscale.kernels.quant_ops
     .quant_outputs): ``form`` "rows" (y, s; with ``dot`` also dot_out), "cols" (yt, st) or "dual" (all
-    four in one launch). ``config``: see ``_pick``."""
+    four in one launch). ``config``: see coscale.kernels.autotune.launch_config."""
     y, s, yt, st = outs
-    kernel, cfg = _pick(tuned_producers(interpreting())[form], config)
+    kernel, cfg = launch_config(tuned_producers(interpreting())[form], config)
     has_weight = w is not None
     b = x if b is None else b
     idx = x if idx is None else idx
@@ -222,7 +206,7 @@ def _batched_strides(t: torch.Tensor) -> tuple:
 
 def launch_rows(x, y, s, round_scale, config=None):
     """y [M, Kp], s [M, Kp/128] (outer-major) from x [M, K] (any strides): rows_kernel."""
-    kernel, cfg = _pick(tuned_kernels(interpreting())["rows"], config)
+    kernel, cfg = launch_config(tuned_kernels(interpreting())["rows"], config)
     m, k = x.shape
     nt = y.shape[1] // BLOCK
     launcher(kernel)[lambda meta: (-(-m // meta["BLOCK_M"]), -(-nt // meta["TILES"]))](
@@ -233,7 +217,7 @@ def launch_rows(x, y, s, round_scale, config=None):
 
 def launch_cols(x, yt, st, round_scale, config=None):
     """yt [K or Kp, Mp], st (outer-major) from x [M, K] (any strides): cols_kernel."""
-    kernel, cfg = _pick(tuned_kernels(interpreting())["cols"], config)
+    kernel, cfg = launch_config(tuned_kernels(interpreting())["cols"], config)
     m, k = x.shape
     rows = yt.shape[0]
     launcher(kernel)[lambda meta: (-(-m // BLOCK), -(-rows // meta["BLOCK_K"]))](
@@ -245,7 +229,7 @@ def launch_cols(x, yt, st, round_scale, config=None):
 def launch_weight(w, y, s, st, round_scale, config=None):
     """y [.., Np, Kp], s [.., Np/128, Kp/128] and, unless ``st`` is None, st = s^T from w [.., N, K]
     (2-D or a batch [E, N, K]): weight_kernel."""
-    kernel, cfg = _pick(tuned_kernels(interpreting())["weight"], config)
+    kernel, cfg = launch_config(tuned_kernels(interpreting())["weight"], config)
     n, k = w.shape[-2:]
     batch = w.shape[0] if w.dim() == 3 else 1
     # Without transposed scales the kernel never touches st_: pass the input, not the output s again (an
@@ -323,7 +307,7 @@ def act_quant_op(
 
 def transpose_bytes(y: torch.Tensor, out: torch.Tensor, config=None) -> torch.Tensor:
     """out[.., c, r] = y[.., r, c] for 1-byte tensors with contiguous rows (the Triton kernel)."""
-    kernel, cfg = _pick(tuned_kernels(interpreting())["transpose"], config)
+    kernel, cfg = launch_config(tuned_kernels(interpreting())["transpose"], config)
     x3, o3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (y.view(torch.uint8), out.view(torch.uint8)))
     r, c = x3.shape[-2:]
     launcher(kernel)[lambda meta: (-(-r // meta["BLOCK_R"]), -(-c // meta["BLOCK_C"]), x3.shape[0])](
