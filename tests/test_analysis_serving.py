@@ -177,7 +177,30 @@ def test_dense_models_serve_too():
     assert r.tokens_per_s_per_gpu > 0 and r.binding in ("HBM bandwidth", "compute", "NVLink")
 
 
+def test_a_stacks_kernel_count_adds_its_unmodelled_kernels():
+    """kernels_per_step: the kernels beyond the modelled ops cost small_kernel_us each, in series; a count
+    at or below the modelled ops adds nothing."""
+    from coscale.hardware import load_hardware
+
+    layout = ServingLayout(ep=1, micro_batches=1)
+    base = serving.decode("deepseek-v2-lite", "h200", layout, batch=16, context=512, weight_dtype="bf16")
+    per_kernel = load_hardware("h200").achieved.small_kernel_us * 1e-6
+    more = serving.decode("deepseek-v2-lite", "h200", layout, batch=16, context=512, weight_dtype="bf16",
+                          kernels_per_step=5000)
+    extra = more.step_s - base.step_s
+    modelled = 5000 - round(extra / per_kernel)
+    assert 27 * 5 < modelled < 27 * 20  # a few ops per layer
+    assert more.schedule.busy_by_op["other kernels"] == pytest.approx(extra)
+    assert more.schedule.busy_by_bound["launch"] >= extra
+    fewer = serving.decode("deepseek-v2-lite", "h200", layout, batch=16, context=512, weight_dtype="bf16",
+                           kernels_per_step=modelled)
+    assert fewer.step_s == base.step_s and "other kernels" not in fewer.schedule.busy_by_op
+    assert "5000 kernels per step" in more.assumptions[-1]
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    (dict(kernels_per_step=0), "kernels per step"),
+    (dict(kernels_per_step=2.5), "kernels per step"),
     (dict(layout=ServingLayout(ep=512)), "exceeds"),
     (dict(layout=ServingLayout(ep=8, tp=3)), "tp"),
     (dict(layout=ServingLayout(ep=8, tp=16)), "tp"),

@@ -27,6 +27,10 @@ def test_predictions_match_the_models():
     assert validation.predict(DECODE) == serving.decode(
         "deepseek-v2-lite", "h200", serving.ServingLayout(micro_batches=1), batch=8, context=512,
         weight_dtype="bf16").step_s
+    counted = validation.predict({**DECODE, "kernels_per_step": 1200})  # the stack's kernels, from a profile
+    assert counted == serving.decode("deepseek-v2-lite", "h200", serving.ServingLayout(micro_batches=1), batch=8,
+                                     context=512, weight_dtype="bf16", kernels_per_step=1200).step_s
+    assert counted > validation.predict(DECODE)
 
 
 def test_table_and_doc_update(tmp_path):

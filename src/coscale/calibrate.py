@@ -22,8 +22,9 @@ when Triton is missing):
   ``(batch, queries, heads, context, latent, rope, device) -> callable`` that builds its inputs and returns
   the call to time.
 - Causal prefill attention (torch SDPA, q/k 192, v 128, 4K) forward and backward.
-- Device copy (1 GiB): ``memory_tbps``; a CUDA graph of tiny kernels: ``kernel_floor_us``; eager tiny ops:
-  ``host_launch_us``; SM count.
+- Device copy (1 GiB): ``memory_tbps``; a CUDA graph of tiny kernels: ``kernel_floor_us``; a CUDA graph of
+  dependent decode-size kernels (row sums and divisions of a [128, 2048] BF16 activation):
+  ``small_kernel_us``; eager tiny ops: ``host_launch_us``; SM count.
 - With several GPUs under ``torchrun``: NCCL all_to_all_single (256 MiB and 8 KiB per rank) for
   ``a2a_scale_up_gbps`` and ``collective_latency_us`` (rank 0 writes the file).
 
@@ -237,6 +238,9 @@ def _memory_and_launch(probe, timer, tag):
             for _ in range(ops):
                 small.add_(1)
         out["kernel_floor_us"] = (timer(graph.replay) / ops * 1e6, f"{tag}: CUDA graph of {ops} tiny kernels")
+        out["small_kernel_us"] = (timer(_small_kernel_graph(dev, ops)) / ops * 1e6,
+                                  f"{tag}: CUDA graph of {ops} dependent decode-size kernels (row sum, division "
+                                  "by it over a [128, 2048] BF16 activation, alternating)")
         sync = torch.cuda.synchronize
     else:
         def sync():
@@ -251,6 +255,32 @@ def _memory_and_launch(probe, timer, tag):
     if not probe.smoke:
         out["sms"] = (torch.cuda.get_device_properties(dev).multi_processor_count, f"{tag}: device properties")
     return out
+
+
+def _small_kernel_graph(dev, ops: int):
+    """replay() of a CUDA graph of ``ops`` kernels the size of a decode step's small ones, each reading
+    what the one before wrote: a row sum and an in-place division by it of a [128, 2048] BF16 activation,
+    in turn (a decode step's norms, casts and residual adds are such kernels)."""
+    import torch
+
+    act, rows = torch.ones(128, 2048, device=dev, dtype=torch.bfloat16), torch.empty(128, 1, device=dev,
+                                                                                    dtype=torch.bfloat16)
+
+    def chain():
+        for i in range(ops):
+            if i % 2:
+                act.div_(rows)  # rows sum to 1 from then on: the values stay finite
+            else:
+                torch.sum(act, dim=-1, keepdim=True, out=rows)
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        chain()  # warm-up off the default stream, as graph capture asks
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain()
+    return graph.replay
 
 
 def _all_to_all(tag):

@@ -63,6 +63,9 @@ class Efficiency:
     attention_backward_tflops: float  # training attention backward, BF16
     memory_tbps: float  # elementwise kernels and copies (read + write counted)
     kernel_floor_us: float  # the shortest a small kernel takes (launch and ramp, inside a CUDA graph)
+    # a decode-size kernel (elementwise or row reduction over a [128, 2048] BF16 activation) inside a CUDA
+    # graph, waiting for the one before it: what each of a serving stack's many small kernels costs
+    small_kernel_us: float
     host_launch_us: float  # host time to launch one op from eager PyTorch (bounds launch-bound steps)
     a2a_scale_out_gbps: float  # all-to-all over the NICs, SM-driven bulk kernels (prefill, training)
     a2a_low_latency_gbps: float  # all-to-all over the NICs, decode (low-latency) kernels
@@ -90,7 +93,8 @@ class Efficiency:
         return self.sources.get(name, "")
 
 
-_MAY_BE_ZERO = {"gemm_k_overhead", "kernel_floor_us", "host_launch_us", "collective_latency_us", "comm_sms"}
+_MAY_BE_ZERO = {"gemm_k_overhead", "kernel_floor_us", "small_kernel_us", "host_launch_us", "collective_latency_us",
+                "comm_sms"}
 EFFICIENCY_FIELDS = tuple(f.name for f in dataclasses.fields(Efficiency) if f.name != "sources")
 
 # How each rate follows the datasheet when a figure measured on one GPU is carried to another.
@@ -131,6 +135,8 @@ H800_EFFICIENCY = {
     "memory_tbps": (3.0, "FlashMLA's 3000 GB/s on H800 (90% of 3.35 TB/s)"),
     "kernel_floor_us": (2.0, "assumption: a small kernel inside a CUDA graph takes ~2 us (measure it with "
                              "coscale calibrate)"),
+    "small_kernel_us": (2.0, "assumption: as kernel_floor_us (measure it with coscale calibrate); used only "
+                             "where a stack's kernel count per step is given"),
     "host_launch_us": (5.0, "assumption: an eager PyTorch op costs ~5 us of host time (attention-gym: 5.5 us "
                             "per custom-op call); measure it with coscale calibrate"),
     "a2a_scale_out_gbps": (44, f"{_EP}: normal kernels, EP32/EP64 58/51 GB/s counting own-node copies; "

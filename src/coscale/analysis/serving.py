@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from coscale.analysis import costs
 from coscale.analysis import layers as L
 from coscale.analysis import overlap
 from coscale.analysis.models import Model, ModelView, as_view
@@ -143,8 +144,12 @@ def memory_per_gpu(v: ModelView, layout: ServingLayout, requests: float, tokens_
 
 
 def _forward(v: ModelView, hw: HardwareSpec, b: L.Batch, par: L.Parallel, layout: ServingLayout,
-             mtp_layers: int, head_tokens: float, slowdown: float) -> overlap.Schedule:
-    """Dense layers, MoE layers, the output head; then each MTP module (projection, one MoE layer, head)."""
+             mtp_layers: int, head_tokens: float, slowdown: float, kernels_per_step: int | None = None
+             ) -> overlap.Schedule:
+    """Dense layers, MoE layers, the output head; then each MTP module (projection, one MoE layer, head).
+    With ``kernels_per_step`` (a stack's kernel count, from a profile of its step), the kernels beyond
+    the modelled ops (norms, casts, RoPE, routing, bookkeeping that the ops here fold into a few) run
+    after them at ``small_kernel_us`` each."""
     m = layout.micro_batches
     moe_layer = L.layer_stages(v, hw, b, par, moe=v.is_moe, compute_slowdown=slowdown)
     stages = [L.layer_stages(v, hw, b, par, moe=False)] * v.dense_layers + [moe_layer] * v.moe_layers
@@ -153,15 +158,21 @@ def _forward(v: ModelView, hw: HardwareSpec, b: L.Batch, par: L.Parallel, layout
         stages.append((overlap.Stage(tuple(L.mtp_entry_ops(v, hw, b.tokens / layout.tp))),))
         stages.append(moe_layer)
         stages.append((overlap.Stage(tuple(L.head_ops(v, hw, head_tokens / m, layout.tp, "MTP head"))),))
+    modelled = m * sum(len(stage.compute) for layer in stages for stage in layer)
+    if kernels_per_step is not None and kernels_per_step > modelled:
+        other = costs.OpTime("other kernels", (kernels_per_step - modelled) * hw.achieved.small_kernel_us * 1e-6,
+                             "launch")
+        stages.append((overlap.Stage((other,)),))
     return overlap.run(stages, m)
 
 
 def decode(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "h800", layout: ServingLayout | None = None,
            batch: int = 128, context: int = 4096, mtp_drafts: int = 0, mtp_acceptance: float = 0.0,
            weight_dtype: str = "fp8", kv_dtype: str = "bf16", dispatch_dtype: str = "fp8",
-           combine_dtype: str = "bf16") -> PhaseResult:
+           combine_dtype: str = "bf16", kernels_per_step: int | None = None) -> PhaseResult:
     """One decode step of ``batch`` requests per attention group (per GPU at tp = 1), ``context``
-    cached tokens each; see the module docstring."""
+    cached tokens each; see the module docstring. ``kernels_per_step``: the serving stack's kernel
+    count per step where it is known (``_forward``); None counts only the modelled ops."""
     v, hw, layout = as_view(model), load_hardware(hardware), layout or ServingLayout()
     _check_common(v, hw, layout, {"batch": batch, "context": context}, mtp_drafts, mtp_acceptance,
                   (weight_dtype, kv_dtype, dispatch_dtype, combine_dtype))
@@ -169,14 +180,18 @@ def decode(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "h800", 
     m = layout.micro_batches
     b = L.Batch(tokens=batch * queries / m, requests=batch / m, queries=queries, context=context, decode=True)
     par = _parallel(layout, weight_dtype, dispatch_dtype, combine_dtype, kv_dtype)
-    sched = _forward(v, hw, b, par, layout, mtp_drafts, batch * queries, 1.0)
+    if kernels_per_step is not None and (isinstance(kernels_per_step, bool) or not isinstance(kernels_per_step, int)
+                                         or kernels_per_step < 1):
+        raise ConfigError(f"kernels per step must be a positive integer, got {kernels_per_step!r}")
+    sched = _forward(v, hw, b, par, layout, mtp_drafts, batch * queries, 1.0, kernels_per_step)
     per_request = mtp_yield(mtp_drafts, mtp_acceptance)
     mem = memory_per_gpu(v, layout, batch, context + queries, weight_dtype, kv_dtype, mtp_drafts)
     notes = _assumptions(v, hw, layout, par, decode=True) + [
         f"decode: {batch} requests x {queries} token(s) per step ({mtp_drafts} MTP draft(s), acceptance "
         f"{mtp_acceptance:g}: {per_request:.3g} tokens per request and step); {context} cached tokens each; "
         f"{m} micro-batch(es) of {batch / m:g} requests",
-    ]
+    ] + ([f"{kernels_per_step} kernels per step (the stack's, measured): those beyond the modelled ops at "
+          f"{hw.achieved.small_kernel_us:g} us each"] if kernels_per_step is not None else [])
     return PhaseResult("decode", v.name, hw.name, layout, sched.total_s, batch * per_request / layout.tp,
                        hw.gpus_per_node, sched.total_s / per_request, sched, mem, hw.hbm_bytes, notes)
 
@@ -255,5 +270,5 @@ def _assumptions(v: ModelView, hw: HardwareSpec, layout: ServingLayout, par: L.P
 _RATES_SHOWN = ("gemm_fp8_tflops", "gemm_masked_fp8_tflops", "gemm_k_overhead", "gemm_memory_tbps",
                 "gemm_bf16_tflops", "gemm_bf16_memory_tbps",
                 "attention_decode_tflops", "attention_decode_tbps", "attention_prefill_tflops", "memory_tbps",
-                "kernel_floor_us", "a2a_scale_out_gbps", "a2a_low_latency_gbps", "a2a_scale_up_gbps",
+                "kernel_floor_us", "small_kernel_us", "a2a_scale_out_gbps", "a2a_low_latency_gbps", "a2a_scale_up_gbps",
                 "collective_latency_us")

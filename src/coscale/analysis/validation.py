@@ -10,6 +10,8 @@ and how long it took, the setup the model needs, and where the number comes from
 
 ``kind`` is ``train_step`` (one optimizer step on one GPU: ``training_time`` with dp = tp = pp = ep = 1)
 or ``decode_step`` / ``prefill_step`` (``serving`` on one GPU, no overlap unless ``micro_batches`` says so).
+A decode record may carry ``kernels_per_step``, the kernel count of the measured stack's step (from a
+profile of it): kernels beyond the modelled ops then cost ``small_kernel_us`` each (``serving.decode``).
 :func:`record_from_run` turns a ``coscale train`` run directory into a ``train_step`` record (median
 step time over the second half of its steps, so compilation and warm-up stay out).
 
@@ -78,7 +80,8 @@ def predict(record: dict[str, Any]) -> float:
     if kind == "decode_step":
         return serving.decode(model, hardware, layout, batch=_need(record, "batch"), context=_need(record, "context"),
                               mtp_drafts=int(record.get("mtp_drafts", 0)),
-                              weight_dtype=record.get("precision", "bf16")).step_s
+                              weight_dtype=record.get("precision", "bf16"),
+                              kernels_per_step=record.get("kernels_per_step")).step_s
     return serving.prefill(model, hardware, layout, tokens=_need(record, "tokens"),
                            prompt_len=_need(record, "prompt_len"), weight_dtype=record.get("precision", "bf16")).step_s
 

@@ -403,7 +403,8 @@ class Engine:
         if not sampling:
             return {}
         rows = [r for i in sampling for r in self._logit_rows(batch, i)]
-        logits = self.model.logits(h[rows])  # (R, V) float32
+        # index tensors through pinned memory (transfer.py): a Python-list index would wait for the forward
+        logits = self.model.logits(h.index_select(0, to_device(rows, torch.long, h.device)))  # (R, V) float32
         spans, at = {}, 0
         for i in sampling:
             n = len(self._logit_rows(batch, i))
@@ -414,7 +415,8 @@ class Engine:
         chosen: dict[int, tuple[list[int], int]] = {}
         if plain:
             reqs = [batch.scheduled[i].request for i in plain]
-            tokens = sample(logits[[spans[i].start for i in plain]], [r.params for r in reqs],
+            starts = to_device([spans[i].start for i in plain], torch.long, logits.device)
+            tokens = sample(logits.index_select(0, starts), [r.params for r in reqs],
                             [r.generator for r in reqs], self.generator).tolist()
             chosen.update({i: ([t], 0) for i, t in zip(plain, tokens)})
         if spec:
@@ -425,7 +427,7 @@ class Engine:
             logprobs = None
             if r.params.logprobs is not None:
                 rows_i = logits[spans[i].start: spans[i].start + len(tokens)]
-                chosen_lp, top = token_logprobs(rows_i, torch.tensor(tokens, device=logits.device), r.params.logprobs)
+                chosen_lp, top = token_logprobs(rows_i, to_device(tokens, torch.long, logits.device), r.params.logprobs)
                 logprobs = [TokenLogprob(t, lp, tp) for t, lp, tp in zip(tokens, chosen_lp, top)]
             out[i] = (tokens, logprobs, accepted)
         return out
@@ -438,8 +440,8 @@ class Engine:
         k, V = self.depth, logits.shape[-1]
         reqs = [batch.scheduled[i].request for i in spec]
         params = [r.params for r in reqs]
-        row_idx = torch.tensor([list(spans[i]) for i in spec], device=logits.device)  # [B, k + 1]
-        drafts = torch.tensor([r.drafts for r in reqs], device=logits.device)
+        row_idx = to_device([list(spans[i]) for i in spec], torch.long, logits.device)  # [B, k + 1]
+        drafts = to_device([r.drafts for r in reqs], torch.long, logits.device)
         if all(p.greedy for p in params):
             best = logits[row_idx].argmax(dim=-1)  # [B, k + 1]
             accepted = (best[:, :k] == drafts).long().cumprod(dim=1).sum(dim=1)
@@ -447,12 +449,13 @@ class Engine:
         else:
             target = sampling_probs(logits[row_idx.flatten()], [p for p in params for _ in range(k + 1)])
             q = torch.stack([r.draft_probs if r.draft_probs is not None
-                             else speculative.one_hot_drafts(torch.tensor(r.drafts, device=logits.device)[None], V)[0]
-                             for r in reqs])
+                             else speculative.one_hot_drafts(drafts[j: j + 1], V)[0]
+                             for j, r in enumerate(reqs)])
             accepted, nxt = speculative.verify(target.view(len(spec), k + 1, V), drafts, q,
                                                [r.generator for r in reqs], self.generator)
         out = {}
-        for i, r, a, t in zip(spec, reqs, accepted.tolist(), nxt.tolist()):
+        accepted, nxt = torch.stack([accepted, nxt]).tolist()  # one wait for the device, not two
+        for i, r, a, t in zip(spec, reqs, accepted, nxt):
             r.draft_tokens += k
             r.accepted_tokens += a
             self._counters["drafts"] += k

@@ -27,6 +27,7 @@ import torch
 
 from coscale.infer.batch import Batch
 from coscale.infer.sampling import SamplingParams, random_rows, sample_from_probs, sampling_probs
+from coscale.infer.transfer import to_device
 
 
 def verify(target_probs: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor,
@@ -66,7 +67,7 @@ def mtp_next_ids(batch: Batch, extended: list[list[int]], depth: int) -> torch.T
     for rows, ext in zip(batch.rows, extended):
         for j in range(depth, depth + len(rows)):
             ids.append(ext[j] if j < len(ext) else 0)
-    return torch.tensor(ids, dtype=torch.long).to(batch.input_ids.device, non_blocking=True)
+    return to_device(ids, torch.long, batch.input_ids.device)
 
 
 def draft_logits(model, depth: int, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,7 @@ def draft(model, batch: Batch, h: torch.Tensor, extended: list[list[int]], draft
     None for greedy) or None where draft_rows is None. mtp_forward(depth, h_prev, next_ids): the MTP
     module's forward over the batch (default: the model's, eager; the engine passes its CUDA graphs')."""
     picks = [i for i, r in enumerate(draft_rows) if r is not None]
-    sel = [draft_rows[i] for i in picks]
+    sel = to_device([draft_rows[i] for i in picks], torch.long, h.device)  # no wait for the device (transfer.py)
     sel_params = [params[i] for i in picks]
     sel_gens = [generators[i] for i in picks]
     drafts = [[] for _ in picks]
@@ -101,7 +102,7 @@ def draft(model, batch: Batch, h: torch.Tensor, extended: list[list[int]], draft
             h_prev = mtp_forward(depth, h_prev, next_ids)
         if not picks:
             continue
-        logits = draft_logits(model, depth, h_prev[sel], batch.positions[sel])
+        logits = draft_logits(model, depth, h_prev.index_select(0, sel), batch.positions.index_select(0, sel))
         if all(p.greedy for p in sel_params):
             tokens, dist = logits.argmax(dim=-1), None
         else:
