@@ -23,9 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from coscale.analysis import costs
+from coscale.analysis import costs, overlap
 from coscale.analysis import layers as L
-from coscale.analysis import overlap
 from coscale.analysis.models import Model, ModelView, as_view
 from coscale.errors import ConfigError
 from coscale.hardware import HardwareSpec, load_hardware
