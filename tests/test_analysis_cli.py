@@ -242,11 +242,20 @@ def test_serve_profile_prints_the_published_figures(capsys):
     ["serve", "--ep", "0"], ["serve", "--batch", "0"], ["serve", "--mtp-acceptance", "2", "--mtp-drafts", "1"],
     ["search", "--gpus", "8", "--ep", "8"], ["training-time", "--deepseek-v3", "--model", "small"],
     ["serve", "--phase", "decode", "--tokens", "4096"], ["serve", "--phase", "prefill", "--batch", "8"],
-    ["training-time", "--seq-len", "0"], ["validate"],
+    ["training-time", "--seq-len", "0"], ["validate"], ["serve", "--phase", "decode", "--kernels-per-step", "0"],
+    ["serve", "--phase", "prefill", "--kernels-per-step", "900"],
 ])
 def test_throughput_commands_refuse_bad_input(capsys, argv):
     rc, _, err = run(capsys, "analyze", *argv)
     assert rc == 2 and err.count("\n") == 1
+
+
+def test_serve_counts_a_stacks_kernels(capsys):
+    argv = ["analyze", "serve", "--phase", "decode", "--model", "deepseek-v2-lite", "--ep", "1", "--micro-batches", "1",
+            "--batch", "16", "--json"]
+    _, out, _ = run(capsys, *argv)
+    _, counted, _ = run(capsys, *argv, "--kernels-per-step", "1200")
+    assert _rows(counted)["rows"][0]["step [ms]"] > _rows(out)["rows"][0]["step [ms]"]
 
 
 def test_validate_command(capsys, tmp_path):

@@ -29,6 +29,9 @@ def register(sub, add) -> None:
     p.add_argument("--prompt-len", type=int, help="prefill: tokens per prompt (default 4096)")
     p.add_argument("--mtp-drafts", type=int, help="decode: MTP draft tokens verified per step (default 0)")
     p.add_argument("--mtp-acceptance", type=float, help="decode: probability a draft is accepted (default 0)")
+    p.add_argument("--kernels-per-step", type=int,
+                   help="decode: the serving stack's kernels per step, from a profile of it; those beyond the "
+                        "modelled ops cost small_kernel_us each (default: only the modelled ops)")
     _dtype_args(p)
     p.add_argument("--breakdown", action="store_true", help="also print the time of every kernel per step")
 
@@ -92,7 +95,8 @@ def _layout(args, ep_default: int) -> serving.ServingLayout:
                                  redundant_experts=pick("redundant_experts", 0), micro_batches=pick("micro_batches", 2))
 
 
-_PHASE_OPTIONS = {"decode": ("batch", "context", "mtp_drafts", "mtp_acceptance"), "prefill": ("tokens", "prompt_len")}
+_PHASE_OPTIONS = {"decode": ("batch", "context", "mtp_drafts", "mtp_acceptance", "kernels_per_step"),
+                  "prefill": ("tokens", "prompt_len")}
 
 
 def _serve(args) -> int:
@@ -114,7 +118,7 @@ def _serve(args) -> int:
                          mtp_acceptance=args.mtp_acceptance)
             defaults = dict(batch=128, context=4096, mtp_drafts=0, mtp_acceptance=0.0)
             kw = {k: given[k] if given[k] is not None else profile.get(k, defaults[k]) for k in given}
-            r = serving.decode(model, hardware, layout, **kw, **dtypes)
+            r = serving.decode(model, hardware, layout, **kw, **dtypes, kernels_per_step=args.kernels_per_step)
         else:
             given = dict(tokens=args.tokens, prompt_len=args.prompt_len)
             defaults = dict(tokens=16384, prompt_len=4096)
