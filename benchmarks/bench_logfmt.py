@@ -103,6 +103,8 @@ def comm_rows(dev, tokens, hidden=7168, n_experts=256, topk=8):
     """The communication table: (name, ms, bytes) per variant; see the module docstring."""
     from coscale.kernels.fused_quant import gather_quant_rows
     from coscale.kernels.permute import build_permute_info, rows_from_tokens, tokens_from_rows
+    from coscale.parallel.codec import FP8Codec
+    from coscale.parallel.transfer import select_rows
 
     g = torch.Generator(device=dev).manual_seed(0)
     x = make_input(tokens, hidden, dev, seed=1).to(torch.bfloat16)
@@ -122,6 +124,14 @@ def comm_rows(dev, tokens, hidden=7168, n_experts=256, topk=8):
     add("permute + FP8 fused", lambda: gather_quant_rows(x, info.row_pair, topk), rows_in + nbytes(fp8))
     add("permute, then FP8", lambda: q.act_quant_1x128(rows_from_tokens(x, info)[0], backend="triton"),
         rows_in + nbytes(perm) * 2 + nbytes(fp8))
+    # what the FP8 dispatch runs (coscale.parallel.transfer): each token quantized once, its encoded row
+    # then selected once per copy (as 8-byte words: select_rows)
+    codec, token_of_row = FP8Codec(), (info.row_pair.clamp(min=0) // topk).long()
+    enc = codec.encode(x)
+    sel = select_rows(enc, token_of_row)
+    add("FP8, then select (the dispatch)", lambda: select_rows(codec.encode(x), token_of_row),
+        nbytes(x) + nbytes(enc) + 2 * nbytes(sel))
+    assert torch.equal(sel, codec.encode(perm)), "FP8 then select must equal permute then FP8, byte for byte"
     for n_bits in (8, 10):
         rows = lf.logfmt_encode_to_rows(x, info.row_pair, topk, n_bits)
         add(f"permute + LogFMT-{n_bits} fused", lambda n=n_bits: lf.logfmt_encode_to_rows(x, info.row_pair, topk, n),

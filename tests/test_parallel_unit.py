@@ -64,6 +64,22 @@ def test_fp8_codec_layout_and_kernels_reference():
     assert torch.equal(ref_codes.view(torch.uint8), codes.view(torch.uint8))
 
 
+@pytest.mark.parametrize("width, offset", [(7392, 0), (7390, 0), (7391, 0), (7392, 4), (7392, 1), (16, 0)])
+def test_select_rows_moves_words_and_equals_index_select(width, offset):
+    """Encoded rows selected as 8/4/2-byte words where width, stride and offset allow, else bytes: always
+    the bytes of index_select (duplicates, any order, no rows)."""
+    from coscale.parallel.transfer import select_rows
+
+    g = torch.Generator().manual_seed(width + offset)
+    flat = torch.randint(0, 256, (offset + 9 * width,), dtype=torch.uint8, generator=g)
+    rows = flat[offset:].view(9, width)
+    for index in (torch.tensor([3, 0, 3, 8, 1]), torch.randperm(9, generator=g), torch.tensor([], dtype=torch.long)):
+        got = select_rows(rows, index)
+        assert got.dtype == torch.uint8 and torch.equal(got, rows.index_select(0, index))
+    words = torch.randn(5, 6, generator=g)  # other dtypes: index_select itself
+    assert torch.equal(select_rows(words, torch.tensor([4, 4, 0])), words[[4, 4, 0]])
+
+
 def test_zero_rows_encode():
     for name in ("bf16", "fp8"):
         codec = get_codec(name)
