@@ -29,6 +29,23 @@ def test_save_load_round_trip(tmp_path):
     assert state.trainer["sampler"]["batches_drawn"] == 5
 
 
+def test_weights_alone_load_for_inference(tmp_path):
+    """load_model_state reads and verifies meta.json and model.pt only: a checkpoint shipped without its
+    optimizer and trainer state loads; a damaged model.pt is still refused; training resumes need all."""
+    path = _save(tmp_path, 3, value=1.5)
+    os.remove(os.path.join(path, "optimizer.pt"))
+    os.remove(os.path.join(path, "trainer.pt"))
+    meta, weights = ckpt.load_model_state(path)
+    assert meta["step"] == 3 and torch.equal(weights["w"], torch.full((4, 4), 1.5))
+    with pytest.raises(CheckpointError, match="optimizer.pt is missing"):
+        ckpt.load_checkpoint(path)
+    with open(os.path.join(path, "model.pt"), "r+b") as f:
+        f.seek(40)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(CheckpointError, match="model.pt fails its SHA-256 check"):
+        ckpt.load_model_state(path)
+
+
 def test_latest_pointer_and_pruning(tmp_path):
     for step in (1, 2, 3):
         _save(tmp_path, step, keep=2)

@@ -45,10 +45,10 @@ def _load_training_run(path: str, dtype: torch.dtype, device):
     from coscale.model.transformer import DeepseekForCausalLM
     from coscale.train import checkpointing
 
-    state = checkpointing.load_checkpoint(checkpointing.resolve_checkpoint(path))
-    model = DeepseekForCausalLM(ModelConfig.from_dict(state.meta["model_config"]))
+    meta, weights = checkpointing.load_model_state(checkpointing.resolve_checkpoint(path))
+    model = DeepseekForCausalLM(ModelConfig.from_dict(meta["model_config"]))
     # FP8 training keeps the same parameter names, so its state loads into the plain model.
-    model.load_state_dict(state.model)
+    model.load_state_dict(weights)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -151,8 +151,21 @@ def _remove_stale_temporaries(root: str) -> None:
 def load_checkpoint(checkpoint_dir: str, meta: dict[str, Any] | None = None) -> TrainingState:
     """Read a checkpoint onto the CPU (``meta`` from :func:`read_meta` skips re-verifying it)."""
     meta = meta if meta is not None else read_meta(checkpoint_dir)
+    parts = _load_parts(checkpoint_dir, STATE_FILES)
+    return TrainingState(meta=meta, model=parts["model.pt"], optimizer=parts["optimizer.pt"],
+                         trainer=parts["trainer.pt"])
+
+
+def load_model_state(checkpoint_dir: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(meta, the model's state dict) of a checkpoint, for inference: only ``meta.json`` and
+    ``model.pt`` are read and verified, so a checkpoint shipped without its optimizer state loads."""
+    meta = read_meta(checkpoint_dir, only=("model.pt",))
+    return meta, _load_parts(checkpoint_dir, ("model.pt",))["model.pt"]
+
+
+def _load_parts(checkpoint_dir: str, files) -> dict[str, Any]:
     parts = {}
-    for fname in STATE_FILES:
+    for fname in files:
         path = os.path.join(checkpoint_dir, fname)
         try:
             parts[fname] = torch.load(path, map_location="cpu", weights_only=True)
@@ -161,5 +174,4 @@ def load_checkpoint(checkpoint_dir: str, meta: dict[str, Any] | None = None) -> 
         except Exception as e:  # torch raises several types for a damaged zip/pickle
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"corrupt checkpoint {checkpoint_dir}: cannot read {fname} ({reason})") from None
-    return TrainingState(meta=meta, model=parts["model.pt"], optimizer=parts["optimizer.pt"],
-                         trainer=parts["trainer.pt"])
+    return parts

@@ -103,8 +103,9 @@ def run_dir_of(checkpoint_dir: str) -> str:
 # ---- reading and checking a checkpoint's meta.json -----------------------------------------------
 
 
-def read_meta(checkpoint_dir: str, verify: bool = True) -> dict[str, Any]:
-    """``meta.json`` of a checkpoint, after checking (``verify``) that every file it lists is intact."""
+def read_meta(checkpoint_dir: str, verify: bool = True, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """``meta.json`` of a checkpoint, after checking (``verify``) that every file it lists is intact
+    (``only``: just those of its files, e.g. the weights for inference)."""
     path = os.path.join(checkpoint_dir, META)
     try:
         with open(path, encoding="utf-8") as f:
@@ -122,7 +123,8 @@ def read_meta(checkpoint_dir: str, verify: bool = True) -> dict[str, Any]:
         )
     if verify:
         for fname, info in meta["files"].items():
-            _verify_file(checkpoint_dir, fname, info)
+            if only is None or fname in only:
+                _verify_file(checkpoint_dir, fname, info)
     return meta
 
 
