@@ -166,3 +166,30 @@ def test_fp8_gather_quant_rows_equals_codec_bytes(hidden):
     assert not hasattr(FP8Codec(), "encode_rows")
     with pytest.raises(CoscaleError, match="multiple of 128"):
         gather_quant_rows(x[:, :200], index)
+
+
+@pytest.mark.parametrize("n_bits", [8, 10])
+def test_codec_encode_rows_encodes_each_source_row_once_when_rows_repeat(n_bits, monkeypatch):
+    """LogFMTCodec.encode_rows: fewer rows than the source has go through the one-pass gather encoder;
+    as many or more (top-k copies) are encoded once per source row and their bytes selected. Both give
+    encode(x).index_select(0, index), byte for byte."""
+    from coscale.kernels import logfmt as lf
+    from coscale.parallel.codec import LogFMTCodec
+
+    g = torch.Generator().manual_seed(n_bits)
+    x = torch.randn(6, 256, generator=g).to(torch.bfloat16) * 3
+    codec = LogFMTCodec(n_bits)
+    seen = []
+    real = lf.logfmt_encode_to_rows
+
+    def spy(x_, idx, *a, **k):
+        seen.append(idx)
+        return real(x_, idx, *a, **k)
+
+    monkeypatch.setattr(lf, "logfmt_encode_to_rows", spy)
+    for index in (torch.tensor([5, 1, 1]), torch.tensor([4, 4, 0, 5, 2, 1, 1, 3, 3, 0, 2, 5])):
+        seen.clear()
+        got = codec.encode_rows(x, index)
+        assert torch.equal(got, real(x, None, 1, n_bits).index_select(0, index))
+        gathered = len(index) < x.shape[0]
+        assert (seen[0] is index) if gathered else (seen[0] is None)

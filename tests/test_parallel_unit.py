@@ -68,7 +68,7 @@ def test_fp8_codec_layout_and_kernels_reference():
 def test_select_rows_moves_words_and_equals_index_select(width, offset):
     """Encoded rows selected as 8/4/2-byte words where width, stride and offset allow, else bytes: always
     the bytes of index_select (duplicates, any order, no rows)."""
-    from coscale.parallel.transfer import select_rows
+    from coscale.parallel.codec import select_rows
 
     g = torch.Generator().manual_seed(width + offset)
     flat = torch.randint(0, 256, (offset + 9 * width,), dtype=torch.uint8, generator=g)

@@ -136,6 +136,18 @@ class FP8Codec:
         return f"FP8Codec({self.fmt}, 1x128)"
 
 
+def select_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """rows.index_select(0, index), byte for byte. Encoded rows (uint8) are moved as 8-, 4- or 2-byte
+    words where the row width and alignment allow: torch's index_select copies one element per GPU
+    thread, so byte elements would move a byte per thread."""
+    if rows.dtype == torch.uint8 and rows.dim() == 2 and rows.stride(1) == 1:
+        for word in (torch.int64, torch.int32, torch.int16):
+            size = word.itemsize
+            if rows.shape[1] % size == 0 and rows.stride(0) % size == 0 and rows.storage_offset() % size == 0:
+                return rows.view(word).index_select(0, index).view(torch.uint8)
+    return rows.index_select(0, index)
+
+
 def get_codec(codec: str | Codec | None, default: str = "bf16") -> Codec:
     """A codec by name ('fp32', 'bf16', 'fp8', 'fp8_e5m2', 'logfmt8', 'logfmt10'), or any :class:`Codec`."""
     if codec is None:
@@ -195,10 +207,16 @@ class LogFMTCodec:
         return self.encode_rows(x, None)
 
     def encode_rows(self, x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        """The rows x[index] encoded: the same bytes as encode(x).index_select(0, index), in one pass."""
+        """The rows x[index] encoded: the same bytes as encode(x).index_select(0, index). Selecting fewer
+        rows than x has: gathered and encoded in one pass; as many or more (the dispatch's top-k copies of
+        each token): each row encoded once, its bytes then selected (1/k of the encoding work)."""
         from coscale.kernels.logfmt import logfmt_encode_to_rows
 
-        return logfmt_encode_to_rows(x.flatten(1), index, 1, self.n_bits, self.rounding, packed=self.packed)
+        x = x.flatten(1)
+        if index is not None and index.numel() >= x.shape[0]:
+            return select_rows(logfmt_encode_to_rows(x, None, 1, self.n_bits, self.rounding, packed=self.packed),
+                               index)
+        return logfmt_encode_to_rows(x, index, 1, self.n_bits, self.rounding, packed=self.packed)
 
     def decode(self, payload: torch.Tensor, hidden: int, dtype: torch.dtype) -> torch.Tensor:
         return self.decode_sum(payload, None, hidden, dtype)

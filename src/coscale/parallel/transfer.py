@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from coscale.parallel.codec import Codec
+from coscale.parallel.codec import Codec, select_rows
 from coscale.parallel.routes import Route, Stage, all_to_all_rows, wait_for
 
 
@@ -43,18 +43,6 @@ def _send_back(rows: torch.Tensor, stage: Stage, timeout_s: float, async_op: boo
     """A stage's exchange in the gather direction: every rank returns what it received."""
     return all_to_all_rows(rows, stage.recv_splits, stage.send_splits, stage.group, stage.ranks, timeout_s,
                            async_op)
-
-
-def select_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """rows.index_select(0, index), byte for byte. Encoded rows (uint8) are moved as 8-, 4- or 2-byte
-    words where the row width and alignment allow: torch's index_select copies one element per GPU
-    thread, so byte elements would move a byte per thread."""
-    if rows.dtype == torch.uint8 and rows.dim() == 2 and rows.stride(1) == 1:
-        for word in (torch.int64, torch.int32, torch.int16):
-            size = word.itemsize
-            if rows.shape[1] % size == 0 and rows.stride(0) % size == 0 and rows.storage_offset() % size == 0:
-                return rows.view(word).index_select(0, index).view(torch.uint8)
-    return rows.index_select(0, index)
 
 
 def _undo_select(rows: torch.Tensor, route: Route, i: int) -> torch.Tensor:
