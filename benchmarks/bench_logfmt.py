@@ -73,9 +73,13 @@ def bench(fns, rep_ms=200):
 
 
 def copy_bandwidth(dev, nbytes=1 << 30):
+    """TB/s of a 1 GiB device copy (read + write), timed eagerly: launching it costs nothing beside it,
+    and replayed from a CUDA graph it measured 2.8 TB/s on the H200 against 4.2 eagerly (run 14)."""
+    import triton.testing
+
     src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    return 2 * nbytes / bench([lambda: dst.copy_(src)]) / 1e9  # TB/s, read + write
+    return 2 * nbytes / triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median") / 1e9
 
 
 def nbytes(*tensors):
