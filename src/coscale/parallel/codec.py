@@ -17,10 +17,12 @@ A LogFMT codec (the paper section 3.2; :class:`LogFMTCodec`) only needs ``encode
 pass any object that satisfies :class:`Codec` wherever a codec name is accepted. Two optional methods let
 coscale.parallel.transfer fuse the first and last steps of a transfer: ``encode_rows(x, index)`` (the
 encoded rows x[index] in one pass) and ``decode_sum(payload, copies, hidden, dtype)`` (out[i] = sum_k
-decode(payload[copies[i, k]])); LogFMT has both. FP8 has neither on purpose: the transfer's generic path,
-each token quantized once and its bytes then selected, took 1.84x a plain BF16 permutation on the H200
-at V3's width and top-8, against 2.95x for a one-pass gather + quantize of every copy
-(coscale.kernels.fused_quant.gather_quant_rows; BENCHMARKS.md, second session, run 7).
+decode(payload[copies[i, k]])); LogFMT has both (its ``encode_rows`` encodes each source row once when the
+selection repeats rows, as top-k copies do). FP8 has neither on purpose: the transfer's generic path, each
+token quantized once and its bytes then selected as 8-byte words (``select_rows``), took 0.72x a plain
+BF16 permutation on the H200 at V3's width and top-8 (BENCHMARKS.md, third session, run 14; CUDA-graph
+timing), as fast as a one-pass gather + quantize of every copy (coscale.kernels.fused_quant.gather_quant_rows,
+0.68x) without quantizing each token k times.
 
 Shapes: ``encode(x [N, H] float) -> [N, B] uint8``; ``decode(p [N, B] uint8, hidden=H, dtype) -> [N, H]``.
 """
