@@ -74,7 +74,7 @@ def bench(fns, rep_ms=200):
 
 def copy_bandwidth(dev, nbytes=1 << 30):
     """TB/s of a 1 GiB device copy (read + write), timed eagerly: launching it costs nothing beside it,
-    and replayed from a CUDA graph it measured 2.8 TB/s on the H200 (run 14) against 4.2 eagerly (run 11)."""
+    and replayed from a CUDA graph it measured 2.8 TB/s on the H200 (run 15) against 4.2 eagerly (run 11)."""
     import triton.testing
 
     src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
