@@ -20,7 +20,7 @@ encoded rows x[index] in one pass) and ``decode_sum(payload, copies, hidden, dty
 decode(payload[copies[i, k]])); LogFMT has both (its ``encode_rows`` encodes each source row once when the
 selection repeats rows, as top-k copies do). FP8 has neither on purpose: the transfer's generic path, each
 token quantized once and its bytes then selected as 8-byte words (``select_rows``), took 0.72x a plain
-BF16 permutation on the H200 at V3's width and top-8 (BENCHMARKS.md, third session, run 15; CUDA-graph
+BF16 permutation on the H200 at V3's width and top-8 (BENCHMARKS.md, fourth session, run 15; CUDA-graph
 timing), as fast as a one-pass gather + quantize of every copy (coscale.kernels.fused_quant.gather_quant_rows,
 0.68x) without quantizing each token k times.
 
