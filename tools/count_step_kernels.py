@@ -1,0 +1,80 @@
+"""Kernels per training step, as `coscale train` runs it on one GPU: the count that
+``coscale analyze validate`` needs to charge a stack's small kernels (docs/analysis.md).
+
+Builds a preset's model (random weights, bf16 autocast, coscale's AdamW with FP32 moments), runs the step
+in the mode ``coscale train`` picks (compiled and replayed from a CUDA graph on one GPU) until it is
+captured, then profiles a few steps with torch.profiler and prints the kernels per step, the GPU time per
+step and the top kernels. With ``--device cpu`` it profiles eager CPU operators instead (a check of the
+script, not a kernel count).
+
+Run: ``PYTHONPATH=src python3 tools/count_step_kernels.py --model small --batch-size 16 --seq-len 512``
+(add ``--no-mtp`` for the record of `small` without MTP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from coscale.config import get_preset
+from coscale.model import DeepseekForCausalLM
+from coscale.parallel.world import SingleProcess
+from coscale.train.optim import build_optimizer
+from coscale.train.step_runner import StepRunner, resolve_step_mode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--no-mtp", action="store_true", help="the model without its MTP modules")
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps (after warm-up and capture)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    dev = torch.device(args.device)
+    cfg = get_preset(args.model, **({"num_nextn_predict_layers": 0} if args.no_mtp else {}))
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(cfg).to(dev).train()
+    optimizer = build_optimizer(model, lr=1e-4, moments_dtype="fp32")
+    world = SingleProcess(dev)
+    mode = resolve_step_mode(None, None, world)
+    cuda = dev.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    runner = StepRunner(model, optimizer, world, mode, gamma=1e-3, grad_clip=1.0, autocast=autocast)
+    gen = torch.Generator().manual_seed(1)
+
+    def step():
+        ids = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen).to(dev)
+        runner((ids[:, :-1], ids[:, 1:]), lr=1e-4)
+
+    for _ in range(6):  # compile, warm up, capture
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        us = (getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)) if cuda else \
+            ev.self_cpu_time_total
+        if us:
+            rows.append((us / args.steps, ev.count / args.steps, ev.key[:100]))
+    rows.sort(reverse=True)
+    summary = dict(model=args.model, mtp=not args.no_mtp, batch=args.batch_size, seq_len=args.seq_len,
+                   mode=mode.describe(), device=str(dev),
+                   kernels_per_step=round(sum(r[1] for r in rows)), gpu_us_per_step=round(sum(r[0] for r in rows)))
+    print(json.dumps(summary))
+    for us, calls, name in rows[:15]:
+        print(f"{us:10.1f} us x {calls:6.1f}  {name}")
+
+
+if __name__ == "__main__":
+    main()
