@@ -54,9 +54,25 @@ def test_eager_steps_are_launch_bound_for_tiny_models():
     assert eager.parts_s["host launch (beyond GPU time)"] > 0 and eager.step_s > graph.step_s
 
 
+def test_a_stacks_kernel_count_adds_its_unmodelled_kernels():
+    """kernels_per_step: the kernels beyond the modelled ops cost small_kernel_us each; fewer add nothing."""
+    from coscale.hardware import load_hardware
+
+    kw = dict(seq_len=512, global_batch=16, micro_batch=16, schedule="1f1b", recompute="none", precision="bf16")
+    base = T.training_time("small", "h200", ParallelLayout(), **kw)
+    more = T.training_time("small", "h200", ParallelLayout(), **kw, kernels_per_step=5000)
+    per_kernel = load_hardware("h200").achieved.small_kernel_us * 1e-6
+    assert more.step_s - base.step_s == pytest.approx(more.parts_s["other kernels"])
+    modelled = 5000 - round(more.parts_s["other kernels"] / per_kernel)
+    assert 100 < modelled < 2000
+    few = T.training_time("small", "h200", ParallelLayout(), **kw, kernels_per_step=modelled - 1)
+    assert few.step_s == base.step_s and "other kernels" not in few.parts_s
+
+
 @pytest.mark.parametrize("kwargs", [dict(schedule="gpipe"), dict(recompute="half"), dict(precision="int8"),
                                     dict(seq_len=0), dict(global_batch=3, layout=ParallelLayout(dp=2)),
-                                    dict(layout=ParallelLayout(tp=3))])
+                                    dict(layout=ParallelLayout(tp=3)), dict(kernels_per_step=0),
+                                    dict(kernels_per_step=True)])
 def test_bad_input(kwargs):
     with pytest.raises(ConfigError):
         T.training_time("deepseek-v2-lite", "h200", **kwargs)

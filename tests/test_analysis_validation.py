@@ -24,6 +24,9 @@ def test_predictions_match_the_models():
         recompute="none", include_mtp=False, precision="bf16", eager=True, optimizer="deepseek").step_s
     with pytest.raises(ConfigError, match="moments"):
         validation.predict({**TRAIN, "moments": "fp16"})
+    assert validation.predict({**TRAIN, "kernels_per_step": 4000}) == training_time.training_time(
+        "small", "h200", ParallelLayout(), seq_len=256, global_batch=4, micro_batch=4, schedule="1f1b",
+        recompute="none", precision="bf16", eager=True, optimizer="fp32", kernels_per_step=4000).step_s
     assert validation.predict(DECODE) == serving.decode(
         "deepseek-v2-lite", "h200", serving.ServingLayout(micro_batches=1), batch=8, context=512,
         weight_dtype="bf16").step_s

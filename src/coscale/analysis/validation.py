@@ -10,8 +10,9 @@ and how long it took, the setup the model needs, and where the number comes from
 
 ``kind`` is ``train_step`` (one optimizer step on one GPU: ``training_time`` with dp = tp = pp = ep = 1)
 or ``decode_step`` / ``prefill_step`` (``serving`` on one GPU, no overlap unless ``micro_batches`` says so).
-A decode record may carry ``kernels_per_step``, the kernel count of the measured stack's step (from a
-profile of it): kernels beyond the modelled ops then cost ``small_kernel_us`` each (``serving.decode``).
+A decode or training record may carry ``kernels_per_step``, the kernel count of the measured stack's step
+(from a profile of it): kernels beyond the modelled ops then cost ``small_kernel_us`` each
+(``serving.decode``, ``training_time``).
 :func:`record_from_run` turns a ``coscale train`` run directory into a ``train_step`` record (median
 step time over the second half of its steps, so compilation and warm-up stay out).
 
@@ -75,7 +76,8 @@ def predict(record: dict[str, Any]) -> float:
                                            include_mtp=bool(record.get("include_mtp", True)),
                                            precision=record.get("precision", "bf16"),
                                            eager=bool(record.get("eager", True)),
-                                           optimizer=_optimizer(record)).step_s
+                                           optimizer=_optimizer(record),
+                                           kernels_per_step=record.get("kernels_per_step")).step_s
     layout = serving.ServingLayout(micro_batches=int(record.get("micro_batches", 1)))
     if kind == "decode_step":
         return serving.decode(model, hardware, layout, batch=_need(record, "batch"), context=_need(record, "context"),
