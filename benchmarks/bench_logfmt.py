@@ -141,7 +141,6 @@ def comm_rows(dev, tokens, hidden=7168, n_experts=256, topk=8):
     out = []
 
     def add(name, fn, moved):
-        fn()
         out.append((name, bench([fn]), moved, TIMING["mode"]))
 
     add("permute (plain, bf16)", lambda: rows_from_tokens(x, info), rows_in + nbytes(perm))

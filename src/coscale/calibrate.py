@@ -229,16 +229,24 @@ def _memory_and_launch(probe, timer, tag):
     small = torch.zeros(16, device=dev)
     ops = probe.dim(200, 20)
     if not probe.smoke:
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        with torch.cuda.stream(stream):
-            small.add_(1)  # warm-up off the default stream, as graph capture asks
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph):
+        def tiny():
             for _ in range(ops):
                 small.add_(1)
-        out["kernel_floor_us"] = (timer(graph.replay) / ops * 1e6, f"{tag}: CUDA graph of {ops} tiny kernels")
-        out["small_kernel_us"] = (timer(_small_kernel_graph(dev, ops)) / ops * 1e6,
+
+        # decode-size kernels, each reading what the one before wrote (a decode step's norms, casts and
+        # residual adds are such kernels): a row sum of a [128, 2048] BF16 activation, then its division by it
+        act, rows = torch.ones(128, 2048, device=dev, dtype=torch.bfloat16), torch.empty(128, 1, device=dev,
+                                                                                        dtype=torch.bfloat16)
+
+        def decode_size():
+            for i in range(ops):
+                if i % 2:
+                    act.div_(rows)  # rows sum to 1 from then on: the values stay finite
+                else:
+                    torch.sum(act, dim=-1, keepdim=True, out=rows)
+
+        out["kernel_floor_us"] = (timer(_graphed(tiny)) / ops * 1e6, f"{tag}: CUDA graph of {ops} tiny kernels")
+        out["small_kernel_us"] = (timer(_graphed(decode_size)) / ops * 1e6,
                                   f"{tag}: CUDA graph of {ops} dependent decode-size kernels (row sum, division "
                                   "by it over a [128, 2048] BF16 activation, alternating)")
         sync = torch.cuda.synchronize
@@ -257,29 +265,17 @@ def _memory_and_launch(probe, timer, tag):
     return out
 
 
-def _small_kernel_graph(dev, ops: int):
-    """replay() of a CUDA graph of ``ops`` kernels the size of a decode step's small ones, each reading
-    what the one before wrote: a row sum and an in-place division by it of a [128, 2048] BF16 activation,
-    in turn (a decode step's norms, casts and residual adds are such kernels)."""
+def _graphed(fn):
+    """replay() of a CUDA graph of fn(), warmed up off the default stream first, as capture asks."""
     import torch
-
-    act, rows = torch.ones(128, 2048, device=dev, dtype=torch.bfloat16), torch.empty(128, 1, device=dev,
-                                                                                    dtype=torch.bfloat16)
-
-    def chain():
-        for i in range(ops):
-            if i % 2:
-                act.div_(rows)  # rows sum to 1 from then on: the values stay finite
-            else:
-                torch.sum(act, dim=-1, keepdim=True, out=rows)
 
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        chain()  # warm-up off the default stream, as graph capture asks
+        fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        chain()
+        fn()
     return graph.replay
 
 

@@ -99,6 +99,20 @@ def attention_prefill(eff: Efficiency, name: str, sequences: float, seq_len: int
     return OpTime(name, seconds, "compute", flops, 0.0)
 
 
+def unmodelled_kernels(eff: Efficiency, kernels_per_step: int | None, modelled: float) -> OpTime | None:
+    """The kernels of a measured stack's step beyond the ``modelled`` ops (norms, casts, RoPE, routing,
+    bookkeeping that the ops fold into a few), each waiting for the last: ``small_kernel_us`` apiece.
+    ``kernels_per_step`` comes from a profile of the stack's step; None (not counted) or a count at or
+    below the modelled ops: nothing."""
+    if kernels_per_step is None:
+        return None
+    if isinstance(kernels_per_step, bool) or not isinstance(kernels_per_step, int) or kernels_per_step < 1:
+        raise ConfigError(f"kernels per step must be a positive integer, got {kernels_per_step!r}")
+    if kernels_per_step <= modelled:
+        return None
+    return OpTime("other kernels", (kernels_per_step - modelled) * eff.small_kernel_us * 1e-6, "launch")
+
+
 def elementwise(eff: Efficiency, name: str, nbytes: float) -> OpTime:
     """A memory-bound kernel moving ``nbytes`` (reads + writes)."""
     return _bound(name, {"memory": nbytes / (eff.memory_tbps * 1e12), "launch": eff.kernel_floor_us * 1e-6},

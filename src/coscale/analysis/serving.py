@@ -147,8 +147,7 @@ def _forward(v: ModelView, hw: HardwareSpec, b: L.Batch, par: L.Parallel, layout
              ) -> overlap.Schedule:
     """Dense layers, MoE layers, the output head; then each MTP module (projection, one MoE layer, head).
     With ``kernels_per_step`` (a stack's kernel count, from a profile of its step), the kernels beyond
-    the modelled ops (norms, casts, RoPE, routing, bookkeeping that the ops here fold into a few) run
-    after them at ``small_kernel_us`` each."""
+    the modelled ops run after them (``costs.unmodelled_kernels``)."""
     m = layout.micro_batches
     moe_layer = L.layer_stages(v, hw, b, par, moe=v.is_moe, compute_slowdown=slowdown)
     stages = [L.layer_stages(v, hw, b, par, moe=False)] * v.dense_layers + [moe_layer] * v.moe_layers
@@ -157,10 +156,9 @@ def _forward(v: ModelView, hw: HardwareSpec, b: L.Batch, par: L.Parallel, layout
         stages.append((overlap.Stage(tuple(L.mtp_entry_ops(v, hw, b.tokens / layout.tp))),))
         stages.append(moe_layer)
         stages.append((overlap.Stage(tuple(L.head_ops(v, hw, head_tokens / m, layout.tp, "MTP head"))),))
-    modelled = m * sum(len(stage.compute) for layer in stages for stage in layer)
-    if kernels_per_step is not None and kernels_per_step > modelled:
-        other = costs.OpTime("other kernels", (kernels_per_step - modelled) * hw.achieved.small_kernel_us * 1e-6,
-                             "launch")
+    other = costs.unmodelled_kernels(hw.achieved, kernels_per_step,
+                                     m * sum(len(stage.compute) for layer in stages for stage in layer))
+    if other is not None:
         stages.append((overlap.Stage((other,)),))
     return overlap.run(stages, m)
 
@@ -179,9 +177,6 @@ def decode(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "h800", 
     m = layout.micro_batches
     b = L.Batch(tokens=batch * queries / m, requests=batch / m, queries=queries, context=context, decode=True)
     par = _parallel(layout, weight_dtype, dispatch_dtype, combine_dtype, kv_dtype)
-    if kernels_per_step is not None and (isinstance(kernels_per_step, bool) or not isinstance(kernels_per_step, int)
-                                         or kernels_per_step < 1):
-        raise ConfigError(f"kernels per step must be a positive integer, got {kernels_per_step!r}")
     sched = _forward(v, hw, b, par, layout, mtp_drafts, batch * queries, 1.0, kernels_per_step)
     per_request = mtp_yield(mtp_drafts, mtp_acceptance)
     mem = memory_per_gpu(v, layout, batch, context + queries, weight_dtype, kv_dtype, mtp_drafts)

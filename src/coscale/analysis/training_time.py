@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from coscale.analysis import layers as L
-from coscale.analysis.costs import OpTime, attention_prefill, elementwise, gemm
+from coscale.analysis.costs import OpTime, attention_prefill, elementwise, gemm, unmodelled_kernels
 from coscale.analysis.flops import training_flops_per_token
 from coscale.analysis.memory import ParallelLayout
 from coscale.analysis.models import Model, ModelView, as_view
@@ -159,8 +159,8 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
     ``ops x host_launch_us`` of host time; ``optimizer``: a recipe of :data:`OPTIMIZERS` (``fp32``: FP32
     moments, and the BF16 weights cast from the FP32 masters by autocast in every forward);
     ``kernels_per_step``: the training stack's kernels per step and GPU where a profile has counted them
-    (tools/count_step_kernels.py): those beyond the modelled ops each cost at least ``small_kernel_us``,
-    after the modelled time (None: only the modelled ops)."""
+    (tools/count_step_kernels.py): those beyond the modelled ops run after them
+    (``costs.unmodelled_kernels``; None: only the modelled ops)."""
     v, hw = as_view(model), load_hardware(hardware)
     layout = layout or ParallelLayout()
     layout.check(v)
@@ -168,9 +168,7 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
             or optimizer not in OPTIMIZERS:
         raise ConfigError(f"schedule must be one of {SCHEDULES}, recompute one of {RECOMPUTE}, precision "
                           f"fp8 or bf16 and optimizer one of {tuple(OPTIMIZERS)}")
-    counts = (("sequence length", seq_len), ("global batch", global_batch), ("micro-batch", micro_batch)) \
-        + ((("kernels per step", kernels_per_step),) if kernels_per_step is not None else ())
-    for name, value in counts:
+    for name, value in (("sequence length", seq_len), ("global batch", global_batch), ("micro-batch", micro_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     dp = layout.dp
@@ -221,9 +219,10 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
              "optimizer": update_s}
     if casts:
         parts["weight casts (autocast)"] = casts
-    modelled = micro_batches * (kernels + 3 * len(L.head_ops(v, hw, tokens, layout.tp)) * (1 + mtp) / layout.pp)
-    if kernels_per_step is not None and kernels_per_step > modelled:
-        parts["other kernels"] = (kernels_per_step - modelled) * eff.small_kernel_us * 1e-6
+    head_kernels = 3 * len(L.head_ops(v, hw, tokens, layout.tp)) * (1 + mtp) / layout.pp  # forward, both gradients
+    other = unmodelled_kernels(eff, kernels_per_step, micro_batches * (kernels + head_kernels))
+    if other is not None:
+        parts["other kernels"] = other.seconds
     if eager:  # the host launches every op; the GPU cannot run ahead of it
         host = micro_batches * kernels * eff.host_launch_us * 1e-6
         parts["host launch (beyond GPU time)"] = max(host - sum(parts.values()), 0.0)
