@@ -21,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from coscale.config import get_preset
+from coscale.errors import CoscaleError
 from coscale.model import DeepseekForCausalLM
 from coscale.parallel.world import SingleProcess
 from coscale.train.optim import build_optimizer
@@ -77,4 +78,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CoscaleError as e:  # a bad preset or checkpoint: one line, not a traceback
+        raise SystemExit(f"{__file__}: {e}") from None

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import bench_mtp  # noqa: E402
+from coscale.errors import CoscaleError  # noqa: E402
 from coscale.infer import speculative  # noqa: E402
 from coscale.infer.engine import Engine  # noqa: E402
 from coscale.infer.loading import load_for_inference  # noqa: E402
@@ -107,4 +108,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CoscaleError as e:  # a bad preset or checkpoint: one line, not a traceback
+        raise SystemExit(f"{__file__}: {e}") from None

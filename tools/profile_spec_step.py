@@ -19,6 +19,7 @@ import time
 import torch
 
 from coscale.config import get_preset
+from coscale.errors import CoscaleError
 from coscale.infer.engine import Engine, EngineConfig
 from coscale.infer.sampling import SamplingParams
 from coscale.model import DeepseekForCausalLM
@@ -71,4 +72,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CoscaleError as e:  # a bad preset or checkpoint: one line, not a traceback
+        raise SystemExit(f"{__file__}: {e}") from None
