@@ -371,6 +371,10 @@ def test_every_candidate_configuration_writes_the_reference_bits(shape, dtype):
             outs = qo.quant_outputs(*shape, x.device, True, False, True)
             qo.launch_producer("rows", outs, x, round_scale, m=shape[0], k=shape[1], config=_config(cfg))
             _assert_same_fp8(outs[0], ry, outs[1], rs)
+        for cfg in qo.PRODUCER_COLS_CONFIGS:
+            outs = qo.quant_outputs(*shape, x.device, False, True, True)
+            qo.launch_producer("cols", outs, x, round_scale, m=shape[0], k=shape[1], config=_config(cfg))
+            _assert_same_fp8(outs[2], ryt, outs[3], rst)
         for cfg in qo.DUAL_CONFIGS:
             outs = qo.quant_outputs(*shape, x.device, True, True, True)
             qo.launch_producer("dual", outs, x, round_scale, m=shape[0], k=shape[1], config=_config(cfg))

@@ -116,22 +116,27 @@ def rows_kernel(
 def cols_kernel(
     x_ptr, yt_ptr, st_ptr, M, K, YT_ROWS, M_BUCKET, stride_xm, stride_xk, stride_ytk, stride_stk, stride_stm,
     amax_floor, fp8_max,
-    BLOCK_K: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
 ):  # fmt: skip
     # x^T in 1x128 tiles along M: yt [YT_ROWS, Mp] e4m3, st [YT_ROWS, Mp/128] (rows K..YT_ROWS-1 zeros).
-    # One program = [128 tokens x BLOCK_K columns], loaded along K; the FP8 tile (1 byte per element) is
-    # transposed in registers so that yt is stored along the tokens, 128 bytes per row.
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * 128 + tl.arange(0, 128)
+    # One program = GROUPS tiles of [128 tokens x BLOCK_K columns] one after another, each loaded along K;
+    # the FP8 tile (1 byte per element) is transposed in registers so that yt is stored along the tokens,
+    # 128 bytes per row. The loop lets Triton's pipeliner load the next tile while this one is reduced and
+    # transposed (a program with one tile waits for its loads, then for its shared-memory transpose).
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    x = tl.load(x_ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
-    st = _scale_from_bits(tl.max(_abs_bits(x), 0), amax_floor, fp8_max, ROUND_SCALE)  # [BLOCK_K]
-    r, d = _divisor(st)
-    yt8 = tl.trans(_quantize_tile(x, r[None, :], d[None, :], fp8_max, GRID_ROUND).to(yt_ptr.dtype.element_ty))
     in_rows = offs_k < YT_ROWS
-    tl.store(yt_ptr + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :], yt8, mask=in_rows[:, None])
-    tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows)
+    for g in tl.range(GROUPS, num_stages=3):
+        pid_m = tl.program_id(0) * GROUPS + g
+        offs_m = pid_m * 128 + tl.arange(0, 128)
+        live = (tl.zeros([BLOCK_K], tl.int32) + pid_m * 128) < M  # the last program's tiles may lie past the end
+        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+        x = tl.load(x_ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+        st = _scale_from_bits(tl.max(_abs_bits(x), 0), amax_floor, fp8_max, ROUND_SCALE)  # [BLOCK_K]
+        r, d = _divisor(st)
+        yt8 = tl.trans(_quantize_tile(x, r[None, :], d[None, :], fp8_max, GRID_ROUND).to(yt_ptr.dtype.element_ty))
+        tl.store(yt_ptr + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :], yt8,
+                 mask=(in_rows & live)[:, None])
+        tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows & live)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -139,26 +144,29 @@ def weight_kernel(
     x_ptr, y_ptr, s_ptr, st_ptr, M, K, Y_ROWS, M_BUCKET,
     stride_xb, stride_xm, stride_xk, stride_yb, stride_ym, stride_sb, stride_sm, stride_sk,
     stride_stb, stride_stk, stride_stm, amax_floor, fp8_max,
-    TRANSPOSED_SCALES: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
+    GROUPS: tl.constexpr, TRANSPOSED_SCALES: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
 ):  # fmt: skip
     # One scale per 128x128 block: y [Np, Kp] (rows < Y_ROWS), s [Np/128, Kp/128] and, with
     # TRANSPOSED_SCALES, W^T's scales st [Kp/128, Np/128] (the same numbers; W^T's bytes come from
-    # transpose_bytes_kernel). One program = one block (batch index program_id(2)).
+    # transpose_bytes_kernel). One program = GROUPS blocks along K, one after another (the loop lets
+    # Triton's pipeliner load the next block during this one's reduction); batch index program_id(2).
     pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * 128 + tl.arange(0, 128)
-    offs_k = pid_k * 128 + tl.arange(0, 128)
-    x_ptrs = x_ptr + pid_b * stride_xb + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    x = tl.load(x_ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
-    s = _scale_from_bits(tl.max(tl.max(_abs_bits(x), 1), 0), amax_floor, fp8_max, ROUND_SCALE)  # a scalar
-    r, d = _divisor(s)
-    y8 = _quantize_tile(x, r, d, fp8_max, GRID_ROUND).to(y_ptr.dtype.element_ty)
-    y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
-    tl.store(y_ptrs, y8, mask=(offs_m < Y_ROWS)[:, None])
-    tl.store(s_ptr + pid_b * stride_sb + pid_m * stride_sm + pid_k * stride_sk, s)
-    if TRANSPOSED_SCALES:
-        tl.store(st_ptr + pid_b * stride_stb + pid_k * stride_stk + pid_m * stride_stm, s)
+    for g in tl.range(GROUPS, num_stages=3):
+        pid_k = tl.program_id(1) * GROUPS + g
+        live = pid_k * 128 < K  # the last program's blocks may lie past the end
+        offs_k = pid_k * 128 + tl.arange(0, 128)
+        x_ptrs = x_ptr + pid_b * stride_xb + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+        x = tl.load(x_ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+        s = _scale_from_bits(tl.max(tl.max(_abs_bits(x), 1), 0), amax_floor, fp8_max, ROUND_SCALE)  # a scalar
+        r, d = _divisor(s)
+        y8 = _quantize_tile(x, r, d, fp8_max, GRID_ROUND).to(y_ptr.dtype.element_ty)
+        y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
+        tl.store(y_ptrs, y8, mask=(offs_m < Y_ROWS)[:, None] & (offs_k < tl.cdiv(K, 128) * 128)[None, :])
+        tl.store(s_ptr + pid_b * stride_sb + pid_m * stride_sm + pid_k * stride_sk, s, mask=live)
+        if TRANSPOSED_SCALES:
+            tl.store(st_ptr + pid_b * stride_stb + pid_k * stride_stk + pid_m * stride_stm, s, mask=live)
 
 
 @triton.jit
@@ -294,22 +302,26 @@ def cols_quant_kernel(
     M, K, YT_ROWS, M_BUCKET, stride_x, stride_b, up_offset, stride_ytk, stride_stk, stride_stm,
     amax_floor, fp8_max,
     SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    BLOCK_K: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
 ):  # fmt: skip
-    # One program = a [128 rows x BLOCK_K columns] tile: the transpose in 1x128 tiles along the rows,
-    # yt [YT_ROWS, Mp] e4m3 and st [YT_ROWS, Mp/128] (rows K..YT_ROWS-1 zeros), stored contiguous along
-    # the rows through a transposed FP8 tile (as cols_kernel).
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * 128 + tl.arange(0, 128)
+    # One program = GROUPS tiles of [128 rows x BLOCK_K columns], one after another (pipelined, as
+    # cols_kernel): the transpose in 1x128 tiles along the rows, yt [YT_ROWS, Mp] e4m3 and st
+    # [YT_ROWS, Mp/128] (rows K..YT_ROWS-1 zeros), stored contiguous along the rows through a transposed
+    # FP8 tile.
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x, stride_b,
-                      up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
-    st = _scale_from_bits(tl.max(_abs_bits(v), 0), amax_floor, fp8_max, ROUND_SCALE)
-    r, d = _divisor(st)
-    yt8 = tl.trans(_quantize_tile(v, r[None, :], d[None, :], fp8_max, GRID_ROUND).to(yt_ptr.dtype.element_ty))
     in_rows = offs_k < YT_ROWS
-    tl.store(yt_ptr + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :], yt8, mask=in_rows[:, None])
-    tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows)
+    for g in tl.range(GROUPS, num_stages=3):
+        pid_m = tl.program_id(0) * GROUPS + g
+        offs_m = pid_m * 128 + tl.arange(0, 128)
+        live = (tl.zeros([BLOCK_K], tl.int32) + pid_m * 128) < M  # the last program's tiles may lie past the end
+        v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x, stride_b,
+                          up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+        st = _scale_from_bits(tl.max(_abs_bits(v), 0), amax_floor, fp8_max, ROUND_SCALE)
+        r, d = _divisor(st)
+        yt8 = tl.trans(_quantize_tile(v, r[None, :], d[None, :], fp8_max, GRID_ROUND).to(yt_ptr.dtype.element_ty))
+        tl.store(yt_ptr + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :], yt8,
+                 mask=(in_rows & live)[:, None])
+        tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows & live)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])

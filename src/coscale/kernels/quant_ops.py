@@ -14,15 +14,17 @@ Launch shapes, each tuned per call shape by Triton's autotuner among the candida
 per element (the H200 at 4.25 TB/s allows about 23 per bf16 element; the first kernels needed about 20,
 which capped act_quant_1x128 at 71% of copy on the H200 against 83-89% on the H100).
 - rows (1x128 along K): ``rows_kernel``, [BLOCK_M rows x TILES tiles x 128] per program.
-- transposed (1x128 along M): ``cols_kernel``, [128 x BLOCK_K] tiles stored through a transposed FP8
-  tile (contiguous along the tokens).
+- transposed (1x128 along M): ``cols_kernel``, GROUPS [128 x BLOCK_K] tiles per program, one after
+  another, each stored through a transposed FP8 tile (contiguous along the tokens). With several tiles
+  the loop is software-pipelined (the next tile's loads in flight during this one's shared-memory
+  transpose); one tile a program reached 63% of copy on the H200.
 - both layouts: two launches (rows, then transposed: x read twice, the second time partly from L2) or,
   with ``one_pass=True``, ``dual_quant_kernel`` (x read once): a [128 x 128] block held whole (CHUNK
   128, 8 or 16 warps) or walked in column chunks. benchmarks/bench_quant.py measures both.
-- 128x128 weight blocks: ``weight_kernel``, a whole block per program (4, 8 or 16 warps), the
-  transposed scales written by the same program; W^T's bytes by ``transpose_bytes_kernel`` (one launch
-  for every weight of a stacked buffer). A one-pass W/W^T kernel was slower (38% on the H100) and, for
-  float32 weights, wrong there (triton 3.6; tools/debug_fp8_nan.py).
+- 128x128 weight blocks: ``weight_kernel``, GROUPS whole blocks along K per program (pipelined as
+  above; 4, 8 or 16 warps), the transposed scales written by the same program; W^T's bytes by
+  ``transpose_bytes_kernel`` (one launch for every weight of a stacked buffer). A one-pass W/W^T kernel
+  was slower (38% on the H100) and, for float32 weights, wrong there (triton 3.6; tools/debug_fp8_nan.py).
 
 Interpreter note: Triton's CPU interpreter mis-rounds FP32 -> E4M3 casts (lost exponent carry, ties away
 from zero). When interpreting, the kernels first round onto the E4M3 grid in FP32 with the magic-number
@@ -83,11 +85,16 @@ ROWS_CONFIGS = (  # rows_kernel: BLOCK_M rows x TILES 1x128 tiles
     ({"BLOCK_M": 16, "TILES": 4}, 4), ({"BLOCK_M": 4, "TILES": 8}, 4), ({"BLOCK_M": 16, "TILES": 4}, 8),
     ({"BLOCK_M": 8, "TILES": 8}, 8), ({"BLOCK_M": 32, "TILES": 2}, 8), ({"BLOCK_M": 64, "TILES": 1}, 8),
 )
-COLS_CONFIGS = (  # cols_kernel: 128 tokens x BLOCK_K columns
-    ({"BLOCK_K": 32}, 4), ({"BLOCK_K": 16}, 4), ({"BLOCK_K": 64}, 4), ({"BLOCK_K": 64}, 8),
-    ({"BLOCK_K": 128}, 8), ({"BLOCK_K": 128}, 16),
+COLS_CONFIGS = (  # cols_kernel: GROUPS tiles of 128 tokens x BLOCK_K columns, one after another
+    ({"BLOCK_K": 32, "GROUPS": 1}, 4), ({"BLOCK_K": 16, "GROUPS": 1}, 4), ({"BLOCK_K": 64, "GROUPS": 1}, 4),
+    ({"BLOCK_K": 64, "GROUPS": 1}, 8), ({"BLOCK_K": 128, "GROUPS": 1}, 8), ({"BLOCK_K": 128, "GROUPS": 1}, 16),
+    ({"BLOCK_K": 32, "GROUPS": 4}, 4), ({"BLOCK_K": 64, "GROUPS": 4}, 4), ({"BLOCK_K": 64, "GROUPS": 4}, 8),
+    ({"BLOCK_K": 128, "GROUPS": 2}, 8),
 )
-WEIGHT_CONFIGS = (({}, 4), ({}, 8), ({}, 16))  # weight_kernel: one 128x128 block
+WEIGHT_CONFIGS = (  # weight_kernel: GROUPS 128x128 blocks along K, one after another
+    ({"GROUPS": 1}, 4), ({"GROUPS": 1}, 8), ({"GROUPS": 1}, 16), ({"GROUPS": 4}, 4), ({"GROUPS": 4}, 8),
+    ({"GROUPS": 2}, 8),
+)
 TRANSPOSE_CONFIGS = (  # transpose_bytes_kernel: [BLOCK_R x BLOCK_C] bytes
     ({"BLOCK_R": 128, "BLOCK_C": 64}, 4), ({"BLOCK_R": 64, "BLOCK_C": 128}, 4),
     ({"BLOCK_R": 128, "BLOCK_C": 128}, 4), ({"BLOCK_R": 128, "BLOCK_C": 128}, 8),
@@ -103,7 +110,10 @@ PRODUCER_ROWS_CONFIGS = (
     ({"BLOCK_M": 8, "TILES": 8}, 8), ({"BLOCK_M": 16, "TILES": 4}, 8), ({"BLOCK_M": 16, "TILES": 2}, 4),
     ({"BLOCK_M": 8, "TILES": 4}, 4), ({"BLOCK_M": 32, "TILES": 2}, 8), ({"BLOCK_M": 32, "TILES": 1}, 4),
 )
-PRODUCER_COLS_CONFIGS = (({"BLOCK_K": 32}, 4), ({"BLOCK_K": 16}, 4), ({"BLOCK_K": 64}, 8))
+PRODUCER_COLS_CONFIGS = (  # cols_quant_kernel: GROUPS tiles of 128 rows x BLOCK_K columns
+    ({"BLOCK_K": 32, "GROUPS": 1}, 4), ({"BLOCK_K": 16, "GROUPS": 1}, 4), ({"BLOCK_K": 64, "GROUPS": 1}, 8),
+    ({"BLOCK_K": 32, "GROUPS": 4}, 4), ({"BLOCK_K": 64, "GROUPS": 4}, 8),
+)
 TRANSPOSE_TILE = (TRANSPOSE_CONFIGS[0][0]["BLOCK_R"], TRANSPOSE_CONFIGS[0][0]["BLOCK_C"])  # the interpreter's
 # Both layouts of an activation (FP8Linear's X and dY, the FP8 experts' fused quantizations) from one launch
 # (dual_quant_kernel: x read once) or from two (rows, then the transposed layout; x read twice, the second
@@ -180,7 +190,7 @@ def launch_producer(form, outs, x, round_scale, *, m, k, source=0, b=None, idx=N
             **common,
         )  # fmt: skip
     elif form == "cols":
-        launcher(kernel)[lambda meta: (-(-m // BLOCK), -(-yt.shape[0] // meta["BLOCK_K"]))](
+        launcher(kernel)[lambda meta: (-(-m // (BLOCK * meta["GROUPS"])), -(-yt.shape[0] // meta["BLOCK_K"]))](
             x, b, idx, w, yt, st, m, k, yt.shape[0], bucket, x.stride(0), b.stride(0), up_offset,
             yt.stride(0), st.stride(0), st.stride(1), AMAX_FLOOR, FP8_MAX, **common,
         )  # fmt: skip
@@ -220,7 +230,7 @@ def launch_cols(x, yt, st, round_scale, config=None):
     kernel, cfg = launch_config(tuned_kernels(interpreting())["cols"], config)
     m, k = x.shape
     rows = yt.shape[0]
-    launcher(kernel)[lambda meta: (-(-m // BLOCK), -(-rows // meta["BLOCK_K"]))](
+    launcher(kernel)[lambda meta: (-(-m // (BLOCK * meta["GROUPS"])), -(-rows // meta["BLOCK_K"]))](
         x, yt, st, m, k, rows, rows_bucket(m), x.stride(0), x.stride(1), yt.stride(0), st.stride(0), st.stride(1),
         AMAX_FLOOR, FP8_MAX, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(), **cfg,
     )  # fmt: skip
@@ -235,7 +245,7 @@ def launch_weight(w, y, s, st, round_scale, config=None):
     # Without transposed scales the kernel never touches st_: pass the input, not the output s again (an
     # output passed twice keeps Inductor, under wrap_triton's functionalization, from writing it in place)
     st_ = w if st is None else st
-    launcher(kernel)[(-(-n // BLOCK), -(-k // BLOCK), batch)](
+    launcher(kernel)[lambda meta: (-(-n // BLOCK), -(-k // (BLOCK * meta["GROUPS"])), batch)](
         w, y, s, st_, n, k, y.shape[-2], rows_bucket(n), *_batched_strides(w), *_batched_strides(y)[:2],
         *_batched_strides(s), *_batched_strides(st_), AMAX_FLOOR, FP8_MAX, TRANSPOSED_SCALES=st is not None,
         ROUND_SCALE=round_scale, GRID_ROUND=interpreting(), **cfg,
