@@ -241,6 +241,12 @@ def main() -> None:
         kinds += [("encode_nearest", n_bits), ("encode_stochastic", n_bits), ("decode", n_bits)]
     copy_bw = copy_bandwidth(dev)
     results, checks = [], []
+    try:  # the bound the encoder's fast path assumes for the GPU's lg2.approx (every mantissa)
+        err = lf.fast_log2_max_error()
+        checks.append({"check": "lg2.approx", "max_abs_error": err, "bound": lf.LOG2_BOUND, "ok": err <= lf.LOG2_BOUND})
+    except Exception as exc:
+        checks.append({"check": "lg2.approx", "error": f"{type(exc).__name__}: {exc}"})
+    print(json.dumps(checks[-1]), flush=True)
     for n_bits in (8, 10):
         rec = {"check": f"LogFMT-{n_bits}"}
         try:

@@ -50,11 +50,12 @@ def logfmt_cases():
         gb_p2 = _pow2(gbytes)
         types = {"x_ptr": "*bf16", "idx_ptr": "*i64", "codes_ptr": "*u8" if n_bits <= 8 else "*i16",
                  "min_ptr": "*fp32", "step_ptr": "*fp32", "pay_ptr": "*u8", **fp}
-        for block_r, warps in ((8, 4), (16, 8)):
+        for block_r, warps, chunk in ((8, 4, 128), (128, 4, 32)):
             const = dict(N_BITS=n_bits, STOCHASTIC=stochastic, GATHER=gather, TOPK=8 if gather else 1, PACKED=packed,
-                         GROUP=group, GBYTES=gbytes, GB_P2=gb_p2, BLOCK_R=block_r, TILE_C=128)
+                         GROUP=group, GBYTES=gbytes, GB_P2=gb_p2, BLOCK_R=block_r, TILE_C=128, CHUNK_C=chunk,
+                         FAST_LOG2=True)
             label = (f"logfmt encode n{n_bits} packed={packed} gather={gather} stochastic={stochastic} "
-                     f"R{block_r} w{warps}")
+                     f"R{block_r} w{warps} C{chunk}")
             yield label, lk.encode_kernel, types, const, warps
         types = {"codes_ptr": "*u8" if n_bits <= 8 else "*i16", "min_ptr": "*fp32", "step_ptr": "*fp32",
                  "pay_ptr": "*u8", "pair_row_ptr": "*i64", "w_ptr": "*fp32", "out_ptr": "*bf16"}
@@ -73,6 +74,14 @@ def quant_cases():
                      TILES=tiles, ROUND_SCALE=False, GRID_ROUND=False)
         label = f"rows_quant source {source} TILES {tiles} M{block_m} w{warps} weight={weight} dot={dot}"
         yield label, qk.rows_quant_kernel, types, const, warps
+    types = {"x_ptr": "*bf16", "yt_ptr": "*fp8e4nv", "st_ptr": "*fp32", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+             "amax_floor": "fp32", "fp8_max": "fp32"}
+    for block_k, groups, warps in ((64, 1, 4), (64, 4, 8)):  # the pipelined loop over token tiles
+        const = dict(BLOCK_K=block_k, GROUPS=groups, ROUND_SCALE=False, GRID_ROUND=False)
+        yield f"cols BLOCK_K {block_k} GROUPS {groups} w{warps}", qk.cols_kernel, types, const, warps
+    for groups, warps in ((1, 4), (4, 8)):
+        const = dict(GROUPS=groups, TRANSPOSED_SCALES=True, ROUND_SCALE=False, GRID_ROUND=False)
+        yield f"weight GROUPS {groups} w{warps}", qk.weight_kernel, types, const, warps
 
 
 def main() -> int:

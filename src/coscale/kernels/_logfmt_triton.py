@@ -19,22 +19,25 @@ origin M = m / ln 2, the step S = s / ln 2 and the midpoint offset C = log2((1 +
 s / 2 for n >= 8, where s <= 32 ln 2 / 126; the exact formula below). Per element (float32 only): the
 position on the code grid t = (log2|x| - M - C) / S, whose integers are the rounding thresholds, as
   t = (z - c + L) / S,  z = E - floor(M) (E the exponent, exact small integer), c = frac(M) + C,
-  L = ln(mant) / ln 2 with mant in [sqrt(1/2), sqrt(2)) (``_ln_mantissa``: |error| <= 1.6e-7 log2 units
-  with the GPU's 2-ulp division, every fp32 mantissa checked),
+  L = log2(mant) with mant in [sqrt(1/2), sqrt(2)) (``_log2_mantissa``: on the GPU the hardware's
+  lg2.approx.f32, |error| <= 2^-22.6 < 1.6e-7 by the PTX ISA, checked on the GPU for every fp32 mantissa
+  of the range by ``log2_check_kernel``; in the interpreter numpy's log2),
 split so that the large parts are exact: z * hi(1/S) (hi: 1/S cut to 15 significant bits, |z| < 2^8) and
 floor(c / S) are exact float32 integers or products, and only small terms (|.| <= 2 + 0.52 / S) round.
 ``_grid_position`` returns floor(t) exactly and frac(t) with |error| <= 2.9e-7 / S + 5e-7 (derivation in
 ``_grid_position``), below the band DELTA / S + BAND_ABS (DELTA = 4e-7, BAND_ABS = 2^-20). An element whose
-t lies within the band of a threshold (an integer in 0..Q-2, or t0, the 0 / 1 threshold |x| = exp(m) / 2)
-is ambiguous: its row is recomputed with the reference's float64 formulas and the fast path stores
-nothing for it. Rows where the bound is not usable go there whole: 1/S >= 2^16 (nearly constant tiles)
-or a subnormal |x| beside max |x| >= 2^100 (other rows with subnormals are scaled by 2^24 first, exactly,
-so that every exponent is in the bits). Every other code is the reference's
-(the reference decides exactly except within ~1e-15 relative of a threshold).
+t lies within the band of an integer (the thresholds 0..Q-2; near the others, a harmless extra redo), or of
+t0 (the 0 / 1 threshold |x| = exp(m) / 2, below every element of a row the clamp does not cut), is
+ambiguous: its row is recomputed with the reference's float64 formulas. Rows where the bound is not
+usable go there whole: 1/S >= 2^16 (nearly constant tiles) or a subnormal |x| beside max |x| >= 2^100
+(other rows with subnormals are scaled by 2^24 first, exactly, so that every exponent is in the bits).
+Every other code is the reference's (the reference decides exactly except within ~1e-15 relative of a
+threshold).
 """
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -54,14 +57,21 @@ def _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER: tl.constexpr,
 
 
 @triton.jit
-def _tile_stats(x, range_clamp, Q: tl.constexpr):
-    """(|x| bits int32, bad, m32, s32, amin, amax [R]): the reference's _tile_stats in float64.
-    Max and min on the bit patterns of |x| (same order as the values); NaN and inf have the largest."""
+def _tile_bits(x):
+    """(|x| bits int32 [R, C], their max [R], the min of the non-zero ones [R]): max and min on the bit
+    patterns of |x| (the same order as the values); NaN and inf have the largest; 0x7F800000 for no
+    non-zero element."""
     bits = tl.abs(x).to(tl.int32, bitcast=True)
-    top = tl.max(bits, 1)
+    return bits, tl.max(bits, 1), tl.min(tl.where(bits > 0, bits, 0x7F800000), 1)
+
+
+@triton.jit
+def _row_stats(top, low, range_clamp, Q: tl.constexpr):
+    """(bad, m32, s32, amin, amax [R]) from a tile row's |x| bit max and non-zero min: the reference's
+    _tile_stats in float64."""
     bad = top >= 0x7F800000
     amax = top.to(tl.float32, bitcast=True)
-    amin = tl.min(tl.where(bits > 0, bits, 0x7F800000), 1).to(tl.float32, bitcast=True)
+    amin = low.to(tl.float32, bitcast=True)
     live = (top > 0) & (top < 0x7F800000)
     amax64 = tl.where(live, amax, 1.0).to(tl.float64)
     amin64 = tl.maximum(tl.where(live, amin, 1.0).to(tl.float64), amax64 * range_clamp)
@@ -69,7 +79,7 @@ def _tile_stats(x, range_clamp, Q: tl.constexpr):
     lmin = tl.log(amin64)
     m32 = tl.where(live, lmin.to(tl.float32), 0.0)
     s32 = tl.where(live, ((lmax - lmin) / (Q - 1)).to(tl.float32), 0.0)
-    return bits, bad, m32, s32, amin, amax
+    return bad, m32, s32, amin, amax
 
 
 @triton.jit
@@ -85,7 +95,7 @@ def _row_grid(m32, s32, scaled, delta, N_BITS: tl.constexpr, STOCHASTIC: tl.cons
     In log2 units M = m / ln 2, S = s / ln 2, C = log2((1 + e^s) / 2) (0 for stochastic rounding: the
     grid itself), c = frac(M) + C. Returns float32 [R]: kz = 1.5 * 2^23 + floor(M) (z's offset; + 24 where
     the row's |x| were scaled by 2^24), hi and lo
-    of 1/S (hi cut to 15 significant bits), 1/s, floor(c/S) and its fraction, floor(c/S) + floor(t0) and
+    of 1/S (hi cut to 15 significant bits), 1/S, floor(c/S) and its fraction, floor(c/S) + floor(t0) and
     frac(t0) (t0 = -(1 + C)/S, the 0 / 1 threshold), the band, and whether the row skips the fast path."""
     inv_ln2 = _f64(m32, 0x3FF71547652B82FE)
     m = m32.to(tl.float64)
@@ -110,46 +120,47 @@ def _row_grid(m32, s32, scaled, delta, N_BITS: tl.constexpr, STOCHASTIC: tl.cons
     t0_int = tl.floor(t0)
     band = (delta * inv_step).to(tl.float32) + 9.5367431640625e-07  # + BAND_ABS = 2^-20
     kz = 12582912.0 + m_int + tl.where(scaled, 24.0, 0.0)
-    return (kz.to(tl.float32), hi.to(tl.float32), (inv_step - hi).to(tl.float32),
-            (inv_step * inv_ln2).to(tl.float32), k_int.to(tl.float32), (k - k_int).to(tl.float32),
-            (k_int + t0_int).to(tl.float32), (t0 - t0_int).to(tl.float32), band,
-            (inv_step >= 65536.0) | (band >= 0.25))
+    return (kz.to(tl.float32), hi.to(tl.float32), (inv_step - hi).to(tl.float32), inv_step.to(tl.float32),
+            k_int.to(tl.float32), (k - k_int).to(tl.float32), (k_int + t0_int).to(tl.float32),
+            (t0 - t0_int).to(tl.float32), band, (inv_step >= 65536.0) | (band >= 0.25))
 
 
 @triton.jit
-def _ln_mantissa(bits):
-    """(E + (mant > ...), ln(mant) float32) with |x| = 2^E * mant, mant in [sqrt(1/2), sqrt(2)): from the
-    bits of a normal |x| (0 gives E = -127, ln = 0). E as an int32."""
+def _log2_mantissa(bits, FAST_LOG2: tl.constexpr):
+    """(E, log2(mant) float32) with |x| = 2^E * mant, mant in [sqrt(1/2), sqrt(2)): from the bits of a normal
+    |x| (0 gives E = -127, mant = 1). E as an int32. FAST_LOG2 (the GPU): lg2.approx.f32, one MUFU
+    instruction, |error| <= 2^-22.6 on this range (PTX ISA; log2_check_kernel checks every mantissa);
+    the interpreter has no lg2.approx and takes tl.log2 (numpy's, within an ulp)."""
     e = (bits - 0x3F3504F4) >> 23  # the exponent of |x| / sqrt(1/2), rounded down
     mant = (bits - (e << 23)).to(tl.float32, bitcast=True)
-    f = mant - 1.0  # exact (Sterbenz)
-    u = f / (2.0 + f)
-    u2 = u * u
-    p = 0.6666666666666666 + u2 * (0.4 + u2 * (0.2857142857142857 + u2 * (0.2222222222222222
-                                                                         + u2 * 0.18181818181818182)))
-    return e, 2.0 * u + u * u2 * p
+    if FAST_LOG2:
+        lg = libdevice.fast_log2f(mant)
+    else:
+        lg = tl.log2(mant)
+    return e, lg
 
 
 @triton.jit
-def _grid_position(bits, kz, inv_hi, inv_lo, inv_s, k_int, k_frac):
-    """(floor(t), frac(t), p_int, w) float32 [R, C], t = (log2|x| - M - C) / S = p_int - k_int + w.
+def _grid_position(bits, kz, inv_hi, inv_lo, inv_S, k_int, k_frac, FAST_LOG2: tl.constexpr):
+    """(floor(t) - k_off, frac(t), p_int, w) float32 [R, C], t = (log2|x| - M - C) / S = p_int - k_int + w
+    (k_int = floor(c/S) + k_off: the caller's offset folded in, an integer); the row constants as [R, 1].
 
     With z = E - floor(M) (an integer, |z| < 2^8) and K = c/S = k_int + k_frac:
-      t = z * inv_hi - k_int + (z * inv_lo - k_frac + ln(mant) / s).
+      t = z * inv_hi - k_int + (z * inv_lo - k_frac + log2(mant) / S).
     z * inv_hi is exact (8 + 15 bits), so is its split p_int + (p - p_int); with 1/S < 2^16 every
     integer here is below 2^24. Only w = (p - p_int) + inner rounds, |w| <= 2 + 0.52/S, then
-    floor(w) and w - floor(w) are exact. Errors of t in t units, u = 2^-24: ln(mant) 1.6e-7/S (log2
-    units / S), 1/s's rounding 0.5u/S, inner's products and sums (0.52 + 0.52 + 0.04) u/S + 2u, w's
+    floor(w) and w - floor(w) are exact. Errors of t in t units, u = 2^-24: log2(mant) 1.6e-7/S, 1/S's
+    rounding (|log2 mant| <= 1/2) 0.5u/S, inner's products and sums (0.52 + 0.52 + 0.04) u/S + 2u, w's
     rounding (2 + 0.52/S) u, the float64 constants ~1e-9: <= 2.55e-7/S + 3e-7. The 0 / 1 test adds
     w - frac(t0) (<= (3 + 0.52/S) u) and its sum (u): <= 2.9e-7/S + 5e-7 < the band."""
-    e, ln = _ln_mantissa(bits)
-    z = (e + 0x4B400000).to(tl.float32, bitcast=True) - kz[:, None]  # 1.5 * 2^23 + e, exactly
-    p = z * inv_hi[:, None]
+    e, lg = _log2_mantissa(bits, FAST_LOG2)
+    z = (e + 0x4B400000).to(tl.float32, bitcast=True) - kz  # 1.5 * 2^23 + e, exactly
+    p = z * inv_hi
     p_int = tl.floor(p)
-    inner = ln * inv_s[:, None] + (z * inv_lo[:, None] - k_frac[:, None])
+    inner = lg * inv_S + (z * inv_lo - k_frac)
     w = (p - p_int) + inner
     w_int = tl.floor(w)
-    return (p_int - k_int[:, None]) + w_int, w - w_int, p_int, w
+    return (p_int - k_int) + w_int, w - w_int, p_int, w
 
 
 @triton.jit
@@ -175,37 +186,52 @@ def _to_int(v):
 
 
 @triton.jit
-def _fast_mag(x, bits, m32, s32, scaled, delta, Q: tl.constexpr, N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr,
-              seed, rand_off):  # fmt: skip
-    """(magnitude code [R, C] int32, ambiguous [R, C], rows that skip the fast path [R])."""
-    kz, inv_hi, inv_lo, inv_s, k_int, k_frac, t0_int, t0_frac, band, skip = _row_grid(
-        m32, s32, scaled, delta, N_BITS, STOCHASTIC)
-    fl, fr, p_int, w = _grid_position(bits, kz, inv_hi, inv_lo, inv_s, k_int, k_frac)
-    if STOCHASTIC:  # fl = floor((log2|x| - M) / S): the bracket a = g_k <= |x| < b (the grid's k)
-        ax = tl.abs(x)
-        if tl.max(skip.to(tl.int32), 0) > 0:  # rare: 1/S >= 2^16, the grid index in float64 for those rows
-            s_safe = tl.where(s32 > 0, s32, 1.0).to(tl.float64)[:, None]
-            log_ax = tl.log(tl.where(ax > 0, ax, 1.0).to(tl.float64))
-            fl64 = tl.floor((log_ax - m32.to(tl.float64)[:, None]) / s_safe)
-            fl = tl.where(skip[:, None], fl64.to(tl.float32), fl)
-        k = tl.minimum(tl.maximum(fl, -1.0), Q - 2.0)
-        mf = m32[:, None]
-        sf = s32[:, None]
-        lower = tl.where(k < 0, 0.0, tl.exp(mf + sf * k))
-        upper = tl.exp(mf + sf * (k + 1.0))
-        u = tl.rand(seed, rand_off)
-        up = u * (upper - lower) < ax - lower
-        mag = _to_int(k) + 1 + up.to(tl.int32)
-        amb = mag < 0  # all false
-    else:  # thresholds at the integers 0..Q-2 of t, and t0 (< -0.5)
-        near = tl.minimum(fr, 1.0 - fr)
-        j = fl + tl.where(fr > 0.5, 1.0, 0.0)  # the nearest integer
-        amb = (near < band[:, None]) & (j >= 0.0) & (j <= Q - 2.0)
-        d0 = (p_int - t0_int[:, None]) + (w - t0_frac[:, None])  # t - t0
-        amb = amb | (tl.abs(d0) < band[:, None])
-        mag = _to_int(tl.minimum(tl.maximum(fl + 2.0, 1.0), Q * 1.0))
+def _stochastic_mag(x, bits, m32, s32, kz, inv_hi, inv_lo, inv_S, k_int, k_frac, skip, Q: tl.constexpr,
+                    FAST_LOG2: tl.constexpr, seed, rand_off):  # fmt: skip
+    """Stochastic rounding's magnitude code [R, C] int32 from the row constants of ``_row_grid`` (the
+    grid's as [R, 1], m32, s32 and skip as [R]): with
+    fl = floor((log2|x| - M) / S), the bracket a = g_k <= |x| < b (the grid's k), b with probability
+    (|x| - a) / (b - a). Rows with 1/S >= 2^16 (rare) take the grid index in float64."""
+    fl, fr, p_int, w = _grid_position(bits, kz, inv_hi, inv_lo, inv_S, k_int, k_frac, FAST_LOG2)
+    ax = tl.abs(x)
+    if tl.max(skip.to(tl.int32), 0) > 0:
+        s_safe = tl.where(s32 > 0, s32, 1.0).to(tl.float64)[:, None]
+        log_ax = tl.log(tl.where(ax > 0, ax, 1.0).to(tl.float64))
+        fl64 = tl.floor((log_ax - m32.to(tl.float64)[:, None]) / s_safe)
+        fl = tl.where(skip[:, None], fl64.to(tl.float32), fl)
+    k = tl.minimum(tl.maximum(fl, -1.0), Q - 2.0)
+    mf = m32[:, None]
+    sf = s32[:, None]
+    lower = tl.where(k < 0, 0.0, tl.exp(mf + sf * k))
+    upper = tl.exp(mf + sf * (k + 1.0))
+    u = tl.rand(seed, rand_off)
+    up = u * (upper - lower) < ax - lower
+    return _to_int(k) + 1 + up.to(tl.int32)
+
+
+@triton.jit
+def _nearest_code(x, bits, kz, inv_hi, inv_lo, inv_S, k_int2, k_frac, t0_int, t0_frac, band, half_band, mag_hi,
+                  sign_mask, CLAMPED: tl.constexpr, N_BITS: tl.constexpr, FAST_LOG2: tl.constexpr):  # fmt: skip
+    """(the n-bit code [R, C] int32, ambiguous [R, C]) by nearest rounding, from the row constants ([R, 1]).
+
+    fl2 = floor(t) + 2 (k_int2 = floor(c/S) - 2) is the magnitude code before the clamp to [1, mag_hi]
+    (mag_hi: Q, or 0 for a tile with a NaN or inf, whose codes are 0; a step-0 tile's constants make
+    fl2 = 1). Ambiguous: t within the band of an integer. CLAMPED (some row of the program has elements
+    the 2^32 range clamp cuts): also the 0 / 1 threshold t0, below which the code is 0; in other rows
+    every non-zero |x| lies above it (t >= t(min |x|) = -C/S - O(1e-7 / S) > t0 + 1/S / 2)."""
+    fl2, fr, p_int, w = _grid_position(bits, kz, inv_hi, inv_lo, inv_S, k_int2, k_frac, FAST_LOG2)
+    amb = tl.abs(fr - 0.5) > half_band
+    mag = tl.minimum(tl.maximum(_to_int(fl2), 1), mag_hi)
+    if CLAMPED:
+        d0 = (p_int - t0_int) + (w - t0_frac)  # t - t0
+        amb = amb | (tl.abs(d0) < band)
         mag = tl.where(d0 < 0, 0, mag)
-    return mag, amb, skip
+    sign = (x.to(tl.int32, bitcast=True) >> (32 - N_BITS)) & sign_mask  # the sign bit, in place
+    if CLAMPED:
+        code = tl.where((bits == 0) | (mag == 0), 0, mag | sign)
+    else:  # mag >= 1 wherever sign_mask is set
+        code = tl.where(bits == 0, 0, mag | sign)
+    return code, amb
 
 
 @triton.jit
@@ -217,13 +243,21 @@ def _finish_code(mag, x, ax, bad, s32, N_BITS: tl.constexpr):
 
 
 @triton.jit
-def _store_codes(code, rows, tile, cols, mask, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes,
+def _store_codes(code, rows, tile, c0, cols, mask, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes,
                  N_BITS: tl.constexpr, PACKED: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr,
-                 GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
-    """Codes [R, C] to the codes array, or bit-packed (GROUP codes in GBYTES little-endian bytes, GB_P2
-    lanes: the next power of two) to rows; groups of up to 4 bytes in int32, wider ones in int64."""
-    if PACKED:
-        NG: tl.constexpr = TILE_C // GROUP
+                 GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, WIDTH: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
+    """Codes [R, WIDTH] (columns c0.. of the tile) to the codes array, or bit-packed (GROUP codes in
+    GBYTES little-endian bytes, GB_P2 lanes: the next power of two) to rows; groups of up to 4 bytes in
+    int32, wider ones in int64. c0 and WIDTH are multiples of GROUP."""
+    if PACKED and GROUP == 1:  # one code in one or two bytes (n <= 8, n = 16): a plain row store
+        base = pay_ptr + rows.to(tl.int64)[:, None] * stride_p
+        off = tile * TILE_C + c0 + tl.arange(0, WIDTH)[None, :]
+        if GBYTES == 1:
+            tl.store(base + off, code.to(tl.uint8), mask=mask)
+        else:  # little-endian int16 (rows of even length, code_bytes even)
+            tl.store(base.to(tl.pointer_type(tl.int16)) + off, code.to(tl.int16), mask=mask)
+    elif PACKED:
+        NG: tl.constexpr = WIDTH // GROUP
         WORD: tl.constexpr = tl.int64 if GBYTES > 4 else tl.int32
         c3 = tl.reshape(code.to(WORD), (BLOCK_R, NG, GROUP))
         shifts = (N_BITS * tl.arange(0, GROUP)).to(WORD)
@@ -231,7 +265,7 @@ def _store_codes(code, rows, tile, cols, mask, codes_ptr, stride_c, pay_ptr, str
         b = tl.arange(0, GB_P2)
         byte = (word[:, :, None] >> (8 * b).to(WORD)[None, None, :]) & 0xFF
         g = tl.arange(0, NG)
-        off = tile * (NG * GBYTES) + g[None, :, None] * GBYTES + b[None, None, :]
+        off = (tile * (TILE_C // GROUP) + c0 // GROUP + g[None, :, None]) * GBYTES + b[None, None, :]
         ok = tl.max(mask.to(tl.int32), 1) > 0
         m3 = ok[:, None, None] & (b < GBYTES)[None, None, :] & (off < code_bytes)
         ptr = pay_ptr + rows.to(tl.int64)[:, None, None] * stride_p + off
@@ -257,60 +291,162 @@ def _store_stats(m, s, rows, in_r, tile, T, min_ptr, step_ptr, pay_ptr, stride_p
         tl.store(step_ptr + ptr, s, mask=in_r)
 
 
+@triton.jit
+def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows,
+                   tile, keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, t0_int_c, t0_frac_c,
+                   band_c, half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip,
+                   N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
+                   PACKED: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr, GB_P2: tl.constexpr,
+                   BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr, CLAMPED: tl.constexpr,
+                   FAST_LOG2: tl.constexpr):  # fmt: skip
+    """The encoder's element phase: the tile's codes, CHUNK_C columns at a time (x read again, from the
+    cache), stored for the rows of keep_c that hold no ambiguous element so far. Returns (rows with an
+    ambiguous element [R] int32, the source row offsets [R]). Row constants as [R, 1] columns (nearest:
+    k_int_c = floor(c/S) - 2; stochastic: floor(c/S), and t0_int_c.. live_c unused)."""
+    Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
+    amb_rows = tl.zeros([BLOCK_R], dtype=tl.int32)
+    src = rows.to(tl.int64)
+    for c0 in tl.static_range(0, TILE_C, CHUNK_C):
+        cols = tile * TILE_C + c0 + tl.arange(0, CHUNK_C)
+        x, src, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
+        bits = tl.abs(x).to(tl.int32, bitcast=True)
+        pbits = bits
+        if any_scaled:
+            pbits = (tl.abs(x) * scale_c).to(tl.int32, bitcast=True)
+        if STOCHASTIC:
+            rand_off = rows[:, None] * (T * TILE_C) + cols[None, :]
+            mag = _stochastic_mag(x, pbits, m32, s32, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, skip, Q, FAST_LOG2,
+                                  seed, rand_off)  # fmt: skip
+            code = _finish_code(mag, x, tl.abs(x), bad, s32, N_BITS)
+        else:
+            code, amb = _nearest_code(x, pbits, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, t0_int_c, t0_frac_c,
+                                      band_c, half_c, mag_hi_c, sign_c, CLAMPED, N_BITS, FAST_LOG2)  # fmt: skip
+            amb_rows = tl.maximum(amb_rows, tl.max((amb & (bits > 0)).to(tl.int32) * live_c, 1))
+        mask = keep_c & (amb_rows == 0)[:, None] & (cols < H)[None, :]
+        _store_codes(code, rows, tile, c0, cols, mask, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes,
+                     N_BITS, PACKED, GROUP, GBYTES, GB_P2, BLOCK_R, CHUNK_C, TILE_C)  # fmt: skip
+    return amb_rows, src
+
+
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def encode_kernel(
     x_ptr, idx_ptr, codes_ptr, min_ptr, step_ptr, pay_ptr, N, H, T, M_BUCKET, stride_x, stride_c, stride_p,
     code_bytes, seed, range_clamp, delta,
     N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
     PACKED: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr, GB_P2: tl.constexpr,
-    BLOCK_R: tl.constexpr, TILE_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr, FAST_LOG2: tl.constexpr,
 ):  # fmt: skip
     # One program = BLOCK_R output rows x one 128-column tile; each row of the block is its own LogFMT tile.
-    # M_BUCKET (a power-of-two bucket of N, unused) is an autotuning key.
+    # M_BUCKET (a power-of-two bucket of N, unused) is an autotuning key. Three phases:
+    # 1. each row's |x| bit max and min, the tile walked in CHUNK_C-column chunks;
+    # 2. per row, in float64: the tile numbers and the grid constants. A row's numbers are computed by
+    #    one thread: the maxima and minima leave through this program's slots of the statistics and come
+    #    back with a fresh row index, which Triton lays out one row per thread (with BLOCK_R >= the
+    #    program's threads). Left in the layout of the reductions, each row's float64 work was repeated by
+    #    the 16 threads that hold its columns: about 250 float64 instructions per 8 elements, most of
+    #    the kernel's time (1.05 ms for 32,768 x 7,168 on the H200, 16% of copy bandwidth).
+    # 3. the codes, chunk by chunk (x read again, from the cache).
     Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
     pid_r = tl.program_id(0)
     tile = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tile * TILE_C + tl.arange(0, TILE_C)
     in_r = rows < N
-    x, src, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
-    bits, bad, m32, s32, amin, amax = _tile_stats(x, range_clamp, Q)
-    _store_stats(tl.where(bad, float("nan"), m32), tl.where(bad, float("nan"), s32), rows, in_r, tile, T,
+    top = tl.zeros([BLOCK_R], dtype=tl.int32)
+    low = tl.full([BLOCK_R], 0x7F800000, dtype=tl.int32)
+    for c0 in tl.static_range(0, TILE_C, CHUNK_C):
+        cols = tile * TILE_C + c0 + tl.arange(0, CHUNK_C)
+        x, src, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
+        bits, top_c, low_c = _tile_bits(x)
+        top = tl.maximum(top, top_c)
+        low = tl.minimum(low, low_c)
+
+    _store_stats(top.to(tl.float32, bitcast=True), low.to(tl.float32, bitcast=True), rows, in_r, tile, T,
                  min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED)  # fmt: skip
-    rand_off = rows[:, None] * (T * TILE_C) + cols[None, :]
-    ax = tl.abs(x)
+    tl.debug_barrier()
+    rows1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_r1 = rows1 < N
+    top_f, low_f = _load_stats(rows1.to(tl.int64), in_r1, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_bytes,
+                               PACKED)  # fmt: skip
+    bad, m32, s32, amin, amax = _row_stats(top_f.to(tl.int32, bitcast=True), low_f.to(tl.int32, bitcast=True),
+                                           range_clamp, Q)  # fmt: skip
+    _store_stats(tl.where(bad, float("nan"), m32), tl.where(bad, float("nan"), s32), rows1, in_r1, tile, T,
+                 min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED)  # fmt: skip
     # A subnormal |x| (rare) has no exponent in its bits: its row is scaled by 2^24 (exact) for the
     # position, unless that would overflow (max |x| >= 2^100; then they are far below the clamp).
     tiny = amin < 1.1754943508222875e-38
     scaled = tiny & (amax < 1.2676506002282294e30)
-    pbits = bits
-    if tl.max(scaled.to(tl.int32), 0) > 0:
-        pbits = (ax * tl.where(scaled, 16777216.0, 1.0)[:, None]).to(tl.int32, bitcast=True)
-    mag, amb, skip = _fast_mag(x, pbits, m32, s32, scaled, delta, Q, N_BITS, STOCHASTIC, seed, rand_off)
-    amb = amb & (bits > 0)
+    kz, inv_hi, inv_lo, inv_S, k_int, k_frac, t0_int, t0_frac, band, skip = _row_grid(
+        m32, s32, scaled, delta, N_BITS, STOCHASTIC)
+    live = ((s32 > 0) & (bad == 0)).to(tl.int32)  # rows a redo can change (others: q = 1, or 0 and NaN)
     if STOCHASTIC:  # no redo: the fast path handles every row (stochastic codes are not bit-exact)
         redo = tl.zeros([BLOCK_R], dtype=tl.int32)
-    else:  # rows with an element near a threshold, or where the bound does not hold
-        redo = ((tl.max(amb.to(tl.int32), 1) > 0) | skip | (tiny & ~scaled)) & (s32 > 0) & (bad == 0)
-        redo = redo.to(tl.int32)
-    code = _finish_code(mag, x, ax, bad, s32, N_BITS)
-    mask = (in_r & (redo == 0))[:, None] & (cols < H)[None, :]
-    _store_codes(code, rows, tile, cols, mask, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes,
-                 N_BITS, PACKED, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C)  # fmt: skip
-    if tl.max(redo, 0) > 0:  # rare: those rows again, in the reference's float64 formulas
-        for r in range(BLOCK_R):
+        clamped = redo
+    else:  # rows where the bound does not hold; rows with an element near a threshold are added below
+        redo = (skip | (tiny & ~scaled)).to(tl.int32)
+        clamped = (amin.to(tl.float64) < amax.to(tl.float64) * range_clamp).to(tl.int32) * live
+        # the step-0 tiles (and NaN / inf / zero tiles): constants that give fl2 = 1 and frac 1/2, and
+        # no 0 / 1 threshold; mag_hi = 0 and no sign where the tile holds a NaN or inf
+        one = live == 0
+        inv_hi = tl.where(one, 0.0, inv_hi)
+        inv_lo = tl.where(one, 0.0, inv_lo)
+        inv_S = tl.where(one, 0.0, inv_S)
+        k_int = tl.where(one, 1.0, k_int)  # k_int2 = k_int - 2 = -1
+        k_frac = tl.where(one, -0.5, k_frac)
+        t0_int = tl.where(one, -1048576.0, t0_int)
+        t0_frac = tl.where(one, 0.0, t0_frac)
+        half_band = 0.5 - band
+        mag_hi = tl.where(bad, 0, Q)
+        sign_mask = tl.where(bad, 0, 1 << (N_BITS - 1))
+    any_clamped = tl.max(clamped, 0) > 0
+    any_scaled = tl.max(scaled.to(tl.int32), 0) > 0
+    # the row constants as [R, 1] columns of the element phase's layout, converted once
+    kz_c, hi_c, lo_c, inv_S_c, k_frac_c = kz[:, None], inv_hi[:, None], inv_lo[:, None], inv_S[:, None], k_frac[:, None]
+    scale_c = tl.where(scaled, 16777216.0, 1.0)[:, None]
+    if STOCHASTIC:
+        k_int_c = k_int[:, None]
+    else:
+        k_int2_c = (k_int - 2.0)[:, None]
+        t0_int_c, t0_frac_c, band_c, half_c = t0_int[:, None], t0_frac[:, None], band[:, None], half_band[:, None]
+        mag_hi_c, sign_c, live_c = mag_hi[:, None], sign_mask[:, None], live[:, None]
+    keep_c = (in_r1 & (redo * live == 0))[:, None]  # rows the fast path stores (unless found ambiguous)
+    # The chunk loop is written out once per branch (not the branch once per chunk): the row constants are
+    # then converted to the elements' layout once, not at every use (~100 shared-memory round trips).
+    if STOCHASTIC:
+        amb_rows, src = _encode_chunks(
+            x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
+            keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, k_frac_c, k_frac_c, k_frac_c,
+            k_frac_c, k_frac_c, k_frac_c, k_frac_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
+            GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2)  # fmt: skip
+    elif any_clamped:
+        amb_rows, src = _encode_chunks(
+            x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
+            keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c, band_c,
+            half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
+            GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, True, FAST_LOG2)  # fmt: skip
+    else:
+        amb_rows, src = _encode_chunks(
+            x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
+            keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c, band_c,
+            half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
+            GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2)  # fmt: skip
+    redo = tl.maximum(redo, amb_rows) * live * in_r1.to(tl.int32)
+    if tl.max(redo, 0) > 0:  # rare: those rows again, whole, in the reference's float64 formulas
+        tl.debug_barrier()  # after every fast store (a row found ambiguous late has earlier chunks stored)
+        cols_t = tile * TILE_C + tl.arange(0, TILE_C)
+        while tl.max(redo, 0) > 0:
+            r = tl.argmax(redo, 0)
             pick = tl.arange(0, BLOCK_R) == r
-            if tl.sum(tl.where(pick, redo, 0), 0) > 0:
-                row = pid_r * BLOCK_R + r + tl.arange(0, 1)
-                src_r = tl.sum(tl.where(pick, src, 0), 0) + tl.zeros([1], dtype=tl.int64)
-                m_r = tl.sum(tl.where(pick, m32, 0.0), 0) + tl.zeros([1], dtype=tl.float32)
-                s_r = tl.sum(tl.where(pick, s32, 0.0), 0) + tl.zeros([1], dtype=tl.float32)
-                xr = tl.load(x_ptr + src_r[:, None] * stride_x + cols[None, :], mask=(cols < H)[None, :],
-                             other=0.0).to(tl.float32)  # fmt: skip
-                axr = tl.abs(xr)
-                code_r = _finish_code(_exact_mag(axr, m_r, s_r, Q), xr, axr, m_r != m_r, s_r, N_BITS)
-                _store_codes(code_r, row, tile, cols, (cols < H)[None, :], codes_ptr, stride_c, pay_ptr, stride_p,
-                             code_bytes, N_BITS, PACKED, GROUP, GBYTES, GB_P2, 1, TILE_C)  # fmt: skip
+            row = pid_r * BLOCK_R + r + tl.arange(0, 1)
+            src_r = tl.sum(tl.where(pick, src, 0), 0) + tl.zeros([1], dtype=tl.int64)
+            m_r = tl.sum(tl.where(pick, m32, 0.0), 0) + tl.zeros([1], dtype=tl.float32)
+            s_r = tl.sum(tl.where(pick, s32, 0.0), 0) + tl.zeros([1], dtype=tl.float32)
+            xr = tl.load(x_ptr + src_r[:, None] * stride_x + cols_t[None, :], mask=(cols_t < H)[None, :],
+                         other=0.0).to(tl.float32)  # fmt: skip
+            axr = tl.abs(xr)
+            code_r = _finish_code(_exact_mag(axr, m_r, s_r, Q), xr, axr, m_r != m_r, s_r, N_BITS)
+            _store_codes(code_r, row, tile, 0, cols_t, (cols_t < H)[None, :], codes_ptr, stride_c, pay_ptr, stride_p,
+                         code_bytes, N_BITS, PACKED, GROUP, GBYTES, GB_P2, 1, TILE_C, TILE_C)  # fmt: skip
+            redo = tl.where(pick, 0, redo)
 
 
 @triton.jit
@@ -319,7 +455,15 @@ def _load_codes(rows, tile, cols, H, ok, codes_ptr, stride_c, pay_ptr, stride_p,
                 GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
     """The n-bit codes [R, C] int32 of rows (int64 [R]) at this tile's columns; 0 where not ok. Packed
     groups of up to 4 bytes are assembled in int32 (one byte, n = 8: the byte is the code), wider in int64."""
-    if PACKED:
+    if PACKED and GROUP == 1:  # one code in one or two bytes: a plain row load
+        base = pay_ptr + rows[:, None] * stride_p
+        mask = ok[:, None] & (cols < H)[None, :]
+        if GBYTES == 1:
+            code = tl.load(base + cols[None, :], mask=mask, other=0).to(tl.int32)
+        else:
+            code = tl.load(base.to(tl.pointer_type(tl.int16)) + cols[None, :], mask=mask, other=0).to(tl.int32)
+        code = code & ((1 << N_BITS) - 1)
+    elif PACKED:
         NG: tl.constexpr = TILE_C // GROUP
         WORD: tl.constexpr = tl.int64 if GBYTES > 4 else tl.int32
         g = tl.arange(0, NG)
@@ -395,3 +539,14 @@ def decode_sum_kernel(
         acc += val
     o_ptrs = out_ptr + outs.to(tl.int64)[:, None] * stride_o + cols[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_o[:, None] & (cols < H)[None, :])
+
+
+@triton.jit
+def log2_check_kernel(out_ptr, BLOCK: tl.constexpr):
+    # The bound the encoder's fast path assumes for lg2.approx.f32, checked on the GPU it runs on: out[pid]
+    # = max |lg2.approx(mant) - log2(mant)| (float64) over this program's share of every float32 mant in
+    # [sqrt(1/2), sqrt(2)) (bits 0x3F3504F4 .. + 2^23, the range _log2_mantissa feeds it).
+    bits = 0x3F3504F4 + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mant = bits.to(tl.float32, bitcast=True)
+    err = tl.abs(libdevice.fast_log2f(mant).to(tl.float64) - tl.log2(mant.to(tl.float64)))
+    tl.store(out_ptr + tl.program_id(0), tl.max(err, 0))

@@ -47,7 +47,9 @@ row (the tile numbers, bit-identical to the reference's, and a few constants). E
 (its float64 comparison can differ only within ~1e-15 relative of a threshold). The kernel computes the
 position t = (log2|x| - M - C) / S on the code grid (thresholds at the integers 0..Q-2 and at t0 for the
 0 / 1 threshold |x| = exp(m)/2; M, S, C in log2 units) from the exact exponent of |x| and a float32
-ln(mantissa) (error <= 1.6e-7 log2 units), split so that the large terms are exact float32 integers and
+log2(mantissa) (the GPU's lg2.approx.f32: error <= 2^-22.6 < LOG2_BOUND = 1.6e-7 by the PTX ISA, and
+``fast_log2_max_error`` checks every mantissa on the GPU at hand), split so that the large terms are exact
+float32 integers and
 products; floor(t) is exact and |t_computed - t| <= 2.9e-7 / S + 5e-7 (derived in _grid_position; a
 numpy mirror checks it: tests/test_logfmt_exact.py). An element within the band DELTA / S + 2^-20
 (DELTA = 4e-7) of a threshold marks its row, and that row is recomputed with the reference's own float64
@@ -58,8 +60,10 @@ whole: 1 / S >= 2^16 (nearly constant tiles), a band >= 1/4, or a subnormal |x| 
 0.2 % of the rows are redone for LogFMT-8, 0.6 % for LogFMT-10 (test_ambiguous_rows_are_rare). Tests:
 tests/test_logfmt.py, tests/test_logfmt_fused.py (elements straddling every threshold, and the fallback
 alone with the band widened to everything), tests/test_logfmt_exact.py (the bound, hard inputs).
-Tile shapes (rows per program, warps) are autotuned per (H, row bucket, format); ``block_rows`` fixes
-the rows (4 warps) for tests.
+Per-row float64 work runs once per row: the kernel lays its row numbers out one row per thread (with 128
+rows a program; in the layout of the tile's columns 16 threads repeated it: the first kernel spent most
+of its time there, 16% of copy bandwidth on the H200). Tile shapes (rows per program, columns per step,
+warps) are autotuned per (H, row bucket, format); ``block_rows`` / ``chunk_cols`` fix them for tests.
 
 Stochastic rounding draws Philox numbers (``tl.rand(seed, row * Hp + col)``, offsets wrap past 2^31
 elements) and is checked statistically; the reference uses a torch.Generator. The decode kernel computes
@@ -293,12 +297,13 @@ def _sum_ref(y: torch.Tensor, pair_row: torch.Tensor | None, weight: torch.Tenso
 
 DELTA = 4e-7  # log2 units: the band is DELTA / S + 2^-20 in t units (the bound: 2.9e-7 / S + 5e-7)
 
-# The GPU candidates of the two kernels' tile shapes, (BLOCK_R rows of one 128-column tile, num_warps);
-# Triton's autotuner times them on the first call per key and keeps the fastest. The first is the
-# interpreter's (and block_rows=None's shape before tuning). Every candidate writes the same bits: the
-# codes do not depend on the shape (stochastic draws use offsets row * Hp + col).
-# few candidates: each costs a compilation per kernel variant on first use (float64 code compiles slowly)
-ENCODE_CONFIGS = ((8, 4), (16, 8), (4, 2))
+# The GPU candidates of the two kernels' tile shapes, (BLOCK_R rows of one 128-column tile, num_warps
+# [, CHUNK_C columns per step of the encoder's element phase]); Triton's autotuner times them on the
+# first call per key and keeps the fastest. The first is the interpreter's (and block_rows=None's shape
+# before tuning). Every candidate writes the same bits: the codes do not depend on the shape (stochastic
+# draws use offsets row * Hp + col). Encoder: BLOCK_R >= 32 x warps puts one row per thread for the float64
+# row work; few candidates: each costs a compilation per kernel variant on first use.
+ENCODE_CONFIGS = ((128, 4, 32), (256, 8, 32), (64, 2, 32))
 DECODE_CONFIGS = ((8, 4), (32, 8), (16, 4))
 
 
@@ -312,8 +317,9 @@ def tuned_kernels(interpret: bool) -> dict:
     def candidates(shapes):
         return [({"BLOCK_R": r}, w) for r, w in shapes]
 
+    encode = [({"BLOCK_R": r, "CHUNK_C": c}, w) for r, w, c in ENCODE_CONFIGS]
     common = ["H", "M_BUCKET", "N_BITS", "PACKED", "GATHER"]
-    return {"encode": autotuned(k.encode_kernel, candidates(ENCODE_CONFIGS), common + ["STOCHASTIC"]),
+    return {"encode": autotuned(k.encode_kernel, encode, common + ["STOCHASTIC"]),
             "decode": autotuned(k.decode_sum_kernel, candidates(DECODE_CONFIGS), common + ["TOPK", "HAS_WEIGHT"])}
 
 
@@ -322,9 +328,12 @@ def picked_configs() -> dict:
     return {kind: config_text(kernel) for kind, kernel in tuned_kernels(interpreting()).items()}
 
 
-def _launch(kind: str, block_rows: int | None):
-    """(kernel, launch kwargs): the autotuner, or with ``block_rows`` that shape with 4 warps (tests)."""
+def _launch(kind: str, block_rows: int | None, chunk_cols: int | None = None):
+    """(kernel, launch kwargs): the autotuner, or with ``block_rows`` that shape with 4 warps (tests;
+    the encoder walks its tile in ``chunk_cols``-column chunks, default the whole tile)."""
     config = None if block_rows is None else {"BLOCK_R": block_rows, "num_warps": 4}
+    if config is not None and kind == "encode":
+        config["CHUNK_C"] = chunk_cols or TILE
     return launch_config(tuned_kernels(interpreting())[kind], config)
 
 
@@ -333,7 +342,7 @@ def _check_index(idx: torch.Tensor | None, name: str) -> None:
         raise CoscaleError(f"{name} must be an integer tensor, got {idx.dtype}")
 
 
-def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, block_rows):
+def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, block_rows, chunk_cols=None):
     if x.stride(-1) != 1:
         x = x.contiguous()
     h = x.shape[1]
@@ -352,12 +361,13 @@ def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, b
         payload = codes
     if n and h:
         idx = row_src.contiguous() if row_src is not None else x
-        kernel, cfg = _launch("encode", block_rows)
+        kernel, cfg = _launch("encode", block_rows, chunk_cols)
         kernel[lambda meta: (triton_cdiv(n, meta["BLOCK_R"]), tiles)](
             x, idx, codes, tile_min, tile_step, payload, n, h, tiles, _pow2(n), x.stride(0), codes.stride(0),
             payload.stride(0), code_bytes, seed or 0, RANGE_CLAMP, DELTA,
             N_BITS=n_bits, STOCHASTIC=rounding == "stochastic", GATHER=row_src is not None, TOPK=topk,
-            PACKED=rows_out, GROUP=group, GBYTES=group_bytes, GB_P2=_pow2(group_bytes), TILE_C=TILE, **cfg,
+            PACKED=rows_out, GROUP=group, GBYTES=group_bytes, GB_P2=_pow2(group_bytes), TILE_C=TILE,
+            FAST_LOG2=not interpreting(), **cfg,
         )  # fmt: skip
     return payload if rows_out else (codes, tile_min, tile_step)
 
@@ -385,6 +395,23 @@ def _decode_triton(src, hidden, pair_row, weight, n_bits, dtype, packed, rows_in
     return out
 
 
+LOG2_BOUND = 1.6e-7  # |lg2.approx(mant) - log2(mant)| the band assumes (PTX ISA: 2^-22.6 = 1.57e-7)
+
+
+def fast_log2_max_error(device="cuda") -> float:
+    """The largest |lg2.approx.f32(m) - log2(m)| over every float32 m in [sqrt(1/2), sqrt(2)) on this GPU:
+    the encoder's fast path is exact only if it is <= LOG2_BOUND (tests/test_logfmt_exact.py, and
+    benchmarks/bench_logfmt.py prints it)."""
+    if interpreting() or not torch.cuda.is_available():
+        raise CoscaleError("fast_log2_max_error needs a CUDA GPU (lg2.approx is a GPU instruction)")
+    from coscale.kernels import _logfmt_triton as k
+
+    block = 1024
+    out = torch.empty((1 << 23) // block, dtype=torch.float64, device=device)
+    k.log2_check_kernel[(out.numel(),)](out, BLOCK=block)
+    return float(out.max())
+
+
 def _seed(rounding: str, seed: int | None) -> int | None:
     if rounding == "stochastic" and seed is None:
         return int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -397,18 +424,20 @@ def _encode_ref(x, row_src, topk, n_bits, rounding, seed):
 
 
 def logfmt_encode(x: torch.Tensor, n_bits: int = 8, rounding: str = "nearest", seed: int | None = None,
-                  backend: str = "auto", block_rows: int | None = None):
+                  backend: str = "auto", block_rows: int | None = None, *, chunk_cols: int | None = None):
     """x [N, H] -> (codes [N, H] code_dtype(n_bits), tile_min [N, T] fp32, tile_step [N, T] fp32).
+    ``block_rows`` / ``chunk_cols`` fix the kernel's tile shape (rows per program, columns per step of its
+    element phase) instead of autotuning it: tests.
 
     ``seed`` (stochastic rounding): the Philox seed of the kernel, or the seed of the reference's
     torch.Generator; None draws one from torch's default generator (reproducible under manual_seed).
     """
-    return logfmt_encode_rows(x, None, 1, n_bits, rounding, seed, backend, block_rows)
+    return logfmt_encode_rows(x, None, 1, n_bits, rounding, seed, backend, block_rows, chunk_cols=chunk_cols)
 
 
 def logfmt_encode_rows(x: torch.Tensor, row_src: torch.Tensor | None, topk: int = 1, n_bits: int = 8,
                        rounding: str = "nearest", seed: int | None = None, backend: str = "auto",
-                       block_rows: int | None = None):
+                       block_rows: int | None = None, *, chunk_cols: int | None = None):
     """The rows x[row_src[r] // topk] (zeros where row_src[r] < 0; x itself for row_src None) encoded in one
     pass: the MoE permutation (row_src = PermuteInfo.row_pair, topk = K) fused with the encoder."""
     _check_x(x, n_bits, rounding)
@@ -416,12 +445,13 @@ def logfmt_encode_rows(x: torch.Tensor, row_src: torch.Tensor | None, topk: int 
     seed = _seed(rounding, seed)
     if select_backend(backend, x, op="logfmt_encode") == "torch":
         return _encode_ref(x, row_src, topk, n_bits, rounding, seed)
-    return _encode_triton(x, row_src, topk, n_bits, rounding, seed, False, True, block_rows)
+    return _encode_triton(x, row_src, topk, n_bits, rounding, seed, False, True, block_rows, chunk_cols)
 
 
 def logfmt_encode_to_rows(x: torch.Tensor, row_src: torch.Tensor | None = None, topk: int = 1, n_bits: int = 8,
                           rounding: str = "nearest", seed: int | None = None, packed: bool = True,
-                          backend: str = "auto", block_rows: int | None = None) -> torch.Tensor:
+                          backend: str = "auto", block_rows: int | None = None, *,
+                          chunk_cols: int | None = None) -> torch.Tensor:
     """As logfmt_encode_rows, written as rows of bytes [N, row_bytes(H)[1]] (codes packed, then tile_min
     and tile_step): the dispatch's row selection, encoding and packing in one pass."""
     _check_x(x, n_bits, rounding)
@@ -429,7 +459,7 @@ def logfmt_encode_to_rows(x: torch.Tensor, row_src: torch.Tensor | None = None, 
     seed = _seed(rounding, seed)
     if select_backend(backend, x, op="logfmt_encode") == "torch":
         return to_rows_ref(*_encode_ref(x, row_src, topk, n_bits, rounding, seed), n_bits, packed)
-    return _encode_triton(x, row_src, topk, n_bits, rounding, seed, True, packed, block_rows)
+    return _encode_triton(x, row_src, topk, n_bits, rounding, seed, True, packed, block_rows, chunk_cols)
 
 
 def logfmt_decode(codes: torch.Tensor, tile_min: torch.Tensor, tile_step: torch.Tensor, n_bits: int = 8,
