@@ -121,6 +121,9 @@ class StepRunner:
         self.steps_run += 1
         if not self.mode.cuda_graphs:
             return self._eager(batch)
+        # the graph reads the batch from contiguous buffers: warm up (and compile) with that layout too, or
+        # a strided batch (a view such as ids[:, :-1]) makes torch.compile recompile inside the capture
+        batch = tuple(t.contiguous() for t in batch)
         if self._graph is None and self.steps_run <= WARMUP_STEPS:
             return self._on_side_stream(lambda: self._eager(batch))
         if self._graph is None:
