@@ -302,8 +302,9 @@ DELTA = 4e-7  # log2 units: the band is DELTA / S + 2^-20 in t units (the bound:
 # first call per key and keeps the fastest. The first is the interpreter's (and block_rows=None's shape
 # before tuning). Every candidate writes the same bits: the codes do not depend on the shape (stochastic
 # draws use offsets row * Hp + col). Encoder: BLOCK_R >= 32 x warps puts one row per thread for the float64
-# row work; few candidates: each costs a compilation per kernel variant on first use.
-ENCODE_CONFIGS = ((128, 4, 32), (256, 8, 32), (64, 2, 32))
+# row work; 8 rows with the whole tile in one step suits the bit-packed 10-bit rows (fewer registers for
+# their byte stores). Few candidates: each costs a compilation per kernel variant on first use.
+ENCODE_CONFIGS = ((128, 4, 32), (256, 8, 32), (64, 2, 32), (8, 4, 128))
 DECODE_CONFIGS = ((8, 4), (32, 8), (16, 4))
 
 
