@@ -306,7 +306,7 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
     Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
     amb_rows = tl.zeros([BLOCK_R], dtype=tl.int32)
     src = rows.to(tl.int64)
-    for c0 in tl.static_range(0, TILE_C, CHUNK_C):
+    for c0 in range(0, TILE_C, CHUNK_C):
         cols = tile * TILE_C + c0 + tl.arange(0, CHUNK_C)
         x, src, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
         bits = tl.abs(x).to(tl.int32, bitcast=True)
@@ -340,12 +340,13 @@ def encode_kernel(
     # M_BUCKET (a power-of-two bucket of N, unused) is an autotuning key. Three phases:
     # 1. each row's |x| bit max and min, the tile walked in CHUNK_C-column chunks;
     # 2. per row, in float64: the tile numbers and the grid constants. A row's numbers are computed by
-    #    one thread: the maxima and minima leave through this program's slots of the statistics and come
-    #    back with a fresh row index, which Triton lays out one row per thread (with BLOCK_R >= the
-    #    program's threads). Left in the layout of the reductions, each row's float64 work was repeated by
+    #    one or two threads: the maxima and minima leave through this program's slots of the statistics and
+    #    come back with a fresh row index, which Triton lays out one row per thread (two with BLOCK_R = 16
+    #    a warp). Left in the layout of the reductions, each row's float64 work was repeated by
     #    the 16 threads that hold its columns: about 250 float64 instructions per 8 elements, most of
     #    the kernel's time (1.05 ms for 32,768 x 7,168 on the H200, 16% of copy bandwidth).
     # 3. the codes, chunk by chunk (x read again, from the cache).
+    # The chunk loops are loops, not unrolled: registers and compile time stay those of one chunk.
     Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
     pid_r = tl.program_id(0)
     tile = tl.program_id(1)
@@ -353,7 +354,7 @@ def encode_kernel(
     in_r = rows < N
     top = tl.zeros([BLOCK_R], dtype=tl.int32)
     low = tl.full([BLOCK_R], 0x7F800000, dtype=tl.int32)
-    for c0 in tl.static_range(0, TILE_C, CHUNK_C):
+    for c0 in range(0, TILE_C, CHUNK_C):
         cols = tile * TILE_C + c0 + tl.arange(0, CHUNK_C)
         x, src, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
         bits, top_c, low_c = _tile_bits(x)

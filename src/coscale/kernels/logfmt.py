@@ -301,10 +301,11 @@ DELTA = 4e-7  # log2 units: the band is DELTA / S + 2^-20 in t units (the bound:
 # [, CHUNK_C columns per step of the encoder's element phase]); Triton's autotuner times them on the
 # first call per key and keeps the fastest. The first is the interpreter's (and block_rows=None's shape
 # before tuning). Every candidate writes the same bits: the codes do not depend on the shape (stochastic
-# draws use offsets row * Hp + col). Encoder: BLOCK_R >= 32 x warps puts one row per thread for the float64
-# row work; 8 rows with the whole tile in one step suits the bit-packed 10-bit rows (fewer registers for
-# their byte stores). Few candidates: each costs a compilation per kernel variant on first use.
-ENCODE_CONFIGS = ((128, 4, 32), (256, 8, 32), (64, 2, 32), (8, 4, 128))
+# draws use offsets row * Hp + col). Encoder: BLOCK_R >= 16 x warps puts a row on at most two threads for
+# its float64 work; CHUNK_C columns a step bound the registers (32 columns took all 255 a thread allows on
+# sm_90, 8 warps an SM; 8-16 take 56-64 for one-byte codes, 94-150 for bit-packed 10-bit rows); 8 rows with
+# the whole tile in one step suits the bit-packed rows. Few candidates: each is a compilation per variant.
+ENCODE_CONFIGS = ((64, 4, 16), (128, 8, 16), (64, 4, 8), (128, 8, 8), (8, 4, 128))
 DECODE_CONFIGS = ((8, 4), (32, 8), (16, 4))
 
 
