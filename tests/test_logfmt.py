@@ -258,10 +258,10 @@ def test_logfmt_codec_roundtrip(n_bits, hidden):
 def test_logfmt_codec_bytes_per_row():
     tiles = 7168 // 128
     assert LogFMTCodec(8).bytes_per_row(7168) == 7168 + 8 * tiles  # 7,616
-    assert LogFMTCodec(10).bytes_per_row(7168) == 7168 * 10 // 8 + 8 * tiles  # 9,408: 4 codes in 5 bytes
+    assert LogFMTCodec(10).bytes_per_row(7168) == 7168 + 7168 // 4 + 8 * tiles  # 9,408: low bytes, 2-bit highs
     assert LogFMTCodec(10, packed=False).bytes_per_row(7168) == 2 * 7168 + 8 * tiles
     assert LogFMTCodec(9).bytes_per_row(200) == 2 * 200 + 8 * 2  # 9 bits: int16 storage
-    assert LogFMTCodec(10).bytes_per_row(7) == 10 + 8  # two groups of 4 codes, one tile
+    assert LogFMTCodec(10).bytes_per_row(7) == 7 + 2 + 8  # 7 low bytes, 7 high 2-bit parts in 2 bytes, one tile
     with pytest.raises(ConfigError, match="n_bits"):
         LogFMTCodec(17)
     with pytest.raises(ConfigError, match="rounding"):

@@ -256,3 +256,20 @@ def test_every_encode_configuration_equals_reference(n_bits):
 def test_gpu_fast_log2_is_within_the_bound_the_band_assumes():
     err = lf.fast_log2_max_error()
     assert err <= lf.LOG2_BOUND, err
+
+
+@needs_triton
+@pytest.mark.parametrize("n_bits", [9, 10, 12, 14])
+@pytest.mark.parametrize("cols", [128, 200])
+def test_row_planes_round_trip(n_bits, cols):
+    """Packed rows of 10, 12 and 14 bits hold the codes' low bytes, then their n - 8 high bits packed
+    (9 bits: int16 codes): the kernels' rows equal the reference's and unpack to the same codes."""
+    x = (torch.randn(6, cols, generator=torch.Generator().manual_seed(n_bits)) * 3).to(torch.bfloat16)
+    ref = lf.logfmt_encode_ref(x, n_bits)
+    rows = lf.logfmt_encode_to_rows(x, None, 1, n_bits, backend="triton", block_rows=8, chunk_cols=16)
+    assert torch.equal(rows, lf.to_rows_ref(*ref, n_bits, True))
+    assert lf.code_planes(n_bits) == (n_bits != 9)
+    codes, tmin, tstep = lf.from_rows_ref(rows, cols, n_bits, True)
+    assert torch.equal(codes, ref[0]) and torch.equal(tmin, ref[1]) and torch.equal(tstep, ref[2])
+    dec = lf.logfmt_decode_rows(rows, cols, n_bits=n_bits, backend="triton", block_rows=8)
+    torch.testing.assert_close(dec, lf.logfmt_decode_ref(*ref, n_bits), rtol=1e-5, atol=0)

@@ -17,7 +17,7 @@ from triton.backends.compiler import GPUTarget
 
 from coscale.kernels import _logfmt_triton as lk
 from coscale.kernels import _quant_triton as qk
-from coscale.kernels.logfmt import _pow2, code_packing
+from coscale.kernels.logfmt import _groups, _pow2, code_packing, code_planes
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -46,21 +46,22 @@ def logfmt_cases():
     variants = ((8, True, True, False), (8, False, False, False), (10, True, True, False), (8, False, False, True),
                 (3, True, False, False))
     for n_bits, packed, gather, stochastic in variants:
-        group, gbytes = code_packing(n_bits, packed)
+        planes = packed and code_planes(n_bits, packed)
+        group, gbytes = _groups(n_bits - 8) if planes else code_packing(n_bits, packed)
         gb_p2 = _pow2(gbytes)
         types = {"x_ptr": "*bf16", "idx_ptr": "*i64", "codes_ptr": "*u8" if n_bits <= 8 else "*i16",
                  "min_ptr": "*fp32", "step_ptr": "*fp32", "pay_ptr": "*u8", **fp}
-        for block_r, warps, chunk in ((8, 4, 128), (128, 4, 32)):
+        for block_r, warps, chunk in ((8, 4, 128), (64, 4, 16)):
             const = dict(N_BITS=n_bits, STOCHASTIC=stochastic, GATHER=gather, TOPK=8 if gather else 1, PACKED=packed,
-                         GROUP=group, GBYTES=gbytes, GB_P2=gb_p2, BLOCK_R=block_r, TILE_C=128, CHUNK_C=chunk,
-                         FAST_LOG2=True)
+                         PLANES=planes, GROUP=group, GBYTES=gbytes, GB_P2=gb_p2, BLOCK_R=block_r, TILE_C=128,
+                         CHUNK_C=chunk, FAST_LOG2=True)
             label = (f"logfmt encode n{n_bits} packed={packed} gather={gather} stochastic={stochastic} "
                      f"R{block_r} w{warps} C{chunk}")
             yield label, lk.encode_kernel, types, const, warps
         types = {"codes_ptr": "*u8" if n_bits <= 8 else "*i16", "min_ptr": "*fp32", "step_ptr": "*fp32",
                  "pay_ptr": "*u8", "pair_row_ptr": "*i64", "w_ptr": "*fp32", "out_ptr": "*bf16"}
-        const = dict(N_BITS=n_bits, PACKED=packed, GROUP=group, GBYTES=gbytes, GB_P2=gb_p2, TOPK=8 if gather else 1,
-                     GATHER=gather, HAS_WEIGHT=gather, BLOCK_R=8, TILE_C=128)
+        const = dict(N_BITS=n_bits, PACKED=packed, PLANES=planes, GROUP=group, GBYTES=gbytes, GB_P2=gb_p2,
+                     TOPK=8 if gather else 1, GATHER=gather, HAS_WEIGHT=gather, BLOCK_R=8, TILE_C=128)
         yield f"logfmt decode n{n_bits} packed={packed} gather={gather}", lk.decode_sum_kernel, types, const, 4
 
 

@@ -243,33 +243,50 @@ def _finish_code(mag, x, ax, bad, s32, N_BITS: tl.constexpr):
 
 
 @triton.jit
-def _store_codes(code, rows, tile, c0, cols, mask, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes,
-                 N_BITS: tl.constexpr, PACKED: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr,
-                 GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, WIDTH: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
-    """Codes [R, WIDTH] (columns c0.. of the tile) to the codes array, or bit-packed (GROUP codes in
-    GBYTES little-endian bytes, GB_P2 lanes: the next power of two) to rows; groups of up to 4 bytes in
-    int32, wider ones in int64. c0 and WIDTH are multiples of GROUP."""
-    if PACKED and GROUP == 1:  # one code in one or two bytes (n <= 8, n = 16): a plain row store
+def _store_groups(code, rows, tile, c0, mask, pay_ptr, stride_p, limit, N_BITS: tl.constexpr, GROUP: tl.constexpr,
+                  GBYTES: tl.constexpr, GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, WIDTH: tl.constexpr,
+                  TILE_C: tl.constexpr):  # fmt: skip
+    """N_BITS-bit values [R, WIDTH] (columns c0.. of the tile) bit-packed to rows: GROUP values in GBYTES
+    little-endian bytes (GB_P2 lanes: the next power of two), the region's first ``limit`` bytes; groups
+    of up to 4 bytes in int32, wider ones in int64. c0 and WIDTH are multiples of GROUP."""
+    NG: tl.constexpr = WIDTH // GROUP
+    WORD: tl.constexpr = tl.int64 if GBYTES > 4 else tl.int32
+    c3 = tl.reshape(code.to(WORD), (BLOCK_R, NG, GROUP))
+    shifts = (N_BITS * tl.arange(0, GROUP)).to(WORD)
+    word = tl.sum(c3 << shifts[None, None, :], 2)  # disjoint bits: the sum is an or
+    b = tl.arange(0, GB_P2)
+    byte = (word[:, :, None] >> (8 * b).to(WORD)[None, None, :]) & 0xFF
+    g = tl.arange(0, NG)
+    off = (tile * (TILE_C // GROUP) + c0 // GROUP + g[None, :, None]) * GBYTES + b[None, None, :]
+    ok = tl.max(mask.to(tl.int32), 1) > 0
+    m3 = ok[:, None, None] & (b < GBYTES)[None, None, :] & (off < limit)
+    ptr = pay_ptr + rows.to(tl.int64)[:, None, None] * stride_p + off
+    tl.store(ptr, byte.to(tl.uint8), mask=m3)
+
+
+@triton.jit
+def _store_codes(code, rows, tile, c0, cols, mask, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes, H,
+                 N_BITS: tl.constexpr, PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr,
+                 GBYTES: tl.constexpr, GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, WIDTH: tl.constexpr,
+                 TILE_C: tl.constexpr):  # fmt: skip
+    """Codes [R, WIDTH] (columns c0.. of the tile) to the codes array, or to rows (the layouts of
+    coscale.kernels.logfmt.code_packing): one code in one or two bytes; PLANES (8 < n < 16): the low bytes
+    of all H codes, then their n - 8 high bits bit-packed (GROUP, GBYTES: the high plane's); otherwise
+    bit-packed whole."""
+    if PACKED and (PLANES or GROUP == 1):  # one byte (or two) per code: a plain row store
         base = pay_ptr + rows.to(tl.int64)[:, None] * stride_p
         off = tile * TILE_C + c0 + tl.arange(0, WIDTH)[None, :]
-        if GBYTES == 1:
+        if PLANES:
+            tl.store(base + off, (code & 0xFF).to(tl.uint8), mask=mask)
+            _store_groups(code >> 8, rows, tile, c0, mask, pay_ptr + H, stride_p, code_bytes - H, N_BITS - 8, GROUP,
+                          GBYTES, GB_P2, BLOCK_R, WIDTH, TILE_C)  # fmt: skip
+        elif GBYTES == 1:
             tl.store(base + off, code.to(tl.uint8), mask=mask)
         else:  # little-endian int16 (rows of even length, code_bytes even)
             tl.store(base.to(tl.pointer_type(tl.int16)) + off, code.to(tl.int16), mask=mask)
     elif PACKED:
-        NG: tl.constexpr = WIDTH // GROUP
-        WORD: tl.constexpr = tl.int64 if GBYTES > 4 else tl.int32
-        c3 = tl.reshape(code.to(WORD), (BLOCK_R, NG, GROUP))
-        shifts = (N_BITS * tl.arange(0, GROUP)).to(WORD)
-        word = tl.sum(c3 << shifts[None, None, :], 2)  # disjoint bits: the sum is an or
-        b = tl.arange(0, GB_P2)
-        byte = (word[:, :, None] >> (8 * b).to(WORD)[None, None, :]) & 0xFF
-        g = tl.arange(0, NG)
-        off = (tile * (TILE_C // GROUP) + c0 // GROUP + g[None, :, None]) * GBYTES + b[None, None, :]
-        ok = tl.max(mask.to(tl.int32), 1) > 0
-        m3 = ok[:, None, None] & (b < GBYTES)[None, None, :] & (off < code_bytes)
-        ptr = pay_ptr + rows.to(tl.int64)[:, None, None] * stride_p + off
-        tl.store(ptr, byte.to(tl.uint8), mask=m3)
+        _store_groups(code, rows, tile, c0, mask, pay_ptr, stride_p, code_bytes, N_BITS, GROUP, GBYTES, GB_P2,
+                      BLOCK_R, WIDTH, TILE_C)  # fmt: skip
     else:
         ptr = codes_ptr + rows.to(tl.int64)[:, None] * stride_c + cols[None, :]
         tl.store(ptr, code.to(codes_ptr.dtype.element_ty), mask=mask)
@@ -296,9 +313,9 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
                    tile, keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, t0_int_c, t0_frac_c,
                    band_c, half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip,
                    N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
-                   PACKED: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr, GB_P2: tl.constexpr,
-                   BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr, CLAMPED: tl.constexpr,
-                   FAST_LOG2: tl.constexpr):  # fmt: skip
+                   PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr,
+                   GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr,
+                   CLAMPED: tl.constexpr, FAST_LOG2: tl.constexpr):  # fmt: skip
     """The encoder's element phase: the tile's codes, CHUNK_C columns at a time (x read again, from the
     cache), stored for the rows of keep_c that hold no ambiguous element so far. Returns (rows with an
     ambiguous element [R] int32, the source row offsets [R]). Row constants as [R, 1] columns (nearest:
@@ -323,8 +340,8 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
                                       band_c, half_c, mag_hi_c, sign_c, CLAMPED, N_BITS, FAST_LOG2)  # fmt: skip
             amb_rows = tl.maximum(amb_rows, tl.max((amb & (bits > 0)).to(tl.int32) * live_c, 1))
         mask = keep_c & (amb_rows == 0)[:, None] & (cols < H)[None, :]
-        _store_codes(code, rows, tile, c0, cols, mask, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes,
-                     N_BITS, PACKED, GROUP, GBYTES, GB_P2, BLOCK_R, CHUNK_C, TILE_C)  # fmt: skip
+        _store_codes(code, rows, tile, c0, cols, mask, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes, H,
+                     N_BITS, PACKED, PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, CHUNK_C, TILE_C)  # fmt: skip
     return amb_rows, src
 
 
@@ -333,7 +350,7 @@ def encode_kernel(
     x_ptr, idx_ptr, codes_ptr, min_ptr, step_ptr, pay_ptr, N, H, T, M_BUCKET, stride_x, stride_c, stride_p,
     code_bytes, seed, range_clamp, delta,
     N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
-    PACKED: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr, GB_P2: tl.constexpr,
+    PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr, GB_P2: tl.constexpr,
     BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr, FAST_LOG2: tl.constexpr,
 ):  # fmt: skip
     # One program = BLOCK_R output rows x one 128-column tile; each row of the block is its own LogFMT tile.
@@ -417,19 +434,19 @@ def encode_kernel(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, k_frac_c, k_frac_c, k_frac_c,
             k_frac_c, k_frac_c, k_frac_c, k_frac_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2)  # fmt: skip
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2)  # fmt: skip
     elif any_clamped:
         amb_rows, src = _encode_chunks(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c, band_c,
             half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, True, FAST_LOG2)  # fmt: skip
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, True, FAST_LOG2)  # fmt: skip
     else:
         amb_rows, src = _encode_chunks(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c, band_c,
             half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2)  # fmt: skip
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2)  # fmt: skip
     redo = tl.maximum(redo, amb_rows) * live * in_r1.to(tl.int32)
     if tl.max(redo, 0) > 0:  # rare: those rows again, whole, in the reference's float64 formulas
         tl.debug_barrier()  # after every fast store (a row found ambiguous late has earlier chunks stored)
@@ -446,42 +463,52 @@ def encode_kernel(
             axr = tl.abs(xr)
             code_r = _finish_code(_exact_mag(axr, m_r, s_r, Q), xr, axr, m_r != m_r, s_r, N_BITS)
             _store_codes(code_r, row, tile, 0, cols_t, (cols_t < H)[None, :], codes_ptr, stride_c, pay_ptr, stride_p,
-                         code_bytes, N_BITS, PACKED, GROUP, GBYTES, GB_P2, 1, TILE_C, TILE_C)  # fmt: skip
+                         code_bytes, H, N_BITS, PACKED, PLANES, GROUP, GBYTES, GB_P2, 1, TILE_C, TILE_C)  # fmt: skip
             redo = tl.where(pick, 0, redo)
 
 
 @triton.jit
+def _load_groups(rows, tile, ok, pay_ptr, stride_p, limit, N_BITS: tl.constexpr, GROUP: tl.constexpr,
+                 GBYTES: tl.constexpr, GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
+    """The inverse of ``_store_groups`` for a whole tile: N_BITS-bit values [R, TILE_C] int32."""
+    NG: tl.constexpr = TILE_C // GROUP
+    WORD: tl.constexpr = tl.int64 if GBYTES > 4 else tl.int32
+    g = tl.arange(0, NG)
+    b = tl.arange(0, GB_P2)
+    off = tile * (NG * GBYTES) + g[None, :, None] * GBYTES + b[None, None, :]
+    m3 = ok[:, None, None] & (b < GBYTES)[None, None, :] & (off < limit)
+    byte = tl.load(pay_ptr + rows[:, None, None] * stride_p + off, mask=m3, other=0).to(WORD)
+    if GBYTES == 1:
+        word = tl.reshape(byte, (BLOCK_R, NG))
+    else:
+        word = tl.sum(byte << (8 * b).to(WORD)[None, None, :], 2)  # [R, NG]
+    shifts = (N_BITS * tl.arange(0, GROUP)).to(WORD)
+    c3 = (word[:, :, None] >> shifts[None, None, :]) & ((1 << N_BITS) - 1)
+    return tl.reshape(c3, (BLOCK_R, TILE_C)).to(tl.int32)
+
+
+@triton.jit
 def _load_codes(rows, tile, cols, H, ok, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes,
-                N_BITS: tl.constexpr, PACKED: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr,
-                GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
-    """The n-bit codes [R, C] int32 of rows (int64 [R]) at this tile's columns; 0 where not ok. Packed
-    groups of up to 4 bytes are assembled in int32 (one byte, n = 8: the byte is the code), wider in int64."""
-    if PACKED and GROUP == 1:  # one code in one or two bytes: a plain row load
+                N_BITS: tl.constexpr, PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr,
+                GBYTES: tl.constexpr, GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
+    """The n-bit codes [R, C] int32 of rows (int64 [R]) at this tile's columns; 0 where not ok (the layouts
+    of ``_store_codes``)."""
+    if PACKED and (PLANES or GROUP == 1):  # one byte (or two) per code: a plain row load
         base = pay_ptr + rows[:, None] * stride_p
         mask = ok[:, None] & (cols < H)[None, :]
-        if GBYTES == 1:
+        if PLANES:
+            code = tl.load(base + cols[None, :], mask=mask, other=0).to(tl.int32)
+            high = _load_groups(rows, tile, ok, pay_ptr + H, stride_p, code_bytes - H, N_BITS - 8, GROUP, GBYTES,
+                                GB_P2, BLOCK_R, TILE_C)  # fmt: skip
+            code = code | (high << 8)
+        elif GBYTES == 1:
             code = tl.load(base + cols[None, :], mask=mask, other=0).to(tl.int32)
         else:
             code = tl.load(base.to(tl.pointer_type(tl.int16)) + cols[None, :], mask=mask, other=0).to(tl.int32)
         code = code & ((1 << N_BITS) - 1)
     elif PACKED:
-        NG: tl.constexpr = TILE_C // GROUP
-        WORD: tl.constexpr = tl.int64 if GBYTES > 4 else tl.int32
-        g = tl.arange(0, NG)
-        b = tl.arange(0, GB_P2)
-        off = tile * (NG * GBYTES) + g[None, :, None] * GBYTES + b[None, None, :]
-        m3 = ok[:, None, None] & (b < GBYTES)[None, None, :] & (off < code_bytes)
-        byte = tl.load(pay_ptr + rows[:, None, None] * stride_p + off, mask=m3, other=0).to(WORD)
-        if GBYTES == 1:
-            word = tl.reshape(byte, (BLOCK_R, NG))
-        else:
-            word = tl.sum(byte << (8 * b).to(WORD)[None, None, :], 2)  # [R, NG]
-        if GROUP == 1:
-            code = tl.reshape(word, (BLOCK_R, TILE_C)).to(tl.int32) & ((1 << N_BITS) - 1)
-        else:
-            shifts = (N_BITS * tl.arange(0, GROUP)).to(WORD)
-            c3 = (word[:, :, None] >> shifts[None, None, :]) & ((1 << N_BITS) - 1)
-            code = tl.reshape(c3, (BLOCK_R, TILE_C)).to(tl.int32)
+        code = _load_groups(rows, tile, ok, pay_ptr, stride_p, code_bytes, N_BITS, GROUP, GBYTES, GB_P2, BLOCK_R,
+                            TILE_C)  # fmt: skip
     else:
         mask = ok[:, None] & (cols < H)[None, :]
         code = tl.load(codes_ptr + rows[:, None] * stride_c + cols[None, :], mask=mask, other=0).to(tl.int32)
@@ -508,8 +535,8 @@ def _load_stats(rows, ok, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_by
 def decode_sum_kernel(
     codes_ptr, min_ptr, step_ptr, pay_ptr, pair_row_ptr, w_ptr, out_ptr, N_OUT, H, T, M_BUCKET,
     stride_c, stride_p, code_bytes, stride_o,
-    N_BITS: tl.constexpr, PACKED: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr, GB_P2: tl.constexpr,
-    TOPK: tl.constexpr, GATHER: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr,
+    N_BITS: tl.constexpr, PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr,
+    GB_P2: tl.constexpr, TOPK: tl.constexpr, GATHER: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr,
     TILE_C: tl.constexpr,
 ):  # fmt: skip
     # One program = BLOCK_R output rows x one tile: out[t] = sum_k w[t, k] * decode(row pair_row[t, k]),
@@ -526,7 +553,7 @@ def decode_sum_kernel(
         else:
             rows = outs.to(tl.int64)
         code = _load_codes(rows, tile, cols, H, in_o, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes,
-                           N_BITS, PACKED, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C)  # fmt: skip
+                           N_BITS, PACKED, PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C)  # fmt: skip
         m, s = _load_stats(rows, in_o, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED)
         mag = code & Q
         steps = (mag + (0x4B400000 - 1)).to(tl.float32, bitcast=True) - 12582912.0  # mag - 1, no I2F

@@ -176,12 +176,13 @@ class LogFMTCodec:
     """LogFMT-n (the paper section 3.2; coscale.kernels.logfmt): n-bit sign + log-magnitude codes with
     tile_min and tile_step (fp32) per 1x128 tile, rounded to nearest in the linear domain by default.
 
-    Row layout (coscale.kernels.logfmt.code_packing / row_bytes): the H codes bit-packed little-endian
-    (code i of a group of g = 8 / gcd(n, 8) codes at bit n*i of a g*n/8-byte group; n = 8: one byte per
-    code; n = 10: 4 codes in 5 bytes), zero codes padding H up to a multiple of g; then ceil(H/128) fp32
-    tile_min and ceil(H/128) fp32 tile_step. For n whose group would exceed 56 bits (9, 11, 13, 15) or with
-    ``packed=False`` the codes are int16 (2 bytes). H = 7168: LogFMT-8 7,616 bytes, LogFMT-10 (packed)
-    9,408, against 7,392 for FP8 and 14,336 for BF16.
+    Row layout (coscale.kernels.logfmt.code_packing / code_planes / row_bytes): the H codes bit-packed
+    little-endian (code i of a group of g = 8 / gcd(n, 8) codes at bit n*i of a g*n/8-byte group; n = 8: one
+    byte per code; n = 4: two codes a byte), zero codes padding H up to a multiple of g; for n = 10, 12, 14
+    two planes instead: the low byte of each of the H codes, then the n - 8 high bits packed the same way
+    (n = 10: four 2-bit parts a byte); then ceil(H/128) fp32 tile_min and ceil(H/128) fp32 tile_step. For n
+    whose group would exceed 56 bits (9, 11, 13, 15) or with ``packed=False`` the codes are int16 (2 bytes).
+    H = 7168: LogFMT-8 7,616 bytes, LogFMT-10 (packed) 9,408, against 7,392 for FP8 and 14,336 for BF16.
 
     The kernels write and read these rows directly: ``encode_rows(x, index)`` selects, encodes and packs
     in one pass (the dispatch's first stage), ``decode_sum(rows, copies, ...)`` unpacks, decodes and sums
