@@ -221,6 +221,7 @@ def test_flops_json_names_the_activated_convention(capsys):
     ["search", "--ep", "128"],
     ["training-time", "--deepseek-v3"],
     ["training-time", "--model", "deepseek-v2-lite", "--dp", "8", "--ep", "8", "--hardware", "h100"],
+    ["training-time", "--model", "small", "--no-grad-clip"],
 ])
 def test_throughput_commands(capsys, argv):
     rc, out, _ = run(capsys, "analyze", *argv, "--json")
@@ -266,3 +267,12 @@ def test_validate_command(capsys, tmp_path):
     doc.write_text("<!-- validation:begin -->\n<!-- validation:end -->\n")
     rc, out, _ = run(capsys, "analyze", "validate", "--measurements", str(path), "--update-doc", str(doc))
     assert rc == 0 and "decode_step" in out and "| decode_step |" in doc.read_text()
+
+
+def test_training_time_charges_gradient_clipping_unless_told_not_to(capsys):
+    parts = {}
+    for flag in ([], ["--no-grad-clip"]):
+        rc, out, _ = run(capsys, "analyze", "training-time", "--model", "small", *flag, "--json")
+        assert rc == 0
+        parts[bool(flag)] = [row["part"] for row in json.loads(out)["tables"][0]["rows"]]
+    assert "gradient clipping" in parts[False] and "gradient clipping" not in parts[True]

@@ -59,6 +59,9 @@ def register(sub, add) -> None:
     p.add_argument("--recompute", choices=training_time.RECOMPUTE, help="recomputation (default deepseek)")
     p.add_argument("--precision", choices=("fp8", "bf16"), help="GEMM precision (default fp8)")
     p.add_argument("--eager", action="store_true", help="ops launched one by one from Python (no CUDA graphs)")
+    p.add_argument("--no-grad-clip", action="store_true",
+                   help="leave out gradient-norm clipping (by default the step clips, as the V3 report and coscale "
+                        "train do)")
     p.add_argument("--train-tokens", type=float, default=1e12, help="tokens to train on (default 1e12)")
     p.add_argument("--price", type=float, default=training_time.PRICE_PER_GPU_HOUR,
                    help="US$ per GPU-hour (default 2, the DeepSeek-V3 report's H800 price)")
@@ -213,7 +216,7 @@ def _training(args) -> int:
     kw = dict(seq_len=_given(args.seq_len, base.get("seq_len", 4096)), micro_batch=micro,
               global_batch=_given(args.global_batch, base.get("global_batch", layout.dp * micro)),
               schedule=_given(args.schedule, "dualpipe"), recompute=_given(args.recompute, "deepseek"),
-              precision=_given(args.precision, "fp8"), eager=args.eager)
+              precision=_given(args.precision, "fp8"), eager=args.eager, grad_clip=not args.no_grad_clip)
     if not args.train_tokens > 0 or not args.price >= 0:
         raise ConfigError("--train-tokens must be positive and --price >= 0")
     r = training_time.training_time(args.model, _given(args.hardware, base.get("hardware", "h800")), layout, **kw)

@@ -153,14 +153,17 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
                   layout: ParallelLayout | None = None, seq_len: int = 4096, global_batch: int = 15360,
                   micro_batch: int = 1, schedule: str = "dualpipe", recompute: str = "deepseek",
                   include_mtp: bool = True, precision: str = "fp8", eager: bool = False,
-                  optimizer: str = "deepseek", kernels_per_step: int | None = None) -> TrainingTime:
+                  optimizer: str = "deepseek", kernels_per_step: int | None = None,
+                  grad_clip: bool = True) -> TrainingTime:
     """Step time of one training step; see the module docstring. ``precision``: the GEMMs' (``fp8`` or
     ``bf16``); ``eager``: every op is launched from Python (no CUDA graphs), so a step takes at least
     ``ops x host_launch_us`` of host time; ``optimizer``: a recipe of :data:`OPTIMIZERS` (``fp32``: FP32
     moments, and the BF16 weights cast from the FP32 masters by autocast in every forward);
     ``kernels_per_step``: the training stack's kernels per step and GPU where a profile has counted them
     (tools/count_step_kernels.py): those beyond the modelled ops run after them
-    (``costs.unmodelled_kernels``; None: only the modelled ops)."""
+    (``costs.unmodelled_kernels``; None: only the modelled ops); ``grad_clip``: the step clips the global
+    gradient norm (the V3 report's 1.0; coscale train's default): one pass reads every gradient for the
+    norm and one scales them in place, 3 x the gradient's bytes per parameter at copy bandwidth."""
     v, hw = as_view(model), load_hardware(hardware)
     layout = layout or ParallelLayout()
     layout.check(v)
@@ -217,6 +220,8 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
     parts = {"forward": micro_batches * f, "input gradients": micro_batches * b, "weight gradients": micro_batches * w,
              "pipeline bubble": bubble, "exposed all-to-all": exposed_a2a, "data-parallel sync": dp_sync,
              "optimizer": update_s}
+    if grad_clip:
+        parts["gradient clipping"] = local_params * 3 * OPTIMIZERS[optimizer]["grad"] / (eff.memory_tbps * 1e12)
     if casts:
         parts["weight casts (autocast)"] = casts
     head_kernels = 3 * len(L.head_ops(v, hw, tokens, layout.tp)) * (1 + mtp) / layout.pp  # forward, both gradients
@@ -232,6 +237,7 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
              f"recompute {recompute}; MTP modules {'trained' if mtp else 'excluded'}; {precision.upper()} GEMMs; "
              f"AdamW '{optimizer}' ({opt_bytes} B per parameter at copy bandwidth)"
              + ("; autocast casts every FP32 master to BF16 per micro-batch (6 B per parameter)" if casts else "")
+             + ("; gradients clipped to a global norm (read for the norm, scaled in place)" if grad_clip else "")
              + (f"; eager: {kernels:.0f} ops per micro-batch and stage at {eff.host_launch_us:g} us each"
                 if eager else ""),
              f"MoE computation on {eff.sms - eff.comm_sms} of {eff.sms} SMs (the all-to-all kernels hold the rest)"

@@ -77,7 +77,8 @@ def predict(record: dict[str, Any]) -> float:
                                            precision=record.get("precision", "bf16"),
                                            eager=bool(record.get("eager", True)),
                                            optimizer=_optimizer(record),
-                                           kernels_per_step=record.get("kernels_per_step")).step_s
+                                           kernels_per_step=record.get("kernels_per_step"),
+                                           grad_clip=bool(record.get("grad_clip", True))).step_s
     layout = serving.ServingLayout(micro_batches=int(record.get("micro_batches", 1)))
     if kind == "decode_step":
         return serving.decode(model, hardware, layout, batch=_need(record, "batch"), context=_need(record, "context"),
