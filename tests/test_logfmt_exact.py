@@ -273,3 +273,10 @@ def test_row_planes_round_trip(n_bits, cols):
     assert torch.equal(codes, ref[0]) and torch.equal(tmin, ref[1]) and torch.equal(tstep, ref[2])
     dec = lf.logfmt_decode_rows(rows, cols, n_bits=n_bits, backend="triton", block_rows=8)
     torch.testing.assert_close(dec, lf.logfmt_decode_ref(*ref, n_bits), rtol=1e-5, atol=0)
+
+
+def test_fast_log2_only_where_checked():
+    """The interpreter and CPU tensors never take lg2.approx; a GPU takes it once its check has passed."""
+    assert not lf.use_fast_log2(torch.device("cpu"))
+    if torch.cuda.is_available() and not lf.interpreting():
+        assert lf.use_fast_log2(torch.device("cuda")) == (lf.fast_log2_max_error() <= lf.LOG2_BOUND)

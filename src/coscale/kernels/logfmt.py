@@ -60,10 +60,12 @@ whole: 1 / S >= 2^16 (nearly constant tiles), a band >= 1/4, or a subnormal |x| 
 0.2 % of the rows are redone for LogFMT-8, 0.6 % for LogFMT-10 (test_ambiguous_rows_are_rare). Tests:
 tests/test_logfmt.py, tests/test_logfmt_fused.py (elements straddling every threshold, and the fallback
 alone with the band widened to everything), tests/test_logfmt_exact.py (the bound, hard inputs).
-Per-row float64 work runs once per row: the kernel lays its row numbers out one row per thread (with 128
-rows a program; in the layout of the tile's columns 16 threads repeated it: the first kernel spent most
-of its time there, 16% of copy bandwidth on the H200). Tile shapes (rows per program, columns per step,
-warps) are autotuned per (H, row bucket, format); ``block_rows`` / ``chunk_cols`` fix them for tests.
+Per-row float64 work runs once per row: the kernel lays its row numbers out one or two rows per warp lane
+(64-128 rows a program; in the layout of the tile's columns 16 threads repeated it: the first kernel spent
+most of its time there, 16% of copy bandwidth on the H200). lg2.approx is used only on a GPU whose
+approximation ``use_fast_log2`` has checked within LOG2_BOUND (once per device). Tile shapes (rows per
+program, columns per step, warps) are autotuned per (H, row bucket, format); ``block_rows`` /
+``chunk_cols`` fix them for tests.
 
 Stochastic rounding draws Philox numbers (``tl.rand(seed, row * Hp + col)``, offsets wrap past 2^31
 elements) and is checked statistically; the reference uses a torch.Generator. The decode kernel computes
@@ -102,6 +104,10 @@ __all__ = [
     "logfmt_decode_sum",
     "logfmt_decode_rows",
     "code_packing",
+    "code_planes",
+    "fast_log2_max_error",
+    "use_fast_log2",
+    "LOG2_BOUND",
     "row_bytes",
     "logfmt_encode_ref",
     "logfmt_decode_ref",
@@ -337,8 +343,7 @@ DELTA = 4e-7  # log2 units: the band is DELTA / S + 2^-20 in t units (the bound:
 # before tuning). Every candidate writes the same bits: the codes do not depend on the shape (stochastic
 # draws use offsets row * Hp + col). Encoder: BLOCK_R >= 16 x warps puts a row on at most two threads for
 # its float64 work; CHUNK_C columns a step bound the registers (32 columns took all 255 a thread allows on
-# sm_90, 8 warps an SM; 8-16 take 56-64 for one-byte codes, 94-150 for bit-packed 10-bit rows); 8 rows with
-# the whole tile in one step suits the bit-packed rows. Few candidates: each is a compilation per variant.
+# sm_90, 8 warps an SM; 8-16 take 56-80). Few candidates: each is a compilation per variant.
 ENCODE_CONFIGS = ((64, 4, 16), (128, 8, 16), (64, 4, 8), (128, 8, 8), (8, 4, 128))
 DECODE_CONFIGS = ((8, 4), (32, 8), (16, 4))
 
@@ -404,7 +409,7 @@ def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, b
             payload.stride(0), code_bytes, seed or 0, RANGE_CLAMP, DELTA,
             N_BITS=n_bits, STOCHASTIC=rounding == "stochastic", GATHER=row_src is not None, TOPK=topk,
             PACKED=rows_out, PLANES=planes, GROUP=group, GBYTES=group_bytes, GB_P2=_pow2(group_bytes), TILE_C=TILE,
-            FAST_LOG2=not interpreting(), **cfg,
+            FAST_LOG2=use_fast_log2(x.device), **cfg,
         )  # fmt: skip
     return payload if rows_out else (codes, tile_min, tile_step)
 
@@ -451,6 +456,26 @@ def fast_log2_max_error(device="cuda") -> float:
     out = torch.empty((1 << 23) // block, dtype=torch.float64, device=device)
     k.log2_check_kernel[(out.numel(),)](out, BLOCK=block)
     return float(out.max())
+
+
+_FAST_LOG2_OK: dict[int, bool] = {}  # per CUDA device index: its lg2.approx checked within LOG2_BOUND
+
+
+def use_fast_log2(device: torch.device) -> bool:
+    """Whether the encoder may take lg2.approx on ``device``: once per GPU, on the first eager call,
+    ``fast_log2_max_error`` checks it against LOG2_BOUND (a GPU whose approximation were coarser would
+    make the fast path's exactness argument void; it then gets the accurate log2, slower, exact codes).
+    While a CUDA graph is captured or torch.compile traces, before any check, the accurate log2 too."""
+    if interpreting() or device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _FAST_LOG2_OK:
+        from coscale.kernels.autotune import _cannot_time
+
+        if _cannot_time():
+            return False
+        _FAST_LOG2_OK[index] = fast_log2_max_error(torch.device("cuda", index)) <= LOG2_BOUND
+    return _FAST_LOG2_OK[index]
 
 
 def _seed(rounding: str, seed: int | None) -> int | None:
