@@ -280,3 +280,16 @@ def test_fast_log2_only_where_checked():
     assert not lf.use_fast_log2(torch.device("cpu"))
     if torch.cuda.is_available() and not lf.interpreting():
         assert lf.use_fast_log2(torch.device("cuda")) == (lf.fast_log2_max_error() <= lf.LOG2_BOUND)
+
+
+@needs_triton
+def test_every_decode_configuration_equals_the_default():
+    """Each GPU tile shape of the decoder (rows per program) decodes and sums the same values."""
+    x = torch.randn(70, 300, generator=torch.Generator().manual_seed(3))
+    rows = lf.logfmt_encode_to_rows(x, None, 1, 10, backend="torch")
+    pair = torch.randint(0, 70, (45, 3), generator=torch.Generator().manual_seed(4))
+    w = torch.rand(45, 3, generator=torch.Generator().manual_seed(5))
+    want = lf.logfmt_decode_rows(rows, 300, pair, w, n_bits=10, backend="torch")
+    for block_rows, _warps in lf.DECODE_CONFIGS:
+        got = lf.logfmt_decode_rows(rows, 300, pair, w, n_bits=10, backend="triton", block_rows=block_rows)
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
