@@ -26,6 +26,10 @@ for job in ${JOBS:-quant fp8 moe study}; do
              --precisions bf16 fp8 --modes default --steps 15 --warmup 5 --batch-size 4 --seq-len 2048 \
              --timeout 150 --log-dir "$OUT" -- ${TRAIN_ARGS:-} ;;
     logfmt) run bench_logfmt "${T_LOGFMT:-300}" python3 benchmarks/bench_logfmt.py $Q ;;
+    # kernels per training step of small (with and without MTP), for coscale analyze validate's records
+    count) run count_step_kernels "${T_COUNT:-240}" bash -c "python3 tools/count_step_kernels.py --model small \
+             --batch-size 16 --seq-len 512 --no-mtp && python3 tools/count_step_kernels.py --model small \
+             --batch-size 16 --seq-len 512" ;;
     # expert parallelism over a NCCL group of one rank (the all-to-all exchanging with itself)
     ep)    run ep_one_gpu "${T_EP:-90}" env COSCALE_EP_LOOPBACK=1 torchrun --nproc-per-node 1 tools/ep_one_gpu.py ;;
     # MTP acceptance: training small takes ~2.5 min with compilation; decoding needs ~1-2 more

@@ -384,7 +384,7 @@ def encode_kernel(
     rows1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     in_r1 = rows1 < N
     top_f, low_f = _load_stats(rows1.to(tl.int64), in_r1, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_bytes,
-                               PACKED)  # fmt: skip
+                               PACKED, ".cg")  # fmt: skip
     bad, m32, s32, amin, amax = _row_stats(top_f.to(tl.int32, bitcast=True), low_f.to(tl.int32, bitcast=True),
                                            range_clamp, Q)  # fmt: skip
     _store_stats(tl.where(bad, float("nan"), m32), tl.where(bad, float("nan"), s32), rows1, in_r1, tile, T,
@@ -517,17 +517,20 @@ def _load_codes(rows, tile, cols, H, ok, codes_ptr, stride_c, pay_ptr, stride_p,
 
 
 @triton.jit
-def _load_stats(rows, ok, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED: tl.constexpr):
+def _load_stats(rows, ok, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED: tl.constexpr,
+                CACHE: tl.constexpr):  # fmt: skip
+    """(tile_min, tile_step) [R] of rows at this tile. CACHE: the loads' cache modifier ("" or ".cg": from L2,
+    for the encoder's read-back of values this program has just stored)."""
     if PACKED:
         b = tl.arange(0, 4)
         base = pay_ptr + rows[:, None] * stride_p + code_bytes + 4 * tile + b[None, :]
-        mb = tl.load(base, mask=ok[:, None], other=0).to(tl.int32)
-        sb = tl.load(base + 4 * T, mask=ok[:, None], other=0).to(tl.int32)
+        mb = tl.load(base, mask=ok[:, None], other=0, cache_modifier=CACHE).to(tl.int32)
+        sb = tl.load(base + 4 * T, mask=ok[:, None], other=0, cache_modifier=CACHE).to(tl.int32)
         m = tl.sum(mb << (8 * b)[None, :], 1).to(tl.float32, bitcast=True)
         s = tl.sum(sb << (8 * b)[None, :], 1).to(tl.float32, bitcast=True)
     else:
-        m = tl.load(min_ptr + rows * T + tile, mask=ok, other=0.0)
-        s = tl.load(step_ptr + rows * T + tile, mask=ok, other=0.0)
+        m = tl.load(min_ptr + rows * T + tile, mask=ok, other=0.0, cache_modifier=CACHE)
+        s = tl.load(step_ptr + rows * T + tile, mask=ok, other=0.0, cache_modifier=CACHE)
     return m, s
 
 
@@ -554,7 +557,7 @@ def decode_sum_kernel(
             rows = outs.to(tl.int64)
         code = _load_codes(rows, tile, cols, H, in_o, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes,
                            N_BITS, PACKED, PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C)  # fmt: skip
-        m, s = _load_stats(rows, in_o, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED)
+        m, s = _load_stats(rows, in_o, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED, "")
         mag = code & Q
         steps = (mag + (0x4B400000 - 1)).to(tl.float32, bitcast=True) - 12582912.0  # mag - 1, no I2F
         val = tl.exp(m[:, None] + s[:, None] * steps)
