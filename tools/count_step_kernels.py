@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from coscale.config import get_preset
 from coscale.errors import CoscaleError
+from coscale.fp8 import convert_to_fp8
 from coscale.model import DeepseekForCausalLM
 from coscale.parallel.world import SingleProcess
 from coscale.train.optim import build_optimizer
@@ -34,13 +36,23 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--no-mtp", action="store_true", help="the model without its MTP modules")
+    parser.add_argument("--matched", action="store_true",
+                        help="without MTP and without the sequence-wise balance loss (bench_train.py's `matched`)")
+    parser.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
+    parser.add_argument("--fp8-layers", default="auto", help="FP8 layer policy, as coscale train's option")
+    parser.add_argument("--top", type=int, default=15, help="kernels listed, the longest first")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (after warm-up and capture)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     dev = torch.device(args.device)
-    cfg = get_preset(args.model, **({"num_nextn_predict_layers": 0} if args.no_mtp else {}))
+    cfg = get_preset(args.model, **({"num_nextn_predict_layers": 0} if args.no_mtp or args.matched else {}))
+    if args.matched:
+        cfg = cfg.replace(aux_loss_alpha=0.0)
     torch.manual_seed(0)
-    model = DeepseekForCausalLM(cfg).to(dev).train()
+    model = DeepseekForCausalLM(cfg)
+    if args.precision == "fp8":
+        model = convert_to_fp8(model, policy=args.fp8_layers) or model
+    model = model.to(dev).train()
     optimizer = build_optimizer(model, lr=1e-4, moments_dtype="fp32")
     world = SingleProcess(dev)
     mode = resolve_step_mode(None, None, world)
@@ -57,6 +69,12 @@ def main() -> None:
         step()
     if cuda:
         torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
             step()
@@ -69,11 +87,15 @@ def main() -> None:
         if us:
             rows.append((us / args.steps, ev.count / args.steps, ev.key[:100]))
     rows.sort(reverse=True)
-    summary = dict(model=args.model, mtp=not args.no_mtp, batch=args.batch_size, seq_len=args.seq_len,
+    summary = dict(model=args.model, mtp=cfg.num_nextn_predict_layers > 0, precision=args.precision,
+                   fp8_layers=args.fp8_layers if args.precision == "fp8" else None, batch=args.batch_size,
+                   seq_len=args.seq_len,
                    mode=mode.describe(), device=str(dev),
-                   kernels_per_step=round(sum(r[1] for r in rows)), gpu_us_per_step=round(sum(r[0] for r in rows)))
+                   kernels_per_step=round(sum(r[1] for r in rows)), gpu_us_per_step=round(sum(r[0] for r in rows)),
+                   wall_ms_per_step=round(wall_ms, 2),
+                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None)
     print(json.dumps(summary))
-    for us, calls, name in rows[:15]:
+    for us, calls, name in rows[:args.top]:
         print(f"{us:10.1f} us x {calls:6.1f}  {name}")
 
 
