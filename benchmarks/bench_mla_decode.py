@@ -132,6 +132,12 @@ def run_case(B, T, H, S, fp8, args, gen, results):
                 except torch.OutOfMemoryError:
                     r["torch_ms"] = "OOM"
                     torch.cuda.empty_cache()
+            if fp8 and args.compare_fp8_read:  # the previous path: the FP8 tile read through bf16
+                r["bf16_read_ms"] = timed(functools.partial(mla_decode, *case, scale, max_seq_len=T, num_splits=used,
+                                                            fp8_in_fp16=False, backend="triton"), args.quick)
+                print(f"  B={B:4d} T={T:6d} H={H:4d} FP8 read through bf16: {r['bf16_read_ms'] * 1e3:8.1f} us "
+                      f"({100 * nbytes / r['bf16_read_ms'] / 1e9 / H200_COPY_TBPS:.0f}%, "
+                      f"{tuned_config() and config_name(tuned_config())})", flush=True)
             results.append(r)
             t = r.get("torch_ms")
             base_s = f"{t * 1e3:.1f} us" if isinstance(t, float) else str(t)
@@ -196,6 +202,8 @@ def main():
     parser.add_argument("--no-baseline", action="store_true", help="skip the PyTorch baseline")
     parser.add_argument("--check-all", action="store_true", help="first check every autotuning candidate against "
                         "the reference (BF16/FP8, 16/128 heads), not only the picked one")
+    parser.add_argument("--compare-fp8-read", action="store_true", help="also time FP8 caches read through bf16 "
+                        "(the kernel's previous path) beside the fp16 read")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -175,3 +175,25 @@ def test_all_policy_converts_everything_and_bad_policies_are_refused():
     assert isinstance(model[0], FP8Linear)
     with pytest.raises(CoscaleError, match="policy must be one of auto, all"):
         convert_to_fp8(nn.Sequential(nn.Linear(4, 4)), policy="some")
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_under_autocast_the_layer_computes_in_the_autocast_dtype_as_nn_linear_does(x_dtype):
+    """An FP32 input (a model's residual stream) is cast to the autocast dtype before the FP8 kernels, as
+    nn.Linear casts its input: the output is BF16 (no FP32 output to convert after the GEMM) and the input's
+    gradient comes back in the input's dtype, equal to what the layer gives a BF16 input."""
+    torch.manual_seed(0)
+    layer = FP8Linear(256, 128, bias=False, backend="torch")
+    x = torch.randn(4, 256, dtype=x_dtype, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert x.grad.dtype == x_dtype and layer.weight.grad.dtype == torch.float32
+    xb = x.detach().bfloat16().requires_grad_()
+    yb = layer(xb)  # no autocast: a BF16 input computes in BF16 anyway
+    torch.testing.assert_close(y, yb)
+    yb.float().square().sum().backward()
+    torch.testing.assert_close(x.grad.float(), xb.grad.float())
+    y32 = layer(x.detach())  # no autocast, FP32 input: FP32 out
+    assert y32.dtype == (torch.float32 if x_dtype == torch.float32 else torch.bfloat16)

@@ -84,6 +84,36 @@ def test_kernel_bf16_inputs():
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)  # bf16 output rounding
 
 
+@pytest.mark.parametrize("case", ["plain", "huge_queries", "tiny_queries", "scales_over_16_decades", "tiny_scales"])
+def test_kernel_fp8_cache_with_bf16_queries_reads_the_latent_in_fp16(case):
+    """bf16 queries over an FP8 cache take the fp16 path (queries scaled into fp16's range by a power of two
+    per row, P times the scales kept <= 1): against the float64 reference at bf16's rounding, including
+    queries far outside fp16's range (1e8, 1e-9) and per-token scales spread over 16 decades or all tiny."""
+    g = torch.Generator().manual_seed(11)
+    q_lat, q_pe, cache, table, lens = make_inputs([3, 45, 70], 1, H=4, c=256, dr=16, block_size=16, fp8=True,
+                                                  seed=12)
+    q_lat = q_lat * 0.05
+    if case == "huge_queries":  # q . k would overflow fp16 without the row scaling
+        q_lat = q_lat * 1e8
+        q_pe = q_pe * 1e8
+    elif case == "tiny_queries":  # every query value below fp16's smallest subnormal
+        q_lat = q_lat * 1e-9
+        q_pe = q_pe * 1e-9
+    elif case == "scales_over_16_decades":  # P * scale past fp16's range without the running maximum
+        cache.scale.mul_(10 ** (torch.rand(cache.scale.shape, generator=g) * 16 - 8))
+    elif case == "tiny_scales":  # P * scale below fp16's smallest subnormal without it
+        cache.scale.mul_(1e-7)
+    q_lat, q_pe = q_lat.bfloat16(), q_pe.bfloat16()
+    scale = {"huge_queries": 1e-9, "tiny_queries": 1e8}.get(case, 0.1)  # scores of order one
+    out, lse = mla_decode(q_lat, q_pe, cache, table, lens, scale, num_splits=2, backend="triton")
+    ref, ref_lse = mla_decode_ref(q_lat.double(), q_pe.double(), cache, table, lens, scale)
+    # per row, relative to the row's largest output (values are convex combinations of the latents)
+    norm = ref.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close((out.double() / norm), (ref / norm), rtol=0, atol=2e-2)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("case", ["zeros", "huge"])
 def test_kernel_edge_values(case):
     q_lat, q_pe, cache, table, lens = make_inputs([20, 50], 1, H=4, c=32, dr=16, block_size=16, seed=3)

@@ -91,6 +91,9 @@ def test_keep_fp8_layers_eager_marks_each_fp8_layer_once():
     assert fp8_layers and any(getattr(m, "precision", None) == "fp8" for m in fp8_layers)
     assert keep_fp8_layers_eager(model) == len(fp8_layers)
     assert keep_fp8_layers_eager(model) == 0  # idempotent
+    # only the kernels are left eager: the forward's autocast cast stays in the compiled graph
+    for m in fp8_layers:
+        assert "run_kernels" in vars(m) and "forward" not in vars(m)
     assert keep_fp8_layers_eager(DeepseekForCausalLM(cfg)) == 0  # a BF16 model has none
 
 

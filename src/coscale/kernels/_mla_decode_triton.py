@@ -18,12 +18,15 @@ through ``ptxas -v``, registers and spills):
   in every warp's registers (about 144 registers a thread for 512 + 64 columns). SWAP=1 puts the keys on
   M (scores^T = K Q^T, O^T += K^T P^T): at BLOCK_N = 64 both products compile to wgmma with the query and
   the latent read from shared memory.
-- FP8. e4m3 values are exact in bf16, so the cache tile is only cast; the per-token, per-128-column
-  scale multiplies the tile's scores and, for P @ V, P itself (one accumulator per 128-column tile).
-  The first version multiplied every element in FP32 through a 3-D reshape. Open: with 16 rows (MMAv2)
-  the pipeliner still leaves the FP8 latent loads synchronous (plain tt.load in the loop, only the RoPE
-  and the scales go through cp.async); with 64 rows (wgmma) they are double-buffered. Carrying the next
-  tile's FP8 chunks in registers one iteration ahead is the next thing to try.
+- FP8. e4m3 values are exact in fp16 (and bf16), so the cache tile is only cast; the per-token,
+  per-128-column scale multiplies the tile's scores and, for P @ V, P itself (one accumulator per
+  128-column tile). The first version multiplied every element in FP32 through a 3-D reshape. The
+  second cast to bf16, which sm_90 has no single instruction for: e4m3 -> f16x2 -> f32 -> bf16x2 took
+  F2FP, F2F and PRMT instructions that outnumbered everything else in the loop (sm_90 compile, 16 heads),
+  and the kernel ran at 17-23% of copy bandwidth against 45-95% for a BF16 cache (run 6). With bf16
+  queries the latent is now read in fp16 (LAT_FP16: one cvt.rn.f16x2.e4m3x2 per two values), the
+  query rows scaled into fp16's range by a power of two and P times the scales kept <= 1 (see the
+  kernel). The RoPE part stays in the query's dtype (a dot of its own).
 - Candidates: (64, SWAP=0, 4 warps) spills and is left out; 64-row tiles (128 heads) keep the 8-warp
   candidates (_prune); a candidate over the shared-memory limit fails to compile and the autotuner
   skips it.
@@ -97,6 +100,29 @@ def _load_q(q_rows, row_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dtyp
     return q.to(dot_dtype)
 
 @triton.jit
+def _row_amax(q_rows, row_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr):
+    offs = col0 + tl.arange(0, CHUNK)
+    q = tl.load(q_rows[:, None] + offs[None, :], mask=row_ok[:, None] & (offs[None, :] < C), other=0.0)
+    return tl.max(tl.abs(q.to(tl.float32)), axis=1)
+
+@triton.jit
+def _pow2_row_scale(amax):
+    """2^(14 - floor(log2 amax)) per row (1 for a zero row), a power of two that brings the row's largest
+    value into [2^14, 2^15): the row then converts to fp16 without overflow and without losing a bit
+    that bf16 held (fp16's 11 significant bits hold bf16's 8 wherever the value is >= 2^-10 of the
+    largest). Built from the exponent bits, so it is exact; clamped to fp32's normal range."""
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    biased = tl.minimum(tl.maximum(127 + 14 - e, 1), 254)
+    f = (biased << 23).to(tl.float32, bitcast=True)
+    return tl.where(amax > 0, f, 1.0)
+
+@triton.jit
+def _load_q_scaled(q_rows, row_ok, f, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dtype: tl.constexpr):
+    offs = col0 + tl.arange(0, CHUNK)
+    q = tl.load(q_rows[:, None] + offs[None, :], mask=row_ok[:, None] & (offs[None, :] < C), other=0.0)
+    return (q.to(tl.float32) * f[:, None]).to(dot_dtype)
+
+@triton.jit
 def _load_k(lat_rows, key_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dtype: tl.constexpr):
     # FP8 e4m3 values are exact in bf16: the cast is the whole dequantization, the scale is folded
     # into the products (scores and P), so no element is multiplied here.
@@ -115,7 +141,7 @@ def _store_chunk(o_rows, acc, l_safe, keep, col0, C: tl.constexpr, CHUNK: tl.con
              mask=keep[:, None] & (offs[None, :] < C))
 
 @triton_autotune(*_configs(), key=["C", "DR", "S_Q", "HEADS_TILE", "num_splits", "batch_bucket", "FP8",
-                                         "PAGE"], prune_configs_by={"early_config_prune": _prune},
+                                   "LAT_FP16", "PAGE"], prune_configs_by={"early_config_prune": _prune},
                  rep_ms=10)  # a new key while serving stalls one step: keep its tuning to ~0.1 s
 @triton.jit(do_not_specialize=["num_splits", "batch_bucket"])
 def mla_decode_split_kernel(
@@ -126,8 +152,8 @@ def mla_decode_split_kernel(
     H, num_splits, batch_bucket, sm_scale_log2,
     C: tl.constexpr, DR: tl.constexpr, S_Q: tl.constexpr, HEADS_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr,
-    PAGE: tl.constexpr, FP8: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, SWAP: tl.constexpr,
+    PAGE: tl.constexpr, FP8: tl.constexpr, LAT_FP16: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr,
 ):  # fmt: skip
     group, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -141,25 +167,46 @@ def mla_decode_split_kernel(
     row_ok = (token < S_Q) & (head < H)
     last_key = seq_len - S_Q + token  # causal among the S_Q query tokens
     dot_dtype = tl.float32 if DOT_FP32 else q_ptr.dtype.element_ty
+    # LAT_FP16 (an FP8 cache read by bf16 queries): the latent is read in fp16. e4m3 converts to fp16
+    # exactly in one instruction per two values (cvt.rn.f16x2.e4m3x2), while to bf16 it takes a detour
+    # through fp16 and fp32 (F2F/F2FP/PRMT: the most common instructions of the loop in sm_90 compiles).
+    # The query rows are scaled by a power of two into fp16's range (_pow2_row_scale, undone on the
+    # scores), and P times the keys' scales is kept <= 1 by dividing by the largest scale seen so far
+    # (smax, one per 128-column tile, folded into the accumulators' rescaling like the softmax's
+    # running maximum), so neither overflows fp16 nor sinks below its normal range unless it is
+    # < 2^-14 of the row's largest, where bf16's rounding is larger than what fp16 loses.
+    lat_dtype = tl.float16 if LAT_FP16 else dot_dtype
     q_rows = q_ptr + b * stride_qb + token * stride_qs + head * stride_qh
     qpe = _load_q(qpe_ptr + b * stride_pb + token * stride_ps + head * stride_ph, row_ok, 0, DR,
                   BLOCK_R, dot_dtype)
+    if LAT_FP16:
+        amax = _row_amax(q_rows, row_ok, 0, C, CHUNK)
+        for t in tl.static_range(1, NUM_CHUNKS):
+            amax = tl.maximum(amax, _row_amax(q_rows, row_ok, t * CHUNK, C, CHUNK))
+        f = _pow2_row_scale(amax)
+    else:
+        f = tl.full((BLOCK_M,), 1.0, tl.float32)
+    inv_f = 1.0 / f  # exact: f is a power of two
     # The latent's columns in NUM_CHUNKS chunks (one for a BF16 cache; one per 128-column scale tile for
     # FP8, at most four): each chunk has its own accumulator so that its scale can be folded into P.
-    q0 = _load_q(q_rows, row_ok, 0, C, CHUNK, dot_dtype)
+    q0 = _load_q_scaled(q_rows, row_ok, f, 0, C, CHUNK, lat_dtype)
     if SWAP:
         acc0 = tl.zeros((CHUNK, BLOCK_M), tl.float32)
     else:
         acc0 = tl.zeros((BLOCK_M, CHUNK), tl.float32)
+    smax0 = tl.full((), 1.1754943508222875e-38, tl.float32)  # the smallest normal: never 0 / 0
     if NUM_CHUNKS > 1:
-        q1 = _load_q(q_rows, row_ok, CHUNK, C, CHUNK, dot_dtype)
+        q1 = _load_q_scaled(q_rows, row_ok, f, CHUNK, C, CHUNK, lat_dtype)
         acc1 = tl.zeros_like(acc0)
+        smax1 = smax0
     if NUM_CHUNKS > 2:
-        q2 = _load_q(q_rows, row_ok, 2 * CHUNK, C, CHUNK, dot_dtype)
+        q2 = _load_q_scaled(q_rows, row_ok, f, 2 * CHUNK, C, CHUNK, lat_dtype)
         acc2 = tl.zeros_like(acc0)
+        smax2 = smax0
     if NUM_CHUNKS > 3:
-        q3 = _load_q(q_rows, row_ok, 3 * CHUNK, C, CHUNK, dot_dtype)
+        q3 = _load_q_scaled(q_rows, row_ok, f, 3 * CHUNK, C, CHUNK, lat_dtype)
         acc3 = tl.zeros_like(acc0)
+        smax3 = smax0
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -192,24 +239,25 @@ def mla_decode_split_kernel(
                      other=0.0, eviction_policy="evict_first").to(dot_dtype)
         s = _qk(qpe, kr, SWAP, PRECISION)
         # The latent tile is loaded once and feeds both products (scores and P @ V).
-        k0 = _load_k(lat_rows, key_ok, 0, C, CHUNK, dot_dtype)
-        if FP8:  # score = sum over tiles t of scale[t] * (q_t . q8_t)
+        k0 = _load_k(lat_rows, key_ok, 0, C, CHUNK, lat_dtype)
+        if FP8:  # score = sum over tiles t of scale[t] * (q_t . q8_t), q_t scaled by f
             sc0 = tl.load(s_rows, mask=key_ok, other=0.0)
-            s += _qk(q0, k0, SWAP, PRECISION) * _per_key(sc0, SWAP)
+            s_lat = _qk(q0, k0, SWAP, PRECISION) * _per_key(sc0, SWAP)
+            if NUM_CHUNKS > 1:
+                k1 = _load_k(lat_rows, key_ok, CHUNK, C, CHUNK, lat_dtype)
+                sc1 = tl.load(s_rows + 1, mask=key_ok, other=0.0)
+                s_lat += _qk(q1, k1, SWAP, PRECISION) * _per_key(sc1, SWAP)
+            if NUM_CHUNKS > 2:
+                k2 = _load_k(lat_rows, key_ok, 2 * CHUNK, C, CHUNK, lat_dtype)
+                sc2 = tl.load(s_rows + 2, mask=key_ok, other=0.0)
+                s_lat += _qk(q2, k2, SWAP, PRECISION) * _per_key(sc2, SWAP)
+            if NUM_CHUNKS > 3:
+                k3 = _load_k(lat_rows, key_ok, 3 * CHUNK, C, CHUNK, lat_dtype)
+                sc3 = tl.load(s_rows + 3, mask=key_ok, other=0.0)
+                s_lat += _qk(q3, k3, SWAP, PRECISION) * _per_key(sc3, SWAP)
+            s += s_lat * _per_row(inv_f, SWAP)
         else:
             s += _qk(q0, k0, SWAP, PRECISION)
-        if NUM_CHUNKS > 1:
-            k1 = _load_k(lat_rows, key_ok, CHUNK, C, CHUNK, dot_dtype)
-            sc1 = tl.load(s_rows + 1, mask=key_ok, other=0.0)
-            s += _qk(q1, k1, SWAP, PRECISION) * _per_key(sc1, SWAP)
-        if NUM_CHUNKS > 2:
-            k2 = _load_k(lat_rows, key_ok, 2 * CHUNK, C, CHUNK, dot_dtype)
-            sc2 = tl.load(s_rows + 2, mask=key_ok, other=0.0)
-            s += _qk(q2, k2, SWAP, PRECISION) * _per_key(sc2, SWAP)
-        if NUM_CHUNKS > 3:
-            k3 = _load_k(lat_rows, key_ok, 3 * CHUNK, C, CHUNK, dot_dtype)
-            sc3 = tl.load(s_rows + 3, mask=key_ok, other=0.0)
-            s += _qk(q3, k3, SWAP, PRECISION) * _per_key(sc3, SWAP)
 
         if SWAP:
             visible = key_ok[:, None] & (pos[:, None] <= last_key[None, :])
@@ -224,21 +272,29 @@ def mla_decode_split_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=0 if SWAP else 1)
         m_i = m_new
-        # value = scale[t] * q8 over tile t: the scale goes into P (one product per tile)
+        # value = scale[t] * q8 over tile t: scale / smax goes into P (one product per tile, <= 1)
         if FP8:
-            acc0 = acc0 * _per_row(alpha, SWAP) + _pv((p * _per_key(sc0, SWAP)).to(dot_dtype), k0, SWAP,
-                                                      PRECISION)
+            new0 = tl.maximum(smax0, tl.max(sc0, axis=0))
+            acc0 = acc0 * _per_row(alpha * (smax0 / new0), SWAP) + _pv(
+                (p * _per_key(sc0 / new0, SWAP)).to(lat_dtype), k0, SWAP, PRECISION)
+            smax0 = new0
+            if NUM_CHUNKS > 1:
+                new1 = tl.maximum(smax1, tl.max(sc1, axis=0))
+                acc1 = acc1 * _per_row(alpha * (smax1 / new1), SWAP) + _pv(
+                    (p * _per_key(sc1 / new1, SWAP)).to(lat_dtype), k1, SWAP, PRECISION)
+                smax1 = new1
+            if NUM_CHUNKS > 2:
+                new2 = tl.maximum(smax2, tl.max(sc2, axis=0))
+                acc2 = acc2 * _per_row(alpha * (smax2 / new2), SWAP) + _pv(
+                    (p * _per_key(sc2 / new2, SWAP)).to(lat_dtype), k2, SWAP, PRECISION)
+                smax2 = new2
+            if NUM_CHUNKS > 3:
+                new3 = tl.maximum(smax3, tl.max(sc3, axis=0))
+                acc3 = acc3 * _per_row(alpha * (smax3 / new3), SWAP) + _pv(
+                    (p * _per_key(sc3 / new3, SWAP)).to(lat_dtype), k3, SWAP, PRECISION)
+                smax3 = new3
         else:
             acc0 = acc0 * _per_row(alpha, SWAP) + _pv(p.to(dot_dtype), k0, SWAP, PRECISION)
-        if NUM_CHUNKS > 1:
-            acc1 = acc1 * _per_row(alpha, SWAP) + _pv((p * _per_key(sc1, SWAP)).to(dot_dtype), k1, SWAP,
-                                                      PRECISION)
-        if NUM_CHUNKS > 2:
-            acc2 = acc2 * _per_row(alpha, SWAP) + _pv((p * _per_key(sc2, SWAP)).to(dot_dtype), k2, SWAP,
-                                                      PRECISION)
-        if NUM_CHUNKS > 3:
-            acc3 = acc3 * _per_row(alpha, SWAP) + _pv((p * _per_key(sc3, SWAP)).to(dot_dtype), k3, SWAP,
-                                                      PRECISION)
 
     has_keys = l_i > 0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -251,6 +307,14 @@ def mla_decode_split_kernel(
     keep = row_ok & ((tl.zeros_like(row_ok.to(tl.int32)) + hi) > lo)
     if num_splits == 1:
         keep = row_ok
+    if FP8:  # the accumulators hold value / smax
+        acc0 = acc0 * smax0
+        if NUM_CHUNKS > 1:
+            acc1 = acc1 * smax1
+        if NUM_CHUNKS > 2:
+            acc2 = acc2 * smax2
+        if NUM_CHUNKS > 3:
+            acc3 = acc3 * smax3
     _store_chunk(o_rows, acc0, l_safe, keep, 0, C, CHUNK, SWAP)
     if NUM_CHUNKS > 1:
         _store_chunk(o_rows, acc1, l_safe, keep, CHUNK, C, CHUNK, SWAP)

@@ -31,7 +31,8 @@ import torch
 
 from coscale.errors import CoscaleError
 
-__all__ = ["TRITON_OR_TORCH", "check_backend", "interpreting", "select_backend", "triton_available"]
+__all__ = ["TRITON_OR_TORCH", "check_backend", "interpreting", "select_backend", "to_autocast_dtype",
+           "triton_available"]
 
 TRITON_OR_TORCH = ("auto", "triton", "torch")
 
@@ -98,3 +99,16 @@ def check_backend(
         raise CoscaleError(f"{op}: backend must be one of {', '.join(map(repr, allowed))}; got {requested!r}")
     if not torch.compiler.is_compiling():
         select_backend(requested, *tensors, allowed=allowed, reference=reference, op=op)
+
+
+def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the autocast dtype where autocast is on for its device, as nn.Linear casts its input.
+    Autocast does not reach coscale's own GEMMs (custom operators and autograd functions), and a
+    model's FP32 residual stream would otherwise reach them in FP32: an FP32 output, an FP32 gradient,
+    and a conversion copy after each GEMM, whose kernels write BF16."""
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        if x.dtype != dtype:
+            return x.to(dtype)
+    return x

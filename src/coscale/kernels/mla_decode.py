@@ -24,8 +24,9 @@ The kernel (two launches, flash-decoding):
    a time through the block table (the next tile's block ids loaded one iteration ahead), computes
    [M, BLOCK_N] scores with tl.dots (latent, rope; each latent tile loaded once for both products), runs
    the online softmax in base 2 and accumulates P @ latent into FP32 accumulators. FP8 tiles are cast
-   to bf16 (exact for e4m3) and each 128-column tile's per-token scale is folded into its scores and
-   into P, one accumulator per tile. The configuration (BLOCK_N, orientation: heads or keys on the
+   to fp16 for bf16 queries (exact for e4m3; the query rows scaled by a power of two into fp16's range)
+   and each 128-column tile's per-token scale is folded into its scores and into P, one accumulator per
+   tile. The configuration (BLOCK_N, orientation: heads or keys on the
    MMA's M, warps, stages) is autotuned per shape; the kernels and their design notes are in
    coscale.kernels._mla_decode_triton.
 2. Combine (only when num_splits > 1): per (b, t, h), the partial outputs are merged with weights
@@ -221,7 +222,7 @@ def tuned_config() -> dict | None:
 
 def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, softmax_scale: float, *,
                max_seq_len: int | None = None, num_splits: int | None = None, heads_tile: int | None = None,
-               kernel_config: dict | None = None, backend: str = "auto"):
+               kernel_config: dict | None = None, fp8_in_fp16: bool = True, backend: str = "auto"):
     """MLA decode over the paged latent cache (module docstring). q_lat [B, S, H, c], q_pe [B, S, H, dr]
     (bf16 on a GPU; the kernel's dots run in q_lat's dtype), block_table [B, W] int32, seq_lens [B]
     int32 (each >= S). Returns (o_lat [B, S, H, c] in q_lat's dtype, lse [B, S, H] float32).
@@ -229,7 +230,8 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     max_seq_len: a bound on seq_lens (host int; default: the block table's width x BS) that sizes the
     context split; num_splits / heads_tile override the heuristics (benchmarks); kernel_config fixes the
     split kernel's configuration instead of autotuning it (keys BLOCK_N, SWAP, num_warps, num_stages; see
-    CONFIG_KEYS), for tests and benchmarks."""
+    CONFIG_KEYS), for tests and benchmarks. fp8_in_fp16=False reads an FP8 cache through bf16 as the
+    kernel did before (for benchmarks that compare the two)."""
     _check(q_lat, q_pe, cache, block_table, seq_lens)
     if select_backend(backend, q_lat, op="mla_decode") == "torch":
         return mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, softmax_scale)
@@ -269,7 +271,8 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     consts = dict(
         C=c, DR=dr, S_Q=S, HEADS_TILE=tile, BLOCK_M=max(16, _next_pow2(S * tile)), CHUNK=chunk,
         NUM_CHUNKS=math.ceil(c / chunk), BLOCK_R=max(16, _next_pow2(dr)), PAGE=page, FP8=fp8,
-        DOT_FP32=dot_fp32, PRECISION="ieee" if dot_fp32 else "tf32",
+        LAT_FP16=fp8 and fp8_in_fp16 and q_lat.dtype != torch.float32, DOT_FP32=dot_fp32,
+        PRECISION="ieee" if dot_fp32 else "tf32",
     )  # fmt: skip
     if kernel_config is None:
         split_kernel[(groups, splits, B)](*args, **consts)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coscale.config import ModelConfig
+from coscale.kernels.backend import to_autocast_dtype
 from coscale.model.norm import apply_keeping_float32, upcast
 
 
@@ -184,9 +185,12 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         # Autocast does not reach the grouped GEMMs (custom ops), so apply its dtype here: without this a
-        # BF16-autocast run would compute every expert in FP32 (its residual stream is FP32).
-        if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        # BF16-autocast run would compute every expert in FP32 (its residual stream is FP32). The cast
+        # stays outside run_kernels, the part a compiled FP8 step leaves eager, so that Inductor fuses it
+        # into the producer of x (coscale.train.step_runner.keep_fp8_layers_eager).
+        return self.run_kernels(to_autocast_dtype(x), topk_idx, topk_weight)
+
+    def run_kernels(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         use_grouped = self.precision == "fp8" or self.impl == "grouped" or (
             self.impl == "auto" and x.is_cuda
         )

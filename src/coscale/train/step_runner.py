@@ -171,8 +171,10 @@ def keep_fp8_layers_eager(model: nn.Module) -> int:
     for module in model.modules():
         if runs_fp8(module) and not getattr(module, "_eager_under_compile", False):
             # bound through types.MethodType: a deep copy of the model rebinds it to the copy (a stored
-            # bound method would keep calling the original module, with the original's weights)
-            module.forward = types.MethodType(torch.compiler.disable(type(module).forward), module)
+            # bound method would keep calling the original module, with the original's weights). A layer
+            # with run_kernels leaves only that eager: its forward's casts stay in the compiled graph.
+            name = "run_kernels" if hasattr(type(module), "run_kernels") else "forward"
+            setattr(module, name, types.MethodType(torch.compiler.disable(getattr(type(module), name)), module))
             module._eager_under_compile = True
             count += 1
     return count
