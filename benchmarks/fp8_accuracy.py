@@ -1,6 +1,6 @@
 """FP8 vs BF16 training-accuracy study (DeepSeek-V3's claim: relative loss error < 0.25%).
 
-GPU:  PYTHONPATH=src python benchmarks/fp8_accuracy.py --model small --steps 300
+GPU:  PYTHONPATH=src python benchmarks/fp8_accuracy.py --model small --steps 300 [--spread-seed 1]
 CPU:  PYTHONPATH=src python benchmarks/fp8_accuracy.py --model tiny --steps 60 --reference fp32
 Trains the same model, seed and batches in the reference precision and in FP8, prints the relative
 difference of the loss curves after warm-up, and saves a plot of both curves and fp8_study.json under
@@ -27,12 +27,15 @@ def main():
     p.add_argument("--reference", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--smooth", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spread-seed", type=int, help="also train the reference with this seed: its seed-to-seed "
+                   "difference is the yardstick for FP8's")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "runs"), "fp8_study"))
     a = p.parse_args()
     base = TrainConfig(model=a.model, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
-                       seed=a.seed, eval_interval=0, save_interval=0, progress=False, tensorboard=False,
+                       seed=a.seed, eval_interval=0, save_interval=0, checkpoints=False, progress=False,
+                       tensorboard=False,
                        log_interval=max(1, a.steps // 10))
-    r = run_fp8_study(base, a.out, reference=a.reference, smooth=a.smooth)
+    r = run_fp8_study(base, a.out, reference=a.reference, smooth=a.smooth, spread_seed=a.spread_seed)
     ResultsLog("fp8_accuracy").save(study=r)
     print(json.dumps(r, indent=2))
     print(f"\n{a.model}, {a.steps} steps: FP8 vs {a.reference} loss, relative difference after warm-up "
@@ -41,7 +44,13 @@ def main():
           f"val {100 * (r['val_rel_diff'] or 0):+.3f}%; goal < 0.25%")
     tps = r["tokens_per_s"]
     print(f"tokens/s: {a.reference} {tps[a.reference]:,.0f}, fp8 {tps['fp8']:,.0f} "
-          f"(x{r.get('fp8_speedup', float('nan')):.2f}); plot {r['plot']}")
+          f"(x{r.get('fp8_speedup', float('nan')):.2f}); steady {r['steady_tokens_per_s']}; "
+          f"peak GiB {r['peak_gib']}; plot {r['plot']}")
+    if "reference_spread" in r:
+        sp = r["reference_spread"]
+        print(f"{a.reference} seed {sp['seeds'][0]} vs seed {sp['seeds'][1]} (the yardstick): mean "
+              f"{100 * sp['mean_rel_diff_smoothed']:.3f}%, max {100 * sp['max_rel_diff_smoothed']:.3f}%, final "
+              f"{100 * sp['final_rel_diff_smoothed']:+.3f}%; FP8 within it: {r['fp8_within_reference_spread']}")
 
 
 if __name__ == "__main__":

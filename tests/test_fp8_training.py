@@ -40,3 +40,17 @@ def test_fp8_training_tracks_fp32_on_tiny(tmp_path, one_thread):
     assert abs(result["val_rel_diff"]) < 0.02
     saved = json.loads((tmp_path / "fp8_study.json").read_text())
     assert saved["reference"] == "fp32" and (tmp_path / "fp8_vs_fp32.png").exists()
+
+
+def test_fp8_study_reports_the_reference_seed_to_seed_spread(tmp_path, one_thread):
+    base = TrainConfig(model="tiny", model_overrides={"num_hidden_layers": 1}, steps=24, batch_size=2,
+                       seq_len=32, seed=0, eval_interval=0, save_interval=0, progress=False,
+                       tensorboard=False, log_interval=100)
+    result = run_fp8_study(base, str(tmp_path), reference="fp32", smooth=4, spread_seed=1, log=lambda s: None)
+    spread = result["reference_spread"]
+    assert spread["seeds"] == [0, 1] and spread["steps_compared"] == result["steps_compared"]
+    # another seed draws other weights and batches: its curve differs, where FP8 on the same seed tracks
+    assert spread["mean_rel_diff_smoothed"] > 0
+    assert result["fp8_within_reference_spread"] == (result["mean_rel_diff_smoothed"]
+                                                     <= spread["mean_rel_diff_smoothed"])
+    assert set(result["tokens_per_s"]) == {"fp32", "fp8"} and (tmp_path / "fp32_seed1").is_dir()
