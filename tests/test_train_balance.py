@@ -157,6 +157,21 @@ def test_evaluate_reports_maxvio_global_over_all_held_out_tokens():
     assert isinstance(result, Evaluation) and result.loss > 0
 
 
+def test_evaluate_in_chunks_of_rows_gives_the_same_loss_and_maxvio(monkeypatch):
+    """A large vocabulary is evaluated a few rows at a time (bounded logits); the figures do not change."""
+    import coscale.train.step as step_module
+
+    model = small_model()
+    batches = [(torch.randint(0, 256, (3, 16)), torch.randint(0, 256, (3, 16))) for _ in range(2)]
+    world = SingleProcess(torch.device("cpu"))
+    whole = evaluate(model, batches, world)
+    monkeypatch.setattr(step_module, "EVAL_LOGITS_PER_CHUNK", 16 * 256)  # one row of 16 tokens at a time
+    chunked = evaluate(model, batches, world)
+    assert chunked.loss == pytest.approx(whole.loss, rel=1e-6)
+    assert chunked.maxvio == pytest.approx(whole.maxvio, rel=1e-6)
+    assert chunked.maxvio_layers == pytest.approx(whole.maxvio_layers, rel=1e-6)
+
+
 def test_bias_update_takes_a_device_tensor_gamma_without_a_host_sync(monkeypatch):
     a, b = small_model().train(), small_model().train()
     input_ids = torch.randint(0, 256, (2, 16))

@@ -121,6 +121,15 @@ class Evaluation:
         return {"val_loss": self.loss, **balance}
 
 
+EVAL_LOGITS_PER_CHUNK = 1 << 28  # logits a held-out forward produces at once (1 GiB in FP32)
+
+
+def logits_width(model: nn.Module) -> int:
+    """The model's vocabulary (its output head's width); 1 when it has none that says so."""
+    config = getattr(model, "config", None)
+    return int(getattr(config, "vocab_size", 1) or 1)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], world: World,
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Evaluation:
@@ -133,10 +142,15 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         for batch in batches:
             input_ids, labels, weight = world.eval_rows(*batch)
             before = loads.clone() if loads is not None and weight != 1 else None
-            with autocast():
-                logits = model(input_ids.to(world.device))
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(world.device).flatten(), reduction="sum")
-            loss_sum += weight * loss.double()
+            # a few rows at a time: at V3's vocabulary a 4 x 2,048 batch has 4 GiB of FP32 logits, which
+            # a CUDA-graphed run (its pool still held) did not have room for (proxy-v3, H200, run 23)
+            rows = max(1, EVAL_LOGITS_PER_CHUNK // max(1, input_ids.shape[1] * logits_width(model)))
+            for ids, lab in zip(input_ids.split(rows), labels.split(rows)):
+                with autocast():
+                    logits = model(ids.to(world.device))
+                loss = F.cross_entropy(logits.float().flatten(0, 1), lab.to(world.device).flatten(), reduction="sum")
+                loss_sum += weight * loss.double()
+                del logits
             count += weight * labels.numel()
             if before is not None:  # rows every rank evaluated: each counts 1 / world size of them
                 loads.copy_(before + weight * (loads - before))
