@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from coscale.train.fp8_study import run_fp8_study
+from coscale.train.fp8_study import compare_metrics_files, run_fp8_study
 from coscale.train.loop import TrainConfig
 from results_log import ResultsLog
 
@@ -30,7 +30,16 @@ def main():
     p.add_argument("--spread-seed", type=int, help="also train the reference with this seed: its seed-to-seed "
                    "difference is the yardstick for FP8's")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "runs"), "fp8_study"))
+    p.add_argument("--from-metrics", nargs="+", metavar="METRICS_JSONL",
+                   help="no training: compare runs made separately (REFERENCE FP8 [REFERENCE_OTHER_SEED], "
+                   "coscale train metrics.jsonl files) over the steps all of them reached")
     a = p.parse_args()
+    if a.from_metrics:
+        if len(a.from_metrics) not in (2, 3):
+            p.error("--from-metrics takes REFERENCE FP8 [REFERENCE_OTHER_SEED]")
+        r = compare_metrics_files(*a.from_metrics, skip=max(1, a.steps // 10), smooth=a.smooth)
+        print(json.dumps(r, indent=2))
+        return
     base = TrainConfig(model=a.model, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
                        seed=a.seed, eval_interval=0, save_interval=0, checkpoints=False, progress=False,
                        tensorboard=False,

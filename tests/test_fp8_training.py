@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from coscale.train.fp8_study import compare_curves, run_fp8_study
+from coscale.train.fp8_study import compare_curves, compare_metrics_files, run_fp8_study
 from coscale.train.loop import TrainConfig
 
 
@@ -54,3 +54,25 @@ def test_fp8_study_reports_the_reference_seed_to_seed_spread(tmp_path, one_threa
     assert result["fp8_within_reference_spread"] == (result["mean_rel_diff_smoothed"]
                                                      <= spread["mean_rel_diff_smoothed"])
     assert set(result["tokens_per_s"]) == {"fp32", "fp8"} and (tmp_path / "fp32_seed1").is_dir()
+
+
+def test_compare_metrics_files_compares_separate_runs_over_the_steps_all_reached(tmp_path):
+    """Runs made in separate sessions (one cut short): compared over the common steps, with each run's
+    steady tokens/s and peak memory."""
+    def write(name, losses, tokens_per_s):
+        path = tmp_path / f"{name}.jsonl"
+        rows = [{"type": "run", "step": 0}] + [
+            {"type": "train", "step": i + 1, "loss": loss, "tokens_per_s": tokens_per_s,
+             "peak_memory_allocated_gib": 1.5} for i, loss in enumerate(losses)]
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        return str(path)
+
+    ref = write("ref", [4.0] * 40, 100.0)
+    fp8 = write("fp8", [4.04] * 30, 125.0)  # 1% above, cut at step 30
+    other = write("other", [4.2] * 40, 100.0)  # 5% above
+    r = compare_metrics_files(ref, fp8, other, skip=5, smooth=4)
+    assert r["steps"] == 30 and r["fp8"]["steps_compared"] == 25
+    assert r["fp8"]["mean_rel_diff_smoothed"] == pytest.approx(0.01)
+    assert r["spread"]["mean_rel_diff_smoothed"] == pytest.approx(0.05)
+    assert r["fp8_within_reference_spread"] is True
+    assert r["fp8_steady_tokens_per_s"] == pytest.approx(125.0) and r["reference_peak_gib"] == 1.5

@@ -94,6 +94,33 @@ def run_fp8_study(base: TrainConfig, out_dir: str, reference: str = "bf16", smoo
     return result
 
 
+def compare_metrics_files(reference: str, fp8: str, spread: str | None = None, skip: int = 30,
+                          smooth: int = 20) -> dict[str, Any]:
+    """The study's comparison from runs made separately (``coscale train`` metrics.jsonl files, e.g. one
+    run per device session): FP8 against the reference over the steps both reached and, with ``spread``
+    (the reference precision with another seed), the reference's own seed-to-seed difference over the same
+    steps, plus each run's steady tokens/s (steps after ``skip``) and peak memory."""
+
+    def load(path: str) -> list[dict[str, Any]]:
+        return [r for r in read_metrics(path) if r.get("type") == "train"]
+
+    runs = {"reference": load(reference), "fp8": load(fp8)}
+    if spread is not None:
+        runs["spread"] = load(spread)
+    steps = min(len(r) for r in runs.values())
+    losses = {name: [r["loss"] for r in records[:steps]] for name, records in runs.items()}
+    result: dict[str, Any] = {"steps": steps, "fp8": compare_curves(losses["reference"], losses["fp8"], skip, smooth)}
+    if spread is not None:
+        result["spread"] = compare_curves(losses["reference"], losses["spread"], skip, smooth)
+        result["fp8_within_reference_spread"] = (result["fp8"]["mean_rel_diff_smoothed"]
+                                                 <= result["spread"]["mean_rel_diff_smoothed"])
+    for name, records in runs.items():
+        rates = [r["tokens_per_s"] for r in records if r["step"] > skip and r.get("tokens_per_s")]
+        result[f"{name}_steady_tokens_per_s"] = len(rates) / sum(1 / t for t in rates) if rates else None
+        result[f"{name}_peak_gib"] = max((r.get("peak_memory_allocated_gib") or 0 for r in records), default=None)
+    return result
+
+
 def _release_run_memory() -> None:
     """Free what a finished run left on the GPU before the next: torch.compile's caches guard on (and so
     keep alive) the run's model, and its CUDA-graph pool stays reserved; at V3's width one run's
