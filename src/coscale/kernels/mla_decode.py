@@ -24,11 +24,11 @@ The kernel (two launches, flash-decoding):
    a time through the block table (the next tile's block ids loaded one iteration ahead), computes
    [M, BLOCK_N] scores with tl.dots (latent, rope; each latent tile loaded once for both products), runs
    the online softmax in base 2 and accumulates P @ latent into FP32 accumulators. FP8 tiles are cast
-   to fp16 for bf16 queries (exact for e4m3; the query rows scaled by a power of two into fp16's range)
-   and each 128-column tile's per-token scale is folded into its scores and into P, one accumulator per
-   tile. The configuration (BLOCK_N, orientation: heads or keys on the
-   MMA's M, warps, stages) is autotuned per shape; the kernels and their design notes are in
-   coscale.kernels._mla_decode_triton.
+   to fp16 for bf16 queries in tiles of up to 32 rows (exact for e4m3; the query rows scaled by a power
+   of two into fp16's range), else to the query's dtype, and each 128-column tile's per-token scale is
+   folded into its scores and into P, one accumulator per tile. The configuration (BLOCK_N,
+   orientation: heads or keys on the MMA's M, warps, stages) is autotuned per shape; the kernels and
+   their design notes are in coscale.kernels._mla_decode_triton.
 2. Combine (only when num_splits > 1): per (b, t, h), the partial outputs are merged with weights
    exp(lse_i - lse_max) (the log-sum-exp combine of flash-decoding).
 The split count is fixed per launch from the batch size and the longest context (not from the lengths
