@@ -98,13 +98,13 @@ def useful_bytes(B: int, T: int, H: int, S: int, fp8: bool) -> int:
     return B * T * per_token + B * S * H * (C + DR) * 2 * 2 + B * (4 + 4 * math.ceil(T / PAGE))  # + q, out, tables
 
 
-def check(H: int, S: int, fp8: bool, gen, splits, config) -> float:
+def check(H: int, S: int, fp8: bool, gen, splits, config, **options) -> float:
     """Max |kernel - reference| / max |reference| on fresh data with ragged lengths, with the configuration
     the timed run picked (so the check neither tunes again nor tests another candidate)."""
     lens = [S, 200, 4096 + 37, 1500]
     q_lat, q_pe, cache, table, seq_lens = make_case(len(lens), lens, H, S, fp8, gen)
     out, _ = mla_decode(q_lat, q_pe, cache, table, seq_lens, 0.1, num_splits=splits, kernel_config=config,
-                        backend="triton")
+                        backend="triton", **options)
     ref, _ = mla_decode_ref(q_lat.float(), q_pe.float(), cache, table, seq_lens, 0.1)
     return ((out.float() - ref).abs().max() / ref.abs().max()).item()
 
@@ -138,6 +138,14 @@ def run_case(B, T, H, S, fp8, args, gen, results):
                 print(f"  B={B:4d} T={T:6d} H={H:4d} FP8 read through bf16: {r['bf16_read_ms'] * 1e3:8.1f} us "
                       f"({100 * nbytes / r['bf16_read_ms'] / 1e9 / H200_COPY_TBPS:.0f}%, "
                       f"{tuned_config() and config_name(tuned_config())})", flush=True)
+            if fp8 and args.fp8_convert_early:  # the fp16 read with the cast before shared memory
+                r["early_cvt_ms"] = timed(functools.partial(mla_decode, *case, scale, max_seq_len=T, num_splits=used,
+                                                            fp8_convert_early=True, backend="triton"), args.quick)
+                early_cfg = tuned_config()
+                r["early_cvt_err"] = check(H, S, fp8, gen, used, early_cfg, fp8_convert_early=True)
+                print(f"  B={B:4d} T={T:6d} H={H:4d} FP8 cast before shared memory: {r['early_cvt_ms'] * 1e3:8.1f} us "
+                      f"({100 * nbytes / r['early_cvt_ms'] / 1e9 / H200_COPY_TBPS:.0f}%, "
+                      f"{config_name(early_cfg)}), err {r['early_cvt_err']:.1e}", flush=True)
             results.append(r)
             t = r.get("torch_ms")
             base_s = f"{t * 1e3:.1f} us" if isinstance(t, float) else str(t)
@@ -204,6 +212,8 @@ def main():
                         "the reference (BF16/FP8, 16/128 heads), not only the picked one")
     parser.add_argument("--compare-fp8-read", action="store_true", help="also time FP8 caches read through bf16 "
                         "(the kernel's previous path) beside the fp16 read")
+    parser.add_argument("--fp8-convert-early", action="store_true", help="also time FP8 caches with the cast "
+                        "before the shared-memory round trip (mla_decode's fp8_convert_early, off by default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -125,12 +125,21 @@ def _load_q_scaled(q_rows, row_ok, f, col0, C: tl.constexpr, CHUNK: tl.constexpr
     return (q.to(tl.float32) * f[:, None]).to(dot_dtype)
 
 @triton.jit
-def _load_k(lat_rows, key_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dtype: tl.constexpr):
+def _load_k(lat_rows, key_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dtype: tl.constexpr,
+            EARLY_CVT: tl.constexpr):
     # FP8 e4m3 values are exact in fp16 and bf16: the cast is the whole dequantization, the scale is folded
     # into the products (scores and P), so no element is multiplied here.
     offs = col0 + tl.arange(0, CHUNK)
     k = tl.load(lat_rows[:, None] + offs[None, :], mask=key_ok[:, None] & (offs[None, :] < C), other=0.0,
                 eviction_policy="evict_first")
+    if EARLY_CVT:
+        # The same instruction Triton's own e4m3 -> fp16 cast lowers to (identical PTX for a plain load and
+        # store), as an inline asm that Triton may not move: its optimizer otherwise moves the cast past
+        # the shared-memory load, so that P @ V reads its operand transposed from 8-bit shared memory one
+        # byte per instruction (128 LDS.U8 a tile in sm_90 compiles, where a BF16 cache takes 16
+        # ldmatrix.trans). Converted first, the fp16 tile goes through shared memory like a BF16 one.
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.e4m3x2 $0, $1;", "=r,h", [k.to(tl.uint8, bitcast=True)],
+                                         dtype=tl.float16, is_pure=False, pack=2)
     return k.to(dot_dtype)
 
 @triton.jit
@@ -143,7 +152,7 @@ def _store_chunk(o_rows, acc, l_safe, keep, col0, C: tl.constexpr, CHUNK: tl.con
              mask=keep[:, None] & (offs[None, :] < C))
 
 @triton_autotune(*_configs(), key=["C", "DR", "S_Q", "HEADS_TILE", "num_splits", "batch_bucket", "FP8",
-                                   "LAT_FP16", "PAGE"], prune_configs_by={"early_config_prune": _prune},
+                                   "LAT_FP16", "EARLY_CVT", "PAGE"], prune_configs_by={"early_config_prune": _prune},
                  rep_ms=10)  # a new key while serving stalls one step: keep its tuning to ~0.1 s
 @triton.jit(do_not_specialize=["num_splits", "batch_bucket"])
 def mla_decode_split_kernel(
@@ -154,8 +163,8 @@ def mla_decode_split_kernel(
     H, num_splits, batch_bucket, sm_scale_log2,
     C: tl.constexpr, DR: tl.constexpr, S_Q: tl.constexpr, HEADS_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr,
-    PAGE: tl.constexpr, FP8: tl.constexpr, LAT_FP16: tl.constexpr, DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr,
+    PAGE: tl.constexpr, FP8: tl.constexpr, LAT_FP16: tl.constexpr, EARLY_CVT: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr,
 ):  # fmt: skip
     group, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -241,20 +250,20 @@ def mla_decode_split_kernel(
                      other=0.0, eviction_policy="evict_first").to(dot_dtype)
         s = _qk(qpe, kr, SWAP, PRECISION)
         # The latent tile is loaded once and feeds both products (scores and P @ V).
-        k0 = _load_k(lat_rows, key_ok, 0, C, CHUNK, lat_dtype)
+        k0 = _load_k(lat_rows, key_ok, 0, C, CHUNK, lat_dtype, EARLY_CVT)
         if FP8:  # score = sum over tiles t of scale[t] * (q_t . q8_t), q_t scaled by f
             sc0 = tl.load(s_rows, mask=key_ok, other=0.0)
             s_lat = _qk(q0, k0, SWAP, PRECISION) * _per_key(sc0, SWAP)
             if NUM_CHUNKS > 1:
-                k1 = _load_k(lat_rows, key_ok, CHUNK, C, CHUNK, lat_dtype)
+                k1 = _load_k(lat_rows, key_ok, CHUNK, C, CHUNK, lat_dtype, EARLY_CVT)
                 sc1 = tl.load(s_rows + 1, mask=key_ok, other=0.0)
                 s_lat += _qk(q1, k1, SWAP, PRECISION) * _per_key(sc1, SWAP)
             if NUM_CHUNKS > 2:
-                k2 = _load_k(lat_rows, key_ok, 2 * CHUNK, C, CHUNK, lat_dtype)
+                k2 = _load_k(lat_rows, key_ok, 2 * CHUNK, C, CHUNK, lat_dtype, EARLY_CVT)
                 sc2 = tl.load(s_rows + 2, mask=key_ok, other=0.0)
                 s_lat += _qk(q2, k2, SWAP, PRECISION) * _per_key(sc2, SWAP)
             if NUM_CHUNKS > 3:
-                k3 = _load_k(lat_rows, key_ok, 3 * CHUNK, C, CHUNK, lat_dtype)
+                k3 = _load_k(lat_rows, key_ok, 3 * CHUNK, C, CHUNK, lat_dtype, EARLY_CVT)
                 sc3 = tl.load(s_rows + 3, mask=key_ok, other=0.0)
                 s_lat += _qk(q3, k3, SWAP, PRECISION) * _per_key(sc3, SWAP)
             s += s_lat * _per_row(inv_f, SWAP)

@@ -59,6 +59,10 @@ MAX_FP8_CHUNKS = 4  # the kernel keeps one accumulator per 128-column scale tile
 # An FP8 tile is read in fp16 for tiles of up to 32 query rows: on the H200 (run 22) that was 1.10-1.17x the
 # bf16 read at 16 heads, and 0.88x at 128 heads (64-row tiles), where the bf16 read stays.
 FP16_READ_MAX_ROWS = 32
+# The fp16 read with the cast before the shared-memory round trip (the kernel's EARLY_CVT: no byte-wise
+# transposed loads in sm_90 compiles) is off by default until it is measured on a GPU: it changes the
+# generated code, not the arithmetic (the cast is the same instruction).
+FP8_CONVERT_EARLY = False
 
 
 @dataclass
@@ -225,7 +229,8 @@ def tuned_config() -> dict | None:
 
 def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, softmax_scale: float, *,
                max_seq_len: int | None = None, num_splits: int | None = None, heads_tile: int | None = None,
-               kernel_config: dict | None = None, fp8_in_fp16: bool = True, backend: str = "auto"):
+               kernel_config: dict | None = None, fp8_in_fp16: bool = True, fp8_convert_early: bool | None = None,
+               backend: str = "auto"):
     """MLA decode over the paged latent cache (module docstring). q_lat [B, S, H, c], q_pe [B, S, H, dr]
     (bf16 on a GPU; the kernel's dots run in q_lat's dtype), block_table [B, W] int32, seq_lens [B]
     int32 (each >= S). Returns (o_lat [B, S, H, c] in q_lat's dtype, lse [B, S, H] float32).
@@ -234,7 +239,8 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     context split; num_splits / heads_tile override the heuristics (benchmarks); kernel_config fixes the
     split kernel's configuration instead of autotuning it (keys BLOCK_N, SWAP, num_warps, num_stages; see
     CONFIG_KEYS), for tests and benchmarks. fp8_in_fp16=False reads an FP8 cache through bf16 as the
-    kernel did before (for benchmarks that compare the two)."""
+    kernel did before (for benchmarks that compare the two); fp8_convert_early (default FP8_CONVERT_EARLY)
+    casts the fp16-read tile before its shared-memory round trip."""
     _check(q_lat, q_pe, cache, block_table, seq_lens)
     if select_backend(backend, q_lat, op="mla_decode") == "torch":
         return mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, softmax_scale)
@@ -262,6 +268,7 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     assert o_lse.stride(3) == 1, "the split kernel stores the log-sum-exp of split j at offset j"
     dot_fp32 = interpreting() or q_lat.dtype == torch.float32
     rows = max(16, _next_pow2(S * tile))
+    lat_fp16 = fp8 and fp8_in_fp16 and q_lat.dtype != torch.float32 and rows <= FP16_READ_MAX_ROWS
     block_c = max(16, _next_pow2(c))
     chunk = min(FP8_TILE, block_c) if fp8 else block_c
     args = (
@@ -275,7 +282,8 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     consts = dict(
         C=c, DR=dr, S_Q=S, HEADS_TILE=tile, BLOCK_M=rows, CHUNK=chunk,
         NUM_CHUNKS=math.ceil(c / chunk), BLOCK_R=max(16, _next_pow2(dr)), PAGE=page, FP8=fp8,
-        LAT_FP16=fp8 and fp8_in_fp16 and q_lat.dtype != torch.float32 and rows <= FP16_READ_MAX_ROWS,
+        LAT_FP16=lat_fp16, EARLY_CVT=lat_fp16 and not dot_fp32 and (
+            FP8_CONVERT_EARLY if fp8_convert_early is None else fp8_convert_early),
         DOT_FP32=dot_fp32,
         PRECISION="ieee" if dot_fp32 else "tf32",
     )  # fmt: skip
