@@ -16,6 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from coscale.kernels import _logfmt_triton as lk
+from coscale.kernels import _mla_decode_triton as mk
 from coscale.kernels import _quant_triton as qk
 from coscale.kernels.logfmt import _groups, _pow2, code_packing, code_planes
 
@@ -85,9 +86,25 @@ def quant_cases():
         yield f"weight GROUPS {groups} w{warps}", qk.weight_kernel, types, const, warps
 
 
+def mla_cases():
+    """The MLA decode split kernel with 16 heads: BF16 cache, FP8 read through bf16, in fp16, and in fp16
+    with the cast before shared memory (EARLY_CVT: inline asm, GPU code only)."""
+    fn = mk.mla_decode_split_kernel.fn
+    for name, fp8, lat16, early in (("bf16", False, False, False), ("fp8 via bf16", True, False, False),
+                                    ("fp8 in fp16", True, True, False), ("fp8 in fp16, early cast", True, True, True)):
+        types = {"q_ptr": "*bf16", "qpe_ptr": "*bf16", "latent_ptr": "*fp8e4nv" if fp8 else "*bf16",
+                 "rope_ptr": "*bf16", "scale_ptr": "*fp32", "table_ptr": "*i32", "seq_lens_ptr": "*i32",
+                 "out_ptr": "*fp32", "lse_ptr": "*fp32", "sm_scale_log2": "fp32"}
+        for block_n, swap, warps in ((32, 0, 8), (64, 1, 4)):
+            const = dict(C=512, DR=64, S_Q=1, HEADS_TILE=16, BLOCK_M=16, CHUNK=128 if fp8 else 512,
+                         NUM_CHUNKS=4 if fp8 else 1, BLOCK_R=64, PAGE=64, FP8=fp8, LAT_FP16=lat16, EARLY_CVT=early,
+                         DOT_FP32=False, PRECISION="tf32", BLOCK_N=block_n, SWAP=swap)
+            yield f"mla decode {name} n{block_n} swap{swap} w{warps}", fn, types, const, warps
+
+
 def main() -> int:
     ok = True
-    for label, fn, types, const, warps in [*quant_cases(), *logfmt_cases()]:
+    for label, fn, types, const, warps in [*quant_cases(), *logfmt_cases(), *mla_cases()]:
         ok &= compile_one(label, fn, types, const, warps)
     return 0 if ok else 1
 

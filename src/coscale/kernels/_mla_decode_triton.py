@@ -143,6 +143,16 @@ def _load_k(lat_rows, key_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dt
     return k.to(dot_dtype)
 
 @triton.jit
+def _fp8_pv(acc, smax, p, alpha, sc, k, lat_dtype: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr):
+    """One 128-column tile's P @ V step over an FP8 tile: value = scale * q8, the scale divided by the
+    largest seen so far (smax) goes into P, so P * scale stays <= 1 in lat_dtype; acc holds value / smax.
+    Returns (acc, smax)."""
+    new = tl.maximum(smax, tl.max(sc, axis=0))
+    acc = acc * _per_row(alpha * (smax / new), SWAP) + _pv((p * _per_key(sc / new, SWAP)).to(lat_dtype), k, SWAP,
+                                                           PRECISION)
+    return acc, new
+
+@triton.jit
 def _store_chunk(o_rows, acc, l_safe, keep, col0, C: tl.constexpr, CHUNK: tl.constexpr, SWAP: tl.constexpr):
     if SWAP:
         acc = tl.trans(acc)
@@ -285,25 +295,13 @@ def mla_decode_split_kernel(
         m_i = m_new
         # value = scale[t] * q8 over tile t: scale / smax goes into P (one product per tile, <= 1)
         if FP8:
-            new0 = tl.maximum(smax0, tl.max(sc0, axis=0))
-            acc0 = acc0 * _per_row(alpha * (smax0 / new0), SWAP) + _pv(
-                (p * _per_key(sc0 / new0, SWAP)).to(lat_dtype), k0, SWAP, PRECISION)
-            smax0 = new0
+            acc0, smax0 = _fp8_pv(acc0, smax0, p, alpha, sc0, k0, lat_dtype, SWAP, PRECISION)
             if NUM_CHUNKS > 1:
-                new1 = tl.maximum(smax1, tl.max(sc1, axis=0))
-                acc1 = acc1 * _per_row(alpha * (smax1 / new1), SWAP) + _pv(
-                    (p * _per_key(sc1 / new1, SWAP)).to(lat_dtype), k1, SWAP, PRECISION)
-                smax1 = new1
+                acc1, smax1 = _fp8_pv(acc1, smax1, p, alpha, sc1, k1, lat_dtype, SWAP, PRECISION)
             if NUM_CHUNKS > 2:
-                new2 = tl.maximum(smax2, tl.max(sc2, axis=0))
-                acc2 = acc2 * _per_row(alpha * (smax2 / new2), SWAP) + _pv(
-                    (p * _per_key(sc2 / new2, SWAP)).to(lat_dtype), k2, SWAP, PRECISION)
-                smax2 = new2
+                acc2, smax2 = _fp8_pv(acc2, smax2, p, alpha, sc2, k2, lat_dtype, SWAP, PRECISION)
             if NUM_CHUNKS > 3:
-                new3 = tl.maximum(smax3, tl.max(sc3, axis=0))
-                acc3 = acc3 * _per_row(alpha * (smax3 / new3), SWAP) + _pv(
-                    (p * _per_key(sc3 / new3, SWAP)).to(lat_dtype), k3, SWAP, PRECISION)
-                smax3 = new3
+                acc3, smax3 = _fp8_pv(acc3, smax3, p, alpha, sc3, k3, lat_dtype, SWAP, PRECISION)
         else:
             acc0 = acc0 * _per_row(alpha, SWAP) + _pv(p.to(dot_dtype), k0, SWAP, PRECISION)
 
