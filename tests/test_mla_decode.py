@@ -84,8 +84,9 @@ def test_kernel_bf16_inputs():
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)  # bf16 output rounding
 
 
+@pytest.mark.parametrize("lazy", [0, 1])
 @pytest.mark.parametrize("case", ["plain", "huge_queries", "tiny_queries", "scales_over_16_decades", "tiny_scales"])
-def test_kernel_fp8_cache_with_bf16_queries_reads_the_latent_in_fp16(case):
+def test_kernel_fp8_cache_with_bf16_queries_reads_the_latent_in_fp16(case, lazy):
     """bf16 queries over an FP8 cache take the fp16 path (queries scaled into fp16's range by a power of two
     per row, P times the scales kept <= 1): against the float64 reference at bf16's rounding, including
     queries far outside fp16's range (1e8, 1e-9) and per-token scales spread over 16 decades or all tiny."""
@@ -105,7 +106,8 @@ def test_kernel_fp8_cache_with_bf16_queries_reads_the_latent_in_fp16(case):
         cache.scale.mul_(1e-7)
     q_lat, q_pe = q_lat.bfloat16(), q_pe.bfloat16()
     scale = {"huge_queries": 1e-9, "tiny_queries": 1e8}.get(case, 0.1)  # scores of order one
-    out, lse = mla_decode(q_lat, q_pe, cache, table, lens, scale, num_splits=2, backend="triton")
+    cfg = dict(BLOCK_N=16, SWAP=0, LAZY=lazy, num_warps=4, num_stages=2)
+    out, lse = mla_decode(q_lat, q_pe, cache, table, lens, scale, num_splits=2, kernel_config=cfg, backend="triton")
     ref, ref_lse = mla_decode_ref(q_lat.double(), q_pe.double(), cache, table, lens, scale)
     # per row, relative to the row's largest output (values are convex combinations of the latents)
     norm = ref.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
@@ -192,10 +194,11 @@ def test_heuristics_and_errors():
 
 
 # Every orientation and key-block size the GPU autotuner may pick, run here with a fixed configuration.
-CONFIGS = [dict(BLOCK_N=n, SWAP=sw, num_warps=4, num_stages=2) for n, sw in [(16, 0), (32, 1), (16, 1), (64, 0)]]
+CONFIGS = [dict(BLOCK_N=n, SWAP=sw, LAZY=lazy, num_warps=4, num_stages=2)
+           for n, sw, lazy in [(16, 0, 0), (32, 1, 0), (16, 1, 0), (64, 0, 0), (16, 0, 1), (32, 1, 1)]]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"n{c['BLOCK_N']}s{c['SWAP']}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"n{c['BLOCK_N']}s{c['SWAP']}l{c['LAZY']}")
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("block_size", [8, 64])
 def test_kernel_configurations(cfg, fp8, block_size):
@@ -224,6 +227,35 @@ def test_kernel_fp8_scale_folding_four_tiles(swap):
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("swap", [0, 1])
+def test_lazy_rescaling_with_maxima_that_keep_growing(fp8, swap):
+    """LAZY=1 rescales the accumulators only when a row's running maximum grows by more than 2^8 (or, FP8,
+    a scale by more than 64x): keys whose scores climb steadily along the sequence (by ~3 per 16-key tile in
+    log2 units, past the threshold every few tiles) and scales that climb too take every branch."""
+    q_lat, q_pe, cache, table, lens = make_inputs([5, 70, 160], 1, H=4, c=256, dr=16, block_size=16, fp8=fp8,
+                                                  seed=13)
+    q_pe.zero_()
+    ramp = torch.linspace(0, 6, 16 * table.shape[1] * table.shape[0])  # per slot: the latents grow with position
+    for b in range(table.shape[0]):
+        slots = sequence_slots(table[b], int(lens[b]), 16)
+        n = slots.numel()
+        if fp8:
+            cache.scale.view(-1, cache.scale.shape[-1])[slots] *= torch.exp(ramp[:n])[:, None]
+        else:
+            cache.latent.view(-1, 256)[slots] *= torch.exp(ramp[:n])[:, None]
+    q_lat = q_lat.abs() * 0.5  # positive queries: the scores follow the latents' growth (14-44 in log2 units)
+    if fp8:  # bf16 queries: the fp16 read, where a stale maximum 2^16 behind would overflow P
+        q_lat, q_pe = q_lat.bfloat16(), q_pe.bfloat16()
+    cfg = dict(BLOCK_N=16, SWAP=swap, LAZY=1, num_warps=4, num_stages=2)
+    out, lse = mla_decode(q_lat, q_pe, cache, table, lens, 0.3, num_splits=2, kernel_config=cfg, backend="triton")
+    ref, ref_lse = mla_decode_ref(q_lat.double(), q_pe.double(), cache, table, lens, 0.3)
+    norm = ref.abs().amax(dim=-1, keepdim=True)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double() / norm, ref / norm, rtol=0, atol=2e-2 if fp8 else 1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5 if not fp8 else 1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("splits", [1, 9])
 def test_kernel_batch_one_and_split_counts(splits):
     """Batch 1; one split, and more splits than key blocks (empty splits store only their lse)."""
@@ -248,11 +280,14 @@ def test_kernel_128_heads(swap):
 
 def test_kernel_config_and_fp8_width_errors():
     q_lat, q_pe, cache, table, lens = make_inputs([4], 1, H=2, c=32, dr=16, block_size=16)
-    with pytest.raises(CoscaleError, match="exactly the keys"):
+    with pytest.raises(CoscaleError, match="needs the keys"):
         mla_decode(q_lat, q_pe, cache, table, lens, 1.0, kernel_config={"BLOCK_N": 16}, backend="triton")
     bad = dict(BLOCK_N=24, SWAP=0, num_warps=4, num_stages=2)
     with pytest.raises(CoscaleError, match="power of two"):
         mla_decode(q_lat, q_pe, cache, table, lens, 1.0, kernel_config=bad, backend="triton")
+    with pytest.raises(CoscaleError, match="LAZY 0 or 1"):
+        mla_decode(q_lat, q_pe, cache, table, lens, 1.0, kernel_config={**bad, "BLOCK_N": 16, "LAZY": 2},
+                   backend="triton")
     q_lat, q_pe, cache, table, lens = make_inputs([4], 1, H=1, c=640, dr=16, block_size=16, fp8=True)
     with pytest.raises(CoscaleError, match="at most 512"):
         mla_decode(q_lat, q_pe, cache, table, lens, 1.0, backend="triton")

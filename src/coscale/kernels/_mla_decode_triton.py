@@ -29,6 +29,13 @@ through ``ptxas -v``, registers and spills):
   kernel). The RoPE part stays in the query's dtype (a dot of its own). On the H200 (run 22) that was
   only 1.10-1.17x faster with 16 heads (16-22% of copy bandwidth) and 0.88x with 128 (64-row tiles, which
   keep the bf16 read): the conversion is not what holds the FP8 path back; still open.
+- Lazy rescaling (LAZY=1 candidates, FlashAttention-4's idea): rescaling the [M, 512] FP32 accumulators
+  by alpha every tile costs about as many instructions as the tile's MMAs (16 heads: 64 FMULs a thread
+  against 68 HMMAs a warp per 32-key tile, sm_90 compile). With LAZY the running maximum is left stale
+  until some row's grows by more than 2^8 (or, FP8, a key scale outgrows its tile's smax by 64x); P is then
+  <= 2^8 (times the scale ratio <= 2^14, inside fp16's range), and l and lse use the same stale maximum, so
+  the result is the same. One branch per tile on a tile-wide maximum; the pipelined loads are unchanged
+  in sm_90 compiles. Not yet measured on a GPU: the autotuner keeps it only where it is faster.
 - Candidates: (64, SWAP=0, 4 warps) spills and is left out; 64-row tiles (128 heads) keep the 8-warp
   candidates (_prune); a candidate over the shared-memory limit fails to compile and the autotuner
   skips it.
@@ -48,10 +55,13 @@ def _configs():
     Stages: the latent tile is double-buffered from num_stages 3 (SWAP=0) or 2 (SWAP=1, whose wgmma
     consumes from shared memory), checked on sm_90 compiles: 64 keys x (512 + 64) x 2 bytes is 72 KB
     a buffer, so the largest tiles get the fewest stages."""
-    gpu = [triton.Config({"BLOCK_N": n, "SWAP": sw}, num_warps=w, num_stages=st)
-           for n, sw, w, st in [(32, 0, 4, 3), (32, 0, 4, 4), (16, 0, 4, 5), (64, 0, 8, 3), (32, 0, 8, 4),
-                                (64, 1, 4, 2), (64, 1, 8, 2), (32, 1, 4, 3), (32, 1, 8, 4)]]
-    return gpu, triton.Config({"BLOCK_N": 16, "SWAP": 0}, num_warps=4, num_stages=1)
+    gpu = [triton.Config({"BLOCK_N": n, "SWAP": sw, "LAZY": lazy}, num_warps=w, num_stages=st)
+           for n, sw, w, st, lazy in [(32, 0, 4, 3, 0), (32, 0, 4, 4, 0), (16, 0, 4, 5, 0), (64, 0, 8, 3, 0),
+                                      (32, 0, 8, 4, 0), (64, 1, 4, 2, 0), (64, 1, 8, 2, 0), (32, 1, 4, 3, 0),
+                                      (32, 1, 8, 4, 0),
+                                      # lazy rescaling, beside the configurations picked in runs 6 and 22
+                                      (32, 0, 4, 4, 1), (64, 0, 8, 3, 1), (32, 0, 8, 4, 1), (64, 1, 4, 2, 1)]]
+    return gpu, triton.Config({"BLOCK_N": 16, "SWAP": 0, "LAZY": 0}, num_warps=4, num_stages=1)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -153,6 +163,13 @@ def _fp8_pv(acc, smax, p, alpha, sc, k, lat_dtype: tl.constexpr, SWAP: tl.conste
     return acc, new
 
 @triton.jit
+def _rescale_fp8(acc, smax, tile_max, alpha, SWAP: tl.constexpr):
+    """The lazy path's rescaling of one 128-column tile's accumulator (value / smax) to the new softmax
+    maximum (alpha) and the new largest scale. Returns (acc, smax)."""
+    new = tl.maximum(smax, tile_max)
+    return acc * _per_row(alpha * (smax / new), SWAP), new
+
+@triton.jit
 def _store_chunk(o_rows, acc, l_safe, keep, col0, C: tl.constexpr, CHUNK: tl.constexpr, SWAP: tl.constexpr):
     if SWAP:
         acc = tl.trans(acc)
@@ -175,6 +192,7 @@ def mla_decode_split_kernel(
     BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr,
     PAGE: tl.constexpr, FP8: tl.constexpr, LAT_FP16: tl.constexpr, EARLY_CVT: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr,
+    LAZY: tl.constexpr, LAZY_LOG2: tl.constexpr = 8.0, SCALE_SLACK: tl.constexpr = 64.0,
 ):  # fmt: skip
     group, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -288,22 +306,65 @@ def mla_decode_split_kernel(
             visible = key_ok[None, :] & (pos[None, :] <= last_key[:, None])
             s = tl.where(visible, s * sm_scale_log2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
-        p = tl.exp2(s - _per_row(m_safe, SWAP))
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=0 if SWAP else 1)
-        m_i = m_new
-        # value = scale[t] * q8 over tile t: scale / smax goes into P (one product per tile, <= 1)
-        if FP8:
-            acc0, smax0 = _fp8_pv(acc0, smax0, p, alpha, sc0, k0, lat_dtype, SWAP, PRECISION)
-            if NUM_CHUNKS > 1:
-                acc1, smax1 = _fp8_pv(acc1, smax1, p, alpha, sc1, k1, lat_dtype, SWAP, PRECISION)
-            if NUM_CHUNKS > 2:
-                acc2, smax2 = _fp8_pv(acc2, smax2, p, alpha, sc2, k2, lat_dtype, SWAP, PRECISION)
-            if NUM_CHUNKS > 3:
-                acc3, smax3 = _fp8_pv(acc3, smax3, p, alpha, sc3, k3, lat_dtype, SWAP, PRECISION)
+        if LAZY:  # rescale the accumulators only when a running maximum grew by more than 2^LAZY_LOG2
+            need = tl.max(tl.where(m_new > m_i, m_new - m_i, 0.0), axis=0) > LAZY_LOG2
+            if FP8:  # or a key's scale outgrew its tile's smax by more than SCALE_SLACK
+                t0 = tl.max(sc0, axis=0)
+                need = need | (t0 > smax0 * SCALE_SLACK)
+                if NUM_CHUNKS > 1:
+                    t1 = tl.max(sc1, axis=0)
+                    need = need | (t1 > smax1 * SCALE_SLACK)
+                if NUM_CHUNKS > 2:
+                    t2 = tl.max(sc2, axis=0)
+                    need = need | (t2 > smax2 * SCALE_SLACK)
+                if NUM_CHUNKS > 3:
+                    t3 = tl.max(sc3, axis=0)
+                    need = need | (t3 > smax3 * SCALE_SLACK)
+            if need:
+                alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+                l_i = l_i * alpha
+                m_i = m_new
+                if FP8:
+                    acc0, smax0 = _rescale_fp8(acc0, smax0, t0, alpha, SWAP)
+                    if NUM_CHUNKS > 1:
+                        acc1, smax1 = _rescale_fp8(acc1, smax1, t1, alpha, SWAP)
+                    if NUM_CHUNKS > 2:
+                        acc2, smax2 = _rescale_fp8(acc2, smax2, t2, alpha, SWAP)
+                    if NUM_CHUNKS > 3:
+                        acc3, smax3 = _rescale_fp8(acc3, smax3, t3, alpha, SWAP)
+                else:
+                    acc0 = acc0 * _per_row(alpha, SWAP)
+            # P relative to the (possibly stale) maximum: <= 2^LAZY_LOG2, and times scale / smax <=
+            # 2^(LAZY_LOG2 + log2 SCALE_SLACK) = 2^14, inside fp16's range
+            p = tl.exp2(s - _per_row(tl.where(m_i == float("-inf"), 0.0, m_i), SWAP))
+            l_i = l_i + tl.sum(p, axis=0 if SWAP else 1)
+            if FP8:
+                acc0 += _pv((p * _per_key(sc0 / smax0, SWAP)).to(lat_dtype), k0, SWAP, PRECISION)
+                if NUM_CHUNKS > 1:
+                    acc1 += _pv((p * _per_key(sc1 / smax1, SWAP)).to(lat_dtype), k1, SWAP, PRECISION)
+                if NUM_CHUNKS > 2:
+                    acc2 += _pv((p * _per_key(sc2 / smax2, SWAP)).to(lat_dtype), k2, SWAP, PRECISION)
+                if NUM_CHUNKS > 3:
+                    acc3 += _pv((p * _per_key(sc3 / smax3, SWAP)).to(lat_dtype), k3, SWAP, PRECISION)
+            else:
+                acc0 += _pv(p.to(dot_dtype), k0, SWAP, PRECISION)
         else:
-            acc0 = acc0 * _per_row(alpha, SWAP) + _pv(p.to(dot_dtype), k0, SWAP, PRECISION)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
+            p = tl.exp2(s - _per_row(m_safe, SWAP))
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=0 if SWAP else 1)
+            m_i = m_new
+            # value = scale[t] * q8 over tile t: scale / smax goes into P (one product per tile, <= 1)
+            if FP8:
+                acc0, smax0 = _fp8_pv(acc0, smax0, p, alpha, sc0, k0, lat_dtype, SWAP, PRECISION)
+                if NUM_CHUNKS > 1:
+                    acc1, smax1 = _fp8_pv(acc1, smax1, p, alpha, sc1, k1, lat_dtype, SWAP, PRECISION)
+                if NUM_CHUNKS > 2:
+                    acc2, smax2 = _fp8_pv(acc2, smax2, p, alpha, sc2, k2, lat_dtype, SWAP, PRECISION)
+                if NUM_CHUNKS > 3:
+                    acc3, smax3 = _fp8_pv(acc3, smax3, p, alpha, sc3, k3, lat_dtype, SWAP, PRECISION)
+            else:
+                acc0 = acc0 * _per_row(alpha, SWAP) + _pv(p.to(dot_dtype), k0, SWAP, PRECISION)
 
     has_keys = l_i > 0
     l_safe = tl.where(has_keys, l_i, 1.0)

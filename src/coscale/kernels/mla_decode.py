@@ -211,12 +211,12 @@ CONFIG_KEYS = ("BLOCK_N", "SWAP", "num_warps", "num_stages")
 
 
 def _checked_config(cfg: dict) -> dict:
-    if set(cfg) != set(CONFIG_KEYS):
-        raise CoscaleError(f"kernel_config needs exactly the keys {CONFIG_KEYS}; got {sorted(cfg)}")
+    if not set(CONFIG_KEYS) <= set(cfg) <= set(CONFIG_KEYS) | {"LAZY"}:
+        raise CoscaleError(f"kernel_config needs the keys {CONFIG_KEYS} (and may have LAZY); got {sorted(cfg)}")
     n = cfg["BLOCK_N"]
-    if n < 16 or n & (n - 1) or cfg["SWAP"] not in (0, 1):
-        raise CoscaleError(f"kernel_config: BLOCK_N must be a power of two >= 16 and SWAP 0 or 1; got {cfg}")
-    return dict(cfg)
+    if n < 16 or n & (n - 1) or cfg["SWAP"] not in (0, 1) or cfg.get("LAZY", 0) not in (0, 1):
+        raise CoscaleError(f"kernel_config: BLOCK_N must be a power of two >= 16, SWAP and LAZY 0 or 1; got {cfg}")
+    return {"LAZY": 0, **cfg}
 
 
 def tuned_config() -> dict | None:
