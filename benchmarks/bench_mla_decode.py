@@ -146,6 +146,14 @@ def run_case(B, T, H, S, fp8, args, gen, results):
                 print(f"  B={B:4d} T={T:6d} H={H:4d} FP8 cast before shared memory: {r['early_cvt_ms'] * 1e3:8.1f} us "
                       f"({100 * nbytes / r['early_cvt_ms'] / 1e9 / H200_COPY_TBPS:.0f}%, "
                       f"{config_name(early_cfg)}), err {r['early_cvt_err']:.1e}", flush=True)
+            if args.lazy and config is not None:  # the picked configuration with lazy rescaling
+                lazy_cfg = {**config, "LAZY": 1}
+                r["lazy_ms"] = timed(functools.partial(mla_decode, *case, scale, max_seq_len=T, num_splits=used,
+                                                       kernel_config=lazy_cfg, backend="triton"), args.quick)
+                r["lazy_err"] = check(H, S, fp8, gen, used, lazy_cfg)
+                print(f"  B={B:4d} T={T:6d} H={H:4d} {r['cache']} lazy rescaling: {r['lazy_ms'] * 1e3:8.1f} us "
+                      f"({100 * nbytes / r['lazy_ms'] / 1e9 / H200_COPY_TBPS:.0f}%), err {r['lazy_err']:.1e}",
+                      flush=True)
             results.append(r)
             t = r.get("torch_ms")
             base_s = f"{t * 1e3:.1f} us" if isinstance(t, float) else str(t)
@@ -214,6 +222,8 @@ def main():
                         "(the kernel's previous path) beside the fp16 read")
     parser.add_argument("--fp8-convert-early", action="store_true", help="also time FP8 caches with the cast "
                         "before the shared-memory round trip (mla_decode's fp8_convert_early, off by default)")
+    parser.add_argument("--lazy", action="store_true", help="also time the picked configuration with lazy "
+                        "rescaling (kernel_config LAZY=1; not among the autotuner's candidates yet)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not torch.cuda.is_available():

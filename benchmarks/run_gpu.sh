@@ -19,7 +19,7 @@ for job in ${JOBS:-quant fp8 moe study}; do
     tune)  run tune_fp8_grouped "${T_TUNE:-300}" python3 benchmarks/tune_fp8_grouped.py ;;
     profile) run profile_layers "${T_PROFILE:-180}" python3 benchmarks/profile_layers.py ;;
     study) run fp8_accuracy "${T_STUDY:-300}" python3 benchmarks/fp8_accuracy.py --steps "${STUDY_STEPS:-100}" ;;
-    mla)   run bench_mla_decode "${T_MLA:-300}" python3 benchmarks/bench_mla_decode.py $Q ${MLA_ARGS:---no-baseline --fp8-convert-early} ;;
+    mla)   run bench_mla_decode "${T_MLA:-300}" python3 benchmarks/bench_mla_decode.py $Q ${MLA_ARGS:---no-baseline --fp8-convert-early --lazy} ;;
     decode) run bench_decode "${T_DECODE:-420}" python3 benchmarks/bench_decode.py $Q ${DECODE_ARGS:---no-hf --breakdown} ;;
     # FP8 against BF16 at V3's width (FP8 layers as graph breaks, compiled + graphed; ~4 min)
     train) run bench_train "${T_TRAIN:-420}" python3 benchmarks/bench_train.py --model proxy-v3 --variants matched \
@@ -48,6 +48,7 @@ for job in ${JOBS:-quant fp8 moe study}; do
                 "tests/test_custom_ops.py::test_a_cuda_graph_captures_fp8_forward_and_backward" \
                 "tests/test_custom_ops.py::test_inductor_analyses_every_transparent_kernel" \
                 "tests/test_train_step_runner.py::test_graphed_step_replays_what_it_captured_on_cuda" \
-                tests/test_parallel_cuda.py "tests/test_mla_decode.py::test_gpu_fp8_convert_early_gives_what_the_plain_cast_gives" ;;
+                tests/test_parallel_cuda.py "tests/test_mla_decode.py::test_gpu_fp8_convert_early_gives_what_the_plain_cast_gives" \
+                "tests/test_mla_decode.py::test_gpu_lazy_rescaling_matches_the_reference" ;;
   esac
 done

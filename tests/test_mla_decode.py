@@ -345,3 +345,21 @@ def test_gpu_fp8_convert_early_gives_what_the_plain_cast_gives():
     torch.testing.assert_close(early, plain, rtol=0, atol=0)
     ref, _ = mla_decode_ref(q.float(), qp.float(), gpu_cache, gpu_table, gpu_lens, 0.07)
     torch.testing.assert_close(early.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a compiled kernel on a GPU")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_lazy_rescaling_matches_the_reference(fp8):
+    """LAZY=1 (not among the autotuner's candidates until measured) against the reference on the GPU."""
+    q_lat, q_pe, cache, table, lens = make_inputs([1, 300, 1025, 4096], 1, H=16, c=512, dr=64, block_size=64,
+                                                  fp8=fp8, seed=22, dtype=torch.bfloat16)
+    q, qp, gpu_table, gpu_lens = q_lat.cuda(), q_pe.cuda(), table.cuda(), lens.cuda()
+    gpu_cache = LatentCacheLayer(cache.latent.cuda(), cache.rope.cuda(), None if cache.scale is None else
+                                 cache.scale.cuda())
+    ref, ref_lse = mla_decode_ref(q.float(), qp.float(), gpu_cache, gpu_table, gpu_lens, 0.07)
+    for cfg in ({"BLOCK_N": 32, "SWAP": 0, "num_warps": 4, "num_stages": 4},
+                {"BLOCK_N": 64, "SWAP": 1, "num_warps": 4, "num_stages": 2}):
+        out, lse = mla_decode(q, qp, gpu_cache, gpu_table, gpu_lens, 0.07, num_splits=2,
+                              kernel_config={**cfg, "LAZY": 1}, backend="triton")
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-3, atol=1e-3)

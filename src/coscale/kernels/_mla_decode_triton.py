@@ -35,7 +35,8 @@ through ``ptxas -v``, registers and spills):
   until some row's grows by more than 2^8 (or, FP8, a key scale outgrows its tile's smax by 64x); P is then
   <= 2^8 (times the scale ratio <= 2^14, inside fp16's range), and l and lse use the same stale maximum, so
   the result is the same. One branch per tile on a tile-wide maximum; the pipelined loads are unchanged
-  in sm_90 compiles. Not yet measured on a GPU: the autotuner keeps it only where it is faster.
+  in sm_90 compiles. Not yet among the autotuner's candidates: it has not run on a GPU (a kernel_config with
+  LAZY=1 runs it; bench_mla_decode.py --lazy times it beside the autotuned configuration).
 - Candidates: (64, SWAP=0, 4 warps) spills and is left out; 64-row tiles (128 heads) keep the 8-warp
   candidates (_prune); a candidate over the shared-memory limit fails to compile and the autotuner
   skips it.
@@ -58,9 +59,7 @@ def _configs():
     gpu = [triton.Config({"BLOCK_N": n, "SWAP": sw, "LAZY": lazy}, num_warps=w, num_stages=st)
            for n, sw, w, st, lazy in [(32, 0, 4, 3, 0), (32, 0, 4, 4, 0), (16, 0, 4, 5, 0), (64, 0, 8, 3, 0),
                                       (32, 0, 8, 4, 0), (64, 1, 4, 2, 0), (64, 1, 8, 2, 0), (32, 1, 4, 3, 0),
-                                      (32, 1, 8, 4, 0),
-                                      # lazy rescaling, beside the configurations picked in runs 6 and 22
-                                      (32, 0, 4, 4, 1), (64, 0, 8, 3, 1), (32, 0, 8, 4, 1), (64, 1, 4, 2, 1)]]
+                                      (32, 1, 8, 4, 0)]]  # LAZY=1: a kernel_config until measured
     return gpu, triton.Config({"BLOCK_N": 16, "SWAP": 0, "LAZY": 0}, num_warps=4, num_stages=1)
 
 
