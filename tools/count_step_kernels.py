@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import time
 
 import torch
@@ -28,6 +29,24 @@ from coscale.model import DeepseekForCausalLM
 from coscale.parallel.world import SingleProcess
 from coscale.train.optim import build_optimizer
 from coscale.train.step_runner import StepRunner, resolve_step_mode
+
+# Kinds of kernel, by name (the first pattern that matches; BENCHMARKS.md's per-kind tables of a step)
+KINDS = (
+    ("AdamW and gradient clipping (foreach)", r"multi_tensor_apply"),
+    ("FP8 GEMMs (cuBLAS block-scaled, Triton)", r"qqtst|fp8_gemm_kernel"),
+    ("BF16 GEMMs (cuBLAS)", r"nvjet|gemm_kernel|sm90_xmma"),
+    ("expert GEMMs, FP8 (Triton grouped)", r"grouped_mm_tma|grouped_wgrad"),
+    ("expert GEMMs, BF16 (CUTLASS grouped)", r"cutlass"),
+    ("attention (cuDNN / flash)", r"sdpa|cudnn|flash"),
+    ("FP8 quantization", r"^(rows_kernel|cols_kernel|weight_kernel|rows_quant_kernel|cols_quant_kernel|"
+                         r"transpose_bytes_kernel|swiglu_quant|gather_quant)"),
+    ("eager dtype-converting copies", r"direct_copy_kernel"),
+    ("Inductor-generated (fused elementwise, reductions)", r"^triton_(poi|red|per)_"),
+)
+
+
+def kind_of(name: str) -> str:
+    return next((kind for kind, pattern in KINDS if re.search(pattern, name)), "other")
 
 
 def main() -> None:
@@ -95,6 +114,13 @@ def main() -> None:
                    wall_ms_per_step=round(wall_ms, 2),
                    peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None)
     print(json.dumps(summary))
+    kinds: dict[str, list[float]] = {}
+    for us, calls, name in rows:
+        totals = kinds.setdefault(kind_of(name), [0.0, 0.0])
+        totals[0] += us
+        totals[1] += calls
+    for kind, (us, calls) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+        print(f"{us / 1e3:10.2f} ms x {calls:6.0f}  [{kind}]")
     for us, calls, name in rows[:args.top]:
         print(f"{us:10.1f} us x {calls:6.1f}  {name}")
 
