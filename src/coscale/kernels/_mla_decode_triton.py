@@ -111,12 +111,6 @@ def _load_q(q_rows, row_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dtyp
     return q.to(dot_dtype)
 
 @triton.jit
-def _row_amax(q_rows, row_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr):
-    offs = col0 + tl.arange(0, CHUNK)
-    q = tl.load(q_rows[:, None] + offs[None, :], mask=row_ok[:, None] & (offs[None, :] < C), other=0.0)
-    return tl.max(tl.abs(q.to(tl.float32)), axis=1)
-
-@triton.jit
 def _pow2_row_scale(amax):
     """2^(14 - floor(log2 amax)) per row (1 for a zero row), a power of two that brings the row's largest
     value into [2^14, 2^15): the row then converts to fp16 without overflow and without losing a bit
@@ -126,12 +120,6 @@ def _pow2_row_scale(amax):
     biased = tl.minimum(tl.maximum(127 + 14 - e, 1), 254)
     f = (biased << 23).to(tl.float32, bitcast=True)
     return tl.where(amax > 0, f, 1.0)
-
-@triton.jit
-def _load_q_scaled(q_rows, row_ok, f, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dtype: tl.constexpr):
-    offs = col0 + tl.arange(0, CHUNK)
-    q = tl.load(q_rows[:, None] + offs[None, :], mask=row_ok[:, None] & (offs[None, :] < C), other=0.0)
-    return (q.to(tl.float32) * f[:, None]).to(dot_dtype)
 
 @triton.jit
 def _load_k(lat_rows, key_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dtype: tl.constexpr,
@@ -152,19 +140,9 @@ def _load_k(lat_rows, key_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dt
     return k.to(dot_dtype)
 
 @triton.jit
-def _fp8_pv(acc, smax, p, alpha, sc, k, lat_dtype: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr):
-    """One 128-column tile's P @ V step over an FP8 tile: value = scale * q8, the scale divided by the
-    largest seen so far (smax) goes into P, so P * scale stays <= 1 in lat_dtype; acc holds value / smax.
-    Returns (acc, smax)."""
-    new = tl.maximum(smax, tl.max(sc, axis=0))
-    acc = acc * _per_row(alpha * (smax / new), SWAP) + _pv((p * _per_key(sc / new, SWAP)).to(lat_dtype), k, SWAP,
-                                                           PRECISION)
-    return acc, new
-
-@triton.jit
 def _rescale_fp8(acc, smax, tile_max, alpha, SWAP: tl.constexpr):
-    """The lazy path's rescaling of one 128-column tile's accumulator (value / smax) to the new softmax
-    maximum (alpha) and the new largest scale. Returns (acc, smax)."""
+    """One 128-column tile's accumulator (value / smax) rescaled to the new softmax maximum (alpha) and the
+    largest key scale seen so far. Returns (acc, smax)."""
     new = tl.maximum(smax, tile_max)
     return acc * _per_row(alpha * (smax / new), SWAP), new
 
@@ -217,34 +195,42 @@ def mla_decode_split_kernel(
     q_rows = q_ptr + b * stride_qb + token * stride_qs + head * stride_qh
     qpe = _load_q(qpe_ptr + b * stride_pb + token * stride_ps + head * stride_ph, row_ok, 0, DR,
                   BLOCK_R, dot_dtype)
-    if LAT_FP16:
-        amax = _row_amax(q_rows, row_ok, 0, C, CHUNK)
-        for t in tl.static_range(1, NUM_CHUNKS):
-            amax = tl.maximum(amax, _row_amax(q_rows, row_ok, t * CHUNK, C, CHUNK))
-        f = _pow2_row_scale(amax)
-    else:
-        f = tl.full((BLOCK_M,), 1.0, tl.float32)
-    inv_f = 1.0 / f  # exact: f is a power of two
     # The latent's columns in NUM_CHUNKS chunks (one for a BF16 cache; one per 128-column scale tile for
     # FP8, at most four): each chunk has its own accumulator so that its scale can be folded into P.
-    q0 = _load_q_scaled(q_rows, row_ok, f, 0, C, CHUNK, lat_dtype)
+    q0 = _load_q(q_rows, row_ok, 0, C, CHUNK, tl.float32)
+    amax = tl.max(tl.abs(q0), axis=1)
     if SWAP:
         acc0 = tl.zeros((CHUNK, BLOCK_M), tl.float32)
     else:
         acc0 = tl.zeros((BLOCK_M, CHUNK), tl.float32)
     smax0 = tl.full((), 1.1754943508222875e-38, tl.float32)  # the smallest normal: never 0 / 0
     if NUM_CHUNKS > 1:
-        q1 = _load_q_scaled(q_rows, row_ok, f, CHUNK, C, CHUNK, lat_dtype)
+        q1 = _load_q(q_rows, row_ok, CHUNK, C, CHUNK, tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(q1), axis=1))
         acc1 = tl.zeros_like(acc0)
         smax1 = smax0
     if NUM_CHUNKS > 2:
-        q2 = _load_q_scaled(q_rows, row_ok, f, 2 * CHUNK, C, CHUNK, lat_dtype)
+        q2 = _load_q(q_rows, row_ok, 2 * CHUNK, C, CHUNK, tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(q2), axis=1))
         acc2 = tl.zeros_like(acc0)
         smax2 = smax0
     if NUM_CHUNKS > 3:
-        q3 = _load_q_scaled(q_rows, row_ok, f, 3 * CHUNK, C, CHUNK, lat_dtype)
+        q3 = _load_q(q_rows, row_ok, 3 * CHUNK, C, CHUNK, tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(q3), axis=1))
         acc3 = tl.zeros_like(acc0)
         smax3 = smax0
+    if LAT_FP16:
+        f = _pow2_row_scale(amax)
+    else:
+        f = tl.full((BLOCK_M,), 1.0, tl.float32)
+    inv_f = 1.0 / f  # exact: f is a power of two
+    q0 = (q0 * f[:, None]).to(lat_dtype)
+    if NUM_CHUNKS > 1:
+        q1 = (q1 * f[:, None]).to(lat_dtype)
+    if NUM_CHUNKS > 2:
+        q2 = (q2 * f[:, None]).to(lat_dtype)
+    if NUM_CHUNKS > 3:
+        q3 = (q3 * f[:, None]).to(lat_dtype)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -305,65 +291,56 @@ def mla_decode_split_kernel(
             visible = key_ok[None, :] & (pos[None, :] <= last_key[:, None])
             s = tl.where(visible, s * sm_scale_log2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        if LAZY:  # rescale the accumulators only when a running maximum grew by more than 2^LAZY_LOG2
+        # Rescale the accumulators to the new maxima: every tile, or with LAZY only when some row's
+        # running maximum grew by more than 2^LAZY_LOG2 or (FP8) a key scale outgrew its tile's smax by
+        # more than SCALE_SLACK. P is taken against the maximum kept, so it is <= 2^LAZY_LOG2 and P times
+        # scale / smax <= 2^14, inside fp16's range; l and lse use the same maximum.
+        if FP8:
+            t0 = tl.max(sc0, axis=0)
+            if NUM_CHUNKS > 1:
+                t1 = tl.max(sc1, axis=0)
+            if NUM_CHUNKS > 2:
+                t2 = tl.max(sc2, axis=0)
+            if NUM_CHUNKS > 3:
+                t3 = tl.max(sc3, axis=0)
+        need = True
+        if LAZY:
             need = tl.max(tl.where(m_new > m_i, m_new - m_i, 0.0), axis=0) > LAZY_LOG2
-            if FP8:  # or a key's scale outgrew its tile's smax by more than SCALE_SLACK
-                t0 = tl.max(sc0, axis=0)
+            if FP8:
                 need = need | (t0 > smax0 * SCALE_SLACK)
                 if NUM_CHUNKS > 1:
-                    t1 = tl.max(sc1, axis=0)
                     need = need | (t1 > smax1 * SCALE_SLACK)
                 if NUM_CHUNKS > 2:
-                    t2 = tl.max(sc2, axis=0)
                     need = need | (t2 > smax2 * SCALE_SLACK)
                 if NUM_CHUNKS > 3:
-                    t3 = tl.max(sc3, axis=0)
                     need = need | (t3 > smax3 * SCALE_SLACK)
-            if need:
-                alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
-                l_i = l_i * alpha
-                m_i = m_new
-                if FP8:
-                    acc0, smax0 = _rescale_fp8(acc0, smax0, t0, alpha, SWAP)
-                    if NUM_CHUNKS > 1:
-                        acc1, smax1 = _rescale_fp8(acc1, smax1, t1, alpha, SWAP)
-                    if NUM_CHUNKS > 2:
-                        acc2, smax2 = _rescale_fp8(acc2, smax2, t2, alpha, SWAP)
-                    if NUM_CHUNKS > 3:
-                        acc3, smax3 = _rescale_fp8(acc3, smax3, t3, alpha, SWAP)
-                else:
-                    acc0 = acc0 * _per_row(alpha, SWAP)
-            # P relative to the (possibly stale) maximum: <= 2^LAZY_LOG2, and times scale / smax <=
-            # 2^(LAZY_LOG2 + log2 SCALE_SLACK) = 2^14, inside fp16's range
-            p = tl.exp2(s - _per_row(tl.where(m_i == float("-inf"), 0.0, m_i), SWAP))
-            l_i = l_i + tl.sum(p, axis=0 if SWAP else 1)
-            if FP8:
-                acc0 += _pv((p * _per_key(sc0 / smax0, SWAP)).to(lat_dtype), k0, SWAP, PRECISION)
-                if NUM_CHUNKS > 1:
-                    acc1 += _pv((p * _per_key(sc1 / smax1, SWAP)).to(lat_dtype), k1, SWAP, PRECISION)
-                if NUM_CHUNKS > 2:
-                    acc2 += _pv((p * _per_key(sc2 / smax2, SWAP)).to(lat_dtype), k2, SWAP, PRECISION)
-                if NUM_CHUNKS > 3:
-                    acc3 += _pv((p * _per_key(sc3 / smax3, SWAP)).to(lat_dtype), k3, SWAP, PRECISION)
-            else:
-                acc0 += _pv(p.to(dot_dtype), k0, SWAP, PRECISION)
-        else:
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
-            p = tl.exp2(s - _per_row(m_safe, SWAP))
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=0 if SWAP else 1)
+        if need:
+            alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))  # a row with no visible key yet
+            l_i = l_i * alpha
             m_i = m_new
-            # value = scale[t] * q8 over tile t: scale / smax goes into P (one product per tile, <= 1)
             if FP8:
-                acc0, smax0 = _fp8_pv(acc0, smax0, p, alpha, sc0, k0, lat_dtype, SWAP, PRECISION)
+                acc0, smax0 = _rescale_fp8(acc0, smax0, t0, alpha, SWAP)
                 if NUM_CHUNKS > 1:
-                    acc1, smax1 = _fp8_pv(acc1, smax1, p, alpha, sc1, k1, lat_dtype, SWAP, PRECISION)
+                    acc1, smax1 = _rescale_fp8(acc1, smax1, t1, alpha, SWAP)
                 if NUM_CHUNKS > 2:
-                    acc2, smax2 = _fp8_pv(acc2, smax2, p, alpha, sc2, k2, lat_dtype, SWAP, PRECISION)
+                    acc2, smax2 = _rescale_fp8(acc2, smax2, t2, alpha, SWAP)
                 if NUM_CHUNKS > 3:
-                    acc3, smax3 = _fp8_pv(acc3, smax3, p, alpha, sc3, k3, lat_dtype, SWAP, PRECISION)
+                    acc3, smax3 = _rescale_fp8(acc3, smax3, t3, alpha, SWAP)
             else:
-                acc0 = acc0 * _per_row(alpha, SWAP) + _pv(p.to(dot_dtype), k0, SWAP, PRECISION)
+                acc0 = acc0 * _per_row(alpha, SWAP)
+        p = tl.exp2(s - _per_row(tl.where(m_i == float("-inf"), 0.0, m_i), SWAP))
+        l_i = l_i + tl.sum(p, axis=0 if SWAP else 1)
+        # value = scale[t] * q8 over tile t: scale / smax goes into P (one product per tile)
+        if FP8:
+            acc0 += _pv((p * _per_key(sc0 / smax0, SWAP)).to(lat_dtype), k0, SWAP, PRECISION)
+            if NUM_CHUNKS > 1:
+                acc1 += _pv((p * _per_key(sc1 / smax1, SWAP)).to(lat_dtype), k1, SWAP, PRECISION)
+            if NUM_CHUNKS > 2:
+                acc2 += _pv((p * _per_key(sc2 / smax2, SWAP)).to(lat_dtype), k2, SWAP, PRECISION)
+            if NUM_CHUNKS > 3:
+                acc3 += _pv((p * _per_key(sc3 / smax3, SWAP)).to(lat_dtype), k3, SWAP, PRECISION)
+        else:
+            acc0 += _pv(p.to(dot_dtype), k0, SWAP, PRECISION)
 
     has_keys = l_i > 0
     l_safe = tl.where(has_keys, l_i, 1.0)
