@@ -132,28 +132,13 @@ def run_case(B, T, H, S, fp8, args, gen, results):
                 except torch.OutOfMemoryError:
                     r["torch_ms"] = "OOM"
                     torch.cuda.empty_cache()
-            if fp8 and args.compare_fp8_read:  # the previous path: the FP8 tile read through bf16
-                r["bf16_read_ms"] = timed(functools.partial(mla_decode, *case, scale, max_seq_len=T, num_splits=used,
-                                                            fp8_in_fp16=False, backend="triton"), args.quick)
-                print(f"  B={B:4d} T={T:6d} H={H:4d} FP8 read through bf16: {r['bf16_read_ms'] * 1e3:8.1f} us "
-                      f"({100 * nbytes / r['bf16_read_ms'] / 1e9 / H200_COPY_TBPS:.0f}%, "
-                      f"{tuned_config() and config_name(tuned_config())})", flush=True)
-            if fp8 and args.fp8_convert_early:  # the fp16 read with the cast before shared memory
-                r["early_cvt_ms"] = timed(functools.partial(mla_decode, *case, scale, max_seq_len=T, num_splits=used,
-                                                            fp8_convert_early=True, backend="triton"), args.quick)
-                early_cfg = tuned_config()
-                r["early_cvt_err"] = check(H, S, fp8, gen, used, early_cfg, fp8_convert_early=True)
-                print(f"  B={B:4d} T={T:6d} H={H:4d} FP8 cast before shared memory: {r['early_cvt_ms'] * 1e3:8.1f} us "
-                      f"({100 * nbytes / r['early_cvt_ms'] / 1e9 / H200_COPY_TBPS:.0f}%, "
-                      f"{config_name(early_cfg)}), err {r['early_cvt_err']:.1e}", flush=True)
+            run = dict(r=r, case=case, scale=scale, used=used, nbytes=nbytes, gen=gen, quick=args.quick)
+            if fp8 and args.compare_fp8_read:  # the previous path
+                time_variant("bf16_read", "read through bf16", **run, fp8_in_fp16=False)
+            if fp8 and args.fp8_convert_early:
+                time_variant("early_cvt", "cast before shared memory", **run, fp8_convert_early=True)
             if args.lazy and config is not None:  # the picked configuration with lazy rescaling
-                lazy_cfg = {**config, "LAZY": 1}
-                r["lazy_ms"] = timed(functools.partial(mla_decode, *case, scale, max_seq_len=T, num_splits=used,
-                                                       kernel_config=lazy_cfg, backend="triton"), args.quick)
-                r["lazy_err"] = check(H, S, fp8, gen, used, lazy_cfg)
-                print(f"  B={B:4d} T={T:6d} H={H:4d} {r['cache']} lazy rescaling: {r['lazy_ms'] * 1e3:8.1f} us "
-                      f"({100 * nbytes / r['lazy_ms'] / 1e9 / H200_COPY_TBPS:.0f}%), err {r['lazy_err']:.1e}",
-                      flush=True)
+                time_variant("lazy", "lazy rescaling", **run, kernel_config={**config, "LAZY": 1})
             results.append(r)
             t = r.get("torch_ms")
             base_s = f"{t * 1e3:.1f} us" if isinstance(t, float) else str(t)
@@ -167,6 +152,20 @@ def run_case(B, T, H, S, fp8, args, gen, results):
         entry["error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
         results.append(entry)
+
+
+def time_variant(name: str, label: str, *, r: dict, case, scale: float, used: int, nbytes: int, gen, quick: bool,
+                 **options) -> None:
+    """The case of row ``r`` again with other mla_decode options: timed, checked against the reference,
+    recorded as ``name``_ms / ``name``_err and printed."""
+    B, T, H, S = r["batch"], r["context"], r["heads"], r["s_q"]
+    r[f"{name}_ms"] = timed(functools.partial(mla_decode, *case, scale, max_seq_len=T, num_splits=used,
+                                              backend="triton", **options), quick)
+    cfg = options.pop("kernel_config", None) or tuned_config()
+    r[f"{name}_err"] = check(H, S, r["cache"] == "fp8", gen, used, cfg, **options)
+    print(f"  B={B:4d} T={T:6d} H={H:4d} {r['cache']} {label}: {r[f'{name}_ms'] * 1e3:8.1f} us "
+          f"({100 * nbytes / r[f'{name}_ms'] / 1e9 / H200_COPY_TBPS:.0f}%, {config_name(cfg)}), "
+          f"err {r[f'{name}_err']:.1e}", flush=True)
 
 
 def check_all_candidates(gen) -> dict:

@@ -17,6 +17,7 @@ from typing import Any
 from coscale.train.config import TrainConfig
 from coscale.train.loop import train
 from coscale.train.metrics import _moving_average, read_metrics
+from coscale.train.report import steady_throughput
 
 
 def compare_curves(reference: list[float], candidate: list[float], skip: int, smooth: int) -> dict[str, float]:
@@ -115,8 +116,7 @@ def compare_metrics_files(reference: str, fp8: str, spread: str | None = None, s
         result["fp8_within_reference_spread"] = (result["fp8"]["mean_rel_diff_smoothed"]
                                                  <= result["spread"]["mean_rel_diff_smoothed"])
     for name, records in runs.items():
-        rates = [r["tokens_per_s"] for r in records if r["step"] > skip and r.get("tokens_per_s")]
-        result[f"{name}_steady_tokens_per_s"] = len(rates) / sum(1 / t for t in rates) if rates else None
+        result[f"{name}_steady_tokens_per_s"] = steady_throughput(records, 0, skip).get("steady_tokens_per_s")
         result[f"{name}_peak_gib"] = max((r.get("peak_memory_allocated_gib") or 0 for r in records), default=None)
     return result
 
