@@ -20,6 +20,7 @@ for job in ${JOBS:-quant fp8 moe study}; do
     profile) run profile_layers "${T_PROFILE:-180}" python3 benchmarks/profile_layers.py ;;
     study) run fp8_accuracy "${T_STUDY:-300}" python3 benchmarks/fp8_accuracy.py --steps "${STUDY_STEPS:-100}" ;;
     mla)   run bench_mla_decode "${T_MLA:-300}" python3 benchmarks/bench_mla_decode.py $Q ${MLA_ARGS:---no-baseline --fp8-convert-early --lazy} ;;
+    groupeddecode) run bench_grouped_decode "${T_GDECODE:-150}" python3 benchmarks/bench_grouped_decode.py $Q ;;
     decode) run bench_decode "${T_DECODE:-420}" python3 benchmarks/bench_decode.py $Q ${DECODE_ARGS:---no-hf --breakdown} ;;
     # FP8 against BF16 at V3's width (FP8 layers as graph breaks, compiled + graphed; ~4 min)
     train) run bench_train "${T_TRAIN:-420}" python3 benchmarks/bench_train.py --model proxy-v3 --variants matched \

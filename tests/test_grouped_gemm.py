@@ -107,3 +107,19 @@ def test_contract_errors():
         grouped_mm(a, torch.randn(2, 3, 5), torch.tensor([4, 8], dtype=torch.int32))
     with pytest.raises(CoscaleError, match="backend"):
         grouped_mm(a, b, torch.tensor([4, 8], dtype=torch.int32), backend="cublas")
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
+def test_autotuning_times_decode_tiles_for_decode_and_prefill_tiles_for_prefill():
+    from coscale.kernels import grouped_gemm
+
+    configs = grouped_gemm._MM_CONFIGS[0]  # the GPU's candidates
+    def heights(rows):
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+                for c in grouped_gemm._prune_mm_configs(configs, {"ROWS_PER_EXPERT": rows})}
+
+    decode, prefill = heights(16), heights(2048)
+    assert decode and prefill and max(m for m, _ in decode) <= 32 and min(n for _, n in prefill) >= 128
+    assert (16, 64) in decode and (128, 256) in prefill and (16, 64) not in prefill
+    # never empty: the interpreter's single candidate survives any key
+    assert grouped_gemm._prune_mm_configs([grouped_gemm._MM_CONFIGS[1]], {"ROWS_PER_EXPERT": 4096})

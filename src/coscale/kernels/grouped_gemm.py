@@ -48,14 +48,24 @@ BACKENDS = ("auto", "torch", "triton", "loop")
 # ---- Triton kernels ----------------------------------------------------------------------------
 if triton is not None:
 
-    # (the GPU's configurations, the interpreter's one) for coscale.kernels.autotune.triton_autotune
+    # (the GPU's configurations, the interpreter's one) for coscale.kernels.autotune.triton_autotune.
+    # The 16-row shapes are for decode, where an expert has a row or two: the kernel then streams the
+    # expert's weights, and narrow N tiles with deep K steps put enough programs and bytes in flight.
     _MM_SHAPES = ((128, 256, 64, 3, 8), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (16, 128, 128, 4, 4),
-                  (32, 128, 128, 4, 4))
+                  (32, 128, 128, 4, 4), (16, 64, 128, 5, 4), (16, 64, 256, 4, 4), (16, 32, 256, 4, 4))
     _MM_CONFIGS = (
         [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
          for bm, bn, bk, s, w in _MM_SHAPES],
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4),
     )
+
+    def _prune_mm_configs(configs, named_args, **kwargs):
+        """Tiles no taller than twice the rows an expert has on average (16 at least): a decode batch
+        does not time the prefill tiles, nor prefill the decode ones (beyond 16 rows: 16-row tiles stay)."""
+        rows = named_args["ROWS_PER_EXPERT"]
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, 2 * rows)
+                and (rows <= 32 or c.kwargs["BLOCK_N"] >= 128)]
+        return kept or configs
     _WGRAD_SHAPES = ((64, 128, 128, 3, 8), (32, 128, 128, 4, 4), (64, 128, 64, 4, 4))
     _WGRAD_CONFIGS = (
         [triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
@@ -78,7 +88,8 @@ if triton is not None:
         row_end = tl.sum(tl.where(is_mine, ends, 0), axis=0)
         return expert, row_start, row_end
 
-    @triton_autotune(*_MM_CONFIGS, key=["N", "K", "ROWS_PER_EXPERT"])
+    @triton_autotune(*_MM_CONFIGS, key=["N", "K", "ROWS_PER_EXPERT"],
+                     prune_configs_by={"early_config_prune": _prune_mm_configs})
     @triton.jit
     def _grouped_mm_kernel(
         a_ptr, b_ptr, c_ptr, offs_ptr,
