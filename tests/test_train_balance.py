@@ -157,16 +157,25 @@ def test_evaluate_reports_maxvio_global_over_all_held_out_tokens():
     assert isinstance(result, Evaluation) and result.loss > 0
 
 
-def test_evaluate_in_chunks_of_rows_gives_the_same_loss_and_maxvio(monkeypatch):
-    """A large vocabulary is evaluated a few rows at a time (bounded logits); the figures do not change."""
+def test_evaluate_in_chunks_of_tokens_gives_the_same_loss_and_maxvio(monkeypatch):
+    """A large vocabulary is evaluated a row at a time, the output head over a few tokens at a time
+    (bounded logits); the loss is the plain forward's and MaxVio does not change with the chunk size."""
+    import torch.nn.functional as F
+
     import coscale.train.step as step_module
 
     model = small_model()
     batches = [(torch.randint(0, 256, (3, 16)), torch.randint(0, 256, (3, 16))) for _ in range(2)]
     world = SingleProcess(torch.device("cpu"))
     whole = evaluate(model, batches, world)
-    monkeypatch.setattr(step_module, "EVAL_LOGITS_PER_CHUNK", 16 * 256)  # one row of 16 tokens at a time
+    model.eval()
+    with torch.no_grad():
+        plain = torch.stack([F.cross_entropy(model(ids).flatten(0, 1).double(), lab.flatten(), reduction="sum")
+                             for ids, lab in batches]).sum() / sum(lab.numel() for _, lab in batches)
+    model.train()
+    monkeypatch.setattr(step_module, "EVAL_LOGITS_PER_CHUNK", 5 * 256)  # 5 tokens at a time: ragged chunks
     chunked = evaluate(model, batches, world)
+    assert whole.loss == pytest.approx(float(plain), rel=1e-5)
     assert chunked.loss == pytest.approx(whole.loss, rel=1e-6)
     assert chunked.maxvio == pytest.approx(whole.maxvio, rel=1e-6)
     assert chunked.maxvio_layers == pytest.approx(whole.maxvio_layers, rel=1e-6)

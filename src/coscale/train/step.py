@@ -121,13 +121,37 @@ class Evaluation:
         return {"val_loss": self.loss, **balance}
 
 
-EVAL_LOGITS_PER_CHUNK = 1 << 28  # logits a held-out forward produces at once (1 GiB in FP32)
+# Logits a held-out forward produces at once (256 MiB in FP32). At V3's vocabulary a 4 x 2,048 batch has
+# 4 GiB of them, which a CUDA-graphed run (its pool still held) had no room for (proxy-v3, H200, run 23),
+# nor for one row's 1 GiB (run 25): the output head runs over a few hundred tokens at a time.
+EVAL_LOGITS_PER_CHUNK = 1 << 26
 
 
 def logits_width(model: nn.Module) -> int:
     """The model's vocabulary (its output head's width); 1 when it has none that says so."""
     config = getattr(model, "config", None)
     return int(getattr(config, "vocab_size", 1) or 1)
+
+
+def _held_out_loss_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
+                       autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+    """Summed next-token loss of rows ids [B, S]: the hidden states at once, the output head and the loss
+    over at most EVAL_LOGITS_PER_CHUNK logits at a time (a model without a separate head: whole rows)."""
+    width = logits_width(model)
+    if not (hasattr(model, "hidden_states") and hasattr(model, "logits")):
+        with autocast():
+            logits = model(ids)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+    with autocast():
+        h = model.hidden_states(ids)
+    h, labels = h.flatten(0, 1), labels.flatten()
+    tokens = max(1, EVAL_LOGITS_PER_CHUNK // width)
+    total = torch.zeros((), dtype=torch.float32, device=ids.device)
+    for h_part, lab in zip(h.split(tokens), labels.split(tokens)):
+        with autocast():
+            logits = model.logits(h_part)
+        total += F.cross_entropy(logits.float(), lab, reduction="sum")
+    return total
 
 
 @torch.no_grad()
@@ -142,15 +166,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         for batch in batches:
             input_ids, labels, weight = world.eval_rows(*batch)
             before = loads.clone() if loads is not None and weight != 1 else None
-            # a few rows at a time: at V3's vocabulary a 4 x 2,048 batch has 4 GiB of FP32 logits, which
-            # a CUDA-graphed run (its pool still held) did not have room for (proxy-v3, H200, run 23)
-            rows = max(1, EVAL_LOGITS_PER_CHUNK // max(1, input_ids.shape[1] * logits_width(model)))
-            for ids, lab in zip(input_ids.split(rows), labels.split(rows)):
-                with autocast():
-                    logits = model(ids.to(world.device))
-                loss = F.cross_entropy(logits.float().flatten(0, 1), lab.to(world.device).flatten(), reduction="sum")
-                loss_sum += weight * loss.double()
-                del logits
+            for ids, lab in zip(input_ids.split(1), labels.split(1)):
+                loss_sum += weight * _held_out_loss_sum(model, ids.to(world.device), lab.to(world.device),
+                                                        autocast).double()
             count += weight * labels.numel()
             if before is not None:  # rows every rank evaluated: each counts 1 / world size of them
                 loads.copy_(before + weight * (loads - before))
