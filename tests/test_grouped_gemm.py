@@ -123,3 +123,14 @@ def test_autotuning_times_decode_tiles_for_decode_and_prefill_tiles_for_prefill(
     assert (16, 64) in decode and (128, 256) in prefill and (16, 64) not in prefill
     # never empty: the interpreter's single candidate survives any key
     assert grouped_gemm._prune_mm_configs([grouped_gemm._MM_CONFIGS[1]], {"ROWS_PER_EXPERT": 4096})
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
+def test_auto_takes_the_triton_kernel_at_decode_and_cutlass_beyond():
+    from coscale.kernels.grouped_gemm import DECODE_ROWS_PER_EXPERT, prefers_torch_grouped_mm
+
+    # V2-Lite at batch 16: 16 x 6 routes padded to 16 rows for each of 64 experts
+    assert not prefers_torch_grouped_mm(16 * 6 + 64 * 15, 64)
+    assert not prefers_torch_grouped_mm(DECODE_ROWS_PER_EXPERT * 64, 64)
+    assert prefers_torch_grouped_mm(DECODE_ROWS_PER_EXPERT * 64 + 1, 64)
+    assert prefers_torch_grouped_mm(8192 * 4, 16)  # proxy-v3's training step: 2,048 rows an expert

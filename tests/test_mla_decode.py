@@ -330,19 +330,21 @@ def test_the_mla_decode_operator_passes_opcheck_and_equals_the_function(fp8):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cast before shared memory is GPU code (inline asm)")
 def test_gpu_fp8_convert_early_gives_what_the_plain_cast_gives():
-    """fp8_convert_early changes where the e4m3 -> fp16 cast happens, not its arithmetic: the output equals
-    the default path's (the same products in the same order, up to the autotuner's tile choice) and the
-    reference at bf16's rounding."""
+    """fp8_convert_early changes where the e4m3 -> fp16 cast happens, not its arithmetic: the output is the
+    plain cast's but for rare last-bit differences (10 of 32,768 values one bf16 unit apart on the H200, run
+    25: the compiler schedules the FP32 arithmetic around the products differently) and the reference's at
+    bf16's rounding."""
     q_lat, q_pe, cache, table, lens = make_inputs([1, 300, 1025, 4096], 1, H=16, c=512, dr=64, block_size=64,
                                                   fp8=True, seed=21, dtype=torch.bfloat16)
     q, qp, gpu_table, gpu_lens = q_lat.cuda(), q_pe.cuda(), table.cuda(), lens.cuda()
     gpu_cache = LatentCacheLayer(cache.latent.cuda(), cache.rope.cuda(), cache.scale.cuda())
     config = {"BLOCK_N": 32, "SWAP": 0, "num_warps": 4, "num_stages": 3}
     plain, _ = mla_decode(q, qp, gpu_cache, gpu_table, gpu_lens, 0.07, num_splits=2, kernel_config=config,
-                          backend="triton")
+                          fp8_convert_early=False, backend="triton")
     early, _ = mla_decode(q, qp, gpu_cache, gpu_table, gpu_lens, 0.07, num_splits=2, kernel_config=config,
                           fp8_convert_early=True, backend="triton")
-    torch.testing.assert_close(early, plain, rtol=0, atol=0)
+    assert (early != plain).float().mean().item() < 1e-3
+    torch.testing.assert_close(early, plain, rtol=2**-7, atol=2e-3)
     ref, _ = mla_decode_ref(q.float(), qp.float(), gpu_cache, gpu_table, gpu_lens, 0.07)
     torch.testing.assert_close(early.float(), ref, rtol=2e-2, atol=2e-2)
 

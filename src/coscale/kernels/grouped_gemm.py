@@ -279,12 +279,26 @@ _IMPLS = {
 }
 
 
-def _chosen(backend: str, t: torch.Tensor, b_dtype: torch.dtype, n: int, k: int) -> str:
+# Rows per expert up to which "auto" takes the Triton kernel over torch._grouped_mm: at decode an expert
+# has a row or two and the GEMMs stream its weights; the Triton kernel's 16-row tiles read them at 94-96%
+# of the H200's copy bandwidth against 66-78% for CUTLASS (bench_grouped_decode.py, run 25: V2-Lite's and
+# V3's experts at 1-64 tokens), where the grouped GEMMs were 70% of a V2-Lite decode step's GPU time.
+DECODE_ROWS_PER_EXPERT = 32
+
+
+def prefers_torch_grouped_mm(rows: int, experts: int) -> bool:
+    """Whether "auto" takes torch._grouped_mm (where it applies) for `rows` rows over `experts` experts:
+    not in the decode regime, where the Triton kernel is faster (DECODE_ROWS_PER_EXPERT)."""
+    return triton is None or rows > DECODE_ROWS_PER_EXPERT * max(experts, 1)
+
+
+def _chosen(backend: str, t: torch.Tensor, b_dtype: torch.dtype, n: int, k: int, experts: int) -> str:
     """The backend of the forward problem [M, K] x [E, N, K] (its dgrad and wgrad choose the same)."""
-    chosen = select_backend(
-        backend, t, allowed=BACKENDS, reference="loop", op="grouped_mm",
-        preferred=lambda: "torch" if _grouped_mm_takes(t, b_dtype, n, k) else None,
-    )  # fmt: skip
+    def vendor():
+        takes = _grouped_mm_takes(t, b_dtype, n, k) and prefers_torch_grouped_mm(t.shape[0], experts)
+        return "torch" if takes else None
+
+    chosen = select_backend(backend, t, allowed=BACKENDS, reference="loop", op="grouped_mm", preferred=vendor)
     if chosen == "torch" and not hasattr(torch, "_grouped_mm"):
         raise CoscaleError(f"grouped_mm: torch {torch.__version__} has no torch._grouped_mm; use backend 'triton'")
     return chosen
@@ -307,14 +321,15 @@ def _fake_wgrad(grad, a, offs, out_dtype, backend):
 @operator("grouped_mm", opaque=True, fake=_fake_forward)
 def grouped_mm_op(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, backend: str) -> torch.Tensor:
     """a [M, K] @ b[e]^T per expert segment -> [M, N] (rows past offs[-1]: unspecified)."""
-    chosen = _chosen(backend, a, b.dtype, b.shape[1], b.shape[2])
+    chosen = _chosen(backend, a, b.dtype, b.shape[1], b.shape[2], offs.shape[0])
     return _IMPLS[chosen][0](a.contiguous() if chosen == "triton" else a, b, offs).contiguous()
 
 
 @operator("grouped_mm_dgrad", opaque=True, fake=_fake_dgrad)
 def grouped_mm_dgrad_op(grad: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, backend: str) -> torch.Tensor:
     """grad [M, N] @ b[e] per expert segment -> [M, K]."""
-    return _IMPLS[_chosen(backend, grad, b.dtype, b.shape[1], b.shape[2])][1](grad.contiguous(), b, offs).contiguous()
+    chosen = _chosen(backend, grad, b.dtype, b.shape[1], b.shape[2], offs.shape[0])
+    return _IMPLS[chosen][1](grad.contiguous(), b, offs).contiguous()
 
 
 @operator("grouped_mm_wgrad", opaque=True, fake=_fake_wgrad)
@@ -322,7 +337,7 @@ def grouped_mm_wgrad_op(
     grad: torch.Tensor, a: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, backend: str
 ) -> torch.Tensor:
     """[E, N, K]: grad[rows of e]^T @ a[rows of e] (zeros for an expert without rows)."""
-    chosen = _chosen(backend, a, grad.dtype, grad.shape[1], a.shape[1])
+    chosen = _chosen(backend, a, grad.dtype, grad.shape[1], a.shape[1], offs.shape[0])
     a = a.contiguous() if chosen == "triton" else a
     return _IMPLS[chosen][2](grad.contiguous(), a, offs, out_dtype).contiguous()
 
