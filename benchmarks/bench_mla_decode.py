@@ -35,6 +35,7 @@ import traceback
 import torch
 
 from coscale.kernels.mla_decode import (
+    FP8_CONVERT_EARLY_MIN_BATCH,
     LatentCacheLayer,
     default_num_splits,
     heads_per_tile,
@@ -135,8 +136,10 @@ def run_case(B, T, H, S, fp8, args, gen, results):
             run = dict(r=r, case=case, scale=scale, used=used, nbytes=nbytes, gen=gen, quick=args.quick)
             if fp8 and args.compare_fp8_read:  # the previous path
                 time_variant("bf16_read", "read through bf16", **run, fp8_in_fp16=False)
-            if fp8 and args.fp8_convert_early:
-                time_variant("early_cvt", "cast before shared memory", **run, fp8_convert_early=True)
+            if fp8 and args.fp8_convert_early:  # the other choice than the default's at this batch
+                early = B < FP8_CONVERT_EARLY_MIN_BATCH
+                time_variant("early_cvt" if early else "late_cvt", "cast before shared memory" if early else
+                             "cast after shared memory", **run, fp8_convert_early=early)
             if args.lazy and config is not None:  # the picked configuration with lazy rescaling
                 time_variant("lazy", "lazy rescaling", **run, kernel_config={**config, "LAZY": 1})
             results.append(r)
@@ -219,10 +222,11 @@ def main():
                         "the reference (BF16/FP8, 16/128 heads), not only the picked one")
     parser.add_argument("--compare-fp8-read", action="store_true", help="also time FP8 caches read through bf16 "
                         "(the kernel's previous path) beside the fp16 read")
-    parser.add_argument("--fp8-convert-early", action="store_true", help="also time FP8 caches with the cast "
-                        "before the shared-memory round trip (mla_decode's fp8_convert_early, off by default)")
+    parser.add_argument("--fp8-convert-early", action="store_true", help="also time FP8 caches with the other "
+                        "choice of mla_decode's fp8_convert_early than its default (the cast before the shared-memory "
+                        "round trip from batch FP8_CONVERT_EARLY_MIN_BATCH on, after it below)")
     parser.add_argument("--lazy", action="store_true", help="also time the picked configuration with lazy "
-                        "rescaling (kernel_config LAZY=1; not among the autotuner's candidates yet)")
+                        "rescaling (kernel_config LAZY=1; not among the autotuner's candidates)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -28,15 +28,17 @@ through ``ptxas -v``, registers and spills):
   query rows scaled into fp16's range by a power of two and P times the scales kept <= 1 (see the
   kernel). The RoPE part stays in the query's dtype (a dot of its own). On the H200 (run 22) that was
   only 1.10-1.17x faster with 16 heads (16-22% of copy bandwidth) and 0.88x with 128 (64-row tiles, which
-  keep the bf16 read): the conversion is not what holds the FP8 path back; still open.
+  keep the bf16 read): the conversion is not what holds the FP8 path back. EARLY_CVT (below, _load_k):
+  1.3-1.4x more at batch 64-128 and 32K (24-29% of copy, run 25), slower at batch 1. Still open.
 - Lazy rescaling (LAZY=1 candidates, FlashAttention-4's idea): rescaling the [M, 512] FP32 accumulators
   by alpha every tile costs about as many instructions as the tile's MMAs (16 heads: 64 FMULs a thread
   against 68 HMMAs a warp per 32-key tile, sm_90 compile). With LAZY the running maximum is left stale
   until some row's grows by more than 2^8 (or, FP8, a key scale outgrows its tile's smax by 64x); P is then
   <= 2^8 (times the scale ratio <= 2^14, inside fp16's range), and l and lse use the same stale maximum, so
   the result is the same. One branch per tile on a tile-wide maximum; the pipelined loads are unchanged
-  in sm_90 compiles. Not yet among the autotuner's candidates: it has not run on a GPU (a kernel_config with
-  LAZY=1 runs it; bench_mla_decode.py --lazy times it beside the autotuned configuration).
+  in sm_90 compiles. Not among the autotuner's candidates: on the H200 (run 25) it was 1.02-1.04x with an
+  FP8 cache, 0.97-1.12x with BF16 and 0.66-0.89x with 128 heads (a kernel_config with LAZY=1 runs it;
+  bench_mla_decode.py --lazy times it beside the autotuned configuration).
 - Candidates: (64, SWAP=0, 4 warps) spills and is left out; 64-row tiles (128 heads) keep the 8-warp
   candidates (_prune); a candidate over the shared-memory limit fails to compile and the autotuner
   skips it.
@@ -59,7 +61,7 @@ def _configs():
     gpu = [triton.Config({"BLOCK_N": n, "SWAP": sw, "LAZY": lazy}, num_warps=w, num_stages=st)
            for n, sw, w, st, lazy in [(32, 0, 4, 3, 0), (32, 0, 4, 4, 0), (16, 0, 4, 5, 0), (64, 0, 8, 3, 0),
                                       (32, 0, 8, 4, 0), (64, 1, 4, 2, 0), (64, 1, 8, 2, 0), (32, 1, 4, 3, 0),
-                                      (32, 1, 8, 4, 0)]]  # LAZY=1: a kernel_config until measured
+                                      (32, 1, 8, 4, 0)]]  # LAZY=1: a kernel_config only (run 25)
     return gpu, triton.Config({"BLOCK_N": 16, "SWAP": 0, "LAZY": 0}, num_warps=4, num_stages=1)
 
 

@@ -240,8 +240,8 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     max_seq_len: a bound on seq_lens (host int; default: the block table's width x BS) that sizes the
     context split; num_splits / heads_tile override the heuristics (benchmarks); kernel_config fixes the
     split kernel's configuration instead of autotuning it (keys BLOCK_N, SWAP, num_warps, num_stages; see
-    CONFIG_KEYS; optionally LAZY=1, lazy rescaling, not among the autotuned candidates until measured on
-    a GPU), for tests and benchmarks. fp8_in_fp16=False reads an FP8 cache through bf16 as the
+    CONFIG_KEYS; optionally LAZY=1, lazy rescaling, not among the autotuned candidates: it paid little on
+    the H200), for tests and benchmarks. fp8_in_fp16=False reads an FP8 cache through bf16 as the
     kernel did before (for benchmarks that compare the two); fp8_convert_early casts the fp16-read tile before its
     shared-memory round trip (default: from batch FP8_CONVERT_EARLY_MIN_BATCH on)."""
     _check(q_lat, q_pe, cache, block_table, seq_lens)
