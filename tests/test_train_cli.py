@@ -192,3 +192,28 @@ def test_init_from_errors_are_one_line(tmp_path, capsys, finished_run):
     assert main(["train", "--config", _config_file(tmp_path), "--init-from", str(hf_dir), "--out",
                  str(tmp_path / "ok")]) == 0
     assert f"init: weights from {hf_dir}" in capsys.readouterr().out
+
+
+def test_default_learning_rate_scales_with_the_width(tmp_path, capsys):
+    """Without --lr a run gets 3e-3 x 256 / hidden size (at most 3e-3); it is saved with the run, an
+    explicit --lr wins, and a --min-lr above the default is refused in one line, before anything is written."""
+    from coscale.train.config import TrainConfig, default_learning_rate, with_resolved_lr
+
+    assert default_learning_rate(256) == 3e-3 and default_learning_rate(64) == 3e-3
+    assert default_learning_rate(1024) == pytest.approx(7.5e-4)
+    assert default_learning_rate(7168) == pytest.approx(3e-3 * 256 / 7168)
+    assert with_resolved_lr(TrainConfig(model="tiny", model_overrides={"hidden_size": 512})).lr == pytest.approx(1.5e-3)
+    assert with_resolved_lr(TrainConfig(model="tiny", lr=1e-2)).lr == 1e-2
+
+    wide = dict(SMALL_OVERRIDES, hidden_size=512)
+    out = tmp_path / "run"
+    assert main(["train", "--config", _config_file(tmp_path, model_overrides=wide), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "lr 0.0015 (the default for hidden size 512" in printed
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["lr"] == pytest.approx(1.5e-3)
+
+    bad = tmp_path / "bad"
+    _fails(capsys, ["train", "--config", _config_file(tmp_path, model_overrides=wide), "--min-lr", "0.002",
+                    "--out", str(bad)], "min_lr must be between 0 and lr")
+    assert not bad.exists()

@@ -44,7 +44,8 @@ _TRAIN_OPTIONS = [
     ("--batch-size", "batch_size", dict(type=int, metavar="N", help="sequences per step (the global batch)")),
     ("--seq-len", "seq_len", dict(type=int, metavar="N", help="tokens per sequence")),
     ("--steps", "steps", dict(type=int, metavar="N", help="optimizer steps")),
-    ("--lr", "lr", dict(type=float, help="peak learning rate")),
+    ("--lr", "lr", dict(type=float, help="peak learning rate (default: 3e-3 x 256 / the model's hidden "
+                                         "size, at most 3e-3: docs/training.md)")),
     ("--min-lr", "min_lr", dict(type=float, metavar="LR", help="final learning rate of the cosine "
                                                                "(default: lr/10)")),
     ("--warmup-steps", "warmup_steps", dict(type=int, metavar="N", help="linear warm-up steps "

@@ -44,7 +44,7 @@ from coscale.parallel.world import World
 from coscale.train import checkpointing as ckpt
 from coscale.train import run_dir
 from coscale.train.balance import resolve_bias_update_speed
-from coscale.train.config import TrainConfig
+from coscale.train.config import TrainConfig, with_resolved_lr
 from coscale.train.data import eval_batches
 from coscale.train.metrics import MetricsLogger
 from coscale.train.readout import StepReadout, TrainingDiverged, check_finite
@@ -73,6 +73,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     Under torchrun (``WORLD_SIZE`` > 1) every rank calls this with the same ``cfg``; each returns the
     same summary, and rank 0 alone logs and writes.
     """
+    cfg = with_resolved_lr(cfg)  # every rank the same: from the model config alone
     with open_world(cfg) as world:
         if not cfg.out_dir and not cfg.resume:  # one timestamped directory: rank 0's
             cfg = dataclasses.replace(cfg, out_dir=world.broadcast(default_out_dir()))

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from coscale.config import ModelConfig
 from coscale.param_count import count_params
 from coscale.train.balance import BIAS_TRAVEL, bias_horizon, resolve_bias_update_speed
-from coscale.train.config import TrainConfig
+from coscale.train.config import BASE_LR, BASE_LR_WIDTH, TrainConfig, default_learning_rate
 from coscale.train.data import nats_to_bits
 from coscale.train.memory import describe, peak_memory
 from coscale.train.metrics import last_eval, plot_loss_curve, read_metrics, recent_mean
@@ -47,7 +47,7 @@ def header(cfg: TrainConfig, plan: RunPlan, device: torch.device, layout: dict |
         f", +{counts.mtp_unique / 1e6:.2f}M MTP) on {device}, precision {plan.precision}",
         f"data: {data}: {n_train:,} train / {n_val:,} val tokens; unigram entropy "
         f"{plan.entropy:.4f} nats = {nats_to_bits(plan.entropy):.3f} bits per token",
-        f"run: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr:g} "
+        f"run: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr:g}{_lr_note(cfg, plan)} "
         f"(warm-up {cfg.warmup}, cosine), AdamW moments {cfg.adam_moments_dtype}, "
         f"{torch.get_num_threads()} CPU thread(s); output {plan.out_dir}",
         f"step: {plan.step_mode.describe()} (--compile/--no-compile, --cuda-graphs/--no-cuda-graphs)",
@@ -69,6 +69,13 @@ def header(cfg: TrainConfig, plan: RunPlan, device: torch.device, layout: dict |
     if plan.resume_dir:
         lines.append(f"resuming from {plan.resume_dir} at step {plan.start_step}")
     return "\n".join(lines)
+
+
+def _lr_note(cfg: TrainConfig, plan: RunPlan) -> str:
+    width = plan.model_cfg.hidden_size
+    if cfg.lr != default_learning_rate(width) or width <= BASE_LR_WIDTH:
+        return ""
+    return f" (the default for hidden size {width}: {BASE_LR:g} x {BASE_LR_WIDTH} / {width}; --lr to change)"
 
 
 def balancing_note(cfg: TrainConfig, model_cfg: ModelConfig) -> str | None:
