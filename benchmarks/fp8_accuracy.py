@@ -23,7 +23,9 @@ def main():
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--lr", type=float, help="peak learning rate (default: coscale train's for the model's width; "
+                   "the records before 2026-12-03's seventh session used 1.5e-3 for small, 5e-4 for proxy-v3, at "
+                   "which their routers sent every token to one expert: docs/training.md)")
     p.add_argument("--reference", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--smooth", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)

@@ -31,11 +31,12 @@ for job in ${JOBS:-quant fp8 moe study}; do
     count) run count_step_kernels "${T_COUNT:-240}" bash -c "python3 tools/count_step_kernels.py --model small \
              --batch-size 16 --seq-len 512 --no-mtp && python3 tools/count_step_kernels.py --model small \
              --batch-size 16 --seq-len 512" ;;
-    # one run of the FP8 study at V3's width (proxy-v3 as is, 300 steps, ~4 min BF16 / ~5 min FP8 with
+    # one run of the FP8 study at V3's width (proxy-v3 as is at the default learning rate, 1.07e-4, where routing
+    # stays balanced unlike runs 23-25 at 5e-4; 300 steps, ~4 min BF16 / ~5 min FP8 with
     # compilation; one run a call): STUDY_RUN="fp8 0", "bf16 0" or "bf16 1" (precision, seed); compare the
     # runs afterwards with `benchmarks/fp8_accuracy.py --from-metrics REF FP8 REF_OTHER_SEED`
     studyrun) set -- ${STUDY_RUN:-fp8 0}
-             run "fp8_study_proxy_$1_seed$2" "${T_STUDYRUN:-560}" python3 -m coscale train --model proxy-v3                --steps 300 --batch-size 4 --seq-len 2048 --lr 5e-4 --seed "$2" --precision "$1" --fp8-layers all                --eval-interval 0 --save-interval 0 --no-checkpoints --no-progress --no-tensorboard --log-interval 30                --out "$OUT/study/$1_seed$2" ;;
+             run "fp8_study_proxy_$1_seed$2" "${T_STUDYRUN:-560}" python3 -m coscale train --model proxy-v3                --steps 300 --batch-size 4 --seq-len 2048 --seed "$2" --precision "$1" --fp8-layers all                --eval-interval 0 --save-interval 0 --no-checkpoints --no-progress --no-tensorboard --log-interval 30                --out "$OUT/study/$1_seed$2" ;;
     # the kernels of proxy-v3's FP8 step, by time (tools/count_step_kernels.py; BENCHMARKS.md, run 22)
     profile8) run count_step_kernels_proxy_fp8 "${T_PROFILE8:-240}" python3 tools/count_step_kernels.py                --model proxy-v3 --batch-size 4 --seq-len 2048 --matched --precision fp8 --fp8-layers all --top 45 ;;
     # expert parallelism over a NCCL group of one rank (the all-to-all exchanging with itself)
