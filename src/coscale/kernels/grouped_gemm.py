@@ -60,8 +60,9 @@ if triton is not None:
     )
 
     def _prune_mm_configs(configs, named_args, **kwargs):
-        """Tiles no taller than twice the rows an expert has on average (16 at least): a decode batch
-        does not time the prefill tiles, nor prefill the decode ones (beyond 16 rows: 16-row tiles stay)."""
+        """Tiles no taller than twice the rows an expert has on average (32 at least), and beyond 32 rows an
+        expert no narrow (decode) tiles: a decode batch does not time the prefill tiles, nor prefill the
+        decode ones."""
         rows = named_args["ROWS_PER_EXPERT"]
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, 2 * rows)
                 and (rows <= 32 or c.kwargs["BLOCK_N"] >= 128)]

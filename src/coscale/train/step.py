@@ -146,11 +146,11 @@ def _held_out_loss_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor
         h = model.hidden_states(ids)
     h, labels = h.flatten(0, 1), labels.flatten()
     tokens = max(1, EVAL_LOGITS_PER_CHUNK // width)
-    total = torch.zeros((), dtype=torch.float32, device=ids.device)
+    total = torch.zeros((), dtype=torch.float64, device=ids.device)
     for h_part, lab in zip(h.split(tokens), labels.split(tokens)):
         with autocast():
             logits = model.logits(h_part)
-        total += F.cross_entropy(logits.float(), lab, reduction="sum")
+        total += F.cross_entropy(logits.float(), lab, reduction="sum").double()
     return total
 
 
