@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coscale.config import ModelConfig, load_config
-from coscale.errors import CheckpointError, ConfigError
+from coscale.errors import CheckpointError, ConfigError, CoscaleError
 from coscale.train import run_dir
 
 DEFAULT_MODEL = "tiny"
@@ -268,7 +268,11 @@ def with_resolved_lr(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with its learning rate set: as given, else the default for the model's width (validated)."""
     if cfg.lr is not None:
         return cfg
-    resolved = dataclasses.replace(cfg, lr=default_learning_rate(resolve_model_config(cfg).hidden_size))
+    try:
+        width = resolve_model_config(cfg).hidden_size
+    except CoscaleError:  # left to the run's own checks, which say what is wrong in the order users expect
+        return cfg
+    resolved = dataclasses.replace(cfg, lr=default_learning_rate(width))
     resolved.validate()  # a min_lr above the default comes out here
     return resolved
 
