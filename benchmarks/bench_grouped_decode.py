@@ -7,13 +7,15 @@ interpreter (a check of the script, nothing recorded).
 At decode an expert gets a row or two, so its GEMMs are matrix-vector products: the time is the time to
 read the weights of the experts the batch touches. For each model shape (DeepSeek-V2-Lite: 64 experts
 of 2048 x 1408, top-6; DeepSeek-V3: 256 of 7168 x 2048, top-8) and batch (tokens), routing drawn
-uniformly at random (the experts' rows padded to 16, as the engine's permutation pads them):
+uniformly at random:
 
-- gate / up / down GEMMs alone (`grouped_mm`), torch._grouped_mm (CUTLASS) against coscale's Triton
-  grouped GEMM (autotuned, with 16-row tiles for this regime);
+- gate / up / down GEMMs alone (`grouped_mm`, each expert's rows padded to 16 as torch._grouped_mm needs),
+  torch._grouped_mm (CUTLASS) against coscale's Triton grouped GEMM (autotuned, with 16-row tiles for
+  this regime);
 - the whole routed forward (`grouped_experts_forward`: permutation, three GEMMs, SwiGLU, weighted
-  combine) in BF16 with each GEMM backend, and in FP8 with cached block-scaled weights (what an FP8
-  checkpoint runs: half the bytes).
+  combine) in BF16: backend "torch" (CUTLASS and PyTorch data movement, rows padded to 16) and "auto"
+  (what the engine runs: since run 25 the Triton GEMM with unpadded rows at decode); and in FP8 with
+  cached block-scaled weights (what an FP8 checkpoint runs: half the bytes).
 
 Each is timed replayed from a CUDA graph (the engine replays its decode steps). Bytes = the touched
 experts' weights (gate, up, down; FP8: one byte a weight plus its 128x128 block scales) + the activations;
@@ -95,8 +97,8 @@ def run_case(name: str, shape, T: int, args, gen, dev) -> list[dict]:
                gemm_bytes["down"] + a.numel() * 2, ref_down)
     layer_ref = grouped_experts_forward(x, idx, weight, w_gate, w_up, w_down, backend="reference")
     act_bytes = 2 * T * H * 2
-    for backend in ("auto", "triton"):
-        record(f"routed forward bf16, gemm {'torch' if backend == 'auto' else backend}",
+    for backend, label in (("torch", "bf16, torch (CUTLASS, padded rows)"), ("auto", "bf16, auto (the engine's)")):
+        record(f"routed forward {label}",
                lambda b=backend: grouped_experts_forward(x, idx, weight, w_gate, w_up, w_down, backend=b),
                weight_bytes * 2 + act_bytes, layer_ref)
     cache = FP8WeightCache()
@@ -109,13 +111,13 @@ def run_case(name: str, shape, T: int, args, gen, dev) -> list[dict]:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'shape':8} {'T':>4} {'experts':>7}  {'variant':42} {'ms':>8} {'% copy':>7} {'rel err':>8}")
+    print(f"\n{'shape':8} {'T':>4} {'experts':>7}  {'variant':50} {'ms':>8} {'% copy':>7} {'rel err':>8}")
     for r in results:
         if "error" in r:
-            print(f"{r['shape']:8} {r['tokens']:4d} {r['touched_experts']:7d}  {r['variant']:42} ERROR {r['error']}")
+            print(f"{r['shape']:8} {r['tokens']:4d} {r['touched_experts']:7d}  {r['variant']:50} ERROR {r['error']}")
             continue
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else "-"
-        print(f"{r['shape']:8} {r['tokens']:4d} {r['touched_experts']:7d}  {r['variant']:42} {r['ms']:8.4f} "
+        print(f"{r['shape']:8} {r['tokens']:4d} {r['touched_experts']:7d}  {r['variant']:50} {r['ms']:8.4f} "
               f"{r['pct_of_copy']:7.1f} {err:>8}")
 
 
