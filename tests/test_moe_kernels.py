@@ -148,24 +148,3 @@ def test_fp8_close_to_loop():
     want = _grads(ref, x, w, wg, wu, wd, grad_out)
     for name, g, r in zip(NAMES, got, want):
         assert diff(g, r) < 1e-2, f"grad {name}: {diff(g, r):.3g}"
-
-
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
-@pytest.mark.parametrize("T,E,unpadded", [(5, 16, True), (200, 4, False)])
-def test_decode_batches_go_unpadded_on_the_triton_path(monkeypatch, T, E, unpadded):
-    """With few rows an expert (decode) the Triton grouped GEMM runs and the rows are not padded to 16;
-    beyond that they are (torch._grouped_mm's alignment). Either way the result is the loop's."""
-    import coscale.kernels.moe as moe
-
-    seen = []
-    real = moe.permute_tokens
-
-    def spy(x, idx, n_experts, align, **kw):
-        seen.append(align)
-        return real(x, idx, n_experts, align, **kw)
-
-    monkeypatch.setattr(moe, "permute_tokens", spy)
-    x, idx, w, wg, wu, wd, grad_out = _problem("random", T, 3, E, 32, 16, seed=T)
-    out = grouped_experts_forward(x, idx, w, wg, wu, wd, backend="triton")
-    torch.testing.assert_close(out, experts_forward_loop(x, idx, w, wg, wu, wd), rtol=1e-4, atol=1e-5)
-    assert seen == [1 if unpadded else 16]

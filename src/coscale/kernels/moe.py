@@ -15,9 +15,8 @@ against [w_gate; w_up]: concatenating the weights would copy every expert weight
 DeepSeek-V3, 7.5 G parameters per layer), more memory traffic than the GEMMs save.
 
 align = 16 rows for BF16 (torch._grouped_mm keeps each group's start 16-byte aligned) and 128 for
-FP8 (the 1x128 activation / 128x128 weight block scales must not straddle experts), and 1 for BF16 at
-decode, where the Triton grouped GEMM runs (it takes groups that start anywhere). Padded rows are zeros,
-never combined, and receive zero gradients.
+FP8 (the 1x128 activation / 128x128 weight block scales must not straddle experts). Padded rows are
+zeros, never combined, and receive zero gradients.
 
 Determinism: the Triton data-movement kernels are gathers with a fixed summation order, and the
 grouped GEMMs do not split the reduction, so the GPU path gives bitwise identical results run to
@@ -36,8 +35,8 @@ from coscale.errors import CoscaleError
 from coscale.kernels.fp8_grouped_linear import fp8_grouped_gate_up, fp8_grouped_linear
 from coscale.kernels.fp8_moe import fp8_routed_experts
 from coscale.kernels.fp8_weight_cache import FP8WeightCache
-from coscale.kernels.grouped_gemm import grouped_mm, prefers_torch_grouped_mm
-from coscale.kernels.permute import build_permute_info, max_permuted_rows, permute_tokens, unpermute_combine
+from coscale.kernels.grouped_gemm import grouped_mm
+from coscale.kernels.permute import build_permute_info, permute_tokens, unpermute_combine
 from coscale.kernels.swiglu import swiglu, swiglu_pair
 
 PRECISIONS = ("bf16", "fp8")
@@ -123,15 +122,9 @@ def grouped_experts_forward(
             x, topk_weight, info, w_gate, w_up, w_down, backend=fp8_backend, deterministic=deterministic,
             weight_cache=weight_cache,
         )
-    align = ALIGN[precision]
-    T, K = topk_idx.shape
-    if precision == "bf16" and (gemm_backend == "triton" or (gemm_backend == "auto" and x.is_cuda)) and (
-            not prefers_torch_grouped_mm(max_permuted_rows(T * K, E, align), E)):
-        # Decode: the Triton grouped GEMM runs (grouped_gemm.DECODE_ROWS_PER_EXPERT) and takes groups that
-        # start anywhere, so the rows go unpadded: padded to 16, a batch of 16 tokens x 6 experts of 64 made
-        # 1,056 rows for 96, which the permutation, SwiGLU and combine passes all walked.
-        align = 1
-    x_perm, info = permute_tokens(x, topk_idx, E, align, backend=data_backend, deterministic=deterministic)
+    x_perm, info = permute_tokens(
+        x, topk_idx, E, ALIGN[precision], backend=data_backend, deterministic=deterministic
+    )
     offs = info.group_end_offsets
     if precision == "fp8":
         # Segments are 128-aligned by the permutation (ALIGN["fp8"]): no re-padding, no host sync.
