@@ -14,7 +14,7 @@ uniformly at random:
   this regime);
 - the whole routed forward (`grouped_experts_forward`: permutation, three GEMMs, SwiGLU, weighted
   combine) in BF16: backend "torch" (CUTLASS and PyTorch data movement, rows padded to 16) and "auto"
-  (what the engine runs: since run 25 the Triton GEMM with unpadded rows at decode); and in FP8 with
+  (what the engine runs: since run 25 the Triton GEMM at decode, rows padded to 16); and in FP8 with
   cached block-scaled weights (what an FP8 checkpoint runs: half the bytes).
 
 Each is timed replayed from a CUDA graph (the engine replays its decode steps). Bytes = the touched
@@ -102,7 +102,7 @@ def run_case(name: str, shape, T: int, args, gen, dev) -> list[dict]:
                lambda b=backend: grouped_experts_forward(x, idx, weight, w_gate, w_up, w_down, backend=b),
                weight_bytes * 2 + act_bytes, layer_ref)
     cache = FP8WeightCache()
-    scales = touched * 4 * (2 * -(-I // 128) * -(-H // 128) + -(-H // 128) * -(-I // 128))
+    scales = touched * 3 * 4 * -(-I // 128) * -(-H // 128)  # one FP32 scale per 128x128 block of 3 matrices
     record("routed forward fp8, cached weights",
            lambda: grouped_experts_forward(x, idx, weight, w_gate, w_up, w_down, precision="fp8",
                                            fp8_weight_cache=cache),

@@ -167,8 +167,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             input_ids, labels, weight = world.eval_rows(*batch)
             before = loads.clone() if loads is not None and weight != 1 else None
             for ids, lab in zip(input_ids.split(1), labels.split(1)):
-                loss_sum += weight * _held_out_loss_sum(model, ids.to(world.device), lab.to(world.device),
-                                                        autocast).double()
+                loss_sum += weight * _held_out_loss_sum(model, ids.to(world.device), lab.to(world.device), autocast)
             count += weight * labels.numel()
             if before is not None:  # rows every rank evaluated: each counts 1 / world size of them
                 loads.copy_(before + weight * (loads - before))
