@@ -24,6 +24,8 @@ engine's step (schedule, build, forward launch, sample launch, advance, wait for
 top kernels by GPU time over three decode steps as the engine runs them (compiled and replayed from CUDA
 graphs where it does so; the profiler sees each kernel of a replayed graph) from torch.profiler.
 `--overlap on|off|both`: the engine's overlapped schedule (default on; both: each batch twice).
+`--decode-kernels auto|torch|both`: coscale's decode kernels (the fused router, the Triton GEMM for the
+dense layers at a few rows) or PyTorch's (the reference router, cuBLAS); both: one engine each.
 
 HF transformers: DeepseekV2ForCausalLM from the same config (random weights, BF16, SDPA attention),
 `generate` greedy with the same batch and prompt length; decode tokens/s = batch x (n - 1) / (time of
@@ -88,7 +90,8 @@ def random_model(cfg: ModelConfig) -> DeepseekForCausalLM:
     return model.eval()
 
 
-def run_engine_batch(engine: Engine, batch: int, prompt_len: int, steps: int, gen, breakdown: bool = False) -> dict:
+def run_engine_batch(engine: Engine, batch: int, prompt_len: int, steps: int, gen, breakdown: bool = False,
+                     top: int = 20) -> dict:
     vocab = engine.model.config.vocab_size
     ids = [f"b{batch}-{i}" for i in range(batch)]
     for rid in ids:
@@ -122,7 +125,7 @@ def run_engine_batch(engine: Engine, batch: int, prompt_len: int, steps: int, ge
         entry.update(gpu_step_ms=gpu.get("step"), gpu_forward_ms=gpu.get("forward"),
                      host_ms={k: v / steps * 1e3 for k, v in timer.host.items()})
         timer.reset(enabled=False)
-        entry["top_kernels"] = top_kernels(engine, 3)
+        entry["top_kernels"] = top_kernels(engine, 3, top)
     for rid in ids:
         engine.abort(rid)
     while engine.has_unfinished():
@@ -215,6 +218,10 @@ def main():
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the graphed decode step (default: the engine's, on with CUDA graphs)")
     parser.add_argument("--breakdown", action="store_true", help="host/GPU time per step and the top kernels")
+    parser.add_argument("--top", type=int, default=20, metavar="N", help="kernels listed by --breakdown (default 20)")
+    parser.add_argument("--decode-kernels", choices=("auto", "torch", "both"), default="auto",
+                        help="coscale's decode kernels (fused router, Triton decode linears) or PyTorch's; both: "
+                             "one engine each, side by side (EngineConfig.decode_kernels)")
     parser.add_argument("--overlap", choices=("on", "off", "both"), default="on",
                         help="the engine's overlapped schedule (off without speculation only)")
     args = parser.parse_args()
@@ -222,6 +229,8 @@ def main():
         raise SystemExit("bench_decode.py needs a CUDA GPU")
     if args.speculative and not args.checkpoint:
         parser.error("--speculative measures a trained checkpoint's MTP modules: give --checkpoint")
+    if args.top < 1:
+        parser.error("--top: at least 1 kernel")
     batches = args.batches or ([1, 32] if args.speculative else [1, 16, 64, 128])
     prompt_len = args.prompt_len or (512 if args.quick else 1024)
     steps = args.steps or (32 if args.quick else 64)
@@ -250,18 +259,20 @@ def main():
     max_len = prompt_len + 3 * (steps + 16)  # room for up to 3 tokens per step (MTP drafts accepted)
     modes = [(True, False)] if args.speculative else []
     modes = [(False, o) for o in {"on": [True], "off": [False], "both": [False, True]}[args.overlap]] + modes
-    for speculative, overlap in modes:
+    kernel_choices = ["torch", "auto"] if args.decode_kernels == "both" else [args.decode_kernels]
+    for kernels, (speculative, overlap) in ((k, m) for k in kernel_choices for m in modes):
         depth = cfg.num_nextn_predict_layers if speculative else 0
         config = EngineConfig(max_model_len=max_len, max_num_seqs=max(batches),
                               num_blocks=max(batches) * blocks_for(max_len + depth, 64) + 8,
                               max_num_batched_tokens=8192, speculative=speculative,
-                              kv_cache_dtype=args.kv_cache_dtype, overlap=overlap, compile=args.compile)
+                              kv_cache_dtype=args.kv_cache_dtype, overlap=overlap, compile=args.compile,
+                              decode_kernels=kernels)
         engine = Engine(model, config)
         print(engine.describe(), flush=True)
         for batch in batches:
-            entry = {"speculative": speculative}
+            entry = {"speculative": speculative, "decode_kernels": kernels}
             try:
-                entry.update(run_engine_batch(engine, batch, prompt_len, steps, gen, args.breakdown))
+                entry.update(run_engine_batch(engine, batch, prompt_len, steps, gen, args.breakdown, args.top))
                 entry["decode_mode"] = engine.decode_mode()
                 entry.update(memory_roofline(cfg, batch, prompt_len + steps / 2))
                 entry["pct_of_roofline"] = 100 * entry["tokens_per_s"] / entry["roofline_tokens_per_s"]
@@ -291,13 +302,16 @@ def _fmt(x, spec: str) -> str:
 
 
 def print_table(results):
-    print(f"\n{'spec':>4} {'ovl':>3} {'batch':>5} {'tok/s':>9} {'step ms':>8} {'roofline':>9} {'%roof':>6} "
+    print(f"\n{'kernels':>7} {'spec':>4} {'ovl':>3} {'batch':>5} {'tok/s':>9} {'step ms':>8} {'roofline':>9} "
+          f"{'%roof':>6} "
           f"{'analysis':>9} {'HF tok/s':>9} {'x HF':>6} {'accept':>6}")
     for r in results:
         if "error" in r:
-            print(f"{'y' if r.get('speculative') else 'n':>4} {'':>3} {r['batch']:5d} ERROR {r['error']}")
+            spec = "y" if r.get("speculative") else "n"
+            print(f"{r.get('decode_kernels', '-'):>7} {spec:>4} {'':>3} {r['batch']:5d} ERROR {r['error']}")
             continue
-        print(f"{'y' if r['speculative'] else 'n':>4} {'y' if r.get('overlap') else 'n':>3} {r['batch']:5d} "
+        print(f"{r.get('decode_kernels', '-'):>7} {'y' if r['speculative'] else 'n':>4} "
+              f"{'y' if r.get('overlap') else 'n':>3} {r['batch']:5d} "
               f"{_fmt(r['tokens_per_s'], '9.1f')} "
               f"{_fmt(r['step_ms'], '8.2f')} {_fmt(r['roofline_tokens_per_s'], '9.1f')} "
               f"{_fmt(r['pct_of_roofline'], '6.1f')} {_fmt(r.get('analysis_tokens_per_s'), '9.1f'):>9} "

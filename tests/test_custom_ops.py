@@ -231,10 +231,10 @@ def analyse_transparent_kernels() -> set[str]:
     from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
 
     import coscale.kernels._quant_triton  # noqa: F401  (decorated now, for the compiler)
-    from coscale.kernels import permute, swiglu
+    from coscale.kernels import permute, router, swiglu
 
     recorder = _Recorder()
-    quant_ops.launcher = permute.launcher = swiglu.launcher = recorder
+    quant_ops.launcher = permute.launcher = swiglu.launcher = router.launcher = recorder
     os.environ["TRITON_INTERPRET"] = "1"
     x = torch.randn(130, 200).to(torch.bfloat16)
     info, weight = _routing()
@@ -250,6 +250,7 @@ def analyse_transparent_kernels() -> set[str]:
     ops.sum_rows(y_perm, info.pair_row, info.row_pair, weight, torch.float32, True, "triton")
     ops.swiglu(x[:, :160], "triton")
     ops.swiglu_backward(x[:, :80], x[:, 80:160], x[:, :80], "triton")
+    ops.route(x[:20], torch.randn(64, 200), torch.randn(64), 6, 8, 4, True, True, True, 2.5, True, "triton")
     seen = set()
     with _cuda_target():
         for kernel, args, kwargs in recorder.launches:
@@ -262,7 +263,8 @@ def analyse_transparent_kernels() -> set[str]:
                 named["GRID_ROUND"] = False  # as on a GPU (rounding for the interpreter's cast is off)
             accesses = identify_accessed_tensors(jit, named, {})
             writes = {dep.name for dep in accesses.read_writes.writes}
-            inputs = {name for name in ("x_ptr", "b_ptr", "idx_ptr", "w_ptr", "dot_ptr", "src_ptr", "row_pair_ptr",
+            inputs = {name for name in ("x_ptr", "b_ptr", "part_ptr", "bias_ptr", "idx_ptr", "w_ptr", "dot_ptr",
+                                        "src_ptr", "row_pair_ptr",
                                         "weight_ptr", "pair_row_ptr", "g_ptr", "u_ptr", "da_ptr") if name in named}
             if not writes or writes & inputs:  # the analysis fell back to "every input is mutated"
                 raise AssertionError(f"Inductor could not analyse {jit.__name__}: writes {sorted(writes)}")
@@ -283,7 +285,8 @@ def test_inductor_analyses_every_transparent_kernel():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(
-        ["_rows_from_tokens_kernel", "_swiglu_bwd_kernel", "_swiglu_fwd_kernel", "_tokens_from_rows_kernel",
+        ["_route_logits_kernel", "_route_select_kernel", "_rows_from_tokens_kernel", "_swiglu_bwd_kernel",
+         "_swiglu_fwd_kernel", "_tokens_from_rows_kernel",
          "cols_kernel", "cols_quant_kernel", "dual_quant_kernel", "rows_kernel", "rows_quant_kernel",
          "transpose_bytes_kernel", "weight_kernel"]
     )

@@ -22,6 +22,7 @@ from coscale.errors import ConfigError
 from coscale.infer import speculative
 from coscale.infer.batch import Batch, build_batch
 from coscale.infer.cache import KV_CACHE_DTYPES, BlockAllocator, PagedLatentCache, blocks_for, bytes_per_token
+from coscale.infer.layers import DECODE_KERNELS, use_decode_kernels
 from coscale.infer.sampling import SamplingParams, logprobs_on_device, sample, sampling_probs, token_logprobs
 from coscale.infer.scheduler import PLACEHOLDER, Request, ScheduledRequest, Scheduler, SchedulerConfig, Status
 from coscale.infer.transfer import HostCopy, StepTimer, to_device
@@ -50,6 +51,10 @@ class EngineConfig:
     # Overlapped schedule: launch step N + 1 before reading step N's tokens back (docs/serving.md).
     # None: on for CUDA without speculation (drafts make the next step's shape depend on the last).
     overlap: bool | None = None
+    # "auto": the linear layers and routers take coscale's decode kernels where they apply (a Triton GEMM
+    # that streams the weight at a few rows, the fused router: coscale.infer.layers.use_decode_kernels);
+    # "torch": PyTorch's (cuBLAS, the reference router), for comparison.
+    decode_kernels: str = "auto"
 
     def validate(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -70,6 +75,8 @@ class EngineConfig:
         if self.overlap and self.speculative:
             raise ConfigError("the overlapped schedule does not combine with speculative decoding (how many drafts "
                               "a step accepts decides the next step's positions); set overlap=False or None")
+        if self.decode_kernels not in DECODE_KERNELS:
+            raise ConfigError(f"decode_kernels must be one of {DECODE_KERNELS}, got {self.decode_kernels!r}")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ConfigError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
 
@@ -123,6 +130,7 @@ class Engine:
         cfg = model.config
         self.device = torch.device(device) if device is not None else model.model.embed_tokens.weight.device
         self.model = model.to(self.device).eval()
+        use_decode_kernels(self.model, config.decode_kernels)
         self.config = config
         self.depth = cfg.num_nextn_predict_layers if config.speculative else 0
         if config.speculative and not len(model.mtp):

@@ -1,4 +1,10 @@
-"""Layers that serve an FP8 checkpoint in FP8, swapped into a plain model by coscale.infer.loading:
+"""Layers the engine swaps into a model it serves.
+
+- DecodeLinear (`use_decode_kernels`, every engine on CUDA): nn.Linear whose no-gradient forward
+  takes coscale.kernels.decode_linear, a Triton GEMM that streams the weight at decode's few rows; the
+  routers take coscale.kernels.router's fused kernels at the same time.
+
+And those that serve an FP8 checkpoint in FP8, swapped into a plain model by coscale.infer.loading:
 
 - FP8InferenceLinear replaces nn.Linear for a weight stored in FP8 with 128x128 block scales (DeepSeek-V3's
   checkpoint format): activations are quantized in 1x128 tiles and the GEMM is the training recipe's
@@ -17,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coscale.kernels.decode_linear import decode_linear
 from coscale.kernels.fp8_gemm import fp8_gemm
 from coscale.kernels.fp8_grouped_gemm import fp8_grouped_mm
 from coscale.kernels.permute import permute_tokens, unpermute_combine
@@ -24,6 +31,42 @@ from coscale.kernels.quant import act_quant_1x128
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
+
+
+DECODE_KERNELS = ("auto", "torch")
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear with `backend` for its no-gradient forward (coscale.kernels.decode_linear: "auto" takes
+    the Triton GEMM on CUDA at a few rows, "torch" F.linear). With gradients it is nn.Linear."""
+
+    backend = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plain = self.backend == "torch" or (self.backend == "auto" and not x.is_cuda)
+        if plain or torch.is_grad_enabled() or x.dtype != self.weight.dtype:
+            return F.linear(x, self.weight, self.bias)
+        return decode_linear(x, self.weight, self.bias, backend=self.backend)
+
+
+def use_decode_kernels(model: nn.Module, backend: str = "auto") -> int:
+    """Point `model`'s linear layers and routers at coscale's decode kernels ("auto", where they apply) or
+    at PyTorch's ("torch"). Plain nn.Linear modules become DecodeLinear in place (same parameters, same
+    module objects); Gate.backend is set on every router. Returns the number of linear layers switched."""
+    from coscale.model.moe import Gate
+
+    if backend not in DECODE_KERNELS:
+        raise ValueError(f"decode kernels must be one of {DECODE_KERNELS}, got {backend!r}")
+    switched = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = DecodeLinear
+        if isinstance(module, DecodeLinear):
+            module.backend = backend
+            switched += 1
+        elif isinstance(module, Gate):
+            module.backend = backend
+    return switched
 
 
 def _ceil(n: int, m: int) -> int:

@@ -94,17 +94,23 @@ if triton is not None:
     @triton.jit
     def _grouped_mm_kernel(
         a_ptr, b_ptr, c_ptr, offs_ptr,
-        N, K, E, ROWS_PER_EXPERT,
+        M, N, K, E, ROWS_PER_EXPERT,
         stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
-        E_POW2: tl.constexpr, IEEE_FP32: tl.constexpr,
+        E_POW2: tl.constexpr, IEEE_FP32: tl.constexpr, DENSE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """c[rows of e] = a[rows of e] @ B_e with B_e[k, n] at b_ptr + e*stride_be + k*stride_bk + n*stride_bn."""
+        """c[rows of e] = a[rows of e] @ B_e with B_e[k, n] at b_ptr + e*stride_be + k*stride_bk + n*stride_bn.
+        DENSE: one expert of all M rows, no offsets (coscale.kernels.decode_linear)."""
         pid_n = tl.program_id(0)  # N tiles vary fastest: an A tile stays in L2 across them
         pid_m = tl.program_id(1)
-        expert, row_start, row_end = _locate_tile(offs_ptr, E, pid_m, E_POW2, BLOCK_M)
-        if expert >= E:
-            return
+        if DENSE:
+            expert = 0
+            row_start = pid_m * BLOCK_M
+            row_end = M
+        else:
+            expert, row_start, row_end = _locate_tile(offs_ptr, E, pid_m, E_POW2, BLOCK_M)
+            if expert >= E:
+                return
         rows = row_start + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
@@ -184,9 +190,29 @@ def _triton_mm(a, b_kn_strides, b, N, offs):
         return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]) + E)
 
     _grouped_mm_kernel[grid](
-        a, b, c, offs, N, K, E, _rows_hint(M, E),
+        a, b, c, offs, M, N, K, E, _rows_hint(M, E),
         a.stride(0), a.stride(1), stride_be, stride_bk, stride_bn, c.stride(0), c.stride(1),
-        E_POW2=triton.next_power_of_2(E), IEEE_FP32=a.dtype == torch.float32,
+        E_POW2=triton.next_power_of_2(E), IEEE_FP32=a.dtype == torch.float32, DENSE=False,
+    )
+    return c
+
+
+def triton_dense_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ w[N, K]^T by the grouped kernel as one expert: at a few rows, its decode tiles stream
+    w (coscale.kernels.decode_linear)."""
+    M, K = a.shape
+    N = w.shape[0]
+    c = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    if M == 0:
+        return c
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))
+
+    _grouped_mm_kernel[grid](
+        a, w, c, a, M, N, K, 1, _rows_hint(M, 1),
+        a.stride(0), a.stride(1), 0, w.stride(1), w.stride(0), c.stride(0), c.stride(1),
+        E_POW2=1, IEEE_FP32=a.dtype == torch.float32, DENSE=True,
     )
     return c
 

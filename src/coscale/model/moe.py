@@ -27,28 +27,8 @@ from torch import nn
 
 from coscale.config import ModelConfig
 from coscale.kernels.backend import to_autocast_dtype
+from coscale.kernels.router import ROUTE_FUSED_MAX_TOKENS, gate_weights, group_limited_topk, route
 from coscale.model.norm import apply_keeping_float32, upcast
-
-
-def group_limited_topk(choice: torch.Tensor, top_k: int, n_group: int, topk_group: int,
-                       rank_by: str = "top2_sum") -> torch.Tensor:
-    """Top-k of choice [T, E] among the `topk_group` best of `n_group` equal groups of experts.
-
-    Groups are ranked by the sum of their two best scores (DeepSeek-V3, "top2_sum") or by their best
-    score (DeepSeek-V2, "max"). With groups placed one per node this is node-limited routing: each token
-    reaches at most `topk_group` nodes. Returns int64 indices [T, top_k].
-    """
-    if n_group > 1:
-        T = choice.shape[0]
-        grouped = choice.view(T, n_group, -1)
-        if rank_by == "top2_sum":
-            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
-        else:
-            group_scores = grouped.amax(dim=-1)
-        keep = group_scores.topk(topk_group, dim=-1).indices  # (T, topk_group)
-        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-        choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-    return choice.topk(top_k, dim=-1).indices
 
 
 class MLP(nn.Module):
@@ -87,6 +67,14 @@ class Gate(nn.Module):
             self.e_score_correction_bias = None
         # Tokens routed to each expert since the last bias update (not saved in checkpoints).
         self.register_buffer("expert_load", torch.zeros(self.n_experts), persistent=False)
+        self.backend = "auto"
+
+    BACKENDS = ("auto", "triton", "torch")
+
+    def __setattr__(self, name, value):
+        if name == "backend" and value not in self.BACKENDS:
+            raise ValueError(f"Gate.backend must be one of {self.BACKENDS}, got {value!r}")
+        super().__setattr__(name, value)
 
     def _apply(self, fn, recurse=True):
         apply_keeping_float32(self, fn, ("e_score_correction_bias", "expert_load"))
@@ -109,21 +97,37 @@ class Gate(nn.Module):
         rank_by = "top2_sum" if self.topk_method == "noaux_tc" else "max"
         return group_limited_topk(choice, self.top_k, n_group, self.topk_group, rank_by)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (topk_idx [T, K] int64, topk_weight [T, K] float32, scores [T, E])."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x [T, H] -> (topk_idx [T, K] int64, topk_weight [T, K] float32, scores [T, E] or None).
+
+        Without gradients and outside training, on CUDA (or with ``backend`` "triton"), up to
+        ROUTE_FUSED_MAX_TOKENS tokens take coscale.kernels.router's two fused kernels, which do not
+        return the scores (None: only the training-time balance loss reads them).
+        """
+        normalised = self.norm_topk_prob and self.top_k > 1
+        scale = self.routed_scaling_factor if (self.scale_normalised or not normalised) else None
+        if self._fused(x):
+            n_group = 1 if self.topk_method == "greedy" else self.n_group
+            idx, weights = route(
+                x, self.weight, self.e_score_correction_bias, top_k=self.top_k, n_group=n_group,
+                topk_group=self.topk_group if n_group > 1 else 1,
+                rank_by="top2_sum" if self.topk_method == "noaux_tc" else "max", scoring=self.scoring_func,
+                normalize=normalised, scale=scale, backend="auto" if self.backend == "auto" else "triton",
+            )
+            return idx, weights, None
         scores = self.scores(x)
         topk_idx = self.select(scores)
-        weights = scores.gather(1, topk_idx)
-        normalised = self.norm_topk_prob and self.top_k > 1
-        if normalised:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        if self.scale_normalised or not normalised:
-            weights = weights * self.routed_scaling_factor
+        weights = gate_weights(scores, topk_idx, normalised, scale)
         if self.training:
             with torch.no_grad():  # a scatter-add, not bincount: bincount sizes its output on the host
                 flat = topk_idx.flatten()
                 self.expert_load.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.expert_load.dtype))
         return topk_idx, weights, scores
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        if self.backend == "torch" or self.training or torch.is_grad_enabled():
+            return False
+        return self.backend == "triton" or (x.is_cuda and x.shape[0] <= ROUTE_FUSED_MAX_TOKENS)
 
 
 def experts_forward_loop(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""The MoE router at decode on one GPU: coscale's two fused kernels against the PyTorch reference.
+
+Run: `PYTHONPATH=src python benchmarks/bench_router.py [--quick]`; appends a line to
+benchmarks/results/bench_router.jsonl (results_log.py); `--smoke`: tiny shapes on the CPU interpreter
+(a check of the script, nothing recorded).
+
+For DeepSeek-V2-Lite's router (64 experts, hidden 2048, softmax, top-6) and DeepSeek-V3's (256 experts,
+hidden 7168, sigmoid plus bias, 8 groups of which 4 are kept, top-8, normalised and scaled by 2.5), at
+decode batch sizes, each replayed from a CUDA graph as the engine replays its decode step:
+
+- "reference, eager": coscale.kernels.router.route_torch (the math of Gate: casts, an FP32 GEMM, the
+  score function, torch.topk, a gather, the normalisation), about ten kernels;
+- "reference, compiled": the same through torch.compile, as it runs inside the compiled decode step
+  (Inductor fuses the element-wise work; the GEMM and the top-k stay library kernels);
+- "fused": coscale.kernels.router.route, two Triton kernels.
+
+Columns: microseconds per call, the speed-up over the compiled reference, the gate weights' bytes as a
+per cent of the H200's copy bandwidth (4.25 TB/s; at these sizes every variant is bound by launches
+and latency, not bandwidth), and agreement with the reference (picks equal, largest weight difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+
+import torch
+
+# isort: off
+# first: --smoke sets TRITON_INTERPRET before coscale's kernels decorate
+from gpu_timing import SMOKE, device, graph_ms
+# isort: on
+
+from coscale.kernels.router import route, route_torch
+from results_log import ResultsLog
+
+COPY_TBPS = 4.25  # H200, measured (shared/reference/measuring.md)
+# name: (experts, hidden, top-k, groups, kept groups, rank_by, scoring, normalise, scale, bias)
+ROUTERS = {
+    "v2-lite": (64, 2048, 6, 1, 1, "max", "softmax", False, 1.0, False),
+    "v3": (256, 7168, 8, 8, 4, "top2_sum", "sigmoid", True, 2.5, True),
+}
+SMOKE_ROUTER = (16, 128, 4, 4, 2, "top2_sum", "sigmoid", True, 2.5, True)
+DTYPE = torch.float32 if SMOKE else torch.bfloat16  # the interpreter's tl.dot mishandles bf16 operands
+
+
+def run_case(name: str, router, T: int, gen, dev) -> list[dict]:
+    E, H, K, G, TG, rank_by, scoring, normalize, scale, has_bias = router
+    x = torch.randn(T, H, generator=gen).to(dev, DTYPE)
+    w = (torch.randn(E, H, generator=gen) / H**0.5).to(dev, DTYPE)
+    b = (torch.randn(E, generator=gen) * 0.05).to(dev) if has_bias else None
+    args = (K, G, TG, rank_by == "top2_sum", scoring == "sigmoid", normalize, scale)
+    ref_idx, ref_g, _ = route_torch(x, w, b, *args)
+
+    def reference():
+        return route_torch(x, w, b, *args)[:2]
+
+    compiled = reference if SMOKE else torch.compile(reference)
+
+    def fused():
+        return route(x, w, b, top_k=K, n_group=G, topk_group=TG, rank_by=rank_by, scoring=scoring,
+                     normalize=normalize, scale=scale)
+
+    nbytes = w.numel() * w.element_size() + x.numel() * x.element_size()
+    rows = []
+    for variant, fn in (("reference, eager", reference), ("reference, compiled", compiled), ("fused", fused)):
+        entry = dict(router=name, tokens=T, variant=variant)
+        try:
+            idx, g = fn()
+            same = torch.equal(idx.sort(1).values, ref_idx.sort(1).values)
+            diff = (g.sort(1).values - ref_g.sort(1).values).abs().max()
+            entry.update(picks_equal=same, max_weight_diff=float(diff) if same else None)
+            entry["us"] = graph_ms(fn) * 1e3
+            entry["pct_of_copy"] = 100 * nbytes / (entry["us"] * 1e-6) / (COPY_TBPS * 1e12)
+        except Exception as exc:  # one failing variant must not end the run
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(entry)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()}), flush=True)
+    base = next((r.get("us") for r in rows if r["variant"] == "reference, compiled"), None)
+    for r in rows:
+        if base and r.get("us"):
+            r["speedup_vs_compiled"] = base / r["us"]
+    return rows
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"\n{'router':8} {'T':>5}  {'variant':22} {'us':>8} {'x compiled':>10} {'% copy':>7} {'picks':>6} "
+          f"{'max dw':>8}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['router']:8} {r['tokens']:5d}  {r['variant']:22} ERROR {r['error']}")
+            continue
+        dw = f"{r['max_weight_diff']:.1e}" if r.get("max_weight_diff") is not None else "-"
+        print(f"{r['router']:8} {r['tokens']:5d}  {r['variant']:22} {r['us']:8.2f} "
+              f"{r.get('speedup_vs_compiled', 0):10.2f} {r['pct_of_copy']:7.1f} "
+              f"{'same' if r['picks_equal'] else 'DIFF':>6} {dw:>8}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="batches 1, 16 and 128 (under a minute)")
+    parser.add_argument("--tokens", type=int, nargs="+", metavar="T", help="batch sizes (default 1 16 64 128 512)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks the script")
+    args = parser.parse_args()
+    if args.tokens is not None and min(args.tokens) < 1:
+        parser.error("--tokens: batch sizes must be >= 1")
+    dev = device()
+    gen = torch.Generator().manual_seed(args.seed)
+    tokens = args.tokens or ([1, 16, 128] if args.quick else [1, 16, 64, 128, 512])
+    cases = [("smoke", SMOKE_ROUTER, t) for t in (args.tokens or [1, 20])] if SMOKE else \
+        [(name, router, t) for name, router in ROUTERS.items() for t in tokens]
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
+            "copy_tbps": COPY_TBPS, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
+    print(json.dumps(meta), flush=True)
+    log = None if SMOKE else ResultsLog("bench_router")
+    results: list[dict] = []
+    for name, router, T in cases:
+        results += run_case(name, router, T, gen, dev)
+        if log is not None:
+            log.save(meta=meta, results=results)
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()
