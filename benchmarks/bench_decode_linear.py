@@ -19,20 +19,15 @@ o_proj, shared gate, up and down, plus the dense first layer and the head), what
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-
 import torch
 import torch.nn.functional as F
 
 # isort: off
 # first: --smoke sets TRITON_INTERPRET before coscale's kernels decorate
-from gpu_timing import SMOKE, device, graph_ms
+from gpu_timing import SMOKE, decode_bench_args, run_cases, time_variant
 # isort: on
 
 from coscale.kernels.decode_linear import decode_linear
-from results_log import ResultsLog
 
 COPY_TBPS = 4.25  # H200, measured (shared/reference/measuring.md)
 # model: [(layer, in_features, out_features, count per decode step)]
@@ -56,17 +51,12 @@ def run_case(model: str, layer, M: int, gen, dev) -> list[dict]:
     rows = []
     for variant, fn in (("cublas", lambda: F.linear(x, w)),
                         ("decode_linear", lambda: decode_linear(x, w, backend="triton"))):
-        entry = dict(model=model, layer=name, M=M, K=K, N=N, count=count, variant=variant)
-        try:
-            out = fn()
+        def check(out):
             diff = (out.float() - ref.float()).abs().max()
-            entry["rel_diff"] = float(diff / ref.float().abs().max().clamp_min(1e-30))
-            entry["us"] = graph_ms(fn) * 1e3
-            entry["pct_of_copy"] = 100 * nbytes / (entry["us"] * 1e-6) / (COPY_TBPS * 1e12)
-        except Exception as exc:  # one failing variant must not end the run
-            entry["error"] = f"{type(exc).__name__}: {exc}"
-        rows.append(entry)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()}), flush=True)
+            return dict(rel_diff=float(diff / ref.float().abs().max().clamp_min(1e-30)))
+
+        entry = dict(model=model, layer=name, M=M, K=K, N=N, count=count, variant=variant)
+        rows.append(time_variant(entry, fn, check, nbytes, COPY_TBPS))
     if all("us" in r for r in rows):
         rows[1]["speedup"] = rows[0]["us"] / rows[1]["us"]
     return rows
@@ -95,31 +85,17 @@ def print_table(results: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="V2-Lite at 1, 16 and 32 rows (under a minute)")
-    parser.add_argument("--rows", type=int, nargs="+", metavar="M", help="decode batch sizes (default 1 16 32 64)")
-    parser.add_argument("--models", nargs="+", choices=sorted(LAYERS), help="default: both (--quick: v2-lite)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks the script")
-    args = parser.parse_args()
-    if args.rows is not None and min(args.rows) < 1:
-        parser.error("--rows: batch sizes must be >= 1")
-    dev = device()
-    gen = torch.Generator().manual_seed(args.seed)
+    def more(parser):
+        parser.add_argument("--models", nargs="+", choices=sorted(LAYERS), help="default: both (--quick: v2-lite)")
+
+    args, dev, gen = decode_bench_args(__doc__, "V2-Lite at 1, 16 and 32 rows (under a minute)", "rows",
+                                       "decode batch sizes (default 1 16 32 64)", more)
     rows = args.rows or ([1, 16, 32] if args.quick else [1, 16, 32, 64])
     models = args.models or (["v2-lite"] if args.quick else sorted(LAYERS))
     cases = [("smoke", layer, m) for layer in SMOKE_LAYERS for m in (args.rows or [1, 5])] if SMOKE else \
         [(model, layer, m) for model in models for m in rows for layer in LAYERS[model]]
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
-            "copy_tbps": COPY_TBPS, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
-    print(json.dumps(meta), flush=True)
-    log = None if SMOKE else ResultsLog("bench_decode_linear")
-    results: list[dict] = []
-    for model, layer, M in cases:
-        results += run_case(model, layer, M, gen, dev)
-        if log is not None:
-            log.save(meta=meta, results=results)
-    print_table(results)
+    run_cases("bench_decode_linear", cases, lambda *c: run_case(*c, gen, dev), print_table, dev,
+              args.quick, COPY_TBPS)
 
 
 if __name__ == "__main__":

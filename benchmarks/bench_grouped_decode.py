@@ -24,22 +24,19 @@ the table gives them as a per cent of the H200's measured copy bandwidth (4.25 T
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 
 import torch
 
 # isort: off
 # first: --smoke sets TRITON_INTERPRET before coscale's kernels decorate
-from gpu_timing import SMOKE, device, graph_ms
+from gpu_timing import SMOKE, decode_bench_args, graph_ms, run_cases
 # isort: on
 
 from coscale.fp8 import FP8WeightCache
 from coscale.kernels.grouped_gemm import grouped_mm
 from coscale.kernels.moe import grouped_experts_forward
 from coscale.kernels.permute import permute_tokens
-from results_log import ResultsLog
 
 COPY_TBPS = 4.25  # H200, measured (shared/reference/measuring.md)
 SHAPES = {  # name: (experts, hidden, expert intermediate, top-k)
@@ -122,33 +119,19 @@ def print_table(results: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="V2-Lite at 1 / 16 / 64 tokens, V3 at 16 (about a minute)")
-    parser.add_argument("--tokens", type=int, nargs="+", metavar="T", help="decode batch sizes (default 1 16 64 128)")
-    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="default: both")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks the script")
-    args = parser.parse_args()
-    if args.tokens is not None and min(args.tokens) < 1:
-        parser.error("--tokens: batch sizes must be >= 1")
-    dev = device()
-    gen = torch.Generator().manual_seed(args.seed)
+    def more(parser):
+        parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="default: both")
+
+    args, dev, gen = decode_bench_args(__doc__, "V2-Lite at 1 / 16 / 64 tokens, V3 at 16 (about a minute)", "tokens",
+                                       "decode batch sizes (default 1 16 64 128)", more)
     if SMOKE:
         cases = [("smoke", SMOKE_SHAPE, t) for t in (args.tokens or [1, 4])]
     elif args.quick and args.tokens is None and args.shapes is None:
         cases = [("v2-lite", SHAPES["v2-lite"], t) for t in (1, 16, 64)] + [("v3", SHAPES["v3"], 16)]
     else:
         cases = [(s, SHAPES[s], t) for s in (args.shapes or sorted(SHAPES)) for t in (args.tokens or [1, 16, 64, 128])]
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
-            "copy_tbps": COPY_TBPS, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
-    print(json.dumps(meta), flush=True)
-    log = None if SMOKE else ResultsLog("bench_grouped_decode")
-    results: list[dict] = []
-    for name, shape, T in cases:
-        results += run_case(name, shape, T, args, gen, dev)
-        if log is not None:
-            log.save(meta=meta, results=results)  # partial results survive a lease that ends mid-run
-    print_table(results)
+    run_cases("bench_grouped_decode", cases, lambda *c: run_case(*c, args, gen, dev), print_table, dev,
+              args.quick, COPY_TBPS)
 
 
 if __name__ == "__main__":

@@ -21,19 +21,14 @@ and latency, not bandwidth), and agreement with the reference (picks equal, larg
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-
 import torch
 
 # isort: off
 # first: --smoke sets TRITON_INTERPRET before coscale's kernels decorate
-from gpu_timing import SMOKE, device, graph_ms
+from gpu_timing import SMOKE, decode_bench_args, run_cases, time_variant
 # isort: on
 
 from coscale.kernels.router import route, route_torch
-from results_log import ResultsLog
 
 COPY_TBPS = 4.25  # H200, measured (shared/reference/measuring.md)
 # name: (experts, hidden, top-k, groups, kept groups, rank_by, scoring, normalise, scale, bias)
@@ -63,20 +58,16 @@ def run_case(name: str, router, T: int, gen, dev) -> list[dict]:
                      normalize=normalize, scale=scale)
 
     nbytes = w.numel() * w.element_size() + x.numel() * x.element_size()
+
+    def check(out):
+        idx, g = out
+        same = torch.equal(idx.sort(1).values, ref_idx.sort(1).values)
+        diff = (g.sort(1).values - ref_g.sort(1).values).abs().max()
+        return dict(picks_equal=same, max_weight_diff=float(diff) if same else None)
+
     rows = []
     for variant, fn in (("reference, eager", reference), ("reference, compiled", compiled), ("fused", fused)):
-        entry = dict(router=name, tokens=T, variant=variant)
-        try:
-            idx, g = fn()
-            same = torch.equal(idx.sort(1).values, ref_idx.sort(1).values)
-            diff = (g.sort(1).values - ref_g.sort(1).values).abs().max()
-            entry.update(picks_equal=same, max_weight_diff=float(diff) if same else None)
-            entry["us"] = graph_ms(fn) * 1e3
-            entry["pct_of_copy"] = 100 * nbytes / (entry["us"] * 1e-6) / (COPY_TBPS * 1e12)
-        except Exception as exc:  # one failing variant must not end the run
-            entry["error"] = f"{type(exc).__name__}: {exc}"
-        rows.append(entry)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()}), flush=True)
+        rows.append(time_variant(dict(router=name, tokens=T, variant=variant), fn, check, nbytes, COPY_TBPS))
     base = next((r.get("us") for r in rows if r["variant"] == "reference, compiled"), None)
     for r in rows:
         if base and r.get("us"):
@@ -98,29 +89,13 @@ def print_table(results: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="batches 1, 16 and 128 (under a minute)")
-    parser.add_argument("--tokens", type=int, nargs="+", metavar="T", help="batch sizes (default 1 16 64 128 512)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks the script")
-    args = parser.parse_args()
-    if args.tokens is not None and min(args.tokens) < 1:
-        parser.error("--tokens: batch sizes must be >= 1")
-    dev = device()
-    gen = torch.Generator().manual_seed(args.seed)
+    args, dev, gen = decode_bench_args(__doc__, "batches 1, 16 and 128 (under a minute)", "tokens",
+                                       "batch sizes (default 1 16 64 128 512)")
     tokens = args.tokens or ([1, 16, 128] if args.quick else [1, 16, 64, 128, 512])
     cases = [("smoke", SMOKE_ROUTER, t) for t in (args.tokens or [1, 20])] if SMOKE else \
         [(name, router, t) for name, router in ROUTERS.items() for t in tokens]
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
-            "copy_tbps": COPY_TBPS, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
-    print(json.dumps(meta), flush=True)
-    log = None if SMOKE else ResultsLog("bench_router")
-    results: list[dict] = []
-    for name, router, T in cases:
-        results += run_case(name, router, T, gen, dev)
-        if log is not None:
-            log.save(meta=meta, results=results)
-    print_table(results)
+    run_cases("bench_router", cases, lambda *c: run_case(*c, gen, dev), print_table, dev,
+              args.quick, COPY_TBPS)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,60 @@ def copy_bandwidth(dev, nbytes: int = 1 << 30) -> float:
     dst = torch.empty_like(src)
     ms = eager_ms(lambda: dst.copy_(src))
     return 2 * nbytes / ms / 1e9
+
+
+def run_cases(script: str, cases, run_case, print_table, dev, quick: bool, copy_tbps: float) -> list[dict]:
+    """The loop of a kernel benchmark: print the run's conditions, call ``run_case(*case)`` (a list of result
+    rows) for each case, keep every row in benchmarks/results/<script>.jsonl as it comes (partial results
+    survive a lease that ends mid-run; nothing is recorded under --smoke), then ``print_table(rows)``."""
+    import datetime
+    import json
+
+    from results_log import ResultsLog
+
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "quick": quick,
+            "copy_tbps": copy_tbps, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
+    print(json.dumps(meta), flush=True)
+    log = None if SMOKE else ResultsLog(script)
+    results: list[dict] = []
+    for case in cases:
+        results += run_case(*case)
+        if log is not None:
+            log.save(meta=meta, results=results)
+    print_table(results)
+    return results
+
+
+def decode_bench_args(doc: str, quick_help: str, sizes: str, sizes_help: str, more=None):
+    """The command line of a decode-kernel benchmark: --quick, --<sizes> (batch sizes, each >= 1), --seed,
+    --smoke, plus what ``more(parser)`` adds. Returns (args, device, a seeded torch.Generator)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument(f"--{sizes}", type=int, nargs="+", metavar="N", help=sizes_help)
+    if more is not None:
+        more(parser)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks the script")
+    args = parser.parse_args()
+    given = getattr(args, sizes)
+    if given is not None and min(given) < 1:
+        parser.error(f"--{sizes}: batch sizes must be >= 1")
+    return args, device(), torch.Generator().manual_seed(args.seed)
+
+
+def time_variant(entry: dict, fn, check, nbytes: float, copy_tbps: float) -> dict:
+    """One row of a kernel benchmark: ``entry`` updated with ``check(fn())`` (accuracy fields), microseconds
+    per call replayed from a CUDA graph, and ``nbytes`` per call as a per cent of ``copy_tbps``; an error
+    is recorded in the row rather than ending the run. Prints the row as a JSON line."""
+    import json
+
+    try:
+        entry.update(check(fn()))
+        entry["us"] = graph_ms(fn) * 1e3
+        entry["pct_of_copy"] = 100 * nbytes / (entry["us"] * 1e-6) / (copy_tbps * 1e12)
+    except Exception as exc:  # one failing variant must not end the run
+        entry["error"] = f"{type(exc).__name__}: {exc}"
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()}), flush=True)
+    return entry
