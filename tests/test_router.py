@@ -156,11 +156,9 @@ def test_gate_takes_the_fused_router_only_without_gradients_outside_training(pre
     assert scores is not None and fused_scores is None
     normalise = gate.norm_topk_prob and gate.top_k > 1
     scale = gate.routed_scaling_factor if (gate.scale_normalised or not normalise) else None
-    bias = gate.e_score_correction_bias
-    n_group = 1 if gate.topk_method == "greedy" else gate.n_group
-    _check_against_reference(x, gate.weight, bias, gate.top_k, n_group, gate.topk_group if n_group > 1 else 1,
-                             "top2_sum" if gate.topk_method == "noaux_tc" else "max", gate.scoring_func,
-                             normalise, scale, idx, g)
+    n_group, topk_group, rank_by = gate._group_limit()
+    _check_against_reference(x, gate.weight, gate.e_score_correction_bias, gate.top_k, n_group, topk_group,
+                             rank_by, gate.scoring_func, normalise, scale, idx, g)
     assert torch.equal(idx.sort(1).values, ref_idx.sort(1).values)
     torch.testing.assert_close(g.sort(1).values, ref_g.sort(1).values, rtol=2e-6, atol=1e-7)
     # with gradients, or in training, the reference runs (the balance loss reads its scores)

@@ -93,9 +93,15 @@ class Gate(nn.Module):
         choice = scores.detach()
         if self.e_score_correction_bias is not None:
             choice = choice + self.e_score_correction_bias.to(choice.dtype)
-        n_group = 1 if self.topk_method == "greedy" else self.n_group
-        rank_by = "top2_sum" if self.topk_method == "noaux_tc" else "max"
-        return group_limited_topk(choice, self.top_k, n_group, self.topk_group, rank_by)
+        n_group, topk_group, rank_by = self._group_limit()
+        return group_limited_topk(choice, self.top_k, n_group, topk_group, rank_by)
+
+    def _group_limit(self) -> tuple[int, int, str]:
+        """(groups, kept groups, how groups rank): `greedy` ignores groups, V3's `noaux_tc` ranks them by
+        their two best scores, V2's `group_limited_greedy` by the best."""
+        if self.topk_method == "greedy":
+            return 1, 1, "max"
+        return self.n_group, self.topk_group, "top2_sum" if self.topk_method == "noaux_tc" else "max"
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """x [T, H] -> (topk_idx [T, K] int64, topk_weight [T, K] float32, scores [T, E] or None).
@@ -107,12 +113,11 @@ class Gate(nn.Module):
         normalised = self.norm_topk_prob and self.top_k > 1
         scale = self.routed_scaling_factor if (self.scale_normalised or not normalised) else None
         if self._fused(x):
-            n_group = 1 if self.topk_method == "greedy" else self.n_group
+            n_group, topk_group, rank_by = self._group_limit()
             idx, weights = route(
                 x, self.weight, self.e_score_correction_bias, top_k=self.top_k, n_group=n_group,
-                topk_group=self.topk_group if n_group > 1 else 1,
-                rank_by="top2_sum" if self.topk_method == "noaux_tc" else "max", scoring=self.scoring_func,
-                normalize=normalised, scale=scale, backend="auto" if self.backend == "auto" else "triton",
+                topk_group=topk_group, rank_by=rank_by, scoring=self.scoring_func, normalize=normalised,
+                scale=scale, backend="auto" if self.backend == "auto" else "triton",
             )
             return idx, weights, None
         scores = self.scores(x)
