@@ -103,3 +103,22 @@ def test_a_decode_linear_is_nn_linear_with_gradients_and_the_kernel_without(monk
     with torch.no_grad():
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
     assert calls == [{"backend": "triton"}]
+
+
+def test_auto_takes_the_kernel_only_where_it_measured_faster():
+    from coscale.kernels.decode_linear import decode_linear_pays
+    from coscale.kernels.router import fused_router_pays
+
+    def rows(m, dtype=torch.bfloat16):
+        return torch.empty(m, 2048, dtype=dtype, device="meta")
+
+    def weight(n, k=2048):
+        return torch.empty(n, k, dtype=torch.bfloat16, device="meta")
+
+    assert decode_linear_pays(rows(16), weight(102400))  # V2-Lite's head, 420 MB: 1.07x cuBLAS
+    assert not decode_linear_pays(rows(16), weight(3072))  # q_proj, 12.6 MB: 0.82x
+    assert not decode_linear_pays(rows(64), weight(102400))  # past the decode tiles' rows
+    assert not decode_linear_pays(rows(16, torch.float32), weight(102400))
+    assert fused_router_pays(16, 64, 2048)  # V2-Lite's router: 1.37x the compiled reference
+    assert not fused_router_pays(16, 256, 7168)  # V3's: 0.92x
+    assert not fused_router_pays(4096, 64, 2048)  # prefill

@@ -51,9 +51,10 @@ class EngineConfig:
     # Overlapped schedule: launch step N + 1 before reading step N's tokens back (docs/serving.md).
     # None: on for CUDA without speculation (drafts make the next step's shape depend on the last).
     overlap: bool | None = None
-    # "auto": the linear layers and routers take coscale's decode kernels where they apply (a Triton GEMM
-    # that streams the weight at a few rows, the fused router: coscale.infer.layers.use_decode_kernels);
-    # "torch": PyTorch's (cuBLAS, the reference router), for comparison.
+    # "auto": the linear layers and routers take coscale's decode kernels where they measured faster (a
+    # Triton GEMM that streams the largest weights at a few rows, the fused router for routers up to
+    # V2-Lite's size: coscale.infer.layers.use_decode_kernels); "torch": PyTorch's (cuBLAS, the reference
+    # router), for comparison.
     decode_kernels: str = "auto"
 
     def validate(self) -> None:

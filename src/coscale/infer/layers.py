@@ -1,8 +1,9 @@
 """Layers the engine swaps into a model it serves.
 
-- DecodeLinear (`use_decode_kernels`, every engine on CUDA): nn.Linear whose no-gradient forward
-  takes coscale.kernels.decode_linear, a Triton GEMM that streams the weight at decode's few rows; the
-  routers take coscale.kernels.router's fused kernels at the same time.
+- DecodeLinear (`use_decode_kernels`, every engine): nn.Linear whose no-gradient forward goes through
+  coscale.kernels.decode_linear, which streams the largest weights (an output head, V3's o_proj) with a
+  Triton GEMM at decode's few rows and leaves the rest to cuBLAS, where it measured faster; the routers
+  take coscale.kernels.router's fused kernels where those pay.
 
 And those that serve an FP8 checkpoint in FP8, swapped into a plain model by coscale.infer.loading:
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coscale.kernels.decode_linear import decode_linear
+from coscale.kernels.decode_linear import DECODE_LINEAR_MIN_WEIGHT_BYTES, decode_linear
 from coscale.kernels.fp8_gemm import fp8_gemm
 from coscale.kernels.fp8_grouped_gemm import fp8_grouped_mm
 from coscale.kernels.permute import permute_tokens, unpermute_combine
@@ -38,12 +39,15 @@ DECODE_KERNELS = ("auto", "torch")
 
 class DecodeLinear(nn.Linear):
     """nn.Linear with `backend` for its no-gradient forward (coscale.kernels.decode_linear: "auto" takes
-    the Triton GEMM on CUDA at a few rows, "torch" F.linear). With gradients it is nn.Linear."""
+    the Triton GEMM on CUDA where it pays, "torch" F.linear). With gradients it is nn.Linear."""
 
     backend = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plain = self.backend == "torch" or (self.backend == "auto" and not x.is_cuda)
+        # "auto" below the size where the kernel pays calls F.linear itself: the compiled step then holds
+        # the same cuBLAS call as before, not an operator around it
+        small = self.weight.numel() * self.weight.element_size() < DECODE_LINEAR_MIN_WEIGHT_BYTES
+        plain = self.backend == "torch" or (self.backend == "auto" and (not x.is_cuda or small))
         if plain or torch.is_grad_enabled() or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
         return decode_linear(x, self.weight, self.bias, backend=self.backend)

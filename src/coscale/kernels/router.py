@@ -45,13 +45,23 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
-__all__ = ["gate_weights", "group_limited_topk", "route", "route_torch", "ROUTE_FUSED_MAX_TOKENS"]
+__all__ = ["fused_router_pays", "gate_weights", "group_limited_topk", "route", "route_torch"]
 
-# Above this many tokens the reference's one FP32 GEMM reads the gate weights once, where the fused
-# kernels read them once per BLOCK_T tokens; prefill keeps the reference.
+# Where "auto" takes the fused kernels (fused_router_pays). Above ROUTE_FUSED_MAX_TOKENS the reference's one
+# FP32 GEMM reads the gate weights once, where the fused kernels read them once per BLOCK_T tokens, so
+# prefill keeps the reference. Measured at 16 tokens on the H200 (BENCHMARKS.md, run 27), replayed from a
+# CUDA graph: DeepSeek-V2-Lite's router (64 x 2048 weights) 16.9 us against 23.1 us for the compiled
+# reference (1.37x); V3's (256 x 7168) 69.3 against 63.8 us (0.92x: the logits kernel's float32 tl.dot
+# over 3.7 MB of weights is slower than cuBLAS's GEMM), so above ROUTE_FUSED_MAX_WEIGHTS the reference runs.
 ROUTE_FUSED_MAX_TOKENS = 1024
+ROUTE_FUSED_MAX_WEIGHTS = 1 << 20  # experts x hidden
 BLOCK_T = 16  # tl.dot's smallest M
 COLUMNS_PER_PROGRAM = 256  # of H, per logits program: V2-Lite (H 2048) gets S = 8, V3 (H 7168) S = 28
+
+
+def fused_router_pays(tokens: int, experts: int, hidden: int) -> bool:
+    """Whether backend "auto" runs the fused kernels on CUDA for this router and batch (measured above)."""
+    return tokens <= ROUTE_FUSED_MAX_TOKENS and experts * hidden <= ROUTE_FUSED_MAX_WEIGHTS
 
 
 def group_limited_topk(choice: torch.Tensor, top_k: int, n_group: int, topk_group: int,

@@ -27,7 +27,7 @@ from torch import nn
 
 from coscale.config import ModelConfig
 from coscale.kernels.backend import to_autocast_dtype
-from coscale.kernels.router import ROUTE_FUSED_MAX_TOKENS, gate_weights, group_limited_topk, route
+from coscale.kernels.router import fused_router_pays, gate_weights, group_limited_topk, route
 from coscale.model.norm import apply_keeping_float32, upcast
 
 
@@ -106,9 +106,9 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """x [T, H] -> (topk_idx [T, K] int64, topk_weight [T, K] float32, scores [T, E] or None).
 
-        Without gradients and outside training, on CUDA (or with ``backend`` "triton"), up to
-        ROUTE_FUSED_MAX_TOKENS tokens take coscale.kernels.router's two fused kernels, which do not
-        return the scores (None: only the training-time balance loss reads them).
+        Without gradients and outside training, on CUDA where they pay (`fused_router_pays`: decode batches
+        of routers up to V2-Lite's size) or with ``backend`` "triton", coscale.kernels.router's two fused
+        kernels run; they do not return the scores (None: only the training-time balance loss reads them).
         """
         normalised = self.norm_topk_prob and self.top_k > 1
         scale = self.routed_scaling_factor if (self.scale_normalised or not normalised) else None
@@ -132,7 +132,7 @@ class Gate(nn.Module):
     def _fused(self, x: torch.Tensor) -> bool:
         if self.backend == "torch" or self.training or torch.is_grad_enabled():
             return False
-        return self.backend == "triton" or (x.is_cuda and x.shape[0] <= ROUTE_FUSED_MAX_TOKENS)
+        return self.backend == "triton" or (x.is_cuda and fused_router_pays(x.shape[0], *self.weight.shape))
 
 
 def experts_forward_loop(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tensor:
