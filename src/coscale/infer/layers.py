@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coscale.kernels.decode_linear import DECODE_LINEAR_MIN_WEIGHT_BYTES, decode_linear
+from coscale.kernels.decode_linear import decode_linear
 from coscale.kernels.fp8_gemm import fp8_gemm
 from coscale.kernels.fp8_grouped_gemm import fp8_grouped_mm
 from coscale.kernels.permute import permute_tokens, unpermute_combine
 from coscale.kernels.quant import act_quant_1x128
+from coscale.model.moe import Gate
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
@@ -44,11 +45,7 @@ class DecodeLinear(nn.Linear):
     backend = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # "auto" below the size where the kernel pays calls F.linear itself: the compiled step then holds
-        # the same cuBLAS call as before, not an operator around it
-        small = self.weight.numel() * self.weight.element_size() < DECODE_LINEAR_MIN_WEIGHT_BYTES
-        plain = self.backend == "torch" or (self.backend == "auto" and (not x.is_cuda or small))
-        if plain or torch.is_grad_enabled() or x.dtype != self.weight.dtype:
+        if self.backend == "torch" or torch.is_grad_enabled() or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
         return decode_linear(x, self.weight, self.bias, backend=self.backend)
 
@@ -57,8 +54,6 @@ def use_decode_kernels(model: nn.Module, backend: str = "auto") -> int:
     """Point `model`'s linear layers and routers at coscale's decode kernels ("auto", where they apply) or
     at PyTorch's ("torch"). Plain nn.Linear modules become DecodeLinear in place (same parameters, same
     module objects); Gate.backend is set on every router. Returns the number of linear layers switched."""
-    from coscale.model.moe import Gate
-
     if backend not in DECODE_KERNELS:
         raise ValueError(f"decode kernels must be one of {DECODE_KERNELS}, got {backend!r}")
     switched = 0

@@ -29,16 +29,22 @@ from coscale.kernels.backend import check_backend, select_backend
 from coscale.kernels.grouped_gemm import triton_dense_mm
 from coscale.kernels.library import operator
 
-__all__ = ["DECODE_LINEAR_MAX_ROWS", "DECODE_LINEAR_MIN_WEIGHT_BYTES", "decode_linear", "decode_linear_pays"]
+__all__ = ["DECODE_LINEAR_MAX_ROWS", "DECODE_LINEAR_MIN_WEIGHT_BYTES", "decode_linear", "decode_linear_pays",
+           "streams_weight"]
 
 DECODE_LINEAR_MAX_ROWS = 32  # the grouped kernel's decode tiles serve up to 32 rows (its autotune pruning)
 DECODE_LINEAR_MIN_WEIGHT_BYTES = 128 << 20  # measured faster than cuBLAS from 235 MB, slower up to 75 MB
 
 
+def streams_weight(weight: torch.Tensor) -> bool:
+    """Whether the weight is large enough for the kernel to beat cuBLAS (DECODE_LINEAR_MIN_WEIGHT_BYTES)."""
+    return weight.numel() * weight.element_size() >= DECODE_LINEAR_MIN_WEIGHT_BYTES
+
+
 def decode_linear_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether backend "auto" takes the Triton kernel for these CUDA operands (module docstring)."""
     return (x.shape[0] <= DECODE_LINEAR_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.numel() * weight.element_size() >= DECODE_LINEAR_MIN_WEIGHT_BYTES)
+            and streams_weight(weight))
 
 
 def _fake(x, weight, backend):
@@ -65,6 +71,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if x.dtype != weight.dtype:
         raise CoscaleError(f"decode_linear operands must share a dtype, got {x.dtype} and {weight.dtype}")
     check_backend(backend, x, op="decode_linear")
+    if backend == "torch" or (backend == "auto" and not (x.is_cuda and streams_weight(weight))):
+        # F.linear itself, not the operator around it: a compiled step keeps its cuBLAS call as it was
+        return F.linear(x, weight, bias)
     y = decode_linear_op(x.reshape(-1, x.shape[-1]), weight, backend)
     if bias is not None:
         y = y + bias

@@ -11,7 +11,7 @@ The math (DeepSeek-V3 report section 2.1.2; coscale.model.moe.Gate is its module
     idx    = top-K of choice among the kept groups, in descending order
     g      = s[idx], divided by its sum over the K picks when normalising, times the routing scale.
 
-`route_torch` states it in PyTorch (the reference; the training path of Gate uses its pieces). At decode
+`route_torch` states it in PyTorch (the reference, and what Gate runs while training). At decode
 that reference is about ten kernels per MoE layer (two casts, an FP32 GEMM, softmax or sigmoid, two top-k
 kernels, a gather, the normalisation) for a few hundred kilobytes of weights, each a few microseconds of
 launch-bound time (BENCHMARKS.md, run 25's decode profile). The Triton path is two kernels:
@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
-__all__ = ["fused_router_pays", "gate_weights", "group_limited_topk", "route", "route_torch"]
+__all__ = ["fused_router_pays", "gate_scores", "gate_weights", "group_limited_topk", "route", "route_torch"]
 
 # Where "auto" takes the fused kernels (fused_router_pays). Above ROUTE_FUSED_MAX_TOKENS the reference's one
 # FP32 GEMM reads the gate weights once, where the fused kernels read them once per BLOCK_T tokens, so
@@ -95,11 +95,18 @@ def gate_weights(scores: torch.Tensor, topk_idx: torch.Tensor, normalize: bool, 
     return weights
 
 
+def gate_scores(x: torch.Tensor, weight: torch.Tensor, sigmoid: bool) -> torch.Tensor:
+    """Affinity scores s [T, E] = sigmoid or softmax of x W^T, in float32 (float64 for float64 inputs)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    logits = torch.nn.functional.linear(x.to(dtype), weight.to(dtype))
+    return logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
+
+
 def route_torch(x, weight, bias, top_k, n_group, topk_group, top2, sigmoid, normalize, scale):
-    """The reference: (idx [T, K] int64, g [T, K] float32, scores [T, E] float32). `scale` None: none."""
-    logits = torch.nn.functional.linear(x.float(), weight.float())
-    scores = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
-    choice = scores if bias is None else scores + bias.float()
+    """The reference: (idx [T, K] int64, g [T, K], scores [T, E]), float32 (float64 for float64 inputs);
+    differentiable in x and weight through g and the scores. `scale` None: none."""
+    scores = gate_scores(x, weight, sigmoid)
+    choice = scores.detach() if bias is None else scores.detach() + bias.to(scores.dtype)
     idx = group_limited_topk(choice, top_k, n_group, topk_group, "top2_sum" if top2 else "max")
     return idx, gate_weights(scores, idx, normalize, scale), scores
 

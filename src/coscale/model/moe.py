@@ -27,8 +27,8 @@ from torch import nn
 
 from coscale.config import ModelConfig
 from coscale.kernels.backend import to_autocast_dtype
-from coscale.kernels.router import fused_router_pays, gate_weights, group_limited_topk, route
-from coscale.model.norm import apply_keeping_float32, upcast
+from coscale.kernels.router import fused_router_pays, gate_scores, route, route_torch
+from coscale.model.norm import apply_keeping_float32
 
 
 class MLP(nn.Module):
@@ -81,20 +81,8 @@ class Gate(nn.Module):
         return self
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Affinity scores s [T, E] in float32."""
-        x = upcast(x)
-        logits = F.linear(x, self.weight.to(x.dtype))
-        if self.scoring_func == "sigmoid":
-            return logits.sigmoid()
-        return logits.softmax(dim=-1)
-
-    def select(self, scores: torch.Tensor) -> torch.Tensor:
-        """Indices [T, K] of the chosen experts (the bias and the group limit act here only)."""
-        choice = scores.detach()
-        if self.e_score_correction_bias is not None:
-            choice = choice + self.e_score_correction_bias.to(choice.dtype)
-        n_group, topk_group, rank_by = self._group_limit()
-        return group_limited_topk(choice, self.top_k, n_group, topk_group, rank_by)
+        """Affinity scores s [T, E] in float32 (float64 for float64 inputs)."""
+        return gate_scores(x, self.weight, self.scoring_func == "sigmoid")
 
     def _group_limit(self) -> tuple[int, int, str]:
         """(groups, kept groups, how groups rank): `greedy` ignores groups, V3's `noaux_tc` ranks them by
@@ -112,17 +100,18 @@ class Gate(nn.Module):
         """
         normalised = self.norm_topk_prob and self.top_k > 1
         scale = self.routed_scaling_factor if (self.scale_normalised or not normalised) else None
+        n_group, topk_group, rank_by = self._group_limit()
         if self._fused(x):
-            n_group, topk_group, rank_by = self._group_limit()
             idx, weights = route(
                 x, self.weight, self.e_score_correction_bias, top_k=self.top_k, n_group=n_group,
                 topk_group=topk_group, rank_by=rank_by, scoring=self.scoring_func, normalize=normalised,
                 scale=scale, backend="auto" if self.backend == "auto" else "triton",
             )
             return idx, weights, None
-        scores = self.scores(x)
-        topk_idx = self.select(scores)
-        weights = gate_weights(scores, topk_idx, normalised, scale)
+        topk_idx, weights, scores = route_torch(
+            x, self.weight, self.e_score_correction_bias, self.top_k, n_group, topk_group, rank_by == "top2_sum",
+            self.scoring_func == "sigmoid", normalised, scale,
+        )
         if self.training:
             with torch.no_grad():  # a scatter-add, not bincount: bincount sizes its output on the host
                 flat = topk_idx.flatten()

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from coscale.errors import ConfigError
-from coscale.model.moe import group_limited_topk
+from coscale.kernels.router import group_limited_topk
 
 # ---- the gate side: at most M nodes per token -------------------------------------------------------
 
