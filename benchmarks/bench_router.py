@@ -12,7 +12,9 @@ decode batch sizes, each replayed from a CUDA graph as the engine replays its de
   score function, torch.topk, a gather, the normalisation), about ten kernels;
 - "reference, compiled": the same through torch.compile, as it runs inside the compiled decode step
   (Inductor fuses the element-wise work; the GEMM and the top-k stay library kernels);
-- "fused": coscale.kernels.router.route, two Triton kernels.
+- "fused": coscale.kernels.router.route, two Triton kernels;
+- "fused, N columns": the same with another slice of H per logits program (COLUMNS_PER_PROGRAM is the
+  default): more programs each reading less, against fewer partial sums for the select kernel.
 
 Columns: microseconds per call, the speed-up over the compiled reference, the gate weights' bytes as a
 per cent of the H200's copy bandwidth (4.25 TB/s; at these sizes every variant is bound by launches
@@ -28,7 +30,7 @@ import torch
 from gpu_timing import SMOKE, decode_bench_args, run_cases, time_variant
 # isort: on
 
-from coscale.kernels.router import route, route_torch
+from coscale.kernels.router import COLUMNS_PER_PROGRAM, route, route_torch, route_triton
 
 COPY_TBPS = 4.25  # H200, measured (shared/reference/measuring.md)
 # name: (experts, hidden, top-k, groups, kept groups, rank_by, scoring, normalise, scale, bias)
@@ -37,6 +39,7 @@ ROUTERS = {
     "v3": (256, 7168, 8, 8, 4, "top2_sum", "sigmoid", True, 2.5, True),
 }
 SMOKE_ROUTER = (16, 128, 4, 4, 2, "top2_sum", "sigmoid", True, 2.5, True)
+SWEEP_COLUMNS = (64, 128, 256, 512)  # of H per logits program
 DTYPE = torch.float32 if SMOKE else torch.bfloat16  # the interpreter's tl.dot mishandles bf16 operands
 
 
@@ -65,8 +68,13 @@ def run_case(name: str, router, T: int, gen, dev) -> list[dict]:
         diff = (g.sort(1).values - ref_g.sort(1).values).abs().max()
         return dict(picks_equal=same, max_weight_diff=float(diff) if same else None)
 
+    def fused_columns(columns):  # the logits kernel with another slice of H per program
+        return lambda: route_triton(x, w, b, *args, columns=columns)
+
+    variants = [("reference, eager", reference), ("reference, compiled", compiled), ("fused", fused)]
+    variants += [(f"fused, {c} columns", fused_columns(c)) for c in SWEEP_COLUMNS if c != COLUMNS_PER_PROGRAM]
     rows = []
-    for variant, fn in (("reference, eager", reference), ("reference, compiled", compiled), ("fused", fused)):
+    for variant, fn in variants:
         rows.append(time_variant(dict(router=name, tokens=T, variant=variant), fn, check, nbytes, COPY_TBPS))
     base = next((r.get("us") for r in rows if r["variant"] == "reference, compiled"), None)
     for r in rows:
@@ -76,14 +84,14 @@ def run_case(name: str, router, T: int, gen, dev) -> list[dict]:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'router':8} {'T':>5}  {'variant':22} {'us':>8} {'x compiled':>10} {'% copy':>7} {'picks':>6} "
+    print(f"\n{'router':8} {'T':>5}  {'variant':24} {'us':>8} {'x compiled':>10} {'% copy':>7} {'picks':>6} "
           f"{'max dw':>8}")
     for r in results:
         if "error" in r:
-            print(f"{r['router']:8} {r['tokens']:5d}  {r['variant']:22} ERROR {r['error']}")
+            print(f"{r['router']:8} {r['tokens']:5d}  {r['variant']:24} ERROR {r['error']}")
             continue
         dw = f"{r['max_weight_diff']:.1e}" if r.get("max_weight_diff") is not None else "-"
-        print(f"{r['router']:8} {r['tokens']:5d}  {r['variant']:22} {r['us']:8.2f} "
+        print(f"{r['router']:8} {r['tokens']:5d}  {r['variant']:24} {r['us']:8.2f} "
               f"{r.get('speedup_vs_compiled', 0):10.2f} {r['pct_of_copy']:7.1f} "
               f"{'same' if r['picks_equal'] else 'DIFF':>6} {dw:>8}")
 

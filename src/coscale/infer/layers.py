@@ -29,7 +29,7 @@ from coscale.kernels.fp8_gemm import fp8_gemm
 from coscale.kernels.fp8_grouped_gemm import fp8_grouped_mm
 from coscale.kernels.permute import permute_tokens, unpermute_combine
 from coscale.kernels.quant import act_quant_1x128
-from coscale.model.moe import Gate
+from coscale.model.moe import Gate, GroupedExperts
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
@@ -53,7 +53,8 @@ class DecodeLinear(nn.Linear):
 def use_decode_kernels(model: nn.Module, backend: str = "auto") -> int:
     """Point `model`'s linear layers and routers at coscale's decode kernels ("auto", where they apply) or
     at PyTorch's ("torch"). Plain nn.Linear modules become DecodeLinear in place (same parameters, same
-    module objects); Gate.backend is set on every router. Returns the number of linear layers switched."""
+    module objects); Gate.backend is set on every router and GroupedExperts.decode_backend on every
+    layer of routed experts (coscale.kernels.moe_decode). Returns the number of linear layers switched."""
     if backend not in DECODE_KERNELS:
         raise ValueError(f"decode kernels must be one of {DECODE_KERNELS}, got {backend!r}")
     switched = 0
@@ -65,6 +66,8 @@ def use_decode_kernels(model: nn.Module, backend: str = "auto") -> int:
             switched += 1
         elif isinstance(module, Gate):
             module.backend = backend
+        elif isinstance(module, GroupedExperts):
+            module.decode_backend = backend
     return switched
 
 

@@ -17,13 +17,15 @@ kernels, a gather, the normalisation) for a few hundred kilobytes of weights, ea
 launch-bound time (BENCHMARKS.md, run 25's decode profile). The Triton path is two kernels:
 
 - `_route_logits_kernel`: grid (T/BLOCK_T, S); each program multiplies BLOCK_T tokens by one 1/S slice of
-  W's columns in float32 and writes its partial logits [S, T, E]. Splitting H spreads the weight read
+  W's columns and writes its partial logits [S, T, E] in float32. Splitting H spreads the weight read
   over S programs (one program reading all of V3's 3.7 MB of gate weights would take longer than the
   GEMM it replaces).
 - `_route_select_kernel`: grid (T/BLOCK_T,); sums the S partials in a fixed order (so the result is the
   same run to run), then scores, group limit, top-K and weights in registers.
 
-Both products and sums are float32 (bf16 inputs are exact in float32); the result differs from the
+Products are exact and sums float32: x and W of one 16-bit dtype go to the tensor cores as they are (a
+product of two bf16 or fp16 numbers is exact in their float32 accumulator), any other pair is multiplied
+in float32 ("ieee", no TF32); the result differs from the
 reference only by the order of the float32 sums, so a pick can differ only where two experts' choice
 scores are within rounding of each other. NaN scores are picked first, as torch.topk does, so a NaN
 reaches the output instead of being routed around. Ties (an all-zero padding row) pick the lowest
@@ -35,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from coscale.errors import CoscaleError
-from coscale.kernels.backend import check_backend
+from coscale.kernels.backend import check_backend, interpreting
 from coscale.kernels.library import launcher, operator, runs_triton
 
 try:
@@ -117,6 +119,7 @@ if triton is not None:
     def _route_logits_kernel(
         x_ptr, w_ptr, out_part_ptr, T, H, stride_x, stride_w, cols_per_split,
         E: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+        DOT_FP32: tl.constexpr,
     ):
         pid_t, split = tl.program_id(0), tl.program_id(1)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -128,10 +131,13 @@ if triton is not None:
             cols = h0 + tl.arange(0, BLOCK_H)
             col_ok = cols < H
             xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :],
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             wt = tl.load(w_ptr + lanes[None, :].to(tl.int64) * stride_w + cols[:, None],
-                         mask=lane_ok[None, :] & col_ok[:, None], other=0.0).to(tl.float32)
-            acc += tl.dot(xt, wt, input_precision="ieee")
+                         mask=lane_ok[None, :] & col_ok[:, None], other=0.0)
+            if DOT_FP32:
+                acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+            else:  # two 16-bit operands of one dtype: the tensor cores' products are exact, sums float32
+                acc += tl.dot(xt, wt)
         out = out_part_ptr + (split * T + rows[:, None]).to(tl.int64) * E_POW2 + lanes[None, :]
         tl.store(out, acc, mask=row_ok[:, None])
 
@@ -204,12 +210,16 @@ if triton is not None:
         tl.store(out_g_ptr + out, weight, mask=ok)
 
 
-def route_triton(x, weight, bias, top_k, n_group, topk_group, top2, sigmoid, normalize, scale):
+def route_triton(x, weight, bias, top_k, n_group, topk_group, top2, sigmoid, normalize, scale,
+                 columns: int = COLUMNS_PER_PROGRAM):
+    """`columns`: of H per logits program (benchmarks/bench_router.py compares a few)."""
     T, H = x.shape
     E = weight.shape[0]
     e_pow2 = triton.next_power_of_2(E)
-    block_h = 64 if e_pow2 <= 128 else 32  # keeps the [BLOCK_H, E] weight tile at 8K elements
-    cols = triton.cdiv(min(COLUMNS_PER_PROGRAM, H), block_h) * block_h
+    dot_fp32 = interpreting() or x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float16)
+    # the [BLOCK_H, E] weight tile: 8K float32 or 16K 16-bit elements at most
+    block_h = min(triton.next_power_of_2(columns), max(16, (8192 if dot_fp32 else 16384) // e_pow2))
+    cols = triton.cdiv(min(columns, H), block_h) * block_h
     splits = triton.cdiv(H, cols)
     idx = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
     g = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
@@ -218,7 +228,7 @@ def route_triton(x, weight, bias, top_k, n_group, topk_group, top2, sigmoid, nor
     partial = torch.empty(splits, T, e_pow2, dtype=torch.float32, device=x.device)
     launcher(_route_logits_kernel)[(triton.cdiv(T, BLOCK_T), splits)](
         x, weight, partial, T, H, x.stride(0), weight.stride(0), cols,
-        E=E, E_POW2=e_pow2, BLOCK_T=BLOCK_T, BLOCK_H=block_h,
+        E=E, E_POW2=e_pow2, BLOCK_T=BLOCK_T, BLOCK_H=block_h, DOT_FP32=dot_fp32,
     )
     launcher(_route_select_kernel)[(triton.cdiv(T, BLOCK_T),)](
         partial, bias if bias is not None else partial, idx, g,  # partial: an unread stand-in

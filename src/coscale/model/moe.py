@@ -27,6 +27,7 @@ from torch import nn
 
 from coscale.config import ModelConfig
 from coscale.kernels.backend import to_autocast_dtype
+from coscale.kernels.moe_decode import moe_decode, moe_decode_pays
 from coscale.kernels.router import fused_router_pays, gate_scores, route, route_torch
 from coscale.model.norm import apply_keeping_float32
 
@@ -166,13 +167,17 @@ class GroupedExperts(nn.Module):
         self.impl = "auto"
         self.precision = "bf16"
         self.fp8_weight_cache = False
+        self.decode_backend = "auto"
 
     IMPLS = ("auto", "loop", "grouped")
     PRECISIONS = ("bf16", "fp8")
+    DECODE_BACKENDS = ("auto", "triton", "torch")
 
     def __setattr__(self, name, value):
         if name == "impl" and value not in self.IMPLS:
             raise ValueError(f"GroupedExperts.impl must be one of {self.IMPLS}, got {value!r}")
+        if name == "decode_backend" and value not in self.DECODE_BACKENDS:
+            raise ValueError(f"GroupedExperts.decode_backend must be one of {self.DECODE_BACKENDS}, got {value!r}")
         if name == "precision" and value not in self.PRECISIONS:
             raise ValueError(f"GroupedExperts.precision must be one of {self.PRECISIONS}, got {value!r}")
         if name == "fp8_weight_cache":  # True -> an FP8WeightCache this module owns, False -> None
@@ -189,6 +194,9 @@ class GroupedExperts(nn.Module):
         return self.run_kernels(to_autocast_dtype(x), topk_idx, topk_weight)
 
     def run_kernels(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        if self._decode_kernels(x):
+            return moe_decode(x, topk_idx, topk_weight, self.w_gate, self.w_up, self.w_down,
+                              backend="auto" if self.decode_backend == "auto" else "triton")
         use_grouped = self.precision == "fp8" or self.impl == "grouped" or (
             self.impl == "auto" and x.is_cuda
         )
@@ -201,6 +209,14 @@ class GroupedExperts(nn.Module):
             x, topk_idx, topk_weight, self.w_gate, self.w_up, self.w_down, precision=self.precision,
             fp8_weight_cache=usable_now(self.fp8_weight_cache),
         )
+
+    def _decode_kernels(self, x: torch.Tensor) -> bool:
+        """Whether coscale.kernels.moe_decode runs (no gradients, not training, BF16 weights of x's dtype):
+        with `decode_backend` "triton", or "auto" on CUDA for a decode batch (`moe_decode_pays`)."""
+        if (self.decode_backend == "torch" or self.training or torch.is_grad_enabled() or self.precision != "bf16"
+                or self.w_gate.dtype != x.dtype):
+            return False
+        return self.decode_backend == "triton" or (x.is_cuda and moe_decode_pays(x.shape[0], x.dtype))
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, hidden={self.hidden}, intermediate={self.intermediate}"

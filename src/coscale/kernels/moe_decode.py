@@ -1,0 +1,242 @@
+"""The routed experts of a decode step in three kernels, without permuting tokens.
+
+Shape legend: T tokens (a decode batch: at most a few dozen), K experts per token, E routed experts,
+H hidden, I expert intermediate, S expert splits of the down projection.
+
+    x [T, H], topk_idx [T, K], topk_weight [T, K]
+      -> _moe_gate_up_kernel   act[e, t] = silu(x_t W_gate[e]^T) * (x_t W_up[e]^T)     [E, T, I]
+      -> _moe_down_kernel      part[s, t] = sum over e of split s routed by t:
+                                            topk_weight[t, e] * act[e, t] W_down[e]^T   [S, T, H] float32
+      -> part.sum(0)           out [T, H]
+
+At decode an expert has a row or two, and coscale.kernels.moe's general path spends most of its kernels
+moving those rows: a sort, counts, a prefix sum, a gather, a scatter back, SwiGLU on its own, and gate
+and up as two GEMMs; about ten launches of a few microseconds per MoE layer around the GEMMs that stream
+the weights (BENCHMARKS.md, run 27's decode profile). Here every token of a block of BLOCK_T is a row of
+every expert's tile: a program for expert e reads the block's picks, returns at once when no token of the
+block picked e (so an untouched expert's weights are never read), and otherwise multiplies all BLOCK_T
+rows, masking the ones that did not pick e. tl.dot's tiles have 16 rows at least, so at T <= 16 this is
+the work the grouped GEMM's 16-row decode tiles do anyway; at larger T it multiplies rows that are
+thrown away, and past MOE_DECODE_MAX_TOKENS the general path runs ("auto").
+
+The down projection is split over S groups of EXPERTS_PER_SPLIT experts, each program adding its experts'
+weighted outputs in expert order into its own float32 partial: no atomics, so the sum is the same run to
+run, and enough programs to stream the weights (H / BLOCK_N alone would be 32 programs at V2-Lite).
+The caller sums the partials (`moe_decode` returns the sum; under torch.compile Inductor fuses it with
+the shared experts' add that follows).
+
+Rounding follows the general path: gate and up are rounded to the activation dtype before SwiGLU, and
+each expert's output before it is weighted, so the two differ only in the order of float32 sums.
+
+Inference only (no backward). `moe_decode_torch` is the reference, with the same roundings; the tests also
+hold both to coscale.model.moe.experts_forward_loop in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from coscale.errors import CoscaleError
+from coscale.kernels.autotune import power_of_two_bucket, triton_autotune
+from coscale.kernels.backend import check_backend, interpreting, select_backend
+from coscale.kernels.library import operator
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+__all__ = ["MOE_DECODE_MAX_TOKENS", "moe_decode", "moe_decode_pays", "moe_decode_torch"]
+
+MOE_DECODE_MAX_TOKENS = 32  # "auto" takes these kernels up to this many tokens (module docstring)
+EXPERTS_PER_SPLIT = 8
+
+
+def moe_decode_pays(tokens: int, dtype: torch.dtype) -> bool:
+    """Whether "auto" runs these kernels on CUDA for a batch of `tokens` in `dtype`."""
+    return 0 < tokens <= MOE_DECODE_MAX_TOKENS and dtype in (torch.bfloat16, torch.float16)
+
+
+if triton is not None:
+    # BLOCK_N, BLOCK_K, stages, warps: narrow N tiles and deep K steps put enough programs and bytes in
+    # flight to stream the weights, as the grouped GEMM's decode tiles do.
+    _SHAPES = ((64, 128, 4, 4), (32, 256, 4, 4), (64, 256, 3, 4), (128, 128, 4, 4), (32, 128, 5, 4))
+    _CONFIGS = (
+        [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_stages=s, num_warps=w) for n, k, s, w in _SHAPES],
+        triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4),
+    )
+
+    @triton.jit
+    def _picks_of_expert(idx_ptr, g_ptr, T, e, t0, K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_T: tl.constexpr):
+        """(weight [BLOCK_T] float32, picked [BLOCK_T] bool): each token's routing weight for expert e
+        (0 where it did not pick e) and whether it picked e, for tokens t0 .. t0 + BLOCK_T."""
+        toks = t0 + tl.arange(0, BLOCK_T)
+        ks = tl.arange(0, K_POW2)
+        ok = (toks[:, None] < T) & (ks[None, :] < K)
+        where = toks[:, None].to(tl.int64) * K + ks[None, :]
+        hit = tl.load(idx_ptr + where, mask=ok, other=-1) == e
+        weight = tl.sum(tl.where(hit, tl.load(g_ptr + where, mask=ok, other=0.0), 0.0), axis=1)
+        return weight, tl.sum(hit.to(tl.int32), axis=1) > 0
+
+    @triton_autotune(*_CONFIGS, key=["H", "I", "T_BUCKET"], rep_ms=20)
+    @triton.jit
+    def _moe_gate_up_kernel(
+        x_ptr, idx_ptr, g_ptr, wg_ptr, wu_ptr, act_ptr, T, H, I, T_BUCKET,
+        stride_x, stride_we, stride_wi,
+        K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_T: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_n, e, pid_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        t0 = pid_t * BLOCK_T
+        _, picked = _picks_of_expert(idx_ptr, g_ptr, T, e, t0, K, K_POW2, BLOCK_T)
+        if tl.sum(picked.to(tl.int32), axis=0) == 0:
+            return  # no token of this block picked e: its weights are not read
+        rows = t0 + tl.arange(0, BLOCK_T)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        row_ok, col_ok = rows < T, cols < I
+        x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x + ks[None, :]
+        w_off = e.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wi + ks[:, None]  # [BLOCK_K, BLOCK_N]
+        acc_g = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            k_ok = (k0 + ks) < H
+            xt = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w_ok = k_ok[:, None] & col_ok[None, :]
+            wg = tl.load(wg_ptr + w_off + k0, mask=w_ok, other=0.0)
+            wu = tl.load(wu_ptr + w_off + k0, mask=w_ok, other=0.0)
+            if DOT_FP32:  # Triton's interpreter multiplies 16-bit floats' raw bits in tl.dot
+                xt, wg, wu = xt.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+            acc_g += tl.dot(xt, wg)
+            acc_u += tl.dot(xt, wu)
+        dtype = act_ptr.dtype.element_ty
+        gate = acc_g.to(dtype).to(tl.float32)  # rounded as the general path's GEMM outputs are
+        up = acc_u.to(dtype).to(tl.float32)
+        act = gate * tl.sigmoid(gate) * up
+        out = act_ptr + (e.to(tl.int64) * T + rows[:, None]) * I + cols[None, :]
+        tl.store(out, act.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton_autotune(*_CONFIGS, key=["H", "I", "T_BUCKET"], rep_ms=20)
+    @triton.jit
+    def _moe_down_kernel(
+        act_ptr, idx_ptr, g_ptr, wd_ptr, part_ptr, T, H, I, E, T_BUCKET,
+        stride_we, stride_wh,
+        K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_T: tl.constexpr, DOT_FP32: tl.constexpr,
+        EXPERTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_n, split, pid_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        t0 = pid_t * BLOCK_T
+        rows = t0 + tl.arange(0, BLOCK_T)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        row_ok, col_ok = rows < T, cols < H
+        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for i in range(EXPERTS):
+            e = split * EXPERTS + i  # in expert order: the same sum every run
+            weight, picked = _picks_of_expert(idx_ptr, g_ptr, T, e, t0, K, K_POW2, BLOCK_T)
+            if (e < E) & (tl.sum(picked.to(tl.int32), axis=0) > 0):
+                a_ptrs = act_ptr + (e.to(tl.int64) * T + rows[:, None]) * I + ks[None, :]
+                w_ptrs = wd_ptr + e.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wh + ks[:, None]
+                acc_e = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+                for k0 in range(0, I, BLOCK_K):
+                    k_ok = (k0 + ks) < I
+                    # rows that did not pick e read as zeros: their act was never written
+                    at = tl.load(a_ptrs + k0, mask=picked[:, None] & k_ok[None, :], other=0.0)
+                    wt = tl.load(w_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                    if DOT_FP32:
+                        at, wt = at.to(tl.float32), wt.to(tl.float32)
+                    acc_e += tl.dot(at, wt)
+                y = acc_e.to(act_ptr.dtype.element_ty).to(tl.float32)
+                acc += y * weight[:, None]
+        out = part_ptr + (split.to(tl.int64) * T + rows[:, None]) * H + cols[None, :]
+        tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _block_t(T: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(T)))  # tl.dot's smallest M; 64 bounds the registers
+
+
+def moe_decode_triton(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tensor:
+    """The partial sums [S, T, H] float32 (module docstring)."""
+    T, H = x.shape
+    E, I, _ = w_gate.shape
+    K = topk_idx.shape[1]
+    splits = triton.cdiv(E, EXPERTS_PER_SPLIT)
+    part = torch.empty(splits, T, H, dtype=torch.float32, device=x.device)
+    if T == 0:
+        return part
+    act = torch.empty(E, T, I, dtype=x.dtype, device=x.device)
+    block_t = _block_t(T)
+    t_blocks, t_bucket = triton.cdiv(T, block_t), power_of_two_bucket(T)
+    common = dict(K=K, K_POW2=triton.next_power_of_2(K), BLOCK_T=block_t, DOT_FP32=interpreting())
+    _moe_gate_up_kernel[lambda meta: (triton.cdiv(I, meta["BLOCK_N"]), E, t_blocks)](
+        x, topk_idx, topk_weight, w_gate, w_up, act, T, H, I, t_bucket,
+        x.stride(0), w_gate.stride(0), w_gate.stride(1), **common,
+    )
+    _moe_down_kernel[lambda meta: (triton.cdiv(H, meta["BLOCK_N"]), splits, t_blocks)](
+        act, topk_idx, topk_weight, w_down, part, T, H, I, E, t_bucket,
+        w_down.stride(0), w_down.stride(1), EXPERTS=EXPERTS_PER_SPLIT, **common,
+    )
+    return part
+
+
+def _fake(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend):
+    return x.new_empty(-(-w_gate.shape[0] // EXPERTS_PER_SPLIT), x.shape[0], x.shape[1], dtype=torch.float32)
+
+
+def moe_decode_torch(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tensor:
+    """The reference: [T, H] float32, rounded where the kernels round (module docstring)."""
+    dtype = x.dtype
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in topk_idx.unique().tolist():
+        token, slot = (topk_idx == e).nonzero(as_tuple=True)
+        h = x[token].float()
+        gate = (h @ w_gate[e].float().t()).to(dtype).float()
+        up = (h @ w_up[e].float().t()).to(dtype).float()
+        act = (gate * torch.sigmoid(gate) * up).to(dtype).float()
+        y = (act @ w_down[e].float().t()).to(dtype).float()
+        out.index_add_(0, token, y * topk_weight[token, slot].float().unsqueeze(-1))
+    return out
+
+
+@operator("moe_decode", opaque=True, fake=_fake)
+def moe_decode_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate: torch.Tensor,
+                  w_up: torch.Tensor, w_down: torch.Tensor, backend: str) -> torch.Tensor:
+    """Partial sums [S, T, H] float32 of the routed experts' output (an opaque operator: autotuned kernels;
+    the CPU reference gives one partial)."""
+    if select_backend(backend, x, op="moe_decode") == "triton":
+        return moe_decode_triton(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+    out = moe_decode_torch(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+    return torch.cat([out.unsqueeze(0), out.new_zeros(-(-w_gate.shape[0] // EXPERTS_PER_SPLIT) - 1, *out.shape)])
+
+
+def moe_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate: torch.Tensor,
+               w_up: torch.Tensor, w_down: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """sum_k topk_weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_idx[t, k], as
+    coscale.kernels.moe.grouped_experts_forward computes it, for the few tokens of a decode step.
+
+    x [T, H] bfloat16 or float16; topk_idx [T, K] int64; topk_weight [T, K] float32; w_gate, w_up
+    [E, I, H] and w_down [E, H, I] in x's dtype. Returns [T, H] in x's dtype; not differentiable.
+    `backend`: "auto" (the kernels on CUDA, the reference elsewhere), "triton" (CPU tensors under
+    TRITON_INTERPRET=1) or "torch" (`moe_decode_torch`).
+    """
+    if x.dim() != 2 or w_gate.dim() != 3 or w_gate.shape != w_up.shape or w_gate.shape[2] != x.shape[1]:
+        raise CoscaleError(f"moe_decode needs x [T, H] and w_gate, w_up [E, I, H], got {tuple(x.shape)}, "
+                           f"{tuple(w_gate.shape)} and {tuple(w_up.shape)}")
+    E, I, H = w_gate.shape
+    if tuple(w_down.shape) != (E, H, I):
+        raise CoscaleError(f"moe_decode: w_down must be [{E}, {H}, {I}], got {tuple(w_down.shape)}")
+    if topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0] or topk_weight.shape != topk_idx.shape:
+        raise CoscaleError(f"moe_decode: topk_idx and topk_weight must be [{x.shape[0]}, K], got "
+                           f"{tuple(topk_idx.shape)} and {tuple(topk_weight.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16) or any(w.dtype != x.dtype for w in (w_gate, w_up, w_down)):
+        raise CoscaleError(f"moe_decode takes bfloat16 or float16 x and weights of its dtype, got {x.dtype}, "
+                           f"{w_gate.dtype}, {w_up.dtype}, {w_down.dtype}")
+    check_backend(backend, x, op="moe_decode")
+    if w_gate.stride() != w_up.stride() or w_gate.stride(-1) != 1:  # the kernel reads both with one stride
+        w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
+    part = moe_decode_op(x.contiguous(), topk_idx.contiguous(), topk_weight.float().contiguous(),
+                         w_gate, w_up, w_down.contiguous(), backend)
+    return part.sum(0).to(x.dtype)

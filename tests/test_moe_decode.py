@@ -1,0 +1,130 @@
+"""The decode-step expert kernels (coscale.kernels.moe_decode) against their reference and the float64 loop."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from coscale.errors import CoscaleError
+from coscale.kernels.backend import interpreting, triton_available
+from coscale.kernels.moe_decode import moe_decode, moe_decode_op, moe_decode_pays, moe_decode_torch
+from coscale.model.moe import GroupedExperts, experts_forward_loop
+
+needs_triton = pytest.mark.skipif(not (triton_available() and interpreting()), reason="needs triton's interpreter")
+
+# (T, K, E, H, I): one token; a full 16-token block; ragged tokens, hidden and intermediate sizes; experts
+# not a multiple of the 8 of a down-projection split; two token blocks (T 70 > 64).
+CASES = [(1, 2, 8, 64, 32), (16, 6, 16, 64, 48), (23, 3, 12, 48, 40), (70, 2, 9, 32, 16)]
+
+
+def _problem(T, K, E, H, I, seed, dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    probs = 1.0 / torch.arange(1, E + 1, dtype=torch.float64)  # uneven load; some experts get no token
+    idx = torch.stack([torch.multinomial(probs, K, generator=gen) for _ in range(T)])
+    g = torch.rand(T, K, generator=gen)
+    w_gate = (torch.randn(E, I, H, generator=gen) / H**0.5).to(dtype)
+    w_up = (torch.randn(E, I, H, generator=gen) / H**0.5).to(dtype)
+    w_down = (torch.randn(E, H, I, generator=gen) / I**0.5).to(dtype)
+    return x, idx, g, w_gate, w_up, w_down
+
+
+def _exact(x, idx, g, wg, wu, wd):
+    return experts_forward_loop(x.double(), idx, g.double(), wg.double(), wu.double(), wd.double())
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES)
+def test_kernels_match_the_reference(case, dtype):
+    args = _problem(*case, seed=sum(case), dtype=dtype)
+    got = moe_decode(*args, backend="triton")
+    want = moe_decode_torch(*args)
+    assert got.dtype == dtype and got.shape == args[0].shape
+    # Both round gate, up, SwiGLU and each expert's output to `dtype` at the same points; float32 sums in
+    # another order can move a rounding by one unit: a few units of `dtype` at the output's scale.
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.float(), want, rtol=4 * eps, atol=4 * eps * want.abs().max().item())
+    # and the exact math in float64, three roundings of `dtype` away
+    exact = _exact(*args).float()
+    torch.testing.assert_close(got.float(), exact, rtol=8 * eps, atol=8 * eps * exact.abs().max().item())
+
+
+@needs_triton
+def test_cpu_reference_and_auto_on_cpu():
+    args = _problem(5, 2, 8, 32, 16, seed=1)
+    torch.testing.assert_close(moe_decode(*args).float(), moe_decode_torch(*args).to(torch.bfloat16).float())
+    torch.testing.assert_close(moe_decode(*args, backend="torch"), moe_decode(*args))
+
+
+@needs_triton
+def test_nan_stays_in_its_token_and_zero_inputs_give_zero():
+    x, idx, g, wg, wu, wd = _problem(16, 4, 8, 32, 32, seed=2)
+    x[3, 5] = float("nan")
+    out = moe_decode(x, idx, g, wg, wu, wd, backend="triton").float()
+    assert out[3].isnan().any()
+    others = torch.cat([out[:3], out[4:]])
+    assert others.isfinite().all()  # a token's NaN never reaches the tokens that share its experts
+    ref = moe_decode_torch(x, idx, g, wg, wu, wd)
+    ok = torch.ones(16, dtype=torch.bool)
+    ok[3] = False
+    torch.testing.assert_close(out[ok], ref[ok], rtol=0.03, atol=0.03)
+    zeros = moe_decode(torch.zeros_like(x), idx, g, wg, wu, wd, backend="triton")
+    assert torch.equal(zeros, torch.zeros_like(zeros))
+    no_weight = moe_decode(x, idx, torch.zeros_like(g), wg, wu, wd, backend="triton")
+    assert torch.equal(no_weight[ok], torch.zeros_like(no_weight[ok]))
+
+
+@needs_triton
+def test_grouped_experts_takes_the_kernels_only_for_inference(monkeypatch):
+    import coscale.kernels.moe_decode as module
+
+    E, H, I, T, K = 8, 32, 16, 6, 2
+    layer = GroupedExperts(E, H, I)
+    gen = torch.Generator().manual_seed(3)
+    for w in (layer.w_gate, layer.w_up, layer.w_down):
+        w.data = (torch.randn(w.shape, generator=gen) * 0.2).to(torch.bfloat16)
+    x, idx, g = torch.randn(T, H, generator=gen).to(torch.bfloat16), torch.randint(0, E, (T, K)), torch.rand(T, K)
+    idx[:, 1] = (idx[:, 0] + 1) % E
+    calls = []
+    real = module.moe_decode_triton
+    monkeypatch.setattr(module, "moe_decode_triton", lambda *a: calls.append(a[0].shape) or real(*a))
+    layer.eval()
+    layer.decode_backend = "triton"
+    with torch.no_grad():
+        fused = layer(x, idx, g)
+        layer.decode_backend = "torch"
+        general = layer(x, idx, g)
+    assert calls == [(T, H)]
+    torch.testing.assert_close(fused.float(), general.float(), rtol=0.02, atol=0.02)
+    layer.decode_backend = "triton"
+    out = layer(x, idx, g)  # gradients on: the general path, differentiable
+    assert out.requires_grad and calls == [(T, H)]
+    with pytest.raises(ValueError, match="decode_backend"):
+        layer.decode_backend = "fast"
+
+
+def test_bad_inputs_are_clear_errors():
+    x, idx, g, wg, wu, wd = _problem(4, 2, 8, 32, 16, seed=4)
+    with pytest.raises(CoscaleError, match="float16"):
+        moe_decode(x.float(), idx, g, wg.float(), wu.float(), wd.float())
+    with pytest.raises(CoscaleError, match="w_down"):
+        moe_decode(x, idx, g, wg, wu, wd.transpose(1, 2))
+    with pytest.raises(CoscaleError, match="topk_idx"):
+        moe_decode(x, idx[:3], g, wg, wu, wd)
+    with pytest.raises(CoscaleError, match="w_gate"):
+        moe_decode(x[:, :16], idx, g, wg, wu, wd)
+
+
+def test_auto_rule():
+    assert moe_decode_pays(16, torch.bfloat16) and moe_decode_pays(32, torch.float16)
+    assert not moe_decode_pays(33, torch.bfloat16) and not moe_decode_pays(0, torch.bfloat16)
+    assert not moe_decode_pays(8, torch.float32)
+
+
+def test_opcheck():
+    x, idx, g, wg, wu, wd = _problem(5, 2, 8, 32, 16, seed=5)
+    opcheck(moe_decode_op, (x, idx, g, wg, wu, wd, "torch"))
