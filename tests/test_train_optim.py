@@ -103,6 +103,35 @@ def test_build_optimizer_groups_and_kinds():
         build_optimizer(model, lr=1e-3, moments_dtype="fp16")
 
 
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+def test_router_learning_rate_scale(moments):
+    from coscale.config import get_preset
+    from coscale.model.moe import Gate
+    from coscale.model.transformer import DeepseekForCausalLM
+    from coscale.train.step_runner import set_learning_rate
+
+    model = DeepseekForCausalLM(get_preset("tiny"))
+    model.init_weights()
+    routers = {id(m.weight) for m in model.modules() if isinstance(m, Gate)}
+    assert len(build_optimizer(model, lr=1e-3).param_groups) == 2  # scale 1: the groups of earlier checkpoints
+    opt = build_optimizer(model, lr=1e-3, moments_dtype=moments, router_lr_scale=0.1)
+    router_group = opt.param_groups[-1]
+    assert {id(p) for p in router_group["params"]} == routers and router_group["lr_scale"] == 0.1
+    assert not routers & {id(p) for g in opt.param_groups[:-1] for p in g["params"]}
+    assert router_group["lr"] == pytest.approx(1e-4) and opt.param_groups[0]["lr"] == 1e-3
+    set_learning_rate(opt, 2e-3)
+    assert router_group["lr"] == pytest.approx(2e-4) and opt.param_groups[0]["lr"] == 2e-3
+    # scale 0 freezes the routers (no decay either) while everything else trains
+    opt = build_optimizer(model, lr=1e-2, moments_dtype=moments, router_lr_scale=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 256, (2, 16))
+    model(ids).float().pow(2).mean().backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        moved = not torch.equal(p, before[n])
+        assert moved != (id(p) in routers) or p.grad is None, n
+
+
 def test_adamw_rejects_low_precision_master_weights():
     p = nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
     p.grad = torch.ones_like(p)

@@ -51,6 +51,8 @@ _TRAIN_OPTIONS = [
     ("--warmup-steps", "warmup_steps", dict(type=int, metavar="N", help="linear warm-up steps "
                                                                          "(default: steps/10)")),
     ("--weight-decay", "weight_decay", dict(type=float, metavar="X", help="AdamW weight decay")),
+    ("--router-lr-scale", "router_lr_scale", dict(type=float, metavar="X",
+                                                  help="the routers' learning rate over --lr's (default 1)")),
     ("--beta1", "beta1", dict(type=float, metavar="X", help="AdamW beta1")),
     ("--beta2", "beta2", dict(type=float, metavar="X", help="AdamW beta2")),
     ("--eps", "eps", dict(type=float, metavar="X", help="AdamW epsilon")),

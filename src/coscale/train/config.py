@@ -56,6 +56,8 @@ class TrainConfig:
     min_lr: float | None = None
     warmup_steps: int | None = None  # None: a tenth of the steps
     weight_decay: float = 0.1
+    # The routers' (Gate.weight) learning rate over the others' (docs/training.md, "Router learning rate").
+    router_lr_scale: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -189,7 +191,7 @@ def _problems(cfg: TrainConfig):
         value = getattr(cfg, name)
         if not ((value is None and name == "lr") or (_is_number(value) and value > 0)):
             yield f"{name} must be a positive number, got {value!r}"
-    for name in ("weight_decay", "grad_clip"):
+    for name in ("weight_decay", "grad_clip", "router_lr_scale"):
         value = getattr(cfg, name)
         if not (_is_number(value) and value >= 0):
             yield f"{name} must be a number >= 0, got {value!r}"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from coscale.errors import ConfigError
+from coscale.model.moe import Gate
 
 MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -107,15 +108,24 @@ def adamw_update_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
     p.sub_(m / denom * (lr / bias1))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linear layers, embeddings, stacked experts); none on norms and biases."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, router_lr_scale: float = 1.0) -> list[dict]:
+    """Weight decay on matrices (linear layers, embeddings, stacked experts); none on norms and biases.
+
+    With ``router_lr_scale`` other than 1 the routers' weights (coscale.model.moe.Gate) form a group of
+    their own whose ``lr_scale`` multiplies the learning rate (coscale.train.step_runner.set_learning_rate);
+    at 1 they stay with the other matrices, so the groups are those of earlier checkpoints."""
+    routers = set()
+    if router_lr_scale != 1.0:
+        routers = {id(p) for m in model.modules() if isinstance(m, Gate) for p in m.parameters(recurse=False)}
+    decay, no_decay, router = [], [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (router if id(p) in routers else decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    if router:
+        groups.append({"params": router, "weight_decay": weight_decay, "lr_scale": router_lr_scale})
     return groups
 
 
@@ -126,11 +136,15 @@ def build_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 0.1,
     moments_dtype: str = "fp32",
+    router_lr_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
-    """AdamW over ``model``'s parameters with moments in ``moments_dtype`` ('fp32' or 'bf16')."""
+    """AdamW over ``model``'s parameters with moments in ``moments_dtype`` ('fp32' or 'bf16'), the routers'
+    learning rate ``router_lr_scale`` times the others' (:func:`param_groups`)."""
     if moments_dtype not in MOMENT_DTYPES:
         raise ConfigError(f"adam moments dtype must be one of {', '.join(MOMENT_DTYPES)}, got {moments_dtype!r}")
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, router_lr_scale)
+    for group in groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     if moments_dtype == "fp32":
         # One fused kernel per step on CUDA (torch's default there is several foreach kernels).
         fused = all(p.is_cuda for group in groups for p in group["params"])

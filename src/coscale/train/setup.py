@@ -225,7 +225,8 @@ def build(cfg: TrainConfig, plan: RunPlan, world: World) -> Trainee:
     model = world.place_model(model)
     model.train()
     optimizer = build_optimizer(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                weight_decay=cfg.weight_decay, moments_dtype=cfg.adam_moments_dtype)
+                                weight_decay=cfg.weight_decay, moments_dtype=cfg.adam_moments_dtype,
+                                router_lr_scale=cfg.router_lr_scale)
     sampler = BatchSampler(plan.split.train, cfg.batch_size, cfg.seq_len, cfg.seed)
     if state is not None:
         world.agree(lambda: _restore_trainer(plan.resume_dir, world, model, optimizer, sampler, state))
@@ -252,7 +253,8 @@ def _restore_trainer(resume_dir: str, world: World, model: nn.Module, optimizer:
     """Optimizer state, data position and RNG states of the checkpoint (weights are already loaded)."""
     # How this run's optimizer executes (fused, capturable, a float or device-tensor learning rate) is this
     # launch's choice, not the checkpoint's: keep it over what load_state_dict brings back.
-    execution = [{k: g[k] for k in ("lr", "fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
+    execution = [{k: g[k] for k in ("lr", "lr_scale", "fused", "foreach", "capturable") if k in g}
+                 for g in optimizer.param_groups]
     with _restoring(resume_dir):
         world.load_optimizer_state(optimizer, model, state.optimizer)
     for group, keys in zip(optimizer.param_groups, execution):
@@ -274,6 +276,9 @@ def _restoring(resume_dir: str) -> Iterator[None]:
         yield
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         first = str(e).splitlines()[0]
+        if "parameter groups" in first:  # coscale.train.optim.param_groups: the routers' group comes and goes
+            first += (" (was --router-lr-scale changed? 1 keeps the routers with the other weights, any other "
+                      "value gives them a group of their own)")
         raise CheckpointError(f"cannot restore {resume_dir}: {first}") from None
 
 

@@ -181,9 +181,11 @@ def keep_fp8_layers_eager(model: nn.Module) -> int:
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every group's learning rate; written into the device tensor when the optimizer holds one."""
+    """Every group's learning rate, ``lr`` times the group's ``lr_scale`` (coscale.train.optim.param_groups);
+    written into the device tensor when the optimizer holds one."""
     for group in optimizer.param_groups:
+        value = lr * group.get("lr_scale", 1.0)
         if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(lr)
+            group["lr"].fill_(value)
         else:
-            group["lr"] = lr
+            group["lr"] = value
