@@ -51,10 +51,11 @@ __all__ = ["fused_router_pays", "gate_scores", "gate_weights", "group_limited_to
 
 # Where "auto" takes the fused kernels (fused_router_pays). Above ROUTE_FUSED_MAX_TOKENS the reference's one
 # FP32 GEMM reads the gate weights once, where the fused kernels read them once per BLOCK_T tokens, so
-# prefill keeps the reference. Measured at 16 tokens on the H200 (BENCHMARKS.md, run 27), replayed from a
-# CUDA graph: DeepSeek-V2-Lite's router (64 x 2048 weights) 16.9 us against 23.1 us for the compiled
-# reference (1.37x); V3's (256 x 7168) 69.3 against 63.8 us (0.92x: the logits kernel's float32 tl.dot
-# over 3.7 MB of weights is slower than cuBLAS's GEMM), so above ROUTE_FUSED_MAX_WEIGHTS the reference runs.
+# prefill keeps the reference. Measured on the H200, replayed from a CUDA graph (BENCHMARKS.md, run 28):
+# DeepSeek-V2-Lite's router (64 x 2048 weights) 6.1 us against 23.2 us for the compiled reference at 16
+# tokens (3.80x; 16.9 us in run 27 with float32 products); V3's (256 x 7168) 45.2 against 45.2 us at one
+# token (run 27: 0.92x at 16; its select kernel reads 28 partial sums), so above ROUTE_FUSED_MAX_WEIGHTS
+# the reference runs.
 ROUTE_FUSED_MAX_TOKENS = 1024
 ROUTE_FUSED_MAX_WEIGHTS = 1 << 20  # experts x hidden
 BLOCK_T = 16  # tl.dot's smallest M
