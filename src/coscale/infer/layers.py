@@ -29,7 +29,8 @@ from coscale.kernels.fp8_gemm import fp8_gemm
 from coscale.kernels.fp8_grouped_gemm import fp8_grouped_mm
 from coscale.kernels.permute import permute_tokens, unpermute_combine
 from coscale.kernels.quant import act_quant_1x128
-from coscale.model.moe import Gate, GroupedExperts
+from coscale.model.mla import MLA
+from coscale.model.moe import MLP, Gate, GroupedExperts
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
@@ -54,7 +55,9 @@ def use_decode_kernels(model: nn.Module, backend: str = "auto") -> int:
     """Point `model`'s linear layers and routers at coscale's decode kernels ("auto", where they apply) or
     at PyTorch's ("torch"). Plain nn.Linear modules become DecodeLinear in place (same parameters, same
     module objects); Gate.backend is set on every router and GroupedExperts.decode_backend on every
-    layer of routed experts (coscale.kernels.moe_decode). Returns the number of linear layers switched."""
+    layer of routed experts (coscale.kernels.moe_decode); with "auto" each MLA multiplies x by its q and kv_a
+    projections in one GEMM and each SwiGLU MLP by gate and up (coscale.model.fused_weights), which at a
+    decode batch's few rows saves a GEMM's fixed cost each. Returns the number of linear layers switched."""
     if backend not in DECODE_KERNELS:
         raise ValueError(f"decode kernels must be one of {DECODE_KERNELS}, got {backend!r}")
     switched = 0
@@ -68,6 +71,10 @@ def use_decode_kernels(model: nn.Module, backend: str = "auto") -> int:
             module.backend = backend
         elif isinstance(module, GroupedExperts):
             module.decode_backend = backend
+        elif isinstance(module, MLA):
+            module.fuse_input_projections(backend == "auto")
+        elif isinstance(module, MLP):
+            module.fuse_gate_up(backend == "auto")
     return switched
 
 
