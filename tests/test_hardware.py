@@ -137,3 +137,21 @@ def test_bad_efficiency_entries(tmp_path, extra, message):
     path.write_text("\n".join(f"{k}: {v}" for k, v in FIELDS.items()) + "\n" + extra)
     with pytest.raises(ConfigError, match=message):
         load_hardware(str(path))
+
+
+def test_gemm_floor_falls_back_to_the_kernel_floor_and_bounds_small_gemms(tmp_path):
+    from coscale.analysis import costs
+
+    path = tmp_path / "gpu.yaml"
+    head = "\n".join(f"{k}: {v}" for k, v in FIELDS.items()) + "\nefficiency:\n"
+    path.write_text(head + "  kernel_floor_us: {value: 1.5, source: my graph}\n")
+    eff = load_hardware(str(path)).achieved
+    # a file from before the GEMM floor keeps its predictions: the floor is its kernel floor
+    assert eff.gemm_floor_us == 1.5 and "as kernel_floor_us (my graph)" in eff.source("gemm_floor_us")
+    path.write_text(head + "  kernel_floor_us: 1.5\n  gemm_floor_us: 5\n")
+    eff = load_hardware(str(path)).achieved
+    small = costs.gemm(eff, "kv_a", 16, 576, 2048, dtype="bf16")  # 2.4 MB: well under 5 us at any HBM rate
+    assert small.bound == "launch" and small.seconds == pytest.approx(5e-6)
+    big = costs.gemm(eff, "head", 16, 102400, 2048, dtype="bf16")  # 420 MB: streaming-bound
+    assert big.bound == "memory" and big.seconds > 5e-6
+    assert costs.elementwise(eff, "norm", 1024).seconds == pytest.approx(1.5e-6)  # other kernels keep theirs

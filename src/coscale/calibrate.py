@@ -22,7 +22,8 @@ when Triton is missing):
   ``(batch, queries, heads, context, latent, rope, device) -> callable`` that builds its inputs and returns
   the call to time.
 - Causal prefill attention (torch SDPA, q/k 192, v 128, 4K) forward and backward.
-- Device copy (1 GiB): ``memory_tbps``; a CUDA graph of tiny kernels: ``kernel_floor_us``; a CUDA graph of
+- Device copy (1 GiB): ``memory_tbps``; a CUDA graph of tiny kernels: ``kernel_floor_us``; of cuBLAS GEMMs
+  at 16 rows by a 2.4 MB weight: ``gemm_floor_us``; a CUDA graph of
   dependent decode-size kernels (row sums and divisions of a [128, 2048] BF16 activation):
   ``small_kernel_us``; eager tiny ops: ``host_launch_us``; SM count.
 - With several GPUs under ``torchrun``: NCCL all_to_all_single (256 MiB and 8 KiB per rank) for
@@ -245,7 +246,20 @@ def _memory_and_launch(probe, timer, tag):
                 else:
                     torch.sum(act, dim=-1, keepdim=True, out=rows)
 
+        # decode-size GEMMs through cuBLAS: 16 rows times a 2.4 MB weight (V2-Lite's kv_a projection), whose
+        # bytes take about 0.6 us to read, so what is measured is the GEMM's fixed cost
+        rows16, w576 = torch.ones(16, 2048, device=dev, dtype=torch.bfloat16), torch.ones(576, 2048, device=dev,
+                                                                                          dtype=torch.bfloat16)
+        prod = torch.empty(16, 576, device=dev, dtype=torch.bfloat16)
+
+        def small_gemms():
+            for _ in range(ops):
+                torch.mm(rows16, w576.t(), out=prod)
+
         out["kernel_floor_us"] = (timer(_graphed(tiny)) / ops * 1e6, f"{tag}: CUDA graph of {ops} tiny kernels")
+        out["gemm_floor_us"] = (timer(_graphed(small_gemms)) / ops * 1e6,
+                                f"{tag}: CUDA graph of {ops} cuBLAS BF16 GEMMs of 16 x 2048 rows by a 2048 x 576 "
+                                "weight (2.4 MB)")
         out["small_kernel_us"] = (timer(_graphed(decode_size)) / ops * 1e6,
                                   f"{tag}: CUDA graph of {ops} dependent decode-size kernels (row sum, division "
                                   "by it over a [128, 2048] BF16 activation, alternating)")

@@ -4,7 +4,7 @@ Every function returns an :class:`OpTime` that names the resource limiting it. T
 rates of :class:`coscale.hardware.Efficiency` (their sources are in ``coscale/hardware.py``):
 
 - GEMM ``(M x K) @ (K x N)``, ``groups`` weight matrices (grouped GEMM, batched heads):
-  ``max(2MNK / plateau x (1 + K0 / K), bytes / gemm_memory_tbps, kernel floor)``. The plateau is the
+  ``max(2MNK / plateau x (1 + K0 / K), bytes / gemm_memory_tbps, GEMM floor)``. The plateau is the
   large-M rate of the kernel family (dense/contiguous grouped, masked grouped, BF16, weight gradient);
   ``K0`` is the per-output-tile prologue and epilogue cost in elements of K, so short-K GEMMs fall below
   the plateau as DeepGEMM's K=512 rows do. Bytes: weights (1 byte FP8, 2 BF16), the activation read,
@@ -70,7 +70,7 @@ def gemm(eff: Efficiency, name: str, m: float, n: int, k: int, *, groups: int = 
     streaming = eff.gemm_memory_tbps if dtype == "fp8" else eff.gemm_bf16_memory_tbps
     return _bound(name, {"compute": flops / rate * (1 + eff.gemm_k_overhead / k),
                          "memory": nbytes / (streaming * 1e12),
-                         "launch": eff.kernel_floor_us * 1e-6}, flops, nbytes)
+                         "launch": eff.gemm_floor_us * 1e-6}, flops, nbytes)
 
 
 def attention_decode(eff: Efficiency, name: str, requests: float, queries: float, heads: float, context: int,
