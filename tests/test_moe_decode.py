@@ -36,42 +36,48 @@ def _exact(x, idx, g, wg, wu, wd):
     return experts_forward_loop(x.double(), idx, g.double(), wg.double(), wu.double(), wd.double())
 
 
+def _assert_matches(got, args, dtype):
+    """Both round gate, up, SwiGLU and each expert's output to `dtype` at the same points; float32 sums in
+    another order can move a rounding by one unit: a few units of `dtype` at the output's scale. Against the
+    exact math in float64: three roundings of `dtype` away."""
+    eps = torch.finfo(dtype).eps
+    want = moe_decode_torch(*args)
+    torch.testing.assert_close(got.float(), want, rtol=4 * eps, atol=4 * eps * want.abs().max().item())
+    exact = _exact(*args).float()
+    torch.testing.assert_close(got.float(), exact, rtol=8 * eps, atol=8 * eps * exact.abs().max().item())
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES)
 def test_kernels_match_the_reference(case, dtype):
     args = _problem(*case, seed=sum(case), dtype=dtype)
     got = moe_decode(*args, backend="triton")
-    want = moe_decode_torch(*args)
     assert got.dtype == dtype and got.shape == args[0].shape
-    # Both round gate, up, SwiGLU and each expert's output to `dtype` at the same points; float32 sums in
-    # another order can move a rounding by one unit: a few units of `dtype` at the output's scale.
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(got.float(), want, rtol=4 * eps, atol=4 * eps * want.abs().max().item())
-    # and the exact math in float64, three roundings of `dtype` away
-    exact = _exact(*args).float()
-    torch.testing.assert_close(got.float(), exact, rtol=8 * eps, atol=8 * eps * exact.abs().max().item())
+    _assert_matches(got, args, dtype)
 
 
 @needs_triton
-def test_cpu_reference_and_auto_on_cpu():
-    args = _problem(5, 2, 8, 32, 16, seed=1)
-    torch.testing.assert_close(moe_decode(*args).float(), moe_decode_torch(*args).to(torch.bfloat16).float())
-    torch.testing.assert_close(moe_decode(*args, backend="torch"), moe_decode(*args))
+def test_repeated_picks_no_tokens_and_auto_on_cpu():
+    x, idx, g, wg, wu, wd = _problem(6, 3, 8, 32, 16, seed=6)
+    idx[2] = torch.tensor([5, 5, 1])  # a token that lists an expert twice gets both weights, as the loop gives
+    args = (x, idx, g, wg, wu, wd)
+    _assert_matches(moe_decode(*args, backend="triton"), args, torch.bfloat16)
+    _assert_matches(moe_decode(*args), args, torch.bfloat16)  # "auto" on CPU tensors: the reference
+    empty = moe_decode(x[:0], idx[:0], g[:0], wg, wu, wd, backend="triton")
+    assert empty.shape == (0, 32) and empty.dtype == torch.bfloat16
 
 
 @needs_triton
 def test_nan_stays_in_its_token_and_zero_inputs_give_zero():
     x, idx, g, wg, wu, wd = _problem(16, 4, 8, 32, 32, seed=2)
     x[3, 5] = float("nan")
-    out = moe_decode(x, idx, g, wg, wu, wd, backend="triton").float()
+    out = moe_decode(x, idx, g, wg, wu, wd, backend="triton")
     assert out[3].isnan().any()
-    others = torch.cat([out[:3], out[4:]])
-    assert others.isfinite().all()  # a token's NaN never reaches the tokens that share its experts
-    ref = moe_decode_torch(x, idx, g, wg, wu, wd)
     ok = torch.ones(16, dtype=torch.bool)
     ok[3] = False
-    torch.testing.assert_close(out[ok], ref[ok], rtol=0.03, atol=0.03)
+    assert out[ok].isfinite().all()  # a token's NaN never reaches the tokens that share its experts
+    _assert_matches(out[ok], (x[ok], idx[ok], g[ok], wg, wu, wd), torch.bfloat16)
     zeros = moe_decode(torch.zeros_like(x), idx, g, wg, wu, wd, backend="triton")
     assert torch.equal(zeros, torch.zeros_like(zeros))
     no_weight = moe_decode(x, idx, torch.zeros_like(g), wg, wu, wd, backend="triton")
@@ -117,6 +123,8 @@ def test_bad_inputs_are_clear_errors():
         moe_decode(x, idx[:3], g, wg, wu, wd)
     with pytest.raises(CoscaleError, match="w_gate"):
         moe_decode(x[:, :16], idx, g, wg, wu, wd)
+    with pytest.raises(CoscaleError, match="contiguous"):  # never a copy of every expert per call
+        moe_decode(x, idx, g, wg.transpose(1, 2).contiguous().transpose(1, 2), wu, wd)
 
 
 def test_auto_rule():

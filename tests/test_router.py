@@ -127,6 +127,10 @@ def test_bad_arguments_are_refused(kwargs, message):
         route(x, w, b[:4], top_k=2)
     with pytest.raises(CoscaleError, match=r"x \[T, H\] and weight \[E, H\]"):
         route(x, w[:, :32], b, top_k=2)
+    from coscale.kernels.router import route_triton
+
+    with pytest.raises(CoscaleError, match="at least 16"):
+        route_triton(x, w, b, 2, 1, 1, False, True, False, None, columns=8)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

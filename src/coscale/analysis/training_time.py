@@ -244,7 +244,7 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
              if slowdown > 1 else "no SMs held by communication kernels",
              "achieved rates: " + "; ".join(f"{k} {getattr(eff, k):g}" for k in (
                  "gemm_fp8_tflops", "gemm_wgrad_fp8_tflops", "gemm_k_overhead", "attention_prefill_tflops",
-                 "attention_backward_tflops", "memory_tbps", "a2a_scale_out_gbps", "kernel_floor_us",
+                 "attention_backward_tflops", "memory_tbps", "a2a_scale_out_gbps", "kernel_floor_us", "gemm_floor_us",
                  "sustained_clock_ratio")),
              f"compute-bound kernels at {eff.sustained_clock_ratio:.3g} x their benchmarked rates (sustained clock)"]
     return TrainingTime(v.name, hw.name, layout, global_batch * seq_len, step, parts,

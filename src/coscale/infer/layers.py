@@ -71,10 +71,8 @@ def use_decode_kernels(model: nn.Module, backend: str = "auto") -> int:
             module.backend = backend
         elif isinstance(module, GroupedExperts):
             module.decode_backend = backend
-        elif isinstance(module, MLA):
-            module.fuse_input_projections(backend == "auto")
-        elif isinstance(module, MLP):
-            module.fuse_gate_up(backend == "auto")
+        elif isinstance(module, (MLA, MLP)):
+            module.stack_weights(backend == "auto")
     return switched
 
 

@@ -235,8 +235,12 @@ def moe_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tenso
         raise CoscaleError(f"moe_decode takes bfloat16 or float16 x and weights of its dtype, got {x.dtype}, "
                            f"{w_gate.dtype}, {w_up.dtype}, {w_down.dtype}")
     check_backend(backend, x, op="moe_decode")
-    if w_gate.stride() != w_up.stride() or w_gate.stride(-1) != 1:  # the kernel reads both with one stride
-        w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
+    # The kernels read gate and up with one set of strides and every weight row-contiguous. Copying the
+    # weights here would copy every expert on every decode step (7.5 GB a layer at V3's size): refuse.
+    if w_gate.stride() != w_up.stride() or any(w.stride(-1) != 1 for w in (w_gate, w_up, w_down)):
+        raise CoscaleError(f"moe_decode needs row-contiguous weights, w_gate and w_up with the same strides; got "
+                           f"strides {w_gate.stride()}, {w_up.stride()}, {w_down.stride()} (make them contiguous "
+                           "once, not per call)")
     part = moe_decode_op(x.contiguous(), topk_idx.contiguous(), topk_weight.float().contiguous(),
-                         w_gate, w_up, w_down.contiguous(), backend)
+                         w_gate, w_up, w_down, backend)
     return part.sum(0).to(x.dtype)

@@ -26,8 +26,9 @@ launch-bound time (BENCHMARKS.md, run 25's decode profile). The Triton path is t
 Products are exact and sums float32: x and W of one 16-bit dtype go to the tensor cores as they are (a
 product of two bf16 or fp16 numbers is exact in their float32 accumulator), any other pair is multiplied
 in float32 ("ieee", no TF32); the result differs from the
-reference only by the order of the float32 sums, so a pick can differ only where two experts' choice
-scores are within rounding of each other. NaN scores are picked first, as torch.topk does, so a NaN
+reference only by the order and rounding of the float32 sums (the tensor cores' accumulation is not
+IEEE round-to-nearest), so a pick can differ only where two experts' choice scores are within rounding
+of each other. NaN scores are picked first, as torch.topk does, so a NaN
 reaches the output instead of being routed around. Ties (an all-zero padding row) pick the lowest
 index; torch.topk leaves their order unspecified.
 """
@@ -213,7 +214,9 @@ if triton is not None:
 
 def route_triton(x, weight, bias, top_k, n_group, topk_group, top2, sigmoid, normalize, scale,
                  columns: int = COLUMNS_PER_PROGRAM):
-    """`columns`: of H per logits program (benchmarks/bench_router.py compares a few)."""
+    """`columns`: of H per logits program, at least 16 (benchmarks/bench_router.py compares a few)."""
+    if columns < 16:
+        raise CoscaleError(f"route: columns per logits program must be at least 16 (tl.dot's K), got {columns}")
     T, H = x.shape
     E = weight.shape[0]
     e_pow2 = triton.next_power_of_2(E)

@@ -35,7 +35,7 @@ from torch import nn
 from coscale.config import ModelConfig
 from coscale.kernels.attention import flash_attention
 from coscale.kernels.mla_decode import gather_latent, paged_mla_decode
-from coscale.model.fused_weights import concatenate_weights
+from coscale.model.fused_weights import StackedWeights
 from coscale.model.norm import RMSNorm, upcast
 from coscale.model.rope import apply_rope
 
@@ -94,7 +94,7 @@ class LatentKVCache:
         return sum(t.shape[-1] * t.element_size() for t in self.kv + self.pe)
 
 
-class MLA(nn.Module):
+class MLA(StackedWeights, nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -114,26 +114,17 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, n * (self.dn + self.dv), bias=False)
         self.o_proj = nn.Linear(n * self.dv, h, bias=bias)
-        # [q or q_a; kv_a] stacked, their weights views of it (`fuse_input_projections`): one GEMM of x
-        self.register_buffer("qkv_a_weight", None, persistent=False)
 
-    def fuse_input_projections(self, on: bool = True) -> bool:
-        """The two projections of x (q_proj or q_a_proj, and kv_a_proj_with_mqa) as one GEMM without
-        gradients (coscale.model.fused_weights); False where they do not qualify (FP8 layers, biases).
-        `on=False` goes back to two GEMMs (the weights stay views of the stacked tensor)."""
-        if not on:
-            self.qkv_a_weight = None
-        elif self.qkv_a_weight is None:
-            first = self.q_a_proj if self.q_lora_rank else self.q_proj
-            self.qkv_a_weight = concatenate_weights(first, self.kv_a_proj_with_mqa)
-        return self.qkv_a_weight is not None
+    def stacked_layers(self) -> tuple[nn.Module, ...]:
+        """The two projections of x, stacked by `stack_weights()` into one GEMM at inference."""
+        return (self.q_a_proj if self.q_lora_rank else self.q_proj), self.kv_a_proj_with_mqa
 
     def _project(self, x, cos, sin):
         """Queries (B,S,n,dn), (B,S,n,dr) and the cacheable c_kv (B,S,c), k_pe (B,S,dr)."""
         B, S, _ = x.shape
-        if self.qkv_a_weight is not None and not torch.is_grad_enabled():
-            q, kv = F.linear(x, self.qkv_a_weight).split(
-                [self.qkv_a_weight.shape[0] - self.kv_lora_rank - self.dr, self.kv_lora_rank + self.dr], dim=-1)
+        if self.stacked_weight is not None and not torch.is_grad_enabled():  # [q or q_a; kv_a] in one GEMM
+            q, kv = F.linear(x, self.stacked_weight).split(
+                [self.stacked_weight.shape[0] - self.kv_lora_rank - self.dr, self.kv_lora_rank + self.dr], dim=-1)
             if self.q_lora_rank:
                 q = self.q_b_proj(self.q_a_layernorm(q))
         else:

@@ -29,11 +29,11 @@ from coscale.config import ModelConfig
 from coscale.kernels.backend import to_autocast_dtype
 from coscale.kernels.moe_decode import moe_decode, moe_decode_pays
 from coscale.kernels.router import fused_router_pays, gate_scores, route, route_torch
-from coscale.model.fused_weights import concatenate_weights
+from coscale.model.fused_weights import StackedWeights
 from coscale.model.norm import apply_keeping_float32
 
 
-class MLP(nn.Module):
+class MLP(StackedWeights, nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
 
     def __init__(self, hidden: int, intermediate: int):
@@ -41,21 +41,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-        # [gate; up] stacked, their weights views of it (`fuse_gate_up`): one GEMM at inference
-        self.register_buffer("gate_up_weight", None, persistent=False)
 
-    def fuse_gate_up(self, on: bool = True) -> bool:
-        """Gate and up as one GEMM without gradients (coscale.model.fused_weights); False where the layers do
-        not qualify. `on=False` goes back to two GEMMs (the weights stay views of the stacked tensor)."""
-        if not on:
-            self.gate_up_weight = None
-        elif self.gate_up_weight is None:
-            self.gate_up_weight = concatenate_weights(self.gate_proj, self.up_proj)
-        return self.gate_up_weight is not None
+    def stacked_layers(self) -> tuple[nn.Module, ...]:
+        """Gate and up, stacked by `stack_weights()` into one GEMM at inference."""
+        return self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_weight is not None and not torch.is_grad_enabled():
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        if self.stacked_weight is not None and not torch.is_grad_enabled():  # [gate; up] in one GEMM
+            gate, up = F.linear(x, self.stacked_weight).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

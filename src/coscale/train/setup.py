@@ -186,9 +186,13 @@ def _check_device(name: str, world_size: int) -> None:
 
 
 def compat_fields(cfg: TrainConfig, model_cfg: ModelConfig, precision: str, data_info: dict) -> dict:
-    """What a resumed run must share with its checkpoint (steps, lr, intervals may change)."""
-    return {"model_config": model_cfg.to_dict(), "precision": precision,
-            "adam_moments_dtype": cfg.adam_moments_dtype, "data": data_info, "val_fraction": cfg.val_fraction}
+    """What a resumed run must share with its checkpoint (steps, lr, intervals may change). The routers'
+    learning-rate scale only where it is not 1, so that checkpoints from before it resume."""
+    fields = {"model_config": model_cfg.to_dict(), "precision": precision,
+              "adam_moments_dtype": cfg.adam_moments_dtype, "data": data_info, "val_fraction": cfg.val_fraction}
+    if cfg.router_lr_scale != 1.0:
+        fields["router_lr_scale"] = cfg.router_lr_scale
+    return fields
 
 
 def _weights_beside(model: Any) -> str | None:
