@@ -19,7 +19,11 @@ MaxVio at its maximum on the H200 through 300 steps, which this reproduces on th
 coscale train's width-scaled default, 7.5e-4 for this width) the routing stays balanced. At hidden 4,096 the
 default (1.875e-4) with train's bias update speed (0.0067, 30 warm-up steps, batch 8) still saturated one
 expert of the second layer for every token by step 100 (top share 0.98-0.99), as proxy-v3 did on the H200
-for its first 200 steps; `--gate-lr-scale 0.1` kept the top share at 0.31-0.43 with the same loss.
+for its first 200 steps; `--gate-lr-scale 0.1` kept the top share at 0.31-0.43 with the same loss. On the
+H200 the same scale (`coscale train --router-lr-scale 0.1`, proxy-v3, run 28) did not remove the early collapse
+(mean MaxVio 2.53 over the first 150 steps against 2.39-2.78 at scale 1), though the routers balanced better
+later: there, with the routers' rate at a tenth, the collapse at step 30 cannot come from the routers' own
+movement, so the gate inputs are the next thing to watch on the GPU.
 """
 
 from __future__ import annotations
