@@ -25,7 +25,7 @@ import torch
 
 # isort: off
 # first: --smoke sets TRITON_INTERPRET before coscale's kernels decorate
-from gpu_timing import SMOKE, decode_bench_args, run_cases, time_variant
+from gpu_timing import SMOKE, add_speedups, decode_bench_args, run_cases, time_variant
 # isort: on
 
 from coscale.kernels.moe import grouped_experts_forward
@@ -67,13 +67,9 @@ def run_case(name: str, shape, T: int, gen, dev) -> list[dict]:
     with torch.no_grad():
         for variant, fn in variants:
             rows.append(time_variant(dict(shape=name, tokens=T, variant=variant), fn, check, nbytes, COPY_TBPS))
-    base = rows[0].get("us")
-    for r in rows:
-        if base and r.get("us"):
-            r["speedup_vs_general"] = base / r["us"]
     if not SMOKE:
         torch._dynamo.reset()  # drop the compiled functions and the weights they hold (V3's: 22.5 GB a case)
-    return rows
+    return add_speedups(rows, "general", "speedup_vs_general")
 
 
 def print_table(results: list[dict]) -> None:

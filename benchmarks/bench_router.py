@@ -27,7 +27,7 @@ import torch
 
 # isort: off
 # first: --smoke sets TRITON_INTERPRET before coscale's kernels decorate
-from gpu_timing import SMOKE, decode_bench_args, run_cases, time_variant
+from gpu_timing import SMOKE, add_speedups, decode_bench_args, run_cases, time_variant
 # isort: on
 
 from coscale.kernels.router import COLUMNS_PER_PROGRAM, route, route_torch, route_triton
@@ -76,11 +76,7 @@ def run_case(name: str, router, T: int, gen, dev) -> list[dict]:
     rows = []
     for variant, fn in variants:
         rows.append(time_variant(dict(router=name, tokens=T, variant=variant), fn, check, nbytes, COPY_TBPS))
-    base = next((r.get("us") for r in rows if r["variant"] == "reference, compiled"), None)
-    for r in rows:
-        if base and r.get("us"):
-            r["speedup_vs_compiled"] = base / r["us"]
-    return rows
+    return add_speedups(rows, "reference, compiled", "speedup_vs_compiled")
 
 
 def print_table(results: list[dict]) -> None:

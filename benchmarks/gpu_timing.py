@@ -114,6 +114,15 @@ def decode_bench_args(doc: str, quick_help: str, sizes: str, sizes_help: str, mo
     return args, device(), torch.Generator().manual_seed(args.seed)
 
 
+def add_speedups(rows: list[dict], base_variant: str, key: str) -> list[dict]:
+    """Each timed row's speed-up over the row whose "variant" is ``base_variant``, as ``row[key]``."""
+    base = next((r.get("us") for r in rows if r["variant"] == base_variant), None)
+    for r in rows:
+        if base and r.get("us"):
+            r[key] = base / r["us"]
+    return rows
+
+
 def time_variant(entry: dict, fn, check, nbytes: float, copy_tbps: float) -> dict:
     """One row of a kernel benchmark: ``entry`` updated with ``check(fn())`` (accuracy fields), microseconds
     per call replayed from a CUDA graph, and ``nbytes`` per call as a per cent of ``copy_tbps``; an error

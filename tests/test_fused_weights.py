@@ -65,6 +65,9 @@ def test_the_stacked_weight_follows_moves_and_loads():
     model = _model(None, seed=2)
     ids = torch.randint(0, model.config.vocab_size, (1, 7))
     use_decode_kernels(model, "auto")
+    before = [m.stacked_weight for m in _stacking(model)]
+    model.to("cpu")  # nothing moves: no copy
+    assert all(m.stacked_weight is b for m, b in zip(_stacking(model), before))
     model.to(torch.float64)  # every parameter converted on its own: the module stacks them again
     assert all(is_stacked(m.stacked_weight, *m.stacked_layers()) for m in _stacking(model))
     assert all(m.stacked_weight.dtype == torch.float64 for m in _stacking(model))

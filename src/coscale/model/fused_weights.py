@@ -71,10 +71,9 @@ class StackedWeights:
         return self.stacked_weight is not None
 
     def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)  # each parameter gets its own converted storage
+        out = super()._apply(fn, recurse)  # a move or conversion gives each parameter its own storage
         if self.stacked_weight is not None:
-            self.stacked_weight = None
-            self.stack_weights()
+            self.stack_weights()  # stacks again unless nothing moved (`.to()` the device they are on)
         return out
 
 
