@@ -24,7 +24,8 @@ run. `deterministic=True` additionally makes the PyTorch reference combine gathe
 instead of scatter-adding.
 
 The reference is coscale.model.moe.experts_forward_loop (one expert at a time); tests hold this
-module to it in forward and backward.
+module to it in forward and backward. At inference, for decode batches of a few tokens,
+coscale.model.moe.GroupedExperts takes coscale.kernels.moe_decode instead (no permutation).
 """
 
 from __future__ import annotations
