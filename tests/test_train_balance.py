@@ -267,3 +267,38 @@ def test_the_run_uses_the_scaled_default_unless_told():
     v2 = get_preset("deepseek-v2-lite")
     assert balancing_note(TrainConfig(), v2) == "balancing: no router bias (greedy routing); sequence-wise " \
                                                "balance loss alpha 0.001"
+
+
+def test_input_alignment_of_the_gate_inputs():
+    from coscale.model.moe import input_alignment
+
+    row = torch.randn(64, dtype=torch.float64)
+    same = row.repeat(10, 1) * torch.rand(10, 1, dtype=torch.float64)  # one direction, any lengths
+    assert input_alignment(same).item() == pytest.approx(1.0, rel=1e-6)
+    assert input_alignment(torch.eye(8)).item() == pytest.approx(1 / 8)  # unrelated directions: 1/T
+    half = torch.stack([row, -row])
+    assert input_alignment(half).item() == pytest.approx(0.0, abs=1e-7)  # opposite directions cancel
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 64, generator=gen)
+    unit = (x / x.norm(dim=-1, keepdim=True)).double()
+    assert input_alignment(x).item() == pytest.approx(unit.mean(0).pow(2).sum().item(), rel=1e-5)
+    zeros = input_alignment(torch.zeros(4, 64))  # padding rows: 0, never NaN
+    assert zeros.item() == 0.0 and input_alignment(x.to(torch.bfloat16)).dtype == torch.float32
+
+
+def test_a_training_step_logs_each_routers_input_alignment():
+    model = small_model()
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model.compute_loss(ids, ids).loss.backward()
+    metrics = load_balance(model)
+    record = metrics_record({"loss": 1.0, "total_loss": 1.0, "mtp_loss": 1.0, "aux_loss": 0.0, "grad_norm": 1.0,
+                             **{k: v.item() for k, v in metrics.items()}})
+    layers = record["gate_alignment_layers"]
+    assert set(layers) == {"layer1", "layer2", "mtp1"} and all(0 < v <= 1 for v in layers.values())
+    gate = dict(moe_gates(model))["layer1"]
+    captured = {}
+    gate.register_forward_hook(lambda g, inputs, out: captured.update(x=inputs[0].detach()))  # returns None
+    model.compute_loss(ids, ids)
+    assert gate.input_alignment.item() == pytest.approx(
+        (captured["x"] / captured["x"].norm(dim=-1, keepdim=True)).mean(0).pow(2).sum().item(), rel=1e-5)

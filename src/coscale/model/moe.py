@@ -76,6 +76,8 @@ class Gate(nn.Module):
             self.e_score_correction_bias = None
         # Tokens routed to each expert since the last bias update (not saved in checkpoints).
         self.register_buffer("expert_load", torch.zeros(self.n_experts), persistent=False)
+        # How alike the last training batch's gate inputs point (`input_alignment`): a diagnostic.
+        self.register_buffer("input_alignment", torch.zeros(()), persistent=False)
         self.backend = "auto"
 
     BACKENDS = ("auto", "triton", "torch")
@@ -86,7 +88,7 @@ class Gate(nn.Module):
         super().__setattr__(name, value)
 
     def _apply(self, fn, recurse=True):
-        apply_keeping_float32(self, fn, ("e_score_correction_bias", "expert_load"))
+        apply_keeping_float32(self, fn, ("e_score_correction_bias", "expert_load", "input_alignment"))
         return self
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,12 +127,23 @@ class Gate(nn.Module):
             with torch.no_grad():  # a scatter-add, not bincount: bincount sizes its output on the host
                 flat = topk_idx.flatten()
                 self.expert_load.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.expert_load.dtype))
+                self.input_alignment.copy_(input_alignment(x))
         return topk_idx, weights, scores
 
     def _fused(self, x: torch.Tensor) -> bool:
         if self.backend == "torch" or self.training or torch.is_grad_enabled():
             return False
         return self.backend == "triton" or (x.is_cuda and fused_router_pays(x.shape[0], *self.weight.shape))
+
+
+def input_alignment(x: torch.Tensor) -> torch.Tensor:
+    """|mean over tokens of x_t / |x_t| |^2 for gate inputs x [T, H], in float32: about 1/T for tokens in
+    unrelated directions, 1 when every token points the same way. Then the router gives every token the same
+    scores, and its bias, which shifts all tokens' scores alike, can only move the whole batch from some
+    experts to others (docs/training.md, "When balancing cannot work")."""
+    x = x.float()
+    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    return unit.mean(0).pow(2).sum()
 
 
 def experts_forward_loop(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tensor:

@@ -129,6 +129,7 @@ class DeepseekForCausalLM(nn.Module):
         for module in self.modules():
             if hasattr(module, "expert_load") and module.expert_load.device.type != "meta":
                 module.expert_load.zero_()
+                module.input_alignment.zero_()
 
     # ---- forward ---------------------------------------------------------------------
     def hidden_states(self, input_ids, start_pos: int = 0, cache: LatentKVCache | None = None):

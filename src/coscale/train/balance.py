@@ -14,6 +14,10 @@ received L_i token slots (each token counts once for each of its K experts):
 - MaxVio_global: the loads summed over a whole held-out set (the paper's Table). The evaluation logs it
   (``val_maxvio``, ``val_maxvio_mean``, per layer).
 
+Beside them each step logs each router's input alignment (``gate_alignment_layers``: |mean of the unit
+gate inputs|^2 over the batch's tokens, this process's, coscale.model.moe.input_alignment): near 1, every
+token reaches the router pointing the same way, and no bias can balance it.
+
 Both are computed on the device from the routers' counters (:func:`load_balance`, no host sync, so it
 runs inside the training step) or from hooks during evaluation (:func:`counting_expert_loads`).
 
@@ -39,6 +43,7 @@ from coscale.model.moe import Gate
 BALANCE_NAMES = ("maxvio", "maxvio_mean", "moe_load_max_over_mean", "moe_load_max_over_min",
                  "moe_all_experts_loaded", "moe_any_routed")
 PER_LAYER_PREFIX = "maxvio/"
+ALIGNMENT_PREFIX = "alignment/"  # each router's input alignment (coscale.model.moe.input_alignment)
 
 
 def moe_gates(model: nn.Module) -> list[tuple[str, Gate]]:
@@ -92,7 +97,9 @@ def load_balance(model: nn.Module) -> dict[str, torch.Tensor] | None:
     gates = moe_gates(model)
     if not gates:
         return None
-    return balance_metrics(torch.stack([gate.expert_load for _, gate in gates]), [label for label, _ in gates])
+    labels = [label for label, _ in gates]
+    alignment = {ALIGNMENT_PREFIX + label: gate.input_alignment for label, gate in gates}
+    return balance_metrics(torch.stack([gate.expert_load for _, gate in gates]), labels) | alignment
 
 
 @contextlib.contextmanager

@@ -26,7 +26,14 @@ from torch import nn
 from coscale.fp8 import invalidate_fp8_weight_caches
 from coscale.model.moe import update_router_biases
 from coscale.parallel.world import World
-from coscale.train.balance import PER_LAYER_PREFIX, balance_metrics, counting_expert_loads, load_balance, moe_gates
+from coscale.train.balance import (
+    ALIGNMENT_PREFIX,
+    PER_LAYER_PREFIX,
+    balance_metrics,
+    counting_expert_loads,
+    load_balance,
+    moe_gates,
+)
 
 # The metrics a step returns (0-d device tensors; NaN where a model has no such loss, e.g. no MTP).
 LOSS_NAMES = ("loss", "total_loss", "mtp_loss", "aux_loss", "grad_norm")
@@ -92,6 +99,10 @@ def metrics_record(values: dict[str, float]) -> dict[str, Any]:
         layers = per_layer_maxvio(values)
         if layers:
             record["maxvio_layers"] = layers
+    alignment = {name[len(ALIGNMENT_PREFIX):]: _number(v) for name, v in values.items()
+                 if name.startswith(ALIGNMENT_PREFIX)}
+    if alignment:
+        record["gate_alignment_layers"] = alignment
     return record
 
 
