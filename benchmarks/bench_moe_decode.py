@@ -11,7 +11,9 @@ as the engine replays its decode step and compiled as the engine compiles it:
 - "general": coscale.kernels.moe.grouped_experts_forward ("auto": permutation, the Triton grouped GEMM's
   16-row decode tiles for gate, up and down, SwiGLU, the combine), about a dozen kernels;
 - "decode kernels": coscale.kernels.moe_decode.moe_decode (gate + up + SwiGLU, down + weighting, the sum
-  of the partials), three kernels.
+  of the partials), three kernels, every token a row of every picked expert's tile;
+- "picks": the same with `rows="picks"` (a plan kernel lists each expert's picks, the two GEMM kernels gather
+  only those rows, PyTorch sums each token's K rows), for the batches where every token as a row is waste.
 
 Columns: microseconds per call, the speed-up over "general", the bytes of the experts that some token
 picked (the weights each path must read) as a per cent of the H200's copy bandwidth (4.25 TB/s), and the
@@ -53,7 +55,10 @@ def run_case(name: str, shape, T: int, gen, dev) -> list[dict]:
     def decode():
         return moe_decode(x, idx, g, w_gate, w_up, w_down, backend="triton" if SMOKE else "auto")
 
-    variants = (("general", general), ("decode kernels", decode))
+    def picks():
+        return moe_decode(x, idx, g, w_gate, w_up, w_down, backend="triton" if SMOKE else "auto", rows="picks")
+
+    variants = (("general", general), ("decode kernels", decode), ("picks", picks))
     if not SMOKE:
         variants = tuple((v, torch.compile(fn)) for v, fn in variants)
     with torch.no_grad():
@@ -84,11 +89,15 @@ def print_table(results: list[dict]) -> None:
 
 
 def main() -> None:
+    def shapes_option(parser):
+        parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
+                            help="expert shapes (default: all)")
+
     args, dev, gen = decode_bench_args(__doc__, "batches 1, 16 and 32 (about a minute)", "tokens",
-                                       "batch sizes (default 1 4 16 32 64)")
-    tokens = args.tokens or ([1, 16, 32] if args.quick else [1, 4, 16, 32, 64])
+                                       "batch sizes (default 1 4 16 32 64 128)", more=shapes_option)
+    tokens = args.tokens or ([1, 16, 32] if args.quick else [1, 4, 16, 32, 64, 128])
     cases = [("smoke", SMOKE_SHAPE, t) for t in (args.tokens or [1, 20])] if SMOKE else \
-        [(name, shape, t) for name, shape in SHAPES.items() for t in tokens]
+        [(name, SHAPES[name], t) for name in args.shapes for t in tokens]
     run_cases("bench_moe_decode", cases, lambda *c: run_case(*c, gen, dev), print_table, dev, args.quick, COPY_TBPS)
 
 

@@ -10,7 +10,7 @@ from torch.library import opcheck
 
 from coscale.errors import CoscaleError
 from coscale.kernels.backend import interpreting, triton_available
-from coscale.kernels.moe_decode import moe_decode, moe_decode_op, moe_decode_pays, moe_decode_torch
+from coscale.kernels.moe_decode import moe_decode, moe_decode_op, moe_decode_pays, moe_decode_picks_op, moe_decode_torch
 from coscale.model.moe import GroupedExperts, experts_forward_loop
 
 needs_triton = pytest.mark.skipif(not (triton_available() and interpreting()), reason="needs triton's interpreter")
@@ -48,39 +48,53 @@ def _assert_matches(got, args, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("rows", ["tokens", "picks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES)
-def test_kernels_match_the_reference(case, dtype):
+def test_kernels_match_the_reference(case, dtype, rows):
     args = _problem(*case, seed=sum(case), dtype=dtype)
-    got = moe_decode(*args, backend="triton")
+    got = moe_decode(*args, backend="triton", rows=rows)
     assert got.dtype == dtype and got.shape == args[0].shape
     _assert_matches(got, args, dtype)
 
 
 @needs_triton
-def test_repeated_picks_no_tokens_and_auto_on_cpu():
+@pytest.mark.parametrize("rows", ["tokens", "picks"])
+def test_repeated_picks_no_tokens_and_auto_on_cpu(rows):
     x, idx, g, wg, wu, wd = _problem(6, 3, 8, 32, 16, seed=6)
     idx[2] = torch.tensor([5, 5, 1])  # a token that lists an expert twice gets both weights, as the loop gives
     args = (x, idx, g, wg, wu, wd)
-    _assert_matches(moe_decode(*args, backend="triton"), args, torch.bfloat16)
-    _assert_matches(moe_decode(*args), args, torch.bfloat16)  # "auto" on CPU tensors: the reference
-    empty = moe_decode(x[:0], idx[:0], g[:0], wg, wu, wd, backend="triton")
+    _assert_matches(moe_decode(*args, backend="triton", rows=rows), args, torch.bfloat16)
+    _assert_matches(moe_decode(*args, rows=rows), args, torch.bfloat16)  # "auto" on CPU tensors: the reference
+    empty = moe_decode(x[:0], idx[:0], g[:0], wg, wu, wd, backend="triton", rows=rows)
     assert empty.shape == (0, 32) and empty.dtype == torch.bfloat16
 
 
 @needs_triton
-def test_nan_stays_in_its_token_and_zero_inputs_give_zero():
+def test_picks_beyond_one_plan_chunk_and_the_grid_row_blocks():
+    # 300 tokens x 4 picks: the plan kernel's 1,024-pick chunks twice over; expert 0 picked by every token:
+    # 300 rows, more than the grid's 4 row blocks of 16 cover, so the kernels loop
+    x, idx, g, wg, wu, wd = _problem(300, 4, 6, 32, 16, seed=7)
+    idx[:, 0] = 0
+    idx[:, 1:] = torch.stack([torch.randperm(5)[:3] + 1 for _ in range(300)])
+    args = (x, idx, g, wg, wu, wd)
+    _assert_matches(moe_decode(*args, backend="triton", rows="picks"), args, torch.bfloat16)
+
+
+@needs_triton
+@pytest.mark.parametrize("rows", ["tokens", "picks"])
+def test_nan_stays_in_its_token_and_zero_inputs_give_zero(rows):
     x, idx, g, wg, wu, wd = _problem(16, 4, 8, 32, 32, seed=2)
     x[3, 5] = float("nan")
-    out = moe_decode(x, idx, g, wg, wu, wd, backend="triton")
+    out = moe_decode(x, idx, g, wg, wu, wd, backend="triton", rows=rows)
     assert out[3].isnan().any()
     ok = torch.ones(16, dtype=torch.bool)
     ok[3] = False
     assert out[ok].isfinite().all()  # a token's NaN never reaches the tokens that share its experts
     _assert_matches(out[ok], (x[ok], idx[ok], g[ok], wg, wu, wd), torch.bfloat16)
-    zeros = moe_decode(torch.zeros_like(x), idx, g, wg, wu, wd, backend="triton")
+    zeros = moe_decode(torch.zeros_like(x), idx, g, wg, wu, wd, backend="triton", rows=rows)
     assert torch.equal(zeros, torch.zeros_like(zeros))
-    no_weight = moe_decode(x, idx, torch.zeros_like(g), wg, wu, wd, backend="triton")
+    no_weight = moe_decode(x, idx, torch.zeros_like(g), wg, wu, wd, backend="triton", rows=rows)
     assert torch.equal(no_weight[ok], torch.zeros_like(no_weight[ok]))
 
 
@@ -123,6 +137,8 @@ def test_bad_inputs_are_clear_errors():
         moe_decode(x, idx[:3], g, wg, wu, wd)
     with pytest.raises(CoscaleError, match="w_gate"):
         moe_decode(x[:, :16], idx, g, wg, wu, wd)
+    with pytest.raises(CoscaleError, match="rows must be"):
+        moe_decode(x, idx, g, wg, wu, wd, rows="experts")
     with pytest.raises(CoscaleError, match="contiguous"):  # never a copy of every expert per call
         moe_decode(x, idx, g, wg.transpose(1, 2).contiguous().transpose(1, 2), wu, wd)
 
@@ -136,3 +152,4 @@ def test_auto_rule():
 def test_opcheck():
     x, idx, g, wg, wu, wd = _problem(5, 2, 8, 32, 16, seed=5)
     opcheck(moe_decode_op, (x, idx, g, wg, wu, wd, "torch"))
+    opcheck(moe_decode_picks_op, (x, idx, wg, wu, wd, "torch"))

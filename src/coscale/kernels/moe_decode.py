@@ -25,6 +25,14 @@ run, and enough programs to stream the weights (H / BLOCK_N alone would be 32 pr
 The caller sums the partials (`moe_decode` returns the sum; under torch.compile Inductor fuses it with
 the shared experts' add that follows).
 
+`rows="picks"` multiplies only each expert's own picks, for batches where every token as a row would be
+wasteful (tens to hundreds of tokens): `_moe_plan_kernel` lists each expert's picks (flat indices t*K + k,
+in order; one program per expert, a prefix sum over the picks, no sort), then the gate/up and down kernels
+gather those rows (BLOCK_T at a time, the token's x row by t = j // K) and write one output row per pick,
+y [T*K, H]; the weighted sum over each token's K rows is PyTorch's (in k order, as the general path's
+combine). Three kernels and a fused sum against the general path's dozen; not yet measured on a GPU, so
+"auto" does not take it.
+
 Rounding follows the general path: gate and up are rounded to the activation dtype before SwiGLU, and
 each expert's output before it is weighted, so the two differ only in the order of float32 sums.
 
@@ -48,7 +56,7 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
-__all__ = ["MOE_DECODE_MAX_TOKENS", "moe_decode", "moe_decode_pays", "moe_decode_torch"]
+__all__ = ["MOE_DECODE_MAX_TOKENS", "moe_decode", "moe_decode_pays", "moe_decode_picks_torch", "moe_decode_torch"]
 
 MOE_DECODE_MAX_TOKENS = 32  # "auto" takes these kernels up to this many tokens (module docstring)
 EXPERTS_PER_SPLIT = 8
@@ -80,6 +88,45 @@ if triton is not None:
         weight = tl.sum(tl.where(hit, tl.load(g_ptr + where, mask=ok, other=0.0), 0.0), axis=1)
         return weight, tl.sum(hit.to(tl.int32), axis=1) > 0
 
+    @triton.jit
+    def _gate_up_swiglu(x_ptrs, row_ok, wg_ptr, wu_ptr, w_off, col_ok, H, act_ptr, BLOCK_T: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+        """silu(x W_gate^T) * (x W_up^T) of BLOCK_T rows (x_ptrs [BLOCK_T, BLOCK_K] at k = 0) and BLOCK_N
+        columns (w_off [BLOCK_K, BLOCK_N]), float32, gate and up rounded to act's dtype first."""
+        ks = tl.arange(0, BLOCK_K)
+        acc_g = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            k_ok = (k0 + ks) < H
+            xt = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w_ok = k_ok[:, None] & col_ok[None, :]
+            wg = tl.load(wg_ptr + w_off + k0, mask=w_ok, other=0.0)
+            wu = tl.load(wu_ptr + w_off + k0, mask=w_ok, other=0.0)
+            if DOT_FP32:  # Triton's interpreter multiplies 16-bit floats' raw bits in tl.dot
+                xt, wg, wu = xt.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
+            acc_g += tl.dot(xt, wg)
+            acc_u += tl.dot(xt, wu)
+        dtype = act_ptr.dtype.element_ty
+        gate = acc_g.to(dtype).to(tl.float32)  # rounded as the general path's GEMM outputs are
+        up = acc_u.to(dtype).to(tl.float32)
+        return gate * tl.sigmoid(gate) * up
+
+    @triton.jit
+    def _rows_times_weight(a_ptrs, row_ok, w_ptrs, col_ok, I, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+        """[BLOCK_T, BLOCK_N] float32: rows a (a_ptrs at k = 0; rows not row_ok read as zeros) times a
+        weight tile (w_ptrs [BLOCK_K, BLOCK_N] at k = 0) over I."""
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            k_ok = (k0 + ks) < I
+            at = tl.load(a_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if DOT_FP32:
+                at, wt = at.to(tl.float32), wt.to(tl.float32)
+            acc += tl.dot(at, wt)
+        return acc
+
     @triton_autotune(*_CONFIGS, key=["H", "I", "T_BUCKET"], rep_ms=20)
     @triton.jit
     def _moe_gate_up_kernel(
@@ -99,24 +146,10 @@ if triton is not None:
         row_ok, col_ok = rows < T, cols < I
         x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x + ks[None, :]
         w_off = e.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wi + ks[:, None]  # [BLOCK_K, BLOCK_N]
-        acc_g = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            k_ok = (k0 + ks) < H
-            xt = tl.load(x_ptrs + k0, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w_ok = k_ok[:, None] & col_ok[None, :]
-            wg = tl.load(wg_ptr + w_off + k0, mask=w_ok, other=0.0)
-            wu = tl.load(wu_ptr + w_off + k0, mask=w_ok, other=0.0)
-            if DOT_FP32:  # Triton's interpreter multiplies 16-bit floats' raw bits in tl.dot
-                xt, wg, wu = xt.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
-            acc_g += tl.dot(xt, wg)
-            acc_u += tl.dot(xt, wu)
-        dtype = act_ptr.dtype.element_ty
-        gate = acc_g.to(dtype).to(tl.float32)  # rounded as the general path's GEMM outputs are
-        up = acc_u.to(dtype).to(tl.float32)
-        act = gate * tl.sigmoid(gate) * up
+        act = _gate_up_swiglu(x_ptrs, row_ok, wg_ptr, wu_ptr, w_off, col_ok, H, act_ptr, BLOCK_T, BLOCK_N, BLOCK_K,
+                              DOT_FP32)
         out = act_ptr + (e.to(tl.int64) * T + rows[:, None]) * I + cols[None, :]
-        tl.store(out, act.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(out, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
     @triton_autotune(*_CONFIGS, key=["H", "I", "T_BUCKET"], rep_ms=20)
     @triton.jit
@@ -139,19 +172,89 @@ if triton is not None:
             if (e < E) & (tl.sum(picked.to(tl.int32), axis=0) > 0):
                 a_ptrs = act_ptr + (e.to(tl.int64) * T + rows[:, None]) * I + ks[None, :]
                 w_ptrs = wd_ptr + e.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wh + ks[:, None]
-                acc_e = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-                for k0 in range(0, I, BLOCK_K):
-                    k_ok = (k0 + ks) < I
-                    # rows that did not pick e read as zeros: their act was never written
-                    at = tl.load(a_ptrs + k0, mask=picked[:, None] & k_ok[None, :], other=0.0)
-                    wt = tl.load(w_ptrs + k0, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                    if DOT_FP32:
-                        at, wt = at.to(tl.float32), wt.to(tl.float32)
-                    acc_e += tl.dot(at, wt)
+                # rows that did not pick e read as zeros: their act was never written
+                acc_e = _rows_times_weight(a_ptrs, picked, w_ptrs, col_ok, I, BLOCK_T, BLOCK_N, BLOCK_K, DOT_FP32)
                 y = acc_e.to(act_ptr.dtype.element_ty).to(tl.float32)
                 acc += y * weight[:, None]
         out = part_ptr + (split.to(tl.int64) * T + rows[:, None]) * H + cols[None, :]
         tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+    # The pick-rows kernels (`moe_decode_picks`): BLOCK_T rows of one expert's picks a tile.
+    _PICK_SHAPES = ((16, 64, 128, 4, 4), (16, 32, 256, 4, 4), (32, 64, 128, 4, 4), (32, 128, 128, 4, 4),
+                    (16, 128, 128, 4, 4))
+    _PICK_CONFIGS = (
+        [triton.Config({"BLOCK_T": t, "BLOCK_N": n, "BLOCK_K": k}, num_stages=s, num_warps=w)
+         for t, n, k, s, w in _PICK_SHAPES],
+        triton.Config({"BLOCK_T": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4),
+    )
+
+    @triton.jit
+    def _moe_plan_kernel(idx_ptr, rows_ptr, counts_ptr, TK, CAP, CHUNK: tl.constexpr):
+        """Expert e's picks: the flat indices j = t * K + k with topk_idx[t, k] == e, in order, into
+        rows[e, :count], and count into counts[e] (grid (E,))."""
+        e = tl.program_id(0)
+        count = tl.sum(tl.zeros([CHUNK], dtype=tl.int32), axis=0)
+        for c in range(0, TK, CHUNK):
+            j = c + tl.arange(0, CHUNK)
+            hit = (tl.load(idx_ptr + j, mask=j < TK, other=-1) == e).to(tl.int32)
+            slot = count + tl.cumsum(hit, axis=0) - 1
+            tl.store(rows_ptr + e.to(tl.int64) * CAP + slot, j, mask=hit > 0)
+            count += tl.sum(hit, axis=0)
+        tl.store(counts_ptr + e, count)
+
+    @triton.jit
+    def _picks_block(rows_ptr, counts_ptr, e, r0, CAP, BLOCK_T: tl.constexpr):
+        """(j [BLOCK_T] int64, ok [BLOCK_T]): the flat pick indices r0 .. r0 + BLOCK_T of expert e."""
+        slots = r0 + tl.arange(0, BLOCK_T)
+        ok = slots < tl.load(counts_ptr + e)
+        j = tl.load(rows_ptr + e.to(tl.int64) * CAP + slots, mask=ok, other=0)
+        return j.to(tl.int64), ok
+
+    @triton_autotune(*_PICK_CONFIGS, key=["H", "I", "T_BUCKET"], rep_ms=20)
+    @triton.jit
+    def _moe_gate_up_picks_kernel(
+        x_ptr, rows_ptr, counts_ptr, wg_ptr, wu_ptr, act_ptr, H, I, CAP, T_BUCKET,
+        stride_x, stride_we, stride_wi,
+        K: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """act[j] = SwiGLU of x[j // K] through expert e, for each pick j of e (act [T*K, I])."""
+        pid_n, e = tl.program_id(0), tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        col_ok = cols < I
+        w_off = e.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wi + ks[:, None]
+        count = tl.load(counts_ptr + e)
+        # a grid-stride loop over the row blocks: an expert with more picks than the grid's blocks cover
+        # (a token listing it twice) still has every pick computed
+        for r0 in range(tl.program_id(2) * BLOCK_T, count, tl.num_programs(2) * BLOCK_T):
+            j, ok = _picks_block(rows_ptr, counts_ptr, e, r0, CAP, BLOCK_T)
+            x_ptrs = x_ptr + (j // K)[:, None] * stride_x + ks[None, :]
+            act = _gate_up_swiglu(x_ptrs, ok, wg_ptr, wu_ptr, w_off, col_ok, H, act_ptr, BLOCK_T, BLOCK_N,
+                                  BLOCK_K, DOT_FP32)
+            tl.store(act_ptr + j[:, None] * I + cols[None, :], act.to(act_ptr.dtype.element_ty),
+                     mask=ok[:, None] & col_ok[None, :])
+
+    @triton_autotune(*_PICK_CONFIGS, key=["H", "I", "T_BUCKET"], rep_ms=20)
+    @triton.jit
+    def _moe_down_picks_kernel(
+        act_ptr, rows_ptr, counts_ptr, wd_ptr, y_ptr, H, I, CAP, T_BUCKET,
+        stride_we, stride_wh,
+        DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """y[j] = act[j] W_down[e]^T for each pick j of expert e (y [T*K, H], in act's dtype)."""
+        pid_n, e = tl.program_id(0), tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        col_ok = cols < H
+        w_ptrs = wd_ptr + e.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wh + ks[:, None]
+        count = tl.load(counts_ptr + e)
+        for r0 in range(tl.program_id(2) * BLOCK_T, count, tl.num_programs(2) * BLOCK_T):
+            j, ok = _picks_block(rows_ptr, counts_ptr, e, r0, CAP, BLOCK_T)
+            a_ptrs = act_ptr + j[:, None] * I + ks[None, :]
+            y = _rows_times_weight(a_ptrs, ok, w_ptrs, col_ok, I, BLOCK_T, BLOCK_N, BLOCK_K, DOT_FP32)
+            tl.store(y_ptr + j[:, None] * H + cols[None, :], y.to(y_ptr.dtype.element_ty),
+                     mask=ok[:, None] & col_ok[None, :])
 
 
 def _block_t(T: int) -> int:
@@ -180,6 +283,62 @@ def moe_decode_triton(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.T
         w_down.stride(0), w_down.stride(1), EXPERTS=EXPERTS_PER_SPLIT, **common,
     )
     return part
+
+
+PICK_ROW_BLOCKS = 4  # row blocks a (column tile, expert) gets in the grid; more picks loop inside
+
+
+def moe_decode_picks_triton(x, topk_idx, w_gate, w_up, w_down) -> torch.Tensor:
+    """y [T*K, H] in x's dtype: row t*K + k is expert topk_idx[t, k]'s output for token t (unweighted)."""
+    T, H = x.shape
+    E, I, _ = w_gate.shape
+    TK = topk_idx.numel()
+    y = torch.empty(TK, H, dtype=x.dtype, device=x.device)
+    if TK == 0:
+        return y
+    act = torch.empty(TK, I, dtype=x.dtype, device=x.device)
+    rows = torch.empty(E, TK, dtype=torch.int32, device=x.device)
+    counts = torch.empty(E, dtype=torch.int32, device=x.device)
+    _moe_plan_kernel[(E,)](topk_idx, rows, counts, TK, TK, CHUNK=min(1024, triton.next_power_of_2(TK)))
+    t_bucket = power_of_two_bucket(T)
+    blocks = min(PICK_ROW_BLOCKS, triton.cdiv(T, 16))
+    _moe_gate_up_picks_kernel[lambda meta: (triton.cdiv(I, meta["BLOCK_N"]), E, blocks)](
+        x, rows, counts, w_gate, w_up, act, H, I, TK, t_bucket, x.stride(0), w_gate.stride(0), w_gate.stride(1),
+        K=topk_idx.shape[1], DOT_FP32=interpreting(),
+    )
+    _moe_down_picks_kernel[lambda meta: (triton.cdiv(H, meta["BLOCK_N"]), E, blocks)](
+        act, rows, counts, w_down, y, H, I, TK, t_bucket, w_down.stride(0), w_down.stride(1),
+        DOT_FP32=interpreting(),
+    )
+    return y
+
+
+def moe_decode_picks_torch(x, topk_idx, w_gate, w_up, w_down) -> torch.Tensor:
+    """The reference of `moe_decode_picks_triton`, rounded where the kernels round."""
+    dtype = x.dtype
+    flat = topk_idx.flatten()
+    y = torch.zeros(flat.numel(), x.shape[1], dtype=dtype, device=x.device)
+    for e in flat.unique().tolist():
+        j = (flat == e).nonzero(as_tuple=True)[0]
+        h = x[j // topk_idx.shape[1]].float()
+        gate = (h @ w_gate[e].float().t()).to(dtype).float()
+        up = (h @ w_up[e].float().t()).to(dtype).float()
+        act = (gate * torch.sigmoid(gate) * up).to(dtype).float()
+        y[j] = (act @ w_down[e].float().t()).to(dtype)
+    return y
+
+
+def _fake_picks(x, topk_idx, w_gate, w_up, w_down, backend):
+    return x.new_empty(topk_idx.numel(), x.shape[1])
+
+
+@operator("moe_decode_picks", opaque=True, fake=_fake_picks)
+def moe_decode_picks_op(x: torch.Tensor, topk_idx: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                        w_down: torch.Tensor, backend: str) -> torch.Tensor:
+    """y [T*K, H]: each pick's expert output, unweighted (an opaque operator: autotuned kernels)."""
+    if select_backend(backend, x, op="moe_decode") == "triton":
+        return moe_decode_picks_triton(x, topk_idx, w_gate, w_up, w_down)
+    return moe_decode_picks_torch(x, topk_idx, w_gate, w_up, w_down)
 
 
 def _fake(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend):
@@ -212,16 +371,24 @@ def moe_decode_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Te
     return torch.cat([out.unsqueeze(0), out.new_zeros(-(-w_gate.shape[0] // EXPERTS_PER_SPLIT) - 1, *out.shape)])
 
 
+ROWS = ("tokens", "picks")
+
+
 def moe_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate: torch.Tensor,
-               w_up: torch.Tensor, w_down: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+               w_up: torch.Tensor, w_down: torch.Tensor, *, backend: str = "auto",
+               rows: str = "tokens") -> torch.Tensor:
     """sum_k topk_weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_idx[t, k], as
     coscale.kernels.moe.grouped_experts_forward computes it, for the few tokens of a decode step.
 
     x [T, H] bfloat16 or float16; topk_idx [T, K] int64; topk_weight [T, K] float32; w_gate, w_up
     [E, I, H] and w_down [E, H, I] in x's dtype. Returns [T, H] in x's dtype; not differentiable.
     `backend`: "auto" (the kernels on CUDA, the reference elsewhere), "triton" (CPU tensors under
-    TRITON_INTERPRET=1) or "torch" (`moe_decode_torch`).
+    TRITON_INTERPRET=1) or "torch" (`moe_decode_torch`). `rows`: "tokens" (every token of the batch a row of
+    every picked expert's tile) or "picks" (only each expert's own picks, gathered: module docstring; not
+    yet measured on a GPU). Expert ids must lie in [0, E), as the router gives them.
     """
+    if rows not in ROWS:
+        raise CoscaleError(f"moe_decode: rows must be one of {ROWS}, got {rows!r}")
     if x.dim() != 2 or w_gate.dim() != 3 or w_gate.shape != w_up.shape or w_gate.shape[2] != x.shape[1]:
         raise CoscaleError(f"moe_decode needs x [T, H] and w_gate, w_up [E, I, H], got {tuple(x.shape)}, "
                            f"{tuple(w_gate.shape)} and {tuple(w_up.shape)}")
@@ -241,6 +408,11 @@ def moe_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tenso
         raise CoscaleError(f"moe_decode needs row-contiguous weights, w_gate and w_up with the same strides; got "
                            f"strides {w_gate.stride()}, {w_up.stride()}, {w_down.stride()} (make them contiguous "
                            "once, not per call)")
+    if rows == "picks":
+        y = moe_decode_picks_op(x.contiguous(), topk_idx.contiguous(), w_gate, w_up, w_down, backend)
+        # each token's K rows weighted and summed in k order (Inductor fuses it with what follows)
+        weighted = y.view(*topk_idx.shape, x.shape[1]).float() * topk_weight.float().unsqueeze(-1)
+        return weighted.sum(1).to(x.dtype)
     part = moe_decode_op(x.contiguous(), topk_idx.contiguous(), topk_weight.float().contiguous(),
                          w_gate, w_up, w_down, backend)
     return part.sum(0).to(x.dtype)
