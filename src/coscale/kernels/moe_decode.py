@@ -29,7 +29,7 @@ the shared experts' add that follows).
 wasteful (tens to hundreds of tokens): `_moe_plan_kernel` lists each expert's picks (flat indices t*K + k,
 in order; one program per expert, a prefix sum over the picks, no sort), then the gate/up and down kernels
 gather those rows (BLOCK_T at a time, the token's x row by t = j // K) and write one output row per pick,
-y [T*K, H]; the weighted sum over each token's K rows is PyTorch's (in k order, as the general path's
+y [T*K, H]; the weighted sum over each token's K rows is PyTorch's (deterministic, as the general path's
 combine). Three kernels and a fused sum against the general path's dozen; not yet measured on a GPU, so
 "auto" does not take it.
 
@@ -293,7 +293,9 @@ def moe_decode_picks_triton(x, topk_idx, w_gate, w_up, w_down) -> torch.Tensor:
     T, H = x.shape
     E, I, _ = w_gate.shape
     TK = topk_idx.numel()
-    y = torch.empty(TK, H, dtype=x.dtype, device=x.device)
+    # zeros: a pick no expert lists (an id outside [0, E)) then adds nothing, as in the "tokens" kernels,
+    # instead of uninitialised memory
+    y = torch.zeros(TK, H, dtype=x.dtype, device=x.device)
     if TK == 0:
         return y
     act = torch.empty(TK, I, dtype=x.dtype, device=x.device)
@@ -410,7 +412,7 @@ def moe_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tenso
                            "once, not per call)")
     if rows == "picks":
         y = moe_decode_picks_op(x.contiguous(), topk_idx.contiguous(), w_gate, w_up, w_down, backend)
-        # each token's K rows weighted and summed in k order (Inductor fuses it with what follows)
+        # each token's K rows weighted and summed, the same way every run (Inductor fuses it with what follows)
         weighted = y.view(*topk_idx.shape, x.shape[1]).float() * topk_weight.float().unsqueeze(-1)
         return weighted.sum(1).to(x.dtype)
     part = moe_decode_op(x.contiguous(), topk_idx.contiguous(), topk_weight.float().contiguous(),
