@@ -27,7 +27,7 @@ import torch
 
 # isort: off
 # first: --smoke sets TRITON_INTERPRET before coscale's kernels decorate
-from gpu_timing import SMOKE, add_speedups, decode_bench_args, run_cases, time_variant
+from gpu_timing import SMOKE, add_speedups, decode_bench_args, print_rows, run_cases, time_variant
 # isort: on
 
 from coscale.kernels.moe import grouped_experts_forward
@@ -78,14 +78,10 @@ def run_case(name: str, shape, T: int, gen, dev) -> list[dict]:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'shape':8} {'T':>4}  {'variant':15} {'experts':>7} {'us':>9} {'x general':>9} {'% copy':>7} "
-          f"{'max diff':>9}")
-    for r in results:
-        if "error" in r:
-            print(f"{r['shape']:8} {r['tokens']:4d}  {r['variant']:15} ERROR {r['error']}")
-            continue
-        print(f"{r['shape']:8} {r['tokens']:4d}  {r['variant']:15} {r['experts_touched']:7d} {r['us']:9.1f} "
-              f"{r.get('speedup_vs_general', 0):9.2f} {r['pct_of_copy']:7.1f} {r['max_rel_diff']:9.1e}")
+    print_rows(results, [("shape", "shape", 8, ""), ("T", "tokens", 5, "d"), ("variant", "variant", 15, ""),
+                         ("experts", "experts_touched", 7, "d"), ("us", "us", 9, ".1f"),
+                         ("x general", "speedup_vs_general", 9, ".2f"), ("% copy", "pct_of_copy", 7, ".1f"),
+                         ("max diff", "max_rel_diff", 9, ".1e")])
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import torch
 
 # isort: off
 # first: --smoke sets TRITON_INTERPRET before coscale's kernels decorate
-from gpu_timing import SMOKE, add_speedups, decode_bench_args, run_cases, time_variant
+from gpu_timing import SMOKE, add_speedups, decode_bench_args, print_rows, run_cases, time_variant
 # isort: on
 
 from coscale.kernels.router import COLUMNS_PER_PROGRAM, route, route_torch, route_triton
@@ -80,16 +80,11 @@ def run_case(name: str, router, T: int, gen, dev) -> list[dict]:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'router':8} {'T':>5}  {'variant':24} {'us':>8} {'x compiled':>10} {'% copy':>7} {'picks':>6} "
-          f"{'max dw':>8}")
-    for r in results:
-        if "error" in r:
-            print(f"{r['router']:8} {r['tokens']:5d}  {r['variant']:24} ERROR {r['error']}")
-            continue
-        dw = f"{r['max_weight_diff']:.1e}" if r.get("max_weight_diff") is not None else "-"
-        print(f"{r['router']:8} {r['tokens']:5d}  {r['variant']:24} {r['us']:8.2f} "
-              f"{r.get('speedup_vs_compiled', 0):10.2f} {r['pct_of_copy']:7.1f} "
-              f"{'same' if r['picks_equal'] else 'DIFF':>6} {dw:>8}")
+    print_rows(results, [("router", "router", 8, ""), ("T", "tokens", 5, "d"), ("variant", "variant", 24, ""),
+                         ("us", "us", 8, ".2f"), ("x compiled", "speedup_vs_compiled", 10, ".2f"),
+                         ("% copy", "pct_of_copy", 7, ".1f"),
+                         ("picks", lambda r: "same" if r.get("picks_equal") else "DIFF", 6, ""),
+                         ("max dw", "max_weight_diff", 8, ".1e")])
 
 
 def main() -> None:

@@ -114,6 +114,24 @@ def decode_bench_args(doc: str, quick_help: str, sizes: str, sizes_help: str, mo
     return args, device(), torch.Generator().manual_seed(args.seed)
 
 
+def print_rows(results: list[dict], columns: list[tuple]) -> None:
+    """A table of result rows: ``columns`` = [(header, key or function of the row, width, format spec)];
+    strings (format spec "") align left, numbers right, a missing value prints "-". A row with an "error"
+    prints its first three columns (the case) and the error."""
+    def cell(row, get, width, spec):
+        value = get(row) if callable(get) else row.get(get)
+        if value is None:
+            return f"{'-':>{width}}"
+        return f"{value:<{width}}" if isinstance(value, str) else f"{format(value, spec):>{width}}"
+
+    print("\n" + " ".join(f"{h:<{w}}" if not spec else f"{h:>{w}}" for h, _, w, spec in columns))
+    for r in results:
+        if "error" in r:
+            print(" ".join(cell(r, *c[1:]) for c in columns[:3]), "ERROR", r["error"])
+            continue
+        print(" ".join(cell(r, *c[1:]) for c in columns))
+
+
 def add_speedups(rows: list[dict], base_variant: str, key: str) -> list[dict]:
     """Each timed row's speed-up over the row whose "variant" is ``base_variant``, as ``row[key]``."""
     base = next((r.get("us") for r in rows if r["variant"] == base_variant), None)

@@ -55,7 +55,8 @@ class StackedWeights:
     stacked_weight: torch.Tensor | None = None
 
     def stacked_layers(self) -> tuple[nn.Module, ...]:
-        raise NotImplementedError
+        """The layers that read the same input, in the order their outputs are split (none by default)."""
+        return ()
 
     def stack_weights(self, on: bool = True) -> bool:
         """Multiply the input by the stacked layers in one GEMM (without gradients): True where they qualify.
