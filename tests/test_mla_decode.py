@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from coscale.config import get_preset
-from coscale.errors import CoscaleError
+from coscale.errors import ConfigError, CoscaleError
 from coscale.kernels.mla_decode import (
     FP8_MAX,
     LatentCacheLayer,
@@ -365,3 +365,40 @@ def test_gpu_lazy_rescaling_matches_the_reference(fp8):
                               kernel_config={**cfg, "LAZY": 1}, backend="triton")
         torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(lse, ref_lse, rtol=1e-3, atol=1e-3)
+
+
+def test_the_cache_write_operator_passes_opcheck_and_writes_in_place_under_compile():
+    """coscale::write_latent_cache writes layer i's rows of the whole-cache tensors, in place, as the
+    engine's fused index_put_ does; compiled, it still writes the cache itself (no copy of it)."""
+    from coscale.infer.cache import PagedLatentCache
+    from coscale.kernels.mla_decode import write_latent_cache_op
+
+    gen = torch.Generator().manual_seed(4)
+    L, blocks, page, c, dr = 3, 5, 8, 32, 8
+    latent = torch.randn(L, blocks, page, c, generator=gen)
+    rope = torch.randn(L, blocks, page, dr, generator=gen)
+    slots = torch.tensor([9, 0, 33, 17])
+    c_kv, k_pe = torch.randn(4, c, generator=gen), torch.randn(4, dr, generator=gen)
+    torch.library.opcheck(write_latent_cache_op, (latent.clone(), rope.clone(), None, 1, slots, c_kv, k_pe))
+    caches = {}
+    for mode in ("fused", "operator"):
+        cache = PagedLatentCache(L, blocks - 1, page, c, dr, dtype=torch.float32)
+        cache.latent.copy_(latent)
+        cache.rope.copy_(rope)
+        cache.write_mode = mode
+        base = cache.latent.data_ptr()
+
+        def write(x, cache=cache):
+            cache.write(1, slots, x * 2, torch.cos(x[:, :dr]))
+            return cache.layer(1).latent.sum()
+
+        torch.compile(write)(c_kv)
+        assert cache.latent.data_ptr() == base
+        caches[mode] = cache
+    want = latent.clone()
+    want[1].view(-1, c)[slots] = c_kv * 2
+    torch.testing.assert_close(caches["operator"].latent, want, rtol=0, atol=0)
+    torch.testing.assert_close(caches["fused"].latent, want, rtol=0, atol=0)
+    torch.testing.assert_close(caches["operator"].rope, caches["fused"].rope, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="write_mode"):
+        cache.write_mode = "scatter"

@@ -10,7 +10,15 @@ from torch.library import opcheck
 
 from coscale.errors import CoscaleError
 from coscale.kernels.backend import interpreting, triton_available
-from coscale.kernels.moe_decode import moe_decode, moe_decode_op, moe_decode_pays, moe_decode_picks_op, moe_decode_torch
+from coscale.kernels.moe_decode import (
+    MOE_DECODE_MAX_TOKENS,
+    MOE_DECODE_PICKS_MAX_TOKENS,
+    moe_decode,
+    moe_decode_op,
+    moe_decode_picks_op,
+    moe_decode_rows,
+    moe_decode_torch,
+)
 from coscale.model.moe import GroupedExperts, experts_forward_loop
 
 needs_triton = pytest.mark.skipif(not (triton_available() and interpreting()), reason="needs triton's interpreter")
@@ -144,9 +152,41 @@ def test_bad_inputs_are_clear_errors():
 
 
 def test_auto_rule():
-    assert moe_decode_pays(16, torch.bfloat16) and moe_decode_pays(32, torch.float16)
-    assert not moe_decode_pays(33, torch.bfloat16) and not moe_decode_pays(0, torch.bfloat16)
-    assert not moe_decode_pays(8, torch.float32)
+    assert [moe_decode_rows(t) for t in (0, 1, MOE_DECODE_MAX_TOKENS)] == [None, "tokens", "tokens"]
+    assert [moe_decode_rows(t) for t in (MOE_DECODE_MAX_TOKENS + 1, MOE_DECODE_PICKS_MAX_TOKENS)] == ["picks"] * 2
+    assert moe_decode_rows(MOE_DECODE_PICKS_MAX_TOKENS + 1) is None
+
+
+@needs_triton
+@pytest.mark.parametrize("T, want", [(6, "tokens"), (MOE_DECODE_MAX_TOKENS + 8, "picks"),
+                                     (MOE_DECODE_PICKS_MAX_TOKENS + 1, "picks")])
+def test_grouped_experts_picks_the_row_layout(monkeypatch, T, want):
+    """decode_backend "triton" takes the layout moe_decode_rows names ("picks" past its range); float32
+    weights never take the kernels."""
+    import coscale.kernels.moe_decode as module
+
+    E, H, I, K = 8, 32, 16, 2
+    layer = GroupedExperts(E, H, I).eval()
+    gen = torch.Generator().manual_seed(T)
+    for w in (layer.w_gate, layer.w_up, layer.w_down):
+        w.data = torch.randn(w.shape, generator=gen) * 0.2
+    x, idx, g = torch.randn(T, H, generator=gen), torch.randint(0, E, (T, K), generator=gen), torch.rand(T, K)
+    idx[:, 1] = (idx[:, 0] + 1) % E
+    seen = []
+    for name, layout in (("moe_decode_triton", "tokens"), ("moe_decode_picks_triton", "picks")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, layout=layout: seen.append(layout) or real(*a))
+    layer.decode_backend = "triton"
+    with torch.no_grad():
+        layer(x, idx, g)  # float32: the general path
+        assert seen == []
+        for w in (layer.w_gate, layer.w_up, layer.w_down):
+            w.data = w.data.to(torch.bfloat16)
+        got = layer(x.bfloat16(), idx, g)
+        layer.decode_backend = "torch"
+        general = layer(x.bfloat16(), idx, g)
+    assert seen == [want]
+    torch.testing.assert_close(got.float(), general.float(), rtol=0.02, atol=0.02)
 
 
 def test_opcheck():

@@ -17,7 +17,7 @@ every expert's tile: a program for expert e reads the block's picks, returns at 
 block picked e (so an untouched expert's weights are never read), and otherwise multiplies all BLOCK_T
 rows, masking the ones that did not pick e. tl.dot's tiles have 16 rows at least, so at T <= 16 this is
 the work the grouped GEMM's 16-row decode tiles do anyway; at larger T it multiplies rows that are
-thrown away, and past MOE_DECODE_MAX_TOKENS the general path runs ("auto").
+thrown away, and past MOE_DECODE_MAX_TOKENS "auto" takes `rows="picks"` (below).
 
 The down projection is split over S groups of EXPERTS_PER_SPLIT experts, each program adding its experts'
 weighted outputs in expert order into its own float32 partial: no atomics, so the sum is the same run to
@@ -30,8 +30,8 @@ wasteful (tens to hundreds of tokens): `_moe_plan_kernel` lists each expert's pi
 in order; one program per expert, a prefix sum over the picks, no sort), then the gate/up and down kernels
 gather those rows (BLOCK_T at a time, the token's x row by t = j // K) and write one output row per pick,
 y [T*K, H]; the weighted sum over each token's K rows is PyTorch's (deterministic, as the general path's
-combine). Three kernels and a fused sum against the general path's dozen; not yet measured on a GPU, so
-"auto" does not take it.
+combine). Three kernels and a fused sum against the general path's dozen: 1.19-1.23x it at 64-128
+tokens on an H200 (`moe_decode_rows` says which layout a batch takes).
 
 Rounding follows the general path: gate and up are rounded to the activation dtype before SwiGLU, and
 each expert's output before it is weighted, so the two differ only in the order of float32 sums.
@@ -56,15 +56,24 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
-__all__ = ["MOE_DECODE_MAX_TOKENS", "moe_decode", "moe_decode_pays", "moe_decode_picks_torch", "moe_decode_torch"]
+__all__ = ["MOE_DECODE_MAX_TOKENS", "MOE_DECODE_PICKS_MAX_TOKENS", "moe_decode", "moe_decode_rows",
+           "moe_decode_picks_torch", "moe_decode_torch"]
 
-MOE_DECODE_MAX_TOKENS = 32  # "auto" takes these kernels up to this many tokens (module docstring)
+# Which row layout a batch of T tokens takes (measured on an H200 at V2-Lite's and V3's expert shapes,
+# BENCHMARKS.md runs 28-29): "tokens" up to MOE_DECODE_MAX_TOKENS (1.41x the general path at 1 token,
+# 1.10x at 32), "picks" above it up to MOE_DECODE_PICKS_MAX_TOKENS (1.23x at 64, 1.19x at 128, where
+# "tokens" falls to 0.60x: every token a row of every expert), the general path beyond (not measured).
+MOE_DECODE_MAX_TOKENS = 32
+MOE_DECODE_PICKS_MAX_TOKENS = 128
 EXPERTS_PER_SPLIT = 8
 
 
-def moe_decode_pays(tokens: int, dtype: torch.dtype) -> bool:
-    """Whether "auto" runs these kernels on CUDA for a batch of `tokens` in `dtype`."""
-    return 0 < tokens <= MOE_DECODE_MAX_TOKENS and dtype in (torch.bfloat16, torch.float16)
+def moe_decode_rows(tokens: int) -> str | None:
+    """The row layout of these kernels for a batch of `tokens` ("tokens", "picks"), or None where the
+    general path is faster or not measured (more than MOE_DECODE_PICKS_MAX_TOKENS)."""
+    if 0 < tokens <= MOE_DECODE_MAX_TOKENS:
+        return "tokens"
+    return "picks" if MOE_DECODE_MAX_TOKENS < tokens <= MOE_DECODE_PICKS_MAX_TOKENS else None
 
 
 if triton is not None:
@@ -386,8 +395,8 @@ def moe_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tenso
     [E, I, H] and w_down [E, H, I] in x's dtype. Returns [T, H] in x's dtype; not differentiable.
     `backend`: "auto" (the kernels on CUDA, the reference elsewhere), "triton" (CPU tensors under
     TRITON_INTERPRET=1) or "torch" (`moe_decode_torch`). `rows`: "tokens" (every token of the batch a row of
-    every picked expert's tile) or "picks" (only each expert's own picks, gathered: module docstring; not
-    yet measured on a GPU). Expert ids must lie in [0, E), as the router gives them.
+    every picked expert's tile) or "picks" (only each expert's own picks, gathered: module docstring);
+    `moe_decode_rows(T)` is the faster of the two. Expert ids must lie in [0, E), as the router gives them.
     """
     if rows not in ROWS:
         raise CoscaleError(f"moe_decode: rows must be one of {ROWS}, got {rows!r}")

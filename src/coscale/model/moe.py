@@ -27,7 +27,7 @@ from torch import nn
 
 from coscale.config import ModelConfig
 from coscale.kernels.backend import to_autocast_dtype
-from coscale.kernels.moe_decode import moe_decode, moe_decode_pays
+from coscale.kernels.moe_decode import moe_decode, moe_decode_rows
 from coscale.kernels.router import fused_router_pays, gate_scores, route, route_torch
 from coscale.model.fused_weights import StackedWeights
 from coscale.model.norm import apply_keeping_float32
@@ -215,9 +215,10 @@ class GroupedExperts(nn.Module):
         return self.run_kernels(to_autocast_dtype(x), topk_idx, topk_weight)
 
     def run_kernels(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-        if self._decode_kernels(x):
+        rows = self._decode_rows(x)
+        if rows is not None:
             return moe_decode(x, topk_idx, topk_weight, self.w_gate, self.w_up, self.w_down,
-                              backend="auto" if self.decode_backend == "auto" else "triton")
+                              backend="auto" if self.decode_backend == "auto" else "triton", rows=rows)
         use_grouped = self.precision == "fp8" or self.impl == "grouped" or (
             self.impl == "auto" and x.is_cuda
         )
@@ -231,13 +232,17 @@ class GroupedExperts(nn.Module):
             fp8_weight_cache=usable_now(self.fp8_weight_cache),
         )
 
-    def _decode_kernels(self, x: torch.Tensor) -> bool:
-        """Whether coscale.kernels.moe_decode runs (no gradients, not training, BF16 weights of x's dtype):
-        with `decode_backend` "triton", or "auto" on CUDA for a decode batch (`moe_decode_pays`)."""
+    def _decode_rows(self, x: torch.Tensor) -> str | None:
+        """The row layout coscale.kernels.moe_decode runs with, or None for the general path. It runs with
+        no gradients, not training, 16-bit weights of x's dtype: with `decode_backend` "triton" always, with
+        "auto" on CUDA for a decode batch (`moe_decode_rows`)."""
         if (self.decode_backend == "torch" or self.training or torch.is_grad_enabled() or self.precision != "bf16"
-                or self.w_gate.dtype != x.dtype):
-            return False
-        return self.decode_backend == "triton" or (x.is_cuda and moe_decode_pays(x.shape[0], x.dtype))
+                or self.w_gate.dtype != x.dtype or x.dtype not in (torch.bfloat16, torch.float16)):
+            return None
+        rows = moe_decode_rows(x.shape[0])
+        if self.decode_backend == "triton":
+            return rows or "picks"
+        return rows if x.is_cuda else None
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, hidden={self.hidden}, intermediate={self.intermediate}"
