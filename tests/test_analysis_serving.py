@@ -15,15 +15,16 @@ EFF = get_hardware("h800").achieved
 
 
 def test_gemm_roofline_by_hand():
-    # Compute-bound: 2MNK / P x (1 + K0/K); memory-bound: (weights + input + BF16 output) / bandwidth.
+    # Compute-bound: 2MNK / P x (1 + K0/K); memory-bound: the GEMM's fixed cost plus (weights + input +
+    # BF16 output) / bandwidth, so a tiny GEMM takes its fixed cost.
     m, n, k = 4096, 7168, 16384
     op = costs.gemm(EFF, "g", m, n, k)
     assert op.bound == "compute"
     assert op.seconds == pytest.approx(2 * m * n * k / (1400e12 * EFF.sustained_clock_ratio) * (1 + 512 / k))
     op = costs.gemm(EFF, "g", 64, n, k)
     assert op.bound == "memory"
-    assert op.seconds == pytest.approx((n * k + 64 * k + 64 * n * 2) / 2.6e12)
-    assert costs.gemm(EFF, "g", 1, 8, 8).bound == "launch"
+    assert op.seconds == pytest.approx(EFF.gemm_floor_us * 1e-6 + (n * k + 64 * k + 64 * n * 2) / 2.6e12)
+    assert costs.gemm(EFF, "g", 1, 8, 8).seconds == pytest.approx(EFF.gemm_floor_us * 1e-6, rel=1e-3)
     assert costs.gemm(EFF, "g", 0, 8, 8).seconds == 0
     bf16 = costs.gemm(EFF, "g", m, n, k, dtype="bf16")
     assert bf16.seconds == pytest.approx(2 * m * n * k / (700e12 * EFF.sustained_clock_ratio) * (1 + 512 / k))
@@ -47,9 +48,12 @@ def test_attention_decode_bounds():
     # FlashMLA-shaped decode: 64 requests x 2 queries x 128 heads over 4096 cached latents.
     op = costs.attention_decode(EFF, "a", 64, 2, 128, 4096, 576, 512, 576 * 2)
     assert op.bound == "compute" and op.flops == 2 * 64 * 2 * 128 * 1088 * 4096
-    assert op.seconds == pytest.approx(op.flops / (580e12 * EFF.sustained_clock_ratio))
+    floor = EFF.attention_decode_floor_us * 1e-6  # the kernel's fixed cost, on top
+    assert op.seconds == pytest.approx(op.flops / (580e12 * EFF.sustained_clock_ratio) + floor)
     op = costs.attention_decode(EFF, "a", 64, 1, 16, 4096, 576, 512, 576 * 2)
-    assert op.bound == "memory" and op.seconds == pytest.approx(64 * 4096 * 1152 / 3.0e12)
+    assert op.bound == "memory" and op.seconds == pytest.approx(64 * 4096 * 1152 / 3.0e12 + floor)
+    assert costs.attention_decode(EFF, "a", 1, 1, 16, 1, 576, 512, 576 * 2).seconds == pytest.approx(floor, rel=1e-3)
+    assert costs.attention_decode(EFF, "a", 0, 1, 16, 4096, 576, 512, 576 * 2).seconds == 0
 
 
 def test_all_to_all_time():

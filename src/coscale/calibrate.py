@@ -16,7 +16,8 @@ when Triton is missing):
 - Grouped FP8 GEMM (coscale.kernels.fp8_grouped_gemm): 8 experts x 4096 rows (``gemm_grouped``), 2 x 512
   rows (the decode shape, ``gemm_masked``) and the grouped weight gradient (``gemm_wgrad``).
 - Absorbed-MLA decode attention over a 576-wide latent, 4K context: 128 heads x 2 queries (compute-bound)
-  and 16 heads x 1 query (memory-bound). The backend is pluggable (``--attention``): ``torch`` (bmm +
+  and 16 heads x 1 query (memory-bound); one request over 512 tokens in a CUDA graph, its fixed cost
+  (``attention_decode_floor_us``). The backend is pluggable (``--attention``): ``torch`` (bmm +
   softmax, what coscale's absorbed path computes) or ``triton`` (coscale.kernels.mla_decode, when it
   provides ``calibration_case``), or ``MODULE:FUNCTION``; a backend is a function
   ``(batch, queries, heads, context, latent, rope, device) -> callable`` that builds its inputs and returns
@@ -204,6 +205,10 @@ def _attention(probe, timer, tag, backend_name):
     out["attention_decode_tbps"] = (batch * ctx * (latent + rope) * 2 / t / 1e12,
                                     f"{tag}: {backend_name} MLA decode, {batch} requests x 1 query x 16 heads, "
                                     f"{ctx} context (KV-cache bytes / time)")
+    if not probe.smoke:  # one request over a short context, inside a CUDA graph: the kernel's fixed cost
+        short = make(1, 1, 16, 512, latent, rope, dev)
+        out["attention_decode_floor_us"] = (timer(_graphed(short)) * 1e6, f"{tag}: {backend_name} MLA decode in a "
+                                            "CUDA graph, 1 request x 1 query x 16 heads, 512 context")
     b, h, s = probe.dim(2, 1), probe.dim(128, 4), probe.dim(4096, 256)
     q = torch.randn(b, h, s, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(b, h, s, 192, device=dev, dtype=torch.bfloat16, requires_grad=True)

@@ -4,15 +4,20 @@ Every function returns an :class:`OpTime` that names the resource limiting it. T
 rates of :class:`coscale.hardware.Efficiency` (their sources are in ``coscale/hardware.py``):
 
 - GEMM ``(M x K) @ (K x N)``, ``groups`` weight matrices (grouped GEMM, batched heads):
-  ``max(2MNK / plateau x (1 + K0 / K), bytes / gemm_memory_tbps, GEMM floor)``. The plateau is the
+  ``max(2MNK / plateau x (1 + K0 / K), GEMM floor + bytes / gemm_memory_tbps)``: a weight-streaming GEMM
+  pays its fixed cost (launch, ramp, the last tile's tail; ``gemm_floor_us``) on top of its bytes, the
+  latency-bandwidth model that fits decode's GEMMs from 2 MB to 1 GB of weights (BENCHMARKS.md, run 29:
+  cuBLAS projections, the routed experts at 1 and 16 tokens). The plateau is the
   large-M rate of the kernel family (dense/contiguous grouped, masked grouped, BF16, weight gradient);
   ``K0`` is the per-output-tile prologue and epilogue cost in elements of K, so short-K GEMMs fall below
   the plateau as DeepGEMM's K=512 rows do. Bytes: weights (1 byte FP8, 2 BF16), the activation read,
   the BF16 output written. Against DeepGEMM's 18 published dense shapes this lands within 10% for the
   shapes that dominate DeepSeek-V3 and up to +70% for N=2112 (whose few output tiles leave SMs idle).
 - Attention, absorbed-MLA decode (FlashMLA's form): ``2 x queries x heads x (qk + v) x context`` FLOPs
-  against the KV-cache bytes, whichever takes longer; causal prefill: ``heads x (qk + v) x L^2`` FLOPs
-  per sequence (half of the full square, 2 FLOPs per multiply-add), backward 2.5 x the forward FLOPs.
+  against the KV-cache bytes, whichever takes longer, plus the kernel's fixed cost
+  (``attention_decode_floor_us``: the split kernel and the combine of the splits); causal prefill:
+  ``heads x (qk + v) x L^2`` FLOPs per sequence (half of the full square, 2 FLOPs per multiply-add),
+  backward 2.5 x the forward FLOPs.
 - Elementwise kernels (norms, RoPE, quantization, SwiGLU, permutations): bytes read + written at the
   achieved copy bandwidth, never below the kernel floor.
 - All-to-all: bytes over the NICs and over NVLink, each at its achieved rate, the slower of the two plus
@@ -69,8 +74,7 @@ def gemm(eff: Efficiency, name: str, m: float, n: int, k: int, *, groups: int = 
     rate = plateau * 1e12 * eff.sustained_clock_ratio  # benchmarked plateau at the sustained clock
     streaming = eff.gemm_memory_tbps if dtype == "fp8" else eff.gemm_bf16_memory_tbps
     return _bound(name, {"compute": flops / rate * (1 + eff.gemm_k_overhead / k),
-                         "memory": nbytes / (streaming * 1e12),
-                         "launch": eff.gemm_floor_us * 1e-6}, flops, nbytes)
+                         "memory": eff.gemm_floor_us * 1e-6 + nbytes / (streaming * 1e12)}, flops, nbytes)
 
 
 def attention_decode(eff: Efficiency, name: str, requests: float, queries: float, heads: float, context: int,
@@ -79,9 +83,11 @@ def attention_decode(eff: Efficiency, name: str, requests: float, queries: float
     ``context`` cached tokens of ``cache_bytes_per_token`` bytes (this layer)."""
     flops = 2.0 * requests * queries * heads * (qk_dim + v_dim) * context
     nbytes = requests * context * cache_bytes_per_token
-    return _bound(name, {"compute": flops / (eff.attention_decode_tflops * 1e12 * eff.sustained_clock_ratio),
-                         "memory": nbytes / (eff.attention_decode_tbps * 1e12),
-                         "launch": eff.kernel_floor_us * 1e-6}, flops, nbytes)
+    if requests <= 0:
+        return OpTime(name, 0.0, "memory")
+    op = _bound(name, {"compute": flops / (eff.attention_decode_tflops * 1e12 * eff.sustained_clock_ratio),
+                       "memory": nbytes / (eff.attention_decode_tbps * 1e12)}, flops, nbytes)
+    return OpTime(name, op.seconds + eff.attention_decode_floor_us * 1e-6, op.bound, flops, nbytes)
 
 
 def causal_attention_flops(sequences: float, seq_len: int, heads: float, qk_dim: int, v_dim: int) -> float:

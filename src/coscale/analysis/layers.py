@@ -117,8 +117,12 @@ def experts_touched(v: ModelView, par: Parallel, tokens: float) -> float:
     return par.local_experts(v) * (1 - (1 - k / e) ** (tokens * par.ep))
 
 
-def collectives(v: ModelView, hw: HardwareSpec, tokens: float, par: Parallel, decode: bool) -> tuple[OpTime, OpTime]:
-    """(dispatch, combine) of ``tokens`` on one GPU."""
+def collectives(v: ModelView, hw: HardwareSpec, tokens: float, par: Parallel,
+                decode: bool) -> tuple[OpTime | None, OpTime | None]:
+    """(dispatch, combine) of ``tokens`` on one GPU; (None, None) without expert parallelism (ep 1: every
+    expert is local, nothing crosses a link and no collective is launched)."""
+    if par.ep == 1:
+        return None, None
     eff, k, domain = hw.achieved, v.experts_per_token, hw.scale_up_domain
     per_number = {"dispatch": par.dispatch_bytes + (4 / 128 if par.dispatch_bytes < 2 else 0),
                   "combine": par.combine_bytes}

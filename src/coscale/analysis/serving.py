@@ -264,5 +264,5 @@ def _assumptions(v: ModelView, hw: HardwareSpec, layout: ServingLayout, par: L.P
 _RATES_SHOWN = ("gemm_fp8_tflops", "gemm_masked_fp8_tflops", "gemm_k_overhead", "gemm_memory_tbps",
                 "gemm_bf16_tflops", "gemm_bf16_memory_tbps",
                 "attention_decode_tflops", "attention_decode_tbps", "attention_prefill_tflops", "memory_tbps",
-                "kernel_floor_us", "gemm_floor_us", "small_kernel_us", "a2a_scale_out_gbps", "a2a_low_latency_gbps",
-                "a2a_scale_up_gbps", "collective_latency_us")
+                "kernel_floor_us", "gemm_floor_us", "attention_decode_floor_us", "small_kernel_us",
+                "a2a_scale_out_gbps", "a2a_low_latency_gbps", "a2a_scale_up_gbps", "collective_latency_us")
