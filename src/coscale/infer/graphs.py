@@ -16,8 +16,10 @@ and addresses, so:
 The captured forward is compiled by torch.compile (``EngineConfig.compile``, on by default): without it
 a decode step of a V2-Lite-shaped model is about 3,100 kernels, most of them a few microseconds of
 elementwise work between the GEMMs, which cost more than the weights' reads at every batch size (H200,
-BENCHMARKS.md). The first size compiles a static graph, the second a dynamic one that then serves every
-size (torch.compile's automatic dynamic shapes). The MLA decode launcher is an opaque operator
+BENCHMARKS.md). The batch dimension is marked dynamic before the first capture, so one dynamic graph
+serves every size but 1 (torch.compile specializes sizes 0 and 1): the static graph that torch.compile
+compiled first before this fused 128 tokens' KV-cache write into a kernel of 40 us a layer, where the
+dynamic graph's takes 2 us (H200, BENCHMARKS.md run 29). The MLA decode launcher is an opaque operator
 (``coscale::mla_decode``), so the step stays one graph: a graph break inside a layer would make
 torch.compile recompile the rest of the layer once per layer (its index is a static attribute) and,
 past its recompile limit of 8, run the remaining layers eagerly, as the first GPU run of this did
@@ -167,6 +169,9 @@ class DecodeGraphs:
     def _capture(self, batch: Batch) -> _Graph:
         size, S = self._padded(batch.num_decodes), batch.meta.decode_len
         g = self._buffers(size, S)
+        if self.compiled:  # one dynamic graph for every size (module docstring)
+            for t in (g.input_ids, g.positions, g.meta.slots, g.meta.block_table, g.meta.seq_lens):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         g.meta.block_table.zero_()
         self._load(g, batch)
         g.graph, g.hidden = self._graphed(lambda: self._warm_up(g),
