@@ -14,8 +14,10 @@ rates of :class:`coscale.hardware.Efficiency` (their sources are in ``coscale/ha
   the BF16 output written. Against DeepGEMM's 18 published dense shapes this lands within 10% for the
   shapes that dominate DeepSeek-V3 and up to +70% for N=2112 (whose few output tiles leave SMs idle).
 - Attention, absorbed-MLA decode (FlashMLA's form): ``2 x queries x heads x (qk + v) x context`` FLOPs
-  against the KV-cache bytes, whichever takes longer, plus the kernel's fixed cost
-  (``attention_decode_floor_us``: the split kernel and the combine of the splits); causal prefill:
+  against the KV-cache bytes, whichever takes longer, and never less than the kernel's fixed cost
+  (``attention_decode_floor_us``: the split kernel and the combine of the splits, which at one request
+  take 12 us on the H200 where the bytes take 0.4; at 128 requests the bytes dominate and the two overlap,
+  so the floor is a floor, not a term added to the bytes as the GEMMs' is); causal prefill:
   ``heads x (qk + v) x L^2`` FLOPs per sequence (half of the full square, 2 FLOPs per multiply-add),
   backward 2.5 x the forward FLOPs.
 - Elementwise kernels (norms, RoPE, quantization, SwiGLU, permutations): bytes read + written at the
@@ -83,11 +85,9 @@ def attention_decode(eff: Efficiency, name: str, requests: float, queries: float
     ``context`` cached tokens of ``cache_bytes_per_token`` bytes (this layer)."""
     flops = 2.0 * requests * queries * heads * (qk_dim + v_dim) * context
     nbytes = requests * context * cache_bytes_per_token
-    if requests <= 0:
-        return OpTime(name, 0.0, "memory")
-    op = _bound(name, {"compute": flops / (eff.attention_decode_tflops * 1e12 * eff.sustained_clock_ratio),
-                       "memory": nbytes / (eff.attention_decode_tbps * 1e12)}, flops, nbytes)
-    return OpTime(name, op.seconds + eff.attention_decode_floor_us * 1e-6, op.bound, flops, nbytes)
+    return _bound(name, {"compute": flops / (eff.attention_decode_tflops * 1e12 * eff.sustained_clock_ratio),
+                         "memory": nbytes / (eff.attention_decode_tbps * 1e12),
+                         "launch": eff.attention_decode_floor_us * 1e-6}, flops, nbytes)
 
 
 def causal_attention_flops(sequences: float, seq_len: int, heads: float, qk_dim: int, v_dim: int) -> float:
