@@ -240,7 +240,8 @@ def test_config_errors(model):
     assert "\n" not in str(info.value)
     for kw, msg in [(dict(kv_cache_dtype="fp4"), "kv_cache_dtype"), (dict(block_size=6), "power of two"),
                     (dict(max_model_len=10**7), "exceeds the model's context"), (dict(max_num_seqs=0), "max_num_seqs"),
-                    (dict(cache_write="scatter"), "cache_write")]:
+                    (dict(cache_write="scatter"), "cache_write"),
+                    (dict(cache_write="operator", kv_cache_dtype="fp8"), "BF16 cache only")]:
         with pytest.raises(ConfigError, match=msg):
             Engine(model, EngineConfig(**kw))
 

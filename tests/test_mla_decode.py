@@ -402,3 +402,5 @@ def test_the_cache_write_operator_passes_opcheck_and_writes_in_place_under_compi
     torch.testing.assert_close(caches["operator"].rope, caches["fused"].rope, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="write_mode"):
         cache.write_mode = "scatter"
+    with pytest.raises(ConfigError, match="BF16 caches only"):
+        PagedLatentCache(L, blocks - 1, page, c, dr, kv_cache_dtype="fp8").write_mode = "operator"

@@ -100,8 +100,7 @@ class Efficiency:
 
 
 _MAY_BE_ZERO = {"gemm_k_overhead", "kernel_floor_us", "gemm_floor_us", "attention_decode_floor_us", "small_kernel_us",
-                "host_launch_us",
-                "collective_latency_us", "comm_sms"}
+                "host_launch_us", "collective_latency_us", "comm_sms"}
 EFFICIENCY_FIELDS = tuple(f.name for f in dataclasses.fields(Efficiency) if f.name != "sources")
 
 # How each rate follows the datasheet when a figure measured on one GPU is carried to another.

@@ -98,6 +98,8 @@ class PagedLatentCache:
     def __setattr__(self, name, value):
         if name == "write_mode" and value not in self.WRITE_MODES:
             raise ConfigError(f"write_mode must be one of {self.WRITE_MODES}, got {value!r}")
+        if name == "write_mode" and value == "operator" and self.scale is not None:
+            raise ConfigError("the cache write as an operator takes BF16 caches only; an FP8 cache writes fused")
         super().__setattr__(name, value)
 
     def layer(self, i: int) -> LatentCacheLayer:
@@ -110,7 +112,7 @@ class PagedLatentCache:
         cache, gigabytes; a write into the input itself into a scatter that Inductor fuses with the ops
         that produce c_kv and k_pe). "operator" (BF16 caches): coscale::write_latent_cache, which
         torch.compile calls as it is, a row copy per tensor."""
-        if self.write_mode == "operator" and self.scale is None:
+        if self.write_mode == "operator":
             write_latent_cache_op(self.latent, self.rope, None, i, slots, c_kv, k_pe)
             return
         index = (torch.full_like(slots, i), slots // self.block_size, slots % self.block_size)

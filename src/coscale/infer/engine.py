@@ -84,6 +84,8 @@ class EngineConfig:
             raise ConfigError(f"decode_kernels must be one of {DECODE_KERNELS}, got {self.decode_kernels!r}")
         if self.cache_write not in PagedLatentCache.WRITE_MODES:
             raise ConfigError(f"cache_write must be one of {PagedLatentCache.WRITE_MODES}, got {self.cache_write!r}")
+        if self.cache_write == "operator" and self.kv_cache_dtype != "bf16":
+            raise ConfigError("cache_write='operator' takes a BF16 cache only; an FP8 cache writes fused")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ConfigError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
 

@@ -125,7 +125,8 @@ def write_latent_cache_op(latent: torch.Tensor, rope: torch.Tensor, scale: torch
                           slots: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
     """`write_latent` into layer `layer` of the whole-cache tensors latent [L, NB, BS, c], rope [L, NB, BS,
     dr] (scale [L, NB, BS, nt] for FP8), as an operator that writes its inputs in place: torch.compile
-    calls it as it is (a row copy per tensor) instead of generating the write itself."""
+    calls it as it is (a row copy per tensor) instead of generating the write itself. The engine uses it
+    for BF16 caches only (EngineConfig.cache_write)."""
     write_latent(LatentCacheLayer(latent[layer], rope[layer], None if scale is None else scale[layer]),
                  slots, c_kv, k_pe)
 
