@@ -63,8 +63,9 @@ class Efficiency:
     attention_backward_tflops: float  # training attention backward, BF16
     memory_tbps: float  # elementwise kernels and copies (read + write counted)
     kernel_floor_us: float  # the shortest a small kernel takes (launch and ramp, inside a CUDA graph)
-    # the shortest a GEMM of a decode batch takes inside a CUDA graph (cuBLAS's fixed cost: its weights
-    # streamed in less time than that), the floor of every GEMM's time
+    # a decode-size GEMM inside a CUDA graph (calibrate: 16 rows by a 2.4 MB weight, whose bytes take well
+    # under its fixed cost): the floor of every GEMM's time, and where a weight-streaming GEMM's
+    # latency-bandwidth line starts (coscale.analysis.costs.gemm)
     gemm_floor_us: float
     # the fixed cost of one absorbed-MLA decode attention (its split kernel and the combine of the splits)
     # inside a CUDA graph: what a batch of one request over a short context takes
@@ -141,8 +142,8 @@ H800_EFFICIENCY = {
     "memory_tbps": (3.0, "FlashMLA's 3000 GB/s on H800 (90% of 3.35 TB/s)"),
     "kernel_floor_us": (2.0, "assumption: a small kernel inside a CUDA graph takes ~2 us (measure it with "
                              "coscale calibrate)"),
-    "gemm_floor_us": (1.0, f"{_DG}: the M=64 rows take 0.8-2.2 us beyond their bytes at 2.6 TB/s "
-                           "(K >= 1536; the fixed cost a weight-streaming GEMM pays on top of its bytes)"),
+    "gemm_floor_us": (2.0, "assumption: as kernel_floor_us (no published figure; measure it with coscale "
+                           "calibrate)"),
     "attention_decode_floor_us": (2.0, "assumption: as kernel_floor_us (no published figure; measure it with "
                                        "coscale calibrate)"),
     "small_kernel_us": (2.0, "assumption: as kernel_floor_us (measure it with coscale calibrate); used only "

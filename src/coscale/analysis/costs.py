@@ -4,10 +4,13 @@ Every function returns an :class:`OpTime` that names the resource limiting it. T
 rates of :class:`coscale.hardware.Efficiency` (their sources are in ``coscale/hardware.py``):
 
 - GEMM ``(M x K) @ (K x N)``, ``groups`` weight matrices (grouped GEMM, batched heads):
-  ``max(2MNK / plateau x (1 + K0 / K), GEMM floor + bytes / gemm_memory_tbps)``: a weight-streaming GEMM
-  pays its fixed cost (launch, ramp, the last tile's tail; ``gemm_floor_us``) on top of its bytes, the
-  latency-bandwidth model that fits decode's GEMMs from 2 MB to 1 GB of weights (BENCHMARKS.md, run 29:
-  cuBLAS projections, the routed experts at 1 and 16 tokens). The plateau is the
+  ``max(2MNK / plateau x (1 + K0 / K), GEMM floor + max(bytes - floor bytes, 0) / gemm_memory_tbps)``.
+  ``gemm_floor_us`` is the time of the GEMM ``coscale calibrate`` times for it (16 rows by a 2048 x 576
+  BF16 weight: ``GEMM_FLOOR_BYTES``); a GEMM that moves more pays the extra bytes at the streaming rate on
+  top (a latency-bandwidth line through the calibration point), which is what decode's GEMMs do in a
+  step: cuBLAS's 2-15 MB projections take 3.4-8.4 us (BENCHMARKS.md run 29's profile), the routed experts
+  39 us for 104 MB and 219 us for 900 MB, where a floor alone (``max(floor, bytes / rate)``) put them at
+  5.1 us and 26 / 221 us. The plateau is the
   large-M rate of the kernel family (dense/contiguous grouped, masked grouped, BF16, weight gradient);
   ``K0`` is the per-output-tile prologue and epilogue cost in elements of K, so short-K GEMMs fall below
   the plateau as DeepGEMM's K=512 rows do. Bytes: weights (1 byte FP8, 2 BF16), the activation read,
@@ -38,6 +41,9 @@ from coscale.errors import ConfigError
 from coscale.hardware import Efficiency
 
 DTYPE_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
+# The bytes of the GEMM whose time is gemm_floor_us (coscale.calibrate: 16 rows by a 2048 x 576 BF16
+# weight, BF16 in and out)
+GEMM_FLOOR_BYTES = 2 * (2048 * 576 + 16 * 2048 + 16 * 576)
 
 
 @dataclass(frozen=True)
@@ -75,8 +81,9 @@ def gemm(eff: Efficiency, name: str, m: float, n: int, k: int, *, groups: int = 
     nbytes = groups * n * k * element + m * k * element + m * n * 2
     rate = plateau * 1e12 * eff.sustained_clock_ratio  # benchmarked plateau at the sustained clock
     streaming = eff.gemm_memory_tbps if dtype == "fp8" else eff.gemm_bf16_memory_tbps
+    extra = max(nbytes - GEMM_FLOOR_BYTES, 0.0)
     return _bound(name, {"compute": flops / rate * (1 + eff.gemm_k_overhead / k),
-                         "memory": eff.gemm_floor_us * 1e-6 + nbytes / (streaming * 1e12)}, flops, nbytes)
+                         "memory": eff.gemm_floor_us * 1e-6 + extra / (streaming * 1e12)}, flops, nbytes)
 
 
 def attention_decode(eff: Efficiency, name: str, requests: float, queries: float, heads: float, context: int,

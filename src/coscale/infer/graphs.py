@@ -16,10 +16,12 @@ and addresses, so:
 The captured forward is compiled by torch.compile (``EngineConfig.compile``, on by default): without it
 a decode step of a V2-Lite-shaped model is about 3,100 kernels, most of them a few microseconds of
 elementwise work between the GEMMs, which cost more than the weights' reads at every batch size (H200,
-BENCHMARKS.md). The batch dimension is marked dynamic before the first capture, so one dynamic graph
-serves every size but 1 (torch.compile specializes sizes 0 and 1): the static graph that torch.compile
-compiled first before this fused 128 tokens' KV-cache write into a kernel of 40 us a layer, where the
-dynamic graph's takes 2 us (H200, BENCHMARKS.md run 29). The MLA decode launcher is an opaque operator
+BENCHMARKS.md). The buffers' batch dimension is marked dynamic before the first capture, so the first
+graph is traced with symbolic sizes (torch.compile still specializes a batch of 1, and the host-side
+token count in the attention metadata, so the second size compiles once more, with that count symbolic
+too; the decode kernels' size rules add a graph per range of sizes). Traced with the sizes as constants
+instead, the graph for 128 tokens fused the KV-cache write into a kernel of 40 us a layer, where the
+symbolic-size graphs' write takes 2 us (H200, BENCHMARKS.md run 29). The MLA decode launcher is an opaque operator
 (``coscale::mla_decode``), so the step stays one graph: a graph break inside a layer would make
 torch.compile recompile the rest of the layer once per layer (its index is a static attribute) and,
 past its recompile limit of 8, run the remaining layers eagerly, as the first GPU run of this did
@@ -169,7 +171,7 @@ class DecodeGraphs:
     def _capture(self, batch: Batch) -> _Graph:
         size, S = self._padded(batch.num_decodes), batch.meta.decode_len
         g = self._buffers(size, S)
-        if self.compiled:  # one dynamic graph for every size (module docstring)
+        if self.compiled:  # traced with symbolic sizes from the first capture on (module docstring)
             for t in (g.input_ids, g.positions, g.meta.slots, g.meta.block_table, g.meta.seq_lens):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
         g.meta.block_table.zero_()

@@ -17,7 +17,8 @@ every expert's tile: a program for expert e reads the block's picks, returns at 
 block picked e (so an untouched expert's weights are never read), and otherwise multiplies all BLOCK_T
 rows, masking the ones that did not pick e. tl.dot's tiles have 16 rows at least, so at T <= 16 this is
 the work the grouped GEMM's 16-row decode tiles do anyway; at larger T it multiplies rows that are
-thrown away, and past MOE_DECODE_MAX_TOKENS "auto" takes `rows="picks"` (below).
+thrown away, and past MOE_DECODE_MAX_TOKENS "auto" takes `rows="picks"` (below), up to
+MOE_DECODE_PICKS_MAX_TOKENS; beyond it the general path runs.
 
 The down projection is split over S groups of EXPERTS_PER_SPLIT experts, each program adding its experts'
 weighted outputs in expert order into its own float32 partial: no atomics, so the sum is the same run to
@@ -59,10 +60,11 @@ except ImportError:  # pragma: no cover
 __all__ = ["MOE_DECODE_MAX_TOKENS", "MOE_DECODE_PICKS_MAX_TOKENS", "moe_decode", "moe_decode_rows",
            "moe_decode_picks_torch", "moe_decode_torch"]
 
-# Which row layout a batch of T tokens takes (measured on an H200 at V2-Lite's and V3's expert shapes,
-# BENCHMARKS.md runs 28-29): "tokens" up to MOE_DECODE_MAX_TOKENS (1.41x the general path at 1 token,
-# 1.10x at 32), "picks" above it up to MOE_DECODE_PICKS_MAX_TOKENS (1.23x at 64, 1.19x at 128, where
-# "tokens" falls to 0.60x: every token a row of every expert), the general path beyond (not measured).
+# Which row layout a batch of T tokens takes (measured on an H200, BENCHMARKS.md runs 28-29): "tokens" up to
+# MOE_DECODE_MAX_TOKENS (V2-Lite's experts 1.41x the general path at 1 token, 1.10x at 32; V3's 1.31x and
+# 1.03x), "picks" above it up to MOE_DECODE_PICKS_MAX_TOKENS (V2-Lite's 1.23x at 64, 1.19x at 128, where
+# "tokens" falls to 0.60x: every token a row of every expert; V3's shape not yet measured there), the
+# general path beyond (not measured).
 MOE_DECODE_MAX_TOKENS = 32
 MOE_DECODE_PICKS_MAX_TOKENS = 128
 EXPERTS_PER_SPLIT = 8

@@ -233,9 +233,10 @@ class GroupedExperts(nn.Module):
         )
 
     def _decode_rows(self, x: torch.Tensor) -> str | None:
-        """The row layout coscale.kernels.moe_decode runs with, or None for the general path. It runs with
-        no gradients, not training, 16-bit weights of x's dtype: with `decode_backend` "triton" always, with
-        "auto" on CUDA for a decode batch (`moe_decode_rows`)."""
+        """The row layout coscale.kernels.moe_decode runs with, or None for the general path. The kernels
+        run with no gradients, not training, on 16-bit weights of x's dtype (otherwise the general path, even
+        with `decode_backend` "triton"): with "triton" at every batch size ("picks" beyond the measured
+        range), with "auto" on CUDA for a decode batch (`moe_decode_rows`)."""
         if (self.decode_backend == "torch" or self.training or torch.is_grad_enabled() or self.precision != "bf16"
                 or self.w_gate.dtype != x.dtype or x.dtype not in (torch.bfloat16, torch.float16)):
             return None
