@@ -81,9 +81,12 @@ def gemm(eff: Efficiency, name: str, m: float, n: int, k: int, *, groups: int = 
     nbytes = groups * n * k * element + m * k * element + m * n * 2
     rate = plateau * 1e12 * eff.sustained_clock_ratio  # benchmarked plateau at the sustained clock
     streaming = eff.gemm_memory_tbps if dtype == "fp8" else eff.gemm_bf16_memory_tbps
-    extra = max(nbytes - GEMM_FLOOR_BYTES, 0.0)
-    return _bound(name, {"compute": flops / rate * (1 + eff.gemm_k_overhead / k),
-                         "memory": eff.gemm_floor_us * 1e-6 + extra / (streaming * 1e12)}, flops, nbytes)
+    compute = flops / rate * (1 + eff.gemm_k_overhead / k)
+    floor, extra = eff.gemm_floor_us * 1e-6, max(nbytes - GEMM_FLOOR_BYTES, 0.0) / (streaming * 1e12)
+    if compute >= floor + extra:
+        return OpTime(name, compute, "compute", flops, nbytes)
+    # on the line: "memory" once the extra bytes take longer than the fixed cost, "launch" before
+    return OpTime(name, floor + extra, "memory" if extra >= floor else "launch", flops, nbytes)
 
 
 def attention_decode(eff: Efficiency, name: str, requests: float, queries: float, heads: float, context: int,
