@@ -222,8 +222,6 @@ def main():
     parser.add_argument("--decode-kernels", choices=("auto", "torch", "both"), default="auto",
                         help="coscale's decode kernels (fused router, Triton decode linears) or PyTorch's; both: "
                              "one engine each, side by side (EngineConfig.decode_kernels)")
-    parser.add_argument("--cache-write", choices=("fused", "operator", "both"), default="fused",
-                        help="how a step writes the KV cache (EngineConfig.cache_write); both: one engine each")
     parser.add_argument("--overlap", choices=("on", "off", "both"), default="on",
                         help="the engine's overlapped schedule (off without speculation only)")
     args = parser.parse_args()
@@ -262,19 +260,17 @@ def main():
     modes = [(True, False)] if args.speculative else []
     modes = [(False, o) for o in {"on": [True], "off": [False], "both": [False, True]}[args.overlap]] + modes
     kernel_choices = ["torch", "auto"] if args.decode_kernels == "both" else [args.decode_kernels]
-    write_choices = ["fused", "operator"] if args.cache_write == "both" else [args.cache_write]
-    for kernels, write, (speculative, overlap) in ((k, w, m) for k in kernel_choices for w in write_choices
-                                                   for m in modes):
+    for kernels, (speculative, overlap) in ((k, m) for k in kernel_choices for m in modes):
         depth = cfg.num_nextn_predict_layers if speculative else 0
         config = EngineConfig(max_model_len=max_len, max_num_seqs=max(batches),
                               num_blocks=max(batches) * blocks_for(max_len + depth, 64) + 8,
                               max_num_batched_tokens=8192, speculative=speculative,
                               kv_cache_dtype=args.kv_cache_dtype, overlap=overlap, compile=args.compile,
-                              decode_kernels=kernels, cache_write=write)
+                              decode_kernels=kernels)
         engine = Engine(model, config)
         print(engine.describe(), flush=True)
         for batch in batches:
-            entry = {"speculative": speculative, "decode_kernels": kernels, "cache_write": write}
+            entry = {"speculative": speculative, "decode_kernels": kernels}
             try:
                 entry.update(run_engine_batch(engine, batch, prompt_len, steps, gen, args.breakdown, args.top))
                 entry["decode_mode"] = engine.decode_mode()
@@ -306,17 +302,15 @@ def _fmt(x, spec: str) -> str:
 
 
 def print_table(results):
-    print(f"\n{'kernels':>7} {'write':>8} {'spec':>4} {'ovl':>3} {'batch':>5} {'tok/s':>9} {'step ms':>8} "
-          f"{'roofline':>9} "
+    print(f"\n{'kernels':>7} {'spec':>4} {'ovl':>3} {'batch':>5} {'tok/s':>9} {'step ms':>8} {'roofline':>9} "
           f"{'%roof':>6} "
           f"{'analysis':>9} {'HF tok/s':>9} {'x HF':>6} {'accept':>6}")
     for r in results:
         if "error" in r:
             spec = "y" if r.get("speculative") else "n"
-            print(f"{r.get('decode_kernels', '-'):>7} {r.get('cache_write', '-'):>8} {spec:>4} {'':>3} {r['batch']:5d} "
-                  f"ERROR {r['error']}")
+            print(f"{r.get('decode_kernels', '-'):>7} {spec:>4} {'':>3} {r['batch']:5d} ERROR {r['error']}")
             continue
-        print(f"{r.get('decode_kernels', '-'):>7} {r.get('cache_write', '-'):>8} {'y' if r['speculative'] else 'n':>4} "
+        print(f"{r.get('decode_kernels', '-'):>7} {'y' if r['speculative'] else 'n':>4} "
               f"{'y' if r.get('overlap') else 'n':>3} {r['batch']:5d} "
               f"{_fmt(r['tokens_per_s'], '9.1f')} "
               f"{_fmt(r['step_ms'], '8.2f')} {_fmt(r['roofline_tokens_per_s'], '9.1f')} "
@@ -338,8 +332,7 @@ def print_breakdown(results):
         if not kernels:
             continue
         head = kernels[0]
-        print(f"\nbatch {r['batch']} (overlap {r['overlap']}, cache write {r.get('cache_write', '-')}): decode step as "
-              f"run, {head['total_us_per_step']:.0f} us "
+        print(f"\nbatch {r['batch']} (overlap {r['overlap']}): decode step as run, {head['total_us_per_step']:.0f} us "
               f"of kernels, {head['kernels_per_step']:.0f} kernels / step")
         for k in kernels[1:]:
             print(f"  {k['us_per_step']:9.1f} us {k['pct']:5.1f}% x{k['calls_per_step']:6.1f}  {k['name']}")

@@ -2,13 +2,12 @@
 the reference against the model's naive attention, and the FP8 cache format."""
 
 import math
-import re
 
 import pytest
 import torch
 
 from coscale.config import get_preset
-from coscale.errors import ConfigError, CoscaleError
+from coscale.errors import CoscaleError
 from coscale.kernels.mla_decode import (
     FP8_MAX,
     LatentCacheLayer,
@@ -368,44 +367,37 @@ def test_gpu_lazy_rescaling_matches_the_reference(fp8):
         torch.testing.assert_close(lse, ref_lse, rtol=1e-3, atol=1e-3)
 
 
-def test_the_cache_write_operator_passes_opcheck_and_writes_in_place_under_compile():
-    """coscale::write_latent_cache writes layer i's rows of the whole-cache tensors, in place, as the
-    engine's fused index_put_ does; compiled, it still writes the cache itself (no copy of it)."""
+def test_the_compiled_cache_write_writes_the_cache_itself():
+    """PagedLatentCache.write under torch.compile writes layer i's rows into the whole-cache tensors in
+    place: the generated code allocates no buffer of a cache layer's size (a write through a view of a
+    layer would: Inductor copies it), and the rows hold the new c_kv and k_pe."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
     from coscale.infer.cache import PagedLatentCache
-    from coscale.kernels.mla_decode import write_latent_cache_op
 
     gen = torch.Generator().manual_seed(4)
     L, blocks, page, c, dr = 3, 5, 8, 32, 8
     latent = torch.randn(L, blocks, page, c, generator=gen)
     rope = torch.randn(L, blocks, page, dr, generator=gen)
     slots = torch.tensor([9, 0, 33, 17])
-    c_kv, k_pe = torch.randn(4, c, generator=gen), torch.randn(4, dr, generator=gen)
-    torch.library.opcheck(write_latent_cache_op, (latent.clone(), rope.clone(), None, 1, slots, c_kv, k_pe))
-    from torch._inductor.utils import run_and_get_code
-
+    c_kv = torch.randn(4, c, generator=gen)
     want, want_rope = latent.clone(), rope.clone()
     want[1].view(-1, c)[slots] = c_kv * 2
     want_rope[1].view(-1, dr)[slots] = torch.cos(c_kv[:, :dr])
-    for mode in ("fused", "operator"):
-        cache = PagedLatentCache(L, blocks - 1, page, c, dr, dtype=torch.float32)
-        cache.latent.copy_(latent)
-        cache.rope.copy_(rope)
-        cache.write_mode = mode
+    cache = PagedLatentCache(L, blocks - 1, page, c, dr, dtype=torch.float32)
+    cache.latent.copy_(latent)
+    cache.rope.copy_(rope)
 
-        def write(x, cache=cache):
-            cache.write(1, slots, x * 2, torch.cos(x[:, :dr]))
-            return cache.layer(1).latent.sum()
+    def write(x):
+        cache.write(1, slots, x * 2, torch.cos(x[:, :dr]))
+        return cache.layer(1).latent.sum()
 
-        torch._dynamo.reset()
-        _, code = run_and_get_code(torch.compile(write), c_kv)
-        # no buffer the size of a cache layer or of the cache: the writes go into the cache itself
-        layer_elements = blocks * page * c
-        allocated = [int(math.prod(int(d) for d in shape.split(",") if d.strip()))
-                     for text in code for shape in re.findall(r"empty_strided_cpu\(\(([0-9, ]*)\)", text)]
-        assert allocated and max(allocated) < layer_elements, (mode, allocated)
-        torch.testing.assert_close(cache.latent, want, rtol=0, atol=0)
-        torch.testing.assert_close(cache.rope, want_rope, rtol=0, atol=2e-7)  # Inductor's cos: within an ulp
-    with pytest.raises(ConfigError, match="write_mode"):
-        cache.write_mode = "scatter"
-    with pytest.raises(ConfigError, match="BF16 caches only"):
-        PagedLatentCache(L, blocks - 1, page, c, dr, kv_cache_dtype="fp8").write_mode = "operator"
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(write), c_kv)
+    allocated = [math.prod(int(d) for d in shape.split(",") if d.strip())
+                 for text in code for shape in re.findall(r"empty_strided_cpu\(\(([0-9, ]*)\)", text)]
+    assert allocated and max(allocated) < blocks * page * c, allocated
+    torch.testing.assert_close(cache.latent, want, rtol=0, atol=0)
+    torch.testing.assert_close(cache.rope, want_rope, rtol=0, atol=2e-7)  # Inductor's cos: within an ulp

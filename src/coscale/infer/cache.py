@@ -29,7 +29,7 @@ import math
 import torch
 
 from coscale.errors import ConfigError
-from coscale.kernels.mla_decode import FP8_TILE, LatentCacheLayer, quantize_latent_fp8, write_latent_cache_op
+from coscale.kernels.mla_decode import FP8_TILE, LatentCacheLayer, quantize_latent_fp8
 
 KV_CACHE_DTYPES = ("bf16", "fp8")
 NULL_BLOCK = 0
@@ -91,30 +91,16 @@ class PagedLatentCache:
         self.rope = torch.zeros(*shape, rope_dim, device=device, dtype=dtype)
         self.scale = (torch.ones(*shape, math.ceil(kv_lora_rank / FP8_TILE), device=device, dtype=torch.float32)
                       if fp8 else None)
-        self.write_mode = "fused"
-
-    WRITE_MODES = ("fused", "operator")
-
-    def __setattr__(self, name, value):
-        if name == "write_mode" and value not in self.WRITE_MODES:
-            raise ConfigError(f"write_mode must be one of {self.WRITE_MODES}, got {value!r}")
-        if name == "write_mode" and value == "operator" and self.scale is not None:
-            raise ConfigError("the cache write as an operator takes BF16 caches only; an FP8 cache writes fused")
-        super().__setattr__(name, value)
 
     def layer(self, i: int) -> LatentCacheLayer:
         return LatentCacheLayer(self.latent[i], self.rope[i], None if self.scale is None else self.scale[i])
 
     def write(self, i: int, slots: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
         """Store layer i's c_kv [N, c] and k_pe [N, dr] at slots [N] (block * BS + row), quantizing for
-        FP8. `write_mode` "fused": one index_put_ into each whole-cache tensor, not into a view of layer i
-        (torch.compile turns a write through a view of a graph input into copies of the whole input, the
-        cache, gigabytes; a write into the input itself into a scatter that Inductor fuses with the ops
-        that produce c_kv and k_pe). "operator" (BF16 caches): coscale::write_latent_cache, which
-        torch.compile calls as it is, a row copy per tensor."""
-        if self.write_mode == "operator":
-            write_latent_cache_op(self.latent, self.rope, None, i, slots, c_kv, k_pe)
-            return
+        FP8. One index_put_ into each whole-cache tensor, not into a view of layer i: torch.compile turns
+        a write through a view of a graph input into copies of the whole input (the cache, gigabytes),
+        a write into the input itself into an in-place scatter that Inductor fuses with the ops that
+        produce c_kv and k_pe."""
         index = (torch.full_like(slots, i), slots // self.block_size, slots % self.block_size)
         if self.scale is None:
             self.latent.index_put_(index, c_kv.to(self.latent.dtype))

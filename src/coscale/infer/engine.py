@@ -56,10 +56,6 @@ class EngineConfig:
     # V2-Lite's size: coscale.infer.layers.use_decode_kernels); "torch": PyTorch's (cuBLAS, the reference
     # router), for comparison.
     decode_kernels: str = "auto"
-    # How each layer's new c_kv and k_pe go into the paged cache (coscale.infer.cache.PagedLatentCache.write):
-    # "fused" (an index_put_ Inductor fuses with the ops that produce them) or "operator" (an opaque
-    # in-place operator, a row copy per tensor; BF16 caches).
-    cache_write: str = "fused"
 
     def validate(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -82,10 +78,6 @@ class EngineConfig:
                               "a step accepts decides the next step's positions); set overlap=False or None")
         if self.decode_kernels not in DECODE_KERNELS:
             raise ConfigError(f"decode_kernels must be one of {DECODE_KERNELS}, got {self.decode_kernels!r}")
-        if self.cache_write not in PagedLatentCache.WRITE_MODES:
-            raise ConfigError(f"cache_write must be one of {PagedLatentCache.WRITE_MODES}, got {self.cache_write!r}")
-        if self.cache_write == "operator" and self.kv_cache_dtype != "bf16":
-            raise ConfigError("cache_write='operator' takes a BF16 cache only; an FP8 cache writes fused")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ConfigError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
 
@@ -157,7 +149,6 @@ class Engine:
         self.cache = PagedLatentCache(cfg.num_hidden_layers + self.depth, num_blocks, config.block_size,
                                       cfg.kv_lora_rank, cfg.qk_rope_head_dim, config.kv_cache_dtype, self.dtype,
                                       self.device)
-        self.cache.write_mode = config.cache_write
         if self.cache.num_tokens - self.depth < 2:
             raise ConfigError(f"a KV cache of {self.cache.num_tokens} tokens cannot hold a request; raise num_blocks")
         if self.cache.num_tokens - self.depth < self.max_model_len:

@@ -116,21 +116,6 @@ def write_latent(layer: LatentCacheLayer, slots: torch.Tensor, c_kv: torch.Tenso
     layer.rope.view(-1, layer.rope.shape[-1])[slots] = k_pe.to(layer.rope.dtype)
 
 
-def _write_latent_cache_fake(latent, rope, scale, layer, slots, c_kv, k_pe) -> None:
-    return None
-
-
-@operator("write_latent_cache", opaque=True, fake=_write_latent_cache_fake, mutates_args=("latent", "rope", "scale"))
-def write_latent_cache_op(latent: torch.Tensor, rope: torch.Tensor, scale: torch.Tensor | None, layer: int,
-                          slots: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
-    """`write_latent` into layer `layer` of the whole-cache tensors latent [L, NB, BS, c], rope [L, NB, BS,
-    dr] (scale [L, NB, BS, nt] for FP8), as an operator that writes its inputs in place: torch.compile
-    calls it as it is (a row copy per tensor) instead of generating the write itself. The engine uses it
-    for BF16 caches only (EngineConfig.cache_write)."""
-    write_latent(LatentCacheLayer(latent[layer], rope[layer], None if scale is None else scale[layer]),
-                 slots, c_kv, k_pe)
-
-
 def gather_latent(layer: LatentCacheLayer, slots: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """c_kv [T, c] and k_pe [T, dr] at slots [T], dequantized to dtype."""
     latent = layer.latent.view(-1, layer.latent.shape[-1])[slots]

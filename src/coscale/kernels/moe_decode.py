@@ -326,18 +326,22 @@ def moe_decode_picks_triton(x, topk_idx, w_gate, w_up, w_down) -> torch.Tensor:
     return y
 
 
+def _expert_rows_torch(h: torch.Tensor, e: int, w_gate, w_up, w_down, dtype) -> torch.Tensor:
+    """Expert e's output for rows h (float32), in `dtype`, rounded where the kernels round: gate and up,
+    SwiGLU, the output."""
+    gate = (h @ w_gate[e].float().t()).to(dtype).float()
+    up = (h @ w_up[e].float().t()).to(dtype).float()
+    act = (gate * torch.sigmoid(gate) * up).to(dtype).float()
+    return (act @ w_down[e].float().t()).to(dtype)
+
+
 def moe_decode_picks_torch(x, topk_idx, w_gate, w_up, w_down) -> torch.Tensor:
     """The reference of `moe_decode_picks_triton`, rounded where the kernels round."""
-    dtype = x.dtype
     flat = topk_idx.flatten()
-    y = torch.zeros(flat.numel(), x.shape[1], dtype=dtype, device=x.device)
+    y = torch.zeros(flat.numel(), x.shape[1], dtype=x.dtype, device=x.device)
     for e in flat.unique().tolist():
         j = (flat == e).nonzero(as_tuple=True)[0]
-        h = x[j // topk_idx.shape[1]].float()
-        gate = (h @ w_gate[e].float().t()).to(dtype).float()
-        up = (h @ w_up[e].float().t()).to(dtype).float()
-        act = (gate * torch.sigmoid(gate) * up).to(dtype).float()
-        y[j] = (act @ w_down[e].float().t()).to(dtype)
+        y[j] = _expert_rows_torch(x[j // topk_idx.shape[1]].float(), e, w_gate, w_up, w_down, x.dtype)
     return y
 
 
@@ -360,15 +364,10 @@ def _fake(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend):
 
 def moe_decode_torch(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tensor:
     """The reference: [T, H] float32, rounded where the kernels round (module docstring)."""
-    dtype = x.dtype
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in topk_idx.unique().tolist():
         token, slot = (topk_idx == e).nonzero(as_tuple=True)
-        h = x[token].float()
-        gate = (h @ w_gate[e].float().t()).to(dtype).float()
-        up = (h @ w_up[e].float().t()).to(dtype).float()
-        act = (gate * torch.sigmoid(gate) * up).to(dtype).float()
-        y = (act @ w_down[e].float().t()).to(dtype).float()
+        y = _expert_rows_torch(x[token].float(), e, w_gate, w_up, w_down, x.dtype).float()
         out.index_add_(0, token, y * topk_weight[token, slot].float().unsqueeze(-1))
     return out
 

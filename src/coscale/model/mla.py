@@ -125,16 +125,14 @@ class MLA(StackedWeights, nn.Module):
         if self.stacked_weight is not None and not torch.is_grad_enabled():  # [q or q_a; kv_a] in one GEMM
             q, kv = F.linear(x, self.stacked_weight).split(
                 [self.stacked_weight.shape[0] - self.kv_lora_rank - self.dr, self.kv_lora_rank + self.dr], dim=-1)
-            if self.q_lora_rank:
-                q = self.q_b_proj(self.q_a_layernorm(q))
         else:
-            kv = None
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+            q_in, kv_a = self.stacked_layers()
+            q, kv = q_in(x), kv_a(x)
+        if self.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(B, S, self.n_heads, self.dn + self.dr)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
-        if kv is None:
-            kv = self.kv_a_proj_with_mqa(x)
         c_kv, k_pe = kv.split([self.kv_lora_rank, self.dr], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
