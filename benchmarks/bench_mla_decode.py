@@ -140,6 +140,11 @@ def run_case(B, T, H, S, fp8, args, gen, results):
                 early = B < FP8_CONVERT_EARLY_MIN_BATCH
                 time_variant("early_cvt" if early else "late_cvt", "cast before shared memory" if early else
                              "cast after shared memory", **run, fp8_convert_early=early)
+            if fp8 and args.fp8_prefetch:  # the tile loaded into registers one tile ahead (and cast early)
+                time_variant("prefetch", "prefetch", **run, fp8_prefetch=True)
+                if B < FP8_CONVERT_EARLY_MIN_BATCH:
+                    time_variant("prefetch_early", "prefetch + cast before shared memory", **run, fp8_prefetch=True,
+                                 fp8_convert_early=True)
             if args.lazy and config is not None:  # the picked configuration with lazy rescaling
                 time_variant("lazy", "lazy rescaling", **run, kernel_config={**config, "LAZY": 1})
             results.append(r)
@@ -225,6 +230,9 @@ def main():
     parser.add_argument("--fp8-convert-early", action="store_true", help="also time FP8 caches with the other "
                         "choice of mla_decode's fp8_convert_early than its default (the cast before the shared-memory "
                         "round trip from batch FP8_CONVERT_EARLY_MIN_BATCH on, after it below)")
+    parser.add_argument("--fp8-prefetch", action="store_true", help="also time FP8 caches with fp8_prefetch=True "
+                        "(the latent and scales loaded one tile ahead into registers), and with the early cast too "
+                        "below FP8_CONVERT_EARLY_MIN_BATCH")
     parser.add_argument("--lazy", action="store_true", help="also time the picked configuration with lazy "
                         "rescaling (kernel_config LAZY=1; not among the autotuner's candidates)")
     parser.add_argument("--seed", type=int, default=0)

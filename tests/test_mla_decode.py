@@ -227,6 +227,31 @@ def test_kernel_fp8_scale_folding_four_tiles(swap):
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [dict(BLOCK_N=16, SWAP=0), dict(BLOCK_N=32, SWAP=1), dict(BLOCK_N=16, SWAP=1, LAZY=1)],
+                         ids=["n16rows", "n32keys", "n16keys-lazy"])
+@pytest.mark.parametrize("block_size", [8, 16, 64])
+def test_fp8_prefetch_reads_every_tile_once_with_its_own_scales(cfg, block_size):
+    """fp8_prefetch loads each tile's latent and scales one tile ahead: with pages smaller than the key
+    block (block ids a key), equal to it and larger, lengths ending mid-tile and mid-page, sequences of one
+    key (nothing ahead), empty splits, four scale tiles spread over three decades (a tile paired with its
+    neighbour's scales or block shows). Equal to the plain path's output."""
+    q_lat, q_pe, cache, table, lens = make_inputs([2, 1, 63, 97], 1, H=2, c=512, dr=16, block_size=block_size,
+                                                  fp8=True, seed=31)
+    g = torch.Generator().manual_seed(32)
+    cache.scale.mul_(torch.logspace(-1.5, 1.5, 4)[torch.randperm(4, generator=g)])
+    cache.scale.mul_(torch.rand(cache.scale.shape[:2] + (1,), generator=g) + 0.5)  # and per token
+    config = dict(num_warps=4, num_stages=2, **cfg)
+    ref, ref_lse = mla_decode_ref(q_lat, q_pe, cache, table, lens, 0.02)
+    for splits in (1, 3, 8):  # 8 splits of 97 keys: some splits have no key
+        out, lse = mla_decode(q_lat, q_pe, cache, table, lens, 0.02, num_splits=splits, kernel_config=config,
+                              fp8_prefetch=True, backend="triton")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    plain, _ = mla_decode(q_lat, q_pe, cache, table, lens, 0.02, num_splits=3, kernel_config=config,
+                          fp8_prefetch=False, backend="triton")
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("swap", [0, 1])
 def test_lazy_rescaling_with_maxima_that_keep_growing(fp8, swap):
@@ -347,6 +372,29 @@ def test_gpu_fp8_convert_early_gives_what_the_plain_cast_gives():
     torch.testing.assert_close(early, plain, rtol=2**-7, atol=2e-3)
     ref, _ = mla_decode_ref(q.float(), qp.float(), gpu_cache, gpu_table, gpu_lens, 0.07)
     torch.testing.assert_close(early.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cast before shared memory is GPU code (inline asm)")
+@pytest.mark.parametrize("early", [False, True])
+def test_gpu_fp8_prefetch_matches_the_plain_path(early):
+    """fp8_prefetch on a GPU (compiled, every candidate orientation) with and without the early cast: the
+    plain path's output but for rare last-bit differences, and the reference's at bf16's rounding."""
+    q_lat, q_pe, cache, table, lens = make_inputs([1, 300, 1025, 4096], 1, H=16, c=512, dr=64, block_size=64,
+                                                  fp8=True, seed=23, dtype=torch.bfloat16)
+    q, qp, gpu_table, gpu_lens = q_lat.cuda(), q_pe.cuda(), table.cuda(), lens.cuda()
+    gpu_cache = LatentCacheLayer(cache.latent.cuda(), cache.rope.cuda(), cache.scale.cuda())
+    ref, ref_lse = mla_decode_ref(q.float(), qp.float(), gpu_cache, gpu_table, gpu_lens, 0.07)
+    for cfg in ({"BLOCK_N": 32, "SWAP": 0, "num_warps": 4, "num_stages": 3},
+                {"BLOCK_N": 32, "SWAP": 0, "num_warps": 8, "num_stages": 4},
+                {"BLOCK_N": 64, "SWAP": 1, "num_warps": 4, "num_stages": 2}):
+        plain, _ = mla_decode(q, qp, gpu_cache, gpu_table, gpu_lens, 0.07, num_splits=2, kernel_config=cfg,
+                              fp8_convert_early=early, fp8_prefetch=False, backend="triton")
+        out, lse = mla_decode(q, qp, gpu_cache, gpu_table, gpu_lens, 0.07, num_splits=2, kernel_config=cfg,
+                              fp8_convert_early=early, fp8_prefetch=True, backend="triton")
+        assert (out != plain).float().mean().item() < 1e-3, cfg
+        torch.testing.assert_close(out, plain, rtol=2**-7, atol=2e-3)
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a compiled kernel on a GPU")

@@ -124,13 +124,16 @@ def _pow2_row_scale(amax):
     return tl.where(amax > 0, f, 1.0)
 
 @triton.jit
-def _load_k(lat_rows, key_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dtype: tl.constexpr,
-            EARLY_CVT: tl.constexpr):
+def _load_raw(lat_rows, key_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr):
+    """One CHUNK-column slice of a latent tile as stored (e4m3 for an FP8 cache)."""
+    offs = col0 + tl.arange(0, CHUNK)
+    return tl.load(lat_rows[:, None] + offs[None, :], mask=key_ok[:, None] & (offs[None, :] < C), other=0.0,
+                   eviction_policy="evict_first")
+
+@triton.jit
+def _cvt(k, dot_dtype: tl.constexpr, EARLY_CVT: tl.constexpr):
     # FP8 e4m3 values are exact in fp16 and bf16: the cast is the whole dequantization, the scale is folded
     # into the products (scores and P), so no element is multiplied here.
-    offs = col0 + tl.arange(0, CHUNK)
-    k = tl.load(lat_rows[:, None] + offs[None, :], mask=key_ok[:, None] & (offs[None, :] < C), other=0.0,
-                eviction_policy="evict_first")
     if EARLY_CVT:
         # The same instruction Triton's own e4m3 -> fp16 cast lowers to (identical PTX for a plain load and
         # store), as an inline asm that Triton may not move: its optimizer otherwise moves the cast past
@@ -140,6 +143,27 @@ def _load_k(lat_rows, key_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dt
         return tl.inline_asm_elementwise("cvt.rn.f16x2.e4m3x2 $0, $1;", "=r,h", [k.to(tl.uint8, bitcast=True)],
                                          dtype=tl.float16, is_pure=False, pack=2)
     return k.to(dot_dtype)
+
+@triton.jit
+def _load_k(lat_rows, key_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dtype: tl.constexpr,
+            EARLY_CVT: tl.constexpr):
+    return _cvt(_load_raw(lat_rows, key_ok, col0, C, CHUNK), dot_dtype, EARLY_CVT)
+
+@triton.jit
+def _tile_ids(table_row, start, hi, offs_n, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The cache block ids of the key tile at ``start``: one when a tile never straddles a page, else one a key."""
+    if PAGE % BLOCK_N == 0:
+        return tl.load(table_row + start // PAGE, mask=start < hi, other=0)
+    else:
+        return tl.load(table_row + (start + offs_n) // PAGE, mask=start + offs_n < hi, other=0)
+
+@triton.jit
+def _tile_rows(base, ids, start, offs_n, stride_blk, stride_tok, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row pointers of the key tile at ``start`` in a paged cache tensor, from its block ids (_tile_ids)."""
+    if PAGE % BLOCK_N == 0:
+        return base + ids.to(tl.int64) * stride_blk + (start % PAGE + offs_n) * stride_tok
+    else:
+        return base + ids.to(tl.int64) * stride_blk + ((start + offs_n) % PAGE) * stride_tok
 
 @triton.jit
 def _rescale_fp8(acc, smax, tile_max, alpha, SWAP: tl.constexpr):
@@ -158,7 +182,7 @@ def _store_chunk(o_rows, acc, l_safe, keep, col0, C: tl.constexpr, CHUNK: tl.con
              mask=keep[:, None] & (offs[None, :] < C))
 
 @triton_autotune(*_configs(), key=["C", "DR", "S_Q", "HEADS_TILE", "num_splits", "batch_bucket", "FP8",
-                                   "LAT_FP16", "EARLY_CVT", "PAGE"], prune_configs_by={"early_config_prune": _prune},
+                                   "LAT_FP16", "EARLY_CVT", "PREFETCH", "PAGE"], prune_configs_by={"early_config_prune": _prune},
                  rep_ms=10)  # a new key while serving stalls one step: keep its tuning to ~0.1 s
 @triton.jit(do_not_specialize=["num_splits", "batch_bucket"])
 def mla_decode_split_kernel(
@@ -169,7 +193,7 @@ def mla_decode_split_kernel(
     H, num_splits, batch_bucket, sm_scale_log2,
     C: tl.constexpr, DR: tl.constexpr, S_Q: tl.constexpr, HEADS_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr,
-    PAGE: tl.constexpr, FP8: tl.constexpr, LAT_FP16: tl.constexpr, EARLY_CVT: tl.constexpr,
+    PAGE: tl.constexpr, FP8: tl.constexpr, LAT_FP16: tl.constexpr, EARLY_CVT: tl.constexpr, PREFETCH: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr,
     LAZY: tl.constexpr, LAZY_LOG2: tl.constexpr = 8.0, SCALE_SLACK: tl.constexpr = 64.0,
 ):  # fmt: skip
@@ -243,46 +267,96 @@ def mla_decode_split_kernel(
     # tile address that depends on a load in the same iteration makes Triton's pipeliner spend one
     # of num_stages on that load, which left the latent single-buffered (sm_90 compiles of the
     # first version: loads and dots serialised in every program).
-    if PAGE % BLOCK_N == 0:  # a tile never straddles a page: one block id per tile
-        nxt = tl.load(table_row + lo // PAGE, mask=lo < hi, other=0)
-    else:
-        nxt = tl.load(table_row + (lo + offs_n) // PAGE, mask=lo + offs_n < hi, other=0)
+    nxt = _tile_ids(table_row, lo, hi, offs_n, PAGE, BLOCK_N)
+    if PREFETCH:
+        # PREFETCH (FP8 caches): the next tile's e4m3 latent and its scales are loaded into registers
+        # one iteration ahead, by hand. Triton's pipeliner stages only loads that feed a dot through
+        # shared memory; with EARLY_CVT the latent feeds a conversion first and the scales feed
+        # multiplications, so each tile's loads were waited for where they were used. Block ids run
+        # two tiles ahead here (blk: this tile, nxt: the next).
+        blk = nxt
+        nxt = _tile_ids(table_row, lo + BLOCK_N, hi, offs_n, PAGE, BLOCK_N)
+        first = _tile_rows(latent_ptr, blk, lo, offs_n, stride_lblk, stride_ltok, PAGE, BLOCK_N)
+        first_s = _tile_rows(scale_ptr, blk, lo, offs_n, stride_sblk, stride_stok, PAGE, BLOCK_N)
+        first_ok = lo + offs_n < hi
+        r0 = _load_raw(first, first_ok, 0, C, CHUNK)
+        c0 = tl.load(first_s, mask=first_ok, other=0.0)
+        if NUM_CHUNKS > 1:
+            r1 = _load_raw(first, first_ok, CHUNK, C, CHUNK)
+            c1 = tl.load(first_s + 1, mask=first_ok, other=0.0)
+        if NUM_CHUNKS > 2:
+            r2 = _load_raw(first, first_ok, 2 * CHUNK, C, CHUNK)
+            c2 = tl.load(first_s + 2, mask=first_ok, other=0.0)
+        if NUM_CHUNKS > 3:
+            r3 = _load_raw(first, first_ok, 3 * CHUNK, C, CHUNK)
+            c3 = tl.load(first_s + 3, mask=first_ok, other=0.0)
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         key_ok = pos < hi
-        block = nxt.to(tl.int64)
-        if PAGE % BLOCK_N == 0:
-            nxt = tl.load(table_row + (start + BLOCK_N) // PAGE, mask=start + BLOCK_N < hi, other=0)
-            lat_rows = latent_ptr + block * stride_lblk + (start % PAGE + offs_n) * stride_ltok
-            rope_rows = rope_ptr + block * stride_rblk + (start % PAGE + offs_n) * stride_rtok
-            s_rows = scale_ptr + block * stride_sblk + (start % PAGE + offs_n) * stride_stok
+        if PREFETCH:
+            block = blk
+            ahead = start + BLOCK_N
+            ahead_ok = ahead + offs_n < hi
+            ahead_rows = _tile_rows(latent_ptr, nxt, ahead, offs_n, stride_lblk, stride_ltok, PAGE, BLOCK_N)
+            ahead_s = _tile_rows(scale_ptr, nxt, ahead, offs_n, stride_sblk, stride_stok, PAGE, BLOCK_N)
+            n0 = _load_raw(ahead_rows, ahead_ok, 0, C, CHUNK)
+            d0 = tl.load(ahead_s, mask=ahead_ok, other=0.0)
+            if NUM_CHUNKS > 1:
+                n1 = _load_raw(ahead_rows, ahead_ok, CHUNK, C, CHUNK)
+                d1 = tl.load(ahead_s + 1, mask=ahead_ok, other=0.0)
+            if NUM_CHUNKS > 2:
+                n2 = _load_raw(ahead_rows, ahead_ok, 2 * CHUNK, C, CHUNK)
+                d2 = tl.load(ahead_s + 2, mask=ahead_ok, other=0.0)
+            if NUM_CHUNKS > 3:
+                n3 = _load_raw(ahead_rows, ahead_ok, 3 * CHUNK, C, CHUNK)
+                d3 = tl.load(ahead_s + 3, mask=ahead_ok, other=0.0)
+            blk = nxt
+            nxt = _tile_ids(table_row, start + 2 * BLOCK_N, hi, offs_n, PAGE, BLOCK_N)
         else:
-            nxt = tl.load(table_row + (pos + BLOCK_N) // PAGE, mask=pos + BLOCK_N < hi, other=0)
-            lat_rows = latent_ptr + block * stride_lblk + (pos % PAGE) * stride_ltok
-            rope_rows = rope_ptr + block * stride_rblk + (pos % PAGE) * stride_rtok
-            s_rows = scale_ptr + block * stride_sblk + (pos % PAGE) * stride_stok
+            block = nxt
+            nxt = _tile_ids(table_row, start + BLOCK_N, hi, offs_n, PAGE, BLOCK_N)
+        lat_rows = _tile_rows(latent_ptr, block, start, offs_n, stride_lblk, stride_ltok, PAGE, BLOCK_N)
+        rope_rows = _tile_rows(rope_ptr, block, start, offs_n, stride_rblk, stride_rtok, PAGE, BLOCK_N)
+        s_rows = _tile_rows(scale_ptr, block, start, offs_n, stride_sblk, stride_stok, PAGE, BLOCK_N)
         kr = tl.load(rope_rows[:, None] + offs_r[None, :], mask=key_ok[:, None] & (offs_r[None, :] < DR),
                      other=0.0, eviction_policy="evict_first").to(dot_dtype)
         s = _qk(qpe, kr, SWAP, PRECISION)
         # The latent tile is loaded once and feeds both products (scores and P @ V).
-        k0 = _load_k(lat_rows, key_ok, 0, C, CHUNK, lat_dtype, EARLY_CVT)
         if FP8:  # score = sum over tiles t of scale[t] * (q_t . q8_t), q_t scaled by f
-            sc0 = tl.load(s_rows, mask=key_ok, other=0.0)
+            if PREFETCH:
+                k0, sc0 = _cvt(r0, lat_dtype, EARLY_CVT), c0
+                r0, c0 = n0, d0
+            else:
+                k0 = _load_k(lat_rows, key_ok, 0, C, CHUNK, lat_dtype, EARLY_CVT)
+                sc0 = tl.load(s_rows, mask=key_ok, other=0.0)
             s_lat = _qk(q0, k0, SWAP, PRECISION) * _per_key(sc0, SWAP)
             if NUM_CHUNKS > 1:
-                k1 = _load_k(lat_rows, key_ok, CHUNK, C, CHUNK, lat_dtype, EARLY_CVT)
-                sc1 = tl.load(s_rows + 1, mask=key_ok, other=0.0)
+                if PREFETCH:
+                    k1, sc1 = _cvt(r1, lat_dtype, EARLY_CVT), c1
+                    r1, c1 = n1, d1
+                else:
+                    k1 = _load_k(lat_rows, key_ok, CHUNK, C, CHUNK, lat_dtype, EARLY_CVT)
+                    sc1 = tl.load(s_rows + 1, mask=key_ok, other=0.0)
                 s_lat += _qk(q1, k1, SWAP, PRECISION) * _per_key(sc1, SWAP)
             if NUM_CHUNKS > 2:
-                k2 = _load_k(lat_rows, key_ok, 2 * CHUNK, C, CHUNK, lat_dtype, EARLY_CVT)
-                sc2 = tl.load(s_rows + 2, mask=key_ok, other=0.0)
+                if PREFETCH:
+                    k2, sc2 = _cvt(r2, lat_dtype, EARLY_CVT), c2
+                    r2, c2 = n2, d2
+                else:
+                    k2 = _load_k(lat_rows, key_ok, 2 * CHUNK, C, CHUNK, lat_dtype, EARLY_CVT)
+                    sc2 = tl.load(s_rows + 2, mask=key_ok, other=0.0)
                 s_lat += _qk(q2, k2, SWAP, PRECISION) * _per_key(sc2, SWAP)
             if NUM_CHUNKS > 3:
-                k3 = _load_k(lat_rows, key_ok, 3 * CHUNK, C, CHUNK, lat_dtype, EARLY_CVT)
-                sc3 = tl.load(s_rows + 3, mask=key_ok, other=0.0)
+                if PREFETCH:
+                    k3, sc3 = _cvt(r3, lat_dtype, EARLY_CVT), c3
+                    r3, c3 = n3, d3
+                else:
+                    k3 = _load_k(lat_rows, key_ok, 3 * CHUNK, C, CHUNK, lat_dtype, EARLY_CVT)
+                    sc3 = tl.load(s_rows + 3, mask=key_ok, other=0.0)
                 s_lat += _qk(q3, k3, SWAP, PRECISION) * _per_key(sc3, SWAP)
             s += s_lat * _per_row(inv_f, SWAP)
         else:
+            k0 = _load_k(lat_rows, key_ok, 0, C, CHUNK, lat_dtype, EARLY_CVT)
             s += _qk(q0, k0, SWAP, PRECISION)
 
         if SWAP:
