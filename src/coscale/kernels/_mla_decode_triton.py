@@ -182,7 +182,8 @@ def _store_chunk(o_rows, acc, l_safe, keep, col0, C: tl.constexpr, CHUNK: tl.con
              mask=keep[:, None] & (offs[None, :] < C))
 
 @triton_autotune(*_configs(), key=["C", "DR", "S_Q", "HEADS_TILE", "num_splits", "batch_bucket", "FP8",
-                                   "LAT_FP16", "EARLY_CVT", "PREFETCH", "PAGE"], prune_configs_by={"early_config_prune": _prune},
+                                   "LAT_FP16", "EARLY_CVT", "PREFETCH", "PAGE"],
+                 prune_configs_by={"early_config_prune": _prune},
                  rep_ms=10)  # a new key while serving stalls one step: keep its tuning to ~0.1 s
 @triton.jit(do_not_specialize=["num_splits", "batch_bucket"])
 def mla_decode_split_kernel(
@@ -193,7 +194,8 @@ def mla_decode_split_kernel(
     H, num_splits, batch_bucket, sm_scale_log2,
     C: tl.constexpr, DR: tl.constexpr, S_Q: tl.constexpr, HEADS_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr,
-    PAGE: tl.constexpr, FP8: tl.constexpr, LAT_FP16: tl.constexpr, EARLY_CVT: tl.constexpr, PREFETCH: tl.constexpr,
+    PAGE: tl.constexpr, FP8: tl.constexpr, LAT_FP16: tl.constexpr, EARLY_CVT: tl.constexpr,
+    PREFETCH: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr,
     LAZY: tl.constexpr, LAZY_LOG2: tl.constexpr = 8.0, SCALE_SLACK: tl.constexpr = 64.0,
 ):  # fmt: skip
