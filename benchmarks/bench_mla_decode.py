@@ -9,9 +9,9 @@ float32 scale per 128, BF16 RoPE) caches, 16 heads (DeepSeek-V2-Lite) and 128 he
 query token per sequence (and MTP's two at 16 heads in the full run).
 
 Bytes the kernel must read: every cached token of every sequence once (1152 bytes per token in BF16,
-656 in FP8) plus the queries; the bandwidth is those bytes over the median time (triton.testing.do_bench,
-which flushes L2 between runs), against the H200's measured device copy bandwidth of 4.25 TB/s
-(shared/reference/measuring.md); the goal is >= 85% at batch 64-128 and 4K-32K. The split-KV scratch
+656 in FP8) plus the queries; the bandwidth is those bytes over the median time of CUDA graph replays
+(``timed``: the kernels without the launcher's host time, as the engine runs them), against the H200's
+measured device copy bandwidth of 4.25 TB/s (shared/reference/measuring.md); the goal is >= 85% at batch 64-128 and 4K-32K. The split-KV scratch
 (partial outputs) is extra traffic the kernel chooses to spend and is not counted as useful bytes.
 
 Baseline: PyTorch, the whole context of each sequence gathered through the block table into a dense
@@ -44,6 +44,7 @@ from coscale.kernels.mla_decode import (
     quantize_latent_fp8,
     tuned_config,
 )
+from gpu_timing import graph_ms
 from results_log import ResultsLog
 
 H200_COPY_TBPS = 4.25  # measured device-to-device copy bandwidth (shared/reference/measuring.md)
@@ -86,12 +87,23 @@ def torch_baseline(q_lat, q_pe, cache: LatentCacheLayer, table, seq_lens, scale:
     return torch.matmul(probs, latent).view(B, S, H, C)
 
 
+EAGER_TIMING = False  # --eager-timing: do_bench around each call, the launcher's host time included
+
+
 def timed(fn, quick: bool) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph (gpu_timing.graph_ms), as the serving engine runs the
+    kernels: a call's host work (the autotuner's lookup, allocations, two launches: ~150-300 us in Python)
+    is not timed, and it exceeds the kernels' time at batch 1 and at 4K contexts (runs 6-30 timed with
+    do_bench measured it there). The L2 is not flushed between replays: a case whose cache fits in L2
+    (batch 1 at 4K: 5 MB) measures a warm cache; from batch 16 at 4K (75 MB) the cache exceeds the H200's
+    L2. With --eager-timing, triton.testing.do_bench around each call (L2 flushed; host time included)."""
     import triton.testing
 
     fn()
     torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 150, return_mode="median")
+    if EAGER_TIMING:
+        return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 150, return_mode="median")
+    return graph_ms(fn, rep=50 if quick else 150)
 
 
 def useful_bytes(B: int, T: int, H: int, S: int, fp8: bool) -> int:
@@ -233,12 +245,16 @@ def main():
     parser.add_argument("--fp8-prefetch", action="store_true", help="also time FP8 caches with fp8_prefetch=True "
                         "(the latent and scales loaded one tile ahead into registers), and with the early cast too "
                         "below FP8_CONVERT_EARLY_MIN_BATCH")
+    parser.add_argument("--eager-timing", action="store_true", help="time each call with do_bench, the "
+                        "launcher's host time included (how runs 6-30 timed), instead of CUDA graph replays")
     parser.add_argument("--lazy", action="store_true", help="also time the picked configuration with lazy "
                         "rescaling (kernel_config LAZY=1; not among the autotuner's candidates)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_mla_decode.py needs a CUDA GPU")
+    global EAGER_TIMING
+    EAGER_TIMING = args.eager_timing
     if args.splits and any(s < 1 for s in args.splits):
         parser.error("--splits takes positive counts")
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
@@ -253,7 +269,8 @@ def main():
 
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
-            "copy_tbps": H200_COPY_TBPS, "sms": torch.cuda.get_device_properties(0).multi_processor_count}
+            "copy_tbps": H200_COPY_TBPS, "timing": "do_bench" if args.eager_timing else "cuda_graph",
+            "sms": torch.cuda.get_device_properties(0).multi_processor_count}
     print(json.dumps(meta))
     log = ResultsLog("bench_mla_decode")
     results: list[dict] = []

@@ -115,6 +115,22 @@ def test_triton_autotune_gets_one_configuration_under_the_interpreter():
     assert autotune.autotune_configs(["a", "b"], "interp") == ["interp"]  # interpreting, or no CUDA here
 
 
+@pytest.mark.parametrize("graph_timing, rep_ms, expected", [(True, 10, ("graph", 10)), (True, None, ("graph", 20)),
+                                                             (False, 10, ("eager", 10)), (False, None, None)])
+def test_triton_autotune_times_candidates_as_asked(monkeypatch, graph_timing, rep_ms, expected):
+    """graph_timing hands Triton's autotuner a do_bench that replays each candidate from a CUDA graph,
+    rep_ms alone one that times launches over rep_ms; neither: Triton's own."""
+    import triton
+    import triton.testing
+
+    monkeypatch.setattr(triton, "autotune", lambda configs, key, **options: options)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, rep, quantiles: ("graph", rep))
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, quantiles: ("eager", rep))
+    options = autotune.triton_autotune(["a"], "interp", key=["N"], rep_ms=rep_ms, graph_timing=graph_timing)
+    seen = options["do_bench"](lambda: None, quantiles=(0.5,)) if "do_bench" in options else None
+    assert seen == expected
+
+
 def test_config_picker_warms_every_candidate_then_keeps_each_ones_fastest_round(monkeypatch):
     import triton.testing
 

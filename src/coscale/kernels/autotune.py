@@ -54,16 +54,27 @@ def autotune_configs(gpu_configs: Sequence, interpreter_config) -> list:
 
 
 def triton_autotune(gpu_configs: Sequence, interpreter_config, key: list[str], rep_ms: int | None = None,
-                    **options):
+                    graph_timing: bool = False, **options):
     """``@triton.autotune`` over ``autotune_configs(gpu_configs, interpreter_config)``, keyed by the
     kernel arguments named in ``key`` (Triton adds the tensors' dtypes to the key). ``rep_ms``: time
     each candidate over this many milliseconds (after 5 of warm-up) instead of Triton's 25 + 100, for
-    kernels of tens of microseconds with many candidates and keys; ``options`` go to ``triton.autotune``
-    as they are (e.g. ``prune_configs_by``)."""
+    kernels of tens of microseconds with many candidates and keys; ``graph_timing``: time each candidate
+    replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``, over ``rep_ms`` or 20 ms) instead
+    of launched from Python, for kernels that run in CUDA graphs and can take less time than their
+    launch (~20 us in Python): do_bench then times the host, every candidate alike, and the pick is noise.
+    Capturing costs up to a few hundred milliseconds a candidate, once per key. ``options`` go to
+    ``triton.autotune`` as they are (e.g. ``prune_configs_by``)."""
     import triton
 
     configs = autotune_configs(gpu_configs, interpreter_config)
-    if rep_ms is not None:
+    if graph_timing:
+        def do_bench(fn, quantiles):
+            import triton.testing
+
+            return triton.testing.do_bench_cudagraph(fn, rep=rep_ms or 20, quantiles=quantiles)
+
+        options["do_bench"] = do_bench
+    elif rep_ms is not None:
         def do_bench(fn, quantiles):
             import triton.testing
 
