@@ -11,8 +11,9 @@ query token per sequence (and MTP's two at 16 heads in the full run).
 Bytes the kernel must read: every cached token of every sequence once (1152 bytes per token in BF16,
 656 in FP8) plus the queries; the bandwidth is those bytes over the median time of CUDA graph replays
 (``timed``: the kernels without the launcher's host time, as the engine runs them), against the H200's
-measured device copy bandwidth of 4.25 TB/s (shared/reference/measuring.md); the goal is >= 85% at batch 64-128 and 4K-32K. The split-KV scratch
-(partial outputs) is extra traffic the kernel chooses to spend and is not counted as useful bytes.
+measured device copy bandwidth of 4.25 TB/s (shared/reference/measuring.md); the goal is >= 85% at batch
+64-128 and 4K-32K. The split-KV scratch (partial outputs) is extra traffic the kernel chooses to spend and
+is not counted as useful bytes.
 
 Baseline: PyTorch, the whole context of each sequence gathered through the block table into a dense
 [B, T, 576] tensor, then scores, softmax and the value product as batched matmuls (BF16 in, FP32
