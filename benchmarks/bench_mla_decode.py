@@ -153,11 +153,9 @@ def run_case(B, T, H, S, fp8, args, gen, results):
                 early = B < FP8_CONVERT_EARLY_MIN_BATCH
                 time_variant("early_cvt" if early else "late_cvt", "cast before shared memory" if early else
                              "cast after shared memory", **run, fp8_convert_early=early)
-            if fp8 and args.fp8_prefetch:  # the tile loaded into registers one tile ahead (and cast early)
-                time_variant("prefetch", "prefetch", **run, fp8_prefetch=True)
-                if B < FP8_CONVERT_EARLY_MIN_BATCH:
-                    time_variant("prefetch_early", "prefetch + cast before shared memory", **run, fp8_prefetch=True,
-                                 fp8_convert_early=True)
+            if fp8 and args.fp8_prefetch:  # the tile loaded into registers one tile ahead, cast early (it needs it)
+                time_variant("prefetch", "prefetch + cast before shared memory", **run, fp8_prefetch=True,
+                             fp8_convert_early=True)
             if args.lazy and config is not None:  # the picked configuration with lazy rescaling
                 time_variant("lazy", "lazy rescaling", **run, kernel_config={**config, "LAZY": 1})
             results.append(r)
@@ -244,8 +242,9 @@ def main():
                         "choice of mla_decode's fp8_convert_early than its default (the cast before the shared-memory "
                         "round trip from batch FP8_CONVERT_EARLY_MIN_BATCH on, after it below)")
     parser.add_argument("--fp8-prefetch", action="store_true", help="also time FP8 caches with fp8_prefetch=True "
-                        "(the latent and scales loaded one tile ahead into registers), and with the early cast too "
-                        "below FP8_CONVERT_EARLY_MIN_BATCH")
+                        "(the latent and scales loaded one tile ahead into registers) and the early cast it needs")
+    parser.add_argument("--caches", nargs="+", choices=("bf16", "fp8"), default=["bf16", "fp8"],
+                        help="--quick: the cache formats to run (default both)")
     parser.add_argument("--eager-timing", action="store_true", help="time each call with do_bench, the "
                         "launcher's host time included (how runs 6-30 timed), instead of CUDA graph replays")
     parser.add_argument("--lazy", action="store_true", help="also time the picked configuration with lazy "
@@ -260,8 +259,9 @@ def main():
         parser.error("--splits takes positive counts")
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     if args.quick:
-        plan = [(B, T, 16, 1, fp8) for fp8 in (False, True) for B in (1, 64, 128) for T in (4096, 32768)]
-        plan += [(64, 8192, 128, 1, False), (64, 8192, 128, 1, True)]
+        fp8s = [c == "fp8" for c in args.caches]
+        plan = [(B, T, 16, 1, fp8) for fp8 in fp8s for B in (1, 64, 128) for T in (4096, 32768)]
+        plan += [(64, 8192, 128, 1, fp8) for fp8 in fp8s]
     else:
         plan = [(B, T, H, 1, fp8) for H in (16, 128) for fp8 in (False, True) for B in (1, 16, 64, 128)
                 for T in (4096, 8192, 16384, 32768)]

@@ -55,6 +55,10 @@ FP8_TILE = 128
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 MAX_ROWS_PER_TILE = 64  # S x heads rows in one tile: an [M, 512] FP32 accumulator is 128 KB of registers
 MAX_SPLITS = 64
+# A program's fixed cost (its first loads' latency, the query, the partial output) in keys of work: each
+# wave past the first added 7-15 us at batch 64 x 32K on the H200 (run 30: 2 to 16 splits), 200-400 keys
+# at a 132nd of copy bandwidth.
+PROGRAM_COST_KEYS = 256
 MAX_FP8_CHUNKS = 4  # the kernel keeps one accumulator per 128-column scale tile: c <= 512 (DeepSeek's)
 # An FP8 tile is read in fp16 for tiles of up to 32 query rows: on the H200 (run 22) that was 1.10-1.17x the
 # bf16 read at 16 heads, and 0.88x at 128 heads (64-row tiles), where the bf16 read stays.
@@ -66,8 +70,11 @@ FP16_READ_MAX_ROWS = 32
 # latent loads out of the asynchronous copy pipeline, which a short loop per program does not amortise).
 FP8_CONVERT_EARLY_MIN_BATCH = 32
 # The FP8 tile's latent and scales loaded into registers one tile ahead by hand (the kernel's PREFETCH): the
-# asynchronous copy pipeline stages only loads that feed a dot, so without it each tile's scales, and with
-# EARLY_CVT its latent, were waited for where they were used. Not yet measured on a GPU: off by default.
+# asynchronous copy pipeline stages only loads that feed a dot, so with EARLY_CVT each tile's latent and
+# scales were waited for where they were used. Only with EARLY_CVT on a GPU: with the plain cast, whose
+# latent Triton's pipeliner also stages, the compiled kernel (triton 3.6, sm_90, run 30) gave wrong
+# outputs with 64-key tiles and an illegal address in autotuning, where the interpreter's are exact.
+# Not yet measured with EARLY_CVT: off by default.
 FP8_PREFETCH = False
 
 
@@ -190,13 +197,26 @@ def heads_per_tile(num_heads: int, s_q: int, max_rows: int = MAX_ROWS_PER_TILE) 
 
 
 def default_num_splits(batch: int, head_groups: int, max_seq_len: int, device: torch.device,
-                       min_tokens_per_split: int = 256) -> int:
-    """Context splits per sequence: enough programs for about two per SM, each with at least
-    `min_tokens_per_split` keys (fewer splits spend less on the combine's partial outputs)."""
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
-    wanted = -(-2 * sms // max(1, batch * head_groups))
-    longest = max(1, -(-max_seq_len // min_tokens_per_split))
-    return max(1, min(wanted, longest, MAX_SPLITS))
+                       min_tokens_per_split: int = 256, sms: int | None = None) -> int:
+    """Context splits per sequence: the count whose programs finish soonest when each SM runs one at a
+    time: the least ``waves x (keys per split + PROGRAM_COST_KEYS)`` (waves = ceil(programs / SMs)), the
+    fewest splits among equals, each split at least `min_tokens_per_split` keys.
+
+    Why waves: the largest tiles hold one program per SM (64 keys x 576 x 2 bytes x 3 stages of shared
+    memory), and a last wave that fills a few SMs costs as much as a full one. On the H200 (run 30,
+    batch 64 x 32K, 132 SMs) 2, 4 and 6 splits (one, two and three full waves) took 603-617 us and 5 splits
+    (320 programs: three waves, the last of 56 programs) 714 us; the earlier rule, about two programs per
+    SM, picked the 5. ``sms``: the SM count (default: the device's; 8 on a CPU)."""
+    if sms is None:
+        sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
+    programs = max(1, batch * head_groups)
+    longest = max(1, min(MAX_SPLITS, -(-max_seq_len // min_tokens_per_split)))
+
+    def finish(splits: int) -> tuple[int, int]:
+        waves = -(-programs * splits // sms)
+        return waves * (-(-max_seq_len // splits) + PROGRAM_COST_KEYS), splits
+
+    return min(range(1, longest + 1), key=finish)
 
 
 def _check(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens):
@@ -248,7 +268,8 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     the H200), for tests and benchmarks. fp8_in_fp16=False reads an FP8 cache through bf16 as the
     kernel did before (for benchmarks that compare the two); fp8_convert_early casts the fp16-read tile before its
     shared-memory round trip (default: from batch FP8_CONVERT_EARLY_MIN_BATCH on); fp8_prefetch loads each
-    FP8 tile's latent and scales into registers one tile ahead (default: FP8_PREFETCH)."""
+    FP8 tile's latent and scales into registers one tile ahead (default: FP8_PREFETCH; on a GPU only with
+    the early cast, see FP8_PREFETCH)."""
     _check(q_lat, q_pe, cache, block_table, seq_lens)
     if select_backend(backend, q_lat, op="mla_decode") == "torch":
         return mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, softmax_scale)
@@ -277,6 +298,8 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     dot_fp32 = interpreting() or q_lat.dtype == torch.float32
     rows = max(16, _next_pow2(S * tile))
     lat_fp16 = fp8 and fp8_in_fp16 and q_lat.dtype != torch.float32 and rows <= FP16_READ_MAX_ROWS
+    early = lat_fp16 and not dot_fp32 and (
+        B >= FP8_CONVERT_EARLY_MIN_BATCH if fp8_convert_early is None else fp8_convert_early)
     block_c = max(16, _next_pow2(c))
     chunk = min(FP8_TILE, block_c) if fp8 else block_c
     args = (
@@ -290,9 +313,8 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     consts = dict(
         C=c, DR=dr, S_Q=S, HEADS_TILE=tile, BLOCK_M=rows, CHUNK=chunk,
         NUM_CHUNKS=math.ceil(c / chunk), BLOCK_R=max(16, _next_pow2(dr)), PAGE=page, FP8=fp8,
-        LAT_FP16=lat_fp16, EARLY_CVT=lat_fp16 and not dot_fp32 and (
-            B >= FP8_CONVERT_EARLY_MIN_BATCH if fp8_convert_early is None else fp8_convert_early),
-        PREFETCH=fp8 and (FP8_PREFETCH if fp8_prefetch is None else fp8_prefetch),
+        LAT_FP16=lat_fp16, EARLY_CVT=early,
+        PREFETCH=fp8 and (FP8_PREFETCH if fp8_prefetch is None else fp8_prefetch) and (early or interpreting()),
         DOT_FP32=dot_fp32,
         PRECISION="ieee" if dot_fp32 else "tf32",
     )  # fmt: skip
