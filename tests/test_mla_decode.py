@@ -266,6 +266,17 @@ def test_fp8_prefetch_reads_every_tile_once_with_its_own_scales(cfg, block_size)
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+def test_prefetch_drops_the_swapped_candidates():
+    """The autotuner's pruning: with PREFETCH only heads-on-M candidates (SWAP=1 miscompiled on sm_90);
+    64-row tiles keep 8 warps either way."""
+    from coscale.kernels._mla_decode_triton import _configs, _prune
+
+    gpu = _configs()[0]
+    assert {c.kwargs["SWAP"] for c in _prune(gpu, {}, BLOCK_M=16, PREFETCH=True)} == {0}
+    assert {c.kwargs["SWAP"] for c in _prune(gpu, {}, BLOCK_M=16, PREFETCH=False)} == {0, 1}
+    assert all(c.num_warps >= 8 and not c.kwargs["SWAP"] for c in _prune(gpu, {}, BLOCK_M=64, PREFETCH=True))
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("swap", [0, 1])
 def test_lazy_rescaling_with_maxima_that_keep_growing(fp8, swap):
@@ -390,18 +401,21 @@ def test_gpu_fp8_convert_early_gives_what_the_plain_cast_gives():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cast before shared memory is GPU code (inline asm)")
 def test_gpu_fp8_prefetch_matches_the_plain_path():
-    """fp8_prefetch on a GPU (compiled; both orientations, 4 and 8 warps) with the early cast: the plain
-    path's output but for rare last-bit differences, and the reference's at bf16's rounding. Without the
-    early cast the flag is ignored on a GPU (FP8_PREFETCH: miscompiled there in run 30)."""
+    """fp8_prefetch on a GPU (compiled; heads on M, 4 and 8 warps) with the early cast: the plain path's
+    output but for rare last-bit differences, and the reference's at bf16's rounding. Without the early
+    cast, or with keys on M (SWAP=1), the flag is ignored on a GPU (FP8_PREFETCH: both miscompiled in run 30)."""
     q_lat, q_pe, cache, table, lens = make_inputs([1, 300, 1025, 4096], 1, H=16, c=512, dr=64, block_size=64,
                                                   fp8=True, seed=23, dtype=torch.bfloat16)
     q, qp, gpu_table, gpu_lens = q_lat.cuda(), q_pe.cuda(), table.cuda(), lens.cuda()
     gpu_cache = LatentCacheLayer(cache.latent.cuda(), cache.rope.cuda(), cache.scale.cuda())
     ref, ref_lse = mla_decode_ref(q.float(), qp.float(), gpu_cache, gpu_table, gpu_lens, 0.07)
     run = functools.partial(mla_decode, q, qp, gpu_cache, gpu_table, gpu_lens, 0.07, num_splits=2, backend="triton")
+    swapped = {"BLOCK_N": 64, "SWAP": 1, "num_warps": 4, "num_stages": 2}
+    assert torch.equal(run(kernel_config=swapped, fp8_convert_early=True, fp8_prefetch=True)[0],
+                       run(kernel_config=swapped, fp8_convert_early=True, fp8_prefetch=False)[0])
     for cfg in ({"BLOCK_N": 32, "SWAP": 0, "num_warps": 4, "num_stages": 3},
                 {"BLOCK_N": 32, "SWAP": 0, "num_warps": 8, "num_stages": 4},
-                {"BLOCK_N": 64, "SWAP": 1, "num_warps": 4, "num_stages": 2}):
+                {"BLOCK_N": 64, "SWAP": 0, "num_warps": 8, "num_stages": 3}):
         plain, _ = run(kernel_config=cfg, fp8_convert_early=True, fp8_prefetch=False)
         out, lse = run(kernel_config=cfg, fp8_convert_early=True, fp8_prefetch=True)
         torch.cuda.synchronize()

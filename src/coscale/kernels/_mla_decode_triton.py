@@ -67,9 +67,12 @@ def _configs():
 
 def _prune(configs, named_args, **kwargs):
     """Drop the candidates that cannot fit one tile of BLOCK_M rows: an [M, 512] FP32 accumulator over
-    4 warps is 256 registers a thread at 64 rows (it spills), so 64-row tiles take 8 warps."""
+    4 warps is 256 registers a thread at 64 rows (it spills), so 64-row tiles take 8 warps. With PREFETCH,
+    the keys-on-M orientation (SWAP=1) is dropped: its sm_90 compile gave wrong outputs (run 30)."""
     rows = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 16))
     kept = [c for c in configs if rows < 64 or c.num_warps >= 8]
+    if kwargs.get("PREFETCH", named_args.get("PREFETCH", False)):  # miscompiled with SWAP=1 (mla_decode.FP8_PREFETCH)
+        kept = [c for c in kept if not c.kwargs["SWAP"]]
     return kept or configs
 
 

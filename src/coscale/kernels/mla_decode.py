@@ -71,10 +71,11 @@ FP16_READ_MAX_ROWS = 32
 FP8_CONVERT_EARLY_MIN_BATCH = 32
 # The FP8 tile's latent and scales loaded into registers one tile ahead by hand (the kernel's PREFETCH): the
 # asynchronous copy pipeline stages only loads that feed a dot, so with EARLY_CVT each tile's latent and
-# scales were waited for where they were used. Only with EARLY_CVT on a GPU: with the plain cast, whose
-# latent Triton's pipeliner also stages, the compiled kernel (triton 3.6, sm_90, run 30) gave wrong
-# outputs with 64-key tiles and an illegal address in autotuning, where the interpreter's are exact.
-# Not yet measured with EARLY_CVT: off by default.
+# scales were waited for where they were used. On a GPU only with EARLY_CVT and the heads-on-M orientation
+# (SWAP=0; the autotuner drops SWAP=1 candidates, a kernel_config with SWAP=1 turns it off): compiled by
+# triton 3.6 for sm_90 (run 30), the kernel with the plain cast, and with SWAP=1 even with the early cast,
+# gave wrong outputs (and an illegal address in autotuning) where the interpreter's are exact; with SWAP=0 and
+# the early cast it matched the plain path. Its speed is not measured yet: off by default.
 FP8_PREFETCH = False
 
 
@@ -314,7 +315,8 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
         C=c, DR=dr, S_Q=S, HEADS_TILE=tile, BLOCK_M=rows, CHUNK=chunk,
         NUM_CHUNKS=math.ceil(c / chunk), BLOCK_R=max(16, _next_pow2(dr)), PAGE=page, FP8=fp8,
         LAT_FP16=lat_fp16, EARLY_CVT=early,
-        PREFETCH=fp8 and (FP8_PREFETCH if fp8_prefetch is None else fp8_prefetch) and (early or interpreting()),
+        PREFETCH=fp8 and (FP8_PREFETCH if fp8_prefetch is None else fp8_prefetch) and (interpreting() or (
+            early and not (kernel_config or {}).get("SWAP"))),
         DOT_FP32=dot_fp32,
         PRECISION="ieee" if dot_fp32 else "tf32",
     )  # fmt: skip
