@@ -153,6 +153,24 @@ def _load_k(lat_rows, key_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dt
     return _cvt(_load_raw(lat_rows, key_ok, col0, C, CHUNK), dot_dtype, EARLY_CVT)
 
 @triton.jit
+def _load_fp8_tile(lat_rows, s_rows, key_ok, C: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """An FP8 tile as stored, per 128-column scale tile t < NUM_CHUNKS: (e4m3 slice, its scales) x 4; the
+    slots past NUM_CHUNKS repeat the first (never read)."""
+    r0 = _load_raw(lat_rows, key_ok, 0, C, CHUNK)
+    c0 = tl.load(s_rows, mask=key_ok, other=0.0)
+    r1, c1, r2, c2, r3, c3 = r0, c0, r0, c0, r0, c0
+    if NUM_CHUNKS > 1:
+        r1 = _load_raw(lat_rows, key_ok, CHUNK, C, CHUNK)
+        c1 = tl.load(s_rows + 1, mask=key_ok, other=0.0)
+    if NUM_CHUNKS > 2:
+        r2 = _load_raw(lat_rows, key_ok, 2 * CHUNK, C, CHUNK)
+        c2 = tl.load(s_rows + 2, mask=key_ok, other=0.0)
+    if NUM_CHUNKS > 3:
+        r3 = _load_raw(lat_rows, key_ok, 3 * CHUNK, C, CHUNK)
+        c3 = tl.load(s_rows + 3, mask=key_ok, other=0.0)
+    return r0, c0, r1, c1, r2, c2, r3, c3
+
+@triton.jit
 def _tile_ids(table_row, start, hi, offs_n, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """The cache block ids of the key tile at ``start``: one when a tile never straddles a page, else one a key."""
     if PAGE % BLOCK_N == 0:
@@ -285,38 +303,17 @@ def mla_decode_split_kernel(
         nxt = _tile_ids(table_row, lo + BLOCK_N, hi, offs_n, PAGE, BLOCK_N)
         first = _tile_rows(latent_ptr, blk, lo, offs_n, stride_lblk, stride_ltok, PAGE, BLOCK_N)
         first_s = _tile_rows(scale_ptr, blk, lo, offs_n, stride_sblk, stride_stok, PAGE, BLOCK_N)
-        first_ok = lo + offs_n < hi
-        r0 = _load_raw(first, first_ok, 0, C, CHUNK)
-        c0 = tl.load(first_s, mask=first_ok, other=0.0)
-        if NUM_CHUNKS > 1:
-            r1 = _load_raw(first, first_ok, CHUNK, C, CHUNK)
-            c1 = tl.load(first_s + 1, mask=first_ok, other=0.0)
-        if NUM_CHUNKS > 2:
-            r2 = _load_raw(first, first_ok, 2 * CHUNK, C, CHUNK)
-            c2 = tl.load(first_s + 2, mask=first_ok, other=0.0)
-        if NUM_CHUNKS > 3:
-            r3 = _load_raw(first, first_ok, 3 * CHUNK, C, CHUNK)
-            c3 = tl.load(first_s + 3, mask=first_ok, other=0.0)
+        r0, c0, r1, c1, r2, c2, r3, c3 = _load_fp8_tile(first, first_s, lo + offs_n < hi, C, CHUNK, NUM_CHUNKS)
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         key_ok = pos < hi
         if PREFETCH:
             block = blk
             ahead = start + BLOCK_N
-            ahead_ok = ahead + offs_n < hi
+            ahead_ok = ahead + offs_n < hi  # (masked loads past the end read nothing)
             ahead_rows = _tile_rows(latent_ptr, nxt, ahead, offs_n, stride_lblk, stride_ltok, PAGE, BLOCK_N)
             ahead_s = _tile_rows(scale_ptr, nxt, ahead, offs_n, stride_sblk, stride_stok, PAGE, BLOCK_N)
-            n0 = _load_raw(ahead_rows, ahead_ok, 0, C, CHUNK)
-            d0 = tl.load(ahead_s, mask=ahead_ok, other=0.0)
-            if NUM_CHUNKS > 1:
-                n1 = _load_raw(ahead_rows, ahead_ok, CHUNK, C, CHUNK)
-                d1 = tl.load(ahead_s + 1, mask=ahead_ok, other=0.0)
-            if NUM_CHUNKS > 2:
-                n2 = _load_raw(ahead_rows, ahead_ok, 2 * CHUNK, C, CHUNK)
-                d2 = tl.load(ahead_s + 2, mask=ahead_ok, other=0.0)
-            if NUM_CHUNKS > 3:
-                n3 = _load_raw(ahead_rows, ahead_ok, 3 * CHUNK, C, CHUNK)
-                d3 = tl.load(ahead_s + 3, mask=ahead_ok, other=0.0)
+            n0, d0, n1, d1, n2, d2, n3, d3 = _load_fp8_tile(ahead_rows, ahead_s, ahead_ok, C, CHUNK, NUM_CHUNKS)
             blk = nxt
             nxt = _tile_ids(table_row, start + 2 * BLOCK_N, hi, offs_n, PAGE, BLOCK_N)
         else:
