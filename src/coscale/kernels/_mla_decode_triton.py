@@ -171,6 +171,17 @@ def _load_fp8_tile(lat_rows, s_rows, key_ok, C: tl.constexpr, CHUNK: tl.constexp
     return r0, c0, r1, c1, r2, c2, r3, c3
 
 @triton.jit
+def _fp8_slice(raw, scales, lat_rows, s_rows, key_ok, t: tl.constexpr, C: tl.constexpr, CHUNK: tl.constexpr,
+               dot_dtype: tl.constexpr, EARLY_CVT: tl.constexpr, PREFETCH: tl.constexpr):
+    """Scale tile t of this key tile: (its latent slice cast for the dots, its per-key scales), from the
+    registers PREFETCH filled a tile ago, or loaded now."""
+    if PREFETCH:
+        return _cvt(raw, dot_dtype, EARLY_CVT), scales
+    else:
+        return _load_k(lat_rows, key_ok, t * CHUNK, C, CHUNK, dot_dtype, EARLY_CVT), tl.load(
+            s_rows + t, mask=key_ok, other=0.0)
+
+@triton.jit
 def _tile_ids(table_row, start, hi, offs_n, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """The cache block ids of the key tile at ``start``: one when a tile never straddles a page, else one a key."""
     if PAGE % BLOCK_N == 0:
@@ -304,6 +315,8 @@ def mla_decode_split_kernel(
         first = _tile_rows(latent_ptr, blk, lo, offs_n, stride_lblk, stride_ltok, PAGE, BLOCK_N)
         first_s = _tile_rows(scale_ptr, blk, lo, offs_n, stride_sblk, stride_stok, PAGE, BLOCK_N)
         r0, c0, r1, c1, r2, c2, r3, c3 = _load_fp8_tile(first, first_s, lo + offs_n < hi, C, CHUNK, NUM_CHUNKS)
+    else:  # never read (_fp8_slice loads the tile itself)
+        r0, c0, r1, c1, r2, c2, r3, c3 = 0, 0, 0, 0, 0, 0, 0, 0
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         key_ok = pos < hi
@@ -327,37 +340,19 @@ def mla_decode_split_kernel(
         s = _qk(qpe, kr, SWAP, PRECISION)
         # The latent tile is loaded once and feeds both products (scores and P @ V).
         if FP8:  # score = sum over tiles t of scale[t] * (q_t . q8_t), q_t scaled by f
-            if PREFETCH:
-                k0, sc0 = _cvt(r0, lat_dtype, EARLY_CVT), c0
-                r0, c0 = n0, d0
-            else:
-                k0 = _load_k(lat_rows, key_ok, 0, C, CHUNK, lat_dtype, EARLY_CVT)
-                sc0 = tl.load(s_rows, mask=key_ok, other=0.0)
+            k0, sc0 = _fp8_slice(r0, c0, lat_rows, s_rows, key_ok, 0, C, CHUNK, lat_dtype, EARLY_CVT, PREFETCH)
             s_lat = _qk(q0, k0, SWAP, PRECISION) * _per_key(sc0, SWAP)
             if NUM_CHUNKS > 1:
-                if PREFETCH:
-                    k1, sc1 = _cvt(r1, lat_dtype, EARLY_CVT), c1
-                    r1, c1 = n1, d1
-                else:
-                    k1 = _load_k(lat_rows, key_ok, CHUNK, C, CHUNK, lat_dtype, EARLY_CVT)
-                    sc1 = tl.load(s_rows + 1, mask=key_ok, other=0.0)
+                k1, sc1 = _fp8_slice(r1, c1, lat_rows, s_rows, key_ok, 1, C, CHUNK, lat_dtype, EARLY_CVT, PREFETCH)
                 s_lat += _qk(q1, k1, SWAP, PRECISION) * _per_key(sc1, SWAP)
             if NUM_CHUNKS > 2:
-                if PREFETCH:
-                    k2, sc2 = _cvt(r2, lat_dtype, EARLY_CVT), c2
-                    r2, c2 = n2, d2
-                else:
-                    k2 = _load_k(lat_rows, key_ok, 2 * CHUNK, C, CHUNK, lat_dtype, EARLY_CVT)
-                    sc2 = tl.load(s_rows + 2, mask=key_ok, other=0.0)
+                k2, sc2 = _fp8_slice(r2, c2, lat_rows, s_rows, key_ok, 2, C, CHUNK, lat_dtype, EARLY_CVT, PREFETCH)
                 s_lat += _qk(q2, k2, SWAP, PRECISION) * _per_key(sc2, SWAP)
             if NUM_CHUNKS > 3:
-                if PREFETCH:
-                    k3, sc3 = _cvt(r3, lat_dtype, EARLY_CVT), c3
-                    r3, c3 = n3, d3
-                else:
-                    k3 = _load_k(lat_rows, key_ok, 3 * CHUNK, C, CHUNK, lat_dtype, EARLY_CVT)
-                    sc3 = tl.load(s_rows + 3, mask=key_ok, other=0.0)
+                k3, sc3 = _fp8_slice(r3, c3, lat_rows, s_rows, key_ok, 3, C, CHUNK, lat_dtype, EARLY_CVT, PREFETCH)
                 s_lat += _qk(q3, k3, SWAP, PRECISION) * _per_key(sc3, SWAP)
+            if PREFETCH:  # the next tile's slices, loaded above, become this loop's next ones
+                r0, c0, r1, c1, r2, c2, r3, c3 = n0, d0, n1, d1, n2, d2, n3, d3
             s += s_lat * _per_row(inv_f, SWAP)
         else:
             k0 = _load_k(lat_rows, key_ok, 0, C, CHUNK, lat_dtype, EARLY_CVT)

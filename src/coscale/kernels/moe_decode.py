@@ -32,7 +32,7 @@ in order; one program per expert, a prefix sum over the picks, no sort), then th
 gather those rows (BLOCK_T at a time, the token's x row by t = j // K) and write one output row per pick,
 y [T*K, H]; the weighted sum over each token's K rows is PyTorch's (deterministic, as the general path's
 combine). Three kernels and a fused sum against the general path's dozen: 1.19-1.23x it at 64-128
-tokens on an H200 (`moe_decode_rows` says which layout a batch takes).
+tokens on an H200 at V2-Lite's shape, 1.04-1.05x at V3's (`moe_decode_rows` says which layout a batch takes).
 
 Rounding follows the general path: gate and up are rounded to the activation dtype before SwiGLU, and
 each expert's output before it is weighted, so the two differ only in the order of float32 sums.
@@ -63,8 +63,8 @@ __all__ = ["MOE_DECODE_MAX_TOKENS", "MOE_DECODE_PICKS_MAX_TOKENS", "moe_decode",
 # Which row layout a batch of T tokens takes (measured on an H200, BENCHMARKS.md runs 28-29): "tokens" up to
 # MOE_DECODE_MAX_TOKENS (V2-Lite's experts 1.41x the general path at 1 token, 1.10x at 32; V3's 1.31x and
 # 1.03x), "picks" above it up to MOE_DECODE_PICKS_MAX_TOKENS (V2-Lite's 1.23x at 64, 1.19x at 128, where
-# "tokens" falls to 0.60x: every token a row of every expert; V3's shape not yet measured there), the
-# general path beyond (not measured).
+# "tokens" falls to 0.60x: every token a row of every expert; V3's 1.05x at 64 and 1.04x at 128, run 30,
+# where "tokens" is 0.97x and 0.55x), the general path beyond (not measured).
 MOE_DECODE_MAX_TOKENS = 32
 MOE_DECODE_PICKS_MAX_TOKENS = 128
 EXPERTS_PER_SPLIT = 8
