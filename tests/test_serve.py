@@ -450,18 +450,21 @@ def test_metrics_parse_and_count():
             await asyncio.gather(*[client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 5 + i})
                                    for i in range(4)])
             await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 40, "stop": "END"})
-            # The reply ends at the stop string; the engine may still take a step before the abort lands.
+            # The reply ends at the stop string; the engine may still take a step before the abort lands,
+            # and the server publishes its counters after each pass of the engine thread, a moment after
+            # the step itself (so the engine can be idle while /metrics still shows the pass before).
             for _ in range(200):
                 if not engine.has_unfinished():
-                    break
+                    r = await client.get("/metrics")
+                    samples = {}
+                    for family in text_string_to_metric_families(r.text):
+                        for s in family.samples:
+                            assert s.labels.get("model_name") == "tiny"
+                            samples[(s.name, s.labels.get("finished_reason"), s.labels.get("le"))] = s.value
+                    if samples[("coscale:generation_tokens_total", None, None)] == engine.generation_total:
+                        break
                 await asyncio.sleep(0.01)
-            r = await client.get("/metrics")
             assert r.headers["content-type"].startswith("text/plain")
-            samples = {}
-            for family in text_string_to_metric_families(r.text):
-                for s in family.samples:
-                    assert s.labels.get("model_name") == "tiny"
-                    samples[(s.name, s.labels.get("finished_reason"), s.labels.get("le"))] = s.value
             assert samples[("coscale:generation_tokens_total", None, None)] == engine.generation_total
             assert samples[("coscale:prompt_tokens_total", None, None)] == 4 * 3 + 1
             assert samples[("coscale:time_to_first_token_seconds_count", None, None)] == 5
