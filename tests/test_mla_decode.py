@@ -316,6 +316,43 @@ def test_kernel_batch_one_and_split_counts(splits):
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
+class _NaNEmpty:
+    """torch for coscale.kernels.mla_decode, with ``empty`` filled with NaN: buffers a kernel leaves unwritten
+    are poisoned."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*size, **kwargs):
+        return torch.full(size, float("nan"), **kwargs)
+
+
+def test_combine_over_many_splits_ragged_columns_and_empty_splits(monkeypatch):
+    """64 splits (one [64, 128] load a program, so c=300 takes three column blocks, the last ragged), a short
+    sequence whose splits past its keys stay unwritten: NaN there must not reach the output."""
+    _check_many_splits(monkeypatch, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a compiled kernel on a GPU")
+def test_gpu_combine_over_many_splits_ragged_columns_and_empty_splits(monkeypatch):
+    _check_many_splits(monkeypatch, "cuda")
+
+
+def _check_many_splits(monkeypatch, device):
+    import coscale.kernels.mla_decode as md
+
+    monkeypatch.setattr(md, "torch", _NaNEmpty())
+    q_lat, q_pe, cache, table, lens = make_inputs([45, 700], 1, H=2, c=300, dr=16, block_size=16, seed=4)
+    cache = LatentCacheLayer(cache.latent.to(device), cache.rope.to(device))
+    q_lat, q_pe, table, lens = q_lat.to(device), q_pe.to(device), table.to(device), lens.to(device)
+    out, lse = mla_decode(q_lat, q_pe, cache, table, lens, 0.1, num_splits=64, backend="triton")
+    ref, ref_lse = mla_decode_ref(q_lat.double(), q_pe.double(), cache, table, lens, 0.1)
+    tol = 1e-5 if device == "cpu" else 1e-4  # fp32 queries: IEEE fp32 products on either (sums in another order)
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("swap", [0, 1])
 def test_kernel_128_heads(swap):
     """DeepSeek-V3's 128 heads: two 64-row tiles per sequence, both orientations."""

@@ -452,7 +452,12 @@ def mla_decode_combine_kernel(
     stride_ob, stride_os, stride_oh, stride_fb, stride_fs, stride_fh,
     C: tl.constexpr, BLOCK_C: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
 ):  # fmt: skip
-    b, row = tl.program_id(1), tl.program_id(0)
+    # One program = one (query token, head) row of one sequence, BLOCK_C of its columns (program_id(2)).
+    # Every split's slice is read by one masked [SPLITS_P2, BLOCK_C] load, all in flight at once: a loop
+    # over the splits issued one dependent load after another (64 splits at one request over 32K keys).
+    # Splits without keys (lse -inf, weight 0) are masked out of the load: their partial outputs were
+    # never written and may hold anything, NaN included, which 0 x NaN would carry into the sum.
+    b, row, cb = tl.program_id(1), tl.program_id(0), tl.program_id(2)
     t, h = row // H, row % H
     offs_s = tl.arange(0, SPLITS_P2)
     lse = tl.load(part_lse_ptr + b * stride_lb + t * stride_ls + h * stride_lh + offs_s,
@@ -460,14 +465,13 @@ def mla_decode_combine_kernel(
     lse_max = tl.max(lse, axis=0)
     weights = tl.exp(lse - lse_max)
     total = tl.sum(weights, axis=0)
-    offs_c = tl.arange(0, BLOCK_C)
-    acc = tl.zeros((BLOCK_C,), tl.float32)
-    base = part_ptr + b * stride_pb + t * stride_ps + h * stride_ph + offs_c
-    for i in range(NUM_SPLITS):
-        w = tl.sum(tl.where(offs_s == i, weights, 0.0), axis=0)
-        if w > 0:  # skip splits without keys (their partial output is never read)
-            acc += w * tl.load(base + i * stride_psplit, mask=offs_c < C, other=0.0)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    base = part_ptr + b * stride_pb + t * stride_ps + h * stride_ph
+    live = (offs_s < NUM_SPLITS) & (weights > 0)
+    parts = tl.load(base + offs_s[:, None] * stride_psplit + offs_c[None, :],
+                    mask=live[:, None] & (offs_c < C)[None, :], other=0.0)
+    acc = tl.sum(tl.where(live[:, None], weights[:, None] * parts, 0.0), axis=0)
     tl.store(out_ptr + b * stride_ob + t * stride_os + h * stride_oh + offs_c,
              (acc / total).to(out_ptr.dtype.element_ty), mask=offs_c < C)
-    tl.store(lse_ptr + b * stride_fb + t * stride_fs + h * stride_fh, lse_max + tl.log(total))
-
+    if cb == 0:
+        tl.store(lse_ptr + b * stride_fb + t * stride_fs + h * stride_fh, lse_max + tl.log(total))

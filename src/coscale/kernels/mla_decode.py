@@ -55,6 +55,9 @@ FP8_TILE = 128
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 MAX_ROWS_PER_TILE = 64  # S x heads rows in one tile: an [M, 512] FP32 accumulator is 128 KB of registers
 MAX_SPLITS = 64
+# The combine reads every split's slice of a row's columns in one [splits, BLOCK_C] load: at most this many
+# FP32 values a program (64 splits: 128 columns, so a 512-column row takes four programs).
+COMBINE_ELEMENTS = 8192
 # A program's fixed cost (its first loads' latency, the query, the partial output) in keys of work: each
 # wave past the first added 7-15 us at batch 64 x 32K on the H200 (run 30: 2 to 16 splits), 200-400 keys
 # at a 132nd of copy bandwidth.
@@ -325,12 +328,13 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     else:  # a fixed configuration (tests, benchmarks): the autotuner's kernel without the tuning
         split_kernel.fn[(groups, splits, B)](*args, **consts, **_checked_config(kernel_config))
     if splits > 1:
-        combine_kernel[(S * H, B)](
+        block_c = max(16, min(_next_pow2(c), COMBINE_ELEMENTS // max(2, _next_pow2(splits))))
+        combine_kernel[(S * H, B, -(-c // block_c))](
             part, part_lse, out, lse, H,
             part.stride(0), part.stride(1), part.stride(2), part.stride(3),
             part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-            C=c, BLOCK_C=max(16, _next_pow2(c)), NUM_SPLITS=splits, SPLITS_P2=max(2, _next_pow2(splits)),
+            C=c, BLOCK_C=block_c, NUM_SPLITS=splits, SPLITS_P2=max(2, _next_pow2(splits)),
         )  # fmt: skip
     return out, lse
 
