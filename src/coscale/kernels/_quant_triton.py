@@ -77,7 +77,10 @@ def _quantize_tile(x, r, d, fp8_max, GRID_ROUND: tl.constexpr):
         y = tl.where(rr == 0, y * 0.0, rr)
     else:
         nrem = tl.fma(q0, d, -x)
-        y = tl.fma(nrem, -r, q0)
+        # r * -1, not -r: Triton's unary minus is 0 - r, which is +0 for r = +0 (a tile holding an
+        # infinity, s = inf), and then a negative x gave +0 where x / inf is -0 (found on the H200, run 31;
+        # the interpreter's float64 path above never took this line)
+        y = tl.fma(nrem, r * -1.0, q0)
     return y
 
 
@@ -160,11 +163,21 @@ def cols_kernel(
             st = _scale_from_bits(amax, amax_floor, fp8_max, ROUND_SCALE)  # [BLOCK_K]
             r, d = _divisor(st)
             r, d = r[None, :], d[None, :]
-            f8: tl.constexpr = yt_ptr.dtype.element_ty
-            words = (_byte(_quantize_tile(x0, r, d, fp8_max, GRID_ROUND), f8, 0)
-                     | _byte(_quantize_tile(x1, r, d, fp8_max, GRID_ROUND), f8, 8)
-                     | _byte(_quantize_tile(x2, r, d, fp8_max, GRID_ROUND), f8, 16)
-                     | _byte(_quantize_tile(x3, r, d, fp8_max, GRID_ROUND), f8, 24))
+            y0 = _quantize_tile(x0, r, d, fp8_max, GRID_ROUND)
+            y1 = _quantize_tile(x1, r, d, fp8_max, GRID_ROUND)
+            y2 = _quantize_tile(x2, r, d, fp8_max, GRID_ROUND)
+            y3 = _quantize_tile(x3, r, d, fp8_max, GRID_ROUND)
+            if GRID_ROUND:  # the interpreter (it runs no PTX): the E4M3 casts' bits, shifted into place
+                f8: tl.constexpr = yt_ptr.dtype.element_ty
+                words = _byte(y0, f8, 0) | _byte(y1, f8, 8) | _byte(y2, f8, 16) | _byte(y3, f8, 24)
+            else:
+                # The cast Triton's E4M3 conversion lowers to (cvt.rn.satfinite, two values an instruction),
+                # written straight into the word: Triton's own byte extraction and shifts from the packed
+                # pairs (F2FP + PRMT) wrote wrong bytes on the H200 with 1 or 2 warps a tile (run 31).
+                words = tl.inline_asm_elementwise(
+                    "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; "
+                    "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; mov.b32 $0, {lo, hi}; }",
+                    "=r,f,f,f,f", [y0, y1, y2, y3], dtype=tl.int32, is_pure=True, pack=1)
             yt_words = yt_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # rows of Mp bytes, Mp % 128 == 0
             tl.store(yt_words + offs_k[:, None].to(tl.int64) * (stride_ytk // 4) + offs_w[None, :], tl.trans(words),
                      mask=(in_rows & live)[:, None])

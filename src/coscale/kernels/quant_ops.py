@@ -92,11 +92,11 @@ COLS_CONFIGS = (  # cols_kernel: GROUPS tiles of 128 tokens x BLOCK_K columns, o
     ({"BLOCK_K": 128, "GROUPS": 2}, 8),
     # PACK4: four tokens' bytes packed into a word before the transpose (the kernel's comment); 64 x 4 warps
     # reached 71% of copy on the H200 (run 31). Fewer warps a tile spend fewer instructions an element on the
-    # column reductions and scales (sm_90 compiles: 21 at 64 x 4 warps, 15-17 at 32 x 1, 64 x 2 and 128 x 4,
-    # none spilling; 64 x 1 and 128 x 2 spill).
-    ({"BLOCK_K": 64, "GROUPS": 1, "PACK4": True}, 4), ({"BLOCK_K": 32, "GROUPS": 1, "PACK4": True}, 1),
+    # column reductions and scales (sm_90 compiles: 21 at 64 x 4 warps, 15-17 at 32 x 1, 64 x 2 and 128 x 4;
+    # 64 x 1 and 128 x 2 spill).
+    ({"BLOCK_K": 64, "GROUPS": 1, "PACK4": True}, 4), ({"BLOCK_K": 32, "GROUPS": 1, "PACK4": True}, 4),
+    ({"BLOCK_K": 128, "GROUPS": 1, "PACK4": True}, 8), ({"BLOCK_K": 32, "GROUPS": 1, "PACK4": True}, 1),
     ({"BLOCK_K": 64, "GROUPS": 1, "PACK4": True}, 2), ({"BLOCK_K": 128, "GROUPS": 1, "PACK4": True}, 4),
-    ({"BLOCK_K": 32, "GROUPS": 1, "PACK4": True}, 4), ({"BLOCK_K": 128, "GROUPS": 1, "PACK4": True}, 8),
 )
 WEIGHT_CONFIGS = (  # weight_kernel: GROUPS 128x128 blocks along K, one after another
     ({"GROUPS": 1}, 4), ({"GROUPS": 1}, 8), ({"GROUPS": 1}, 16), ({"GROUPS": 4}, 4), ({"GROUPS": 4}, 8),
