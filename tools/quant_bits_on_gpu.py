@@ -1,0 +1,54 @@
+"""Where the quantization kernels' bits differ from the reference on a GPU: every rows and 128x1 candidate on the
+hard inputs of tests/test_quant.py (values over 8 decades, signed zeros, NaN and -inf, near-ties), against the
+CPU reference and the reference run on the GPU, with the first mismatching elements (x, scale, bits).
+
+Run on a GPU: `PYTHONPATH=src TRITON_INTERPRET=0 python3 tools/quant_bits_on_gpu.py` (about a minute). Run 31
+found with it the sign of zero in tiles holding an infinity and the PACK4 candidates' byte packing.
+"""
+
+import sys
+
+import torch
+
+sys.path.insert(0, "tests")
+from coscale.kernels import quant_ops as qo  # noqa: E402
+from test_quant import _hard_input, bits  # noqa: E402
+
+
+def report(tag, got, ref_gpu, ref_cpu, x, scales, layout):
+    """One line per candidate (mismatches against each reference) and its first six mismatching elements."""
+    g, rg, rc = bits(got).cpu(), bits(ref_gpu).cpu(), bits(ref_cpu).cpu()
+    known = ~torch.isnan(ref_cpu.float().cpu())
+    bad = ((g != rc) & known).nonzero()
+    print(f"{tag}: kernel vs cpu ref {len(bad)}, gpu ref vs cpu ref {int(((rg != rc) & known).sum())}, "
+          f"kernel vs gpu ref {int(((g != rg) & known).sum())}")
+    for i, j in bad[:6].tolist():
+        inside = j < (x.shape[1] if layout == "rows" else x.shape[0])
+        xv = (x[i, j] if layout == "rows" else x[j, i]).item() if inside else 0.0
+        sv = scales[i, j // 128].item()
+        print(f"   [{i},{j}] x={xv!r} s={sv!r} got={int(g[i, j]):#04x} ref_gpu={int(rg[i, j]):#04x} "
+              f"ref_cpu={int(rc[i, j]):#04x}")
+
+
+def main():
+    cases = [("hard fp32", _hard_input(300, 200, torch.float32, seed=300)),
+             ("hard bf16", _hard_input(300, 200, torch.bfloat16, seed=300)),
+             ("signed zeros fp32", _hard_input(256, 384, torch.float32, seed=11))]
+    for name, x in cases:
+        xg = x.cuda()
+        for round_scale in (False, True):
+            ry, rs, ryt, rst = qo.act_quant_reference(x, round_scale, True, True, True)
+            gy, _, gyt, _ = qo.act_quant_reference(xg, round_scale, True, True, True)
+            print(f"== {name} round_scale={round_scale}")
+            for cfg, warps in qo.ROWS_CONFIGS:
+                y, s, _, _ = qo.quant_outputs(*x.shape, xg.device, True, False, True)
+                qo.launch_rows(xg, y, s, round_scale, config={**cfg, "num_warps": warps})
+                report(f"rows {cfg} w{warps}", y, gy, ry, x.float(), rs, "rows")
+            for cfg, warps in qo.COLS_CONFIGS:
+                _, _, yt, st = qo.quant_outputs(*x.shape, xg.device, False, True, True)
+                qo.launch_cols(xg, yt, st, round_scale, config={**cfg, "num_warps": warps})
+                report(f"cols {cfg} w{warps}", yt, gyt, ryt, x.float(), rst, "cols")
+
+
+if __name__ == "__main__":
+    main()
