@@ -29,7 +29,9 @@ through ``ptxas -v``, registers and spills):
   kernel). The RoPE part stays in the query's dtype (a dot of its own). On the H200 (run 22) that was
   only 1.10-1.17x faster with 16 heads (16-22% of copy bandwidth) and 0.88x with 128 (64-row tiles, which
   keep the bf16 read): the conversion is not what holds the FP8 path back. EARLY_CVT (below, _load_k):
-  1.3-1.4x more at batch 64-128 and 32K (24-29% of copy, run 25), slower at batch 1. Still open.
+  1.3-1.4x more at batch 64-128 and 32K (24-29% of copy, run 25), slower at batch 1. Loading each tile's
+  e4m3 latent and scales into registers a tile ahead by hand (runs 30-31: the pipeliner does stage them, through
+  shared memory) was 0.74-0.79x this path on the H200 and miscompiled with SWAP=1; it is gone. Still open.
 - Lazy rescaling (LAZY=1 candidates, FlashAttention-4's idea): rescaling the [M, 512] FP32 accumulators
   by alpha every tile costs about as many instructions as the tile's MMAs (16 heads: 64 FMULs a thread
   against 68 HMMAs a warp per 32-key tile, sm_90 compile). With LAZY the running maximum is left stale
@@ -67,12 +69,9 @@ def _configs():
 
 def _prune(configs, named_args, **kwargs):
     """Drop the candidates that cannot fit one tile of BLOCK_M rows: an [M, 512] FP32 accumulator over
-    4 warps is 256 registers a thread at 64 rows (it spills), so 64-row tiles take 8 warps. With PREFETCH,
-    the keys-on-M orientation (SWAP=1) is dropped: its sm_90 compile gave wrong outputs (run 30)."""
+    4 warps is 256 registers a thread at 64 rows (it spills), so 64-row tiles take 8 warps."""
     rows = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 16))
     kept = [c for c in configs if rows < 64 or c.num_warps >= 8]
-    if kwargs.get("PREFETCH", named_args.get("PREFETCH", False)):  # miscompiled with SWAP=1 (mla_decode.FP8_PREFETCH)
-        kept = [c for c in kept if not c.kwargs["SWAP"]]
     return kept or configs
 
 
@@ -153,33 +152,11 @@ def _load_k(lat_rows, key_ok, col0, C: tl.constexpr, CHUNK: tl.constexpr, dot_dt
     return _cvt(_load_raw(lat_rows, key_ok, col0, C, CHUNK), dot_dtype, EARLY_CVT)
 
 @triton.jit
-def _load_fp8_tile(lat_rows, s_rows, key_ok, C: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
-    """An FP8 tile as stored, per 128-column scale tile t < NUM_CHUNKS: (e4m3 slice, its scales) x 4; the
-    slots past NUM_CHUNKS repeat the first (never read)."""
-    r0 = _load_raw(lat_rows, key_ok, 0, C, CHUNK)
-    c0 = tl.load(s_rows, mask=key_ok, other=0.0)
-    r1, c1, r2, c2, r3, c3 = r0, c0, r0, c0, r0, c0
-    if NUM_CHUNKS > 1:
-        r1 = _load_raw(lat_rows, key_ok, CHUNK, C, CHUNK)
-        c1 = tl.load(s_rows + 1, mask=key_ok, other=0.0)
-    if NUM_CHUNKS > 2:
-        r2 = _load_raw(lat_rows, key_ok, 2 * CHUNK, C, CHUNK)
-        c2 = tl.load(s_rows + 2, mask=key_ok, other=0.0)
-    if NUM_CHUNKS > 3:
-        r3 = _load_raw(lat_rows, key_ok, 3 * CHUNK, C, CHUNK)
-        c3 = tl.load(s_rows + 3, mask=key_ok, other=0.0)
-    return r0, c0, r1, c1, r2, c2, r3, c3
-
-@triton.jit
-def _fp8_slice(raw, scales, lat_rows, s_rows, key_ok, t: tl.constexpr, C: tl.constexpr, CHUNK: tl.constexpr,
-               dot_dtype: tl.constexpr, EARLY_CVT: tl.constexpr, PREFETCH: tl.constexpr):
-    """Scale tile t of this key tile: (its latent slice cast for the dots, its per-key scales), from the
-    registers PREFETCH filled a tile ago, or loaded now."""
-    if PREFETCH:
-        return _cvt(raw, dot_dtype, EARLY_CVT), scales
-    else:
-        return _load_k(lat_rows, key_ok, t * CHUNK, C, CHUNK, dot_dtype, EARLY_CVT), tl.load(
-            s_rows + t, mask=key_ok, other=0.0)
+def _fp8_slice(lat_rows, s_rows, key_ok, t: tl.constexpr, C: tl.constexpr, CHUNK: tl.constexpr,
+               dot_dtype: tl.constexpr, EARLY_CVT: tl.constexpr):
+    """Scale tile t of this key tile: its latent slice cast for the dots and its per-key scales."""
+    return (_load_k(lat_rows, key_ok, t * CHUNK, C, CHUNK, dot_dtype, EARLY_CVT),
+            tl.load(s_rows + t, mask=key_ok, other=0.0))
 
 @triton.jit
 def _tile_ids(table_row, start, hi, offs_n, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -214,7 +191,7 @@ def _store_chunk(o_rows, acc, l_safe, keep, col0, C: tl.constexpr, CHUNK: tl.con
              mask=keep[:, None] & (offs[None, :] < C))
 
 @triton_autotune(*_configs(), key=["C", "DR", "S_Q", "HEADS_TILE", "num_splits", "batch_bucket", "FP8",
-                                   "LAT_FP16", "EARLY_CVT", "PREFETCH", "PAGE"],
+                                   "LAT_FP16", "EARLY_CVT", "PAGE"],
                  prune_configs_by={"early_config_prune": _prune},
                  rep_ms=10, graph_timing=True)  # a new key while serving stalls one step: keep its tuning short
 # graph_timing: at batch 1 and at short contexts the kernel takes less time (5-15 us) than a launch from
@@ -229,7 +206,6 @@ def mla_decode_split_kernel(
     C: tl.constexpr, DR: tl.constexpr, S_Q: tl.constexpr, HEADS_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr,
     PAGE: tl.constexpr, FP8: tl.constexpr, LAT_FP16: tl.constexpr, EARLY_CVT: tl.constexpr,
-    PREFETCH: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr,
     LAZY: tl.constexpr, LAZY_LOG2: tl.constexpr = 8.0, SCALE_SLACK: tl.constexpr = 64.0,
 ):  # fmt: skip
@@ -304,34 +280,11 @@ def mla_decode_split_kernel(
     # of num_stages on that load, which left the latent single-buffered (sm_90 compiles of the
     # first version: loads and dots serialised in every program).
     nxt = _tile_ids(table_row, lo, hi, offs_n, PAGE, BLOCK_N)
-    if PREFETCH:
-        # PREFETCH (FP8 caches): the next tile's e4m3 latent and its scales are loaded into registers
-        # one iteration ahead, by hand. Triton's pipeliner stages only loads that feed a dot through
-        # shared memory; with EARLY_CVT the latent feeds a conversion first and the scales feed
-        # multiplications, so each tile's loads were waited for where they were used. Block ids run
-        # two tiles ahead here (blk: this tile, nxt: the next).
-        blk = nxt
-        nxt = _tile_ids(table_row, lo + BLOCK_N, hi, offs_n, PAGE, BLOCK_N)
-        first = _tile_rows(latent_ptr, blk, lo, offs_n, stride_lblk, stride_ltok, PAGE, BLOCK_N)
-        first_s = _tile_rows(scale_ptr, blk, lo, offs_n, stride_sblk, stride_stok, PAGE, BLOCK_N)
-        r0, c0, r1, c1, r2, c2, r3, c3 = _load_fp8_tile(first, first_s, lo + offs_n < hi, C, CHUNK, NUM_CHUNKS)
-    else:  # never read (_fp8_slice loads the tile itself)
-        r0, c0, r1, c1, r2, c2, r3, c3 = 0, 0, 0, 0, 0, 0, 0, 0
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         key_ok = pos < hi
-        if PREFETCH:
-            block = blk
-            ahead = start + BLOCK_N
-            ahead_ok = ahead + offs_n < hi  # (masked loads past the end read nothing)
-            ahead_rows = _tile_rows(latent_ptr, nxt, ahead, offs_n, stride_lblk, stride_ltok, PAGE, BLOCK_N)
-            ahead_s = _tile_rows(scale_ptr, nxt, ahead, offs_n, stride_sblk, stride_stok, PAGE, BLOCK_N)
-            n0, d0, n1, d1, n2, d2, n3, d3 = _load_fp8_tile(ahead_rows, ahead_s, ahead_ok, C, CHUNK, NUM_CHUNKS)
-            blk = nxt
-            nxt = _tile_ids(table_row, start + 2 * BLOCK_N, hi, offs_n, PAGE, BLOCK_N)
-        else:
-            block = nxt
-            nxt = _tile_ids(table_row, start + BLOCK_N, hi, offs_n, PAGE, BLOCK_N)
+        block = nxt
+        nxt = _tile_ids(table_row, start + BLOCK_N, hi, offs_n, PAGE, BLOCK_N)
         lat_rows = _tile_rows(latent_ptr, block, start, offs_n, stride_lblk, stride_ltok, PAGE, BLOCK_N)
         rope_rows = _tile_rows(rope_ptr, block, start, offs_n, stride_rblk, stride_rtok, PAGE, BLOCK_N)
         s_rows = _tile_rows(scale_ptr, block, start, offs_n, stride_sblk, stride_stok, PAGE, BLOCK_N)
@@ -340,19 +293,17 @@ def mla_decode_split_kernel(
         s = _qk(qpe, kr, SWAP, PRECISION)
         # The latent tile is loaded once and feeds both products (scores and P @ V).
         if FP8:  # score = sum over tiles t of scale[t] * (q_t . q8_t), q_t scaled by f
-            k0, sc0 = _fp8_slice(r0, c0, lat_rows, s_rows, key_ok, 0, C, CHUNK, lat_dtype, EARLY_CVT, PREFETCH)
+            k0, sc0 = _fp8_slice(lat_rows, s_rows, key_ok, 0, C, CHUNK, lat_dtype, EARLY_CVT)
             s_lat = _qk(q0, k0, SWAP, PRECISION) * _per_key(sc0, SWAP)
             if NUM_CHUNKS > 1:
-                k1, sc1 = _fp8_slice(r1, c1, lat_rows, s_rows, key_ok, 1, C, CHUNK, lat_dtype, EARLY_CVT, PREFETCH)
+                k1, sc1 = _fp8_slice(lat_rows, s_rows, key_ok, 1, C, CHUNK, lat_dtype, EARLY_CVT)
                 s_lat += _qk(q1, k1, SWAP, PRECISION) * _per_key(sc1, SWAP)
             if NUM_CHUNKS > 2:
-                k2, sc2 = _fp8_slice(r2, c2, lat_rows, s_rows, key_ok, 2, C, CHUNK, lat_dtype, EARLY_CVT, PREFETCH)
+                k2, sc2 = _fp8_slice(lat_rows, s_rows, key_ok, 2, C, CHUNK, lat_dtype, EARLY_CVT)
                 s_lat += _qk(q2, k2, SWAP, PRECISION) * _per_key(sc2, SWAP)
             if NUM_CHUNKS > 3:
-                k3, sc3 = _fp8_slice(r3, c3, lat_rows, s_rows, key_ok, 3, C, CHUNK, lat_dtype, EARLY_CVT, PREFETCH)
+                k3, sc3 = _fp8_slice(lat_rows, s_rows, key_ok, 3, C, CHUNK, lat_dtype, EARLY_CVT)
                 s_lat += _qk(q3, k3, SWAP, PRECISION) * _per_key(sc3, SWAP)
-            if PREFETCH:  # the next tile's slices, loaded above, become this loop's next ones
-                r0, c0, r1, c1, r2, c2, r3, c3 = n0, d0, n1, d1, n2, d2, n3, d3
             s += s_lat * _per_row(inv_f, SWAP)
         else:
             k0 = _load_k(lat_rows, key_ok, 0, C, CHUNK, lat_dtype, EARLY_CVT)

@@ -72,14 +72,6 @@ FP16_READ_MAX_ROWS = 32
 # 64 x 32K / 128 x 4K / 128 x 32K, level at 1 x 32K and 0.43x at 1 x 4K (the cast in registers takes the
 # latent loads out of the asynchronous copy pipeline, which a short loop per program does not amortise).
 FP8_CONVERT_EARLY_MIN_BATCH = 32
-# The FP8 tile's latent and scales loaded into registers one tile ahead by hand (the kernel's PREFETCH): the
-# asynchronous copy pipeline stages only loads that feed a dot, so with EARLY_CVT each tile's latent and
-# scales were waited for where they were used. On a GPU only with EARLY_CVT and the heads-on-M orientation
-# (SWAP=0; the autotuner drops SWAP=1 candidates, a kernel_config with SWAP=1 turns it off): compiled by
-# triton 3.6 for sm_90 (run 30), the kernel with the plain cast, and with SWAP=1 even with the early cast,
-# gave wrong outputs (and an illegal address in autotuning) where the interpreter's are exact; with SWAP=0 and
-# the early cast it matched the plain path. Its speed is not measured yet: off by default.
-FP8_PREFETCH = False
 
 
 @dataclass
@@ -260,7 +252,7 @@ def tuned_config() -> dict | None:
 def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, softmax_scale: float, *,
                max_seq_len: int | None = None, num_splits: int | None = None, heads_tile: int | None = None,
                kernel_config: dict | None = None, fp8_in_fp16: bool = True, fp8_convert_early: bool | None = None,
-               fp8_prefetch: bool | None = None, backend: str = "auto"):
+               backend: str = "auto"):
     """MLA decode over the paged latent cache (module docstring). q_lat [B, S, H, c], q_pe [B, S, H, dr]
     (bf16 on a GPU; the kernel's dots run in q_lat's dtype), block_table [B, W] int32, seq_lens [B]
     int32 (each >= S). Returns (o_lat [B, S, H, c] in q_lat's dtype, lse [B, S, H] float32).
@@ -271,9 +263,7 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     CONFIG_KEYS; optionally LAZY=1, lazy rescaling, not among the autotuned candidates: it paid little on
     the H200), for tests and benchmarks. fp8_in_fp16=False reads an FP8 cache through bf16 as the
     kernel did before (for benchmarks that compare the two); fp8_convert_early casts the fp16-read tile before its
-    shared-memory round trip (default: from batch FP8_CONVERT_EARLY_MIN_BATCH on); fp8_prefetch loads each
-    FP8 tile's latent and scales into registers one tile ahead (default: FP8_PREFETCH; on a GPU only with
-    the early cast, see FP8_PREFETCH)."""
+    shared-memory round trip (default: from batch FP8_CONVERT_EARLY_MIN_BATCH on)."""
     _check(q_lat, q_pe, cache, block_table, seq_lens)
     if select_backend(backend, q_lat, op="mla_decode") == "torch":
         return mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, softmax_scale)
@@ -318,8 +308,6 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
         C=c, DR=dr, S_Q=S, HEADS_TILE=tile, BLOCK_M=rows, CHUNK=chunk,
         NUM_CHUNKS=math.ceil(c / chunk), BLOCK_R=max(16, _next_pow2(dr)), PAGE=page, FP8=fp8,
         LAT_FP16=lat_fp16, EARLY_CVT=early,
-        PREFETCH=fp8 and (FP8_PREFETCH if fp8_prefetch is None else fp8_prefetch) and (interpreting() or (
-            early and not (kernel_config or {}).get("SWAP"))),
         DOT_FP32=dot_fp32,
         PRECISION="ieee" if dot_fp32 else "tf32",
     )  # fmt: skip
