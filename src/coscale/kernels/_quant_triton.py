@@ -134,7 +134,7 @@ def cols_kernel(
     x_ptr, yt_ptr, st_ptr, M, K, YT_ROWS, M_BUCKET, stride_xm, stride_xk, stride_ytk, stride_stk, stride_stm,
     amax_floor, fp8_max,
     BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
-    PACK4: tl.constexpr = False,
+    PACK4: tl.constexpr,
 ):  # fmt: skip
     # x^T in 1x128 tiles along M: yt [YT_ROWS, Mp] e4m3, st [YT_ROWS, Mp/128] (rows K..YT_ROWS-1 zeros).
     # One program = GROUPS tiles of [128 tokens x BLOCK_K columns] one after another, each loaded along K;

@@ -85,18 +85,16 @@ ROWS_CONFIGS = (  # rows_kernel: BLOCK_M rows x TILES 1x128 tiles
     ({"BLOCK_M": 16, "TILES": 4}, 4), ({"BLOCK_M": 4, "TILES": 8}, 4), ({"BLOCK_M": 16, "TILES": 4}, 8),
     ({"BLOCK_M": 8, "TILES": 8}, 8), ({"BLOCK_M": 32, "TILES": 2}, 8), ({"BLOCK_M": 64, "TILES": 1}, 8),
 )
-COLS_CONFIGS = (  # cols_kernel: GROUPS tiles of 128 tokens x BLOCK_K columns, one after another
-    ({"BLOCK_K": 32, "GROUPS": 1}, 4), ({"BLOCK_K": 16, "GROUPS": 1}, 4), ({"BLOCK_K": 64, "GROUPS": 1}, 4),
-    ({"BLOCK_K": 64, "GROUPS": 1}, 8), ({"BLOCK_K": 128, "GROUPS": 1}, 8), ({"BLOCK_K": 128, "GROUPS": 1}, 16),
-    ({"BLOCK_K": 32, "GROUPS": 4}, 4), ({"BLOCK_K": 64, "GROUPS": 4}, 4), ({"BLOCK_K": 64, "GROUPS": 4}, 8),
-    ({"BLOCK_K": 128, "GROUPS": 2}, 8),
-    # PACK4: four tokens' bytes packed into a word before the transpose (the kernel's comment); 64 x 4 warps
-    # reached 71% of copy on the H200 (run 31). Fewer warps a tile spend fewer instructions an element on the
-    # column reductions and scales (sm_90 compiles: 21 at 64 x 4 warps, 15-17 at 32 x 1, 64 x 2 and 128 x 4;
-    # 64 x 1 and 128 x 2 spill).
-    ({"BLOCK_K": 64, "GROUPS": 1, "PACK4": True}, 4), ({"BLOCK_K": 32, "GROUPS": 1, "PACK4": True}, 4),
-    ({"BLOCK_K": 128, "GROUPS": 1, "PACK4": True}, 8), ({"BLOCK_K": 32, "GROUPS": 1, "PACK4": True}, 1),
-    ({"BLOCK_K": 64, "GROUPS": 1, "PACK4": True}, 2), ({"BLOCK_K": 128, "GROUPS": 1, "PACK4": True}, 4),
+COLS_CONFIGS = tuple(  # cols_kernel: GROUPS tiles of 128 tokens x BLOCK_K columns, one after another
+    ({"BLOCK_K": k, "GROUPS": g, "PACK4": pack4}, w) for k, g, pack4, w in (
+        (32, 1, False, 4), (16, 1, False, 4), (64, 1, False, 4), (64, 1, False, 8), (128, 1, False, 8),
+        (128, 1, False, 16), (32, 4, False, 4), (64, 4, False, 4), (64, 4, False, 8), (128, 2, False, 8),
+        # PACK4: four tokens' bytes packed into a word before the transpose (the kernel's comment); 64 x 4
+        # warps reached 71% of copy on the H200 (run 31). Fewer warps a tile spend fewer instructions an
+        # element on the column reductions and scales (sm_90 compiles: 19 at 64 x 4 warps, 13-14 at 32 x 1,
+        # 64 x 2 and 128 x 4; 64 x 1 and 128 x 2 spill).
+        (64, 1, True, 4), (32, 1, True, 4), (128, 1, True, 8), (32, 1, True, 1), (64, 1, True, 2), (128, 1, True, 4),
+    )
 )
 WEIGHT_CONFIGS = (  # weight_kernel: GROUPS 128x128 blocks along K, one after another
     ({"GROUPS": 1}, 4), ({"GROUPS": 1}, 8), ({"GROUPS": 1}, 16), ({"GROUPS": 4}, 4), ({"GROUPS": 4}, 8),
