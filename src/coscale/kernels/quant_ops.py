@@ -17,7 +17,8 @@ which capped act_quant_1x128 at 71% of copy on the H200 against 83-89% on the H1
 - transposed (1x128 along M): ``cols_kernel``, GROUPS [128 x BLOCK_K] tiles per program, one after
   another, each stored through a transposed FP8 tile (contiguous along the tokens). With several tiles
   the loop is software-pipelined (the next tile's loads in flight during this one's shared-memory
-  transpose); one tile a program reached 63% of copy on the H200.
+  transpose); one tile a program reached 63% of copy on the H200. PACK4 candidates transpose 32-bit
+  words of four tokens' bytes instead of bytes: 82% of copy with 32 columns and one warp (run 31).
 - both layouts: two launches (rows, then transposed: x read twice, the second time partly from L2) or,
   with ``one_pass=True``, ``dual_quant_kernel`` (x read once): a [128 x 128] block held whole (CHUNK
   128, 8 or 16 warps) or walked in column chunks. benchmarks/bench_quant.py measures both.
@@ -92,7 +93,8 @@ COLS_CONFIGS = tuple(  # cols_kernel: GROUPS tiles of 128 tokens x BLOCK_K colum
         # PACK4: four tokens' bytes packed into a word before the transpose (the kernel's comment); 64 x 4
         # warps reached 71% of copy on the H200 (run 31). Fewer warps a tile spend fewer instructions an
         # element on the column reductions and scales (sm_90 compiles: 19 at 64 x 4 warps, 13-14 at 32 x 1,
-        # 64 x 2 and 128 x 4; 64 x 1 and 128 x 2 spill).
+        # 64 x 2 and 128 x 4; 64 x 1 and 128 x 2 spill): 32 x 1 reached 82% (run 31). Before the words were
+        # packed in inline asm, the 1-4-warp ones wrote wrong bytes on the H200 (the kernel's comment).
         (64, 1, True, 4), (32, 1, True, 4), (128, 1, True, 8), (32, 1, True, 1), (64, 1, True, 2), (128, 1, True, 4),
     )
 )
