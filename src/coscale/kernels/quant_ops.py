@@ -94,7 +94,7 @@ COLS_CONFIGS = tuple(  # cols_kernel: GROUPS tiles of 128 tokens x BLOCK_K colum
         # warps reached 71% of copy on the H200 (run 31). Fewer warps a tile spend fewer instructions an
         # element on the column reductions and scales (sm_90 compiles: 19 at 64 x 4 warps, 13-14 at 32 x 1,
         # 64 x 2 and 128 x 4; 64 x 1 and 128 x 2 spill): 32 x 1 reached 82% (run 31). Before the words were
-        # packed in inline asm, the 1-4-warp ones wrote wrong bytes on the H200 (the kernel's comment).
+        # packed in inline asm, 32 x 1, 64 x 2 and 128 x 4 wrote wrong bytes on the H200 (the kernel's comment).
         (64, 1, True, 4), (32, 1, True, 4), (128, 1, True, 8), (32, 1, True, 1), (64, 1, True, 2), (128, 1, True, 4),
     )
 )
