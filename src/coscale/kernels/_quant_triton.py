@@ -174,7 +174,7 @@ def cols_kernel(
             else:
                 # The cast Triton's E4M3 conversion lowers to (cvt.rn.satfinite, two values an instruction),
                 # written straight into the word: Triton's own byte extraction and shifts from the packed
-                # pairs (F2FP + PRMT) wrote wrong bytes on the H200 with 1 or 2 warps a tile (run 31).
+                # pairs (F2FP + PRMT) wrote wrong bytes on the H200 at 32 x 1, 64 x 2 and 128 x 4 warps (run 31).
                 words = tl.inline_asm_elementwise(
                     "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; "
                     "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; mov.b32 $0, {lo, hi}; }",
