@@ -51,6 +51,12 @@ for job in ${JOBS:-quant fp8 moe study}; do
                 "tests/test_custom_ops.py::test_inductor_analyses_every_transparent_kernel" \
                 "tests/test_train_step_runner.py::test_graphed_step_replays_what_it_captured_on_cuda" \
                 tests/test_parallel_cuda.py "tests/test_mla_decode.py::test_gpu_fp8_convert_early_gives_what_the_plain_cast_gives" \
-                "tests/test_mla_decode.py::test_gpu_lazy_rescaling_matches_the_reference" ;;
+                "tests/test_mla_decode.py::test_gpu_lazy_rescaling_matches_the_reference" \
+                "tests/test_mla_decode.py::test_gpu_combine_over_many_splits_ragged_columns_and_empty_splits" ;;
+    # every quantization candidate on the hard inputs (signed zeros, infinities, near-ties), bit for bit, on the
+    # GPU: the interpreter cannot see the GPU's own errors (run 31); compiling every candidate takes minutes
+    quantbits) run quant_bits_on_gpu "${T_QUANTBITS:-150}" python3 tools/quant_bits_on_gpu.py
+               run gpu_tests_quant "${T_TESTS_QUANT:-300}" env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider \
+                 tests/test_quant.py -k "every_candidate or signed_zeros" ;;
   esac
 done
