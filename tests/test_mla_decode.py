@@ -14,6 +14,7 @@ from coscale.kernels.mla_decode import (
     LatentCacheLayer,
     default_num_splits,
     dequantize_latent_fp8,
+    gather_latent,
     heads_per_tile,
     mla_decode,
     mla_decode_ref,
@@ -238,6 +239,55 @@ def test_kernel_fp8_scale_folding_four_tiles(swap):
     # values reach ~100 (scales up to 30): FP32 summation-order error is relative to the largest output
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [dict(BLOCK_N=16, SWAP=0), dict(BLOCK_N=32, SWAP=1)], ids=["n16rows", "n32keys"])
+@pytest.mark.parametrize("c,block_size,decades", [(512, 16, 3), (256, 8, 16), (512, 64, 16)])
+def test_fp8_whole_tile_folds_each_scale_tile_into_the_latent(dtype, cfg, c, block_size, decades):
+    """fp8_whole_tile: one product of each kind over all c columns, each key's per-tile scales relative to
+    the largest so far multiplied into the latent. FP32 queries: the per-tile path's accuracy. BF16 queries (the
+    latent in fp16): each latent value times its relative scale is rounded to fp16 (two roundings: 2^-10), so
+    key n's score may move by E_n = 2^-10 x softmax_scale x sum_c |q_c k_nc|, the log-sum-exp by max E_n, and
+    the output (a convex combination) by 2 max E_n of the largest latent value, plus 2^-10 of it for the
+    values and 2^-8 for the bf16 output and fp16 P. Scales spread over `decades` (16: relative scales below
+    fp16's range, whose keys then add nothing to the products)."""
+    q_lat, q_pe, cache, table, lens = make_inputs([2, 1, 63, 97], 1, H=4, c=c, dr=16, block_size=block_size,
+                                                  fp8=True, seed=41, dtype=dtype)
+    g = torch.Generator().manual_seed(42)
+    cache.scale.mul_(10 ** (torch.rand(cache.scale.shape, generator=g) * decades - decades / 2))
+    keys = [gather_latent(cache, sequence_slots(table[b], int(n), block_size), torch.float64)[0]
+            for b, n in enumerate(lens.tolist())]
+    q = q_lat.double().abs()[:, 0]  # [B, H, c]
+    spread = max(((q[b] ** 2) @ (k ** 2).T).sqrt().max().item() for b, k in enumerate(keys))
+    softmax_scale = 3.0 / spread  # the largest keys' scores of order 3: a peaked softmax, not a saturated one
+    bound = max((2**-10 * softmax_scale * q[b] @ k.abs().T).max().item() for b, k in enumerate(keys))
+    norm = max(k.abs().max().item() for k in keys)
+    config = dict(num_warps=4, num_stages=2, **cfg)
+    ref, ref_lse = mla_decode_ref(q_lat.double(), q_pe.double(), cache, table, lens, softmax_scale)
+    for splits in (1, 3):
+        out, lse = mla_decode(q_lat, q_pe, cache, table, lens, softmax_scale, num_splits=splits, kernel_config=config,
+                              fp8_whole_tile=True, backend="triton")
+        if dtype == torch.float32:
+            torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * norm)
+            torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
+        else:
+            assert bound < 0.1  # (the bound means something)
+            torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=0, atol=bound + 1e-4)
+            torch.testing.assert_close(out.double() / norm, ref / norm, rtol=0, atol=2**-8 + 2**-10 + 2 * bound)
+
+
+def test_fp8_whole_tile_is_refused_where_it_does_not_apply():
+    """A latent width that is not 128, 256 or 512, or lazy rescaling: the per-tile path (same result)."""
+    q_lat, q_pe, cache, table, lens = make_inputs([5, 40], 1, H=2, c=384, dr=16, block_size=16, fp8=True, seed=5)
+    ref, _ = mla_decode_ref(q_lat, q_pe, cache, table, lens, 0.1)
+    out, _ = mla_decode(q_lat, q_pe, cache, table, lens, 0.1, fp8_whole_tile=True, backend="triton")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    q_lat, q_pe, cache, table, lens = make_inputs([5, 40], 1, H=2, c=256, dr=16, block_size=16, fp8=True, seed=5)
+    ref, _ = mla_decode_ref(q_lat, q_pe, cache, table, lens, 0.1)
+    lazy = dict(BLOCK_N=16, SWAP=0, LAZY=1, num_warps=4, num_stages=2)
+    out, _ = mla_decode(q_lat, q_pe, cache, table, lens, 0.1, kernel_config=lazy, fp8_whole_tile=True, backend="triton")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("cfg", [dict(BLOCK_N=16, SWAP=0), dict(BLOCK_N=32, SWAP=1), dict(BLOCK_N=16, SWAP=1, LAZY=1)],

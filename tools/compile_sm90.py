@@ -87,17 +87,22 @@ def quant_cases():
 
 
 def mla_cases():
-    """The MLA decode split kernel with 16 heads: BF16 cache, FP8 read through bf16, in fp16, and in fp16
-    with the cast before shared memory (EARLY_CVT: inline asm, GPU code only)."""
+    """The MLA decode split kernel with 16 heads: BF16 cache, FP8 read through bf16, in fp16, in fp16 with the
+    cast before shared memory (EARLY_CVT: inline asm, GPU code only), and whole (WHOLE: scales in the latent)."""
     fn = mk.mla_decode_split_kernel.fn
-    for name, fp8, lat16, early in (("bf16", False, False, False), ("fp8 via bf16", True, False, False),
-                                    ("fp8 in fp16", True, True, False), ("fp8 in fp16, early cast", True, True, True)):
+    for name, fp8, lat16, early, whole in (("bf16", False, False, False, False),
+                                           ("fp8 via bf16", True, False, False, False),
+                                           ("fp8 in fp16", True, True, False, False),
+                                           ("fp8 in fp16, early cast", True, True, True, False),
+                                           ("fp8 whole tile, early cast", True, True, True, True)):
         types = {"q_ptr": "*bf16", "qpe_ptr": "*bf16", "latent_ptr": "*fp8e4nv" if fp8 else "*bf16",
                  "rope_ptr": "*bf16", "scale_ptr": "*fp32", "table_ptr": "*i32", "seq_lens_ptr": "*i32",
                  "out_ptr": "*fp32", "lse_ptr": "*fp32", "sm_scale_log2": "fp32"}
         for block_n, swap, warps in ((32, 0, 8), (64, 1, 4)):
-            const = dict(C=512, DR=64, S_Q=1, HEADS_TILE=16, BLOCK_M=16, CHUNK=128 if fp8 else 512,
-                         NUM_CHUNKS=4 if fp8 else 1, BLOCK_R=64, PAGE=64, FP8=fp8, LAT_FP16=lat16, EARLY_CVT=early,
+            tiles = fp8 and not whole  # one chunk per 128-column scale tile
+            const = dict(C=512, DR=64, S_Q=1, HEADS_TILE=16, BLOCK_M=16, CHUNK=128 if tiles else 512,
+                         NUM_CHUNKS=4 if tiles else 1, BLOCK_R=64, PAGE=64, FP8=fp8, LAT_FP16=lat16, EARLY_CVT=early,
+                         WHOLE=whole, NT=4 if whole else 1, LAZY=0,
                          DOT_FP32=False, PRECISION="tf32", BLOCK_N=block_n, SWAP=swap)
             yield f"mla decode {name} n{block_n} swap{swap} w{warps}", fn, types, const, warps
 

@@ -31,7 +31,9 @@ through ``ptxas -v``, registers and spills):
   keep the bf16 read): the conversion is not what holds the FP8 path back. EARLY_CVT (below, _load_k):
   1.3-1.4x more at batch 64-128 and 32K (24-29% of copy, run 25), slower at batch 1. Loading each tile's
   e4m3 latent and scales into registers a tile ahead by hand (runs 30-31: the pipeliner does stage them, through
-  shared memory) was 0.74-0.79x this path on the H200 and miscompiled with SWAP=1; it is gone. Still open.
+  shared memory) was 0.74-0.79x this path on the H200 and miscompiled with SWAP=1; it is gone. WHOLE (below
+  in the loop; mla_decode.FP8_WHOLE_TILE) reads the tile as a BF16 cache is read, its scales folded into the
+  fp16 latent: a third of the dots and a quarter of the shared-memory traffic. Still open.
 - Lazy rescaling (LAZY=1 candidates, FlashAttention-4's idea): rescaling the [M, 512] FP32 accumulators
   by alpha every tile costs about as many instructions as the tile's MMAs (16 heads: 64 FMULs a thread
   against 68 HMMAs a warp per 32-key tile, sm_90 compile). With LAZY the running maximum is left stale
@@ -191,7 +193,7 @@ def _store_chunk(o_rows, acc, l_safe, keep, col0, C: tl.constexpr, CHUNK: tl.con
              mask=keep[:, None] & (offs[None, :] < C))
 
 @triton_autotune(*_configs(), key=["C", "DR", "S_Q", "HEADS_TILE", "num_splits", "batch_bucket", "FP8",
-                                   "LAT_FP16", "EARLY_CVT", "PAGE"],
+                                   "LAT_FP16", "EARLY_CVT", "WHOLE", "PAGE"],
                  prune_configs_by={"early_config_prune": _prune},
                  rep_ms=10, graph_timing=True)  # a new key while serving stalls one step: keep its tuning short
 # graph_timing: at batch 1 and at short contexts the kernel takes less time (5-15 us) than a launch from
@@ -206,9 +208,11 @@ def mla_decode_split_kernel(
     C: tl.constexpr, DR: tl.constexpr, S_Q: tl.constexpr, HEADS_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr,
     PAGE: tl.constexpr, FP8: tl.constexpr, LAT_FP16: tl.constexpr, EARLY_CVT: tl.constexpr,
+    WHOLE: tl.constexpr, NT: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr,
     LAZY: tl.constexpr, LAZY_LOG2: tl.constexpr = 8.0, SCALE_SLACK: tl.constexpr = 64.0,
 ):  # fmt: skip
+    tl.static_assert(not (WHOLE and LAZY), "the whole-tile FP8 read folds the scales with the current maximum")
     group, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
@@ -292,7 +296,19 @@ def mla_decode_split_kernel(
                      other=0.0, eviction_policy="evict_first").to(dot_dtype)
         s = _qk(qpe, kr, SWAP, PRECISION)
         # The latent tile is loaded once and feeds both products (scores and P @ V).
-        if FP8:  # score = sum over tiles t of scale[t] * (q_t . q8_t), q_t scaled by f
+        if FP8 and WHOLE:
+            # The whole tile at once (fp8_whole_tile): each 128-column scale tile's scale relative to
+            # the largest seen so far, folded into the latent itself (one fp16 multiply per value), so
+            # that both products and the accumulator span all C columns as with a BF16 cache. score =
+            # (q f) . (q8 scale / smax) x smax / f.
+            sc_all = tl.load(s_rows[:, None] + tl.arange(0, NT)[None, :], mask=key_ok[:, None], other=0.0)  # [N, NT]
+            t0 = tl.max(tl.max(sc_all, axis=1), axis=0)
+            smax_next = tl.maximum(smax0, t0)
+            k0 = _cvt(_load_raw(lat_rows, key_ok, 0, C, CHUNK), lat_dtype, EARLY_CVT)
+            rel = (sc_all * (1.0 / smax_next)).to(lat_dtype)
+            k0 = tl.reshape(tl.reshape(k0, (BLOCK_N, NT, CHUNK // NT)) * rel[:, :, None], (BLOCK_N, CHUNK))
+            s += _qk(q0, k0, SWAP, PRECISION) * _per_row(inv_f * smax_next, SWAP)
+        elif FP8:  # score = sum over tiles t of scale[t] * (q_t . q8_t), q_t scaled by f
             k0, sc0 = _fp8_slice(lat_rows, s_rows, key_ok, 0, C, CHUNK, lat_dtype, EARLY_CVT)
             s_lat = _qk(q0, k0, SWAP, PRECISION) * _per_key(sc0, SWAP)
             if NUM_CHUNKS > 1:
@@ -321,7 +337,7 @@ def mla_decode_split_kernel(
         # running maximum grew by more than 2^LAZY_LOG2 or (FP8) a key scale outgrew its tile's smax by
         # more than SCALE_SLACK. P is taken against the maximum kept, so it is <= 2^LAZY_LOG2 and P times
         # scale / smax <= 2^14, inside fp16's range; l and lse use the same maximum.
-        if FP8:
+        if FP8 and not WHOLE:
             t0 = tl.max(sc0, axis=0)
             if NUM_CHUNKS > 1:
                 t1 = tl.max(sc1, axis=0)
@@ -357,7 +373,9 @@ def mla_decode_split_kernel(
         p = tl.exp2(s - _per_row(tl.where(m_i == float("-inf"), 0.0, m_i), SWAP))
         l_i = l_i + tl.sum(p, axis=0 if SWAP else 1)
         # value = scale[t] * q8 over tile t: scale / smax goes into P (one product per tile)
-        if FP8:
+        if FP8 and WHOLE:  # the latent already holds scale / smax
+            acc0 += _pv(p.to(lat_dtype), k0, SWAP, PRECISION)
+        elif FP8:
             acc0 += _pv((p * _per_key(sc0 / smax0, SWAP)).to(lat_dtype), k0, SWAP, PRECISION)
             if NUM_CHUNKS > 1:
                 acc1 += _pv((p * _per_key(sc1 / smax1, SWAP)).to(lat_dtype), k1, SWAP, PRECISION)

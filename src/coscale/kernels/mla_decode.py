@@ -72,6 +72,14 @@ FP16_READ_MAX_ROWS = 32
 # 64 x 32K / 128 x 4K / 128 x 32K, level at 1 x 32K and 0.43x at 1 x 4K (the cast in registers takes the
 # latent loads out of the asynchronous copy pipeline, which a short loop per program does not amortise).
 FP8_CONVERT_EARLY_MIN_BATCH = 32
+# The FP8 tile read whole (the kernel's WHOLE; mla_decode's fp8_whole_tile): each key's per-128-column scales,
+# relative to the largest seen so far, multiply the fp16 latent itself, so that one product of each kind and
+# one accumulator span all columns, as with a BF16 cache, instead of one per scale tile. In sm_90 compiles
+# (triton 3.6, 16 heads, 64-key tiles, 8 warps) its loop has 3 dots, 2 shared-memory stores and 9 loads and
+# 4 reductions against 9, 8, 30 and 6 per scale tile, and the kernel 22 barriers against 55 (a BF16 cache: 12).
+# Its fp16 rounding of value x scale / smax moves a score by at most 2^-10 of sum |q k| (the tests' bound).
+# Not yet run on a GPU: off by default (bench_mla_decode.py --fp8-whole-tile times it beside the default).
+FP8_WHOLE_TILE = False
 
 
 @dataclass
@@ -252,7 +260,7 @@ def tuned_config() -> dict | None:
 def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, softmax_scale: float, *,
                max_seq_len: int | None = None, num_splits: int | None = None, heads_tile: int | None = None,
                kernel_config: dict | None = None, fp8_in_fp16: bool = True, fp8_convert_early: bool | None = None,
-               backend: str = "auto"):
+               fp8_whole_tile: bool | None = None, backend: str = "auto"):
     """MLA decode over the paged latent cache (module docstring). q_lat [B, S, H, c], q_pe [B, S, H, dr]
     (bf16 on a GPU; the kernel's dots run in q_lat's dtype), block_table [B, W] int32, seq_lens [B]
     int32 (each >= S). Returns (o_lat [B, S, H, c] in q_lat's dtype, lse [B, S, H] float32).
@@ -263,7 +271,9 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     CONFIG_KEYS; optionally LAZY=1, lazy rescaling, not among the autotuned candidates: it paid little on
     the H200), for tests and benchmarks. fp8_in_fp16=False reads an FP8 cache through bf16 as the
     kernel did before (for benchmarks that compare the two); fp8_convert_early casts the fp16-read tile before its
-    shared-memory round trip (default: from batch FP8_CONVERT_EARLY_MIN_BATCH on)."""
+    shared-memory round trip (default: from batch FP8_CONVERT_EARLY_MIN_BATCH on); fp8_whole_tile reads an
+    FP8 tile whole, its scales folded into the latent (default FP8_WHOLE_TILE; for latent widths 128, 256 and
+    512, without LAZY)."""
     _check(q_lat, q_pe, cache, block_table, seq_lens)
     if select_backend(backend, q_lat, op="mla_decode") == "torch":
         return mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, softmax_scale)
@@ -295,7 +305,9 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     early = lat_fp16 and not dot_fp32 and (
         B >= FP8_CONVERT_EARLY_MIN_BATCH if fp8_convert_early is None else fp8_convert_early)
     block_c = max(16, _next_pow2(c))
-    chunk = min(FP8_TILE, block_c) if fp8 else block_c
+    whole = (fp8 and (FP8_WHOLE_TILE if fp8_whole_tile is None else fp8_whole_tile) and c in (128, 256, 512)
+             and not (kernel_config or {}).get("LAZY"))
+    chunk = min(FP8_TILE, block_c) if fp8 and not whole else block_c
     args = (
         q_lat, q_pe, cache.latent, cache.rope, scale, block_table, seq_lens, o, o_lse,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
@@ -307,7 +319,7 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     consts = dict(
         C=c, DR=dr, S_Q=S, HEADS_TILE=tile, BLOCK_M=rows, CHUNK=chunk,
         NUM_CHUNKS=math.ceil(c / chunk), BLOCK_R=max(16, _next_pow2(dr)), PAGE=page, FP8=fp8,
-        LAT_FP16=lat_fp16, EARLY_CVT=early,
+        LAT_FP16=lat_fp16, EARLY_CVT=early, WHOLE=whole, NT=c // FP8_TILE if whole else 1,
         DOT_FP32=dot_fp32,
         PRECISION="ieee" if dot_fp32 else "tf32",
     )  # fmt: skip
