@@ -34,6 +34,7 @@ from gpu_timing import SMOKE, copy_bandwidth, device, eager_ms, graph_ms
 # isort: on
 
 from coscale.kernels import quant as q
+from coscale.kernels import quant_ops
 from coscale.kernels.fused_quant import gather_quant_op, swiglu_backward_quant_op, swiglu_quant_op
 from coscale.kernels.permute import build_permute_info, rows_from_tokens
 from coscale.kernels.quant_ops import picked_config, weight_quant_op
@@ -88,18 +89,19 @@ def standalone_cases(quick: bool, dev):
                       lambda x, b: q.act_quant_1x128_dual(x, backend=b, one_pass=True), ("producer_dual",)))
     m, k = acts[0]
     cases.append((f"act_128x1 {m}x{k}", lambda: act(m, k), lambda x, b: q.act_quant_128x1(x, backend=b), ("cols",)))
+    transpose = "transpose_words" if quant_ops.TRANSPOSE_WORDS else "transpose"  # W^T's kernel
     for n, k in weights:
         cases.append((f"weight_128x128 {n}x{k}", lambda n=n, k=k: act(n, k),
                       lambda w, b: q.weight_quant_128x128(w, backend=b), ("weight",)))
         cases.append((f"weight_dual {n}x{k}", lambda n=n, k=k: act(n, k),
-                      lambda w, b: q.weight_quant_128x128_dual(w, backend=b), ("weight", "transpose")))
+                      lambda w, b: q.weight_quant_128x128_dual(w, backend=b), ("weight", transpose)))
     n, k = weights[0]
     cases.append((f"weight_dual fp32 {n}x{k}", lambda: act(n, k, torch.float32),
-                  lambda w, b: q.weight_quant_128x128_dual(w, backend=b), ("weight", "transpose")))
+                  lambda w, b: q.weight_quant_128x128_dual(w, backend=b), ("weight", transpose)))
     # routed experts: [w_gate; w_up] (FP32 master weights) stacked in one buffer, with its transpose
     e, i, h = experts
     cases.append((f"experts gate+up fp32 {e}x2x{i}x{h}", lambda: act(e * i, h, torch.float32).view(e, i, h),
-                  lambda w, b: weight_quant_op([w, w], False, True, b), ("weight", "transpose")))  # fmt: skip
+                  lambda w, b: weight_quant_op([w, w], False, True, b), ("weight", transpose)))  # fmt: skip
     return cases
 
 
@@ -201,7 +203,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the V3-sized shapes only (under two minutes)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks the script")
+    parser.add_argument("--transpose-words", action="store_true", help="W^T through 32-bit words "
+                        "(quant_ops.TRANSPOSE_WORDS, off by default): the weight pairs' rows then time it")
     args = parser.parse_args()
+    quant_ops.TRANSPOSE_WORDS = args.transpose_words
     dev = device()
     import triton
 

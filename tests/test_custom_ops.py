@@ -241,6 +241,11 @@ def analyse_transparent_kernels() -> set[str]:
     ops.act_quant(x, False, True, True, True, False, "triton")
     ops.act_quant(x, False, True, True, True, True, "triton")
     ops.weight_quant([torch.randn(200, 136)], False, True, "triton")
+    quant_ops.TRANSPOSE_WORDS = True  # W^T through 32-bit words (off by default)
+    try:
+        ops.weight_quant([torch.randn(200, 136)], False, True, "triton")
+    finally:
+        quant_ops.TRANSPOSE_WORDS = False
     ops.swiglu_quant(x[:, :160], True, True, False, False, False, "triton")
     ops.swiglu_backward_quant(x[:, :160], x[:, :80], True, True, False, True, False, "triton")
     ops.gather_quant(x, info.row_pair, 2, weight, torch.randn(info.num_rows, 200), True, True, False, False, False,
@@ -288,7 +293,7 @@ def test_inductor_analyses_every_transparent_kernel():
         ["_route_logits_kernel", "_route_select_kernel", "_rows_from_tokens_kernel", "_swiglu_bwd_kernel",
          "_swiglu_fwd_kernel", "_tokens_from_rows_kernel",
          "cols_kernel", "cols_quant_kernel", "dual_quant_kernel", "rows_kernel", "rows_quant_kernel",
-         "transpose_bytes_kernel", "weight_kernel"]
+         "transpose_bytes_kernel", "transpose_words_kernel", "weight_kernel"]
     )
 
 

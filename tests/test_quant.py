@@ -390,8 +390,27 @@ def test_every_candidate_configuration_writes_the_reference_bits(shape, dtype):
         y8 = y
     for cfg in qo.TRANSPOSE_CONFIGS:
         out = torch.empty(y8.shape[1], y8.shape[0], dtype=FP8, device=x.device)
-        qo.transpose_bytes(y8, out, config=_config(cfg))
+        qo.transpose_bytes(y8, out, config=_config(cfg), words=False)
         assert torch.equal(bits(out), bits(y8).t())
+    for cfg in qo.TRANSPOSE_WORDS_CONFIGS:  # (y8's rows and columns are padded to multiples of 128)
+        out = torch.zeros(y8.shape[1], y8.shape[0], dtype=FP8, device=x.device)
+        qo.transpose_bytes(y8, out, config=_config(cfg), words=True)
+        assert torch.equal(bits(out), bits(y8).t())
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(3, 256, 384), (4, 8), (132, 260), (130, 384), (256, 130)])
+def test_transpose_through_words_and_its_fallback(shape):
+    """transpose_bytes through 32-bit words: a batch, tiles past the edges, and sizes that are not multiples
+    of 4 (then the byte kernel): every byte in place."""
+    from coscale.kernels import quant_ops as qo
+
+    g = torch.Generator().manual_seed(sum(shape))
+    y = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g).to(KERNEL_DEVICE)
+    for words in (True, False):
+        out = torch.zeros(*shape[:-2], shape[-1], shape[-2], dtype=torch.uint8, device=y.device)
+        qo.transpose_bytes(y, out, words=words)
+        assert torch.equal(out, y.transpose(-1, -2))
 
 
 @needs_kernels

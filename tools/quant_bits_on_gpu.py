@@ -2,8 +2,9 @@
 hard inputs of tests/test_quant.py (values over 8 decades, signed zeros, NaN and -inf, near-ties), against the
 CPU reference and the reference run on the GPU, with the first mismatching elements (x, scale, bits).
 
-Run on a GPU: `PYTHONPATH=src TRITON_INTERPRET=0 python3 tools/quant_bits_on_gpu.py` (about a minute). Run 31
-found with it the sign of zero in tiles holding an infinity and the PACK4 candidates' byte packing.
+Then the word transpose's candidates (quant_ops.TRANSPOSE_WORDS) against torch. Run on a GPU:
+`PYTHONPATH=src TRITON_INTERPRET=0 python3 tools/quant_bits_on_gpu.py` (about a minute). Run 31 found with it
+the sign of zero in tiles holding an infinity and the PACK4 candidates' byte packing.
 """
 
 import sys
@@ -48,6 +49,14 @@ def main():
                 _, _, yt, st = qo.quant_outputs(*x.shape, xg.device, False, True, True)
                 qo.launch_cols(xg, yt, st, round_scale, config={**cfg, "num_warps": warps})
                 report(f"cols {cfg} w{warps}", yt, gyt, ryt, x.float(), rst, "cols")
+    # W^T's bytes through 32-bit words (quant_ops.TRANSPOSE_WORDS): every candidate, every byte
+    for shape in ((512, 768), (3, 256, 384), (7168, 2048)):
+        y = torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda")
+        for cfg, warps in qo.TRANSPOSE_WORDS_CONFIGS:
+            out = torch.zeros(*shape[:-2], shape[-1], shape[-2], dtype=torch.uint8, device="cuda")
+            qo.transpose_bytes(y, out, config={**cfg, "num_warps": warps}, words=True)
+            wrong = int((out != y.transpose(-1, -2)).sum())
+            print(f"transpose_words {shape} {cfg} w{warps}: kernel vs torch {wrong}")
 
 
 if __name__ == "__main__":

@@ -242,6 +242,56 @@ def transpose_bytes_kernel(
     tl.store(y_ptrs, tl.trans(x), mask=tl.trans(mask))
 
 
+@triton.jit
+def _prmt_bytes(w0, w1, w2, w3, SELECT: tl.constexpr):
+    """PTX prmt: (byte m of w0, of w1) and (of w2, of w3) into halves, then joined; SELECT picks byte m of a
+    and of b (m | (4 + m) << 4: selector nibble k names byte k of the result among {b, a})."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t0, t1; prmt.b32 t0, $1, $2, " + SELECT + "; prmt.b32 t1, $3, $4, " + SELECT
+        + "; prmt.b32 $0, t0, t1, 0x5410; }", "=r,r,r,r,r", [w0, w1, w2, w3], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _bytes_m(w0, w1, w2, w3, m: tl.constexpr, ASM: tl.constexpr):
+    """One word of byte m of each of w0..w3 (w0's in the low byte): a column of a 4 x 4 byte block."""
+    if ASM:  # three byte permutes an output word
+        if m == 0:
+            return _prmt_bytes(w0, w1, w2, w3, "0x40")
+        elif m == 1:
+            return _prmt_bytes(w0, w1, w2, w3, "0x51")
+        elif m == 2:
+            return _prmt_bytes(w0, w1, w2, w3, "0x62")
+        else:
+            return _prmt_bytes(w0, w1, w2, w3, "0x73")
+    return (((w0 >> (8 * m)) & 0xFF) | (((w1 >> (8 * m)) & 0xFF) << 8) | (((w2 >> (8 * m)) & 0xFF) << 16)
+            | ((w3 >> (8 * m)) << 24))
+
+
+@triton.jit
+def transpose_words_kernel(
+    x_ptr, y_ptr, R, C, stride_xb, stride_xr, stride_yb, stride_yc,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    # transpose_bytes_kernel's y[b, c, r] = x[b, r, c] through 32-bit words (R and C multiples of 4, strides in
+    # words): four rows' words (rows 4i..4i+3, columns 4k..4k+3 each) make four output words (rows 4k+m of
+    # y, its word i: byte m of each), then the [BLOCK_R/4, BLOCK_C/4] word tiles are transposed. The byte
+    # kernel moved single bytes through shared memory (the bf16 weight pair at 72-74% of copy, run 31).
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_i = tl.program_id(0) * (BLOCK_R // 4) + tl.arange(0, BLOCK_R // 4)
+    offs_k = tl.program_id(1) * (BLOCK_C // 4) + tl.arange(0, BLOCK_C // 4)
+    mask = (offs_i < R // 4)[:, None] & (offs_k < C // 4)[None, :]
+    xw = x_ptr + pid_b * stride_xb + offs_k[None, :]
+    rows = 4 * offs_i[:, None].to(tl.int64)
+    w0 = tl.load(xw + rows * stride_xr, mask=mask)
+    w1 = tl.load(xw + (rows + 1) * stride_xr, mask=mask)
+    w2 = tl.load(xw + (rows + 2) * stride_xr, mask=mask)
+    w3 = tl.load(xw + (rows + 3) * stride_xr, mask=mask)
+    yw = y_ptr + pid_b * stride_yb + offs_i[None, :]
+    cols = 4 * offs_k[:, None].to(tl.int64)
+    for m in tl.static_range(4):
+        tl.store(yw + (cols + m) * stride_yc, tl.trans(_bytes_m(w0, w1, w2, w3, m, ASM)), mask=tl.trans(mask))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Quantization fused into the kernel that produces its input (coscale.kernels.fused_quant)
 # ----------------------------------------------------------------------------------------------------

@@ -24,8 +24,10 @@ which capped act_quant_1x128 at 71% of copy on the H200 against 83-89% on the H1
   128, 8 or 16 warps) or walked in column chunks. benchmarks/bench_quant.py measures both.
 - 128x128 weight blocks: ``weight_kernel``, GROUPS whole blocks along K per program (pipelined as
   above; 4, 8 or 16 warps), the transposed scales written by the same program; W^T's bytes by
-  ``transpose_bytes_kernel`` (one launch for every weight of a stacked buffer). A one-pass W/W^T kernel
-  was slower (38% on the H100) and, for float32 weights, wrong there (triton 3.6; tools/debug_fp8_nan.py).
+  ``transpose_bytes_kernel`` (one launch for every weight of a stacked buffer; ``transpose_words_kernel``
+  moves 32-bit words of 4 x 4 byte blocks instead, off by default until run on a GPU: TRANSPOSE_WORDS). A
+  one-pass W/W^T kernel was slower (38% on the H100) and, for float32 weights, wrong there (triton 3.6;
+  tools/debug_fp8_nan.py).
 
 Interpreter note: Triton's CPU interpreter mis-rounds FP32 -> E4M3 casts (lost exponent carry, ties away
 from zero). When interpreting, the kernels first round onto the E4M3 grid in FP32 with the magic-number
@@ -121,6 +123,14 @@ PRODUCER_COLS_CONFIGS = (  # cols_quant_kernel: GROUPS tiles of 128 rows x BLOCK
     ({"BLOCK_K": 32, "GROUPS": 1}, 4), ({"BLOCK_K": 16, "GROUPS": 1}, 4), ({"BLOCK_K": 64, "GROUPS": 1}, 8),
     ({"BLOCK_K": 32, "GROUPS": 4}, 4), ({"BLOCK_K": 64, "GROUPS": 4}, 8),
 )
+TRANSPOSE_WORDS_CONFIGS = (  # transpose_words_kernel: [BLOCK_R x BLOCK_C] bytes as 32-bit words
+    ({"BLOCK_R": 128, "BLOCK_C": 128}, 4), ({"BLOCK_R": 64, "BLOCK_C": 128}, 4), ({"BLOCK_R": 128, "BLOCK_C": 64}, 4),
+    ({"BLOCK_R": 128, "BLOCK_C": 256}, 8), ({"BLOCK_R": 256, "BLOCK_C": 128}, 8), ({"BLOCK_R": 64, "BLOCK_C": 64}, 2),
+)
+# transpose_bytes through 32-bit words (transpose_words_kernel) where the shapes allow it. Exact under the
+# interpreter; not yet run on a GPU (its words are put together by PTX byte permutes there): off by default
+# (bench_quant.py --transpose-words and tools/quant_bits_on_gpu.py check and time it).
+TRANSPOSE_WORDS = False
 TRANSPOSE_TILE = (TRANSPOSE_CONFIGS[0][0]["BLOCK_R"], TRANSPOSE_CONFIGS[0][0]["BLOCK_C"])  # the interpreter's
 # Both layouts of an activation (FP8Linear's X and dY, the FP8 experts' fused quantizations) from one launch
 # (dual_quant_kernel: x read once) or from two (rows, then the transposed layout; x read twice, the second
@@ -147,6 +157,7 @@ def tuned_kernels(interpret: bool) -> dict:
         "cols": autotuned(kq.cols_kernel, COLS_CONFIGS, key),
         "weight": autotuned(kq.weight_kernel, WEIGHT_CONFIGS, key),
         "transpose": autotuned(kq.transpose_bytes_kernel, TRANSPOSE_CONFIGS, ["R", "C"]),
+        "transpose_words": autotuned(kq.transpose_words_kernel, TRANSPOSE_WORDS_CONFIGS, ["R", "C"]),
     }
 
 
@@ -322,15 +333,30 @@ def act_quant_op(
 # ----------------------------------------------------------------------------------------------------
 
 
-def transpose_bytes(y: torch.Tensor, out: torch.Tensor, config=None) -> torch.Tensor:
-    """out[.., c, r] = y[.., r, c] for 1-byte tensors with contiguous rows (the Triton kernel)."""
-    kernel, cfg = launch_config(tuned_kernels(interpreting())["transpose"], config)
+def transpose_bytes(y: torch.Tensor, out: torch.Tensor, config=None, words: bool | None = None) -> torch.Tensor:
+    """out[.., c, r] = y[.., r, c] for 1-byte tensors with contiguous rows (the Triton kernel); through 32-bit
+    words (``words``, default TRANSPOSE_WORDS) where rows, columns, strides and addresses are multiples of 4."""
     x3, o3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (y.view(torch.uint8), out.view(torch.uint8)))
     r, c = x3.shape[-2:]
+    if (TRANSPOSE_WORDS if words is None else words) and _word_aligned(x3, o3):
+        kernel, cfg = launch_config(tuned_kernels(interpreting())["transpose_words"], config)
+        x4, o4 = x3.view(torch.int32), o3.view(torch.int32)
+        launcher(kernel)[lambda meta: (-(-r // meta["BLOCK_R"]), -(-c // meta["BLOCK_C"]), x3.shape[0])](
+            x4, o4, r, c, x4.stride(0), x4.stride(1), o4.stride(0), o4.stride(1), ASM=not interpreting(), **cfg
+        )
+        return out
+    kernel, cfg = launch_config(tuned_kernels(interpreting())["transpose"], config)
     launcher(kernel)[lambda meta: (-(-r // meta["BLOCK_R"]), -(-c // meta["BLOCK_C"]), x3.shape[0])](
         x3, o3, r, c, x3.stride(0), x3.stride(1), o3.stride(0), o3.stride(1), **cfg
     )
     return out
+
+
+def _word_aligned(*ts: torch.Tensor) -> bool:
+    """Every [B, rows, cols] byte tensor viewable as 32-bit words: both sizes, every stride and the address
+    multiples of 4, the columns contiguous."""
+    return all(t.shape[-1] % 4 == 0 and t.shape[-2] % 4 == 0 and t.stride(-1) == 1 and t.stride(-2) % 4 == 0
+               and t.stride(0) % 4 == 0 and t.data_ptr() % 4 == 0 for t in ts)
 
 
 def _weight_outputs(ws, transpose: bool):
