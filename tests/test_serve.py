@@ -540,7 +540,9 @@ def test_concurrent_requests_are_batched_and_all_correct():
             await asyncio.gather(*[one(i) for i in range(32)])
             assert len(engine.added) == 32 and engine.max_running_seen == 6  # batched, within the limit
             assert len(engine.caller_threads) == 1  # the engine is only touched by its own thread
-            assert app.state.server.engine.stats().used_blocks == 0
+            # the last token reaches its client before the engine thread frees the request's blocks and
+            # publishes its counters (CI, on busy cores: 2 blocks still in use when the responses had ended)
+            assert await eventually(lambda: app.state.server.engine.stats().used_blocks == 0)
     run(body())
 
 
