@@ -273,7 +273,7 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     kernel did before (for benchmarks that compare the two); fp8_convert_early casts the fp16-read tile before its
     shared-memory round trip (default: from batch FP8_CONVERT_EARLY_MIN_BATCH on); fp8_whole_tile reads an
     FP8 tile whole, its scales folded into the latent (default FP8_WHOLE_TILE; for latent widths 128, 256 and
-    512, without LAZY)."""
+    512, with the latent read in fp16 (or fp32), without LAZY)."""
     _check(q_lat, q_pe, cache, block_table, seq_lens)
     if select_backend(backend, q_lat, op="mla_decode") == "torch":
         return mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, softmax_scale)
@@ -305,8 +305,9 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     early = lat_fp16 and not dot_fp32 and (
         B >= FP8_CONVERT_EARLY_MIN_BATCH if fp8_convert_early is None else fp8_convert_early)
     block_c = max(16, _next_pow2(c))
+    # (the whole-tile read needs the fp16 latent, or fp32: a bf16 one would round value x scale to 8 bits)
     whole = (fp8 and (FP8_WHOLE_TILE if fp8_whole_tile is None else fp8_whole_tile) and c in (128, 256, 512)
-             and not (kernel_config or {}).get("LAZY"))
+             and (lat_fp16 or dot_fp32) and not (kernel_config or {}).get("LAZY"))
     chunk = min(FP8_TILE, block_c) if fp8 and not whole else block_c
     args = (
         q_lat, q_pe, cache.latent, cache.rope, scale, block_table, seq_lens, o, o_lse,
@@ -328,13 +329,13 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     else:  # a fixed configuration (tests, benchmarks): the autotuner's kernel without the tuning
         split_kernel.fn[(groups, splits, B)](*args, **consts, **_checked_config(kernel_config))
     if splits > 1:
-        block_c = max(16, min(_next_pow2(c), COMBINE_ELEMENTS // max(2, _next_pow2(splits))))
-        combine_kernel[(S * H, B, -(-c // block_c))](
+        combine_cols = max(16, min(_next_pow2(c), COMBINE_ELEMENTS // max(2, _next_pow2(splits))))
+        combine_kernel[(S * H, B, -(-c // combine_cols))](
             part, part_lse, out, lse, H,
             part.stride(0), part.stride(1), part.stride(2), part.stride(3),
             part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-            C=c, BLOCK_C=block_c, NUM_SPLITS=splits, SPLITS_P2=max(2, _next_pow2(splits)),
+            C=c, BLOCK_C=combine_cols, NUM_SPLITS=splits, SPLITS_P2=max(2, _next_pow2(splits)),
         )  # fmt: skip
     return out, lse
 
