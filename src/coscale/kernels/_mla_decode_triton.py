@@ -302,9 +302,9 @@ def mla_decode_split_kernel(
             # that both products and the accumulator span all C columns as with a BF16 cache. score =
             # (q f) . (q8 scale / smax) x smax / f.
             sc_all = tl.load(s_rows[:, None] + tl.arange(0, NT)[None, :], mask=key_ok[:, None], other=0.0)  # [N, NT]
-            t0 = tl.max(tl.max(sc_all, axis=1), axis=0)
+            t0 = tl.max(sc_all)  # (over both axes)
             smax_next = tl.maximum(smax0, t0)
-            k0 = _cvt(_load_raw(lat_rows, key_ok, 0, C, CHUNK), lat_dtype, EARLY_CVT)
+            k0 = _load_k(lat_rows, key_ok, 0, C, CHUNK, lat_dtype, EARLY_CVT)
             rel = (sc_all * (1.0 / smax_next)).to(lat_dtype)
             k0 = tl.reshape(tl.reshape(k0, (BLOCK_N, NT, CHUNK // NT)) * rel[:, :, None], (BLOCK_N, CHUNK))
             s += _qk(q0, k0, SWAP, PRECISION) * _per_row(inv_f * smax_next, SWAP)

@@ -76,7 +76,7 @@ FP8_CONVERT_EARLY_MIN_BATCH = 32
 # relative to the largest seen so far, multiply the fp16 latent itself, so that one product of each kind and
 # one accumulator span all columns, as with a BF16 cache, instead of one per scale tile. In sm_90 compiles
 # (triton 3.6, 16 heads, 64-key tiles, 8 warps) its loop has 3 dots, 2 shared-memory stores and 9 loads and
-# 4 reductions against 9, 8, 30 and 6 per scale tile, and the kernel 22 barriers against 55 (a BF16 cache: 12).
+# 3 reductions against 9, 8, 30 and 6 per scale tile, and the kernel 22 barriers against 55 (a BF16 cache: 12).
 # Its fp16 rounding of value x scale / smax moves a score by at most 2^-10 of sum |q k| (the tests' bound).
 # Not yet run on a GPU: off by default (bench_mla_decode.py --fp8-whole-tile times it beside the default).
 FP8_WHOLE_TILE = False
