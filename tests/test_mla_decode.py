@@ -245,6 +245,19 @@ def test_kernel_fp8_scale_folding_four_tiles(swap):
 @pytest.mark.parametrize("cfg", [dict(BLOCK_N=16, SWAP=0), dict(BLOCK_N=32, SWAP=1)], ids=["n16rows", "n32keys"])
 @pytest.mark.parametrize("c,block_size,decades", [(512, 16, 3), (256, 8, 16), (512, 64, 16)])
 def test_fp8_whole_tile_folds_each_scale_tile_into_the_latent(dtype, cfg, c, block_size, decades):
+    check_fp8_whole_tile(dtype, cfg, c, block_size, decades, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a compiled kernel on a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [dict(BLOCK_N=32, SWAP=0, num_stages=3), dict(BLOCK_N=64, SWAP=1, num_stages=2)],
+                         ids=["n32rows", "n64keys"])
+@pytest.mark.parametrize("c,block_size,decades", [(512, 64, 3), (256, 16, 16), (512, 64, 16)])
+def test_gpu_fp8_whole_tile_folds_each_scale_tile_into_the_latent(dtype, cfg, c, block_size, decades):
+    check_fp8_whole_tile(dtype, cfg, c, block_size, decades, "cuda")
+
+
+def check_fp8_whole_tile(dtype, cfg, c, block_size, decades, device):
     """fp8_whole_tile: one product of each kind over all c columns, each key's per-tile scales relative to
     the largest so far multiplied into the latent. FP32 queries: the per-tile path's accuracy. BF16 queries (the
     latent in fp16): each latent value times its relative scale is rounded to fp16 (two roundings: 2^-10), so
@@ -263,11 +276,15 @@ def test_fp8_whole_tile_folds_each_scale_tile_into_the_latent(dtype, cfg, c, blo
     softmax_scale = 3.0 / spread  # the largest keys' scores of order 3: a peaked softmax, not a saturated one
     bound = max((2**-10 * softmax_scale * q[b] @ k.abs().T).max().item() for b, k in enumerate(keys))
     norm = max(k.abs().max().item() for k in keys)
-    config = dict(num_warps=4, num_stages=2, **cfg)
+    config = dict(num_warps=4, num_stages=2) | cfg
     ref, ref_lse = mla_decode_ref(q_lat.double(), q_pe.double(), cache, table, lens, softmax_scale)
+    if device != "cpu":
+        q_lat, q_pe, table, lens = q_lat.to(device), q_pe.to(device), table.to(device), lens.to(device)
+        cache = LatentCacheLayer(cache.latent.to(device), cache.rope.to(device), cache.scale.to(device))
     for splits in (1, 3):
         out, lse = mla_decode(q_lat, q_pe, cache, table, lens, softmax_scale, num_splits=splits, kernel_config=config,
                               fp8_whole_tile=True, backend="triton")
+        out, lse = out.cpu(), lse.cpu()
         if dtype == torch.float32:
             torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * norm)
             torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-5, atol=1e-5)
