@@ -153,8 +153,8 @@ def run_case(B, T, H, S, fp8, args, gen, results):
                 early = B < FP8_CONVERT_EARLY_MIN_BATCH
                 time_variant("early_cvt" if early else "late_cvt", "cast before shared memory" if early else
                              "cast after shared memory", **run, fp8_convert_early=early)
-            if fp8 and args.fp8_whole_tile:  # the tile read whole, its scales folded into the latent
-                time_variant("whole", "whole tile", **run, fp8_whole_tile=True)
+            if fp8 and args.fp8_per_tile:  # one product per scale tile (the default reads the tile whole)
+                time_variant("per_tile", "per scale tile", **run, fp8_whole_tile=False)
             if args.lazy and config is not None:  # the picked configuration with lazy rescaling
                 time_variant("lazy", "lazy rescaling", **run, kernel_config={**config, "LAZY": 1})
             results.append(r)
@@ -240,8 +240,9 @@ def main():
     parser.add_argument("--fp8-convert-early", action="store_true", help="also time FP8 caches with the other "
                         "choice of mla_decode's fp8_convert_early than its default (the cast before the shared-memory "
                         "round trip from batch FP8_CONVERT_EARLY_MIN_BATCH on, after it below)")
-    parser.add_argument("--fp8-whole-tile", action="store_true", help="also time FP8 caches with fp8_whole_tile=True "
-                        "(the tile read whole, its per-128-column scales folded into the fp16 latent)")
+    parser.add_argument("--fp8-per-tile", action="store_true", help="also time FP8 caches with fp8_whole_tile=False "
+                        "(one product per 128-column scale tile; the default reads the tile whole, its scales folded "
+                        "into the fp16 latent)")
     parser.add_argument("--caches", nargs="+", choices=("bf16", "fp8"), default=["bf16", "fp8"],
                         help="--quick: the cache formats to run (default both)")
     parser.add_argument("--eager-timing", action="store_true", help="time each call with do_bench, the "

@@ -93,16 +93,41 @@ def standalone_cases(quick: bool, dev):
     for n, k in weights:
         cases.append((f"weight_128x128 {n}x{k}", lambda n=n, k=k: act(n, k),
                       lambda w, b: q.weight_quant_128x128(w, backend=b), ("weight",)))
-        cases.append((f"weight_dual {n}x{k}", lambda n=n, k=k: act(n, k),
-                      lambda w, b: q.weight_quant_128x128_dual(w, backend=b), ("weight", transpose)))
+        for one_pass in (False, True):  # W^T from a byte transpose, or from the quantizing programs
+            cases.append((f"weight_dual {n}x{k}{pair_name(one_pass)}", lambda n=n, k=k: act(n, k),
+                          pair_run(lambda w, b: q.weight_quant_128x128_dual(w, backend=b), one_pass),
+                          pair_kernels(one_pass, transpose)))
     n, k = weights[0]
-    cases.append((f"weight_dual fp32 {n}x{k}", lambda: act(n, k, torch.float32),
-                  lambda w, b: q.weight_quant_128x128_dual(w, backend=b), ("weight", transpose)))
-    # routed experts: [w_gate; w_up] (FP32 master weights) stacked in one buffer, with its transpose
     e, i, h = experts
-    cases.append((f"experts gate+up fp32 {e}x2x{i}x{h}", lambda: act(e * i, h, torch.float32).view(e, i, h),
-                  lambda w, b: weight_quant_op([w, w], False, True, b), ("weight", transpose)))  # fmt: skip
+    for one_pass in (False, True):
+        cases.append((f"weight_dual fp32 {n}x{k}{pair_name(one_pass)}", lambda: act(n, k, torch.float32),
+                      pair_run(lambda w, b: q.weight_quant_128x128_dual(w, backend=b), one_pass),
+                      pair_kernels(one_pass, transpose)))
+        # routed experts: [w_gate; w_up] (FP32 master weights) stacked in one buffer, with its transpose
+        cases.append((f"experts gate+up fp32 {e}x2x{i}x{h}{pair_name(one_pass)}",
+                      lambda: act(e * i, h, torch.float32).view(e, i, h),
+                      pair_run(lambda w, b: weight_quant_op([w, w], False, True, b), one_pass),
+                      pair_kernels(one_pass, transpose)))  # fmt: skip
     return cases
+
+
+def pair_name(one_pass: bool) -> str:
+    return " one-pass" if one_pass else ""
+
+
+def pair_kernels(one_pass: bool, transpose: str) -> tuple:
+    return ("weight",) if one_pass else ("weight", transpose)
+
+
+def pair_run(run, one_pass: bool):
+    """``run`` with quant_ops.WEIGHT_PAIR_ONE_PASS set to ``one_pass`` for the call."""
+    def call(w, b):
+        saved, quant_ops.WEIGHT_PAIR_ONE_PASS = quant_ops.WEIGHT_PAIR_ONE_PASS, one_pass
+        try:
+            return run(w, b)
+        finally:
+            quant_ops.WEIGHT_PAIR_ONE_PASS = saved
+    return call
 
 
 def picked(kinds) -> str:

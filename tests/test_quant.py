@@ -241,6 +241,34 @@ def test_triton_weight_dual_matches_reference(shape):
     assert torch.equal(bits(yyt), bits(y2.t().contiguous())) and torch.equal(sst, s2.t())
 
 
+@needs_kernels
+@pytest.mark.parametrize("shapes", [[(256, 384)], [(200, 130)], [(3, 128, 256)], [(3, 130, 200), (3, 70, 200)],
+                                    [(136, 256), (0, 256)]], ids=["2d", "ragged", "batch", "stacked", "empty-part"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_pair_in_one_pass_writes_what_two_passes_write(monkeypatch, shapes, dtype):
+    """WEIGHT_PAIR_ONE_PASS (W^T's bytes from the quantizing programs) against the two-pass path and the
+    reference: stacked weights (each with its own columns of W^T), ragged edges, a batch of experts, and an
+    empty part."""
+    from coscale.kernels import quant_ops as qo
+
+    g = torch.Generator().manual_seed(len(shapes) + shapes[0][-1])
+    ws = [(torch.randn(sh, generator=g) * torch.logspace(-3, 2, sh[-1])).to(dtype).to(KERNEL_DEVICE) for sh in shapes]
+    if ws[0].numel():
+        ws[0][..., 0, 5] = float("inf")  # a block whose scale is inf: its signed zeros and NaN
+        ws[0][..., 1, 6] = -1.0
+    ref = qo._weight_quant_torch(ws, False, True)
+    for one_pass in (True, False):
+        monkeypatch.setattr(qo, "WEIGHT_PAIR_ONE_PASS", one_pass)
+        got = qo._weight_quant_triton(ws, False, True)
+        for a, b in zip(got, ref):
+            assert a.shape == b.shape
+            if a.dtype == FP8:
+                _assert_same_fp8(a, b)
+            else:
+                assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(bits(got[2]), bits(got[0]).transpose(-2, -1))  # NaN bytes included
+
+
 @needs_triton
 def test_triton_weight_dual_into_stacked_buffers():
     torch.manual_seed(8)
@@ -383,10 +411,14 @@ def test_every_candidate_configuration_writes_the_reference_bits(shape, dtype):
     rw, rsw = q.weight_quant_128x128_ref(x)
     y8 = None
     for cfg in qo.WEIGHT_CONFIGS:
-        y, s, _, st = qo._weight_outputs([x], True)
-        qo.launch_weight(x, y, s, st, False, config=_config(cfg))
-        _assert_same_fp8(y, rw, s, rsw)
-        assert torch.equal(st, s.t()) or torch.allclose(st, s.t(), equal_nan=True, rtol=0)
+        for with_wt in (False, True):  # W^T's bytes from the same program (WT) or not written
+            y, s, yt, st = qo._weight_outputs([x], True)
+            yt.view(torch.uint8).fill_(0x7F)  # NaN bytes: any byte the kernel does not write shows
+            qo.launch_weight(x, y, s, st, False, config=_config(cfg), yt=yt if with_wt else None)
+            _assert_same_fp8(y, rw, s, rsw)
+            assert torch.equal(st, s.t()) or torch.allclose(st, s.t(), equal_nan=True, rtol=0)
+            if with_wt:
+                assert torch.equal(bits(yt), bits(y).t())
         y8 = y
     for cfg in qo.TRANSPOSE_CONFIGS:
         out = torch.empty(y8.shape[1], y8.shape[0], dtype=FP8, device=x.device)

@@ -84,9 +84,9 @@ def quant_cases():
     for block_k, warps in ((32, 1), (64, 4)):  # four tokens' bytes a word (the words packed by inline asm)
         const = dict(BLOCK_K=block_k, GROUPS=1, ROUND_SCALE=False, GRID_ROUND=False, PACK4=True)
         yield f"cols PACK4 BLOCK_K {block_k} w{warps}", qk.cols_kernel, types, const, warps
-    for groups, warps in ((1, 4), (4, 8)):
-        const = dict(GROUPS=groups, TRANSPOSED_SCALES=True, ROUND_SCALE=False, GRID_ROUND=False)
-        yield f"weight GROUPS {groups} w{warps}", qk.weight_kernel, types, const, warps
+    for groups, warps, wt in ((1, 4, False), (4, 8, False), (1, 4, True), (1, 8, True), (4, 8, True)):
+        const = dict(GROUPS=groups, TRANSPOSED_SCALES=True, WT=wt, ROUND_SCALE=False, GRID_ROUND=False)
+        yield f"weight GROUPS {groups} w{warps} WT={wt}", qk.weight_kernel, types, const, warps
     for block_r, block_c, warps in ((128, 128, 4), (128, 256, 8)):  # W^T through 32-bit words (PTX prmt)
         const = dict(BLOCK_R=block_r, BLOCK_C=block_c, ASM=True)
         yield (f"transpose words {block_r}x{block_c} w{warps}", qk.transpose_words_kernel,

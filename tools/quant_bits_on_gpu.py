@@ -2,7 +2,8 @@
 hard inputs of tests/test_quant.py (values over 8 decades, signed zeros, NaN and -inf, near-ties), against the
 CPU reference and the reference run on the GPU, with the first mismatching elements (x, scale, bits).
 
-Then the word transpose's candidates (quant_ops.TRANSPOSE_WORDS) against torch. Run on a GPU:
+Then the weight kernel's candidates writing W^T's bytes too (WT), and the word transpose's candidates
+(quant_ops.TRANSPOSE_WORDS) against torch. Run on a GPU:
 `PYTHONPATH=src TRITON_INTERPRET=0 python3 tools/quant_bits_on_gpu.py` (about a minute). Run 31 found with it
 the sign of zero in tiles holding an infinity and the PACK4 candidates' byte packing.
 """
@@ -49,6 +50,16 @@ def main():
                 _, _, yt, st = qo.quant_outputs(*x.shape, xg.device, False, True, True)
                 qo.launch_cols(xg, yt, st, round_scale, config={**cfg, "num_warps": warps})
                 report(f"cols {cfg} w{warps}", yt, gyt, ryt, x.float(), rst, "cols")
+        # 128x128 weight blocks, W^T's bytes from the same program (WT: quant_ops.WEIGHT_PAIR_ONE_PASS)
+        rw, rsw = qo.weight_quant_128x128_ref(x)
+        gw, _ = qo.weight_quant_128x128_ref(xg)
+        for cfg, warps in qo.WEIGHT_CONFIGS:
+            y, s, yt, st = qo._weight_outputs([xg], True)
+            yt.view(torch.uint8).fill_(0x7F)
+            qo.launch_weight(xg, y, s, st, False, config={**cfg, "num_warps": warps}, yt=yt)
+            report(f"weight WT {cfg} w{warps}", y, gw, rw, x.float(), rsw.repeat_interleave(128, 0), "rows")
+            wrong = int((bits(yt) != bits(y).t()).sum())
+            print(f"weight WT {cfg} w{warps}: W^T bytes vs W's transposed {wrong}")
     # W^T's bytes through 32-bit words (quant_ops.TRANSPOSE_WORDS): every candidate, every byte
     for shape in ((512, 768), (3, 256, 384), (7168, 2048)):
         y = torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda")

@@ -33,7 +33,8 @@ through ``ptxas -v``, registers and spills):
   e4m3 latent and scales into registers a tile ahead by hand (runs 30-31: the pipeliner does stage them, through
   shared memory) was 0.74-0.79x this path on the H200 and miscompiled with SWAP=1; it is gone. WHOLE (below
   in the loop; mla_decode.FP8_WHOLE_TILE) reads the tile as a BF16 cache is read, its scales folded into the
-  fp16 latent: a third of the dots and a quarter of the shared-memory traffic. Still open.
+  fp16 latent: a third of the dots and a quarter of the shared-memory traffic; 1.16-1.19x at batch 64-128 on
+  the H200 (30-33% of copy, run 32), the default. Still open.
 - Lazy rescaling (LAZY=1 candidates, FlashAttention-4's idea): rescaling the [M, 512] FP32 accumulators
   by alpha every tile costs about as many instructions as the tile's MMAs (16 heads: 64 FMULs a thread
   against 68 HMMAs a warp per 32-key tile, sm_90 compile). With LAZY the running maximum is left stale

@@ -129,6 +129,21 @@ def _byte(y, fp8_dtype: tl.constexpr, shift: tl.constexpr):
     return y.to(fp8_dtype).to(tl.uint8, bitcast=True).to(tl.int32) << shift
 
 
+@triton.jit
+def _pack4(y0, y1, y2, y3, f8: tl.constexpr, GRID_ROUND: tl.constexpr):
+    """The E4M3 bytes of four same-shaped fp32 tiles (already rounded: _quantize_tile) packed into int32
+    words, y0's byte lowest (the byte order of four consecutive bytes in memory)."""
+    if GRID_ROUND:  # the interpreter (it runs no PTX): the E4M3 casts' bits, shifted into place
+        return _byte(y0, f8, 0) | _byte(y1, f8, 8) | _byte(y2, f8, 16) | _byte(y3, f8, 24)
+    # The cast Triton's E4M3 conversion lowers to (cvt.rn.satfinite, two values an instruction), written
+    # straight into the word: Triton's own byte extraction and shifts from the packed pairs (F2FP + PRMT)
+    # wrote wrong bytes on the H200 at 32 x 1, 64 x 2 and 128 x 4 warps (cols_kernel, run 31).
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; "
+        "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; mov.b32 $0, {lo, hi}; }",
+        "=r,f,f,f,f", [y0, y1, y2, y3], dtype=tl.int32, is_pure=True, pack=1)
+
+
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def cols_kernel(
     x_ptr, yt_ptr, st_ptr, M, K, YT_ROWS, M_BUCKET, stride_xm, stride_xk, stride_ytk, stride_stk, stride_stm,
@@ -168,17 +183,7 @@ def cols_kernel(
             y1 = _quantize_tile(x1, r, d, fp8_max, GRID_ROUND)
             y2 = _quantize_tile(x2, r, d, fp8_max, GRID_ROUND)
             y3 = _quantize_tile(x3, r, d, fp8_max, GRID_ROUND)
-            if GRID_ROUND:  # the interpreter (it runs no PTX): the E4M3 casts' bits, shifted into place
-                f8: tl.constexpr = yt_ptr.dtype.element_ty
-                words = _byte(y0, f8, 0) | _byte(y1, f8, 8) | _byte(y2, f8, 16) | _byte(y3, f8, 24)
-            else:
-                # The cast Triton's E4M3 conversion lowers to (cvt.rn.satfinite, two values an instruction),
-                # written straight into the word: Triton's own byte extraction and shifts from the packed
-                # pairs (F2FP + PRMT) wrote wrong bytes on the H200 at 32 x 1, 64 x 2 and 128 x 4 warps (run 31).
-                words = tl.inline_asm_elementwise(
-                    "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; "
-                    "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; mov.b32 $0, {lo, hi}; }",
-                    "=r,f,f,f,f", [y0, y1, y2, y3], dtype=tl.int32, is_pure=True, pack=1)
+            words = _pack4(y0, y1, y2, y3, yt_ptr.dtype.element_ty, GRID_ROUND)
             yt_words = yt_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # rows of Mp bytes, Mp % 128 == 0
             tl.store(yt_words + offs_k[:, None].to(tl.int64) * (stride_ytk // 4) + offs_w[None, :], tl.trans(words),
                      mask=(in_rows & live)[:, None])
@@ -194,31 +199,71 @@ def cols_kernel(
         tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows & live)
 
 
+@triton.jit
+def _store_rows(y_rows, rows, y, f8: tl.constexpr, stride_ym, Y_ROWS, in_k):
+    """y (rounded fp32, [R, 128]) cast to E4M3 into rows ``rows`` of y_rows (a [1, 128] block of pointers)."""
+    tl.store(y_rows + rows[:, None].to(tl.int64) * stride_ym, y.to(f8), mask=(rows < Y_ROWS)[:, None] & in_k[None, :])
+
+
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def weight_kernel(
-    x_ptr, y_ptr, s_ptr, st_ptr, M, K, Y_ROWS, M_BUCKET,
+    x_ptr, y_ptr, s_ptr, st_ptr, yt_ptr, M, K, Y_ROWS, M_BUCKET,
     stride_xb, stride_xm, stride_xk, stride_yb, stride_ym, stride_sb, stride_sm, stride_sk,
-    stride_stb, stride_stk, stride_stm, amax_floor, fp8_max,
-    GROUPS: tl.constexpr, TRANSPOSED_SCALES: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
+    stride_stb, stride_stk, stride_stm, stride_ytb, stride_ytk, amax_floor, fp8_max,
+    GROUPS: tl.constexpr, TRANSPOSED_SCALES: tl.constexpr, WT: tl.constexpr, ROUND_SCALE: tl.constexpr,
+    GRID_ROUND: tl.constexpr,
 ):  # fmt: skip
     # One scale per 128x128 block: y [Np, Kp] (rows < Y_ROWS), s [Np/128, Kp/128] and, with
-    # TRANSPOSED_SCALES, W^T's scales st [Kp/128, Np/128] (the same numbers; W^T's bytes come from
-    # transpose_bytes_kernel). One program = GROUPS blocks along K, one after another (the loop lets
-    # Triton's pipeliner load the next block during this one's reduction); batch index program_id(2).
+    # TRANSPOSED_SCALES, W^T's scales st [Kp/128, Np/128] (the same numbers). One program = GROUPS blocks
+    # along K, one after another (the loop lets Triton's pipeliner load the next block during this one's
+    # reduction); batch index program_id(2).
+    # WT: W^T's bytes too, yt [Kp, Np] (a block of W^T is W's block transposed, with the same scale), from
+    # the same registers: the block is loaded as four [32, 128] quarters, quarter j holding rows 4i + j, so
+    # that one thread holds rows 4i..4i+3 of a column; their four E4M3 bytes make one word of yt's row
+    # (cols_kernel's PACK4), and the [32, 128] words are transposed and stored whole. W is read once; the
+    # separate byte transpose (transpose_bytes_kernel) read and wrote the FP8 bytes again.
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(2).to(tl.int64)
-    offs_m = pid_m * 128 + tl.arange(0, 128)
     for g in tl.range(GROUPS, num_stages=3):
         pid_k = tl.program_id(1) * GROUPS + g
         live = pid_k * 128 < K  # the last program's blocks may lie past the end
         offs_k = pid_k * 128 + tl.arange(0, 128)
-        x_ptrs = x_ptr + pid_b * stride_xb + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-        x = tl.load(x_ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
-        s = _scale_from_bits(tl.max(tl.max(_abs_bits(x), 1), 0), amax_floor, fp8_max, ROUND_SCALE)  # a scalar
-        r, d = _divisor(s)
-        y8 = _quantize_tile(x, r, d, fp8_max, GRID_ROUND).to(y_ptr.dtype.element_ty)
-        y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
-        tl.store(y_ptrs, y8, mask=(offs_m < Y_ROWS)[:, None] & (offs_k < tl.cdiv(K, 128) * 128)[None, :])
+        in_k = offs_k < tl.cdiv(K, 128) * 128
+        if WT:
+            offs_w = pid_m * 32 + tl.arange(0, 32)  # word i of a yt row: rows 4i..4i+3 of the block
+            x0 = _cols_quarter(x_ptr + pid_b * stride_xb, offs_w, offs_k, M, K, stride_xm, stride_xk, 0)
+            x1 = _cols_quarter(x_ptr + pid_b * stride_xb, offs_w, offs_k, M, K, stride_xm, stride_xk, 1)
+            x2 = _cols_quarter(x_ptr + pid_b * stride_xb, offs_w, offs_k, M, K, stride_xm, stride_xk, 2)
+            x3 = _cols_quarter(x_ptr + pid_b * stride_xb, offs_w, offs_k, M, K, stride_xm, stride_xk, 3)
+            amax = tl.maximum(tl.maximum(_abs_bits(x0), _abs_bits(x1)), tl.maximum(_abs_bits(x2), _abs_bits(x3)))
+            s = _scale_from_bits(tl.max(tl.max(amax, 1), 0), amax_floor, fp8_max, ROUND_SCALE)  # a scalar
+            r, d = _divisor(s)
+            y0 = _quantize_tile(x0, r, d, fp8_max, GRID_ROUND)
+            y1 = _quantize_tile(x1, r, d, fp8_max, GRID_ROUND)
+            y2 = _quantize_tile(x2, r, d, fp8_max, GRID_ROUND)
+            y3 = _quantize_tile(x3, r, d, fp8_max, GRID_ROUND)
+            f8: tl.constexpr = y_ptr.dtype.element_ty
+            # W's rows: quarter j holds rows 4i + j (the casts along K: two values an instruction)
+            y_rows = y_ptr + pid_b * stride_yb + offs_k[None, :]
+            _store_rows(y_rows, offs_w * 4 + 0, y0, f8, stride_ym, Y_ROWS, in_k)
+            _store_rows(y_rows, offs_w * 4 + 1, y1, f8, stride_ym, Y_ROWS, in_k)
+            _store_rows(y_rows, offs_w * 4 + 2, y2, f8, stride_ym, Y_ROWS, in_k)
+            _store_rows(y_rows, offs_w * 4 + 3, y3, f8, stride_ym, Y_ROWS, in_k)
+            words = _pack4(y0, y1, y2, y3, f8, GRID_ROUND)  # [32, 128]: the same casts, packed down the rows
+            yt_words = yt_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # rows of Np bytes, Np % 128 == 0
+            yt_ptrs = (yt_words + pid_b * (stride_ytb // 4) + offs_k[:, None].to(tl.int64) * (stride_ytk // 4)
+                       + offs_w[None, :])
+            tl.store(yt_ptrs, tl.trans(words), mask=in_k[:, None])
+        else:
+            offs_m = pid_m * 128 + tl.arange(0, 128)
+            x_ptrs = (x_ptr + pid_b * stride_xb + offs_m[:, None].to(tl.int64) * stride_xm
+                      + offs_k[None, :] * stride_xk)
+            x = tl.load(x_ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+            s = _scale_from_bits(tl.max(tl.max(_abs_bits(x), 1), 0), amax_floor, fp8_max, ROUND_SCALE)  # a scalar
+            r, d = _divisor(s)
+            y8 = _quantize_tile(x, r, d, fp8_max, GRID_ROUND).to(y_ptr.dtype.element_ty)
+            y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
+            tl.store(y_ptrs, y8, mask=(offs_m < Y_ROWS)[:, None] & in_k[None, :])
         tl.store(s_ptr + pid_b * stride_sb + pid_m * stride_sm + pid_k * stride_sk, s, mask=live)
         if TRANSPOSED_SCALES:
             tl.store(st_ptr + pid_b * stride_stb + pid_k * stride_stk + pid_m * stride_stm, s, mask=live)

@@ -137,6 +137,10 @@ TRANSPOSE_TILE = (TRANSPOSE_CONFIGS[0][0]["BLOCK_R"], TRANSPOSE_CONFIGS[0][0]["B
 # time partly from L2). The bytes are the same; benchmarks/bench_quant.py times act_dual against
 # act_dual_one_pass. Set from its result.
 DUAL_ONE_PASS = False
+# W and W^T of a weight from one launch (weight_kernel's WT: W read once, W^T's bytes written as words from the
+# quantizing program's registers) or from two (weight_kernel, then transpose_bytes reading and writing the FP8
+# bytes again). Not yet run on a GPU: off (bench_quant.py times both; set from its result).
+WEIGHT_PAIR_ONE_PASS = False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,7 +159,7 @@ def tuned_kernels(interpret: bool) -> dict:
     return {
         "rows": autotuned(kq.rows_kernel, ROWS_CONFIGS, key),
         "cols": autotuned(kq.cols_kernel, COLS_CONFIGS, key),
-        "weight": autotuned(kq.weight_kernel, WEIGHT_CONFIGS, key),
+        "weight": autotuned(kq.weight_kernel, WEIGHT_CONFIGS, key + ["WT"]),
         "transpose": autotuned(kq.transpose_bytes_kernel, TRANSPOSE_CONFIGS, ["R", "C"]),
         "transpose_words": autotuned(kq.transpose_words_kernel, TRANSPOSE_WORDS_CONFIGS, ["R", "C"]),
     }
@@ -254,19 +258,23 @@ def launch_cols(x, yt, st, round_scale, config=None):
     )  # fmt: skip
 
 
-def launch_weight(w, y, s, st, round_scale, config=None):
+def launch_weight(w, y, s, st, round_scale, config=None, yt=None):
     """y [.., Np, Kp], s [.., Np/128, Kp/128] and, unless ``st`` is None, st = s^T from w [.., N, K]
-    (2-D or a batch [E, N, K]): weight_kernel."""
+    (2-D or a batch [E, N, K]): weight_kernel; with ``yt`` [.., Kp, Np] (rows, strides and address in whole
+    32-bit words) W^T's bytes from the same program."""
     kernel, cfg = launch_config(tuned_kernels(interpreting())["weight"], config)
     n, k = w.shape[-2:]
     batch = w.shape[0] if w.dim() == 3 else 1
-    # Without transposed scales the kernel never touches st_: pass the input, not the output s again (an
-    # output passed twice keeps Inductor, under wrap_triton's functionalization, from writing it in place)
+    # Without transposed scales the kernel never touches st_ (nor yt_ without W^T): pass the input, not an
+    # output again (an output passed twice keeps Inductor, under wrap_triton's functionalization, from
+    # writing it in place)
     st_ = w if st is None else st
+    yt_ = w if yt is None else yt
     launcher(kernel)[lambda meta: (-(-n // BLOCK), -(-k // (BLOCK * meta["GROUPS"])), batch)](
-        w, y, s, st_, n, k, y.shape[-2], rows_bucket(n), *_batched_strides(w), *_batched_strides(y)[:2],
-        *_batched_strides(s), *_batched_strides(st_), AMAX_FLOOR, FP8_MAX, TRANSPOSED_SCALES=st is not None,
-        ROUND_SCALE=round_scale, GRID_ROUND=interpreting(), **cfg,
+        w, y, s, st_, yt_, n, k, y.shape[-2], rows_bucket(n), *_batched_strides(w), *_batched_strides(y)[:2],
+        *_batched_strides(s), *_batched_strides(st_), *_batched_strides(yt_)[:2], AMAX_FLOOR, FP8_MAX,
+        TRANSPOSED_SCALES=st is not None, WT=yt is not None, ROUND_SCALE=round_scale, GRID_ROUND=interpreting(),
+        **cfg,
     )  # fmt: skip
 
 
@@ -403,11 +411,19 @@ def _weight_quant_triton(ws, round_scale, transpose):
     outs = _weight_outputs(ws, transpose)
     if outs[0].numel() == 0:
         return outs
-    for w, y, s, st in _parts(ws, outs, transpose):
-        if w.numel() == 0:
-            continue
-        launch_weight(w, y, s, st if transpose else None, round_scale)
-    if transpose:  # W^T's 128x128 blocks are W's blocks transposed: the same bytes, one launch for all
+    # W^T's bytes from the quantizing programs where every part's yt slice is word-aligned (always, for the
+    # buffers made here; checked as the kernel's word stores assume it); else one byte transpose for all
+    parts, yts, row = list(_parts(ws, outs, transpose)), [], 0
+    for _, y, _, _ in parts:
+        yts.append(outs[2][..., :, row : row + y.shape[-2]] if transpose else None)  # this weight's columns
+        row += y.shape[-2]
+    one_pass = transpose and WEIGHT_PAIR_ONE_PASS and all(
+        _word_aligned(*(t if t.dim() == 3 else t.unsqueeze(0) for t in (y, yt)))
+        for (w, y, _, _), yt in zip(parts, yts))
+    for (w, y, s, st), yt in zip(parts, yts):
+        if w.numel():
+            launch_weight(w, y, s, st if transpose else None, round_scale, yt=yt if one_pass else None)
+    if transpose and not one_pass:  # W^T's 128x128 blocks are W's blocks transposed: one launch for all
         transpose_bytes(outs[0], outs[2])
     return outs
 
