@@ -22,6 +22,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from coscale.fp8 import FP8Linear
+from coscale.kernels.fp8_weight_cache import FP8WeightCache
 from coscale.kernels.moe import grouped_experts_forward
 from results_log import ResultsLog, teed_stdout
 
@@ -86,12 +87,14 @@ def moe_cases():
         w_up = (torch.randn(E, I, H, device=dev, dtype=dt) * H**-0.5).requires_grad_()
         w_down = (torch.randn(E, H, I, device=dev, dtype=dt) * I**-0.5).requires_grad_()
         dy = torch.randn(T, H, device=dev, dtype=dt)
-        for precision in ("bf16", "fp8"):
-            def step(precision=precision, x=x, idx=idx, topw=topw, ws=(w_gate, w_up, w_down), dy=dy):
-                out = grouped_experts_forward(x, idx, topw, *ws, precision=precision)
+        # fp8 cached: the FP8 expert weights kept between calls (training: between optimizer steps)
+        for precision, cache in (("bf16", None), ("fp8", None), ("fp8", FP8WeightCache())):
+            def step(precision=precision, x=x, idx=idx, topw=topw, ws=(w_gate, w_up, w_down), dy=dy, cache=cache):
+                out = grouped_experts_forward(x, idx, topw, *ws, precision=precision, fp8_weight_cache=cache)
                 torch.autograd.grad(out, [x, topw, *ws], dy)
 
-            kernel_table(step, f"MoE routed experts {precision}, {name} shape, {T} tokens balanced", top=20)
+            label = precision + (" (weights cached)" if cache is not None else "")
+            kernel_table(step, f"MoE routed experts {label}, {name} shape, {T} tokens balanced", top=20)
         del x, w_gate, w_up, w_down
         torch.cuda.empty_cache()
 

@@ -240,12 +240,15 @@ def analyse_transparent_kernels() -> set[str]:
     info, weight = _routing()
     ops.act_quant(x, False, True, True, True, False, "triton")
     ops.act_quant(x, False, True, True, True, True, "triton")
-    ops.weight_quant([torch.randn(200, 136)], False, True, "triton")
-    quant_ops.TRANSPOSE_WORDS = True  # W^T through 32-bit words (off by default)
+    ops.weight_quant([torch.randn(200, 136)], False, True, "triton")  # W^T's bytes from weight_kernel (WT)
+    saved = quant_ops.WEIGHT_PAIR_ONE_PASS, quant_ops.TRANSPOSE_WORDS
+    quant_ops.WEIGHT_PAIR_ONE_PASS = False  # W^T by a second launch: bytes, then 32-bit words
     try:
-        ops.weight_quant([torch.randn(200, 136)], False, True, "triton")
+        for words in (False, True):
+            quant_ops.TRANSPOSE_WORDS = words
+            ops.weight_quant([torch.randn(200, 136)], False, True, "triton")
     finally:
-        quant_ops.TRANSPOSE_WORDS = False
+        quant_ops.WEIGHT_PAIR_ONE_PASS, quant_ops.TRANSPOSE_WORDS = saved
     ops.swiglu_quant(x[:, :160], True, True, False, False, False, "triton")
     ops.swiglu_backward_quant(x[:, :160], x[:, :80], True, True, False, True, False, "triton")
     ops.gather_quant(x, info.row_pair, 2, weight, torch.randn(info.num_rows, 200), True, True, False, False, False,
@@ -273,6 +276,8 @@ def analyse_transparent_kernels() -> set[str]:
                                         "weight_ptr", "pair_row_ptr", "g_ptr", "u_ptr", "da_ptr") if name in named}
             if not writes or writes & inputs:  # the analysis fell back to "every input is mutated"
                 raise AssertionError(f"Inductor could not analyse {jit.__name__}: writes {sorted(writes)}")
+            if named.get("WT") and "yt_ptr" not in writes:  # W^T's bytes, stored through a word pointer
+                raise AssertionError(f"Inductor does not see weight_kernel write W^T: writes {sorted(writes)}")
             seen.add(jit.__name__)
     return seen
 

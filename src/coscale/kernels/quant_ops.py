@@ -23,11 +23,14 @@ which capped act_quant_1x128 at 71% of copy on the H200 against 83-89% on the H1
   with ``one_pass=True``, ``dual_quant_kernel`` (x read once): a [128 x 128] block held whole (CHUNK
   128, 8 or 16 warps) or walked in column chunks. benchmarks/bench_quant.py measures both.
 - 128x128 weight blocks: ``weight_kernel``, GROUPS whole blocks along K per program (pipelined as
-  above; 4, 8 or 16 warps), the transposed scales written by the same program; W^T's bytes by
-  ``transpose_bytes_kernel`` (one launch for every weight of a stacked buffer; ``transpose_words_kernel``
-  moves 32-bit words of 4 x 4 byte blocks instead, off by default until run on a GPU: TRANSPOSE_WORDS). A
-  one-pass W/W^T kernel was slower (38% on the H100) and, for float32 weights, wrong there (triton 3.6;
-  tools/debug_fp8_nan.py).
+  above; 4, 8 or 16 warps), the transposed scales written by the same program; W^T's bytes by the same
+  program too (WT, WEIGHT_PAIR_ONE_PASS: the block loaded as four quarters of rows 4i + j, four rows' bytes
+  packed into a word and the words transposed, as the 128x1 kernel's PACK4; 88.5% of copy for bf16 weights
+  on the H200, run 32). Otherwise (the switch off, or a buffer not in whole words) ``transpose_bytes_kernel``
+  (one launch for every weight of a stacked buffer; ``transpose_words_kernel`` moves 32-bit words of 4 x 4
+  byte blocks instead: TRANSPOSE_WORDS, exact on the H200 but no faster, run 32). An earlier one-pass kernel
+  that transposed single bytes was slower (38% on the H100) and, for float32 weights, wrong there (triton
+  3.6; tools/debug_fp8_nan.py).
 
 Interpreter note: Triton's CPU interpreter mis-rounds FP32 -> E4M3 casts (lost exponent carry, ties away
 from zero). When interpreting, the kernels first round onto the E4M3 grid in FP32 with the magic-number
@@ -127,9 +130,9 @@ TRANSPOSE_WORDS_CONFIGS = (  # transpose_words_kernel: [BLOCK_R x BLOCK_C] bytes
     ({"BLOCK_R": 128, "BLOCK_C": 128}, 4), ({"BLOCK_R": 64, "BLOCK_C": 128}, 4), ({"BLOCK_R": 128, "BLOCK_C": 64}, 4),
     ({"BLOCK_R": 128, "BLOCK_C": 256}, 8), ({"BLOCK_R": 256, "BLOCK_C": 128}, 8), ({"BLOCK_R": 64, "BLOCK_C": 64}, 2),
 )
-# transpose_bytes through 32-bit words (transpose_words_kernel) where the shapes allow it. Exact under the
-# interpreter; not yet run on a GPU (its words are put together by PTX byte permutes there): off by default
-# (bench_quant.py --transpose-words and tools/quant_bits_on_gpu.py check and time it).
+# transpose_bytes through 32-bit words (transpose_words_kernel) where the shapes allow it: exact on the H200
+# (tools/quant_bits_on_gpu.py) but no faster than the byte kernel in the bf16 weight pair (73.3% of copy
+# either way, run 32), so off (bench_quant.py --transpose-words times it).
 TRANSPOSE_WORDS = False
 TRANSPOSE_TILE = (TRANSPOSE_CONFIGS[0][0]["BLOCK_R"], TRANSPOSE_CONFIGS[0][0]["BLOCK_C"])  # the interpreter's
 # Both layouts of an activation (FP8Linear's X and dY, the FP8 experts' fused quantizations) from one launch
@@ -139,8 +142,9 @@ TRANSPOSE_TILE = (TRANSPOSE_CONFIGS[0][0]["BLOCK_R"], TRANSPOSE_CONFIGS[0][0]["B
 DUAL_ONE_PASS = False
 # W and W^T of a weight from one launch (weight_kernel's WT: W read once, W^T's bytes written as words from the
 # quantizing program's registers) or from two (weight_kernel, then transpose_bytes reading and writing the FP8
-# bytes again). Not yet run on a GPU: off (bench_quant.py times both; set from its result).
-WEIGHT_PAIR_ONE_PASS = False
+# bytes again). On the H200 (run 32, 7168 x 18432) one launch reached 88.5% of copy bandwidth for bf16 weights
+# (two: 73.3%) and 96.5% for fp32 (81.5%), every byte equal to the reference (tools/quant_bits_on_gpu.py).
+WEIGHT_PAIR_ONE_PASS = True
 
 
 # ----------------------------------------------------------------------------------------------------
