@@ -576,3 +576,33 @@ def test_the_gpu_division_sequence_rounds_like_ieee_division():
         expected = (xs / ss).astype(np.float32)
     ok = np.abs(expected) >= 2.0**-100  # below, E4M3 rounds to 0 either way (_quantize_tile's docstring)
     assert np.array_equal(y[ok], expected[ok])
+
+
+@needs_kernels
+@pytest.mark.parametrize("source", [1, 2, 3])
+def test_every_dual_producer_configuration_writes_what_two_launches_write(source):
+    # both layouts from one launch (dual_quant_kernel, PACK4 candidates included) for SwiGLU (1), its
+    # backward (2) and the permutation's gather (3): the bytes and scales of the rows launch and the
+    # transposed launch, ragged rows and columns
+    from coscale.kernels import quant_ops as qo
+
+    gen = torch.Generator().manual_seed(10 + source)
+    m, inter, hidden, topk = 150, 200, 320, 2
+    gate_up = (torch.randn(m, 2 * inter, generator=gen) * 2).to(torch.bfloat16).to(KERNEL_DEVICE)
+    da = torch.randn(m, inter, generator=gen).to(torch.bfloat16).to(KERNEL_DEVICE)
+    x = (torch.randn(m // topk, hidden, generator=gen) * 3).to(torch.bfloat16).to(KERNEL_DEVICE)
+    row_pair = torch.cat([torch.randperm(m - 6, generator=gen), torch.full((6,), -1)]).to(torch.int32)
+    w = torch.rand(m, generator=gen).to(KERNEL_DEVICE)
+    if source == 3:
+        src, k, extra = x, hidden, dict(idx=row_pair.to(KERNEL_DEVICE), w=w, topk=topk)
+    else:
+        src, k, extra = gate_up, inter if source == 1 else 2 * inter, dict(b=da, up_offset=inter)
+    ref = qo.quant_outputs(m, k, src.device, True, True, True)
+    qo.launch_producer("rows", ref, src, False, m=m, k=k, source=source, **extra)
+    qo.launch_producer("cols", ref, src, False, m=m, k=k, source=source, **extra)
+    assert (bits(ref[0]) != 0).any() and (bits(ref[2]) != 0).any()
+    for cfg in qo.DUAL_CONFIGS:
+        outs = qo.quant_outputs(m, k, src.device, True, True, True)
+        qo.launch_producer("dual", outs, src, False, m=m, k=k, source=source, config=_config(cfg), **extra)
+        _assert_same_fp8(outs[0], ref[0], outs[1], ref[1])
+        _assert_same_fp8(outs[2], ref[2], outs[3], ref[3])

@@ -2,8 +2,8 @@
 hard inputs of tests/test_quant.py (values over 8 decades, signed zeros, NaN and -inf, near-ties), against the
 CPU reference and the reference run on the GPU, with the first mismatching elements (x, scale, bits).
 
-Then the weight kernel's candidates writing W^T's bytes too (WT), and the word transpose's candidates
-(quant_ops.TRANSPOSE_WORDS) against torch. Run on a GPU:
+Also the one-launch dual kernel's candidates and the weight kernel's candidates writing W^T's bytes too (WT);
+then the word transpose's candidates (quant_ops.TRANSPOSE_WORDS) against torch. Run on a GPU:
 `PYTHONPATH=src TRITON_INTERPRET=0 python3 tools/quant_bits_on_gpu.py` (about a minute). Run 31 found with it
 the sign of zero in tiles holding an infinity and the PACK4 candidates' byte packing.
 """
@@ -50,6 +50,12 @@ def main():
                 _, _, yt, st = qo.quant_outputs(*x.shape, xg.device, False, True, True)
                 qo.launch_cols(xg, yt, st, round_scale, config={**cfg, "num_warps": warps})
                 report(f"cols {cfg} w{warps}", yt, gyt, ryt, x.float(), rst, "cols")
+            for cfg, warps in qo.DUAL_CONFIGS:  # both layouts from one launch
+                outs = qo.quant_outputs(*x.shape, xg.device, True, True, True)
+                qo.launch_producer("dual", outs, xg, round_scale, m=x.shape[0], k=x.shape[1],
+                                   config={**cfg, "num_warps": warps})
+                report(f"dual rows {cfg} w{warps}", outs[0], gy, ry, x.float(), rs, "rows")
+                report(f"dual cols {cfg} w{warps}", outs[2], gyt, ryt, x.float(), rst, "cols")
         # 128x128 weight blocks, W^T's bytes from the same program (WT: quant_ops.WEIGHT_PAIR_ONE_PASS)
         rw, rsw = qo.weight_quant_128x128_ref(x)
         gw, _ = qo.weight_quant_128x128_ref(xg)

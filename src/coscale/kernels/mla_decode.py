@@ -81,6 +81,11 @@ FP8_CONVERT_EARLY_MIN_BATCH = 32
 # On the H200 (run 32, 16 heads, graph-timed) it was 1.16-1.19x the per-tile read at batch 64-128 x 4K-32K
 # (26-28% -> 30-33% of copy) and 1.12-1.14x at batch 1, with the same error against the reference.
 FP8_WHOLE_TILE = True
+# Splits for an FP8 cache as if two programs ran on each SM at once (default_num_splits): on the H200 (run 32,
+# 16 heads, the whole-tile read) 4 / 4 / 2 / 2 splits at batch x context 64 x 4K / 64 x 32K / 128 x 4K / 128 x 32K
+# took 130.0 / 952.5 / 248.2 / 1,894.1 us against 137.6 / 1,001.0 / 257.4 / 1,981.2 at one program an SM's
+# 2 / 2 / 1 / 1 (1.04-1.06x; the autotuner then picked 32-key tiles and 4 warps, two programs an SM).
+FP8_PROGRAMS_PER_SM = 2
 
 
 @dataclass
@@ -202,23 +207,29 @@ def heads_per_tile(num_heads: int, s_q: int, max_rows: int = MAX_ROWS_PER_TILE) 
 
 
 def default_num_splits(batch: int, head_groups: int, max_seq_len: int, device: torch.device,
-                       min_tokens_per_split: int = 256, sms: int | None = None) -> int:
-    """Context splits per sequence: the count whose programs finish soonest when each SM runs one at a
-    time: the least ``waves x (keys per split + PROGRAM_COST_KEYS)`` (waves = ceil(programs / SMs)), the
-    fewest splits among equals, each split at least `min_tokens_per_split` keys.
+                       min_tokens_per_split: int = 256, sms: int | None = None, programs_per_sm: int = 1) -> int:
+    """Context splits per sequence: the count whose programs finish soonest when each SM runs
+    ``programs_per_sm`` at a time: the least ``waves x (keys per split + PROGRAM_COST_KEYS)`` (waves =
+    ceil(programs / (SMs x programs_per_sm))), the fewest splits among equals, each split at least
+    `min_tokens_per_split` keys.
 
     Why waves: the largest tiles hold one program per SM (64 keys x 576 x 2 bytes x 3 stages of shared
     memory), and a last wave that fills a few SMs costs as much as a full one. On the H200 (run 30,
     batch 64 x 32K, 132 SMs) 2, 4 and 6 splits (one, two and three full waves) took 603-617 us and 5 splits
     (320 programs: three waves, the last of 56 programs) 714 us; the earlier rule, about two programs per
-    SM, picked the 5. ``sms``: the SM count (default: the device's; 8 on a CPU)."""
+    SM, picked the 5. ``sms``: the SM count (default: the device's; 8 on a CPU).
+
+    An FP8 cache (``programs_per_sm`` FP8_PROGRAMS_PER_SM in mla_decode): its loop converts each tile in
+    registers between two shared-memory trips, and two programs of 32-key tiles fit an SM, so one program's
+    conversion runs while the other's loads are in flight."""
     if sms is None:
         sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
     programs = max(1, batch * head_groups)
     longest = max(1, min(MAX_SPLITS, -(-max_seq_len // min_tokens_per_split)))
+    slots = sms * max(1, programs_per_sm)
 
     def finish(splits: int) -> tuple[int, int]:
-        waves = -(-programs * splits // sms)
+        waves = -(-programs * splits // slots)
         return waves * (-(-max_seq_len // splits) + PROGRAM_COST_KEYS), splits
 
     return min(range(1, longest + 1), key=finish)
@@ -287,7 +298,8 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     tile = heads_tile or heads_per_tile(H, S)
     groups = -(-H // tile)
     bound = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
-    splits = num_splits or default_num_splits(B, groups, bound, q_lat.device)
+    splits = num_splits or default_num_splits(B, groups, bound, q_lat.device,
+                                              programs_per_sm=FP8_PROGRAMS_PER_SM if cache.scale is not None else 1)
     out = torch.empty_like(q_lat)
     lse = torch.empty(B, S, H, dtype=torch.float32, device=q_lat.device)
     if out.numel() == 0:

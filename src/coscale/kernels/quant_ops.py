@@ -112,9 +112,12 @@ TRANSPOSE_CONFIGS = (  # transpose_bytes_kernel: [BLOCK_R x BLOCK_C] bytes
     ({"BLOCK_R": 128, "BLOCK_C": 128}, 4), ({"BLOCK_R": 128, "BLOCK_C": 128}, 8),
     ({"BLOCK_R": 64, "BLOCK_C": 64}, 2),
 )
-DUAL_CONFIGS = (  # dual_quant_kernel: a 128x128 block, whole (CHUNK 128) or in column chunks
-    ({"CHUNK": 32}, 4), ({"CHUNK": 128}, 16), ({"CHUNK": 128}, 8), ({"CHUNK": 32}, 8), ({"CHUNK": 64}, 8),
-    ({"CHUNK": 16}, 4),
+DUAL_CONFIGS = tuple(  # dual_quant_kernel: a 128x128 block, whole (CHUNK 128) or in column chunks
+    ({"CHUNK": c, "PACK4": pack4}, w) for c, pack4, w in (
+        (32, False, 4), (128, False, 16), (128, False, 8), (32, False, 8), (64, False, 8), (16, False, 4),
+        # PACK4: yt's bytes packed four rows a word and transposed as words (the kernel's comment)
+        (128, True, 4), (128, True, 8), (128, True, 16),
+    )
 )
 # rows_quant_kernel: BLOCK_M rows x TILES 1x128 tiles per program, loaded as one [BLOCK_M, TILES, 128] block
 # (launches with a dot product walk whole rows whatever the configuration)
