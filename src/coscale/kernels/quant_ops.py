@@ -21,7 +21,8 @@ which capped act_quant_1x128 at 71% of copy on the H200 against 83-89% on the H1
   words of four tokens' bytes instead of bytes: 82% of copy with 32 columns and one warp (run 31).
 - both layouts: two launches (rows, then transposed: x read twice, the second time partly from L2) or,
   with ``one_pass=True``, ``dual_quant_kernel`` (x read once): a [128 x 128] block held whole (CHUNK
-  128, 8 or 16 warps) or walked in column chunks. benchmarks/bench_quant.py measures both.
+  128, 8 or 16 warps; PACK4 candidates store the transposed layout as words) or walked in column chunks.
+  benchmarks/bench_quant.py measures both: the two launches are faster (56% of copy against 35%, run 32).
 - 128x128 weight blocks: ``weight_kernel``, GROUPS whole blocks along K per program (pipelined as
   above; 4, 8 or 16 warps), the transposed scales written by the same program; W^T's bytes by the same
   program too (WT, WEIGHT_PAIR_ONE_PASS: the block loaded as four quarters of rows 4i + j, four rows' bytes
