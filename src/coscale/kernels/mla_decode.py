@@ -81,10 +81,11 @@ FP8_CONVERT_EARLY_MIN_BATCH = 32
 # On the H200 (run 32, 16 heads, graph-timed) it was 1.16-1.19x the per-tile read at batch 64-128 x 4K-32K
 # (26-28% -> 30-33% of copy) and 1.12-1.14x at batch 1, with the same error against the reference.
 FP8_WHOLE_TILE = True
-# Splits for an FP8 cache as if two programs ran on each SM at once (default_num_splits): on the H200 (run 32,
-# 16 heads, the whole-tile read) 4 / 4 / 2 / 2 splits at batch x context 64 x 4K / 64 x 32K / 128 x 4K / 128 x 32K
+# Splits for an FP8 cache read whole as if two programs ran on each SM at once (default_num_splits). On the
+# H200 (run 32, 16 heads) 4 / 4 / 2 / 2 splits at batch x context 64 x 4K / 64 x 32K / 128 x 4K / 128 x 32K
 # took 130.0 / 952.5 / 248.2 / 1,894.1 us against 137.6 / 1,001.0 / 257.4 / 1,981.2 at one program an SM's
-# 2 / 2 / 1 / 1 (1.04-1.06x; the autotuner then picked 32-key tiles and 4 warps, two programs an SM).
+# 2 / 2 / 1 / 1 (1.04-1.06x; the autotuner then picked 32-key tiles and 4 warps, two programs an SM). Not for
+# 128 heads (64-row tiles, read in bf16, 8 warps): there 2 splits measured 0.99x the 1 of one program an SM.
 FP8_PROGRAMS_PER_SM = 2
 
 
@@ -219,8 +220,8 @@ def default_num_splits(batch: int, head_groups: int, max_seq_len: int, device: t
     (320 programs: three waves, the last of 56 programs) 714 us; the earlier rule, about two programs per
     SM, picked the 5. ``sms``: the SM count (default: the device's; 8 on a CPU).
 
-    An FP8 cache (``programs_per_sm`` FP8_PROGRAMS_PER_SM in mla_decode): its loop converts each tile in
-    registers between two shared-memory trips, and two programs of 32-key tiles fit an SM, so one program's
+    An FP8 cache read whole (``programs_per_sm`` FP8_PROGRAMS_PER_SM in mla_decode): its loop converts each
+    tile in registers between two shared-memory trips, and two programs of 32-key tiles fit an SM, so one program's
     conversion runs while the other's loads are in flight."""
     if sms is None:
         sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
@@ -297,21 +298,7 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
     tile = heads_tile or heads_per_tile(H, S)
     groups = -(-H // tile)
-    bound = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
-    splits = num_splits or default_num_splits(B, groups, bound, q_lat.device,
-                                              programs_per_sm=FP8_PROGRAMS_PER_SM if cache.scale is not None else 1)
-    out = torch.empty_like(q_lat)
-    lse = torch.empty(B, S, H, dtype=torch.float32, device=q_lat.device)
-    if out.numel() == 0:
-        return out, lse
-    part = torch.empty(B, S, H, splits, c, dtype=torch.float32, device=q_lat.device) if splits > 1 else None
-    part_lse = torch.empty(B, S, H, splits, dtype=torch.float32, device=q_lat.device) if splits > 1 else None
-    split_kernel, combine_kernel = _build_kernels(interpreting())
     fp8 = cache.scale is not None
-    scale = cache.scale if fp8 else cache.rope  # any tensor: never read without FP8
-    o = part if splits > 1 else out.unsqueeze(3)  # [B, S, H, splits, c]
-    o_lse = part_lse if splits > 1 else lse.unsqueeze(3)
-    assert o_lse.stride(3) == 1, "the split kernel stores the log-sum-exp of split j at offset j"
     dot_fp32 = interpreting() or q_lat.dtype == torch.float32
     rows = max(16, _next_pow2(S * tile))
     lat_fp16 = fp8 and fp8_in_fp16 and q_lat.dtype != torch.float32 and rows <= FP16_READ_MAX_ROWS
@@ -322,6 +309,20 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     whole = (fp8 and (FP8_WHOLE_TILE if fp8_whole_tile is None else fp8_whole_tile) and c in (128, 256, 512)
              and (lat_fp16 or dot_fp32) and not (kernel_config or {}).get("LAZY"))
     chunk = min(FP8_TILE, block_c) if fp8 and not whole else block_c
+    bound = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
+    splits = num_splits or default_num_splits(B, groups, bound, q_lat.device,
+                                              programs_per_sm=FP8_PROGRAMS_PER_SM if whole else 1)
+    out = torch.empty_like(q_lat)
+    lse = torch.empty(B, S, H, dtype=torch.float32, device=q_lat.device)
+    if out.numel() == 0:
+        return out, lse
+    part = torch.empty(B, S, H, splits, c, dtype=torch.float32, device=q_lat.device) if splits > 1 else None
+    part_lse = torch.empty(B, S, H, splits, dtype=torch.float32, device=q_lat.device) if splits > 1 else None
+    split_kernel, combine_kernel = _build_kernels(interpreting())
+    scale = cache.scale if fp8 else cache.rope  # any tensor: never read without FP8
+    o = part if splits > 1 else out.unsqueeze(3)  # [B, S, H, splits, c]
+    o_lse = part_lse if splits > 1 else lse.unsqueeze(3)
+    assert o_lse.stride(3) == 1, "the split kernel stores the log-sum-exp of split j at offset j"
     args = (
         q_lat, q_pe, cache.latent, cache.rope, scale, block_table, seq_lens, o, o_lse,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
