@@ -38,11 +38,11 @@ MM_CONFIGS = [
     (128, 128, 4, 8, 1, "f"), (128, 128, 4, 8, 1, "ft"), (128, 128, 5, 8, 0, ""),
 ]
 WG_CONFIGS = [
-    # a weight-gradient tile has only tokens/128 K steps per expert (2 at 256 rows): its loads cannot
-    # be hidden inside one tile, hence the flattened loop ("f") and asynchronous stores ("t")
-    (64, 128, 3, 4, 2, ""), (64, 128, 3, 4, 2, "t"), (64, 128, 3, 4, 2, "ft"), (128, 64, 3, 4, 2, "t"),
-    (128, 64, 3, 4, 2, "ft"), (128, 64, 2, 4, 3, "ft"), (128, 64, 4, 4, 2, "ft"), (64, 64, 3, 4, 4, "t"),
-    (128, 128, 3, 8, 1, "ft"),
+    # one flat loop over (output position, 128-token chunk) pairs, so the next position's loads are
+    # issued during this one's epilogue ("f" does not apply); tiles need not divide 128
+    (128, 64, 3, 4, 2, "t"), (64, 128, 3, 4, 2, "t"), (128, 64, 4, 4, 2, "t"), (128, 128, 2, 4, 2, "t"),
+    (128, 128, 3, 4, 1, "t"), (128, 128, 4, 4, 1, "t"), (128, 128, 3, 8, 1, "t"), (128, 128, 4, 8, 1, "t"),
+    (128, 256, 3, 8, 1, "t"), (256, 128, 3, 8, 1, "t"), (128, 64, 3, 4, 2, ""),
 ]
 
 

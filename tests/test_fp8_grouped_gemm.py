@@ -48,13 +48,17 @@ def reference_linear(x, w, offsets):
 
 
 @needs_triton
-@pytest.mark.parametrize("counts,extra", [([128, 0, 256], 128), ([256, 128], 0), ([128, 0, 256], 37)])
+@pytest.mark.parametrize(
+    "counts,extra", [([128, 0, 256], 128), ([256, 128], 0), ([128, 0, 256], 37), ([0, 128, 0, 0, 256, 0], 128)]
+)
 def test_triton_grouped_mm_and_wgrad_match_reference(counts, extra):
     torch.manual_seed(0)
     e, n, k = len(counts), 128, 256
     off = offsets_of(counts)
     m = int(off[-1]) + extra  # rows after the last expert produce zeros
     x, w, dy = torch.randn(m, k), torch.randn(e, n, k), torch.randn(m, n)
+    x[int(off[-1]) :] = float("nan")  # rows after the last expert are never read into an output
+    dy[int(off[-1]) :] = float("nan")
     xq, xs, xt, xts = q.act_quant_1x128_dual(x, backend="torch")
     wq, ws = quantize_expert_weights(w, backend="torch")
     out = fp8_grouped_mm(xq, xs, wq, ws, off, torch.float32, backend="triton")
@@ -69,6 +73,11 @@ def test_triton_grouped_mm_and_wgrad_match_reference(counts, extra):
     for e, c in enumerate(counts):
         if c == 0:  # an expert with no tokens gets an exactly zero gradient
             assert torch.equal(dw[e], torch.zeros(n, k))
+    # the chunk -> expert map a caller already has gives the same bits; a wrong one is refused
+    chunks = expert_tile_map(off, xt.shape[1])
+    assert torch.equal(fp8_grouped_wgrad(dyt, dyts, xt, xts, off, backend="triton", chunk_expert=chunks), dw)
+    with pytest.raises(CoscaleError, match="chunk_expert must be"):
+        fp8_grouped_wgrad(dyt, dyts, xt, xts, off, backend="triton", chunk_expert=chunks[1:])
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -278,3 +287,41 @@ def test_aligned_fp8_paths_never_read_the_device_back():
     with host_reads_in_coscale() as seen:  # the spy sees what it should: the unaligned path's one sync
         fp8_grouped_linear(x[:200], wd, torch.tensor([100, 100, 200]), backend="triton")
     assert any("tolist" in s for s in seen)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or q.interpreting(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_every_wgrad_candidate_matches_the_reference(out_dtype):
+    """On the GPU: each weight-gradient configuration against the dequantized reference, with empty
+    experts first, between and last, ragged segments, NaN in the rows after the last expert (never
+    read) and an output pre-filled with garbage (every element is written)."""
+    torch.manual_seed(11)
+    dev = "cuda"
+    counts = [0, 384, 128, 0, 0, 1024, 256, 0]
+    off = offsets_of(counts).to(dev)
+    m = int(off[-1]) + 512
+    n, k = 256, 512
+    dy, x = torch.randn(m, n, device=dev), torch.randn(m, k, device=dev)
+    dy[int(off[-1]) :] = float("nan")
+    x[int(off[-1]) :] = float("nan")
+    _, _, dyt, dyts = q.act_quant_1x128_dual(dy)
+    _, _, xt, xts = q.act_quant_1x128_dual(x)
+    oracle = fp8_grouped_wgrad_ref(dyt, dyts, xt, xts, off)
+    from triton.runtime.errors import OutOfResources
+
+    ran = 0
+    for cfg in kernels.WGRAD_CANDIDATES:
+        out = torch.full((len(counts), n, k), float("nan"), device=dev, dtype=out_dtype)
+        try:
+            got = kernels.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, off, out, cfg).float()
+        except OutOfResources:  # e.g. the widest tiles with an FP32 output: the picker skips them too
+            continue
+        ran += 1
+        # FP8 tensor cores add a 128-deep product in less than FP32's precision (the reason for the
+        # promotion every 128 tokens): 1e-3 of the largest gradient, bf16's rounding on top
+        rtol = 1e-2 if out_dtype == torch.bfloat16 else 1e-3
+        assert torch.allclose(got, oracle, rtol=rtol, atol=rtol * float(oracle.abs().max())), cfg
+        for e, c in enumerate(counts):
+            if c == 0:
+                assert torch.equal(got[e], torch.zeros(n, k, device=dev)), (cfg, e)
+    assert ran >= len(kernels.WGRAD_CANDIDATES) - 1

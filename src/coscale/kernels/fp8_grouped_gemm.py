@@ -36,6 +36,7 @@ from coscale.kernels.fp8_grouped_kernels import (
     WGRAD_PICKER,
     launch_grouped_mm_tma,
     launch_grouped_wgrad_tma,
+    segment_of_each_block,
 )
 from coscale.kernels.fp8_recipe import BLOCK, FP8_DTYPE
 from coscale.kernels.library import operator
@@ -126,10 +127,9 @@ def expert_tile_map(group_end_offsets: torch.Tensor, rows: int) -> torch.Tensor:
     """[ceil(rows/128)] int32: the expert owning each 128-row tile (E for tiles after the last segment).
 
     Two small device ops (arange + searchsorted), no host sync; computed once per layer call and
-    shared by every grouped GEMM of that call, so the kernel looks its expert up in O(1)."""
-    offsets = group_end_offsets.to(torch.int64)
-    starts = torch.arange(0, max(rows, 1), BLOCK, device=offsets.device, dtype=torch.int64)
-    return torch.searchsorted(offsets, starts, right=True).to(torch.int32)
+    shared by every grouped GEMM of that call (the forward/dgrad kernel looks a row tile's expert up in
+    O(1); the weight-gradient kernel a 128-token chunk's, and where the expert's last chunk is)."""
+    return segment_of_each_block(group_end_offsets, rows)
 
 
 def _fake_grouped_mm(a, a_scale, b, b_scale, group_end_offsets, tile_expert, out_dtype, backend):
@@ -176,14 +176,14 @@ def fp8_grouped_mm(
     return fp8_grouped_mm_op(a, a_scale, b, b_scale, group_end_offsets, tile_expert, out_dtype, backend)
 
 
-def _fake_wgrad(dyt, dyt_scale, xt, xt_scale, group_end_offsets, out_dtype, backend):
+def _fake_wgrad(dyt, dyt_scale, xt, xt_scale, group_end_offsets, chunk_expert, out_dtype, backend):
     return dyt.new_empty(group_end_offsets.shape[0], dyt.shape[0], xt.shape[0], dtype=out_dtype)
 
 
 @operator("fp8_grouped_wgrad", opaque=True, fake=_fake_wgrad)
 def fp8_grouped_wgrad_op(
     dyt: torch.Tensor, dyt_scale: torch.Tensor, xt: torch.Tensor, xt_scale: torch.Tensor,
-    group_end_offsets: torch.Tensor, out_dtype: torch.dtype, backend: str,
+    group_end_offsets: torch.Tensor, chunk_expert: torch.Tensor | None, out_dtype: torch.dtype, backend: str,
 ) -> torch.Tensor:  # fmt: skip
     """``fp8_grouped_wgrad`` as an opaque operator (TMA descriptors, timed configurations)."""
     n, mp = dyt.shape
@@ -195,23 +195,30 @@ def fp8_grouped_wgrad_op(
     if out.numel() == 0 or mp == 0:  # no tokens: every expert's gradient is zero
         return out.zero_()
     offsets = group_end_offsets.to(device=dyt.device, dtype=torch.int32)
+    chunks = segment_of_each_block(offsets, mp) if chunk_expert is None else chunk_expert
 
     def launch(cfg):
-        return launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg)
+        return launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg, chunks)
 
     return launch(WGRAD_PICKER.config((power_of_two_bucket(mp), n, k, experts, out_dtype), launch))
 
 
 def fp8_grouped_wgrad(
-    dyt, dyt_scale, xt, xt_scale, group_end_offsets, backend: str = "auto", *, out_dtype=torch.float32
-):
+    dyt, dyt_scale, xt, xt_scale, group_end_offsets, backend: str = "auto", *, out_dtype=torch.float32,
+    chunk_expert=None,
+):  # fmt: skip
     """[E, N, K]: dW_e = dY_e^T X_e from token-contiguous 1x128 layouts (see module doc); accumulated
-    in FP32 and written in ``out_dtype`` (FP32 by default; the autograd wrappers ask for w's dtype)."""
+    in FP32 and written in ``out_dtype`` (FP32 by default; the autograd wrappers ask for w's dtype).
+    ``chunk_expert``: expert_tile_map(group_end_offsets, Mp) if the caller already has it."""
     mp = dyt.shape[1]
     if xt.shape[1] != mp or mp % BLOCK:
         raise CoscaleError(f"dyt [N, Mp] and xt [K, Mp] need one Mp, a multiple of 128: {dyt.shape}, {xt.shape}")
     check_backend(backend, dyt, op="fp8_grouped_wgrad")
-    return fp8_grouped_wgrad_op(dyt, dyt_scale, xt, xt_scale, group_end_offsets, out_dtype, backend)
+    chunks = -(-max(mp, 1) // BLOCK)  # as expert_tile_map counts them
+    if chunk_expert is not None and tuple(chunk_expert.shape) != (chunks,):
+        raise CoscaleError(f"chunk_expert must be [{chunks}] (one expert per 128 tokens), "
+                           f"got {tuple(chunk_expert.shape)}")
+    return fp8_grouped_wgrad_op(dyt, dyt_scale, xt, xt_scale, group_end_offsets, chunk_expert, out_dtype, backend)
 
 
 def quantize_expert_weights(w: torch.Tensor, backend: str = "auto"):

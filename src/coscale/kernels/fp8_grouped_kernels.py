@@ -4,7 +4,8 @@ The operations, shapes and contracts are in coscale.kernels.fp8_grouped_gemm (``
 ``fp8_grouped_wgrad``), which calls these launchers with the configuration its picker chose.
 
 Both kernels read A and B through TMA tensor descriptors built on the host, may run persistent (a
-grid smaller than the tile count), and promote every 128 elements of K: one 128-deep tl.dot from
+grid smaller than the tile count; the weight-gradient kernel's tile loop and token loop are one flat
+loop), and promote every 128 elements of K: one 128-deep tl.dot from
 zero, scaled by its block scales and added into an FP32 register accumulator. The tile configuration
 changes only how the work is cut and scheduled, never an output element's arithmetic.
 
@@ -34,21 +35,25 @@ __all__ = [
     "WGRAD_PICKER",
     "launch_grouped_mm_tma",
     "launch_grouped_wgrad_tma",
+    "segment_of_each_block",
 ]
 
 
 # Kernel configurations. BLOCK_M rows x BLOCK_N columns per tile (BLOCK_M and BLOCK_N divide 128: a
 # row tile never straddles two experts' 128-aligned segments and a column tile lies in one 128x128
 # weight block), software-pipeline STAGES, warps, PROGRAMS_PER_SM (0: one program per tile; k: a
-# persistent grid of k programs per SM), FLATTEN (pipeline the persistent tile loop as one loop, so the
-# next tile's loads are issued during this tile's epilogue) and TMA_STORE (write C with an asynchronous
-# TMA bulk store instead of pointer stores). On CUDA each call shape times its candidates once per
+# persistent grid of k programs per SM), FLATTEN (asks Triton to fuse the persistent tile loop with the K
+# loop; an sm_90 compile with triton 3.6 shows it does not, since the K trip count varies from tile to
+# tile, which its loop fusion does not take: the flag is kept for newer Triton, and the candidates with it
+# measure the same kernel twice) and TMA_STORE (write C with an asynchronous TMA bulk store instead of
+# pointer stores). On CUDA each call shape times its candidates once per
 # process and keeps the fastest; benchmarks/tune_fp8_grouped.py sweeps more. On the H100 (DeepSeek-V3
 # experts; results/tune_fp8_grouped_run{8,9,14,15}_h100_2026-11-23.log at 256 rows per expert,
 # ..._16384tok_run13_... at 512) the forward/dgrad candidates each led some product in some run
 # (824-904 TFLOP/s), the first wgrad candidate led most weight-gradient products (361-445 at 256 rows;
 # 64x128 led at 512, 521-570). No option wins everywhere and run-to-run noise is 5-10%, hence several
-# candidates; 256-column tiles and warp specialisation were 2-3x slower.
+# candidates; 256-column tiles and warp specialisation were 2-3x slower. (The wgrad figures are of an
+# earlier kernel, a loop per tile over its expert's chunks.)
 MM_CANDIDATES = (
     {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 2},
     {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
@@ -58,13 +63,19 @@ MM_CANDIDATES = (
     {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "PROGRAMS_PER_SM": 1, "TMA_STORE": True,
      "FLATTEN": True},
 )
+# The weight-gradient kernel loops over (output position, 128-token chunk) pairs in one flat loop
+# (grouped_wgrad_tma_kernel); its tiles need not divide 128 (each output element has its own row and
+# column scales), so 256-wide tiles are candidates too. FLATTEN does not apply to it.
 WGRAD_CANDIDATES = (
-    {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
-     "FLATTEN": True},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
-     "FLATTEN": True},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 3, "num_warps": 8, "PROGRAMS_PER_SM": 1, "TMA_STORE": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 1, "TMA_STORE": True},
+    {"BLOCK_M": 128, "BLOCK_N": 256, "STAGES": 3, "num_warps": 8, "PROGRAMS_PER_SM": 1, "TMA_STORE": True},
 )
+# Experts without tokens: their gradients are zeroed by ZERO_PROGRAMS_PER_EXPERT programs an expert,
+# ZERO_BLOCK elements a store (the programs of experts with tokens return at once).
+ZERO_PROGRAMS_PER_EXPERT = 16
+ZERO_BLOCK = 2048
 # The CPU interpreter: small tiles (quick) and a persistent grid (the tile loop is exercised).
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "STAGES": 1, "num_warps": 4, "PROGRAMS_PER_SM": 1}
 MM_PICKER = ConfigPicker("grouped FP8 GEMM", MM_CANDIDATES, INTERPRETER_CONFIG)
@@ -126,43 +137,66 @@ def _build_tma_kernels(interpret: bool):
 
     @triton.jit
     def grouped_wgrad_tma_kernel(
-        a_desc, b_desc, c_ptr, c_desc, sa_ptr, sb_ptr, off_ptr, N, K, E,
+        a_desc, b_desc, c_ptr, c_desc, sa_ptr, sb_ptr, off_ptr, chunk_ptr, N, K, E,
         stride_ce, stride_cn, stride_san, stride_sat, stride_sbk, stride_sbt,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, STAGES: tl.constexpr,
-        FLATTEN: tl.constexpr, TMA_STORE: tl.constexpr,
+        TMA_STORE: tl.constexpr,
     ):  # fmt: skip
         # C[e] [N, K] = A[:, seg e] @ B[:, seg e]^T, A = dY^T [N, Mp] and B = X^T [K, Mp] (descriptors).
-        # Tiles expert-major (one expert's operands stay in L2 while its tiles run); a grid smaller
-        # than the tile count makes the kernel persistent.
-        num_n = tl.cdiv(N, BLOCK_M)
+        # One flat loop of uniform length: this program's output positions (pid, pid + grid, ...) times
+        # the 128-token chunks that hold any expert's tokens, chunk-minor. A position accumulates over
+        # one expert's chunks and is stored (and its accumulator cleared) at that expert's last chunk.
+        # The trip count is one number for the whole kernel, so the pipeliner prefetches the next
+        # position's (and expert's) operands during this one's epilogue: at 256 tokens an expert a
+        # position has only two chunks, and a loop per (position, expert) waited for its first loads
+        # every time. Experts without tokens own no chunk: zero_empty_experts_kernel writes their zeros.
         num_k = tl.cdiv(K, BLOCK_N)
-        per_expert = num_n * num_k
-        for tile in tl.range(tl.program_id(0), E * per_expert, tl.num_programs(0), flatten=FLATTEN):
-            expert = tile // per_expert
-            pid_n = (tile % per_expert) // num_k
-            pid_k = tile % num_k
-            start = tl.load(off_ptr + expert - 1, mask=expert > 0, other=0)
-            end = tl.load(off_ptr + expert)
+        num_pos = tl.cdiv(N, BLOCK_M) * num_k
+        pid = tl.program_id(0)
+        grid = tl.num_programs(0)
+        chunks = tl.load(off_ptr + E - 1) // BLOCK_T  # the chunks before the last expert's end
+        total = tl.cdiv(num_pos - pid, grid) * chunks
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for it in tl.range(0, total, num_stages=STAGES):
+            i = it // chunks
+            chunk = it - i * chunks
+            pos = pid + i * grid
+            pid_n = pos // num_k
+            pid_k = pos - pid_n * num_k
             offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-            sa_ptrs = sa_ptr + offs_n.to(tl.int64) * stride_san
-            sb_ptrs = sb_ptr + offs_k.to(tl.int64) * stride_sbk
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for t0 in tl.range(start, end, BLOCK_T, num_stages=STAGES):
-                a = a_desc.load([pid_n * BLOCK_M, t0])
-                b = b_desc.load([pid_k * BLOCK_N, t0])
-                tile_t = t0 // BLOCK_T
-                sa = tl.load(sa_ptrs + tile_t * stride_sat, mask=offs_n < N, other=0.0)
-                sb = tl.load(sb_ptrs + tile_t * stride_sbt, mask=offs_k < K, other=0.0)
-                acc += tl.dot(a, b.T) * sa[:, None] * sb[None, :]
-            if TMA_STORE:  # C as [E*N, K] (N a multiple of BLOCK_M: a tile stays in its expert)
-                c_desc.store([expert * N + pid_n * BLOCK_M, pid_k * BLOCK_N], acc.to(c_desc.dtype))
-            else:
-                c_base = c_ptr + expert.to(tl.int64) * stride_ce
-                c_ptrs = c_base + offs_n[:, None].to(tl.int64) * stride_cn + offs_k[None, :]
-                tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+            a = a_desc.load([pid_n * BLOCK_M, chunk * BLOCK_T])
+            b = b_desc.load([pid_k * BLOCK_N, chunk * BLOCK_T])
+            sa = tl.load(sa_ptr + offs_n.to(tl.int64) * stride_san + chunk * stride_sat, mask=offs_n < N, other=0.0)
+            sb = tl.load(sb_ptr + offs_k.to(tl.int64) * stride_sbk + chunk * stride_sbt, mask=offs_k < K, other=0.0)
+            acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
+            expert = tl.load(chunk_ptr + chunk)
+            following = tl.load(chunk_ptr + chunk + 1, mask=chunk + 1 < chunks, other=E)
+            if expert != following:  # the expert's last chunk: this position of dW_expert is complete
+                if TMA_STORE:  # C as [E*N, K] (N a multiple of BLOCK_M: a tile stays in its expert)
+                    c_desc.store([expert * N + pid_n * BLOCK_M, pid_k * BLOCK_N], acc.to(c_desc.dtype))
+                else:
+                    c_base = c_ptr + expert.to(tl.int64) * stride_ce
+                    c_ptrs = c_base + offs_n[:, None].to(tl.int64) * stride_cn + offs_k[None, :]
+                    c_mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+                    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    return grouped_mm_tma_kernel, grouped_wgrad_tma_kernel
+    @triton.jit
+    def zero_empty_experts_kernel(c_ptr, off_ptr, stride_ce, NK, BLOCK: tl.constexpr):
+        # program (e, j): if expert e has no tokens, zeros over its [N, K] gradient (contiguous, NK
+        # elements), strided by the grid's second dimension; else nothing
+        e = tl.program_id(0)
+        start = tl.load(off_ptr + e - 1, mask=e > 0, other=0)
+        end = tl.load(off_ptr + e)
+        if end == start:
+            base = c_ptr + e.to(tl.int64) * stride_ce
+            zeros = tl.zeros((BLOCK,), dtype=c_ptr.dtype.element_ty)
+            for j0 in range(tl.program_id(1) * BLOCK, NK, tl.num_programs(1) * BLOCK):
+                offs = j0 + tl.arange(0, BLOCK)
+                tl.store(base + offs, zeros, mask=offs < NK)
+
+    return grouped_mm_tma_kernel, grouped_wgrad_tma_kernel, zero_empty_experts_kernel
 
 
 @functools.cache
@@ -228,7 +262,7 @@ def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     programs = tiles if per_sm == 0 else max(1, min(tiles, per_sm * _num_sms(a.device)))
     tma_store = cfg.get("TMA_STORE", False) and _descriptor_ok(c)  # else pointer stores
     c_desc = TensorDescriptor.from_tensor(c, [bm, bn]) if tma_store else c
-    kernel, _ = _build_tma_kernels(interpreting())
+    kernel, _, _ = _build_tma_kernels(interpreting())
     kernel[(programs,)](
         a_desc, b_desc, c, c_desc, a_scale, b_scale, tile_expert, m, n, k, e,
         c.stride(0), a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
@@ -239,30 +273,44 @@ def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     return c
 
 
-def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: dict):
-    """One launch of the TMA wgrad kernel with an explicit configuration (BLOCK_M tiles N, BLOCK_N
-    tiles K, STAGES, num_warps, PROGRAMS_PER_SM, FLATTEN and TMA_STORE as for the forward)."""
+def segment_of_each_block(group_end_offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """[ceil(rows/128)] int32: the expert owning each 128-row block of a grouped layout (E for blocks
+    after the last segment); two small device ops, no host sync."""
+    offsets = group_end_offsets.to(torch.int64)
+    starts = torch.arange(0, max(rows, 1), BLOCK, device=offsets.device, dtype=torch.int64)
+    return torch.searchsorted(offsets, starts, right=True).to(torch.int32)
+
+
+def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: dict, chunk_expert=None):
+    """One launch of the TMA wgrad kernel with an explicit configuration: BLOCK_M tiles N, BLOCK_N
+    tiles K, STAGES, num_warps, PROGRAMS_PER_SM (0: one program per output position) and TMA_STORE;
+    ``out`` a contiguous [E, N, K]; ``chunk_expert``: segment_of_each_block(offsets, Mp) if the
+    caller has it. Experts without tokens get zeros from a second, small launch."""
+    if not out.is_contiguous():
+        raise CoscaleError("the grouped wgrad kernel writes a contiguous [E, N, K] output")
     TensorDescriptor = _tensor_descriptor()
-    n, _ = dyt.shape
+    n, mp = dyt.shape
     k = xt.shape[0]
     experts = offsets.numel()
+    if chunk_expert is None:
+        chunk_expert = segment_of_each_block(offsets, mp)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     a_desc = TensorDescriptor.from_tensor(_tma_operand(dyt), [bm, BLOCK])
     b_desc = TensorDescriptor.from_tensor(_tma_operand(xt), [bn, BLOCK])
-    _, kernel = _build_tma_kernels(interpreting())
-    tiles = -(-n // bm) * -(-k // bn) * experts
+    _, kernel, zero_kernel = _build_tma_kernels(interpreting())
+    positions = -(-n // bm) * -(-k // bn)
     per_sm = cfg.get("PROGRAMS_PER_SM", 0)
-    programs = tiles if per_sm == 0 else max(1, min(tiles, per_sm * _num_sms(dyt.device)))
+    programs = positions if per_sm == 0 else max(1, min(positions, per_sm * _num_sms(dyt.device)))
     # a bulk store writes C as [E*N, K]: only when a BLOCK_M row tile cannot cross into the next expert
     # and a descriptor can write that view; else pointer stores
-    c2d = out.view(experts * n, k) if out.is_contiguous() else None
-    tma_store = cfg.get("TMA_STORE", False) and n % bm == 0 and c2d is not None and _descriptor_ok(c2d)
+    c2d = out.view(experts * n, k)
+    tma_store = cfg.get("TMA_STORE", False) and n % bm == 0 and _descriptor_ok(c2d)
     c_desc = TensorDescriptor.from_tensor(c2d, [bm, bn]) if tma_store else out
     kernel[(programs,)](
-        a_desc, b_desc, out, c_desc, dyt_scale, xt_scale, offsets, n, k, experts,
+        a_desc, b_desc, out, c_desc, dyt_scale, xt_scale, offsets, chunk_expert, n, k, experts,
         out.stride(0), out.stride(1), dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=BLOCK, STAGES=cfg.get("STAGES", 3),
-        FLATTEN=cfg.get("FLATTEN", False), TMA_STORE=tma_store,
-        num_warps=cfg.get("num_warps", 8), **_flatten_stages(cfg),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=BLOCK, STAGES=cfg.get("STAGES", 3), TMA_STORE=tma_store,
+        num_warps=cfg.get("num_warps", 8),
     )  # fmt: skip
+    zero_kernel[(experts, ZERO_PROGRAMS_PER_EXPERT)](out, offsets, out.stride(0), n * k, BLOCK=ZERO_BLOCK, num_warps=4)
     return out

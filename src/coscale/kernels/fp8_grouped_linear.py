@@ -109,7 +109,8 @@ class _FP8GroupedFunction(torch.autograd.Function):
             if need:  # rows of dY^T belonging to this weight (a view, no copy)
                 dt = w_dtype if w_dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
                 dw = fp8_grouped_wgrad(
-                    dyt[row : row + n], dyts[row : row + n], xt[:k], xts[:k], offsets, ctx.backend, out_dtype=dt
+                    dyt[row : row + n], dyts[row : row + n], xt[:k], xts[:k], offsets, ctx.backend, out_dtype=dt,
+                    chunk_expert=tile_expert,
                 )
                 dws.append(dw.to(w_dtype))
             else:

@@ -89,17 +89,19 @@ class _FP8RoutedExperts(torch.autograd.Function):
         )  # fmt: skip
         dx = dw_gate = dw_up = dw_down = None
         if need_ddown:
-            dw_down = fp8_grouped_wgrad(dyt, dyts, at, ats, offsets, backend, out_dtype=w_dtypes[2])
+            dw_down = fp8_grouped_wgrad(dyt, dyts, at, ats, offsets, backend, out_dtype=w_dtypes[2],
+                                         chunk_expert=tile_expert)
             dw_down = dw_down[:, :, :i] if ip != i else dw_down
         if need_dx or need_dgu:
             da = fp8_grouped_mm(dyq, dys, wd_t, sd_t, offsets, dout.dtype, backend, tile_expert=tile_expert)
             dgq, dgs, dgt, dgts = swiglu_backward_quant_op(gate_up, da, need_dx, need_dgu, False, one_pass, False,
                                                            backend)  # fmt: skip
             if need_dgate:
-                dw_gate = fp8_grouped_wgrad(dgt[:i], dgts[:i], xt, xts, offsets, backend, out_dtype=w_dtypes[0])
+                dw_gate = fp8_grouped_wgrad(dgt[:i], dgts[:i], xt, xts, offsets, backend, out_dtype=w_dtypes[0],
+                                             chunk_expert=tile_expert)
             if need_dup:
                 dw_up = fp8_grouped_wgrad(dgt[ip : ip + i], dgts[ip : ip + i], xt, xts, offsets, backend,
-                                          out_dtype=w_dtypes[1])  # fmt: skip
+                                          out_dtype=w_dtypes[1], chunk_expert=tile_expert)  # fmt: skip
             if need_dx:
                 dx_perm = fp8_grouped_mm(dgq, dgs, wgu_t, sgu_t, offsets, dout.dtype, backend, tile_expert=tile_expert)
                 dx_perm = dx_perm[:, :h] if dx_perm.shape[1] != h else dx_perm
