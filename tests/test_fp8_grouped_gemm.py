@@ -314,7 +314,7 @@ def test_gpu_every_wgrad_candidate_matches_the_reference(out_dtype):
         out = torch.full((len(counts), n, k), float("nan"), device=dev, dtype=out_dtype)
         try:
             got = kernels.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, off, out, cfg).float()
-        except OutOfResources:  # e.g. the widest tiles with an FP32 output: the picker skips them too
+        except OutOfResources:  # the picker would skip such a candidate; none is expected here
             continue
         ran += 1
         # FP8 tensor cores add a 128-deep product in less than FP32's precision (the reason for the
@@ -324,4 +324,22 @@ def test_gpu_every_wgrad_candidate_matches_the_reference(out_dtype):
         for e, c in enumerate(counts):
             if c == 0:
                 assert torch.equal(got[e], torch.zeros(n, k, device=dev)), (cfg, e)
-    assert ran >= len(kernels.WGRAD_CANDIDATES) - 1
+    assert ran == len(kernels.WGRAD_CANDIDATES)
+
+
+@needs_triton
+@pytest.mark.parametrize("sms", [1, 3, 5, 7])
+def test_wgrad_persistent_grids_of_any_size_cover_every_position(sms, monkeypatch):
+    """The weight-gradient kernel steps each program through positions pid, pid + grid, ... by
+    counters (no division): grids that do not divide the column-tile count, or exceed it, must still
+    cover every output position exactly once."""
+    monkeypatch.setattr(kernels, "_num_sms", lambda device: sms)
+    torch.manual_seed(12)
+    off = offsets_of([256, 0, 128])
+    m, n, k = int(off[-1]), 192, 320  # 3 x 5 positions of 64 x 64
+    _, _, xt, xts = q.act_quant_1x128_dual(torch.randn(m, k), backend="torch")
+    _, _, dyt, dyts = q.act_quant_1x128_dual(torch.randn(m, n), backend="torch")
+    oracle = fp8_grouped_wgrad_ref(dyt, dyts, xt, xts, off)
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "STAGES": 1, "num_warps": 4, "PROGRAMS_PER_SM": 1}
+    got = kernels.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, off, torch.full((3, n, k), 7.0), cfg)
+    assert torch.allclose(got, oracle, rtol=1e-4, atol=1e-4 * float(oracle.abs().max()))

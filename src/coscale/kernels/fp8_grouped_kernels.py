@@ -65,12 +65,15 @@ MM_CANDIDATES = (
 )
 # The weight-gradient kernel loops over (output position, 128-token chunk) pairs in one flat loop
 # (grouped_wgrad_tma_kernel); its tiles need not divide 128 (each output element has its own row and
-# column scales), so 256-wide tiles are candidates too. FLATTEN does not apply to it.
+# column scales). FLATTEN does not apply to it. On the H200 at DeepSeek-V3's experts (256 rows an
+# expert; results/tune_fp8_grouped_run33A_h200_2026-12-04.log) 128x64 tiles of one warpgroup, two
+# programs an SM, led (442-463 TFLOP/s; BF16 CUTLASS 430-435), 64x128 came within 5% and 128x128 of
+# two warpgroups within 20%; 128x128 of one warpgroup and 128x256 (a fresh 128-deep product beside the
+# accumulator: 256 registers a thread) ran at half that.
 WGRAD_CANDIDATES = (
     {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 3, "num_warps": 8, "PROGRAMS_PER_SM": 1, "TMA_STORE": True},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 1, "TMA_STORE": True},
-    {"BLOCK_M": 128, "BLOCK_N": 256, "STAGES": 3, "num_warps": 8, "PROGRAMS_PER_SM": 1, "TMA_STORE": True},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "PROGRAMS_PER_SM": 1, "TMA_STORE": True},
 )
 # Experts without tokens: their gradients are zeroed by ZERO_PROGRAMS_PER_EXPERT programs an expert,
 # ZERO_BLOCK elements a store (the programs of experts with tokens return at once).
@@ -156,13 +159,22 @@ def _build_tma_kernels(interpret: bool):
         grid = tl.num_programs(0)
         chunks = tl.load(off_ptr + E - 1) // BLOCK_T  # the chunks before the last expert's end
         total = tl.cdiv(num_pos - pid, grid) * chunks
+        # (chunk, pid_n, pid_k) advance by counters, not by dividing the iteration count (two integer
+        # divisions an iteration were a tenth of the loop's instructions); grid = step_n * num_k + step_k
+        step_n = grid // num_k
+        step_k = grid - step_n * num_k
+        chunk = chunks - 1  # the first iteration wraps to chunk 0 of the position pid
+        pid_n = pid // num_k - step_n
+        pid_k = pid % num_k - step_k
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for it in tl.range(0, total, num_stages=STAGES):
-            i = it // chunks
-            chunk = it - i * chunks
-            pos = pid + i * grid
-            pid_n = pos // num_k
-            pid_k = pos - pid_n * num_k
+        for _ in tl.range(0, total, num_stages=STAGES):
+            wrap = chunk == chunks - 1
+            chunk = tl.where(wrap, 0, chunk + 1)
+            pid_k = tl.where(wrap, pid_k + step_k, pid_k)
+            pid_n = tl.where(wrap, pid_n + step_n, pid_n)
+            carry = pid_k >= num_k
+            pid_k = tl.where(carry, pid_k - num_k, pid_k)
+            pid_n = tl.where(carry, pid_n + 1, pid_n)
             offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
             a = a_desc.load([pid_n * BLOCK_M, chunk * BLOCK_T])
