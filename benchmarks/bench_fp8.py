@@ -208,7 +208,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="*", default=None)
     parser.add_argument("--shapes", nargs="*", default=None, help=f"subset of {[s[2] for s in SHAPES]}")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks the script")
+    parser.add_argument("--dual-one-pass", choices=("default", "on", "off"), default="default",
+                        help="X's and dY's two layouts from one launch (on) or two (off); default: "
+                             "coscale.kernels.quant_ops.DUAL_ONE_PASS")
     args = parser.parse_args()
+    from coscale.kernels import quant_ops
+
+    if args.dual_one_pass != "default":
+        quant_ops.DUAL_ONE_PASS = args.dual_one_pass == "on"
     dev = device()
     log = None if SMOKE else ResultsLog("bench_fp8")
     import triton
@@ -225,6 +232,7 @@ def main() -> None:
         "triton": triton.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cublas_forms": {f"{ga}x{gb}": cublas_blockwise_supported(dev, ga, gb) for ga, gb in ((1, 128), (1, 1))},
+        "dual_one_pass": quant_ops.DUAL_ONE_PASS,
     }  # fmt: skip
     print(json.dumps(meta))
     results = []

@@ -8,6 +8,7 @@ then the word transpose's candidates (quant_ops.TRANSPOSE_WORDS) against torch. 
 the sign of zero in tiles holding an infinity and the PACK4 candidates' byte packing.
 """
 
+import argparse
 import sys
 
 import torch
@@ -33,6 +34,9 @@ def report(tag, got, ref_gpu, ref_cpu, x, scales, layout):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only-dual", action="store_true", help="only the one-launch dual kernel's candidates")
+    only_dual = parser.parse_args().only_dual
     cases = [("hard fp32", _hard_input(300, 200, torch.float32, seed=300)),
              ("hard bf16", _hard_input(300, 200, torch.bfloat16, seed=300)),
              ("signed zeros fp32", _hard_input(256, 384, torch.float32, seed=11))]
@@ -42,11 +46,11 @@ def main():
             ry, rs, ryt, rst = qo.act_quant_reference(x, round_scale, True, True, True)
             gy, _, gyt, _ = qo.act_quant_reference(xg, round_scale, True, True, True)
             print(f"== {name} round_scale={round_scale}")
-            for cfg, warps in qo.ROWS_CONFIGS:
+            for cfg, warps in () if only_dual else qo.ROWS_CONFIGS:
                 y, s, _, _ = qo.quant_outputs(*x.shape, xg.device, True, False, True)
                 qo.launch_rows(xg, y, s, round_scale, config={**cfg, "num_warps": warps})
                 report(f"rows {cfg} w{warps}", y, gy, ry, x.float(), rs, "rows")
-            for cfg, warps in qo.COLS_CONFIGS:
+            for cfg, warps in () if only_dual else qo.COLS_CONFIGS:
                 _, _, yt, st = qo.quant_outputs(*x.shape, xg.device, False, True, True)
                 qo.launch_cols(xg, yt, st, round_scale, config={**cfg, "num_warps": warps})
                 report(f"cols {cfg} w{warps}", yt, gyt, ryt, x.float(), rst, "cols")
@@ -59,7 +63,7 @@ def main():
         # 128x128 weight blocks, W^T's bytes from the same program (WT: quant_ops.WEIGHT_PAIR_ONE_PASS)
         rw, rsw = qo.weight_quant_128x128_ref(x)
         gw, _ = qo.weight_quant_128x128_ref(xg)
-        for cfg, warps in qo.WEIGHT_CONFIGS:
+        for cfg, warps in () if only_dual else qo.WEIGHT_CONFIGS:
             y, s, yt, st = qo._weight_outputs([xg], True)
             yt.view(torch.uint8).fill_(0x7F)
             qo.launch_weight(xg, y, s, st, False, config={**cfg, "num_warps": warps}, yt=yt)
@@ -69,7 +73,7 @@ def main():
     # W^T's bytes through 32-bit words (quant_ops.TRANSPOSE_WORDS): every candidate, every byte
     for shape in ((512, 768), (3, 256, 384), (7168, 2048)):
         y = torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda")
-        for cfg, warps in qo.TRANSPOSE_WORDS_CONFIGS:
+        for cfg, warps in () if only_dual else qo.TRANSPOSE_WORDS_CONFIGS:
             out = torch.zeros(*shape[:-2], shape[-1], shape[-2], dtype=torch.uint8, device="cuda")
             qo.transpose_bytes(y, out, config={**cfg, "num_warps": warps}, words=True)
             wrong = int((out != y.transpose(-1, -2)).sum())
