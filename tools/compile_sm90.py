@@ -87,14 +87,13 @@ def quant_cases():
     for groups, warps, wt in ((1, 4, False), (4, 8, False), (1, 4, True), (1, 8, True), (4, 8, True)):
         const = dict(GROUPS=groups, TRANSPOSED_SCALES=True, WT=wt, ROUND_SCALE=False, GRID_ROUND=False)
         yield f"weight GROUPS {groups} w{warps} WT={wt}", qk.weight_kernel, types, const, warps
-    for source, chunk, pack4, groups, warps in ((0, 128, True, 1, 4), (0, 128, True, 4, 4), (0, 128, True, 2, 8),
-                                                (1, 128, True, 1, 8), (3, 128, True, 2, 8), (0, 32, False, 1, 4)):
-        # both layouts from one launch
+    for source, chunk, pack4, warps in ((0, 128, True, 4), (0, 128, True, 8), (1, 128, True, 8), (3, 128, True, 8),
+                                        (0, 32, False, 4)):  # both layouts from one launch
         const = dict(SOURCE=source, TOPK=8 if source == 3 else 1, HAS_WEIGHT=source == 3, CHUNK=chunk, PACK4=pack4,
-                     GROUPS=groups, ROUND_SCALE=False, GRID_ROUND=False)
+                     ROUND_SCALE=False, GRID_ROUND=False)
         dual_types = {**types, "b_ptr": "*bf16", "idx_ptr": "*i32", "w_ptr": "*fp32"}
-        yield (f"dual_quant source {source} CHUNK {chunk} PACK4={pack4} GROUPS {groups} w{warps}",
-               qk.dual_quant_kernel, dual_types, const, warps)
+        yield (f"dual_quant source {source} CHUNK {chunk} PACK4={pack4} w{warps}", qk.dual_quant_kernel, dual_types,
+               const, warps)
     for block_r, block_c, warps in ((128, 128, 4), (128, 256, 8)):  # W^T through 32-bit words (PTX prmt)
         const = dict(BLOCK_R=block_r, BLOCK_C=block_c, ASM=True)
         yield (f"transpose words {block_r}x{block_c} w{warps}", qk.transpose_words_kernel,

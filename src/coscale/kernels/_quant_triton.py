@@ -476,13 +476,12 @@ def cols_quant_kernel(
 
 @triton.jit
 def _dual_rows(v, bits, rows, offs_k, k0, M, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max,
-               K, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr):  # fmt: skip
-    """Rows ``rows`` of a dual block, v [R, 128] (its |x| bits ``bits``): their 1x128 tiles into y and s
-    (nothing for a block past the K columns)."""
+               ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr):  # fmt: skip
+    """Rows ``rows`` of a dual block, v [R, 128] (its |x| bits ``bits``): their 1x128 tiles into y and s."""
     s = _scale_from_bits(tl.max(bits, 1), amax_floor, fp8_max, ROUND_SCALE)
     r, d = _divisor(s)
     y = _quantize_tile(v, r[:, None], d[:, None], fp8_max, GRID_ROUND)
-    in_m = (rows < M) & ((rows * 0 + k0) < K)  # (a vector: the interpreter takes no scalar in a mask)
+    in_m = rows < M
     tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_k[None, :], y.to(y_ptr.dtype.element_ty),
              mask=in_m[:, None])
     tl.store(s_ptr + rows.to(tl.int64) * stride_sm + (k0 // 128) * stride_sk, s, mask=in_m)
@@ -494,7 +493,7 @@ def dual_quant_kernel(
     M, K, YT_ROWS, M_BUCKET, stride_x, stride_b, up_offset, stride_ym, stride_sm, stride_sk,
     stride_ytk, stride_stk, stride_stm, amax_floor, fp8_max,
     SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr, CHUNK: tl.constexpr,
-    PACK4: tl.constexpr, GROUPS: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
+    PACK4: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
 ):  # fmt: skip
     # Both layouts from one launch: x read once, y and yt written. One program = a [128 x 128] block.
     # PACK4 (CHUNK 128): the block produced as four [32, 128] quarters, quarter j holding rows 4i + j, so
@@ -507,30 +506,10 @@ def dual_quant_kernel(
     # column chunks: each chunk's column amaxes are complete (all 128 rows), so its transposed tiles
     # are quantized and stored at once while the row amaxes accumulate; a second walk over the same
     # chunks (from the cache: this program just read them) quantizes the rows.
-    # GROUPS: blocks along K one after another in a program (the loop lets Triton's pipeliner load the
-    # next block while this one is reduced, packed and stored; one block a program left every load's
-    # latency exposed: 33-35% of copy bandwidth, run 32).
     pid_m = tl.program_id(0)
+    k0 = tl.program_id(1) * 128
     offs_m = pid_m * 128 + tl.arange(0, 128)
-    for g in tl.range(GROUPS, num_stages=3):
-        k0 = (tl.program_id(1) * GROUPS + g) * 128
-        live = (offs_m * 0 + k0) < K  # the last program's blocks may lie past the end (a vector, as masks take)
-        _dual_block(x_ptr, b_ptr, idx_ptr, w_ptr, y_ptr, s_ptr, yt_ptr, st_ptr, M, K, YT_ROWS, stride_x, stride_b,
-                    up_offset, stride_ym, stride_sm, stride_sk, stride_ytk, stride_stk, stride_stm, amax_floor,
-                    fp8_max, pid_m, offs_m, k0, live, SOURCE, TOPK, HAS_WEIGHT, CHUNK, PACK4, ROUND_SCALE,
-                    GRID_ROUND)  # fmt: skip
-
-
-@triton.jit
-def _dual_block(
-    x_ptr, b_ptr, idx_ptr, w_ptr, y_ptr, s_ptr, yt_ptr, st_ptr, M, K, YT_ROWS, stride_x, stride_b, up_offset,
-    stride_ym, stride_sm, stride_sk, stride_ytk, stride_stk, stride_stm, amax_floor, fp8_max, pid_m, offs_m, k0,
-    live, SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr, CHUNK: tl.constexpr,
-    PACK4: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
-):  # fmt: skip
-    """One [128 x 128] block of dual_quant_kernel at rows offs_m, columns k0.. (stores only where ``live``,
-    [128] all true or all false)."""
-    in_m = (offs_m < M) & live
+    in_m = offs_m < M
     s_ptrs = s_ptr + offs_m.to(tl.int64) * stride_sm + (k0 // 128) * stride_sk
     if PACK4:
         tl.static_assert(CHUNK == 128, "PACK4 holds the whole block")
@@ -552,19 +531,19 @@ def _dual_block(
         words = _pack4(_quantize_tile(v0, rt, dt, fp8_max, GRID_ROUND), _quantize_tile(v1, rt, dt, fp8_max, GRID_ROUND),
                        _quantize_tile(v2, rt, dt, fp8_max, GRID_ROUND), _quantize_tile(v3, rt, dt, fp8_max, GRID_ROUND),
                        yt_ptr.dtype.element_ty, GRID_ROUND)  # fmt: skip
-        in_rows = (offs_k < YT_ROWS) & ((offs_k * 0 + k0) < K)
+        in_rows = offs_k < YT_ROWS
         yt_words = yt_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # rows of Mp bytes, Mp % 128 == 0
         tl.store(yt_words + offs_k[:, None].to(tl.int64) * (stride_ytk // 4) + offs_w[None, :], tl.trans(words),
                  mask=in_rows[:, None])
         tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows)
         _dual_rows(v0, b0, offs_w * 4 + 0, offs_k, k0, M, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor,
-                   fp8_max, K, ROUND_SCALE, GRID_ROUND)  # fmt: skip
+                   fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
         _dual_rows(v1, b1, offs_w * 4 + 1, offs_k, k0, M, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor,
-                   fp8_max, K, ROUND_SCALE, GRID_ROUND)  # fmt: skip
+                   fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
         _dual_rows(v2, b2, offs_w * 4 + 2, offs_k, k0, M, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor,
-                   fp8_max, K, ROUND_SCALE, GRID_ROUND)  # fmt: skip
+                   fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
         _dual_rows(v3, b3, offs_w * 4 + 3, offs_k, k0, M, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor,
-                   fp8_max, K, ROUND_SCALE, GRID_ROUND)  # fmt: skip
+                   fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
     elif CHUNK == 128:
         offs_k = k0 + tl.arange(0, 128)
         v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
@@ -574,7 +553,7 @@ def _dual_block(
         s = _scale_from_bits(tl.max(bits, 1), amax_floor, fp8_max, ROUND_SCALE)
         rt, dt = _divisor(st)
         yt8 = tl.trans(_quantize_tile(v, rt[None, :], dt[None, :], fp8_max, GRID_ROUND).to(yt_ptr.dtype.element_ty))
-        in_rows = (offs_k < YT_ROWS) & ((offs_k * 0 + k0) < K)
+        in_rows = offs_k < YT_ROWS
         tl.store(yt_ptr + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :], yt8, mask=in_rows[:, None])
         tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows)
         r, d = _divisor(s)
@@ -593,7 +572,7 @@ def _dual_block(
             rt, dt = _divisor(st)
             yt = _quantize_tile(v, rt[None, :], dt[None, :], fp8_max, GRID_ROUND)
             yt8 = tl.trans(yt.to(yt_ptr.dtype.element_ty))
-            in_rows = (offs_k < YT_ROWS) & ((offs_k * 0 + k0) < K)
+            in_rows = offs_k < YT_ROWS
             tl.store(yt_ptr + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :], yt8,
                      mask=in_rows[:, None])  # fmt: skip
             tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows)

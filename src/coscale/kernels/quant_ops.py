@@ -113,15 +113,13 @@ TRANSPOSE_CONFIGS = (  # transpose_bytes_kernel: [BLOCK_R x BLOCK_C] bytes
     ({"BLOCK_R": 128, "BLOCK_C": 128}, 4), ({"BLOCK_R": 128, "BLOCK_C": 128}, 8),
     ({"BLOCK_R": 64, "BLOCK_C": 64}, 2),
 )
-DUAL_CONFIGS = tuple(  # dual_quant_kernel: GROUPS 128x128 blocks along K, whole (CHUNK 128) or in column chunks
-    ({"CHUNK": c, "PACK4": pack4, "GROUPS": g}, w) for c, pack4, g, w in (
-        (32, False, 1, 4), (128, False, 1, 16), (128, False, 1, 8), (32, False, 1, 8), (64, False, 1, 8),
-        (16, False, 1, 4),
+DUAL_CONFIGS = tuple(  # dual_quant_kernel: a 128x128 block, whole (CHUNK 128) or in column chunks
+    ({"CHUNK": c, "PACK4": pack4}, w) for c, pack4, w in (
+        (32, False, 4), (128, False, 16), (128, False, 8), (32, False, 8), (64, False, 8), (16, False, 4),
         # PACK4: yt's bytes packed four rows a word and transposed as words (the kernel's comment)
-        (128, True, 1, 4), (128, True, 1, 8), (128, True, 1, 16),
-        # several blocks a program, pipelined (weight_kernel's WT reads 88.5% of copy this way, one block
-        # a program 33-35%)
-        (128, True, 2, 4), (128, True, 4, 4), (128, True, 2, 8), (128, True, 4, 8),
+        (128, True, 4), (128, True, 8), (128, True, 16),
+        # (several blocks a program along K, pipelined as weight_kernel's GROUPS: bit-exact but never picked
+        # on the H200, 35.7% of copy at one block a program either way, run 33C; not kept)
     )
 )
 # rows_quant_kernel: BLOCK_M rows x TILES 1x128 tiles per program, loaded as one [BLOCK_M, TILES, 128] block
@@ -229,7 +227,7 @@ def launch_producer(form, outs, x, round_scale, *, m, k, source=0, b=None, idx=N
             yt.stride(0), st.stride(0), st.stride(1), AMAX_FLOOR, FP8_MAX, **common,
         )  # fmt: skip
     else:
-        launcher(kernel)[lambda meta: (-(-m // BLOCK), -(-(y.shape[1] // BLOCK) // meta["GROUPS"]))](
+        launcher(kernel)[(-(-m // BLOCK), y.shape[1] // BLOCK)](
             x, b, idx, w, y, s, yt, st, m, k, yt.shape[0], bucket, x.stride(0), b.stride(0), up_offset,
             y.stride(0), s.stride(0), s.stride(1), yt.stride(0), st.stride(0), st.stride(1),
             AMAX_FLOOR, FP8_MAX, **common,
