@@ -136,7 +136,9 @@ def test_fp8_grouped_opchecks(backend):
                                            torch.float32, backend))
     dyt, xt = torch.randn(128, 384).to(FP8), torch.randn(256, 384).to(FP8)
     scales = torch.rand(128, 3) + 0.5, torch.rand(256, 3) + 0.5
-    _check_fp8_inputs(ops.fp8_grouped_wgrad, (dyt, scales[0], xt, scales[1], offs, torch.bfloat16, backend))
+    for chunks in (None, expert_tile_map(offs, 384)):  # the chunk -> expert map computed inside, or given
+        _check_fp8_inputs(ops.fp8_grouped_wgrad, (dyt, scales[0], xt, scales[1], offs, chunks, torch.bfloat16,
+                                                  backend))
 
 
 # ---- torch.compile of whole models -----------------------------------------------------------------
