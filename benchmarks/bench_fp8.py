@@ -211,11 +211,17 @@ def main() -> None:
     parser.add_argument("--dual-one-pass", choices=("default", "on", "off"), default="default",
                         help="X's and dY's two layouts from one launch (on) or two (off); default: "
                              "coscale.kernels.quant_ops.DUAL_ONE_PASS")
+    parser.add_argument("--overlap-quant", choices=("default", "on", "off"), default="default",
+                        help="FP8Linear's transposed layouts on a side stream (on) or not (off); default: "
+                             "coscale.fp8.linear.OVERLAP_TRANSPOSED_QUANT")
     args = parser.parse_args()
+    from coscale.fp8 import linear as fp8_linear_module
     from coscale.kernels import quant_ops
 
     if args.dual_one_pass != "default":
         quant_ops.DUAL_ONE_PASS = args.dual_one_pass == "on"
+    if args.overlap_quant != "default":
+        fp8_linear_module.OVERLAP_TRANSPOSED_QUANT = args.overlap_quant == "on"
     dev = device()
     log = None if SMOKE else ResultsLog("bench_fp8")
     import triton
@@ -233,6 +239,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cublas_forms": {f"{ga}x{gb}": cublas_blockwise_supported(dev, ga, gb) for ga, gb in ((1, 128), (1, 1))},
         "dual_one_pass": quant_ops.DUAL_ONE_PASS,
+        "overlap_transposed_quant": fp8_linear_module.OVERLAP_TRANSPOSED_QUANT,
     }  # fmt: skip
     print(json.dumps(meta))
     results = []

@@ -30,6 +30,7 @@ first call of each shape of the Triton GEMM (Triton's autotuner): warm up before
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -40,20 +41,58 @@ from coscale.kernels.backend import to_autocast_dtype
 from coscale.kernels.fp8_gemm import fp8_gemm
 from coscale.kernels.fp8_weight_cache import FP8WeightCache, as_weight_cache, usable_now
 from coscale.kernels.quant import act_quant_1x128, act_quant_1x128_dual, check_backend
-from coscale.kernels.quant_ops import weight_quant_op
+from coscale.kernels.quant_ops import act_quant_op, weight_quant_op
 
-__all__ = ["FP8LinearFunction", "FP8Linear", "fp8_linear"]
+__all__ = ["FP8LinearFunction", "FP8Linear", "fp8_linear", "OVERLAP_TRANSPOSED_QUANT"]
+
+# X^T's and dY^T's transposed layouts feed only the weight-gradient GEMM, so on CUDA they are quantized on
+# a side stream while the current stream quantizes the rows, the weight and runs the forward (dgrad) GEMM:
+# a memory-bound kernel beside a compute-bound one. The streams fork once the input is ready and join
+# before the forward returns (backward: before the weight-gradient GEMM), GPU-side only: no host
+# synchronisation, and CUDA-graph capture takes the fork and join. Every tensor the side stream reads or
+# writes is allocated or alive on the current stream until after the join, so no record_stream is needed.
+# Not under torch.compile tracing (the layer's kernels run eagerly in a compiled step anyway) and not with
+# the one-launch dual (quant_ops.DUAL_ONE_PASS). benchmarks/bench_fp8.py --overlap-quant times both.
+OVERLAP_TRANSPOSED_QUANT = True
+
+
+@functools.cache
+def _side_stream(device_index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device_index)
+
+
+def _no_join() -> None:
+    """The join of a quantization that ran on the current stream: nothing to wait for."""
+
+
+def _quant_both_layouts(x2: torch.Tensor, round_scale: bool, backend: str):
+    """(xq, xs, xt, xts, join): x2 in 1x128 tiles and transposed (padded to Kp rows), the transposed layout
+    on a side stream where that applies (module note above); ``join()`` makes the current stream wait for
+    it (a no-op otherwise)."""
+    overlap = (OVERLAP_TRANSPOSED_QUANT and x2.is_cuda and not quant_ops.DUAL_ONE_PASS
+               and not torch.compiler.is_compiling())  # fmt: skip
+    if not overlap:
+        xq, xs, xt, xts = act_quant_1x128_dual(x2, round_scale, backend, pad_t=True, one_pass=quant_ops.DUAL_ONE_PASS)
+        return xq, xs, xt, xts, _no_join
+    main = torch.cuda.current_stream(x2.device)
+    side = _side_stream(x2.device.index)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        _, _, xt, xts = act_quant_op(x2, round_scale, False, True, True, False, backend)
+    xq, xs, _, _ = act_quant_op(x2, round_scale, True, False, True, False, backend)
+    return xq, xs, xt, xts, lambda: main.wait_stream(side)
 
 
 class FP8LinearFunction(torch.autograd.Function):
     """y = x @ weight^T (+ bias) with the forward, dgrad and wgrad GEMMs in FP8 (module docstring).
 
     Full passes over memory, per direction (M tokens, K in, N out; Kp/Np rounded up to 128):
-      forward   1. x        -> xq [M, Kp] (+ xt [Kp, Mp] when W needs a gradient: a second launch)
+      forward   1. x        -> xq [M, Kp] (+ xt [Kp, Mp] when W needs a gradient: a second launch, on a
+                               side stream beside steps 2-3 on CUDA: OVERLAP_TRANSPOSED_QUANT)
                 2. weight   -> wq [Np, Kp] (+ wq_t [Kp, Np] when x needs a gradient: a byte transpose)
                 3. GEMM     Y = X W^T
                 (+ the bias add and, when N % 128 != 0, a slice copy of Y)
-      backward  1. dY       -> dyq [M, Np] (+ dyt [Np, Mp] when W needs a gradient)
+      backward  1. dY       -> dyq [M, Np] (+ dyt [Np, Mp] when W needs a gradient; beside step 2)
                 2. GEMM     dX = dY W      (wq_t saved from the forward: no transposing copy)
                 3. GEMM     dW = dY^T X    (written in the weight's dtype when it is bf16/fp16)
                 (+ the bias-gradient reduction; slice copies when K or N % 128 != 0)
@@ -71,12 +110,12 @@ class FP8LinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, k)
         need_dgrad, need_wgrad = ctx.needs_input_grad[:2]  # both False under no_grad
         if need_wgrad:
-            xq, xs, xt, xts = act_quant_1x128_dual(x2, round_scale, backend, pad_t=True,
-                                                   one_pass=quant_ops.DUAL_ONE_PASS)
+            xq, xs, xt, xts, join = _quant_both_layouts(x2, round_scale, backend)
         else:
-            (xq, xs), xt, xts = act_quant_1x128(x2, round_scale, backend), None, None
+            (xq, xs), xt, xts, join = act_quant_1x128(x2, round_scale, backend), None, None, _no_join
         wq, ws, wq_t, ws_t = _quantize_weight(weight, need_dgrad, backend, round_scale, weight_cache)
         out = fp8_gemm(xq, xs, wq, ws, x.dtype, backend)  # [M, Np]
+        join()
         if out.shape[1] != n:
             out = out[:, :n]
         if bias is not None:
@@ -93,14 +132,15 @@ class FP8LinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, n).contiguous()  # free for the usual contiguous gradient
         need_dgrad, need_wgrad, need_bias = ctx.needs_input_grad[:3]
         dx = dw = db = None
+        join = _no_join
         if need_wgrad:
-            dyq, dys, dyt, dyts = act_quant_1x128_dual(dy2, round_scale, backend, pad_t=True,
-                                                       one_pass=quant_ops.DUAL_ONE_PASS)
+            dyq, dys, dyt, dyts, join = _quant_both_layouts(dy2, round_scale, backend)
         elif need_dgrad:
             dyq, dys = act_quant_1x128(dy2, round_scale, backend)
         if need_dgrad:  # W^T's 128x128 blocks are W's blocks transposed, written by the forward
             dx = fp8_gemm(dyq, dys, wq_t, ws_t, x_dtype, backend)  # [M, Kp]
             dx = (dx[:, :k] if dx.shape[1] != k else dx).reshape(x_shape)
+        join()
         if need_wgrad:
             # FP32 accumulation inside the GEMM; written directly in a 16-bit master dtype (one pass
             # instead of an FP32 buffer plus a conversion)
