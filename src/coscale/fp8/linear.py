@@ -52,8 +52,11 @@ __all__ = ["FP8LinearFunction", "FP8Linear", "fp8_linear", "OVERLAP_TRANSPOSED_Q
 # synchronisation, and CUDA-graph capture takes the fork and join. Every tensor the side stream reads or
 # writes is allocated or alive on the current stream until after the join, so no record_stream is needed.
 # Not under torch.compile tracing (the layer's kernels run eagerly in a compiled step anyway) and not with
-# the one-launch dual (quant_ops.DUAL_ONE_PASS). benchmarks/bench_fp8.py --overlap-quant times both.
-OVERLAP_TRANSPOSED_QUANT = True
+# the one-launch dual (quant_ops.DUAL_ONE_PASS). benchmarks/bench_fp8.py --overlap-quant times both: on the
+# H200 (run 33D, 8192 tokens, fwd+bwd, graphed) it changed FP8Linear's TFLOP/s by -1.1% to +2.7% (expert_up +1.3%),
+# about the run-to-run spread: cuBLAS's FP8 GEMMs fill every SM, so the side kernel mostly waits for the GEMM
+# and little overlaps. Off by default; exact either way (tests/test_fp8_linear.py, on the GPU).
+OVERLAP_TRANSPOSED_QUANT = False
 
 
 @functools.cache
@@ -87,12 +90,12 @@ class FP8LinearFunction(torch.autograd.Function):
     """y = x @ weight^T (+ bias) with the forward, dgrad and wgrad GEMMs in FP8 (module docstring).
 
     Full passes over memory, per direction (M tokens, K in, N out; Kp/Np rounded up to 128):
-      forward   1. x        -> xq [M, Kp] (+ xt [Kp, Mp] when W needs a gradient: a second launch, on a
-                               side stream beside steps 2-3 on CUDA: OVERLAP_TRANSPOSED_QUANT)
+      forward   1. x        -> xq [M, Kp] (+ xt [Kp, Mp] when W needs a gradient: a second launch; with
+                               OVERLAP_TRANSPOSED_QUANT on a side stream beside steps 2-3)
                 2. weight   -> wq [Np, Kp] (+ wq_t [Kp, Np] when x needs a gradient: a byte transpose)
                 3. GEMM     Y = X W^T
                 (+ the bias add and, when N % 128 != 0, a slice copy of Y)
-      backward  1. dY       -> dyq [M, Np] (+ dyt [Np, Mp] when W needs a gradient; beside step 2)
+      backward  1. dY       -> dyq [M, Np] (+ dyt [Np, Mp] when W needs a gradient; or beside step 2)
                 2. GEMM     dX = dY W      (wq_t saved from the forward: no transposing copy)
                 3. GEMM     dW = dY^T X    (written in the weight's dtype when it is bf16/fp16)
                 (+ the bias-gradient reduction; slice copies when K or N % 128 != 0)
