@@ -49,8 +49,9 @@ __all__ = ["FP8LinearFunction", "FP8Linear", "fp8_linear", "OVERLAP_TRANSPOSED_Q
 # a side stream while the current stream quantizes the rows, the weight and runs the forward (dgrad) GEMM:
 # a memory-bound kernel beside a compute-bound one. The streams fork once the input is ready and join
 # before the forward returns (backward: before the weight-gradient GEMM), GPU-side only: no host
-# synchronisation, and CUDA-graph capture takes the fork and join. Every tensor the side stream reads or
-# writes is allocated or alive on the current stream until after the join, so no record_stream is needed.
+# synchronisation, and CUDA-graph capture takes the fork and join. No record_stream is needed: the input is
+# alive until after the join, and the side stream's outputs come from its own pool, which reuses a block only
+# in a later fork, ordered after every use of it on the current stream.
 # Not under torch.compile tracing (the layer's kernels run eagerly in a compiled step anyway) and not with
 # the one-launch dual (quant_ops.DUAL_ONE_PASS). benchmarks/bench_fp8.py --overlap-quant times both: on the
 # H200 (run 33D, 8192 tokens, fwd+bwd, graphed) it changed FP8Linear's TFLOP/s by -1.1% to +2.7% (expert_up +1.3%),

@@ -43,13 +43,13 @@ __all__ = [
 # row tile never straddles two experts' 128-aligned segments and a column tile lies in one 128x128
 # weight block), software-pipeline STAGES, warps, PROGRAMS_PER_SM (0: one program per tile; k: a
 # persistent grid of k programs per SM), FLATTEN (asks Triton to fuse the persistent tile loop with the K
-# loop; an sm_90 compile with triton 3.6 shows it does not, since the K trip count varies from tile to
-# tile, which its loop fusion does not take: the flag is kept for newer Triton, and the candidates with it
-# measure the same kernel twice) and TMA_STORE (write C with an asynchronous TMA bulk store instead of
-# pointer stores). On CUDA each call shape times its candidates once per
-# process and keeps the fastest; benchmarks/tune_fp8_grouped.py sweeps more. On the H100 (DeepSeek-V3
-# experts; results/tune_fp8_grouped_run{8,9,14,15}_h100_2026-11-23.log at 256 rows per expert,
-# ..._16384tok_run13_... at 512) the forward/dgrad candidates each led some product in some run
+# loop; it has no effect on this kernel: Triton fuses only loops whose inner trip count is the same for
+# every outer iteration, and here it is 0 for the tiles past the last expert, as an sm_90 compile with
+# triton 3.6 shows, so a candidate with it times the same code as its twin without) and TMA_STORE (write
+# C with an asynchronous TMA bulk store instead of pointer stores). On CUDA each call shape times its
+# candidates once per process and keeps the fastest; benchmarks/tune_fp8_grouped.py sweeps more. On the
+# H100 (DeepSeek-V3 experts; results/tune_fp8_grouped_run{8,9,14,15}_h100_2026-11-23.log at 256 rows per
+# expert, ..._16384tok_run13_... at 512) the forward/dgrad candidates each led some product in some run
 # (824-904 TFLOP/s), the first wgrad candidate led most weight-gradient products (361-445 at 256 rows;
 # 64x128 led at 512, 521-570). No option wins everywhere and run-to-run noise is 5-10%, hence several
 # candidates; 256-column tiles and warp specialisation were 2-3x slower. (The wgrad figures are of an
