@@ -545,6 +545,8 @@ def decode_sum_kernel(
     # One program = BLOCK_R output rows x one tile: out[t] = sum_k w[t, k] * decode(row pair_row[t, k]),
     # in k order, float32 (GATHER False: TOPK = 1 and the row is t).
     Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
+    LOG2E: tl.constexpr = 1.4426950216293335  # log2 e rounded to float32, and the rest
+    LOG2E_LO: tl.constexpr = 1.92596298909109e-08
     tile = tl.program_id(1)
     outs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tile * TILE_C + tl.arange(0, TILE_C)
@@ -560,10 +562,26 @@ def decode_sum_kernel(
         m, s = _load_stats(rows, in_o, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED, "")
         mag = code & Q
         steps = (mag + (0x4B400000 - 1)).to(tl.float32, bitcast=True) - 12582912.0  # mag - 1, no I2F
-        val = tl.exp(m[:, None] + s[:, None] * steps)
-        val = tl.where(mag == 0, 0.0, val)
-        val = tl.where(((code >> (N_BITS - 1)) & 1) != 0, -val, val)
-        val = tl.where((m != m)[:, None], float("nan"), val)
+        # exp(m + s (q - 1)) as 2^(m log2 e + s log2 e (q - 1)): the two products once per row, not a multiply
+        # an element. tl.math.exp2 is ex2.approx.ftz (one instruction; results below 2^-126 would flush to
+        # zero), so a row whose smallest value lies below 2^-60 is computed 2^64 higher and scaled back by
+        # one exact (or, into the subnormals, correctly rounded) multiply; its largest value is at most 2^32
+        # above its smallest (the encoder's clamp), so the raised one cannot overflow. Code 0 gives m - m:
+        # +0, or NaN for a non-finite tile (m = NaN), whose other codes are NaN through the exponential: one
+        # select an element for both. The sign bit is or-ed into the float's (-val, -0 included).
+        # m log2 e and s log2 e carry their rounding errors (the product's, from an FMA, and log2 e's own) in
+        # a second term, so the exponent is as exact as the natural-log form m + s (q - 1) was.
+        m2 = m * LOG2E
+        m2_lo = tl.fma(m, LOG2E, -m2) + m * LOG2E_LO
+        s2 = s * LOG2E
+        s2_lo = tl.fma(s, LOG2E, -s2) + s * LOG2E_LO
+        tiny = m2 < -60.0
+        hi = tl.where(tiny, m2 + 64.0, m2)[:, None] + s2[:, None] * steps  # m2 + 64: exact
+        val = tl.math.exp2(hi + (m2_lo[:, None] + s2_lo[:, None] * steps))
+        val = val * tl.where(tiny, 5.421010862427522e-20, 1.0)[:, None]  # 2^-64
+        val = tl.where(mag == 0, (m - m)[:, None], val)
+        sign = (code << (32 - N_BITS)) & -2147483648  # the code's top bit at the float's sign
+        val = (val.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
         if HAS_WEIGHT:
             w = tl.load(w_ptr + outs.to(tl.int64) * TOPK + k, mask=in_o, other=0.0)
             val = val * w[:, None]

@@ -69,7 +69,9 @@ program, columns per step, warps) are autotuned per (H, row bucket, format); ``b
 
 Stochastic rounding draws Philox numbers (``tl.rand(seed, row * Hp + col)``, offsets wrap past 2^31
 elements) and is checked statistically; the reference uses a torch.Generator. The decode kernel computes
-in fp32 (tl.exp) and differs from the float64 reference by ~1e-6 relative.
+in fp32, exp(m + s (q - 1)) as 2^(m log2 e + s log2 e (q - 1)) with both products carrying their rounding
+error (ex2.approx: one instruction; rows below 2^-60 raised by 2^64 and scaled back, so nothing flushes to
+zero), and differs from the float64 reference by ~1e-6 relative.
 
 Fused forms (one pass over memory each; references = the unfused references composed):
 ``logfmt_encode_rows`` / ``logfmt_encode_to_rows`` gather rows x[row_src // K] (the MoE permutation, or
