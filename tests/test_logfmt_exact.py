@@ -19,6 +19,9 @@ needs_triton = pytest.mark.skipif(
     reason="needs triton (interpreter on CPU)",
 )
 F32, F64 = np.float32, np.float64
+# where the kernels of the test_every_*_configuration tests run: the interpreter on CPU, or a GPU when
+# TRITON_INTERPRET=0 (lg2.approx, and the pipelined loads of the encoder's STAGES > 1 candidates)
+DEV = "cpu" if lf.interpreting() or not torch.cuda.is_available() else "cuda"
 
 
 def _fma32(a, b, c):
@@ -236,20 +239,21 @@ def test_stochastic_on_nearly_constant_and_subnormal_tiles():
 @needs_triton
 @pytest.mark.parametrize("n_bits", [8, 10])
 def test_every_encode_configuration_equals_reference(n_bits):
-    """Each GPU tile shape (rows per program, columns per step of the element phase), on hard rows and on
-    adversarial rows whose near-threshold elements sit in the tile's last columns: a row found ambiguous
-    in a late chunk has its earlier chunks stored, then rewritten by the float64 redo."""
+    """Each GPU tile shape (rows per program, columns per step of the element phase, steps loaded ahead), on
+    hard rows and on adversarial rows whose near-threshold elements sit in the tile's last columns: a row
+    found ambiguous in a late chunk has its earlier chunks stored, then rewritten by the float64 redo."""
     adv = np.roll(_adversarial(40, n_bits, 7 + n_bits), 100, axis=1)  # thresholds in columns 100..127
     x = torch.cat([_hard_rows(128, n_bits), torch.from_numpy(adv)])
     x = torch.cat([x, -x.flip(0)]).repeat(2, 1)[:130]  # more rows than one 128-row program
     ref = lf.logfmt_encode_ref(x, n_bits)
-    for rows, _warps, chunk in lf.ENCODE_CONFIGS:
-        got = lf.logfmt_encode(x, n_bits, backend="triton", block_rows=rows, chunk_cols=chunk)
-        for g_, r in zip(got, ref):
+    for rows, _warps, chunk, stages in lf.ENCODE_CONFIGS:
+        got = lf.logfmt_encode(x.to(DEV), n_bits, backend="triton", block_rows=rows, chunk_cols=chunk, stages=stages)
+        for g_, r in zip((t.cpu() for t in got), ref):
             assert torch.equal(g_.view(torch.int32) if g_.dtype == torch.float32 else g_,
-                               r.view(torch.int32) if r.dtype == torch.float32 else r), (rows, chunk)
-        packed = lf.logfmt_encode_to_rows(x, None, 1, n_bits, backend="triton", block_rows=rows, chunk_cols=chunk)
-        assert torch.equal(packed, lf.to_rows_ref(*ref, n_bits, True)), (rows, chunk)
+                               r.view(torch.int32) if r.dtype == torch.float32 else r), (rows, chunk, stages)
+        packed = lf.logfmt_encode_to_rows(x.to(DEV), None, 1, n_bits, backend="triton", block_rows=rows,
+                                          chunk_cols=chunk, stages=stages).cpu()  # fmt: skip
+        assert torch.equal(packed, lf.to_rows_ref(*ref, n_bits, True)), (rows, chunk, stages)
 
 
 @pytest.mark.skipif(lf.interpreting() or not torch.cuda.is_available(), reason="lg2.approx runs on a CUDA GPU")
@@ -291,5 +295,6 @@ def test_every_decode_configuration_equals_the_default():
     w = torch.rand(45, 3, generator=torch.Generator().manual_seed(5))
     want = lf.logfmt_decode_rows(rows, 300, pair, w, n_bits=10, backend="torch")
     for block_rows, _warps in lf.DECODE_CONFIGS:
-        got = lf.logfmt_decode_rows(rows, 300, pair, w, n_bits=10, backend="triton", block_rows=block_rows)
-        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+        got = lf.logfmt_decode_rows(rows.to(DEV), 300, pair.to(DEV), w.to(DEV), n_bits=10, backend="triton",
+                                    block_rows=block_rows).cpu()  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=2e-6 if DEV == "cpu" else 5e-6, atol=1e-6)

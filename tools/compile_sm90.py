@@ -51,12 +51,20 @@ def _wheel_tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def sass_counts(cubin: bytes) -> str:
-    """"N instructions, R registers" of a cubin (a thread's static SASS instruction count)."""
+def sass_text(cubin: bytes) -> str:
+    """The cubin's SASS (nvdisasm)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([_wheel_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([_wheel_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
+
+
+def sass_counts(cubin: bytes) -> str:
+    """"N instructions, R registers" of a cubin (a thread's static SASS instruction count)."""
+    sass = sass_text(cubin)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
         usage = subprocess.run([_wheel_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
                                text=True).stdout
     count = len(re.findall(r"^\s*/\*[0-9a-f]{4,}\*/", sass, flags=re.M))
@@ -65,7 +73,7 @@ def sass_counts(cubin: bytes) -> str:
 
 
 def compile_one(label: str, fn, types: dict[str, str], constexprs: dict, num_warps: int,
-                counts: bool = False) -> bool:  # fmt: skip
+                counts: bool = False, sass_dir: str = "") -> bool:  # fmt: skip
     sig = signature(fn, types, constexprs)
     src = triton.compiler.ASTSource(fn=fn, signature=sig, attrs=divisible_by_16(fn, sig),
                                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
@@ -76,6 +84,11 @@ def compile_one(label: str, fn, types: dict[str, str], constexprs: dict, num_war
         print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
         return False
     extra = f"; {sass_counts(kernel.asm['cubin'])}, {kernel.metadata.shared} B shared" if counts else ""
+    if sass_dir:
+        os.makedirs(sass_dir, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
+        with open(os.path.join(sass_dir, name + ".sass"), "w") as out:
+            out.write(sass_text(kernel.asm["cubin"]))
     print(f"ok   {label}: {time.perf_counter() - t0:.1f} s, {len(kernel.asm['cubin'])} bytes of cubin{extra}")
     return True
 
@@ -90,17 +103,18 @@ def logfmt_cases():
         gb_p2 = _pow2(gbytes)
         types = {"x_ptr": "*bf16", "idx_ptr": "*i64", "codes_ptr": "*u8" if n_bits <= 8 else "*i16",
                  "min_ptr": "*fp32", "step_ptr": "*fp32", "pay_ptr": "*u8", **fp}
-        for block_r, warps, chunk in ((8, 4, 128), (64, 4, 16)):
+        for block_r, warps, chunk, stages in ((8, 4, 128, 1), (64, 4, 16, 1), (64, 4, 16, 3), (128, 8, 16, 3)):
             const = dict(N_BITS=n_bits, STOCHASTIC=stochastic, GATHER=gather, TOPK=8 if gather else 1, PACKED=packed,
                          PLANES=planes, GROUP=group, GBYTES=gbytes, GB_P2=gb_p2, BLOCK_R=block_r, TILE_C=128,
-                         CHUNK_C=chunk, FAST_LOG2=True)
+                         CHUNK_C=chunk, FAST_LOG2=True, STAGES=stages)
             label = (f"logfmt encode n{n_bits} packed={packed} gather={gather} stochastic={stochastic} "
-                     f"R{block_r} w{warps} C{chunk}")
+                     f"R{block_r} w{warps} C{chunk} S{stages}")
             yield label, lk.encode_kernel, types, const, warps
         types = {"codes_ptr": "*u8" if n_bits <= 8 else "*i16", "min_ptr": "*fp32", "step_ptr": "*fp32",
                  "pay_ptr": "*u8", "pair_row_ptr": "*i64", "w_ptr": "*fp32", "out_ptr": "*bf16"}
         const = dict(N_BITS=n_bits, PACKED=packed, PLANES=planes, GROUP=group, GBYTES=gbytes, GB_P2=gb_p2,
-                     TOPK=8 if gather else 1, GATHER=gather, HAS_WEIGHT=gather, BLOCK_R=8, TILE_C=128)
+                     TOPK=8 if gather else 1, GATHER=gather, HAS_WEIGHT=gather, BLOCK_R=8, TILE_C=128,
+                     BYTE_ASM=n_bits == 8 and (not packed or (group, gbytes) == (1, 1)))
         yield f"logfmt decode n{n_bits} packed={packed} gather={gather}", lk.decode_sum_kernel, types, const, 4
 
 
@@ -163,11 +177,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", action="store_true", help="SASS instructions, registers and shared memory")
     parser.add_argument("--only", default="", help="compile only the variants whose label holds this text")
+    parser.add_argument("--sass", default="", metavar="DIR", help="write each variant's SASS to DIR/<label>.sass")
     args = parser.parse_args()
     ok = True
     for label, fn, types, const, warps in [*quant_cases(), *logfmt_cases(), *mla_cases()]:
         if args.only in label:
-            ok &= compile_one(label, fn, types, const, warps, args.counts)
+            ok &= compile_one(label, fn, types, const, warps, args.counts, args.sass)
     return 0 if ok else 1
 
 

@@ -315,7 +315,7 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
                    N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
                    PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr,
                    GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr,
-                   CLAMPED: tl.constexpr, FAST_LOG2: tl.constexpr):  # fmt: skip
+                   CLAMPED: tl.constexpr, FAST_LOG2: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     """The encoder's element phase: the tile's codes, CHUNK_C columns at a time (x read again, from the
     cache), stored for the rows of keep_c that hold no ambiguous element so far. Returns (rows with an
     ambiguous element [R] int32, the source row offsets [R]). Row constants as [R, 1] columns (nearest:
@@ -323,7 +323,7 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
     Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
     amb_rows = tl.zeros([BLOCK_R], dtype=tl.int32)
     src = rows.to(tl.int64)
-    for c0 in range(0, TILE_C, CHUNK_C):
+    for c0 in tl.range(0, TILE_C, CHUNK_C, num_stages=STAGES):  # STAGES > 1: loads ahead, through shared memory
         cols = tile * TILE_C + c0 + tl.arange(0, CHUNK_C)
         x, src, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
         bits = tl.abs(x).to(tl.int32, bitcast=True)
@@ -352,6 +352,7 @@ def encode_kernel(
     N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
     PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr, GB_P2: tl.constexpr,
     BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr, FAST_LOG2: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     # One program = BLOCK_R output rows x one 128-column tile; each row of the block is its own LogFMT tile.
     # M_BUCKET (a power-of-two bucket of N, unused) is an autotuning key. Three phases:
@@ -371,8 +372,8 @@ def encode_kernel(
     in_r = rows < N
     top = tl.zeros([BLOCK_R], dtype=tl.int32)
     low = tl.full([BLOCK_R], 0x7F800000, dtype=tl.int32)
-    for c0 in range(0, TILE_C, CHUNK_C):
-        cols = tile * TILE_C + c0 + tl.arange(0, CHUNK_C)
+    for c0 in tl.static_range(0, TILE_C, CHUNK_C):  # unrolled: every chunk's load is issued before the first
+        cols = tile * TILE_C + c0 + tl.arange(0, CHUNK_C)  # reduction waits (a loop waited once a step)
         x, src, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
         bits, top_c, low_c = _tile_bits(x)
         top = tl.maximum(top, top_c)
@@ -434,19 +435,19 @@ def encode_kernel(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, k_frac_c, k_frac_c, k_frac_c,
             k_frac_c, k_frac_c, k_frac_c, k_frac_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2)  # fmt: skip
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, STAGES)  # fmt: skip
     elif any_clamped:
         amb_rows, src = _encode_chunks(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c, band_c,
             half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, True, FAST_LOG2)  # fmt: skip
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, True, FAST_LOG2, STAGES)  # fmt: skip
     else:
         amb_rows, src = _encode_chunks(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c, band_c,
             half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2)  # fmt: skip
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, STAGES)  # fmt: skip
     redo = tl.maximum(redo, amb_rows) * live * in_r1.to(tl.int32)
     if tl.max(redo, 0) > 0:  # rare: those rows again, whole, in the reference's float64 formulas
         tl.debug_barrier()  # after every fast store (a row found ambiguous late has earlier chunks stored)
@@ -534,58 +535,107 @@ def _load_stats(rows, ok, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_by
     return m, s
 
 
+@triton.jit
+def _byte_fields(code):
+    """uint8 LogFMT-8 codes [R, C] -> (the float 2^23 + q, q = the magnitude code, the code's sign bit at bit 31
+    and zeros elsewhere), two byte permutes and an and a code (GPU only): prmt puts the code's byte under the
+    bytes of 0x4B000000 (2^23 as a float; 2^23 + q is exact), where Triton's own byte extraction and masks
+    (on 16-bit pairs) took about five instructions a code."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 c, z; mov.b32 c, 0x4B000000; mov.b32 z, 0; "
+        "prmt.b32 $0, $8, c, 0x7654; and.b32 $0, $0, 0x4B00007F; "
+        "prmt.b32 $1, $8, c, 0x7655; and.b32 $1, $1, 0x4B00007F; "
+        "prmt.b32 $2, $8, c, 0x7656; and.b32 $2, $2, 0x4B00007F; "
+        "prmt.b32 $3, $8, c, 0x7657; and.b32 $3, $3, 0x4B00007F; "
+        "prmt.b32 $4, $8, z, 0x0444; and.b32 $4, $4, 0x80000000; "
+        "prmt.b32 $5, $8, z, 0x1444; and.b32 $5, $5, 0x80000000; "
+        "prmt.b32 $6, $8, z, 0x2444; and.b32 $6, $6, 0x80000000; "
+        "prmt.b32 $7, $8, z, 0x3444; and.b32 $7, $7, 0x80000000; }",
+        "=r,=r,=r,=r,=r,=r,=r,=r,r", [code], dtype=(tl.float32, tl.int32), is_pure=True, pack=4)
+
+
+@triton.jit
+def _decode_term(rows, tile, cols, H, in_o, k, outs, codes_ptr, min_ptr, step_ptr, pay_ptr, w_ptr, stride_c, stride_p,
+                 code_bytes, T, N_BITS: tl.constexpr, PACKED: tl.constexpr, PLANES: tl.constexpr,
+                 GROUP: tl.constexpr, GBYTES: tl.constexpr, GB_P2: tl.constexpr, TOPK: tl.constexpr,
+                 HAS_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr,
+                 BYTE_ASM: tl.constexpr):  # fmt: skip
+    """w[t, k] * decode(rows) [R, C] float32 (rows int64 [R]; the weight only with HAS_WEIGHT)."""
+    Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
+    LOG2E: tl.constexpr = 1.4426950216293335  # log2 e rounded to float32, and the rest
+    LOG2E_LO: tl.constexpr = 1.92596298909109e-08
+    m, s = _load_stats(rows, in_o, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED, "")
+    if BYTE_ASM:  # one code a byte, 8 bits (the plain codes array or rows of bytes): see _byte_fields
+        if PACKED:
+            raw = tl.load(pay_ptr + rows[:, None] * stride_p + cols[None, :], mask=in_o[:, None] & (cols < H)[None, :],
+                          other=0)  # fmt: skip
+        else:
+            raw = tl.load(codes_ptr + rows[:, None] * stride_c + cols[None, :],
+                          mask=in_o[:, None] & (cols < H)[None, :], other=0)  # fmt: skip
+        big, sign = _byte_fields(raw.to(tl.uint8, bitcast=True))
+        steps = big - 8388609.0  # (2^23 + q) - (2^23 + 1) = q - 1, exact
+        zero = steps < 0.0  # q = 0
+    else:
+        code = _load_codes(rows, tile, cols, H, in_o, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes,
+                           N_BITS, PACKED, PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C)  # fmt: skip
+        mag = code & Q
+        steps = (mag | 0x4B000000).to(tl.float32, bitcast=True) - 8388609.0  # 2^23 + q - (2^23 + 1): no I2F
+        zero = mag == 0
+        sign = (code << (32 - N_BITS)) & -2147483648  # the code's top bit at the float's sign
+    # exp(m + s (q - 1)) as 2^(m log2 e + s log2 e (q - 1)): the two products once per row, not a multiply
+    # an element. tl.math.exp2 is ex2.approx.ftz (one instruction; results below 2^-126 would flush to
+    # zero), so a row whose smallest value lies below 2^-60 is computed 2^64 higher and scaled back by
+    # one exact (or, into the subnormals, correctly rounded) multiply; its largest value is at most 2^32
+    # above its smallest (the encoder's clamp), so the raised one cannot overflow. Code 0 gives m - m:
+    # +0, or NaN for a non-finite tile (m = NaN), whose other codes are NaN through the exponential: one
+    # select an element for both. The sign bit is or-ed into the float's (-val, -0 included).
+    # m log2 e and s log2 e carry their rounding errors (the product's, from an FMA, and log2 e's own) in
+    # a second term, so the exponent is as exact as the natural-log form m + s (q - 1) was.
+    m2 = m * LOG2E
+    m2_lo = tl.fma(m, LOG2E, -m2) + m * LOG2E_LO
+    s2 = s * LOG2E
+    s2_lo = tl.fma(s, LOG2E, -s2) + s * LOG2E_LO
+    tiny = m2 < -60.0
+    hi = tl.where(tiny, m2 + 64.0, m2)[:, None] + s2[:, None] * steps  # m2 + 64: exact
+    val = tl.math.exp2(hi + (m2_lo[:, None] + s2_lo[:, None] * steps))
+    val = val * tl.where(tiny, 5.421010862427522e-20, 1.0)[:, None]  # 2^-64
+    val = tl.where(zero, (m - m)[:, None], val)
+    val = (val.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + outs.to(tl.int64) * TOPK + k, mask=in_o, other=0.0)
+        val = val * w[:, None]
+    return val
+
+
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def decode_sum_kernel(
     codes_ptr, min_ptr, step_ptr, pay_ptr, pair_row_ptr, w_ptr, out_ptr, N_OUT, H, T, M_BUCKET,
     stride_c, stride_p, code_bytes, stride_o,
     N_BITS: tl.constexpr, PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr,
     GB_P2: tl.constexpr, TOPK: tl.constexpr, GATHER: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr,
-    TILE_C: tl.constexpr,
+    TILE_C: tl.constexpr, BYTE_ASM: tl.constexpr,
 ):  # fmt: skip
     # One program = BLOCK_R output rows x one tile: out[t] = sum_k w[t, k] * decode(row pair_row[t, k]),
-    # in k order, float32 (GATHER False: TOPK = 1 and the row is t).
-    Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
-    LOG2E: tl.constexpr = 1.4426950216293335  # log2 e rounded to float32, and the rest
-    LOG2E_LO: tl.constexpr = 1.92596298909109e-08
+    # in k order, float32 (GATHER False: TOPK = 1 and the row is t). BYTE_ASM (GPU, LogFMT-8 codes a byte
+    # each): the codes' fields by inline PTX (_byte_fields).
     tile = tl.program_id(1)
     outs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tile * TILE_C + tl.arange(0, TILE_C)
     in_o = outs < N_OUT
-    acc = tl.zeros([BLOCK_R, TILE_C], dtype=tl.float32)
-    for k in range(TOPK):
-        if GATHER:
-            rows = tl.load(pair_row_ptr + outs.to(tl.int64) * TOPK + k, mask=in_o, other=0).to(tl.int64)
-        else:
-            rows = outs.to(tl.int64)
-        code = _load_codes(rows, tile, cols, H, in_o, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes,
-                           N_BITS, PACKED, PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C)  # fmt: skip
-        m, s = _load_stats(rows, in_o, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED, "")
-        mag = code & Q
-        steps = (mag + (0x4B400000 - 1)).to(tl.float32, bitcast=True) - 12582912.0  # mag - 1, no I2F
-        # exp(m + s (q - 1)) as 2^(m log2 e + s log2 e (q - 1)): the two products once per row, not a multiply
-        # an element. tl.math.exp2 is ex2.approx.ftz (one instruction; results below 2^-126 would flush to
-        # zero), so a row whose smallest value lies below 2^-60 is computed 2^64 higher and scaled back by
-        # one exact (or, into the subnormals, correctly rounded) multiply; its largest value is at most 2^32
-        # above its smallest (the encoder's clamp), so the raised one cannot overflow. Code 0 gives m - m:
-        # +0, or NaN for a non-finite tile (m = NaN), whose other codes are NaN through the exponential: one
-        # select an element for both. The sign bit is or-ed into the float's (-val, -0 included).
-        # m log2 e and s log2 e carry their rounding errors (the product's, from an FMA, and log2 e's own) in
-        # a second term, so the exponent is as exact as the natural-log form m + s (q - 1) was.
-        m2 = m * LOG2E
-        m2_lo = tl.fma(m, LOG2E, -m2) + m * LOG2E_LO
-        s2 = s * LOG2E
-        s2_lo = tl.fma(s, LOG2E, -s2) + s * LOG2E_LO
-        tiny = m2 < -60.0
-        hi = tl.where(tiny, m2 + 64.0, m2)[:, None] + s2[:, None] * steps  # m2 + 64: exact
-        val = tl.math.exp2(hi + (m2_lo[:, None] + s2_lo[:, None] * steps))
-        val = val * tl.where(tiny, 5.421010862427522e-20, 1.0)[:, None]  # 2^-64
-        val = tl.where(mag == 0, (m - m)[:, None], val)
-        sign = (code << (32 - N_BITS)) & -2147483648  # the code's top bit at the float's sign
-        val = (val.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + outs.to(tl.int64) * TOPK + k, mask=in_o, other=0.0)
-            val = val * w[:, None]
-        acc += val
+    if TOPK == 1 and not HAS_WEIGHT:  # the decoded row itself (a sum from +0 would cost an add an element)
+        acc = _decode_term(outs.to(tl.int64), tile, cols, H, in_o, 0, outs, codes_ptr, min_ptr, step_ptr, pay_ptr,
+                           w_ptr, stride_c, stride_p, code_bytes, T, N_BITS, PACKED, PLANES, GROUP, GBYTES, GB_P2,
+                           TOPK, HAS_WEIGHT, BLOCK_R, TILE_C, BYTE_ASM)  # fmt: skip
+    else:
+        acc = tl.zeros([BLOCK_R, TILE_C], dtype=tl.float32)  # the reference's sum starts at +0
+        for k in range(TOPK):
+            if GATHER:
+                rows = tl.load(pair_row_ptr + outs.to(tl.int64) * TOPK + k, mask=in_o, other=0).to(tl.int64)
+            else:
+                rows = outs.to(tl.int64)
+            acc += _decode_term(rows, tile, cols, H, in_o, k, outs, codes_ptr, min_ptr, step_ptr, pay_ptr, w_ptr,
+                                stride_c, stride_p, code_bytes, T, N_BITS, PACKED, PLANES, GROUP, GBYTES, GB_P2, TOPK,
+                                HAS_WEIGHT, BLOCK_R, TILE_C, BYTE_ASM)  # fmt: skip
     o_ptrs = out_ptr + outs.to(tl.int64)[:, None] * stride_o + cols[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_o[:, None] & (cols < H)[None, :])
 
