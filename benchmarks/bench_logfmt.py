@@ -164,6 +164,11 @@ def comm_rows(dev, tokens, hidden=7168, n_experts=256, topk=8):
         assert torch.equal(lc.encode_rows(x, token_of_row), rows), "encode then select must equal the fused rows"
         add(f"LogFMT-{n_bits}, then select (the dispatch)", lambda c=lc: c.encode_rows(x, token_of_row),
             nbytes(x) + nbytes(rows) // topk + 2 * nbytes(rows))
+        # the dispatch's two steps apart: each token encoded into its row once, then the rows selected
+        once = lf.logfmt_encode_to_rows(x, None, 1, n_bits)
+        add("  its encode (tokens into rows)", lambda n=n_bits: lf.logfmt_encode_to_rows(x, None, 1, n),
+            nbytes(x, once))
+        add("  its select (rows, 8-byte words)", lambda o=once: select_rows(o, token_of_row), 2 * nbytes(rows))
         enc = lf.logfmt_encode(perm, n_bits, backend="triton")
         add(f"LogFMT-{n_bits} encode alone", lambda n=n_bits: lf.logfmt_encode(perm, n, backend="triton"),
             nbytes(perm, *enc))

@@ -20,7 +20,7 @@ needs_triton = pytest.mark.skipif(
 )
 F32, F64 = np.float32, np.float64
 # where the kernels of the test_every_*_configuration tests run: the interpreter on CPU, or a GPU when
-# TRITON_INTERPRET=0 (lg2.approx, and the pipelined loads of the encoder's STAGES > 1 candidates)
+# TRITON_INTERPRET=0 (lg2.approx and the GPU's own code paths)
 DEV = "cpu" if lf.interpreting() or not torch.cuda.is_available() else "cuda"
 
 
@@ -239,21 +239,21 @@ def test_stochastic_on_nearly_constant_and_subnormal_tiles():
 @needs_triton
 @pytest.mark.parametrize("n_bits", [8, 10])
 def test_every_encode_configuration_equals_reference(n_bits):
-    """Each GPU tile shape (rows per program, columns per step of the element phase, steps loaded ahead), on
-    hard rows and on adversarial rows whose near-threshold elements sit in the tile's last columns: a row
-    found ambiguous in a late chunk has its earlier chunks stored, then rewritten by the float64 redo."""
+    """Each GPU tile shape (rows per program, columns per step of the element phase), on hard rows and on
+    adversarial rows whose near-threshold elements sit in the tile's last columns: a row found ambiguous
+    in a late chunk has its earlier chunks stored, then rewritten by the float64 redo."""
     adv = np.roll(_adversarial(40, n_bits, 7 + n_bits), 100, axis=1)  # thresholds in columns 100..127
     x = torch.cat([_hard_rows(128, n_bits), torch.from_numpy(adv)])
     x = torch.cat([x, -x.flip(0)]).repeat(2, 1)[:130]  # more rows than one 128-row program
     ref = lf.logfmt_encode_ref(x, n_bits)
-    for rows, _warps, chunk, stages in lf.ENCODE_CONFIGS:
-        got = lf.logfmt_encode(x.to(DEV), n_bits, backend="triton", block_rows=rows, chunk_cols=chunk, stages=stages)
+    for rows, _warps, chunk in lf.ENCODE_CONFIGS:
+        got = lf.logfmt_encode(x.to(DEV), n_bits, backend="triton", block_rows=rows, chunk_cols=chunk)
         for g_, r in zip((t.cpu() for t in got), ref):
             assert torch.equal(g_.view(torch.int32) if g_.dtype == torch.float32 else g_,
-                               r.view(torch.int32) if r.dtype == torch.float32 else r), (rows, chunk, stages)
+                               r.view(torch.int32) if r.dtype == torch.float32 else r), (rows, chunk)
         packed = lf.logfmt_encode_to_rows(x.to(DEV), None, 1, n_bits, backend="triton", block_rows=rows,
-                                          chunk_cols=chunk, stages=stages).cpu()  # fmt: skip
-        assert torch.equal(packed, lf.to_rows_ref(*ref, n_bits, True)), (rows, chunk, stages)
+                                          chunk_cols=chunk).cpu()  # fmt: skip
+        assert torch.equal(packed, lf.to_rows_ref(*ref, n_bits, True)), (rows, chunk)
 
 
 @pytest.mark.skipif(lf.interpreting() or not torch.cuda.is_available(), reason="lg2.approx runs on a CUDA GPU")

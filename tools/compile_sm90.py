@@ -103,12 +103,12 @@ def logfmt_cases():
         gb_p2 = _pow2(gbytes)
         types = {"x_ptr": "*bf16", "idx_ptr": "*i64", "codes_ptr": "*u8" if n_bits <= 8 else "*i16",
                  "min_ptr": "*fp32", "step_ptr": "*fp32", "pay_ptr": "*u8", **fp}
-        for block_r, warps, chunk, stages in ((8, 4, 128, 1), (64, 4, 16, 1), (64, 4, 16, 3), (128, 8, 16, 3)):
+        for block_r, warps, chunk in ((8, 4, 128), (64, 4, 16)):
             const = dict(N_BITS=n_bits, STOCHASTIC=stochastic, GATHER=gather, TOPK=8 if gather else 1, PACKED=packed,
                          PLANES=planes, GROUP=group, GBYTES=gbytes, GB_P2=gb_p2, BLOCK_R=block_r, TILE_C=128,
-                         CHUNK_C=chunk, FAST_LOG2=True, STAGES=stages)
+                         CHUNK_C=chunk, FAST_LOG2=True)
             label = (f"logfmt encode n{n_bits} packed={packed} gather={gather} stochastic={stochastic} "
-                     f"R{block_r} w{warps} C{chunk} S{stages}")
+                     f"R{block_r} w{warps} C{chunk}")
             yield label, lk.encode_kernel, types, const, warps
         types = {"codes_ptr": "*u8" if n_bits <= 8 else "*i16", "min_ptr": "*fp32", "step_ptr": "*fp32",
                  "pay_ptr": "*u8", "pair_row_ptr": "*i64", "w_ptr": "*fp32", "out_ptr": "*bf16"}
@@ -140,7 +140,8 @@ def quant_cases():
         const = dict(GROUPS=groups, TRANSPOSED_SCALES=True, WT=wt, ROUND_SCALE=False, GRID_ROUND=False)
         yield f"weight GROUPS {groups} w{warps} WT={wt}", qk.weight_kernel, types, const, warps
     for source, chunk, pack4, warps in ((0, 128, True, 4), (0, 128, True, 8), (1, 128, True, 8), (3, 128, True, 8),
-                                        (0, 32, False, 4)):  # both layouts from one launch
+                                        (0, 32, False, 4), (0, 32, True, 4), (0, 32, True, 8), (0, 64, True, 8),
+                                        (3, 32, True, 4)):  # both layouts from one launch
         const = dict(SOURCE=source, TOPK=8 if source == 3 else 1, HAS_WEIGHT=source == 3, CHUNK=chunk, PACK4=pack4,
                      ROUND_SCALE=False, GRID_ROUND=False)
         dual_types = {**types, "b_ptr": "*bf16", "idx_ptr": "*i32", "w_ptr": "*fp32"}

@@ -36,7 +36,12 @@ def report(tag, got, ref_gpu, ref_cpu, x, scales, layout):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only-dual", action="store_true", help="only the one-launch dual kernel's candidates")
-    only_dual = parser.parse_args().only_dual
+    parser.add_argument("--dual-chunked", action="store_true",
+                        help="of the dual kernel's candidates, only the PACK4 ones in column chunks")
+    args = parser.parse_args()
+    only_dual = args.only_dual or args.dual_chunked
+    dual_configs = [(cfg, w) for cfg, w in qo.DUAL_CONFIGS
+                    if not args.dual_chunked or (cfg["PACK4"] and cfg["CHUNK"] < 128)]
     cases = [("hard fp32", _hard_input(300, 200, torch.float32, seed=300)),
              ("hard bf16", _hard_input(300, 200, torch.bfloat16, seed=300)),
              ("signed zeros fp32", _hard_input(256, 384, torch.float32, seed=11))]
@@ -54,7 +59,7 @@ def main():
                 _, _, yt, st = qo.quant_outputs(*x.shape, xg.device, False, True, True)
                 qo.launch_cols(xg, yt, st, round_scale, config={**cfg, "num_warps": warps})
                 report(f"cols {cfg} w{warps}", yt, gyt, ryt, x.float(), rst, "cols")
-            for cfg, warps in qo.DUAL_CONFIGS:  # both layouts from one launch
+            for cfg, warps in dual_configs:  # both layouts from one launch
                 outs = qo.quant_outputs(*x.shape, xg.device, True, True, True)
                 qo.launch_producer("dual", outs, xg, round_scale, m=x.shape[0], k=x.shape[1],
                                    config={**cfg, "num_warps": warps})

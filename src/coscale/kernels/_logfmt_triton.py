@@ -315,7 +315,7 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
                    N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
                    PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr,
                    GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr,
-                   CLAMPED: tl.constexpr, FAST_LOG2: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+                   CLAMPED: tl.constexpr, FAST_LOG2: tl.constexpr):  # fmt: skip
     """The encoder's element phase: the tile's codes, CHUNK_C columns at a time (x read again, from the
     cache), stored for the rows of keep_c that hold no ambiguous element so far. Returns (rows with an
     ambiguous element [R] int32, the source row offsets [R]). Row constants as [R, 1] columns (nearest:
@@ -323,7 +323,7 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
     Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
     amb_rows = tl.zeros([BLOCK_R], dtype=tl.int32)
     src = rows.to(tl.int64)
-    for c0 in tl.range(0, TILE_C, CHUNK_C, num_stages=STAGES):  # STAGES > 1: loads ahead, through shared memory
+    for c0 in range(0, TILE_C, CHUNK_C):
         cols = tile * TILE_C + c0 + tl.arange(0, CHUNK_C)
         x, src, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
         bits = tl.abs(x).to(tl.int32, bitcast=True)
@@ -352,7 +352,6 @@ def encode_kernel(
     N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
     PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr, GB_P2: tl.constexpr,
     BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr, FAST_LOG2: tl.constexpr,
-    STAGES: tl.constexpr,
 ):  # fmt: skip
     # One program = BLOCK_R output rows x one 128-column tile; each row of the block is its own LogFMT tile.
     # M_BUCKET (a power-of-two bucket of N, unused) is an autotuning key. Three phases:
@@ -372,8 +371,8 @@ def encode_kernel(
     in_r = rows < N
     top = tl.zeros([BLOCK_R], dtype=tl.int32)
     low = tl.full([BLOCK_R], 0x7F800000, dtype=tl.int32)
-    for c0 in tl.static_range(0, TILE_C, CHUNK_C):  # unrolled: every chunk's load is issued before the first
-        cols = tile * TILE_C + c0 + tl.arange(0, CHUNK_C)  # reduction waits (a loop waited once a step)
+    for c0 in range(0, TILE_C, CHUNK_C):
+        cols = tile * TILE_C + c0 + tl.arange(0, CHUNK_C)
         x, src, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
         bits, top_c, low_c = _tile_bits(x)
         top = tl.maximum(top, top_c)
@@ -435,19 +434,19 @@ def encode_kernel(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, k_frac_c, k_frac_c, k_frac_c,
             k_frac_c, k_frac_c, k_frac_c, k_frac_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, STAGES)  # fmt: skip
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2)  # fmt: skip
     elif any_clamped:
         amb_rows, src = _encode_chunks(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c, band_c,
             half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, True, FAST_LOG2, STAGES)  # fmt: skip
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, True, FAST_LOG2)  # fmt: skip
     else:
         amb_rows, src = _encode_chunks(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c, band_c,
             half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, STAGES)  # fmt: skip
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2)  # fmt: skip
     redo = tl.maximum(redo, amb_rows) * live * in_r1.to(tl.int32)
     if tl.max(redo, 0) > 0:  # rare: those rows again, whole, in the reference's float64 formulas
         tl.debug_barrier()  # after every fast store (a row found ambiguous late has earlier chunks stored)
@@ -540,13 +539,15 @@ def _byte_fields(code):
     """uint8 LogFMT-8 codes [R, C] -> (the float 2^23 + q, q = the magnitude code, the code's sign bit at bit 31
     and zeros elsewhere), two byte permutes and an and a code (GPU only): prmt puts the code's byte under the
     bytes of 0x4B000000 (2^23 as a float; 2^23 + q is exact), where Triton's own byte extraction and masks
-    (on 16-bit pairs) took about five instructions a code."""
+    (on 16-bit pairs) took about five instructions a code. A prmt selector's nibble i names the source of
+    the result's byte i: 0-3 the codes' word ($8: four codes, the first in the low byte), 4-7 the other
+    operand; so 0x765k is code k under 0x4B0000, and 0xk444 code k in the top byte over zeros."""
     return tl.inline_asm_elementwise(
         "{ .reg .b32 c, z; mov.b32 c, 0x4B000000; mov.b32 z, 0; "
-        "prmt.b32 $0, $8, c, 0x7654; and.b32 $0, $0, 0x4B00007F; "
-        "prmt.b32 $1, $8, c, 0x7655; and.b32 $1, $1, 0x4B00007F; "
-        "prmt.b32 $2, $8, c, 0x7656; and.b32 $2, $2, 0x4B00007F; "
-        "prmt.b32 $3, $8, c, 0x7657; and.b32 $3, $3, 0x4B00007F; "
+        "prmt.b32 $0, $8, c, 0x7650; and.b32 $0, $0, 0x4B00007F; "
+        "prmt.b32 $1, $8, c, 0x7651; and.b32 $1, $1, 0x4B00007F; "
+        "prmt.b32 $2, $8, c, 0x7652; and.b32 $2, $2, 0x4B00007F; "
+        "prmt.b32 $3, $8, c, 0x7653; and.b32 $3, $3, 0x4B00007F; "
         "prmt.b32 $4, $8, z, 0x0444; and.b32 $4, $4, 0x80000000; "
         "prmt.b32 $5, $8, z, 0x1444; and.b32 $5, $5, 0x80000000; "
         "prmt.b32 $6, $8, z, 0x2444; and.b32 $6, $6, 0x80000000; "

@@ -487,6 +487,26 @@ def _dual_rows(v, bits, rows, offs_k, k0, M, y_ptr, s_ptr, stride_ym, stride_sm,
     tl.store(s_ptr + rows.to(tl.int64) * stride_sm + (k0 // 128) * stride_sk, s, mask=in_m)
 
 
+@triton.jit
+def _dual_rows_chunked(row_bits, rows, k0, x_ptr, b_ptr, idx_ptr, w_ptr, M, K, stride_x, stride_b, up_offset, y_ptr,
+                       s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max, SOURCE: tl.constexpr,
+                       TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr, CHUNK: tl.constexpr, ROUND_SCALE: tl.constexpr,
+                       GRID_ROUND: tl.constexpr):  # fmt: skip
+    """Rows ``rows`` of a dual block whose |x| bit maxima are ``row_bits``: their 1x128 tiles into y and s,
+    the block's rows produced again CHUNK columns at a time."""
+    s = _scale_from_bits(row_bits, amax_floor, fp8_max, ROUND_SCALE)
+    r, d = _divisor(s)
+    in_m = rows < M
+    tl.store(s_ptr + rows.to(tl.int64) * stride_sm + (k0 // 128) * stride_sk, s, mask=in_m)
+    for c in range(0, 128, CHUNK):
+        offs_k = k0 + c + tl.arange(0, CHUNK)
+        v, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, rows[:, None], offs_k[None, :], M, K, stride_x, stride_b,
+                        up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+        y = _quantize_tile(v, r[:, None], d[:, None], fp8_max, GRID_ROUND)
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_k[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=in_m[:, None])  # fmt: skip
+
+
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def dual_quant_kernel(
     x_ptr, b_ptr, idx_ptr, w_ptr, y_ptr, s_ptr, yt_ptr, st_ptr,
@@ -511,8 +531,59 @@ def dual_quant_kernel(
     offs_m = pid_m * 128 + tl.arange(0, 128)
     in_m = offs_m < M
     s_ptrs = s_ptr + offs_m.to(tl.int64) * stride_sm + (k0 // 128) * stride_sk
-    if PACK4:
-        tl.static_assert(CHUNK == 128, "PACK4 holds the whole block")
+    if PACK4 and CHUNK < 128:
+        # PACK4 in [128 x CHUNK] column chunks, each as four [32, CHUNK] quarters (rows 4i + j): a chunk's column
+        # amaxes are complete, so its yt words are packed and stored at once while the quarters' row amaxes
+        # accumulate; a second walk (from the cache: this program just read the chunks) quantizes the rows.
+        # A thread holds 128 * CHUNK / threads values, not the whole block's (255 registers a thread at CHUNK
+        # 128, one or two programs an SM).
+        offs_w = pid_m * 32 + tl.arange(0, 32)
+        rb0 = tl.zeros([32], dtype=tl.int32)
+        rb1 = tl.zeros([32], dtype=tl.int32)
+        rb2 = tl.zeros([32], dtype=tl.int32)
+        rb3 = tl.zeros([32], dtype=tl.int32)
+        yt_words = yt_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # rows of Mp bytes, Mp % 128 == 0
+        for c in range(0, 128, CHUNK):  # a loop, not unrolled: the registers of one chunk
+            offs_k = k0 + c + tl.arange(0, CHUNK)
+            v0, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 0)[:, None], offs_k[None, :], M, K,
+                             stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+            v1, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 1)[:, None], offs_k[None, :], M, K,
+                             stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+            v2, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 2)[:, None], offs_k[None, :], M, K,
+                             stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+            v3, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 3)[:, None], offs_k[None, :], M, K,
+                             stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+            b0, b1, b2, b3 = _abs_bits(v0), _abs_bits(v1), _abs_bits(v2), _abs_bits(v3)
+            rb0 = tl.maximum(rb0, tl.max(b0, 1))  # integers: NaN's bits are the largest
+            rb1 = tl.maximum(rb1, tl.max(b1, 1))
+            rb2 = tl.maximum(rb2, tl.max(b2, 1))
+            rb3 = tl.maximum(rb3, tl.max(b3, 1))
+            st = _scale_from_bits(tl.max(tl.maximum(tl.maximum(b0, b1), tl.maximum(b2, b3)), 0), amax_floor,
+                                  fp8_max, ROUND_SCALE)  # fmt: skip
+            rt, dt = _divisor(st)
+            rt, dt = rt[None, :], dt[None, :]
+            words = _pack4(_quantize_tile(v0, rt, dt, fp8_max, GRID_ROUND),
+                           _quantize_tile(v1, rt, dt, fp8_max, GRID_ROUND),
+                           _quantize_tile(v2, rt, dt, fp8_max, GRID_ROUND),
+                           _quantize_tile(v3, rt, dt, fp8_max, GRID_ROUND), yt_ptr.dtype.element_ty,
+                           GRID_ROUND)  # fmt: skip
+            in_rows = offs_k < YT_ROWS
+            tl.store(yt_words + offs_k[:, None].to(tl.int64) * (stride_ytk // 4) + offs_w[None, :],
+                     tl.trans(words), mask=in_rows[:, None])  # fmt: skip
+            tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows)
+        _dual_rows_chunked(rb0, offs_w * 4 + 0, k0, x_ptr, b_ptr, idx_ptr, w_ptr, M, K, stride_x, stride_b,
+                           up_offset, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max, SOURCE,
+                           TOPK, HAS_WEIGHT, CHUNK, ROUND_SCALE, GRID_ROUND)  # fmt: skip
+        _dual_rows_chunked(rb1, offs_w * 4 + 1, k0, x_ptr, b_ptr, idx_ptr, w_ptr, M, K, stride_x, stride_b,
+                           up_offset, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max, SOURCE,
+                           TOPK, HAS_WEIGHT, CHUNK, ROUND_SCALE, GRID_ROUND)  # fmt: skip
+        _dual_rows_chunked(rb2, offs_w * 4 + 2, k0, x_ptr, b_ptr, idx_ptr, w_ptr, M, K, stride_x, stride_b,
+                           up_offset, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max, SOURCE,
+                           TOPK, HAS_WEIGHT, CHUNK, ROUND_SCALE, GRID_ROUND)  # fmt: skip
+        _dual_rows_chunked(rb3, offs_w * 4 + 3, k0, x_ptr, b_ptr, idx_ptr, w_ptr, M, K, stride_x, stride_b,
+                           up_offset, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max, SOURCE,
+                           TOPK, HAS_WEIGHT, CHUNK, ROUND_SCALE, GRID_ROUND)  # fmt: skip
+    elif PACK4:
         offs_k = k0 + tl.arange(0, 128)
         offs_w = pid_m * 32 + tl.arange(0, 32)  # word i of a yt row: rows 4i..4i+3 of the block
         v0, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 0)[:, None], offs_k[None, :], M, K, stride_x,

@@ -340,17 +340,13 @@ def _sum_ref(y: torch.Tensor, pair_row: torch.Tensor | None, weight: torch.Tenso
 DELTA = 4e-7  # log2 units: the band is DELTA / S + 2^-20 in t units (the bound: 3.1e-7 / S + 5e-7)
 
 # The GPU candidates of the two kernels' tile shapes, (BLOCK_R rows of one 128-column tile, num_warps
-# [, CHUNK_C columns per step of the encoder's element phase, STAGES]); Triton's autotuner times them on the
+# [, CHUNK_C columns per step of the encoder's element phase]); Triton's autotuner times them on the
 # first call per key and keeps the fastest. The first is the interpreter's (and block_rows=None's shape
 # before tuning). Every candidate writes the same bits: the codes do not depend on the shape (stochastic
 # draws use offsets row * Hp + col). Encoder: BLOCK_R >= 16 x warps puts a row on at most two threads for
 # its float64 work; CHUNK_C columns a step bound the registers (32 columns took all 255 a thread allows on
-# sm_90, 8 warps an SM; 8-16 take 56-80). STAGES > 1 has Triton's pipeliner load the element phase's
-# chunks ahead through shared memory (cp.async): a plain loop waits for each chunk's load, and a chunk
-# loaded ahead by hand is scheduled by the compiler just before its use. Few candidates: each is a
-# compilation per variant.
-ENCODE_CONFIGS = ((64, 4, 16, 1), (64, 4, 16, 3), (128, 8, 16, 3), (64, 4, 8, 3), (128, 8, 16, 1), (64, 4, 8, 1),
-                  (8, 4, 128, 1))
+# sm_90, 8 warps an SM; 8-16 take 56-80). Few candidates: each is a compilation per variant.
+ENCODE_CONFIGS = ((64, 4, 16), (128, 8, 16), (64, 4, 8), (128, 8, 8), (8, 4, 128))
 DECODE_CONFIGS = ((8, 4), (32, 8), (16, 4), (64, 8), (32, 4))  # more rows a program: fewer, longer programs
 
 
@@ -364,7 +360,7 @@ def tuned_kernels(interpret: bool) -> dict:
     def candidates(shapes):
         return [({"BLOCK_R": r}, w) for r, w in shapes]
 
-    encode = [({"BLOCK_R": r, "CHUNK_C": c, "STAGES": st}, w) for r, w, c, st in ENCODE_CONFIGS]
+    encode = [({"BLOCK_R": r, "CHUNK_C": c}, w) for r, w, c in ENCODE_CONFIGS]
     common = ["H", "M_BUCKET", "N_BITS", "PACKED", "GATHER"]
     return {"encode": autotuned(k.encode_kernel, encode, common + ["STOCHASTIC"]),
             "decode": autotuned(k.decode_sum_kernel, candidates(DECODE_CONFIGS), common + ["TOPK", "HAS_WEIGHT"])}
@@ -375,14 +371,12 @@ def picked_configs() -> dict:
     return {kind: config_text(kernel) for kind, kernel in tuned_kernels(interpreting()).items()}
 
 
-def _launch(kind: str, block_rows: int | None, chunk_cols: int | None = None, stages: int = 1):
+def _launch(kind: str, block_rows: int | None, chunk_cols: int | None = None):
     """(kernel, launch kwargs): the autotuner, or with ``block_rows`` that shape with 4 warps (tests;
-    the encoder walks its tile in ``chunk_cols``-column chunks, default the whole tile, ``stages`` - 1
-    of them loaded ahead)."""
+    the encoder walks its tile in ``chunk_cols``-column chunks, default the whole tile)."""
     config = None if block_rows is None else {"BLOCK_R": block_rows, "num_warps": 4}
     if config is not None and kind == "encode":
         config["CHUNK_C"] = chunk_cols or TILE
-        config["STAGES"] = stages
     return launch_config(tuned_kernels(interpreting())[kind], config)
 
 
@@ -391,8 +385,7 @@ def _check_index(idx: torch.Tensor | None, name: str) -> None:
         raise CoscaleError(f"{name} must be an integer tensor, got {idx.dtype}")
 
 
-def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, block_rows, chunk_cols=None,
-                   stages=1):
+def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, block_rows, chunk_cols=None):
     if x.stride(-1) != 1:
         x = x.contiguous()
     h = x.shape[1]
@@ -412,7 +405,7 @@ def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, b
         payload = codes
     if n and h:
         idx = row_src.contiguous() if row_src is not None else x
-        kernel, cfg = _launch("encode", block_rows, chunk_cols, stages)
+        kernel, cfg = _launch("encode", block_rows, chunk_cols)
         kernel[lambda meta: (triton_cdiv(n, meta["BLOCK_R"]), tiles)](
             x, idx, codes, tile_min, tile_step, payload, n, h, tiles, _pow2(n), x.stride(0), codes.stride(0),
             payload.stride(0), code_bytes, seed or 0, RANGE_CLAMP, DELTA,
@@ -500,22 +493,20 @@ def _encode_ref(x, row_src, topk, n_bits, rounding, seed):
 
 
 def logfmt_encode(x: torch.Tensor, n_bits: int = 8, rounding: str = "nearest", seed: int | None = None,
-                  backend: str = "auto", block_rows: int | None = None, *, chunk_cols: int | None = None,
-                  stages: int = 1):
+                  backend: str = "auto", block_rows: int | None = None, *, chunk_cols: int | None = None):
     """x [N, H] -> (codes [N, H] code_dtype(n_bits), tile_min [N, T] fp32, tile_step [N, T] fp32).
-    ``block_rows`` / ``chunk_cols`` / ``stages`` fix the kernel's tile shape (rows per program, columns per
-    step of its element phase, steps loaded ahead) instead of autotuning it: tests.
+    ``block_rows`` / ``chunk_cols`` fix the kernel's tile shape (rows per program, columns per step of its
+    element phase) instead of autotuning it: tests.
 
     ``seed`` (stochastic rounding): the Philox seed of the kernel, or the seed of the reference's
     torch.Generator; None draws one from torch's default generator (reproducible under manual_seed).
     """
-    return logfmt_encode_rows(x, None, 1, n_bits, rounding, seed, backend, block_rows, chunk_cols=chunk_cols,
-                              stages=stages)
+    return logfmt_encode_rows(x, None, 1, n_bits, rounding, seed, backend, block_rows, chunk_cols=chunk_cols)
 
 
 def logfmt_encode_rows(x: torch.Tensor, row_src: torch.Tensor | None, topk: int = 1, n_bits: int = 8,
                        rounding: str = "nearest", seed: int | None = None, backend: str = "auto",
-                       block_rows: int | None = None, *, chunk_cols: int | None = None, stages: int = 1):
+                       block_rows: int | None = None, *, chunk_cols: int | None = None):
     """The rows x[row_src[r] // topk] (zeros where row_src[r] < 0; x itself for row_src None) encoded in one
     pass: the MoE permutation (row_src = PermuteInfo.row_pair, topk = K) fused with the encoder."""
     _check_x(x, n_bits, rounding)
@@ -523,13 +514,13 @@ def logfmt_encode_rows(x: torch.Tensor, row_src: torch.Tensor | None, topk: int 
     seed = _seed(rounding, seed)
     if select_backend(backend, x, op="logfmt_encode") == "torch":
         return _encode_ref(x, row_src, topk, n_bits, rounding, seed)
-    return _encode_triton(x, row_src, topk, n_bits, rounding, seed, False, True, block_rows, chunk_cols, stages)
+    return _encode_triton(x, row_src, topk, n_bits, rounding, seed, False, True, block_rows, chunk_cols)
 
 
 def logfmt_encode_to_rows(x: torch.Tensor, row_src: torch.Tensor | None = None, topk: int = 1, n_bits: int = 8,
                           rounding: str = "nearest", seed: int | None = None, packed: bool = True,
                           backend: str = "auto", block_rows: int | None = None, *,
-                          chunk_cols: int | None = None, stages: int = 1) -> torch.Tensor:
+                          chunk_cols: int | None = None) -> torch.Tensor:
     """As logfmt_encode_rows, written as rows of bytes [N, row_bytes(H)[1]] (codes packed, then tile_min
     and tile_step): the dispatch's row selection, encoding and packing in one pass."""
     _check_x(x, n_bits, rounding)
@@ -537,7 +528,7 @@ def logfmt_encode_to_rows(x: torch.Tensor, row_src: torch.Tensor | None = None, 
     seed = _seed(rounding, seed)
     if select_backend(backend, x, op="logfmt_encode") == "torch":
         return to_rows_ref(*_encode_ref(x, row_src, topk, n_bits, rounding, seed), n_bits, packed)
-    return _encode_triton(x, row_src, topk, n_bits, rounding, seed, True, packed, block_rows, chunk_cols, stages)
+    return _encode_triton(x, row_src, topk, n_bits, rounding, seed, True, packed, block_rows, chunk_cols)
 
 
 def logfmt_decode(codes: torch.Tensor, tile_min: torch.Tensor, tile_step: torch.Tensor, n_bits: int = 8,

@@ -118,6 +118,9 @@ DUAL_CONFIGS = tuple(  # dual_quant_kernel: a 128x128 block, whole (CHUNK 128) o
         (32, False, 4), (128, False, 16), (128, False, 8), (32, False, 8), (64, False, 8), (16, False, 4),
         # PACK4: yt's bytes packed four rows a word and transposed as words (the kernel's comment)
         (128, True, 4), (128, True, 8), (128, True, 16),
+        # PACK4 in column chunks: a quarter of the block's values a thread at 32 columns (the whole block took
+        # 255 registers a thread, one or two programs an SM: 35% of copy, run 33C)
+        (32, True, 4), (32, True, 8), (64, True, 8),
         # (several blocks a program along K, pipelined as weight_kernel's GROUPS: bit-exact but never picked
         # on the H200, 35.7% of copy at one block a program either way, run 33C; not kept)
     )
