@@ -123,6 +123,7 @@ def time_case(kind, n_bits, xs):
 
 
 GOAL_TBS = 4.25  # an H200's device-to-device copy bandwidth (the issue's yardstick)
+REDO_COST = False  # --redo-cost
 
 
 def comm_rows(dev, tokens, hidden=7168, n_experts=256, topk=8):
@@ -169,6 +170,13 @@ def comm_rows(dev, tokens, hidden=7168, n_experts=256, topk=8):
         add("  its encode (tokens into rows)", lambda n=n_bits: lf.logfmt_encode_to_rows(x, None, 1, n),
             nbytes(x, once))
         add("  its select (rows, 8-byte words)", lambda o=once: select_rows(o, token_of_row), 2 * nbytes(rows))
+        if REDO_COST:  # timing only (the codes are not exact): what the float64 redo of ambiguous rows costs
+            delta, lf.DELTA = lf.DELTA, -1.0  # a negative band: no element is ambiguous, no row redone
+            try:
+                add("  its encode without the redo (inexact)", lambda n=n_bits: lf.logfmt_encode_to_rows(x, None, 1, n),
+                    nbytes(x, once))
+            finally:
+                lf.DELTA = delta
         enc = lf.logfmt_encode(perm, n_bits, backend="triton")
         add(f"LogFMT-{n_bits} encode alone", lambda n=n_bits: lf.logfmt_encode(perm, n, backend="triton"),
             nbytes(perm, *enc))
@@ -234,7 +242,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--comm-only", action="store_true",
                         help="the exactness checks and the communication table only (no kernel shapes, no accuracy)")
+    parser.add_argument("--redo-cost", action="store_true",
+                        help="also time the dispatch's encode with the float64 redo switched off (inexact codes)")
     args = parser.parse_args()
+    global REDO_COST
+    REDO_COST = args.redo_cost
     if not torch.cuda.is_available():
         raise SystemExit("bench_logfmt.py needs a CUDA GPU")
     import triton
