@@ -122,8 +122,15 @@ def time_case(kind, n_bits, xs):
     return bench(fns), nbytes(*encoded[0], out)
 
 
+def picked_per_key() -> dict:
+    """{kernel: {autotuning key: the configuration picked}} of the LogFMT autotuners (Triton's cache)."""
+    return {kind: {str(key): " ".join([f"{k}={v}" for k, v in cfg.kwargs.items()] + [f"w{cfg.num_warps}"])
+                   for key, cfg in getattr(tuned, "cache", {}).items()}
+            for kind, tuned in lf.tuned_kernels(lf.interpreting()).items()}
+
+
 GOAL_TBS = 4.25  # an H200's device-to-device copy bandwidth (the issue's yardstick)
-REDO_COST = False  # --redo-cost
+ENCODE_PARTS = False  # --encode-parts
 
 
 def comm_rows(dev, tokens, hidden=7168, n_experts=256, topk=8):
@@ -170,13 +177,18 @@ def comm_rows(dev, tokens, hidden=7168, n_experts=256, topk=8):
         add("  its encode (tokens into rows)", lambda n=n_bits: lf.logfmt_encode_to_rows(x, None, 1, n),
             nbytes(x, once))
         add("  its select (rows, 8-byte words)", lambda o=once: select_rows(o, token_of_row), 2 * nbytes(rows))
-        if REDO_COST:  # timing only (the codes are not exact): what the float64 redo of ambiguous rows costs
+        if ENCODE_PARTS:  # what the encoder's parts cost: the float64 redo of ambiguous rows, the code planes
             delta, lf.DELTA = lf.DELTA, -1.0  # a negative band: no element is ambiguous, no row redone
-            try:
+            try:  # timing only: the codes are not exact
                 add("  its encode without the redo (inexact)", lambda n=n_bits: lf.logfmt_encode_to_rows(x, None, 1, n),
                     nbytes(x, once))
             finally:
                 lf.DELTA = delta
+            if n_bits > 8:  # rows of int16 codes (no bit planes): more bytes, plain stores
+                wide = lf.logfmt_encode_to_rows(x, None, 1, n_bits, packed=False)
+                add("  its encode into int16-code rows", lambda n=n_bits: lf.logfmt_encode_to_rows(x, None, 1, n,
+                                                                                              packed=False),
+                    nbytes(x, wide))
         enc = lf.logfmt_encode(perm, n_bits, backend="triton")
         add(f"LogFMT-{n_bits} encode alone", lambda n=n_bits: lf.logfmt_encode(perm, n, backend="triton"),
             nbytes(perm, *enc))
@@ -242,11 +254,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--comm-only", action="store_true",
                         help="the exactness checks and the communication table only (no kernel shapes, no accuracy)")
-    parser.add_argument("--redo-cost", action="store_true",
-                        help="also time the dispatch's encode with the float64 redo switched off (inexact codes)")
+    parser.add_argument("--encode-parts", action="store_true",
+                        help="also time the dispatch's encode without the float64 redo (inexact codes) and, for "
+                             "LogFMT-10, into rows of int16 codes")
     args = parser.parse_args()
-    global REDO_COST
-    REDO_COST = args.redo_cost
+    global ENCODE_PARTS
+    ENCODE_PARTS = args.encode_parts
     if not torch.cuda.is_available():
         raise SystemExit("bench_logfmt.py needs a CUDA GPU")
     import triton
@@ -316,7 +329,8 @@ def main() -> None:
         traceback.print_exc()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M"), "copy_TB/s": copy_bw,
-            "tile_shapes_last": lf.picked_configs()}  # the autotuners' last picks (encode, decode)
+            "tile_shapes_last": lf.picked_configs(),  # the autotuners' last picks (encode, decode)
+            "tile_shapes": picked_per_key()}
     ResultsLog("bench_logfmt").save(meta=meta, checks=checks, results=results, accuracy=acc, communication=comm)
     print(json.dumps(meta))
     print("GPU vs float64 reference:", json.dumps(checks))
