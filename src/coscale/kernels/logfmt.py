@@ -347,7 +347,7 @@ DELTA = 4e-7  # log2 units: the band is DELTA / S + 2^-20 in t units (the bound:
 # its float64 work; CHUNK_C columns a step bound the registers (32 columns took all 255 a thread allows on
 # sm_90, 8 warps an SM; 8-16 take 56-80). Few candidates: each is a compilation per variant.
 ENCODE_CONFIGS = ((64, 4, 16), (128, 8, 16), (64, 4, 8), (128, 8, 8), (8, 4, 128), (32, 2, 16), (16, 1, 16),
-                  (32, 1, 16))
+                  (32, 1, 16), (64, 4, 32), (32, 2, 32))
 DECODE_CONFIGS = ((8, 4), (32, 8), (16, 4), (64, 8), (32, 4))  # more rows a program: fewer, longer programs
 
 
