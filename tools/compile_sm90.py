@@ -103,7 +103,7 @@ def logfmt_cases():
         gb_p2 = _pow2(gbytes)
         types = {"x_ptr": "*bf16", "idx_ptr": "*i64", "codes_ptr": "*u8" if n_bits <= 8 else "*i16",
                  "min_ptr": "*fp32", "step_ptr": "*fp32", "pay_ptr": "*u8", **fp}
-        for block_r, warps, chunk in ((8, 4, 128), (64, 4, 16)):
+        for block_r, warps, chunk in ((8, 4, 128), (64, 4, 16), (32, 2, 32)):
             const = dict(N_BITS=n_bits, STOCHASTIC=stochastic, GATHER=gather, TOPK=8 if gather else 1, PACKED=packed,
                          PLANES=planes, GROUP=group, GBYTES=gbytes, GB_P2=gb_p2, BLOCK_R=block_r, TILE_C=128,
                          CHUNK_C=chunk, FAST_LOG2=True)

@@ -571,18 +571,18 @@ def dual_quant_kernel(
             tl.store(yt_words + offs_k[:, None].to(tl.int64) * (stride_ytk // 4) + offs_w[None, :],
                      tl.trans(words), mask=in_rows[:, None])  # fmt: skip
             tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows)
-        _dual_rows_chunked(rb0, offs_w * 4 + 0, k0, x_ptr, b_ptr, idx_ptr, w_ptr, M, K, stride_x, stride_b,
-                           up_offset, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max, SOURCE,
-                           TOPK, HAS_WEIGHT, CHUNK, ROUND_SCALE, GRID_ROUND)  # fmt: skip
-        _dual_rows_chunked(rb1, offs_w * 4 + 1, k0, x_ptr, b_ptr, idx_ptr, w_ptr, M, K, stride_x, stride_b,
-                           up_offset, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max, SOURCE,
-                           TOPK, HAS_WEIGHT, CHUNK, ROUND_SCALE, GRID_ROUND)  # fmt: skip
-        _dual_rows_chunked(rb2, offs_w * 4 + 2, k0, x_ptr, b_ptr, idx_ptr, w_ptr, M, K, stride_x, stride_b,
-                           up_offset, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max, SOURCE,
-                           TOPK, HAS_WEIGHT, CHUNK, ROUND_SCALE, GRID_ROUND)  # fmt: skip
-        _dual_rows_chunked(rb3, offs_w * 4 + 3, k0, x_ptr, b_ptr, idx_ptr, w_ptr, M, K, stride_x, stride_b,
-                           up_offset, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max, SOURCE,
-                           TOPK, HAS_WEIGHT, CHUNK, ROUND_SCALE, GRID_ROUND)  # fmt: skip
+        for j in tl.static_range(4):  # unrolled: j and the quarter's row maxima are known at compile time
+            if j == 0:
+                rb = rb0
+            elif j == 1:
+                rb = rb1
+            elif j == 2:
+                rb = rb2
+            else:
+                rb = rb3
+            _dual_rows_chunked(rb, offs_w * 4 + j, k0, x_ptr, b_ptr, idx_ptr, w_ptr, M, K, stride_x, stride_b,
+                               up_offset, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max, SOURCE,
+                               TOPK, HAS_WEIGHT, CHUNK, ROUND_SCALE, GRID_ROUND)  # fmt: skip
     elif PACK4:
         offs_k = k0 + tl.arange(0, 128)
         offs_w = pid_m * 32 + tl.arange(0, 32)  # word i of a yt row: rows 4i..4i+3 of the block
