@@ -6,7 +6,7 @@ unsupported ops, register or shared-memory limits) before device time is spent. 
 anything. Run: `PYTHONPATH=src python3 tools/compile_sm90.py` (prints one line per kernel variant and
 exits non-zero if any fails); `--counts` adds each variant's SASS instructions a thread, registers and
 shared memory (nvdisasm / cuobjdump from Triton's wheel); `--only TEXT` keeps the variants whose label
-holds TEXT.
+holds TEXT; `--sass DIR` writes each variant's SASS to DIR.
 
 Every pointer and integer argument is compiled as divisible by 16, as Triton specialises them on the GPU
 when their values are (V3's shapes and strides; torch's allocations): without it the vectorised loads and
