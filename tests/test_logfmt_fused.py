@@ -148,6 +148,9 @@ def test_decode_sum_equals_decode_then_combine(n_bits, hidden, weighted):
     torch.testing.assert_close(alone, dec, rtol=rtol, atol=0, equal_nan=True)
     zeros = (codes & (2 ** (n_bits - 1) - 1)) == 0
     assert zeros.sum() >= 40 and (alone[zeros & ~torch.isnan(alone)].view(torch.int32) == 0).all()
+    for wide in (torch.int16, torch.int32):  # the same codes in wider integers (accepted): the same values
+        other = lf.logfmt_decode(codes.to(wide).to(DEV), tmin.to(DEV), tstep.to(DEV), n_bits, backend="triton")
+        assert torch.equal(other.cpu().view(torch.int32), alone.view(torch.int32)), wide
     assert got.shape == (t, hidden)
 
 

@@ -433,6 +433,9 @@ def _decode_triton(src, hidden, pair_row, weight, n_bits, dtype, packed, rows_in
     if not rows_in:
         tile_min, tile_step = tile_min.float().contiguous(), tile_step.float().contiguous()
     out = torch.empty(n_out, hidden, dtype=dtype, device=codes.device)
+    # LogFMT-8 codes one a byte (uint8 codes, or rows of one-byte codes): their fields by PTX (GPU only)
+    byte_asm = n_bits == 8 and not interpreting() and ((group, group_bytes) == (1, 1) if rows_in
+                                                      else codes.dtype == torch.uint8)
     if n_out and hidden:
         pr = pair_row.contiguous() if pair_row is not None else codes
         w = weight.reshape(-1).float().contiguous() if weight is not None else out
@@ -442,7 +445,7 @@ def _decode_triton(src, hidden, pair_row, weight, n_bits, dtype, packed, rows_in
             codes.stride(0), code_bytes, out.stride(0),
             N_BITS=n_bits, PACKED=rows_in, PLANES=planes, GROUP=group, GBYTES=group_bytes, GB_P2=_pow2(group_bytes),
             TOPK=topk, GATHER=pair_row is not None, HAS_WEIGHT=weight is not None, TILE_C=TILE,
-            BYTE_ASM=n_bits == 8 and (not rows_in or (group, group_bytes) == (1, 1)) and not interpreting(), **cfg,
+            BYTE_ASM=byte_asm, **cfg,
         )  # fmt: skip
     return out
 
