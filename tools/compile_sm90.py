@@ -85,7 +85,6 @@ def compile_one(label: str, fn, types: dict[str, str], constexprs: dict, num_war
         return False
     extra = f"; {sass_counts(kernel.asm['cubin'])}, {kernel.metadata.shared} B shared" if counts else ""
     if sass_dir:
-        os.makedirs(sass_dir, exist_ok=True)
         name = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
         with open(os.path.join(sass_dir, name + ".sass"), "w") as out:
             out.write(sass_text(kernel.asm["cubin"]))
@@ -180,6 +179,11 @@ def main() -> int:
     parser.add_argument("--only", default="", help="compile only the variants whose label holds this text")
     parser.add_argument("--sass", default="", metavar="DIR", help="write each variant's SASS to DIR/<label>.sass")
     args = parser.parse_args()
+    if args.sass:
+        try:
+            os.makedirs(args.sass, exist_ok=True)
+        except OSError as exc:
+            parser.error(f"--sass {args.sass}: {exc.strerror}")
     ok = True
     for label, fn, types, const, warps in [*quant_cases(), *logfmt_cases(), *mla_cases()]:
         if args.only in label:

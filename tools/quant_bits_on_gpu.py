@@ -39,6 +39,8 @@ def main():
     parser.add_argument("--dual-chunked", action="store_true",
                         help="of the dual kernel's candidates, only the PACK4 ones in column chunks")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("quant_bits_on_gpu.py needs a CUDA GPU (it compares the kernels' bytes there)")
     only_dual = args.only_dual or args.dual_chunked
     dual_configs = [(cfg, w) for cfg, w in qo.DUAL_CONFIGS
                     if not args.dual_chunked or (cfg["PACK4"] and cfg["CHUNK"] < 128)]
