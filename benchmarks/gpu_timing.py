@@ -9,6 +9,13 @@ Both run the function once first (compilation, autotuning, cuBLAS handles), outs
 
 ``--smoke`` (every script that uses these): tiny shapes on the CPU under TRITON_INTERPRET=1, each
 function timed once with a wall clock; it checks the script, not the kernels' speed.
+
+``COSCALE_NCU=1`` (in the environment): before it is timed, each function runs once more between
+``cudaProfilerStart`` and ``cudaProfilerStop``, so that Nsight Compute, started with
+``--profile-from-start off``, profiles one eager run of every timed function and nothing else (warm-up,
+autotuning, graph replays); its ``--kernel-name regex:...`` keeps the kernels of interest. On the H200's
+Firecracker runtime: ``COSCALE_NCU=1 ncu --clock-control none --profile-from-start off -k regex:encode_kernel
+--section SpeedOfLight --section WarpStateStats python3 benchmarks/bench_logfmt.py --quick --comm-only``.
 """
 
 from __future__ import annotations
@@ -33,6 +40,20 @@ def device() -> torch.device:
     return torch.device("cuda")
 
 
+NCU = os.environ.get("COSCALE_NCU", "") == "1"
+
+
+def profiled_run(fn) -> None:
+    """One run of ``fn`` between cudaProfilerStart and cudaProfilerStop under ``COSCALE_NCU=1`` (the module
+    docstring); nothing otherwise."""
+    if NCU and not SMOKE:
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+
+
 def _wall_ms(fn) -> float:
     fn()
     start = time.perf_counter()
@@ -46,6 +67,7 @@ def eager_ms(fn, rep: int = 100, warmup: int = 25) -> float:
     import triton.testing
 
     fn()
+    profiled_run(fn)
     torch.cuda.synchronize()
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
@@ -60,6 +82,7 @@ def graph_ms(fn, rep: int = 50) -> float:
     with torch.cuda.stream(side):
         fn()
     torch.cuda.current_stream().wait_stream(side)
+    profiled_run(fn)
     torch.cuda.synchronize()
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
 
