@@ -126,8 +126,9 @@ def time_case(kind, n_bits, xs):
 
 def picked_per_key() -> dict:
     """{kernel: {autotuning key: the configuration picked}} of the LogFMT autotuners (Triton's cache)."""
-    return {kind: {str(key): " ".join([f"{k}={v}" for k, v in cfg.kwargs.items()] + [f"w{cfg.num_warps}"])
-                   for key, cfg in getattr(tuned, "cache", {}).items()}
+    from coscale.kernels.autotune import describe_config
+
+    return {kind: {str(key): describe_config(cfg) for key, cfg in getattr(tuned, "cache", {}).items()}
             for kind, tuned in lf.tuned_kernels(lf.interpreting()).items()}
 
 

@@ -21,7 +21,7 @@ needs_triton = pytest.mark.skipif(
 F32, F64 = np.float32, np.float64
 # where the kernels of the test_every_*_configuration tests run: the interpreter on CPU, or a GPU when
 # TRITON_INTERPRET=0 (lg2.approx and the GPU's own code paths)
-DEV = "cpu" if lf.interpreting() or not torch.cuda.is_available() else "cuda"
+KERNEL_DEVICE = "cpu" if lf.interpreting() or not torch.cuda.is_available() else "cuda"
 
 
 def _fma32(a, b, c):
@@ -247,11 +247,11 @@ def test_every_encode_configuration_equals_reference(n_bits):
     x = torch.cat([x, -x.flip(0)]).repeat(2, 1)[:130]  # more rows than one 128-row program
     ref = lf.logfmt_encode_ref(x, n_bits)
     for rows, _warps, chunk in lf.ENCODE_CONFIGS:
-        got = lf.logfmt_encode(x.to(DEV), n_bits, backend="triton", block_rows=rows, chunk_cols=chunk)
+        got = lf.logfmt_encode(x.to(KERNEL_DEVICE), n_bits, backend="triton", block_rows=rows, chunk_cols=chunk)
         for g_, r in zip((t.cpu() for t in got), ref):
             assert torch.equal(g_.view(torch.int32) if g_.dtype == torch.float32 else g_,
                                r.view(torch.int32) if r.dtype == torch.float32 else r), (rows, chunk)
-        packed = lf.logfmt_encode_to_rows(x.to(DEV), None, 1, n_bits, backend="triton", block_rows=rows,
+        packed = lf.logfmt_encode_to_rows(x.to(KERNEL_DEVICE), None, 1, n_bits, backend="triton", block_rows=rows,
                                           chunk_cols=chunk).cpu()  # fmt: skip
         assert torch.equal(packed, lf.to_rows_ref(*ref, n_bits, True)), (rows, chunk)
 
@@ -295,6 +295,6 @@ def test_every_decode_configuration_equals_the_default():
     w = torch.rand(45, 3, generator=torch.Generator().manual_seed(5))
     want = lf.logfmt_decode_rows(rows, 300, pair, w, n_bits=10, backend="torch")
     for block_rows, _warps in lf.DECODE_CONFIGS:
-        got = lf.logfmt_decode_rows(rows.to(DEV), 300, pair.to(DEV), w.to(DEV), n_bits=10, backend="triton",
-                                    block_rows=block_rows).cpu()  # fmt: skip
-        torch.testing.assert_close(got, want, rtol=2e-6 if DEV == "cpu" else 5e-6, atol=1e-6)
+        got = lf.logfmt_decode_rows(rows.to(KERNEL_DEVICE), 300, pair.to(KERNEL_DEVICE),
+                                    w.to(KERNEL_DEVICE), n_bits=10, backend="triton", block_rows=block_rows).cpu()
+        torch.testing.assert_close(got, want, rtol=2e-6 if KERNEL_DEVICE == "cpu" else 5e-6, atol=1e-6)

@@ -21,7 +21,7 @@ needs_triton = pytest.mark.skipif(
 )
 # where the kernels of the decode tests run: the interpreter on CPU, or a GPU when TRITON_INTERPRET=0 (the
 # GPU's ex2.approx and its own code paths, e.g. the LogFMT-8 byte fields in PTX)
-DEV = "cpu" if lf.interpreting() or not torch.cuda.is_available() else "cuda"
+KERNEL_DEVICE = "cpu" if lf.interpreting() or not torch.cuda.is_available() else "cuda"
 
 
 def _threshold_rows(n_bits: int, rows: int = 4, seed: int = 0) -> torch.Tensor:
@@ -128,28 +128,29 @@ def test_decode_sum_equals_decode_then_combine(n_bits, hidden, weighted):
     codes, tmin, tstep = lf.logfmt_encode_ref(y, n_bits)
     dec = lf.logfmt_decode_ref(codes, tmin, tstep, n_bits)
     expected = sum_rows_ref(dec, info.pair_row, info.row_pair, w, torch.float32)
-    pair, w_dev = info.pair_row.to(DEV), None if w is None else w.to(DEV)
-    got = lf.logfmt_decode_sum(codes.to(DEV), tmin.to(DEV), tstep.to(DEV), pair, w_dev, n_bits, backend="triton",
-                               block_rows=4).cpu()  # fmt: skip
+    dev = KERNEL_DEVICE
+    codes_d, tmin_d, tstep_d, pair = codes.to(dev), tmin.to(dev), tstep.to(dev), info.pair_row.to(dev)
+    w_dev = None if w is None else w.to(dev)
+    got = lf.logfmt_decode_sum(codes_d, tmin_d, tstep_d, pair, w_dev, n_bits, backend="triton", block_rows=4).cpu()
     # fp32 exp (on a GPU ex2.approx, 2^-22, and the exponent's rounding) and the summation order
-    rtol = 2e-6 if DEV == "cpu" else 5e-6
+    rtol = 2e-6 if dev == "cpu" else 5e-6
     atol = rtol * k * dec[torch.isfinite(dec)].abs().max().item()
     torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, equal_nan=True)
     assert torch.isnan(got[0, :128]).all() and torch.isfinite(got[1:]).all()
     rows = lf.to_rows_ref(codes, tmin, tstep, n_bits)
-    from_rows = lf.logfmt_decode_rows(rows.to(DEV), hidden, pair, w_dev, n_bits, torch.bfloat16, backend="triton")
+    from_rows = lf.logfmt_decode_rows(rows.to(dev), hidden, pair, w_dev, n_bits, torch.bfloat16, backend="triton")
     torch.testing.assert_close(from_rows.float().cpu(), expected, rtol=1e-2, atol=0, equal_nan=True)
     torch.testing.assert_close(lf.logfmt_decode_rows(rows, hidden, info.pair_row, w, n_bits, backend="torch"),
                                expected, rtol=0, atol=0, equal_nan=True)
-    plain = lf.logfmt_decode_rows(rows.to(DEV), hidden, n_bits=n_bits, backend="triton").cpu()
+    plain = lf.logfmt_decode_rows(rows.to(dev), hidden, n_bits=n_bits, backend="triton").cpu()
     torch.testing.assert_close(plain, dec, rtol=rtol, atol=0, equal_nan=True)
     # the plain decoder (no sum): the same values, and every zero code +0 (never -0)
-    alone = lf.logfmt_decode(codes.to(DEV), tmin.to(DEV), tstep.to(DEV), n_bits, backend="triton").cpu()
+    alone = lf.logfmt_decode(codes_d, tmin_d, tstep_d, n_bits, backend="triton").cpu()
     torch.testing.assert_close(alone, dec, rtol=rtol, atol=0, equal_nan=True)
     zeros = (codes & (2 ** (n_bits - 1) - 1)) == 0
     assert zeros.sum() >= 40 and (alone[zeros & ~torch.isnan(alone)].view(torch.int32) == 0).all()
     for wide in (torch.int16, torch.int32):  # the same codes in wider integers (accepted): the same values
-        other = lf.logfmt_decode(codes.to(wide).to(DEV), tmin.to(DEV), tstep.to(DEV), n_bits, backend="triton")
+        other = lf.logfmt_decode(codes_d.to(wide), tmin_d, tstep_d, n_bits, backend="triton")
         assert torch.equal(other.cpu().view(torch.int32), alone.view(torch.int32)), wide
     assert got.shape == (t, hidden)
 

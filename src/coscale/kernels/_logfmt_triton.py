@@ -488,30 +488,41 @@ def _load_groups(rows, tile, ok, pay_ptr, stride_p, limit, N_BITS: tl.constexpr,
 
 
 @triton.jit
+def _load_code_elems(rows, cols, H, ok, codes_ptr, stride_c, pay_ptr, stride_p, PACKED: tl.constexpr):
+    """The stored element of each code [R, C], as stored (0 where not ok): a row byte (PACKED: one byte a code,
+    or the low plane) or an element of the codes array."""
+    mask = ok[:, None] & (cols < H)[None, :]
+    if PACKED:  # one return: Triton checks the types of every return, constexpr branches included
+        elems = tl.load(pay_ptr + rows[:, None] * stride_p + cols[None, :], mask=mask, other=0)
+    else:
+        elems = tl.load(codes_ptr + rows[:, None] * stride_c + cols[None, :], mask=mask, other=0)
+    return elems
+
+
+@triton.jit
 def _load_codes(rows, tile, cols, H, ok, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes,
                 N_BITS: tl.constexpr, PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr,
                 GBYTES: tl.constexpr, GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr):  # fmt: skip
     """The n-bit codes [R, C] int32 of rows (int64 [R]) at this tile's columns; 0 where not ok (the layouts
     of ``_store_codes``)."""
     if PACKED and (PLANES or GROUP == 1):  # one byte (or two) per code: a plain row load
-        base = pay_ptr + rows[:, None] * stride_p
-        mask = ok[:, None] & (cols < H)[None, :]
         if PLANES:
-            code = tl.load(base + cols[None, :], mask=mask, other=0).to(tl.int32)
+            code = _load_code_elems(rows, cols, H, ok, codes_ptr, stride_c, pay_ptr, stride_p, True).to(tl.int32)
             high = _load_groups(rows, tile, ok, pay_ptr + H, stride_p, code_bytes - H, N_BITS - 8, GROUP, GBYTES,
                                 GB_P2, BLOCK_R, TILE_C)  # fmt: skip
             code = code | (high << 8)
         elif GBYTES == 1:
-            code = tl.load(base + cols[None, :], mask=mask, other=0).to(tl.int32)
+            code = _load_code_elems(rows, cols, H, ok, codes_ptr, stride_c, pay_ptr, stride_p, True).to(tl.int32)
         else:
+            base = pay_ptr + rows[:, None] * stride_p
+            mask = ok[:, None] & (cols < H)[None, :]
             code = tl.load(base.to(tl.pointer_type(tl.int16)) + cols[None, :], mask=mask, other=0).to(tl.int32)
         code = code & ((1 << N_BITS) - 1)
     elif PACKED:
         code = _load_groups(rows, tile, ok, pay_ptr, stride_p, code_bytes, N_BITS, GROUP, GBYTES, GB_P2, BLOCK_R,
                             TILE_C)  # fmt: skip
     else:
-        mask = ok[:, None] & (cols < H)[None, :]
-        code = tl.load(codes_ptr + rows[:, None] * stride_c + cols[None, :], mask=mask, other=0).to(tl.int32)
+        code = _load_code_elems(rows, cols, H, ok, codes_ptr, stride_c, pay_ptr, stride_p, False).to(tl.int32)
         code = code & ((1 << N_BITS) - 1)
     return code
 
@@ -567,12 +578,7 @@ def _decode_term(rows, tile, cols, H, in_o, k, outs, codes_ptr, min_ptr, step_pt
     LOG2E_LO: tl.constexpr = 1.92596298909109e-08
     m, s = _load_stats(rows, in_o, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED, "")
     if BYTE_ASM:  # one code a byte, 8 bits (the plain codes array or rows of bytes): see _byte_fields
-        if PACKED:
-            raw = tl.load(pay_ptr + rows[:, None] * stride_p + cols[None, :], mask=in_o[:, None] & (cols < H)[None, :],
-                          other=0)  # fmt: skip
-        else:
-            raw = tl.load(codes_ptr + rows[:, None] * stride_c + cols[None, :],
-                          mask=in_o[:, None] & (cols < H)[None, :], other=0)  # fmt: skip
+        raw = _load_code_elems(rows, cols, H, in_o, codes_ptr, stride_c, pay_ptr, stride_p, PACKED)
         big, sign = _byte_fields(raw.to(tl.uint8, bitcast=True))
         steps = big - 8388609.0  # (2^23 + q) - (2^23 + 1) = q - 1, exact
         zero = steps < 0.0  # q = 0

@@ -648,13 +648,6 @@ def dual_quant_kernel(
                      mask=in_rows[:, None])  # fmt: skip
             tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows)
             row_bits = tl.maximum(row_bits, tl.max(bits, 1))  # integers: NaN's bits are the largest
-        s = _scale_from_bits(row_bits, amax_floor, fp8_max, ROUND_SCALE)
-        tl.store(s_ptrs, s, mask=in_m)
-        r, d = _divisor(s)
-        for c in tl.static_range(0, 128, CHUNK):
-            offs_k = k0 + c + tl.arange(0, CHUNK)
-            v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
-                              stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
-            y = _quantize_tile(v, r[:, None], d[:, None], fp8_max, GRID_ROUND)
-            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
-            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=in_m[:, None])
+        _dual_rows_chunked(row_bits, offs_m, k0, x_ptr, b_ptr, idx_ptr, w_ptr, M, K, stride_x, stride_b, up_offset,
+                           y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max, SOURCE, TOPK,
+                           HAS_WEIGHT, CHUNK, ROUND_SCALE, GRID_ROUND)  # fmt: skip

@@ -99,12 +99,15 @@ def launch_config(tuned, config: dict | None):
     return (tuned, {}) if config is None else (tuned.fn, dict(config))
 
 
+def describe_config(cfg) -> str:
+    """A triton.Config as "NAME=v ... wN"."""
+    return " ".join([f"{k}={v}" for k, v in cfg.kwargs.items()] + [f"w{cfg.num_warps}"])
+
+
 def config_text(tuned) -> str:
     """The configuration an autotuner used last, as "NAME=v ... wN" ("" before any)."""
     cfg = getattr(tuned, "best_config", None)
-    if cfg is None:
-        return ""
-    return " ".join([f"{k}={v}" for k, v in cfg.kwargs.items()] + [f"w{cfg.num_warps}"])
+    return "" if cfg is None else describe_config(cfg)
 
 
 def _cannot_time() -> bool:
