@@ -14,8 +14,14 @@
 3. Per codec: train the same run (same seed, batches and initial weights) with that codec on the combine
    (forward and backward; the dispatch stays fp32) and report the final training loss (mean of the last
    10 %) and the validation loss, against the fp32 run.
+4. The noise floor: ``--noise-runs`` more fp32 runs, identical in every input. On a GPU they still differ
+   (atomic adds in the scatter and index kernels sum in a varying order) and a few hundred steps
+   amplify that, so a codec's loss difference means something only where it exceeds the spread of the
+   fp32 runs (on the CPU they repeat exactly).
 
-Prints a table and appends one line to benchmarks/results/codec_study.jsonl (results_log.py).
+Prints the error table after the capture, one line per training run as it ends (a run cut short by a
+time limit keeps what finished), the whole table last, and appends one line to
+benchmarks/results/codec_study.jsonl (results_log.py).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import time
 import torch
 
 from coscale.config import get_preset
+from coscale.errors import ConfigError
 from coscale.model import DeepseekForCausalLM
 from coscale.parallel import apply_expert_parallel, get_codec
 from coscale.train.data import BatchSampler, eval_batches, load_tokens, split_tokens
@@ -80,10 +87,11 @@ def train(args, combine_codec, split, device, steps, log=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(out.main_loss.item())
+        losses.append(out.main_loss.detach())  # read at the end: no host synchronisation per step
         if log and (step + 1) % max(1, steps // 4) == 0:
-            log(f"  {getattr(combine_codec, 'name', combine_codec)}: step {step + 1}/{steps} loss {losses[-1]:.4f}")
-    return model, sampler, losses
+            log(f"  {getattr(combine_codec, 'name', combine_codec)}: step {step + 1}/{steps} loss "
+                f"{losses[-1].item():.4f}")
+    return model, sampler, torch.stack(losses).tolist() if losses else []
 
 
 @torch.no_grad()
@@ -130,6 +138,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--codecs", nargs="+", default=list(CODECS))
+    p.add_argument("--noise-runs", type=int, default=1,
+                   help="extra fp32 runs, the spread a codec's loss difference is measured against (default 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -137,9 +147,17 @@ def main(argv=None):
         args.model, args.batch_size, args.seq_len = "tiny", 8, 64
     args.steps = args.steps or (30 if args.quick else 300)
     args.capture_steps = args.capture_steps or (5 if args.quick else 20)
+    for name in ("steps", "capture_steps", "batch_size", "seq_len", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.noise_runs < 0:
+        p.error("--noise-runs must be 0 or more")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    codecs = {name: get_codec(name) for name in args.codecs}  # unknown names: a ConfigError here
+    try:
+        codecs = {name: get_codec(name) for name in args.codecs}
+    except ConfigError as exc:
+        p.error(str(exc))
     cfg = get_preset(args.model)
     split = split_tokens(load_tokens(None, cfg.vocab_size), 0.05, args.seq_len)
     val = eval_batches(split.val, args.batch_size, args.seq_len, 4)
@@ -147,25 +165,43 @@ def main(argv=None):
     print(f"capturing the combine's rows after {args.capture_steps} fp32 steps of {args.model} ...", flush=True)
     rows = capture(args, split, device)
     h = cfg.hidden_size
+    print(f"captured {rows['activations'].shape[0]} activation and {rows['gradients'].shape[0]} gradient rows, "
+          f"H = {h}", flush=True)
+    print("| combine codec | bytes/element | act. rel L2 | act. row rel | grad rel L2 | grad row rel |")
+    print("|---|---|---|---|---|---|")
     table = {}
     for name, codec in codecs.items():
         table[name] = {"bytes_per_element": codec.bytes_per_row(h) / h}
         for kind, x in rows.items():
             table[name][f"{kind}_rel_l2"], table[name][f"{kind}_row_rel"] = codec_error(codec, x)
+        t = table[name]
+        print(f"| {name} | {t['bytes_per_element']:.3f} | {t['activations_rel_l2']:.2e} | "
+              f"{t['activations_row_rel']:.2e} | {t['gradients_rel_l2']:.2e} | {t['gradients_row_rel']:.2e} |",
+              flush=True)
+    plan = [("fp32", "fp32")] + [(f"fp32 (repeat {i + 1})", "fp32") for i in range(args.noise_runs)]
     runs = {}
-    for name, codec in [("fp32", get_codec("fp32"))] + list(codecs.items()):
-        model, _, losses = train(args, codec, split, device, args.steps, log=lambda m: print(m, flush=True))
+    for label, name in plan + [(name, name) for name in codecs]:
+        model, _, losses = train(args, get_codec(name), split, device, args.steps,
+                                 log=lambda m: print(m, flush=True))
         tail = losses[-max(1, len(losses) // 10):]
-        runs[name] = {"final_train_loss": statistics.fmean(tail), "val_loss": val_loss(model, val, device),
-                      "train_loss": losses}
+        runs[label] = {"final_train_loss": statistics.fmean(tail), "val_loss": val_loss(model, val, device),
+                       "train_loss": losses}
+        print(f"  {label}: final train loss {runs[label]['final_train_loss']:.4f}, val loss "
+              f"{runs[label]['val_loss']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     base = runs["fp32"]
+    noise = [abs(runs[label]["val_loss"] - base["val_loss"]) for label, _ in plan[1:]]
     print(f"\n{args.model}, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens, H = {h}, device "
-          f"{device}; captured {rows['activations'].shape[0]} activation and {rows['gradients'].shape[0]} "
-          f"gradient rows ({time.perf_counter() - t0:.0f} s)")
+          f"{device} ({time.perf_counter() - t0:.0f} s)")
+    if noise:
+        print(f"noise floor: the {len(noise)} repeated fp32 run(s) differ from the first by up to {max(noise):.4f} "
+              f"in validation loss")
     print("| combine codec | bytes/element | act. rel L2 | act. row rel | grad rel L2 | grad row rel | "
           "final train loss | val loss | val loss - fp32 |")
     print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| fp32 | 4.000 | 0 | 0 | 0 | 0 | {base['final_train_loss']:.4f} | {base['val_loss']:.4f} | 0 |")
+    for label, _ in plan:
+        r = runs[label]
+        print(f"| {label} | 4.000 | 0 | 0 | 0 | 0 | {r['final_train_loss']:.4f} | {r['val_loss']:.4f} | "
+              f"{r['val_loss'] - base['val_loss']:+.4f} |")
     for name in codecs:
         t, r = table[name], runs[name]
         print(f"| {name} | {t['bytes_per_element']:.3f} | {t['activations_rel_l2']:.2e} | "

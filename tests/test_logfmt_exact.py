@@ -239,21 +239,55 @@ def test_stochastic_on_nearly_constant_and_subnormal_tiles():
 @needs_triton
 @pytest.mark.parametrize("n_bits", [8, 10])
 def test_every_encode_configuration_equals_reference(n_bits):
-    """Each GPU tile shape (rows per program, columns per step of the element phase), on hard rows and on
-    adversarial rows whose near-threshold elements sit in the tile's last columns: a row found ambiguous
-    in a late chunk has its earlier chunks stored, then rewritten by the float64 redo."""
+    """Each GPU tile shape (rows per program, columns per step of the element phase, the row numbers
+    regathered or not), on hard rows and on adversarial rows whose near-threshold elements sit in the
+    tile's last columns: a row found ambiguous in a late chunk has its earlier chunks stored, then
+    rewritten by the float64 redo."""
     adv = np.roll(_adversarial(40, n_bits, 7 + n_bits), 100, axis=1)  # thresholds in columns 100..127
     x = torch.cat([_hard_rows(128, n_bits), torch.from_numpy(adv)])
     x = torch.cat([x, -x.flip(0)]).repeat(2, 1)[:130]  # more rows than one 128-row program
     ref = lf.logfmt_encode_ref(x, n_bits)
-    for rows, _warps, chunk in lf.ENCODE_CONFIGS:
-        got = lf.logfmt_encode(x.to(KERNEL_DEVICE), n_bits, backend="triton", block_rows=rows, chunk_cols=chunk)
+    for rows, _warps, chunk, regather in lf.ENCODE_CONFIGS:
+        shape = dict(block_rows=rows, chunk_cols=chunk, regather=regather)
+        got = lf.logfmt_encode(x.to(KERNEL_DEVICE), n_bits, backend="triton", **shape)
         for g_, r in zip((t.cpu() for t in got), ref):
             assert torch.equal(g_.view(torch.int32) if g_.dtype == torch.float32 else g_,
-                               r.view(torch.int32) if r.dtype == torch.float32 else r), (rows, chunk)
-        packed = lf.logfmt_encode_to_rows(x.to(KERNEL_DEVICE), None, 1, n_bits, backend="triton", block_rows=rows,
-                                          chunk_cols=chunk).cpu()  # fmt: skip
-        assert torch.equal(packed, lf.to_rows_ref(*ref, n_bits, True)), (rows, chunk)
+                               r.view(torch.int32) if r.dtype == torch.float32 else r), shape
+        packed = lf.logfmt_encode_to_rows(x.to(KERNEL_DEVICE), None, 1, n_bits, backend="triton", **shape).cpu()
+        assert torch.equal(packed, lf.to_rows_ref(*ref, n_bits, True)), shape
+
+
+@needs_triton
+@pytest.mark.parametrize("n_bits", [8, 10])
+def test_bf16_pairs_first_phase_equals_reference(n_bits):
+    """bf16 rows are read as int32 words of two values in the first phase (max and min lane by lane):
+    maxima and minima in even and odd columns, zeros of both signs, all-zero tiles, inf and NaN in either
+    lane, a row with one non-zero value; rows at an odd offset or of odd width take the float path. Every
+    tile shape. (Subnormal bf16 only on a GPU: the interpreter flushes them when it widens bf16.)"""
+    g = torch.Generator().manual_seed(n_bits)
+    cols = 260
+    x = torch.randn(16, cols + 2, generator=g) * torch.exp(torch.empty(16, 1).uniform_(-20, 20, generator=g))
+    x[0, :] = 0.0
+    x[1, :] = -0.0
+    x[2, 5] = 1e4  # max in an odd column
+    x[3, 6] = -1e4  # max in an even column
+    x[4, :] = 0.0
+    x[4, 131] = 3.0  # one non-zero value in the second tile
+    x[5, 7] = float("inf")
+    x[6, 8] = float("nan")
+    x[7, 1::2] = 0.0  # every odd lane zero
+    x[8, 0::2] = -0.0
+    if KERNEL_DEVICE == "cuda":
+        x[9, 10] = 1e-39  # a subnormal bf16 as the row's minimum
+    xb = x.to(torch.bfloat16)
+    for view in (xb[:, :cols], xb[:, 1:cols + 1], xb[:, :cols - 1]):  # aligned words; odd offset; odd width
+        ref = lf.logfmt_encode_ref(view, n_bits)
+        for rows, _warps, chunk, regather in lf.ENCODE_CONFIGS:
+            shape = dict(block_rows=rows, chunk_cols=chunk, regather=regather)
+            got = lf.logfmt_encode(view.to(KERNEL_DEVICE), n_bits, backend="triton", **shape)
+            for g_, r in zip((t.cpu() for t in got), ref):
+                assert torch.equal(g_.view(torch.int32) if g_.dtype == torch.float32 else g_,
+                                   r.view(torch.int32) if r.dtype == torch.float32 else r), shape
 
 
 @pytest.mark.skipif(lf.interpreting() or not torch.cuda.is_available(), reason="lg2.approx runs on a CUDA GPU")

@@ -102,12 +102,13 @@ def logfmt_cases():
         gb_p2 = _pow2(gbytes)
         types = {"x_ptr": "*bf16", "idx_ptr": "*i64", "codes_ptr": "*u8" if n_bits <= 8 else "*i16",
                  "min_ptr": "*fp32", "step_ptr": "*fp32", "pay_ptr": "*u8", **fp}
-        for block_r, warps, chunk in ((8, 4, 128), (64, 4, 16), (32, 2, 32)):
+        for block_r, warps, chunk, regather in ((8, 4, 128, True), (64, 4, 16, True), (32, 2, 32, True),
+                                                (32, 2, 32, False), (16, 4, 128, False), (32, 8, 128, False)):
             const = dict(N_BITS=n_bits, STOCHASTIC=stochastic, GATHER=gather, TOPK=8 if gather else 1, PACKED=packed,
                          PLANES=planes, GROUP=group, GBYTES=gbytes, GB_P2=gb_p2, BLOCK_R=block_r, TILE_C=128,
-                         CHUNK_C=chunk, FAST_LOG2=True)
+                         CHUNK_C=chunk, REGATHER=regather, FAST_LOG2=True, PAIRS=True, PAIR_ASM=True)
             label = (f"logfmt encode n{n_bits} packed={packed} gather={gather} stochastic={stochastic} "
-                     f"R{block_r} w{warps} C{chunk}")
+                     f"R{block_r} w{warps} C{chunk}{' regather' if regather else ''}")
             yield label, lk.encode_kernel, types, const, warps
         types = {"codes_ptr": "*u8" if n_bits <= 8 else "*i16", "min_ptr": "*fp32", "step_ptr": "*fp32",
                  "pay_ptr": "*u8", "pair_row_ptr": "*i64", "w_ptr": "*fp32", "out_ptr": "*bf16"}

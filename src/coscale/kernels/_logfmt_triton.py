@@ -41,8 +41,9 @@ from triton.language.extra import libdevice
 
 
 @triton.jit
-def _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER: tl.constexpr, TOPK: tl.constexpr):
-    """(x [R, C] float32, source row offsets [R] int64, row live [R]); zeros outside and on padding rows."""
+def _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER: tl.constexpr, TOPK: tl.constexpr,
+               DTYPE: tl.constexpr = tl.float32):  # fmt: skip
+    """(x [R, C] as DTYPE, source row offsets [R] int64, row live [R]); zeros outside and on padding rows."""
     in_r = rows < N
     if GATHER:
         pair = tl.load(idx_ptr + rows, mask=in_r, other=-1)
@@ -52,7 +53,7 @@ def _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER: tl.constexpr,
         ok = in_r
         src = rows.to(tl.int64)
     mask = ok[:, None] & (cols < H)[None, :]
-    x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask, other=0).to(DTYPE)
     return x, src, ok
 
 
@@ -63,6 +64,44 @@ def _tile_bits(x):
     non-zero element."""
     bits = tl.abs(x).to(tl.int32, bitcast=True)
     return bits, tl.max(bits, 1), tl.min(tl.where(bits > 0, bits, 0x7F800000), 1)
+
+
+@triton.jit
+def _u16x2(a, b, IS_MAX: tl.constexpr, ASM: tl.constexpr):
+    """Lane-wise unsigned max (IS_MAX) or min of two int32 tensors read as two 16-bit lanes: one PTX
+    max/min.u16x2 (sm_90) with ASM, else the same in 32-bit integer operations (the interpreter)."""
+    if ASM:
+        op: tl.constexpr = "max.u16x2 $0, $1, $2;" if IS_MAX else "min.u16x2 $0, $1, $2;"
+        return tl.inline_asm_elementwise(op, "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        ah, bh = (a >> 16) & 0xFFFF, (b >> 16) & 0xFFFF
+        al, bl = a & 0xFFFF, b & 0xFFFF
+        if IS_MAX:
+            return (tl.maximum(ah, bh) << 16) | tl.maximum(al, bl)
+        else:
+            return (tl.minimum(ah, bh) << 16) | tl.minimum(al, bl)
+
+
+@triton.jit
+def _pair_bits(w, top2, low2, ASM: tl.constexpr):
+    """Phase 1 on bf16 pairs: w int32 [R, C/2], each word two bf16 values (low lane the even column).
+    Folds into top2 the lanes' |x| bits (bf16 & 0x7FFF: the order of the values; NaN and inf above all
+    others) and into low2 their |x| bits - 1, mod 2^16 (0xFFFF for a zero: min skips zeros). The lane
+    arithmetic stays in its lane: (w | 0x80008000) - 0x00010001 borrows from no lane (each is >= 0x8000).
+    Two elements in five integer instructions with ASM (bf16 -> float32, |.|, two compares and a select
+    an element before)."""
+    top2 = _u16x2(top2, w & 0x7FFF7FFF, True, ASM)
+    low2 = _u16x2(low2, ((w | -2147450880) - 0x00010001) ^ -2147450880, False, ASM)  # 0x80008000 as int32
+    return top2, low2
+
+
+@triton.jit
+def _pair_stats(top2, low2):
+    """(max, non-zero min) [R] of the lanes of _pair_bits' words as float32 |x| bits: bf16 bits << 16;
+    0x7F800000 for no non-zero element (as _tile_bits)."""
+    top = tl.maximum(tl.max((top2 >> 16) & 0xFFFF, 1), tl.max(top2 & 0xFFFF, 1))
+    low = tl.minimum(tl.min((low2 >> 16) & 0xFFFF, 1), tl.min(low2 & 0xFFFF, 1))
+    return top << 16, tl.where(low == 0xFFFF, 0x7F800000, (low + 1) << 16)
 
 
 @triton.jit
@@ -210,18 +249,21 @@ def _stochastic_mag(x, bits, m32, s32, kz, inv_hi, inv_lo, inv_S, k_int, k_frac,
 
 
 @triton.jit
-def _nearest_code(x, bits, kz, inv_hi, inv_lo, inv_S, k_int2, k_frac, t0_int, t0_frac, band, half_band, mag_hi,
+def _nearest_code(x, bits, kz, inv_hi, inv_lo, inv_S, k_int2b, k_frac, t0_int, t0_frac, band, half_band, mag_hi,
                   sign_mask, CLAMPED: tl.constexpr, N_BITS: tl.constexpr, FAST_LOG2: tl.constexpr):  # fmt: skip
     """(the n-bit code [R, C] int32, ambiguous [R, C]) by nearest rounding, from the row constants ([R, 1]).
 
-    fl2 = floor(t) + 2 (k_int2 = floor(c/S) - 2) is the magnitude code before the clamp to [1, mag_hi]
-    (mag_hi: Q, or 0 for a tile with a NaN or inf, whose codes are 0; a step-0 tile's constants make
-    fl2 = 1). Ambiguous: t within the band of an integer. CLAMPED (some row of the program has elements
-    the 2^32 range clamp cuts): also the 0 / 1 threshold t0, below which the code is 0; in other rows
-    every non-zero |x| lies above it (t >= t(min |x|) = -C/S - O(1e-7 / S) > t0 + 1/S / 2)."""
-    fl2, fr, p_int, w = _grid_position(bits, kz, inv_hi, inv_lo, inv_S, k_int2, k_frac, FAST_LOG2)
+    fl2 = floor(t) + 2 is the magnitude code before the clamp to [1, mag_hi] (mag_hi: Q, or 0 for a tile
+    with a NaN or inf, whose codes are 0; a step-0 tile's constants make fl2 = 1). k_int2b = floor(c/S) - 2
+    - 1.5 * 2^23 puts fl2 + 1.5 * 2^23 in float32 whose low bits are fl2 (as _to_int, one add fewer an
+    element): exact while |fl2| <= 2^22, which holds for every element above t0 (fl2 <= Q + 4 + 0.52/S,
+    1/S < 2^16); below t0 (only in clamped rows) the code is 0 whatever mag is. Ambiguous: t within the
+    band of an integer. CLAMPED (some row of the program has elements the 2^32 range clamp cuts): also
+    the 0 / 1 threshold t0, below which the code is 0; in other rows every non-zero |x| lies above it
+    (t >= t(min |x|) = -C/S - O(1e-7 / S) > t0 + 1/S / 2)."""
+    fl2b, fr, p_int, w = _grid_position(bits, kz, inv_hi, inv_lo, inv_S, k_int2b, k_frac, FAST_LOG2)
     amb = tl.abs(fr - 0.5) > half_band
-    mag = tl.minimum(tl.maximum(_to_int(fl2), 1), mag_hi)
+    mag = tl.minimum(tl.maximum(fl2b.to(tl.int32, bitcast=True) - 0x4B400000, 1), mag_hi)
     if CLAMPED:
         d0 = (p_int - t0_int) + (w - t0_frac)  # t - t0
         amb = amb | (tl.abs(d0) < band)
@@ -315,17 +357,21 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
                    N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
                    PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr,
                    GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr,
-                   CLAMPED: tl.constexpr, FAST_LOG2: tl.constexpr):  # fmt: skip
+                   CLAMPED: tl.constexpr, FAST_LOG2: tl.constexpr, x_tile, src_tile):  # fmt: skip
     """The encoder's element phase: the tile's codes, CHUNK_C columns at a time (x read again, from the
-    cache), stored for the rows of keep_c that hold no ambiguous element so far. Returns (rows with an
-    ambiguous element [R] int32, the source row offsets [R]). Row constants as [R, 1] columns (nearest:
-    k_int_c = floor(c/S) - 2; stochastic: floor(c/S), and t0_int_c.. live_c unused)."""
+    cache; with one chunk, CHUNK_C = TILE_C, the tile the first phase loaded, x_tile and src_tile), stored
+    for the rows of keep_c that hold no ambiguous element so far. Returns (rows with an ambiguous element
+    [R] int32, the source row offsets [R]). Row constants as [R, 1] columns (nearest: k_int_c =
+    floor(c/S) - 2; stochastic: floor(c/S), and t0_int_c.. live_c unused)."""
     Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
     amb_rows = tl.zeros([BLOCK_R], dtype=tl.int32)
     src = rows.to(tl.int64)
     for c0 in range(0, TILE_C, CHUNK_C):
         cols = tile * TILE_C + c0 + tl.arange(0, CHUNK_C)
-        x, src, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
+        if CHUNK_C == TILE_C:
+            x, src = x_tile, src_tile
+        else:
+            x, src, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
         bits = tl.abs(x).to(tl.int32, bitcast=True)
         pbits = bits
         if any_scaled:
@@ -351,42 +397,69 @@ def encode_kernel(
     code_bytes, seed, range_clamp, delta,
     N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
     PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr, GB_P2: tl.constexpr,
-    BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr, FAST_LOG2: tl.constexpr,
+    BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr, REGATHER: tl.constexpr,
+    FAST_LOG2: tl.constexpr, PAIRS: tl.constexpr, PAIR_ASM: tl.constexpr,
 ):  # fmt: skip
     # One program = BLOCK_R output rows x one 128-column tile; each row of the block is its own LogFMT tile.
     # M_BUCKET (a power-of-two bucket of N, unused) is an autotuning key. Three phases:
-    # 1. each row's |x| bit max and min, the tile walked in CHUNK_C-column chunks;
-    # 2. per row, in float64: the tile numbers and the grid constants. A row's numbers are computed by
-    #    one or two threads: the maxima and minima leave through this program's slots of the statistics and
-    #    come back with a fresh row index, which Triton lays out one row per thread (two with BLOCK_R = 16
-    #    a warp). Left in the layout of the reductions, each row's float64 work was repeated by
-    #    the 16 threads that hold its columns: about 250 float64 instructions per 8 elements, most of
-    #    the kernel's time (1.05 ms for 32,768 x 7,168 on the H200, 16% of copy bandwidth).
-    # 3. the codes, chunk by chunk (x read again, from the cache).
+    # 1. each row's |x| bit max and min, the tile walked in CHUNK_C-column chunks (PAIRS: x is bf16 with even
+    #    H and row stride, read as int32 words of two values, max and min taken lane-wise: _pair_bits);
+    # 2. per row, in float64: the tile numbers and the grid constants. With REGATHER a row's numbers are
+    #    computed by one or two threads: the maxima and minima leave through this program's slots of the
+    #    statistics and come back with a fresh row index, which Triton lays out one row per thread (two
+    #    with BLOCK_R = 16 a warp). Left in the layout of the reductions, each row's float64 work is
+    #    repeated by the threads that hold its columns: 16 with 16-column chunks, about 250 float64
+    #    instructions per 8 elements, most of the kernel's time (1.05 ms for 32,768 x 7,168 on the H200,
+    #    16% of copy bandwidth). Without (the autotuner decides): no barrier, no round trip through L2 (a
+    #    program waits for both), and the row constants are already in the elements' layout; with 32 or
+    #    more rows a program few threads share a row.
+    # 3. the codes, chunk by chunk (x read again, from the cache; with one chunk the tile stays in
+    #    registers from phase 1).
     # The chunk loops are loops, not unrolled: registers and compile time stay those of one chunk.
     Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
     pid_r = tl.program_id(0)
     tile = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     in_r = rows < N
-    top = tl.zeros([BLOCK_R], dtype=tl.int32)
-    low = tl.full([BLOCK_R], 0x7F800000, dtype=tl.int32)
-    for c0 in range(0, TILE_C, CHUNK_C):
-        cols = tile * TILE_C + c0 + tl.arange(0, CHUNK_C)
-        x, src, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
-        bits, top_c, low_c = _tile_bits(x)
-        top = tl.maximum(top, top_c)
-        low = tl.minimum(low, low_c)
+    if CHUNK_C == TILE_C:  # the whole tile at once, kept for phase 3
+        cols = tile * TILE_C + tl.arange(0, TILE_C)
+        x_tile, src_tile, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
+        bits, top, low = _tile_bits(x_tile)
+    else:
+        x_tile = tl.zeros([BLOCK_R, CHUNK_C], dtype=tl.float32)  # unused
+        src_tile = rows.to(tl.int64)
+        if PAIRS:
+            x32_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+            top2 = tl.zeros([BLOCK_R, CHUNK_C // 2], dtype=tl.int32)
+            low2 = tl.full([BLOCK_R, CHUNK_C // 2], -1, dtype=tl.int32)  # 0xFFFF in both lanes
+            for c0 in range(0, TILE_C, CHUNK_C):
+                words = (tile * TILE_C + c0) // 2 + tl.arange(0, CHUNK_C // 2)
+                w, src, ok = _load_rows(x32_ptr, idx_ptr, rows, words, N, H // 2, stride_x // 2, GATHER, TOPK,
+                                        tl.int32)  # fmt: skip
+                top2, low2 = _pair_bits(w, top2, low2, PAIR_ASM)
+            top, low = _pair_stats(top2, low2)
+        else:
+            top = tl.zeros([BLOCK_R], dtype=tl.int32)
+            low = tl.full([BLOCK_R], 0x7F800000, dtype=tl.int32)
+            for c0 in range(0, TILE_C, CHUNK_C):
+                cols = tile * TILE_C + c0 + tl.arange(0, CHUNK_C)
+                x, src, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
+                bits, top_c, low_c = _tile_bits(x)
+                top = tl.maximum(top, top_c)
+                low = tl.minimum(low, low_c)
 
-    _store_stats(top.to(tl.float32, bitcast=True), low.to(tl.float32, bitcast=True), rows, in_r, tile, T,
-                 min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED)  # fmt: skip
-    tl.debug_barrier()
-    rows1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    in_r1 = rows1 < N
-    top_f, low_f = _load_stats(rows1.to(tl.int64), in_r1, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_bytes,
-                               PACKED, ".cg")  # fmt: skip
-    bad, m32, s32, amin, amax = _row_stats(top_f.to(tl.int32, bitcast=True), low_f.to(tl.int32, bitcast=True),
-                                           range_clamp, Q)  # fmt: skip
+    if REGATHER:
+        _store_stats(top.to(tl.float32, bitcast=True), low.to(tl.float32, bitcast=True), rows, in_r, tile, T,
+                     min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED)  # fmt: skip
+        tl.debug_barrier()
+        rows1 = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        in_r1 = rows1 < N
+        top_f, low_f = _load_stats(rows1.to(tl.int64), in_r1, tile, T, min_ptr, step_ptr, pay_ptr, stride_p,
+                                   code_bytes, PACKED, ".cg")  # fmt: skip
+        top, low = top_f.to(tl.int32, bitcast=True), low_f.to(tl.int32, bitcast=True)
+    else:
+        rows1, in_r1 = rows, in_r
+    bad, m32, s32, amin, amax = _row_stats(top, low, range_clamp, Q)
     _store_stats(tl.where(bad, float("nan"), m32), tl.where(bad, float("nan"), s32), rows1, in_r1, tile, T,
                  min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED)  # fmt: skip
     # A subnormal |x| (rare) has no exponent in its bits: its row is scaled by 2^24 (exact) for the
@@ -423,7 +496,7 @@ def encode_kernel(
     if STOCHASTIC:
         k_int_c = k_int[:, None]
     else:
-        k_int2_c = (k_int - 2.0)[:, None]
+        k_int2_c = (k_int - 12582914.0)[:, None]  # floor(c/S) - 2 - 1.5 * 2^23 (_nearest_code)
         t0_int_c, t0_frac_c, band_c, half_c = t0_int[:, None], t0_frac[:, None], band[:, None], half_band[:, None]
         mag_hi_c, sign_c, live_c = mag_hi[:, None], sign_mask[:, None], live[:, None]
     keep_c = (in_r1 & (redo * live == 0))[:, None]  # rows the fast path stores (unless found ambiguous)
@@ -434,19 +507,22 @@ def encode_kernel(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, k_frac_c, k_frac_c, k_frac_c,
             k_frac_c, k_frac_c, k_frac_c, k_frac_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2)  # fmt: skip
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, x_tile,
+            src_tile)  # fmt: skip
     elif any_clamped:
         amb_rows, src = _encode_chunks(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c, band_c,
             half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, True, FAST_LOG2)  # fmt: skip
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, True, FAST_LOG2, x_tile,
+            src_tile)  # fmt: skip
     else:
         amb_rows, src = _encode_chunks(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c, band_c,
             half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2)  # fmt: skip
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, x_tile,
+            src_tile)  # fmt: skip
     redo = tl.maximum(redo, amb_rows) * live * in_r1.to(tl.int32)
     if tl.max(redo, 0) > 0:  # rare: those rows again, whole, in the reference's float64 formulas
         tl.debug_barrier()  # after every fast store (a row found ambiguous late has earlier chunks stored)

@@ -351,8 +351,13 @@ DELTA = 4e-7  # log2 units: the band is DELTA / S + 2^-20 in t units (the bound:
 # H200, run 34: 0.4-0.5 instructions issued a cycle per scheduler, L1TEX waits the largest stall, 31% of
 # its sectors excess): with 32 columns a step a row's codes leave in whole 32-byte sectors (16 columns wrote
 # half sectors), and 32 rows on 2 warps keep more programs an SM; the dispatch's LogFMT-10 encode went from
-# 0.121 to 0.089 ms. Few candidates: each is a compilation per variant.
-ENCODE_CONFIGS = ((64, 4, 16), (128, 8, 16), (8, 4, 128), (32, 2, 16), (16, 1, 16), (32, 2, 32), (64, 4, 32))
+# 0.121 to 0.089 ms. REGATHER (the fourth field): the row numbers pass through memory to one row per thread
+# for the float64 phase (the kernel says why); without it a program neither waits at a barrier nor for the
+# round trip through L2 (ncu, run 35: 25-37% occupancy, so each program's waits show). With CHUNK_C = 128
+# the tile stays in registers between the phases (x is read once). Few candidates: each is a compilation
+# per variant.
+ENCODE_CONFIGS = ((64, 4, 16, True), (8, 4, 128, True), (32, 2, 16, True), (16, 1, 16, True), (32, 2, 32, True),
+                  (64, 4, 32, True), (32, 2, 32, False), (64, 4, 32, False), (8, 4, 128, False), (16, 4, 128, False))
 DECODE_CONFIGS = ((8, 4), (32, 8), (16, 4), (64, 8), (32, 4))  # more rows a program: fewer, longer programs
 
 
@@ -366,7 +371,7 @@ def tuned_kernels(interpret: bool) -> dict:
     def candidates(shapes):
         return [({"BLOCK_R": r}, w) for r, w in shapes]
 
-    encode = [({"BLOCK_R": r, "CHUNK_C": c}, w) for r, w, c in ENCODE_CONFIGS]
+    encode = [({"BLOCK_R": r, "CHUNK_C": c, "REGATHER": g}, w) for r, w, c, g in ENCODE_CONFIGS]
     common = ["H", "M_BUCKET", "N_BITS", "PACKED", "GATHER"]
     return {"encode": autotuned(k.encode_kernel, encode, common + ["STOCHASTIC"]),
             "decode": autotuned(k.decode_sum_kernel, candidates(DECODE_CONFIGS), common + ["TOPK", "HAS_WEIGHT"])}
@@ -377,12 +382,14 @@ def picked_configs() -> dict:
     return {kind: config_text(kernel) for kind, kernel in tuned_kernels(interpreting()).items()}
 
 
-def _launch(kind: str, block_rows: int | None, chunk_cols: int | None = None):
+def _launch(kind: str, block_rows: int | None, chunk_cols: int | None = None, regather: bool = True):
     """(kernel, launch kwargs): the autotuner, or with ``block_rows`` that shape with 4 warps (tests;
-    the encoder walks its tile in ``chunk_cols``-column chunks, default the whole tile)."""
+    the encoder walks its tile in ``chunk_cols``-column chunks, default the whole tile, its row numbers
+    regathered one row a thread or not)."""
     config = None if block_rows is None else {"BLOCK_R": block_rows, "num_warps": 4}
     if config is not None and kind == "encode":
         config["CHUNK_C"] = chunk_cols or TILE
+        config["REGATHER"] = regather
     return launch_config(tuned_kernels(interpreting())[kind], config)
 
 
@@ -391,7 +398,8 @@ def _check_index(idx: torch.Tensor | None, name: str) -> None:
         raise CoscaleError(f"{name} must be an integer tensor, got {idx.dtype}")
 
 
-def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, block_rows, chunk_cols=None):
+def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, block_rows, chunk_cols=None,
+                   regather=True):
     if x.stride(-1) != 1:
         x = x.contiguous()
     h = x.shape[1]
@@ -409,15 +417,17 @@ def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, b
         tile_min = torch.empty(n, tiles, dtype=torch.float32, device=dev)
         tile_step = torch.empty(n, tiles, dtype=torch.float32, device=dev)
         payload = codes
+    # bf16 rows whose values pair into aligned int32 words: the first phase reads words (_pair_bits)
+    pairs = x.dtype == torch.bfloat16 and h % 2 == 0 and x.stride(0) % 2 == 0 and x.data_ptr() % 4 == 0
     if n and h:
         idx = row_src.contiguous() if row_src is not None else x
-        kernel, cfg = _launch("encode", block_rows, chunk_cols)
+        kernel, cfg = _launch("encode", block_rows, chunk_cols, regather)
         kernel[lambda meta: (triton_cdiv(n, meta["BLOCK_R"]), tiles)](
             x, idx, codes, tile_min, tile_step, payload, n, h, tiles, _pow2(n), x.stride(0), codes.stride(0),
             payload.stride(0), code_bytes, seed or 0, RANGE_CLAMP, DELTA,
             N_BITS=n_bits, STOCHASTIC=rounding == "stochastic", GATHER=row_src is not None, TOPK=topk,
             PACKED=rows_out, PLANES=planes, GROUP=group, GBYTES=group_bytes, GB_P2=_pow2(group_bytes), TILE_C=TILE,
-            FAST_LOG2=use_fast_log2(x.device), **cfg,
+            FAST_LOG2=use_fast_log2(x.device), PAIRS=pairs, PAIR_ASM=pairs and not interpreting(), **cfg,
         )  # fmt: skip
     return payload if rows_out else (codes, tile_min, tile_step)
 
@@ -502,20 +512,23 @@ def _encode_ref(x, row_src, topk, n_bits, rounding, seed):
 
 
 def logfmt_encode(x: torch.Tensor, n_bits: int = 8, rounding: str = "nearest", seed: int | None = None,
-                  backend: str = "auto", block_rows: int | None = None, *, chunk_cols: int | None = None):
+                  backend: str = "auto", block_rows: int | None = None, *, chunk_cols: int | None = None,
+                  regather: bool = True):
     """x [N, H] -> (codes [N, H] code_dtype(n_bits), tile_min [N, T] fp32, tile_step [N, T] fp32).
-    ``block_rows`` / ``chunk_cols`` fix the kernel's tile shape (rows per program, columns per step of its
-    element phase) instead of autotuning it: tests.
+    ``block_rows`` / ``chunk_cols`` / ``regather`` fix the kernel's tile shape (rows per program, columns per
+    step of its element phase, the row numbers' layout: coscale.kernels._logfmt_triton.encode_kernel)
+    instead of autotuning it: tests.
 
     ``seed`` (stochastic rounding): the Philox seed of the kernel, or the seed of the reference's
     torch.Generator; None draws one from torch's default generator (reproducible under manual_seed).
     """
-    return logfmt_encode_rows(x, None, 1, n_bits, rounding, seed, backend, block_rows, chunk_cols=chunk_cols)
+    return logfmt_encode_rows(x, None, 1, n_bits, rounding, seed, backend, block_rows, chunk_cols=chunk_cols,
+                              regather=regather)
 
 
 def logfmt_encode_rows(x: torch.Tensor, row_src: torch.Tensor | None, topk: int = 1, n_bits: int = 8,
                        rounding: str = "nearest", seed: int | None = None, backend: str = "auto",
-                       block_rows: int | None = None, *, chunk_cols: int | None = None):
+                       block_rows: int | None = None, *, chunk_cols: int | None = None, regather: bool = True):
     """The rows x[row_src[r] // topk] (zeros where row_src[r] < 0; x itself for row_src None) encoded in one
     pass: the MoE permutation (row_src = PermuteInfo.row_pair, topk = K) fused with the encoder."""
     _check_x(x, n_bits, rounding)
@@ -523,13 +536,13 @@ def logfmt_encode_rows(x: torch.Tensor, row_src: torch.Tensor | None, topk: int 
     seed = _seed(rounding, seed)
     if select_backend(backend, x, op="logfmt_encode") == "torch":
         return _encode_ref(x, row_src, topk, n_bits, rounding, seed)
-    return _encode_triton(x, row_src, topk, n_bits, rounding, seed, False, True, block_rows, chunk_cols)
+    return _encode_triton(x, row_src, topk, n_bits, rounding, seed, False, True, block_rows, chunk_cols, regather)
 
 
 def logfmt_encode_to_rows(x: torch.Tensor, row_src: torch.Tensor | None = None, topk: int = 1, n_bits: int = 8,
                           rounding: str = "nearest", seed: int | None = None, packed: bool = True,
                           backend: str = "auto", block_rows: int | None = None, *,
-                          chunk_cols: int | None = None) -> torch.Tensor:
+                          chunk_cols: int | None = None, regather: bool = True) -> torch.Tensor:
     """As logfmt_encode_rows, written as rows of bytes [N, row_bytes(H)[1]] (codes packed, then tile_min
     and tile_step): the dispatch's row selection, encoding and packing in one pass."""
     _check_x(x, n_bits, rounding)
@@ -537,7 +550,7 @@ def logfmt_encode_to_rows(x: torch.Tensor, row_src: torch.Tensor | None = None, 
     seed = _seed(rounding, seed)
     if select_backend(backend, x, op="logfmt_encode") == "torch":
         return to_rows_ref(*_encode_ref(x, row_src, topk, n_bits, rounding, seed), n_bits, packed)
-    return _encode_triton(x, row_src, topk, n_bits, rounding, seed, True, packed, block_rows, chunk_cols)
+    return _encode_triton(x, row_src, topk, n_bits, rounding, seed, True, packed, block_rows, chunk_cols, regather)
 
 
 def logfmt_decode(codes: torch.Tensor, tile_min: torch.Tensor, tile_step: torch.Tensor, n_bits: int = 8,
