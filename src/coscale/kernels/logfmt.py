@@ -60,12 +60,12 @@ whole: 1 / S >= 2^16 (nearly constant tiles), a band >= 1/4, or a subnormal |x| 
 0.2 % of the rows are redone for LogFMT-8, 0.6 % for LogFMT-10 (test_ambiguous_rows_are_rare). Tests:
 tests/test_logfmt.py, tests/test_logfmt_fused.py (elements straddling every threshold, and the fallback
 alone with the band widened to everything), tests/test_logfmt_exact.py (the bound, hard inputs).
-Per-row float64 work runs once per row: the kernel lays its row numbers out one or two rows per warp lane
-(64-128 rows a program; in the layout of the tile's columns 16 threads repeated it: the first kernel spent
-most of its time there, 16% of copy bandwidth on the H200). lg2.approx is used only on a GPU whose
-approximation ``use_fast_log2`` has checked within LOG2_BOUND (once per device). Tile shapes (rows per
-program, columns per step, warps) are autotuned per (H, row bucket, format); ``block_rows`` /
-``chunk_cols`` fix them for tests.
+Per-row float64 work runs on few threads a row: either the kernel regathers its row numbers one or two
+rows per warp lane, through memory, or (32-column steps) the reductions' layout already holds a row on two
+threads (with 16 threads repeating each row, the first kernel spent most of its time there, 16% of copy
+bandwidth on the H200). lg2.approx is used only on a GPU whose approximation ``use_fast_log2`` has checked
+within LOG2_BOUND (once per device). Tile shapes (rows per program, columns per step, warps, regather) are
+autotuned per (H, row bucket, format); ``block_rows`` / ``chunk_cols`` / ``regather`` fix them for tests.
 
 Stochastic rounding draws Philox numbers (``tl.rand(seed, row * Hp + col)``, offsets wrap past 2^31
 elements) and is checked statistically; the reference uses a torch.Generator. The decode kernel computes
@@ -354,8 +354,9 @@ DELTA = 4e-7  # log2 units: the band is DELTA / S + 2^-20 in t units (the bound:
 # 0.121 to 0.089 ms. REGATHER (the fourth field): the row numbers pass through memory to one row per thread
 # for the float64 phase (the kernel says why); without it a program neither waits at a barrier nor for the
 # round trip through L2 (ncu, run 35: 25-37% occupancy, so each program's waits show). With CHUNK_C = 128
-# the tile stays in registers between the phases (x is read once). Few candidates: each is a compilation
-# per variant.
+# the tile stays in registers between the phases (x is read once). Run 35: the dispatch's encodes and
+# LogFMT-8 encode alone picked REGATHER=False (encode alone 1.19x, the dispatch's encodes 1.12-1.19x with
+# the first phase on bf16 pairs). Few candidates: each is a compilation per variant.
 ENCODE_CONFIGS = ((64, 4, 16, True), (8, 4, 128, True), (32, 2, 16, True), (16, 1, 16, True), (32, 2, 32, True),
                   (64, 4, 32, True), (32, 2, 32, False), (64, 4, 32, False), (8, 4, 128, False), (16, 4, 128, False))
 DECODE_CONFIGS = ((8, 4), (32, 8), (16, 4), (64, 8), (32, 4))  # more rows a program: fewer, longer programs
