@@ -145,8 +145,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.batch_size, args.seq_len = "tiny", 8, 64
-    args.steps = args.steps or (30 if args.quick else 300)
-    args.capture_steps = args.capture_steps or (5 if args.quick else 20)
+    if args.steps is None:
+        args.steps = 30 if args.quick else 300
+    if args.capture_steps is None:
+        args.capture_steps = 5 if args.quick else 20
     for name in ("steps", "capture_steps", "batch_size", "seq_len", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
