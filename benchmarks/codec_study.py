@@ -157,7 +157,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     try:
-        codecs = {name: get_codec(name) for name in args.codecs}
+        codecs = {name: get_codec(name) for name in args.codecs if name != "fp32"}  # fp32: the baseline, always run
     except ConfigError as exc:
         p.error(str(exc))
     cfg = get_preset(args.model)
@@ -210,7 +210,7 @@ def main(argv=None):
               f"{t['activations_row_rel']:.2e} | {t['gradients_rel_l2']:.2e} | {t['gradients_row_rel']:.2e} | "
               f"{r['final_train_loss']:.4f} | "
               f"{r['val_loss']:.4f} | {r['val_loss'] - base['val_loss']:+.4f} |")
-    ResultsLog("codec_study").save(args=vars(args), errors=table, runs=runs)
+    ResultsLog("codec_study").save(args=vars(args), errors=table, runs=runs, noise_floor=max(noise, default=None))
 
 
 if __name__ == "__main__":
