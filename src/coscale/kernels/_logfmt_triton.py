@@ -403,7 +403,8 @@ def encode_kernel(
     # One program = BLOCK_R output rows x one 128-column tile; each row of the block is its own LogFMT tile.
     # M_BUCKET (a power-of-two bucket of N, unused) is an autotuning key. Three phases:
     # 1. each row's |x| bit max and min, the tile walked in CHUNK_C-column chunks (PAIRS: x is bf16 with even
-    #    H and row stride, read as int32 words of two values, max and min taken lane-wise: _pair_bits);
+    #    H and row stride, read as int32 words of two values, max and min taken lane-wise: _pair_bits; with
+    #    one chunk the tile is read as floats, since phase 3 needs them);
     # 2. per row, in float64: the tile numbers and the grid constants. With REGATHER a row's numbers are
     #    computed by one or two threads: the maxima and minima leave through this program's slots of the
     #    statistics and come back with a fresh row index, which Triton lays out one row per thread (two
@@ -423,10 +424,10 @@ def encode_kernel(
     in_r = rows < N
     if CHUNK_C == TILE_C:  # the whole tile at once, kept for phase 3
         cols = tile * TILE_C + tl.arange(0, TILE_C)
-        x_tile, src_tile, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
-        bits, top, low = _tile_bits(x_tile)
+        x_tile, src_tile, _ = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
+        _, top, low = _tile_bits(x_tile)
     else:
-        x_tile = tl.zeros([BLOCK_R, CHUNK_C], dtype=tl.float32)  # unused
+        x_tile = tl.zeros([BLOCK_R, CHUNK_C], dtype=tl.float32)  # placeholders: _encode_chunks loads its chunks
         src_tile = rows.to(tl.int64)
         if PAIRS:
             x32_ptr = x_ptr.to(tl.pointer_type(tl.int32))
