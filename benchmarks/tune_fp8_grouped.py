@@ -44,13 +44,15 @@ WG_CONFIGS = [
     (128, 64, 3, 4, 2, "t"), (64, 128, 3, 4, 2, "t"), (128, 64, 2, 4, 3, "t"), (64, 128, 2, 4, 3, "t"),
     (64, 128, 4, 4, 2, "t"), (128, 128, 3, 8, 1, "t"), (128, 128, 4, 8, 1, "t"), (256, 128, 3, 8, 1, "t"),
     (128, 64, 3, 4, 2, ""),
+    # "e": grouped_wgrad_by_expert_kernel, work items of (expert, BLOCK_M rows), A kept while the columns pass
+    (128, 64, 3, 4, 2, "te"), (64, 128, 3, 4, 2, "te"), (128, 64, 4, 4, 2, "te"), (128, 128, 3, 8, 1, "te"),
 ]
 
 
 def cfg_dict(c):
     bm, bn, st, w, per_sm, flags = c
     return {"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": st, "num_warps": w, "PROGRAMS_PER_SM": per_sm, "GROUP_M": 8,
-            "FLATTEN": "f" in flags, "TMA_STORE": "t" in flags}
+            "FLATTEN": "f" in flags, "TMA_STORE": "t" in flags, "BY_EXPERT": "e" in flags}
 
 
 def name_of(c):

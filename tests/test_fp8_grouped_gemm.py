@@ -328,18 +328,20 @@ def test_gpu_every_wgrad_candidate_matches_the_reference(out_dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("by_expert", [False, True])
 @pytest.mark.parametrize("sms", [1, 3, 5, 7])
-def test_wgrad_persistent_grids_of_any_size_cover_every_position(sms, monkeypatch):
+def test_wgrad_persistent_grids_of_any_size_cover_every_position(sms, by_expert, monkeypatch):
     """The weight-gradient kernel steps each program through positions pid, pid + grid, ... by
     counters (no division): grids that do not divide the column-tile count, or exceed it, must still
-    cover every output position exactly once."""
+    cover every output position exactly once. The by-expert kernel strides over (expert, row tile)
+    items, experts of one, two and three chunks among them."""
     monkeypatch.setattr(kernels, "_num_sms", lambda device: sms)
     torch.manual_seed(12)
-    off = offsets_of([256, 0, 128])
+    off = offsets_of([256, 0, 128, 384] if by_expert else [256, 0, 128])
     m, n, k = int(off[-1]), 192, 320  # 3 x 5 positions of 64 x 64
     _, _, xt, xts = q.act_quant_1x128_dual(torch.randn(m, k), backend="torch")
     _, _, dyt, dyts = q.act_quant_1x128_dual(torch.randn(m, n), backend="torch")
     oracle = fp8_grouped_wgrad_ref(dyt, dyts, xt, xts, off)
-    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "STAGES": 1, "num_warps": 4, "PROGRAMS_PER_SM": 1}
-    got = kernels.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, off, torch.full((3, n, k), 7.0), cfg)
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "STAGES": 1, "num_warps": 4, "PROGRAMS_PER_SM": 1, "BY_EXPERT": by_expert}
+    got = kernels.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, off, torch.full((len(off), n, k), 7.0), cfg)
     assert torch.allclose(got, oracle, rtol=1e-4, atol=1e-4 * float(oracle.abs().max()))

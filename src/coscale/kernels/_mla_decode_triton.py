@@ -145,8 +145,12 @@ def _cvt(k, dot_dtype: tl.constexpr, EARLY_CVT: tl.constexpr):
         # the shared-memory load, so that P @ V reads its operand transposed from 8-bit shared memory one
         # byte per instruction (128 LDS.U8 a tile in sm_90 compiles, where a BF16 cache takes 16
         # ldmatrix.trans). Converted first, the fp16 tile goes through shared memory like a BF16 one.
-        return tl.inline_asm_elementwise("cvt.rn.f16x2.e4m3x2 $0, $1;", "=r,h", [k.to(tl.uint8, bitcast=True)],
-                                         dtype=tl.float16, is_pure=False, pack=2)
+        # Four values an instance: the word of four e4m3 bytes as loaded, split into its halves by a mov (free
+        # in SASS). Two values an instance ("h" inputs) made Triton pack every pair of bytes with PRMTs first:
+        # 128 a thread per 64-key tile, the loop's most common instruction (sm_90 compile, 8 warps).
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r", [k.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
     return k.to(dot_dtype)
 
 @triton.jit

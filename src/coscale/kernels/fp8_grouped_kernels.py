@@ -70,7 +70,14 @@ MM_CANDIDATES = (
 # programs an SM, led (442-463 TFLOP/s; BF16 CUTLASS 430-435), 64x128 came within 5% and 128x128 of
 # two warpgroups within 20%; 128x128 of one warpgroup and 128x256 (a fresh 128-deep product beside the
 # accumulator: 256 registers a thread) ran at half that.
+# BY_EXPERT candidates run grouped_wgrad_by_expert_kernel (work items of one expert's BLOCK_M rows, whose A
+# tiles stay in shared memory while the item walks the columns): added in run 36, not yet timed on a GPU when
+# written; 128x128 tiles of two warpgroups spill there (255 registers, sm_90 compile).
 WGRAD_CANDIDATES = (
+    {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
+     "BY_EXPERT": True},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
+     "BY_EXPERT": True},
     {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
     {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
     {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "PROGRAMS_PER_SM": 1, "TMA_STORE": True},
@@ -87,10 +94,12 @@ WGRAD_PICKER = ConfigPicker("grouped FP8 weight-gradient GEMM", WGRAD_CANDIDATES
 
 @functools.cache
 def _build_tma_kernels(interpret: bool):
-    """The two Triton kernels. Operands A and B come through host-built tensor descriptors (TMA bulk
-    copies on Hopper), scales through pointers, C through a descriptor (TMA_STORE) or pointers. Both
-    kernels loop over their tiles with a stride of the grid size, so a grid smaller than the tile count
-    makes them persistent; FLATTEN lets the pipeliner treat that loop and the K loop as one."""
+    """The Triton kernels: the forward/dgrad GEMM, the weight gradient by output position, the zeros of
+    experts without tokens and the weight gradient by (expert, row tile). Operands A and B come through
+    host-built tensor descriptors (TMA bulk copies on Hopper), scales through pointers, C through a
+    descriptor (TMA_STORE) or pointers. The GEMM kernels loop over their work with a stride of the grid
+    size, so a grid smaller than the work makes them persistent; FLATTEN lets the pipeliner treat the
+    forward kernel's tile loop and K loop as one."""
     import triton
     import triton.language as tl
 
@@ -195,6 +204,75 @@ def _build_tma_kernels(interpret: bool):
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     @triton.jit
+    def grouped_wgrad_by_expert_kernel(
+        a_desc, b_desc, c_ptr, c_desc, sa_ptr, sb_ptr, off_ptr, N, K, E,
+        stride_ce, stride_cn, stride_san, stride_sat, stride_sbk, stride_sbt,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, STAGES: tl.constexpr,
+        TMA_STORE: tl.constexpr,
+    ):  # fmt: skip
+        # C[e] [N, K] = A[:, seg e] @ B[:, seg e]^T as in grouped_wgrad_tma_kernel, cut differently: one work
+        # item is (expert e, BLOCK_M rows of dW_e), and it walks all K column tiles. An expert of at most two
+        # 128-token chunks (256 tokens an expert at DeepSeek-V3's 8192 x top-8 over 256 experts) has its A
+        # rows loaded once per item and kept in shared memory, so each column tile reads only B's tile:
+        # about half the bytes the position-major loop moves from L2 per output tile, where that loop ran
+        # L2- and latency-bound (ncu, run 36: 71% of L2, tensor pipes 24%). Larger experts loop over their
+        # chunks per column tile. Experts without tokens own no work: zero_empty_experts_kernel.
+        num_m = tl.cdiv(N, BLOCK_M)
+        num_k = tl.cdiv(K, BLOCK_N)
+        for item in range(tl.program_id(0), E * num_m, tl.num_programs(0)):
+            e = item // num_m
+            pid_m = item - e * num_m
+            start = tl.load(off_ptr + e - 1, mask=e > 0, other=0)
+            chunks = tl.cdiv(tl.load(off_ptr + e) - start, BLOCK_T)
+            c0 = start // BLOCK_T  # segments start on 128-token boundaries
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < N
+            c_base = c_ptr + e.to(tl.int64) * stride_ce
+            if chunks > 0 and chunks <= 2:
+                # A one-chunk expert takes its only chunk twice, the second time with zero scales: another
+                # expert's tokens (which may hold NaN) are never read, and e4m3 has no infinity, so the
+                # second product adds exactly 0 unless the first is already NaN.
+                c1 = c0 + chunks - 1
+                two_m = (tl.zeros_like(offs_m) + chunks) == 2  # (a tensor: triton 3.9's interpreter refuses
+                # the int32 mask that a scalar condition and-ed with a bool tensor makes)
+                a0 = a_desc.load([pid_m * BLOCK_M, c0 * BLOCK_T])
+                a1 = a_desc.load([pid_m * BLOCK_M, c1 * BLOCK_T])
+                sa0 = tl.load(sa_ptr + offs_m.to(tl.int64) * stride_san + c0 * stride_sat, mask=row_ok, other=0.0)
+                sa1 = tl.load(sa_ptr + offs_m.to(tl.int64) * stride_san + c1 * stride_sat, mask=row_ok & two_m,
+                              other=0.0)
+                for kt in tl.range(0, num_k, num_stages=STAGES):
+                    offs_k = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+                    col_ok = offs_k < K
+                    b0 = b_desc.load([kt * BLOCK_N, c0 * BLOCK_T])
+                    b1 = b_desc.load([kt * BLOCK_N, c1 * BLOCK_T])
+                    sb_row = sb_ptr + offs_k.to(tl.int64) * stride_sbk
+                    sb0 = tl.load(sb_row + c0 * stride_sbt, mask=col_ok, other=0.0)
+                    sb1 = tl.load(sb_row + c1 * stride_sbt, mask=col_ok, other=0.0)
+                    acc = tl.dot(a0, b0.T) * (sa0[:, None] * sb0[None, :])
+                    acc += tl.dot(a1, b1.T) * (sa1[:, None] * sb1[None, :])
+                    if TMA_STORE:  # C as [E*N, K] (N a multiple of BLOCK_M: a tile stays in its expert)
+                        c_desc.store([e * N + pid_m * BLOCK_M, kt * BLOCK_N], acc.to(c_desc.dtype))
+                    else:
+                        c_ptrs = c_base + offs_m[:, None].to(tl.int64) * stride_cn + offs_k[None, :]
+                        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_k < K)[None, :])
+            elif chunks > 2:
+                for kt in tl.range(0, num_k):
+                    offs_k = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    for c in tl.range(c0, c0 + chunks, num_stages=STAGES):
+                        a = a_desc.load([pid_m * BLOCK_M, c * BLOCK_T])
+                        b = b_desc.load([kt * BLOCK_N, c * BLOCK_T])
+                        sa = tl.load(sa_ptr + offs_m.to(tl.int64) * stride_san + c * stride_sat, mask=row_ok, other=0.0)
+                        sb = tl.load(sb_ptr + offs_k.to(tl.int64) * stride_sbk + c * stride_sbt, mask=offs_k < K,
+                                     other=0.0)
+                        acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
+                    if TMA_STORE:  # C as [E*N, K] (N a multiple of BLOCK_M: a tile stays in its expert)
+                        c_desc.store([e * N + pid_m * BLOCK_M, kt * BLOCK_N], acc.to(c_desc.dtype))
+                    else:
+                        c_ptrs = c_base + offs_m[:, None].to(tl.int64) * stride_cn + offs_k[None, :]
+                        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_k < K)[None, :])
+
+    @triton.jit
     def zero_empty_experts_kernel(c_ptr, off_ptr, stride_ce, NK, BLOCK: tl.constexpr):
         # program (e, j): if expert e has no tokens, zeros over its [N, K] gradient (contiguous, NK
         # elements), strided by the grid's second dimension; else nothing
@@ -208,7 +286,7 @@ def _build_tma_kernels(interpret: bool):
                 offs = j0 + tl.arange(0, BLOCK)
                 tl.store(base + offs, zeros, mask=offs < NK)
 
-    return grouped_mm_tma_kernel, grouped_wgrad_tma_kernel, zero_empty_experts_kernel
+    return grouped_mm_tma_kernel, grouped_wgrad_tma_kernel, zero_empty_experts_kernel, grouped_wgrad_by_expert_kernel
 
 
 @functools.cache
@@ -274,7 +352,7 @@ def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     programs = tiles if per_sm == 0 else max(1, min(tiles, per_sm * _num_sms(a.device)))
     tma_store = cfg.get("TMA_STORE", False) and _descriptor_ok(c)  # else pointer stores
     c_desc = TensorDescriptor.from_tensor(c, [bm, bn]) if tma_store else c
-    kernel, _, _ = _build_tma_kernels(interpreting())
+    kernel = _build_tma_kernels(interpreting())[0]
     kernel[(programs,)](
         a_desc, b_desc, c, c_desc, a_scale, b_scale, tile_expert, m, n, k, e,
         c.stride(0), a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
@@ -295,7 +373,8 @@ def segment_of_each_block(group_end_offsets: torch.Tensor, rows: int) -> torch.T
 
 def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: dict, chunk_expert=None):
     """One launch of the TMA wgrad kernel with an explicit configuration: BLOCK_M tiles N, BLOCK_N
-    tiles K, STAGES, num_warps, PROGRAMS_PER_SM (0: one program per output position) and TMA_STORE;
+    tiles K, STAGES, num_warps, PROGRAMS_PER_SM (0: one program per work item), TMA_STORE and BY_EXPERT
+    (grouped_wgrad_by_expert_kernel: work items of (expert, BLOCK_M rows) instead of output positions);
     ``out`` a contiguous [E, N, K]; ``chunk_expert``: segment_of_each_block(offsets, Mp) if the
     caller has it. Experts without tokens get zeros from a second, small launch."""
     if not out.is_contiguous():
@@ -309,17 +388,20 @@ def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: di
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     a_desc = TensorDescriptor.from_tensor(_tma_operand(dyt), [bm, BLOCK])
     b_desc = TensorDescriptor.from_tensor(_tma_operand(xt), [bn, BLOCK])
-    _, kernel, zero_kernel = _build_tma_kernels(interpreting())
-    positions = -(-n // bm) * -(-k // bn)
+    _, by_position, zero_kernel, by_expert = _build_tma_kernels(interpreting())
+    kernel = by_expert if cfg.get("BY_EXPERT", False) else by_position
+    # work items: output positions (each over all experts), or (expert, row tile) pairs with BY_EXPERT
+    items = -(-n // bm) * (experts if cfg.get("BY_EXPERT", False) else -(-k // bn))
     per_sm = cfg.get("PROGRAMS_PER_SM", 0)
-    programs = positions if per_sm == 0 else max(1, min(positions, per_sm * _num_sms(dyt.device)))
+    programs = items if per_sm == 0 else max(1, min(items, per_sm * _num_sms(dyt.device)))
     # a bulk store writes C as [E*N, K]: only when a BLOCK_M row tile cannot cross into the next expert
     # and a descriptor can write that view; else pointer stores
     c2d = out.view(experts * n, k)
     tma_store = cfg.get("TMA_STORE", False) and n % bm == 0 and _descriptor_ok(c2d)
     c_desc = TensorDescriptor.from_tensor(c2d, [bm, bn]) if tma_store else out
+    chunk_arg = () if cfg.get("BY_EXPERT", False) else (chunk_expert,)  # the by-expert kernel reads offsets only
     kernel[(programs,)](
-        a_desc, b_desc, out, c_desc, dyt_scale, xt_scale, offsets, chunk_expert, n, k, experts,
+        a_desc, b_desc, out, c_desc, dyt_scale, xt_scale, offsets, *chunk_arg, n, k, experts,
         out.stride(0), out.stride(1), dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=BLOCK, STAGES=cfg.get("STAGES", 3), TMA_STORE=tma_store,
         num_warps=cfg.get("num_warps", 8),
