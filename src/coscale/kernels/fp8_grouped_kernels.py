@@ -70,13 +70,15 @@ MM_CANDIDATES = (
 # programs an SM, led (442-463 TFLOP/s; BF16 CUTLASS 430-435), 64x128 came within 5% and 128x128 of
 # two warpgroups within 20%; 128x128 of one warpgroup and 128x256 (a fresh 128-deep product beside the
 # accumulator: 256 registers a thread) ran at half that.
-# BY_EXPERT candidates run grouped_wgrad_by_expert_kernel (work items of one expert's BLOCK_M rows, whose A
-# tiles stay in shared memory while the item walks the columns): added in run 36, not yet timed on a GPU when
-# written; 128x128 tiles of two warpgroups spill there (255 registers, sm_90 compile).
+# BY_EXPERT runs grouped_wgrad_by_expert_kernel (work items of one expert's BLOCK_M rows, whose A tiles stay in
+# shared memory while the item walks the columns). On the H200 at V3's experts (run 36B, results/
+# tune_fp8_grouped_run36B_h200_2026-12-04.log) its 128x64 tiles of one warpgroup, two programs an SM, took 6.3-6.7
+# / 3.2 ms for gate+up / down against 8.9 / 4.0 for the position-major 128x64 (1.32x / 1.23x); by expert, 64x128
+# ran at 430 / 384 TFLOP/s, 128x128 of two warpgroups at 486 / 459 (it spills) and 128x64 with 4 stages at 464 /
+# 437, so they are not candidates. The position-major kernels stay for experts of more than two chunks, where the
+# by-expert kernel loops over chunks per column tile.
 WGRAD_CANDIDATES = (
     {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
-     "BY_EXPERT": True},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
      "BY_EXPERT": True},
     {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
     {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True},
