@@ -606,3 +606,7 @@ def test_every_dual_producer_configuration_writes_what_two_launches_write(source
         qo.launch_producer("dual", outs, src, False, m=m, k=k, source=source, config=_config(cfg), **extra)
         _assert_same_fp8(outs[0], ref[0], outs[1], ref[1])
         _assert_same_fp8(outs[2], ref[2], outs[3], ref[3])
+    for cfg in qo.PRODUCER_COLS_CONFIGS:  # the transposed launch's own candidates (PACK4: four rows a word)
+        outs = qo.quant_outputs(m, k, src.device, False, True, True)
+        qo.launch_producer("cols", outs, src, False, m=m, k=k, source=source, config=_config(cfg), **extra)
+        _assert_same_fp8(outs[2], ref[2], outs[3], ref[3])

@@ -147,6 +147,14 @@ def quant_cases():
         dual_types = {**types, "b_ptr": "*bf16", "idx_ptr": "*i32", "w_ptr": "*fp32"}
         yield (f"dual_quant source {source} CHUNK {chunk} PACK4={pack4} w{warps}", qk.dual_quant_kernel, dual_types,
                const, warps)
+    for source, block_k, pack4, warps in ((3, 32, False, 4), (3, 32, True, 1), (3, 32, True, 4), (3, 64, True, 4),
+                                          (3, 64, True, 8), (1, 32, True, 4), (2, 32, True, 4), (2, 64, True, 8),
+                                          (0, 32, True, 4)):
+        const = dict(SOURCE=source, TOPK=8 if source == 3 else 1, HAS_WEIGHT=source == 3, BLOCK_K=block_k, GROUPS=1,
+                     ROUND_SCALE=False, GRID_ROUND=False, PACK4=pack4)  # the transposed layout of a producer
+        cols_types = {**types, "b_ptr": "*bf16", "idx_ptr": "*i32", "w_ptr": "*fp32"}
+        yield (f"cols_quant source {source} BLOCK_K {block_k} PACK4={pack4} w{warps}", qk.cols_quant_kernel, cols_types,
+               const, warps)
     for block_r, block_c, warps in ((128, 128, 4), (128, 256, 8)):  # W^T through 32-bit words (PTX prmt)
         const = dict(BLOCK_R=block_r, BLOCK_C=block_c, ASM=True)
         yield (f"transpose words {block_r}x{block_c} w{warps}", qk.transpose_words_kernel,

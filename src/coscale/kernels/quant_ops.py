@@ -132,8 +132,14 @@ PRODUCER_ROWS_CONFIGS = (
     ({"BLOCK_M": 8, "TILES": 4}, 4), ({"BLOCK_M": 32, "TILES": 2}, 8), ({"BLOCK_M": 32, "TILES": 1}, 4),
 )
 PRODUCER_COLS_CONFIGS = (  # cols_quant_kernel: GROUPS tiles of 128 rows x BLOCK_K columns
-    ({"BLOCK_K": 32, "GROUPS": 1}, 4), ({"BLOCK_K": 16, "GROUPS": 1}, 4), ({"BLOCK_K": 64, "GROUPS": 1}, 8),
-    ({"BLOCK_K": 32, "GROUPS": 4}, 4), ({"BLOCK_K": 64, "GROUPS": 4}, 8),
+    ({"BLOCK_K": 32, "GROUPS": 1, "PACK4": False}, 4), ({"BLOCK_K": 16, "GROUPS": 1, "PACK4": False}, 4),
+    ({"BLOCK_K": 64, "GROUPS": 1, "PACK4": False}, 8), ({"BLOCK_K": 32, "GROUPS": 4, "PACK4": False}, 4),
+    ({"BLOCK_K": 64, "GROUPS": 4, "PACK4": False}, 8),
+    # PACK4 (run 36): the transposed tile stored as words, as cols_kernel's PACK4 candidates. Unlike there, 128
+    # values a thread (32 columns at one warp) take 244-255 registers with a gathered or SwiGLU source (a 64-bit
+    # address a value), so the tiles spread over more warps: 72-125 registers (tools/compile_sm90.py --counts).
+    ({"BLOCK_K": 32, "GROUPS": 1, "PACK4": True}, 4), ({"BLOCK_K": 64, "GROUPS": 1, "PACK4": True}, 8),
+    ({"BLOCK_K": 64, "GROUPS": 1, "PACK4": True}, 4), ({"BLOCK_K": 32, "GROUPS": 1, "PACK4": True}, 2),
 )
 TRANSPOSE_WORDS_CONFIGS = (  # transpose_words_kernel: [BLOCK_R x BLOCK_C] bytes as 32-bit words
     ({"BLOCK_R": 128, "BLOCK_C": 128}, 4), ({"BLOCK_R": 64, "BLOCK_C": 128}, 4), ({"BLOCK_R": 128, "BLOCK_C": 64}, 4),
