@@ -1,9 +1,10 @@
 """Where the time goes: per-kernel GPU time of FP8Linear and the MoE layer, forward + backward.
 
-Run: `PYTHONPATH=src python3 benchmarks/profile_layers.py [--only linear|moe|host]`. For each case, three
-forward+backward iterations run under torch.profiler after a warm-up; the table lists the kernels by
-total GPU time per iteration (ms), with their launch count per iteration, and the sum. This explains the
-bench_fp8 / bench_moe figures; it is not itself a performance claim.
+Run: `PYTHONPATH=src python3 benchmarks/profile_layers.py [--only linear|moe|host] [--launches]`. For each
+case, three forward+backward iterations run under torch.profiler after a warm-up; the table lists the kernels
+by total GPU time per iteration (ms), with their launch count per iteration, and the sum. `--only moe
+--launches` lists one forward+backward's kernels in launch order instead (which quantization is which).
+This explains the bench_fp8 / bench_moe figures; it is not itself a performance claim.
 
 ``--only host`` asks whether the host keeps up: for FP8Linear / nn.Linear at small and medium shapes and
 for one training step (forward + backward) of the `small` preset in BF16 and FP8, it prints the wall
@@ -74,7 +75,8 @@ def linear_cases():
         kernel_table(step, title)
 
 
-def moe_cases():
+def moe_cases(launches: bool = False):
+    """The routed experts' kernels by total (or, ``launches``, one call's launches in order)."""
     dev, dt = "cuda", torch.bfloat16
     # DeepSeek-V3's layer with all 256 experts on one GPU, and proxy-v3's (16 experts, top-4)
     for name, T, H, I, E, K in (("V3", 8192, 7168, 2048, 256, 8), ("proxy-v3", 8192, 7168, 2048, 16, 4)):
@@ -94,9 +96,31 @@ def moe_cases():
                 torch.autograd.grad(out, [x, topw, *ws], dy)
 
             label = precision + (" (weights cached)" if cache is not None else "")
-            kernel_table(step, f"MoE routed experts {label}, {name} shape, {T} tokens balanced", top=20)
+            title = f"MoE routed experts {label}, {name} shape, {T} tokens balanced"
+            launch_sequence(step, title) if launches else kernel_table(step, title, top=20)
         del x, w_gate, w_up, w_down
         torch.cuda.empty_cache()
+
+
+def launch_sequence(fn, title: str, min_us: float = 20.0) -> None:
+    """Every kernel of one call of fn in launch order with its GPU time (those of at least ``min_us``), the
+    sum and the span from the first start to the last end."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    if not events:
+        print(f"\n## {title}: no kernels recorded")
+        return
+    total = sum(e.time_range.elapsed_us() for e in events) / 1e3
+    span = (events[-1].time_range.end - events[0].time_range.start) / 1e3
+    print(f"\n## {title}: {len(events)} kernels, {total:.3f} ms of kernels, span {span:.3f} ms")
+    for e in events:
+        if e.time_range.elapsed_us() >= min_us:
+            print(f"  {e.time_range.elapsed_us():9.1f} us  {e.name[:90]}")
 
 
 def host_table(fn, title: str, iters: int = 20, top: int = 12) -> None:
@@ -201,7 +225,11 @@ def host_cases():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("linear", "moe", "host"))
+    parser.add_argument("--launches", action="store_true",
+                        help="with --only moe: one forward+backward's kernels in launch order instead of totals")
     args = parser.parse_args()
+    if args.launches and args.only != "moe":
+        parser.error("--launches lists the MoE layer's launches: give it with --only moe")
     if not torch.cuda.is_available():
         raise SystemExit("profile_layers.py needs a CUDA GPU")
     log = ResultsLog("profile_layers")
@@ -211,7 +239,7 @@ def main():
             if args.only in (None, "linear"):
                 linear_cases()
             if args.only in (None, "moe"):
-                moe_cases()
+                moe_cases(args.launches)
             if args.only in (None, "host"):
                 host_cases()
         finally:  # keep the report printed so far, even when a case fails
