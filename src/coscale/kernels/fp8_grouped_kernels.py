@@ -215,9 +215,10 @@ def _build_tma_kernels(interpret: bool):
         # C[e] [N, K] = A[:, seg e] @ B[:, seg e]^T as in grouped_wgrad_tma_kernel, cut differently: one work
         # item is (expert e, BLOCK_M rows of dW_e), and it walks all K column tiles. An expert of at most two
         # 128-token chunks (256 tokens an expert at DeepSeek-V3's 8192 x top-8 over 256 experts) has its A
-        # rows loaded once per item and kept in shared memory, so each column tile reads only B's tile:
-        # about half the bytes the position-major loop moves from L2 per output tile, where that loop ran
-        # L2- and latency-bound (ncu, run 36: 71% of L2, tensor pipes 24%). Larger experts loop over their
+        # rows loaded once per item and kept in shared memory, so each column tile reads only B's tile: at
+        # 128x64 tiles a third of the bytes the position-major loop moves from L2 per output tile (A's and B's
+        # tiles for every chunk), where that loop ran L2- and latency-bound (ncu, run 36: 71% of L2, tensor
+        # pipes 24%). Larger experts loop over their
         # chunks per column tile. Experts without tokens own no work: zero_empty_experts_kernel.
         num_m = tl.cdiv(N, BLOCK_M)
         num_k = tl.cdiv(K, BLOCK_N)
