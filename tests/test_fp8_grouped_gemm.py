@@ -348,3 +348,27 @@ def test_wgrad_persistent_grids_of_any_size_cover_every_position(sms, by_expert,
     cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "STAGES": 1, "num_warps": 4, "PROGRAMS_PER_SM": 1, "BY_EXPERT": by_expert}
     got = kernels.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, off, torch.full((len(off), n, k), 7.0), cfg)
     assert torch.allclose(got, oracle, rtol=1e-4, atol=1e-4 * float(oracle.abs().max()))
+
+
+@needs_triton
+def test_wgrad_by_expert_never_reads_another_experts_tokens():
+    """The by-expert kernel keeps two chunks of an expert's dY^T; a one-chunk expert takes its only chunk twice
+    (the second time with zero scales) rather than the next expert's: NaN tokens in the neighbour (or past the
+    end) must not reach its gradient, whose value is the reference's."""
+    dev = "cpu" if q.interpreting() else "cuda"
+    torch.manual_seed(13)
+    off = offsets_of([128, 128, 256]).to(dev)  # one chunk, one chunk, two chunks
+    m, n, k = int(off[-1]) + 128, 128, 192
+    dy, x = torch.randn(m, n, device=dev), torch.randn(m, k, device=dev)
+    for rows in (slice(128, 256), slice(int(off[-1]), m)):  # the second expert's tokens, the rows past the end
+        dy[rows], x[rows] = float("nan"), float("nan")
+    _, _, dyt, dyts = q.act_quant_1x128_dual(dy, backend="torch")
+    _, _, xt, xts = q.act_quant_1x128_dual(x, backend="torch")
+    oracle = fp8_grouped_wgrad_ref(dyt, dyts, xt, xts, off)
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "STAGES": 1, "num_warps": 4, "PROGRAMS_PER_SM": 1, "BY_EXPERT": True}
+    got = kernels.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, off, torch.full((3, n, k), 7.0, device=dev), cfg)
+    assert torch.isnan(got[1]).all() and torch.isnan(oracle[1]).all()  # its own NaN tokens: NaN, as the reference
+    for e in (0, 2):
+        assert torch.isfinite(got[e]).all(), e
+        rtol = 1e-4 if dev == "cpu" else 1e-3
+        assert torch.allclose(got[e], oracle[e], rtol=rtol, atol=rtol * float(oracle[e].abs().max())), e
