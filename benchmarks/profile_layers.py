@@ -97,7 +97,10 @@ def moe_cases(launches: bool = False):
 
             label = precision + (" (weights cached)" if cache is not None else "")
             title = f"MoE routed experts {label}, {name} shape, {T} tokens balanced"
-            launch_sequence(step, title) if launches else kernel_table(step, title, top=20)
+            if launches:
+                launch_sequence(step, title)
+            else:
+                kernel_table(step, title, top=20)
         del x, w_gate, w_up, w_down
         torch.cuda.empty_cache()
 

@@ -386,15 +386,16 @@ def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: di
     n, mp = dyt.shape
     k = xt.shape[0]
     experts = offsets.numel()
-    if chunk_expert is None:
+    by_expert = cfg.get("BY_EXPERT", False)
+    if chunk_expert is None and not by_expert:  # the by-expert kernel reads the offsets only
         chunk_expert = segment_of_each_block(offsets, mp)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     a_desc = TensorDescriptor.from_tensor(_tma_operand(dyt), [bm, BLOCK])
     b_desc = TensorDescriptor.from_tensor(_tma_operand(xt), [bn, BLOCK])
-    _, by_position, zero_kernel, by_expert = _build_tma_kernels(interpreting())
-    kernel = by_expert if cfg.get("BY_EXPERT", False) else by_position
-    # work items: output positions (each over all experts), or (expert, row tile) pairs with BY_EXPERT
-    items = -(-n // bm) * (experts if cfg.get("BY_EXPERT", False) else -(-k // bn))
+    _, by_position, zero_kernel, by_expert_kernel = _build_tma_kernels(interpreting())
+    # work items: (expert, row tile) pairs with BY_EXPERT, else output positions (each over all experts)
+    kernel = by_expert_kernel if by_expert else by_position
+    items = -(-n // bm) * (experts if by_expert else -(-k // bn))
     per_sm = cfg.get("PROGRAMS_PER_SM", 0)
     programs = items if per_sm == 0 else max(1, min(items, per_sm * _num_sms(dyt.device)))
     # a bulk store writes C as [E*N, K]: only when a BLOCK_M row tile cannot cross into the next expert
@@ -402,7 +403,7 @@ def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: di
     c2d = out.view(experts * n, k)
     tma_store = cfg.get("TMA_STORE", False) and n % bm == 0 and _descriptor_ok(c2d)
     c_desc = TensorDescriptor.from_tensor(c2d, [bm, bn]) if tma_store else out
-    chunk_arg = () if cfg.get("BY_EXPERT", False) else (chunk_expert,)  # the by-expert kernel reads offsets only
+    chunk_arg = () if by_expert else (chunk_expert,)
     kernel[(programs,)](
         a_desc, b_desc, out, c_desc, dyt_scale, xt_scale, offsets, *chunk_arg, n, k, experts,
         out.stride(0), out.stride(1), dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
