@@ -23,6 +23,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from coscale.fp8 import FP8Linear
+from coscale.kernels import quant_ops
 from coscale.kernels.fp8_weight_cache import FP8WeightCache
 from coscale.kernels.moe import grouped_experts_forward
 from results_log import ResultsLog, teed_stdout
@@ -90,12 +91,18 @@ def moe_cases(launches: bool = False):
         w_down = (torch.randn(E, H, I, device=dev, dtype=dt) * I**-0.5).requires_grad_()
         dy = torch.randn(T, H, device=dev, dtype=dt)
         # fp8 cached: the FP8 expert weights kept between calls (training: between optimizer steps)
-        for precision, cache in (("bf16", None), ("fp8", None), ("fp8", FP8WeightCache())):
-            def step(precision=precision, x=x, idx=idx, topw=topw, ws=(w_gate, w_up, w_down), dy=dy, cache=cache):
+        # one pass: both layouts of each fused quantization from one launch (quant_ops.DUAL_ONE_PASS)
+        cases = (("bf16", None, False), ("fp8", None, False), ("fp8", FP8WeightCache(), False),
+                 ("fp8", FP8WeightCache(), True))
+        for precision, cache, one_pass in cases:
+            def step(precision=precision, x=x, idx=idx, topw=topw, ws=(w_gate, w_up, w_down), dy=dy, cache=cache,
+                     one_pass=one_pass):  # fmt: skip
+                quant_ops.DUAL_ONE_PASS = one_pass
                 out = grouped_experts_forward(x, idx, topw, *ws, precision=precision, fp8_weight_cache=cache)
                 torch.autograd.grad(out, [x, topw, *ws], dy)
+                quant_ops.DUAL_ONE_PASS = False
 
-            label = precision + (" (weights cached)" if cache is not None else "")
+            label = precision + (" (weights cached)" if cache is not None else "") + (", one pass" if one_pass else "")
             title = f"MoE routed experts {label}, {name} shape, {T} tokens balanced"
             if launches:
                 launch_sequence(step, title)
