@@ -76,7 +76,9 @@ MM_CANDIDATES = (
 # / 3.2 ms for gate+up / down against 8.9 / 4.0 for the position-major 128x64 (1.32x / 1.23x); by expert, 64x128
 # ran at 430 / 384 TFLOP/s, 128x128 of two warpgroups at 486 / 459 (it spills) and 128x64 with 4 stages at 464 /
 # 437, so they are not candidates. The position-major kernels stay for experts of more than two chunks, where the
-# by-expert kernel loops over chunks per column tile.
+# by-expert kernel loops over chunks per column tile. Run 37 (results/tune_fp8_grouped_run37A_h200_2026-12-04.log):
+# the two paths in separate launches (the two-chunk kernel then takes 235 registers, not 255) ran at the same speed
+# (6.24-6.30 / 3.25-3.30 ms), 128x32 tiles with 3 programs an SM (153 registers) at 6.9 / 3.5 ms: neither kept.
 WGRAD_CANDIDATES = (
     {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
      "BY_EXPERT": True},
@@ -210,7 +212,7 @@ def _build_tma_kernels(interpret: bool):
         a_desc, b_desc, c_ptr, c_desc, sa_ptr, sb_ptr, off_ptr, N, K, E,
         stride_ce, stride_cn, stride_san, stride_sat, stride_sbk, stride_sbt,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, STAGES: tl.constexpr,
-        TMA_STORE: tl.constexpr, MANY: tl.constexpr,
+        TMA_STORE: tl.constexpr,
     ):  # fmt: skip
         # C[e] [N, K] = A[:, seg e] @ B[:, seg e]^T as in grouped_wgrad_tma_kernel, cut differently: one work
         # item is (expert e, BLOCK_M rows of dW_e), and it walks all K column tiles. An expert of at most two
@@ -220,9 +222,6 @@ def _build_tma_kernels(interpret: bool):
         # tiles for every chunk), where that loop ran L2- and latency-bound (ncu, run 36: 71% of L2, tensor
         # pipes 24%). Larger experts loop over their
         # chunks per column tile. Experts without tokens own no work: zero_empty_experts_kernel.
-        # MANY picks the experts a launch serves: those of at most two chunks (False) or of more (True). Two
-        # launches, not one kernel with both paths: a kernel's registers are those of its widest path, and the
-        # two-chunk path alone takes fewer (sm_90, 128x64 tiles: 221 against 255 for both in one kernel).
         num_m = tl.cdiv(N, BLOCK_M)
         num_k = tl.cdiv(K, BLOCK_N)
         for item in range(tl.program_id(0), E * num_m, tl.num_programs(0)):
@@ -234,7 +233,7 @@ def _build_tma_kernels(interpret: bool):
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = offs_m < N
             c_base = c_ptr + e.to(tl.int64) * stride_ce
-            if not MANY and chunks > 0 and chunks <= 2:
+            if chunks > 0 and chunks <= 2:
                 # A one-chunk expert takes its only chunk twice, the second time with zero scales: another
                 # expert's tokens (which may hold NaN) are never read, and e4m3 has no infinity, so the
                 # second product adds exactly 0 unless the first is already NaN.
@@ -261,7 +260,7 @@ def _build_tma_kernels(interpret: bool):
                     else:
                         c_ptrs = c_base + offs_m[:, None].to(tl.int64) * stride_cn + offs_k[None, :]
                         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_k < K)[None, :])
-            if MANY and chunks > 2:
+            elif chunks > 2:
                 for kt in tl.range(0, num_k):
                     offs_k = kt * BLOCK_N + tl.arange(0, BLOCK_N)
                     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -406,15 +405,12 @@ def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: di
     c2d = out.view(experts * n, k)
     tma_store = cfg.get("TMA_STORE", False) and n % bm == 0 and _descriptor_ok(c2d)
     c_desc = TensorDescriptor.from_tensor(c2d, [bm, bn]) if tma_store else out
-    # the by-expert kernel: one launch for experts of at most two chunks, one for larger ones (MANY)
-    variants = ({"MANY": False}, {"MANY": True}) if by_expert else ({},)
     chunk_arg = () if by_expert else (chunk_expert,)
-    for extra in variants:
-        kernel[(programs,)](
-            a_desc, b_desc, out, c_desc, dyt_scale, xt_scale, offsets, *chunk_arg, n, k, experts,
-            out.stride(0), out.stride(1), dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0),
-            xt_scale.stride(1), BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=BLOCK, STAGES=cfg.get("STAGES", 3),
-            TMA_STORE=tma_store, num_warps=cfg.get("num_warps", 8), **extra,
-        )  # fmt: skip
+    kernel[(programs,)](
+        a_desc, b_desc, out, c_desc, dyt_scale, xt_scale, offsets, *chunk_arg, n, k, experts,
+        out.stride(0), out.stride(1), dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=BLOCK, STAGES=cfg.get("STAGES", 3), TMA_STORE=tma_store,
+        num_warps=cfg.get("num_warps", 8),
+    )  # fmt: skip
     zero_kernel[(experts, ZERO_PROGRAMS_PER_EXPERT)](out, offsets, out.stride(0), n * k, BLOCK=ZERO_BLOCK, num_warps=4)
     return out
