@@ -1,6 +1,7 @@
 """FP8 quantization kernels on one GPU: bit-exactness first, then bandwidth (eager and CUDA-graphed).
 
-Run: python benchmarks/bench_quant.py [--quick]   (appends a line to benchmarks/results/bench_quant.jsonl)
+Run: python benchmarks/bench_quant.py [--quick] [--fused-only] [--moe-shape v3] [--producer-order both]
+(appends a line to benchmarks/results/bench_quant.jsonl)
 
 Standalone kernels (coscale.kernels.quant / quant_ops), bf16 input unless marked: mismatching FP8
 bytes and scales against coscale's PyTorch reference on the GPU (must be 0: the GPU cast is
@@ -157,9 +158,15 @@ def run_standalone(name, make, fn, kinds, copy_bw, results):
     results.append(rec)
 
 
-def fused_cases(quick: bool, dev):
+MOE_SHAPES = {  # 8192 tokens through the MoE layer of proxy-v3 (top-4 of 16 experts) or DeepSeek-V3 (top-8 of 256)
+    "proxy-v3": (8192, 7168, 2048, 16, 4),
+    "v3": (8192, 7168, 2048, 256, 8),
+}
+
+
+def fused_cases(quick: bool, dev, shape: str = "proxy-v3"):
     """(name, inputs, fused(backend), unfused(backend), reference float output or None, bytes read)"""
-    t, h, i, e, k = (8192, 7168, 2048, 16, 4)  # proxy-v3's MoE layer: 8192 tokens, top-4 of 16 experts
+    t, h, i, e, k = MOE_SHAPES[shape]
     if SMOKE:
         t, h, i, e, k = (64, 256, 128, 4, 2)
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -230,8 +237,15 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks the script")
     parser.add_argument("--transpose-words", action="store_true", help="W^T through 32-bit words "
                         "(quant_ops.TRANSPOSE_WORDS, off by default): the weight pairs' rows then time it")
+    parser.add_argument("--moe-shape", choices=tuple(MOE_SHAPES), default="proxy-v3",
+                        help="the MoE layer whose producer-fused quantizations are timed (default proxy-v3)")
+    parser.add_argument("--fused-only", action="store_true", help="only the producer-fused kernels")
+    parser.add_argument("--producer-order", choices=("rows", "columns", "both"), default="rows",
+                        help="the producer kernels' launch order (quant_ops.PRODUCER_ROW_ORDER; rows is the default); "
+                        "both: each fused case in the two orders, one after the other")
     args = parser.parse_args()
     quant_ops.TRANSPOSE_WORDS = args.transpose_words
+    orders = ("rows", "columns") if args.producer_order == "both" else (args.producer_order,)
     dev = device()
     import triton
 
@@ -241,14 +255,17 @@ def main() -> None:
             "copy_TB/s": copy_bw}  # fmt: skip
     print(json.dumps(meta), flush=True)
     results: list[dict] = []
-    for name, make, fn, kinds in standalone_cases(args.quick, dev):
+    for name, make, fn, kinds in () if args.fused_only else standalone_cases(args.quick, dev):
         run_standalone(name, make, fn, kinds, copy_bw, results)
         torch.cuda.empty_cache()
         print(" ", results[-1], flush=True)
-    for case in fused_cases(args.quick, dev):
-        run_fused(*case, copy_bw, results)
-        torch.cuda.empty_cache()
-        print(" ", results[-1], flush=True)
+    for name, *case in fused_cases(args.quick, dev, args.moe_shape):
+        for order in orders:
+            quant_ops.PRODUCER_ROW_ORDER = order == "rows"
+            run_fused(name + (" [column order]" if order == "columns" else ""), *case, copy_bw, results)
+            torch.cuda.empty_cache()
+            print(" ", results[-1], flush=True)
+    quant_ops.PRODUCER_ROW_ORDER = True
     if not SMOKE:
         ResultsLog("bench_quant").save(meta=meta, results=results)
     print(f"\n{'kernel':>48} {'bad':>5} {'graph ms':>9} {'eager ms':>9} {'TB/s':>6} {'%copy':>6} {'%4.25':>6} "

@@ -80,6 +80,40 @@ def test_swiglu_backward_quant_equals_quantized_gradient(m, i, dtype, rows, cols
         assert_same([t for t, k in zip(got, keep) if k], [t for t, k in zip(want, keep) if k])
 
 
+@needs_triton
+@pytest.mark.parametrize("producer", ["swiglu", "swiglu_backward", "gather"])
+def test_either_launch_order_writes_every_tile(producer, monkeypatch):
+    """quant_ops.PRODUCER_ROW_ORDER only reorders the programs: both orders write the same bytes, on grids of
+    several row and column blocks (300 rows: three 128-row tiles, many BLOCK_M row blocks; SwiGLU's 576 or 1,152
+    columns: 5 or 9 tiles of 128, more than one rows program takes)."""
+    from coscale.kernels import quant_ops
+
+    m, i = 300, 576
+    gate_up = _gate_up(m, i, torch.bfloat16, 5)
+    da = torch.randn(m, i, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    info, weight = _routing(60, 5, 6, 7)
+    x = torch.randn(60, 640, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    run = {
+        "swiglu": lambda: swiglu_quant_op(gate_up, True, True, True, False, False, "triton"),
+        "swiglu_backward": lambda: swiglu_backward_quant_op(gate_up, da, True, True, False, False, False, "triton"),
+        "gather": lambda: gather_quant_op(x, info.row_pair, 5, weight, None, True, True, False, False, False,
+                                          "triton")[:4],
+    }[producer]
+    outs = []
+    for row_order in (True, False):
+        monkeypatch.setattr(quant_ops, "PRODUCER_ROW_ORDER", row_order)
+        outs.append(run())
+    assert_same(outs[0], outs[1])
+    want = {
+        "swiglu": lambda: q.act_quant_1x128_dual(swiglu_op(gate_up, "triton"), backend="triton", pad_t=True),
+        "swiglu_backward": lambda: q.act_quant_1x128_dual(
+            swiglu_backward_op(gate_up[:, :i], gate_up[:, i:], da, "triton"), backend="triton", pad_t=False),
+        "gather": lambda: q.act_quant_1x128_dual(rows_from_tokens(x, info, weight=weight, backend="triton")[0],
+                                                 backend="triton", pad_t=False),
+    }[producer]()
+    assert_same(outs[0], want)  # and they are the unfused pipeline's bytes on the same backend
+
+
 def _routing(t, k, e, seed):
     gen = torch.Generator().manual_seed(seed)
     idx = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])

@@ -352,6 +352,26 @@ def transpose_words_kernel(
 
 
 @triton.jit
+def _row_block_and_column_block(SOURCE: tl.constexpr, ROW_ORDER: tl.constexpr):
+    """(row block, column block) of this program in a producer launch over a (row blocks, column blocks) grid.
+    The GPU starts programs in the order of program_id(0) first. A gathered source keeps that order, column
+    block by column block: one column slice of the token rows (1 MB at DeepSeek-V3's 8,192 x 7,168) stays in
+    L2 while every permuted copy of each token (top-k of them) reads it. With ROW_ORDER the others take the
+    same programs row block by row block: SwiGLU's backward reads gate, up and da for the dg tile of column j
+    and again for the du tile of column j + I, and in column order those two programs started a whole column
+    of row blocks apart (the two launches of that producer in the V3 experts moved 31-37% of copy bandwidth,
+    run 37A)."""
+    if SOURCE == 3 or not ROW_ORDER:
+        pid_m = tl.program_id(0)
+        pid_c = tl.program_id(1)
+    else:
+        order = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        pid_m = order // tl.num_programs(1)
+        pid_c = order % tl.num_programs(1)
+    return pid_m, pid_c
+
+
+@triton.jit
 def _produce(
     x_ptr, b_ptr, idx_ptr, w_ptr, rows, cols, M, K, stride_x, stride_b, up_offset,
     SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -403,15 +423,17 @@ def rows_quant_kernel(
     amax_floor, fp8_max,
     SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, TILES: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
+    ROW_ORDER: tl.constexpr = True,
 ):  # fmt: skip
-    # One program = BLOCK_M rows x TILES 128-wide column tiles (program_id(1) picks the group): y [M, KP]
+    # One program = BLOCK_M rows x TILES 128-wide column tiles (which: _row_block_and_column_block): y [M, KP]
     # e4m3 and s [M, KP/128] (1x128 tiles along the columns), the block produced and quantized whole,
     # [BLOCK_M, TILES, 128], as rows_kernel does (all loads issued before any reduction: a bandwidth-bound
     # pass needs them in flight; walking the tiles one by one reached 28-32% of copy bandwidth on the
     # H200). DOT (the combine's backward): also dot_out[row_pair[r]] = <dot[r], unweighted source row>,
     # summed over the whole row, so one program walks all KP columns tile by tile (the launcher gives one
     # group).
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, pid_t = _row_block_and_column_block(SOURCE, ROW_ORDER)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_m = offs_m < M
     if DOT:
         acc = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -432,7 +454,7 @@ def rows_quant_kernel(
         pair = tl.load(idx_ptr + offs_m, mask=in_m, other=-1)
         tl.store(dot_out_ptr + tl.where(pair >= 0, pair, 0), acc, mask=pair >= 0)
     else:
-        tiles = tl.program_id(1) * TILES + tl.arange(0, TILES)
+        tiles = pid_t * TILES + tl.arange(0, TILES)
         offs_k = tiles[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]  # [1, TILES, 128]
         v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None, None], offs_k, M, K, stride_x, stride_b,
                           up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
@@ -453,7 +475,7 @@ def cols_quant_kernel(
     amax_floor, fp8_max,
     SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
-    PACK4: tl.constexpr = False,
+    PACK4: tl.constexpr = False, ROW_ORDER: tl.constexpr = True,
 ):  # fmt: skip
     # One program = GROUPS tiles of [128 rows x BLOCK_K columns], one after another (pipelined, as
     # cols_kernel): the transpose in 1x128 tiles along the rows, yt [YT_ROWS, Mp] e4m3 and st
@@ -463,10 +485,11 @@ def cols_quant_kernel(
     # as cols_kernel's PACK4. Without it the byte transpose took a shared-memory store and load per element:
     # in the FP8 experts on the H200 (ncu, run 36) the launches with a gathered source ran at 19-24% of DRAM
     # bandwidth with the load/store pipe 74-75% busy.
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    pid_mg, pid_k = _row_block_and_column_block(SOURCE, ROW_ORDER)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     in_rows = offs_k < YT_ROWS
     for g in tl.range(GROUPS, num_stages=3):
-        pid_m = tl.program_id(0) * GROUPS + g
+        pid_m = pid_mg * GROUPS + g
         live = (tl.zeros([BLOCK_K], tl.int32) + pid_m * 128) < M  # the last program's tiles may lie past the end
         if PACK4:
             offs_w = pid_m * 32 + tl.arange(0, 32)  # word i of the tile: rows 4i..4i+3

@@ -66,6 +66,7 @@ __all__ = [
     "COLS_CONFIGS",
     "DUAL_CONFIGS",
     "DUAL_ONE_PASS",
+    "PRODUCER_ROW_ORDER",
     "ROWS_CONFIGS",
     "TRANSPOSE_CONFIGS",
     "WEIGHT_CONFIGS",
@@ -155,6 +156,10 @@ TRANSPOSE_TILE = (TRANSPOSE_CONFIGS[0][0]["BLOCK_R"], TRANSPOSE_CONFIGS[0][0]["B
 # time partly from L2). The bytes are the same; benchmarks/bench_quant.py times act_dual against
 # act_dual_one_pass. Set from its result.
 DUAL_ONE_PASS = False
+# The producer kernels' launch order for sources that are not gathered: row block by row block (True) or
+# column block by column block, as the grid lies (coscale.kernels._quant_triton._row_block_and_column_block).
+# benchmarks/bench_quant.py --producer-order both times the two.
+PRODUCER_ROW_ORDER = True
 # W and W^T of a weight from one launch (weight_kernel's WT: W read once, W^T's bytes written as words from the
 # quantizing program's registers) or from two (weight_kernel, then transpose_bytes reading and writing the FP8
 # bytes again). On the H200 (run 32, 7168 x 18432) one launch reached 88.5% of copy bandwidth for bf16 weights
@@ -221,6 +226,7 @@ def launch_producer(form, outs, x, round_scale, *, m, k, source=0, b=None, idx=N
     w = x if w is None else w
     common = dict(SOURCE=source, TOPK=topk, HAS_WEIGHT=has_weight, ROUND_SCALE=round_scale,
                   GRID_ROUND=interpreting(), **cfg)  # fmt: skip
+    order = {} if form == "dual" else {"ROW_ORDER": PRODUCER_ROW_ORDER}
     bucket = rows_bucket(m)
     if form == "rows":
         d, d_out = (dot, dot_out) if dot is not None else (x, x)
@@ -228,12 +234,12 @@ def launch_producer(form, outs, x, round_scale, *, m, k, source=0, b=None, idx=N
         launcher(kernel)[lambda meta: (-(-m // meta["BLOCK_M"]), 1 if dot is not None else -(-tiles // meta["TILES"]))](
             x, b, idx, w, d, d_out, y, s, m, k, y.shape[1], bucket, x.stride(0), b.stride(0), up_offset,
             d.stride(0), y.stride(0), s.stride(0), s.stride(1), AMAX_FLOOR, FP8_MAX, DOT=dot is not None,
-            **common,
+            **common, **order,
         )  # fmt: skip
     elif form == "cols":
         launcher(kernel)[lambda meta: (-(-m // (BLOCK * meta["GROUPS"])), -(-yt.shape[0] // meta["BLOCK_K"]))](
             x, b, idx, w, yt, st, m, k, yt.shape[0], bucket, x.stride(0), b.stride(0), up_offset,
-            yt.stride(0), st.stride(0), st.stride(1), AMAX_FLOOR, FP8_MAX, **common,
+            yt.stride(0), st.stride(0), st.stride(1), AMAX_FLOOR, FP8_MAX, **common, **order,
         )  # fmt: skip
     else:
         launcher(kernel)[(-(-m // BLOCK), y.shape[1] // BLOCK)](
