@@ -46,7 +46,6 @@ WG_CONFIGS = [
     (128, 64, 3, 4, 2, ""),
     # "e": grouped_wgrad_by_expert_kernel, work items of (expert, BLOCK_M rows), A kept while the columns pass
     (128, 64, 3, 4, 2, "te"), (64, 128, 3, 4, 2, "te"), (128, 64, 4, 4, 2, "te"), (128, 128, 3, 8, 1, "te"),
-    (128, 64, 2, 4, 2, "te"), (128, 64, 3, 4, 2, "e"),
 ]
 
 

@@ -78,7 +78,8 @@ MM_CANDIDATES = (
 # 437, so they are not candidates. The position-major kernels stay for experts of more than two chunks, where the
 # by-expert kernel loops over chunks per column tile. Run 37 (results/tune_fp8_grouped_run37A_h200_2026-12-04.log):
 # the two paths in separate launches (the two-chunk kernel then takes 235 registers, not 255) ran at the same speed
-# (6.24-6.30 / 3.25-3.30 ms), 128x32 tiles with 3 programs an SM (153 registers) at 6.9 / 3.5 ms: neither kept.
+# (6.24-6.30 / 3.25-3.30 ms), 128x32 tiles with 3 programs an SM (153 registers) at 6.9 / 3.5 ms: neither kept;
+# 128x64 by expert with 2 stages took 10.2 / 4.8 ms and with pointer stores 7.0 / 3.5 (run 37E).
 WGRAD_CANDIDATES = (
     {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 3, "num_warps": 4, "PROGRAMS_PER_SM": 2, "TMA_STORE": True,
      "BY_EXPERT": True},
