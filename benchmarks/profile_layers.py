@@ -98,9 +98,11 @@ def moe_cases(launches: bool = False):
             def step(precision=precision, x=x, idx=idx, topw=topw, ws=(w_gate, w_up, w_down), dy=dy, cache=cache,
                      one_pass=one_pass):  # fmt: skip
                 quant_ops.DUAL_ONE_PASS = one_pass
-                out = grouped_experts_forward(x, idx, topw, *ws, precision=precision, fp8_weight_cache=cache)
-                torch.autograd.grad(out, [x, topw, *ws], dy)
-                quant_ops.DUAL_ONE_PASS = False
+                try:
+                    out = grouped_experts_forward(x, idx, topw, *ws, precision=precision, fp8_weight_cache=cache)
+                    torch.autograd.grad(out, [x, topw, *ws], dy)
+                finally:
+                    quant_ops.DUAL_ONE_PASS = False
 
             label = precision + (" (weights cached)" if cache is not None else "") + (", one pass" if one_pass else "")
             title = f"MoE routed experts {label}, {name} shape, {T} tokens balanced"
