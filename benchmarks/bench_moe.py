@@ -23,6 +23,8 @@ Variants (each in try/except: a failure is recorded and the run carries on):
 - grouped_fp8_unfused: the separate FP8 operations (permute, quantize, grouped GEMMs, SwiGLU, ...),
              what coscale ran before the fused path; the same bits.
 - grouped_fp8_one_pass: the cached path with both layouts of each quantization from one launch.
+- grouped_fp8_tokens_once: the cached path with x quantized once per token, its FP8 rows then gathered
+             (coscale.kernels.fp8_moe.QUANTIZE_TOKENS_ONCE); the same bits.
 - dense:     a dense SwiGLU MLP over T*K rows with one expert's shape: the same FLOPs in plain GEMMs.
 All variants include the shared expert (a dense SwiGLU MLP over the T tokens, in BF16). Every variant
 but the loop (which reads expert counts back to the host) is also timed replayed from a CUDA graph
@@ -53,7 +55,7 @@ from gpu_timing import SMOKE, device, graph_ms
 
 from coscale.config import get_preset
 from coscale.fp8 import FP8WeightCache
-from coscale.kernels import quant_ops
+from coscale.kernels import fp8_moe, quant_ops
 from coscale.kernels.moe import grouped_experts_forward
 from results_log import ResultsLog
 
@@ -183,6 +185,7 @@ def run_case(shape, T, routing, args, results):
     variants["grouped_fp8_cached"] = ("fp8", "auto", True)
     variants["grouped_fp8_unfused"] = ("fp8", "auto", False, False)
     variants["grouped_fp8_one_pass"] = ("fp8", "auto", True, True, True)
+    variants["grouped_fp8_tokens_once"] = ("fp8", "auto", True, True, False, True)
     variants["dense"] = None
 
     # reference values from the loop layer (bf16)
@@ -219,9 +222,10 @@ def run_case(shape, T, routing, args, results):
                     with torch.no_grad():
                         dense_layer(rows, *dense_w, x, shared)
             else:
-                precision, backend, cached, fused, one_pass = (*spec, False, True, False)[:5]
+                precision, backend, cached, fused, one_pass, tokens_once = (*spec, False, True, False, False)[:6]
                 cache = FP8WeightCache() if cached else None
                 quant_ops.DUAL_ONE_PASS = one_pass
+                fp8_moe.QUANTIZE_TOKENS_ONCE = tokens_once
 
                 def layer(precision=precision, backend=backend, cache=cache, fused=fused):
                     return grouped_layer(x, idx, topw, w_gate, w_up, w_down, shared, precision, backend, cache,
@@ -270,6 +274,7 @@ def run_case(shape, T, routing, args, results):
             entry["traceback"] = traceback.format_exc()[-2000:]
         finally:
             quant_ops.DUAL_ONE_PASS = False
+            fp8_moe.QUANTIZE_TOKENS_ONCE = False
             if cache is not None:
                 cache.invalidate()  # the cached variant's FP8 weights (up to 2 bytes per parameter)
             if torch.cuda.is_available():

@@ -11,7 +11,12 @@ import torch
 
 from coscale.errors import CoscaleError
 from coscale.kernels import quant as q
-from coscale.kernels.fused_quant import gather_quant_op, swiglu_backward_quant_op, swiglu_quant_op
+from coscale.kernels.fused_quant import (
+    gather_quant_op,
+    gather_quantized_rows,
+    swiglu_backward_quant_op,
+    swiglu_quant_op,
+)
 from coscale.kernels.permute import build_permute_info, rows_from_tokens
 from coscale.kernels.swiglu import swiglu_backward_op, swiglu_op
 
@@ -135,6 +140,29 @@ def test_gather_quant_equals_quantized_permutation(weighted, rows, cols, one_pas
         got = gather_quant_op(src, info.row_pair, k, weight, None, rows, cols, True, one_pass, False, backend)
         assert_same([x for x, c in zip(got[:4], keep) if c], [x for x, c in zip(want, keep) if c])
         assert got[4].numel() == 0
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tokens_quantized_once_give_every_copy_its_bytes(dtype):
+    """gather_quantized_rows (each token quantized once, its FP8 row copied to its top-k places) writes the bytes
+    gather_quant_op's rows launch writes: padding rows, a ragged width (200: one 72-column tile), a NaN token, an
+    infinite one, a zero one and one at float32's extremes."""
+    t, k, h = 37, 3, 200
+    info, _ = _routing(t, k, 4, 9)
+    src = (torch.randn(t, h, generator=torch.Generator().manual_seed(10)) * 4).to(dtype)
+    src[2, 7] = float("nan")
+    src[5, 150] = float("inf")
+    src[8] = 0.0
+    src[11, :3] = torch.tensor([3e38, -1e-38, 1e-30]).to(dtype)
+    assert bool((info.row_pair < 0).any())  # the permutation has padding rows
+    for backend in ("triton", "torch"):
+        want_y, want_s = gather_quant_op(src, info.row_pair, k, None, None, True, False, False, False, False,
+                                         backend)[:2]
+        y, s = gather_quantized_rows(src, info.row_pair, k, False, backend)
+        assert y.shape == want_y.shape and s.shape == want_s.shape and s.stride() == want_s.stride()
+        assert torch.equal(bits(y), bits(want_y))
+        assert torch.equal(s.view(torch.int32), want_s.view(torch.int32))  # bit for bit, NaN scales included
 
 
 @needs_triton

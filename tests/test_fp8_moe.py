@@ -78,8 +78,29 @@ def test_only_the_gradients_asked_for(backend, frozen):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tokens_quantized_once_change_no_bit(backend, monkeypatch):
+    """fp8_moe.QUANTIZE_TOKENS_ONCE (x quantized per token, its FP8 rows gathered) gives the layer's outputs and
+    every gradient bit for bit (the permutation has padding rows: 128-row expert segments)."""
+    from coscale.kernels import fp8_moe
+
+    x, idx, w, wg, wu, wd, grad_out = _problem("edge", 12, 2, 4, 200, 72, 21, torch.bfloat16)
+    runs = []
+    for once in (False, True):
+        monkeypatch.setattr(fp8_moe, "QUANTIZE_TOKENS_ONCE", once)
+        runs.append(_run(True, backend, x, idx, w, wg, wu, wd, grad_out))
+    (out, grads), (out_once, grads_once) = runs
+    assert torch.equal(out, out_once)
+    for name, g, r in zip(NAMES, grads, grads_once):
+        assert torch.equal(g, r), name
+
+
 @pytest.mark.skipif(not q.triton_available(), reason="needs triton")
-def test_the_fused_kernel_path_never_reads_the_device_back():
+@pytest.mark.parametrize("tokens_once", [False, True])
+def test_the_fused_kernel_path_never_reads_the_device_back(tokens_once, monkeypatch):
+    from coscale.kernels import fp8_moe
+
+    monkeypatch.setattr(fp8_moe, "QUANTIZE_TOKENS_ONCE", tokens_once)
     x, idx, w, wg, wu, wd, grad_out = _problem("random", 24, 2, 3, 128, 128, 10, torch.float32)
     info = build_permute_info(idx, 3, align=128)  # (index building checks ids on the CPU: outside the spy)
     with host_reads_in_coscale() as seen:

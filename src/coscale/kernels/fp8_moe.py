@@ -37,10 +37,21 @@ from coscale.kernels.fp8_grouped_gemm import expert_tile_map, fp8_grouped_mm, fp
 from coscale.kernels.fp8_grouped_linear import quantize_weights
 from coscale.kernels.fp8_recipe import ceil_to
 from coscale.kernels.fp8_weight_cache import FP8WeightCache
-from coscale.kernels.fused_quant import gather_quant_op, swiglu_backward_quant_op, swiglu_quant_op
+from coscale.kernels.fused_quant import (
+    gather_quant_op,
+    gather_quantized_rows,
+    swiglu_backward_quant_op,
+    swiglu_quant_op,
+)
 from coscale.kernels.permute import PermuteInfo, sum_rows_op
 
-__all__ = ["fp8_routed_experts"]
+__all__ = ["QUANTIZE_TOKENS_ONCE", "fp8_routed_experts"]
+
+# The forward's 1x128 layout of the permuted x: each token quantized once and its FP8 row copied to its top-k
+# places (fused_quant.gather_quantized_rows: a 1x128 tile of x per token instead of per copy, then a byte
+# gather; the same bytes), or each copy quantized by the gather (gather_quant_op). Off until a GPU run shows
+# the first faster (benchmarks/bench_moe.py: grouped_fp8_tokens_once against grouped_fp8_cached).
+QUANTIZE_TOKENS_ONCE = False
 
 def _wgrad_dtype(w: torch.Tensor) -> torch.dtype:
     return w.dtype if w.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
@@ -58,8 +69,13 @@ class _FP8RoutedExperts(torch.autograd.Function):
         need_da = need_dx or need_dgu  # the gradient reaches a = silu(gate) * up
         h, i = x.shape[1], w_gate.shape[1]
         topk = pair_row.shape[1]
-        xq, xs, xt, xts, _ = gather_quant_op(x, row_pair, topk, None, None, True, need_dgu, False, one_pass, False,
-                                             backend)  # fmt: skip
+        if QUANTIZE_TOKENS_ONCE:
+            xq, xs = gather_quantized_rows(x, row_pair, topk, False, backend)
+            _, _, xt, xts, _ = gather_quant_op(x, row_pair, topk, None, None, False, need_dgu, False, False, False,
+                                               backend)  # fmt: skip
+        else:
+            xq, xs, xt, xts, _ = gather_quant_op(x, row_pair, topk, None, None, True, need_dgu, False, one_pass,
+                                                 False, backend)  # fmt: skip
         wgu, sgu, wgu_t, sgu_t = quantize_weights((w_gate, w_up), need_dx, backend, weight_cache)
         gate_up = fp8_grouped_mm(xq, xs, wgu, sgu, offsets, x.dtype, backend, tile_expert=tile_expert)
         aq, as_, at, ats = swiglu_quant_op(gate_up, True, ctx.needs_input_grad[12], False, one_pass, False, backend)

@@ -28,10 +28,12 @@ from coscale.errors import CoscaleError
 from coscale.kernels.fp8_recipe import FP8_DTYPE
 from coscale.kernels.library import operator, runs_triton
 from coscale.kernels.permute import gather_rows_ref
-from coscale.kernels.quant_ops import act_quant_reference, launch_producer, quant_outputs
+from coscale.kernels.quant_ops import act_quant_op, act_quant_reference, launch_producer, quant_outputs
 from coscale.kernels.swiglu import swiglu_backward_torch, swiglu_forward_torch
 
-__all__ = ["gather_quant_op", "gather_quant_rows", "swiglu_backward_quant_op", "swiglu_quant_op"]
+__all__ = [
+    "gather_quant_op", "gather_quant_rows", "gather_quantized_rows", "swiglu_backward_quant_op", "swiglu_quant_op",
+]
 
 SWIGLU, SWIGLU_BACKWARD, GATHER = 1, 2, 3  # the SOURCE codes of coscale.kernels._quant_triton
 
@@ -112,6 +114,23 @@ def gather_quant_op(
         producer |= dict(dot=dot.contiguous(), dot_out=dot_out)
     _launch(outs, src.contiguous(), round_scale, rows, cols, one_pass, m=m, k=k, **producer)
     return (*outs, dot_out)
+
+
+def gather_quantized_rows(src: torch.Tensor, row_pair: torch.Tensor, topk: int, round_scale: bool = False,
+                          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1x128 layout of the permuted rows src[row_pair[r] // topk] (zeros where row_pair[r] < 0), the bytes
+    ``gather_quant_op(src, row_pair, topk, None, None, rows=True, ...)`` writes: (y [M, Hp] e4m3, s [M, Hp/128]
+    outer-major). Each token is quantized once and its FP8 row and scales copied to its top-k places (as the FP8
+    dispatch sends a token's quantized row), instead of quantizing every copy: a copy's 1x128 tiles are its
+    token's, so the bytes are the same. Padding rows copy the quantized zero row (codes 0, the floor's scale)."""
+    tokens, h = src.shape
+    yq, ys = act_quant_op(src, round_scale, True, False, False, False, backend)[:2]
+    zq, zs = act_quant_op(src.new_zeros(1, h), round_scale, True, False, False, False, backend)[:2]
+    source = torch.where(row_pair >= 0, torch.div(row_pair, topk, rounding_mode="floor"), tokens).long()
+    # whole 32-bit words (Hp is a multiple of 128); the scales gathered along the rows of their outer-major storage
+    y = torch.cat([yq, zq]).view(torch.int32).index_select(0, source).view(FP8_DTYPE)
+    s = torch.cat([ys, zs]).t().index_select(1, source).t()
+    return y, s
 
 
 def gather_quant_rows(src: torch.Tensor, row_src: torch.Tensor, topk: int = 1, backend: str = "auto") -> torch.Tensor:
