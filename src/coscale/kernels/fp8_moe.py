@@ -53,6 +53,7 @@ __all__ = ["QUANTIZE_TOKENS_ONCE", "fp8_routed_experts"]
 # the first faster (benchmarks/bench_moe.py: grouped_fp8_tokens_once against grouped_fp8_cached).
 QUANTIZE_TOKENS_ONCE = False
 
+
 def _wgrad_dtype(w: torch.Tensor) -> torch.dtype:
     return w.dtype if w.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
 
