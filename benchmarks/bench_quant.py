@@ -259,13 +259,14 @@ def main() -> None:
         run_standalone(name, make, fn, kinds, copy_bw, results)
         torch.cuda.empty_cache()
         print(" ", results[-1], flush=True)
+    shipped_order = quant_ops.PRODUCER_ROW_ORDER
     for name, *case in fused_cases(args.quick, dev, args.moe_shape):
         for order in orders:
             quant_ops.PRODUCER_ROW_ORDER = order == "rows"
             run_fused(name + (" [column order]" if order == "columns" else ""), *case, copy_bw, results)
             torch.cuda.empty_cache()
             print(" ", results[-1], flush=True)
-    quant_ops.PRODUCER_ROW_ORDER = True
+    quant_ops.PRODUCER_ROW_ORDER = shipped_order
     if not SMOKE:
         ResultsLog("bench_quant").save(meta=meta, results=results)
     print(f"\n{'kernel':>48} {'bad':>5} {'graph ms':>9} {'eager ms':>9} {'TB/s':>6} {'%copy':>6} {'%4.25':>6} "

@@ -14,6 +14,9 @@ same bits as coscale.kernels.quant applied to the unfused producer's stored outp
   padding rows), optionally scaled by the router weight of each pair, quantized; with ``dot`` also
   <dot[r], src[token(r)]> per pair (the router weight's gradient, from the combine's backward).
 
+``gather_quantized_rows(src, row_pair, ...)`` writes the same 1x128 bytes as gather_quant_op's rows the other way
+round: each token quantized once, then its FP8 row copied to its top-k places (fp8_moe.QUANTIZE_TOKENS_ONCE).
+
 Kernels: coscale.kernels._quant_triton (``rows_quant_kernel``, ``cols_quant_kernel``,
 ``dual_quant_kernel`` with a SOURCE per producer), launched by coscale.kernels.quant_ops.launch_producer;
 references: the unfused PyTorch producers followed by coscale.kernels.quant_ops.act_quant_reference.
