@@ -22,6 +22,7 @@ import traceback
 
 import torch
 
+from coscale.kernels import _fp8_grouped_gluon as gluon_mm
 from coscale.kernels import fp8_grouped_gemm as G
 from coscale.kernels.fp8_grouped_kernels import launch_grouped_mm_tma, launch_grouped_wgrad_tma
 from coscale.kernels.quant import act_quant_1x128, act_quant_1x128_dual, dequant_1x128
@@ -121,7 +122,11 @@ def time_pending(pending, results):
     pending.clear()
 
 
-def mm_case(label, m_per_e, k, n, results):
+def gluon_name(cfg):
+    return f"gluon {cfg['BLOCK_M']}x{cfg['BLOCK_N']} s{cfg['STAGES']} w{cfg['num_warps']} defer{cfg['DEFER']}"
+
+
+def mm_case(label, m_per_e, k, n, results, gluon=False):
     dev, pending = "cuda", []
     m = m_per_e * E
     flops = 2.0 * m * k * n
@@ -168,6 +173,19 @@ def mm_case(label, m_per_e, k, n, results):
         d = cfg_dict(cfg)
         record(pending, case, name_of(cfg), lambda d=d: launch_grouped_mm_tma(xq, xs, wq, ws, te, c, d), flops,
                lambda d=d: error(lambda: launch_grouped_mm_tma(xq, xs, wq, ws, te, torch.empty(m, n, device=dev), d)))
+    if gluon:  # the Gluon kernel: the same products and promotion order, so the same bits as the TMA kernel
+        triton_out = launch_grouped_mm_tma(xq, xs, wq, ws, te, torch.empty(m, n, device=dev), cfg_dict(MM_CONFIGS[1]))
+
+        def gluon_error(d):
+            out = gluon_mm.launch_grouped_mm_gluon(xq, xs, wq, ws, te, torch.empty(m, n, device=dev), d)
+            mismatches = int((out != triton_out).sum())
+            print(f"{label:14s} {gluon_name(d):32s} {mismatches} of {out.numel()} outputs differ from the TMA kernel's",
+                  flush=True)
+            return error(lambda: out)
+
+        for d in gluon_mm.GLUON_MM_CANDIDATES:
+            record(pending, case, gluon_name(d), lambda d=d: gluon_mm.launch_grouped_mm_gluon(xq, xs, wq, ws, te, c, d),
+                   flops, lambda d=d: gluon_error(d))
     time_pending(pending, results)
 
 
@@ -216,6 +234,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--only", choices=("mm", "wgrad"))
+    parser.add_argument("--gluon", action="store_true", help="also time the Gluon forward/dgrad kernel's candidates")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tune_fp8_grouped.py needs a CUDA GPU")
@@ -227,7 +246,7 @@ def main():
     if args.only in (None, "mm"):
         for label, k, n in [("fwd gate+up", 7168, 4096), ("fwd down", 2048, 7168),
                             ("dgrad gate+up", 4096, 7168), ("dgrad down", 7168, 2048)]:
-            mm_case(label, m_per_e, k, n, results)
+            mm_case(label, m_per_e, k, n, results, args.gluon)
             torch.cuda.empty_cache()
     if args.only in (None, "wgrad"):
         for label, n, k in [("wgrad gate+up", 4096, 7168), ("wgrad down", 7168, 2048)]:
@@ -237,8 +256,8 @@ def main():
     print("\nbest per case:")
     for label in dict.fromkeys(r["case"] for r in results):
         rows = [r for r in results if r["case"] == label and "tflops" in r]
-        ours = [r for r in rows if r["variant"].startswith(("tma", "coscale")) and r.get("err", 1) < 0.05]
-        base = {r["variant"]: r["tflops"] for r in rows if not r["variant"].startswith(("tma", "coscale"))}
+        ours = [r for r in rows if r["variant"].startswith(("tma", "coscale", "gluon")) and r.get("err", 1) < 0.05]
+        base = {r["variant"]: r["tflops"] for r in rows if not r["variant"].startswith(("tma", "coscale", "gluon"))}
         if ours:
             best = max(ours, key=lambda r: r["tflops"])
             print(f"{label:14s} best {best['variant']:32s} {best['tflops']:7.1f} TFLOP/s; baselines {base}")
