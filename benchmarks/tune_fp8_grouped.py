@@ -24,7 +24,7 @@ import torch
 
 from coscale.kernels import _fp8_grouped_gluon as gluon_mm
 from coscale.kernels import fp8_grouped_gemm as G
-from coscale.kernels.fp8_grouped_kernels import launch_grouped_mm_tma, launch_grouped_wgrad_tma
+from coscale.kernels.fp8_grouped_kernels import launch_grouped_mm_tma, launch_grouped_wgrad, launch_grouped_wgrad_tma
 from coscale.kernels.quant import act_quant_1x128, act_quant_1x128_dual, dequant_1x128
 from results_log import ResultsLog
 
@@ -123,7 +123,8 @@ def time_pending(pending, results):
 
 
 def gluon_name(cfg):
-    return f"gluon {cfg['BLOCK_M']}x{cfg['BLOCK_N']} s{cfg['STAGES']} w{cfg['num_warps']} defer{cfg['DEFER']}"
+    defer = f" dmax{cfg['DEFER_MAX']}" if "DEFER_MAX" in cfg else ""
+    return f"gluon {cfg['BLOCK_M']}x{cfg['BLOCK_N']} s{cfg['STAGES']} w{cfg['num_warps']}{defer}"
 
 
 def mm_case(label, m_per_e, k, n, results, gluon=False):
@@ -189,7 +190,7 @@ def mm_case(label, m_per_e, k, n, results, gluon=False):
     time_pending(pending, results)
 
 
-def wgrad_case(label, m_per_e, n, k, results):
+def wgrad_case(label, m_per_e, n, k, results, gluon=False):
     """dW [E, n, k] = dY^T X per expert: dY [M, n], X [M, k]."""
     dev, pending = "cuda", []
     m = m_per_e * E
@@ -227,6 +228,21 @@ def wgrad_case(label, m_per_e, n, k, results):
             return launch_grouped_wgrad_tma(dyt, dyts, xt, xts, offs, out, d)
 
         record(pending, case, name_of(cfg), tuned, flops, lambda f=tuned: error(f()))
+    if gluon:  # the Gluon kernel and the zeros launch, as the picker runs them; bits against the TMA kernel
+        expected = launch_grouped_wgrad_tma(dyt, dyts, xt, xts, offs, torch.empty_like(out), cfg_dict(WG_CONFIGS[0]))
+        for d in gluon_mm.GLUON_WGRAD_CANDIDATES:
+            d = {**d, "GLUON": True}
+
+            def run(d=d):
+                return launch_grouped_wgrad(dyt, dyts, xt, xts, offs, out, d)
+
+            def gluon_error(run=run, d=d):
+                got = run()
+                print(f"{label:14s} {gluon_name(d):32s} {int((got != expected).sum())} of {got.numel()} outputs differ "
+                      "from the TMA kernel's", flush=True)
+                return error(got)
+
+            record(pending, case, gluon_name(d), run, flops, gluon_error)
     time_pending(pending, results)
 
 
@@ -234,7 +250,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--only", choices=("mm", "wgrad"))
-    parser.add_argument("--gluon", action="store_true", help="also time the Gluon forward/dgrad kernel's candidates")
+    parser.add_argument("--gluon", action="store_true", help="also time the Gluon kernels' candidates")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tune_fp8_grouped.py needs a CUDA GPU")
@@ -250,7 +266,7 @@ def main():
             torch.cuda.empty_cache()
     if args.only in (None, "wgrad"):
         for label, n, k in [("wgrad gate+up", 4096, 7168), ("wgrad down", 7168, 2048)]:
-            wgrad_case(label, m_per_e, n, k, results)
+            wgrad_case(label, m_per_e, n, k, results, args.gluon)
             torch.cuda.empty_cache()
     ResultsLog("tune_fp8_grouped").save(tokens=args.tokens, results=results)
     print("\nbest per case:")

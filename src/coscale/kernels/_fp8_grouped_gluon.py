@@ -25,19 +25,33 @@ import functools
 
 import torch
 
-from coscale.errors import CoscaleError
 from coscale.kernels.fp8_recipe import BLOCK
 
-__all__ = ["GLUON_MM_CANDIDATES", "gluon_available", "launch_grouped_mm_gluon"]
+__all__ = [
+    "GLUON_MM_CANDIDATES",
+    "GLUON_WGRAD_CANDIDATES",
+    "gluon_available",
+    "launch_grouped_mm_gluon",
+    "launch_grouped_wgrad_gluon",
+]
 
 # BLOCK_M rows (64: one math warpgroup, 128: two), BLOCK_N columns (a divisor of 128: one weight block
-# a tile), STAGES shared-memory buffers of A and B, one program an SM (the math warps hold two 64-register
-# products beside the accumulator).
+# a tile), STAGES shared-memory buffers of A and B, DEFER_MAX: the most K steps an iteration (the launcher
+# takes the largest divisor of the K steps up to it); one program an SM (the math warps hold two products
+# beside the accumulator). Run 38 (H200, V3's experts, results/tune_fp8_grouped_run38A_h200_2026-12-04.log):
+# 128x128 with 8 steps an iteration led every forward/dgrad product (889-1,020 TFLOP/s against 778-828 for
+# the TMA kernel's best), 4 steps 792-968, 64x128 500-855, and one step an iteration (no overlap) 735-845.
 GLUON_MM_CANDIDATES = (
-    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "DEFER": 4},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "DEFER": 8},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 6, "num_warps": 4, "DEFER": 4},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "DEFER": 1},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "DEFER_MAX": 8},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 5, "num_warps": 8, "DEFER_MAX": 8},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "DEFER_MAX": 16},
+)
+
+# The weight gradient: BLOCK_M rows of dW (N) by BLOCK_N columns (K), STAGES buffers of a 128-token chunk of
+# A and B, two chunks an iteration (the second's product runs while the first's is promoted).
+GLUON_WGRAD_CANDIDATES = (
+    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 6, "num_warps": 8},
 )
 
 
@@ -62,6 +76,10 @@ def _build():
         warpgroup_mma,
         warpgroup_mma_wait,
     )
+
+    # Triton 3.9 renamed the TMA copies (the old names raise there); 3.6 has only the old ones
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
     @gluon.jit
     def _tile_coords(tile, num_m, num_n, tile_ptr, E, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -91,8 +109,8 @@ def _build():
                 # a fresh barrier counts as having completed the phase before 0: the first pass waits for nothing
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                 mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(a_desc, [row0, kb * 128], ready.index(s), a_bufs.index(s))
-                tma.async_copy_global_to_shared(b_desc, [expert * N + n0, kb * 128], ready.index(s), b_bufs.index(s))
+                tma_load(a_desc, [row0, kb * 128], ready.index(s), a_bufs.index(s))
+                tma_load(b_desc, [expert * N + n0, kb * 128], ready.index(s), b_bufs.index(s))
                 it += 1
 
     @gluon.jit
@@ -122,67 +140,53 @@ def _build():
             sa_rows = sa_ptr + rows.to(gl.int64) * stride_sam
             sb_base = sb_ptr + expert.to(gl.int64) * stride_sbe + (n0 // 128) * stride_sbn
             acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
-            if DEFER > 1:
-                # DEFER K steps an iteration, two products in flight by turns: step j's product runs while
-                # step j-1's is promoted. Every product is retired within its iteration (ptxas serializes
-                # wgmma when a product read after wait_group 1 was issued before the loop's back edge), so
-                # one promotion in DEFER waits with the tensor cores idle. (The launcher checks that DEFER
-                # divides the K steps.) The accumulator passes through each wait, so the compiler cannot sink
-                # the promotions past it (they would hold every product in registers at once).
-                prod_a = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
-                prod_b = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
-                for kk in range(0, k_iters, DEFER):
+            # DEFER K steps an iteration (a divisor of the K steps), two products in flight by turns: step
+            # j's product runs while step j-1's is promoted. Every product is retired within its iteration:
+            # ptxas serializes all wgmma (warning C7514) when a product read after wait_group 1 was issued
+            # before the loop's back edge, so one promotion in DEFER runs with the tensor cores idle. The
+            # accumulator passes through each wait, or the compiler sinks the promotions past the waits and
+            # holds every product in registers at once (spills, and serialized wgmma again).
+            prod_a = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
+            prod_b = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
+            for kk in range(0, k_iters, DEFER):
+                s = it % STAGES
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                prod_a = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), prod_a,
+                                       use_acc=False, is_async=True)
+                scale_a = _scale(sa_rows, sb_base, rows, kk, stride_sak, stride_sbk, M)
+                it += 1
+                for j in gl.static_range(1, DEFER):
                     s = it % STAGES
                     mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                    prod_a = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), prod_a,
-                                           use_acc=False, is_async=True)
-                    scale_a = _scale(sa_rows, sb_base, rows, kk, stride_sak, stride_sbk, M)
-                    it += 1
-                    for j in gl.static_range(1, DEFER):
-                        s = it % STAGES
-                        mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                        # the previous step's buffers are free once its product is done
-                        if j % 2 == 1:
-                            prod_b = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), prod_b,
-                                                   use_acc=False, is_async=True)
-                            scale_b = _scale(sa_rows, sb_base, rows, kk + j, stride_sak, stride_sbk, M)
-                            prod_a, acc = warpgroup_mma_wait(num_outstanding=1, deps=(prod_a, acc))
-                            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-                            acc += prod_a * scale_a[:, None]
-                        else:
-                            prod_a = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), prod_a,
-                                                   use_acc=False, is_async=True)
-                            scale_a = _scale(sa_rows, sb_base, rows, kk + j, stride_sak, stride_sbk, M)
-                            prod_b, acc = warpgroup_mma_wait(num_outstanding=1, deps=(prod_b, acc))
-                            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-                            acc += prod_b * scale_b[:, None]
-                        it += 1
-                    if DEFER % 2 == 0:  # the last step's product is prod_b
-                        prod_b, acc = warpgroup_mma_wait(num_outstanding=0, deps=(prod_b, acc))
-                        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-                        acc += prod_b * scale_b[:, None]
-                    else:
-                        prod_a, acc = warpgroup_mma_wait(num_outstanding=0, deps=(prod_a, acc))
+                    # the previous step's buffers are free once its product is done
+                    if j % 2 == 1:
+                        prod_b = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), prod_b,
+                                               use_acc=False, is_async=True)
+                        scale_b = _scale(sa_rows, sb_base, rows, kk + j, stride_sak, stride_sbk, M)
+                        prod_a, acc = warpgroup_mma_wait(num_outstanding=1, deps=(prod_a, acc))
                         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
                         acc += prod_a * scale_a[:, None]
-            else:
-                # the Triton kernel's schedule, for comparison: wait for each product before promoting it
-                prod = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
-                for kb in range(k_iters):
-                    s = it % STAGES
-                    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                    prod = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), prod,
-                                         use_acc=False, is_async=True)
-                    scale = _scale(sa_rows, sb_base, rows, kb, stride_sak, stride_sbk, M)
-                    prod = warpgroup_mma_wait(num_outstanding=0, deps=(prod,))
-                    mbarrier.arrive(empty.index(s))
-                    acc += prod * scale[:, None]
+                    else:
+                        prod_a = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), prod_a,
+                                               use_acc=False, is_async=True)
+                        scale_a = _scale(sa_rows, sb_base, rows, kk + j, stride_sak, stride_sbk, M)
+                        prod_b, acc = warpgroup_mma_wait(num_outstanding=1, deps=(prod_b, acc))
+                        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+                        acc += prod_b * scale_b[:, None]
                     it += 1
+                if DEFER % 2 == 0:  # the last step's product is prod_b
+                    prod_b, acc = warpgroup_mma_wait(num_outstanding=0, deps=(prod_b, acc))
+                    mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+                    acc += prod_b * scale_b[:, None]
+                else:
+                    prod_a, acc = warpgroup_mma_wait(num_outstanding=0, deps=(prod_a, acc))
+                    mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+                    acc += prod_a * scale_a[:, None]
             # rows after the last expert store zeros; rows past M are clipped by the descriptor
             tma.store_wait(0)  # the previous tile's store has read c_smem
             c_smem.store(acc.to(c_desc.dtype))
             fence_async_shared()
-            tma.async_copy_shared_to_global(c_desc, [row0, n0], c_smem)
+            tma_store(c_desc, [row0, n0], c_smem)
         tma.store_wait(0)
 
     @gluon.jit
@@ -208,7 +212,128 @@ def _build():
                        BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
         ], [1], [40])
 
-    return grouped_mm_gluon_kernel
+    @gluon.jit
+    def _wgrad_item(item, num_m, num_k, off_ptr):
+        # work item -> (expert, row tile, column tile, first chunk, chunk pairs); the column tile is the
+        # fastest index, so the programs running at once share each expert's A chunks through L2
+        per_expert = num_m * num_k
+        e = item // per_expert
+        r = item - e * per_expert
+        pid_m = r // num_k
+        pid_k = r - pid_m * num_k
+        start = gl.load(off_ptr + e - 1, mask=e > 0, other=0)
+        chunks = gl.cdiv(gl.load(off_ptr + e) - start, 128)
+        return e, pid_m, pid_k, start // 128, chunks
+
+    @gluon.jit
+    def _wgrad_loader(a_desc, b_desc, off_ptr, a_bufs, b_bufs, ready, empty, N, K, E,
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+        num_m = gl.cdiv(N, BLOCK_M)
+        num_k = gl.cdiv(K, BLOCK_N)
+        it = 0
+        for item in range(gl.program_id(0), E * num_m * num_k, gl.num_programs(0)):
+            e, pid_m, pid_k, c0, chunks = _wgrad_item(item, num_m, num_k, off_ptr)
+            # chunks in pairs; an odd count's last pair takes its last chunk twice (the math zeroes its scales)
+            for cc in range(0, gl.cdiv(chunks, 2) * 2):
+                chunk = c0 + gl.minimum(cc, chunks - 1)
+                s = it % STAGES
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                tma_load(a_desc, [pid_m * BLOCK_M, chunk * 128], ready.index(s), a_bufs.index(s))
+                tma_load(b_desc, [pid_k * BLOCK_N, chunk * 128], ready.index(s), b_bufs.index(s))
+                it += 1
+
+    @gluon.jit
+    def _wgrad_scales(sa_ptr, sb_ptr, rows, cols, chunk, stride_san, stride_sat, stride_sbk, stride_sbt, N, K, live,
+                      col_layout: gl.constexpr):  # fmt: skip
+        # the chunk's row scales (dY^T; zeros for a repeated chunk) and column scales (X^T). The column scales
+        # are loaded one a thread (cols: a compact layout) and then moved to the accumulator's column layout:
+        # loaded there, their pointers alone would take 64 registers a thread. Their outer product is formed
+        # at the promotion: held as a [BLOCK_M, BLOCK_N] tile it would spill.
+        sa = gl.load(sa_ptr + rows.to(gl.int64) * stride_san + chunk * stride_sat, mask=(rows < N) & live, other=0.0)
+        sb = gl.load(sb_ptr + cols.to(gl.int64) * stride_sbk + chunk * stride_sbt, mask=cols < K, other=0.0)
+        return sa, gl.convert_layout(sb, col_layout)
+
+    @gluon.jit
+    def _wgrad_math(c_desc, sa_ptr, sb_ptr, off_ptr, a_bufs, b_bufs, ready, empty, c_smem, N, K, E,
+                    stride_san, stride_sat, stride_sbk, stride_sbt, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK_N, 32])
+        num_m = gl.cdiv(N, BLOCK_M)
+        num_k = gl.cdiv(K, BLOCK_N)
+        it = 0
+        for item in range(gl.program_id(0), E * num_m * num_k, gl.num_programs(0)):
+            e, pid_m, pid_k, c0, chunks = _wgrad_item(item, num_m, num_k, off_ptr)
+            rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+            cols = pid_k * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.BlockedLayout([1], [32], [num_warps], [0]))
+            acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
+            # (the products' registers are overwritten by their wgmma, use_acc=False, before they are read)
+            prod_a = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
+            prod_b = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
+            # two chunks an iteration: the second's product runs while the first's is promoted (the mm
+            # kernel's schedule with DEFER = 2; each product is retired within its iteration). The second
+            # chunk's scales are loaded after the first promotion, and every scale passes through the wait
+            # before its promotion: two products, the accumulator and both chunks' column scales at once
+            # would not fit in the registers of a 128x128 tile.
+            for cc in range(0, chunks, 2):
+                s = it % STAGES
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                prod_a = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), prod_a,
+                                       use_acc=False, is_async=True)
+                it += 1
+                s = it % STAGES
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                prod_b = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), prod_b,
+                                       use_acc=False, is_async=True)
+                sa, sb = _wgrad_scales(sa_ptr, sb_ptr, rows, cols, c0 + cc, stride_san, stride_sat, stride_sbk,
+                                       stride_sbt, N, K, True, gl.SliceLayout(0, mma))
+                prod_a, acc, sa, sb = warpgroup_mma_wait(num_outstanding=1, deps=(prod_a, acc, sa, sb))
+                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+                acc += prod_a * (sa[:, None] * sb[None, :])
+                sa, sb = _wgrad_scales(sa_ptr, sb_ptr, rows, cols, c0 + gl.minimum(cc + 1, chunks - 1),
+                                       stride_san, stride_sat, stride_sbk, stride_sbt, N, K, cc + 1 < chunks,
+                                       gl.SliceLayout(0, mma))
+                prod_b, acc, sa, sb = warpgroup_mma_wait(num_outstanding=0, deps=(prod_b, acc, sa, sb))
+                mbarrier.arrive(empty.index(s))
+                acc += prod_b * (sa[:, None] * sb[None, :])
+                it += 1
+            if chunks > 0:  # experts without tokens: the zeros launch writes theirs
+                tma.store_wait(0)  # the previous item's store has read c_smem
+                c_smem.store(acc.to(c_desc.dtype))
+                fence_async_shared()
+                tma_store(c_desc, [e * N + pid_m * BLOCK_M, pid_k * BLOCK_N], c_smem)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def grouped_wgrad_gluon_kernel(
+        a_desc, b_desc, c_desc, sa_ptr, sb_ptr, off_ptr, N, K, E,
+        stride_san, stride_sat, stride_sbk, stride_sbt,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+    ):  # fmt: skip
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize([
+            (_wgrad_math, (c_desc, sa_ptr, sb_ptr, off_ptr, a_bufs, b_bufs, ready, empty, c_smem, N, K, E,
+                           stride_san, stride_sat, stride_sbk, stride_sbt, BLOCK_M, BLOCK_N, STAGES, num_warps)),
+            (_wgrad_loader, (a_desc, b_desc, off_ptr, a_bufs, b_bufs, ready, empty, N, K, E,
+                             BLOCK_M, BLOCK_N, STAGES)),
+        ], [1], [24])  # 24 loader registers leave the math warps 240 (40: 232, and the math spills)
+
+    return grouped_mm_gluon_kernel, grouped_wgrad_gluon_kernel
+
+
+def _fp8_desc(t: torch.Tensor, block: list[int]):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv))
 
 
 def _descriptors(a, b, c, bm: int, bn: int):
@@ -225,24 +350,68 @@ def _descriptors(a, b, c, bm: int, bn: int):
     return a_desc, b_desc, c_desc
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when a descriptor can read it (contiguous, 16-byte aligned base), else a contiguous copy."""
+    return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
 def launch_grouped_mm_gluon(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     """One launch of the Gluon kernel: the contract of ``launch_grouped_mm_tma`` (a [M, K] FP8 rows in
     128-aligned expert segments, a_scale [M, K/128], b [E, N, K] FP8, b_scale [E, N/128, K/128],
-    tile_expert from ``segment_of_each_block``, c [M, N] written), with K a multiple of 128 * DEFER,
-    contiguous operands and a persistent grid of one program an SM."""
+    tile_expert from ``segment_of_each_block``, c [M, N] written), with K a multiple of 128 and a
+    contiguous c; a persistent grid of one program an SM."""
+    if a.device.type != "cuda" or torch.cuda.get_device_capability(a.device) != (9, 0):
+        # not a user error: the picker skips a configuration that cannot launch here
+        raise RuntimeError("the Gluon grouped GEMM runs on sm_90 (Hopper) only")
     m, k = a.shape
     e, n, _ = b.shape
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    if k % (BLOCK * cfg["DEFER"]) or BLOCK % bn or not (a.is_contiguous() and b.is_contiguous() and c.is_contiguous()):
-        raise CoscaleError(f"the Gluon grouped GEMM takes contiguous operands, K a multiple of {BLOCK * cfg['DEFER']} "
-                           f"and BLOCK_N dividing {BLOCK}; got K = {k}, BLOCK_N = {bn}")
+    if k % BLOCK or n % bn or BLOCK % bn or not c.is_contiguous() or c.data_ptr() % 16:
+        # a shape this kernel does not take: the picker skips the configuration (the TMA kernel takes it)
+        raise ValueError(f"the Gluon grouped GEMM needs K a multiple of {BLOCK}, N of BLOCK_N (a divisor of {BLOCK}) "
+                         f"and an aligned contiguous output; got K = {k}, N = {n}, BLOCK_N = {bn}")
+    a, b = _aligned(a), _aligned(b)
+    steps = k // BLOCK
+    defer = max(d for d in range(1, cfg["DEFER_MAX"] + 1) if steps % d == 0)
     a_desc, b_desc, c_desc = _descriptors(a, b, c, bm, bn)
     tiles = -(-m // bm) * (n // bn)
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-    _build()[(max(1, min(tiles, sms)),)](
+    _build()[0][(max(1, min(tiles, sms)),)](
         a_desc, b_desc, c_desc, a_scale, b_scale, tile_expert, m, n, k, e,
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
-        BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.get("GROUP_M", 8), STAGES=cfg["STAGES"], DEFER=cfg["DEFER"],
+        BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.get("GROUP_M", 8), STAGES=cfg["STAGES"], DEFER=defer,
         num_warps=cfg["num_warps"],
     )  # fmt: skip
     return c
+
+
+def launch_grouped_wgrad_gluon(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: dict):
+    """One launch of the Gluon weight-gradient kernel: the contract of ``launch_grouped_wgrad_tma`` (out [E, N,
+    K] = dY^T X per expert from dyt [N, Mp], xt [K, Mp] in 128-token chunks, offsets [E] the segments' ends)
+    except that the gradients of experts without tokens are left to the caller (the TMA launcher's zeros
+    launch). Needs N a multiple of BLOCK_M (a tile stays in its expert in the [E*N, K] view it stores
+    through) and an aligned contiguous output; a persistent grid of one program an SM."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    if dyt.device.type != "cuda" or torch.cuda.get_device_capability(dyt.device) != (9, 0):
+        raise RuntimeError("the Gluon grouped GEMM runs on sm_90 (Hopper) only")
+    n, mp = dyt.shape
+    k = xt.shape[0]
+    experts = offsets.numel()
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    c2d = out.view(experts * n, k) if out.is_contiguous() else None
+    if n % bm or c2d is None or out.data_ptr() % 16 or (k * out.element_size()) % 16:
+        raise ValueError(f"the Gluon wgrad kernel needs N a multiple of {bm} and an aligned contiguous output; "
+                         f"got N = {n}, K = {k}")
+    dyt, xt = _aligned(dyt), _aligned(xt)
+    out_ty = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32, torch.float16: gl.float16}[out.dtype]
+    c_desc = TensorDescriptor.from_tensor(c2d, [bm, bn], gl.NVMMASharedLayout.get_default_for([bm, bn], out_ty))
+    items = experts * (n // bm) * -(-k // bn)
+    sms = torch.cuda.get_device_properties(dyt.device).multi_processor_count
+    _build()[1][(max(1, min(items, sms)),)](
+        _fp8_desc(dyt, [bm, BLOCK]), _fp8_desc(xt, [bn, BLOCK]), c_desc, dyt_scale, xt_scale, offsets, n, k, experts,
+        dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return out

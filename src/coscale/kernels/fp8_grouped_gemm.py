@@ -34,8 +34,8 @@ from coscale.kernels.fp8_gemm import fp8_gemm_ref
 from coscale.kernels.fp8_grouped_kernels import (
     MM_PICKER,
     WGRAD_PICKER,
-    launch_grouped_mm_tma,
-    launch_grouped_wgrad_tma,
+    launch_grouped_mm,
+    launch_grouped_wgrad,
     segment_of_each_block,
 )
 from coscale.kernels.fp8_recipe import BLOCK, FP8_DTYPE
@@ -154,7 +154,7 @@ def fp8_grouped_mm_op(
         raise CoscaleError("fp8_grouped_mm needs b's last (K) dimension contiguous")
 
     def launch(cfg):
-        return launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg)
+        return launch_grouped_mm(a, a_scale, b, b_scale, tile_expert, c, cfg)
 
     return launch(MM_PICKER.config((power_of_two_bucket(m), n, k, e, out_dtype), launch))
 
@@ -198,7 +198,7 @@ def fp8_grouped_wgrad_op(
     chunks = segment_of_each_block(offsets, mp) if chunk_expert is None else chunk_expert
 
     def launch(cfg):
-        return launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg, chunks)
+        return launch_grouped_wgrad(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg, chunks)
 
     return launch(WGRAD_PICKER.config((power_of_two_bucket(mp), n, k, experts, out_dtype), launch))
 

@@ -23,6 +23,12 @@ import functools
 import torch
 
 from coscale.errors import CoscaleError
+from coscale.kernels._fp8_grouped_gluon import (
+    GLUON_MM_CANDIDATES,
+    GLUON_WGRAD_CANDIDATES,
+    launch_grouped_mm_gluon,
+    launch_grouped_wgrad_gluon,
+)
 from coscale.kernels.autotune import ConfigPicker
 from coscale.kernels.backend import interpreting
 from coscale.kernels.fp8_recipe import BLOCK
@@ -33,7 +39,9 @@ __all__ = [
     "INTERPRETER_CONFIG",
     "MM_PICKER",
     "WGRAD_PICKER",
+    "launch_grouped_mm",
     "launch_grouped_mm_tma",
+    "launch_grouped_wgrad",
     "launch_grouped_wgrad_tma",
     "segment_of_each_block",
 ]
@@ -93,8 +101,16 @@ ZERO_PROGRAMS_PER_EXPERT = 16
 ZERO_BLOCK = 2048
 # The CPU interpreter: small tiles (quick) and a persistent grid (the tile loop is exercised).
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "STAGES": 1, "num_warps": 4, "PROGRAMS_PER_SM": 1}
-MM_PICKER = ConfigPicker("grouped FP8 GEMM", MM_CANDIDATES, INTERPRETER_CONFIG)
-WGRAD_PICKER = ConfigPicker("grouped FP8 weight-gradient GEMM", WGRAD_CANDIDATES, INTERPRETER_CONFIG)
+# The picker also times the Gluon kernel's configurations (coscale.kernels._fp8_grouped_gluon: Hopper only, a
+# warp-specialized schedule that promotes each product while the next runs; GLUON: True). Where Gluon is
+# missing or the GPU is not an sm_90 they fail to launch and the picker skips them; the first candidate, a
+# TMA kernel's, is the one used where nothing can be timed (inside a graph capture).
+MM_PICKER = ConfigPicker("grouped FP8 GEMM", MM_CANDIDATES + tuple({**c, "GLUON": True} for c in GLUON_MM_CANDIDATES),
+                         INTERPRETER_CONFIG)
+WGRAD_PICKER = ConfigPicker(
+    "grouped FP8 weight-gradient GEMM", WGRAD_CANDIDATES + tuple({**c, "GLUON": True} for c in GLUON_WGRAD_CANDIDATES),
+    INTERPRETER_CONFIG,
+)
 
 
 @functools.cache
@@ -369,6 +385,13 @@ def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     return c
 
 
+def launch_grouped_mm(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
+    """The forward/dgrad GEMM with a configuration of MM_PICKER: the Gluon kernel's (GLUON) or the TMA kernel's."""
+    if cfg.get("GLUON", False):
+        return launch_grouped_mm_gluon(a, a_scale, b, b_scale, tile_expert, c, cfg)
+    return launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg)
+
+
 def segment_of_each_block(group_end_offsets: torch.Tensor, rows: int) -> torch.Tensor:
     """[ceil(rows/128)] int32: the expert owning each 128-row block of a grouped layout (E for blocks
     after the last segment); two small device ops, no host sync."""
@@ -395,7 +418,7 @@ def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: di
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     a_desc = TensorDescriptor.from_tensor(_tma_operand(dyt), [bm, BLOCK])
     b_desc = TensorDescriptor.from_tensor(_tma_operand(xt), [bn, BLOCK])
-    _, by_position, zero_kernel, by_expert_kernel = _build_tma_kernels(interpreting())
+    _, by_position, _, by_expert_kernel = _build_tma_kernels(interpreting())
     # work items: (expert, row tile) pairs with BY_EXPERT, else output positions (each over all experts)
     kernel = by_expert_kernel if by_expert else by_position
     items = -(-n // bm) * (experts if by_expert else -(-k // bn))
@@ -413,5 +436,24 @@ def launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: di
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=BLOCK, STAGES=cfg.get("STAGES", 3), TMA_STORE=tma_store,
         num_warps=cfg.get("num_warps", 8),
     )  # fmt: skip
-    zero_kernel[(experts, ZERO_PROGRAMS_PER_EXPERT)](out, offsets, out.stride(0), n * k, BLOCK=ZERO_BLOCK, num_warps=4)
+    _zero_empty_experts(out, offsets)
     return out
+
+
+def _zero_empty_experts(out, offsets):
+    """Zeros over the [N, K] gradients of the experts without tokens (a small launch; the others return at once)."""
+    experts, n, k = out.shape
+    zero_kernel = _build_tma_kernels(interpreting())[2]
+    zero_kernel[(experts, ZERO_PROGRAMS_PER_EXPERT)](out, offsets, out.stride(0), n * k, BLOCK=ZERO_BLOCK, num_warps=4)
+
+
+def launch_grouped_wgrad(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: dict, chunk_expert=None):
+    """The weight-gradient GEMM with a configuration of WGRAD_PICKER: the Gluon kernel's (GLUON; then the zeros
+    of experts without tokens) or the TMA kernels'."""
+    if cfg.get("GLUON", False):
+        if not out.is_contiguous():
+            raise CoscaleError("the grouped wgrad kernel writes a contiguous [E, N, K] output")
+        launch_grouped_wgrad_gluon(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg)
+        _zero_empty_experts(out, offsets)
+        return out
+    return launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg, chunk_expert)

@@ -1,0 +1,204 @@
+"""The Gluon grouped FP8 GEMM (coscale.kernels._fp8_grouped_gluon).
+
+Gluon has no interpreter, so on the CPU the kernel is compiled for sm_90 (Triton's wheel carries ptxas) and
+its machine code checked for what would silently cost its speed (wgmma serialized by ptxas, spills); on a
+Hopper GPU it runs against the TMA kernel, which is CPU-tested under the interpreter: the same products
+promoted in the same order, so the same bits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+
+from coscale.kernels import _fp8_grouped_gluon as gm
+from coscale.kernels import fp8_grouped_kernels as kernels
+from coscale.kernels import quant as q
+from coscale.kernels.fp8_grouped_gemm import expert_tile_map, fp8_grouped_mm_ref, quantize_expert_weights
+
+needs_gluon = pytest.mark.skipif(not gm.gluon_available(), reason="needs triton with Gluon's Hopper API")
+on_hopper = pytest.mark.skipif(
+    not torch.cuda.is_available() or q.interpreting() or torch.cuda.get_device_capability() != (9, 0),
+    reason="needs an sm_90 GPU",
+)
+
+
+def _sm90_ptx(which: str, cfg: dict, defer: int = 1) -> str:
+    """The PTX of the forward/dgrad kernel ("mm") or the weight-gradient kernel ("wgrad") for an sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    a = torch.zeros(256, 1024, dtype=torch.float8_e4m3fn)
+    b = torch.zeros(2, 256, 1024, dtype=torch.float8_e4m3fn)
+    c = torch.zeros(512, 256, dtype=torch.bfloat16)
+    descs = dict(zip(("a_desc", "b_desc", "c_desc"), gm._descriptors(a, b, c, bm, bn)))
+    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
+    if which == "mm":
+        kernel = gm._build()[0]
+        constexprs.update(GROUP_M=8, DEFER=defer)
+        pointers = dict(sa_ptr="*fp32", sb_ptr="*fp32", tile_ptr="*i32")
+    else:
+        kernel = gm._build()[1]
+        descs["a_desc"], descs["b_desc"] = gm._fp8_desc(a, [bm, 128]), gm._fp8_desc(a, [bn, 128])
+        pointers = dict(sa_ptr="*fp32", sb_ptr="*fp32", off_ptr="*i32")
+    signature = {name: "i32" for name in kernel.arg_names}
+    signature.update({k: mangle_type(v) for k, v in descs.items()}, **pointers)
+    signature.update({k: "constexpr" for k in constexprs})
+    src = GluonASTSource(fn=kernel, signature=signature,
+                         constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
+    return compiled.asm["ptx"]
+
+
+def _ptxas_report(ptx: str, tmp_path) -> str:
+    """ptxas -v on the PTX (the ptxas Triton itself uses for sm_90: triton >= 3.6 names it ptxas-blackwell)."""
+    import triton
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
+    except ImportError:
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    (tmp_path / "k.ptx").write_text(ptx)
+    report = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+                            capture_output=True, text=True)  # fmt: skip
+    assert report.returncode == 0, report.stderr[-2000:]
+    return report.stderr
+
+
+@needs_gluon
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("defer", [8, 7])
+def test_the_kernel_compiles_for_sm90_with_overlapped_unserialized_wgmma(defer, tmp_path):
+    """An sm_90 compile (no GPU needed): DEFER products an iteration, each waited with one still in flight
+    but the last, and ptxas neither serializes the wgmma (warning C7514: what a product read across the
+    loop's back edge, or promotions sunk past their waits, cause) nor spills."""
+    ptx = _sm90_ptx("mm", gm.GLUON_MM_CANDIDATES[0], defer)
+    per_product = 4  # a 128-deep product is four k32 wgmma instructions
+    assert ptx.count("wgmma.mma_async") == defer * per_product
+    assert len(re.findall(r"wgmma\.wait_group\.sync\.aligned 1;", ptx)) == defer - 1
+    assert len(re.findall(r"wgmma\.wait_group\.sync\.aligned 0;", ptx)) == 1
+    report = _ptxas_report(ptx, tmp_path)
+    assert "C7514" not in report and "serialized" not in report, report
+    assert re.search(r"\b0 bytes spill stores", report), report
+
+
+@needs_gluon
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("cfg", gm.GLUON_WGRAD_CANDIDATES, ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}")
+def test_the_wgrad_kernel_compiles_for_sm90_with_overlapped_unserialized_wgmma(cfg, tmp_path):
+    """The weight-gradient kernel: two chunks an iteration, the first waited with the second in flight, no
+    serialized wgmma, and at most a few spilled scalars (the 128x128 tile's math warps hold two products, the
+    accumulator and a chunk's column scales: its epilogue's tile coordinates go to local memory)."""
+    ptx = _sm90_ptx("wgrad", cfg)
+    assert ptx.count("wgmma.mma_async") == 2 * 4
+    assert len(re.findall(r"wgmma\.wait_group\.sync\.aligned 1;", ptx)) == 1
+    report = _ptxas_report(ptx, tmp_path)
+    assert "C7514" not in report and "serialized" not in report, report
+    spilled = [int(b) for b in re.findall(r"(\d+) bytes spill stores", report)]
+    assert spilled and max(spilled) <= 32, report
+
+
+def test_off_hopper_the_launcher_declines_so_the_picker_skips_it():
+    """Not a user error (a CoscaleError would stop the picker): a plain exception the picker skips."""
+    x = torch.zeros(128, 128, dtype=torch.float8_e4m3fn)
+    with pytest.raises(RuntimeError, match="sm_90"):
+        gm.launch_grouped_mm_gluon(x, torch.ones(128, 1), x.view(1, 128, 128), torch.ones(1, 1, 1),
+                                   torch.zeros(1, dtype=torch.int32), torch.empty(128, 128),
+                                   gm.GLUON_MM_CANDIDATES[0])  # fmt: skip
+    gluon = [c for c in kernels.MM_PICKER.candidates if c.get("GLUON")]
+    assert len(gluon) == len(gm.GLUON_MM_CANDIDATES)
+    assert not kernels.MM_PICKER.candidates[0].get("GLUON")  # what runs where nothing can be timed
+    assert len([c for c in kernels.WGRAD_PICKER.candidates if c.get("GLUON")]) == len(gm.GLUON_WGRAD_CANDIDATES)
+    with pytest.raises(RuntimeError, match="sm_90"):
+        one_expert = torch.tensor([128], dtype=torch.int32)
+        gm.launch_grouped_wgrad_gluon(x, torch.ones(128, 1), x, torch.ones(128, 1), one_expert,
+                                      torch.empty(1, 128, 128), gm.GLUON_WGRAD_CANDIDATES[0])  # fmt: skip
+
+
+@on_hopper
+@pytest.mark.parametrize("steps", [1, 5, 7, 12, 16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_gluon_matches_the_tma_kernel_bit_for_bit(steps, out_dtype):
+    """K of 1-16 steps of 128 (DEFER 1, 5, 7, 6, 8), empty experts first, between and last, rows after the
+    last expert (zeros), a row of zeros, huge and tiny rows, an output pre-filled with NaN (every element
+    is written), every candidate: the same bits as the TMA kernel, and close to the float64 reference."""
+    torch.manual_seed(steps)
+    k, n = 128 * steps, 384
+    counts = [0, 256, 0, 384, 128, 0]
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32).cuda()
+    m = int(offsets[-1]) + 128 + 40
+    x = torch.randn(m, k, device="cuda")
+    x[3] = 0
+    x[130] *= 1e4
+    x[260] *= 1e-4
+    xq, xs = q.act_quant_1x128(x)
+    wq, ws = quantize_expert_weights(torch.randn(len(counts), n, k, device="cuda") * k**-0.5)
+    tile_expert = expert_tile_map(offsets, m)
+    tma_cfg = kernels.MM_CANDIDATES[1]
+    expected = kernels.launch_grouped_mm_tma(xq, xs, wq, ws, tile_expert, torch.empty(m, n, device="cuda",
+                                                                                       dtype=out_dtype), tma_cfg)
+    reference = fp8_grouped_mm_ref(xq.cpu(), xs.cpu(), wq.cpu(), ws.cpu(), offsets.cpu(), torch.float32).double()
+    for cfg in gm.GLUON_MM_CANDIDATES:
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
+        gm.launch_grouped_mm_gluon(xq, xs, wq, ws, tile_expert, out, cfg)
+        assert torch.equal(out, expected), (cfg, int((out != expected).sum()))
+        assert not out[int(offsets[-1]):].any()
+        tol = 1e-2 if out_dtype == torch.bfloat16 else 1e-3
+        assert torch.allclose(out.double().cpu(), reference, rtol=tol, atol=tol * float(reference.abs().max()))
+
+
+@on_hopper
+def test_gpu_the_picker_may_choose_gluon_and_the_op_still_matches():
+    """fp8_grouped_mm through the picker (which times the Gluon candidates beside the TMA kernel's) at a
+    V3-like expert shape: whatever it picks gives the TMA kernel's bits."""
+    from coscale.kernels.fp8_grouped_gemm import fp8_grouped_mm
+
+    torch.manual_seed(0)
+    offsets = (torch.arange(1, 9) * 256).to(torch.int32).cuda()
+    m, k, n = 2048, 2048, 1024
+    xq, xs = q.act_quant_1x128(torch.randn(m, k, device="cuda"))
+    wq, ws = quantize_expert_weights(torch.randn(8, n, k, device="cuda") * k**-0.5)
+    got = fp8_grouped_mm(xq, xs, wq, ws, offsets)
+    tile_expert = expert_tile_map(offsets, m)
+    tma_cfg = kernels.MM_CANDIDATES[1]
+    expected = kernels.launch_grouped_mm_tma(xq, xs, wq, ws, tile_expert, torch.empty_like(got), tma_cfg)
+    assert torch.equal(got, expected)
+
+
+@on_hopper
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_gluon_wgrad_matches_the_tma_kernel_bit_for_bit(out_dtype):
+    """Experts of 0-5 chunks (empty first, between and last; odd counts take their last chunk twice with zero
+    scales), NaN in the tokens after the last expert (never read), an output pre-filled with NaN (every element
+    written, empty experts by the zeros launch): the TMA kernel's values, and close to the float64 reference."""
+    from coscale.kernels.fp8_grouped_gemm import fp8_grouped_wgrad_ref
+
+    torch.manual_seed(1)
+    counts = [0, 128, 384, 0, 256, 640, 0]
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32).cuda()
+    mp = int(offsets[-1]) + 256
+    n, k = 256, 384
+    dy = torch.randn(mp, n, device="cuda")
+    x = torch.randn(mp, k, device="cuda")
+    dy[int(offsets[-1]):] = float("nan")
+    _, _, dyt, dyts = q.act_quant_1x128_dual(dy, pad_t=True)
+    _, _, xt, xts = q.act_quant_1x128_dual(x, pad_t=True)
+    expected = kernels.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, offsets,
+                                                torch.empty(len(counts), n, k, device="cuda", dtype=out_dtype),
+                                                kernels.WGRAD_CANDIDATES[1])  # fmt: skip
+    reference = fp8_grouped_wgrad_ref(dyt.cpu(), dyts.cpu(), xt.cpu(), xts.cpu(), offsets.cpu()).double()
+    for cfg in gm.GLUON_WGRAD_CANDIDATES:
+        out = torch.full((len(counts), n, k), float("nan"), device="cuda", dtype=out_dtype)
+        kernels.launch_grouped_wgrad(dyt, dyts, xt, xts, offsets, out, {**cfg, "GLUON": True})
+        assert torch.equal(out, expected), (cfg, int((out != expected).sum()))
+        tol = 1e-2 if out_dtype == torch.bfloat16 else 1e-3
+        assert torch.allclose(out.double().cpu(), reference, rtol=tol, atol=tol * float(reference.abs().max()))
