@@ -187,6 +187,8 @@ def run_case(shape, T, routing, args, results):
     variants["grouped_fp8_one_pass"] = ("fp8", "auto", True, True, True)
     variants["grouped_fp8_tokens_once"] = ("fp8", "auto", True, True, False, True)
     variants["dense"] = None
+    if args.variants:  # the loop layer still gives the reference values below; it is timed only when asked
+        variants = {k: v for k, v in variants.items() if k in args.variants}
 
     # reference values from the loop layer (bf16)
     try:
@@ -303,6 +305,10 @@ def run_case(shape, T, routing, args, results):
         torch.cuda.empty_cache()
 
 
+VARIANT_NAMES = ("loop", "grouped", "grouped_triton", "grouped_fp8", "grouped_fp8_cached", "grouped_fp8_unfused",
+                 "grouped_fp8_one_pass", "grouped_fp8_tokens_once", "dense")
+
+
 def print_table(results):
     header = (f"{'shape':8s} {'T':>6s} {'routing':8s} {'variant':20s} {'ms':>9s} {'graph ms':>9s} {'TFLOP/s':>8s} "
               f"{'%800':>5s} {'xloop':>6s} {'/dense':>6s} {'xbf16':>6s} {'fwd ms':>8s} {'fwd xloop':>9s} {'ok':>3s}")
@@ -331,6 +337,8 @@ def main():
                         help="DeepSeek-V3-shape cases at these token counts only (both routings unless --routing)")
     parser.add_argument("--routing", choices=("balanced", "skewed"), help="with --tokens: one routing only")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks the script")
+    parser.add_argument("--variants", nargs="+", metavar="NAME", choices=VARIANT_NAMES,
+                        help=f"time only these variants (of {', '.join(VARIANT_NAMES)})")
     args = parser.parse_args()
     if args.tokens is not None and any(t < 1 for t in args.tokens):
         parser.error("--tokens takes positive token counts")

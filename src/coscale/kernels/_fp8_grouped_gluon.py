@@ -48,10 +48,12 @@ GLUON_MM_CANDIDATES = (
 )
 
 # The weight gradient: BLOCK_M rows of dW (N) by BLOCK_N columns (K), STAGES buffers of a 128-token chunk of
-# A and B, two chunks an iteration (the second's product runs while the first's is promoted).
+# A and B, two chunks an iteration (the second's product runs while the first's is promoted), two output
+# tiles' buffers (with an FP32 output, 128x128 tiles fit with 3 stages only; the picker skips what does not fit).
 GLUON_WGRAD_CANDIDATES = (
     {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 6, "num_warps": 8},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 3, "num_warps": 8},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 4, "num_warps": 8},
 )
 
 
@@ -255,7 +257,7 @@ def _build():
         return sa, gl.convert_layout(sb, col_layout)
 
     @gluon.jit
-    def _wgrad_math(c_desc, sa_ptr, sb_ptr, off_ptr, a_bufs, b_bufs, ready, empty, c_smem, N, K, E,
+    def _wgrad_math(c_desc, sa_ptr, sb_ptr, off_ptr, a_bufs, b_bufs, ready, empty, c_bufs, N, K, E,
                     stride_san, stride_sat, stride_sbk, stride_sbt, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                     STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -263,6 +265,7 @@ def _build():
         num_m = gl.cdiv(N, BLOCK_M)
         num_k = gl.cdiv(K, BLOCK_N)
         it = 0
+        stores = 0
         for item in range(gl.program_id(0), E * num_m * num_k, gl.num_programs(0)):
             e, pid_m, pid_k, c0, chunks = _wgrad_item(item, num_m, num_k, off_ptr)
             rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
@@ -299,10 +302,15 @@ def _build():
                 acc += prod_b * (sa[:, None] * sb[None, :])
                 it += 1
             if chunks > 0:  # experts without tokens: the zeros launch writes theirs
-                tma.store_wait(0)  # the previous item's store has read c_smem
-                c_smem.store(acc.to(c_desc.dtype))
+                # two output buffers by turns: this item's tile waits only for the store of two items ago, so
+                # each store overlaps the next item's products (the kernel writes as many bytes as it reads:
+                # at 256 tokens an expert, dW is as large as the operands)
+                tma.store_wait(1)
+                c_buf = c_bufs.index(stores % 2)
+                c_buf.store(acc.to(c_desc.dtype))
                 fence_async_shared()
-                tma_store(c_desc, [e * N + pid_m * BLOCK_M, pid_k * BLOCK_N], c_smem)
+                tma_store(c_desc, [e * N + pid_m * BLOCK_M, pid_k * BLOCK_N], c_buf)
+                stores += 1
         tma.store_wait(0)
 
     @gluon.jit
@@ -313,14 +321,14 @@ def _build():
     ):  # fmt: skip
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
-        c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape, c_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (_wgrad_math, (c_desc, sa_ptr, sb_ptr, off_ptr, a_bufs, b_bufs, ready, empty, c_smem, N, K, E,
+            (_wgrad_math, (c_desc, sa_ptr, sb_ptr, off_ptr, a_bufs, b_bufs, ready, empty, c_bufs, N, K, E,
                            stride_san, stride_sat, stride_sbk, stride_sbt, BLOCK_M, BLOCK_N, STAGES, num_warps)),
             (_wgrad_loader, (a_desc, b_desc, off_ptr, a_bufs, b_bufs, ready, empty, N, K, E,
                              BLOCK_M, BLOCK_N, STAGES)),
