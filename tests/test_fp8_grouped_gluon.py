@@ -196,9 +196,16 @@ def test_gpu_gluon_wgrad_matches_the_tma_kernel_bit_for_bit(out_dtype):
                                                 torch.empty(len(counts), n, k, device="cuda", dtype=out_dtype),
                                                 kernels.WGRAD_CANDIDATES[1])  # fmt: skip
     reference = fp8_grouped_wgrad_ref(dyt.cpu(), dyts.cpu(), xt.cpu(), xts.cpu(), offsets.cpu()).double()
+    ran = 0
     for cfg in gm.GLUON_WGRAD_CANDIDATES:
         out = torch.full((len(counts), n, k), float("nan"), device="cuda", dtype=out_dtype)
-        kernels.launch_grouped_wgrad(dyt, dyts, xt, xts, offsets, out, {**cfg, "GLUON": True})
+        try:
+            kernels.launch_grouped_wgrad(dyt, dyts, xt, xts, offsets, out, {**cfg, "GLUON": True})
+        except ValueError as exc:  # 128x128 tiles with an FP32 output and 4 stages: not enough shared memory
+            assert "shared memory" in str(exc) and out_dtype == torch.float32
+            continue
+        ran += 1
         assert torch.equal(out, expected), (cfg, int((out != expected).sum()))
         tol = 1e-2 if out_dtype == torch.bfloat16 else 1e-3
         assert torch.allclose(out.double().cpu(), reference, rtol=tol, atol=tol * float(reference.abs().max()))
+    assert ran >= 2

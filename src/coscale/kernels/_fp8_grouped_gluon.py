@@ -246,15 +246,13 @@ def _build():
                 it += 1
 
     @gluon.jit
-    def _wgrad_scales(sa_ptr, sb_ptr, rows, cols, chunk, stride_san, stride_sat, stride_sbk, stride_sbt, N, K, live,
-                      col_layout: gl.constexpr):  # fmt: skip
-        # the chunk's row scales (dY^T; zeros for a repeated chunk) and column scales (X^T). The column scales
-        # are loaded one a thread (cols: a compact layout) and then moved to the accumulator's column layout:
-        # loaded there, their pointers alone would take 64 registers a thread. Their outer product is formed
-        # at the promotion: held as a [BLOCK_M, BLOCK_N] tile it would spill.
+    def _wgrad_scales(sa_ptr, sb_ptr, rows, cols, chunk, stride_san, stride_sat, stride_sbk, stride_sbt, N, K, live):
+        # the chunk's row scales (dY^T; zeros for a repeated chunk) and column scales (X^T), the column scales
+        # one a thread (cols: a compact layout; the promotion moves them to the accumulator's column layout:
+        # loaded there, their pointers alone would take 64 registers a thread)
         sa = gl.load(sa_ptr + rows.to(gl.int64) * stride_san + chunk * stride_sat, mask=(rows < N) & live, other=0.0)
         sb = gl.load(sb_ptr + cols.to(gl.int64) * stride_sbk + chunk * stride_sbt, mask=cols < K, other=0.0)
-        return sa, gl.convert_layout(sb, col_layout)
+        return sa, sb
 
     @gluon.jit
     def _wgrad_math(c_desc, sa_ptr, sb_ptr, off_ptr, a_bufs, b_bufs, ready, empty, c_bufs, N, K, E,
@@ -270,16 +268,21 @@ def _build():
             e, pid_m, pid_k, c0, chunks = _wgrad_item(item, num_m, num_k, off_ptr)
             rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
             cols = pid_k * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.BlockedLayout([1], [32], [num_warps], [0]))
+            col_layout: gl.constexpr = gl.SliceLayout(0, mma)
             acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
             # (the products' registers are overwritten by their wgmma, use_acc=False, before they are read)
             prod_a = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
             prod_b = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
             # two chunks an iteration: the second's product runs while the first's is promoted (the mm
-            # kernel's schedule with DEFER = 2; each product is retired within its iteration). The second
-            # chunk's scales are loaded after the first promotion, and every scale passes through the wait
-            # before its promotion: two products, the accumulator and both chunks' column scales at once
-            # would not fit in the registers of a 128x128 tile.
+            # kernel's schedule with DEFER = 2; each product is retired within its iteration). Both chunks'
+            # scales are loaded first, so their latency passes while the operands arrive and the products run;
+            # they pass through the waits (the compiler keeps them compact until their promotion) and the
+            # outer product of a chunk's scales is formed at its promotion (a [BLOCK_M, BLOCK_N] tile would spill).
             for cc in range(0, chunks, 2):
+                sa_a, sb_a = _wgrad_scales(sa_ptr, sb_ptr, rows, cols, c0 + cc, stride_san, stride_sat, stride_sbk,
+                                           stride_sbt, N, K, True)
+                sa_b, sb_b = _wgrad_scales(sa_ptr, sb_ptr, rows, cols, c0 + gl.minimum(cc + 1, chunks - 1),
+                                           stride_san, stride_sat, stride_sbk, stride_sbt, N, K, cc + 1 < chunks)
                 s = it % STAGES
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
                 prod_a = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), prod_a,
@@ -289,17 +292,12 @@ def _build():
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
                 prod_b = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), prod_b,
                                        use_acc=False, is_async=True)
-                sa, sb = _wgrad_scales(sa_ptr, sb_ptr, rows, cols, c0 + cc, stride_san, stride_sat, stride_sbk,
-                                       stride_sbt, N, K, True, gl.SliceLayout(0, mma))
-                prod_a, acc, sa, sb = warpgroup_mma_wait(num_outstanding=1, deps=(prod_a, acc, sa, sb))
+                prod_a, acc, sa_a, sb_a = warpgroup_mma_wait(num_outstanding=1, deps=(prod_a, acc, sa_a, sb_a))
                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-                acc += prod_a * (sa[:, None] * sb[None, :])
-                sa, sb = _wgrad_scales(sa_ptr, sb_ptr, rows, cols, c0 + gl.minimum(cc + 1, chunks - 1),
-                                       stride_san, stride_sat, stride_sbk, stride_sbt, N, K, cc + 1 < chunks,
-                                       gl.SliceLayout(0, mma))
-                prod_b, acc, sa, sb = warpgroup_mma_wait(num_outstanding=0, deps=(prod_b, acc, sa, sb))
+                acc += prod_a * (sa_a[:, None] * gl.convert_layout(sb_a, col_layout)[None, :])
+                prod_b, acc, sa_b, sb_b = warpgroup_mma_wait(num_outstanding=0, deps=(prod_b, acc, sa_b, sb_b))
                 mbarrier.arrive(empty.index(s))
-                acc += prod_b * (sa[:, None] * sb[None, :])
+                acc += prod_b * (sa_b[:, None] * gl.convert_layout(sb_b, col_layout)[None, :])
                 it += 1
             if chunks > 0:  # experts without tokens: the zeros launch writes theirs
                 # two output buffers by turns: this item's tile waits only for the store of two items ago, so
@@ -412,11 +410,17 @@ def launch_grouped_wgrad_gluon(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: 
     if n % bm or c2d is None or out.data_ptr() % 16 or (k * out.element_size()) % 16:
         raise ValueError(f"the Gluon wgrad kernel needs N a multiple of {bm} and an aligned contiguous output; "
                          f"got N = {n}, K = {k}")
+    props = torch.cuda.get_device_properties(dyt.device)
+    smem = cfg["STAGES"] * (bm + bn) * BLOCK + 2 * bm * bn * out.element_size() + 1024  # + barriers, slack
+    limit = getattr(props, "shared_memory_per_block_optin", 232448)
+    if smem > limit:
+        raise ValueError(f"this wgrad configuration needs {smem} bytes of shared memory with a {out.dtype} output; "
+                         f"the GPU has {limit}")
     dyt, xt = _aligned(dyt), _aligned(xt)
     out_ty = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32, torch.float16: gl.float16}[out.dtype]
     c_desc = TensorDescriptor.from_tensor(c2d, [bm, bn], gl.NVMMASharedLayout.get_default_for([bm, bn], out_ty))
     items = experts * (n // bm) * -(-k // bn)
-    sms = torch.cuda.get_device_properties(dyt.device).multi_processor_count
+    sms = props.multi_processor_count
     _build()[1][(max(1, min(items, sms)),)](
         _fp8_desc(dyt, [bm, BLOCK]), _fp8_desc(xt, [bn, BLOCK]), c_desc, dyt_scale, xt_scale, offsets, n, k, experts,
         dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
