@@ -51,9 +51,9 @@ GLUON_MM_CANDIDATES = (
 # A and B, two chunks an iteration (the second's product runs while the first's is promoted), two output
 # tiles' buffers (with an FP32 output, 128x128 tiles fit with 3 stages only; the picker skips what does not fit).
 GLUON_WGRAD_CANDIDATES = (
+    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 6, "num_warps": 8},
     {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 3, "num_warps": 8},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 4, "num_warps": 8},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 8, "num_warps": 8},
 )
 
 
@@ -215,35 +215,43 @@ def _build():
         ], [1], [40])
 
     @gluon.jit
-    def _wgrad_item(item, num_m, num_k, off_ptr):
-        # work item -> (expert, row tile, column tile, first chunk, chunk pairs); the column tile is the
-        # fastest index, so the programs running at once share each expert's A chunks through L2
-        per_expert = num_m * num_k
-        e = item // per_expert
-        r = item - e * per_expert
-        pid_m = r // num_k
-        pid_k = r - pid_m * num_k
+    def _wgrad_group(group, num_m, off_ptr):
+        # work group -> (expert, row tile of dW, first chunk, chunks): one program walks all the column tiles of
+        # its groups, so an expert's A chunks are loaded once per group when it has at most two
+        e = group // num_m
+        pid_m = group - e * num_m
         start = gl.load(off_ptr + e - 1, mask=e > 0, other=0)
         chunks = gl.cdiv(gl.load(off_ptr + e) - start, 128)
-        return e, pid_m, pid_k, start // 128, chunks
+        return e, pid_m, start // 128, chunks
 
     @gluon.jit
-    def _wgrad_loader(a_desc, b_desc, off_ptr, a_bufs, b_bufs, ready, empty, N, K, E,
+    def _wgrad_loader(a_desc, b_desc, off_ptr, a_bufs, b_bufs, a_ready, a_empty, ready, empty, N, K, E,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
         num_m = gl.cdiv(N, BLOCK_M)
         num_k = gl.cdiv(K, BLOCK_N)
-        it = 0
-        for item in range(gl.program_id(0), E * num_m * num_k, gl.num_programs(0)):
-            e, pid_m, pid_k, c0, chunks = _wgrad_item(item, num_m, num_k, off_ptr)
-            # chunks in pairs; an odd count's last pair takes its last chunk twice (the math zeroes its scales)
-            for cc in range(0, gl.cdiv(chunks, 2) * 2):
-                chunk = c0 + gl.minimum(cc, chunks - 1)
-                s = it % STAGES
-                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                tma_load(a_desc, [pid_m * BLOCK_M, chunk * 128], ready.index(s), a_bufs.index(s))
-                tma_load(b_desc, [pid_k * BLOCK_N, chunk * 128], ready.index(s), b_bufs.index(s))
-                it += 1
+        it = 0  # B chunks loaded
+        a_it = 0  # A chunk pairs loaded
+        for group in range(gl.program_id(0), E * num_m, gl.num_programs(0)):
+            e, pid_m, c0, chunks = _wgrad_group(group, num_m, off_ptr)
+            resident = chunks <= 2
+            for kt in range(0, gl.where(chunks > 0, num_k, 0)):
+                # chunks in pairs; an odd count's last pair takes its last chunk twice (the math zeroes its scales)
+                for cc in range(0, chunks, 2):
+                    first = c0 + cc
+                    second = c0 + gl.minimum(cc + 1, chunks - 1)
+                    if (kt == 0) | (not resident):  # A: once per group, or every pair of a larger expert
+                        mbarrier.wait(a_empty, (a_it & 1) ^ 1)
+                        mbarrier.expect(a_ready, 2 * a_desc.block_type.nbytes)
+                        tma_load(a_desc, [pid_m * BLOCK_M, first * 128], a_ready, a_bufs.index(0))
+                        tma_load(a_desc, [pid_m * BLOCK_M, second * 128], a_ready, a_bufs.index(1))
+                        a_it += 1
+                    for j in gl.static_range(2):
+                        s = it % STAGES
+                        mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                        mbarrier.expect(ready.index(s), b_desc.block_type.nbytes)
+                        tma_load(b_desc, [kt * BLOCK_N, (first if j == 0 else second) * 128], ready.index(s),
+                                 b_bufs.index(s))
+                        it += 1
 
     @gluon.jit
     def _wgrad_scales(sa_ptr, sb_ptr, rows, cols, chunk, stride_san, stride_sat, stride_sbk, stride_sbt, N, K, live):
@@ -255,59 +263,65 @@ def _build():
         return sa, sb
 
     @gluon.jit
-    def _wgrad_math(c_desc, sa_ptr, sb_ptr, off_ptr, a_bufs, b_bufs, ready, empty, c_bufs, N, K, E,
-                    stride_san, stride_sat, stride_sbk, stride_sbt, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                    STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    def _wgrad_math(c_desc, sa_ptr, sb_ptr, off_ptr, a_bufs, b_bufs, a_ready, a_empty, ready, empty, c_bufs,
+                    N, K, E, stride_san, stride_sat, stride_sbk, stride_sbt, BLOCK_M: gl.constexpr,
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, BLOCK_N, 32])
+        col_layout: gl.constexpr = gl.SliceLayout(0, mma)
         num_m = gl.cdiv(N, BLOCK_M)
         num_k = gl.cdiv(K, BLOCK_N)
         it = 0
+        a_it = 0
         stores = 0
-        for item in range(gl.program_id(0), E * num_m * num_k, gl.num_programs(0)):
-            e, pid_m, pid_k, c0, chunks = _wgrad_item(item, num_m, num_k, off_ptr)
+        for group in range(gl.program_id(0), E * num_m, gl.num_programs(0)):
+            e, pid_m, c0, chunks = _wgrad_group(group, num_m, off_ptr)
+            resident = chunks <= 2
             rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
-            cols = pid_k * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.BlockedLayout([1], [32], [num_warps], [0]))
-            col_layout: gl.constexpr = gl.SliceLayout(0, mma)
-            acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
-            # (the products' registers are overwritten by their wgmma, use_acc=False, before they are read)
-            prod_a = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
-            prod_b = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
-            # two chunks an iteration: the second's product runs while the first's is promoted (the mm
-            # kernel's schedule with DEFER = 2; each product is retired within its iteration). Both chunks'
-            # scales are loaded first, so their latency passes while the operands arrive and the products run;
-            # they pass through the waits (the compiler keeps them compact until their promotion) and the
-            # outer product of a chunk's scales is formed at its promotion (a [BLOCK_M, BLOCK_N] tile would spill).
-            for cc in range(0, chunks, 2):
-                sa_a, sb_a = _wgrad_scales(sa_ptr, sb_ptr, rows, cols, c0 + cc, stride_san, stride_sat, stride_sbk,
-                                           stride_sbt, N, K, True)
-                sa_b, sb_b = _wgrad_scales(sa_ptr, sb_ptr, rows, cols, c0 + gl.minimum(cc + 1, chunks - 1),
-                                           stride_san, stride_sat, stride_sbk, stride_sbt, N, K, cc + 1 < chunks)
-                s = it % STAGES
-                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                prod_a = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), prod_a,
-                                       use_acc=False, is_async=True)
-                it += 1
-                s = it % STAGES
-                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                prod_b = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), prod_b,
-                                       use_acc=False, is_async=True)
-                prod_a, acc, sa_a, sb_a = warpgroup_mma_wait(num_outstanding=1, deps=(prod_a, acc, sa_a, sb_a))
-                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-                acc += prod_a * (sa_a[:, None] * gl.convert_layout(sb_a, col_layout)[None, :])
-                prod_b, acc, sa_b, sb_b = warpgroup_mma_wait(num_outstanding=0, deps=(prod_b, acc, sa_b, sb_b))
-                mbarrier.arrive(empty.index(s))
-                acc += prod_b * (sa_b[:, None] * gl.convert_layout(sb_b, col_layout)[None, :])
-                it += 1
-            if chunks > 0:  # experts without tokens: the zeros launch writes theirs
-                # two output buffers by turns: this item's tile waits only for the store of two items ago, so
-                # each store overlaps the next item's products (the kernel writes as many bytes as it reads:
-                # at 256 tokens an expert, dW is as large as the operands)
+            for kt in range(0, gl.where(chunks > 0, num_k, 0)):
+                cols = kt * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.BlockedLayout([1], [32], [num_warps], [0]))
+                acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
+                # (the products' registers are overwritten by their wgmma, use_acc=False, before they are read)
+                prod_a = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
+                prod_b = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
+                # two chunks an iteration: the second's product runs while the first's is promoted (the mm
+                # kernel's schedule with DEFER = 2; each product is retired within its iteration). Both chunks'
+                # scales are loaded first, so their latency passes while the operands arrive and the products
+                # run; they pass through the waits (kept compact until their promotion) and the outer product of
+                # a chunk's scales is formed at its promotion (a [BLOCK_M, BLOCK_N] tile would spill).
+                for cc in range(0, chunks, 2):
+                    sa_a, sb_a = _wgrad_scales(sa_ptr, sb_ptr, rows, cols, c0 + cc, stride_san, stride_sat,
+                                               stride_sbk, stride_sbt, N, K, True)
+                    sa_b, sb_b = _wgrad_scales(sa_ptr, sb_ptr, rows, cols, c0 + gl.minimum(cc + 1, chunks - 1),
+                                               stride_san, stride_sat, stride_sbk, stride_sbt, N, K, cc + 1 < chunks)
+                    load_a = (kt == 0) | (not resident)
+                    mbarrier.wait(a_ready, a_it & 1, pred=load_a)
+                    s = it % STAGES
+                    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                    prod_a = warpgroup_mma(a_bufs.index(0), b_bufs.index(s).permute((1, 0)), prod_a,
+                                           use_acc=False, is_async=True)
+                    it += 1
+                    s = it % STAGES
+                    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                    prod_b = warpgroup_mma(a_bufs.index(1), b_bufs.index(s).permute((1, 0)), prod_b,
+                                           use_acc=False, is_async=True)
+                    prod_a, acc, sa_a, sb_a = warpgroup_mma_wait(num_outstanding=1, deps=(prod_a, acc, sa_a, sb_a))
+                    mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+                    acc += prod_a * (sa_a[:, None] * gl.convert_layout(sb_a, col_layout)[None, :])
+                    prod_b, acc, sa_b, sb_b = warpgroup_mma_wait(num_outstanding=0, deps=(prod_b, acc, sa_b, sb_b))
+                    mbarrier.arrive(empty.index(s))
+                    # A is free after the group's last column tile, or after each pair of a larger expert
+                    mbarrier.arrive(a_empty, pred=(kt == num_k - 1) | (not resident))
+                    a_it += load_a.to(gl.int32)
+                    acc += prod_b * (sa_b[:, None] * gl.convert_layout(sb_b, col_layout)[None, :])
+                    it += 1
+                # two output buffers by turns: this tile waits only for the store of two tiles ago, so each
+                # store overlaps the next tile's products (at 256 tokens an expert, dW is as large as the operands)
                 tma.store_wait(1)
                 c_buf = c_bufs.index(stores % 2)
                 c_buf.store(acc.to(c_desc.dtype))
                 fence_async_shared()
-                tma_store(c_desc, [e * N + pid_m * BLOCK_M, pid_k * BLOCK_N], c_buf)
+                tma_store(c_desc, [e * N + pid_m * BLOCK_M, kt * BLOCK_N], c_buf)
                 stores += 1
         tma.store_wait(0)
 
@@ -317,18 +331,23 @@ def _build():
         stride_san, stride_sat, stride_sbk, stride_sbt,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
     ):  # fmt: skip
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape, c_desc.layout)
+        a_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        a_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(a_ready, count=1)
+        mbarrier.init(a_empty, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (_wgrad_math, (c_desc, sa_ptr, sb_ptr, off_ptr, a_bufs, b_bufs, ready, empty, c_bufs, N, K, E,
-                           stride_san, stride_sat, stride_sbk, stride_sbt, BLOCK_M, BLOCK_N, STAGES, num_warps)),
-            (_wgrad_loader, (a_desc, b_desc, off_ptr, a_bufs, b_bufs, ready, empty, N, K, E,
+            (_wgrad_math, (c_desc, sa_ptr, sb_ptr, off_ptr, a_bufs, b_bufs, a_ready, a_empty, ready, empty, c_bufs,
+                           N, K, E, stride_san, stride_sat, stride_sbk, stride_sbt, BLOCK_M, BLOCK_N, STAGES,
+                           num_warps)),
+            (_wgrad_loader, (a_desc, b_desc, off_ptr, a_bufs, b_bufs, a_ready, a_empty, ready, empty, N, K, E,
                              BLOCK_M, BLOCK_N, STAGES)),
         ], [1], [24])  # 24 loader registers leave the math warps 240 (40: 232, and the math spills)
 
@@ -411,7 +430,7 @@ def launch_grouped_wgrad_gluon(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: 
         raise ValueError(f"the Gluon wgrad kernel needs N a multiple of {bm} and an aligned contiguous output; "
                          f"got N = {n}, K = {k}")
     props = torch.cuda.get_device_properties(dyt.device)
-    smem = cfg["STAGES"] * (bm + bn) * BLOCK + 2 * bm * bn * out.element_size() + 1024  # + barriers, slack
+    smem = (2 * bm + cfg["STAGES"] * bn) * BLOCK + 2 * bm * bn * out.element_size() + 1024  # + barriers, slack
     limit = getattr(props, "shared_memory_per_block_optin", 232448)
     if smem > limit:
         raise ValueError(f"this wgrad configuration needs {smem} bytes of shared memory with a {out.dtype} output; "
@@ -419,9 +438,9 @@ def launch_grouped_wgrad_gluon(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: 
     dyt, xt = _aligned(dyt), _aligned(xt)
     out_ty = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32, torch.float16: gl.float16}[out.dtype]
     c_desc = TensorDescriptor.from_tensor(c2d, [bm, bn], gl.NVMMASharedLayout.get_default_for([bm, bn], out_ty))
-    items = experts * (n // bm) * -(-k // bn)
+    groups = experts * (n // bm)
     sms = props.multi_processor_count
-    _build()[1][(max(1, min(items, sms)),)](
+    _build()[1][(max(1, min(groups, sms)),)](
         _fp8_desc(dyt, [bm, BLOCK]), _fp8_desc(xt, [bn, BLOCK]), c_desc, dyt_scale, xt_scale, offsets, n, k, experts,
         dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"],
