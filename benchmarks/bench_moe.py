@@ -187,8 +187,8 @@ def run_case(shape, T, routing, args, results):
     variants["grouped_fp8_one_pass"] = ("fp8", "auto", True, True, True)
     variants["grouped_fp8_tokens_once"] = ("fp8", "auto", True, True, False, True)
     variants["dense"] = None
-    if args.variants:  # the loop layer still gives the reference values below; it is timed only when asked
-        variants = {k: v for k, v in variants.items() if k in args.variants}
+    if args.variants:  # in the order given; the loop layer still gives the reference values below
+        variants = {k: variants[k] for k in dict.fromkeys(args.variants) if k in variants}
 
     # reference values from the loop layer (bf16)
     try:
@@ -338,7 +338,7 @@ def main():
     parser.add_argument("--routing", choices=("balanced", "skewed"), help="with --tokens: one routing only")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks the script")
     parser.add_argument("--variants", nargs="+", metavar="NAME", choices=VARIANT_NAMES,
-                        help=f"time only these variants (of {', '.join(VARIANT_NAMES)})")
+                        help=f"time only these variants, in this order (of {', '.join(VARIANT_NAMES)})")
     args = parser.parse_args()
     if args.tokens is not None and any(t < 1 for t in args.tokens):
         parser.error("--tokens takes positive token counts")

@@ -117,7 +117,6 @@ def test_off_hopper_the_launcher_declines_so_the_picker_skips_it():
     gluon = [c for c in kernels.MM_PICKER.candidates if c.get("GLUON")]
     assert len(gluon) == len(gm.GLUON_MM_CANDIDATES)
     assert not kernels.MM_PICKER.candidates[0].get("GLUON")  # what runs where nothing can be timed
-    assert len([c for c in kernels.WGRAD_PICKER.candidates if c.get("GLUON")]) == len(gm.GLUON_WGRAD_CANDIDATES)
     with pytest.raises(RuntimeError, match="sm_90"):
         one_expert = torch.tensor([128], dtype=torch.int32)
         gm.launch_grouped_wgrad_gluon(x, torch.ones(128, 1), x, torch.ones(128, 1), one_expert,

@@ -47,9 +47,11 @@ GLUON_MM_CANDIDATES = (
     {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "DEFER_MAX": 16},
 )
 
-# The weight gradient: BLOCK_M rows of dW (N) by BLOCK_N columns (K), STAGES buffers of a 128-token chunk of
-# A and B, two chunks an iteration (the second's product runs while the first's is promoted), two output
-# tiles' buffers (with an FP32 output, 128x128 tiles fit with 3 stages only; the picker skips what does not fit).
+# The weight gradient: BLOCK_M rows of dW (N) by BLOCK_N columns (K); per (expert, row tile) the two A chunks of
+# an expert of up to two chunks stay in shared memory while STAGES buffers stream B's chunks; two chunks an
+# iteration (the second's product runs while the first's is promoted), two output tiles' buffers (with an FP32
+# output, 128x128 tiles fit with 4 stages at most; the launcher declines what does not fit). Not yet faster
+# than the TMA by-expert kernel (run 38E, V3's experts: 567 against 608-611 TFLOP/s), so not in the picker.
 GLUON_WGRAD_CANDIDATES = (
     {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 6, "num_warps": 8},
     {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8},
