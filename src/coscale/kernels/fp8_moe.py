@@ -49,10 +49,10 @@ __all__ = ["QUANTIZE_TOKENS_ONCE", "fp8_routed_experts"]
 
 # The forward's 1x128 layout of the permuted x: each token quantized once and its FP8 row copied to its top-k
 # places (fused_quant.gather_quantized_rows: a 1x128 tile of x per token instead of per copy, then a byte
-# gather; the same bytes), or each copy quantized by the gather (gather_quant_op). Off: on the H200 (V3's layer,
-# 8192 tokens, run 38, benchmarks/bench_moe.py) the two took 31.4 / 33.3 ms in one run and 32.5 / 30.8 ms with
-# the order reversed: whichever ran second was faster, so no difference is shown.
-QUANTIZE_TOKENS_ONCE = False
+# gather; the same bytes), or each copy quantized by the gather (gather_quant_op). On the H200 (V3's layer, 8192
+# tokens, run 38, benchmarks/bench_moe.py, CUDA-graph replay) the first was faster in 4 of 5 runs, by 0.55-1.01 ms
+# of about 31 (with either timed first), and slower in one (0.84 ms): on by default.
+QUANTIZE_TOKENS_ONCE = True
 
 
 def _wgrad_dtype(w: torch.Tensor) -> torch.dtype:
