@@ -1,4 +1,4 @@
-"""A warp-specialized grouped FP8 GEMM for Hopper written in Gluon (Triton's explicit-layout dialect).
+"""Warp-specialized grouped FP8 GEMMs for Hopper written in Gluon (Triton's explicit-layout dialect).
 
 The same operation and arithmetic as ``grouped_mm_tma_kernel`` (coscale.kernels.fp8_grouped_kernels):
 C[rows of expert e] = (A * sA) @ (B[e] * sB[e])^T with 1x128 row scales sA, 128x128 weight block scales
@@ -13,10 +13,13 @@ the one DeepGEMM uses on Hopper, which Triton's automatic pipeliner cannot expre
   for each product before scaling it (``warp_group_dot_wait {pendings = 0}``), so its tensor cores
   idle during every promotion.
 
-Gluon has no interpreter: this kernel runs on sm_90 only and is tested on the GPU against the Triton
-kernel (bit for bit: the products and their promotion order are the same). The Triton kernel stays the
-CPU-tested path and the fallback. ``gluon_available()`` says whether this Triton build has what the
-kernel needs.
+The weight-gradient kernel (dW_e = dY_e^T X_e over 128-token chunks) has the same structure; it is not yet
+faster than the Triton by-expert kernel and is not among the picker's candidates (GLUON_WGRAD_CANDIDATES).
+
+Gluon has no interpreter: these kernels run on sm_90 only. On the CPU, tests/test_fp8_grouped_gluon.py compiles
+them for sm_90 and checks the machine code; on the GPU they are tested against the Triton kernels bit for bit
+(the products and their promotion order are the same). The Triton kernels stay the CPU-tested path and the
+fallback. ``gluon_available()`` says whether this Triton build has what the kernels need.
 """
 
 from __future__ import annotations
@@ -39,12 +42,12 @@ __all__ = [
 # a tile), STAGES shared-memory buffers of A and B, DEFER_MAX: the most K steps an iteration (the launcher
 # takes the largest divisor of the K steps up to it); one program an SM (the math warps hold two products
 # beside the accumulator). Run 38 (H200, V3's experts, results/tune_fp8_grouped_run38A_h200_2026-12-04.log):
-# 128x128 with 8 steps an iteration led every forward/dgrad product (889-1,020 TFLOP/s against 778-828 for
-# the TMA kernel's best), 4 steps 792-968, 64x128 500-855, and one step an iteration (no overlap) 735-845.
+# 128x128 with 8 steps an iteration led every forward/dgrad product (889-1,020 TFLOP/s against 768-882 for
+# the TMA kernel's best configuration), 4 steps 792-968, 64x128 500-855, one step an iteration (no overlap)
+# 735-845; in run 38B 5 stages ran at 817-954 and 16 steps an iteration at 709-887, against 878-992 for 4 stages.
 GLUON_MM_CANDIDATES = (
     {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "DEFER_MAX": 8},
     {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 5, "num_warps": 8, "DEFER_MAX": 8},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "DEFER_MAX": 16},
 )
 
 # The weight gradient: BLOCK_M rows of dW (N) by BLOCK_N columns (K); per (expert, row tile) the two A chunks of
