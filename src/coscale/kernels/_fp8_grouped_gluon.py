@@ -89,17 +89,19 @@ def _build():
     tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
     @gluon.jit
-    def _tile_coords(tile, num_m, num_n, tile_ptr, E, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _tile_coords(tile, num_m, num_n, num_k, tile_ptr, E, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                      GROUP_M: gl.constexpr):  # fmt: skip
-        # GROUP_M row tiles sweep the column tiles together (B tiles reused from L2), as the Triton kernel
+        # tile -> (first row, first column, expert, K steps): both partitions walk the tiles this way. GROUP_M
+        # row tiles sweep the column tiles together (B tiles reused from L2), as in the Triton kernel; rows
+        # after the last expert (tile_expert says E) take no K step and store zeros
         in_group = GROUP_M * num_n
         first_m = (tile // in_group) * GROUP_M
         group_rows = gl.minimum(num_m - first_m, GROUP_M)
         pid_m = first_m + (tile % in_group) % group_rows
         pid_n = (tile % in_group) // group_rows
         row0 = pid_m * BLOCK_M
-        expert = gl.load(tile_ptr + row0 // 128)  # segments are 128-aligned; E past the last expert
-        return row0, pid_n * BLOCK_N, expert
+        expert = gl.load(tile_ptr + row0 // 128)  # segments are 128-aligned
+        return row0, pid_n * BLOCK_N, expert, gl.where(expert < E, num_k, 0)
 
     @gluon.jit
     def _loader(a_desc, b_desc, tile_ptr, a_bufs, b_bufs, ready, empty, M, N, K, E,
@@ -109,8 +111,7 @@ def _build():
         num_k = gl.cdiv(K, 128)
         it = 0
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
-            row0, n0, expert = _tile_coords(tile, num_m, num_n, tile_ptr, E, BLOCK_M, BLOCK_N, GROUP_M)
-            k_iters = gl.where(expert < E, num_k, 0)
+            row0, n0, expert, k_iters = _tile_coords(tile, num_m, num_n, num_k, tile_ptr, E, BLOCK_M, BLOCK_N, GROUP_M)
             for kb in range(k_iters):
                 s = it % STAGES
                 # a fresh barrier counts as having completed the phase before 0: the first pass waits for nothing
@@ -139,9 +140,7 @@ def _build():
         num_k = gl.cdiv(K, 128)
         it = 0
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
-            row0, n0, expert = _tile_coords(tile, num_m, num_n, tile_ptr, E, BLOCK_M, BLOCK_N, GROUP_M)
-            valid = expert < E
-            k_iters = gl.where(valid, num_k, 0)
+            row0, n0, expert, k_iters = _tile_coords(tile, num_m, num_n, num_k, tile_ptr, E, BLOCK_M, BLOCK_N, GROUP_M)
             expert = gl.minimum(expert, E - 1)
             rows = row0 + gl.arange(0, BLOCK_M, layout=row_layout)
             sa_rows = sa_ptr + rows.to(gl.int64) * stride_sam
