@@ -28,33 +28,7 @@ on_hopper = pytest.mark.skipif(
 
 
 def _sm90_ptx(which: str, cfg: dict, defer: int = 1) -> str:
-    """The PTX of the forward/dgrad kernel ("mm") or the weight-gradient kernel ("wgrad") for an sm_90."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    a = torch.zeros(256, 1024, dtype=torch.float8_e4m3fn)
-    b = torch.zeros(2, 256, 1024, dtype=torch.float8_e4m3fn)
-    c = torch.zeros(512, 256, dtype=torch.bfloat16)
-    descs = dict(zip(("a_desc", "b_desc", "c_desc"), gm._descriptors(a, b, c, bm, bn)))
-    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
-    if which == "mm":
-        kernel = gm._build()[0]
-        constexprs.update(GROUP_M=8, DEFER=defer)
-        pointers = dict(sa_ptr="*fp32", sb_ptr="*fp32", tile_ptr="*i32")
-    else:
-        kernel = gm._build()[1]
-        descs["a_desc"], descs["b_desc"] = gm._fp8_desc(a, [bm, 128]), gm._fp8_desc(a, [bn, 128])
-        pointers = dict(sa_ptr="*fp32", sb_ptr="*fp32", off_ptr="*i32")
-    signature = {name: "i32" for name in kernel.arg_names}
-    signature.update({k: mangle_type(v) for k, v in descs.items()}, **pointers)
-    signature.update({k: "constexpr" for k in constexprs})
-    src = GluonASTSource(fn=kernel, signature=signature,
-                         constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
-    return compiled.asm["ptx"]
+    return gm.compile_for_sm90(which, cfg, defer).asm["ptx"]
 
 
 def _ptxas_report(ptx: str, tmp_path) -> str:

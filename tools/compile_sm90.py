@@ -6,7 +6,8 @@ unsupported ops, register or shared-memory limits) before device time is spent. 
 anything. Run: `PYTHONPATH=src python3 tools/compile_sm90.py` (prints one line per kernel variant and
 exits non-zero if any fails); `--counts` adds each variant's SASS instructions a thread, registers and
 shared memory (nvdisasm / cuobjdump from Triton's wheel); `--only TEXT` keeps the variants whose label
-holds TEXT; `--sass DIR` writes each variant's SASS to DIR.
+holds TEXT; `--sass DIR` writes each variant's SASS to DIR. The Gluon grouped FP8 GEMMs (`--only gluon`) compile
+through their own `compile_for_sm90` (Gluon kernels take descriptor types with their shared-memory layouts).
 
 Every pointer and integer argument is compiled as divisible by 16, as Triton specialises them on the GPU
 when their values are (V3's shapes and strides; torch's allocations): without it the vectorised loads and
@@ -182,6 +183,34 @@ def mla_cases():
             yield f"mla decode {name} n{block_n} swap{swap} w{warps}", fn, types, const, warps
 
 
+def gluon_cases():
+    """The Gluon grouped FP8 GEMMs (coscale.kernels._fp8_grouped_gluon): (label, which, cfg, K steps an iteration)."""
+    from coscale.kernels import _fp8_grouped_gluon as gm
+
+    for cfg in gm.GLUON_MM_CANDIDATES:
+        for defer in (cfg["DEFER_MAX"], 7, 1):
+            yield f"gluon mm {cfg['BLOCK_M']}x{cfg['BLOCK_N']} s{cfg['STAGES']} defer {defer}", "mm", cfg, defer
+    for cfg in gm.GLUON_WGRAD_CANDIDATES:
+        yield f"gluon wgrad {cfg['BLOCK_M']}x{cfg['BLOCK_N']} s{cfg['STAGES']}", "wgrad", cfg, 1
+
+
+def compile_gluon(label: str, which: str, cfg: dict, defer: int, counts: bool, sass_dir: str) -> bool:
+    from coscale.kernels import _fp8_grouped_gluon as gm
+
+    t0 = time.perf_counter()
+    try:
+        kernel = gm.compile_for_sm90(which, cfg, defer)
+    except Exception as exc:  # noqa: BLE001 - report every variant
+        print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        return False
+    extra = f"; {sass_counts(kernel.asm['cubin'])}, {kernel.metadata.shared} B shared" if counts else ""
+    if sass_dir:
+        with open(os.path.join(sass_dir, re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_") + ".sass"), "w") as out:
+            out.write(sass_text(kernel.asm["cubin"]))
+    print(f"ok   {label}: {time.perf_counter() - t0:.1f} s, {len(kernel.asm['cubin'])} bytes of cubin{extra}")
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", action="store_true", help="SASS instructions, registers and shared memory")
@@ -197,6 +226,9 @@ def main() -> int:
     for label, fn, types, const, warps in [*quant_cases(), *logfmt_cases(), *mla_cases()]:
         if args.only in label:
             ok &= compile_one(label, fn, types, const, warps, args.counts, args.sass)
+    for label, which, cfg, defer in gluon_cases():
+        if args.only in label:
+            ok &= compile_gluon(label, which, cfg, defer, args.counts, args.sass)
     return 0 if ok else 1
 
 

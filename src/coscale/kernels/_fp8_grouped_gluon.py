@@ -33,6 +33,7 @@ from coscale.kernels.fp8_recipe import BLOCK
 __all__ = [
     "GLUON_MM_CANDIDATES",
     "GLUON_WGRAD_CANDIDATES",
+    "compile_for_sm90",
     "gluon_available",
     "launch_grouped_mm_gluon",
     "launch_grouped_wgrad_gluon",
@@ -356,6 +357,41 @@ def _build():
         ], [1], [24])  # 24 loader registers leave the math warps 240 (40: 232, and the math spills)
 
     return grouped_mm_gluon_kernel, grouped_wgrad_gluon_kernel
+
+
+def compile_for_sm90(which: str, cfg: dict, defer: int = 1):
+    """The forward/dgrad kernel ("mm", with ``defer`` K steps an iteration) or the weight-gradient kernel
+    ("wgrad") compiled for an H100/H200 without a GPU (Triton's wheel carries ptxas): its ``asm`` holds the PTX,
+    cubin and TTGIR. For the CPU tests and tools/compile_sm90.py; BF16 output, divisibility as on the GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    a = torch.zeros(256, 1024, dtype=torch.float8_e4m3fn)
+    b = torch.zeros(2, 256, 1024, dtype=torch.float8_e4m3fn)
+    c = torch.zeros(512, 256, dtype=torch.bfloat16)
+    descs = dict(zip(("a_desc", "b_desc", "c_desc"), _descriptors(a, b, c, bm, bn)))
+    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"])
+    if which == "mm":
+        kernel = _build()[0]
+        constexprs.update(GROUP_M=8, DEFER=defer)
+        pointers = dict(sa_ptr="*fp32", sb_ptr="*fp32", tile_ptr="*i32")
+    else:
+        kernel = _build()[1]
+        descs["a_desc"], descs["b_desc"] = _fp8_desc(a, [bm, BLOCK]), _fp8_desc(a, [bn, BLOCK])
+        pointers = dict(sa_ptr="*fp32", sb_ptr="*fp32", off_ptr="*i32")
+    signature = {name: "i32" for name in kernel.arg_names}
+    signature.update({k: mangle_type(v) for k, v in descs.items()}, **pointers)
+    signature.update({k: "constexpr" for k in constexprs})
+    # pointers and the strides and sizes that are multiples of 16 at DeepSeek-V3's shapes, as the GPU specialises
+    even = {"stride_sak", "stride_sbe", "stride_sat", "stride_sbt", "N", "K"}
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
+             if t.startswith("*") or n in even}
+    src = GluonASTSource(fn=kernel, signature=signature, attrs=attrs,
+                         constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
 
 
 def _fp8_desc(t: torch.Tensor, block: list[int]):
