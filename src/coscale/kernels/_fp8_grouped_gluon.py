@@ -60,6 +60,9 @@ GLUON_WGRAD_CANDIDATES = (
     {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 6, "num_warps": 8},
     {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8},
     {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 8, "num_warps": 8},
+    # one math warpgroup on 64-row tiles and two programs an SM (what lets the TMA kernel overlap one program's
+    # epilogue with the other's products): not yet run on a GPU
+    {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 2, "maxnreg": 128},
 )
 
 
@@ -391,7 +394,8 @@ def compile_for_sm90(which: str, cfg: dict, defer: int = 1):
              if t.startswith("*") or n in even}
     src = GluonASTSource(fn=kernel, signature=signature, attrs=attrs,
                          constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
+    options = {"num_warps": cfg["num_warps"], **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {})}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def _fp8_desc(t: torch.Tensor, block: list[int]):
@@ -471,7 +475,7 @@ def launch_grouped_wgrad_gluon(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: 
                          f"got N = {n}, K = {k}")
     props = torch.cuda.get_device_properties(dyt.device)
     smem = (2 * bm + cfg["STAGES"] * bn) * BLOCK + 2 * bm * bn * out.element_size() + 1024  # + barriers, slack
-    limit = getattr(props, "shared_memory_per_block_optin", 232448)
+    limit = getattr(props, "shared_memory_per_block_optin", 232448) // cfg.get("PROGRAMS_PER_SM", 1)
     if smem > limit:
         raise ValueError(f"this wgrad configuration needs {smem} bytes of shared memory with a {out.dtype} output; "
                          f"the GPU has {limit}")
@@ -480,9 +484,12 @@ def launch_grouped_wgrad_gluon(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: 
     c_desc = TensorDescriptor.from_tensor(c2d, [bm, bn], gl.NVMMASharedLayout.get_default_for([bm, bn], out_ty))
     groups = experts * (n // bm)
     sms = props.multi_processor_count
-    _build()[1][(max(1, min(groups, sms)),)](
+    per_sm = cfg.get("PROGRAMS_PER_SM", 1)
+    # two programs an SM need each program's registers capped (maxnreg: the math warps get what the loader leaves)
+    options = {"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}
+    _build()[1][(max(1, min(groups, per_sm * sms)),)](
         _fp8_desc(dyt, [bm, BLOCK]), _fp8_desc(xt, [bn, BLOCK]), c_desc, dyt_scale, xt_scale, offsets, n, k, experts,
         dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"],
+        BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"], **options,
     )  # fmt: skip
     return out
