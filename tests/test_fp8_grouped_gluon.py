@@ -27,10 +27,6 @@ on_hopper = pytest.mark.skipif(
 )
 
 
-def _sm90_ptx(which: str, cfg: dict, defer: int = 1) -> str:
-    return gm.compile_for_sm90(which, cfg, defer).asm["ptx"]
-
-
 def _ptxas_report(ptx: str, tmp_path) -> str:
     """ptxas -v on the PTX (the ptxas Triton itself uses for sm_90: triton >= 3.6 names it ptxas-blackwell)."""
     import triton
@@ -55,7 +51,7 @@ def test_the_kernel_compiles_for_sm90_with_overlapped_unserialized_wgmma(defer, 
     """An sm_90 compile (no GPU needed): DEFER products an iteration, each waited with one still in flight
     but the last, and ptxas neither serializes the wgmma (warning C7514: what a product read across the
     loop's back edge, or promotions sunk past their waits, cause) nor spills."""
-    ptx = _sm90_ptx("mm", gm.GLUON_MM_CANDIDATES[0], defer)
+    ptx = gm.compile_for_sm90("mm", gm.GLUON_MM_CANDIDATES[0], defer).asm["ptx"]
     per_product = 4  # a 128-deep product is four k32 wgmma instructions
     assert ptx.count("wgmma.mma_async") == defer * per_product
     assert len(re.findall(r"wgmma\.wait_group\.sync\.aligned 1;", ptx)) == defer - 1
@@ -72,7 +68,7 @@ def test_the_wgrad_kernel_compiles_for_sm90_with_overlapped_unserialized_wgmma(c
     """The weight-gradient kernel: two chunks an iteration, the first waited with the second in flight, no
     serialized wgmma, and at most a few spilled scalars (the 128x128 tile's math warps hold two products, the
     accumulator and a chunk's column scales: its epilogue's tile coordinates go to local memory)."""
-    ptx = _sm90_ptx("wgrad", cfg)
+    ptx = gm.compile_for_sm90("wgrad", cfg).asm["ptx"]
     assert ptx.count("wgmma.mma_async") == 2 * 4
     assert len(re.findall(r"wgmma\.wait_group\.sync\.aligned 1;", ptx)) == 1
     report = _ptxas_report(ptx, tmp_path)

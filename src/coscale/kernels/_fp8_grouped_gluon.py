@@ -108,11 +108,13 @@ def _build():
         return row0, pid_n * BLOCK_N, expert, gl.where(expert < E, num_k, 0)
 
     @gluon.jit
+    def _tile_counts(M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        return gl.cdiv(M, BLOCK_M), gl.cdiv(N, BLOCK_N), gl.cdiv(K, 128)
+
+    @gluon.jit
     def _loader(a_desc, b_desc, tile_ptr, a_bufs, b_bufs, ready, empty, M, N, K, E,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-        num_m = gl.cdiv(M, BLOCK_M)
-        num_n = gl.cdiv(N, BLOCK_N)
-        num_k = gl.cdiv(K, 128)
+        num_m, num_n, num_k = _tile_counts(M, N, K, BLOCK_M, BLOCK_N)
         it = 0
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             row0, n0, expert, k_iters = _tile_coords(tile, num_m, num_n, num_k, tile_ptr, E, BLOCK_M, BLOCK_N, GROUP_M)
@@ -139,9 +141,7 @@ def _build():
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, BLOCK_N, 32])
         row_layout: gl.constexpr = gl.SliceLayout(1, mma)
-        num_m = gl.cdiv(M, BLOCK_M)
-        num_n = gl.cdiv(N, BLOCK_N)
-        num_k = gl.cdiv(K, 128)
+        num_m, num_n, num_k = _tile_counts(M, N, K, BLOCK_M, BLOCK_N)
         it = 0
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             row0, n0, expert, k_iters = _tile_coords(tile, num_m, num_n, num_k, tile_ptr, E, BLOCK_M, BLOCK_N, GROUP_M)
@@ -383,7 +383,7 @@ def compile_for_sm90(which: str, cfg: dict, defer: int = 1):
         pointers = dict(sa_ptr="*fp32", sb_ptr="*fp32", tile_ptr="*i32")
     else:
         kernel = _build()[1]
-        descs["a_desc"], descs["b_desc"] = _fp8_desc(a, [bm, BLOCK]), _fp8_desc(a, [bn, BLOCK])
+        descs["a_desc"], descs["b_desc"] = _desc(a, [bm, BLOCK]), _desc(a, [bn, BLOCK])
         pointers = dict(sa_ptr="*fp32", sb_ptr="*fp32", off_ptr="*i32")
     signature = {name: "i32" for name in kernel.arg_names}
     signature.update({k: mangle_type(v) for k, v in descs.items()}, **pointers)
@@ -398,40 +398,34 @@ def compile_for_sm90(which: str, cfg: dict, defer: int = 1):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def _fp8_desc(t: torch.Tensor, block: list[int]):
+def _desc(t: torch.Tensor, block: list[int]):
+    """A Gluon TMA descriptor of t (16-byte aligned rows and base) in blocks of ``block``, swizzled for wgmma."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv))
+    dtype = {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16,
+             torch.float32: gl.float32}[t.dtype]  # fmt: skip
+    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
 def _descriptors(a, b, c, bm: int, bn: int):
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     e, n, k = b.shape
-    f8 = gl.float8e4nv
-    out = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32, torch.float16: gl.float16}[c.dtype]
-    a_desc = TensorDescriptor.from_tensor(a, [bm, BLOCK], gl.NVMMASharedLayout.get_default_for([bm, BLOCK], f8))
-    b_desc = TensorDescriptor.from_tensor(b.reshape(e * n, k), [bn, BLOCK],
-                                          gl.NVMMASharedLayout.get_default_for([bn, BLOCK], f8))
-    c_desc = TensorDescriptor.from_tensor(c, [bm, bn], gl.NVMMASharedLayout.get_default_for([bm, bn], out))
-    return a_desc, b_desc, c_desc
+    return _desc(a, [bm, BLOCK]), _desc(b.reshape(e * n, k), [bn, BLOCK]), _desc(c, [bm, bn])
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """t itself when a descriptor can read it (contiguous, 16-byte aligned base), else a contiguous copy."""
-    return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+def _require_hopper(device: torch.device) -> None:
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        # not a user error: the picker skips a configuration that cannot launch here
+        raise RuntimeError("the Gluon grouped GEMM runs on sm_90 (Hopper) only")
 
 
 def launch_grouped_mm_gluon(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     """One launch of the Gluon kernel: the contract of ``launch_grouped_mm_tma`` (a [M, K] FP8 rows in
     128-aligned expert segments, a_scale [M, K/128], b [E, N, K] FP8, b_scale [E, N/128, K/128],
-    tile_expert from ``segment_of_each_block``, c [M, N] written), with K a multiple of 128 and a
-    contiguous c; a persistent grid of one program an SM."""
-    if a.device.type != "cuda" or torch.cuda.get_device_capability(a.device) != (9, 0):
-        # not a user error: the picker skips a configuration that cannot launch here
-        raise RuntimeError("the Gluon grouped GEMM runs on sm_90 (Hopper) only")
+    tile_expert from ``segment_of_each_block``, c [M, N] written), with K a multiple of 128, operands that a
+    descriptor can read (launch_grouped_mm passes aligned copies where needed) and a contiguous c; a
+    persistent grid of one program an SM."""
+    _require_hopper(a.device)
     m, k = a.shape
     e, n, _ = b.shape
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -439,7 +433,6 @@ def launch_grouped_mm_gluon(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
         # a shape this kernel does not take: the picker skips the configuration (the TMA kernel takes it)
         raise ValueError(f"the Gluon grouped GEMM needs K a multiple of {BLOCK}, N of BLOCK_N (a divisor of {BLOCK}) "
                          f"and an aligned contiguous output; got K = {k}, N = {n}, BLOCK_N = {bn}")
-    a, b = _aligned(a), _aligned(b)
     steps = k // BLOCK
     defer = max(d for d in range(1, cfg["DEFER_MAX"] + 1) if steps % d == 0)
     a_desc, b_desc, c_desc = _descriptors(a, b, c, bm, bn)
@@ -460,11 +453,7 @@ def launch_grouped_wgrad_gluon(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: 
     except that the gradients of experts without tokens are left to the caller (the TMA launcher's zeros
     launch). Needs N a multiple of BLOCK_M (a tile stays in its expert in the [E*N, K] view it stores
     through) and an aligned contiguous output; a persistent grid of one program an SM."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    if dyt.device.type != "cuda" or torch.cuda.get_device_capability(dyt.device) != (9, 0):
-        raise RuntimeError("the Gluon grouped GEMM runs on sm_90 (Hopper) only")
+    _require_hopper(dyt.device)
     n, mp = dyt.shape
     k = xt.shape[0]
     experts = offsets.numel()
@@ -479,16 +468,14 @@ def launch_grouped_wgrad_gluon(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: 
     if smem > limit:
         raise ValueError(f"this wgrad configuration needs {smem} bytes of shared memory with a {out.dtype} output; "
                          f"the GPU has {limit}")
-    dyt, xt = _aligned(dyt), _aligned(xt)
-    out_ty = {torch.bfloat16: gl.bfloat16, torch.float32: gl.float32, torch.float16: gl.float16}[out.dtype]
-    c_desc = TensorDescriptor.from_tensor(c2d, [bm, bn], gl.NVMMASharedLayout.get_default_for([bm, bn], out_ty))
+    c_desc = _desc(c2d, [bm, bn])
     groups = experts * (n // bm)
     sms = props.multi_processor_count
     per_sm = cfg.get("PROGRAMS_PER_SM", 1)
     # two programs an SM need each program's registers capped (maxnreg: the math warps get what the loader leaves)
     options = {"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}
     _build()[1][(max(1, min(groups, per_sm * sms)),)](
-        _fp8_desc(dyt, [bm, BLOCK]), _fp8_desc(xt, [bn, BLOCK]), c_desc, dyt_scale, xt_scale, offsets, n, k, experts,
+        _desc(dyt, [bm, BLOCK]), _desc(xt, [bn, BLOCK]), c_desc, dyt_scale, xt_scale, offsets, n, k, experts,
         dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"], **options,
     )  # fmt: skip

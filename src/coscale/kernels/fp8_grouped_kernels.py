@@ -388,7 +388,7 @@ def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
 def launch_grouped_mm(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     """The forward/dgrad GEMM with a configuration of MM_PICKER: the Gluon kernel's (GLUON) or the TMA kernel's."""
     if cfg.get("GLUON", False):
-        return launch_grouped_mm_gluon(a, a_scale, b, b_scale, tile_expert, c, cfg)
+        return launch_grouped_mm_gluon(_tma_operand(a), a_scale, _tma_operand(b), b_scale, tile_expert, c, cfg)
     return launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg)
 
 
@@ -453,7 +453,7 @@ def launch_grouped_wgrad(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: dict, 
     if cfg.get("GLUON", False):
         if not out.is_contiguous():
             raise CoscaleError("the grouped wgrad kernel writes a contiguous [E, N, K] output")
-        launch_grouped_wgrad_gluon(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg)
+        launch_grouped_wgrad_gluon(_tma_operand(dyt), dyt_scale, _tma_operand(xt), xt_scale, offsets, out, cfg)
         _zero_empty_experts(out, offsets)
         return out
     return launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg, chunk_expert)
