@@ -134,6 +134,19 @@ def _build():
         return sa * gl.load(sb_base + kb * stride_sbk)
 
     @gluon.jit
+    def _issue_and_promote(a_buf, b_buf, prod, prev, acc, prev_scale, empty, it, sa_rows, sb_base, rows, kb,
+                           stride_sak, stride_sbk, M, STAGES):  # fmt: skip
+        # issue step kb's product into prod, then promote the previous step's (prev) while it runs; the
+        # previous step's buffers are free once its product is done. (STAGES, a constexpr, stays one unannotated:
+        # an annotation would name gl, which this closure does not capture.)
+        prod = warpgroup_mma(a_buf, b_buf.permute((1, 0)), prod, use_acc=False, is_async=True)
+        scale = _scale(sa_rows, sb_base, rows, kb, stride_sak, stride_sbk, M)
+        prev, acc = warpgroup_mma_wait(num_outstanding=1, deps=(prev, acc))
+        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+        acc += prev * prev_scale[:, None]
+        return prod, prev, acc, scale
+
+    @gluon.jit
     def _math(c_desc, sa_ptr, sb_ptr, tile_ptr, a_bufs, b_bufs, ready, empty, c_smem, M, N, K, E,
               stride_sam, stride_sak, stride_sbe, stride_sbn, stride_sbk,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
@@ -168,21 +181,15 @@ def _build():
                 for j in gl.static_range(1, DEFER):
                     s = it % STAGES
                     mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                    # the previous step's buffers are free once its product is done
+                    # the two register sets by turns (each a named value: a product in flight keeps its registers)
                     if j % 2 == 1:
-                        prod_b = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), prod_b,
-                                               use_acc=False, is_async=True)
-                        scale_b = _scale(sa_rows, sb_base, rows, kk + j, stride_sak, stride_sbk, M)
-                        prod_a, acc = warpgroup_mma_wait(num_outstanding=1, deps=(prod_a, acc))
-                        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-                        acc += prod_a * scale_a[:, None]
+                        prod_b, prod_a, acc, scale_b = _issue_and_promote(
+                            a_bufs.index(s), b_bufs.index(s), prod_b, prod_a, acc, scale_a, empty, it, sa_rows,
+                            sb_base, rows, kk + j, stride_sak, stride_sbk, M, STAGES)
                     else:
-                        prod_a = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), prod_a,
-                                               use_acc=False, is_async=True)
-                        scale_a = _scale(sa_rows, sb_base, rows, kk + j, stride_sak, stride_sbk, M)
-                        prod_b, acc = warpgroup_mma_wait(num_outstanding=1, deps=(prod_b, acc))
-                        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-                        acc += prod_b * scale_b[:, None]
+                        prod_a, prod_b, acc, scale_a = _issue_and_promote(
+                            a_bufs.index(s), b_bufs.index(s), prod_a, prod_b, acc, scale_b, empty, it, sa_rows,
+                            sb_base, rows, kk + j, stride_sak, stride_sbk, M, STAGES)
                     it += 1
                 if DEFER % 2 == 0:  # the last step's product is prod_b
                     prod_b, acc = warpgroup_mma_wait(num_outstanding=0, deps=(prod_b, acc))
