@@ -26,8 +26,6 @@ Variants (each in try/except: a failure is recorded and the run carries on):
 - grouped_fp8_per_copy: the cached path with every permuted copy of x quantized in the gather instead of
              x quantized once per token and its FP8 rows gathered (coscale.kernels.fp8_moe.QUANTIZE_TOKENS_ONCE,
              the default since run 38; grouped_fp8_tokens_once in runs 37-38); the same bits.
-- grouped_fp8_side<N>: the cached path with the backward's weight gradients on a second stream on N SMs
-             beside the input gradients on the others (coscale.kernels.fp8_moe.WGRAD_SIDE_SMS); the same bits.
 - dense:     a dense SwiGLU MLP over T*K rows with one expert's shape: the same FLOPs in plain GEMMs.
 All variants include the shared expert (a dense SwiGLU MLP over the T tokens, in BF16). Every variant
 but the loop (which reads expert counts back to the host) is also timed replayed from a CUDA graph
@@ -189,8 +187,6 @@ def run_case(shape, T, routing, args, results):
     variants["grouped_fp8_unfused"] = ("fp8", "auto", False, False)
     variants["grouped_fp8_one_pass"] = ("fp8", "auto", True, True, True)
     variants["grouped_fp8_per_copy"] = ("fp8", "auto", True, True, False, False)
-    for sms in SIDE_SMS_CHOICES:  # the weight gradients on a side stream with this many SMs
-        variants[f"grouped_fp8_side{sms}"] = ("fp8", "auto", True, True, False, TOKENS_ONCE_DEFAULT, sms)
     variants["dense"] = None
     if args.variants:  # in the order given; the loop layer still gives the reference values below
         variants = {k: variants[k] for k in dict.fromkeys(args.variants) if k in variants}
@@ -229,12 +225,11 @@ def run_case(shape, T, routing, args, results):
                     with torch.no_grad():
                         dense_layer(rows, *dense_w, x, shared)
             else:
-                precision, backend, cached, fused, one_pass, tokens_once, side_sms = (
-                    *spec, False, True, False, TOKENS_ONCE_DEFAULT, None)[:7]
+                precision, backend, cached, fused, one_pass, tokens_once = (*spec, False, True, False,
+                                                                            TOKENS_ONCE_DEFAULT)[:6]
                 cache = FP8WeightCache() if cached else None
                 quant_ops.DUAL_ONE_PASS = one_pass
                 fp8_moe.QUANTIZE_TOKENS_ONCE = tokens_once
-                fp8_moe.WGRAD_SIDE_SMS = side_sms
 
                 def layer(precision=precision, backend=backend, cache=cache, fused=fused):
                     return grouped_layer(x, idx, topw, w_gate, w_up, w_down, shared, precision, backend, cache,
@@ -284,7 +279,6 @@ def run_case(shape, T, routing, args, results):
         finally:
             quant_ops.DUAL_ONE_PASS = False
             fp8_moe.QUANTIZE_TOKENS_ONCE = TOKENS_ONCE_DEFAULT
-            fp8_moe.WGRAD_SIDE_SMS = SIDE_SMS_DEFAULT
             if cache is not None:
                 cache.invalidate()  # the cached variant's FP8 weights (up to 2 bytes per parameter)
             if torch.cuda.is_available():
@@ -313,12 +307,9 @@ def run_case(shape, T, routing, args, results):
         torch.cuda.empty_cache()
 
 
-TOKENS_ONCE_DEFAULT = fp8_moe.QUANTIZE_TOKENS_ONCE  # the shipped choices, restored after each variant
-SIDE_SMS_DEFAULT = fp8_moe.WGRAD_SIDE_SMS
-SIDE_SMS_CHOICES = (16, 24, 33, 44, 66)
+TOKENS_ONCE_DEFAULT = fp8_moe.QUANTIZE_TOKENS_ONCE  # the shipped choice, restored after each variant
 VARIANT_NAMES = ("loop", "grouped", "grouped_triton", "grouped_fp8", "grouped_fp8_cached", "grouped_fp8_unfused",
-                 "grouped_fp8_one_pass", "grouped_fp8_per_copy", *(f"grouped_fp8_side{n}" for n in SIDE_SMS_CHOICES),
-                 "dense")
+                 "grouped_fp8_one_pass", "grouped_fp8_per_copy", "dense")
 
 
 def print_table(results):

@@ -350,39 +350,6 @@ def test_wgrad_persistent_grids_of_any_size_cover_every_position(sms, by_expert,
     assert torch.allclose(got, oracle, rtol=1e-4, atol=1e-4 * float(oracle.abs().max()))
 
 
-def test_sm_limit_caps_the_persistent_grids_nests_and_rejects_nonsense():
-    """sm_limit bounds the SM count the launchers spread their grids over, restores the outer limit on exit
-    (also after an error) and refuses a count below one."""
-    cpu = torch.device("cpu")
-    full = kernels._num_sms(cpu)
-    with kernels.sm_limit(3):
-        assert kernels._num_sms(cpu) == min(3, full)
-        with kernels.sm_limit(1):
-            assert kernels._num_sms(cpu) == 1
-        assert kernels._num_sms(cpu) == min(3, full)
-        with pytest.raises(RuntimeError), kernels.sm_limit(2):
-            raise RuntimeError("inside")
-        assert kernels._num_sms(cpu) == min(3, full)
-    assert kernels._num_sms(cpu) == full
-    with pytest.raises(CoscaleError, match="at least 1"), kernels.sm_limit(0):
-        pass
-
-
-@needs_triton
-def test_wgrad_under_an_sm_limit_still_covers_every_position():
-    """A grid capped by sm_limit (fewer programs than work items) still writes every weight gradient."""
-    torch.manual_seed(13)
-    off = offsets_of([256, 128, 0, 384])
-    m, n, k = int(off[-1]), 128, 192
-    _, _, xt, xts = q.act_quant_1x128_dual(torch.randn(m, k), backend="torch")
-    _, _, dyt, dyts = q.act_quant_1x128_dual(torch.randn(m, n), backend="torch")
-    oracle = fp8_grouped_wgrad_ref(dyt, dyts, xt, xts, off)
-    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "STAGES": 1, "num_warps": 4, "PROGRAMS_PER_SM": 1, "BY_EXPERT": True}
-    with kernels.sm_limit(1):
-        got = kernels.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, off, torch.full((len(off), n, k), 7.0), cfg)
-    assert torch.allclose(got, oracle, rtol=1e-4, atol=1e-4 * float(oracle.abs().max()))
-
-
 @needs_triton
 def test_wgrad_by_expert_never_reads_another_experts_tokens():
     """The by-expert kernel keeps two chunks of an expert's dY^T; a one-chunk expert takes its only chunk twice

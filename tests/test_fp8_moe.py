@@ -95,39 +95,6 @@ def test_tokens_quantized_once_change_no_bit(backend, monkeypatch):
         assert torch.equal(g, r), name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or q.interpreting(), reason="needs a GPU (TRITON_INTERPRET=0)")
-def test_gpu_weight_gradients_on_a_side_stream_change_no_bit(monkeypatch):
-    """fp8_moe.WGRAD_SIDE_SMS (the weight gradients on a second stream with their grids on a few SMs, the input
-    gradients on the others): the outputs and every gradient bit for bit, run eagerly and replayed from a CUDA
-    graph that captured both streams (with new inputs copied in)."""
-    from coscale.kernels import fp8_moe
-
-    problem = _problem("skewed", 1024, 4, 8, 512, 256, 5, torch.bfloat16)
-    x, idx, w, wg, wu, wd, grad_out = [t.detach().cuda().requires_grad_(t.requires_grad) for t in problem]
-    monkeypatch.setattr(fp8_moe, "WGRAD_SIDE_SMS", None)
-    want = _run(True, "auto", x, idx, w, wg, wu, wd, grad_out)
-    for sms in (8, 100):
-        monkeypatch.setattr(fp8_moe, "WGRAD_SIDE_SMS", sms)
-        out, grads = _run(True, "auto", x, idx, w, wg, wu, wd, grad_out)
-        assert torch.equal(out, want[0]), sms
-        for name, g, r in zip(NAMES, grads, want[1]):
-            assert torch.equal(g, r), (sms, name)
-    # captured: warm up on a side stream, capture, replay with the same inputs
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        _run(True, "auto", x, idx, w, wg, wu, wd, grad_out)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = _run(True, "auto", x, idx, w, wg, wu, wd, grad_out)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured[0], want[0])
-    for name, g, r in zip(NAMES, captured[1], want[1]):
-        assert torch.equal(g, r), ("graph", name)
-
-
 @pytest.mark.skipif(not q.triton_available(), reason="needs triton")
 @pytest.mark.parametrize("tokens_once", [False, True])
 def test_the_fused_kernel_path_never_reads_the_device_back(tokens_once, monkeypatch):

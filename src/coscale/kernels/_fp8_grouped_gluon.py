@@ -450,7 +450,7 @@ def launch_grouped_mm_gluon(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     defer = max(d for d in range(1, cfg["DEFER_MAX"] + 1) if steps % d == 0)
     a_desc, b_desc, c_desc = _descriptors(a, b, c, bm, bn)
     tiles = -(-m // bm) * (n // bn)
-    sms = cfg.get("SMS") or torch.cuda.get_device_properties(a.device).multi_processor_count
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
     _build()[0][(max(1, min(tiles, sms)),)](
         a_desc, b_desc, c_desc, a_scale, b_scale, tile_expert, m, n, k, e,
         a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
@@ -484,7 +484,7 @@ def launch_grouped_wgrad_gluon(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: 
                          f"the GPU has {limit}")
     c_desc = _desc(c2d, [bm, bn])
     groups = experts * (n // bm)
-    sms = cfg.get("SMS") or props.multi_processor_count
+    sms = props.multi_processor_count
     per_sm = cfg.get("PROGRAMS_PER_SM", 1)
     # two programs an SM need each program's registers capped (maxnreg: the math warps get what the loader leaves)
     options = {"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}

@@ -18,7 +18,6 @@ configuration (the candidate tests and benchmarks/tune_fp8_grouped.py call them 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -44,7 +43,6 @@ __all__ = [
     "launch_grouped_wgrad",
     "launch_grouped_wgrad_tma",
     "segment_of_each_block",
-    "sm_limit",
 ]
 
 
@@ -318,30 +316,11 @@ def _sms_of_cuda_device(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-_SM_LIMIT: int | None = None
-
-
-@contextlib.contextmanager
-def sm_limit(sms: int | None):
-    """Inside the block the grouped GEMMs spread their persistent grids over at most ``sms`` SMs (None: all),
-    so that a kernel on another stream can run on the others at the same time. The limit is read when a kernel
-    is launched (a CUDA graph keeps the grid it captured)."""
-    global _SM_LIMIT
-    if sms is not None and sms < 1:
-        raise CoscaleError(f"an SM limit must be at least 1, got {sms}")
-    previous, _SM_LIMIT = _SM_LIMIT, sms
-    try:
-        yield
-    finally:
-        _SM_LIMIT = previous
-
-
 def _num_sms(device) -> int:
-    """SMs of ``device`` (4 stand-ins for the CPU interpreter), looked up once per device, at most the
-    ``sm_limit`` in force."""
-    sms = 4 if device.type != "cuda" else _sms_of_cuda_device(
-        device.index if device.index is not None else torch.cuda.current_device())
-    return sms if _SM_LIMIT is None else min(sms, _SM_LIMIT)
+    """SMs of ``device`` (4 stand-ins for the CPU interpreter), looked up once per device."""
+    if device.type != "cuda":
+        return 4
+    return _sms_of_cuda_device(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _tensor_descriptor():
@@ -409,8 +388,7 @@ def launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
 def launch_grouped_mm(a, a_scale, b, b_scale, tile_expert, c, cfg: dict):
     """The forward/dgrad GEMM with a configuration of MM_PICKER: the Gluon kernel's (GLUON) or the TMA kernel's."""
     if cfg.get("GLUON", False):
-        return launch_grouped_mm_gluon(_tma_operand(a), a_scale, _tma_operand(b), b_scale, tile_expert, c,
-                                       {**cfg, "SMS": _num_sms(a.device)})
+        return launch_grouped_mm_gluon(_tma_operand(a), a_scale, _tma_operand(b), b_scale, tile_expert, c, cfg)
     return launch_grouped_mm_tma(a, a_scale, b, b_scale, tile_expert, c, cfg)
 
 
@@ -475,8 +453,7 @@ def launch_grouped_wgrad(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: dict, 
     if cfg.get("GLUON", False):
         if not out.is_contiguous():
             raise CoscaleError("the grouped wgrad kernel writes a contiguous [E, N, K] output")
-        launch_grouped_wgrad_gluon(_tma_operand(dyt), dyt_scale, _tma_operand(xt), xt_scale, offsets, out,
-                                   {**cfg, "SMS": _num_sms(dyt.device)})
+        launch_grouped_wgrad_gluon(_tma_operand(dyt), dyt_scale, _tma_operand(xt), xt_scale, offsets, out, cfg)
         _zero_empty_experts(out, offsets)
         return out
     return launch_grouped_wgrad_tma(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg, chunk_expert)

@@ -30,13 +30,10 @@ backend (tests/test_fp8_moe.py holds the two to each other). No host synchronisa
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from coscale.kernels import quant_ops
 from coscale.kernels.fp8_grouped_gemm import expert_tile_map, fp8_grouped_mm, fp8_grouped_wgrad
-from coscale.kernels.fp8_grouped_kernels import sm_limit
 from coscale.kernels.fp8_grouped_linear import quantize_weights
 from coscale.kernels.fp8_recipe import ceil_to
 from coscale.kernels.fp8_weight_cache import FP8WeightCache
@@ -48,7 +45,7 @@ from coscale.kernels.fused_quant import (
 )
 from coscale.kernels.permute import PermuteInfo, sum_rows_op
 
-__all__ = ["QUANTIZE_TOKENS_ONCE", "WGRAD_SIDE_SMS", "fp8_routed_experts"]
+__all__ = ["QUANTIZE_TOKENS_ONCE", "fp8_routed_experts"]
 
 # The forward's 1x128 layout of the permuted x: each token quantized once and its FP8 row copied to its top-k
 # places (fused_quant.gather_quantized_rows: a 1x128 tile of x per token instead of per copy, then a byte
@@ -56,29 +53,6 @@ __all__ = ["QUANTIZE_TOKENS_ONCE", "WGRAD_SIDE_SMS", "fp8_routed_experts"]
 # tokens, run 38, benchmarks/bench_moe.py, CUDA-graph replay) the first was faster in 4 of 5 runs, by 0.55-1.01 ms
 # of about 31 (with either timed first), and slower in one (0.84 ms): on by default.
 QUANTIZE_TOKENS_ONCE = True
-
-# The backward's weight gradients on a second stream, their grids on this many SMs, while the input gradients
-# run on the others (None: one stream, every GEMM on every SM). At 256 tokens an expert the weight gradients are
-# bound by writing dW (V3's experts: 15 GB of BF16 for gate+up), the input gradients by the tensor cores.
-WGRAD_SIDE_SMS: int | None = None
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
-
-@contextlib.contextmanager
-def _lane(stream, sms):
-    """Launch on ``stream`` with the grouped GEMMs' grids on at most ``sms`` SMs (stream None: as is)."""
-    if stream is None:
-        yield
-        return
-    with torch.cuda.stream(stream), sm_limit(sms):
-        yield
 
 
 def _wgrad_dtype(w: torch.Tensor) -> torch.dtype:
@@ -132,47 +106,24 @@ class _FP8RoutedExperts(torch.autograd.Function):
             backend,
         )  # fmt: skip
         dx = dw_gate = dw_up = dw_down = None
-        # with WGRAD_SIDE_SMS the weight gradients run on a side stream beside the input gradients (a fork before
-        # each, one join at the end; CUDA graphs capture the two streams)
-        main = side = None
-        main_sms = side_sms = None
-        if WGRAD_SIDE_SMS is not None and dout.is_cuda:
-            main, side = torch.cuda.current_stream(dout.device), _side_stream(dout.device)
-            total = torch.cuda.get_device_properties(dout.device).multi_processor_count
-            side_sms = min(WGRAD_SIDE_SMS, total - 1)
-            main_sms = total - side_sms
         if need_ddown:
-            if side is not None:
-                side.wait_stream(main)
-            with _lane(side, side_sms):
-                dw_down = fp8_grouped_wgrad(dyt, dyts, at, ats, offsets, backend, out_dtype=w_dtypes[2],
-                                             chunk_expert=tile_expert)
+            dw_down = fp8_grouped_wgrad(dyt, dyts, at, ats, offsets, backend, out_dtype=w_dtypes[2],
+                                         chunk_expert=tile_expert)
             dw_down = dw_down[:, :, :i] if ip != i else dw_down
         if need_dx or need_dgu:
-            with _lane(main, main_sms):
-                da = fp8_grouped_mm(dyq, dys, wd_t, sd_t, offsets, dout.dtype, backend, tile_expert=tile_expert)
-                dgq, dgs, dgt, dgts = swiglu_backward_quant_op(gate_up, da, need_dx, need_dgu, False, one_pass,
-                                                               False, backend)  # fmt: skip
-            if need_dgu and side is not None:
-                side.wait_stream(main)
-            with _lane(side, side_sms):
-                if need_dgate:
-                    dw_gate = fp8_grouped_wgrad(dgt[:i], dgts[:i], xt, xts, offsets, backend, out_dtype=w_dtypes[0],
-                                                 chunk_expert=tile_expert)
-                if need_dup:
-                    dw_up = fp8_grouped_wgrad(dgt[ip : ip + i], dgts[ip : ip + i], xt, xts, offsets, backend,
-                                              out_dtype=w_dtypes[1], chunk_expert=tile_expert)  # fmt: skip
+            da = fp8_grouped_mm(dyq, dys, wd_t, sd_t, offsets, dout.dtype, backend, tile_expert=tile_expert)
+            dgq, dgs, dgt, dgts = swiglu_backward_quant_op(gate_up, da, need_dx, need_dgu, False, one_pass, False,
+                                                           backend)  # fmt: skip
+            if need_dgate:
+                dw_gate = fp8_grouped_wgrad(dgt[:i], dgts[:i], xt, xts, offsets, backend, out_dtype=w_dtypes[0],
+                                             chunk_expert=tile_expert)
+            if need_dup:
+                dw_up = fp8_grouped_wgrad(dgt[ip : ip + i], dgts[ip : ip + i], xt, xts, offsets, backend,
+                                          out_dtype=w_dtypes[1], chunk_expert=tile_expert)  # fmt: skip
             if need_dx:
-                with _lane(main, main_sms):
-                    dx_perm = fp8_grouped_mm(dgq, dgs, wgu_t, sgu_t, offsets, dout.dtype, backend,
-                                             tile_expert=tile_expert)
-                    dx_perm = dx_perm[:, :h] if dx_perm.shape[1] != h else dx_perm
-                    dx = sum_rows_op(dx_perm, pair_row, row_pair, None, dout.dtype, deterministic, backend)
-        if side is not None:
-            main.wait_stream(side)
-            for dw in (dw_gate, dw_up, dw_down):  # made on the side stream, used on the main one from now on
-                if dw is not None:
-                    dw.record_stream(main)
+                dx_perm = fp8_grouped_mm(dgq, dgs, wgu_t, sgu_t, offsets, dout.dtype, backend, tile_expert=tile_expert)
+                dx_perm = dx_perm[:, :h] if dx_perm.shape[1] != h else dx_perm
+                dx = sum_rows_op(dx_perm, pair_row, row_pair, None, dout.dtype, deterministic, backend)
         dtw = dtw.view(topk_weight.shape).to(topk_weight.dtype) if need_dtw else None
         return dx, dtw, None, None, None, None, None, None, None, None, dw_gate, dw_up, dw_down
 
