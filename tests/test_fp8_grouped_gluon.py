@@ -64,7 +64,7 @@ def test_the_kernel_compiles_for_sm90_with_overlapped_unserialized_wgmma(defer, 
 @needs_gluon
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("cfg", gm.GLUON_WGRAD_CANDIDATES,
-                         ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}s{c['STAGES']}c{c.get('C_BUFS', 2)}")
+                         ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}s{c['STAGES']}")
 def test_the_wgrad_kernel_compiles_for_sm90_with_overlapped_unserialized_wgmma(cfg, tmp_path):
     """The weight-gradient kernel: two chunks an iteration, the first waited with the second in flight, no
     serialized wgmma, and at most a few spilled scalars (the 128x128 tile's math warps hold two products, the

@@ -55,17 +55,16 @@ GLUON_MM_CANDIDATES = (
 # an expert of up to two chunks stay in shared memory while STAGES buffers stream B's chunks; two chunks an
 # iteration (the second's product runs while the first's is promoted), two output tiles' buffers (with an FP32
 # output, 128x128 tiles fit with 4 stages at most; the launcher declines what does not fit). Not yet faster
-# than the TMA by-expert kernel (run 38E, V3's experts: 567 against 608-611 TFLOP/s), so not in the picker.
+# than the TMA by-expert kernel (run 38E, V3's experts: 567 against 608-611 TFLOP/s; run 39A 556-562 against
+# 620-631), so not in the picker.
 GLUON_WGRAD_CANDIDATES = (
     {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 6, "num_warps": 8},
     {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8},
     {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 8, "num_warps": 8},
     # one math warpgroup on 64-row tiles and two programs an SM (what lets the TMA kernel overlap one program's
-    # epilogue with the other's products): not yet run on a GPU
+    # epilogue with the other's products): 611-615 TFLOP/s in run 39A against 620-631 for the TMA kernel's pick
+    # (three or four output buffers in flight instead of two: no faster, 549-558 at 128x128, 414-425 at 128x64)
     {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 2, "maxnreg": 128},
-    # more stores in flight (C_BUFS output buffers): not yet run on a GPU
-    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "C_BUFS": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "STAGES": 6, "num_warps": 8, "C_BUFS": 4},
 )
 
 
@@ -283,8 +282,7 @@ def _build():
     @gluon.jit
     def _wgrad_math(c_desc, sa_ptr, sb_ptr, off_ptr, a_bufs, b_bufs, a_ready, a_empty, ready, empty, c_bufs,
                     N, K, E, stride_san, stride_sat, stride_sbk, stride_sbt, BLOCK_M: gl.constexpr,
-                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, C_BUFS: gl.constexpr,
-                    num_warps: gl.constexpr):  # fmt: skip
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, BLOCK_N, 32])
         col_layout: gl.constexpr = gl.SliceLayout(0, mma)
@@ -334,10 +332,10 @@ def _build():
                     a_it += load_a.to(gl.int32)
                     acc += prod_b * (sa_b[:, None] * gl.convert_layout(sb_b, col_layout)[None, :])
                     it += 1
-                # C_BUFS output buffers by turns: this tile waits only for the store of C_BUFS tiles ago, so
-                # the stores overlap the next tiles' products (at 256 tokens an expert, writing dW is the bound)
-                tma.store_wait(C_BUFS - 1)
-                c_buf = c_bufs.index(stores % C_BUFS)
+                # two output buffers by turns: this tile waits only for the store of two tiles ago, so each
+                # store overlaps the next tile's products (at 256 tokens an expert, dW is as large as the operands)
+                tma.store_wait(1)
+                c_buf = c_bufs.index(stores % 2)
                 c_buf.store(acc.to(c_desc.dtype))
                 fence_async_shared()
                 tma_store(c_desc, [e * N + pid_m * BLOCK_M, kt * BLOCK_N], c_buf)
@@ -348,12 +346,11 @@ def _build():
     def grouped_wgrad_gluon_kernel(
         a_desc, b_desc, c_desc, sa_ptr, sb_ptr, off_ptr, N, K, E,
         stride_san, stride_sat, stride_sbk, stride_sbt,
-        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, C_BUFS: gl.constexpr,
-        num_warps: gl.constexpr,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
     ):  # fmt: skip
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
-        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [C_BUFS] + c_desc.block_type.shape, c_desc.layout)
+        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape, c_desc.layout)
         a_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         a_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -366,7 +363,7 @@ def _build():
         gl.warp_specialize([
             (_wgrad_math, (c_desc, sa_ptr, sb_ptr, off_ptr, a_bufs, b_bufs, a_ready, a_empty, ready, empty, c_bufs,
                            N, K, E, stride_san, stride_sat, stride_sbk, stride_sbt, BLOCK_M, BLOCK_N, STAGES,
-                           C_BUFS, num_warps)),
+                           num_warps)),
             (_wgrad_loader, (a_desc, b_desc, off_ptr, a_bufs, b_bufs, a_ready, a_empty, ready, empty, N, K, E,
                              BLOCK_M, BLOCK_N, STAGES)),
         ], [1], [24])  # 24 loader registers leave the math warps 240 (40: 232, and the math spills)
@@ -396,7 +393,6 @@ def compile_for_sm90(which: str, cfg: dict, defer: int = 1):
     else:
         kernel = _build()[1]
         descs["a_desc"], descs["b_desc"] = _desc(a, [bm, BLOCK]), _desc(a, [bn, BLOCK])
-        constexprs.update(C_BUFS=cfg.get("C_BUFS", 2))
         pointers = dict(sa_ptr="*fp32", sb_ptr="*fp32", off_ptr="*i32")
     signature = {name: "i32" for name in kernel.arg_names}
     signature.update({k: mangle_type(v) for k, v in descs.items()}, **pointers)
@@ -476,8 +472,7 @@ def launch_grouped_wgrad_gluon(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: 
         raise ValueError(f"the Gluon wgrad kernel needs N a multiple of {bm} and an aligned contiguous output; "
                          f"got N = {n}, K = {k}")
     props = torch.cuda.get_device_properties(dyt.device)
-    c_bufs = cfg.get("C_BUFS", 2)
-    smem = (2 * bm + cfg["STAGES"] * bn) * BLOCK + c_bufs * bm * bn * out.element_size() + 1024  # + barriers, slack
+    smem = (2 * bm + cfg["STAGES"] * bn) * BLOCK + 2 * bm * bn * out.element_size() + 1024  # + barriers, slack
     limit = getattr(props, "shared_memory_per_block_optin", 232448) // cfg.get("PROGRAMS_PER_SM", 1)
     if smem > limit:
         raise ValueError(f"this wgrad configuration needs {smem} bytes of shared memory with a {out.dtype} output; "
@@ -491,6 +486,6 @@ def launch_grouped_wgrad_gluon(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: 
     _build()[1][(max(1, min(groups, per_sm * sms)),)](
         _desc(dyt, [bm, BLOCK]), _desc(xt, [bn, BLOCK]), c_desc, dyt_scale, xt_scale, offsets, n, k, experts,
         dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg["STAGES"], C_BUFS=c_bufs, num_warps=cfg["num_warps"], **options,
+        BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"], **options,
     )  # fmt: skip
     return out
