@@ -15,8 +15,14 @@ reduce-scatter and parameter all-gather (ZeRO-1, over the NICs, not overlapped),
 ``(pp - 1)(F + B + W)``; DualPipe ``(pp/2 - 1)(F&B + B - 3W)`` (the DeepSeek-V3 report's Table 2, F&B taken
 as F + B). The expert all-to-all is hidden under computation with DualPipe (the report: near-zero
 overhead), exposed with 1F1B; either way, while it runs it holds ``comm_sms`` SMs, so MoE computation runs
-on the rest. The MTP modules train with the model. Routing is balanced; the output head's stage does no
-more work than the others (its imbalance is ignored).
+on the rest. The MTP modules train with the model. Routing is balanced.
+
+Layers are whole: a pipeline runs at the pace of its busiest rank, so F, B and W are those of the busiest
+rank under the best split of the layers into ``pp`` contiguous stages (:func:`stage_split`), the output
+head and the MTP modules on the last stage. Under DualPipe a rank holds stage r and stage pp-1-r and runs
+each for half the micro-batches (the report deploys the shallowest layers, with the embedding, and the
+deepest, with the output head, on one rank), so its time is the mean of the two. The excess over an even
+split is the step's ``pipeline stage imbalance``.
 
 GPU-hours for ``N`` tokens = N / tokens per step x step time x GPUs; cost at a price per GPU-hour (the
 report's $2 for the H800). The report's 180K H800 GPU-hours per trillion tokens (2.664M for 14.8T) is
@@ -149,6 +155,85 @@ def _gemm_shapes(v: ModelView, tokens: int, tp: int, ep: int, moe: bool) -> list
     return out
 
 
+def stage_split(layer_s: list[float], tail_s: float, pp: int, schedule: str) -> tuple[list[int], float]:
+    """The split of the layers (seconds per micro-batch each, in model order) into ``pp`` contiguous stages,
+    ``tail_s`` (output head, MTP modules) on the last, that minimises the busiest rank's seconds per micro-batch
+    (module docstring: 1F1B a rank runs its stage; DualPipe the mean of stages r and pp-1-r). Returns (layers per
+    stage, the busiest rank's seconds). Dynamic programming over the stages, stage sizes within a few layers of
+    the mean (a stage far larger than the mean is never the best split of layers of similar cost)."""
+    n = len(layer_s)
+    prefix = [0.0]
+    for c in layer_s:
+        prefix.append(prefix[-1] + c)
+    if pp == 1:
+        return [n], prefix[n] + tail_s
+    mean = n / pp
+    sizes = range(max(0, int(mean) - max(3, int(mean / 2))), int(mean) + max(4, int(mean / 2) + 1) + 1)
+
+    def seg(i: int, j: int) -> float:
+        return prefix[j] - prefix[i]
+
+    if schedule == "1f1b":
+        # level r: {first layer of stage r: (busiest so far, sizes)}
+        level = {0: (0.0, [])}
+        for r in range(pp):
+            last = r == pp - 1
+            nxt: dict[int, tuple[float, list[int]]] = {}
+            for i, (worst, split) in level.items():
+                for a in ([n - i] if last else sizes):
+                    if i + a > n:
+                        continue
+                    cand = (max(worst, seg(i, i + a) + (tail_s if last else 0.0)), split + [a])
+                    if i + a not in nxt or cand[0] < nxt[i + a][0]:
+                        nxt[i + a] = cand
+            level = nxt
+        worst, split = level[n]
+        return split, worst
+    # DualPipe: pairs (r, pp-1-r) from the outside in; a state is (layers taken from the front, from the back).
+    # First the least busiest-rank time; then, among the splits that reach it, the one with the smallest largest
+    # stage (even stages keep the two directions' chunks alike, which DualPipe's overlap of one direction's
+    # forward with the other's backward needs).
+    pairs, middle = pp // 2, pp % 2
+
+    def search(by_stage: bool, limit: float) -> tuple[float, list[int]] | None:
+        level: dict[tuple[int, int], tuple[float, list[int], list[int]]] = {(0, 0): (0.0, [], [])}
+        for r in range(pairs):
+            nxt: dict[tuple[int, int], tuple[float, list[int], list[int]]] = {}
+            final = r == pairs - 1 and not middle
+            for (i, k), (worst, front, back) in level.items():
+                for a in sizes:
+                    for b in ([n - i - k - a] if final else sizes):
+                        if b < 0 or i + a + k + b > n:
+                            continue
+                        first, second = seg(i, i + a), seg(n - k - b, n - k) + (tail_s if r == 0 else 0.0)
+                        if (first + second) / 2 > limit:
+                            continue
+                        cand = (max(worst, max(first, second) if by_stage else (first + second) / 2),
+                                front + [a], [b] + back)
+                        state = (i + a, k + b)
+                        if state not in nxt or cand[0] < nxt[state][0]:
+                            nxt[state] = cand
+            level = nxt
+        best = None
+        for (i, k), (worst, front, back) in level.items():
+            if middle:  # an odd pp: the middle stage is a rank of its own
+                rest = seg(i, n - k)
+                if rest > limit:
+                    continue
+                worst, front = max(worst, rest), front + [n - i - k]
+            elif i + k != n:
+                continue
+            if best is None or worst < best[0]:
+                best = (worst, front + back)
+        return best
+
+    fastest = search(False, float("inf"))
+    if fastest is None:
+        raise ConfigError(f"cannot split {n} layers into {pp} pipeline stages")
+    even = search(True, fastest[0] * (1 + 1e-9))
+    return (even or fastest)[1], fastest[0]
+
+
 def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "h800",
                   layout: ParallelLayout | None = None, seq_len: int = 4096, global_batch: int = 15360,
                   micro_batch: int = 1, schedule: str = "dualpipe", recompute: str = "deepseek",
@@ -184,6 +269,7 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
     layer_counts = [(False, v.dense_layers), (v.is_moe, v.moe_layers + mtp)]
     slowdown = eff.sms / (eff.sms - eff.comm_sms) if v.is_moe and layout.ep > 1 else 1.0
     a2a = kernels = 0.0
+    layer_s = {}  # one layer's F + B + W by kind (dense or MoE), for the stage split
     for moe, count in layer_counts:
         if not count:
             continue
@@ -193,6 +279,7 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
         f += scale * sum(op.seconds for op in fwd)
         b += scale * sum(op.seconds for op in bwd + extra)
         w += scale * sum(op.seconds for op in wg)
+        layer_s[moe] = (slowdown if moe else 1.0) * sum(op.seconds for op in fwd + bwd + extra + wg)
         kernels += count / layout.pp * len(fwd + bwd + extra + wg)
         if moe and layout.ep > 1:
             par = L.Parallel(ep=layout.ep, tp=layout.tp, redundant_experts=0)
@@ -200,12 +287,16 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
             a2a += count / layout.pp * 2 * (dispatch.seconds + combine.seconds)  # forward and backward
     head = sum(op.seconds for op in L.head_ops(v, hw, tokens, layout.tp)) * (1 + mtp) / layout.pp
     f, b, w = f + head, b + head, w + head
+    # whole layers: the busiest rank's F + B + W against the mean (the MTP modules ride with the head)
+    layers = [layer_s[False]] * v.dense_layers + [layer_s.get(True, 0.0)] * v.moe_layers
+    split, busiest = stage_split(layers, mtp * layer_s.get(True, 0.0) + 3 * head * layout.pp, layout.pp, schedule)
+    stage_ratio = busiest / (f + b + w) if layout.pp > 1 and f + b + w > 0 else 1.0
     if layout.pp == 1:
         bubble = 0.0
     elif schedule == "1f1b":
-        bubble = (layout.pp - 1) * (f + b + w)
+        bubble = (layout.pp - 1) * (f + b + w) * stage_ratio
     else:
-        bubble = (layout.pp / 2 - 1) * max(f + b + b - 3 * w, 0.0)
+        bubble = (layout.pp / 2 - 1) * max(f + b + b - 3 * w, 0.0) * stage_ratio
     exposed_a2a = micro_batches * a2a if schedule == "1f1b" else 0.0
     local_params = v.non_expert_params / (layout.tp * layout.pp) + v.routed_expert_params / (layout.ep * layout.pp)
     dp_bytes = (v.non_expert_params / (layout.tp * layout.pp) * (dp - 1) / dp
@@ -218,6 +309,7 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
     casts = micro_batches * local_params * 6 / (eff.memory_tbps * 1e12) if not OPTIMIZERS[optimizer]["weight_copy"] \
         else 0.0
     parts = {"forward": micro_batches * f, "input gradients": micro_batches * b, "weight gradients": micro_batches * w,
+             "pipeline stage imbalance": micro_batches * (f + b + w) * (stage_ratio - 1),
              "pipeline bubble": bubble, "exposed all-to-all": exposed_a2a, "data-parallel sync": dp_sync,
              "optimizer": update_s}
     if grad_clip:
@@ -240,6 +332,8 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
              + ("; gradients clipped to a global norm (read for the norm, scaled in place)" if grad_clip else "")
              + (f"; eager: {kernels:.0f} ops per micro-batch and stage at {eff.host_launch_us:g} us each"
                 if eager else ""),
+             (f"layers per pipeline stage {split} (the last with the output head and {mtp} MTP module(s)); the busiest "
+              f"rank {100 * (stage_ratio - 1):.1f}% above an even split" if layout.pp > 1 else "one pipeline stage"),
              f"MoE computation on {eff.sms - eff.comm_sms} of {eff.sms} SMs (the all-to-all kernels hold the rest)"
              if slowdown > 1 else "no SMs held by communication kernels",
              "achieved rates: " + "; ".join(f"{k} {getattr(eff, k):g}" for k in (
