@@ -11,6 +11,8 @@ Per (tokens T, in K, out N) and GEMM direction (fwd Y = X W^T, dgrad dX = dY W, 
                 would get wrong (128x128 scales with K % 512 != 0, e.g. kv_a_proj dgrad) raise and show ERR
   fp8_triton    coscale fp8_gemm backend="triton" (block-scaled, FP32 promotion every 128), GEMM only
   fp8_triton_tma the grouped TMA kernels of coscale.kernels.fp8_grouped_gemm with one expert, GEMM only
+  fp8_gluon     the warp-specialized Gluon kernels (coscale.kernels._fp8_grouped_gluon, sm_90) with one expert, the
+                fastest of their candidates (timed once each here: the wgrad kernel is in no picker), GEMM only
 and end to end, forward + backward including every quantization:
   linear_bf16   nn.Linear in BF16            linear_fp8 / linear_fp8_triton   FP8Linear (auto / triton)
   linear_fp8_cached   FP8Linear with its FP8 weight cache (weights unchanged: what every micro-batch
@@ -95,6 +97,42 @@ def one_expert_tma(direction, a, a_scale, b, b_scale):
     return lambda: G.fp8_grouped_mm(a, a_scale, b[None], b_scale[None], ends, tile_expert=tile_expert)
 
 
+def one_expert_gluon(direction, a, a_scale, b, b_scale):
+    """The Gluon kernels with one expert owning every row: on its first call, each candidate is timed once and
+    the fastest kept (the candidates that cannot run here are skipped; none at all raises)."""
+    from coscale.kernels import _fp8_grouped_gluon as gm
+    from coscale.kernels import fp8_grouped_gemm as G
+    from coscale.kernels import fp8_grouped_kernels as kernels
+
+    ends = torch.tensor([a.shape[1] if direction == "wgrad" else a.shape[0]], dtype=torch.int32, device=a.device)
+    if direction == "wgrad":  # a = dY^T [N, T], b = X^T [K, T]
+        out = torch.empty(1, a.shape[0], b.shape[0], device=a.device, dtype=torch.bfloat16)
+        runs = [lambda cfg=cfg: kernels.launch_grouped_wgrad(a, a_scale, b, b_scale, ends, out, {**cfg, "GLUON": True})[0]
+                for cfg in gm.GLUON_WGRAD_CANDIDATES]
+    else:
+        tile_expert = G.expert_tile_map(ends, a.shape[0])
+        c = torch.empty(a.shape[0], b.shape[0], device=a.device, dtype=torch.bfloat16)
+        runs = [lambda cfg=cfg: kernels.launch_grouped_mm(a, a_scale, b[None], b_scale[None], tile_expert, c,
+                                                          {**cfg, "GLUON": True})
+                for cfg in gm.GLUON_MM_CANDIDATES]
+    picked = []
+
+    def run():
+        if not picked:
+            timed = []
+            for i, fn in enumerate(runs):
+                try:
+                    timed.append((bench(fn), i, fn))
+                except (RuntimeError, ValueError):  # no sm_90 / Gluon here, or a shape the candidate declines
+                    continue
+            if not timed:
+                raise RuntimeError("no Gluon candidate runs here")
+            picked.append(min(timed)[2])
+        return picked[0]()
+
+    return run
+
+
 def run_gemms(t, k, n, name, dev, results):
     from coscale.kernels.fp8_gemm import fp8_gemm
 
@@ -112,6 +150,7 @@ def run_gemms(t, k, n, name, dev, results):
             "fp8_triton": (lambda ops=fp8_ops: fp8_gemm(*ops, backend="triton"), 0.07),
             # the grouped TMA kernels with one expert (the wgrad is the K-grouped one over all tokens)
             "fp8_triton_tma": (one_expert_tma(direction, *fp8_ops), 0.07),
+            "fp8_gluon": (one_expert_gluon(direction, *fp8_ops), 0.07),
         }
         for variant, (fn, bound) in variants.items():
             rec = {"shape": name, "T": t, "K": k, "N": n, "direction": direction, "variant": variant}
@@ -177,7 +216,7 @@ def summary(results):
     for r in results:
         keyed.setdefault((r["shape"], r["T"], r["direction"]), {})[r["variant"]] = r
     lines = []
-    cols = ["bf16", "fp8_tensor", "fp8_cublas", "fp8_triton", "fp8_triton_tma",
+    cols = ["bf16", "fp8_tensor", "fp8_cublas", "fp8_triton", "fp8_triton_tma", "fp8_gluon",
             "linear_bf16", "linear_fp8", "linear_fp8_triton", "linear_fp8_cached"]
     header = f"{'shape':>12} {'T':>6} {'dir':>7} " + " ".join(f"{c[:11]:>11}" for c in cols) + "  speedup  ok"
     lines.append(header)
@@ -195,7 +234,7 @@ def summary(results):
                 ms = r.get("graph_ms", r["ms"])
                 if c in ("bf16", "linear_bf16"):
                     base = ms
-                elif c in ("fp8_cublas", "fp8_triton", "fp8_triton_tma", "linear_fp8", "linear_fp8_triton"):
+                elif c in ("fp8_cublas", "fp8_triton", "fp8_triton_tma", "fp8_gluon", "linear_fp8", "linear_fp8_triton"):
                     best = ms if best is None else min(best, ms)
         speed = f"{base / best:7.2f}x" if base and best else f"{'-':>8}"
         lines.append(f"{shape:>12} {t:>6} {direction:>7} " + " ".join(cells) + f" {speed} {all(oks)!s:>4}")
