@@ -65,6 +65,11 @@ GLUON_WGRAD_CANDIDATES = (
     # epilogue with the other's products): 611-615 TFLOP/s in run 39A against 620-631 for the TMA kernel's pick
     # (three or four output buffers in flight instead of two: no faster, 549-558 at 128x128, 414-425 at 128x64)
     {"BLOCK_M": 64, "BLOCK_N": 128, "STAGES": 4, "num_warps": 4, "PROGRAMS_PER_SM": 2, "maxnreg": 128},
+    # 256 rows of dW a tile (each math warpgroup 128): a chunk of X^T is read from L2 once per 256 rows instead of
+    # 128 (with 128-row tiles those reads are as large as dW itself); compiled for sm_90 without spills, not yet
+    # run on a GPU
+    {"BLOCK_M": 256, "BLOCK_N": 64, "STAGES": 8, "num_warps": 8},
+    {"BLOCK_M": 256, "BLOCK_N": 32, "STAGES": 8, "num_warps": 8},
 )
 
 
