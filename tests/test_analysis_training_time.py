@@ -55,6 +55,33 @@ def test_uneven_layers_cost_the_busiest_stages_time():
     assert one.parts_s["pipeline stage imbalance"] == 0
 
 
+def test_expert_imbalance_slows_exactly_the_routed_experts():
+    """The busiest EP rank's extra rows: the routed experts' kernels (forward here) take 1 + imbalance times as long,
+    everything else as before; a dense model or a negative / non-finite value is refused."""
+    from coscale.analysis.models import as_view
+    from coscale.hardware import load_hardware
+
+    kw = dict(seq_len=1024, global_batch=8, micro_batch=1, layout=ParallelLayout(dp=8, ep=8))
+    even = T.training_time("deepseek-v2-lite", "h100", **kw)
+    busy = T.training_time("deepseek-v2-lite", "h100", expert_imbalance=0.25, **kw)
+    v, hw = as_view("deepseek-v2-lite"), load_hardware("h100")
+    fwd = T._pass_ops(v, hw, 1024, 1, 1024, 1, 8, True, "fp8")[0]
+    routed = sum(op.seconds for op in fwd if T._routed(op))
+    assert routed > 0 and any(not T._routed(op) for op in fwd)
+    slowdown = hw.achieved.sms / (hw.achieved.sms - hw.achieved.comm_sms)
+    micro = 8 // 8
+    expected = micro * 0.25 * routed * slowdown * v.moe_layers
+    assert busy.parts_s["forward"] - even.parts_s["forward"] == pytest.approx(expected, rel=1e-9)
+    assert busy.parts_s["optimizer"] == even.parts_s["optimizer"]
+    assert any("1.25 x the mean routed rows" in a for a in busy.assumptions)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="imbalance"):
+            T.training_time("deepseek-v2-lite", "h100", expert_imbalance=bad, **kw)
+    with pytest.raises(ConfigError, match="no routed experts"):
+        T.training_time("llama3.1-70b", "h100", ParallelLayout(dp=8), seq_len=1024, global_batch=8,
+                        expert_imbalance=0.1)
+
+
 def test_gpu_hours_and_cost_by_hand():
     r = T.training_time("small", "h200", ParallelLayout(dp=2), seq_len=256, global_batch=8, micro_batch=2)
     steps = 1e9 / r.tokens_per_step

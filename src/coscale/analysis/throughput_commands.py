@@ -62,6 +62,10 @@ def register(sub, add) -> None:
     p.add_argument("--no-grad-clip", action="store_true",
                    help="leave out gradient-norm clipping (by default the step clips, as the V3 report and coscale "
                         "train do)")
+    p.add_argument("--expert-imbalance", type=float, default=0.0, metavar="MAXVIO",
+                   help="the busiest expert-parallel rank's routed rows over the mean, minus 1 (MaxVio over EP "
+                        "ranks; 'coscale train' reports it over experts); its expert kernels and the all-to-all "
+                        "take that much longer (default 0: balanced)")
     p.add_argument("--train-tokens", type=float, default=1e12, help="tokens to train on (default 1e12)")
     p.add_argument("--price", type=float, default=training_time.PRICE_PER_GPU_HOUR,
                    help="US$ per GPU-hour (default 2, the DeepSeek-V3 report's H800 price)")
@@ -216,7 +220,8 @@ def _training(args) -> int:
     kw = dict(seq_len=_given(args.seq_len, base.get("seq_len", 4096)), micro_batch=micro,
               global_batch=_given(args.global_batch, base.get("global_batch", layout.dp * micro)),
               schedule=_given(args.schedule, "dualpipe"), recompute=_given(args.recompute, "deepseek"),
-              precision=_given(args.precision, "fp8"), eager=args.eager, grad_clip=not args.no_grad_clip)
+              precision=_given(args.precision, "fp8"), eager=args.eager, grad_clip=not args.no_grad_clip,
+              expert_imbalance=args.expert_imbalance)
     if not args.train_tokens > 0 or not args.price >= 0:
         raise ConfigError("--train-tokens must be positive and --price >= 0")
     r = training_time.training_time(args.model, _given(args.hardware, base.get("hardware", "h800")), layout, **kw)
@@ -236,8 +241,9 @@ def _training(args) -> int:
                     ["predicted vs published [%]", (r.gpu_hours(1e12) / published - 1) * 100]]
         notes.append("the report: 180K H800 GPU-hours per trillion tokens (2.664M for 14.8T of pre-training); "
                      "Table 4: 19.926 s per step, 385 TFLOP/s "
-                     "causal per GPU. Not modelled: expert-load imbalance, contention between DualPipe's overlapped "
-                     "chunks, kernels slower inside the full step than in their own benchmarks.")
+                     "causal per GPU. Not modelled: contention between DualPipe's overlapped chunks, kernels slower "
+                     "inside the full step than in their own benchmarks"
+                     + (", expert-load imbalance (--expert-imbalance)." if not args.expert_imbalance else "."))
     return _print([Table(title=f"Training step of {r.model} on {r.world} x {r.hardware}",
                          columns=["part", "seconds", "% of step"], rows=rows, formats=["", ".4g", ".1f"], notes=notes),
                    Table(title="Training throughput and cost (predicted)", columns=["quantity", "value"], rows=summary,

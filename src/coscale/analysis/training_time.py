@@ -15,7 +15,11 @@ reduce-scatter and parameter all-gather (ZeRO-1, over the NICs, not overlapped),
 ``(pp - 1)(F + B + W)``; DualPipe ``(pp/2 - 1)(F&B + B - 3W)`` (the DeepSeek-V3 report's Table 2, F&B taken
 as F + B). The expert all-to-all is hidden under computation with DualPipe (the report: near-zero
 overhead), exposed with 1F1B; either way, while it runs it holds ``comm_sms`` SMs, so MoE computation runs
-on the rest. The MTP modules train with the model. Routing is balanced.
+on the rest. The MTP modules train with the model. Routing is balanced unless ``expert_imbalance`` says
+otherwise: the busiest expert-parallel rank receives ``1 + expert_imbalance`` times the mean number of routed rows
+(MaxVio over EP ranks, as ``coscale train`` reports it over experts), and every rank waits for it at the
+all-to-all, so the routed experts' kernels (permutation, grouped GEMMs, SwiGLU) and the all-to-all take that much
+longer.
 
 Layers are whole: a pipeline runs at the pace of its busiest rank, so F, B and W are those of the busiest
 rank under the best split of the layers into ``pp`` contiguous stages (:func:`stage_split`), the output
@@ -126,6 +130,11 @@ def _pass_ops(v: ModelView, hw: HardwareSpec, tokens: int, micro_batch: int, seq
         if name in ("q_b", "kv_b"):
             recompute.append(gemm(eff, name + " recomputed", m, n, k, dtype=dtype))
     return forward, backward, wgrad, recompute
+
+
+def _routed(op: OpTime) -> bool:
+    """Whether an op of a MoE layer works on the routed rows (its time grows with the busiest rank's load)."""
+    return op.name.startswith(("experts", "permute to grouped layout"))
 
 
 def _gemm_shapes(v: ModelView, tokens: int, tp: int, ep: int, moe: bool) -> list[tuple]:
@@ -239,7 +248,7 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
                   micro_batch: int = 1, schedule: str = "dualpipe", recompute: str = "deepseek",
                   include_mtp: bool = True, precision: str = "fp8", eager: bool = False,
                   optimizer: str = "deepseek", kernels_per_step: int | None = None,
-                  grad_clip: bool = True) -> TrainingTime:
+                  grad_clip: bool = True, expert_imbalance: float = 0.0) -> TrainingTime:
     """Step time of one training step; see the module docstring. ``precision``: the GEMMs' (``fp8`` or
     ``bf16``); ``eager``: every op is launched from Python (no CUDA graphs), so a step takes at least
     ``ops x host_launch_us`` of host time; ``optimizer``: a recipe of :data:`OPTIMIZERS` (``fp32``: FP32
@@ -248,7 +257,9 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
     (tools/count_step_kernels.py): those beyond the modelled ops run after them
     (``costs.unmodelled_kernels``; None: only the modelled ops); ``grad_clip``: the step clips the global
     gradient norm (the V3 report's 1.0; coscale train's default): one pass reads every gradient for the
-    norm and one scales them in place, 3 x the gradient's bytes per parameter at copy bandwidth."""
+    norm and one scales them in place, 3 x the gradient's bytes per parameter at copy bandwidth;
+    ``expert_imbalance``: the busiest expert-parallel rank's routed rows over the mean, minus 1 (module docstring;
+    0: balanced)."""
     v, hw = as_view(model), load_hardware(hardware)
     layout = layout or ParallelLayout()
     layout.check(v)
@@ -259,6 +270,10 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
     for name, value in (("sequence length", seq_len), ("global batch", global_batch), ("micro-batch", micro_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if not 0 <= expert_imbalance < float("inf"):
+        raise ConfigError(f"expert imbalance must be a finite number >= 0 (MaxVio over EP ranks), got {expert_imbalance!r}")
+    if expert_imbalance and not v.is_moe:
+        raise ConfigError(f"{v.name} has no routed experts: an expert imbalance does not apply")
     dp = layout.dp
     if global_batch % (dp * micro_batch):
         raise ConfigError(f"global batch ({global_batch}) must be a multiple of dp x micro-batch ({dp * micro_batch})")
@@ -274,6 +289,9 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
         if not count:
             continue
         fwd, bwd, wg, rec = _pass_ops(v, hw, tokens, micro_batch, seq_len, layout.tp, layout.ep, moe, precision)
+        if moe and expert_imbalance:  # the busiest rank's routed rows
+            fwd, bwd, wg = ([op.scaled(1 + expert_imbalance) if _routed(op) else op for op in ops]
+                            for ops in (fwd, bwd, wg))
         scale = count / layout.pp * (slowdown if moe else 1.0)
         extra = fwd if recompute == "full" else (rec if recompute == "deepseek" else [])
         f += scale * sum(op.seconds for op in fwd)
@@ -284,7 +302,7 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
         if moe and layout.ep > 1:
             par = L.Parallel(ep=layout.ep, tp=layout.tp, redundant_experts=0)
             dispatch, combine = L.collectives(v, hw, tokens / layout.tp, par, decode=False)
-            a2a += count / layout.pp * 2 * (dispatch.seconds + combine.seconds)  # forward and backward
+            a2a += count / layout.pp * 2 * (dispatch.seconds + combine.seconds) * (1 + expert_imbalance)
     head = sum(op.seconds for op in L.head_ops(v, hw, tokens, layout.tp)) * (1 + mtp) / layout.pp
     f, b, w = f + head, b + head, w + head
     # whole layers: the busiest rank's F + B + W against the mean (the MTP modules ride with the head)
@@ -334,6 +352,8 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
                 if eager else ""),
              (f"layers per pipeline stage {split} (the last with the output head and {mtp} MTP module(s)); the busiest "
               f"rank {100 * (stage_ratio - 1):.1f}% above an even split" if layout.pp > 1 else "one pipeline stage"),
+             (f"the busiest expert-parallel rank receives {1 + expert_imbalance:.3g} x the mean routed rows "
+              f"(expert imbalance {expert_imbalance:g})" if expert_imbalance else "routing balanced over the EP ranks"),
              f"MoE computation on {eff.sms - eff.comm_sms} of {eff.sms} SMs (the all-to-all kernels hold the rest)"
              if slowdown > 1 else "no SMs held by communication kernels",
              "achieved rates: " + "; ".join(f"{k} {getattr(eff, k):g}" for k in (
