@@ -271,7 +271,8 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if not 0 <= expert_imbalance < float("inf"):
-        raise ConfigError(f"expert imbalance must be a finite number >= 0 (MaxVio over EP ranks), got {expert_imbalance!r}")
+        raise ConfigError(f"expert imbalance must be a finite number >= 0 (MaxVio over EP ranks), "
+                          f"got {expert_imbalance!r}")
     if expert_imbalance and not v.is_moe:
         raise ConfigError(f"{v.name} has no routed experts: an expert imbalance does not apply")
     dp = layout.dp
