@@ -107,7 +107,8 @@ def one_expert_gluon(direction, a, a_scale, b, b_scale):
     ends = torch.tensor([a.shape[1] if direction == "wgrad" else a.shape[0]], dtype=torch.int32, device=a.device)
     if direction == "wgrad":  # a = dY^T [N, T], b = X^T [K, T]
         out = torch.empty(1, a.shape[0], b.shape[0], device=a.device, dtype=torch.bfloat16)
-        runs = [lambda cfg=cfg: kernels.launch_grouped_wgrad(a, a_scale, b, b_scale, ends, out, {**cfg, "GLUON": True})[0]
+        runs = [lambda cfg=cfg: kernels.launch_grouped_wgrad(a, a_scale, b, b_scale, ends, out,
+                                                             {**cfg, "GLUON": True})[0]
                 for cfg in gm.GLUON_WGRAD_CANDIDATES]
     else:
         tile_expert = G.expert_tile_map(ends, a.shape[0])
@@ -234,7 +235,8 @@ def summary(results):
                 ms = r.get("graph_ms", r["ms"])
                 if c in ("bf16", "linear_bf16"):
                     base = ms
-                elif c in ("fp8_cublas", "fp8_triton", "fp8_triton_tma", "fp8_gluon", "linear_fp8", "linear_fp8_triton"):
+                elif c in ("fp8_cublas", "fp8_triton", "fp8_triton_tma", "fp8_gluon", "linear_fp8",
+                           "linear_fp8_triton"):
                     best = ms if best is None else min(best, ms)
         speed = f"{base / best:7.2f}x" if base and best else f"{'-':>8}"
         lines.append(f"{shape:>12} {t:>6} {direction:>7} " + " ".join(cells) + f" {speed} {all(oks)!s:>4}")
