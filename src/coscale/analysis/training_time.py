@@ -307,8 +307,9 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
     head = sum(op.seconds for op in L.head_ops(v, hw, tokens, layout.tp)) * (1 + mtp) / layout.pp
     f, b, w = f + head, b + head, w + head
     # whole layers: the busiest rank's F + B + W against the mean (the MTP modules ride with the head)
-    layers = [layer_s[False]] * v.dense_layers + [layer_s.get(True, 0.0)] * v.moe_layers
-    split, busiest = stage_split(layers, mtp * layer_s.get(True, 0.0) + 3 * head * layout.pp, layout.pp, schedule)
+    layers = [layer_s.get(False, 0.0)] * v.dense_layers + [layer_s.get(True, 0.0)] * v.moe_layers
+    tail = mtp * layer_s.get(v.is_moe, 0.0) + 3 * head * layout.pp
+    split, busiest = stage_split(layers, tail, layout.pp, schedule)
     stage_ratio = busiest / (f + b + w) if layout.pp > 1 and f + b + w > 0 else 1.0
     if layout.pp == 1:
         bubble = 0.0
