@@ -82,6 +82,23 @@ def test_greedy_rows_are_argmax_and_logprobs_are_raw():
     assert token_logprobs(logits, tokens, 0)[1] == [[], [], [], []]
 
 
+def test_vanishing_temperature_and_top_p_sample_the_most_likely_token():
+    """Valid but extreme values never give NaN probabilities (whose argmax is token 0): a temperature too small
+    for float32 (logits / 1e-45 overflows) samples greedily, and a top_p below float32's range (rounding to 0)
+    still keeps the most likely token."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(9)) * 4
+    logits[:, 0] = -10.0  # token 0 is the least likely: a NaN fallback to it would show
+    params = [SamplingParams(temperature=1e-45), SamplingParams(temperature=1e-6),
+              SamplingParams(temperature=1.0, top_p=1e-46), SamplingParams(temperature=0.7, top_p=1e-40, top_k=3)]
+    assert all(p.greedy for p in params[:2]) and not SamplingParams(temperature=1e-4).greedy
+    probs = sampling_probs(logits, params)
+    assert torch.isfinite(probs).all()
+    torch.testing.assert_close(probs, torch.nn.functional.one_hot(logits.argmax(-1), 50).float())
+    for seed in range(3):
+        tokens = sample(logits, params, [None] * 4, torch.Generator().manual_seed(seed))
+        assert torch.equal(tokens, logits.argmax(-1))
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_speculative_sampling_preserves_the_target_distribution(k):
     """Drafts drawn from q and verified against p: the first emitted token is distributed as p_0, and

@@ -333,6 +333,9 @@ def test_chat_logprobs():
     ({"prompt": ""}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"prompt": "x", "stream_options": {"include_usage": "yes"}}, "stream_options"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "stop_token_ids": [3, -1]}, "stop_token_ids"),
 ])
 def test_malformed_completion_requests_get_400_in_openai_shape(payload, param):
     async def body():
@@ -358,6 +361,7 @@ def test_malformed_completion_requests_get_400_in_openai_shape(payload, param):
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
     ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
 ])
 def test_malformed_chat_requests_get_400(payload, param):
     async def body():
@@ -389,7 +393,10 @@ def test_too_long_prompt_is_refused_with_both_numbers():
             r = await client.post("/v1/completions", json={"prompt": "y" * 40, "max_tokens": 1, "stream": True})
             assert_error(r, 400, "prompt", "context_length_exceeded")
             r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "y" * 40}]})
-            assert_error(r, 400, "messages", "context_length_exceeded")
+            message = assert_error(r, 400, "messages", "context_length_exceeded")
+            # no max_tokens: the messages alone overflow; the message says how many tokens they make, no negative
+            # completion size
+            assert "32" in message and "resulted in" in message and "-" not in message
             assert not engine.added
     run(body())
 
@@ -440,6 +447,8 @@ def test_models_and_health():
             [model] = out["data"]
             assert model["id"] == "my-model" and model["object"] == "model" and model["owned_by"] == "coscale"
             assert isinstance(model["created"], int) and model["max_model_len"] == engine.max_model_len
+            assert (await client.get("/v1/models/my-model")).json() == model
+            assert "other" in assert_error(await client.get("/v1/models/other"), 404, "model", "model_not_found")
             assert (await client.get("/health")).json() == {"status": "ok"}
     run(body())
 

@@ -4,7 +4,7 @@ Shape legend: B rows (one per request, or per request and draft position), V voc
 
 The sampled distribution of a row is softmax(logits / temperature) restricted to the top_k most likely
 tokens and then to the smallest set whose probability reaches top_p (both renormalised); temperature 0
-is argmax. Draws use the exponential race (argmax_i p_i / E_i with E_i ~ Exp(1) is distributed as p),
+(or below 1e-5) is argmax. Draws use the exponential race (argmax_i p_i / E_i with E_i ~ Exp(1) is distributed as p),
 which lets one random tensor serve a whole batch: rows with a seed draw from their request's own
 torch.Generator (reproducible whatever else is in the batch), the others from the engine's generator.
 
@@ -23,12 +23,15 @@ from coscale.errors import ConfigError
 from coscale.infer.transfer import to_device
 
 MAX_LOGPROBS = 20
+# Temperatures below this sample greedily (vLLM's threshold): logits / 1e-45 overflows float32 to inf and the
+# softmax of inf is NaN, and long before that the tempered distribution is the argmax's one-hot anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 16  # new tokens at most (>= 1)
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW_TEMPERATURE): greedy
     top_p: float = 1.0  # (0, 1]
     top_k: int = 0  # 0: off
     seed: int | None = None  # per-request generator seed (reproducible sampling)
@@ -54,7 +57,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 def _is_int(x) -> bool:
@@ -97,7 +100,9 @@ def _top_k_top_p(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     # Keep a token when the probability before it is below top_p: the smallest set reaching top_p.
     before = probs.cumsum(dim=-1) - probs
     top_p = _column([p.top_p if p.top_p < 1 else math.inf for p in params], scaled.device)
-    sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+    outside = before >= top_p
+    outside[:, 0] = False  # the most likely token is always in (a top_p below float32's range rounds to 0)
+    sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
     return torch.full_like(scaled, float("-inf")).scatter_(1, order, sorted_logits)
 
 

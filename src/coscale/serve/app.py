@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP app: routes, server-sent events, errors.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both streaming and not),
-``GET /v1/models``, ``GET /health``, ``GET /metrics``. Built on Starlette rather than FastAPI: requests
-are parsed by hand (protocol.parse_request) so that every malformed one gets OpenAI's error body with
-a 400, where FastAPI's automatic validation answers 422 in its own shape.
+``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /health``, ``GET /metrics``. Built on Starlette
+rather than FastAPI: requests are parsed by hand (protocol.parse_request) so that every malformed one gets
+OpenAI's error body with a 400, where FastAPI's automatic validation answers 422 in its own shape.
 
 One request may carry several prompts (``/v1/completions``); each becomes an engine request (a
 "job") whose outputs turn into text through outputs.ChoiceText, and the jobs' pieces are merged into
@@ -82,6 +82,7 @@ def build_app(engine, tokenizer: Tokenizer, model_name: str) -> Starlette:
         Route("/v1/completions", create_completion, methods=["POST"]),
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
@@ -125,11 +126,19 @@ def _engine_error(exc: BaseException) -> P.APIError:
 # ---- simple routes --------------------------------------------------------------------------
 
 
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "coscale",
+            "max_model_len": state.engine.max_model_len}
+
+
 async def list_models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [_model_card(request.app.state.server)]})
+
+
+async def retrieve_model(request: Request) -> JSONResponse:
     state: ServerState = request.app.state.server
-    return JSONResponse({"object": "list", "data": [{
-        "id": state.model_name, "object": "model", "created": state.created, "owned_by": "coscale",
-        "max_model_len": state.engine.max_model_len}]})
+    state.check_model(request.path_params["model"])
+    return JSONResponse(_model_card(state))
 
 
 async def health(request: Request) -> JSONResponse:

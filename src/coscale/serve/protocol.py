@@ -143,7 +143,10 @@ def _validation_error(error: ValidationError) -> APIError:
 def refuse_unsupported(req: _SamplingRequest) -> None:
     """400 for options coscale knows but does not implement, unless they hold their neutral value."""
     checks = [
-        ("n", req.n in (None, 1), "only n=1 is supported; send several requests instead"),
+        ("n", req.n in (None, 1), f"n must be 1 (one choice a request; send several requests for more), "
+                                  f"got {req.n}"),
+        ("stream_options", req.stream_options is None or bool(req.stream),
+         "stream_options is only allowed when stream is true"),
         ("presence_penalty", not req.presence_penalty, "presence_penalty is not supported"),
         ("frequency_penalty", not req.frequency_penalty, "frequency_penalty is not supported"),
         ("logit_bias", not req.logit_bias, "logit_bias is not supported"),
@@ -159,6 +162,7 @@ def refuse_unsupported(req: _SamplingRequest) -> None:
         fmt = (req.response_format or {}).get("type", "text")
         checks += [
             ("tools", not req.tools, "tools are not supported"),
+            ("tool_choice", req.tool_choice in (None, "none"), "tool_choice needs tools, which are not supported"),
             ("response_format", fmt == "text", f"response_format {fmt!r} is not supported (only 'text')"),
         ]
     for param, ok, message in checks:
@@ -206,12 +210,14 @@ def sampling_kwargs(req: _SamplingRequest, *, prompt_tokens: int, max_model_len:
     if max_tokens is None:
         max_tokens = room if default_max_tokens is None else default_max_tokens
     if prompt_tokens + max(max_tokens, 1) > max_model_len:
-        raise APIError(
-            400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
-            "completion). Please reduce the prompt or max_tokens.",
-            param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
-            code="context_length_exceeded")
+        where = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+        if max_tokens < 1:  # no max_tokens given, and the prompt alone fills the context
+            asked = f"your {where} resulted in {prompt_tokens} tokens. Please reduce the length of the {where}."
+        else:
+            asked = (f"you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {where}, "
+                     f"{max_tokens} for the completion). Please reduce the {where} or max_tokens.")
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, {asked}",
+                       param=where, code="context_length_exceeded")
     if max_tokens < 1:
         raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
     temperature = 1.0 if req.temperature is None else req.temperature
@@ -229,6 +235,8 @@ def sampling_kwargs(req: _SamplingRequest, *, prompt_tokens: int, max_model_len:
     if req.seed is not None and not -(1 << 63) <= req.seed < 1 << 64:
         raise APIError(400, "seed must fit in 64 bits", param="seed")
     stop_ids = list(req.stop_token_ids or [])
+    if any(t < 0 for t in stop_ids):
+        raise APIError(400, f"stop_token_ids must be token ids >= 0, got {stop_ids}", param="stop_token_ids")
     if not req.ignore_eos:
         stop_ids += eos_token_ids
     return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
