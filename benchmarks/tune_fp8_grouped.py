@@ -124,6 +124,7 @@ def time_pending(pending, results):
 
 def gluon_name(cfg):
     extra = f" dmax{cfg['DEFER_MAX']}" if "DEFER_MAX" in cfg else ""
+    extra += " ring" if cfg.get("A_RING") else ""
     extra += f" c{cfg['C_BUFS']}" if "C_BUFS" in cfg else ""
     extra += f" p{cfg['PROGRAMS_PER_SM']}" if "PROGRAMS_PER_SM" in cfg else ""
     return f"gluon {cfg['BLOCK_M']}x{cfg['BLOCK_N']} s{cfg['STAGES']} w{cfg['num_warps']}{extra}"

@@ -63,8 +63,8 @@ def test_the_kernel_compiles_for_sm90_with_overlapped_unserialized_wgmma(defer, 
 
 @needs_gluon
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("cfg", gm.GLUON_WGRAD_CANDIDATES,
-                         ids=lambda c: f"{c['BLOCK_M']}x{c['BLOCK_N']}s{c['STAGES']}")
+@pytest.mark.parametrize("cfg", gm.GLUON_WGRAD_CANDIDATES, ids=lambda c: "{}x{}s{}{}".format(
+    c["BLOCK_M"], c["BLOCK_N"], c["STAGES"], "ring" if c.get("A_RING") else ""))
 def test_the_wgrad_kernel_compiles_for_sm90_with_overlapped_unserialized_wgmma(cfg, tmp_path):
     """The weight-gradient kernel: two chunks an iteration, the first waited with the second in flight, no
     serialized wgmma, and at most a few spilled scalars (the 128x128 tile's math warps hold two products, the
@@ -180,3 +180,21 @@ def test_gpu_gluon_wgrad_matches_the_tma_kernel_bit_for_bit(out_dtype):
         tol = 1e-2 if out_dtype == torch.bfloat16 else 1e-3
         assert torch.allclose(out.double().cpu(), reference, rtol=tol, atol=tol * float(reference.abs().max()))
     assert ran >= 2
+
+
+@on_hopper
+def test_gpu_gluon_wgrad_of_one_long_expert_matches_the_tma_kernel():
+    """One expert of 17 chunks (FP8Linear's weight gradient, an odd count): every candidate, A streamed or
+    not, gives the TMA kernel's bits."""
+    torch.manual_seed(2)
+    tokens, n, k = 17 * 128, 256, 512
+    offsets = torch.tensor([tokens], dtype=torch.int32, device="cuda")
+    _, _, dyt, dyts = q.act_quant_1x128_dual(torch.randn(tokens, n, device="cuda"), pad_t=True)
+    _, _, xt, xts = q.act_quant_1x128_dual(torch.randn(tokens, k, device="cuda"), pad_t=True)
+    expected = kernels.launch_grouped_wgrad_tma(dyt, dyts, xt, xts, offsets,
+                                                torch.empty(1, n, k, device="cuda", dtype=torch.bfloat16),
+                                                kernels.WGRAD_CANDIDATES[1])  # fmt: skip
+    for cfg in gm.GLUON_WGRAD_CANDIDATES:
+        out = torch.full((1, n, k), float("nan"), device="cuda", dtype=torch.bfloat16)
+        kernels.launch_grouped_wgrad(dyt, dyts, xt, xts, offsets, out, {**cfg, "GLUON": True})
+        assert torch.equal(out, expected), (cfg, int((out != expected).sum()))

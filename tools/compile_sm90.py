@@ -191,7 +191,8 @@ def gluon_cases():
         for defer in (cfg["DEFER_MAX"], 7, 1):
             yield f"gluon mm {cfg['BLOCK_M']}x{cfg['BLOCK_N']} s{cfg['STAGES']} defer {defer}", "mm", cfg, defer
     for cfg in gm.GLUON_WGRAD_CANDIDATES:
-        yield f"gluon wgrad {cfg['BLOCK_M']}x{cfg['BLOCK_N']} s{cfg['STAGES']}", "wgrad", cfg, 1
+        ring = " ring" if cfg.get("A_RING") else ""
+        yield f"gluon wgrad {cfg['BLOCK_M']}x{cfg['BLOCK_N']} s{cfg['STAGES']}{ring}", "wgrad", cfg, 1
 
 
 def compile_gluon(label: str, which: str, cfg: dict, defer: int, counts: bool, sass_dir: str) -> bool:

@@ -13,8 +13,12 @@ the one DeepGEMM uses on Hopper, which Triton's automatic pipeliner cannot expre
   for each product before scaling it (``warp_group_dot_wait {pendings = 0}``), so its tensor cores
   idle during every promotion.
 
-The weight-gradient kernel (dW_e = dY_e^T X_e over 128-token chunks) has the same structure; it is not yet
-faster than the Triton by-expert kernel and is not among the picker's candidates (GLUON_WGRAD_CANDIDATES).
+The weight-gradient kernel (dW_e = dY_e^T X_e over 128-token chunks) has the same structure, with two layouts
+of work: a program per (expert, row tile) that keeps an expert's two A chunks in shared memory while it walks the
+column tiles (experts of at most two chunks, as at V3's 256 tokens an expert), or (``A_RING``) A streamed
+beside B and a program per output tile (long experts, and few of them: one expert is FP8Linear's weight
+gradient). It is not yet faster than the Triton by-expert kernel and is not among the picker's candidates
+(GLUON_WGRAD_CANDIDATES).
 
 Gluon has no interpreter: these kernels run on sm_90 only. On the CPU, tests/test_fp8_grouped_gluon.py compiles
 them for sm_90 and checks the machine code; on the GPU they are tested against the Triton kernels bit for bit
@@ -70,6 +74,11 @@ GLUON_WGRAD_CANDIDATES = (
     # run on a GPU
     {"BLOCK_M": 256, "BLOCK_N": 64, "STAGES": 8, "num_warps": 8},
     {"BLOCK_M": 256, "BLOCK_N": 32, "STAGES": 8, "num_warps": 8},
+    # A_RING: A's chunks stream through the stages beside B's and each program takes single output tiles, for
+    # experts of many chunks and for few experts (one expert: FP8Linear's weight gradient, where a program per
+    # (expert, row tile) would leave most SMs idle); compiled for sm_90 without spills, not yet run on a GPU
+    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 4, "num_warps": 8, "A_RING": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 5, "num_warps": 8, "A_RING": True},
 )
 
 
@@ -247,32 +256,53 @@ def _build():
         return e, pid_m, start // 128, chunks
 
     @gluon.jit
+    def _wgrad_item(item, num_m, num_k, off_ptr, A_RING: gl.constexpr):
+        # work item -> (expert, row tile, first chunk, chunks, first and end column tile): a (expert, row tile)
+        # group and all its column tiles, or with A_RING one output tile (groups of few experts spread over the SMs)
+        if A_RING:
+            group = item // num_k
+            kt_lo = item - group * num_k
+            kt_hi = kt_lo + 1
+        else:
+            group = item
+            kt_lo = item * 0
+            kt_hi = kt_lo + num_k
+        e, pid_m, c0, chunks = _wgrad_group(group, num_m, off_ptr)
+        return e, pid_m, c0, chunks, kt_lo, gl.where(chunks > 0, kt_hi, kt_lo)
+
+    @gluon.jit
     def _wgrad_loader(a_desc, b_desc, off_ptr, a_bufs, b_bufs, a_ready, a_empty, ready, empty, N, K, E,
-                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      A_RING: gl.constexpr):  # fmt: skip
         num_m = gl.cdiv(N, BLOCK_M)
         num_k = gl.cdiv(K, BLOCK_N)
         it = 0  # B chunks loaded
         a_it = 0  # A chunk pairs loaded
-        for group in range(gl.program_id(0), E * num_m, gl.num_programs(0)):
-            e, pid_m, c0, chunks = _wgrad_group(group, num_m, off_ptr)
+        for item in range(gl.program_id(0), E * num_m * (num_k if A_RING else 1), gl.num_programs(0)):
+            e, pid_m, c0, chunks, kt_lo, kt_hi = _wgrad_item(item, num_m, num_k, off_ptr, A_RING)
             resident = chunks <= 2
-            for kt in range(0, gl.where(chunks > 0, num_k, 0)):
+            for kt in range(kt_lo, kt_hi):
                 # chunks in pairs; an odd count's last pair takes its last chunk twice (the math zeroes its scales)
                 for cc in range(0, chunks, 2):
                     first = c0 + cc
                     second = c0 + gl.minimum(cc + 1, chunks - 1)
-                    if (kt == 0) | (not resident):  # A: once per group, or every pair of a larger expert
-                        mbarrier.wait(a_empty, (a_it & 1) ^ 1)
-                        mbarrier.expect(a_ready, 2 * a_desc.block_type.nbytes)
-                        tma_load(a_desc, [pid_m * BLOCK_M, first * 128], a_ready, a_bufs.index(0))
-                        tma_load(a_desc, [pid_m * BLOCK_M, second * 128], a_ready, a_bufs.index(1))
-                        a_it += 1
+                    if not A_RING:
+                        if (kt == 0) | (not resident):  # A: once per group, or every pair of a larger expert
+                            mbarrier.wait(a_empty, (a_it & 1) ^ 1)
+                            mbarrier.expect(a_ready, 2 * a_desc.block_type.nbytes)
+                            tma_load(a_desc, [pid_m * BLOCK_M, first * 128], a_ready, a_bufs.index(0))
+                            tma_load(a_desc, [pid_m * BLOCK_M, second * 128], a_ready, a_bufs.index(1))
+                            a_it += 1
                     for j in gl.static_range(2):
+                        chunk = first if j == 0 else second
                         s = it % STAGES
                         mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                        mbarrier.expect(ready.index(s), b_desc.block_type.nbytes)
-                        tma_load(b_desc, [kt * BLOCK_N, (first if j == 0 else second) * 128], ready.index(s),
-                                 b_bufs.index(s))
+                        if A_RING:  # the A chunk travels with the B chunk in the same stage
+                            mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                            tma_load(a_desc, [pid_m * BLOCK_M, chunk * 128], ready.index(s), a_bufs.index(s))
+                        else:
+                            mbarrier.expect(ready.index(s), b_desc.block_type.nbytes)
+                        tma_load(b_desc, [kt * BLOCK_N, chunk * 128], ready.index(s), b_bufs.index(s))
                         it += 1
 
     @gluon.jit
@@ -287,7 +317,8 @@ def _build():
     @gluon.jit
     def _wgrad_math(c_desc, sa_ptr, sb_ptr, off_ptr, a_bufs, b_bufs, a_ready, a_empty, ready, empty, c_bufs,
                     N, K, E, stride_san, stride_sat, stride_sbk, stride_sbt, BLOCK_M: gl.constexpr,
-                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, A_RING: gl.constexpr,
+                    num_warps: gl.constexpr):  # fmt: skip
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, BLOCK_N, 32])
         col_layout: gl.constexpr = gl.SliceLayout(0, mma)
@@ -296,11 +327,11 @@ def _build():
         it = 0
         a_it = 0
         stores = 0
-        for group in range(gl.program_id(0), E * num_m, gl.num_programs(0)):
-            e, pid_m, c0, chunks = _wgrad_group(group, num_m, off_ptr)
+        for item in range(gl.program_id(0), E * num_m * (num_k if A_RING else 1), gl.num_programs(0)):
+            e, pid_m, c0, chunks, kt_lo, kt_hi = _wgrad_item(item, num_m, num_k, off_ptr, A_RING)
             resident = chunks <= 2
             rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
-            for kt in range(0, gl.where(chunks > 0, num_k, 0)):
+            for kt in range(kt_lo, kt_hi):
                 cols = kt * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.BlockedLayout([1], [32], [num_warps], [0]))
                 acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout=mma)
                 # (the products' registers are overwritten by their wgmma, use_acc=False, before they are read)
@@ -316,16 +347,16 @@ def _build():
                                                stride_sbk, stride_sbt, N, K, True)
                     sa_b, sb_b = _wgrad_scales(sa_ptr, sb_ptr, rows, cols, c0 + gl.minimum(cc + 1, chunks - 1),
                                                stride_san, stride_sat, stride_sbk, stride_sbt, N, K, cc + 1 < chunks)
-                    load_a = (kt == 0) | (not resident)
+                    load_a = ((kt == 0) | (not resident)) & (not A_RING)  # (A_RING: A comes with each stage)
                     mbarrier.wait(a_ready, a_it & 1, pred=load_a)
                     s = it % STAGES
                     mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                    prod_a = warpgroup_mma(a_bufs.index(0), b_bufs.index(s).permute((1, 0)), prod_a,
+                    prod_a = warpgroup_mma(a_bufs.index(s if A_RING else 0), b_bufs.index(s).permute((1, 0)), prod_a,
                                            use_acc=False, is_async=True)
                     it += 1
                     s = it % STAGES
                     mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                    prod_b = warpgroup_mma(a_bufs.index(1), b_bufs.index(s).permute((1, 0)), prod_b,
+                    prod_b = warpgroup_mma(a_bufs.index(s if A_RING else 1), b_bufs.index(s).permute((1, 0)), prod_b,
                                            use_acc=False, is_async=True)
                     prod_a, acc, sa_a, sb_a = warpgroup_mma_wait(num_outstanding=1, deps=(prod_a, acc, sa_a, sb_a))
                     mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
@@ -333,7 +364,7 @@ def _build():
                     prod_b, acc, sa_b, sb_b = warpgroup_mma_wait(num_outstanding=0, deps=(prod_b, acc, sa_b, sb_b))
                     mbarrier.arrive(empty.index(s))
                     # A is free after the group's last column tile, or after each pair of a larger expert
-                    mbarrier.arrive(a_empty, pred=(kt == num_k - 1) | (not resident))
+                    mbarrier.arrive(a_empty, pred=((kt == num_k - 1) | (not resident)) & (not A_RING))
                     a_it += load_a.to(gl.int32)
                     acc += prod_b * (sa_b[:, None] * gl.convert_layout(sb_b, col_layout)[None, :])
                     it += 1
@@ -351,9 +382,11 @@ def _build():
     def grouped_wgrad_gluon_kernel(
         a_desc, b_desc, c_desc, sa_ptr, sb_ptr, off_ptr, N, K, E,
         stride_san, stride_sat, stride_sbk, stride_sbt,
-        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, A_RING: gl.constexpr,
+        num_warps: gl.constexpr,
     ):  # fmt: skip
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2] + a_desc.block_type.shape, a_desc.layout)
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES if A_RING else 2] + a_desc.block_type.shape,
+                                           a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape, c_desc.layout)
         a_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -368,9 +401,9 @@ def _build():
         gl.warp_specialize([
             (_wgrad_math, (c_desc, sa_ptr, sb_ptr, off_ptr, a_bufs, b_bufs, a_ready, a_empty, ready, empty, c_bufs,
                            N, K, E, stride_san, stride_sat, stride_sbk, stride_sbt, BLOCK_M, BLOCK_N, STAGES,
-                           num_warps)),
+                           A_RING, num_warps)),
             (_wgrad_loader, (a_desc, b_desc, off_ptr, a_bufs, b_bufs, a_ready, a_empty, ready, empty, N, K, E,
-                             BLOCK_M, BLOCK_N, STAGES)),
+                             BLOCK_M, BLOCK_N, STAGES, A_RING)),
         ], [1], [24])  # 24 loader registers leave the math warps 240 (40: 232, and the math spills)
 
     return grouped_mm_gluon_kernel, grouped_wgrad_gluon_kernel
@@ -398,6 +431,7 @@ def compile_for_sm90(which: str, cfg: dict, defer: int = 1):
     else:
         kernel = _build()[1]
         descs["a_desc"], descs["b_desc"] = _desc(a, [bm, BLOCK]), _desc(a, [bn, BLOCK])
+        constexprs.update(A_RING=cfg.get("A_RING", False))
         pointers = dict(sa_ptr="*fp32", sb_ptr="*fp32", off_ptr="*i32")
     signature = {name: "i32" for name in kernel.arg_names}
     signature.update({k: mangle_type(v) for k, v in descs.items()}, **pointers)
@@ -477,20 +511,22 @@ def launch_grouped_wgrad_gluon(dyt, dyt_scale, xt, xt_scale, offsets, out, cfg: 
         raise ValueError(f"the Gluon wgrad kernel needs N a multiple of {bm} and an aligned contiguous output; "
                          f"got N = {n}, K = {k}")
     props = torch.cuda.get_device_properties(dyt.device)
-    smem = (2 * bm + cfg["STAGES"] * bn) * BLOCK + 2 * bm * bn * out.element_size() + 1024  # + barriers, slack
+    a_ring = cfg.get("A_RING", False)
+    smem = ((cfg["STAGES"] if a_ring else 2) * bm + cfg["STAGES"] * bn) * BLOCK + 2 * bm * bn * out.element_size() \
+        + 1024  # + barriers, slack
     limit = getattr(props, "shared_memory_per_block_optin", 232448) // cfg.get("PROGRAMS_PER_SM", 1)
     if smem > limit:
         raise ValueError(f"this wgrad configuration needs {smem} bytes of shared memory with a {out.dtype} output; "
                          f"the GPU has {limit}")
     c_desc = _desc(c2d, [bm, bn])
-    groups = experts * (n // bm)
+    items = experts * (n // bm) * (-(-k // bn) if a_ring else 1)
     sms = props.multi_processor_count
     per_sm = cfg.get("PROGRAMS_PER_SM", 1)
     # two programs an SM need each program's registers capped (maxnreg: the math warps get what the loader leaves)
     options = {"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}
-    _build()[1][(max(1, min(groups, per_sm * sms)),)](
+    _build()[1][(max(1, min(items, per_sm * sms)),)](
         _desc(dyt, [bm, BLOCK]), _desc(xt, [bn, BLOCK]), c_desc, dyt_scale, xt_scale, offsets, n, k, experts,
         dyt_scale.stride(0), dyt_scale.stride(1), xt_scale.stride(0), xt_scale.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg["STAGES"], num_warps=cfg["num_warps"], **options,
+        BLOCK_M=bm, BLOCK_N=bn, STAGES=cfg["STAGES"], A_RING=a_ring, num_warps=cfg["num_warps"], **options,
     )  # fmt: skip
     return out
