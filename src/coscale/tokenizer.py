@@ -314,7 +314,10 @@ def load_tokenizer(path: str | os.PathLike | None) -> Tokenizer:
     if path is None or os.fspath(path) == BYTES:
         return ByteTokenizer()
     path = os.fspath(path)
-    if os.path.isfile(path) and os.path.basename(path) == TOKENIZER_FILE:
+    if os.path.isfile(path):
+        if os.path.basename(path) != TOKENIZER_FILE:  # its config files are looked up beside it by name
+            raise ConfigError(f"{path} is not a {TOKENIZER_FILE}: pass the directory holding {TOKENIZER_FILE}, "
+                              "the file of that name, or 'bytes'")
         path = os.path.dirname(path) or "."
     if not os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
         raise ConfigError(f"no {TOKENIZER_FILE} in {path} (pass a directory or file holding one, or 'bytes')")
@@ -432,6 +435,8 @@ def tokenize_files(paths: Sequence[str], tokenizer: Tokenizer, out_dir: str, *, 
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise CoscaleError(f"input file not found: {missing[0]}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CoscaleError(f"--out {out_dir} exists and is not a directory")
     if os.path.exists(out_dir) and any(f.endswith(".bin") for f in os.listdir(out_dir)):
         raise CoscaleError(f"{out_dir} already holds .bin files; choose another --out or remove them")
     os.makedirs(out_dir, exist_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,8 +52,16 @@ class BenchConfig:
         for name in ("num_requests", "concurrency", "max_tokens"):
             if getattr(self, name) < 1:
                 raise CoscaleError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.max_duration <= 0 or self.request_timeout <= 0:
-            raise CoscaleError("--max-duration and --timeout must be > 0")
+        for flag, value in (("--max-duration", self.max_duration), ("--timeout", self.request_timeout)):
+            if not 0 < value < math.inf:  # (also false for NaN)
+                raise CoscaleError(f"{flag} must be a finite number of seconds > 0, got {value}")
+        if not 0 <= self.temperature < math.inf:
+            raise CoscaleError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if self.prompt_tokens is None and not self.prompt:
+            raise CoscaleError("--prompt must not be empty")
+        if self.url.rstrip("/").endswith("/v1"):
+            raise CoscaleError(f"--url takes the server's address without /v1 (e.g. http://127.0.0.1:8000), "
+                               f"got {self.url}")
         if self.prompt_tokens is not None and (self.prompt_tokens < 1 or self.endpoint == "chat"):
             raise CoscaleError("--prompt-tokens takes a count >= 1 and the completions endpoint")
         if self.verify and self.temperature != 0:

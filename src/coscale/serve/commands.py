@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from coscale.errors import CoscaleError
+from coscale.errors import CoscaleError, writing
 
 SERVE_PACKAGES = ("starlette", "uvicorn", "prometheus_client", "httpx", "pydantic")
 
@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16", help="(default: %(default)s)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: from free memory "
                    "on CUDA, a small cache on CPU)")
-    p.add_argument("--gpu-memory-fraction", type=float, default=0.9, help="(default: %(default)s)")
+    p.add_argument("--gpu-memory-fraction", type=float, default=None,
+                   help="share of the GPU's free memory the KV cache may take, CUDA only (default: 0.9)")
     p.add_argument("--max-num-seqs", type=int, default=128, help="running requests at most (default: %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget per engine step (default: %(default)s)")
@@ -62,7 +63,7 @@ def register(subparsers) -> None:
     b.add_argument("--max-duration", type=float, default=600.0,
                    help="seconds for the whole run; requests still running then are cancelled (default: %(default)s)")
     b.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
-    b.add_argument("--seed", type=int, default=0, help="for --prompt-tokens (default: %(default)s)")
+    b.add_argument("--seed", type=int, default=None, help="for --prompt-tokens (default: 0)")
     b.add_argument("--out", default=None, help="write the results as JSON to this file")
     b.add_argument("--check", action="store_true", help="after the load, check that no KV-cache block is left in "
                    "use (/metrics) and that each request's text equals a single-request run of it (greedy); "
@@ -105,35 +106,75 @@ def _check_tokenizer(tokenizer, checkpoint: str) -> None:
                            "pass --tokenizer")
 
 
+def _check_serve_args(args) -> None:
+    """What can be refused before the checkpoint is loaded (minutes for a large one)."""
+    import math
+    import socket
+
+    if os.path.isfile(args.checkpoint):
+        raise CoscaleError(f"{args.checkpoint} is a file; serve takes a checkpoint directory (config.json + weights)")
+    if not os.path.isdir(args.checkpoint):
+        raise CoscaleError(f"checkpoint directory not found: {args.checkpoint}")
+    if not 0 <= args.shutdown_grace < math.inf:
+        raise CoscaleError(f"--shutdown-grace must be a finite number of seconds >= 0, got {args.shutdown_grace}")
+    if not 1 <= args.port <= 65535:
+        raise CoscaleError(f"--port must be in 1..65535, got {args.port}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise CoscaleError("--served-model-name must not be empty")
+    if args.speculative and args.overlap == "on":
+        raise CoscaleError("--overlap on does not work with --speculative (its steps depend on the tokens just "
+                           "accepted); use --overlap auto or off")
+    try:
+        socket.getaddrinfo(args.host, args.port)
+    except (socket.gaierror, UnicodeError) as e:
+        raise CoscaleError(f"--host {args.host!r} is not an address this machine can listen on: {e}") from None
+
+
+def _serve_device(name: str | None):
+    """``--device`` as a torch.device: cpu or cuda[:index] of a GPU that exists."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.index is not None and device.index < 0):
+        raise CoscaleError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CoscaleError("--device cuda requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CoscaleError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def run_serve(args) -> int:
     _require_serving_packages()
     import logging
 
-    import torch
-
     from coscale.tokenizer import checkpoint_tokenizer
 
-    if not os.path.isdir(args.checkpoint):
-        raise CoscaleError(f"checkpoint directory not found: {args.checkpoint}")
-    if args.shutdown_grace < 0:
-        raise CoscaleError("--shutdown-grace must be >= 0")
+    _check_serve_args(args)
     from coscale.infer.engine import Engine, EngineConfig
     from coscale.serve.app import build_app
     from coscale.serve.server import make_server
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CoscaleError("--device cuda requested but CUDA is not available")
+    device = _serve_device(args.device)
+    if device.type != "cuda" and args.gpu_memory_fraction is not None:
+        raise CoscaleError("--gpu-memory-fraction sizes the KV cache on CUDA; on the CPU use --num-blocks")
     tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer)
     _check_tokenizer(tokenizer, args.checkpoint)
     config = EngineConfig(max_model_len=args.max_model_len, block_size=args.block_size,
                           kv_cache_dtype=args.kv_cache_dtype, num_blocks=args.num_blocks,
-                          gpu_memory_fraction=args.gpu_memory_fraction, max_num_seqs=args.max_num_seqs,
+                          gpu_memory_fraction=0.9 if args.gpu_memory_fraction is None else args.gpu_memory_fraction,
+                          max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, speculative=args.speculative,
                           cuda_graphs=args.cuda_graphs, compile=args.compile,
                           overlap={"auto": None, "on": True, "off": False}[args.overlap])
     engine = Engine.from_pretrained(args.checkpoint, config, device=device)
     name = args.served_model_name or os.path.basename(os.path.normpath(os.path.abspath(args.checkpoint)))
+    # (an empty --served-model-name is refused in _check_serve_args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     stats = engine.stats()
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (max_model_len {engine.max_model_len}, "
@@ -152,16 +193,27 @@ def run_bench_serve(args) -> int:
 
     from coscale.serve.bench import DEFAULT_PROMPT, BenchConfig, run_bench
 
+    if args.prompt is not None and args.prompt_tokens is not None:
+        raise CoscaleError("--prompt and --prompt-tokens exclude each other (random token ids or one text)")
+    if args.seed is not None and args.prompt_tokens is None:
+        raise CoscaleError("--seed draws the random prompts of --prompt-tokens; without it there is nothing to seed")
+    if args.out:  # checked before the load, not after it
+        if os.path.isdir(args.out):
+            raise CoscaleError(f"--out {args.out} is a directory; give a file name")
+        parent = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(parent):
+            raise CoscaleError(f"--out {args.out}: the directory {parent} does not exist")
     cfg = BenchConfig(url=args.url, model=args.model, endpoint=args.endpoint, num_requests=args.num_requests,
-                      concurrency=args.concurrency, prompt=args.prompt or DEFAULT_PROMPT,
+                      concurrency=args.concurrency, prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt,
                       prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
                       temperature=args.temperature, max_duration=args.max_duration, request_timeout=args.timeout,
-                      seed=args.seed, verify=args.check)
+                      seed=0 if args.seed is None else args.seed, verify=args.check)
+    cfg.check()  # before the progress bar
     with tqdm(total=cfg.num_requests, unit="req", desc="bench-serve") as bar:
         result = asyncio.run(run_bench(cfg, progress=lambda r: bar.update(1)))
     print(result.table())
     if args.out:
-        with open(args.out, "w") as f:
+        with writing(args.out), open(args.out, "w") as f:
             f.write(result.to_json() + "\n")
         print(f"wrote {args.out}")
     return 0 if result.completed and (result.check is None or result.check["passed"]) else 1
