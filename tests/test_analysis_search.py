@@ -31,9 +31,11 @@ def test_tpot_target_is_met_by_the_batch_and_missed_by_one_more():
 
 
 def test_nothing_fits():
-    assert search.max_decode_batch("deepseek-v3", "h800", ServingLayout(ep=1), 4096).batch == 0
-    assert search.max_decode_batch("deepseek-v3", "h800", ServingLayout(ep=128), 4096,
-                                   tpot_target_s=1e-6).limited_by == "nothing fits"
+    found = search.max_decode_batch("deepseek-v3", "h800", ServingLayout(ep=1), 4096)
+    assert found.batch == 0 and found.limited_by == "nothing fits"
+    # memory holds a batch: the TPOT target is what fails, and the result says so
+    found = search.max_decode_batch("deepseek-v3", "h800", ServingLayout(ep=128), 4096, tpot_target_s=1e-6)
+    assert found.batch == 0 and found.limited_by == "TPOT target: missed even at batch 2"
 
 
 def test_best_layouts_ranked_and_fast():

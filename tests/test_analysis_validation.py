@@ -52,7 +52,7 @@ def test_table_and_doc_update(tmp_path):
 
 def test_record_from_a_run_directory(tmp_path):
     (tmp_path / "train_config.json").write_text(json.dumps({"model": "small", "batch_size": 4, "seq_len": 256}))
-    lines = [{"type": "run"}] + [{"type": "train", "step": i, "tokens_per_s": r}
+    lines = [{"type": "run", "device": "cuda:0"}] + [{"type": "train", "step": i, "tokens_per_s": r}
                                  for i, r in enumerate([100.0, 900.0, 1000.0, 1024.0], 1)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     record = validation.record_from_run(tmp_path, "h200")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,9 +89,14 @@ class Efficiency:
             if f.name == "sources":
                 continue
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
-                    or (value == 0 and f.name not in _MAY_BE_ZERO):
-                raise ConfigError(f"efficiency {f.name} must be a positive number, got {value!r}")
+            if not _is_number(value) or value < 0 or (value == 0 and f.name not in _MAY_BE_ZERO):
+                what = "a finite number >= 0" if f.name in _MAY_BE_ZERO else "a positive finite number"
+                raise ConfigError(f"efficiency {f.name} must be {what}, got {value!r}{_yaml_hint(value)}")
+        for name in ("sms", "comm_sms"):  # counts of SMs: a fraction of one would only skew the SM share
+            value = getattr(self, name)
+            if not float(value).is_integer():
+                raise ConfigError(f"efficiency {name} must be a whole number of SMs, got {value!r}")
+            object.__setattr__(self, name, int(value))
         if not 0 < self.sustained_clock_ratio <= 1:
             raise ConfigError(f"efficiency sustained_clock_ratio must be in (0, 1], got {self.sustained_clock_ratio!r}")
         if self.comm_sms >= self.sms:
@@ -98,6 +104,22 @@ class Efficiency:
 
     def source(self, name: str) -> str:
         return self.sources.get(name, "")
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): an infinite or NaN rate turns every prediction into inf or NaN."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _yaml_hint(value: Any) -> str:
+    """Why a number came as a string: PyYAML (YAML 1.1) reads ``1e9`` as text; ``1.0e+9`` is a float."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return f" (YAML 1.1 reads {value} as a string: write it with a dot and a signed exponent, e.g. 1.0e+9)"
+    return ""
 
 
 _MAY_BE_ZERO = {"gemm_k_overhead", "kernel_floor_us", "gemm_floor_us", "attention_decode_floor_us", "small_kernel_us",
@@ -184,8 +206,9 @@ class HardwareSpec:
         for name in ("hbm_gb", "hbm_bandwidth_tbps", "bf16_tflops", "fp8_tflops",
                      "scale_up_bandwidth_gbps", "nic_gbps", "nics_per_gpu"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"hardware {self.name!r}: {name} must be a positive number, got {value!r}")
+            if not _is_number(value) or not value > 0:
+                raise ConfigError(f"hardware {self.name!r}: {name} must be a positive finite number, "
+                                  f"got {value!r}{_yaml_hint(value)}")
         for name in ("scale_up_domain", "gpus_per_node"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -366,8 +389,11 @@ def load_hardware(name_or_path: str | os.PathLike | HardwareSpec) -> HardwareSpe
         raise ConfigError(
             f"{s!r} is neither a hardware preset ({', '.join(PRESETS)}) nor an existing YAML/JSON file"
         )
-    with open(s, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(s, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{s} is not UTF-8 text (byte {e.start}): a hardware file is YAML or JSON") from None
     stem = os.path.splitext(os.path.basename(s))[0]
     return hardware_from_dict(_parse(text, s), default_name=stem)
 

@@ -32,22 +32,23 @@ def register(subparsers) -> None:
     p = _add(sub, "memory", "per-GPU memory for training or inference", _memory)
     for name in ("dp", "tp", "pp", "ep"):
         p.add_argument(f"--{name}", type=int, default=1, help=f"{name.upper()} size (default 1)")
-    p.add_argument("--zero", type=int, default=1, help="ZeRO stage 0-3 (3 = FSDP; default 1)")
     p.add_argument("--redundant-experts", type=int, default=0,
                    help="extra expert replicas over the EP group; any --ep then works (experts per GPU rounded up)")
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--weights", choices=DTYPE_BYTES, default="bf16", help="compute weights (fp8: FP8 weights)")
-    p.add_argument("--master", choices=[*DTYPE_BYTES, "none"], default="fp32")
-    p.add_argument("--grads", choices=DTYPE_BYTES, default="fp32")
-    p.add_argument("--moments", choices=DTYPE_BYTES, default="bf16", help="AdamW moments (default bf16)")
-    p.add_argument("--activation-coeff", type=float, default=34.0,
-                   help="activation bytes per token, layer and hidden unit (34; 2 = full recompute)")
+    # the mode options default to None, so that one given in the other mode is refused (_memory)
+    p.add_argument("--zero", type=int, help="training: ZeRO stage 0-3 (3 = FSDP; default 1)")
+    p.add_argument("--seq-len", type=int, help="training: tokens per sequence (default 4096)")
+    p.add_argument("--micro-batch", type=int, help="training: sequences per micro-batch (default 1)")
+    p.add_argument("--weights", choices=DTYPE_BYTES, help="training: compute weights (fp8: FP8 weights; default bf16)")
+    p.add_argument("--master", choices=[*DTYPE_BYTES, "none"], help="training: master weights (default fp32)")
+    p.add_argument("--grads", choices=DTYPE_BYTES, help="training: gradients (default fp32)")
+    p.add_argument("--moments", choices=DTYPE_BYTES, help="training: AdamW moments (default bf16)")
+    p.add_argument("--activation-coeff", type=float,
+                   help="training: activation bytes per token, layer and hidden unit (34; 2 = full recompute)")
     p.add_argument("--inference", action="store_true", help="weights + KV cache instead of training")
-    p.add_argument("--batch", type=int, default=1, help="inference: sequences in flight")
-    p.add_argument("--context", type=int, default=4096, help="inference: tokens per sequence")
-    p.add_argument("--weight-dtype", choices=DTYPE_BYTES, default="fp8", help="inference weights")
-    p.add_argument("--kv-dtype", choices=DTYPE_BYTES, default="bf16")
+    p.add_argument("--batch", type=int, help="inference: sequences in flight (default 1)")
+    p.add_argument("--context", type=int, help="inference: tokens per sequence (default 4096)")
+    p.add_argument("--weight-dtype", choices=DTYPE_BYTES, help="inference weights (default fp8)")
+    p.add_argument("--kv-dtype", choices=DTYPE_BYTES, help="inference: KV-cache precision (default bf16)")
 
     p = _add(sub, "inference-limit", "EP decoding speed limit (section 4.4.2); with no option: the paper's cases",
              _inference_limit)
@@ -98,6 +99,8 @@ def _add(sub, name: str, help_text: str, func, multi: bool = False, model: bool 
         p.add_argument("--hardware", default=None,
                        help=f"hardware preset ({HARDWARE_CHOICES}) or YAML/JSON file, e.g. from "
                             "'coscale calibrate' (default h800)")
+    # 'coscale analyze <name>: error: ...': the CLI's error prefix names the subcommand (args.command)
+    p.set_defaults(command=f"analyze {name}")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", dest="format", action="store_const", const="json", default="text",
                      help="print JSON: {\"tables\": [{title, columns, rows, notes}]}, numbers as numbers")
@@ -130,7 +133,29 @@ def _flops(args) -> int:
     return _print([table], args)
 
 
+# analyze memory's options of one mode, with their defaults: given in the other mode they would be ignored
+_MEMORY_MODES = {
+    "training": dict(zero=1, seq_len=4096, micro_batch=1, weights="bf16", master="fp32", grads="fp32",
+                     moments="bf16", activation_coeff=34.0),
+    "inference": dict(batch=1, context=4096, weight_dtype="fp8", kv_dtype="bf16"),
+}
+
+
+def _memory_options(args) -> None:
+    """Refuse the options of the mode not chosen; fill in the defaults of the chosen one."""
+    chosen = "inference" if args.inference else "training"
+    for mode, defaults in _MEMORY_MODES.items():
+        given = [f"--{k.replace('_', '-')}" for k in defaults if getattr(args, k) is not None]
+        if mode != chosen and given:
+            hint = "add --inference" if mode == "inference" else "leave out --inference"
+            raise ConfigError(f"{', '.join(given)} describe(s) {mode} memory: {hint}")
+        for k, default in defaults.items():
+            if getattr(args, k) is None:
+                setattr(args, k, default)
+
+
 def _memory(args) -> int:
+    _memory_options(args)
     layout = memory.ParallelLayout(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep,
                                    zero=0 if args.inference else args.zero, redundant_experts=args.redundant_experts)
     where = f"dp={args.dp} tp={args.tp} pp={args.pp} ep={args.ep}" + (
@@ -156,7 +181,19 @@ def _memory(args) -> int:
     return _print([table], args)
 
 
+def _inference_limit_conflicts(args) -> None:
+    """Options that the chosen one would silently override."""
+    if args.sweep is not None and args.bandwidth is not None:
+        raise ConfigError("--sweep sets the bandwidths: leave out --bandwidth")
+    if args.paper_rounding and args.hidden is not None:
+        raise ConfigError("--paper-rounding sets the hidden size to 7000: leave out --hidden")
+    if args.link is not None and (args.bandwidth is not None or args.sweep is not None):
+        raise ConfigError("--link picks the hardware's link bandwidth, which --bandwidth / --sweep replace: "
+                          "give one or the other")
+
+
 def _inference_limit(args) -> int:
+    _inference_limit_conflicts(args)
     hidden = ep_limit.PAPER_HIDDEN if args.paper_rounding else args.hidden
     given = {k: getattr(args, k) for k in ("tokens_per_device", "micro_batches", "context", "link")
              if getattr(args, k) is not None}
@@ -165,7 +202,7 @@ def _inference_limit(args) -> int:
                   hidden=hidden, micro_batches=given.get("micro_batches", 2), context=given.get("context", 4096),
                   mtp_acceptance=args.mtp_acceptance)
     title = "EP decoding speed limit"
-    if args.sweep:
+    if args.sweep is not None:  # an empty --sweep is an error (_floats), not the default table
         bandwidths = _floats(args.sweep, "--sweep")
         results = ep_limit.tpot_sweep(bandwidths, hardware=args.hardware or "h800", **common)
         cases = [(f"{r.bandwidth_gbps:g} GB/s", r) for r in results]
@@ -181,7 +218,7 @@ def _inference_limit(args) -> int:
     if args.plot:
         from coscale.analysis.plots import tpot_chart
 
-        path = tpot_chart(args.plot, _floats(args.sweep, "--sweep") if args.sweep else None,
+        path = tpot_chart(args.plot, _floats(args.sweep, "--sweep") if args.sweep is not None else None,
                           hardware=args.hardware or "h800", **common)
         tables[0].notes.append(f"plot written to {path}")
     return _print(tables, args)
@@ -221,7 +258,8 @@ def _costs(items: list[str]) -> dict[str, float]:
             out[key.strip()] = float(value)
         except ValueError:
             sep = ""
-        if not sep:
-            raise ConfigError(f"--cost takes KEY=USD, got {item!r}")
+        if not sep or not key.strip():
+            raise ConfigError(f"--cost takes KEY=USD, got {item!r}"
+                              + (" (no key before '=')" if sep else ""))
     return out
 

@@ -25,6 +25,7 @@ compute and memory share the GPU (roofline: the larger of the two) and overlap w
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from coscale.analysis.models import Model, ModelView, as_view
@@ -46,8 +47,8 @@ PUBLISHED = {
 def ep_comm_time(tokens: int, experts_per_token: int, hidden: int, bandwidth_gbps: float,
                  dispatch_bytes: float = 1, combine_bytes: float = 2) -> float:
     """Seconds to dispatch and combine one micro-batch over one link of ``bandwidth_gbps`` GB/s."""
-    if not bandwidth_gbps > 0:
-        raise ConfigError(f"bandwidth must be positive (GB/s), got {bandwidth_gbps}")
+    if not 0 < bandwidth_gbps < math.inf:  # an infinite link would make the communication bound 0 s
+        raise ConfigError(f"bandwidth must be a positive finite number (GB/s), got {bandwidth_gbps}")
     for name, value in (("tokens per device", tokens), ("experts per token", experts_per_token),
                         ("hidden size", hidden)):
         if value < 1:

@@ -24,6 +24,7 @@ replicated across TP).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from coscale.analysis.kv_cache import kv_cache_bytes_per_token
@@ -63,10 +64,14 @@ class ParallelLayout:
 
     def check(self, v: ModelView) -> None:
         for name, value in asdict(self).items():
-            if isinstance(value, bool) or not isinstance(value, int) \
-                    or (value < 1 and name not in ("zero", "redundant_experts")) or value < 0:
+            if name in ("zero", "redundant_experts"):  # 0 is valid for both: checked below
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"parallel size {name} must be a positive integer, got {value!r}")
-        if self.zero not in (0, 1, 2, 3):
+        r = self.redundant_experts
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ConfigError(f"redundant experts (--redundant-experts) must be an integer >= 0, got {r!r}")
+        if isinstance(self.zero, bool) or self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"ZeRO stage must be 0, 1, 2 or 3, got {self.zero}")
         if self.pp > v.layers:
             raise ConfigError(f"pp ({self.pp}) exceeds the number of layers ({v.layers})")
@@ -121,8 +126,9 @@ def memory_per_gpu(model: Model, layout: ParallelLayout | None = None, seq_len: 
     v = as_view(model)
     layout = layout or ParallelLayout()
     layout.check(v)
-    if seq_len < 1 or micro_batch < 1 or activation_coeff < 0:
-        raise ConfigError("sequence length and micro-batch must be >= 1 and the activation coefficient >= 0")
+    if seq_len < 1 or micro_batch < 1 or not 0 <= activation_coeff < math.inf:
+        raise ConfigError("sequence length and micro-batch must be >= 1 and the activation coefficient a finite "
+                          f"number >= 0, got {seq_len}, {micro_batch} and {activation_coeff}")
     dense, expert = _local_params(v, layout)
 
     def sharded(stage: int) -> float:  # parameters per GPU after ZeRO sharding from `stage` on

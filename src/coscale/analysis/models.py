@@ -91,20 +91,20 @@ def model_names() -> list[str]:
 def dense_from_hf(d: dict[str, Any], name: str = "custom") -> DenseModelSpec:
     """A :class:`DenseModelSpec` from a Llama / Mistral / Qwen2 / Qwen (v1) ``config.json`` dict."""
     try:
+        # the fields divided here are checked first: DenseModelSpec checks the rest, after the division
+        heads, hidden = _positive_int(d, "num_attention_heads", name), _positive_int(d, "hidden_size", name)
         if d.get("model_type") == "qwen":  # Qwen1: kv_channels, both SwiGLU branches in intermediate
-            heads = int(d["num_attention_heads"])
             return DenseModelSpec(
-                name=name, hidden_size=d["hidden_size"], num_hidden_layers=d["num_hidden_layers"],
+                name=name, hidden_size=hidden, num_hidden_layers=d["num_hidden_layers"],
                 num_attention_heads=heads, num_key_value_heads=heads,
-                head_dim=d.get("kv_channels", d["hidden_size"] // heads),
-                intermediate_size=d["intermediate_size"] // 2, vocab_size=d["vocab_size"],
+                head_dim=d.get("kv_channels", hidden // heads),
+                intermediate_size=_positive_int(d, "intermediate_size", name) // 2, vocab_size=d["vocab_size"],
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), attention_bias=True,
             )
-        heads = d["num_attention_heads"]
         return DenseModelSpec(
-            name=name, hidden_size=d["hidden_size"], num_hidden_layers=d["num_hidden_layers"],
+            name=name, hidden_size=hidden, num_hidden_layers=d["num_hidden_layers"],
             num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            head_dim=d.get("head_dim") or hidden // heads,
             intermediate_size=d["intermediate_size"], vocab_size=d["vocab_size"],
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", d.get("model_type") == "qwen2")),
@@ -113,6 +113,13 @@ def dense_from_hf(d: dict[str, Any], name: str = "custom") -> DenseModelSpec:
         raise ConfigError(f"model {name!r}: config.json lacks {e.args[0]!r}") from None
     except TypeError as e:
         raise ConfigError(f"model {name!r}: invalid config.json value: {e}") from None
+
+
+def _positive_int(d: dict[str, Any], key: str, name: str) -> int:
+    value = d[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"model {name!r}: {key} must be a positive integer, got {value!r}")
+    return value
 
 
 def load_model(name_or_path: Model) -> ModelConfig | DenseModelSpec | ModelView:
@@ -137,6 +144,8 @@ def load_model(name_or_path: Model) -> ModelConfig | DenseModelSpec | ModelView:
             d = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): a model config is JSON") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path} must hold a JSON object")
     model_type = d.get("model_type")

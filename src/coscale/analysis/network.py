@@ -54,13 +54,14 @@ class CostModel:
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if not value >= 0:
-                raise ConfigError(f"cost {name} must be >= 0, got {value}")
+            if not 0 <= value < math.inf:
+                raise ConfigError(f"cost {name} must be a finite number >= 0, got {value}")
 
     def with_overrides(self, overrides: dict[str, float]) -> CostModel:
         unknown = sorted(set(overrides) - set(asdict(self)))
         if unknown:
-            raise ConfigError(f"unknown cost key(s) {', '.join(unknown)}; expected {', '.join(asdict(self))}")
+            raise ConfigError(f"unknown cost key(s) {', '.join(map(repr, unknown))}; "
+                              f"expected {', '.join(asdict(self))}")
         return replace(self, **overrides)
 
 

@@ -13,6 +13,7 @@ tokens/s per GPU at its largest batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from coscale.analysis import serving
@@ -28,7 +29,7 @@ TP_CHOICES = (1, 2, 4, 8)
 class SearchResult:
     layout: ServingLayout
     batch: int  # requests per attention group; 0 when nothing fits
-    limited_by: str  # "memory", "TPOT target" or "nothing fits"
+    limited_by: str  # "memory", "TPOT target", "TPOT target: missed even at batch N" or "nothing fits"
     result: PhaseResult | None
 
 
@@ -49,8 +50,7 @@ def max_decode_batch(model: Model, hardware: str | HardwareSpec, layout: Serving
                      tpot_target_s: float | None = None, mtp_drafts: int = 0, mtp_acceptance: float = 0.0,
                      reserve: float = 0.1, weight_dtype: str = "fp8", kv_dtype: str = "bf16") -> SearchResult:
     """The largest batch (requests per attention group) that fits memory and meets ``tpot_target_s``."""
-    if tpot_target_s is not None and not tpot_target_s > 0:
-        raise ConfigError(f"TPOT target must be positive, got {tpot_target_s}")
+    _check_request(model, context, tpot_target_s, mtp_drafts, mtp_acceptance)
     limit = memory_batch_limit(model, hardware, layout, context, mtp_drafts, reserve, weight_dtype, kv_dtype)
 
     def run(batch: int) -> PhaseResult:
@@ -64,8 +64,8 @@ def max_decode_batch(model: Model, hardware: str | HardwareSpec, layout: Serving
         return SearchResult(layout, limit, "memory", best)
     low, high = layout.micro_batches, limit  # TPOT(low) may already miss the target
     low_result = run(low)
-    if low_result.latency_s > tpot_target_s:
-        return SearchResult(layout, 0, "nothing fits", None)
+    if low_result.latency_s > tpot_target_s:  # memory holds a batch: the target is what fails
+        return SearchResult(layout, 0, f"TPOT target: missed even at batch {low}", None)
     while high - low > 1:
         mid = (low + high) // 2
         r = run(mid)
@@ -76,6 +76,15 @@ def max_decode_batch(model: Model, hardware: str | HardwareSpec, layout: Serving
     return SearchResult(layout, low, "TPOT target", low_result)
 
 
+def _check_request(model: Model, context: int, tpot_target_s: float | None, mtp_drafts: int,
+                   mtp_acceptance: float) -> None:
+    """Checked before memory: a bad value must be an error, not 'nothing fits' (a negative context makes the
+    KV cache negative, so the memory limit would answer first)."""
+    if tpot_target_s is not None and not 0 < tpot_target_s < math.inf:
+        raise ConfigError(f"TPOT target must be a positive finite number, got {tpot_target_s}")
+    serving.check_requests(as_view(model), {"context": context}, mtp_drafts, mtp_acceptance)
+
+
 def best_layouts(model: Model, hardware: str | HardwareSpec, gpus: int, context: int,
                  tpot_target_s: float | None = None, mtp_drafts: int = 0, mtp_acceptance: float = 0.0,
                  redundant_experts: int = 0, micro_batches: int = 2, reserve: float = 0.1) -> list[SearchResult]:
@@ -83,6 +92,7 @@ def best_layouts(model: Model, hardware: str | HardwareSpec, gpus: int, context:
     v, hw = as_view(model), load_hardware(hardware)
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         raise ConfigError(f"gpus must be a positive integer, got {gpus!r}")
+    _check_request(v, context, tpot_target_s, mtp_drafts, mtp_acceptance)  # even if no layout qualifies
     results = []
     for ep in (d for d in range(1, gpus + 1) if gpus % d == 0):
         if v.is_moe and ep > v.n_routed_experts + redundant_experts or not v.is_moe and ep > 1:

@@ -197,6 +197,9 @@ def prefill(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "h800",
     v, hw, layout = as_view(model), load_hardware(hardware), layout or ServingLayout()
     _check_common(v, hw, layout, {"tokens": tokens, "prompt length": prompt_len}, 0, 0.0,
                   (weight_dtype, kv_dtype, dispatch_dtype, combine_dtype))
+    if prompt_len > tokens:  # the tokens hold whole prompts: a fraction of one prompt is no prefill batch
+        raise ConfigError(f"prompt length ({prompt_len}) exceeds the tokens per attention group ({tokens}): "
+                          "they must hold at least one whole prompt")
     mtp = v.mtp_depth if mtp_modules is None else mtp_modules
     m = layout.micro_batches
     prompts = tokens / prompt_len
@@ -226,18 +229,25 @@ def _parallel(layout: ServingLayout, weights: str, dispatch: str, combine: str, 
 def _check_common(v: ModelView, hw: HardwareSpec, layout: ServingLayout, counts: dict[str, int], drafts: int,
                   acceptance: float, dtypes: tuple[str, ...]) -> None:
     layout.check(v, hw)
+    check_requests(v, counts, drafts, acceptance)
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ConfigError(f"precision must be one of {', '.join(DTYPES)}, got {d!r}")
+
+
+def check_requests(v: ModelView, counts: dict[str, int], drafts: int, acceptance: float) -> None:
+    """The request shape (``counts``: positive integers such as batch and context) and the MTP drafting of
+    a decode step: what ``search`` checks before it looks at memory, so a bad value is an error there too."""
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(drafts, int) or drafts < 0 or (drafts and drafts > max(v.mtp_depth, 1) * 8):
+    if isinstance(drafts, bool) or not isinstance(drafts, int) or drafts < 0 \
+            or (drafts and drafts > max(v.mtp_depth, 1) * 8):
         raise ConfigError(f"MTP drafts must be an integer from 0 to {max(v.mtp_depth, 1) * 8}, got {drafts!r}")
     if drafts and not v.mtp_depth:
         raise ConfigError(f"{v.name} has no MTP module to draft with")
     if not 0 <= acceptance <= 1:
         raise ConfigError(f"MTP acceptance must be between 0 and 1, got {acceptance}")
-    for d in dtypes:
-        if d not in DTYPES:
-            raise ConfigError(f"precision must be one of {', '.join(DTYPES)}, got {d!r}")
 
 
 def _assumptions(v: ModelView, hw: HardwareSpec, layout: ServingLayout, par: L.Parallel, decode: bool) -> list[str]:

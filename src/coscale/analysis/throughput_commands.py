@@ -7,11 +7,14 @@ list every assumption and the achieved rates used (with ``--hardware``: a preset
 
 from __future__ import annotations
 
+import math
+
 from coscale.analysis import search, serving, training_time, validation
 from coscale.analysis.memory import ParallelLayout
+from coscale.analysis.models import as_view
 from coscale.analysis.table import Table, render
 from coscale.errors import ConfigError
-from coscale.hardware import hardware_names
+from coscale.hardware import hardware_names, load_hardware
 
 PROFILE = "DeepSeek's published profile"
 
@@ -42,7 +45,7 @@ def register(sub, add) -> None:
     p.add_argument("--tpot-ms", type=float, help="TPOT target in ms (default: none, memory only)")
     p.add_argument("--context", type=int, default=4096, help="cached tokens per request (default 4096)")
     p.add_argument("--mtp-drafts", type=int, default=0, help="MTP draft tokens per step (default 0)")
-    p.add_argument("--mtp-acceptance", type=float, default=0.0, help="draft acceptance (default 0)")
+    p.add_argument("--mtp-acceptance", type=float, help="draft acceptance 0-1, with --mtp-drafts (default 0)")
     p.add_argument("--reserve", type=float, default=0.1,
                    help="fraction of HBM kept for activations, buffers and fragmentation (default 0.1)")
 
@@ -75,7 +78,7 @@ def register(sub, add) -> None:
     p.add_argument("--measurements", help="JSON file {\"measurements\": [...]} (see docs/analysis.md)")
     p.add_argument("--from-run", action="append", default=[], metavar="RUN_DIR",
                    help="a 'coscale train' run directory to add as a measurement (repeatable)")
-    p.add_argument("--hardware", default="h200", help="hardware for --from-run records: a preset "
+    p.add_argument("--hardware", help="hardware for --from-run records: a preset "
                    f"({', '.join(hardware_names())}) or a file from 'coscale calibrate' (default h200)")
     p.add_argument("--update-doc", metavar="MARKDOWN",
                    help="write the table between the validation markers of this page (docs/analysis.md)")
@@ -125,11 +128,14 @@ def _serve(args) -> int:
                          mtp_acceptance=args.mtp_acceptance)
             defaults = dict(batch=128, context=4096, mtp_drafts=0, mtp_acceptance=0.0)
             kw = {k: given[k] if given[k] is not None else profile.get(k, defaults[k]) for k in given}
+            _check_acceptance(kw["mtp_drafts"], args.mtp_acceptance)
+            _check_profile_layout(args, phase, model, hardware, layout)
             r = serving.decode(model, hardware, layout, **kw, **dtypes, kernels_per_step=args.kernels_per_step)
         else:
             given = dict(tokens=args.tokens, prompt_len=args.prompt_len)
             defaults = dict(tokens=16384, prompt_len=4096)
             kw = {k: given[k] if given[k] is not None else profile.get(k, defaults[k]) for k in given}
+            _check_profile_layout(args, phase, model, hardware, layout)
             r = serving.prefill(model, hardware, layout, **kw, **dtypes)
         results.append(r)
         same = profile and all(v is None for v in given.values()) and args.hardware is None and \
@@ -140,6 +146,23 @@ def _serve(args) -> int:
     if args.breakdown:
         tables += [_breakdown_table(r) for r in results]
     return _print(tables, args)
+
+
+def _check_acceptance(drafts: int, acceptance: float | None) -> None:
+    """An acceptance rate means nothing without drafts to accept: refuse it rather than ignore it."""
+    if acceptance is not None and not drafts:
+        raise ConfigError("--mtp-acceptance is the acceptance of MTP drafts: give --mtp-drafts N (N >= 1) too")
+
+
+def _check_profile_layout(args, phase: str, model, hardware, layout: serving.ServingLayout) -> None:
+    """With --deepseek-profile and no --ep, the profile's EP size is used: name it when it does not fit."""
+    if not args.deepseek_profile or args.ep is not None:
+        return
+    try:
+        layout.check(as_view(model), load_hardware(hardware))
+    except ConfigError as e:
+        raise ConfigError(f"--deepseek-profile runs {phase} at EP{layout.ep}, which {model} cannot use ({e}): "
+                          "give --ep") from None
 
 
 def _serve_table(results: list, published: dict[str, float]) -> Table:
@@ -178,17 +201,21 @@ def _breakdown_table(r) -> Table:
 
 
 def _search(args) -> int:
+    if args.tpot_ms is not None and not 0 < args.tpot_ms < math.inf:
+        raise ConfigError(f"--tpot-ms must be a positive finite number, got {args.tpot_ms:g}")
+    _check_acceptance(args.mtp_drafts, args.mtp_acceptance)
+    acceptance = args.mtp_acceptance or 0.0
     tpot = args.tpot_ms / 1e3 if args.tpot_ms is not None else None
     hardware = args.hardware or "h800"
     if args.gpus is not None:
         if any(getattr(args, k) is not None for k in ("ep", "tp")):
             raise ConfigError("--gpus searches every EP/TP layout: leave out --ep and --tp")
         found = search.best_layouts(args.model, hardware, args.gpus, args.context, tpot, args.mtp_drafts,
-                                    args.mtp_acceptance, args.redundant_experts or 0, args.micro_batches or 2,
+                                    acceptance, args.redundant_experts or 0, args.micro_batches or 2,
                                     args.reserve)
     else:
         found = [search.max_decode_batch(args.model, hardware, _layout(args, 8), args.context, tpot,
-                                         args.mtp_drafts, args.mtp_acceptance, args.reserve)]
+                                         args.mtp_drafts, acceptance, args.reserve)]
     rows = []
     for f in found:
         r = f.result
@@ -222,8 +249,9 @@ def _training(args) -> int:
               schedule=_given(args.schedule, "dualpipe"), recompute=_given(args.recompute, "deepseek"),
               precision=_given(args.precision, "fp8"), eager=args.eager, grad_clip=not args.no_grad_clip,
               expert_imbalance=args.expert_imbalance)
-    if not args.train_tokens > 0 or not args.price >= 0:
-        raise ConfigError("--train-tokens must be positive and --price >= 0")
+    if not 0 < args.train_tokens < math.inf or not 0 <= args.price < math.inf:
+        raise ConfigError(f"--train-tokens must be a positive finite number and --price a finite number >= 0, "
+                          f"got {args.train_tokens:g} and {args.price:g}")
     r = training_time.training_time(args.model, _given(args.hardware, base.get("hardware", "h800")), layout, **kw)
     hours = r.gpu_hours(args.train_tokens)
     rows = [[name, seconds, seconds / r.step_s * 100] for name, seconds in r.parts_s.items()]
@@ -251,8 +279,10 @@ def _training(args) -> int:
 
 
 def _validate(args) -> int:
+    if args.hardware is not None and not args.from_run:
+        raise ConfigError("--hardware applies to --from-run records only (a measurements file names its own)")
     records = validation.load_measurements(args.measurements) if args.measurements else []
-    records += [validation.record_from_run(d, args.hardware) for d in args.from_run]
+    records += [validation.record_from_run(d, args.hardware or "h200") for d in args.from_run]
     if not records:
         raise ConfigError("give --measurements FILE and/or --from-run RUN_DIR")
     table = validation.validation_table(records)

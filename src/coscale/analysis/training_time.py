@@ -267,7 +267,9 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
             or optimizer not in OPTIMIZERS:
         raise ConfigError(f"schedule must be one of {SCHEDULES}, recompute one of {RECOMPUTE}, precision "
                           f"fp8 or bf16 and optimizer one of {tuple(OPTIMIZERS)}")
-    for name, value in (("sequence length", seq_len), ("global batch", global_batch), ("micro-batch", micro_batch)):
+    # micro-batch before global batch: the CLI's default global batch is dp x micro-batch, so a bad micro-batch
+    # would otherwise be reported as a global batch the user did not give
+    for name, value in (("sequence length", seq_len), ("micro-batch", micro_batch), ("global batch", global_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if not 0 <= expert_imbalance < float("inf"):

@@ -24,6 +24,7 @@ step time over the second half of its steps, so compilation and warm-up stay out
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from typing import Any
@@ -32,9 +33,20 @@ from coscale.analysis import serving, training_time
 from coscale.analysis.memory import ParallelLayout
 from coscale.analysis.output import write_text_file
 from coscale.analysis.table import Table
+from coscale.config import PRESETS as DEEPSEEK_PRESETS
+from coscale.config import ModelConfig, get_preset
 from coscale.errors import ConfigError
 
 KINDS = ("train_step", "decode_step", "prefill_step")
+# the keys each kind of record may hold: any other would be ignored, so it is refused (a typo, or a setting
+# the model does not take)
+_COMMON_KEYS = ("kind", "model", "hardware", "seconds", "source", "precision")
+KEYS = {
+    "train_step": _COMMON_KEYS + ("batch", "seq_len", "eager", "include_mtp", "moments", "master", "kernels_per_step",
+                                  "grad_clip"),
+    "decode_step": _COMMON_KEYS + ("batch", "context", "micro_batches", "mtp_drafts", "kernels_per_step"),
+    "prefill_step": _COMMON_KEYS + ("tokens", "prompt_len", "micro_batches"),
+}
 BEGIN, END = "<!-- validation:begin -->", "<!-- validation:end -->"
 
 
@@ -43,22 +55,55 @@ def load_measurements(path: str | os.PathLike) -> list[dict[str, Any]]:
     records = _read_json(path).get("measurements")
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise ConfigError(f"{path} must hold {{\"measurements\": [{{...}}, ...]}}")
+    if not records:
+        raise ConfigError(f"{path} holds no measurement records (its \"measurements\" list is empty)")
     return records
 
 
 def _need(record: dict, key: str, kind: type = int) -> Any:
     value = record.get(key)
-    if value is None or isinstance(value, bool) or not isinstance(value, kind):
-        raise ConfigError(f"measurement {record.get('kind', '?')!r}: {key!r} must be a {kind.__name__}, got {value!r}")
+    if value is None or (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        what = {int: "an integer", str: "a string", bool: "true or false"}.get(kind, f"a {kind.__name__}")
+        raise ConfigError(f"measurement {record.get('kind', '?')!r}: {key!r} must be {what}, got {value!r}")
     return value
+
+
+def _optional(record: dict, key: str, default: Any, kind: type = int) -> Any:
+    """``record[key]`` checked as ``_need`` does, or ``default`` when the record leaves it out."""
+    return default if key not in record else _need(record, key, kind)
+
+
+def _count(record: dict, key: str, default: int, minimum: int) -> int:
+    """A whole number >= ``minimum`` (micro-batches >= 1, MTP drafts >= 0); a fraction is not truncated."""
+    value = _optional(record, key, default)
+    if value < minimum:
+        raise ConfigError(f"measurement {record.get('kind', '?')!r}: {key!r} must be an integer >= {minimum}, "
+                          f"got {value!r}")
+    return value
+
+
+def _seconds(record: dict) -> float:
+    measured = record.get("seconds")
+    if not isinstance(measured, (int, float)) or isinstance(measured, bool) or not 0 < measured < math.inf:
+        raise ConfigError(f"measurement {record.get('kind', '?')!r}: 'seconds' must be a positive finite number, "
+                          f"got {measured!r}")
+    return measured
+
+
+def _check_keys(record: dict, kind: str) -> None:
+    unknown = sorted(set(record) - set(KEYS[kind]))
+    if unknown:
+        raise ConfigError(f"measurement {kind!r}: unknown key(s) {', '.join(map(repr, unknown))}; a {kind} record "
+                          f"holds {', '.join(KEYS[kind])}")
+    if record.get("master", "fp32") != "fp32":  # both optimizer recipes (_optimizer) keep FP32 master weights
+        raise ConfigError(f"measurement {kind!r}: 'master' must be fp32 (the only master precision modelled), "
+                          f"got {record['master']!r}")
 
 
 def _model(record: dict) -> Any:
     """A preset name or config path, or a config dict (as train_config.json may hold it)."""
     model = record.get("model")
     if isinstance(model, dict):
-        from coscale.config import ModelConfig
-
         return ModelConfig.from_dict(model)
     return _need(record, "model", str)
 
@@ -68,25 +113,25 @@ def predict(record: dict[str, Any]) -> float:
     kind = record.get("kind")
     if kind not in KINDS:
         raise ConfigError(f"measurement kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    model, hardware = _model(record), record.get("hardware", "h200")
+    _check_keys(record, kind)
+    model, hardware = _model(record), _optional(record, "hardware", "h200", str)
+    precision = _optional(record, "precision", "bf16", str)
     if kind == "train_step":
         batch, seq_len = _need(record, "batch"), _need(record, "seq_len")
         return training_time.training_time(model, hardware, ParallelLayout(), seq_len=seq_len, global_batch=batch,
                                            micro_batch=batch, schedule="1f1b", recompute="none",
-                                           include_mtp=bool(record.get("include_mtp", True)),
-                                           precision=record.get("precision", "bf16"),
-                                           eager=bool(record.get("eager", True)),
+                                           include_mtp=_optional(record, "include_mtp", True, bool),
+                                           precision=precision, eager=_optional(record, "eager", True, bool),
                                            optimizer=_optimizer(record),
                                            kernels_per_step=record.get("kernels_per_step"),
-                                           grad_clip=bool(record.get("grad_clip", True))).step_s
-    layout = serving.ServingLayout(micro_batches=int(record.get("micro_batches", 1)))
+                                           grad_clip=_optional(record, "grad_clip", True, bool)).step_s
+    layout = serving.ServingLayout(micro_batches=_count(record, "micro_batches", 1, 1))
     if kind == "decode_step":
         return serving.decode(model, hardware, layout, batch=_need(record, "batch"), context=_need(record, "context"),
-                              mtp_drafts=int(record.get("mtp_drafts", 0)),
-                              weight_dtype=record.get("precision", "bf16"),
+                              mtp_drafts=_count(record, "mtp_drafts", 0, 0), weight_dtype=precision,
                               kernels_per_step=record.get("kernels_per_step")).step_s
     return serving.prefill(model, hardware, layout, tokens=_need(record, "tokens"),
-                           prompt_len=_need(record, "prompt_len"), weight_dtype=record.get("precision", "bf16")).step_s
+                           prompt_len=_need(record, "prompt_len"), weight_dtype=precision).step_s
 
 
 def _optimizer(record: dict) -> str:
@@ -100,9 +145,7 @@ def _optimizer(record: dict) -> str:
 def validation_table(records: list[dict[str, Any]]) -> Table:
     rows = []
     for r in records:
-        measured = r.get("seconds")
-        if not isinstance(measured, (int, float)) or isinstance(measured, bool) or not measured > 0:
-            raise ConfigError(f"measurement {r.get('kind', '?')!r}: 'seconds' must be a positive number")
+        measured = _seconds(r)
         predicted = predict(r)
         setup = ", ".join(f"{k} {r[k]}" for k in ("batch", "seq_len", "context", "tokens", "precision") if k in r)
         name = r["model"] if isinstance(r["model"], str) else r["model"].get("model_type", "config")
@@ -132,7 +175,11 @@ def update_doc(path: str | os.PathLike, table: Table) -> str:
 
 
 def record_from_run(run_dir: str | os.PathLike, hardware: str) -> dict[str, Any]:
-    """A ``train_step`` record from a ``coscale train`` run directory (train_config.json, metrics.jsonl)."""
+    """A ``train_step`` record from a ``coscale train`` run directory (train_config.json, metrics.jsonl).
+
+    The record models one GPU: a run on the CPU, in FP32 or over several processes is refused (its step
+    time says nothing about the prediction). The step mode follows the run's: a CUDA-graphed step is not eager.
+    """
     run_dir = os.fspath(run_dir)
     config = _read_json(os.path.join(run_dir, "train_config.json"))
     model = config.get("model")
@@ -141,24 +188,50 @@ def record_from_run(run_dir: str | os.PathLike, hardware: str) -> dict[str, Any]
     batch, seq_len = config.get("batch_size"), config.get("seq_len")
     if not isinstance(batch, int) or not isinstance(seq_len, int):
         raise ConfigError(f"{run_dir}: train_config.json lacks batch_size / seq_len")
-    rates = []
+    rates, run = [], {}
     try:
         with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
             for line in f:
                 rec = json.loads(line)
-                if rec.get("type") == "train" and isinstance(rec.get("tokens_per_s"), (int, float)):
+                if rec.get("type") == "run":
+                    run = rec  # the last start (a resumed run records one per start)
+                elif rec.get("type") == "train" and isinstance(rec.get("tokens_per_s"), (int, float)):
                     rates.append(rec["tokens_per_s"])
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         raise ConfigError(f"{run_dir}: cannot read metrics.jsonl ({e})") from None
     if len(rates) < 2:
         raise ConfigError(f"{run_dir}: metrics.jsonl holds fewer than 2 timed training steps")
     steady = statistics.median(rates[len(rates) // 2:])
     summary_path = os.path.join(run_dir, "summary.json")
     summary = _read_json(summary_path) if os.path.exists(summary_path) else {}
-    precision = summary.get("precision") or config.get("precision") or "bf16"  # None: the run's default
-    return {"kind": "train_step", "model": model, "hardware": hardware, "batch": batch, "seq_len": seq_len,
-            "precision": "fp8" if "fp8" in str(precision) else "bf16", "eager": True,
+    precision = run.get("precision") or summary.get("precision") or config.get("precision") or "bf16"
+    eager = _check_run(run_dir, run, summary, str(precision), config.get("cuda_graphs"))
+    return {"kind": "train_step", "model": _run_model(model, run.get("model_name")), "hardware": hardware,
+            "batch": batch, "seq_len": seq_len, "precision": str(precision), "eager": eager,
             "seconds": batch * seq_len / steady, "source": f"coscale train, {run_dir} (median of the last half)"}
+
+
+def _check_run(run_dir: str, run: dict, summary: dict, precision: str, cuda_graphs: Any) -> bool:
+    """Refuse a run the time models cannot stand for; return whether its step was eager (no CUDA graph)."""
+    device = str(run.get("device") or summary.get("device") or "")
+    if not device.startswith("cuda"):
+        what = f"on {device!r}" if device else "on a device metrics.jsonl does not record"
+        raise ConfigError(f"{run_dir}: the run ran {what}; the predictions are for a GPU, so only a CUDA run "
+                          "can be compared with them")
+    if precision not in ("bf16", "fp8"):
+        raise ConfigError(f"{run_dir}: the run's precision is {precision!r}; the time models cover bf16 and fp8")
+    if run.get("parallel") or summary.get("parallel"):
+        raise ConfigError(f"{run_dir}: the run used several processes; a train_step record models one GPU")
+    # cuda_graphs None: the run chose, and one CUDA process graphs its step (train/step_runner.py)
+    return not (cuda_graphs is None or cuda_graphs is True)
+
+
+def _run_model(model: str | dict, name: Any) -> str | dict:
+    """The preset name the run was started with when its config is that preset's, else the config itself."""
+    if isinstance(model, dict) and isinstance(name, str) and name in DEEPSEEK_PRESETS:
+        if ModelConfig.from_dict(model) == get_preset(name):
+            return name
+    return model
 
 
 def _read_json(path: str) -> dict:
@@ -169,6 +242,8 @@ def _read_json(path: str) -> dict:
         raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): it must hold JSON") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object")
     return data
