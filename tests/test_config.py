@@ -207,3 +207,22 @@ def test_every_key_hf_transformers_writes_is_known(caplog):
                 cfg = ModelConfig.from_dict(d)
                 assert cfg.rope_theta == config.rope_parameters["rope_theta"]
     assert warnings_of(caplog) == []
+
+
+@pytest.mark.parametrize("d", [{}, {"foo": 1}, {k: v for k, v in PUBLISHED_V3.items() if k != "model_type"}])
+def test_a_dict_without_model_type_is_no_model_config(d):
+    """Every field has V3's default: {} used to be read as DeepSeek-V3 (671B) and OOM-killed `coscale train`."""
+    with pytest.raises(ConfigError, match="wrong.json: no model_type, so not a DeepSeek/HF model config"):
+        ModelConfig.from_dict(d, source="wrong.json")
+
+
+def test_from_json_names_the_file_it_cannot_read(tmp_path):
+    (tmp_path / "wrong.json").write_text('{"foo": 1}')
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'wrong.json'}: no model_type"):
+        ModelConfig.from_json(tmp_path / "wrong.json")
+    (tmp_path / "random.json").write_bytes(bytes([0x81, 0xFF, 0x00]) * 10)
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'random.json'} is not a JSON config: not UTF-8"):
+        ModelConfig.from_json(tmp_path / "random.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="list.json: a model config must be a JSON object"):
+        ModelConfig.from_json(tmp_path / "list.json")

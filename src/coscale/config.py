@@ -287,10 +287,14 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> ModelConfig:
         """Build from an HF config dict (either RoPE layout; see the module docstring). `source` names
-        the file in the one-line warning that lists keys coscale does not know."""
+        the file in the one-line warning that lists keys coscale does not know, and in the errors of a
+        dict that is no model config at all."""
         if not isinstance(d, dict):
-            raise ConfigError("a model config must be a JSON object")
-        model_type = d.get("model_type", "deepseek_v3")
+            raise ConfigError(f"{source}: a model config must be a JSON object")
+        if "model_type" not in d:  # every field has V3's default: {} would silently be DeepSeek-V3 671B
+            raise ConfigError(f"{source}: no model_type, so not a DeepSeek/HF model config (coscale reads "
+                              f"config.json files whose model_type is one of {', '.join(MODEL_TYPES)})")
+        model_type = d["model_type"]
         if model_type not in MODEL_TYPES:
             raise ConfigError(
                 f"model_type {model_type!r} is not a DeepSeek-V2/V3 architecture; coscale models "
@@ -327,6 +331,10 @@ class ModelConfig:
             raise ConfigError(f"config file not found: {path}") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not a JSON config: not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         return cls.from_dict(d, source=path)
 
     def save_json(self, path: str | os.PathLike) -> None:

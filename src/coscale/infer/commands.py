@@ -6,6 +6,9 @@ import math
 import time
 
 from coscale.errors import CoscaleError
+from coscale.train.config import seed_problem, threads_problem  # torch-free: the checks come at once
+
+DEFAULT_PROMPT = "The "
 
 
 def register(subparsers) -> None:
@@ -16,8 +19,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("checkpoint", help="HF-format checkpoint directory (config.json + safetensors), or a "
                    "`coscale train` run directory (its latest checkpoint)")
-    p.add_argument("--prompt", default="The ", help="prompt text, for byte-level models (vocab_size 256) "
-                   "(default: 'The ')")
+    p.add_argument("--prompt", help="prompt text, for byte-level models (vocab_size 256) "
+                   f"(default: {DEFAULT_PROMPT!r})")
     p.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
                    help="tokens to generate after the prompt (default: 200)")
@@ -33,13 +36,13 @@ def register(subparsers) -> None:
 
 
 def _prompt_ids(args, vocab_size: int) -> list[int]:
-    if args.prompt_ids:
+    if args.prompt_ids is not None:
         try:
             ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         except ValueError:
             raise CoscaleError("--prompt-ids must be comma-separated integers") from None
     elif vocab_size == 256:
-        ids = list(args.prompt.encode("utf-8"))
+        ids = list((DEFAULT_PROMPT if args.prompt is None else args.prompt).encode("utf-8"))
     else:
         raise CoscaleError(
             f"this model's vocabulary has {vocab_size} tokens and coscale ships no tokenizer for it; "
@@ -66,8 +69,12 @@ def run_generate(args) -> int:
         raise CoscaleError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.speculative and args.temperature > 0:
         raise CoscaleError("--speculative decodes greedily; drop --temperature")
-    if args.threads is not None and args.threads < 1:
-        raise CoscaleError(f"--threads must be a positive integer, got {args.threads}")
+    if args.prompt is not None and args.prompt_ids is not None:  # --prompt-ids won and --prompt was dropped
+        raise CoscaleError("--prompt and --prompt-ids both give the prompt: pass one of them")
+    for problem in (args.threads is not None and threads_problem(args.threads, "--threads"),
+                    seed_problem(args.seed, "--seed")):  # as coscale train's (torch's limits)
+        if problem:
+            raise CoscaleError(problem)
 
     import torch
 
@@ -104,7 +111,7 @@ def run_generate(args) -> int:
         out, extra = generate(model, prompt, args.max_new_tokens, args.temperature, gen), ""
     seconds = time.perf_counter() - start
     new = out[0, len(ids):].tolist()
-    if model.config.vocab_size == 256 and not args.prompt_ids:
+    if model.config.vocab_size == 256 and args.prompt_ids is None:
         print(bytes(ids + new).decode("utf-8", errors="replace"))
     else:
         print(",".join(map(str, ids + new)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from coscale.config import preset_names
 from coscale.errors import ConfigError
@@ -158,7 +159,32 @@ def train_config_from_args(args: argparse.Namespace):
         given["model_overrides"] = {}  # a config file's overrides were meant for its own model
     cfg = dataclasses.replace(cfg, **given)
     cfg.validate()
+    _refuse_layout_in_one_process(cfg, given)
     return cfg
+
+
+# The options of expert parallelism over several processes, by field. Only those given on the command line
+# are refused in one process: a config file may be shared by a one-process run and a torchrun one (as
+# tests/test_parallel_train.py's equivalence runs share dispatch_codec fp32).
+_LAYOUT_FLAGS = {"gpus_per_node": "--gpus-per-node", "dispatch_codec": "--dispatch-codec",
+                 "combine_codec": "--combine-codec", "two_hop": "--two-hop", "dist_timeout": "--dist-timeout"}
+
+
+def _refuse_layout_in_one_process(cfg: TrainConfig, given: dict) -> None:
+    """EP layout options given to a single process (no torchrun), where nothing uses them."""
+    if os.environ.get("WORLD_SIZE", "1").strip() != "1" or cfg.ep_size > 1:
+        return  # several processes; or one with --ep-size N, which setup refuses with a torchrun hint
+    default = TrainConfig()
+    defaults = {name: getattr(default, name) for name in _LAYOUT_FLAGS} | {
+        "combine_codec": default.resolved_combine_codec}
+    unused = [flag if name == "two_hop" else f"{flag} {given[name]:g}" if name == "dist_timeout" else
+              f"{flag} {given[name]}" for name, flag in _LAYOUT_FLAGS.items()
+              if name in given and given[name] != defaults[name]]
+    if unused:
+        raise ConfigError(f"{', '.join(unused)}: only expert parallelism over several processes uses "
+                          f"{'this' if len(unused) == 1 else 'these'}, and this is a single process; launch with "
+                          "torchrun --nproc-per-node N -m coscale train --ep-size N ..., or drop "
+                          f"{'it' if len(unused) == 1 else 'them'}")
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,31 @@ COMBINE_CODECS = ("bf16", "fp32")  # wire format of expert outputs coming back (
 # How the step executes (compiled, captured in a CUDA graph) does not change what it computes beyond
 # float rounding: these too are the launch's, not the run's.
 LAYOUT_FIELDS = ("ep_size", "gpus_per_node", "two_hop", "dist_timeout", "compile", "cuda_graphs")
+BIN_DTYPES = ("uint16", "uint32")  # as coscale.train.data (which imports numpy and torch)
+SEED_LIMIT = 2**64  # torch's generators take seeds below 2**64 (a larger one is an OverflowError)
+THREADS_PER_CORE = 4  # --threads cap: far above any useful value; torch segfaults at 100,000 threads
+
+
+def max_threads() -> int:
+    """The largest --threads taken (``coscale train`` and ``coscale generate``)."""
+    return THREADS_PER_CORE * (os.cpu_count() or 1)
+
+
+def threads_problem(threads: Any, name: str = "threads") -> str | None:
+    """Why ``threads`` is not a thread count torch can take, or None."""
+    if not (_is_int(threads) and threads > 0):
+        return f"{name} must be a positive integer, got {threads!r}"
+    if threads > max_threads():
+        return (f"{name} {threads} is more than {THREADS_PER_CORE} x this machine's {os.cpu_count()} CPU cores "
+                f"({max_threads()}); more threads than cores only slow torch down")
+    return None
+
+
+def seed_problem(seed: Any, name: str = "seed") -> str | None:
+    """Why ``seed`` is not a seed torch's generators take, or None."""
+    if not (_is_int(seed) and 0 <= seed < SEED_LIMIT):
+        return f"{name} must be an integer between 0 and 2**64 - 1, got {seed!r}"
+    return None
 
 
 @dataclass
@@ -111,7 +138,7 @@ class TrainConfig:
                 f"unknown training config field {unknown[0]!r}; valid fields: {', '.join(names)}"
             )
         cfg = cls(**d)
-        cfg.validate()
+        cfg.validate_fields()
         return cfg
 
     @classmethod
@@ -124,6 +151,8 @@ class TrainConfig:
             raise ConfigError(f"config file not found: {path}") from None
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not a JSON/YAML config: not UTF-8 text (byte {e.start})") from None
         is_yaml = path.endswith((".yaml", ".yml"))
         try:
             if is_yaml:
@@ -142,6 +171,13 @@ class TrainConfig:
 
     # ---- checks ------------------------------------------------------------------------
     def validate(self) -> None:
+        """Every field, then the options the rest of the config would leave unused. :meth:`from_dict` checks
+        only the fields: a config file or a checkpoint's config is completed by the command line first."""
+        self.validate_fields()
+        for message in _unused_option_problems(self):
+            raise ConfigError(message)
+
+    def validate_fields(self) -> None:
         for message in _problems(self):
             raise ConfigError(message)
 
@@ -183,10 +219,12 @@ def _problems(cfg: TrainConfig):
             yield f"{name} must be a positive integer, got {value!r}"
     if cfg.seq_len < 2:
         yield f"seq_len must be at least 2 (inputs and next-token labels), got {cfg.seq_len}"
-    for name in ("eval_interval", "save_interval", "keep_checkpoints", "seed"):
+    for name in ("eval_interval", "save_interval", "keep_checkpoints"):
         value = getattr(cfg, name)
         if not (_is_int(value) and value >= 0):
             yield f"{name} must be a non-negative integer, got {value!r}"
+    if problem := seed_problem(cfg.seed):
+        yield problem
     for name in ("lr", "eps"):
         value = getattr(cfg, name)
         if not ((value is None and name == "lr") or (_is_number(value) and value > 0)):
@@ -209,28 +247,37 @@ def _problems(cfg: TrainConfig):
     yield from _choice_problems(cfg)
     if not (cfg.bias_update_speed is None or (_is_number(cfg.bias_update_speed) and cfg.bias_update_speed >= 0)):
         yield f"bias_update_speed must be a number >= 0, got {cfg.bias_update_speed!r}"
-    if not (cfg.threads is None or (_is_int(cfg.threads) and cfg.threads > 0)):
-        yield f"threads must be a positive integer, got {cfg.threads!r}"
+    if cfg.threads is not None and (problem := threads_problem(cfg.threads)):
+        yield problem
     if not (isinstance(cfg.data, list) and all(isinstance(p, str) for p in cfg.data)):
         yield f"data must be a list of file paths, got {cfg.data!r}"
     if not (cfg.model is None or isinstance(cfg.model, (str, dict, ModelConfig))):
         yield f"model must be a preset name, a config path or a config mapping, got {cfg.model!r}"
+    if isinstance(cfg.model, dict) and "model_type" not in cfg.model:  # else read as DeepSeek-V3 (671B)
+        yield ("model: a config mapping needs a model_type (deepseek_v3, deepseek_v2, ...); without one it is "
+               "not a DeepSeek/HF model config")
+    for name in ("tokenizer", "out_dir", "resume"):  # a number here failed deep inside; "" was ignored
+        value = getattr(cfg, name)
+        if not (value is None or (isinstance(value, str) and value)):
+            yield f"{name} must be a path (a non-empty string), got {value!r}"
     if not isinstance(cfg.model_overrides, dict):
         yield f"model_overrides must be a mapping of ModelConfig fields, got {cfg.model_overrides!r}"
     if not (cfg.init_from is None or (isinstance(cfg.init_from, str) and cfg.init_from)):
         yield f"init_from must be the path of an HF-format checkpoint directory, got {cfg.init_from!r}"
     if not (cfg.gpus_per_node is None or (_is_int(cfg.gpus_per_node) and cfg.gpus_per_node > 0)):
         yield f"gpus_per_node must be a positive integer, got {cfg.gpus_per_node!r}"
-    for name in ("two_hop", "checkpoints", "compile", "cuda_graphs"):
+    # Only true booleans: used as truth values, a YAML string "no" would count as true (and overwrite a run).
+    for name in ("overwrite", "tensorboard", "two_hop", "checkpoints", "progress", "compile", "cuda_graphs"):
         value = getattr(cfg, name)
-        if not (isinstance(value, bool) or (value is None and name != "two_hop")):
+        if not (isinstance(value, bool) or (value is None and name in _NONE_MEANS_AUTO)):
             yield f"{name} must be true or false, got {value!r}"
     if not (_is_number(cfg.dist_timeout) and cfg.dist_timeout > 0):
         yield f"dist_timeout must be a positive number of seconds, got {cfg.dist_timeout!r}"
 
 
 def _choice_problems(cfg: TrainConfig):
-    choices = (("adam_moments_dtype", cfg.adam_moments_dtype, ADAM_MOMENTS_DTYPES, False),
+    choices = (("bin_dtype", cfg.bin_dtype, BIN_DTYPES, False),
+               ("adam_moments_dtype", cfg.adam_moments_dtype, ADAM_MOMENTS_DTYPES, False),
                ("precision", cfg.precision, PRECISIONS, True),
                ("fp8_layers", cfg.fp8_layers, FP8_LAYERS, False),
                ("dispatch_codec", cfg.dispatch_codec, DISPATCH_CODECS, False),
@@ -238,8 +285,35 @@ def _choice_problems(cfg: TrainConfig):
     for name, value, allowed, none_ok in choices:
         if not ((none_ok and value is None) or value in allowed):
             yield f"{name} must be one of {', '.join(allowed)}, got {value!r}"
-    if not (cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:")):
-        yield f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"
+    # As torch.device would parse it (torch is not imported here), without a negative index: "cuda:abc" and
+    # "cuda:-1" gave a traceback when the run started.
+    if not (cfg.device in ("auto", "cpu", "cuda") or (isinstance(cfg.device, str)
+                                                       and re.fullmatch(r"cuda:[0-9]+", cfg.device))):
+        yield f"device must be auto, cpu, cuda or cuda:N (N a GPU index >= 0), got {cfg.device!r}"
+
+
+_NONE_MEANS_AUTO = ("progress", "compile", "cuda_graphs")  # boolean fields whose None picks for the run
+
+
+def _unused_option_problems(cfg: TrainConfig):
+    """Options that the rest of ``cfg`` leaves without effect, when they differ from their default (a value
+    equal to the default cannot be told from one not given)."""
+    default = TrainConfig()
+    # bf16 is FP8's reference: benchmarks/run_gpu.sh (studyrun) and bench_train.py give the BF16 run the FP8
+    # run's --fp8-layers; the header notes that it is unused there.
+    if cfg.fp8_layers != default.fp8_layers and cfg.precision not in ("fp8", "bf16"):
+        yield (f"fp8_layers {cfg.fp8_layers!r} picks the layers that precision fp8 converts; precision is "
+               f"{cfg.precision or 'not given (bf16 on CUDA, fp32 on CPU)'}: add --precision fp8 or drop --fp8-layers")
+    if not cfg.checkpoints:
+        # save_interval 0 ("only at the end") says no periodic checkpoint too; benchmarks/run_gpu.sh gives both
+        for name in ("save_interval", "keep_checkpoints"):
+            value = getattr(cfg, name)
+            if value != getattr(default, name) and not (name == "save_interval" and value == 0):
+                yield (f"{name} {value} means nothing with checkpoints off (--no-checkpoints writes none): "
+                       f"drop one of them")
+    if cfg.bin_dtype != default.bin_dtype and not any(p.endswith(".bin") for p in cfg.data):
+        yield (f"bin_dtype {cfg.bin_dtype} is the token dtype of .bin data files, and the data has none "
+               f"({', '.join(cfg.data) if cfg.data else 'the embedded corpus'})")
 
 
 def _is_int(value: Any) -> bool:

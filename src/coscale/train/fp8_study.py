@@ -50,9 +50,11 @@ def run_fp8_study(base: TrainConfig, out_dir: str, reference: str = "bf16", smoo
     if spread_seed is not None:
         plan.append((f"{reference}_seed{spread_seed}", reference, spread_seed))
     for name, precision, seed in plan:
-        # every layer in FP8 (fp8_layers="all"): the study is about FP8's numerics, not its speed
+        # every layer in FP8 (fp8_layers="all"): the study is about FP8's numerics, not its speed (the
+        # reference keeps the default: it converts nothing, and a TrainConfig refuses "all" at fp32)
         cfg = dataclasses.replace(base, precision=precision, out_dir=os.path.join(out_dir, name), seed=seed,
-                                  overwrite=True, resume=None, fp8_layers="all")
+                                  overwrite=True, resume=None,
+                                  fp8_layers="all" if precision == "fp8" else TrainConfig.fp8_layers)
         log(f"== {name} run -> {cfg.out_dir}")
         summary = train(cfg, log=log)
         records = read_metrics(summary["metrics"])

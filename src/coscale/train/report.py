@@ -58,7 +58,8 @@ def header(cfg: TrainConfig, plan: RunPlan, device: torch.device, layout: dict |
     lines.append(f"memory: {describe(peak_memory(device))} with the model built (AdamW's moments come at the "
                  f"first step; the footer gives the run's peak)")
     lines += [note for note in (_weights_note(plan), fp8_speed_note(plan.precision, device,
-                                                                          plan.model_cfg.hidden_size)) if note]
+                                                                          plan.model_cfg.hidden_size),
+                                _fp8_layers_note(cfg, plan)) if note]
     if layout is not None:
         lines.append(
             f"parallel: {layout['world_size']} ranks = EP {layout['ep_size']} x DP {layout['dp_size']} "
@@ -99,6 +100,13 @@ def _weights_note(plan: RunPlan) -> str | None:
         return (f"note: training starts from scratch (random weights): only the config.json of "
                 f"{plan.ignored_weights} is used; pass --init-from {plan.ignored_weights} to fine-tune its weights")
     return None
+
+
+def _fp8_layers_note(cfg: TrainConfig, plan: RunPlan) -> str | None:
+    """A BF16 run may take an FP8 run's --fp8-layers (TrainConfig: FP8's reference); say that it is unused."""
+    if plan.precision == "fp8" or cfg.fp8_layers == TrainConfig.fp8_layers:
+        return None
+    return f"note: --fp8-layers {cfg.fp8_layers} is unused at precision {plan.precision} (no layer runs in FP8)"
 
 
 def fp8_speed_note(precision: str, device: torch.device, hidden_size: int) -> str | None:

@@ -183,6 +183,10 @@ def _check_device(name: str, world_size: int) -> None:
     if world_size > 1 and name.startswith("cuda:"):
         raise ConfigError(f"device {name!r}: under torchrun each rank uses cuda:LOCAL_RANK; pass --device cuda "
                           "(or auto)")
+    index = torch.device(name).index if name.startswith("cuda:") else None  # TrainConfig checked the form
+    if index is not None and index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def compat_fields(cfg: TrainConfig, model_cfg: ModelConfig, precision: str, data_info: dict) -> dict:

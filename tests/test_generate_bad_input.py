@@ -1,0 +1,43 @@
+"""`coscale generate` on wrong option values (the CLI audit): one line, exit 2, before torch is imported."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import coscale
+from coscale.train.config import SEED_LIMIT, max_threads
+
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(coscale.__file__)))
+
+CHECK = ("import sys; from coscale.cli import main; rc = main(['generate', 'no-such-dir', *sys.argv[1:]]); "
+         "print(rc, 'torch' in sys.modules)")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--threads", str(max_threads() + 1)], "--threads"),
+    (["--threads", "100000"], "CPU cores"),
+    (["--seed", str(SEED_LIMIT)], "--seed must be an integer between 0 and 2**64 - 1"),
+    (["--seed", "99999999999999999999999"], "--seed must be an integer between 0 and 2**64 - 1"),
+    (["--seed", "-1"], "--seed must be an integer between 0 and 2**64 - 1"),  # as coscale train
+    (["--prompt", "hello", "--prompt-ids", "1,2"], "--prompt and --prompt-ids both give the prompt"),
+])
+def test_bad_options_are_refused_at_once(argv, match):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", CHECK, *argv], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("coscale generate: error: ") and match in lines[0], lines
+
+
+def test_an_empty_prompt_ids_is_not_replaced_by_the_default_prompt(tmp_path, capsys):
+    from coscale.checkpoint import save_pretrained
+    from coscale.cli import main
+    from coscale.config import get_preset
+    from coscale.model import DeepseekForCausalLM
+
+    save_pretrained(DeepseekForCausalLM(get_preset("tiny", num_hidden_layers=1)), tmp_path / "hf")
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "hf"), "--prompt-ids", "", "--device", "cpu"]) == 2
+    assert "prompt token ids must be non-empty" in capsys.readouterr().err
