@@ -18,9 +18,10 @@ CHECK = ("import sys; from coscale.cli import main; rc = main(['generate', 'no-s
 @pytest.mark.parametrize("argv,match", [
     (["--threads", str(max_threads() + 1)], "--threads"),
     (["--threads", "100000"], "CPU cores"),
-    (["--seed", str(SEED_LIMIT)], "--seed must be an integer between 0 and 2**64 - 1"),
-    (["--seed", "99999999999999999999999"], "--seed must be an integer between 0 and 2**64 - 1"),
-    (["--seed", "-1"], "--seed must be an integer between 0 and 2**64 - 1"),  # as coscale train
+    (["--temperature", "1", "--seed", str(SEED_LIMIT)], "--seed must be an integer between 0 and 2**64 - 1"),
+    (["--temperature", "1", "--seed", "99999999999999999999999"], "--seed must be an integer between 0 and 2**64 - 1"),
+    (["--temperature", "1", "--seed", "-1"], "--seed must be an integer between 0 and 2**64 - 1"),  # as train's
+    (["--seed", "3"], "--seed seeds sampling, and decoding is greedy"),  # (temperature 0 by default)
     (["--prompt", "hello", "--prompt-ids", "1,2"], "--prompt and --prompt-ids both give the prompt"),
 ])
 def test_bad_options_are_refused_at_once(argv, match):

@@ -155,8 +155,8 @@ def load_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{config_path} not found: a checkpoint directory needs its config.json")
     try:
         return ModelConfig.from_json(config_path)
-    except CoscaleError as e:
-        raise CheckpointError(f"{config_path}: {e}") from None
+    except CoscaleError as e:  # its messages name the file already
+        raise CheckpointError(str(e) if config_path in str(e) else f"{config_path}: {e}") from None
 
 
 def _open_shard(file: str):

@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch (default: torch's, all cores; use 1 on a shared machine, "
                         "where decoding's many small operations wait on busy cores)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling with --temperature > 0 "
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling with --temperature > 0 "
                    "(default: 0)")
     p.set_defaults(func=run_generate)
 
@@ -71,6 +71,9 @@ def run_generate(args) -> int:
         raise CoscaleError("--speculative decodes greedily; drop --temperature")
     if args.prompt is not None and args.prompt_ids is not None:  # --prompt-ids won and --prompt was dropped
         raise CoscaleError("--prompt and --prompt-ids both give the prompt: pass one of them")
+    if args.seed is not None and args.temperature == 0:  # greedy decoding draws nothing
+        raise CoscaleError("--seed seeds sampling, and decoding is greedy: add --temperature T (> 0) or drop --seed")
+    args.seed = 0 if args.seed is None else args.seed
     for problem in (args.threads is not None and threads_problem(args.threads, "--threads"),
                     seed_problem(args.seed, "--seed")):  # as coscale train's (torch's limits)
         if problem:
