@@ -53,6 +53,26 @@ def _prompt_ids(args, vocab_size: int) -> list[int]:
     return ids
 
 
+def resolve_device(name: str | None):
+    """``--device`` of generate and serve as a torch.device: cpu or cuda[:N] of a GPU that exists (default:
+    cuda when available)."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.index is not None and device.index < 0):
+        raise CoscaleError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CoscaleError("--device cuda requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CoscaleError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def load_model(path: str, dtype, device):
     """An HF-format checkpoint directory (FP8 weights kept in FP8), or a training run / training
     checkpoint directory (coscale.infer.loading)."""
@@ -85,12 +105,8 @@ def run_generate(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.split(":")[0] not in ("cpu", "cuda"):
-        raise CoscaleError(f"--device must be cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CoscaleError("--device cuda requested but CUDA is not available")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(args.checkpoint, dtype, device).eval()
     ids = _prompt_ids(args, model.config.vocab_size)
     limit = model.config.max_position_embeddings

@@ -265,7 +265,7 @@ def _build():
             kt_hi = kt_lo + 1
         else:
             group = item
-            kt_lo = item * 0
+            kt_lo = item * 0  # a runtime zero: both branches must give kt_lo the same (tensor) type
             kt_hi = kt_lo + num_k
         e, pid_m, c0, chunks = _wgrad_group(group, num_m, off_ptr)
         return e, pid_m, c0, chunks, kt_lo, gl.where(chunks > 0, kt_hi, kt_lo)

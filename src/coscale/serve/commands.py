@@ -130,25 +130,6 @@ def _check_serve_args(args) -> None:
         raise CoscaleError(f"--host {args.host!r} is not an address this machine can listen on: {e}") from None
 
 
-def _serve_device(name: str | None):
-    """``--device`` as a torch.device: cpu or cuda[:index] of a GPU that exists."""
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda") or (device.index is not None and device.index < 0):
-        raise CoscaleError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CoscaleError("--device cuda requested but CUDA is not available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise CoscaleError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return device
-
-
 def run_serve(args) -> int:
     _require_serving_packages()
     import logging
@@ -156,11 +137,12 @@ def run_serve(args) -> int:
     from coscale.tokenizer import checkpoint_tokenizer
 
     _check_serve_args(args)
+    from coscale.infer.commands import resolve_device
     from coscale.infer.engine import Engine, EngineConfig
     from coscale.serve.app import build_app
     from coscale.serve.server import make_server
 
-    device = _serve_device(args.device)
+    device = resolve_device(args.device)
     if device.type != "cuda" and args.gpu_memory_fraction is not None:
         raise CoscaleError("--gpu-memory-fraction sizes the KV cache on CUDA; on the CPU use --num-blocks")
     tokenizer = checkpoint_tokenizer(args.checkpoint, args.tokenizer)

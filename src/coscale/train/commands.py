@@ -177,14 +177,20 @@ def _refuse_layout_in_one_process(cfg: TrainConfig, given: dict) -> None:
     default = TrainConfig()
     defaults = {name: getattr(default, name) for name in _LAYOUT_FLAGS} | {
         "combine_codec": default.resolved_combine_codec}
-    unused = [flag if name == "two_hop" else f"{flag} {given[name]:g}" if name == "dist_timeout" else
-              f"{flag} {given[name]}" for name, flag in _LAYOUT_FLAGS.items()
+    unused = [_as_given(flag, given[name]) for name, flag in _LAYOUT_FLAGS.items()
               if name in given and given[name] != defaults[name]]
     if unused:
         raise ConfigError(f"{', '.join(unused)}: only expert parallelism over several processes uses "
                           f"{'this' if len(unused) == 1 else 'these'}, and this is a single process; launch with "
                           "torchrun --nproc-per-node N -m coscale train --ep-size N ..., or drop "
                           f"{'it' if len(unused) == 1 else 'them'}")
+
+
+def _as_given(flag: str, value) -> str:
+    """The option as typed: a switch alone, a value after its flag."""
+    if isinstance(value, bool):
+        return flag
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
 
 
 def run_train(args: argparse.Namespace) -> int:
