@@ -13,9 +13,10 @@ A step is ``micro_batches x (F + B + W)`` plus the pipeline bubble, plus the dat
 reduce-scatter and parameter all-gather (ZeRO-1, over the NICs, not overlapped), plus the AdamW update
 (22 bytes per local parameter: FP32 master, BF16 moments, FP32 gradient, BF16 weight). Bubbles: 1F1B
 ``(pp - 1)(F + B + W)``; DualPipe ``(pp/2 - 1)(F&B + B - 3W)`` (the DeepSeek-V3 report's Table 2, F&B taken
-as F + B). The expert all-to-all is hidden under computation with DualPipe (the report: near-zero
-overhead), exposed with 1F1B; either way, while it runs it holds ``comm_sms`` SMs, so MoE computation runs
-on the rest. The MTP modules train with the model. Routing is balanced unless ``expert_imbalance`` says
+as F + B). With DualPipe each expert all-to-all runs beside computation of the other direction's chunk, as
+the report's Figure 4 pairs them (:func:`dualpipe_exposed`), and only what outlasts that computation is exposed
+(none for V3's layout: the report's "near-zero" overhead); with 1F1B it is exposed whole. Either way, while it
+runs it holds ``comm_sms`` SMs, so MoE computation runs on the rest. The MTP modules train with the model. Routing is balanced unless ``expert_imbalance`` says
 otherwise: the busiest expert-parallel rank receives ``1 + expert_imbalance`` times the mean number of routed rows
 (MaxVio over EP ranks, as ``coscale train`` reports it over experts), and every rank waits for it at the
 all-to-all, so the routed experts' kernels (permutation, grouped GEMMs, SwiGLU) and the all-to-all take that much
@@ -135,6 +136,30 @@ def _pass_ops(v: ModelView, hw: HardwareSpec, tokens: int, micro_batch: int, seq
 def _routed(op: OpTime) -> bool:
     """Whether an op of a MoE layer works on the routed rows (its time grows with the busiest rank's load)."""
     return op.name.startswith(("experts", "permute to grouped layout"))
+
+
+def _mlp(op: OpTime) -> bool:
+    """Whether an op of a MoE layer belongs to its MLP (shared and routed experts, between dispatch and combine)
+    rather than to its attention side (norms, projections, attention, router)."""
+    return op.name.startswith(("experts", "permute to grouped layout", "shared"))
+
+
+def dualpipe_exposed(fwd: list[OpTime], bwd: list[OpTime], wgrad: list[OpTime], dispatch_s: float,
+                     combine_s: float, slowdown: float = 1.0) -> float:
+    """Seconds of one MoE layer's all-to-all that DualPipe's overlap leaves exposed, per micro-batch.
+
+    The V3 report (Figure 4) overlaps a forward chunk with a backward chunk by pairing each communication with
+    computation of the other direction: ATTN(F) with COMBINE(B) (the output gradient sent to the experts, FP8
+    as a dispatch), MLP(B) and MLP(W) with DISPATCH(F), MLP(F) with DISPATCH(B) (the input gradients summed
+    back, BF16 as a combine), ATTN(B) and ATTN(W) with COMBINE(F). Each pair takes the longer of the two, so
+    a communication is hidden only up to the computation it is paired with; the rest is exposed. ``bwd``
+    holds the recomputation; ``slowdown`` the computation's share of SMs (the all-to-all holds the rest in
+    every phase)."""
+    def part(ops, mlp):
+        return slowdown * sum(op.seconds for op in ops if _mlp(op) == mlp)
+    phases = ((part(fwd, False), dispatch_s), (part(bwd, True) + part(wgrad, True), dispatch_s),
+              (part(fwd, True), combine_s), (part(bwd, False) + part(wgrad, False), combine_s))
+    return sum(max(0.0, comm - compute) for compute, comm in phases)
 
 
 def _gemm_shapes(v: ModelView, tokens: int, tp: int, ep: int, moe: bool) -> list[tuple]:
@@ -286,8 +311,8 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
     f = b = w = 0.0
     layer_counts = [(False, v.dense_layers), (v.is_moe, v.moe_layers + mtp)]
     slowdown = eff.sms / (eff.sms - eff.comm_sms) if v.is_moe and layout.ep > 1 else 1.0
-    a2a = kernels = 0.0
-    layer_s = {}  # one layer's F + B + W by kind (dense or MoE), for the stage split
+    a2a = hidden_a2a_exposed = kernels = 0.0
+    layer_s = {}  # one layer's F + B + W (and exposed all-to-all) by kind (dense or MoE), for the stage split
     for moe, count in layer_counts:
         if not count:
             continue
@@ -305,21 +330,27 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
         if moe and layout.ep > 1:
             par = L.Parallel(ep=layout.ep, tp=layout.tp, redundant_experts=0)
             dispatch, combine = L.collectives(v, hw, tokens / layout.tp, par, decode=False)
-            a2a += count / layout.pp * 2 * (dispatch.seconds + combine.seconds) * (1 + expert_imbalance)
+            dispatch_s, combine_s = (op.seconds * (1 + expert_imbalance) for op in (dispatch, combine))
+            a2a += count / layout.pp * 2 * (dispatch_s + combine_s)
+            if schedule == "dualpipe":
+                exposed = dualpipe_exposed(fwd, bwd + extra, wg, dispatch_s, combine_s, slowdown)
+                hidden_a2a_exposed += count / layout.pp * exposed
+                layer_s[moe] += exposed
     head = sum(op.seconds for op in L.head_ops(v, hw, tokens, layout.tp)) * (1 + mtp) / layout.pp
     f, b, w = f + head, b + head, w + head
     # whole layers: the busiest rank's F + B + W against the mean (the MTP modules ride with the head)
     layers = [layer_s.get(False, 0.0)] * v.dense_layers + [layer_s.get(True, 0.0)] * v.moe_layers
     tail = mtp * layer_s.get(v.is_moe, 0.0) + 3 * head * layout.pp
     split, busiest = stage_split(layers, tail, layout.pp, schedule)
-    stage_ratio = busiest / (f + b + w) if layout.pp > 1 and f + b + w > 0 else 1.0
+    per_micro_batch = f + b + w + hidden_a2a_exposed
+    stage_ratio = busiest / per_micro_batch if layout.pp > 1 and per_micro_batch > 0 else 1.0
     if layout.pp == 1:
         bubble = 0.0
     elif schedule == "1f1b":
         bubble = (layout.pp - 1) * (f + b + w) * stage_ratio
     else:
         bubble = (layout.pp / 2 - 1) * max(f + b + b - 3 * w, 0.0) * stage_ratio
-    exposed_a2a = micro_batches * a2a if schedule == "1f1b" else 0.0
+    exposed_a2a = micro_batches * (a2a if schedule == "1f1b" else hidden_a2a_exposed)
     local_params = v.non_expert_params / (layout.tp * layout.pp) + v.routed_expert_params / (layout.ep * layout.pp)
     dp_bytes = (v.non_expert_params / (layout.tp * layout.pp) * (dp - 1) / dp
                 + v.routed_expert_params / (layout.ep * layout.pp) * (layout.edp - 1) / max(layout.edp, 1)) * (4 + 2)
@@ -331,7 +362,7 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
     casts = micro_batches * local_params * 6 / (eff.memory_tbps * 1e12) if not OPTIMIZERS[optimizer]["weight_copy"] \
         else 0.0
     parts = {"forward": micro_batches * f, "input gradients": micro_batches * b, "weight gradients": micro_batches * w,
-             "pipeline stage imbalance": micro_batches * (f + b + w) * (stage_ratio - 1),
+             "pipeline stage imbalance": micro_batches * per_micro_batch * (stage_ratio - 1),
              "pipeline bubble": bubble, "exposed all-to-all": exposed_a2a, "data-parallel sync": dp_sync,
              "optimizer": update_s}
     if grad_clip:
