@@ -9,18 +9,18 @@ Per micro-batch and pipeline stage (``layers / pp`` layers, ``seq_len x micro_ba
 - ``W`` weight gradients: ``N x K`` outputs contracted over the tokens (grouped expert wgrad at its own,
   lower, rate).
 
-A step is ``micro_batches x (F + B + W)`` plus the pipeline bubble, plus the data-parallel gradient
-reduce-scatter and parameter all-gather (ZeRO-1, over the NICs, not overlapped), plus the AdamW update
-(22 bytes per local parameter: FP32 master, BF16 moments, FP32 gradient, BF16 weight). Bubbles: 1F1B
-``(pp - 1)(F + B + W)``; DualPipe ``(pp/2 - 1)(F&B + B - 3W)`` (the DeepSeek-V3 report's Table 2, F&B taken
-as F + B). With DualPipe each expert all-to-all runs beside computation of the other direction's chunk, as
-the report's Figure 4 pairs them (:func:`dualpipe_exposed`), and only what outlasts that computation is exposed
-(none for V3's layout: the report's "near-zero" overhead); with 1F1B it is exposed whole. Either way, while it
-runs it holds ``comm_sms`` SMs, so MoE computation runs on the rest. The MTP modules train with the model. Routing is balanced unless ``expert_imbalance`` says
-otherwise: the busiest expert-parallel rank receives ``1 + expert_imbalance`` times the mean number of routed rows
-(MaxVio over EP ranks, as ``coscale train`` reports it over experts), and every rank waits for it at the
-all-to-all, so the routed experts' kernels (permutation, grouped GEMMs, SwiGLU) and the all-to-all take that much
-longer.
+A step is ``micro_batches x (F + B + W)`` plus the pipeline bubble, plus the data-parallel gradient reduce-scatter
+and parameter all-gather (ZeRO-1, over the NICs, not overlapped), plus the AdamW update (22 bytes per local
+parameter: FP32 master, BF16 moments, FP32 gradient, BF16 weight). Bubbles: 1F1B ``(pp - 1)(F + B + W)``; DualPipe
+``(pp/2 - 1)(F&B + B - 3W)`` (the DeepSeek-V3 report's Table 2, F&B taken as F + B). With DualPipe each expert
+all-to-all runs beside computation of the other direction's chunk, as the report's Figure 4 pairs them
+(:func:`dualpipe_exposed`), and only what outlasts that computation is exposed (little for V3's layout, as the
+report's "near-zero" overhead says); with 1F1B it is exposed whole. Either way, while it runs it holds ``comm_sms``
+SMs, so MoE computation runs on the rest. The MTP modules train with the model. Routing is balanced unless
+``expert_imbalance`` says otherwise: the busiest expert-parallel rank receives ``1 + expert_imbalance`` times the
+mean number of routed rows (MaxVio over EP ranks, as ``coscale train`` reports it over experts), and every rank
+waits for it at the all-to-all, so the routed experts' kernels (permutation, grouped GEMMs, SwiGLU) and the
+all-to-all take that much longer.
 
 Layers are whole: a pipeline runs at the pace of its busiest rank, so F, B and W are those of the busiest
 rank under the best split of the layers into ``pp`` contiguous stages (:func:`stage_split`), the output
