@@ -3,13 +3,14 @@
 Run: python benchmarks/bench_logfmt.py [--quick]      (appends a line to benchmarks/results/bench_logfmt.jsonl)
 
 For each shape (bf16 activations, 4096-16384 tokens x 7168) and variant -- LogFMT-8 and LogFMT-10 encode
-(nearest and stochastic), LogFMT decode to bf16, and the baseline coscale.kernels.quant.act_quant_1x128
+(nearest, fast and stochastic), LogFMT decode to bf16, and the baseline coscale.kernels.quant.act_quant_1x128
 (e4m3 + 1x128 scales) -- the median time (replayed from a CUDA graph, triton.testing.do_bench_cudagraph, so that
 a sub-0.1 ms kernel's Python launch is not timed; eager do_bench where capture fails; inputs rotated
 through buffers larger than L2), the effective bandwidth (input read once + outputs written once, TB/s), its
 fraction of a device-to-device copy measured in the same process, and the ratio to the FP8 kernel
 (the paper: LogFMT cost 50-100 % extra time). Correctness on the GPU first: LogFMT nearest codes and
-tile numbers must equal the float64 PyTorch reference bit for bit (mismatch counts reported), decode
+tile numbers must equal the float64 PyTorch reference bit for bit (mismatch counts reported), "fast" codes
+keep their contract (logfmt.check_fast_codes; how many differ from nearest is reported), decode
 must match the reference within 1e-5 relative. Last, an accuracy table: normalized L2 error and mean
 relative error of LogFMT-8/10 and E4M3 (1x128) on Gaussian and heavy-tailed (Student-t, 2 dof) data.
 The table prints last; one variant failing is recorded and the others go on.
@@ -175,10 +176,14 @@ def comm_rows(dev, tokens, hidden=7168, n_experts=256, topk=8):
         assert torch.equal(lc.encode_rows(x, token_of_row), rows), "encode then select must equal the fused rows"
         add(f"LogFMT-{n_bits}, then select (the dispatch)", lambda c=lc: c.encode_rows(x, token_of_row),
             nbytes(x) + nbytes(rows) // topk + 2 * nbytes(rows))
+        fast = LogFMTCodec(n_bits, "fast")
+        add(f"LogFMT-{n_bits} fast, then select", lambda c=fast: c.encode_rows(x, token_of_row),
+            nbytes(x) + nbytes(rows) // topk + 2 * nbytes(rows))
         # the dispatch's two steps apart: each token encoded into its row once, then the rows selected
         once = lf.logfmt_encode_to_rows(x, None, 1, n_bits)
         add("  its encode (tokens into rows)", lambda n=n_bits: lf.logfmt_encode_to_rows(x, None, 1, n),
             nbytes(x, once))
+        add("  its encode, fast", lambda n=n_bits: lf.logfmt_encode_to_rows(x, None, 1, n, "fast"), nbytes(x, once))
         add("  its select (rows, 8-byte words)", lambda o=once: select_rows(o, token_of_row), 2 * nbytes(rows))
         if ENCODE_PARTS:  # what the encoder's parts cost: the float64 redo of ambiguous rows, the code planes
             delta, lf.DELTA = lf.DELTA, -1.0  # a negative band: no element is ambiguous, no row redone
@@ -194,6 +199,8 @@ def comm_rows(dev, tokens, hidden=7168, n_experts=256, topk=8):
                     nbytes(x, wide))
         enc = lf.logfmt_encode(perm, n_bits, backend="triton")
         add(f"LogFMT-{n_bits} encode alone", lambda n=n_bits: lf.logfmt_encode(perm, n, backend="triton"),
+            nbytes(perm, *enc))
+        add(f"LogFMT-{n_bits} encode alone, fast", lambda n=n_bits: lf.logfmt_encode(perm, n, "fast", backend="triton"),
             nbytes(perm, *enc))
         dec = lf.logfmt_decode(*enc, n_bits, dtype=torch.bfloat16, backend="triton")
         add(f"LogFMT-{n_bits} decode alone", lambda n=n_bits, e=enc: lf.logfmt_decode(*e, n, dtype=torch.bfloat16,
@@ -271,7 +278,7 @@ def main() -> None:
     shapes = [] if args.comm_only else [(4096, 7168)] if args.quick else [(4096, 7168), (8192, 7168), (16384, 7168)]
     kinds = [("fp8_act_quant", 8)]
     for n_bits in (8, 10):
-        kinds += [("encode_nearest", n_bits), ("encode_stochastic", n_bits), ("decode", n_bits)]
+        kinds += [(f"encode_{r}", n_bits) for r in lf.ROUNDINGS] + [("decode", n_bits)]
     copy_bw = copy_bandwidth(dev)
     results, checks = [], []
     try:  # the bound the encoder's fast path assumes for the GPU's lg2.approx (every mantissa)
@@ -286,6 +293,15 @@ def main() -> None:
             rec["mismatches"], rec["decode_max_rel"] = check_against_reference(make_input(512, 7168, dev, 5), n_bits)
         except Exception as exc:
             rec["error"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        try:  # "fast" rounding: its contract on the GPU (lg2.approx), hard inputs included
+            xf = make_input(512, 7168, dev, 6, heavy=True)
+            xf[:8] *= torch.exp(torch.empty(8, 7168, device=dev).uniform_(-40, 40))  # ranges the clamp cuts
+            rec["fast_differ"] = lf.check_fast_codes(xf, *lf.logfmt_encode(xf, n_bits, "fast", backend="triton"),
+                                                     n_bits)
+            rec["fast_contract"] = True
+        except Exception as exc:
+            rec["fast_contract"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
         checks.append(rec)
         print(json.dumps(rec), flush=True)  # progress: the tables print at the end

@@ -268,17 +268,22 @@ def test_logfmt_codec_bytes_per_row():
         LogFMTCodec(17)
     with pytest.raises(ConfigError, match="rounding"):
         LogFMTCodec(8, rounding="down")
+    with pytest.raises(ConfigError, match="logfmt8_fast"):
+        get_codec("logfmt9_fast")
 
 
-def test_dispatch_combine_through_logfmt_codecs():
-    """ep=None: LogFMT-8 dispatch and LogFMT-10 combine. recv are the LogFMT-8 round trips of x's rows
-    (bit for bit), and the combined output is x * sum(weights) within the two codecs' error bounds."""
+@pytest.mark.parametrize("names", [("logfmt8", "logfmt10"), ("logfmt8_fast", "logfmt10_fast")])
+def test_dispatch_combine_through_logfmt_codecs(names):
+    """ep=None: LogFMT-8 dispatch and LogFMT-10 combine (by name; "fast" rounding too). recv are the LogFMT-8
+    round trips of x's rows (bit for bit), and the combined output is x * sum(weights) within the two codecs'
+    error bounds (fast: widened by its ~1e-6 log2 perturbation, inside the 1e-3 slack)."""
     t, h, e, k = 11, 200, 6, 3
     g = torch.Generator().manual_seed(0)
     x = torch.randn(t, h, generator=g)
     idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
     w = torch.rand(t, k, generator=g) + 0.1
-    log8, log10 = LogFMTCodec(8), LogFMTCodec(10)
+    log8, log10 = get_codec(names[0]), get_codec(names[1])
+    assert (log8.name, log10.name) == names and log8.rounding == ("fast" if "fast" in names[0] else "nearest")
     recv, meta = dispatch(x, idx, w, None, e, codec=log8, combine_codec=log10)
     x8 = log8.decode(log8.encode(x), h, torch.float32)
     recv_ref, _ = dispatch(x8, idx, w, None, e, codec="fp32", combine_codec="fp32")

@@ -95,9 +95,10 @@ def compile_one(label: str, fn, types: dict[str, str], constexprs: dict, num_war
 
 def logfmt_cases():
     fp = {"range_clamp": "fp32", "delta": "fp32"}
-    variants = ((8, True, True, False), (8, False, False, False), (10, True, True, False), (8, False, False, True),
-                (3, True, False, False))
-    for n_bits, packed, gather, stochastic in variants:
+    variants = ((8, True, True, "nearest"), (8, False, False, "nearest"), (10, True, True, "nearest"),
+                (8, False, False, "stochastic"), (3, True, False, "nearest"), (8, False, False, "fast"),
+                (8, True, False, "fast"), (10, True, False, "fast"), (10, True, False, "nearest"))
+    for n_bits, packed, gather, rounding in variants:
         planes = packed and code_planes(n_bits, packed)
         group, gbytes = _groups(n_bits - 8) if planes else code_packing(n_bits, packed)
         gb_p2 = _pow2(gbytes)
@@ -105,10 +106,11 @@ def logfmt_cases():
                  "min_ptr": "*fp32", "step_ptr": "*fp32", "pay_ptr": "*u8", **fp}
         for block_r, warps, chunk, regather in ((8, 4, 128, True), (64, 4, 16, True), (32, 2, 32, True),
                                                 (32, 2, 32, False), (16, 4, 128, False), (32, 8, 128, False)):
-            const = dict(N_BITS=n_bits, STOCHASTIC=stochastic, GATHER=gather, TOPK=8 if gather else 1, PACKED=packed,
+            const = dict(N_BITS=n_bits, STOCHASTIC=rounding == "stochastic", FAST=rounding == "fast", GATHER=gather,
+                         TOPK=8 if gather else 1, PACKED=packed,
                          PLANES=planes, GROUP=group, GBYTES=gbytes, GB_P2=gb_p2, BLOCK_R=block_r, TILE_C=128,
                          CHUNK_C=chunk, REGATHER=regather, FAST_LOG2=True, PAIRS=True, PAIR_ASM=True)
-            label = (f"logfmt encode n{n_bits} packed={packed} gather={gather} stochastic={stochastic} "
+            label = (f"logfmt encode n{n_bits} packed={packed} gather={gather} {rounding} "
                      f"R{block_r} w{warps} C{chunk}{' regather' if regather else ''}")
             yield label, lk.encode_kernel, types, const, warps
         types = {"codes_ptr": "*u8" if n_bits <= 8 else "*i16", "min_ptr": "*fp32", "step_ptr": "*fp32",

@@ -33,6 +33,10 @@ usable go there whole: 1/S >= 2^16 (nearly constant tiles) or a subnormal |x| be
 (other rows with subnormals are scaled by 2^24 first, exactly, so that every exponent is in the bits).
 Every other code is the reference's (the reference decides exactly except within ~1e-15 relative of a
 threshold).
+
+Encode, "fast" rounding (FAST): none of that. Per row the line v = A log2|x| + B = t + 1.5 (``_row_line``, float64
+rounded once), per element one lg2.approx and one multiply-add, clamped and rounded by adding 1.5 * 2^23
+(``_fast_code``): about 14 SASS instructions an element in the element phase against 34-45 (sm_90, 32-column steps).
 """
 
 import triton
@@ -128,6 +132,39 @@ def _f64(like, bits):
 
 
 @triton.jit
+def _midpoint_log2(s, like, N_BITS: tl.constexpr):
+    """C = log2((1 + e^s) / 2) in float64 [R] (s: the tile step, float64): where the linear midpoint of two
+    neighbouring grid magnitudes lies above the lower one, in log2 units."""
+    inv_ln2 = _f64(like, 0x3FF71547652B82FE)
+    if N_BITS >= 8:  # s <= 32 ln 2 / 126 < 0.18: log((1 + e^s)/2) = y + log cosh y, y = s/2, by its series
+        y = 0.5 * s  # to y^10 (the next term < 1e-15)
+        y2 = y * y
+        lc = y2 * (0.5 - y2 * (_f64(like, 0x3FB5555555555555) - y2 * (_f64(like, 0x3F96C16C16C16C17) - y2 * (
+            _f64(like, 0x3F7BA1BA1BA1BA1C) - y2 * _f64(like, 0x3F61EA5D39BCDA62)))))  # 1/12 1/45 17/2520 31/14175
+        return (y + lc) * inv_ln2
+    else:  # s up to 11: the formula itself
+        return tl.log((1.0 + tl.exp(s)) * 0.5) * inv_ln2
+
+
+@triton.jit
+def _row_line(m32, s32, scaled, N_BITS: tl.constexpr):
+    """The "fast" encoder's row constants (float32 [R]): A = 1/S and B = 1.5 - (M + C + 24 scaled) / S, so that
+    A log2|x| + B = t + 1.5 (t the grid position, ``_row_grid``; 24: the row's |x| scaled by 2^24), and
+    T0 = t0 + 1.5 (t0 = -(1 + C) / S, the 0 / 1 threshold); computed in float64, rounded once. A step-0
+    tile (and a NaN / inf one) gets A = 2^-100, B = 1 (every non-zero element q = 1, before mag_hi), T0 = -inf."""
+    inv_ln2 = _f64(m32, 0x3FF71547652B82FE)
+    s = tl.where(s32 > 0, s32, 1.0).to(tl.float64)
+    inv_step = 1.0 / (s * inv_ln2)
+    mid = _midpoint_log2(s, m32, N_BITS)
+    origin = m32.to(tl.float64) * inv_ln2 + mid + tl.where(scaled, 24.0, 0.0)
+    one = s32 == 0
+    a = tl.where(one, 7.888609052210118e-31, inv_step)  # 2^-100: a zero's -inf stays -inf, not NaN
+    b = tl.where(one, 1.0, 1.5 - origin * inv_step)
+    t0 = tl.where(one, float("-inf"), 1.5 - (1.0 + mid) * inv_step)
+    return a.to(tl.float32), b.to(tl.float32), t0.to(tl.float32)
+
+
+@triton.jit
 def _row_grid(m32, s32, scaled, delta, N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr):
     """Per row, in float64 then rounded once: the constants of ``_grid_position`` and the band.
 
@@ -144,14 +181,8 @@ def _row_grid(m32, s32, scaled, delta, N_BITS: tl.constexpr, STOCHASTIC: tl.cons
     inv_step = 1.0 / (s * inv_ln2)  # 1/S: the one float64 division
     if STOCHASTIC:
         mid = tl.zeros_like(m)
-    elif N_BITS >= 8:  # s <= 32 ln 2 / 126 < 0.18: log((1 + e^s)/2) = y + log cosh y, y = s/2, by its series
-        y = 0.5 * s  # to y^10 (the next term < 1e-15)
-        y2 = y * y
-        lc = y2 * (0.5 - y2 * (_f64(m32, 0x3FB5555555555555) - y2 * (_f64(m32, 0x3F96C16C16C16C17) - y2 * (
-            _f64(m32, 0x3F7BA1BA1BA1BA1C) - y2 * _f64(m32, 0x3F61EA5D39BCDA62)))))  # 1/12 1/45 17/2520 31/14175
-        mid = (y + lc) * inv_ln2
-    else:  # s up to 11: the formula itself
-        mid = tl.log((1.0 + tl.exp(s)) * 0.5) * inv_ln2
+    else:
+        mid = _midpoint_log2(s, m32, N_BITS)
     k = ((big_m - m_int) + mid) * inv_step
     k_int = tl.floor(k)
     hi = (inv_step.to(tl.int64, bitcast=True) & -(1 << 38)).to(tl.float64, bitcast=True)  # 15 bits
@@ -277,6 +308,35 @@ def _nearest_code(x, bits, kz, inv_hi, inv_lo, inv_S, k_int2b, k_frac, t0_int, t
 
 
 @triton.jit
+def _fast_code(x, bits, a, b, t0, mag_hi, sign_mask, CLAMPED: tl.constexpr, N_BITS: tl.constexpr,
+               FAST_LOG2: tl.constexpr):  # fmt: skip
+    """The "fast" rounding's n-bit code [R, C] int32 (row constants of ``_row_line`` as [R, 1]; mag_hi Q, or 0 for
+    a tile with a NaN or inf, as float32; bits: |x|'s, times 2^24 in scaled rows).
+
+    v = A log2|x| + B = t + 1.5 in one fused multiply-add, clamped to [1, mag_hi]; adding 1.5 * 2^23 rounds it
+    to the nearest integer, floor(t) + 2, in the low bits (no conversion instruction). Nothing else: no exact
+    position, no band, no redo. The code is the nearest one of an x' with |log2 x' - log2|x|| <= the errors of
+    log2 (lg2.approx: 2^-22.6 plus the rounding of its result) and of the multiply-add (coscale.kernels.logfmt
+    ``fast_position_error``). The lower clamp 1: every non-zero |x| of a row the range clamp does not cut is at
+    least its minimum, which rounds to 1 or more (t may lie below -1 there: exp(tile_min) is the fp32-rounded
+    log's, up to 1e-7 above min |x|, many steps of a nearly constant tile). CLAMPED (some row of the program
+    is): below T0 the code is 0. Zeros: code 0."""
+    Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
+    ax = bits.to(tl.float32, bitcast=True)
+    if FAST_LOG2:
+        lg = libdevice.fast_log2f(ax)  # lg2.approx: -inf at 0
+    else:
+        lg = tl.log2(tl.where(bits == 0, 1.0, ax))  # (numpy's log2 would warn at 0; zeros are masked below)
+    v = lg * a + b
+    lo = tl.minimum(mag_hi, 1.0)  # 0 in a NaN / inf tile, whose codes are all 0
+    mag = ((tl.minimum(tl.maximum(v, lo), mag_hi) + 12582912.0).to(tl.int32, bitcast=True)) & Q
+    sign = (x.to(tl.int32, bitcast=True) >> (32 - N_BITS)) & sign_mask  # the sign bit, in place
+    if CLAMPED:
+        return tl.where((bits == 0) | (v < t0), 0, mag | sign)  # a NaN tile: mag and sign 0 already
+    return tl.where(bits == 0, 0, mag | sign)  # mag >= 1 wherever sign_mask is set
+
+
+@triton.jit
 def _finish_code(mag, x, ax, bad, s32, N_BITS: tl.constexpr):
     """Magnitude -> n-bit code: step-0 tiles take q = 1, zeros and non-finite tiles 0, then the sign."""
     mag = tl.where((s32 > 0)[:, None], mag, 1)
@@ -357,12 +417,13 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
                    N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
                    PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr,
                    GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr,
-                   CLAMPED: tl.constexpr, FAST_LOG2: tl.constexpr, x_tile, src_tile):  # fmt: skip
+                   CLAMPED: tl.constexpr, FAST_LOG2: tl.constexpr, FAST: tl.constexpr, x_tile, src_tile):  # fmt: skip
     """The encoder's element phase: the tile's codes, CHUNK_C columns at a time (x read again, from the
     cache; with one chunk, CHUNK_C = TILE_C, the tile the first phase loaded, x_tile and src_tile), stored
     for the rows of keep_c that hold no ambiguous element so far. Returns (rows with an ambiguous element
     [R] int32, the source row offsets [R]). Row constants as [R, 1] columns (nearest: k_int_c =
-    floor(c/S) - 2; stochastic: floor(c/S), and t0_int_c.. live_c unused)."""
+    floor(c/S) - 2; stochastic: floor(c/S), and t0_int_c.. live_c unused; FAST: ``_row_line``'s A, B and T0
+    in inv_S_c, k_frac_c and t0_frac_c, mag_hi_c as float32, the others unused, no element ambiguous)."""
     Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
     amb_rows = tl.zeros([BLOCK_R], dtype=tl.int32)
     src = rows.to(tl.int64)
@@ -381,6 +442,8 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
             mag = _stochastic_mag(x, pbits, m32, s32, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, skip, Q, FAST_LOG2,
                                   seed, rand_off)  # fmt: skip
             code = _finish_code(mag, x, tl.abs(x), bad, s32, N_BITS)
+        elif FAST:
+            code = _fast_code(x, pbits, inv_S_c, k_frac_c, t0_frac_c, mag_hi_c, sign_c, CLAMPED, N_BITS, FAST_LOG2)
         else:
             code, amb = _nearest_code(x, pbits, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, t0_int_c, t0_frac_c,
                                       band_c, half_c, mag_hi_c, sign_c, CLAMPED, N_BITS, FAST_LOG2)  # fmt: skip
@@ -398,7 +461,7 @@ def encode_kernel(
     N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
     PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr, GB_P2: tl.constexpr,
     BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr, REGATHER: tl.constexpr,
-    FAST_LOG2: tl.constexpr, PAIRS: tl.constexpr, PAIR_ASM: tl.constexpr,
+    FAST_LOG2: tl.constexpr, PAIRS: tl.constexpr, PAIR_ASM: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     # One program = BLOCK_R output rows x one 128-column tile; each row of the block is its own LogFMT tile.
     # M_BUCKET (a power-of-two bucket of N, unused) is an autotuning key. Three phases:
@@ -467,12 +530,22 @@ def encode_kernel(
     # position, unless that would overflow (max |x| >= 2^100; then they are far below the clamp).
     tiny = amin < 1.1754943508222875e-38
     scaled = tiny & (amax < 1.2676506002282294e30)
-    kz, inv_hi, inv_lo, inv_S, k_int, k_frac, t0_int, t0_frac, band, skip = _row_grid(
-        m32, s32, scaled, delta, N_BITS, STOCHASTIC)
+    if FAST:  # "fast" rounding: the row's line (every other constant unused)
+        inv_S, k_frac, t0_frac = _row_line(m32, s32, scaled, N_BITS)
+        kz, inv_hi, inv_lo, k_int, t0_int, band, skip = inv_S, inv_S, inv_S, inv_S, inv_S, inv_S, bad
+    else:
+        kz, inv_hi, inv_lo, inv_S, k_int, k_frac, t0_int, t0_frac, band, skip = _row_grid(
+            m32, s32, scaled, delta, N_BITS, STOCHASTIC)
     live = ((s32 > 0) & (bad == 0)).to(tl.int32)  # rows a redo can change (others: q = 1, or 0 and NaN)
     if STOCHASTIC:  # no redo: the fast path handles every row (stochastic codes are not bit-exact)
         redo = tl.zeros([BLOCK_R], dtype=tl.int32)
         clamped = redo
+    elif FAST:  # no redo either: the codes are those of a perturbed x (_fast_code)
+        redo = tl.zeros([BLOCK_R], dtype=tl.int32)
+        clamped = (amin.to(tl.float64) < amax.to(tl.float64) * range_clamp).to(tl.int32) * live
+        half_band = band
+        mag_hi = tl.where(bad, 0.0, Q)
+        sign_mask = tl.where(bad, 0, 1 << (N_BITS - 1))
     else:  # rows where the bound does not hold; rows with an element near a threshold are added below
         redo = (skip | (tiny & ~scaled)).to(tl.int32)
         clamped = (amin.to(tl.float64) < amax.to(tl.float64) * range_clamp).to(tl.int32) * live
@@ -508,40 +581,42 @@ def encode_kernel(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, k_frac_c, k_frac_c, k_frac_c,
             k_frac_c, k_frac_c, k_frac_c, k_frac_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, x_tile,
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, False, x_tile,
             src_tile)  # fmt: skip
     elif any_clamped:
         amb_rows, src = _encode_chunks(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c, band_c,
             half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, True, FAST_LOG2, x_tile,
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, True, FAST_LOG2, FAST, x_tile,
             src_tile)  # fmt: skip
     else:
         amb_rows, src = _encode_chunks(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c, band_c,
             half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, x_tile,
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, FAST, x_tile,
             src_tile)  # fmt: skip
-    redo = tl.maximum(redo, amb_rows) * live * in_r1.to(tl.int32)
-    if tl.max(redo, 0) > 0:  # rare: those rows again, whole, in the reference's float64 formulas
-        tl.debug_barrier()  # after every fast store (a row found ambiguous late has earlier chunks stored)
-        cols_t = tile * TILE_C + tl.arange(0, TILE_C)
-        while tl.max(redo, 0) > 0:
-            r = tl.argmax(redo, 0)
-            pick = tl.arange(0, BLOCK_R) == r
-            row = pid_r * BLOCK_R + r + tl.arange(0, 1)
-            src_r = tl.sum(tl.where(pick, src, 0), 0) + tl.zeros([1], dtype=tl.int64)
-            m_r = tl.sum(tl.where(pick, m32, 0.0), 0) + tl.zeros([1], dtype=tl.float32)
-            s_r = tl.sum(tl.where(pick, s32, 0.0), 0) + tl.zeros([1], dtype=tl.float32)
-            xr = tl.load(x_ptr + src_r[:, None] * stride_x + cols_t[None, :], mask=(cols_t < H)[None, :],
-                         other=0.0).to(tl.float32)  # fmt: skip
-            axr = tl.abs(xr)
-            code_r = _finish_code(_exact_mag(axr, m_r, s_r, Q), xr, axr, m_r != m_r, s_r, N_BITS)
-            _store_codes(code_r, row, tile, 0, cols_t, (cols_t < H)[None, :], codes_ptr, stride_c, pay_ptr, stride_p,
-                         code_bytes, H, N_BITS, PACKED, PLANES, GROUP, GBYTES, GB_P2, 1, TILE_C, TILE_C)  # fmt: skip
-            redo = tl.where(pick, 0, redo)
+    if not (STOCHASTIC or FAST):  # the float64 redo of rows with an ambiguous element (nearest only)
+        redo = tl.maximum(redo, amb_rows) * live * in_r1.to(tl.int32)
+        if tl.max(redo, 0) > 0:  # rare: those rows again, whole, in the reference's float64 formulas
+            tl.debug_barrier()  # after every fast store (a row found ambiguous late has earlier chunks stored)
+            cols_t = tile * TILE_C + tl.arange(0, TILE_C)
+            while tl.max(redo, 0) > 0:
+                r = tl.argmax(redo, 0)
+                pick = tl.arange(0, BLOCK_R) == r
+                row = pid_r * BLOCK_R + r + tl.arange(0, 1)
+                src_r = tl.sum(tl.where(pick, src, 0), 0) + tl.zeros([1], dtype=tl.int64)
+                m_r = tl.sum(tl.where(pick, m32, 0.0), 0) + tl.zeros([1], dtype=tl.float32)
+                s_r = tl.sum(tl.where(pick, s32, 0.0), 0) + tl.zeros([1], dtype=tl.float32)
+                xr = tl.load(x_ptr + src_r[:, None] * stride_x + cols_t[None, :], mask=(cols_t < H)[None, :],
+                             other=0.0).to(tl.float32)  # fmt: skip
+                axr = tl.abs(xr)
+                code_r = _finish_code(_exact_mag(axr, m_r, s_r, Q), xr, axr, m_r != m_r, s_r, N_BITS)
+                _store_codes(code_r, row, tile, 0, cols_t, (cols_t < H)[None, :], codes_ptr, stride_c, pay_ptr,
+                             stride_p, code_bytes, H, N_BITS, PACKED, PLANES, GROUP, GBYTES, GB_P2, 1, TILE_C,
+                             TILE_C)  # fmt: skip
+                redo = tl.where(pick, 0, redo)
 
 
 @triton.jit

@@ -20,6 +20,13 @@ Rounding happens in the linear domain, not the log domain. With a = g_k <= |x| <
 below g_0 = exp(m)):
   "nearest":    q is b's code when 2|x| >= a + b (ties up), else a's. Error <= (b - a) / 2.
   "stochastic": b with probability (|x| - a) / (b - a), else a: E[decode] = x (unbiased). Error < b - a.
+  "fast":       nearest, as the kernel computes it in float32 with no exactness machinery: one log2 (the GPU's
+                lg2.approx) and one multiply-add an element. Its code is the nearest code of some x' with
+                |log2 x' - log2|x|| <= ``fast_position_error`` (about 2^-23 (2 |log2 x| + |tile_min| / ln 2 + 24):
+                ~1e-5 for |x| near 1), so it differs from "nearest" only next to a threshold (1e-5 of
+                Gaussian elements with numpy's log2 in the interpreter) and its error is the nearest bound widened by that perturbation
+                (``check_fast_codes`` checks the contract). Tile numbers are the reference's bit for bit. For the
+                wire, where such a perturbation is far below the format's own step; "nearest" stays the default.
 Rounding the log to the nearest grid point would be biased (it rounds to the geometric mean; the
 linear midpoint (a + b) / 2 lies above it) and its error would not average out in sums.
 Error bounds (used by the tests): with s = tile_step and |x| >= exp(m), b - a = a (e^s - 1) <= |x| (e^s - 1):
@@ -37,7 +44,8 @@ Special tiles:
     to finite numbers.
 
 Backends (chosen by coscale.kernels.backend.select_backend, as for every kernel): "torch" = the
-references ``logfmt_encode_ref`` / ``logfmt_decode_ref`` (float64 math, the specification), "triton" =
+references ``logfmt_encode_ref`` / ``logfmt_decode_ref`` (float64 math, the specification; "fast" rounding
+there gives the nearest codes, which keep its contract), "triton" =
 the kernels below (CPU tensors under TRITON_INTERPRET=1), "auto" = triton for CUDA tensors when Triton
 imports, else torch.
 
@@ -96,7 +104,7 @@ from coscale.kernels.backend import interpreting, select_backend, triton_availab
 
 TILE = 128
 RANGE_CLAMP = 2.0**-32  # min |x| >= max |x| * 2^-32, i.e. lmin >= lmax - log(2^32)
-ROUNDINGS = ("nearest", "stochastic")
+ROUNDINGS = ("nearest", "stochastic", "fast")
 
 __all__ = [
     "TILE",
@@ -116,6 +124,9 @@ __all__ = [
     "logfmt_encode_ref",
     "logfmt_decode_ref",
     "nearest_error_bound",
+    "fast_position_error",
+    "check_fast_codes",
+    "grid_magnitude_ref",
     "triton_available",
 ]
 
@@ -143,7 +154,7 @@ def _check_x(x: torch.Tensor, n_bits: int, rounding: str) -> None:
     if not x.is_floating_point() or x.element_size() < 2:
         raise CoscaleError(f"x must be fp64/fp32/bf16/fp16, got {x.dtype}")
     if rounding not in ROUNDINGS:
-        raise CoscaleError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+        raise CoscaleError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
 
 
 def _check_codes(codes: torch.Tensor, tile_min: torch.Tensor, tile_step: torch.Tensor, n_bits: int) -> None:
@@ -176,13 +187,78 @@ def _tile_stats(ax: torch.Tensor, bad: torch.Tensor, n_bits: int):
     return torch.where(bad, nan, tile_min), torch.where(bad, nan, tile_step)
 
 
+def grid_magnitude_ref(ax: torch.Tensor, m: torch.Tensor, s: torch.Tensor, n_bits: int,
+                       u: torch.Tensor | None = None) -> torch.Tensor:
+    """The magnitude code (int64, 0..Q) of float64 magnitudes ``ax`` on the grid of tile numbers m, s (float64,
+    broadcast against ax): nearest in the linear domain, or with ``u`` (uniform [0, 1) draws) stochastic."""
+    q_max = 2 ** (n_bits - 1) - 1
+    log_ax = torch.where(ax > 0, ax, torch.ones_like(ax)).log()
+    k = torch.floor((log_ax - m) / torch.where(s > 0, s, torch.ones_like(s))).clamp(-1, q_max - 2)
+    lower = torch.where(k < 0, torch.zeros_like(ax), torch.exp(m + s * k))  # a (0 below exp(m))
+    upper = torch.exp(m + s * (k + 1))  # b
+    if u is None:
+        up = 2 * ax >= lower + upper
+    else:
+        up = u * (upper - lower) < ax - lower  # probability (|x| - a) / (b - a)
+    mag = (k + 1).long() + up.long()
+    mag = torch.where(s > 0, mag, torch.ones_like(mag))  # one distinct magnitude: q = 1
+    return torch.where(ax == 0, torch.zeros_like(mag), mag)
+
+
+def fast_position_error(log2_ax: torch.Tensor, tile_min: torch.Tensor, tile_step: torch.Tensor) -> torch.Tensor:
+    """The "fast" rounding's bound (log2 units, float64, broadcast): its code is the nearest code of some x'
+    with |log2 x' - log2|x|| <= this. In log2 units, with L = log2|x|, M = tile_min / ln 2, S = tile_step / ln 2
+    and C <= S the midpoint offset, the kernel computes fl(fl(lg) A + B) with A = fl(1/S), B = fl(1.5 - (M + C) / S)
+    (``_fast_code``): lg's error (lg2.approx, LOG2_BOUND, plus the rounding of its result, |L| 2^-24), A's
+    (|L| 2^-24), B's (S |B| 2^-24 <= (|M| + 2.5 S + 24) 2^-24, the 24 for rows scaled by 2^24) and the
+    multiply-add's (S |v| 2^-24 <= (|L| + |M| + 2.5 S) 2^-24). Bounded generously here by
+    LOG2_BOUND + 2^-23 (2 |L| + |M| + 3 S + 24)."""
+    inv_ln2 = 1 / math.log(2)
+    big_m = torch.nan_to_num(tile_min.double()).abs() * inv_ln2
+    big_s = torch.nan_to_num(tile_step.double()).abs() * inv_ln2
+    return LOG2_BOUND + 2.0**-23 * (2 * log2_ax.double().abs() + big_m + 3 * big_s + 24)
+
+
+def check_fast_codes(x: torch.Tensor, codes: torch.Tensor, tile_min: torch.Tensor, tile_step: torch.Tensor,
+                     n_bits: int) -> int:
+    """Checks "fast" codes of x against their contract, element by element in float64: the tile numbers are the
+    reference's bit for bit, and each code is the nearest code (on that grid) of some x' with |log2 x' - log2|x||
+    <= ``fast_position_error`` (its magnitude between the nearest codes of |x| 2^-delta and |x| 2^delta), with
+    x's sign on non-zero magnitudes and 0 throughout a NaN / inf tile. Raises CoscaleError naming the first
+    violations; returns how many codes differ from "nearest" (those next to a rounding threshold)."""
+    x, codes, tile_min, tile_step = (t.cpu() for t in (x, codes, tile_min, tile_step))
+    ref_codes, ref_min, ref_step = logfmt_encode_ref(x, n_bits)
+    for name, got, ref in (("tile_min", tile_min, ref_min), ("tile_step", tile_step, ref_step)):
+        if not torch.equal(got.view(torch.int32), ref.view(torch.int32)):
+            raise CoscaleError(f"fast codes: {name} differs from the reference's")
+    cols = x.shape[1]
+    m, s = (t.double().repeat_interleave(TILE, dim=1)[:, :cols] for t in (ref_min, ref_step))
+    finite = torch.isfinite(m)
+    m0, s0 = torch.nan_to_num(m), torch.nan_to_num(s)
+    ax = x.double().abs()
+    delta = fast_position_error(torch.where(ax > 0, ax, torch.ones_like(ax)).log2(), m, s)
+    nearest = grid_magnitude_ref(ax, m0, s0, n_bits)
+    below = torch.minimum(grid_magnitude_ref(ax * torch.exp2(-delta), m0, s0, n_bits), nearest)
+    above = torch.maximum(grid_magnitude_ref(ax * torch.exp2(delta), m0, s0, n_bits), nearest)
+    c = codes.to(torch.int64) & ((1 << n_bits) - 1)
+    mag, sign = c & (2 ** (n_bits - 1) - 1), c >> (n_bits - 1)
+    wrong = (finite & ((mag < below) | (mag > above))) | (~finite & (c != 0)) | (sign.bool() != ((x < 0) & (mag > 0)))
+    if wrong.any():
+        at = wrong.nonzero()[:3].tolist()
+        raise CoscaleError(f"fast codes break their contract at {int(wrong.sum())} elements, e.g. [row, col] {at}: "
+                           f"x {[x[r, k].item() for r, k in at]}, codes {[c[r, k].item() for r, k in at]}, "
+                           f"nearest {[ref_codes[r, k].item() for r, k in at]}")
+    return int((c != (ref_codes.to(torch.int64) & ((1 << n_bits) - 1))).sum())
+
+
 def logfmt_encode_ref(x: torch.Tensor, n_bits: int = 8, rounding: str = "nearest",
                       generator: torch.Generator | None = None):
-    """x [N, H] -> (codes [N, H] code_dtype(n_bits), tile_min [N, T] fp32, tile_step [N, T] fp32)."""
+    """x [N, H] -> (codes [N, H] code_dtype(n_bits), tile_min [N, T] fp32, tile_step [N, T] fp32). "fast" rounding
+    has no reference of its own: its reference is "nearest" (the kernel's codes are those of an x within
+    ``fast_position_error`` of x)."""
     _check_x(x, n_bits, rounding)
     n, h = x.shape
     tiles = math.ceil(h / TILE)
-    q_max = 2 ** (n_bits - 1) - 1
     xf = torch.nn.functional.pad(x.double(), (0, tiles * TILE - h)).view(n, tiles, TILE)
     ax = xf.abs()
     bad = ~torch.isfinite(xf).all(-1)  # [N, T]
@@ -190,18 +266,10 @@ def logfmt_encode_ref(x: torch.Tensor, n_bits: int = 8, rounding: str = "nearest
     tile_min, tile_step = _tile_stats(ax, bad, n_bits)
     m = torch.nan_to_num(tile_min.double()).unsqueeze(-1)  # the grid is the stored fp32 numbers
     s = torch.nan_to_num(tile_step.double()).unsqueeze(-1)
-    log_ax = torch.where(ax > 0, ax, torch.ones_like(ax)).log()
-    k = torch.floor((log_ax - m) / torch.where(s > 0, s, torch.ones_like(s))).clamp(-1, q_max - 2)
-    lower = torch.where(k < 0, torch.zeros_like(ax), torch.exp(m + s * k))  # a (0 below exp(m))
-    upper = torch.exp(m + s * (k + 1))  # b
-    if rounding == "nearest":
-        up = 2 * ax >= lower + upper
-    else:
-        u = torch.rand(ax.shape, generator=generator, dtype=torch.float64, device=ax.device)
-        up = u * (upper - lower) < ax - lower  # probability (|x| - a) / (b - a)
-    mag = (k + 1).long() + up.long()
-    mag = torch.where(s > 0, mag, torch.ones_like(mag))  # one distinct magnitude: q = 1
-    mag = torch.where((ax == 0) | bad.unsqueeze(-1), torch.zeros_like(mag), mag)
+    u = None if rounding != "stochastic" else \
+        torch.rand(ax.shape, generator=generator, dtype=torch.float64, device=ax.device)
+    mag = grid_magnitude_ref(ax, m, s, n_bits, u)
+    mag = torch.where(bad.unsqueeze(-1), torch.zeros_like(mag), mag)
     sign = ((xf < 0) & (mag > 0)).long() << (n_bits - 1)
     codes = (mag | sign).view(n, tiles * TILE)[:, :h].to(torch.int32).to(code_dtype(n_bits))
     return codes.contiguous(), tile_min.contiguous(), tile_step.contiguous()
@@ -374,7 +442,7 @@ def tuned_kernels(interpret: bool) -> dict:
 
     encode = [({"BLOCK_R": r, "CHUNK_C": c, "REGATHER": g}, w) for r, w, c, g in ENCODE_CONFIGS]
     common = ["H", "M_BUCKET", "N_BITS", "PACKED", "GATHER"]
-    return {"encode": autotuned(k.encode_kernel, encode, common + ["STOCHASTIC"]),
+    return {"encode": autotuned(k.encode_kernel, encode, common + ["STOCHASTIC", "FAST"]),
             "decode": autotuned(k.decode_sum_kernel, candidates(DECODE_CONFIGS), common + ["TOPK", "HAS_WEIGHT"])}
 
 
@@ -426,7 +494,8 @@ def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, b
         kernel[lambda meta: (triton_cdiv(n, meta["BLOCK_R"]), tiles)](
             x, idx, codes, tile_min, tile_step, payload, n, h, tiles, _pow2(n), x.stride(0), codes.stride(0),
             payload.stride(0), code_bytes, seed or 0, RANGE_CLAMP, DELTA,
-            N_BITS=n_bits, STOCHASTIC=rounding == "stochastic", GATHER=row_src is not None, TOPK=topk,
+            N_BITS=n_bits, STOCHASTIC=rounding == "stochastic", FAST=rounding == "fast", GATHER=row_src is not None,
+            TOPK=topk,
             PACKED=rows_out, PLANES=planes, GROUP=group, GBYTES=group_bytes, GB_P2=_pow2(group_bytes), TILE_C=TILE,
             FAST_LOG2=use_fast_log2(x.device), PAIRS=pairs, PAIR_ASM=pairs and not interpreting(), **cfg,
         )  # fmt: skip

@@ -151,7 +151,8 @@ def select_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def get_codec(codec: str | Codec | None, default: str = "bf16") -> Codec:
-    """A codec by name ('fp32', 'bf16', 'fp8', 'fp8_e5m2', 'logfmt8', 'logfmt10'), or any :class:`Codec`."""
+    """A codec by name ('fp32', 'bf16', 'fp8', 'fp8_e5m2', 'logfmt8', 'logfmt10', and 'logfmt8_fast',
+    'logfmt10_fast': LogFMT with "fast" rounding), or any :class:`Codec`."""
     if codec is None:
         codec = default
     if isinstance(codec, str):
@@ -165,8 +166,10 @@ def get_codec(codec: str | Codec | None, default: str = "bf16") -> Codec:
             return FP8Codec("e5m2")
         if codec in ("logfmt8", "logfmt10"):
             return LogFMTCodec(int(codec[6:]))
+        if codec in ("logfmt8_fast", "logfmt10_fast"):
+            return LogFMTCodec(int(codec[6:-5]), "fast")
         raise ConfigError(f"unknown EP codec {codec!r}; choose 'fp32', 'bf16', 'fp8', 'fp8_e5m2', 'logfmt8', "
-                          "'logfmt10' or pass a Codec object")
+                          "'logfmt10', 'logfmt8_fast', 'logfmt10_fast' or pass a Codec object")
     if not isinstance(codec, Codec):
         raise ConfigError(f"{codec!r} is not a codec: it needs name, bytes_per_row, encode and decode")
     return codec
@@ -174,7 +177,8 @@ def get_codec(codec: str | Codec | None, default: str = "bf16") -> Codec:
 
 class LogFMTCodec:
     """LogFMT-n (the paper section 3.2; coscale.kernels.logfmt): n-bit sign + log-magnitude codes with
-    tile_min and tile_step (fp32) per 1x128 tile, rounded to nearest in the linear domain by default.
+    tile_min and tile_step (fp32) per 1x128 tile, rounded to nearest in the linear domain by default ("fast":
+    nearest for |x| perturbed by at most ~1e-6 in log2, no float64 work an element; "stochastic").
 
     Row layout (coscale.kernels.logfmt.code_packing / code_planes / row_bytes): the H codes bit-packed
     little-endian (code i of a group of g = 8 / gcd(n, 8) codes at bit n*i of a g*n/8-byte group; n = 8: one
@@ -198,7 +202,7 @@ class LogFMTCodec:
             raise ConfigError(f"LogFMTCodec rounding must be one of {ROUNDINGS}, got {rounding!r}")
         self.n_bits = n_bits
         self.rounding = rounding
-        self.name = f"logfmt{n_bits}"
+        self.name = f"logfmt{n_bits}" + ("_fast" if rounding == "fast" else "")
         self.packed = packed and code_packing(n_bits, True) != (1, 2)
 
     def bytes_per_row(self, hidden: int) -> int:
