@@ -36,7 +36,7 @@ threshold).
 
 Encode, "fast" rounding (FAST): none of that. Per row the line v = A log2|x| + B = t + 1.5 (``_row_line``, float64
 rounded once), per element one lg2.approx and one multiply-add, clamped and rounded by adding 1.5 * 2^23
-(``_fast_code``): about 14 SASS instructions an element in the element phase against 34-45 (sm_90, 32-column steps).
+(``_fast_code``): 16-18 SASS instructions an element in the element phase against 34-45 (sm_90, 32-column steps).
 """
 
 import triton
