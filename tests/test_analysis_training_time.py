@@ -99,6 +99,9 @@ def test_dualpipe_hides_each_all_to_all_only_under_the_computation_it_is_paired_
     # computation on fewer SMs (slowdown 2) is longer and hides more: MLP F 3 vs 4, attention B + W 6 vs 4
     assert T.dualpipe_exposed(fwd, bwd, wgrad, 2.0, 4.0, slowdown=2.0) == pytest.approx(1.0)
     assert T.dualpipe_exposed(fwd, bwd, wgrad, 0.5, 1.0) == 0.0
+    # a TP all-reduce among the attention ops is communication: it hides nothing
+    reduce = OpTime("TP all-reduce", 5.0, "scale-up")
+    assert T.dualpipe_exposed([reduce] + fwd, bwd, wgrad, 2.0, 4.0) == pytest.approx(3.5)
 
 
 def test_a_slow_network_exposes_part_of_the_all_to_all_under_dualpipe_and_all_of_it_under_1f1b():

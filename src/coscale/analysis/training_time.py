@@ -153,10 +153,11 @@ def dualpipe_exposed(fwd: list[OpTime], bwd: list[OpTime], wgrad: list[OpTime], 
     as a dispatch), MLP(B) and MLP(W) with DISPATCH(F), MLP(F) with DISPATCH(B) (the input gradients summed
     back, BF16 as a combine), ATTN(B) and ATTN(W) with COMBINE(F). Each pair takes the longer of the two, so
     a communication is hidden only up to the computation it is paired with; the rest is exposed. ``bwd``
-    holds the recomputation; ``slowdown`` the computation's share of SMs (the all-to-all holds the rest in
-    every phase)."""
-    def part(ops, mlp):
-        return slowdown * sum(op.seconds for op in ops if _mlp(op) == mlp)
+    holds the recomputation; ``slowdown`` how much longer the computation takes on the SMs the all-to-all
+    leaves it, sms / (sms - comm_sms) (the all-to-all runs in every phase)."""
+    def part(ops, mlp):  # computation only: a TP all-reduce (tp > 1) hides nothing
+        return slowdown * sum(op.seconds for op in ops
+                              if _mlp(op) == mlp and op.bound not in ("scale-out", "scale-up", "latency"))
     phases = ((part(fwd, False), dispatch_s), (part(bwd, True) + part(wgrad, True), dispatch_s),
               (part(fwd, True), combine_s), (part(bwd, False) + part(wgrad, False), combine_s))
     return sum(max(0.0, comm - compute) for compute, comm in phases)

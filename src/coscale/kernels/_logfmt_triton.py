@@ -800,11 +800,16 @@ def decode_sum_kernel(
 
 
 @triton.jit
-def log2_check_kernel(out_ptr, BLOCK: tl.constexpr):
-    # The bound the encoder's fast path assumes for lg2.approx.f32, checked on the GPU it runs on: out[pid]
-    # = max |lg2.approx(mant) - log2(mant)| (float64) over this program's share of every float32 mant in
-    # [sqrt(1/2), sqrt(2)) (bits 0x3F3504F4 .. + 2^23, the range _log2_mantissa feeds it).
-    bits = 0x3F3504F4 + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mant = bits.to(tl.float32, bitcast=True)
-    err = tl.abs(libdevice.fast_log2f(mant).to(tl.float64) - tl.log2(mant.to(tl.float64)))
+def log2_check_kernel(out_ptr, first, BLOCK: tl.constexpr, ROUNDING: tl.constexpr):
+    # The bound the encoder assumes for lg2.approx.f32, checked on the GPU it runs on: out[pid] = max
+    # |lg2.approx(v) - log2(v)| (float64) over this program's share of 2^23 consecutive float32 bit patterns from
+    # ``first``: the mantissas [sqrt(1/2), sqrt(2)) (0x3F3504F4, the range _log2_mantissa feeds it), or one binade
+    # [2^E, 2^(E+1)) with ROUNDING, less the rounding of the result (|log2 v| 2^-24), which "fast" rounding
+    # feeds whole |x| (its bound: coscale.kernels.logfmt.fast_position_error).
+    bits = first + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = bits.to(tl.float32, bitcast=True)
+    ref = tl.log2(v.to(tl.float64))
+    err = tl.abs(libdevice.fast_log2f(v).to(tl.float64) - ref)
+    if ROUNDING:
+        err = err - tl.abs(ref) * 5.9604644775390625e-08
     tl.store(out_ptr + tl.program_id(0), tl.max(err, 0))

@@ -20,13 +20,15 @@ Rounding happens in the linear domain, not the log domain. With a = g_k <= |x| <
 below g_0 = exp(m)):
   "nearest":    q is b's code when 2|x| >= a + b (ties up), else a's. Error <= (b - a) / 2.
   "stochastic": b with probability (|x| - a) / (b - a), else a: E[decode] = x (unbiased). Error < b - a.
-  "fast":       nearest, as the kernel computes it in float32 with no exactness machinery: one log2 (the GPU's
-                lg2.approx) and one multiply-add an element. Its code is the nearest code of some x' with
-                |log2 x' - log2|x|| <= ``fast_position_error`` (about 2^-23 (2 |log2 x| + |tile_min| / ln 2 + 24):
-                ~1e-5 for |x| near 1), so it differs from "nearest" only next to a threshold (1e-5 of
-                Gaussian elements with numpy's log2 in the interpreter) and its error is the nearest bound widened by that perturbation
-                (``check_fast_codes`` checks the contract). Tile numbers are the reference's bit for bit. For the
-                wire, where such a perturbation is far below the format's own step; "nearest" stays the default.
+  "fast":       nearest as float32 computes it, with no exactness machinery: one log2 (the GPU's lg2.approx)
+                and one multiply-add an element. Its code is the nearest code of some x' with
+                |log2 x' - log2|x|| <= ``fast_position_error`` (2^-23 (2 |log2 x| + (|tile_min| + 4 tile_step) / ln 2
+                + 73) plus lg2's error: about 1e-5), so it differs from "nearest" only where |x| lies that close to a
+                threshold (1e-5 of Gaussian elements with numpy's log2 in the interpreter; a nearly constant tile
+                may differ throughout, within 1e-5 of x) and its error is the nearest bound widened by that
+                perturbation (``check_fast_codes`` checks the contract). Tile numbers are the reference's bit for
+                bit. Made for the wire, where the perturbation is far below the format's step; "nearest" stays the
+                default.
 Rounding the log to the nearest grid point would be biased (it rounds to the geometric mean; the
 linear midpoint (a + b) / 2 lies above it) and its error would not average out in sums.
 Error bounds (used by the tests): with s = tile_step and |x| >= exp(m), b - a = a (e^s - 1) <= |x| (e^s - 1):
@@ -207,16 +209,23 @@ def grid_magnitude_ref(ax: torch.Tensor, m: torch.Tensor, s: torch.Tensor, n_bit
 
 def fast_position_error(log2_ax: torch.Tensor, tile_min: torch.Tensor, tile_step: torch.Tensor) -> torch.Tensor:
     """The "fast" rounding's bound (log2 units, float64, broadcast): its code is the nearest code of some x'
-    with |log2 x' - log2|x|| <= this. In log2 units, with L = log2|x|, M = tile_min / ln 2, S = tile_step / ln 2
-    and C <= S the midpoint offset, the kernel computes fl(fl(lg) A + B) with A = fl(1/S), B = fl(1.5 - (M + C) / S)
-    (``_fast_code``): lg's error (lg2.approx, LOG2_BOUND, plus the rounding of its result, |L| 2^-24), A's
-    (|L| 2^-24), B's (S |B| 2^-24 <= (|M| + 2.5 S + 24) 2^-24, the 24 for rows scaled by 2^24) and the
-    multiply-add's (S |v| 2^-24 <= (|L| + |M| + 2.5 S) 2^-24). Bounded generously here by
-    LOG2_BOUND + 2^-23 (2 |L| + |M| + 3 S + 24)."""
+    with |log2 x' - log2|x|| <= this.
+
+    The kernel (``_fast_code``) takes lg = log2 of L' = |x| (or |x| 2^24 in a row scaled for its subnormals,
+    whose origin is then M' = M + 24; M = tile_min / ln 2, S = tile_step / ln 2, C <= S the midpoint offset) and
+    computes v = fl(lg A + B), A = fl(1/S), B = fl(1.5 - (M' + C) / S), as one fused multiply-add on the GPU
+    and as a rounded product and a rounded sum in the interpreter. Errors of v, times S (log2 units), u = 2^-24:
+    lg's (lg2.approx: LOG2_BOUND, plus the rounding of its result, |L'| u), A's (|L'| u), B's
+    (S |B| u <= (|M'| + 2.5 S) u), the product's when not fused (|L'| u) and the sum's (S |v| u <= (|L'| +
+    |M'| + 2.5 S) u): 4 |L'| + 2 |M'| + 5 S, in u. With |L'| <= |L| + 24 and |M'| <= |M| + 24 (L = log2|x|),
+    and T0's rounding for the 0 / 1 threshold ((1 + 2.5 S) u), this is within
+    LOG2_BOUND (1 + 2^-20) + 2^-23 (2 |L| + |M| + 4 S + 73). lg2.approx's LOG2_BOUND over the whole range
+    (exponent exact, mantissa's log within LOG2_BOUND, the sum rounded) is what ``use_fast_log2`` checks on
+    each GPU (``fast_log2_max_error(full_range=True)``); elsewhere the accurate log2 runs."""
     inv_ln2 = 1 / math.log(2)
     big_m = torch.nan_to_num(tile_min.double()).abs() * inv_ln2
     big_s = torch.nan_to_num(tile_step.double()).abs() * inv_ln2
-    return LOG2_BOUND + 2.0**-23 * (2 * log2_ax.double().abs() + big_m + 3 * big_s + 24)
+    return LOG2_BOUND * (1 + 2.0**-20) + 2.0**-23 * (2 * log2_ax.double().abs() + big_m + 4 * big_s + 73)
 
 
 def check_fast_codes(x: torch.Tensor, codes: torch.Tensor, tile_min: torch.Tensor, tile_step: torch.Tensor,
@@ -497,7 +506,8 @@ def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, b
             N_BITS=n_bits, STOCHASTIC=rounding == "stochastic", FAST=rounding == "fast", GATHER=row_src is not None,
             TOPK=topk,
             PACKED=rows_out, PLANES=planes, GROUP=group, GBYTES=group_bytes, GB_P2=_pow2(group_bytes), TILE_C=TILE,
-            FAST_LOG2=use_fast_log2(x.device), PAIRS=pairs, PAIR_ASM=pairs and not interpreting(), **cfg,
+            FAST_LOG2=use_fast_log2(x.device, full_range=rounding == "fast"), PAIRS=pairs,
+            PAIR_ASM=pairs and not interpreting(), **cfg,
         )  # fmt: skip
     return payload if rows_out else (codes, tile_min, tile_step)
 
@@ -536,38 +546,51 @@ def _decode_triton(src, hidden, pair_row, weight, n_bits, dtype, packed, rows_in
 LOG2_BOUND = 1.8e-7
 
 
-def fast_log2_max_error(device="cuda") -> float:
+FULL_RANGE_BINADES = (-126, -100, -64, -33, -24, -8, -2, -1, 0, 1, 2, 8, 24, 33, 64, 100, 127)
+
+
+def fast_log2_max_error(device="cuda", full_range: bool = False) -> float:
     """The largest |lg2.approx.f32(m) - log2(m)| over every float32 m in [sqrt(1/2), sqrt(2)) on this GPU:
     the encoder's fast path is exact only if it is <= LOG2_BOUND (tests/test_logfmt_exact.py, and
-    benchmarks/bench_logfmt.py prints it)."""
+    benchmarks/bench_logfmt.py prints it). ``full_range``: over every float32 of the binades [2^E, 2^(E+1)) of
+    FULL_RANGE_BINADES instead, less the rounding of each result (|log2 v| 2^-24), the form "fast" rounding's
+    bound takes (``fast_position_error``)."""
     if interpreting() or not torch.cuda.is_available():
         raise CoscaleError("fast_log2_max_error needs a CUDA GPU (lg2.approx is a GPU instruction)")
     from coscale.kernels import _logfmt_triton as k
 
     block = 1024
-    out = torch.empty((1 << 23) // block, dtype=torch.float64, device=device)
-    k.log2_check_kernel[(out.numel(),)](out, BLOCK=block)
-    return float(out.max())
+    firsts = [(127 + e) << 23 for e in FULL_RANGE_BINADES] if full_range else [0x3F3504F4]
+    worst = 0.0
+    for first in firsts:
+        out = torch.empty((1 << 23) // block, dtype=torch.float64, device=device)
+        k.log2_check_kernel[(out.numel(),)](out, first, BLOCK=block, ROUNDING=full_range)
+        worst = max(worst, float(out.max()))
+    return worst
 
 
-_FAST_LOG2_OK: dict[int, bool] = {}  # per CUDA device index: its lg2.approx checked within LOG2_BOUND
+_FAST_LOG2_OK: dict[tuple[int, bool], bool] = {}  # per (CUDA device index, full range): lg2.approx within LOG2_BOUND
 
 
-def use_fast_log2(device: torch.device) -> bool:
+def use_fast_log2(device: torch.device, full_range: bool = False) -> bool:
     """Whether the encoder may take lg2.approx on ``device``: once per GPU, on the first eager call,
     ``fast_log2_max_error`` checks it against LOG2_BOUND (a GPU whose approximation were coarser would
-    make the fast path's exactness argument void; it then gets the accurate log2, slower, exact codes).
+    make the fast path's exactness argument void; it then gets the accurate log2, slower, exact codes);
+    ``full_range`` ("fast" rounding, which takes the log of whole |x|): over whole binades as well.
     While a CUDA graph is captured or torch.compile traces, before any check, the accurate log2 too."""
     if interpreting() or device.type != "cuda":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _FAST_LOG2_OK:
+    key = (index, full_range)
+    if key not in _FAST_LOG2_OK:
         from coscale.kernels.autotune import _cannot_time
 
         if _cannot_time():
             return False
-        _FAST_LOG2_OK[index] = fast_log2_max_error(torch.device("cuda", index)) <= LOG2_BOUND
-    return _FAST_LOG2_OK[index]
+        dev = torch.device("cuda", index)
+        _FAST_LOG2_OK[key] = fast_log2_max_error(dev) <= LOG2_BOUND and (
+            not full_range or fast_log2_max_error(dev, full_range=True) <= LOG2_BOUND)
+    return _FAST_LOG2_OK[key]
 
 
 def _seed(rounding: str, seed: int | None) -> int | None:
