@@ -15,12 +15,13 @@ parameter: FP32 master, BF16 moments, FP32 gradient, BF16 weight). Bubbles: 1F1B
 ``(pp/2 - 1)(F&B + B - 3W)`` (the DeepSeek-V3 report's Table 2, F&B taken as F + B). With DualPipe each expert
 all-to-all runs beside computation of the other direction's chunk, as the report's Figure 4 pairs them
 (:func:`dualpipe_exposed`), and only what outlasts that computation is exposed (little for V3's layout, as the
-report's "near-zero" overhead says); with 1F1B it is exposed whole. Either way, while it runs it holds ``comm_sms``
-SMs, so MoE computation runs on the rest. The MTP modules train with the model. Routing is balanced unless
-``expert_imbalance`` says otherwise: the busiest expert-parallel rank receives ``1 + expert_imbalance`` times the
-mean number of routed rows (MaxVio over EP ranks, as ``coscale train`` reports it over experts), and every rank
-waits for it at the all-to-all, so the routed experts' kernels (permutation, grouped GEMMs, SwiGLU) and the
-all-to-all take that much longer.
+report's "near-zero" overhead says), except in the chunks DualPipe's warm-up and cool-down run alone
+(:func:`dualpipe_unpaired_chunks`), where it is exposed whole; with 1F1B it is exposed whole. Either way, while it
+runs it holds ``comm_sms`` SMs, so MoE computation runs on the rest. The MTP modules train with the model. Routing
+is balanced unless ``expert_imbalance`` says otherwise: the busiest expert-parallel rank receives ``1 +
+expert_imbalance`` times the mean number of routed rows (MaxVio over EP ranks, as ``coscale train`` reports it over
+experts), and every rank waits for it at the all-to-all, so the routed experts' kernels (permutation, grouped
+GEMMs, SwiGLU) and the all-to-all take that much longer.
 
 Layers are whole: a pipeline runs at the pace of its busiest rank, so F, B and W are those of the busiest
 rank under the best split of the layers into ``pp`` contiguous stages (:func:`stage_split`), the output
@@ -161,6 +162,16 @@ def dualpipe_exposed(fwd: list[OpTime], bwd: list[OpTime], wgrad: list[OpTime], 
     phases = ((part(fwd, False), dispatch_s), (part(bwd, True) + part(wgrad, True), dispatch_s),
               (part(fwd, True), combine_s), (part(bwd, False) + part(wgrad, False), combine_s))
     return sum(max(0.0, comm - compute) for compute, comm in phases)
+
+
+def dualpipe_unpaired_chunks(pp: int, micro_batches: int) -> int:
+    """How many forward chunks (and as many backward chunks) of the busiest rank DualPipe runs alone, each
+    with its all-to-all exposed: its warm-up and cool-down. In DeepSeek's public schedule (deepseek-ai/DualPipe,
+    ``DualPipe.step``) a rank of half-rank index h runs 2 (pp/2 - h - 1) + 2 (h + 1) + (pp/2 - h - 1) forward chunks
+    before its first forward-backward pair (steps 1-3) and as many backward chunks after its last one (steps
+    5-7): 1.5 pp - h - 1, most (1.5 pp - 1) on the first and last ranks. One rank alone (pp 1) pairs all but
+    its first forward and last backward chunk. Never more than the micro-batches."""
+    return min(micro_batches, 3 * pp // 2 - 1 if pp > 1 else 1)
 
 
 def _gemm_shapes(v: ModelView, tokens: int, tp: int, ep: int, moe: bool) -> list[tuple]:
@@ -351,7 +362,8 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
         bubble = (layout.pp - 1) * (f + b + w) * stage_ratio
     else:
         bubble = (layout.pp / 2 - 1) * max(f + b + b - 3 * w, 0.0) * stage_ratio
-    exposed_a2a = micro_batches * (a2a if schedule == "1f1b" else hidden_a2a_exposed)
+    unpaired = dualpipe_unpaired_chunks(layout.pp, micro_batches) if schedule == "dualpipe" else micro_batches
+    exposed_a2a = (micro_batches - unpaired) * hidden_a2a_exposed + unpaired * a2a
     local_params = v.non_expert_params / (layout.tp * layout.pp) + v.routed_expert_params / (layout.ep * layout.pp)
     dp_bytes = (v.non_expert_params / (layout.tp * layout.pp) * (dp - 1) / dp
                 + v.routed_expert_params / (layout.ep * layout.pp) * (layout.edp - 1) / max(layout.edp, 1)) * (4 + 2)
@@ -392,6 +404,11 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
               f"(expert imbalance {expert_imbalance:g})" if expert_imbalance else "routing balanced over the EP ranks"),
              f"MoE computation on {eff.sms - eff.comm_sms} of {eff.sms} SMs (the all-to-all kernels hold the rest)"
              if slowdown > 1 else "no SMs held by communication kernels",
+             ("expert all-to-all: " + (f"DualPipe pairs each with the other direction's computation (the V3 report's "
+                                       f"Figure 4), what outlasts it exposed; the busiest rank runs {unpaired} of its "
+                                       f"{micro_batches} forward and backward chunks alone (warm-up, cool-down: "
+                                       f"deepseek-ai/DualPipe's schedule), exposed whole" if schedule == "dualpipe"
+                                       else "exposed whole (1F1B overlaps none)")) if a2a else "no expert all-to-all",
              "achieved rates: " + "; ".join(f"{k} {getattr(eff, k):g}" for k in (
                  "gemm_fp8_tflops", "gemm_wgrad_fp8_tflops", "gemm_k_overhead", "attention_prefill_tflops",
                  "attention_backward_tflops", "memory_tbps", "a2a_scale_out_gbps", "kernel_floor_us", "gemm_floor_us",
