@@ -244,8 +244,11 @@ def _training(args) -> int:
     layout = base.pop("layout", ParallelLayout())
     layout = ParallelLayout(**{k: _given(getattr(args, k), getattr(layout, k)) for k in ("dp", "tp", "pp", "ep")})
     micro = _given(args.micro_batch, base.get("micro_batch", 1))
+    # by default each pipeline runs the fewest micro-batches a pipeline schedule needs: 1 without one, 2 x pp
+    # with one (DualPipe's least; 1F1B's bubble would be most of a step with fewer)
+    per_pipeline = 2 * layout.pp if layout.pp > 1 else 1
     kw = dict(seq_len=_given(args.seq_len, base.get("seq_len", 4096)), micro_batch=micro,
-              global_batch=_given(args.global_batch, base.get("global_batch", layout.dp * micro)),
+              global_batch=_given(args.global_batch, base.get("global_batch", layout.dp * micro * per_pipeline)),
               schedule=_given(args.schedule, "dualpipe"), recompute=_given(args.recompute, "deepseek"),
               precision=_given(args.precision, "fp8"), eager=args.eager, grad_clip=not args.no_grad_clip,
               expert_imbalance=args.expert_imbalance)

@@ -167,11 +167,14 @@ def dualpipe_exposed(fwd: list[OpTime], bwd: list[OpTime], wgrad: list[OpTime], 
 def dualpipe_unpaired_chunks(pp: int, micro_batches: int) -> int:
     """How many forward chunks (and as many backward chunks) of the busiest rank DualPipe runs alone, each
     with its all-to-all exposed: its warm-up and cool-down. In DeepSeek's public schedule (deepseek-ai/DualPipe,
-    ``DualPipe.step``) a rank of half-rank index h runs 2 (pp/2 - h - 1) + 2 (h + 1) + (pp/2 - h - 1) forward chunks
-    before its first forward-backward pair (steps 1-3) and as many backward chunks after its last one (steps
-    5-7): 1.5 pp - h - 1, most (1.5 pp - 1) on the first and last ranks. One rank alone (pp 1) pairs all but
-    its first forward and last backward chunk. Never more than the micro-batches."""
-    return min(micro_batches, 3 * pp // 2 - 1 if pp > 1 else 1)
+    ``DualPipe.step``) a rank at distance h from the nearer end of the pipeline runs 2 (pp/2 - h - 1) + 2 (h + 1)
+    + (pp/2 - h - 1) = 1.5 pp - h - 1 forward chunks alone (steps 1-3) and as many backward chunks (steps 3 and
+    5-7); the two middle ranks one more of each (their first step-4 pair is not overlapped). The most: 1.5 pp - 1
+    on the end ranks, pp + 1 on the middle ones (pp 2 and 4). One rank alone (pp 1, an extension: forward and
+    backward chunks of consecutive micro-batches paired) runs its first forward and last backward chunk alone."""
+    if pp == 1:
+        return min(micro_batches, 1)
+    return min(micro_batches, max(3 * pp // 2 - 1, pp + 1))
 
 
 def _gemm_shapes(v: ModelView, tokens: int, tp: int, ep: int, moe: bool) -> list[tuple]:
@@ -318,6 +321,13 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
     if global_batch % (dp * micro_batch):
         raise ConfigError(f"global batch ({global_batch}) must be a multiple of dp x micro-batch ({dp * micro_batch})")
     micro_batches = global_batch // (dp * micro_batch)
+    pp = layout.pp
+    if schedule == "dualpipe" and pp > 1 and pp % 2:
+        raise ConfigError(f"DualPipe pairs pipeline stages, so it needs an even pp, got {pp}: take the 1f1b schedule")
+    if schedule == "dualpipe" and pp > 1 and (micro_batches % 2 or micro_batches < 2 * pp):
+        raise ConfigError(f"DualPipe needs an even number of micro-batches, at least 2 x pp = {2 * pp}; got "
+                          f"{micro_batches} (global batch / (dp x micro-batch)): raise the global batch or take the "
+                          f"1f1b schedule")
     eff, tokens = hw.achieved, seq_len * micro_batch
     mtp = v.mtp_depth if include_mtp else 0
     f = b = w = 0.0
@@ -360,8 +370,10 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
         bubble = 0.0
     elif schedule == "1f1b":
         bubble = (layout.pp - 1) * (f + b + w) * stage_ratio
-    else:
-        bubble = (layout.pp / 2 - 1) * max(f + b + b - 3 * w, 0.0) * stage_ratio
+    else:  # the report's F&B + B - 3W with B a whole backward chunk (input and weight gradients, b + w) and F&B a
+        # forward-backward pair (its computation, and what of its all-to-all outlasts it)
+        pair, backward = f + b + w + hidden_a2a_exposed, b + w
+        bubble = (layout.pp / 2 - 1) * max(pair + backward - 3 * w, 0.0) * stage_ratio
     unpaired = dualpipe_unpaired_chunks(layout.pp, micro_batches) if schedule == "dualpipe" else micro_batches
     exposed_a2a = (micro_batches - unpaired) * hidden_a2a_exposed + unpaired * a2a
     local_params = v.non_expert_params / (layout.tp * layout.pp) + v.routed_expert_params / (layout.ep * layout.pp)
