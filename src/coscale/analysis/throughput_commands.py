@@ -56,7 +56,8 @@ def register(sub, add) -> None:
     for name in ("dp", "tp", "pp", "ep"):
         p.add_argument(f"--{name}", type=int, help=f"{name.upper()} size (default 1)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 4096)")
-    p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default dp x micro-batch)")
+    p.add_argument("--global-batch", type=int,
+                   help="sequences per optimizer step (default dp x micro-batch, times 2 x pp with pipeline stages)")
     p.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default 1)")
     p.add_argument("--schedule", choices=training_time.SCHEDULES, help="pipeline schedule (default dualpipe)")
     p.add_argument("--recompute", choices=training_time.RECOMPUTE, help="recomputation (default deepseek)")
