@@ -12,8 +12,9 @@ Per micro-batch and pipeline stage (``layers / pp`` layers, ``seq_len x micro_ba
 A step is ``micro_batches x (F + B + W)`` plus the pipeline bubble, plus the data-parallel gradient reduce-scatter
 and parameter all-gather (ZeRO-1, over the NICs, not overlapped), plus the AdamW update (22 bytes per local
 parameter: FP32 master, BF16 moments, FP32 gradient, BF16 weight). Bubbles: 1F1B ``(pp - 1)(F + B + W)``; DualPipe
-``(pp/2 - 1)(F&B + B - 3W)`` (the DeepSeek-V3 report's Table 2, F&B taken as F + B). With DualPipe each expert
-all-to-all runs beside computation of the other direction's chunk, as the report's Figure 4 pairs them
+``(pp/2 - 1)(F&B + B - 3W)`` (the DeepSeek-V3 report's Table 2; its B a whole backward chunk, input and weight
+gradients, and F&B a forward-backward pair: F + B + W and what of the pair's all-to-all outlasts it). With DualPipe
+each expert all-to-all runs beside computation of the other direction's chunk, as the report's Figure 4 pairs them
 (:func:`dualpipe_exposed`), and only what outlasts that computation is exposed (little for V3's layout, as the
 report's "near-zero" overhead says), except in the chunks DualPipe's warm-up and cool-down run alone
 (:func:`dualpipe_unpaired_chunks`), where it is exposed whole; with 1F1B it is exposed whole. Either way, while it
