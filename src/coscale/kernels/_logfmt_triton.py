@@ -313,14 +313,14 @@ def _fast_code(x, bits, a, b, t0, mag_hi, sign_mask, CLAMPED: tl.constexpr, N_BI
     """The "fast" rounding's n-bit code [R, C] int32 (row constants of ``_row_line`` as [R, 1]; mag_hi Q, or 0 for
     a tile with a NaN or inf, as float32; bits: |x|'s, times 2^24 in scaled rows).
 
-    v = A log2|x| + B = t + 1.5 in one fused multiply-add, clamped to [1, mag_hi]; adding 1.5 * 2^23 rounds it
-    to the nearest integer, floor(t) + 2, in the low bits (no conversion instruction). Nothing else: no exact
-    position, no band, no redo. The code is the nearest one of an x' with |log2 x' - log2|x|| <= the errors of
-    log2 (lg2.approx: 2^-22.6 plus the rounding of its result) and of the multiply-add (coscale.kernels.logfmt
-    ``fast_position_error``). The lower clamp 1: every non-zero |x| of a row the range clamp does not cut is at
-    least its minimum, which rounds to 1 or more (t may lie below -1 there: exp(tile_min) is the fp32-rounded
-    log's, up to 1e-7 above min |x|, many steps of a nearly constant tile). CLAMPED (some row of the program
-    is): below T0 the code is 0. Zeros: code 0."""
+    v = A log2|x| + B = t + 1.5 in one fused multiply-add, clamped to [1, mag_hi]; adding 1.5 * 2^23 rounds it to
+    the nearest integer, floor(t) + 2, in the low bits (no conversion instruction). Nothing else: no exact position,
+    no band, no redo. The code is the nearest one of an x' with |log2 x' - log2|x|| <= the errors of log2
+    (lg2.approx: LOG2_BOUND, checked over whole binades on each GPU, plus the rounding of its result) and of the
+    multiply-add (coscale.kernels.logfmt ``fast_position_error``). The lower clamp 1: every non-zero |x| of a row
+    the range clamp does not cut is at least its minimum, which rounds to 1 or more (t may lie below -1 there:
+    exp(tile_min) is the fp32-rounded log's, up to 1e-7 above min |x|, many steps of a nearly constant tile).
+    CLAMPED (some row of the program is): below T0 the code is 0. Zeros: code 0."""
     Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
     ax = bits.to(tl.float32, bitcast=True)
     if FAST_LOG2:
