@@ -297,10 +297,11 @@ def test_bf16_pairs_first_phase_equals_reference(n_bits):
 def test_gpu_fast_log2_is_within_the_bound_the_band_assumes():
     err = lf.fast_log2_max_error()
     assert err <= lf.LOG2_BOUND, err
-    # "fast" rounding takes the log of whole |x|: the same bound beyond the rounding of the result, every binade
+    # "fast" rounding takes the log of whole |x|: its bound beyond the rounding of the result, every binade
     full = lf.fast_log2_max_error(full_range=True)
     print(f"lg2.approx: {err:.4g} on the mantissas, {full:.4g} beyond rounding on whole binades")
-    assert full <= lf.LOG2_BOUND, full
+    assert full <= lf.FAST_LOG2_BOUND, full
+    assert lf.use_fast_log2(torch.device("cuda"), full_range=True)
 
 
 @needs_triton

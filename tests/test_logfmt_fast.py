@@ -158,7 +158,7 @@ def _mirror(x, m32, s32, scaled, n_bits, lg_err, fused):
 def test_the_bound_covers_the_gpus_fused_arithmetic_and_the_interpreters_unfused_one(n_bits):
     """Tiles with elements on and one ulp around every threshold, half of them rows scaled by 2^24 (a subnormal
     beside a maximum of 2^20-2^40: moderate |x| then take the log of |x| 2^24, the case a first bound missed),
-    lg2's error at 0 and +-LOG2_BOUND, the multiply-add fused (GPU) or not (interpreter): the position error
+    lg2's error at 0 and +-FAST_LOG2_BOUND, the multiply-add fused (GPU) or not (interpreter): the position error
     stays within ``fast_position_error`` (and reaches a tenth of it: the bound is not vacuous), and every
     mirrored code keeps the contract."""
     g = np.random.default_rng(n_bits)
@@ -192,7 +192,7 @@ def test_the_bound_covers_the_gpus_fused_arithmetic_and_the_interpreters_unfused
     live = (ax > 0) & (torch.from_numpy(xn).abs() >= torch.exp(m) * 0.5)  # above the 0 / 1 threshold
     ratio = 0.0
     for fused in (True, False):
-        for err in (-lf.LOG2_BOUND, 0.0, lf.LOG2_BOUND):
+        for err in (-lf.FAST_LOG2_BOUND, 0.0, lf.FAST_LOG2_BOUND):
             mag, v, v_exact = _mirror(xn, m_np, s_np, scaled_rows, n_bits, err, fused)
             with np.errstate(invalid="ignore"):  # zeros: -inf - -inf
                 position_error = torch.from_numpy(np.abs(v - v_exact)) * s / math.log(2)  # log2 units
