@@ -16,23 +16,10 @@ import torch
 
 from coscale.kernels import logfmt as lf
 from coscale.parallel.codec import LogFMTCodec
-from test_logfmt_exact import _adversarial, _hard_rows
+from test_logfmt import _tile_view
+from test_logfmt_exact import KERNEL_DEVICE, _adversarial, _hard_rows, needs_triton
 
-needs_triton = pytest.mark.skipif(
-    not (lf.triton_available() and (lf.interpreting() or torch.cuda.is_available())),
-    reason="needs triton (interpreter on CPU)",
-)
-KERNEL_DEVICE = "cpu" if lf.interpreting() or not torch.cuda.is_available() else "cuda"
 FP32_SLACK = 2e-6  # decoding through fp32
-
-
-def _per_element(t, cols):
-    return t.repeat_interleave(lf.TILE, dim=1)[:, :cols]
-
-
-def assert_fast_contract(x, codes, tile_min, tile_step, n_bits):
-    """The contract of the module docstring (lf.check_fast_codes raises where it is broken)."""
-    return lf.check_fast_codes(x, codes, tile_min, tile_step, n_bits)
 
 
 def test_the_contract_check_finds_a_code_one_step_off_a_wrong_sign_and_a_wrong_tile_number():
@@ -66,7 +53,7 @@ def test_fast_codes_on_hard_inputs_are_nearest_codes_of_a_nearby_x(n_bits, cols)
     x[3, :3] = 1e-30  # the clamp cuts a row whose other elements are normal
     for block_rows in (None, 4, 16):
         got = lf.logfmt_encode(x.to(KERNEL_DEVICE), n_bits, "fast", backend="triton", block_rows=block_rows)
-        assert_fast_contract(x, *(t.cpu() for t in got), n_bits)
+        lf.check_fast_codes(x, *(t.cpu() for t in got), n_bits)
 
 
 @needs_triton
@@ -81,7 +68,7 @@ def test_every_encode_configuration_keeps_the_fast_contract(n_bits):
         shape = dict(block_rows=rows, chunk_cols=chunk, regather=regather)
         codes, tmin, tstep = (t.cpu() for t in lf.logfmt_encode(x.to(KERNEL_DEVICE), n_bits, "fast",
                                                                 backend="triton", **shape))
-        assert_fast_contract(x, codes, tmin, tstep, n_bits)
+        lf.check_fast_codes(x, codes, tmin, tstep, n_bits)
         for packed in (True, False):
             got = lf.logfmt_encode_to_rows(x.to(KERNEL_DEVICE), src.to(KERNEL_DEVICE), 1, n_bits, "fast",
                                            packed=packed, backend="triton", **shape).cpu()
@@ -101,14 +88,14 @@ def test_fast_rounding_keeps_the_nearest_error_bound_and_rarely_differs(n_bits, 
         x = x / torch.sqrt(torch.distributions.Chi2(2.0).sample(x.shape) / 2)
     x = (x * torch.logspace(-3, 3, 64).unsqueeze(1)).to(torch.bfloat16)
     codes, tmin, tstep = (t.cpu() for t in lf.logfmt_encode(x.to(KERNEL_DEVICE), n_bits, "fast", backend="triton"))
-    differ = assert_fast_contract(x, codes, tmin, tstep, n_bits)
+    differ = lf.check_fast_codes(x, codes, tmin, tstep, n_bits)
     assert differ <= 1e-3 * x.numel()  # only next to a threshold
     y = lf.logfmt_decode_ref(codes, tmin, tstep, n_bits, dtype=torch.float64)
     xd = x.double()
-    delta = lf.fast_position_error(xd.abs().clamp_min(1e-300).log2(), _per_element(tmin, x.shape[1]),
-                                   _per_element(tstep, x.shape[1]))
+    delta = lf.fast_position_error(xd.abs().clamp_min(1e-300).log2(), _tile_view(tmin, x.shape[1]),
+                                   _tile_view(tstep, x.shape[1]))
     grow = torch.exp2(delta)
-    bound = lf.nearest_error_bound(_per_element(tstep, x.shape[1])) * grow + (grow - 1)
+    bound = lf.nearest_error_bound(_tile_view(tstep, x.shape[1])) * grow + (grow - 1)
     assert ((y - xd).abs() <= bound * xd.abs() * (1 + FP32_SLACK)).all()
 
 
@@ -120,7 +107,7 @@ def test_fast_codec_round_trip_and_bad_rounding():
     kernel_rows = lf.logfmt_encode_to_rows(x.to(KERNEL_DEVICE), None, 1, 8, "fast", backend="triton").cpu()
     for rows in (codec.encode(x), kernel_rows):
         y = codec.decode(rows, 300, torch.float32)
-        bound = lf.nearest_error_bound(_per_element(step, 300)) * 1.001 + FP32_SLACK
+        bound = lf.nearest_error_bound(_tile_view(step, 300)) * 1.001 + FP32_SLACK
         assert ((y - x).abs() <= bound * x.abs()).all()
     assert "fast" in repr(codec)
     with pytest.raises(Exception, match="rounding"):
