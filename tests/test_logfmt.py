@@ -15,6 +15,17 @@ from coscale.kernels import logfmt as lf
 from coscale.parallel import Codec, combine, dispatch, get_codec
 from coscale.parallel.codec import LogFMTCodec
 
+# where the kernels of the Triton tests run: the interpreter on CPU, or a GPU when TRITON_INTERPRET=0
+# (lg2.approx and the GPU's own code paths)
+KERNEL_DEVICE = "cpu" if lf.interpreting() or not torch.cuda.is_available() else "cuda"
+
+
+def on_kernel_device(fn, *args, **kwargs):
+    """fn on KERNEL_DEVICE copies of its tensor arguments; its tensor results back on the CPU."""
+    out = fn(*(a.to(KERNEL_DEVICE) if isinstance(a, torch.Tensor) else a for a in args), **kwargs)
+    return tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()
+
+
 needs_triton = pytest.mark.skipif(
     not (lf.triton_available() and (lf.interpreting() or torch.cuda.is_available())),
     reason="needs triton (interpreter on CPU)",
@@ -180,14 +191,14 @@ def test_triton_nearest_equals_reference(n_bits, shape, dtype):
     if shape[0] > 2:
         x[1, :2] = 1e-30
     ref = lf.logfmt_encode_ref(x, n_bits)
-    got = lf.logfmt_encode(x, n_bits, backend="triton", block_rows=4)
+    got = on_kernel_device(lf.logfmt_encode, x, n_bits, backend="triton", block_rows=4)
     for g, r in zip(got, ref):
         assert g.dtype == r.dtype and g.shape == r.shape
         assert torch.equal(g, r)  # codes, tile_min and tile_step bit for bit
     y_ref = lf.logfmt_decode_ref(*ref, n_bits, dtype=torch.float32)
-    y = lf.logfmt_decode(*ref, n_bits, dtype=torch.float32, backend="triton", block_rows=4)
+    y = on_kernel_device(lf.logfmt_decode, *ref, n_bits, dtype=torch.float32, backend="triton", block_rows=4)
     torch.testing.assert_close(y, y_ref, rtol=FP32_SLACK, atol=0)
-    y16 = lf.logfmt_decode(*ref, n_bits, dtype=torch.bfloat16, backend="triton")
+    y16 = on_kernel_device(lf.logfmt_decode, *ref, n_bits, dtype=torch.bfloat16, backend="triton")
     torch.testing.assert_close(y16.float(), y_ref, rtol=1e-2, atol=0)
 
 
@@ -197,15 +208,15 @@ def test_triton_stochastic_is_unbiased_and_brackets_x(n_bits):
     draws = 1000
     row = _data(1, 200, seed=5)[0]
     x = row.repeat(draws, 1)
-    codes, tile_min, tile_step = lf.logfmt_encode(x, n_bits, "stochastic", seed=123, backend="triton")
+    codes, tile_min, tile_step = on_kernel_device(lf.logfmt_encode, x, n_bits, "stochastic", seed=123, backend="triton")
     ref_codes, ref_min, ref_step = lf.logfmt_encode_ref(x, n_bits)
     assert torch.equal(tile_min, ref_min) and torch.equal(tile_step, ref_step)
     # each draw is one of the two magnitudes bracketing |x|: within one code of the nearest one
     assert (_magnitude(codes, n_bits) - _magnitude(ref_codes, n_bits)).abs().max() <= 1
-    y = lf.logfmt_decode(codes, tile_min, tile_step, n_bits, backend="triton").double()
+    y = on_kernel_device(lf.logfmt_decode, codes, tile_min, tile_step, n_bits, backend="triton").double()
     stderr = y.std(0) / math.sqrt(draws)
     assert ((y.mean(0) - row.double()).abs() <= 5 * stderr + 1e-6 * row.double().abs()).all()
-    again = lf.logfmt_encode(x[:4], n_bits, "stochastic", seed=123, backend="triton")[0]
+    again = on_kernel_device(lf.logfmt_encode, x[:4], n_bits, "stochastic", seed=123, backend="triton")[0]
     assert torch.equal(again, codes[:4])  # the seed makes it reproducible
 
 

@@ -13,15 +13,13 @@ import pytest
 import torch
 
 from coscale.kernels import logfmt as lf
+from test_logfmt import KERNEL_DEVICE, on_kernel_device
 
 needs_triton = pytest.mark.skipif(
     not (lf.triton_available() and (lf.interpreting() or torch.cuda.is_available())),
     reason="needs triton (interpreter on CPU)",
 )
 F32, F64 = np.float32, np.float64
-# where the kernels of the test_every_*_configuration tests run: the interpreter on CPU, or a GPU when
-# TRITON_INTERPRET=0 (lg2.approx and the GPU's own code paths)
-KERNEL_DEVICE = "cpu" if lf.interpreting() or not torch.cuda.is_available() else "cuda"
 
 
 def _fma32(a, b, c):
@@ -193,14 +191,15 @@ def test_hard_inputs_equal_reference(n_bits, cols):
     x = _hard_rows(cols, n_bits)
     ref = lf.logfmt_encode_ref(x, n_bits)
     for block_rows in (None, 4, 16):
-        got = lf.logfmt_encode(x, n_bits, backend="triton", block_rows=block_rows)
+        got = on_kernel_device(lf.logfmt_encode, x, n_bits, backend="triton", block_rows=block_rows)
         for g_, r in zip(got, ref):
             assert torch.equal(g_.view(torch.int32) if g_.dtype == torch.float32 else g_,
                                r.view(torch.int32) if r.dtype == torch.float32 else r)
     for packed in (True, False):
-        rows = lf.logfmt_encode_to_rows(x, None, 1, n_bits, packed=packed, backend="triton")
+        rows = on_kernel_device(lf.logfmt_encode_to_rows, x, None, 1, n_bits, packed=packed, backend="triton")
         assert torch.equal(rows, lf.to_rows_ref(*ref, n_bits, packed))
-        dec = lf.logfmt_decode_rows(rows, cols, n_bits=n_bits, packed=packed, backend="triton", block_rows=8)
+        dec = on_kernel_device(lf.logfmt_decode_rows, rows, cols, n_bits=n_bits, packed=packed, backend="triton",
+                               block_rows=8)
         # fp32 exp of m + s * k up to |88|: ~|88| * 2^-24 relative
         torch.testing.assert_close(dec, lf.logfmt_decode_ref(*ref, n_bits), rtol=1e-5, atol=3e-45,
                                    equal_nan=True)  # and one subnormal ulp
@@ -215,10 +214,10 @@ def test_wide_random_and_gather_equal_reference(n_bits, packed):
     x = x.to(torch.bfloat16)
     x[5, 130:140] = float("nan")
     src = torch.tensor([3, -1, 7, 7, 0, 23, 12, -1, 5, 1, 2])
-    got = lf.logfmt_encode_to_rows(x, src, 1, n_bits, packed=packed, backend="triton")
+    got = on_kernel_device(lf.logfmt_encode_to_rows, x, src, 1, n_bits, packed=packed, backend="triton")
     gathered = lf._gather_ref(x, src, 1)
     assert torch.equal(got, lf.to_rows_ref(*lf.logfmt_encode_ref(gathered, n_bits), n_bits, packed))
-    codes = lf.logfmt_encode_rows(x, src, 1, n_bits, backend="triton")[0]
+    codes = on_kernel_device(lf.logfmt_encode_rows, x, src, 1, n_bits, backend="triton")[0]
     assert torch.equal(codes, lf.logfmt_encode_ref(gathered, n_bits)[0])
 
 
@@ -227,13 +226,14 @@ def test_stochastic_on_nearly_constant_and_subnormal_tiles():
     """Stochastic rounding keeps each element between its two grid neighbours on tiles the nearest path
     redoes in float64 (tiny step, subnormals)."""
     x = _hard_rows(128, 1)[[1, 3, 7, 10]].repeat(50, 1)
-    codes, tmin, tstep = lf.logfmt_encode(x, 8, "stochastic", seed=3, backend="triton")
+    codes, tmin, tstep = on_kernel_device(lf.logfmt_encode, x, 8, "stochastic", seed=3, backend="triton")
     near = lf.logfmt_encode_ref(x, 8)[0]
     mag = lambda c: c.to(torch.int64) & 127  # noqa: E731
     assert (mag(codes) - mag(near)).abs().max() <= 1
     assert torch.equal(tmin, lf.logfmt_encode_ref(x, 8)[1])
-    again = lf.logfmt_encode(x, 8, "stochastic", seed=3, backend="triton", block_rows=16)[0]
-    assert torch.equal(again, lf.logfmt_encode(x, 8, "stochastic", seed=3, backend="triton", block_rows=4)[0])
+    again = on_kernel_device(lf.logfmt_encode, x, 8, "stochastic", seed=3, backend="triton", block_rows=16)[0]
+    assert torch.equal(again, on_kernel_device(lf.logfmt_encode, x, 8, "stochastic", seed=3, backend="triton",
+                                               block_rows=4)[0])
 
 
 def _assert_same_bits(got, ref, where):
@@ -297,11 +297,7 @@ def test_bf16_pairs_first_phase_equals_reference(n_bits):
 def test_gpu_fast_log2_is_within_the_bound_the_band_assumes():
     err = lf.fast_log2_max_error()
     assert err <= lf.LOG2_BOUND, err
-    # "fast" rounding takes the log of whole |x|: its bound beyond the rounding of the result, every binade
-    full = lf.fast_log2_max_error(full_range=True)
-    print(f"lg2.approx: {err:.4g} on the mantissas, {full:.4g} beyond rounding on whole binades")
-    assert full <= lf.FAST_LOG2_BOUND, full
-    assert lf.use_fast_log2(torch.device("cuda"), full_range=True)
+    assert lf.use_fast_log2(torch.device("cuda"))
 
 
 @needs_triton
@@ -312,12 +308,12 @@ def test_row_planes_round_trip(n_bits, cols):
     (9 bits: int16 codes): the kernels' rows equal the reference's and unpack to the same codes."""
     x = (torch.randn(6, cols, generator=torch.Generator().manual_seed(n_bits)) * 3).to(torch.bfloat16)
     ref = lf.logfmt_encode_ref(x, n_bits)
-    rows = lf.logfmt_encode_to_rows(x, None, 1, n_bits, backend="triton", block_rows=8, chunk_cols=16)
+    rows = on_kernel_device(lf.logfmt_encode_to_rows, x, None, 1, n_bits, backend="triton", block_rows=8, chunk_cols=16)
     assert torch.equal(rows, lf.to_rows_ref(*ref, n_bits, True))
     assert lf.code_planes(n_bits) == (n_bits != 9)
     codes, tmin, tstep = lf.from_rows_ref(rows, cols, n_bits, True)
     assert torch.equal(codes, ref[0]) and torch.equal(tmin, ref[1]) and torch.equal(tstep, ref[2])
-    dec = lf.logfmt_decode_rows(rows, cols, n_bits=n_bits, backend="triton", block_rows=8)
+    dec = on_kernel_device(lf.logfmt_decode_rows, rows, cols, n_bits=n_bits, backend="triton", block_rows=8)
     torch.testing.assert_close(dec, lf.logfmt_decode_ref(*ref, n_bits), rtol=1e-5, atol=0)
 
 

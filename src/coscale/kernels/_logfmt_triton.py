@@ -151,14 +151,14 @@ def _row_line(m32, s32, scaled, N_BITS: tl.constexpr):
     """The "fast" encoder's row constants (float32 [R]): A = 1/S and B = 1.5 - (M + C + 24 scaled) / S, so that
     A log2|x| + B = t + 1.5 (t the grid position, ``_row_grid``; 24: the row's |x| scaled by 2^24), and
     T0 = t0 + 1.5 (t0 = -(1 + C) / S, the 0 / 1 threshold); computed in float64, rounded once. A step-0
-    tile (and a NaN / inf one) gets A = 2^-100, B = 1 (every non-zero element q = 1, before mag_hi), T0 = -inf."""
+    tile (and a NaN / inf one) gets A = 0, B = 1 (every non-zero element q = 1, before mag_hi), T0 = -inf."""
     inv_ln2 = _f64(m32, 0x3FF71547652B82FE)
     s = tl.where(s32 > 0, s32, 1.0).to(tl.float64)
     inv_step = 1.0 / (s * inv_ln2)
     mid = _midpoint_log2(s, m32, N_BITS)
     origin = m32.to(tl.float64) * inv_ln2 + mid + tl.where(scaled, 24.0, 0.0)
     one = s32 == 0
-    a = tl.where(one, 7.888609052210118e-31, inv_step)  # 2^-100: a zero's -inf stays -inf, not NaN
+    a = tl.where(one, 0.0, inv_step)
     b = tl.where(one, 1.0, 1.5 - origin * inv_step)
     t0 = tl.where(one, float("-inf"), 1.5 - (1.0 + mid) * inv_step)
     return a.to(tl.float32), b.to(tl.float32), t0.to(tl.float32)
@@ -313,21 +313,19 @@ def _fast_code(x, bits, a, b, t0, mag_hi, sign_mask, CLAMPED: tl.constexpr, N_BI
     """The "fast" rounding's n-bit code [R, C] int32 (row constants of ``_row_line`` as [R, 1]; mag_hi Q, or 0 for
     a tile with a NaN or inf, as float32; bits: |x|'s, times 2^24 in scaled rows).
 
-    v = A log2|x| + B = t + 1.5 in one fused multiply-add, clamped to [1, mag_hi]; adding 1.5 * 2^23 rounds it to
-    the nearest integer, floor(t) + 2, in the low bits (no conversion instruction). Nothing else: no exact position,
-    no band, no redo. The code is the nearest one of an x' with |log2 x' - log2|x|| <= the errors of log2
-    (lg2.approx: LOG2_BOUND, checked over whole binades on each GPU, plus the rounding of its result) and of the
-    multiply-add (coscale.kernels.logfmt ``fast_position_error``). The lower clamp 1: every non-zero |x| of a row
-    the range clamp does not cut is at least its minimum, which rounds to 1 or more (t may lie below -1 there:
-    exp(tile_min) is the fp32-rounded log's, up to 1e-7 above min |x|, many steps of a nearly constant tile).
-    CLAMPED (some row of the program is): below T0 the code is 0. Zeros: code 0."""
+    v = A log2|x| + B = t + 1.5, with log2|x| = E + log2(mant) (``_log2_mantissa``: lg2.approx only on the
+    mantissas whose bound every GPU's check covers; on whole |x| the H200's lg2.approx is 3.8e-6 off beyond its
+    rounding, run 40) as two multiply-adds, (E A + B) first; clamped to [1, mag_hi]; adding 1.5 * 2^23 rounds it
+    to the nearest integer, floor(t) + 2, in the low bits (no conversion instruction). Nothing else: no exact
+    position, no band, no redo. The code is the nearest one of an x' with |log2 x' - log2|x|| within the errors
+    of the logarithm and the arithmetic (coscale.kernels.logfmt ``fast_position_error``). The lower clamp 1:
+    every non-zero |x| of a row the range clamp does not cut is at least its minimum, which rounds to 1 or more
+    (t may lie below -1 there: exp(tile_min) is the fp32-rounded log's, up to 1e-7 above min |x|, many steps of
+    a nearly constant tile). CLAMPED (some row of the program is): below T0 the code is 0. Zeros (E = -127 and
+    log2(mant) = 0 here: finite): code 0."""
     Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
-    ax = bits.to(tl.float32, bitcast=True)
-    if FAST_LOG2:
-        lg = libdevice.fast_log2f(ax)  # lg2.approx: -inf at 0
-    else:
-        lg = tl.log2(tl.where(bits == 0, 1.0, ax))  # (numpy's log2 would warn at 0; zeros are masked below)
-    v = lg * a + b
+    e, lg = _log2_mantissa(bits, FAST_LOG2)
+    v = lg * a + (e.to(tl.float32) * a + b)
     lo = tl.minimum(mag_hi, 1.0)  # 0 in a NaN / inf tile, whose codes are all 0
     mag = ((tl.minimum(tl.maximum(v, lo), mag_hi) + 12582912.0).to(tl.int32, bitcast=True)) & Q
     sign = (x.to(tl.int32, bitcast=True) >> (32 - N_BITS)) & sign_mask  # the sign bit, in place
@@ -800,16 +798,11 @@ def decode_sum_kernel(
 
 
 @triton.jit
-def log2_check_kernel(out_ptr, first, BLOCK: tl.constexpr, ROUNDING: tl.constexpr):
+def log2_check_kernel(out_ptr, BLOCK: tl.constexpr):
     # The bound the encoder assumes for lg2.approx.f32, checked on the GPU it runs on: out[pid] = max
-    # |lg2.approx(v) - log2(v)| (float64) over this program's share of 2^23 consecutive float32 bit patterns from
-    # ``first``: the mantissas [sqrt(1/2), sqrt(2)) (0x3F3504F4, the range _log2_mantissa feeds it), or one binade
-    # [2^E, 2^(E+1)) with ROUNDING, less the rounding of the result (|log2 v| 2^-24), which "fast" rounding
-    # feeds whole |x| (its bound: coscale.kernels.logfmt.fast_position_error).
-    bits = first + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    v = bits.to(tl.float32, bitcast=True)
-    ref = tl.log2(v.to(tl.float64))
-    err = tl.abs(libdevice.fast_log2f(v).to(tl.float64) - ref)
-    if ROUNDING:
-        err = err - tl.abs(ref) * 5.9604644775390625e-08
+    # |lg2.approx(mant) - log2(mant)| (float64) over this program's share of every float32 mant in
+    # [sqrt(1/2), sqrt(2)) (bits 0x3F3504F4 .. + 2^23, the range _log2_mantissa feeds it, for every rounding).
+    bits = 0x3F3504F4 + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mant = bits.to(tl.float32, bitcast=True)
+    err = tl.abs(libdevice.fast_log2f(mant).to(tl.float64) - tl.log2(mant.to(tl.float64)))
     tl.store(out_ptr + tl.program_id(0), tl.max(err, 0))
