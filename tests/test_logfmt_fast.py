@@ -126,14 +126,15 @@ def _mirror(x, m32, s32, scaled, n_bits, lg_err, fused):
     inv_step = 1.0 / (s * inv_ln2)
     mid = np.log((1 + np.exp(s)) / 2) * inv_ln2
     origin = m32.astype(np.float64) * inv_ln2 + mid + np.where(scaled, 24.0, 0.0)
-    a, b = np.float32(inv_step)[:, None], np.float32(1.5 - origin * inv_step)[:, None]
+    a = np.float32(inv_step)[:, None]
     t0 = np.float32(1.5 - (1.0 + mid) * inv_step)[:, None]
     ax = (np.abs(x) * np.where(scaled, np.float32(2.0**24), np.float32(1))[:, None]).astype(np.float32)  # exact
     bits = ax.view(np.int32)
-    e = (bits - 0x3F3504F4) >> 23  # _log2_mantissa's split
-    mant = (bits - (e << 23)).view(np.float32).astype(np.float64)
+    e = (bits >> 23).astype(np.float32)  # _log2_biased's split: the biased exponent, the mantissa in [1, 2)
+    mant = ((bits & 0x7FFFFF) | 0x3F800000).view(np.float32).astype(np.float64)
     lg = np.float32(np.log2(mant) + lg_err)
-    e = e.astype(np.float32)
+    a64 = a.astype(np.float64)
+    b = np.float32((1.5 - origin * inv_step)[:, None] - 127.0 * a64)  # B' = B - 127 A, A as rounded
     if fused:  # each product of two float32 is exact in float64; one rounding of each sum (to within 2^-29)
         w = np.float32(e.astype(np.float64) * a + b)
         v = np.float32(lg.astype(np.float64) * a + w)
@@ -142,14 +143,14 @@ def _mirror(x, m32, s32, scaled, n_bits, lg_err, fused):
     with np.errstate(divide="ignore", invalid="ignore"):
         v_exact = (np.log2(ax.astype(np.float64)) - origin[:, None]) * inv_step[:, None] + 1.5
     mag = np.rint(np.clip(v, 1.0, q)).astype(np.int64)  # ties to even, as adding 1.5 * 2^23 rounds
-    return np.where((ax == 0) | (v < t0), 0, mag), v.astype(np.float64), v_exact
+    return np.where(v < t0, 0, mag), v.astype(np.float64), v_exact  # zeros too (log2 taken as -127)
 
 
 @pytest.mark.parametrize("n_bits", [8, 10, 16])
 def test_the_bound_covers_the_gpus_fused_arithmetic_and_the_interpreters_unfused_one(n_bits):
     """Tiles with elements on and one ulp around every threshold, half of them rows scaled by 2^24 (a subnormal
     beside a maximum of 2^20-2^40: moderate |x| then take the log of |x| 2^24, the case a first bound missed),
-    lg2's error on the mantissa at 0 and +-LOG2_BOUND, the multiply-adds fused (GPU) or not (interpreter): the
+    lg2's error on the mantissa at 0 and +-FAST_LOG2_BOUND, the multiply-adds fused (GPU) or not (interpreter): the
     position error stays within ``fast_position_error`` (and reaches a tenth of it: the bound is not vacuous), and
     every mirrored code keeps the contract."""
     g = np.random.default_rng(n_bits)
@@ -171,7 +172,7 @@ def test_the_bound_covers_the_gpus_fused_arithmetic_and_the_interpreters_unfused
     _, m32, s32 = lf.logfmt_encode_ref(x, n_bits)
     xn, m_np, s_np = x.numpy(), m32[:, 0].numpy(), s32[:, 0].numpy()
     amin = np.where(xn != 0, np.abs(xn), np.inf).min(1)
-    scaled_rows = (amin < 2.0**-126) & (np.abs(xn).max(1) < 2.0**100)
+    scaled_rows = (amin < 2.0**-100) & (np.abs(xn).max(1) < 2.0**100)  # the kernel's rows scaled by 2^24
     assert scaled_rows.sum() == 30
     ax = x.double().abs()
     m, s = m32.double().expand(-1, 128), s32.double().expand(-1, 128)
@@ -183,7 +184,7 @@ def test_the_bound_covers_the_gpus_fused_arithmetic_and_the_interpreters_unfused
     live = (ax > 0) & (torch.from_numpy(xn).abs() >= torch.exp(m) * 0.5)  # above the 0 / 1 threshold
     ratio = 0.0
     for fused in (True, False):
-        for err in (-lf.LOG2_BOUND, 0.0, lf.LOG2_BOUND):
+        for err in (-lf.FAST_LOG2_BOUND, 0.0, lf.FAST_LOG2_BOUND):
             mag, v, v_exact = _mirror(xn, m_np, s_np, scaled_rows, n_bits, err, fused)
             with np.errstate(invalid="ignore"):  # zeros: -inf - -inf
                 position_error = torch.from_numpy(np.abs(v - v_exact)) * s / math.log(2)  # log2 units
@@ -210,3 +211,25 @@ def test_fast_rounding_really_runs_and_keeps_the_contract_on_a_scaled_row():
         assert lf.check_fast_codes(x, *got, n_bits) > 0
         ref = lf.logfmt_encode_ref(x, n_bits)[0]
         assert not torch.equal(got[0][0].cpu(), ref[0])
+
+
+@needs_triton
+@pytest.mark.parametrize("n_bits", [3, 8, 10])
+def test_fast_zeros_and_one_magnitude_tiles_take_code_0_and_1(n_bits):
+    """Zeros take code 0 with no test of their own (their log2, taken as -127, lies under the 0 / 1 threshold): beside
+    the smallest normal (2^-126, a row scaled by 2^24), beside 2^-99 and 2^-101 (either side of the scaling), in tiles
+    of one magnitude (step 0: every non-zero code 1), subnormal ones included, and in all-zero and NaN tiles."""
+    x = torch.zeros(8, 128)
+    x[0, ::2] = 2.0**-126
+    x[1, ::3] = 2.0**-99
+    x[1, 1] = 2.0**-90
+    x[2, ::3] = 2.0**-101
+    x[2, 1] = 2.0**-92
+    x[3, ::2] = -5.0  # one magnitude, with zeros
+    x[4, 1::2] = 1e-40  # one subnormal magnitude
+    x[5, 7] = 3.0e38  # one huge magnitude
+    x[6, 3], x[6, 4] = math.nan, 1.0
+    got = [t.cpu() for t in lf.logfmt_encode(x.to(KERNEL_DEVICE), n_bits, "fast", backend="triton")]
+    lf.check_fast_codes(x, *got, n_bits)
+    assert torch.equal(got[0], lf.logfmt_encode_ref(x, n_bits)[0])  # none lies near a threshold
+    assert (got[0][x == 0] == 0).all() and (got[0][3:6][x[3:6] != 0] & ((1 << (n_bits - 1)) - 1) == 1).all()

@@ -148,20 +148,22 @@ def _midpoint_log2(s, like, N_BITS: tl.constexpr):
 
 @triton.jit
 def _row_line(m32, s32, scaled, N_BITS: tl.constexpr):
-    """The "fast" encoder's row constants (float32 [R]): A = 1/S and B = 1.5 - (M + C + 24 scaled) / S, so that
-    A log2|x| + B = t + 1.5 (t the grid position, ``_row_grid``; 24: the row's |x| scaled by 2^24), and
-    T0 = t0 + 1.5 (t0 = -(1 + C) / S, the 0 / 1 threshold); computed in float64, rounded once. A step-0
-    tile (and a NaN / inf one) gets A = 0, B = 1 (every non-zero element q = 1, before mag_hi), T0 = -inf."""
+    """The "fast" encoder's row constants (float32 [R]): A = 1/S and B' = B - 127 A, B = 1.5 - (M + C + 24 scaled) / S,
+    so that A log2|x| + B = t + 1.5 (t the grid position, ``_row_grid``; 24: the row's |x| scaled by 2^24; 127:
+    ``_log2_biased``'s exponent bias, taken with A as rounded), and T0 = t0 + 1.5 (t0 = -(1 + C) / S, the 0 / 1
+    threshold); computed in float64, rounded once. A tile with one
+    distinct magnitude (step 0; and a NaN / inf or all-zero tile, whose m32 is 0) gets the line through it, A = 1,
+    B = 1 - (M + 24 scaled): its elements v = 1 (to ~1e-5), a zero (log2 taken as -127) 0 or below, T0 = 1/2."""
     inv_ln2 = _f64(m32, 0x3FF71547652B82FE)
     s = tl.where(s32 > 0, s32, 1.0).to(tl.float64)
     inv_step = 1.0 / (s * inv_ln2)
     mid = _midpoint_log2(s, m32, N_BITS)
-    origin = m32.to(tl.float64) * inv_ln2 + mid + tl.where(scaled, 24.0, 0.0)
+    lmin = m32.to(tl.float64) * inv_ln2 + tl.where(scaled, 24.0, 0.0)
     one = s32 == 0
-    a = tl.where(one, 0.0, inv_step)
-    b = tl.where(one, 1.0, 1.5 - origin * inv_step)
-    t0 = tl.where(one, float("-inf"), 1.5 - (1.0 + mid) * inv_step)
-    return a.to(tl.float32), b.to(tl.float32), t0.to(tl.float32)
+    a = tl.where(one, 1.0, inv_step).to(tl.float32)
+    b = tl.where(one, 1.0 - lmin, 1.5 - (lmin + mid) * inv_step) - 127.0 * a.to(tl.float64)  # exact product
+    t0 = tl.where(one, 0.5, 1.5 - (1.0 + mid) * inv_step)
+    return a, b.to(tl.float32), t0.to(tl.float32)
 
 
 @triton.jit
@@ -208,6 +210,20 @@ def _log2_mantissa(bits, FAST_LOG2: tl.constexpr):
     else:
         lg = tl.log2(mant)
     return e, lg
+
+
+@triton.jit
+def _log2_biased(bits, FAST_LOG2: tl.constexpr):
+    """(E + 127 as float32, log2(mant) float32) with |x| = 2^E * mant, mant in [1, 2): the biased exponent and the
+    mantissa of |x|'s bits as they stand (a shift and a mask: two instructions fewer than ``_log2_mantissa``; 0
+    gives E = -127, mant = 1). FAST_LOG2 (the GPU): lg2.approx.f32, within FAST_LOG2_BOUND on [1, 2) (checked
+    on each GPU by log2_check_kernel); the interpreter: tl.log2 (numpy's)."""
+    mant = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+    if FAST_LOG2:
+        lg = libdevice.fast_log2f(mant)
+    else:
+        lg = tl.log2(mant)
+    return (bits >> 23).to(tl.float32), lg
 
 
 @triton.jit
@@ -308,30 +324,31 @@ def _nearest_code(x, bits, kz, inv_hi, inv_lo, inv_S, k_int2b, k_frac, t0_int, t
 
 
 @triton.jit
-def _fast_code(x, bits, a, b, t0, mag_hi, sign_mask, CLAMPED: tl.constexpr, N_BITS: tl.constexpr,
-               FAST_LOG2: tl.constexpr):  # fmt: skip
+def _fast_code(x, bits, a, b, t0, mag_hi, sign_mask, N_BITS: tl.constexpr, FAST_LOG2: tl.constexpr):
     """The "fast" rounding's n-bit code [R, C] int32 (row constants of ``_row_line`` as [R, 1]; mag_hi Q, or 0 for
     a tile with a NaN or inf, as float32; bits: |x|'s, times 2^24 in scaled rows).
 
-    v = A log2|x| + B = t + 1.5, with log2|x| = E + log2(mant) (``_log2_mantissa``: lg2.approx only on the
-    mantissas whose bound every GPU's check covers; on whole |x| the H200's lg2.approx is 3.8e-6 off beyond its
-    rounding, run 40) as two multiply-adds, (E A + B) first; clamped to [1, mag_hi]; adding 1.5 * 2^23 rounds it
-    to the nearest integer, floor(t) + 2, in the low bits (no conversion instruction). Nothing else: no exact
-    position, no band, no redo. The code is the nearest one of an x' with |log2 x' - log2|x|| within the errors
-    of the logarithm and the arithmetic (coscale.kernels.logfmt ``fast_position_error``). The lower clamp 1:
-    every non-zero |x| of a row the range clamp does not cut is at least its minimum, which rounds to 1 or more
-    (t may lie below -1 there: exp(tile_min) is the fp32-rounded log's, up to 1e-7 above min |x|, many steps of
-    a nearly constant tile). CLAMPED (some row of the program is): below T0 the code is 0. Zeros (E = -127 and
-    log2(mant) = 0 here: finite): code 0."""
+    v = A log2|x| + B = t + 1.5, with log2|x| = E + log2(mant) (``_log2_biased``: lg2.approx only on the
+    mantissas [1, 2), whose bound each GPU's check covers; on whole |x| the H200's lg2.approx is 3.8e-6 off
+    beyond its rounding, run 40) as two multiply-adds, ((E + 127) A + B') first (B' = B - 127 A); clamped to
+    [1, mag_hi]; adding 1.5 * 2^23 rounds it to the nearest integer, floor(t) + 2, in the low bits (no conversion
+    instruction). Nothing else: no exact position, no band, no redo. The code is the nearest one of an x' with
+    |log2 x' - log2|x|| within the errors of the logarithm and the arithmetic (coscale.kernels.logfmt
+    ``fast_position_error``). The lower clamp 1: every non-zero |x| of a row the range clamp does not cut is at
+    least its minimum, which rounds to 1 or more (t may lie below -1 there: exp(tile_min) is the fp32-rounded
+    log's, up to 1e-7 above min |x|, many steps of a nearly constant tile). Below T0 (the 0 / 1 threshold, a
+    binade under the row's minimum) the code is 0: elements the range clamp cuts, and zeros, whose log2 is taken
+    as -127 (E = -127, mant = 1), at least a binade under T0 since rows with min |x| < 2^-100 are scaled (unless
+    max |x| >= 2^100: then T0 is far above)."""
     Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
-    e, lg = _log2_mantissa(bits, FAST_LOG2)
-    v = lg * a + (e.to(tl.float32) * a + b)
+    e, lg = _log2_biased(bits, FAST_LOG2)
+    v = lg * a + (e * a + b)
     lo = tl.minimum(mag_hi, 1.0)  # 0 in a NaN / inf tile, whose codes are all 0
-    mag = ((tl.minimum(tl.maximum(v, lo), mag_hi) + 12582912.0).to(tl.int32, bitcast=True)) & Q
+    mag = (tl.minimum(tl.maximum(v, lo), mag_hi) + 12582912.0).to(tl.int32, bitcast=True)
+    if N_BITS != 8:  # 8 bits: the code leaves as a byte, which drops the bits above Q (0x4B4000..) by itself
+        mag = mag & Q
     sign = (x.to(tl.int32, bitcast=True) >> (32 - N_BITS)) & sign_mask  # the sign bit, in place
-    if CLAMPED:
-        return tl.where((bits == 0) | (v < t0), 0, mag | sign)  # a NaN tile: mag and sign 0 already
-    return tl.where(bits == 0, 0, mag | sign)  # mag >= 1 wherever sign_mask is set
+    return tl.where(v < t0, 0, mag | sign)
 
 
 @triton.jit
@@ -415,7 +432,8 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
                    N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
                    PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr,
                    GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr,
-                   CLAMPED: tl.constexpr, FAST_LOG2: tl.constexpr, FAST: tl.constexpr, x_tile, src_tile):  # fmt: skip
+                   CLAMPED: tl.constexpr, FAST_LOG2: tl.constexpr, FAST: tl.constexpr, x_tile, src_tile,
+                   SCALING: tl.constexpr = True):  # fmt: skip
     """The encoder's element phase: the tile's codes, CHUNK_C columns at a time (x read again, from the
     cache; with one chunk, CHUNK_C = TILE_C, the tile the first phase loaded, x_tile and src_tile), stored
     for the rows of keep_c that hold no ambiguous element so far. Returns (rows with an ambiguous element
@@ -433,15 +451,16 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
             x, src, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
         bits = tl.abs(x).to(tl.int32, bitcast=True)
         pbits = bits
-        if any_scaled:
-            pbits = (tl.abs(x) * scale_c).to(tl.int32, bitcast=True)
+        if SCALING:  # False: no row of the program is scaled (a multiply an element less)
+            if any_scaled:
+                pbits = (tl.abs(x) * scale_c).to(tl.int32, bitcast=True)
         if STOCHASTIC:
             rand_off = rows[:, None] * (T * TILE_C) + cols[None, :]
             mag = _stochastic_mag(x, pbits, m32, s32, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, skip, Q, FAST_LOG2,
                                   seed, rand_off)  # fmt: skip
             code = _finish_code(mag, x, tl.abs(x), bad, s32, N_BITS)
         elif FAST:
-            code = _fast_code(x, pbits, inv_S_c, k_frac_c, t0_frac_c, mag_hi_c, sign_c, CLAMPED, N_BITS, FAST_LOG2)
+            code = _fast_code(x, pbits, inv_S_c, k_frac_c, t0_frac_c, mag_hi_c, sign_c, N_BITS, FAST_LOG2)
         else:
             code, amb = _nearest_code(x, pbits, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, t0_int_c, t0_frac_c,
                                       band_c, half_c, mag_hi_c, sign_c, CLAMPED, N_BITS, FAST_LOG2)  # fmt: skip
@@ -527,7 +546,10 @@ def encode_kernel(
     # A subnormal |x| (rare) has no exponent in its bits: its row is scaled by 2^24 (exact) for the
     # position, unless that would overflow (max |x| >= 2^100; then they are far below the clamp).
     tiny = amin < 1.1754943508222875e-38
-    scaled = tiny & (amax < 1.2676506002282294e30)
+    if FAST:  # also rows with min |x| < 2^-100: a zero's log2 (-127) then lies a binade or more under T0
+        scaled = (amin < 7.888609052210118e-31) & (amax < 1.2676506002282294e30)
+    else:
+        scaled = tiny & (amax < 1.2676506002282294e30)
     if FAST:  # "fast" rounding: the row's line (every other constant unused)
         inv_S, k_frac, t0_frac = _row_line(m32, s32, scaled, N_BITS)
         kz, inv_hi, inv_lo, k_int, t0_int, band, skip = inv_S, inv_S, inv_S, inv_S, inv_S, inv_S, bad
@@ -538,9 +560,9 @@ def encode_kernel(
     if STOCHASTIC:  # no redo: the fast path handles every row (stochastic codes are not bit-exact)
         redo = tl.zeros([BLOCK_R], dtype=tl.int32)
         clamped = redo
-    elif FAST:  # no redo either: the codes are those of a perturbed x (_fast_code)
+    elif FAST:  # no redo either: the codes are those of a perturbed x (_fast_code), zeros and cut ones below T0
         redo = tl.zeros([BLOCK_R], dtype=tl.int32)
-        clamped = (amin.to(tl.float64) < amax.to(tl.float64) * range_clamp).to(tl.int32) * live
+        clamped = redo
         half_band = band
         mag_hi = tl.where(bad, 0.0, Q)
         sign_mask = tl.where(bad, 0, 1 << (N_BITS - 1))
@@ -574,7 +596,22 @@ def encode_kernel(
     keep_c = (in_r1 & (redo * live == 0))[:, None]  # rows the fast path stores (unless found ambiguous)
     # The chunk loop is written out once per branch (not the branch once per chunk): the row constants are
     # then converted to the elements' layout once, not at every use (~100 shared-memory round trips).
-    if STOCHASTIC:
+    if FAST:  # one loop without the 2^24 multiply, unless a row of the program is scaled
+        if any_scaled:
+            amb_rows, src = _encode_chunks(
+                x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows,
+                tile, keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c,
+                band_c, half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK,
+                PACKED, PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, FAST, x_tile,
+                src_tile, True)  # fmt: skip
+        else:
+            amb_rows, src = _encode_chunks(
+                x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows,
+                tile, keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c,
+                band_c, half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK,
+                PACKED, PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, FAST, x_tile,
+                src_tile, False)  # fmt: skip
+    elif STOCHASTIC:
         amb_rows, src = _encode_chunks(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, k_frac_c, k_frac_c, k_frac_c,
@@ -586,14 +623,14 @@ def encode_kernel(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c, band_c,
             half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, True, FAST_LOG2, FAST, x_tile,
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, True, FAST_LOG2, False, x_tile,
             src_tile)  # fmt: skip
     else:
         amb_rows, src = _encode_chunks(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
             keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c, band_c,
             half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK, PACKED,
-            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, FAST, x_tile,
+            PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, False, x_tile,
             src_tile)  # fmt: skip
     if not (STOCHASTIC or FAST):  # the float64 redo of rows with an ambiguous element (nearest only)
         redo = tl.maximum(redo, amb_rows) * live * in_r1.to(tl.int32)
@@ -798,11 +835,12 @@ def decode_sum_kernel(
 
 
 @triton.jit
-def log2_check_kernel(out_ptr, BLOCK: tl.constexpr):
+def log2_check_kernel(out_ptr, first, BLOCK: tl.constexpr):
     # The bound the encoder assumes for lg2.approx.f32, checked on the GPU it runs on: out[pid] = max
-    # |lg2.approx(mant) - log2(mant)| (float64) over this program's share of every float32 mant in
-    # [sqrt(1/2), sqrt(2)) (bits 0x3F3504F4 .. + 2^23, the range _log2_mantissa feeds it, for every rounding).
-    bits = 0x3F3504F4 + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # |lg2.approx(mant) - log2(mant)| (float64) over this program's share of the 2^23 float32 mant from the bits
+    # ``first``: [sqrt(1/2), sqrt(2)) (0x3F3504F4, the range _log2_mantissa feeds it) or [1, 2) (0x3F800000,
+    # _log2_biased's: "fast" rounding).
+    bits = first + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mant = bits.to(tl.float32, bitcast=True)
     err = tl.abs(libdevice.fast_log2f(mant).to(tl.float64) - tl.log2(mant.to(tl.float64)))
     tl.store(out_ptr + tl.program_id(0), tl.max(err, 0))

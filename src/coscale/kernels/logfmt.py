@@ -126,6 +126,7 @@ __all__ = [
     "logfmt_encode_ref",
     "logfmt_decode_ref",
     "nearest_error_bound",
+    "FAST_LOG2_BOUND",
     "fast_position_error",
     "check_fast_codes",
     "grid_magnitude_ref",
@@ -211,21 +212,22 @@ def fast_position_error(log2_ax: torch.Tensor, tile_min: torch.Tensor, tile_step
     """The "fast" rounding's bound (log2 units, float64, broadcast): its code is the nearest code of some x'
     with |log2 x' - log2|x|| <= this.
 
-    The kernel (``_fast_code``) takes log2 of L' = |x| (or |x| 2^24 in a row scaled for its subnormals, whose
+    The kernel (``_fast_code``) takes log2 of L' = |x| (or |x| 2^24 in a row scaled for its small elements, whose
     origin is then M' = M + 24; M = tile_min / ln 2, S = tile_step / ln 2, C <= S the midpoint offset) as
-    E + lg, E an integer, lg = log2(mant) for mant in [sqrt(1/2), sqrt(2)) (lg2.approx: within LOG2_BOUND,
-    its rounding included, on every GPU that runs it: ``use_fast_log2``), and computes w = fl(E A + B), then
-    v = fl(lg A + w), A = fl(1/S), B = fl(1.5 - (M' + C) / S); each a fused multiply-add on the GPU, a rounded
-    product and a rounded sum in the interpreter. Errors of v, times S (log2 units), u = 2^-24, |E| <= |L'| +
-    1/2: lg's (LOG2_BOUND (1 + u)), A's (|L'| u), B's (S |B| u <= (|M'| + 2.5 S) u), w's (S |w| u <= (|E| +
-    |M'| + 2.5 S) u), v's (S |v| u <= (|L'| + |M'| + 2.5 S) u) and, unfused, the products' (|E| u and |lg| u
-    <= u / 2): 4 |L'| + 3 |M'| + 7.5 S + 1.5, in u. With |L'| <= |L| + 24 and |M'| <= |M| + 24 (L = log2|x|),
-    and T0's rounding for the 0 / 1 threshold ((1 + 2.5 S) u), this is within
-    LOG2_BOUND (1 + 2^-20) + 2^-23 (2 |L| + 2 |M| + 5 S + 86)."""
+    e - 127 + lg, e = E + 127 the biased exponent (|E| <= |L'| + 1), lg = log2(mant) for mant in [1, 2)
+    (lg2.approx: within FAST_LOG2_BOUND, its rounding included, on every GPU that runs it: ``use_fast_log2``),
+    and computes w = fl(e A + B'), then v = fl(lg A + w), A = fl(1/S), B' = fl(B - 127 A) (with A as rounded, so
+    that A's error multiplies L' alone), B = 1.5 - (M' + C) / S; each a fused multiply-add on the GPU, a rounded
+    product and a rounded sum in the interpreter. Errors of v, times S (log2 units), u = 2^-24: lg's
+    (FAST_LOG2_BOUND (1 + u)), A's (|L'| u), B''s (S |B'| u <= (|M'| + 2.5 S + 127) u), w's (S |w| u <= (|E| +
+    |M'| + 2.5 S) u), v's (S |v| u <= (|L'| + |M'| + 2.5 S) u) and, unfused, the products' (|e| u <= (|E| + 127) u,
+    and |lg| u <= u): 4 |L'| + 3 |M'| + 7.5 S + 257, in u. With |L'| <= |L| + 24 and |M'| <= |M| + 24 (L =
+    log2|x|), and T0's rounding for the 0 / 1 threshold ((1 + 2.5 S) u), this is within
+    FAST_LOG2_BOUND (1 + 2^-20) + 2^-23 (2 |L| + 2 |M| + 5 S + 214): about 2.6e-5 at |x| near 1."""
     inv_ln2 = 1 / math.log(2)
     big_m = torch.nan_to_num(tile_min.double()).abs() * inv_ln2
     big_s = torch.nan_to_num(tile_step.double()).abs() * inv_ln2
-    return LOG2_BOUND * (1 + 2.0**-20) + 2.0**-23 * (2 * log2_ax.double().abs() + 2 * big_m + 5 * big_s + 86)
+    return FAST_LOG2_BOUND * (1 + 2.0**-20) + 2.0**-23 * (2 * log2_ax.double().abs() + 2 * big_m + 5 * big_s + 214)
 
 
 def check_fast_codes(x: torch.Tensor, codes: torch.Tensor, tile_min: torch.Tensor, tile_step: torch.Tensor,
@@ -433,9 +435,12 @@ DELTA = 4e-7  # log2 units: the band is DELTA / S + 2^-20 in t units (the bound:
 # round trip through L2 (ncu, run 35: 25-37% occupancy, so each program's waits show). With CHUNK_C = 128
 # the tile stays in registers between the phases (x is read once). Run 35: the dispatch's encodes and
 # LogFMT-8 encode alone picked REGATHER=False (encode alone 1.19x, the dispatch's encodes 1.12-1.19x with
-# the first phase on bf16 pairs). Few candidates: each is a compilation per variant.
+# the first phase on bf16 pairs). The last two: one row a thread, for "fast" rounding, whose element phase is
+# light beside its row phase (about 126 float64 instructions a row, sm_90 SASS; without REGATHER repeated by
+# every thread that holds part of the row). Few candidates: each is a compilation per variant.
 ENCODE_CONFIGS = ((64, 4, 16, True), (8, 4, 128, True), (32, 2, 16, True), (16, 1, 16, True), (32, 2, 32, True),
-                  (64, 4, 32, True), (32, 2, 32, False), (64, 4, 32, False), (8, 4, 128, False), (16, 4, 128, False))
+                  (64, 4, 32, True), (32, 2, 32, False), (64, 4, 32, False), (8, 4, 128, False), (16, 4, 128, False),
+                  (128, 4, 16, True), (128, 4, 32, True))
 DECODE_CONFIGS = ((8, 4), (32, 8), (16, 4), (64, 8), (32, 4))  # more rows a program: fewer, longer programs
 
 
@@ -506,7 +511,7 @@ def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, b
             N_BITS=n_bits, STOCHASTIC=rounding == "stochastic", FAST=rounding == "fast", GATHER=row_src is not None,
             TOPK=topk,
             PACKED=rows_out, PLANES=planes, GROUP=group, GBYTES=group_bytes, GB_P2=_pow2(group_bytes), TILE_C=TILE,
-            FAST_LOG2=use_fast_log2(x.device), PAIRS=pairs,
+            FAST_LOG2=use_fast_log2(x.device, rounding == "fast"), PAIRS=pairs,
             PAIR_ASM=pairs and not interpreting(), **cfg,
         )  # fmt: skip
     return payload if rows_out else (codes, tile_min, tile_step)
@@ -546,40 +551,45 @@ def _decode_triton(src, hidden, pair_row, weight, n_bits, dtype, packed, rows_in
 LOG2_BOUND = 1.8e-7
 
 
-def fast_log2_max_error(device="cuda") -> float:
-    """The largest |lg2.approx.f32(m) - log2(m)| over every float32 m in [sqrt(1/2), sqrt(2)) on this GPU:
-    the encoder's fast path is exact, and "fast" rounding within ``fast_position_error``, only if it is <=
-    LOG2_BOUND (tests/test_logfmt_exact.py, and benchmarks/bench_logfmt.py prints it). Both take lg2.approx of
-    mantissas only: on whole float32 values the H200's is up to 3.8e-6 off beyond the rounding of its result
-    (run 40)."""
+FAST_LOG2_BOUND = 1e-6  # "fast" rounding's allowance for lg2.approx on [1, 2) (fast_position_error)
+
+
+def fast_log2_max_error(device="cuda", fast: bool = False) -> float:
+    """The largest |lg2.approx.f32(m) - log2(m)| over every float32 m in [sqrt(1/2), sqrt(2)) on this GPU (the
+    encoder's fast path is exact only if it is <= LOG2_BOUND), or with ``fast`` in [1, 2) ("fast" rounding keeps
+    its contract if it is <= FAST_LOG2_BOUND). tests/test_logfmt_exact.py checks both, benchmarks/bench_logfmt.py
+    prints them. Both take lg2.approx of mantissas only: on whole float32 values the H200's is up to 3.8e-6 off
+    beyond the rounding of its result (run 40)."""
     if interpreting() or not torch.cuda.is_available():
         raise CoscaleError("fast_log2_max_error needs a CUDA GPU (lg2.approx is a GPU instruction)")
     from coscale.kernels import _logfmt_triton as k
 
     block = 1024
     out = torch.empty((1 << 23) // block, dtype=torch.float64, device=device)
-    k.log2_check_kernel[(out.numel(),)](out, BLOCK=block)
+    k.log2_check_kernel[(out.numel(),)](out, 0x3F800000 if fast else 0x3F3504F4, BLOCK=block)
     return float(out.max())
 
 
-_FAST_LOG2_OK: dict[int, bool] = {}  # per CUDA device index: lg2.approx within LOG2_BOUND
+_FAST_LOG2_OK: dict[tuple[int, bool], bool] = {}  # per (CUDA device index, fast): lg2.approx within its bound
 
 
-def use_fast_log2(device: torch.device) -> bool:
+def use_fast_log2(device: torch.device, fast: bool = False) -> bool:
     """Whether the encoder may take lg2.approx on ``device``: once per GPU, on the first eager call,
     ``fast_log2_max_error`` checks it against LOG2_BOUND (a GPU whose approximation were coarser would
-    make the fast path's exactness argument void; it then gets the accurate log2, slower, exact codes).
+    make the fast path's exactness argument void; it then gets the accurate log2, slower, exact codes), or for
+    ``fast`` ("fast" rounding, mantissas in [1, 2)) against FAST_LOG2_BOUND.
     While a CUDA graph is captured or torch.compile traces, before any check, the accurate log2 too."""
     if interpreting() or device.type != "cuda":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _FAST_LOG2_OK:
+    if (index, fast) not in _FAST_LOG2_OK:
         from coscale.kernels.autotune import _cannot_time
 
         if _cannot_time():
             return False
-        _FAST_LOG2_OK[index] = fast_log2_max_error(torch.device("cuda", index)) <= LOG2_BOUND
-    return _FAST_LOG2_OK[index]
+        err = fast_log2_max_error(torch.device("cuda", index), fast)
+        _FAST_LOG2_OK[index, fast] = err <= (FAST_LOG2_BOUND if fast else LOG2_BOUND)
+    return _FAST_LOG2_OK[index, fast]
 
 
 def _seed(rounding: str, seed: int | None) -> int | None:
