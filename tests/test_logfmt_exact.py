@@ -298,8 +298,8 @@ def test_gpu_fast_log2_is_within_the_bound_the_band_assumes():
     err = lf.fast_log2_max_error()
     assert err <= lf.LOG2_BOUND, err
     assert lf.use_fast_log2(torch.device("cuda"))
-    fast = lf.fast_log2_max_error(fast=True)  # "fast" rounding's mantissas, [1, 2)
-    print(f"lg2.approx: {err:.4g} on [sqrt(1/2), sqrt(2)), {fast:.4g} on [1, 2)")
+    fast = lf.fast_log2_max_error(fast=True)  # "fast" rounding's: whole |x|, beyond the rounding of the result
+    print(f"lg2.approx: {err:.4g} on [sqrt(1/2), sqrt(2)), {fast:.4g} beyond rounding on every normal float32")
     assert fast <= lf.FAST_LOG2_BOUND, fast
     assert lf.use_fast_log2(torch.device("cuda"), fast=True)
 

@@ -36,7 +36,7 @@ threshold).
 
 Encode, "fast" rounding (FAST): none of that. Per row the line v = A log2|x| + B = t + 1.5 (``_row_line``, float64
 rounded once), per element one lg2.approx and one multiply-add, clamped and rounded by adding 1.5 * 2^23
-(``_fast_code``): 16-18 SASS instructions an element in the element phase against 34-45 (sm_90, 32-column steps).
+(``_fast_code``).
 """
 
 import triton
@@ -148,22 +148,21 @@ def _midpoint_log2(s, like, N_BITS: tl.constexpr):
 
 @triton.jit
 def _row_line(m32, s32, scaled, N_BITS: tl.constexpr):
-    """The "fast" encoder's row constants (float32 [R]): A = 1/S and B' = B - 127 A, B = 1.5 - (M + C + 24 scaled) / S,
-    so that A log2|x| + B = t + 1.5 (t the grid position, ``_row_grid``; 24: the row's |x| scaled by 2^24; 127:
-    ``_log2_biased``'s exponent bias, taken with A as rounded), and T0 = t0 + 1.5 (t0 = -(1 + C) / S, the 0 / 1
-    threshold); computed in float64, rounded once. A tile with one
+    """The "fast" encoder's row constants (float32 [R]): A = 1/S and B = 1.5 - (M + C + 24 scaled) / S, so that
+    A log2|x| + B = t + 1.5 (t the grid position, ``_row_grid``; 24: the row's |x| scaled by 2^24), and
+    T0 = t0 + 1.5 (t0 = -(1 + C) / S, the 0 / 1 threshold); computed in float64, rounded once. A tile with one
     distinct magnitude (step 0; and a NaN / inf or all-zero tile, whose m32 is 0) gets the line through it, A = 1,
-    B = 1 - (M + 24 scaled): its elements v = 1 (to ~1e-5), a zero (log2 taken as -127) 0 or below, T0 = 1/2."""
+    B = 1 - (M + 24 scaled): its elements v = 1 (to ~1e-5), a zero -inf, T0 = 1/2."""
     inv_ln2 = _f64(m32, 0x3FF71547652B82FE)
     s = tl.where(s32 > 0, s32, 1.0).to(tl.float64)
     inv_step = 1.0 / (s * inv_ln2)
     mid = _midpoint_log2(s, m32, N_BITS)
     lmin = m32.to(tl.float64) * inv_ln2 + tl.where(scaled, 24.0, 0.0)
     one = s32 == 0
-    a = tl.where(one, 1.0, inv_step).to(tl.float32)
-    b = tl.where(one, 1.0 - lmin, 1.5 - (lmin + mid) * inv_step) - 127.0 * a.to(tl.float64)  # exact product
+    a = tl.where(one, 1.0, inv_step)
+    b = tl.where(one, 1.0 - lmin, 1.5 - (lmin + mid) * inv_step)
     t0 = tl.where(one, 0.5, 1.5 - (1.0 + mid) * inv_step)
-    return a, b.to(tl.float32), t0.to(tl.float32)
+    return a.to(tl.float32), b.to(tl.float32), t0.to(tl.float32)
 
 
 @triton.jit
@@ -210,20 +209,6 @@ def _log2_mantissa(bits, FAST_LOG2: tl.constexpr):
     else:
         lg = tl.log2(mant)
     return e, lg
-
-
-@triton.jit
-def _log2_biased(bits, FAST_LOG2: tl.constexpr):
-    """(E + 127 as float32, log2(mant) float32) with |x| = 2^E * mant, mant in [1, 2): the biased exponent and the
-    mantissa of |x|'s bits as they stand (a shift and a mask: two instructions fewer than ``_log2_mantissa``; 0
-    gives E = -127, mant = 1). FAST_LOG2 (the GPU): lg2.approx.f32, within FAST_LOG2_BOUND on [1, 2) (checked
-    on each GPU by log2_check_kernel); the interpreter: tl.log2 (numpy's)."""
-    mant = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
-    if FAST_LOG2:
-        lg = libdevice.fast_log2f(mant)
-    else:
-        lg = tl.log2(mant)
-    return (bits >> 23).to(tl.float32), lg
 
 
 @triton.jit
@@ -328,21 +313,23 @@ def _fast_code(x, bits, a, b, t0, mag_hi, sign_mask, N_BITS: tl.constexpr, FAST_
     """The "fast" rounding's n-bit code [R, C] int32 (row constants of ``_row_line`` as [R, 1]; mag_hi Q, or 0 for
     a tile with a NaN or inf, as float32; bits: |x|'s, times 2^24 in scaled rows).
 
-    v = A log2|x| + B = t + 1.5, with log2|x| = E + log2(mant) (``_log2_biased``: lg2.approx only on the
-    mantissas [1, 2), whose bound each GPU's check covers; on whole |x| the H200's lg2.approx is 3.8e-6 off
-    beyond its rounding, run 40) as two multiply-adds, ((E + 127) A + B') first (B' = B - 127 A); clamped to
-    [1, mag_hi]; adding 1.5 * 2^23 rounds it to the nearest integer, floor(t) + 2, in the low bits (no conversion
-    instruction). Nothing else: no exact position, no band, no redo. The code is the nearest one of an x' with
-    |log2 x' - log2|x|| within the errors of the logarithm and the arithmetic (coscale.kernels.logfmt
-    ``fast_position_error``). The lower clamp 1: every non-zero |x| of a row the range clamp does not cut is at
-    least its minimum, which rounds to 1 or more (t may lie below -1 there: exp(tile_min) is the fp32-rounded
-    log's, up to 1e-7 above min |x|, many steps of a nearly constant tile). Below T0 (the 0 / 1 threshold, a
-    binade under the row's minimum) the code is 0: elements the range clamp cuts, and zeros, whose log2 is taken
-    as -127 (E = -127, mant = 1), at least a binade under T0 since rows with min |x| < 2^-100 are scaled (unless
-    max |x| >= 2^100: then T0 is far above)."""
+    v = A log2|x| + B = t + 1.5 in one fused multiply-add, log2|x| by lg2.approx of the whole |x| (one MUFU
+    instruction: within FAST_LOG2_BOUND beyond the rounding of its result over every binade, checked on each GPU;
+    3.8e-6 at worst on the H200, run 40), clamped to [1, mag_hi]; adding 1.5 * 2^23 rounds it to the nearest
+    integer, floor(t) + 2, in the low bits (no conversion instruction). Nothing else: no exact position, no band,
+    no redo. The code is the nearest one of an x' with |log2 x' - log2|x|| within the errors of the logarithm and
+    the arithmetic (coscale.kernels.logfmt ``fast_position_error``). The lower clamp 1: every non-zero |x| of a
+    row the range clamp does not cut is at least its minimum, which rounds to 1 or more (t may lie below -1
+    there: exp(tile_min) is the fp32-rounded log's, up to 1e-7 above min |x|, many steps of a nearly constant
+    tile). Below T0 (the 0 / 1 threshold, a binade under the row's minimum) the code is 0: elements the range
+    clamp cuts, and zeros (log2 0 = -inf)."""
     Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
-    e, lg = _log2_biased(bits, FAST_LOG2)
-    v = lg * a + (e * a + b)
+    ax = bits.to(tl.float32, bitcast=True)
+    if FAST_LOG2:
+        lg = libdevice.fast_log2f(ax)  # lg2.approx: -inf at 0
+    else:  # (numpy's log2 would warn at 0)
+        lg = tl.where(bits == 0, float("-inf"), tl.log2(tl.where(bits == 0, 1.0, ax)))
+    v = lg * a + b
     lo = tl.minimum(mag_hi, 1.0)  # 0 in a NaN / inf tile, whose codes are all 0
     mag = (tl.minimum(tl.maximum(v, lo), mag_hi) + 12582912.0).to(tl.int32, bitcast=True)
     if N_BITS != 8:  # 8 bits: the code leaves as a byte, which drops the bits above Q (0x4B4000..) by itself
@@ -546,10 +533,7 @@ def encode_kernel(
     # A subnormal |x| (rare) has no exponent in its bits: its row is scaled by 2^24 (exact) for the
     # position, unless that would overflow (max |x| >= 2^100; then they are far below the clamp).
     tiny = amin < 1.1754943508222875e-38
-    if FAST:  # also rows with min |x| < 2^-100: a zero's log2 (-127) then lies a binade or more under T0
-        scaled = (amin < 7.888609052210118e-31) & (amax < 1.2676506002282294e30)
-    else:
-        scaled = tiny & (amax < 1.2676506002282294e30)
+    scaled = tiny & (amax < 1.2676506002282294e30)
     if FAST:  # "fast" rounding: the row's line (every other constant unused)
         inv_S, k_frac, t0_frac = _row_line(m32, s32, scaled, N_BITS)
         kz, inv_hi, inv_lo, k_int, t0_int, band, skip = inv_S, inv_S, inv_S, inv_S, inv_S, inv_S, bad
@@ -835,12 +819,16 @@ def decode_sum_kernel(
 
 
 @triton.jit
-def log2_check_kernel(out_ptr, first, BLOCK: tl.constexpr):
+def log2_check_kernel(out_ptr, first, BLOCK: tl.constexpr, ROUNDING: tl.constexpr):
     # The bound the encoder assumes for lg2.approx.f32, checked on the GPU it runs on: out[pid] = max
-    # |lg2.approx(mant) - log2(mant)| (float64) over this program's share of the 2^23 float32 mant from the bits
-    # ``first``: [sqrt(1/2), sqrt(2)) (0x3F3504F4, the range _log2_mantissa feeds it) or [1, 2) (0x3F800000,
-    # _log2_biased's: "fast" rounding).
+    # |lg2.approx(v) - log2(v)| (float64) over this program's share of consecutive float32 bit patterns from
+    # ``first``: the mantissas [sqrt(1/2), sqrt(2)) (0x3F3504F4, the range _log2_mantissa feeds it), or with
+    # ROUNDING every normal float32 (0x00800000 on), less the rounding of the result (|log2 v| 2^-24): "fast"
+    # rounding feeds it whole |x| (its bound: coscale.kernels.logfmt.fast_position_error).
     bits = first + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mant = bits.to(tl.float32, bitcast=True)
-    err = tl.abs(libdevice.fast_log2f(mant).to(tl.float64) - tl.log2(mant.to(tl.float64)))
+    v = bits.to(tl.float32, bitcast=True)
+    ref = tl.log2(v.to(tl.float64))
+    err = tl.abs(libdevice.fast_log2f(v).to(tl.float64) - ref)
+    if ROUNDING:
+        err = err - tl.abs(ref) * 5.9604644775390625e-08
     tl.store(out_ptr + tl.program_id(0), tl.max(err, 0))
