@@ -326,3 +326,17 @@ def test_gpu_decode_keeps_tiny_and_subnormal_values(n_bits):
     exponent = tile_min.double().abs() / math.log(2) + 32  # per tile, [rows, tiles]
     rtol = (exponent * 2.0**-23 + 2.0**-22).repeat_interleave(128, 1)[:, : x.shape[1]]
     assert ((got - want).abs() <= rtol * want.abs() + 2.0**-149).all()
+
+
+def test_float64_input_encodes_by_the_reference_or_is_refused_by_the_kernel():
+    """The kernel reads x as float32; float64 x whose values float32 cannot hold (1e-50, 1e300) takes the
+    reference's tile numbers under "auto", and backend="triton" refuses it in one line."""
+    x = torch.randn(2, 128, dtype=torch.float64)
+    x[0, 3], x[1, 3] = 1e-50, 1e300
+    got = lf.logfmt_encode(x, 8)
+    for g, r in zip(got, lf.logfmt_encode_ref(x, 8)):
+        assert torch.equal(g, r)
+    with pytest.raises(CoscaleError, match="float64"):
+        lf.logfmt_encode(x, 8, backend="triton")
+    with pytest.raises(CoscaleError, match="float64"):
+        lf.logfmt_encode_to_rows(x, None, 1, 8, backend="triton")

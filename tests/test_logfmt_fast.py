@@ -16,7 +16,7 @@ import torch
 
 from coscale.kernels import logfmt as lf
 from coscale.parallel.codec import LogFMTCodec
-from test_logfmt import _tile_view
+from test_logfmt import _tile_view, on_kernel_device
 from test_logfmt_exact import KERNEL_DEVICE, _adversarial, _hard_rows, needs_triton
 
 FP32_SLACK = 2e-6  # decoding through fp32
@@ -209,7 +209,7 @@ def test_fast_rounding_really_runs_and_keeps_the_contract_on_a_scaled_row():
 
 
 @needs_triton
-@pytest.mark.parametrize("n_bits", [3, 8, 10])
+@pytest.mark.parametrize("n_bits", [3, 8, 10, 16])
 def test_fast_zeros_and_one_magnitude_tiles_take_code_0_and_1(n_bits):
     """Zeros take code 0 with no test of their own (their log2, -inf, lies under the 0 / 1 threshold): beside
     the smallest normal (2^-126), beside 2^-99 and 2^-101, in tiles
@@ -228,3 +228,10 @@ def test_fast_zeros_and_one_magnitude_tiles_take_code_0_and_1(n_bits):
     lf.check_fast_codes(x, *got, n_bits)
     assert torch.equal(got[0], lf.logfmt_encode_ref(x, n_bits)[0])  # none lies near a threshold
     assert (got[0][x == 0] == 0).all() and (got[0][3:6][x[3:6] != 0] & ((1 << (n_bits - 1)) - 1) == 1).all()
+    for packed in (True, False):  # the wire rows, gathered (8 bits: bytes whose bits above the code are dropped)
+        src = torch.tensor([5, 0, -1, 3, 3, 7])
+        rows = on_kernel_device(lf.logfmt_encode_to_rows, x, src, 1, n_bits, "fast", packed=packed, backend="triton")
+        expected = lf.to_rows_ref(got[0][src.clamp(min=0)], got[1][src.clamp(min=0)], got[2][src.clamp(min=0)],
+                                  n_bits, packed)
+        expected[2] = lf.to_rows_ref(*lf.logfmt_encode_ref(torch.zeros(1, 128), n_bits), n_bits, packed)[0]
+        assert torch.equal(rows, expected)

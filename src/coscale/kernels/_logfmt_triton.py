@@ -533,7 +533,7 @@ def encode_kernel(
     # A subnormal |x| (rare) has no exponent in its bits: its row is scaled by 2^24 (exact) for the
     # position, unless that would overflow (max |x| >= 2^100; then they are far below the clamp).
     tiny = amin < 1.1754943508222875e-38
-    scaled = tiny & (amax < 1.2676506002282294e30)
+    scaled = tiny & (amax < 1.2676506002282294e30) & in_r1  # (rows past N: REGATHER reads their minima as 0)
     if FAST:  # "fast" rounding: the row's line (every other constant unused)
         inv_S, k_frac, t0_frac = _row_line(m32, s32, scaled, N_BITS)
         kz, inv_hi, inv_lo, k_int, t0_int, band, skip = inv_S, inv_S, inv_S, inv_S, inv_S, inv_S, bad

@@ -433,9 +433,9 @@ DELTA = 4e-7  # log2 units: the band is DELTA / S + 2^-20 in t units (the bound:
 # round trip through L2 (ncu, run 35: 25-37% occupancy, so each program's waits show). With CHUNK_C = 128
 # the tile stays in registers between the phases (x is read once). Run 35: the dispatch's encodes and
 # LogFMT-8 encode alone picked REGATHER=False (encode alone 1.19x, the dispatch's encodes 1.12-1.19x with
-# the first phase on bf16 pairs). The last two: one row a thread, for "fast" rounding, whose element phase is
-# light beside its row phase (about 126 float64 instructions a row, sm_90 SASS; without REGATHER repeated by
-# every thread that holds part of the row). Few candidates: each is a compilation per variant.
+# the first phase on bf16 pairs). The last two (for every rounding; added for "fast" rounding, whose element phase
+# is light beside its row phase: about 126 float64 instructions a row, sm_90 SASS, without REGATHER repeated by
+# every thread that holds part of the row): one row a thread. Few candidates: each is a compilation per variant.
 ENCODE_CONFIGS = ((64, 4, 16, True), (8, 4, 128, True), (32, 2, 16, True), (16, 1, 16, True), (32, 2, 32, True),
                   (64, 4, 32, True), (32, 2, 32, False), (64, 4, 32, False), (8, 4, 128, False), (16, 4, 128, False),
                   (128, 4, 16, True), (128, 4, 32, True))
@@ -600,6 +600,18 @@ def _seed(rounding: str, seed: int | None) -> int | None:
     return seed
 
 
+def _encode_backend(backend: str, x: torch.Tensor) -> str:
+    """"torch" or "triton" for an encode of x. The kernel reads x as float32 (its tile numbers come from the
+    float32 values), so float64 x, whose tile numbers the reference takes from the float64 values, goes to the
+    reference under "auto" and is refused under "triton"."""
+    if x.dtype == torch.float64:
+        if backend == "triton":
+            raise CoscaleError("the Triton LogFMT encoder takes fp32/bf16/fp16 x (it computes in float32); "
+                               "float64 x runs on backend='torch' (or 'auto'), or convert it first")
+        return "torch"
+    return select_backend(backend, x, op="logfmt_encode")
+
+
 def _encode_ref(x, row_src, topk, n_bits, rounding, seed):
     gen = torch.Generator(device=x.device).manual_seed(seed) if seed is not None else None
     return logfmt_encode_ref(_gather_ref(x, row_src, topk), n_bits, rounding, gen)
@@ -628,7 +640,7 @@ def logfmt_encode_rows(x: torch.Tensor, row_src: torch.Tensor | None, topk: int 
     _check_x(x, n_bits, rounding)
     _check_index(row_src, "row_src")
     seed = _seed(rounding, seed)
-    if select_backend(backend, x, op="logfmt_encode") == "torch":
+    if _encode_backend(backend, x) == "torch":
         return _encode_ref(x, row_src, topk, n_bits, rounding, seed)
     return _encode_triton(x, row_src, topk, n_bits, rounding, seed, False, True, block_rows, chunk_cols, regather)
 
@@ -642,7 +654,7 @@ def logfmt_encode_to_rows(x: torch.Tensor, row_src: torch.Tensor | None = None, 
     _check_x(x, n_bits, rounding)
     _check_index(row_src, "row_src")
     seed = _seed(rounding, seed)
-    if select_backend(backend, x, op="logfmt_encode") == "torch":
+    if _encode_backend(backend, x) == "torch":
         return to_rows_ref(*_encode_ref(x, row_src, topk, n_bits, rounding, seed), n_bits, packed)
     return _encode_triton(x, row_src, topk, n_bits, rounding, seed, True, packed, block_rows, chunk_cols, regather)
 
