@@ -23,11 +23,11 @@ below g_0 = exp(m)):
   "fast":       nearest as float32 computes it, with no exactness machinery: one log2 (the GPU's lg2.approx)
                 and one multiply-add an element. Its code is the nearest code of some x' with
                 |log2 x' - log2|x|| <= ``fast_position_error`` (2^-23 (2 |log2 x| + (|tile_min| + 4 tile_step) / ln 2
-                + 73) plus lg2's error: about 1e-5), so it differs from "nearest" only where |x| lies that close to a
-                threshold (1e-5 of Gaussian elements with numpy's log2 in the interpreter; a nearly constant tile
-                may differ throughout, within 1e-5 of x) and its error is the nearest bound widened by that
-                perturbation (``check_fast_codes`` checks the contract). Tile numbers are the reference's bit for
-                bit. Made for the wire, where the perturbation is far below the format's step; "nearest" stays the
+                + 73) plus lg2's error, FAST_LOG2_BOUND: about 2e-5), so it differs from "nearest" only where |x| lies
+                that close to a threshold (1e-5 of Gaussian elements with numpy's log2 in the interpreter; a nearly
+                constant tile may differ throughout, within 2e-5 of x) and its error is the nearest bound widened by
+                that perturbation (``check_fast_codes`` checks the contract). Tile numbers are the reference's bit
+                for bit. Made for the wire, where the perturbation is far below the format's step; "nearest" stays the
                 default.
 Rounding the log to the nearest grid point would be biased (it rounds to the geometric mean; the
 linear midpoint (a + b) / 2 lies above it) and its error would not average out in sums.
