@@ -1,6 +1,7 @@
 """FP8 quantization kernels on one GPU: bit-exactness first, then bandwidth (eager and CUDA-graphed).
 
 Run: python benchmarks/bench_quant.py [--quick] [--fused-only] [--moe-shape v3] [--producer-order both]
+[--paired both]
 (appends a line to benchmarks/results/bench_quant.jsonl)
 
 Standalone kernels (coscale.kernels.quant / quant_ops), bf16 input unless marked: mismatching FP8
@@ -243,9 +244,13 @@ def main() -> None:
     parser.add_argument("--producer-order", choices=("rows", "columns", "both"), default="rows",
                         help="the producer kernels' launch order (quant_ops.PRODUCER_ROW_ORDER; rows is the default); "
                         "both: each fused case in the two orders, one after the other")
+    parser.add_argument("--paired", choices=("on", "off", "both"), default="on",
+                        help="SwiGLU's backward producer with dg and du of the same columns from one program "
+                        "(quant_ops.SWIGLU_BACKWARD_PAIRED; on is the default); both: its case each way")
     args = parser.parse_args()
     quant_ops.TRANSPOSE_WORDS = args.transpose_words
     orders = ("rows", "columns") if args.producer_order == "both" else (args.producer_order,)
+    pairings = (True, False) if args.paired == "both" else (args.paired == "on",)
     dev = device()
     import triton
 
@@ -259,14 +264,18 @@ def main() -> None:
         run_standalone(name, make, fn, kinds, copy_bw, results)
         torch.cuda.empty_cache()
         print(" ", results[-1], flush=True)
-    shipped_order = quant_ops.PRODUCER_ROW_ORDER
+    shipped = quant_ops.PRODUCER_ROW_ORDER, quant_ops.SWIGLU_BACKWARD_PAIRED
     for name, *case in fused_cases(args.quick, dev, args.moe_shape):
         for order in orders:
-            quant_ops.PRODUCER_ROW_ORDER = order == "rows"
-            run_fused(name + (" [column order]" if order == "columns" else ""), *case, copy_bw, results)
-            torch.cuda.empty_cache()
-            print(" ", results[-1], flush=True)
-    quant_ops.PRODUCER_ROW_ORDER = shipped_order
+            for paired in pairings if name.startswith("swiglu_backward") else pairings[:1]:
+                quant_ops.PRODUCER_ROW_ORDER = order == "rows"
+                quant_ops.SWIGLU_BACKWARD_PAIRED = paired
+                label = name + (" [column order]" if order == "columns" else "")
+                label += " [unpaired]" if name.startswith("swiglu_backward") and not paired else ""
+                run_fused(label, *case, copy_bw, results)
+                torch.cuda.empty_cache()
+                print(" ", results[-1], flush=True)
+    quant_ops.PRODUCER_ROW_ORDER, quant_ops.SWIGLU_BACKWARD_PAIRED = shipped
     if not SMOKE:
         ResultsLog("bench_quant").save(meta=meta, results=results)
     print(f"\n{'kernel':>48} {'bad':>5} {'graph ms':>9} {'eager ms':>9} {'TB/s':>6} {'%copy':>6} {'%4.25':>6} "

@@ -86,14 +86,17 @@ def test_swiglu_backward_quant_equals_quantized_gradient(m, i, dtype, rows, cols
 
 
 @needs_triton
-@pytest.mark.parametrize("producer", ["swiglu", "swiglu_backward", "gather"])
-def test_either_launch_order_writes_every_tile(producer, monkeypatch):
+@pytest.mark.parametrize("producer,i", [("swiglu", 576), ("swiglu_backward", 576), ("swiglu_backward", 640),
+                                        ("gather", 576)])
+def test_either_launch_order_writes_every_tile(producer, i, monkeypatch):
     """quant_ops.PRODUCER_ROW_ORDER only reorders the programs: both orders write the same bytes, on grids of
     several row and column blocks (300 rows: three 128-row tiles, many BLOCK_M row blocks; SwiGLU's 576 or 1,152
-    columns: 5 or 9 tiles of 128, more than one rows program takes)."""
+    columns: 5 or 9 tiles of 128, more than one rows program takes). SwiGLU's backward at 640 gate columns
+    takes the paired programs (quant_ops.SWIGLU_BACKWARD_PAIRED: five gate tiles, each writing a dg and a du
+    tile)."""
     from coscale.kernels import quant_ops
 
-    m, i = 300, 576
+    m = 300
     gate_up = _gate_up(m, i, torch.bfloat16, 5)
     da = torch.randn(m, i, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
     info, weight = _routing(60, 5, 6, 7)

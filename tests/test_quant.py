@@ -479,14 +479,15 @@ def test_gpu_kernels_bit_exact_on_large_random_inputs(dtype):
 
 
 @needs_kernels
-@pytest.mark.parametrize("source", [1, 2])
-def test_every_swiglu_producer_configuration_writes_the_same_bytes(source):
+@pytest.mark.parametrize("source,inter", [(1, 200), (2, 200), (2, 384)])
+def test_every_swiglu_producer_configuration_writes_the_same_bytes(source, inter):
     # SwiGLU (1) and its backward (2) under every rows configuration (block shapes) write what the first
-    # one writes (the interpreter's, checked against the reference elsewhere); ragged columns
+    # one writes (the interpreter's, checked against the reference elsewhere); ragged columns, and for the
+    # backward a gate width of three 128-column tiles (quant_ops.SWIGLU_BACKWARD_PAIRED: dg and du from one program)
     from coscale.kernels import quant_ops as qo
 
     gen = torch.Generator().manual_seed(source)
-    m, inter = 45, 200
+    m = 45
     gate_up = (torch.randn(m, 2 * inter, generator=gen) * 2).to(torch.bfloat16).to(KERNEL_DEVICE)
     da = torch.randn(m, inter, generator=gen).to(torch.bfloat16).to(KERNEL_DEVICE) if source == 2 else None
     k = inter if source == 1 else 2 * inter
@@ -579,15 +580,16 @@ def test_the_gpu_division_sequence_rounds_like_ieee_division():
 
 
 @needs_kernels
-@pytest.mark.parametrize("source", [1, 2, 3])
-def test_every_dual_producer_configuration_writes_what_two_launches_write(source):
+@pytest.mark.parametrize("source,inter", [(1, 200), (2, 200), (2, 256), (3, 200)])
+def test_every_dual_producer_configuration_writes_what_two_launches_write(source, inter):
     # both layouts from one launch (dual_quant_kernel, PACK4 candidates included) for SwiGLU (1), its
     # backward (2) and the permutation's gather (3): the bytes and scales of the rows launch and the
-    # transposed launch, ragged rows and columns
+    # transposed launch, ragged rows and columns. The backward at a gate width of two 128-column tiles: the two
+    # launches are then paired (quant_ops.SWIGLU_BACKWARD_PAIRED), the dual launch is not
     from coscale.kernels import quant_ops as qo
 
     gen = torch.Generator().manual_seed(10 + source)
-    m, inter, hidden, topk = 150, 200, 320, 2
+    m, hidden, topk = 150, 320, 2
     gate_up = (torch.randn(m, 2 * inter, generator=gen) * 2).to(torch.bfloat16).to(KERNEL_DEVICE)
     da = torch.randn(m, inter, generator=gen).to(torch.bfloat16).to(KERNEL_DEVICE)
     x = (torch.randn(m // topk, hidden, generator=gen) * 3).to(torch.bfloat16).to(KERNEL_DEVICE)

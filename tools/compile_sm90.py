@@ -125,12 +125,15 @@ def logfmt_cases():
 def quant_cases():
     types = {"x_ptr": "*bf16", "b_ptr": "*bf16", "idx_ptr": "*i32", "w_ptr": "*fp32", "dot_ptr": "*bf16",
              "dot_out_ptr": "*fp32", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32", "amax_floor": "fp32", "fp8_max": "fp32"}
-    cases = ((3, 8, 8, 8, False, False), (3, 4, 16, 8, True, False), (0, 2, 16, 4, False, False),
-             (1, 4, 8, 4, False, False), (2, 2, 32, 8, False, False), (3, 8, 8, 4, True, True))
-    for source, tiles, block_m, warps, weight, dot in cases:
+    cases = ((3, 8, 8, 8, False, False, False), (3, 4, 16, 8, True, False, False), (0, 2, 16, 4, False, False, False),
+             (1, 4, 8, 4, False, False, False), (2, 2, 32, 8, False, False, False), (3, 8, 8, 4, True, True, False),
+             (2, 2, 32, 8, False, False, True), (2, 1, 32, 4, False, False, True), (2, 4, 8, 4, False, False, True),
+             (2, 1, 16, 4, False, False, True), (2, 2, 16, 8, False, False, True), (2, 1, 32, 8, False, False, True))
+    for source, tiles, block_m, warps, weight, dot, paired in cases:
         const = dict(SOURCE=source, TOPK=8 if source == 3 else 1, HAS_WEIGHT=weight, DOT=dot, BLOCK_M=block_m,
-                     TILES=tiles, ROUND_SCALE=False, GRID_ROUND=False)
-        label = f"rows_quant source {source} TILES {tiles} M{block_m} w{warps} weight={weight} dot={dot}"
+                     TILES=tiles, ROUND_SCALE=False, GRID_ROUND=False, ROW_ORDER=True, PAIRED=paired)
+        label = (f"rows_quant source {source} TILES {tiles} M{block_m} w{warps} weight={weight} dot={dot}"
+                 f"{' paired' if paired else ''}")
         yield label, qk.rows_quant_kernel, types, const, warps
     types = {"x_ptr": "*bf16", "yt_ptr": "*fp8e4nv", "st_ptr": "*fp32", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32",
              "amax_floor": "fp32", "fp8_max": "fp32"}
@@ -151,14 +154,17 @@ def quant_cases():
         dual_types = {**types, "b_ptr": "*bf16", "idx_ptr": "*i32", "w_ptr": "*fp32"}
         yield (f"dual_quant source {source} CHUNK {chunk} PACK4={pack4} w{warps}", qk.dual_quant_kernel, dual_types,
                const, warps)
-    for source, block_k, pack4, warps in ((3, 32, False, 4), (3, 32, True, 1), (3, 32, True, 4), (3, 64, True, 4),
-                                          (3, 64, True, 8), (1, 32, True, 4), (2, 32, True, 4), (2, 64, True, 8),
-                                          (0, 32, True, 4)):
+    for source, block_k, pack4, warps, paired in (
+            (3, 32, False, 4, False), (3, 32, True, 1, False), (3, 32, True, 4, False), (3, 64, True, 4, False),
+            (3, 64, True, 8, False), (1, 32, True, 4, False), (2, 32, True, 4, False), (2, 64, True, 8, False),
+            (0, 32, True, 4, False), (2, 32, True, 4, True), (2, 64, True, 8, True), (2, 32, True, 2, True),
+            (2, 32, False, 4, True), (2, 16, True, 4, True), (2, 32, True, 8, True), (2, 16, True, 2, True)):
         const = dict(SOURCE=source, TOPK=8 if source == 3 else 1, HAS_WEIGHT=source == 3, BLOCK_K=block_k, GROUPS=1,
-                     ROUND_SCALE=False, GRID_ROUND=False, PACK4=pack4)  # the transposed layout of a producer
+                     ROUND_SCALE=False, GRID_ROUND=False, PACK4=pack4, ROW_ORDER=True,
+                     PAIRED=paired)  # a producer's transposed layout
         cols_types = {**types, "b_ptr": "*bf16", "idx_ptr": "*i32", "w_ptr": "*fp32"}
-        yield (f"cols_quant source {source} BLOCK_K {block_k} PACK4={pack4} w{warps}", qk.cols_quant_kernel, cols_types,
-               const, warps)
+        yield (f"cols_quant source {source} BLOCK_K {block_k} PACK4={pack4} w{warps}{' paired' if paired else ''}",
+               qk.cols_quant_kernel, cols_types, const, warps)
     for block_r, block_c, warps in ((128, 128, 4), (128, 256, 8)):  # W^T through 32-bit words (PTX prmt)
         const = dict(BLOCK_R=block_r, BLOCK_C=block_c, ASM=True)
         yield (f"transpose words {block_r}x{block_c} w{warps}", qk.transpose_words_kernel,

@@ -105,14 +105,8 @@ def rows_kernel(
     in_m = offs_m < M
     x = tl.load(x_ptr + rows * stride_xm + offs_k * stride_xk, mask=in_m[:, None, None] & (offs_k < K),
                 other=0.0).to(tl.float32)  # fmt: skip
-    s = _scale_from_bits(tl.max(_abs_bits(x), 2), amax_floor, fp8_max, ROUND_SCALE)  # [BLOCK_M, TILES]
-    r, d = _divisor(s)
-    y = _quantize_tile(x, r[:, :, None], d[:, :, None], fp8_max, GRID_ROUND)
-    in_t = tiles < NT
-    tl.store(y_ptr + rows * stride_ym + offs_k, y.to(y_ptr.dtype.element_ty),
-             mask=in_m[:, None, None] & in_t[None, :, None])  # fmt: skip
-    s_ptrs = s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + tiles[None, :] * stride_sk
-    tl.store(s_ptrs, s, mask=in_m[:, None] & in_t[None, :])
+    _rows_tiles_out(x, offs_m, in_m, tiles, tiles < NT, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor,
+                    fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
 
 
 @triton.jit
@@ -142,6 +136,53 @@ def _pack4(y0, y1, y2, y3, f8: tl.constexpr, GRID_ROUND: tl.constexpr):
         "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; "
         "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; mov.b32 $0, {lo, hi}; }",
         "=r,f,f,f,f", [y0, y1, y2, y3], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _rows_tiles_out(v, offs_m, in_m, tiles, in_t, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max,
+                    ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr):  # fmt: skip
+    """v [BLOCK_M, TILES, 128] (rows offs_m, 1x128 column tiles ``tiles``) quantized into y and its scales into s,
+    where in_m (rows) and in_t (tiles) hold."""
+    s = _scale_from_bits(tl.max(_abs_bits(v), 2), amax_floor, fp8_max, ROUND_SCALE)  # [BLOCK_M, TILES]
+    r, d = _divisor(s)
+    y = _quantize_tile(v, r[:, :, None], d[:, :, None], fp8_max, GRID_ROUND)
+    offs_k = tiles[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
+    tl.store(y_ptr + offs_m[:, None, None].to(tl.int64) * stride_ym + offs_k, y.to(y_ptr.dtype.element_ty),
+             mask=in_m[:, None, None] & in_t[None, :, None])  # fmt: skip
+    tl.store(s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + tiles[None, :] * stride_sk, s,
+             mask=in_m[:, None] & in_t[None, :])  # fmt: skip
+
+
+@triton.jit
+def _cols_words_out(v0, v1, v2, v3, offs_w, offs_k, ok, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk, stride_stm,
+                    amax_floor, fp8_max, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr):  # fmt: skip
+    """A 128-row tile as quarters v_j [32, BLOCK_K] (v_j holds rows 4i + j, columns offs_k) in the transposed
+    layout: one scale a column, the FP8 bytes of rows 4i..4i+3 packed into word i of yt row offs_k (PACK4),
+    stored where ok."""
+    amax = tl.max(tl.maximum(tl.maximum(_abs_bits(v0), _abs_bits(v1)), tl.maximum(_abs_bits(v2), _abs_bits(v3))),
+                  0)  # one reduction over the tile's rows, not four
+    st = _scale_from_bits(amax, amax_floor, fp8_max, ROUND_SCALE)  # [BLOCK_K]
+    r, d = _divisor(st)
+    r, d = r[None, :], d[None, :]
+    words = _pack4(_quantize_tile(v0, r, d, fp8_max, GRID_ROUND), _quantize_tile(v1, r, d, fp8_max, GRID_ROUND),
+                   _quantize_tile(v2, r, d, fp8_max, GRID_ROUND), _quantize_tile(v3, r, d, fp8_max, GRID_ROUND),
+                   yt_ptr.dtype.element_ty, GRID_ROUND)  # fmt: skip
+    yt_words = yt_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # rows of Mp bytes, Mp % 128 == 0
+    tl.store(yt_words + offs_k[:, None].to(tl.int64) * (stride_ytk // 4) + offs_w[None, :], tl.trans(words),
+             mask=ok[:, None])  # fmt: skip
+    tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=ok)
+
+
+@triton.jit
+def _cols_bytes_out(v, offs_m, offs_k, ok, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk, stride_stm, amax_floor,
+                    fp8_max, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr):  # fmt: skip
+    """A [128, BLOCK_K] tile (rows offs_m, columns offs_k) in the transposed layout, byte by byte: one scale a
+    column, the FP8 tile transposed into yt rows offs_k, stored where ok."""
+    st = _scale_from_bits(tl.max(_abs_bits(v), 0), amax_floor, fp8_max, ROUND_SCALE)  # [BLOCK_K]
+    r, d = _divisor(st)
+    yt8 = tl.trans(_quantize_tile(v, r[None, :], d[None, :], fp8_max, GRID_ROUND).to(yt_ptr.dtype.element_ty))
+    tl.store(yt_ptr + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :], yt8, mask=ok[:, None])
+    tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=ok)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -174,29 +215,14 @@ def cols_kernel(
             x1 = _cols_quarter(x_ptr, offs_w, offs_k, M, K, stride_xm, stride_xk, 1)
             x2 = _cols_quarter(x_ptr, offs_w, offs_k, M, K, stride_xm, stride_xk, 2)
             x3 = _cols_quarter(x_ptr, offs_w, offs_k, M, K, stride_xm, stride_xk, 3)
-            amax = tl.max(tl.maximum(tl.maximum(_abs_bits(x0), _abs_bits(x1)),
-                                     tl.maximum(_abs_bits(x2), _abs_bits(x3))), 0)  # one reduction, not four
-            st = _scale_from_bits(amax, amax_floor, fp8_max, ROUND_SCALE)  # [BLOCK_K]
-            r, d = _divisor(st)
-            r, d = r[None, :], d[None, :]
-            y0 = _quantize_tile(x0, r, d, fp8_max, GRID_ROUND)
-            y1 = _quantize_tile(x1, r, d, fp8_max, GRID_ROUND)
-            y2 = _quantize_tile(x2, r, d, fp8_max, GRID_ROUND)
-            y3 = _quantize_tile(x3, r, d, fp8_max, GRID_ROUND)
-            words = _pack4(y0, y1, y2, y3, yt_ptr.dtype.element_ty, GRID_ROUND)
-            yt_words = yt_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # rows of Mp bytes, Mp % 128 == 0
-            tl.store(yt_words + offs_k[:, None].to(tl.int64) * (stride_ytk // 4) + offs_w[None, :], tl.trans(words),
-                     mask=(in_rows & live)[:, None])
+            _cols_words_out(x0, x1, x2, x3, offs_w, offs_k, in_rows & live, pid_m, yt_ptr, st_ptr, stride_ytk,
+                            stride_stk, stride_stm, amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
         else:
             offs_m = pid_m * 128 + tl.arange(0, 128)
             x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
             x = tl.load(x_ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
-            st = _scale_from_bits(tl.max(_abs_bits(x), 0), amax_floor, fp8_max, ROUND_SCALE)  # [BLOCK_K]
-            r, d = _divisor(st)
-            yt8 = tl.trans(_quantize_tile(x, r[None, :], d[None, :], fp8_max, GRID_ROUND).to(yt_ptr.dtype.element_ty))
-            tl.store(yt_ptr + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :], yt8,
-                     mask=(in_rows & live)[:, None])
-        tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows & live)
+            _cols_bytes_out(x, offs_m, offs_k, in_rows & live, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk,
+                            stride_stm, amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
 
 
 @triton.jit
@@ -346,7 +372,11 @@ def transpose_words_kernel(
 #   0  x [M, K] itself
 #   1  SwiGLU: a[:, j] = silu(g) * u with g = x[:, j], u = x[:, up_offset + j]   (x = [gate | up])
 #   2  SwiGLU backward: columns j < up_offset are dg, j >= up_offset du (of column j - up_offset), from
-#      x = [gate | up] and da = b [M, up_offset]
+#      x = [gate | up] and da = b [M, up_offset]. PAIRED (up_offset a multiple of 128, so that no 1x128 tile
+#      holds both): a program takes gate columns j only and writes dg at j and du at up_offset + j from the
+#      same loads and sigmoid. Unpaired, every element loaded g, u and da and computed both gradients for the
+#      one it kept, and the kernels were bound by instructions (sm_90 compiles: 43 an element for the rows
+#      layout, 54 for the transposed one; ncu, run 37: SM throughput 72-83%, DRAM 48-57%).
 #   3  gather: row r is x[row_pair[r] // TOPK] (zeros where row_pair[r] < 0), times w[row_pair[r]] when
 #      HAS_WEIGHT (rounded to x's dtype, as the permutation kernels store it)
 
@@ -372,6 +402,22 @@ def _row_block_and_column_block(SOURCE: tl.constexpr, ROW_ORDER: tl.constexpr):
 
 
 @triton.jit
+def _swiglu_grads(x_ptr, b_ptr, rows, cols, M, I, stride_x, stride_b):
+    """(dg, du) of SwiGLU's backward at gate columns ``cols`` (< I) of rows ``rows`` (broadcastable), each rounded
+    to x's dtype as kernels.swiglu's backward kernel stores it: its formulas in its order, so the same FP32
+    roundings. x holds [gate | up] (up at column I), b the gradient da [M, I]."""
+    mask = (rows < M) & (cols < I)
+    r64 = rows.to(tl.int64)
+    g = tl.load(x_ptr + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + r64 * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
+    da = tl.load(b_ptr + r64 * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    dg = da * u * s * (1.0 + g * (1.0 - s))
+    du = da * g * s
+    return dg.to(x_ptr.dtype.element_ty).to(tl.float32), du.to(x_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def _produce(
     x_ptr, b_ptr, idx_ptr, w_ptr, rows, cols, M, K, stride_x, stride_b, up_offset,
     SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -392,14 +438,9 @@ def _produce(
         raw = v
     elif SOURCE == 2:
         is_up = cols >= up_offset
-        j = tl.where(is_up, cols - up_offset, cols)
-        g = tl.load(x_ptr + r64 * stride_x + j, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + r64 * stride_x + up_offset + j, mask=mask, other=0.0).to(tl.float32)
-        da = tl.load(b_ptr + r64 * stride_b + j, mask=mask, other=0.0).to(tl.float32)
-        s = tl.sigmoid(g)
-        dg = da * u * s * (1.0 + g * (1.0 - s))  # the formulas of kernels.swiglu's backward kernel
-        du = da * g * s
-        v = tl.where(is_up, du, dg).to(x_ptr.dtype.element_ty).to(tl.float32)
+        dg, du = _swiglu_grads(x_ptr, b_ptr, rows, tl.where(is_up, cols - up_offset, cols), M, up_offset, stride_x,
+                               stride_b)  # fmt: skip
+        v = tl.where(is_up, du, dg)
         raw = v
     else:
         pair = tl.load(idx_ptr + rows, mask=in_m, other=-1)  # per row (broadcast like rows)
@@ -423,7 +464,7 @@ def rows_quant_kernel(
     amax_floor, fp8_max,
     SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, TILES: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
-    ROW_ORDER: tl.constexpr = True,
+    ROW_ORDER: tl.constexpr = True, PAIRED: tl.constexpr = False,
 ):  # fmt: skip
     # One program = BLOCK_M rows x TILES 128-wide column tiles (which: _row_block_and_column_block): y [M, KP]
     # e4m3 and s [M, KP/128] (1x128 tiles along the columns), the block produced and quantized whole,
@@ -453,19 +494,22 @@ def rows_quant_kernel(
             acc += tl.sum(d.to(tl.float32) * raw, 1)
         pair = tl.load(idx_ptr + offs_m, mask=in_m, other=-1)
         tl.store(dot_out_ptr + tl.where(pair >= 0, pair, 0), acc, mask=pair >= 0)
+    elif PAIRED:  # SwiGLU's backward: the gate tiles ``tiles`` give dg there and du up_offset columns on
+        tiles = pid_t * TILES + tl.arange(0, TILES)
+        offs_k = tiles[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]  # [1, TILES, 128]
+        dg, du = _swiglu_grads(x_ptr, b_ptr, offs_m[:, None, None], offs_k, M, up_offset, stride_x, stride_b)
+        in_t = tiles < up_offset // 128
+        _rows_tiles_out(dg, offs_m, in_m, tiles, in_t, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor,
+                        fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
+        _rows_tiles_out(du, offs_m, in_m, tiles + up_offset // 128, in_t, y_ptr, s_ptr, stride_ym, stride_sm,
+                        stride_sk, amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
     else:
         tiles = pid_t * TILES + tl.arange(0, TILES)
         offs_k = tiles[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]  # [1, TILES, 128]
         v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None, None], offs_k, M, K, stride_x, stride_b,
                           up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
-        s = _scale_from_bits(tl.max(_abs_bits(v), 2), amax_floor, fp8_max, ROUND_SCALE)  # [BLOCK_M, TILES]
-        r, d = _divisor(s)
-        y = _quantize_tile(v, r[:, :, None], d[:, :, None], fp8_max, GRID_ROUND)
-        in_t = tiles < KP // 128
-        y_ptrs = y_ptr + offs_m[:, None, None].to(tl.int64) * stride_ym + offs_k
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=in_m[:, None, None] & in_t[None, :, None])
-        s_ptrs = s_ptr + offs_m[:, None].to(tl.int64) * stride_sm + tiles[None, :] * stride_sk
-        tl.store(s_ptrs, s, mask=in_m[:, None] & in_t[None, :])
+        _rows_tiles_out(v, offs_m, in_m, tiles, tiles < KP // 128, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk,
+                        amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -475,7 +519,7 @@ def cols_quant_kernel(
     amax_floor, fp8_max,
     SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
-    PACK4: tl.constexpr = False, ROW_ORDER: tl.constexpr = True,
+    PACK4: tl.constexpr = False, ROW_ORDER: tl.constexpr = True, PAIRED: tl.constexpr = False,
 ):  # fmt: skip
     # One program = GROUPS tiles of [128 rows x BLOCK_K columns], one after another (pipelined, as
     # cols_kernel): the transpose in 1x128 tiles along the rows, yt [YT_ROWS, Mp] e4m3 and st
@@ -485,43 +529,57 @@ def cols_quant_kernel(
     # as cols_kernel's PACK4. Without it the byte transpose took a shared-memory store and load per element:
     # in the FP8 experts on the H200 (ncu, run 36) the launches with a gathered source ran at 19-24% of DRAM
     # bandwidth with the load/store pipe 74-75% busy.
+    # PAIRED (SwiGLU's backward): the columns offs_k are gate columns; dg goes to yt rows offs_k and du to rows
+    # up_offset + offs_k, from the same loads and sigmoid.
     pid_mg, pid_k = _row_block_and_column_block(SOURCE, ROW_ORDER)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    in_rows = offs_k < YT_ROWS
+    if PAIRED:
+        in_rows = offs_k < up_offset
+    else:
+        in_rows = offs_k < YT_ROWS
     for g in tl.range(GROUPS, num_stages=3):
         pid_m = pid_mg * GROUPS + g
         live = (tl.zeros([BLOCK_K], tl.int32) + pid_m * 128) < M  # the last program's tiles may lie past the end
+        ok = in_rows & live
         if PACK4:
             offs_w = pid_m * 32 + tl.arange(0, 32)  # word i of the tile: rows 4i..4i+3
-            v0, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4)[:, None], offs_k[None, :], M, K, stride_x,
-                             stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)
-            v1, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 1)[:, None], offs_k[None, :], M, K, stride_x,
-                             stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)
-            v2, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 2)[:, None], offs_k[None, :], M, K, stride_x,
-                             stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)
-            v3, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 3)[:, None], offs_k[None, :], M, K, stride_x,
-                             stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)
-            amax = tl.max(tl.maximum(tl.maximum(_abs_bits(v0), _abs_bits(v1)),
-                                     tl.maximum(_abs_bits(v2), _abs_bits(v3))), 0)  # one reduction, not four
-            st = _scale_from_bits(amax, amax_floor, fp8_max, ROUND_SCALE)
-            r, d = _divisor(st)
-            r, d = r[None, :], d[None, :]
-            words = _pack4(_quantize_tile(v0, r, d, fp8_max, GRID_ROUND), _quantize_tile(v1, r, d, fp8_max, GRID_ROUND),
-                           _quantize_tile(v2, r, d, fp8_max, GRID_ROUND), _quantize_tile(v3, r, d, fp8_max, GRID_ROUND),
-                           yt_ptr.dtype.element_ty, GRID_ROUND)
-            yt_words = yt_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-            tl.store(yt_words + offs_k[:, None].to(tl.int64) * (stride_ytk // 4) + offs_w[None, :], tl.trans(words),
-                     mask=(in_rows & live)[:, None])
+            if PAIRED:
+                g0, u0 = _swiglu_grads(x_ptr, b_ptr, (offs_w * 4)[:, None], offs_k[None, :], M, up_offset, stride_x,
+                                       stride_b)  # fmt: skip
+                g1, u1 = _swiglu_grads(x_ptr, b_ptr, (offs_w * 4 + 1)[:, None], offs_k[None, :], M, up_offset,
+                                       stride_x, stride_b)  # fmt: skip
+                g2, u2 = _swiglu_grads(x_ptr, b_ptr, (offs_w * 4 + 2)[:, None], offs_k[None, :], M, up_offset,
+                                       stride_x, stride_b)  # fmt: skip
+                g3, u3 = _swiglu_grads(x_ptr, b_ptr, (offs_w * 4 + 3)[:, None], offs_k[None, :], M, up_offset,
+                                       stride_x, stride_b)  # fmt: skip
+                _cols_words_out(g0, g1, g2, g3, offs_w, offs_k, ok, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk,
+                                stride_stm, amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
+                _cols_words_out(u0, u1, u2, u3, offs_w, offs_k + up_offset, ok, pid_m, yt_ptr, st_ptr, stride_ytk,
+                                stride_stk, stride_stm, amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
+            else:
+                v0, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4)[:, None], offs_k[None, :], M, K, stride_x,
+                                 stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                v1, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 1)[:, None], offs_k[None, :], M, K,
+                                 stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                v2, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 2)[:, None], offs_k[None, :], M, K,
+                                 stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                v3, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 3)[:, None], offs_k[None, :], M, K,
+                                 stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                _cols_words_out(v0, v1, v2, v3, offs_w, offs_k, ok, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk,
+                                stride_stm, amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
         else:
             offs_m = pid_m * 128 + tl.arange(0, 128)
-            v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
-                              stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
-            st = _scale_from_bits(tl.max(_abs_bits(v), 0), amax_floor, fp8_max, ROUND_SCALE)
-            r, d = _divisor(st)
-            yt8 = tl.trans(_quantize_tile(v, r[None, :], d[None, :], fp8_max, GRID_ROUND).to(yt_ptr.dtype.element_ty))
-            tl.store(yt_ptr + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :], yt8,
-                     mask=(in_rows & live)[:, None])
-        tl.store(st_ptr + offs_k.to(tl.int64) * stride_stk + pid_m * stride_stm, st, mask=in_rows & live)
+            if PAIRED:
+                dg, du = _swiglu_grads(x_ptr, b_ptr, offs_m[:, None], offs_k[None, :], M, up_offset, stride_x, stride_b)
+                _cols_bytes_out(dg, offs_m, offs_k, ok, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk, stride_stm,
+                                amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
+                _cols_bytes_out(du, offs_m, offs_k + up_offset, ok, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk,
+                                stride_stm, amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
+            else:
+                v, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
+                                stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                _cols_bytes_out(v, offs_m, offs_k, ok, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk, stride_stm,
+                                amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
 
 
 @triton.jit

@@ -131,6 +131,9 @@ DUAL_CONFIGS = tuple(  # dual_quant_kernel: a 128x128 block, whole (CHUNK 128) o
 PRODUCER_ROWS_CONFIGS = (
     ({"BLOCK_M": 8, "TILES": 8}, 8), ({"BLOCK_M": 16, "TILES": 4}, 8), ({"BLOCK_M": 16, "TILES": 2}, 4),
     ({"BLOCK_M": 8, "TILES": 4}, 4), ({"BLOCK_M": 32, "TILES": 2}, 8), ({"BLOCK_M": 32, "TILES": 1}, 4),
+    # SwiGLU's backward paired (two output tiles a gate tile) holds twice the values a thread: these keep 32 a
+    # thread (64 registers in sm_90 compiles, against 126-157 for the others)
+    ({"BLOCK_M": 16, "TILES": 1}, 4), ({"BLOCK_M": 32, "TILES": 1}, 8),
 )
 PRODUCER_COLS_CONFIGS = (  # cols_quant_kernel: GROUPS tiles of 128 rows x BLOCK_K columns
     ({"BLOCK_K": 32, "GROUPS": 1, "PACK4": False}, 4), ({"BLOCK_K": 16, "GROUPS": 1, "PACK4": False}, 4),
@@ -141,6 +144,8 @@ PRODUCER_COLS_CONFIGS = (  # cols_quant_kernel: GROUPS tiles of 128 rows x BLOCK
     # address a value), so the tiles spread over more warps: 72-125 registers (tools/compile_sm90.py --counts).
     ({"BLOCK_K": 32, "GROUPS": 1, "PACK4": True}, 4), ({"BLOCK_K": 64, "GROUPS": 1, "PACK4": True}, 8),
     ({"BLOCK_K": 64, "GROUPS": 1, "PACK4": True}, 4), ({"BLOCK_K": 32, "GROUPS": 1, "PACK4": True}, 2),
+    # SwiGLU's backward paired: 32 values a thread (94-96 registers, against 167-169 at 64)
+    ({"BLOCK_K": 16, "GROUPS": 1, "PACK4": True}, 4), ({"BLOCK_K": 32, "GROUPS": 1, "PACK4": True}, 8),
 )
 TRANSPOSE_WORDS_CONFIGS = (  # transpose_words_kernel: [BLOCK_R x BLOCK_C] bytes as 32-bit words
     ({"BLOCK_R": 128, "BLOCK_C": 128}, 4), ({"BLOCK_R": 64, "BLOCK_C": 128}, 4), ({"BLOCK_R": 128, "BLOCK_C": 64}, 4),
@@ -160,6 +165,11 @@ DUAL_ONE_PASS = False
 # column block by column block, as the grid lies (coscale.kernels._quant_triton._row_block_and_column_block).
 # benchmarks/bench_quant.py --producer-order both times the two.
 PRODUCER_ROW_ORDER = True
+# SwiGLU's backward producer with the gate width a multiple of 128: each program writes the dg tile and the du tile
+# of the same columns from one set of loads and one sigmoid (the kernels' PAIRED) instead of every element loading
+# g, u and da and computing both gradients to keep one. The bytes are the same; benchmarks/bench_quant.py
+# --paired both times the two.
+SWIGLU_BACKWARD_PAIRED = True
 # W and W^T of a weight from one launch (weight_kernel's WT: W read once, W^T's bytes written as words from the
 # quantizing program's registers) or from two (weight_kernel, then transpose_bytes reading and writing the FP8
 # bytes again). On the H200 (run 32, 7168 x 18432) one launch reached 88.5% of copy bandwidth for bf16 weights
@@ -197,8 +207,8 @@ def tuned_producers(interpret: bool) -> dict:
 
     key = ["K", "M_BUCKET", "SOURCE"]
     return {  # rows: DOT launches walk whole rows, so they tune apart from the plain ones
-        "rows": autotuned(kq.rows_quant_kernel, PRODUCER_ROWS_CONFIGS, key + ["DOT"]),
-        "cols": autotuned(kq.cols_quant_kernel, PRODUCER_COLS_CONFIGS, key),
+        "rows": autotuned(kq.rows_quant_kernel, PRODUCER_ROWS_CONFIGS, key + ["DOT", "PAIRED"]),
+        "cols": autotuned(kq.cols_quant_kernel, PRODUCER_COLS_CONFIGS, key + ["PAIRED"]),
         "dual": autotuned(kq.dual_quant_kernel, DUAL_CONFIGS, key),
     }
 
@@ -226,18 +236,20 @@ def launch_producer(form, outs, x, round_scale, *, m, k, source=0, b=None, idx=N
     w = x if w is None else w
     common = dict(SOURCE=source, TOPK=topk, HAS_WEIGHT=has_weight, ROUND_SCALE=round_scale,
                   GRID_ROUND=interpreting(), **cfg)  # fmt: skip
-    order = {} if form == "dual" else {"ROW_ORDER": PRODUCER_ROW_ORDER}
+    paired = form != "dual" and source == 2 and up_offset % BLOCK == 0 and SWIGLU_BACKWARD_PAIRED
+    order = {} if form == "dual" else {"ROW_ORDER": PRODUCER_ROW_ORDER, "PAIRED": paired}
     bucket = rows_bucket(m)
     if form == "rows":
         d, d_out = (dot, dot_out) if dot is not None else (x, x)
-        tiles = y.shape[1] // BLOCK
+        tiles = (up_offset if paired else y.shape[1]) // BLOCK  # paired: the gate half's tiles
         launcher(kernel)[lambda meta: (-(-m // meta["BLOCK_M"]), 1 if dot is not None else -(-tiles // meta["TILES"]))](
             x, b, idx, w, d, d_out, y, s, m, k, y.shape[1], bucket, x.stride(0), b.stride(0), up_offset,
             d.stride(0), y.stride(0), s.stride(0), s.stride(1), AMAX_FLOOR, FP8_MAX, DOT=dot is not None,
             **common, **order,
         )  # fmt: skip
     elif form == "cols":
-        launcher(kernel)[lambda meta: (-(-m // (BLOCK * meta["GROUPS"])), -(-yt.shape[0] // meta["BLOCK_K"]))](
+        columns = up_offset if paired else yt.shape[0]  # paired: the gate half's columns
+        launcher(kernel)[lambda meta: (-(-m // (BLOCK * meta["GROUPS"])), -(-columns // meta["BLOCK_K"]))](
             x, b, idx, w, yt, st, m, k, yt.shape[0], bucket, x.stride(0), b.stride(0), up_offset,
             yt.stride(0), st.stride(0), st.stride(1), AMAX_FLOOR, FP8_MAX, **common, **order,
         )  # fmt: skip
