@@ -26,6 +26,9 @@ Variants (each in try/except: a failure is recorded and the run carries on):
 - grouped_fp8_per_copy: the cached path with every permuted copy of x quantized in the gather instead of
              x quantized once per token and its FP8 rows gathered (coscale.kernels.fp8_moe.QUANTIZE_TOKENS_ONCE,
              the default since run 38; grouped_fp8_tokens_once in runs 37-38); the same bits.
+- grouped_fp8_unpaired: the cached path with SwiGLU's backward producer unpaired (each element computing both
+             gradients to keep one; coscale.kernels.quant_ops.SWIGLU_BACKWARD_PAIRED, the default since run 44);
+             the same bits.
 - dense:     a dense SwiGLU MLP over T*K rows with one expert's shape: the same FLOPs in plain GEMMs.
 All variants include the shared expert (a dense SwiGLU MLP over the T tokens, in BF16). Every variant
 but the loop (which reads expert counts back to the host) is also timed replayed from a CUDA graph
@@ -187,6 +190,7 @@ def run_case(shape, T, routing, args, results):
     variants["grouped_fp8_unfused"] = ("fp8", "auto", False, False)
     variants["grouped_fp8_one_pass"] = ("fp8", "auto", True, True, True)
     variants["grouped_fp8_per_copy"] = ("fp8", "auto", True, True, False, False)
+    variants["grouped_fp8_unpaired"] = ("fp8", "auto", True, True, False, TOKENS_ONCE_DEFAULT, False)
     variants["dense"] = None
     if args.variants:  # in the order given; the loop layer still gives the reference values below
         variants = {k: variants[k] for k in dict.fromkeys(args.variants) if k in variants}
@@ -225,11 +229,12 @@ def run_case(shape, T, routing, args, results):
                     with torch.no_grad():
                         dense_layer(rows, *dense_w, x, shared)
             else:
-                precision, backend, cached, fused, one_pass, tokens_once = (*spec, False, True, False,
-                                                                            TOKENS_ONCE_DEFAULT)[:6]
+                precision, backend, cached, fused, one_pass, tokens_once, paired = (
+                    *spec, False, True, False, TOKENS_ONCE_DEFAULT, PAIRED_DEFAULT)[:7]
                 cache = FP8WeightCache() if cached else None
                 quant_ops.DUAL_ONE_PASS = one_pass
                 fp8_moe.QUANTIZE_TOKENS_ONCE = tokens_once
+                quant_ops.SWIGLU_BACKWARD_PAIRED = paired
 
                 def layer(precision=precision, backend=backend, cache=cache, fused=fused):
                     return grouped_layer(x, idx, topw, w_gate, w_up, w_down, shared, precision, backend, cache,
@@ -279,6 +284,7 @@ def run_case(shape, T, routing, args, results):
         finally:
             quant_ops.DUAL_ONE_PASS = False
             fp8_moe.QUANTIZE_TOKENS_ONCE = TOKENS_ONCE_DEFAULT
+            quant_ops.SWIGLU_BACKWARD_PAIRED = PAIRED_DEFAULT
             if cache is not None:
                 cache.invalidate()  # the cached variant's FP8 weights (up to 2 bytes per parameter)
             if torch.cuda.is_available():
@@ -307,9 +313,10 @@ def run_case(shape, T, routing, args, results):
         torch.cuda.empty_cache()
 
 
-TOKENS_ONCE_DEFAULT = fp8_moe.QUANTIZE_TOKENS_ONCE  # the shipped choice, restored after each variant
+TOKENS_ONCE_DEFAULT = fp8_moe.QUANTIZE_TOKENS_ONCE  # the shipped choices, restored after each variant
+PAIRED_DEFAULT = quant_ops.SWIGLU_BACKWARD_PAIRED
 VARIANT_NAMES = ("loop", "grouped", "grouped_triton", "grouped_fp8", "grouped_fp8_cached", "grouped_fp8_unfused",
-                 "grouped_fp8_one_pass", "grouped_fp8_per_copy", "dense")
+                 "grouped_fp8_one_pass", "grouped_fp8_per_copy", "grouped_fp8_unpaired", "dense")
 
 
 def print_table(results):

@@ -131,7 +131,8 @@ def quant_cases():
              (2, 1, 16, 4, False, False, True), (2, 2, 16, 8, False, False, True), (2, 1, 32, 8, False, False, True))
     for source, tiles, block_m, warps, weight, dot, paired in cases:
         const = dict(SOURCE=source, TOPK=8 if source == 3 else 1, HAS_WEIGHT=weight, DOT=dot, BLOCK_M=block_m,
-                     TILES=tiles, ROUND_SCALE=False, GRID_ROUND=False, ROW_ORDER=True, PAIRED=paired)
+                     TILES=tiles, ROUND_SCALE=False, GRID_ROUND=False, ROW_ORDER=True, PAIRED=paired,
+                     FAST_SIGMOID=source in (1, 2))
         label = (f"rows_quant source {source} TILES {tiles} M{block_m} w{warps} weight={weight} dot={dot}"
                  f"{' paired' if paired else ''}")
         yield label, qk.rows_quant_kernel, types, const, warps
@@ -150,7 +151,7 @@ def quant_cases():
                                         (0, 32, False, 4), (0, 32, True, 4), (0, 32, True, 8), (0, 64, True, 8),
                                         (3, 32, True, 4)):  # both layouts from one launch
         const = dict(SOURCE=source, TOPK=8 if source == 3 else 1, HAS_WEIGHT=source == 3, CHUNK=chunk, PACK4=pack4,
-                     ROUND_SCALE=False, GRID_ROUND=False)
+                     ROUND_SCALE=False, GRID_ROUND=False, FAST_SIGMOID=source in (1, 2))
         dual_types = {**types, "b_ptr": "*bf16", "idx_ptr": "*i32", "w_ptr": "*fp32"}
         yield (f"dual_quant source {source} CHUNK {chunk} PACK4={pack4} w{warps}", qk.dual_quant_kernel, dual_types,
                const, warps)
@@ -160,11 +161,16 @@ def quant_cases():
             (0, 32, True, 4, False), (2, 32, True, 4, True), (2, 64, True, 8, True), (2, 32, True, 2, True),
             (2, 32, False, 4, True), (2, 16, True, 4, True), (2, 32, True, 8, True), (2, 16, True, 2, True)):
         const = dict(SOURCE=source, TOPK=8 if source == 3 else 1, HAS_WEIGHT=source == 3, BLOCK_K=block_k, GROUPS=1,
-                     ROUND_SCALE=False, GRID_ROUND=False, PACK4=pack4, ROW_ORDER=True,
-                     PAIRED=paired)  # a producer's transposed layout
+                     ROUND_SCALE=False, GRID_ROUND=False, PACK4=pack4, ROW_ORDER=True, PAIRED=paired,
+                     FAST_SIGMOID=source in (1, 2))  # a producer's transposed layout
         cols_types = {**types, "b_ptr": "*bf16", "idx_ptr": "*i32", "w_ptr": "*fp32"}
         yield (f"cols_quant source {source} BLOCK_K {block_k} PACK4={pack4} w{warps}{' paired' if paired else ''}",
                qk.cols_quant_kernel, cols_types, const, warps)
+    from coscale.kernels import swiglu as sw  # SwiGLU's own kernels with the fast sigmoid (inline PTX)
+
+    sw_types = {"g_ptr": "*bf16", "u_ptr": "*bf16", "a_ptr": "*bf16", "da_ptr": "*bf16", "grad_ptr": "*bf16"}
+    for name, fn in (("swiglu fwd", sw._swiglu_fwd_kernel), ("swiglu bwd", sw._swiglu_bwd_kernel)):
+        yield f"{name} FAST", fn, sw_types, dict(BLOCK=1024, FAST=True), 4
     for block_r, block_c, warps in ((128, 128, 4), (128, 256, 8)):  # W^T through 32-bit words (PTX prmt)
         const = dict(BLOCK_R=block_r, BLOCK_C=block_c, ASM=True)
         yield (f"transpose words {block_r}x{block_c} w{warps}", qk.transpose_words_kernel,

@@ -17,6 +17,8 @@ FMA correction (``_quantize_tile``), which gives the same bits.
 import triton
 import triton.language as tl
 
+from coscale.kernels.swiglu import sigmoid  # SwiGLU's sigmoid: the producers write its kernels' bytes
+
 
 @triton.jit
 def _abs_bits(x):
@@ -402,7 +404,7 @@ def _row_block_and_column_block(SOURCE: tl.constexpr, ROW_ORDER: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_grads(x_ptr, b_ptr, rows, cols, M, I, stride_x, stride_b):
+def _swiglu_grads(x_ptr, b_ptr, rows, cols, M, I, stride_x, stride_b, FAST_SIGMOID: tl.constexpr):
     """(dg, du) of SwiGLU's backward at gate columns ``cols`` (< I) of rows ``rows`` (broadcastable), each rounded
     to x's dtype as kernels.swiglu's backward kernel stores it: its formulas in its order, so the same FP32
     roundings. x holds [gate | up] (up at column I), b the gradient da [M, I]."""
@@ -411,7 +413,7 @@ def _swiglu_grads(x_ptr, b_ptr, rows, cols, M, I, stride_x, stride_b):
     g = tl.load(x_ptr + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + r64 * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
     da = tl.load(b_ptr + r64 * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(g)
+    s = sigmoid(g, FAST_SIGMOID)  # kernels.swiglu's sigmoid
     dg = da * u * s * (1.0 + g * (1.0 - s))
     du = da * g * s
     return dg.to(x_ptr.dtype.element_ty).to(tl.float32), du.to(x_ptr.dtype.element_ty).to(tl.float32)
@@ -420,7 +422,7 @@ def _swiglu_grads(x_ptr, b_ptr, rows, cols, M, I, stride_x, stride_b):
 @triton.jit
 def _produce(
     x_ptr, b_ptr, idx_ptr, w_ptr, rows, cols, M, K, stride_x, stride_b, up_offset,
-    SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr, FAST_SIGMOID: tl.constexpr,
 ):  # fmt: skip
     """(the block in FP32, the unweighted source values): see the SOURCE table above. ``rows`` and
     ``cols`` are the block's row and column indices, broadcastable against each other ([R, 1] and
@@ -434,12 +436,12 @@ def _produce(
     elif SOURCE == 1:
         g = tl.load(x_ptr + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + r64 * stride_x + up_offset + cols, mask=mask, other=0.0).to(tl.float32)
-        v = (g * tl.sigmoid(g) * u).to(x_ptr.dtype.element_ty).to(tl.float32)  # as kernels.swiglu stores a
+        v = (g * sigmoid(g, FAST_SIGMOID) * u).to(x_ptr.dtype.element_ty).to(tl.float32)  # as kernels.swiglu stores a
         raw = v
     elif SOURCE == 2:
         is_up = cols >= up_offset
         dg, du = _swiglu_grads(x_ptr, b_ptr, rows, tl.where(is_up, cols - up_offset, cols), M, up_offset, stride_x,
-                               stride_b)  # fmt: skip
+                               stride_b, FAST_SIGMOID)  # fmt: skip
         v = tl.where(is_up, du, dg)
         raw = v
     else:
@@ -464,7 +466,7 @@ def rows_quant_kernel(
     amax_floor, fp8_max,
     SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, TILES: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
-    ROW_ORDER: tl.constexpr = True, PAIRED: tl.constexpr = False,
+    ROW_ORDER: tl.constexpr = True, PAIRED: tl.constexpr = False, FAST_SIGMOID: tl.constexpr = False,
 ):  # fmt: skip
     # One program = BLOCK_M rows x TILES 128-wide column tiles (which: _row_block_and_column_block): y [M, KP]
     # e4m3 and s [M, KP/128] (1x128 tiles along the columns), the block produced and quantized whole,
@@ -481,7 +483,7 @@ def rows_quant_kernel(
         for k0 in range(0, KP, 128):
             offs_k = k0 + tl.arange(0, 128)
             v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
-                              stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                              stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
             s = _scale_from_bits(tl.max(_abs_bits(v), 1), amax_floor, fp8_max, ROUND_SCALE)
             r, d = _divisor(s)
             y = _quantize_tile(v, r[:, None], d[:, None], fp8_max, GRID_ROUND)
@@ -497,7 +499,8 @@ def rows_quant_kernel(
     elif PAIRED:  # SwiGLU's backward: the gate tiles ``tiles`` give dg there and du up_offset columns on
         tiles = pid_t * TILES + tl.arange(0, TILES)
         offs_k = tiles[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]  # [1, TILES, 128]
-        dg, du = _swiglu_grads(x_ptr, b_ptr, offs_m[:, None, None], offs_k, M, up_offset, stride_x, stride_b)
+        dg, du = _swiglu_grads(x_ptr, b_ptr, offs_m[:, None, None], offs_k, M, up_offset, stride_x, stride_b,
+                               FAST_SIGMOID)
         in_t = tiles < up_offset // 128
         _rows_tiles_out(dg, offs_m, in_m, tiles, in_t, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor,
                         fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
@@ -507,7 +510,7 @@ def rows_quant_kernel(
         tiles = pid_t * TILES + tl.arange(0, TILES)
         offs_k = tiles[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]  # [1, TILES, 128]
         v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None, None], offs_k, M, K, stride_x, stride_b,
-                          up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                          up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
         _rows_tiles_out(v, offs_m, in_m, tiles, tiles < KP // 128, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk,
                         amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
 
@@ -520,6 +523,7 @@ def cols_quant_kernel(
     SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
     PACK4: tl.constexpr = False, ROW_ORDER: tl.constexpr = True, PAIRED: tl.constexpr = False,
+    FAST_SIGMOID: tl.constexpr = False,
 ):  # fmt: skip
     # One program = GROUPS tiles of [128 rows x BLOCK_K columns], one after another (pipelined, as
     # cols_kernel): the transpose in 1x128 tiles along the rows, yt [YT_ROWS, Mp] e4m3 and st
@@ -545,39 +549,40 @@ def cols_quant_kernel(
             offs_w = pid_m * 32 + tl.arange(0, 32)  # word i of the tile: rows 4i..4i+3
             if PAIRED:
                 g0, u0 = _swiglu_grads(x_ptr, b_ptr, (offs_w * 4)[:, None], offs_k[None, :], M, up_offset, stride_x,
-                                       stride_b)  # fmt: skip
+                                       stride_b, FAST_SIGMOID)  # fmt: skip
                 g1, u1 = _swiglu_grads(x_ptr, b_ptr, (offs_w * 4 + 1)[:, None], offs_k[None, :], M, up_offset,
-                                       stride_x, stride_b)  # fmt: skip
+                                       stride_x, stride_b, FAST_SIGMOID)  # fmt: skip
                 g2, u2 = _swiglu_grads(x_ptr, b_ptr, (offs_w * 4 + 2)[:, None], offs_k[None, :], M, up_offset,
-                                       stride_x, stride_b)  # fmt: skip
+                                       stride_x, stride_b, FAST_SIGMOID)  # fmt: skip
                 g3, u3 = _swiglu_grads(x_ptr, b_ptr, (offs_w * 4 + 3)[:, None], offs_k[None, :], M, up_offset,
-                                       stride_x, stride_b)  # fmt: skip
+                                       stride_x, stride_b, FAST_SIGMOID)  # fmt: skip
                 _cols_words_out(g0, g1, g2, g3, offs_w, offs_k, ok, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk,
                                 stride_stm, amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
                 _cols_words_out(u0, u1, u2, u3, offs_w, offs_k + up_offset, ok, pid_m, yt_ptr, st_ptr, stride_ytk,
                                 stride_stk, stride_stm, amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
             else:
                 v0, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4)[:, None], offs_k[None, :], M, K, stride_x,
-                                 stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                                 stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
                 v1, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 1)[:, None], offs_k[None, :], M, K,
-                                 stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                                 stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
                 v2, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 2)[:, None], offs_k[None, :], M, K,
-                                 stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                                 stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
                 v3, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 3)[:, None], offs_k[None, :], M, K,
-                                 stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                                 stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
                 _cols_words_out(v0, v1, v2, v3, offs_w, offs_k, ok, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk,
                                 stride_stm, amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
         else:
             offs_m = pid_m * 128 + tl.arange(0, 128)
             if PAIRED:
-                dg, du = _swiglu_grads(x_ptr, b_ptr, offs_m[:, None], offs_k[None, :], M, up_offset, stride_x, stride_b)
+                dg, du = _swiglu_grads(x_ptr, b_ptr, offs_m[:, None], offs_k[None, :], M, up_offset, stride_x,
+                                       stride_b, FAST_SIGMOID)  # fmt: skip
                 _cols_bytes_out(dg, offs_m, offs_k, ok, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk, stride_stm,
                                 amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
                 _cols_bytes_out(du, offs_m, offs_k + up_offset, ok, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk,
                                 stride_stm, amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
             else:
                 v, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
-                                stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                                stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
                 _cols_bytes_out(v, offs_m, offs_k, ok, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk, stride_stm,
                                 amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
 
@@ -599,7 +604,7 @@ def _dual_rows(v, bits, rows, offs_k, k0, M, y_ptr, s_ptr, stride_ym, stride_sm,
 def _dual_rows_chunked(row_bits, rows, k0, x_ptr, b_ptr, idx_ptr, w_ptr, M, K, stride_x, stride_b, up_offset, y_ptr,
                        s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max, SOURCE: tl.constexpr,
                        TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr, CHUNK: tl.constexpr, ROUND_SCALE: tl.constexpr,
-                       GRID_ROUND: tl.constexpr):  # fmt: skip
+                       GRID_ROUND: tl.constexpr, FAST_SIGMOID: tl.constexpr):  # fmt: skip
     """Rows ``rows`` of a dual block whose |x| bit maxima are ``row_bits``: their 1x128 tiles into y and s,
     the block's rows produced again CHUNK columns at a time."""
     s = _scale_from_bits(row_bits, amax_floor, fp8_max, ROUND_SCALE)
@@ -609,7 +614,7 @@ def _dual_rows_chunked(row_bits, rows, k0, x_ptr, b_ptr, idx_ptr, w_ptr, M, K, s
     for c in range(0, 128, CHUNK):
         offs_k = k0 + c + tl.arange(0, CHUNK)
         v, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, rows[:, None], offs_k[None, :], M, K, stride_x, stride_b,
-                        up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                        up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
         y = _quantize_tile(v, r[:, None], d[:, None], fp8_max, GRID_ROUND)
         tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + offs_k[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=in_m[:, None])  # fmt: skip
@@ -621,7 +626,7 @@ def dual_quant_kernel(
     M, K, YT_ROWS, M_BUCKET, stride_x, stride_b, up_offset, stride_ym, stride_sm, stride_sk,
     stride_ytk, stride_stk, stride_stm, amax_floor, fp8_max,
     SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr, CHUNK: tl.constexpr,
-    PACK4: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
+    PACK4: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr, FAST_SIGMOID: tl.constexpr = False,
 ):  # fmt: skip
     # Both layouts from one launch: x read once, y and yt written. One program = a [128 x 128] block.
     # PACK4 (CHUNK 128): the block produced as four [32, 128] quarters, quarter j holding rows 4i + j, so
@@ -654,13 +659,13 @@ def dual_quant_kernel(
         for c in range(0, 128, CHUNK):  # a loop, not unrolled: the registers of one chunk
             offs_k = k0 + c + tl.arange(0, CHUNK)
             v0, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 0)[:, None], offs_k[None, :], M, K,
-                             stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                             stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
             v1, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 1)[:, None], offs_k[None, :], M, K,
-                             stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                             stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
             v2, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 2)[:, None], offs_k[None, :], M, K,
-                             stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                             stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
             v3, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 3)[:, None], offs_k[None, :], M, K,
-                             stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                             stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
             b0, b1, b2, b3 = _abs_bits(v0), _abs_bits(v1), _abs_bits(v2), _abs_bits(v3)
             rb0 = tl.maximum(rb0, tl.max(b0, 1))  # integers: NaN's bits are the largest
             rb1 = tl.maximum(rb1, tl.max(b1, 1))
@@ -690,18 +695,18 @@ def dual_quant_kernel(
                 rb = rb3
             _dual_rows_chunked(rb, offs_w * 4 + j, k0, x_ptr, b_ptr, idx_ptr, w_ptr, M, K, stride_x, stride_b,
                                up_offset, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max, SOURCE,
-                               TOPK, HAS_WEIGHT, CHUNK, ROUND_SCALE, GRID_ROUND)  # fmt: skip
+                               TOPK, HAS_WEIGHT, CHUNK, ROUND_SCALE, GRID_ROUND, FAST_SIGMOID)  # fmt: skip
     elif PACK4:
         offs_k = k0 + tl.arange(0, 128)
         offs_w = pid_m * 32 + tl.arange(0, 32)  # word i of a yt row: rows 4i..4i+3 of the block
         v0, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 0)[:, None], offs_k[None, :], M, K, stride_x,
-                         stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                         stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
         v1, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 1)[:, None], offs_k[None, :], M, K, stride_x,
-                         stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                         stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
         v2, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 2)[:, None], offs_k[None, :], M, K, stride_x,
-                         stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                         stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
         v3, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 3)[:, None], offs_k[None, :], M, K, stride_x,
-                         stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                         stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
         b0, b1, b2, b3 = _abs_bits(v0), _abs_bits(v1), _abs_bits(v2), _abs_bits(v3)
         st = _scale_from_bits(tl.max(tl.maximum(tl.maximum(b0, b1), tl.maximum(b2, b3)), 0), amax_floor, fp8_max,
                               ROUND_SCALE)  # [128]: one reduction over the block's rows, not four
@@ -726,7 +731,7 @@ def dual_quant_kernel(
     elif CHUNK == 128:
         offs_k = k0 + tl.arange(0, 128)
         v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
-                          stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                          stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
         bits = _abs_bits(v)
         st = _scale_from_bits(tl.max(bits, 0), amax_floor, fp8_max, ROUND_SCALE)
         s = _scale_from_bits(tl.max(bits, 1), amax_floor, fp8_max, ROUND_SCALE)
@@ -745,7 +750,7 @@ def dual_quant_kernel(
         for c in tl.static_range(0, 128, CHUNK):
             offs_k = k0 + c + tl.arange(0, CHUNK)
             v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
-                              stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT)  # fmt: skip
+                              stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
             bits = _abs_bits(v)
             st = _scale_from_bits(tl.max(bits, 0), amax_floor, fp8_max, ROUND_SCALE)
             rt, dt = _divisor(st)
@@ -758,4 +763,4 @@ def dual_quant_kernel(
             row_bits = tl.maximum(row_bits, tl.max(bits, 1))  # integers: NaN's bits are the largest
         _dual_rows_chunked(row_bits, offs_m, k0, x_ptr, b_ptr, idx_ptr, w_ptr, M, K, stride_x, stride_b, up_offset,
                            y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max, SOURCE, TOPK,
-                           HAS_WEIGHT, CHUNK, ROUND_SCALE, GRID_ROUND)  # fmt: skip
+                           HAS_WEIGHT, CHUNK, ROUND_SCALE, GRID_ROUND, FAST_SIGMOID)  # fmt: skip

@@ -61,6 +61,7 @@ from coscale.kernels.fp8_recipe import (
     weight_quant_128x128_ref,
 )
 from coscale.kernels.library import launcher, operator, runs_triton
+from coscale.kernels.swiglu import fast_sigmoid
 
 __all__ = [
     "COLS_CONFIGS",
@@ -235,7 +236,7 @@ def launch_producer(form, outs, x, round_scale, *, m, k, source=0, b=None, idx=N
     idx = x if idx is None else idx
     w = x if w is None else w
     common = dict(SOURCE=source, TOPK=topk, HAS_WEIGHT=has_weight, ROUND_SCALE=round_scale,
-                  GRID_ROUND=interpreting(), **cfg)  # fmt: skip
+                  GRID_ROUND=interpreting(), FAST_SIGMOID=source in (1, 2) and fast_sigmoid(), **cfg)  # fmt: skip
     paired = form != "dual" and source == 2 and up_offset % BLOCK == 0 and SWIGLU_BACKWARD_PAIRED
     order = {} if form == "dual" else {"ROW_ORDER": PRODUCER_ROW_ORDER, "PAIRED": paired}
     bucket = rows_bucket(m)

@@ -13,6 +13,15 @@ sigmoid(g) instead of storing it:
 Math is float32 in registers whatever the storage dtype. Gate and up may be two tensors or the two
 halves of one [M, 2I] buffer (`swiglu(gate_up)`, what a grouped GEMM against [w_gate; w_up] gives);
 the kernels take a row stride for each operand so both layouts run without copies.
+
+On a GPU (FAST_SIGMOID) sigmoid(g) is rcp.approx.ftz(1 + ex2.approx.ftz(-g log2 e)): four instructions
+where tl.sigmoid's exp and division take twelve (sm_90 SASS: the subnormal range checks and rescalings
+of ex2.approx.f32 and div.full.f32). The two agree bit for bit except for g < -87.3, where 1 + e^-g
+exceeds 2^126 and the flushed reciprocal gives sigmoid 0 instead of a value below 2^-126 (and silu 0
+instead of about g 2^-127: far below any 1x128 tile's FP8 resolution, and below PyTorch's float32
+results there by less than 1e-36). The FP8 producers of coscale.kernels.fused_quant use the same
+`sigmoid` so that they keep writing the bytes of these kernels' outputs quantized. The interpreter
+has no PTX: it takes tl.sigmoid.
 """
 
 from __future__ import annotations
@@ -31,24 +40,46 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
+# The fast sigmoid on GPUs (the module docstring); False: tl.sigmoid everywhere (the interpreter's always).
+FAST_SIGMOID = True
+
+
+def fast_sigmoid() -> bool:
+    """Whether this process's SwiGLU kernels (and the FP8 producers fused with them) take the fast sigmoid."""
+    from coscale.kernels.backend import interpreting
+
+    return FAST_SIGMOID and not interpreting()
+
+
 if triton is not None:
 
     @triton.jit
+    def sigmoid(x, FAST: tl.constexpr):
+        """1 / (1 + e^-x) in float32: with FAST, rcp.approx.ftz(1 + ex2.approx.ftz(x * -log2 e)) (the module
+        docstring says where it differs from tl.sigmoid); else tl.sigmoid."""
+        if FAST:
+            e = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * -1.4426950408889634],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+            return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [e + 1.0], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        return tl.sigmoid(x)
+
+    @triton.jit
     def _swiglu_fwd_kernel(
-        g_ptr, u_ptr, a_ptr, I, stride_g, stride_u, stride_a, BLOCK: tl.constexpr,
+        g_ptr, u_ptr, a_ptr, I, stride_g, stride_u, stride_a, BLOCK: tl.constexpr, FAST: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < I
         g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-        a = g * tl.sigmoid(g) * u
+        a = g * sigmoid(g, FAST) * u
         tl.store(a_ptr + row * stride_a + cols, a.to(a_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _swiglu_bwd_kernel(
         g_ptr, u_ptr, da_ptr, grad_ptr, I,
-        stride_g, stride_u, stride_da, stride_grad, BLOCK: tl.constexpr,
+        stride_g, stride_u, stride_da, stride_grad, BLOCK: tl.constexpr, FAST: tl.constexpr,
     ):
         """grad [M, 2I] = [dg | du] (one output tensor: no views of it reach the kernel)."""
         row = tl.program_id(0).to(tl.int64)
@@ -57,7 +88,7 @@ if triton is not None:
         g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
         da = tl.load(da_ptr + row * stride_da + cols, mask=mask, other=0.0).to(tl.float32)
-        s = tl.sigmoid(g)
+        s = sigmoid(g, FAST)
         dg = da * u * s * (1.0 + g * (1.0 - s))
         du = da * g * s
         tl.store(grad_ptr + row * stride_grad + cols, dg.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -81,7 +112,7 @@ def swiglu_forward_triton(g, u):
     if M and I:
         block = _block(I)
         launcher(_swiglu_fwd_kernel)[(M, triton.cdiv(I, block))](
-            g, u, a, I, g.stride(0), u.stride(0), a.stride(0), BLOCK=block
+            g, u, a, I, g.stride(0), u.stride(0), a.stride(0), BLOCK=block, FAST=fast_sigmoid()
         )
     return a
 
@@ -96,6 +127,7 @@ def swiglu_backward_triton(g, u, da):
         block = _block(I)
         launcher(_swiglu_bwd_kernel)[(M, triton.cdiv(I, block))](
             g, u, da, grad, I, g.stride(0), u.stride(0), da.stride(0), grad.stride(0), BLOCK=block,
+            FAST=fast_sigmoid(),
         )
     return grad
 
