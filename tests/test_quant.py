@@ -579,6 +579,24 @@ def test_the_gpu_division_sequence_rounds_like_ieee_division():
     assert np.array_equal(y[ok], expected[ok])
 
 
+@pytest.mark.parametrize("fp8_max", [448.0, 57344.0])  # E4M3's and E5M2's largest values
+def test_the_gpu_scale_division_is_ieee_for_every_amax(fp8_max):
+    """_scale_from_bits's GPU arithmetic for s = amax / fp8_max (q0 = RN(amax R), R = RN(1 / fp8_max), then
+    s = fma(fma(q0, -fp8_max, amax), R, q0)) emulated exactly, against IEEE float32 division for every float32
+    mantissa in the binade of 1, of the amax floor (1e-12) and of the largest floats. Between them the
+    arithmetic scales by powers of two exactly (no subnormal and no overflow on the way), so this covers every
+    amax the kernels see."""
+    d = np.float32(fp8_max)
+    inv = (np.float32(1.0) / d).astype(np.float32)
+    mantissas = np.arange(2**23, dtype=np.int64)
+    for exponent in (0, -40, 127):
+        amax = (mantissas | (127 + exponent) << 23).astype(np.int32).view(np.float32)
+        q0 = (amax.astype(np.float64) * np.float64(inv)).astype(np.float32)
+        s = _fma32(_fma32(q0, np.full_like(q0, -d), amax), np.full_like(q0, inv), q0)
+        expected = (amax.astype(np.float64) / np.float64(d)).astype(np.float32)
+        assert np.array_equal(s, expected), exponent
+
+
 @needs_kernels
 @pytest.mark.parametrize("source,inter", [(1, 200), (2, 200), (2, 256), (3, 200)])
 def test_every_dual_producer_configuration_writes_what_two_launches_write(source, inter):

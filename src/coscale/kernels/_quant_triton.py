@@ -28,12 +28,24 @@ def _abs_bits(x):
 
 
 @triton.jit
-def _scale_from_bits(amax_bits, amax_floor, fp8_max, ROUND_SCALE: tl.constexpr):
+def _scale_from_bits(amax_bits, amax_floor, fp8_max, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr):
     """The dequantization scale of each tile from the max of ``_abs_bits`` over it (the reference's
-    ``_scale_from_amax``: NaN amax gives a NaN scale)."""
+    ``_scale_from_amax``: NaN amax gives a NaN scale).
+    amax / fp8_max as RN(amax / fp8_max) in three instructions on the GPU: q0 = RN(amax R) with R = RN(1 / fp8_max),
+    then one FMA correction (Markstein), where tl.math.div_rn takes about ten and a branch (sm_90: 15% of a
+    producer's transposed launch, which divides once a column). For E4M3's 448 and E5M2's 57344 (the same
+    mantissa) this is the IEEE quotient for every float32 amax from the floor to the largest, checked over every
+    mantissa (tests/test_quant.py); inf is kept apart (its correction would be inf - inf). The interpreter's
+    FMA rounds twice, so it divides."""
     amax = amax_bits.to(tl.float32, bitcast=True)
     amax = tl.where(amax < amax_floor, amax_floor, amax)  # NaN < floor is false: NaN kept
-    s = tl.math.div_rn(amax, fp8_max)
+    if GRID_ROUND:
+        s = tl.math.div_rn(amax, fp8_max)
+    else:
+        inv = tl.math.div_rn(1.0, fp8_max)  # a scalar: once a program
+        q0 = amax * inv
+        s = tl.fma(tl.fma(q0, -fp8_max, amax), inv, q0)
+        s = tl.where(amax == float("inf"), amax, s)
     if ROUND_SCALE:  # UE8M0: 2^ceil(log2 s) on the bits, finite scales only
         bits = s.to(tl.int32, bitcast=True)
         expo = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
@@ -145,7 +157,7 @@ def _rows_tiles_out(v, offs_m, in_m, tiles, in_t, y_ptr, s_ptr, stride_ym, strid
                     ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr):  # fmt: skip
     """v [BLOCK_M, TILES, 128] (rows offs_m, 1x128 column tiles ``tiles``) quantized into y and its scales into s,
     where in_m (rows) and in_t (tiles) hold."""
-    s = _scale_from_bits(tl.max(_abs_bits(v), 2), amax_floor, fp8_max, ROUND_SCALE)  # [BLOCK_M, TILES]
+    s = _scale_from_bits(tl.max(_abs_bits(v), 2), amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # [BLOCK_M, TILES]
     r, d = _divisor(s)
     y = _quantize_tile(v, r[:, :, None], d[:, :, None], fp8_max, GRID_ROUND)
     offs_k = tiles[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
@@ -163,7 +175,7 @@ def _cols_words_out(v0, v1, v2, v3, offs_w, offs_k, ok, pid_m, yt_ptr, st_ptr, s
     stored where ok."""
     amax = tl.max(tl.maximum(tl.maximum(_abs_bits(v0), _abs_bits(v1)), tl.maximum(_abs_bits(v2), _abs_bits(v3))),
                   0)  # one reduction over the tile's rows, not four
-    st = _scale_from_bits(amax, amax_floor, fp8_max, ROUND_SCALE)  # [BLOCK_K]
+    st = _scale_from_bits(amax, amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # [BLOCK_K]
     r, d = _divisor(st)
     r, d = r[None, :], d[None, :]
     words = _pack4(_quantize_tile(v0, r, d, fp8_max, GRID_ROUND), _quantize_tile(v1, r, d, fp8_max, GRID_ROUND),
@@ -180,7 +192,7 @@ def _cols_bytes_out(v, offs_m, offs_k, ok, pid_m, yt_ptr, st_ptr, stride_ytk, st
                     fp8_max, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr):  # fmt: skip
     """A [128, BLOCK_K] tile (rows offs_m, columns offs_k) in the transposed layout, byte by byte: one scale a
     column, the FP8 tile transposed into yt rows offs_k, stored where ok."""
-    st = _scale_from_bits(tl.max(_abs_bits(v), 0), amax_floor, fp8_max, ROUND_SCALE)  # [BLOCK_K]
+    st = _scale_from_bits(tl.max(_abs_bits(v), 0), amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # [BLOCK_K]
     r, d = _divisor(st)
     yt8 = tl.trans(_quantize_tile(v, r[None, :], d[None, :], fp8_max, GRID_ROUND).to(yt_ptr.dtype.element_ty))
     tl.store(yt_ptr + offs_k[:, None].to(tl.int64) * stride_ytk + offs_m[None, :], yt8, mask=ok[:, None])
@@ -264,7 +276,7 @@ def weight_kernel(
             x2 = _cols_quarter(x_ptr + pid_b * stride_xb, offs_w, offs_k, M, K, stride_xm, stride_xk, 2)
             x3 = _cols_quarter(x_ptr + pid_b * stride_xb, offs_w, offs_k, M, K, stride_xm, stride_xk, 3)
             amax = tl.maximum(tl.maximum(_abs_bits(x0), _abs_bits(x1)), tl.maximum(_abs_bits(x2), _abs_bits(x3)))
-            s = _scale_from_bits(tl.max(tl.max(amax, 1), 0), amax_floor, fp8_max, ROUND_SCALE)  # a scalar
+            s = _scale_from_bits(tl.max(tl.max(amax, 1), 0), amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # a scalar
             r, d = _divisor(s)
             y0 = _quantize_tile(x0, r, d, fp8_max, GRID_ROUND)
             y1 = _quantize_tile(x1, r, d, fp8_max, GRID_ROUND)
@@ -287,7 +299,8 @@ def weight_kernel(
             x_ptrs = (x_ptr + pid_b * stride_xb + offs_m[:, None].to(tl.int64) * stride_xm
                       + offs_k[None, :] * stride_xk)
             x = tl.load(x_ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
-            s = _scale_from_bits(tl.max(tl.max(_abs_bits(x), 1), 0), amax_floor, fp8_max, ROUND_SCALE)  # a scalar
+            s = _scale_from_bits(tl.max(tl.max(_abs_bits(x), 1), 0), amax_floor, fp8_max, ROUND_SCALE,
+                                 GRID_ROUND)  # a scalar
             r, d = _divisor(s)
             y8 = _quantize_tile(x, r, d, fp8_max, GRID_ROUND).to(y_ptr.dtype.element_ty)
             y_ptrs = y_ptr + pid_b * stride_yb + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
@@ -484,7 +497,7 @@ def rows_quant_kernel(
             offs_k = k0 + tl.arange(0, 128)
             v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
                               stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
-            s = _scale_from_bits(tl.max(_abs_bits(v), 1), amax_floor, fp8_max, ROUND_SCALE)
+            s = _scale_from_bits(tl.max(_abs_bits(v), 1), amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)
             r, d = _divisor(s)
             y = _quantize_tile(v, r[:, None], d[:, None], fp8_max, GRID_ROUND)
             y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_k[None, :]
@@ -591,7 +604,7 @@ def cols_quant_kernel(
 def _dual_rows(v, bits, rows, offs_k, k0, M, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor, fp8_max,
                ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr):  # fmt: skip
     """Rows ``rows`` of a dual block, v [R, 128] (its |x| bits ``bits``): their 1x128 tiles into y and s."""
-    s = _scale_from_bits(tl.max(bits, 1), amax_floor, fp8_max, ROUND_SCALE)
+    s = _scale_from_bits(tl.max(bits, 1), amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)
     r, d = _divisor(s)
     y = _quantize_tile(v, r[:, None], d[:, None], fp8_max, GRID_ROUND)
     in_m = rows < M
@@ -607,7 +620,7 @@ def _dual_rows_chunked(row_bits, rows, k0, x_ptr, b_ptr, idx_ptr, w_ptr, M, K, s
                        GRID_ROUND: tl.constexpr, FAST_SIGMOID: tl.constexpr):  # fmt: skip
     """Rows ``rows`` of a dual block whose |x| bit maxima are ``row_bits``: their 1x128 tiles into y and s,
     the block's rows produced again CHUNK columns at a time."""
-    s = _scale_from_bits(row_bits, amax_floor, fp8_max, ROUND_SCALE)
+    s = _scale_from_bits(row_bits, amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)
     r, d = _divisor(s)
     in_m = rows < M
     tl.store(s_ptr + rows.to(tl.int64) * stride_sm + (k0 // 128) * stride_sk, s, mask=in_m)
@@ -672,7 +685,7 @@ def dual_quant_kernel(
             rb2 = tl.maximum(rb2, tl.max(b2, 1))
             rb3 = tl.maximum(rb3, tl.max(b3, 1))
             st = _scale_from_bits(tl.max(tl.maximum(tl.maximum(b0, b1), tl.maximum(b2, b3)), 0), amax_floor,
-                                  fp8_max, ROUND_SCALE)  # fmt: skip
+                                  fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
             rt, dt = _divisor(st)
             rt, dt = rt[None, :], dt[None, :]
             words = _pack4(_quantize_tile(v0, rt, dt, fp8_max, GRID_ROUND),
@@ -709,7 +722,7 @@ def dual_quant_kernel(
                          stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
         b0, b1, b2, b3 = _abs_bits(v0), _abs_bits(v1), _abs_bits(v2), _abs_bits(v3)
         st = _scale_from_bits(tl.max(tl.maximum(tl.maximum(b0, b1), tl.maximum(b2, b3)), 0), amax_floor, fp8_max,
-                              ROUND_SCALE)  # [128]: one reduction over the block's rows, not four
+                              ROUND_SCALE, GRID_ROUND)  # [128]: one reduction over the block's rows, not four
         rt, dt = _divisor(st)
         rt, dt = rt[None, :], dt[None, :]
         words = _pack4(_quantize_tile(v0, rt, dt, fp8_max, GRID_ROUND), _quantize_tile(v1, rt, dt, fp8_max, GRID_ROUND),
@@ -733,8 +746,8 @@ def dual_quant_kernel(
         v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
                           stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
         bits = _abs_bits(v)
-        st = _scale_from_bits(tl.max(bits, 0), amax_floor, fp8_max, ROUND_SCALE)
-        s = _scale_from_bits(tl.max(bits, 1), amax_floor, fp8_max, ROUND_SCALE)
+        st = _scale_from_bits(tl.max(bits, 0), amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)
+        s = _scale_from_bits(tl.max(bits, 1), amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)
         rt, dt = _divisor(st)
         yt8 = tl.trans(_quantize_tile(v, rt[None, :], dt[None, :], fp8_max, GRID_ROUND).to(yt_ptr.dtype.element_ty))
         in_rows = offs_k < YT_ROWS
@@ -752,7 +765,7 @@ def dual_quant_kernel(
             v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
                               stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
             bits = _abs_bits(v)
-            st = _scale_from_bits(tl.max(bits, 0), amax_floor, fp8_max, ROUND_SCALE)
+            st = _scale_from_bits(tl.max(bits, 0), amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)
             rt, dt = _divisor(st)
             yt = _quantize_tile(v, rt[None, :], dt[None, :], fp8_max, GRID_ROUND)
             yt8 = tl.trans(yt.to(yt_ptr.dtype.element_ty))
