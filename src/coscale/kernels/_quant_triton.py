@@ -458,18 +458,32 @@ def _produce(
         v = tl.where(is_up, du, dg)
         raw = v
     else:
-        pair = tl.load(idx_ptr + rows, mask=in_m, other=-1)  # per row (broadcast like rows)
-        valid = pair >= 0
-        safe = tl.where(valid, pair, 0)
-        token = (safe // TOPK).to(tl.int64)
-        vals = tl.load(x_ptr + token * stride_x + cols, mask=mask & valid, other=0.0)
-        raw = vals.to(tl.float32)
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + safe, mask=valid, other=0.0)
-            v = (raw * w).to(x_ptr.dtype.element_ty).to(tl.float32)  # as kernels.permute stores it
-        else:
-            v = raw
+        src_rows, valid, safe, w = _gather_rows(x_ptr, idx_ptr, w_ptr, rows, M, stride_x, TOPK, HAS_WEIGHT)
+        v, raw = _gather_values(x_ptr, src_rows, valid, w, cols, K, HAS_WEIGHT)
     return v, raw
+
+
+@triton.jit
+def _gather_rows(x_ptr, idx_ptr, w_ptr, rows, M, stride_x, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """SOURCE 3's rows ``rows``: (pointers to their token rows of x, whether a row is a real pair (not padding),
+    its pair index (0 on padding), its router weight (1 without HAS_WEIGHT, unused)), each shaped like rows."""
+    pair = tl.load(idx_ptr + rows, mask=rows < M, other=-1)
+    valid = pair >= 0
+    safe = tl.where(valid, pair, 0)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + safe, mask=valid, other=0.0)
+    else:
+        w = tl.where(valid, 1.0, 1.0)
+    return x_ptr + (safe // TOPK).to(tl.int64) * stride_x, valid, safe, w
+
+
+@triton.jit
+def _gather_values(x_ptr, src_rows, valid, w, cols, K, HAS_WEIGHT: tl.constexpr):
+    """(the gathered block in FP32, weighted and rounded to x's dtype as kernels.permute stores it; unweighted)."""
+    raw = tl.load(src_rows + cols, mask=valid & (cols < K), other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        return (raw * w).to(x_ptr.dtype.element_ty).to(tl.float32), raw
+    return raw, raw
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -491,12 +505,13 @@ def rows_quant_kernel(
     pid_m, pid_t = _row_block_and_column_block(SOURCE, ROW_ORDER)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_m = offs_m < M
-    if DOT:
+    if DOT:  # the combine's backward (a gather): the rows' pairs, token pointers and weights read once, not a tile
+        src_rows, valid, safe, w = _gather_rows(x_ptr, idx_ptr, w_ptr, offs_m, M, stride_x, TOPK, HAS_WEIGHT)
         acc = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, KP, 128):
             offs_k = k0 + tl.arange(0, 128)
-            v, raw = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, K, stride_x,
-                              stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
+            v, raw = _gather_values(x_ptr, src_rows[:, None], valid[:, None], w[:, None], offs_k[None, :], K,
+                                    HAS_WEIGHT)  # fmt: skip
             s = _scale_from_bits(tl.max(_abs_bits(v), 1), amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)
             r, d = _divisor(s)
             y = _quantize_tile(v, r[:, None], d[:, None], fp8_max, GRID_ROUND)
@@ -507,8 +522,7 @@ def rows_quant_kernel(
             d = tl.load(dot_ptr + offs_m[:, None].to(tl.int64) * stride_dot + offs_k[None, :], mask=d_mask,
                         other=0.0)  # fmt: skip
             acc += tl.sum(d.to(tl.float32) * raw, 1)
-        pair = tl.load(idx_ptr + offs_m, mask=in_m, other=-1)
-        tl.store(dot_out_ptr + tl.where(pair >= 0, pair, 0), acc, mask=pair >= 0)
+        tl.store(dot_out_ptr + safe, acc, mask=valid)
     elif PAIRED:  # SwiGLU's backward: the gate tiles ``tiles`` give dg there and du up_offset columns on
         tiles = pid_t * TILES + tl.arange(0, TILES)
         offs_k = tiles[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]  # [1, TILES, 128]
