@@ -464,6 +464,23 @@ def _produce(
 
 
 @triton.jit
+def _produce_quarters(x_ptr, b_ptr, idx_ptr, w_ptr, offs_w, offs_k, M, K, stride_x, stride_b, up_offset,
+                      SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                      FAST_SIGMOID: tl.constexpr):  # fmt: skip
+    """A 128-row tile as PACK4's four quarters [32, C]: quarter j holds rows 4i + j (i = offs_w), columns offs_k."""
+    rows = offs_w * 4
+    v0, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, rows[:, None], offs_k[None, :], M, K, stride_x, stride_b, up_offset,
+                     SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
+    v1, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (rows + 1)[:, None], offs_k[None, :], M, K, stride_x, stride_b,
+                     up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
+    v2, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (rows + 2)[:, None], offs_k[None, :], M, K, stride_x, stride_b,
+                     up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
+    v3, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (rows + 3)[:, None], offs_k[None, :], M, K, stride_x, stride_b,
+                     up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
+    return v0, v1, v2, v3
+
+
+@triton.jit
 def _gather_rows(x_ptr, idx_ptr, w_ptr, rows, M, stride_x, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr):
     """SOURCE 3's rows ``rows``: (pointers to their token rows of x, whether a row is a real pair (not padding),
     its pair index (0 on padding), its router weight (1 without HAS_WEIGHT, unused)), each shaped like rows."""
@@ -588,14 +605,9 @@ def cols_quant_kernel(
                 _cols_words_out(u0, u1, u2, u3, offs_w, offs_k + up_offset, ok, pid_m, yt_ptr, st_ptr, stride_ytk,
                                 stride_stk, stride_stm, amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
             else:
-                v0, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4)[:, None], offs_k[None, :], M, K, stride_x,
-                                 stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
-                v1, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 1)[:, None], offs_k[None, :], M, K,
-                                 stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
-                v2, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 2)[:, None], offs_k[None, :], M, K,
-                                 stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
-                v3, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 3)[:, None], offs_k[None, :], M, K,
-                                 stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
+                v0, v1, v2, v3 = _produce_quarters(x_ptr, b_ptr, idx_ptr, w_ptr, offs_w, offs_k, M, K, stride_x,
+                                                   stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT,
+                                                   FAST_SIGMOID)  # fmt: skip
                 _cols_words_out(v0, v1, v2, v3, offs_w, offs_k, ok, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk,
                                 stride_stm, amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
         else:
@@ -685,14 +697,8 @@ def dual_quant_kernel(
         yt_words = yt_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # rows of Mp bytes, Mp % 128 == 0
         for c in range(0, 128, CHUNK):  # a loop, not unrolled: the registers of one chunk
             offs_k = k0 + c + tl.arange(0, CHUNK)
-            v0, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 0)[:, None], offs_k[None, :], M, K,
-                             stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
-            v1, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 1)[:, None], offs_k[None, :], M, K,
-                             stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
-            v2, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 2)[:, None], offs_k[None, :], M, K,
-                             stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
-            v3, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 3)[:, None], offs_k[None, :], M, K,
-                             stride_x, stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
+            v0, v1, v2, v3 = _produce_quarters(x_ptr, b_ptr, idx_ptr, w_ptr, offs_w, offs_k, M, K, stride_x,
+                                               stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
             b0, b1, b2, b3 = _abs_bits(v0), _abs_bits(v1), _abs_bits(v2), _abs_bits(v3)
             rb0 = tl.maximum(rb0, tl.max(b0, 1))  # integers: NaN's bits are the largest
             rb1 = tl.maximum(rb1, tl.max(b1, 1))
@@ -726,14 +732,8 @@ def dual_quant_kernel(
     elif PACK4:
         offs_k = k0 + tl.arange(0, 128)
         offs_w = pid_m * 32 + tl.arange(0, 32)  # word i of a yt row: rows 4i..4i+3 of the block
-        v0, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 0)[:, None], offs_k[None, :], M, K, stride_x,
-                         stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
-        v1, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 1)[:, None], offs_k[None, :], M, K, stride_x,
-                         stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
-        v2, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 2)[:, None], offs_k[None, :], M, K, stride_x,
-                         stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
-        v3, _ = _produce(x_ptr, b_ptr, idx_ptr, w_ptr, (offs_w * 4 + 3)[:, None], offs_k[None, :], M, K, stride_x,
-                         stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
+        v0, v1, v2, v3 = _produce_quarters(x_ptr, b_ptr, idx_ptr, w_ptr, offs_w, offs_k, M, K, stride_x,
+                                           stride_b, up_offset, SOURCE, TOPK, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
         b0, b1, b2, b3 = _abs_bits(v0), _abs_bits(v1), _abs_bits(v2), _abs_bits(v3)
         st = _scale_from_bits(tl.max(tl.maximum(tl.maximum(b0, b1), tl.maximum(b2, b3)), 0), amax_floor, fp8_max,
                               ROUND_SCALE, GRID_ROUND)  # [128]: one reduction over the block's rows, not four
