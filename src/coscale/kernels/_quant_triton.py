@@ -458,7 +458,7 @@ def _produce(
         v = tl.where(is_up, du, dg)
         raw = v
     else:
-        src_rows, valid, safe, w = _gather_rows(x_ptr, idx_ptr, w_ptr, rows, M, stride_x, TOPK, HAS_WEIGHT)
+        src_rows, valid, safe, w = _gather_rows(idx_ptr, w_ptr, rows, M, stride_x, TOPK, HAS_WEIGHT)
         v, raw = _gather_values(x_ptr, src_rows, valid, w, cols, K, HAS_WEIGHT)
     return v, raw
 
@@ -481,9 +481,11 @@ def _produce_quarters(x_ptr, b_ptr, idx_ptr, w_ptr, offs_w, offs_k, M, K, stride
 
 
 @triton.jit
-def _gather_rows(x_ptr, idx_ptr, w_ptr, rows, M, stride_x, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr):
-    """SOURCE 3's rows ``rows``: (pointers to their token rows of x, whether a row is a real pair (not padding),
-    its pair index (0 on padding), its router weight (1 without HAS_WEIGHT, unused)), each shaped like rows."""
+def _gather_rows(idx_ptr, w_ptr, rows, M, stride_x, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """SOURCE 3's rows ``rows``: (the offsets of their token rows in x, whether a row is a real pair (not padding),
+    its pair index (0 on padding), its router weight (1 without HAS_WEIGHT, unused)), each shaped like rows.
+    Offsets, not pointers: Inductor's analysis of which arguments a kernel writes follows an address through a
+    helper's call to the pointers the helper took (tests/test_custom_ops.py)."""
     pair = tl.load(idx_ptr + rows, mask=rows < M, other=-1)
     valid = pair >= 0
     safe = tl.where(valid, pair, 0)
@@ -491,13 +493,13 @@ def _gather_rows(x_ptr, idx_ptr, w_ptr, rows, M, stride_x, TOPK: tl.constexpr, H
         w = tl.load(w_ptr + safe, mask=valid, other=0.0)
     else:
         w = tl.where(valid, 1.0, 1.0)
-    return x_ptr + (safe // TOPK).to(tl.int64) * stride_x, valid, safe, w
+    return (safe // TOPK).to(tl.int64) * stride_x, valid, safe, w
 
 
 @triton.jit
 def _gather_values(x_ptr, src_rows, valid, w, cols, K, HAS_WEIGHT: tl.constexpr):
     """(the gathered block in FP32, weighted and rounded to x's dtype as kernels.permute stores it; unweighted)."""
-    raw = tl.load(src_rows + cols, mask=valid & (cols < K), other=0.0).to(tl.float32)
+    raw = tl.load(x_ptr + src_rows + cols, mask=valid & (cols < K), other=0.0).to(tl.float32)
     if HAS_WEIGHT:
         return (raw * w).to(x_ptr.dtype.element_ty).to(tl.float32), raw
     return raw, raw
@@ -523,7 +525,7 @@ def rows_quant_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_m = offs_m < M
     if DOT:  # the combine's backward (a gather): the rows' pairs, token pointers and weights read once, not a tile
-        src_rows, valid, safe, w = _gather_rows(x_ptr, idx_ptr, w_ptr, offs_m, M, stride_x, TOPK, HAS_WEIGHT)
+        src_rows, valid, _, w = _gather_rows(idx_ptr, w_ptr, offs_m, M, stride_x, TOPK, HAS_WEIGHT)
         acc = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, KP, 128):
             offs_k = k0 + tl.arange(0, 128)
@@ -539,7 +541,10 @@ def rows_quant_kernel(
             d = tl.load(dot_ptr + offs_m[:, None].to(tl.int64) * stride_dot + offs_k[None, :], mask=d_mask,
                         other=0.0)  # fmt: skip
             acc += tl.sum(d.to(tl.float32) * raw, 1)
-        tl.store(dot_out_ptr + safe, acc, mask=valid)
+        # the pairs loaded again here, not taken from _gather_rows: Inductor's analysis follows a store's address
+        # through a helper's call to every pointer the helper took, and would take idx and w for written
+        pair = tl.load(idx_ptr + offs_m, mask=in_m, other=-1)
+        tl.store(dot_out_ptr + tl.where(pair >= 0, pair, 0), acc, mask=pair >= 0)
     elif PAIRED:  # SwiGLU's backward: the gate tiles ``tiles`` give dg there and du up_offset columns on
         tiles = pid_t * TILES + tl.arange(0, TILES)
         offs_k = tiles[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]  # [1, TILES, 128]
