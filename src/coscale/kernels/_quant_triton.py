@@ -17,7 +17,7 @@ FMA correction (``_quantize_tile``), which gives the same bits.
 import triton
 import triton.language as tl
 
-from coscale.kernels.swiglu import sigmoid  # SwiGLU's sigmoid: the producers write its kernels' bytes
+from coscale.kernels.swiglu import swiglu_grads, swiglu_value  # SwiGLU's own formulas: the producers write its bytes
 
 
 @triton.jit
@@ -419,16 +419,14 @@ def _row_block_and_column_block(SOURCE: tl.constexpr, ROW_ORDER: tl.constexpr):
 @triton.jit
 def _swiglu_grads(x_ptr, b_ptr, rows, cols, M, I, stride_x, stride_b, FAST_SIGMOID: tl.constexpr):
     """(dg, du) of SwiGLU's backward at gate columns ``cols`` (< I) of rows ``rows`` (broadcastable), each rounded
-    to x's dtype as kernels.swiglu's backward kernel stores it: its formulas in its order, so the same FP32
-    roundings. x holds [gate | up] (up at column I), b the gradient da [M, I]."""
+    to x's dtype as kernels.swiglu's backward kernel stores it (its formulas: swiglu_grads). x holds [gate | up]
+    (up at column I), b the gradient da [M, I]."""
     mask = (rows < M) & (cols < I)
     r64 = rows.to(tl.int64)
     g = tl.load(x_ptr + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + r64 * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
     da = tl.load(b_ptr + r64 * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
-    s = sigmoid(g, FAST_SIGMOID)  # kernels.swiglu's sigmoid
-    dg = da * u * s * (1.0 + g * (1.0 - s))
-    du = da * g * s
+    dg, du = swiglu_grads(g, u, da, FAST_SIGMOID)
     return dg.to(x_ptr.dtype.element_ty).to(tl.float32), du.to(x_ptr.dtype.element_ty).to(tl.float32)
 
 
@@ -449,7 +447,7 @@ def _produce(
     elif SOURCE == 1:
         g = tl.load(x_ptr + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + r64 * stride_x + up_offset + cols, mask=mask, other=0.0).to(tl.float32)
-        v = (g * sigmoid(g, FAST_SIGMOID) * u).to(x_ptr.dtype.element_ty).to(tl.float32)  # as kernels.swiglu stores a
+        v = swiglu_value(g, u, FAST_SIGMOID).to(x_ptr.dtype.element_ty).to(tl.float32)  # as kernels.swiglu stores a
         raw = v
     elif SOURCE == 2:
         is_up = cols >= up_offset
@@ -524,7 +522,7 @@ def rows_quant_kernel(
     pid_m, pid_t = _row_block_and_column_block(SOURCE, ROW_ORDER)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_m = offs_m < M
-    if DOT:  # the combine's backward (a gather): the rows' pairs, token pointers and weights read once, not a tile
+    if DOT:  # the combine's backward (a gather): the rows' pairs, token rows and weights read once, not a tile
         src_rows, valid, _, w = _gather_rows(idx_ptr, w_ptr, offs_m, M, stride_x, TOPK, HAS_WEIGHT)
         acc = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, KP, 128):

@@ -65,6 +65,18 @@ if triton is not None:
         return tl.sigmoid(x)
 
     @triton.jit
+    def swiglu_value(g, u, FAST: tl.constexpr):
+        """a = silu(g) * u in float32 (the forward kernel's and the FP8 producers' formula, in one place)."""
+        return g * sigmoid(g, FAST) * u
+
+    @triton.jit
+    def swiglu_grads(g, u, da, FAST: tl.constexpr):
+        """(dg, du) in float32 for the gradient da of a = silu(g) * u (the backward kernel's and the FP8
+        producers' formulas, in one place, so that both round alike)."""
+        s = sigmoid(g, FAST)
+        return da * u * s * (1.0 + g * (1.0 - s)), da * g * s
+
+    @triton.jit
     def _swiglu_fwd_kernel(
         g_ptr, u_ptr, a_ptr, I, stride_g, stride_u, stride_a, BLOCK: tl.constexpr, FAST: tl.constexpr,
     ):
@@ -73,7 +85,7 @@ if triton is not None:
         mask = cols < I
         g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-        a = g * sigmoid(g, FAST) * u
+        a = swiglu_value(g, u, FAST)
         tl.store(a_ptr + row * stride_a + cols, a.to(a_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -88,9 +100,7 @@ if triton is not None:
         g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
         da = tl.load(da_ptr + row * stride_da + cols, mask=mask, other=0.0).to(tl.float32)
-        s = sigmoid(g, FAST)
-        dg = da * u * s * (1.0 + g * (1.0 - s))
-        du = da * g * s
+        dg, du = swiglu_grads(g, u, da, FAST)
         tl.store(grad_ptr + row * stride_grad + cols, dg.to(grad_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_ptr + row * stride_grad + I + cols, du.to(grad_ptr.dtype.element_ty), mask=mask)
 
