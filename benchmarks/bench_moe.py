@@ -29,8 +29,12 @@ Variants (each in try/except: a failure is recorded and the run carries on):
 - grouped_fp8_unpaired: the cached path with SwiGLU's backward producer unpaired (each element computing both
              gradients to keep one; coscale.kernels.quant_ops.SWIGLU_BACKWARD_PAIRED, the default since run 44);
              the same bits.
+- grouped_fp8_shared_fp8: the cached path with the shared expert in FP8 too, as one expert that every token
+             picks (coscale.kernels.fp8_moe.fp8_swiglu_mlp, what SharedExperts runs under the FP8 policy), its
+             weights in the same cache.
 - dense:     a dense SwiGLU MLP over T*K rows with one expert's shape: the same FLOPs in plain GEMMs.
-All variants include the shared expert (a dense SwiGLU MLP over the T tokens, in BF16). Every variant
+All variants but grouped_fp8_shared_fp8 include the shared expert as a dense SwiGLU MLP over the T tokens in
+BF16 (cuBLAS). Every variant
 but the loop (which reads expert counts back to the host) is also timed replayed from a CUDA graph
 (`graph_ms`: the kernels alone, as the graphed training step runs them); the FP8 / BF16 ratios use
 those times.
@@ -106,11 +110,13 @@ def loop_layer(x, idx, weight, experts, shared):
 
 
 def grouped_layer(x, idx, weight, w_gate, w_up, w_down, shared, precision="bf16", backend="auto", cache=None,
-                  fused=True):  # fmt: skip
+                  fused=True, shared_fp8=False):  # fmt: skip
     routed = grouped_experts_forward(
         x, idx, weight, w_gate, w_up, w_down, precision=precision, backend=backend, fp8_weight_cache=cache,
         fused=fused,
     )
+    if shared_fp8:
+        return routed + fp8_moe.fp8_swiglu_mlp(x, *shared, backend=backend, weight_cache=cache)
     return routed + shared_mlp(x, *shared)
 
 
@@ -191,6 +197,7 @@ def run_case(shape, T, routing, args, results):
     variants["grouped_fp8_one_pass"] = ("fp8", "auto", True, True, True)
     variants["grouped_fp8_per_copy"] = ("fp8", "auto", True, True, False, False)
     variants["grouped_fp8_unpaired"] = ("fp8", "auto", True, True, False, TOKENS_ONCE_DEFAULT, False)
+    variants["grouped_fp8_shared_fp8"] = ("fp8", "auto", True, True, False, TOKENS_ONCE_DEFAULT, PAIRED_DEFAULT, True)
     variants["dense"] = None
     if args.variants:  # in the order given; the loop layer still gives the reference values below
         variants = {k: variants[k] for k in dict.fromkeys(args.variants) if k in variants}
@@ -229,16 +236,16 @@ def run_case(shape, T, routing, args, results):
                     with torch.no_grad():
                         dense_layer(rows, *dense_w, x, shared)
             else:
-                precision, backend, cached, fused, one_pass, tokens_once, paired = (
-                    *spec, False, True, False, TOKENS_ONCE_DEFAULT, PAIRED_DEFAULT)[:7]
+                precision, backend, cached, fused, one_pass, tokens_once, paired, shared_fp8 = (
+                    *spec, False, True, False, TOKENS_ONCE_DEFAULT, PAIRED_DEFAULT, False)[:8]
                 cache = FP8WeightCache() if cached else None
                 quant_ops.DUAL_ONE_PASS = one_pass
                 fp8_moe.QUANTIZE_TOKENS_ONCE = tokens_once
                 quant_ops.SWIGLU_BACKWARD_PAIRED = paired
 
-                def layer(precision=precision, backend=backend, cache=cache, fused=fused):
+                def layer(precision=precision, backend=backend, cache=cache, fused=fused, shared_fp8=shared_fp8):
                     return grouped_layer(x, idx, topw, w_gate, w_up, w_down, shared, precision, backend, cache,
-                                         fused)
+                                         fused, shared_fp8)
 
                 def step(layer=layer):
                     torch.autograd.grad(layer(), [x, topw, w_gate, w_up, w_down, *shared], grad_out)
@@ -292,7 +299,7 @@ def run_case(shape, T, routing, args, results):
         results.append(entry)
         status = entry.get("error", f"{entry.get('fwd_bwd_ms', float('nan')):.3f} ms, graphed "
                                     f"{entry.get('graph_ms', float('nan')):.3f} ms")
-        print(f"  {name:8s} T={T:6d} {routing:8s} {variant:20s} {status}", flush=True)
+        print(f"  {name:8s} T={T:6d} {routing:8s} {variant:22s} {status}", flush=True)
     # ratios within the case
     by = {r["variant"]: r for r in results if r.get("shape") == name and r["tokens"] == T and r["routing"] == routing}
     for r in by.values():
@@ -316,24 +323,25 @@ def run_case(shape, T, routing, args, results):
 TOKENS_ONCE_DEFAULT = fp8_moe.QUANTIZE_TOKENS_ONCE  # the shipped choices, restored after each variant
 PAIRED_DEFAULT = quant_ops.SWIGLU_BACKWARD_PAIRED
 VARIANT_NAMES = ("loop", "grouped", "grouped_triton", "grouped_fp8", "grouped_fp8_cached", "grouped_fp8_unfused",
-                 "grouped_fp8_one_pass", "grouped_fp8_per_copy", "grouped_fp8_unpaired", "dense")
+                 "grouped_fp8_one_pass", "grouped_fp8_per_copy", "grouped_fp8_unpaired", "grouped_fp8_shared_fp8",
+                 "dense")
 
 
 def print_table(results):
-    header = (f"{'shape':8s} {'T':>6s} {'routing':8s} {'variant':20s} {'ms':>9s} {'graph ms':>9s} {'TFLOP/s':>8s} "
+    header = (f"{'shape':8s} {'T':>6s} {'routing':8s} {'variant':22s} {'ms':>9s} {'graph ms':>9s} {'TFLOP/s':>8s} "
               f"{'%800':>5s} {'xloop':>6s} {'/dense':>6s} {'xbf16':>6s} {'fwd ms':>8s} {'fwd xloop':>9s} {'ok':>3s}")
     print("\n" + header)
     print("-" * len(header))
     for r in results:
         if "error" in r:
-            print(f"{r['shape']:8s} {r['tokens']:6d} {r['routing']:8s} {r['variant']:20s} ERROR {r['error'][:60]}")
+            print(f"{r['shape']:8s} {r['tokens']:6d} {r['routing']:8s} {r['variant']:22s} ERROR {r['error'][:60]}")
             continue
 
         def f(key, fmt, r=r):
             return format(r[key], fmt) if key in r else "-"
 
         ok = {True: "yes", False: "NO"}.get(r.get("correct"), "-")
-        print(f"{r['shape']:8s} {r['tokens']:6d} {r['routing']:8s} {r['variant']:20s} {f('fwd_bwd_ms', '9.3f')} "
+        print(f"{r['shape']:8s} {r['tokens']:6d} {r['routing']:8s} {r['variant']:22s} {f('fwd_bwd_ms', '9.3f')} "
               f"{f('graph_ms', '9.3f')} {f('tflops', '8.1f')} {f('pct_of_800', '5.1f')} {f('speedup_vs_loop', '6.2f')} "
               f"{f('frac_of_dense', '6.2f')} {f('graph_speedup_vs_bf16_grouped', '6.2f')} {f('fwd_ms', '8.3f')} "
               f"{f('fwd_speedup_vs_loop', '9.2f')} {ok:>3s}")

@@ -107,3 +107,134 @@ def test_the_fused_kernel_path_never_reads_the_device_back(tokens_once, monkeypa
         out = fp8_routed_experts(x, w, info, wg, wu, wd, backend="triton")
         out.backward(grad_out)
     assert seen == []
+
+
+# ---- a dense SwiGLU MLP (the shared experts) through the same kernels: fp8_swiglu_mlp ------------------------
+
+
+def test_the_identity_layout_is_what_routing_every_token_to_one_expert_gives():
+    from coscale.kernels.permute import identity_permute_info
+
+    for T, align in [(0, 128), (1, 128), (40, 128), (128, 128), (300, 16)]:
+        want = build_permute_info(torch.zeros(T, 1, dtype=torch.int64), 1, align)
+        got = identity_permute_info(T, "cpu", align)
+        for field in ("pair_row", "row_pair", "group_end_offsets", "tokens_per_expert"):
+            a, b = getattr(got, field), getattr(want, field)
+            assert a.dtype == b.dtype and torch.equal(a, b), (T, align, field)
+        assert (got.num_tokens, got.topk, got.align) == (want.num_tokens, want.topk, want.align)
+
+
+def _mlp_problem(T, H, I, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen).to(dtype).requires_grad_()
+    wg, wu = ((torch.randn(I, H, generator=gen) / H**0.5).requires_grad_() for _ in range(2))
+    wd = (torch.randn(H, I, generator=gen) / I**0.5).requires_grad_()
+    return x, wg, wu, wd, torch.randn(T, H, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,H,I,dtype", [(40, 128, 128, torch.float32), (12, 200, 72, torch.bfloat16),
+                                         (130, 136, 256, torch.float32)])
+def test_the_fp8_mlp_is_one_routed_expert_that_every_token_picks(backend, T, H, I, dtype):
+    """fp8_swiglu_mlp's outputs and gradients are, bit for bit, those of fp8_routed_experts with one expert
+    and every token's weight 1 (the weights' gradients in their own 2-D shape), and within FP8's error of
+    the float64 MLP."""
+    from coscale.kernels.fp8_moe import fp8_swiglu_mlp
+
+    x, wg, wu, wd, grad_out = _mlp_problem(T, H, I, T + I, dtype)
+    out = fp8_swiglu_mlp(x, wg, wu, wd, backend=backend)
+    grads = torch.autograd.grad(out, (x, wg, wu, wd), grad_out)
+    experts = [w.detach().unsqueeze(0).requires_grad_() for w in (wg, wu, wd)]
+    x2 = x.detach().clone().requires_grad_()
+    info = build_permute_info(torch.zeros(T, 1, dtype=torch.int64), 1, align=128)
+    ref = fp8_routed_experts(x2, torch.ones(T, 1), info, *experts, backend=backend, deterministic=True)
+    ref_grads = torch.autograd.grad(ref, (x2, *experts), grad_out)
+    assert out.dtype == dtype and torch.equal(out, ref)
+    for name, g, r, w in zip(("x", "w_gate", "w_up", "w_down"), grads, ref_grads, (x, wg, wu, wd)):
+        assert g.shape == w.shape and g.dtype == r.dtype and torch.equal(g, r.view(w.shape)), name
+    xd, wgd, wud, wdd = (t.detach().double().requires_grad_() for t in (x, wg, wu, wd))
+    mlp = (torch.nn.functional.silu(xd @ wgd.t()) * (xd @ wud.t())) @ wdd.t()
+    mlp_grads = torch.autograd.grad(mlp, (xd, wgd, wud, wdd), grad_out.double())
+    for name, got, want in zip(("out", "x", "w_gate", "w_up", "w_down"), (out, *grads), (mlp, *mlp_grads)):
+        err = float((got.detach().double() - want.detach()).norm() / want.detach().norm())
+        assert err < 0.12, (name, err)
+
+
+def test_the_fp8_mlp_refuses_mismatched_shapes_and_takes_no_tokens():
+    from coscale.errors import CoscaleError
+    from coscale.kernels.fp8_moe import fp8_swiglu_mlp
+
+    x, wg, wu, wd, _ = _mlp_problem(8, 128, 64, 3, torch.float32)
+    with pytest.raises(CoscaleError, match="2-D weights"):
+        fp8_swiglu_mlp(x, wg.unsqueeze(0), wu, wd)
+    with pytest.raises(CoscaleError, match="needs w_gate and w_up"):
+        fp8_swiglu_mlp(x, wg, wu, wd.t())
+    with pytest.raises(CoscaleError, match="needs w_gate and w_up"):
+        fp8_swiglu_mlp(x[:, :64], wg, wu, wd)
+    empty = fp8_swiglu_mlp(x[:0], wg, wu, wd)
+    assert empty.shape == (0, 128) and empty.dtype == x.dtype
+
+
+@pytest.mark.skipif(not q.triton_available(), reason="needs triton")
+def test_the_fp8_mlp_never_reads_the_device_back():
+    from coscale.kernels.fp8_moe import fp8_swiglu_mlp
+
+    x, wg, wu, wd, grad_out = _mlp_problem(24, 128, 128, 4, torch.float32)
+    with host_reads_in_coscale() as seen:
+        fp8_swiglu_mlp(x, wg, wu, wd, backend="triton").backward(grad_out)
+    assert seen == []
+
+
+def test_shared_experts_run_fp8_by_the_experts_size_rule_and_keep_their_names():
+    """SharedExperts: MLP's parameter names and its BF16 forward; with precision "fp8" fp8_swiglu_mlp over its
+    weights (autocast's dtype applied first), its weight cache reused until invalidated; convert_to_fp8 sets
+    the precision by the experts' size rule and leaves its linear layers nn.Linear."""
+    from torch import nn
+
+    from coscale.fp8 import AUTO, convert_to_fp8, describe_fp8_layers, invalidate_fp8_weight_caches
+    from coscale.kernels.fp8_moe import fp8_swiglu_mlp
+    from coscale.model.moe import MLP, SharedExperts
+
+    torch.manual_seed(0)
+    shared, mlp = SharedExperts(128, 256), MLP(128, 256)
+    assert list(shared.state_dict()) == list(mlp.state_dict())
+    mlp.load_state_dict(shared.state_dict())
+    x = torch.randn(2, 5, 128)
+    assert torch.equal(shared(x), mlp(x))
+    with pytest.raises(ValueError, match="precision"):
+        shared.precision = "fp4"
+    shared.precision, shared.fp8_weight_cache = "fp8", True
+    out = shared(x)
+    want = fp8_swiglu_mlp(x.reshape(10, 128), shared.gate_proj.weight, shared.up_proj.weight,
+                          shared.down_proj.weight)
+    assert out.shape == x.shape and torch.equal(out.reshape(10, 128), want)
+    assert shared.fp8_weight_cache.num_entries == 2  # [gate; up] and down
+    assert torch.equal(shared(x), out)  # from the kept copies
+    assert invalidate_fp8_weight_caches(shared) == 1 and shared.fp8_weight_cache.num_entries == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert shared(x).dtype == torch.bfloat16
+
+    with torch.device("meta"):
+        model = nn.Module()
+        model.shared = SharedExperts(7168, 2048)  # DeepSeek-V3's shared expert: FP8 with its routed experts
+        model.small_shared = SharedExperts(1024, 256)  # the small preset's: BF16
+    convert_to_fp8(model, policy="auto")
+    assert model.shared.precision == "fp8" and model.small_shared.precision == "bf16"
+    assert all(type(m) is nn.Linear for m in (model.shared.gate_proj, model.shared.down_proj))
+    line = describe_fp8_layers(model, AUTO)
+    assert "shared experts of 1 of 2 MoE layers (hidden/width 7168/2048)" in line, line
+    assert "shared experts 1024/256" in line and "0 of 0 linear layers" in line, line
+    convert_to_fp8(model, policy="all")
+    assert model.small_shared.precision == "fp8" and type(model.small_shared.up_proj) is nn.Linear
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_routed_experts_run_under_autocast(backend):
+    """Under BF16 autocast the layer gives the bits it gives without it: autocast is off inside (it would run the
+    PyTorch reference's float32 products in BF16, and CPU autocast's torch.cat has no rank for float8)."""
+    x, idx, w, wg, wu, wd, grad_out = _problem("edge", 12, 2, 4, 200, 72, 22, torch.bfloat16)
+    plain = _run(True, backend, x, idx, w, wg, wu, wd, grad_out)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = _run(True, backend, x, idx, w, wg, wu, wd, grad_out)
+    for a, b in zip((plain[0], *plain[1]), (under[0], *under[1])):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -5,8 +5,9 @@ the MoE router (``mlp.gate``, not an nn.Linear in coscale anyway), norms, and th
 (softmax and the score/value products are not nn.Linear modules, so they are never converted). Every
 other nn.Linear becomes an FP8Linear sharing the same Parameter objects, so parameter names, the
 state_dict and any optimizer state are unchanged. Modules with a ``precision`` attribute (the routed
-experts, coscale.model.moe.GroupedExperts) get ``precision = "fp8"``, which routes their GEMMs through
-coscale.kernels.fp8_moe.
+experts, coscale.model.moe.GroupedExperts, and the shared experts, SharedExperts) get ``precision = "fp8"``
+by the experts' size rule, which routes their GEMMs through coscale.kernels.fp8_moe; the linear layers
+inside such a module stay nn.Linear (the module's FP8 path reads their weights).
 
 ``policy`` (coscale.fp8.policy) decides by size which of those layers run in FP8: "all" (the default
 here: every one) or "auto" (only where FP8 is measured to pay; what ``coscale train`` uses).
@@ -46,6 +47,14 @@ def _experts_size(module: nn.Module) -> tuple[int, int] | None:
     return (hidden, intermediate) if isinstance(hidden, int) and isinstance(intermediate, int) else None
 
 
+def _owned_by_fp8_module(model: nn.Module, name: str) -> bool:
+    """Whether the linear layer ``name`` belongs to a module that runs its own FP8 path (one with a
+    ``precision`` attribute: the shared experts, coscale.model.moe.SharedExperts): its size rule decides
+    for the module's layers together, and they stay nn.Linear."""
+    parent_name = name.rpartition(".")[0]
+    return hasattr(model.get_submodule(parent_name) if parent_name else model, "precision")
+
+
 def convert_to_fp8(model: nn.Module, skip=DEFAULT_SKIP, backend: str = "auto", round_scale: bool = False,
                    policy: FP8Policy | str = "all"):  # fmt: skip
     """Swap nn.Linear -> FP8Linear (except names matching ``skip`` and layers ``policy`` keeps in BF16);
@@ -55,8 +64,8 @@ def convert_to_fp8(model: nn.Module, skip=DEFAULT_SKIP, backend: str = "auto", r
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and not is_skipped(name, skip) and policy.linear(module.in_features,
-                                                                                      module.out_features)
+        if type(module) is nn.Linear and not is_skipped(name, skip) and not _owned_by_fp8_module(model, name)
+        and policy.linear(module.in_features, module.out_features)
     ]  # fmt: skip
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
@@ -80,22 +89,22 @@ def describe_fp8_layers(model: nn.Module, policy: FP8Policy | str, skip=DEFAULT_
     """Which layers of a converted model run in FP8 and which stay in BF16, and why (one line)."""
     policy = as_policy(policy)
     fp8, small = [], []
-    experts_fp8, experts_bf16 = [], []
+    experts: dict[str, tuple[list[str], list[str]]] = {}  # "routed experts" / "shared experts": (fp8, bf16)
     for name, module in model.named_modules():
         if isinstance(module, FP8Linear):
             fp8.append((name, f"{module.in_features}->{module.out_features}"))
-        elif type(module) is nn.Linear and not is_skipped(name, skip):
+        elif type(module) is nn.Linear and not is_skipped(name, skip) and not _owned_by_fp8_module(model, name):
             small.append((name, f"{module.in_features}->{module.out_features}"))
         elif hasattr(module, "precision") and _experts_size(module) is not None and not is_skipped(name, skip):
             hidden, width = _experts_size(module)
-            (experts_fp8 if module.precision == "fp8" else experts_bf16).append(f"{hidden}/{width}")
+            lists = experts.setdefault(getattr(module, "FP8_LABEL", "routed experts"), ([], []))
+            lists[0 if module.precision == "fp8" else 1].append(f"{hidden}/{width}")
     parts = [f"fp8 layers ({policy.name}: {policy.rule()}): {len(fp8)} of {len(fp8) + len(small)} linear layers"
              + (f" ({_kinds(fp8)})" if fp8 else "")]
-    if experts_fp8 or experts_bf16:
-        parts.append(f"routed experts of {len(experts_fp8)} of {len(experts_fp8) + len(experts_bf16)} MoE layers"
-                     + (f" (hidden/width {', '.join(sorted(set(experts_fp8)))})" if experts_fp8 else ""))
+    for label, (on, off) in experts.items():
+        parts.append(f"{label} of {len(on)} of {len(on) + len(off)} MoE layers"
+                     + (f" (hidden/width {', '.join(sorted(set(on)))})" if on else ""))
     line = "; ".join(parts)
-    kept = [f"{_kinds(small)}" if small else "", f"routed experts {', '.join(sorted(set(experts_bf16)))}"
-            if experts_bf16 else ""]  # fmt: skip
-    kept = [k for k in kept if k]
+    kept = ([_kinds(small)] if small else []) + [f"{label} {', '.join(sorted(set(off)))}"
+                                                 for label, (_, off) in experts.items() if off]  # fmt: skip
     return line + (f"; bf16, too small for fp8 to pay: {'; '.join(kept)}" if kept else "")

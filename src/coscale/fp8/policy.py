@@ -15,8 +15,9 @@ host time. On the H100 (BENCHMARKS.md, 8192 tokens, forward+backward of one laye
 | hidden 1024 (the ``small`` preset) | 0.5x for the whole model |
 
 ``AUTO`` therefore runs a linear layer in FP8 when both its in- and out-features are at least 4096 (every
-layer measured there paid, none below it paid reliably), and the routed experts when the hidden size is
-at least 4096 and the expert width at least 1024 (DeepSeek-V3's 7168 / 2048: forward and dgrad grouped
+layer measured there paid, none below it paid reliably), and the routed experts (and by the same rule the
+shared experts, which run through the routed experts' kernels) when the hidden size is at least 4096 and
+the expert width at least 1024 (DeepSeek-V3's 7168 / 2048: forward and dgrad grouped
 FP8 GEMMs 1.3-1.5x BF16 on the H100; their weight gradients 0.9-1.1x at 256 rows per expert, more with
 more rows per expert). Everything else stays in BF16, so a model too small for FP8 anywhere (``small``:
 hidden 1024, experts 256 wide) trains at BF16's speed with ``--precision fp8``. ``ALL`` converts every
@@ -46,14 +47,15 @@ class FP8Policy:
         return min(in_features, out_features) >= self.min_features
 
     def experts(self, hidden: int, intermediate: int) -> bool:
+        """Routed experts, and the shared experts (intermediate: their width together), run in FP8."""
         return hidden >= self.min_expert_hidden and intermediate >= self.min_expert_intermediate
 
     def rule(self) -> str:
         """The policy in words, for the run header."""
         if self.name == "all":
-            return "every linear layer and the routed experts, whatever their size"
-        return (f"linear layers with in and out features >= {self.min_features}; routed experts with hidden "
-                f">= {self.min_expert_hidden} and width >= {self.min_expert_intermediate} (docs/fp8.md)")
+            return "every linear layer and the experts, whatever their size"
+        return (f"linear layers with in and out features >= {self.min_features}; routed and shared experts with "
+                f"hidden >= {self.min_expert_hidden} and width >= {self.min_expert_intermediate} (docs/fp8.md)")
 
 
 AUTO = FP8Policy("auto", min_features=4096, min_expert_hidden=4096, min_expert_intermediate=1024)
@@ -82,9 +84,8 @@ def converts_any_layer(model_cfg, policy: FP8Policy | str) -> bool:
     shapes += [(h, c.q_lora_rank), (c.q_lora_rank, q_out)] if c.q_lora_rank else [(h, q_out)]
     if c.first_k_dense_replace > 0 or not c.is_moe:
         shapes.append((h, c.intermediate_size))
-    if c.is_moe and c.n_shared_experts:
-        shapes.append((h, c.moe_intermediate_size * c.n_shared_experts))
     if c.num_nextn_predict_layers:
         shapes.append((2 * h, h))
     experts = c.is_moe and policy.experts(h, c.moe_intermediate_size)
-    return experts or any(policy.linear(k, m) for k, m in shapes)
+    shared = c.is_moe and bool(c.n_shared_experts) and policy.experts(h, c.moe_intermediate_size * c.n_shared_experts)
+    return experts or shared or any(policy.linear(k, m) for k, m in shapes)

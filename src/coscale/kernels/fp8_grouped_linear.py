@@ -46,10 +46,13 @@ def quantize_stacked_weights(ws, need_t: bool, backend: str = "auto"):
 
 
 def quantize_weights(ws, need_t: bool, backend: str, weight_cache: FP8WeightCache | None):
-    """quantize_stacked_weights(ws, need_t, backend), or the copies ``weight_cache`` keeps of them."""
+    """quantize_stacked_weights(ws, need_t, backend), or the copies ``weight_cache`` keeps of them. A 2-D
+    weight [N, K] is one expert's ([1, N, K]; a dense layer through the grouped kernels); the cache keys on
+    the weights as given."""
+    stacked = tuple(w.unsqueeze(0) if w.dim() == 2 else w for w in ws)
     if weight_cache is None:
-        return quantize_stacked_weights(ws, need_t, backend)
-    return weight_cache.get(ws, backend, need_t, lambda: quantize_stacked_weights(ws, need_t, backend))
+        return quantize_stacked_weights(stacked, need_t, backend)
+    return weight_cache.get(ws, backend, need_t, lambda: quantize_stacked_weights(stacked, need_t, backend))
 
 
 # ----------------------------------------------------------------------------------------------------

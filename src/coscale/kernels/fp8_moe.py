@@ -30,6 +30,8 @@ backend (tests/test_fp8_moe.py holds the two to each other). No host synchronisa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from coscale.kernels import quant_ops
@@ -43,9 +45,10 @@ from coscale.kernels.fused_quant import (
     swiglu_backward_quant_op,
     swiglu_quant_op,
 )
-from coscale.kernels.permute import PermuteInfo, sum_rows_op
+from coscale.errors import CoscaleError
+from coscale.kernels.permute import PermuteInfo, identity_permute_info, sum_rows_op
 
-__all__ = ["QUANTIZE_TOKENS_ONCE", "fp8_routed_experts"]
+__all__ = ["QUANTIZE_TOKENS_ONCE", "fp8_routed_experts", "fp8_swiglu_mlp"]
 
 # The forward's 1x128 layout of the permuted x: each token quantized once and its FP8 row copied to its top-k
 # places (fused_quant.gather_quantized_rows: a 1x128 tile of x per token instead of per copy, then a byte
@@ -59,17 +62,32 @@ def _wgrad_dtype(w: torch.Tensor) -> torch.dtype:
     return w.dtype if w.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
 
 
+def _autocast_off(method):
+    """An autograd method run with autocast off. The FP8 recipe sets every dtype itself (FP8 operands, FP32
+    accumulation, outputs in x's dtype); autocast, on in a BF16 forward (and in a backward called inside it),
+    would run the PyTorch reference's float32 products in BF16 (CPU: the same layer under autocast gave other
+    bits) and, on the CPU, promote torch.cat's float8 inputs, which it cannot."""
+
+    @functools.wraps(method)
+    def run(ctx, tensor, *args):
+        with torch.autocast(tensor.device.type, enabled=False):
+            return method(ctx, tensor, *args)
+
+    return run
+
+
 class _FP8RoutedExperts(torch.autograd.Function):
     """See the module docstring; inputs after ``ctx``: x, topk_weight, row_pair, pair_row, offsets,
     tile_expert, deterministic, backend, weight_cache, one_pass, w_gate, w_up, w_down."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, topk_weight, row_pair, pair_row, offsets, tile_expert, deterministic, backend,
                 weight_cache, one_pass, w_gate, w_up, w_down):  # fmt: skip
         need_dx = ctx.needs_input_grad[0]
         need_dgu = ctx.needs_input_grad[10] or ctx.needs_input_grad[11]
         need_da = need_dx or need_dgu  # the gradient reaches a = silu(gate) * up
-        h, i = x.shape[1], w_gate.shape[1]
+        h, i = x.shape[1], w_gate.shape[-2]  # [E, I, H], or [I, H] for one expert (fp8_swiglu_mlp)
         topk = pair_row.shape[1]
         if QUANTIZE_TOKENS_ONCE:
             xq, xs = gather_quantized_rows(x, row_pair, topk, False, backend)
@@ -87,14 +105,16 @@ class _FP8RoutedExperts(torch.autograd.Function):
         out = sum_rows_op(y, pair_row, row_pair, topk_weight, x.dtype, deterministic, backend)
         ctx.save_for_backward(xt, xts, gate_up if need_da else None, at, ats, y, wgu_t, sgu_t, wd_t, sd_t, row_pair,
                               pair_row, offsets, tile_expert, topk_weight)  # fmt: skip
-        ctx.config = (deterministic, backend, one_pass, h, i, [_wgrad_dtype(w) for w in (w_gate, w_up, w_down)])
+        ctx.config = (deterministic, backend, one_pass, h, i, [_wgrad_dtype(w) for w in (w_gate, w_up, w_down)],
+                      [w.shape for w in (w_gate, w_up, w_down)])
         return out
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, dout):
         (xt, xts, gate_up, at, ats, y, wgu_t, sgu_t, wd_t, sd_t, row_pair, pair_row, offsets, tile_expert,
          topk_weight) = ctx.saved_tensors  # fmt: skip
-        deterministic, backend, one_pass, h, i, w_dtypes = ctx.config
+        deterministic, backend, one_pass, h, i, w_dtypes, w_shapes = ctx.config
         need_dx, need_dtw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_dgate, need_dup, need_ddown = ctx.needs_input_grad[10:]
         need_dgu = need_dgate or need_dup
@@ -125,6 +145,9 @@ class _FP8RoutedExperts(torch.autograd.Function):
                 dx_perm = dx_perm[:, :h] if dx_perm.shape[1] != h else dx_perm
                 dx = sum_rows_op(dx_perm, pair_row, row_pair, None, dout.dtype, deterministic, backend)
         dtw = dtw.view(topk_weight.shape).to(topk_weight.dtype) if need_dtw else None
+        # [1, N, K] from the grouped weight gradient for a 2-D weight (a copy only when I % 128 != 0 cut dW_down)
+        dw_gate, dw_up, dw_down = (None if g is None else g.reshape(shape)
+                                   for g, shape in zip((dw_gate, dw_up, dw_down), w_shapes))
         return dx, dtw, None, None, None, None, None, None, None, None, dw_gate, dw_up, dw_down
 
 
@@ -150,5 +173,43 @@ def fp8_routed_experts(
     tile_expert = expert_tile_map(offsets, info.num_rows)
     return _FP8RoutedExperts.apply(
         x, topk_weight.float(), info.row_pair, info.pair_row, offsets, tile_expert, deterministic, backend,
+        weight_cache, quant_ops.DUAL_ONE_PASS if one_pass is None else one_pass, w_gate, w_up, w_down,
+    )  # fmt: skip
+
+
+def fp8_swiglu_mlp(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    backend: str = "auto",
+    weight_cache: FP8WeightCache | None = None,
+    one_pass: bool | None = None,
+) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) with every GEMM in FP8: a dense SwiGLU MLP (the shared experts) run as
+    one routed expert that every token picks with weight 1, so that it gets the routed experts' kernels,
+    each quantization fused into its producer (the module docstring), where three FP8Linears would
+    quantize x, a and each gradient in passes of their own. The layout needs no routing
+    (permute.identity_permute_info); its gather and sum are a copy of x's FP8 rows and of y's.
+
+    x [T, H] bf16/fp32; w_gate, w_up [I, H], w_down [H, I] master weights (nn.Linear's layout). Returns
+    [T, H] in x's dtype, differentiable in x and the weights; ``weight_cache`` keys on the weights as
+    given (their FP8 copies kept as in fp8_routed_experts)."""
+    if x.dim() != 2 or any(w.dim() != 2 for w in (w_gate, w_up, w_down)):
+        raise CoscaleError(f"fp8_swiglu_mlp takes x [T, H] and 2-D weights; got x {tuple(x.shape)}, w_gate "
+                           f"{tuple(w_gate.shape)}, w_up {tuple(w_up.shape)}, w_down {tuple(w_down.shape)}")
+    i, h = w_gate.shape
+    if x.shape[1] != h or w_up.shape != w_gate.shape or w_down.shape != (h, i):
+        raise CoscaleError(f"fp8_swiglu_mlp: x [T, {x.shape[1]}] needs w_gate and w_up [I, {x.shape[1]}] and "
+                           f"w_down [{x.shape[1]}, I]; got {tuple(w_gate.shape)}, {tuple(w_up.shape)}, "
+                           f"{tuple(w_down.shape)}")
+    if x.shape[0] == 0:
+        return x * 0
+    info = identity_permute_info(x.shape[0], x.device, align=128)
+    offsets = info.group_end_offsets
+    weight = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    return _FP8RoutedExperts.apply(
+        x, weight, info.row_pair, info.pair_row, offsets, expert_tile_map(offsets, info.num_rows), True, backend,
         weight_cache, quant_ops.DUAL_ONE_PASS if one_pass is None else one_pass, w_gate, w_up, w_down,
     )  # fmt: skip

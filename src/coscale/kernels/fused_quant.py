@@ -130,8 +130,10 @@ def gather_quantized_rows(src: torch.Tensor, row_pair: torch.Tensor, topk: int, 
     yq, ys = act_quant_op(src, round_scale, True, False, False, False, backend)[:2]
     zq, zs = act_quant_op(src.new_zeros(1, h), round_scale, True, False, False, False, backend)[:2]
     source = torch.where(row_pair >= 0, torch.div(row_pair, topk, rounding_mode="floor"), tokens).long()
-    # whole 32-bit words (Hp is a multiple of 128); the scales gathered along the rows of their outer-major storage
-    y = torch.cat([yq, zq]).view(torch.int32).index_select(0, source).view(FP8_DTYPE)
+    # whole 32-bit words (Hp is a multiple of 128); the scales gathered along the rows of their outer-major storage.
+    # The words are joined, not the e4m3 tensors: CPU autocast promotes torch.cat's inputs to their widest
+    # dtype and has no rank for float8 ("Unexpected floating ScalarType"; CUDA autocast leaves cat alone).
+    y = torch.cat([yq.view(torch.int32), zq.view(torch.int32)]).index_select(0, source).view(FP8_DTYPE)
     s = torch.cat([ys, zs]).t().index_select(1, source).t()
     return y, s
 

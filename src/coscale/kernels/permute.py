@@ -94,6 +94,27 @@ def max_permuted_rows(pairs: int, n_experts: int, align: int) -> int:
     return pairs + min(n_experts, pairs) * (align - 1)
 
 
+def identity_permute_info(num_tokens: int, device: torch.device | str, align: int = 16) -> PermuteInfo:
+    """The layout `build_permute_info` gives when every token picks the one expert there is (K = 1, E = 1):
+    row t holds token t, the rows after it are padding. Built without a sort or a count: a dense layer that
+    runs through the grouped kernels (coscale.kernels.fp8_moe.fp8_swiglu_mlp) pays nothing for routing."""
+    if num_tokens < 0 or align < 1:
+        raise CoscaleError(f"need num_tokens >= 0 and align >= 1, got {num_tokens} and {align}")
+    tokens = torch.arange(num_tokens, device=device)
+    row_pair = torch.full((max_permuted_rows(num_tokens, 1, align),), -1, dtype=torch.int64, device=device)
+    row_pair[:num_tokens] = tokens
+    end = (num_tokens + align - 1) // align * align
+    return PermuteInfo(
+        pair_row=tokens.view(num_tokens, 1),
+        row_pair=row_pair,
+        group_end_offsets=torch.full((1,), end, dtype=torch.int32, device=device),
+        tokens_per_expert=torch.full((1,), num_tokens, dtype=torch.int64, device=device),
+        num_tokens=num_tokens,
+        topk=1,
+        align=align,
+    )
+
+
 def build_permute_info(topk_idx: torch.Tensor, n_experts: int, align: int = 16) -> PermuteInfo:
     """Compute the expert-sorted layout of topk_idx [T, K] (int64) with groups padded to `align`."""
     if topk_idx.dim() != 2:

@@ -53,6 +53,53 @@ class MLP(StackedWeights, nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class SharedExperts(MLP):
+    """The shared experts of a MoE layer: every token's SwiGLU MLP, n_shared experts side by side (one MLP
+    n_shared times as wide; the parameters keep MLP's names, so checkpoints load unchanged).
+
+    `precision` "fp8" (set by coscale.fp8.convert_to_fp8 with the routed experts' size rule: `hidden` and
+    `intermediate`) runs it through the routed experts' FP8 kernels as one expert that every token picks
+    (coscale.kernels.fp8_moe.fp8_swiglu_mlp: each quantization fused into the kernel that produces its
+    input, where three FP8Linears would quantize x, the SwiGLU output and every gradient in passes of their
+    own); `fp8_weight_cache` as GroupedExperts'. "bf16" is MLP's forward."""
+
+    PRECISIONS = ("bf16", "fp8")
+    FP8_LABEL = "shared experts"  # in the run header's FP8 line (coscale.fp8.describe_fp8_layers)
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__(hidden, intermediate)
+        self.hidden, self.intermediate = hidden, intermediate
+        self.precision = "bf16"
+        self.fp8_weight_cache = False
+
+    def __setattr__(self, name, value):
+        if name == "precision" and value not in self.PRECISIONS:
+            raise ValueError(f"SharedExperts.precision must be one of {self.PRECISIONS}, got {value!r}")
+        if name == "fp8_weight_cache":  # True -> an FP8WeightCache this module owns, False -> None
+            from coscale.kernels.fp8_weight_cache import as_weight_cache
+
+            value = as_weight_cache(value)
+        super().__setattr__(name, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.precision != "fp8":
+            return super().forward(x)
+        # the autocast dtype applied outside run_kernels (the part a compiled FP8 step leaves eager), as
+        # GroupedExperts does: Inductor fuses the cast into x's producer
+        return self.run_kernels(to_autocast_dtype(x))
+
+    def run_kernels(self, x: torch.Tensor) -> torch.Tensor:
+        from coscale.kernels.fp8_moe import fp8_swiglu_mlp
+        from coscale.kernels.fp8_weight_cache import usable_now
+
+        out = fp8_swiglu_mlp(x.reshape(-1, x.shape[-1]), self.gate_proj.weight, self.up_proj.weight,
+                             self.down_proj.weight, weight_cache=usable_now(self.fp8_weight_cache))
+        return out.view(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden}, intermediate={self.intermediate}, precision={self.precision}"
+
+
 class Gate(nn.Module):
     """The router. Kept in float32 (DeepSeek-V3 keeps gating in high precision)."""
 
@@ -274,7 +321,7 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         n_shared = cfg.n_shared_experts or 0
         self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
+            SharedExperts(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
         )
         self.aux_loss: torch.Tensor | None = None  # set by forward in training mode
 

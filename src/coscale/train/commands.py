@@ -65,7 +65,7 @@ _TRAIN_OPTIONS = [
                                       help="compute precision (default: bf16 autocast on CUDA, fp32 on CPU)")),
     ("--fp8-layers", "fp8_layers", dict(choices=["auto", "all"],
                                         help="with --precision fp8: the layers large enough for FP8 to pay "
-                                             "(auto) or every linear layer and the routed experts (all)")),
+                                             "(auto) or every linear layer and the experts (all)")),
     ("--device", "device", dict(metavar="DEVICE", help="auto, cpu, cuda or cuda:N")),
     ("--seed", "seed", dict(type=int, metavar="N", help="seed of initialisation and batch sampling")),
     ("--bias-update-speed", "bias_update_speed",
