@@ -34,6 +34,7 @@ import functools
 
 import torch
 
+from coscale.errors import CoscaleError
 from coscale.kernels import quant_ops
 from coscale.kernels.fp8_grouped_gemm import expert_tile_map, fp8_grouped_mm, fp8_grouped_wgrad
 from coscale.kernels.fp8_grouped_linear import quantize_weights
@@ -45,7 +46,6 @@ from coscale.kernels.fused_quant import (
     swiglu_backward_quant_op,
     swiglu_quant_op,
 )
-from coscale.errors import CoscaleError
 from coscale.kernels.permute import PermuteInfo, identity_permute_info, sum_rows_op
 
 __all__ = ["QUANTIZE_TOKENS_ONCE", "fp8_routed_experts", "fp8_swiglu_mlp"]
