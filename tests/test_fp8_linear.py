@@ -242,3 +242,21 @@ def test_gpu_transposed_quantization_on_a_side_stream_changes_no_bit(monkeypatch
     torch.cuda.synchronize()
     for got, ref in zip((out, x.grad, layer.weight.grad, layer.bias.grad), want):
         assert torch.equal(got, ref)
+
+
+def test_fp8_linear_gives_the_same_bits_under_autocast():
+    """Autocast is off inside FP8LinearFunction (coscale.kernels.backend.autocast_off): under BF16 autocast,
+    backward included, a BF16 input gives the bits it gives without autocast (the PyTorch reference's float32
+    products would otherwise run in BF16)."""
+    torch.manual_seed(3)
+    layer = FP8Linear.from_linear(nn.Linear(256, 128, bias=True))
+    x = torch.randn(8, 256, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(8, 128, dtype=torch.bfloat16)
+    plain = layer(x)
+    plain_grads = torch.autograd.grad(plain, (x, layer.weight, layer.bias), grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = layer(x)
+        under_grads = torch.autograd.grad(under, (x, layer.weight, layer.bias), grad)
+    assert under.dtype == plain.dtype and torch.equal(under, plain)
+    for a, b in zip(plain_grads, under_grads):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -229,12 +229,13 @@ def test_shared_experts_run_fp8_by_the_experts_size_rule_and_keep_their_names():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_routed_experts_run_under_autocast(backend):
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_routed_experts_run_under_autocast(backend, fused):
     """Under BF16 autocast the layer gives the bits it gives without it: autocast is off inside (it would run the
     PyTorch reference's float32 products in BF16, and CPU autocast's torch.cat has no rank for float8)."""
     x, idx, w, wg, wu, wd, grad_out = _problem("edge", 12, 2, 4, 200, 72, 22, torch.bfloat16)
-    plain = _run(True, backend, x, idx, w, wg, wu, wd, grad_out)
+    plain = _run(fused, backend, x, idx, w, wg, wu, wd, grad_out)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under = _run(True, backend, x, idx, w, wg, wu, wd, grad_out)
+        under = _run(fused, backend, x, idx, w, wg, wu, wd, grad_out)
     for a, b in zip((plain[0], *plain[1]), (under[0], *under[1])):
         assert a.dtype == b.dtype and torch.equal(a, b)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from coscale.kernels import quant_ops
-from coscale.kernels.backend import to_autocast_dtype
+from coscale.kernels.backend import autocast_off, to_autocast_dtype
 from coscale.kernels.fp8_gemm import fp8_gemm
 from coscale.kernels.fp8_weight_cache import FP8WeightCache, as_weight_cache, usable_now
 from coscale.kernels.quant import act_quant_1x128, act_quant_1x128_dual, check_backend
@@ -108,6 +108,7 @@ class FP8LinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x, weight, bias, backend="auto", round_scale=False, weight_cache=None):
         k = x.shape[-1]
         n = weight.shape[0]
@@ -130,6 +131,7 @@ class FP8LinearFunction(torch.autograd.Function):
         return out.reshape(*x.shape[:-1], n)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy):
         xt, xts, wq_t, ws_t = ctx.saved_tensors
         backend, round_scale, x_shape, x_dtype, w_dtype, k, n = ctx.config

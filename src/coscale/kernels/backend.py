@@ -112,3 +112,19 @@ def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
         if x.dtype != dtype:
             return x.to(dtype)
     return x
+
+
+def autocast_off(method):
+    """An autograd Function's forward or backward run with autocast off (its first argument after ctx names
+    the device). An FP8 layer sets every dtype itself (FP8 operands, FP32 accumulation, outputs in the
+    input's dtype); autocast, on in a BF16 forward and in a backward called inside it, would run the PyTorch
+    reference's float32 products in BF16 (other bits than the same call without autocast) and, on the CPU,
+    promote torch.cat's float8 inputs, which it cannot ("Unexpected floating ScalarType")."""
+
+    @functools.wraps(method)
+    def run(ctx, tensor, *args):
+        with torch.autocast(tensor.device.type, enabled=False):
+            return method(ctx, tensor, *args)
+
+    return run
+

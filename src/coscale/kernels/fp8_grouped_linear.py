@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from coscale.errors import CoscaleError
+from coscale.kernels.backend import autocast_off
 from coscale.kernels.fp8_grouped_gemm import check_offsets, expert_tile_map, fp8_grouped_mm, fp8_grouped_wgrad
 from coscale.kernels.fp8_weight_cache import FP8WeightCache
 from coscale.kernels.quant import BLOCK, act_quant_1x128, act_quant_1x128_dual
@@ -74,6 +75,7 @@ class _FP8GroupedFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x, offsets, tile_expert, backend, weight_cache, *ws):
         need_dx = ctx.needs_input_grad[0]
         need_dw = any(ctx.needs_input_grad[5:])
@@ -90,6 +92,7 @@ class _FP8GroupedFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy):
         xt, xts, wt, st, offsets, tile_expert = ctx.saved_tensors
         m, k = ctx.x_shape

@@ -30,12 +30,11 @@ backend (tests/test_fp8_moe.py holds the two to each other). No host synchronisa
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from coscale.errors import CoscaleError
 from coscale.kernels import quant_ops
+from coscale.kernels.backend import autocast_off
 from coscale.kernels.fp8_grouped_gemm import expert_tile_map, fp8_grouped_mm, fp8_grouped_wgrad
 from coscale.kernels.fp8_grouped_linear import quantize_weights
 from coscale.kernels.fp8_recipe import ceil_to
@@ -62,26 +61,12 @@ def _wgrad_dtype(w: torch.Tensor) -> torch.dtype:
     return w.dtype if w.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
 
 
-def _autocast_off(method):
-    """An autograd method run with autocast off. The FP8 recipe sets every dtype itself (FP8 operands, FP32
-    accumulation, outputs in x's dtype); autocast, on in a BF16 forward (and in a backward called inside it),
-    would run the PyTorch reference's float32 products in BF16 (CPU: the same layer under autocast gave other
-    bits) and, on the CPU, promote torch.cat's float8 inputs, which it cannot."""
-
-    @functools.wraps(method)
-    def run(ctx, tensor, *args):
-        with torch.autocast(tensor.device.type, enabled=False):
-            return method(ctx, tensor, *args)
-
-    return run
-
-
 class _FP8RoutedExperts(torch.autograd.Function):
     """See the module docstring; inputs after ``ctx``: x, topk_weight, row_pair, pair_row, offsets,
     tile_expert, deterministic, backend, weight_cache, one_pass, w_gate, w_up, w_down."""
 
     @staticmethod
-    @_autocast_off
+    @autocast_off
     def forward(ctx, x, topk_weight, row_pair, pair_row, offsets, tile_expert, deterministic, backend,
                 weight_cache, one_pass, w_gate, w_up, w_down):  # fmt: skip
         need_dx = ctx.needs_input_grad[0]
@@ -110,7 +95,7 @@ class _FP8RoutedExperts(torch.autograd.Function):
         return out
 
     @staticmethod
-    @_autocast_off
+    @autocast_off
     def backward(ctx, dout):
         (xt, xts, gate_up, at, ats, y, wgu_t, sgu_t, wd_t, sd_t, row_pair, pair_row, offsets, tile_expert,
          topk_weight) = ctx.saved_tensors  # fmt: skip
