@@ -151,7 +151,7 @@ def fp8_routed_experts(
 ) -> torch.Tensor:
     """sum_k topk_weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with every GEMM in FP8 (module
     docstring). x [T, H] bf16/fp32; topk_weight [T, K] float32; ``info`` from build_permute_info with
-    align=128; w_gate, w_up [E, I, H], w_down [E, H, I] master weights. Returns [T, H] in x's dtype;
+    align=128; w_gate, w_up [E, I, H], w_down [E, H, I] master weights ([I, H] and [H, I] for one expert). Returns [T, H] in x's dtype;
     differentiable in x, topk_weight and the weights. ``one_pass``: both layouts of each fused
     quantization from one launch (default ``coscale.kernels.quant_ops.DUAL_ONE_PASS``)."""
     offsets = info.group_end_offsets.to(device=x.device, dtype=torch.int32)
@@ -191,10 +191,6 @@ def fp8_swiglu_mlp(
                            f"{tuple(w_down.shape)}")
     if x.shape[0] == 0:
         return x * 0
-    info = identity_permute_info(x.shape[0], x.device, align=128)
-    offsets = info.group_end_offsets
     weight = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
-    return _FP8RoutedExperts.apply(
-        x, weight, info.row_pair, info.pair_row, offsets, expert_tile_map(offsets, info.num_rows), True, backend,
-        weight_cache, quant_ops.DUAL_ONE_PASS if one_pass is None else one_pass, w_gate, w_up, w_down,
-    )  # fmt: skip
+    return fp8_routed_experts(x, weight, identity_permute_info(x.shape[0], x.device, align=128), w_gate, w_up, w_down,
+                              backend=backend, deterministic=True, weight_cache=weight_cache, one_pass=one_pass)
