@@ -151,9 +151,9 @@ def fp8_routed_experts(
 ) -> torch.Tensor:
     """sum_k topk_weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with every GEMM in FP8 (module
     docstring). x [T, H] bf16/fp32; topk_weight [T, K] float32; ``info`` from build_permute_info with
-    align=128; w_gate, w_up [E, I, H], w_down [E, H, I] master weights ([I, H] and [H, I] for one expert). Returns [T, H] in x's dtype;
-    differentiable in x, topk_weight and the weights. ``one_pass``: both layouts of each fused
-    quantization from one launch (default ``coscale.kernels.quant_ops.DUAL_ONE_PASS``)."""
+    align=128; w_gate, w_up [E, I, H], w_down [E, H, I] master weights ([I, H] and [H, I] for one expert).
+    Returns [T, H] in x's dtype; differentiable in x, topk_weight and the weights. ``one_pass``: both
+    layouts of each fused quantization from one launch (default ``coscale.kernels.quant_ops.DUAL_ONE_PASS``)."""
     offsets = info.group_end_offsets.to(device=x.device, dtype=torch.int32)
     tile_expert = expert_tile_map(offsets, info.num_rows)
     return _FP8RoutedExperts.apply(
