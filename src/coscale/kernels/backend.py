@@ -127,4 +127,3 @@ def autocast_off(method):
             return method(ctx, tensor, *args)
 
     return run
-
