@@ -239,3 +239,19 @@ def test_the_routed_experts_run_under_autocast(backend, fused):
         under = _run(fused, backend, x, idx, w, wg, wu, wd, grad_out)
     for a, b in zip((plain[0], *plain[1]), (under[0], *under[1])):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_the_fp8_mlp_keeps_no_output_for_a_gate_weight_gradient():
+    """The layer's output rows y [M, H] are kept for backward only for d topk_weight: the shared experts' weight 1
+    needs none, so fp8_swiglu_mlp saves exactly y's bytes less than the routed experts with a trained weight."""
+    from coscale.kernels.fp8_moe import fp8_swiglu_mlp
+
+    x, wg, wu, wd, _ = _mlp_problem(40, 128, 128, 5, torch.bfloat16)
+
+    def saved_bytes(out):
+        return sum(t.numel() * t.element_size() for t in out.grad_fn.saved_tensors if t is not None)
+
+    mlp = fp8_swiglu_mlp(x, wg, wu, wd)
+    info = build_permute_info(torch.zeros(40, 1, dtype=torch.int64), 1, align=128)
+    routed = fp8_routed_experts(x, torch.ones(40, 1, requires_grad=True), info, *(w.unsqueeze(0) for w in (wg, wu, wd)))
+    assert saved_bytes(routed) - saved_bytes(mlp) == info.num_rows * 128 * x.element_size()

@@ -88,8 +88,10 @@ class _FP8RoutedExperts(torch.autograd.Function):
         y = fp8_grouped_mm(aq, as_, wd, sd, offsets, x.dtype, backend, tile_expert=tile_expert)
         y = y[:, :h] if y.shape[1] != h else y
         out = sum_rows_op(y, pair_row, row_pair, topk_weight, x.dtype, deterministic, backend)
-        ctx.save_for_backward(xt, xts, gate_up if need_da else None, at, ats, y, wgu_t, sgu_t, wd_t, sd_t, row_pair,
-                              pair_row, offsets, tile_expert, topk_weight)  # fmt: skip
+        # y [M, H] is kept only for d topk_weight (not for the shared experts' constant weights: fp8_swiglu_mlp)
+        y_kept = y if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(xt, xts, gate_up if need_da else None, at, ats, y_kept, wgu_t, sgu_t, wd_t, sd_t,
+                              row_pair, pair_row, offsets, tile_expert, topk_weight)  # fmt: skip
         ctx.config = (deterministic, backend, one_pass, h, i, [_wgrad_dtype(w) for w in (w_gate, w_up, w_down)],
                       [w.shape for w in (w_gate, w_up, w_down)])
         return out
