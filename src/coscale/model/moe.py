@@ -53,7 +53,24 @@ class MLP(StackedWeights, nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class SharedExperts(MLP):
+class ExpertsPrecision:
+    """The switches the experts modules (GroupedExperts, SharedExperts) share: `precision` ("bf16" or "fp8",
+    checked) and `fp8_weight_cache` (True -> an FP8WeightCache the module owns, False/None -> None, or a
+    cache). A mixin placed before nn.Module in the bases."""
+
+    PRECISIONS = ("bf16", "fp8")
+
+    def __setattr__(self, name, value):
+        if name == "precision" and value not in self.PRECISIONS:
+            raise ValueError(f"{type(self).__name__}.precision must be one of {self.PRECISIONS}, got {value!r}")
+        if name == "fp8_weight_cache":
+            from coscale.kernels.fp8_weight_cache import as_weight_cache
+
+            value = as_weight_cache(value)
+        super().__setattr__(name, value)
+
+
+class SharedExperts(ExpertsPrecision, MLP):
     """The shared experts of a MoE layer: every token's SwiGLU MLP, n_shared experts side by side (one MLP
     n_shared times as wide; the parameters keep MLP's names, so checkpoints load unchanged).
 
@@ -63,7 +80,6 @@ class SharedExperts(MLP):
     input, where three FP8Linears would quantize x, the SwiGLU output and every gradient in passes of their
     own); `fp8_weight_cache` as GroupedExperts'. "bf16" is MLP's forward."""
 
-    PRECISIONS = ("bf16", "fp8")
     FP8_LABEL = "shared experts"  # in the run header's FP8 line (coscale.fp8.describe_fp8_layers)
 
     def __init__(self, hidden: int, intermediate: int):
@@ -71,15 +87,6 @@ class SharedExperts(MLP):
         self.hidden, self.intermediate = hidden, intermediate
         self.precision = "bf16"
         self.fp8_weight_cache = False
-
-    def __setattr__(self, name, value):
-        if name == "precision" and value not in self.PRECISIONS:
-            raise ValueError(f"SharedExperts.precision must be one of {self.PRECISIONS}, got {value!r}")
-        if name == "fp8_weight_cache":  # True -> an FP8WeightCache this module owns, False -> None
-            from coscale.kernels.fp8_weight_cache import as_weight_cache
-
-            value = as_weight_cache(value)
-        super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.precision != "fp8":
@@ -213,7 +220,7 @@ def experts_forward_loop(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torc
     return out.to(x.dtype)
 
 
-class GroupedExperts(nn.Module):
+class GroupedExperts(ExpertsPrecision, nn.Module):
     """All routed experts of one layer as stacked weights (one tensor per projection).
 
     `impl`: "loop" (the reference above), "grouped" (permutation + grouped GEMMs from
@@ -238,7 +245,6 @@ class GroupedExperts(nn.Module):
         self.decode_backend = "auto"
 
     IMPLS = ("auto", "loop", "grouped")
-    PRECISIONS = ("bf16", "fp8")
     DECODE_BACKENDS = ("auto", "triton", "torch")
 
     def __setattr__(self, name, value):
@@ -246,13 +252,7 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"GroupedExperts.impl must be one of {self.IMPLS}, got {value!r}")
         if name == "decode_backend" and value not in self.DECODE_BACKENDS:
             raise ValueError(f"GroupedExperts.decode_backend must be one of {self.DECODE_BACKENDS}, got {value!r}")
-        if name == "precision" and value not in self.PRECISIONS:
-            raise ValueError(f"GroupedExperts.precision must be one of {self.PRECISIONS}, got {value!r}")
-        if name == "fp8_weight_cache":  # True -> an FP8WeightCache this module owns, False -> None
-            from coscale.kernels.fp8_weight_cache import as_weight_cache
-
-            value = as_weight_cache(value)
-        super().__setattr__(name, value)
+        super().__setattr__(name, value)  # precision and fp8_weight_cache: ExpertsPrecision
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         # Autocast does not reach the grouped GEMMs (custom ops), so apply its dtype here: without this a
