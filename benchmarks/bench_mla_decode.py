@@ -155,6 +155,8 @@ def run_case(B, T, H, S, fp8, args, gen, results):
                              "cast after shared memory", **run, fp8_convert_early=early)
             if fp8 and args.fp8_per_tile:  # one product per scale tile (the default reads the tile whole)
                 time_variant("per_tile", "per scale tile", **run, fp8_whole_tile=False)
+            if fp8 and args.fp8_gluon and tile * S <= 16:  # the warp-specialized Gluon kernel (sm_90, 16 rows)
+                time_variant("gluon", "Gluon warp-specialized", **run, fp8_gluon=True)
             if args.lazy and config is not None:  # the picked configuration with lazy rescaling
                 time_variant("lazy", "lazy rescaling", **run, kernel_config={**config, "LAZY": 1})
             results.append(r)
@@ -179,7 +181,7 @@ def time_variant(name: str, label: str, *, r: dict, case, scale: float, used: in
     B, T, H, S = r["batch"], r["context"], r["heads"], r["s_q"]
     r[f"{name}_ms"] = timed(functools.partial(mla_decode, *case, scale, max_seq_len=T, num_splits=used,
                                               backend="triton", **options), quick)
-    cfg = options.pop("kernel_config", None) or tuned_config()
+    cfg = options.pop("kernel_config", None) or (None if options.get("fp8_gluon") else tuned_config())
     r[f"{name}_err"] = check(H, S, r["cache"] == "fp8", gen, used, cfg, **options)
     print(f"  B={B:4d} T={T:6d} H={H:4d} {r['cache']} {label}: {r[f'{name}_ms'] * 1e3:8.1f} us "
           f"({100 * nbytes / r[f'{name}_ms'] / 1e9 / H200_COPY_TBPS:.0f}%, {config_name(cfg)}), "
@@ -243,6 +245,8 @@ def main():
     parser.add_argument("--fp8-per-tile", action="store_true", help="also time FP8 caches with fp8_whole_tile=False "
                         "(one product per 128-column scale tile; the default reads the tile whole, its scales folded "
                         "into the fp16 latent)")
+    parser.add_argument("--fp8-gluon", action="store_true", help="also time FP8 caches on the warp-specialized "
+                        "Gluon kernel (mla_decode's fp8_gluon; sm_90, 16 heads)")
     parser.add_argument("--caches", nargs="+", choices=("bf16", "fp8"), default=["bf16", "fp8"],
                         help="--quick: the cache formats to run (default both)")
     parser.add_argument("--eager-timing", action="store_true", help="time each call with do_bench, the "

@@ -87,6 +87,12 @@ FP8_WHOLE_TILE = True
 # 2 / 2 / 1 / 1 (1.04-1.06x; the autotuner then picked 32-key tiles and 4 warps, two programs an SM). Not for
 # 128 heads (64-row tiles, read in bf16, 8 warps): there 2 splits measured 0.99x the 1 of one program an SM.
 FP8_PROGRAMS_PER_SM = 2
+# An FP8 cache through the warp-specialized Gluon kernel (coscale.kernels._mla_decode_gluon: a TMA loader, a
+# converter warpgroup and a wgmma warpgroup with the keys on M) on sm_90, where it takes the case (DeepSeek's
+# 512 + 64 widths, pages of whole 64-key tiles, 16 query rows a program, bf16 queries). Off until it is
+# measured on a GPU: sm_90 compiles give 65 warp instructions a key against the Triton kernel's 154, no spills,
+# 176 KB of shared memory (one program an SM). mla_decode(fp8_gluon=True) runs it.
+FP8_GLUON = False
 
 
 @dataclass
@@ -273,7 +279,7 @@ def tuned_config() -> dict | None:
 def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, softmax_scale: float, *,
                max_seq_len: int | None = None, num_splits: int | None = None, heads_tile: int | None = None,
                kernel_config: dict | None = None, fp8_in_fp16: bool = True, fp8_convert_early: bool | None = None,
-               fp8_whole_tile: bool | None = None, backend: str = "auto"):
+               fp8_whole_tile: bool | None = None, fp8_gluon: bool | None = None, backend: str = "auto"):
     """MLA decode over the paged latent cache (module docstring). q_lat [B, S, H, c], q_pe [B, S, H, dr]
     (bf16 on a GPU; the kernel's dots run in q_lat's dtype), block_table [B, W] int32, seq_lens [B]
     int32 (each >= S). Returns (o_lat [B, S, H, c] in q_lat's dtype, lse [B, S, H] float32).
@@ -286,7 +292,9 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     kernel did before (for benchmarks that compare the two); fp8_convert_early casts the fp16-read tile before its
     shared-memory round trip (default: from batch FP8_CONVERT_EARLY_MIN_BATCH on); fp8_whole_tile reads an
     FP8 tile whole, its scales folded into the latent (default FP8_WHOLE_TILE; for latent widths 128, 256 and
-    512, with the latent read in fp16 (or fp32), without LAZY)."""
+    512, with the latent read in fp16 (or fp32), without LAZY); fp8_gluon runs an FP8 cache through the Gluon
+    kernel (default FP8_GLUON; on sm_90 where ``_mla_decode_gluon.supports`` the case, else an error when asked
+    for)."""
     _check(q_lat, q_pe, cache, block_table, seq_lens)
     if select_backend(backend, q_lat, op="mla_decode") == "torch":
         return mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, softmax_scale)
@@ -309,9 +317,10 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     whole = (fp8 and (FP8_WHOLE_TILE if fp8_whole_tile is None else fp8_whole_tile) and c in (128, 256, 512)
              and (lat_fp16 or dot_fp32) and not (kernel_config or {}).get("LAZY"))
     chunk = min(FP8_TILE, block_c) if fp8 and not whole else block_c
+    gluon = _use_gluon(fp8_gluon, cache, q_lat, rows, kernel_config, dot_fp32)
     bound = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
     splits = num_splits or default_num_splits(B, groups, bound, q_lat.device,
-                                              programs_per_sm=FP8_PROGRAMS_PER_SM if whole else 1)
+                                              programs_per_sm=FP8_PROGRAMS_PER_SM if whole and not gluon else 1)
     out = torch.empty_like(q_lat)
     lse = torch.empty(B, S, H, dtype=torch.float32, device=q_lat.device)
     if out.numel() == 0:
@@ -338,7 +347,13 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
         DOT_FP32=dot_fp32,
         PRECISION="ieee" if dot_fp32 else "tf32",
     )  # fmt: skip
-    if kernel_config is None:
+    if gluon:
+        from coscale.kernels._mla_decode_gluon import launch_mla_decode_fp8_gluon
+
+        launch_mla_decode_fp8_gluon(q_lat, q_pe, cache.latent, cache.rope, cache.scale, block_table, seq_lens, o,
+                                    o_lse, heads_tile=tile, rows=rows, num_splits=splits,
+                                    sm_scale_log2=softmax_scale * math.log2(math.e))
+    elif kernel_config is None:
         split_kernel[(groups, splits, B)](*args, **consts)
     else:  # a fixed configuration (tests, benchmarks): the autotuner's kernel without the tuning
         split_kernel.fn[(groups, splits, B)](*args, **consts, **_checked_config(kernel_config))
@@ -352,6 +367,35 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
             C=c, BLOCK_C=combine_cols, NUM_SPLITS=splits, SPLITS_P2=max(2, _next_pow2(splits)),
         )  # fmt: skip
     return out, lse
+
+
+def _use_gluon(fp8_gluon: bool | None, cache: LatentCacheLayer, q_lat, rows: int, kernel_config,
+               dot_fp32: bool) -> bool:
+    """Whether this call runs the Gluon FP8 kernel: when asked for (or by default, FP8_GLUON) and it takes the case;
+    asked for explicitly where it cannot run, a clear error."""
+    wanted = FP8_GLUON if fp8_gluon is None else fp8_gluon
+    if not wanted or cache.scale is None:
+        return False
+    from coscale.kernels import _mla_decode_gluon as gk
+
+    c, dr, page = cache.latent.shape[-1], cache.rope.shape[-1], cache.block_size
+    why = None
+    if dot_fp32 or q_lat.device.type != "cuda" or torch.cuda.get_device_capability(q_lat.device) != (9, 0):
+        why = "it runs on an sm_90 GPU (Hopper) with bf16 queries, not under the interpreter"
+    elif kernel_config is not None:
+        why = "kernel_config fixes the Triton kernel's configuration"
+    elif not gk.supports(c, dr, page, rows, True, q_lat.dtype):
+        why = (f"it takes c = 512, dr = 64, pages of a multiple of {gk.BLOCK_N} keys and at most {gk.MAX_ROWS} "
+               f"query rows (got c = {c}, dr = {dr}, page = {page}, {rows} rows, {q_lat.dtype} queries)")
+    elif not all(t.is_contiguous() for t in (cache.latent, cache.rope, cache.scale)):
+        why = "it reads contiguous cache tensors"
+    elif not gk.gluon_decode_available():
+        why = "this Triton has no Gluon Hopper API"
+    if why is None:
+        return True
+    if fp8_gluon:
+        raise CoscaleError(f"fp8_gluon: the Gluon MLA decode kernel cannot run this call: {why}")
+    return False
 
 
 def _fake_mla_decode(q_lat, q_pe, latent, rope, scale, block_table, seq_lens, softmax_scale, max_seq_len, backend):

@@ -1,0 +1,442 @@
+"""MLA decode over an FP8 paged latent cache as a warp-specialized Gluon kernel for Hopper (sm_90).
+
+The same operation, cache format and outputs as ``mla_decode_split_kernel`` (coscale.kernels._mla_decode_triton)
+with an FP8 cache: one program per (head group, context split, sequence) writes its split's partial output and
+log-sum-exp, which the Triton combine kernel merges. What differs is the schedule, FlashMLA's for its FP8 cache:
+
+- a loader partition (one warp) copies each 64-key tile by TMA (the e4m3 latent as [64, 4, 128], the BF16
+  RoPE key [64, 64], the scales [64, 4]) into a ring of ``STAGES`` shared-memory buffers;
+- a converter partition (one warpgroup) casts the tile to fp16 (exact for e4m3) times each 128-column tile's
+  scale over the key's largest (``rel`` <= 1, rounded to fp16) and writes it to a swizzled fp16 tile;
+- the math partition (one warpgroup) puts the keys on wgmma's M: scores^T [64, M] = K Q^T (the fp16 tile and
+  the RoPE key as A from shared memory, the query as B), the online softmax down the columns, and
+  O^T [512, M] += K^T P'^T (the same fp16 tile, transposed, as A). So the tile is converted once and read
+  from shared memory by both products, with no register transpose and no per-warp copy of the query.
+
+Why (sm_90 compiles of the Triton kernel, BENCHMARKS.md, twenty-fourth session): with 16 heads on M = 16
+(mma.sync) every warp repeats the softmax bookkeeping and holds the whole query, and the loop takes 154 warp
+instructions a key against the 47 an SM can spend at 85% of copy bandwidth (41.7M keys a second an SM at
+656 bytes a key) once conversion is added; on the H200 it stayed at 30-35% of copy.
+
+Arithmetic (as the Triton kernel's whole-tile read, with the key's own largest scale s_key instead of a
+running one in the tile): value = q8 * scale[g] = (q8 * rel[g]) * s_key; score = (q f) . (q8 rel) * s_key / f
++ q_pe . k_pe; P' = P * s_key / smax with smax the largest s_key so far, so P' <= 1 and the accumulator holds
+value / smax, rescaled with the softmax's maximum when smax grows. Keys past the split's end (a partial last
+tile: TMA reads the whole block) are zeroed in the converter and given s_key = 0 and score -inf, so what the
+cache holds there (NaN included) never reaches a product.
+
+Gluon has no interpreter: the kernel runs on sm_90 only. On the CPU, tests compile it for sm_90 (Triton's
+wheel carries ptxas) and check its machine code; on a Hopper GPU tests/test_mla_decode_gluon.py holds it to
+the reference within FP8's bound. ``gluon_decode_available()`` says whether this Triton has what it needs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["BLOCK_N", "compile_for_sm90", "gluon_decode_available", "launch_mla_decode_fp8_gluon", "supports"]
+
+BLOCK_N = 64  # keys a tile: wgmma's M for one warpgroup
+NT = 4  # 128-column scale tiles of the 512-wide latent
+TILE = 128
+STAGES = 2  # 41 KB a stage; with the 64 KB fp16 tile, the query and P: 166 KB (3 stages: 207 KB)
+MAX_ROWS = 16  # query rows a program (see supports)
+ROW_CHUNK = 16  # rows the converter casts at a time (16 values a thread: no spills at 128 registers)
+
+
+def supports(c: int, dr: int, page: int, rows: int, fp8: bool, q_dtype: torch.dtype) -> bool:
+    """Whether this kernel takes the case: DeepSeek's latent (512 = 4 scale tiles) and RoPE width (64), pages
+    of whole 64-key tiles, 16 query rows a program (16 heads, one query token: the [512, rows] FP32 accumulator
+    of one warpgroup; with 32 rows, MTP's two tokens, the math warps spill in sm_90 compiles), an FP8 cache and
+    bf16 queries."""
+    return fp8 and c == NT * TILE and dr == 64 and page % BLOCK_N == 0 and rows <= MAX_ROWS \
+        and q_dtype == torch.bfloat16
+
+
+@functools.cache
+def gluon_decode_available() -> bool:
+    """Whether the installed Triton has Gluon's Hopper API (warp_specialize, warpgroup_mma, TMA)."""
+    try:
+        _build()
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+@functools.cache
+def _build():
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (renamed in Triton 3.9)
+    public_reinterpret = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))  # (3.6: _reinterpret)
+
+    @gluon.jit
+    def _as_words(buf, shape: gl.constexpr, layout: gl.constexpr):
+        # the same bytes seen as int32
+        if public_reinterpret:
+            return buf.reinterpret(gl.int32, shape, layout)
+        else:
+            return buf._reinterpret(gl.int32, shape, layout)
+
+    # Reductions through gl.reduce: gl.max and gl.sum are Triton's own jit functions, which its CPU interpreter
+    # (on in the test session, where this kernel is compiled for sm_90) swaps for interpreted ones
+    @gluon.jit
+    def _maximum(a, b):
+        return gl.maximum(a, b)
+
+    @gluon.jit
+    def _add(a, b):
+        return a + b
+
+    @gluon.jit
+    def _rmax(x, axis: gl.constexpr):
+        return gl.reduce(x, axis, _maximum)
+
+    @gluon.jit
+    def _rsum(x, axis: gl.constexpr):
+        return gl.reduce(x, axis, _add)
+
+    @gluon.jit
+    def _split_range(seq_lens_ptr, b, split, num_splits, BLOCK_N: gl.constexpr):
+        # the keys [lo, hi) of this split, in whole tiles (the Triton kernel's division of the context)
+        seq_len = gl.load(seq_lens_ptr + b)
+        per_split = gl.cdiv(gl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
+        lo = split * per_split
+        hi = gl.minimum(lo + per_split, seq_len)
+        return seq_len, lo, hi, gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)
+
+    @gluon.jit
+    def _loader(lat_desc, rope_desc, sc_desc, lat_bufs, rope_bufs, sc_bufs, ready, empty, table_ptr, seq_lens_ptr,
+                stride_table, num_splits, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+        split, b = gl.program_id(1), gl.program_id(2)
+        _, lo, hi, tiles = _split_range(seq_lens_ptr, b, split, num_splits, BLOCK_N)
+        table_row = table_ptr + b * stride_table
+        nbytes: gl.constexpr = lat_desc.block_type.nbytes + rope_desc.block_type.nbytes + sc_desc.block_type.nbytes
+        for i in range(tiles):
+            start = lo + i * BLOCK_N
+            row = gl.load(table_row + start // PAGE) * PAGE + start % PAGE
+            s = i % STAGES
+            # a fresh barrier counts as having completed the phase before 0: the first pass waits for nothing
+            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), nbytes)
+            tma_load(lat_desc, [row, 0, 0], ready.index(s), lat_bufs.index(s))
+            tma_load(rope_desc, [row, 0], ready.index(s), rope_bufs.index(s))
+            tma_load(sc_desc, [row, 0], ready.index(s), sc_bufs.index(s))
+
+    @gluon.jit
+    def _e4m3_words_to_f16_pairs(w):
+        # a word of four e4m3 values -> two words of two fp16 each (bytes 0-1, then 2-3): one cvt.rn.f16x2.e4m3x2
+        # a pair, the word split into halves by a mov (free in SASS). Handled as words: Triton's own cast, or an
+        # asm on bytes, unpacks the loaded vector into bytes and packs them again (a PRMT and a SEL a value in
+        # sm_90 compiles, twice the casts' own count)
+        return gl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r", [w], dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
+
+    @gluon.jit
+    def _converter(lat_bufs, conv, ready, empty, conv_ready, conv_empty, seq_lens_ptr, num_splits,
+                   BLOCK_N: gl.constexpr, NT: gl.constexpr, TILE: gl.constexpr, STAGES: gl.constexpr,
+                   ROW_CHUNK: gl.constexpr):  # fmt: skip
+        # A warp per row at a time, as 32-bit words: 32 lanes x 4 words = the row's 512 e4m3 values. The
+        # stage and the fp16 tile are read and written as words through views of the same bytes (the 128-byte
+        # swizzle moves 16-byte pieces, whatever the element type).
+        word_layout: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 4, 8], [4, 1, 1], [2, 1, 0])
+        key_layout: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, word_layout))
+        flat_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+        words_in: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3)
+        words_out: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+        out = _as_words(conv.index(0), [BLOCK_N, NT * TILE // 2], words_out)
+        split, b = gl.program_id(1), gl.program_id(2)
+        _, lo, hi, tiles = _split_range(seq_lens_ptr, b, split, num_splits, BLOCK_N)
+        for i in range(tiles):
+            s = i % STAGES
+            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+            mbarrier.wait(conv_empty, (i & 1) ^ 1)
+            start = lo + i * BLOCK_N
+            partial = start + BLOCK_N > hi
+            stage = _as_words(lat_bufs.index(s), [BLOCK_N, NT, TILE // 4], words_in)
+            for r0 in gl.static_range(0, BLOCK_N, ROW_CHUNK):
+                w = stage.slice(r0, ROW_CHUNK).load(word_layout)
+                if partial:  # keys past the split's end: zero, whatever the cache holds there (0 x NaN is NaN)
+                    keys = start + r0 + gl.arange(0, ROW_CHUNK, layout=key_layout)
+                    w = gl.where((keys < hi)[:, None, None], w, 0)
+                lo16, hi16 = _e4m3_words_to_f16_pairs(w)
+                pairs = gl.reshape(gl.join(lo16, hi16), [ROW_CHUNK, NT * TILE // 2])
+                out.slice(r0, ROW_CHUNK).store(gl.convert_layout(pairs, flat_layout, assert_trivial=True))
+            fence_async_shared()  # the fp16 tile, written through the generic proxy, is read by wgmma
+            thread_barrier()  # every converter warp has read the stage and written its rows
+            mbarrier.arrive(empty.index(s))
+            mbarrier.arrive(conv_ready)
+
+    @gluon.jit
+    def _opaque_zero(i):
+        # 0, from an asm statement the compiler may not fold or move out of the loop
+        return gl.inline_asm_elementwise("mov.u32 $0, 0;", "=r,r", [i], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _pow2_row_scale(amax):
+        # 2^(14 - floor(log2 amax)) per row, from the exponent bits (exact; 1 for a zero row): the Triton
+        # kernel's scaling of the query into fp16's range
+        e = ((amax.to(gl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        biased = gl.minimum(gl.maximum(127 + 14 - e, 1), 254)
+        f = (biased << 23).to(gl.float32, bitcast=True)
+        return gl.where(amax > 0, f, 1.0)
+
+    @gluon.jit
+    def _math(rope_bufs, sc_bufs, conv, q_smem, qpe_smem, p_smem, ready, empty, conv_ready, conv_empty,
+              q_ptr, qpe_ptr, seq_lens_ptr, out_ptr, lse_ptr,
+              stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph,
+              stride_ob, stride_os, stride_oh, stride_osplit, stride_lb, stride_ls, stride_lh,
+              H, num_splits, sm_scale_log2,
+              C: gl.constexpr, DR: gl.constexpr, S_Q: gl.constexpr, HEADS_TILE: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, TILE: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        key_layout: gl.constexpr = gl.SliceLayout(1, mma)  # along the keys (and the latent's columns)
+        row_layout: gl.constexpr = gl.SliceLayout(0, mma)  # along the query rows
+        q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+        sc_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [4, 1], [1, 0])
+        group, split, b = gl.program_id(0), gl.program_id(1), gl.program_id(2)
+        seq_len, lo, hi, tiles = _split_range(seq_lens_ptr, b, split, num_splits, BLOCK_N)
+
+        # the query rows (S_Q tokens x HEADS_TILE heads), scaled by a power of two into fp16's range
+        rows_q = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_layout))
+        token_q = rows_q // HEADS_TILE
+        head_q = group * HEADS_TILE + rows_q % HEADS_TILE
+        off_q = b * stride_qb + token_q * stride_qs + head_q * stride_qh
+        ok_q = (token_q < S_Q) & (head_q < H)
+        cols = gl.arange(0, C, layout=gl.SliceLayout(0, q_layout))
+        q = gl.load(q_ptr + off_q[:, None] + cols[None, :], mask=ok_q[:, None], other=0.0).to(gl.float32)
+        f = _pow2_row_scale(_rmax(gl.abs(q), axis=1))
+        q_smem.index(0).store((q * f[:, None]).to(gl.float16))
+        off_pe = b * stride_pb + token_q * stride_ps + head_q * stride_ph
+        cols_r = gl.arange(0, DR, layout=gl.SliceLayout(0, q_layout))
+        qpe_smem.store(gl.load(qpe_ptr + off_pe[:, None] + cols_r[None, :], mask=ok_q[:, None], other=0.0))
+        fence_async_shared()
+        thread_barrier()
+        inv_f = gl.convert_layout(1.0 / f, row_layout)  # exact: f is a power of two
+
+        rows = gl.arange(0, BLOCK_M, layout=row_layout)
+        token = rows // HEADS_TILE
+        head = group * HEADS_TILE + rows % HEADS_TILE
+        row_ok = (token < S_Q) & (head < H)
+        last_key = seq_len - S_Q + token  # causal among the S_Q query tokens
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_layout)
+        smax = 1.1754943508222875e-38  # the smallest normal: never 0 / 0
+        zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
+        acc0 = gl.zeros([TILE, BLOCK_M], gl.float32, layout=mma)  # O^T, one accumulator per scale tile
+        acc1 = gl.zeros_like(acc0)
+        acc2 = gl.zeros_like(acc0)
+        acc3 = gl.zeros_like(acc0)
+        groups = gl.arange(0, 4, layout=gl.SliceLayout(0, sc_layout))
+        for i in range(tiles):
+            s = i % STAGES
+            mbarrier.wait(conv_ready, i & 1)
+            mbarrier.wait(ready.index(s), (i // STAGES) & 1)  # the RoPE key and the scales
+            # The fp16 tile and the query through an index the compiler cannot prove constant: with fixed
+            # addresses LLVM hoists all 68 products' 64-bit operand descriptors out of the loop (136 registers
+            # held through it: the math warps spilled); recomputed, each is a uniform add.
+            z = _opaque_zero(i)
+            tile = conv.index(z)
+            qs = q_smem.index(z)
+            # scores^T per scale tile g: (q8 of tile g) (q_g f)^T; the tile's scale multiplies them below
+            s0 = warpgroup_mma(tile.slice(0, TILE, dim=1), qs.slice(0, TILE, dim=1).permute((1, 0)), zero_s,
+                               use_acc=False, is_async=True)
+            s1 = warpgroup_mma(tile.slice(TILE, TILE, dim=1), qs.slice(TILE, TILE, dim=1).permute((1, 0)), zero_s,
+                               use_acc=False, is_async=True)
+            s2 = warpgroup_mma(tile.slice(2 * TILE, TILE, dim=1), qs.slice(2 * TILE, TILE, dim=1).permute((1, 0)),
+                               zero_s, use_acc=False, is_async=True)
+            s3 = warpgroup_mma(tile.slice(3 * TILE, TILE, dim=1), qs.slice(3 * TILE, TILE, dim=1).permute((1, 0)),
+                               zero_s, use_acc=False, is_async=True)
+            s_pe = warpgroup_mma(rope_bufs.index(s), qpe_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            pos = lo + i * BLOCK_N + gl.arange(0, BLOCK_N, layout=key_layout)
+            key_ok = pos < hi
+            # each key's four scales as vectors along the keys (0 past the split's end)
+            sc_all = sc_bufs.index(s).load(sc_layout)
+            sc0 = gl.where(key_ok, gl.convert_layout(_rsum(gl.where(groups[None, :] == 0, sc_all, 0.0), axis=1),
+                                                     key_layout), 0.0)
+            sc1 = gl.where(key_ok, gl.convert_layout(_rsum(gl.where(groups[None, :] == 1, sc_all, 0.0), axis=1),
+                                                     key_layout), 0.0)
+            sc2 = gl.where(key_ok, gl.convert_layout(_rsum(gl.where(groups[None, :] == 2, sc_all, 0.0), axis=1),
+                                                     key_layout), 0.0)
+            sc3 = gl.where(key_ok, gl.convert_layout(_rsum(gl.where(groups[None, :] == 3, sc_all, 0.0), axis=1),
+                                                     key_layout), 0.0)
+            s0, s1, s2, s3, s_pe = warpgroup_mma_wait(num_outstanding=0, deps=(s0, s1, s2, s3, s_pe))
+            thread_barrier()  # every warp has read the stage's scales and its products are done
+            mbarrier.arrive(empty.index(s))
+
+            visible = key_ok[:, None] & (pos[:, None] <= last_key[None, :])
+            s_lat = s0 * sc0[:, None] + s1 * sc1[:, None] + s2 * sc2[:, None] + s3 * sc3[:, None]
+            sc = gl.where(visible, (s_lat * inv_f[None, :] + s_pe) * sm_scale_log2, float("-inf"))
+            m_new = gl.maximum(m_i, _rmax(sc, axis=0))
+            s_key = gl.maximum(gl.maximum(sc0, sc1), gl.maximum(sc2, sc3))
+            smax_new = gl.maximum(smax, _rmax(s_key, axis=0))
+            alpha = gl.exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))  # a row with no visible key yet
+            p = gl.exp2(sc - gl.where(m_new == float("-inf"), 0.0, m_new)[None, :])
+            l_i = l_i * alpha + _rsum(p, axis=0)
+            m_i = m_new
+            rescale = (alpha * (smax / smax_new))[None, :]
+            acc0 = acc0 * rescale
+            acc1 = acc1 * rescale
+            acc2 = acc2 * rescale
+            acc3 = acc3 * rescale
+            smax = smax_new
+            # P' = P x scale / smax <= 1 per scale tile: the accumulators hold value / smax
+            p = p * (1.0 / smax)
+            p_smem.index(0).store((p * sc0[:, None]).to(gl.float16))
+            p_smem.index(1).store((p * sc1[:, None]).to(gl.float16))
+            p_smem.index(2).store((p * sc2[:, None]).to(gl.float16))
+            p_smem.index(3).store((p * sc3[:, None]).to(gl.float16))
+            fence_async_shared()
+            thread_barrier()
+            acc0 = warpgroup_mma(tile.slice(0, TILE, dim=1).permute((1, 0)), p_smem.index(0), acc0, is_async=True)
+            acc1 = warpgroup_mma(tile.slice(TILE, TILE, dim=1).permute((1, 0)), p_smem.index(1), acc1, is_async=True)
+            acc2 = warpgroup_mma(tile.slice(2 * TILE, TILE, dim=1).permute((1, 0)), p_smem.index(2), acc2,
+                                 is_async=True)
+            acc3 = warpgroup_mma(tile.slice(3 * TILE, TILE, dim=1).permute((1, 0)), p_smem.index(3), acc3,
+                                 is_async=True)
+            acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
+            mbarrier.arrive(conv_empty)
+
+        has_keys = l_i > 0
+        l_safe = gl.where(has_keys, l_i, 1.0)
+        lse = gl.where(has_keys, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        # A split past the end of a short sequence stores only its lse (-inf), as the Triton kernel's
+        keep = (row_ok & ((hi > lo) | (num_splits == 1)))[None, :]
+        cols_o = gl.arange(0, TILE, layout=key_layout)[:, None]
+        o_rows = (out_ptr + b * stride_ob + token * stride_os + head * stride_oh + split * stride_osplit)[None, :]
+        norm = (smax / l_safe)[None, :]
+        gl.store(o_rows + cols_o, (acc0 * norm).to(out_ptr.dtype.element_ty), mask=keep)
+        gl.store(o_rows + TILE + cols_o, (acc1 * norm).to(out_ptr.dtype.element_ty), mask=keep)
+        gl.store(o_rows + 2 * TILE + cols_o, (acc2 * norm).to(out_ptr.dtype.element_ty), mask=keep)
+        gl.store(o_rows + 3 * TILE + cols_o, (acc3 * norm).to(out_ptr.dtype.element_ty), mask=keep)
+        gl.store(lse_ptr + b * stride_lb + token * stride_ls + head * stride_lh + split, lse, mask=row_ok)
+
+    @gluon.jit
+    def mla_decode_fp8_gluon_kernel(
+        lat_desc, rope_desc, sc_desc, q_ptr, qpe_ptr, table_ptr, seq_lens_ptr, out_ptr, lse_ptr,
+        stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph, stride_table,
+        stride_ob, stride_os, stride_oh, stride_osplit, stride_lb, stride_ls, stride_lh,
+        H, num_splits, sm_scale_log2,
+        C: gl.constexpr, DR: gl.constexpr, S_Q: gl.constexpr, HEADS_TILE: gl.constexpr, BLOCK_M: gl.constexpr,
+        BLOCK_N: gl.constexpr, NT: gl.constexpr, TILE: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
+        ROW_CHUNK: gl.constexpr, CONVERTER_REGS: gl.constexpr,
+    ):  # fmt: skip
+        lat_bufs = gl.allocate_shared_memory(lat_desc.dtype, [STAGES] + lat_desc.block_type.shape, lat_desc.layout)
+        rope_bufs = gl.allocate_shared_memory(rope_desc.dtype, [STAGES] + rope_desc.block_type.shape, rope_desc.layout)
+        sc_bufs = gl.allocate_shared_memory(sc_desc.dtype, [STAGES] + sc_desc.block_type.shape, sc_desc.layout)
+        conv = gl.allocate_shared_memory(gl.float16, [1, BLOCK_N, C],
+                                         gl.NVMMASharedLayout.get_default_for([BLOCK_N, C], gl.float16))
+        q_smem = gl.allocate_shared_memory(gl.float16, [1, BLOCK_M, C],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, C], gl.float16))
+        qpe_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_M, DR],
+                                             gl.NVMMASharedLayout.get_default_for([BLOCK_M, DR], gl.bfloat16))
+        p_smem = gl.allocate_shared_memory(gl.float16, [NT, BLOCK_N, BLOCK_M],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], gl.float16))
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        conv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        conv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # the converter (latent, scales) and the math (RoPE key, scales)
+        mbarrier.init(conv_ready, count=1)
+        mbarrier.init(conv_empty, count=1)
+        gl.warp_specialize([
+            (_math, (rope_bufs, sc_bufs, conv, q_smem, qpe_smem, p_smem, ready, empty, conv_ready, conv_empty,
+                     q_ptr, qpe_ptr, seq_lens_ptr, out_ptr, lse_ptr,
+                     stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph,
+                     stride_ob, stride_os, stride_oh, stride_osplit, stride_lb, stride_ls, stride_lh,
+                     H, num_splits, sm_scale_log2, C, DR, S_Q, HEADS_TILE, BLOCK_M, BLOCK_N, TILE, STAGES)),
+            (_loader, (lat_desc, rope_desc, sc_desc, lat_bufs, rope_bufs, sc_bufs, ready, empty, table_ptr,
+                       seq_lens_ptr, stride_table, num_splits, BLOCK_N, PAGE, STAGES)),
+            (_converter, (lat_bufs, conv, ready, empty, conv_ready, conv_empty, seq_lens_ptr, num_splits,
+                          BLOCK_N, NT, TILE, STAGES, ROW_CHUNK)),
+        ], [1, 4], [24, CONVERTER_REGS])
+
+    return mla_decode_fp8_gluon_kernel
+
+
+def _descriptors(latent: torch.Tensor, rope: torch.Tensor, scale: torch.Tensor):
+    """TMA descriptors of one layer's cache: the latent as [NB*BS, 4, 128] e4m3 (rows of 128 bytes: TMA's box
+    is at most 256 a dimension), the RoPE key as [NB*BS, 64] bf16, the scales as [NB*BS, 4] float32; a 64-key
+    box each."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    rows = latent.shape[0] * latent.shape[1]
+    lat = latent.view(rows, NT, TILE)
+    rope2 = rope.view(rows, rope.shape[-1])
+    sc2 = scale.view(rows, NT)
+    dtypes = {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}
+
+    def desc(t, block):
+        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtypes[t.dtype]))
+
+    return desc(lat, [BLOCK_N, NT, TILE]), desc(rope2, [BLOCK_N, rope.shape[-1]]), desc(sc2, [BLOCK_N, NT])
+
+
+def _constexprs(s_q: int, heads_tile: int, rows: int, page: int, stages: int = STAGES) -> dict:
+    return dict(C=NT * TILE, DR=64, S_Q=s_q, HEADS_TILE=heads_tile, BLOCK_M=rows, BLOCK_N=BLOCK_N, NT=NT, TILE=TILE,
+                PAGE=page, STAGES=stages, ROW_CHUNK=ROW_CHUNK, CONVERTER_REGS=128)
+
+
+def launch_mla_decode_fp8_gluon(q_lat, q_pe, latent, rope, scale, block_table, seq_lens, o, o_lse, *, heads_tile: int,
+                                rows: int, num_splits: int, sm_scale_log2: float, stages: int = STAGES):  # fmt: skip
+    """The split kernel's launch (mla_decode's contract: o [B, S, H, splits, c], o_lse [B, S, H, splits]) on
+    this kernel; the caller checked ``supports``. Contiguous cache tensors (TMA reads them as rows)."""
+    if torch.cuda.get_device_capability(q_lat.device) != (9, 0):
+        raise RuntimeError("the Gluon MLA decode kernel runs on sm_90 (Hopper) only")
+    B, S, H, _ = q_lat.shape
+    lat_desc, rope_desc, sc_desc = _descriptors(latent.contiguous(), rope.contiguous(), scale.contiguous())
+    groups = -(-H // heads_tile)
+    _build()[(groups, num_splits, B)](
+        lat_desc, rope_desc, sc_desc, q_lat, q_pe, block_table, seq_lens, o, o_lse,
+        q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
+        block_table.stride(0), o.stride(0), o.stride(1), o.stride(2), o.stride(3),
+        o_lse.stride(0), o_lse.stride(1), o_lse.stride(2), H, num_splits, sm_scale_log2,
+        **_constexprs(S, heads_tile, rows, latent.shape[1], stages), num_warps=4,
+    )  # fmt: skip
+
+
+def compile_for_sm90(rows: int = 16, s_q: int = 1, page: int = 64, stages: int = STAGES, out_dtype=torch.float32):
+    """The kernel compiled for an H100/H200 without a GPU (Triton's wheel carries ptxas): its ``asm`` holds the
+    PTX, cubin and TTGIR. For the CPU tests and tools/compile_sm90.py; divisibility as on the GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    kernel = _build()
+    nb = 4
+    latent = torch.zeros(nb, page, NT * TILE, dtype=torch.float8_e4m3fn)
+    rope = torch.zeros(nb, page, 64, dtype=torch.bfloat16)
+    scale = torch.zeros(nb, page, NT, dtype=torch.float32)
+    descs = dict(zip(("lat_desc", "rope_desc", "sc_desc"), _descriptors(latent, rope, scale)))
+    constexprs = _constexprs(s_q, max(1, rows // s_q), rows, page, stages)
+    signature = {name: "i32" for name in kernel.arg_names}
+    signature.update({k: mangle_type(v) for k, v in descs.items()})
+    out = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}[out_dtype]
+    signature.update(q_ptr="*bf16", qpe_ptr="*bf16", table_ptr="*i32", seq_lens_ptr="*i32", out_ptr=out,
+                     lse_ptr="*fp32", sm_scale_log2="fp32")
+    signature.update({k: "constexpr" for k in constexprs})
+    # pointers and the query's and outputs' strides, multiples of 16 at DeepSeek's shapes as the GPU specialises
+    even = {"stride_qb", "stride_qs", "stride_qh", "stride_pb", "stride_ps", "stride_ph", "stride_ob", "stride_os",
+            "stride_oh", "stride_osplit"}
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
+             if t.startswith("*") or n in even}
+    src = GluonASTSource(fn=kernel, signature=signature, attrs=attrs,
+                         constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

@@ -1,0 +1,161 @@
+"""The warp-specialized Gluon MLA decode kernel for an FP8 cache (coscale.kernels._mla_decode_gluon).
+
+Gluon has no interpreter, so on the CPU the kernel is compiled for sm_90 (Triton's wheel carries ptxas) and its
+machine code checked for what would cost its speed or its correctness (spills, the products' count, the cast of
+four values a word); on a Hopper GPU it runs against the float64 reference, with garbage (NaN) in the cache past
+every sequence's end, ragged lengths, partial last tiles, splits and MTP's two query tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+
+from coscale.errors import CoscaleError
+from coscale.kernels import _mla_decode_gluon as gk
+from coscale.kernels import quant as q
+from coscale.kernels.mla_decode import LatentCacheLayer, mla_decode, mla_decode_ref, quantize_latent_fp8
+
+needs_gluon = pytest.mark.skipif(not gk.gluon_decode_available(), reason="needs triton with Gluon's Hopper API")
+on_hopper = pytest.mark.skipif(
+    not torch.cuda.is_available() or q.interpreting() or torch.cuda.get_device_capability() != (9, 0),
+    reason="needs an sm_90 GPU",
+)
+
+
+def _ptxas_report(ptx: str, tmp_path) -> str:
+    import triton
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
+    except ImportError:
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    (tmp_path / "k.ptx").write_text(ptx)
+    report = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+                            capture_output=True, text=True)  # fmt: skip
+    assert report.returncode == 0, report.stderr[-2000:]
+    return report.stderr
+
+
+@needs_gluon
+@pytest.mark.timeout(120)
+def test_the_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """sm_90 compile: 68 wgmma a tile (4 scale tiles x 8 k-steps of scores, 4 of the RoPE key, 4 scale tiles x 2
+    row blocks x 4 k-steps of P @ V), 128 casts a converter thread a tile (64 rows x 512 values over 128 threads,
+    two a cvt), no spills (the math warps once spilled the hoisted operand descriptors), one program an SM."""
+    kernel = gk.compile_for_sm90(rows=16, s_q=1)
+    ptx = kernel.asm["ptx"]
+    assert ptx.count("wgmma.mma_async") == 68
+    assert ptx.count("cvt.rn.f16x2.e4m3x2") == 128
+    report = _ptxas_report(ptx, tmp_path)
+    assert "C7514" not in report and "serialized" not in report, report
+    assert re.search(r"\b0 bytes spill stores", report), report
+    assert kernel.metadata.shared <= 227 * 1024
+
+
+def test_asking_for_it_where_it_cannot_run_is_a_clear_error():
+    lens = torch.tensor([70], dtype=torch.int32)
+    latent, scale = quantize_latent_fp8(torch.randn(2 * 64, 512))
+    cache = LatentCacheLayer(latent.view(2, 64, 512), torch.randn(2, 64, 64), scale.view(2, 64, 4))
+    table = torch.tensor([[1, 0]], dtype=torch.int32)
+    with pytest.raises(CoscaleError, match="fp8_gluon"):
+        mla_decode(torch.randn(1, 1, 16, 512), torch.randn(1, 1, 16, 64), cache, table, lens, 0.1, fp8_gluon=True,
+                   backend="triton")
+    # not asked for: the Triton kernel runs
+    out, _ = mla_decode(torch.randn(1, 1, 16, 512), torch.randn(1, 1, 16, 64), cache, table, lens, 0.1,
+                        backend="triton")
+    assert torch.isfinite(out).all()
+
+
+def test_supports_states_its_cases():
+    assert gk.supports(512, 64, 64, 16, True, torch.bfloat16)
+    assert gk.supports(512, 64, 128, 16, True, torch.bfloat16)
+    assert not gk.supports(512, 64, 64, 32, True, torch.bfloat16)  # MTP's two tokens x 16 heads (spills)
+    assert not gk.supports(512, 64, 16, 16, True, torch.bfloat16)  # pages smaller than a tile
+    assert not gk.supports(512, 64, 64, 64, True, torch.bfloat16)  # V3's 64-row tiles
+    assert not gk.supports(256, 64, 64, 16, True, torch.bfloat16)
+    assert not gk.supports(512, 64, 64, 16, False, torch.bfloat16)
+    assert not gk.supports(512, 64, 64, 16, True, torch.float32)
+
+
+def _case(lens, S, H, page, seed, decades):
+    """An FP8 cache whose blocks are scattered, per-tile scales spread over ``decades``, and NaN everywhere a
+    sequence has no key (the kernel's TMA reads whole blocks)."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(-(-n // page) for n in lens)
+    nb = len(lens) * width + 1
+    x = torch.randn(nb * page, 512, generator=g)
+    latent, scale = quantize_latent_fp8(x)
+    scale = scale * 10 ** (torch.rand(scale.shape, generator=g) * decades - decades / 2)
+    latent, scale = latent.view(nb, page, 512), scale.view(nb, page, 4)
+    rope = torch.randn(nb, page, 64, generator=g).bfloat16()
+    table = (torch.randperm(nb - 1, generator=g)[: len(lens) * width] + 1).view(len(lens), width).int()
+    used = torch.zeros(nb, page, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        for pos in range(n):
+            used[table[b, pos // page], pos % page] = True
+    latent.view(torch.uint8)[~used] = 0x7F  # e4m3 NaN
+    rope[~used] = float("nan")
+    scale[~used] = float("nan")
+    cache = LatentCacheLayer(latent, rope, scale)
+    q_lat = torch.randn(len(lens), S, H, 512, generator=g).bfloat16()
+    q_pe = torch.randn(len(lens), S, H, 64, generator=g).bfloat16()
+    return q_lat, q_pe, cache, table, torch.tensor(lens, dtype=torch.int32)
+
+
+@on_hopper
+@needs_gluon
+@pytest.mark.parametrize("S,H", [(1, 16), (2, 8)])
+@pytest.mark.parametrize("page", [64, 128])
+@pytest.mark.parametrize("decades", [2, 12])
+def test_gpu_kernel_matches_the_reference(S, H, page, decades):
+    """Against the float64 reference on the dequantized cache. The kernel's values are the e4m3 codes, exact in
+    fp16, and each scale tile's scale goes into the scores in FP32 and into P' = P x scale / smax (<= 1, rounded
+    to fp16: 2^-11) for P @ V: so the log-sum-exp is as exact as FP32 allows and the output moves by at most
+    2^-11 of the largest value plus the bf16 output's rounding (2^-8 of it), and by what fp16 loses below 2^-14 for
+    keys whose scale is that far below the largest."""
+    lens = [S, 63, 64, 65, 700, 2000]
+    q_lat, q_pe, cache, table, seq_lens = _case(lens, S, H, page, seed=7 + S + page + decades, decades=decades)
+    keys = cache.latent.float() * cache.scale.repeat_interleave(128, dim=-1)
+    norm = keys.nan_to_num(0).abs().max().item()
+    softmax_scale = 1 / math.sqrt(192)
+    ref, ref_lse = mla_decode_ref(q_lat.double(), q_pe.double(), cache, table, seq_lens, softmax_scale)
+    dev = torch.device("cuda")
+    gpu = (q_lat.to(dev), q_pe.to(dev), LatentCacheLayer(cache.latent.to(dev), cache.rope.to(dev), cache.scale.to(dev)),
+           table.to(dev), seq_lens.to(dev))
+    for splits in (1, 3, 8):
+        out, lse = mla_decode(*gpu, softmax_scale, num_splits=splits, fp8_gluon=True, backend="triton")
+        torch.cuda.synchronize()
+        out, lse = out.cpu().double(), lse.cpu().double()
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+        torch.testing.assert_close(lse, ref_lse.double(), rtol=0, atol=1e-3)
+        torch.testing.assert_close(out / norm, ref / norm, rtol=0, atol=2**-8 + 2**-10)
+
+
+@on_hopper
+@needs_gluon
+def test_gpu_kernel_equals_the_triton_kernel_closely_and_replays_in_a_graph():
+    """The same call on the Triton kernel (whole-tile FP8 read) agrees within both kernels' bounds, and a CUDA
+    graph captured once replays with new lengths (the split count fixed, as the engine captures it)."""
+    q_lat, q_pe, cache, table, seq_lens = _case([100, 4096, 1], 1, 16, 64, seed=3, decades=2)
+    dev = torch.device("cuda")
+    args = [q_lat.to(dev), q_pe.to(dev), LatentCacheLayer(cache.latent.to(dev), cache.rope.to(dev),
+                                                           cache.scale.to(dev)), table.to(dev), seq_lens.to(dev)]
+    triton_out, _ = mla_decode(*args, 0.07, max_seq_len=4096, fp8_gluon=False, backend="triton")
+    out, _ = mla_decode(*args, 0.07, max_seq_len=4096, fp8_gluon=True, backend="triton")
+    norm = triton_out.float().abs().max()
+    assert ((out.float() - triton_out.float()).abs().max() / norm).item() < 2**-7
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed, _ = mla_decode(*args, 0.07, max_seq_len=4096, fp8_gluon=True, backend="triton")
+    args[4].copy_(torch.tensor([64, 1000, 3], dtype=torch.int32))
+    graph.replay()
+    again, _ = mla_decode(*args, 0.07, max_seq_len=4096, fp8_gluon=True, backend="triton")
+    torch.testing.assert_close(graphed, again, rtol=0, atol=0)
