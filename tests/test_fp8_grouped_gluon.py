@@ -8,9 +8,7 @@ promoted in the same order, so the same bits.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 
 import pytest
 import torch
@@ -19,29 +17,10 @@ from coscale.kernels import _fp8_grouped_gluon as gm
 from coscale.kernels import fp8_grouped_kernels as kernels
 from coscale.kernels import quant as q
 from coscale.kernels.fp8_grouped_gemm import expert_tile_map, fp8_grouped_mm_ref, quantize_expert_weights
+from sm90 import compile_ptx, on_hopper, ptxas_report
 
 needs_gluon = pytest.mark.skipif(not gm.gluon_available(), reason="needs triton with Gluon's Hopper API")
-on_hopper = pytest.mark.skipif(
-    not torch.cuda.is_available() or q.interpreting() or torch.cuda.get_device_capability() != (9, 0),
-    reason="needs an sm_90 GPU",
-)
 
-
-def _ptxas_report(ptx: str, tmp_path) -> str:
-    """ptxas -v on the PTX (the ptxas Triton itself uses for sm_90: triton >= 3.6 names it ptxas-blackwell)."""
-    import triton
-
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        ptxas = get_ptxas(90).path
-    except ImportError:
-        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    (tmp_path / "k.ptx").write_text(ptx)
-    report = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
-                            capture_output=True, text=True)  # fmt: skip
-    assert report.returncode == 0, report.stderr[-2000:]
-    return report.stderr
 
 
 @needs_gluon
@@ -51,12 +30,12 @@ def test_the_kernel_compiles_for_sm90_with_overlapped_unserialized_wgmma(defer, 
     """An sm_90 compile (no GPU needed): DEFER products an iteration, each waited with one still in flight
     but the last, and ptxas neither serializes the wgmma (warning C7514: what a product read across the
     loop's back edge, or promotions sunk past their waits, cause) nor spills."""
-    ptx = gm.compile_for_sm90("mm", gm.GLUON_MM_CANDIDATES[0], defer).asm["ptx"]
+    ptx, _ = compile_ptx("coscale.kernels._fp8_grouped_gluon", ["mm", gm.GLUON_MM_CANDIDATES[0], defer], tmp_path)
     per_product = 4  # a 128-deep product is four k32 wgmma instructions
     assert ptx.count("wgmma.mma_async") == defer * per_product
     assert len(re.findall(r"wgmma\.wait_group\.sync\.aligned 1;", ptx)) == defer - 1
     assert len(re.findall(r"wgmma\.wait_group\.sync\.aligned 0;", ptx)) == 1
-    report = _ptxas_report(ptx, tmp_path)
+    report = ptxas_report(ptx, tmp_path)
     assert "C7514" not in report and "serialized" not in report, report
     assert re.search(r"\b0 bytes spill stores", report), report
 
@@ -69,11 +48,11 @@ def test_the_wgrad_kernel_compiles_for_sm90_with_overlapped_unserialized_wgmma(c
     """The weight-gradient kernel: two chunks an iteration, the first waited with the second in flight, no
     serialized wgmma, and at most a few spilled scalars (the 128x128 tile's math warps hold two products, the
     accumulator and a chunk's column scales: its epilogue's tile coordinates go to local memory)."""
-    ptx = gm.compile_for_sm90("wgrad", cfg).asm["ptx"]
+    ptx, _ = compile_ptx("coscale.kernels._fp8_grouped_gluon", ["wgrad", cfg], tmp_path)
     # two 128-deep products of 4 instructions (k 32) for each 64 rows a warpgroup holds
     assert ptx.count("wgmma.mma_async") == 2 * 4 * cfg["BLOCK_M"] // (16 * cfg["num_warps"])
     assert len(re.findall(r"wgmma\.wait_group\.sync\.aligned 1;", ptx)) == 1
-    report = _ptxas_report(ptx, tmp_path)
+    report = ptxas_report(ptx, tmp_path)
     assert "C7514" not in report and "serialized" not in report, report
     spilled = [int(b) for b in re.findall(r"(\d+) bytes spill stores", report)]
     assert spilled and max(spilled) <= 32, report

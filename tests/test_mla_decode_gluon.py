@@ -9,39 +9,18 @@ every sequence's end, ragged lengths, partial last tiles, splits and MTP's two q
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
 
 import pytest
 import torch
 
 from coscale.errors import CoscaleError
 from coscale.kernels import _mla_decode_gluon as gk
-from coscale.kernels import quant as q
 from coscale.kernels.mla_decode import LatentCacheLayer, mla_decode, mla_decode_ref, quantize_latent_fp8
+from sm90 import compile_ptx, on_hopper, ptxas_report
 
 needs_gluon = pytest.mark.skipif(not gk.gluon_decode_available(), reason="needs triton with Gluon's Hopper API")
-on_hopper = pytest.mark.skipif(
-    not torch.cuda.is_available() or q.interpreting() or torch.cuda.get_device_capability() != (9, 0),
-    reason="needs an sm_90 GPU",
-)
 
-
-def _ptxas_report(ptx: str, tmp_path) -> str:
-    import triton
-
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        ptxas = get_ptxas(90).path
-    except ImportError:
-        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    (tmp_path / "k.ptx").write_text(ptx)
-    report = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
-                            capture_output=True, text=True)  # fmt: skip
-    assert report.returncode == 0, report.stderr[-2000:]
-    return report.stderr
 
 
 @needs_gluon
@@ -50,14 +29,13 @@ def test_the_kernel_compiles_for_sm90_without_spills(tmp_path):
     """sm_90 compile: 68 wgmma a tile (4 scale tiles x 8 k-steps of scores, 4 of the RoPE key, 4 scale tiles x 2
     row blocks x 4 k-steps of P @ V), 128 casts a converter thread a tile (64 rows x 512 values over 128 threads,
     two a cvt), no spills (the math warps once spilled the hoisted operand descriptors), one program an SM."""
-    kernel = gk.compile_for_sm90(rows=16, s_q=1)
-    ptx = kernel.asm["ptx"]
+    ptx, shared = compile_ptx("coscale.kernels._mla_decode_gluon", [16, 1], tmp_path)
     assert ptx.count("wgmma.mma_async") == 68
     assert ptx.count("cvt.rn.f16x2.e4m3x2") == 128
-    report = _ptxas_report(ptx, tmp_path)
+    report = ptxas_report(ptx, tmp_path)
     assert "C7514" not in report and "serialized" not in report, report
     assert re.search(r"\b0 bytes spill stores", report), report
-    assert kernel.metadata.shared <= 227 * 1024
+    assert shared <= 227 * 1024
 
 
 def test_asking_for_it_where_it_cannot_run_is_a_clear_error():

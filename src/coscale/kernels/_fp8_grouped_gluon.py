@@ -32,6 +32,7 @@ import functools
 
 import torch
 
+from coscale.kernels._gluon_hopper import builds, hopper_api
 from coscale.kernels.fp8_recipe import BLOCK
 
 __all__ = [
@@ -85,28 +86,16 @@ GLUON_WGRAD_CANDIDATES = (
 @functools.cache
 def gluon_available() -> bool:
     """Whether the installed Triton has Gluon's Hopper API (warp_specialize, warpgroup_mma, TMA)."""
-    try:
-        _build()
-    except (ImportError, AttributeError):
-        return False
-    return True
+    return builds(_build)
 
 
 @functools.cache
 def _build():
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-
-    # Triton 3.9 renamed the TMA copies (the old names raise there); 3.6 has only the old ones
-    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    api = hopper_api()
+    gluon, gl, mbarrier, tma = api.gluon, api.gl, api.mbarrier, api.tma
+    tma_load, tma_store = api.tma_load, api.tma_store
+    fence_async_shared = api.fence_async_shared
+    warpgroup_mma, warpgroup_mma_wait = api.warpgroup_mma, api.warpgroup_mma_wait
 
     @gluon.jit
     def _tile_coords(tile, num_m, num_n, num_k, tile_ptr, E, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,

@@ -4,26 +4,29 @@ The same operation, cache format and outputs as ``mla_decode_split_kernel`` (cos
 with an FP8 cache: one program per (head group, context split, sequence) writes its split's partial output and
 log-sum-exp, which the Triton combine kernel merges. What differs is the schedule, FlashMLA's for its FP8 cache:
 
-- a loader partition (one warp) copies each 64-key tile by TMA (the e4m3 latent as [64, 4, 128], the BF16
-  RoPE key [64, 64], the scales [64, 4]) into a ring of ``STAGES`` shared-memory buffers;
-- a converter partition (one warpgroup) casts the tile to fp16 (exact for e4m3) times each 128-column tile's
-  scale over the key's largest (``rel`` <= 1, rounded to fp16) and writes it to a swizzled fp16 tile;
-- the math partition (one warpgroup) puts the keys on wgmma's M: scores^T [64, M] = K Q^T (the fp16 tile and
-  the RoPE key as A from shared memory, the query as B), the online softmax down the columns, and
-  O^T [512, M] += K^T P'^T (the same fp16 tile, transposed, as A). So the tile is converted once and read
-  from shared memory by both products, with no register transpose and no per-warp copy of the query.
+- a loader partition (one warp) copies each 64-key tile by TMA: the e4m3 latent in two halves of [32, 4, 128]
+  into a ring of ``LAT_STAGES`` half-tile buffers, the BF16 RoPE key [64, 64] and the scales [64, 4] into a
+  ring of ``BUFS``;
+- a converter partition (one warpgroup) casts the latent to fp16 (exact for e4m3; the scales stay out of the
+  tile), four values a 32-bit word, into one of ``BUFS`` swizzled fp16 tiles, so the math runs on one tile while
+  the next is converted;
+- the math partition (one warpgroup) puts the keys on wgmma's M: scores^T [64, M] = K Q^T per 128-column scale
+  tile (the fp16 tile as A from shared memory, the query as B) plus the RoPE key's, the online softmax down the
+  columns, and O^T [512, M] += K^T P'^T per scale tile (the same fp16 tile, transposed, as A). So the tile is
+  converted once and read from shared memory by both products, with no register transpose and no per-warp
+  copy of the query.
 
 Why (sm_90 compiles of the Triton kernel, BENCHMARKS.md, twenty-fourth session): with 16 heads on M = 16
 (mma.sync) every warp repeats the softmax bookkeeping and holds the whole query, and the loop takes 154 warp
 instructions a key against the 47 an SM can spend at 85% of copy bandwidth (41.7M keys a second an SM at
 656 bytes a key) once conversion is added; on the H200 it stayed at 30-35% of copy.
 
-Arithmetic (as the Triton kernel's whole-tile read, with the key's own largest scale s_key instead of a
-running one in the tile): value = q8 * scale[g] = (q8 * rel[g]) * s_key; score = (q f) . (q8 rel) * s_key / f
-+ q_pe . k_pe; P' = P * s_key / smax with smax the largest s_key so far, so P' <= 1 and the accumulator holds
-value / smax, rescaled with the softmax's maximum when smax grows. Keys past the split's end (a partial last
-tile: TMA reads the whole block) are zeroed in the converter and given s_key = 0 and score -inf, so what the
-cache holds there (NaN included) never reaches a product.
+Arithmetic: value = q8 * scale[g] for scale tile g. Each tile's scores are (q_g f) . q8_g (fp16 products,
+FP32 accumulation), times scale[g] / f in FP32, plus q_pe . k_pe; P'_g = P * scale[g] / smax (smax: the largest
+scale so far, so P'_g <= 1 in fp16) feeds tile g's accumulator, which holds value / smax and is rescaled with
+the softmax's maximum when smax grows. Keys past the split's end (a partial last tile: TMA reads whole blocks)
+are zeroed in the converter and given scale 0 and score -inf, so what the cache holds there (NaN included)
+never reaches a product.
 
 Gluon has no interpreter: the kernel runs on sm_90 only. On the CPU, tests compile it for sm_90 (Triton's
 wheel carries ptxas) and check its machine code; on a Hopper GPU tests/test_mla_decode_gluon.py holds it to
@@ -36,12 +39,17 @@ import functools
 
 import torch
 
+from coscale.kernels._gluon_hopper import builds, hopper_api
+
 __all__ = ["BLOCK_N", "compile_for_sm90", "gluon_decode_available", "launch_mla_decode_fp8_gluon", "supports"]
 
 BLOCK_N = 64  # keys a tile: wgmma's M for one warpgroup
 NT = 4  # 128-column scale tiles of the 512-wide latent
 TILE = 128
-STAGES = 2  # 41 KB a stage; with the 64 KB fp16 tile, the query and P: 166 KB (3 stages: 207 KB)
+# Shared memory (227 KB an SM): BUFS fp16 tiles of 64 KB (the math on one while the next is converted) with their
+# RoPE keys and scales (9 KB), LAT_STAGES e4m3 half tiles of 16 KB, the query (18 KB) and P (8 KB): 220 KB
+BUFS = 2
+LAT_STAGES = 3
 MAX_ROWS = 16  # query rows a program (see supports)
 ROW_CHUNK = 16  # rows the converter casts at a time (16 values a thread: no spills at 128 registers)
 
@@ -58,26 +66,15 @@ def supports(c: int, dr: int, page: int, rows: int, fp8: bool, q_dtype: torch.dt
 @functools.cache
 def gluon_decode_available() -> bool:
     """Whether the installed Triton has Gluon's Hopper API (warp_specialize, warpgroup_mma, TMA)."""
-    try:
-        _build()
-    except (ImportError, AttributeError):
-        return False
-    return True
+    return builds(_build)
 
 
 @functools.cache
 def _build():
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-
-    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    api = hopper_api()
+    gluon, gl, mbarrier, tma_load = api.gluon, api.gl, api.mbarrier, api.tma_load
+    fence_async_shared = api.fence_async_shared
+    warpgroup_mma, warpgroup_mma_wait = api.warpgroup_mma, api.warpgroup_mma_wait
     thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (renamed in Triton 3.9)
     public_reinterpret = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))  # (3.6: _reinterpret)
 
@@ -117,22 +114,31 @@ def _build():
         return seq_len, lo, hi, gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)
 
     @gluon.jit
-    def _loader(lat_desc, rope_desc, sc_desc, lat_bufs, rope_bufs, sc_bufs, ready, empty, table_ptr, seq_lens_ptr,
-                stride_table, num_splits, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    def _loader(lat_desc, rope_desc, sc_desc, lat_bufs, rope_bufs, sc_bufs, lat_ready, lat_empty, rs_ready, rs_empty,
+                table_ptr, seq_lens_ptr, stride_table, num_splits, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
+                LAT_STAGES: gl.constexpr, BUFS: gl.constexpr):  # fmt: skip
+        # Per 64-key tile: its latent in two halves (32 keys) into the converter's ring of LAT_STAGES half-tile
+        # buffers, then its RoPE key and scales into the math's ring of BUFS. A fresh barrier counts as having
+        # completed the phase before 0, so the first pass of each ring waits for nothing.
         split, b = gl.program_id(1), gl.program_id(2)
         _, lo, hi, tiles = _split_range(seq_lens_ptr, b, split, num_splits, BLOCK_N)
         table_row = table_ptr + b * stride_table
-        nbytes: gl.constexpr = lat_desc.block_type.nbytes + rope_desc.block_type.nbytes + sc_desc.block_type.nbytes
+        half: gl.constexpr = BLOCK_N // 2
+        rs_bytes: gl.constexpr = rope_desc.block_type.nbytes + sc_desc.block_type.nbytes
         for i in range(tiles):
             start = lo + i * BLOCK_N
             row = gl.load(table_row + start // PAGE) * PAGE + start % PAGE
-            s = i % STAGES
-            # a fresh barrier counts as having completed the phase before 0: the first pass waits for nothing
-            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), nbytes)
-            tma_load(lat_desc, [row, 0, 0], ready.index(s), lat_bufs.index(s))
-            tma_load(rope_desc, [row, 0], ready.index(s), rope_bufs.index(s))
-            tma_load(sc_desc, [row, 0], ready.index(s), sc_bufs.index(s))
+            for h in gl.static_range(2):
+                j = 2 * i + h
+                s = j % LAT_STAGES
+                mbarrier.wait(lat_empty.index(s), ((j // LAT_STAGES) & 1) ^ 1)
+                mbarrier.expect(lat_ready.index(s), lat_desc.block_type.nbytes)
+                tma_load(lat_desc, [row + h * half, 0, 0], lat_ready.index(s), lat_bufs.index(s))
+            r = i % BUFS
+            mbarrier.wait(rs_empty.index(r), ((i // BUFS) & 1) ^ 1)
+            mbarrier.expect(rs_ready.index(r), rs_bytes)
+            tma_load(rope_desc, [row, 0], rs_ready.index(r), rope_bufs.index(r))
+            tma_load(sc_desc, [row, 0], rs_ready.index(r), sc_bufs.index(r))
 
     @gluon.jit
     def _e4m3_words_to_f16_pairs(w):
@@ -145,39 +151,46 @@ def _build():
             "=r,=r,r", [w], dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
 
     @gluon.jit
-    def _converter(lat_bufs, conv, ready, empty, conv_ready, conv_empty, seq_lens_ptr, num_splits,
-                   BLOCK_N: gl.constexpr, NT: gl.constexpr, TILE: gl.constexpr, STAGES: gl.constexpr,
-                   ROW_CHUNK: gl.constexpr):  # fmt: skip
+    def _converter(lat_bufs, conv, lat_ready, lat_empty, conv_ready, conv_empty, seq_lens_ptr, num_splits,
+                   BLOCK_N: gl.constexpr, NT: gl.constexpr, TILE: gl.constexpr, LAT_STAGES: gl.constexpr,
+                   BUFS: gl.constexpr, ROW_CHUNK: gl.constexpr):  # fmt: skip
         # A warp per row at a time, as 32-bit words: 32 lanes x 4 words = the row's 512 e4m3 values. The
         # stage and the fp16 tile are read and written as words through views of the same bytes (the 128-byte
-        # swizzle moves 16-byte pieces, whatever the element type).
+        # swizzle moves 16-byte pieces, whatever the element type). Tile i goes to fp16 buffer i % BUFS, so the
+        # math runs on one while the next is converted.
         word_layout: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 4, 8], [4, 1, 1], [2, 1, 0])
         key_layout: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, word_layout))
         flat_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
         words_in: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3)
         words_out: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
-        out = _as_words(conv.index(0), [BLOCK_N, NT * TILE // 2], words_out)
+        half: gl.constexpr = BLOCK_N // 2
         split, b = gl.program_id(1), gl.program_id(2)
         _, lo, hi, tiles = _split_range(seq_lens_ptr, b, split, num_splits, BLOCK_N)
         for i in range(tiles):
-            s = i % STAGES
-            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            mbarrier.wait(conv_empty, (i & 1) ^ 1)
+            cb = i % BUFS
+            mbarrier.wait(conv_empty.index(cb), ((i // BUFS) & 1) ^ 1)
+            out = _as_words(conv.index(cb), [BLOCK_N, NT * TILE // 2], words_out)
             start = lo + i * BLOCK_N
             partial = start + BLOCK_N > hi
-            stage = _as_words(lat_bufs.index(s), [BLOCK_N, NT, TILE // 4], words_in)
-            for r0 in gl.static_range(0, BLOCK_N, ROW_CHUNK):
-                w = stage.slice(r0, ROW_CHUNK).load(word_layout)
-                if partial:  # keys past the split's end: zero, whatever the cache holds there (0 x NaN is NaN)
-                    keys = start + r0 + gl.arange(0, ROW_CHUNK, layout=key_layout)
-                    w = gl.where((keys < hi)[:, None, None], w, 0)
-                lo16, hi16 = _e4m3_words_to_f16_pairs(w)
-                pairs = gl.reshape(gl.join(lo16, hi16), [ROW_CHUNK, NT * TILE // 2])
-                out.slice(r0, ROW_CHUNK).store(gl.convert_layout(pairs, flat_layout, assert_trivial=True))
+            for h in gl.static_range(2):
+                j = 2 * i + h
+                s = j % LAT_STAGES
+                mbarrier.wait(lat_ready.index(s), (j // LAT_STAGES) & 1)
+                stage = _as_words(lat_bufs.index(s), [half, NT, TILE // 4], words_in)
+                for r0 in gl.static_range(0, half, ROW_CHUNK):
+                    w = stage.slice(r0, ROW_CHUNK).load(word_layout)
+                    if partial:  # keys past the split's end: zero, whatever the cache holds there (0 x NaN is NaN)
+                        keys = start + h * half + r0 + gl.arange(0, ROW_CHUNK, layout=key_layout)
+                        w = gl.where((keys < hi)[:, None, None], w, 0)
+                    lo16, hi16 = _e4m3_words_to_f16_pairs(w)
+                    pairs = gl.reshape(gl.join(lo16, hi16), [ROW_CHUNK, NT * TILE // 2])
+                    out.slice(h * half + r0, ROW_CHUNK).store(gl.convert_layout(pairs, flat_layout,
+                                                                               assert_trivial=True))
+                thread_barrier()  # every converter warp has read this half's stage
+                mbarrier.arrive(lat_empty.index(s))
             fence_async_shared()  # the fp16 tile, written through the generic proxy, is read by wgmma
-            thread_barrier()  # every converter warp has read the stage and written its rows
-            mbarrier.arrive(empty.index(s))
-            mbarrier.arrive(conv_ready)
+            thread_barrier()  # every converter warp has written its rows
+            mbarrier.arrive(conv_ready.index(cb))
 
     @gluon.jit
     def _opaque_zero(i):
@@ -194,13 +207,13 @@ def _build():
         return gl.where(amax > 0, f, 1.0)
 
     @gluon.jit
-    def _math(rope_bufs, sc_bufs, conv, q_smem, qpe_smem, p_smem, ready, empty, conv_ready, conv_empty,
+    def _math(rope_bufs, sc_bufs, conv, q_smem, qpe_smem, p_smem, rs_ready, rs_empty, conv_ready, conv_empty,
               q_ptr, qpe_ptr, seq_lens_ptr, out_ptr, lse_ptr,
               stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph,
               stride_ob, stride_os, stride_oh, stride_osplit, stride_lb, stride_ls, stride_lh,
               H, num_splits, sm_scale_log2,
               C: gl.constexpr, DR: gl.constexpr, S_Q: gl.constexpr, HEADS_TILE: gl.constexpr,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, TILE: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, TILE: gl.constexpr, BUFS: gl.constexpr):  # fmt: skip
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
         key_layout: gl.constexpr = gl.SliceLayout(1, mma)  # along the keys (and the latent's columns)
@@ -242,15 +255,14 @@ def _build():
         acc3 = gl.zeros_like(acc0)
         groups = gl.arange(0, 4, layout=gl.SliceLayout(0, sc_layout))
         for i in range(tiles):
-            s = i % STAGES
-            mbarrier.wait(conv_ready, i & 1)
-            mbarrier.wait(ready.index(s), (i // STAGES) & 1)  # the RoPE key and the scales
-            # The fp16 tile and the query through an index the compiler cannot prove constant: with fixed
-            # addresses LLVM hoists all 68 products' 64-bit operand descriptors out of the loop (136 registers
-            # held through it: the math warps spilled); recomputed, each is a uniform add.
-            z = _opaque_zero(i)
-            tile = conv.index(z)
-            qs = q_smem.index(z)
+            s = i % BUFS
+            mbarrier.wait(conv_ready.index(s), (i // BUFS) & 1)
+            mbarrier.wait(rs_ready.index(s), (i // BUFS) & 1)  # the RoPE key and the scales
+            tile = conv.index(s)
+            # The query through an index the compiler cannot prove constant: with fixed addresses LLVM hoists the
+            # products' 64-bit operand descriptors out of the loop (with the fp16 tile's too, 136 registers held
+            # through it: the math warps spilled); recomputed, each is a uniform add.
+            qs = q_smem.index(_opaque_zero(i))
             # scores^T per scale tile g: (q8 of tile g) (q_g f)^T; the tile's scale multiplies them below
             s0 = warpgroup_mma(tile.slice(0, TILE, dim=1), qs.slice(0, TILE, dim=1).permute((1, 0)), zero_s,
                                use_acc=False, is_async=True)
@@ -275,7 +287,7 @@ def _build():
                                                      key_layout), 0.0)
             s0, s1, s2, s3, s_pe = warpgroup_mma_wait(num_outstanding=0, deps=(s0, s1, s2, s3, s_pe))
             thread_barrier()  # every warp has read the stage's scales and its products are done
-            mbarrier.arrive(empty.index(s))
+            mbarrier.arrive(rs_empty.index(s))
 
             visible = key_ok[:, None] & (pos[:, None] <= last_key[None, :])
             s_lat = s0 * sc0[:, None] + s1 * sc1[:, None] + s2 * sc2[:, None] + s3 * sc3[:, None]
@@ -308,7 +320,7 @@ def _build():
             acc3 = warpgroup_mma(tile.slice(3 * TILE, TILE, dim=1).permute((1, 0)), p_smem.index(3), acc3,
                                  is_async=True)
             acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
-            mbarrier.arrive(conv_empty)
+            mbarrier.arrive(conv_empty.index(s))
 
         has_keys = l_i > 0
         l_safe = gl.where(has_keys, l_i, 1.0)
@@ -331,13 +343,14 @@ def _build():
         stride_ob, stride_os, stride_oh, stride_osplit, stride_lb, stride_ls, stride_lh,
         H, num_splits, sm_scale_log2,
         C: gl.constexpr, DR: gl.constexpr, S_Q: gl.constexpr, HEADS_TILE: gl.constexpr, BLOCK_M: gl.constexpr,
-        BLOCK_N: gl.constexpr, NT: gl.constexpr, TILE: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
-        ROW_CHUNK: gl.constexpr, CONVERTER_REGS: gl.constexpr,
+        BLOCK_N: gl.constexpr, NT: gl.constexpr, TILE: gl.constexpr, PAGE: gl.constexpr, LAT_STAGES: gl.constexpr,
+        BUFS: gl.constexpr, ROW_CHUNK: gl.constexpr, CONVERTER_REGS: gl.constexpr,
     ):  # fmt: skip
-        lat_bufs = gl.allocate_shared_memory(lat_desc.dtype, [STAGES] + lat_desc.block_type.shape, lat_desc.layout)
-        rope_bufs = gl.allocate_shared_memory(rope_desc.dtype, [STAGES] + rope_desc.block_type.shape, rope_desc.layout)
-        sc_bufs = gl.allocate_shared_memory(sc_desc.dtype, [STAGES] + sc_desc.block_type.shape, sc_desc.layout)
-        conv = gl.allocate_shared_memory(gl.float16, [1, BLOCK_N, C],
+        lat_bufs = gl.allocate_shared_memory(lat_desc.dtype, [LAT_STAGES] + lat_desc.block_type.shape,
+                                             lat_desc.layout)
+        rope_bufs = gl.allocate_shared_memory(rope_desc.dtype, [BUFS] + rope_desc.block_type.shape, rope_desc.layout)
+        sc_bufs = gl.allocate_shared_memory(sc_desc.dtype, [BUFS] + sc_desc.block_type.shape, sc_desc.layout)
+        conv = gl.allocate_shared_memory(gl.float16, [BUFS, BLOCK_N, C],
                                          gl.NVMMASharedLayout.get_default_for([BLOCK_N, C], gl.float16))
         q_smem = gl.allocate_shared_memory(gl.float16, [1, BLOCK_M, C],
                                            gl.NVMMASharedLayout.get_default_for([BLOCK_M, C], gl.float16))
@@ -345,25 +358,31 @@ def _build():
                                              gl.NVMMASharedLayout.get_default_for([BLOCK_M, DR], gl.bfloat16))
         p_smem = gl.allocate_shared_memory(gl.float16, [NT, BLOCK_N, BLOCK_M],
                                            gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], gl.float16))
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        conv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        conv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)  # the converter (latent, scales) and the math (RoPE key, scales)
-        mbarrier.init(conv_ready, count=1)
-        mbarrier.init(conv_empty, count=1)
+        lat_ready = gl.allocate_shared_memory(gl.int64, [LAT_STAGES, 1], mbarrier.MBarrierLayout())
+        lat_empty = gl.allocate_shared_memory(gl.int64, [LAT_STAGES, 1], mbarrier.MBarrierLayout())
+        rs_ready = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
+        rs_empty = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
+        conv_ready = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
+        conv_empty = gl.allocate_shared_memory(gl.int64, [BUFS, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(LAT_STAGES):
+            mbarrier.init(lat_ready.index(i), count=1)
+            mbarrier.init(lat_empty.index(i), count=1)
+        for i in gl.static_range(BUFS):
+            mbarrier.init(rs_ready.index(i), count=1)
+            mbarrier.init(rs_empty.index(i), count=1)
+            mbarrier.init(conv_ready.index(i), count=1)
+            mbarrier.init(conv_empty.index(i), count=1)
         gl.warp_specialize([
-            (_math, (rope_bufs, sc_bufs, conv, q_smem, qpe_smem, p_smem, ready, empty, conv_ready, conv_empty,
+            (_math, (rope_bufs, sc_bufs, conv, q_smem, qpe_smem, p_smem, rs_ready, rs_empty, conv_ready, conv_empty,
                      q_ptr, qpe_ptr, seq_lens_ptr, out_ptr, lse_ptr,
                      stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph,
                      stride_ob, stride_os, stride_oh, stride_osplit, stride_lb, stride_ls, stride_lh,
-                     H, num_splits, sm_scale_log2, C, DR, S_Q, HEADS_TILE, BLOCK_M, BLOCK_N, TILE, STAGES)),
-            (_loader, (lat_desc, rope_desc, sc_desc, lat_bufs, rope_bufs, sc_bufs, ready, empty, table_ptr,
-                       seq_lens_ptr, stride_table, num_splits, BLOCK_N, PAGE, STAGES)),
-            (_converter, (lat_bufs, conv, ready, empty, conv_ready, conv_empty, seq_lens_ptr, num_splits,
-                          BLOCK_N, NT, TILE, STAGES, ROW_CHUNK)),
+                     H, num_splits, sm_scale_log2, C, DR, S_Q, HEADS_TILE, BLOCK_M, BLOCK_N, TILE, BUFS)),
+            (_loader, (lat_desc, rope_desc, sc_desc, lat_bufs, rope_bufs, sc_bufs, lat_ready, lat_empty, rs_ready,
+                       rs_empty, table_ptr, seq_lens_ptr, stride_table, num_splits, BLOCK_N, PAGE, LAT_STAGES,
+                       BUFS)),
+            (_converter, (lat_bufs, conv, lat_ready, lat_empty, conv_ready, conv_empty, seq_lens_ptr, num_splits,
+                          BLOCK_N, NT, TILE, LAT_STAGES, BUFS, ROW_CHUNK)),
         ], [1, 4], [24, CONVERTER_REGS])
 
     return mla_decode_fp8_gluon_kernel
@@ -385,16 +404,17 @@ def _descriptors(latent: torch.Tensor, rope: torch.Tensor, scale: torch.Tensor):
     def desc(t, block):
         return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtypes[t.dtype]))
 
-    return desc(lat, [BLOCK_N, NT, TILE]), desc(rope2, [BLOCK_N, rope.shape[-1]]), desc(sc2, [BLOCK_N, NT])
+    return desc(lat, [BLOCK_N // 2, NT, TILE]), desc(rope2, [BLOCK_N, rope.shape[-1]]), desc(sc2, [BLOCK_N, NT])
 
 
-def _constexprs(s_q: int, heads_tile: int, rows: int, page: int, stages: int = STAGES) -> dict:
+def _constexprs(s_q: int, heads_tile: int, rows: int, page: int, lat_stages: int = LAT_STAGES) -> dict:
     return dict(C=NT * TILE, DR=64, S_Q=s_q, HEADS_TILE=heads_tile, BLOCK_M=rows, BLOCK_N=BLOCK_N, NT=NT, TILE=TILE,
-                PAGE=page, STAGES=stages, ROW_CHUNK=ROW_CHUNK, CONVERTER_REGS=128)
+                PAGE=page, LAT_STAGES=lat_stages, BUFS=BUFS, ROW_CHUNK=ROW_CHUNK, CONVERTER_REGS=128)
 
 
-def launch_mla_decode_fp8_gluon(q_lat, q_pe, latent, rope, scale, block_table, seq_lens, o, o_lse, *, heads_tile: int,
-                                rows: int, num_splits: int, sm_scale_log2: float, stages: int = STAGES):  # fmt: skip
+def launch_mla_decode_fp8_gluon(q_lat, q_pe, latent, rope, scale, block_table, seq_lens, o, o_lse, *,
+                                heads_tile: int, rows: int, num_splits: int, sm_scale_log2: float,
+                                lat_stages: int = LAT_STAGES):  # fmt: skip
     """The split kernel's launch (mla_decode's contract: o [B, S, H, splits, c], o_lse [B, S, H, splits]) on
     this kernel; the caller checked ``supports``. Contiguous cache tensors (TMA reads them as rows)."""
     if torch.cuda.get_device_capability(q_lat.device) != (9, 0):
@@ -407,11 +427,12 @@ def launch_mla_decode_fp8_gluon(q_lat, q_pe, latent, rope, scale, block_table, s
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         block_table.stride(0), o.stride(0), o.stride(1), o.stride(2), o.stride(3),
         o_lse.stride(0), o_lse.stride(1), o_lse.stride(2), H, num_splits, sm_scale_log2,
-        **_constexprs(S, heads_tile, rows, latent.shape[1], stages), num_warps=4,
+        **_constexprs(S, heads_tile, rows, latent.shape[1], lat_stages), num_warps=4,
     )  # fmt: skip
 
 
-def compile_for_sm90(rows: int = 16, s_q: int = 1, page: int = 64, stages: int = STAGES, out_dtype=torch.float32):
+def compile_for_sm90(rows: int = 16, s_q: int = 1, page: int = 64, lat_stages: int = LAT_STAGES,
+                     out_dtype=torch.float32):
     """The kernel compiled for an H100/H200 without a GPU (Triton's wheel carries ptxas): its ``asm`` holds the
     PTX, cubin and TTGIR. For the CPU tests and tools/compile_sm90.py; divisibility as on the GPU."""
     import triton
@@ -425,7 +446,7 @@ def compile_for_sm90(rows: int = 16, s_q: int = 1, page: int = 64, stages: int =
     rope = torch.zeros(nb, page, 64, dtype=torch.bfloat16)
     scale = torch.zeros(nb, page, NT, dtype=torch.float32)
     descs = dict(zip(("lat_desc", "rope_desc", "sc_desc"), _descriptors(latent, rope, scale)))
-    constexprs = _constexprs(s_q, max(1, rows // s_q), rows, page, stages)
+    constexprs = _constexprs(s_q, max(1, rows // s_q), rows, page, lat_stages)
     signature = {name: "i32" for name in kernel.arg_names}
     signature.update({k: mangle_type(v) for k, v in descs.items()})
     out = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}[out_dtype]
