@@ -6,8 +6,9 @@ unsupported ops, register or shared-memory limits) before device time is spent. 
 anything. Run: `PYTHONPATH=src python3 tools/compile_sm90.py` (prints one line per kernel variant and
 exits non-zero if any fails); `--counts` adds each variant's SASS instructions a thread, registers and
 shared memory (nvdisasm / cuobjdump from Triton's wheel); `--only TEXT` keeps the variants whose label
-holds TEXT; `--sass DIR` writes each variant's SASS to DIR. The Gluon grouped FP8 GEMMs (`--only gluon`) compile
-through their own `compile_for_sm90` (Gluon kernels take descriptor types with their shared-memory layouts).
+holds TEXT; `--sass DIR` writes each variant's SASS to DIR. The Gluon kernels (`--only gluon`: the grouped FP8
+GEMMs, the FP8-cache MLA decode) compile through their own `compile_for_sm90` (Gluon kernels take descriptor types
+with their shared-memory layouts).
 
 Every pointer and integer argument is compiled as divisible by 16, as Triton specialises them on the GPU
 when their values are (V3's shapes and strides; torch's allocations): without it the vectorised loads and
@@ -199,7 +200,8 @@ def mla_cases():
 
 
 def gluon_cases():
-    """The Gluon grouped FP8 GEMMs (coscale.kernels._fp8_grouped_gluon): (label, which, cfg, K steps an iteration)."""
+    """The Gluon kernels: the grouped FP8 GEMMs (coscale.kernels._fp8_grouped_gluon) and the FP8-cache MLA decode
+    (coscale.kernels._mla_decode_gluon): (label, which, cfg, K steps an iteration)."""
     from coscale.kernels import _fp8_grouped_gluon as gm
 
     for cfg in gm.GLUON_MM_CANDIDATES:
@@ -208,14 +210,17 @@ def gluon_cases():
     for cfg in gm.GLUON_WGRAD_CANDIDATES:
         ring = " ring" if cfg.get("A_RING") else ""
         yield f"gluon wgrad {cfg['BLOCK_M']}x{cfg['BLOCK_N']} s{cfg['STAGES']}{ring}", "wgrad", cfg, 1
+    # the FP8-cache MLA decode (coscale.kernels._mla_decode_gluon): 16 query rows, 64-key pages
+    yield "gluon mla decode fp8 16 rows", "decode", {"rows": 16, "s_q": 1}, 1
 
 
 def compile_gluon(label: str, which: str, cfg: dict, defer: int, counts: bool, sass_dir: str) -> bool:
     from coscale.kernels import _fp8_grouped_gluon as gm
+    from coscale.kernels import _mla_decode_gluon as dm
 
     t0 = time.perf_counter()
     try:
-        kernel = gm.compile_for_sm90(which, cfg, defer)
+        kernel = dm.compile_for_sm90(**cfg) if which == "decode" else gm.compile_for_sm90(which, cfg, defer)
     except Exception as exc:  # noqa: BLE001 - report every variant
         print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
         return False
