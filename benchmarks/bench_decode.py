@@ -214,6 +214,8 @@ def main():
     parser.add_argument("--checkpoint", help="a trained checkpoint instead of the random V2-Lite-shape model")
     parser.add_argument("--speculative", action="store_true", help="with --checkpoint: MTP drafts on and off")
     parser.add_argument("--kv-cache-dtype", default="bf16", choices=("bf16", "fp8"))
+    parser.add_argument("--fp8-gluon", action="store_true", help="with --kv-cache-dtype fp8: the MLA decode on the "
+                        "warp-specialized Gluon kernel where it takes the case (mla_decode.FP8_GLUON; sm_90)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the graphed decode step (default: the engine's, on with CUDA graphs)")
@@ -231,6 +233,12 @@ def main():
         parser.error("--speculative measures a trained checkpoint's MTP modules: give --checkpoint")
     if args.top < 1:
         parser.error("--top: at least 1 kernel")
+    if args.fp8_gluon:
+        if args.kv_cache_dtype != "fp8":
+            parser.error("--fp8-gluon runs the FP8 cache's decode kernel: add --kv-cache-dtype fp8")
+        from coscale.kernels import mla_decode as mla_decode_module
+
+        mla_decode_module.FP8_GLUON = True
     batches = args.batches or ([1, 32] if args.speculative else [1, 16, 64, 128])
     prompt_len = args.prompt_len or (512 if args.quick else 1024)
     steps = args.steps or (32 if args.quick else 64)
@@ -251,7 +259,8 @@ def main():
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
             "model": args.checkpoint or "deepseek-v2-lite (random)", "params": model.num_parameters(),
-            "kv_cache_dtype": args.kv_cache_dtype, "copy_tbps": H200_COPY_TBPS, "load_s": load_s}
+            "kv_cache_dtype": args.kv_cache_dtype, "fp8_gluon": args.fp8_gluon, "copy_tbps": H200_COPY_TBPS,
+            "load_s": load_s}
     print(json.dumps(meta), flush=True)
     log = ResultsLog("bench_decode")
     results: list[dict] = []
