@@ -216,6 +216,8 @@ def main():
     parser.add_argument("--kv-cache-dtype", default="bf16", choices=("bf16", "fp8"))
     parser.add_argument("--fp8-gluon", action="store_true", help="with --kv-cache-dtype fp8: the MLA decode on the "
                         "warp-specialized Gluon kernel where it takes the case (mla_decode.FP8_GLUON; sm_90)")
+    parser.add_argument("--min-split-keys", type=int, metavar="N", help="the fewest keys an MLA decode context "
+                        "split takes (mla_decode.MIN_TOKENS_PER_SPLIT, default 256): fewer splits short contexts more")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the graphed decode step (default: the engine's, on with CUDA graphs)")
@@ -233,6 +235,12 @@ def main():
         parser.error("--speculative measures a trained checkpoint's MTP modules: give --checkpoint")
     if args.top < 1:
         parser.error("--top: at least 1 kernel")
+    if args.min_split_keys is not None:
+        if args.min_split_keys < 1:
+            parser.error("--min-split-keys: at least 1")
+        from coscale.kernels import mla_decode as mla_decode_module
+
+        mla_decode_module.MIN_TOKENS_PER_SPLIT = args.min_split_keys
     if args.fp8_gluon:
         if args.kv_cache_dtype != "fp8":
             parser.error("--fp8-gluon runs the FP8 cache's decode kernel: add --kv-cache-dtype fp8")
@@ -260,7 +268,7 @@ def main():
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
             "model": args.checkpoint or "deepseek-v2-lite (random)", "params": model.num_parameters(),
             "kv_cache_dtype": args.kv_cache_dtype, "fp8_gluon": args.fp8_gluon, "copy_tbps": H200_COPY_TBPS,
-            "load_s": load_s}
+            "min_split_keys": args.min_split_keys, "load_s": load_s}
     print(json.dumps(meta), flush=True)
     log = ResultsLog("bench_decode")
     results: list[dict] = []

@@ -207,6 +207,9 @@ def test_heuristics_and_errors():
     assert default_num_splits(128, 1, 32768, **h200) == 1 and default_num_splits(256, 1, 4096, **h200) == 1
     assert default_num_splits(1, 1, 32768, **h200) == 64 and default_num_splits(1, 1, 656, **h200) == 3
     assert default_num_splits(16, 1, 4096, **h200) == 8  # 128 programs of 512 keys
+    # fewer keys a split: more SMs on a short context at batch 1 (11 splits of 60 keys), the rest unchanged
+    assert default_num_splits(1, 1, 656, min_tokens_per_split=64, **h200) == 11
+    assert default_num_splits(64, 1, 4096, min_tokens_per_split=64, **h200) == 2
     assert default_num_splits(32, 2, 8192, **h200) == 2  # V3's 128 heads: two groups a sequence
     # an FP8 cache: two programs an SM (run 32: 4 / 4 / 2 / 2 splits 1.04-1.06x faster than 2 / 2 / 1 / 1)
     fp8 = dict(h200, programs_per_sm=2)

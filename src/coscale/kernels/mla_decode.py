@@ -62,6 +62,10 @@ COMBINE_ELEMENTS = 8192
 # wave past the first added 7-15 us at batch 64 x 32K on the H200 (run 30: 2 to 16 splits), 200-400 keys
 # at a 132nd of copy bandwidth.
 PROGRAM_COST_KEYS = 256
+# The fewest keys a context split takes (default_num_splits). At batch 1 it is what caps the splits: V2-Lite's
+# decode at 544 keys ran 3 splits of about 190 keys, 10.8 us a layer for 0.6 MB (run 29, s29E); fewer keys a split
+# would put more SMs on a short context (bench_decode.py --min-split-keys tries it end to end).
+MIN_TOKENS_PER_SPLIT = 256
 MAX_FP8_CHUNKS = 4  # the kernel keeps one accumulator per 128-column scale tile: c <= 512 (DeepSeek's)
 # An FP8 tile is read in fp16 for tiles of up to 32 query rows: on the H200 (run 22) that was 1.10-1.17x the
 # bf16 read at 16 heads, and 0.88x at 128 heads (64-row tiles), where the bf16 read stays.
@@ -214,11 +218,12 @@ def heads_per_tile(num_heads: int, s_q: int, max_rows: int = MAX_ROWS_PER_TILE) 
 
 
 def default_num_splits(batch: int, head_groups: int, max_seq_len: int, device: torch.device,
-                       min_tokens_per_split: int = 256, sms: int | None = None, programs_per_sm: int = 1) -> int:
+                       min_tokens_per_split: int | None = None, sms: int | None = None,
+                       programs_per_sm: int = 1) -> int:
     """Context splits per sequence: the count whose programs finish soonest when each SM runs
     ``programs_per_sm`` at a time: the least ``waves x (keys per split + PROGRAM_COST_KEYS)`` (waves =
     ceil(programs / (SMs x programs_per_sm))), the fewest splits among equals, each split at least
-    `min_tokens_per_split` keys.
+    `min_tokens_per_split` keys (default MIN_TOKENS_PER_SPLIT).
 
     Why waves: the largest tiles hold one program per SM (64 keys x 576 x 2 bytes x 3 stages of shared
     memory), and a last wave that fills a few SMs costs as much as a full one. On the H200 (run 30,
@@ -232,6 +237,7 @@ def default_num_splits(batch: int, head_groups: int, max_seq_len: int, device: t
     if sms is None:
         sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
     programs = max(1, batch * head_groups)
+    min_tokens_per_split = min_tokens_per_split or MIN_TOKENS_PER_SPLIT
     longest = max(1, min(MAX_SPLITS, -(-max_seq_len // min_tokens_per_split)))
     slots = sms * max(1, programs_per_sm)
 
