@@ -198,6 +198,13 @@ def _build():
         return gl.inline_asm_elementwise("mov.u32 $0, 0;", "=r,r", [i], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
+    def _scale_column(sc_tile, groups, g: gl.constexpr, key_ok, key_layout: gl.constexpr):
+        # scale tile g of each key as a vector along the keys, 0 past the split's end (a maximum, not a sum, picks the
+        # column: exact however a layout's copies of an element are reduced; the conversion is a relabelling)
+        col = _rmax(gl.where(groups[None, :] == g, sc_tile, float("-inf")), axis=1)
+        return gl.where(key_ok, gl.convert_layout(col, key_layout, assert_trivial=True), 0.0)
+
+    @gluon.jit
     def _pow2_row_scale(amax):
         # 2^(14 - floor(log2 amax)) per row, from the exponent bits (exact; 1 for a zero row): the Triton
         # kernel's scaling of the query into fp16's range
@@ -219,7 +226,15 @@ def _build():
         key_layout: gl.constexpr = gl.SliceLayout(1, mma)  # along the keys (and the latent's columns)
         row_layout: gl.constexpr = gl.SliceLayout(0, mma)  # along the query rows
         q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
-        sc_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [4, 1], [1, 0])
+        # A key's four scales in the registers of the threads that hold its scores (so each scale tile's vector is
+        # already in key_layout: no layout conversion, no barrier), and the whole [64, 4] tile in every warp (so the
+        # tile's largest scale is a reduction within the warp).
+        sc_layout: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [0, 2], [8, 0]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[BLOCK_N, 4])
+        sc_all_layout: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [0, 2], [32, 0]], lane_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [16, 0]],
+            warp_bases=[[0, 0], [0, 0]], block_bases=[], shape=[BLOCK_N, 4])
         group, split, b = gl.program_id(0), gl.program_id(1), gl.program_id(2)
         seq_len, lo, hi, tiles = _split_range(seq_lens_ptr, b, split, num_splits, BLOCK_N)
 
@@ -246,7 +261,9 @@ def _build():
         row_ok = (token < S_Q) & (head < H)
         last_key = seq_len - S_Q + token  # causal among the S_Q query tokens
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_layout)
+        # the softmax's denominators, kept per score element and summed over the keys once at the end (no reduction
+        # across the warps a tile)
+        l_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
         smax = 1.1754943508222875e-38  # the smallest normal: never 0 / 0
         zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
         acc0 = gl.zeros([TILE, BLOCK_M], gl.float32, layout=mma)  # O^T, one accumulator per scale tile
@@ -254,6 +271,7 @@ def _build():
         acc2 = gl.zeros_like(acc0)
         acc3 = gl.zeros_like(acc0)
         groups = gl.arange(0, 4, layout=gl.SliceLayout(0, sc_layout))
+        rows_all = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, sc_all_layout))
         for i in range(tiles):
             s = i % BUFS
             mbarrier.wait(conv_ready.index(s), (i // BUFS) & 1)
@@ -276,15 +294,14 @@ def _build():
             pos = lo + i * BLOCK_N + gl.arange(0, BLOCK_N, layout=key_layout)
             key_ok = pos < hi
             # each key's four scales as vectors along the keys (0 past the split's end)
-            sc_all = sc_bufs.index(s).load(sc_layout)
-            sc0 = gl.where(key_ok, gl.convert_layout(_rsum(gl.where(groups[None, :] == 0, sc_all, 0.0), axis=1),
-                                                     key_layout), 0.0)
-            sc1 = gl.where(key_ok, gl.convert_layout(_rsum(gl.where(groups[None, :] == 1, sc_all, 0.0), axis=1),
-                                                     key_layout), 0.0)
-            sc2 = gl.where(key_ok, gl.convert_layout(_rsum(gl.where(groups[None, :] == 2, sc_all, 0.0), axis=1),
-                                                     key_layout), 0.0)
-            sc3 = gl.where(key_ok, gl.convert_layout(_rsum(gl.where(groups[None, :] == 3, sc_all, 0.0), axis=1),
-                                                     key_layout), 0.0)
+            sc_tile = sc_bufs.index(s).load(sc_layout)
+            sc0 = _scale_column(sc_tile, groups, 0, key_ok, key_layout)
+            sc1 = _scale_column(sc_tile, groups, 1, key_ok, key_layout)
+            sc2 = _scale_column(sc_tile, groups, 2, key_ok, key_layout)
+            sc3 = _scale_column(sc_tile, groups, 3, key_ok, key_layout)
+            sc_all = sc_bufs.index(s).load(sc_all_layout)
+            sc_all = gl.where((lo + i * BLOCK_N + rows_all < hi)[:, None], sc_all, 0.0)
+            tile_smax = _rmax(_rmax(sc_all, axis=1), axis=0)
             s0, s1, s2, s3, s_pe = warpgroup_mma_wait(num_outstanding=0, deps=(s0, s1, s2, s3, s_pe))
             thread_barrier()  # every warp has read the stage's scales and its products are done
             mbarrier.arrive(rs_empty.index(s))
@@ -293,11 +310,10 @@ def _build():
             s_lat = s0 * sc0[:, None] + s1 * sc1[:, None] + s2 * sc2[:, None] + s3 * sc3[:, None]
             sc = gl.where(visible, (s_lat * inv_f[None, :] + s_pe) * sm_scale_log2, float("-inf"))
             m_new = gl.maximum(m_i, _rmax(sc, axis=0))
-            s_key = gl.maximum(gl.maximum(sc0, sc1), gl.maximum(sc2, sc3))
-            smax_new = gl.maximum(smax, _rmax(s_key, axis=0))
+            smax_new = gl.maximum(smax, tile_smax)
             alpha = gl.exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))  # a row with no visible key yet
             p = gl.exp2(sc - gl.where(m_new == float("-inf"), 0.0, m_new)[None, :])
-            l_i = l_i * alpha + _rsum(p, axis=0)
+            l_acc = l_acc * alpha[None, :] + p
             m_i = m_new
             rescale = (alpha * (smax / smax_new))[None, :]
             acc0 = acc0 * rescale
@@ -322,6 +338,7 @@ def _build():
             acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
             mbarrier.arrive(conv_empty.index(s))
 
+        l_i = _rsum(l_acc, axis=0)
         has_keys = l_i > 0
         l_safe = gl.where(has_keys, l_i, 1.0)
         lse = gl.where(has_keys, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))

@@ -94,7 +94,7 @@ FP8_PROGRAMS_PER_SM = 2
 # An FP8 cache through the warp-specialized Gluon kernel (coscale.kernels._mla_decode_gluon: a TMA loader, a
 # converter warpgroup and a wgmma warpgroup with the keys on M) on sm_90, where it takes the case (DeepSeek's
 # 512 + 64 widths, pages of whole 64-key tiles, 16 query rows a program, bf16 queries). Off until it is
-# measured on a GPU: sm_90 compiles give 65 warp instructions a key against the Triton kernel's 154, no spills,
+# measured on a GPU: sm_90 compiles give 62 warp instructions a key against the Triton kernel's 154, no spills,
 # 220 KB of shared memory (one program an SM). mla_decode(fp8_gluon=True) runs it.
 FP8_GLUON = False
 
