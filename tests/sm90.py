@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -37,9 +39,6 @@ def compile_ptx(module: str, args: list, tmp_path) -> tuple[str, int]:
     """(PTX, shared-memory bytes) of ``module.compile_for_sm90(*args)``, compiled in a fresh process: in this one a
     kernel that ran on Triton's CPU interpreter before leaves Gluon's compiler failing on its descriptor arguments
     ("'block_argument' object has no attribute 'dtype'", triton 3.9, cold cache)."""
-    import json
-    import sys
-
     script = ("import json, sys, importlib\n"
               f"kernel = importlib.import_module({module!r}).compile_for_sm90(*json.loads(sys.argv[1]))\n"
               "open(sys.argv[2], 'w').write(kernel.asm['ptx'])\n"
