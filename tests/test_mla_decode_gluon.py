@@ -58,6 +58,28 @@ def test_asking_for_it_where_it_cannot_run_is_a_clear_error():
     assert torch.isfinite(out).all()
 
 
+def test_refusals_say_why():
+    """Each reason the launcher gives for not running the Gluon kernel (an error when fp8_gluon=True asked for it),
+    checked on the CPU as if on an sm_90 GPU: the kernel takes the case only when nothing refuses it."""
+    from coscale.kernels.mla_decode import gluon_refusal
+
+    latent, scale = quantize_latent_fp8(torch.randn(2 * 64, 512))
+    cache = LatentCacheLayer(latent.view(2, 64, 512), torch.randn(2, 64, 64).bfloat16(), scale.view(2, 64, 4))
+    bf16 = torch.bfloat16
+    expected = None if gk.gluon_decode_available() else "no Gluon"
+    why = gluon_refusal(cache, bf16, 16, None, on_sm90=True)
+    assert why is None if expected is None else expected in why
+    assert "sm_90" in gluon_refusal(cache, bf16, 16, None, on_sm90=False)
+    assert "kernel_config" in gluon_refusal(cache, bf16, 16, {"BLOCK_N": 32}, on_sm90=True)
+    assert "32 rows" in gluon_refusal(cache, bf16, 32, None, on_sm90=True)
+    assert "float32 queries" in gluon_refusal(cache, torch.float32, 16, None, on_sm90=True)
+    small_pages = LatentCacheLayer(latent.view(8, 16, 512), cache.rope.view(8, 16, 64), scale.view(8, 16, 4))
+    assert "page = 16" in gluon_refusal(small_pages, bf16, 16, None, on_sm90=True)
+    strided = LatentCacheLayer(torch.cat([latent, latent], dim=1).view(2, 64, 1024)[..., :512], cache.rope, cache.scale)
+    assert "contiguous" in gluon_refusal(strided, bf16, 16, None, on_sm90=True)
+    assert "FP8 cache" in gluon_refusal(LatentCacheLayer(torch.randn(2, 64, 512), cache.rope), bf16, 16, None, True)
+
+
 def test_supports_states_its_cases():
     assert gk.supports(512, 64, 64, 16, True, torch.bfloat16)
     assert gk.supports(512, 64, 128, 16, True, torch.bfloat16)

@@ -382,26 +382,36 @@ def _use_gluon(fp8_gluon: bool | None, cache: LatentCacheLayer, q_lat, rows: int
     wanted = FP8_GLUON if fp8_gluon is None else fp8_gluon
     if not wanted or cache.scale is None:
         return False
-    from coscale.kernels import _mla_decode_gluon as gk
-
-    c, dr, page = cache.latent.shape[-1], cache.rope.shape[-1], cache.block_size
-    why = None
-    if dot_fp32 or q_lat.device.type != "cuda" or torch.cuda.get_device_capability(q_lat.device) != (9, 0):
-        why = "it runs on an sm_90 GPU (Hopper) with bf16 queries, not under the interpreter"
-    elif kernel_config is not None:
-        why = "kernel_config fixes the Triton kernel's configuration"
-    elif not gk.supports(c, dr, page, rows, True, q_lat.dtype):
-        why = (f"it takes c = 512, dr = 64, pages of a multiple of {gk.BLOCK_N} keys and at most {gk.MAX_ROWS} "
-               f"query rows (got c = {c}, dr = {dr}, page = {page}, {rows} rows, {q_lat.dtype} queries)")
-    elif not all(t.is_contiguous() for t in (cache.latent, cache.rope, cache.scale)):
-        why = "it reads contiguous cache tensors"
-    elif not gk.gluon_decode_available():
-        why = "this Triton has no Gluon Hopper API"
+    on_sm90 = (not dot_fp32 and q_lat.device.type == "cuda"
+               and torch.cuda.get_device_capability(q_lat.device) == (9, 0))
+    why = gluon_refusal(cache, q_lat.dtype, rows, kernel_config, on_sm90)
     if why is None:
         return True
     if fp8_gluon:
         raise CoscaleError(f"fp8_gluon: the Gluon MLA decode kernel cannot run this call: {why}")
     return False
+
+
+def gluon_refusal(cache: LatentCacheLayer, q_dtype: torch.dtype, rows: int, kernel_config, on_sm90: bool) -> str | None:
+    """Why the Gluon FP8 kernel cannot run a call on this cache (None: it can). ``on_sm90``: an sm_90 GPU holds the
+    tensors and the kernels are compiled, not interpreted."""
+    from coscale.kernels import _mla_decode_gluon as gk
+
+    c, dr, page = cache.latent.shape[-1], cache.rope.shape[-1], cache.block_size
+    if cache.scale is None:
+        return "it reads an FP8 cache"
+    if not on_sm90:
+        return "it runs on an sm_90 GPU (Hopper) with bf16 queries, not under the interpreter"
+    if kernel_config is not None:
+        return "kernel_config fixes the Triton kernel's configuration"
+    if not gk.supports(c, dr, page, rows, True, q_dtype):
+        return (f"it takes c = 512, dr = 64, pages of a multiple of {gk.BLOCK_N} keys and at most {gk.MAX_ROWS} "
+                f"query rows (got c = {c}, dr = {dr}, page = {page}, {rows} rows, {q_dtype} queries)")
+    if not all(t.is_contiguous() for t in (cache.latent, cache.rope, cache.scale)):
+        return "it reads contiguous cache tensors"
+    if not gk.gluon_decode_available():
+        return "this Triton has no Gluon Hopper API"
+    return None
 
 
 def _fake_mla_decode(q_lat, q_pe, latent, rope, scale, block_table, seq_lens, softmax_scale, max_seq_len, backend):
