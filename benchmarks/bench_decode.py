@@ -235,18 +235,16 @@ def main():
         parser.error("--speculative measures a trained checkpoint's MTP modules: give --checkpoint")
     if args.top < 1:
         parser.error("--top: at least 1 kernel")
-    if args.min_split_keys is not None:
-        if args.min_split_keys < 1:
-            parser.error("--min-split-keys: at least 1")
-        from coscale.kernels import mla_decode as mla_decode_module
+    if args.min_split_keys is not None and args.min_split_keys < 1:
+        parser.error("--min-split-keys: at least 1")
+    if args.fp8_gluon and args.kv_cache_dtype != "fp8":
+        parser.error("--fp8-gluon runs the FP8 cache's decode kernel: add --kv-cache-dtype fp8")
+    from coscale.kernels import mla_decode as mla_decode_module
 
-        mla_decode_module.MIN_TOKENS_PER_SPLIT = args.min_split_keys
     if args.fp8_gluon:
-        if args.kv_cache_dtype != "fp8":
-            parser.error("--fp8-gluon runs the FP8 cache's decode kernel: add --kv-cache-dtype fp8")
-        from coscale.kernels import mla_decode as mla_decode_module
-
         mla_decode_module.FP8_GLUON = True
+    if args.min_split_keys is not None:
+        mla_decode_module.MIN_TOKENS_PER_SPLIT = args.min_split_keys
     batches = args.batches or ([1, 32] if args.speculative else [1, 16, 64, 128])
     prompt_len = args.prompt_len or (512 if args.quick else 1024)
     steps = args.steps or (32 if args.quick else 64)

@@ -437,7 +437,7 @@ def launch_mla_decode_fp8_gluon(q_lat, q_pe, latent, rope, scale, block_table, s
     if torch.cuda.get_device_capability(q_lat.device) != (9, 0):
         raise RuntimeError("the Gluon MLA decode kernel runs on sm_90 (Hopper) only")
     B, S, H, _ = q_lat.shape
-    lat_desc, rope_desc, sc_desc = _descriptors(latent.contiguous(), rope.contiguous(), scale.contiguous())
+    lat_desc, rope_desc, sc_desc = _descriptors(latent, rope, scale)  # (views: a strided cache fails here)
     groups = -(-H // heads_tile)
     _build()[(groups, num_splits, B)](
         lat_desc, rope_desc, sc_desc, q_lat, q_pe, block_table, seq_lens, o, o_lse,

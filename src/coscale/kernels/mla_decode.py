@@ -334,35 +334,36 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     part = torch.empty(B, S, H, splits, c, dtype=torch.float32, device=q_lat.device) if splits > 1 else None
     part_lse = torch.empty(B, S, H, splits, dtype=torch.float32, device=q_lat.device) if splits > 1 else None
     split_kernel, combine_kernel = _build_kernels(interpreting())
-    scale = cache.scale if fp8 else cache.rope  # any tensor: never read without FP8
     o = part if splits > 1 else out.unsqueeze(3)  # [B, S, H, splits, c]
     o_lse = part_lse if splits > 1 else lse.unsqueeze(3)
     assert o_lse.stride(3) == 1, "the split kernel stores the log-sum-exp of split j at offset j"
-    args = (
-        q_lat, q_pe, cache.latent, cache.rope, scale, block_table, seq_lens, o, o_lse,
-        q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
-        cache.latent.stride(0), cache.latent.stride(1), cache.rope.stride(0), cache.rope.stride(1),
-        scale.stride(0), scale.stride(1), block_table.stride(0),
-        o.stride(0), o.stride(1), o.stride(2), o.stride(3), o_lse.stride(0), o_lse.stride(1), o_lse.stride(2),
-        H, splits, _next_pow2(B), softmax_scale * math.log2(math.e),
-    )  # fmt: skip
-    consts = dict(
-        C=c, DR=dr, S_Q=S, HEADS_TILE=tile, BLOCK_M=rows, CHUNK=chunk,
-        NUM_CHUNKS=math.ceil(c / chunk), BLOCK_R=max(16, _next_pow2(dr)), PAGE=page, FP8=fp8,
-        LAT_FP16=lat_fp16, EARLY_CVT=early, WHOLE=whole, NT=c // FP8_TILE if whole else 1,
-        DOT_FP32=dot_fp32,
-        PRECISION="ieee" if dot_fp32 else "tf32",
-    )  # fmt: skip
+    scale_log2 = softmax_scale * math.log2(math.e)
     if gluon:
         from coscale.kernels._mla_decode_gluon import launch_mla_decode_fp8_gluon
 
         launch_mla_decode_fp8_gluon(q_lat, q_pe, cache.latent, cache.rope, cache.scale, block_table, seq_lens, o,
-                                    o_lse, heads_tile=tile, rows=rows, num_splits=splits,
-                                    sm_scale_log2=softmax_scale * math.log2(math.e))
-    elif kernel_config is None:
-        split_kernel[(groups, splits, B)](*args, **consts)
-    else:  # a fixed configuration (tests, benchmarks): the autotuner's kernel without the tuning
-        split_kernel.fn[(groups, splits, B)](*args, **consts, **_checked_config(kernel_config))
+                                    o_lse, heads_tile=tile, rows=rows, num_splits=splits, sm_scale_log2=scale_log2)
+    else:
+        scale = cache.scale if fp8 else cache.rope  # any tensor: never read without FP8
+        args = (
+            q_lat, q_pe, cache.latent, cache.rope, scale, block_table, seq_lens, o, o_lse,
+            q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
+            cache.latent.stride(0), cache.latent.stride(1), cache.rope.stride(0), cache.rope.stride(1),
+            scale.stride(0), scale.stride(1), block_table.stride(0),
+            o.stride(0), o.stride(1), o.stride(2), o.stride(3), o_lse.stride(0), o_lse.stride(1), o_lse.stride(2),
+            H, splits, _next_pow2(B), scale_log2,
+        )  # fmt: skip
+        consts = dict(
+            C=c, DR=dr, S_Q=S, HEADS_TILE=tile, BLOCK_M=rows, CHUNK=chunk,
+            NUM_CHUNKS=math.ceil(c / chunk), BLOCK_R=max(16, _next_pow2(dr)), PAGE=page, FP8=fp8,
+            LAT_FP16=lat_fp16, EARLY_CVT=early, WHOLE=whole, NT=c // FP8_TILE if whole else 1,
+            DOT_FP32=dot_fp32,
+            PRECISION="ieee" if dot_fp32 else "tf32",
+        )  # fmt: skip
+        if kernel_config is None:
+            split_kernel[(groups, splits, B)](*args, **consts)
+        else:  # a fixed configuration (tests, benchmarks): the autotuner's kernel without the tuning
+            split_kernel.fn[(groups, splits, B)](*args, **consts, **_checked_config(kernel_config))
     if splits > 1:
         combine_cols = max(16, min(_next_pow2(c), COMBINE_ELEMENTS // max(2, _next_pow2(splits))))
         combine_kernel[(S * H, B, -(-c // combine_cols))](
