@@ -77,6 +77,10 @@ def test_refusals_say_why():
     assert "page = 16" in gluon_refusal(small_pages, bf16, 16, None, on_sm90=True)
     strided = LatentCacheLayer(torch.cat([latent, latent], dim=1).view(2, 64, 1024)[..., :512], cache.rope, cache.scale)
     assert "contiguous" in gluon_refusal(strided, bf16, 16, None, on_sm90=True)
+    fp16_rope = LatentCacheLayer(cache.latent, cache.rope.half(), cache.scale)
+    assert "(got bfloat16, float16, float32, int32)" in gluon_refusal(fp16_rope, bf16, 16, None, on_sm90=True)
+    assert "(got float32, bfloat16" in gluon_refusal(cache, bf16, 16, None, True, q_pe_dtype=torch.float32)
+    assert "int64)" in gluon_refusal(cache, bf16, 16, None, True, table_dtype=torch.int64)
     assert "FP8 cache" in gluon_refusal(LatentCacheLayer(torch.randn(2, 64, 512), cache.rope), bf16, 16, None, True)
 
 

@@ -323,7 +323,7 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     whole = (fp8 and (FP8_WHOLE_TILE if fp8_whole_tile is None else fp8_whole_tile) and c in (128, 256, 512)
              and (lat_fp16 or dot_fp32) and not (kernel_config or {}).get("LAZY"))
     chunk = min(FP8_TILE, block_c) if fp8 and not whole else block_c
-    gluon = _use_gluon(fp8_gluon, cache, q_lat, rows, kernel_config, dot_fp32)
+    gluon = _use_gluon(fp8_gluon, cache, q_lat, q_pe, block_table, rows, kernel_config, dot_fp32)
     bound = max_seq_len if max_seq_len is not None else block_table.shape[1] * page
     splits = num_splits or default_num_splits(B, groups, bound, q_lat.device,
                                               programs_per_sm=FP8_PROGRAMS_PER_SM if whole and not gluon else 1)
@@ -376,7 +376,7 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     return out, lse
 
 
-def _use_gluon(fp8_gluon: bool | None, cache: LatentCacheLayer, q_lat, rows: int, kernel_config,
+def _use_gluon(fp8_gluon: bool | None, cache: LatentCacheLayer, q_lat, q_pe, block_table, rows: int, kernel_config,
                dot_fp32: bool) -> bool:
     """Whether this call runs the Gluon FP8 kernel: when asked for (or by default, FP8_GLUON) and it takes the case;
     asked for explicitly where it cannot run, a clear error."""
@@ -385,7 +385,7 @@ def _use_gluon(fp8_gluon: bool | None, cache: LatentCacheLayer, q_lat, rows: int
         return False
     on_sm90 = (not dot_fp32 and q_lat.device.type == "cuda"
                and torch.cuda.get_device_capability(q_lat.device) == (9, 0))
-    why = gluon_refusal(cache, q_lat.dtype, rows, kernel_config, on_sm90)
+    why = gluon_refusal(cache, q_lat.dtype, rows, kernel_config, on_sm90, q_pe.dtype, block_table.dtype)
     if why is None:
         return True
     if fp8_gluon:
@@ -393,9 +393,12 @@ def _use_gluon(fp8_gluon: bool | None, cache: LatentCacheLayer, q_lat, rows: int
     return False
 
 
-def gluon_refusal(cache: LatentCacheLayer, q_dtype: torch.dtype, rows: int, kernel_config, on_sm90: bool) -> str | None:
+def gluon_refusal(cache: LatentCacheLayer, q_dtype: torch.dtype, rows: int, kernel_config, on_sm90: bool,
+                  q_pe_dtype: torch.dtype = torch.bfloat16, table_dtype: torch.dtype = torch.int32) -> str | None:
     """Why the Gluon FP8 kernel cannot run a call on this cache (None: it can). ``on_sm90``: an sm_90 GPU holds the
-    tensors and the kernels are compiled, not interpreted."""
+    tensors and the kernels are compiled, not interpreted. The kernel's TMA descriptors and products are built for
+    bf16 queries and RoPE keys, float32 scales and an int32 block table: any other dtype keeps the Triton kernel
+    (a cache in the model's fp16, say) rather than failing to compile."""
     from coscale.kernels import _mla_decode_gluon as gk
 
     c, dr, page = cache.latent.shape[-1], cache.rope.shape[-1], cache.block_size
@@ -408,6 +411,10 @@ def gluon_refusal(cache: LatentCacheLayer, q_dtype: torch.dtype, rows: int, kern
     if not gk.supports(c, dr, page, rows, True, q_dtype):
         return (f"it takes c = 512, dr = 64, pages of a multiple of {gk.BLOCK_N} keys and at most {gk.MAX_ROWS} "
                 f"query rows (got c = {c}, dr = {dr}, page = {page}, {rows} rows, {q_dtype} queries)")
+    dtypes = (q_pe_dtype, cache.rope.dtype, cache.scale.dtype, table_dtype)
+    if dtypes != (torch.bfloat16, torch.bfloat16, torch.float32, torch.int32):
+        return (f"it takes a bf16 q_pe and RoPE cache, float32 scales and an int32 block table (got "
+                f"{', '.join(str(d).removeprefix('torch.') for d in dtypes)})")
     if not all(t.is_contiguous() for t in (cache.latent, cache.rope, cache.scale)):
         return "it reads contiguous cache tensors"
     if not gk.gluon_decode_available():
