@@ -105,9 +105,8 @@ def _build():
         return gl.reduce(x, axis, _add)
 
     @gluon.jit
-    def _split_range(seq_lens_ptr, b, split, num_splits, BLOCK_N: gl.constexpr):
+    def _split_range(seq_len, split, num_splits, BLOCK_N: gl.constexpr):
         # the keys [lo, hi) of this split, in whole tiles (the Triton kernel's division of the context)
-        seq_len = gl.load(seq_lens_ptr + b)
         per_split = gl.cdiv(gl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
         lo = split * per_split
         hi = gl.minimum(lo + per_split, seq_len)
@@ -115,13 +114,13 @@ def _build():
 
     @gluon.jit
     def _loader(lat_desc, rope_desc, sc_desc, lat_bufs, rope_bufs, sc_bufs, lat_ready, lat_empty, rs_ready, rs_empty,
-                table_ptr, seq_lens_ptr, stride_table, num_splits, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
+                table_ptr, seq_len, stride_table, num_splits, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
                 LAT_STAGES: gl.constexpr, BUFS: gl.constexpr):  # fmt: skip
         # Per 64-key tile: its latent in two halves (32 keys) into the converter's ring of LAT_STAGES half-tile
         # buffers, then its RoPE key and scales into the math's ring of BUFS. A fresh barrier counts as having
         # completed the phase before 0, so the first pass of each ring waits for nothing.
         split, b = gl.program_id(1), gl.program_id(2)
-        _, lo, hi, tiles = _split_range(seq_lens_ptr, b, split, num_splits, BLOCK_N)
+        _, lo, hi, tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
         table_row = table_ptr + b * stride_table
         half: gl.constexpr = BLOCK_N // 2
         rs_bytes: gl.constexpr = rope_desc.block_type.nbytes + sc_desc.block_type.nbytes
@@ -151,7 +150,7 @@ def _build():
             "=r,=r,r", [w], dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
 
     @gluon.jit
-    def _converter(lat_bufs, conv, lat_ready, lat_empty, conv_ready, conv_empty, seq_lens_ptr, num_splits,
+    def _converter(lat_bufs, conv, lat_ready, lat_empty, conv_ready, conv_empty, seq_len, num_splits,
                    BLOCK_N: gl.constexpr, NT: gl.constexpr, TILE: gl.constexpr, LAT_STAGES: gl.constexpr,
                    BUFS: gl.constexpr, ROW_CHUNK: gl.constexpr):  # fmt: skip
         # A warp per row at a time, as 32-bit words: 32 lanes x 4 words = the row's 512 e4m3 values. The
@@ -164,8 +163,8 @@ def _build():
         words_in: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3)
         words_out: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
         half: gl.constexpr = BLOCK_N // 2
-        split, b = gl.program_id(1), gl.program_id(2)
-        _, lo, hi, tiles = _split_range(seq_lens_ptr, b, split, num_splits, BLOCK_N)
+        split = gl.program_id(1)
+        _, lo, hi, tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
         for i in range(tiles):
             cb = i % BUFS
             mbarrier.wait(conv_empty.index(cb), ((i // BUFS) & 1) ^ 1)
@@ -215,7 +214,7 @@ def _build():
 
     @gluon.jit
     def _math(rope_bufs, sc_bufs, conv, q_smem, qpe_smem, p_smem, rs_ready, rs_empty, conv_ready, conv_empty,
-              q_ptr, qpe_ptr, seq_lens_ptr, out_ptr, lse_ptr,
+              q_ptr, qpe_ptr, seq_len, out_ptr, lse_ptr,
               stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph,
               stride_ob, stride_os, stride_oh, stride_osplit, stride_lb, stride_ls, stride_lh,
               H, num_splits, sm_scale_log2,
@@ -236,7 +235,7 @@ def _build():
             reg_bases=[[0, 1], [0, 2], [32, 0]], lane_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [16, 0]],
             warp_bases=[[0, 0], [0, 0]], block_bases=[], shape=[BLOCK_N, 4])
         group, split, b = gl.program_id(0), gl.program_id(1), gl.program_id(2)
-        seq_len, lo, hi, tiles = _split_range(seq_lens_ptr, b, split, num_splits, BLOCK_N)
+        seq_len, lo, hi, tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
 
         # the query rows (S_Q tokens x HEADS_TILE heads), scaled by a power of two into fp16's range
         rows_q = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_layout))
@@ -389,16 +388,19 @@ def _build():
             mbarrier.init(rs_empty.index(i), count=1)
             mbarrier.init(conv_ready.index(i), count=1)
             mbarrier.init(conv_empty.index(i), count=1)
+        # The sequence's length is read once here for all three partitions: were each to read it, a length written
+        # meanwhile (by another stream) could give them different tile counts and leave one waiting forever
+        seq_len = gl.load(seq_lens_ptr + gl.program_id(2))
         gl.warp_specialize([
             (_math, (rope_bufs, sc_bufs, conv, q_smem, qpe_smem, p_smem, rs_ready, rs_empty, conv_ready, conv_empty,
-                     q_ptr, qpe_ptr, seq_lens_ptr, out_ptr, lse_ptr,
+                     q_ptr, qpe_ptr, seq_len, out_ptr, lse_ptr,
                      stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph,
                      stride_ob, stride_os, stride_oh, stride_osplit, stride_lb, stride_ls, stride_lh,
                      H, num_splits, sm_scale_log2, C, DR, S_Q, HEADS_TILE, BLOCK_M, BLOCK_N, TILE, BUFS)),
             (_loader, (lat_desc, rope_desc, sc_desc, lat_bufs, rope_bufs, sc_bufs, lat_ready, lat_empty, rs_ready,
-                       rs_empty, table_ptr, seq_lens_ptr, stride_table, num_splits, BLOCK_N, PAGE, LAT_STAGES,
+                       rs_empty, table_ptr, seq_len, stride_table, num_splits, BLOCK_N, PAGE, LAT_STAGES,
                        BUFS)),
-            (_converter, (lat_bufs, conv, lat_ready, lat_empty, conv_ready, conv_empty, seq_lens_ptr, num_splits,
+            (_converter, (lat_bufs, conv, lat_ready, lat_empty, conv_ready, conv_empty, seq_len, num_splits,
                           BLOCK_N, NT, TILE, LAT_STAGES, BUFS, ROW_CHUNK)),
         ], [1, 4], [24, CONVERTER_REGS])
 
