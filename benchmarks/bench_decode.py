@@ -24,6 +24,8 @@ engine's step (schedule, build, forward launch, sample launch, advance, wait for
 top kernels by GPU time over three decode steps as the engine runs them (compiled and replayed from CUDA
 graphs where it does so; the profiler sees each kernel of a replayed graph) from torch.profiler.
 `--overlap on|off|both`: the engine's overlapped schedule (default on; both: each batch twice).
+`--shared-stream N`: the shared experts of each MoE layer on a second stream beside its router and routed experts
+at decode batches of at most N tokens (coscale.kernels.side_stream; default off).
 `--decode-kernels auto|torch|both`: coscale's decode kernels (the fused router, the Triton GEMM for the
 dense layers at a few rows) or PyTorch's (the reference router, cuBLAS); both: one engine each.
 
@@ -218,6 +220,9 @@ def main():
                         "warp-specialized Gluon kernel where it takes the case (mla_decode.FP8_GLUON; sm_90)")
     parser.add_argument("--min-split-keys", type=int, metavar="N", help="the fewest keys an MLA decode context "
                         "split takes (mla_decode.MIN_TOKENS_PER_SPLIT, default 256): fewer splits short contexts more")
+    parser.add_argument("--shared-stream", type=int, metavar="N", help="run each MoE layer's shared experts on a "
+                        "second stream beside the routed experts at decode batches of at most N tokens "
+                        "(coscale.kernels.side_stream.SHARED_STREAM_MAX_TOKENS, default 0: never)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the graphed decode step (default: the engine's, on with CUDA graphs)")
@@ -237,6 +242,8 @@ def main():
         parser.error("--top: at least 1 kernel")
     if args.min_split_keys is not None and args.min_split_keys < 1:
         parser.error("--min-split-keys: at least 1")
+    if args.shared_stream is not None and args.shared_stream < 0:
+        parser.error("--shared-stream: a batch size, 0 or more")
     if args.fp8_gluon and args.kv_cache_dtype != "fp8":
         parser.error("--fp8-gluon runs the FP8 cache's decode kernel: add --kv-cache-dtype fp8")
     from coscale.kernels import mla_decode as mla_decode_module
@@ -245,6 +252,10 @@ def main():
         mla_decode_module.FP8_GLUON = True
     if args.min_split_keys is not None:
         mla_decode_module.MIN_TOKENS_PER_SPLIT = args.min_split_keys
+    if args.shared_stream is not None:
+        from coscale.kernels import side_stream
+
+        side_stream.SHARED_STREAM_MAX_TOKENS = args.shared_stream
     batches = args.batches or ([1, 32] if args.speculative else [1, 16, 64, 128])
     prompt_len = args.prompt_len or (512 if args.quick else 1024)
     steps = args.steps or (32 if args.quick else 64)
@@ -266,7 +277,7 @@ def main():
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
             "model": args.checkpoint or "deepseek-v2-lite (random)", "params": model.num_parameters(),
             "kv_cache_dtype": args.kv_cache_dtype, "fp8_gluon": args.fp8_gluon, "copy_tbps": H200_COPY_TBPS,
-            "min_split_keys": args.min_split_keys, "load_s": load_s}
+            "min_split_keys": args.min_split_keys, "shared_stream": args.shared_stream, "load_s": load_s}
     print(json.dumps(meta), flush=True)
     log = ResultsLog("bench_decode")
     results: list[dict] = []

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from coscale.config import ModelConfig
+from coscale.kernels import side_stream
 from coscale.kernels.backend import to_autocast_dtype
 from coscale.kernels.moe_decode import moe_decode, moe_decode_rows
 from coscale.kernels.router import fused_router_pays, gate_scores, route, route_torch
+from coscale.kernels.side_stream import join_side_stream_add, side_stream_swiglu
 from coscale.model.fused_weights import StackedWeights
 from coscale.model.norm import apply_keeping_float32
 
@@ -328,14 +330,31 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, H = x.shape
         x_flat = x.reshape(B * S, H)
+        beside = self._shared_on_side_stream(x_flat)
+        if beside:  # queued on a second stream now, to run beside the router and the routed experts
+            y_shared = side_stream_swiglu(x_flat, self.shared_experts.stacked_weight,
+                                          self.shared_experts.down_proj.weight)
         topk_idx, topk_weight, scores = self.gate(x_flat)
         y = self.experts(x_flat, topk_idx, topk_weight)
-        if self.shared_experts is not None:
+        if beside:
+            y = join_side_stream_add(y, y_shared, x_flat)
+        elif self.shared_experts is not None:
             y = y + self.shared_experts(x_flat)
         self.aux_loss = None
         if self.training and self.aux_loss_alpha > 0:
             self.aux_loss = self.aux_loss_alpha * sequence_balance_loss(scores, topk_idx, B, self.top_k)
         return y.view(B, S, H)
+
+
+    def _shared_on_side_stream(self, x_flat: torch.Tensor) -> bool:
+        """Whether this call runs the shared experts on a side stream (coscale.kernels.side_stream): a CUDA decode
+        batch of at most SHARED_STREAM_MAX_TOKENS tokens, without gradients, with BF16 shared experts whose gate
+        and up are stacked for inference (use_decode_kernels)."""
+        shared = self.shared_experts
+        return (shared is not None and x_flat.is_cuda and 0 < x_flat.shape[0] <= side_stream.SHARED_STREAM_MAX_TOKENS
+                and not torch.is_grad_enabled() and shared.precision == "bf16" and shared.stacked_weight is not None
+                and shared.stacked_weight.dtype == shared.down_proj.weight.dtype == x_flat.dtype
+                and getattr(shared.down_proj, "bias", None) is None)
 
 
 @torch.no_grad()

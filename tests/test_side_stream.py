@@ -1,0 +1,108 @@
+"""The shared experts on a side stream at decode (coscale.kernels.side_stream): the operators against the shared
+experts' own forward (CPU and CUDA), opcheck, which calls take the side stream, and on a GPU the MoE layer with the
+side stream equal to it without, eager, replayed from a captured CUDA graph, and compiled then captured."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from coscale.config import get_preset
+from coscale.kernels import side_stream as ss
+from coscale.model.moe import MoE, SharedExperts
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="streams and CUDA graphs need a GPU")
+
+
+def _shared(hidden=64, intermediate=96, dtype=torch.float64, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    shared = SharedExperts(hidden, intermediate).to(device=device, dtype=dtype)
+    assert shared.stack_weights(True)
+    return shared
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 32])
+def test_side_swiglu_is_the_shared_experts_forward(tokens):
+    shared = _shared()
+    x = torch.randn(tokens, 64, dtype=torch.float64)
+    with torch.no_grad():
+        want = shared.gate_proj(x)
+        want = shared.down_proj(torch.nn.functional.silu(want) * shared.up_proj(x))  # unstacked, float64
+        got = ss.side_stream_swiglu(x, shared.stacked_weight, shared.down_proj.weight)
+        y = torch.randn(tokens, 64, dtype=torch.float64)
+        joined = ss.join_side_stream_add(y, got, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(joined, y + want, rtol=1e-12, atol=1e-12)
+
+
+def test_side_stream_ops_pass_opcheck():
+    shared = _shared(dtype=torch.float32)
+    x = torch.randn(3, 64)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    for op, args in ((torch.ops.coscale.side_stream_swiglu, (x, shared.stacked_weight, shared.down_proj.weight.detach())),
+                     (torch.ops.coscale.join_side_stream_add, (torch.randn(3, 64), torch.randn(3, 64), x))):
+        result = opcheck(op, args, test_utils=utils)
+        assert set(result.values()) == {"SUCCESS"}, result
+
+
+def _moe(dtype, device, seed=0):
+    cfg = get_preset("tiny")
+    torch.manual_seed(seed)
+    moe = MoE(cfg).to(device=device, dtype=dtype).eval()
+    assert moe.shared_experts is not None, "the tiny preset has shared experts"
+    moe.shared_experts.stack_weights(True)
+    return moe, cfg
+
+
+def test_which_calls_take_the_side_stream(monkeypatch):
+    moe, cfg = _moe(torch.float32, "cpu")
+    x = torch.randn(4, cfg.hidden_size)
+    monkeypatch.setattr(ss, "SHARED_STREAM_MAX_TOKENS", 16)
+    with torch.no_grad():
+        assert not moe._shared_on_side_stream(x), "CPU tensors run in order"
+    if torch.cuda.is_available():
+        moe_cuda, _ = _moe(torch.bfloat16, "cuda")
+        xc = x.to("cuda", torch.bfloat16)
+        with torch.no_grad():
+            assert moe_cuda._shared_on_side_stream(xc)
+            assert not moe_cuda._shared_on_side_stream(torch.randn(17, cfg.hidden_size, device="cuda",
+                                                                    dtype=torch.bfloat16)), "above the limit"
+            moe_cuda.shared_experts.stack_weights(False)
+            assert not moe_cuda._shared_on_side_stream(xc), "gate and up not stacked"
+        assert not moe_cuda._shared_on_side_stream(xc), "with gradients (training)"
+        monkeypatch.setattr(ss, "SHARED_STREAM_MAX_TOKENS", 0)
+        with torch.no_grad():
+            moe_cuda.shared_experts.stack_weights(True)
+            assert not moe_cuda._shared_on_side_stream(xc), "off"
+
+
+@needs_gpu
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_moe_on_a_side_stream_equals_in_order(tokens, monkeypatch):
+    """Eager, captured in a CUDA graph and replayed on new inputs, and compiled then captured: every output equal
+    to the in-order layer's bit for bit (the same kernels on either stream; a missing wait would show as stale
+    or partial values under replay)."""
+    moe, cfg = _moe(torch.bfloat16, "cuda")
+    xs = [torch.randn(1, tokens, cfg.hidden_size, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    with torch.no_grad():
+        monkeypatch.setattr(ss, "SHARED_STREAM_MAX_TOKENS", 0)
+        want = [moe(x) for x in xs]
+        monkeypatch.setattr(ss, "SHARED_STREAM_MAX_TOKENS", 64)
+        assert moe._shared_on_side_stream(xs[0].view(tokens, -1))
+        for x, w in zip(xs, want):
+            assert torch.equal(moe(x), w)
+        for forward in (moe, torch.compile(moe)):
+            static_x = xs[0].clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (compiles, autotunes) off the capture
+                for _ in range(2):
+                    forward(static_x)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y = forward(static_x)
+            for x, w in zip(xs[::-1], want[::-1]):
+                static_x.copy_(x)
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(static_y, w)
