@@ -44,6 +44,39 @@ def test_side_stream_ops_pass_opcheck():
         assert set(result.values()) == {"SUCCESS"}, result
 
 
+def _order_in_compiled_code(fn, *args) -> list[str]:
+    """The operators fn's compiled code calls (coscale's and matmuls), in order, compiled afresh."""
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    with config.patch(force_disable_caches=True):
+        _, codes = run_and_get_code(torch.compile(fn), *args)
+    calls = []
+    for line in "\n".join(codes).splitlines():
+        if line.strip().startswith("extern_kernels.mm("):
+            calls.append("mm")
+        elif (call := line.split("=", 1)[-1].strip()).startswith("torch.ops.coscale."):
+            calls.append(call.removeprefix("torch.ops.coscale.").split(".")[0])
+    return calls
+
+
+def test_inductor_keeps_the_fork_first():
+    """Inductor's locality pass would move the fork next to the join, its only consumer (no overlap left); the
+    operator's tag keeps it where the model calls it: before the work it is meant to run beside."""
+    shared = _shared(dtype=torch.float32)
+    w_router, w_other = torch.randn(16, 64), torch.randn(64, 64)
+
+    def layer(x):
+        y_side = ss.side_stream_swiglu(x, shared.stacked_weight, shared.down_proj.weight.detach())
+        weight, idx = torch.sigmoid(x @ w_router.t()).topk(2, dim=-1)
+        y = torch.relu(x @ w_other.t()) * weight.sum(-1, keepdim=True) + idx.float().sum(-1, keepdim=True)
+        return ss.join_side_stream_add(y, y_side, x)
+
+    calls = _order_in_compiled_code(layer, torch.randn(4, 64))
+    assert calls[0] == "side_stream_swiglu" and calls[-1] == "join_side_stream_add" and "mm" in calls, calls
+
+
 def _moe(dtype, device, seed=0):
     cfg = get_preset("tiny")
     torch.manual_seed(seed)
@@ -90,6 +123,10 @@ def test_moe_on_a_side_stream_equals_in_order(tokens, monkeypatch):
         assert moe._shared_on_side_stream(xs[0].view(tokens, -1))
         for x, w in zip(xs, want):
             assert torch.equal(moe(x), w)
+        calls = _order_in_compiled_code(moe, xs[0])
+        routed = [i for i, name in enumerate(calls) if name.startswith(("route", "moe_decode"))]
+        assert routed and calls.index("side_stream_swiglu") < routed[0], calls
+        torch._dynamo.reset()
         for forward in (moe, torch.compile(moe)):
             static_x = xs[0].clone()
             side = torch.cuda.Stream()

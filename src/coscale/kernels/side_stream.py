@@ -62,7 +62,10 @@ def _fake_swiglu(x, w_gate_up, w_down):
     return x.new_empty(x.shape[0], w_down.shape[0])
 
 
-@operator("side_stream_swiglu", opaque=True, fake=_fake_swiglu)
+# The tag keeps the fork where the model puts it: Inductor's locality pass moves a producer next to its only
+# consumer (here, the join: no overlap left) unless it is an operator that draws random numbers, which it
+# never reorders. Nothing here draws any; the tag only pins the order.
+@operator("side_stream_swiglu", opaque=True, fake=_fake_swiglu, tags=(torch.Tag.nondeterministic_seeded,))
 def side_stream_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """swiglu_stacked(x, w_gate_up, w_down), queued on the side stream behind the current stream's work (CUDA);
     its result may be read only after ``join_side_stream_add``."""
