@@ -36,9 +36,9 @@ def test_side_swiglu_is_the_shared_experts_forward(tokens):
 
 def test_side_stream_ops_pass_opcheck():
     shared = _shared(dtype=torch.float32)
-    x = torch.randn(3, 64)
+    x, w_down = torch.randn(3, 64), shared.down_proj.weight.detach()
     utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    for op, args in ((torch.ops.coscale.side_stream_swiglu, (x, shared.stacked_weight, shared.down_proj.weight.detach())),
+    for op, args in ((torch.ops.coscale.side_stream_swiglu, (x, shared.stacked_weight, w_down)),
                      (torch.ops.coscale.join_side_stream_add, (torch.randn(3, 64), torch.randn(3, 64), x))):
         result = opcheck(op, args, test_utils=utils)
         assert set(result.values()) == {"SUCCESS"}, result
