@@ -30,7 +30,6 @@ from coscale.kernels import side_stream
 from coscale.kernels.backend import to_autocast_dtype
 from coscale.kernels.moe_decode import moe_decode, moe_decode_rows
 from coscale.kernels.router import fused_router_pays, gate_scores, route, route_torch
-from coscale.kernels.side_stream import join_side_stream_add, side_stream_swiglu
 from coscale.model.fused_weights import StackedWeights
 from coscale.model.norm import apply_keeping_float32
 
@@ -332,19 +331,18 @@ class MoE(nn.Module):
         x_flat = x.reshape(B * S, H)
         beside = self._shared_on_side_stream(x_flat)
         if beside:  # queued on a second stream now, to run beside the router and the routed experts
-            y_shared = side_stream_swiglu(x_flat, self.shared_experts.stacked_weight,
-                                          self.shared_experts.down_proj.weight)
+            y_shared = side_stream.side_stream_swiglu(x_flat, self.shared_experts.stacked_weight,
+                                                      self.shared_experts.down_proj.weight)
         topk_idx, topk_weight, scores = self.gate(x_flat)
         y = self.experts(x_flat, topk_idx, topk_weight)
         if beside:
-            y = join_side_stream_add(y, y_shared, x_flat)
+            y = side_stream.join_side_stream_add(y, y_shared, x_flat)
         elif self.shared_experts is not None:
             y = y + self.shared_experts(x_flat)
         self.aux_loss = None
         if self.training and self.aux_loss_alpha > 0:
             self.aux_loss = self.aux_loss_alpha * sequence_balance_loss(scores, topk_idx, B, self.top_k)
         return y.view(B, S, H)
-
 
     def _shared_on_side_stream(self, x_flat: torch.Tensor) -> bool:
         """Whether this call runs the shared experts on a side stream (coscale.kernels.side_stream): a CUDA decode
