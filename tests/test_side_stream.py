@@ -45,7 +45,8 @@ def test_side_stream_ops_pass_opcheck():
 
 
 def _order_in_compiled_code(fn, *args) -> list[str]:
-    """The operators fn's compiled code calls (coscale's and matmuls), in order, compiled afresh."""
+    """The operators fn's compiled code calls (coscale's opaque ones, matmuls, the router's kernels), in order,
+    compiled afresh."""
     from torch._inductor import config
     from torch._inductor.utils import run_and_get_code
 
@@ -56,6 +57,8 @@ def _order_in_compiled_code(fn, *args) -> list[str]:
     for line in "\n".join(codes).splitlines():
         if line.strip().startswith("extern_kernels.mm("):
             calls.append("mm")
+        elif "_route_" in line and ".run(" in line:  # the fused router's Triton kernels, launched by Inductor
+            calls.append("route")
         elif (call := line.split("=", 1)[-1].strip()).startswith("torch.ops.coscale."):
             calls.append(call.removeprefix("torch.ops.coscale.").split(".")[0])
     return calls
