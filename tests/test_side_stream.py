@@ -51,7 +51,7 @@ def _order_in_compiled_code(fn, *args) -> list[str]:
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
-    with config.patch(force_disable_caches=True):
+    with config.patch(force_disable_caches=True, **ss.compile_options()):  # the engine's options
         _, codes = run_and_get_code(torch.compile(fn), *args)
     calls = []
     for line in "\n".join(codes).splitlines():
@@ -64,9 +64,10 @@ def _order_in_compiled_code(fn, *args) -> list[str]:
     return calls
 
 
-def test_inductor_keeps_the_fork_first():
+def test_inductor_keeps_the_fork_first(monkeypatch):
     """Inductor's locality pass would move the fork next to the join, its only consumer (no overlap left); the
     operator's tag keeps it where the model calls it: before the work it is meant to run beside."""
+    monkeypatch.setattr(ss, "SHARED_STREAM_MAX_TOKENS", 32)
     shared = _shared(dtype=torch.float32)
     w_router, w_other = torch.randn(16, 64), torch.randn(64, 64)
 
@@ -83,10 +84,31 @@ def test_inductor_keeps_the_fork_first():
 def _moe(dtype, device, seed=0):
     cfg = get_preset("tiny")
     torch.manual_seed(seed)
-    moe = MoE(cfg).to(device=device, dtype=dtype).eval()
+    moe = MoE(cfg)
+    with torch.no_grad():  # (GroupedExperts leaves its weights to the model's initialisation)
+        for p in moe.parameters():
+            p.normal_(0.0, 0.05)
+    moe = moe.to(device=device, dtype=dtype).eval()
     assert moe.shared_experts is not None, "the tiny preset has shared experts"
     moe.shared_experts.stack_weights(True)
     return moe, cfg
+
+
+def test_the_compiled_moe_forks_before_its_router(monkeypatch):
+    """The MoE layer compiled with the side stream forced on (CPU: the operators run in order, the compiled code's
+    call order is what a GPU would launch): the fork comes before the router's and the experts' work, the join
+    after it."""
+    moe, cfg = _moe(torch.float32, "cpu")
+    monkeypatch.setattr(MoE, "_shared_on_side_stream", lambda self, x: True)
+    monkeypatch.setattr(ss, "SHARED_STREAM_MAX_TOKENS", 32)
+    x = torch.randn(1, 3, cfg.hidden_size)
+    with torch.no_grad():
+        want = moe.gate(x.view(3, -1))
+        want = moe.experts(x.view(3, -1), want[0], want[1]) + moe.shared_experts(x.view(3, -1))
+        calls = _order_in_compiled_code(moe, x)
+        torch.testing.assert_close(torch.compile(moe)(x).view(3, -1), want, rtol=1e-5, atol=1e-6)
+    assert calls[0] == "side_stream_swiglu" and calls[-1] == "join_side_stream_add", calls
+    assert len(calls) > 2, calls
 
 
 def test_which_calls_take_the_side_stream(monkeypatch):
@@ -130,7 +152,7 @@ def test_moe_on_a_side_stream_equals_in_order(tokens, monkeypatch):
         routed = [i for i, name in enumerate(calls) if name.startswith(("route", "moe_decode"))]
         assert routed and calls.index("side_stream_swiglu") < routed[0], calls
         torch._dynamo.reset()
-        for forward in (moe, torch.compile(moe)):
+        for forward in (moe, torch.compile(moe, options=ss.compile_options())):
             static_x = xs[0].clone()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

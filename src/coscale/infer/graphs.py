@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from coscale.infer.batch import Batch
+from coscale.kernels import side_stream
 from coscale.model.mla import PagedAttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -94,8 +95,8 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.compiled = compile
         self.mtp_graphs = True  # False once capturing an MTP module's forward has failed: eager drafting
-        self.forward = torch.compile(engine.model.hidden_states_paged) if compile else \
-            engine.model.hidden_states_paged
+        self.forward = torch.compile(engine.model.hidden_states_paged, options=side_stream.compile_options()) \
+            if compile else engine.model.hidden_states_paged
 
     def _warm_up(self, g: _Graph) -> None:
         """One run outside the capture (compilation, autotuning, workspaces); falls back to the eager

@@ -21,6 +21,12 @@ Two operators, so that torch.compile keeps the decode step one graph and a CUDA 
   reads it. The side branch's own tensors are allocated on the side stream, and the side stream waits on the
   current one at every fork, so their memory is reused only behind the join that last read it.
 
+Inductor must not move the fork after the work it is meant to run beside. Two of its passes would: the locality
+pass moves a producer next to its only consumer (the join), unless the operator is tagged as drawing random
+numbers, which the fork is, for that reason alone; and the peak-memory reordering put the router's GEMM ahead of the
+fork in the compiled MoE layer, so a compiled step that takes the side stream turns it off (``compile_options``; a
+decode step's few tokens need little memory anyway).
+
 A CUDA graph captures the fork and join as parallel branches (the side stream joins the capture at the fork
 and leaves it at the join). Off CUDA both run in order on the one stream: same arithmetic, no streams.
 ``SHARED_STREAM_MAX_TOKENS`` is the largest decode batch that takes the side stream (0: never; it pays only
@@ -34,8 +40,8 @@ import torch.nn.functional as F
 
 from coscale.kernels.library import operator
 
-__all__ = ["SHARED_STREAM_MAX_TOKENS", "join_side_stream_add", "side_stream", "side_stream_swiglu",
-           "swiglu_stacked"]
+__all__ = ["SHARED_STREAM_MAX_TOKENS", "compile_options", "join_side_stream_add", "side_stream",
+           "side_stream_swiglu", "swiglu_stacked"]
 
 SHARED_STREAM_MAX_TOKENS = 0
 
@@ -51,6 +57,12 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[index]
 
 
+def compile_options() -> dict:
+    """Inductor options for a compiled decode step: with the side stream on, no peak-memory reordering (module
+    docstring); else none."""
+    return {"reorder_for_peak_memory": False} if SHARED_STREAM_MAX_TOKENS > 0 else {}
+
+
 def swiglu_stacked(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """down(silu(gate) * up) of x [T, H] with w_gate_up [2I, H] = [W_gate; W_up] and w_down [H, I] (the
     reference, and what either stream runs)."""
@@ -62,9 +74,8 @@ def _fake_swiglu(x, w_gate_up, w_down):
     return x.new_empty(x.shape[0], w_down.shape[0])
 
 
-# The tag keeps the fork where the model puts it: Inductor's locality pass moves a producer next to its only
-# consumer (here, the join: no overlap left) unless it is an operator that draws random numbers, which it
-# never reorders. Nothing here draws any; the tag only pins the order.
+# The tag keeps Inductor's locality pass from moving the fork next to the join (module docstring): nothing here
+# draws random numbers.
 @operator("side_stream_swiglu", opaque=True, fake=_fake_swiglu, tags=(torch.Tag.nondeterministic_seeded,))
 def side_stream_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """swiglu_stacked(x, w_gate_up, w_down), queued on the side stream behind the current stream's work (CUDA);
