@@ -219,7 +219,7 @@ def main():
     parser.add_argument("--fp8-gluon", action="store_true", help="with --kv-cache-dtype fp8: the MLA decode on the "
                         "warp-specialized Gluon kernel where it takes the case (mla_decode.FP8_GLUON; sm_90)")
     parser.add_argument("--min-split-keys", type=int, metavar="N", help="the fewest keys an MLA decode context "
-                        "split takes (mla_decode.MIN_TOKENS_PER_SPLIT, default 256): fewer splits short contexts more")
+                        "split takes (mla_decode.MIN_TOKENS_PER_SPLIT, default 64): fewer splits short contexts more")
     parser.add_argument("--shared-stream", type=int, metavar="N", help="run each MoE layer's shared experts on a "
                         "second stream beside the routed experts at decode batches of at most N tokens "
                         "(coscale.kernels.side_stream.SHARED_STREAM_MAX_TOKENS, default 0: never)")

@@ -10,6 +10,7 @@ from coscale.config import get_preset
 from coscale.errors import CoscaleError
 from coscale.kernels.mla_decode import (
     FP8_MAX,
+    MIN_TOKENS_PER_SPLIT,
     PROGRAM_COST_KEYS,
     LatentCacheLayer,
     default_num_splits,
@@ -199,17 +200,17 @@ def test_heuristics_and_errors():
     cpu = torch.device("cpu")
     assert default_num_splits(128, 1, 32768, cpu) == 1
     assert default_num_splits(1, 1, 32768, cpu) == 8  # one program an SM (8 on a CPU), 4K keys each
-    assert default_num_splits(1, 1, 100, cpu) == 1  # short contexts are not split
+    assert default_num_splits(1, 1, 100, cpu) == 2  # 64 keys a split at least
     # 132 SMs (the H200): whole waves. Batch 64 at 32K: 2 splits (one wave), never 5 (three waves, the last
     # 56 programs; run 30: 714 us against 603); batch 128: one split; batch 1: 64 splits (one wave, the cap)
     h200 = dict(device=cpu, sms=132)
     assert default_num_splits(64, 1, 32768, **h200) == 2 and default_num_splits(64, 1, 4096, **h200) == 2
     assert default_num_splits(128, 1, 32768, **h200) == 1 and default_num_splits(256, 1, 4096, **h200) == 1
-    assert default_num_splits(1, 1, 32768, **h200) == 64 and default_num_splits(1, 1, 656, **h200) == 3
+    assert default_num_splits(1, 1, 32768, **h200) == 64 and default_num_splits(1, 1, 656, **h200) == 11
     assert default_num_splits(16, 1, 4096, **h200) == 8  # 128 programs of 512 keys
-    # fewer keys a split: more SMs on a short context at batch 1 (11 splits of 60 keys), the rest unchanged
-    assert default_num_splits(1, 1, 656, min_tokens_per_split=64, **h200) == 11
-    assert default_num_splits(64, 1, 4096, min_tokens_per_split=64, **h200) == 2
+    # more keys a split: fewer SMs on a short context at batch 1 (3 splits of 219 keys), the rest unchanged
+    assert default_num_splits(1, 1, 656, min_tokens_per_split=256, **h200) == 3
+    assert default_num_splits(64, 1, 4096, min_tokens_per_split=256, **h200) == 2
     assert default_num_splits(32, 2, 8192, **h200) == 2  # V3's 128 heads: two groups a sequence
     # an FP8 cache: two programs an SM (run 32: 4 / 4 / 2 / 2 splits 1.04-1.06x faster than 2 / 2 / 1 / 1)
     fp8 = dict(h200, programs_per_sm=2)
@@ -218,7 +219,8 @@ def test_heuristics_and_errors():
     assert default_num_splits(1, 1, 32768, **fp8) == 64 and default_num_splits(256, 1, 4096, **fp8) == 1
     for B, T in [(3, 5000), (50, 20000), (100, 9000), (7, 300)]:  # no count finishes sooner
         s = default_num_splits(B, 1, T, **h200)
-        finish = [-(-B * k // 132) * (-(-T // k) + PROGRAM_COST_KEYS) for k in range(1, min(64, -(-T // 256)) + 1)]
+        most = min(64, -(-T // MIN_TOKENS_PER_SPLIT))
+        finish = [-(-B * k // 132) * (-(-T // k) + PROGRAM_COST_KEYS) for k in range(1, most + 1)]
         assert finish[s - 1] == min(finish)
     q_lat, q_pe, cache, table, lens = make_inputs([4], 1, H=2, c=32, dr=16, block_size=16)
     with pytest.raises(CoscaleError, match="do not match the cache"):

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +64,10 @@ COMBINE_ELEMENTS = 8192
 # at a 132nd of copy bandwidth.
 PROGRAM_COST_KEYS = 256
 # The fewest keys a context split takes (default_num_splits). At batch 1 it is what caps the splits: V2-Lite's
-# decode at 544 keys ran 3 splits of about 190 keys, 10.8 us a layer for 0.6 MB (run 29, s29E); fewer keys a split
-# would put more SMs on a short context (bench_decode.py --min-split-keys tries it end to end).
-MIN_TOKENS_PER_SPLIT = 256
+# decode at 544-576 keys took 3 splits of about 190 keys at 256, 11 us a layer for 0.6 MB; at 64, 11 splits, and
+# the split and combine kernels 8.2 us a layer instead of 12.4 (run 47's profile of the decode step, 27 layers:
+# 163 + 58 us a step against 297 + 39). bench_decode.py --min-split-keys N sets it for a run.
+MIN_TOKENS_PER_SPLIT = 64
 MAX_FP8_CHUNKS = 4  # the kernel keeps one accumulator per 128-column scale tile: c <= 512 (DeepSeek's)
 # An FP8 tile is read in fp16 for tiles of up to 32 query rows: on the H200 (run 22) that was 1.10-1.17x the
 # bf16 read at 16 heads, and 0.88x at 128 heads (64-row tiles), where the bf16 read stays.
@@ -93,10 +95,11 @@ FP8_WHOLE_TILE = True
 FP8_PROGRAMS_PER_SM = 2
 # An FP8 cache through the warp-specialized Gluon kernel (coscale.kernels._mla_decode_gluon: a TMA loader, a
 # converter warpgroup and a wgmma warpgroup with the keys on M) on sm_90, where it takes the case (DeepSeek's
-# 512 + 64 widths, pages of whole 64-key tiles, 16 query rows a program, bf16 queries). Off until it is
-# measured on a GPU: sm_90 compiles give 62 warp instructions a key against the Triton kernel's 154, no spills,
-# 220 KB of shared memory (one program an SM). mla_decode(fp8_gluon=True) runs it.
-FP8_GLUON = False
+# 512 + 64 widths, pages of whole 64-key tiles, 16 query rows a program, bf16 queries). Measured on the H200 (run
+# 47, 16 heads, graph-timed): 55-61% of copy bandwidth at batch 64-128 with 4K-32K contexts against the Triton
+# kernel's 33-35% (1.68-1.73x), 1.6-1.8x at batch 1; within FP8's bound of the float64 reference on the GPU
+# (tests/test_mla_decode_gluon.py). mla_decode(fp8_gluon=False) keeps the Triton kernel.
+FP8_GLUON = True
 
 
 @dataclass
@@ -339,11 +342,9 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
     assert o_lse.stride(3) == 1, "the split kernel stores the log-sum-exp of split j at offset j"
     scale_log2 = softmax_scale * math.log2(math.e)
     if gluon:
-        from coscale.kernels._mla_decode_gluon import launch_mla_decode_fp8_gluon
-
-        launch_mla_decode_fp8_gluon(q_lat, q_pe, cache.latent, cache.rope, cache.scale, block_table, seq_lens, o,
-                                    o_lse, heads_tile=tile, rows=rows, num_splits=splits, sm_scale_log2=scale_log2)
-    else:
+        gluon = _launch_gluon(fp8_gluon, q_lat, q_pe, cache, block_table, seq_lens, o, o_lse, heads_tile=tile,
+                              rows=rows, num_splits=splits, sm_scale_log2=scale_log2)
+    if not gluon:
         scale = cache.scale if fp8 else cache.rope  # any tensor: never read without FP8
         args = (
             q_lat, q_pe, cache.latent, cache.rope, scale, block_table, seq_lens, o, o_lse,
@@ -374,6 +375,27 @@ def mla_decode(q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, soft
             C=c, BLOCK_C=combine_cols, NUM_SPLITS=splits, SPLITS_P2=max(2, _next_pow2(splits)),
         )  # fmt: skip
     return out, lse
+
+
+def _launch_gluon(fp8_gluon: bool | None, q_lat, q_pe, cache: LatentCacheLayer, block_table, seq_lens, o, o_lse,
+                  **launch) -> bool:
+    """Launch the Gluon kernel; False where it fails to compile and was not asked for explicitly (Gluon is Triton's
+    experimental API, and a Triton other than the ones it was built on may reject it): a warning, FP8_GLUON off,
+    and the caller runs the Triton kernel."""
+    global FP8_GLUON
+    from coscale.kernels._mla_decode_gluon import launch_mla_decode_fp8_gluon
+
+    try:
+        launch_mla_decode_fp8_gluon(q_lat, q_pe, cache.latent, cache.rope, cache.scale, block_table, seq_lens, o,
+                                    o_lse, **launch)
+        return True
+    except Exception as exc:  # noqa: BLE001  (a compiler error of any kind: the Triton kernel takes over)
+        if fp8_gluon:
+            raise
+        FP8_GLUON = False
+        warnings.warn(f"mla_decode: the Gluon FP8 kernel failed ({type(exc).__name__}: {exc}); the Triton kernel "
+                      "runs from now on (mla_decode.FP8_GLUON = False)", RuntimeWarning, stacklevel=3)
+        return False
 
 
 def _use_gluon(fp8_gluon: bool | None, cache: LatentCacheLayer, q_lat, q_pe, block_table, rows: int, kernel_config,
