@@ -70,20 +70,19 @@ def launcher(kernel):
     return torch.library.wrap_triton(kernel)
 
 
-def operator(name: str, *, opaque: bool = False, fake: Callable | None = None, schema: str | None = None,
-             tags: tuple[torch.Tag, ...] = ()):
+def operator(name: str, *, opaque: bool = False, fake: Callable | None = None, schema: str | None = None):
     """Register the decorated function as the operator ``coscale::<name>`` (see the module docstring).
 
     Transparent (default): ``torch.library.triton_op``; the function is also its fake kernel. Opaque:
     ``torch.library.custom_op`` with ``fake`` as the fake kernel (the function itself if None, for
     functions whose kernels only run on real tensors). Outputs are fresh tensors (no operator mutates
     or returns its inputs). Returns the ``CustomOpDef`` (call it like the function; ``register_autograd``
-    on it). ``tags``: the opaque operator's ``torch.Tag``s."""
+    on it)."""
     qualname = f"{NAMESPACE}::{name}"
 
     def register(fn: Callable) -> torch.library.CustomOpDef:
         if opaque or OPAQUE_ONLY:
-            op = torch.library.custom_op(qualname, fn, mutates_args=(), schema=schema, tags=tags)
+            op = torch.library.custom_op(qualname, fn, mutates_args=(), schema=schema)
             op.register_fake(fake or fn)
             return op
         return torch.library.triton_op(qualname, fn, mutates_args=())

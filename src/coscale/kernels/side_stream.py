@@ -21,11 +21,11 @@ Two operators, so that torch.compile keeps the decode step one graph and a CUDA 
   reads it. The side branch's own tensors are allocated on the side stream, and the side stream waits on the
   current one at every fork, so their memory is reused only behind the join that last read it.
 
-Inductor must not move the fork after the work it is meant to run beside. Two of its passes would: the locality
-pass moves a producer next to its only consumer (the join), unless the operator is tagged as drawing random
-numbers, which the fork is, for that reason alone; and the peak-memory reordering put the router's GEMM ahead of the
-fork in the compiled MoE layer, so a compiled step that takes the side stream turns it off (``compile_options``; a
-decode step's few tokens need little memory anyway).
+Inductor must not move the fork after the work it is meant to run beside, and two of its passes do: the locality
+pass moves a producer next to its only consumer (the join; torch 2.13 spares operators tagged as drawing random
+numbers, torch 2.11 does not), and the peak-memory reordering put the router's GEMM ahead of the fork in the
+compiled MoE layer. So a compiled step that takes the side stream turns both off (``compile_options``): they order
+kernels for locality and memory, which a decode step's few tokens hardly need.
 
 A CUDA graph captures the fork and join as parallel branches (the side stream joins the capture at the fork
 and leaves it at the join). Off CUDA both run in order on the one stream: same arithmetic, no streams.
@@ -58,9 +58,11 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def compile_options() -> dict:
-    """Inductor options for a compiled decode step: with the side stream on, no peak-memory reordering (module
-    docstring); else none."""
-    return {"reorder_for_peak_memory": False} if SHARED_STREAM_MAX_TOKENS > 0 else {}
+    """Inductor options for a compiled decode step: with the side stream on, neither the locality nor the
+    peak-memory reordering (module docstring); else none."""
+    if SHARED_STREAM_MAX_TOKENS > 0:
+        return {"reorder_for_locality": False, "reorder_for_peak_memory": False}
+    return {}
 
 
 def swiglu_stacked(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
@@ -74,9 +76,7 @@ def _fake_swiglu(x, w_gate_up, w_down):
     return x.new_empty(x.shape[0], w_down.shape[0])
 
 
-# The tag keeps Inductor's locality pass from moving the fork next to the join (module docstring): nothing here
-# draws random numbers.
-@operator("side_stream_swiglu", opaque=True, fake=_fake_swiglu, tags=(torch.Tag.nondeterministic_seeded,))
+@operator("side_stream_swiglu", opaque=True, fake=_fake_swiglu)
 def side_stream_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
     """swiglu_stacked(x, w_gate_up, w_down), queued on the side stream behind the current stream's work (CUDA);
     its result may be read only after ``join_side_stream_add``."""
