@@ -216,8 +216,9 @@ def main():
     parser.add_argument("--checkpoint", help="a trained checkpoint instead of the random V2-Lite-shape model")
     parser.add_argument("--speculative", action="store_true", help="with --checkpoint: MTP drafts on and off")
     parser.add_argument("--kv-cache-dtype", default="bf16", choices=("bf16", "fp8"))
-    parser.add_argument("--fp8-gluon", action="store_true", help="with --kv-cache-dtype fp8: the MLA decode on the "
-                        "warp-specialized Gluon kernel where it takes the case (mla_decode.FP8_GLUON; sm_90)")
+    parser.add_argument("--fp8-gluon", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --kv-cache-dtype fp8: the MLA decode on the warp-specialized Gluon kernel where it "
+                             "takes the case, or (--no-fp8-gluon) the Triton kernel (mla_decode.FP8_GLUON, default on)")
     parser.add_argument("--min-split-keys", type=int, metavar="N", help="the fewest keys an MLA decode context "
                         "split takes (mla_decode.MIN_TOKENS_PER_SPLIT, default 64): fewer splits short contexts more")
     parser.add_argument("--shared-stream", type=int, metavar="N", help="run each MoE layer's shared experts on a "
@@ -244,12 +245,12 @@ def main():
         parser.error("--min-split-keys: at least 1")
     if args.shared_stream is not None and args.shared_stream < 0:
         parser.error("--shared-stream: a batch size, 0 or more")
-    if args.fp8_gluon and args.kv_cache_dtype != "fp8":
-        parser.error("--fp8-gluon runs the FP8 cache's decode kernel: add --kv-cache-dtype fp8")
+    if args.fp8_gluon is not None and args.kv_cache_dtype != "fp8":
+        parser.error("--fp8-gluon / --no-fp8-gluon choose the FP8 cache's decode kernel: add --kv-cache-dtype fp8")
     from coscale.kernels import mla_decode as mla_decode_module
 
-    if args.fp8_gluon:
-        mla_decode_module.FP8_GLUON = True
+    if args.fp8_gluon is not None:
+        mla_decode_module.FP8_GLUON = args.fp8_gluon
     if args.min_split_keys is not None:
         mla_decode_module.MIN_TOKENS_PER_SPLIT = args.min_split_keys
     if args.shared_stream is not None:
@@ -276,8 +277,9 @@ def main():
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
             "model": args.checkpoint or "deepseek-v2-lite (random)", "params": model.num_parameters(),
-            "kv_cache_dtype": args.kv_cache_dtype, "fp8_gluon": args.fp8_gluon, "copy_tbps": H200_COPY_TBPS,
-            "min_split_keys": args.min_split_keys, "shared_stream": args.shared_stream, "load_s": load_s}
+            "kv_cache_dtype": args.kv_cache_dtype, "fp8_gluon": mla_decode_module.FP8_GLUON,
+            "copy_tbps": H200_COPY_TBPS, "min_split_keys": mla_decode_module.MIN_TOKENS_PER_SPLIT,
+            "shared_stream": args.shared_stream, "load_s": load_s}
     print(json.dumps(meta), flush=True)
     log = ResultsLog("bench_decode")
     results: list[dict] = []
