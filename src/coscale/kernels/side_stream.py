@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from coscale.kernels.library import operator
 
 __all__ = ["SHARED_STREAM_MAX_TOKENS", "compile_options", "join_side_stream_add", "side_stream",
-           "side_stream_swiglu", "swiglu_stacked"]
+           "side_stream_swiglu", "stacked_swiglu_hidden", "swiglu_stacked"]
 
 SHARED_STREAM_MAX_TOKENS = 0
 
@@ -65,11 +65,17 @@ def compile_options() -> dict:
     return {}
 
 
-def swiglu_stacked(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate) * up) of x [T, H] with w_gate_up [2I, H] = [W_gate; W_up] and w_down [H, I] (the
-    reference, and what either stream runs)."""
+def stacked_swiglu_hidden(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of x [.., H] with w_gate_up [2I, H] = [W_gate; W_up]: one GEMM for both (a SwiGLU MLP's
+    hidden at inference, coscale.model.moe.MLP)."""
     gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w_down)
+    return F.silu(gate) * up
+
+
+def swiglu_stacked(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate) * up) of x [T, H] with w_gate_up [2I, H] and w_down [H, I] (the reference, and what either
+    stream runs)."""
+    return F.linear(stacked_swiglu_hidden(x, w_gate_up), w_down)
 
 
 def _fake_swiglu(x, w_gate_up, w_down):

@@ -49,8 +49,7 @@ class MLP(StackedWeights, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stacked_weight is not None and not torch.is_grad_enabled():  # [gate; up] in one GEMM
-            gate, up = F.linear(x, self.stacked_weight).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(side_stream.stacked_swiglu_hidden(x, self.stacked_weight))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
