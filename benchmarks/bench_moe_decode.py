@@ -38,7 +38,7 @@ SHAPES = {"v2-lite": (64, 2048, 1408, 6), "v3": (256, 7168, 2048, 8)}  # experts
 SMOKE_SHAPE = (8, 64, 32, 2)
 
 
-def run_case(name: str, shape, T: int, gen, dev) -> list[dict]:
+def run_case(name: str, shape, T: int, gen, dev, experts_per_split=()) -> list[dict]:
     E, H, I, K = shape
     x = torch.randn(T, H, generator=gen).to(dev, torch.bfloat16)
     idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).to(dev)
@@ -58,7 +58,12 @@ def run_case(name: str, shape, T: int, gen, dev) -> list[dict]:
     def picks():
         return moe_decode(x, idx, g, w_gate, w_up, w_down, backend="triton" if SMOKE else "auto", rows="picks")
 
-    variants = (("general", general), ("decode kernels", decode), ("picks", picks))
+    def decode_split(n):
+        return lambda: moe_decode(x, idx, g, w_gate, w_up, w_down, backend="triton" if SMOKE else "auto",
+                                  experts_per_split=n)
+
+    variants = (("general", general), ("decode kernels", decode), ("picks", picks)) + tuple(
+        (f"decode, {n} a split", decode_split(n)) for n in experts_per_split)
     if not SMOKE:
         variants = tuple((v, torch.compile(fn)) for v, fn in variants)
     with torch.no_grad():
@@ -78,7 +83,7 @@ def run_case(name: str, shape, T: int, gen, dev) -> list[dict]:
 
 
 def print_table(results: list[dict]) -> None:
-    print_rows(results, [("shape", "shape", 8, ""), ("T", "tokens", 5, "d"), ("variant", "variant", 15, ""),
+    print_rows(results, [("shape", "shape", 8, ""), ("T", "tokens", 5, "d"), ("variant", "variant", 20, ""),
                          ("experts", "experts_touched", 7, "d"), ("us", "us", 9, ".1f"),
                          ("x general", "speedup_vs_general", 9, ".2f"), ("% copy", "pct_of_copy", 7, ".1f"),
                          ("max diff", "max_rel_diff", 9, ".1e")])
@@ -88,13 +93,16 @@ def main() -> None:
     def shapes_option(parser):
         parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
                             help="expert shapes (default: all)")
+        parser.add_argument("--experts-per-split", nargs="+", type=int, default=[], metavar="N",
+                            help="also time the decode kernels with N experts a down-projection program "
+                                 "(default: only the library's default)")
 
     args, dev, gen = decode_bench_args(__doc__, "batches 1, 16 and 32 (about a minute)", "tokens",
                                        "batch sizes (default 1 4 16 32 64 128)", more=shapes_option)
     tokens = args.tokens or ([1, 16, 32] if args.quick else [1, 4, 16, 32, 64, 128])
     cases = [("smoke", SMOKE_SHAPE, t) for t in (args.tokens or [1, 20])] if SMOKE else \
         [(name, SHAPES[name], t) for name in args.shapes for t in tokens]
-    run_cases("bench_moe_decode", cases, lambda *c: run_case(*c, gen, dev), print_table, dev, args.quick, COPY_TBPS)
+    run_cases("bench_moe_decode", cases, lambda *c: run_case(*c, gen, dev, args.experts_per_split), print_table, dev, args.quick, COPY_TBPS)
 
 
 if __name__ == "__main__":

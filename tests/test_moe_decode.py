@@ -79,6 +79,21 @@ def test_repeated_picks_no_tokens_and_auto_on_cpu(rows):
 
 
 @needs_triton
+@pytest.mark.parametrize("experts_per_split", [1, 3, 8, 20])
+def test_any_split_of_the_down_projection_gives_the_same_sum(experts_per_split):
+    # 8 experts in splits of 1 (8 partials), 3 (a ragged last split), 8 (one) and 20 (more than there are)
+    args = _problem(5, 3, 8, 32, 16, seed=9)
+    _assert_matches(moe_decode(*args, backend="triton", experts_per_split=experts_per_split), args, torch.bfloat16)
+
+
+def test_experts_per_split_must_be_a_positive_int():
+    args = _problem(2, 2, 4, 16, 16, seed=1)
+    for bad in (0, -1, 2.0):
+        with pytest.raises(CoscaleError, match="experts_per_split"):
+            moe_decode(*args, experts_per_split=bad)
+
+
+@needs_triton
 def test_picks_beyond_one_plan_chunk_and_the_grid_row_blocks():
     # 300 tokens x 4 picks: the plan kernel's 1,024-pick chunks twice over; expert 0 picked by every token:
     # 300 rows, more than the grid's 4 row blocks of 16 cover, so the kernels loop
@@ -189,7 +204,8 @@ def test_grouped_experts_picks_the_row_layout(monkeypatch, T, want):
 
 def test_opcheck():
     x, idx, g, wg, wu, wd = _problem(5, 2, 8, 32, 16, seed=5)
-    opcheck(moe_decode_op, (x, idx, g, wg, wu, wd, "torch"))
+    opcheck(moe_decode_op, (x, idx, g, wg, wu, wd, "torch", 8))
+    opcheck(moe_decode_op, (x, idx, g, wg, wu, wd, "torch", 3))
     opcheck(moe_decode_picks_op, (x, idx, wg, wu, wd, "torch"))
 
 

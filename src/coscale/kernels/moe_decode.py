@@ -272,12 +272,13 @@ def _block_t(T: int) -> int:
     return max(16, min(64, triton.next_power_of_2(T)))  # tl.dot's smallest M; 64 bounds the registers
 
 
-def moe_decode_triton(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tensor:
-    """The partial sums [S, T, H] float32 (module docstring)."""
+def moe_decode_triton(x, topk_idx, topk_weight, w_gate, w_up, w_down,
+                      experts_per_split: int = EXPERTS_PER_SPLIT) -> torch.Tensor:
+    """The partial sums [S, T, H] float32, S = ceil(E / experts_per_split) (module docstring)."""
     T, H = x.shape
     E, I, _ = w_gate.shape
     K = topk_idx.shape[1]
-    splits = triton.cdiv(E, EXPERTS_PER_SPLIT)
+    splits = triton.cdiv(E, experts_per_split)
     part = torch.empty(splits, T, H, dtype=torch.float32, device=x.device)
     if T == 0:
         return part
@@ -291,7 +292,7 @@ def moe_decode_triton(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.T
     )
     _moe_down_kernel[lambda meta: (triton.cdiv(H, meta["BLOCK_N"]), splits, t_blocks)](
         act, topk_idx, topk_weight, w_down, part, T, H, I, E, t_bucket,
-        w_down.stride(0), w_down.stride(1), EXPERTS=EXPERTS_PER_SPLIT, **common,
+        w_down.stride(0), w_down.stride(1), EXPERTS=experts_per_split, **common,
     )
     return part
 
@@ -358,8 +359,8 @@ def moe_decode_picks_op(x: torch.Tensor, topk_idx: torch.Tensor, w_gate: torch.T
     return moe_decode_picks_torch(x, topk_idx, w_gate, w_up, w_down)
 
 
-def _fake(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend):
-    return x.new_empty(-(-w_gate.shape[0] // EXPERTS_PER_SPLIT), x.shape[0], x.shape[1], dtype=torch.float32)
+def _fake(x, topk_idx, topk_weight, w_gate, w_up, w_down, backend, experts_per_split):
+    return x.new_empty(-(-w_gate.shape[0] // experts_per_split), x.shape[0], x.shape[1], dtype=torch.float32)
 
 
 def moe_decode_torch(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tensor:
@@ -374,13 +375,13 @@ def moe_decode_torch(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Te
 
 @operator("moe_decode", opaque=True, fake=_fake)
 def moe_decode_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate: torch.Tensor,
-                  w_up: torch.Tensor, w_down: torch.Tensor, backend: str) -> torch.Tensor:
-    """Partial sums [S, T, H] float32 of the routed experts' output (an opaque operator: autotuned kernels;
-    the CPU reference gives one partial)."""
+                  w_up: torch.Tensor, w_down: torch.Tensor, backend: str, experts_per_split: int) -> torch.Tensor:
+    """Partial sums [S, T, H] float32 of the routed experts' output, S = ceil(E / experts_per_split) (an opaque
+    operator: autotuned kernels; the CPU reference gives one partial and zeros)."""
     if select_backend(backend, x, op="moe_decode") == "triton":
-        return moe_decode_triton(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+        return moe_decode_triton(x, topk_idx, topk_weight, w_gate, w_up, w_down, experts_per_split)
     out = moe_decode_torch(x, topk_idx, topk_weight, w_gate, w_up, w_down)
-    return torch.cat([out.unsqueeze(0), out.new_zeros(-(-w_gate.shape[0] // EXPERTS_PER_SPLIT) - 1, *out.shape)])
+    return torch.cat([out.unsqueeze(0), out.new_zeros(-(-w_gate.shape[0] // experts_per_split) - 1, *out.shape)])
 
 
 ROWS = ("tokens", "picks")
@@ -388,7 +389,7 @@ ROWS = ("tokens", "picks")
 
 def moe_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate: torch.Tensor,
                w_up: torch.Tensor, w_down: torch.Tensor, *, backend: str = "auto",
-               rows: str = "tokens") -> torch.Tensor:
+               rows: str = "tokens", experts_per_split: int = EXPERTS_PER_SPLIT) -> torch.Tensor:
     """sum_k topk_weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_idx[t, k], as
     coscale.kernels.moe.grouped_experts_forward computes it, for the few tokens of a decode step.
 
@@ -397,10 +398,14 @@ def moe_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tenso
     `backend`: "auto" (the kernels on CUDA, the reference elsewhere), "triton" (CPU tensors under
     TRITON_INTERPRET=1) or "torch" (`moe_decode_torch`). `rows`: "tokens" (every token of the batch a row of
     every picked expert's tile) or "picks" (only each expert's own picks, gathered: module docstring);
-    `moe_decode_rows(T)` is the faster of the two. Expert ids must lie in [0, E), as the router gives them.
+    `moe_decode_rows(T)` is the faster of the two. `experts_per_split` ("tokens" only): the experts one
+    program of the down projection walks (fewer: more programs, more float32 partials to sum). Expert ids must
+    lie in [0, E), as the router gives them.
     """
     if rows not in ROWS:
         raise CoscaleError(f"moe_decode: rows must be one of {ROWS}, got {rows!r}")
+    if not isinstance(experts_per_split, int) or experts_per_split < 1:
+        raise CoscaleError(f"moe_decode: experts_per_split must be a positive int, got {experts_per_split!r}")
     if x.dim() != 2 or w_gate.dim() != 3 or w_gate.shape != w_up.shape or w_gate.shape[2] != x.shape[1]:
         raise CoscaleError(f"moe_decode needs x [T, H] and w_gate, w_up [E, I, H], got {tuple(x.shape)}, "
                            f"{tuple(w_gate.shape)} and {tuple(w_up.shape)}")
@@ -426,5 +431,5 @@ def moe_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tenso
         weighted = y.view(*topk_idx.shape, x.shape[1]).float() * topk_weight.float().unsqueeze(-1)
         return weighted.sum(1).to(x.dtype)
     part = moe_decode_op(x.contiguous(), topk_idx.contiguous(), topk_weight.float().contiguous(),
-                         w_gate, w_up, w_down, backend)
+                         w_gate, w_up, w_down, backend, experts_per_split)
     return part.sum(0).to(x.dtype)
