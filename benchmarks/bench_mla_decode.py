@@ -35,8 +35,10 @@ import traceback
 
 import torch
 
+from coscale.kernels import mla_decode as md
 from coscale.kernels.mla_decode import (
     FP8_CONVERT_EARLY_MIN_BATCH,
+    GLUON_DESIGNS,
     LatentCacheLayer,
     default_num_splits,
     heads_per_tile,
@@ -155,8 +157,10 @@ def run_case(B, T, H, S, fp8, args, gen, results):
                              "cast after shared memory", **run, fp8_convert_early=early)
             if fp8 and args.fp8_per_tile:  # one product per scale tile (the default reads the tile whole)
                 time_variant("per_tile", "per scale tile", **run, fp8_whole_tile=False)
-            if fp8 and args.fp8_gluon and tile * S <= 16:  # the warp-specialized Gluon kernel (sm_90, 16 rows)
-                time_variant("gluon", "Gluon warp-specialized", **run, fp8_gluon=True)
+            if fp8 and args.fp8_gluon and tile * S <= 16:  # the warp-specialized Gluon kernels (sm_90, 16 rows)
+                for design in args.gluon_designs:
+                    time_variant("gluon" if design == "converter" else f"gluon_{design}", f"Gluon, {design}", **run,
+                                 fp8_gluon=True, gluon_design=design)
             if args.lazy and config is not None:  # the picked configuration with lazy rescaling
                 time_variant("lazy", "lazy rescaling", **run, kernel_config={**config, "LAZY": 1})
             results.append(r)
@@ -179,10 +183,16 @@ def time_variant(name: str, label: str, *, r: dict, case, scale: float, used: in
     """The case of row ``r`` again with other mla_decode options: timed, checked against the reference,
     recorded as ``name``_ms / ``name``_err and printed."""
     B, T, H, S = r["batch"], r["context"], r["heads"], r["s_q"]
-    r[f"{name}_ms"] = timed(functools.partial(mla_decode, *case, scale, max_seq_len=T, num_splits=used,
-                                              backend="triton", **options), quick)
-    cfg = options.pop("kernel_config", None) or (None if options.get("fp8_gluon") else tuned_config())
-    r[f"{name}_err"] = check(H, S, r["cache"] == "fp8", gen, used, cfg, **options)
+    design = options.pop("gluon_design", None)
+    previous = md.FP8_GLUON_DESIGN
+    md.FP8_GLUON_DESIGN = design or previous  # (read when a call launches, and graphs capture the launch)
+    try:
+        r[f"{name}_ms"] = timed(functools.partial(mla_decode, *case, scale, max_seq_len=T, num_splits=used,
+                                                  backend="triton", **options), quick)
+        cfg = options.pop("kernel_config", None) or (None if options.get("fp8_gluon") else tuned_config())
+        r[f"{name}_err"] = check(H, S, r["cache"] == "fp8", gen, used, cfg, **options)
+    finally:
+        md.FP8_GLUON_DESIGN = previous
     print(f"  B={B:4d} T={T:6d} H={H:4d} {r['cache']} {label}: {r[f'{name}_ms'] * 1e3:8.1f} us "
           f"({100 * nbytes / r[f'{name}_ms'] / 1e9 / H200_COPY_TBPS:.0f}%, {config_name(cfg)}), "
           f"err {r[f'{name}_err']:.1e}", flush=True)
@@ -248,6 +258,9 @@ def main():
     parser.add_argument("--fp8-gluon", action="store_true", help="also time FP8 caches on the warp-specialized "
                         "Gluon kernel (mla_decode's default where it takes the case: sm_90, 16 heads); the main rows "
                         "are the Triton kernel's")
+    parser.add_argument("--gluon-designs", nargs="+", choices=GLUON_DESIGNS, default=["converter"],
+                        help="with --fp8-gluon: the Gluon kernels to time (mla_decode.FP8_GLUON_DESIGN; default "
+                             "converter)")
     parser.add_argument("--caches", nargs="+", choices=("bf16", "fp8"), default=["bf16", "fp8"],
                         help="--quick: the cache formats to run (default both)")
     parser.add_argument("--eager-timing", action="store_true", help="time each call with do_bench, the "

@@ -15,6 +15,8 @@ import torch
 
 from coscale.errors import CoscaleError
 from coscale.kernels import _mla_decode_gluon as gk
+from coscale.kernels import _mla_decode_gluon_regs as gkr
+from coscale.kernels import mla_decode as md
 from coscale.kernels.backend import interpreting
 from coscale.kernels.mla_decode import (
     LatentCacheLayer,
@@ -43,6 +45,34 @@ def test_the_kernel_compiles_for_sm90_without_spills(tmp_path):
     assert "C7514" not in report and "serialized" not in report, report
     assert re.search(r"\b0 bytes spill stores", report), report
     assert shared <= 227 * 1024
+
+
+@needs_gluon
+@pytest.mark.timeout(120)
+def test_the_register_operand_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """sm_90 compile of the second design (coscale.kernels._mla_decode_gluon_regs): the same 68 wgmma a tile, 128
+    casts a thread a tile in each MMA warpgroup (256 in all), the values warpgroup's 64 byte permutes (two a pair of
+    keys' words), no spills, no product serialized or waited for by ptxas for want of registers, one program an
+    SM."""
+    ptx, shared = compile_ptx("coscale.kernels._mla_decode_gluon_regs", [16, 1], tmp_path)
+    assert ptx.count("wgmma.mma_async") == 68
+    assert ptx.count("cvt.rn.f16x2.e4m3x2") == 256
+    assert ptx.count("prmt.b32") == 64
+    report = ptxas_report(ptx, tmp_path)
+    assert "C7512" not in report and "C7514" not in report and "C7517" not in report, report
+    assert re.search(r"\b0 bytes spill stores", report), report
+    assert shared <= 227 * 1024
+
+
+def test_the_register_operands_column_orders_are_permutations():
+    """Where the register-operand kernel's fragments hold the latent's columns: each order a permutation of a scale
+    tile's 128 columns (the query is stored in the scores' order and the output rows undo the values' order)."""
+    k = torch.arange(128)
+    assert sorted(gkr.query_column(k).tolist()) == list(range(128))
+    assert sorted(gkr.value_column(k).tolist()) == list(range(128))
+    # a thread's eight words of a key row are 32 contiguous bytes; a thread's four value rows are one word
+    assert gkr.query_column(torch.tensor([0, 1, 8, 9, 16])).tolist() == [0, 1, 2, 3, 4]
+    assert gkr.value_column(torch.tensor([0, 8, 64, 72, 1])).tolist() == [0, 1, 2, 3, 4]
 
 
 def test_asking_for_it_where_it_cannot_run_is_a_clear_error():
@@ -123,12 +153,19 @@ def _case(lens, S, H, page, seed, decades):
     return q_lat, q_pe, cache, table, torch.tensor(lens, dtype=torch.int32)
 
 
+@pytest.fixture(params=md.GLUON_DESIGNS)
+def design(request, monkeypatch):
+    """Each Gluon kernel in turn (mla_decode.FP8_GLUON_DESIGN)."""
+    monkeypatch.setattr(md, "FP8_GLUON_DESIGN", request.param)
+    return request.param
+
+
 @on_hopper
 @needs_gluon
 @pytest.mark.parametrize("S,H", [(1, 16), (2, 8)])
 @pytest.mark.parametrize("page", [64, 128])
 @pytest.mark.parametrize("decades", [2, 12])
-def test_gpu_kernel_matches_the_reference(S, H, page, decades):
+def test_gpu_kernel_matches_the_reference(S, H, page, decades, design):
     """Against the float64 reference on the dequantized cache. The kernel's values are the e4m3 codes, exact in
     fp16; the query rows are scaled by a power of two into fp16 (exact for bf16 values within 2^24 of the row's
     largest); each scale tile's scores are fp16 products summed in FP32, then times the tile's scale: a score moves
@@ -160,7 +197,7 @@ def test_gpu_kernel_matches_the_reference(S, H, page, decades):
 
 @on_hopper
 @needs_gluon
-def test_gpu_kernel_equals_the_triton_kernel_closely_and_replays_in_a_graph():
+def test_gpu_kernel_equals_the_triton_kernel_closely_and_replays_in_a_graph(design):
     """The same call on the Triton kernel (whole-tile FP8 read) agrees within both kernels' bounds, and a CUDA
     graph captured once replays with new lengths (the split count fixed, as the engine captures it)."""
     q_lat, q_pe, cache, table, seq_lens = _case([100, 4096, 5], 1, 16, 64, seed=3, decades=2)
@@ -197,3 +234,9 @@ def test_a_gluon_compile_failure_falls_back_unless_asked_for(monkeypatch):
     with pytest.warns(RuntimeWarning, match="Triton kernel runs from now on"):
         assert md._launch_gluon(None, None, None, cache, None, None, None, None) is False
     assert not md.FP8_GLUON
+
+
+def test_an_unknown_gluon_design_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(md, "FP8_GLUON_DESIGN", "fast")
+    with pytest.raises(CoscaleError, match="FP8_GLUON_DESIGN must be one of"):
+        md._gluon_kernels()

@@ -100,6 +100,23 @@ FP8_PROGRAMS_PER_SM = 2
 # kernel's 33-35% (1.68-1.73x), 1.6-1.8x at batch 1; within FP8's bound of the float64 reference on the GPU
 # (tests/test_mla_decode_gluon.py). mla_decode(fp8_gluon=False) keeps the Triton kernel.
 FP8_GLUON = True
+# Which Gluon kernel: "converter" (coscale.kernels._mla_decode_gluon: a converter warpgroup writes each tile to shared
+# memory in fp16 for both products) or "registers" (coscale.kernels._mla_decode_gluon_regs: both MMA warpgroups cast
+# the e4m3 tile into wgmma's register operand, a third of the shared-memory traffic; not yet run on a GPU).
+FP8_GLUON_DESIGN = "converter"
+GLUON_DESIGNS = ("converter", "registers")
+
+
+def _gluon_kernels(design: str | None = None):
+    """The module of the Gluon FP8 kernel of ``design`` (default FP8_GLUON_DESIGN)."""
+    design = FP8_GLUON_DESIGN if design is None else design
+    if design not in GLUON_DESIGNS:
+        raise CoscaleError(f"mla_decode: FP8_GLUON_DESIGN must be one of {GLUON_DESIGNS}, got {design!r}")
+    if design == "registers":
+        from coscale.kernels import _mla_decode_gluon_regs as kernels
+    else:
+        from coscale.kernels import _mla_decode_gluon as kernels
+    return kernels
 
 
 @dataclass
@@ -383,11 +400,9 @@ def _launch_gluon(fp8_gluon: bool | None, q_lat, q_pe, cache: LatentCacheLayer, 
     experimental API, and a Triton other than the ones it was built on may reject it): a warning, FP8_GLUON off,
     and the caller runs the Triton kernel."""
     global FP8_GLUON
-    from coscale.kernels._mla_decode_gluon import launch_mla_decode_fp8_gluon
-
     try:
-        launch_mla_decode_fp8_gluon(q_lat, q_pe, cache.latent, cache.rope, cache.scale, block_table, seq_lens, o,
-                                    o_lse, **launch)
+        _gluon_kernels().launch_mla_decode_fp8_gluon(q_lat, q_pe, cache.latent, cache.rope, cache.scale, block_table,
+                                                     seq_lens, o, o_lse, **launch)
         return True
     except Exception as exc:  # noqa: BLE001  (a compiler error of any kind: the Triton kernel takes over)
         if fp8_gluon:
@@ -421,8 +436,7 @@ def gluon_refusal(cache: LatentCacheLayer, q_dtype: torch.dtype, rows: int, kern
     tensors and the kernels are compiled, not interpreted. The kernel's TMA descriptors and products are built for
     bf16 queries and RoPE keys, float32 scales and an int32 block table: any other dtype keeps the Triton kernel
     (a cache in the model's fp16, say) rather than failing to compile."""
-    from coscale.kernels import _mla_decode_gluon as gk
-
+    gk = _gluon_kernels()
     c, dr, page = cache.latent.shape[-1], cache.rope.shape[-1], cache.block_size
     if cache.scale is None:
         return "it reads an FP8 cache"
