@@ -175,7 +175,8 @@ def _build():
         # words [64 keys, 32] (word c = columns 4c .. 4c + 3 of a scale tile, a thread holding 8 consecutive words
         # of two keys) -> the scores' A [64 keys, 128] fp16, column order of query_column
         h0, h1, h2, h3 = _f16x4(words)
-        v = gl.join(gl.join(h0, h1), gl.join(h2, h3))  # [64, 32, 2, 2]: column 4 c + 2 h + e
+        # join stacks along a new last dimension: [64, 32, b0, b1] for byte b = b0 + 2 b1 of word c
+        v = gl.permute(gl.join(gl.join(h0, h1), gl.join(h2, h3)), (0, 1, 3, 2))  # column 4 c + 2 h + e: [.., h, e]
         v = gl.reshape(v, [64, 4, 8, 2, 2])  # column 32 l + 4 s + 2 h + e
         v = gl.permute(v, (0, 2, 3, 1, 4))  # -> position 16 s + 8 h + 2 l + e
         return gl.convert_layout(gl.reshape(v, [64, 128]), a_layout, assert_trivial=True)
@@ -186,9 +187,10 @@ def _build():
         # A [128, 64 keys] fp16, K^T with its rows in value_column's order
         even, odd = gl.split(gl.permute(gl.reshape(words, [32, 2, 32]), (0, 2, 1)))  # keys 2i, 2i + 1
         c = _f16_key_pairs(even, odd)
+        # join stacks along a new last dimension: [pair, word, e, b0, b1] (key 2 pair + e, column 4 word + b0 + 2 b1)
         v = gl.join(gl.join(gl.join(c[0], c[1]), gl.join(c[2], c[3])),
-                    gl.join(gl.join(c[4], c[5]), gl.join(c[6], c[7])))  # [pair, word, b1, b0, e]
-        v = gl.permute(v, (1, 2, 3, 0, 4))  # [word, b1, b0, pair, e]
+                    gl.join(gl.join(c[4], c[5]), gl.join(c[6], c[7])))
+        v = gl.permute(v, (1, 4, 3, 0, 2))  # [word, b1, b0, pair, e]
         v = gl.reshape(v, [4, 8, 2, 2, 64])  # column 4 word + b = [w, r, beta, delta]; the keys
         v = gl.permute(v, (2, 0, 3, 1, 4))  # row 64 beta + 16 w + 8 delta + r
         return gl.convert_layout(gl.reshape(v, [128, 64]), a_layout, assert_trivial=True)
