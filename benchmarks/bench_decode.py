@@ -219,6 +219,8 @@ def main():
     parser.add_argument("--fp8-gluon", action=argparse.BooleanOptionalAction, default=None,
                         help="with --kv-cache-dtype fp8: the MLA decode on the warp-specialized Gluon kernel where it "
                              "takes the case, or (--no-fp8-gluon) the Triton kernel (mla_decode.FP8_GLUON, default on)")
+    parser.add_argument("--gluon-design", choices=("converter", "registers"),
+                        help="with --kv-cache-dtype fp8: which Gluon MLA decode kernel (mla_decode.FP8_GLUON_DESIGN)")
     parser.add_argument("--min-split-keys", type=int, metavar="N", help="the fewest keys an MLA decode context "
                         "split takes (mla_decode.MIN_TOKENS_PER_SPLIT, default 64): fewer splits short contexts more")
     parser.add_argument("--shared-stream", type=int, metavar="N", help="run each MoE layer's shared experts on a "
@@ -249,8 +251,12 @@ def main():
         parser.error("--fp8-gluon / --no-fp8-gluon choose the FP8 cache's decode kernel: add --kv-cache-dtype fp8")
     from coscale.kernels import mla_decode as mla_decode_module
 
+    if args.gluon_design is not None and args.kv_cache_dtype != "fp8":
+        parser.error("--gluon-design chooses the FP8 cache's Gluon decode kernel: add --kv-cache-dtype fp8")
     if args.fp8_gluon is not None:
         mla_decode_module.FP8_GLUON = args.fp8_gluon
+    if args.gluon_design is not None:
+        mla_decode_module.FP8_GLUON_DESIGN = args.gluon_design
     if args.min_split_keys is not None:
         mla_decode_module.MIN_TOKENS_PER_SPLIT = args.min_split_keys
     if args.shared_stream is not None:
@@ -278,6 +284,7 @@ def main():
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
             "model": args.checkpoint or "deepseek-v2-lite (random)", "params": model.num_parameters(),
             "kv_cache_dtype": args.kv_cache_dtype, "fp8_gluon": mla_decode_module.FP8_GLUON,
+            "fp8_gluon_design": mla_decode_module.FP8_GLUON_DESIGN,
             "copy_tbps": H200_COPY_TBPS, "min_split_keys": mla_decode_module.MIN_TOKENS_PER_SPLIT,
             "shared_stream": args.shared_stream, "load_s": load_s}
     print(json.dumps(meta), flush=True)
