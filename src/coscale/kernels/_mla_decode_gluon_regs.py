@@ -15,9 +15,9 @@ Here nothing is written back: both MMA warpgroups read the e4m3 tile where TMA p
 wgmma's A operand (register A), so the tile costs TMA 41 KB, two reads of 32 KB, the query and P as B operands
 (16 + 16 KB), the RoPE key's product (10 KB) and P's stores (8 KB): about 155 KB, 3.7 bytes a byte.
 
-- loader (one warp): per 64-key tile, one TMA copy each of the e4m3 latent [64, 4, 128], the BF16 RoPE key [64, 64]
-  and the scales [64, 4] into a ring of ``STAGES`` stages (41 KB each); a stage is free when both warpgroups have
-  read it.
+- loader (one warp): per 64-key tile, TMA copies of the e4m3 latent (four scale tiles [64, 128]), the BF16 RoPE key
+  [64, 64] and the scales [64, 4] into a ring of ``STAGES`` stages (41 KB each); a stage is free when both
+  warpgroups have read it.
 - scores warpgroup (the default partition): scores^T [64 keys, M] = K Q^T per scale tile, the keys on wgmma's M
   with the tile's fp16 values in registers as A (a thread casts 32 contiguous bytes of each of its two keys' rows,
   the columns taken in an order that puts them where the A fragment wants them: the query, B, is stored with its
@@ -133,19 +133,21 @@ def _build():
 
     @gluon.jit
     def _loader(lat_desc, rope_desc, sc_desc, lat_bufs, rope_bufs, sc_bufs, ready, free, table_ptr, seq_len,
-                stride_table, num_splits, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr):
+                stride_table, num_splits, BLOCK_N: gl.constexpr, NT: gl.constexpr, TILE: gl.constexpr,
+                PAGE: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
         # A fresh barrier counts as having completed the phase before 0, so the first pass waits for nothing
         split, b = gl.program_id(1), gl.program_id(2)
         lo, hi, tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
         table_row = table_ptr + b * stride_table
-        nbytes: gl.constexpr = lat_desc.block_type.nbytes + rope_desc.block_type.nbytes + sc_desc.block_type.nbytes
+        nbytes: gl.constexpr = NT * lat_desc.block_type.nbytes + rope_desc.block_type.nbytes + sc_desc.block_type.nbytes
         for i in range(tiles):
             start = lo + i * BLOCK_N
             row = gl.load(table_row + start // PAGE) * PAGE + start % PAGE
             s = i % STAGES
             mbarrier.wait(free.index(s), ((i // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(s), nbytes)
-            tma_load(lat_desc, [row, 0, 0], ready.index(s), lat_bufs.index(s))
+            for g in gl.static_range(NT):
+                tma_load(lat_desc, [row, g * TILE], ready.index(s), lat_bufs.index(NT * s + g))
             tma_load(rope_desc, [row, 0], ready.index(s), rope_bufs.index(s))
             tma_load(sc_desc, [row, 0], ready.index(s), sc_bufs.index(s))
 
@@ -196,14 +198,6 @@ def _build():
         return gl.convert_layout(gl.reshape(v, [128, 64]), a_layout, assert_trivial=True)
 
     @gluon.jit
-    def _scale_tiles(words, BLOCK_N: gl.constexpr, TILE: gl.constexpr):
-        # [64, 4, 32] -> the four scale tiles' [64, 32] (in registers: the layouts hold the tile index there)
-        lo, hi = gl.split(gl.permute(gl.reshape(words, [BLOCK_N, 2, 2, TILE // 4]), (0, 3, 2, 1)))  # tiles 0-1, 2-3
-        w0, w1 = gl.split(lo)
-        w2, w3 = gl.split(hi)
-        return w0, w1, w2, w3
-
-    @gluon.jit
     def _scale_column(sc_tile, groups, g: gl.constexpr, key_ok, key_layout: gl.constexpr):
         # scale tile g of each key as a vector along the keys, 0 past the split's end (a maximum, not a sum, picks the
         # column: exact however a layout's copies of an element are reduced; the conversion is a relabelling)
@@ -232,13 +226,12 @@ def _build():
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         key_layout: gl.constexpr = gl.SliceLayout(1, mma)  # along the keys
         row_layout: gl.constexpr = gl.SliceLayout(0, mma)  # along the query rows
-        # the tile's words [64 keys, 4 scale tiles, 32]: a thread holds its two A-fragment keys (16 w + l // 4, + 8)
-        # and words 8 (l % 4) .. + 7 of each scale tile (two 16-byte loads a key and scale tile)
+        # a scale tile's words [64 keys, 32]: a thread holds its two A-fragment keys (16 w + l // 4, + 8) and words
+        # 8 (l % 4) .. + 7 (two 16-byte loads a key; a quarter warp's eight reach eight 16-byte pieces of the swizzle)
         words_layout: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [8, 0, 0], [0, 1, 0], [0, 2, 0]],
-            lane_bases=[[0, 0, 8], [0, 0, 16], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-            warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[BLOCK_N, 4, TILE // 4])
-        words_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3)
+            reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]], lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[BLOCK_N, TILE // 4])
+        words_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
         q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
         # A key's four scales in the registers of the threads that hold its scores, and the whole [64, 4] tile in
         # every warp (the tile's largest scale by a reduction within the warp): as in _mla_decode_gluon
@@ -286,8 +279,10 @@ def _build():
         for i in range(tiles):
             s = i % STAGES
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            words = _as_words(lat_bufs.index(s), [BLOCK_N, 4, TILE // 4], words_smem).load(words_layout)
-            w0, w1, w2, w3 = _scale_tiles(words, BLOCK_N, TILE)
+            w0 = _as_words(lat_bufs.index(4 * s), [BLOCK_N, TILE // 4], words_smem).load(words_layout)
+            w1 = _as_words(lat_bufs.index(4 * s + 1), [BLOCK_N, TILE // 4], words_smem).load(words_layout)
+            w2 = _as_words(lat_bufs.index(4 * s + 2), [BLOCK_N, TILE // 4], words_smem).load(words_layout)
+            w3 = _as_words(lat_bufs.index(4 * s + 3), [BLOCK_N, TILE // 4], words_smem).load(words_layout)
             s0 = warpgroup_mma(_scores_operand(w0, a_layout), q_smem.slice(0, TILE, dim=1).permute((1, 0)), zero_s,
                                use_acc=False, is_async=True)
             s1 = warpgroup_mma(_scores_operand(w1, a_layout), q_smem.slice(TILE, TILE, dim=1).permute((1, 0)),
@@ -354,14 +349,15 @@ def _build():
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         col_layout: gl.constexpr = gl.SliceLayout(1, mma)  # along the accumulators' rows (the latent's columns)
         row_layout: gl.constexpr = gl.SliceLayout(0, mma)  # along the query rows
-        # the tile's words [64 keys, 4 scale tiles, 32]: a thread holds word 8 w + l // 4 of each scale tile for its
-        # 16 A-fragment keys {2 j, 2 j + 1, 2 j + 8, 2 j + 9} + 16 s (j = l % 4)
+        # a scale tile's words [64 keys, 32]: a thread holds word 8 w + l // 4 for its 16 A-fragment keys {2 j, 2 j + 1,
+        # 2 j + 8, 2 j + 9} + 16 s (j = l % 4). A warp's load reads four keys' 32 bytes: in tiles of one 128-byte row
+        # a key (the latent copied by scale tile) the swizzle puts four keys two apart in four different 16-byte
+        # pieces, so the 32 words fall in 32 banks
         words_layout: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[1, 0, 0], [8, 0, 0], [16, 0, 0], [32, 0, 0], [0, 1, 0], [0, 2, 0]],
-            lane_bases=[[2, 0, 0], [4, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]],
-            warp_bases=[[0, 0, 8], [0, 0, 16]], block_bases=[], shape=[BLOCK_N, 4, TILE // 4])
-        words_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3)
-        key_words: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, words_layout))
+            reg_bases=[[1, 0], [8, 0], [16, 0], [32, 0]], lane_bases=[[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]],
+            warp_bases=[[0, 8], [0, 16]], block_bases=[], shape=[BLOCK_N, TILE // 4])
+        words_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+        key_words: gl.constexpr = gl.SliceLayout(1, words_layout)
         group, split, b = gl.program_id(0), gl.program_id(1), gl.program_id(2)
         lo, hi, tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
         acc0 = gl.zeros([TILE, BLOCK_M], gl.float32, layout=mma)  # O^T / smax, one accumulator per scale tile
@@ -372,12 +368,17 @@ def _build():
             s = i % STAGES
             pb = i % P_BUFS
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)  # (TMA's bytes seen through this warpgroup's own wait)
-            words = _as_words(lat_bufs.index(s), [BLOCK_N, 4, TILE // 4], words_smem).load(words_layout)
+            w0 = _as_words(lat_bufs.index(4 * s), [BLOCK_N, TILE // 4], words_smem).load(words_layout)
+            w1 = _as_words(lat_bufs.index(4 * s + 1), [BLOCK_N, TILE // 4], words_smem).load(words_layout)
+            w2 = _as_words(lat_bufs.index(4 * s + 2), [BLOCK_N, TILE // 4], words_smem).load(words_layout)
+            w3 = _as_words(lat_bufs.index(4 * s + 3), [BLOCK_N, TILE // 4], words_smem).load(words_layout)
             start = lo + i * BLOCK_N
             if start + BLOCK_N > hi:  # keys past the split's end: zero, whatever the cache holds there (0 x NaN)
-                keys = start + gl.arange(0, BLOCK_N, layout=key_words)
-                words = gl.where((keys < hi)[:, None, None], words, 0)
-            w0, w1, w2, w3 = _scale_tiles(words, BLOCK_N, TILE)
+                keep = (start + gl.arange(0, BLOCK_N, layout=key_words) < hi)[:, None]
+                w0 = gl.where(keep, w0, 0)
+                w1 = gl.where(keep, w1, 0)
+                w2 = gl.where(keep, w2, 0)
+                w3 = gl.where(keep, w3, 0)
             a0 = _values_operand(w0, a_layout)
             a1 = _values_operand(w1, a_layout)
             thread_barrier()  # every warp has read the stage
@@ -424,10 +425,11 @@ def _build():
         stride_ob, stride_os, stride_oh, stride_osplit, stride_lb, stride_ls, stride_lh,
         H, num_splits, sm_scale_log2,
         C: gl.constexpr, DR: gl.constexpr, S_Q: gl.constexpr, HEADS_TILE: gl.constexpr, BLOCK_M: gl.constexpr,
-        BLOCK_N: gl.constexpr, TILE: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, P_BUFS: gl.constexpr,
-        VALUES_REGS: gl.constexpr,
+        BLOCK_N: gl.constexpr, NT: gl.constexpr, TILE: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
+        P_BUFS: gl.constexpr, VALUES_REGS: gl.constexpr,
     ):  # fmt: skip
-        lat_bufs = gl.allocate_shared_memory(lat_desc.dtype, [STAGES] + lat_desc.block_type.shape, lat_desc.layout)
+        lat_bufs = gl.allocate_shared_memory(lat_desc.dtype, [STAGES * NT] + lat_desc.block_type.shape,
+                                             lat_desc.layout)  # a stage's four scale tiles
         rope_bufs = gl.allocate_shared_memory(rope_desc.dtype, [STAGES] + rope_desc.block_type.shape,
                                               rope_desc.layout)
         sc_bufs = gl.allocate_shared_memory(sc_desc.dtype, [STAGES] + sc_desc.block_type.shape, sc_desc.layout)
@@ -465,20 +467,22 @@ def _build():
                        out_ptr, stride_ob, stride_os, stride_oh, stride_osplit, H, num_splits, S_Q, HEADS_TILE,
                        BLOCK_M, BLOCK_N, TILE, STAGES, P_BUFS)),
             (_loader, (lat_desc, rope_desc, sc_desc, lat_bufs, rope_bufs, sc_bufs, ready, free, table_ptr, seq_len,
-                       stride_table, num_splits, BLOCK_N, PAGE, STAGES)),
+                       stride_table, num_splits, BLOCK_N, NT, TILE, PAGE, STAGES)),
         ], [4, 1], [VALUES_REGS, 24])
 
     return mla_decode_fp8_gluon_regs_kernel
 
 
 def _descriptors(latent: torch.Tensor, rope: torch.Tensor, scale: torch.Tensor):
-    """TMA descriptors of one layer's cache: the latent as [NB*BS, 4, 128] e4m3 (rows of 128 bytes: TMA's box is at
-    most 256 a dimension), the RoPE key as [NB*BS, 64] bf16, the scales as [NB*BS, 4] float32; a 64-key box each."""
+    """TMA descriptors of one layer's cache: the latent as [NB*BS, 512] e4m3 in boxes of one scale tile [64, 128] (a
+    key's row of a tile is one 128-byte line of the swizzle: the values warpgroup's loads are free of bank conflicts
+    that way, where with a key's four tiles in a row four keys two apart share a 16-byte piece), the RoPE key as
+    [NB*BS, 64] bf16, the scales as [NB*BS, 4] float32; 64 keys a box."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     rows = latent.shape[0] * latent.shape[1]
-    lat = latent.view(rows, NT, TILE)
+    lat = latent.view(rows, NT * TILE)
     rope2 = rope.view(rows, rope.shape[-1])
     sc2 = scale.view(rows, NT)
     dtypes = {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}
@@ -486,11 +490,11 @@ def _descriptors(latent: torch.Tensor, rope: torch.Tensor, scale: torch.Tensor):
     def desc(t, block):
         return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtypes[t.dtype]))
 
-    return desc(lat, [BLOCK_N, NT, TILE]), desc(rope2, [BLOCK_N, rope.shape[-1]]), desc(sc2, [BLOCK_N, NT])
+    return desc(lat, [BLOCK_N, TILE]), desc(rope2, [BLOCK_N, rope.shape[-1]]), desc(sc2, [BLOCK_N, NT])
 
 
 def _constexprs(s_q: int, heads_tile: int, rows: int, page: int, stages: int = STAGES) -> dict:
-    return dict(C=NT * TILE, DR=64, S_Q=s_q, HEADS_TILE=heads_tile, BLOCK_M=rows, BLOCK_N=BLOCK_N, TILE=TILE,
+    return dict(C=NT * TILE, DR=64, S_Q=s_q, HEADS_TILE=heads_tile, BLOCK_M=rows, BLOCK_N=BLOCK_N, NT=NT, TILE=TILE,
                 PAGE=page, STAGES=stages, P_BUFS=P_BUFS, VALUES_REGS=VALUES_REGS)
 
 
