@@ -11,7 +11,8 @@ as the engine replays its decode step and compiled as the engine compiles it:
 - "general": coscale.kernels.moe.grouped_experts_forward ("auto": permutation, the Triton grouped GEMM's
   16-row decode tiles for gate, up and down, SwiGLU, the combine), about a dozen kernels;
 - "decode kernels": coscale.kernels.moe_decode.moe_decode (gate + up + SwiGLU, down + weighting, the sum
-  of the partials), three kernels, every token a row of every picked expert's tile;
+  of the partials), three kernels, every token a row of every picked expert's tile (the down projection split
+  by moe_decode.default_experts_per_split; `--experts-per-split N ..` times other splits beside it);
 - "picks": the same with `rows="picks"` (a plan kernel lists each expert's picks, the two GEMM kernels gather
   only those rows, PyTorch sums each token's K rows), for the batches where every token as a row is waste.
 
@@ -102,7 +103,8 @@ def main() -> None:
     tokens = args.tokens or ([1, 16, 32] if args.quick else [1, 4, 16, 32, 64, 128])
     cases = [("smoke", SMOKE_SHAPE, t) for t in (args.tokens or [1, 20])] if SMOKE else \
         [(name, SHAPES[name], t) for name in args.shapes for t in tokens]
-    run_cases("bench_moe_decode", cases, lambda *c: run_case(*c, gen, dev, args.experts_per_split), print_table, dev, args.quick, COPY_TBPS)
+    run_cases("bench_moe_decode", cases, lambda *c: run_case(*c, gen, dev, args.experts_per_split), print_table, dev,
+              args.quick, COPY_TBPS)
 
 
 if __name__ == "__main__":

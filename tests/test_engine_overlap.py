@@ -227,18 +227,20 @@ def test_decode_graphs_fall_back_to_the_eager_forward_when_compiling_fails(model
         calls.append("compiled")
         raise torch._dynamo.exc.TorchDynamoException("Inductor could not lower this\nand more detail")
 
-    graphs.forward = failing
+    graphs._compiled = {False: failing, True: failing}  # (the compilations with and without the side stream)
     g = graphs._buffers(1, 1)
     with torch.no_grad():
         graphs._warm_up(g)
-    assert calls == ["compiled"] and graphs.compiled is False
-    assert graphs.forward == model.hidden_states_paged
+        assert calls == ["compiled"] and graphs.compiled is False
+        eager = graphs.forward(g.input_ids, g.positions, g.meta)  # the eager forward from now on
+        torch.testing.assert_close(eager, model.hidden_states_paged(g.input_ids, g.positions, g.meta))
+    assert calls == ["compiled"]
     assert "compiling the decode step failed (TorchDynamoException: Inductor could not lower this)" in caplog.text
 
     def out_of_memory(*args):  # an error of the computation, not of the compiler: no eager retry
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    graphs.forward, graphs.compiled = out_of_memory, True
+    graphs._compiled, graphs.compiled = {False: out_of_memory, True: out_of_memory}, True
     with pytest.raises(torch.cuda.OutOfMemoryError), torch.no_grad():
         graphs._warm_up(g)
     assert graphs.compiled is True
@@ -247,3 +249,20 @@ def test_decode_graphs_fall_back_to_the_eager_forward_when_compiling_fails(model
 def test_engine_config_compile_is_validated(model):
     with pytest.raises(ConfigError, match="compile"):
         small_engine(model, compile="no")
+
+
+def test_decode_graphs_compile_the_side_stream_batches_apart(model, monkeypatch):
+    """The batches that run the shared experts on a side stream get the compilation with Inductor's reordering
+    passes off (side_stream.compile_options); larger ones keep them."""
+    from coscale.infer.graphs import DecodeGraphs
+    from coscale.kernels import side_stream
+
+    monkeypatch.setattr(side_stream, "SHARED_STREAM_MAX_TOKENS", 4)
+    graphs = DecodeGraphs.__new__(DecodeGraphs)
+    graphs.engine, graphs.compiled = small_engine(model, num_blocks=30, max_num_batched_tokens=40), True
+    seen = []
+    graphs._compiled = {side: (lambda ids, *rest, side=side: seen.append((ids.shape[0], side)))
+                        for side in (False, True)}
+    for tokens in (1, 4, 5, 16):
+        graphs.forward(torch.zeros(tokens, dtype=torch.long), None, None)
+    assert seen == [(1, True), (4, True), (5, False), (16, False)]

@@ -1,4 +1,5 @@
-"""The warp-specialized Gluon MLA decode kernel for an FP8 cache (coscale.kernels._mla_decode_gluon).
+"""The warp-specialized Gluon MLA decode kernels for an FP8 cache (coscale.kernels._mla_decode_gluon_regs, the default,
+and coscale.kernels._mla_decode_gluon; the GPU tests run each).
 
 Gluon has no interpreter, so on the CPU the kernel is compiled for sm_90 (Triton's wheel carries ptxas) and its
 machine code checked for what would cost its speed or its correctness (spills, the products' count, the cast of
@@ -225,7 +226,7 @@ def test_a_gluon_compile_failure_falls_back_unless_asked_for(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("PassManager::run failed")
 
-    monkeypatch.setattr(gk, "launch_mla_decode_fp8_gluon", broken)
+    monkeypatch.setattr(md._gluon_kernels(), "launch_mla_decode_fp8_gluon", broken)  # the default design's
     monkeypatch.setattr(md, "FP8_GLUON", True)
     cache = LatentCacheLayer(torch.zeros(1, 64, 512), torch.zeros(1, 64, 64), torch.ones(1, 64, 4))
     with pytest.raises(RuntimeError, match="PassManager"):

@@ -86,9 +86,15 @@ def test_any_split_of_the_down_projection_gives_the_same_sum(experts_per_split):
     _assert_matches(moe_decode(*args, backend="triton", experts_per_split=experts_per_split), args, torch.bfloat16)
 
 
+def test_the_default_split_is_finer_at_small_batches():
+    from coscale.kernels.moe_decode import default_experts_per_split
+
+    assert [default_experts_per_split(t) for t in (1, 4, 5, 32)] == [4, 4, 8, 8]
+
+
 def test_experts_per_split_must_be_a_positive_int():
     args = _problem(2, 2, 4, 16, 16, seed=1)
-    for bad in (0, -1, 2.0):
+    for bad in (0, -1, 2.0, True):
         with pytest.raises(CoscaleError, match="experts_per_split"):
             moe_decode(*args, experts_per_split=bad)
 

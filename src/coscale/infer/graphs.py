@@ -95,8 +95,17 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.compiled = compile
         self.mtp_graphs = True  # False once capturing an MTP module's forward has failed: eager drafting
-        self.forward = torch.compile(engine.model.hidden_states_paged, options=side_stream.compile_options()) \
-            if compile else engine.model.hidden_states_paged
+        # Two compilations of the forward: the batches that run the shared experts on a side stream need two of
+        # Inductor's reordering passes off (side_stream.compile_options), the others keep them
+        self._compiled = {side: torch.compile(engine.model.hidden_states_paged,
+                                              options=side_stream.compile_options() if side else None)
+                          for side in (False, True)} if compile else {}
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: PagedAttentionMetadata) -> torch.Tensor:
+        """The captured forward: compiled for this batch's side-stream choice, or eager."""
+        if not self.compiled:
+            return self.engine.model.hidden_states_paged(input_ids, positions, meta)
+        return self._compiled[side_stream.takes_side_stream(input_ids.shape[0])](input_ids, positions, meta)
 
     def _warm_up(self, g: _Graph) -> None:
         """One run outside the capture (compilation, autotuning, workspaces); falls back to the eager
@@ -109,7 +118,6 @@ class DecodeGraphs:
             logger.warning("compiling the decode step failed (%s: %s); capturing the eager forward instead",
                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             self.compiled = False
-            self.forward = self.engine.model.hidden_states_paged
             self.forward(g.input_ids, g.positions, g.meta)
 
     def can_run(self, batch: Batch) -> bool:

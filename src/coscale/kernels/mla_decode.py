@@ -100,10 +100,13 @@ FP8_PROGRAMS_PER_SM = 2
 # kernel's 33-35% (1.68-1.73x), 1.6-1.8x at batch 1; within FP8's bound of the float64 reference on the GPU
 # (tests/test_mla_decode_gluon.py). mla_decode(fp8_gluon=False) keeps the Triton kernel.
 FP8_GLUON = True
-# Which Gluon kernel: "converter" (coscale.kernels._mla_decode_gluon: a converter warpgroup writes each tile to shared
-# memory in fp16 for both products) or "registers" (coscale.kernels._mla_decode_gluon_regs: both MMA warpgroups cast
-# the e4m3 tile into wgmma's register operand, a third of the shared-memory traffic; not yet run on a GPU).
-FP8_GLUON_DESIGN = "converter"
+# Which Gluon kernel: "registers" (coscale.kernels._mla_decode_gluon_regs: both MMA warpgroups cast the e4m3 tile
+# into wgmma's register operand, about half the shared-memory traffic) or "converter" (coscale.kernels.
+# _mla_decode_gluon: a converter warpgroup writes each tile to shared memory in fp16 for both products). Run 48 (an
+# H100; no H200 was lent): "registers" 1.01-1.08x "converter" at batch 64-128 with 4K-32K contexts (942 against
+# 1,021 us at 128 x 32K: 2.93 TB/s, about the H100's copy bandwidth, where "converter" takes the H200's time), 1.13x
+# at 1 x 32K, 0.82x at 1 x 4K (13.2 against 10.8 us); both pass the GPU tests. The H200 will tell which stays.
+FP8_GLUON_DESIGN = "registers"
 GLUON_DESIGNS = ("converter", "registers")
 
 

@@ -57,8 +57,8 @@ except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
-__all__ = ["MOE_DECODE_MAX_TOKENS", "MOE_DECODE_PICKS_MAX_TOKENS", "moe_decode", "moe_decode_rows",
-           "moe_decode_picks_torch", "moe_decode_torch"]
+__all__ = ["MOE_DECODE_MAX_TOKENS", "MOE_DECODE_PICKS_MAX_TOKENS", "default_experts_per_split", "moe_decode",
+           "moe_decode_rows", "moe_decode_picks_torch", "moe_decode_torch"]
 
 # Which row layout a batch of T tokens takes (measured on an H200, BENCHMARKS.md runs 28-29): "tokens" up to
 # MOE_DECODE_MAX_TOKENS (V2-Lite's experts 1.41x the general path at 1 token, 1.10x at 32; V3's 1.31x and
@@ -67,7 +67,19 @@ __all__ = ["MOE_DECODE_MAX_TOKENS", "MOE_DECODE_PICKS_MAX_TOKENS", "moe_decode",
 # where "tokens" is 0.97x and 0.55x), the general path beyond (not measured).
 MOE_DECODE_MAX_TOKENS = 32
 MOE_DECODE_PICKS_MAX_TOKENS = 128
+# Experts one program of the down projection walks ("tokens" rows): 4 up to SMALL_BATCH_SPLIT_TOKENS tokens, 8
+# beyond. Measured on V2-Lite's experts (an H100, BENCHMARKS.md run 48, graph-timed): at 1 token 45.6 us with 4 a
+# split against 48.4 with 8 (47.0 with 1, 46.9 with 2), at 4 tokens 130.4 against 134.4, at 16 tokens 313.2 against
+# 300.7: more, shorter programs spread a batch's few picked experts over more SMs until the partial sums' traffic
+# (one float32 [T, H] a split) outweighs it.
 EXPERTS_PER_SPLIT = 8
+SMALL_BATCH_EXPERTS_PER_SPLIT = 4
+SMALL_BATCH_SPLIT_TOKENS = 4
+
+
+def default_experts_per_split(tokens: int) -> int:
+    """The down projection's experts a program for a batch of ``tokens`` ("tokens" rows; measured above)."""
+    return SMALL_BATCH_EXPERTS_PER_SPLIT if tokens <= SMALL_BATCH_SPLIT_TOKENS else EXPERTS_PER_SPLIT
 
 
 def moe_decode_rows(tokens: int) -> str | None:
@@ -389,7 +401,7 @@ ROWS = ("tokens", "picks")
 
 def moe_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate: torch.Tensor,
                w_up: torch.Tensor, w_down: torch.Tensor, *, backend: str = "auto",
-               rows: str = "tokens", experts_per_split: int = EXPERTS_PER_SPLIT) -> torch.Tensor:
+               rows: str = "tokens", experts_per_split: int | None = None) -> torch.Tensor:
     """sum_k topk_weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = topk_idx[t, k], as
     coscale.kernels.moe.grouped_experts_forward computes it, for the few tokens of a decode step.
 
@@ -399,12 +411,14 @@ def moe_decode(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tenso
     TRITON_INTERPRET=1) or "torch" (`moe_decode_torch`). `rows`: "tokens" (every token of the batch a row of
     every picked expert's tile) or "picks" (only each expert's own picks, gathered: module docstring);
     `moe_decode_rows(T)` is the faster of the two. `experts_per_split` ("tokens" only): the experts one
-    program of the down projection walks (fewer: more programs, more float32 partials to sum). Expert ids must
-    lie in [0, E), as the router gives them.
+    program of the down projection walks (fewer: more programs, more float32 partials to sum; default
+    `default_experts_per_split(T)`). Expert ids must lie in [0, E), as the router gives them.
     """
     if rows not in ROWS:
         raise CoscaleError(f"moe_decode: rows must be one of {ROWS}, got {rows!r}")
-    if not isinstance(experts_per_split, int) or experts_per_split < 1:
+    if experts_per_split is None:
+        experts_per_split = default_experts_per_split(x.shape[0])
+    if not isinstance(experts_per_split, int) or isinstance(experts_per_split, bool) or experts_per_split < 1:
         raise CoscaleError(f"moe_decode: experts_per_split must be a positive int, got {experts_per_split!r}")
     if x.dim() != 2 or w_gate.dim() != 3 or w_gate.shape != w_up.shape or w_gate.shape[2] != x.shape[1]:
         raise CoscaleError(f"moe_decode needs x [T, H] and w_gate, w_up [E, I, H], got {tuple(x.shape)}, "

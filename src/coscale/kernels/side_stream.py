@@ -29,8 +29,11 @@ kernels for locality and memory, which a decode step's few tokens hardly need.
 
 A CUDA graph captures the fork and join as parallel branches (the side stream joins the capture at the fork
 and leaves it at the join). Off CUDA both run in order on the one stream: same arithmetic, no streams.
-``SHARED_STREAM_MAX_TOKENS`` is the largest decode batch that takes the side stream (0: never; it pays only
-where the routed experts leave the memory system idle, at small batches, and is off until measured).
+``SHARED_STREAM_MAX_TOKENS`` is the largest decode batch that takes the side stream (0: never). It pays only where
+the routed experts leave the memory system idle, at small batches: V2-Lite's batch-1 decode step went from 3.453 to
+3.305 ms (1.045x; the kernels of the two streams overlap: 3.83 ms of kernel time in a 3.27 ms step) on an H100
+(BENCHMARKS.md run 48; no H200 was lent). Measured at batch 1 only, so on up to 4 tokens (MTP's drafts of one
+sequence) and off beyond until measured there.
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ import torch.nn.functional as F
 from coscale.kernels.library import operator
 
 __all__ = ["SHARED_STREAM_MAX_TOKENS", "compile_options", "join_side_stream_add", "side_stream",
-           "side_stream_swiglu", "stacked_swiglu_hidden", "swiglu_stacked"]
+           "side_stream_swiglu", "stacked_swiglu_hidden", "swiglu_stacked", "takes_side_stream"]
 
-SHARED_STREAM_MAX_TOKENS = 0
+SHARED_STREAM_MAX_TOKENS = 4
 
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
@@ -55,6 +58,12 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     if index not in _SIDE_STREAMS:
         _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
     return _SIDE_STREAMS[index]
+
+
+def takes_side_stream(tokens: int) -> bool:
+    """Whether a decode batch of ``tokens`` runs its MoE layers' shared experts on the side stream (CUDA, BF16 shared
+    experts: coscale.model.moe.MoE checks the rest)."""
+    return 0 < tokens <= SHARED_STREAM_MAX_TOKENS
 
 
 def compile_options() -> dict:

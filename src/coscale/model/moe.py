@@ -348,7 +348,7 @@ class MoE(nn.Module):
         batch of at most SHARED_STREAM_MAX_TOKENS tokens, without gradients, with BF16 shared experts whose gate
         and up are stacked for inference (use_decode_kernels)."""
         shared = self.shared_experts
-        return (shared is not None and x_flat.is_cuda and 0 < x_flat.shape[0] <= side_stream.SHARED_STREAM_MAX_TOKENS
+        return (shared is not None and x_flat.is_cuda and side_stream.takes_side_stream(x_flat.shape[0])
                 and not torch.is_grad_enabled() and shared.precision == "bf16" and shared.stacked_weight is not None
                 and shared.stacked_weight.dtype == shared.down_proj.weight.dtype == x_flat.dtype
                 and getattr(shared.down_proj, "bias", None) is None)
