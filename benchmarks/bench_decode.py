@@ -225,7 +225,7 @@ def main():
                         "split takes (mla_decode.MIN_TOKENS_PER_SPLIT, default 64): fewer splits short contexts more")
     parser.add_argument("--shared-stream", type=int, metavar="N", help="run each MoE layer's shared experts on a "
                         "second stream beside the routed experts at decode batches of at most N tokens "
-                        "(coscale.kernels.side_stream.SHARED_STREAM_MAX_TOKENS, default 0: never)")
+                        "(coscale.kernels.side_stream.SHARED_STREAM_MAX_TOKENS, default 4; 0: never)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the graphed decode step (default: the engine's, on with CUDA graphs)")

@@ -1,8 +1,9 @@
 """LogFMT's "fast" rounding (coscale.kernels.logfmt): one float32 logarithm and one multiply-add an element, no
-exactness machinery. Its contract: the tile numbers are the reference's bit for bit, and every code is the
-nearest code (on that grid) of some x' with |log2 x' - log2 |x|| <= ``fast_position_error``; so codes differ
-from "nearest" only next to a rounding threshold, and the decoded value keeps the nearest bound up to that
-perturbation. Interpreter on CPU; the same checks on a GPU (lg2.approx) where one exists."""
+exactness machinery, no float64. Its contract: the tile numbers lie within ``fast_tile_tolerance`` of the
+reference's, and every code is the nearest code, on the grid of the stored numbers, of some x' with |log2 x' -
+log2 |x|| <= ``fast_position_error``; so codes differ from "nearest" only next to a rounding threshold, and the
+decoded value keeps the nearest bound up to that perturbation. Interpreter on CPU; the same checks on a GPU
+(lg2.approx) where one exists."""
 
 import os
 
@@ -29,7 +30,7 @@ def test_the_contract_check_finds_a_code_one_step_off_a_wrong_sign_and_a_wrong_t
     assert lf.check_fast_codes(x, codes, tmin, tstep, 8) == 0
     far = ((x[0, :128].double().abs().log() - tmin[0, 0].double()) / tstep[0, 0].double()).frac()
     j = int((torch.minimum(far, 1 - far) + 1.0 * (x[0, :128] == 0)).argmin())  # on a grid point: mid-threshold
-    for change in ("up", "sign", "nan tile", "step"):
+    for change in ("up", "sign", "nan tile", "step", "min"):
         c, mn, st = codes.clone(), tmin.clone(), tstep.clone()
         if change == "up":
             c[0, j] = min(int(c[0, j] & 127) + 1, 127) | (int(c[0, j]) & 128)
@@ -39,10 +40,16 @@ def test_the_contract_check_finds_a_code_one_step_off_a_wrong_sign_and_a_wrong_t
             c[1, 5] ^= 128
         elif change == "nan tile":
             c[2, 140] = 1
+        elif change == "step":  # the grid's top moves by 126 x 2^-12 of a step: far beyond the tolerance
+            st[1, 1] = st[1, 1] * (1 + 2.0**-12)
         else:
-            st[1, 1] = torch.nextafter(st[1, 1], torch.tensor(1.0))
+            mn[0, 1] = mn[0, 1] + 2.0**-12 * mn[0, 1].abs()
         with pytest.raises(lf.CoscaleError):
             lf.check_fast_codes(x, c, mn, st, 8)
+    # within the tolerance, a tile number off by an ulp keeps the contract (the codes stay nearest on its grid)
+    st = tstep.clone()
+    st[1, 1] = torch.nextafter(st[1, 1], torch.tensor(1.0))
+    lf.check_fast_codes(x, codes, tmin, st, 8)
 
 
 @needs_triton
@@ -122,12 +129,22 @@ def _mirror(x, m32, s32, scaled, n_bits, lg_err, fused):
     (magnitude codes, the computed v, the exact v in float64)."""
     q = 2 ** (n_bits - 1) - 1
     inv_ln2 = 1 / math.log(2)
-    s = np.where(s32 > 0, s32, 1.0).astype(np.float64)
-    inv_step = 1.0 / (s * inv_ln2)
-    mid = np.log((1 + np.exp(s)) / 2) * inv_ln2
+    f = np.float32
+    s = np.where(s32 > 0, s32, 1.0).astype(np.float32)
+    inv_step = np.float64(1.0) / (s.astype(np.float64) * inv_ln2)  # exact 1/S, for v_exact
+    mid = np.log((1 + np.exp(s.astype(np.float64))) / 2) * inv_ln2
     origin = m32.astype(np.float64) * inv_ln2 + mid + np.where(scaled, 24.0, 0.0)
-    a, b = np.float32(inv_step)[:, None], np.float32(1.5 - origin * inv_step)[:, None]
-    t0 = np.float32(1.5 - (1.0 + mid) * inv_step)[:, None]
+    # the kernel's float32 line (_row_line): every operation rounded to float32
+    a32 = f(f(0.6931471805599453) / s)  # correctly rounded, as div_rn
+    y = f(0.5) * s
+    y2 = f(y * y)
+    mid32 = f(f(y + f(y2 * f(f(0.5) - f(y2 * f(f(1 / 12) - f(y2 * f(1 / 45))))))) * f(1.4426950408889634))
+    if n_bits < 8:
+        mid32 = f(np.log2(f(f(1.0 + f(np.exp(s))) * f(0.5))))
+    lmin32 = f(f(m32.astype(np.float32) * f(1.4426950408889634)) + np.where(scaled, f(24.0), f(0.0)))
+    a = a32[:, None]
+    b = f(f(1.5) - f(f(lmin32 + mid32) * a32))[:, None]
+    t0 = f(f(1.5) - f(f(f(1.0) + mid32) * a32))[:, None]
     ax = np.abs(x).astype(np.float64) * np.where(scaled, 2.0**24, 1.0)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         exact = np.log2(ax)

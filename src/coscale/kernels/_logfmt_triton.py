@@ -34,9 +34,10 @@ usable go there whole: 1/S >= 2^16 (nearly constant tiles) or a subnormal |x| be
 Every other code is the reference's (the reference decides exactly except within ~1e-15 relative of a
 threshold).
 
-Encode, "fast" rounding (FAST): none of that. Per row the line v = A log2|x| + B = t + 1.5 (``_row_line``, float64
-rounded once), per element one lg2.approx and one multiply-add, clamped and rounded by adding 1.5 * 2^23
-(``_fast_code``).
+Encode, "fast" rounding (FAST): none of that, and no float64. Per row the tile numbers in float32 (``_row_stats_fast``:
+two accurate log2, within ``fast_tile_tolerance`` of the reference's) and the line v = A log2|x| + B = t + 1.5 on the
+grid they give (``_row_line``, float32), per element one lg2.approx and one multiply-add, clamped and rounded by adding
+1.5 * 2^23 (``_fast_code``).
 """
 
 import triton
@@ -126,6 +127,27 @@ def _row_stats(top, low, range_clamp, Q: tl.constexpr):
 
 
 @triton.jit
+def _row_stats_fast(top, low, range_clamp, Q: tl.constexpr):
+    """The "fast" rounding's (bad, m32, s32, amin, amax [R]) from a tile row's |x| bit max and non-zero min, in
+    float32: lmax = log2 max|x|, lmin = log2 min|x| (a subnormal's as log2(|x| 2^24) - 24, exact scaling), the range
+    clamp in log2 units (lmin >= lmax + log2 range_clamp), then m = lmin ln 2 and s = (lmax - lmin) ln 2 / (Q - 1).
+    log2 is the accurate one (libdevice's log2f, 1 ulp, on a GPU); the numbers are within ``fast_tile_tolerance``
+    of the reference's float64 ones, and the codes are nearest on the grid they give (the decoder's)."""
+    bad = top >= 0x7F800000
+    amax = top.to(tl.float32, bitcast=True)
+    amin = low.to(tl.float32, bitcast=True)
+    live = (top > 0) & (top < 0x7F800000)
+    lmax = tl.log2(tl.where(live, amax, 1.0))
+    a = tl.where(live, amin, 1.0)
+    tiny = a < 1.1754943508222875e-38
+    lmin = tl.where(tiny, tl.log2(tl.where(tiny, a, 1.0) * 16777216.0) - 24.0, tl.log2(a))
+    lmin = tl.maximum(lmin, lmax + tl.log2(range_clamp))  # (log2 2^-32 = -32 exactly)
+    m32 = tl.where(live, lmin * 0.6931471805599453, 0.0)
+    s32 = tl.where(live, (lmax - lmin) * (0.6931471805599453 / (Q - 1)), 0.0)
+    return bad, m32, s32, amin, amax
+
+
+@triton.jit
 def _f64(like, bits):
     """The float64 with these bits, shaped like ``like`` (a float literal would be an fp32 constant)."""
     return (tl.zeros_like(like).to(tl.int64) + bits).to(tl.float64, bitcast=True)
@@ -148,21 +170,26 @@ def _midpoint_log2(s, like, N_BITS: tl.constexpr):
 
 @triton.jit
 def _row_line(m32, s32, scaled, N_BITS: tl.constexpr):
-    """The "fast" encoder's row constants (float32 [R]): A = 1/S and B = 1.5 - (M + C + 24 scaled) / S, so that
-    A log2|x| + B = t + 1.5 (t the grid position, ``_row_grid``; 24: the row's |x| scaled by 2^24), and
-    T0 = t0 + 1.5 (t0 = -(1 + C) / S, the 0 / 1 threshold); computed in float64, rounded once. A tile with one
-    distinct magnitude (step 0; and a NaN / inf or all-zero tile, whose m32 is 0) gets the line through it, A = 1,
-    B = 1 - (M + 24 scaled): its elements v = 1 (to ~1e-5), a zero -inf, T0 = 1/2."""
-    inv_ln2 = _f64(m32, 0x3FF71547652B82FE)
-    s = tl.where(s32 > 0, s32, 1.0).to(tl.float64)
-    inv_step = 1.0 / (s * inv_ln2)
-    mid = _midpoint_log2(s, m32, N_BITS)
-    lmin = m32.to(tl.float64) * inv_ln2 + tl.where(scaled, 24.0, 0.0)
+    """The "fast" encoder's row constants (float32 [R]), from the tile numbers the row stores, in float32: A = 1/S
+    (one correctly rounded division), B = 1.5 - (M' + C) A (M' = m log2 e, + 24 where the row's |x| are scaled by
+    2^24), so that A log2|x| + B = t + 1.5 (t the grid position, ``_row_grid``), and T0 = 1.5 - (1 + C) A (the 0 / 1
+    threshold t0 + 1.5); C by its series in y = s/2 for n >= 8, else the formula. A tile with one distinct magnitude
+    (step 0; and a NaN / inf or all-zero tile, whose m32 is 0) gets the line through it, A = 1, B = 1 - M': its
+    elements v = 1 (to ~1e-5), a zero -inf, T0 = 1/2. The roundings are within ``fast_position_error``."""
     one = s32 == 0
+    s = tl.where(one, 1.0, s32)
+    inv_step = tl.math.div_rn(0.6931471805599453, s)  # 1/S, S = s / ln 2
+    if N_BITS >= 8:  # s < 0.18: log((1 + e^s)/2) = y + log cosh y, y = s/2; to y^8 (next term < 1e-9 y)
+        y = 0.5 * s
+        y2 = y * y
+        mid = (y + y2 * (0.5 - y2 * (0.08333333333333333 - y2 * 0.022222222222222223))) * 1.4426950408889634
+    else:  # s up to 11: the formula itself
+        mid = tl.log2((1.0 + tl.exp(s)) * 0.5)
+    lmin = m32 * 1.4426950408889634 + tl.where(scaled, 24.0, 0.0)
     a = tl.where(one, 1.0, inv_step)
     b = tl.where(one, 1.0 - lmin, 1.5 - (lmin + mid) * inv_step)
     t0 = tl.where(one, 0.5, 1.5 - (1.0 + mid) * inv_step)
-    return a.to(tl.float32), b.to(tl.float32), t0.to(tl.float32)
+    return a, b, t0
 
 
 @triton.jit
@@ -527,7 +554,10 @@ def encode_kernel(
         top, low = top_f.to(tl.int32, bitcast=True), low_f.to(tl.int32, bitcast=True)
     else:
         rows1, in_r1 = rows, in_r
-    bad, m32, s32, amin, amax = _row_stats(top, low, range_clamp, Q)
+    if FAST:  # in float32 (the float64 logs, repeated by every thread that holds part of a row, were most of it)
+        bad, m32, s32, amin, amax = _row_stats_fast(top, low, range_clamp, Q)
+    else:
+        bad, m32, s32, amin, amax = _row_stats(top, low, range_clamp, Q)
     _store_stats(tl.where(bad, float("nan"), m32), tl.where(bad, float("nan"), s32), rows1, in_r1, tile, T,
                  min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED)  # fmt: skip
     # A subnormal |x| (rare) has no exponent in its bits: its row is scaled by 2^24 (exact) for the
