@@ -24,9 +24,9 @@ below g_0 = exp(m)):
                 and one multiply-add an element. Its code is the nearest code of some x' with
                 |log2 x' - log2|x|| <= ``fast_position_error`` (2^-23 (2.1 |log2 x| + (4 |tile_min| + 5
                 tile_step) / ln 2 + 150) plus lg2's error, FAST_LOG2_BOUND: about 3e-5), so it differs from
-                "nearest" only where |x| lies that close to a threshold (1e-5 of Gaussian elements with numpy's log2 in the interpreter; a nearly
-                constant tile may differ throughout, within 2e-5 of x) and its error is the nearest bound widened by
-                that perturbation (``check_fast_codes`` checks the contract). Its tile numbers are float32 ones,
+                "nearest" only where |x| lies that close to a threshold (1e-5 of Gaussian elements with numpy's
+                log2 in the interpreter; a nearly constant tile may differ throughout, within 3e-5 of x) and its
+                error is the nearest bound widened by that perturbation (``check_fast_codes`` checks the contract). Its tile numbers are float32 ones,
                 within ``fast_tile_tolerance`` of the reference's (about 2^-22 relative), and the codes are nearest
                 on the grid they give, which is the decoder's. Made for the wire, where the perturbation is far
                 below the format's step; "nearest" stays the default.
