@@ -20,16 +20,17 @@ Rounding happens in the linear domain, not the log domain. With a = g_k <= |x| <
 below g_0 = exp(m)):
   "nearest":    q is b's code when 2|x| >= a + b (ties up), else a's. Error <= (b - a) / 2.
   "stochastic": b with probability (|x| - a) / (b - a), else a: E[decode] = x (unbiased). Error < b - a.
-  "fast":       nearest as float32 computes it, with no exactness machinery: one log2 (the GPU's lg2.approx)
-                and one multiply-add an element. Its code is the nearest code of some x' with
+  "fast":       nearest as float32 computes it, with no exactness machinery and no float64: one log2 (the GPU's
+                lg2.approx) and one multiply-add an element. Its code is the nearest code of some x' with
                 |log2 x' - log2|x|| <= ``fast_position_error`` (2^-23 (2.1 |log2 x| + (4 |tile_min| + 5
                 tile_step) / ln 2 + 150) plus lg2's error, FAST_LOG2_BOUND: about 3e-5), so it differs from
                 "nearest" only where |x| lies that close to a threshold (1e-5 of Gaussian elements with numpy's
                 log2 in the interpreter; a nearly constant tile may differ throughout, within 3e-5 of x) and its
-                error is the nearest bound widened by that perturbation (``check_fast_codes`` checks the contract). Its tile numbers are float32 ones,
-                within ``fast_tile_tolerance`` of the reference's (about 2^-22 relative), and the codes are nearest
-                on the grid they give, which is the decoder's. Made for the wire, where the perturbation is far
-                below the format's step; "nearest" stays the default.
+                error is the nearest bound widened by that perturbation (``check_fast_codes`` checks the
+                contract). Its tile numbers are float32 ones, within ``fast_tile_tolerance`` of the reference's
+                (about 2^-22 relative), and the codes are nearest on the grid they give, which is the decoder's.
+                Made for the wire, where the perturbation is far below the format's step; "nearest" stays the
+                default.
 Rounding the log to the nearest grid point would be biased (it rounds to the geometric mean; the
 linear midpoint (a + b) / 2 lies above it) and its error would not average out in sums.
 Error bounds (used by the tests): with s = tile_step and |x| >= exp(m), b - a = a (e^s - 1) <= |x| (e^s - 1):
