@@ -178,7 +178,7 @@ def get_codec(codec: str | Codec | None, default: str = "bf16") -> Codec:
 class LogFMTCodec:
     """LogFMT-n (the paper section 3.2; coscale.kernels.logfmt): n-bit sign + log-magnitude codes with
     tile_min and tile_step (fp32) per 1x128 tile, rounded to nearest in the linear domain by default ("fast":
-    nearest for |x| perturbed by at most ~2e-5 in log2, no float64 work an element; "stochastic").
+    nearest for |x| perturbed by at most ~3e-5 in log2 on float32 tile numbers, no float64 work; "stochastic").
 
     Row layout (coscale.kernels.logfmt.code_packing / code_planes / row_bytes): the H codes bit-packed
     little-endian (code i of a group of g = 8 / gcd(n, 8) codes at bit n*i of a g*n/8-byte group; n = 8: one
