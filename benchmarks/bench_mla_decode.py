@@ -35,6 +35,7 @@ import traceback
 
 import torch
 
+from coscale.kernels import _mla_decode_gluon_regs as gluon_regs
 from coscale.kernels import mla_decode as md
 from coscale.kernels.mla_decode import (
     FP8_CONVERT_EARLY_MIN_BATCH,
@@ -161,6 +162,9 @@ def run_case(B, T, H, S, fp8, args, gen, results):
                 for design in args.gluon_designs:
                     time_variant("gluon" if design == "converter" else f"gluon_{design}", f"Gluon, {design}", **run,
                                  fp8_gluon=True, gluon_design=design)
+                for stages in args.gluon_stages:  # the register-operand kernel's ring depth
+                    time_variant(f"gluon_registers_s{stages}", f"Gluon, registers, {stages} stages", **run,
+                                 fp8_gluon=True, gluon_design="registers", gluon_stages=stages)
             if args.lazy and config is not None:  # the picked configuration with lazy rescaling
                 time_variant("lazy", "lazy rescaling", **run, kernel_config={**config, "LAZY": 1})
             results.append(r)
@@ -184,15 +188,17 @@ def time_variant(name: str, label: str, *, r: dict, case, scale: float, used: in
     recorded as ``name``_ms / ``name``_err and printed."""
     B, T, H, S = r["batch"], r["context"], r["heads"], r["s_q"]
     design = options.pop("gluon_design", None)
-    previous = md.FP8_GLUON_DESIGN
+    stages = options.pop("gluon_stages", None)
+    previous, previous_stages = md.FP8_GLUON_DESIGN, gluon_regs.STAGES
     md.FP8_GLUON_DESIGN = design or previous  # (read when a call launches, and graphs capture the launch)
+    gluon_regs.STAGES = stages or previous_stages
     try:
         r[f"{name}_ms"] = timed(functools.partial(mla_decode, *case, scale, max_seq_len=T, num_splits=used,
                                                   backend="triton", **options), quick)
         cfg = options.pop("kernel_config", None) or (None if options.get("fp8_gluon") else tuned_config())
         r[f"{name}_err"] = check(H, S, r["cache"] == "fp8", gen, used, cfg, **options)
     finally:
-        md.FP8_GLUON_DESIGN = previous
+        md.FP8_GLUON_DESIGN, gluon_regs.STAGES = previous, previous_stages
     print(f"  B={B:4d} T={T:6d} H={H:4d} {r['cache']} {label}: {r[f'{name}_ms'] * 1e3:8.1f} us "
           f"({100 * nbytes / r[f'{name}_ms'] / 1e9 / H200_COPY_TBPS:.0f}%, {config_name(cfg)}), "
           f"err {r[f'{name}_err']:.1e}", flush=True)
@@ -261,6 +267,9 @@ def main():
     parser.add_argument("--gluon-designs", nargs="+", choices=GLUON_DESIGNS, default=["converter"],
                         help="with --fp8-gluon: the Gluon kernels to time (mla_decode.FP8_GLUON_DESIGN; default "
                              "converter)")
+    parser.add_argument("--gluon-stages", nargs="+", type=int, choices=(2, 3, 4), default=[], metavar="N",
+                        help="with --fp8-gluon: also time the register-operand kernel with N stages in its ring "
+                             "(_mla_decode_gluon_regs.STAGES, default 4)")
     parser.add_argument("--caches", nargs="+", choices=("bf16", "fp8"), default=["bf16", "fp8"],
                         help="--quick: the cache formats to run (default both)")
     parser.add_argument("--eager-timing", action="store_true", help="time each call with do_bench, the "

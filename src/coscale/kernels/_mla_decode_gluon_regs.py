@@ -251,12 +251,14 @@ def _build():
         head_q = group * HEADS_TILE + rows_q % HEADS_TILE
         off_q = b * stride_qb + token_q * stride_qs + head_q * stride_qh
         ok_q = (token_q < S_Q) & (head_q < H)
-        k = gl.arange(0, C, layout=gl.SliceLayout(0, q_layout))
-        kk = k % TILE
-        col = (k - kk) + 32 * ((kk // 2) % 4) + 4 * (kk // 16) + 2 * ((kk // 8) % 2) + kk % 2
-        q = gl.load(q_ptr + off_q[:, None] + col[None, :], mask=ok_q[:, None], other=0.0).to(gl.float32)
+        cols = gl.arange(0, C, layout=gl.SliceLayout(0, q_layout))
+        q = gl.load(q_ptr + off_q[:, None] + cols[None, :], mask=ok_q[:, None], other=0.0).to(gl.float32)
         f = _pow2_row_scale(_rmax(gl.abs(q), axis=1))
-        q_smem.store((q * f[:, None]).to(gl.float16))
+        q = (q * f[:, None]).to(gl.float16)
+        # read in order (16-byte loads), reordered in registers: column 32 l + 4 s + 2 h + e of scale tile g to
+        # position 16 s + 8 h + 2 l + e (query_column)
+        q = gl.permute(gl.reshape(q, [BLOCK_M, 4, 4, 8, 2, 2]), (0, 1, 3, 4, 2, 5))
+        q_smem.store(gl.reshape(q, [BLOCK_M, C]))
         off_pe = b * stride_pb + token_q * stride_ps + head_q * stride_ph
         cols_r = gl.arange(0, DR, layout=gl.SliceLayout(0, q_layout))
         qpe_smem.store(gl.load(qpe_ptr + off_pe[:, None] + cols_r[None, :], mask=ok_q[:, None], other=0.0))
@@ -500,9 +502,13 @@ def _constexprs(s_q: int, heads_tile: int, rows: int, page: int, stages: int = S
 
 def launch_mla_decode_fp8_gluon(q_lat, q_pe, latent, rope, scale, block_table, seq_lens, o, o_lse, *,
                                 heads_tile: int, rows: int, num_splits: int, sm_scale_log2: float,
-                                stages: int = STAGES):  # fmt: skip
+                                stages: int | None = None):  # fmt: skip
     """The split kernel's launch (mla_decode's contract: o [B, S, H, splits, c], o_lse [B, S, H, splits]) on this
-    kernel; the caller checked ``supports``. Contiguous cache tensors (TMA reads them as rows)."""
+    kernel; the caller checked ``supports``. Contiguous cache tensors (TMA reads them as rows). ``stages``: the
+    ring's depth (default STAGES, read at the call: 2 to 4 fit the shared memory)."""
+    stages = STAGES if stages is None else stages
+    if not 2 <= stages <= 4:
+        raise ValueError(f"the register-operand MLA decode takes 2 to 4 stages, got {stages}")
     if torch.cuda.get_device_capability(q_lat.device) != (9, 0):
         raise RuntimeError("the Gluon MLA decode kernel runs on sm_90 (Hopper) only")
     B, S, H, _ = q_lat.shape
