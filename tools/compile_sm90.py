@@ -200,8 +200,8 @@ def mla_cases():
 
 
 def gluon_cases():
-    """The Gluon kernels: the grouped FP8 GEMMs (coscale.kernels._fp8_grouped_gluon) and the FP8-cache MLA decode
-    (coscale.kernels._mla_decode_gluon): (label, which, cfg, K steps an iteration)."""
+    """The Gluon kernels: the grouped FP8 GEMMs (coscale.kernels._fp8_grouped_gluon) and the FP8-cache MLA decodes
+    (coscale.kernels._mla_decode_gluon_regs and _mla_decode_gluon): (label, which, cfg, K steps an iteration)."""
     from coscale.kernels import _fp8_grouped_gluon as gm
 
     for cfg in gm.GLUON_MM_CANDIDATES:
@@ -210,17 +210,25 @@ def gluon_cases():
     for cfg in gm.GLUON_WGRAD_CANDIDATES:
         ring = " ring" if cfg.get("A_RING") else ""
         yield f"gluon wgrad {cfg['BLOCK_M']}x{cfg['BLOCK_N']} s{cfg['STAGES']}{ring}", "wgrad", cfg, 1
-    # the FP8-cache MLA decode (coscale.kernels._mla_decode_gluon): 16 query rows, 64-key pages
-    yield "gluon mla decode fp8 16 rows", "decode", {"rows": 16, "s_q": 1}, 1
+    # the FP8-cache MLA decode (coscale.kernels._mla_decode_gluon_regs, the default, at each ring depth, and
+    # coscale.kernels._mla_decode_gluon): 16 query rows, 64-key pages
+    for stages in (4, 3, 2):
+        yield f"gluon mla decode fp8 registers 16 rows s{stages}", "decode_regs", {"rows": 16, "s_q": 1,
+                                                                                   "stages": stages}, 1
+    yield "gluon mla decode fp8 converter 16 rows", "decode", {"rows": 16, "s_q": 1}, 1
 
 
 def compile_gluon(label: str, which: str, cfg: dict, defer: int, counts: bool, sass_dir: str) -> bool:
     from coscale.kernels import _fp8_grouped_gluon as gm
     from coscale.kernels import _mla_decode_gluon as dm
+    from coscale.kernels import _mla_decode_gluon_regs as dr
 
     t0 = time.perf_counter()
     try:
-        kernel = dm.compile_for_sm90(**cfg) if which == "decode" else gm.compile_for_sm90(which, cfg, defer)
+        if which in ("decode", "decode_regs"):
+            kernel = (dm if which == "decode" else dr).compile_for_sm90(**cfg)
+        else:
+            kernel = gm.compile_for_sm90(which, cfg, defer)
     except Exception as exc:  # noqa: BLE001 - report every variant
         print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
         return False

@@ -39,28 +39,18 @@ import functools
 
 import torch
 
+from coscale.kernels import _mla_decode_gluon_common as common
 from coscale.kernels._gluon_hopper import builds, hopper_api
+from coscale.kernels._mla_decode_gluon_common import BLOCK_N, MAX_ROWS, NT, TILE, supports
 
-__all__ = ["BLOCK_N", "compile_for_sm90", "gluon_decode_available", "launch_mla_decode_fp8_gluon", "supports"]
+__all__ = ["BLOCK_N", "MAX_ROWS", "compile_for_sm90", "gluon_decode_available", "launch_mla_decode_fp8_gluon",
+           "supports"]
 
-BLOCK_N = 64  # keys a tile: wgmma's M for one warpgroup
-NT = 4  # 128-column scale tiles of the 512-wide latent
-TILE = 128
 # Shared memory (227 KB an SM): BUFS fp16 tiles of 64 KB (the math on one while the next is converted) with their
 # RoPE keys and scales (9 KB), LAT_STAGES e4m3 half tiles of 16 KB, the query (18 KB) and P (8 KB): 220 KB
 BUFS = 2
 LAT_STAGES = 3
-MAX_ROWS = 16  # query rows a program (see supports)
 ROW_CHUNK = 16  # rows the converter casts at a time (16 values a thread: no spills at 128 registers)
-
-
-def supports(c: int, dr: int, page: int, rows: int, fp8: bool, q_dtype: torch.dtype) -> bool:
-    """Whether this kernel takes the case: DeepSeek's latent (512 = 4 scale tiles) and RoPE width (64), pages
-    of whole 64-key tiles, 16 query rows a program (16 heads, one query token: the [512, rows] FP32 accumulator
-    of one warpgroup; with 32 rows, MTP's two tokens, the math warps spill in sm_90 compiles), an FP8 cache and
-    bf16 queries."""
-    return fp8 and c == NT * TILE and dr == 64 and page % BLOCK_N == 0 and rows <= MAX_ROWS \
-        and q_dtype == torch.bfloat16
 
 
 @functools.cache
@@ -76,41 +66,9 @@ def _build():
     fence_async_shared = api.fence_async_shared
     warpgroup_mma, warpgroup_mma_wait = api.warpgroup_mma, api.warpgroup_mma_wait
     thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (renamed in Triton 3.9)
-    public_reinterpret = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))  # (3.6: _reinterpret)
-
-    @gluon.jit
-    def _as_words(buf, shape: gl.constexpr, layout: gl.constexpr):
-        # the same bytes seen as int32
-        if public_reinterpret:
-            return buf.reinterpret(gl.int32, shape, layout)
-        else:
-            return buf._reinterpret(gl.int32, shape, layout)
-
-    # Reductions through gl.reduce: gl.max and gl.sum are Triton's own jit functions, which its CPU interpreter
-    # (on in the test session, where this kernel is compiled for sm_90) swaps for interpreted ones
-    @gluon.jit
-    def _maximum(a, b):
-        return gl.maximum(a, b)
-
-    @gluon.jit
-    def _add(a, b):
-        return a + b
-
-    @gluon.jit
-    def _rmax(x, axis: gl.constexpr):
-        return gl.reduce(x, axis, _maximum)
-
-    @gluon.jit
-    def _rsum(x, axis: gl.constexpr):
-        return gl.reduce(x, axis, _add)
-
-    @gluon.jit
-    def _split_range(seq_len, split, num_splits, BLOCK_N: gl.constexpr):
-        # the keys [lo, hi) of this split, in whole tiles (the Triton kernel's division of the context)
-        per_split = gl.cdiv(gl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
-        lo = split * per_split
-        hi = gl.minimum(lo + per_split, seq_len)
-        return seq_len, lo, hi, gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)
+    h = common.helpers()
+    _as_words, _split_range, _query, _query_rows = h.as_words, h.split_range, h.query, h.query_rows
+    _tile_scales, _softmax_step, _softmax_end = h.tile_scales, h.softmax_step, h.softmax_end
 
     @gluon.jit
     def _loader(lat_desc, rope_desc, sc_desc, lat_bufs, rope_bufs, sc_bufs, lat_ready, lat_empty, rs_ready, rs_empty,
@@ -120,7 +78,7 @@ def _build():
         # buffers, then its RoPE key and scales into the math's ring of BUFS. A fresh barrier counts as having
         # completed the phase before 0, so the first pass of each ring waits for nothing.
         split, b = gl.program_id(1), gl.program_id(2)
-        _, lo, hi, tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
+        lo, hi, tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
         table_row = table_ptr + b * stride_table
         half: gl.constexpr = BLOCK_N // 2
         rs_bytes: gl.constexpr = rope_desc.block_type.nbytes + sc_desc.block_type.nbytes
@@ -164,7 +122,7 @@ def _build():
         words_out: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
         half: gl.constexpr = BLOCK_N // 2
         split = gl.program_id(1)
-        _, lo, hi, tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
+        lo, hi, tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
         for i in range(tiles):
             cb = i % BUFS
             mbarrier.wait(conv_empty.index(cb), ((i // BUFS) & 1) ^ 1)
@@ -197,22 +155,6 @@ def _build():
         return gl.inline_asm_elementwise("mov.u32 $0, 0;", "=r,r", [i], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
-    def _scale_column(sc_tile, groups, g: gl.constexpr, key_ok, key_layout: gl.constexpr):
-        # scale tile g of each key as a vector along the keys, 0 past the split's end (a maximum, not a sum, picks the
-        # column: exact however a layout's copies of an element are reduced; the conversion is a relabelling)
-        col = _rmax(gl.where(groups[None, :] == g, sc_tile, float("-inf")), axis=1)
-        return gl.where(key_ok, gl.convert_layout(col, key_layout, assert_trivial=True), 0.0)
-
-    @gluon.jit
-    def _pow2_row_scale(amax):
-        # 2^(14 - floor(log2 amax)) per row, from the exponent bits (exact; 1 for a zero row): the Triton
-        # kernel's scaling of the query into fp16's range
-        e = ((amax.to(gl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        biased = gl.minimum(gl.maximum(127 + 14 - e, 1), 254)
-        f = (biased << 23).to(gl.float32, bitcast=True)
-        return gl.where(amax > 0, f, 1.0)
-
-    @gluon.jit
     def _math(rope_bufs, sc_bufs, conv, q_smem, qpe_smem, p_smem, rs_ready, rs_empty, conv_ready, conv_empty,
               q_ptr, qpe_ptr, seq_len, out_ptr, lse_ptr,
               stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph,
@@ -224,44 +166,19 @@ def _build():
                                                       instr_shape=[16, BLOCK_M, 16])
         key_layout: gl.constexpr = gl.SliceLayout(1, mma)  # along the keys (and the latent's columns)
         row_layout: gl.constexpr = gl.SliceLayout(0, mma)  # along the query rows
-        q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
-        # A key's four scales in the registers of the threads that hold its scores (so each scale tile's vector is
-        # already in key_layout: no layout conversion, no barrier), and the whole [64, 4] tile in every warp (so the
-        # tile's largest scale is a reduction within the warp).
-        sc_layout: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [0, 2], [8, 0]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
-            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[BLOCK_N, 4])
-        sc_all_layout: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [0, 2], [32, 0]], lane_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [16, 0]],
-            warp_bases=[[0, 0], [0, 0]], block_bases=[], shape=[BLOCK_N, 4])
         group, split, b = gl.program_id(0), gl.program_id(1), gl.program_id(2)
-        seq_len, lo, hi, tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
+        lo, hi, tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
 
-        # the query rows (S_Q tokens x HEADS_TILE heads), scaled by a power of two into fp16's range
-        rows_q = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_layout))
-        token_q = rows_q // HEADS_TILE
-        head_q = group * HEADS_TILE + rows_q % HEADS_TILE
-        off_q = b * stride_qb + token_q * stride_qs + head_q * stride_qh
-        ok_q = (token_q < S_Q) & (head_q < H)
-        cols = gl.arange(0, C, layout=gl.SliceLayout(0, q_layout))
-        q = gl.load(q_ptr + off_q[:, None] + cols[None, :], mask=ok_q[:, None], other=0.0).to(gl.float32)
-        f = _pow2_row_scale(_rmax(gl.abs(q), axis=1))
-        q_smem.index(0).store((q * f[:, None]).to(gl.float16))
-        off_pe = b * stride_pb + token_q * stride_ps + head_q * stride_ph
-        cols_r = gl.arange(0, DR, layout=gl.SliceLayout(0, q_layout))
-        qpe_smem.store(gl.load(qpe_ptr + off_pe[:, None] + cols_r[None, :], mask=ok_q[:, None], other=0.0))
+        # the query rows, scaled by a power of two into fp16's range (_mla_decode_gluon_common.query)
+        q, f, q_pe = _query(q_ptr, qpe_ptr, group, b, stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph,
+                            H, C, DR, S_Q, HEADS_TILE, BLOCK_M)
+        q_smem.index(0).store(q)
+        qpe_smem.store(q_pe)
         fence_async_shared()
         thread_barrier()
         inv_f = gl.convert_layout(1.0 / f, row_layout)  # exact: f is a power of two
-
-        rows = gl.arange(0, BLOCK_M, layout=row_layout)
-        token = rows // HEADS_TILE
-        head = group * HEADS_TILE + rows % HEADS_TILE
-        row_ok = (token < S_Q) & (head < H)
-        last_key = seq_len - S_Q + token  # causal among the S_Q query tokens
+        token, head, row_ok, last_key = _query_rows(group, seq_len, H, S_Q, HEADS_TILE, BLOCK_M, row_layout)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
-        # the softmax's denominators, kept per score element and summed over the keys once at the end (no reduction
-        # across the warps a tile)
         l_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
         smax = 1.1754943508222875e-38  # the smallest normal: never 0 / 0
         zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
@@ -269,8 +186,6 @@ def _build():
         acc1 = gl.zeros_like(acc0)
         acc2 = gl.zeros_like(acc0)
         acc3 = gl.zeros_like(acc0)
-        groups = gl.arange(0, 4, layout=gl.SliceLayout(0, sc_layout))
-        rows_all = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, sc_all_layout))
         for i in range(tiles):
             s = i % BUFS
             mbarrier.wait(conv_ready.index(s), (i // BUFS) & 1)
@@ -290,38 +205,19 @@ def _build():
             s3 = warpgroup_mma(tile.slice(3 * TILE, TILE, dim=1), qs.slice(3 * TILE, TILE, dim=1).permute((1, 0)),
                                zero_s, use_acc=False, is_async=True)
             s_pe = warpgroup_mma(rope_bufs.index(s), qpe_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            pos = lo + i * BLOCK_N + gl.arange(0, BLOCK_N, layout=key_layout)
-            key_ok = pos < hi
-            # each key's four scales as vectors along the keys (0 past the split's end)
-            sc_tile = sc_bufs.index(s).load(sc_layout)
-            sc0 = _scale_column(sc_tile, groups, 0, key_ok, key_layout)
-            sc1 = _scale_column(sc_tile, groups, 1, key_ok, key_layout)
-            sc2 = _scale_column(sc_tile, groups, 2, key_ok, key_layout)
-            sc3 = _scale_column(sc_tile, groups, 3, key_ok, key_layout)
-            sc_all = sc_bufs.index(s).load(sc_all_layout)
-            sc_all = gl.where((lo + i * BLOCK_N + rows_all < hi)[:, None], sc_all, 0.0)
-            tile_smax = _rmax(_rmax(sc_all, axis=1), axis=0)
+            pos, key_ok, sc0, sc1, sc2, sc3, tile_smax = _tile_scales(sc_bufs.index(s), lo + i * BLOCK_N, hi, BLOCK_N,
+                                                                      key_layout)
             s0, s1, s2, s3, s_pe = warpgroup_mma_wait(num_outstanding=0, deps=(s0, s1, s2, s3, s_pe))
             thread_barrier()  # every warp has read the stage's scales and its products are done
             mbarrier.arrive(rs_empty.index(s))
 
             visible = key_ok[:, None] & (pos[:, None] <= last_key[None, :])
-            s_lat = s0 * sc0[:, None] + s1 * sc1[:, None] + s2 * sc2[:, None] + s3 * sc3[:, None]
-            sc = gl.where(visible, (s_lat * inv_f[None, :] + s_pe) * sm_scale_log2, float("-inf"))
-            m_new = gl.maximum(m_i, _rmax(sc, axis=0))
-            smax_new = gl.maximum(smax, tile_smax)
-            alpha = gl.exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))  # a row with no visible key yet
-            p = gl.exp2(sc - gl.where(m_new == float("-inf"), 0.0, m_new)[None, :])
-            l_acc = l_acc * alpha[None, :] + p
-            m_i = m_new
-            rescale = (alpha * (smax / smax_new))[None, :]
-            acc0 = acc0 * rescale
-            acc1 = acc1 * rescale
-            acc2 = acc2 * rescale
-            acc3 = acc3 * rescale
-            smax = smax_new
-            # P' = P x scale / smax <= 1 per scale tile: the accumulators hold value / smax
-            p = p * (1.0 / smax)
+            p, m_i, l_acc, smax, rescale = _softmax_step(s0, s1, s2, s3, s_pe, sc0, sc1, sc2, sc3, visible, inv_f,
+                                                         sm_scale_log2, m_i, l_acc, smax, tile_smax)
+            acc0 = acc0 * rescale[None, :]
+            acc1 = acc1 * rescale[None, :]
+            acc2 = acc2 * rescale[None, :]
+            acc3 = acc3 * rescale[None, :]
             p_smem.index(0).store((p * sc0[:, None]).to(gl.float16))
             p_smem.index(1).store((p * sc1[:, None]).to(gl.float16))
             p_smem.index(2).store((p * sc2[:, None]).to(gl.float16))
@@ -337,10 +233,7 @@ def _build():
             acc0, acc1, acc2, acc3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2, acc3))
             mbarrier.arrive(conv_empty.index(s))
 
-        l_i = _rsum(l_acc, axis=0)
-        has_keys = l_i > 0
-        l_safe = gl.where(has_keys, l_i, 1.0)
-        lse = gl.where(has_keys, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        l_safe, lse = _softmax_end(l_acc, m_i)
         # A split past the end of a short sequence stores only its lse (-inf), as the Triton kernel's
         keep = (row_ok & ((hi > lo) | (num_splits == 1)))[None, :]
         cols_o = gl.arange(0, TILE, layout=key_layout)[:, None]
@@ -411,19 +304,10 @@ def _descriptors(latent: torch.Tensor, rope: torch.Tensor, scale: torch.Tensor):
     """TMA descriptors of one layer's cache: the latent as [NB*BS, 4, 128] e4m3 (rows of 128 bytes: TMA's box
     is at most 256 a dimension), the RoPE key as [NB*BS, 64] bf16, the scales as [NB*BS, 4] float32; a 64-key
     box each."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     rows = latent.shape[0] * latent.shape[1]
-    lat = latent.view(rows, NT, TILE)
-    rope2 = rope.view(rows, rope.shape[-1])
-    sc2 = scale.view(rows, NT)
-    dtypes = {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}
-
-    def desc(t, block):
-        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtypes[t.dtype]))
-
-    return desc(lat, [BLOCK_N // 2, NT, TILE]), desc(rope2, [BLOCK_N, rope.shape[-1]]), desc(sc2, [BLOCK_N, NT])
+    return (common.tma_descriptor(latent.view(rows, NT, TILE), [BLOCK_N // 2, NT, TILE]),
+            common.tma_descriptor(rope.view(rows, rope.shape[-1]), [BLOCK_N, rope.shape[-1]]),
+            common.tma_descriptor(scale.view(rows, NT), [BLOCK_N, NT]))
 
 
 def _constexprs(s_q: int, heads_tile: int, rows: int, page: int, lat_stages: int = LAT_STAGES) -> dict:
@@ -436,12 +320,10 @@ def launch_mla_decode_fp8_gluon(q_lat, q_pe, latent, rope, scale, block_table, s
                                 lat_stages: int = LAT_STAGES):  # fmt: skip
     """The split kernel's launch (mla_decode's contract: o [B, S, H, splits, c], o_lse [B, S, H, splits]) on
     this kernel; the caller checked ``supports``. Contiguous cache tensors (TMA reads them as rows)."""
-    if torch.cuda.get_device_capability(q_lat.device) != (9, 0):
-        raise RuntimeError("the Gluon MLA decode kernel runs on sm_90 (Hopper) only")
-    B, S, H, _ = q_lat.shape
+    grid = common.launch_grid(q_lat, heads_tile, num_splits)
+    S, H = q_lat.shape[1], q_lat.shape[2]
     lat_desc, rope_desc, sc_desc = _descriptors(latent, rope, scale)  # (views: a strided cache fails here)
-    groups = -(-H // heads_tile)
-    _build()[(groups, num_splits, B)](
+    _build()[grid](
         lat_desc, rope_desc, sc_desc, q_lat, q_pe, block_table, seq_lens, o, o_lse,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         block_table.stride(0), o.stride(0), o.stride(1), o.stride(2), o.stride(3),
@@ -452,31 +334,6 @@ def launch_mla_decode_fp8_gluon(q_lat, q_pe, latent, rope, scale, block_table, s
 
 def compile_for_sm90(rows: int = 16, s_q: int = 1, page: int = 64, lat_stages: int = LAT_STAGES,
                      out_dtype=torch.float32):
-    """The kernel compiled for an H100/H200 without a GPU (Triton's wheel carries ptxas): its ``asm`` holds the
-    PTX, cubin and TTGIR. For the CPU tests and tools/compile_sm90.py; divisibility as on the GPU."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
-    kernel = _build()
-    nb = 4
-    latent = torch.zeros(nb, page, NT * TILE, dtype=torch.float8_e4m3fn)
-    rope = torch.zeros(nb, page, 64, dtype=torch.bfloat16)
-    scale = torch.zeros(nb, page, NT, dtype=torch.float32)
-    descs = dict(zip(("lat_desc", "rope_desc", "sc_desc"), _descriptors(latent, rope, scale)))
-    constexprs = _constexprs(s_q, max(1, rows // s_q), rows, page, lat_stages)
-    signature = {name: "i32" for name in kernel.arg_names}
-    signature.update({k: mangle_type(v) for k, v in descs.items()})
-    out = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}[out_dtype]
-    signature.update(q_ptr="*bf16", qpe_ptr="*bf16", table_ptr="*i32", seq_lens_ptr="*i32", out_ptr=out,
-                     lse_ptr="*fp32", sm_scale_log2="fp32")
-    signature.update({k: "constexpr" for k in constexprs})
-    # pointers and the query's and outputs' strides, multiples of 16 at DeepSeek's shapes as the GPU specialises
-    even = {"stride_qb", "stride_qs", "stride_qh", "stride_pb", "stride_ps", "stride_ph", "stride_ob", "stride_os",
-            "stride_oh", "stride_osplit"}
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
-             if t.startswith("*") or n in even}
-    src = GluonASTSource(fn=kernel, signature=signature, attrs=attrs,
-                         constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    """The kernel compiled for an H100/H200 without a GPU (_mla_decode_gluon_common.compile_for_sm90)."""
+    return common.compile_for_sm90(_build(), _descriptors,
+                                   _constexprs(s_q, max(1, rows // s_q), rows, page, lat_stages), page, out_dtype)

@@ -42,27 +42,18 @@ import functools
 
 import torch
 
+from coscale.kernels import _mla_decode_gluon_common as common
 from coscale.kernels._gluon_hopper import builds, hopper_api
+from coscale.kernels._mla_decode_gluon_common import BLOCK_N, MAX_ROWS, NT, TILE, supports
 
 __all__ = ["BLOCK_N", "MAX_ROWS", "compile_for_sm90", "gluon_decode_available", "launch_mla_decode_fp8_gluon",
            "supports"]
 
-BLOCK_N = 64  # keys a tile: wgmma's M for the scores
-NT = 4  # 128-column scale tiles of the 512-wide latent
-TILE = 128
 # Shared memory: STAGES stages of 41 KB (latent 32, RoPE key 8, scales 1), the query (16 KB fp16 + 2 KB RoPE part),
 # two P buffers (8 KB each) with the rows' factors: 198 KB at 4 stages
 STAGES = 4
 P_BUFS = 2
-MAX_ROWS = 16  # query rows a program: wgmma's N (16 heads, or MTP's two tokens of 8)
 VALUES_REGS = 232  # the values warpgroup: 64 accumulator registers, the four scale tiles' A operands (128) in flight
-
-
-def supports(c: int, dr: int, page: int, rows: int, fp8: bool, q_dtype: torch.dtype) -> bool:
-    """Whether this kernel takes the case: DeepSeek's latent (512 = 4 scale tiles) and RoPE width (64), pages of whole
-    64-key tiles, at most 16 query rows a program, an FP8 cache and bf16 queries."""
-    return fp8 and c == NT * TILE and dr == 64 and page % BLOCK_N == 0 and rows <= MAX_ROWS \
-        and q_dtype == torch.bfloat16
 
 
 @functools.cache
@@ -95,41 +86,9 @@ def _build():
     fence_async_shared = api.fence_async_shared
     warpgroup_mma, warpgroup_mma_wait = api.warpgroup_mma, api.warpgroup_mma_wait
     thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (renamed in Triton 3.9)
-    public_reinterpret = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))  # (3.6: _reinterpret)
-
-    @gluon.jit
-    def _as_words(buf, shape: gl.constexpr, layout: gl.constexpr):
-        # the same bytes seen as int32
-        if public_reinterpret:
-            return buf.reinterpret(gl.int32, shape, layout)
-        else:
-            return buf._reinterpret(gl.int32, shape, layout)
-
-    # Reductions through gl.reduce: gl.max and gl.sum are Triton's own jit functions, which its CPU interpreter
-    # (on in the test session, where this kernel is compiled for sm_90) swaps for interpreted ones
-    @gluon.jit
-    def _maximum(a, b):
-        return gl.maximum(a, b)
-
-    @gluon.jit
-    def _add(a, b):
-        return a + b
-
-    @gluon.jit
-    def _rmax(x, axis: gl.constexpr):
-        return gl.reduce(x, axis, _maximum)
-
-    @gluon.jit
-    def _rsum(x, axis: gl.constexpr):
-        return gl.reduce(x, axis, _add)
-
-    @gluon.jit
-    def _split_range(seq_len, split, num_splits, BLOCK_N: gl.constexpr):
-        # the keys [lo, hi) of this split, in whole tiles (the Triton kernel's division of the context)
-        per_split = gl.cdiv(gl.cdiv(seq_len, BLOCK_N), num_splits) * BLOCK_N
-        lo = split * per_split
-        hi = gl.minimum(lo + per_split, seq_len)
-        return lo, hi, gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)
+    h = common.helpers()
+    _as_words, _split_range, _query, _query_rows = h.as_words, h.split_range, h.query, h.query_rows
+    _tile_scales, _softmax_step, _softmax_end = h.tile_scales, h.softmax_step, h.softmax_end
 
     @gluon.jit
     def _loader(lat_desc, rope_desc, sc_desc, lat_bufs, rope_bufs, sc_bufs, ready, free, table_ptr, seq_len,
@@ -198,22 +157,6 @@ def _build():
         return gl.convert_layout(gl.reshape(v, [128, 64]), a_layout, assert_trivial=True)
 
     @gluon.jit
-    def _scale_column(sc_tile, groups, g: gl.constexpr, key_ok, key_layout: gl.constexpr):
-        # scale tile g of each key as a vector along the keys, 0 past the split's end (a maximum, not a sum, picks the
-        # column: exact however a layout's copies of an element are reduced; the conversion is a relabelling)
-        col = _rmax(gl.where(groups[None, :] == g, sc_tile, float("-inf")), axis=1)
-        return gl.where(key_ok, gl.convert_layout(col, key_layout, assert_trivial=True), 0.0)
-
-    @gluon.jit
-    def _pow2_row_scale(amax):
-        # 2^(14 - floor(log2 amax)) per row, from the exponent bits (exact; 1 for a zero row): the Triton
-        # kernel's scaling of the query into fp16's range
-        e = ((amax.to(gl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        biased = gl.minimum(gl.maximum(127 + 14 - e, 1), 254)
-        f = (biased << 23).to(gl.float32, bitcast=True)
-        return gl.where(amax > 0, f, 1.0)
-
-    @gluon.jit
     def _scores(lat_bufs, rope_bufs, sc_bufs, q_smem, qpe_smem, p_smem, fac_smem, fin_smem, ready, free, p_ready,
                 p_free, fin_ready, q_ptr, qpe_ptr, seq_len, lse_ptr,
                 stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph, stride_lb, stride_ls, stride_lh,
@@ -232,52 +175,25 @@ def _build():
             reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]], lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
             warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[BLOCK_N, TILE // 4])
         words_smem: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
-        q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
-        # A key's four scales in the registers of the threads that hold its scores, and the whole [64, 4] tile in
-        # every warp (the tile's largest scale by a reduction within the warp): as in _mla_decode_gluon
-        sc_layout: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [0, 2], [8, 0]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
-            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[BLOCK_N, 4])
-        sc_all_layout: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [0, 2], [32, 0]], lane_bases=[[1, 0], [2, 0], [4, 0], [8, 0], [16, 0]],
-            warp_bases=[[0, 0], [0, 0]], block_bases=[], shape=[BLOCK_N, 4])
         group, split, b = gl.program_id(0), gl.program_id(1), gl.program_id(2)
         lo, hi, tiles = _split_range(seq_len, split, num_splits, BLOCK_N)
 
-        # The query rows (S_Q tokens x HEADS_TILE heads), scaled by a power of two into fp16's range, each scale
-        # tile's columns in the A fragment's order (query_column)
-        rows_q = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_layout))
-        token_q = rows_q // HEADS_TILE
-        head_q = group * HEADS_TILE + rows_q % HEADS_TILE
-        off_q = b * stride_qb + token_q * stride_qs + head_q * stride_qh
-        ok_q = (token_q < S_Q) & (head_q < H)
-        cols = gl.arange(0, C, layout=gl.SliceLayout(0, q_layout))
-        q = gl.load(q_ptr + off_q[:, None] + cols[None, :], mask=ok_q[:, None], other=0.0).to(gl.float32)
-        f = _pow2_row_scale(_rmax(gl.abs(q), axis=1))
-        q = (q * f[:, None]).to(gl.float16)
-        # read in order (16-byte loads), reordered in registers: column 32 l + 4 s + 2 h + e of scale tile g to
-        # position 16 s + 8 h + 2 l + e (query_column)
+        # The query rows, scaled by a power of two into fp16's range (_mla_decode_gluon_common.query), each scale
+        # tile's columns reordered in registers to the A fragment's order: column 32 l + 4 s + 2 h + e of scale tile g
+        # to position 16 s + 8 h + 2 l + e (query_column)
+        q, f, q_pe = _query(q_ptr, qpe_ptr, group, b, stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph,
+                            H, C, DR, S_Q, HEADS_TILE, BLOCK_M)
         q = gl.permute(gl.reshape(q, [BLOCK_M, 4, 4, 8, 2, 2]), (0, 1, 3, 4, 2, 5))
         q_smem.store(gl.reshape(q, [BLOCK_M, C]))
-        off_pe = b * stride_pb + token_q * stride_ps + head_q * stride_ph
-        cols_r = gl.arange(0, DR, layout=gl.SliceLayout(0, q_layout))
-        qpe_smem.store(gl.load(qpe_ptr + off_pe[:, None] + cols_r[None, :], mask=ok_q[:, None], other=0.0))
+        qpe_smem.store(q_pe)
         fence_async_shared()
         thread_barrier()
         inv_f = gl.convert_layout(1.0 / f, row_layout)  # exact: f is a power of two
-
-        rows = gl.arange(0, BLOCK_M, layout=row_layout)
-        token = rows // HEADS_TILE
-        head = group * HEADS_TILE + rows % HEADS_TILE
-        row_ok = (token < S_Q) & (head < H)
-        last_key = seq_len - S_Q + token  # causal among the S_Q query tokens
+        token, head, row_ok, last_key = _query_rows(group, seq_len, H, S_Q, HEADS_TILE, BLOCK_M, row_layout)
         m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
-        # the softmax's denominators, kept per score element and summed over the keys once at the end
         l_acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
         smax = 1.1754943508222875e-38  # the smallest normal: never 0 / 0
         zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=mma)
-        groups = gl.arange(0, 4, layout=gl.SliceLayout(0, sc_layout))
-        rows_all = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, sc_all_layout))
         for i in range(tiles):
             s = i % STAGES
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
@@ -294,33 +210,15 @@ def _build():
             s3 = warpgroup_mma(_scores_operand(w3, a_layout), q_smem.slice(3 * TILE, TILE, dim=1).permute((1, 0)),
                                zero_s, use_acc=False, is_async=True)
             s_pe = warpgroup_mma(rope_bufs.index(s), qpe_smem.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            pos = lo + i * BLOCK_N + gl.arange(0, BLOCK_N, layout=key_layout)
-            key_ok = pos < hi
-            sc_tile = sc_bufs.index(s).load(sc_layout)
-            sc0 = _scale_column(sc_tile, groups, 0, key_ok, key_layout)
-            sc1 = _scale_column(sc_tile, groups, 1, key_ok, key_layout)
-            sc2 = _scale_column(sc_tile, groups, 2, key_ok, key_layout)
-            sc3 = _scale_column(sc_tile, groups, 3, key_ok, key_layout)
-            sc_all = sc_bufs.index(s).load(sc_all_layout)
-            sc_all = gl.where((lo + i * BLOCK_N + rows_all < hi)[:, None], sc_all, 0.0)
-            tile_smax = _rmax(_rmax(sc_all, axis=1), axis=0)
+            pos, key_ok, sc0, sc1, sc2, sc3, tile_smax = _tile_scales(sc_bufs.index(s), lo + i * BLOCK_N, hi, BLOCK_N,
+                                                                      key_layout)
             s0, s1, s2, s3, s_pe = warpgroup_mma_wait(num_outstanding=0, deps=(s0, s1, s2, s3, s_pe))
             thread_barrier()  # every warp has read the stage and its products are done
             mbarrier.arrive(free.index(s))  # (the values warpgroup arrives too)
 
             visible = key_ok[:, None] & (pos[:, None] <= last_key[None, :])
-            s_lat = s0 * sc0[:, None] + s1 * sc1[:, None] + s2 * sc2[:, None] + s3 * sc3[:, None]
-            sc = gl.where(visible, (s_lat * inv_f[None, :] + s_pe) * sm_scale_log2, float("-inf"))
-            m_new = gl.maximum(m_i, _rmax(sc, axis=0))
-            smax_new = gl.maximum(smax, tile_smax)
-            alpha = gl.exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))  # a row with no visible key yet
-            p = gl.exp2(sc - gl.where(m_new == float("-inf"), 0.0, m_new)[None, :])
-            l_acc = l_acc * alpha[None, :] + p
-            m_i = m_new
-            rescale = alpha * (smax / smax_new)
-            smax = smax_new
-            # P' = P x scale / smax <= 1 per scale tile: the values' accumulators hold value / smax
-            p = p * (1.0 / smax)
+            p, m_i, l_acc, smax, rescale = _softmax_step(s0, s1, s2, s3, s_pe, sc0, sc1, sc2, sc3, visible, inv_f,
+                                                         sm_scale_log2, m_i, l_acc, smax, tile_smax)
             pb = i % P_BUFS
             mbarrier.wait(p_free.index(pb), ((i // P_BUFS) & 1) ^ 1)
             p_smem.index(4 * pb).store((p * sc0[:, None]).to(gl.float16))
@@ -332,10 +230,7 @@ def _build():
             thread_barrier()
             mbarrier.arrive(p_ready.index(pb))
 
-        l_i = _rsum(l_acc, axis=0)
-        has_keys = l_i > 0
-        l_safe = gl.where(has_keys, l_i, 1.0)
-        lse = gl.where(has_keys, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        l_safe, lse = _softmax_end(l_acc, m_i)
         fin_smem.store(smax / l_safe)  # the output's normalisation, for the values warpgroup
         thread_barrier()
         mbarrier.arrive(fin_ready)
@@ -406,10 +301,7 @@ def _build():
 
         mbarrier.wait(fin_ready, 0)
         norm = fin_smem.load(row_layout)[None, :]
-        rows = gl.arange(0, BLOCK_M, layout=row_layout)
-        token = rows // HEADS_TILE
-        head = group * HEADS_TILE + rows % HEADS_TILE
-        row_ok = (token < S_Q) & (head < H)
+        token, head, row_ok, _ = _query_rows(group, seq_len, H, S_Q, HEADS_TILE, BLOCK_M, row_layout)
         # A split past the end of a short sequence stores only its lse (-inf), as the Triton kernel's
         keep = (row_ok & ((hi > lo) | (num_splits == 1)))[None, :]
         m = gl.arange(0, TILE, layout=col_layout)
@@ -480,19 +372,10 @@ def _descriptors(latent: torch.Tensor, rope: torch.Tensor, scale: torch.Tensor):
     key's row of a tile is one 128-byte line of the swizzle: the values warpgroup's loads are free of bank conflicts
     that way, where with a key's four tiles in a row four keys two apart share a 16-byte piece), the RoPE key as
     [NB*BS, 64] bf16, the scales as [NB*BS, 4] float32; 64 keys a box."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     rows = latent.shape[0] * latent.shape[1]
-    lat = latent.view(rows, NT * TILE)
-    rope2 = rope.view(rows, rope.shape[-1])
-    sc2 = scale.view(rows, NT)
-    dtypes = {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}
-
-    def desc(t, block):
-        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtypes[t.dtype]))
-
-    return desc(lat, [BLOCK_N, TILE]), desc(rope2, [BLOCK_N, rope.shape[-1]]), desc(sc2, [BLOCK_N, NT])
+    return (common.tma_descriptor(latent.view(rows, NT * TILE), [BLOCK_N, TILE]),
+            common.tma_descriptor(rope.view(rows, rope.shape[-1]), [BLOCK_N, rope.shape[-1]]),
+            common.tma_descriptor(scale.view(rows, NT), [BLOCK_N, NT]))
 
 
 def _constexprs(s_q: int, heads_tile: int, rows: int, page: int, stages: int = STAGES) -> dict:
@@ -509,12 +392,10 @@ def launch_mla_decode_fp8_gluon(q_lat, q_pe, latent, rope, scale, block_table, s
     stages = STAGES if stages is None else stages
     if not 2 <= stages <= 4:
         raise ValueError(f"the register-operand MLA decode takes 2 to 4 stages, got {stages}")
-    if torch.cuda.get_device_capability(q_lat.device) != (9, 0):
-        raise RuntimeError("the Gluon MLA decode kernel runs on sm_90 (Hopper) only")
-    B, S, H, _ = q_lat.shape
+    grid = common.launch_grid(q_lat, heads_tile, num_splits)
+    S, H = q_lat.shape[1], q_lat.shape[2]
     lat_desc, rope_desc, sc_desc = _descriptors(latent, rope, scale)  # (views: a strided cache fails here)
-    groups = -(-H // heads_tile)
-    _build()[(groups, num_splits, B)](
+    _build()[grid](
         lat_desc, rope_desc, sc_desc, q_lat, q_pe, block_table, seq_lens, o, o_lse,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         block_table.stride(0), o.stride(0), o.stride(1), o.stride(2), o.stride(3),
@@ -524,31 +405,6 @@ def launch_mla_decode_fp8_gluon(q_lat, q_pe, latent, rope, scale, block_table, s
 
 
 def compile_for_sm90(rows: int = 16, s_q: int = 1, page: int = 64, stages: int = STAGES, out_dtype=torch.float32):
-    """The kernel compiled for an H100/H200 without a GPU (Triton's wheel carries ptxas): its ``asm`` holds the PTX,
-    cubin and TTGIR. For the CPU tests and tools/compile_sm90.py; divisibility as on the GPU."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
-    kernel = _build()
-    nb = 4
-    latent = torch.zeros(nb, page, NT * TILE, dtype=torch.float8_e4m3fn)
-    rope = torch.zeros(nb, page, 64, dtype=torch.bfloat16)
-    scale = torch.zeros(nb, page, NT, dtype=torch.float32)
-    descs = dict(zip(("lat_desc", "rope_desc", "sc_desc"), _descriptors(latent, rope, scale)))
-    constexprs = _constexprs(s_q, max(1, rows // s_q), rows, page, stages)
-    signature = {name: "i32" for name in kernel.arg_names}
-    signature.update({k: mangle_type(v) for k, v in descs.items()})
-    out = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}[out_dtype]
-    signature.update(q_ptr="*bf16", qpe_ptr="*bf16", table_ptr="*i32", seq_lens_ptr="*i32", out_ptr=out,
-                     lse_ptr="*fp32", sm_scale_log2="fp32")
-    signature.update({k: "constexpr" for k in constexprs})
-    # pointers and the query's and outputs' strides, multiples of 16 at DeepSeek's shapes as the GPU specialises
-    even = {"stride_qb", "stride_qs", "stride_qh", "stride_pb", "stride_ps", "stride_ph", "stride_ob", "stride_os",
-            "stride_oh", "stride_osplit"}
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
-             if t.startswith("*") or n in even}
-    src = GluonASTSource(fn=kernel, signature=signature, attrs=attrs,
-                         constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    """The kernel compiled for an H100/H200 without a GPU (_mla_decode_gluon_common.compile_for_sm90)."""
+    return common.compile_for_sm90(_build(), _descriptors, _constexprs(s_q, max(1, rows // s_q), rows, page, stages),
+                                   page, out_dtype)
