@@ -264,9 +264,8 @@ def main():
     parser.add_argument("--fp8-gluon", action="store_true", help="also time FP8 caches on the warp-specialized "
                         "Gluon kernel (mla_decode's default where it takes the case: sm_90, 16 heads); the main rows "
                         "are the Triton kernel's")
-    parser.add_argument("--gluon-designs", nargs="+", choices=GLUON_DESIGNS, default=["converter"],
-                        help="with --fp8-gluon: the Gluon kernels to time (mla_decode.FP8_GLUON_DESIGN; default "
-                             "converter)")
+    parser.add_argument("--gluon-designs", nargs="+", choices=GLUON_DESIGNS, default=list(GLUON_DESIGNS),
+                        help="with --fp8-gluon: the Gluon kernels to time (mla_decode.FP8_GLUON_DESIGN; default both)")
     parser.add_argument("--gluon-stages", nargs="+", type=int, choices=(2, 3, 4), default=[], metavar="N",
                         help="with --fp8-gluon: also time the register-operand kernel with N stages in its ring "
                              "(_mla_decode_gluon_regs.STAGES, default 4)")
