@@ -76,6 +76,32 @@ def test_the_register_operands_column_orders_are_permutations():
     assert gkr.value_column(torch.tensor([0, 8, 64, 72, 1])).tolist() == [0, 1, 2, 3, 4]
 
 
+def _join(a, b):
+    return torch.stack([a, b], -1)  # gl.join: a new last dimension
+
+
+def test_the_register_operands_reorderings_give_those_column_orders():
+    """The kernel's reshapes and permutes, replayed on index tensors with torch's semantics (Gluon's are the same):
+    the query stored at query_column's positions, the scores' A holding column query_column(k) of key r at [r, k],
+    and the values' A holding column value_column(m) of key k at [m, k]. Value ids: key * 1000 + column."""
+    q = torch.arange(16 * 512).view(16, 512)
+    stored = q.reshape(16, 4, 4, 8, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(16, 512)  # _scores
+    k = torch.arange(512)
+    assert torch.equal(stored, q[:, k - k % 128 + gkr.query_column(k % 128)])
+    key = torch.arange(64)[:, None].expand(64, 32)
+    word = torch.arange(32)[None, :].expand(64, 32)
+    h = [key * 1000 + 4 * word + b for b in range(4)]  # _f16x4: bytes 0..3 of each word
+    a = _join(_join(h[0], h[1]), _join(h[2], h[3])).permute(0, 1, 3, 2).reshape(64, 4, 8, 2, 2)  # _scores_operand
+    a = a.permute(0, 2, 3, 1, 4).reshape(64, 128)
+    assert torch.equal(a, torch.arange(64)[:, None] * 1000 + gkr.query_column(torch.arange(128))[None, :])
+    pairs = [t.reshape(32, 2, 32).permute(0, 2, 1).unbind(-1) for t in (key, word)]  # _values_operand's split
+    (even_k, odd_k), (even_w, odd_w) = pairs
+    c = [x for b in range(4) for x in (even_k * 1000 + 4 * even_w + b, odd_k * 1000 + 4 * odd_w + b)]  # prmt + cvt
+    v = _join(_join(_join(c[0], c[1]), _join(c[2], c[3])), _join(_join(c[4], c[5]), _join(c[6], c[7])))
+    v = v.permute(1, 4, 3, 0, 2).reshape(4, 8, 2, 2, 64).permute(2, 0, 3, 1, 4).reshape(128, 64)
+    assert torch.equal(v, torch.arange(64)[None, :] * 1000 + gkr.value_column(torch.arange(128))[:, None])
+
+
 def test_asking_for_it_where_it_cannot_run_is_a_clear_error():
     """float32 queries (the interpreter's CPU tensors, or a GPU's): refused with a clear error when asked for; the
     Triton kernel otherwise (also by default, FP8_GLUON)."""
