@@ -100,6 +100,8 @@ def main() -> None:
 
     args, dev, gen = decode_bench_args(__doc__, "batches 1, 16 and 32 (about a minute)", "tokens",
                                        "batch sizes (default 1 4 16 32 64 128)", more=shapes_option)
+    if any(n < 1 for n in args.experts_per_split):
+        raise SystemExit("bench_moe_decode.py: --experts-per-split takes positive counts")
     tokens = args.tokens or ([1, 16, 32] if args.quick else [1, 4, 16, 32, 64, 128])
     cases = [("smoke", SMOKE_SHAPE, t) for t in (args.tokens or [1, 20])] if SMOKE else \
         [(name, SHAPES[name], t) for name in args.shapes for t in tokens]
