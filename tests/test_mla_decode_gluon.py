@@ -267,3 +267,38 @@ def test_an_unknown_gluon_design_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(md, "FP8_GLUON_DESIGN", "fast")
     with pytest.raises(CoscaleError, match="FP8_GLUON_DESIGN must be one of"):
         md._gluon_kernels()
+
+
+@needs_gluon
+@pytest.mark.parametrize("module", [gkr, gk])
+def test_the_launch_passes_every_kernel_argument_by_its_place(module, monkeypatch):
+    """The launch glue (_mla_decode_gluon_common.launch), checked on the CPU against the kernel's own signature: the
+    positional arguments are the kernel's non-constexpr parameters in order (strides of the right tensors), the
+    keywords its constexprs, on grid (head groups, splits, sequences)."""
+    kernel = module._build()
+    seen = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.update(grid=grid, args=args, kwargs=kwargs)
+            return run
+
+    monkeypatch.setattr(module, "_build", lambda: Recorder())
+    monkeypatch.setattr(module, "_descriptors", lambda *t: ("lat", "rope", "sc"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    B, S, H, splits = 3, 2, 8, 5
+    q_lat, q_pe = torch.zeros(B, S, H, 512), torch.zeros(B, S, H, 64)
+    table, lens = torch.zeros(B, 7, dtype=torch.int32), torch.zeros(B, dtype=torch.int32)
+    o, lse = torch.zeros(B, S, H, splits, 512), torch.zeros(B, S, H, splits)
+    latent = torch.zeros(4, 64, 512)
+    module.launch_mla_decode_fp8_gluon(q_lat, q_pe, latent, None, None, table, lens, o, lse, heads_tile=8, rows=16,
+                                       num_splits=splits, sm_scale_log2=0.5)
+    names = [n for n, p in zip(kernel.arg_names, kernel.params) if not p.is_constexpr]
+    got = dict(zip(names, seen["args"]))
+    assert len(seen["args"]) == len(names) and set(seen["kwargs"]) >= {n for n in kernel.arg_names if n not in names}
+    assert seen["grid"] == (1, splits, B) and got["H"] == H and got["num_splits"] == splits
+    assert (got["stride_qs"], got["stride_ph"], got["stride_table"]) == (q_lat.stride(1), q_pe.stride(2), 7)
+    assert (got["stride_osplit"], got["stride_lh"], got["sm_scale_log2"]) == (512, splits, 0.5)
+    assert got["q_ptr"] is q_lat and got["out_ptr"] is o and got["lse_ptr"] is lse and got["lat_desc"] == "lat"
+    assert seen["kwargs"]["S_Q"] == S and seen["kwargs"]["HEADS_TILE"] == 8 and seen["kwargs"]["PAGE"] == 64

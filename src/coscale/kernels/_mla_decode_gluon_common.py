@@ -205,8 +205,18 @@ def compile_for_sm90(kernel, descriptors, constexprs: dict, page: int, out_dtype
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-def launch_grid(q_lat: torch.Tensor, heads_tile: int, num_splits: int) -> tuple[int, int, int]:
-    """(head groups, splits, sequences): the kernels' grid, after checking the GPU is an sm_90 one."""
+def launch(kernel, descriptors, constexprs: dict, q_lat, q_pe, block_table, seq_lens, o, o_lse, num_splits: int,
+           sm_scale_log2: float, heads_tile: int) -> None:
+    """``kernel`` on grid (head groups, splits, sequences) with mla_decode's split-kernel contract (o [B, S, H,
+    splits, c], o_lse [B, S, H, splits]); ``descriptors``: the cache's TMA descriptors (contiguous tensors: TMA
+    reads them as rows, so a strided view fails there)."""
     if torch.cuda.get_device_capability(q_lat.device) != (9, 0):
         raise RuntimeError("the Gluon MLA decode kernels run on sm_90 (Hopper) only")
-    return -(-q_lat.shape[2] // heads_tile), num_splits, q_lat.shape[0]
+    lat_desc, rope_desc, sc_desc = descriptors
+    kernel[(-(-q_lat.shape[2] // heads_tile), num_splits, q_lat.shape[0])](
+        lat_desc, rope_desc, sc_desc, q_lat, q_pe, block_table, seq_lens, o, o_lse,
+        q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
+        block_table.stride(0), o.stride(0), o.stride(1), o.stride(2), o.stride(3),
+        o_lse.stride(0), o_lse.stride(1), o_lse.stride(2), q_lat.shape[2], num_splits, sm_scale_log2,
+        **constexprs, num_warps=4,
+    )  # fmt: skip

@@ -392,16 +392,9 @@ def launch_mla_decode_fp8_gluon(q_lat, q_pe, latent, rope, scale, block_table, s
     stages = STAGES if stages is None else stages
     if not 2 <= stages <= 4:
         raise ValueError(f"the register-operand MLA decode takes 2 to 4 stages, got {stages}")
-    grid = common.launch_grid(q_lat, heads_tile, num_splits)
-    S, H = q_lat.shape[1], q_lat.shape[2]
-    lat_desc, rope_desc, sc_desc = _descriptors(latent, rope, scale)  # (views: a strided cache fails here)
-    _build()[grid](
-        lat_desc, rope_desc, sc_desc, q_lat, q_pe, block_table, seq_lens, o, o_lse,
-        q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
-        block_table.stride(0), o.stride(0), o.stride(1), o.stride(2), o.stride(3),
-        o_lse.stride(0), o_lse.stride(1), o_lse.stride(2), H, num_splits, sm_scale_log2,
-        **_constexprs(S, heads_tile, rows, latent.shape[1], stages), num_warps=4,
-    )  # fmt: skip
+    common.launch(_build(), _descriptors(latent, rope, scale),
+                  _constexprs(q_lat.shape[1], heads_tile, rows, latent.shape[1], stages), q_lat, q_pe, block_table,
+                  seq_lens, o, o_lse, num_splits, sm_scale_log2, heads_tile)
 
 
 def compile_for_sm90(rows: int = 16, s_q: int = 1, page: int = 64, stages: int = STAGES, out_dtype=torch.float32):
