@@ -10,7 +10,7 @@ from types import SimpleNamespace
 @functools.cache
 def hopper_api() -> SimpleNamespace:
     """gluon, gl and the Hopper names (mbarrier, tma, tma_load, tma_store, warpgroup_mma, warpgroup_mma_wait,
-    fence_async_shared); ImportError or AttributeError where this Triton lacks them."""
+    fence_async_shared, thread_barrier); ImportError or AttributeError where this Triton lacks them."""
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia import hopper
@@ -18,6 +18,7 @@ def hopper_api() -> SimpleNamespace:
     tma = hopper.tma
     return SimpleNamespace(
         gluon=gluon, gl=gl, mbarrier=hopper.mbarrier, tma=tma, fence_async_shared=hopper.fence_async_shared,
+        thread_barrier=getattr(gl, "thread_barrier", None) or gl.barrier,  # (renamed in Triton 3.9)
         warpgroup_mma=hopper.warpgroup_mma, warpgroup_mma_wait=hopper.warpgroup_mma_wait,
         tma_load=getattr(tma, "async_load", None) or tma.async_copy_global_to_shared,
         tma_store=getattr(tma, "async_store", None) or tma.async_copy_shared_to_global,

@@ -83,9 +83,8 @@ def value_column(m: torch.Tensor) -> torch.Tensor:
 def _build():
     api = hopper_api()
     gluon, gl, mbarrier, tma_load = api.gluon, api.gl, api.mbarrier, api.tma_load
-    fence_async_shared = api.fence_async_shared
+    fence_async_shared, thread_barrier = api.fence_async_shared, api.thread_barrier
     warpgroup_mma, warpgroup_mma_wait = api.warpgroup_mma, api.warpgroup_mma_wait
-    thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (renamed in Triton 3.9)
     h = common.helpers()
     _as_words, _split_range, _query, _query_rows = h.as_words, h.split_range, h.query, h.query_rows
     _tile_scales, _softmax_step, _softmax_end = h.tile_scales, h.softmax_step, h.softmax_end
