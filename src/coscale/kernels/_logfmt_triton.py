@@ -35,9 +35,9 @@ Every other code is the reference's (the reference decides exactly except within
 threshold).
 
 Encode, "fast" rounding (FAST): none of that, and no float64. Per row the tile numbers in float32 (``_row_stats_fast``:
-two accurate log2, within ``fast_tile_tolerance`` of the reference's) and the line v = A log2|x| + B = t + 1.5 on the
-grid they give (``_row_line``, float32), per element one lg2.approx and one multiply-add, clamped and rounded by adding
-1.5 * 2^23 (``_fast_code``).
+two log2, each the exponent plus lg2.approx of the mantissa, within ``fast_tile_tolerance`` of the reference's) and the
+line v = A log2|x| + B = t + 1.5 on the grid they give (``_row_line``, float32), per element one lg2.approx and one
+multiply-add, clamped and rounded by adding 1.5 * 2^23 (``_fast_code``).
 """
 
 import triton
@@ -127,21 +127,26 @@ def _row_stats(top, low, range_clamp, Q: tl.constexpr):
 
 
 @triton.jit
-def _row_stats_fast(top, low, range_clamp, Q: tl.constexpr):
+def _row_stats_fast(top, low, range_clamp, Q: tl.constexpr, FAST_LOG2: tl.constexpr):
     """The "fast" rounding's (bad, m32, s32, amin, amax [R]) from a tile row's |x| bit max and non-zero min, in
-    float32: lmax = log2 max|x|, lmin = log2 min|x| (a subnormal's as log2(|x| 2^24) - 24, exact scaling), the range
-    clamp in log2 units (lmin >= lmax + log2 range_clamp), then m = lmin ln 2 and s = (lmax - lmin) ln 2 / (Q - 1).
-    log2 is the accurate one (libdevice's log2f, 1 ulp, on a GPU); the numbers are within ``fast_tile_tolerance``
-    of the reference's float64 ones, and the codes are nearest on the grid they give (the decoder's)."""
+    float32: lmax = log2 max|x|, lmin = log2 min|x|, the range clamp in log2 units (lmin >= lmax + log2 range_clamp),
+    then m = lmin ln 2 and s = (lmax - lmin) ln 2 / (Q - 1). Each log2 is E + log2(mant) (``_log2_mantissa``: the
+    exponent exact, the mantissa's log within 1.8e-7, one rounding of the sum; a subnormal |x| scaled by 2^24 first
+    and 24 taken from its exponent, exactly): a few instructions where libdevice's log2f took about 25, four a row
+    repeated by every thread that holds part of the row. The numbers are within ``fast_tile_tolerance`` of the
+    reference's float64 ones, and the codes are nearest on the grid they give (the decoder's)."""
     bad = top >= 0x7F800000
     amax = top.to(tl.float32, bitcast=True)
     amin = low.to(tl.float32, bitcast=True)
     live = (top > 0) & (top < 0x7F800000)
-    lmax = tl.log2(tl.where(live, amax, 1.0))
-    a = tl.where(live, amin, 1.0)
-    tiny = a < 1.1754943508222875e-38
-    lmin = tl.where(tiny, tl.log2(tl.where(tiny, a, 1.0) * 16777216.0) - 24.0, tl.log2(a))
-    lmin = tl.maximum(lmin, lmax + tl.log2(range_clamp))  # (log2 2^-32 = -32 exactly)
+    e_hi, lg_hi = _log2_mantissa(tl.where(live, top, 0x3F800000), FAST_LOG2)
+    lmax = e_hi.to(tl.float32) + lg_hi
+    tiny = low < 0x00800000  # subnormal (low is non-zero: 0x7F800000 stands for no non-zero element)
+    a = tl.where(live, tl.where(tiny, amin * 16777216.0, amin), 1.0)
+    e_lo, lg_lo = _log2_mantissa(a.to(tl.int32, bitcast=True), FAST_LOG2)
+    lmin = (e_lo - tl.where(tiny & live, 24, 0)).to(tl.float32) + lg_lo
+    e_rc, lg_rc = _log2_mantissa(range_clamp.to(tl.int32, bitcast=True), FAST_LOG2)  # (2^-32: -32 exactly)
+    lmin = tl.maximum(lmin, lmax + (e_rc.to(tl.float32) + lg_rc))
     m32 = tl.where(live, lmin * 0.6931471805599453, 0.0)
     s32 = tl.where(live, (lmax - lmin) * (0.6931471805599453 / (Q - 1)), 0.0)
     return bad, m32, s32, amin, amax
@@ -555,7 +560,7 @@ def encode_kernel(
     else:
         rows1, in_r1 = rows, in_r
     if FAST:  # in float32 (the float64 logs, repeated by every thread that holds part of a row, were most of it)
-        bad, m32, s32, amin, amax = _row_stats_fast(top, low, range_clamp, Q)
+        bad, m32, s32, amin, amax = _row_stats_fast(top, low, range_clamp, Q, FAST_LOG2)
     else:
         bad, m32, s32, amin, amax = _row_stats(top, low, range_clamp, Q)
     _store_stats(tl.where(bad, float("nan"), m32), tl.where(bad, float("nan"), s32), rows1, in_r1, tile, T,
@@ -610,21 +615,15 @@ def encode_kernel(
     keep_c = (in_r1 & (redo * live == 0))[:, None]  # rows the fast path stores (unless found ambiguous)
     # The chunk loop is written out once per branch (not the branch once per chunk): the row constants are
     # then converted to the elements' layout once, not at every use (~100 shared-memory round trips).
-    if FAST:  # one loop without the 2^24 multiply, unless a row of the program is scaled
-        if any_scaled:
-            amb_rows, src = _encode_chunks(
-                x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows,
-                tile, keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c,
-                band_c, half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK,
-                PACKED, PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, FAST, x_tile,
-                src_tile, True)  # fmt: skip
-        else:
-            amb_rows, src = _encode_chunks(
-                x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows,
-                tile, keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c,
-                band_c, half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK,
-                PACKED, PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, FAST, x_tile,
-                src_tile, False)  # fmt: skip
+    if FAST:  # each element times its row's scale (1 or 2^24): one multiply an element (the abs folded in) costs
+        # less than finding whether any row of the program is scaled (a reduction over the block through shared
+        # memory, three barriers) to pick one of two loops
+        amb_rows, src = _encode_chunks(
+            x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows,
+            tile, keep_c, True, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c,
+            band_c, half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK,
+            PACKED, PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, FAST, x_tile,
+            src_tile, True)  # fmt: skip
     elif STOCHASTIC:
         amb_rows, src = _encode_chunks(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
