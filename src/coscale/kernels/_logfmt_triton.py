@@ -68,7 +68,10 @@ def _tile_bits(x):
     patterns of |x| (the same order as the values); NaN and inf have the largest; 0x7F800000 for no
     non-zero element."""
     bits = tl.abs(x).to(tl.int32, bitcast=True)
-    return bits, tl.max(bits, 1), tl.min(tl.where(bits > 0, bits, 0x7F800000), 1)
+    # the non-zero min as the unsigned min of bits - 1 (a zero wraps to the top): an add an element, not a
+    # compare and a select
+    low = tl.min((bits - 1).to(tl.uint32, bitcast=True), 1).to(tl.int32, bitcast=True) + 1
+    return bits, tl.max(bits, 1), tl.where(low == 0, 0x7F800000, low)
 
 
 @triton.jit
@@ -127,25 +130,32 @@ def _row_stats(top, low, range_clamp, Q: tl.constexpr):
 
 
 @triton.jit
+def _log2_any(bits, FAST_LOG2: tl.constexpr):
+    """log2 of a positive finite float32 from its bits [R], as E + log2(mant) (``_log2_mantissa``; the sum rounded
+    once), a subnormal scaled by 2^24 first (exact) and 24 taken from E."""
+    tiny = bits < 0x00800000
+    up = tl.where(tiny, bits, 0).to(tl.float32, bitcast=True) * 16777216.0  # (only subnormals: no overflow)
+    scaled = tl.where(tiny, up.to(tl.int32, bitcast=True), bits)
+    e, lg = _log2_mantissa(scaled, FAST_LOG2)
+    return (e - tl.where(tiny, 24, 0)).to(tl.float32) + lg
+
+
+@triton.jit
 def _row_stats_fast(top, low, range_clamp, Q: tl.constexpr, FAST_LOG2: tl.constexpr):
     """The "fast" rounding's (bad, m32, s32, amin, amax [R]) from a tile row's |x| bit max and non-zero min, in
     float32: lmax = log2 max|x|, lmin = log2 min|x|, the range clamp in log2 units (lmin >= lmax + log2 range_clamp),
     then m = lmin ln 2 and s = (lmax - lmin) ln 2 / (Q - 1). Each log2 is E + log2(mant) (``_log2_mantissa``: the
-    exponent exact, the mantissa's log within 1.8e-7, one rounding of the sum; a subnormal |x| scaled by 2^24 first
-    and 24 taken from its exponent, exactly): a few instructions where libdevice's log2f took about 25, four a row
-    repeated by every thread that holds part of the row. The numbers are within ``fast_tile_tolerance`` of the
-    reference's float64 ones, and the codes are nearest on the grid they give (the decoder's)."""
+    exponent exact, the mantissa's log within 1.8e-7, one rounding of the sum; a subnormal scaled by 2^24 first and
+    24 taken from its exponent, exactly: ``_log2_any``): a few instructions where libdevice's log2f took about 25,
+    four a row repeated by every thread that holds part of the row. The numbers are within ``fast_tile_tolerance``
+    of the reference's float64 ones, and the codes are nearest on the grid they give (the decoder's)."""
     bad = top >= 0x7F800000
     amax = top.to(tl.float32, bitcast=True)
     amin = low.to(tl.float32, bitcast=True)
     live = (top > 0) & (top < 0x7F800000)
-    e_hi, lg_hi = _log2_mantissa(tl.where(live, top, 0x3F800000), FAST_LOG2)
-    lmax = e_hi.to(tl.float32) + lg_hi
-    tiny = low < 0x00800000  # subnormal (low is non-zero: 0x7F800000 stands for no non-zero element)
-    a = tl.where(live, tl.where(tiny, amin * 16777216.0, amin), 1.0)
-    e_lo, lg_lo = _log2_mantissa(a.to(tl.int32, bitcast=True), FAST_LOG2)
-    lmin = (e_lo - tl.where(tiny & live, 24, 0)).to(tl.float32) + lg_lo
-    e_rc, lg_rc = _log2_mantissa(range_clamp.to(tl.int32, bitcast=True), FAST_LOG2)  # (2^-32: -32 exactly)
+    lmax = _log2_any(tl.where(live, top, 0x3F800000), FAST_LOG2)
+    lmin = _log2_any(tl.where(live, low, 0x3F800000), FAST_LOG2)
+    e_rc, lg_rc = _log2_mantissa((lmax * 0 + range_clamp).to(tl.int32, bitcast=True), FAST_LOG2)  # 2^-32: -32
     lmin = tl.maximum(lmin, lmax + (e_rc.to(tl.float32) + lg_rc))
     m32 = tl.where(live, lmin * 0.6931471805599453, 0.0)
     s32 = tl.where(live, (lmax - lmin) * (0.6931471805599453 / (Q - 1)), 0.0)
