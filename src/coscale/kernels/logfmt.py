@@ -236,13 +236,13 @@ def fast_position_error(log2_ax: torch.Tensor, tile_min: torch.Tensor, tile_step
 def fast_tile_tolerance(tile_min: torch.Tensor, tile_step: torch.Tensor, n_bits: int):
     """How far (natural-log units, float64) the "fast" tile numbers may lie from the reference's (``tile_min``,
     ``tile_step``): (for the grid's bottom m, for its top m + (Q - 1) s). The kernel's float32 numbers
-    (``_row_stats_fast``), u = 2^-24, in log2 units: lmax and lmin as E + log2(mant) (E exact, a subnormal's from its
-    bits times 2^24 less 24; the mantissa's log within lam = 1.8e-7; the sum rounded: lam + u |l|), the clamp's
-    lmax + log2 2^-32 (the same error again for its log, u |l| for the sum, |lmax| <= |lmin| + 32), m = fl(lmin ln 2)
-    (2 u |m| with the rounded ln 2), s = fl(fl(lmax - lmin) fl(ln 2 / (Q - 1))) (3.5 u): the bottom within
-    ln 2 (2 lam + 32 u) + 4 u |m| (1.6e-6 + 4 u |m|) of the reference's (which rounds once, 0.5 u), the top (lmin's
-    error cancels there) within ln 2 (lam + u |lmax|) + u (2 |m| + 5 |top - m|). Taken as 2^-22 (|m| + 10) and
-    2^-21 (|m| + |top| + 10)."""
+    (``_row_stats_fast``), u = 2^-24: lmax and lmin (log2 units) as E + log2(mant) (E exact, a subnormal's from its
+    bits times 2^24 less 24; the mantissa's log within lam = 1.8e-7; the sum rounded: lam + u |l|); where the range
+    clamp binds, lmin = lmax + log2 2^-32 (lmax's error, lam for the clamp's log, u |lmin| for the sum; |lmax| <=
+    |lmin| + 32); m = fl(lmin fl(ln 2)) (0.55 u |m|), s = fl(fl(lmax - lmin) fl(ln 2 / (Q - 1))) (3.5 u). So the
+    bottom lies within ln 2 (2 lam + 32 u) + 3.1 u |m| (1.6e-6 + 3.1 u |m|) of the reference's (which rounds once,
+    0.5 u |m|), the top (lmin's error cancels there) within ln 2 (lam + u |lmax|) + u (2 |m| + 5 |top - m|). Taken
+    as 2^-22 (|m| + 10) = 4 u |m| + 2.4e-6 and 2^-21 (|m| + |top| + 10)."""
     q = 2 ** (n_bits - 1) - 1
     m = torch.nan_to_num(tile_min.double()).abs()
     top = torch.nan_to_num(tile_min.double() + (q - 1) * tile_step.double()).abs()
