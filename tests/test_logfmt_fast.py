@@ -252,3 +252,25 @@ def test_fast_zeros_and_one_magnitude_tiles_take_code_0_and_1(n_bits):
                                   n_bits, packed)
         expected[2] = lf.to_rows_ref(*lf.logfmt_encode_ref(torch.zeros(1, 128), n_bits), n_bits, packed)[0]
         assert torch.equal(rows, expected)
+
+
+@needs_triton
+@pytest.mark.parametrize("n_bits", [3, 8, 10])
+def test_fast_tile_numbers_at_the_ends_of_float32_lie_within_the_tolerance(n_bits):
+    """The tile numbers' logs (exponent + the mantissa's log, subnormals scaled by 2^24) where their errors are
+    largest: a subnormal maximum, the smallest subnormal, the largest float, the range clamp binding at both ends of
+    the exponent range (|m| near 103 and 88), and one random log-uniform magnitude a row over the whole range."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.zeros(12, 128)
+    x[0, :3] = torch.tensor([3.0e-39, 1.4e-45, 2.0e-40])  # subnormal max and min
+    x[1, :2] = torch.tensor([3.4e38, 1.0e30])  # the largest finite magnitude
+    x[2, :2] = torch.tensor([3.4e38, 1.0e-30])  # clamp at the top (min |x| raised to max 2^-32)
+    x[3, :2] = torch.tensor([1.0e-30, 1.4e-45])  # clamp near the bottom
+    x[4, :2] = torch.tensor([1.1754944e-38, 1.1754942e-38])  # the normal / subnormal boundary
+    x[5:] = torch.exp2(torch.rand(7, 128, generator=g) * 250 - 148) * torch.randn(7, 128, generator=g).sign()
+    got = [t.cpu() for t in lf.logfmt_encode(x.to(KERNEL_DEVICE), n_bits, "fast", backend="triton")]
+    lf.check_fast_codes(x, *got, n_bits)
+    ref_min = lf.logfmt_encode_ref(x, n_bits)[1].double()
+    bottom_tol, _ = lf.fast_tile_tolerance(ref_min, lf.logfmt_encode_ref(x, n_bits)[2], n_bits)
+    assert ((got[1].double() - ref_min).abs() <= bottom_tol).all()
+    assert ref_min[:5, 0].abs().max() > 80  # the rows reach the ends of the range
