@@ -155,7 +155,7 @@ def _row_stats_fast(top, low, range_clamp, Q: tl.constexpr, FAST_LOG2: tl.conste
     live = (top > 0) & (top < 0x7F800000)
     lmax = _log2_any(tl.where(live, top, 0x3F800000), FAST_LOG2)
     lmin = _log2_any(tl.where(live, low, 0x3F800000), FAST_LOG2)
-    e_rc, lg_rc = _log2_mantissa((lmax * 0 + range_clamp).to(tl.int32, bitcast=True), FAST_LOG2)  # 2^-32: -32
+    e_rc, lg_rc = _log2_mantissa((tl.zeros_like(lmax) + range_clamp).to(tl.int32, bitcast=True), FAST_LOG2)  # -32
     lmin = tl.maximum(lmin, lmax + (e_rc.to(tl.float32) + lg_rc))
     m32 = tl.where(live, lmin * 0.6931471805599453, 0.0)
     s32 = tl.where(live, (lmax - lmin) * (0.6931471805599453 / (Q - 1)), 0.0)
