@@ -376,38 +376,33 @@ def _config(cfg):
     return {**c, "num_warps": w}
 
 
-@needs_kernels
-@pytest.mark.parametrize("shape", [(300, 200), (64, 1000), (130, 384)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_candidate_configuration_writes_the_reference_bits(shape, dtype):
-    # autotuning must not change results: each GPU candidate, launched directly (the interpreter ignores
-    # num_warps, but the tile shapes and masks are the ones the GPU runs), against the reference
+def _check_act_family(family, x, round_scale):
+    """every candidate of one activation kernel family, launched directly, against act_quant_reference."""
     from coscale.kernels import quant_ops as qo
 
-    x = _hard_input(*shape, dtype, seed=shape[0]).to(KERNEL_DEVICE)
-    for round_scale in (False, True):
-        ry, rs, ryt, rst = qo.act_quant_reference(x, round_scale, True, True, True)
-        for cfg in qo.ROWS_CONFIGS:
-            y, s, _, _ = qo.quant_outputs(*shape, x.device, True, False, True)
-            qo.launch_rows(x, y, s, round_scale, config=_config(cfg))
-            _assert_same_fp8(y, ry, s, rs)
-        for cfg in qo.COLS_CONFIGS:
-            _, _, yt, st = qo.quant_outputs(*shape, x.device, False, True, True)
-            qo.launch_cols(x, yt, st, round_scale, config=_config(cfg))
-            _assert_same_fp8(yt, ryt, st, rst)
-        for cfg in qo.PRODUCER_ROWS_CONFIGS:  # the producer kernel with the identity producer
-            outs = qo.quant_outputs(*shape, x.device, True, False, True)
-            qo.launch_producer("rows", outs, x, round_scale, m=shape[0], k=shape[1], config=_config(cfg))
+    m, k = x.shape
+    ry, rs, ryt, rst = qo.act_quant_reference(x, round_scale, True, True, True)
+    rows, cols = family in ("rows", "producer_rows", "dual"), family in ("cols", "producer_cols", "dual")
+    configs = {"rows": qo.ROWS_CONFIGS, "cols": qo.COLS_CONFIGS, "producer_rows": qo.PRODUCER_ROWS_CONFIGS,
+               "producer_cols": qo.PRODUCER_COLS_CONFIGS, "dual": qo.DUAL_CONFIGS}[family]
+    for cfg in configs:
+        outs = qo.quant_outputs(m, k, x.device, rows, cols, True)
+        if family == "rows":
+            qo.launch_rows(x, outs[0], outs[1], round_scale, config=_config(cfg))
+        elif family == "cols":
+            qo.launch_cols(x, outs[2], outs[3], round_scale, config=_config(cfg))
+        else:  # the producer kernels with the identity producer
+            qo.launch_producer(family.removeprefix("producer_"), outs, x, round_scale, m=m, k=k, config=_config(cfg))
+        if rows:
             _assert_same_fp8(outs[0], ry, outs[1], rs)
-        for cfg in qo.PRODUCER_COLS_CONFIGS:
-            outs = qo.quant_outputs(*shape, x.device, False, True, True)
-            qo.launch_producer("cols", outs, x, round_scale, m=shape[0], k=shape[1], config=_config(cfg))
+        if cols:
             _assert_same_fp8(outs[2], ryt, outs[3], rst)
-        for cfg in qo.DUAL_CONFIGS:
-            outs = qo.quant_outputs(*shape, x.device, True, True, True)
-            qo.launch_producer("dual", outs, x, round_scale, m=shape[0], k=shape[1], config=_config(cfg))
-            for got, ref in ((outs[:2], (ry, rs)), (outs[2:], (ryt, rst))):
-                _assert_same_fp8(got[0], ref[0], got[1], ref[1])
+
+
+def _check_weight_family(x):
+    """every weight_kernel candidate (with and without W^T's bytes) and every transpose candidate."""
+    from coscale.kernels import quant_ops as qo
+
     rw, rsw = q.weight_quant_128x128_ref(x)
     y8 = None
     for cfg in qo.WEIGHT_CONFIGS:
@@ -428,6 +423,23 @@ def test_every_candidate_configuration_writes_the_reference_bits(shape, dtype):
         out = torch.zeros(y8.shape[1], y8.shape[0], dtype=FP8, device=x.device)
         qo.transpose_bytes(y8, out, config=_config(cfg), words=True)
         assert torch.equal(bits(out), bits(y8).t())
+
+
+# one test a kernel family: the interpreter takes up to about 20 s a family (both rounding modes) on two busy
+# cores, so the whole sweep of a shape (65-98 s) would break the minute a test may take
+@needs_kernels
+@pytest.mark.parametrize("family", ["rows", "cols", "producer_rows", "producer_cols", "dual", "weight"])
+@pytest.mark.parametrize("shape", [(300, 200), (64, 1000), (130, 384)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_candidate_configuration_writes_the_reference_bits(family, shape, dtype):
+    # autotuning must not change results: each GPU candidate, launched directly (the interpreter ignores
+    # num_warps, but the tile shapes and masks are the ones the GPU runs), against the reference
+    x = _hard_input(*shape, dtype, seed=shape[0]).to(KERNEL_DEVICE)
+    if family == "weight":
+        _check_weight_family(x)
+        return
+    for round_scale in (False, True):
+        _check_act_family(family, x, round_scale)
 
 
 @needs_kernels
