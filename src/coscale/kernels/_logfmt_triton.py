@@ -439,8 +439,24 @@ def _store_codes(code, rows, tile, c0, cols, mask, codes_ptr, stride_c, pay_ptr,
 
 
 @triton.jit
+def _store_row_values(ptr, v, mask, ASM: tl.constexpr):
+    """Store one float32 a row ([R] in the layout of a reduction over a [R, C] tile, so each value is held by
+    the several threads that held its row). tl.store would first move the values into a layout with one
+    thread a value, through shared memory with three barriers a program (sm_90 SASS); with ASM (the GPU)
+    every thread holding a value stores it itself (st.global.b32: the same word from a few lanes of one warp,
+    one transaction)."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $3, 0; @p st.global.b32 [$1], $2; }\n mov.u32 $0, 0;", "=r,l,r,r",
+            [ptr.to(tl.int64), v.to(tl.int32, bitcast=True), mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
+            pack=1)  # fmt: skip
+    else:
+        tl.store(ptr, v, mask=mask)
+
+
+@triton.jit
 def _store_stats(m, s, rows, in_r, tile, T, min_ptr, step_ptr, pay_ptr, stride_p, code_bytes,
-                 PACKED: tl.constexpr):  # fmt: skip
+                 PACKED: tl.constexpr, ASM: tl.constexpr = False):  # fmt: skip
     if PACKED:  # fp32 little-endian bytes after the codes: tile_min[T] then tile_step[T]
         b = tl.arange(0, 4)
         base = pay_ptr + rows.to(tl.int64)[:, None] * stride_p + code_bytes + 4 * tile + b[None, :]
@@ -450,8 +466,8 @@ def _store_stats(m, s, rows, in_r, tile, T, min_ptr, step_ptr, pay_ptr, stride_p
         tl.store(base + 4 * T, sb.to(tl.uint8), mask=in_r[:, None])
     else:
         ptr = rows.to(tl.int64) * T + tile
-        tl.store(min_ptr + ptr, m, mask=in_r)
-        tl.store(step_ptr + ptr, s, mask=in_r)
+        _store_row_values(min_ptr + ptr, m, in_r, ASM)
+        _store_row_values(step_ptr + ptr, s, in_r, ASM)
 
 
 @triton.jit
@@ -574,7 +590,7 @@ def encode_kernel(
     else:
         bad, m32, s32, amin, amax = _row_stats(top, low, range_clamp, Q)
     _store_stats(tl.where(bad, float("nan"), m32), tl.where(bad, float("nan"), s32), rows1, in_r1, tile, T,
-                 min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED)  # fmt: skip
+                 min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED, FAST_LOG2 and not REGATHER)  # fmt: skip
     # A subnormal |x| (rare) has no exponent in its bits: its row is scaled by 2^24 (exact) for the
     # position, unless that would overflow (max |x| >= 2^100; then they are far below the clamp).
     tiny = amin < 1.1754943508222875e-38
