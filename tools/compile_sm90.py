@@ -98,7 +98,8 @@ def logfmt_cases():
     fp = {"range_clamp": "fp32", "delta": "fp32"}
     variants = ((8, True, True, "nearest"), (8, False, False, "nearest"), (10, True, True, "nearest"),
                 (8, False, False, "stochastic"), (3, True, False, "nearest"), (8, False, False, "fast"),
-                (8, True, False, "fast"), (10, True, False, "fast"), (10, True, False, "nearest"))
+                (8, True, False, "fast"), (10, True, False, "fast"), (10, False, False, "fast"),
+                (10, True, False, "nearest"))
     for n_bits, packed, gather, rounding in variants:
         planes = packed and code_planes(n_bits, packed)
         group, gbytes = _groups(n_bits - 8) if planes else code_packing(n_bits, packed)
