@@ -26,6 +26,13 @@ def on_kernel_device(fn, *args, **kwargs):
     return tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()
 
 
+def with_backend(fn, backend, *args, **kwargs):
+    """fn(*args, backend=backend): the Triton backend on KERNEL_DEVICE (results back on the CPU), torch's here."""
+    if backend == "triton":
+        return on_kernel_device(fn, *args, backend=backend, **kwargs)
+    return fn(*args, backend=backend, **kwargs)
+
+
 needs_triton = pytest.mark.skipif(
     not (lf.triton_available() and (lf.interpreting() or torch.cuda.is_available())),
     reason="needs triton (interpreter on CPU)",
@@ -119,8 +126,8 @@ def test_zeros_signs_single_magnitude_and_empty_tiles(backend):
     x[2, 5:50] = 0  # zeros inside a normal tile
     x[3, 130] = -0.0
     for rounding in ("nearest", "stochastic"):
-        codes, tile_min, tile_step = lf.logfmt_encode(x, 8, rounding, seed=1, backend=backend)
-        y = lf.logfmt_decode(codes, tile_min, tile_step, 8, backend=backend)
+        codes, tile_min, tile_step = with_backend(lf.logfmt_encode, backend, x, 8, rounding, seed=1)
+        y = with_backend(lf.logfmt_decode, backend, codes, tile_min, tile_step, 8)
         assert torch.equal(codes[x == 0], torch.zeros_like(codes[x == 0]))  # zero is the all-zero code
         assert torch.equal(y[x == 0], torch.zeros_like(y[x == 0]))
         assert torch.equal(torch.sign(y), torch.sign(x))
@@ -137,10 +144,10 @@ def test_dynamic_range_clamp(backend, rounding):
     x[:, 0] = 1.0e3
     tiny = torch.tensor([1e-9, 2.0e-7, 1.5e-7, 1e-20, 3e-45])  # max * 2^-32 = 2.33e-7
     x[:, 10:15] = tiny
-    codes, tile_min, tile_step = lf.logfmt_encode(x, 8, rounding, seed=2, backend=backend)
+    codes, tile_min, tile_step = with_backend(lf.logfmt_encode, backend, x, 8, rounding, seed=2)
     clamped = math.log(1e3 / 2**32)
     torch.testing.assert_close(tile_min[:, 0].double(), torch.tensor([clamped] * 2, dtype=torch.float64))
-    y = lf.logfmt_decode(codes, tile_min, tile_step, 8, backend=backend)
+    y = with_backend(lf.logfmt_decode, backend, codes, tile_min, tile_step, 8)
     smallest = torch.exp(tile_min[0, 0].double()).float()
     # the decoder's float32 exponential is within a few 1e-6 of the reference's (logfmt's module doc)
     near_smallest = torch.isclose(y[:, 10:15], smallest.expand(2, 5), rtol=FP32_SLACK, atol=0)
@@ -157,8 +164,8 @@ def test_non_finite_tile_decodes_to_nan(backend, bad):
     x = torch.randn(3, 300)
     x[1, 140] = bad
     x[1, 141] = 0.0
-    codes, tile_min, tile_step = lf.logfmt_encode(x, 10, backend=backend)
-    y = lf.logfmt_decode(codes, tile_min, tile_step, 10, backend=backend)
+    codes, tile_min, tile_step = with_backend(lf.logfmt_encode, backend, x, 10)
+    y = with_backend(lf.logfmt_decode, backend, codes, tile_min, tile_step, 10)
     assert torch.isnan(tile_min[1, 1]) and torch.isnan(tile_step[1, 1])
     assert torch.isnan(y[1, 128:256]).all()  # the whole tile, its zero included: never silently finite
     keep = torch.ones_like(y, dtype=torch.bool)
