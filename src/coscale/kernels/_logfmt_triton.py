@@ -610,6 +610,7 @@ def encode_kernel(
         bad, m32, s32, amin, amax = _row_stats_fast(top, low, range_clamp, Q, FAST_LOG2)
     else:
         bad, m32, s32, amin, amax = _row_stats(top, low, range_clamp, Q)
+    # (the PTX store where the numbers come from the row reductions; REGATHER's come one row a thread already)
     _store_stats(tl.where(bad, float("nan"), m32), tl.where(bad, float("nan"), s32), rows1, in_r1, tile, T,
                  min_ptr, step_ptr, pay_ptr, stride_p, code_bytes, PACKED, FAST_LOG2 and not REGATHER)  # fmt: skip
     # A subnormal |x| (rare) has no exponent in its bits: its row is scaled by 2^24 (exact) for the
