@@ -479,8 +479,9 @@ def _sixteen_a_thread(x, x_ptr, rows, cols, N, stride_x):
     so its bf16 tile comes 16 values a thread, one row shared by 8 threads; the unpacked 10-bit one stores int16
     codes and reads bf16, 8 values a thread, so each thread holds two rows and computes the row phase (the
     reductions' shuffles, the logs, the line's constants, about 15 instructions an element at 16 a thread)
-    twice. This adds a one-byte load over the tile that never happens (masked by N < 0, which the compiler
-    cannot rule out) and ors its zeros into x: about one instruction an element, and the row phase once (sm_90
+    twice. This adds a load of one byte an element, contiguous along the row (its addresses are never read: it
+    never happens, masked by N < 0, which the compiler cannot rule out), and ors its zeros into x: about one
+    instruction an element, and the row phase once (sm_90
     SASS of 16 rows x 128 columns, 4 warps: 568 instructions a thread against 656; the int16 store then takes
     its 8 values a thread through shared memory)."""
     xb = x_ptr.to(tl.pointer_type(tl.uint8))
