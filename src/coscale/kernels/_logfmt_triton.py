@@ -481,9 +481,9 @@ def _sixteen_a_thread(x, x_ptr, rows, cols, N, stride_x):
     reductions' shuffles, the logs, the line's constants, about 15 instructions an element at 16 a thread)
     twice. This adds a load of one byte an element, contiguous along the row (its addresses are never read: it
     never happens, masked by N < 0, which the compiler cannot rule out), and ors its zeros into x: about one
-    instruction an element, and the row phase once (sm_90
-    SASS of 16 rows x 128 columns, 4 warps: 568 instructions a thread against 656; the int16 store then takes
-    its 8 values a thread through shared memory)."""
+    instruction an element, and the row phase once (sm_90 SASS of 16 rows x 128 columns, 4 warps: 568
+    instructions a thread against 656; the int16 store then takes its 8 values a thread through shared memory;
+    on an H100 the encoder went from 81.6% to 85.2% of copy with this and ``_store_row_values``, run 53)."""
     xb = x_ptr.to(tl.pointer_type(tl.uint8))
     never = (tl.zeros_like(cols) + N)[None, :] < 0
     z = tl.load(xb + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=never, other=0)
