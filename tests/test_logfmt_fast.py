@@ -20,6 +20,17 @@ from coscale.parallel.codec import LogFMTCodec
 from test_logfmt import _tile_view, on_kernel_device
 from test_logfmt_exact import KERNEL_DEVICE, _adversarial, _hard_rows, needs_triton
 
+if lf.triton_available():
+    import triton
+    import triton.language as tl
+
+    from coscale.kernels import _logfmt_triton as _lk
+
+    triton_jit_or_none = triton.jit
+else:  # (the tests that use it skip)
+    def triton_jit_or_none(fn):
+        return None
+
 FP32_SLACK = 2e-6  # decoding through fp32
 
 
@@ -275,3 +286,80 @@ def test_fast_tile_numbers_at_the_ends_of_float32_lie_within_the_tolerance(n_bit
     bottom_tol, _ = lf.fast_tile_tolerance(ref_min, ref_step, n_bits)
     assert ((got[1].double() - ref_min).abs() <= bottom_tol).all()
     assert ref_min[:5, 0].abs().max() > 80  # the rows reach the ends of the range
+
+
+@needs_triton
+@pytest.mark.parametrize("n_bits", [3, 8, 10, 16])
+def test_fast_programs_of_easy_rows_give_zeros_code_0_and_signs_only_on_non_zero_codes(n_bits):
+    """Programs whose every row is easy take the EASY form (no lower clamp, no 0 / 1 threshold, no scale): there a
+    zero's position (-inf) alone makes its code 0, and the sign is added only where the code is not 0. Zeros and
+    negative zeros among Gaussian rows over 40 decades, an all-zero row, and one-magnitude rows (step 0) with
+    zeros of both signs; each block of 4 rows alone and all together, codes and the wire rows."""
+    g = torch.Generator().manual_seed(n_bits)
+    x = torch.randn(8, 256, generator=g) * torch.logspace(-20, 20, 8).unsqueeze(1)
+    x[:, ::5] = 0.0
+    x[:, 1::7] = -0.0
+    x[2] = 0.0
+    x[5] = torch.where(torch.arange(256) % 3 == 0, -0.0, -7.5)
+    x[6, 128:] = torch.where(torch.arange(128) % 2 == 0, 0.0, 2.0**-100)
+    ref = lf.logfmt_encode_ref(x, n_bits)[0]
+    for block_rows in (4, 8):
+        got = [t.cpu() for t in lf.logfmt_encode(x.to(KERNEL_DEVICE), n_bits, "fast", backend="triton",
+                                                 block_rows=block_rows)]
+        lf.check_fast_codes(x, *got, n_bits)
+        assert (got[0][x == 0] == 0).all()  # -0.0 too: no sign on code 0
+        assert torch.equal(got[0][5], ref[5]) and torch.equal(got[0][6, 128:], ref[6, 128:])  # step 0: exact
+        rows = on_kernel_device(lf.logfmt_encode_to_rows, x, None, 1, n_bits, "fast", packed=True, backend="triton",
+                                block_rows=block_rows)
+        assert torch.equal(rows, lf.to_rows_ref(*got, n_bits, True))
+
+
+@needs_triton
+@pytest.mark.parametrize("n_bits", [3, 8, 10])
+def test_fast_rows_that_need_the_general_form_keep_the_contract_alone_in_their_program(n_bits):
+    """A row alone decides its program's form: nearly constant rows (steps from 2^-23 to 2^-8 relative, whose
+    smallest element's position lies below 1/2 unless clamped), a row the range clamp cuts, a row with a subnormal
+    (scaled), a NaN row and a wide 3-bit row. Were one taken for easy, its codes would break the contract (an
+    element below the grid's bottom, a cut element, a subnormal's log -inf)."""
+    rows = [3.0 * (1 + torch.arange(128) % 5 * 2.0**-k) for k in (23, 20, 16, 12, 8)]
+    cut = torch.randn(128)
+    cut[:4] = torch.tensor([1e-12, -1e-13, 0.0, 5e-11])
+    sub = torch.randn(128)
+    sub[7] = 1e-40
+    nan = torch.randn(128)
+    nan[9] = math.nan
+    wide = torch.exp2(torch.linspace(-31, 0, 128)) * torch.randn(128).sign()
+    for row in rows + [cut, sub, nan, wide]:
+        x = row.unsqueeze(0)
+        for block_rows in (4, None):
+            got = lf.logfmt_encode(x.to(KERNEL_DEVICE), n_bits, "fast", backend="triton", block_rows=block_rows)
+            lf.check_fast_codes(x, *(t.cpu() for t in got), n_bits)
+
+
+@triton_jit_or_none
+def _row_line_probe(m_ptr, s_ptr, out_ptr, N_BITS: tl.constexpr):
+    i = tl.arange(0, 8)
+    m, s = tl.load(m_ptr + i), tl.load(s_ptr + i)
+    _a, _b, _t0, easy = _lk._row_line(m, s, i < 0, N_BITS)
+    tl.store(out_ptr + i, easy.to(tl.int32))
+
+
+@needs_triton
+def test_a_row_is_easy_only_where_its_smallest_element_lies_well_above_the_0_1_threshold():
+    """_row_line's easy flag against its bound, computed here in float64: v(min) = 1.5 - C/S on the stored grid,
+    less (1.1e-5 + 2^-23 (9 |M| + (3 (Q - 1) + 5) S + 200)) / S, must be >= 0.6; a step-0 row is easy. Steps from
+    Gaussian tiles' down to nearly constant ones, at |M| from 0 to 100, 8 and 3 bits."""
+    for n_bits in (8, 3):
+        q = 2 ** (n_bits - 1) - 1
+        m = torch.tensor([0.0, -40.0, 60.0, -69.0, 5.0, 0.0, -3.0, 1.0])
+        wide = [3.0, 7.6] if n_bits == 3 else [0.1, 0.3]
+        s = torch.tensor([0.045, 0.045, 2e-4, 3e-5, 1e-6, 0.0, *wide])
+        out = torch.zeros(8, dtype=torch.int32)
+        m_d, s_d, out_d = (t.to(KERNEL_DEVICE) for t in (m, s, out))
+        _row_line_probe[(1,)](m_d, s_d, out_d, N_BITS=n_bits)
+        big_m, big_s = m.double() / math.log(2), s.double() / math.log(2)
+        mid = torch.log2((1 + torch.exp(s.double())) / 2)
+        err = 1.1e-5 + 2.0**-23 * (9 * big_m.abs() + (3 * (q - 1) + 5) * big_s + 200)
+        want = (s == 0) | (0.9 - (mid + err) / big_s.clamp_min(1e-30) >= 0)
+        assert torch.equal(out_d.cpu().bool(), want), (n_bits, out_d.cpu(), want)
+        assert want.any() and not want.all()

@@ -95,7 +95,7 @@ def compile_one(label: str, fn, types: dict[str, str], constexprs: dict, num_war
 
 
 def logfmt_cases():
-    fp = {"range_clamp": "fp32", "delta": "fp32"}
+    fp = {"range_clamp": "fp32", "log2_clamp": "fp32", "delta": "fp32"}
     variants = ((8, True, True, "nearest"), (8, False, False, "nearest"), (10, True, True, "nearest"),
                 (8, False, False, "stochastic"), (3, True, False, "nearest"), (8, False, False, "fast"),
                 (8, True, False, "fast"), (10, True, False, "fast"), (10, False, False, "fast"),
@@ -108,7 +108,7 @@ def logfmt_cases():
                  "min_ptr": "*fp32", "step_ptr": "*fp32", "pay_ptr": "*u8", **fp}
         for block_r, warps, chunk, regather in ((8, 4, 128, True), (64, 4, 16, True), (32, 2, 32, True),
                                                 (32, 2, 32, False), (16, 4, 128, False), (32, 8, 128, False),
-                                                (128, 4, 32, True)):
+                                                (4, 1, 128, False), (128, 4, 32, True)):
             const = dict(N_BITS=n_bits, STOCHASTIC=rounding == "stochastic", FAST=rounding == "fast", GATHER=gather,
                          TOPK=8 if gather else 1, PACKED=packed,
                          PLANES=planes, GROUP=group, GBYTES=gbytes, GB_P2=gb_p2, BLOCK_R=block_r, TILE_C=128,

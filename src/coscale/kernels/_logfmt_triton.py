@@ -37,7 +37,9 @@ threshold).
 Encode, "fast" rounding (FAST): none of that, and no float64. Per row the tile numbers in float32 (``_row_stats_fast``:
 two log2, each the exponent plus lg2.approx of the mantissa, within ``fast_tile_tolerance`` of the reference's) and the
 line v = A log2|x| + B = t + 1.5 on the grid they give (``_row_line``, float32), per element one lg2.approx and one
-multiply-add, clamped and rounded by adding 1.5 * 2^23 (``_fast_code``).
+multiply-add, clamped and rounded by adding 1.5 * 2^23 (``_fast_code``). A program whose rows are all "easy" (no NaN /
+inf, no subnormal, the range clamp not binding, every non-zero |x| at v >= 0.6: the common case) takes a shorter
+element phase (``_fast_code``'s EASY form: about 7 instructions an element against 11).
 """
 
 import triton
@@ -141,25 +143,27 @@ def _log2_any(bits, FAST_LOG2: tl.constexpr):
 
 
 @triton.jit
-def _row_stats_fast(top, low, range_clamp, Q: tl.constexpr, FAST_LOG2: tl.constexpr):
+def _row_stats_fast(top, low, log2_clamp, Q: tl.constexpr, FAST_LOG2: tl.constexpr):
     """The "fast" rounding's (bad, m32, s32, amin, amax [R]) from a tile row's |x| bit max and non-zero min, in
-    float32: lmax = log2 max|x|, lmin = log2 min|x|, the range clamp in log2 units (lmin >= lmax + log2 range_clamp),
-    then m = lmin ln 2 and s = (lmax - lmin) ln 2 / (Q - 1). Each log2 is E + log2(mant) (``_log2_mantissa``: the
-    exponent exact, the mantissa's log within 1.8e-7, one rounding of the sum; a subnormal scaled by 2^24 first and
-    24 taken from its exponent, exactly: ``_log2_any``): a few instructions where libdevice's log2f took about 25,
-    four a row repeated by every thread that holds part of the row. The numbers are within ``fast_tile_tolerance``
-    of the reference's float64 ones, and the codes are nearest on the grid they give (the decoder's)."""
+    float32: lmax = log2 max|x|, lmin = log2 min|x|, the range clamp in log2 units (lmin >= lmax + log2_clamp, the
+    host's log2 of the range clamp: -32), then m = lmin ln 2 and s = (lmax - lmin) ln 2 / (Q - 1). Each log2 is
+    E + log2(mant) (``_log2_mantissa``: the exponent exact, the mantissa's log within 1.8e-7, one rounding of the
+    sum; a subnormal scaled by 2^24 first and 24 taken from its exponent, exactly: ``_log2_any``): a few
+    instructions where libdevice's log2f took about 25, repeated by every thread that holds part of the row. The
+    numbers are within ``fast_tile_tolerance`` of the reference's float64 ones, and the codes are nearest on the
+    grid they give (the decoder's). Also returns whether the range clamp binds (lmin raised)."""
     bad = top >= 0x7F800000
     amax = top.to(tl.float32, bitcast=True)
     amin = low.to(tl.float32, bitcast=True)
     live = (top > 0) & (top < 0x7F800000)
     lmax = _log2_any(tl.where(live, top, 0x3F800000), FAST_LOG2)
     lmin = _log2_any(tl.where(live, low, 0x3F800000), FAST_LOG2)
-    e_rc, lg_rc = _log2_mantissa((tl.zeros_like(lmax) + range_clamp).to(tl.int32, bitcast=True), FAST_LOG2)  # -32
-    lmin = tl.maximum(lmin, lmax + (e_rc.to(tl.float32) + lg_rc))
+    floor = lmax + log2_clamp
+    clamped = live & (floor > lmin)
+    lmin = tl.maximum(lmin, floor)
     m32 = tl.where(live, lmin * 0.6931471805599453, 0.0)
     s32 = tl.where(live, (lmax - lmin) * (0.6931471805599453 / (Q - 1)), 0.0)
-    return bad, m32, s32, amin, amax
+    return bad, m32, s32, amin, amax, clamped
 
 
 @triton.jit
@@ -204,7 +208,15 @@ def _row_line(m32, s32, scaled, N_BITS: tl.constexpr):
     a = tl.where(one, 1.0, inv_step)
     b = tl.where(one, 1.0 - lmin, 1.5 - (lmin + mid) * inv_step)
     t0 = tl.where(one, 0.5, 1.5 - (1.0 + mid) * inv_step)
-    return a, b, t0
+    # Whether every non-zero |x| >= the row's minimum gets v >= 0.6 (so no lower clamp is needed: _fast_code's
+    # EASY form): v(min) = 1.5 - C A on the stored grid, less A times (fast_position_error at |log2 x| <= |M| +
+    # (Q - 1) S + 1, plus the stored tile_min's distance from log2 min, fast_tile_tolerance's 2^-22 (|M| + 14.5)):
+    # <= 1.1e-5 + 2^-23 (9 |M| + 3 (Q - 1) S + 5 S + 200) in log2 units. A step-0 row has v = 1 +- 1e-5.
+    big_s = s * 1.4426950408889634
+    err = 1.1e-5 + 1.1920928955078125e-07 * (9.0 * tl.abs(lmin) + (3.0 * ((1 << (N_BITS - 1)) - 2) + 5.0) * big_s
+                                              + 200.0)
+    easy = one | (0.9 - (mid + err) * inv_step >= 0.0)
+    return a, b, t0, easy
 
 
 @triton.jit
@@ -351,7 +363,8 @@ def _nearest_code(x, bits, kz, inv_hi, inv_lo, inv_S, k_int2b, k_frac, t0_int, t
 
 
 @triton.jit
-def _fast_code(x, bits, a, b, t0, mag_hi, sign_mask, N_BITS: tl.constexpr, FAST_LOG2: tl.constexpr):
+def _fast_code(x, bits, a, b, t0, mag_hi, sign_mask, N_BITS: tl.constexpr, FAST_LOG2: tl.constexpr,
+               EASY: tl.constexpr = False, PACKED: tl.constexpr = False):
     """The "fast" rounding's n-bit code [R, C] int32 (row constants of ``_row_line`` as [R, 1]; mag_hi Q, or 0 for
     a tile with a NaN or inf, as float32; bits: |x|'s, times 2^24 in scaled rows).
 
@@ -364,7 +377,15 @@ def _fast_code(x, bits, a, b, t0, mag_hi, sign_mask, N_BITS: tl.constexpr, FAST_
     row the range clamp does not cut is at least its minimum, which rounds to 1 or more (t may lie below -1
     there: exp(tile_min) is the fp32-rounded log's, up to 1e-7 above min |x|, many steps of a nearly constant
     tile). Below T0 (the 0 / 1 threshold, a binade under the row's minimum) the code is 0: elements the range
-    clamp cuts, and zeros (log2 0 = -inf)."""
+    clamp cuts, and zeros (log2 0 = -inf).
+
+    EASY (every row of the program easy, ``_row_line``; the caller's per-program test): no lower clamp (every
+    non-zero |x| has v >= 0.6, so rounds to 1 or more), no T0 (no row is cut by the range clamp), no scale (no
+    subnormal): only the upper clamp and the rounding add, where a zero's v = -inf stays -inf (bits 0xFF800000: its
+    low n bits 0, bit 31 set); the sign is added where bit 31 is clear, moved from x's bit 31 to bit n - 1 by a high
+    multiply (sm_90: one LOP3 and one LEA.HI). 8-bit sm_90 SASS: 7 instructions an element (lg2, FFMA, FMNMX,
+    FADD, LOP3, LEA.HI, and PRMT's share of the byte packing) against 11. PACKED: the n bits alone are kept (the
+    bit-packed layouts need them; byte and int16 stores drop the rest themselves)."""
     Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
     ax = bits.to(tl.float32, bitcast=True)
     if FAST_LOG2:
@@ -372,6 +393,14 @@ def _fast_code(x, bits, a, b, t0, mag_hi, sign_mask, N_BITS: tl.constexpr, FAST_
     else:  # (numpy's log2 would warn at 0)
         lg = tl.where(bits == 0, float("-inf"), tl.log2(tl.where(bits == 0, 1.0, ax)))
     v = lg * a + b
+    if EASY:  # every row of the program easy (_row_line): no lower clamp, no threshold; a zero's v stays -inf
+        f = (tl.minimum(v, Q * 1.0) + 12582912.0).to(tl.int32, bitcast=True)  # a zero's: -inf, 0xFF800000
+        # x's sign where the code is not 0 (f's bit 31 clear), moved to bit n - 1 and added: one LOP3, one IMAD.HI
+        g = (x.to(tl.int32, bitcast=True) & ~f & -2147483648).to(tl.uint32, bitcast=True)
+        code = f + tl.umulhi(g, 1 << N_BITS).to(tl.int32, bitcast=True)
+        if PACKED:  # (bit-packed codes need the n bits alone; the stores to bytes or int16 drop the others)
+            code = code & ((1 << N_BITS) - 1)
+        return code
     lo = tl.minimum(mag_hi, 1.0)  # 0 in a NaN / inf tile, whose codes are all 0
     mag = (tl.minimum(tl.maximum(v, lo), mag_hi) + 12582912.0).to(tl.int32, bitcast=True)
     if N_BITS != 8:  # 8 bits: the code leaves as a byte, which drops the bits above Q (0x4B4000..) by itself
@@ -498,7 +527,7 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
                    PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr,
                    GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr,
                    CLAMPED: tl.constexpr, FAST_LOG2: tl.constexpr, FAST: tl.constexpr, x_tile, src_tile,
-                   SCALING: tl.constexpr = True):  # fmt: skip
+                   SCALING: tl.constexpr = True, EASY: tl.constexpr = False):  # fmt: skip
     """The encoder's element phase: the tile's codes, CHUNK_C columns at a time (x read again, from the
     cache; with one chunk, CHUNK_C = TILE_C, the tile the first phase loaded, x_tile and src_tile), stored
     for the rows of keep_c that hold no ambiguous element so far. Returns (rows with an ambiguous element
@@ -525,7 +554,8 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
                                   seed, rand_off)  # fmt: skip
             code = _finish_code(mag, x, tl.abs(x), bad, s32, N_BITS)
         elif FAST:
-            code = _fast_code(x, pbits, inv_S_c, k_frac_c, t0_frac_c, mag_hi_c, sign_c, N_BITS, FAST_LOG2)
+            code = _fast_code(x, pbits, inv_S_c, k_frac_c, t0_frac_c, mag_hi_c, sign_c, N_BITS, FAST_LOG2, EASY,
+                              PACKED)  # fmt: skip
         else:
             code, amb = _nearest_code(x, pbits, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, t0_int_c, t0_frac_c,
                                       band_c, half_c, mag_hi_c, sign_c, CLAMPED, N_BITS, FAST_LOG2)  # fmt: skip
@@ -539,7 +569,7 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def encode_kernel(
     x_ptr, idx_ptr, codes_ptr, min_ptr, step_ptr, pay_ptr, N, H, T, M_BUCKET, stride_x, stride_c, stride_p,
-    code_bytes, seed, range_clamp, delta,
+    code_bytes, seed, range_clamp, log2_clamp, delta,
     N_BITS: tl.constexpr, STOCHASTIC: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
     PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr, GB_P2: tl.constexpr,
     BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr, REGATHER: tl.constexpr,
@@ -608,7 +638,7 @@ def encode_kernel(
     else:
         rows1, in_r1 = rows, in_r
     if FAST:  # in float32 (the float64 logs, repeated by every thread that holds part of a row, were most of it)
-        bad, m32, s32, amin, amax = _row_stats_fast(top, low, range_clamp, Q, FAST_LOG2)
+        bad, m32, s32, amin, amax, clamped_fast = _row_stats_fast(top, low, log2_clamp, Q, FAST_LOG2)
     else:
         bad, m32, s32, amin, amax = _row_stats(top, low, range_clamp, Q)
     # (the PTX store where the numbers come from the row reductions; REGATHER's come one row a thread already)
@@ -619,7 +649,7 @@ def encode_kernel(
     tiny = amin < 1.1754943508222875e-38
     scaled = tiny & (amax < 1.2676506002282294e30) & in_r1  # (rows past N: REGATHER reads their minima as 0)
     if FAST:  # "fast" rounding: the row's line (every other constant unused)
-        inv_S, k_frac, t0_frac = _row_line(m32, s32, scaled, N_BITS)
+        inv_S, k_frac, t0_frac, easy = _row_line(m32, s32, scaled, N_BITS)
         kz, inv_hi, inv_lo, k_int, t0_int, band, skip = inv_S, inv_S, inv_S, inv_S, inv_S, inv_S, bad
     else:
         kz, inv_hi, inv_lo, inv_S, k_int, k_frac, t0_int, t0_frac, band, skip = _row_grid(
@@ -664,9 +694,15 @@ def encode_kernel(
     keep_c = (in_r1 & (redo * live == 0))[:, None]  # rows the fast path stores (unless found ambiguous)
     # The chunk loop is written out once per branch (not the branch once per chunk): the row constants are
     # then converted to the elements' layout once, not at every use (~100 shared-memory round trips).
-    if FAST:  # each element times its row's scale (1 or 2^24): one multiply an element (the abs folded in) costs
-        # less than finding whether any row of the program is scaled (a reduction over the block through shared
-        # memory, three barriers) to pick one of two loops
+    if FAST and tl.max((in_r1 & (bad | scaled | clamped_fast | ~easy)).to(tl.int32), 0) == 0:
+        # every row easy (the common case): v's own rounding gives zeros code 0, no lower clamp, no scale
+        amb_rows, src = _encode_chunks(
+            x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows,
+            tile, keep_c, False, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c,
+            band_c, half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK,
+            PACKED, PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, FAST, x_tile,
+            src_tile, False, True)  # fmt: skip
+    elif FAST:  # some row is not: each element times its row's scale (1 or 2^24), the lower clamp and T0
         amb_rows, src = _encode_chunks(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows,
             tile, keep_c, True, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c,

@@ -465,11 +465,13 @@ DELTA = 4e-7  # log2 units: the band is DELTA / S + 2^-20 in t units (the bound:
 # LogFMT-8 encode alone picked REGATHER=False (encode alone 1.19x, the dispatch's encodes 1.12-1.19x with
 # the first phase on bf16 pairs). The last two (for every rounding; added for "fast" rounding, whose element phase
 # is light beside its row phase, then about 126 float64 instructions a row in sm_90 SASS, without REGATHER repeated
-# by every thread that holds part of the row; its row phase is float32 since, none left): one row a thread. Few
-# candidates: each is a compilation per variant.
+# by every thread that holds part of the row; its row phase is float32 since, none left): one row a thread. The
+# last, one warp of 4 rows: "fast" rounding's test of whether every row of a program is easy (_encode_chunks' EASY
+# form) is then a reduction within the warp, no shared memory or barrier (8-bit sm_90: 343 instructions a thread on
+# the easy path against 4 warps' 367). Few candidates: each is a compilation per variant.
 ENCODE_CONFIGS = ((64, 4, 16, True), (8, 4, 128, True), (32, 2, 16, True), (16, 1, 16, True), (32, 2, 32, True),
                   (64, 4, 32, True), (32, 2, 32, False), (64, 4, 32, False), (8, 4, 128, False), (16, 4, 128, False),
-                  (128, 4, 16, True), (128, 4, 32, True))
+                  (128, 4, 16, True), (128, 4, 32, True), (4, 1, 128, False))
 DECODE_CONFIGS = ((8, 4), (32, 8), (16, 4), (64, 8), (32, 4))  # more rows a program: fewer, longer programs
 
 
@@ -536,7 +538,7 @@ def _encode_triton(x, row_src, topk, n_bits, rounding, seed, rows_out, packed, b
         kernel, cfg = _launch("encode", block_rows, chunk_cols, regather)
         kernel[lambda meta: (triton_cdiv(n, meta["BLOCK_R"]), tiles)](
             x, idx, codes, tile_min, tile_step, payload, n, h, tiles, _pow2(n), x.stride(0), codes.stride(0),
-            payload.stride(0), code_bytes, seed or 0, RANGE_CLAMP, DELTA,
+            payload.stride(0), code_bytes, seed or 0, RANGE_CLAMP, math.log2(RANGE_CLAMP), DELTA,
             N_BITS=n_bits, STOCHASTIC=rounding == "stochastic", FAST=rounding == "fast", GATHER=row_src is not None,
             TOPK=topk,
             PACKED=rows_out, PLANES=planes, GROUP=group, GBYTES=group_bytes, GB_P2=_pow2(group_bytes), TILE_C=TILE,
