@@ -194,7 +194,8 @@ def _row_line(m32, s32, scaled, N_BITS: tl.constexpr):
     2^24), so that A log2|x| + B = t + 1.5 (t the grid position, ``_row_grid``), and T0 = 1.5 - (1 + C) A (the 0 / 1
     threshold t0 + 1.5); C by its series in y = s/2 for n >= 8, else the formula. A tile with one distinct magnitude
     (step 0; and a NaN / inf or all-zero tile, whose m32 is 0) gets the line through it, A = 1, B = 1 - M': its
-    elements v = 1 (to ~1e-5), a zero -inf, T0 = 1/2. The roundings are within ``fast_position_error``."""
+    elements v = 1 (to ~1e-5), a zero -inf, T0 = 1/2. The roundings are within ``fast_position_error``. Also
+    returns whether the row is easy (below)."""
     one = s32 == 0
     s = tl.where(one, 1.0, s32)
     inv_step = tl.math.div_rn(0.6931471805599453, s)  # 1/S, S = s / ln 2
@@ -395,7 +396,7 @@ def _fast_code(x, bits, a, b, t0, mag_hi, sign_mask, N_BITS: tl.constexpr, FAST_
     v = lg * a + b
     if EASY:  # every row of the program easy (_row_line): no lower clamp, no threshold; a zero's v stays -inf
         f = (tl.minimum(v, Q * 1.0) + 12582912.0).to(tl.int32, bitcast=True)  # a zero's: -inf, 0xFF800000
-        # x's sign where the code is not 0 (f's bit 31 clear), moved to bit n - 1 and added: one LOP3, one IMAD.HI
+        # x's sign where the code is not 0 (f's bit 31 clear), moved to bit n - 1 and added: one LOP3, one LEA.HI
         g = (x.to(tl.int32, bitcast=True) & ~f & -2147483648).to(tl.uint32, bitcast=True)
         code = f + tl.umulhi(g, 1 << N_BITS).to(tl.int32, bitcast=True)
         if PACKED:  # (bit-packed codes need the n bits alone; the stores to bytes or int16 drop the others)

@@ -466,9 +466,10 @@ DELTA = 4e-7  # log2 units: the band is DELTA / S + 2^-20 in t units (the bound:
 # the first phase on bf16 pairs). The last two (for every rounding; added for "fast" rounding, whose element phase
 # is light beside its row phase, then about 126 float64 instructions a row in sm_90 SASS, without REGATHER repeated
 # by every thread that holds part of the row; its row phase is float32 since, none left): one row a thread. The
-# last, one warp of 4 rows: "fast" rounding's test of whether every row of a program is easy (_encode_chunks' EASY
-# form) is then a reduction within the warp, no shared memory or barrier (8-bit sm_90: 343 instructions a thread on
-# the easy path against 4 warps' 367). Few candidates: each is a compilation per variant.
+# one-warp shape of 4 rows (last): "fast" rounding's test of whether every row of a program is easy (_fast_code's
+# EASY form) is then a reduction within the warp, no shared memory or barrier (8-bit sm_90: 343 instructions a
+# thread on the easy path against 4 warps' 367; run 54's H100 picked it for LogFMT-10 at 8192 rows and more). Few
+# candidates: each is a compilation per variant.
 ENCODE_CONFIGS = ((64, 4, 16, True), (8, 4, 128, True), (32, 2, 16, True), (16, 1, 16, True), (32, 2, 32, True),
                   (64, 4, 32, True), (32, 2, 32, False), (64, 4, 32, False), (8, 4, 128, False), (16, 4, 128, False),
                   (128, 4, 16, True), (128, 4, 32, True), (4, 1, 128, False))
