@@ -20,16 +20,18 @@ from coscale.parallel.codec import LogFMTCodec
 from test_logfmt import _tile_view, on_kernel_device
 from test_logfmt_exact import KERNEL_DEVICE, _adversarial, _hard_rows, needs_triton
 
-if lf.triton_available():
+if lf.triton_available():  # (else the tests that use it skip)
     import triton
     import triton.language as tl
 
     from coscale.kernels import _logfmt_triton as _lk
 
-    triton_jit_or_none = triton.jit
-else:  # (the tests that use it skip)
-    def triton_jit_or_none(fn):
-        return None
+    @triton.jit
+    def _row_line_probe(m_ptr, s_ptr, out_ptr, N_BITS: tl.constexpr):
+        i = tl.arange(0, 8)
+        m, s = tl.load(m_ptr + i), tl.load(s_ptr + i)
+        _a, _b, _t0, easy = _lk._row_line(m, s, i < 0, N_BITS)
+        tl.store(out_ptr + i, easy.to(tl.int32))
 
 FP32_SLACK = 2e-6  # decoding through fp32
 
@@ -321,27 +323,18 @@ def test_fast_rows_that_need_the_general_form_keep_the_contract_alone_in_their_p
     smallest element's position lies below 1/2 unless clamped), a row the range clamp cuts, a row with a subnormal
     (scaled), a NaN row and a wide 3-bit row. Were one taken for easy, its codes would break the contract (an
     element below the grid's bottom, a cut element, a subnormal's log -inf)."""
+    g = torch.Generator().manual_seed(n_bits)
     rows = [3.0 * (1 + torch.arange(128) % 5 * 2.0**-k) for k in (23, 20, 16, 12, 8)]
-    cut = torch.randn(128)
+    cut, sub, nan = torch.randn(3, 128, generator=g)
     cut[:4] = torch.tensor([1e-12, -1e-13, 0.0, 5e-11])
-    sub = torch.randn(128)
     sub[7] = 1e-40
-    nan = torch.randn(128)
     nan[9] = math.nan
-    wide = torch.exp2(torch.linspace(-31, 0, 128)) * torch.randn(128).sign()
+    wide = torch.exp2(torch.linspace(-31, 0, 128)) * torch.randn(128, generator=g).sign()
     for row in rows + [cut, sub, nan, wide]:
         x = row.unsqueeze(0)
         for block_rows in (4, None):
             got = lf.logfmt_encode(x.to(KERNEL_DEVICE), n_bits, "fast", backend="triton", block_rows=block_rows)
             lf.check_fast_codes(x, *(t.cpu() for t in got), n_bits)
-
-
-@triton_jit_or_none
-def _row_line_probe(m_ptr, s_ptr, out_ptr, N_BITS: tl.constexpr):
-    i = tl.arange(0, 8)
-    m, s = tl.load(m_ptr + i), tl.load(s_ptr + i)
-    _a, _b, _t0, easy = _lk._row_line(m, s, i < 0, N_BITS)
-    tl.store(out_ptr + i, easy.to(tl.int32))
 
 
 @needs_triton
