@@ -528,7 +528,7 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
                    PACKED: tl.constexpr, PLANES: tl.constexpr, GROUP: tl.constexpr, GBYTES: tl.constexpr,
                    GB_P2: tl.constexpr, BLOCK_R: tl.constexpr, TILE_C: tl.constexpr, CHUNK_C: tl.constexpr,
                    CLAMPED: tl.constexpr, FAST_LOG2: tl.constexpr, FAST: tl.constexpr, x_tile, src_tile,
-                   SCALING: tl.constexpr = True, EASY: tl.constexpr = False):  # fmt: skip
+                   EASY: tl.constexpr = False):  # fmt: skip
     """The encoder's element phase: the tile's codes, CHUNK_C columns at a time (x read again, from the
     cache; with one chunk, CHUNK_C = TILE_C, the tile the first phase loaded, x_tile and src_tile), stored
     for the rows of keep_c that hold no ambiguous element so far. Returns (rows with an ambiguous element
@@ -546,7 +546,7 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
             x, src, ok = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
         bits = tl.abs(x).to(tl.int32, bitcast=True)
         pbits = bits
-        if SCALING:  # False: no row of the program is scaled (a multiply an element less)
+        if not EASY:  # (EASY: no row of the program is scaled, a multiply an element less)
             if any_scaled:
                 pbits = (tl.abs(x) * scale_c).to(tl.int32, bitcast=True)
         if STOCHASTIC:
@@ -702,14 +702,14 @@ def encode_kernel(
             tile, keep_c, False, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c,
             band_c, half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK,
             PACKED, PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, FAST, x_tile,
-            src_tile, False, True)  # fmt: skip
+            src_tile, True)  # fmt: skip
     elif FAST:  # some row is not: each element times its row's scale (1 or 2^24), the lower clamp and T0
         amb_rows, src = _encode_chunks(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows,
             tile, keep_c, True, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int2_c, k_frac_c, t0_int_c, t0_frac_c,
             band_c, half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip, N_BITS, STOCHASTIC, GATHER, TOPK,
             PACKED, PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, TILE_C, CHUNK_C, False, FAST_LOG2, FAST, x_tile,
-            src_tile, True)  # fmt: skip
+            src_tile)  # fmt: skip
     elif STOCHASTIC:
         amb_rows, src = _encode_chunks(
             x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows, tile,
