@@ -49,8 +49,19 @@ from triton.language.extra import libdevice
 
 @triton.jit
 def _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER: tl.constexpr, TOPK: tl.constexpr,
-               DTYPE: tl.constexpr = tl.float32):  # fmt: skip
-    """(x [R, C] as DTYPE, source row offsets [R] int64, row live [R]); zeros outside and on padding rows."""
+               DTYPE: tl.constexpr = tl.float32, HALVES: tl.constexpr = False):  # fmt: skip
+    """(x [R, C] as DTYPE, source row offsets [R] int64, row live [R]); zeros outside and on padding rows.
+
+    HALVES: cols is ``_tile_halves``' [1, 2, C/2] (a row as its two halves); the tile is loaded in that shape and
+    reshaped to [R, C], the same values in the same order. Why: Triton lays a tile out by its memory accesses,
+    each taking as many contiguous values a thread as fit 16 bytes. The unpacked 10-bit encoder reads bf16 and
+    stores int16, 8 values a thread: as [R, 128] a thread holds 8 values of each of two rows (the row phase, about
+    15 instructions an element at 16 a thread, done twice); as [R, 2, 64] the layout is threadsPerWarp [4, 1, 8]
+    with 8 values of each half a thread, 16 of one row, and the int16 store, written in the same shape
+    (``_encode_chunks``), leaves as two 16-byte stores a thread with no shared memory and no barrier. sm_90 SASS
+    of the easy path to its first EXIT: 409 -> 369 instructions a thread at 16 rows x 4 warps, 410 -> 348 at 4
+    rows x 1 warp, against the former dummy one-byte load an element that forced 16 values a thread but sent
+    the store through shared memory."""
     in_r = rows < N
     if GATHER:
         pair = tl.load(idx_ptr + rows, mask=in_r, other=-1)
@@ -59,9 +70,23 @@ def _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER: tl.constexpr,
     else:
         ok = in_r
         src = rows.to(tl.int64)
-    mask = ok[:, None] & (cols < H)[None, :]
-    x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask, other=0).to(DTYPE)
+    if HALVES:  # cols: _tile_halves' [1, 2, C/2]
+        mask3 = ok[:, None, None] & (cols < H)
+        x3 = tl.load(x_ptr + src[:, None, None] * stride_x + cols, mask=mask3, other=0).to(DTYPE)
+        x = tl.reshape(x3, (rows.shape[0], cols.shape[1] * cols.shape[2]))
+    else:
+        mask = ok[:, None] & (cols < H)[None, :]
+        x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask, other=0).to(DTYPE)
     return x, src, ok
+
+
+@triton.jit
+def _tile_halves(c_start, C: tl.constexpr):
+    """Columns c_start .. c_start + C - 1 as [1, 2, C/2]: a row's two halves (``_load_rows``' HALVES). Built from
+    aranges, not by reshaping one: Triton's contiguity analysis does not follow a reshape, and the loads and
+    stores it feeds would not be vectorised."""
+    h = tl.arange(0, 2)[None, :, None] * (C // 2)
+    return c_start + h + tl.arange(0, C // 2)[None, None, :]
 
 
 @triton.jit
@@ -501,26 +526,6 @@ def _store_stats(m, s, rows, in_r, tile, T, min_ptr, step_ptr, pay_ptr, stride_p
 
 
 @triton.jit
-def _sixteen_a_thread(x, x_ptr, rows, cols, N, stride_x):
-    """x [R, C] unchanged, laid out 16 values of one row a thread where it would be 8 of each of two rows.
-
-    Triton lays a tile out by its memory accesses: each takes as many contiguous values a thread as fit 16 bytes,
-    and the loads connected to one another take the widest among them. The 8-bit encoder stores one-byte codes,
-    so its bf16 tile comes 16 values a thread, one row shared by 8 threads; the unpacked 10-bit one stores int16
-    codes and reads bf16, 8 values a thread, so each thread holds two rows and computes the row phase (the
-    reductions' shuffles, the logs, the line's constants, about 15 instructions an element at 16 a thread)
-    twice. This adds a load of one byte an element, contiguous along the row (its addresses are never read: it
-    never happens, masked by N < 0, which the compiler cannot rule out), and ors its zeros into x: about one
-    instruction an element, and the row phase once (sm_90 SASS of 16 rows x 128 columns, 4 warps: 568
-    instructions a thread against 656; the int16 store then takes its 8 values a thread through shared memory;
-    on an H100 the encoder went from 81.6% to 85.2% of copy with this and ``_store_row_values``, run 53)."""
-    xb = x_ptr.to(tl.pointer_type(tl.uint8))
-    never = (tl.zeros_like(cols) + N)[None, :] < 0
-    z = tl.load(xb + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=never, other=0)
-    return (x.to(tl.int32, bitcast=True) | z.to(tl.int32)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride_c, stride_p, code_bytes, seed, rows,
                    tile, keep_c, any_scaled, scale_c, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, t0_int_c, t0_frac_c,
                    band_c, half_c, mag_hi_c, sign_c, live_c, m32, s32, bad, skip,
@@ -536,6 +541,7 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
     floor(c/S) - 2; stochastic: floor(c/S), and t0_int_c.. live_c unused; FAST: ``_row_line``'s A, B and T0
     in inv_S_c, k_frac_c and t0_frac_c, mag_hi_c as float32, the others unused, no element ambiguous)."""
     Q: tl.constexpr = (1 << (N_BITS - 1)) - 1
+    HALVES: tl.constexpr = N_BITS > 8 and not PACKED and CHUNK_C == TILE_C  # (encode_kernel's tile load)
     amb_rows = tl.zeros([BLOCK_R], dtype=tl.int32)
     src = rows.to(tl.int64)
     for c0 in range(0, TILE_C, CHUNK_C):
@@ -561,9 +567,15 @@ def _encode_chunks(x_ptr, idx_ptr, codes_ptr, pay_ptr, N, H, T, stride_x, stride
             code, amb = _nearest_code(x, pbits, kz_c, hi_c, lo_c, inv_S_c, k_int_c, k_frac_c, t0_int_c, t0_frac_c,
                                       band_c, half_c, mag_hi_c, sign_c, CLAMPED, N_BITS, FAST_LOG2)  # fmt: skip
             amb_rows = tl.maximum(amb_rows, tl.max((amb & (bits > 0)).to(tl.int32) * live_c, 1))
-        mask = keep_c & (amb_rows == 0)[:, None] & (cols < H)[None, :]
-        _store_codes(code, rows, tile, c0, cols, mask, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes, H,
-                     N_BITS, PACKED, PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, CHUNK_C, TILE_C)  # fmt: skip
+        if HALVES:  # int16 codes of the whole tile, in the halves it was loaded in (_load_rows)
+            cols3 = _tile_halves(tile * TILE_C, TILE_C)
+            mask3 = (keep_c & (amb_rows == 0)[:, None])[:, :, None] & (cols3 < H)
+            code3 = tl.reshape(code, (BLOCK_R, 2, TILE_C // 2)).to(codes_ptr.dtype.element_ty)
+            tl.store(codes_ptr + rows.to(tl.int64)[:, None, None] * stride_c + cols3, code3, mask=mask3)
+        else:
+            mask = keep_c & (amb_rows == 0)[:, None] & (cols < H)[None, :]
+            _store_codes(code, rows, tile, c0, cols, mask, codes_ptr, stride_c, pay_ptr, stride_p, code_bytes, H,
+                         N_BITS, PACKED, PLANES, GROUP, GBYTES, GB_P2, BLOCK_R, CHUNK_C, TILE_C)  # fmt: skip
     return amb_rows, src
 
 
@@ -599,10 +611,12 @@ def encode_kernel(
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     in_r = rows < N
     if CHUNK_C == TILE_C:  # the whole tile at once, kept for phase 3
-        cols = tile * TILE_C + tl.arange(0, TILE_C)
-        x_tile, src_tile, _ = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
-        if N_BITS > 8 and not PACKED:
-            x_tile = _sixteen_a_thread(x_tile, x_ptr, rows, cols, N, stride_x)
+        if N_BITS > 8 and not PACKED:  # int16 codes: the tile in halves (_load_rows says why)
+            x_tile, src_tile, _ = _load_rows(x_ptr, idx_ptr, rows, _tile_halves(tile * TILE_C, TILE_C), N, H,
+                                             stride_x, GATHER, TOPK, tl.float32, True)  # fmt: skip
+        else:
+            cols = tile * TILE_C + tl.arange(0, TILE_C)
+            x_tile, src_tile, _ = _load_rows(x_ptr, idx_ptr, rows, cols, N, H, stride_x, GATHER, TOPK)
         _, top, low = _tile_bits(x_tile)
     else:
         x_tile = tl.zeros([BLOCK_R, CHUNK_C], dtype=tl.float32)  # placeholders: _encode_chunks loads its chunks
