@@ -46,6 +46,7 @@ from coscale.train import run_dir
 from coscale.train.balance import resolve_bias_update_speed
 from coscale.train.config import TrainConfig, with_resolved_lr
 from coscale.train.data import eval_batches
+from coscale.train.memory import check_state_fits, device_total_bytes, out_of_memory_error, run_state_bytes, state_note
 from coscale.train.metrics import MetricsLogger
 from coscale.train.readout import StepReadout, TrainingDiverged, check_finite
 from coscale.train.report import Progress, describe_evaluation, footer, header, summarise
@@ -139,9 +140,13 @@ class _Run:
                           "model_name": plan.model_name, "init_from": plan.init_from,
                           "unigram_entropy": plan.entropy, "device": str(self.world.device),
                           "precision": plan.precision, **({"parallel": layout} if layout else {})})
-        self.log(header(cfg, plan, self.world.device, layout))
+        weights, grads, moments = run_state_bytes(self.trainee.model, self.trainee.optimizer, cfg.adam_moments_dtype)
+        total = device_total_bytes(self.world.device)
+        self.log(header(cfg, plan, self.world.device, layout, state_note(weights, grads, moments, total)))
         if plan.precision == "fp8":
             self.log(describe_fp8_layers(self.trainee.model, cfg.fp8_layers))
+        check_state_fits(weights, grads, moments, total, cfg.adam_moments_dtype)  # (before minutes of compiling)
+        step = self.trainee.start_step
         try:
             for step in range(self.trainee.start_step, cfg.steps):
                 self._step(step)
@@ -151,6 +156,8 @@ class _Run:
                 if cfg.checkpoints and ((cfg.save_interval and done % cfg.save_interval == 0) or done == cfg.steps):
                     self._save(done)
             self._record(self.readout.drain())
+        except torch.OutOfMemoryError as exc:  # one message that says what to change, not a traceback
+            raise out_of_memory_error(exc, step + 1, self.world.device, cfg.adam_moments_dtype, moments) from exc
         finally:
             self.progress.close()
         self.metrics.sync()

@@ -38,7 +38,9 @@ FP8_PAYS_FROM_HIDDEN = 4096
 # ---- the header --------------------------------------------------------------------------------
 
 
-def header(cfg: TrainConfig, plan: RunPlan, device: torch.device, layout: dict | None) -> str:
+def header(cfg: TrainConfig, plan: RunPlan, device: torch.device, layout: dict | None, state: str = "") -> str:
+    """The run's first lines; ``state``: coscale.train.memory.state_note's phrase (what the run holds before
+    activations)."""
     counts = count_params(plan.model_cfg)
     n_train, n_val = plan.split.train.size, plan.split.val.size
     data = ", ".join(cfg.data) if cfg.data else "embedded corpus (Python's pydoc topics)"
@@ -55,8 +57,9 @@ def header(cfg: TrainConfig, plan: RunPlan, device: torch.device, layout: dict |
     balancing = balancing_note(cfg, plan.model_cfg)
     if balancing:
         lines.append(balancing)
-    lines.append(f"memory: {describe(peak_memory(device))} with the model built (AdamW's moments come at the "
-                 f"first step; the footer gives the run's peak)")
+    state = state or "AdamW's moments come at the first step"
+    lines.append(f"memory: {describe(peak_memory(device))} with the model built; {state} (the footer gives the "
+                 f"run's peak)")
     lines += [note for note in (_weights_note(plan), fp8_speed_note(plan.precision, device,
                                                                           plan.model_cfg.hidden_size),
                                 _fp8_layers_note(cfg, plan)) if note]
