@@ -72,8 +72,8 @@ def device_total_bytes(device: torch.device | str) -> int | None:
 def state_note(weights: int, grads: int, moments: int, total: int | None) -> str:
     """The header's phrase on what the run holds before activations."""
     where = f", of this GPU's {total / GIB:.1f} GiB" if total else ""
-    return (f"weights {weights / GIB:.2f} GiB, then at the first step gradients {grads / GIB:.2f} and AdamW's "
-            f"moments {moments / GIB:.2f}: {(weights + grads + moments) / GIB:.2f} GiB before activations{where}")
+    return (f"weights {weights / GIB:.2f} GiB, gradients {grads / GIB:.2f} and AdamW's moments {moments / GIB:.2f} "
+            f"(from the first step): {(weights + grads + moments) / GIB:.2f} GiB before activations{where}")
 
 
 def _ways_to_fit(moments_dtype: str, moments: int, activations: bool) -> str:
@@ -82,7 +82,7 @@ def _ways_to_fit(moments_dtype: str, moments: int, activations: bool) -> str:
         ways.append("a smaller --batch-size or --seq-len")
     if moments_dtype == "fp32":
         ways.append(f"--adam-moments-dtype bf16 (saves {moments / 2 / GIB:.2f} GiB)")
-    ways.append("a smaller model, experts spread over more GPUs (torchrun ... --ep-size N)")
+    ways.append("a smaller model, or its experts spread over more GPUs (torchrun ... --ep-size N)")
     ways.append("a GPU with more memory")
     return "; ".join(ways)
 
