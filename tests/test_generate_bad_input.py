@@ -42,3 +42,29 @@ def test_an_empty_prompt_ids_is_not_replaced_by_the_default_prompt(tmp_path, cap
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "hf"), "--prompt-ids", "", "--device", "cpu"]) == 2
     assert "prompt token ids must be non-empty" in capsys.readouterr().err
+
+
+def test_a_model_larger_than_the_gpu_is_one_line(tmp_path, capsys, monkeypatch):
+    """Out of memory while loading (patched in: a CPU run cannot run out) reaches the user as one line naming
+    the checkpoint and what to do, for generate and serve alike (both load through load_for_inference)."""
+    import torch
+
+    from coscale.checkpoint import save_pretrained
+    from coscale.cli import main
+    from coscale.config import get_preset
+    from coscale.infer import loading
+    from coscale.model import DeepseekForCausalLM
+
+    save_pretrained(DeepseekForCausalLM(get_preset("tiny", num_hidden_layers=1)), tmp_path / "hf")
+
+    def too_big(*_args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                     "79.18 GiB of which 1.02 GiB is free.")
+
+    monkeypatch.setattr(loading, "_load", too_big)
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "hf"), "--prompt-ids", "1,2", "--device", "cpu"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("coscale generate: error: "), lines
+    assert "the model does not fit cpu (CUDA out of memory. Tried to allocate 2.00 GiB)" in lines[0], lines
+    assert "FP8 checkpoint" in lines[0]

@@ -23,14 +23,28 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from coscale.errors import CheckpointError
+from coscale.errors import CheckpointError, CoscaleError
 from coscale.infer.layers import BLOCK, FP8InferenceExperts, FP8InferenceLinear
 from coscale.model.moe import GroupedExperts
 
 
 def load_for_inference(path: str, dtype: torch.dtype, device):
     """An HF-format checkpoint directory (FP8 weights kept in FP8) or a `coscale train` run directory,
-    as an eval-mode DeepseekForCausalLM on `device` in `dtype`."""
+    as an eval-mode DeepseekForCausalLM on `device` in `dtype`. A model larger than the GPU's free memory
+    is a CoscaleError that says so (for `coscale generate` / `serve`: one line, not a traceback)."""
+    try:
+        return _load(path, dtype, device)
+    except torch.OutOfMemoryError as exc:
+        detail = ". ".join(str(exc).strip().split(". ")[:2]).rstrip(".")  # "CUDA out of memory. Tried to ..."
+        dev = torch.device(device)
+        total = torch.cuda.get_device_properties(dev).total_memory / 1024**3 if dev.type == "cuda" else None
+        where = f"{dev} ({total:.1f} GiB)" if total else str(dev)
+        raise CoscaleError(f"{path}: the model does not fit {where} ({detail}). Use a GPU with more memory or "
+                           "free this one, or an FP8 checkpoint (its block-scaled weights stay FP8: about half "
+                           "the bytes of BF16)") from exc
+
+
+def _load(path: str, dtype: torch.dtype, device):
     from coscale.checkpoint import CONFIG_FILE, SCALE_SUFFIX, checkpoint_weight_map, from_pretrained
 
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
