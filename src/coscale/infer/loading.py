@@ -35,11 +35,11 @@ def load_for_inference(path: str, dtype: torch.dtype, device):
     try:
         return _load(path, dtype, device)
     except torch.OutOfMemoryError as exc:
-        detail = ". ".join(str(exc).strip().split(". ")[:2]).rstrip(".")  # "CUDA out of memory. Tried to ..."
-        dev = torch.device(device)
-        total = torch.cuda.get_device_properties(dev).total_memory / 1024**3 if dev.type == "cuda" else None
-        where = f"{dev} ({total:.1f} GiB)" if total else str(dev)
-        raise CoscaleError(f"{path}: the model does not fit {where} ({detail}). Use a GPU with more memory or "
+        from coscale.train.memory import GIB, device_total_bytes, oom_detail
+
+        total = device_total_bytes(device)
+        where = f"{device} ({total / GIB:.1f} GiB)" if total else str(device)
+        raise CoscaleError(f"{path}: the model does not fit {where} ({oom_detail(exc)}). Use a GPU with more memory or "
                            "free this one, or an FP8 checkpoint (its block-scaled weights stay FP8: about half "
                            "the bytes of BF16)") from exc
 

@@ -24,9 +24,9 @@ import sys
 import torch
 
 from coscale.errors import CoscaleError
+from coscale.train.optim import MOMENT_DTYPES
 
 GIB = 1024**3
-MOMENT_BYTES = {"fp32": 4, "bf16": 2}
 
 
 def peak_memory(device: torch.device | str) -> dict[str, float]:
@@ -60,7 +60,7 @@ def run_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     grads = sum(p.numel() * p.element_size() for p in params)
-    return weights, grads, 2 * MOMENT_BYTES[moments_dtype] * sum(p.numel() for p in params)
+    return weights, grads, 2 * MOMENT_DTYPES[moments_dtype].itemsize * sum(p.numel() for p in params)
 
 
 def device_total_bytes(device: torch.device | str) -> int | None:
@@ -97,16 +97,20 @@ def check_state_fits(weights: int, grads: int, moments: int, total: int | None, 
                        f"{total / GIB:.1f} GiB. To fit: {_ways_to_fit(moments_dtype, moments, False)}")
 
 
+def oom_detail(exc: BaseException) -> str:
+    """The first two sentences of torch's out-of-memory message: "CUDA out of memory. Tried to allocate 896.00 MiB"
+    (the rest, the allocator's state, is for debugging)."""
+    return ". ".join(str(exc).strip().split(". ")[:2]).rstrip(".")
+
+
 def out_of_memory_error(exc: BaseException, step: int, device: torch.device | str, moments_dtype: str,
                         moments: int) -> CoscaleError:
     """torch's out-of-memory error during step ``step`` as one message: what ran out, the peak, what to change."""
     device = torch.device(device)
-    first = str(exc).strip().split(". ")
-    detail = ". ".join(first[:2]).rstrip(".")  # "CUDA out of memory. Tried to allocate 896.00 MiB"
     peak = ""
     if device.type == "cuda":
         total = device_total_bytes(device)
         peak = (f"; peak {torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB allocated of this GPU's "
                 f"{total / GIB:.1f} GiB")
-    return CoscaleError(f"out of memory at step {step} ({detail}{peak}). To fit: "
+    return CoscaleError(f"out of memory at step {step} ({oom_detail(exc)}{peak}). To fit: "
                         f"{_ways_to_fit(moments_dtype, moments, True)}")
