@@ -137,3 +137,102 @@ def test_adamw_rejects_low_precision_master_weights():
     p.grad = torch.ones_like(p)
     with pytest.raises(ConfigError, match="FP32 master weights"):
         AdamW([p]).step()
+
+
+def _steps_with_factor(make_opt, fold: bool, factors=(0.37, 1.0, 3e-3)):
+    """Three steps of ``make_opt``'s optimizer on fresh random gradients times each factor: folded into the step
+    (step_with_grad_factor) or multiplied into the gradients first. Returns the parameters."""
+    from coscale.train.optim import step_with_grad_factor
+
+    gen = torch.Generator().manual_seed(11)
+    params = [nn.Parameter(torch.randn(37, 129, generator=gen)), nn.Parameter(torch.randn(300, generator=gen))]
+    opt = make_opt(params)
+    for f in factors:
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 10
+        factor = torch.tensor(f)
+        if fold:
+            step_with_grad_factor(opt, factor)
+        else:
+            for p in params:
+                p.grad.mul_(factor)
+            opt.step()
+    return [p.detach() for p in params], opt
+
+
+OPTIMIZERS = {
+    "coscale-bf16": lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1),
+    "coscale-fp32": lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1, moments_dtype=torch.float32),
+    "torch-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+    "torch-foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True),
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_grad_factor_folded_into_the_step_equals_scaling_the_gradients(kind):
+    folded, opt = _steps_with_factor(OPTIMIZERS[kind], fold=True)
+    scaled, _ = _steps_with_factor(OPTIMIZERS[kind], fold=False)
+    unscaled, _ = _steps_with_factor(OPTIMIZERS[kind], fold=False, factors=(1.0, 1.0, 1.0))
+    for a, b, c in zip(folded, scaled, unscaled):
+        # the fused torch kernel divides by 1 / factor: within an ulp or two of multiplying
+        torch.testing.assert_close(a, b, rtol=2e-7, atol=2e-7)
+        assert not torch.allclose(a, c)  # the factor did reach the update
+    # the factor is for that step only: nothing of it stays on the optimizer
+    assert getattr(opt, "grad_factor", None) is None and getattr(opt, "grad_scale", None) is None
+
+
+def test_grad_factor_in_the_compiled_update():
+    """The compiled update (as StepRunner's compile mode makes it) takes the factor like the eager one."""
+    from coscale.train.optim import adamw_update_
+
+    def compiled(ps):
+        opt = AdamW(ps, lr=1e-2, weight_decay=0.1)
+        opt.update_fn = torch.compile(adamw_update_, backend="aot_eager", fullgraph=True, dynamic=True)
+        return opt
+
+    folded, _ = _steps_with_factor(compiled, fold=True)
+    scaled, _ = _steps_with_factor(OPTIMIZERS["coscale-bf16"], fold=False)
+    for a, b in zip(folded, scaled):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("moments", ["fp32", "bf16"])
+def test_train_step_clip_equals_torch_clip_then_step(moments):
+    """train_step's clip (the norm, then the factor inside the optimizer's update) moves the parameters as
+    torch.nn.utils.clip_grad_norm_ followed by a plain step does, and reports the same norm."""
+    import contextlib
+
+    from coscale.config import get_preset
+    from coscale.model.transformer import DeepseekForCausalLM
+    from coscale.parallel.world import SingleProcess
+    from coscale.train.step import train_step
+
+    torch.set_num_threads(2)
+    cfg = get_preset("tiny").replace(num_nextn_predict_layers=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(3))
+    batch = (ids[:, :-1], ids[:, 1:])
+
+    def model_and_opt():
+        torch.manual_seed(0)
+        model = DeepseekForCausalLM(cfg)
+        model.init_weights()
+        # torch's fused AdamW on CPU too, so that its grad_scale path is the one under test with FP32 moments
+        opt = build_optimizer(model, lr=3e-3, moments_dtype=moments)
+        if moments == "fp32":
+            opt = torch.optim.AdamW(opt.param_groups, lr=3e-3, fused=True)
+        return model, opt
+
+    model, opt = model_and_opt()
+    clip = 0.05  # far below the initial norm: the factor is well under 1
+    metrics = train_step(model, opt, SingleProcess(torch.device("cpu")), batch, gamma=0.0, grad_clip=clip,
+                         autocast=contextlib.nullcontext)
+    ref_model, ref_opt = model_and_opt()
+    loss = ref_model.compute_loss(*batch).loss
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), clip)
+    assert norm > 10 * clip
+    ref_opt.step()
+    torch.testing.assert_close(metrics["grad_norm"], norm.float())
+    for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)

@@ -1,7 +1,8 @@
 """Kernels per training step, as `coscale train` runs it on one GPU: the count that
 ``coscale analyze validate`` needs to charge a stack's small kernels (docs/analysis.md).
 
-Builds a preset's model (random weights, bf16 autocast, coscale's AdamW with FP32 moments), runs the step
+Builds a preset's model (random weights, bf16 autocast, coscale's AdamW with FP32 moments, or BF16 ones
+with ``--adam-moments-dtype bf16``: proxy-v3's state then fits an H100), runs the step
 in the mode ``coscale train`` picks (compiled and replayed from a CUDA graph on one GPU) until it is
 captured, then profiles a few steps with torch.profiler and prints the kernels per step, the GPU time per
 step and the top kernels. With ``--device cpu`` it profiles eager CPU operators instead (a check of the
@@ -35,11 +36,13 @@ KINDS = (
     ("AdamW and gradient clipping (foreach)", r"multi_tensor_apply"),
     ("FP8 GEMMs (cuBLAS block-scaled, Triton)", r"qqtst|fp8_gemm_kernel"),
     ("BF16 GEMMs (cuBLAS)", r"nvjet|gemm_kernel|sm90_xmma"),
-    ("expert GEMMs, FP8 (Triton grouped)", r"grouped_mm_tma|grouped_wgrad"),
+    ("expert GEMMs, FP8 (Triton / Gluon grouped)", r"grouped_mm_tma|grouped_mm_gluon|grouped_wgrad"),
     ("expert GEMMs, BF16 (CUTLASS grouped)", r"cutlass"),
     ("attention (cuDNN / flash)", r"sdpa|cudnn|flash"),
     ("FP8 quantization", r"^(rows_kernel|cols_kernel|weight_kernel|rows_quant_kernel|cols_quant_kernel|"
-                         r"transpose_bytes_kernel|swiglu_quant|gather_quant)"),
+                         r"dual_quant_kernel|transpose_bytes_kernel|transpose_words_kernel|swiglu_quant|gather_quant)"),
+    ("MoE permutation, combine, SwiGLU (Triton)", r"^(_rows_from_tokens|_tokens_from_rows|_swiglu_(fwd|bwd)|"
+                                                   r"zero_empty_experts|decode_sum)"),
     ("eager dtype-converting copies", r"direct_copy_kernel"),
     ("Inductor-generated (fused elementwise, reductions)", r"^triton_(poi|red|per)_"),
 )
@@ -59,6 +62,7 @@ def main() -> None:
                         help="without MTP and without the sequence-wise balance loss (bench_train.py's `matched`)")
     parser.add_argument("--precision", choices=["bf16", "fp8"], default="bf16")
     parser.add_argument("--fp8-layers", default="auto", help="FP8 layer policy, as coscale train's option")
+    parser.add_argument("--adam-moments-dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--top", type=int, default=15, help="kernels listed, the longest first")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (after warm-up and capture)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -72,7 +76,7 @@ def main() -> None:
     if args.precision == "fp8":
         model = convert_to_fp8(model, policy=args.fp8_layers) or model
     model = model.to(dev).train()
-    optimizer = build_optimizer(model, lr=1e-4, moments_dtype="fp32")
+    optimizer = build_optimizer(model, lr=1e-4, moments_dtype=args.adam_moments_dtype)
     world = SingleProcess(dev)
     mode = resolve_step_mode(None, None, world)
     cuda = dev.type == "cuda"
@@ -108,7 +112,7 @@ def main() -> None:
     rows.sort(reverse=True)
     summary = dict(model=args.model, mtp=cfg.num_nextn_predict_layers > 0, precision=args.precision,
                    fp8_layers=args.fp8_layers if args.precision == "fp8" else None, batch=args.batch_size,
-                   seq_len=args.seq_len,
+                   seq_len=args.seq_len, adam_moments=args.adam_moments_dtype,
                    mode=mode.describe(), device=str(dev),
                    kernels_per_step=round(sum(r[1] for r in rows)), gpu_us_per_step=round(sum(r[0] for r in rows)),
                    wall_ms_per_step=round(wall_ms, 2),

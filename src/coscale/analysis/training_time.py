@@ -391,8 +391,8 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
              "pipeline stage imbalance": micro_batches * per_micro_batch * (stage_ratio - 1),
              "pipeline bubble": bubble, "exposed all-to-all": exposed_a2a, "data-parallel sync": dp_sync,
              "optimizer": update_s}
-    if grad_clip:
-        parts["gradient clipping"] = local_params * 3 * OPTIMIZERS[optimizer]["grad"] / (eff.memory_tbps * 1e12)
+    if grad_clip:  # the norm reads every gradient; the factor is applied inside the update, which reads them anyway
+        parts["gradient clipping"] = local_params * OPTIMIZERS[optimizer]["grad"] / (eff.memory_tbps * 1e12)
     if casts:
         parts["weight casts (autocast)"] = casts
     head_kernels = 3 * len(L.head_ops(v, hw, tokens, layout.tp)) * (1 + mtp) / layout.pp  # forward, both gradients
@@ -408,7 +408,7 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
              f"recompute {recompute}; MTP modules {'trained' if mtp else 'excluded'}; {precision.upper()} GEMMs; "
              f"AdamW '{optimizer}' ({opt_bytes} B per parameter at copy bandwidth)"
              + ("; autocast casts every FP32 master to BF16 per micro-batch (6 B per parameter)" if casts else "")
-             + ("; gradients clipped to a global norm (read for the norm, scaled in place)" if grad_clip else "")
+             + ("; gradients clipped to a global norm (read for the norm; the factor applied in the update)" if grad_clip else "")
              + (f"; eager: {kernels:.0f} ops per micro-batch and stage at {eff.host_launch_us:g} us each"
                 if eager else ""),
              (f"layers per pipeline stage {split} (the last with the output head and {mtp} MTP module(s)); the busiest "

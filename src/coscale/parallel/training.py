@@ -101,11 +101,11 @@ def sync_gradients(model: nn.Module, ctx: ParallelContext) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: ParallelContext) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ over the whole (unsharded) model; call after sync_gradients.
+def grad_norm(model: nn.Module, ctx: ParallelContext) -> torch.Tensor:
+    """The whole (unsharded) model's gradient norm, a 0-d float32 device tensor; call after sync_gradients.
 
     The squared norm is the replicated parameters' (identical on every rank) plus the EP-group sum of
-    the local experts'; every rank gets the same total and the same clipping factor.
+    the local experts'; every rank gets the same total (and so the same clipping factor).
     """
     params = [p for p in model.parameters() if p.grad is not None]
     device = params[0].grad.device if params else ctx.device
@@ -116,10 +116,24 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: ParallelContext) -> 
     if ctx.ep_size > 1:
         guarded("all_reduce(expert grad norm)", lambda: dist.all_reduce(experts, group=ctx.ep_group),
                 ctx.timeout_s)
-    total = (shared + experts).sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for p in params:
-        p.grad.mul_(coef.to(p.grad.dtype))
+    return (shared + experts).sqrt()
+
+
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor that clips gradients of norm ``total_norm`` to ``max_norm`` (torch.nn.utils.clip_grad_norm_'s:
+    max_norm / (norm + 1e-6), at most 1), a 0-d device tensor (no host synchronisation)."""
+    return (max_norm / (total_norm.float() + 1e-6)).clamp(max=1.0)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: ParallelContext) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over the whole (unsharded) model (:func:`grad_norm`); call after
+    sync_gradients. Returns the norm before clipping."""
+    total = grad_norm(model, ctx)
+    coef = clip_coefficient(total, max_norm)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.dtype))
     return total
 
 

@@ -13,7 +13,8 @@ method                      :class:`SingleProcess`           :class:`Distributed
                                                              replicas made identical
 ``shard(batch)``            the batch                        this rank's ``1 / world_size`` rows
 ``sync_gradients(model)``   nothing                          all-reduce (:func:`sync_gradients`)
-``clip_grad_norm_``         ``torch.nn.utils``'s             the whole model's norm over EP
+``grad_norm`` /             ``torch.nn.utils``'s             the whole model's norm over EP
+``clip_grad_norm_``
 ``sum_router_loads``        nothing                          router loads summed over the world
 ``mean(t)``                 ``t``                            the world mean
 ``model_state`` /           ``state_dict()``                 experts and their moments gathered (the
@@ -47,6 +48,7 @@ from coscale.parallel.training import (
     all_reduce_router_loads,
     clip_grad_norm_,
     full_optimizer_state_dict,
+    grad_norm,
     load_optimizer_state_dict,
     setup_for_training,
     shard_batch,
@@ -96,6 +98,10 @@ class World(ABC):
     @abstractmethod
     def sync_gradients(self, model: nn.Module) -> None:
         """Gradients of the global batch's mean loss (call after backward, before clipping)."""
+
+    @abstractmethod
+    def grad_norm(self, model: nn.Module) -> torch.Tensor:
+        """The whole model's gradient norm (0-d device tensor; call after :meth:`sync_gradients`)."""
 
     @abstractmethod
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -173,6 +179,9 @@ class SingleProcess(World):
 
     def sync_gradients(self, model: nn.Module) -> None:
         pass
+
+    def grad_norm(self, model: nn.Module) -> torch.Tensor:
+        return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -295,6 +304,9 @@ class Distributed(World):
 
     def sync_gradients(self, model: nn.Module) -> None:
         sync_gradients(model, self.ctx)
+
+    def grad_norm(self, model: nn.Module) -> torch.Tensor:
+        return grad_norm(model, self.ctx)
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         return clip_grad_norm_(model, max_norm, self.ctx)

@@ -9,6 +9,11 @@ the stored moments are rounded to ``moments_dtype``.
 
 With FP32 moments :func:`build_optimizer` returns ``torch.optim.AdamW``; :class:`AdamW` below computes
 the same update (tests check that) and exists for the BF16 case.
+
+Gradient clipping's factor is applied inside the update (:func:`step_with_grad_factor`): the clip's own
+pass over the gradients (read and write every FP32 gradient: 8 bytes a parameter, a third of what the
+update moves with BF16 moments) was 15 ms of proxy-v3's 186-197 ms step on an H100 (BENCHMARKS.md,
+thirty-second session); the update reads each gradient anyway.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class AdamW(torch.optim.Optimizer):
                               f"weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.moments_dtype = moments_dtype
+        # A 0-d tensor that multiplies every gradient inside the update (step_with_grad_factor), or None
+        self.grad_factor: torch.Tensor | None = None
         # The update of one parameter, in place. The trainer's compiled step replaces it with a
         # torch.compile'd copy: one fused kernel per parameter, each byte read and written once.
         self.update_fn = adamw_update_
@@ -76,7 +83,8 @@ class AdamW(torch.optim.Optimizer):
         tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
         if all(t.is_contiguous() for t in tensors):  # one shape for every parameter: a compiled update_fn
             tensors = tuple(t.view(-1) for t in tensors)  # compiles once, not once per parameter shape
-        self.update_fn(*tensors, state["step"], lr, beta1, beta2, group["eps"], group["weight_decay"])
+        self.update_fn(*tensors, state["step"], lr, beta1, beta2, group["eps"], group["weight_decay"],
+                       self.grad_factor)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -92,12 +100,14 @@ class AdamW(torch.optim.Optimizer):
 
 def adamw_update_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                   step: torch.Tensor, lr: torch.Tensor, beta1: float, beta2: float, eps: float,
-                  weight_decay: float) -> None:
+                  weight_decay: float, grad_factor: torch.Tensor | None = None) -> None:
     """One AdamW step of parameter ``p`` (FP32) in place; the moments may be stored in BF16. ``step`` and
-    ``lr`` are 0-d tensors (``step`` is incremented here). FP32 arithmetic; only the stored moments are
-    rounded."""
+    ``lr`` are 0-d tensors (``step`` is incremented here); the gradient is taken times ``grad_factor`` (a 0-d
+    tensor) where one is given. FP32 arithmetic; only the stored moments are rounded."""
     step += 1
     grad = grad.float()
+    if grad_factor is not None:
+        grad = grad * grad_factor
     m = exp_avg.float().lerp(grad, 1 - beta1)
     v = exp_avg_sq.float() * beta2 + (1 - beta2) * grad * grad
     exp_avg.copy_(m)
@@ -106,6 +116,39 @@ def adamw_update_(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, ex
     denom = (v / bias2).sqrt() + eps
     p.mul_(1 - lr * weight_decay)
     p.sub_(m / denom * (lr / bias1))
+
+
+def _fused_torch_adam(optimizer: torch.optim.Optimizer) -> bool:
+    return (isinstance(optimizer, torch.optim.Adam) and getattr(optimizer, "_step_supports_amp_scaling", False)
+            and all(group.get("fused") for group in optimizer.param_groups))
+
+
+def step_with_grad_factor(optimizer: torch.optim.Optimizer, factor: torch.Tensor | None) -> None:
+    """``optimizer.step()`` as if every gradient had been multiplied by ``factor`` (a 0-d device tensor, such
+    as gradient clipping's; None: a plain step), without a pass of its own over the gradients where the
+    optimizer can take the factor into its update: coscale's :class:`AdamW` multiplies each gradient as it
+    reads it, and torch's fused Adam/AdamW divides it by ``grad_scale`` (the attribute torch.amp.GradScaler
+    sets for these optimizers: 1 / factor here), which may leave the gradients unscaled or scaled in
+    memory. Any other optimizer gets the gradients multiplied first. No host synchronisation either way."""
+    if factor is None:
+        optimizer.step()
+    elif isinstance(optimizer, AdamW):
+        optimizer.grad_factor = factor
+        try:
+            optimizer.step()
+        finally:
+            optimizer.grad_factor = None
+    elif _fused_torch_adam(optimizer):
+        optimizer.grad_scale = torch.reciprocal(factor.float())
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+    else:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+        optimizer.step()
 
 
 def param_groups(model: nn.Module, weight_decay: float, router_lr_scale: float = 1.0) -> list[dict]:

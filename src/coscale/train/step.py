@@ -7,7 +7,8 @@ The trainer reads its metrics a step late (:mod:`coscale.train.readout`).
 
 Order of one step (DeepSeek-V3 report, sections 2.1.2 and 2.2): the loss (next-token + MTP + the
 sequence-wise balance loss) on this rank's rows of the global batch, backward, gradients of the
-global batch (``World.sync_gradients``), the clip with the whole model's norm, AdamW, then the
+global batch (``World.sync_gradients``), the clip with the whole model's norm (its factor applied inside
+AdamW's update: ``optim.step_with_grad_factor``), AdamW, then the
 auxiliary-loss-free bias update from the expert loads of the global batch.
 """
 
@@ -25,6 +26,7 @@ from torch import nn
 
 from coscale.fp8 import invalidate_fp8_weight_caches
 from coscale.model.moe import update_router_biases
+from coscale.parallel.training import clip_coefficient
 from coscale.parallel.world import World
 from coscale.train.balance import (
     ALIGNMENT_PREFIX,
@@ -34,6 +36,7 @@ from coscale.train.balance import (
     load_balance,
     moe_gates,
 )
+from coscale.train.optim import step_with_grad_factor
 
 # The metrics a step returns (0-d device tensors; NaN where a model has no such loss, e.g. no MTP).
 LOSS_NAMES = ("loss", "total_loss", "mtp_loss", "aux_loss", "grad_norm")
@@ -64,8 +67,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
         out = (loss_fn or model.compute_loss)(input_ids, labels)
     out.loss.backward()
     world.sync_gradients(model)
-    grad_norm = world.clip_grad_norm_(model, grad_clip) if grad_clip else None
-    optimizer.step()
+    # The clip's factor goes into the optimizer's update, not a pass of its own over the gradients (optim.py)
+    grad_norm = world.grad_norm(model) if grad_clip else None
+    step_with_grad_factor(optimizer, None if grad_norm is None else clip_coefficient(grad_norm, grad_clip))
     invalidate_fp8_weight_caches(model)  # FP8 weight copies kept by modules are stale now (docs/fp8.md)
     optimizer.zero_grad(set_to_none=True)
     world.sum_router_loads(model)  # global loads: the logged statistics and every rank's bias update
