@@ -32,9 +32,12 @@ Variants (each in try/except: a failure is recorded and the run carries on):
 - grouped_fp8_shared_fp8: the cached path with the shared expert in FP8 too, as one expert that every token
              picks (coscale.kernels.fp8_moe.fp8_swiglu_mlp, what SharedExperts runs under the FP8 policy), its
              weights in the same cache.
+- grouped_fp8_shared_grouped: grouped_fp8_shared_fp8 with the shared expert's six GEMMs through the grouped kernels
+             (fp8_moe.DENSE_GEMMS_FOR_ONE_EXPERT off; the default since the thirty-second session takes the dense
+             block-scaled GEMM for it).
 - dense:     a dense SwiGLU MLP over T*K rows with one expert's shape: the same FLOPs in plain GEMMs.
-All variants but grouped_fp8_shared_fp8 include the shared expert as a dense SwiGLU MLP over the T tokens in
-BF16 (cuBLAS). Every variant
+All variants but grouped_fp8_shared_fp8 (and _grouped) include the shared expert as a dense SwiGLU MLP over the
+T tokens in BF16 (cuBLAS). Every variant
 but the loop (which reads expert counts back to the host) is also timed replayed from a CUDA graph
 (`graph_ms`: the kernels alone, as the graphed training step runs them); the FP8 / BF16 ratios use
 those times.
@@ -198,6 +201,8 @@ def run_case(shape, T, routing, args, results):
     variants["grouped_fp8_per_copy"] = ("fp8", "auto", True, True, False, False)
     variants["grouped_fp8_unpaired"] = ("fp8", "auto", True, True, False, TOKENS_ONCE_DEFAULT, False)
     variants["grouped_fp8_shared_fp8"] = ("fp8", "auto", True, True, False, TOKENS_ONCE_DEFAULT, PAIRED_DEFAULT, True)
+    variants["grouped_fp8_shared_grouped"] = ("fp8", "auto", True, True, False, TOKENS_ONCE_DEFAULT, PAIRED_DEFAULT,
+                                              True, False)
     variants["dense"] = None
     if args.variants:  # in the order given; the loop layer still gives the reference values below
         variants = {k: variants[k] for k in dict.fromkeys(args.variants) if k in variants}
@@ -236,12 +241,13 @@ def run_case(shape, T, routing, args, results):
                     with torch.no_grad():
                         dense_layer(rows, *dense_w, x, shared)
             else:
-                precision, backend, cached, fused, one_pass, tokens_once, paired, shared_fp8 = (
-                    *spec, False, True, False, TOKENS_ONCE_DEFAULT, PAIRED_DEFAULT, False)[:8]
+                precision, backend, cached, fused, one_pass, tokens_once, paired, shared_fp8, shared_dense = (
+                    *spec, False, True, False, TOKENS_ONCE_DEFAULT, PAIRED_DEFAULT, False, DENSE_DEFAULT)[:9]
                 cache = FP8WeightCache() if cached else None
                 quant_ops.DUAL_ONE_PASS = one_pass
                 fp8_moe.QUANTIZE_TOKENS_ONCE = tokens_once
                 quant_ops.SWIGLU_BACKWARD_PAIRED = paired
+                fp8_moe.DENSE_GEMMS_FOR_ONE_EXPERT = shared_dense
 
                 def layer(precision=precision, backend=backend, cache=cache, fused=fused, shared_fp8=shared_fp8):
                     return grouped_layer(x, idx, topw, w_gate, w_up, w_down, shared, precision, backend, cache,
@@ -292,6 +298,7 @@ def run_case(shape, T, routing, args, results):
             quant_ops.DUAL_ONE_PASS = False
             fp8_moe.QUANTIZE_TOKENS_ONCE = TOKENS_ONCE_DEFAULT
             quant_ops.SWIGLU_BACKWARD_PAIRED = PAIRED_DEFAULT
+            fp8_moe.DENSE_GEMMS_FOR_ONE_EXPERT = DENSE_DEFAULT
             if cache is not None:
                 cache.invalidate()  # the cached variant's FP8 weights (up to 2 bytes per parameter)
             if torch.cuda.is_available():
@@ -322,9 +329,10 @@ def run_case(shape, T, routing, args, results):
 
 TOKENS_ONCE_DEFAULT = fp8_moe.QUANTIZE_TOKENS_ONCE  # the shipped choices, restored after each variant
 PAIRED_DEFAULT = quant_ops.SWIGLU_BACKWARD_PAIRED
+DENSE_DEFAULT = fp8_moe.DENSE_GEMMS_FOR_ONE_EXPERT
 VARIANT_NAMES = ("loop", "grouped", "grouped_triton", "grouped_fp8", "grouped_fp8_cached", "grouped_fp8_unfused",
                  "grouped_fp8_one_pass", "grouped_fp8_per_copy", "grouped_fp8_unpaired", "grouped_fp8_shared_fp8",
-                 "dense")
+                 "grouped_fp8_shared_grouped", "dense")
 
 
 def print_table(results):

@@ -132,15 +132,20 @@ def _mlp_problem(T, H, I, seed, dtype):
     return x, wg, wu, wd, torch.randn(T, H, generator=gen).to(dtype)
 
 
+@pytest.mark.parametrize("dense", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T,H,I,dtype", [(40, 128, 128, torch.float32), (12, 200, 72, torch.bfloat16),
                                          (130, 136, 256, torch.float32)])
-def test_the_fp8_mlp_is_one_routed_expert_that_every_token_picks(backend, T, H, I, dtype):
-    """fp8_swiglu_mlp's outputs and gradients are, bit for bit, those of fp8_routed_experts with one expert
-    and every token's weight 1 (the weights' gradients in their own 2-D shape), and within FP8's error of
-    the float64 MLP."""
+def test_the_fp8_mlp_is_one_routed_expert_that_every_token_picks(backend, T, H, I, dtype, dense, monkeypatch):
+    """fp8_swiglu_mlp's outputs and gradients are those of fp8_routed_experts with one expert and every token's
+    weight 1 (the weights' gradients in their own 2-D shape): bit for bit through the grouped kernels; through
+    the dense GEMM (fp8_moe.DENSE_GEMMS_FOR_ONE_EXPERT, the default) the same FP8 operands summed in another
+    order, so that at most a few FP8 codes of the re-quantized a, dY or [dG | dU] can flip at a rounding tie.
+    Both within FP8's error of the float64 MLP."""
+    from coscale.kernels import fp8_moe
     from coscale.kernels.fp8_moe import fp8_swiglu_mlp
 
+    monkeypatch.setattr(fp8_moe, "DENSE_GEMMS_FOR_ONE_EXPERT", dense)
     x, wg, wu, wd, grad_out = _mlp_problem(T, H, I, T + I, dtype)
     out = fp8_swiglu_mlp(x, wg, wu, wd, backend=backend)
     grads = torch.autograd.grad(out, (x, wg, wu, wd), grad_out)
@@ -149,9 +154,15 @@ def test_the_fp8_mlp_is_one_routed_expert_that_every_token_picks(backend, T, H, 
     info = build_permute_info(torch.zeros(T, 1, dtype=torch.int64), 1, align=128)
     ref = fp8_routed_experts(x2, torch.ones(T, 1), info, *experts, backend=backend, deterministic=True)
     ref_grads = torch.autograd.grad(ref, (x2, *experts), grad_out)
-    assert out.dtype == dtype and torch.equal(out, ref)
+    def same(a, b):
+        if not dense:
+            return torch.equal(a, b)
+        a, b = a.detach().double(), b.detach().double()
+        return float((a - b).norm()) <= 1e-2 * float(b.norm())
+
+    assert out.dtype == dtype and same(out, ref)
     for name, g, r, w in zip(("x", "w_gate", "w_up", "w_down"), grads, ref_grads, (x, wg, wu, wd)):
-        assert g.shape == w.shape and g.dtype == r.dtype and torch.equal(g, r.view(w.shape)), name
+        assert g.shape == w.shape and g.dtype == r.dtype and same(g, r.view(w.shape)), name
     xd, wgd, wud, wdd = (t.detach().double().requires_grad_() for t in (x, wg, wu, wd))
     mlp = (torch.nn.functional.silu(xd @ wgd.t()) * (xd @ wud.t())) @ wdd.t()
     mlp_grads = torch.autograd.grad(mlp, (xd, wgd, wud, wdd), grad_out.double())

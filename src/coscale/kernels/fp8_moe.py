@@ -23,7 +23,9 @@ Backward (d out [T, H]):
   6. fp8_grouped_wgrad dW_gate, dW_up = [dG | dU]^T x_perm
   7. sum_rows          dx[t] = sum_k dX_perm[row(t, k)]
 No 16-bit copy of x_perm, a, dY or [dG | dU] ever reaches memory: each is quantized by the kernel that
-computes it (coscale.kernels.fused_quant). The unfused composition (permute_tokens,
+computes it (coscale.kernels.fused_quant). One expert that owns every row (fp8_swiglu_mlp: the shared experts)
+takes the dense block-scaled GEMM (coscale.kernels.fp8_gemm, cuBLAS where it takes the shapes) on the same FP8
+operands instead of the grouped kernels (DENSE_GEMMS_FOR_ONE_EXPERT). The unfused composition (permute_tokens,
 fp8_grouped_gate_up, swiglu, fp8_grouped_linear, unpermute_combine) computes the same bits on the same
 backend (tests/test_fp8_moe.py holds the two to each other). No host synchronisation.
 """
@@ -35,6 +37,7 @@ import torch
 from coscale.errors import CoscaleError
 from coscale.kernels import quant_ops
 from coscale.kernels.backend import autocast_off
+from coscale.kernels.fp8_gemm import fp8_gemm
 from coscale.kernels.fp8_grouped_gemm import expert_tile_map, fp8_grouped_mm, fp8_grouped_wgrad
 from coscale.kernels.fp8_grouped_linear import quantize_weights
 from coscale.kernels.fp8_recipe import ceil_to
@@ -47,7 +50,7 @@ from coscale.kernels.fused_quant import (
 )
 from coscale.kernels.permute import PermuteInfo, identity_permute_info, sum_rows_op
 
-__all__ = ["QUANTIZE_TOKENS_ONCE", "fp8_routed_experts", "fp8_swiglu_mlp"]
+__all__ = ["DENSE_GEMMS_FOR_ONE_EXPERT", "QUANTIZE_TOKENS_ONCE", "fp8_routed_experts", "fp8_swiglu_mlp"]
 
 # The forward's 1x128 layout of the permuted x: each token quantized once and its FP8 row copied to its top-k
 # places (fused_quant.gather_quantized_rows: a 1x128 tile of x per token instead of per copy, then a byte
@@ -55,6 +58,29 @@ __all__ = ["QUANTIZE_TOKENS_ONCE", "fp8_routed_experts", "fp8_swiglu_mlp"]
 # tokens, run 38, benchmarks/bench_moe.py, CUDA-graph replay) the first was faster in 4 of 5 runs, by 0.55-1.01 ms
 # of about 31 (with either timed first), and slower in one (0.84 ms): on by default.
 QUANTIZE_TOKENS_ONCE = True
+
+# One expert with 2-D weights (fp8_swiglu_mlp: every row its own, the padding rows zeros): its six GEMMs are
+# dense, and cuBLAS's block-scaled GEMM outran the grouped kernels at one expert of 8,192 rows on an H100
+# (BENCHMARKS.md run 56B, TFLOP/s: forward 1,155 against 1,044 (TMA) / 983 (Gluon), dgrad 1,114 against 1,062 /
+# 1,026, weight gradient 933 against 684 / 755). The operands are the same FP8 bytes; cuBLAS writes the weight
+# gradient in BF16 (widened to an FP32 master's dtype), as FP8Linear's.
+DENSE_GEMMS_FOR_ONE_EXPERT = True
+
+
+def _expert_mm(a, a_scale, w, w_scale, offsets, out_dtype, backend, tile_expert, dense):
+    """a [M, K] times each row's expert's w [E, N, K]^T (fp8_grouped_mm); ``dense``: one expert owns every row."""
+    if dense:
+        return fp8_gemm(a, a_scale, w[0], w_scale[0], out_dtype, backend)
+    return fp8_grouped_mm(a, a_scale, w, w_scale, offsets, out_dtype, backend, tile_expert=tile_expert)
+
+
+def _expert_wgrad(dyt, dyt_scale, xt, xt_scale, offsets, backend, out_dtype, tile_expert, dense):
+    """Each expert's dW [E, N, K] = dY^T X from the transposed layouts (fp8_grouped_wgrad); ``dense``: one expert
+    owns every row (the padding columns of dyt and xt are zeros)."""
+    if dense:
+        return fp8_gemm(dyt, dyt_scale, xt, xt_scale, out_dtype, backend).unsqueeze(0)
+    return fp8_grouped_wgrad(dyt, dyt_scale, xt, xt_scale, offsets, backend, out_dtype=out_dtype,
+                             chunk_expert=tile_expert)
 
 
 def _wgrad_dtype(w: torch.Tensor) -> torch.dtype:
@@ -74,6 +100,7 @@ class _FP8RoutedExperts(torch.autograd.Function):
         need_da = need_dx or need_dgu  # the gradient reaches a = silu(gate) * up
         h, i = x.shape[1], w_gate.shape[-2]  # [E, I, H], or [I, H] for one expert (fp8_swiglu_mlp)
         topk = pair_row.shape[1]
+        dense = DENSE_GEMMS_FOR_ONE_EXPERT and w_gate.dim() == 2
         if QUANTIZE_TOKENS_ONCE:
             xq, xs = gather_quantized_rows(x, row_pair, topk, False, backend)
             _, _, xt, xts, _ = gather_quant_op(x, row_pair, topk, None, None, False, need_dgu, False, False, False,
@@ -82,10 +109,10 @@ class _FP8RoutedExperts(torch.autograd.Function):
             xq, xs, xt, xts, _ = gather_quant_op(x, row_pair, topk, None, None, True, need_dgu, False, one_pass,
                                                  False, backend)  # fmt: skip
         wgu, sgu, wgu_t, sgu_t = quantize_weights((w_gate, w_up), need_dx, backend, weight_cache)
-        gate_up = fp8_grouped_mm(xq, xs, wgu, sgu, offsets, x.dtype, backend, tile_expert=tile_expert)
+        gate_up = _expert_mm(xq, xs, wgu, sgu, offsets, x.dtype, backend, tile_expert, dense)
         aq, as_, at, ats = swiglu_quant_op(gate_up, True, ctx.needs_input_grad[12], False, one_pass, False, backend)
         wd, sd, wd_t, sd_t = quantize_weights((w_down,), need_da, backend, weight_cache)
-        y = fp8_grouped_mm(aq, as_, wd, sd, offsets, x.dtype, backend, tile_expert=tile_expert)
+        y = _expert_mm(aq, as_, wd, sd, offsets, x.dtype, backend, tile_expert, dense)
         y = y[:, :h] if y.shape[1] != h else y
         out = sum_rows_op(y, pair_row, row_pair, topk_weight, x.dtype, deterministic, backend)
         # y [M, H] is kept only for d topk_weight (not for the shared experts' constant weights: fp8_swiglu_mlp)
@@ -93,7 +120,7 @@ class _FP8RoutedExperts(torch.autograd.Function):
         ctx.save_for_backward(xt, xts, gate_up if need_da else None, at, ats, y_kept, wgu_t, sgu_t, wd_t, sd_t,
                               row_pair, pair_row, offsets, tile_expert, topk_weight)  # fmt: skip
         ctx.config = (deterministic, backend, one_pass, h, i, [_wgrad_dtype(w) for w in (w_gate, w_up, w_down)],
-                      [w.shape for w in (w_gate, w_up, w_down)])
+                      [w.shape for w in (w_gate, w_up, w_down)], dense)
         return out
 
     @staticmethod
@@ -101,7 +128,7 @@ class _FP8RoutedExperts(torch.autograd.Function):
     def backward(ctx, dout):
         (xt, xts, gate_up, at, ats, y, wgu_t, sgu_t, wd_t, sd_t, row_pair, pair_row, offsets, tile_expert,
          topk_weight) = ctx.saved_tensors  # fmt: skip
-        deterministic, backend, one_pass, h, i, w_dtypes, w_shapes = ctx.config
+        deterministic, backend, one_pass, h, i, w_dtypes, w_shapes, dense = ctx.config
         need_dx, need_dtw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_dgate, need_dup, need_ddown = ctx.needs_input_grad[10:]
         need_dgu = need_dgate or need_dup
@@ -114,21 +141,19 @@ class _FP8RoutedExperts(torch.autograd.Function):
         )  # fmt: skip
         dx = dw_gate = dw_up = dw_down = None
         if need_ddown:
-            dw_down = fp8_grouped_wgrad(dyt, dyts, at, ats, offsets, backend, out_dtype=w_dtypes[2],
-                                         chunk_expert=tile_expert)
+            dw_down = _expert_wgrad(dyt, dyts, at, ats, offsets, backend, w_dtypes[2], tile_expert, dense)
             dw_down = dw_down[:, :, :i] if ip != i else dw_down
         if need_dx or need_dgu:
-            da = fp8_grouped_mm(dyq, dys, wd_t, sd_t, offsets, dout.dtype, backend, tile_expert=tile_expert)
+            da = _expert_mm(dyq, dys, wd_t, sd_t, offsets, dout.dtype, backend, tile_expert, dense)
             dgq, dgs, dgt, dgts = swiglu_backward_quant_op(gate_up, da, need_dx, need_dgu, False, one_pass, False,
                                                            backend)  # fmt: skip
             if need_dgate:
-                dw_gate = fp8_grouped_wgrad(dgt[:i], dgts[:i], xt, xts, offsets, backend, out_dtype=w_dtypes[0],
-                                             chunk_expert=tile_expert)
+                dw_gate = _expert_wgrad(dgt[:i], dgts[:i], xt, xts, offsets, backend, w_dtypes[0], tile_expert, dense)
             if need_dup:
-                dw_up = fp8_grouped_wgrad(dgt[ip : ip + i], dgts[ip : ip + i], xt, xts, offsets, backend,
-                                          out_dtype=w_dtypes[1], chunk_expert=tile_expert)  # fmt: skip
+                dw_up = _expert_wgrad(dgt[ip : ip + i], dgts[ip : ip + i], xt, xts, offsets, backend, w_dtypes[1],
+                                      tile_expert, dense)  # fmt: skip
             if need_dx:
-                dx_perm = fp8_grouped_mm(dgq, dgs, wgu_t, sgu_t, offsets, dout.dtype, backend, tile_expert=tile_expert)
+                dx_perm = _expert_mm(dgq, dgs, wgu_t, sgu_t, offsets, dout.dtype, backend, tile_expert, dense)
                 dx_perm = dx_perm[:, :h] if dx_perm.shape[1] != h else dx_perm
                 dx = sum_rows_op(dx_perm, pair_row, row_pair, None, dout.dtype, deterministic, backend)
         dtw = dtw.view(topk_weight.shape).to(topk_weight.dtype) if need_dtw else None
