@@ -33,7 +33,8 @@ from coscale.train.step_runner import StepRunner, resolve_step_mode
 
 # Kinds of kernel, by name (the first pattern that matches; BENCHMARKS.md's per-kind tables of a step)
 KINDS = (
-    ("AdamW and gradient clipping (foreach)", r"multi_tensor_apply"),
+    ("AdamW (torch's fused, FP32 moments) and the gradient norm (foreach)", r"multi_tensor_apply"),
+    ("AdamW's update compiled (coscale's AdamW, BF16 moments)", r"^triton_poi_fused\w*lerp\w*sqrt"),
     ("FP8 GEMMs (cuBLAS block-scaled, Triton)", r"qqtst|fp8_gemm_kernel"),
     ("BF16 GEMMs (cuBLAS)", r"nvjet|gemm_kernel|sm90_xmma"),
     ("expert GEMMs, FP8 (Triton / Gluon grouped)", r"grouped_mm_tma|grouped_mm_gluon|grouped_wgrad"),
