@@ -251,20 +251,22 @@ def test_a_stacks_kernel_count_adds_its_unmodelled_kernels():
     assert few.step_s == base.step_s and "other kernels" not in few.parts_s
 
 
-def test_gradient_clipping_reads_the_gradients_once():
+@pytest.mark.parametrize("optimizer,passes", [("fp32", 2), ("deepseek", 1)])
+def test_gradient_clipping_costs_the_norm_and_what_the_update_adds(optimizer, passes):
     """grad_clip (the default): the norm pass reads every local gradient; the factor is applied inside the
-    optimizer's update (coscale.train.optim.step_with_grad_factor), which reads them anyway: the gradient's
+    optimizer's update (coscale.train.optim.step_with_grad_factor), which reads them anyway; torch's fused AdamW
+    (the fp32 recipe) writes the unscaled gradient back when handed a grad_scale: `passes` x the gradient's
     bytes per parameter at copy bandwidth, and nothing else changes."""
     from coscale.analysis.models import as_view
     from coscale.hardware import load_hardware
 
     kw = dict(seq_len=512, global_batch=16, micro_batch=16, schedule="1f1b", recompute="none", precision="bf16",
-              optimizer="fp32")
+              optimizer=optimizer)
     clipped = T.training_time("small", "h200", ParallelLayout(), **kw)
     plain = T.training_time("small", "h200", ParallelLayout(), **kw, grad_clip=False)
     v = as_view("small")
     params = v.non_expert_params + v.routed_expert_params
-    expected = params * T.OPTIMIZERS["fp32"]["grad"] / (load_hardware("h200").achieved.memory_tbps * 1e12)
+    expected = params * passes * T.OPTIMIZERS[optimizer]["grad"] / (load_hardware("h200").achieved.memory_tbps * 1e12)
     assert clipped.parts_s["gradient clipping"] == pytest.approx(expected)
     assert clipped.step_s - plain.step_s == pytest.approx(expected)
     assert "gradient clipping" not in plain.parts_s

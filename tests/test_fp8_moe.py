@@ -122,6 +122,11 @@ def test_the_identity_layout_is_what_routing_every_token_to_one_expert_gives():
             a, b = getattr(got, field), getattr(want, field)
             assert a.dtype == b.dtype and torch.equal(a, b), (T, align, field)
         assert (got.num_tokens, got.topk, got.align) == (want.num_tokens, want.topk, want.align)
+        # tight: the same rows and offsets, cut after the one group's padding
+        tight = identity_permute_info(T, "cpu", align, tight=True)
+        end = -(-T // align) * align
+        assert tight.num_rows == end and torch.equal(tight.row_pair, want.row_pair[:end])
+        assert torch.equal(tight.group_end_offsets, want.group_end_offsets)
 
 
 def _mlp_problem(T, H, I, seed, dtype):
@@ -157,8 +162,10 @@ def test_the_fp8_mlp_is_one_routed_expert_that_every_token_picks(backend, T, H, 
     def same(a, b):
         if not dense:
             return torch.equal(a, b)
+        # a flipped e4m3 code moves one element by 1/16 of itself: a few of them stay far below 1e-3 of the norm
+        # here (a wrong scale on one 128-wide tile would not); cuBLAS on a GPU also rounds dW to BF16 (2^-9)
         a, b = a.detach().double(), b.detach().double()
-        return float((a - b).norm()) <= 1e-2 * float(b.norm())
+        return float((a - b).norm()) <= (4e-3 if x.is_cuda else 1e-3) * float(b.norm())
 
     assert out.dtype == dtype and same(out, ref)
     for name, g, r, w in zip(("x", "w_gate", "w_up", "w_down"), grads, ref_grads, (x, wg, wu, wd)):
@@ -262,7 +269,9 @@ def test_the_fp8_mlp_keeps_no_output_for_a_gate_weight_gradient():
     def saved_bytes(out):
         return sum(t.numel() * t.element_size() for t in out.grad_fn.saved_tensors if t is not None)
 
+    from coscale.kernels.permute import identity_permute_info
+
     mlp = fp8_swiglu_mlp(x, wg, wu, wd)
-    info = build_permute_info(torch.zeros(40, 1, dtype=torch.int64), 1, align=128)
+    info = identity_permute_info(40, "cpu", align=128, tight=True)  # fp8_swiglu_mlp's layout
     routed = fp8_routed_experts(x, torch.ones(40, 1, requires_grad=True), info, *(w.unsqueeze(0) for w in (wg, wu, wd)))
     assert saved_bytes(routed) - saved_bytes(mlp) == info.num_rows * 128 * x.element_size()

@@ -236,3 +236,20 @@ def test_train_step_clip_equals_torch_clip_then_step(moments):
     torch.testing.assert_close(metrics["grad_norm"], norm.float())
     for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["coscale-bf16", "torch-fused"])
+def test_grad_factor_does_not_outlive_a_failed_step(kind):
+    from coscale.train.optim import step_with_grad_factor
+
+    param = nn.Parameter(torch.randn(4))
+    param.grad = torch.ones(4)
+    opt = OPTIMIZERS[kind]([param])
+
+    def fail(*_):
+        raise RuntimeError("a failing step")
+
+    opt.register_step_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="a failing step"):
+        step_with_grad_factor(opt, torch.tensor(0.5))
+    assert getattr(opt, "grad_factor", None) is None and getattr(opt, "grad_scale", None) is None

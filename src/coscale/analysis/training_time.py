@@ -60,9 +60,13 @@ PRICE_PER_GPU_HOUR = 2.0  # US$, the report's H800 rental assumption
 
 # Optimizer recipes: bytes per parameter of the master copy, the gradient, each AdamW moment and the
 # separate low-precision weight copy the update writes (0: none; autocast casts in the forward instead).
+# clip_passes: gradient-sized passes the global-norm clip adds to the update (which takes its factor): the norm's
+# read, and for torch's fused AdamW the unscaled gradient it writes back when handed a grad_scale.
 OPTIMIZERS = {
-    "deepseek": dict(master=4, grad=4, moment=2, weight_copy=2),  # the V3 report: FP32 master/grads, BF16 moments
-    "fp32": dict(master=4, grad=4, moment=4, weight_copy=0),  # torch AdamW over FP32 params (coscale train)
+    "deepseek": dict(master=4, grad=4, moment=2, weight_copy=2, clip_passes=1),  # the V3 report: FP32 master/grads,
+    # BF16 moments
+    "fp32": dict(master=4, grad=4, moment=4, weight_copy=0, clip_passes=2),  # torch's fused AdamW over FP32 params
+    # (coscale train)
 }
 
 
@@ -298,7 +302,8 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
     (tools/count_step_kernels.py): those beyond the modelled ops run after them
     (``costs.unmodelled_kernels``; None: only the modelled ops); ``grad_clip``: the step clips the global
     gradient norm (the V3 report's 1.0; coscale train's default): one pass reads every gradient for the
-    norm and one scales them in place, 3 x the gradient's bytes per parameter at copy bandwidth;
+    norm and the update takes the factor (``clip_passes`` x the gradient's bytes per parameter at copy bandwidth:
+    torch's fused AdamW also writes the gradient back);
     ``expert_imbalance``: the busiest expert-parallel rank's routed rows over the mean, minus 1 (module docstring;
     0: balanced)."""
     v, hw = as_view(model), load_hardware(hardware)
@@ -392,7 +397,8 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
              "pipeline bubble": bubble, "exposed all-to-all": exposed_a2a, "data-parallel sync": dp_sync,
              "optimizer": update_s}
     if grad_clip:  # the norm reads every gradient; the factor is applied inside the update, which reads them anyway
-        parts["gradient clipping"] = local_params * OPTIMIZERS[optimizer]["grad"] / (eff.memory_tbps * 1e12)
+        o = OPTIMIZERS[optimizer]
+        parts["gradient clipping"] = local_params * o["clip_passes"] * o["grad"] / (eff.memory_tbps * 1e12)
     if casts:
         parts["weight casts (autocast)"] = casts
     head_kernels = 3 * len(L.head_ops(v, hw, tokens, layout.tp)) * (1 + mtp) / layout.pp  # forward, both gradients
@@ -408,7 +414,8 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
              f"recompute {recompute}; MTP modules {'trained' if mtp else 'excluded'}; {precision.upper()} GEMMs; "
              f"AdamW '{optimizer}' ({opt_bytes} B per parameter at copy bandwidth)"
              + ("; autocast casts every FP32 master to BF16 per micro-batch (6 B per parameter)" if casts else "")
-             + ("; gradients clipped to a global norm (read for the norm; the factor applied in the update)" if grad_clip else "")
+             + ("; gradients clipped to a global norm (read for the norm; the factor taken by the update)"
+                if grad_clip else "")
              + (f"; eager: {kernels:.0f} ops per micro-batch and stage at {eff.host_launch_us:g} us each"
                 if eager else ""),
              (f"layers per pipeline stage {split} (the last with the output head and {mtp} MTP module(s)); the busiest "

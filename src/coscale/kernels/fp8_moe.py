@@ -59,8 +59,8 @@ __all__ = ["DENSE_GEMMS_FOR_ONE_EXPERT", "QUANTIZE_TOKENS_ONCE", "fp8_routed_exp
 # of about 31 (with either timed first), and slower in one (0.84 ms): on by default.
 QUANTIZE_TOKENS_ONCE = True
 
-# One expert with 2-D weights (fp8_swiglu_mlp: every row its own, the padding rows zeros): its six GEMMs are
-# dense, and cuBLAS's block-scaled GEMM outran the grouped kernels at one expert of 8,192 rows on an H100
+# One expert that owns every row (fp8_swiglu_mlp's layout: the rows padded to a multiple of 128 with zeros): its
+# six GEMMs are dense, and cuBLAS's block-scaled GEMM outran the grouped kernels at one expert of 8,192 rows on an H100
 # (BENCHMARKS.md run 56B, TFLOP/s: forward 1,155 against 1,044 (TMA) / 983 (Gluon), dgrad 1,114 against 1,062 /
 # 1,026, weight gradient 933 against 684 / 755). The operands are the same FP8 bytes; cuBLAS writes the weight
 # gradient in BF16 (widened to an FP32 master's dtype), as FP8Linear's.
@@ -89,18 +89,18 @@ def _wgrad_dtype(w: torch.Tensor) -> torch.dtype:
 
 class _FP8RoutedExperts(torch.autograd.Function):
     """See the module docstring; inputs after ``ctx``: x, topk_weight, row_pair, pair_row, offsets,
-    tile_expert, deterministic, backend, weight_cache, one_pass, w_gate, w_up, w_down."""
+    tile_expert, deterministic, backend, weight_cache, one_pass, dense, w_gate, w_up, w_down. ``dense``: one expert
+    owns every row (fp8_swiglu_mlp's layout): its GEMMs take fp8_gemm (DENSE_GEMMS_FOR_ONE_EXPERT)."""
 
     @staticmethod
     @autocast_off
     def forward(ctx, x, topk_weight, row_pair, pair_row, offsets, tile_expert, deterministic, backend,
-                weight_cache, one_pass, w_gate, w_up, w_down):  # fmt: skip
+                weight_cache, one_pass, dense, w_gate, w_up, w_down):  # fmt: skip
         need_dx = ctx.needs_input_grad[0]
-        need_dgu = ctx.needs_input_grad[10] or ctx.needs_input_grad[11]
+        need_dgu = ctx.needs_input_grad[11] or ctx.needs_input_grad[12]
         need_da = need_dx or need_dgu  # the gradient reaches a = silu(gate) * up
         h, i = x.shape[1], w_gate.shape[-2]  # [E, I, H], or [I, H] for one expert (fp8_swiglu_mlp)
         topk = pair_row.shape[1]
-        dense = DENSE_GEMMS_FOR_ONE_EXPERT and w_gate.dim() == 2
         if QUANTIZE_TOKENS_ONCE:
             xq, xs = gather_quantized_rows(x, row_pair, topk, False, backend)
             _, _, xt, xts, _ = gather_quant_op(x, row_pair, topk, None, None, False, need_dgu, False, False, False,
@@ -110,7 +110,7 @@ class _FP8RoutedExperts(torch.autograd.Function):
                                                  False, backend)  # fmt: skip
         wgu, sgu, wgu_t, sgu_t = quantize_weights((w_gate, w_up), need_dx, backend, weight_cache)
         gate_up = _expert_mm(xq, xs, wgu, sgu, offsets, x.dtype, backend, tile_expert, dense)
-        aq, as_, at, ats = swiglu_quant_op(gate_up, True, ctx.needs_input_grad[12], False, one_pass, False, backend)
+        aq, as_, at, ats = swiglu_quant_op(gate_up, True, ctx.needs_input_grad[13], False, one_pass, False, backend)
         wd, sd, wd_t, sd_t = quantize_weights((w_down,), need_da, backend, weight_cache)
         y = _expert_mm(aq, as_, wd, sd, offsets, x.dtype, backend, tile_expert, dense)
         y = y[:, :h] if y.shape[1] != h else y
@@ -130,7 +130,7 @@ class _FP8RoutedExperts(torch.autograd.Function):
          topk_weight) = ctx.saved_tensors  # fmt: skip
         deterministic, backend, one_pass, h, i, w_dtypes, w_shapes, dense = ctx.config
         need_dx, need_dtw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_dgate, need_dup, need_ddown = ctx.needs_input_grad[10:]
+        need_dgate, need_dup, need_ddown = ctx.needs_input_grad[11:]
         need_dgu = need_dgate or need_dup
         ip = ceil_to(i)
         dout = dout.contiguous()
@@ -160,7 +160,7 @@ class _FP8RoutedExperts(torch.autograd.Function):
         # [1, N, K] from the grouped weight gradient for a 2-D weight (a copy only when I % 128 != 0 cut dW_down)
         dw_gate, dw_up, dw_down = (None if g is None else g.reshape(shape)
                                    for g, shape in zip((dw_gate, dw_up, dw_down), w_shapes))
-        return dx, dtw, None, None, None, None, None, None, None, None, dw_gate, dw_up, dw_down
+        return dx, dtw, None, None, None, None, None, None, None, None, None, dw_gate, dw_up, dw_down
 
 
 def fp8_routed_experts(
@@ -181,11 +181,15 @@ def fp8_routed_experts(
     align=128; w_gate, w_up [E, I, H], w_down [E, H, I] master weights ([I, H] and [H, I] for one expert).
     Returns [T, H] in x's dtype; differentiable in x, topk_weight and the weights. ``one_pass``: both
     layouts of each fused quantization from one launch (default ``coscale.kernels.quant_ops.DUAL_ONE_PASS``)."""
+    return _apply(x, topk_weight, info, w_gate, w_up, w_down, backend, deterministic, weight_cache, one_pass, False)
+
+
+def _apply(x, topk_weight, info, w_gate, w_up, w_down, backend, deterministic, weight_cache, one_pass, dense):
     offsets = info.group_end_offsets.to(device=x.device, dtype=torch.int32)
     tile_expert = expert_tile_map(offsets, info.num_rows)
     return _FP8RoutedExperts.apply(
         x, topk_weight.float(), info.row_pair, info.pair_row, offsets, tile_expert, deterministic, backend,
-        weight_cache, quant_ops.DUAL_ONE_PASS if one_pass is None else one_pass, w_gate, w_up, w_down,
+        weight_cache, quant_ops.DUAL_ONE_PASS if one_pass is None else one_pass, dense, w_gate, w_up, w_down,
     )  # fmt: skip
 
 
@@ -219,5 +223,7 @@ def fp8_swiglu_mlp(
     if x.shape[0] == 0:
         return x * 0
     weight = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
-    return fp8_routed_experts(x, weight, identity_permute_info(x.shape[0], x.device, align=128), w_gate, w_up, w_down,
-                              backend=backend, deterministic=True, weight_cache=weight_cache, one_pass=one_pass)
+    # the one group's rows only (a multiple of 128, which cuBLAS's block-scaled GEMM needs), not the worst case
+    info = identity_permute_info(x.shape[0], x.device, align=128, tight=True)
+    return _apply(x, weight, info, w_gate, w_up, w_down, backend, True, weight_cache, one_pass,
+                  DENSE_GEMMS_FOR_ONE_EXPERT)

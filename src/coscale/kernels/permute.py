@@ -94,16 +94,20 @@ def max_permuted_rows(pairs: int, n_experts: int, align: int) -> int:
     return pairs + min(n_experts, pairs) * (align - 1)
 
 
-def identity_permute_info(num_tokens: int, device: torch.device | str, align: int = 16) -> PermuteInfo:
+def identity_permute_info(num_tokens: int, device: torch.device | str, align: int = 16,
+                          tight: bool = False) -> PermuteInfo:
     """The layout `build_permute_info` gives when every token picks the one expert there is (K = 1, E = 1):
     row t holds token t, the rows after it are padding. Built without a sort or a count: a dense layer that
-    runs through the grouped kernels (coscale.kernels.fp8_moe.fp8_swiglu_mlp) pays nothing for routing."""
+    runs through the grouped kernels (coscale.kernels.fp8_moe.fp8_swiglu_mlp) pays nothing for routing.
+    ``tight``: only the one group's rows (num_tokens rounded up to ``align``) instead of build_permute_info's
+    worst case (num_tokens + align - 1): a dense GEMM over the rows then sees a multiple of ``align``."""
     if num_tokens < 0 or align < 1:
         raise CoscaleError(f"need num_tokens >= 0 and align >= 1, got {num_tokens} and {align}")
     tokens = torch.arange(num_tokens, device=device)
-    row_pair = torch.full((max_permuted_rows(num_tokens, 1, align),), -1, dtype=torch.int64, device=device)
-    row_pair[:num_tokens] = tokens
     end = (num_tokens + align - 1) // align * align
+    rows = end if tight else max_permuted_rows(num_tokens, 1, align)
+    row_pair = torch.full((rows,), -1, dtype=torch.int64, device=device)
+    row_pair[:num_tokens] = tokens
     return PermuteInfo(
         pair_row=tokens.view(num_tokens, 1),
         row_pair=row_pair,

@@ -109,10 +109,14 @@ def grad_norm(model: nn.Module, ctx: ParallelContext) -> torch.Tensor:
     """
     params = [p for p in model.parameters() if p.grad is not None]
     device = params[0].grad.device if params else ctx.device
-    shared = sum((p.grad.float().pow(2).sum() for p in params if not is_expert_param(p)),
-                 torch.zeros((), device=device))
-    experts = sum((p.grad.float().pow(2).sum() for p in params if is_expert_param(p)),
-                  torch.zeros((), device=device))
+
+    def squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:  # torch's multi-tensor norm: one read, no copies
+        if not grads:
+            return torch.zeros((), device=device)
+        return torch.nn.utils.get_total_norm(grads).float().square()
+
+    shared = squared_norm([p.grad for p in params if not is_expert_param(p)])
+    experts = squared_norm([p.grad for p in params if is_expert_param(p)])
     if ctx.ep_size > 1:
         guarded("all_reduce(expert grad norm)", lambda: dist.all_reduce(experts, group=ctx.ep_group),
                 ctx.timeout_s)

@@ -145,9 +145,13 @@ def step_with_grad_factor(optimizer: torch.optim.Optimizer, factor: torch.Tensor
         finally:
             del optimizer.grad_scale
     else:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, factor)
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_device.setdefault(p.grad.device, []).append(p.grad)
+        for device, grads in by_device.items():
+            torch._foreach_mul_(grads, factor.to(device))
         optimizer.step()
 
 
