@@ -32,11 +32,11 @@ Variants (each in try/except: a failure is recorded and the run carries on):
 - grouped_fp8_shared_fp8: the cached path with the shared expert in FP8 too, as one expert that every token
              picks (coscale.kernels.fp8_moe.fp8_swiglu_mlp, what SharedExperts runs under the FP8 policy), its
              weights in the same cache.
-- grouped_fp8_shared_grouped: grouped_fp8_shared_fp8 with the shared expert's six GEMMs through the grouped kernels
-             (fp8_moe.DENSE_GEMMS_FOR_ONE_EXPERT off; the default since the thirty-second session takes the dense
-             block-scaled GEMM for it).
+- grouped_fp8_shared_grouped / grouped_fp8_shared_dense: grouped_fp8_shared_fp8 with the shared expert's six
+             GEMMs through the grouped kernels / through the dense block-scaled GEMM (cuBLAS) on the same FP8 operands
+             (fp8_moe.DENSE_GEMMS_FOR_ONE_EXPERT off / on; grouped_fp8_shared_fp8 runs the shipped choice).
 - dense:     a dense SwiGLU MLP over T*K rows with one expert's shape: the same FLOPs in plain GEMMs.
-All variants but grouped_fp8_shared_fp8 (and _grouped) include the shared expert as a dense SwiGLU MLP over the
+All variants but grouped_fp8_shared_* include the shared expert as a dense SwiGLU MLP over the
 T tokens in BF16 (cuBLAS). Every variant
 but the loop (which reads expert counts back to the host) is also timed replayed from a CUDA graph
 (`graph_ms`: the kernels alone, as the graphed training step runs them); the FP8 / BF16 ratios use
@@ -201,8 +201,9 @@ def run_case(shape, T, routing, args, results):
     variants["grouped_fp8_per_copy"] = ("fp8", "auto", True, True, False, False)
     variants["grouped_fp8_unpaired"] = ("fp8", "auto", True, True, False, TOKENS_ONCE_DEFAULT, False)
     variants["grouped_fp8_shared_fp8"] = ("fp8", "auto", True, True, False, TOKENS_ONCE_DEFAULT, PAIRED_DEFAULT, True)
-    variants["grouped_fp8_shared_grouped"] = ("fp8", "auto", True, True, False, TOKENS_ONCE_DEFAULT, PAIRED_DEFAULT,
-                                              True, False)
+    for route, dense in (("grouped", False), ("dense", True)):
+        variants[f"grouped_fp8_shared_{route}"] = ("fp8", "auto", True, True, False, TOKENS_ONCE_DEFAULT,
+                                                   PAIRED_DEFAULT, True, dense)
     variants["dense"] = None
     if args.variants:  # in the order given; the loop layer still gives the reference values below
         variants = {k: variants[k] for k in dict.fromkeys(args.variants) if k in variants}
@@ -332,7 +333,7 @@ PAIRED_DEFAULT = quant_ops.SWIGLU_BACKWARD_PAIRED
 DENSE_DEFAULT = fp8_moe.DENSE_GEMMS_FOR_ONE_EXPERT
 VARIANT_NAMES = ("loop", "grouped", "grouped_triton", "grouped_fp8", "grouped_fp8_cached", "grouped_fp8_unfused",
                  "grouped_fp8_one_pass", "grouped_fp8_per_copy", "grouped_fp8_unpaired", "grouped_fp8_shared_fp8",
-                 "grouped_fp8_shared_grouped", "dense")
+                 "grouped_fp8_shared_grouped", "grouped_fp8_shared_dense", "dense")
 
 
 def print_table(results):

@@ -144,7 +144,7 @@ def _mlp_problem(T, H, I, seed, dtype):
 def test_the_fp8_mlp_is_one_routed_expert_that_every_token_picks(backend, T, H, I, dtype, dense, monkeypatch):
     """fp8_swiglu_mlp's outputs and gradients are those of fp8_routed_experts with one expert and every token's
     weight 1 (the weights' gradients in their own 2-D shape): bit for bit through the grouped kernels; through
-    the dense GEMM (fp8_moe.DENSE_GEMMS_FOR_ONE_EXPERT, the default) the same FP8 operands summed in another
+    the dense GEMM (fp8_moe.DENSE_GEMMS_FOR_ONE_EXPERT) the same FP8 operands summed in another
     order, so that at most a few FP8 codes of the re-quantized a, dY or [dG | dU] can flip at a rounding tie.
     Both within FP8's error of the float64 MLP."""
     from coscale.kernels import fp8_moe

@@ -24,7 +24,7 @@ Backward (d out [T, H]):
   7. sum_rows          dx[t] = sum_k dX_perm[row(t, k)]
 No 16-bit copy of x_perm, a, dY or [dG | dU] ever reaches memory: each is quantized by the kernel that
 computes it (coscale.kernels.fused_quant). One expert that owns every row (fp8_swiglu_mlp: the shared experts)
-takes the dense block-scaled GEMM (coscale.kernels.fp8_gemm, cuBLAS where it takes the shapes) on the same FP8
+can take the dense block-scaled GEMM (coscale.kernels.fp8_gemm, cuBLAS where it takes the shapes) on the same FP8
 operands instead of the grouped kernels (DENSE_GEMMS_FOR_ONE_EXPERT). The unfused composition (permute_tokens,
 fp8_grouped_gate_up, swiglu, fp8_grouped_linear, unpermute_combine) computes the same bits on the same
 backend (tests/test_fp8_moe.py holds the two to each other). No host synchronisation.
@@ -63,8 +63,10 @@ QUANTIZE_TOKENS_ONCE = True
 # six GEMMs are dense, and cuBLAS's block-scaled GEMM outran the grouped kernels at one expert of 8,192 rows on an H100
 # (BENCHMARKS.md run 56B, TFLOP/s: forward 1,155 against 1,044 (TMA) / 983 (Gluon), dgrad 1,114 against 1,062 /
 # 1,026, weight gradient 933 against 684 / 755). The operands are the same FP8 bytes; cuBLAS writes the weight
-# gradient in BF16 (widened to an FP32 master's dtype), as FP8Linear's.
-DENSE_GEMMS_FOR_ONE_EXPERT = True
+# gradient in BF16 (widened to an FP32 master's dtype), as FP8Linear's. Off until measured in the MoE layer on a
+# GPU (benchmarks/bench_moe.py --variants grouped_fp8_shared_grouped grouped_fp8_shared_dense): written in the
+# thirty-second session, when no GPU came to run it; CPU-tested both ways (tests/test_fp8_moe.py).
+DENSE_GEMMS_FOR_ONE_EXPERT = False
 
 
 def _expert_mm(a, a_scale, w, w_scale, offsets, out_dtype, backend, tile_expert, dense):
