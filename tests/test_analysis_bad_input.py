@@ -271,6 +271,7 @@ TRAIN = {"kind": "train_step", "model": "tiny", "batch": 2, "seq_len": 32, "seco
     ({**TRAIN, "eager": "no"}, "'eager' must be true or false"),
     ({**TRAIN, "include_mtp": "no"}, "'include_mtp' must be true or false"),
     ({**TRAIN, "grad_clip": 1}, "'grad_clip' must be true or false"),
+    ({**TRAIN, "clip_in_update": "no"}, "'clip_in_update' must be true or false"),
     ({**TRAIN, "master": "bf16"}, "'master' must be fp32"),
     ({**DECODE, "seconds": float("inf")}, "'seconds' must be a positive finite number"),
     ({**DECODE, "seconds": float("nan")}, "'seconds' must be a positive finite number"),

@@ -270,6 +270,9 @@ def test_gradient_clipping_costs_the_norm_and_what_the_update_adds(optimizer, pa
     assert clipped.parts_s["gradient clipping"] == pytest.approx(expected)
     assert clipped.step_s - plain.step_s == pytest.approx(expected)
     assert "gradient clipping" not in plain.parts_s
+    # a pass of its own (coscale before the factor went into the update): read for the norm, read and write to scale
+    separate = T.training_time("small", "h200", ParallelLayout(), **kw, clip_in_update=False)
+    assert separate.parts_s["gradient clipping"] == pytest.approx(expected * 3 / passes)
 
 
 @pytest.mark.parametrize("kwargs", [dict(schedule="gpipe"), dict(recompute="half"), dict(precision="int8"),

@@ -293,7 +293,7 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
                   micro_batch: int = 1, schedule: str = "dualpipe", recompute: str = "deepseek",
                   include_mtp: bool = True, precision: str = "fp8", eager: bool = False,
                   optimizer: str = "deepseek", kernels_per_step: int | None = None,
-                  grad_clip: bool = True, expert_imbalance: float = 0.0) -> TrainingTime:
+                  grad_clip: bool = True, expert_imbalance: float = 0.0, clip_in_update: bool = True) -> TrainingTime:
     """Step time of one training step; see the module docstring. ``precision``: the GEMMs' (``fp8`` or
     ``bf16``); ``eager``: every op is launched from Python (no CUDA graphs), so a step takes at least
     ``ops x host_launch_us`` of host time; ``optimizer``: a recipe of :data:`OPTIMIZERS` (``fp32``: FP32
@@ -303,7 +303,8 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
     (``costs.unmodelled_kernels``; None: only the modelled ops); ``grad_clip``: the step clips the global
     gradient norm (the V3 report's 1.0; coscale train's default): one pass reads every gradient for the
     norm and the update takes the factor (``clip_passes`` x the gradient's bytes per parameter at copy bandwidth:
-    torch's fused AdamW also writes the gradient back);
+    torch's fused AdamW also writes the gradient back); ``clip_in_update`` False: the factor applied by a pass of
+    its own that reads and writes every gradient (3 passes; coscale train before the thirty-second session);
     ``expert_imbalance``: the busiest expert-parallel rank's routed rows over the mean, minus 1 (module docstring;
     0: balanced)."""
     v, hw = as_view(model), load_hardware(hardware)
@@ -398,7 +399,8 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
              "optimizer": update_s}
     if grad_clip:  # the norm reads every gradient; the factor is applied inside the update, which reads them anyway
         o = OPTIMIZERS[optimizer]
-        parts["gradient clipping"] = local_params * o["clip_passes"] * o["grad"] / (eff.memory_tbps * 1e12)
+        passes = o["clip_passes"] if clip_in_update else 3
+        parts["gradient clipping"] = local_params * passes * o["grad"] / (eff.memory_tbps * 1e12)
     if casts:
         parts["weight casts (autocast)"] = casts
     head_kernels = 3 * len(L.head_ops(v, hw, tokens, layout.tp)) * (1 + mtp) / layout.pp  # forward, both gradients
@@ -414,7 +416,8 @@ def training_time(model: Model = "deepseek-v3", hardware: str | HardwareSpec = "
              f"recompute {recompute}; MTP modules {'trained' if mtp else 'excluded'}; {precision.upper()} GEMMs; "
              f"AdamW '{optimizer}' ({opt_bytes} B per parameter at copy bandwidth)"
              + ("; autocast casts every FP32 master to BF16 per micro-batch (6 B per parameter)" if casts else "")
-             + ("; gradients clipped to a global norm (read for the norm; the factor taken by the update)"
+             + (("; gradients clipped to a global norm (read for the norm; the factor taken by the update)"
+                 if clip_in_update else "; gradients clipped to a global norm (read for the norm, scaled in place)")
                 if grad_clip else "")
              + (f"; eager: {kernels:.0f} ops per micro-batch and stage at {eff.host_launch_us:g} us each"
                 if eager else ""),

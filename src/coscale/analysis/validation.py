@@ -43,7 +43,7 @@ KINDS = ("train_step", "decode_step", "prefill_step")
 _COMMON_KEYS = ("kind", "model", "hardware", "seconds", "source", "precision")
 KEYS = {
     "train_step": _COMMON_KEYS + ("batch", "seq_len", "eager", "include_mtp", "moments", "master", "kernels_per_step",
-                                  "grad_clip"),
+                                  "grad_clip", "clip_in_update"),
     "decode_step": _COMMON_KEYS + ("batch", "context", "micro_batches", "mtp_drafts", "kernels_per_step"),
     "prefill_step": _COMMON_KEYS + ("tokens", "prompt_len", "micro_batches"),
 }
@@ -124,7 +124,8 @@ def predict(record: dict[str, Any]) -> float:
                                            precision=precision, eager=_optional(record, "eager", True, bool),
                                            optimizer=_optimizer(record),
                                            kernels_per_step=record.get("kernels_per_step"),
-                                           grad_clip=_optional(record, "grad_clip", True, bool)).step_s
+                                           grad_clip=_optional(record, "grad_clip", True, bool),
+                                           clip_in_update=_optional(record, "clip_in_update", True, bool)).step_s
     layout = serving.ServingLayout(micro_batches=_count(record, "micro_batches", 1, 1))
     if kind == "decode_step":
         return serving.decode(model, hardware, layout, batch=_need(record, "batch"), context=_need(record, "context"),
