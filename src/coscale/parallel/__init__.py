@@ -57,7 +57,6 @@ from coscale.parallel.routes import Route, RoutePlan, Stage, Topology, Traffic, 
 from coscale.parallel.training import (
     all_reduce_router_loads,
     broadcast_parameters,
-    clip_coefficient,
     clip_grad_norm_,
     full_optimizer_state_dict,
     grad_norm,
@@ -78,7 +77,7 @@ __all__ = [
     "analytic_inter_node_bytes", "check_gate_is_node_limited", "node_limited_topk", "nodes_per_token",
     "overlapped_experts_forward",
     "Route", "RoutePlan", "Stage", "plan_flat", "plan_routes", "plan_two_hop",
-    "all_reduce_router_loads", "broadcast_parameters", "clip_coefficient", "clip_grad_norm_",
+    "all_reduce_router_loads", "broadcast_parameters", "clip_grad_norm_",
     "full_optimizer_state_dict", "grad_norm",
     "load_optimizer_state_dict", "setup_for_training", "shard_batch", "sync_gradients",
 ]

@@ -123,21 +123,12 @@ def grad_norm(model: nn.Module, ctx: ParallelContext) -> torch.Tensor:
     return (shared + experts).sqrt()
 
 
-def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """The factor that clips gradients of norm ``total_norm`` to ``max_norm`` (torch.nn.utils.clip_grad_norm_'s:
-    max_norm / (norm + 1e-6), at most 1), a 0-d device tensor (no host synchronisation)."""
-    return (max_norm / (total_norm.float() + 1e-6)).clamp(max=1.0)
-
-
 @torch.no_grad()
 def clip_grad_norm_(model: nn.Module, max_norm: float, ctx: ParallelContext) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ over the whole (unsharded) model (:func:`grad_norm`); call after
     sync_gradients. Returns the norm before clipping."""
     total = grad_norm(model, ctx)
-    coef = clip_coefficient(total, max_norm)
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.mul_(coef.to(p.grad.dtype))
+    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total)
     return total
 
 

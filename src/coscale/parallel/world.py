@@ -13,8 +13,7 @@ method                      :class:`SingleProcess`           :class:`Distributed
                                                              replicas made identical
 ``shard(batch)``            the batch                        this rank's ``1 / world_size`` rows
 ``sync_gradients(model)``   nothing                          all-reduce (:func:`sync_gradients`)
-``grad_norm`` /             ``torch.nn.utils``'s             the whole model's norm over EP
-``clip_grad_norm_``
+``grad_norm(model)``        ``torch.nn.utils``'s             the whole model's norm over EP
 ``sum_router_loads``        nothing                          router loads summed over the world
 ``mean(t)``                 ``t``                            the world mean
 ``model_state`` /           ``state_dict()``                 experts and their moments gathered (the
@@ -46,7 +45,6 @@ from coscale.parallel.expert_parallel import gathered_experts
 from coscale.parallel.groups import ParallelContext, check_same_config, guarded, init_process_group_from_env
 from coscale.parallel.training import (
     all_reduce_router_loads,
-    clip_grad_norm_,
     full_optimizer_state_dict,
     grad_norm,
     load_optimizer_state_dict,
@@ -102,10 +100,6 @@ class World(ABC):
     @abstractmethod
     def grad_norm(self, model: nn.Module) -> torch.Tensor:
         """The whole model's gradient norm (0-d device tensor; call after :meth:`sync_gradients`)."""
-
-    @abstractmethod
-    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """Clip the whole model's gradient norm to ``max_norm``; returns the norm before clipping."""
 
     @abstractmethod
     def sum_router_loads(self, model: nn.Module) -> None:
@@ -182,9 +176,6 @@ class SingleProcess(World):
 
     def grad_norm(self, model: nn.Module) -> torch.Tensor:
         return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-
-    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
     def sum_router_loads(self, model: nn.Module) -> None:
         pass
@@ -307,9 +298,6 @@ class Distributed(World):
 
     def grad_norm(self, model: nn.Module) -> torch.Tensor:
         return grad_norm(model, self.ctx)
-
-    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm_(model, max_norm, self.ctx)
 
     def sum_router_loads(self, model: nn.Module) -> None:
         all_reduce_router_loads(model, self.ctx)

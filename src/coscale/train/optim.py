@@ -123,6 +123,12 @@ def _fused_torch_adam(optimizer: torch.optim.Optimizer) -> bool:
             and all(group.get("fused") for group in optimizer.param_groups))
 
 
+def clip_factor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor that clips gradients of norm ``total_norm`` to ``max_norm``, torch.nn.utils.clip_grad_norm_'s
+    (max_norm / (norm + 1e-6), at most 1), as a 0-d device tensor (no host synchronisation)."""
+    return (max_norm / (total_norm.float() + 1e-6)).clamp(max=1.0)
+
+
 def step_with_grad_factor(optimizer: torch.optim.Optimizer, factor: torch.Tensor | None) -> None:
     """``optimizer.step()`` as if every gradient had been multiplied by ``factor`` (a 0-d device tensor, such
     as gradient clipping's; None: a plain step), without a pass of its own over the gradients where the

@@ -26,7 +26,6 @@ from torch import nn
 
 from coscale.fp8 import invalidate_fp8_weight_caches
 from coscale.model.moe import update_router_biases
-from coscale.parallel.training import clip_coefficient
 from coscale.parallel.world import World
 from coscale.train.balance import (
     ALIGNMENT_PREFIX,
@@ -36,7 +35,7 @@ from coscale.train.balance import (
     load_balance,
     moe_gates,
 )
-from coscale.train.optim import step_with_grad_factor
+from coscale.train.optim import clip_factor, step_with_grad_factor
 
 # The metrics a step returns (0-d device tensors; NaN where a model has no such loss, e.g. no MTP).
 LOSS_NAMES = ("loss", "total_loss", "mtp_loss", "aux_loss", "grad_norm")
@@ -69,7 +68,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
     world.sync_gradients(model)
     # The clip's factor goes into the optimizer's update, not a pass of its own over the gradients (optim.py)
     grad_norm = world.grad_norm(model) if grad_clip else None
-    step_with_grad_factor(optimizer, None if grad_norm is None else clip_coefficient(grad_norm, grad_clip))
+    step_with_grad_factor(optimizer, None if grad_norm is None else clip_factor(grad_norm, grad_clip))
     invalidate_fp8_weight_caches(model)  # FP8 weight copies kept by modules are stale now (docs/fp8.md)
     optimizer.zero_grad(set_to_none=True)
     world.sum_router_loads(model)  # global loads: the logged statistics and every rank's bias update
