@@ -63,10 +63,11 @@ QUANTIZE_TOKENS_ONCE = True
 # six GEMMs are dense, and cuBLAS's block-scaled GEMM outran the grouped kernels at one expert of 8,192 rows on an H100
 # (BENCHMARKS.md run 56B, TFLOP/s: forward 1,155 against 1,044 (TMA) / 983 (Gluon), dgrad 1,114 against 1,062 /
 # 1,026, weight gradient 933 against 684 / 755). The operands are the same FP8 bytes; cuBLAS writes the weight
-# gradient in BF16 (widened to an FP32 master's dtype), as FP8Linear's. Off until measured in the MoE layer on a
-# GPU (benchmarks/bench_moe.py --variants grouped_fp8_shared_grouped grouped_fp8_shared_dense): written in the
-# thirty-second session, when no GPU came to run it; CPU-tested both ways (tests/test_fp8_moe.py).
-DENSE_GEMMS_FOR_ONE_EXPERT = False
+# gradient in BF16 (widened to an FP32 master's dtype), as FP8Linear's. In the MoE layer (V3's experts + the shared
+# expert, 8,192 tokens, an H100, run 58A, benchmarks/bench_moe.py --variants grouped_fp8_shared_grouped
+# grouped_fp8_shared_dense) the layer took 32.55 ms graph-replayed this way against 32.87 through the grouped kernels
+# (eager 31.96 against 32.56): 1.01-1.02x, on. CPU-tested both ways (tests/test_fp8_moe.py).
+DENSE_GEMMS_FOR_ONE_EXPERT = True
 
 
 def _expert_mm(a, a_scale, w, w_scale, offsets, out_dtype, backend, tile_expert, dense):
