@@ -253,6 +253,10 @@ def analyse_transparent_kernels() -> set[str]:
         quant_ops.WEIGHT_PAIR_ONE_PASS, quant_ops.TRANSPOSE_WORDS = saved
     ops.swiglu_quant(x[:, :160], True, True, False, False, False, "triton")
     ops.swiglu_backward_quant(x[:, :160], x[:, :80], True, True, False, True, False, "triton")
+    # weighted by each row's router weight (fp8_moe); the backward paired, with the weight's gradient in parts
+    gate_up, rw = torch.randn(130, 256).to(torch.bfloat16), torch.rand(130)
+    ops.swiglu_quant(gate_up, True, True, False, False, False, "triton", rw)
+    ops.swiglu_backward_quant(gate_up, gate_up[:, :128], True, True, False, False, False, "triton", rw, True)
     ops.gather_quant(x, info.row_pair, 2, weight, torch.randn(info.num_rows, 200), True, True, False, False, False,
                      "triton")
     y_perm = torch.randn(info.num_rows, 200)
@@ -280,6 +284,8 @@ def analyse_transparent_kernels() -> set[str]:
                 raise AssertionError(f"Inductor could not analyse {jit.__name__}: writes {sorted(writes)}")
             if named.get("WT") and "yt_ptr" not in writes:  # W^T's bytes, stored through a word pointer
                 raise AssertionError(f"Inductor does not see weight_kernel write W^T: writes {sorted(writes)}")
+            if named.get("TILE_DOT") and "dot_out_ptr" not in writes:
+                raise AssertionError(f"Inductor does not see the router weight's dots written: {sorted(writes)}")
             seen.add(jit.__name__)
     return seen
 

@@ -85,6 +85,84 @@ def test_swiglu_backward_quant_equals_quantized_gradient(m, i, dtype, rows, cols
         assert_same([t for t, k in zip(got, keep) if k], [t for t, k in zip(want, keep) if k])
 
 
+def _row_weights(m, seed):
+    """Router weights of m rows, with the edge cases: zeros (padding rows), tiny, large and exactly 1."""
+    w = torch.rand(m, generator=torch.Generator().manual_seed(seed))
+    w[:4] = torch.tensor([0.0, 1e-30, 1.0, 300.0])
+    return w
+
+
+def _weighted(t, w):
+    """t times each row's weight, rounded to t's dtype (the unfused composition, PyTorch's rounding)."""
+    return (t.float() * w[:, None]).to(t.dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("m,i", [(200, 150), (130, 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,cols,one_pass", LAYOUTS)
+def test_weighted_swiglu_quant_equals_quantized_weighted_swiglu(m, i, dtype, rows, cols, one_pass):
+    """The router weight applied to a before the down projection (coscale.kernels.fp8_moe): the bytes of a * w
+    rounded to the activation dtype, then quantized, on either backend (the interpreter's bfloat16 cast
+    truncates: the kernel rounds the product to nearest even itself, as the GPU does)."""
+    gate_up = _gate_up(m, i, dtype, m + i)
+    w = _row_weights(m, 1)
+    keep = (rows, rows, cols, cols)
+    for backend in ("triton", "torch"):
+        want = q.act_quant_1x128_dual(_weighted(swiglu_op(gate_up, backend), w), backend=backend, pad_t=True)
+        got = swiglu_quant_op(gate_up, rows, cols, True, one_pass, False, backend, w)
+        assert_same([t for t, k in zip(got, keep) if k], [t for t, k in zip(want, keep) if k])
+    if rows:  # the zero-weight row quantizes to zeros; the weighted rows are a * w within FP8's error
+        y, s = got[:2]
+        deq = q.dequant_1x128(y, s)[:, :i].double()
+        assert int(deq[0].count_nonzero()) == 0
+        ref = (torch.nn.functional.silu(gate_up[:, :i].double()) * gate_up[:, i:].double()) * w.double()[:, None]
+        assert float((deq - ref).norm() / ref.norm()) < 0.04
+
+
+@needs_triton
+@pytest.mark.parametrize("m,i", [(200, 150), (130, 128), (64, 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,cols,one_pass", LAYOUTS)
+def test_weighted_swiglu_backward_quant_and_router_weight_dots(m, i, dtype, rows, cols, one_pass):
+    """SwiGLU's backward for a weighted a: the bytes of quantizing SwiGLU's backward of w * da (rounded to the
+    activation dtype), and the router weight's gradient <da, a> a row, computed in the paired kernel (gate width a
+    multiple of 128, a gate tile's part at a time) or by PyTorch (150): float32 sums of the same terms."""
+    gate_up = _gate_up(m, i, dtype, 3)
+    da = torch.randn(m, i, generator=torch.Generator().manual_seed(4)).to(dtype)
+    w = _row_weights(m, 2)
+    keep = (rows, rows, cols, cols)
+    for backend in ("triton", "torch"):
+        grad = swiglu_backward_op(gate_up[:, :i], gate_up[:, i:], _weighted(da, w), backend)
+        want = q.act_quant_1x128_dual(grad, backend=backend, pad_t=False)
+        got = swiglu_backward_quant_op(gate_up, da, rows, cols, False, one_pass, False, backend, w, True)
+        assert_same([t for t, k in zip(got, keep) if k], [t for t, k in zip(want, keep) if k])
+        terms = da.double() * swiglu_op(gate_up, backend).double()  # a as SwiGLU on this backend rounds it
+        dots = got[4]
+        assert dots.shape == (m,) and dots.dtype == torch.float32
+        # float32 tree and pairwise sums of at most I terms: within 2^-17 of the sum of their magnitudes
+        assert ((dots.double() - terms.sum(1)).abs() <= 2.0**-17 * terms.abs().sum(1)).all()
+    no_dots = swiglu_backward_quant_op(gate_up, da, rows, cols, False, one_pass, False, "triton", w)
+    assert no_dots[4].numel() == 0
+
+
+@needs_triton
+def test_router_weight_dots_keep_a_non_finite_row_to_itself():
+    """A NaN in one row's gradient makes that row's dot NaN (and its tiles non-finite); the other rows' dots and
+    gradients are untouched; dots without any gradient layout asked for still come out."""
+    m, i = 128, 256
+    gate_up = _gate_up(m, i, torch.float32, 5)
+    da = torch.randn(m, i, generator=torch.Generator().manual_seed(6))
+    da[7, 130] = float("nan")
+    w = _row_weights(m, 3)
+    y, s, _, _, dots = swiglu_backward_quant_op(gate_up, da, True, False, False, False, False, "triton", w, True)
+    assert torch.isnan(dots[7]) and torch.isfinite(dots[torch.arange(m) != 7]).all()
+    assert torch.isfinite(q.dequant_1x128(y, s)[8]).all()
+    only = swiglu_backward_quant_op(gate_up, da, False, False, False, False, False, "triton", w, True)
+    assert only[0].numel() == 0
+    torch.testing.assert_close(only[4], dots, rtol=0, atol=0, equal_nan=True)
+
+
 @needs_triton
 @pytest.mark.parametrize("producer,i", [("swiglu", 576), ("swiglu_backward", 576), ("swiglu_backward", 640),
                                         ("gather", 576)])
@@ -196,6 +274,11 @@ def test_a_non_finite_producer_value_makes_its_tiles_non_finite(value):
 
 
 def test_fused_operators_check_their_inputs():
+    with pytest.raises(CoscaleError, match="one per row"):
+        swiglu_quant_op(torch.randn(4, 8), True, True, False, False, False, "torch", torch.ones(4, 1))
+    with pytest.raises(CoscaleError, match="one per row"):
+        swiglu_backward_quant_op(torch.randn(4, 8), torch.randn(4, 4), True, True, False, False, False, "torch",
+                                 torch.ones(3))
     with pytest.raises(CoscaleError, match=r"\[M, 2I\]"):
         swiglu_quant_op(torch.randn(4, 7), True, True, False, False, False, "torch")
     with pytest.raises(CoscaleError, match="da must be"):

@@ -17,7 +17,14 @@ FMA correction (``_quantize_tile``), which gives the same bits.
 import triton
 import triton.language as tl
 
+from coscale.kernels.backend import interpreting
 from coscale.kernels.swiglu import swiglu_grads, swiglu_value  # SwiGLU's own formulas: the producers write its bytes
+
+# Triton's interpreter casts float32 to bfloat16 by truncation (the GPU rounds to nearest even): where a kernel
+# rounds a product that the reference computes with PyTorch (the router weight times a or da), it rounds in
+# integers first when interpreted, so that the CPU tests hold the GPU's bytes. Fixed when the module is imported,
+# as triton.jit fixes interpreter or compiler then.
+INTERPRETED = tl.constexpr(interpreting())
 
 
 @triton.jit
@@ -385,15 +392,21 @@ def transpose_words_kernel(
 # the dtype the unfused producer would have stored (so the FP8 bytes equal those of quantizing that
 # stored tensor):
 #   0  x [M, K] itself
-#   1  SwiGLU: a[:, j] = silu(g) * u with g = x[:, j], u = x[:, up_offset + j]   (x = [gate | up])
+#   1  SwiGLU: a[:, j] = silu(g) * u with g = x[:, j], u = x[:, up_offset + j]   (x = [gate | up]); with
+#      HAS_WEIGHT each row r times w[r] (a rounded to x's dtype first, the product again: the router weight
+#      applied before the down projection, coscale.kernels.fp8_moe)
 #   2  SwiGLU backward: columns j < up_offset are dg, j >= up_offset du (of column j - up_offset), from
-#      x = [gate | up] and da = b [M, up_offset]. PAIRED (up_offset a multiple of 128, so that no 1x128 tile
+#      x = [gate | up] and da = b [M, up_offset]; with HAS_WEIGHT the gradient of row r is w[r] * da (rounded to
+#      x's dtype, as autograd's product would store it) and TILE_DOT (rows launches, PAIRED) also writes the
+#      router weight's gradient in parts: dot_out[r, t] = sum over gate tile t of da * a (a as SOURCE 1 makes
+#      it, unweighted). PAIRED (up_offset a multiple of 128, so that no 1x128 tile
 #      holds both): a program takes gate columns j only and writes dg at j and du at up_offset + j from the
 #      same loads and sigmoid. Unpaired, every element loaded g, u and da and computed both gradients for the
 #      one it kept, and the kernels were bound by instructions (sm_90 compiles: 43 an element for the rows
 #      layout, 54 for the transposed one; ncu, run 37: SM throughput 72-83%, DRAM 48-57%).
 #   3  gather: row r is x[row_pair[r] // TOPK] (zeros where row_pair[r] < 0), times w[row_pair[r]] when
 #      HAS_WEIGHT (rounded to x's dtype, as the permutation kernels store it)
+# (w is indexed by row for SOURCE 1 and 2, by pair for SOURCE 3.)
 
 
 @triton.jit
@@ -417,17 +430,56 @@ def _row_block_and_column_block(SOURCE: tl.constexpr, ROW_ORDER: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_grads(x_ptr, b_ptr, rows, cols, M, I, stride_x, stride_b, FAST_SIGMOID: tl.constexpr):
-    """(dg, du) of SwiGLU's backward at gate columns ``cols`` (< I) of rows ``rows`` (broadcastable), each rounded
-    to x's dtype as kernels.swiglu's backward kernel stores it (its formulas: swiglu_grads). x holds [gate | up]
-    (up at column I), b the gradient da [M, I]."""
+def _times_rounded(x, w, dtype: tl.constexpr):
+    """x * w (float32) rounded to ``dtype`` to nearest even, as float32 (see INTERPRETED)."""
+    p = x * w
+    if INTERPRETED and dtype == tl.bfloat16:  # NaN and infinities keep their bits; a carry past the top is inf
+        b = p.to(tl.int32, bitcast=True)
+        p = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return p.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _row_weight(w_ptr, rows, M):
+    """w[rows] (SOURCE 1 and 2's per-row router weights), shaped like rows; 0 past the last row."""
+    return tl.load(w_ptr + rows, mask=rows < M, other=0.0)
+
+
+@triton.jit
+def _swiglu_inputs(x_ptr, b_ptr, w_ptr, rows, cols, M, I, stride_x, stride_b, HAS_WEIGHT: tl.constexpr):
+    """(g, u, da as stored, the gradient reaching a) in float32 at gate columns ``cols`` (< I) of rows ``rows``
+    (broadcastable): x holds [gate | up] (up at column I), b the gradient da [M, I]; with HAS_WEIGHT the gradient
+    reaching a is w[row] * da rounded to x's dtype (a was weighted in the forward: SOURCE 1)."""
     mask = (rows < M) & (cols < I)
     r64 = rows.to(tl.int64)
     g = tl.load(x_ptr + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + r64 * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
     da = tl.load(b_ptr + r64 * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        return g, u, da, _times_rounded(da, _row_weight(w_ptr, rows, M), x_ptr.dtype.element_ty)
+    return g, u, da, da
+
+
+@triton.jit
+def _swiglu_grads(x_ptr, b_ptr, w_ptr, rows, cols, M, I, stride_x, stride_b, HAS_WEIGHT: tl.constexpr,
+                  FAST_SIGMOID: tl.constexpr):  # fmt: skip
+    """(dg, du) of SwiGLU's backward at gate columns ``cols`` (< I) of rows ``rows`` (broadcastable), each rounded
+    to x's dtype as kernels.swiglu's backward kernel stores it (its formulas: swiglu_grads); the inputs as
+    _swiglu_inputs reads them."""
+    g, u, _, da = _swiglu_inputs(x_ptr, b_ptr, w_ptr, rows, cols, M, I, stride_x, stride_b, HAS_WEIGHT)
     dg, du = swiglu_grads(g, u, da, FAST_SIGMOID)
     return dg.to(x_ptr.dtype.element_ty).to(tl.float32), du.to(x_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _swiglu_grads_dot(x_ptr, b_ptr, w_ptr, rows, cols, M, I, stride_x, stride_b, HAS_WEIGHT: tl.constexpr,
+                      FAST_SIGMOID: tl.constexpr):  # fmt: skip
+    """_swiglu_grads and, elementwise, da * a (a = silu(g) * u rounded to x's dtype, as SOURCE 1 makes it before
+    weighting): the terms of the router weight's gradient <da, a>."""
+    g, u, da_raw, da = _swiglu_inputs(x_ptr, b_ptr, w_ptr, rows, cols, M, I, stride_x, stride_b, HAS_WEIGHT)
+    dg, du = swiglu_grads(g, u, da, FAST_SIGMOID)
+    a = swiglu_value(g, u, FAST_SIGMOID).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return dg.to(x_ptr.dtype.element_ty).to(tl.float32), du.to(x_ptr.dtype.element_ty).to(tl.float32), da_raw * a
 
 
 @triton.jit
@@ -448,11 +500,13 @@ def _produce(
         g = tl.load(x_ptr + r64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + r64 * stride_x + up_offset + cols, mask=mask, other=0.0).to(tl.float32)
         v = swiglu_value(g, u, FAST_SIGMOID).to(x_ptr.dtype.element_ty).to(tl.float32)  # as kernels.swiglu stores a
+        if HAS_WEIGHT:  # as a * w would be stored
+            v = _times_rounded(v, _row_weight(w_ptr, rows, M), x_ptr.dtype.element_ty)
         raw = v
     elif SOURCE == 2:
         is_up = cols >= up_offset
-        dg, du = _swiglu_grads(x_ptr, b_ptr, rows, tl.where(is_up, cols - up_offset, cols), M, up_offset, stride_x,
-                               stride_b, FAST_SIGMOID)  # fmt: skip
+        dg, du = _swiglu_grads(x_ptr, b_ptr, w_ptr, rows, tl.where(is_up, cols - up_offset, cols), M, up_offset,
+                               stride_x, stride_b, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
         v = tl.where(is_up, du, dg)
         raw = v
     else:
@@ -511,6 +565,7 @@ def rows_quant_kernel(
     SOURCE: tl.constexpr, TOPK: tl.constexpr, HAS_WEIGHT: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, TILES: tl.constexpr, ROUND_SCALE: tl.constexpr, GRID_ROUND: tl.constexpr,
     ROW_ORDER: tl.constexpr = True, PAIRED: tl.constexpr = False, FAST_SIGMOID: tl.constexpr = False,
+    TILE_DOT: tl.constexpr = False,
 ):  # fmt: skip
     # One program = BLOCK_M rows x TILES 128-wide column tiles (which: _row_block_and_column_block): y [M, KP]
     # e4m3 and s [M, KP/128] (1x128 tiles along the columns), the block produced and quantized whole,
@@ -546,9 +601,15 @@ def rows_quant_kernel(
     elif PAIRED:  # SwiGLU's backward: the gate tiles ``tiles`` give dg there and du up_offset columns on
         tiles = pid_t * TILES + tl.arange(0, TILES)
         offs_k = tiles[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]  # [1, TILES, 128]
-        dg, du = _swiglu_grads(x_ptr, b_ptr, offs_m[:, None, None], offs_k, M, up_offset, stride_x, stride_b,
-                               FAST_SIGMOID)
         in_t = tiles < up_offset // 128
+        if TILE_DOT:  # the router weight's gradient, a part a gate tile: dot_out [M, up_offset / 128]
+            dg, du, prod = _swiglu_grads_dot(x_ptr, b_ptr, w_ptr, offs_m[:, None, None], offs_k, M, up_offset,
+                                             stride_x, stride_b, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
+            tl.store(dot_out_ptr + offs_m[:, None].to(tl.int64) * stride_dot + tiles[None, :], tl.sum(prod, 2),
+                     mask=in_m[:, None] & in_t[None, :])  # fmt: skip
+        else:
+            dg, du = _swiglu_grads(x_ptr, b_ptr, w_ptr, offs_m[:, None, None], offs_k, M, up_offset, stride_x,
+                                   stride_b, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
         _rows_tiles_out(dg, offs_m, in_m, tiles, in_t, y_ptr, s_ptr, stride_ym, stride_sm, stride_sk, amax_floor,
                         fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
         _rows_tiles_out(du, offs_m, in_m, tiles + up_offset // 128, in_t, y_ptr, s_ptr, stride_ym, stride_sm,
@@ -595,14 +656,14 @@ def cols_quant_kernel(
         if PACK4:
             offs_w = pid_m * 32 + tl.arange(0, 32)  # word i of the tile: rows 4i..4i+3
             if PAIRED:
-                g0, u0 = _swiglu_grads(x_ptr, b_ptr, (offs_w * 4)[:, None], offs_k[None, :], M, up_offset, stride_x,
-                                       stride_b, FAST_SIGMOID)  # fmt: skip
-                g1, u1 = _swiglu_grads(x_ptr, b_ptr, (offs_w * 4 + 1)[:, None], offs_k[None, :], M, up_offset,
-                                       stride_x, stride_b, FAST_SIGMOID)  # fmt: skip
-                g2, u2 = _swiglu_grads(x_ptr, b_ptr, (offs_w * 4 + 2)[:, None], offs_k[None, :], M, up_offset,
-                                       stride_x, stride_b, FAST_SIGMOID)  # fmt: skip
-                g3, u3 = _swiglu_grads(x_ptr, b_ptr, (offs_w * 4 + 3)[:, None], offs_k[None, :], M, up_offset,
-                                       stride_x, stride_b, FAST_SIGMOID)  # fmt: skip
+                g0, u0 = _swiglu_grads(x_ptr, b_ptr, w_ptr, (offs_w * 4)[:, None], offs_k[None, :], M, up_offset,
+                                       stride_x, stride_b, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
+                g1, u1 = _swiglu_grads(x_ptr, b_ptr, w_ptr, (offs_w * 4 + 1)[:, None], offs_k[None, :], M, up_offset,
+                                       stride_x, stride_b, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
+                g2, u2 = _swiglu_grads(x_ptr, b_ptr, w_ptr, (offs_w * 4 + 2)[:, None], offs_k[None, :], M, up_offset,
+                                       stride_x, stride_b, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
+                g3, u3 = _swiglu_grads(x_ptr, b_ptr, w_ptr, (offs_w * 4 + 3)[:, None], offs_k[None, :], M, up_offset,
+                                       stride_x, stride_b, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
                 _cols_words_out(g0, g1, g2, g3, offs_w, offs_k, ok, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk,
                                 stride_stm, amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
                 _cols_words_out(u0, u1, u2, u3, offs_w, offs_k + up_offset, ok, pid_m, yt_ptr, st_ptr, stride_ytk,
@@ -616,8 +677,8 @@ def cols_quant_kernel(
         else:
             offs_m = pid_m * 128 + tl.arange(0, 128)
             if PAIRED:
-                dg, du = _swiglu_grads(x_ptr, b_ptr, offs_m[:, None], offs_k[None, :], M, up_offset, stride_x,
-                                       stride_b, FAST_SIGMOID)  # fmt: skip
+                dg, du = _swiglu_grads(x_ptr, b_ptr, w_ptr, offs_m[:, None], offs_k[None, :], M, up_offset,
+                                       stride_x, stride_b, HAS_WEIGHT, FAST_SIGMOID)  # fmt: skip
                 _cols_bytes_out(dg, offs_m, offs_k, ok, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk, stride_stm,
                                 amax_floor, fp8_max, ROUND_SCALE, GRID_ROUND)  # fmt: skip
                 _cols_bytes_out(du, offs_m, offs_k + up_offset, ok, pid_m, yt_ptr, st_ptr, stride_ytk, stride_stk,

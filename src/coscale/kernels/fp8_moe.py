@@ -4,21 +4,27 @@ kernel that produces its input.
 Shape legend: T tokens, K experts per token, E experts, H hidden, I expert intermediate (Hp, Ip rounded
 up to 128), M permuted rows (the static worst case of coscale.kernels.permute, 128-aligned groups).
 
+The router weight multiplies each row's SwiGLU output, before the down projection (w_r a_r W^T = w_r (a_r W^T)):
+the combine is then a plain sum, and the router weight's gradient <d out[t], y_r> = <dA_r, a_r> comes out of
+SwiGLU's backward, which reads dA_r and recomputes a_r anyway, instead of from the combine's backward reading the
+experts' output y [M, H] (kept from the forward for it: 0.9 GB at DeepSeek-V3's layer with 8,192 tokens).
+
 Forward (x [T, H] -> out [T, H]):
   1. gather_quant      x's rows in expert order, quantized as they are gathered: x_perm in 1x128 tiles
                        [M, Hp] (and its transpose in 128x1 tiles [H, Mp] for the weight gradients)
   2. weight_quant      [w_gate; w_up] into one stacked FP8 buffer (+ its transpose), w_down (+ its
                        transpose); or the module's FP8WeightCache
   3. fp8_grouped_mm    gate_up [M, 2Ip] = x_perm [w_gate; w_up]_e^T
-  4. swiglu_quant      a = silu(gate) * up, quantized as computed ([M, Ip] and [Ip, Mp])
-  5. fp8_grouped_mm    y [M, Hp] = a w_down_e^T
-  6. sum_rows          out[t] = sum_k topk_weight[t, k] y[row(t, k)]
+  4. swiglu_quant      a_w = w_r * silu(gate) * up, quantized as computed ([M, Ip] and [Ip, Mp])
+  5. fp8_grouped_mm    y [M, Hp] = a_w w_down_e^T
+  6. sum_rows          out[t] = sum_k y[row(t, k)]
 Backward (d out [T, H]):
-  1. gather_quant      dY = topk_weight * d out[token], quantized as gathered ([M, Hp], [H, Mp]); in the
-                       same pass d topk_weight = <y[row], d out[token]>
+  1. gather_quant      dY = d out[token], quantized ([M, Hp]: each token once, its FP8 row copied; [H, Mp] as
+                       gathered)
   2. fp8_grouped_mm    dA [M, Ip] = dY w_down_e      (w_down^T's FP8 copy from the forward)
-  3. fp8_grouped_wgrad dW_down = dY^T a
-  4. swiglu_backward_quant  [dG | dU] quantized as computed ([M, 2Ip], [2Ip, Mp])
+  3. fp8_grouped_wgrad dW_down = dY^T a_w
+  4. swiglu_backward_quant  [dG | dU] for a's gradient w_r dA, quantized as computed ([M, 2Ip], [2Ip, Mp]); in
+                       the same pass d w_r = <dA_r, a_r>
   5. fp8_grouped_mm    dX_perm [M, Hp] = [dG | dU] [w_gate; w_up]_e
   6. fp8_grouped_wgrad dW_gate, dW_up = [dG | dU]^T x_perm
   7. sum_rows          dx[t] = sum_k dX_perm[row(t, k)]
@@ -48,7 +54,7 @@ from coscale.kernels.fused_quant import (
     swiglu_backward_quant_op,
     swiglu_quant_op,
 )
-from coscale.kernels.permute import PermuteInfo, identity_permute_info, sum_rows_op
+from coscale.kernels.permute import PermuteInfo, identity_permute_info, pair_values, row_weights, sum_rows_op
 
 __all__ = ["DENSE_GEMMS_FOR_ONE_EXPERT", "QUANTIZE_TOKENS_ONCE", "fp8_routed_experts", "fp8_swiglu_mlp"]
 
@@ -91,17 +97,19 @@ def _wgrad_dtype(w: torch.Tensor) -> torch.dtype:
 
 
 class _FP8RoutedExperts(torch.autograd.Function):
-    """See the module docstring; inputs after ``ctx``: x, topk_weight, row_pair, pair_row, offsets,
-    tile_expert, deterministic, backend, weight_cache, one_pass, dense, w_gate, w_up, w_down. ``dense``: one expert
-    owns every row (fp8_swiglu_mlp's layout): its GEMMs take fp8_gemm (DENSE_GEMMS_FOR_ONE_EXPERT)."""
+    """See the module docstring; inputs after ``ctx``: x, topk_weight (None: every row weighs 1), row_pair,
+    pair_row, offsets, tile_expert, deterministic, backend, weight_cache, one_pass, dense, w_gate, w_up, w_down.
+    ``dense``: one expert owns every row (fp8_swiglu_mlp's layout): its GEMMs take fp8_gemm
+    (DENSE_GEMMS_FOR_ONE_EXPERT)."""
 
     @staticmethod
     @autocast_off
     def forward(ctx, x, topk_weight, row_pair, pair_row, offsets, tile_expert, deterministic, backend,
                 weight_cache, one_pass, dense, w_gate, w_up, w_down):  # fmt: skip
         need_dx = ctx.needs_input_grad[0]
+        need_dtw = ctx.needs_input_grad[1]
         need_dgu = ctx.needs_input_grad[11] or ctx.needs_input_grad[12]
-        need_da = need_dx or need_dgu  # the gradient reaches a = silu(gate) * up
+        need_da = need_dx or need_dgu or need_dtw  # the gradient reaches a = silu(gate) * up
         h, i = x.shape[1], w_gate.shape[-2]  # [E, I, H], or [I, H] for one expert (fp8_swiglu_mlp)
         topk = pair_row.shape[1]
         if QUANTIZE_TOKENS_ONCE:
@@ -113,15 +121,15 @@ class _FP8RoutedExperts(torch.autograd.Function):
                                                  False, backend)  # fmt: skip
         wgu, sgu, wgu_t, sgu_t = quantize_weights((w_gate, w_up), need_dx, backend, weight_cache)
         gate_up = _expert_mm(xq, xs, wgu, sgu, offsets, x.dtype, backend, tile_expert, dense)
-        aq, as_, at, ats = swiglu_quant_op(gate_up, True, ctx.needs_input_grad[13], False, one_pass, False, backend)
+        row_weight = None if topk_weight is None else row_weights(topk_weight, row_pair)
+        aq, as_, at, ats = swiglu_quant_op(gate_up, True, ctx.needs_input_grad[13], False, one_pass, False, backend,
+                                           row_weight)  # fmt: skip
         wd, sd, wd_t, sd_t = quantize_weights((w_down,), need_da, backend, weight_cache)
         y = _expert_mm(aq, as_, wd, sd, offsets, x.dtype, backend, tile_expert, dense)
         y = y[:, :h] if y.shape[1] != h else y
-        out = sum_rows_op(y, pair_row, row_pair, topk_weight, x.dtype, deterministic, backend)
-        # y [M, H] is kept only for d topk_weight (not for the shared experts' constant weights: fp8_swiglu_mlp)
-        y_kept = y if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(xt, xts, gate_up if need_da else None, at, ats, y_kept, wgu_t, sgu_t, wd_t, sd_t,
-                              row_pair, pair_row, offsets, tile_expert, topk_weight)  # fmt: skip
+        out = sum_rows_op(y, pair_row, row_pair, None, x.dtype, deterministic, backend)
+        ctx.save_for_backward(xt, xts, gate_up if need_da else None, at, ats, row_weight, wgu_t, sgu_t, wd_t, sd_t,
+                              row_pair, pair_row, offsets, tile_expert)  # fmt: skip
         ctx.config = (deterministic, backend, one_pass, h, i, [_wgrad_dtype(w) for w in (w_gate, w_up, w_down)],
                       [w.shape for w in (w_gate, w_up, w_down)], dense)
         return out
@@ -129,27 +137,35 @@ class _FP8RoutedExperts(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def backward(ctx, dout):
-        (xt, xts, gate_up, at, ats, y, wgu_t, sgu_t, wd_t, sd_t, row_pair, pair_row, offsets, tile_expert,
-         topk_weight) = ctx.saved_tensors  # fmt: skip
+        (xt, xts, gate_up, at, ats, row_weight, wgu_t, sgu_t, wd_t, sd_t, row_pair, pair_row, offsets,
+         tile_expert) = ctx.saved_tensors  # fmt: skip
         deterministic, backend, one_pass, h, i, w_dtypes, w_shapes, dense = ctx.config
         need_dx, need_dtw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_dgate, need_dup, need_ddown = ctx.needs_input_grad[11:]
         need_dgu = need_dgate or need_dup
+        need_da = need_dx or need_dgu or need_dtw
         ip = ceil_to(i)
         dout = dout.contiguous()
         topk = pair_row.shape[1]
-        dyq, dys, dyt, dyts, dtw = gather_quant_op(
-            dout, row_pair, topk, topk_weight, y if need_dtw else None, True, need_ddown, False, one_pass, False,
-            backend,
-        )  # fmt: skip
-        dx = dw_gate = dw_up = dw_down = None
+        # dY = d out[token] (unweighted: the router weight was applied to a): the 1x128 layout for dA, the
+        # transposed one for dW_down, as the forward lays out x
+        if QUANTIZE_TOKENS_ONCE and need_da:
+            dyq, dys = gather_quantized_rows(dout, row_pair, topk, False, backend)
+            _, _, dyt, dyts, _ = gather_quant_op(dout, row_pair, topk, None, None, False, need_ddown, False, False,
+                                                 False, backend)  # fmt: skip
+        else:
+            dyq, dys, dyt, dyts, _ = gather_quant_op(dout, row_pair, topk, None, None, need_da, need_ddown, False,
+                                                     one_pass, False, backend)  # fmt: skip
+        dx = dtw = dw_gate = dw_up = dw_down = None
         if need_ddown:
             dw_down = _expert_wgrad(dyt, dyts, at, ats, offsets, backend, w_dtypes[2], tile_expert, dense)
             dw_down = dw_down[:, :, :i] if ip != i else dw_down
-        if need_dx or need_dgu:
+        if need_da:
             da = _expert_mm(dyq, dys, wd_t, sd_t, offsets, dout.dtype, backend, tile_expert, dense)
-            dgq, dgs, dgt, dgts = swiglu_backward_quant_op(gate_up, da, need_dx, need_dgu, False, one_pass, False,
-                                                           backend)  # fmt: skip
+            dgq, dgs, dgt, dgts, dots = swiglu_backward_quant_op(gate_up, da, need_dx, need_dgu, False, one_pass,
+                                                                 False, backend, row_weight, need_dtw)  # fmt: skip
+            if need_dtw:
+                dtw = pair_values(dots, row_pair, pair_row.numel())
             if need_dgate:
                 dw_gate = _expert_wgrad(dgt[:i], dgts[:i], xt, xts, offsets, backend, w_dtypes[0], tile_expert, dense)
             if need_dup:
@@ -159,7 +175,7 @@ class _FP8RoutedExperts(torch.autograd.Function):
                 dx_perm = _expert_mm(dgq, dgs, wgu_t, sgu_t, offsets, dout.dtype, backend, tile_expert, dense)
                 dx_perm = dx_perm[:, :h] if dx_perm.shape[1] != h else dx_perm
                 dx = sum_rows_op(dx_perm, pair_row, row_pair, None, dout.dtype, deterministic, backend)
-        dtw = dtw.view(topk_weight.shape).to(topk_weight.dtype) if need_dtw else None
+        dtw = dtw.view(pair_row.shape) if need_dtw else None
         # [1, N, K] from the grouped weight gradient for a 2-D weight (a copy only when I % 128 != 0 cut dW_down)
         dw_gate, dw_up, dw_down = (None if g is None else g.reshape(shape)
                                    for g, shape in zip((dw_gate, dw_up, dw_down), w_shapes))
@@ -188,11 +204,13 @@ def fp8_routed_experts(
 
 
 def _apply(x, topk_weight, info, w_gate, w_up, w_down, backend, deterministic, weight_cache, one_pass, dense):
+    """``topk_weight`` None: every row weighs 1 (nothing multiplies a)."""
     offsets = info.group_end_offsets.to(device=x.device, dtype=torch.int32)
     tile_expert = expert_tile_map(offsets, info.num_rows)
     return _FP8RoutedExperts.apply(
-        x, topk_weight.float(), info.row_pair, info.pair_row, offsets, tile_expert, deterministic, backend,
-        weight_cache, quant_ops.DUAL_ONE_PASS if one_pass is None else one_pass, dense, w_gate, w_up, w_down,
+        x, None if topk_weight is None else topk_weight.float(), info.row_pair, info.pair_row, offsets, tile_expert,
+        deterministic, backend, weight_cache, quant_ops.DUAL_ONE_PASS if one_pass is None else one_pass, dense,
+        w_gate, w_up, w_down,
     )  # fmt: skip
 
 
@@ -225,8 +243,7 @@ def fp8_swiglu_mlp(
                            f"{tuple(w_down.shape)}")
     if x.shape[0] == 0:
         return x * 0
-    weight = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
     # the one group's rows only (a multiple of 128, which cuBLAS's block-scaled GEMM needs), not the worst case
     info = identity_permute_info(x.shape[0], x.device, align=128, tight=True)
-    return _apply(x, weight, info, w_gate, w_up, w_down, backend, True, weight_cache, one_pass,
+    return _apply(x, None, info, w_gate, w_up, w_down, backend, True, weight_cache, one_pass,
                   DENSE_GEMMS_FOR_ONE_EXPERT)

@@ -7,9 +7,11 @@ layout (``cols``, the weight gradient's operand, "produced where the gradient is
 same bits as coscale.kernels.quant applied to the unfused producer's stored output on the same backend
 (the kernels round each value to the producer's dtype before quantizing, as the producer stores it):
 
-- ``swiglu_quant(gate_up [M, 2I])``: a = silu(gate) * up, quantized (the down projection's input).
-- ``swiglu_backward_quant(gate_up, da [M, I])``: [dg | du] [M, 2I], quantized (the gate/up
-  projection's output gradient).
+- ``swiglu_quant(gate_up [M, 2I], weight)``: a = silu(gate) * up, quantized (the down projection's input);
+  with ``weight`` [M] each row times its router weight (applied before the down projection).
+- ``swiglu_backward_quant(gate_up, da [M, I], weight, dot)``: [dg | du] [M, 2I], quantized (the gate/up
+  projection's output gradient), for the gradient weight[r] * da of a (with ``weight``); with ``dot`` also
+  <da[r], a[r]> per row (the router weight's gradient).
 - ``gather_quant(src [T, H], row_pair [M], ...)``: the permuted rows src[row_pair // K] (zeros on
   padding rows), optionally scaled by the router weight of each pair, quantized; with ``dot`` also
   <dot[r], src[token(r)]> per pair (the router weight's gradient, from the combine's backward).
@@ -28,14 +30,16 @@ from __future__ import annotations
 import torch
 
 from coscale.errors import CoscaleError
+from coscale.kernels import quant_ops
 from coscale.kernels.fp8_recipe import FP8_DTYPE
 from coscale.kernels.library import operator, runs_triton
 from coscale.kernels.permute import gather_rows_ref
 from coscale.kernels.quant_ops import act_quant_op, act_quant_reference, launch_producer, quant_outputs
-from coscale.kernels.swiglu import swiglu_backward_torch, swiglu_forward_torch
+from coscale.kernels.swiglu import swiglu_backward_torch, swiglu_forward_torch, swiglu_op
 
 __all__ = [
-    "gather_quant_op", "gather_quant_rows", "gather_quantized_rows", "swiglu_backward_quant_op", "swiglu_quant_op",
+    "gather_quant_op", "gather_quant_rows", "gather_quantized_rows", "swiglu_backward_quant_op", "swiglu_dots",
+    "swiglu_quant_op",
 ]
 
 SWIGLU, SWIGLU_BACKWARD, GATHER = 1, 2, 3  # the SOURCE codes of coscale.kernels._quant_triton
@@ -61,39 +65,79 @@ def _halves(gate_up: torch.Tensor) -> int:
     return gate_up.shape[1] // 2
 
 
+def _weighted(a: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """a [M, I] times each row's weight [M], rounded to a's dtype (as the kernels round it); a without weights."""
+    return a if weight is None else (a.float() * weight.float()[:, None]).to(a.dtype)
+
+
+def _check_row_weight(weight: torch.Tensor | None, m: int) -> None:
+    if weight is not None and tuple(weight.shape) != (m,):
+        raise CoscaleError(f"weight must be one per row, [{m}], got {tuple(weight.shape)}")
+
+
 @operator("swiglu_quant")
 def swiglu_quant_op(
-    gate_up: torch.Tensor, rows: bool, cols: bool, pad_t: bool, one_pass: bool, round_scale: bool, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """silu(gate) * up of gate_up [M, 2I] (gate first), quantized: (y [M, Ip], s, yt [I or Ip, Mp], st)
-    as coscale.kernels.quant_ops.act_quant_op lays them out."""
+    gate_up: torch.Tensor, rows: bool, cols: bool, pad_t: bool, one_pass: bool, round_scale: bool, backend: str,
+    weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """silu(gate) * up of gate_up [M, 2I] (gate first), times ``weight`` [M] per row where given (a rounded to
+    gate_up's dtype, then the product), quantized: (y [M, Ip], s, yt [I or Ip, Mp], st) as
+    coscale.kernels.quant_ops.act_quant_op lays them out."""
     i = _halves(gate_up)
     m = gate_up.shape[0]
+    _check_row_weight(weight, m)
     if not runs_triton(backend, gate_up, "swiglu_quant"):
-        a = swiglu_forward_torch(gate_up[:, :i], gate_up[:, i:])
+        a = _weighted(swiglu_forward_torch(gate_up[:, :i], gate_up[:, i:]), weight)
         return act_quant_reference(a, round_scale, rows, cols, pad_t)
     outs = quant_outputs(m, i, gate_up.device, rows, cols, pad_t)
-    _launch(outs, gate_up, round_scale, rows, cols, one_pass, m=m, k=i, source=SWIGLU, up_offset=i)
+    w = None if weight is None else weight.float().contiguous()
+    _launch(outs, gate_up, round_scale, rows, cols, one_pass, m=m, k=i, source=SWIGLU, up_offset=i, w=w)
     return outs
+
+
+def swiglu_dots(gate_up: torch.Tensor, da: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """<da[r], a[r]> [M] float32 with a = silu(gate) * up as SwiGLU on ``backend`` stores it (unweighted, as the
+    forward makes it before the router weight): the router weight's gradient when it multiplies a. The
+    reference of the dots swiglu_backward_quant_op computes in its kernel, and their path where it cannot."""
+    return (da.float() * swiglu_op(gate_up, backend).float()).sum(1)
 
 
 @operator("swiglu_backward_quant")
 def swiglu_backward_quant_op(
     gate_up: torch.Tensor, da: torch.Tensor, rows: bool, cols: bool, pad_t: bool, one_pass: bool, round_scale: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """[dg | du] [M, 2I] of a = silu(gate) * up for the gradient da [M, I], quantized (as act_quant_op)."""
+    backend: str, weight: torch.Tensor | None = None, dot: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """[dg | du] [M, 2I] of a = silu(gate) * up for the gradient da [M, I] of a (of weight[r] * a[r] with
+    ``weight`` [M]: a's gradient is then weight[r] * da rounded to gate_up's dtype), quantized (as act_quant_op),
+    and with ``dot`` the router weight's gradient <da[r], a[r]> [M] float32 ([0] without ``dot``)."""
     i = _halves(gate_up)
     m = gate_up.shape[0]
     if tuple(da.shape) != (m, i):
         raise CoscaleError(f"da must be [{m}, {i}], got {tuple(da.shape)}")
+    _check_row_weight(weight, m)
     if not runs_triton(backend, gate_up, "swiglu_backward_quant"):
-        grad = swiglu_backward_torch(gate_up[:, :i], gate_up[:, i:], da)
-        return act_quant_reference(grad, round_scale, rows, cols, pad_t)
+        da_a = da if weight is None else (da.float() * weight.float()[:, None]).to(gate_up.dtype)  # a's gradient
+        grad = swiglu_backward_torch(gate_up[:, :i], gate_up[:, i:], da_a)
+        dots = swiglu_dots(gate_up, da) if dot else gate_up.new_zeros(0, dtype=torch.float32)
+        return (*act_quant_reference(grad, round_scale, rows, cols, pad_t), dots)
     outs = quant_outputs(m, 2 * i, gate_up.device, rows, cols, pad_t)
-    _launch(outs, gate_up, round_scale, rows, cols, one_pass, m=m, k=2 * i, source=SWIGLU_BACKWARD,
-            b=da.contiguous(), up_offset=i)  # fmt: skip
-    return outs
+    da = da.contiguous()
+    w = None if weight is None else weight.float().contiguous()
+    # the dots from the rows launch of the paired kernel (a gate tile's part each); elsewhere from PyTorch
+    in_kernel = dot and m > 0 and i % 128 == 0 and quant_ops.SWIGLU_BACKWARD_PAIRED
+    tile_dots = torch.zeros(m if in_kernel else 0, i // 128, dtype=torch.float32, device=gate_up.device)
+    if in_kernel:
+        launch_producer("rows", outs if rows else quant_outputs(m, 2 * i, gate_up.device, True, False, pad_t),
+                        gate_up, round_scale, m=m, k=2 * i, source=SWIGLU_BACKWARD, b=da, up_offset=i, w=w,
+                        tile_dot_out=tile_dots)  # fmt: skip
+        _launch(outs, gate_up, round_scale, False, cols, one_pass, m=m, k=2 * i, source=SWIGLU_BACKWARD, b=da,
+                up_offset=i, w=w)  # fmt: skip
+        dots = tile_dots.sum(1)
+    else:
+        _launch(outs, gate_up, round_scale, rows, cols, one_pass, m=m, k=2 * i, source=SWIGLU_BACKWARD, b=da,
+                up_offset=i, w=w)  # fmt: skip
+        dots = swiglu_dots(gate_up, da, backend) if dot else gate_up.new_zeros(0, dtype=torch.float32)
+    return (*outs, dots)
 
 
 @operator("gather_quant")

@@ -37,7 +37,7 @@ from coscale.kernels.fp8_grouped_linear import fp8_grouped_gate_up, fp8_grouped_
 from coscale.kernels.fp8_moe import fp8_routed_experts
 from coscale.kernels.fp8_weight_cache import FP8WeightCache
 from coscale.kernels.grouped_gemm import grouped_mm
-from coscale.kernels.permute import build_permute_info, permute_tokens, unpermute_combine
+from coscale.kernels.permute import build_permute_info, permute_tokens, row_weights, unpermute_combine
 from coscale.kernels.swiglu import swiglu, swiglu_pair
 
 PRECISIONS = ("bf16", "fp8")
@@ -135,7 +135,10 @@ def grouped_experts_forward(
             x_perm, w_gate, w_up, offs, backend=fp8_backend, weight_cache=weight_cache
         )  # [M_pad, 2I]
         a = swiglu(gate_up, backend=swiglu_backend)  # [M_pad, I]
+        # the router weight before the down projection, as the fused path applies it (coscale.kernels.fp8_moe)
+        a = (a.float() * row_weights(topk_weight, info.row_pair)[:, None]).to(a.dtype)
         y = fp8_grouped_linear(a, w_down, offs, backend=fp8_backend, aligned=True, weight_cache=weight_cache)
+        combine_weight = torch.ones_like(topk_weight, dtype=torch.float32)
     else:
 
         def linear(inp, w, offsets):
@@ -145,7 +148,6 @@ def grouped_experts_forward(
         u = linear(x_perm, w_up, offs)  # [M_pad, I]
         a = swiglu_pair(g, u, backend=swiglu_backend)  # [M_pad, I]
         y = linear(a, w_down, offs)  # [M_pad, H]
-    out = unpermute_combine(
-        y, info, topk_weight.float(), backend=data_backend, deterministic=deterministic
-    )
+        combine_weight = topk_weight.float()
+    out = unpermute_combine(y, info, combine_weight, backend=data_backend, deterministic=deterministic)
     return out.to(x.dtype)

@@ -283,6 +283,19 @@ def gather_rows_ref(src, row_pair, topk, weight=None, dot=None, out_dtype=None):
     return dst, dot_out
 
 
+def row_weights(topk_weight: torch.Tensor, row_pair: torch.Tensor) -> torch.Tensor:
+    """Each permuted row's router weight [M_pad] float32: topk_weight[p // K, p % K] for p = row_pair[r], 0 on
+    padding rows (differentiable in topk_weight; the FP8 experts weight their SwiGLU output with it)."""
+    return torch.where(row_pair >= 0, topk_weight.reshape(-1).float()[row_pair.clamp(min=0)], 0.0)
+
+
+def pair_values(row_values: torch.Tensor, row_pair: torch.Tensor, pairs: int) -> torch.Tensor:
+    """The values of the permuted rows [M_pad] at their pairs [pairs] (padding rows dropped): row_weights'
+    inverse for a gradient. A scatter into a spare slot: no host synchronisation."""
+    slot = torch.where(row_pair >= 0, row_pair, pairs).long()
+    return torch.zeros(pairs + 1, dtype=row_values.dtype, device=row_values.device).scatter(0, slot, row_values)[:pairs]
+
+
 def sum_rows_ref(src, pair_row, row_pair, weight=None, out_dtype=None, deterministic=True):
     """The reference of ``sum_rows``: out[t] = sum_k weight[t, k] * src[pair_row[t, k]] in float32."""
     T, K = pair_row.shape

@@ -208,7 +208,7 @@ def tuned_producers(interpret: bool) -> dict:
 
     key = ["K", "M_BUCKET", "SOURCE"]
     return {  # rows: DOT launches walk whole rows, so they tune apart from the plain ones
-        "rows": autotuned(kq.rows_quant_kernel, PRODUCER_ROWS_CONFIGS, key + ["DOT", "PAIRED"]),
+        "rows": autotuned(kq.rows_quant_kernel, PRODUCER_ROWS_CONFIGS, key + ["DOT", "PAIRED", "TILE_DOT"]),
         "cols": autotuned(kq.cols_quant_kernel, PRODUCER_COLS_CONFIGS, key + ["PAIRED"]),
         "dual": autotuned(kq.dual_quant_kernel, DUAL_CONFIGS, key),
     }
@@ -224,11 +224,12 @@ def picked_config(kind: str) -> str:
 
 
 def launch_producer(form, outs, x, round_scale, *, m, k, source=0, b=None, idx=None, w=None, dot=None,
-                    dot_out=None, topk=1, up_offset=0, config=None):  # fmt: skip
+                    dot_out=None, tile_dot_out=None, topk=1, up_offset=0, config=None):  # fmt: skip
     """Quantize the [m, k] matrix that ``source`` (the SOURCE table of coscale.kernels._quant_triton)
     produces from x (and b, idx, w) into ``outs`` = (y, s, yt, st) (coscale.kernels.quant_ops
-    .quant_outputs): ``form`` "rows" (y, s; with ``dot`` also dot_out), "cols" (yt, st) or "dual" (all
-    four in one launch). ``config``: see coscale.kernels.autotune.launch_config."""
+    .quant_outputs): ``form`` "rows" (y, s; with ``dot`` also dot_out; SwiGLU's backward paired with
+    ``tile_dot_out`` [m, up_offset / 128] also the router weight's gradient a gate tile at a time), "cols" (yt, st)
+    or "dual" (all four in one launch). ``config``: see coscale.kernels.autotune.launch_config."""
     y, s, yt, st = outs
     kernel, cfg = launch_config(tuned_producers(interpreting())[form], config)
     has_weight = w is not None
@@ -241,12 +242,18 @@ def launch_producer(form, outs, x, round_scale, *, m, k, source=0, b=None, idx=N
     order = {} if form == "dual" else {"ROW_ORDER": PRODUCER_ROW_ORDER, "PAIRED": paired}
     bucket = rows_bucket(m)
     if form == "rows":
+        if tile_dot_out is not None and not paired:
+            raise CoscaleError("tile_dot_out is SwiGLU's backward's, paired (gate width a multiple of 128)")
         d, d_out = (dot, dot_out) if dot is not None else (x, x)
+        # (the tile dots' row stride goes where the gather's dot rows' would: a launch has one or the other)
+        d_stride = d.stride(0)
+        if tile_dot_out is not None:
+            d_out, d_stride = tile_dot_out, tile_dot_out.stride(0)
         tiles = (up_offset if paired else y.shape[1]) // BLOCK  # paired: the gate half's tiles
         launcher(kernel)[lambda meta: (-(-m // meta["BLOCK_M"]), 1 if dot is not None else -(-tiles // meta["TILES"]))](
             x, b, idx, w, d, d_out, y, s, m, k, y.shape[1], bucket, x.stride(0), b.stride(0), up_offset,
-            d.stride(0), y.stride(0), s.stride(0), s.stride(1), AMAX_FLOOR, FP8_MAX, DOT=dot is not None,
-            **common, **order,
+            d_stride, y.stride(0), s.stride(0), s.stride(1), AMAX_FLOOR, FP8_MAX, DOT=dot is not None,
+            TILE_DOT=tile_dot_out is not None, **common, **order,
         )  # fmt: skip
     elif form == "cols":
         columns = up_offset if paired else yt.shape[0]  # paired: the gate half's columns
