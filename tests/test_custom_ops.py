@@ -81,6 +81,12 @@ def test_fused_quant_opchecks(backend):
     _check(ops.swiglu_quant, (gate_up, True, True, True, False, False, backend), swiglu_utils)
     da = torch.randn(130, 160).to(torch.bfloat16)
     _check(ops.swiglu_backward_quant, (gate_up, da, True, True, False, True, False, backend), swiglu_utils)
+    # weighted by each row's router weight, the backward with the weight's gradient (paired: 256 gate columns)
+    gate_up2, da2 = torch.randn(130, 512).to(torch.bfloat16), torch.randn(130, 256).to(torch.bfloat16)
+    rw = torch.rand(130)
+    _check(ops.swiglu_quant, (gate_up2, True, True, True, False, False, backend, rw), swiglu_utils)
+    _check(ops.swiglu_backward_quant, (gate_up2, da2, True, True, False, False, False, backend, rw, True),
+           swiglu_utils)
     info, weight = _routing()
     src = torch.randn(19, 136)
     _check(ops.gather_quant, (src, info.row_pair, 2, None, None, True, True, True, False, False, backend))

@@ -108,11 +108,11 @@ def test_weighted_swiglu_quant_equals_quantized_weighted_swiglu(m, i, dtype, row
     gate_up = _gate_up(m, i, dtype, m + i)
     w = _row_weights(m, 1)
     keep = (rows, rows, cols, cols)
-    for backend in ("triton", "torch"):
+    for backend in ("torch", "triton"):
         want = q.act_quant_1x128_dual(_weighted(swiglu_op(gate_up, backend), w), backend=backend, pad_t=True)
         got = swiglu_quant_op(gate_up, rows, cols, True, one_pass, False, backend, w)
         assert_same([t for t, k in zip(got, keep) if k], [t for t, k in zip(want, keep) if k])
-    if rows:  # the zero-weight row quantizes to zeros; the weighted rows are a * w within FP8's error
+    if rows:  # the kernel's rows: the zero-weight row quantizes to zeros, the others are a * w within FP8's error
         y, s = got[:2]
         deq = q.dequant_1x128(y, s)[:, :i].double()
         assert int(deq[0].count_nonzero()) == 0

@@ -65,7 +65,8 @@ def test_fused_equals_unfused_and_tracks_the_loop(backend, kind, T, K, E, H, I, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("frozen", [("x",), ("topk_weight",), ("w_gate", "w_up"), ("w_down",), ("x", "w_down")])
+@pytest.mark.parametrize("frozen", [("x",), ("topk_weight",), ("w_gate", "w_up"), ("w_down",), ("x", "w_down"),
+                                    ("x", "w_gate", "w_up", "w_down")])  # the last: only the router weight
 def test_only_the_gradients_asked_for(backend, frozen):
     x, idx, w, wg, wu, wd, grad_out = _problem("random", 24, 2, 3, 128, 128, 9, torch.float32)
     tensors = dict(zip(NAMES, (x, w, wg, wu, wd)))

@@ -491,27 +491,42 @@ def test_gpu_kernels_bit_exact_on_large_random_inputs(dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("source,inter", [(1, 200), (2, 200), (2, 384)])
-def test_every_swiglu_producer_configuration_writes_the_same_bytes(source, inter):
+def test_every_swiglu_producer_configuration_writes_the_same_bytes(source, inter, weighted):
     # SwiGLU (1) and its backward (2) under every rows configuration (block shapes) write what the first
     # one writes (the interpreter's, checked against the reference elsewhere); ragged columns, and for the
-    # backward a gate width of three 128-column tiles (quant_ops.SWIGLU_BACKWARD_PAIRED: dg and du from one program)
+    # backward a gate width of three 128-column tiles (quant_ops.SWIGLU_BACKWARD_PAIRED: dg and du from one program).
+    # Weighted: each row times its router weight (coscale.kernels.fp8_moe); the paired backward also writes the
+    # weight's gradient a gate tile at a time (TILE_DOT), from programs of 1-8 tiles
     from coscale.kernels import quant_ops as qo
 
     gen = torch.Generator().manual_seed(source)
     m = 45
     gate_up = (torch.randn(m, 2 * inter, generator=gen) * 2).to(torch.bfloat16).to(KERNEL_DEVICE)
     da = torch.randn(m, inter, generator=gen).to(torch.bfloat16).to(KERNEL_DEVICE) if source == 2 else None
+    w = torch.rand(m, generator=gen).to(KERNEL_DEVICE) if weighted else None
+    tile_dots = weighted and source == 2 and inter % 128 == 0
     k = inter if source == 1 else 2 * inter
     results = []
     for cfg in qo.PRODUCER_ROWS_CONFIGS:
         outs = qo.quant_outputs(m, k, gate_up.device, True, False, True)
-        qo.launch_producer("rows", outs, gate_up, False, m=m, k=k, source=source, b=da, up_offset=inter,
-                           config=_config(cfg))
-        results.append((outs[0].view(torch.uint8).cpu(), outs[1].cpu()))
+        dots = torch.full((m, inter // 128), float("nan"), device=KERNEL_DEVICE) if tile_dots else None
+        qo.launch_producer("rows", outs, gate_up, False, m=m, k=k, source=source, b=da, w=w, up_offset=inter,
+                           tile_dot_out=dots, config=_config(cfg))
+        results.append((outs[0].view(torch.uint8).cpu(), outs[1].cpu(), None if dots is None else dots.cpu()))
     assert (results[0][0] != 0).any()
     for got in results[1:]:
         assert torch.equal(got[0], results[0][0]) and torch.equal(got[1], results[0][1])
+    if tile_dots:  # every part written (no NaN left), and the same sums whatever the program's shape
+        from coscale.kernels.fused_quant import swiglu_dots
+
+        parts = [r[2] for r in results]
+        assert not torch.isnan(parts[0]).any()
+        for got in parts[1:]:
+            torch.testing.assert_close(got, parts[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(parts[0].sum(1), swiglu_dots(gate_up.cpu(), da.cpu(), "triton"), rtol=1e-5,
+                                   atol=1e-5)
 
 
 @needs_kernels
@@ -610,12 +625,14 @@ def test_the_gpu_scale_division_is_ieee_for_every_amax(fp8_max):
 
 
 @needs_kernels
-@pytest.mark.parametrize("source,inter", [(1, 200), (2, 200), (2, 256), (3, 200)])
-def test_every_dual_producer_configuration_writes_what_two_launches_write(source, inter):
+@pytest.mark.parametrize("source,inter,weighted", [(1, 200, False), (2, 200, False), (2, 256, False), (3, 200, True),
+                                                   (1, 200, True), (2, 200, True), (2, 256, True)])
+def test_every_dual_producer_configuration_writes_what_two_launches_write(source, inter, weighted):
     # both layouts from one launch (dual_quant_kernel, PACK4 candidates included) for SwiGLU (1), its
     # backward (2) and the permutation's gather (3): the bytes and scales of the rows launch and the
     # transposed launch, ragged rows and columns. The backward at a gate width of two 128-column tiles: the two
-    # launches are then paired (quant_ops.SWIGLU_BACKWARD_PAIRED), the dual launch is not
+    # launches are then paired (quant_ops.SWIGLU_BACKWARD_PAIRED), the dual launch is not. Weighted: the router
+    # weight of each pair (3) or row (1, 2: applied to a before the down projection, coscale.kernels.fp8_moe)
     from coscale.kernels import quant_ops as qo
 
     gen = torch.Generator().manual_seed(10 + source)
@@ -628,7 +645,8 @@ def test_every_dual_producer_configuration_writes_what_two_launches_write(source
     if source == 3:
         src, k, extra = x, hidden, dict(idx=row_pair.to(KERNEL_DEVICE), w=w, topk=topk)
     else:
-        src, k, extra = gate_up, inter if source == 1 else 2 * inter, dict(b=da, up_offset=inter)
+        src, k, extra = gate_up, inter if source == 1 else 2 * inter, dict(b=da, up_offset=inter,
+                                                                           w=w if weighted else None)
     ref = qo.quant_outputs(m, k, src.device, True, True, True)
     qo.launch_producer("rows", ref, src, False, m=m, k=k, source=source, **extra)
     qo.launch_producer("cols", ref, src, False, m=m, k=k, source=source, **extra)

@@ -433,9 +433,9 @@ def _row_block_and_column_block(SOURCE: tl.constexpr, ROW_ORDER: tl.constexpr):
 def _times_rounded(x, w, dtype: tl.constexpr):
     """x * w (float32) rounded to ``dtype`` to nearest even, as float32 (see INTERPRETED)."""
     p = x * w
-    if INTERPRETED and dtype == tl.bfloat16:  # NaN and infinities keep their bits; a carry past the top is inf
-        b = p.to(tl.int32, bitcast=True)
-        p = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    if INTERPRETED and dtype == tl.bfloat16:  # infinities keep their bits, a carry past the top gives inf; a NaN
+        b = p.to(tl.int32, bitcast=True)  # with low payload bits could carry into inf or wrap: NaN stays as is
+        p = tl.where(p != p, p, ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True))
     return p.to(dtype).to(tl.float32)
 
 

@@ -54,7 +54,7 @@ from coscale.kernels.fused_quant import (
     swiglu_backward_quant_op,
     swiglu_quant_op,
 )
-from coscale.kernels.permute import PermuteInfo, identity_permute_info, pair_values, row_weights, sum_rows_op
+from coscale.kernels.permute import PermuteInfo, identity_permute_info, row_weights, sum_rows_op
 
 __all__ = ["DENSE_GEMMS_FOR_ONE_EXPERT", "QUANTIZE_TOKENS_ONCE", "fp8_routed_experts", "fp8_swiglu_mlp"]
 
@@ -164,8 +164,8 @@ class _FP8RoutedExperts(torch.autograd.Function):
             da = _expert_mm(dyq, dys, wd_t, sd_t, offsets, dout.dtype, backend, tile_expert, dense)
             dgq, dgs, dgt, dgts, dots = swiglu_backward_quant_op(gate_up, da, need_dx, need_dgu, False, one_pass,
                                                                  False, backend, row_weight, need_dtw)  # fmt: skip
-            if need_dtw:
-                dtw = pair_values(dots, row_pair, pair_row.numel())
+            if need_dtw:  # each pair's row (pair_row holds no padding)
+                dtw = dots[pair_row.reshape(-1)]
             if need_dgate:
                 dw_gate = _expert_wgrad(dgt[:i], dgts[:i], xt, xts, offsets, backend, w_dtypes[0], tile_expert, dense)
             if need_dup:
@@ -225,7 +225,7 @@ def fp8_swiglu_mlp(
     one_pass: bool | None = None,
 ) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) with every GEMM in FP8: a dense SwiGLU MLP (the shared experts) run as
-    one routed expert that every token picks with weight 1, so that it gets the routed experts' kernels,
+    one routed expert that every token picks, unweighted, so that it gets the routed experts' kernels,
     each quantization fused into its producer (the module docstring), where three FP8Linears would
     quantize x, a and each gradient in passes of their own. The layout needs no routing
     (permute.identity_permute_info); its gather and sum are a copy of x's FP8 rows and of y's.

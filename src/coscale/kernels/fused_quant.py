@@ -14,7 +14,8 @@ same bits as coscale.kernels.quant applied to the unfused producer's stored outp
   <da[r], a[r]> per row (the router weight's gradient).
 - ``gather_quant(src [T, H], row_pair [M], ...)``: the permuted rows src[row_pair // K] (zeros on
   padding rows), optionally scaled by the router weight of each pair, quantized; with ``dot`` also
-  <dot[r], src[token(r)]> per pair (the router weight's gradient, from the combine's backward).
+  <dot[r], src[token(r)]> per pair (the router weight's gradient where a combine weights the experts' output;
+  coscale.kernels.fp8_moe weights a before the down projection instead and gathers unweighted, without dots).
 
 ``gather_quantized_rows(src, row_pair, ...)`` writes the same 1x128 bytes as gather_quant_op's rows the other way
 round: each token quantized once, then its FP8 row copied to its top-k places (fp8_moe.QUANTIZE_TOKENS_ONCE).
@@ -124,8 +125,9 @@ def swiglu_backward_quant_op(
     da = da.contiguous()
     w = None if weight is None else weight.float().contiguous()
     # the dots from the rows launch of the paired kernel (a gate tile's part each); elsewhere from PyTorch
-    in_kernel = dot and m > 0 and i % 128 == 0 and quant_ops.SWIGLU_BACKWARD_PAIRED
-    tile_dots = torch.zeros(m if in_kernel else 0, i // 128, dtype=torch.float32, device=gate_up.device)
+    in_kernel = dot and m > 0 and i > 0 and i % 128 == 0 and quant_ops.SWIGLU_BACKWARD_PAIRED
+    # every (row, gate tile) part is written by one program
+    tile_dots = torch.empty(m if in_kernel else 0, i // 128, dtype=torch.float32, device=gate_up.device)
     if in_kernel:
         launch_producer("rows", outs if rows else quant_outputs(m, 2 * i, gate_up.device, True, False, pad_t),
                         gate_up, round_scale, m=m, k=2 * i, source=SWIGLU_BACKWARD, b=da, up_offset=i, w=w,

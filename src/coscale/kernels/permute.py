@@ -289,13 +289,6 @@ def row_weights(topk_weight: torch.Tensor, row_pair: torch.Tensor) -> torch.Tens
     return torch.where(row_pair >= 0, topk_weight.reshape(-1).float()[row_pair.clamp(min=0)], 0.0)
 
 
-def pair_values(row_values: torch.Tensor, row_pair: torch.Tensor, pairs: int) -> torch.Tensor:
-    """The values of the permuted rows [M_pad] at their pairs [pairs] (padding rows dropped): row_weights'
-    inverse for a gradient. A scatter into a spare slot: no host synchronisation."""
-    slot = torch.where(row_pair >= 0, row_pair, pairs).long()
-    return torch.zeros(pairs + 1, dtype=row_values.dtype, device=row_values.device).scatter(0, slot, row_values)[:pairs]
-
-
 def sum_rows_ref(src, pair_row, row_pair, weight=None, out_dtype=None, deterministic=True):
     """The reference of ``sum_rows``: out[t] = sum_k weight[t, k] * src[pair_row[t, k]] in float32."""
     T, K = pair_row.shape

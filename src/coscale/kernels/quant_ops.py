@@ -206,7 +206,7 @@ def tuned_producers(interpret: bool) -> dict:
     autotuners keyed by the columns, a bucket of the rows and the producer (SOURCE)."""
     from coscale.kernels import _quant_triton as kq
 
-    key = ["K", "M_BUCKET", "SOURCE"]
+    key = ["K", "M_BUCKET", "SOURCE", "HAS_WEIGHT"]
     return {  # rows: DOT launches walk whole rows, so they tune apart from the plain ones
         "rows": autotuned(kq.rows_quant_kernel, PRODUCER_ROWS_CONFIGS, key + ["DOT", "PAIRED", "TILE_DOT"]),
         "cols": autotuned(kq.cols_quant_kernel, PRODUCER_COLS_CONFIGS, key + ["PAIRED"]),
